@@ -1,0 +1,74 @@
+# forwarder: the newcomer's commands. Everything runs as root on a fresh Debian machine with
+# Python 3.11; missing system packages (DCMTK, Orthanc, libsystemd-dev) are installed here.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dcmtk orthanc libsystemd-dev pkg-config gcc openssl dpkg-dev fakeroot
+RUN_DIR := run
+RECEIVE_PORT ?= 11112
+
+.PHONY: all setup system-deps run test test-faults soak lint typecheck bench deb clean
+
+all: test
+
+# System packages: only installs what is missing, so a second run costs nothing.
+system-deps:
+	@missing=""; \
+	command -v storescp >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev pkg-config"; \
+	command -v gcc >/dev/null || missing="$$missing gcc"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v dpkg-deb >/dev/null || missing="$$missing dpkg-dev"; \
+	command -v fakeroot >/dev/null || missing="$$missing fakeroot"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,systemd]'
+	touch $(STAMP)
+
+setup: system-deps $(STAMP)
+
+# Start a bundled receiver on loopback and the daemon on the example config, in the foreground.
+# Drop a DICOM file into run/incoming/ and watch it arrive in run/received/.
+run: setup
+	@mkdir -p $(RUN_DIR)/incoming $(RUN_DIR)/done $(RUN_DIR)/failed $(RUN_DIR)/received
+	@$(BIN)/forwarder receive --port $(RECEIVE_PORT) --bind 127.0.0.1 --ae-title RECEIVER \
+	    --output $(RUN_DIR)/received > $(RUN_DIR)/receiver.log 2>&1 & \
+	  rpid=$$!; trap "kill $$rpid 2>/dev/null" EXIT INT TERM; \
+	  echo "receiver (pid $$rpid) on 127.0.0.1:$(RECEIVE_PORT) writing to $(RUN_DIR)/received/ (log: $(RUN_DIR)/receiver.log)"; \
+	  echo "drop DICOM files into $(RUN_DIR)/incoming/; Ctrl-C stops both"; \
+	  $(BIN)/forwarder run -c config/forwarder.yaml
+
+lint: setup
+	$(BIN)/ruff check forwarder tests bench
+	$(BIN)/ruff format --check forwarder tests bench
+
+typecheck: setup
+	$(BIN)/mypy --strict forwarder
+
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q -m "not soak" tests
+
+test-faults: setup
+	$(BIN)/python -m pytest -q -m faults tests
+
+soak: setup
+	$(BIN)/python -m pytest -q -m soak tests
+
+bench: setup
+	$(BIN)/python -m bench
+
+deb: setup
+	bash packaging/build-deb.sh
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info $(RUN_DIR) bench/out

@@ -1,0 +1,50 @@
+"""The exception tree. Library code raises these; only the CLI turns them into exit codes."""
+
+from __future__ import annotations
+
+
+class ForwarderError(Exception):
+    """Base class for every error forwarder raises on purpose."""
+
+
+class ConfigError(ForwarderError):
+    """The configuration file is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class InvalidFileError(ForwarderError):
+    """A file is not usable DICOM (not Part 10, truncated, empty, missing UIDs...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class AssociationError(ForwarderError):
+    """The peer could not be reached, or refused or broke the association.
+
+    ``retryable`` is True for transient conditions (refused connection, timeout, transient
+    rejection, abort) and False for permanent ones (permanent rejection, bad AE title).
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class SendError(ForwarderError):
+    """One object could not be stored. ``status`` is the DIMSE status when the peer gave one."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
+        self.retryable = retryable
+        self.status = status
+        super().__init__(message)
+
+
+class TLSSetupError(ForwarderError):
+    """TLS material is missing, unreadable or unsafe (for example a world-readable key)."""
