@@ -48,3 +48,7 @@ class SendError(ForwarderError):
 
 class TLSSetupError(ForwarderError):
     """TLS material is missing, unreadable or unsafe (for example a world-readable key)."""
+
+
+class QueueError(ForwarderError):
+    """The queue database failed (disk full, permissions, corruption). Says what was being done."""
