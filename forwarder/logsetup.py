@@ -1,0 +1,139 @@
+"""Daemon logging: structured journald fields under systemd, plain text lines otherwise.
+
+When stderr *is* the journal (systemd sets ``JOURNAL_STREAM=dev:ino`` for the stream it
+connected to stderr), records go through ``systemd.journal.JournalHandler`` so the extra
+fields built by :func:`fields` become journal fields and
+``journalctl -u forwarder DESTINATION=pacs OUTCOME=failed`` works. Anywhere else (a terminal,
+a pipe, a file, or systemd without systemd-python) it is one ``time level logger: message``
+line per record on stderr; the fields are simply not shown.
+
+Only the CLI calls :func:`configure_daemon_logging`; library modules just log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+PLAIN_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SYSLOG_IDENTIFIER: Final = "forwarder"
+
+# The journal field names of fields(); journalctl matches them exactly.
+FIELD_DESTINATION: Final = "DESTINATION"
+FIELD_SOP_INSTANCE_UID: Final = "SOP_INSTANCE_UID"
+FIELD_DIMSE_STATUS: Final = "DIMSE_STATUS"
+FIELD_FILE: Final = "FILE"
+FIELD_OUTCOME: Final = "OUTCOME"
+
+# Marks the handlers this module installed, so a second call (reload) replaces them.
+_OURS: Final = "_forwarder_daemon_handler"
+_phi_warned = False
+
+
+def fields(
+    *,
+    destination: str | None = None,
+    sop_instance_uid: str | None = None,
+    status: int | None = None,
+    file: str | None = None,
+    outcome: str | None = None,
+) -> dict[str, str]:
+    """The ``extra=`` dict for a log call; None values are left out.
+
+    >>> fields(destination="pacs", status=0xA700)
+    {'DESTINATION': 'pacs', 'DIMSE_STATUS': '0xA700'}
+
+    Never put patient names or IDs here: these fields are indexed by journald.
+    """
+    out: dict[str, str] = {}
+    if destination is not None:
+        out[FIELD_DESTINATION] = destination
+    if sop_instance_uid is not None:
+        out[FIELD_SOP_INSTANCE_UID] = sop_instance_uid
+    if status is not None:
+        out[FIELD_DIMSE_STATUS] = f"0x{status:04X}"
+    if file is not None:
+        out[FIELD_FILE] = file
+    if outcome is not None:
+        out[FIELD_OUTCOME] = outcome
+    return out
+
+
+def stderr_is_journal(journal_stream: str | None, stderr_stat: os.stat_result | None) -> bool:
+    """True when ``JOURNAL_STREAM`` (``"<st_dev>:<st_ino>"``, decimal) names the file stderr
+    is open on. A child whose stderr was redirected inherits the variable but fails this."""
+    if not journal_stream or stderr_stat is None:
+        return False
+    dev, sep, ino = journal_stream.strip().partition(":")
+    if not sep:
+        return False
+    try:
+        return int(dev) == stderr_stat.st_dev and int(ino) == stderr_stat.st_ino
+    except ValueError:
+        return False
+
+
+def _stderr_stat() -> os.stat_result | None:
+    try:
+        return os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None  # stderr closed or replaced by something without a descriptor
+
+
+def _journal_handler() -> logging.Handler | None:
+    try:
+        from systemd.journal import JournalHandler
+    except ImportError:
+        return None
+    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    # journald stamps time, priority and unit itself.
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def _plain_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+    return handler
+
+
+def configure_daemon_logging(level: str = "INFO", *, log_phi: bool = False) -> None:
+    """Send the root logger to the journal when stderr is the journal, else plain lines to
+    stderr. Safe to call again (on reload): it replaces the handler it installed before.
+
+    ``log_phi`` (config ``log_phi``) only makes this warn, once per process, that logs may
+    now contain patient data; the modules that format headers decide what to log.
+    """
+    global _phi_warned
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+    handler: logging.Handler | None = None
+    if stderr_is_journal(os.environ.get("JOURNAL_STREAM"), _stderr_stat()):
+        handler = _journal_handler()
+    if handler is None:
+        handler = _plain_handler()
+    setattr(handler, _OURS, True)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, _OURS, False):
+            root.removeHandler(old)
+            old.close()
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    # pynetdicom logs every PDU at INFO/DEBUG; keep it at WARNING unless we debug.
+    quieter = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(quieter)
+
+    if log_phi and not _phi_warned:
+        _phi_warned = True
+        logger.warning(
+            "log_phi is on: logs may contain patient names and IDs; "
+            "turn it off (log_phi: false) when you are done debugging"
+        )

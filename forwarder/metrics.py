@@ -1,0 +1,315 @@
+"""Prometheus metrics (``metrics.listen`` in the config): text format at ``/metrics``.
+
+Counters and histograms are updated by the code that sees the event (the service calls
+:meth:`Metrics.file_sent` and friends); queue depth, the age of the oldest pending item and
+the number of files in ``failed/`` are read at scrape time by a collector, so they are never
+stale and cost nothing between scrapes.
+
+Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``)::
+
+    forwarder_files_sent_total{destination,outcome}      outcome: stored warning retry failed
+    forwarder_sent_bytes_total{destination,outcome}
+    forwarder_send_duration_seconds{destination}         histogram, one C-STORE
+    forwarder_associations_open{destination}
+    forwarder_retries_total{destination}
+    forwarder_ingest_accepted_total                      files taken into the queue
+    forwarder_ingest_rejected_total{reason}              not_dicom, no_route, ...
+    forwarder_queue_items{destination,state}             pending in_flight done failed
+    forwarder_queue_oldest_pending_seconds{destination}  0 when nothing is pending
+    forwarder_failed_folder_files                        files in failed/ (without .error.json)
+    forwarder_build_info{version}
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    make_wsgi_app,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from forwarder import __version__
+from forwarder.errors import ForwarderError
+
+logger = logging.getLogger(__name__)
+
+QueueSource = Callable[[], Mapping[str, Any]]
+
+# One C-STORE takes milliseconds on a LAN and up to response_timeout on a stalled peer.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_STATES = ("pending", "in_flight", "done", "failed")
+_ERROR_SUFFIX = ".error.json"
+_SCRAPE_TIMEOUT = 10.0  # seconds a scrape connection may stay silent before it is dropped
+
+
+class Outcome(enum.StrEnum):
+    """What became of one C-STORE attempt (``file_sent``'s ``outcome``)."""
+
+    STORED = "stored"  # Success status
+    WARNING = "warning"  # Warning status: stored all the same
+    RETRY = "retry"  # transient failure: the file goes back into the queue
+    FAILED = "failed"  # permanent failure: the file goes to failed/
+
+
+class _QueueCollector(Collector):
+    """Reads the queue (and the failed folder) when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.source: QueueSource | None = None
+        self.failed_folder: Path | None = None
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        items, oldest, failed_files = self._families()
+        source = self.source
+        if source is not None:
+            try:
+                counts = source()
+                for destination, c in sorted(counts.items()):
+                    for state in QUEUE_STATES:
+                        items.add_metric([destination, state], float(getattr(c, state)))
+                    age = c.oldest_pending_seconds
+                    oldest.add_metric([destination], float(age) if age is not None else 0.0)
+            except Exception as exc:
+                # A locked or broken database must not break the whole scrape.
+                logger.warning("metrics: cannot read the queue counts: %s", exc)
+        if self.failed_folder is not None:
+            failed_files.add_metric([], float(_count_failed(self.failed_folder)))
+        return [items, oldest, failed_files]
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "forwarder_queue_items",
+                "Queue items per destination by state (pending, in_flight, done, failed).",
+                labels=["destination", "state"],
+            ),
+            GaugeMetricFamily(
+                "forwarder_queue_oldest_pending_seconds",
+                "Age of the oldest pending item per destination; 0 when nothing is pending.",
+                labels=["destination"],
+            ),
+            GaugeMetricFamily(
+                "forwarder_failed_folder_files",
+                "Files in the failed/ folder, not counting their .error.json reports.",
+            ),
+        )
+
+
+def _count_failed(folder: Path) -> int:
+    count = 0
+    for _dirpath, _dirnames, filenames in os.walk(folder, onerror=lambda _exc: None):
+        count += sum(1 for name in filenames if not name.endswith(_ERROR_SUFFIX))
+    return count
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = _SCRAPE_TIMEOUT  # a silent client cannot hold stop() forever
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics: %s " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    # Request threads are joined by server_close(), so stop() leaves no thread behind.
+    daemon_threads = False
+    block_on_close = True
+    allow_reuse_address = True
+
+
+class Metrics:
+    """The daemon's metrics, in their own registry (not prometheus_client's global one)."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, destinations: Iterable[str] = ()
+    ) -> None:
+        """``destinations`` pre-creates each destination's series at zero, so rates and
+        alerts see them before the first send."""
+        # The *_created series double the output and no dashboard uses them (process-wide
+        # switch; only this module uses prometheus_client).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        own_registry = registry is None
+        self.registry = CollectorRegistry() if registry is None else registry
+        reg = self.registry
+        self._files = Counter(
+            "forwarder_files_sent",
+            "C-STORE attempts per destination by outcome (stored, warning, retry, failed).",
+            ["destination", "outcome"],
+            registry=reg,
+        )
+        self._bytes = Counter(
+            "forwarder_sent_bytes",
+            "Bytes of the files in those C-STORE attempts, by outcome.",
+            ["destination", "outcome"],
+            registry=reg,
+        )
+        self._latency = Histogram(
+            "forwarder_send_duration_seconds",
+            "Time for one C-STORE, request to response (or failure).",
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self._associations = Gauge(
+            "forwarder_associations_open",
+            "Associations currently open per destination.",
+            ["destination"],
+            registry=reg,
+        )
+        self._retries = Counter(
+            "forwarder_retries",
+            "Items put back into the queue for another attempt after a transient failure.",
+            ["destination"],
+            registry=reg,
+        )
+        self._accepted = Counter(
+            "forwarder_ingest_accepted",
+            "Files taken from incoming/ into the queue.",
+            registry=reg,
+        )
+        self._rejected = Counter(
+            "forwarder_ingest_rejected",
+            "Files from incoming/ moved to failed/ without sending, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self._info = Gauge(
+            "forwarder_build_info", "Always 1; the version label.", ["version"], registry=reg
+        )
+        self._info.labels(__version__).set(1)
+        self._queue = _QueueCollector()
+        reg.register(self._queue)
+        if own_registry:
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+        for name in destinations:
+            self.add_destination(name)
+        self._lock = threading.Lock()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def add_destination(self, destination: str) -> None:
+        """Create a destination's series at zero (idempotent)."""
+        for outcome in Outcome:
+            self._files.labels(destination, outcome.value)
+            self._bytes.labels(destination, outcome.value)
+        self._latency.labels(destination)
+        self._associations.labels(destination)
+        self._retries.labels(destination)
+
+    def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None:
+        """One C-STORE attempt: ``outcome`` is stored, warning, retry or failed."""
+        value = Outcome(outcome).value  # ValueError on a typo, not a silent new series
+        self._files.labels(destination, value).inc()
+        self._bytes.labels(destination, value).inc(max(0, nbytes))
+        self._latency.labels(destination).observe(max(0.0, seconds))
+
+    def retry(self, destination: str) -> None:
+        """An item was rescheduled after a transient failure (refused, timeout, busy)."""
+        self._retries.labels(destination).inc()
+
+    def ingested(self, accepted: bool, reason: str = "") -> None:
+        """A file left incoming/: queued (``accepted``) or rejected for ``reason``
+        (``not_dicom``, ``no_route``, ...)."""
+        if accepted:
+            self._accepted.inc()
+        else:
+            self._rejected.labels(reason or "unknown").inc()
+
+    def associations_open(self, destination: str, delta: int) -> None:
+        """+1 when an association is established, -1 when it is released or aborted."""
+        self._associations.labels(destination).inc(delta)
+
+    def set_queue_source(self, fn: QueueSource) -> None:
+        """``fn()`` returns ``{destination: counts}`` where counts has ``.pending``,
+        ``.in_flight``, ``.done``, ``.failed`` and ``.oldest_pending_seconds``; it is called
+        on every scrape, from the HTTP server's thread."""
+        self._queue.source = fn
+
+    def set_failed_folder(self, folder: str | os.PathLike[str] | None) -> None:
+        """Count the files in ``failed/`` at scrape time (None: do not)."""
+        self._queue.failed_folder = None if folder is None else Path(folder)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) the server listens on, or None when it is not running."""
+        server = self._server
+        if server is None:
+            return None
+        host, port = server.server_address[:2]
+        return str(host), int(port)
+
+    def start_server(self, listen: str) -> None:
+        """Serve ``/metrics`` on ``listen`` (``host:port``, ``[v6]:port``; an empty host is
+        every address, port 0 picks a free one). Raises ForwarderError when it cannot bind."""
+        host, port = _parse_listen(listen)
+        with self._lock:
+            if self._server is not None:
+                raise ForwarderError("the metrics server is already running")
+            try:
+                family = _family_for(host, port)
+                server_class = type("_MetricsServer", (_Server,), {"address_family": family})
+                server: _Server = make_server(
+                    host, port, make_wsgi_app(self.registry), server_class, _QuietHandler
+                )
+            except OSError as exc:
+                raise ForwarderError(
+                    f"cannot serve metrics on {listen}: {exc.strerror or exc}; "
+                    "choose another metrics.listen address or free the port"
+                ) from None
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.5},
+                name="metrics-http",
+                daemon=True,
+            )
+            thread.start()
+            self._server, self._thread = server, thread
+        logger.info("metrics at http://%s/metrics", listen)
+
+    def stop(self) -> None:
+        """Stop the HTTP server and join its threads. Idempotent."""
+        with self._lock:
+            server, thread = self._server, self._thread
+            self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join()
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port_text = listen.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ForwarderError(f"metrics.listen {listen!r}: use host:port, e.g. 127.0.0.1:9750")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port_text)
+
+
+def _family_for(host: str, port: int) -> socket.AddressFamily:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return infos[0][0]

@@ -1,0 +1,242 @@
+"""Metrics: a real HTTP server on 127.0.0.1, scraped with urllib."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from forwarder import metrics as metrics_module
+from forwarder.errors import ForwarderError
+from forwarder.metrics import Metrics
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Counts:
+    pending: int
+    in_flight: int
+    done: int
+    failed: int
+    oldest_pending_seconds: float | None
+
+
+def _wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not callable(condition) or not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    threads_before = set(threading.enumerate())
+    m = Metrics(destinations=["pacs", "archive"])
+    yield m
+    m.stop()
+    _wait_until(lambda: set(threading.enumerate()) <= threads_before)
+
+
+def _scrape(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert m.address is not None
+    host, port = m.address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def test_sends_retries_ingest_and_associations(metrics: Metrics) -> None:
+    metrics.file_sent("pacs", "stored", 1000, 0.02)
+    metrics.file_sent("pacs", "stored", 500, 0.3)
+    metrics.file_sent("pacs", "warning", 10, 0.01)
+    metrics.file_sent("archive", "retry", 2000, 60.0)
+    metrics.file_sent("archive", "failed", 7, 0.004)
+    metrics.retry("archive")
+    metrics.retry("archive")
+    metrics.ingested(True)
+    metrics.ingested(True)
+    metrics.ingested(False, "not_dicom")
+    metrics.ingested(False, "no_route")
+    metrics.ingested(False, "not_dicom")
+    metrics.associations_open("pacs", +1)
+    metrics.associations_open("pacs", +1)
+    metrics.associations_open("pacs", -1)
+    metrics.start_server("127.0.0.1:0")
+
+    s = _scrape(metrics)
+
+    def files(dest: str, outcome: str) -> float:
+        return s[("forwarder_files_sent_total", (("destination", dest), ("outcome", outcome)))]
+
+    def sent_bytes(dest: str, outcome: str) -> float:
+        return s[("forwarder_sent_bytes_total", (("destination", dest), ("outcome", outcome)))]
+
+    assert files("pacs", "stored") == 2
+    assert files("pacs", "warning") == 1
+    assert files("pacs", "failed") == 0  # pre-created by destinations=
+    assert files("archive", "retry") == 1
+    assert files("archive", "failed") == 1
+    assert sent_bytes("pacs", "stored") == 1500
+    assert sent_bytes("archive", "retry") == 2000
+
+    def bucket(dest: str, le: str) -> float:
+        key = ("forwarder_send_duration_seconds_bucket", (("destination", dest), ("le", le)))
+        return s[key]
+
+    assert bucket("pacs", "0.025") == 2
+    assert bucket("pacs", "0.5") == 3
+    assert bucket("archive", "0.005") == 1
+    assert bucket("archive", "30.0") == 1
+    assert bucket("archive", "60.0") == 2
+    assert s[("forwarder_send_duration_seconds_count", (("destination", "pacs"),))] == 3
+    assert s[("forwarder_send_duration_seconds_sum", (("destination", "pacs"),))] == pytest.approx(
+        0.33
+    )
+
+    assert s[("forwarder_retries_total", (("destination", "archive"),))] == 2
+    assert s[("forwarder_retries_total", (("destination", "pacs"),))] == 0
+    assert s[("forwarder_associations_open", (("destination", "pacs"),))] == 1
+    assert s[("forwarder_associations_open", (("destination", "archive"),))] == 0
+    assert s[("forwarder_ingest_accepted_total", ())] == 2
+    assert s[("forwarder_ingest_rejected_total", (("reason", "not_dicom"),))] == 2
+    assert s[("forwarder_ingest_rejected_total", (("reason", "no_route"),))] == 1
+    assert ("forwarder_build_info", (("version", _version()),)) in s
+    assert not any(name.endswith("_created") for name, _ in s)
+    # No queue source yet: no queue series, and the scrape still works.
+    assert not any(name.startswith("forwarder_queue") for name, _ in s)
+
+
+def _version() -> str:
+    from forwarder import __version__
+
+    return __version__
+
+
+def test_queue_source_read_at_scrape_time(metrics: Metrics, tmp_path: Path) -> None:
+    state: dict[str, Counts] = {"pacs": Counts(3, 1, 10, 2, 42.5)}
+
+    def source() -> Mapping[str, Counts]:
+        return dict(state)
+
+    failed = tmp_path / "failed"
+    (failed / "ct" / "study").mkdir(parents=True)
+    (failed / "a.dcm").write_bytes(b"x")
+    (failed / "a.dcm.error.json").write_text("{}")
+    (failed / "ct" / "study" / "b.dcm").write_bytes(b"x")
+    metrics.set_queue_source(source)
+    metrics.set_failed_folder(failed)
+    metrics.start_server("127.0.0.1:0")
+
+    s = _scrape(metrics)
+    for st, value in {"pending": 3, "in_flight": 1, "done": 10, "failed": 2}.items():
+        assert s[("forwarder_queue_items", (("destination", "pacs"), ("state", st)))] == value
+    assert s[("forwarder_queue_oldest_pending_seconds", (("destination", "pacs"),))] == 42.5
+    assert s[("forwarder_failed_folder_files", ())] == 2
+
+    state["pacs"] = Counts(0, 0, 14, 2, None)
+    state["archive"] = Counts(5, 0, 0, 0, 1.0)
+    (failed / "c.dcm").write_bytes(b"x")
+    s = _scrape(metrics)
+    assert s[("forwarder_queue_items", (("destination", "pacs"), ("state", "pending")))] == 0
+    assert s[("forwarder_queue_oldest_pending_seconds", (("destination", "pacs"),))] == 0
+    assert s[("forwarder_queue_items", (("destination", "archive"), ("state", "pending")))] == 5
+    assert s[("forwarder_failed_folder_files", ())] == 3
+
+
+def test_broken_queue_source_does_not_break_the_scrape(
+    metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> Mapping[str, Counts]:
+        raise RuntimeError("database is locked")
+
+    metrics.set_queue_source(broken)
+    metrics.file_sent("pacs", "stored", 1, 0.001)
+    metrics.start_server("127.0.0.1:0")
+    s = _scrape(metrics)
+    assert s[("forwarder_files_sent_total", (("destination", "pacs"), ("outcome", "stored")))] == 1
+    assert any("database is locked" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_outcome_is_a_programming_error(metrics: Metrics) -> None:
+    with pytest.raises(ValueError):
+        metrics.file_sent("pacs", "stord", 1, 0.1)
+
+
+def test_bind_failure_raises_forwarder_error(metrics: Metrics) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ForwarderError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}"):
+            metrics.start_server(f"127.0.0.1:{port}")
+    assert metrics.address is None
+
+
+@pytest.mark.parametrize("listen", ["nohost", "127.0.0.1:http", "127.0.0.1:70000"])
+def test_bad_listen_value(metrics: Metrics, listen: str) -> None:
+    with pytest.raises(ForwarderError, match="host:port"):
+        metrics.start_server(listen)
+
+
+def test_stop_joins_threads_and_frees_the_port() -> None:
+    before = set(threading.enumerate())
+    m = Metrics()
+    m.start_server("127.0.0.1:0")
+    assert m.address is not None
+    port = m.address[1]
+    _scrape(m)
+    assert any(t.name == "metrics-http" for t in threading.enumerate())
+    m.stop()
+    assert set(threading.enumerate()) <= before
+    m.stop()  # idempotent
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT
+        probe.bind(("127.0.0.1", port))  # nothing listens there any more
+        probe.listen()
+    # The default registry also carries the process collector.
+    m.start_server(f"127.0.0.1:{port}")
+    assert any(name.startswith("process_") for name, _ in _scrape(m))
+    m.stop()
+    assert set(threading.enumerate()) <= before
+
+
+def test_stop_does_not_wait_forever_for_a_silent_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_module._QuietHandler, "timeout", 0.5)
+    before = set(threading.enumerate())
+    m = Metrics()
+    m.start_server("127.0.0.1:0")
+    assert m.address is not None
+    with socket.create_connection(m.address, timeout=5):
+        # Connected and silent: a request thread now waits for a request line.
+        _wait_until(lambda: threading.active_count() >= len(before) + 2)
+        started = time.monotonic()
+        m.stop()
+        assert time.monotonic() - started < 5
+    assert set(threading.enumerate()) <= before
+
+
+def test_metric_names_follow_prometheus_conventions(metrics: Metrics) -> None:
+    metrics.set_queue_source(lambda: {"pacs": Counts(0, 0, 0, 0, None)})
+    metrics.start_server("127.0.0.1:0")
+    names = {name for name, _ in _scrape(metrics) if name.startswith("forwarder_")}
+    assert names
+    for name in names:
+        assert re.fullmatch(r"forwarder_[a-z_]+", name)
+        if "bytes" in name:
+            assert name.endswith("_bytes_total")
+        if "duration" in name or "pending_seconds" in name:
+            assert re.search(r"_seconds(_bucket|_sum|_count)?$", name)
