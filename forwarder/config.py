@@ -174,8 +174,8 @@ class Config(_Model):
     queue: Path
     destinations: list[Destination] = Field(min_length=1)
     routes: list[Route] | None = None
-    retry: RetryPolicy = RetryPolicy()
-    watch: WatchConfig = WatchConfig()
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     metrics: MetricsConfig | None = None
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_phi: bool = Field(
@@ -293,7 +293,8 @@ def _cross_check(config: Config, lines: dict[tuple[Any, ...], int]) -> list[str]
             problems.append(
                 _problem(
                     ("destinations", i, "name"),
-                    f"duplicate destination name {dest.name!r} (also destinations[{seen[dest.name]}])",
+                    f"duplicate destination name {dest.name!r} "
+                    f"(also destinations[{seen[dest.name]}])",
                     lines,
                 )
             )

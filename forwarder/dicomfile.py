@@ -104,13 +104,59 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
         raise InvalidFileError(path, "file meta information lacks " + ", ".join(missing))
     if pos >= size:
         raise InvalidFileError(path, "no data set after the file meta information")
+    transfer_syntax = _uid(values[_TAG_TRANSFER_SYNTAX])
+    sop_class, sop_instance = _dataset_uids(head, pos, transfer_syntax)
     return FileMeta(
-        sop_class_uid=_uid(values[_TAG_SOP_CLASS]),
-        sop_instance_uid=_uid(values[_TAG_SOP_INSTANCE]),
-        transfer_syntax=_uid(values[_TAG_TRANSFER_SYNTAX]),
+        sop_class_uid=sop_class or _uid(values[_TAG_SOP_CLASS]),
+        sop_instance_uid=sop_instance or _uid(values[_TAG_SOP_INSTANCE]),
+        transfer_syntax=transfer_syntax,
         dataset_offset=pos,
         size=size,
     )
+
+
+def _dataset_uids(head: bytes, pos: int, transfer_syntax: str) -> tuple[str, str]:
+    """SOP Class and Instance UID from the data set's first elements, when they are plainly
+    there; the data set is authoritative (some files carry a stale meta header, and peers such as
+    DCMTK's storescp reject a command whose UIDs differ from the data set's). Gives up (returns
+    empty strings) at anything unusual: a sequence, an undefined length, a deflated data set."""
+    if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
+        implicit, fmt = True, "<"
+    elif transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:
+        implicit, fmt = False, ">"
+    elif transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return "", ""
+    else:
+        implicit, fmt = False, "<"
+    tag_struct = struct.Struct(fmt + "HH")
+    sop_class = sop_instance = ""
+    end = len(head)
+    while pos + 8 <= end:
+        group, elem = tag_struct.unpack_from(head, pos)
+        tag = (group << 16) | elem
+        if tag > 0x00080018:
+            break
+        if implicit:
+            (length,) = struct.unpack_from(fmt + "I", head, pos + 4)
+            value_pos = pos + 8
+        else:
+            vr = head[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    break
+                (length,) = struct.unpack_from(fmt + "I", head, pos + 8)
+                value_pos = pos + 12
+            else:
+                (length,) = struct.unpack_from(fmt + "H", head, pos + 6)
+                value_pos = pos + 8
+        if length == 0xFFFFFFFF or value_pos + length > end:
+            break
+        if tag == 0x00080016:
+            sop_class = _uid(head[value_pos : value_pos + length])
+        elif tag == 0x00080018:
+            sop_instance = _uid(head[value_pos : value_pos + length])
+        pos = value_pos + length
+    return sop_class, sop_instance
 
 
 def read_meta(path: str | os.PathLike[str]) -> FileMeta:

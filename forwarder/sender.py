@@ -63,7 +63,6 @@ _PDU_HEADER = struct.Struct(">BxI")
 _PDATA_HEADER = struct.Struct(">BxIIBB")  # PDU type, length, PDV length, context ID, control
 _MAX_INCOMING_PDU = 16 * 1024 * 1024  # refuse absurd PDU lengths from a broken peer
 _UNLIMITED_FRAGMENT = 1024 * 1024 - 6  # what we send when the peer says "no limit"
-_BATCH = 1024 * 1024  # bytes per sendall when streaming a data set
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 _REJECT_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
@@ -99,6 +98,7 @@ class AssociationSettings:
     priority: int = PRIORITY["medium"]
     tls: ssl.SSLContext | None = None
     tls_server_name: str | None = None  # defaults to the peer's host
+    batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +262,7 @@ class Association:
         if pdu_type == _PDU_ASSOCIATE_RJ:
             rj = A_ASSOCIATE_RJ()
             rj.decode(whole)
-            result = _REJECT_RESULT.get(rj.result, f"result {rj.result}")
+            result = _REJECT_RESULT.get(rj.result or 0, f"result {rj.result}")
             self._close_socket()
             raise AssociationError(
                 f"{self.peer} rejected the association ({result}, {rj.source_str}: "
@@ -290,14 +290,16 @@ class Association:
         accepted_ids = set()
         for item in ac.presentation_context:
             cid = item.context_id
-            ctx = proposed.get(cid) if cid is not None else None
-            if cid is None or ctx is None or item.result != 0 or item.transfer_syntax is None:
+            if cid is None or item.result != 0 or item.transfer_syntax is None:
+                continue
+            proposal = proposed.get(cid)
+            if proposal is None:
                 continue
             ts = str(item.transfer_syntax)
-            acc = AcceptedContext(cid, ctx.abstract_syntax, ts)
+            acc = AcceptedContext(cid, proposal.abstract_syntax, ts)
             accepted_ids.add(cid)
-            neg.accepted.setdefault((ctx.abstract_syntax, ts), acc)
-            neg.by_abstract.setdefault(ctx.abstract_syntax, []).append(acc)
+            neg.accepted.setdefault((proposal.abstract_syntax, ts), acc)
+            neg.by_abstract.setdefault(proposal.abstract_syntax, []).append(acc)
         neg.rejected = [c for cid, c in proposed.items() if cid not in accepted_ids]
         self._negotiated = neg
         self._sock.settimeout(s.response_timeout)
@@ -406,7 +408,7 @@ class Association:
                 + command
             )
         fragments = max(1, -(-length // frag))
-        per_batch = min(fragments, max(1, _BATCH // (frag + 12)))
+        per_batch = min(fragments, max(1, self.settings.batch_bytes // (frag + 12)))
         batch_len = len(prefix) + per_batch * (frag + 12)
         buf = bytearray(batch_len)
         view = memoryview(buf)

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = _Parser(
         prog="forwarder",
         description="DICOM forwarding daemon and C-STORE/C-ECHO/Storage SCP tools.",
@@ -47,13 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # a command not built into this installation
         module.add_parser(sub)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(args_list)
+    parser, commands = build_parser()
+    if args_list and args_list[0] in commands:
+        # Options may follow the files (storescu: HOST PORT FILE... -aec X): argparse only
+        # handles that with parse_intermixed_args, which does not support sub-parsers, so
+        # the sub-command's own parser does the parsing.
+        args = commands[args_list[0]].parse_intermixed_args(args_list[1:])
+    else:
+        args = parser.parse_args(args_list)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,80 @@
+"""``forwarder echo``: C-ECHO with the same addressing, timeouts and TLS as ``send``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from forwarder.cli import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    setup_logging,
+)
+from forwarder.cli._net import UsageError, add_association_options, resolve
+from forwarder.errors import AssociationError, ConfigError, TLSSetupError
+from forwarder.sender import VERIFICATION_SOP_CLASS, Association, ProposedContext
+
+_VERIFICATION = ProposedContext(VERIFICATION_SOP_CLASS, ("1.2.840.10008.1.2",))
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "echo",
+        help="C-ECHO a peer (exit 0 when it answers Success)",
+        description="Verify a peer with C-ECHO. TARGET: AET[@host[:port]], HOST PORT, or "
+        "--destination NAME -c CONFIG. Exit 0 on Success, 3 when the peer cannot be reached "
+        "or refuses, 1 when it answers with another status.",
+        allow_abbrev=False,
+    )
+    p.add_argument("args", nargs="*", metavar="TARGET", help="AET[@host[:port]] or HOST PORT")
+    add_association_options(p)
+    p.add_argument("--repeat", "-r", type=int, default=1, metavar="N", help="echo N times")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-d", "--debug", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(verbose=2 if args.debug else args.verbose, quiet=args.quiet)
+    try:
+        target = resolve(args, list(args.args), needs_files=False)
+    except UsageError as exc:
+        print(f"forwarder echo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TLSSetupError as exc:
+        print(f"forwarder echo: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    started = time.monotonic()
+    try:
+        assoc = Association.request(target.peer, target.settings, [_VERIFICATION])
+    except AssociationError as exc:
+        print(f"forwarder echo: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    try:
+        for _ in range(max(1, args.repeat)):
+            response = assoc.echo()
+            if response.status != 0x0000:
+                print(
+                    f"forwarder echo: {target.peer} answered status 0x{response.status:04X}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+    except AssociationError as exc:
+        print(f"forwarder echo: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if not exc.retryable else EXIT_FAILED
+    finally:
+        assoc.release()
+    if not args.quiet:
+        ms = (time.monotonic() - started) * 1000
+        print(f"forwarder echo: {target.peer} answered Success in {ms:.0f} ms", file=sys.stderr)
+    return EXIT_OK

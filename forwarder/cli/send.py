@@ -1,0 +1,375 @@
+"""``forwarder send``: manual C-STORE of files and directory trees (dcmsnd / storescu drop-in)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from forwarder.cli import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    setup_logging,
+)
+from forwarder.cli._net import Target, UsageError, add_association_options, resolve
+from forwarder.contexts import group_by_contexts
+from forwarder.dicomfile import FileMeta, read_meta
+from forwarder.errors import ConfigError, InvalidFileError, TLSSetupError
+from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
+
+logger = logging.getLogger("forwarder.send")
+
+_HELP_NOTES = """\
+TARGET is AET[@host[:port]] (dcmsnd; host localhost, port 104), or HOST PORT (storescu; the called
+AE from -c/--called-aet, default ANY-SCP), or --destination NAME -c CONFIG.
+
+Presentation contexts are planned from the files: one per (SOP class, transfer syntax) plus an
+uncompressed fallback in a separate context; over 128 contexts take further associations. A file
+the peer accepts only uncompressed is decompressed (lossy sources only with
+--allow-lossy-decompress) and sent Explicit VR Little Endian.
+
+Seed options: -connectTO/-acceptTO/-rspTO/-releaseTO take milliseconds, -sndpdulen/-rcvpdulen
+KB, -async N is --associations N, -lowprior/-highprior set the priority, -bufsize KB sets how much
+of a data set goes into one socket write. -pdv1 is accepted and changes nothing: forwarder always
+sends one PDV per P-DATA PDU. -a ends each association with A-ABORT.
+
+Exit status: 0 every file stored (Success or Warning); 1 at least one file not stored; 2 bad
+command line; 3 the peer could not be reached or refused the association and nothing was stored;
+78 invalid config file.
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "send",
+        help="C-STORE files and directory trees to a peer",
+        description="Store DICOM files at a peer (C-STORE), like dcmsnd or storescu.",
+        epilog=_HELP_NOTES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("args", nargs="*", metavar="TARGET FILE|DIR", help="where, then what")
+    add_association_options(p)
+    g = p.add_argument_group("sending")
+    g.add_argument(
+        "--associations",
+        "-async",
+        dest="associations",
+        type=_positive,
+        metavar="N",
+        help="parallel associations (default 1; dcmsnd -async)",
+    )
+    g.add_argument("--priority", choices=("low", "medium", "high"), help="default medium")
+    g.add_argument(
+        "-lowprior", dest="priority", action="store_const", const="low", help=argparse.SUPPRESS
+    )
+    g.add_argument(
+        "-highprior", dest="priority", action="store_const", const="high", help=argparse.SUPPRESS
+    )
+    g.add_argument(
+        "--repeat", "-r", type=_positive, default=1, metavar="N", help="send everything N times"
+    )
+    g.add_argument(
+        "--abort", "-a", action="store_true", help="end with A-ABORT instead of A-RELEASE"
+    )
+    g.add_argument(
+        "--allow-lossy-decompress",
+        action="store_true",
+        help="decompress lossy files for peers that accept only uncompressed",
+    )
+    g.add_argument(
+        "--buffer-size",
+        "-bufsize",
+        dest="buffer_size",
+        type=_positive,
+        metavar="KB",
+        help="data set bytes per socket write (default 1024)",
+    )
+    g.add_argument("-pdv1", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--report", metavar="FILE.json", help="write one JSON record per file")
+    o = p.add_argument_group("output")
+    o.add_argument("-v", "--verbose", action="count", default=0, help="one line per file")
+    o.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    o.add_argument("-q", "--quiet", action="store_true", help="errors only, no summary")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.set_defaults(func=run)
+
+
+def _positive(text: str) -> int:
+    from forwarder.cli._net import _positive as positive
+
+    return positive(text)
+
+
+@dataclass(slots=True)
+class _Stats:
+    files_total: int
+    bytes_total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    bytes_done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand directories recursively (hidden files and folders skipped), in sorted order.
+
+    Returns the files and (path, reason) for arguments that do not exist.
+    """
+    files: list[str] = []
+    missing: list[tuple[str, str]] = []
+    for arg in paths:
+        if os.path.isdir(arg):
+            for root, dirs, names in os.walk(arg):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        elif os.path.isfile(arg):
+            files.append(arg)
+        else:
+            missing.append((arg, "no such file or directory"))
+    return files, missing
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(verbose=2 if args.debug else 1 if args.verbose else 0, quiet=args.quiet)
+    try:
+        target = resolve(args, list(args.args), needs_files=True)
+    except UsageError as exc:
+        print(f"forwarder send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TLSSetupError as exc:
+        print(f"forwarder send: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    files, missing = collect_files(target.files)
+    records: list[dict[str, Any]] = []
+    bad: list[SendOutcome] = []
+    good: list[StoreRequest] = []
+    for i, path in enumerate(files):
+        try:
+            good.append(StoreRequest(path, i, read_meta(path)))
+        except InvalidFileError as exc:
+            bad.append(_bad(StoreRequest(path, i), exc.reason))
+    bad.extend(_bad(StoreRequest(path, -1), reason) for path, reason in missing)
+    for outcome in bad:
+        _print_failure(outcome, target)
+    stats = _Stats(
+        len(good) * args.repeat, sum(_meta(r).dataset_length for r in good) * args.repeat
+    )
+    progress = _Progress(
+        stats, enabled=sys.stderr.isatty() and not args.quiet and not args.no_progress
+    )
+    outcomes: list[SendOutcome] = list(bad)
+    opened = 0
+    try:
+        for _ in range(args.repeat):
+            results, n = _send_all(target, good, stats, progress, abort=args.abort)
+            outcomes.extend(results)
+            opened += n
+    finally:
+        progress.finish()
+    already_printed = {id(o) for o in bad}
+    for o in outcomes:
+        if id(o) not in already_printed:
+            if not o.outcome.stored:
+                _print_failure(o, target)
+            elif o.outcome is Outcome.WARNING:
+                logger.warning("%s: stored with warning %s", o.request.path, o.error)
+            else:
+                logger.info(
+                    "%s: stored %s (status 0x%04X)",
+                    o.request.path,
+                    o.sop_instance_uid,
+                    o.status or 0,
+                )
+        records.append(_record(o))
+    counts = Counter(o.outcome for o in outcomes)
+    stored = counts[Outcome.STORED] + counts[Outcome.WARNING]
+    failed = len(outcomes) - stored
+    elapsed = max(time.monotonic() - stats.started, 1e-9)
+    mb = stats.bytes_done / 1e6
+    if not args.quiet:
+        print(
+            f"forwarder send: {stored} stored ({counts[Outcome.WARNING]} with warnings), "
+            f"{failed} failed, {mb:.1f} MB in {elapsed:.2f}s ({mb / elapsed:.1f} MB/s) "
+            f"to {target.peer}",
+            file=sys.stderr,
+        )
+    if args.report:
+        _write_report(args.report, target, records, stored, failed)
+    if failed == 0:
+        return EXIT_OK
+    if (
+        stored == 0
+        and opened == 0
+        and any(o.association is None and o.outcome is Outcome.RETRY for o in outcomes)
+    ):
+        return EXIT_UNREACHABLE
+    return EXIT_FAILED
+
+
+def _meta(request: StoreRequest) -> FileMeta:
+    assert request.meta is not None
+    return request.meta
+
+
+def _send_all(
+    target: Target,
+    requests: list[StoreRequest],
+    stats: _Stats,
+    progress: _Progress,
+    *,
+    abort: bool,
+) -> tuple[list[SendOutcome], int]:
+    """Send every request over up to ``target.associations`` parallel channels."""
+    results: list[SendOutcome] = []
+    results_lock = threading.Lock()
+    needs = Counter((_meta(r).sop_class_uid, _meta(r).transfer_syntax) for r in requests)
+    ordered_needs = [n for n, _ in needs.most_common()]
+    groups = group_by_contexts(ordered_needs) if requests else []
+    channels = [
+        Channel(
+            target.peer,
+            target.settings,
+            allow_lossy_decompress=target.allow_lossy_decompress,
+            name=f"{target.peer}#{i + 1}",
+        )
+        for i in range(max(1, min(target.associations, len(requests) or 1)))
+    ]
+    for group in groups:
+        work: queue.SimpleQueue[StoreRequest | None] = queue.SimpleQueue()
+        for r in requests:
+            if (_meta(r).sop_class_uid, _meta(r).transfer_syntax) in group:
+                work.put(r)
+        for _ in channels:
+            work.put(None)
+        hint = [n for n in ordered_needs if n in group]
+
+        def drain(
+            channel: Channel,
+            work: queue.SimpleQueue[StoreRequest | None],
+            hint: list[tuple[str, str]],
+        ) -> None:
+            def pull() -> Iterator[StoreRequest]:
+                while (item := work.get()) is not None:
+                    yield item
+
+            for outcome in channel.send(pull(), hint=hint):
+                with results_lock:
+                    results.append(outcome)
+                progress.advance(outcome)
+
+        threads = [
+            threading.Thread(target=drain, args=(c, work, hint), name=c.name, daemon=True)
+            for c in channels
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for c in channels:
+        if abort:
+            c.abort()
+        else:
+            c.release()
+    results.sort(key=lambda o: o.request.key)
+    return results, sum(c.associations_opened for c in channels)
+
+
+def _bad(request: StoreRequest, reason: str) -> SendOutcome:
+    return SendOutcome(request, Outcome.FAILED, None, reason, None, None, None, None, None, 0, 0.0)
+
+
+def _print_failure(o: SendOutcome, target: Target) -> None:
+    uid = f" SOP Instance {o.sop_instance_uid}" if o.sop_instance_uid else ""
+    print(
+        f"forwarder send: FAILED {o.request.path}{uid} -> {target.peer}: {o.error}", file=sys.stderr
+    )
+
+
+def _record(o: SendOutcome) -> dict[str, Any]:
+    return {
+        "path": o.request.path,
+        "sop_class_uid": o.sop_class_uid,
+        "sop_instance_uid": o.sop_instance_uid,
+        "transfer_syntax": o.transfer_syntax,
+        "sent_transfer_syntax": o.sent_transfer_syntax,
+        "status": f"0x{o.status:04X}" if o.status is not None else None,
+        "outcome": o.outcome.value,
+        "error": o.error,
+        "association": o.association,
+        "bytes": o.nbytes,
+    }
+
+
+def _write_report(
+    path: str, target: Target, records: list[dict[str, Any]], stored: int, failed: int
+) -> None:
+    report = {
+        "peer": {
+            "ae_title": target.peer.ae_title,
+            "host": target.peer.host,
+            "port": target.peer.port,
+        },
+        "calling_ae_title": target.settings.calling_ae_title,
+        "stored": stored,
+        "failed": failed,
+        "files": records,
+    }
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """A one-line progress bar on stderr: files, MB, MB/s, ETA. Off when not a terminal."""
+
+    def __init__(self, stats: _Stats, *, enabled: bool) -> None:
+        self.stats = stats
+        self.enabled = enabled
+        self._last = 0.0
+
+    def advance(self, outcome: SendOutcome) -> None:
+        s = self.stats
+        with s.lock:
+            s.done += 1
+            s.bytes_done += outcome.nbytes
+            now = time.monotonic()
+            if not self.enabled or (now - self._last < 0.1 and s.done < s.files_total):
+                return
+            self._last = now
+            elapsed = max(now - s.started, 1e-6)
+            rate = s.bytes_done / elapsed
+            left = max(s.bytes_total - s.bytes_done, 0)
+            eta = left / rate if rate > 0 else 0.0
+            width = 24
+            filled = int(width * s.done / max(s.files_total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(
+                f"\r[{bar}] {s.done}/{s.files_total} files  {s.bytes_done / 1e6:.1f}/"
+                f"{s.bytes_total / 1e6:.1f} MB  {rate / 1e6:.1f} MB/s  "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d} "
+            )
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
