@@ -1,0 +1,977 @@
+"""The persistent delivery queue: one SQLite file, one state machine row per (file, destination).
+
+Ingest enqueues a *file* row and one ``READY`` *job* per destination it is routed to. A worker
+claims due jobs for its destination (``READY`` -> ``CLAIMED``), sends them and acks each one
+(``DONE``, ``FAILED``, or back to ``READY`` with a later ``next_attempt_at``). When every job of
+a file is terminal the caller moves the file in two steps: :meth:`Queue.begin_finish` records
+where it goes (``QUEUED`` -> ``FINISHING``), the caller renames it, then
+:meth:`Queue.complete_finish` marks it ``FINISHED``.
+
+Delivery is **at least once**. Every transition is committed (WAL, ``synchronous=FULL``) before
+the caller acts on it, and a job is never handed out by deleting its row: a crash at any moment
+leaves it ``CLAIMED``, and :meth:`Queue.recover` (run at start, before the incoming folder is
+rescanned) returns it to ``READY`` so it is sent again. A crash in the middle of a finish leaves
+the file ``FINISHING`` with its target path, and :meth:`Queue.recover` hands it back.
+
+The queue takes plain values (a database path, numbers), never the config object. One
+:class:`Queue` may be shared by many threads; other processes (``forwarder status``,
+``forwarder retry``) open their own :class:`Queue` on the same file at the same time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+from forwarder.errors import QueueError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_PRUNE_BATCH = 2000  # rows deleted per transaction, so workers can ack in between
+_CHECKPOINT_BUSY_MS = 2000  # how long prune's checkpoint waits for readers before giving up
+
+
+class JobStatus(enum.StrEnum):
+    READY = "READY"
+    CLAIMED = "CLAIMED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class FileState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    FINISHING = "FINISHING"
+    FINISHED = "FINISHED"
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """What ingest enqueues: a complete file in incoming and the header values the sender needs."""
+
+    path: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One claimed delivery: send the file at ``path`` to ``destination``, then ack ``id``."""
+
+    id: int
+    file_id: int
+    destination: str
+    path: str
+    rel_path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    size: int
+    attempts: int  # completed attempts before this one
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """One destination's outcome for a file, for ``NAME.error.json``."""
+
+    destination: str
+    status: JobStatus
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileToFinish:
+    """A file whose jobs are all terminal (``QUEUED``), or one caught mid-finish (``FINISHING``)."""
+
+    file_id: int
+    path: str
+    rel_path: str
+    state: FileState
+    outcome: Outcome  # "done" if every job is DONE, else "failed"
+    final_path: str | None  # set once begin_finish ran
+    results: tuple[JobResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStats:
+    pending: int  # READY jobs, including those waiting out a retry delay
+    in_flight: int  # CLAIMED jobs
+    done: int  # cumulative, survives prune()
+    failed: int  # cumulative, survives prune()
+    oldest_pending_seconds: float | None  # age of the oldest READY or CLAIMED job
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    requeued: int  # CLAIMED jobs returned to READY
+    finishing: tuple[FileToFinish, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedFile:
+    """A file that ended in failed/ and has not been retried yet (for ``forwarder retry``)."""
+
+    file_id: int
+    final_path: str
+    rel_path: str
+    destinations: tuple[str, ...]  # every destination whose job FAILED, sorted
+    finished_at: float
+
+
+class PendingSyntax(NamedTuple):
+    sop_class_uid: str
+    transfer_syntax: str
+
+
+# The status literals below must match JobStatus / FileState / Outcome (tests check the CHECKs).
+_DDL = (
+    """CREATE TABLE IF NOT EXISTS files (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        rel_path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('QUEUED', 'FINISHING', 'FINISHED')),
+        outcome TEXT CHECK (outcome IN ('done', 'failed')),
+        final_path TEXT,
+        retried_as INTEGER,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    )""",
+    # enqueue is idempotent per path while the file is unfinished; once finished, the same name
+    # may be dropped into incoming again
+    """CREATE UNIQUE INDEX IF NOT EXISTS files_unfinished_path
+        ON files (path) WHERE state != 'FINISHED'""",
+    "CREATE INDEX IF NOT EXISTS files_state ON files (state, finished_at)",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY,
+        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('READY', 'CLAIMED', 'DONE', 'FAILED')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claimed_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        UNIQUE (file_id, destination)
+    )""",
+    "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
+    """CREATE TABLE IF NOT EXISTS destination_stats (
+        destination TEXT PRIMARY KEY,
+        done_total INTEGER NOT NULL DEFAULT 0,
+        failed_total INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at REAL
+    )""",
+)
+
+_UNFINISHED_JOB = (
+    "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
+)
+
+_INSERT_FILE = """
+    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                       transfer_syntax, state, created_at)
+    VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
+            :transfer_syntax, 'QUEUED', :now)
+    ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
+    RETURNING id"""
+
+_INSERT_JOBS = """
+    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
+    SELECT :file_id, value, 'READY', :now, :now FROM json_each(:destinations)"""
+
+_CLAIM = """
+    UPDATE jobs SET status = 'CLAIMED', claimed_at = :now
+    WHERE id IN (SELECT id FROM jobs
+                 WHERE destination = :destination AND status = 'READY'
+                   AND next_attempt_at <= :now
+                 ORDER BY next_attempt_at, id LIMIT :limit)
+    RETURNING id"""
+
+_CLAIMED_JOBS = """
+    SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
+           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at
+    FROM jobs AS j JOIN files AS f ON f.id = j.file_id
+    WHERE j.id IN (SELECT value FROM json_each(:ids))
+    ORDER BY j.next_attempt_at, j.id"""
+
+_ACK_TERMINAL = """
+    UPDATE jobs SET status = :status, attempts = attempts + 1, last_status = :last_status,
+                    last_error = COALESCE(:error, last_error), claimed_at = NULL,
+                    finished_at = :now
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+_ACK_RETRY = """
+    UPDATE jobs SET status = 'READY', attempts = attempts + 1, next_attempt_at = :next_attempt_at,
+                    last_status = :last_status, last_error = :error, claimed_at = NULL
+    WHERE id = :id AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+_RELEASE = """
+    UPDATE jobs SET status = 'READY', claimed_at = NULL
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+_BUMP_STATS = """
+    INSERT INTO destination_stats (destination, done_total, failed_total, last_error,
+                                   last_error_at)
+    VALUES (:destination, :done, :failed, :error, CASE WHEN :error IS NULL THEN NULL ELSE :now END)
+    ON CONFLICT (destination) DO UPDATE SET
+        done_total = done_total + excluded.done_total,
+        failed_total = failed_total + excluded.failed_total,
+        last_error = COALESCE(excluded.last_error, last_error),
+        last_error_at = COALESCE(excluded.last_error_at, last_error_at)"""
+
+_TERMINAL_FILES = f"""
+    SELECT f.id FROM files AS f
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state = 'QUEUED'
+      AND NOT EXISTS ({_UNFINISHED_JOB})
+    ORDER BY f.id"""
+
+_TO_FINISH_ALL = f"""
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({_UNFINISHED_JOB})
+    ORDER BY f.id LIMIT :limit"""
+
+_TO_FINISH_IDS = f"""
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state IN ('QUEUED', 'FINISHING')
+      AND NOT EXISTS ({_UNFINISHED_JOB})
+    ORDER BY f.id LIMIT :limit"""
+
+_RESULTS = """
+    SELECT file_id, destination, status, attempts, last_status, last_error, created_at,
+           finished_at
+    FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
+    ORDER BY file_id, destination"""
+
+_BEGIN_FINISH = """
+    UPDATE files SET state = 'FINISHING', final_path = :final_path,
+        outcome = CASE WHEN EXISTS (SELECT 1 FROM jobs AS j
+                                    WHERE j.file_id = files.id AND j.status != 'DONE')
+                       THEN 'failed' ELSE 'done' END
+    WHERE id = :id AND state = 'QUEUED' AND NOT EXISTS (
+        SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND u.status IN ('READY', 'CLAIMED'))"""
+
+_FAILED_FILES = """
+    SELECT f.id, f.final_path, f.rel_path, f.finished_at, j.destination
+    FROM files AS f JOIN jobs AS j ON j.file_id = f.id AND j.status = 'FAILED'
+    WHERE f.state = 'FINISHED' AND f.outcome = 'failed' AND f.retried_as IS NULL
+      AND (:destination IS NULL OR EXISTS (
+            SELECT 1 FROM jobs AS d
+            WHERE d.file_id = f.id AND d.destination = :destination AND d.status = 'FAILED'))
+    ORDER BY f.id, j.destination"""
+
+_REQUEUE_FILE = """
+    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                       transfer_syntax, state, created_at)
+    SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+           transfer_syntax, 'QUEUED', :now
+    FROM files
+    WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
+    RETURNING id"""
+
+_PRUNE = """
+    DELETE FROM files WHERE id IN (
+        SELECT id FROM files WHERE state = 'FINISHED' AND finished_at < :cutoff
+        ORDER BY id LIMIT :batch)"""
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def _ids_json(ids: Iterable[int]) -> str:
+    return json.dumps([int(i) for i in ids])
+
+
+def _unique_ids(ids: Sequence[int]) -> list[int]:
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def _destinations(destinations: Sequence[str]) -> list[str]:
+    """The destinations in order, without duplicates; a file must go somewhere."""
+    unique = list(dict.fromkeys(destinations))
+    if not unique:
+        raise ValueError("a file must be enqueued for at least one destination")
+    return unique
+
+
+def _describe_jobs(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:5])
+    more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+    return f"job {shown}" if len(ids) == 1 else f"jobs {shown}{more}"
+
+
+class Queue:
+    """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
+
+    ``create=False`` refuses to create a missing database (for ``forwarder status``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, create: bool = True
+    ) -> None:
+        self._path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if not create and not os.path.exists(self._path):
+            raise QueueError(
+                f"queue database {self._path} does not exist: check the 'queue' key of the "
+                "config, or start the daemon once to create it"
+            )
+        self._busy_pragma = f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}"
+        try:
+            # timeout= is SQLite's busy timeout: wait for another writer instead of failing.
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False:
+            # worker threads share this connection, serialized by self._lock.
+            conn = sqlite3.connect(
+                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._error(exc, "opening it") from exc
+        try:
+            self._configure(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc, "opening it") from exc
+            raise
+        self._conn = conn
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def _error(self, exc: sqlite3.Error, what: str) -> QueueError:
+        hint = ""
+        if "unable to open" in str(exc):
+            directory = os.path.dirname(os.path.abspath(self._path))
+            hint = f" (does {directory} exist, and may this user write to it?)"
+        elif "not a database" in str(exc):
+            hint = " (is the 'queue' key pointing at some other file?)"
+        return QueueError(f"queue database {self._path}: {exc} while {what}{hint}")
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # Must be chosen before the first table exists (and before WAL): lets prune() hand
+            # freed pages back to the filesystem without a VACUUM that locks out the daemon.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # WAL: readers (forwarder status) and the daemon's writer do not block each other, and a
+        # commit is one append to the log. The mode is stored in the file.
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise QueueError(
+                f"queue database {self._path}: cannot use write-ahead logging (journal mode "
+                f"stays {mode!r}); put the queue on a local filesystem"
+            )
+        # FULL: fsync the log on every commit. With NORMAL a power loss can drop the last commits:
+        # a lost ack would make a job look READY for a file already moved to done/.
+        conn.execute("PRAGMA synchronous = FULL")
+        # prune() relies on ON DELETE CASCADE from files to jobs; SQLite leaves it off by default.
+        conn.execute("PRAGMA foreign_keys = ON")
+        # After a checkpoint, shrink the -wal file back to 64 MiB so a burst does not pin the disk.
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QueueError(
+                f"queue database {self._path} has schema version {version}, newer than this "
+                f"forwarder understands ({SCHEMA_VERSION}); upgrade forwarder"
+            )
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _DDL:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- connection plumbing ---------------------------------------------------------------
+
+    def _connection(self, what: str) -> sqlite3.Connection:
+        if self._conn is None:
+            raise QueueError(f"queue database {self._path}: closed, while {what}")
+        return self._conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; any sqlite3 error becomes a QueueError."""
+        with self._lock:
+            conn = self._connection(what)
+            try:
+                # IMMEDIATE takes the write lock now, so reads inside see what they will update.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A short read transaction (one snapshot across statements) under the lock."""
+        with self._lock:
+            conn = self._connection(what)
+            try:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback failed; SQLite rolls back when the connection closes")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    raise self._error(exc, "closing it") from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- transitions ----------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Run once at start, before rescanning incoming: CLAIMED jobs of a crashed run go back
+        to READY (no attempt counted; they are sent again: at least once), and every file that is
+        FINISHING, or QUEUED with all jobs terminal, is returned for the caller to finish."""
+        with self._write("recovering jobs claimed before a restart") as conn:
+            requeued = conn.execute(
+                "UPDATE jobs SET status = 'READY', claimed_at = NULL WHERE status = 'CLAIMED'"
+            ).rowcount
+            finishing = self._select_to_finish(conn, None, -1)
+        if requeued:
+            logger.warning(
+                "%d jobs were being sent when forwarder stopped; they will be sent again",
+                requeued,
+            )
+        if finishing:
+            logger.info("%d files are delivered or failed but not yet moved", len(finishing))
+        return RecoveryReport(requeued=requeued, finishing=tuple(finishing))
+
+    def enqueue(
+        self, entry: FileEntry, destinations: Sequence[str], *, now: float | None = None
+    ) -> int | None:
+        """Add a file and one READY job per destination in one transaction. Returns the file id,
+        or None when an unfinished row for that path exists (then nothing changes)."""
+        return self._enqueue([(entry, destinations)], now, f"enqueuing {entry.path}")[0]
+
+    def enqueue_many(
+        self,
+        items: Sequence[tuple[FileEntry, Sequence[str]]],
+        *,
+        now: float | None = None,
+    ) -> list[int | None]:
+        """:meth:`enqueue` for many files in ONE transaction; results in the order given."""
+        return self._enqueue(items, now, f"enqueuing {len(items)} files")
+
+    def _enqueue(
+        self,
+        items: Sequence[tuple[FileEntry, Sequence[str]]],
+        now: float | None,
+        what: str,
+    ) -> list[int | None]:
+        if not items:
+            return []
+        prepared = [(entry, json.dumps(_destinations(dests))) for entry, dests in items]
+        at = _now(now)
+        ids: list[int | None] = []
+        with self._write(what) as conn:
+            for entry, destinations in prepared:
+                row = conn.execute(
+                    _INSERT_FILE,
+                    {
+                        "path": entry.path,
+                        "rel_path": entry.rel_path,
+                        "size": entry.size,
+                        "mtime_ns": entry.mtime_ns,
+                        "sop_class_uid": entry.sop_class_uid,
+                        "sop_instance_uid": entry.sop_instance_uid,
+                        "transfer_syntax": entry.transfer_syntax,
+                        "now": at,
+                    },
+                ).fetchall()
+                if not row:
+                    ids.append(None)
+                    continue
+                file_id = int(row[0][0])
+                conn.execute(
+                    _INSERT_JOBS, {"file_id": file_id, "destinations": destinations, "now": at}
+                )
+                ids.append(file_id)
+        return ids
+
+    def claim(self, destination: str, limit: int, *, now: float | None = None) -> list[Job]:
+        """Up to ``limit`` due READY jobs for ``destination``, earliest due first (FIFO among
+        new jobs), now CLAIMED. One UPDATE ... RETURNING: no job is handed out twice."""
+        if limit <= 0:
+            return []
+        params = {"destination": destination, "limit": limit, "now": _now(now)}
+        with self._write(f"claiming jobs for {destination}") as conn:
+            claimed = [r[0] for r in conn.execute(_CLAIM, params).fetchall()]
+            if not claimed:
+                return []
+            rows = conn.execute(_CLAIMED_JOBS, {"ids": _ids_json(claimed)}).fetchall()
+        return [
+            Job(
+                id=r[0],
+                file_id=r[1],
+                destination=r[2],
+                path=r[3],
+                rel_path=r[4],
+                sop_class_uid=r[5],
+                sop_instance_uid=r[6],
+                transfer_syntax=r[7],
+                size=r[8],
+                attempts=r[9],
+                created_at=r[10],
+            )
+            for r in rows
+        ]
+
+    def ack_done(
+        self, job_ids: Sequence[int], *, status: int | None = None, now: float | None = None
+    ) -> list[int]:
+        """CLAIMED -> DONE (one attempt counted). Returns the ids of files this made terminal."""
+        return self._ack_terminal(job_ids, JobStatus.DONE, status, None, now)
+
+    def ack_failed(
+        self, job_id: int, *, error: str, status: int | None = None, now: float | None = None
+    ) -> list[int]:
+        """CLAIMED -> FAILED for good (one attempt counted). Returns files this made terminal."""
+        return self._ack_terminal([job_id], JobStatus.FAILED, status, error, now)
+
+    def _ack_terminal(
+        self,
+        job_ids: Sequence[int],
+        to: JobStatus,
+        status: int | None,
+        error: str | None,
+        now: float | None,
+    ) -> list[int]:
+        ids = _unique_ids(job_ids)
+        if not ids:
+            return []
+        at = _now(now)
+        verb = "delivered" if to is JobStatus.DONE else "failed"
+        params = {"status": to.value, "last_status": status, "error": error, "now": at}
+        with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
+            rows = conn.execute(_ACK_TERMINAL, {**params, "ids": _ids_json(ids)}).fetchall()
+            self._expect_claimed(conn, ids, rows)
+            per_destination: dict[str, int] = {}
+            for _, _, destination in rows:
+                per_destination[destination] = per_destination.get(destination, 0) + 1
+            for destination, n in per_destination.items():
+                done, failed = (n, 0) if to is JobStatus.DONE else (0, n)
+                self._bump(conn, destination, done=done, failed=failed, error=error, now=at)
+            file_ids = sorted({r[1] for r in rows})
+            terminal = conn.execute(_TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
+        return [r[0] for r in terminal]
+
+    def ack_retry(
+        self,
+        job_id: int,
+        *,
+        next_attempt_at: float,
+        error: str,
+        status: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        """CLAIMED -> READY again, one attempt counted, due at ``next_attempt_at``."""
+        params = {
+            "id": job_id,
+            "next_attempt_at": next_attempt_at,
+            "last_status": status,
+            "error": error,
+        }
+        with self._write(f"acking job {job_id} for a retry") as conn:
+            rows = conn.execute(_ACK_RETRY, params).fetchall()
+            self._expect_claimed(conn, [job_id], rows)
+            self._bump(conn, rows[0][2], done=0, failed=0, error=error, now=_now(now))
+
+    def release(self, job_ids: Sequence[int]) -> None:
+        """CLAIMED -> READY without counting an attempt (jobs claimed but not sent at shutdown)."""
+        ids = _unique_ids(job_ids)
+        if not ids:
+            return
+        with self._write(f"releasing {_describe_jobs(ids)}") as conn:
+            rows = conn.execute(_RELEASE, {"ids": _ids_json(ids)}).fetchall()
+            self._expect_claimed(conn, ids, rows)
+
+    def fail_pending(self, destination: str, *, error: str, now: float | None = None) -> list[int]:
+        """READY -> FAILED for every job of ``destination`` (e.g. it is no longer configured).
+        No attempt counted. Returns the ids of files this made terminal."""
+        at = _now(now)
+        with self._write(f"failing the pending jobs of {destination}") as conn:
+            rows = conn.execute(
+                """UPDATE jobs SET status = 'FAILED', last_error = :error, finished_at = :now
+                   WHERE destination = :destination AND status = 'READY'
+                   RETURNING file_id""",
+                {"destination": destination, "error": error, "now": at},
+            ).fetchall()
+            if not rows:
+                return []
+            self._bump(conn, destination, done=0, failed=len(rows), error=error, now=at)
+            file_ids = sorted({r[0] for r in rows})
+            terminal = conn.execute(_TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
+        logger.warning("gave up %d jobs for %s: %s", len(rows), destination, error)
+        return [r[0] for r in terminal]
+
+    @staticmethod
+    def _bump(
+        conn: sqlite3.Connection,
+        destination: str,
+        *,
+        done: int,
+        failed: int,
+        error: str | None,
+        now: float,
+    ) -> None:
+        conn.execute(
+            _BUMP_STATS,
+            {
+                "destination": destination,
+                "done": done,
+                "failed": failed,
+                "error": error,
+                "now": now,
+            },
+        )
+
+    def _expect_claimed(
+        self, conn: sqlite3.Connection, ids: Sequence[int], rows: Sequence[Any]
+    ) -> None:
+        """Raise (rolling the transaction back) unless every id was CLAIMED."""
+        if len(rows) == len(ids):
+            return
+        changed = {r[0] for r in rows}
+        missing = [i for i in ids if i not in changed]
+        found = dict(
+            conn.execute(
+                "SELECT id, status FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))",
+                {"ids": _ids_json(missing)},
+            ).fetchall()
+        )
+        problems = ", ".join(
+            f"job {i} is {found[i]}" if i in found else f"job {i} does not exist"
+            for i in missing[:5]
+        )
+        raise QueueError(
+            f"queue database {self._path}: {problems}; only CLAIMED jobs can be acked or "
+            "released (was recover() run by another process on the same queue?)"
+        )
+
+    # -- finishing files -------------------------------------------------------------------
+
+    def to_finish(
+        self, file_ids: Sequence[int] | None = None, limit: int = 1000
+    ) -> list[FileToFinish]:
+        """Files (all, or among ``file_ids``) whose jobs are all terminal and that are QUEUED or
+        FINISHING, oldest first, with every destination's result."""
+        with self._read("listing files to finish") as conn:
+            return self._select_to_finish(conn, file_ids, limit)
+
+    @staticmethod
+    def _select_to_finish(
+        conn: sqlite3.Connection, file_ids: Sequence[int] | None, limit: int
+    ) -> list[FileToFinish]:
+        if file_ids is None:
+            files = conn.execute(_TO_FINISH_ALL, {"limit": limit}).fetchall()
+        else:
+            params = {"ids": _ids_json(file_ids), "limit": limit}
+            files = conn.execute(_TO_FINISH_IDS, params).fetchall()
+        if not files:
+            return []
+        results: dict[int, list[JobResult]] = {}
+        for r in conn.execute(_RESULTS, {"ids": _ids_json(f[0] for f in files)}).fetchall():
+            results.setdefault(r[0], []).append(
+                JobResult(
+                    destination=r[1],
+                    status=JobStatus(r[2]),
+                    attempts=r[3],
+                    last_status=r[4],
+                    last_error=r[5],
+                    created_at=r[6],
+                    finished_at=r[7],
+                )
+            )
+        finished: list[FileToFinish] = []
+        for file_id, path, rel_path, state, final_path in files:
+            jobs = tuple(results.get(file_id, ()))
+            done = all(j.status is JobStatus.DONE for j in jobs)
+            finished.append(
+                FileToFinish(
+                    file_id=file_id,
+                    path=path,
+                    rel_path=rel_path,
+                    state=FileState(state),
+                    outcome=Outcome.DONE if done else Outcome.FAILED,
+                    final_path=final_path,
+                    results=jobs,
+                )
+            )
+        return finished
+
+    def begin_finish(self, file_id: int, final_path: str) -> None:
+        """QUEUED -> FINISHING, recording where the file goes. Commit this, then move the file,
+        then :meth:`complete_finish`; after a crash :meth:`recover` returns it with final_path."""
+        params = {"id": file_id, "final_path": final_path}
+        with self._write(f"starting to finish file {file_id}") as conn:
+            if conn.execute(_BEGIN_FINISH, params).rowcount != 1:
+                raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
+
+    def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
+        """FINISHING -> FINISHED, once the file is at its final path."""
+        params = {"id": file_id, "now": _now(now)}
+        with self._write(f"completing the finish of file {file_id}") as conn:
+            updated = conn.execute(
+                """UPDATE files SET state = 'FINISHED', finished_at = :now
+                   WHERE id = :id AND state = 'FINISHING'""",
+                params,
+            ).rowcount
+            if updated != 1:
+                raise self._not_in_state(conn, file_id, FileState.FINISHING, "complete_finish")
+
+    def _not_in_state(
+        self, conn: sqlite3.Connection, file_id: int, expected: FileState, action: str
+    ) -> QueueError:
+        row = conn.execute("SELECT state FROM files WHERE id = :id", {"id": file_id}).fetchone()
+        if row is None:
+            found = "does not exist"
+        elif row[0] == expected:
+            found = "still has jobs that are READY or CLAIMED"
+        else:
+            found = f"is {row[0]}"
+        return QueueError(
+            f"queue database {self._path}: cannot {action} file {file_id}: it {found} "
+            f"(it must be {expected.value} with every job DONE or FAILED)"
+        )
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def active_paths(self) -> set[str]:
+        """Paths of every unfinished file (QUEUED or FINISHING): the watcher's dedup set."""
+        with self._read("listing queued paths") as conn:
+            rows = conn.execute("SELECT path FROM files WHERE state != 'FINISHED'").fetchall()
+        return {r[0] for r in rows}
+
+    def pending_syntaxes(self, destination: str, limit: int = 256) -> list[PendingSyntax]:
+        """Distinct (SOP Class UID, transfer syntax) of READY and CLAIMED jobs for
+        ``destination``, most common first: what the sender should propose."""
+        with self._read(f"listing pending transfer syntaxes for {destination}") as conn:
+            rows = conn.execute(
+                """SELECT f.sop_class_uid, f.transfer_syntax, COUNT(*) AS n
+                   FROM jobs AS j JOIN files AS f ON f.id = j.file_id
+                   WHERE j.destination = :destination AND j.status IN ('READY', 'CLAIMED')
+                   GROUP BY f.sop_class_uid, f.transfer_syntax
+                   ORDER BY n DESC, f.sop_class_uid, f.transfer_syntax LIMIT :limit""",
+                {"destination": destination, "limit": limit},
+            ).fetchall()
+        return [PendingSyntax(r[0], r[1]) for r in rows]
+
+    def next_due(self, destination: str) -> float | None:
+        """The earliest next_attempt_at of READY jobs for ``destination`` (None: nothing queued)."""
+        with self._read(f"reading when {destination} is due") as conn:
+            row = conn.execute(
+                """SELECT MIN(next_attempt_at) FROM jobs
+                   WHERE destination = :destination AND status = 'READY'""",
+                {"destination": destination},
+            ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def stats(
+        self, *, now: float | None = None, destinations: Sequence[str] = ()
+    ) -> dict[str, DestinationStats]:
+        """Per destination (every one with rows, plus those named), sorted by name."""
+        at = _now(now)
+        with self._read("reading destination statistics") as conn:
+            live = conn.execute(
+                """SELECT destination, status, COUNT(*), MIN(created_at) FROM jobs
+                   WHERE status IN ('READY', 'CLAIMED') GROUP BY destination, status"""
+            ).fetchall()
+            totals = conn.execute(
+                "SELECT destination, done_total, failed_total, last_error FROM destination_stats"
+            ).fetchall()
+        pending: dict[str, int] = {}
+        in_flight: dict[str, int] = {}
+        oldest: dict[str, float] = {}
+        for destination, status, n, first in live:
+            (pending if status == JobStatus.READY else in_flight)[destination] = n
+            oldest[destination] = min(first, oldest.get(destination, first))
+        by_total = {r[0]: r for r in totals}
+        names = set(destinations) | set(pending) | set(in_flight) | set(by_total)
+        result: dict[str, DestinationStats] = {}
+        for name in sorted(names):
+            total = by_total.get(name)
+            result[name] = DestinationStats(
+                pending=pending.get(name, 0),
+                in_flight=in_flight.get(name, 0),
+                done=total[1] if total else 0,
+                failed=total[2] if total else 0,
+                oldest_pending_seconds=max(0.0, at - oldest[name]) if name in oldest else None,
+                last_error=total[3] if total else None,
+            )
+        return result
+
+    def counts(self) -> dict[str, int]:
+        """Rows per job status (every JobStatus value present) — pruned rows not included."""
+        with self._read("counting jobs") as conn:
+            rows = conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        counts = {s.value: 0 for s in JobStatus}
+        counts.update({r[0]: r[1] for r in rows})
+        return counts
+
+    # -- forwarder retry -------------------------------------------------------------------
+
+    def failed_files(self, destination: str | None = None) -> list[FailedFile]:
+        """FINISHED files that went to failed/ and were not retried yet; with ``destination``,
+        only those whose job for it FAILED. Each lists every destination that failed."""
+        with self._read("listing failed files") as conn:
+            rows = conn.execute(_FAILED_FILES, {"destination": destination}).fetchall()
+        grouped: dict[int, tuple[Any, list[str]]] = {}
+        for file_id, final_path, rel_path, finished_at, dest in rows:
+            grouped.setdefault(file_id, ((final_path, rel_path, finished_at), []))[1].append(dest)
+        return [
+            FailedFile(
+                file_id=file_id,
+                final_path=head[0],
+                rel_path=head[1],
+                destinations=tuple(dests),
+                finished_at=head[2],
+            )
+            for file_id, (head, dests) in grouped.items()
+        ]
+
+    def requeue_failed(
+        self,
+        file_id: int,
+        new_path: str,
+        rel_path: str,
+        destinations: Sequence[str],
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Queue a failed file again: a NEW QUEUED row at ``new_path`` (header values copied)
+        with fresh READY jobs for ``destinations``, and the old row marked retried so
+        :meth:`failed_files` no longer lists it. Returns the new file id. Do this before moving
+        the file to ``new_path`` so the watcher sees it as already queued."""
+        dests = json.dumps(_destinations(destinations))
+        at = _now(now)
+        params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
+        with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:
+            try:
+                row = conn.execute(_REQUEUE_FILE, params).fetchall()
+            except sqlite3.IntegrityError as exc:
+                raise QueueError(
+                    f"queue database {self._path}: cannot requeue file {file_id} as {new_path}: "
+                    "a file with that path is already queued"
+                ) from exc
+            if not row:
+                raise QueueError(
+                    f"queue database {self._path}: cannot requeue file {file_id}: it is not a "
+                    "finished, failed file (or it was retried already)"
+                )
+            new_id = int(row[0][0])
+            conn.execute(_INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
+            updated = conn.execute(
+                """UPDATE files SET retried_as = :new_id
+                   WHERE id = :id AND retried_as IS NULL""",
+                {"id": file_id, "new_id": new_id},
+            ).rowcount
+            if updated != 1:  # pragma: no cover - the INSERT above checked the same condition
+                raise QueueError(f"queue database {self._path}: file {file_id} changed meanwhile")
+        logger.info("requeued failed file %d as %d (%s)", file_id, new_id, new_path)
+        return new_id
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def prune(self, older_than: float, *, now: float | None = None) -> int:
+        """Delete FINISHED files (and their jobs) finished more than ``older_than`` seconds ago,
+        in small transactions, then return freed pages to the filesystem and truncate the WAL.
+        Returns how many files were deleted. Counters in stats() are kept."""
+        params = {"cutoff": _now(now) - older_than, "batch": _PRUNE_BATCH}
+        deleted = 0
+        while True:
+            with self._write("pruning finished files") as conn:
+                n = conn.execute(_PRUNE, params).rowcount
+            deleted += n
+            if n < _PRUNE_BATCH:
+                break
+        with self._lock:
+            conn = self._connection("compacting after a prune")
+            try:
+                # executescript steps the pragma to the end; execute() would free one page only
+                conn.executescript("PRAGMA incremental_vacuum;")
+                # A checkpoint waits for readers (forwarder status); do not hold the workers up
+                # for the whole busy timeout: if it cannot finish now, the next prune will.
+                conn.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_BUSY_MS}")
+                try:
+                    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                finally:
+                    conn.execute(self._busy_pragma)
+            except sqlite3.Error as exc:
+                raise self._error(exc, "compacting after a prune") from exc
+        if busy:
+            logger.debug("WAL checkpoint of %s postponed: a reader is active", self._path)
+        if deleted:
+            logger.info("pruned %d finished files from %s", deleted, self._path)
+        return deleted
