@@ -219,6 +219,7 @@ _CLAIM = """
                  ORDER BY next_attempt_at, id LIMIT :limit)
     RETURNING id"""
 
+# Job's fields in order
 _CLAIMED_JOBS = """
     SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
            f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at
@@ -271,6 +272,7 @@ _TO_FINISH_IDS = f"""
       AND NOT EXISTS ({_UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
+# file_id, then JobResult's fields in order
 _RESULTS = """
     SELECT file_id, destination, status, attempts, last_status, last_error, created_at,
            finished_at
@@ -418,7 +420,7 @@ class Queue:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._rollback(conn)
                 raise
 
     # -- connection plumbing ---------------------------------------------------------------
@@ -571,22 +573,7 @@ class Queue:
             if not claimed:
                 return []
             rows = conn.execute(_CLAIMED_JOBS, {"ids": _ids_json(claimed)}).fetchall()
-        return [
-            Job(
-                id=r[0],
-                file_id=r[1],
-                destination=r[2],
-                path=r[3],
-                rel_path=r[4],
-                sop_class_uid=r[5],
-                sop_instance_uid=r[6],
-                transfer_syntax=r[7],
-                size=r[8],
-                attempts=r[9],
-                created_at=r[10],
-            )
-            for r in rows
-        ]
+        return [Job(*r) for r in rows]
 
     def ack_done(
         self, job_ids: Sequence[int], *, status: int | None = None, now: float | None = None
@@ -743,17 +730,7 @@ class Queue:
             return []
         results: dict[int, list[JobResult]] = {}
         for r in conn.execute(_RESULTS, {"ids": _ids_json(f[0] for f in files)}).fetchall():
-            results.setdefault(r[0], []).append(
-                JobResult(
-                    destination=r[1],
-                    status=JobStatus(r[2]),
-                    attempts=r[3],
-                    last_status=r[4],
-                    last_error=r[5],
-                    created_at=r[6],
-                    finished_at=r[7],
-                )
-            )
+            results.setdefault(r[0], []).append(JobResult(r[1], JobStatus(r[2]), *r[3:]))
         finished: list[FileToFinish] = []
         for file_id, path, rel_path, state, final_path in files:
             jobs = tuple(results.get(file_id, ()))
