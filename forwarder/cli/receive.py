@@ -1,0 +1,208 @@
+"""``forwarder receive``: a Storage SCP writing ``DIR/<study>/<sop>.dcm`` (a storescp/dcmrcv)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from forwarder.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, setup_logging
+from forwarder.errors import ForwarderError
+from forwarder.receiver import Receiver, ReceiverSettings, enable_streamed_receive, parse_networks
+from forwarder.tls import server_context
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: str) -> int:
+    """``500M``, ``2G``, ``1.5g``, ``300KiB`` or bytes -> bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size: use bytes or 500K, 500M, 2G")
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if size < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return size
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("must be 0..65535 (0 = any free port)")
+    return port
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _ae_title(value: str) -> str:
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or "\\" in text or any(not 32 <= ord(c) <= 126 for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an AE title: 1 to 16 printable ASCII characters, no backslash"
+        )
+    return text
+
+
+def _network(value: str) -> Any:
+    try:
+        return parse_networks([value])[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "receive",
+        help="a Storage SCP that writes what it receives under DIR",
+        description=(
+            "Accept C-STORE (and C-ECHO) and write each object as DIR/<StudyInstanceUID>/"
+            "<SOPInstanceUID>.dcm, atomically. Runs until SIGTERM or SIGINT."
+        ),
+    )
+    p.add_argument("--port", type=_port, required=True, help="TCP port (0 = any free port)")
+    p.add_argument("--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument("--bind", default="0.0.0.0", metavar="HOST", help="address to listen on")
+    p.add_argument("--ae-title", type=_ae_title, default="FORWARDER", metavar="AET")
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="our TLS certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (mode 0600)")
+    p.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="require client certificates from this CA"
+    )
+    p.add_argument(
+        "--allow-calling-aet",
+        type=_ae_title,
+        action="append",
+        default=[],
+        metavar="AET",
+        help="accept only these calling AE titles (repeatable)",
+    )
+    p.add_argument(
+        "--allow-host",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="ADDR_OR_CIDR",
+        help="accept connections only from these addresses or networks (repeatable)",
+    )
+    p.add_argument(
+        "--require-called-aet",
+        action="store_true",
+        help="reject associations whose called AE title is not --ae-title",
+    )
+    p.add_argument("--max-associations", type=_positive, default=16, metavar="N")
+    p.add_argument(
+        "--max-object-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="answer 0xA700 for larger objects (bytes, or 500M, 2G)",
+    )
+    p.add_argument(
+        "--max-pdu", type=_positive, default=262144, metavar="BYTES", help="max PDU we receive"
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log each stored object")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="errors only")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(2 if args.debug else args.verbose, args.quiet)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return _usage("--tls-cert and --tls-key go together")
+    if args.tls_ca is not None and args.tls_cert is None:
+        return _usage("--tls-ca needs --tls-cert and --tls-key")
+
+    try:
+        tls = (
+            server_context(args.tls_cert, args.tls_key, args.tls_ca)
+            if args.tls_cert is not None
+            else None
+        )
+        settings = ReceiverSettings(
+            output=args.output,
+            port=args.port,
+            bind=args.bind,
+            ae_title=args.ae_title,
+            require_called_aet=args.require_called_aet,
+            allowed_calling_aets=frozenset(args.allow_calling_aet),
+            allowed_networks=tuple(args.allow_host),
+            max_associations=args.max_associations,
+            max_object_size=args.max_object_size,
+            max_pdu=args.max_pdu,
+            tls=tls,
+        )
+        enable_streamed_receive()  # this process runs no other SCP
+        receiver = Receiver(settings)
+        stop = threading.Event()
+        previous = _install_signal_handlers(stop)
+        try:
+            receiver.start()
+        except BaseException:
+            _restore_signal_handlers(previous)
+            raise
+    except ForwarderError as exc:
+        print(f"forwarder receive: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+    if tls is None:
+        tls_text = "TLS off"
+    elif args.tls_ca is not None:
+        tls_text = "TLS on, client certificates required"
+    else:
+        tls_text = "TLS on"
+    print(
+        f"forwarder receive: listening on {args.bind}:{receiver.port} as AE {args.ae_title}, "
+        f"writing to {receiver.output}, {tls_text}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        receiver.stop()
+        _restore_signal_handlers(previous)
+    print(
+        f"forwarder receive: stopped after {receiver.received} objects", file=sys.stderr, flush=True
+    )
+    return EXIT_OK
+
+
+def _usage(message: str) -> int:
+    print(f"forwarder receive: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+_Handler = Any  # what signal.signal returns: a callable, SIG_DFL, SIG_IGN or None
+
+
+def _install_signal_handlers(stop: threading.Event) -> dict[int, _Handler]:
+    def handle(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous: dict[int, _Handler] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, handle)
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, _Handler]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

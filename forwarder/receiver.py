@@ -1,0 +1,642 @@
+"""A Storage SCP that writes what it receives under a folder (``forwarder receive``).
+
+A storescp/dcmrcv replacement for demos, tests and gateways that ingest from modalities. Every
+object lands as ``output/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (Part 10, the bytes as
+received, never decoded and re-encoded) and appears atomically: it is written and fsynced
+elsewhere, then renamed into place, so a daemon watching ``output`` never sees half a file.
+UIDs are sanitised so that nothing a peer sends can name a path outside ``output``, and no
+symlink inside ``output`` is followed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import ssl
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from forwarder.errors import ForwarderError
+from forwarder.tls import describe_tls_error
+
+logger = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, write failed, object too big: the sender may retry
+STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
+
+# When a requestor offers several transfer syntaxes in one presentation context, pynetdicom picks
+# the first of *ours* that it offers. Keep what the sender has where that loses nothing:
+# lossless compressed syntaxes first, then uncompressed, and lossy ones last, so that we never
+# make a sender compress lossily an image it holds uncompressed.
+_PREFERRED_FIRST = (
+    "RLELossless",
+    "JPEGLossless",
+    "JPEGLosslessSV1",
+    "JPEGLSLossless",
+    "JPEG2000Lossless",
+    "JPEG2000MCLossless",
+    "HTJ2KLossless",
+    "HTJ2KLosslessRPCL",
+    "JPEGXLLossless",
+    "JPEGXLJPEGRecompression",
+    "DeflatedImageFrameCompression",
+    "DeflatedExplicitVRLittleEndian",
+    "ExplicitVRLittleEndian",
+    "ImplicitVRLittleEndian",
+    "ExplicitVRBigEndian",
+)
+
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_MAX_UID_LENGTH = 64
+_HANDSHAKE_TIMEOUT = 30.0
+_JOIN_TIMEOUT = 10.0
+_STUDY_UID = 0x0020000D
+_SOP_INSTANCE_UID = 0x00080018
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverSettings:
+    """What :class:`Receiver` listens on, whom it accepts, and where it writes."""
+
+    output: Path
+    port: int
+    bind: str = "0.0.0.0"
+    ae_title: str = "FORWARDER"
+    require_called_aet: bool = False  # reject associations whose called AE != ae_title
+    allowed_calling_aets: frozenset[str] = frozenset()  # empty = any
+    allowed_networks: tuple[IPNetwork, ...] = ()  # empty = any source address
+    max_associations: int = 16
+    max_object_size: int | None = None  # bytes of the Part 10 file; larger get 0xA700
+    max_pdu: int = 262144
+    tls: ssl.SSLContext | None = None
+
+
+def enable_streamed_receive() -> None:
+    """Process-wide switch: stream received C-STORE datasets to temporary files, not memory.
+
+    This is the one place forwarder sets a pynetdicom ``_config`` flag. With
+    ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each incoming dataset into a Part 10 file in
+    ``$TMPDIR`` as it arrives, so multi-gigabyte objects never sit in RAM; the receiver then
+    renames that file into place (same filesystem) or copies it. It changes how *every*
+    pynetdicom SCP in the process buffers C-STORE requests (``event.encoded_dataset()`` stops
+    working), so it is not done on import: call it once at process start, as the ``receive``
+    command does. Without it, :class:`Receiver` works the same from memory.
+    """
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def safe_uid_name(value: str | None) -> str:
+    """A file-name-safe stand-in for a UID received from a peer.
+
+    A UID made of digits separated by single dots (at most 64 characters, trailing space/NUL
+    padding removed) is used as it is: such a name cannot be empty, ``.``, ``..`` or hold a
+    ``/``. Anything else is replaced by a ``2.25.<decimal>`` UID: derived from a hash of the
+    value (the same bad value always maps to the same name, so a resend overwrites) or random
+    when the value is empty.
+    """
+    text = (value or "").strip(" \x00")
+    if len(text) <= _MAX_UID_LENGTH and _UID_RE.fullmatch(text):
+        return text
+    if not text:
+        return f"2.25.{uuid.uuid4().int}"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:16]
+    return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, plus: source-address filter, TCP_NODELAY, and the TLS
+    handshake moved off the accept loop (a silent client must not block every other one)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        allowed_networks: tuple[IPNetwork, ...] = (),
+        **kwargs: Any,
+    ) -> None:
+        self.allowed_networks = allowed_networks
+        self._handshaking: set[ssl.SSLSocket] = set()
+        self._handshaking_lock = threading.Lock()
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        try:
+            # The peer's PDUs and ours are small writes that wait for an answer: never Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            logger.debug("cannot set TCP_NODELAY for %s: %s", address[0], exc)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_networks:
+            return True
+        host = str(client_address[0])
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            logger.warning("refused connection from %s: not an IP address", host)
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in net for net in self.allowed_networks):
+            return True
+        logger.warning("refused connection from %s: not in the allowed networks", host)
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket) and not self._handshake(request, client_address):
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+    def _handshake(self, sock: ssl.SSLSocket, client_address: Any) -> bool:
+        with self._handshaking_lock:
+            if self._closing:
+                return False
+            self._handshaking.add(sock)
+        previous = sock.gettimeout()
+        try:
+            sock.settimeout(_HANDSHAKE_TIMEOUT)
+            sock.do_handshake()
+            sock.settimeout(previous)
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "TLS handshake with %s failed: %s", client_address[0], describe_tls_error(exc)
+            )
+            return False
+        finally:
+            with self._handshaking_lock:
+                self._handshaking.discard(sock)
+        return True
+
+    def abort_handshakes(self) -> None:
+        """Wake every thread blocked in a TLS handshake, and refuse new ones (we are stopping)."""
+        with self._handshaking_lock:
+            self._closing = True
+            pending = list(self._handshaking)
+        for sock in pending:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Receiver:
+    """A Storage SCP writing to ``settings.output``; :meth:`start` returns at once."""
+
+    def __init__(self, settings: ReceiverSettings) -> None:
+        self._settings = settings
+        self._output = Path(os.path.abspath(settings.output))
+        self._lock = threading.Lock()
+        self._received = 0
+        self._file_mode = 0o644
+        self._ae: AE | None = None
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def received(self) -> int:
+        """How many objects have been stored since :meth:`start`."""
+        with self._lock:
+            return self._received
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (the real one when ``settings.port`` was 0)."""
+        if self._server is None:
+            raise RuntimeError("the receiver is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def output(self) -> Path:
+        """The absolute output folder."""
+        return self._output
+
+    def start(self) -> None:
+        """Check the output folder, bind the port and serve in a background thread.
+
+        Raises :class:`~forwarder.errors.ForwarderError` when the output folder cannot be
+        written or the address cannot be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("the receiver is already started")
+        self._check_output()
+        self._file_mode = 0o666 & ~_current_umask()
+        ae = self._make_ae()
+        host = _resolve_bind(self._settings.bind)
+        try:
+            server = ae.make_server(
+                (host, self._settings.port),
+                ssl_context=self._settings.tls,
+                evt_handlers=self._handlers(),
+                server_class=_Server,
+                allowed_networks=self._settings.allowed_networks,
+            )
+        except OSError as exc:
+            raise ForwarderError(
+                f"cannot listen on {self._settings.bind}:{self._settings.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        assert isinstance(server, _Server)
+        ae._servers.append(server)
+        self._ae = ae
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="receiver-accept"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        logger.info(
+            "listening on %s:%d as %s, writing to %s, TLS %s",
+            host,
+            self.port,
+            self._settings.ae_title,
+            self._output,
+            "on" if self._settings.tls is not None else "off",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, abort open associations and join every thread we started."""
+        server, ae, thread = self._server, self._ae, self._thread
+        if server is None or ae is None:
+            return
+        server.abort_handshakes()
+        server.shutdown()  # stops serve_forever, closes the socket, joins handshake threads
+        associations = list(ae.active_associations)
+        for assoc in associations:
+            with contextlib.suppress(Exception):
+                assoc.abort()
+        for assoc in associations:
+            assoc.join(_JOIN_TIMEOUT)
+            if assoc.is_alive():
+                logger.warning("association thread %s did not stop", assoc.name)
+        if thread is not None:
+            thread.join(_JOIN_TIMEOUT)
+        self._server = None
+        self._ae = None
+        self._thread = None
+        logger.info("stopped after %d objects", self.received)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _check_output(self) -> None:
+        try:
+            self._output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ForwarderError(
+                f"output folder {self._output} cannot be created: {exc.strerror}"
+            ) from None
+        probe = f".forwarder-write-test.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(self._output / probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(self._output / probe)
+        except OSError as exc:
+            raise ForwarderError(
+                f"output folder {self._output} is not writable: {exc.strerror}"
+            ) from None
+
+    def _make_ae(self) -> AE:
+        s = self._settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.require_called_aet = s.require_called_aet
+        ae.require_calling_aet = sorted(s.allowed_calling_aets)
+        transfer_syntaxes = _preferred_transfer_syntaxes()
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(cast(str, context.abstract_syntax), transfer_syntaxes)
+        ae.add_supported_context(Verification)
+        return ae
+
+    def _handlers(self) -> list[EventHandlerType]:
+        return [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, _on_echo),
+            (evt.EVT_ACCEPTED, _on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, _on_aborted),
+        ]
+
+    # -- event handlers (run on pynetdicom's association threads) -------------------------------
+
+    def _on_rejected(self, event: Event) -> None:
+        requestor = event.assoc.requestor
+        calling = requestor.ae_title
+        called = event.assoc.acceptor.ae_title
+        s = self._settings
+        if s.allowed_calling_aets and calling not in s.allowed_calling_aets:
+            why = "calling AE not recognised"
+        elif s.require_called_aet and called != s.ae_title:
+            why = "called AE not recognised"
+        else:
+            why = f"too many associations (max {s.max_associations})"
+        logger.warning(
+            "rejected association from %s (calling AE %r, called AE %r): %s",
+            requestor.address,
+            calling,
+            called,
+            why,
+        )
+
+    def _on_store(self, event: Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        command_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
+        try:
+            return self._store(event, calling, command_uid)
+        except Exception:
+            logger.exception("storing SOP Instance %s from %s failed", command_uid, calling)
+            return STATUS_CANNOT_UNDERSTAND
+
+    def _store(self, event: Event, calling: str, command_uid: str) -> int:
+        transfer_syntax = UID(event.context.transfer_syntax)
+        try:
+            source, owned = self._materialise(event)
+        except OSError as exc:
+            logger.error(
+                "cannot buffer SOP Instance %s from %s in %s: %s; answering 0x%04X",
+                command_uid,
+                calling,
+                self._output,
+                exc.strerror or exc,
+                STATUS_OUT_OF_RESOURCES,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            return self._store_file(source, calling, command_uid, transfer_syntax)
+        finally:
+            if owned:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(source)
+
+    def _materialise(self, event: Event) -> tuple[Path, bool]:
+        """The received object as a Part 10 file, and whether we must delete it afterwards.
+
+        In streamed mode that is pynetdicom's temporary file (pynetdicom deletes it). Otherwise
+        the in-memory dataset is written to a dot-file in the output folder, so that placing
+        it is a same-filesystem rename.
+        """
+        streamed = event.dataset_path
+        if streamed is not None:
+            return Path(streamed), False
+        part = self._output / f".receiving.{secrets.token_hex(8)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(part, flags, 0o666)
+        try:
+            with open(fd, "wb") as fh:
+                fh.write(b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta))
+                buffer = cast(BytesIO, cast(C_STORE, event.request).DataSet)
+                with buffer.getbuffer() as view:
+                    fh.write(view)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+            raise
+        return part, True
+
+    def _store_file(
+        self, source: Path, calling: str, command_uid: str, transfer_syntax: UID
+    ) -> int:
+        try:
+            header = dcmread(
+                source,
+                stop_before_pixels=True,
+                specific_tags=[_STUDY_UID, _SOP_INSTANCE_UID],
+            )
+            study_value = str(header.get(_STUDY_UID).value) if _STUDY_UID in header else ""
+            sop_value = (
+                str(header.get(_SOP_INSTANCE_UID).value) if _SOP_INSTANCE_UID in header else ""
+            )
+        except Exception as exc:
+            logger.warning(
+                "cannot parse SOP Instance %s from %s (%s): %s; answering 0x%04X",
+                command_uid,
+                calling,
+                transfer_syntax.name,
+                exc,
+                STATUS_CANNOT_UNDERSTAND,
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        if sop_value and sop_value.strip(" \x00") != command_uid.strip(" \x00"):
+            logger.warning(
+                "SOP Instance UID in the dataset (%s) differs from the C-STORE request's (%s); "
+                "naming the file after the request",
+                sop_value,
+                command_uid,
+            )
+        study = safe_uid_name(study_value)
+        name = safe_uid_name(command_uid or sop_value) + ".dcm"
+        target = self._output / study / name
+        try:
+            size = os.stat(source).st_size
+        except OSError as exc:
+            logger.error("received SOP Instance %s vanished: %s", command_uid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        limit = self._settings.max_object_size
+        if limit is not None and size > limit:
+            logger.warning(
+                "refused SOP Instance %s from %s for %s: %d bytes exceed the %d-byte limit; "
+                "answering 0x%04X",
+                command_uid,
+                calling,
+                target,
+                size,
+                limit,
+                STATUS_OUT_OF_RESOURCES,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            self._place(source, study, name)
+        except OSError as exc:
+            reason = (
+                "disk full"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "refusing to follow a symlink"
+                if exc.errno == errno.ELOOP
+                else "write failed"
+            )
+            logger.error(
+                "cannot store SOP Instance %s from %s at %s: %s (%s); answering 0x%04X",
+                command_uid,
+                calling,
+                target,
+                reason,
+                exc.strerror or exc,
+                STATUS_OUT_OF_RESOURCES,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        with self._lock:
+            self._received += 1
+        logger.info(
+            "stored %s from %s at %s (%s, %d bytes)",
+            command_uid,
+            calling,
+            target,
+            transfer_syntax.name,
+            size,
+        )
+        return STATUS_SUCCESS
+
+    # -- atomic placement ------------------------------------------------------------------------
+
+    def _place(self, source: Path, study: str, name: str) -> None:
+        """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks)."""
+        out_fd = os.open(self._output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            created = False
+            try:
+                os.mkdir(study, 0o777, dir_fd=out_fd)
+                created = True
+            except FileExistsError:
+                pass
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            study_fd = os.open(study, flags, dir_fd=out_fd)
+            try:
+                if created:
+                    os.fsync(out_fd)  # the new study folder survives a crash
+                if not self._move(source, study_fd, name):
+                    self._copy(source, study_fd, name)
+                os.fsync(study_fd)  # the rename survives a crash
+            finally:
+                os.close(study_fd)
+        finally:
+            os.close(out_fd)
+
+    def _move(self, source: Path, study_fd: int, name: str) -> bool:
+        """Rename pynetdicom's temporary file into place when it is on the same filesystem.
+
+        pynetdicom's later attempt to delete its temporary file then fails quietly, by design.
+        """
+        src_fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(src_fd).st_dev != os.fstat(study_fd).st_dev:
+                return False
+            os.fchmod(src_fd, self._file_mode)
+            os.fsync(src_fd)
+            try:
+                os.rename(source, name, dst_dir_fd=study_fd)
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    return False
+                raise
+        finally:
+            os.close(src_fd)
+        return True
+
+    def _copy(self, source: Path, study_fd: int, name: str) -> None:
+        """Copy into a dot-file beside the target, fsync it, then rename it over the target."""
+        part = f".{name}.{secrets.token_hex(4)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst_fd = os.open(part, flags, 0o666, dir_fd=study_fd)
+        try:
+            with open(source, "rb") as src, open(dst_fd, "wb", closefd=False) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst_fd)
+            os.close(dst_fd)
+            dst_fd = -1
+            os.rename(part, name, src_dir_fd=study_fd, dst_dir_fd=study_fd)
+        except BaseException:
+            if dst_fd >= 0:
+                os.close(dst_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(part, dir_fd=study_fd)
+            raise
+
+
+def _on_echo(event: Event) -> int:
+    logger.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return STATUS_SUCCESS
+
+
+def _on_accepted(event: Event) -> None:
+    requestor = event.assoc.requestor
+    logger.info(
+        "association from %s at %s:%d accepted",
+        requestor.ae_title,
+        requestor.address,
+        requestor.port,
+    )
+
+
+def _on_aborted(event: Event) -> None:
+    logger.info("association from %s aborted", event.assoc.requestor.ae_title)
+
+
+def _preferred_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pynetdicom knows, in the order of :data:`_PREFERRED_FIRST`."""
+    rank = {keyword: i for i, keyword in enumerate(_PREFERRED_FIRST)}
+    known = [str(uid) for uid in ALL_TRANSFER_SYNTAXES]
+    return sorted(known, key=lambda uid: rank.get(UID(uid).keyword, len(rank)))
+
+
+def _resolve_bind(host: str) -> str:
+    """An IP address for ``host`` (pynetdicom binds addresses, not names)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ForwarderError(f"cannot resolve bind address {host!r}: {exc}") from None
+    return str(infos[0][4][0])
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def parse_networks(values: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """``10.0.0.5``, ``10.0.0.0/8``, ``::1`` -> networks; raises ValueError naming a bad one."""
+    networks: list[IPNetwork] = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    return tuple(networks)
