@@ -1,0 +1,525 @@
+"""Find complete files in the incoming folder and hand them on in batches.
+
+A file is *ready* once its size and modification time have been observed identical across the
+settle time (``settle``). A close-after-write or a rename into place (inotify ``IN_CLOSE_WRITE``,
+``IN_MOVED_TO``) shortens that wait to :data:`CLOSED_SETTLE`, but a file is never ready before two
+``lstat`` calls agree, and any write seen after the close cancels the shortcut.
+
+Candidates come from three sources, so that no file can be stranded:
+
+- the initial full scan at start (files left in ``incoming`` while the daemon was stopped);
+- watchdog events: inotify, or a polling observer for network filesystems (``watch.polling``);
+- a periodic full rescan (``watch.rescan_interval``), which also offers again a file that is still
+  present but that ``is_known`` says the daemon does not hold (a lost event or a lost row).
+
+Names starting with ``.`` or ending in ``.tmp``, ``.part`` or ``.partial`` (any path component,
+so ``.staging/x.dcm`` too) are left alone until renamed. Symbolic links are never followed.
+
+Threads: the watchdog observer (plus its emitter threads) only records which paths changed; one
+settle thread owns every other piece of state, stats candidates, scans, and calls ``on_ready``
+and ``is_known``. Both callbacks therefore run on that one thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import os
+import stat
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+from forwarder.errors import ForwarderError
+
+logger = logging.getLogger(__name__)
+
+TICK = 0.25
+"""Longest sleep of the settle thread between two looks at its work (seconds)."""
+CLOSED_SETTLE = 0.25
+"""Stability window after a close-after-write or a rename into place (capped by ``settle``)."""
+MIN_WINDOW = 0.05
+"""Floor for every stability window, so that ``settle: 0`` cannot spin."""
+
+_IGNORED_SUFFIXES = (".tmp", ".part", ".partial")
+_UNOBSERVED = -1
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyFile:
+    """A complete file in the incoming folder."""
+
+    path: Path  # absolute
+    rel_path: str  # relative to the watched root, '/'-separated
+    size: int
+    mtime_ns: int
+
+
+def is_ignored_name(name: str) -> bool:
+    """True for names left alone until renamed: dot-files, ``*.tmp``, ``*.part``, ``*.partial``."""
+    return name.startswith(".") or name.lower().endswith(_IGNORED_SUFFIXES)
+
+
+class _Hint(enum.Enum):
+    """What an event says about a path; the latest hint for a path wins."""
+
+    CHANGED = "changed"  # created or written: wait the full settle time
+    CLOSED = "closed"  # closed after writing, or renamed into place: the short window applies
+    DELETED = "deleted"  # gone (deleted or moved away): forget it
+    DIR = "dir"  # a directory appeared: scan it (files may predate its inotify watch)
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A file being watched until it settles (settle-thread state, mutable on purpose)."""
+
+    size: int  # _UNOBSERVED until the next lstat
+    mtime_ns: int
+    since: float  # monotonic time at which (size, mtime_ns) was first observed
+    closed: bool  # a close-after-write / move-in was the latest event
+    due: float  # monotonic time of the next lstat; heap entries with another due are stale
+
+
+class _EventHandler(FileSystemEventHandler):
+    """Turns watchdog events into hints; knows nothing about threads or settling."""
+
+    def __init__(self, note: Callable[[str, _Hint], None]) -> None:
+        super().__init__()
+        self._note = note
+
+    def on_created(self, event: DirCreatedEvent | FileCreatedEvent) -> None:
+        hint = _Hint.DIR if event.is_directory else _Hint.CHANGED
+        self._note(os.fsdecode(event.src_path), hint)
+
+    def on_modified(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._note(os.fsdecode(event.src_path), _Hint.CHANGED)
+
+    def on_attrib(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._note(os.fsdecode(event.src_path), _Hint.CHANGED)
+
+    def on_closed(self, event: FileClosedEvent) -> None:
+        self._note(os.fsdecode(event.src_path), _Hint.CLOSED)
+
+    def on_deleted(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            self._note(os.fsdecode(event.src_path), _Hint.DELETED)
+
+    def on_moved(self, event: DirMovedEvent | FileMovedEvent) -> None:
+        src, dest = os.fsdecode(event.src_path), os.fsdecode(event.dest_path)
+        if event.is_directory:
+            if dest:
+                self._note(dest, _Hint.DIR)
+            return
+        if src:
+            self._note(src, _Hint.DELETED)
+        if dest:
+            self._note(dest, _Hint.CLOSED)
+
+
+class Watcher:
+    """Watch ``root`` recursively and call ``on_ready`` with batches of complete files.
+
+    ``is_known(abs_path)`` lets the daemon skip files it already holds; without it, a file is
+    offered once per (size, mtime) for as long as it stays in the folder. ``on_ready`` and
+    ``is_known`` run on the settle thread; an exception from ``on_ready`` is logged and its
+    batch is offered again by the next rescan.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        on_ready: Callable[[list[ReadyFile]], None],
+        *,
+        settle: float = 1.0,
+        polling: bool = False,
+        rescan_interval: float = 60.0,
+        is_known: Callable[[str], bool] | None = None,
+        batch_max: int = 500,
+    ) -> None:
+        if settle < 0 or rescan_interval < 0:
+            raise ValueError("settle and rescan_interval must not be negative")
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be at least 1, not {batch_max}")
+        self._root = os.path.abspath(root)
+        self._prefix = os.path.join(self._root, "")
+        self._real_root = self._root
+        self._on_ready = on_ready
+        self._is_known = is_known
+        self._polling = polling
+        self._settle = max(settle, MIN_WINDOW)
+        self._fast = max(min(settle, CLOSED_SETTLE), MIN_WINDOW)
+        self._rescan_interval = max(rescan_interval, TICK)
+        self._batch_max = batch_max
+
+        # Shared with the observer thread and callers of rescan(): guarded by _lock.
+        self._lock = threading.Lock()
+        self._inbox: dict[str, _Hint] = {}
+        self._rescan_requested = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._started = False
+        self._observer: BaseObserver | None = None
+        self._thread: threading.Thread | None = None
+
+        # Owned by the settle thread alone.
+        self._pending: dict[str, _Candidate] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._emitted: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) handed on
+        self._warned_links: set[str] = set()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the observer and the settle thread; the latter begins with a full scan."""
+        if self._started:
+            raise RuntimeError("Watcher.start() may be called only once")
+        self._started = True
+        if not os.path.isdir(self._root):
+            raise ForwarderError(
+                f"incoming folder {self._root} does not exist or is not a directory: "
+                "create it, or fix 'incoming' in the config"
+            )
+        self._real_root = os.path.realpath(self._root)
+        # watchdog's recursive inotify bookkeeping warns when adding watches races a `mkdir -p`
+        # (a callback registered twice, or removed twice); the outcome is right. Under
+        # `-W error` (pytest's filterwarnings) the warning would kill its reader thread.
+        warnings.filterwarnings(
+            "ignore",
+            message=r"Callback with id .* (already exists|does not exist)",
+            category=RuntimeWarning,
+            module=r"watchdog\.",
+        )
+        observer: BaseObserver | None = None
+        try:
+            observer = self._make_observer()
+            observer.name = "forwarder-watcher-observer"
+            observer.schedule(
+                _EventHandler(self._note), self._root, recursive=True, event_filter=_EVENTS
+            )
+            observer.start()
+        except OSError as exc:
+            if observer is not None:
+                _halt(observer, 5.0)
+            raise ForwarderError(
+                f"cannot watch {self._root}: {exc}; raise fs.inotify.max_user_watches and "
+                "fs.inotify.max_user_instances, or set watch.polling: true"
+            ) from exc
+        self._observer = observer
+        self._thread = threading.Thread(
+            target=self._run, name="forwarder-watcher-settle", daemon=True
+        )
+        self._thread.start()
+        logger.info(
+            "watching %s (%s), settle %.2fs, full rescan every %.0fs",
+            self._root,
+            "polling" if self._polling else "inotify",
+            self._settle,
+            self._rescan_interval,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop and join the observer (with its emitters) and the settle thread; idempotent."""
+        deadline = time.monotonic() + timeout
+        first = not self._stopping.is_set()
+        self._stopping.set()
+        self._wake.set()
+        if self._observer is not None and (first or self._observer.is_alive()):
+            _halt(self._observer, timeout)
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                logger.warning(
+                    "settle thread did not stop within %.1fs (on_ready blocked?)", timeout
+                )
+
+    def rescan(self) -> None:
+        """Ask for a full scan of the folder as soon as possible (thread-safe)."""
+        with self._lock:
+            self._rescan_requested = True
+        self._wake.set()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the observer, its emitters and the settle thread are all alive."""
+        observer, thread = self._observer, self._thread
+        if observer is None or thread is None or self._stopping.is_set():
+            return False
+        try:
+            emitters = list(observer.emitters)
+        except RuntimeError:  # the set changed while copied; ask again next time
+            return True
+        reader = getattr(observer, "_inotify_fd", None)  # InotifyObserver's reader thread
+        return (
+            thread.is_alive()
+            and observer.is_alive()
+            and (not isinstance(reader, threading.Thread) or reader.is_alive())
+            and bool(emitters)
+            and all(e.is_alive() for e in emitters)
+        )
+
+    # -- observer side ---------------------------------------------------------------------
+
+    def _make_observer(self) -> BaseObserver:
+        if self._polling:
+            # lstat, not stat: the snapshot must not descend into symlinked directories.
+            interval = min(max(self._settle, 0.5), 5.0)
+            return PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
+        try:
+            from watchdog.observers.inotify import InotifyObserver
+        except ImportError:  # not Linux: the platform's native observer
+            from watchdog.observers import Observer
+
+            return Observer()
+        # Full events: a file moved in from outside is a move (complete), not a creation.
+        return InotifyObserver(generate_full_events=True)
+
+    def _note(self, path: str, hint: _Hint) -> None:
+        """Record a hint (observer thread); the settle thread applies it."""
+        with self._lock:
+            self._inbox[path] = hint
+        self._wake.set()
+
+    # -- settle thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_rescan = 0.0  # the first tick does the initial full scan
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            timeout = min(TICK, max(0.0, next_rescan - now))
+            if self._heap:
+                timeout = min(timeout, max(0.0, self._heap[0][0] - now))
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                with self._lock:
+                    inbox, self._inbox = self._inbox, {}
+                    rescan, self._rescan_requested = self._rescan_requested, False
+                self._apply(inbox, time.monotonic())
+                if rescan or time.monotonic() >= next_rescan:
+                    next_rescan = time.monotonic() + self._rescan_interval
+                    self._scan(self._root, time.monotonic(), full=True)
+                self._check_due(time.monotonic())
+            except Exception:
+                logger.exception("watcher: unexpected error, carrying on")
+
+    def _apply(self, inbox: dict[str, _Hint], now: float) -> None:
+        for path, hint in inbox.items():
+            if hint is _Hint.DELETED:
+                self._pending.pop(path, None)
+                self._emitted.pop(path, None)
+                continue
+            if self._rel(path) is None:
+                continue
+            if hint is _Hint.DIR and self._scan(path, now, full=False):
+                continue
+            # A file, or a "directory" that is a file now (the polling diff pairs paths by
+            # inode, and inodes get reused): make it a candidate.
+            closed = hint is _Hint.CLOSED
+            cand = self._pending.get(path)
+            if cand is None:
+                cand = _Candidate(_UNOBSERVED, _UNOBSERVED, now, closed, now)
+                self._pending[path] = cand
+                self._schedule(path, cand, now)
+                continue
+            cand.size = _UNOBSERVED  # written after the last lstat: observe afresh
+            cand.closed = closed
+            if closed and cand.due > now:
+                self._schedule(path, cand, now)
+
+    def _scan(self, top: str, now: float, *, full: bool) -> bool:
+        """Walk ``top`` without following symlinks; a full scan also forgets vanished files.
+
+        Returns False when ``top`` is not a directory (nothing was scanned).
+        """
+        seen: set[str] = set()
+        links: set[str] = set()
+        complete = True
+        if not full:
+            try:
+                if not stat.S_ISDIR(os.lstat(top).st_mode):
+                    return False
+            except OSError:
+                return False
+        stack = [top]
+        while stack:
+            if self._stopping.is_set():
+                return True
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if is_ignored_name(entry.name):
+                            continue
+                        try:
+                            if entry.is_symlink():
+                                links.add(entry.path)
+                                self._warn_link(entry.path)
+                            elif entry.is_dir(follow_symlinks=False):
+                                stack.append(entry.path)
+                            elif entry.is_file(follow_symlinks=False):
+                                st = entry.stat(follow_symlinks=False)
+                                seen.add(entry.path)
+                                self._consider(entry.path, st.st_size, st.st_mtime_ns, now)
+                        except FileNotFoundError:
+                            continue  # vanished between listing and stat
+            except OSError as exc:
+                complete = False
+                logger.warning("cannot list %s: %s", folder, exc)
+        if full and complete:
+            for path in [p for p in self._emitted if p not in seen]:
+                del self._emitted[path]
+            self._warned_links &= links
+        return True
+
+    def _consider(self, path: str, size: int, mtime_ns: int, now: float) -> None:
+        """A scan found a regular file: make it a candidate unless it is already handled."""
+        if path in self._pending:
+            return
+        stamp = self._emitted.get(path)
+        if stamp == (size, mtime_ns):
+            if self._is_known is None or self._is_known(path):
+                return
+            logger.info("%s was handed on but is not queued: offering it again", path)
+            del self._emitted[path]
+        elif stamp is None and self._is_known is not None and self._is_known(path):
+            self._emitted[path] = (size, mtime_ns)
+            return
+        cand = _Candidate(size, mtime_ns, now, False, now)
+        self._pending[path] = cand
+        self._schedule(path, cand, now + self._settle)
+
+    def _check_due(self, now: float) -> None:
+        due: list[tuple[str, _Candidate]] = []
+        while self._heap and self._heap[0][0] <= now:
+            when, _, path = heapq.heappop(self._heap)
+            cand = self._pending.get(path)
+            if cand is not None and cand.due == when:
+                due.append((path, cand))
+        ready: list[ReadyFile] = []
+        for path, cand in due:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                del self._pending[path]  # gone; a rescan finds it again if it comes back
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                del self._pending[path]
+                if stat.S_ISLNK(st.st_mode):
+                    self._warn_link(path)
+                elif stat.S_ISDIR(st.st_mode):  # a file event for what is a folder now
+                    self._scan(path, now, full=False)
+                continue
+            size, mtime_ns = st.st_size, st.st_mtime_ns
+            if size != cand.size or mtime_ns != cand.mtime_ns:
+                if cand.size != _UNOBSERVED:
+                    cand.closed = False  # changed after the close: the writer is back
+                cand.size, cand.mtime_ns, cand.since = size, mtime_ns, now
+                self._schedule(path, cand, now + self._window(cand))
+            elif now >= cand.since + self._window(cand):
+                del self._pending[path]
+                rel = self._rel(path)
+                if rel is not None and self._emitted.get(path) != (size, mtime_ns):
+                    ready.append(ReadyFile(Path(path), rel, size, mtime_ns))
+            else:
+                self._schedule(path, cand, cand.since + self._window(cand))
+        if ready:
+            self._emit(ready)
+
+    def _emit(self, ready: list[ReadyFile]) -> None:
+        parents: dict[str, bool] = {}
+        files = [f for f in ready if self._parent_is_real(f, parents)]
+        for start in range(0, len(files), self._batch_max):
+            if self._stopping.is_set():
+                return  # not marked as handed on: found again at the next start
+            batch = files[start : start + self._batch_max]
+            try:
+                self._on_ready(batch)
+            except Exception:
+                logger.exception(
+                    "on_ready failed for %d file(s); the next rescan offers them again", len(batch)
+                )
+                continue
+            for f in batch:
+                self._emitted[str(f.path)] = (f.size, f.mtime_ns)
+            logger.debug("handed on %d file(s)", len(batch))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _window(self, cand: _Candidate) -> float:
+        return self._fast if cand.closed else self._settle
+
+    def _schedule(self, path: str, cand: _Candidate, when: float) -> None:
+        cand.due = when
+        heapq.heappush(self._heap, (when, next(self._seq), path))
+
+    def _rel(self, path: str) -> str | None:
+        """The '/'-separated path below root, or None when outside it or in an ignored name."""
+        if not path.startswith(self._prefix):
+            return None
+        rel = path[len(self._prefix) :]
+        if not rel or any(is_ignored_name(part) for part in rel.split(os.sep)):
+            return None
+        return rel if os.sep == "/" else rel.replace(os.sep, "/")
+
+    def _parent_is_real(self, f: ReadyFile, cache: dict[str, bool]) -> bool:
+        """False when a folder on the way was swapped for a symlink after the event."""
+        if "/" not in f.rel_path:
+            return True
+        parent = os.path.dirname(str(f.path))
+        if parent not in cache:
+            expected = os.path.join(self._real_root, os.path.dirname(f.rel_path))
+            cache[parent] = os.path.realpath(parent) == expected
+            if not cache[parent]:
+                logger.warning("%s leads through a symbolic link: not followed", parent)
+        return cache[parent]
+
+    def _warn_link(self, path: str) -> None:
+        if path not in self._warned_links:
+            self._warned_links.add(path)
+            logger.warning(
+                "%s is a symbolic link: not followed (it may point outside incoming)", path
+            )
+
+
+def _halt(observer: BaseObserver, timeout: float) -> None:
+    """Stop a watchdog observer and join it; also stops its emitter and inotify threads."""
+    observer.stop()
+    if observer.ident is not None:
+        observer.join(timeout)
+        if observer.is_alive():
+            logger.warning("watchdog observer did not stop within %.1fs", timeout)
