@@ -8,8 +8,10 @@ takes hundreds. Everything here is bounded: no length read from the file is trus
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from forwarder.errors import InvalidFileError
@@ -173,3 +175,161 @@ def read_meta(path: str | os.PathLike[str]) -> FileMeta:
     except OSError as exc:
         raise InvalidFileError(p, f"cannot read: {exc.strerror or exc}") from None
     return parse_meta(head, size, p)
+
+
+_NUMERIC = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
+_MAX_DEPTH = 32
+_IN_MEMORY = 2 * 1024 * 1024
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Scanner:
+    """Walks every element of a data set without building it: checks that each length fits in
+    the file and every undefined length is closed, and collects the values of ``want`` (top level
+    only). Works on a buffer (the bytes of a small file, or an mmap of a big one) with integer
+    offsets; each step consumes at least 8 bytes, so the walk is bounded by the file size."""
+
+    def __init__(
+        self, buf: bytes | mmap.mmap, path: str, little: bool, want: Mapping[int, str]
+    ) -> None:
+        self.buf = buf
+        self.size = len(buf)
+        self.path = path
+        self.fmt = "<" if little else ">"
+        self.tag_len = struct.Struct(self.fmt + "HHI")
+        self.tag_vr_len = struct.Struct(self.fmt + "HH2sH")
+        self.long_len = struct.Struct(self.fmt + "I")
+        self.want = want
+        self.found: dict[str, str] = {}
+
+    def fail(self, message: str) -> InvalidFileError:
+        return InvalidFileError(self.path, message)
+
+    def truncated(self, tag: int, length: int, pos: int) -> InvalidFileError:
+        return self.fail(
+            f"truncated: element {_tag(tag)} claims {length} bytes but only "
+            f"{max(self.size - pos, 0)} remain in the file"
+        )
+
+    def elements(self, pos: int, implicit: bool, depth: int, end: int, in_item: bool) -> int:
+        """Read elements from ``pos`` until ``end`` or (``in_item``) an item delimiter;
+        return the position after them."""
+        if depth > _MAX_DEPTH:
+            raise self.fail("sequences nested deeper than 32 levels")
+        buf, size = self.buf, self.size
+        tag_len, tag_vr_len, long_len = self.tag_len, self.tag_vr_len, self.long_len
+        while True:
+            if pos >= end:
+                if pos > end:
+                    raise self.fail("an element runs past the end of its item")
+                if in_item:
+                    raise self.fail("truncated: an item has no item delimiter")
+                return pos
+            if pos + 8 > size:
+                if depth == 0 and not buf[pos:size].strip(b"\x00"):
+                    return size  # a few zero padding bytes at the very end
+                raise self.fail("truncated: the file ends inside an element header")
+            if implicit:
+                group, elem, length = tag_len.unpack_from(buf, pos)
+                vr = b""
+                pos += 8
+            else:
+                group, elem, vr, length = tag_vr_len.unpack_from(buf, pos)
+                pos += 8
+                if group == 0xFFFE:
+                    (length,) = long_len.unpack_from(buf, pos - 4)
+                elif vr in _LONG_VRS:
+                    if pos + 4 > size:
+                        raise self.fail("truncated: the file ends inside an element header")
+                    (length,) = long_len.unpack_from(buf, pos)
+                    pos += 4
+                elif not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                    raise self.fail(
+                        f"element {_tag((group << 16) | elem)} has an invalid VR {bytes(vr)!r}"
+                    )
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                if tag == _ITEM_END and in_item:
+                    return pos
+                raise self.fail(f"unexpected {_tag(tag)} where a data element belongs")
+            if length == 0xFFFFFFFF:
+                # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
+                pos = self.items(pos, implicit or vr == b"UN", depth + 1, vr in (b"OB", b"OW"))
+                continue
+            if pos + length > end:
+                raise self.truncated(tag, length, pos)
+            if depth == 0 and tag in self.want and length <= 4096:
+                self.found[self.want[tag]] = _value(bytes(buf[pos : pos + length]), vr, self.fmt)
+            pos += length
+
+    def items(self, pos: int, implicit: bool, depth: int, fragments: bool) -> int:
+        buf, size = self.buf, self.size
+        while True:
+            if pos + 8 > size:
+                raise self.fail(
+                    "truncated: an undefined length has no sequence delimiter before the end"
+                )
+            group, elem, length = self.tag_len.unpack_from(buf, pos)
+            pos += 8
+            tag = (group << 16) | elem
+            if tag == _SEQ_END:
+                return pos
+            if tag != _ITEM:
+                raise self.fail(
+                    f"expected an item or sequence delimiter, found {_tag(tag)} "
+                    "(an undefined length without its delimiter?)"
+                )
+            if length == 0xFFFFFFFF:
+                if fragments:
+                    raise self.fail("a pixel data fragment with undefined length")
+                pos = self.elements(pos, implicit, depth, size, in_item=True)
+            elif pos + length > size:
+                raise self.fail(
+                    f"truncated: an item claims {length} bytes past the end of the file"
+                )
+            elif fragments:
+                pos += length
+            else:
+                pos = self.elements(pos, implicit, depth, pos + length, in_item=False)
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _value(raw: bytes, vr: bytes, fmt: str) -> str:
+    code = _NUMERIC.get(vr)
+    if code is not None and raw and len(raw) % struct.calcsize(code) == 0:
+        values = struct.unpack(f"{fmt}{len(raw) // struct.calcsize(code)}{code}", raw)
+        return "\\".join(str(v) for v in values)
+    return raw.rstrip(b"\x00 ").decode("utf-8", "replace").strip()
+
+
+def scan_file(
+    path: str | os.PathLike[str], meta: FileMeta, want: Mapping[int, str] | None = None
+) -> dict[str, str]:
+    """Check the whole data set of a Part 10 file is well formed and complete, and return the
+    top-level values of ``want`` (tag -> keyword) as text (multiple values joined by ``\\``).
+
+    Raises :class:`InvalidFileError` naming what is wrong (truncated, length past the end, an
+    undefined length without its delimiter, an invalid VR...). Deflated data sets are checked
+    only as far as their meta header.
+    """
+    p = os.fspath(path)
+    if meta.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return {}
+    little = meta.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+    implicit = meta.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= _IN_MEMORY:
+                scanner = _Scanner(f.read(), p, little, want or {})
+                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
+                return scanner.found
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                scanner = _Scanner(mapped, p, little, want or {})
+                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
+                return scanner.found
+    except OSError as exc:
+        raise InvalidFileError(p, f"cannot read: {exc.strerror or exc}") from None

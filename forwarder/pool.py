@@ -115,6 +115,7 @@ class Channel:
         self._proposed: set[tuple[str, str]] = set()
         self._proposed_order: list[tuple[str, str]] = []
         self.associations_opened = 0
+        self.down: AssociationError | None = None  # the last failure to associate, until one works
 
     @property
     def is_open(self) -> bool:
@@ -125,7 +126,12 @@ class Channel:
     def _open(self, needs: Sequence[tuple[str, str]]) -> Association:
         plans, covered = plan_contexts(needs, MAX_CONTEXTS)
         contexts = [ProposedContext(p.abstract_syntax, p.transfer_syntaxes) for p in plans]
-        assoc = Association.request(self.peer, self.settings, contexts)
+        try:
+            assoc = Association.request(self.peer, self.settings, contexts)
+        except AssociationError as exc:
+            self.down = exc
+            raise
+        self.down = None
         with _numbers_lock:
             self._assoc_number = next(_association_numbers)
         self._assoc = assoc
@@ -153,6 +159,11 @@ class Channel:
         else:
             needs = [need, *hint, *self._proposed_order]
         return self._open(list(dict.fromkeys(needs)))
+
+    @property
+    def last_progress(self) -> float | None:
+        """When the open association last moved a byte (monotonic), for health checks."""
+        return self._assoc.last_progress if self._assoc is not None else None
 
     def release(self) -> None:
         """Release the association (if any), politely."""

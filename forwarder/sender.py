@@ -37,6 +37,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from forwarder import __version__
+from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import FileMeta
 from forwarder.errors import AssociationError, InvalidFileError
 
@@ -205,6 +206,7 @@ class Association:
         self.closed = False
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
+        self.last_progress = self.opened_at  # any byte sent or received (watchdog health)
 
     # -- establishment ------------------------------------------------------------------------
 
@@ -420,6 +422,7 @@ class Association:
             n = min(frag, remaining)
             if pos + 12 + n > batch_len:
                 self._send(view[:pos], what="P-DATA")
+                crash_point("mid-store")
                 pos = 0
             remaining -= n
             control = 0x02 if remaining == 0 else 0x00
@@ -532,6 +535,7 @@ class Association:
     # -- socket I/O ---------------------------------------------------------------------------
 
     def _send(self, data: bytes | bytearray | memoryview, *, what: str) -> None:
+        self.last_progress = time.monotonic()
         try:
             self._sock.sendall(data)
         except TimeoutError:
@@ -572,6 +576,7 @@ class Association:
                     retryable=True,
                 )
             self._rbuf += chunk
+            self.last_progress = time.monotonic()
             if _TCP_QUICKACK is not None and self.settings.tls is None:
                 # Linux turns quick ACKs off again after a while; re-arm after every read so the
                 # peer's Nagle-delayed second segment is released at once.

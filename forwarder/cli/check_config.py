@@ -1,0 +1,57 @@
+"""``forwarder check-config``: validate a config file and print every problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from forwarder.cli import EXIT_CONFIG, EXIT_OK
+from forwarder.cli._config import add_config_option, load_or_report
+from forwarder.errors import TLSSetupError
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file: every problem on its own line with the key path "
+        "and YAML line. Exit 0 when valid, 78 when not.",
+    )
+    add_config_option(p)
+    p.add_argument("--schema", action="store_true", help="print the config's JSON Schema")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.schema:
+        import json
+
+        from forwarder.config import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    path, config = load_or_report(args, "check-config")
+    if config is None:
+        return EXIT_CONFIG
+    from forwarder.service import association_settings
+
+    problems = []
+    for i, dest in enumerate(config.destinations):
+        try:
+            association_settings(dest, config)
+        except TLSSetupError as exc:
+            problems.append(f"destinations[{i}].tls: {exc}")
+        except OSError as exc:
+            problems.append(f"destinations[{i}].tls: {exc}")
+    if problems:
+        for p in problems:
+            print(f"{path}: {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    routes = (
+        "every file to every destination"
+        if config.routes is None
+        else (f"{len(config.routes)} routes")
+    )
+    print(f"{path}: OK ({len(config.destinations)} destinations, {routes})")
+    return EXIT_OK

@@ -1,0 +1,41 @@
+"""``forwarder run``: the daemon in the foreground (what systemd runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from forwarder.cli._config import add_config_option, load_or_report
+from forwarder.errors import ForwarderError, TLSSetupError
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the forwarding daemon in the foreground",
+        description="Watch the incoming folder and forward every complete DICOM file to its "
+        "destinations. SIGTERM/SIGINT drain and exit 0; SIGHUP reloads the config. "
+        "Exit 78 on an invalid config (systemd does not restart on it).",
+    )
+    add_config_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path, config = load_or_report(args, "run")
+    if config is None:
+        return EXIT_CONFIG
+    from forwarder.logsetup import configure_daemon_logging
+    from forwarder.service import Service
+
+    configure_daemon_logging(config.log_level, log_phi=config.log_phi)
+    try:
+        return Service(config, path).run() or EXIT_OK
+    except TLSSetupError as exc:
+        print(f"forwarder run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ForwarderError as exc:
+        print(f"forwarder run: {exc}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,36 @@
+"""Test hook: SIGKILL the daemon at a named point, to prove crash safety at exact windows.
+
+Set ``FORWARDER_CRASH_AT=NAME`` (or ``NAME:N`` to die at the N-th time the point is reached).
+Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
+
+- ``ingest-before-commit``: files read and routed, their jobs not yet committed;
+- ``mid-store``: part of a data set sent, the rest not;
+- ``after-response``: the peer answered Success, the queue not yet acked;
+- ``finish-before-move``: the final path recorded (FINISHING), the file not yet moved;
+- ``finish-after-move``: the file moved, the queue not yet told;
+- ``reload``: in the middle of applying a reloaded config.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_SPEC = os.environ.get("FORWARDER_CRASH_AT", "")
+_NAME, _, _COUNT = _SPEC.partition(":")
+_AT = int(_COUNT) if _COUNT.isdigit() else 1
+_hits = 0
+_lock = threading.Lock()
+
+
+def crash_point(name: str) -> None:
+    """Die here, at once and without cleanup, if the environment asks for it."""
+    global _hits
+    if name != _NAME:
+        return
+    with _lock:
+        _hits += 1
+        if _hits < _AT:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

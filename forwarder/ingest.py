@@ -1,0 +1,169 @@
+"""Ingest: a complete file in incoming -> checked, routed, and queued for each destination.
+
+A file is checked end to end without being decoded (``dicomfile.scan_file``: Part 10 header,
+every element's length, every undefined length closed), routed on its header values and
+sub-folder, and enqueued with one job per destination in one transaction per batch. Files that
+are not usable DICOM or match no route go to failed/ with ``NAME.error.json``; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from pydicom.datadict import tag_for_keyword
+
+from forwarder.crashpoints import crash_point
+from forwarder.dicomfile import read_meta, scan_file
+from forwarder.errors import InvalidFileError
+from forwarder.queue import FileEntry, Queue
+from forwarder.router import Router
+from forwarder.spool import Spool, SpoolError
+
+logger = logging.getLogger(__name__)
+
+_PHI_MARKERS = ("Patient", "Name", "Birth", "Address", "Telephone", "Accession", "OtherPatient")
+
+
+class ReadyLike(Protocol):
+    """What the watcher hands over (``watcher.ReadyFile``)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def rel_path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime_ns(self) -> int: ...
+
+
+class IngestMetrics(Protocol):
+    def ingested(self, accepted: bool, reason: str = "") -> None: ...
+
+
+class Ingest:
+    """The watcher's callback. Thread-safe; keeps the set of queued paths for ``is_known``."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue: Queue,
+        router: Router,
+        *,
+        on_enqueued: Callable[[], None] = lambda: None,
+        metrics: IngestMetrics | None = None,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.on_enqueued = on_enqueued
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._known: set[str] = set(queue.active_paths())
+        self.set_router(router)
+
+    def set_router(self, router: Router) -> None:
+        want = {}
+        for keyword in router.keywords:
+            tag = tag_for_keyword(keyword)
+            if tag is not None:
+                want[int(tag)] = keyword
+        with self._lock:
+            self._router = router
+            self._want = want
+
+    def is_known(self, path: str) -> bool:
+        """True while ``path`` is queued (the watcher then does not hand it over again)."""
+        with self._lock:
+            return path in self._known
+
+    def forget(self, paths: Sequence[str]) -> None:
+        """Called when files left incoming (finished)."""
+        with self._lock:
+            self._known.difference_update(paths)
+
+    def __call__(self, files: Sequence[ReadyLike]) -> None:
+        with self._lock:
+            router, want = self._router, self._want
+        batch: list[tuple[FileEntry, list[str]]] = []
+        for ready in files:
+            path = str(ready.path)
+            if self.is_known(path):
+                continue
+            entry = self._check(ready, router, want)
+            if entry is not None:
+                batch.append(entry)
+        if not batch:
+            return
+        crash_point("ingest-before-commit")
+        ids = self.queue.enqueue_many(batch)
+        with self._lock:
+            self._known.update(e.path for e, _ in batch)
+        queued = sum(1 for i in ids if i is not None)
+        if self.metrics is not None:
+            for _ in range(queued):
+                self.metrics.ingested(True)
+        logger.debug("queued %d files (%d already queued)", queued, len(ids) - queued)
+        self.on_enqueued()
+
+    def _check(
+        self, ready: ReadyLike, router: Router, want: dict[int, str]
+    ) -> tuple[FileEntry, list[str]] | None:
+        path = str(ready.path)
+        try:
+            meta = read_meta(path)
+            values = scan_file(path, meta, want)
+        except InvalidFileError as exc:
+            if not os.path.lexists(path):
+                logger.info("%s: gone from incoming before it was read", path)
+                return None
+            self._reject(ready, f"not usable DICOM: {exc.reason}", "not_dicom")
+            return None
+        if meta.size != ready.size:
+            # It changed since the watcher saw it settle; the watcher will offer it again.
+            logger.debug("%s: changed while being read; waiting for it to settle", path)
+            return None
+        destinations = router.route(values, ready.rel_path)
+        if not destinations:
+            shown = {k: v for k, v in values.items() if not any(m in k for m in _PHI_MARKERS)}
+            detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
+            reason = "no route: no route matches this file" + (f" ({detail})" if detail else "")
+            self._reject(
+                ready, reason, "no_route", extra={"sop_instance_uid": meta.sop_instance_uid}
+            )
+            return None
+        entry = FileEntry(
+            path=path,
+            rel_path=ready.rel_path,
+            size=meta.size,
+            mtime_ns=ready.mtime_ns,
+            sop_class_uid=meta.sop_class_uid,
+            sop_instance_uid=meta.sop_instance_uid,
+            transfer_syntax=meta.transfer_syntax,
+        )
+        return entry, destinations
+
+    def _reject(
+        self, ready: ReadyLike, reason: str, kind: str, extra: dict[str, str] | None = None
+    ) -> None:
+        try:
+            target = self.spool.reject(Path(ready.path), reason, extra=extra)
+        except SpoolError as exc:
+            logger.error("%s: %s; and %s", ready.path, reason, exc)
+            return
+        if self.metrics is not None:
+            self.metrics.ingested(False, kind)
+        logger.warning(
+            "%s: moved to %s: %s",
+            ready.rel_path,
+            target,
+            reason,
+            extra={"FILE": str(ready.path), "OUTCOME": "rejected"},
+        )

@@ -1,0 +1,323 @@
+"""The daemon: wires watcher -> ingest -> queue -> workers -> finisher, owns threads and signals.
+
+Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
+completed), start workers, start the watcher (its first scan picks up files that arrived while
+we were stopped), then tell systemd READY=1. SIGTERM/SIGINT: stop watching, let each worker
+finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
+SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
+Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from forwarder.config import Config, Destination, load_config
+from forwarder.crashpoints import crash_point
+from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
+from forwarder.finisher import Finisher
+from forwarder.ingest import Ingest
+from forwarder.metrics import Metrics
+from forwarder.notify import Notifier
+from forwarder.queue import Queue
+from forwarder.router import Router
+from forwarder.sender import AssociationSettings
+from forwarder.spool import Spool
+from forwarder.watcher import Watcher
+from forwarder.worker import DestinationWorkers, LastOutcome
+
+logger = logging.getLogger(__name__)
+
+_TICK = 1.0
+_STATUS_EVERY = 5.0
+_FINISH_RETRY_EVERY = 30.0
+_PRUNE_EVERY = 3600.0
+_PRUNE_AFTER = 7 * 86400.0
+_STOP_TIMEOUT = 10.0
+
+
+def association_settings(dest: Destination, config: Config) -> AssociationSettings:
+    """Sender settings for a destination; raises TLSSetupError for unusable TLS material."""
+    tls = None
+    if dest.tls is not None:
+        from forwarder.tls import check_private_key_permissions, client_context
+
+        if dest.tls.key is not None:
+            check_private_key_permissions(dest.tls.key)
+        tls = client_context(
+            dest.tls.ca, dest.tls.cert, dest.tls.key, verify_hostname=dest.tls.verify_hostname
+        )
+    return AssociationSettings(
+        calling_ae_title=dest.calling_ae_title or config.ae_title,
+        connect_timeout=dest.connect_timeout,
+        response_timeout=dest.response_timeout,
+        release_timeout=dest.release_timeout,
+        max_pdu_receive=dest.max_pdu,
+        tls=tls,
+    )
+
+
+class Service:
+    """``forwarder run``. Construct on the main thread, then call :meth:`run`."""
+
+    def __init__(self, config: Config, config_path: str) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()
+        self._workers: dict[str, DestinationWorkers] = {}
+        self._last: LastOutcome | None = None
+        self._lock_fd: int | None = None
+        self.metrics: Metrics | None = None
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+        self._wake.set()
+
+    def _capture_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def request_stop(self) -> None:
+        """Ask the service to stop (tests and embedding; the same as SIGTERM)."""
+        self._stop.set()
+        self._wake.set()
+
+    # -- run --------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        previous = self._capture_signals()
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
+        c = self.config
+        self._take_lock(c.queue)
+        self.queue = Queue(c.queue)
+        try:
+            self.spool = Spool(c.incoming, c.done, c.failed)
+            report = self.queue.recover()
+            self.ingest = Ingest(
+                self.spool,
+                self.queue,
+                Router(c.routes, [d.name for d in c.destinations]),
+                on_enqueued=self._wake_workers,
+            )
+            self.finisher = Finisher(self.queue, self.spool, self.ingest.forget)
+            self.finisher.finish(report.finishing)
+            self._fail_orphans()
+            if c.metrics is not None:
+                self.metrics = Metrics()
+                self.ingest.metrics = self.metrics
+                self.metrics.set_queue_source(self.queue.stats)
+                self.metrics.set_failed_folder(c.failed)
+                for d in c.destinations:
+                    self.metrics.add_destination(d.name)
+                self.metrics.start_server(c.metrics.listen)
+            for dest in c.destinations:
+                self._start_workers(dest)
+            self.watcher = Watcher(
+                c.incoming,
+                self.ingest,
+                settle=c.watch.settle,
+                polling=c.watch.polling,
+                rescan_interval=c.watch.rescan_interval,
+                is_known=self.ingest.is_known,
+            )
+            self.watcher.start()
+            logger.info(
+                "forwarder running: watching %s, %d destinations (%s)",
+                c.incoming,
+                len(c.destinations),
+                ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in c.destinations),
+            )
+            self.notifier.ready(self._status_line())
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _take_lock(self, queue_path: Path) -> None:
+        queue_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{queue_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ForwarderError(
+                f"another forwarder is running with the queue {queue_path} "
+                f"(lock {queue_path}.lock is held)"
+            ) from None
+        self._lock_fd = fd
+
+    def _start_workers(self, dest: Destination) -> None:
+        workers = DestinationWorkers(
+            dest,
+            calling_ae_title=dest.calling_ae_title or self.config.ae_title,
+            retry=self.config.retry,
+            queue=self.queue,
+            finisher=self.finisher,
+            settings=association_settings(dest, self.config),
+            metrics=self.metrics,
+            on_outcome=self._on_outcome,
+        )
+        workers.start()
+        self._workers[dest.name] = workers
+
+    def _fail_orphans(self) -> None:
+        """Jobs for destinations no longer configured go to failed/ (``retry`` brings them back)."""
+        names = {d.name for d in self.config.destinations}
+        for name, stats in self.queue.stats().items():
+            if name not in names and (stats.pending or stats.in_flight):
+                ids = self.queue.fail_pending(
+                    name, error=f"destination {name!r} is no longer in the configuration"
+                )
+                logger.warning(
+                    "%d jobs were queued for %r, which is no longer configured: failed",
+                    stats.pending,
+                    name,
+                )
+                self.finisher.finish_ids(ids)
+
+    def _wake_workers(self) -> None:
+        for w in list(self._workers.values()):
+            w.wake()
+
+    def _on_outcome(self, last: LastOutcome) -> None:
+        self._last = last
+
+    def _status_line(self) -> str:
+        try:
+            counts = self.queue.counts()
+        except ForwarderError:
+            return "queue unavailable"
+        line = f"{counts.get('READY', 0)} pending, {counts.get('CLAIMED', 0)} in flight"
+        if self._last is not None:
+            at = time.strftime("%H:%M:%S", time.localtime(self._last.at))
+            line += f"; last: {self._last.destination} {self._last.outcome} at {at}"
+        return line
+
+    def _loop(self) -> None:
+        next_status = next_finish = time.monotonic()
+        next_prune = time.monotonic() + 60.0
+        while not self._stop.is_set():
+            self._wake.wait(_TICK)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if self._reload.is_set():
+                self._reload.clear()
+                self._do_reload()
+            now = time.monotonic()
+            if self.watcher.healthy and all(w.healthy(now) for w in self._workers.values()):
+                # Only a loop that is really making progress keeps systemd's watchdog fed.
+                self.notifier.watchdog()
+            else:
+                logger.error("a worker or the watcher is stuck; not feeding the watchdog")
+            if now >= next_status:
+                self.notifier.status(self._status_line())
+                next_status = now + _STATUS_EVERY
+            if now >= next_finish:
+                try:
+                    self.finisher.retry_pending()
+                except ForwarderError as exc:
+                    logger.error("finishing files: %s", exc)
+                next_finish = now + _FINISH_RETRY_EVERY
+            if now >= next_prune:
+                try:
+                    self.queue.prune(_PRUNE_AFTER)
+                except ForwarderError as exc:
+                    logger.error("pruning the queue: %s", exc)
+                next_prune = now + _PRUNE_EVERY
+
+    def _do_reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+            for d in new.destinations:
+                association_settings(d, new)  # refuse unusable TLS material before applying
+        except (ConfigError, TLSSetupError) as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for p in problems:
+                logger.error("reload: %s: %s", self.config_path, p)
+            logger.error("reload: config invalid; still running on the previous one")
+            self.notifier.ready(self._status_line())
+            return
+        old = self.config
+        for key in ("incoming", "done", "failed", "queue", "metrics", "watch"):
+            if getattr(old, key) != getattr(new, key):
+                logger.warning("reload: %s changed; restart forwarder to apply it", key)
+        new = new.model_copy(
+            update={
+                k: getattr(old, k)
+                for k in ("incoming", "done", "failed", "queue", "metrics", "watch")
+            }
+        )
+        old_dests = {d.name: d for d in old.destinations}
+        new_dests = {d.name: d for d in new.destinations}
+        self.config = new
+        crash_point("reload")
+        for name, dest in old_dests.items():
+            changed = name in new_dests and (
+                new_dests[name] != dest or new.ae_title != old.ae_title
+            )
+            if name not in new_dests or changed:
+                self._workers.pop(name).stop(_STOP_TIMEOUT)
+        self.ingest.set_router(Router(new.routes, list(new_dests)))
+        for name, dest in new_dests.items():
+            if name not in self._workers:
+                if self.metrics is not None:
+                    self.metrics.add_destination(name)
+                self._start_workers(dest)
+            else:
+                self._workers[name].retry = new.retry
+        self._fail_orphans()
+        added = sorted(set(new_dests) - set(old_dests))
+        removed = sorted(set(old_dests) - set(new_dests))
+        logger.info(
+            "reload: applied (%d destinations; added: %s; removed: %s)",
+            len(new_dests),
+            ", ".join(added) or "none",
+            ", ".join(removed) or "none",
+        )
+        self.notifier.ready(self._status_line())
+        self.watcher.rescan()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        logger.info("stopping: finishing files in flight")
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        for w in self._workers.values():
+            w.stop(_STOP_TIMEOUT)
+        self._workers.clear()
+        if self.metrics is not None:
+            self.metrics.stop()
+        queue = getattr(self, "queue", None)
+        if queue is not None:
+            queue.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        logger.info("stopped")

@@ -1,0 +1,175 @@
+"""Moving finished files out of incoming: to ``done/`` or to ``failed/`` with ``NAME.error.json``.
+
+The relative path under incoming is kept; a name clash gets a numeric suffix (``a.dcm`` ->
+``a.1.dcm``). Moves are renames when the folders share a filesystem, else copy + fsync + rename +
+unlink; the folders touched are fsynced, so after a power loss a file is in exactly one place (or,
+at worst, in both, never in none). Nothing is ever deleted on failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from forwarder.errors import ForwarderError
+
+logger = logging.getLogger(__name__)
+
+
+class SpoolError(ForwarderError):
+    """A file could not be moved (disk full, permissions); it stays where it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationResult:
+    """One destination's outcome for ``NAME.error.json``."""
+
+    destination: str
+    outcome: str  # "stored" or "failed"
+    status: int | None
+    error: str | None
+    attempts: int
+    first_queued: float | None
+    finished: float | None
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in ``path`` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """The incoming, done and failed folders."""
+
+    def __init__(self, incoming: Path, done: Path, failed: Path) -> None:
+        self.incoming = incoming
+        self.done = done
+        self.failed = failed
+        for folder in (incoming, done, failed):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def rel_path(self, path: Path) -> str:
+        return path.relative_to(self.incoming).as_posix()
+
+    def target(self, rel_path: str, failed: bool) -> Path:
+        """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash)."""
+        base = (self.failed if failed else self.done) / rel_path
+        candidate = base
+        n = 0
+        while candidate.exists() or (failed and _error_path(candidate).exists()):
+            n += 1
+            suffix = "".join(base.suffixes[-1:])
+            stem = base.name[: len(base.name) - len(suffix)] if suffix else base.name
+            candidate = base.with_name(f"{stem}.{n}{suffix}")
+        return candidate
+
+    def move(self, source: Path, target: Path, *, sync: bool = True) -> None:
+        """Move ``source`` to ``target`` (parents created). Raises :class:`SpoolError`."""
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = target.with_name(f".{target.name}.moving")
+                shutil.copyfile(source, tmp)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.rename(tmp, target)
+                if sync:
+                    fsync_dir(target.parent)
+                os.unlink(source)
+        except OSError as exc:
+            raise SpoolError(
+                f"cannot move {source} to {target}: {exc.strerror or exc}; it stays in place"
+            ) from None
+        if sync:
+            fsync_dir(target.parent)
+            fsync_dir(source.parent)
+
+    def write_error(
+        self,
+        target: Path,
+        rel_path: str,
+        reason: str,
+        results: Sequence[DestinationResult] = (),
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write ``target``'s ``.error.json`` (atomically: temp file, fsync, rename)."""
+        doc: dict[str, Any] = {
+            "file": rel_path,
+            "reason": reason,
+            "failed_at": _iso(time.time()),
+            "destinations": [
+                {
+                    "destination": r.destination,
+                    "outcome": r.outcome,
+                    "status": f"0x{r.status:04X}" if r.status is not None else None,
+                    "error": r.error,
+                    "attempts": r.attempts,
+                    "first_queued": _iso(r.first_queued),
+                    "finished": _iso(r.finished),
+                }
+                for r in results
+            ],
+        }
+        if extra:
+            doc.update(extra)
+        path = _error_path(target)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+        return path
+
+    def reject(self, source: Path, reason: str, extra: dict[str, Any] | None = None) -> Path:
+        """Move a file that was never queued (not DICOM, no route) to failed/ with its reason."""
+        rel = self.rel_path(source)
+        target = self.target(rel, failed=True)
+        self.write_error(target, rel, reason, extra=extra)
+        self.move(source, target)
+        return target
+
+    def sync_dirs(self, dirs: Iterable[Path]) -> None:
+        for d in set(dirs):
+            fsync_dir(d)
+
+
+def _error_path(target: Path) -> Path:
+    return target.with_name(target.name + ".error.json")

@@ -1,0 +1,334 @@
+"""Workers: per destination, ``associations`` threads that claim jobs, send them and ack them.
+
+Each thread owns one :class:`~forwarder.pool.Channel` (one pooled association, reused across
+files, released when idle, replaced when broken). A destination that is down pauses only its own
+threads (backoff per destination, on top of each job's own backoff), so it never slows the
+others. Acks follow the sends: a crash between the peer's response and the ack means the file is
+sent again after restart (at least once).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from forwarder.config import Destination, RetryPolicy
+from forwarder.crashpoints import crash_point
+from forwarder.errors import ForwarderError
+from forwarder.finisher import Finisher
+from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.queue import Job, Queue
+from forwarder.sender import AssociationSettings, Peer
+
+logger = logging.getLogger(__name__)
+
+BATCH = 32  # jobs claimed at a time per thread
+_HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
+
+
+class SendMetrics(Protocol):
+    def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None: ...
+    def retry(self, destination: str) -> None: ...
+    def associations_open(self, destination: str, delta: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LastOutcome:
+    """The latest outcome of a destination, for systemd STATUS= lines."""
+
+    destination: str
+    outcome: str
+    at: float
+
+
+def backoff(policy: RetryPolicy, attempts: int) -> float:
+    """Seconds to wait after ``attempts`` failed attempts: exponential, capped, with jitter."""
+    base = min(policy.max_delay, policy.initial_delay * 2.0 ** max(attempts - 1, 0))
+    return float(base * random.uniform(0.5, 1.0))
+
+
+class DestinationWorkers:
+    """The threads sending to one destination."""
+
+    def __init__(
+        self,
+        destination: Destination,
+        *,
+        calling_ae_title: str,
+        retry: RetryPolicy,
+        queue: Queue,
+        finisher: Finisher,
+        settings: AssociationSettings,
+        metrics: SendMetrics | None = None,
+        on_outcome: Callable[[LastOutcome], None] = lambda _: None,
+    ) -> None:
+        self.destination = destination
+        self.name = destination.name
+        self.retry = retry
+        self.queue = queue
+        self.finisher = finisher
+        self.metrics = metrics
+        self.on_outcome = on_outcome
+        self.peer = Peer(destination.host, destination.port, destination.ae_title)
+        self.settings = settings
+        self.calling_ae_title = calling_ae_title
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._beats: dict[int, float] = {}
+        self._channels: dict[int, Channel] = {}
+        self._down_until = 0.0
+        self._down_failures = 0
+        self._hint: list[tuple[str, str]] = []
+        self._hint_at = 0.0
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for i in range(self.destination.associations):
+            t = threading.Thread(
+                target=self._run, args=(i,), name=f"send-{self.name}-{i + 1}", daemon=True
+            )
+            self._beats[i] = time.monotonic()
+            self._threads.append(t)
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking new jobs; the file being sent is finished (or times out), claimed jobs not
+        yet sent go back to READY; associations are released. Joins every thread."""
+        self._stop.set()
+        self.wake()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            # A send stuck in the kernel: abort its association so the thread returns.
+            for ch in list(self._channels.values()):
+                ch.abort()
+            for t in self._threads:
+                t.join(2.0)
+            logger.warning("%s: aborted associations of %s to stop", self.name, ", ".join(alive))
+
+    def wake(self) -> None:
+        """New work was queued: wake idle threads now."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def healthy(self, now: float | None = None) -> bool:
+        """False when a thread has made no progress for longer than any legitimate wait."""
+        now = time.monotonic() if now is None else now
+        limit = self.destination.connect_timeout + self.destination.response_timeout + 30.0
+        for i, t in enumerate(self._threads):
+            if not t.is_alive():
+                return False
+            beat = self._beats.get(i, now)
+            ch = self._channels.get(i)
+            progress = ch.last_progress if ch is not None else None
+            if now - max(beat, progress or 0.0) > limit:
+                return False
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _run(self, index: int) -> None:
+        channel = Channel(
+            self.peer,
+            self.settings,
+            allow_lossy_decompress=self.destination.allow_lossy_decompress,
+            name=f"{self.name}#{index + 1}",
+        )
+        self._channels[index] = channel
+        was_open = False
+        try:
+            while not self._stop.is_set():
+                self._beats[index] = time.monotonic()
+                jobs: list[Job] = []
+                if time.monotonic() >= self._down_until:
+                    try:
+                        jobs = self.queue.claim(self.name, BATCH)
+                    except ForwarderError as exc:
+                        logger.error("%s: cannot claim jobs: %s", self.name, exc)
+                if not jobs:
+                    if channel.release_if_idle(self.destination.idle_timeout):
+                        self._assoc_delta(channel, was_open)
+                        was_open = False
+                    self._idle_wait()
+                    continue
+                try:
+                    self._process(channel, jobs, index)
+                except ForwarderError as exc:
+                    # The queue failed (disk full?): what was claimed stays CLAIMED and comes
+                    # back at the next start; pause so the log is not flooded.
+                    logger.error("%s: %s", self.name, exc)
+                    self._stop.wait(5.0)
+                was_open = self._assoc_delta(channel, was_open)
+        except Exception:
+            logger.exception("%s: worker thread crashed", self.name)
+            raise
+        finally:
+            channel.release()
+            self._assoc_delta(channel, was_open)
+
+    def _assoc_delta(self, channel: Channel, was_open: bool) -> bool:
+        now_open = channel.is_open
+        if self.metrics is not None and now_open != was_open:
+            self.metrics.associations_open(self.name, 1 if now_open else -1)
+        return now_open
+
+    def _idle_wait(self) -> None:
+        now = time.time()
+        due = None
+        try:
+            due = self.queue.next_due(self.name)
+        except ForwarderError:
+            pass
+        wait = 1.0
+        if due is not None:
+            wait = min(wait, max(due - now, 0.05))
+        down_left = self._down_until - time.monotonic()
+        if down_left > 0:
+            wait = min(max(down_left, 0.05), 1.0)
+        with self._wake:
+            if not self._stop.is_set():
+                self._wake.wait(wait)
+
+    def _hints(self) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        if now - self._hint_at > _HINT_TTL:
+            try:
+                self._hint = [tuple(p) for p in self.queue.pending_syntaxes(self.name)]  # type: ignore[misc]
+            except ForwarderError:
+                self._hint = []
+            self._hint_at = now
+        return self._hint
+
+    def _process(self, channel: Channel, jobs: Sequence[Job], index: int) -> None:
+        by_id = {j.id: j for j in jobs}
+        sent: set[int] = set()
+
+        def requests() -> Iterator[StoreRequest]:
+            for job in jobs:
+                if self._stop.is_set():
+                    return
+                sent.add(job.id)
+                yield StoreRequest(job.path, job.id)
+
+        done: list[int] = []
+        finished: list[int] = []
+        for outcome in channel.send(requests(), hint=self._hints()):
+            self._beats[index] = time.monotonic()
+            job = by_id[outcome.request.key]
+            if outcome.outcome.stored:
+                crash_point("after-response")
+            self._log(job, outcome)
+            if self.metrics is not None:
+                self.metrics.file_sent(
+                    self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
+                )
+            if outcome.outcome.stored:
+                done.append(job.id)
+                if len(done) >= BATCH:
+                    finished += self.queue.ack_done(done)
+                    done = []
+            elif outcome.outcome is Outcome.RETRY:
+                finished += self._retry(job, outcome)
+            else:
+                finished += self.queue.ack_failed(
+                    job.id, error=outcome.error or "failed", status=outcome.status
+                )
+            self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
+        if done:
+            finished += self.queue.ack_done(done)
+        unsent = [j for j in by_id if j not in sent]
+        if unsent:
+            self.queue.release(unsent)
+        self._update_down(channel)
+        self.finisher.finish_ids(finished)
+
+    def _retry(self, job: Job, outcome: SendOutcome) -> list[int]:
+        attempts = job.attempts + 1
+        error = outcome.error or "transient failure"
+        policy = self.retry
+        age = time.time() - job.created_at
+        if policy.max_attempts is not None and attempts >= policy.max_attempts:
+            return self.queue.ack_failed(
+                job.id, error=f"gave up after {attempts} attempts: {error}", status=outcome.status
+            )
+        if age >= policy.give_up_after:
+            return self.queue.ack_failed(
+                job.id,
+                error=f"gave up after {age / 3600:.1f} h and {attempts} attempts: {error}",
+                status=outcome.status,
+            )
+        if self.metrics is not None:
+            self.metrics.retry(self.name)
+        delay = backoff(policy, attempts)
+        self.queue.ack_retry(
+            job.id, next_attempt_at=time.time() + delay, error=error, status=outcome.status
+        )
+        return []
+
+    def _update_down(self, channel: Channel) -> None:
+        with self._lock:
+            if channel.down is None:
+                self._down_failures = 0
+                return
+            self._down_failures += 1
+            pause = backoff(self.retry, self._down_failures)
+            self._down_until = max(self._down_until, time.monotonic() + pause)
+        logger.warning("%s: %s; pausing this destination %.1fs", self.name, channel.down, pause)
+
+    def _log(self, job: Job, o: SendOutcome) -> None:
+        status = f"0x{o.status:04X}" if o.status is not None else "-"
+        fields = {
+            "DESTINATION": self.name,
+            "SOP_INSTANCE_UID": job.sop_instance_uid,
+            "DIMSE_STATUS": status,
+            "FILE": job.path,
+            "OUTCOME": o.outcome.value,
+        }
+        if o.outcome is Outcome.STORED:
+            logger.info(
+                "%s -> %s: stored %s (status %s, %.0f ms)",
+                job.rel_path,
+                self.name,
+                job.sop_instance_uid,
+                status,
+                o.seconds * 1000,
+                extra=fields,
+            )
+        elif o.outcome is Outcome.WARNING:
+            logger.warning(
+                "%s -> %s: stored with warning %s: %s",
+                job.rel_path,
+                self.name,
+                job.sop_instance_uid,
+                o.error,
+                extra=fields,
+            )
+        elif o.outcome is Outcome.RETRY:
+            logger.warning(
+                "%s -> %s: will retry %s (attempt %d): %s",
+                job.rel_path,
+                self.name,
+                job.sop_instance_uid,
+                job.attempts + 1,
+                o.error,
+                extra=fields,
+            )
+        else:
+            logger.error(
+                "%s -> %s: failed %s: %s",
+                job.rel_path,
+                self.name,
+                job.sop_instance_uid,
+                o.error,
+                extra=fields,
+            )
