@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from forwarder.notify import Notifier
+from forwarder.notify import Liveness, Notifier
 
-pytest.importorskip("systemd.daemon", reason="systemd-python (the systemd extra) not installed")
+
+def test_liveness_reports_loops_that_stopped_beating() -> None:
+    now = [100.0]
+    live = Liveness(clock=lambda: now[0])
+    live.register("worker-pacs-0")
+    live.register("worker-pacs-1")
+    now[0] += 30
+    live.beat("worker-pacs-0")
+    assert live.stalled(60) == []
+    now[0] += 40  # worker-pacs-1 silent for 70 s, worker-pacs-0 for 40 s
+    assert live.stalled(60) == ["worker-pacs-1"]
+    live.unregister("worker-pacs-1")
+    assert live.stalled(60) == []
+    now[0] += 61
+    assert live.stalled(60) == ["worker-pacs-0"]
+
+
+def _needs_systemd_python() -> None:
+    pytest.importorskip("systemd.daemon", reason="systemd-python (the systemd extra) not installed")
 
 
 @pytest.fixture
 def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    _needs_systemd_python()
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
@@ -133,3 +154,20 @@ def test_vanished_socket_is_logged_not_raised(
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "sd_notify" in warnings[0].getMessage()
+
+
+def test_without_systemd_python_it_is_a_no_op(notify_socket: socket.socket) -> None:
+    # A child where `import systemd` fails, as on an install without the systemd extra.
+    code = (
+        "import sys; sys.modules['systemd'] = None\n"
+        "from forwarder.notify import Notifier\n"
+        "n = Notifier(); n.ready('x'); n.watchdog(); n.stopping()\n"
+        "print(n.enabled)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "False"
+    notify_socket.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)
