@@ -21,6 +21,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import stat
 import threading
 import uuid
 from collections.abc import Sequence
@@ -132,6 +133,19 @@ def safe_uid_name(value: str | None) -> str:
         return f"2.25.{uuid.uuid4().int}"
     digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:16]
     return f"2.25.{int.from_bytes(digest, 'big')}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Incoming:
+    """What the C-STORE request says about the object being stored."""
+
+    calling: str  # the peer's AE title
+    sop_uid: str  # Affected SOP Instance UID, as sent (untrusted)
+    transfer_syntax: UID
+
+    @property
+    def shown_uid(self) -> str:
+        return _shown(self.sop_uid)
 
 
 class _Server(ThreadedAssociationServer):
@@ -358,7 +372,8 @@ class Receiver:
     def _on_rejected(self, event: Event) -> None:
         requestor = event.assoc.requestor
         calling = requestor.ae_title
-        called = event.assoc.acceptor.ae_title
+        request = event.assoc.requestor.primitive
+        called = request.called_ae_title if request is not None else ""
         s = self._settings
         if s.allowed_calling_aets and calling not in s.allowed_calling_aets:
             why = "calling AE not recognised"
@@ -375,30 +390,34 @@ class Receiver:
         )
 
     def _on_store(self, event: Event) -> int:
-        calling = event.assoc.requestor.ae_title
-        command_uid = str(cast(C_STORE, event.request).AffectedSOPInstanceUID or "")
+        incoming = _Incoming(
+            calling=event.assoc.requestor.ae_title,
+            sop_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
+            transfer_syntax=UID(event.context.transfer_syntax),
+        )
         try:
-            return self._store(event, calling, command_uid)
+            return self._store(event, incoming)
         except Exception:
-            logger.exception("storing SOP Instance %s from %s failed", command_uid, calling)
+            logger.exception(
+                "storing SOP Instance %s from %s failed", incoming.shown_uid, incoming.calling
+            )
             return STATUS_CANNOT_UNDERSTAND
 
-    def _store(self, event: Event, calling: str, command_uid: str) -> int:
-        transfer_syntax = UID(event.context.transfer_syntax)
+    def _store(self, event: Event, incoming: _Incoming) -> int:
         try:
             source, owned = self._materialise(event)
         except OSError as exc:
             logger.error(
                 "cannot buffer SOP Instance %s from %s in %s: %s; answering 0x%04X",
-                command_uid,
-                calling,
+                incoming.shown_uid,
+                incoming.calling,
                 self._output,
                 exc.strerror or exc,
                 STATUS_OUT_OF_RESOURCES,
             )
             return STATUS_OUT_OF_RESOURCES
         try:
-            return self._store_file(source, calling, command_uid, transfer_syntax)
+            return self._store_file(source, incoming)
         finally:
             if owned:
                 with contextlib.suppress(FileNotFoundError):
@@ -429,9 +448,8 @@ class Receiver:
             raise
         return part, True
 
-    def _store_file(
-        self, source: Path, calling: str, command_uid: str, transfer_syntax: UID
-    ) -> int:
+    def _store_file(self, source: Path, incoming: _Incoming) -> int:
+        shown, calling = incoming.shown_uid, incoming.calling
         try:
             header = dcmread(
                 source,
@@ -445,34 +463,34 @@ class Receiver:
         except Exception as exc:
             logger.warning(
                 "cannot parse SOP Instance %s from %s (%s): %s; answering 0x%04X",
-                command_uid,
+                shown,
                 calling,
-                transfer_syntax.name,
+                incoming.transfer_syntax.name,
                 exc,
                 STATUS_CANNOT_UNDERSTAND,
             )
             return STATUS_CANNOT_UNDERSTAND
-        if sop_value and sop_value.strip(" \x00") != command_uid.strip(" \x00"):
+        if sop_value and sop_value.strip(" \x00") != incoming.sop_uid.strip(" \x00"):
             logger.warning(
                 "SOP Instance UID in the dataset (%s) differs from the C-STORE request's (%s); "
-                "naming the file after the request",
-                sop_value,
-                command_uid,
+                "naming the file after the dataset's",
+                _shown(sop_value),
+                shown,
             )
         study = safe_uid_name(study_value)
-        name = safe_uid_name(command_uid or sop_value) + ".dcm"
+        name = safe_uid_name(sop_value or incoming.sop_uid) + ".dcm"
         target = self._output / study / name
         try:
             size = os.stat(source).st_size
         except OSError as exc:
-            logger.error("received SOP Instance %s vanished: %s", command_uid, exc)
+            logger.error("received SOP Instance %s vanished: %s", shown, exc)
             return STATUS_OUT_OF_RESOURCES
         limit = self._settings.max_object_size
         if limit is not None and size > limit:
             logger.warning(
                 "refused SOP Instance %s from %s for %s: %d bytes exceed the %d-byte limit; "
                 "answering 0x%04X",
-                command_uid,
+                shown,
                 calling,
                 target,
                 size,
@@ -492,7 +510,7 @@ class Receiver:
             )
             logger.error(
                 "cannot store SOP Instance %s from %s at %s: %s (%s); answering 0x%04X",
-                command_uid,
+                shown,
                 calling,
                 target,
                 reason,
@@ -504,10 +522,10 @@ class Receiver:
             self._received += 1
         logger.info(
             "stored %s from %s at %s (%s, %d bytes)",
-            command_uid,
+            shown,
             calling,
             target,
-            transfer_syntax.name,
+            incoming.transfer_syntax.name,
             size,
         )
         return STATUS_SUCCESS
@@ -524,6 +542,9 @@ class Receiver:
                 created = True
             except FileExistsError:
                 pass
+            if stat.S_ISLNK(os.stat(study, dir_fd=out_fd, follow_symlinks=False).st_mode):
+                raise OSError(errno.ELOOP, "the study folder is a symlink", study)
+            # O_NOFOLLOW still guards the window between that check and this open.
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
             study_fd = os.open(study, flags, dir_fd=out_fd)
             try:
@@ -577,6 +598,12 @@ class Receiver:
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=study_fd)
             raise
+
+
+def _shown(uid: str) -> str:
+    """A peer's UID fit for a log line: as is when well-formed, else quoted and escaped."""
+    text = uid.strip(" \x00")
+    return text if _UID_RE.fullmatch(text) else repr(uid)
 
 
 def _on_echo(event: Event) -> int:
