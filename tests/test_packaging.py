@@ -368,6 +368,32 @@ echo "incoming=$(in_root stat -c '%a %U %G' /var/spool/forwarder/incoming)"
 echo "state=$(in_root stat -c '%a %U %G' /var/lib/forwarder)"
 echo "conffile=$(in_root dpkg-query -W -f='${Conffiles}' forwarder | awk 'NF {print $1}')"
 echo "status=$(in_root dpkg-query -W -f='${Status}' forwarder)"
+conf=/etc/forwarder/forwarder.yaml
+echo "check-config=$(in_root forwarder check-config -c "$conf" >/dev/null 2>&1; echo $?)"
+# The daemon, as its user, on the packaged config (this network namespace is private).
+ip link set lo up
+chroot --userspec=forwarder:forwarder "$r" env -i PATH=/usr/bin:/bin \
+    /usr/bin/forwarder run -c "$conf" 2> "$base/daemon.log" &
+daemon=$!
+scrape='import urllib.request as u; print(u.urlopen("http://127.0.0.1:9750/metrics").read().decode())'
+deadline=$(( $(date +%s) + 30 ))
+until in_root python3 -c "$scrape" > "$base/metrics.txt" 2>/dev/null; do
+    [ "$(date +%s)" -lt "$deadline" ] || { kill "$daemon"; cat "$base/daemon.log" >&2; exit 1; }
+    sleep 0.1
+done
+echo "metrics=$(grep -c '^forwarder_build_info' "$base/metrics.txt")"
+echo "queue-db=$(in_root stat -c %U /var/lib/forwarder/queue.sqlite)"
+echo "not DICOM" > "$r/var/spool/forwarder/incoming/.note.txt"
+mv "$r/var/spool/forwarder/incoming/.note.txt" "$r/var/spool/forwarder/incoming/note.txt"
+until [ -f "$r/var/spool/forwarder/failed/note.txt.error.json" ]; do
+    [ "$(date +%s)" -lt "$deadline" ] || { kill "$daemon"; cat "$base/daemon.log" >&2; exit 1; }
+    sleep 0.1
+done
+echo "rejected=$(cat "$r/var/spool/forwarder/failed/note.txt")"
+kill -TERM "$daemon"
+code=0; wait "$daemon" || code=$?
+echo "daemon-exit=$code"
+rm -rf "$r/var/spool/forwarder/failed/"*
 in_root sh -c 'echo "# local edit" >> /etc/forwarder/forwarder.yaml'
 in_root dpkg --remove forwarder >/dev/null 2>&1
 echo "after-remove-user=$(in_root getent passwd forwarder | cut -d: -f1)"
@@ -388,11 +414,12 @@ echo "kept-user=$(in_root getent passwd forwarder || echo none)"
 """
 
 
-def test_install_remove_purge_in_a_throwaway_root(deb: Path, tmp_path: Path) -> None:
+def test_install_run_remove_purge_in_a_throwaway_root(deb: Path, tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root for a mount namespace and chroot")
     unshare = _need("unshare")
-    probe = _run([unshare, "-m", "true"])
+    _need("ip")
+    probe = _run([unshare, "-m", "-n", "true"])
     if probe.returncode != 0:
         pytest.skip(f"cannot make a private mount namespace: {probe.stderr.strip()}")
     host_dpkg_before = _run(["dpkg-query", "-W", "forwarder"]).stdout
@@ -422,6 +449,12 @@ def test_install_remove_purge_in_a_throwaway_root(deb: Path, tmp_path: Path) -> 
     assert out["state"] == "750 forwarder forwarder"
     assert out["conffile"] == "/etc/forwarder/forwarder.yaml"
     assert out["status"] == "install ok installed"
+    assert out["check-config"] == "0"
+    # The daemon ran as forwarder on the packaged config and folders, then stopped cleanly.
+    assert out["metrics"] == "1"
+    assert out["queue-db"] == "forwarder"
+    assert out["rejected"] == "not DICOM"
+    assert out["daemon-exit"] == "0"
     # remove keeps configuration and user; purge takes them, the queue and empty spool.
     assert out["after-remove-user"] == "forwarder"
     assert out["after-remove-conf"] == "kept"
