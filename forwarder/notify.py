@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -134,39 +133,3 @@ def _watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
             logger.warning("ignoring WATCHDOG_PID=%r: not an integer", watchdog_pid)
             return None
     return value / 1_000_000
-
-
-class Liveness:
-    """When each worker loop last made progress, so the watchdog is fed from real health.
-
-    Each loop calls :meth:`beat` once per iteration (also when it merely timed out waiting
-    for work); the service pings ``Notifier.watchdog()`` only while :meth:`stalled` is empty.
-    A sender stuck in a C-STORE longer than ``stall_after`` stops beating, the pings stop,
-    and systemd restarts the daemon. Thread-safe.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._last: dict[str, float] = {}
-
-    def register(self, name: str) -> None:
-        """Start watching ``name`` (counts as a beat now)."""
-        self.beat(name)
-
-    def unregister(self, name: str) -> None:
-        """Stop watching ``name`` (a worker that ended on purpose)."""
-        with self._lock:
-            self._last.pop(name, None)
-
-    def beat(self, name: str) -> None:
-        """``name`` made progress now."""
-        now = self._clock()
-        with self._lock:
-            self._last[name] = now
-
-    def stalled(self, stall_after: float) -> list[str]:
-        """The loops that have not beaten for more than ``stall_after`` seconds, sorted."""
-        now = self._clock()
-        with self._lock:
-            return sorted(n for n, t in self._last.items() if now - t > stall_after)
