@@ -211,9 +211,12 @@ class _Server(ThreadedAssociationServer):
             sock.do_handshake()
             sock.settimeout(previous)
         except (OSError, ValueError) as exc:
-            logger.warning(
-                "TLS handshake with %s failed: %s", client_address[0], describe_tls_error(exc)
-            )
+            if self._closing:  # abort_handshakes() cut it short
+                logger.debug("TLS handshake with %s cut short: stopping", client_address[0])
+            else:
+                logger.warning(
+                    "TLS handshake with %s failed: %s", client_address[0], describe_tls_error(exc)
+                )
             return False
         finally:
             with self._handshaking_lock:
@@ -315,6 +318,11 @@ class Receiver:
         for assoc in associations:
             with contextlib.suppress(Exception):
                 assoc.abort()
+            if not assoc.is_established:
+                # An acceptor still waiting for its A-ASSOCIATE-RQ (a peer that connected and
+                # went quiet, or closed) only wakes after the ACSE timeout; None is what its
+                # queue yields on that timeout, so hand it over now.
+                assoc.dul.to_user_queue.put(None)
         for assoc in associations:
             assoc.join(_JOIN_TIMEOUT)
             if assoc.is_alive():
@@ -622,7 +630,8 @@ def _on_accepted(event: Event) -> None:
 
 
 def _on_aborted(event: Event) -> None:
-    logger.info("association from %s aborted", event.assoc.requestor.ae_title)
+    requestor = event.assoc.requestor
+    logger.info("association from %s at %s aborted", requestor.ae_title or "?", requestor.address)
 
 
 def _preferred_transfer_syntaxes() -> list[str]:

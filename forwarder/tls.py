@@ -12,6 +12,7 @@ unsafe material, with the path and the reason.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
@@ -21,6 +22,8 @@ from forwarder.errors import TLSSetupError
 
 # TLS 1.2 cipher suites (TLS 1.3 suites are all AEAD and are configured separately by OpenSSL).
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+
+_REASON_RE = re.compile(r"\[SSL: ([A-Z0-9_]+)\]")
 
 # OpenSSL X509_V_ERR_* codes, grouped by what an operator has to fix.
 _UNTRUSTED = frozenset({2, 7, 18, 19, 20, 21, 24, 27, 28})
@@ -215,7 +218,9 @@ def _describe_verify_error(exc: ssl.SSLCertVerificationError) -> str:
 
 
 def _describe_ssl_error(exc: ssl.SSLError) -> str:
-    reason = str(exc.reason or "")
+    reason = str(getattr(exc, "reason", None) or "")
+    if not reason and (match := _REASON_RE.search(str(exc))):
+        reason = match.group(1)  # a re-raised or hand-made error carries only the text
     if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
         return "TLS handshake failed: connection closed by peer during the handshake"
     if reason in _PEER_WANTS_CERT:

@@ -388,7 +388,11 @@ def test_bad_allow_host_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_sigterm_with_an_open_association_exits_0_promptly(tmp_path: Path) -> None:
-    with run_receiver(tmp_path) as proc:
+    with (
+        run_receiver(tmp_path) as proc,
+        # A peer that connected and never spoke must not hold the shutdown up either.
+        socket.create_connection(("127.0.0.1", proc.port), timeout=10),
+    ):
         assoc = associate(proc.port)
         try:
             assert assoc.is_established
