@@ -17,8 +17,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from pynetdicom.status import code_to_category
-
 from forwarder.contexts import MAX_CONTEXTS, plan_contexts
 from forwarder.dicomfile import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import AssociationError, InvalidFileError, SendError
@@ -30,7 +28,6 @@ from forwarder.sender import (
     Peer,
     ProposedContext,
 )
-from forwarder.transcode import syntax_name, transcode
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +46,28 @@ class Outcome(StrEnum):
     @property
     def stored(self) -> bool:
         return self in (Outcome.STORED, Outcome.WARNING)
+
+
+_FAILURE_CODES = frozenset(
+    {0x0105, 0x0106, 0x0110, 0x0111, 0x0112, 0x0113, 0x0114, 0x0115, 0x0117, 0x0118, 0x0119}
+    | {0x0120, 0x0121, 0x0122, 0x0123, 0x0124, 0x0210, 0x0211, 0x0212, 0x0213}
+)
+
+
+def code_to_category(code: int) -> str:
+    """pynetdicom.status.code_to_category, restated so that sending does not import pynetdicom
+    (and with it pydicom and numpy); tests/test_sender.py checks both agree on every code."""
+    if code == 0x0000:
+        return "Success"
+    if code in (0xFF00, 0xFF01):
+        return "Pending"
+    if code == 0xFE00:
+        return "Cancel"
+    if code in _FAILURE_CODES or 0xA000 <= code <= 0xAFFF or 0xC000 <= code <= 0xCFFF:
+        return "Failure"
+    if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+        return "Warning"
+    return "Unknown"
 
 
 def classify_status(status: int) -> Outcome:
@@ -237,6 +256,8 @@ class Channel:
                 if isinstance(fallback, str):
                     return self._outcome(request, meta, Outcome.FAILED, None, fallback, started)
                 sent_syntax = fallback.transfer_syntax
+                from forwarder.transcode import transcode  # pydicom: only on this slow path
+
                 data = transcode(request.path, sent_syntax, allow_lossy=self.allow_lossy_decompress)
                 response = assoc.store_bytes(
                     meta.sop_class_uid, meta.sop_instance_uid, data, fallback
@@ -257,6 +278,8 @@ class Channel:
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
 
     def _fallback(self, assoc: Association, meta: FileMeta) -> AcceptedContext | str:
+        from forwarder.transcode import syntax_name
+
         for ctx in assoc.contexts_for(meta.sop_class_uid):
             if ctx.transfer_syntax in UNCOMPRESSED:
                 return ctx

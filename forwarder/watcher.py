@@ -174,7 +174,8 @@ class Watcher:
             raise ValueError(f"batch_max must be at least 1, not {batch_max}")
         self._root = os.path.abspath(root)
         self._prefix = os.path.join(self._root, "")
-        self._real_root = self._root
+        self._real_root = self._root  # resolved at start: the folder the observer watches
+        self._real_prefix = self._prefix
         self._on_ready = on_ready
         self._is_known = is_known
         self._polling = polling
@@ -204,8 +205,8 @@ class Watcher:
 
     def start(self) -> None:
         """Start the observer and the settle thread; the latter begins with a full scan."""
-        if self._started:
-            raise RuntimeError("Watcher.start() may be called only once")
+        if self._started or self._stopping.is_set():
+            raise RuntimeError("a Watcher can be started only once, and not after stop()")
         self._started = True
         if not os.path.isdir(self._root):
             raise ForwarderError(
@@ -213,6 +214,7 @@ class Watcher:
                 "create it, or fix 'incoming' in the config"
             )
         self._real_root = os.path.realpath(self._root)
+        self._real_prefix = os.path.join(self._real_root, "")
         # watchdog's recursive inotify bookkeeping warns when adding watches races a `mkdir -p`
         # (a callback registered twice, or removed twice); the outcome is right. Under
         # `-W error` (pytest's filterwarnings) the warning would kill its reader thread.
@@ -226,8 +228,10 @@ class Watcher:
         try:
             observer = self._make_observer()
             observer.name = "forwarder-watcher-observer"
+            # The resolved path: with an `incoming` that is itself a symlink, inotify would
+            # otherwise watch the link (IN_DONT_FOLLOW), not the folder.
             observer.schedule(
-                _EventHandler(self._note), self._root, recursive=True, event_filter=_EVENTS
+                _EventHandler(self._note), self._real_root, recursive=True, event_filter=_EVENTS
             )
             observer.start()
         except OSError as exc:
@@ -308,6 +312,8 @@ class Watcher:
 
     def _note(self, path: str, hint: _Hint) -> None:
         """Record a hint (observer thread); the settle thread applies it."""
+        if self._real_prefix != self._prefix and path.startswith(self._real_prefix):
+            path = self._prefix + path[len(self._real_prefix) :]  # report under root as given
         with self._lock:
             self._inbox[path] = hint
         self._wake.set()

@@ -83,6 +83,7 @@ class DestinationWorkers:
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._down_until = 0.0
+        self._spare_pause: dict[int, float] = {}
         self._down_failures = 0
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
@@ -150,7 +151,8 @@ class DestinationWorkers:
             while not self._stop.is_set():
                 self._beats[index] = time.monotonic()
                 jobs: list[Job] = []
-                if time.monotonic() >= self._down_until:
+                now = time.monotonic()
+                if now >= self._down_until and now >= self._spare_pause.get(index, 0.0):
                     try:
                         jobs = self.queue.claim(self.name, BATCH)
                     except ForwarderError as exc:
@@ -222,9 +224,15 @@ class DestinationWorkers:
 
         done: list[int] = []
         finished: list[int] = []
+        handed_back: list[int] = []
         for outcome in channel.send(requests(), hint=self._hints()):
             self._beats[index] = time.monotonic()
             job = by_id[outcome.request.key]
+            if self._spare_unavailable(channel, outcome, index):
+                # This extra association was refused or timed out while a sibling's works (a
+                # peer serving fewer associations than configured): the jobs go back unharmed.
+                handed_back.append(job.id)
+                continue
             if outcome.outcome.stored:
                 crash_point("after-response")
             self._log(job, outcome)
@@ -246,11 +254,28 @@ class DestinationWorkers:
             self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
         if done:
             finished += self.queue.ack_done(done)
-        unsent = [j for j in by_id if j not in sent]
+        unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
             self.queue.release(unsent)
-        self._update_down(channel)
+        if handed_back:
+            self._spare_pause[index] = time.monotonic() + backoff(self.retry, 1)
+            logger.info(
+                "%s: association %d not available (%s); continuing with fewer",
+                self.name,
+                index + 1,
+                channel.down,
+            )
+        else:
+            self._update_down(channel)
         self.finisher.finish_ids(finished)
+
+    def _spare_unavailable(self, channel: Channel, outcome: SendOutcome, index: int) -> bool:
+        return (
+            outcome.outcome is Outcome.RETRY
+            and outcome.association is None
+            and channel.down is not None
+            and any(c.is_open for i, c in self._channels.items() if i != index)
+        )
 
     def _retry(self, job: Job, outcome: SendOutcome) -> list[int]:
         attempts = job.attempts + 1

@@ -32,14 +32,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser(
+    only: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The full parser; with ``only``, just that sub-command's module is imported (start-up
+    time matters for ``send`` in scripts: ``receive`` would import pynetdicom and pydicom)."""
     parser = _Parser(
         prog="forwarder",
         description="DICOM forwarding daemon and C-STORE/C-ECHO/Storage SCP tools.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"forwarder {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in _COMMANDS:
+    for name in _COMMANDS if only is None else [only]:
         try:
             module = importlib.import_module(f"forwarder.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -52,7 +56,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    parser, commands = build_parser()
+    wanted = args_list[0].replace("-", "_") if args_list else None
+    parser, commands = build_parser(wanted if wanted in _COMMANDS else None)
     if args_list and args_list[0] in commands:
         # Options may follow the files (storescu: HOST PORT FILE... -aec X): argparse only
         # handles that with parse_intermixed_args, which does not support sub-parsers, so

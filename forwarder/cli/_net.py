@@ -11,8 +11,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from forwarder.config import load_config, parse_duration
-from forwarder.errors import ConfigError, ForwarderError
+from forwarder.durations import parse_duration
+from forwarder.errors import ForwarderError
 from forwarder.sender import PRIORITY, AssociationSettings, Peer
 
 
@@ -179,10 +179,9 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
         config_path = args.config or args.c_option or os.environ.get("FORWARDER_CONFIG")
         if not config_path:
             raise UsageError("--destination needs -c CONFIG (or $FORWARDER_CONFIG)")
-        try:
-            config = load_config(config_path)
-        except ConfigError:
-            raise
+        from forwarder.config import load_config  # pydantic: only when a config is used
+
+        config = load_config(config_path)
         try:
             dest = config.destination(args.destination)
         except KeyError:

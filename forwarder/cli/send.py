@@ -270,9 +270,20 @@ def _send_all(
                     yield item
 
             for outcome in channel.send(pull(), hint=hint):
+                if _spare_unavailable(channel, outcome, channels):
+                    # An extra association the peer would not open (many SCPs, storescp
+                    # among them, serve one at a time): hand the file back and bow out.
+                    work.put(outcome.request)
+                    break
                 with results_lock:
                     results.append(outcome)
                 progress.advance(outcome)
+            # Release as soon as the work runs out, so a peer that serves one association at a
+            # time can take the next one.
+            if abort:
+                channel.abort()
+            else:
+                channel.release()
 
         threads = [
             threading.Thread(target=drain, args=(c, work, hint), name=c.name, daemon=True)
@@ -282,13 +293,29 @@ def _send_all(
             t.start()
         for t in threads:
             t.join()
-    for c in channels:
-        if abort:
-            c.abort()
-        else:
-            c.release()
+        leftover: list[StoreRequest] = []
+        while not work.empty():
+            item = work.get()
+            if item is not None:
+                leftover.append(item)
+        if leftover:  # handed back after every other channel had finished
+            leftover_queue: queue.SimpleQueue[StoreRequest | None] = queue.SimpleQueue()
+            for r in [*leftover, None]:
+                leftover_queue.put(r)
+            drain(channels[0], leftover_queue, hint)
     results.sort(key=lambda o: o.request.key)
     return results, sum(c.associations_opened for c in channels)
+
+
+def _spare_unavailable(channel: Channel, outcome: SendOutcome, channels: list[Channel]) -> bool:
+    """True when ``channel`` never got an association but another channel did."""
+    return (
+        outcome.outcome is Outcome.RETRY
+        and outcome.association is None
+        and channel.associations_opened == 0
+        and channel.down is not None
+        and any(c.associations_opened for c in channels if c is not channel)
+    )
 
 
 def _bad(request: StoreRequest, reason: str) -> SendOutcome:
