@@ -300,8 +300,8 @@ def _send_all(
                 leftover.append(item)
         if leftover:  # handed back after every other channel had finished
             leftover_queue: queue.SimpleQueue[StoreRequest | None] = queue.SimpleQueue()
-            for r in [*leftover, None]:
-                leftover_queue.put(r)
+            for pending in [*leftover, None]:
+                leftover_queue.put(pending)
             drain(channels[0], leftover_queue, hint)
     results.sort(key=lambda o: o.request.key)
     return results, sum(c.associations_opened for c in channels)
