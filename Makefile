@@ -21,6 +21,7 @@ system-deps:
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev pkg-config"; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v dpkg-deb >/dev/null || missing="$$missing dpkg-dev"; \
 	command -v fakeroot >/dev/null || missing="$$missing fakeroot"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \

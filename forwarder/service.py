@@ -129,7 +129,7 @@ class Service:
             if c.metrics is not None:
                 self.metrics = Metrics()
                 self.ingest.metrics = self.metrics
-                self.metrics.set_queue_source(self.queue.stats)
+                self.metrics.set_queue_source(self._queue_stats)
                 self.metrics.set_failed_folder(c.failed)
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
@@ -198,6 +198,10 @@ class Service:
                     name,
                 )
                 self.finisher.finish_ids(ids)
+
+    def _queue_stats(self) -> dict[str, Any]:
+        """Every configured destination, with zeros before it has rows (metrics, alerts)."""
+        return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
 
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):
