@@ -1,0 +1,162 @@
+"""The benchmark cases, their goals, and the records a run produces."""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from dataclasses import dataclass
+
+MB = 1_000_000
+"""Throughput is in MB/s of file bytes (10^6 bytes); RSS is in MiB (2^20 bytes)."""
+
+
+class Metric(enum.Enum):
+    FILES_PER_S = "files/s"
+    MB_PER_S = "MB/s"
+
+
+class Kind(enum.Enum):
+    """How a sender is run."""
+
+    STORESCU = "storescu"  # DCMTK storescu, the reference
+    SEND = "send"  # forwarder send
+    DAEMON = "daemon"  # forwarder run, files present in incoming at start
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    metric: Metric
+    min_ratio: float
+    max_rss_mib: float | None = None
+
+    def text(self) -> str:
+        rss = f", RSS <= {self.max_rss_mib:g} MiB" if self.max_rss_mib is not None else ""
+        return f">= {self.min_ratio:g}x {self.metric.value}{rss}"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    name: str
+    corpus: str  # which corpus (bench.corpus) it sends
+    kind: Kind  # the forwarder side
+    goal: Goal
+    nodelay: bool  # TCP_NODELAY=1 for storescp and storescu; False = Nagle on, as shipped
+    description: str
+
+
+CASES: dict[str, Case] = {
+    c.name: c
+    for c in (
+        Case(
+            "small", "small", Kind.SEND, Goal(Metric.FILES_PER_S, 1.0), True,
+            "forwarder send, small files (~9 KB)",
+        ),
+        Case(
+            "ct", "ct", Kind.SEND, Goal(Metric.MB_PER_S, 1.0), True,
+            "forwarder send, CT files (~0.5 MB)",
+        ),
+        Case(
+            "big", "big", Kind.SEND, Goal(Metric.MB_PER_S, 0.8, 64.0), True,
+            "forwarder send, one multi-frame file (~500 MiB)",
+        ),
+        Case(
+            "daemon", "small", Kind.DAEMON, Goal(Metric.FILES_PER_S, 0.8), True,
+            "daemon, small files in incoming at start -> all in done/",
+        ),
+        Case(
+            "nagle", "nagle", Kind.SEND, Goal(Metric.FILES_PER_S, 50.0), False,
+            "small files to stock storescp (Nagle on); storescu as shipped",
+        ),
+    )
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    kind: Kind
+    associations: int = 1
+
+    @property
+    def label(self) -> str:
+        if self.kind is Kind.STORESCU:
+            return "storescu"
+        name = "forwarder send" if self.kind is Kind.SEND else "forwarder run"
+        return f"{name} -a{self.associations}"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One timed run of one sender over one corpus."""
+
+    ok: bool
+    seconds: float
+    peak_rss_mib: float
+    returncode: int | None
+    received: int  # C-STORE requests storescp logged during this run
+    expected: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """All attempts of one sender in one case, and the derived numbers (median of attempts)."""
+
+    sender: Sender
+    files: int
+    nbytes: int
+    attempts: tuple[Attempt, ...]
+    unavailable: str | None = None  # the sender could not even be started (no such command)
+
+    @property
+    def ok(self) -> bool:
+        return self.unavailable is None and bool(self.attempts) and all(a.ok for a in self.attempts)
+
+    @property
+    def error(self) -> str | None:
+        if self.unavailable is not None:
+            return self.unavailable
+        return next((a.error for a in self.attempts if not a.ok), None)
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(a.seconds for a in self.attempts)
+
+    def value(self, metric: Metric) -> float | None:
+        if not self.ok:
+            return None
+        if metric is Metric.FILES_PER_S:
+            return self.files / self.seconds
+        return self.nbytes / MB / self.seconds
+
+    @property
+    def peak_rss_mib(self) -> float | None:
+        return max(a.peak_rss_mib for a in self.attempts) if self.ok else None
+
+
+@dataclass(frozen=True, slots=True)
+class CaseResult:
+    case: Case
+    reference: Row  # storescu
+    contenders: tuple[Row, ...]  # forwarder variants
+    load_before: float  # 1-minute load average when the case started (noise indicator)
+
+    def ratio(self, row: Row) -> float | None:
+        ours, ref = row.value(self.case.goal.metric), self.reference.value(self.case.goal.metric)
+        if ours is None or ref is None or ref == 0:
+            return None
+        return ours / ref
+
+    def met(self, row: Row) -> bool | None:
+        """None when it cannot be judged (a sender failed); the goal applies to forwarder rows."""
+        ratio = self.ratio(row)
+        if ratio is None:
+            return None
+        limit = self.case.goal.max_rss_mib
+        rss = row.peak_rss_mib
+        return ratio >= self.case.goal.min_ratio and (limit is None or (rss or 0.0) <= limit)
+
+    @property
+    def best(self) -> Row | None:
+        """The forwarder variant with the highest goal metric."""
+        good = [r for r in self.contenders if r.ok]
+        return max(good, key=lambda r: r.value(self.case.goal.metric) or 0.0, default=None)

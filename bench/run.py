@@ -1,0 +1,326 @@
+"""Run the benchmark: per case one storescp, then storescu and the forwarder variants alternately.
+
+Each repetition runs every sender once, in the same order (storescu first), against the same
+storescp and corpus; a sender's numbers are the median of its repetitions, its RSS the maximum.
+Every attempt is checked against storescp's log: a sender whose exit status is not 0 or whose
+files did not all arrive is FAILED, never a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+from bench import corpus as corpora
+from bench import report
+from bench.cases import CASES, Attempt, Case, CaseResult, Kind, Row, Sender
+from bench.procs import (
+    SCP_AET,
+    STORESCP,
+    STORESCU,
+    BenchError,
+    Launched,
+    Measured,
+    StoreSCP,
+    dcmtk_env,
+    run_measured,
+    tool_version,
+    works,
+)
+
+logger = logging.getLogger(__name__)
+
+OUT = Path(__file__).resolve().parent / "out"
+FORWARDER = Path(sys.executable).parent / "forwarder"
+SCU_AET = "STORESCU"
+FWD_AET = "FORWARDER"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="forwarder vs DCMTK storescu throughput, against DCMTK storescp --ignore.",
+    )
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: %(default)s")
+    p.add_argument("--repeat", type=int, default=3, help="runs per sender (median; default 3)")
+    p.add_argument("--scale", type=float, default=1.0, help="shrink every corpus (e.g. 0.1)")
+    p.add_argument(
+        "--associations", default="1,2", help="forwarder variants to run (default %(default)s)"
+    )
+    p.add_argument("--keep-corpus", action="store_true", help="keep bench/corpus afterwards")
+    p.add_argument("--corpus-dir", type=Path, default=corpora.ROOT, help="default bench/corpus")
+    p.add_argument("--out", type=Path, default=OUT, help="results folder (default bench/out)")
+    p.add_argument(
+        "--fork",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="storescp --fork (one process per association); auto = when some variant uses "
+        "more than one association, so that they really run in parallel",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per attempt")
+    p.add_argument("--forwarder", type=Path, default=FORWARDER, help="the forwarder command")
+    args = p.parse_args(argv)
+    args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in args.case_list if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+    try:
+        args.assoc_list = [int(a) for a in args.associations.split(",")]
+    except ValueError:
+        p.error(f"--associations: {args.associations!r} is not a list of integers")
+    if args.repeat < 1 or args.scale <= 0 or any(a < 1 for a in args.assoc_list):
+        p.error("--repeat, --scale and --associations must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for tool in (STORESCP, STORESCU):
+        if not os.access(tool, os.X_OK):
+            print(f"bench: {tool} not found: install DCMTK (make system-deps)", file=sys.stderr)
+            return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    logs = args.out / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir()
+    fwd = str(args.forwarder)
+    unavailable = {
+        Kind.SEND: works([fwd, "send", "--help"], dcmtk_env(True)),
+        Kind.DAEMON: works([fwd, "run", "--help"], dcmtk_env(True)),
+    }
+    for kind, why in unavailable.items():
+        if why is not None:
+            logger.warning("forwarder %s unavailable (%s): its rows will show FAILED", kind, why)
+    fork = args.fork == "yes" or (args.fork == "auto" and max(args.assoc_list) > 1)
+    machine = _machine(fwd)
+    results: list[CaseResult] = []
+    started = time.monotonic()
+    try:
+        for name in args.case_list:
+            case = CASES[name]
+            data = corpora.ensure(case.corpus, args.scale, args.corpus_dir)
+            _warm(data)
+            logger.info("case %s: %d files, %.1f MB", name, data.count, data.total_bytes / 1e6)
+            senders = [Sender(Kind.STORESCU)] + [Sender(case.kind, a) for a in args.assoc_list]
+            results.append(
+                _run_case(case, data, senders, args, fork, logs, unavailable.get(case.kind))
+            )
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.keep_corpus:
+            shutil.rmtree(corpora.scale_folder(args.corpus_dir, args.scale), ignore_errors=True)
+    settings = {
+        "cases": args.case_list,
+        "repeat": args.repeat,
+        "scale": args.scale,
+        "associations": args.assoc_list,
+        "statistic": "median of repetitions (peak RSS: maximum)",
+        "storescp": f"{STORESCP} -v --ignore -aet {SCP_AET}{' --fork' if fork else ''} PORT",
+        "storescu": f"{STORESCU} -aet {SCU_AET} -aec {SCP_AET} +sd +r 127.0.0.1 PORT DIR",
+        "forwarder": f"{fwd} send --calling-aet {FWD_AET} --associations N "
+        f"{SCP_AET}@127.0.0.1:PORT DIR",
+        "daemon_settle": "0 (the watcher's floor)",
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    table = report.table(results)
+    print(table)
+    report.write(args.out, machine, settings, results, table)
+    print(f"\nresults: {args.out / 'results.json'}  logs: {logs}")
+    return 0
+
+
+def _machine(fwd: str) -> dict[str, object]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), ""
+            )
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "dcmtk": tool_version([STORESCU, "--version"]).strip("$ "),
+        "forwarder": tool_version([fwd, "--version"]),
+    }
+
+
+def _warm(data: corpora.Corpus) -> None:
+    """Read every file once, so that no sender pays for the first read from disk."""
+    for path in data.files:
+        with path.open("rb") as fh:
+            while fh.read(1 << 20):
+                pass
+
+
+def _run_case(
+    case: Case,
+    data: corpora.Corpus,
+    senders: list[Sender],
+    args: argparse.Namespace,
+    fork: bool,
+    logs: Path,
+    unavailable: str | None,
+) -> CaseResult:
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        logger.warning("load average %.2f before case %s: numbers will be noisy", load, case.name)
+    attempts: dict[Sender, list[Attempt]] = {s: [] for s in senders}
+    with StoreSCP(logs / f"{case.name}.storescp.log", nodelay=case.nodelay, fork=fork) as scp:
+        for rep in range(args.repeat):
+            for sender in senders:
+                if sender.kind is not Kind.STORESCU and unavailable is not None:
+                    continue
+                log = logs / f"{case.name}.{sender.label.replace(' ', '_')}.{rep}.log"
+                before = scp.received()
+                attempt = _attempt(case, data, sender, scp, args, log, before)
+                attempts[sender].append(attempt)
+                logger.info(
+                    "  %-22s run %d: %s",
+                    sender.label,
+                    rep + 1,
+                    f"{attempt.seconds:.3f}s, {attempt.peak_rss_mib:.0f} MiB"
+                    if attempt.ok
+                    else f"FAILED: {attempt.error}",
+                )
+    rows = [
+        Row(
+            s,
+            data.count,
+            data.total_bytes,
+            tuple(attempts[s]),
+            unavailable if s.kind is not Kind.STORESCU else None,
+        )
+        for s in senders
+    ]
+    return CaseResult(case, rows[0], tuple(rows[1:]), load)
+
+
+def _attempt(
+    case: Case,
+    data: corpora.Corpus,
+    sender: Sender,
+    scp: StoreSCP,
+    args: argparse.Namespace,
+    log_path: Path,
+    before: int,
+) -> Attempt:
+    env = dcmtk_env(case.nodelay)
+    rusage = log_path.with_suffix(".rusage.json")
+    with log_path.open("wb") as log:
+        if sender.kind is Kind.DAEMON:
+            measured, error = _run_daemon(data, sender, scp, args, env, log, rusage)
+        else:
+            if sender.kind is Kind.STORESCU:
+                argv = [STORESCU, "-aet", SCU_AET, "-aec", SCP_AET, "+sd", "+r"]
+                argv += ["127.0.0.1", str(scp.port), str(data.folder)]
+            else:
+                argv = [str(args.forwarder), "send", "--calling-aet", FWD_AET]
+                argv += ["--associations", str(sender.associations)]
+                argv += [f"{SCP_AET}@127.0.0.1:{scp.port}", str(data.folder)]
+            measured = run_measured(argv, env, log, rusage, args.timeout)
+            error = _exit_problem(measured)
+    received = scp.wait_received(before + data.count) - before
+    # The daemon may legitimately send a file twice (at least once); a one-shot sender may not.
+    if error is None and (
+        received < data.count or (sender.kind is not Kind.DAEMON and received != data.count)
+    ):
+        error = f"storescp received {received} of {data.count} files"
+    if error is not None:
+        error += f" (log: {log_path})"
+    return Attempt(
+        error is None,
+        measured.seconds,
+        measured.peak_rss_mib,
+        measured.returncode,
+        received,
+        data.count,
+        error,
+    )
+
+
+def _exit_problem(m: Measured) -> str | None:
+    if m.timed_out:
+        return f"timed out after {m.seconds:.0f}s"
+    if m.returncode != 0:
+        return f"exit status {m.returncode}"
+    return None
+
+
+def _run_daemon(
+    data: corpora.Corpus,
+    sender: Sender,
+    scp: StoreSCP,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    log: IO[bytes],
+    rusage: Path,
+) -> tuple[Measured, str | None]:
+    """``forwarder run`` with the corpus already in ``incoming``: time until all are in done/."""
+    with tempfile.TemporaryDirectory(prefix="bench-daemon-") as tmp:
+        root = Path(tmp)
+        incoming, done, failed = root / "incoming", root / "done", root / "failed"
+        for folder in (incoming, done, failed):
+            folder.mkdir()
+        for path in data.files:
+            shutil.copyfile(path, incoming / path.name)
+        config = root / "forwarder.yaml"
+        config.write_text(
+            f"ae_title: {FWD_AET}\n"
+            f"incoming: {incoming}\ndone: {done}\nfailed: {failed}\nqueue: {root / 'q.sqlite'}\n"
+            "destinations:\n"
+            f"  - {{name: storescp, ae_title: {SCP_AET}, host: 127.0.0.1, port: {scp.port},"
+            f" associations: {sender.associations}}}\n"
+            "watch: {settle: 0}\n"
+            "log_level: WARNING\n"
+        )
+        env = {k: v for k, v in env.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
+        daemon = Launched([str(args.forwarder), "run", "-c", str(config)], env, log, rusage)
+        error = _wait_done(daemon, done, failed, data.count, args.timeout)
+        all_done = time.monotonic()
+        daemon.terminate()
+        measured = daemon.wait(timeout=30.0)
+        if error is None:
+            error = _exit_problem(measured)
+        # The daemon's time is spawn -> every file in done/, not spawn -> exit after SIGTERM.
+        return dataclasses.replace(measured, seconds=all_done - measured.started), error
+
+
+def _wait_done(
+    daemon: Launched, done: Path, failed: Path, expected: int, timeout: float
+) -> str | None:
+    """Poll until ``expected`` files are in done/ (None), or say what went wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if _entries(done) >= expected:
+            return None
+        if _entries(failed):
+            return f"{_entries(failed)} entries in failed/"
+        if not daemon.running():
+            return "the daemon exited early"
+        if time.monotonic() > deadline:
+            return f"timed out: {_entries(done)} of {expected} in done/ after {timeout:.0f}s"
+        time.sleep(0.005)
+
+
+def _entries(folder: Path) -> int:
+    return sum(1 for _ in os.scandir(folder))
