@@ -1,0 +1,464 @@
+"""Misbehaving peers for the sender's tests.
+
+:class:`HostilePeer` is a raw-socket "SCP" that speaks just enough of the upper layer protocol
+to accept an association (its A-ASSOCIATE-AC is built with pynetdicom's PDU classes) and then
+behaves as told: well (recording every PDU, so tests can check PDU sizes and the exact data set
+bytes), or badly (never answers, answers before reading the data set, closes without A-ABORT,
+aborts mid-file, stops reading, sends a huge PDU length or garbage).
+
+:class:`CapturingSCP` is :class:`peers.ScriptedSCP` that also keeps every data set's bytes, the
+priority, called AE and source address of each request, association events, and can abort the
+association from inside its C-STORE handler on the N-th store.
+
+Both are stopped by their owner (context managers); their threads are joined on stop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from peers import Received, ScriptedSCP
+from pynetdicom import evt
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
+IMPLICIT = "1.2.840.10008.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_PDU_HEADER = struct.Struct(">BxI")
+
+
+class Behaviour(StrEnum):
+    """What the hostile peer does once a C-STORE (or C-ECHO) command has arrived."""
+
+    ACCEPT = "accept"  # read the whole data set, then answer ``status``
+    NEVER_ANSWER = "never-answer"  # read everything, answer nothing
+    ANSWER_EARLY = "answer-early"  # answer right after the command PDU, then read the data set
+    CLOSE = "close"  # close the TCP connection (no A-ABORT) after the command
+    ABORT_MID_FILE = "abort-mid-file"  # A-ABORT after the first data set fragment
+    STOP_READING = "stop-reading"  # stop reading the socket after the command
+    HUGE_PDU = "huge-pdu"  # answer with a PDU header claiming ~4 GB
+    GARBAGE = "garbage"  # answer with bytes that are no PDU at all
+    NO_AC = "no-ac"  # never answer the A-ASSOCIATE-RQ
+    GARBAGE_AC = "garbage-ac"  # answer the A-ASSOCIATE-RQ with garbage
+    REJECT = "reject"  # answer the A-ASSOCIATE-RQ with a permanent A-ASSOCIATE-RJ
+
+
+@dataclass(frozen=True, slots=True)
+class Pdu:
+    """One PDU as received: its type and the length field of its header."""
+
+    pdu_type: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A DIMSE command set received, decoded just enough."""
+
+    command_field: int
+    message_id: int
+    priority: int | None
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass
+class HostilePeer:
+    """A raw-socket peer on a free 127.0.0.1 port; one connection at a time, in one thread.
+
+    ``max_pdu`` is the maximum length it announces (0 = unlimited). ``status``,
+    ``error_comment`` and ``offending`` make up its C-STORE responses. ``transfer_syntaxes``
+    limits what it accepts (first proposed syntax it knows wins).
+    """
+
+    behaviour: Behaviour = Behaviour.ACCEPT
+    max_pdu: int = 16384
+    status: int = 0x0000
+    error_comment: str | None = None
+    offending: int | None = None
+    transfer_syntaxes: tuple[str, ...] = (EXPLICIT, IMPLICIT)
+    port: int = 0
+    pdus: list[Pdu] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+    datasets: list[bytes] = field(default_factory=list)
+    requested_max_pdu: list[int] = field(default_factory=list)
+    calling_aets: list[str] = field(default_factory=list)
+    connections: int = 0
+    aborted: threading.Event = field(default_factory=threading.Event)  # we got an A-ABORT
+    released: threading.Event = field(default_factory=threading.Event)  # we got an A-RELEASE-RQ
+    closed_by_peer: threading.Event = field(default_factory=threading.Event)  # EOF from the SCU
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _listener: socket.socket | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> HostilePeer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self.behaviour is Behaviour.STOP_READING:
+            # A small receive window, so the sender's writes block soon after we stop reading.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(8)
+        listener.settimeout(0.05)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._thread = threading.Thread(target=self._serve, name=f"hostile-{self.port}")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def __enter__(self) -> HostilePeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def p_data_lengths(self) -> list[int]:
+        with self._lock:
+            return [p.length for p in self.pdus if p.pdu_type == 0x04]
+
+    # -- the server ---------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.connections += 1
+            try:
+                conn.settimeout(0.05)
+                self._converse(_Conn(conn, self._stop))
+            except _Closed:
+                pass
+            finally:
+                conn.close()
+
+    def _idle(self) -> None:
+        """Do nothing (not even read) until stopped."""
+        self._stop.wait()
+        raise _Closed
+
+    def _converse(self, conn: _Conn) -> None:
+        pdu_type, body = conn.read_pdu()
+        if pdu_type != 0x01:
+            raise _Closed
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(_PDU_HEADER.pack(pdu_type, len(body)) + body)
+        prim = rq.to_primitive()
+        with self._lock:
+            self.calling_aets.append(str(prim.calling_ae_title))
+            for item in prim.user_information:
+                if isinstance(item, MaximumLengthNotification):
+                    self.requested_max_pdu.append(int(item.maximum_length_received))
+        if self.behaviour is Behaviour.NO_AC:
+            self._drain_until_stopped(conn)
+        if self.behaviour is Behaviour.GARBAGE_AC:
+            conn.send(os.urandom(3) + b"\x00\x00\x00\x10" + b"\xee" * 16)
+            self._drain_until_stopped(conn)
+        if self.behaviour is Behaviour.REJECT:
+            rj = A_ASSOCIATE_RJ()
+            rj_prim = A_ASSOCIATE()
+            rj_prim.result = 0x01  # rejected-permanent
+            rj_prim.result_source = 0x01  # service user
+            rj_prim.diagnostic = 0x07  # called AE title not recognised
+            rj.from_primitive(rj_prim)
+            conn.send(rj.encode())
+            self._drain_until_stopped(conn)
+        conn.send(self._accept(prim))
+        command = bytearray()
+        dataset = bytearray()
+        current: Command | None = None
+        while True:
+            pdu_type, body = conn.read_pdu()
+            with self._lock:
+                self.pdus.append(Pdu(pdu_type, len(body)))
+            if pdu_type == 0x05:
+                self.released.set()
+                conn.send(_RELEASE_RP)
+                raise _Closed
+            if pdu_type == 0x07:
+                self.aborted.set()
+                raise _Closed
+            if pdu_type != 0x04:
+                raise _Closed
+            pos = 0
+            while pos + 6 <= len(body):
+                (item_len,) = struct.unpack_from(">I", body, pos)
+                control = body[pos + 5]
+                value = body[pos + 6 : pos + 4 + item_len]
+                context_id = body[pos + 4]
+                pos += 4 + item_len
+                if control & 0x01:
+                    command += value
+                    if not control & 0x02:
+                        continue
+                    current = _decode_command(bytes(command))
+                    command = bytearray()
+                    with self._lock:
+                        self.commands.append(current)
+                    if current.command_field == 0x0030:  # C-ECHO-RQ
+                        conn.send(_response(context_id, current, 0x8030, 0x0000, None, None))
+                        continue
+                    self._after_command(conn, context_id, current)
+                    continue
+                dataset += value
+                if self.behaviour is Behaviour.ABORT_MID_FILE:
+                    conn.send(_ABORT)
+                    raise _Closed
+                if control & 0x02:
+                    with self._lock:
+                        self.datasets.append(bytes(dataset))
+                    dataset = bytearray()
+                    if self.behaviour is Behaviour.ACCEPT and current is not None:
+                        conn.send(self._store_response(context_id, current))
+
+    def _after_command(self, conn: _Conn, context_id: int, command: Command) -> None:
+        b = self.behaviour
+        if b is Behaviour.ANSWER_EARLY:
+            conn.send(self._store_response(context_id, command))
+        elif b is Behaviour.CLOSE:
+            raise _Closed
+        elif b is Behaviour.STOP_READING:
+            self._idle()
+        elif b is Behaviour.HUGE_PDU:
+            conn.send(b"\x04\x00\xff\xff\xff\xf0" + b"\x00" * 64)
+            self._drain_until_stopped(conn)
+        elif b is Behaviour.GARBAGE:
+            conn.send(b"\xfe\xed\xfa\xce" * 16)
+            self._drain_until_stopped(conn)
+
+    def _drain_until_stopped(self, conn: _Conn) -> None:
+        """Read and discard until the other side goes away or we are stopped."""
+        while True:
+            try:
+                conn.recv_some()
+            except _Closed:
+                self.closed_by_peer.set()
+                raise
+
+    def _accept(self, rq: A_ASSOCIATE) -> bytes:
+        ac = A_ASSOCIATE()
+        ac.application_context_name = rq.application_context_name
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result = 0x00
+        results = []
+        for proposed in rq.presentation_context_definition_list:
+            result = PresentationContext()
+            result.context_id = proposed.context_id
+            result.abstract_syntax = proposed.abstract_syntax
+            chosen = [ts for ts in proposed.transfer_syntax if ts in self.transfer_syntaxes]
+            result.transfer_syntax = [chosen[0] if chosen else proposed.transfer_syntax[0]]
+            result.result = 0x00 if chosen else 0x04  # transfer syntaxes not supported
+            results.append(result)
+        ac.presentation_context_definition_results_list = results
+        max_len = MaximumLengthNotification()
+        max_len.maximum_length_received = self.max_pdu
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1284.99"
+        ac.user_information = [max_len, impl]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(ac)
+        return bytes(pdu.encode())
+
+    def _store_response(self, context_id: int, command: Command) -> bytes:
+        return _response(
+            context_id, command, 0x8001, self.status, self.error_comment, self.offending
+        )
+
+
+class _Closed(Exception):
+    """The conversation is over (EOF, stop requested, or the behaviour ends it)."""
+
+
+class _Conn:
+    """A blocking socket read in short timeouts, so that a stop request is noticed."""
+
+    def __init__(self, sock: socket.socket, stop: threading.Event) -> None:
+        self.sock = sock
+        self.stop = stop
+        self.buf = bytearray()
+
+    def recv_some(self) -> None:
+        while True:
+            if self.stop.is_set():
+                raise _Closed
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                raise _Closed from None
+            if not chunk:
+                raise _Closed
+            self.buf += chunk
+            return
+
+    def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.recv_some()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        pdu_type, length = _PDU_HEADER.unpack(self.read_exactly(6))
+        return pdu_type, self.read_exactly(length)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            raise _Closed from None
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text_value(text: str) -> bytes:
+    raw = text.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _elem(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _decode_command(raw: bytes) -> Command:
+    values: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(raw):
+        _, elem, length = struct.unpack_from("<HHI", raw, pos)
+        values[elem] = raw[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+
+    def us(elem: int) -> int | None:
+        return struct.unpack("<H", values[elem][:2])[0] if elem in values else None
+
+    def uid(elem: int) -> str:
+        return values.get(elem, b"").rstrip(b"\x00 ").decode("ascii")
+
+    return Command(
+        command_field=us(0x0100) or 0,
+        message_id=us(0x0110) or 0,
+        priority=us(0x0700),
+        sop_class_uid=uid(0x0002),
+        sop_instance_uid=uid(0x1000),
+    )
+
+
+def _response(
+    context_id: int,
+    command: Command,
+    command_field: int,
+    status: int,
+    error_comment: str | None,
+    offending: int | None,
+) -> bytes:
+    """A one-PDV P-DATA PDU holding a C-STORE-RSP / C-ECHO-RSP command set."""
+    elems = [
+        _elem(0x0002, _uid_value(command.sop_class_uid or "1.2.840.10008.1.1")),
+        _elem(0x0100, struct.pack("<H", command_field)),
+        _elem(0x0120, struct.pack("<H", command.message_id)),
+        _elem(0x0800, struct.pack("<H", 0x0101)),
+        _elem(0x0900, struct.pack("<H", status)),
+    ]
+    if offending is not None:
+        elems.append(_elem(0x0901, struct.pack("<HH", offending >> 16, offending & 0xFFFF)))
+    if error_comment is not None:
+        elems.append(_elem(0x0902, _text_value(error_comment)))
+    if command.sop_instance_uid:
+        elems.append(_elem(0x1000, _uid_value(command.sop_instance_uid)))
+    body = b"".join(elems)
+    cmd = _elem(0x0000, struct.pack("<I", len(body))) + body
+    return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd
+
+
+# -- a pynetdicom SCP that keeps everything ----------------------------------------------------
+
+
+@dataclass
+class CapturingSCP(ScriptedSCP):
+    """:class:`ScriptedSCP` that keeps each data set's bytes (``event.request.DataSet``) by SOP
+    Instance UID, each request's priority, called AE title and source address, and the
+    association events; ``abort_on=N`` aborts the association in the N-th C-STORE handler
+    (counted over the SCP's life), so that file is not stored."""
+
+    abort_on: int | None = None
+    datasets: dict[str, bytes] = field(default_factory=dict)
+    priorities: list[int] = field(default_factory=list)
+    called_aets: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    associations: int = 0
+    aborts: int = 0
+    releases: int = 0
+    stores: int = 0
+
+    def _handle(self, event: Any) -> int:
+        with self._lock:
+            self.stores += 1
+            n = self.stores
+            self.priorities.append(int(event.request.Priority))
+            self.called_aets.append(str(event.assoc.requestor.primitive.called_ae_title))
+            self.addresses.append(str(event.assoc.requestor.address))
+        if self.abort_on == n:
+            event.assoc.abort()
+            return 0xC000
+        status = super()._handle(event)
+        if status in (0x0000, 0xB000, 0xB006, 0xB007):
+            with self._lock:
+                self.datasets[str(event.request.AffectedSOPInstanceUID)] = bytes(
+                    event.request.DataSet.getvalue()
+                )
+        return status
+
+    def _count(self, attribute: str) -> None:
+        with self._lock:
+            setattr(self, attribute, getattr(self, attribute) + 1)
+
+    def start(self) -> CapturingSCP:
+        super().start()
+        self._server.bind(evt.EVT_ACCEPTED, lambda event: self._count("associations"))
+        self._server.bind(evt.EVT_ABORTED, lambda event: self._count("aborts"))
+        self._server.bind(evt.EVT_RELEASED, lambda event: self._count("releases"))
+        return self
+
+    def __enter__(self) -> CapturingSCP:
+        return self.start()
+
+    def received_uids(self) -> list[str]:
+        with self._lock:
+            return [r.sop_instance_uid for r in self.received]
+
+    def received_list(self) -> list[Received]:
+        with self._lock:
+            return list(self.received)
