@@ -360,6 +360,29 @@ def _ct() -> str:
     return os.fspath(sample("CT_small.dcm"))
 
 
+def test_max_associations_rejects_the_one_too_many_transiently(tmp_path: Path) -> None:
+    with run_receiver(tmp_path, "--max-associations", "1") as proc:
+        first = associate(proc.port)
+        try:
+            assert first.is_established
+            second = associate(proc.port)
+            finish(second)
+            assert second.is_rejected
+            reply = second.acceptor.primitive
+            # transient, service provider (presentation), local limit exceeded
+            assert (reply.result, reply.result_source, reply.diagnostic) == (2, 3, 2)
+        finally:
+            finish(first)
+        assert "too many associations (max 1)" in proc.log_text()
+
+        def slot_free_again() -> bool:  # once the server side of `first` has wound down
+            again = associate(proc.port)
+            finish(again)
+            return not again.is_rejected
+
+        wait_until(slot_free_again, 10, "the association slot to be free again")
+
+
 def test_source_address_outside_allowed_networks_is_refused(tmp_path: Path) -> None:
     with run_receiver(tmp_path / "a", "--allow-host", "10.0.0.0/8") as proc:
         with (
