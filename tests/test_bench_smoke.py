@@ -1,0 +1,86 @@
+"""``python -m bench`` at a tiny scale: it runs, writes sane results, and cannot be fooled.
+
+Never asserts a speed: only that numbers exist, are positive and finite, and that storescp
+received every file of every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not os.access("/usr/bin/storescp", os.X_OK) or not os.access("/usr/bin/storescu", os.X_OK),
+    reason="DCMTK storescp/storescu not installed (make system-deps)",
+)
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path / "out"
+    tiny = ["--scale", "0.02", "--repeat", "1", "--corpus-dir", str(tmp_path / "corpus")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *tiny, "--out", str(out), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, out
+
+
+def sane(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_small_and_ct_produce_sane_results(tmp_path: Path) -> None:
+    proc, out = run_bench(tmp_path, "--cases", "small,ct")
+    data = json.loads((out / "results.json").read_text())
+    assert data["machine"]["nproc"] >= 1
+    assert "3." in data["machine"]["dcmtk"]
+    assert [c["case"] for c in data["cases"]] == ["small", "ct"]
+    for case in data["cases"]:
+        assert case["files"] == {"small": 40, "ct": 10}[case["case"]]
+        labels = [row["sender"] for row in case["rows"]]
+        assert labels == ["storescu", "forwarder send -a1", "forwarder send -a2"]
+        for row in case["rows"]:
+            assert row["ok"], row["error"]
+            assert row["received_matched"]
+            for attempt in row["attempts"]:
+                assert attempt["received"] == attempt["expected"] == case["files"]
+            for key in ("files_per_s", "mb_per_s", "peak_rss_mib", "seconds"):
+                assert sane(row[key]), (key, row)
+            assert 1 < row["peak_rss_mib"] < 4096
+            if row["sender"] != "storescu":
+                assert sane(row["ratio"]) and isinstance(row["met"], bool)
+    assert any(
+        line.startswith("| small ") and "storescu" in line for line in proc.stdout.splitlines()
+    )
+    assert (out / "results.md").read_text().startswith("| case")
+    assert not (tmp_path / "corpus" / "scale-0.02").exists()  # removed without --keep-corpus
+
+
+def test_a_sender_that_sends_nothing_is_failed_not_fast(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-forwarder"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # answers --help, "sends" instantly, stores nothing
+    fake.chmod(0o755)
+    proc, out = run_bench(
+        tmp_path, "--cases", "small", "--associations", "1", "--forwarder", str(fake)
+    )
+    case = json.loads((out / "results.json").read_text())["cases"][0]
+    reference, fake_row = case["rows"]
+    assert reference["ok"] and reference["received_matched"]
+    assert not fake_row["ok"]
+    assert fake_row["files_per_s"] is None and fake_row["ratio"] is None
+    assert "storescp received 0 of 40" in fake_row["error"]
+    assert "FAILED" in proc.stdout
