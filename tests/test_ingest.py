@@ -1,0 +1,273 @@
+"""Ingest: complete files -> checked, routed, queued; bad ones to failed/ with their reason.
+Real files in tmp_path, a real SQLite queue, the real router and spool."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
+from pydicom.uid import ImplicitVRLittleEndian, RLELossless
+
+from forwarder.config import Route
+from forwarder.ingest import Ingest
+from forwarder.queue import Queue
+from forwarder.router import Router
+from forwarder.spool import Spool
+from forwarder.watcher import ReadyFile
+
+DESTS = ["pacs", "archive"]
+
+
+@dataclass
+class Recorder:
+    """IngestMetrics and on_enqueued, recorded."""
+
+    ingested_calls: list[tuple[bool, str]] = field(default_factory=list)
+    wakes: int = 0
+
+    def ingested(self, accepted: bool, reason: str = "") -> None:
+        self.ingested_calls.append((accepted, reason))
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+@dataclass
+class Env:
+    spool: Spool
+    queue: Queue
+    ingest: Ingest
+    rec: Recorder
+
+    def ready(self, rel: str) -> ReadyFile:
+        path = self.spool.incoming / rel
+        st = path.stat()
+        return ReadyFile(path, rel, st.st_size, st.st_mtime_ns)
+
+    def put(self, rel: str, **kwargs: object) -> ReadyFile:
+        write_file(self.spool.incoming / rel, **kwargs)
+        return self.ready(rel)
+
+    def put_bytes(self, rel: str, data: bytes) -> ReadyFile:
+        path = self.spool.incoming / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return self.ready(rel)
+
+    def jobs(self, destination: str) -> dict[str, str]:
+        """rel_path -> sop_instance_uid of every job queued for ``destination`` (claims them)."""
+        return {j.rel_path: j.sop_instance_uid for j in self.queue.claim(destination, 1000)}
+
+    def error(self, rel: str) -> dict[str, object]:
+        doc: dict[str, object] = json.loads((self.spool.failed / f"{rel}.error.json").read_text())
+        return doc
+
+
+def make_env(tmp_path: Path, routes: list[Route] | None = None) -> Iterator[Env]:
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    rec = Recorder()
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        ingest = Ingest(spool, queue, Router(routes, DESTS), on_enqueued=rec.wake, metrics=rec)
+        yield Env(spool, queue, ingest, rec)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    yield from make_env(tmp_path)
+
+
+@pytest.fixture
+def routed(tmp_path: Path) -> Iterator[Env]:
+    routes = [
+        Route(name="ct", match={"Modality": "CT"}, to=["pacs"]),
+        Route(name="s2", match={"StationName": "SCANNER2", "folder": "site2/*"}, to=["archive"]),
+    ]
+    yield from make_env(tmp_path, routes)
+
+
+def test_a_good_file_is_queued_for_every_destination(env: Env) -> None:
+    ready = env.put("a/b.dcm", modality="MR")
+    env.ingest([ready])
+    assert env.ingest.is_known(str(ready.path))
+    assert env.rec.wakes == 1
+    assert env.rec.ingested_calls == [(True, "")]
+    jobs = env.queue.claim("pacs", 10)
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert (job.path, job.rel_path, job.size) == (str(ready.path), "a/b.dcm", ready.size)
+    assert job.sop_class_uid == "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    assert job.transfer_syntax == "1.2.840.10008.1.2.1"
+    assert len(env.queue.claim("archive", 10)) == 1
+    assert ready.path.exists()  # it stays in incoming until delivered
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"transfer_syntax": ImplicitVRLittleEndian}, {"transfer_syntax": RLELossless}, {"frames": 3}],
+)
+def test_other_encodings_are_queued_with_their_syntax(env: Env, kwargs: dict[str, object]) -> None:
+    ready = env.put("x.dcm", **kwargs)
+    env.ingest([ready])
+    (job,) = env.queue.claim("pacs", 10)
+    assert job.transfer_syntax == kwargs.get("transfer_syntax", "1.2.840.10008.1.2.1")
+
+
+def test_routing_on_header_and_folder(routed: Env) -> None:
+    files = [
+        routed.put("ct.dcm", modality="CT"),
+        routed.put("site2/mr.dcm", modality="MR", station="SCANNER2"),
+        routed.put("site2/ct.dcm", modality="CT", station="SCANNER2"),
+        routed.put("site1/mr.dcm", modality="MR", station="SCANNER2"),  # wrong folder: no route
+    ]
+    routed.ingest(files)
+    assert sorted(routed.jobs("pacs")) == ["ct.dcm", "site2/ct.dcm"]
+    assert sorted(routed.jobs("archive")) == ["site2/ct.dcm", "site2/mr.dcm"]
+    assert routed.spool.failed.joinpath("site1/mr.dcm").exists()
+    doc = routed.error("site1/mr.dcm")
+    assert str(doc["reason"]).startswith("no route: no route matches this file")
+    # the values routes look at, minus anything named like patient data ("*Name*" included)
+    assert str(doc["reason"]).endswith("(Modality='MR')")
+    assert doc["sop_instance_uid"]
+    assert routed.rec.ingested_calls.count((False, "no_route")) == 1
+
+
+def test_a_no_route_reason_never_shows_patient_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = [Route(name="r", match={"Modality": "US", "PatientName": "Nobody*"}, to=["pacs"])]
+    for e in make_env(tmp_path, routes):
+        caplog.set_level(logging.DEBUG)
+        e.ingest([e.put("ct.dcm", modality="CT")])
+        reason = str(e.error("ct.dcm")["reason"])
+        assert "Modality='CT'" in reason
+        for secret in (PATIENT_NAME, PATIENT_ID, "Doe"):
+            assert secret not in reason
+            assert secret not in (e.spool.failed / "ct.dcm.error.json").read_text()
+            assert secret not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "not usable DICOM: empty file"),
+        (b"hello, this is not DICOM at all\n" * 10, "not usable DICOM: not a DICOM Part 10 file"),
+    ],
+)
+def test_garbage_and_empty_files_go_to_failed_with_the_reason(
+    env: Env, data: bytes, words: str
+) -> None:
+    ready = env.put_bytes("junk/file.dcm", data)
+    env.ingest([ready])
+    assert not ready.path.exists()
+    assert (env.spool.failed / "junk" / "file.dcm").read_bytes() == data
+    doc = env.error("junk/file.dcm")
+    assert str(doc["reason"]).startswith(words)
+    assert doc["file"] == "junk/file.dcm" and doc["destinations"] == []
+    assert env.rec.ingested_calls == [(False, "not_dicom")]
+    assert env.rec.wakes == 0
+    assert env.queue.counts()["READY"] == 0
+
+
+def test_a_truncated_file_goes_to_failed_and_good_ones_are_queued(env: Env) -> None:
+    good = env.put("good.dcm")
+    whole = env.spool.incoming / "whole.dcm"
+    write_file(whole, rows=32, columns=32)
+    data = whole.read_bytes()
+    whole.unlink()
+    bad = env.put_bytes("cut.dcm", data[: len(data) - 100])
+    env.ingest([bad, good])
+    assert str(env.error("cut.dcm")["reason"]).startswith(
+        "not usable DICOM: truncated: element (7FE0,0010)"
+    )
+    assert list(env.jobs("pacs")) == ["good.dcm"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: dicomfile.parse_meta raises struct.error (not InvalidFileError) for a file cut "
+    "152..155 bytes in; Ingest only catches InvalidFileError, so the whole batch fails: the good "
+    "files beside it are not queued and the bad file never reaches failed/",
+)
+def test_a_file_cut_inside_its_meta_header_does_not_block_the_batch(env: Env) -> None:
+    whole = env.spool.incoming / "whole.dcm"
+    write_file(whole)
+    data = whole.read_bytes()
+    whole.unlink()
+    bad = env.put_bytes("cut.dcm", data[:153])
+    good = env.put("good.dcm")
+    env.ingest([bad, good])
+    assert list(env.jobs("pacs")) == ["good.dcm"]
+    assert (env.spool.failed / "cut.dcm").exists()
+
+
+def test_a_file_that_changed_since_it_settled_is_left_for_later(env: Env) -> None:
+    ready = env.put("a.dcm")
+    with open(ready.path, "ab") as f:
+        f.write(b"\x00" * 4)  # grew after the watcher saw it (trailing padding: still valid)
+    env.ingest([ready])
+    assert ready.path.exists()
+    assert not env.ingest.is_known(str(ready.path))
+    assert env.queue.counts()["READY"] == 0 and env.rec.wakes == 0
+    env.ingest([env.ready("a.dcm")])  # offered again with its new size
+    assert list(env.jobs("pacs")) == ["a.dcm"]
+
+
+def test_a_file_gone_before_it_was_read_is_ignored(env: Env) -> None:
+    ready = env.put("a.dcm")
+    os.unlink(ready.path)
+    env.ingest([ready])
+    assert list(env.spool.failed.iterdir()) == []
+    assert env.rec.ingested_calls == [] and env.rec.wakes == 0
+
+
+def test_known_files_are_not_queued_twice_until_forgotten(env: Env) -> None:
+    ready = env.put("a.dcm")
+    env.ingest([ready])
+    env.ingest([ready])
+    assert env.rec.wakes == 1
+    assert len(env.queue.claim("pacs", 10)) == 1
+    env.ingest.forget([str(ready.path)])
+    assert not env.ingest.is_known(str(ready.path))
+
+
+def test_known_paths_survive_a_restart(tmp_path: Path) -> None:
+    for e in make_env(tmp_path):
+        ready = e.put("a.dcm")
+        e.ingest([ready])
+    for e in make_env(tmp_path):  # a new Ingest on the same queue database
+        assert e.ingest.is_known(str(ready.path))
+        e.ingest([ready])
+        assert e.rec.wakes == 0
+        assert e.queue.counts()["READY"] == 2  # still the first run's two jobs
+
+
+def test_set_router_changes_routing_and_what_is_read(env: Env) -> None:
+    env.ingest([env.put("before.dcm", station="S9")])
+    env.ingest.set_router(
+        Router([Route(name="s9", match={"StationName": "S9"}, to=["archive"])], DESTS)
+    )
+    env.ingest([env.put("after.dcm", station="S9"), env.put("other.dcm", station="S1")])
+    assert sorted(env.jobs("pacs")) == ["before.dcm"]
+    assert sorted(env.jobs("archive")) == ["after.dcm", "before.dcm"]
+    assert (env.spool.failed / "other.dcm").exists()
+
+
+def test_a_big_batch_is_queued_in_one_go(env: Env) -> None:
+    ds = make_dataset(rows=8, columns=8)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    files = []
+    for i in range(200):
+        # same content, other names: still separate files (a file is queued per path)
+        files.append(env.put_bytes(f"batch/{i:03d}.dcm", buf.getvalue()))
+    env.ingest(files)
+    assert env.rec.wakes == 1
+    assert env.queue.counts()["READY"] == 400
+    assert len(env.jobs("archive")) == 200
