@@ -224,7 +224,8 @@ class HostilePeer:
                     with self._lock:
                         self.commands.append(current)
                     if current.command_field == 0x0030:  # C-ECHO-RQ
-                        conn.send(_response(context_id, current, 0x8030, 0x0000, None, None))
+                        if self.behaviour is not Behaviour.NEVER_ANSWER:
+                            conn.send(_response(context_id, current, 0x8030, 0, None, None))
                         continue
                     self._after_command(conn, context_id, current)
                     continue
