@@ -12,6 +12,7 @@ FINISHING, and :meth:`Finisher.retry_pending` tries again later: nothing is lost
 from __future__ import annotations
 
 import logging
+import queue as stdqueue
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class Finisher:
-    """Thread-safe: workers of every destination call :meth:`finish_ids`."""
+    """Thread-safe. Workers hand file ids over with :meth:`submit` and go on sending; the
+    finisher thread moves them in batches (two queue transactions and one fsync per folder per
+    batch), so disk work overlaps network work. :meth:`finish_ids` does it synchronously."""
 
     def __init__(
         self, queue: Queue, spool: Spool, on_finished: Callable[[Sequence[str]], None]
@@ -35,40 +38,110 @@ class Finisher:
         self.on_finished = on_finished
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        self._inbox: stdqueue.SimpleQueue[int | None] = stdqueue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="forwarder-finisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish everything submitted so far, then stop the thread."""
+        if self._thread is not None:
+            self._inbox.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, file_ids: Sequence[int]) -> None:
+        """Queue files for finishing (falls back to finishing now when no thread runs)."""
+        if self._thread is None:
+            self.finish_ids(file_ids)
+            return
+        for file_id in file_ids:
+            self._inbox.put(file_id)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._inbox.get()
+            batch: list[int] = []
+            if first is None:
+                stopping = True
+            else:
+                batch.append(first)
+            while len(batch) < 500:
+                try:
+                    item = self._inbox.get_nowait()
+                except stdqueue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                else:
+                    batch.append(item)
+            try:
+                self.finish_ids(batch)
+            except Exception:
+                # Rows stay QUEUED/FINISHING; retry_pending() and recover() pick them up.
+                logger.exception("finishing %d files failed", len(batch))
 
     def finish_ids(self, file_ids: Sequence[int]) -> None:
         if file_ids:
-            self.finish(self.queue.to_finish(file_ids))
+            with self._lock:
+                self._finish(self.queue.to_finish(file_ids))
 
     def retry_pending(self) -> None:
         """Finish whatever is terminal but not moved yet (after a disk-full, or at start)."""
-        self.finish(self.queue.to_finish(None))
+        with self._lock:
+            self._finish(self.queue.to_finish(None))
 
     def finish(self, items: Sequence[FileToFinish]) -> None:
+        """Finish ``items`` as returned by ``Queue.recover()``."""
         with self._lock:
-            completed: list[FileToFinish] = []
-            dirs: set[Path] = set()
-            for item in items:
-                try:
-                    if self._move(item, dirs):
-                        completed.append(item)
-                except (SpoolError, QueueError) as exc:
-                    self.last_error = str(exc)
-                    logger.error("%s: could not finish: %s", item.rel_path, exc)
-            self.spool.sync_dirs(dirs)
-            for item in completed:
-                self.queue.complete_finish(item.file_id)
-            if completed:
-                self.on_finished([i.path for i in completed])
+            self._finish(items)
 
-    def _move(self, item: FileToFinish, dirs: set[Path]) -> bool:
+    def _finish(self, items: Sequence[FileToFinish]) -> None:
+        if not items:
+            return
+        targets: dict[int, Path] = {}
+        begin: list[tuple[int, str]] = []
+        for item in items:
+            if item.state == FileState.QUEUED or item.final_path is None:
+                target = self.spool.target(
+                    item.rel_path, failed=item.outcome == Outcome.FAILED, taken=targets.values()
+                )
+                begin.append((item.file_id, str(target)))
+            else:
+                target = Path(item.final_path)
+            targets[item.file_id] = target
+        try:
+            self.queue.begin_finish_many(begin)
+        except QueueError as exc:
+            self.last_error = str(exc)
+            logger.error("could not record where %d files go: %s", len(begin), exc)
+            return
+        completed: list[FileToFinish] = []
+        dirs: set[Path] = set()
+        for item in items:
+            try:
+                self._move(item, targets[item.file_id], dirs)
+                completed.append(item)
+            except SpoolError as exc:
+                # The file stays in incoming, its row FINISHING: retry_pending() tries again.
+                self.last_error = str(exc)
+                logger.error("%s: could not finish: %s", item.rel_path, exc)
+        self.spool.sync_dirs(dirs)
+        self.queue.complete_finish_many([i.file_id for i in completed])
+        if completed:
+            self.on_finished([i.path for i in completed])
+
+    def _move(self, item: FileToFinish, target: Path, dirs: set[Path]) -> None:
         failed = item.outcome == Outcome.FAILED
         source = Path(item.path)
-        if item.state == FileState.QUEUED or item.final_path is None:
-            target = self.spool.target(item.rel_path, failed=failed)
-            self.queue.begin_finish(item.file_id, str(target))
-        else:
-            target = Path(item.final_path)
+        reason = ""
         if failed:
             results = [
                 DestinationResult(
@@ -96,6 +169,7 @@ class Finisher:
                 item.rel_path,
                 target,
             )
-        where = "failed" if failed else "done"
-        logger.info("%s: moved to %s/ (%s)", item.rel_path, where, target)
-        return True
+        if failed:
+            logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
+        else:
+            logger.debug("%s: moved to done/ (%s)", item.rel_path, target)

@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from pydicom.datadict import tag_for_keyword
-
 from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import read_meta, scan_file
 from forwarder.errors import InvalidFileError
@@ -71,6 +69,8 @@ class Ingest:
 
     def set_router(self, router: Router) -> None:
         want = {}
+        if router.keywords:
+            from pydicom.datadict import tag_for_keyword  # only when routes read the header
         for keyword in router.keywords:
             tag = tag_for_keyword(keyword)
             if tag is not None:

@@ -751,22 +751,36 @@ class Queue:
     def begin_finish(self, file_id: int, final_path: str) -> None:
         """QUEUED -> FINISHING, recording where the file goes. Commit this, then move the file,
         then :meth:`complete_finish`; after a crash :meth:`recover` returns it with final_path."""
-        params = {"id": file_id, "final_path": final_path}
-        with self._write(f"starting to finish file {file_id}") as conn:
-            if conn.execute(_BEGIN_FINISH, params).rowcount != 1:
-                raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
+        self.begin_finish_many([(file_id, final_path)])
+
+    def begin_finish_many(self, items: Sequence[tuple[int, str]]) -> None:
+        """:meth:`begin_finish` for many files in ONE transaction (one fsync for a batch);
+        all or nothing."""
+        if not items:
+            return
+        with self._write(f"starting to finish {len(items)} files") as conn:
+            for file_id, final_path in items:
+                params = {"id": file_id, "final_path": final_path}
+                if conn.execute(_BEGIN_FINISH, params).rowcount != 1:
+                    raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
 
     def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
         """FINISHING -> FINISHED, once the file is at its final path."""
-        params = {"id": file_id, "now": _now(now)}
-        with self._write(f"completing the finish of file {file_id}") as conn:
-            updated = conn.execute(
-                """UPDATE files SET state = 'FINISHED', finished_at = :now
-                   WHERE id = :id AND state = 'FINISHING'""",
-                params,
-            ).rowcount
-            if updated != 1:
-                raise self._not_in_state(conn, file_id, FileState.FINISHING, "complete_finish")
+        self.complete_finish_many([file_id], now=now)
+
+    def complete_finish_many(self, file_ids: Sequence[int], *, now: float | None = None) -> None:
+        """:meth:`complete_finish` for many files in ONE transaction; all or nothing."""
+        if not file_ids:
+            return
+        with self._write(f"completing the finish of {len(file_ids)} files") as conn:
+            for file_id in file_ids:
+                updated = conn.execute(
+                    """UPDATE files SET state = 'FINISHED', finished_at = :now
+                       WHERE id = :id AND state = 'FINISHING'""",
+                    {"id": file_id, "now": _now(now)},
+                ).rowcount
+                if updated != 1:
+                    raise self._not_in_state(conn, file_id, FileState.FINISHING, "complete_finish")
 
     def _not_in_state(
         self, conn: sqlite3.Connection, file_id: int, expected: FileState, action: str

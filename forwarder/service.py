@@ -25,7 +25,6 @@ from forwarder.crashpoints import crash_point
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.finisher import Finisher
 from forwarder.ingest import Ingest
-from forwarder.metrics import Metrics
 from forwarder.notify import Notifier
 from forwarder.queue import Queue
 from forwarder.router import Router
@@ -78,7 +77,7 @@ class Service:
         self._workers: dict[str, DestinationWorkers] = {}
         self._last: LastOutcome | None = None
         self._lock_fd: int | None = None
-        self.metrics: Metrics | None = None
+        self.metrics: Any = None  # forwarder.metrics.Metrics when metrics.listen is set
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -125,8 +124,11 @@ class Service:
             )
             self.finisher = Finisher(self.queue, self.spool, self.ingest.forget)
             self.finisher.finish(report.finishing)
+            self.finisher.start()
             self._fail_orphans()
             if c.metrics is not None:
+                from forwarder.metrics import Metrics  # prometheus_client only when asked for
+
                 self.metrics = Metrics()
                 self.ingest.metrics = self.metrics
                 self.metrics.set_queue_source(self._queue_stats)
@@ -233,7 +235,11 @@ class Service:
                 self._reload.clear()
                 self._do_reload()
             now = time.monotonic()
-            if self.watcher.healthy and all(w.healthy(now) for w in self._workers.values()):
+            if (
+                self.watcher.healthy
+                and self.finisher.healthy
+                and all(w.healthy(now) for w in self._workers.values())
+            ):
                 # Only a loop that is really making progress keeps systemd's watchdog fed.
                 self.notifier.watchdog()
             else:
@@ -316,6 +322,9 @@ class Service:
         for w in self._workers.values():
             w.stop(_STOP_TIMEOUT)
         self._workers.clear()
+        finisher = getattr(self, "finisher", None)
+        if finisher is not None:
+            finisher.stop()
         if self.metrics is not None:
             self.metrics.stop()
         queue = getattr(self, "queue", None)

@@ -75,12 +75,18 @@ class Spool:
     def rel_path(self, path: Path) -> str:
         return path.relative_to(self.incoming).as_posix()
 
-    def target(self, rel_path: str, failed: bool) -> Path:
-        """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash)."""
+    def target(self, rel_path: str, failed: bool, taken: Iterable[Path] = ()) -> Path:
+        """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash);
+        ``taken`` are paths already promised to other files of the same batch."""
         base = (self.failed if failed else self.done) / rel_path
         candidate = base
         n = 0
-        while candidate.exists() or (failed and _error_path(candidate).exists()):
+        promised = set(taken)
+        while (
+            candidate in promised
+            or candidate.exists()
+            or (failed and _error_path(candidate).exists())
+        ):
             n += 1
             suffix = "".join(base.suffixes[-1:])
             stem = base.name[: len(base.name) - len(suffix)] if suffix else base.name

@@ -425,9 +425,14 @@ class Watcher:
         elif stamp is None and self._is_known is not None and self._is_known(path):
             self._emitted[path] = (size, mtime_ns)
             return
-        cand = _Candidate(size, mtime_ns, now, False, now)
+        # The mtime is evidence too: a file last modified longer ago than the settle window has
+        # already been unchanged that long (a writer moves mtime forward; cp -p sets an old
+        # mtime only after the data is written). It still needs a confirming lstat below.
+        settled = time.time() - mtime_ns / 1e9 >= self._settle
+        since = now - self._settle if settled else now
+        cand = _Candidate(size, mtime_ns, since, False, now)
         self._pending[path] = cand
-        self._schedule(path, cand, now + self._settle)
+        self._schedule(path, cand, now if settled else now + self._settle)
 
     def _check_due(self, now: float) -> None:
         due: list[tuple[str, _Candidate]] = []
