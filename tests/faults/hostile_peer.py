@@ -1,0 +1,377 @@
+"""A raw-socket DICOM peer that misbehaves on purpose, for the daemon's fault tests.
+
+It speaks just enough of the upper layer protocol: it decodes the A-ASSOCIATE-RQ and builds its
+answer with pynetdicom's PDU classes, reassembles P-DATA into commands and data sets, and then
+does what its *script* says for that connection. The script is a list of :class:`Act` values,
+one per connection in order (the last one repeats), so a test can make the first attempts fail
+and a later one succeed::
+
+    with HostilePeer([Act.NEVER_ANSWER, Act.STORE]) as peer:   # 1st association stalls
+        ...
+        assert peer.stored_uids() == {...}
+
+Every connection has its own thread; :meth:`HostilePeer.stop` closes the listener and every
+connection and joins all threads.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
+_PDU_HEADER = struct.Struct(">BxI")
+_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+
+
+class Act(StrEnum):
+    """What the peer does on one connection."""
+
+    STORE = "store"  # accept; answer each C-STORE with ``status`` (after ``delay``)
+    REJECT_PERMANENT = "reject-permanent"  # A-ASSOCIATE-RJ, result 1 (called AE not recognised)
+    REJECT_TRANSIENT = "reject-transient"  # A-ASSOCIATE-RJ, result 2 (local limit exceeded)
+    NO_CONTEXTS = "no-contexts"  # A-ASSOCIATE-AC rejecting every presentation context
+    NO_AC = "no-ac"  # read the A-ASSOCIATE-RQ, answer nothing
+    NEVER_ANSWER = "never-answer"  # accept, read every C-STORE, never answer
+    ABORT_MID_FILE = "abort-mid-file"  # A-ABORT after the first data set fragment
+    CLOSE_MID_FILE = "close-mid-file"  # close the socket (no A-ABORT) mid data set
+    CLOSE_AFTER_DATA = "close-after-data"  # read the whole data set, then close (no answer)
+    MALFORMED_PDU = "malformed-pdu"  # answer the data set with a PDU of unknown type 0x0A
+    HUGE_PDU = "huge-pdu"  # answer with a P-DATA header claiming 0xFFFFFFF0 bytes
+
+
+class _Closed(Exception):
+    """This conversation is over."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A DIMSE request, decoded just enough to answer it."""
+
+    command_field: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass
+class HostilePeer:
+    """A misbehaving SCP on a free 127.0.0.1 port (see the module docstring)."""
+
+    script: Sequence[Act] = (Act.STORE,)
+    status: int | Callable[[str], int] = 0x0000  # or a function of the SOP Instance UID
+    error_comment: str | None = None
+    delay: float = 0.0
+    max_pdu: int = 16384
+    port: int = 0
+    connections: int = 0
+    acts: list[Act] = field(default_factory=list)  # what each connection got, in order
+    stored: list[str] = field(default_factory=list)  # SOP Instance UIDs answered with Success
+    answered: list[tuple[str, int]] = field(default_factory=list)  # (UID, status) of answers
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _listener: socket.socket | None = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _socks: list[socket.socket] = field(default_factory=list)
+    _base: int = 0  # connections before the last set_script()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> HostilePeer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        t = threading.Thread(target=self._accept_loop, name=f"hostile-{self.port}")
+        self._threads.append(t)
+        t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(10)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+    def __enter__(self) -> HostilePeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def set_script(self, script: Sequence[Act]) -> None:
+        """Change what the next connections get (counting starts again)."""
+        with self._lock:
+            self.script = tuple(script)
+            self._base = self.connections
+
+    def stored_uids(self) -> set[str]:
+        with self._lock:
+            return set(self.stored)
+
+    # -- serving --------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            with self._lock:
+                index = self.connections - self._base
+                act = self.script[min(index, len(self.script) - 1)]
+                self.connections += 1
+                self.acts.append(act)
+                self._socks.append(sock)
+                t = threading.Thread(
+                    target=self._serve, args=(sock, act), name=f"hostile-{self.port}-conn"
+                )
+                self._threads.append(t)
+            t.start()
+
+    def _serve(self, sock: socket.socket, act: Act) -> None:
+        sock.settimeout(0.05)
+        conn = _Conn(sock, self._stop)
+        try:
+            self._converse(conn, act)
+        except _Closed:
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _converse(self, conn: _Conn, act: Act) -> None:
+        pdu_type, body = conn.read_pdu()
+        if pdu_type != 0x01:
+            raise _Closed
+        rq = A_ASSOCIATE_RQ()
+        rq.decode(_PDU_HEADER.pack(pdu_type, len(body)) + body)
+        prim = rq.to_primitive()
+        if act is Act.NO_AC:
+            conn.drain()
+        if act in (Act.REJECT_PERMANENT, Act.REJECT_TRANSIENT):
+            conn.send(_reject(act))
+            conn.drain()
+        conn.send(self._accept(prim, none=act is Act.NO_CONTEXTS))
+        command = bytearray()
+        current: Command | None = None
+        while True:
+            pdu_type, body = conn.read_pdu()
+            if pdu_type == 0x05:
+                conn.send(_RELEASE_RP)
+                raise _Closed
+            if pdu_type != 0x04:
+                raise _Closed  # A-ABORT or anything else
+            pos = 0
+            while pos + 6 <= len(body):
+                (item_len,) = struct.unpack_from(">I", body, pos)
+                context_id, control = body[pos + 4], body[pos + 5]
+                value = body[pos + 6 : pos + 4 + item_len]
+                pos += 4 + item_len
+                if control & 0x01:
+                    command += value
+                    if control & 0x02:
+                        current = _decode_command(bytes(command))
+                        command = bytearray()
+                        if current.command_field == 0x0030:  # C-ECHO-RQ
+                            conn.send(_response(context_id, current, 0x8030, 0, None))
+                            current = None
+                    continue
+                if act is Act.ABORT_MID_FILE:
+                    conn.send(_ABORT)
+                    raise _Closed
+                if act is Act.CLOSE_MID_FILE:
+                    raise _Closed
+                if not control & 0x02 or current is None:
+                    continue
+                # the whole data set is here
+                if act is Act.NEVER_ANSWER:
+                    continue
+                if act is Act.CLOSE_AFTER_DATA:
+                    raise _Closed
+                if act is Act.MALFORMED_PDU:
+                    conn.send(b"\x0a\x00\x00\x00\x00\x04\xde\xad\xbe\xef")
+                    conn.drain()
+                if act is Act.HUGE_PDU:
+                    conn.send(b"\x04\x00\xff\xff\xff\xf0" + bytes(64))
+                    conn.drain()
+                if self.delay and self._stop.wait(self.delay):
+                    raise _Closed
+                uid = current.sop_instance_uid
+                status = self.status(uid) if callable(self.status) else self.status
+                conn.send(_response(context_id, current, 0x8001, status, self.error_comment))
+                with self._lock:
+                    self.answered.append((uid, status))
+                    if status in (0x0000, 0xB000, 0xB006, 0xB007, 0x0001):
+                        self.stored.append(uid)
+                current = None
+
+    def _accept(self, rq: A_ASSOCIATE, *, none: bool) -> bytes:
+        ac = A_ASSOCIATE()
+        ac.application_context_name = rq.application_context_name
+        ac.calling_ae_title = rq.calling_ae_title
+        ac.called_ae_title = rq.called_ae_title
+        ac.result = 0x00
+        results = []
+        for proposed in rq.presentation_context_definition_list:
+            result = PresentationContext()
+            result.context_id = proposed.context_id
+            result.abstract_syntax = proposed.abstract_syntax
+            result.transfer_syntax = [proposed.transfer_syntax[0]]
+            result.result = 0x03 if none else 0x00  # 3: abstract syntax not supported
+            results.append(result)
+        ac.presentation_context_definition_results_list = results
+        max_len = MaximumLengthNotification()
+        max_len.maximum_length_received = self.max_pdu
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1284.66"
+        ac.user_information = [max_len, impl]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(ac)
+        return bytes(pdu.encode())
+
+
+def _reject(act: Act) -> bytes:
+    prim = A_ASSOCIATE()
+    if act is Act.REJECT_PERMANENT:
+        prim.result, prim.result_source, prim.diagnostic = 0x01, 0x01, 0x07  # called AE unknown
+    else:
+        prim.result, prim.result_source, prim.diagnostic = 0x02, 0x03, 0x02  # local limit
+    rj = A_ASSOCIATE_RJ()
+    rj.from_primitive(prim)
+    return bytes(rj.encode())
+
+
+class _Conn:
+    """Blocking reads in short timeouts, so that a stop request is noticed."""
+
+    def __init__(self, sock: socket.socket, stop: threading.Event) -> None:
+        self.sock = sock
+        self.stop = stop
+        self.buf = bytearray()
+
+    def _recv(self) -> bytes:
+        while True:
+            if self.stop.is_set():
+                raise _Closed
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            except OSError:
+                raise _Closed from None
+            if not chunk:
+                raise _Closed
+            return chunk
+
+    def drain(self) -> None:
+        """Read and discard until the other side goes away (or we are stopped)."""
+        while True:
+            self._recv()
+
+    def read_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self._recv()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        pdu_type, length = _PDU_HEADER.unpack(self.read_exactly(6))
+        return pdu_type, self.read_exactly(length)
+
+    def send(self, data: bytes) -> None:
+        deadline = time.monotonic() + 5.0
+        view = memoryview(data)
+        while view:
+            if self.stop.is_set() or time.monotonic() > deadline:
+                raise _Closed
+            try:
+                sent = self.sock.send(view)
+            except TimeoutError:
+                continue
+            except OSError:
+                raise _Closed from None
+            view = view[sent:]
+
+
+def _elements(raw: bytes) -> dict[int, bytes]:
+    values: dict[int, bytes] = {}
+    pos = 0
+    while pos + 8 <= len(raw):
+        _, elem, length = struct.unpack_from("<HHI", raw, pos)
+        values[elem] = raw[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    return values
+
+
+def _decode_command(raw: bytes) -> Command:
+    values = _elements(raw)
+
+    def us(elem: int) -> int:
+        return int(struct.unpack("<H", values.get(elem, b"\0\0")[:2])[0])
+
+    def uid(elem: int) -> str:
+        return values.get(elem, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+    return Command(us(0x0100), us(0x0110), uid(0x0002), uid(0x1000))
+
+
+def _elem(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _pad(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) % 2 else raw
+
+
+def _response(
+    context_id: int,
+    command: Command,
+    command_field: int,
+    status: int,
+    error_comment: str | None,
+) -> bytes:
+    """A one-PDV P-DATA PDU holding a C-STORE-RSP or C-ECHO-RSP."""
+    sop_instance = command.sop_instance_uid
+    elems = [
+        _elem(0x0002, _pad(command.sop_class_uid.encode(), b"\0")),
+        _elem(0x0100, struct.pack("<H", command_field)),
+        _elem(0x0120, struct.pack("<H", command.message_id)),
+        _elem(0x0800, struct.pack("<H", 0x0101)),
+        _elem(0x0900, struct.pack("<H", status)),
+    ]
+    if error_comment is not None:
+        elems.append(_elem(0x0902, _pad(error_comment.encode(), b" ")))
+    if sop_instance:
+        elems.append(_elem(0x1000, _pad(sop_instance.encode(), b"\0")))
+    body = b"".join(elems)
+    cmd = _elem(0x0000, struct.pack("<I", len(body))) + body
+    return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd
