@@ -1,0 +1,317 @@
+"""Workers: backoff bounds, and DestinationWorkers against real pynetdicom SCPs on loopback
+with a real queue, spool and finisher (statuses, retries, give-up rules, a destination down)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from dicomgen import write_file
+from peers import Received, ScriptedSCP, free_port
+
+from forwarder.config import Destination, RetryPolicy
+from forwarder.finisher import Finisher
+from forwarder.ingest import Ingest
+from forwarder.queue import JobStatus, Queue
+from forwarder.router import Router
+from forwarder.sender import AssociationSettings
+from forwarder.spool import Spool
+from forwarder.watcher import ReadyFile
+from forwarder.worker import DestinationWorkers, LastOutcome, backoff
+
+FAST = RetryPolicy(initial_delay=0.1, max_delay=0.4)
+
+# -- backoff -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("initial", "maximum"), [(5.0, 600.0), (0.2, 1.0), (1.0, 1.0), (0.25, 7200.0)]
+)
+def test_backoff_is_exponential_capped_and_jittered_within_bounds(
+    initial: float, maximum: float
+) -> None:
+    policy = RetryPolicy(initial_delay=initial, max_delay=maximum)
+    for attempts in range(0, 40):
+        base = min(maximum, initial * 2.0 ** max(attempts - 1, 0))
+        samples = [backoff(policy, attempts) for _ in range(300)]
+        assert all(base * 0.5 <= s <= base for s in samples), (attempts, min(samples))
+        assert max(samples) <= maximum
+        # real jitter: spread over the window, not one value
+        assert max(samples) - min(samples) > base * 0.3
+        assert base * 0.65 < statistics.mean(samples) < base * 0.85
+
+
+def test_backoff_grows_until_the_cap() -> None:
+    policy = RetryPolicy(initial_delay=1.0, max_delay=60.0)
+    upper = [min(60.0, 1.0 * 2.0 ** (n - 1)) for n in range(1, 10)]
+    assert upper == [1, 2, 4, 8, 16, 32, 60, 60, 60]
+    for n, cap in enumerate(upper, start=1):
+        assert cap / 2 <= backoff(policy, n) <= cap
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="BUG: worker.backoff computes initial_delay * 2.0 ** (attempts - 1) before capping: "
+    "from attempt 1025 it raises OverflowError. With the defaults (max_delay 10m, give_up_after "
+    "7d) a job reaches ~1000+ attempts in a week, and DestinationWorkers._update_down feeds it "
+    "_down_failures, which passes 1024 after ~5 days of a destination being down: the worker "
+    "thread dies and the destination stops being served",
+)
+def test_backoff_of_a_huge_attempt_count_does_not_overflow() -> None:
+    policy = RetryPolicy(initial_delay=5.0, max_delay=600.0)
+    assert 300.0 <= backoff(policy, 5000) <= 600.0
+
+
+# -- DestinationWorkers against real peers ----------------------------------------------------
+
+
+class Rig:
+    """Spool + queue + finisher + one DestinationWorkers per destination, all real."""
+
+    def __init__(self, root: Path, queue: Queue) -> None:
+        self.root = root
+        self.queue = queue
+        self.spool = Spool(root / "incoming", root / "done", root / "failed")
+        self.finished: list[str] = []
+        self.outcomes: list[LastOutcome] = []
+        self._lock = threading.Lock()
+        self.finisher = Finisher(queue, self.spool, self._on_finished)
+        self.workers: dict[str, DestinationWorkers] = {}
+        self.names: list[str] = []
+
+    def _on_finished(self, paths: object) -> None:
+        with self._lock:
+            self.finished.extend(paths)  # type: ignore[arg-type]
+
+    def add_destination(
+        self, name: str, port: int, *, retry: RetryPolicy = FAST, **fields: object
+    ) -> DestinationWorkers:
+        values: dict[str, object] = {
+            "name": name,
+            "ae_title": "SCP",
+            "host": "127.0.0.1",
+            "port": port,
+            "connect_timeout": 2.0,
+            "response_timeout": 5.0,
+            "idle_timeout": 2.0,
+        }
+        values.update(fields)
+        dest = Destination.model_validate(values)
+        settings = AssociationSettings(
+            calling_ae_title="FORWARDER",
+            connect_timeout=dest.connect_timeout,
+            response_timeout=dest.response_timeout,
+            release_timeout=2.0,
+        )
+        workers = DestinationWorkers(
+            dest,
+            calling_ae_title="FORWARDER",
+            retry=retry,
+            queue=self.queue,
+            finisher=self.finisher,
+            settings=settings,
+            on_outcome=self.outcomes.append,
+        )
+        self.workers[name] = workers
+        self.names.append(name)
+        return workers
+
+    def start(self) -> None:
+        for w in self.workers.values():
+            w.start()
+
+    def stop(self) -> None:
+        for w in self.workers.values():
+            w.stop(10.0)
+
+    def enqueue(self, count: int, *, prefix: str = "f", to: list[str] | None = None) -> set[str]:
+        """Write ``count`` files to incoming and queue them for ``to`` (default: all)."""
+        ingest = Ingest(self.spool, self.queue, Router(None, to or self.names))
+        batch = []
+        uids = set()
+        for i in range(count):
+            path = self.spool.incoming / f"{prefix}{i:03d}.dcm"
+            ds = write_file(path, rows=16, columns=16, seed=i)
+            uids.add(str(ds.SOPInstanceUID))
+            st = path.stat()
+            batch.append(ReadyFile(path, path.name, st.st_size, st.st_mtime_ns))
+        ingest(batch)
+        for w in self.workers.values():
+            w.wake()
+        return uids
+
+    def done(self) -> list[str]:
+        return sorted(p.name for p in self.spool.done.iterdir())
+
+    def failed(self) -> list[str]:
+        return sorted(p.name for p in self.spool.failed.iterdir() if p.suffix == ".dcm")
+
+    def error(self, name: str) -> dict[str, object]:
+        doc: dict[str, object] = json.loads((self.spool.failed / f"{name}.error.json").read_text())
+        return doc
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        r = Rig(tmp_path, queue)
+        try:
+            yield r
+        finally:
+            r.stop()
+
+
+def test_files_are_stored_acked_and_moved_to_done(rig: Rig) -> None:
+    with ScriptedSCP() as scp:
+        rig.add_destination("a", scp.port, associations=2)
+        rig.start()
+        uids = rig.enqueue(12)
+        wait_until(lambda: len(rig.done()) == 12, 20, what="12 files in done/")
+        assert scp.uids() == uids
+        assert rig.queue.stats()["a"].done == 12
+        assert {o.outcome for o in rig.outcomes} == {"stored"}
+        assert rig.workers["a"].healthy()
+        assert {r.calling_ae for r in scp.received} == {"FORWARDER"}
+
+
+def test_warning_counts_as_stored(rig: Rig) -> None:
+    with ScriptedSCP(status=0xB000) as scp:
+        rig.add_destination("a", scp.port)
+        rig.start()
+        uids = rig.enqueue(3)
+        wait_until(lambda: len(rig.done()) == 3, 20, what="3 files in done/")
+        assert scp.uids() == uids
+        assert rig.failed() == []
+        assert {o.outcome for o in rig.outcomes} == {"warning"}
+
+
+def test_a_transient_status_is_retried_until_stored(rig: Rig) -> None:
+    answers: dict[str, int] = {}
+
+    def status(rec: Received) -> int:
+        n = answers.get(rec.sop_instance_uid, 0)
+        answers[rec.sop_instance_uid] = n + 1
+        return 0xA700 if n < 2 else 0x0000  # out of resources twice, then fine
+
+    with ScriptedSCP(status=status) as scp:
+        rig.add_destination("a", scp.port)
+        rig.start()
+        uids = rig.enqueue(3)
+        wait_until(lambda: len(rig.done()) == 3, 20, what="3 files in done/ after retries")
+        assert scp.uids() == uids
+        assert all(n == 3 for n in answers.values()), answers
+        stats = rig.queue.stats()["a"]
+        assert (stats.done, stats.failed) == (3, 0)
+
+
+def test_a_permanent_status_fails_at_once_with_the_status(rig: Rig) -> None:
+    calls: list[str] = []
+
+    def status(rec: Received) -> int:
+        calls.append(rec.sop_instance_uid)
+        return 0xC123
+
+    with ScriptedSCP(status=status) as scp:
+        rig.add_destination("a", scp.port)
+        rig.start()
+        rig.enqueue(2)
+        wait_until(lambda: len(rig.failed()) == 2, 20, what="2 files in failed/")
+        assert len(calls) == 2  # one attempt each, no retry
+        doc = rig.error("f000.dcm")
+        (result,) = doc["destinations"]  # type: ignore[misc]
+        assert result["destination"] == "a"
+        assert result["outcome"] == "failed"
+        assert result["status"] == "0xC123"
+        assert result["attempts"] == 1
+        assert "0xC123" in str(doc["reason"]) or "C123" in str(result["error"])
+
+
+def test_max_attempts_gives_up(rig: Rig) -> None:
+    with ScriptedSCP(status=0xA700) as scp:
+        rig.add_destination(
+            "a", scp.port, retry=RetryPolicy(initial_delay=0.05, max_delay=0.1, max_attempts=3)
+        )
+        rig.start()
+        rig.enqueue(1)
+        wait_until(lambda: rig.failed() == ["f000.dcm"], 20, what="the file in failed/")
+        (result,) = rig.error("f000.dcm")["destinations"]  # type: ignore[misc]
+        assert result["attempts"] == 3
+        assert result["status"] == "0xA700"
+        assert "gave up after 3 attempts" in result["error"]
+
+
+def test_give_up_after_sends_the_file_to_failed(rig: Rig) -> None:
+    with ScriptedSCP(status=0xA702) as scp:
+        rig.add_destination(
+            "a", scp.port, retry=RetryPolicy(initial_delay=0.1, max_delay=0.2, give_up_after=0.5)
+        )
+        rig.start()
+        rig.enqueue(1)
+        wait_until(lambda: rig.failed() == ["f000.dcm"], 20, what="the file in failed/")
+        (result,) = rig.error("f000.dcm")["destinations"]  # type: ignore[misc]
+        assert "gave up after" in result["error"] and result["attempts"] >= 2
+
+
+def test_a_destination_that_is_down_receives_everything_once_it_comes_up(rig: Rig) -> None:
+    port = free_port()
+    rig.add_destination("a", port)
+    rig.start()
+    uids = rig.enqueue(5)
+    wait_until(
+        lambda: rig.queue.stats()["a"].last_error is not None, 15, what="a failed association"
+    )
+    assert rig.done() == []
+    with ScriptedSCP(port=port) as scp:
+        wait_until(lambda: len(rig.done()) == 5, 30, what="5 files in done/ once up")
+        assert scp.uids() == uids
+    assert rig.failed() == []
+
+
+def test_a_destination_that_is_down_does_not_slow_another(rig: Rig) -> None:
+    down_port = free_port()
+    with ScriptedSCP() as up:
+        rig.add_destination("down", down_port, associations=2)
+        rig.add_destination("up", up.port)
+        rig.start()
+        uids = rig.enqueue(30)
+        # everything reaches the healthy peer while the other stays down
+        wait_until(lambda: up.uids() == uids, 30, what="all files at the healthy peer")
+        stats = rig.queue.stats()
+        assert stats["up"].done == 30
+        assert stats["down"].done == 0 and stats["down"].pending + stats["down"].in_flight == 30
+        assert rig.done() == []  # not done until every destination has them
+        with ScriptedSCP(port=down_port) as late:
+            wait_until(lambda: len(rig.done()) == 30, 30, what="30 files in done/")
+            assert late.uids() == uids
+
+
+def test_a_stalled_peer_is_dropped_and_the_file_retried(rig: Rig) -> None:
+    scp = ScriptedSCP(delay=2.0)
+    with scp:
+        rig.add_destination("a", scp.port, response_timeout=0.5)
+        rig.start()
+        uids = rig.enqueue(1)
+        wait_until(lambda: (rig.queue.stats()["a"].last_error or "") != "", 15, what="a timeout")
+        scp.delay = 0.0
+        wait_until(lambda: len(rig.done()) == 1, 30, what="the file in done/ after the stall")
+        assert uids <= scp.uids()
+
+
+def test_stop_puts_claimed_unsent_jobs_back(rig: Rig) -> None:
+    with ScriptedSCP(delay=0.3) as scp:
+        workers = rig.add_destination("a", scp.port)
+        rig.start()
+        rig.enqueue(20)
+        wait_until(lambda: len(scp.received) >= 1, 15, what="the first store")
+        workers.stop(10.0)
+        counts = rig.queue.counts()
+        assert counts[JobStatus.CLAIMED] == 0
+        assert counts[JobStatus.READY] + counts[JobStatus.DONE] == 20
+        assert counts[JobStatus.READY] > 0
+        assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("send-a"))
