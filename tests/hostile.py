@@ -53,6 +53,7 @@ class Behaviour(StrEnum):
     GARBAGE = "garbage"  # answer with bytes that are no PDU at all
     NO_AC = "no-ac"  # never answer the A-ASSOCIATE-RQ
     GARBAGE_AC = "garbage-ac"  # answer the A-ASSOCIATE-RQ with garbage
+    BAD_AC = "bad-ac"  # answer with an A-ASSOCIATE-AC whose items run past its end
     REJECT = "reject"  # answer the A-ASSOCIATE-RQ with a permanent A-ASSOCIATE-RJ
 
 
@@ -181,6 +182,15 @@ class HostilePeer:
             self._drain_until_stopped(conn)
         if self.behaviour is Behaviour.GARBAGE_AC:
             conn.send(os.urandom(3) + b"\x00\x00\x00\x10" + b"\xee" * 16)
+            self._drain_until_stopped(conn)
+        if self.behaviour is Behaviour.BAD_AC:
+            good = self._accept(prim)
+            # Claim the last item is 200 bytes longer than the PDU holds.
+            last_item = good.rfind(b"\x50\x00")
+            (length,) = struct.unpack_from(">H", good, last_item + 2)
+            bad = bytearray(good)
+            struct.pack_into(">H", bad, last_item + 2, length + 200)
+            conn.send(bytes(bad))
             self._drain_until_stopped(conn)
         if self.behaviour is Behaviour.REJECT:
             rj = A_ASSOCIATE_RJ()

@@ -24,17 +24,32 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, RLELossless
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.status import code_to_category as pynetdicom_category
 
 from forwarder.dicomfile import read_meta
 from forwarder.errors import AssociationError, InvalidFileError
-from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest, classify_status
+from forwarder.pool import (
+    Channel,
+    Outcome,
+    SendOutcome,
+    StoreRequest,
+    classify_status,
+    code_to_category,
+)
 from forwarder.sender import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
     PRIORITY,
     AcceptedContext,
     Association,
     AssociationSettings,
     Peer,
     ProposedContext,
+    decode_associate_ac,
+    encode_associate_rq,
 )
 
 FAST = AssociationSettings(connect_timeout=2.0, response_timeout=2.0, release_timeout=2.0)
@@ -94,6 +109,97 @@ def send_all(channel: Channel, paths: list[Path]) -> list[SendOutcome]:
 @pytest.fixture
 def small_files(tmp_path: Path) -> list[Path]:
     return write_files(tmp_path / "small", 5, rows=16, columns=16)
+
+
+# -- association PDUs, encoded by hand, checked with pynetdicom's PDU classes --------------------
+
+
+def test_associate_rq_decodes_with_pynetdicom() -> None:
+    contexts = {
+        1: ProposedContext(CTImageStorage, (EXPLICIT, IMPLICIT)),
+        3: ProposedContext(MRImageStorage, (RLELossless,)),
+        5: ProposedContext("1.2.840.10008.1.1", (IMPLICIT,)),
+    }
+    raw = encode_associate_rq("CALLED_AE", "CALLING", contexts, 32768)
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(raw)
+    prim = rq.to_primitive()
+    assert prim.called_ae_title == "CALLED_AE"
+    assert prim.calling_ae_title == "CALLING"
+    assert prim.application_context_name == "1.2.840.10008.3.1.1.1"
+    got = {
+        pc.context_id: (pc.abstract_syntax, tuple(pc.transfer_syntax))
+        for pc in prim.presentation_context_definition_list
+    }
+    assert got == {cid: (c.abstract_syntax, c.transfer_syntaxes) for cid, c in contexts.items()}
+    user = {type(item).__name__: item for item in prim.user_information}
+    assert user["MaximumLengthNotification"].maximum_length_received == 32768
+    assert user["ImplementationClassUIDNotification"].implementation_class_uid == (
+        IMPLEMENTATION_CLASS_UID
+    )
+    assert user["ImplementationVersionNameNotification"].implementation_version_name == (
+        IMPLEMENTATION_VERSION
+    )
+
+
+def test_associate_rq_with_128_contexts_decodes_with_pynetdicom() -> None:
+    contexts = {2 * i + 1: ProposedContext(f"1.2.3.{i}", (EXPLICIT,)) for i in range(128)}
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(encode_associate_rq("A", "B", contexts, 0))
+    ids = [pc.context_id for pc in rq.to_primitive().presentation_context_definition_list]
+    assert ids == list(range(1, 256, 2))
+
+
+@pytest.mark.parametrize("max_pdu", [0, 4096, 0xFFFFFFFF])
+def test_associate_ac_from_pynetdicom_decodes(max_pdu: int) -> None:
+    ac = A_ASSOCIATE()
+    ac.application_context_name = "1.2.840.10008.3.1.1.1"
+    ac.calling_ae_title = "CALLING"
+    ac.called_ae_title = "CALLED"
+    ac.result = 0
+    results = []
+    for cid, result, ts in [(1, 0, EXPLICIT), (3, 4, RLELossless), (5, 0, IMPLICIT)]:
+        pc = PresentationContext()
+        pc.context_id = cid
+        pc.result = result
+        pc.transfer_syntax = [ts]
+        results.append(pc)
+    ac.presentation_context_definition_results_list = results
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = max_pdu
+    ac.user_information = [max_len]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    raw = bytes(pdu.encode())
+    decoded, peer_max = decode_associate_ac(raw[6:])
+    assert peer_max == max_pdu
+    assert decoded == {1: (0, EXPLICIT), 3: (4, RLELossless), 5: (0, IMPLICIT)}
+
+
+@pytest.mark.parametrize("cut", [10, 70, -3])
+def test_truncated_associate_ac_is_a_value_error(cut: int) -> None:
+    pdu = A_ASSOCIATE_AC()
+    ac = A_ASSOCIATE()
+    ac.application_context_name = "1.2.840.10008.3.1.1.1"
+    ac.calling_ae_title = "A"
+    ac.called_ae_title = "B"
+    pc = PresentationContext()
+    pc.context_id = 1
+    pc.result = 0
+    pc.transfer_syntax = [EXPLICIT]
+    ac.presentation_context_definition_results_list = [pc]
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = 16384
+    ac.user_information = [max_len]
+    pdu.from_primitive(ac)
+    body = bytes(pdu.encode())[6:]
+    with pytest.raises(ValueError):
+        decode_associate_ac(body[:cut])
+
+
+def test_code_to_category_matches_pynetdicom_on_every_code() -> None:
+    differ = [c for c in range(0x10000) if code_to_category(c) != pynetdicom_category(c)]
+    assert differ == []
 
 
 # -- data set bytes on the wire ----------------------------------------------------------------
@@ -349,6 +455,7 @@ def test_peer_sends_a_malformed_pdu(small_files: list[Path], behaviour: Behaviou
     [
         (Behaviour.NO_AC, True, "did not send A-ASSOCIATE-AC within 0.3s"),
         (Behaviour.GARBAGE_AC, True, "malformed PDU"),
+        (Behaviour.BAD_AC, True, "malformed A-ASSOCIATE-AC"),
         (Behaviour.REJECT, False, "rejected the association (rejected-permanent"),
     ],
 )
