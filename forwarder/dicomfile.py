@@ -79,6 +79,8 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise InvalidFileError(path, f"file meta element (0002,{elem:04X}) has no valid VR")
         if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                raise InvalidFileError(path, "file meta information is truncated")
             (length,) = struct.unpack_from("<I", head, pos + 8)
             value_pos = pos + 12
         else:
@@ -190,7 +192,12 @@ class _Scanner:
     offsets; each step consumes at least 8 bytes, so the walk is bounded by the file size."""
 
     def __init__(
-        self, buf: bytes | mmap.mmap, path: str, little: bool, want: Mapping[int, str]
+        self,
+        buf: bytes | mmap.mmap,
+        path: str,
+        little: bool,
+        want: Mapping[int, str],
+        vrs: Mapping[int, str],
     ) -> None:
         self.buf = buf
         self.size = len(buf)
@@ -200,6 +207,7 @@ class _Scanner:
         self.tag_vr_len = struct.Struct(self.fmt + "HH2sH")
         self.long_len = struct.Struct(self.fmt + "I")
         self.want = want
+        self.vrs = vrs  # VRs of wanted tags, for implicit VR data sets
         self.found: dict[str, str] = {}
 
     def fail(self, message: str) -> InvalidFileError:
@@ -258,9 +266,40 @@ class _Scanner:
                 continue
             if pos + length > end:
                 raise self.truncated(tag, length, pos)
-            if depth == 0 and tag in self.want and length <= 4096:
-                self.found[self.want[tag]] = _value(bytes(buf[pos : pos + length]), vr, self.fmt)
+            if vr == b"SQ" or (implicit and length >= 8 and self._starts_item(pos)):
+                # A defined-length sequence: its items must fit it exactly.
+                self.defined_items(pos, pos + length, implicit or vr == b"UN", depth + 1)
+            elif depth == 0 and tag in self.want and length <= 4096:
+                vr_used = vr or self.vrs.get(tag, "").encode()
+                raw = bytes(buf[pos : pos + length])
+                self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
             pos += length
+
+    def _starts_item(self, pos: int) -> bool:
+        group, elem = struct.unpack_from(self.fmt + "HH", self.buf, pos)
+        return bool(((group << 16) | elem) == _ITEM)
+
+    def defined_items(self, pos: int, end: int, implicit: bool, depth: int) -> None:
+        """Items of a sequence with a defined length: each must end inside ``end``."""
+        if depth > _MAX_DEPTH:
+            raise self.fail("sequences nested deeper than 32 levels")
+        while pos < end:
+            if pos + 8 > end:
+                raise self.fail("a sequence ends inside an item header")
+            group, elem, length = self.tag_len.unpack_from(self.buf, pos)
+            pos += 8
+            if ((group << 16) | elem) != _ITEM:
+                raise self.fail(
+                    f"expected an item in a sequence, found {_tag((group << 16) | elem)}"
+                )
+            if length == 0xFFFFFFFF:
+                pos = self.elements(pos, implicit, depth, end, in_item=True)
+            else:
+                if pos + length > end:
+                    raise self.fail(
+                        f"truncated: an item claims {length} bytes past the end of its sequence"
+                    )
+                pos = self.elements(pos, implicit, depth, pos + length, in_item=False)
 
     def items(self, pos: int, implicit: bool, depth: int, fragments: bool) -> int:
         buf, size = self.buf, self.size
@@ -306,10 +345,14 @@ def _value(raw: bytes, vr: bytes, fmt: str) -> str:
 
 
 def scan_file(
-    path: str | os.PathLike[str], meta: FileMeta, want: Mapping[int, str] | None = None
+    path: str | os.PathLike[str],
+    meta: FileMeta,
+    want: Mapping[int, str] | None = None,
+    vrs: Mapping[int, str] | None = None,
 ) -> dict[str, str]:
     """Check the whole data set of a Part 10 file is well formed and complete, and return the
     top-level values of ``want`` (tag -> keyword) as text (multiple values joined by ``\\``).
+    ``vrs`` (tag -> VR) tells how to read wanted values of implicit VR data sets.
 
     Raises :class:`InvalidFileError` naming what is wrong (truncated, length past the end, an
     undefined length without its delimiter, an invalid VR...). Deflated data sets are checked
@@ -320,15 +363,20 @@ def scan_file(
         return {}
     little = meta.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
     implicit = meta.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    if implicit and want and vrs is None:
+        # Implicit VR values need the data dictionary to be read (US Rows is binary).
+        from pydicom.datadict import dictionary_VR
+
+        vrs = {tag: dictionary_VR(tag).split(" or ")[0] for tag in want}
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= _IN_MEMORY:
-                scanner = _Scanner(f.read(), p, little, want or {})
+                scanner = _Scanner(f.read(), p, little, want or {}, vrs or {})
                 scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
                 return scanner.found
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                scanner = _Scanner(mapped, p, little, want or {})
+                scanner = _Scanner(mapped, p, little, want or {}, vrs or {})
                 scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
                 return scanner.found
     except OSError as exc:

@@ -68,16 +68,21 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        want = {}
+        want: dict[int, str] = {}
+        vrs: dict[int, str] = {}
         if router.keywords:
-            from pydicom.datadict import tag_for_keyword  # only when routes read the header
-        for keyword in router.keywords:
-            tag = tag_for_keyword(keyword)
-            if tag is not None:
-                want[int(tag)] = keyword
+            # pydicom's data dictionary, only when routes read the header.
+            from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+            for keyword in router.keywords:
+                tag = tag_for_keyword(keyword)
+                if tag is not None:
+                    want[int(tag)] = keyword
+                    vrs[int(tag)] = dictionary_VR(tag).split(" or ")[0]
         with self._lock:
             self._router = router
             self._want = want
+            self._vrs = vrs
 
     def is_known(self, path: str) -> bool:
         """True while ``path`` is queued (the watcher then does not hand it over again)."""
@@ -91,13 +96,13 @@ class Ingest:
 
     def __call__(self, files: Sequence[ReadyLike]) -> None:
         with self._lock:
-            router, want = self._router, self._want
+            router, want, vrs = self._router, self._want, self._vrs
         batch: list[tuple[FileEntry, list[str]]] = []
         for ready in files:
             path = str(ready.path)
             if self.is_known(path):
                 continue
-            entry = self._check(ready, router, want)
+            entry = self._check(ready, router, want, vrs)
             if entry is not None:
                 batch.append(entry)
         if not batch:
@@ -114,12 +119,12 @@ class Ingest:
         self.on_enqueued()
 
     def _check(
-        self, ready: ReadyLike, router: Router, want: dict[int, str]
+        self, ready: ReadyLike, router: Router, want: dict[int, str], vrs: dict[int, str]
     ) -> tuple[FileEntry, list[str]] | None:
         path = str(ready.path)
         try:
             meta = read_meta(path)
-            values = scan_file(path, meta, want)
+            values = scan_file(path, meta, want, vrs)
         except InvalidFileError as exc:
             if not os.path.lexists(path):
                 logger.info("%s: gone from incoming before it was read", path)
