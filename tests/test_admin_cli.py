@@ -1,0 +1,335 @@
+"""``check-config``, ``status`` and ``retry`` as subprocesses: exit codes, output, and what
+they do to the queue and the folders (with a real daemon and real peers where it matters)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FORWARDER, wait_until
+from daemon import Daemon, destination, subprocess_env, uids
+from peers import ScriptedSCP, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+ae_title: FORWARDER
+incoming: in
+done: done
+failed: failed
+queue: queue.sqlite
+destinations:
+  - name: pacs
+    ae_title: PACS
+    host: 127.0.0.1
+    port: 11112
+"""
+
+
+def forwarder(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FORWARDER, *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(env),
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "forwarder.yaml"
+    path.write_text(text)
+    return path
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD)
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: OK (1 destinations, every file to every destination)"
+    assert result.stderr == ""
+
+
+def test_check_config_of_the_shipped_config() -> None:
+    result = forwarder("check-config", "-c", str(REPO / "config" / "forwarder.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "OK (1 destinations, 1 routes)" in result.stdout
+
+
+def test_check_config_on_a_bad_port_names_key_and_line_and_exits_78(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD.replace("port: 11112", "port: 111120"))
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"{path}: destinations[0].port (line 10): must be 1..65535",
+        f"forwarder check-config: invalid config file {path}",
+    ]
+    assert result.stdout == ""
+
+
+def test_check_config_prints_every_problem(tmp_path: Path) -> None:
+    text = GOOD.replace("port: 11112", "port: 0").replace("host: 127.0.0.1", "hots: x") + (
+        "retry:\n  initial_delay: soon\nwatch:\n  settle: 1 fortnight\ncolour: red\n"
+    )
+    path = write_config(tmp_path, text)
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 78
+    problems = [line for line in result.stderr.splitlines() if line.startswith(f"{path}: ")]
+    keys = [p.split(": ", 2)[1] for p in problems]
+    assert keys == [
+        "destinations[0].host (line 7)",
+        "destinations[0].port (line 10)",
+        "destinations[0].hots (line 9)",
+        "retry.initial_delay (line 12)",
+        "watch.settle (line 14)",
+        "colour (line 15)",
+    ], problems
+
+
+def test_check_config_unknown_route_destination(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD + "routes:\n  - name: r\n    to: [pacs, archive]\n")
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 78
+    assert (
+        f"{path}: routes[0].to[1] (line 13): unknown destination 'archive' (known: pacs)"
+        in result.stderr
+    )
+
+
+def test_check_config_of_a_missing_file_exits_78(tmp_path: Path) -> None:
+    result = forwarder("check-config", "-c", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 78
+    assert "cannot read the config file: No such file or directory" in result.stderr
+
+
+def test_check_config_reads_forwarder_config_from_the_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD)
+    result = forwarder("check-config", env={"FORWARDER_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert str(path) in result.stdout
+
+
+def test_check_config_rejects_unusable_tls_material(tmp_path: Path) -> None:
+    text = GOOD + "    tls:\n      ca: missing-ca.pem\n"
+    path = write_config(tmp_path, text)
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 78
+    assert "destinations[0].tls" in result.stderr
+
+
+def test_check_config_schema_is_json(tmp_path: Path) -> None:
+    result = forwarder("check-config", "--schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert "destinations" in schema["properties"]
+
+
+def test_run_on_an_invalid_config_exits_78_at_once(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD.replace("port: 11112", "port: -1") + "extra: 1\n")
+    result = forwarder("run", "-c", str(path))
+    assert result.returncode == 78
+    assert f"{path}: destinations[0].port (line 10): must be 1..65535" in result.stderr
+    assert f"{path}: extra (line 11): unknown key" in result.stderr
+    assert not (tmp_path / "queue.sqlite").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status", "--bogus"], ["retry", "--destination"], ["check-config", "extra-arg"], ["nope"]],
+)
+def test_bad_command_lines_exit_2(args: list[str]) -> None:
+    assert forwarder(*args).returncode == 2
+
+
+# -- status ----------------------------------------------------------------------------------
+
+STATUS_KEYS = {"pending", "in_flight", "done", "failed", "oldest_pending_seconds", "last_error"}
+
+
+def check_status_shape(doc: dict[str, Any]) -> None:
+    """Exactly CONTRACT.md's shape and types."""
+    assert set(doc) == {"destinations"}
+    for name, s in doc["destinations"].items():
+        assert isinstance(name, str)
+        assert set(s) == STATUS_KEYS, s
+        for key in ("pending", "in_flight", "done", "failed"):
+            assert type(s[key]) is int and s[key] >= 0, (key, s)
+        assert s["oldest_pending_seconds"] is None or type(s["oldest_pending_seconds"]) is float
+        assert s["last_error"] is None or isinstance(s["last_error"], str)
+
+
+def test_status_before_the_daemon_ever_ran(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD)
+    result = forwarder("status", "-c", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    check_status_shape(doc)
+    assert doc == {
+        "destinations": {
+            "pacs": {
+                "pending": 0,
+                "in_flight": 0,
+                "done": 0,
+                "failed": 0,
+                "oldest_pending_seconds": None,
+                "last_error": None,
+            }
+        }
+    }
+    assert not (tmp_path / "queue.sqlite").exists()  # status never creates the queue
+    text = forwarder("status", "-c", str(path))
+    assert text.returncode == 0
+    assert text.stdout.split() == [
+        *("DESTINATION", "PENDING", "IN", "FLIGHT", "DONE", "FAILED", "OLDEST"),
+        *("pacs", "0", "0", "0", "0", "-"),
+    ]
+
+
+def test_status_with_a_bad_config_exits_78(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD.replace("port: 11112", "port: x"))
+    assert forwarder("status", "-c", str(path), "--json").returncode == 78
+
+
+def test_status_while_running_counts_per_destination(tmp_path: Path) -> None:
+    down_port = free_port()
+    with ScriptedSCP() as up:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("up", up.port), destination("down", down_port)],
+        )
+        with d:
+            dropped = d.drop_files(4)
+            wait_until(lambda: up.uids() == uids(dropped), 30, what="4 files at 'up'")
+            doc = d.wait_status(
+                lambda s: s["down"]["last_error"] is not None and s["up"]["done"] == 4,
+                what="the down destination's error",
+            )
+            check_status_shape(doc)
+            up_s, down_s = doc["destinations"]["up"], doc["destinations"]["down"]
+            assert up_s == {
+                "pending": 0,
+                "in_flight": 0,
+                "done": 4,
+                "failed": 0,
+                "oldest_pending_seconds": None,
+                "last_error": None,
+            }
+            assert down_s["pending"] + down_s["in_flight"] == 4
+            assert (down_s["done"], down_s["failed"]) == (0, 0)
+            assert isinstance(down_s["oldest_pending_seconds"], float)
+            assert down_s["oldest_pending_seconds"] >= 0.0
+            assert down_s["last_error"]
+            text = d.cli("status")
+            assert text.returncode == 0
+            assert "last error: " in text.stdout
+            assert d.stop() == 0
+        # status reads the queue database after the daemon stopped too
+        after = d.status_json()
+        assert after["destinations"]["up"]["done"] == 4
+
+
+# -- retry -----------------------------------------------------------------------------------
+
+
+def test_retry_without_a_queue_is_a_no_op(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD)
+    result = forwarder("retry", "-c", str(path))
+    assert result.returncode == 0
+    assert "nothing to retry" in result.stderr
+
+
+def test_retry_for_an_unknown_destination_exits_1(tmp_path: Path) -> None:
+    path = write_config(tmp_path, GOOD)
+    result = forwarder("retry", "-c", str(path), "--destination", "nope")
+    assert result.returncode == 1
+    assert "no destination 'nope' in the config (known: pacs)" in result.stderr
+
+
+def test_retry_brings_failed_files_back_and_they_get_delivered(tmp_path: Path) -> None:
+    with ScriptedSCP(status=0xC001) as scp:  # permanent failure until "fixed"
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            dropped = d.drop_files(3, folder="ct")
+            d.wait_failed(3)
+            assert d.error_json("ct/img0000.dcm")["destinations"][0]["status"] == "0xC001"
+            assert d.status_json()["destinations"]["pacs"]["failed"] == 3
+            scp.status = 0x0000  # the PACS got fixed
+            result = d.cli("retry")
+            assert result.returncode == 0, result.stderr
+            assert sorted(result.stdout.splitlines()) == [
+                f"requeued ct/img000{i}.dcm for pacs" for i in range(3)
+            ]
+            assert "3 files requeued, 0 skipped" in result.stderr
+            assert d.wait_done(3) == [f"ct/img000{i}.dcm" for i in range(3)]
+            assert scp.uids() == uids(dropped)
+            assert d.failed_files() == []
+            assert list(d.failed.rglob("*.error.json")) == []
+            # nothing left to retry
+            again = d.cli("retry")
+            assert again.returncode == 0 and "0 files requeued" in again.stderr
+            assert d.stop() == 0
+        d.assert_no_phi()
+
+
+def test_retry_one_destination_of_a_fan_out(tmp_path: Path) -> None:
+    """A file stored at A but permanently failed at B lands in failed/ with both outcomes;
+    ``retry --destination b`` sends it to B only, then it lands in done/."""
+    with ScriptedSCP() as a, ScriptedSCP(status=0xA900) as b:  # 0xA900: dataset mismatch
+        d = Daemon(tmp_path, destinations=[destination("a", a.port), destination("b", b.port)])
+        with d:
+            (dropped,) = d.drop_files(1)
+            d.wait_failed(1)
+            doc = d.error_json("img0000.dcm")
+            by_dest = {r["destination"]: r for r in doc["destinations"]}
+            assert set(by_dest) == {"a", "b"}
+            assert by_dest["a"]["outcome"] == "stored"
+            assert by_dest["b"]["outcome"] == "failed" and by_dest["b"]["status"] == "0xA900"
+            assert "0xA900" in doc["reason"] and doc["reason"].startswith("b: ")
+            assert a.uids() == {dropped.sop_instance_uid}
+            b.status = 0x0000
+            result = d.cli("retry", "--destination", "b")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == "requeued img0000.dcm for b"
+            d.wait_done(1)
+            assert b.uids() == {dropped.sop_instance_uid}
+            assert len(a.received) == 1  # A was not sent it again
+            assert d.stop() == 0
+
+
+def test_retry_only_touches_the_named_destination(tmp_path: Path) -> None:
+    with ScriptedSCP(status=0xC000) as a, ScriptedSCP(status=0xC000) as b:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("a", a.port), destination("b", b.port)],
+            routes=[
+                {"name": "ct", "match": {"Modality": "CT"}, "to": ["a"]},
+                {"name": "mr", "match": {"Modality": "MR"}, "to": ["b"]},
+            ],
+        )
+        with d:
+            d.drop("ct.dcm", modality="CT")
+            d.drop("mr.dcm", modality="MR")
+            d.wait_failed(2)
+            result = d.cli("retry", "--destination", "a")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip() == "requeued ct.dcm for a"
+            # a still fails: ct.dcm comes back to failed/, mr.dcm never left it
+            wait_until(
+                lambda: d.status_json()["destinations"]["a"]["failed"] == 2,
+                30,
+                what="the retried file to fail again",
+            )
+            d.wait_failed(2)
+            assert d.failed_files() == ["ct.dcm", "mr.dcm"]
+            assert d.stop() == 0
