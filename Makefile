@@ -43,7 +43,7 @@ setup: system-deps $(STAMP)
 run: setup
 	@mkdir -p $(RUN_DIR)/incoming $(RUN_DIR)/done $(RUN_DIR)/failed $(RUN_DIR)/received
 	@$(BIN)/forwarder receive --port $(RECEIVE_PORT) --bind 127.0.0.1 --ae-title RECEIVER \
-	    --output $(RUN_DIR)/received > $(RUN_DIR)/receiver.log 2>&1 & \
+	    -v --output $(RUN_DIR)/received > $(RUN_DIR)/receiver.log 2>&1 & \
 	  rpid=$$!; trap "kill $$rpid 2>/dev/null" EXIT INT TERM; \
 	  echo "receiver (pid $$rpid) on 127.0.0.1:$(RECEIVE_PORT) writing to $(RUN_DIR)/received/ (log: $(RUN_DIR)/receiver.log)"; \
 	  echo "drop DICOM files into $(RUN_DIR)/incoming/; Ctrl-C stops both"; \

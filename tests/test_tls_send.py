@@ -1,0 +1,135 @@
+"""DICOM TLS on the sending side: send, echo and a daemon destination against DCMTK storescp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import FORWARDER
+from daemon import Daemon, destination, subprocess_env
+from dicomgen import PATIENT_NAME, write_files
+from pki import Pki, make_pki
+from test_tls import dcmtk_storescp
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _received(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and p.name != "storescp.log"]
+
+
+def _send(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FORWARDER, "send", *args], capture_output=True, text=True, timeout=60, env=subprocess_env()
+    )
+
+
+def _client_tls(pki: Pki, ca: Path | None = None) -> list[str]:
+    return [
+        "--tls-ca", os.fspath(ca or pki.ca_cert),
+        "--tls-cert", os.fspath(pki.client_cert),
+        "--tls-key", os.fspath(pki.client_key),
+    ]  # fmt: skip
+
+
+def test_send_over_mutual_tls_to_dcmtk(pki: Pki, tmp_path: Path) -> None:
+    files = write_files(tmp_path / "src", 3)
+    out = tmp_path / "scp"
+    # +cf: storescp trusts our CA; --require-peer-cert makes it mutual TLS.
+    with dcmtk_storescp(
+        out, pki.server_cert, pki.server_key, "+cf", os.fspath(pki.ca_cert), "-rc"
+    ) as port:
+        result = _send(*_client_tls(pki), f"STORESCP@127.0.0.1:{port}", *map(str, files))
+        assert result.returncode == 0, result.stderr
+        assert len(_received(out)) == 3
+        echo = subprocess.run(
+            [FORWARDER, "echo", *_client_tls(pki), f"STORESCP@127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert echo.returncode == 0, echo.stderr
+
+
+def test_server_certificate_from_another_ca_is_refused_and_nothing_is_sent(
+    pki: Pki, tmp_path: Path
+) -> None:
+    files = write_files(tmp_path / "src", 2)
+    out = tmp_path / "scp"
+    with dcmtk_storescp(
+        out, pki.other_server_cert, pki.other_server_key, "+cf", os.fspath(pki.ca_cert)
+    ) as port:
+        result = _send(*_client_tls(pki), f"STORESCP@127.0.0.1:{port}", *map(str, files))
+        assert result.returncode == 3, result.stderr
+        assert "untrusted issuer" in result.stderr
+        assert "TLS handshake" in result.stderr
+        assert _received(out) == []
+
+
+def test_plain_tcp_is_never_used_when_tls_is_asked_for(pki: Pki, tmp_path: Path) -> None:
+    from peers import storescp
+
+    files = write_files(tmp_path / "src", 1)
+    with storescp(tmp_path / "plain") as scp:  # a plain-TCP peer
+        result = _send(*_client_tls(pki), f"{scp.ae_title}@127.0.0.1:{scp.port}", str(files[0]))
+        assert result.returncode == 3, result.stderr
+        assert scp.files() == []
+
+
+def test_world_readable_key_is_refused(pki: Pki, tmp_path: Path) -> None:
+    key = tmp_path / "client.key"
+    key.write_bytes(pki.client_key.read_bytes())
+    key.chmod(0o644)
+    result = _send(
+        "--tls-ca", os.fspath(pki.ca_cert), "--tls-cert", os.fspath(pki.client_cert),
+        "--tls-key", os.fspath(key), "X@127.0.0.1:1", str(tmp_path),
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "0644" in result.stderr or "accessible" in result.stderr
+
+
+def test_daemon_destination_over_mutual_tls(pki: Pki, tmp_path: Path) -> None:
+    out = tmp_path / "scp"
+    with dcmtk_storescp(
+        out, pki.server_cert, pki.server_key, "+cf", os.fspath(pki.ca_cert), "-rc"
+    ) as port:
+        tls = {
+            "ca": os.fspath(pki.ca_cert),
+            "cert": os.fspath(pki.client_cert),
+            "key": os.fspath(pki.client_key),
+        }
+        with Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", port, ae_title="STORESCP", tls=tls)],
+        ) as d:
+            d.drop_files(4)
+            d.wait_done(4)
+            d.stop()
+            assert len(_received(out)) == 4
+            assert PATIENT_NAME not in d.log_text()
+
+
+def test_daemon_tls_failure_is_transient_and_visible_in_status(pki: Pki, tmp_path: Path) -> None:
+    out = tmp_path / "scp"
+    with dcmtk_storescp(
+        out, pki.other_server_cert, pki.other_server_key, "+cf", os.fspath(pki.ca_cert)
+    ) as port:
+        tls = {"ca": os.fspath(pki.ca_cert)}
+        with Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", port, ae_title="STORESCP", tls=tls)],
+            retry={"initial_delay": "200ms", "max_delay": "1s"},
+        ) as d:
+            d.drop_files(2)
+            d.wait_log("untrusted issuer", timeout=20)
+            status = d.status_json()["destinations"]["pacs"]
+            assert status["pending"] + status["in_flight"] == 2
+            assert "untrusted issuer" in (status["last_error"] or "")
+            assert d.failed_files() == [] and d.done_files() == []
+            assert _received(out) == []
+            assert d.stop() == 0
