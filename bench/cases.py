@@ -15,6 +15,13 @@ class Metric(enum.Enum):
     MB_PER_S = "MB/s"
 
 
+class Statistic(enum.Enum):
+    """How the repetitions of one sender become one number."""
+
+    BEST = "best"  # shortest time: interference from other work only ever adds time
+    MEDIAN = "median"
+
+
 class Kind(enum.Enum):
     """How a sender is run."""
 
@@ -99,12 +106,14 @@ class Attempt:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """All attempts of one sender in one case, and the derived numbers (median of attempts)."""
+    """All attempts of one sender in one case, and the derived numbers: time by ``statistic``
+    over the attempts, peak RSS the maximum of all attempts."""
 
     sender: Sender
     files: int
     nbytes: int
     attempts: tuple[Attempt, ...]
+    statistic: Statistic
     unavailable: str | None = None  # the sender could not even be started (no such command)
 
     @property
@@ -119,7 +128,8 @@ class Row:
 
     @property
     def seconds(self) -> float:
-        return statistics.median(a.seconds for a in self.attempts)
+        times = [a.seconds for a in self.attempts]
+        return min(times) if self.statistic is Statistic.BEST else statistics.median(times)
 
     def value(self, metric: Metric) -> float | None:
         if not self.ok:

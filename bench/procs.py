@@ -101,15 +101,22 @@ class Launched:
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        """SIGKILL the launcher and the command (their own process group) and reap."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
     def wait(self, timeout: float) -> Measured:
         killed = False
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             killed = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            self.kill()
+        except BaseException:  # Ctrl-C: the child is in its own session and did not get it
+            self.kill()
+            raise
         try:
             record = json.loads(self.result.read_text())
         except (OSError, ValueError):

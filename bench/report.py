@@ -21,17 +21,18 @@ def _cells(result: CaseResult, row: Row, reference: bool) -> tuple[str, ...]:
         error = row.error or "no attempt"
         return (name, row.sender.label, "FAILED", "FAILED", "-", "-", "", error)
     files = row.value(Metric.FILES_PER_S)
+    rate = _num(files, 0 if files is not None and files >= 100 else 1)
     mbs = row.value(Metric.MB_PER_S)
     rss = row.peak_rss_mib
     if reference:
-        return (name, row.sender.label, _num(files), _num(mbs, 1), _num(rss), "1.00 (ref)", "", "")
+        return (name, row.sender.label, rate, _num(mbs, 1), _num(rss), "1.00 (ref)", "", "")
     ratio = result.ratio(row)
     met = result.met(row)
     verdict = "n/a (storescu failed)" if met is None else ("yes" if met else "NO")
     return (
         name,
         row.sender.label,
-        _num(files),
+        rate,
         _num(mbs, 1),
         _num(rss),
         _num(ratio, 2),
@@ -141,6 +142,14 @@ def write(
 ) -> None:
     data = to_json(machine, settings, results)
     (out / "results.json").write_text(json.dumps(data, indent=2) + "\n")
-    info = ", ".join(f"{k} {machine[k]}" for k in ("date", "nproc", "dcmtk", "forwarder"))
-    stat = settings["statistic"]
-    (out / "results.md").write_text(f"{table_text}\n\n{info}; {stat}.\n")
+    (out / "results.md").write_text(f"{table_text}\n\n{footer(machine, settings, results)}\n")
+
+
+def footer(machine: dict[str, Any], settings: dict[str, Any], results: list[CaseResult]) -> str:
+    """What the table was measured on, and how busy the machine was."""
+    loads = ", ".join(f"{r.case.name} {r.load_before:.2f}" for r in results)
+    return (
+        f"{machine['date']}, {machine['nproc']} CPUs ({machine['cpu']}), DCMTK "
+        f"{machine['dcmtk']}, {machine['forwarder']}; {settings['statistic']}, scale "
+        f"{settings['scale']:g}. Load average before each case: {loads}."
+    )
