@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{report.footer(machine, settings, results)}")
     report.write(args.out, machine, settings, results, table)
     print(f"\nresults: {args.out / 'results.json'}  logs: {logs}")
-    return 0
+    # Unmet goals are results; a sender that failed (or storescp missing files) is an error.
+    failed = any(not row.ok for r in results for row in (r.reference, *r.contenders))
+    return 1 if failed else 0
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def run_bench(
+    tmp_path: Path, *args: str, status: int = 0
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path / "out"
     tiny = ["--scale", "0.02", "--repeat", "1", "--corpus-dir", str(tmp_path / "corpus")]
     proc = subprocess.run(
@@ -35,7 +37,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[s
         timeout=90,
         check=False,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == status, proc.stdout + proc.stderr
     return proc, out
 
 
@@ -75,7 +77,7 @@ def test_a_sender_that_sends_nothing_is_failed_not_fast(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\nexit 0\n")  # answers --help, "sends" instantly, stores nothing
     fake.chmod(0o755)
     proc, out = run_bench(
-        tmp_path, "--cases", "small", "--associations", "1", "--forwarder", str(fake)
+        tmp_path, "--cases", "small", "--associations", "1", "--forwarder", str(fake), status=1
     )
     case = json.loads((out / "results.json").read_text())["cases"][0]
     reference, fake_row = case["rows"]
