@@ -72,4 +72,4 @@ deb: setup
 	bash packaging/build-deb.sh
 
 clean:
-	rm -rf $(VENV) dist build *.egg-info $(RUN_DIR) bench/out
+	rm -rf $(VENV) dist build *.egg-info $(RUN_DIR) bench/out bench/corpus

@@ -527,6 +527,18 @@ class Watcher:
             )
 
 
+class _StopRaceFilter(logging.Filter):
+    """watchdog's inotify emitter logs an ERROR when its read loop races its own shutdown
+    ("queue_events() called when the thread is inactive"); nothing is lost, and an ERROR on
+    every clean stop would send operators hunting. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
+
+
 def _halt(observer: BaseObserver, timeout: float) -> None:
     """Stop a watchdog observer and join it; also stops its emitter and inotify threads."""
     observer.stop()
