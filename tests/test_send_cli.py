@@ -135,7 +135,7 @@ def test_storescu_form_to_dcmtk_storescp(
 def test_destination_from_config(
     tmp_path: Path, files: list[Path], forwarder_env: dict[str, str]
 ) -> None:
-    with CapturingSCP(ae_title="CFGPEER") as scp:
+    with CapturingSCP(ae_title="CFGPEER", delay=0.05) as scp:  # slow enough for both channels
         config = tmp_path / "forwarder.yaml"
         config.write_text(
             f"""\

@@ -52,7 +52,7 @@ from forwarder.sender import (
     encode_associate_rq,
 )
 
-FAST = AssociationSettings(connect_timeout=2.0, response_timeout=2.0, release_timeout=2.0)
+SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, release_timeout=5.0)
 UNCOMPRESSED = [EXPLICIT, IMPLICIT]
 
 
@@ -85,7 +85,7 @@ def peer_of(scp: ScriptedSCP | HostilePeer, aet: str = "SCP") -> Peer:
 
 
 def associate(
-    peer: Peer, paths: list[Path], settings: AssociationSettings = FAST
+    peer: Peer, paths: list[Path], settings: AssociationSettings = SETTINGS
 ) -> tuple[Association, list[AcceptedContext]]:
     """An association proposing each file's (SOP class, own syntax); the accepted contexts."""
     metas = [read_meta(p) for p in paths]
@@ -236,7 +236,9 @@ def test_p_data_pdus_respect_the_max_length_and_carry_the_exact_bytes(
 ) -> None:
     frag = limit - 6
     paths = [padded_file(tmp_path / f"f{i}.dcm", n, i) for i, n in enumerate([frag + 1, 2_500_003])]
-    settings = AssociationSettings(connect_timeout=2.0, response_timeout=2.0, max_pdu_send=our_cap)
+    settings = AssociationSettings(
+        connect_timeout=10.0, response_timeout=10.0, max_pdu_send=our_cap
+    )
     with HostilePeer(Behaviour.ACCEPT, max_pdu=peer_max) as peer:
         assoc, contexts = associate(peer_of(peer), paths, settings)
         try:
@@ -278,7 +280,7 @@ def test_implicit_and_explicit_files_keep_their_syntax_on_the_wire(
     ]
     scp = CapturingSCP() if peer_syntaxes is None else CapturingSCP(transfer_syntaxes=peer_syntaxes)
     with scp:
-        outcomes = send_all(Channel(peer_of(scp), FAST), paths)
+        outcomes = send_all(Channel(peer_of(scp), SETTINGS), paths)
         assert [o.outcome for o in outcomes] == [Outcome.STORED] * 2
         assert [o.sent_transfer_syntax for o in outcomes] == [EXPLICIT, IMPLICIT]
         assert sorted(r.transfer_syntax for r in scp.received_list()) == sorted(UNCOMPRESSED)
@@ -295,7 +297,7 @@ def test_dcmtk_storescp_stores_what_we_send(tmp_path: Path) -> None:
         *write_files(tmp_path / "in", 2, prefix="imp", transfer_syntax=IMPLICIT, modality="MR"),
     ]
     with storescp(tmp_path / "out") as scp:
-        outcomes = send_all(Channel(Peer("127.0.0.1", scp.port, scp.ae_title), FAST), paths)
+        outcomes = send_all(Channel(Peer("127.0.0.1", scp.port, scp.ae_title), SETTINGS), paths)
         assert all(o.outcome is Outcome.STORED for o in outcomes), outcomes
         wait_until(lambda: len(scp.files()) == len(paths), what="storescp to write the files")
         stored = {dcmread(f).SOPInstanceUID: dcmread(f) for f in scp.files()}
@@ -311,7 +313,7 @@ def test_dcmtk_storescp_with_small_and_large_pdus(tmp_path: Path, max_pdu: int) 
     paths = [gen(tmp_path / "odd.dcm", rows=255, columns=257, seed=1)]
     paths += write_files(tmp_path / "in", 2, rows=256, columns=256)
     with storescp(tmp_path / "out", extra=["-pdu", str(max_pdu)]) as scp:
-        outcomes = send_all(Channel(Peer("127.0.0.1", scp.port, scp.ae_title), FAST), paths)
+        outcomes = send_all(Channel(Peer("127.0.0.1", scp.port, scp.ae_title), SETTINGS), paths)
         assert [o.outcome for o in outcomes] == [Outcome.STORED] * 3, outcomes
         wait_until(lambda: len(scp.files()) == 3, what="storescp to write the files")
 
@@ -320,7 +322,7 @@ def test_orthanc_stores_what_we_send(tmp_path: Path) -> None:
     paths = write_files(tmp_path / "in", 3, rows=128, columns=128)
     paths += write_files(tmp_path / "in", 2, prefix="rle", transfer_syntax=RLELossless)
     with orthanc(tmp_path / "orthanc") as peer:
-        outcomes = send_all(Channel(Peer("127.0.0.1", peer.port, peer.ae_title), FAST), paths)
+        outcomes = send_all(Channel(Peer("127.0.0.1", peer.port, peer.ae_title), SETTINGS), paths)
         assert [o.outcome for o in outcomes] == [Outcome.STORED] * 5, outcomes
         wait_until(lambda: peer.instance_count() == 5, what="Orthanc to index 5 instances")
 
@@ -354,7 +356,7 @@ def test_failure_statuses_from_a_pynetdicom_scp(small_files: list[Path]) -> None
     statuses = [0x0000, 0xC000, 0xA700, 0xB000, 0x0122]
     by_uid = {read_meta(p).sop_instance_uid: s for p, s in zip(small_files, statuses, strict=True)}
     with CapturingSCP(status=lambda rec: by_uid[rec.sop_instance_uid]) as scp:
-        channel = Channel(peer_of(scp), FAST)
+        channel = Channel(peer_of(scp), SETTINGS)
         outcomes = send_all(channel, small_files)
         assert channel.associations_opened == 1  # failures do not break the association
     assert [o.status for o in outcomes] == statuses
@@ -372,7 +374,7 @@ def test_failure_statuses_from_a_pynetdicom_scp(small_files: list[Path]) -> None
 
 def test_failure_response_with_comment_and_offending_element(small_files: list[Path]) -> None:
     with HostilePeer(status=0xA900, error_comment="SOP mismatch", offending=0x00080018) as peer:
-        outcomes = send_all(Channel(peer_of(peer), FAST), small_files[:1])
+        outcomes = send_all(Channel(peer_of(peer), SETTINGS), small_files[:1])
     (o,) = outcomes
     assert o.outcome is Outcome.FAILED and o.status == 0xA900
     assert o.error is not None
@@ -400,7 +402,7 @@ def failed_store(peer: HostilePeer, path: Path, settings: AssociationSettings) -
 
 
 def test_peer_never_answers_response_timeout_aborts(small_files: list[Path]) -> None:
-    settings = AssociationSettings(connect_timeout=2.0, response_timeout=0.3)
+    settings = AssociationSettings(connect_timeout=10.0, response_timeout=0.3)
     with HostilePeer(Behaviour.NEVER_ANSWER) as peer:
         error = failed_store(peer, small_files[0], settings)
         assert "did not send a DIMSE response within 0.3s" in error
@@ -425,18 +427,18 @@ def test_peer_answers_before_reading_the_data_set(tmp_path: Path, big_file: Path
 
 def test_peer_closes_without_abort(small_files: list[Path]) -> None:
     with HostilePeer(Behaviour.CLOSE) as peer:
-        error = failed_store(peer, small_files[0], FAST)
+        error = failed_store(peer, small_files[0], SETTINGS)
     assert "closed the connection" in error
 
 
 def test_peer_aborts_mid_file(big_file: Path) -> None:
     with HostilePeer(Behaviour.ABORT_MID_FILE, max_pdu=16384) as peer:
-        failed_store(peer, big_file, FAST)
+        failed_store(peer, big_file, SETTINGS)
         assert peer.datasets == []
 
 
 def test_peer_stops_reading_mid_file(big_file: Path) -> None:
-    settings = AssociationSettings(connect_timeout=2.0, response_timeout=0.5, so_sndbuf=4096)
+    settings = AssociationSettings(connect_timeout=10.0, response_timeout=0.5, so_sndbuf=4096)
     with HostilePeer(Behaviour.STOP_READING) as peer:
         error = failed_store(peer, big_file, settings)
     assert "stopped reading" in error
@@ -445,7 +447,7 @@ def test_peer_stops_reading_mid_file(big_file: Path) -> None:
 @pytest.mark.parametrize("behaviour", [Behaviour.HUGE_PDU, Behaviour.GARBAGE])
 def test_peer_sends_a_malformed_pdu(small_files: list[Path], behaviour: Behaviour) -> None:
     with HostilePeer(behaviour) as peer:
-        error = failed_store(peer, small_files[0], FAST)
+        error = failed_store(peer, small_files[0], SETTINGS)
         wait_until(peer.closed_by_peer.is_set, timeout=5, what="us to drop the connection")
     assert "malformed PDU" in error
 
@@ -478,7 +480,7 @@ def test_nothing_listening_is_a_retryable_association_error() -> None:
     with pytest.raises(AssociationError) as info:
         Association.request(
             Peer("127.0.0.1", free_port(), "NOBODY"),
-            FAST,
+            SETTINGS,
             [ProposedContext(CTImageStorage, (EXPLICIT,))],
         )
     assert info.value.retryable
@@ -488,7 +490,7 @@ def test_nothing_listening_is_a_retryable_association_error() -> None:
 def test_too_many_contexts_is_refused_before_connecting() -> None:
     contexts = [ProposedContext(f"1.2.3.{i}", (EXPLICIT,)) for i in range(129)]
     with pytest.raises(ValueError, match="at most 128"):
-        Association.request(Peer("127.0.0.1", free_port(), "X"), FAST, contexts)
+        Association.request(Peer("127.0.0.1", free_port(), "X"), SETTINGS, contexts)
 
 
 def test_file_changed_since_its_header_was_read(tmp_path: Path) -> None:
@@ -512,7 +514,7 @@ def test_file_changed_since_its_header_was_read(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("nodelay", [True, False])
 def test_tcp_nodelay(small_files: list[Path], nodelay: bool) -> None:
-    settings = AssociationSettings(connect_timeout=2.0, tcp_nodelay=nodelay)
+    settings = AssociationSettings(connect_timeout=10.0, tcp_nodelay=nodelay)
     with CapturingSCP() as scp:
         assoc, _ = associate(peer_of(scp), small_files[:1], settings)
         try:
@@ -526,7 +528,7 @@ def test_tcp_nodelay(small_files: list[Path], nodelay: bool) -> None:
 def test_two_hundred_small_files_through_nagle_storescp(tmp_path: Path) -> None:
     paths = write_files(tmp_path / "in", 200, rows=8, columns=8)
     with storescp(tmp_path / "out", nagle=True) as scp:
-        channel = Channel(Peer("127.0.0.1", scp.port, scp.ae_title), FAST)
+        channel = Channel(Peer("127.0.0.1", scp.port, scp.ae_title), SETTINGS)
         outcomes = send_all(channel, paths)
         assert [o.outcome for o in outcomes] == [Outcome.STORED] * 200
         assert channel.associations_opened == 1
@@ -535,7 +537,7 @@ def test_two_hundred_small_files_through_nagle_storescp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("priority", ["low", "medium", "high"])
 def test_priority_goes_into_the_command(small_files: list[Path], priority: str) -> None:
-    settings = AssociationSettings(connect_timeout=2.0, priority=PRIORITY[priority])
+    settings = AssociationSettings(connect_timeout=10.0, priority=PRIORITY[priority])
     with HostilePeer() as peer:
         send_all(Channel(peer_of(peer), settings), small_files[:1])
     assert [c.priority for c in peer.commands] == [PRIORITY[priority]]
@@ -544,7 +546,7 @@ def test_priority_goes_into_the_command(small_files: list[Path], priority: str) 
 def test_echo(small_files: list[Path]) -> None:
     with CapturingSCP() as scp:
         assoc = Association.request(
-            peer_of(scp), FAST, [ProposedContext("1.2.840.10008.1.1", (IMPLICIT,))]
+            peer_of(scp), SETTINGS, [ProposedContext("1.2.840.10008.1.1", (IMPLICIT,))]
         )
         try:
             assert [assoc.echo().status for _ in range(3)] == [0, 0, 0]
@@ -566,7 +568,7 @@ def test_peer_aborting_on_the_third_file_the_rest_arrive_on_a_new_association(
     small_files: list[Path],
 ) -> None:
     with CapturingSCP(abort_on=3) as scp:
-        channel = Channel(peer_of(scp), FAST)
+        channel = Channel(peer_of(scp), SETTINGS)
         outcomes = send_all(channel, small_files)
         wait_until(lambda: scp.releases == 1, what="the second association's release")
         assert scp.associations == 2 and scp.aborts == 1
@@ -584,7 +586,7 @@ def test_peer_aborting_on_the_third_file_the_rest_arrive_on_a_new_association(
 def test_unreachable_peer_costs_one_connect_and_every_file_is_retry(
     small_files: list[Path],
 ) -> None:
-    channel = Channel(Peer("127.0.0.1", free_port(), "NOBODY"), FAST)
+    channel = Channel(Peer("127.0.0.1", free_port(), "NOBODY"), SETTINGS)
     outcomes = send_all(channel, small_files)
     assert [o.outcome for o in outcomes] == [Outcome.RETRY] * 5
     assert len({o.error for o in outcomes}) == 1
@@ -594,7 +596,7 @@ def test_unreachable_peer_costs_one_connect_and_every_file_is_retry(
 
 def test_rejected_permanently_is_failed_not_retry(small_files: list[Path]) -> None:
     with HostilePeer(Behaviour.REJECT) as peer:
-        outcomes = send_all(Channel(peer_of(peer), FAST), small_files[:2])
+        outcomes = send_all(Channel(peer_of(peer), SETTINGS), small_files[:2])
     assert [o.outcome for o in outcomes] == [Outcome.FAILED] * 2
 
 
@@ -602,7 +604,7 @@ def test_a_syntax_not_proposed_renegotiates(tmp_path: Path) -> None:
     plain = gen(tmp_path / "plain.dcm")
     rle = gen(tmp_path / "rle.dcm", transfer_syntax=RLELossless)
     with CapturingSCP(transfer_syntaxes=[EXPLICIT, IMPLICIT, RLELossless]) as scp:
-        channel = Channel(peer_of(scp), FAST)
+        channel = Channel(peer_of(scp), SETTINGS)
         outcomes = send_all(channel, [plain, rle, plain])
         wait_until(lambda: scp.releases == 2, what="both associations to be released")
         assert scp.associations == 2
@@ -618,7 +620,7 @@ def test_hint_covers_later_files_in_one_negotiation(tmp_path: Path) -> None:
     mr = gen(tmp_path / "mr.dcm", modality="MR")
     hint = [(read_meta(p).sop_class_uid, read_meta(p).transfer_syntax) for p in (rle, mr)]
     with CapturingSCP() as scp:
-        channel = Channel(peer_of(scp), FAST)
+        channel = Channel(peer_of(scp), SETTINGS)
         try:
             requests = [StoreRequest(str(p), i) for i, p in enumerate([plain, rle, mr])]
             outcomes = list(channel.send(requests, hint=hint))
@@ -641,7 +643,7 @@ def test_rle_to_an_uncompressed_only_peer_is_decompressed(tmp_path: Path) -> Non
     path = tmp_path / "rle.dcm"
     src.save_as(path, enforce_file_format=True)
     with CapturingSCP(transfer_syntaxes=UNCOMPRESSED) as scp:
-        (o,) = send_all(Channel(peer_of(scp), FAST), [path])
+        (o,) = send_all(Channel(peer_of(scp), SETTINGS), [path])
         (rec,) = scp.received_list()
         data = scp.datasets[src.SOPInstanceUID]
     assert o.outcome is Outcome.STORED
@@ -654,7 +656,7 @@ def test_rle_to_an_uncompressed_only_peer_is_decompressed(tmp_path: Path) -> Non
 def test_rle_to_a_peer_that_takes_rle_is_sent_as_is(tmp_path: Path) -> None:
     path = gen(tmp_path / "rle.dcm", transfer_syntax=RLELossless)
     with CapturingSCP() as scp:
-        (o,) = send_all(Channel(peer_of(scp), FAST), [path])
+        (o,) = send_all(Channel(peer_of(scp), SETTINGS), [path])
         assert scp.datasets[read_meta(path).sop_instance_uid] == dataset_bytes(path)
     assert o.sent_transfer_syntax == RLELossless
 
@@ -662,8 +664,8 @@ def test_rle_to_a_peer_that_takes_rle_is_sent_as_is(tmp_path: Path) -> None:
 def test_lossy_jpeg_needs_the_flag(tmp_path: Path) -> None:
     jpeg = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     with CapturingSCP(transfer_syntaxes=UNCOMPRESSED) as scp:
-        (refused,) = send_all(Channel(peer_of(scp), FAST), [jpeg])
-        (allowed,) = send_all(Channel(peer_of(scp), FAST, allow_lossy_decompress=True), [jpeg])
+        (refused,) = send_all(Channel(peer_of(scp), SETTINGS), [jpeg])
+        (allowed,) = send_all(Channel(peer_of(scp), SETTINGS, allow_lossy_decompress=True), [jpeg])
         (rec,) = scp.received_list()
     assert refused.outcome is Outcome.FAILED
     assert refused.error is not None and "--allow-lossy-decompress" in refused.error
@@ -676,7 +678,7 @@ def test_no_context_for_the_sop_class(tmp_path: Path) -> None:
     ct = gen(tmp_path / "ct.dcm")
     mr = gen(tmp_path / "mr.dcm", modality="MR")
     with CapturingSCP(sop_classes=[MRImageStorage]) as scp:
-        outcomes = send_all(Channel(peer_of(scp), FAST), [ct, mr])
+        outcomes = send_all(Channel(peer_of(scp), SETTINGS), [ct, mr])
     assert [o.outcome for o in outcomes] == [Outcome.FAILED, Outcome.STORED]
     error = outcomes[0].error
     assert error is not None
@@ -695,7 +697,7 @@ def test_junk_file_is_failed_and_the_channel_carries_on(tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"this is not DICOM" * 20)
     with CapturingSCP() as scp:
-        channel = Channel(peer_of(scp), FAST)
+        channel = Channel(peer_of(scp), SETTINGS)
         try:
             outcomes = list(channel.send(_iter_paths([good[0], junk, good[1]])))
         finally:
