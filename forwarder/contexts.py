@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from forwarder.dicomfile import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
+from forwarder.dicomfile import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
 
 MAX_CONTEXTS = 128
 
@@ -26,12 +26,12 @@ class ContextPlan:
 
 def contexts_for(sop_class: str, transfer_syntax: str) -> list[ContextPlan]:
     """The contexts one (SOP class, transfer syntax) needs, most preferred first."""
-    if transfer_syntax == EXPLICIT_VR_LITTLE_ENDIAN:
-        return [ContextPlan(sop_class, (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN))]
     if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
         # Every SCP must accept Implicit VR Little Endian; offering Explicit beside it would
         # only let the peer choose a syntax that forces us to re-encode the file.
         return [ContextPlan(sop_class, (IMPLICIT_VR_LITTLE_ENDIAN,))]
+    # The file's own syntax alone (a peer offered Explicit and Implicit together may pick
+    # Implicit, forcing a re-encode), and the shared uncompressed fallback beside it.
     return [
         ContextPlan(sop_class, (transfer_syntax,)),
         ContextPlan(sop_class, UNCOMPRESSED),

@@ -222,7 +222,8 @@ class Channel:
         down: AssociationError | None = None
         for request in requests:
             if down is not None:
-                yield self._outcome(request, request.meta, Outcome.RETRY, None, str(down), 0.0)
+                verdict = Outcome.RETRY if down.retryable else Outcome.FAILED
+                yield self._outcome(request, request.meta, verdict, None, str(down), 0.0)
                 continue
             started = time.monotonic()
             try:
@@ -235,8 +236,7 @@ class Channel:
             except AssociationError as exc:
                 outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED
                 self._assoc = None
-                if exc.retryable:
-                    down = exc
+                down = exc  # refused or unreachable: the rest of this batch fares the same
                 yield self._outcome(request, meta, outcome, None, str(exc), 0.0)
                 continue
             yield self._store_one(assoc, request, meta, started)
@@ -258,7 +258,12 @@ class Channel:
                 sent_syntax = fallback.transfer_syntax
                 from forwarder.transcode import transcode  # pydicom: only on this slow path
 
-                data = transcode(request.path, sent_syntax, allow_lossy=self.allow_lossy_decompress)
+                data = transcode(
+                    request.path,
+                    sent_syntax,
+                    allow_lossy=self.allow_lossy_decompress,
+                    context=self._accepted_note(assoc, meta),
+                )
                 response = assoc.store_bytes(
                     meta.sop_class_uid, meta.sop_instance_uid, data, fallback
                 )
@@ -272,10 +277,22 @@ class Channel:
                 self._assoc = None
             return self._outcome(request, meta, Outcome.RETRY, None, exc.reason, started)
         except AssociationError as exc:
+            number = self._assoc_number  # the association the file was on when it broke
             self._assoc = None
             outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED
-            return self._outcome(request, meta, outcome, None, str(exc), started)
+            return self._outcome(
+                request, meta, outcome, None, str(exc), started, association=number
+            )
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
+
+    def _accepted_note(self, assoc: Association, meta: FileMeta) -> str:
+        from forwarder.transcode import syntax_name
+
+        accepted = [syntax_name(c.transfer_syntax) for c in assoc.contexts_for(meta.sop_class_uid)]
+        return (
+            f"{syntax_name(meta.sop_class_uid)}: {self.peer} accepted only "
+            f"{', '.join(accepted) or 'nothing'} for this SOP class"
+        )
 
     def _fallback(self, assoc: Association, meta: FileMeta) -> AcceptedContext | str:
         from forwarder.transcode import syntax_name
@@ -329,7 +346,11 @@ class Channel:
         status: int | None,
         error: str,
         started: float,
+        *,
+        association: int | None = None,
     ) -> SendOutcome:
+        if association is None and self.is_open:
+            association = self._assoc_number
         return SendOutcome(
             request=request,
             outcome=outcome,
@@ -339,7 +360,7 @@ class Channel:
             sop_instance_uid=meta.sop_instance_uid if meta else None,
             transfer_syntax=meta.transfer_syntax if meta else None,
             sent_transfer_syntax=None,
-            association=self._assoc_number if self.is_open else None,
+            association=association,
             nbytes=0,
             seconds=time.monotonic() - started if started else 0.0,
         )

@@ -47,11 +47,13 @@ def syntax_name(uid: str) -> str:
     return f"{name} ({uid})" if name and name != uid else uid
 
 
-def transcode(path: str, target_syntax: str, *, allow_lossy: bool) -> bytes:
+def transcode(path: str, target_syntax: str, *, allow_lossy: bool, context: str = "") -> bytes:
     """Return the data set of ``path`` encoded in ``target_syntax`` (an uncompressed syntax).
 
-    Raises :class:`SendError` (not retryable) when the file cannot be converted.
+    Raises :class:`SendError` (not retryable) when the file cannot be converted; ``context``
+    (the SOP class and what the peer accepted) leads its message.
     """
+    lead = f"{context}; " if context else ""
     if target_syntax not in (EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN):
         raise ValueError(f"can only transcode to an uncompressed syntax, not {target_syntax}")
     try:
@@ -63,9 +65,8 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool) -> bytes:
         lossless_flag = str(ds.get("LossyImageCompression", "")) == "00"
         if not lossless_flag:
             raise SendError(
-                f"the peer accepts this SOP class only uncompressed and the file is "
-                f"{syntax_name(source)}, possibly lossy; decompressing it needs "
-                "--allow-lossy-decompress (allow_lossy_decompress: true)",
+                f"{lead}the file is {syntax_name(source)}, possibly lossy; decompressing it "
+                "needs --allow-lossy-decompress (allow_lossy_decompress: true)",
                 retryable=False,
             )
     try:
@@ -78,7 +79,7 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool) -> bytes:
         write_dataset(out, ds)
     except Exception as exc:
         raise SendError(
-            f"cannot convert {syntax_name(source)} to {syntax_name(target_syntax)}: {exc} "
+            f"{lead}cannot convert {syntax_name(source)} to {syntax_name(target_syntax)}: {exc} "
             "(is a decoder plugin for this syntax installed?)",
             retryable=False,
         ) from None

@@ -258,17 +258,7 @@ def test_p_data_pdus_respect_the_max_length_and_carry_the_exact_bytes(
     "peer_syntaxes",
     [
         pytest.param([EXPLICIT, IMPLICIT, RLELossless], id="explicit-first"),
-        pytest.param(
-            None,
-            id="pynetdicom-default-order",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: contexts.contexts_for offers Explicit VR files one context "
-                "(Explicit, Implicit); a peer preferring Implicit (pynetdicom's default order) "
-                "accepts Implicit, so Channel transcodes every Explicit file through pydicom "
-                "instead of streaming its bytes",
-            ),
-        ),
+        pytest.param(None, id="pynetdicom-default-order"),
     ],
 )
 def test_implicit_and_explicit_files_keep_their_syntax_on_the_wire(

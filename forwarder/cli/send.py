@@ -176,9 +176,11 @@ def run(args: argparse.Namespace) -> int:
     )
     outcomes: list[SendOutcome] = list(bad)
     opened = 0
+    refused = False  # the peer could not be reached or rejected the association
     try:
         for _ in range(args.repeat):
-            results, n = _send_all(target, good, stats, progress, abort=args.abort)
+            results, n, down = _send_all(target, good, stats, progress, abort=args.abort)
+            refused = refused or down
             outcomes.extend(results)
             opened += n
     finally:
@@ -214,11 +216,7 @@ def run(args: argparse.Namespace) -> int:
         _write_report(args.report, target, records, stored, failed)
     if failed == 0:
         return EXIT_OK
-    if (
-        stored == 0
-        and opened == 0
-        and any(o.association is None and o.outcome is Outcome.RETRY for o in outcomes)
-    ):
+    if stored == 0 and opened == 0 and refused:
         return EXIT_UNREACHABLE
     return EXIT_FAILED
 
@@ -235,7 +233,7 @@ def _send_all(
     progress: _Progress,
     *,
     abort: bool,
-) -> tuple[list[SendOutcome], int]:
+) -> tuple[list[SendOutcome], int, bool]:
     """Send every request over up to ``target.associations`` parallel channels."""
     results: list[SendOutcome] = []
     results_lock = threading.Lock()
@@ -304,7 +302,8 @@ def _send_all(
                 leftover_queue.put(pending)
             drain(channels[0], leftover_queue, hint)
     results.sort(key=lambda o: o.request.key)
-    return results, sum(c.associations_opened for c in channels)
+    opened = sum(c.associations_opened for c in channels)
+    return results, opened, any(c.down is not None for c in channels)
 
 
 def _spare_unavailable(channel: Channel, outcome: SendOutcome, channels: list[Channel]) -> bool:
