@@ -208,6 +208,7 @@ def test_alerts_and_dashboard_use_only_exposed_metrics(tmp_path: Path) -> None:
 
 def test_promql_parses(tmp_path: Path) -> None:
     import promql_parser  # a dev dependency: CI skips nothing
+
     for expr in _promql_expressions():
         promql_parser.parse(expr.replace("$__rate_interval", "5m"))
 
