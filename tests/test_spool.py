@@ -266,7 +266,7 @@ def test_error_json_is_replaced_atomically(spool: Spool) -> None:
     never a half-written one, and no temp file is left behind."""
     target = spool.failed / "a.dcm"
     path = spool.write_error(target, "a.dcm", "first")
-    first_inode = path.stat().st_ino
+    old = open(path, "rb")  # noqa: SIM115 - held open so its inode cannot be reused
     stop = threading.Event()
     seen: list[str] = []
     broken: list[str] = []
@@ -291,9 +291,14 @@ def test_error_json_is_replaced_atomically(spool: Spool) -> None:
     finally:
         stop.set()
         thread.join(10)
+    try:
+        # renamed over, not rewritten in place: the first file is intact under its old inode
+        assert os.fstat(old.fileno()).st_ino != path.stat().st_ino
+        assert json.loads(old.read())["reason"] == "first"
+    finally:
+        old.close()
     assert not broken, broken[:3]
     assert seen
-    assert path.stat().st_ino != first_inode  # renamed over, not rewritten in place
     assert json.loads(path.read_text())["reason"].startswith("reason 199 ")
     assert sorted(p.name for p in spool.failed.iterdir()) == ["a.dcm.error.json"]
 
