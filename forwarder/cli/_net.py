@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 
+from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 from forwarder.durations import parse_duration
-from forwarder.errors import ForwarderError
+from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.sender import PRIORITY, AssociationSettings, Peer
 
 
@@ -169,6 +171,23 @@ def _port(text: str, whole: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise UsageError(f"bad port in {whole!r}: must be 1..65535")
     return int(text)
+
+
+def resolve_or_report(args: argparse.Namespace, command: str, *, needs_files: bool) -> Target | int:
+    """:func:`resolve`, printing a one-line reason and returning the exit code on failure
+    (2 bad command line, 78 invalid config, 1 unusable TLS material)."""
+    try:
+        return resolve(args, list(args.args), needs_files=needs_files)
+    except UsageError as exc:
+        print(f"forwarder {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TLSSetupError as exc:
+        print(f"forwarder {command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bool) -> Target:

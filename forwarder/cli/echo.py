@@ -8,15 +8,13 @@ import time
 from typing import Any
 
 from forwarder.cli import (
-    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
-    EXIT_USAGE,
     setup_logging,
 )
-from forwarder.cli._net import UsageError, add_association_options, resolve
-from forwarder.errors import AssociationError, ConfigError, TLSSetupError
+from forwarder.cli._net import add_association_options, resolve_or_report
+from forwarder.errors import AssociationError
 from forwarder.sender import VERIFICATION_SOP_CLASS, Association, ProposedContext
 
 _VERIFICATION = ProposedContext(VERIFICATION_SOP_CLASS, ("1.2.840.10008.1.2",))
@@ -42,18 +40,9 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(verbose=2 if args.debug else args.verbose, quiet=args.quiet)
-    try:
-        target = resolve(args, list(args.args), needs_files=False)
-    except UsageError as exc:
-        print(f"forwarder echo: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TLSSetupError as exc:
-        print(f"forwarder echo: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    target = resolve_or_report(args, "echo", needs_files=False)
+    if isinstance(target, int):
+        return target
     started = time.monotonic()
     try:
         assoc = Association.request(target.peer, target.settings, [_VERIFICATION])

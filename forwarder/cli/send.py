@@ -16,17 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forwarder.cli import (
-    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
-    EXIT_USAGE,
     setup_logging,
 )
-from forwarder.cli._net import Target, UsageError, add_association_options, resolve
+from forwarder.cli._net import Target, add_association_options, resolve_or_report
 from forwarder.contexts import group_by_contexts
 from forwarder.dicomfile import FileMeta, read_meta
-from forwarder.errors import ConfigError, InvalidFileError, TLSSetupError
+from forwarder.errors import InvalidFileError
 from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
 
 logger = logging.getLogger("forwarder.send")
@@ -144,18 +142,9 @@ def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(verbose=2 if args.debug else 1 if args.verbose else 0, quiet=args.quiet)
-    try:
-        target = resolve(args, list(args.args), needs_files=True)
-    except UsageError as exc:
-        print(f"forwarder send: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TLSSetupError as exc:
-        print(f"forwarder send: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    target = resolve_or_report(args, "send", needs_files=True)
+    if isinstance(target, int):
+        return target
     files, missing = collect_files(target.files)
     records: list[dict[str, Any]] = []
     bad: list[SendOutcome] = []
