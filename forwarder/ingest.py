@@ -58,11 +58,13 @@ class Ingest:
         *,
         on_enqueued: Callable[[], None] = lambda: None,
         metrics: IngestMetrics | None = None,
+        log_phi: bool = False,
     ) -> None:
         self.spool = spool
         self.queue = queue
         self.on_enqueued = on_enqueued
         self.metrics = metrics
+        self.log_phi = log_phi  # debugging only: "no route" reasons then show patient values
         self._lock = threading.Lock()
         self._known: set[str] = set(queue.active_paths())
         self.set_router(router)
@@ -137,7 +139,11 @@ class Ingest:
             return None
         destinations = router.route(values, ready.rel_path)
         if not destinations:
-            shown = {k: v for k, v in values.items() if not any(m in k for m in _PHI_MARKERS)}
+            shown = {
+                k: v
+                for k, v in values.items()
+                if self.log_phi or not any(m in k for m in _PHI_MARKERS)
+            }
             detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
             reason = "no route: no route matches this file" + (f" ({detail})" if detail else "")
             self._reject(

@@ -121,6 +121,7 @@ class Service:
                 self.queue,
                 Router(c.routes, [d.name for d in c.destinations]),
                 on_enqueued=self._wake_workers,
+                log_phi=c.log_phi,
             )
             self.finisher = Finisher(self.queue, self.spool, self.ingest.forget)
             self.finisher.finish(report.finishing)

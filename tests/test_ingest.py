@@ -153,6 +153,18 @@ def test_a_no_route_reason_never_shows_patient_data(
             assert secret not in caplog.text
 
 
+def test_log_phi_shows_patient_values_in_a_no_route_reason_for_debugging(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    routes = [Route(name="r", match={"PatientName": "Nobody*"}, to=["pacs"])]
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        ingest = Ingest(spool, queue, Router(routes, DESTS), log_phi=True)
+        write_file(spool.incoming / "a.dcm")
+        st = (spool.incoming / "a.dcm").stat()
+        ingest([ReadyFile(spool.incoming / "a.dcm", "a.dcm", st.st_size, st.st_mtime_ns)])
+        reason = json.loads((spool.failed / "a.dcm.error.json").read_text())["reason"]
+        assert PATIENT_NAME in reason
+
+
 @pytest.mark.parametrize(
     ("data", "words"),
     [
