@@ -59,7 +59,7 @@ class Node:
     tag: int
     depth: int  # -1: file meta; 0: top level of the data set; n: inside n sequences
     kind: str  # "meta", "element", "item", "item-end", "seq-end"
-    opaque: bool = False  # inside a sequence of defined length (scan_file does not look inside)
+    opaque: bool = False  # inside a sequence of defined length
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +328,7 @@ def structural(name: str, layout: Layout) -> Iterator[Broken]:
         label = f"{n.kind} ({n.tag >> 16:04X},{n.tag & 0xFFFF:04X}) depth {n.depth} at {n.offset}"
         if n.kind in ("item-end", "seq-end"):
             removed = data[: n.offset] + data[n.offset + 8 :]
-            yield Broken(f"{name}-nodelim{i}", removed, f"{label} removed", not n.opaque)
+            yield Broken(f"{name}-nodelim{i}", removed, f"{label} removed", True)
             continue
         if n.kind == "meta":
             yield Broken(
@@ -348,20 +348,20 @@ def structural(name: str, layout: Layout) -> Iterator[Broken]:
                     pos = m.offset + 8
             kept += data[pos:]
             what = f"{label}: every delimiter after it removed"
-            yield Broken(f"{name}-nodelims{i}", bytes(kept), what, not n.opaque)
+            yield Broken(f"{name}-nodelims{i}", bytes(kept), what, True)
             continue
         if n.header == 12 or n.kind == "item" or _implicit(data, n):
             yield Broken(
                 f"{name}-pasteof{i}",
                 _set_length(data, n, size - n.offset - n.header + 2),
                 f"{label}: length 2 bytes past the end of the file",
-                not n.opaque,
+                True,
             )
             yield Broken(
                 f"{name}-huge{i}",
                 _set_length(data, n, 0xFFFFFFF0),
                 f"{label}: length 0xFFFFFFF0",
-                not n.opaque,
+                True,
             )
         elif n.depth == 0 and i == len(layout.nodes) - 1:
             yield Broken(
