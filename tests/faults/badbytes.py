@@ -372,7 +372,7 @@ def structural(name: str, layout: Layout) -> Iterator[Broken]:
             )
 
 
-def _meta_syntax(data: bytes, syntax: str) -> bytes:
+def with_transfer_syntax(data: bytes, syntax: str) -> bytes:
     """Rewrite the Transfer Syntax UID in the meta header (and fix the group length)."""
     layout_meta = []
     pos = 132
@@ -439,7 +439,7 @@ def headers(name: str, data: bytes, sop_class: str) -> Iterator[Broken]:
         if syntax != layout.transfer_syntax:
             yield Broken(
                 f"{name}-ts{syntax}",
-                _meta_syntax(data, syntax),
+                with_transfer_syntax(data, syntax),
                 f"meta header says {syntax}, data is {layout.transfer_syntax}",
                 False,
             )
@@ -452,13 +452,13 @@ def headers(name: str, data: bytes, sop_class: str) -> Iterator[Broken]:
     )
     yield Broken(
         f"{name}-longts",
-        _meta_syntax(data, "1.2.840.10008.1.2.1." + "9" * 80),
+        with_transfer_syntax(data, "1.2.840.10008.1.2.1." + "9" * 80),
         "Transfer Syntax UID of 100 characters",
         False,
     )
     yield Broken(
         f"{name}-binaryts",
-        _meta_syntax(data, "1.2.\xff\xfe.3"),
+        with_transfer_syntax(data, "1.2.\xff\xfe.3"),
         "Transfer Syntax UID with non-ASCII bytes",
         False,
     )
