@@ -88,9 +88,7 @@ class Spool:
             or (failed and _error_path(candidate).exists())
         ):
             n += 1
-            suffix = "".join(base.suffixes[-1:])
-            stem = base.name[: len(base.name) - len(suffix)] if suffix else base.name
-            candidate = base.with_name(f"{stem}.{n}{suffix}")
+            candidate = base.with_name(numbered(base.name, n))
         return candidate
 
     def move(self, source: Path, target: Path, *, sync: bool = True) -> None:
@@ -103,10 +101,18 @@ class Spool:
                 if exc.errno != errno.EXDEV:
                     raise
                 tmp = target.with_name(f".{target.name}.moving")
-                shutil.copyfile(source, tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.rename(tmp, target)
+                try:
+                    shutil.copyfile(source, tmp)
+                    with open(tmp, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.rename(tmp, target)
+                except OSError:
+                    # A partial copy would keep the far filesystem full for every later move.
+                    try:
+                        tmp.unlink()
+                    except OSError:
+                        pass
+                    raise
                 if sync:
                     fsync_dir(target.parent)
                 os.unlink(source)
@@ -175,6 +181,16 @@ class Spool:
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         for d in set(dirs):
             fsync_dir(d)
+
+
+def numbered(name: str, n: int | str) -> str:
+    """``a.dcm`` -> ``a.1.dcm``; a name whose last dotted part is a number (files named by
+    their SOP Instance UID: ``1.2.840.113619.2.55``) gets ``.1`` appended, so the result does
+    not read as another UID."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or ext.isdigit():
+        return f"{name}.{n}"
+    return f"{stem}.{n}.{ext}"
 
 
 def _error_path(target: Path) -> Path:

@@ -48,7 +48,9 @@ class LastOutcome:
 
 def backoff(policy: RetryPolicy, attempts: int) -> float:
     """Seconds to wait after ``attempts`` failed attempts: exponential, capped, with jitter."""
-    base = min(policy.max_delay, policy.initial_delay * 2.0 ** max(attempts - 1, 0))
+    # The exponent is capped before it is used: 2.0 ** 1024 overflows, and a week of retries
+    # against a dead peer gets there.
+    base = min(policy.max_delay, policy.initial_delay * 2.0 ** min(max(attempts - 1, 0), 60))
     return float(base * random.uniform(0.5, 1.0))
 
 
@@ -222,7 +224,7 @@ class DestinationWorkers:
                 sent.add(job.id)
                 yield StoreRequest(job.path, job.id)
 
-        done: list[int] = []
+        done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         finished: list[int] = []
         handed_back: list[int] = []
         for outcome in channel.send(requests(), hint=self._hints()):
@@ -241,10 +243,7 @@ class DestinationWorkers:
                     self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
                 )
             if outcome.outcome.stored:
-                done.append(job.id)
-                if len(done) >= BATCH:
-                    finished += self.queue.ack_done(done)
-                    done = []
+                done.setdefault(outcome.status or 0, []).append(job.id)
             elif outcome.outcome is Outcome.RETRY:
                 finished += self._retry(job, outcome)
             else:
@@ -252,8 +251,8 @@ class DestinationWorkers:
                     job.id, error=outcome.error or "failed", status=outcome.status
                 )
             self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
-        if done:
-            finished += self.queue.ack_done(done)
+        for status, ids in done.items():  # one transaction per status (almost always one)
+            finished += self.queue.ack_done(ids, status=status)
         unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
             self.queue.release(unsent)

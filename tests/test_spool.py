@@ -66,12 +66,6 @@ def test_a_name_clash_gets_a_numeric_suffix(spool: Spool, name: str, clashes: li
         target.write_bytes(b"x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: spool.Spool.target treats the last dotted part of a UID-named file (many "
-    "modalities and storescp name files by SOP Instance UID, without extension) as a suffix: "
-    "a clash on 1.2.840.113619.2.55 gives 1.2.840.113619.2.1.55, which reads as another UID",
-)
 def test_a_clash_on_a_uid_named_file_appends_the_suffix(spool: Spool) -> None:
     (spool.done / "1.2.840.113619.2.55").write_bytes(b"x")
     assert spool.target("1.2.840.113619.2.55", failed=False) == spool.done / "1.2.840.113619.2.55.1"
@@ -194,11 +188,6 @@ def test_a_cross_device_move_that_runs_out_of_space_keeps_the_source(
     assert not (far.done / "huge.dcm").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: spool.Spool.move (EXDEV branch) leaves the partial copy .NAME.moving behind "
-    "when copyfile fails (ENOSPC): the far filesystem stays full, so every later move fails too",
-)
 def test_a_cross_device_move_that_fails_midway_leaves_no_partial_copy(
     spool: Spool, other_filesystem: Path
 ) -> None:

@@ -54,15 +54,6 @@ def test_backoff_grows_until_the_cap() -> None:
         assert cap / 2 <= backoff(policy, n) <= cap
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG: worker.backoff computes initial_delay * 2.0 ** (attempts - 1) before capping: "
-    "from attempt 1025 it raises OverflowError. With the defaults (max_delay 10m, give_up_after "
-    "7d) a job reaches ~1000+ attempts in a week, and DestinationWorkers._update_down feeds it "
-    "_down_failures, which passes 1024 after ~5 days of a destination being down: the worker "
-    "thread dies and the destination stops being served",
-)
 def test_backoff_of_a_huge_attempt_count_does_not_overflow() -> None:
     policy = RetryPolicy(initial_delay=5.0, max_delay=600.0)
     assert 300.0 <= backoff(policy, 5000) <= 600.0

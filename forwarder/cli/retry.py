@@ -27,12 +27,12 @@ def add_parser(sub: Any) -> None:
 
 
 def _free(path: Path) -> Path:
+    from forwarder.spool import numbered
+
     candidate, n = path, 0
     while candidate.exists():
         n += 1
-        suffix = "".join(path.suffixes[-1:])
-        stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
-        candidate = path.with_name(f"{stem}.retry{n}{suffix}")
+        candidate = path.with_name(numbered(path.name, f"retry{n}"))
     return candidate
 
 
