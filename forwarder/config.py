@@ -109,6 +109,21 @@ class Route(_Model):
     )
     to: list[str] = Field(min_length=1)
 
+    @field_validator("match", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        """YAML reads ``SeriesNumber: 1`` as a number; header values are matched as text."""
+
+        def text(v: Any) -> Any:
+            return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+        if isinstance(value, dict):
+            return {
+                k: [text(x) for x in v] if isinstance(v, list) else text(v)
+                for k, v in value.items()
+            }
+        return value
+
     @field_validator("match")
     @classmethod
     def _keywords_exist(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
@@ -198,11 +213,12 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping of keys (ae_title, ...)"])
     lines = dict(_node_lines(node, ())) if node is not None else {}
+    problems: list[str] = []
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_render(err, lines) for err in exc.errors()]) from None
-    problems = _cross_check(config, lines)
+        problems = [_render(err, lines) for err in exc.errors()]
+    problems += _cross_check(data, lines)
     if problems:
         raise ConfigError(source, problems)
     if base_dir is not None:
@@ -265,27 +281,41 @@ def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
     return _problem(loc, message, lines)
 
 
-def _cross_check(config: Config, lines: dict[tuple[Any, ...], int]) -> list[str]:
+def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> list[str]:
+    """Checks across keys, on the raw YAML so they run even when fields are invalid too:
+    every problem is reported at once."""
     problems = []
     seen: dict[str, int] = {}
-    for i, dest in enumerate(config.destinations):
-        if dest.name in seen:
-            problems.append(
-                _problem(
-                    ("destinations", i, "name"),
-                    f"duplicate destination name {dest.name!r} "
-                    f"(also destinations[{seen[dest.name]}])",
-                    lines,
+    dests = data.get("destinations")
+    for i, dest in enumerate(dests if isinstance(dests, list) else []):
+        if not isinstance(dest, dict):
+            continue
+        name = dest.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(
+                    _problem(
+                        ("destinations", i, "name"),
+                        f"duplicate destination name {name!r} (also destinations[{seen[name]}])",
+                        lines,
+                    )
                 )
-            )
-        seen.setdefault(dest.name, i)
-        if dest.tls is not None and dest.tls.key is not None and dest.tls.cert is None:
-            problems.append(_problem(("destinations", i, "tls", "key"), "needs tls.cert", lines))
-        if dest.tls is not None and dest.tls.cert is not None and dest.tls.key is None:
-            problems.append(_problem(("destinations", i, "tls", "cert"), "needs tls.key", lines))
-    for i, route in enumerate(config.routes or []):
-        for j, target in enumerate(route.to):
-            if target not in seen:
+            seen.setdefault(name, i)
+        tls = dest.get("tls")
+        if isinstance(tls, dict):
+            if tls.get("key") and not tls.get("cert"):
+                problems.append(
+                    _problem(("destinations", i, "tls", "key"), "needs tls.cert", lines)
+                )
+            if tls.get("cert") and not tls.get("key"):
+                problems.append(
+                    _problem(("destinations", i, "tls", "cert"), "needs tls.key", lines)
+                )
+    routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) and seen else []):
+        targets = route.get("to") if isinstance(route, dict) else None
+        for j, target in enumerate(targets if isinstance(targets, list) else []):
+            if isinstance(target, str) and target not in seen:
                 known = ", ".join(sorted(seen))
                 problems.append(
                     _problem(
@@ -294,10 +324,15 @@ def _cross_check(config: Config, lines: dict[tuple[Any, ...], int]) -> list[str]
                         lines,
                     )
                 )
-    if config.retry.initial_delay > config.retry.max_delay:
-        problems.append(
-            _problem(("retry", "initial_delay"), "must not exceed retry.max_delay", lines)
-        )
+    retry = data.get("retry")
+    if isinstance(retry, dict) and "initial_delay" in retry and "max_delay" in retry:
+        try:
+            if parse_duration(retry["initial_delay"]) > parse_duration(retry["max_delay"]):
+                problems.append(
+                    _problem(("retry", "initial_delay"), "must not exceed retry.max_delay", lines)
+                )
+        except ValueError:
+            pass  # reported by the field validation
     return problems
 
 
