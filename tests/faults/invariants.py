@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,11 +89,18 @@ def queue_problems(db: Path, *, writable_copy: bool = False) -> list[str]:
 
 
 def settled_problems(
-    db: Path, incoming: Path, done: Path, failed: Path, *, expect_done: int | None = None
+    db: Path,
+    incoming: Path,
+    done: Path,
+    failed: Path,
+    *,
+    expect_done: int | None = None,
+    vanished: Collection[str] = (),
 ) -> list[str]:
     """After the daemon finished everything and stopped: the queue is consistent, no job is
-    READY or CLAIMED, every file row is FINISHED and at its final path, incoming is empty, no
-    temporary file is left, and every file in failed/ has its NAME.error.json."""
+    READY or CLAIMED, every file row is FINISHED and at its final path (except the names in
+    ``vanished``: files someone else deleted), incoming is empty, no temporary file is left,
+    and every file in failed/ has its NAME.error.json."""
     problems = queue_problems(db)
     conn = open_readonly(db)
     try:
@@ -111,7 +119,9 @@ def settled_problems(
         ).fetchall()
     finally:
         conn.close()
-    missing = [r[0] for r in rows if not os.path.exists(r[0])]
+    missing = [
+        r[0] for r in rows if not os.path.exists(r[0]) and os.path.basename(r[0]) not in vanished
+    ]
     if missing:
         problems.append(f"{len(missing)} finished files are not at their final path: {missing[:3]}")
     left = [p for p in incoming.rglob("*") if p.is_file()]
