@@ -59,6 +59,7 @@ TICK = 0.25
 CLOSED_SETTLE = 0.25
 """Stability window after a close-after-write or a rename into place (capped by ``settle``)."""
 MIN_WINDOW = 0.05
+STALE_WRITER = 60.0  # seconds without a close before /proc is asked who writes
 """Floor for every stability window, so that ``settle: 0`` cannot spin."""
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial")
@@ -93,7 +94,8 @@ def is_ignored_name(name: str) -> bool:
 class _Hint(enum.Enum):
     """What an event says about a path; the latest hint for a path wins."""
 
-    CHANGED = "changed"  # created or written: wait the full settle time
+    CHANGED = "changed"  # created, attributes changed: wait the full settle time
+    WRITING = "writing"  # written (IN_MODIFY): wait for the close, then settle
     CLOSED = "closed"  # closed after writing, or renamed into place: the short window applies
     DELETED = "deleted"  # gone (deleted or moved away): forget it
     DIR = "dir"  # a directory appeared: scan it (files may predate its inotify watch)
@@ -108,6 +110,7 @@ class _Candidate:
     since: float  # monotonic time at which (size, mtime_ns) was first observed
     closed: bool  # a close-after-write / move-in was the latest event
     due: float  # monotonic time of the next lstat; heap entries with another due are stale
+    writing: bool = False  # seen written (IN_CREATE/IN_MODIFY) and not closed since
 
 
 class _EventHandler(FileSystemEventHandler):
@@ -118,12 +121,14 @@ class _EventHandler(FileSystemEventHandler):
         self._note = note
 
     def on_created(self, event: DirCreatedEvent | FileCreatedEvent) -> None:
+        # Not WRITING: watchdog also emits created events for files found in a folder it has
+        # just started watching, and no close follows those.
         hint = _Hint.DIR if event.is_directory else _Hint.CHANGED
         self._note(os.fsdecode(event.src_path), hint)
 
     def on_modified(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
-            self._note(os.fsdecode(event.src_path), _Hint.CHANGED)
+            self._note(os.fsdecode(event.src_path), _Hint.WRITING)
 
     def on_attrib(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
@@ -359,11 +364,16 @@ class Watcher:
             cand = self._pending.get(path)
             if cand is None:
                 cand = _Candidate(_UNOBSERVED, _UNOBSERVED, now, closed, now)
+                cand.writing = hint is _Hint.WRITING and not self._polling
                 self._pending[path] = cand
                 self._schedule(path, cand, now)
                 continue
             cand.size = _UNOBSERVED  # written after the last lstat: observe afresh
             cand.closed = closed
+            if closed:
+                cand.writing = False
+            elif hint is _Hint.WRITING and not self._polling:
+                cand.writing = True
             if closed and cand.due > now:
                 self._schedule(path, cand, now)
 
@@ -461,6 +471,10 @@ class Watcher:
                     cand.closed = False  # changed after the close: the writer is back
                 cand.size, cand.mtime_ns, cand.since = size, mtime_ns, now
                 self._schedule(path, cand, now + self._window(cand))
+            elif cand.writing and not self._writer_gone(path, cand, now):
+                # Open for writing: the contract wants "closed after writing", however long a
+                # slow copy pauses. Look again soon.
+                self._schedule(path, cand, now + min(self._window(cand), 1.0))
             elif now >= cand.since + self._window(cand):
                 del self._pending[path]
                 rel = self._rel(path)
@@ -490,6 +504,18 @@ class Watcher:
             logger.debug("handed on %d file(s)", len(batch))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _writer_gone(self, path: str, cand: _Candidate, now: float) -> bool:
+        """A write was seen and no close since. After a long quiet spell, ask /proc whether
+        anyone still holds the file open for writing (a hard link, for one, is created without
+        an open/close pair, so its close never comes)."""
+        if now - cand.since < max(STALE_WRITER, self._settle * 10):
+            return False
+        if _open_for_writing(path):
+            return False
+        logger.info("%s: no close seen, but nobody has it open for writing: taking it", path)
+        cand.writing = False
+        return True
 
     def _window(self, cand: _Candidate) -> float:
         return self._fast if cand.closed else self._settle
@@ -537,6 +563,38 @@ class _StopRaceFilter(logging.Filter):
 
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_StopRaceFilter())
+
+
+def _open_for_writing(path: str) -> bool:
+    """True if a process visible in /proc has ``path`` open for writing."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return False
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    for line in info:
+                        if line.startswith("flags:"):
+                            if int(line.split()[1], 8) & (os.O_WRONLY | os.O_RDWR):
+                                return True
+                            break
+            except (OSError, ValueError):
+                continue
+    return False
 
 
 def _halt(observer: BaseObserver, timeout: float) -> None:

@@ -450,3 +450,15 @@ def test_bad_arguments_are_refused(root: Path) -> None:
         Watcher(root, Collector(), batch_max=0)
     with pytest.raises(ValueError, match="negative"):
         Watcher(root, Collector(), settle=-1)
+
+
+def test_open_for_writing_is_read_from_proc(tmp_path: Path) -> None:
+    from forwarder.watcher import _open_for_writing
+
+    path = tmp_path / "f.dcm"
+    with open(path, "wb") as writer:
+        writer.write(b"x")
+        assert _open_for_writing(str(path))
+    with open(path, "rb"):  # a reader is not a writer
+        assert not _open_for_writing(str(path))
+    assert not _open_for_writing(str(tmp_path / "missing.dcm"))
