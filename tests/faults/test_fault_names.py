@@ -155,13 +155,17 @@ def test_ten_thousand_files_in_one_folder(tmp_path: Path) -> None:
     with storescp(tmp_path / "received") as scp:
         d = Daemon(
             tmp_path / "d",
-            destinations=[destination("pacs", scp.port, ae_title=scp.ae_title, associations=4)],
+            destinations=[destination("pacs", scp.port, ae_title=scp.ae_title, associations=2)],
+            log_level="WARNING",  # 10,000 "stored" lines cost more than the sending
         )
         clone_files(d.incoming, total)
-        with d:
+        d.start(wait_ready=False)  # the "running" line is INFO: not logged at WARNING
+        try:
             d.wait_done(total, timeout=150)
             d.wait_incoming_empty()
             assert d.stop() == 0
+        finally:
+            d.close()
         assert len(scp.files()) == total
     assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=total) == []
 
