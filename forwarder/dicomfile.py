@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from forwarder.errors import InvalidFileError
+from forwarder.errors import InvalidFileError, UnreadableFileError
 
 #: Transfer syntaxes the sender can convert between without touching pixel data.
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -110,13 +111,36 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
         raise InvalidFileError(path, "no data set after the file meta information")
     transfer_syntax = _uid(values[_TAG_TRANSFER_SYNTAX])
     sop_class, sop_instance = _dataset_uids(head, pos, transfer_syntax)
-    return FileMeta(
+    meta = FileMeta(
         sop_class_uid=sop_class or _uid(values[_TAG_SOP_CLASS]),
         sop_instance_uid=sop_instance or _uid(values[_TAG_SOP_INSTANCE]),
         transfer_syntax=transfer_syntax,
         dataset_offset=pos,
         size=size,
     )
+    for name, uid in (
+        ("SOP Class UID", meta.sop_class_uid),
+        ("SOP Instance UID", meta.sop_instance_uid),
+        ("Transfer Syntax UID", meta.transfer_syntax),
+    ):
+        if not is_valid_uid(uid):
+            # Proposed to a peer, an invalid UID makes it refuse the whole association.
+            shown = uid if len(uid) <= 80 else uid[:77] + "..."
+            raise InvalidFileError(
+                path,
+                f"invalid {name} {shown!r} (PS3.5 9.1: at most 64 "
+                "characters, digits and dots)",
+            )
+    return meta
+
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def is_valid_uid(uid: str) -> bool:
+    """At most 64 characters of digit groups separated by dots (PS3.5 9.1). Leading zeros in
+    a component are tolerated: non-conformant, but common, and accepted by PACS."""
+    return 0 < len(uid) <= 64 and _UID_RE.match(uid) is not None
 
 
 def _dataset_uids(head: bytes, pos: int, transfer_syntax: str) -> tuple[str, str]:
@@ -175,7 +199,7 @@ def read_meta(path: str | os.PathLike[str]) -> FileMeta:
             size = os.fstat(f.fileno()).st_size
             head = f.read(min(size, _MAX_META))
     except OSError as exc:
-        raise InvalidFileError(p, f"cannot read: {exc.strerror or exc}") from None
+        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
     return parse_meta(head, size, p)
 
 
@@ -380,4 +404,4 @@ def scan_file(
                 scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
                 return scanner.found
     except OSError as exc:
-        raise InvalidFileError(p, f"cannot read: {exc.strerror or exc}") from None
+        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None

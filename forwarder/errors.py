@@ -25,6 +25,11 @@ class InvalidFileError(ForwarderError):
         super().__init__(f"{path}: {reason}")
 
 
+class UnreadableFileError(InvalidFileError):
+    """The file could not be read at all (permissions, I/O error): nothing is known about its
+    content, so it is not judged; the daemon leaves it in place and tries again later."""
+
+
 class AssociationError(ForwarderError):
     """The peer could not be reached, or refused or broke the association.
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import read_meta, scan_file
-from forwarder.errors import InvalidFileError
+from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue import FileEntry, Queue
 from forwarder.router import Router
 from forwarder.spool import Spool, SpoolError
@@ -67,6 +67,7 @@ class Ingest:
         self.log_phi = log_phi  # debugging only: "no route" reasons then show patient values
         self._lock = threading.Lock()
         self._known: set[str] = set(queue.active_paths())
+        self._unreadable: set[str] = set()  # warned about once each
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
@@ -127,12 +128,20 @@ class Ingest:
         try:
             meta = read_meta(path)
             values = scan_file(path, meta, want, vrs)
+        except UnreadableFileError as exc:
+            # Nothing is known about it: leave it where it is; the watcher's rescan offers it
+            # again, and it is taken once it can be read.
+            if path not in self._unreadable:
+                self._unreadable.add(path)
+                logger.warning("%s: %s; left in incoming until it can be read", path, exc.reason)
+            return None
         except InvalidFileError as exc:
             if not os.path.lexists(path):
                 logger.info("%s: gone from incoming before it was read", path)
                 return None
             self._reject(ready, f"not usable DICOM: {exc.reason}", "not_dicom")
             return None
+        self._unreadable.discard(path)
         if meta.size != ready.size:
             # It changed since the watcher saw it settle; the watcher will offer it again.
             logger.debug("%s: changed while being read; waiting for it to settle", path)
@@ -149,6 +158,11 @@ class Ingest:
             self._reject(
                 ready, reason, "no_route", extra={"sop_instance_uid": meta.sop_instance_uid}
             )
+            return None
+        try:
+            _fsync(path)  # the queue takes responsibility for it: its data must be on disk
+        except OSError as exc:
+            logger.warning("%s: cannot fsync (%s); will try again", path, exc.strerror)
             return None
         entry = FileEntry(
             path=path,
@@ -178,3 +192,11 @@ class Ingest:
             reason,
             extra={"FILE": str(ready.path), "OUTCOME": "rejected"},
         )
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -462,12 +462,6 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_MAX = 64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a file whose header holds an invalid UID (over 64 characters) poisons its "
-    "destination: the worker proposes that UID (its own and as a hint) in every association, "
-    "the peer aborts each negotiation, and every other file to that destination fails",
-)
 def test_one_file_with_an_invalid_uid_does_not_block_the_others(tmp_path: Path) -> None:
     bad = with_transfer_syntax(seed_files()["explicit-undef"], "1.2.840.10008.1.2.1." + "9" * 80)
     # DCMTK: it never answers such an A-ASSOCIATE-RQ (pynetdicom aborts it)

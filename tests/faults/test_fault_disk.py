@@ -165,12 +165,6 @@ def test_acks_failing_on_a_full_queue_filesystem_recover_without_a_restart(
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="setpriv is not installed")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ingest moves a file it may not read to failed/ as 'not usable DICOM' "
-    "(read_meta turns EACCES into InvalidFileError); it should stay in incoming, logged, and "
-    "be taken once it is readable",
-)
 def test_an_unreadable_file_stays_in_incoming_until_it_can_be_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

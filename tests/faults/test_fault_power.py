@@ -207,11 +207,6 @@ def test_every_queue_commit_is_synced_before_the_next(tmp_path: Path) -> None:
 
 
 @needs_strace
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ingest never fsyncs a file in incoming before committing its jobs; after a "
-    "power loss the queue can hold a job for a file whose data never reached the disk",
-)
 def test_incoming_files_are_fsynced_before_they_are_queued(tmp_path: Path) -> None:
     d, calls = _traced_run(tmp_path, good=3, bad=0)
     for n in range(3):
