@@ -293,7 +293,7 @@ def test_retry_one_destination_of_a_fan_out(tmp_path: Path) -> None:
             doc = d.error_json("img0000.dcm")
             by_dest = {r["destination"]: r for r in doc["destinations"]}
             assert set(by_dest) == {"a", "b"}
-            assert by_dest["a"]["outcome"] == "stored"
+            assert by_dest["a"]["outcome"] == "stored" and by_dest["a"]["status"] == "0x0000"
             assert by_dest["b"]["outcome"] == "failed" and by_dest["b"]["status"] == "0xA900"
             assert "0xA900" in doc["reason"] and doc["reason"].startswith("b: ")
             assert a.uids() == {dropped.sop_instance_uid}
