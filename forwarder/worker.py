@@ -46,6 +46,17 @@ class LastOutcome:
     at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    """One outcome to record in the queue (kept and retried if the queue refuses it)."""
+
+    kind: str  # "done", "retry", "failed" or "release"
+    ids: tuple[int, ...]
+    status: int | None = None
+    error: str = ""
+    next_attempt_at: float = 0.0
+
+
 def backoff(policy: RetryPolicy, attempts: int) -> float:
     """Seconds to wait after ``attempts`` failed attempts: exponential, capped, with jitter."""
     # The exponent is capped before it is used: 2.0 ** 1024 overflows, and a week of retries
@@ -86,6 +97,7 @@ class DestinationWorkers:
         self._channels: dict[int, Channel] = {}
         self._down_until = 0.0
         self._spare_pause: dict[int, float] = {}
+        self._unapplied: dict[int, list[_Ack]] = {}  # per thread: acks the queue refused
         self._down_failures = 0
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
@@ -152,6 +164,10 @@ class DestinationWorkers:
         try:
             while not self._stop.is_set():
                 self._beats[index] = time.monotonic()
+                pending = self._unapplied.get(index)
+                if pending and not self._apply_acks(index, pending):
+                    self._stop.wait(2.0)  # the queue still refuses (disk full?): try again soon
+                    continue
                 jobs: list[Job] = []
                 now = time.monotonic()
                 if now >= self._down_until and now >= self._spare_pause.get(index, 0.0):
@@ -165,13 +181,7 @@ class DestinationWorkers:
                         was_open = False
                     self._idle_wait()
                     continue
-                try:
-                    self._process(channel, jobs, index)
-                except ForwarderError as exc:
-                    # The queue failed (disk full?): what was claimed stays CLAIMED and comes
-                    # back at the next start; pause so the log is not flooded.
-                    logger.error("%s: %s", self.name, exc)
-                    self._stop.wait(5.0)
+                self._process(channel, jobs, index)
                 was_open = self._assoc_delta(channel, was_open)
         except Exception:
             logger.exception("%s: worker thread crashed", self.name)
@@ -179,6 +189,13 @@ class DestinationWorkers:
         finally:
             channel.release()
             self._assoc_delta(channel, was_open)
+            if self._unapplied.get(index):
+                logger.warning(
+                    "%s: %d outcomes could not be recorded before stopping; those files are "
+                    "sent again after restart",
+                    self.name,
+                    len(self._unapplied[index]),
+                )
 
     def _assoc_delta(self, channel: Channel, was_open: bool) -> bool:
         now_open = channel.is_open
@@ -225,7 +242,7 @@ class DestinationWorkers:
                 yield StoreRequest(job.path, job.id)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
-        finished: list[int] = []
+        acks: list[_Ack] = []
         handed_back: list[int] = []
         for outcome in channel.send(requests(), hint=self._hints()):
             self._beats[index] = time.monotonic()
@@ -245,17 +262,17 @@ class DestinationWorkers:
             if outcome.outcome.stored:
                 done.setdefault(outcome.status or 0, []).append(job.id)
             elif outcome.outcome is Outcome.RETRY:
-                finished += self._retry(job, outcome)
+                acks.append(self._retry(job, outcome))
             else:
-                finished += self.queue.ack_failed(
-                    job.id, error=outcome.error or "failed", status=outcome.status
-                )
+                error = outcome.error or "failed"
+                acks.append(_Ack("failed", (job.id,), outcome.status, error))
             self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
-        for status, ids in done.items():  # one transaction per status (almost always one)
-            finished += self.queue.ack_done(ids, status=status)
+        # one transaction per status (almost always one)
+        acks += [_Ack("done", tuple(ids), status) for status, ids in done.items()]
         unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
-            self.queue.release(unsent)
+            acks.append(_Ack("release", tuple(unsent)))
+        self._apply_acks(index, acks)
         if handed_back:
             self._spare_pause[index] = time.monotonic() + backoff(self.retry, 1)
             logger.info(
@@ -266,7 +283,46 @@ class DestinationWorkers:
             )
         else:
             self._update_down(channel)
+
+    def _apply_acks(self, index: int, acks: Sequence[_Ack]) -> bool:
+        """Record outcomes in the queue. Those it refuses (its disk is full...) are kept for
+        this thread to retry before it claims more: the jobs do not sit CLAIMED until a
+        restart. Returns True when everything was recorded."""
+        finished: list[int] = []
+        n = 0  # acks recorded so far
+        try:
+            for ack in acks:
+                if ack.kind == "done":
+                    finished += self.queue.ack_done(ack.ids, status=ack.status)
+                elif ack.kind == "failed":
+                    finished += self.queue.ack_failed(
+                        ack.ids[0], error=ack.error, status=ack.status
+                    )
+                elif ack.kind == "retry":
+                    self.queue.ack_retry(
+                        ack.ids[0],
+                        next_attempt_at=ack.next_attempt_at,
+                        error=ack.error,
+                        status=ack.status,
+                    )
+                else:
+                    self.queue.release(ack.ids)
+                n += 1
+        except ForwarderError as exc:
+            if self._unapplied.get(index) != list(acks[n:]):
+                logger.error(
+                    "%s: cannot record %d outcomes in the queue (%s); retrying",
+                    self.name,
+                    len(acks) - n,
+                    exc,
+                )
+            self._unapplied[index] = list(acks[n:])
+            self.finisher.submit(finished)
+            return False
+        if self._unapplied.pop(index, None):
+            logger.info("%s: the queue accepts outcomes again", self.name)
         self.finisher.submit(finished)
+        return True
 
     def _spare_unavailable(self, channel: Channel, outcome: SendOutcome, index: int) -> bool:
         return (
@@ -276,28 +332,21 @@ class DestinationWorkers:
             and any(c.is_open for i, c in self._channels.items() if i != index)
         )
 
-    def _retry(self, job: Job, outcome: SendOutcome) -> list[int]:
+    def _retry(self, job: Job, outcome: SendOutcome) -> _Ack:
         attempts = job.attempts + 1
         error = outcome.error or "transient failure"
         policy = self.retry
         age = time.time() - job.created_at
         if policy.max_attempts is not None and attempts >= policy.max_attempts:
-            return self.queue.ack_failed(
-                job.id, error=f"gave up after {attempts} attempts: {error}", status=outcome.status
-            )
+            error = f"gave up after {attempts} attempts: {error}"
+            return _Ack("failed", (job.id,), outcome.status, error)
         if age >= policy.give_up_after:
-            return self.queue.ack_failed(
-                job.id,
-                error=f"gave up after {age / 3600:.1f} h and {attempts} attempts: {error}",
-                status=outcome.status,
-            )
+            error = f"gave up after {age / 3600:.1f} h and {attempts} attempts: {error}"
+            return _Ack("failed", (job.id,), outcome.status, error)
         if self.metrics is not None:
             self.metrics.retry(self.name)
-        delay = backoff(policy, attempts)
-        self.queue.ack_retry(
-            job.id, next_attempt_at=time.time() + delay, error=error, status=outcome.status
-        )
-        return []
+        next_at = time.time() + backoff(policy, attempts)
+        return _Ack("retry", (job.id,), outcome.status, error, next_at)
 
     def _update_down(self, channel: Channel) -> None:
         with self._lock:

@@ -137,11 +137,6 @@ def test_files_wait_in_incoming_while_the_queue_filesystem_is_full(tmp_path: Pat
         assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=12) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when an ack fails (queue disk full), worker._process leaves the claimed jobs "
-    "CLAIMED for the rest of the run; the files are delivered again only after a restart",
-)
 def test_acks_failing_on_a_full_queue_filesystem_recover_without_a_restart(
     tmp_path: Path,
 ) -> None:
