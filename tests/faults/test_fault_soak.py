@@ -176,6 +176,11 @@ def run_soak(tmp_path: Path, total: int, wave: int, flap_period: float, timeout:
     warm = [s for s in samples if s.done >= total // 4] or samples
     base_rss = min(s.rss for s in warm[: max(1, len(warm) // 4)])
     peak_rss = max(s.rss for s in warm)
+    print(  # shown with -rP / -s: the numbers docs/guarantees.md quotes
+        f"soak {total}: {samples[-1].at - samples[0].at:.0f}s, {flapper.restarts} restarts, "
+        f"RSS {base_rss >> 20}->{peak_rss >> 20} MB, fds {min(s.fds for s in warm)}-"
+        f"{max(s.fds for s in warm)}, queue up to {max(s.db_bytes for s in samples) >> 10} KB"
+    )
     assert peak_rss - base_rss < 48 * 1024 * 1024, (
         f"RSS grew from {base_rss >> 20} MB to {peak_rss >> 20} MB"
     )
