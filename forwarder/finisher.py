@@ -38,6 +38,7 @@ class Finisher:
         self.on_finished = on_finished
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        self._reported = False  # a 'finish' problem is recorded in the queue
         self._inbox: stdqueue.SimpleQueue[int | None] = stdqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -137,6 +138,20 @@ class Finisher:
         self.queue.complete_finish_many([i.file_id for i in completed])
         if completed:
             self.on_finished([i.path for i in completed])
+        self._report(failed_now=len(completed) < len(items))
+
+    def _report(self, *, failed_now: bool) -> None:
+        """Keep the queue's 'finish' problem in step, for ``forwarder status``."""
+        try:
+            if failed_now and self.last_error is not None:
+                self.queue.set_problem("finish", self.last_error)
+                self._reported = True
+            elif not failed_now and self._reported:
+                self.queue.clear_problem("finish")
+                self._reported = False
+                self.last_error = None
+        except QueueError as exc:
+            logger.error("cannot record the finishing problem in the queue: %s", exc)
 
     def _move(self, item: FileToFinish, target: Path, dirs: set[Path]) -> None:
         failed = item.outcome == Outcome.FAILED

@@ -37,7 +37,7 @@ from forwarder.errors import QueueError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the problems table
 _PRUNE_BATCH = 2000  # rows deleted per transaction, so workers can ack in between
 _CHECKPOINT_BUSY_MS = 2000  # how long prune's checkpoint waits for readers before giving up
 
@@ -192,6 +192,13 @@ _DDL = (
         failed_total INTEGER NOT NULL DEFAULT 0,
         last_error TEXT,
         last_error_at REAL
+    )""",
+    # Conditions the daemon cannot attach to a job (a file that cannot be moved out of
+    # incoming), kept here so `forwarder status`, another process, can show them.
+    """CREATE TABLE IF NOT EXISTS problems (
+        key TEXT PRIMARY KEY,
+        text TEXT NOT NULL,
+        at REAL NOT NULL
     )""",
 )
 
@@ -870,6 +877,33 @@ class Queue:
         counts = {s.value: 0 for s in JobStatus}
         counts.update({r[0]: r[1] for r in rows})
         return counts
+
+    def set_problem(self, key: str, text: str, *, now: float | None = None) -> None:
+        """Record a condition for ``forwarder status`` (replaces the previous one of ``key``)."""
+        with self._write(f"recording problem {key}") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO problems (key, text, at) VALUES (:key, :text, :at)",
+                {"key": key, "text": text, "at": _now(now)},
+            )
+
+    def clear_problem(self, key: str) -> None:
+        with self._write(f"clearing problem {key}") as conn:
+            conn.execute("DELETE FROM problems WHERE key = :key", {"key": key})
+
+    def problems(self) -> dict[str, tuple[str, float]]:
+        """key -> (text, time) of every recorded problem."""
+        with self._read("reading problems") as conn:
+            rows = conn.execute("SELECT key, text, at FROM problems").fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def waiting_to_move(self) -> int:
+        """Files whose jobs are all terminal but which are not yet out of incoming."""
+        with self._read("counting files waiting to be moved") as conn:
+            row = conn.execute(
+                f"""SELECT COUNT(*) FROM files AS f WHERE f.state = 'FINISHING'
+                    OR (f.state = 'QUEUED' AND NOT EXISTS ({_UNFINISHED_JOB}))"""
+            ).fetchone()
+        return int(row[0])
 
     # -- forwarder retry -------------------------------------------------------------------
 

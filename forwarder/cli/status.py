@@ -34,10 +34,15 @@ def run(args: argparse.Namespace) -> int:
 
     names = [d.name for d in config.destinations]
     result: dict[str, dict[str, Any]] = {}
+    finishing: dict[str, Any] = {"waiting": 0, "last_error": None}
     if os.path.exists(config.queue):
         try:
             with Queue(config.queue, create=False) as queue:
                 stats = queue.stats(destinations=names)
+                finishing["waiting"] = queue.waiting_to_move()
+                problem = queue.problems().get("finish")
+                if problem is not None:
+                    finishing["last_error"] = problem[0]
         except ForwarderError as exc:
             print(f"forwarder status: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             },
         )
     if args.json:
+        # Exactly the contract's shape; the finishing problem shows in the text output.
         print(json.dumps({"destinations": result}, indent=2))
         return EXIT_OK
     print(f"{'DESTINATION':<20} {'PENDING':>8} {'IN FLIGHT':>9} {'DONE':>8} {'FAILED':>7}  OLDEST")
@@ -76,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if r["last_error"]:
             print(f"  last error: {r['last_error']}")
+    if finishing["waiting"] or finishing["last_error"]:
+        print(
+            f"{finishing['waiting']} delivered or failed files wait to be moved out of incoming"
+            + (f"; last error: {finishing['last_error']}" if finishing["last_error"] else "")
+        )
     return EXIT_OK
 
 

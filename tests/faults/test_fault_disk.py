@@ -94,11 +94,6 @@ def test_done_and_failed_full_and_an_immovable_file_then_recovery(tmp_path: Path
     assert status_doc["destinations"]["pacs"]["pending"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: forwarder status does not show files that are delivered but cannot be moved "
-    "(disk full, permissions): the finisher's error lives only in the log",
-)
 def test_status_shows_files_that_cannot_be_moved(tmp_path: Path) -> None:
     root = tmp_path / "d"
     with ScriptedSCP() as scp, tmpfs(root / "done", "1m"):
