@@ -24,7 +24,31 @@ from forwarder.spool import Spool, SpoolError
 
 logger = logging.getLogger(__name__)
 
-_PHI_MARKERS = ("Patient", "Name", "Birth", "Address", "Telephone", "Accession", "OtherPatient")
+# Keywords whose values identify a patient (or a person) and so never reach logs or error files
+# unless log_phi is on. StationName, InstitutionName and the like stay visible.
+_PHI_PREFIXES = ("Patient", "OtherPatient", "Issuer")
+_PHI_KEYWORDS = frozenset(
+    {
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansOfRecord",
+        "OperatorsName",
+        "RequestingPhysician",
+        "ScheduledPerformingPhysicianName",
+        "ResponsiblePerson",
+        "MilitaryRank",
+        "BranchOfService",
+        "MedicalRecordLocator",
+        "EthnicGroup",
+        "Occupation",
+    }
+)
+
+
+def is_phi(keyword: str) -> bool:
+    return keyword.startswith(_PHI_PREFIXES) or keyword in _PHI_KEYWORDS
 
 
 class ReadyLike(Protocol):
@@ -148,11 +172,7 @@ class Ingest:
             return None
         destinations = router.route(values, ready.rel_path)
         if not destinations:
-            shown = {
-                k: v
-                for k, v in values.items()
-                if self.log_phi or not any(m in k for m in _PHI_MARKERS)
-            }
+            shown = {k: v for k, v in values.items() if self.log_phi or not is_phi(k)}
             detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
             reason = "no route: no route matches this file" + (f" ({detail})" if detail else "")
             self._reject(

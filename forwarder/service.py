@@ -17,7 +17,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from forwarder.config import Config, Destination, load_config
@@ -29,6 +28,7 @@ from forwarder.notify import Notifier
 from forwarder.queue import Queue
 from forwarder.router import Router
 from forwarder.sender import AssociationSettings
+from forwarder.signals import SignalWaiter
 from forwarder.spool import Spool
 from forwarder.watcher import Watcher
 from forwarder.worker import DestinationWorkers, LastOutcome
@@ -72,8 +72,8 @@ class Service:
         self.config_path = config_path
         self.notifier = Notifier()
         self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._wake = threading.Event()
+        self._reload = False
+        self._signals: SignalWaiter | None = None
         self._workers: dict[str, DestinationWorkers] = {}
         self._last: LastOutcome | None = None
         self._lock_fd: int | None = None
@@ -81,33 +81,21 @@ class Service:
 
     # -- signals ----------------------------------------------------------------------------
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self._reload.set()
-        else:
-            self._stop.set()
-        self._wake.set()
-
-    def _capture_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        return previous
-
     def request_stop(self) -> None:
         """Ask the service to stop (tests and embedding; the same as SIGTERM)."""
         self._stop.set()
-        self._wake.set()
+        if self._signals is not None:
+            self._signals.wake()
 
     # -- run --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        previous = self._capture_signals()
-        try:
-            return self._run()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with SignalWaiter((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) as signals:
+            self._signals = signals
+            try:
+                return self._run()
+            finally:
+                self._signals = None
 
     def _run(self) -> int:
         c = self.config
@@ -227,13 +215,17 @@ class Service:
     def _loop(self) -> None:
         next_status = next_finish = time.monotonic()
         next_prune = time.monotonic() + 60.0
+        assert self._signals is not None
         while not self._stop.is_set():
-            self._wake.wait(_TICK)
-            self._wake.clear()
+            for sig in self._signals.wait(_TICK):
+                if sig == signal.SIGHUP:
+                    self._reload = True
+                else:
+                    self._stop.set()
             if self._stop.is_set():
                 break
-            if self._reload.is_set():
-                self._reload.clear()
+            if self._reload:
+                self._reload = False
                 self._do_reload()
             now = time.monotonic()
             if (

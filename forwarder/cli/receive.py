@@ -6,14 +6,13 @@ import argparse
 import re
 import signal
 import sys
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from forwarder.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, setup_logging
 from forwarder.errors import ForwarderError
 from forwarder.receiver import Receiver, ReceiverSettings, enable_streamed_receive, parse_networks
+from forwarder.signals import SignalWaiter
 from forwarder.tls import server_context
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -150,12 +149,12 @@ def run(args: argparse.Namespace) -> int:
         )
         enable_streamed_receive()  # this process runs no other SCP
         receiver = Receiver(settings)
-        stop = threading.Event()
-        previous = _install_signal_handlers(stop)
+        signals = SignalWaiter((signal.SIGTERM, signal.SIGINT))
+        signals.__enter__()
         try:
             receiver.start()
         except BaseException:
-            _restore_signal_handlers(previous)
+            signals.__exit__(None, None, None)
             raise
     except ForwarderError as exc:
         print(f"forwarder receive: error: {exc}", file=sys.stderr)
@@ -174,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        while not stop.wait(0.5):
+        while not signals.wait(1.0):
             pass
     finally:
         receiver.stop()
-        _restore_signal_handlers(previous)
+        signals.__exit__(None, None, None)
     print(
         f"forwarder receive: stopped after {receiver.received} objects", file=sys.stderr, flush=True
     )
@@ -188,21 +187,3 @@ def run(args: argparse.Namespace) -> int:
 def _usage(message: str) -> int:
     print(f"forwarder receive: error: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-_Handler = Any  # what signal.signal returns: a callable, SIG_DFL, SIG_IGN or None
-
-
-def _install_signal_handlers(stop: threading.Event) -> dict[int, _Handler]:
-    def handle(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous: dict[int, _Handler] = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        previous[signum] = signal.signal(signum, handle)
-    return previous
-
-
-def _restore_signal_handlers(previous: dict[int, _Handler]) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
