@@ -133,7 +133,7 @@ def test_routing_on_header_and_folder(routed: Env) -> None:
     doc = routed.error("site1/mr.dcm")
     assert str(doc["reason"]).startswith("no route: no route matches this file")
     # the values routes look at, minus anything named like patient data ("*Name*" included)
-    assert str(doc["reason"]).endswith("(Modality='MR')")
+    assert str(doc["reason"]).endswith("(Modality='MR', StationName='SCANNER2')")
     assert doc["sop_instance_uid"]
     assert routed.rec.ingested_calls.count((False, "no_route")) == 1
 
