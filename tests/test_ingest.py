@@ -132,7 +132,7 @@ def test_routing_on_header_and_folder(routed: Env) -> None:
     assert routed.spool.failed.joinpath("site1/mr.dcm").exists()
     doc = routed.error("site1/mr.dcm")
     assert str(doc["reason"]).startswith("no route: no route matches this file")
-    # the values routes look at, minus anything named like patient data ("*Name*" included)
+    # the values routes look at, minus patient data (StationName is not)
     assert str(doc["reason"]).endswith("(Modality='MR', StationName='SCANNER2')")
     assert doc["sop_instance_uid"]
     assert routed.rec.ingested_calls.count((False, "no_route")) == 1
