@@ -7,7 +7,7 @@
   leaves it.
 - The ordering that makes a power loss safe, read from the daemon's system calls (strace): every
   commit is synced (``synchronous=FULL``), a moved file's folders are fsynced before the queue
-  records the move, ``NAME.error.json`` is durable before its file moves, and (a bug, xfail)
+  records the move, ``NAME.error.json`` is durable before its file moves, and
   incoming files are fsynced before the queue says they are safe.
 
 What no test here can show: that the disk honours fsync (write caches, lying firmware), and
