@@ -90,7 +90,9 @@ class Ingest:
         self.metrics = metrics
         self.log_phi = log_phi  # debugging only: "no route" reasons then show patient values
         self._lock = threading.Lock()
-        self._known: set[str] = set(queue.active_paths())
+        # path -> (size, mtime_ns) of every queued file: a re-offered path with other values
+        # was replaced in incoming.
+        self._known: dict[str, tuple[int, int]] = queue.active_files()
         self._unreadable: set[str] = set()  # warned about once each
         self.set_router(router)
 
@@ -119,7 +121,8 @@ class Ingest:
     def forget(self, paths: Sequence[str]) -> None:
         """Called when files left incoming (finished)."""
         with self._lock:
-            self._known.difference_update(paths)
+            for path in paths:
+                self._known.pop(path, None)
 
     def __call__(self, files: Sequence[ReadyLike]) -> None:
         with self._lock:
@@ -127,22 +130,43 @@ class Ingest:
         batch: list[tuple[FileEntry, list[str]]] = []
         for ready in files:
             path = str(ready.path)
-            if self.is_known(path):
+            with self._lock:
+                queued = self._known.get(path)
+            if queued == (ready.size, ready.mtime_ns):
                 continue
             entry = self._check(ready, router, want, vrs)
-            if entry is not None:
+            if entry is None:
+                continue
+            if queued is not None:
+                self._replaced(entry[0])
+            else:
                 batch.append(entry)
         if not batch:
             return
         crash_point("ingest-before-commit")
         ids = self.queue.enqueue_many(batch)
         with self._lock:
-            self._known.update(e.path for e, _ in batch)
-        queued = sum(1 for i in ids if i is not None)
+            self._known.update((e.path, (e.size, e.mtime_ns)) for e, _ in batch)
+        added = sum(1 for i in ids if i is not None)
         if self.metrics is not None:
-            for _ in range(queued):
+            for _ in range(added):
                 self.metrics.ingested(True)
-        logger.debug("queued %d files (%d already queued)", queued, len(ids) - queued)
+        logger.debug("queued %d files (%d already queued)", added, len(ids) - added)
+        self.on_enqueued()
+
+    def _replaced(self, entry: FileEntry) -> None:
+        """A queued file was replaced by another object: every destination gets the new one
+        (its first routing stands)."""
+        if self.queue.replace_file(entry) is None:
+            return  # already being moved out: the watcher offers it again if it stays
+        with self._lock:
+            self._known[entry.path] = (entry.size, entry.mtime_ns)
+        logger.warning(
+            "%s: replaced while queued; sending the new version (%s) to every destination",
+            entry.rel_path,
+            entry.sop_instance_uid,
+            extra={"FILE": entry.path, "SOP_INSTANCE_UID": entry.sop_instance_uid},
+        )
         self.on_enqueued()
 
     def _check(

@@ -37,7 +37,7 @@ from forwarder.errors import QueueError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the problems table
+SCHEMA_VERSION = 3  # 2: the problems table; 3: jobs.stale
 _PRUNE_BATCH = 2000  # rows deleted per transaction, so workers can ack in between
 _CHECKPOINT_BUSY_MS = 2000  # how long prune's checkpoint waits for readers before giving up
 
@@ -183,6 +183,7 @@ _DDL = (
         last_error TEXT,
         created_at REAL NOT NULL,
         finished_at REAL,
+        stale INTEGER NOT NULL DEFAULT 0,  -- the file was replaced while this job was CLAIMED
         UNIQUE (file_id, destination)
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
@@ -234,10 +235,15 @@ _CLAIMED_JOBS = """
     WHERE j.id IN (SELECT value FROM json_each(:ids))
     ORDER BY j.next_attempt_at, j.id"""
 
+# A stale job (its file was replaced while it was being sent) goes back to READY instead: what
+# the peer stored was the old content.
 _ACK_TERMINAL = """
-    UPDATE jobs SET status = :status, attempts = attempts + 1, last_status = :last_status,
-                    last_error = COALESCE(:error, last_error), claimed_at = NULL,
-                    finished_at = :now
+    UPDATE jobs SET status = CASE WHEN stale THEN 'READY' ELSE :status END,
+                    attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
+                    next_attempt_at = CASE WHEN stale THEN :now ELSE next_attempt_at END,
+                    finished_at = CASE WHEN stale THEN NULL ELSE :now END,
+                    last_status = :last_status, last_error = COALESCE(:error, last_error),
+                    claimed_at = NULL, stale = 0
     WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
     RETURNING id, file_id, destination"""
 
@@ -424,6 +430,9 @@ class Queue:
             try:
                 for statement in _DDL:
                     conn.execute(statement)
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                if "stale" not in columns:  # a version 1 or 2 database
+                    conn.execute("ALTER TABLE jobs ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
@@ -805,6 +814,51 @@ class Queue:
         )
 
     # -- reading ---------------------------------------------------------------------------
+
+    def active_files(self) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) as queued, for every unfinished file (ingest notices a
+        file replaced in incoming by comparing)."""
+        with self._read("listing queued files") as conn:
+            rows = conn.execute(
+                "SELECT path, size, mtime_ns FROM files WHERE state != 'FINISHED'"
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def replace_file(self, entry: FileEntry, *, now: float | None = None) -> int | None:
+        """The file at ``entry.path`` was replaced in incoming while QUEUED: record its new
+        header values and send it again everywhere: DONE and FAILED jobs go back to READY,
+        CLAIMED ones are marked stale (their ack puts them back to READY). Returns the file
+        id, or None when no QUEUED row has that path (finishing or finished: nothing to do)."""
+        params = {
+            "path": entry.path,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+            "sop_class_uid": entry.sop_class_uid,
+            "sop_instance_uid": entry.sop_instance_uid,
+            "transfer_syntax": entry.transfer_syntax,
+            "now": _now(now),
+        }
+        with self._write(f"recording that {entry.path} was replaced") as conn:
+            row = conn.execute(
+                """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
+                          sop_class_uid = :sop_class_uid, sop_instance_uid = :sop_instance_uid,
+                          transfer_syntax = :transfer_syntax
+                   WHERE path = :path AND state = 'QUEUED' RETURNING id""",
+                params,
+            ).fetchone()
+            if row is None:
+                return None
+            ids = {"id": row[0], "now": params["now"]}
+            conn.execute(
+                """UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
+                          finished_at = NULL, last_status = NULL
+                   WHERE file_id = :id AND status IN ('DONE', 'FAILED')""",
+                ids,
+            )
+            conn.execute(
+                "UPDATE jobs SET stale = 1 WHERE file_id = :id AND status = 'CLAIMED'", ids
+            )
+        return int(row[0])
 
     def active_paths(self) -> set[str]:
         """Paths of every unfinished file (QUEUED or FINISHING): the watcher's dedup set."""

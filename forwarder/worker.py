@@ -9,6 +9,7 @@ sent again after restart (at least once).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import threading
@@ -359,6 +360,9 @@ class DestinationWorkers:
         logger.warning("%s: %s; pausing this destination %.1fs", self.name, channel.down, pause)
 
     def _log(self, job: Job, o: SendOutcome) -> None:
+        # The object actually read from the file now (it may have been replaced since ingest).
+        if o.sop_instance_uid and o.sop_instance_uid != job.sop_instance_uid:
+            job = dataclasses.replace(job, sop_instance_uid=o.sop_instance_uid)
         status = f"0x{o.status:04X}" if o.status is not None else "-"
         fields = {
             "DESTINATION": self.name,

@@ -38,12 +38,6 @@ def test_the_same_name_dropped_twice_is_delivered_twice(tmp_path: Path) -> None:
     assert queue_problems(d.queue) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a file replaced in incoming after it was queued is not noticed: jobs already "
-    "done keep their ack for the old content, the new content is sent only to destinations "
-    "still pending, and the new file lands in done/ as if every destination had it",
-)
 def test_a_file_replaced_while_queued_reaches_every_destination(tmp_path: Path) -> None:
     """a.dcm reaches A, B is down; the producer replaces a.dcm (rename over it) with a new
     object. What ends in done/ must have been delivered to A and B."""
@@ -80,11 +74,6 @@ def test_a_file_replaced_before_it_was_sent_is_sent_in_its_new_version(tmp_path:
     assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=1) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the worker logs (and the queue keeps) the SOP Instance UID read at ingest; "
-    "for a file replaced before it was sent, the log says it stored the old object",
-)
 def test_the_log_names_the_object_actually_sent(tmp_path: Path) -> None:
     port = free_port()
     d = Daemon(tmp_path / "d", destinations=[destination("pacs", port)])
@@ -95,8 +84,10 @@ def test_the_log_names_the_object_actually_sent(tmp_path: Path) -> None:
         with ScriptedSCP(port=port):
             d.wait_done(1, timeout=30)
     stored = [line for line in d.log_text().splitlines() if " stored " in line]
-    assert len(stored) == 1 and new.sop_instance_uid in stored[0], stored
-    assert old.sop_instance_uid not in stored[0]
+    # At least once: if the replacement is noticed after the new content went out, it is
+    # sent again; every line must still name the object actually sent.
+    assert stored and all(new.sop_instance_uid in line for line in stored), stored
+    assert not any(old.sop_instance_uid in line for line in stored)
 
 
 def test_files_deleted_by_someone_else_are_accounted_for(tmp_path: Path) -> None:
