@@ -128,8 +128,7 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
             shown = uid if len(uid) <= 80 else uid[:77] + "..."
             raise InvalidFileError(
                 path,
-                f"invalid {name} {shown!r} (PS3.5 9.1: at most 64 "
-                "characters, digits and dots)",
+                f"invalid {name} {shown!r} (PS3.5 9.1: at most 64 characters, digits and dots)",
             )
     return meta
 
