@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := dcmtk orthanc libsystemd-dev pkg-config gcc openssl dpkg-dev fakeroot
 RUN_DIR := run
 RECEIVE_PORT ?= 11112
 
@@ -22,6 +21,12 @@ system-deps:
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v strace >/dev/null || missing="$$missing strace"; \
+	command -v groff >/dev/null || missing="$$missing groff-base"; \
+	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	command -v chattr >/dev/null || missing="$$missing e2fsprogs"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	command -v dpkg-deb >/dev/null || missing="$$missing dpkg-dev"; \
 	command -v fakeroot >/dev/null || missing="$$missing fakeroot"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \

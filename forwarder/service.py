@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 _TICK = 1.0
 _STATUS_EVERY = 5.0
-_FINISH_RETRY_EVERY = 30.0
+_FINISH_RETRY_EVERY = 5.0  # files that could not be moved (disk full...): a cheap query
 _PRUNE_EVERY = 3600.0
 _PRUNE_AFTER = 7 * 86400.0
 _STOP_TIMEOUT = 10.0

@@ -30,7 +30,7 @@ pytestmark = [
 EXPLICIT = "1.2.840.10008.1.2.1"
 IMPLICIT = "1.2.840.10008.1.2"
 SMALL = {"rows": 8, "columns": 8}
-RETRY_PENDING_EVERY = 30.0  # service._FINISH_RETRY_EVERY: how often stuck moves are retried
+RETRY_PENDING_EVERY = 5.0  # service._FINISH_RETRY_EVERY: how often stuck moves are retried
 
 
 def names_everywhere(d: Daemon) -> set[str]:
