@@ -88,6 +88,7 @@ class Job:
     size: int
     attempts: int  # completed attempts before this one
     created_at: float
+    mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,7 @@ _CLAIM = """
 # Job's fields in order
 _CLAIMED_JOBS = """
     SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
-           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at
+           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns
     FROM jobs AS j JOIN files AS f ON f.id = j.file_id
     WHERE j.id IN (SELECT value FROM json_each(:ids))
     ORDER BY j.next_attempt_at, j.id"""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -234,16 +235,23 @@ class DestinationWorkers:
     def _process(self, channel: Channel, jobs: Sequence[Job], index: int) -> None:
         by_id = {j.id: j for j in jobs}
         sent: set[int] = set()
+        acks: list[_Ack] = []
 
         def requests() -> Iterator[StoreRequest]:
             for job in jobs:
                 if self._stop.is_set():
                     return
                 sent.add(job.id)
+                if self._changed_since_queued(job):
+                    # Replaced in incoming and not yet re-registered by ingest: sending now
+                    # would deliver content the queue does not know about (and the other
+                    # destinations would keep the old one). Wait for ingest to catch up.
+                    error = "the file changed since it was queued; waiting for it to settle"
+                    acks.append(_Ack("retry", (job.id,), None, error, time.time() + 1.0))
+                    continue
                 yield StoreRequest(job.path, job.id)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
-        acks: list[_Ack] = []
         handed_back: list[int] = []
         for outcome in channel.send(requests(), hint=self._hints()):
             self._beats[index] = time.monotonic()
@@ -324,6 +332,14 @@ class DestinationWorkers:
             logger.info("%s: the queue accepts outcomes again", self.name)
         self.finisher.submit(finished)
         return True
+
+    @staticmethod
+    def _changed_since_queued(job: Job) -> bool:
+        try:
+            st = os.stat(job.path)
+        except OSError:
+            return False  # gone: the sender reports that
+        return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
     def _spare_unavailable(self, channel: Channel, outcome: SendOutcome, index: int) -> bool:
         return (
