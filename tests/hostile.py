@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from dimse_wire import PDU_HEADER as _PDU_HEADER
+from dimse_wire import Closed as _Closed
+from dimse_wire import Command
+from dimse_wire import Conn as _Conn
+from dimse_wire import decode_command as _decode_command
+from dimse_wire import response as _response
 from peers import Received, ScriptedSCP
 from pynetdicom import evt
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -37,7 +43,6 @@ IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_PDU_HEADER = struct.Struct(">BxI")
 
 
 class Behaviour(StrEnum):
@@ -63,17 +68,6 @@ class Pdu:
 
     pdu_type: int
     length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A DIMSE command set received, decoded just enough."""
-
-    command_field: int
-    message_id: int
-    priority: int | None
-    sop_class_uid: str
-    sop_instance_uid: str
 
 
 @dataclass
@@ -303,115 +297,6 @@ class HostilePeer:
         return _response(
             context_id, command, 0x8001, self.status, self.error_comment, self.offending
         )
-
-
-class _Closed(Exception):
-    """The conversation is over (EOF, stop requested, or the behaviour ends it)."""
-
-
-class _Conn:
-    """A blocking socket read in short timeouts, so that a stop request is noticed."""
-
-    def __init__(self, sock: socket.socket, stop: threading.Event) -> None:
-        self.sock = sock
-        self.stop = stop
-        self.buf = bytearray()
-
-    def recv_some(self) -> None:
-        while True:
-            if self.stop.is_set():
-                raise _Closed
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                raise _Closed from None
-            if not chunk:
-                raise _Closed
-            self.buf += chunk
-            return
-
-    def read_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.recv_some()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, length = _PDU_HEADER.unpack(self.read_exactly(6))
-        return pdu_type, self.read_exactly(length)
-
-    def send(self, data: bytes) -> None:
-        try:
-            self.sock.sendall(data)
-        except OSError:
-            raise _Closed from None
-
-
-def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _text_value(text: str) -> bytes:
-    raw = text.encode("ascii")
-    return raw + b" " if len(raw) % 2 else raw
-
-
-def _elem(elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def _decode_command(raw: bytes) -> Command:
-    values: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(raw):
-        _, elem, length = struct.unpack_from("<HHI", raw, pos)
-        values[elem] = raw[pos + 8 : pos + 8 + length]
-        pos += 8 + length
-
-    def us(elem: int) -> int | None:
-        return struct.unpack("<H", values[elem][:2])[0] if elem in values else None
-
-    def uid(elem: int) -> str:
-        return values.get(elem, b"").rstrip(b"\x00 ").decode("ascii")
-
-    return Command(
-        command_field=us(0x0100) or 0,
-        message_id=us(0x0110) or 0,
-        priority=us(0x0700),
-        sop_class_uid=uid(0x0002),
-        sop_instance_uid=uid(0x1000),
-    )
-
-
-def _response(
-    context_id: int,
-    command: Command,
-    command_field: int,
-    status: int,
-    error_comment: str | None,
-    offending: int | None,
-) -> bytes:
-    """A one-PDV P-DATA PDU holding a C-STORE-RSP / C-ECHO-RSP command set."""
-    elems = [
-        _elem(0x0002, _uid_value(command.sop_class_uid or "1.2.840.10008.1.1")),
-        _elem(0x0100, struct.pack("<H", command_field)),
-        _elem(0x0120, struct.pack("<H", command.message_id)),
-        _elem(0x0800, struct.pack("<H", 0x0101)),
-        _elem(0x0900, struct.pack("<H", status)),
-    ]
-    if offending is not None:
-        elems.append(_elem(0x0901, struct.pack("<HH", offending >> 16, offending & 0xFFFF)))
-    if error_comment is not None:
-        elems.append(_elem(0x0902, _text_value(error_comment)))
-    if command.sop_instance_uid:
-        elems.append(_elem(0x1000, _uid_value(command.sop_instance_uid)))
-    body = b"".join(elems)
-    cmd = _elem(0x0000, struct.pack("<I", len(body))) + body
-    return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd
 
 
 # -- a pynetdicom SCP that keeps everything ----------------------------------------------------

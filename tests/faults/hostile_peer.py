@@ -19,11 +19,16 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from dimse_wire import PDU_HEADER as _PDU_HEADER
+from dimse_wire import Closed as _Closed
+from dimse_wire import Command
+from dimse_wire import Conn as _Conn
+from dimse_wire import decode_command as _decode_command
+from dimse_wire import response as _response
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -32,7 +37,6 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-_PDU_HEADER = struct.Struct(">BxI")
 _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
@@ -51,20 +55,6 @@ class Act(StrEnum):
     CLOSE_AFTER_DATA = "close-after-data"  # read the whole data set, then close (no answer)
     MALFORMED_PDU = "malformed-pdu"  # answer the data set with a PDU of unknown type 0x0A
     HUGE_PDU = "huge-pdu"  # answer with a P-DATA header claiming 0xFFFFFFF0 bytes
-
-
-class _Closed(Exception):
-    """This conversation is over."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A DIMSE request, decoded just enough to answer it."""
-
-    command_field: int
-    message_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
 
 
 @dataclass
@@ -267,111 +257,3 @@ def _reject(act: Act) -> bytes:
     rj = A_ASSOCIATE_RJ()
     rj.from_primitive(prim)
     return bytes(rj.encode())
-
-
-class _Conn:
-    """Blocking reads in short timeouts, so that a stop request is noticed."""
-
-    def __init__(self, sock: socket.socket, stop: threading.Event) -> None:
-        self.sock = sock
-        self.stop = stop
-        self.buf = bytearray()
-
-    def _recv(self) -> bytes:
-        while True:
-            if self.stop.is_set():
-                raise _Closed
-            try:
-                chunk = self.sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                raise _Closed from None
-            if not chunk:
-                raise _Closed
-            return chunk
-
-    def drain(self) -> None:
-        """Read and discard until the other side goes away (or we are stopped)."""
-        while True:
-            self._recv()
-
-    def read_exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.buf += self._recv()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        pdu_type, length = _PDU_HEADER.unpack(self.read_exactly(6))
-        return pdu_type, self.read_exactly(length)
-
-    def send(self, data: bytes) -> None:
-        deadline = time.monotonic() + 5.0
-        view = memoryview(data)
-        while view:
-            if self.stop.is_set() or time.monotonic() > deadline:
-                raise _Closed
-            try:
-                sent = self.sock.send(view)
-            except TimeoutError:
-                continue
-            except OSError:
-                raise _Closed from None
-            view = view[sent:]
-
-
-def _elements(raw: bytes) -> dict[int, bytes]:
-    values: dict[int, bytes] = {}
-    pos = 0
-    while pos + 8 <= len(raw):
-        _, elem, length = struct.unpack_from("<HHI", raw, pos)
-        values[elem] = raw[pos + 8 : pos + 8 + length]
-        pos += 8 + length
-    return values
-
-
-def _decode_command(raw: bytes) -> Command:
-    values = _elements(raw)
-
-    def us(elem: int) -> int:
-        return int(struct.unpack("<H", values.get(elem, b"\0\0")[:2])[0])
-
-    def uid(elem: int) -> str:
-        return values.get(elem, b"").rstrip(b"\x00 ").decode("ascii", "replace")
-
-    return Command(us(0x0100), us(0x0110), uid(0x0002), uid(0x1000))
-
-
-def _elem(elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def _pad(raw: bytes, pad: bytes) -> bytes:
-    return raw + pad if len(raw) % 2 else raw
-
-
-def _response(
-    context_id: int,
-    command: Command,
-    command_field: int,
-    status: int,
-    error_comment: str | None,
-) -> bytes:
-    """A one-PDV P-DATA PDU holding a C-STORE-RSP or C-ECHO-RSP."""
-    sop_instance = command.sop_instance_uid
-    elems = [
-        _elem(0x0002, _pad(command.sop_class_uid.encode(), b"\0")),
-        _elem(0x0100, struct.pack("<H", command_field)),
-        _elem(0x0120, struct.pack("<H", command.message_id)),
-        _elem(0x0800, struct.pack("<H", 0x0101)),
-        _elem(0x0900, struct.pack("<H", status)),
-    ]
-    if error_comment is not None:
-        elems.append(_elem(0x0902, _pad(error_comment.encode(), b" ")))
-    if sop_instance:
-        elems.append(_elem(0x1000, _pad(sop_instance.encode(), b"\0")))
-    body = b"".join(elems)
-    cmd = _elem(0x0000, struct.pack("<I", len(body))) + body
-    return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd
