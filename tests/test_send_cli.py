@@ -704,3 +704,16 @@ def test_a_300_mb_file_streams_in_flat_memory(
     assert big_rss < 100, f"peak RSS {big_rss:.0f} MB sending a {size / 1e6:.0f} MB file"
     # Flat: the big file costs about what a tiny one does (a few MB of buffers at most).
     assert big_rss - small_rss < 25, (small_rss, big_rss)
+
+
+@pytest.mark.parametrize("command", ["send", "echo", "receive", "run", "status"])
+def test_version_after_the_command(command: str) -> None:
+    """dcmsnd's -V works after the sub-command too (forwarder send -V)."""
+    from forwarder import __version__
+
+    for flag in ("-V", "--version"):
+        result = subprocess.run(
+            [FORWARDER, command, flag], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"forwarder {__version__}"

@@ -51,6 +51,11 @@ def build_parser(
                 raise
             continue  # a command not built into this installation
         module.add_parser(sub)
+    for command in sub.choices.values():
+        # dcmsnd and storescu take -V after the command too (forwarder send -V).
+        command.add_argument(
+            "-V", "--version", action="version", version=f"forwarder {__version__}"
+        )
     return parser, dict(sub.choices)
 
 
