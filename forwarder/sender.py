@@ -647,7 +647,7 @@ class Association:
                 )
             self._rbuf += chunk
             self.last_progress = time.monotonic()
-            if _TCP_QUICKACK is not None and self.settings.tls is None:
+            if _TCP_QUICKACK is not None:
                 # Linux turns quick ACKs off again after a while; re-arm after every read so the
                 # peer's Nagle-delayed second segment is released at once.
                 try:
