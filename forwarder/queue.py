@@ -20,7 +20,6 @@ The queue takes plain values (a database path, numbers), never the config object
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -29,300 +28,65 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from forwarder.errors import QueueError
+from forwarder.queue_records import (
+    DestinationStats,
+    FailedFile,
+    FileEntry,
+    FileState,
+    FileToFinish,
+    Job,
+    JobResult,
+    JobStatus,
+    Outcome,
+    PendingSyntax,
+    RecoveryReport,
+)
+from forwarder.queue_sql import (
+    ACK_RETRY,
+    ACK_TERMINAL,
+    BEGIN_FINISH,
+    BUMP_STATS,
+    CLAIM,
+    CLAIMED_JOBS,
+    DDL,
+    FAILED_FILES,
+    INSERT_FILE,
+    INSERT_JOBS,
+    PRUNE,
+    RELEASE,
+    REQUEUE_FILE,
+    RESULTS,
+    TERMINAL_FILES,
+    TO_FINISH_ALL,
+    TO_FINISH_IDS,
+    UNFINISHED_JOB,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DestinationStats",
+    "FailedFile",
+    "FileEntry",
+    "FileState",
+    "FileToFinish",
+    "Job",
+    "JobResult",
+    "JobStatus",
+    "Outcome",
+    "PendingSyntax",
+    "Queue",
+    "RecoveryReport",
+]
 
 SCHEMA_VERSION = 3  # 2: the problems table; 3: jobs.stale
 _PRUNE_BATCH = 2000  # rows deleted per transaction, so workers can ack in between
 _CHECKPOINT_BUSY_MS = 2000  # how long prune's checkpoint waits for readers before giving up
-
-
-class JobStatus(enum.StrEnum):
-    READY = "READY"
-    CLAIMED = "CLAIMED"
-    DONE = "DONE"
-    FAILED = "FAILED"
-
-
-class FileState(enum.StrEnum):
-    QUEUED = "QUEUED"
-    FINISHING = "FINISHING"
-    FINISHED = "FINISHED"
-
-
-class Outcome(enum.StrEnum):
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class FileEntry:
-    """What ingest enqueues: a complete file in incoming and the header values the sender needs."""
-
-    path: str
-    rel_path: str
-    size: int
-    mtime_ns: int
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """One claimed delivery: send the file at ``path`` to ``destination``, then ack ``id``."""
-
-    id: int
-    file_id: int
-    destination: str
-    path: str
-    rel_path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    size: int
-    attempts: int  # completed attempts before this one
-    created_at: float
-    mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
-
-
-@dataclass(frozen=True, slots=True)
-class JobResult:
-    """One destination's outcome for a file, for ``NAME.error.json``."""
-
-    destination: str
-    status: JobStatus
-    attempts: int
-    last_status: int | None
-    last_error: str | None
-    created_at: float
-    finished_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class FileToFinish:
-    """A file whose jobs are all terminal (``QUEUED``), or one caught mid-finish (``FINISHING``)."""
-
-    file_id: int
-    path: str
-    rel_path: str
-    state: FileState
-    outcome: Outcome  # "done" if every job is DONE, else "failed"
-    final_path: str | None  # set once begin_finish ran
-    results: tuple[JobResult, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DestinationStats:
-    pending: int  # READY jobs, including those waiting out a retry delay
-    in_flight: int  # CLAIMED jobs
-    done: int  # cumulative, survives prune()
-    failed: int  # cumulative, survives prune()
-    oldest_pending_seconds: float | None  # age of the oldest READY or CLAIMED job
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class RecoveryReport:
-    requeued: int  # CLAIMED jobs returned to READY
-    finishing: tuple[FileToFinish, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class FailedFile:
-    """A file that ended in failed/ and has not been retried yet (for ``forwarder retry``)."""
-
-    file_id: int
-    final_path: str
-    rel_path: str
-    destinations: tuple[str, ...]  # every destination whose job FAILED, sorted
-    finished_at: float
-
-
-class PendingSyntax(NamedTuple):
-    sop_class_uid: str
-    transfer_syntax: str
-
-
-# The status literals below must match JobStatus / FileState / Outcome (tests check the CHECKs).
-_DDL = (
-    """CREATE TABLE IF NOT EXISTS files (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL,
-        rel_path TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        transfer_syntax TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('QUEUED', 'FINISHING', 'FINISHED')),
-        outcome TEXT CHECK (outcome IN ('done', 'failed')),
-        final_path TEXT,
-        retried_as INTEGER,
-        created_at REAL NOT NULL,
-        finished_at REAL
-    )""",
-    # enqueue is idempotent per path while the file is unfinished; once finished, the same name
-    # may be dropped into incoming again
-    """CREATE UNIQUE INDEX IF NOT EXISTS files_unfinished_path
-        ON files (path) WHERE state != 'FINISHED'""",
-    "CREATE INDEX IF NOT EXISTS files_state ON files (state, finished_at)",
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id INTEGER PRIMARY KEY,
-        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
-        destination TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ('READY', 'CLAIMED', 'DONE', 'FAILED')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at REAL NOT NULL,
-        claimed_at REAL,
-        last_status INTEGER,
-        last_error TEXT,
-        created_at REAL NOT NULL,
-        finished_at REAL,
-        stale INTEGER NOT NULL DEFAULT 0,  -- the file was replaced while this job was CLAIMED
-        UNIQUE (file_id, destination)
-    )""",
-    "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
-    """CREATE TABLE IF NOT EXISTS destination_stats (
-        destination TEXT PRIMARY KEY,
-        done_total INTEGER NOT NULL DEFAULT 0,
-        failed_total INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        last_error_at REAL
-    )""",
-    # Conditions the daemon cannot attach to a job (a file that cannot be moved out of
-    # incoming), kept here so `forwarder status`, another process, can show them.
-    """CREATE TABLE IF NOT EXISTS problems (
-        key TEXT PRIMARY KEY,
-        text TEXT NOT NULL,
-        at REAL NOT NULL
-    )""",
-)
-
-_UNFINISHED_JOB = (
-    "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
-)
-
-_INSERT_FILE = """
-    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-                       transfer_syntax, state, created_at)
-    VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
-            :transfer_syntax, 'QUEUED', :now)
-    ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
-    RETURNING id"""
-
-_INSERT_JOBS = """
-    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
-    SELECT :file_id, value, 'READY', :now, :now FROM json_each(:destinations)"""
-
-_CLAIM = """
-    UPDATE jobs SET status = 'CLAIMED', claimed_at = :now
-    WHERE id IN (SELECT id FROM jobs
-                 WHERE destination = :destination AND status = 'READY'
-                   AND next_attempt_at <= :now
-                 ORDER BY next_attempt_at, id LIMIT :limit)
-    RETURNING id"""
-
-# Job's fields in order
-_CLAIMED_JOBS = """
-    SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
-           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns
-    FROM jobs AS j JOIN files AS f ON f.id = j.file_id
-    WHERE j.id IN (SELECT value FROM json_each(:ids))
-    ORDER BY j.next_attempt_at, j.id"""
-
-# A stale job (its file was replaced while it was being sent) goes back to READY instead: what
-# the peer stored was the old content.
-_ACK_TERMINAL = """
-    UPDATE jobs SET status = CASE WHEN stale THEN 'READY' ELSE :status END,
-                    attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
-                    next_attempt_at = CASE WHEN stale THEN :now ELSE next_attempt_at END,
-                    finished_at = CASE WHEN stale THEN NULL ELSE :now END,
-                    last_status = :last_status, last_error = COALESCE(:error, last_error),
-                    claimed_at = NULL, stale = 0
-    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
-    RETURNING id, file_id, destination"""
-
-_ACK_RETRY = """
-    UPDATE jobs SET status = 'READY', attempts = attempts + 1, next_attempt_at = :next_attempt_at,
-                    last_status = :last_status, last_error = :error, claimed_at = NULL
-    WHERE id = :id AND status = 'CLAIMED'
-    RETURNING id, file_id, destination"""
-
-_RELEASE = """
-    UPDATE jobs SET status = 'READY', claimed_at = NULL
-    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
-    RETURNING id, file_id, destination"""
-
-_BUMP_STATS = """
-    INSERT INTO destination_stats (destination, done_total, failed_total, last_error,
-                                   last_error_at)
-    VALUES (:destination, :done, :failed, :error, CASE WHEN :error IS NULL THEN NULL ELSE :now END)
-    ON CONFLICT (destination) DO UPDATE SET
-        done_total = done_total + excluded.done_total,
-        failed_total = failed_total + excluded.failed_total,
-        last_error = COALESCE(excluded.last_error, last_error),
-        last_error_at = COALESCE(excluded.last_error_at, last_error_at)"""
-
-_TERMINAL_FILES = f"""
-    SELECT f.id FROM files AS f
-    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state = 'QUEUED'
-      AND NOT EXISTS ({_UNFINISHED_JOB})
-    ORDER BY f.id"""
-
-_TO_FINISH_ALL = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
-    WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({_UNFINISHED_JOB})
-    ORDER BY f.id LIMIT :limit"""
-
-_TO_FINISH_IDS = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
-    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state IN ('QUEUED', 'FINISHING')
-      AND NOT EXISTS ({_UNFINISHED_JOB})
-    ORDER BY f.id LIMIT :limit"""
-
-# file_id, then JobResult's fields in order
-_RESULTS = """
-    SELECT file_id, destination, status, attempts, last_status, last_error, created_at,
-           finished_at
-    FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
-    ORDER BY file_id, destination"""
-
-_BEGIN_FINISH = """
-    UPDATE files SET state = 'FINISHING', final_path = :final_path,
-        outcome = CASE WHEN EXISTS (SELECT 1 FROM jobs AS j
-                                    WHERE j.file_id = files.id AND j.status != 'DONE')
-                       THEN 'failed' ELSE 'done' END
-    WHERE id = :id AND state = 'QUEUED' AND NOT EXISTS (
-        SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND u.status IN ('READY', 'CLAIMED'))"""
-
-_FAILED_FILES = """
-    SELECT f.id, f.final_path, f.rel_path, f.finished_at, j.destination
-    FROM files AS f JOIN jobs AS j ON j.file_id = f.id AND j.status = 'FAILED'
-    WHERE f.state = 'FINISHED' AND f.outcome = 'failed' AND f.retried_as IS NULL
-      AND (:destination IS NULL OR EXISTS (
-            SELECT 1 FROM jobs AS d
-            WHERE d.file_id = f.id AND d.destination = :destination AND d.status = 'FAILED'))
-    ORDER BY f.id, j.destination"""
-
-_REQUEUE_FILE = """
-    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-                       transfer_syntax, state, created_at)
-    SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-           transfer_syntax, 'QUEUED', :now
-    FROM files
-    WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
-    RETURNING id"""
-
-_PRUNE = """
-    DELETE FROM files WHERE id IN (
-        SELECT id FROM files WHERE state = 'FINISHED' AND finished_at < :cutoff
-        ORDER BY id LIMIT :batch)"""
 
 
 def _now(now: float | None) -> float:
@@ -429,7 +193,7 @@ class Queue:
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in _DDL:
+                for statement in DDL:
                     conn.execute(statement)
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
                 if "stale" not in columns:  # a version 1 or 2 database
@@ -557,7 +321,7 @@ class Queue:
         with self._write(what) as conn:
             for entry, destinations in prepared:
                 row = conn.execute(
-                    _INSERT_FILE,
+                    INSERT_FILE,
                     {
                         "path": entry.path,
                         "rel_path": entry.rel_path,
@@ -574,7 +338,7 @@ class Queue:
                     continue
                 file_id = int(row[0][0])
                 conn.execute(
-                    _INSERT_JOBS, {"file_id": file_id, "destinations": destinations, "now": at}
+                    INSERT_JOBS, {"file_id": file_id, "destinations": destinations, "now": at}
                 )
                 ids.append(file_id)
         return ids
@@ -586,10 +350,10 @@ class Queue:
             return []
         params = {"destination": destination, "limit": limit, "now": _now(now)}
         with self._write(f"claiming jobs for {destination}") as conn:
-            claimed = [r[0] for r in conn.execute(_CLAIM, params).fetchall()]
+            claimed = [r[0] for r in conn.execute(CLAIM, params).fetchall()]
             if not claimed:
                 return []
-            rows = conn.execute(_CLAIMED_JOBS, {"ids": _ids_json(claimed)}).fetchall()
+            rows = conn.execute(CLAIMED_JOBS, {"ids": _ids_json(claimed)}).fetchall()
         return [Job(*r) for r in rows]
 
     def ack_done(
@@ -619,7 +383,7 @@ class Queue:
         verb = "delivered" if to is JobStatus.DONE else "failed"
         params = {"status": to.value, "last_status": status, "error": error, "now": at}
         with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
-            rows = conn.execute(_ACK_TERMINAL, {**params, "ids": _ids_json(ids)}).fetchall()
+            rows = conn.execute(ACK_TERMINAL, {**params, "ids": _ids_json(ids)}).fetchall()
             self._expect_claimed(conn, ids, rows)
             per_destination: dict[str, int] = {}
             for _, _, destination in rows:
@@ -628,7 +392,7 @@ class Queue:
                 done, failed = (n, 0) if to is JobStatus.DONE else (0, n)
                 self._bump(conn, destination, done=done, failed=failed, error=error, now=at)
             file_ids = sorted({r[1] for r in rows})
-            terminal = conn.execute(_TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
+            terminal = conn.execute(TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
         return [r[0] for r in terminal]
 
     def ack_retry(
@@ -648,7 +412,7 @@ class Queue:
             "error": error,
         }
         with self._write(f"acking job {job_id} for a retry") as conn:
-            rows = conn.execute(_ACK_RETRY, params).fetchall()
+            rows = conn.execute(ACK_RETRY, params).fetchall()
             self._expect_claimed(conn, [job_id], rows)
             self._bump(conn, rows[0][2], done=0, failed=0, error=error, now=_now(now))
 
@@ -658,7 +422,7 @@ class Queue:
         if not ids:
             return
         with self._write(f"releasing {_describe_jobs(ids)}") as conn:
-            rows = conn.execute(_RELEASE, {"ids": _ids_json(ids)}).fetchall()
+            rows = conn.execute(RELEASE, {"ids": _ids_json(ids)}).fetchall()
             self._expect_claimed(conn, ids, rows)
 
     def fail_pending(self, destination: str, *, error: str, now: float | None = None) -> list[int]:
@@ -676,7 +440,7 @@ class Queue:
                 return []
             self._bump(conn, destination, done=0, failed=len(rows), error=error, now=at)
             file_ids = sorted({r[0] for r in rows})
-            terminal = conn.execute(_TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
+            terminal = conn.execute(TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
         logger.warning("gave up %d jobs for %s: %s", len(rows), destination, error)
         return [r[0] for r in terminal]
 
@@ -691,7 +455,7 @@ class Queue:
         now: float,
     ) -> None:
         conn.execute(
-            _BUMP_STATS,
+            BUMP_STATS,
             {
                 "destination": destination,
                 "done": done,
@@ -739,14 +503,14 @@ class Queue:
         conn: sqlite3.Connection, file_ids: Sequence[int] | None, limit: int
     ) -> list[FileToFinish]:
         if file_ids is None:
-            files = conn.execute(_TO_FINISH_ALL, {"limit": limit}).fetchall()
+            files = conn.execute(TO_FINISH_ALL, {"limit": limit}).fetchall()
         else:
             params = {"ids": _ids_json(file_ids), "limit": limit}
-            files = conn.execute(_TO_FINISH_IDS, params).fetchall()
+            files = conn.execute(TO_FINISH_IDS, params).fetchall()
         if not files:
             return []
         results: dict[int, list[JobResult]] = {}
-        for r in conn.execute(_RESULTS, {"ids": _ids_json(f[0] for f in files)}).fetchall():
+        for r in conn.execute(RESULTS, {"ids": _ids_json(f[0] for f in files)}).fetchall():
             results.setdefault(r[0], []).append(JobResult(r[1], JobStatus(r[2]), *r[3:]))
         finished: list[FileToFinish] = []
         for file_id, path, rel_path, state, final_path in files:
@@ -778,7 +542,7 @@ class Queue:
         with self._write(f"starting to finish {len(items)} files") as conn:
             for file_id, final_path in items:
                 params = {"id": file_id, "final_path": final_path}
-                if conn.execute(_BEGIN_FINISH, params).rowcount != 1:
+                if conn.execute(BEGIN_FINISH, params).rowcount != 1:
                     raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
 
     def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
@@ -956,7 +720,7 @@ class Queue:
         with self._read("counting files waiting to be moved") as conn:
             row = conn.execute(
                 f"""SELECT COUNT(*) FROM files AS f WHERE f.state = 'FINISHING'
-                    OR (f.state = 'QUEUED' AND NOT EXISTS ({_UNFINISHED_JOB}))"""
+                    OR (f.state = 'QUEUED' AND NOT EXISTS ({UNFINISHED_JOB}))"""
             ).fetchone()
         return int(row[0])
 
@@ -966,7 +730,7 @@ class Queue:
         """FINISHED files that went to failed/ and were not retried yet; with ``destination``,
         only those whose job for it FAILED. Each lists every destination that failed."""
         with self._read("listing failed files") as conn:
-            rows = conn.execute(_FAILED_FILES, {"destination": destination}).fetchall()
+            rows = conn.execute(FAILED_FILES, {"destination": destination}).fetchall()
         grouped: dict[int, tuple[Any, list[str]]] = {}
         for file_id, final_path, rel_path, finished_at, dest in rows:
             grouped.setdefault(file_id, ((final_path, rel_path, finished_at), []))[1].append(dest)
@@ -999,7 +763,7 @@ class Queue:
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
         with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:
             try:
-                row = conn.execute(_REQUEUE_FILE, params).fetchall()
+                row = conn.execute(REQUEUE_FILE, params).fetchall()
             except sqlite3.IntegrityError as exc:
                 raise QueueError(
                     f"queue database {self._path}: cannot requeue file {file_id} as {new_path}: "
@@ -1011,7 +775,7 @@ class Queue:
                     "finished, failed file (or it was retried already)"
                 )
             new_id = int(row[0][0])
-            conn.execute(_INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
+            conn.execute(INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
             updated = conn.execute(
                 """UPDATE files SET retried_as = :new_id
                    WHERE id = :id AND retried_as IS NULL""",
@@ -1032,7 +796,7 @@ class Queue:
         deleted = 0
         while True:
             with self._write("pruning finished files") as conn:
-                n = conn.execute(_PRUNE, params).rowcount
+                n = conn.execute(PRUNE, params).rowcount
             deleted += n
             if n < _PRUNE_BATCH:
                 break

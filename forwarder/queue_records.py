@@ -1,0 +1,118 @@
+"""The records the queue hands out and takes in: statuses and frozen, slotted dataclasses.
+
+Kept apart from :mod:`forwarder.queue` so the state machine's code reads on its own;
+``forwarder.queue`` re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class JobStatus(enum.StrEnum):
+    READY = "READY"
+    CLAIMED = "CLAIMED"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class FileState(enum.StrEnum):
+    QUEUED = "QUEUED"
+    FINISHING = "FINISHING"
+    FINISHED = "FINISHED"
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """What ingest enqueues: a complete file in incoming and the header values the sender needs."""
+
+    path: str
+    rel_path: str
+    size: int
+    mtime_ns: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One claimed delivery: send the file at ``path`` to ``destination``, then ack ``id``."""
+
+    id: int
+    file_id: int
+    destination: str
+    path: str
+    rel_path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    size: int
+    attempts: int  # completed attempts before this one
+    created_at: float
+    mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """One destination's outcome for a file, for ``NAME.error.json``."""
+
+    destination: str
+    status: JobStatus
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FileToFinish:
+    """A file whose jobs are all terminal (``QUEUED``), or one caught mid-finish (``FINISHING``)."""
+
+    file_id: int
+    path: str
+    rel_path: str
+    state: FileState
+    outcome: Outcome  # "done" if every job is DONE, else "failed"
+    final_path: str | None  # set once begin_finish ran
+    results: tuple[JobResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStats:
+    pending: int  # READY jobs, including those waiting out a retry delay
+    in_flight: int  # CLAIMED jobs
+    done: int  # cumulative, survives prune()
+    failed: int  # cumulative, survives prune()
+    oldest_pending_seconds: float | None  # age of the oldest READY or CLAIMED job
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    requeued: int  # CLAIMED jobs returned to READY
+    finishing: tuple[FileToFinish, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedFile:
+    """A file that ended in failed/ and has not been retried yet (for ``forwarder retry``)."""
+
+    file_id: int
+    final_path: str
+    rel_path: str
+    destinations: tuple[str, ...]  # every destination whose job FAILED, sorted
+    finished_at: float
+
+
+class PendingSyntax(NamedTuple):
+    sop_class_uid: str
+    transfer_syntax: str

@@ -1,0 +1,178 @@
+"""The queue's schema and SQL statements (named parameters only, never formatted in)."""
+
+from __future__ import annotations
+
+# The status literals below must match JobStatus / FileState / Outcome (tests check the CHECKs).
+DDL = (
+    """CREATE TABLE IF NOT EXISTS files (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL,
+        rel_path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('QUEUED', 'FINISHING', 'FINISHED')),
+        outcome TEXT CHECK (outcome IN ('done', 'failed')),
+        final_path TEXT,
+        retried_as INTEGER,
+        created_at REAL NOT NULL,
+        finished_at REAL
+    )""",
+    # enqueue is idempotent per path while the file is unfinished; once finished, the same name
+    # may be dropped into incoming again
+    """CREATE UNIQUE INDEX IF NOT EXISTS files_unfinished_path
+        ON files (path) WHERE state != 'FINISHED'""",
+    "CREATE INDEX IF NOT EXISTS files_state ON files (state, finished_at)",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id INTEGER PRIMARY KEY,
+        file_id INTEGER NOT NULL REFERENCES files (id) ON DELETE CASCADE,
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('READY', 'CLAIMED', 'DONE', 'FAILED')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        claimed_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        stale INTEGER NOT NULL DEFAULT 0,  -- the file was replaced while this job was CLAIMED
+        UNIQUE (file_id, destination)
+    )""",
+    "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
+    """CREATE TABLE IF NOT EXISTS destination_stats (
+        destination TEXT PRIMARY KEY,
+        done_total INTEGER NOT NULL DEFAULT 0,
+        failed_total INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at REAL
+    )""",
+    # Conditions the daemon cannot attach to a job (a file that cannot be moved out of
+    # incoming), kept here so `forwarder status`, another process, can show them.
+    """CREATE TABLE IF NOT EXISTS problems (
+        key TEXT PRIMARY KEY,
+        text TEXT NOT NULL,
+        at REAL NOT NULL
+    )""",
+)
+
+UNFINISHED_JOB = (
+    "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
+)
+
+INSERT_FILE = """
+    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                       transfer_syntax, state, created_at)
+    VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
+            :transfer_syntax, 'QUEUED', :now)
+    ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
+    RETURNING id"""
+
+INSERT_JOBS = """
+    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
+    SELECT :file_id, value, 'READY', :now, :now FROM json_each(:destinations)"""
+
+CLAIM = """
+    UPDATE jobs SET status = 'CLAIMED', claimed_at = :now
+    WHERE id IN (SELECT id FROM jobs
+                 WHERE destination = :destination AND status = 'READY'
+                   AND next_attempt_at <= :now
+                 ORDER BY next_attempt_at, id LIMIT :limit)
+    RETURNING id"""
+
+# Job's fields in order
+CLAIMED_JOBS = """
+    SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
+           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns
+    FROM jobs AS j JOIN files AS f ON f.id = j.file_id
+    WHERE j.id IN (SELECT value FROM json_each(:ids))
+    ORDER BY j.next_attempt_at, j.id"""
+
+# A stale job (its file was replaced while it was being sent) goes back to READY instead: what
+# the peer stored was the old content.
+ACK_TERMINAL = """
+    UPDATE jobs SET status = CASE WHEN stale THEN 'READY' ELSE :status END,
+                    attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
+                    next_attempt_at = CASE WHEN stale THEN :now ELSE next_attempt_at END,
+                    finished_at = CASE WHEN stale THEN NULL ELSE :now END,
+                    last_status = :last_status, last_error = COALESCE(:error, last_error),
+                    claimed_at = NULL, stale = 0
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+ACK_RETRY = """
+    UPDATE jobs SET status = 'READY', attempts = attempts + 1, next_attempt_at = :next_attempt_at,
+                    last_status = :last_status, last_error = :error, claimed_at = NULL
+    WHERE id = :id AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+RELEASE = """
+    UPDATE jobs SET status = 'READY', claimed_at = NULL
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+BUMP_STATS = """
+    INSERT INTO destination_stats (destination, done_total, failed_total, last_error,
+                                   last_error_at)
+    VALUES (:destination, :done, :failed, :error, CASE WHEN :error IS NULL THEN NULL ELSE :now END)
+    ON CONFLICT (destination) DO UPDATE SET
+        done_total = done_total + excluded.done_total,
+        failed_total = failed_total + excluded.failed_total,
+        last_error = COALESCE(excluded.last_error, last_error),
+        last_error_at = COALESCE(excluded.last_error_at, last_error_at)"""
+
+TERMINAL_FILES = f"""
+    SELECT f.id FROM files AS f
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state = 'QUEUED'
+      AND NOT EXISTS ({UNFINISHED_JOB})
+    ORDER BY f.id"""
+
+TO_FINISH_ALL = f"""
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({UNFINISHED_JOB})
+    ORDER BY f.id LIMIT :limit"""
+
+TO_FINISH_IDS = f"""
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state IN ('QUEUED', 'FINISHING')
+      AND NOT EXISTS ({UNFINISHED_JOB})
+    ORDER BY f.id LIMIT :limit"""
+
+# file_id, then JobResult's fields in order
+RESULTS = """
+    SELECT file_id, destination, status, attempts, last_status, last_error, created_at,
+           finished_at
+    FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
+    ORDER BY file_id, destination"""
+
+BEGIN_FINISH = """
+    UPDATE files SET state = 'FINISHING', final_path = :final_path,
+        outcome = CASE WHEN EXISTS (SELECT 1 FROM jobs AS j
+                                    WHERE j.file_id = files.id AND j.status != 'DONE')
+                       THEN 'failed' ELSE 'done' END
+    WHERE id = :id AND state = 'QUEUED' AND NOT EXISTS (
+        SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND u.status IN ('READY', 'CLAIMED'))"""
+
+FAILED_FILES = """
+    SELECT f.id, f.final_path, f.rel_path, f.finished_at, j.destination
+    FROM files AS f JOIN jobs AS j ON j.file_id = f.id AND j.status = 'FAILED'
+    WHERE f.state = 'FINISHED' AND f.outcome = 'failed' AND f.retried_as IS NULL
+      AND (:destination IS NULL OR EXISTS (
+            SELECT 1 FROM jobs AS d
+            WHERE d.file_id = f.id AND d.destination = :destination AND d.status = 'FAILED'))
+    ORDER BY f.id, j.destination"""
+
+REQUEUE_FILE = """
+    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                       transfer_syntax, state, created_at)
+    SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+           transfer_syntax, 'QUEUED', :now
+    FROM files
+    WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
+    RETURNING id"""
+
+PRUNE = """
+    DELETE FROM files WHERE id IN (
+        SELECT id FROM files WHERE state = 'FINISHED' AND finished_at < :cutoff
+        ORDER BY id LIMIT :batch)"""
