@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
+from forwarder.cli._argtypes import non_negative, whole_number
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.sender import PRIORITY, AssociationSettings, Peer
@@ -38,34 +39,12 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_milliseconds = whole_number(0, what="a number of milliseconds")
+
+
 def _millis(text: str) -> float:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value / 1000.0
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def _nonneg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+    """The seeds' timeouts: whole milliseconds, returned as seconds."""
+    return _milliseconds(text) / 1000.0
 
 
 def add_association_options(parser: argparse.ArgumentParser) -> None:
@@ -119,17 +98,21 @@ def add_association_options(parser: argparse.ArgumentParser) -> None:
         )
         t.add_argument(seed, dest=f"{name}_timeout", type=_millis, help=argparse.SUPPRESS)
     p = parser.add_argument_group("PDU and socket")
-    p.add_argument("--max-pdu-send", type=_nonneg, metavar="BYTES", help="cap the PDUs we send")
-    p.add_argument("-sndpdulen", dest="max_pdu_send_kb", type=_nonneg, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--max-pdu-send", type=non_negative, metavar="BYTES", help="cap the PDUs we send"
+    )
+    p.add_argument("-sndpdulen", dest="max_pdu_send_kb", type=non_negative, help=argparse.SUPPRESS)
     p.add_argument(
         "--max-pdu-receive",
         "-b",
         dest="max_pdu_receive",
-        type=_nonneg,
+        type=non_negative,
         metavar="BYTES",
         help="the largest PDU we accept (default 262144; 0 = unlimited; storescu -b)",
     )
-    p.add_argument("-rcvpdulen", dest="max_pdu_receive_kb", type=_nonneg, help=argparse.SUPPRESS)
+    p.add_argument(
+        "-rcvpdulen", dest="max_pdu_receive_kb", type=non_negative, help=argparse.SUPPRESS
+    )
     p.add_argument(
         "--tcp-delay",
         "-tcpdelay",
@@ -137,8 +120,8 @@ def add_association_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave Nagle's algorithm on (default: TCP_NODELAY)",
     )
-    p.add_argument("--so-sndbuf", "-sosndbuf", dest="so_sndbuf", type=_nonneg, metavar="KB")
-    p.add_argument("--so-rcvbuf", "-sorcvbuf", dest="so_rcvbuf", type=_nonneg, metavar="KB")
+    p.add_argument("--so-sndbuf", "-sosndbuf", dest="so_sndbuf", type=non_negative, metavar="KB")
+    p.add_argument("--so-rcvbuf", "-sorcvbuf", dest="so_rcvbuf", type=non_negative, metavar="KB")
     s = parser.add_argument_group("TLS (never falls back to plain TCP)")
     s.add_argument("--tls-ca", metavar="FILE", help="verify the peer against this CA bundle")
     s.add_argument("--tls-cert", metavar="FILE", help="our certificate (mutual TLS)")

@@ -13,6 +13,7 @@ from forwarder.cli import (
     EXIT_UNREACHABLE,
     setup_logging,
 )
+from forwarder.cli._argtypes import positive
 from forwarder.cli._net import add_association_options, resolve_or_report
 from forwarder.errors import AssociationError
 from forwarder.sender import VERIFICATION_SOP_CLASS, Association, ProposedContext
@@ -31,7 +32,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("args", nargs="*", metavar="TARGET", help="AET[@host[:port]] or HOST PORT")
     add_association_options(p)
-    p.add_argument("--repeat", "-r", type=int, default=1, metavar="N", help="echo N times")
+    p.add_argument("--repeat", "-r", type=positive, default=1, metavar="N", help="echo N times")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-d", "--debug", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"forwarder echo: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     try:
-        for _ in range(max(1, args.repeat)):
+        for _ in range(args.repeat):
             response = assoc.echo()
             if response.status != 0x0000:
                 print(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, setup_logging
+from forwarder.cli._argtypes import positive, whole_number
 from forwarder.errors import ForwarderError
 from forwarder.receiver import Receiver, ReceiverSettings, enable_streamed_receive, parse_networks
 from forwarder.signals import SignalWaiter
@@ -30,24 +31,7 @@ def parse_size(value: str) -> int:
     return size
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("must be 0..65535 (0 = any free port)")
-    return port
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
+_port = whole_number(0, 65535, what="a port number", hint=" (0 = any free port)")
 
 
 def _ae_title(value: str) -> str:
@@ -105,7 +89,7 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="reject associations whose called AE title is not --ae-title",
     )
-    p.add_argument("--max-associations", type=_positive, default=16, metavar="N")
+    p.add_argument("--max-associations", type=positive, default=16, metavar="N")
     p.add_argument(
         "--max-object-size",
         type=parse_size,
@@ -113,7 +97,7 @@ def add_parser(subparsers: Any) -> None:
         help="answer 0xA700 for larger objects (bytes, or 500M, 2G)",
     )
     p.add_argument(
-        "--max-pdu", type=_positive, default=262144, metavar="BYTES", help="max PDU we receive"
+        "--max-pdu", type=positive, default=262144, metavar="BYTES", help="max PDU we receive"
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each stored object")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")

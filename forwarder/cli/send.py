@@ -21,6 +21,7 @@ from forwarder.cli import (
     EXIT_UNREACHABLE,
     setup_logging,
 )
+from forwarder.cli._argtypes import positive
 from forwarder.cli._net import Target, add_association_options, resolve_or_report
 from forwarder.contexts import group_by_contexts
 from forwarder.dicomfile import FileMeta, read_meta
@@ -65,7 +66,7 @@ def add_parser(sub: Any) -> None:
         "--associations",
         "-async",
         dest="associations",
-        type=_positive,
+        type=positive,
         metavar="N",
         help="parallel associations (default 1; dcmsnd -async)",
     )
@@ -77,7 +78,7 @@ def add_parser(sub: Any) -> None:
         "-highprior", dest="priority", action="store_const", const="high", help=argparse.SUPPRESS
     )
     g.add_argument(
-        "--repeat", "-r", type=_positive, default=1, metavar="N", help="send everything N times"
+        "--repeat", "-r", type=positive, default=1, metavar="N", help="send everything N times"
     )
     g.add_argument(
         "--abort", "-a", action="store_true", help="end with A-ABORT instead of A-RELEASE"
@@ -91,7 +92,7 @@ def add_parser(sub: Any) -> None:
         "--buffer-size",
         "-bufsize",
         dest="buffer_size",
-        type=_positive,
+        type=positive,
         metavar="KB",
         help="data set bytes per socket write (default 1024)",
     )
@@ -103,12 +104,6 @@ def add_parser(sub: Any) -> None:
     o.add_argument("-q", "--quiet", action="store_true", help="errors only, no summary")
     o.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.set_defaults(func=run)
-
-
-def _positive(text: str) -> int:
-    from forwarder.cli._net import _positive as positive
-
-    return positive(text)
 
 
 @dataclass(slots=True)
