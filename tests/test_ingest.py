@@ -16,7 +16,7 @@ from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from forwarder.config import Route
-from forwarder.ingest import Ingest
+from forwarder.ingest import CHUNK, Ingest
 from forwarder.queue import Queue
 from forwarder.router import Router
 from forwarder.spool import Spool
@@ -265,7 +265,7 @@ def test_set_router_changes_routing_and_what_is_read(env: Env) -> None:
     assert (env.spool.failed / "other.dcm").exists()
 
 
-def test_a_big_batch_is_queued_in_one_go(env: Env) -> None:
+def test_a_big_batch_is_queued_in_chunks_so_sending_starts_early(env: Env) -> None:
     ds = make_dataset(rows=8, columns=8)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
@@ -274,6 +274,7 @@ def test_a_big_batch_is_queued_in_one_go(env: Env) -> None:
         # same content, other names: still separate files (a file is queued per path)
         files.append(env.put_bytes(f"batch/{i:03d}.dcm", buf.getvalue()))
     env.ingest(files)
-    assert env.rec.wakes == 1
+    # one transaction and one wake of the senders per CHUNK files, not one per file
+    assert env.rec.wakes == -(-200 // CHUNK) == 4
     assert env.queue.counts()["READY"] == 400
     assert len(env.jobs("archive")) == 200

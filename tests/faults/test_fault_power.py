@@ -214,8 +214,13 @@ def test_incoming_files_are_fsynced_before_they_are_queued(tmp_path: Path) -> No
         first_open = next(
             i for i, c in enumerate(calls) if c.name == "openat" and c.paths == (path,)
         )
+        # The ingesting thread (the first to open the file) commits the row that queues it:
+        # its next WAL sync. Other threads' commits (acks, moves) may come in between.
+        ingester = calls[first_open].tid
         enqueued = next(
-            i for i, c in enumerate(calls) if i > first_open and _is_sync(c) and _is_wal(c)
+            i
+            for i, c in enumerate(calls)
+            if i > first_open and c.tid == ingester and _is_sync(c) and _is_wal(c)
         )
         assert any(_is_sync(c) and c.paths == (path,) for c in calls[first_open:enqueued]), (
             f"{path} was queued before its data was fsynced"
