@@ -12,6 +12,7 @@ FINISHING, and :meth:`Finisher.retry_pending` tries again later: nothing is lost
 from __future__ import annotations
 
 import logging
+import os
 import queue as stdqueue
 import threading
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from forwarder.crashpoints import crash_point
 from forwarder.errors import QueueError
 from forwarder.queue import FileState, FileToFinish, JobStatus, Outcome, Queue
-from forwarder.spool import DestinationResult, Spool, SpoolError
+from forwarder.spool import DestinationResult, SourceGoneError, Spool, SpoolError
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +109,18 @@ class Finisher:
         if not items:
             return
         targets: dict[int, Path] = {}
+        taken: set[Path] = set()
         begin: list[tuple[int, str]] = []
         for item in items:
             if item.state == FileState.QUEUED or item.final_path is None:
                 target = self.spool.target(
-                    item.rel_path, failed=item.outcome == Outcome.FAILED, taken=targets.values()
+                    item.rel_path, failed=item.outcome == Outcome.FAILED, taken=taken
                 )
                 begin.append((item.file_id, str(target)))
             else:
                 target = Path(item.final_path)
             targets[item.file_id] = target
+            taken.add(target)
         try:
             self.queue.begin_finish_many(begin)
         except QueueError as exc:
@@ -174,16 +177,18 @@ class Finisher:
             reason = "; ".join(f"{r.destination}: {r.error or 'failed'}" for r in bad)
             self.spool.write_error(target, item.rel_path, reason, results)
         crash_point("finish-before-move")
-        if source.exists():
+        try:
             self.spool.move(source, target, sync=False)
+        except SourceGoneError:
+            if not os.path.lexists(target):
+                logger.error(
+                    "%s: neither in incoming nor at %s: removed by someone else?",
+                    item.rel_path,
+                    target,
+                )
+        else:
             dirs.update((source.parent, target.parent))
             crash_point("finish-after-move")
-        elif not target.exists():
-            logger.error(
-                "%s: neither in incoming nor at %s: removed by someone else?",
-                item.rel_path,
-                target,
-            )
         if failed:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
         else:

@@ -29,6 +29,10 @@ class SpoolError(ForwarderError):
     """A file could not be moved (disk full, permissions); it stays where it was."""
 
 
+class SourceGoneError(SpoolError):
+    """The file to move is not there (moved or removed by someone else)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationResult:
     """One destination's outcome for ``NAME.error.json``."""
@@ -46,6 +50,18 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _rename(source: Path, target: Path) -> None:
+    """rename(2), creating the target's folders when they are missing (tried first: in the
+    usual case they exist, and a mkdir per file costs a system call for nothing)."""
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        if not os.path.lexists(source):
+            raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, target)
 
 
 def fsync_dir(path: Path) -> None:
@@ -81,11 +97,11 @@ class Spool:
         base = (self.failed if failed else self.done) / rel_path
         candidate = base
         n = 0
-        promised = set(taken)
+        promised = taken if isinstance(taken, (set, frozenset)) else set(taken)
         while (
             candidate in promised
-            or candidate.exists()
-            or (failed and _error_path(candidate).exists())
+            or os.path.lexists(candidate)
+            or (failed and os.path.lexists(_error_path(candidate)))
         ):
             n += 1
             candidate = base.with_name(numbered(base.name, n))
@@ -94,12 +110,12 @@ class Spool:
     def move(self, source: Path, target: Path, *, sync: bool = True) -> None:
         """Move ``source`` to ``target`` (parents created). Raises :class:`SpoolError`."""
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(source, target)
+                _rename(source, target)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
+                target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.moving")
                 try:
                     shutil.copyfile(source, tmp)
@@ -117,6 +133,8 @@ class Spool:
                     fsync_dir(target.parent)
                 os.unlink(source)
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not os.path.lexists(source):
+                raise SourceGoneError(f"cannot move {source}: it is gone") from None
             raise SpoolError(
                 f"cannot move {source} to {target}: {exc.strerror or exc}; it stays in place"
             ) from None
