@@ -8,6 +8,7 @@ are not usable DICOM or match no route go to failed/ with ``NAME.error.json``; n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -286,27 +287,22 @@ def sync_files(paths: Sequence[str]) -> dict[str, str]:
     return failed
 
 
-def _load_sync_file_range() -> Callable[[int], None] | None:
+@functools.cache
+def _sync_file_range() -> Callable[[int], None] | None:
+    """libc's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE), loaded on first use (not at
+    start-up); None where there is none (not Linux/glibc: plain fsync only)."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):  # not Linux/glibc: plain fsync only
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
         return None
     call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     call.restype = ctypes.c_int
-
-    def start(fd: int) -> None:
-        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: a failure only makes fsync slower
-
-    return start
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _load_sync_file_range()
+    return lambda fd: call(fd, 0, 0, 2)  # a hint: a failure only makes the fsync slower
 
 
 def _start_writeback(fd: int) -> None:
-    if _sync_file_range is not None:
-        _sync_file_range(fd)
+    start = _sync_file_range()
+    if start is not None:
+        start(fd)

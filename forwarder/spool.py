@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,15 +92,14 @@ class Spool:
     def rel_path(self, path: Path) -> str:
         return path.relative_to(self.incoming).as_posix()
 
-    def target(self, rel_path: str, failed: bool, taken: Iterable[Path] = ()) -> Path:
+    def target(self, rel_path: str, failed: bool, taken: AbstractSet[Path] = frozenset()) -> Path:
         """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash);
         ``taken`` are paths already promised to other files of the same batch."""
         base = (self.failed if failed else self.done) / rel_path
         candidate = base
         n = 0
-        promised = taken if isinstance(taken, (set, frozenset)) else set(taken)
         while (
-            candidate in promised
+            candidate in taken
             or os.path.lexists(candidate)
             or (failed and os.path.lexists(_error_path(candidate)))
         ):
