@@ -296,6 +296,11 @@ class Association:
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
         self.last_progress = self.opened_at  # any byte sent or received (watchdog health)
+        # Plain TCP after negotiation: a blocking socket with kernel timeouts (SO_RCVTIMEO /
+        # SO_SNDTIMEO), because a Python-level timeout makes every send and recv a poll()
+        # first: two more system calls a file, each giving up the GIL.
+        self._kernel_timeouts = False
+        self._rcvtimeo: float | None = None
 
     # -- establishment ------------------------------------------------------------------------
 
@@ -370,7 +375,10 @@ class Association:
             neg.by_abstract.setdefault(proposal.abstract_syntax, []).append(acc)
         neg.rejected = [c for cid, c in proposed.items() if cid not in accepted_ids]
         self._negotiated = neg
-        self._sock.settimeout(s.response_timeout)
+        if s.tls is None:
+            self._use_kernel_timeouts(s.response_timeout)
+        else:
+            self._sock.settimeout(s.response_timeout)
         logger.debug(
             "associated with %s: %d of %d contexts accepted, peer max PDU %d",
             self.peer,
@@ -604,11 +612,26 @@ class Association:
 
     # -- socket I/O ---------------------------------------------------------------------------
 
+    def _use_kernel_timeouts(self, timeout: float) -> None:
+        sock = self._sock
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+        self._kernel_timeouts = True
+        self._rcvtimeo = timeout
+
+    def _set_recv_timeout(self, timeout: float) -> None:
+        if not self._kernel_timeouts:
+            self._sock.settimeout(timeout)
+        elif timeout != self._rcvtimeo:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            self._rcvtimeo = timeout
+
     def _send(self, data: bytes | bytearray | memoryview, *, what: str) -> None:
         self.last_progress = time.monotonic()
         try:
             self._sock.sendall(data)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
             self.abort()
             raise AssociationError(
                 f"{self.peer} stopped reading while we sent {what} "
@@ -624,11 +647,11 @@ class Association:
 
     def _fill(self, n: int, timeout: float, waiting_for: str) -> None:
         sock = self._sock
-        sock.settimeout(timeout)
+        self._set_recv_timeout(timeout)
         while len(self._rbuf) < n:
             try:
                 chunk = sock.recv(max(65536, n - len(self._rbuf)))
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 self.abort()
                 raise AssociationError(
                     f"{self.peer} did not send {waiting_for} within {timeout:g}s", retryable=True
@@ -668,6 +691,13 @@ class Association:
         body = bytes(self._rbuf[6 : 6 + length])
         del self._rbuf[: 6 + length]
         return pdu_type, body
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO (0 would mean "never time out"; a
+    configured ``.inf`` or 1e300 becomes 68 years rather than an overflow)."""
+    usec = max(1000, round(min(seconds, 2**31 - 1) * 1_000_000))
+    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
 
 
 def _oserror(exc: BaseException) -> str:

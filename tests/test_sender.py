@@ -400,6 +400,20 @@ def test_peer_never_answers_response_timeout_aborts(small_files: list[Path]) -> 
         assert peer.datasets == [dataset_bytes(small_files[0])]
 
 
+@pytest.mark.parametrize("timeout", [1e12, float("inf")])
+def test_unbounded_timeouts_still_send(small_files: list[Path], timeout: float) -> None:
+    """Timeouts become kernel socket timeouts after negotiation; a timeout written as .inf
+    or 1e12 seconds must not overflow the struct timeval."""
+    settings = AssociationSettings(
+        connect_timeout=10.0, response_timeout=timeout, release_timeout=timeout
+    )
+    with CapturingSCP() as scp:
+        outcomes = send_all(Channel(peer_of(scp), settings), small_files[:2])
+        assert [o.outcome for o in outcomes] == [Outcome.STORED, Outcome.STORED]
+        wait_until(lambda: scp.releases == 1, timeout=5, what="the association's release")
+    assert sorted(scp.datasets.values()) == sorted(dataset_bytes(p) for p in small_files[:2])
+
+
 def test_peer_answers_before_reading_the_data_set(tmp_path: Path, big_file: Path) -> None:
     second = gen(tmp_path / "two.dcm", rows=512, columns=512, frames=4)
     with HostilePeer(Behaviour.ANSWER_EARLY, status=0xC001, error_comment="no thanks") as peer:
