@@ -41,6 +41,7 @@ _FINISH_RETRY_EVERY = 5.0  # files that could not be moved (disk full...): a che
 _PRUNE_EVERY = 3600.0
 _PRUNE_AFTER = 7 * 86400.0
 _STOP_TIMEOUT = 10.0
+_UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
 
 
 def association_settings(dest: Destination, config: Config) -> AssociationSettings:
@@ -76,6 +77,7 @@ class Service:
         self._signals: SignalWaiter | None = None
         self._workers: dict[str, DestinationWorkers] = {}
         self._last: LastOutcome | None = None
+        self._unhealthy: list[str] = []  # what the last health check found wrong
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.metrics.Metrics when metrics.listen is set
 
@@ -215,6 +217,7 @@ class Service:
     def _loop(self) -> None:
         next_status = next_finish = time.monotonic()
         next_prune = time.monotonic() + 60.0
+        next_unhealthy_log = 0.0
         assert self._signals is not None
         while not self._stop.is_set():
             for sig in self._signals.wait(_TICK):
@@ -228,15 +231,18 @@ class Service:
                 self._reload = False
                 self._do_reload()
             now = time.monotonic()
-            if (
-                self.watcher.healthy
-                and self.finisher.healthy
-                and all(w.healthy(now) for w in self._workers.values())
-            ):
+            problems = self._health_problems(now)
+            if not problems:
                 # Only a loop that is really making progress keeps systemd's watchdog fed.
                 self.notifier.watchdog()
-            else:
-                logger.error("a worker or the watcher is stuck; not feeding the watchdog")
+                if self._unhealthy:
+                    logger.warning("healthy again; feeding systemd's watchdog")
+                    self._unhealthy = []
+            elif problems != self._unhealthy or now >= next_unhealthy_log:
+                # Said when it changes and twice a minute, not every second until the restart.
+                logger.error("not feeding systemd's watchdog: %s", "; ".join(problems))
+                self._unhealthy = problems
+                next_unhealthy_log = now + _UNHEALTHY_LOG_EVERY
             if now >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = now + _STATUS_EVERY
@@ -252,6 +258,19 @@ class Service:
                 except ForwarderError as exc:
                     logger.error("pruning the queue: %s", exc)
                 next_prune = now + _PRUNE_EVERY
+
+    def _health_problems(self, now: float) -> list[str]:
+        problems = []
+        if not self.watcher.healthy:
+            problems.append(
+                "the watcher of incoming is not running (a watch thread died, or the folder "
+                "was removed)"
+            )
+        if not self.finisher.healthy:
+            problems.append("the finisher thread died (its traceback is logged above)")
+        for workers in list(self._workers.values()):
+            problems += workers.problems(now)
+        return problems
 
     def _do_reload(self) -> None:
         self.notifier.reloading()

@@ -139,18 +139,26 @@ class DestinationWorkers:
             self._wake.notify_all()
 
     def healthy(self, now: float | None = None) -> bool:
-        """False when a thread has made no progress for longer than any legitimate wait."""
+        """False when a thread died or made no progress for longer than any legitimate wait."""
+        return not self.problems(now)
+
+    def problems(self, now: float | None = None) -> list[str]:
+        """What is wrong with these threads, one phrase each naming the thread (none: healthy)."""
         now = time.monotonic() if now is None else now
         limit = self.destination.connect_timeout + self.destination.response_timeout + 30.0
+        found = []
         for i, t in enumerate(self._threads):
             if not t.is_alive():
-                return False
+                if not self._stop.is_set():
+                    found.append(f"{t.name} died (its traceback is logged above)")
+                continue
             beat = self._beats.get(i, now)
             ch = self._channels.get(i)
             progress = ch.last_progress if ch is not None else None
-            if now - max(beat, progress or 0.0) > limit:
-                return False
-        return True
+            idle = now - max(beat, progress or 0.0)
+            if idle > limit:
+                found.append(f"{t.name} made no progress for {idle:.0f}s (limit {limit:.0f}s)")
+        return found
 
     # -- the loop -------------------------------------------------------------------------------
 

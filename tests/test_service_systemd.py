@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import time
@@ -78,6 +79,34 @@ def test_ready_watchdog_status_and_stopping(notify_socket: socket.socket, tmp_pa
             d.signal(signal.SIGTERM)
             assert d.wait_exit(20) == 0
             messages.wait_for("STOPPING=1", timeout=5)
+
+
+def test_a_starved_watchdog_is_explained_once_not_every_second(
+    notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    """When the loop stops feeding systemd's watchdog, the log says which part is unwell."""
+    messages = Messages(notify_socket)
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            env={"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "60000000"},
+        )
+        with d:
+            messages.wait_for("WATCHDOG=1", timeout=10)
+            shutil.rmtree(d.incoming)
+            line = "not feeding systemd's watchdog: the watcher of incoming is not running"
+            d.wait_log(line, timeout=15)
+            fed = sum("WATCHDOG=1" in m for m in messages.pump())
+            # The loop checks every second and sends STATUS= every 5 s: after two more STATUS=
+            # lines it has found the same problem 5+ times, and said so once.
+            statuses = sum("STATUS=" in m for m in messages.pump())
+            wait_until(
+                lambda: sum("STATUS=" in m for m in messages.pump()) >= statuses + 2, 20,
+                what="two more STATUS= lines",
+            )  # fmt: skip
+            assert d.log_text(current_run=True).count("not feeding systemd's watchdog") == 1
+            assert sum("WATCHDOG=1" in m for m in messages.pump()) == fed  # starved meanwhile
 
 
 def test_reload_notifies_and_applies_a_new_destination(

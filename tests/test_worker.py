@@ -171,6 +171,33 @@ def test_files_are_stored_acked_and_moved_to_done(rig: Rig) -> None:
         assert {r.calling_ae for r in scp.received} == {"FORWARDER"}
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_thread_is_named_in_the_health_problems(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd restarts a daemon whose worker died; the log must say which thread and why."""
+
+    def crash(last: LastOutcome) -> None:
+        raise RuntimeError("injected: outcome callback failed")
+
+    with ScriptedSCP() as scp:
+        workers = rig.add_destination("a", scp.port, associations=2)
+        workers.on_outcome = crash
+        assert workers.problems() == []
+        rig.start()
+        rig.enqueue(1)
+        wait_until(lambda: workers.problems() != [], 20, what="a worker thread to die")
+        assert not workers.healthy()
+        (problem,) = workers.problems()
+        assert problem.startswith("send-a-") and "died" in problem, problem
+        assert any(
+            "worker thread crashed" in r.getMessage()
+            and r.exc_info is not None
+            and "injected: outcome callback failed" in str(r.exc_info[1])
+            for r in caplog.records
+        )
+
+
 def test_warning_counts_as_stored(rig: Rig) -> None:
     with ScriptedSCP(status=0xB000) as scp:
         rig.add_destination("a", scp.port)
