@@ -3,7 +3,8 @@
 A file is *ready* once its size and modification time have been observed identical across the
 settle time (``settle``). A close-after-write or a rename into place (inotify ``IN_CLOSE_WRITE``,
 ``IN_MOVED_TO``) shortens that wait to :data:`CLOSED_SETTLE`, but a file is never ready before two
-``lstat`` calls agree, and any write seen after the close cancels the shortcut.
+``lstat`` calls agree, and any write seen after the close cancels the shortcut. An empty file
+with no close seen is ready only once no process holds it open for writing (/proc).
 
 Candidates come from three sources, so that no file can be stranded:
 
@@ -452,6 +453,7 @@ class Watcher:
             if cand is not None and cand.due == when:
                 due.append((path, cand))
         ready: list[ReadyFile] = []
+        empty: list[tuple[str, _Candidate, tuple[int, int]]] = []
         for path, cand in due:
             try:
                 st = os.lstat(path)
@@ -476,12 +478,29 @@ class Watcher:
                 # slow copy pauses. Look again soon.
                 self._schedule(path, cand, now + min(self._window(cand), 1.0))
             elif now >= cand.since + self._window(cand):
+                if size == 0 and not cand.closed:
+                    # Empty, and no close seen: a writer may hold it open before it has any
+                    # data (no IN_MODIFY yet). Asked below, with one look at /proc for all.
+                    empty.append((path, cand, (st.st_dev, st.st_ino)))
+                    continue
                 del self._pending[path]
                 rel = self._rel(path)
                 if rel is not None and self._emitted.get(path) != (size, mtime_ns):
                     ready.append(ReadyFile(Path(path), rel, size, mtime_ns))
             else:
                 self._schedule(path, cand, cand.since + self._window(cand))
+        if empty:
+            # Taken now, a file its writer has yet to fill would go to failed/ as empty while
+            # the writer goes on writing into it there.
+            writers = _writers_of({inode for _, _, inode in empty})
+            for path, cand, inode in empty:
+                if inode in writers:
+                    self._schedule(path, cand, now + min(self._window(cand), 1.0))
+                    continue
+                del self._pending[path]
+                rel = self._rel(path)
+                if rel is not None and self._emitted.get(path) != (0, cand.mtime_ns):
+                    ready.append(ReadyFile(Path(path), rel, 0, cand.mtime_ns))
         if ready:
             self._emit(ready)
 
@@ -571,10 +590,17 @@ def _open_for_writing(path: str) -> bool:
         target = os.stat(path)
     except OSError:
         return False
+    return bool(_writers_of({(target.st_dev, target.st_ino)}, first=True))
+
+
+def _writers_of(inodes: set[tuple[int, int]], *, first: bool = False) -> set[tuple[int, int]]:
+    """Those of ``inodes`` (st_dev, st_ino) that a process visible in /proc has open for
+    writing: one walk of /proc for all of them (stops at the first hit with ``first``)."""
+    found: set[tuple[int, int]] = set()
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return False
+        return found
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
@@ -584,17 +610,20 @@ def _open_for_writing(path: str) -> bool:
         for fd in fds:
             try:
                 st = os.stat(f"{fd_dir}/{fd}")
-                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                key = (st.st_dev, st.st_ino)
+                if key not in inodes or key in found:
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as info:
                     for line in info:
                         if line.startswith("flags:"):
                             if int(line.split()[1], 8) & (os.O_WRONLY | os.O_RDWR):
-                                return True
+                                found.add(key)
+                                if first:
+                                    return found
                             break
             except (OSError, ValueError):
                 continue
-    return False
+    return found
 
 
 def _halt(observer: BaseObserver, timeout: float) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from forwarder.errors import ForwarderError
-from forwarder.watcher import ReadyFile, Watcher, is_ignored_name
+from forwarder.watcher import CLOSED_SETTLE, ReadyFile, Watcher, is_ignored_name
 
 MODES = [pytest.param(False, id="inotify"), pytest.param(True, id="polling")]
 BARRIER_PREFIX = "zz-barrier-"
@@ -190,6 +190,40 @@ def test_slow_in_place_writer_is_emitted_only_after_it_stops(
     barrier(watcher, collector, root)
     assert collector.rel_paths() == ["slow.dcm"]
     assert next(f for f in collector.files() if f.rel_path == "slow.dcm").size == 30_000
+
+
+@pytest.mark.parametrize("polling", MODES)
+def test_empty_file_held_open_is_not_taken_before_its_writer_writes(
+    root: Path, start_watcher: StartWatcher, polling: bool
+) -> None:
+    """A writer that creates its file and pauses before the first byte (a modality opening
+    the file, then waiting on its reconstruction) must not lose it to failed/ as empty."""
+    # settle = CLOSED_SETTLE: a barrier file (renamed into place) created after late.dcm is
+    # due no earlier than late.dcm, so once it is handed on late.dcm has been judged too.
+    watcher, collector = start_watcher(settle=CLOSED_SETTLE, polling=polling)
+    target = root / "late.dcm"
+    # O_EXCL, no O_TRUNC: creating the file raises IN_CREATE only (a truncate would add an
+    # IN_MODIFY, which already marks the file as being written).
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        barrier(watcher, collector, root)
+        barrier(watcher, collector, root)
+        assert collector.count("late.dcm") == 0, "an empty file still open was taken"
+        fh.write(b"z" * 5000)
+    wait_until(lambda: collector.count("late.dcm") == 1, "late.dcm")
+    barrier(watcher, collector, root)
+    assert collector.rel_paths() == ["late.dcm"]
+    assert next(f for f in collector.files() if f.rel_path == "late.dcm").size == 5000
+
+
+def test_empty_file_closed_is_taken_and_left_to_ingest(
+    root: Path, start_watcher: StartWatcher
+) -> None:
+    """An empty file nobody writes any more is handed on (ingest sends it to failed/)."""
+    _, collector = start_watcher(settle=0.3)
+    (root / "empty.dcm").touch()
+    wait_until(lambda: collector.count("empty.dcm") == 1, "empty.dcm")
+    assert next(f for f in collector.files() if f.rel_path == "empty.dcm").size == 0
 
 
 def test_writer_that_reopens_between_appends_is_not_emitted_early(
