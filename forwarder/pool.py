@@ -20,13 +20,13 @@ from enum import StrEnum
 from forwarder.contexts import MAX_CONTEXTS, plan_contexts
 from forwarder.dicomfile import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import AssociationError, InvalidFileError, SendError
+from forwarder.pdu import ProposedContext
 from forwarder.sender import (
     AcceptedContext,
     Association,
     AssociationSettings,
     DimseResponse,
     Peer,
-    ProposedContext,
 )
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 pynetdicom's own SCU costs about 3 ms per C-STORE (a reactor thread, queues, 1 ms polling sleeps,
 command sets encoded through pydicom) and decodes/re-encodes every file; importing it also costs
 ~0.7 s (it pulls in pydicom and numpy), more than storescu needs to send 2,000 files. So the
-three association PDUs are encoded here by hand (PS3.8 9.3; the tests decode them with
+three association PDUs are encoded by hand (:mod:`forwarder.pdu`; the tests decode them with
 pynetdicom's PDU classes and negotiate with DCMTK, Orthanc and pynetdicom peers), and the
 per-file work is done on a blocking socket:
 
@@ -25,44 +25,47 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from forwarder import __version__
 from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import FileMeta
 from forwarder.errors import AssociationError, InvalidFileError
+from forwarder.pdu import (
+    ABORT,
+    MAX_CONTEXTS,
+    PDATA_HEADER,
+    PDU_ABORT,
+    PDU_ASSOCIATE_AC,
+    PDU_ASSOCIATE_RJ,
+    PDU_HEADER,
+    PDU_P_DATA,
+    PDU_RELEASE_RP,
+    PDU_RELEASE_RQ,
+    PRIORITY,
+    REJECT_RESULT,
+    RELEASE_RP,
+    RELEASE_RQ,
+    VERIFICATION_SOP_CLASS,
+    ProposedContext,
+    command_text,
+    decode_associate_ac,
+    decode_command,
+    encode_associate_rq,
+    encode_echo_rq,
+    encode_store_rq,
+    reject_reason,
+)
 
 if TYPE_CHECKING:
     import ssl
 
 logger = logging.getLogger(__name__)
 
-APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1284.1"  # forwarder's implementation UID
-IMPLEMENTATION_VERSION = ("FORWARDER_" + __version__.replace(".", ""))[:16]
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
-MAX_CONTEXTS = 128  # odd context IDs 1..255
-
-PRIORITY = {"medium": 0x0000, "high": 0x0001, "low": 0x0002}
-
-_PDU_ASSOCIATE_AC = 0x02
-_PDU_ASSOCIATE_RJ = 0x03
-_PDU_P_DATA = 0x04
-_PDU_RELEASE_RQ = 0x05
-_PDU_RELEASE_RP = 0x06
-_PDU_ABORT = 0x07
-_RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_PDU_HEADER = struct.Struct(">BxI")
-_PDATA_HEADER = struct.Struct(">BxIIBB")  # PDU type, length, PDV length, context ID, control
 _MAX_INCOMING_PDU = 16 * 1024 * 1024  # refuse absurd PDU lengths from a broken peer
 _UNLIMITED_FRAGMENT = 1024 * 1024 - 6  # what we send when the peer says "no limit"
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-_REJECT_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +102,6 @@ class AssociationSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ProposedContext:
-    abstract_syntax: str
-    transfer_syntaxes: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class AcceptedContext:
     context_id: int
     abstract_syntax: str
@@ -126,155 +123,6 @@ class _Negotiated:
     accepted: dict[tuple[str, str], AcceptedContext] = field(default_factory=dict)
     by_abstract: dict[str, list[AcceptedContext]] = field(default_factory=dict)
     rejected: list[ProposedContext] = field(default_factory=list)
-
-
-def _uid_bytes(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _element(elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def encode_store_rq(message_id: int, sop_class: str, sop_instance: str, priority: int) -> bytes:
-    """The C-STORE-RQ command set (implicit VR little endian, group 0000 with its length)."""
-    body = b"".join(
-        (
-            _element(0x0002, _uid_bytes(sop_class)),
-            _element(0x0100, b"\x01\x00"),  # CommandField: C-STORE-RQ
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0700, struct.pack("<H", priority)),
-            _element(0x0800, b"\x01\x00"),  # CommandDataSetType: a data set follows
-            _element(0x1000, _uid_bytes(sop_instance)),
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def encode_echo_rq(message_id: int) -> bytes:
-    body = b"".join(
-        (
-            _element(0x0002, _uid_bytes(VERIFICATION_SOP_CLASS)),
-            _element(0x0100, b"\x30\x00"),  # CommandField: C-ECHO-RQ
-            _element(0x0110, struct.pack("<H", message_id)),
-            _element(0x0800, b"\x01\x01"),  # no data set
-        )
-    )
-    return _element(0x0000, struct.pack("<I", len(body))) + body
-
-
-def decode_command(raw: bytes) -> dict[int, bytes]:
-    """Split an implicit VR little endian group 0000 command set into element -> value."""
-    out: dict[int, bytes] = {}
-    pos, end = 0, len(raw)
-    while pos + 8 <= end:
-        group, elem, length = struct.unpack_from("<HHI", raw, pos)
-        pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise AssociationError("malformed DIMSE command set from the peer", retryable=True)
-        out[elem] = raw[pos : pos + length]
-        pos += length
-    return out
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(value)) + value
-
-
-def _ae(title: str) -> bytes:
-    return title.encode("ascii", "replace")[:16].ljust(16, b" ")
-
-
-def encode_associate_rq(
-    called: str, calling: str, contexts: Mapping[int, ProposedContext], max_pdu: int
-) -> bytes:
-    """An A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): application context, presentation contexts keyed by
-    their odd IDs, and user information (max length, implementation UID and version)."""
-    items = [_item(0x10, APPLICATION_CONTEXT.encode())]
-    for cid, ctx in contexts.items():
-        sub = _item(0x30, ctx.abstract_syntax.encode()) + b"".join(
-            _item(0x40, ts.encode()) for ts in ctx.transfer_syntaxes
-        )
-        items.append(_item(0x20, bytes((cid, 0, 0, 0)) + sub))
-    user = (
-        _item(0x51, struct.pack(">I", max_pdu))
-        + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
-        + _item(0x55, IMPLEMENTATION_VERSION.encode())
-    )
-    items.append(_item(0x50, user))
-    body = struct.pack(">H2x", 1) + _ae(called) + _ae(calling) + bytes(32) + b"".join(items)
-    return struct.pack(">BxI", 0x01, len(body)) + body
-
-
-def decode_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
-    """Presentation context results {id: (result, transfer syntax)} and the peer's maximum PDU
-    length (0 = unlimited) from the body of an A-ASSOCIATE-AC. Raises ValueError if malformed."""
-    results: dict[int, tuple[int, str]] = {}
-    max_pdu = 0
-    pos, end = 68, len(body)
-    if end < pos:
-        raise ValueError("too short")
-    while pos < end:
-        if pos + 4 > end:
-            raise ValueError("truncated item")
-        item_type, length = struct.unpack_from(">BxH", body, pos)
-        value = body[pos + 4 : pos + 4 + length]
-        if len(value) != length:
-            raise ValueError(f"item 0x{item_type:02X} runs past the PDU")
-        pos += 4 + length
-        if item_type == 0x21:
-            if length < 4:
-                raise ValueError("presentation context item too short")
-            ts = ""
-            sub = 4
-            while sub + 4 <= length:
-                sub_type, sub_len = struct.unpack_from(">BxH", value, sub)
-                if sub_type == 0x40:
-                    ts = (
-                        value[sub + 4 : sub + 4 + sub_len]
-                        .rstrip(b"\x00 ")
-                        .decode("ascii", "replace")
-                    )
-                sub += 4 + sub_len
-            results[value[0]] = (value[2], ts)
-        elif item_type == 0x50:
-            sub = 0
-            while sub + 4 <= length:
-                sub_type, sub_len = struct.unpack_from(">BxH", value, sub)
-                if sub_type == 0x51 and sub_len == 4:
-                    (max_pdu,) = struct.unpack_from(">I", value, sub + 4)
-                sub += 4 + sub_len
-    return results, max_pdu
-
-
-_REJECT_REASONS = {
-    (1, 1): "no reason given",
-    (1, 2): "application context name not supported",
-    (1, 3): "calling AE title not recognised",
-    (1, 7): "called AE title not recognised",
-    (2, 1): "no reason given",
-    (2, 2): "protocol version not supported",
-    (3, 1): "temporary congestion",
-    (3, 2): "local limit exceeded",
-}
-_REJECT_SOURCES = {
-    1: "service user",
-    2: "service provider (ACSE)",
-    3: "service provider (presentation)",
-}
-
-
-def reject_reason(source: int, reason: int) -> str:
-    """``service user: called AE title not recognised``, from an A-ASSOCIATE-RJ."""
-    text = _REJECT_REASONS.get((source, reason), f"reason {reason}")
-    return f"{_REJECT_SOURCES.get(source, f'source {source}')}: {text}"
-
-
-def _text(value: bytes | None) -> str | None:
-    if not value:
-        return None
-    return value.rstrip(b"\x00 ").decode("ascii", "replace") or None
 
 
 class Association:
@@ -335,19 +183,19 @@ class Association:
         self._sock.settimeout(timeout)
         self._send(rq, what="A-ASSOCIATE-RQ")
         pdu_type, body = self._read_pdu(timeout, waiting_for="A-ASSOCIATE-AC")
-        if pdu_type == _PDU_ASSOCIATE_RJ:
+        if pdu_type == PDU_ASSOCIATE_RJ:
             result, source, reason = body[1], body[2], body[3]
             self._close_socket()
-            verdict = _REJECT_RESULT.get(result, f"result {result}")
+            verdict = REJECT_RESULT.get(result, f"result {result}")
             raise AssociationError(
                 f"{self.peer} rejected the association "
                 f"({verdict}: {reject_reason(source, reason)})",
                 retryable=result != 1,
             )
-        if pdu_type == _PDU_ABORT:
+        if pdu_type == PDU_ABORT:
             self._close_socket()
             raise AssociationError(f"{self.peer} aborted during negotiation", retryable=True)
-        if pdu_type != _PDU_ASSOCIATE_AC:
+        if pdu_type != PDU_ASSOCIATE_AC:
             self.abort()
             raise AssociationError(
                 f"{self.peer} answered the A-ASSOCIATE-RQ with PDU type 0x{pdu_type:02X}",
@@ -464,7 +312,7 @@ class Association:
             last = pos >= total
             control = (0x01 if command else 0x00) | (0x02 if last else 0x00)
             parts.append(
-                _PDATA_HEADER.pack(_PDU_P_DATA, len(chunk) + 6, len(chunk) + 2, context_id, control)
+                PDATA_HEADER.pack(PDU_P_DATA, len(chunk) + 6, len(chunk) + 2, context_id, control)
             )
             parts.append(chunk)
             if last:
@@ -481,9 +329,7 @@ class Association:
             prefix = b""
         else:
             prefix = (
-                _PDATA_HEADER.pack(
-                    _PDU_P_DATA, len(command) + 6, len(command) + 2, context_id, 0x03
-                )
+                PDATA_HEADER.pack(PDU_P_DATA, len(command) + 6, len(command) + 2, context_id, 0x03)
                 + command
             )
         fragments = max(1, -(-length // frag))
@@ -503,7 +349,7 @@ class Association:
                 pos = 0
             remaining -= n
             control = 0x02 if remaining == 0 else 0x00
-            _PDATA_HEADER.pack_into(buf, pos, _PDU_P_DATA, n + 6, n + 2, context_id, control)
+            PDATA_HEADER.pack_into(buf, pos, PDU_P_DATA, n + 6, n + 2, context_id, control)
             got = 0
             while got < n:
                 r = preadv(fd, [view[pos + 12 + got : pos + 12 + n]], offset)
@@ -523,7 +369,7 @@ class Association:
         command = bytearray()
         while True:
             pdu_type, body = self._read_pdu(timeout, waiting_for="a DIMSE response")
-            if pdu_type == _PDU_P_DATA:
+            if pdu_type == PDU_P_DATA:
                 pos, end = 0, len(body)
                 done = False
                 while pos + 6 <= end:
@@ -553,15 +399,15 @@ class Association:
                 self.last_used = time.monotonic()
                 return DimseResponse(
                     status=status,
-                    error_comment=_text(values.get(0x0902)),
+                    error_comment=command_text(values.get(0x0902)),
                     message_id=responded,
                     offending=values[0x0901].hex() if 0x0901 in values else None,
                 )
-            if pdu_type == _PDU_ABORT:
+            if pdu_type == PDU_ABORT:
                 self._close_socket()
                 raise AssociationError(f"{self.peer} aborted the association", retryable=True)
-            if pdu_type == _PDU_RELEASE_RQ:
-                self._send(_RELEASE_RP, what="A-RELEASE-RP")
+            if pdu_type == PDU_RELEASE_RQ:
+                self._send(RELEASE_RP, what="A-RELEASE-RP")
                 self._close_socket()
                 raise AssociationError(
                     f"{self.peer} released the association before answering", retryable=True
@@ -578,14 +424,14 @@ class Association:
         if self.closed:
             return
         try:
-            self._send(_RELEASE_RQ, what="A-RELEASE-RQ")
+            self._send(RELEASE_RQ, what="A-RELEASE-RQ")
             deadline = time.monotonic() + self.settings.release_timeout
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AssociationError("no A-RELEASE-RP", retryable=True)
                 pdu_type, _ = self._read_pdu(remaining, waiting_for="A-RELEASE-RP")
-                if pdu_type in (_PDU_RELEASE_RP, _PDU_ABORT):
+                if pdu_type in (PDU_RELEASE_RP, PDU_ABORT):
                     break
         except AssociationError:
             if not self.closed:
@@ -598,7 +444,7 @@ class Association:
             return
         try:
             self._sock.settimeout(1.0)
-            self._sock.sendall(_ABORT)
+            self._sock.sendall(ABORT)
         except OSError:
             pass
         self._close_socket()
@@ -680,7 +526,7 @@ class Association:
 
     def _read_pdu(self, timeout: float, waiting_for: str) -> tuple[int, bytes]:
         self._fill(6, timeout, waiting_for)
-        pdu_type, length = _PDU_HEADER.unpack_from(self._rbuf, 0)
+        pdu_type, length = PDU_HEADER.unpack_from(self._rbuf, 0)
         if length > _MAX_INCOMING_PDU or pdu_type not in range(1, 8):
             self.abort()
             raise AssociationError(

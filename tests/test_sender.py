@@ -31,6 +31,14 @@ from pynetdicom.status import code_to_category as pynetdicom_category
 
 from forwarder.dicomfile import read_meta
 from forwarder.errors import AssociationError, InvalidFileError
+from forwarder.pdu import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    PRIORITY,
+    ProposedContext,
+    decode_associate_ac,
+    encode_associate_rq,
+)
 from forwarder.pool import (
     Channel,
     Outcome,
@@ -40,16 +48,10 @@ from forwarder.pool import (
     code_to_category,
 )
 from forwarder.sender import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION,
-    PRIORITY,
     AcceptedContext,
     Association,
     AssociationSettings,
     Peer,
-    ProposedContext,
-    decode_associate_ac,
-    encode_associate_rq,
 )
 
 SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, release_timeout=5.0)

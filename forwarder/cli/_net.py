@@ -16,7 +16,8 @@ from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 from forwarder.cli._argtypes import non_negative, whole_number
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
-from forwarder.sender import PRIORITY, AssociationSettings, Peer
+from forwarder.pdu import PRIORITY
+from forwarder.sender import AssociationSettings, Peer
 
 
 class UsageError(ForwarderError):
