@@ -106,7 +106,7 @@ class ReceiverSettings:
 def enable_streamed_receive() -> None:
     """Process-wide switch: stream received C-STORE datasets to temporary files, not memory.
 
-    This is the one place forwarder sets a pynetdicom ``_config`` flag. With
+    With
     ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each incoming dataset into a Part 10 file in
     ``$TMPDIR`` as it arrives, so multi-gigabyte objects never sit in RAM; the receiver then
     renames that file into place (same filesystem) or copies it. It changes how *every*
@@ -115,6 +115,15 @@ def enable_streamed_receive() -> None:
     command does. Without it, :class:`Receiver` works the same from memory.
     """
     _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def accept_unknown_sop_classes() -> None:
+    """Process-wide switch (storescp ``+pm``): accept every storage context proposed,
+    private and unknown SOP classes too (a vendor's raw data or CSA objects), each in the first
+    transfer syntax the caller proposes; objects are written as received. pynetdicom's
+    ``UNRESTRICTED_STORAGE_SERVICE``: like :func:`enable_streamed_receive`, call it once at
+    process start, as ``forwarder receive --promiscuous`` does."""
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
 
 
 def safe_uid_name(value: str | None) -> str:
@@ -627,6 +636,17 @@ def _on_accepted(event: Event) -> None:
         requestor.address,
         requestor.port,
     )
+    refused = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+    if refused:
+        # The caller learns only "context rejected"; say here what and why, once per association.
+        unknown = any(UID(uid).name == uid for uid in refused)  # pydicom has no name for it
+        logger.warning(
+            "association from %s: refused the presentation contexts of %d SOP class(es): %s%s",
+            requestor.ae_title,
+            len(refused),
+            ", ".join(refused[:10]) + (" ..." if len(refused) > 10 else ""),
+            " (private or unknown ones are accepted with --promiscuous)" if unknown else "",
+        )
 
 
 def _on_aborted(event: Event) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicomgen import make_dataset
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_file_meta_info
@@ -252,6 +253,48 @@ def test_pynetdicom_scu_datasets_are_byte_identical(
     assert dataset_bytes(stored_path(receiver.output, files[0])) == dataset_bytes(files[0])
     assert len(list(stored_path(receiver.output, files[0]).parent.iterdir())) == 1
     assert dot_files(receiver.output) == []
+
+
+PRIVATE_SOP_CLASS = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
+
+
+def _send(port: int, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", "send", f"FORWARDER@127.0.0.1:{port}", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_private_sop_classes_are_accepted_only_with_promiscuous(tmp_path: Path) -> None:
+    """A vendor's private objects (CSA, raw data) are refused like storescp refuses them, and
+    stored byte for byte with --promiscuous (storescp +pm)."""
+    source = tmp_path / "in" / "csa.dcm"
+    source.parent.mkdir()
+    ds = make_dataset(rows=8, columns=8, seed=11)
+    ds.SOPClassUID = PRIVATE_SOP_CLASS
+    ds.file_meta.MediaStorageSOPClassUID = PRIVATE_SOP_CLASS
+    ds.save_as(source, enforce_file_format=True)
+    with run_receiver(tmp_path / "strict") as strict:
+        refused = _send(strict.port, source)
+        assert refused.returncode == 1, refused.stderr
+        assert "FAILED" in refused.stderr and PRIVATE_SOP_CLASS in refused.stderr, refused.stderr
+        assert not strict.output.exists() or not list(strict.output.rglob("*.dcm"))
+        wait_until(
+            lambda: "accepted with --promiscuous" in strict.log_text(), 10, "the refusal logged"
+        )
+        assert f"SOP class(es): {PRIVATE_SOP_CLASS} (private" in strict.log_text()
+    with run_receiver(tmp_path / "promiscuous", "--promiscuous") as open_:
+        stored = _send(open_.port, source)
+        assert stored.returncode == 0, stored.stderr
+        target = stored_path(open_.output, source)
+        assert target.is_file(), open_.log_text()
+        assert dataset_bytes(target) == dataset_bytes(source)
+        received = pydicom.dcmread(target)
+        assert received.file_meta.MediaStorageSOPClassUID == PRIVATE_SOP_CLASS
+        assert received.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
 
 
 def test_echo_succeeds(receiver: ReceiverProcess) -> None:

@@ -12,7 +12,13 @@ from typing import Any
 from forwarder.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, setup_logging
 from forwarder.cli._argtypes import positive, whole_number
 from forwarder.errors import ForwarderError
-from forwarder.receiver import Receiver, ReceiverSettings, enable_streamed_receive, parse_networks
+from forwarder.receiver import (
+    Receiver,
+    ReceiverSettings,
+    accept_unknown_sop_classes,
+    enable_streamed_receive,
+    parse_networks,
+)
 from forwarder.signals import SignalWaiter
 from forwarder.tls import server_context
 
@@ -89,6 +95,12 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="reject associations whose called AE title is not --ae-title",
     )
+    p.add_argument(
+        "--promiscuous",
+        action="store_true",
+        help="accept private and unknown SOP classes too, each in the transfer syntax the "
+        "caller proposes first (storescp +pm)",
+    )
     p.add_argument("--max-associations", type=positive, default=16, metavar="N")
     p.add_argument(
         "--max-object-size",
@@ -132,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
         )
         enable_streamed_receive()  # this process runs no other SCP
+        if args.promiscuous:
+            accept_unknown_sop_classes()
         receiver = Receiver(settings)
         signals = SignalWaiter((signal.SIGTERM, signal.SIGINT))
         signals.__enter__()
