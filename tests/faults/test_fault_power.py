@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from daemon import Daemon, destination
-from invariants import clone_files, open_readonly, queue_problems
+from invariants import clone_files, open_readonly, queue_problems, snapshot
 from peers import Received, ScriptedSCP
 from syscalls import STRACE, Call, trace
 
@@ -139,6 +140,13 @@ def _traced_run(tmp_path: Path, good: int, bad: int) -> tuple[Daemon, list[Call]
             d.wait_done(good)
             d.wait_failed(bad)
             d.wait_incoming_empty()
+            # The last moves are committed after incoming empties; a WAL commit becomes visible
+            # to readers only after its sync, so once every row reads FINISHED, the sync of the
+            # last commit is in the trace too (stopping at 'incoming empty' could cut it off).
+            wait_until(
+                lambda: snapshot(d.queue).files == {"FINISHED": good + bad}, 30,
+                what="every file FINISHED in the queue",
+            )  # fmt: skip
     assert t.calls, "strace recorded nothing"
     return d, t.calls
 
