@@ -163,7 +163,7 @@ class Ingest:
             if error is not None:
                 logger.warning("%s: cannot fsync (%s); will try again", file.path, error)
             elif file.path in replaced:
-                self._replaced(file)
+                self._replaced(file, destinations)
             else:
                 batch.append((file, destinations))
         if not batch:
@@ -179,19 +179,30 @@ class Ingest:
         logger.debug("queued %d files (%d already queued)", added, len(ids) - added)
         self.on_enqueued()
 
-    def _replaced(self, entry: FileEntry) -> None:
-        """A queued file was replaced by another object: every destination gets the new one
-        (its first routing stands)."""
-        if self.queue.replace_file(entry) is None:
+    def _replaced(self, entry: FileEntry, destinations: list[str]) -> None:
+        """A queued file was replaced by another object: it is routed afresh, and every
+        destination of the new routing gets the new version."""
+        replaced = self.queue.replace_file(entry, destinations)
+        if replaced is None:
             return  # already being moved out: the watcher offers it again if it stays
         with self._lock:
             self._known[entry.path] = (entry.size, entry.mtime_ns)
+        extra = {"FILE": entry.path, "SOP_INSTANCE_UID": entry.sop_instance_uid}
         logger.warning(
-            "%s: replaced while queued; sending the new version (%s) to every destination",
+            "%s: replaced while queued; sending the new version (%s) to %s",
             entry.rel_path,
             entry.sop_instance_uid,
-            extra={"FILE": entry.path, "SOP_INSTANCE_UID": entry.sop_instance_uid},
+            ", ".join(replaced.destinations),
+            extra=extra,
         )
+        if replaced.dropped:
+            logger.warning(
+                "%s: the new version is not routed to %s: nothing more is sent there (a send "
+                "already under way there completes)",
+                entry.rel_path,
+                ", ".join(replaced.dropped),
+                extra=extra,
+            )
         self.on_enqueued()
 
     def _check(

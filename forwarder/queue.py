@@ -44,6 +44,7 @@ from forwarder.queue_records import (
     Outcome,
     PendingSyntax,
     RecoveryReport,
+    Replaced,
 )
 from forwarder.queue_sql import (
     ACK_RETRY,
@@ -53,6 +54,7 @@ from forwarder.queue_sql import (
     CLAIM,
     CLAIMED_JOBS,
     DDL,
+    DROP_CLAIMED,
     FAILED_FILES,
     INSERT_FILE,
     INSERT_JOBS,
@@ -278,8 +280,12 @@ class Queue:
         to READY (no attempt counted; they are sent again: at least once), and every file that is
         FINISHING, or QUEUED with all jobs terminal, is returned for the caller to finish."""
         with self._write("recovering jobs claimed before a restart") as conn:
+            # Claimed for a destination the replaced file is no longer routed to: dropped.
+            conn.execute("DELETE FROM jobs WHERE status = 'CLAIMED' AND stale = 2")
+            # The rest are sent again, in the file's current version: no longer stale.
             requeued = conn.execute(
-                "UPDATE jobs SET status = 'READY', claimed_at = NULL WHERE status = 'CLAIMED'"
+                "UPDATE jobs SET status = 'READY', claimed_at = NULL, stale = 0 "
+                "WHERE status = 'CLAIMED'"
             ).rowcount
             finishing = self._select_to_finish(conn, None, -1)
         if requeued:
@@ -383,15 +389,16 @@ class Queue:
         verb = "delivered" if to is JobStatus.DONE else "failed"
         params = {"status": to.value, "last_status": status, "error": error, "now": at}
         with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
+            dropped = conn.execute(DROP_CLAIMED, {"ids": _ids_json(ids)}).fetchall()
             rows = conn.execute(ACK_TERMINAL, {**params, "ids": _ids_json(ids)}).fetchall()
-            self._expect_claimed(conn, ids, rows)
+            self._expect_claimed(conn, ids, rows + dropped)
             per_destination: dict[str, int] = {}
             for _, _, destination in rows:
                 per_destination[destination] = per_destination.get(destination, 0) + 1
             for destination, n in per_destination.items():
                 done, failed = (n, 0) if to is JobStatus.DONE else (0, n)
                 self._bump(conn, destination, done=done, failed=failed, error=error, now=at)
-            file_ids = sorted({r[1] for r in rows})
+            file_ids = sorted({r[1] for r in rows + dropped})
             terminal = conn.execute(TERMINAL_FILES, {"ids": _ids_json(file_ids)}).fetchall()
         return [r[0] for r in terminal]
 
@@ -412,6 +419,8 @@ class Queue:
             "error": error,
         }
         with self._write(f"acking job {job_id} for a retry") as conn:
+            if conn.execute(DROP_CLAIMED, {"ids": _ids_json([job_id])}).fetchall():
+                return  # no longer routed there; retry_pending() finishes the file if due
             rows = conn.execute(ACK_RETRY, params).fetchall()
             self._expect_claimed(conn, [job_id], rows)
             self._bump(conn, rows[0][2], done=0, failed=0, error=error, now=_now(now))
@@ -422,8 +431,9 @@ class Queue:
         if not ids:
             return
         with self._write(f"releasing {_describe_jobs(ids)}") as conn:
+            dropped = conn.execute(DROP_CLAIMED, {"ids": _ids_json(ids)}).fetchall()
             rows = conn.execute(RELEASE, {"ids": _ids_json(ids)}).fetchall()
-            self._expect_claimed(conn, ids, rows)
+            self._expect_claimed(conn, ids, rows + dropped)
 
     def fail_pending(self, destination: str, *, error: str, now: float | None = None) -> list[int]:
         """READY -> FAILED for every job of ``destination`` (e.g. it is no longer configured).
@@ -589,11 +599,22 @@ class Queue:
             ).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
-    def replace_file(self, entry: FileEntry, *, now: float | None = None) -> int | None:
+    def replace_file(
+        self,
+        entry: FileEntry,
+        destinations: Sequence[str],
+        *,
+        now: float | None = None,
+    ) -> Replaced | None:
         """The file at ``entry.path`` was replaced in incoming while QUEUED: record its new
-        header values and send it again everywhere: DONE and FAILED jobs go back to READY,
-        CLAIMED ones are marked stale (their ack puts them back to READY). Returns the file
-        id, or None when no QUEUED row has that path (finishing or finished: nothing to do)."""
+        header values and routing (``destinations``, routed afresh from the new version).
+
+        For each destination routed now, the new version is sent (again): DONE and FAILED jobs
+        go back to READY, CLAIMED ones are marked stale (their ack puts them back to READY), a
+        destination routed for the first time gets a job. Destinations no longer routed keep
+        what they already stored (DONE stays); their READY and FAILED jobs are deleted and a
+        CLAIMED one is deleted when its claim ends. Returns None when no QUEUED row has that
+        path (finishing or finished: nothing to do)."""
         params = {
             "path": entry.path,
             "size": entry.size,
@@ -603,6 +624,7 @@ class Queue:
             "transfer_syntax": entry.transfer_syntax,
             "now": _now(now),
         }
+        routed_now = _destinations(destinations)
         with self._write(f"recording that {entry.path} was replaced") as conn:
             row = conn.execute(
                 """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
@@ -613,17 +635,40 @@ class Queue:
             ).fetchone()
             if row is None:
                 return None
-            ids = {"id": row[0], "now": params["now"]}
+            ids = {"id": row[0], "now": params["now"], "dests": json.dumps(routed_now)}
+            routed = "destination IN (SELECT value FROM json_each(:dests))"
             conn.execute(
-                """UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
+                f"""UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
                           finished_at = NULL, last_status = NULL
-                   WHERE file_id = :id AND status IN ('DONE', 'FAILED')""",
+                   WHERE file_id = :id AND status IN ('DONE', 'FAILED') AND {routed}""",
                 ids,
             )
             conn.execute(
-                "UPDATE jobs SET stale = 1 WHERE file_id = :id AND status = 'CLAIMED'", ids
+                f"UPDATE jobs SET stale = 1 WHERE file_id = :id AND status = 'CLAIMED' "
+                f"AND {routed}",
+                ids,
             )
-        return int(row[0])
+            dropped = conn.execute(
+                f"""DELETE FROM jobs WHERE file_id = :id AND status IN ('READY', 'FAILED')
+                   AND NOT {routed} RETURNING destination""",
+                ids,
+            ).fetchall()
+            dropped += conn.execute(
+                f"""UPDATE jobs SET stale = 2 WHERE file_id = :id AND status = 'CLAIMED'
+                   AND NOT {routed} RETURNING destination""",
+                ids,
+            ).fetchall()
+            conn.execute(
+                """INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
+                   SELECT :id, value, 'READY', :now, :now FROM json_each(:dests)
+                   WHERE value NOT IN (SELECT destination FROM jobs WHERE file_id = :id)""",
+                ids,
+            )
+        return Replaced(
+            file_id=int(row[0]),
+            destinations=tuple(routed_now),
+            dropped=tuple(sorted(r[0] for r in dropped)),
+        )
 
     def active_paths(self) -> set[str]:
         """Paths of every unfinished file (QUEUED or FINISHING): the watcher's dedup set."""

@@ -97,6 +97,16 @@ class DestinationStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Replaced:
+    """What :meth:`Queue.replace_file` changed: the destinations the new version goes to
+    (again), and those it is no longer routed to (their undelivered jobs dropped)."""
+
+    file_id: int
+    destinations: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryReport:
     requeued: int  # CLAIMED jobs returned to READY
     finishing: tuple[FileToFinish, ...]

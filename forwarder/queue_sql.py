@@ -37,7 +37,9 @@ DDL = (
         last_error TEXT,
         created_at REAL NOT NULL,
         finished_at REAL,
-        stale INTEGER NOT NULL DEFAULT 0,  -- the file was replaced while this job was CLAIMED
+        -- the file was replaced while this job was CLAIMED: 1 send it again, 2 its new
+        -- version is not routed here (the job is deleted when its claim ends)
+        stale INTEGER NOT NULL DEFAULT 0,
         UNIQUE (file_id, destination)
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
@@ -90,7 +92,7 @@ CLAIMED_JOBS = """
     ORDER BY j.next_attempt_at, j.id"""
 
 # A stale job (its file was replaced while it was being sent) goes back to READY instead: what
-# the peer stored was the old content.
+# the peer stored was the old content. (stale = 2 rows are deleted by DROP_CLAIMED first.)
 ACK_TERMINAL = """
     UPDATE jobs SET status = CASE WHEN stale THEN 'READY' ELSE :status END,
                     attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
@@ -99,6 +101,13 @@ ACK_TERMINAL = """
                     last_status = :last_status, last_error = COALESCE(:error, last_error),
                     claimed_at = NULL, stale = 0
     WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
+    RETURNING id, file_id, destination"""
+
+# A claim ending (ack, retry, release) on a job whose destination the replaced file no longer
+# routes to: the job is deleted, whatever the peer answered.
+DROP_CLAIMED = """
+    DELETE FROM jobs
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED' AND stale = 2
     RETURNING id, file_id, destination"""
 
 ACK_RETRY = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -272,6 +273,88 @@ def test_all_done_gives_outcome_done(q: Queue) -> None:
     (todo,) = q.to_finish()
     assert todo.outcome == "done"
     assert todo.outcome is Outcome.DONE
+
+
+def _jobs_by_destination(db: Path, file_id: int) -> dict[str, tuple[str, int, int]]:
+    conn = raw(db)
+    try:
+        rows = conn.execute(
+            "SELECT destination, status, attempts, stale FROM jobs WHERE file_id = ?", (file_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def test_a_replaced_file_is_routed_afresh(q: Queue, db: Path) -> None:
+    """CT image a.dcm is queued for ct-pacs, archive, ai and research; before it is done, an MR
+    image replaces it under the same name, routed to archive, mr-pacs and ai. Nothing more goes
+    to ct-pacs or research; archive and ai get the new version; mr-pacs is new."""
+    fid = q.enqueue(entry("a"), ["ct-pacs", "archive", "ai", "research"], now=T0)
+    assert fid is not None
+    (archive,) = q.claim("archive", 1, now=T0)
+    q.ack_done([archive.id], now=T0)
+    (ai,) = q.claim("ai", 1, now=T0)
+    q.ack_failed(ai.id, error="0xA900", status=0xA900, now=T0)
+    (research,) = q.claim("research", 1, now=T0)  # being sent when the file is replaced
+    # ct-pacs: still READY (its peer is down)
+
+    new = dataclasses.replace(entry("a", sop_class=MR), size=999, mtime_ns=43)
+    replaced = q.replace_file(new, ["archive", "mr-pacs", "ai"], now=T0 + 1)
+    assert replaced is not None
+    assert replaced.file_id == fid
+    assert replaced.destinations == ("archive", "mr-pacs", "ai")
+    assert replaced.dropped == ("ct-pacs", "research")
+    assert _jobs_by_destination(db, fid) == {
+        "archive": ("READY", 0, 0),  # delivered the old version: gets the new one
+        "ai": ("READY", 0, 0),  # failed with the old version: tries the new one
+        "research": ("CLAIMED", 0, 2),  # dropped when its claim ends
+        "mr-pacs": ("READY", 0, 0),
+    }
+    # The claim on research ends however the send went: the job is gone, nothing is counted.
+    assert q.ack_done([research.id], now=T0 + 2) == []
+    assert "research" not in _jobs_by_destination(db, fid)
+    assert "research" not in q.stats(now=T0 + 2)
+    # The new version reaches its three destinations; then the file is terminal.
+    for name in ("archive", "mr-pacs"):
+        (job,) = q.claim(name, 1, now=T0 + 2)
+        assert (job.sop_class_uid, job.size, job.mtime_ns) == (MR, 999, 43)
+        assert q.ack_done([job.id], now=T0 + 3) == []
+    (job,) = q.claim("ai", 1, now=T0 + 2)
+    assert q.ack_done([job.id], now=T0 + 3) == [fid]
+    (todo,) = q.to_finish()
+    assert todo.outcome is Outcome.DONE
+    assert [r.destination for r in todo.results] == ["ai", "archive", "mr-pacs"]
+
+
+@pytest.mark.parametrize("end", ["retry", "release", "recover"])
+def test_a_dropped_claim_ends_in_nothing_whatever_ends_it(q: Queue, db: Path, end: str) -> None:
+    fid = q.enqueue(entry("a"), ["old", "kept"], now=T0)
+    assert fid is not None
+    (old,) = q.claim("old", 1, now=T0)
+    assert q.replace_file(entry("a"), ["kept"], now=T0 + 1) is not None
+    if end == "retry":
+        q.ack_retry(old.id, next_attempt_at=T0 + 5, error="timeout", now=T0 + 2)
+    elif end == "release":
+        q.release([old.id])
+    else:
+        q.recover()
+    assert set(_jobs_by_destination(db, fid)) == {"kept"}
+    (kept,) = q.claim("kept", 1, now=T0 + 2)
+    assert q.ack_done([kept.id], now=T0 + 3) == [fid]
+
+
+def test_a_replaced_stale_claim_is_sent_again_once_after_recovery(q: Queue, db: Path) -> None:
+    """recover() after a kill: a stale claim goes back to READY as a plain job (the next send
+    reads the current version), not one that its ack would send yet again."""
+    fid = q.enqueue(entry("a"), ["pacs"], now=T0)
+    assert fid is not None
+    q.claim("pacs", 1, now=T0)
+    assert q.replace_file(entry("a"), ["pacs"], now=T0 + 1) is not None
+    q.recover()
+    assert _jobs_by_destination(db, fid) == {"pacs": ("READY", 0, 0)}
+    (job,) = q.claim("pacs", 1, now=T0 + 2)
+    assert q.ack_done([job.id], now=T0 + 3) == [fid]
 
 
 def test_fail_pending_gives_up_a_destination(q: Queue) -> None:

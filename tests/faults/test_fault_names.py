@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from daemon import Daemon, destination
+from daemon import Daemon, destination, route
 from dicomgen import write_file
 from invariants import clone_files, queue_problems, settled_problems
 from peers import ScriptedSCP, free_port, storescp
@@ -71,6 +71,43 @@ def test_a_file_replaced_before_it_was_sent_is_sent_in_its_new_version(tmp_path:
         with ScriptedSCP(port=port) as scp:
             d.wait_done(1, timeout=30)
     assert scp.uids() == {new.sop_instance_uid}
+    assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=1) == []
+
+
+def test_a_file_replaced_by_one_routed_elsewhere_goes_only_where_it_is_routed(
+    tmp_path: Path,
+) -> None:
+    """Two modalities write the same names into one folder: a CT image IM0001 waits for its
+    PACS (down), and an MR image replaces it under the same name. The MR image goes to the MR
+    PACS and the archive, never to the CT PACS, and the file ends in done/."""
+    ct_port = free_port()
+    with ScriptedSCP() as mr_pacs, ScriptedSCP() as archive:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[
+                destination("ct-pacs", ct_port),
+                destination("mr-pacs", mr_pacs.port),
+                destination("archive", archive.port),
+            ],
+            routes=[
+                route("ct", ["ct-pacs", "archive"], Modality="CT"),
+                route("mr", ["mr-pacs", "archive"], Modality="MR"),
+            ],
+        )
+        with d:
+            ct = d.drop("IM0001", modality="CT", **SMALL)
+            wait_until(lambda: ct.sop_instance_uid in archive.uids(), 15, what="CT at archive")
+            d.wait_status(lambda s: s["ct-pacs"]["pending"] + s["ct-pacs"]["in_flight"] == 1)
+            mr = d.drop("IM0001", modality="MR", seed=4, **SMALL)
+            d.wait_done(1, timeout=30)
+            d.wait_log("the new version is not routed to ct-pacs", timeout=5)
+            with ScriptedSCP(port=ct_port) as ct_pacs:
+                status = d.status_json()["destinations"]
+                assert status["ct-pacs"]["pending"] + status["ct-pacs"]["in_flight"] == 0
+    assert mr_pacs.uids() == {mr.sop_instance_uid}
+    assert archive.uids() == {ct.sop_instance_uid, mr.sop_instance_uid}
+    assert ct_pacs.uids() == set()
+    assert d.done_files() == ["IM0001"]
     assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=1) == []
 
 
