@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from forwarder.dicomfile import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
-
-MAX_CONTEXTS = 128
+from forwarder.pdu import MAX_CONTEXTS
 
 
 @dataclass(frozen=True, slots=True)

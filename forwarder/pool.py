@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from forwarder.contexts import MAX_CONTEXTS, plan_contexts
+from forwarder.contexts import plan_contexts
 from forwarder.dicomfile import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import AssociationError, InvalidFileError, SendError
-from forwarder.pdu import ProposedContext
+from forwarder.pdu import MAX_CONTEXTS, ProposedContext
 from forwarder.sender import (
     AcceptedContext,
     Association,

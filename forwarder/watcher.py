@@ -483,10 +483,7 @@ class Watcher:
                     # data (no IN_MODIFY yet). Asked below, with one look at /proc for all.
                     empty.append((path, cand, (st.st_dev, st.st_ino)))
                     continue
-                del self._pending[path]
-                rel = self._rel(path)
-                if rel is not None and self._emitted.get(path) != (size, mtime_ns):
-                    ready.append(ReadyFile(Path(path), rel, size, mtime_ns))
+                self._take(path, size, mtime_ns, ready)
             else:
                 self._schedule(path, cand, cand.since + self._window(cand))
         if empty:
@@ -496,13 +493,17 @@ class Watcher:
             for path, cand, inode in empty:
                 if inode in writers:
                     self._schedule(path, cand, now + min(self._window(cand), 1.0))
-                    continue
-                del self._pending[path]
-                rel = self._rel(path)
-                if rel is not None and self._emitted.get(path) != (0, cand.mtime_ns):
-                    ready.append(ReadyFile(Path(path), rel, 0, cand.mtime_ns))
+                else:
+                    self._take(path, 0, cand.mtime_ns, ready)
         if ready:
             self._emit(ready)
+
+    def _take(self, path: str, size: int, mtime_ns: int, ready: list[ReadyFile]) -> None:
+        """A candidate has settled: stop watching it, and hand it on unless it already was."""
+        del self._pending[path]
+        rel = self._rel(path)
+        if rel is not None and self._emitted.get(path) != (size, mtime_ns):
+            ready.append(ReadyFile(Path(path), rel, size, mtime_ns))
 
     def _emit(self, ready: list[ReadyFile]) -> None:
         parents: dict[str, bool] = {}
