@@ -42,6 +42,15 @@ class AssociationError(ForwarderError):
         super().__init__(message)
 
 
+class ProtocolError(AssociationError):
+    """The peer broke PS3.7/PS3.8: a malformed or unexpected PDU, item or command set, or a
+    response that does not answer our request. The association is aborted and the file is
+    tried again later (retryable), since the file itself is not at fault."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 class SendError(ForwarderError):
     """One object could not be stored. ``status`` is the DIMSE status when the peer gave one."""
 
