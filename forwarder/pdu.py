@@ -4,16 +4,21 @@ PS3.8 9.3 for the association PDUs, PS3.7 for the command sets (implicit VR litt
 group 0000). Only what the sender needs: A-ASSOCIATE-RQ out, A-ASSOCIATE-AC/RJ in, C-STORE-RQ and
 C-ECHO-RQ out, their responses in, and the fixed A-RELEASE and A-ABORT PDUs. The tests decode what
 is encoded here with pynetdicom's PDU classes and negotiate with DCMTK, Orthanc and pynetdicom.
+
+Every decoder here is strict and total: whatever bytes a peer sends, it either returns values
+that PS3.7/PS3.8 allow or raises :class:`~forwarder.errors.ProtocolError` naming the fault, never
+``IndexError``, ``struct.error`` or ``UnicodeDecodeError`` (tests/test_pdu_fuzz.py feeds them
+random and mutated PDUs). Reserved fields are not tested, as PS3.8 9.3 asks.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from forwarder import __version__
-from forwarder.errors import AssociationError
+from forwarder.errors import ProtocolError
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1284.1"  # forwarder's implementation UID
@@ -23,18 +28,42 @@ MAX_CONTEXTS = 128  # odd context IDs 1..255
 
 PRIORITY = {"medium": 0x0000, "high": 0x0001, "low": 0x0002}
 
+PDU_ASSOCIATE_RQ = 0x01
 PDU_ASSOCIATE_AC = 0x02
 PDU_ASSOCIATE_RJ = 0x03
 PDU_P_DATA = 0x04
 PDU_RELEASE_RQ = 0x05
 PDU_RELEASE_RP = 0x06
 PDU_ABORT = 0x07
+PDU_NAMES = {
+    PDU_ASSOCIATE_RQ: "A-ASSOCIATE-RQ",
+    PDU_ASSOCIATE_AC: "A-ASSOCIATE-AC",
+    PDU_ASSOCIATE_RJ: "A-ASSOCIATE-RJ",
+    PDU_P_DATA: "P-DATA-TF",
+    PDU_RELEASE_RQ: "A-RELEASE-RQ",
+    PDU_RELEASE_RP: "A-RELEASE-RP",
+    PDU_ABORT: "A-ABORT",
+}
 RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 PDU_HEADER = struct.Struct(">BxI")
 PDATA_HEADER = struct.Struct(">BxIIBB")  # PDU type, length, PDV length, context ID, control
 REJECT_RESULT = {1: "rejected-permanent", 2: "rejected-transient"}
+
+C_STORE_RSP = 0x8001
+C_ECHO_RSP = 0x8030
+NO_DATA_SET = 0x0101  # Command Data Set Type: no data set follows (PS3.7 E.1)
+PENDING = (0xFF00, 0xFF01)
+
+#: Bounds on what we send: PS3.8 D.1 lets a peer say 0 ("no limit") or up to 0xFFFFFFFF; we may
+#: always send smaller PDUs, so we never build one above 1 MiB (a 4 GiB buffer per store is no
+#: option). Below: a PDV item has a 6-byte header (length, context ID, control header) and DCMTK
+#: refuses odd fragment lengths ("Odd Fragment Length", PS3.7 Annex F), so the smallest PDU that
+#: can carry anything is 6 + 2 bytes.
+MAX_SEND_PDU = 1024 * 1024
+MIN_SEND_PDU = 8
+MAX_COMMAND_SET = 64 * 1024  # a response command set is a few hundred bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,18 +108,147 @@ def encode_echo_rq(message_id: int) -> bytes:
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+# -- command sets in ------------------------------------------------------------------------------
+
+_ELEMENT = struct.Struct("<HHI")
+
+
 def decode_command(raw: bytes) -> dict[int, bytes]:
-    """Split an implicit VR little endian group 0000 command set into element -> value."""
+    """Split an implicit VR little endian group 0000 command set into element -> value.
+
+    PS3.7 9.3/E.1: it starts with Command Group Length (0000,0000), 4 bytes, whose value is the
+    length of the rest; every element is in group 0000, in ascending order, none repeated, and
+    none runs past the end.
+    """
+    end = len(raw)
+    if end < 12:
+        raise ProtocolError(f"DIMSE command set of {end} bytes: too short for its group length")
+    group, elem, length = _ELEMENT.unpack_from(raw, 0)
+    if group != 0 or elem != 0 or length != 4:
+        raise ProtocolError(
+            "DIMSE command set does not start with Command Group Length (0000,0000) of 4 bytes"
+        )
+    (group_length,) = struct.unpack_from("<I", raw, 8)
+    if group_length != end - 12:
+        raise ProtocolError(
+            f"DIMSE command set: Command Group Length says {group_length} bytes, {end - 12} follow"
+        )
     out: dict[int, bytes] = {}
-    pos, end = 0, len(raw)
-    while pos + 8 <= end:
-        group, elem, length = struct.unpack_from("<HHI", raw, pos)
+    pos, last = 12, 0
+    while pos < end:
+        if pos + 8 > end:
+            raise ProtocolError("DIMSE command set ends inside an element header")
+        group, elem, length = _ELEMENT.unpack_from(raw, pos)
         pos += 8
-        if group != 0x0000 or pos + length > end:
-            raise AssociationError("malformed DIMSE command set from the peer", retryable=True)
+        if group != 0x0000:
+            raise ProtocolError(f"DIMSE command set holds element ({group:04X},{elem:04X})")
+        if elem <= last:
+            raise ProtocolError(
+                f"DIMSE command set: element (0000,{elem:04X}) out of order or repeated"
+            )
+        if length > end - pos:
+            raise ProtocolError(f"DIMSE command set: element (0000,{elem:04X}) runs past its end")
         out[elem] = raw[pos : pos + length]
+        last = elem
         pos += length
     return out
+
+
+def _us(values: Mapping[int, bytes], elem: int, name: str) -> int:
+    value = values.get(elem)
+    if value is None:
+        raise ProtocolError(f"DIMSE response without {name} (0000,{elem:04X})")
+    if len(value) != 2:
+        raise ProtocolError(
+            f"DIMSE response: {name} (0000,{elem:04X}) has {len(value)} bytes, not 2"
+        )
+    return int.from_bytes(value, "little")
+
+
+def _same_uid(value: bytes | None, ours: bytes) -> bool:
+    """A UID element equals ours; PS3.5 pads UIDs with a NUL, some peers with a space."""
+    return value is None or value.rstrip(b"\x00 ") == ours
+
+
+def check_response(
+    values: Mapping[int, bytes],
+    command_field: int,
+    message_id: int,
+    sop_class: bytes,
+    sop_instance: bytes | None = None,
+) -> int:
+    """Check a decoded C-STORE-RSP / C-ECHO-RSP against the request it must answer, and return its
+    Status.
+
+    PS3.7 9.3.1.2 and 9.3.5.2: Command Field is the response to ours; Message ID Being Responded
+    To is our Message ID; Command Data Set Type says no data set; Status is present with 2 bytes
+    and is not Pending (C-STORE and C-ECHO have no pending responses); Affected SOP Class UID and
+    Affected SOP Instance UID, optional in the response, equal ours when present. ``sop_class``
+    and ``sop_instance`` are our UIDs as ASCII bytes, without padding.
+    """
+    field = _us(values, 0x0100, "Command Field")
+    if field != command_field:
+        raise ProtocolError(
+            f"DIMSE response with Command Field 0x{field:04X} where 0x{command_field:04X} "
+            "answers our request"
+        )
+    responded = _us(values, 0x0120, "Message ID Being Responded To")
+    if responded != message_id:
+        raise ProtocolError(
+            f"DIMSE response to message {responded}; our request was message {message_id}"
+        )
+    if _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET:
+        raise ProtocolError("DIMSE response announces a data set (Command Data Set Type)")
+    status = _us(values, 0x0900, "Status")
+    if status in PENDING:
+        raise ProtocolError(
+            f"DIMSE response with Pending status 0x{status:04X}, which C-STORE and C-ECHO "
+            "do not have"
+        )
+    if not _same_uid(values.get(0x0002), sop_class):
+        raise ProtocolError("DIMSE response: Affected SOP Class UID is not the one we sent")
+    if sop_instance is not None and not _same_uid(values.get(0x1000), sop_instance):
+        raise ProtocolError("DIMSE response: Affected SOP Instance UID is not the one we sent")
+    return status
+
+
+def collect_command(body: bytes, context_ids: Container[int], command: bytearray) -> bool:
+    """Append the command fragments of one P-DATA-TF PDU body to ``command``; True once the last
+    fragment is in.
+
+    PS3.8 9.3.5: one or more PDV items, each at least 2 bytes (context ID and message control
+    header), together exactly filling the PDU; the context ID one we negotiated. We only ever
+    wait for a response, which has no data set (PS3.7 9.3.1.2), so a data set fragment, or any
+    PDV after the last command fragment, is a protocol error.
+    """
+    pos, end = 0, len(body)
+    if end < 6:
+        raise ProtocolError(f"P-DATA-TF of {end} bytes holds no PDV item")
+    done = False
+    while pos < end:
+        if end - pos < 6:
+            raise ProtocolError("P-DATA-TF ends inside a PDV item header")
+        (item_len,) = struct.unpack_from(">I", body, pos)
+        if item_len < 2:
+            raise ProtocolError(f"PDV item of length {item_len} (at least 2)")
+        if item_len > end - pos - 4:
+            raise ProtocolError("PDV item runs past the end of its P-DATA-TF")
+        context_id, control = body[pos + 4], body[pos + 5]
+        if context_id not in context_ids:
+            raise ProtocolError(f"PDV on presentation context {context_id}, which we never agreed")
+        if done:
+            raise ProtocolError("PDV after the last fragment of the DIMSE response")
+        if not control & 0x01:
+            raise ProtocolError("data set fragment in a DIMSE response, which has none")
+        command += body[pos + 6 : pos + 4 + item_len]
+        if len(command) > MAX_COMMAND_SET:
+            raise ProtocolError(f"DIMSE command set over {MAX_COMMAND_SET} bytes")
+        done = bool(control & 0x02)
+        pos += 4 + item_len
+    return done
+
+
+# -- association PDUs -----------------------------------------------------------------------------
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -122,45 +280,158 @@ def encode_associate_rq(
     return struct.pack(">BxI", 0x01, len(body)) + body
 
 
-def decode_associate_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
-    """Presentation context results {id: (result, transfer syntax)} and the peer's maximum PDU
-    length (0 = unlimited) from the body of an A-ASSOCIATE-AC. Raises ValueError if malformed."""
-    results: dict[int, tuple[int, str]] = {}
-    max_pdu = 0
-    pos, end = 68, len(body)
-    if end < pos:
-        raise ValueError("too short")
+_ITEM = struct.Struct(">BxH")
+
+
+def _uid_value(raw: bytes, what: str) -> str:
+    """A UID from a PDU item: 1..64 digits and dots (a trailing NUL or space tolerated)."""
+    value = raw.rstrip(b"\x00 ")
+    if not value or len(value) > 64 or value.translate(None, b"0123456789."):
+        raise ProtocolError(f"{what} is not a UID: {raw[:80]!r}")
+    return value.decode("ascii")
+
+
+def _sub_items(value: bytes, what: str) -> list[tuple[int, bytes]]:
+    """The sub-items of an item, which must exactly fill it."""
+    out = []
+    pos, end = 0, len(value)
     while pos < end:
-        if pos + 4 > end:
-            raise ValueError("truncated item")
-        item_type, length = struct.unpack_from(">BxH", body, pos)
+        if end - pos < 4:
+            raise ProtocolError(f"{what}: a sub-item header is cut short")
+        sub_type, sub_len = _ITEM.unpack_from(value, pos)
+        if sub_len > end - pos - 4:
+            raise ProtocolError(f"{what}: sub-item 0x{sub_type:02X} runs past the item")
+        out.append((sub_type, value[pos + 4 : pos + 4 + sub_len]))
+        pos += 4 + sub_len
+    return out
+
+
+def decode_associate_ac(
+    body: bytes, proposed: Mapping[int, ProposedContext] | None = None
+) -> tuple[dict[int, tuple[int, str]], int]:
+    """Presentation context results {id: (result, transfer syntax)} and the peer's maximum PDU
+    length (0 = unlimited, or not announced) from the body of an A-ASSOCIATE-AC (PS3.8 9.3.3).
+
+    Checked: protocol version 1 supported; items and sub-items exactly fill what holds them; one
+    application context item, at least one presentation context item, one user information item;
+    a presentation context result is 0..4, for an odd ID we proposed (when ``proposed`` is given),
+    not repeated; an accepted one names exactly one transfer syntax, a UID, one we proposed for
+    that context; the maximum length sub-item, when present, has 4 bytes. A rejected context's
+    transfer syntax is not tested (PS3.8 9.3.3.2). Unknown item types are skipped. Anything else
+    raises :class:`ProtocolError`.
+    """
+    end = len(body)
+    if end < 68:
+        raise ProtocolError(f"A-ASSOCIATE-AC of {end} bytes (the fixed fields alone take 68)")
+    (version,) = struct.unpack_from(">H", body, 0)
+    if not version & 0x0001:
+        raise ProtocolError(f"A-ASSOCIATE-AC protocol version 0x{version:04X} (we speak 1)")
+    results: dict[int, tuple[int, str]] = {}
+    max_pdu: int | None = None
+    counts = {0x10: 0, 0x21: 0, 0x50: 0}
+    pos = 68
+    while pos < end:
+        if end - pos < 4:
+            raise ProtocolError("A-ASSOCIATE-AC ends inside an item header")
+        item_type, length = _ITEM.unpack_from(body, pos)
+        if length > end - pos - 4:
+            raise ProtocolError(f"A-ASSOCIATE-AC item 0x{item_type:02X} runs past the PDU")
         value = body[pos + 4 : pos + 4 + length]
-        if len(value) != length:
-            raise ValueError(f"item 0x{item_type:02X} runs past the PDU")
         pos += 4 + length
-        if item_type == 0x21:
+        if item_type in counts:
+            counts[item_type] += 1
+        if item_type == 0x10:
+            _uid_value(value, "application context name")
+        elif item_type == 0x21:
             if length < 4:
-                raise ValueError("presentation context item too short")
+                raise ProtocolError(f"presentation context item of {length} bytes (at least 4)")
+            cid, result = value[0], value[2]
+            if cid in results:
+                raise ProtocolError(f"presentation context {cid} answered twice")
+            if proposed is not None and cid not in proposed:
+                raise ProtocolError(
+                    f"result for presentation context {cid}, which we never proposed"
+                )
+            if result > 4:
+                raise ProtocolError(f"presentation context {cid}: result {result} (0..4)")
+            subs = _sub_items(value[4:], f"presentation context {cid}")
+            syntaxes = [v for t, v in subs if t == 0x40]
             ts = ""
-            sub = 4
-            while sub + 4 <= length:
-                sub_type, sub_len = struct.unpack_from(">BxH", value, sub)
-                if sub_type == 0x40:
-                    ts = (
-                        value[sub + 4 : sub + 4 + sub_len]
-                        .rstrip(b"\x00 ")
-                        .decode("ascii", "replace")
+            if result != 0:
+                if len(syntaxes) == 1:  # not significant, not tested: reported when readable
+                    try:
+                        ts = _uid_value(syntaxes[0], "")
+                    except ProtocolError:
+                        pass
+            else:
+                if len(syntaxes) != 1:
+                    raise ProtocolError(
+                        f"presentation context {cid} accepted with {len(syntaxes)} transfer "
+                        "syntaxes (exactly 1)"
                     )
-                sub += 4 + sub_len
-            results[value[0]] = (value[2], ts)
+                ts = _uid_value(syntaxes[0], f"presentation context {cid}: transfer syntax")
+                if proposed is not None and ts not in proposed[cid].transfer_syntaxes:
+                    raise ProtocolError(
+                        f"presentation context {cid} accepted with {ts}, which we did not propose"
+                    )
+            results[cid] = (result, ts)
         elif item_type == 0x50:
-            sub = 0
-            while sub + 4 <= length:
-                sub_type, sub_len = struct.unpack_from(">BxH", value, sub)
-                if sub_type == 0x51 and sub_len == 4:
-                    (max_pdu,) = struct.unpack_from(">I", value, sub + 4)
-                sub += 4 + sub_len
-    return results, max_pdu
+            for sub_type, sub in _sub_items(value, "user information"):
+                if sub_type != 0x51:
+                    continue
+                if len(sub) != 4 or max_pdu is not None:
+                    raise ProtocolError(
+                        f"maximum length sub-item of {len(sub)} bytes (one, of exactly 4)"
+                    )
+                (max_pdu,) = struct.unpack(">I", sub)
+    if counts[0x10] != 1 or counts[0x21] < 1 or counts[0x50] != 1:
+        raise ProtocolError(
+            f"A-ASSOCIATE-AC with {counts[0x10]} application context, {counts[0x21]} presentation "
+            f"context and {counts[0x50]} user information items (1, 1 or more, 1)"
+        )
+    return results, max_pdu or 0
+
+
+def decode_associate_rj(body: bytes) -> tuple[int, int, int]:
+    """(result, source, reason) of an A-ASSOCIATE-RJ body (PS3.8 9.3.4): exactly 4 bytes, result
+    1 (permanent) or 2 (transient), source 1..3. The reason is not tested (:func:`reject_reason`
+    names the unknown ones)."""
+    if len(body) != 4:
+        raise ProtocolError(f"A-ASSOCIATE-RJ of {len(body)} bytes (exactly 4)")
+    result, source, reason = body[1], body[2], body[3]
+    if result not in (1, 2) or source not in (1, 2, 3):
+        raise ProtocolError(f"A-ASSOCIATE-RJ with result {result}, source {source}")
+    return result, source, reason
+
+
+def check_fixed_pdu(pdu_type: int, body: bytes) -> None:
+    """A-RELEASE-RQ, A-RELEASE-RP and A-ABORT have a 4-byte body (PS3.8 9.3.6-9.3.8)."""
+    if len(body) != 4:
+        raise ProtocolError(f"{PDU_NAMES[pdu_type]} of {len(body)} bytes (exactly 4)")
+
+
+def send_pdu_limit(peer_max: int, our_cap: int | None = None) -> int:
+    """The largest P-DATA-TF PDU (its length field) we send, from the peer's announced maximum
+    (0 = no limit) and our own optional cap (``--max-pdu-send``).
+
+    Smaller PDUs are always legal (PS3.8 D.1 only bounds them from above), so "no limit" and
+    anything above :data:`MAX_SEND_PDU` become 1 MiB: a peer announcing 0xFFFFFFFF must not make
+    us allocate 4 GiB. A peer announcing less than :data:`MIN_SEND_PDU` (8) cannot receive a
+    single even-length fragment: no data set could ever be sent, so the association is refused
+    with a :class:`ProtocolError` (retried later) rather than looping or dividing by zero. From 8
+    up the peer's limit is honoured, however small: slow, but legal and bounded (our batch
+    buffer, not the fragment count, sets the memory used). The result is even, so every fragment
+    we cut is even (DCMTK refuses odd ones).
+    """
+    if 0 < peer_max < MIN_SEND_PDU:
+        raise ProtocolError(
+            f"the peer's maximum PDU length {peer_max} cannot carry a PDV "
+            f"(at least {MIN_SEND_PDU} bytes)"
+        )
+    limit = min(peer_max or MAX_SEND_PDU, MAX_SEND_PDU)
+    if our_cap:
+        limit = min(limit, max(our_cap, MIN_SEND_PDU))
+    return limit & ~1
 
 
 _REJECT_REASONS = {

@@ -168,6 +168,13 @@ class Channel:
 
     def _ensure(self, need: tuple[str, str], hint: Sequence[tuple[str, str]]) -> Association:
         assoc = self._assoc
+        if assoc is not None and assoc.peer_gone():
+            # Closed, released or aborted by the peer while idle (peer_gone closed our end):
+            # open a new one now, so the next file pays no failed attempt and no backoff.
+            logger.debug(
+                "%s: association #%s is gone; opening another", self.name, self._assoc_number
+            )
+            self._assoc = assoc = None
         if assoc is not None and not assoc.closed and need in self._proposed:
             return assoc
         if assoc is not None and not assoc.closed:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -31,15 +32,18 @@ from typing import TYPE_CHECKING
 
 from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import FileMeta
-from forwarder.errors import AssociationError, InvalidFileError
+from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
 from forwarder.pdu import (
     ABORT,
+    C_ECHO_RSP,
+    C_STORE_RSP,
     MAX_CONTEXTS,
     PDATA_HEADER,
     PDU_ABORT,
     PDU_ASSOCIATE_AC,
     PDU_ASSOCIATE_RJ,
     PDU_HEADER,
+    PDU_NAMES,
     PDU_P_DATA,
     PDU_RELEASE_RP,
     PDU_RELEASE_RQ,
@@ -49,13 +53,18 @@ from forwarder.pdu import (
     RELEASE_RQ,
     VERIFICATION_SOP_CLASS,
     ProposedContext,
+    check_fixed_pdu,
+    check_response,
+    collect_command,
     command_text,
     decode_associate_ac,
+    decode_associate_rj,
     decode_command,
     encode_associate_rq,
     encode_echo_rq,
     encode_store_rq,
     reject_reason,
+    send_pdu_limit,
 )
 
 if TYPE_CHECKING:
@@ -64,7 +73,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_INCOMING_PDU = 16 * 1024 * 1024  # refuse absurd PDU lengths from a broken peer
-_UNLIMITED_FRAGMENT = 1024 * 1024 - 6  # what we send when the peer says "no limit"
+_VERIFICATION = VERIFICATION_SOP_CLASS.encode("ascii")
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -139,7 +148,9 @@ class Association:
         self._rbuf = bytearray()
         self._message_id = 0
         self._negotiated = _Negotiated()
-        self.max_pdu_send = 0
+        self.max_pdu_send = 0  # the largest P-DATA-TF we send (pdu.send_pdu_limit)
+        self._frag = 0  # data bytes per PDV: max_pdu_send - 6, even
+        self._context_ids: frozenset[int] = frozenset()  # accepted presentation context IDs
         self.closed = False
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
@@ -184,9 +195,13 @@ class Association:
         self._send(rq, what="A-ASSOCIATE-RQ")
         pdu_type, body = self._read_pdu(timeout, waiting_for="A-ASSOCIATE-AC")
         if pdu_type == PDU_ASSOCIATE_RJ:
-            result, source, reason = body[1], body[2], body[3]
+            try:
+                result, source, reason = decode_associate_rj(body)
+            except ProtocolError as exc:
+                self.abort()
+                raise ProtocolError(f"{self.peer} sent a malformed A-ASSOCIATE-RJ: {exc}") from None
             self._close_socket()
-            verdict = REJECT_RESULT.get(result, f"result {result}")
+            verdict = REJECT_RESULT[result]
             raise AssociationError(
                 f"{self.peer} rejected the association "
                 f"({verdict}: {reject_reason(source, reason)})",
@@ -197,20 +212,20 @@ class Association:
             raise AssociationError(f"{self.peer} aborted during negotiation", retryable=True)
         if pdu_type != PDU_ASSOCIATE_AC:
             self.abort()
-            raise AssociationError(
-                f"{self.peer} answered the A-ASSOCIATE-RQ with PDU type 0x{pdu_type:02X}",
-                retryable=True,
+            raise ProtocolError(
+                f"{self.peer} answered the A-ASSOCIATE-RQ with {_pdu_name(pdu_type)}"
             )
         try:
-            results, peer_max = decode_associate_ac(body)
-        except ValueError as exc:
+            results, peer_max = decode_associate_ac(body, proposed)
+        except ProtocolError as exc:
             self.abort()
-            raise AssociationError(
-                f"{self.peer} sent a malformed A-ASSOCIATE-AC: {exc}", retryable=True
-            ) from None
-        self.max_pdu_send = peer_max
-        if s.max_pdu_send:
-            self.max_pdu_send = min(peer_max or s.max_pdu_send, s.max_pdu_send)
+            raise ProtocolError(f"{self.peer} sent a malformed A-ASSOCIATE-AC: {exc}") from None
+        try:
+            self.max_pdu_send = send_pdu_limit(peer_max, s.max_pdu_send)
+        except ProtocolError as exc:
+            self.abort()
+            raise ProtocolError(f"{self.peer}: {exc}") from None
+        self._frag = self.max_pdu_send - 6
         neg = _Negotiated()
         accepted_ids = set()
         for cid, (result, ts) in results.items():
@@ -223,6 +238,7 @@ class Association:
             neg.by_abstract.setdefault(proposal.abstract_syntax, []).append(acc)
         neg.rejected = [c for cid, c in proposed.items() if cid not in accepted_ids]
         self._negotiated = neg
+        self._context_ids = frozenset(accepted_ids)
         if s.tls is None:
             self._use_kernel_timeouts(s.response_timeout)
         else:
@@ -265,10 +281,15 @@ class Association:
             raise AssociationError(f"{self.peer} did not accept Verification", retryable=False)
         msg_id = self._next_message_id()
         self._send_fragments(ctx[0].context_id, True, encode_echo_rq(msg_id))
-        return self._read_response(msg_id, 0x8030)
+        return self._read_response(msg_id, C_ECHO_RSP, _VERIFICATION, None)
 
     def store_file(self, path: str, meta: FileMeta, context: AcceptedContext) -> DimseResponse:
-        """Send the data set of ``path`` (as it is on disk) and return the peer's response."""
+        """Send the data set of ``path`` (as it is on disk) and return the peer's response.
+
+        A data set of odd length (a deflated one: PS3.5 A.5 pads the deflated bytes, not every
+        writer does) goes out with one trailing 0x00, as DCMTK sends it: PS3.5 7.1 wants even
+        lengths, and DCMTK's SCP aborts on an odd fragment.
+        """
         # os.open + one fstat + preadv: the builtin open() adds an fstat and a seek per file.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -286,23 +307,24 @@ class Association:
             )
         finally:
             os.close(fd)
-        return self._read_response(msg_id, 0x8001)
+        return self._read_response(
+            msg_id, C_STORE_RSP, meta.sop_class_uid.encode(), meta.sop_instance_uid.encode()
+        )
 
     def store_bytes(
         self, sop_class: str, sop_instance: str, dataset: bytes, context: AcceptedContext
     ) -> DimseResponse:
-        """Send an already encoded data set (used after transcoding)."""
+        """Send an already encoded data set (used after transcoding); padded to even length."""
         msg_id = self._next_message_id()
         command = encode_store_rq(msg_id, sop_class, sop_instance, self.settings.priority)
         self._send_fragments(context.context_id, True, command)
+        if len(dataset) % 2:
+            dataset += b"\x00"
         self._send_fragments(context.context_id, False, dataset)
-        return self._read_response(msg_id, 0x8001)
-
-    def _fragment_size(self) -> int:
-        return (self.max_pdu_send - 6) if self.max_pdu_send else _UNLIMITED_FRAGMENT
+        return self._read_response(msg_id, C_STORE_RSP, sop_class.encode(), sop_instance.encode())
 
     def _send_fragments(self, context_id: int, command: bool, data: bytes) -> None:
-        frag = self._fragment_size()
+        frag = self._frag
         total = len(data)
         parts = []
         pos = 0
@@ -322,8 +344,9 @@ class Association:
     def _stream(
         self, context_id: int, command: bytes, fd: int, offset: int, length: int, path: str
     ) -> None:
-        """Command PDU(s) and the data set's PDUs, batched into ~1 MB ``sendall`` calls."""
-        frag = self._fragment_size()
+        """Command PDU(s) and the data set's PDUs, batched into ~1 MB ``sendall`` calls; an odd
+        ``length`` is sent with one 0x00 pad byte (fragments are even: pdu.send_pdu_limit)."""
+        frag = self._frag
         if len(command) > frag:
             self._send_fragments(context_id, True, command)
             prefix = b""
@@ -332,13 +355,15 @@ class Association:
                 PDATA_HEADER.pack(PDU_P_DATA, len(command) + 6, len(command) + 2, context_id, 0x03)
                 + command
             )
-        fragments = max(1, -(-length // frag))
+        padded = length + (length & 1)
+        fragments = max(1, -(-padded // frag))
         per_batch = min(fragments, max(1, self.settings.batch_bytes // (frag + 12)))
         batch_len = len(prefix) + per_batch * (frag + 12)
         buf = bytearray(batch_len)
         view = memoryview(buf)
         preadv = os.preadv
-        remaining = length
+        remaining = padded
+        in_file = length
         pos = len(prefix)
         view[:pos] = prefix
         while True:
@@ -350,82 +375,85 @@ class Association:
             remaining -= n
             control = 0x02 if remaining == 0 else 0x00
             PDATA_HEADER.pack_into(buf, pos, PDU_P_DATA, n + 6, n + 2, context_id, control)
+            want = min(n, in_file)
             got = 0
-            while got < n:
-                r = preadv(fd, [view[pos + 12 + got : pos + 12 + n]], offset)
+            while got < want:
+                r = preadv(fd, [view[pos + 12 + got : pos + 12 + want]], offset)
                 offset += r
                 if not r:
                     # The file shrank under us: the message cannot be completed on this association.
                     self.abort()
                     raise InvalidFileError(path, "the file was truncated while being sent")
                 got += r
+            in_file -= want
+            if want < n:
+                buf[pos + 12 + want] = 0  # the pad byte (the buffer is reused: set it)
             pos += 12 + n
             if remaining == 0:
                 break
         self._send(view[:pos], what="P-DATA")
 
-    def _read_response(self, message_id: int, command_field: int) -> DimseResponse:
+    def _read_response(
+        self, message_id: int, command_field: int, sop_class: bytes, sop_instance: bytes | None
+    ) -> DimseResponse:
+        """Wait for the response to our one outstanding request and check it (pdu.py's
+        :func:`collect_command`, :func:`decode_command`, :func:`check_response`): a few
+        comparisons, no pydicom. Anything but that response aborts the association."""
         timeout = self.settings.response_timeout
         command = bytearray()
         while True:
             pdu_type, body = self._read_pdu(timeout, waiting_for="a DIMSE response")
             if pdu_type == PDU_P_DATA:
-                pos, end = 0, len(body)
-                done = False
-                while pos + 6 <= end:
-                    (item_len,) = struct.unpack_from(">I", body, pos)
-                    control = body[pos + 5]
-                    data = body[pos + 6 : pos + 4 + item_len]
-                    pos += 4 + item_len
-                    if control & 0x01:
-                        command += data
-                        if control & 0x02:
-                            done = True
-                if not done:
-                    continue
-                values = decode_command(bytes(command))
-                command = bytearray()
-                field_ = struct.unpack("<H", values.get(0x0100, b"\0\0")[:2])[0]
-                responded = struct.unpack("<H", values.get(0x0120, b"\0\0")[:2])[0]
-                if field_ != command_field or responded != message_id:
-                    logger.warning(
-                        "%s sent an unexpected DIMSE message (command 0x%04X for message %d)",
-                        self.peer,
-                        field_,
-                        responded,
+                try:
+                    if not collect_command(body, self._context_ids, command):
+                        continue
+                    values = decode_command(bytes(command))
+                    status = check_response(
+                        values, command_field, message_id, sop_class, sop_instance
                     )
-                    continue
-                status = struct.unpack("<H", values.get(0x0900, b"\0\0")[:2])[0]
+                except ProtocolError as exc:
+                    self.abort()
+                    raise ProtocolError(f"{self.peer} sent a bad DIMSE response: {exc}") from None
                 self.last_used = time.monotonic()
+                offending = values.get(0x0901)
                 return DimseResponse(
                     status=status,
                     error_comment=command_text(values.get(0x0902)),
-                    message_id=responded,
-                    offending=values[0x0901].hex() if 0x0901 in values else None,
+                    message_id=message_id,
+                    offending=offending.hex() if offending is not None else None,
                 )
             if pdu_type == PDU_ABORT:
                 self._close_socket()
                 raise AssociationError(f"{self.peer} aborted the association", retryable=True)
             if pdu_type == PDU_RELEASE_RQ:
+                # PS3.8 Sta6 + A-RELEASE-RQ: answer it; the request is lost with the association.
                 self._send(RELEASE_RP, what="A-RELEASE-RP")
                 self._close_socket()
                 raise AssociationError(
                     f"{self.peer} released the association before answering", retryable=True
                 )
             self.abort()
-            raise AssociationError(
-                f"{self.peer} sent an unexpected PDU type 0x{pdu_type:02X}", retryable=True
+            raise ProtocolError(
+                f"{self.peer} sent {_pdu_name(pdu_type)} while we waited for a DIMSE response"
             )
 
     # -- release / abort ----------------------------------------------------------------------
 
     def release(self) -> None:
-        """A-RELEASE; aborts if the peer does not answer within ``release_timeout``."""
+        """A-RELEASE (PS3.8 7.2); aborts if the peer does not answer within ``release_timeout``.
+
+        While we wait for the A-RELEASE-RP (PS3.8 state Sta7), a P-DATA-TF is dropped (AR-6: no
+        request is outstanding); an A-RELEASE-RQ from the peer is a release collision (AR-8): as
+        the association requestor we answer it with an A-RELEASE-RP at once (AR-9, Sta11), then
+        wait for theirs (AR-3), as pynetdicom's state machine and DCMTK do. An A-ABORT ends it;
+        anything else gets an A-ABORT (AA-8).
+        """
         if self.closed:
             return
         try:
             self._send(RELEASE_RQ, what="A-RELEASE-RQ")
             deadline = time.monotonic() + self.settings.release_timeout
+            collided = False
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -433,11 +461,99 @@ class Association:
                 pdu_type, _ = self._read_pdu(remaining, waiting_for="A-RELEASE-RP")
                 if pdu_type in (PDU_RELEASE_RP, PDU_ABORT):
                     break
-        except AssociationError:
+                if pdu_type == PDU_RELEASE_RQ and not collided:
+                    logger.debug(
+                        "%s: release collision, answering the peer's A-RELEASE-RQ", self.peer
+                    )
+                    collided = True
+                    self._send(RELEASE_RP, what="A-RELEASE-RP")
+                    continue
+                if pdu_type == PDU_P_DATA and not collided:
+                    continue
+                raise ProtocolError(
+                    f"{self.peer} sent {_pdu_name(pdu_type)} while we waited for A-RELEASE-RP"
+                )
+        except AssociationError as exc:
+            logger.debug("%s: release failed (%s); aborting", self.peer, exc)
             if not self.closed:
                 self.abort()
             return
         self._close_socket()
+
+    def peer_gone(self) -> bool:
+        """True when this association, idle between requests, can no longer be used: the peer
+        closed the connection, the socket failed, or the peer sent something while we had no
+        request outstanding. A non-blocking look (one ``recv`` with MSG_PEEK|MSG_DONTWAIT on
+        plain TCP); call it only between requests.
+
+        What arrived is answered as PS3.8 says: an A-RELEASE-RQ (Sta6, AR-2) gets its
+        A-RELEASE-RP, since nothing is outstanding; an A-ABORT closes; anything else (an
+        unsolicited P-DATA-TF, garbage) gets an A-ABORT. Either way the association is closed
+        when this returns True, so the caller opens a new one for the next file instead of
+        losing an attempt to a dead one.
+        """
+        if self.closed:
+            return True
+        if not self._rbuf:
+            waiting = self._poll_idle()
+            if waiting is None:
+                return False
+            if not waiting:
+                logger.debug("%s: the peer closed the idle association", self.peer)
+                self._close_socket()
+                return True
+        try:
+            pdu_type, _ = self._read_pdu(1.0, waiting_for="the PDU it started while idle")
+        except AssociationError as exc:
+            logger.debug("%s: idle association broke: %s", self.peer, exc)
+            return True  # closed or aborted by _read_pdu
+        if pdu_type == PDU_RELEASE_RQ:
+            logger.debug("%s: the peer released the idle association", self.peer)
+            try:
+                self._send(RELEASE_RP, what="A-RELEASE-RP")
+            except AssociationError:
+                pass
+            self._close_socket()
+        elif pdu_type == PDU_ABORT:
+            logger.debug("%s: the peer aborted the idle association", self.peer)
+            self._close_socket()
+        else:
+            logger.warning(
+                "%s sent %s on an idle association; aborting it", self.peer, _pdu_name(pdu_type)
+            )
+            self.abort()
+        return True
+
+    def _poll_idle(self) -> bool | None:
+        """None: nothing to read; True: bytes are waiting (now or in ``_rbuf``); False: EOF or a
+        socket error."""
+        sock = self._sock
+        if self.settings.tls is None:
+            try:
+                return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return None
+            except OSError:
+                return False
+        import ssl  # already loaded: TLS is in use
+
+        try:
+            buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+            if not buffered and not select.select([sock], [], [], 0)[0]:
+                return None
+            sock.settimeout(0)
+            try:
+                chunk = sock.recv(65536)
+            finally:
+                sock.settimeout(self.settings.response_timeout)
+        except ssl.SSLWantReadError:
+            return None  # a TLS record with no application data (a session ticket)
+        except (OSError, ValueError):
+            return False
+        if not chunk:
+            return False
+        self._rbuf += chunk
+        return True
 
     def abort(self) -> None:
         if self.closed:
@@ -525,18 +641,35 @@ class Association:
                     pass
 
     def _read_pdu(self, timeout: float, waiting_for: str) -> tuple[int, bytes]:
+        """One PDU: a known type (PS3.8 9.3.1), a bounded length (a P-DATA-TF no longer than
+        the maximum we announced), A-RELEASE and A-ABORT PDUs of exactly 4 bytes."""
         self._fill(6, timeout, waiting_for)
         pdu_type, length = PDU_HEADER.unpack_from(self._rbuf, 0)
-        if length > _MAX_INCOMING_PDU or pdu_type not in range(1, 8):
+        if length > _MAX_INCOMING_PDU or pdu_type not in PDU_NAMES:
             self.abort()
-            raise AssociationError(
-                f"{self.peer} sent a malformed PDU (type 0x{pdu_type:02X}, length {length})",
-                retryable=True,
+            raise ProtocolError(
+                f"{self.peer} sent a malformed PDU (type 0x{pdu_type:02X}, length {length})"
+            )
+        limit = self.settings.max_pdu_receive
+        if pdu_type == PDU_P_DATA and 0 < limit < length:
+            self.abort()
+            raise ProtocolError(
+                f"{self.peer} sent a P-DATA-TF of {length} bytes; we accept at most {limit}"
             )
         self._fill(6 + length, timeout, waiting_for)
         body = bytes(self._rbuf[6 : 6 + length])
         del self._rbuf[: 6 + length]
+        if pdu_type >= PDU_RELEASE_RQ:
+            try:
+                check_fixed_pdu(pdu_type, body)
+            except ProtocolError as exc:
+                self.abort()
+                raise ProtocolError(f"{self.peer} sent a malformed PDU: {exc}") from None
         return pdu_type, body
+
+
+def _pdu_name(pdu_type: int) -> str:
+    return PDU_NAMES.get(pdu_type, f"PDU type 0x{pdu_type:02X}")
 
 
 def _timeval(seconds: float) -> bytes:

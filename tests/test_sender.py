@@ -30,7 +30,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category as pynetdicom_category
 
 from forwarder.dicomfile import read_meta
-from forwarder.errors import AssociationError, InvalidFileError
+from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
 from forwarder.pdu import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -58,9 +58,16 @@ SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, rele
 UNCOMPRESSED = [EXPLICIT, IMPLICIT]
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The file's bytes after its meta header: exactly what must go over the wire."""
+def file_dataset(path: Path) -> bytes:
+    """The file's bytes after its meta header."""
     return path.read_bytes()[read_meta(path).dataset_offset :]
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """Exactly what must go over the wire: the file's data set, an odd one padded with one
+    0x00 (PS3.5 7.1, as DCMTK sends it)."""
+    data = file_dataset(path)
+    return data + b"\x00" if len(data) % 2 else data
 
 
 def gen(path: Path, **kwargs: object) -> Path:
@@ -74,11 +81,11 @@ def padded_file(path: Path, dataset_length: int, seed: int) -> Path:
     included): a small image, then zero padding after the pixel data."""
     budget = max(dataset_length - 2048, 256)  # pixel bytes; the rest of the data set is < 2 KB
     write_file(path, rows=budget // 128, columns=64, seed=seed)
-    have = len(dataset_bytes(path))
+    have = len(file_dataset(path))
     assert have <= dataset_length, (have, dataset_length)
     with path.open("ab") as f:
         f.write(b"\x00" * (dataset_length - have))
-    assert len(dataset_bytes(path)) == dataset_length
+    assert len(file_dataset(path)) == dataset_length
     return path
 
 
@@ -179,7 +186,7 @@ def test_associate_ac_from_pynetdicom_decodes(max_pdu: int) -> None:
 
 
 @pytest.mark.parametrize("cut", [10, 70, -3])
-def test_truncated_associate_ac_is_a_value_error(cut: int) -> None:
+def test_truncated_associate_ac_is_a_protocol_error(cut: int) -> None:
     pdu = A_ASSOCIATE_AC()
     ac = A_ASSOCIATE()
     ac.application_context_name = "1.2.840.10008.3.1.1.1"
@@ -195,7 +202,7 @@ def test_truncated_associate_ac_is_a_value_error(cut: int) -> None:
     ac.user_information = [max_len]
     pdu.from_primitive(ac)
     body = bytes(pdu.encode())[6:]
-    with pytest.raises(ValueError):
+    with pytest.raises(ProtocolError):
         decode_associate_ac(body[:cut])
 
 
@@ -230,8 +237,14 @@ def test_pynetdicom_receives_the_file_bytes_exactly(tmp_path: Path, max_pdu: int
 
 @pytest.mark.parametrize(
     ("peer_max", "our_cap", "limit"),
-    [(4096, None, 4096), (65535, None, 65535), (0, None, 1024 * 1024), (0, 4096, 4096)],
-    ids=["peer4k", "peer-odd-64k", "peer-unlimited", "our-sndpdulen-4k"],
+    [
+        (4096, None, 4096),
+        (65535, None, 65534),  # even fragments only: DCMTK refuses odd ones
+        (0, None, 1024 * 1024),
+        (0xFFFFFFFF, None, 1024 * 1024),  # "4 GiB" is clamped, not allocated
+        (0, 4096, 4096),
+    ],
+    ids=["peer4k", "peer-odd-64k", "peer-unlimited", "peer-4GiB", "our-sndpdulen-4k"],
 )
 def test_p_data_pdus_respect_the_max_length_and_carry_the_exact_bytes(
     tmp_path: Path, peer_max: int, our_cap: int | None, limit: int
@@ -251,6 +264,7 @@ def test_p_data_pdus_respect_the_max_length_and_carry_the_exact_bytes(
         assert peer.released.is_set()
         lengths = peer.p_data_lengths()
         assert max(lengths) <= limit
+        assert all(n % 2 == 0 for n in lengths)  # PDV header 6 + an even fragment
         # Full-size fragments: each data set takes as few PDUs as the limit allows.
         assert lengths.count(limit) == sum(len(dataset_bytes(p)) // frag for p in paths)
         assert peer.datasets == [dataset_bytes(p) for p in paths]
