@@ -1,9 +1,12 @@
-"""Part 10 file meta information, read without pydicom.
+"""Part 10 files, read without pydicom: the meta header, and the one whole-file check.
 
 The sender needs four things per file: SOP Class UID, SOP Instance UID, transfer syntax and the
 offset where the data set starts, so it can stream the rest of the file unmodified. Reading those
 from the (explicit VR little endian) group 0002 takes a few microseconds; a pydicom ``dcmread``
-takes hundreds. Everything here is bounded: no length read from the file is trusted to allocate.
+takes hundreds. :func:`check_file` (``read_meta`` + ``scan_file``) is the check every path uses
+(``send``, the daemon's ingest, ``receive``) before it calls a file sendable or stored: every
+element walked, deflated data sets inflated, the data set's own SOP Class and Instance UID
+required. Everything here is bounded: no length read from the file is trusted to allocate.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import mmap
 import os
 import re
 import struct
+import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import BinaryIO
 
 from forwarder.errors import InvalidFileError, UnreadableFileError
 
-#: Transfer syntaxes the sender can convert between without touching pixel data.
+#: The uncompressed transfer syntaxes (native pixel data). ``transcode`` converts between them,
+#: swapping binary values when the source is big endian.
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1.99"
@@ -206,6 +212,39 @@ _NUMERIC = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "
 _MAX_DEPTH = 32
 _IN_MEMORY = 2 * 1024 * 1024
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+#: Data sets deflated (RFC 1951, no zlib header) after the meta header: PS3.5 A.5.
+DEFLATED_SYNTAXES = frozenset({DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, "1.2.840.10008.1.2.4.95"})
+#: Syntaxes whose Pixel Data is native (a defined length); every other standard syntax of
+#: pixel data (JPEG family, RLE, video, encapsulated uncompressed) encapsulates it.
+NATIVE_SYNTAXES = frozenset(
+    {
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_BIG_ENDIAN,
+    }
+)
+_NO_PIXELS = frozenset({"1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95"})  # JPIP referenced
+#: An inflated data set is held in memory to be walked: bounded, so a deflate bomb is refused.
+MAX_INFLATED = 256 * 1024 * 1024
+_INTERNAL_KEYS = {_SOP_CLASS_UID: "\0SOPClassUID", _SOP_INSTANCE_UID: "\0SOPInstanceUID"}
+
+
+def _encapsulated_syntax(transfer_syntax: str) -> bool | None:
+    """True when ``transfer_syntax`` requires encapsulated Pixel Data, False when it requires
+    native Pixel Data, None when it is not a standard syntax of pixel data (not judged)."""
+    if transfer_syntax in NATIVE_SYNTAXES:
+        return False
+    if transfer_syntax in _NO_PIXELS:
+        return None
+    if transfer_syntax.startswith("1.2.840.10008.1.2.4.") or transfer_syntax in (
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.1.98",  # Encapsulated Uncompressed Explicit VR Little Endian
+    ):
+        return True
+    return None
 
 
 class _Scanner:
@@ -216,7 +255,7 @@ class _Scanner:
 
     def __init__(
         self,
-        buf: bytes | mmap.mmap,
+        buf: bytes | bytearray | mmap.mmap,
         path: str,
         little: bool,
         want: Mapping[int, str],
@@ -232,15 +271,35 @@ class _Scanner:
         self.want = want
         self.vrs = vrs  # VRs of wanted tags, for implicit VR data sets
         self.found: dict[str, str] = {}
+        self.pixel_data: str | None = None  # "native" or "encapsulated", at the top level
 
     def fail(self, message: str) -> InvalidFileError:
         return InvalidFileError(self.path, message)
 
-    def truncated(self, tag: int, length: int, pos: int) -> InvalidFileError:
+    def truncated(self, tag: int, length: int, pos: int, implicit: bool) -> InvalidFileError:
+        hint = ""
+        if implicit and pos >= 4:
+            vr = self.buf[pos - 4 : pos - 2]
+            if vr in _LONG_VRS or (vr[:1].isupper() and vr[1:].isupper()):
+                hint = (
+                    " (the data set looks explicit VR: its meta header names the wrong "
+                    "transfer syntax)"
+                )
         return self.fail(
             f"truncated: element {_tag(tag)} claims {length} bytes but only "
-            f"{max(self.size - pos, 0)} remain in the file"
+            f"{max(self.size - pos, 0)} remain in the file{hint}"
         )
+
+    def invalid_vr(self, tag: int, vr: bytes, pos: int) -> InvalidFileError:
+        hint = ""
+        if self.fmt == "<" and pos + 4 <= self.size:
+            (as_implicit,) = self.long_len.unpack_from(self.buf, pos)
+            if as_implicit <= self.size - pos - 4:
+                hint = (
+                    " (the data set looks implicit VR: it does not match the transfer syntax "
+                    "its meta header names)"
+                )
+        return self.fail(f"element {_tag(tag)} has an invalid VR {bytes(vr)!r}{hint}")
 
     def elements(self, pos: int, implicit: bool, depth: int, end: int, in_item: bool) -> int:
         """Read elements from ``pos`` until ``end`` or (``in_item``) an item delimiter;
@@ -275,9 +334,7 @@ class _Scanner:
                     (length,) = long_len.unpack_from(buf, pos)
                     pos += 4
                 elif not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
-                    raise self.fail(
-                        f"element {_tag((group << 16) | elem)} has an invalid VR {bytes(vr)!r}"
-                    )
+                    raise self.invalid_vr((group << 16) | elem, vr, pos - 4)
             tag = (group << 16) | elem
             if group == 0xFFFE:
                 if tag == _ITEM_END and in_item:
@@ -285,17 +342,24 @@ class _Scanner:
                 raise self.fail(f"unexpected {_tag(tag)} where a data element belongs")
             if length == 0xFFFFFFFF:
                 # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
-                pos = self.items(pos, implicit or vr == b"UN", depth + 1, vr in (b"OB", b"OW"))
+                pixels = tag == _PIXEL_DATA
+                if pixels and depth == 0:
+                    self.pixel_data = "encapsulated"
+                fragments = pixels or vr in (b"OB", b"OW")
+                pos = self.items(pos, implicit or vr == b"UN", depth + 1, fragments)
                 continue
             if pos + length > end:
-                raise self.truncated(tag, length, pos)
+                raise self.truncated(tag, length, pos, implicit)
             if vr == b"SQ" or (implicit and length >= 8 and self._starts_item(pos)):
                 # A defined-length sequence: its items must fit it exactly.
                 self.defined_items(pos, pos + length, implicit or vr == b"UN", depth + 1)
-            elif depth == 0 and tag in self.want and length <= 4096:
-                vr_used = vr or self.vrs.get(tag, "").encode()
-                raw = bytes(buf[pos : pos + length])
-                self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
+            elif depth == 0:
+                if tag in self.want and length <= 4096:
+                    vr_used = vr or self.vrs.get(tag, "").encode()
+                    raw = bytes(buf[pos : pos + length])
+                    self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
+                elif tag == _PIXEL_DATA:
+                    self.pixel_data = "native"
             pos += length
 
     def _starts_item(self, pos: int) -> bool:
@@ -354,6 +418,45 @@ class _Scanner:
             else:
                 pos = self.elements(pos, implicit, depth, pos + length, in_item=False)
 
+    def finish(self, transfer_syntax: str) -> tuple[str, str]:
+        """Checks of the whole data set once walked; returns its SOP Class and Instance UID."""
+        uids: list[str] = []
+        missing: list[str] = []
+        names = ((_SOP_CLASS_UID, "SOP Class UID"), (_SOP_INSTANCE_UID, "SOP Instance UID"))
+        for tag, name in names:
+            key = self.want[tag]
+            uid = self.found.pop(key, "") if key.startswith("\0") else self.found.get(key, "")
+            uid = uid.rstrip("\0 ").strip()
+            if not uid:
+                missing.append(f"no {name} {_tag(tag)}")
+            elif not is_valid_uid(uid):
+                shown = uid if len(uid) <= 80 else uid[:77] + "..."
+                raise self.fail(
+                    f"invalid {name} {shown!r} in the data set "
+                    "(PS3.5 9.1: at most 64 characters, digits and dots)"
+                )
+            uids.append(uid)
+        if missing:
+            raise self.fail(
+                f"the data set has {' and '.join(missing)} at its top level (the meta header's "
+                "are not enough: a peer stores what the data set says); refused, as DCMTK's "
+                "dcmsend refuses it"
+            )
+        encapsulated = _encapsulated_syntax(transfer_syntax)
+        if self.pixel_data == "encapsulated" and encapsulated is False:
+            raise self.fail(
+                "Pixel Data (7FE0,0010) is encapsulated (undefined length), but the transfer "
+                f"syntax {transfer_syntax} requires native pixel data: the meta header names "
+                "the wrong transfer syntax"
+            )
+        if self.pixel_data == "native" and encapsulated:
+            raise self.fail(
+                "Pixel Data (7FE0,0010) is native (a defined length), but the transfer syntax "
+                f"{transfer_syntax} requires encapsulated (compressed) pixel data: the meta "
+                "header names the wrong transfer syntax"
+            )
+        return uids[0], uids[1]
+
 
 def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -367,6 +470,73 @@ def _value(raw: bytes, vr: bytes, fmt: str) -> str:
     return raw.rstrip(b"\x00 ").decode("utf-8", "replace").strip()
 
 
+def inflate(f: BinaryIO, path: str, offset: int, limit: int = MAX_INFLATED) -> bytearray:
+    """The data set of a deflated file (raw deflate from ``offset``), read in chunks, at most
+    ``limit`` bytes. After the deflate stream only zero padding or a gzip trailer that matches
+    the inflated data (CRC-32 and size, written by some tools; DCMTK ignores it) may follow."""
+    f.seek(offset)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    try:
+        while not inflater.eof:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                raise InvalidFileError(
+                    path, "truncated: the deflated data set ends before its deflate stream does"
+                )
+            while chunk and not inflater.eof:
+                out += inflater.decompress(chunk, limit + 1 - len(out))
+                if len(out) > limit:
+                    raise InvalidFileError(
+                        path,
+                        f"the deflated data set inflates to more than {limit // (1024 * 1024)} "
+                        "MiB; refused (a deflate bomb, or far larger than any deflated object)",
+                    )
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise InvalidFileError(path, f"the deflated data set is corrupt (zlib: {exc})") from None
+    rest = inflater.unused_data + f.read(64)
+    if rest.strip(b"\x00"):
+        trailer = struct.pack("<II", zlib.crc32(out), len(out) & 0xFFFFFFFF)
+        if rest[:8] != trailer or rest[8:].strip(b"\x00"):
+            raise InvalidFileError(
+                path, "unexpected bytes after the end of the deflated data set's deflate stream"
+            )
+    if f.read(1):
+        raise InvalidFileError(path, "unexpected bytes after the end of the deflated data set")
+    return out
+
+
+def _scan(
+    p: str, meta: FileMeta, want: Mapping[int, str], vrs: Mapping[int, str]
+) -> tuple[dict[str, str], str, str]:
+    """Walk the data set of ``p``; return the wanted values and the data set's own UIDs."""
+    ts = meta.transfer_syntax
+    implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
+    little = ts != EXPLICIT_VR_BIG_ENDIAN
+    wanted = dict(want)
+    for tag, key in _INTERNAL_KEYS.items():
+        wanted.setdefault(tag, key)
+    try:
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if ts in DEFLATED_SYNTAXES:
+                scanner = _Scanner(inflate(f, p, meta.dataset_offset), p, True, wanted, vrs)
+                scanner.elements(0, False, 0, scanner.size, in_item=False)
+            elif size <= _IN_MEMORY:
+                scanner = _Scanner(f.read(), p, little, wanted, vrs)
+                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
+            else:
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    scanner = _Scanner(mapped, p, little, wanted, vrs)
+                    scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
+                    scanner.buf = b""  # the map closes here; nothing reads it after the walk
+    except OSError as exc:
+        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
+    sop_class, sop_instance = scanner.finish(ts)
+    return scanner.found, sop_class, sop_instance
+
+
 def scan_file(
     path: str | os.PathLike[str],
     meta: FileMeta,
@@ -377,30 +547,30 @@ def scan_file(
     top-level values of ``want`` (tag -> keyword) as text (multiple values joined by ``\\``).
     ``vrs`` (tag -> VR) tells how to read wanted values of implicit VR data sets.
 
-    Raises :class:`InvalidFileError` naming what is wrong (truncated, length past the end, an
-    undefined length without its delimiter, an invalid VR...). Deflated data sets are checked
-    only as far as their meta header.
+    Raises :class:`InvalidFileError` naming what is wrong: truncated, a length past the end, an
+    undefined length without its delimiter, an invalid VR, bytes that do not match the transfer
+    syntax (pixel data encapsulated under a native syntax or the reverse), a corrupt or
+    oversized deflate stream, or no valid SOP Class / Instance UID in the data set itself.
+    Deflated data sets are inflated (at most :data:`MAX_INFLATED` bytes) and walked.
     """
     p = os.fspath(path)
-    if meta.transfer_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        return {}
-    little = meta.transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
-    implicit = meta.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-    if implicit and want and vrs is None:
+    if meta.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN and want and vrs is None:
         # Implicit VR values need the data dictionary to be read (US Rows is binary).
         from pydicom.datadict import dictionary_VR
 
         vrs = {tag: dictionary_VR(tag).split(" or ")[0] for tag in want}
-    try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= _IN_MEMORY:
-                scanner = _Scanner(f.read(), p, little, want or {}, vrs or {})
-                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
-                return scanner.found
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                scanner = _Scanner(mapped, p, little, want or {}, vrs or {})
-                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
-                return scanner.found
-    except OSError as exc:
-        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
+    found, _, _ = _scan(p, meta, want or {}, vrs or {})
+    return found
+
+
+def check_file(path: str | os.PathLike[str]) -> FileMeta:
+    """The one check every path uses: :func:`read_meta` and the whole-data-set scan of
+    :func:`scan_file`. The returned SOP Class and Instance UID are the data set's own (they win
+    over the meta header's, as DCMTK's dcmsend sends them), deflated files included.
+
+    Raises :class:`InvalidFileError` (:class:`UnreadableFileError` when it cannot be read).
+    """
+    p = os.fspath(path)
+    meta = read_meta(p)
+    _, sop_class, sop_instance = _scan(p, meta, {}, {})
+    return replace(meta, sop_class_uid=sop_class, sop_instance_uid=sop_instance)

@@ -266,9 +266,13 @@ def test_scan_accepts_trailing_zero_padding(tmp_path: Path) -> None:
     assert scan(write(tmp_path, data + b"\x00" * 3), WANT)["Modality"] == "CT"
 
 
-def test_a_deflated_dataset_is_not_walked() -> None:
+def test_a_deflated_dataset_is_inflated_and_walked() -> None:
     path = bundled("image_dfl.dcm")
-    assert scan(path, WANT) == {}
+    ds = pydicom.dcmread(path)
+    assert scan(path, {MODALITY: "Modality", ROWS: "Rows"}) == {
+        "Modality": ds.Modality,
+        "Rows": str(ds.Rows),
+    }
 
 
 # -- scan_file: every element boundary of real files ----------------------------------------
