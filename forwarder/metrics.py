@@ -11,6 +11,8 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_sent_bytes_total{destination,outcome}
     forwarder_send_duration_seconds{destination}         histogram, one C-STORE
     forwarder_associations_open{destination}
+    forwarder_destination_up{destination}                1 up, 0 down (unreachable, refused or
+                                                         rejected: held, its files stay queued)
     forwarder_retries_total{destination}
     forwarder_ingest_accepted_total                      files taken into the queue
     forwarder_ingest_rejected_total{reason}              not_dicom, no_route, ...
@@ -177,6 +179,14 @@ class Metrics:
             ["destination"],
             registry=reg,
         )
+        self._up = Gauge(
+            "forwarder_destination_up",
+            "1 when the destination's last association attempt worked (or none was needed), 0 "
+            "while it is down: unreachable, refusing or rejecting associations (files stay "
+            "queued).",
+            ["destination"],
+            registry=reg,
+        )
         self._retries = Counter(
             "forwarder_retries",
             "Items put back into the queue for another attempt after a transient failure.",
@@ -203,6 +213,7 @@ class Metrics:
         if own_registry:
             ProcessCollector(registry=reg)
             PlatformCollector(registry=reg)
+        self._known: set[str] = set()
         for name in destinations:
             self.add_destination(name)
         self._lock = threading.Lock()
@@ -216,6 +227,9 @@ class Metrics:
             self._bytes.labels(destination, outcome.value)
         self._latency.labels(destination)
         self._associations.labels(destination)
+        if destination not in self._known:
+            self._known.add(destination)
+            self._up.labels(destination).set(1)
         self._retries.labels(destination)
 
     def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None:
@@ -240,6 +254,11 @@ class Metrics:
     def associations_open(self, destination: str, delta: int) -> None:
         """+1 when an association is established, -1 when it is released or aborted."""
         self._associations.labels(destination).inc(delta)
+
+    def destination_up(self, destination: str, up: bool) -> None:
+        """The destination came up (an association worked) or went down."""
+        self._known.add(destination)
+        self._up.labels(destination).set(1 if up else 0)
 
     def set_queue_source(self, fn: QueueSource) -> None:
         """``fn()`` returns ``{destination: counts}`` where counts has ``.pending``,

@@ -19,7 +19,12 @@ from enum import StrEnum
 
 from forwarder.contexts import plan_contexts
 from forwarder.dicomfile import UNCOMPRESSED, FileMeta, read_meta
-from forwarder.errors import AssociationError, InvalidFileError, SendError
+from forwarder.errors import (
+    AssociationError,
+    InvalidFileError,
+    SendError,
+    UnreadableFileError,
+)
 from forwarder.pdu import MAX_CONTEXTS, ProposedContext
 from forwarder.sender import (
     AcceptedContext,
@@ -33,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _association_numbers = itertools.count(1)
 _numbers_lock = threading.Lock()
+_tracebacks_logged: set[tuple[str, str]] = set()  # (exception type, where): traceback once
 
 
 class Outcome(StrEnum):
@@ -70,22 +76,35 @@ def code_to_category(code: int) -> str:
     return "Unknown"
 
 
+#: Failure statuses that say nothing against the file: the peer may store it later.
+_TRANSIENT_FAILURES = frozenset(
+    {
+        0x0110,  # processing failure: PACS use it for passing database trouble
+        0x0210,  # duplicate invocation (a Message ID clash on the peer's side)
+        0x0213,  # resource limitation
+    }
+)
+
+
 def classify_status(status: int) -> Outcome:
     """Map a C-STORE-RSP status to an outcome.
 
-    Success and Warning (0xB000, 0xB006, 0xB007, 0x0001) are stored. 0xA7xx (out of resources),
-    0x0110 (processing failure, which PACS use for passing database trouble) and Cancel are
-    transient. Everything else that is a failure (0xA9xx, 0xCxxx, 0x0122 SOP class not
-    supported, 0x0124 not authorised, ...) is permanent.
+    - Success and Warning (0xB000, 0xB006, 0xB007, 0x0001...) are stored.
+    - Retried with backoff (the file is not at fault, or we cannot tell): 0xA7xx (out of
+      resources), 0x0213 (resource limitation), 0x0110 (processing failure), 0x0210 (duplicate
+      invocation), Cancel, every status outside PS3.4's categories (Unknown), and Pending, which
+      C-STORE has no use for (the sender already treats it as a protocol error).
+    - Every other failure is permanent: 0xA9xx (data set does not match the SOP class), 0xCxxx
+      (cannot understand), 0x0122 (SOP class not supported), 0x0124 (not authorised), ...
     """
     category = code_to_category(status)
     if category == "Success":
         return Outcome.STORED
     if category == "Warning":
         return Outcome.WARNING
-    if (status & 0xFF00) == 0xA700 or status in (0x0110, 0xFE00):
-        return Outcome.RETRY
-    return Outcome.FAILED
+    if category == "Failure" and (status & 0xFF00) != 0xA700 and status not in _TRANSIENT_FAILURES:
+        return Outcome.FAILED
+    return Outcome.RETRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +131,10 @@ class SendOutcome:
     association: int | None  # association number, 1-based per process
     nbytes: int
     seconds: float
+    # False when no attempt is to be charged to the file: it was not tried (the association
+    # for an earlier file of the batch failed), or the association was rejected permanently
+    # (our AE title unknown there...: the configuration or the peer is at fault, no file is).
+    attempted: bool = True
 
 
 class Channel:
@@ -223,30 +246,81 @@ class Channel:
 
         ``hint`` lists other (SOP class, transfer syntax) pairs likely to follow, so one
         negotiation can cover them. When the peer cannot be reached, every remaining request
-        is answered RETRY at once with that reason: a down peer costs one connect attempt per
-        batch, not one per file.
+        is answered at once with that reason and ``attempted=False``: a down peer costs one
+        connect attempt per batch, not one per file, and only the file actually tried is
+        charged an attempt (none at all when the association was rejected permanently).
+
+        Nothing a peer sends and no fault of ours escapes as an exception: an unexpected one
+        aborts the association, is logged with its traceback, and answers that request RETRY
+        ("internal error: ..."), so the caller counts it as an attempt and goes on.
         """
         down: AssociationError | None = None
         for request in requests:
             if down is not None:
                 verdict = Outcome.RETRY if down.retryable else Outcome.FAILED
-                yield self._outcome(request, request.meta, verdict, None, str(down), 0.0)
+                yield self._outcome(
+                    request, request.meta, verdict, None, str(down), 0.0, attempted=False
+                )
                 continue
             started = time.monotonic()
+            meta = request.meta
             try:
-                meta = request.meta or read_meta(request.path)
+                if meta is None:
+                    meta = read_meta(request.path)
+                assoc = self._ensure((meta.sop_class_uid, meta.transfer_syntax), hint)
+            except UnreadableFileError as exc:
+                # EIO, EACCES...: nothing is known against the file; tried again later, as
+                # ingest does.
+                yield self._outcome(request, None, Outcome.RETRY, None, exc.reason, 0.0)
+                continue
             except InvalidFileError as exc:
                 yield self._outcome(request, None, Outcome.FAILED, None, exc.reason, 0.0)
                 continue
-            try:
-                assoc = self._ensure((meta.sop_class_uid, meta.transfer_syntax), hint)
             except AssociationError as exc:
                 outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED
                 self._assoc = None
                 down = exc  # refused or unreachable: the rest of this batch fares the same
-                yield self._outcome(request, meta, outcome, None, str(exc), 0.0)
+                yield self._outcome(
+                    request, meta, outcome, None, str(exc), 0.0, attempted=exc.retryable
+                )
                 continue
-            yield self._store_one(assoc, request, meta, started)
+            except Exception as exc:  # the safety net: see the docstring
+                yield self._internal_error(request, meta, exc, started)
+                continue
+            try:
+                result = self._store_one(assoc, request, meta, started)
+            except Exception as exc:
+                result = self._internal_error(request, meta, exc, started)
+            yield result
+
+    def _internal_error(
+        self, request: StoreRequest, meta: FileMeta | None, exc: Exception, started: float
+    ) -> SendOutcome:
+        """An exception nobody expected (a bug, or an OS error the engine does not translate):
+        the association is in an unknown state, so it is aborted; the file is tried again."""
+        number = self._assoc_number if self.is_open else None
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb is not None else ""
+        first = (type(exc).__name__, where) not in _tracebacks_logged
+        _tracebacks_logged.add((type(exc).__name__, where))
+        logger.error(
+            "%s: internal error while sending %s (%s: %s); the association is aborted and the "
+            "file will be tried again%s",
+            self.name,
+            request.path,
+            type(exc).__name__,
+            exc,
+            "" if first else " (traceback logged before)",
+            exc_info=exc if first else None,
+        )
+        try:
+            self.abort()
+        except Exception:  # the socket may be as broken as the rest
+            self._assoc = None
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        return self._outcome(request, meta, Outcome.RETRY, None, error, started, association=number)
 
     def _store_one(
         self, assoc: Association, request: StoreRequest, meta: FileMeta, started: float
@@ -355,6 +429,7 @@ class Channel:
         started: float,
         *,
         association: int | None = None,
+        attempted: bool = True,
     ) -> SendOutcome:
         if association is None and self.is_open:
             association = self._assoc_number
@@ -370,4 +445,5 @@ class Channel:
             association=association,
             nbytes=0,
             seconds=time.monotonic() - started if started else 0.0,
+            attempted=attempted,
         )

@@ -33,6 +33,7 @@ from typing import Any, Self
 
 from forwarder.errors import QueueError
 from forwarder.queue_records import (
+    DestinationState,
     DestinationStats,
     FailedFile,
     FileEntry,
@@ -72,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DestinationState",
     "DestinationStats",
     "FailedFile",
     "FileEntry",
@@ -88,6 +90,7 @@ __all__ = [
 
 SCHEMA_VERSION = 3  # 2: the problems table; 3: jobs.stale
 _PRUNE_BATCH = 2000  # rows deleted per transaction, so workers can ack in between
+_STATE_PREFIX = "state:"  # problems-table keys of destination states
 _CHECKPOINT_BUSY_MS = 2000  # how long prune's checkpoint waits for readers before giving up
 
 
@@ -759,6 +762,28 @@ class Queue:
         with self._read("reading problems") as conn:
             rows = conn.execute("SELECT key, text, at FROM problems").fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
+
+    def set_destination_state(
+        self, destination: str, state: str, error: str | None, *, since: float | None = None
+    ) -> None:
+        """Record that ``destination`` is ``state`` ("up" or "down", with why) since ``since``,
+        for ``forwarder status`` in another process (kept in the problems table)."""
+        text = json.dumps({"state": state, "error": error})
+        self.set_problem(f"{_STATE_PREFIX}{destination}", text, now=since)
+
+    def destination_states(self) -> dict[str, DestinationState]:
+        """destination -> its last recorded state (destinations never recorded are absent)."""
+        states: dict[str, DestinationState] = {}
+        for key, (text, at) in self.problems().items():
+            if not key.startswith(_STATE_PREFIX):
+                continue
+            try:
+                value = json.loads(text)
+                state = DestinationState(str(value["state"]), value.get("error"), float(at))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # written by a different version: not worth failing status for
+            states[key[len(_STATE_PREFIX) :]] = state
+        return states
 
     def waiting_to_move(self) -> int:
         """Files whose jobs are all terminal but which are not yet out of incoming."""

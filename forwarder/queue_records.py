@@ -126,3 +126,12 @@ class FailedFile:
 class PendingSyntax(NamedTuple):
     sop_class_uid: str
     transfer_syntax: str
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationState:
+    """A destination's last recorded state (:meth:`Queue.set_destination_state`)."""
+
+    state: str  # "up" or "down"
+    error: str | None  # why it is down
+    since: float  # Unix time

@@ -5,6 +5,14 @@ files, released when idle, replaced when broken). A destination that is down pau
 threads (backoff per destination, on top of each job's own backoff), so it never slows the
 others. Acks follow the sends: a crash between the peer's response and the ack means the file is
 sent again after restart (at least once).
+
+Attempts are charged per file actually tried: when the association for a batch cannot be opened,
+the file that was tried is charged one attempt and the rest of the batch goes back to READY
+untouched. A permanent association rejection (the peer no longer knows our AE title...) charges
+no file: the whole destination is *held* (state "down", retried every ``retry.max_delay``), its
+files stay queued, and the change is logged once, recorded for ``forwarder status`` and exported
+as ``forwarder_destination_up``. A worker thread survives anything: an unexpected exception in
+an attempt counts as an attempt (retried, "internal error: ..."), and the thread carries on.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class SendMetrics(Protocol):
     def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None: ...
     def retry(self, destination: str) -> None: ...
     def associations_open(self, destination: str, delta: int) -> None: ...
+    def destination_up(self, destination: str, up: bool) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,9 @@ class DestinationWorkers:
         self._spare_pause: dict[int, float] = {}
         self._unapplied: dict[int, list[_Ack]] = {}  # per thread: acks the queue refused
         self._down_failures = 0
+        self._state: str | None = None  # "up" or "down" once known
+        self._state_error: str | None = None
+        self._state_since = 0.0
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._lock = threading.Lock()
@@ -173,29 +185,15 @@ class DestinationWorkers:
         was_open = False
         try:
             while not self._stop.is_set():
-                self._beats[index] = time.monotonic()
-                pending = self._unapplied.get(index)
-                if pending and not self._apply_acks(index, pending):
-                    self._stop.wait(2.0)  # the queue still refuses (disk full?): try again soon
-                    continue
-                jobs: list[Job] = []
-                now = time.monotonic()
-                if now >= self._down_until and now >= self._spare_pause.get(index, 0.0):
-                    try:
-                        jobs = self.queue.claim(self.name, BATCH)
-                    except ForwarderError as exc:
-                        logger.error("%s: cannot claim jobs: %s", self.name, exc)
-                if not jobs:
-                    if channel.release_if_idle(self.destination.idle_timeout):
-                        self._assoc_delta(channel, was_open)
-                        was_open = False
-                    self._idle_wait()
-                    continue
-                self._process(channel, jobs, index)
-                was_open = self._assoc_delta(channel, was_open)
-        except Exception:
-            logger.exception("%s: worker thread crashed", self.name)
-            raise
+                try:
+                    was_open = self._step(channel, index, was_open)
+                except Exception:
+                    # A bug of ours: the thread must not die of it (its jobs would stay
+                    # CLAIMED until a restart). _process has acked what it claimed.
+                    logger.exception("%s: unexpected error in %s; carrying on", self.name, index)
+                    channel.abort()
+                    was_open = self._assoc_delta(channel, was_open)
+                    self._stop.wait(1.0)
         finally:
             channel.release()
             self._assoc_delta(channel, was_open)
@@ -206,6 +204,29 @@ class DestinationWorkers:
                     self.name,
                     len(self._unapplied[index]),
                 )
+
+    def _step(self, channel: Channel, index: int, was_open: bool) -> bool:
+        """Claim a batch and send it, or wait; returns whether the association is open."""
+        self._beats[index] = time.monotonic()
+        pending = self._unapplied.get(index)
+        if pending and not self._apply_acks(index, pending):
+            self._stop.wait(2.0)  # the queue still refuses (disk full?): try again soon
+            return was_open
+        jobs: list[Job] = []
+        now = time.monotonic()
+        if now >= self._down_until and now >= self._spare_pause.get(index, 0.0):
+            try:
+                jobs = self.queue.claim(self.name, BATCH)
+            except ForwarderError as exc:
+                logger.error("%s: cannot claim jobs: %s", self.name, exc)
+        if not jobs:
+            if channel.release_if_idle(self.destination.idle_timeout):
+                self._assoc_delta(channel, was_open)
+                was_open = False
+            self._idle_wait()
+            return was_open
+        self._process(channel, jobs, index)
+        return self._assoc_delta(channel, was_open)
 
     def _assoc_delta(self, channel: Channel, was_open: bool) -> bool:
         now_open = channel.is_open
@@ -242,7 +263,7 @@ class DestinationWorkers:
 
     def _process(self, channel: Channel, jobs: Sequence[Job], index: int) -> None:
         by_id = {j.id: j for j in jobs}
-        sent: set[int] = set()
+        sent: set[int] = set()  # handed to the channel
         acks: list[_Ack] = []
 
         def requests() -> Iterator[StoreRequest]:
@@ -260,37 +281,59 @@ class DestinationWorkers:
                 yield StoreRequest(job.path, job.id)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
-        handed_back: list[int] = []
-        for outcome in channel.send(requests(), hint=self._hints()):
-            self._beats[index] = time.monotonic()
-            job = by_id[outcome.request.key]
-            if self._spare_unavailable(channel, outcome, index):
-                # This extra association was refused or timed out while a sibling's works (a
-                # peer serving fewer associations than configured): the jobs go back unharmed.
-                handed_back.append(job.id)
-                continue
-            if outcome.outcome.stored:
-                crash_point("after-response")
-            self._log(job, outcome)
-            if self.metrics is not None:
-                self.metrics.file_sent(
-                    self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
-                )
-            if outcome.outcome.stored:
-                done.setdefault(outcome.status or 0, []).append(job.id)
-            elif outcome.outcome is Outcome.RETRY:
-                acks.append(self._retry(job, outcome))
-            else:
-                error = outcome.error or "failed"
-                acks.append(_Ack("failed", (job.id,), outcome.status, error))
-            self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
+        handed_back: list[int] = []  # back to READY, no attempt charged
+        spare = False
+        try:
+            for outcome in channel.send(requests(), hint=self._hints()):
+                self._beats[index] = time.monotonic()
+                job = by_id[outcome.request.key]
+                if self._spare_unavailable(channel, outcome, index):
+                    # This extra association was refused or timed out while a sibling's works
+                    # (a peer serving fewer associations than configured): the jobs go back
+                    # unharmed.
+                    handed_back.append(job.id)
+                    spare = True
+                    continue
+                if not outcome.attempted:
+                    # Not tried (an earlier file's association failed), or the association was
+                    # rejected for good (the destination is held): no attempt charged.
+                    handed_back.append(job.id)
+                    continue
+                if outcome.outcome.stored:
+                    crash_point("after-response")
+                self._log(job, outcome)
+                if self.metrics is not None:
+                    self.metrics.file_sent(
+                        self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
+                    )
+                if outcome.outcome.stored:
+                    done.setdefault(outcome.status or 0, []).append(job.id)
+                elif outcome.outcome is Outcome.RETRY:
+                    acks.append(self._retry(job, outcome.status, outcome.error))
+                else:
+                    error = outcome.error or "failed"
+                    acks.append(_Ack("failed", (job.id,), outcome.status, error))
+                self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
+        except Exception as exc:
+            # Not the channel (it answers RETRY for what goes wrong in an attempt): our own
+            # bookkeeping. The file being handled counts as attempted; the rest go back.
+            logger.error(
+                "%s: internal error while sending a batch; the file in hand will be tried again",
+                self.name,
+                exc_info=True,
+            )
+            channel.abort()
+            error = f"internal error: {type(exc).__name__}: {exc}"
+            settled = {i for a in acks for i in a.ids} | set(handed_back)
+            settled |= {i for ids in done.values() for i in ids}
+            acks += [self._retry(by_id[j], None, error) for j in sorted(sent - settled)]
         # one transaction per status (almost always one)
         acks += [_Ack("done", tuple(ids), status) for status, ids in done.items()]
         unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
             acks.append(_Ack("release", tuple(unsent)))
         self._apply_acks(index, acks)
-        if handed_back:
+        if spare:
             self._spare_pause[index] = time.monotonic() + backoff(self.retry, 1)
             logger.info(
                 "%s: association %d not available (%s); continuing with fewer",
@@ -357,31 +400,82 @@ class DestinationWorkers:
             and any(c.is_open for i, c in self._channels.items() if i != index)
         )
 
-    def _retry(self, job: Job, outcome: SendOutcome) -> _Ack:
+    def _retry(self, job: Job, status: int | None, error: str | None) -> _Ack:
         attempts = job.attempts + 1
-        error = outcome.error or "transient failure"
+        error = error or "transient failure"
         policy = self.retry
         age = time.time() - job.created_at
         if policy.max_attempts is not None and attempts >= policy.max_attempts:
             error = f"gave up after {attempts} attempts: {error}"
-            return _Ack("failed", (job.id,), outcome.status, error)
+            return _Ack("failed", (job.id,), status, error)
         if age >= policy.give_up_after:
             error = f"gave up after {age / 3600:.1f} h and {attempts} attempts: {error}"
-            return _Ack("failed", (job.id,), outcome.status, error)
+            return _Ack("failed", (job.id,), status, error)
         if self.metrics is not None:
             self.metrics.retry(self.name)
         next_at = time.time() + backoff(policy, attempts)
-        return _Ack("retry", (job.id,), outcome.status, error, next_at)
+        return _Ack("retry", (job.id,), status, error, next_at)
 
     def _update_down(self, channel: Channel) -> None:
+        """After a batch: the destination is up if an association worked, down (paused with
+        backoff, or held for ``retry.max_delay`` after a permanent rejection) if it failed."""
+        down = channel.down
+        if down is None:
+            if channel.associations_opened:
+                with self._lock:
+                    self._down_failures = 0
+                self._set_state("up", None)
+            return
         with self._lock:
-            if channel.down is None:
-                self._down_failures = 0
-                return
             self._down_failures += 1
-            pause = backoff(self.retry, self._down_failures)
+            if down.retryable:
+                pause = backoff(self.retry, self._down_failures)
+            else:
+                pause = self.retry.max_delay
             self._down_until = max(self._down_until, time.monotonic() + pause)
-        logger.warning("%s: %s; pausing this destination %.1fs", self.name, channel.down, pause)
+        held = "" if down.retryable else "; destination held, its files stay queued"
+        error = f"{down}{held}"
+        if not self._set_state("down", error, pause):
+            logger.debug("%s: still down (%s); next try in %.1fs", self.name, down, pause)
+
+    def _set_state(self, state: str, error: str | None, pause: float = 0.0) -> bool:
+        """Record a change of the destination's state: logged once (an error when it goes
+        down or its reason changes), exported, and written for ``forwarder status``. Returns
+        False when nothing changed."""
+        with self._lock:
+            if (state, error) == (self._state, self._state_error):
+                return False
+            previous = self._state
+            self._state, self._state_error = state, error
+            self._state_since = time.time()
+            since = self._state_since
+        if state == "down":
+            logger.error(
+                "%s: DOWN: %s; next try in %.0fs",
+                self.name,
+                error,
+                pause,
+                extra={"DESTINATION": self.name, "OUTCOME": "down"},
+            )
+        elif previous is not None:
+            logger.warning(
+                "%s: up again: an association was accepted; sending resumes",
+                self.name,
+                extra={"DESTINATION": self.name, "OUTCOME": "up"},
+            )
+        if self.metrics is not None:
+            self.metrics.destination_up(self.name, state == "up")
+        try:
+            self.queue.set_destination_state(self.name, state, error, since=since)
+        except ForwarderError as exc:
+            logger.warning("%s: cannot record its state for status: %s", self.name, exc)
+        return True
+
+    @property
+    def state(self) -> tuple[str | None, str | None, float]:
+        """(state, why it is down, since when as Unix time); state None until known."""
+        with self._lock:
+            return self._state, self._state_error, self._state_since
 
     def _log(self, job: Job, o: SendOutcome) -> None:
         # The object actually read from the file now (it may have been replaced since ingest).
