@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 PDU_HEADER = struct.Struct(">BxI")
@@ -127,21 +128,30 @@ def response(
     status: int,
     error_comment: str | None = None,
     offending: int | None = None,
+    *,
+    replace: Mapping[int, bytes | None] | None = None,
 ) -> bytes:
-    """A one-PDV P-DATA PDU holding a C-STORE-RSP / C-ECHO-RSP command set."""
-    elems = [
-        elem(0x0002, uid_value(command.sop_class_uid or "1.2.840.10008.1.1")),
-        elem(0x0100, struct.pack("<H", command_field)),
-        elem(0x0120, struct.pack("<H", command.message_id)),
-        elem(0x0800, struct.pack("<H", 0x0101)),
-        elem(0x0900, struct.pack("<H", status)),
-    ]
+    """A one-PDV P-DATA PDU holding a C-STORE-RSP / C-ECHO-RSP command set. ``replace`` maps
+    an element number of group 0000 to the value to send instead, or None to leave it out
+    (hostile peers: a missing or empty Status, a wrong Message ID...)."""
+    values = {
+        0x0002: uid_value(command.sop_class_uid or "1.2.840.10008.1.1"),
+        0x0100: struct.pack("<H", command_field),
+        0x0120: struct.pack("<H", command.message_id),
+        0x0800: struct.pack("<H", 0x0101),
+        0x0900: struct.pack("<H", status),
+    }
     if offending is not None:
-        elems.append(elem(0x0901, struct.pack("<HH", offending >> 16, offending & 0xFFFF)))
+        values[0x0901] = struct.pack("<HH", offending >> 16, offending & 0xFFFF)
     if error_comment is not None:
-        elems.append(elem(0x0902, text_value(error_comment)))
+        values[0x0902] = text_value(error_comment)
     if command.sop_instance_uid:
-        elems.append(elem(0x1000, uid_value(command.sop_instance_uid)))
-    body = b"".join(elems)
+        values[0x1000] = uid_value(command.sop_instance_uid)
+    for element, value in (replace or {}).items():
+        if value is None:
+            values.pop(element, None)
+        else:
+            values[element] = value
+    body = b"".join(elem(e, values[e]) for e in sorted(values))
     cmd = elem(0x0000, struct.pack("<I", len(body))) + body
     return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd

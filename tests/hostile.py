@@ -43,6 +43,7 @@ IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_NAMES = {0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
 
 
 class Behaviour(StrEnum):
@@ -60,6 +61,40 @@ class Behaviour(StrEnum):
     GARBAGE_AC = "garbage-ac"  # answer the A-ASSOCIATE-RQ with garbage
     BAD_AC = "bad-ac"  # answer with an A-ASSOCIATE-AC whose items run past its end
     REJECT = "reject"  # answer the A-ASSOCIATE-RQ with a permanent A-ASSOCIATE-RJ
+    SHORT_RJ = "short-rj"  # an A-ASSOCIATE-RJ whose body has 2 bytes, not 4
+    # C-STORE-RSPs that break PS3.7 (the data set is read first):
+    NO_STATUS = "no-status"  # no Status element
+    EMPTY_STATUS = "empty-status"  # a zero-length Status
+    WRONG_MESSAGE_ID = "wrong-message-id"  # Message ID Being Responded To is not ours
+    WRONG_INSTANCE = "wrong-instance"  # Affected SOP Instance UID is not the one sent
+    WITH_DATA_SET = "with-data-set"  # Command Data Set Type says a data set follows
+    WRONG_CLASS = "wrong-class"  # Affected SOP Class UID is not the one sent
+    PENDING = "pending"  # Status 0xFF00, which a C-STORE never has
+    # association life:
+    RELEASE_COLLISION = "release-collision"  # our A-RELEASE-RQ crosses one of theirs
+    IDLE_CLOSE = "idle-close"  # after the first response, close the connection (no PDU)
+    IDLE_RELEASE = "idle-release"  # after the first response, send A-RELEASE-RQ
+    IDLE_ABORT = "idle-abort"  # after the first response, send A-ABORT and close
+    IDLE_GARBAGE = "idle-garbage"  # after the first response, send an unsolicited P-DATA-TF
+
+
+#: Behaviours that read the data set and answer it with a damaged C-STORE-RSP, and the damage.
+_BAD_RESPONSES: dict[Behaviour, dict[int, bytes | None]] = {
+    Behaviour.NO_STATUS: {0x0900: None},
+    Behaviour.EMPTY_STATUS: {0x0900: b""},
+    Behaviour.WRONG_MESSAGE_ID: {0x0120: struct.pack("<H", 0x7777)},
+    Behaviour.WRONG_INSTANCE: {0x1000: b"1.2.3.4.5.6.7.8"},
+    Behaviour.WITH_DATA_SET: {0x0800: struct.pack("<H", 0x0001)},
+    Behaviour.WRONG_CLASS: {0x0002: b"1.2.840.10008.5.1.4.1.1.4\x00"},
+    Behaviour.PENDING: {0x0900: struct.pack("<H", 0xFF00)},
+}
+_IDLE = (
+    Behaviour.IDLE_CLOSE,
+    Behaviour.IDLE_RELEASE,
+    Behaviour.IDLE_ABORT,
+    Behaviour.IDLE_GARBAGE,
+)
+_ANSWERING = (Behaviour.ACCEPT, Behaviour.RELEASE_COLLISION, *_IDLE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +111,13 @@ class HostilePeer:
 
     ``max_pdu`` is the maximum length it announces (0 = unlimited). ``status``,
     ``error_comment`` and ``offending`` make up its C-STORE responses. ``transfer_syntaxes``
-    limits what it accepts (first proposed syntax it knows wins).
+    limits what it accepts (first proposed syntax it knows wins). ``then`` is the behaviour of
+    every connection after the first (default: the same), so a test can show the sender
+    recovers on a new association.
     """
 
     behaviour: Behaviour = Behaviour.ACCEPT
+    then: Behaviour | None = None
     max_pdu: int = 16384
     status: int = 0x0000
     error_comment: str | None = None
@@ -95,6 +133,8 @@ class HostilePeer:
     aborted: threading.Event = field(default_factory=threading.Event)  # we got an A-ABORT
     released: threading.Event = field(default_factory=threading.Event)  # we got an A-RELEASE-RQ
     closed_by_peer: threading.Event = field(default_factory=threading.Event)  # EOF from the SCU
+    release_rp: threading.Event = field(default_factory=threading.Event)  # we got an A-RELEASE-RP
+    events: list[str] = field(default_factory=list)  # association-life PDUs, in order
     _stop: threading.Event = field(default_factory=threading.Event)
     _listener: socket.socket | None = None
     _thread: threading.Thread | None = None
@@ -147,6 +187,8 @@ class HostilePeer:
                 continue
             with self._lock:
                 self.connections += 1
+                if self.connections > 1 and self.then is not None:
+                    self.behaviour = self.then
             try:
                 conn.settimeout(0.05)
                 self._converse(_Conn(conn, self._stop))
@@ -186,6 +228,9 @@ class HostilePeer:
             struct.pack_into(">H", bad, last_item + 2, length + 200)
             conn.send(bytes(bad))
             self._drain_until_stopped(conn)
+        if self.behaviour is Behaviour.SHORT_RJ:
+            conn.send(b"\x03\x00\x00\x00\x00\x02\x00\x01")
+            self._drain_until_stopped(conn)
         if self.behaviour is Behaviour.REJECT:
             rj = A_ASSOCIATE_RJ()
             rj_prim = A_ASSOCIATE()
@@ -204,11 +249,19 @@ class HostilePeer:
             with self._lock:
                 self.pdus.append(Pdu(pdu_type, len(body)))
             if pdu_type == 0x05:
+                self._event("A-RELEASE-RQ")
                 self.released.set()
+                if self.behaviour is Behaviour.RELEASE_COLLISION:
+                    self._collide(conn)
                 conn.send(_RELEASE_RP)
                 raise _Closed
             if pdu_type == 0x07:
+                self._event("A-ABORT")
                 self.aborted.set()
+                raise _Closed
+            if pdu_type == 0x06:
+                self._event("A-RELEASE-RP")
+                self.release_rp.set()
                 raise _Closed
             if pdu_type != 0x04:
                 raise _Closed
@@ -241,8 +294,15 @@ class HostilePeer:
                     with self._lock:
                         self.datasets.append(bytes(dataset))
                     dataset = bytearray()
-                    if self.behaviour is Behaviour.ACCEPT and current is not None:
+                    if current is None:
+                        continue
+                    damage = _BAD_RESPONSES.get(self.behaviour)
+                    if damage is not None:
+                        conn.send(self._store_response(context_id, current, damage))
+                    elif self.behaviour in _ANSWERING:
                         conn.send(self._store_response(context_id, current))
+                    if self.behaviour in _IDLE:
+                        self._go_idle(conn, context_id)
 
     def _after_command(self, conn: _Conn, context_id: int, command: Command) -> None:
         b = self.behaviour
@@ -258,6 +318,45 @@ class HostilePeer:
         elif b is Behaviour.GARBAGE:
             conn.send(b"\xfe\xed\xfa\xce" * 16)
             self._drain_until_stopped(conn)
+
+    def _event(self, what: str) -> None:
+        with self._lock:
+            self.events.append(what)
+
+    def _collide(self, conn: _Conn) -> None:
+        """Our A-RELEASE-RQ has arrived: send ours as if they crossed on the wire, and wait for
+        the requestor's A-RELEASE-RP before sending ours (PS3.8 Sta10 -> Sta12 as acceptor)."""
+        conn.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        self._event("sent A-RELEASE-RQ")
+        pdu_type, _ = conn.read_pdu()
+        if pdu_type != 0x06:
+            self._event(f"PDU 0x{pdu_type:02X}")
+            raise _Closed
+        self._event("A-RELEASE-RP")
+        self.release_rp.set()
+
+    def _go_idle(self, conn: _Conn, context_id: int) -> None:
+        """The first file is answered; now end the association the idle way we were told to."""
+        b = self.behaviour
+        if b is Behaviour.IDLE_CLOSE:
+            conn.sock.close()  # before the event, so a test that waits for it sees EOF
+            self._event("closed")
+            raise _Closed
+        if b is Behaviour.IDLE_ABORT:
+            conn.send(_ABORT)
+            self._event("sent A-ABORT")
+            raise _Closed
+        if b is Behaviour.IDLE_GARBAGE:
+            conn.send(struct.pack(">BxIIBB", 0x04, 8, 4, context_id, 0x03) + b"\x00\x00")
+            self._event("sent P-DATA-TF")
+            self._drain_until_stopped(conn)
+        conn.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        self._event("sent A-RELEASE-RQ")
+        pdu_type, _ = conn.read_pdu()
+        self._event(_NAMES.get(pdu_type, f"PDU 0x{pdu_type:02X}"))
+        if pdu_type == 0x06:
+            self.release_rp.set()
+        raise _Closed
 
     def _drain_until_stopped(self, conn: _Conn) -> None:
         """Read and discard until the other side goes away or we are stopped."""
@@ -293,9 +392,17 @@ class HostilePeer:
         pdu.from_primitive(ac)
         return bytes(pdu.encode())
 
-    def _store_response(self, context_id: int, command: Command) -> bytes:
+    def _store_response(
+        self, context_id: int, command: Command, damage: dict[int, bytes | None] | None = None
+    ) -> bytes:
         return _response(
-            context_id, command, 0x8001, self.status, self.error_comment, self.offending
+            context_id,
+            command,
+            0x8001,
+            self.status,
+            self.error_comment,
+            self.offending,
+            replace=damage,
         )
 
 
