@@ -155,6 +155,7 @@ def test_bad_command_lines_exit_2(args: list[str]) -> None:
 # -- status ----------------------------------------------------------------------------------
 
 STATUS_KEYS = {"pending", "in_flight", "done", "failed", "oldest_pending_seconds", "last_error"}
+STATUS_KEYS |= {"state", "state_since"}  # CONTRACT.md, Second stage: Status
 
 
 def check_status_shape(doc: dict[str, Any]) -> None:
@@ -167,6 +168,8 @@ def check_status_shape(doc: dict[str, Any]) -> None:
             assert type(s[key]) is int and s[key] >= 0, (key, s)
         assert s["oldest_pending_seconds"] is None or type(s["oldest_pending_seconds"]) is float
         assert s["last_error"] is None or isinstance(s["last_error"], str)
+        assert s["state"] in ("up", "down", "paused", "outside_window"), s
+        assert s["state_since"] is None or isinstance(s["state_since"], str)
 
 
 def test_status_before_the_daemon_ever_ran(tmp_path: Path) -> None:
@@ -184,6 +187,8 @@ def test_status_before_the_daemon_ever_ran(tmp_path: Path) -> None:
                 "failed": 0,
                 "oldest_pending_seconds": None,
                 "last_error": None,
+                "state": "up",
+                "state_since": None,
             }
         }
     }
@@ -212,11 +217,12 @@ def test_status_while_running_counts_per_destination(tmp_path: Path) -> None:
             dropped = d.drop_files(4)
             wait_until(lambda: up.uids() == uids(dropped), 30, what="4 files at 'up'")
             doc = d.wait_status(
-                lambda s: s["down"]["last_error"] is not None and s["up"]["done"] == 4,
+                lambda s: s["down"]["state"] == "down" and s["up"]["done"] == 4,
                 what="the down destination's error",
             )
             check_status_shape(doc)
             up_s, down_s = doc["destinations"]["up"], doc["destinations"]["down"]
+            assert up_s.pop("state") == "up" and up_s.pop("state_since")
             assert up_s == {
                 "pending": 0,
                 "in_flight": 0,
@@ -229,10 +235,11 @@ def test_status_while_running_counts_per_destination(tmp_path: Path) -> None:
             assert (down_s["done"], down_s["failed"]) == (0, 0)
             assert isinstance(down_s["oldest_pending_seconds"], float)
             assert down_s["oldest_pending_seconds"] >= 0.0
-            assert down_s["last_error"]
+            assert down_s["last_error"] and "refused" in down_s["last_error"]
+            assert down_s["state_since"]
             text = d.cli("status")
             assert text.returncode == 0
-            assert "last error: " in text.stdout
+            assert "last error: " in text.stdout and "DOWN since" in text.stdout
             assert d.stop() == 0
         # status reads the queue database after the daemon stopped too
         after = d.status_json()

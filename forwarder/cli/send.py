@@ -24,7 +24,7 @@ from forwarder.cli import (
 from forwarder.cli._argtypes import positive
 from forwarder.cli._net import Target, add_association_options, resolve_or_report
 from forwarder.contexts import group_by_contexts
-from forwarder.dicomfile import FileMeta, read_meta
+from forwarder.dicomfile import FileMeta, check_file, read_meta
 from forwarder.errors import InvalidFileError
 from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
 
@@ -43,6 +43,12 @@ Seed options: -connectTO/-acceptTO/-rspTO/-releaseTO take milliseconds, -sndpdul
 KB, -async N is --associations N, -lowprior/-highprior set the priority, -bufsize KB sets how much
 of a data set goes into one socket write. -pdv1 is accepted and changes nothing: forwarder always
 sends one PDV per P-DATA PDU. -a ends each association with A-ABORT.
+
+Every file is checked end to end before the first association, with the same check the daemon
+applies at ingest (every element's length, every sequence closed, the data set's own SOP Class and
+Instance UID, pixel data matching the transfer syntax): a broken file is refused with one line
+naming the file and the fault and is never sent. --no-check sends files as they are (meta header
+only; experts, for peers that must receive broken data).
 
 Exit status: 0 every file stored (Success or Warning); 1 at least one file not stored; 2 bad
 command line; 3 the peer could not be reached or refused the association and nothing was stored;
@@ -97,6 +103,11 @@ def add_parser(sub: Any) -> None:
         help="data set bytes per socket write (default 1024)",
     )
     g.add_argument("-pdv1", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument(
+        "--no-check",
+        action="store_true",
+        help="send files as they are, without the end-to-end data set check (experts only)",
+    )
     g.add_argument("--report", metavar="FILE.json", help="write one JSON record per file")
     o = p.add_argument_group("output")
     o.add_argument("-v", "--verbose", action="count", default=0, help="one line per file")
@@ -144,14 +155,15 @@ def run(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     bad: list[SendOutcome] = []
     good: list[StoreRequest] = []
+    check = read_meta if args.no_check else check_file
     for i, path in enumerate(files):
         try:
-            good.append(StoreRequest(path, i, read_meta(path)))
+            good.append(StoreRequest(path, i, check(path)))
         except InvalidFileError as exc:
-            bad.append(_bad(StoreRequest(path, i), exc.reason))
+            bad.append(_bad(StoreRequest(path, i), f"refused, not sent: {exc.reason}"))
     bad.extend(_bad(StoreRequest(path, -1), reason) for path, reason in missing)
-    for outcome in bad:
-        _print_failure(outcome, target)
+    for outcome in bad:  # refused before any association: no peer involved
+        print(f"forwarder send: FAILED {outcome.request.path}: {outcome.error}", file=sys.stderr)
     stats = _Stats(
         len(good) * args.repeat, sum(_meta(r).dataset_length for r in good) * args.repeat
     )
@@ -186,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         records.append(_record(o))
     counts = Counter(o.outcome for o in outcomes)
     stored = counts[Outcome.STORED] + counts[Outcome.WARNING]
-    failed = len(outcomes) - stored
+    # Against what was asked, not what came back: a file without an outcome is not stored.
+    failed = len(bad) + len(good) * args.repeat - stored
     elapsed = max(time.monotonic() - stats.started, 1e-9)
     mb = stats.bytes_done / 1e6
     if not args.quiet:
@@ -251,21 +264,30 @@ def _send_all(
                 while (item := work.get()) is not None:
                     yield item
 
-            for outcome in channel.send(pull(), hint=hint):
-                if _spare_unavailable(channel, outcome, channels):
-                    # An extra association the peer would not open (many SCPs, storescp
-                    # among them, serve one at a time): hand the file back and bow out.
-                    work.put(outcome.request)
-                    break
-                with results_lock:
-                    results.append(outcome)
-                progress.advance(outcome)
+            try:
+                for outcome in channel.send(pull(), hint=hint):
+                    if _spare_unavailable(channel, outcome, channels):
+                        # An extra association the peer would not open (many SCPs, storescp
+                        # among them, serve one at a time): hand the file back and bow out.
+                        work.put(outcome.request)
+                        break
+                    with results_lock:
+                        results.append(outcome)
+                    progress.advance(outcome)
+            except Exception:
+                # Files left without an outcome are reported not sent (below): never exit 0.
+                logger.exception(
+                    "%s: internal error; the files not yet sent are not sent", channel.name
+                )
             # Release as soon as the work runs out, so a peer that serves one association at a
             # time can take the next one.
-            if abort:
-                channel.abort()
-            else:
-                channel.release()
+            try:
+                if abort:
+                    channel.abort()
+                else:
+                    channel.release()
+            except Exception:
+                logger.exception("%s: internal error while ending the association", channel.name)
 
         threads = [
             threading.Thread(target=drain, args=(c, work, hint), name=c.name, daemon=True)
@@ -285,6 +307,12 @@ def _send_all(
             for pending in [*leftover, None]:
                 leftover_queue.put(pending)
             drain(channels[0], leftover_queue, hint)
+    answered = {o.request.key for o in results}
+    for r in requests:
+        if r.key not in answered:
+            results.append(
+                _bad(r, "not sent: internal error (see the log above)", meta=r.meta, retry=True)
+            )
     results.sort(key=lambda o: o.request.key)
     opened = sum(c.associations_opened for c in channels)
     return results, opened, any(c.down is not None for c in channels)
@@ -301,8 +329,22 @@ def _spare_unavailable(channel: Channel, outcome: SendOutcome, channels: list[Ch
     )
 
 
-def _bad(request: StoreRequest, reason: str) -> SendOutcome:
-    return SendOutcome(request, Outcome.FAILED, None, reason, None, None, None, None, None, 0, 0.0)
+def _bad(
+    request: StoreRequest, reason: str, *, meta: FileMeta | None = None, retry: bool = False
+) -> SendOutcome:
+    return SendOutcome(
+        request,
+        Outcome.RETRY if retry else Outcome.FAILED,
+        None,
+        reason,
+        meta.sop_class_uid if meta else None,
+        meta.sop_instance_uid if meta else None,
+        meta.transfer_syntax if meta else None,
+        None,
+        None,
+        0,
+        0.0,
+    )
 
 
 def _print_failure(o: SendOutcome, target: Target) -> None:

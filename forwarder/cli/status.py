@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
@@ -18,8 +19,9 @@ def add_parser(sub: Any) -> None:
         "status",
         help="queue state per destination",
         description="Pending, in-flight, done and failed counts per destination, the age of "
-        "the oldest pending item and the last error, read from the queue database (works "
-        "while the daemon runs).",
+        "the oldest pending item, the last error, and whether the destination is up or down "
+        "(unreachable, refusing or rejecting associations: its files stay queued) and since "
+        "when, read from the queue database (works while the daemon runs).",
     )
     add_config_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -35,12 +37,14 @@ def run(args: argparse.Namespace) -> int:
     names = [d.name for d in config.destinations]
     result: dict[str, dict[str, Any]] = {}
     finishing: dict[str, Any] = {"waiting": 0, "last_error": None}
+    states: dict[str, Any] = {}
     if os.path.exists(config.queue):
         try:
             with Queue(config.queue, create=False) as queue:
                 stats = queue.stats(destinations=names)
                 finishing["waiting"] = queue.waiting_to_move()
                 problem = queue.problems().get("finish")
+                states = queue.destination_states()
                 if problem is not None:
                     finishing["last_error"] = problem[0]
         except ForwarderError as exc:
@@ -67,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
                 "last_error": None,
             },
         )
+    for name, r in result.items():
+        # Never recorded: the daemon has not needed an association yet, nothing says it is down.
+        st = states.get(name)
+        r["state"] = st.state if st is not None else "up"
+        r["state_since"] = _iso(st.since) if st is not None else None
+        if st is not None and st.state == "down" and st.error:
+            r["last_error"] = st.error  # what holds every file, not one file's last failure
     if args.json:
         # Exactly the contract's shape; the finishing problem shows in the text output.
         print(json.dumps({"destinations": result}, indent=2))
@@ -80,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<20} {r['pending']:>8} {r['in_flight']:>9} {r['done']:>8} {r['failed']:>7}"
             f"  {age}{extra}"
         )
+        if r["state"] == "down":
+            since = states[name].since
+            print(
+                f"  DOWN since {r['state_since']} ({_age(max(0.0, time.time() - since))}): "
+                "files stay queued"
+            )
         if r["last_error"]:
             print(f"  last error: {r['last_error']}")
     if finishing["waiting"] or finishing["last_error"]:
@@ -88,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
             + (f"; last error: {finishing['last_error']}" if finishing["last_error"] else "")
         )
     return EXIT_OK
+
+
+def _iso(at: float) -> str:
+    """Local time with its UTC offset, to the second (ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
 
 
 def _age(seconds: float) -> str:
