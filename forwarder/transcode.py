@@ -14,27 +14,38 @@ the pixels were already degraded.
 
 from __future__ import annotations
 
-import io
 import logging
 import struct
 from array import array
+from functools import lru_cache
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 from forwarder.dicomfile import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    inflate,
     read_meta,
 )
 from forwarder.errors import InvalidFileError, SendError
 
 logger = logging.getLogger(__name__)
+
+_NATIVE_SOURCES = frozenset(
+    {
+        IMPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_LITTLE_ENDIAN,
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        EXPLICIT_VR_BIG_ENDIAN,
+    }
+)
 
 #: Transfer syntaxes whose pixel data may have been compressed lossily.
 LOSSY_SYNTAXES = frozenset(
@@ -78,8 +89,10 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool, context: str 
         raise SendError(
             f"cannot decode {path} for transcoding: {exc.reason}", retryable=False
         ) from None
-    if meta.transfer_syntax == EXPLICIT_VR_BIG_ENDIAN:
-        return _from_big_endian(path, meta.dataset_offset, target_syntax, lead)
+    if meta.transfer_syntax in _NATIVE_SOURCES:
+        return _convert_uncompressed(
+            path, meta.transfer_syntax, meta.dataset_offset, target_syntax, lead
+        )
     try:
         ds = dcmread(path)
     except Exception as exc:
@@ -116,26 +129,33 @@ def _write_little_endian(ds: Dataset, target_syntax: str) -> bytes:
     return bytes(out.getvalue())
 
 
-def _from_big_endian(path: str, offset: int, target_syntax: str, lead: str) -> bytes:
-    what = f"{syntax_name(EXPLICIT_VR_BIG_ENDIAN)} to {syntax_name(target_syntax)}"
+def _convert_uncompressed(
+    path: str, source_syntax: str, offset: int, target_syntax: str, lead: str
+) -> bytes:
+    """Byte-level conversion between the uncompressed syntaxes: no value is decoded, so none
+    is reformatted or lost; binary values are swapped when the source is big endian."""
+    what = f"{syntax_name(source_syntax)} to {syntax_name(target_syntax)}"
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            source = f.read()
+            if source_syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+                data = bytes(inflate(f, path, offset))
+            else:
+                f.seek(offset)
+                data = f.read()
+    except InvalidFileError as exc:
+        raise SendError(f"{lead}cannot convert {what}: {exc.reason}", retryable=False) from None
     except OSError as exc:
         raise SendError(f"cannot read {path}: {exc.strerror or exc}", retryable=True) from None
+    implicit = source_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+    to_implicit = target_syntax == IMPLICIT_VR_LITTLE_ENDIAN
     try:
-        data = big_to_little_endian(source)
+        if source_syntax == EXPLICIT_VR_BIG_ENDIAN:
+            data = big_to_little_endian(data)
+        if implicit != to_implicit:
+            data = reencode_little_endian(data, implicit, to_implicit)
     except UnconvertibleError as exc:
         raise SendError(f"{lead}cannot convert {what}: {exc}", retryable=False) from None
-    if target_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
-        # Little endian to little endian: values keep their bytes; pydicom drops the VRs.
-        try:
-            ds = read_dataset(io.BytesIO(data), is_implicit_VR=False, is_little_endian=True)
-            data = _write_little_endian(ds, target_syntax)
-        except Exception as exc:
-            raise SendError(f"{lead}cannot convert {what}: {exc}", retryable=False) from None
-    logger.debug("transcoded %s from big endian to %s (%d bytes)", path, target_syntax, len(data))
+    logger.debug("transcoded %s from %s (%d bytes)", path, what, len(data))
     return data
 
 
@@ -254,10 +274,11 @@ class _BigToLittle:
         size = _SWAP_SIZE.get(vr)
         if size is None:
             return  # text and OB: byte order does not apply
-        if length % size:
+        value_size = 4 if vr == b"AT" else size  # AT: a group and an element number
+        if length % value_size:
             raise UnconvertibleError(
                 f"element {_tag(tag)} ({vr.decode()}) has {length} bytes, not a multiple of "
-                f"its value size {size}"
+                f"its value size {value_size}"
             )
         if tag in (_BITS_ALLOCATED, _WAVEFORM_BITS_ALLOCATED) and length == 2:
             bits[tag] = struct.unpack_from(">H", self.buf, pos)[0]
@@ -338,3 +359,205 @@ def big_to_little_endian(dataset: bytes) -> bytes:
     buf = bytearray(dataset)
     end = _BigToLittle(buf).elements(0, len(buf), 0, in_item=False)
     return bytes(buf[:end])
+
+
+# -- Explicit and Implicit VR Little Endian, one into the other --------------------------------
+
+_PIXEL_REPRESENTATION = 0x00280103
+_UNDEFINED = 0xFFFFFFFF
+
+
+@lru_cache(maxsize=4096)
+def _dictionary_vr(tag: int) -> str:
+    """The data dictionary's VR of ``tag`` ('' when unknown: private and unknown tags)."""
+    group, elem = tag >> 16, tag & 0xFFFF
+    if elem == 0:
+        return "UL"
+    if group & 1:
+        return "LO" if 0x0010 <= elem <= 0x00FF else ""  # private creators; private data
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
+
+
+class _LittleEndianReencoder:
+    """Rewrites a little endian data set from explicit to implicit VR or the reverse. Values
+    keep their bytes (both are little endian); headers change size, so every sequence and item
+    is written with an undefined length and its delimiter, and group lengths are dropped
+    (retired, PS3.5 7.2). Implicit VR elements take the data dictionary's VR (ambiguous ones
+    resolved by Pixel Representation and Bits Allocated, as pydicom and DCMTK do); private and
+    unknown ones become UN, which keeps their bytes."""
+
+    def __init__(self, buf: bytes, source_implicit: bool, target_implicit: bool) -> None:
+        self.buf = buf
+        self.src_implicit = source_implicit
+        self.dst_implicit = target_implicit
+        self.out = bytearray()
+
+    def need(self, pos: int, n: int, end: int) -> None:
+        if pos + n > end:
+            raise UnconvertibleError(f"the data set is truncated or malformed at byte {pos}")
+
+    def header(self, tag: int, vr: str, length: int) -> None:
+        out = self.out
+        out += struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if self.dst_implicit:
+            out += struct.pack("<I", length)
+        elif vr.encode() in _LONG_VRS:
+            out += vr.encode() + b"\0\0" + struct.pack("<I", length)
+        elif length > 0xFFFF:
+            raise UnconvertibleError(
+                f"element {_tag(tag)} holds {length} bytes, more than a {vr} can in explicit VR"
+            )
+        else:
+            out += vr.encode() + struct.pack("<H", length)
+
+    def resolve(self, tag: int, length: int, level: dict[int, int]) -> str:
+        vr = _dictionary_vr(tag)
+        if " or " not in vr:
+            return vr or "UN"
+        if vr == "US or SS":
+            return "SS" if level.get(_PIXEL_REPRESENTATION) == 1 else "US"
+        if tag == _PIXEL_DATA:
+            return "OW" if level.get(_BITS_ALLOCATED, 16) > 8 and not length & 1 else "OB"
+        if tag == _WAVEFORM_DATA:
+            wide = level.get(_WAVEFORM_BITS_ALLOCATED, 16) > 8
+            return "OW" if wide and not length & 1 else "OB"
+        return "OB" if length & 1 else "OW"
+
+    def elements(self, pos: int, end: int, implicit: bool, depth: int, in_item: bool) -> int:
+        """Re-encode elements from ``pos`` until ``end`` or an item delimiter; return the
+        position after them. ``implicit``: how the source encodes this level (UN values of
+        undefined length hold implicit VR, CP-246)."""
+        if depth > _MAX_DEPTH:
+            raise UnconvertibleError("sequences nested deeper than 32 levels")
+        buf = self.buf
+        level: dict[int, int] = {}
+        while pos < end:
+            if pos + 8 > end and depth == 0 and not buf[pos:end].strip(b"\x00"):
+                return end  # zero padding at the very end: dropped
+            self.need(pos, 8, end)
+            group, elem = struct.unpack_from("<HH", buf, pos)
+            tag = (group << 16) | elem
+            if group == 0xFFFE:
+                if tag == _ITEM_END and in_item:
+                    return pos + 8
+                raise UnconvertibleError(f"unexpected {_tag(tag)} where a data element belongs")
+            if implicit:
+                (length,) = struct.unpack_from("<I", buf, pos + 4)
+                pos += 8
+                vr = self.resolve(tag, length, level)
+                if length == _UNDEFINED and vr not in ("OB", "OW"):
+                    vr = "SQ"  # only a sequence has an undefined length in implicit VR
+            else:
+                raw_vr = buf[pos + 4 : pos + 6]
+                vr = raw_vr.decode("ascii", "replace")
+                if raw_vr in _LONG_VRS:
+                    self.need(pos, 12, end)
+                    (length,) = struct.unpack_from("<I", buf, pos + 8)
+                    pos += 12
+                elif raw_vr.isalpha() and raw_vr.isupper():
+                    (length,) = struct.unpack_from("<H", buf, pos + 6)
+                    pos += 8
+                else:
+                    raise UnconvertibleError(f"element {_tag(tag)} has an invalid VR {raw_vr!r}")
+            if length == _UNDEFINED:
+                pos = self.undefined(tag, vr, pos, end, implicit, depth)
+                continue
+            self.need(pos, length, end)
+            if elem == 0 and length == 4:
+                pass  # a group length: wrong once headers change size; dropped
+            elif vr == "SQ" and (not implicit or _dictionary_vr(tag) == "SQ"):
+                self.sequence(tag, pos, pos + length, implicit, depth)
+            else:
+                if (
+                    vr in ("US", "SS")
+                    and length == 2
+                    and tag
+                    in (
+                        _BITS_ALLOCATED,
+                        _PIXEL_REPRESENTATION,
+                        _WAVEFORM_BITS_ALLOCATED,
+                    )
+                ):
+                    level[tag] = struct.unpack_from("<H", buf, pos)[0]
+                self.header(tag, vr, length)
+                self.out += buf[pos : pos + length]
+            pos += length
+        if in_item:
+            raise UnconvertibleError("an item has no item delimiter")
+        return pos
+
+    def undefined(self, tag: int, vr: str, pos: int, end: int, implicit: bool, depth: int) -> int:
+        """An element of undefined length: a sequence, encapsulated pixel data, or UN."""
+        if vr in ("OB", "OW") or tag == _PIXEL_DATA:
+            start = pos
+            pos = self.skip_fragments(pos, end)
+            self.header(tag, vr if vr in ("OB", "OW") else "OB", _UNDEFINED)
+            self.out += self.buf[start:pos]
+            return pos
+        self.header(tag, "SQ" if vr != "UN" or self.dst_implicit else "UN", _UNDEFINED)
+        if vr == "UN":
+            # CP-246: its items are implicit VR; kept so in both targets.
+            saved, self.dst_implicit = self.dst_implicit, True
+            try:
+                pos = self.items(pos, end, True, depth + 1)
+            finally:
+                self.dst_implicit = saved
+            return pos
+        return self.items(pos, end, implicit, depth + 1)
+
+    def skip_fragments(self, pos: int, end: int) -> int:
+        while True:
+            self.need(pos, 8, end)
+            group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
+            pos += 8
+            if (group << 16) | elem == _SEQ_END:
+                return pos
+            if (group << 16) | elem != _ITEM or length == _UNDEFINED:
+                raise UnconvertibleError("malformed encapsulated pixel data")
+            self.need(pos, length, end)
+            pos += length
+
+    def items(self, pos: int, end: int, implicit: bool, depth: int) -> int:
+        """Items up to a sequence delimiter, each written with an undefined length."""
+        while True:
+            self.need(pos, 8, end)
+            group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
+            tag = (group << 16) | elem
+            pos += 8
+            if tag == _SEQ_END:
+                self.out += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+                return pos
+            pos = self.item(tag, length, pos, end, implicit, depth)
+
+    def sequence(self, tag: int, pos: int, end: int, implicit: bool, depth: int) -> None:
+        """A sequence of defined length: written with an undefined length and a delimiter."""
+        self.header(tag, "SQ", _UNDEFINED)
+        while pos < end:
+            self.need(pos, 8, end)
+            group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
+            pos = self.item((group << 16) | elem, length, pos + 8, end, implicit, depth + 1)
+        self.out += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+
+    def item(self, tag: int, length: int, pos: int, end: int, implicit: bool, depth: int) -> int:
+        if tag != _ITEM:
+            raise UnconvertibleError(f"expected an item in a sequence, found {_tag(tag)}")
+        self.out += struct.pack("<HHI", 0xFFFE, 0xE000, _UNDEFINED)
+        if length == _UNDEFINED:
+            pos = self.elements(pos, end, implicit, depth, in_item=True)
+        else:
+            self.need(pos, length, end)
+            self.elements(pos, pos + length, implicit, depth, in_item=False)
+            pos += length
+        self.out += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        return pos
+
+
+def reencode_little_endian(dataset: bytes, source_implicit: bool, target_implicit: bool) -> bytes:
+    """A little endian data set (no meta header) re-encoded from explicit VR to implicit VR or
+    the reverse; values keep their bytes. Raises :class:`UnconvertibleError` when malformed."""
+    encoder = _LittleEndianReencoder(dataset, source_implicit, target_implicit)
+    encoder.elements(0, len(dataset), source_implicit, 0, in_item=False)
+    return bytes(encoder.out)
