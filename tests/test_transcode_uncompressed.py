@@ -111,7 +111,7 @@ def _binary(value: bytes, vr: str, big: bool) -> Any:
 def differences(orig: Dataset, got: Dataset, big: bool, where: str = "") -> list[str]:
     """Elements of ``orig`` that ``got`` lacks or holds with another value."""
     diffs = []
-    for tag in orig.keys():
+    for tag in sorted(orig.keys()):  # iterating a Dataset gives elements, decoded
         try:
             elem = orig[tag]
         except ValueError:  # a value pydicom cannot decode (badVR.dcm): compare the bytes
