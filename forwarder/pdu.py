@@ -457,6 +457,17 @@ def reject_reason(source: int, reason: int) -> str:
     return f"{_REJECT_SOURCES.get(source, f'source {source}')}: {text}"
 
 
+def offending_text(value: bytes | None) -> str | None:
+    """Offending Element (0000,0901), AT values: ``(0010,0010)``, several comma-separated (hex
+    when it is not a whole number of tags)."""
+    if not value:
+        return None
+    if len(value) % 4:
+        return value.hex()
+    tags = struct.unpack(f"<{len(value) // 2}H", value)
+    return ", ".join(f"({g:04X},{e:04X})" for g, e in zip(tags[::2], tags[1::2], strict=True))
+
+
 def command_text(value: bytes | None) -> str | None:
     if not value:
         return None

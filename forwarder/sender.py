@@ -63,6 +63,7 @@ from forwarder.pdu import (
     encode_associate_rq,
     encode_echo_rq,
     encode_store_rq,
+    offending_text,
     reject_reason,
     send_pdu_limit,
 )
@@ -415,12 +416,11 @@ class Association:
                     self.abort()
                     raise ProtocolError(f"{self.peer} sent a bad DIMSE response: {exc}") from None
                 self.last_used = time.monotonic()
-                offending = values.get(0x0901)
                 return DimseResponse(
                     status=status,
                     error_comment=command_text(values.get(0x0902)),
                     message_id=message_id,
-                    offending=offending.hex() if offending is not None else None,
+                    offending=offending_text(values.get(0x0901)),
                 )
             if pdu_type == PDU_ABORT:
                 self._close_socket()

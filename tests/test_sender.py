@@ -384,7 +384,8 @@ def test_failure_response_with_comment_and_offending_element(small_files: list[P
     (o,) = outcomes
     assert o.outcome is Outcome.FAILED and o.status == 0xA900
     assert o.error is not None
-    assert "0xA900" in o.error and "SOP mismatch" in o.error and "offending" in o.error
+    assert "0xA900" in o.error and "SOP mismatch" in o.error
+    assert "(offending element (0008,0018))" in o.error
 
 
 # -- misbehaving peers --------------------------------------------------------------------------
