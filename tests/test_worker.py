@@ -4,6 +4,7 @@ with a real queue, spool and finisher (statuses, retries, give-up rules, a desti
 from __future__ import annotations
 
 import json
+import sqlite3
 import statistics
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_until
 from dicomgen import write_file
+from hostile import Behaviour, HostilePeer
 from peers import Received, ScriptedSCP, free_port
 
 from forwarder.config import Destination, RetryPolicy
@@ -337,3 +339,92 @@ def test_stop_puts_claimed_unsent_jobs_back(rig: Rig) -> None:
         assert counts[JobStatus.READY] + counts[JobStatus.DONE] == 20
         assert counts[JobStatus.READY] > 0
         assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("send-a"))
+
+
+# -- attempts: per file tried; statuses; peers that break the protocol ------------------------
+
+
+def _attempts(queue: Queue) -> list[tuple[str, int]]:
+    with sqlite3.connect(queue.path) as conn:
+        rows = conn.execute("SELECT status, attempts FROM jobs ORDER BY id").fetchall()
+    return [(str(s), int(a)) for s, a in rows]
+
+
+@pytest.mark.parametrize("status", [0x0213, 0x0999, 0xA702], ids=lambda v: f"0x{v:04X}")
+def test_resource_and_unknown_statuses_are_retried_with_backoff(rig: Rig, status: int) -> None:
+    """0x0213 (resource limitation) and statuses outside PS3.4's categories used to be
+    permanent: the file went to failed/ at the first answer."""
+    answers: dict[str, int] = {}
+
+    def script(rec: Received) -> int:
+        n = answers.get(rec.sop_instance_uid, 0)
+        answers[rec.sop_instance_uid] = n + 1
+        return status if n < 2 else 0x0000
+
+    with ScriptedSCP(status=script) as scp:
+        rig.add_destination("a", scp.port)
+        rig.start()
+        uids = rig.enqueue(2)
+        wait_until(lambda: len(rig.done()) == 2, 20, what="2 files in done/ after retries")
+        assert scp.uids() == uids
+        assert rig.failed() == []
+        assert all(n == 3 for n in answers.values()), answers
+
+
+def test_a_failed_connect_charges_only_the_file_tried(rig: Rig) -> None:
+    """One refused connection used to charge an attempt to every job of the 64-job batch, so
+    max_attempts gave up on files never tried."""
+    retry = RetryPolicy(initial_delay=2.0, max_delay=2.0, max_attempts=2)
+    workers = rig.add_destination("a", free_port(), retry=retry)
+    rig.enqueue(10)
+    rig.start()
+    wait_until(
+        lambda: sum(a for _, a in _attempts(rig.queue)) >= 1, 20, what="a first connect failure"
+    )
+    rows = _attempts(rig.queue)
+    assert sorted(a for _, a in rows) == [0] * 9 + [1], rows
+    assert {s for s, _ in rows} == {"READY"}, rows
+    assert workers.state[0] == "down" and workers.state[1] and "refused" in workers.state[1]
+    assert rig.queue.destination_states()["a"].state == "down"
+
+
+def test_a_permanent_rejection_holds_the_destination_and_charges_nothing(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that no longer knows our AE title: no file is at fault. They used to go to
+    failed/ at the first rejection, every one of them."""
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=1)
+    with HostilePeer(Behaviour.REJECT) as peer:
+        workers = rig.add_destination("a", peer.port, retry=retry)
+        rig.enqueue(4)
+        rig.start()
+        wait_until(lambda: peer.connections >= 4, 20, what="4 rejected associations (held)")
+        assert rig.failed() == []
+        rows = _attempts(rig.queue)
+        assert rows == [("READY", 0)] * 4, rows
+        state, error, _ = workers.state
+        assert state == "down" and error is not None
+        assert "rejected-permanent" in error and "held" in error
+        downs = [r for r in caplog.records if "DOWN" in r.getMessage()]
+        assert len(downs) == 1, [r.getMessage() for r in downs]  # once per change
+        assert downs[0].levelname == "ERROR"
+    assert workers.healthy(), workers.problems()
+
+
+@pytest.mark.parametrize("behaviour", [Behaviour.EMPTY_STATUS, Behaviour.PENDING])
+def test_a_response_that_breaks_ps37_costs_an_attempt_and_the_worker_goes_on(
+    rig: Rig, behaviour: Behaviour
+) -> None:
+    """A zero-length Status used to raise out of the engine and kill the worker thread; its
+    claimed jobs stayed CLAIMED and the file was resent forever after each restart."""
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.2, max_attempts=2)
+    with HostilePeer(behaviour) as peer:
+        workers = rig.add_destination("a", peer.port, retry=retry)
+        rig.enqueue(2)
+        rig.start()
+        wait_until(lambda: len(rig.failed()) == 2, 20, what="2 files given up in failed/")
+        for name in rig.failed():
+            error = str(rig.error(name))
+            assert "gave up after 2 attempts" in error, error
+        assert rig.queue.counts()["CLAIMED"] == 0
+        assert workers.healthy(), workers.problems()

@@ -1,0 +1,179 @@
+"""The daemon (a real subprocess) against what used to fail files nobody was at fault for, or
+kill a worker thread: a PACS that rejects our AE title for good (the destination is held, its
+files stay queued, status/metrics/log say so), and an I/O error in the middle of a send (one
+attempt, the worker goes on). Real peers, real SQLite; faults injected with strace, not mocks.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+from daemon import Daemon, destination, uids
+from peers import ScriptedSCP, free_port
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+STRACE = shutil.which("strace")
+
+
+def _attempts(queue: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(queue) as conn:
+        rows = conn.execute("SELECT status, attempts FROM jobs ORDER BY id").fetchall()
+    return [(str(s), int(a)) for s, a in rows]
+
+
+def _metric(port: int, name: str, destination_name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    m = re.search(rf'^{name}{{destination="{destination_name}"}} (\S+)$', text, re.M)
+    assert m is not None, text
+    return float(m.group(1))
+
+
+@contextmanager
+def strict_pacs(port: int, ae_title: str) -> Iterator[list[int]]:
+    """A pynetdicom Storage SCP that rejects (permanently: called AE title not recognised)
+    every association not addressed to ``ae_title``; yields the list of rejections."""
+    ae = AE(ae_title=ae_title)
+    ae.require_called_aet = True
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    rejected: list[int] = []
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_REJECTED, lambda event: rejected.append(1))],
+    )
+    try:
+        yield rejected
+    finally:
+        server.shutdown()
+
+
+def test_a_permanent_rejection_holds_the_destination_and_the_files_stay_queued(
+    tmp_path: Path,
+) -> None:
+    port, metrics_port = free_port(), free_port()
+    d = Daemon(
+        tmp_path,
+        destinations=[destination("pacs", port, ae_title="OLDNAME")],
+        retry={"initial_delay": "100ms", "max_delay": "500ms", "max_attempts": 1},
+        extra={"metrics": {"listen": f"127.0.0.1:{metrics_port}"}},
+    )
+    with strict_pacs(port, "NEWNAME") as rejected, d:
+        dropped = d.drop_files(3)
+        wait_until(lambda: len(rejected) >= 4, 30, what="4 rejected associations")
+        # Held, not failed: max_attempts is 1, and no file was charged an attempt.
+        assert d.failed_files() == []
+        rows = _attempts(d.queue)
+        assert rows == [("READY", 0)] * 3, rows
+        doc = d.wait_status(lambda s: s["pacs"]["state"] == "down", what="pacs down")
+        pacs = doc["destinations"]["pacs"]
+        assert pacs["pending"] == 3 and pacs["failed"] == 0
+        assert "rejected-permanent" in pacs["last_error"] and "held" in pacs["last_error"]
+        assert pacs["state_since"]
+        text = d.cli("status").stdout
+        assert "DOWN since" in text and "rejected-permanent" in text
+        assert _metric(metrics_port, "forwarder_destination_up", "pacs") == 0.0
+        log = d.log_text(current_run=True)
+        downs = [ln for ln in log.splitlines() if "pacs: DOWN:" in ln]
+        assert len(downs) == 1, downs  # once per change, not per file or per try
+        assert "ERROR" in downs[0]
+    # The PACS is reconfigured to know us: everything goes, nothing was lost.
+    with ScriptedSCP(ae_title="OLDNAME", port=port) as scp:
+        d.start()
+        d.wait_done(3, timeout=30)
+        assert scp.uids() == uids(dropped)
+        doc = d.wait_status(lambda s: s["pacs"]["state"] == "up", what="pacs up")
+        assert doc["destinations"]["pacs"]["done"] == 3
+        wait_until(
+            lambda: _metric(metrics_port, "forwarder_destination_up", "pacs") == 1.0,
+            10,
+            what="forwarder_destination_up 1",
+        )
+        assert d.stop() == 0
+
+
+def _wait_traced(pid: int, tracer: subprocess.Popen[bytes]) -> None:
+    """Until every thread of ``pid`` has ``tracer`` as its tracer."""
+
+    def attached() -> bool:
+        if tracer.poll() is not None:
+            raise AssertionError(f"strace exited with {tracer.returncode} before attaching")
+        tracers = []
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            try:
+                m = re.search(r"^TracerPid:\s+(\d+)", status.read_text(), re.M)
+            except OSError:
+                continue
+            tracers.append(int(m.group(1)) if m else 0)
+        return bool(tracers) and all(t == tracer.pid for t in tracers)
+
+    wait_until(attached, 10, what="strace attached to every thread")
+
+
+@contextmanager
+def failing_reads(pid: int, log: Path) -> Iterator[None]:
+    """While the block runs, every preadv of ``pid`` fails with EIO. Only the sender reads
+    data sets with preadv (ingest reads with read/mmap, SQLite with pread64)."""
+    assert STRACE is not None
+    tracer = subprocess.Popen(
+        [
+            *(STRACE, "-f", "-qq", "-p", str(pid), "-o", str(log)),
+            *("-e", "trace=preadv,preadv2", "-e", "inject=preadv,preadv2:error=EIO"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_traced(pid, tracer)
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
+        try:
+            tracer.wait(10)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(5)
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace")
+def test_an_io_error_during_a_send_is_an_attempt_and_the_worker_goes_on(tmp_path: Path) -> None:
+    """EIO from the data set read escaped the engine as a bare OSError: the worker thread
+    died, its jobs stayed CLAIMED until a restart, and recover() handed them back without an
+    attempt, so a file that always fails was resent forever."""
+    with (
+        ScriptedSCP() as scp,
+        Daemon(
+            tmp_path,
+            destinations=[destination("a", scp.port)],
+            retry={"initial_delay": "100ms", "max_delay": "300ms", "max_attempts": 3},
+        ) as d,
+    ):
+        with failing_reads(d.pid, tmp_path / "strace.log"):
+            d.drop_files(1, prefix="bad")
+            d.wait_failed(1, timeout=30)
+        error = str(d.error_json("bad0000.dcm"))
+        assert "gave up after 3 attempts" in error and "internal error" in error, error
+        assert "Input/output error" in error, error
+        assert scp.uids() == set()
+        # The same worker thread sends the next files.
+        dropped = d.drop_files(2, prefix="good")
+        d.wait_done(2)
+        assert scp.uids() == uids(dropped)
+        log = d.log_text()
+        assert log.count("Traceback") == 1, log  # the traceback once, not per attempt
+        assert "died" not in log
+        status: dict[str, Any] = d.status_json()["destinations"]["a"]
+        assert (status["done"], status["failed"], status["in_flight"]) == (2, 1, 0)
+        assert d.stop() == 0
