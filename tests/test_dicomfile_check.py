@@ -1,0 +1,343 @@
+"""The one whole-file check (``check_file``/``scan_file``) against DCMTK's verdicts on every file
+pydicom ships, and on hand-made files: deflated data sets, the data set's own SOP UIDs, pixel
+data that does not match the transfer syntax."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicomgen import make_dataset
+from pydicom.data import get_charset_files, get_testdata_file, get_testdata_files
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from forwarder.dicomfile import (
+    MAX_INFLATED,
+    FileMeta,
+    check_file,
+    inflate,
+    read_meta,
+    scan_file,
+)
+from forwarder.errors import InvalidFileError
+
+MODALITY, ROWS = 0x00080060, 0x00280010
+
+#: What DCMTK 3.6.7's dcmsend does with each pydicom file it refuses, sent to a local storescp
+#: (``storescp +xa``; same verdicts with its default uncompressed-only configuration): the words
+#: our reason must contain. Every other Part 10 file pydicom ships was delivered by dcmsend
+#: (or failed on dcmsend's side only: rtdose_rle*.dcm, which it mis-decompresses) and must pass.
+DCMTK_REFUSES = {
+    # "Cannot send SOP instance, missing information: SOP Class UID / SOP Instance UID"
+    "chrSQEncoding.dcm": "no SOP Class UID (0008,0016) and no SOP Instance UID (0008,0018)",
+    "chrSQEncoding1.dcm": "no SOP Class UID (0008,0016) and no SOP Instance UID (0008,0018)",
+    "UN_sequence.dcm": "no SOP Class UID (0008,0016) and no SOP Instance UID (0008,0018)",
+    "no_meta_group_length.dcm": "no SOP Class UID (0008,0016)",
+    "priv_SQ.dcm": "no SOP Class UID (0008,0016) and no SOP Instance UID (0008,0018)",
+    # "PixelData (7fe0,0010) larger (8192) than remaining bytes in file"
+    "MR_truncated.dcm": "truncated: element (7FE0,0010) claims 8192 bytes",
+    # "IsocenterPosition (300a,012c) larger (50) than remaining bytes (29)"
+    "rtplan_truncated.dcm": "truncated: element (300A,00B0)",
+    # "Non-standard VR '  ' (18\00) encountered while parsing element (0008,0008)": an implicit
+    # VR data set under a meta header that says JPEG Baseline (explicit VR little endian)
+    "SC_rgb_jpeg.dcm": "the data set looks implicit VR",
+    # "bad DICOM file: Invalid SOP Class UID" (no storage SOP class; media directories)
+    "DICOMDIR": "no SOP Class UID (0008,0016)",
+    "DICOMDIR-bigEnd": "no SOP Class UID (0008,0016)",
+    "DICOMDIR-empty.dcm": "no SOP Class UID (0008,0016)",
+    "DICOMDIR-implicit": "no SOP Class UID (0008,0016)",
+    "DICOMDIR-nooffset": "truncated: an item claims 248 bytes",
+    "DICOMDIR-nopatient": "no SOP Class UID (0008,0016)",
+    "DICOMDIR-reordered": "no SOP Class UID (0008,0016)",
+    "empty_charset_LEI.dcm": "lacks MediaStorageSOPClassUID",
+    "meta_missing_tsyntax.dcm": "lacks MediaStorageSOPClassUID",
+    "nested_priv_SQ.dcm": "lacks MediaStorageSOPClassUID",
+}
+
+
+def part10_files() -> list[str]:
+    found = []
+    for path in sorted(get_testdata_files() + get_charset_files()):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(132)[128:] == b"DICM":
+                    found.append(path)
+    return found
+
+
+PART10 = part10_files()
+
+
+def bundled(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path is not None
+    return Path(str(path))
+
+
+@pytest.mark.parametrize("path", PART10, ids=lambda p: p.split("/data/")[-1])
+def test_every_pydicom_file_gets_dcmtk_s_verdict(path: str) -> None:
+    words = DCMTK_REFUSES.get(os.path.basename(path))
+    if words is None:
+        meta = check_file(path)
+        assert meta == FileMeta(
+            meta.sop_class_uid,
+            meta.sop_instance_uid,
+            read_meta(path).transfer_syntax,
+            read_meta(path).dataset_offset,
+            os.path.getsize(path),
+        )
+    else:
+        with pytest.raises(InvalidFileError) as info:
+            check_file(path)
+        assert words in info.value.reason
+        assert info.value.path == path
+
+
+def test_the_table_covers_the_files() -> None:
+    names = {os.path.basename(p) for p in PART10}
+    assert set(DCMTK_REFUSES) <= names
+    assert len(PART10) > 170
+
+
+# -- the data set's own SOP UIDs -------------------------------------------------------------
+
+
+def to_bytes(ds: pydicom.Dataset, *, enforce: bool = True) -> bytes:
+    buf = io.BytesIO()
+    if not enforce:
+        ds.preamble = b"\x00" * 128
+    ds.save_as(buf, enforce_file_format=enforce)
+    return buf.getvalue()
+
+
+def write(tmp_path: Path, data: bytes, name: str = "f.dcm") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize(
+    ("remove", "words"),
+    [
+        (("SOPInstanceUID",), "the data set has no SOP Instance UID (0008,0018) at its top level"),
+        (("SOPClassUID",), "the data set has no SOP Class UID (0008,0016) at its top level"),
+        (("SOPClassUID", "SOPInstanceUID"), "no SOP Class UID (0008,0016) and no SOP Instance"),
+    ],
+)
+def test_a_data_set_without_its_own_sop_uids_is_refused(
+    tmp_path: Path, syntax: str, remove: tuple[str, ...], words: str
+) -> None:
+    ds = make_dataset(rows=4, columns=4, transfer_syntax=syntax)
+    for keyword in remove:
+        delattr(ds, keyword)
+    path = write(tmp_path, to_bytes(ds, enforce=False))
+    read_meta(path)  # the meta header alone is fine
+    with pytest.raises(InvalidFileError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_file(path)
+    with pytest.raises(InvalidFileError, match="the data set has no"):
+        scan_file(path, read_meta(path))
+
+
+def test_sop_uids_in_a_nested_item_do_not_count(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4)
+    item = pydicom.Dataset()
+    item.SOPInstanceUID = ds.SOPInstanceUID
+    ds.ReferencedImageSequence = pydicom.Sequence([item])
+    del ds.SOPInstanceUID
+    with pytest.raises(InvalidFileError, match="no SOP Instance UID"):
+        check_file(write(tmp_path, to_bytes(ds, enforce=False)))
+
+
+def test_an_invalid_sop_instance_uid_in_the_data_set_is_refused(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4)
+    uid = str(ds.SOPInstanceUID)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UID too
+        ds.SOPInstanceUID = "1.2.abc"
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    path = write(tmp_path, to_bytes(ds, enforce=False))
+    with pytest.raises(InvalidFileError, match=r"invalid SOP Instance UID '1\.2\.abc'"):
+        check_file(path)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_check_file_returns_the_data_set_s_uids(tmp_path: Path, syntax: str) -> None:
+    ds = make_dataset(rows=4, columns=4)
+    ds.file_meta.TransferSyntaxUID = syntax
+    real = str(ds.SOPInstanceUID)
+    # a stale meta header, and a long private element first: read_meta alone cannot see it
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.add_new(0x00050010, "LO", "CREATOR")  # group 0005 comes before group 0008
+    ds.add_new(0x00051000, "OB", b"\x00" * 70000)
+    path = write(tmp_path, to_bytes(ds, enforce=False))
+    meta = check_file(path)
+    assert (meta.sop_class_uid, meta.sop_instance_uid) == (str(ds.SOPClassUID), real)
+    assert read_meta(path).sop_instance_uid == "1.2.3.4"  # what the header alone says
+
+
+# -- deflated data sets ----------------------------------------------------------------------
+
+
+def deflated(ds: pydicom.Dataset) -> bytes:
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return to_bytes(ds)
+
+
+def test_the_odd_length_deflated_file_passes_with_its_values() -> None:
+    path = bundled("image_dfl.dcm")
+    meta = read_meta(path)
+    assert meta.dataset_length == 4303  # odd: the sender pads it on the wire
+    ds = pydicom.dcmread(path)
+    assert scan_file(path, meta, {MODALITY: "Modality", ROWS: "Rows"}) == {
+        "Modality": ds.Modality,
+        "Rows": str(ds.Rows),
+    }
+    assert check_file(path).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_the_gzip_trailer_of_image_dfl_is_checked(tmp_path: Path) -> None:
+    data = bundled("image_dfl.dcm").read_bytes()
+    meta = read_meta(bundled("image_dfl.dcm"))
+    inflated = zlib.decompress(data[meta.dataset_offset :], -15)
+    trailer = struct.pack("<II", zlib.crc32(inflated), len(inflated))
+    assert data.endswith(trailer)  # CRC-32 and size after the deflate stream, as gzip writes
+    broken = data[:-8] + struct.pack("<II", zlib.crc32(inflated) ^ 1, len(inflated))
+    with pytest.raises(InvalidFileError, match="unexpected bytes after the end"):
+        check_file(write(tmp_path, broken))
+    check_file(write(tmp_path, data[:-8], "no-trailer.dcm"))
+    check_file(write(tmp_path, data[:-8] + b"\x00", "padded.dcm"))
+
+
+def test_a_deflated_data_set_is_walked_like_any_other(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4, modality="MR")
+    path = write(tmp_path, deflated(ds))
+    assert scan_file(path, read_meta(path), {MODALITY: "Modality"}) == {"Modality": "MR"}
+    # inflated content that is itself truncated: the walk finds it
+    meta = read_meta(path)
+    data = path.read_bytes()
+    inner = zlib.decompress(data[meta.dataset_offset :], -15)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    cut = packer.compress(inner[:-5]) + packer.flush()
+    with pytest.raises(InvalidFileError, match="truncated: element"):
+        check_file(write(tmp_path, data[: meta.dataset_offset] + cut, "cut.dcm"))
+
+
+def test_a_deflated_data_set_without_sop_uids_is_refused(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4)
+    del ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    with pytest.raises(InvalidFileError, match=r"no SOP Instance UID \(0008,0018\)"):
+        check_file(write(tmp_path, to_bytes(ds, enforce=False)))
+
+
+@pytest.mark.parametrize("cut", [3, 20, 200])  # pydicom may pad the stream with one zero
+def test_a_truncated_deflate_stream_is_refused(tmp_path: Path, cut: int) -> None:
+    data = deflated(make_dataset(rows=16, columns=16, seed=4))
+    with pytest.raises(InvalidFileError, match=r"truncated|corrupt"):
+        check_file(write(tmp_path, data[:-cut]))
+
+
+def test_a_corrupt_deflate_stream_is_refused(tmp_path: Path) -> None:
+    data = bytearray(deflated(make_dataset(rows=16, columns=16, seed=5)))
+    offset = read_meta(write(tmp_path, bytes(data))).dataset_offset
+    data[offset : offset + 4] = b"\xff\xff\xff\xff"
+    with pytest.raises(InvalidFileError, match="corrupt"):
+        check_file(write(tmp_path, bytes(data), "corrupt.dcm"))
+
+
+def test_garbage_after_the_deflate_stream_is_refused(tmp_path: Path) -> None:
+    data = deflated(make_dataset(rows=4, columns=4))
+    with pytest.raises(InvalidFileError, match="unexpected bytes after the end"):
+        check_file(write(tmp_path, data + b"junk"))
+
+
+def test_inflation_is_bounded(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4)
+    ds.add_new(0x00420011, "OB", b"\x00" * 2_000_000)  # 2 MB of zeros: deflates to 2 KB
+    path = write(tmp_path, deflated(ds))
+    meta = read_meta(path)
+    assert meta.size < 20_000
+    with open(path, "rb") as f, pytest.raises(InvalidFileError, match="inflates to more than 1"):
+        inflate(f, str(path), meta.dataset_offset, limit=1024 * 1024)
+    with open(path, "rb") as f:
+        assert len(inflate(f, str(path), meta.dataset_offset)) > 2_000_000
+    assert MAX_INFLATED >= 64 * 1024 * 1024
+
+
+# -- bytes that do not match the transfer syntax ---------------------------------------------
+
+
+def rewrap(source: Path, syntax: str) -> bytes:
+    """The data set of ``source`` under a new meta header naming ``syntax``."""
+    ds = pydicom.dcmread(source)
+    meta = read_meta(source)
+    elements = b""
+    for elem, vr, value in (
+        (0x0001, b"OB", b"\x00\x01"),
+        (0x0002, b"UI", str(ds.SOPClassUID).encode()),
+        (0x0003, b"UI", str(ds.SOPInstanceUID).encode()),
+        (0x0010, b"UI", syntax.encode()),
+    ):
+        value += b"\x00" * (len(value) & 1)
+        if vr == b"OB":
+            elements += struct.pack("<HH2s2xI", 2, elem, vr, len(value)) + value
+        else:
+            elements += struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+    group_length = struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(elements))
+    return (
+        b"\x00" * 128
+        + b"DICM"
+        + group_length
+        + elements
+        + source.read_bytes()[meta.dataset_offset :]
+    )
+
+
+def test_encapsulated_pixel_data_under_a_native_syntax_is_refused(tmp_path: Path) -> None:
+    data = rewrap(bundled("MR_small_RLE.dcm"), ExplicitVRLittleEndian)
+    with pytest.raises(InvalidFileError, match=r"Pixel Data \(7FE0,0010\) is encapsulated"):
+        check_file(write(tmp_path, data))
+
+
+def test_native_pixel_data_under_a_compressed_syntax_is_refused(tmp_path: Path) -> None:
+    data = rewrap(bundled("MR_small.dcm"), RLELossless)
+    with pytest.raises(InvalidFileError, match=r"Pixel Data \(7FE0,0010\) is native"):
+        check_file(write(tmp_path, data))
+
+
+def test_the_rewrapped_files_are_fine_under_their_own_syntax(tmp_path: Path) -> None:
+    check_file(write(tmp_path, rewrap(bundled("MR_small_RLE.dcm"), RLELossless)))
+    check_file(write(tmp_path, rewrap(bundled("MR_small.dcm"), ExplicitVRLittleEndian), "b.dcm"))
+
+
+def test_an_explicit_vr_data_set_under_an_implicit_header_is_refused(tmp_path: Path) -> None:
+    data = rewrap(bundled("CT_small.dcm"), ImplicitVRLittleEndian)
+    with pytest.raises(InvalidFileError, match="the data set looks explicit VR"):
+        check_file(write(tmp_path, data))
+
+
+def test_an_unknown_syntax_s_pixel_data_is_not_judged(tmp_path: Path) -> None:
+    check_file(write(tmp_path, rewrap(bundled("MR_small.dcm"), "1.2.3.4.5")))
+
+
+def test_odd_value_lengths_are_accepted_as_dcmtk_accepts_them(tmp_path: Path) -> None:
+    """DCMTK reads an odd-length element with a warning and dcmsend delivers the file."""
+    data = bytearray(bundled("CT_small.dcm").read_bytes())
+    at = data.index(b"\x10\x00\x10\x00PN")
+    (length,) = struct.unpack_from("<H", data, at + 6)
+    struct.pack_into("<H", data, at + 6, length - 1)
+    del data[at + 8 + length - 1]
+    assert check_file(write(tmp_path, bytes(data))).transfer_syntax == ExplicitVRLittleEndian
