@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 RUN_DIR := run
 RECEIVE_PORT ?= 11112
 
-.PHONY: all setup system-deps run test test-faults soak lint typecheck bench deb clean
+.PHONY: all setup system-deps run test test-faults soak lint typecheck bench deb clean \
+	conformance-statement
 
 all: test
 
@@ -72,6 +73,11 @@ soak: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# The DICOM Conformance Statement is rendered from the engine's own tables; run this after any
+# change to them (tests/test_conformance_statement.py fails until the committed copy matches).
+conformance-statement: setup
+	$(BIN)/python -m forwarder.conformance docs/conformance-statement.md
 
 deb: setup
 	bash packaging/build-deb.sh
