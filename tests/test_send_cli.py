@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -717,3 +718,98 @@ def test_version_after_the_command(command: str) -> None:
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == f"forwarder {__version__}"
+
+
+# -- one check before sending; never exit 0 with a file not stored -------------------------------
+
+#: pydicom's broken files, and the fault the refusal must name (as dcmsend refuses them).
+BROKEN = {
+    "MR_truncated.dcm": "truncated",
+    "SC_rgb_jpeg.dcm": "does not match the transfer syntax",
+    "priv_SQ.dcm": "no SOP Class UID",
+}
+
+
+def _copies(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name in names:
+        path = folder / name
+        path.write_bytes(Path(str(get_testdata_file(name))).read_bytes())
+        out.append(path)
+    return out
+
+
+def test_broken_files_are_refused_before_any_association(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """send used to read the meta header only: a truncated file, one whose bytes do not match
+    its syntax, and one without its own SOP Instance UID were sent and reported stored."""
+    broken = _copies(tmp_path / "broken", list(BROKEN))
+    report = tmp_path / "report.json"
+    with CapturingSCP() as scp:
+        r = send(target(scp), *broken, "--report", report, env=forwarder_env)
+        assert scp.associations == 0, "an association was opened for nothing to send"
+        assert scp.received_uids() == []
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
+    assert len(lines) == len(BROKEN), r.stderr
+    records = {Path(rec["path"]).name: rec for rec in report_of(report)["files"]}
+    for name, fault in BROKEN.items():
+        (line,) = [ln for ln in lines if name in ln]
+        assert fault in line and "not sent" in line, line
+        assert records[name]["outcome"] == "failed"
+        assert fault in records[name]["error"] and records[name]["status"] is None
+    assert "0 stored" in r.stderr and f"{len(BROKEN)} failed" in r.stderr
+
+
+def test_a_broken_file_among_good_ones_is_the_only_one_not_sent(
+    tmp_path: Path, files: list[Path], forwarder_env: dict[str, str]
+) -> None:
+    (truncated,) = _copies(files[0].parent, ["MR_truncated.dcm"])
+    with storescp(tmp_path / "out") as scp:
+        r = send(f"STORESCP@127.0.0.1:{scp.port}", files[0].parent, env=forwarder_env)
+        assert len(scp.files()) == len(files)
+    assert r.returncode == 1, r.stderr
+    assert f"{len(files)} stored" in r.stderr and "1 failed" in r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
+    assert str(truncated) in line and "refused, not sent: truncated" in line, line
+
+
+def test_no_check_sends_files_as_they_are(tmp_path: Path, forwarder_env: dict[str, str]) -> None:
+    """For experts: the meta header only, as before (the peer decides)."""
+    paths = _copies(tmp_path / "broken", ["MR_truncated.dcm", "priv_SQ.dcm"])
+    with CapturingSCP() as scp:
+        r = send(target(scp), *paths, "--no-check", env=forwarder_env)
+        assert sorted(scp.received_uids()) == sorted(uid_of(p) for p in paths)
+        truncated_uid = uid_of(paths[0])
+        sent = scp.datasets[truncated_uid]
+    assert r.returncode == 0, r.stderr
+    original = dataset_bytes(paths[0])
+    assert sent[: len(original)] == original  # as it is (plus a pad byte if odd)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_an_io_error_during_the_send_is_never_exit_0(
+    tmp_path: Path, files: list[Path], forwarder_env: dict[str, str]
+) -> None:
+    """EIO while reading the data set escaped as a bare OSError: the channel thread died and
+    send exited 0 with the file never stored. strace makes every preadv (the sender's only
+    read of data set bytes) fail."""
+    with CapturingSCP() as scp:
+        r = subprocess.run(
+            [
+                *(str(shutil.which("strace")), "-f", "-qq", "-o", str(tmp_path / "strace.log")),
+                *("-e", "trace=preadv,preadv2", "-e", "inject=preadv,preadv2:error=EIO"),
+                *(FORWARDER, "send", target(scp), str(files[0])),
+            ],
+            capture_output=True,
+            text=True,
+            env=forwarder_env,
+            timeout=120,
+        )
+        assert scp.received_uids() == []
+    assert r.returncode == 1, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
+    assert str(files[0]) in line and "internal error" in line and "Input/output error" in line
+    assert "0 stored" in r.stderr and "1 failed" in r.stderr
