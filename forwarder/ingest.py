@@ -50,6 +50,9 @@ _PHI_KEYWORDS = frozenset(
 )
 
 
+_OWN_UIDS = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID"}
+
+
 def is_phi(keyword: str) -> bool:
     return keyword.startswith(_PHI_PREFIXES) or keyword in _PHI_KEYWORDS
 
@@ -100,8 +103,10 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        want: dict[int, str] = {}
-        vrs: dict[int, str] = {}
+        # The data set's own SOP Class and Instance UID are queued and sent, not the meta
+        # header's (a deflated data set's, or one a stale header misnames).
+        want: dict[int, str] = dict(_OWN_UIDS)
+        vrs: dict[int, str] = dict.fromkeys(_OWN_UIDS, "UI")
         if router.keywords:
             # pydicom's data dictionary, only when routes read the header.
             from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -232,7 +237,11 @@ class Ingest:
             return None
         destinations = router.route(values, ready.rel_path)
         if not destinations:
-            shown = {k: v for k, v in values.items() if self.log_phi or not is_phi(k)}
+            shown = {
+                k: v
+                for k, v in values.items()
+                if k in router.keywords and (self.log_phi or not is_phi(k))
+            }
             detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
             reason = "no route: no route matches this file" + (f" ({detail})" if detail else "")
             self._reject(
@@ -244,8 +253,8 @@ class Ingest:
             rel_path=ready.rel_path,
             size=meta.size,
             mtime_ns=ready.mtime_ns,
-            sop_class_uid=meta.sop_class_uid,
-            sop_instance_uid=meta.sop_instance_uid,
+            sop_class_uid=values.get(_OWN_UIDS[0x00080016]) or meta.sop_class_uid,
+            sop_instance_uid=values.get(_OWN_UIDS[0x00080018]) or meta.sop_instance_uid,
             transfer_syntax=meta.transfer_syntax,
         )
         return entry, destinations

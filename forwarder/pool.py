@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from forwarder.contexts import plan_contexts
@@ -114,6 +114,9 @@ class StoreRequest:
     path: str
     key: int = 0
     meta: FileMeta | None = None  # read from the file when not given
+    # The data set's own (SOP Class UID, SOP Instance UID) when a whole-file check found them
+    # (the daemon's ingest): they win over the meta header's that read_meta may fall back to.
+    dataset_uids: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +270,9 @@ class Channel:
             try:
                 if meta is None:
                     meta = read_meta(request.path)
+                    if request.dataset_uids is not None and request.dataset_uids[1]:
+                        sop_class, sop_instance = request.dataset_uids
+                        meta = replace(meta, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
                 assoc = self._ensure((meta.sop_class_uid, meta.transfer_syntax), hint)
             except UnreadableFileError as exc:
                 # EIO, EACCES...: nothing is known against the file; tried again later, as

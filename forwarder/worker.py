@@ -278,7 +278,8 @@ class DestinationWorkers:
                     error = "the file changed since it was queued; waiting for it to settle"
                     acks.append(_Ack("retry", (job.id,), None, error, time.time() + 1.0))
                     continue
-                yield StoreRequest(job.path, job.id)
+                uids = (job.sop_class_uid, job.sop_instance_uid)
+                yield StoreRequest(job.path, job.id, dataset_uids=uids)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         handed_back: list[int] = []  # back to READY, no attempt charged

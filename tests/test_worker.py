@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from dicomgen import write_file
+from dicomgen import make_dataset, write_file
 from hostile import Behaviour, HostilePeer
 from peers import Received, ScriptedSCP, free_port
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from forwarder.config import Destination, RetryPolicy
+from forwarder.dicomfile import read_meta
 from forwarder.finisher import Finisher
 from forwarder.ingest import Ingest
 from forwarder.queue import JobStatus, Queue
@@ -428,3 +430,29 @@ def test_a_response_that_breaks_ps37_costs_an_attempt_and_the_worker_goes_on(
             assert "gave up after 2 attempts" in error, error
         assert rig.queue.counts()["CLAIMED"] == 0
         assert workers.healthy(), workers.problems()
+
+
+def test_the_data_set_s_own_uids_are_sent_not_a_stale_meta_header_s(rig: Rig) -> None:
+    """A deflated data set (read_meta cannot see inside it) whose meta header names another
+    instance: the peer is told the data set's own SOP Instance UID, which ingest's whole-file
+    check found, as dcmsend does."""
+    ds = make_dataset(seed=7)
+    own = str(ds.SOPInstanceUID)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = rig.spool.incoming / "deflated.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    # pydicom keeps the meta header in step: make it stale by hand (same length; the deflated
+    # data set does not contain the UID's bytes, so the first occurrence is the header's).
+    stale = own[:-1] + ("1" if own[-1] != "1" else "2")
+    path.write_bytes(path.read_bytes().replace(own.encode(), stale.encode(), 1))
+    assert read_meta(path).sop_instance_uid == stale  # all the meta header can tell
+    with ScriptedSCP() as scp:
+        rig.add_destination("a", scp.port)
+        st = path.stat()
+        Ingest(rig.spool, rig.queue, Router(None, ["a"]))(
+            [ReadyFile(path, path.name, st.st_size, st.st_mtime_ns)]
+        )
+        rig.start()
+        wait_until(lambda: len(rig.done()) == 1, 20, what="the deflated file in done/")
+        assert scp.uids() == {own}
