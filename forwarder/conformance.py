@@ -942,8 +942,8 @@ def _ae_receive(e: _Engine) -> list[str]:
         f"announced: {_bytes(ae.maximum_pdu_size)} (`--max-pdu`).",
         "",
         f"**Number of Associations.** At most {ae.maximum_associations} simultaneous "
-        "associations (`--max-associations`); one more is rejected (transient, local limit "
-        "exceeded).",
+        "associations (`--max-associations`); one more gets A-ASSOCIATE-RJ transient, local "
+        "limit exceeded.",
         "",
         "**Asynchronous Nature.** Not supported: a proposed Asynchronous Operations Window gets "
         "no answer, so one operation is outstanding at a time.",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -315,18 +316,36 @@ def test_statuses_are_treated_as_stated(tmp_path: Path, forwarder_env: dict[str,
 
 
 @contextmanager
-def forwarder_receive(tmp_path: Path, env: dict[str, str]) -> Iterator[int]:
+def forwarder_receive(tmp_path: Path, env: dict[str, str], *args: str) -> Iterator[int]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log, out = tmp_path / "receive.log", str(tmp_path / "received")
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [FORWARDER, "receive", "--port", str(port), "--bind", "127.0.0.1", "--output", out],
+            [
+                FORWARDER,
+                "receive",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--output",
+                out,
+                *args,
+            ],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=env,
         )
     try:
-        wait_for_port(port, timeout=30, proc=proc)
+        # Wait for its "listening" line rather than probing the port: a probe connection would
+        # count against --max-associations until the receiver notices it closed.
+        def listening() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"forwarder receive exited: {log.read_text(errors='replace')}")
+            return "listening on" in log.read_text(errors="replace")
+
+        wait_until(listening, 30, what="forwarder receive to listen")
         yield port
     finally:
         stop_process(proc, timeout=10)
@@ -385,3 +404,57 @@ def test_receive_accepts_what_the_statement_lists(
         finally:
             assoc.release()
         assert chosen == listed[0]
+
+
+#: The rejections the statement names, as (result, source, reason) of PS3.8 9.3.4.
+_REJECTIONS = {
+    "A-ASSOCIATE-RJ permanent, calling AE title not recognised": (1, 1, 3),
+    "A-ASSOCIATE-RJ permanent, called AE title not recognised": (1, 1, 7),
+    "A-ASSOCIATE-RJ transient, local limit exceeded": (2, 3, 2),
+}
+
+
+def rejection(port: int, calling: str, called: str) -> tuple[int, int, int] | None:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VERIFICATION)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        assoc.release()
+        return None
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    return (rj.result, rj.result_source, rj.diagnostic)
+
+
+def test_receive_association_checks_as_stated(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """The association level checks of 6.2 and the association limit of 3.2.4.2 reject with
+    the result and reason the statement names; an address not allowed gets no PDU at all."""
+    text = doc()
+    checks = {r[0]: r[2] for r in table_rows(section(text, "6.2"), "Check (forwarder receive)")}
+    calling_rj = _REJECTIONS[checks["`--allow-calling-aet AET` (repeatable)"]]
+    called_rj = _REJECTIONS[checks["`--require-called-aet`"]]
+    limit_rj = _REJECTIONS[
+        next(t for t in _REJECTIONS if t in section(text, "3.2.4.2").replace("\n", " "))
+    ]
+    args = ["--allow-calling-aet", "GOOD", "--require-called-aet", "--ae-title", "RECV"]
+    with forwarder_receive(tmp_path / "a", forwarder_env, *args, "--max-associations", "1") as port:
+        assert rejection(port, "BAD", "RECV") == calling_rj
+        assert rejection(port, "GOOD", "ELSEWHERE") == called_rj
+        assert rejection(port, "GOOD", "RECV") is None
+        first = AE(ae_title="GOOD")
+        first.add_requested_context(VERIFICATION)
+        held = first.associate("127.0.0.1", port, ae_title="RECV")
+        try:
+            assert held.is_established
+            assert rejection(port, "GOOD", "RECV") == limit_rj
+        finally:
+            held.release()
+    assert checks["`--allow-host ADDR_OR_CIDR` (repeatable)"] == "connection closed before any PDU"
+    only_elsewhere = ("--allow-host", "192.0.2.1")
+    with (
+        forwarder_receive(tmp_path / "b", forwarder_env, *only_elsewhere) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+    ):
+        assert sock.recv(64) == b""
