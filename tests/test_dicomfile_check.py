@@ -341,3 +341,14 @@ def test_odd_value_lengths_are_accepted_as_dcmtk_accepts_them(tmp_path: Path) ->
     struct.pack_into("<H", data, at + 6, length - 1)
     del data[at + 8 + length - 1]
     assert check_file(write(tmp_path, bytes(data))).transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_scan_file_still_returns_wanted_sop_uids() -> None:
+    path = bundled("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    want = {0x00080018: "SOPInstanceUID", 0x00080016: "SOPClassUID", MODALITY: "Modality"}
+    assert scan_file(path, read_meta(path), want) == {
+        "SOPInstanceUID": ds.SOPInstanceUID,
+        "SOPClassUID": ds.SOPClassUID,
+        "Modality": ds.Modality,
+    }
