@@ -22,6 +22,8 @@ import pydicom and pynetdicom freely.
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import ssl
 import struct
 import sys
@@ -88,7 +90,7 @@ _TREATMENT_LEGEND = [
     ],
     [
         "protocol error",
-        "The response is refused (C-STORE has no such status, PS3.7 9.1.1.1.9): the association "
+        "The response is refused (a C-STORE has no Pending responses, PS3.7): the association "
         "is aborted (A-ABORT) and the file is retried as for 'retried'.",
     ],
 ]
@@ -101,13 +103,11 @@ _TREATMENT_LEGEND = [
 class _Engine:
     """The settings each AE really runs with by default."""
 
-    config: Config
     destination: Destination
     daemon: AssociationSettings
     send: AssociationSettings
     send_associations: int
     echo: AssociationSettings
-    receive_args: argparse.Namespace
     receive_settings: receiver.ReceiverSettings
     receive_ae: Any  # pynetdicom.AE, as forwarder.receiver builds it
     parsers: dict[str, argparse.ArgumentParser]
@@ -143,13 +143,11 @@ def _engine() -> _Engine:
     )
     ae = receiver.Receiver(rsettings)._make_ae()
     return _Engine(
-        config=config,
         destination=destination,
         daemon=association_settings(destination, config),
         send=send.settings,
         send_associations=send.associations,
         echo=echo.settings,
-        receive_args=rargs,
         receive_settings=rsettings,
         receive_ae=ae,
         parsers=parsers,
@@ -900,12 +898,18 @@ def _ae_echo(e: _Engine) -> list[str]:
 
 
 def _receiver_statuses() -> list[list[str]]:
+    """The receiver's ``STATUS_*`` constants, with the comment each carries in its source line
+    (what it is answered for)."""
+    source = inspect.getsource(receiver)
     rows = []
     for name in sorted(n for n in dir(receiver) if n.startswith("STATUS_")):
         code = getattr(receiver, name)
         if isinstance(code, int):
+            line = re.search(rf"^{name} = [^#\n]*(?:#\s*(.*))?$", source, re.MULTILINE)
+            when = line.group(1) if line and line.group(1) else ""
+            when = when or ("the object is stored" if code == 0 else "")
             meaning = _status_meaning(code) or ("Success" if code == 0 else "")
-            rows.append([_hex(code), pool.code_to_category(code), meaning, f"`{name}`"])
+            rows.append([_hex(code), pool.code_to_category(code), meaning, when])
     return sorted(rows)
 
 
@@ -993,13 +997,18 @@ def _ae_receive(e: _Engine) -> list[str]:
         "",
         "The data set is written as received, never decoded and re-encoded, with a Part 10 meta "
         "header; the file appears atomically (written, fsynced, renamed) and only then is "
-        "Success answered. Level of support: Level 2 (Full) for what is kept (every element, "
-        "private ones included, byte for byte); nothing is coerced. Statuses the receiver "
-        "answers (the receiver's `STATUS_*` constants):",
+        "Success answered"
+        + (
+            ", after its whole data set was walked by the same scanner `send` and the daemon use "
+            "(`forwarder.dicomfile.scan_file`)"
+            if hasattr(receiver, "scan_file")
+            else ""
+        )
+        + ". Level of support: Level 2 (Full) for what is kept (every element, private ones "
+        "included, byte for byte); nothing is coerced. Statuses the receiver answers (its "
+        "`STATUS_*` constants; a failure carries an Error Comment):",
         "",
-        *_table(
-            ["Status", "Category", "Meaning", "Name in forwarder.receiver"], _receiver_statuses()
-        ),
+        *_table(["Status", "Category", "Meaning", "Answered when"], _receiver_statuses()),
         "**Timeouts** (pynetdicom's, as the receiver builds its AE):",
         "",
         *_table(
