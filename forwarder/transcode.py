@@ -34,7 +34,7 @@ from forwarder.dicomfile import (
     inflate,
     read_meta,
 )
-from forwarder.errors import InvalidFileError, SendError
+from forwarder.errors import InvalidFileError, SendError, UnreadableFileError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool, context: str 
         raise ValueError(f"can only transcode to an uncompressed syntax, not {target_syntax}")
     try:
         meta = read_meta(path)
+    except UnreadableFileError as exc:  # an I/O error: tried again later, as everywhere
+        raise SendError(f"cannot read {path}: {exc.reason}", retryable=True) from None
     except InvalidFileError as exc:
         raise SendError(
             f"cannot decode {path} for transcoding: {exc.reason}", retryable=False

@@ -368,3 +368,9 @@ def test_a_generated_uid_keeps_its_value(tmp_path: Path) -> None:
     _save(ds, path, BIG)
     got = decode(transcode(str(path), IMPLICIT, allow_lossy=False), IMPLICIT)
     assert got.SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_an_unreadable_file_is_a_retryable_send_error(tmp_path: Path) -> None:
+    with pytest.raises(SendError, match="cannot read") as info:
+        transcode(str(tmp_path / "gone.dcm"), EXPLICIT, allow_lossy=False)
+    assert info.value.retryable
