@@ -394,8 +394,10 @@ class DestinationWorkers:
         return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
     def _spare_unavailable(self, channel: Channel, outcome: SendOutcome, index: int) -> bool:
+        # Whatever the rejection (some peers reject an extra association permanently): while
+        # a sibling's association works, the destination is not down.
         return (
-            outcome.outcome is Outcome.RETRY
+            not outcome.outcome.stored
             and outcome.association is None
             and channel.down is not None
             and any(c.is_open for i, c in self._channels.items() if i != index)

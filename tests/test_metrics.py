@@ -240,3 +240,19 @@ def test_metric_names_follow_prometheus_conventions(metrics: Metrics) -> None:
             assert name.endswith("_bytes_total")
         if "duration" in name or "pending_seconds" in name:
             assert re.search(r"_seconds(_bucket|_sum|_count)?$", name)
+
+
+def test_destination_up_starts_at_1_and_follows_the_workers(metrics: Metrics) -> None:
+    metrics.start_server("127.0.0.1:0")
+    s = _scrape(metrics)
+    assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 1.0
+    metrics.destination_up("pacs", False)
+    s = _scrape(metrics)
+    assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 0.0
+    assert s[("forwarder_destination_up", (("destination", "archive"),))] == 1.0
+    metrics.add_destination("pacs")  # a reload re-adds it: the state is kept
+    s = _scrape(metrics)
+    assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 0.0
+    metrics.destination_up("pacs", True)
+    s = _scrape(metrics)
+    assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 1.0
