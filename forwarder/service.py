@@ -209,6 +209,9 @@ class Service:
         except ForwarderError:
             return "queue unavailable"
         line = f"{counts.get('READY', 0)} pending, {counts.get('CLAIMED', 0)} in flight"
+        down = [name for name, w in self._workers.items() if w.state[0] == "down"]
+        if down:
+            line += f"; DOWN: {', '.join(sorted(down))}"
         if self._last is not None:
             at = time.strftime("%H:%M:%S", time.localtime(self._last.at))
             line += f"; last: {self._last.destination} {self._last.outcome} at {at}"
