@@ -280,16 +280,18 @@ def _decoder_available(uid: str) -> bool:
 
 def _conversion(uid: str) -> str:
     """What happens to a file stored in ``uid`` when the peer accepts only uncompressed."""
-    if uid in dicomfile.UNCOMPRESSED:
-        return "between these two: re-encoded (explicit <-> implicit VR), values unchanged"
-    if uid == dicomfile.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
-        return "inflated (and re-encoded for Implicit VR); values unchanged"
-    if uid == dicomfile.EXPLICIT_VR_BIG_ENDIAN:
-        return (
-            "rewritten element by element, inside sequences too, every binary value swapped "
-            f"by its element size ({_swap_sizes()}); refused, with the element named, where a "
-            "value's size is not known for certain"
-        )
+    if uid in transcode._NATIVE_SOURCES:  # converted by forwarder itself, not through pydicom
+        if uid in dicomfile.UNCOMPRESSED:
+            return "between these two: re-encoded (explicit <-> implicit VR), values unchanged"
+        if uid == dicomfile.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+            return "inflated (and re-encoded for Implicit VR); values unchanged"
+        if uid == dicomfile.EXPLICIT_VR_BIG_ENDIAN:
+            return (
+                "rewritten element by element, inside sequences too, every binary value swapped "
+                f"by its element size ({_swap_sizes()}); refused, with the element named, where "
+                "a value's size is not known for certain"
+            )
+        raise ValueError(f"say how transcode converts {uid}")
     if not _decoder_available(uid):
         return "refused, not retried: no decoder in this installation"
     if uid in transcode.LOSSY_SYNTAXES:
