@@ -191,15 +191,20 @@ BIG_ENDIAN_FILES = [
 
 
 @pytest.mark.skipif(shutil.which("/usr/bin/dcmconv") is None, reason="DCMTK is not installed")
+@pytest.mark.parametrize(("option", "target"), [("+te", EXPLICIT), ("+ti", IMPLICIT)])
 @pytest.mark.parametrize("name", BIG_ENDIAN_FILES)
-def test_big_endian_conversion_agrees_with_dcmtk(tmp_path: Path, name: str) -> None:
-    """DCMTK's dcmconv +te is the oracle: its output and ours hold the same values and pixels."""
+def test_big_endian_conversion_agrees_with_dcmtk(
+    tmp_path: Path, name: str, option: str, target: str
+) -> None:
+    """DCMTK's dcmconv +te/+ti is the oracle: its output and ours hold the same values and
+    pixels."""
     source = get_testdata_file(name)
     assert source is not None
     oracle_path = tmp_path / "dcmconv.dcm"
-    subprocess.run(["/usr/bin/dcmconv", "+te", source, str(oracle_path)], check=True)
+    subprocess.run(["/usr/bin/dcmconv", option, source, str(oracle_path)], check=True)
     oracle = dcmread_quiet(oracle_path)
-    ours = decode(transcode(source, EXPLICIT, allow_lossy=False), EXPLICIT)
+    assert oracle.file_meta.TransferSyntaxUID == target
+    ours = decode(transcode(source, target, allow_lossy=False), target)
     assert differences(oracle, ours, big=False) == []
     assert differences(ours, oracle, big=False) == []
     assert np.array_equal(oracle.pixel_array, ours.pixel_array)
