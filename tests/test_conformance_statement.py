@@ -458,3 +458,27 @@ def test_receive_association_checks_as_stated(
         socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
     ):
         assert sock.recv(64) == b""
+
+
+def test_receive_answers_only_stated_statuses(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """A whole file is answered Success; a truncated one (pydicom's MR_truncated.dcm, sent as it
+    is by ``forwarder send --no-check``) a failure status the statement lists for the receiver."""
+    from pydicom.data import get_testdata_file
+
+    rows = table_rows(section(doc(), "3.2.4.4"), "Status | Category")
+    stated = {int(r[0], 16): r[1] for r in rows}
+    truncated = get_testdata_file("MR_truncated.dcm")
+    assert truncated is not None
+    (tmp_path / "in").mkdir()
+    write_file(tmp_path / "in" / "a-whole.dcm")
+    (tmp_path / "in" / "b-truncated.dcm").write_bytes(Path(truncated).read_bytes())
+    report = tmp_path / "report.json"
+    with forwarder_receive(tmp_path, forwarder_env) as port:
+        args = ("send", "--no-check", "--report", report, f"FORWARDER@127.0.0.1:{port}")
+        result = run_forwarder(*args, tmp_path / "in", env=forwarder_env)
+    assert result.returncode == 1, result.stderr
+    whole, cut = json.loads(report.read_text())["files"]
+    assert whole["status"] == "0x0000" and stated[0x0000] == "Success"
+    assert stated.get(int(cut["status"], 16)) == "Failure", cut
