@@ -324,7 +324,7 @@ def _plan_shapes() -> list[tuple[str, list[str]]]:
         if ts not in shapes.setdefault(shape, []):
             shapes[shape].append(ts)
     rows = []
-    for shape, syntaxes in shapes.items():
+    for shape, syntaxes in sorted(shapes.items(), key=lambda item: len(item[1])):
         offered = [
             f"context {i + 1}: "
             + ", ".join(t if t == "the file's own" else _syntax(t) for t in ctx)
@@ -634,10 +634,10 @@ def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str
         "associations. A file needing a context the open association did not propose makes "
         "the sender release it and negotiate again, proposing the new pair with the old ones.",
         "",
-        "**Proposed Presentation Contexts.** The abstract syntax is the SOP Class UID in the "
-        "file's meta header (any storage SOP class, standard or private; the data set's own "
-        "SOP Class UID must agree). The transfer syntaxes proposed depend on the file's own "
-        "transfer syntax (read from `forwarder.contexts`):",
+        "**Proposed Presentation Contexts.** The abstract syntax is the file's SOP Class UID, "
+        "the data set's own (any storage SOP class, standard or private; a file whose data set "
+        "lacks its own SOP Class or Instance UID is refused with that reason). The transfer "
+        "syntaxes proposed depend on the file's own transfer syntax (from `forwarder.contexts`):",
         "",
         *_table(
             ["File's transfer syntax", "Contexts proposed for its SOP class", "Role", "Ext. neg."],

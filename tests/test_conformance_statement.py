@@ -27,7 +27,12 @@ import pytest
 from conftest import FORWARDER, REPO, wait_until
 from dicomgen import write_file
 from peers import STORESCP, ScriptedSCP, free_port, stop_process, wait_for_port
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
@@ -188,13 +193,14 @@ def planned_contexts(text: str, sop_class: str, syntax: str) -> list[tuple[str, 
     return planned
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
 def test_send_proposes_and_identifies_itself_as_stated(
-    tmp_path: Path, forwarder_env: dict[str, str]
+    tmp_path: Path, forwarder_env: dict[str, str], syntax: str
 ) -> None:
     text = doc()
     policies = section(text, "3.2.2.1")
     path = tmp_path / "ct.dcm"
-    write_file(path, transfer_syntax=ExplicitVRLittleEndian)
+    write_file(path, transfer_syntax=syntax)
     with capturing_scp() as (scp, seen):
         result = run_forwarder("send", f"SCP@127.0.0.1:{scp.port}", path, env=forwarder_env)
         assert result.returncode == 0, result.stderr
@@ -207,7 +213,7 @@ def test_send_proposes_and_identifies_itself_as_stated(
     assert rq["async_ops"] == (1, 1)  # pynetdicom's value when none was proposed
     assert cell(policies, "User Identity (0x58)") == "not sent"
     assert rq["user_identity"] is None
-    assert rq["contexts"] == planned_contexts(text, CTImageStorage, ExplicitVRLittleEndian)
+    assert rq["contexts"] == planned_contexts(text, CTImageStorage, syntax)
 
 
 def test_echo_proposes_and_identifies_itself_as_stated(forwarder_env: dict[str, str]) -> None:
