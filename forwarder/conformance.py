@@ -617,7 +617,7 @@ def _timeouts(settings: AssociationSettings) -> list[list[str]]:
     return [
         ["TCP connect (and TLS handshake)", _seconds(settings.connect_timeout)],
         ["A-ASSOCIATE-AC/RJ after the request", accept],
-        ["each DIMSE response", _seconds(settings.response_timeout)],
+        ["each DIMSE response; progress while sending", _seconds(settings.response_timeout)],
         ["A-RELEASE-RP", _seconds(settings.release_timeout)],
     ]
 
@@ -750,7 +750,7 @@ def _status_section(number: str) -> list[str]:
                     "`send`: exit 3.",
                 ],
                 [
-                    "Response timeout",
+                    "Response timeout, or the peer stops reading while we send",
                     "The association is aborted (A-ABORT); the file is retried.",
                 ],
                 [
