@@ -8,7 +8,9 @@ PDU lengths, garbage, stopping to read).
 
 from __future__ import annotations
 
+import select
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +20,14 @@ from conftest import wait_until
 from dicomgen import make_dataset, write_file, write_files
 from hostile import EXPLICIT, IMPLICIT, Behaviour, CapturingSCP, HostilePeer
 from peers import ScriptedSCP, free_port, orthanc, storescp
+from pki import Pki, make_pki
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, RLELossless
+from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
@@ -53,6 +57,7 @@ from forwarder.sender import (
     AssociationSettings,
     Peer,
 )
+from forwarder.tls import client_context, server_context
 
 SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, release_timeout=5.0)
 UNCOMPRESSED = [EXPLICIT, IMPLICIT]
@@ -726,3 +731,87 @@ def test_junk_file_is_failed_and_the_channel_carries_on(tmp_path: Path) -> None:
     assert [o.outcome for o in outcomes] == [Outcome.STORED, Outcome.FAILED, Outcome.STORED]
     assert outcomes[1].error is not None and "DICM" in outcomes[1].error
     assert channel.associations_opened == 1
+
+
+# -- odd-length data sets, idle associations the peer ends ----------------------------------------
+
+
+def test_an_odd_length_deflated_data_set_is_padded_and_stored_by_dcmtk_and_orthanc(
+    tmp_path: Path,
+) -> None:
+    """image_dfl.dcm's data set is 4,303 bytes: it goes out with one 0x00 (PS3.5 7.1), as DCMTK
+    sends it; storescp aborted with "Odd Fragment Length" on the unpadded stream."""
+    path = Path(get_testdata_file("image_dfl.dcm"))
+    assert read_meta(path).dataset_length % 2 == 1
+    original = dcmread(path)
+    with storescp(tmp_path / "out", extra=["+xa"]) as scp:
+        outcomes = send_all(Channel(Peer("127.0.0.1", scp.port, scp.ae_title), SETTINGS), [path])
+        assert [o.outcome for o in outcomes] == [Outcome.STORED], outcomes
+        (stored,) = wait_until(scp.files, what="storescp to write the file")
+        copy = dcmread(stored)
+    assert np.array_equal(copy.pixel_array, original.pixel_array)
+    assert copy.SOPInstanceUID == original.SOPInstanceUID
+    with orthanc(tmp_path / "orthanc") as peer:
+        outcomes = send_all(Channel(Peer("127.0.0.1", peer.port, peer.ae_title), SETTINGS), [path])
+        assert [o.outcome for o in outcomes] == [Outcome.STORED], outcomes
+        wait_until(lambda: peer.instance_count() == 1, what="Orthanc to index the instance")
+    with CapturingSCP() as capturing:
+        send_all(Channel(peer_of(capturing), SETTINGS), [path])
+        assert capturing.datasets[original.SOPInstanceUID] == file_dataset(path) + b"\x00"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("how", ["release", "abort"])
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_pynetdicom_scp_ending_an_idle_association_costs_the_next_file_nothing(
+    small_files: list[Path], pki: Pki, tls: bool, how: str
+) -> None:
+    """pynetdicom, as acceptor, releases (A-RELEASE-RQ) or aborts an association we keep open
+    between files: it is noticed before the next file, answered (A-RELEASE-RP), and the next
+    file is stored on a new association. A healthy idle association (TLS too: session tickets
+    are no data) is not mistaken for a dead one."""
+    ae = AE(ae_title="SCP")
+    ae.add_supported_context(read_meta(small_files[0]).sop_class_uid, UNCOMPRESSED)
+    server = ae.start_server(
+        ("127.0.0.1", free_port()),
+        block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
+        ssl_context=server_context(pki.server_cert, pki.server_key) if tls else None,
+    )
+    settings = SETTINGS
+    if tls:
+        settings = AssociationSettings(
+            connect_timeout=10.0,
+            response_timeout=10.0,
+            release_timeout=5.0,
+            tls=client_context(pki.ca_cert),
+        )
+    ender: threading.Thread | None = None
+    channel = Channel(Peer("127.0.0.1", server.socket.getsockname()[1], "SCP"), settings)
+    try:
+        (first,) = channel.send([StoreRequest(str(small_files[0]))])
+        assoc = channel._assoc  # the pooled association; no public accessor
+        assert assoc is not None
+        assert not any(assoc.peer_gone() for _ in range(20))
+        (theirs,) = server.active_associations
+        ender = threading.Thread(target=getattr(theirs, how))  # release() waits for our RP
+        ender.start()
+        sock = assoc._sock
+        wait_until(lambda: select.select([sock], [], [], 0)[0], what=f"their {how}")
+        (second,) = channel.send([StoreRequest(str(small_files[1]))])
+        channel.release()
+        ender.join(10)
+        assert not ender.is_alive()
+        if how == "release":
+            assert theirs.is_released and not theirs.is_aborted
+    finally:
+        channel.abort()  # a no-op unless the test failed half-way
+        if ender is not None:
+            ender.join(10)
+        server.shutdown()
+    assert [first.outcome, second.outcome] == [Outcome.STORED, Outcome.STORED]
+    assert channel.associations_opened == 2
