@@ -454,7 +454,7 @@ class DestinationWorkers:
             since = self._state_since
         if state == "down":
             logger.error(
-                "%s: DOWN: %s; next try in %.0fs",
+                "%s: DOWN: %s; next try in %.1fs",
                 self.name,
                 error,
                 pause,
