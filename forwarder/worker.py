@@ -116,6 +116,7 @@ class DestinationWorkers:
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._lock = threading.Lock()
+        self._state_lock = threading.Lock()  # one state change at a time, log and queue alike
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -444,7 +445,12 @@ class DestinationWorkers:
     def _set_state(self, state: str, error: str | None, pause: float = 0.0) -> bool:
         """Record a change of the destination's state: logged once (an error when it goes
         down or its reason changes), exported, and written for ``forwarder status``. Returns
-        False when nothing changed."""
+        False when nothing changed. Serialised, so the queue never keeps an older state than
+        the last one logged."""
+        with self._state_lock:
+            return self._set_state_locked(state, error, pause)
+
+    def _set_state_locked(self, state: str, error: str | None, pause: float) -> bool:
         with self._lock:
             if (state, error) == (self._state, self._state_error):
                 return False
