@@ -12,8 +12,15 @@ per-file work is done on a blocking socket:
   through one reused buffer, so memory stays flat whatever the file size;
 * ``TCP_NODELAY`` is always on, and ``TCP_QUICKACK`` is re-armed after every read, so a peer with
   Nagle's algorithm on (Debian's DCMTK and Orthanc) never stalls on our delayed ACKs;
-* responses are read and matched by Message ID; a stalled peer hits the socket timeout and is
-  aborted.
+* every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.pdu`'s strict
+  decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
+  SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
+  raises :class:`~forwarder.errors.ProtocolError` (the file is retried); a stalled peer hits the
+  socket timeout and is aborted;
+* the peer's maximum PDU is clamped (``pdu.send_pdu_limit``), fragments are even and an odd data
+  set is padded with one 0x00;
+* release collisions are answered (PS3.8 Sta9/Sta11), and an idle association is checked before
+  reuse (:meth:`Association.peer_gone`).
 
 There is no reactor thread, hence no race over who reads the C-STORE-RSP.
 """
