@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from daemon import Daemon, destination, uids
-from peers import ScriptedSCP, free_port
+from peers import ScriptedSCP, free_port, stop_process, wait_for_port
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 STRACE = shutil.which("strace")
@@ -176,4 +176,46 @@ def test_an_io_error_during_a_send_is_an_attempt_and_the_worker_goes_on(tmp_path
         assert "died" not in log
         status: dict[str, Any] = d.status_json()["destinations"]["a"]
         assert (status["done"], status["failed"], status["in_flight"]) == (2, 1, 0)
+        assert d.stop() == 0
+
+
+@contextmanager
+def dcmtk_storescp(port: int, output: Path, *extra: str) -> Iterator[None]:
+    output.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(output), *extra, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield
+    finally:
+        stop_process(proc)
+
+
+def test_dcmtk_refusing_every_association_holds_the_destination_until_it_accepts(
+    tmp_path: Path,
+) -> None:
+    """DCMTK storescp --refuse answers A-ASSOCIATE-RJ rejected-permanent: held, not failed;
+    the same files go once storescp accepts again."""
+    port = free_port()
+    d = Daemon(
+        tmp_path / "d",
+        destinations=[destination("pacs", port, ae_title="STORESCP")],
+        retry={"initial_delay": "100ms", "max_delay": "300ms", "max_attempts": 1},
+        log_level="DEBUG",  # "still down" lines count the tries
+    )
+    with dcmtk_storescp(port, tmp_path / "refused", "--refuse"), d:
+        d.drop_files(2)
+        d.wait_log("pacs: DOWN:", what="pacs held")
+        d.wait_log("pacs: still down", count=3, what="three more rejected tries")
+        assert d.failed_files() == []
+        assert _attempts(d.queue) == [("READY", 0)] * 2
+        assert d.status_json()["destinations"]["pacs"]["state"] == "down"
+    with dcmtk_storescp(port, tmp_path / "stored"):
+        d.start()
+        d.wait_done(2)
+        assert len(list((tmp_path / "stored").iterdir())) == 2
+        assert d.status_json()["destinations"]["pacs"]["state"] == "up"
         assert d.stop() == 0
