@@ -413,7 +413,9 @@ def test_a_permanent_rejection_holds_the_destination_and_charges_nothing(
     assert workers.healthy(), workers.problems()
 
 
-@pytest.mark.parametrize("behaviour", [Behaviour.EMPTY_STATUS, Behaviour.PENDING])
+@pytest.mark.parametrize(
+    "behaviour", [Behaviour.EMPTY_STATUS, Behaviour.PENDING, Behaviour.SHORT_RJ, Behaviour.BAD_AC]
+)
 def test_a_response_that_breaks_ps37_costs_an_attempt_and_the_worker_goes_on(
     rig: Rig, behaviour: Behaviour
 ) -> None:
