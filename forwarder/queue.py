@@ -429,7 +429,9 @@ class Queue:
             self._bump(conn, rows[0][2], done=0, failed=0, error=error, now=_now(now))
 
     def release(self, job_ids: Sequence[int]) -> None:
-        """CLAIMED -> READY without counting an attempt (jobs claimed but not sent at shutdown)."""
+        """CLAIMED -> READY without counting an attempt: jobs claimed but not tried (shutdown,
+        the batch's association failed on an earlier file) or held (the destination rejected
+        the association permanently: no file is at fault)."""
         ids = _unique_ids(job_ids)
         if not ids:
             return
