@@ -17,6 +17,7 @@ an attempt counts as an attempt (retried, "internal error: ..."), and the thread
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -191,9 +192,15 @@ class DestinationWorkers:
                 except Exception:
                     # A bug of ours: the thread must not die of it (its jobs would stay
                     # CLAIMED until a restart). _process has acked what it claimed.
-                    logger.exception("%s: unexpected error in %s; carrying on", self.name, index)
-                    channel.abort()
-                    was_open = self._assoc_delta(channel, was_open)
+                    logger.exception(
+                        "%s: unexpected error in %s; it carries on",
+                        self.name,
+                        threading.current_thread().name,
+                    )
+                    with contextlib.suppress(Exception):  # the socket may be as broken
+                        channel.abort()
+                    with contextlib.suppress(Exception):
+                        was_open = self._assoc_delta(channel, was_open)
                     self._stop.wait(1.0)
         finally:
             channel.release()
@@ -324,7 +331,8 @@ class DestinationWorkers:
                 self.name,
                 exc_info=True,
             )
-            channel.abort()
+            with contextlib.suppress(Exception):
+                channel.abort()
             error = f"internal error: {type(exc).__name__}: {exc}"
             settled = {i for a in acks for i in a.ids} | set(handed_back)
             settled |= {i for ids in done.values() for i in ids}
