@@ -39,7 +39,12 @@ from typing import TYPE_CHECKING
 
 from forwarder.crashpoints import crash_point
 from forwarder.dicomfile import FileMeta
-from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
+from forwarder.errors import (
+    AssociationError,
+    InvalidFileError,
+    ProtocolError,
+    UnreadableFileError,
+)
 from forwarder.pdu import (
     ABORT,
     C_ECHO_RSP,
@@ -302,7 +307,7 @@ class Association:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise InvalidFileError(path, f"cannot open: {exc.strerror}") from None
+            raise UnreadableFileError(path, f"cannot open: {exc.strerror}") from None
         try:
             if os.fstat(fd).st_size != meta.size:
                 raise InvalidFileError(path, "the file changed since its header was read")
@@ -386,7 +391,15 @@ class Association:
             want = min(n, in_file)
             got = 0
             while got < want:
-                r = preadv(fd, [view[pos + 12 + got : pos + 12 + want]], offset)
+                try:
+                    r = preadv(fd, [view[pos + 12 + got : pos + 12 + want]], offset)
+                except OSError as exc:
+                    # EIO and the like: part of the message may be out, so the association
+                    # cannot carry on; nothing is known against the file: tried again later.
+                    self.abort()
+                    raise UnreadableFileError(
+                        path, f"read error while sending: {exc.strerror or exc}"
+                    ) from None
                 offset += r
                 if not r:
                     # The file shrank under us: the message cannot be completed on this association.

@@ -8,15 +8,18 @@ PDU lengths, garbage, stopping to read).
 
 from __future__ import annotations
 
+import json
 import select
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import FORWARDER, wait_until
 from dicomgen import make_dataset, write_file, write_files
 from hostile import EXPLICIT, IMPLICIT, Behaviour, CapturingSCP, HostilePeer
 from peers import ScriptedSCP, free_port, orthanc, storescp
@@ -815,3 +818,28 @@ def test_a_pynetdicom_scp_ending_an_idle_association_costs_the_next_file_nothing
         server.shutdown()
     assert [first.outcome, second.outcome] == [Outcome.STORED, Outcome.STORED]
     assert channel.associations_opened == 2
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to inject EIO")
+def test_a_read_error_mid_send_aborts_and_is_retried(tmp_path: Path) -> None:
+    """EIO from the disk while the data set streams (strace injects it into preadv): the
+    message is cut, so the association is aborted; the file is not stored, and it is a read
+    error (retried later), not a fault of the file."""
+    path = gen(tmp_path / "a.dcm", rows=64, columns=64)
+    report = tmp_path / "report.json"
+    with HostilePeer() as peer:
+        strace = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=preadv,preadv2"]
+        inject = ["-e", "inject=preadv,preadv2:error=EIO"]
+        target = f"SCP@127.0.0.1:{peer.port}"
+        done = subprocess.run(
+            [*strace, *inject, FORWARDER, "send", "--report", str(report), target, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        wait_until(peer.aborted.is_set, timeout=5, what="our A-ABORT")
+        assert peer.datasets == []
+    assert done.returncode == 1, done.stderr
+    (record,) = json.loads(report.read_text())["files"]
+    assert record["outcome"] == "retry"
+    assert record["error"] == "read error while sending: Input/output error"
