@@ -5,7 +5,14 @@ object lands as ``output/<StudyInstanceUID>/<SOPInstanceUID>.dcm`` (Part 10, the
 received, never decoded and re-encoded) and appears atomically: it is written and fsynced
 elsewhere, then renamed into place, so a daemon watching ``output`` never sees half a file.
 UIDs are sanitised so that nothing a peer sends can name a path outside ``output``, and no
-symlink inside ``output`` is followed.
+symlink inside ``output`` is followed. An object whose data set has no Study Instance UID lands
+as ``output/no-study-uid/<SOPInstanceUID>.dcm``, so a resend replaces it.
+
+Success is answered only for an object whose whole data set was walked by the shared scanner
+(:func:`forwarder.dicomfile.scan_file`) and whose own SOP Class and Instance UIDs are the ones
+the C-STORE request names, sent on a presentation context negotiated for that SOP Class. Any
+other object gets a failure status with an Error Comment (0000,0902) saying why, and is deleted,
+never placed under ``output``: the sender still holds it and has been told it was not stored.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import (
     AE,
@@ -39,13 +46,16 @@ from pynetdicom import (
     _config,
     evt,
 )
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from forwarder.errors import ForwarderError
+from forwarder.dicomfile import FileMeta, scan_file
+from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.tls import describe_tls_error
 
 logger = logging.getLogger(__name__)
@@ -53,8 +63,14 @@ logger = logging.getLogger(__name__)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 STATUS_SUCCESS = 0x0000
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # the C-STORE names a SOP Class its context is not for
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, write failed, object too big: the sender may retry
-STATUS_CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
+STATUS_DATA_SET_MISMATCH = 0xA900  # the data set's own SOP Class/Instance UID is not the request's
+STATUS_CANNOT_UNDERSTAND = 0xC000  # the data set could not be parsed to its end
+
+#: The folder for objects whose data set has no Study Instance UID (not a UID, so it cannot
+#: clash with one; fixed, so a resend replaces the object instead of adding a copy).
+NO_STUDY_FOLDER = "no-study-uid"
 
 # When a requestor offers several transfer syntaxes in one presentation context, pynetdicom picks
 # the first of *ours* that it offers. Keep what the sender has where that loses nothing:
@@ -82,8 +98,14 @@ _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _MAX_UID_LENGTH = 64
 _HANDSHAKE_TIMEOUT = 30.0
 _JOIN_TIMEOUT = 10.0
-_STUDY_UID = 0x0020000D
+_SOP_CLASS_UID = 0x00080016
 _SOP_INSTANCE_UID = 0x00080018
+_STUDY_UID = 0x0020000D
+# What the one walk over a received data set collects (top level, all UI).
+_WANTED = {_SOP_CLASS_UID: "SOPClassUID", _SOP_INSTANCE_UID: "SOPInstanceUID"}
+_WANTED[_STUDY_UID] = "StudyInstanceUID"
+_WANTED_VRS = dict.fromkeys(_WANTED, "UI")
+_MAX_COMMENT = 64  # Error Comment is an LO
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +168,83 @@ def safe_uid_name(value: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Incoming:
-    """What the C-STORE request says about the object being stored."""
+    """What the C-STORE request and its presentation context say about the object."""
 
     calling: str  # the peer's AE title
     sop_uid: str  # Affected SOP Instance UID, as sent (untrusted)
+    sop_class: str  # Affected SOP Class UID, as sent (untrusted)
+    context_class: str  # the abstract syntax negotiated for the presentation context
+    context_id: int
     transfer_syntax: UID
 
     @property
     def shown_uid(self) -> str:
         return _shown(self.sop_uid)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """The status of a C-STORE-RSP, and the Error Comment that says why it is not Success."""
+
+    status: int
+    comment: str | None = None
+
+    def response(self) -> int | Dataset:
+        if self.comment is None:
+            return self.status
+        rsp = Dataset()
+        rsp.Status = self.status
+        comment = self.comment.encode("ascii", "replace").decode()
+        if len(comment) > _MAX_COMMENT:
+            comment = comment[: _MAX_COMMENT - 3] + "..."
+        rsp.ErrorComment = comment
+        return rsp
+
+
+class _StoreAssociation(Association):
+    """pynetdicom's acceptor with one change: a C-STORE request always goes to the Storage
+    service, whatever SOP Class UID it names.
+
+    pynetdicom picks the service class from the request's Affected SOP Class UID, so a C-STORE
+    naming an unknown SOP Class aborted the association, and one naming Verification was
+    answered as a C-ECHO. Here every C-STORE reaches our handler, which answers a failure
+    status (0x0122) when its SOP Class is not the one negotiated for its presentation context;
+    the association carries on, as with DCMTK's storescp. Everything else, and every request
+    pynetdicom would not serve (during release, invalid, on a context not accepted), is left to
+    pynetdicom.
+    """
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        context = self._accepted_cx.get(context_id)
+        if (
+            not isinstance(msg, C_STORE)
+            or context is None
+            or self._sent_release
+            or not msg.is_valid_request
+        ):
+            super()._serve_request(msg, context_id)
+            return
+        # What pynetdicom's _serve_request does once it has chosen the service class.
+        try:
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            StorageServiceClass(self).SCP(msg, context)
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+        except Exception:
+            logger.exception("serving a C-STORE request failed; aborting the association")
+            self.abort()
+
+
+class _RequestHandler(RequestHandler):
+    """pynetdicom's request handler, making :class:`_StoreAssociation` acceptors."""
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # Made and configured by pynetdicom (sockets, handlers, contexts); the subclass adds
+        # no state, only the routing above.
+        assoc.__class__ = _StoreAssociation
+        return assoc
 
 
 class _Server(ThreadedAssociationServer):
@@ -292,6 +382,7 @@ class Receiver:
                 evt_handlers=self._handlers(),
                 server_class=_Server,
                 allowed_networks=self._settings.allowed_networks,
+                request_handler=_RequestHandler,
             )
         except OSError as exc:
             raise ForwarderError(
@@ -331,7 +422,7 @@ class Receiver:
                 # An acceptor still waiting for its A-ASSOCIATE-RQ (a peer that connected and
                 # went quiet, or closed) only wakes after the ACSE timeout; None is what its
                 # queue yields on that timeout, so hand it over now.
-                assoc.dul.to_user_queue.put(None)
+                cast(Any, assoc.dul.to_user_queue).put(None)
         for assoc in associations:
             assoc.join(_JOIN_TIMEOUT)
             if assoc.is_alive():
@@ -406,21 +497,38 @@ class Receiver:
             why,
         )
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
+        request = cast(C_STORE, event.request)
+        context = event.context
         incoming = _Incoming(
             calling=event.assoc.requestor.ae_title,
-            sop_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
-            transfer_syntax=UID(event.context.transfer_syntax),
+            sop_uid=str(request.AffectedSOPInstanceUID or ""),
+            sop_class=str(request.AffectedSOPClassUID or ""),
+            context_class=str(context.abstract_syntax),
+            context_id=int(context.context_id),
+            transfer_syntax=UID(context.transfer_syntax),
         )
         try:
-            return self._store(event, incoming)
+            answer = self._store(event, incoming)
         except Exception:
             logger.exception(
                 "storing SOP Instance %s from %s failed", incoming.shown_uid, incoming.calling
             )
-            return STATUS_CANNOT_UNDERSTAND
+            answer = _Answer(STATUS_CANNOT_UNDERSTAND, "internal error in the receiver")
+        return answer.response()
 
-    def _store(self, event: Event, incoming: _Incoming) -> int:
+    def _store(self, event: Event, incoming: _Incoming) -> _Answer:
+        if _unpadded(incoming.sop_class) != _unpadded(incoming.context_class):
+            # PS3.7 9.1.1.1 / PS3.8 7.1.1.13: a request's SOP Class is the abstract syntax of
+            # the presentation context it is sent on. Nothing is read; the association goes on.
+            return self._refuse(
+                incoming,
+                STATUS_SOP_CLASS_NOT_SUPPORTED,
+                "SOP Class not negotiated on this presentation context",
+                f"the request names SOP Class {_shown(incoming.sop_class)} on presentation "
+                f"context {incoming.context_id}, negotiated for "
+                f"{_shown(incoming.context_class)}",
+            )
         try:
             source, owned = self._materialise(event)
         except OSError as exc:
@@ -432,13 +540,26 @@ class Receiver:
                 exc.strerror or exc,
                 STATUS_OUT_OF_RESOURCES,
             )
-            return STATUS_OUT_OF_RESOURCES
+            return _Answer(STATUS_OUT_OF_RESOURCES, "cannot buffer the object")
         try:
             return self._store_file(source, incoming)
         finally:
+            # An object we did not place is not kept anywhere (pynetdicom deletes its own
+            # temporary file in streamed mode; a placed file has been renamed away).
             if owned:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(source)
+
+    def _refuse(self, incoming: _Incoming, status: int, comment: str, detail: str) -> _Answer:
+        logger.warning(
+            "refused SOP Instance %s from %s (%s): %s; answering 0x%04X",
+            incoming.shown_uid,
+            incoming.calling,
+            incoming.transfer_syntax.name,
+            detail,
+            status,
+        )
+        return _Answer(status, comment)
 
     def _materialise(self, event: Event) -> tuple[Path, bool]:
         """The received object as a Part 10 file, and whether we must delete it afterwards.
@@ -465,56 +586,82 @@ class Receiver:
             raise
         return part, True
 
-    def _store_file(self, source: Path, incoming: _Incoming) -> int:
-        shown, calling = incoming.shown_uid, incoming.calling
+    def _check(self, source: Path, size: int, incoming: _Incoming) -> tuple[str, _Answer | None]:
+        """Walk the whole received data set once: the Study Instance UID it holds ("" when
+        none), and the refusal to answer when it is broken or is not what the request says."""
         try:
-            header = dcmread(
-                source,
-                stop_before_pixels=True,
-                specific_tags=[_STUDY_UID, _SOP_INSTANCE_UID],
+            meta = FileMeta(
+                sop_class_uid=incoming.sop_class,
+                sop_instance_uid=incoming.sop_uid,
+                transfer_syntax=str(incoming.transfer_syntax),
+                dataset_offset=_dataset_offset(source),
+                size=size,
             )
-            study_value = str(header.get(_STUDY_UID).value) if _STUDY_UID in header else ""
-            sop_value = (
-                str(header.get(_SOP_INSTANCE_UID).value) if _SOP_INSTANCE_UID in header else ""
+            found = scan_file(source, meta, _WANTED, _WANTED_VRS)
+        except UnreadableFileError as exc:  # our own temporary file: not the sender's fault
+            logger.error(
+                "cannot read back SOP Instance %s from %s: %s; answering 0x%04X",
+                incoming.shown_uid,
+                incoming.calling,
+                exc.reason,
+                STATUS_OUT_OF_RESOURCES,
             )
-        except Exception as exc:
-            logger.warning(
-                "cannot parse SOP Instance %s from %s (%s): %s; answering 0x%04X",
-                shown,
-                calling,
-                incoming.transfer_syntax.name,
-                exc,
-                STATUS_CANNOT_UNDERSTAND,
+            return "", _Answer(STATUS_OUT_OF_RESOURCES, "cannot read back the object")
+        except InvalidFileError as exc:
+            return "", self._refuse(
+                incoming, STATUS_CANNOT_UNDERSTAND, exc.reason, f"cannot parse: {exc.reason}"
             )
-            return STATUS_CANNOT_UNDERSTAND
-        if sop_value and sop_value.strip(" \x00") != incoming.sop_uid.strip(" \x00"):
-            logger.warning(
-                "SOP Instance UID in the dataset (%s) differs from the C-STORE request's (%s); "
-                "naming the file after the dataset's",
-                _shown(sop_value),
-                shown,
+        sop_class = _unpadded(found.get("SOPClassUID", ""))
+        sop_instance = _unpadded(found.get("SOPInstanceUID", ""))
+        for value, keyword, tag in (
+            (sop_class, "SOPClassUID", "(0008,0016)"),
+            (sop_instance, "SOPInstanceUID", "(0008,0018)"),
+        ):
+            if not value:
+                comment = f"the data set has no {keyword} {tag}"
+                return "", self._refuse(incoming, STATUS_CANNOT_UNDERSTAND, comment, comment)
+        if sop_class != _unpadded(incoming.sop_class):
+            return "", self._refuse(
+                incoming,
+                STATUS_DATA_SET_MISMATCH,
+                "SOP Class UID of the data set differs from the request's",
+                f"the data set's SOP Class UID {_shown(sop_class)} is not the request's "
+                f"{_shown(incoming.sop_class)}",
             )
-        study = safe_uid_name(study_value)
-        name = safe_uid_name(sop_value or incoming.sop_uid) + ".dcm"
-        target = self._output / study / name
+        if sop_instance != _unpadded(incoming.sop_uid):
+            return "", self._refuse(
+                incoming,
+                STATUS_DATA_SET_MISMATCH,
+                "SOP Instance UID of the data set differs from the request's",
+                f"the data set's SOP Instance UID {_shown(sop_instance)} is not the request's",
+            )
+        return _unpadded(found.get("StudyInstanceUID", "")), None
+
+    def _store_file(self, source: Path, incoming: _Incoming) -> _Answer:
+        shown, calling = incoming.shown_uid, incoming.calling
         try:
             size = os.stat(source).st_size
         except OSError as exc:
             logger.error("received SOP Instance %s vanished: %s", shown, exc)
-            return STATUS_OUT_OF_RESOURCES
+            return _Answer(STATUS_OUT_OF_RESOURCES, "the received object vanished")
         limit = self._settings.max_object_size
         if limit is not None and size > limit:
             logger.warning(
-                "refused SOP Instance %s from %s for %s: %d bytes exceed the %d-byte limit; "
+                "refused SOP Instance %s from %s: %d bytes exceed the %d-byte limit; "
                 "answering 0x%04X",
                 shown,
                 calling,
-                target,
                 size,
                 limit,
                 STATUS_OUT_OF_RESOURCES,
             )
-            return STATUS_OUT_OF_RESOURCES
+            return _Answer(STATUS_OUT_OF_RESOURCES, f"larger than the {limit}-byte limit")
+        study_value, refusal = self._check(source, size, incoming)
+        if refusal is not None:
+            return refusal
+        study = safe_uid_name(study_value) if study_value else NO_STUDY_FOLDER
+        name = safe_uid_name(incoming.sop_uid) + ".dcm"
+        target = self._output / study / name
         try:
             self._place(source, study, name)
         except OSError as exc:
@@ -534,7 +681,7 @@ class Receiver:
                 exc.strerror or exc,
                 STATUS_OUT_OF_RESOURCES,
             )
-            return STATUS_OUT_OF_RESOURCES
+            return _Answer(STATUS_OUT_OF_RESOURCES, f"cannot store: {reason}")
         with self._lock:
             self._received += 1
         logger.info(
@@ -545,7 +692,7 @@ class Receiver:
             incoming.transfer_syntax.name,
             size,
         )
-        return STATUS_SUCCESS
+        return _Answer(STATUS_SUCCESS)
 
     # -- atomic placement ------------------------------------------------------------------------
 
@@ -615,6 +762,24 @@ class Receiver:
             with contextlib.suppress(OSError):
                 os.unlink(part, dir_fd=study_fd)
             raise
+
+
+def _unpadded(uid: str) -> str:
+    return uid.strip(" \x00")
+
+
+def _dataset_offset(path: Path) -> int:
+    """Where the data set starts in a Part 10 file we wrote (or pynetdicom wrote): after the
+    preamble, 'DICM' and the file meta group, whose group length (0002,0000) comes first."""
+    with open(path, "rb") as fh:
+        head = fh.read(144)
+    if (
+        len(head) < 144
+        or head[128:136] != b"DICM\x02\x00\x00\x00"
+        or head[136:140] != b"UL\x04\x00"
+    ):
+        raise InvalidFileError(os.fspath(path), "the file meta group has no group length first")
+    return 144 + int.from_bytes(head[140:144], "little")
 
 
 def _shown(uid: str) -> str:

@@ -62,7 +62,11 @@ def add_parser(subparsers: Any) -> None:
         help="a Storage SCP that writes what it receives under DIR",
         description=(
             "Accept C-STORE (and C-ECHO) and write each object as DIR/<StudyInstanceUID>/"
-            "<SOPInstanceUID>.dcm, atomically. Runs until SIGTERM or SIGINT."
+            "<SOPInstanceUID>.dcm (DIR/no-study-uid/<SOPInstanceUID>.dcm without a Study "
+            "Instance UID), atomically. Success is answered only once the whole data set has "
+            "been parsed and its SOP Class/Instance UIDs match the request's; anything else is "
+            "answered with a failure status and an error comment, and not kept. Runs until "
+            "SIGTERM or SIGINT."
         ),
     )
     p.add_argument("--port", type=_port, required=True, help="TCP port (0 = any free port)")
