@@ -194,7 +194,8 @@ class _Answer:
             return self.status
         rsp = Dataset()
         rsp.Status = self.status
-        comment = self.comment.encode("ascii", "replace").decode()
+        # LO: printable ASCII without backslash (a value delimiter), at most 64 characters.
+        comment = "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in self.comment)
         if len(comment) > _MAX_COMMENT:
             comment = comment[: _MAX_COMMENT - 3] + "..."
         rsp.ErrorComment = comment

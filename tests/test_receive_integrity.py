@@ -154,7 +154,7 @@ def assert_failure(rsp: C_STORE, low: int, high: int, comment: str) -> None:
     status = int(rsp.Status)
     assert low <= status <= high, f"status 0x{status:04X}, comment {rsp.ErrorComment!r}"
     assert rsp.ErrorComment is not None and comment in str(rsp.ErrorComment), rsp.ErrorComment
-    assert len(str(rsp.ErrorComment)) <= 64  # an LO
+    assert isinstance(rsp.ErrorComment, str) and len(rsp.ErrorComment) <= 64  # one LO value
 
 
 def assert_same_object(received_path: Path, source: Path) -> None:
