@@ -13,6 +13,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 STORESCP = "/usr/bin/storescp"  # not .venv/bin/storescp, which is pynetdicom's
 STORESCU = "/usr/bin/storescu"
+DCMSEND = "/usr/bin/dcmsend"
 
 
 def free_port() -> int:
@@ -183,10 +185,55 @@ class OrthancPeer:
         ) as r:
             return int(json.load(r)["CountInstances"])
 
+    def rest(self, method: str, path: str, body: Any = None, timeout: float = 30) -> bytes:
+        """One REST call (``GET /instances``...); raises urllib's HTTPError on a 4xx/5xx."""
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=data.encode() if isinstance(data, str) else data,
+            method=method,
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return bytes(r.read())
+
+    def instances(self) -> list[str]:
+        """Orthanc's ids of every instance it holds."""
+        return [str(i) for i in json.loads(self.rest("GET", "/instances"))]
+
+    def instance_file(self, instance_id: str) -> bytes:
+        """The DICOM file Orthanc stored for ``instance_id`` (as received, with its meta)."""
+        return self.rest("GET", f"/instances/{instance_id}/file")
+
+    def take_all(self, into: Path) -> list[Path]:
+        """Download every instance into ``into`` (``<id>.dcm``), then delete it from Orthanc."""
+        into.mkdir(parents=True, exist_ok=True)
+        out = []
+        for iid in self.instances():
+            path = into / f"{iid}.dcm"
+            path.write_bytes(self.instance_file(iid))
+            self.rest("DELETE", f"/instances/{iid}")
+            out.append(path)
+        return out
+
+    def add_modality(self, name: str, ae_title: str, port: int, host: str = "127.0.0.1") -> None:
+        """Declare a DICOM peer Orthanc can push to (``POST /modalities/NAME/store``)."""
+        self.rest("PUT", f"/modalities/{name}", {"AET": ae_title, "Host": host, "Port": port})
+
+    def push(self, modality: str, instance_id: str) -> tuple[bool, str]:
+        """C-STORE one instance to ``modality``; (True, "") or (False, Orthanc's error)."""
+        try:
+            self.rest("POST", f"/modalities/{modality}/store", instance_id)
+        except urllib.error.HTTPError as exc:
+            return False, f"HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:300]}"
+        return True, ""
+
 
 @contextmanager
-def orthanc(folder: Path, *, ae_title: str = "ORTHANC") -> Iterator[OrthancPeer]:
-    """Orthanc (Debian's, Nagle on as shipped) with its storage in ``folder``."""
+def orthanc(
+    folder: Path, *, ae_title: str = "ORTHANC", extra: dict[str, Any] | None = None
+) -> Iterator[OrthancPeer]:
+    """Orthanc (Debian's, Nagle on as shipped) with its storage in ``folder``; ``extra`` adds
+    or overrides configuration keys."""
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     folder.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
@@ -203,6 +250,7 @@ def orthanc(folder: Path, *, ae_title: str = "ORTHANC") -> Iterator[OrthancPeer]
         "DicomCheckCalledAet": False,
         "Plugins": [],
         "StableAge": 1,
+        **(extra or {}),
     }
     cfg = folder / "orthanc.json"
     cfg.write_text(json.dumps(config))
@@ -212,6 +260,53 @@ def orthanc(folder: Path, *, ae_title: str = "ORTHANC") -> Iterator[OrthancPeer]
         wait_for_port(port, timeout=30, proc=proc)
         wait_for_port(http_port, timeout=30, proc=proc)
         yield OrthancPeer(port, http_port, ae_title, proc)
+    finally:
+        stop_process(proc, timeout=15)
+        log.close()
+
+
+@dataclass
+class ForwarderReceive:
+    """``forwarder receive`` as a subprocess (the product's own Storage SCP)."""
+
+    port: int
+    output: Path
+    ae_title: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def files(self) -> list[Path]:
+        """Every file under ``output`` (temporary and hidden names included)."""
+        return sorted(p for p in self.output.rglob("*") if p.is_file())
+
+
+@contextmanager
+def forwarder_receive(
+    output: Path,
+    *,
+    ae_title: str = "FWDRECV",
+    extra: list[str] | None = None,
+    command: list[str] | None = None,
+) -> Iterator[ForwarderReceive]:
+    """``forwarder receive`` on a free 127.0.0.1 port writing under ``output``; its log (stdout
+    and stderr, ``-v``: one line per object) in ``output``'s sibling ``<name>.log``.
+    ``command`` replaces the repository's ``.venv/bin/forwarder`` (run in ``output``'s parent)."""
+    repo = Path(__file__).resolve().parent.parent
+    output.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = output.with_name(f"{output.name}.log")
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    exe = command or [str(repo / ".venv" / "bin" / "forwarder")]
+    cmd = [
+        *exe, "receive", "-v", "--bind", "127.0.0.1", "--port", str(port),
+        "--output", str(output), "--ae-title", ae_title, *(extra or []),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=output.parent)
+    try:
+        wait_for_port(port, timeout=30, proc=proc)
+        yield ForwarderReceive(port, output, ae_title, proc, log_path)
     finally:
         stop_process(proc, timeout=15)
         log.close()
