@@ -47,6 +47,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
@@ -212,8 +213,17 @@ class _StoreAssociation(Association):
     status (0x0122) when its SOP Class is not the one negotiated for its presentation context;
     the association carries on, as with DCMTK's storescp. Everything else, and every request
     pynetdicom would not serve (during release, invalid, on a context not accepted), is left to
-    pynetdicom.
+    pynetdicom. And when the association ends in the middle of a streamed data set, the
+    partial temporary file is deleted.
     """
+
+    def _run_reactor(self) -> None:
+        try:
+            super()._run_reactor()
+        finally:
+            # The association ended (aborted, dropped) in the middle of a data set: its
+            # temporary file would otherwise stay in $TMPDIR for good.
+            _discard_partial(self.dimse.message)
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         context = self._accepted_cx.get(context_id)
@@ -237,14 +247,52 @@ class _StoreAssociation(Association):
             self.abort()
 
 
+class _GuardedDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, except that a message it cannot decode aborts the
+    association, as pynetdicom does for other invalid DIMSE messages.
+
+    Streaming a C-STORE data set to a file, pynetdicom reads the command set's UIDs and the
+    presentation context unchecked, so a C-STORE-RQ without its Affected SOP Instance UID, or
+    on a context that was not accepted, raised in the thread reading the socket: that thread
+    died and the peer waited for an answer until its own timeout. Here the peer gets an
+    A-ABORT at once and the partial temporary file is deleted.
+    """
+
+    def receive_primitive(self, primitive: Any) -> None:
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:
+            message, self.message = self.message, None
+            _discard_partial(message)
+            logger.warning(
+                "invalid DIMSE message from %s (%s: %s); aborting the association",
+                self.assoc.requestor.ae_title or self.assoc.requestor.address,
+                type(exc).__name__,
+                exc,
+            )
+            self.dul.event_queue.put("Evt19")  # an invalid PDU: A-ABORT (PS3.8 9.2, AA-8)
+
+
+def _discard_partial(message: Any) -> None:
+    """Delete the temporary file of a data set pynetdicom was streaming, if any (pynetdicom
+    creates it with delete=False and removes it only once the C-STORE was handled)."""
+    partial = getattr(message, "_data_set_file", None)
+    if partial is not None:
+        with contextlib.suppress(OSError):
+            partial.close()
+        with contextlib.suppress(OSError):
+            os.unlink(partial.name)
+
+
 class _RequestHandler(RequestHandler):
     """pynetdicom's request handler, making :class:`_StoreAssociation` acceptors."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        # Made and configured by pynetdicom (sockets, handlers, contexts); the subclass adds
-        # no state, only the routing above.
+        # Made and configured by pynetdicom (sockets, handlers, contexts); the subclasses add
+        # no state, only the routing and the guard above.
         assoc.__class__ = _StoreAssociation
+        assoc.dimse.__class__ = _GuardedDIMSE
         return assoc
 
 

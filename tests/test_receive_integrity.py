@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from test_receive import (
     ReceiverProcess,
@@ -456,3 +457,80 @@ def test_orthanc_pushes_arrive_equal(tmp_path: Path) -> None:
         for source in files:
             assert_same_object(stored_path(proc.output, source), source)
         assert "refused" not in proc.log_text()
+
+
+# -- malformed requests: an A-ABORT at once, nothing kept, the next association served ----------
+
+
+@pytest.mark.parametrize("fault", ["context not accepted", "no Affected SOP Instance UID"])
+def test_malformed_c_store_is_aborted_at_once_and_leaves_nothing(
+    tmp_path: Path, fault: str
+) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": os.fspath(tmpdir)}
+    ds = make_dataset(rows=8, columns=8, seed=6)
+    with run_receiver(tmp_path / "r", env=env) as proc:
+        assoc = open_association(proc.port, (CT, EXPLICIT_LE))
+        try:
+            req = C_STORE()
+            req.MessageID = 1
+            req.AffectedSOPClassUID = CT
+            req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+            req.Priority = 2
+            req.DataSet = BytesIO(dataset_bytes_of(ds))
+            context_id = assoc.accepted_contexts[0].context_id
+            if fault == "context not accepted":
+                context_id += 2
+            else:
+                req.AffectedSOPInstanceUID = None
+            assoc.dimse.send_msg(req, context_id)
+            # An A-ABORT (before: the receiver's reading thread died, then the connection).
+            wait_until(lambda: assoc.is_aborted, 10, "the receiver to abort the association")
+        finally:
+            finish(assoc)
+        assert dcm_files(proc.output) == []
+        # The partial temporary file is gone (before, it was left behind).
+        wait_until(lambda: list(tmpdir.iterdir()) == [], 10, "the temporary file to go")
+        wait_until(lambda: "invalid DIMSE message from SCU" in proc.log_text(), 10, "the log")
+        # The receiver goes on serving.
+        assoc = open_association(proc.port, (CT, EXPLICIT_LE))
+        try:
+            rsp = raw_store(
+                assoc,
+                dataset_bytes_of(ds),
+                context_class=CT,
+                sop_class=CT,
+                sop_instance=ds.SOPInstanceUID,
+            )
+            assert rsp.Status == 0x0000
+        finally:
+            finish(assoc)
+
+
+def test_association_aborted_mid_data_set_leaves_no_temporary_file(tmp_path: Path) -> None:
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": os.fspath(tmpdir)}
+    ds = make_dataset(rows=512, columns=512, seed=7)  # 512 KiB: several P-DATA PDUs
+    with run_receiver(tmp_path / "r", env=env) as proc:
+        assoc = open_association(proc.port, (CT, EXPLICIT_LE))
+        try:
+            req = C_STORE()
+            req.MessageID = 1
+            req.AffectedSOPClassUID = CT
+            req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+            req.Priority = 2
+            req.DataSet = BytesIO(dataset_bytes_of(ds))
+            message = C_STORE_RQ()
+            message.primitive_to_message(req)
+            pdus = message.encode_msg(assoc.accepted_contexts[0].context_id, 65536)
+            for _ in range(3):  # the command set and the first data set fragments only
+                assoc.dul.send_pdu(next(pdus))
+            wait_until(lambda: list(tmpdir.iterdir()), 10, "the receiver to start a file")
+            assoc.abort()
+        finally:
+            finish(assoc)
+        wait_until(lambda: list(tmpdir.iterdir()) == [], 10, "the partial file to be deleted")
+        assert dcm_files(proc.output) == []
+        assert "aborted" in proc.log_text()
