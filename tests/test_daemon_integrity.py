@@ -148,10 +148,11 @@ def failing_reads(pid: int, log: Path) -> Iterator[None]:
 
 
 @pytest.mark.skipif(STRACE is None, reason="needs strace")
-def test_an_io_error_during_a_send_is_an_attempt_and_the_worker_goes_on(tmp_path: Path) -> None:
+def test_a_read_error_during_a_send_is_an_attempt_and_the_worker_goes_on(tmp_path: Path) -> None:
     """EIO from the data set read escaped the engine as a bare OSError: the worker thread
     died, its jobs stayed CLAIMED until a restart, and recover() handed them back without an
-    attempt, so a file that always fails was resent forever."""
+    attempt, so a file that always fails was resent forever. Now it is retried as a read error
+    is at ingest, each try an attempt, until max_attempts."""
     with (
         ScriptedSCP() as scp,
         Daemon(
@@ -164,18 +165,82 @@ def test_an_io_error_during_a_send_is_an_attempt_and_the_worker_goes_on(tmp_path
             d.drop_files(1, prefix="bad")
             d.wait_failed(1, timeout=30)
         error = str(d.error_json("bad0000.dcm"))
-        assert "gave up after 3 attempts" in error and "internal error" in error, error
-        assert "Input/output error" in error, error
+        assert "gave up after 3 attempts" in error and "Input/output error" in error, error
         assert scp.uids() == set()
         # The same worker thread sends the next files.
         dropped = d.drop_files(2, prefix="good")
         d.wait_done(2)
         assert scp.uids() == uids(dropped)
-        log = d.log_text()
-        assert log.count("Traceback") == 1, log  # the traceback once, not per attempt
-        assert "died" not in log
+        assert "died" not in d.log_text()
         status: dict[str, Any] = d.status_json()["destinations"]["a"]
         assert (status["done"], status["failed"], status["in_flight"]) == (2, 1, 0)
+        assert d.stop() == 0
+
+
+@contextmanager
+def failing_store_close(pid: int, path: Path, log: Path) -> Iterator[None]:
+    """While the block runs, every second close() of ``path`` in each thread of ``pid`` fails
+    with EIO. strace counts per thread: in the worker's, each attempt closes the file twice,
+    after reading its meta header (let through) and after streaming it (fails). That OSError
+    is translated by nobody: the safety net's real trigger."""
+    assert STRACE is not None
+    tracer = subprocess.Popen(
+        [
+            *(STRACE, "-f", "-qq", "-p", str(pid), "-o", str(log), "-P", str(path)),
+            *("-e", "trace=close", "-e", "inject=close:error=EIO:when=2+2"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_traced(pid, tracer)
+        yield
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        try:
+            tracer.wait(10)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait(5)
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace")
+def test_an_unexpected_exception_in_an_attempt_is_an_attempt_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    """An exception the engine does not translate (here OSError from close() after the data
+    set went out) used to kill the worker thread. It is an attempt ("internal error: ..."),
+    the association is aborted, the traceback is logged once, the thread carries on."""
+    port = free_port()
+    d = Daemon(
+        tmp_path / "d",
+        destinations=[destination("a", port)],
+        # long pauses: the peer starts and strace attaches while the worker waits out its
+        # first (refused) try, so that strace counts from the start of an attempt
+        retry={"initial_delay": "4s", "max_delay": "4s", "max_attempts": 3},
+    )
+    out = tmp_path / "stored"
+    with d:
+        (bad,) = d.drop_files(1, prefix="bad")
+        d.wait_log("will retry", what="a first try, refused (nobody listens yet)")
+        # DCMTK, in its own process: the peer sees aborted associations and reset connections
+        with (
+            dcmtk_storescp(port, out),
+            failing_store_close(d.pid, d.incoming / bad.rel_path, tmp_path / "strace.log"),
+        ):
+            d.wait_failed(1, timeout=30)
+            error = str(d.error_json(bad.rel_path))
+            assert "gave up after 3 attempts: internal error: OSError" in error, error
+            assert d.running()
+            # The same worker thread sends the next files.
+            dropped = d.drop_files(2, prefix="good")
+            d.wait_done(2)
+        stored = {p.name for p in out.iterdir()}
+        assert all(any(g.sop_instance_uid in n for n in stored) for g in dropped), stored
+        log = d.log_text()
+        assert log.count("internal error while sending") == 2, log
+        assert log.count("Traceback") == 1, log  # the traceback once, not per attempt
+        assert "died" not in log
         assert d.stop() == 0
 
 
