@@ -71,6 +71,13 @@ _TEXT_VRS = {
     "UR", "UT",
 }  # fmt: skip
 _PIXEL_DATA = 0x7FE00010
+#: transfer syntaxes whose pixel data may be lossy (PS3.5 Table A-1): JPEG baseline/extended,
+#: JPEG-LS near-lossless, JPEG 2000 and HTJ2K that are not "lossless only", MPEG/HEVC video
+LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203",
+    *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)),
+}  # fmt: skip
 
 
 class Text(bytes):
@@ -604,6 +611,12 @@ def compare(
         skip.add(_PIXEL_DATA)
         notes.append("big endian pixel data: compared as decoded arrays")
     problems = diff_datasets(canon_a, canon_b, frozenset(skip), relaxed=relaxed)
+    lossy_mark = canon_a.get(0x00282110, b"")
+    if decompressed and (ts_a in LOSSY_SYNTAXES or bytes(lossy_mark)[:2] == b"01"):
+        problems.append(
+            f"a lossy source ({ts_a}, Lossy Image Compression {lossy_mark!r}) arrived "
+            f"decompressed ({ts_b}); the suite never allows lossy decompression"
+        )
     if _PIXEL_DATA in canon_a:
         try:
             px_a = pixels(ds_a)

@@ -27,8 +27,11 @@ The rules, per file and peer:
    uncompressed-only peer: DCMTK has no codec) may be delivered by forwarder: allowed, noted.
 5. Lossy sources: the suite never sets ``--allow-lossy-decompress`` / ``allow_lossy_decompress``
    (both default off), so a lossy JPEG to an uncompressed-only peer must be refused with a reason
-   (dcmsend's default ``+dls`` refuses it as well); rule 1 would catch a lossy decompression anyway,
-   because its pixels cannot equal the original's.
+   (dcmsend's default ``+dls`` refuses it as well). conformance_lib.compare flags any arrival
+   decompressed from a possibly lossy syntax (JPEG baseline/extended, JPEG-LS near-lossless,
+   JPEG 2000 / HTJ2K that are not lossless-only, video) or from a data set marked Lossy Image
+   Compression "01": pixel equality alone cannot catch it, since the arrival's pixels are exactly
+   what the lossy original decodes to.
 6. ``forwarder send`` exits 0 only when every file of the run was stored (and rule 1 holds for
    each); nothing arrives at a peer that matches no file of the round.
 """
