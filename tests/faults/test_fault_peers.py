@@ -77,19 +77,21 @@ def test_a_slow_peer_within_the_response_timeout_is_waited_for(tmp_path: Path) -
 
 # -- the daemon against hostile peers -----------------------------------------------------------
 
-#: folder -> (act script for the hostile destination, does the file end in done/?)
-SCENARIOS: dict[str, tuple[list[Act], bool]] = {
-    "never-answer": ([Act.NEVER_ANSWER, Act.STORE], True),
-    "no-ac": ([Act.NO_AC, Act.STORE], True),
-    "abort-mid-file": ([Act.ABORT_MID_FILE, Act.STORE], True),
-    "close-mid-file": ([Act.CLOSE_MID_FILE, Act.STORE], True),
-    "close-after-data": ([Act.CLOSE_AFTER_DATA, Act.STORE], True),
-    "malformed-pdu": ([Act.MALFORMED_PDU, Act.STORE], True),
-    "huge-pdu": ([Act.HUGE_PDU, Act.STORE], True),
-    "reject-transient": ([Act.REJECT_TRANSIENT, Act.REJECT_TRANSIENT, Act.STORE], True),
-    "reject-permanent": ([Act.REJECT_PERMANENT], False),
-    "no-contexts": ([Act.NO_CONTEXTS], False),
-    "slow": ([Act.STORE], True),
+#: folder -> (act script for the hostile destination, where its files end: "done", "failed" or
+#: "held" (a permanent association rejection is the destination's fault, not the files': they stay
+#: queued and the destination is held as down)
+SCENARIOS: dict[str, tuple[list[Act], str]] = {
+    "never-answer": ([Act.NEVER_ANSWER, Act.STORE], "done"),
+    "no-ac": ([Act.NO_AC, Act.STORE], "done"),
+    "abort-mid-file": ([Act.ABORT_MID_FILE, Act.STORE], "done"),
+    "close-mid-file": ([Act.CLOSE_MID_FILE, Act.STORE], "done"),
+    "close-after-data": ([Act.CLOSE_AFTER_DATA, Act.STORE], "done"),
+    "malformed-pdu": ([Act.MALFORMED_PDU, Act.STORE], "done"),
+    "huge-pdu": ([Act.HUGE_PDU, Act.STORE], "done"),
+    "reject-transient": ([Act.REJECT_TRANSIENT, Act.REJECT_TRANSIENT, Act.STORE], "done"),
+    "reject-permanent": ([Act.REJECT_PERMANENT], "held"),
+    "no-contexts": ([Act.NO_CONTEXTS], "failed"),
+    "slow": ([Act.STORE], "done"),
 }
 FILES_PER_SCENARIO = 3
 
@@ -99,12 +101,14 @@ def test_daemon_survives_every_hostile_peer_at_once_and_the_good_one_keeps_flowi
 ) -> None:
     """One daemon, a good destination that gets every file, and one hostile destination per
     misbehaviour (routed by sub-folder). The good one must store every file while the hostile
-    ones misbehave; transient misbehaviour ends in done/ after a retry, permanent in failed/
-    with the reason; the daemon never stops."""
+    ones misbehave; transient misbehaviour ends in done/ after a retry, a file's permanent
+    failure in failed/ with the reason, a permanent association rejection holds its destination
+    (files queued, no attempt charged, state "down"); the daemon never stops."""
     peers = {
         name: HostilePeer(script, delay=0.5 if name == "slow" else 0.0, max_pdu=4096)
         for name, (script, _) in SCENARIOS.items()
     }
+    held = [name for name, (_, end) in SCENARIOS.items() if end == "held"]
     with ScriptedSCP() as good:
         for p in peers.values():
             p.start()
@@ -138,11 +142,26 @@ def test_daemon_survives_every_hostile_peer_at_once_and_the_good_one_keeps_flowi
                         FILES_PER_SCENARIO, folder=name, prefix=name, rows=size, columns=size
                     )
                     dropped[name] = [f.sop_instance_uid for f in files]
-                total = FILES_PER_SCENARIO * len(SCENARIOS)
-                to_done = sum(ok for _, ok in SCENARIOS.values()) * FILES_PER_SCENARIO
-                d.wait_incoming_empty(timeout=60)
+                to_done = sum(end == "done" for _, end in SCENARIOS.values()) * FILES_PER_SCENARIO
+                to_fail = sum(end == "failed" for _, end in SCENARIOS.values()) * FILES_PER_SCENARIO
+
+                def settled() -> bool:
+                    assert d.running(), d.log_tail()
+                    left = d.incoming_files()
+                    return all(any(f.startswith(f"{h}/") for h in held) for f in left) and len(
+                        left
+                    ) == FILES_PER_SCENARIO * len(held)
+
+                wait_until(settled, timeout=60, what="every file but the held ones to leave")
                 assert len(d.done_files()) == to_done, d.log_tail()
-                assert len(d.failed_files()) == total - to_done
+                assert len(d.failed_files()) == to_fail
+                wait_until(
+                    lambda: all(
+                        d.status_json()["destinations"][h].get("state") == "down" for h in held
+                    ),
+                    timeout=10,
+                    what="held destinations to show as down",
+                )
                 status = d.status_json()["destinations"]
                 assert d.running()
             assert d.exit_codes[-1] == 0
@@ -153,13 +172,20 @@ def test_daemon_survives_every_hostile_peer_at_once_and_the_good_one_keeps_flowi
     all_uids = {u for uids in dropped.values() for u in uids}
     assert good.uids() == all_uids, "the good destination must get every file"
     assert status["good"]["failed"] == 0 and status["good"]["pending"] == 0
-    for name, (script, ok) in SCENARIOS.items():
+    for name, (script, end) in SCENARIOS.items():
         st = status[name]
-        assert st["pending"] == 0 and st["in_flight"] == 0, (name, st)
-        if ok:
+        assert st["in_flight"] == 0, (name, st)
+        if end == "done":
+            assert st["pending"] == 0, (name, st)
             assert peers[name].stored_uids() == set(dropped[name]), name
             assert st["done"] == FILES_PER_SCENARIO and st["failed"] == 0, (name, st)
+        elif end == "held":
+            assert st["pending"] == FILES_PER_SCENARIO, (name, st)
+            assert st["done"] == 0 and st["failed"] == 0, (name, st)
+            assert st["state"] == "down", (name, st)
+            assert not peers[name].stored_uids(), name
         else:
+            assert st["pending"] == 0, (name, st)
             assert st["failed"] == FILES_PER_SCENARIO and st["done"] == 0, (name, st)
             for i in range(FILES_PER_SCENARIO):
                 doc = d.error_json(f"{name}/{name}{i:04d}.dcm")
