@@ -1,5 +1,6 @@
 """Every DICOM file pydicom ships, pushed into ``forwarder receive`` by DCMTK dcmsend, DCMTK
-storescu, Orthanc and ``forwarder send --no-check`` (which sends broken files as they are),
+storescu, Orthanc, ``forwarder send`` and ``forwarder send --no-check`` (which sends broken
+files as they are),
 judged against what the same pusher delivers to DCMTK storescp (``+xa +B``) and against the
 original.
 
@@ -67,7 +68,7 @@ from peers import ForwarderReceive, forwarder_receive, orthanc, storescp
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
-PUSHERS = ["dcmsend", "storescu", "forwarder-no-check", "orthanc"]
+PUSHERS = ["dcmsend", "storescu", "forwarder", "forwarder-no-check", "orthanc"]
 KEYS = [s.key for s in corpus()]
 
 
@@ -89,6 +90,8 @@ class ReceiveRun:
     pushes: dict[str, Push]
     resend_problems: list[str]
     log: str
+    alive: bool  # still running after every push
+    exit_code: int | None  # after SIGTERM
 
 
 def _take_receive(recv: ForwarderReceive, into: Path) -> list[Path]:
@@ -160,14 +163,16 @@ def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiveRun]:
                             resend.append(f"{k}: stored={outcomes[k].stored}, then {o.stored}")
                 _record(push, sources, outcomes, _take_receive(recv, base / f"{name}.recv"))
                 push.seconds += time.monotonic() - t0
-            # forwarder send --no-check: broken files as they are; the reference is dcmsend's
-            push = pushes["forwarder-no-check"]
-            t0 = time.monotonic()
-            outcomes, _, _ = run_forwarder_send(
-                sources, recv.ae_title, recv.port, base, "fwd.recv", extra=["--no-check"]
-            )
-            _record(push, sources, outcomes, _take_receive(recv, base / "fwd.recv"))
-            push.seconds += time.monotonic() - t0
+            # forwarder send, and with --no-check (broken files as they are); the reference is
+            # dcmsend's
+            for name, extra in (("forwarder", []), ("forwarder-no-check", ["--no-check"])):
+                push = pushes[name]
+                t0 = time.monotonic()
+                outcomes, _, _ = run_forwarder_send(
+                    sources, recv.ae_title, recv.port, base, f"{name}.recv", extra=extra
+                )
+                _record(push, sources, outcomes, _take_receive(recv, base / f"{name}.recv"))
+                push.seconds += time.monotonic() - t0
             # Orthanc: loaded by dcmsend, then pushes every instance it holds
             push = pushes["orthanc"]
             t0 = time.monotonic()
@@ -189,9 +194,11 @@ def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiveRun]:
             orth.take_all(base / "orthanc.taken")
             _record(push, sources, outcomes, _take_receive(recv, base / "orthanc.recv"))
             push.seconds += time.monotonic() - t0
-        # dcmsend's refusals for the data set are the reference for --no-check
-        pushes["forwarder-no-check"].ref = pushes["dcmsend"].ref
-        pushes["forwarder-no-check"].ref_arrivals = pushes["dcmsend"].ref_arrivals
+        # dcmsend's outcomes at storescp are the reference for forwarder send
+        for name in ("forwarder", "forwarder-no-check"):
+            pushes[name].ref = pushes["dcmsend"].ref
+            pushes[name].ref_arrivals = pushes["dcmsend"].ref_arrivals
+        alive = recv.proc.poll() is None
     log = recv.log.read_text(errors="replace")
     for name, p in pushes.items():
         print(f"conformance: {name} -> forwarder receive: {p.seconds:.1f}s", file=sys.stderr)
@@ -204,7 +211,7 @@ def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiveRun]:
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"conformance: receive summary in {work / 'summary.json'}", file=sys.stderr)
-    yield ReceiveRun(pushes, resend, log)
+    yield ReceiveRun(pushes, resend, log, alive, recv.proc.returncode)
 
 
 def _fail_text(pusher: str, key: str, got: Outcome, ref: Outcome, problems: list[str]) -> str:
@@ -272,3 +279,10 @@ def test_receive_nothing_stray(received: ReceiveRun, pusher: str) -> None:
     """Receive writes nothing that matches no pushed file (no temporary file left behind)."""
     stray: list[Any] = received.pushes[pusher].stray
     assert not stray, f"{pusher}: {stray}\n{received.log[-3000:]}"
+
+
+def test_receive_survives_everything(received: ReceiveRun) -> None:
+    """Receive is still running after every push, logs no traceback, and exits 0 on SIGTERM."""
+    assert received.alive, received.log[-3000:]
+    assert "Traceback" not in received.log, received.log[received.log.index("Traceback") :][:3000]
+    assert received.exit_code == 0, received.log[-3000:]

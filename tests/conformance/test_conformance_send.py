@@ -285,6 +285,7 @@ class DaemonRun:
     where: dict[str, str]  # key -> done / failed / incoming
     seconds: float
     log: str
+    exit_code: int  # after SIGTERM
 
 
 def _daemon_outcomes(
@@ -354,10 +355,11 @@ def daemon_run(
                 matched, st = match_arrivals(sources, peer.take(root / "arrived" / name / f"r{r}"))
                 arrivals[name].update(matched)
                 stray[name].extend(st)
+        exit_code = d.stop()
         log = d.log_text()
     seconds = time.monotonic() - t0
     print(f"conformance: daemon -> 4 peers: {seconds:.1f}s", file=sys.stderr)
-    yield DaemonRun(outcomes, arrivals, stray, where, seconds, log)
+    yield DaemonRun(outcomes, arrivals, stray, where, seconds, log, exit_code)
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
@@ -392,3 +394,11 @@ def test_corpus_is_whole() -> None:
     assert len(keys) >= 180
     assert not [k for k in keys if k.endswith((".txt", ".json", ".dump", ".icc", ".gz"))]
     assert "test_files/MR_small_bigendian.dcm" in keys and "test_files/image_dfl.dcm" in keys
+
+
+def test_daemon_survives_everything(daemon_run: DaemonRun) -> None:
+    """After the whole corpus the daemon exits 0 on SIGTERM and its log holds no traceback (a
+    worker that died would leave one, from the safety net or the thread)."""
+    assert daemon_run.exit_code == 0, daemon_run.log[-3000:]
+    log = daemon_run.log
+    assert "Traceback" not in log, log[log.index("Traceback") :][:3000]
