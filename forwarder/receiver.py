@@ -228,6 +228,21 @@ class _StoreAssociation(Association):
     def _serve_request(self, msg: Any, context_id: int) -> None:
         context = self._accepted_cx.get(context_id)
         if (
+            isinstance(msg, C_STORE)
+            and msg.MessageIDBeingRespondedTo is None
+            and not msg.is_valid_request
+            and not self._sent_release
+        ):
+            # pynetdicom ignores it, and the peer would wait for an answer until its timeout.
+            missing = [k for k in msg.REQUEST_KEYWORDS if getattr(msg, k) is None]
+            logger.warning(
+                "C-STORE-RQ from %s without %s (PS3.7 9.3.1.1); aborting the association",
+                self.requestor.ae_title,
+                ", ".join(missing),
+            )
+            self.abort()
+            return
+        if (
             not isinstance(msg, C_STORE)
             or context is None
             or self._sent_release
@@ -646,6 +661,9 @@ class Receiver:
                 dataset_offset=_dataset_offset(source),
                 size=size,
             )
+            if meta.dataset_length <= 0:  # Command Data Set Type said "none" (0x0101)
+                comment = "the C-STORE request carries no data set"
+                return "", self._refuse(incoming, STATUS_CANNOT_UNDERSTAND, comment, comment)
             found = scan_file(source, meta, _WANTED, _WANTED_VRS)
         except UnreadableFileError as exc:  # our own temporary file: not the sender's fault
             logger.error(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomgen import make_dataset
+from dimse_wire import elem, uid_value
 from peers import orthanc
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
@@ -534,3 +536,82 @@ def test_association_aborted_mid_data_set_leaves_no_temporary_file(tmp_path: Pat
         wait_until(lambda: list(tmpdir.iterdir()) == [], 10, "the partial file to be deleted")
         assert dcm_files(proc.output) == []
         assert "aborted" in proc.log_text()
+
+
+def test_c_store_without_a_data_set_gets_c000(tmp_path: Path) -> None:
+    """Command Data Set Type 0x0101 (none): pynetdicom hands over an empty data set, which the
+    receiver used to store as a Part 10 file holding only a meta header, answering Success."""
+    ds = make_dataset(rows=8, columns=8, seed=8)
+    body = b"".join(
+        [
+            elem(0x0002, uid_value(CT)),
+            elem(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            elem(0x0110, struct.pack("<H", 7)),
+            elem(0x0700, struct.pack("<H", 0)),
+            elem(0x0800, struct.pack("<H", 0x0101)),  # no data set follows
+            elem(0x1000, uid_value(ds.SOPInstanceUID)),
+        ]
+    )
+    command = elem(0x0000, struct.pack("<I", len(body))) + body
+    with run_receiver(tmp_path / "r") as proc:
+        assoc = open_association(proc.port, (CT, EXPLICIT_LE))
+        try:
+            context_id = assoc.accepted_contexts[0].context_id
+            pdv = struct.pack(">IBB", len(command) + 2, context_id, 0x03) + command
+            assoc._reactor_checkpoint.clear()
+            wait_until(lambda: assoc._is_paused, 10, "the SCU's reactor to pause")
+            try:
+                assoc.dul.socket.send(struct.pack(">BxI", 0x04, len(pdv)) + pdv)
+                _, rsp = assoc.dimse.get_msg(block=True)
+            finally:
+                assoc._reactor_checkpoint.set()
+            assert isinstance(rsp, C_STORE) and rsp.MessageIDBeingRespondedTo == 7
+            assert_failure(rsp, 0xC000, 0xCFFF, "no data set")
+            # The association carries on.
+            ok = raw_store(
+                assoc,
+                dataset_bytes_of(ds),
+                context_class=CT,
+                sop_class=CT,
+                sop_instance=ds.SOPInstanceUID,
+                message_id=8,
+            )
+            assert ok.Status == 0x0000
+        finally:
+            finish(assoc)
+        assert len(dcm_files(proc.output)) == 1
+
+
+def test_c_store_without_affected_sop_instance_uid_is_aborted_in_memory_mode_too(
+    tmp_path: Path,
+) -> None:
+    """The library without streamed receive: pynetdicom ignored such a request silently and
+    the peer waited for an answer until its own timeout."""
+    ds = make_dataset(rows=8, columns=8, seed=9)
+    body = b"".join(
+        [
+            elem(0x0002, uid_value(CT)),
+            elem(0x0100, struct.pack("<H", 0x0001)),  # C-STORE-RQ
+            elem(0x0110, struct.pack("<H", 1)),
+            elem(0x0700, struct.pack("<H", 0)),
+            elem(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+        ]
+    )
+    command = elem(0x0000, struct.pack("<I", len(body))) + body
+    data = dataset_bytes_of(ds)
+    receiver = Receiver(ReceiverSettings(output=tmp_path / "out", port=0, bind="127.0.0.1"))
+    receiver.start()
+    try:
+        assoc = open_association(receiver.port, (CT, EXPLICIT_LE))
+        try:
+            cx = assoc.accepted_contexts[0].context_id
+            pdvs = struct.pack(">IBB", len(command) + 2, cx, 0x03) + command
+            pdvs += struct.pack(">IBB", len(data) + 2, cx, 0x02) + data
+            assoc.dul.socket.send(struct.pack(">BxI", 0x04, len(pdvs)) + pdvs)
+            wait_until(lambda: assoc.is_aborted, 10, "the receiver to abort the association")
+        finally:
+            finish(assoc)
+        assert receiver.received == 0
+        assert dcm_files(receiver.output) == []
+    finally:
+        receiver.stop()
