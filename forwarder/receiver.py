@@ -208,13 +208,14 @@ class _StoreAssociation(Association):
     service, whatever SOP Class UID it names.
 
     pynetdicom picks the service class from the request's Affected SOP Class UID, so a C-STORE
-    naming an unknown SOP Class aborted the association, and one naming Verification was
-    answered as a C-ECHO. Here every C-STORE reaches our handler, which answers a failure
-    status (0x0122) when its SOP Class is not the one negotiated for its presentation context;
-    the association carries on, as with DCMTK's storescp. Everything else, and every request
-    pynetdicom would not serve (during release, invalid, on a context not accepted), is left to
-    pynetdicom. And when the association ends in the middle of a streamed data set, the
-    partial temporary file is deleted.
+    naming an unknown or a query SOP Class aborted the association, and one naming Verification
+    went to the Verification service. Here every C-STORE reaches our handler, which answers a
+    failure status (0x0122) when its SOP Class is not the one negotiated for its presentation
+    context; the association carries on, as with DCMTK's storescp. A C-STORE-RQ lacking a
+    required field, which pynetdicom would ignore, is aborted. Everything else (other messages,
+    requests during release or on a context not accepted) is left to pynetdicom. And when the
+    association ends in the middle of a streamed data set, the partial temporary file is
+    deleted.
     """
 
     def _run_reactor(self) -> None:
@@ -583,8 +584,9 @@ class Receiver:
 
     def _store(self, event: Event, incoming: _Incoming) -> _Answer:
         if _unpadded(incoming.sop_class) != _unpadded(incoming.context_class):
-            # PS3.7 9.1.1.1 / PS3.8 7.1.1.13: a request's SOP Class is the abstract syntax of
-            # the presentation context it is sent on. Nothing is read; the association goes on.
+            # A presentation context carries one abstract syntax (PS3.8 7.1.1.13): a C-STORE on
+            # it is for that SOP Class. Nothing is read; the association goes on (0x0122, as
+            # PS3.7 C.5 defines it: "SOP Class not supported").
             return self._refuse(
                 incoming,
                 STATUS_SOP_CLASS_NOT_SUPPORTED,
