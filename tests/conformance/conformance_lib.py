@@ -327,6 +327,7 @@ def run_forwarder_send(
             "--no-progress",
             "--report",
             str(report),
+            *extra,
             f"{peer_ae}@127.0.0.1:{port}",
             *[str(s.path) for s in sources],
         ],
@@ -577,7 +578,12 @@ def _original(path: Path) -> tuple[Dataset | None, dict[int, Any] | None, str]:
 
 
 def compare(
-    key: str, arrival: Path, *, relaxed: bool = False, reference: Path | None = None
+    key: str,
+    arrival: Path,
+    *,
+    relaxed: bool = False,
+    reference: Path | None = None,
+    dcmtk: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(problems, notes) comparing ``arrival`` with source ``key`` (module docstring rules).
 
@@ -585,7 +591,12 @@ def compare(
     (DCMTK inside) rewrites what it stores and trims over-long padding (``examples_ybr_color.dcm``
     (0010,2160), ``SC_rgb_gdcm_KY.dcm`` (0008,0008)), for dcmsend's objects as for ours.
     ``reference``: compare with this file instead of the original (what a pusher sent).
+    ``dcmtk``: the arrival was sent by DCMTK (dcmsend, storescu), which re-encodes what it sends:
+    it drops Data Set Trailing Padding (FFFC,FFFC) and trims over-long text padding, so both are
+    forgiven (``relaxed`` and (FFFC,FFFC) skipped). Used only to decide whether DCMTK delivered a
+    file intact, never to judge what forwarder delivered.
     """
+    relaxed = relaxed or dcmtk
     src = by_key()[key]
     ref_path = reference or src.path
     ds_a, canon_a, err = _original(ref_path)
@@ -610,6 +621,8 @@ def compare(
     if isinstance(canon_a.get(_PIXEL_DATA), tuple) or isinstance(canon_b.get(_PIXEL_DATA), tuple):
         skip.add(_PIXEL_DATA)
         notes.append("big endian pixel data: compared as decoded arrays")
+    if dcmtk:
+        skip.add(0xFFFCFFFC)
     problems = diff_datasets(canon_a, canon_b, frozenset(skip), relaxed=relaxed)
     lossy_mark = canon_a.get(0x00282110, b"")
     if decompressed and (ts_a in LOSSY_SYNTAXES or bytes(lossy_mark)[:2] == b"01"):
