@@ -57,6 +57,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from forwarder.dicomfile import FileMeta, scan_file
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
+from forwarder.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from forwarder.tls import describe_tls_error
 
 logger = logging.getLogger(__name__)
@@ -521,6 +522,10 @@ class Receiver:
     def _make_ae(self) -> AE:
         s = self._settings
         ae = AE(ae_title=s.ae_title)
+        # forwarder's own identity, the one the sender announces: a PACS administrator reading
+        # a peer's log sees which product and version answered, not the library beneath it.
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu
         ae.require_called_aet = s.require_called_aet
