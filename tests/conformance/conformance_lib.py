@@ -694,3 +694,44 @@ def dcmtk_encoding(key: str, transfer_syntax: str, work: Path) -> Path | None:
         timeout=60,
     )
     return out if proc.returncode == 0 and out.exists() else None
+
+
+def dataset_bytes(path: Path) -> tuple[str, bytes] | None:
+    """(transfer syntax, the bytes after the meta header) of a Part 10 file, or None."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return None
+    pos, ts = 132, ""
+    while pos + 8 <= len(data) and int.from_bytes(data[pos : pos + 2], "little") == 0x0002:
+        elem = int.from_bytes(data[pos + 2 : pos + 4], "little")
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            length = int.from_bytes(data[pos + 8 : pos + 12], "little")
+            start = pos + 12
+        else:
+            length = int.from_bytes(data[pos + 6 : pos + 8], "little")
+            start = pos + 8
+        if elem == 0x0010:
+            ts = data[start : start + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos = start + length
+    return ts, data[pos:]
+
+
+def byte_exact(key: str, arrival: Path) -> str:
+    """ "" when ``arrival`` (a bit-preserving storescp file) carries the original's data set byte
+    for byte, or the arrival is in another transfer syntax (a conversion: compare() judges it);
+    otherwise what differs. One trailing NUL after an odd-length data set is allowed (PS3.5
+    even lengths on the wire)."""
+    a, b = dataset_bytes(by_key()[key].path), dataset_bytes(arrival)
+    if a is None or b is None or a[0] != b[0]:
+        return ""
+    x, y = a[1], b[1]
+    if x == y or (len(x) % 2 == 1 and y == x + b"\0"):
+        return ""
+    first = next(
+        (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y))
+    )
+    return (
+        f"same transfer syntax {a[0]} but the data set is not byte-exact: {len(x)} bytes sent "
+        f"from the file, {len(y)} stored, first difference at data set offset {first}"
+    )
