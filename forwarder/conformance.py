@@ -116,6 +116,7 @@ class _Engine:
 def _engine() -> _Engine:
     from forwarder.cli import build_parser
     from forwarder.cli._net import resolve
+    from forwarder.cli.receive import settings_from_args as receive_settings_from_args
     from forwarder.service import association_settings
 
     config = parse_config(
@@ -129,18 +130,7 @@ def _engine() -> _Engine:
     echo_args = parsers["echo"].parse_intermixed_args([_PEER])
     echo = resolve(echo_args, list(echo_args.args), needs_files=False)
     rargs = parsers["receive"].parse_intermixed_args(["--port", "0", "--output", "/received"])
-    rsettings = receiver.ReceiverSettings(
-        output=rargs.output,
-        port=rargs.port,
-        bind=rargs.bind,
-        ae_title=rargs.ae_title,
-        require_called_aet=rargs.require_called_aet,
-        allowed_calling_aets=frozenset(rargs.allow_calling_aet),
-        allowed_networks=tuple(rargs.allow_host),
-        max_associations=rargs.max_associations,
-        max_object_size=rargs.max_object_size,
-        max_pdu=rargs.max_pdu,
-    )
+    rsettings = receive_settings_from_args(rargs)
     ae = receiver.Receiver(rsettings)._make_ae()
     return _Engine(
         destination=destination,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,25 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def settings_from_args(
+    args: argparse.Namespace, tls: ssl.SSLContext | None = None
+) -> ReceiverSettings:
+    """The receiver's settings from ``forwarder receive``'s parsed command line."""
+    return ReceiverSettings(
+        output=args.output,
+        port=args.port,
+        bind=args.bind,
+        ae_title=args.ae_title,
+        require_called_aet=args.require_called_aet,
+        allowed_calling_aets=frozenset(args.allow_calling_aet),
+        allowed_networks=tuple(args.allow_host),
+        max_associations=args.max_associations,
+        max_object_size=args.max_object_size,
+        max_pdu=args.max_pdu,
+        tls=tls,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(2 if args.debug else args.verbose, args.quiet)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -134,19 +154,7 @@ def run(args: argparse.Namespace) -> int:
             if args.tls_cert is not None
             else None
         )
-        settings = ReceiverSettings(
-            output=args.output,
-            port=args.port,
-            bind=args.bind,
-            ae_title=args.ae_title,
-            require_called_aet=args.require_called_aet,
-            allowed_calling_aets=frozenset(args.allow_calling_aet),
-            allowed_networks=tuple(args.allow_host),
-            max_associations=args.max_associations,
-            max_object_size=args.max_object_size,
-            max_pdu=args.max_pdu,
-            tls=tls,
-        )
+        settings = settings_from_args(args, tls)
         enable_streamed_receive()  # this process runs no other SCP
         if args.promiscuous:
             accept_unknown_sop_classes()
