@@ -35,6 +35,9 @@ The rules, per pusher and file:
    RT Dose context; storescp does not check and stores it; receive answers 0x0122, which is
    what issue 12 item 5 requires of it. pydicom (and forwarder) read those UIDs.
 5. A re-send replaces: round 0 is pushed twice by dcmsend; every object is held once.
+6. Receive keeps what came over the wire: from ``forwarder send`` (no conversion: receive
+   accepts every syntax) the original's data set byte for byte; from dcmsend and storescu the
+   same bytes the bit-preserving storescp kept from the same pusher in the same syntax.
 """
 
 from __future__ import annotations
@@ -56,8 +59,10 @@ from conformance_lib import (
     Source,
     arrival_uids,
     by_key,
+    byte_exact,
     compare,
     corpus,
+    dataset_bytes,
     dcmtk_encoding,
     match_arrivals,
     rounds,
@@ -224,6 +229,26 @@ def _fail_text(pusher: str, key: str, got: Outcome, ref: Outcome, problems: list
     )
 
 
+def _not_as_received(push: Push, pusher: str, key: str, stored: Path) -> list[str]:
+    """Rule 6: receive keeps the data set as it came over the wire. For forwarder send (which
+    sends the file's own bytes when the syntax is unchanged) that is the original's data set;
+    for dcmsend and storescu it is what the bit-preserving storescp got from the same pusher in
+    the same transfer syntax."""
+    if pusher in ("forwarder", "forwarder-no-check"):
+        diff = byte_exact(key, stored)
+        return [f"receive did not keep the bytes it got: {diff}"] if diff else []
+    if pusher in ("dcmsend", "storescu"):
+        mine = dataset_bytes(stored)
+        for ref in push.ref_arrivals.get(key, []):
+            theirs = dataset_bytes(ref)
+            if mine and theirs and mine[0] == theirs[0] and mine[1] != theirs[1]:
+                return [
+                    f"receive's data set ({len(mine[1])} bytes) differs from the one storescp +B "
+                    f"kept from the same {pusher} in {mine[0]} ({len(theirs[1])} bytes)"
+                ]
+    return []
+
+
 def _what_was_sent(push: Push, pusher: str, key: str, stored: Path) -> tuple[Path | None, str]:
     """The file receive's object must equal (rule 1), and what it is, in words."""
     if pusher == "orthanc":
@@ -256,6 +281,7 @@ def test_receive(received: ReceiveRun, pusher: str, key: str) -> None:
                 continue
             bad, _ = compare(key, a, reference=sent)
             problems.extend(f"stored different from {what}: {b}" for b in bad[:8])
+            problems.extend(_not_as_received(push, pusher, key, a))
         if ref.broken:
             problems.append(f"Success for a data set dcmsend refuses ({ref.reason})")
     else:
