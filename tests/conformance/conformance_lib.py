@@ -735,3 +735,17 @@ def byte_exact(key: str, arrival: Path) -> str:
         f"same transfer syntax {a[0]} but the data set is not byte-exact: {len(x)} bytes sent "
         f"from the file, {len(y)} stored, first difference at data set offset {first}"
     )
+
+
+def command_mismatch(arrival: Path) -> str:
+    """ "" when a storescp file's meta header (written from the C-STORE command's Affected SOP
+    Class/Instance UID) names the data set's own SOP Class/Instance UID; otherwise both."""
+    ds = read(arrival)
+    meta = (
+        str(ds.file_meta.get("MediaStorageSOPClassUID", "")),
+        str(ds.file_meta.get("MediaStorageSOPInstanceUID", "")),
+    )
+    own = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+    if meta == own:
+        return ""
+    return f"the C-STORE named SOP Class/Instance {meta}, the data set is {own}"

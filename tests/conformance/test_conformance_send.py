@@ -12,7 +12,9 @@ The rules, per file and peer:
 
 1. A file the sender reports stored (``--report`` outcome stored/warning; the daemon: the file
    is in ``done/``, or its ``.error.json`` says that destination stored it) is held by the peer,
-   equal to the original (conformance_lib.compare: element by element, pixel arrays equal).
+   equal to the original (conformance_lib.compare: element by element, pixel arrays equal);
+   at storescp, whose meta header records the C-STORE's Affected SOP Class/Instance UID, the
+   command named the data set's own UIDs (dcmsend names "31" for ``rtdose_rle*.dcm``).
 2. A file not stored has a named reason (``--report`` error; ``failed/NAME.error.json``).
 3. Every file dcmsend delivers is delivered by forwarder. "Delivers" means: a stored status, and
    the peer holds an object equal to the original by the same comparison as rule 1, except for
@@ -64,6 +66,7 @@ from conformance_lib import (
     Source,
     by_key,
     byte_exact,
+    command_mismatch,
     compare,
     corpus,
     match_arrivals,
@@ -213,7 +216,11 @@ def judge(
     relaxed = peer == "orthanc"
     problems: list[str] = []
     notes: list[str] = []
-    ref_diffs = [compare(key, a, dcmtk=True)[0] for a in ref_arrivals]
+    ref_diffs = [
+        compare(key, a, dcmtk=True)[0]
+        + ([m] if peer.startswith("storescp") and (m := command_mismatch(a)) else [])
+        for a in ref_arrivals
+    ]
     dcmsend_delivered = ref.stored and any(not d for d in ref_diffs)
     if got.stored:
         if not arrivals:
@@ -225,6 +232,8 @@ def judge(
             notes.extend(why)
             problems.extend(f"arrived different from the original: {b}" for b in bad[:8])
             if peer.startswith("storescp") and (diff := byte_exact(key, a)):
+                problems.append(diff)
+            if peer.startswith("storescp") and (diff := command_mismatch(a)):
                 problems.append(diff)
         if ref.broken:
             problems.append(f"dcmsend refuses this data set ({ref.reason}); forwarder stored it")
