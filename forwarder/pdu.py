@@ -8,7 +8,10 @@ is encoded here with pynetdicom's PDU classes and negotiate with DCMTK, Orthanc 
 Every decoder here is strict and total: whatever bytes a peer sends, it either returns values
 that PS3.7/PS3.8 allow or raises :class:`~forwarder.errors.ProtocolError` naming the fault, never
 ``IndexError``, ``struct.error`` or ``UnicodeDecodeError`` (tests/test_pdu_fuzz.py feeds them
-random and mutated PDUs). Reserved fields are not tested, as PS3.8 9.3 asks.
+random and mutated PDUs). Reserved fields are not tested, as PS3.8 9.3 asks. Strict means on
+what identifies a response and what it says; layout faults that pynetdicom and DCMTK tolerate and
+that change nothing (a missing or wrong Command Group Length, elements out of order) are
+tolerated and reported to the caller (:func:`decode_command`).
 """
 
 from __future__ import annotations
@@ -113,28 +116,23 @@ def encode_echo_rq(message_id: int) -> bytes:
 _ELEMENT = struct.Struct("<HHI")
 
 
-def decode_command(raw: bytes) -> dict[int, bytes]:
+def decode_command(raw: bytes, notes: list[str] | None = None) -> dict[int, bytes]:
     """Split an implicit VR little endian group 0000 command set into element -> value.
 
-    PS3.7 9.3/E.1: it starts with Command Group Length (0000,0000), 4 bytes, whose value is the
-    length of the rest; every element is in group 0000, in ascending order, none repeated, and
-    none runs past the end.
+    Rejected (:class:`ProtocolError`): an element outside group 0000, an element header or value
+    running past the end, and an element repeated with a different value (two Statuses: which
+    one is true?). Tolerated, as pynetdicom and DCMTK tolerate them, because they do not change
+    what the response says: a missing Command Group Length (0000,0000), a wrong one, elements
+    out of ascending order, an element repeated with the same value. The end of a command set
+    is marked by the last-fragment bit of its PDV (PS3.8 9.3.5.1), so the group length adds
+    nothing; refusing it would resend (and finally fail) every file to a PACS that gets it
+    wrong, although the data set has gone out and the peer has stored it. Each tolerated
+    irregularity is appended to ``notes``, when given, for the caller to log.
     """
     end = len(raw)
-    if end < 12:
-        raise ProtocolError(f"DIMSE command set of {end} bytes: too short for its group length")
-    group, elem, length = _ELEMENT.unpack_from(raw, 0)
-    if group != 0 or elem != 0 or length != 4:
-        raise ProtocolError(
-            "DIMSE command set does not start with Command Group Length (0000,0000) of 4 bytes"
-        )
-    (group_length,) = struct.unpack_from("<I", raw, 8)
-    if group_length != end - 12:
-        raise ProtocolError(
-            f"DIMSE command set: Command Group Length says {group_length} bytes, {end - 12} follow"
-        )
     out: dict[int, bytes] = {}
-    pos, last = 12, 0
+    pos, last = 0, -1
+    out_of_order = False
     while pos < end:
         if pos + 8 > end:
             raise ProtocolError("DIMSE command set ends inside an element header")
@@ -142,15 +140,35 @@ def decode_command(raw: bytes) -> dict[int, bytes]:
         pos += 8
         if group != 0x0000:
             raise ProtocolError(f"DIMSE command set holds element ({group:04X},{elem:04X})")
-        if elem <= last:
-            raise ProtocolError(
-                f"DIMSE command set: element (0000,{elem:04X}) out of order or repeated"
-            )
         if length > end - pos:
             raise ProtocolError(f"DIMSE command set: element (0000,{elem:04X}) runs past its end")
-        out[elem] = raw[pos : pos + length]
-        last = elem
+        value = raw[pos : pos + length]
         pos += length
+        seen = out.get(elem)
+        if seen is not None:
+            if seen != value:
+                raise ProtocolError(
+                    f"DIMSE command set: element (0000,{elem:04X}) repeated with another value"
+                )
+            if notes is not None:
+                notes.append(f"element (0000,{elem:04X}) repeated")
+            continue
+        if elem < last:
+            out_of_order = True
+        out[elem] = value
+        last = max(last, elem)
+    if notes is not None:
+        group_length = out.get(0x0000)
+        if group_length is None:
+            notes.append("no Command Group Length (0000,0000)")
+        elif len(group_length) != 4:
+            notes.append(f"Command Group Length (0000,0000) of {len(group_length)} bytes, not 4")
+        else:
+            said = int.from_bytes(group_length, "little")
+            if said != end - 12:  # every other element, wherever it stands
+                notes.append(f"Command Group Length says {said} bytes, {end - 12} follow")
+        if out_of_order:
+            notes.append("elements out of ascending order")
     return out
 
 
@@ -166,8 +184,13 @@ def _us(values: Mapping[int, bytes], elem: int, name: str) -> int:
 
 
 def _same_uid(value: bytes | None, ours: bytes) -> bool:
-    """A UID element equals ours; PS3.5 pads UIDs with a NUL, some peers with a space."""
-    return value is None or value.rstrip(b"\x00 ") == ours
+    """A UID element equals ours, or is absent; PS3.5 pads UIDs with a NUL, some peers with a
+    space. An empty value counts as absent: the response's Affected SOP Class/Instance UIDs are
+    U(=) in PS3.7 9.3.1.2 (may be left out), and some SCPs send the element with no value."""
+    if value is None:
+        return True
+    value = value.rstrip(b"\x00 ")
+    return not value or value == ours
 
 
 def check_response(

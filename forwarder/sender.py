@@ -16,7 +16,9 @@ per-file work is done on a blocking socket:
   decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
   SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
   raises :class:`~forwarder.errors.ProtocolError` (the file is retried); a stalled peer hits the
-  socket timeout and is aborted;
+  socket timeout and is aborted. A missing or wrong Command Group Length, elements out of order
+  or repeated with the same value change nothing and are tolerated, as by pynetdicom and DCMTK
+  (a warning once per association); an empty Affected SOP Class/Instance UID counts as absent;
 * the peer's maximum PDU is clamped (``pdu.send_pdu_limit``), fragments are even and an odd data
   set is padded with one 0x00;
 * release collisions are answered (PS3.8 Sta9/Sta11), and an idle association is checked before
@@ -173,6 +175,7 @@ class Association:
         # first: two more system calls a file, each giving up the GIL.
         self._kernel_timeouts = False
         self._rcvtimeo: float | None = None
+        self._layout_noted = False  # a tolerated command set layout fault was logged
 
     # -- establishment ------------------------------------------------------------------------
 
@@ -428,7 +431,8 @@ class Association:
                 try:
                     if not collect_command(body, self._context_ids, command):
                         continue
-                    values = decode_command(bytes(command))
+                    notes: list[str] = []
+                    values = decode_command(bytes(command), notes)
                     status = check_response(
                         values, command_field, message_id, sop_class, sop_instance
                     )
@@ -436,6 +440,8 @@ class Association:
                     self.abort()
                     raise ProtocolError(f"{self.peer} sent a bad DIMSE response: {exc}") from None
                 self.last_used = time.monotonic()
+                if notes:
+                    self._note_layout(notes)
                 return DimseResponse(
                     status=status,
                     error_comment=command_text(values.get(0x0902)),
@@ -456,6 +462,20 @@ class Association:
             raise ProtocolError(
                 f"{self.peer} sent {_pdu_name(pdu_type)} while we waited for a DIMSE response"
             )
+
+    def _note_layout(self, notes: list[str]) -> None:
+        """A response decoded in spite of layout faults that change nothing (pdu.decode_command):
+        a warning the first time on this association, a debug line after that."""
+        level = logging.DEBUG if self._layout_noted else logging.WARNING
+        self._layout_noted = True
+        logger.log(
+            level,
+            "%s: DIMSE response accepted in spite of %s (PS3.7 E.1; tolerated as pynetdicom and "
+            "DCMTK do)%s",
+            self.peer,
+            "; ".join(notes),
+            "" if level == logging.DEBUG else "; further ones on this association at debug level",
+        )
 
     # -- release / abort ----------------------------------------------------------------------
 

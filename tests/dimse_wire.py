@@ -130,10 +130,18 @@ def response(
     offending: int | None = None,
     *,
     replace: Mapping[int, bytes | None] | None = None,
+    group_length: str = "right",
+    reverse: bool = False,
+    repeat: Mapping[int, bytes] | None = None,
 ) -> bytes:
     """A one-PDV P-DATA PDU holding a C-STORE-RSP / C-ECHO-RSP command set. ``replace`` maps
     an element number of group 0000 to the value to send instead, or None to leave it out
-    (hostile peers: a missing or empty Status, a wrong Message ID...)."""
+    (hostile peers: a missing or empty Status, a wrong Message ID...).
+
+    Layout faults (PS3.7 E.1), which pynetdicom's decoder tolerates: ``group_length`` "right",
+    "missing" (no (0000,0000)) or "wrong" (says 10 bytes more than follow); ``reverse`` puts the
+    elements in descending order; ``repeat`` maps an element to a second value sent again after
+    the first (the same value, or another)."""
     values = {
         0x0002: uid_value(command.sop_class_uid or "1.2.840.10008.1.1"),
         0x0100: struct.pack("<H", command_field),
@@ -152,6 +160,11 @@ def response(
             values.pop(element, None)
         else:
             values[element] = value
-    body = b"".join(elem(e, values[e]) for e in sorted(values))
-    cmd = elem(0x0000, struct.pack("<I", len(body))) + body
+    body = b"".join(elem(e, values[e]) for e in sorted(values, reverse=reverse))
+    body += b"".join(elem(e, v) for e, v in (repeat or {}).items())
+    if group_length == "missing":
+        cmd = body
+    else:
+        said = len(body) + (10 if group_length == "wrong" else 0)
+        cmd = elem(0x0000, struct.pack("<I", said)) + body
     return struct.pack(">BxIIBB", 0x04, len(cmd) + 6, len(cmd) + 2, context_id, 0x03) + cmd

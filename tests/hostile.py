@@ -70,6 +70,14 @@ class Behaviour(StrEnum):
     WITH_DATA_SET = "with-data-set"  # Command Data Set Type says a data set follows
     WRONG_CLASS = "wrong-class"  # Affected SOP Class UID is not the one sent
     PENDING = "pending"  # Status 0xFF00, which a C-STORE never has
+    REPEATED_STATUS = "repeated-status"  # Status twice, 0x0000 then 0xC000
+    # C-STORE-RSPs with layout faults that change nothing (pynetdicom decodes them):
+    NO_GROUP_LENGTH = "no-group-length"  # no Command Group Length (0000,0000)
+    WRONG_GROUP_LENGTH = "wrong-group-length"  # Command Group Length 10 bytes too long
+    OUT_OF_ORDER = "out-of-order"  # elements in descending order
+    REPEATED_SAME = "repeated-same"  # Status twice, with the same value
+    EMPTY_INSTANCE = "empty-instance"  # Affected SOP Instance UID present, zero length
+    EMPTY_CLASS = "empty-class"  # Affected SOP Class UID present, zero length
     # association life:
     RELEASE_COLLISION = "release-collision"  # our A-RELEASE-RQ crosses one of theirs
     IDLE_CLOSE = "idle-close"  # after the first response, close the connection (no PDU)
@@ -87,6 +95,16 @@ _BAD_RESPONSES: dict[Behaviour, dict[int, bytes | None]] = {
     Behaviour.WITH_DATA_SET: {0x0800: struct.pack("<H", 0x0001)},
     Behaviour.WRONG_CLASS: {0x0002: b"1.2.840.10008.5.1.4.1.1.4\x00"},
     Behaviour.PENDING: {0x0900: struct.pack("<H", 0xFF00)},
+    Behaviour.EMPTY_INSTANCE: {0x1000: b""},
+    Behaviour.EMPTY_CLASS: {0x0002: b""},
+}
+#: Behaviours that answer with a command set laid out badly (dimse_wire.response's keywords).
+_BAD_LAYOUTS: dict[Behaviour, dict[str, Any]] = {
+    Behaviour.REPEATED_STATUS: {"repeat": {0x0900: struct.pack("<H", 0xC000)}},
+    Behaviour.NO_GROUP_LENGTH: {"group_length": "missing"},
+    Behaviour.WRONG_GROUP_LENGTH: {"group_length": "wrong"},
+    Behaviour.OUT_OF_ORDER: {"reverse": True},
+    Behaviour.REPEATED_SAME: {"repeat": {0x0900: struct.pack("<H", 0x0000)}},
 }
 _IDLE = (
     Behaviour.IDLE_CLOSE,
@@ -297,8 +315,11 @@ class HostilePeer:
                     if current is None:
                         continue
                     damage = _BAD_RESPONSES.get(self.behaviour)
+                    layout = _BAD_LAYOUTS.get(self.behaviour)
                     if damage is not None:
                         conn.send(self._store_response(context_id, current, damage))
+                    elif layout is not None:
+                        conn.send(self._store_response(context_id, current, layout=layout))
                     elif self.behaviour in _ANSWERING:
                         conn.send(self._store_response(context_id, current))
                     if self.behaviour in _IDLE:
@@ -393,7 +414,12 @@ class HostilePeer:
         return bytes(pdu.encode())
 
     def _store_response(
-        self, context_id: int, command: Command, damage: dict[int, bytes | None] | None = None
+        self,
+        context_id: int,
+        command: Command,
+        damage: dict[int, bytes | None] | None = None,
+        *,
+        layout: dict[str, Any] | None = None,
     ) -> bytes:
         return _response(
             context_id,
@@ -403,6 +429,7 @@ class HostilePeer:
             self.error_comment,
             self.offending,
             replace=damage,
+            **(layout or {}),
         )
 
 

@@ -66,6 +66,7 @@ def assert_retry(outcome: SendOutcome, *words: str) -> None:
         (Behaviour.WRONG_CLASS, "Affected SOP Class UID is not the one we sent"),
         (Behaviour.WITH_DATA_SET, "announces a data set"),
         (Behaviour.PENDING, "Pending status 0xFF00"),
+        (Behaviour.REPEATED_STATUS, "(0000,0900) repeated with another value"),
     ],
 )
 def test_a_bad_response_is_retried_and_the_next_file_goes_on_a_new_association(
@@ -83,6 +84,48 @@ def test_a_bad_response_is_retried_and_the_next_file_goes_on_a_new_association(
     assert_retry(first, "sent a bad DIMSE response", words)
     assert second.outcome is Outcome.STORED
     assert channel.associations_opened == 2
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "note"),
+    [
+        (Behaviour.NO_GROUP_LENGTH, "no Command Group Length"),
+        (Behaviour.WRONG_GROUP_LENGTH, "Command Group Length says"),
+        (Behaviour.OUT_OF_ORDER, "out of ascending order"),
+        (Behaviour.REPEATED_SAME, "(0000,0900) repeated"),
+        (Behaviour.EMPTY_INSTANCE, None),
+        (Behaviour.EMPTY_CLASS, None),
+    ],
+)
+def test_a_response_pynetdicom_accepts_is_stored_on_one_association(
+    files: list[Path],
+    behaviour: Behaviour,
+    note: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A C-STORE-RSP without (or with a wrong) Command Group Length, with its elements out of
+    order or repeated alike, or with an empty Affected SOP Class/Instance UID, says nothing
+    different: pynetdicom and DCMTK accept it. Each used to be a protocol error: every file,
+    already stored by the peer, was resent and finally moved to failed/. Layout faults are
+    logged as a warning once per association."""
+    caplog.set_level("DEBUG", logger="forwarder.sender")
+    with HostilePeer(behaviour) as peer:
+        channel = channel_to(peer)
+        try:
+            outcomes = send(channel, files)
+        finally:
+            channel.release()
+        assert peer.datasets == [wire(f) for f in files]
+    assert [o.outcome for o in outcomes] == [Outcome.STORED] * 3, outcomes
+    assert [o.status for o in outcomes] == [0x0000] * 3
+    assert channel.associations_opened == 1 and peer.connections == 1
+    assert not peer.aborted.is_set()
+    noted = [r for r in caplog.records if "accepted in spite of" in r.getMessage()]
+    if note is None:
+        assert noted == []
+        return
+    assert [r.levelname for r in noted] == ["WARNING", "DEBUG", "DEBUG"]
+    assert note in noted[0].getMessage()
 
 
 # -- negotiation ----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import string
 from io import BytesIO
 
 import pytest
+from dimse_wire import Command
+from dimse_wire import response as wire_response
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RSP
@@ -347,6 +349,86 @@ def test_a_pending_c_store_rsp_from_pynetdicom_is_a_protocol_error(status: int) 
     values = read_response(pynetdicom_response_pdus(message, 1, 0), 1)
     with pytest.raises(ProtocolError, match="Pending"):
         check_response(values, STORE_RSP_FIELD, 3, b"1.2.840.10008.5.1.4.1.1.2", b"1.2.3")
+
+
+_CT = "1.2.840.10008.5.1.4.1.1.7"
+_INSTANCE = "1.2.826.0.1.3680043.2.1125.1"
+
+
+def _rsp_command_set(status: int = 0x0000, **layout: object) -> bytes:
+    """The command set of a C-STORE-RSP to message 5, laid out as ``layout`` says
+    (dimse_wire.response's keywords: group_length, reverse, repeat, replace)."""
+    command = Command(0x0001, 5, 0, _CT, _INSTANCE)
+    raw = wire_response(1, command, STORE_RSP_FIELD, status, **layout)  # type: ignore[arg-type]
+    return raw[12:]  # P-DATA-TF header (6), PDV length (4), context ID, control header
+
+
+@pytest.mark.parametrize(
+    ("layout", "note"),
+    [
+        ({"group_length": "missing"}, "no Command Group Length (0000,0000)"),
+        ({"group_length": "wrong"}, "Command Group Length says"),
+        ({"reverse": True}, "elements out of ascending order"),
+        ({"reverse": True, "group_length": "missing"}, "elements out of ascending order"),
+        ({"repeat": {0x0900: b"\x00\xb0"}}, "element (0000,0900) repeated"),
+    ],
+    ids=["no-group-length", "wrong-group-length", "out-of-order", "both", "repeated-same"],
+)
+def test_layout_faults_pynetdicom_tolerates_are_tolerated_and_noted(
+    layout: dict[str, object], note: str
+) -> None:
+    """They used to be protocol errors: the data set had gone out, the peer had stored it, and
+    the file was resent until max_attempts sent it to failed/. pynetdicom decodes all of them;
+    the end of a command set is the last-fragment bit (PS3.8 9.3.5.1), not its group length."""
+    raw = _rsp_command_set(0xB000, **layout)
+    theirs = pynetdicom_decode(BytesIO(raw), True, True)
+    assert theirs.Status == 0xB000 and theirs.MessageIDBeingRespondedTo == 5
+    notes: list[str] = []
+    values = decode_command(raw, notes)
+    assert check_response(values, STORE_RSP_FIELD, 5, _CT.encode(), _INSTANCE.encode()) == 0xB000
+    assert any(note in n for n in notes), notes
+    # a well-formed one has nothing to note
+    clean: list[str] = []
+    decode_command(_rsp_command_set(0xB000), clean)
+    assert clean == []
+
+
+def test_a_status_repeated_with_another_value_is_a_protocol_error() -> None:
+    raw = _rsp_command_set(0x0000, repeat={0x0900: b"\x00\xc0"})
+    with pytest.raises(ProtocolError, match=r"\(0000,0900\) repeated with another value"):
+        decode_command(raw)
+
+
+@pytest.mark.parametrize("element", [0x0002, 0x1000], ids=["class", "instance"])
+@pytest.mark.parametrize("empty", [b"", b"\x00\x00", b"  "], ids=["0", "nul", "space"])
+def test_an_empty_affected_sop_uid_counts_as_absent(element: int, empty: bytes) -> None:
+    """U(=) in PS3.7 9.3.1.2: some SCPs send the element with no value; it was a mismatch."""
+    values = decode_command(_rsp_command_set(0x0000, replace={element: empty}))
+    assert values[element] == empty
+    assert check_response(values, STORE_RSP_FIELD, 5, _CT.encode(), _INSTANCE.encode()) == 0
+    # still checked when there is a value
+    values[element] = b"1.2.3.4\x00"
+    with pytest.raises(ProtocolError, match="is not the one we sent"):
+        check_response(values, STORE_RSP_FIELD, 5, _CT.encode(), _INSTANCE.encode())
+
+
+@pytest.mark.parametrize(
+    ("layout", "words"),
+    [
+        ({"replace": {0x0120: b"\x06\x00"}, "group_length": "missing"}, "our request was"),
+        ({"replace": {0x0900: b"\x00"}, "reverse": True}, "has 1 bytes, not 2"),
+        ({"replace": {0x0100: None}, "group_length": "wrong"}, "without Command Field"),
+        ({"replace": {0x0800: b"\x01\x00"}, "reverse": True}, "announces a data set"),
+        ({"replace": {0x0900: b"\x00\xff"}, "group_length": "missing"}, "Pending"),
+        ({"replace": {0x1000: b"1.2.3\x00"}, "reverse": True}, "Affected SOP Instance UID"),
+    ],
+)
+def test_what_identifies_a_response_is_still_checked_whatever_the_layout(
+    layout: dict[str, object], words: str
+) -> None:
+    values = decode_command(_rsp_command_set(0x0000, **layout), [])
+    with pytest.raises(ProtocolError, match=words):
+        check_response(values, STORE_RSP_FIELD, 5, _CT.encode(), _INSTANCE.encode())
 
 
 @FAST
