@@ -87,21 +87,29 @@ _TRANSIENT_FAILURES = frozenset(
 
 
 def classify_status(status: int) -> Outcome:
-    """Map a C-STORE-RSP status to an outcome.
+    """Map the status of a C-STORE-RSP that passed :func:`forwarder.pdu.check_response` to an
+    outcome.
 
     - Success and Warning (0xB000, 0xB006, 0xB007, 0x0001...) are stored.
     - Retried with backoff (the file is not at fault, or we cannot tell): 0xA7xx (out of
       resources), 0x0213 (resource limitation), 0x0110 (processing failure), 0x0210 (duplicate
-      invocation), Cancel, every status outside PS3.4's categories (Unknown), and Pending, which
-      C-STORE has no use for (the sender already treats it as a protocol error).
+      invocation), Cancel, and every status outside PS3.4's categories (Unknown).
     - Every other failure is permanent: 0xA9xx (data set does not match the SOP class), 0xCxxx
       (cannot understand), 0x0122 (SOP class not supported), 0x0124 (not authorised), ...
+
+    Pending (0xFF00, 0xFF01) is not a C-STORE status: ``check_response`` refuses such a response
+    as a protocol error (the association is aborted, the file retried), so no status of that
+    category reaches here from the sender; passing one is a caller's error (``ValueError``).
     """
     category = code_to_category(status)
     if category == "Success":
         return Outcome.STORED
     if category == "Warning":
         return Outcome.WARNING
+    if category == "Pending":
+        raise ValueError(
+            f"status 0x{status:04X} is Pending: a protocol error for C-STORE (pdu.check_response)"
+        )
     if category == "Failure" and (status & 0xFF00) != 0xA700 and status not in _TRANSIENT_FAILURES:
         return Outcome.FAILED
     return Outcome.RETRY

@@ -4,6 +4,7 @@ pynetdicom and raw-socket peers on loopback, real files."""
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from dicomgen import write_files
 from hostile import Behaviour, HostilePeer
 from peers import ScriptedSCP, free_port
 
+from forwarder.errors import ProtocolError
+from forwarder.pdu import C_STORE_RSP, NO_DATA_SET, check_response
 from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest, classify_status
 from forwarder.sender import AssociationSettings, Peer
 
@@ -30,7 +33,6 @@ def send_all(channel: Channel, paths: list[Path | str]) -> list[SendOutcome]:
         (0x0213, Outcome.RETRY),  # resource limitation: was permanent
         (0x0999, Outcome.RETRY),  # no PS3.4 category (Unknown): was permanent
         (0x7F01, Outcome.RETRY),
-        (0xFF00, Outcome.RETRY),  # Pending has no place in a C-STORE-RSP: a protocol error
         (0x0210, Outcome.RETRY),  # duplicate invocation
         (0xA700, Outcome.RETRY),
         (0xA7FF, Outcome.RETRY),
@@ -49,6 +51,22 @@ def send_all(channel: Channel, paths: list[Path | str]) -> list[SendOutcome]:
 )
 def test_classify_status(status: int, outcome: Outcome) -> None:
     assert classify_status(status) is outcome
+
+
+@pytest.mark.parametrize("status", [0xFF00, 0xFF01])
+def test_pending_is_not_classified_the_response_check_refuses_it(status: int) -> None:
+    """classify_status documented Pending as retried while check_response refuses it before:
+    the two said different things. Pending is the response check's (a protocol error)."""
+    values = {
+        0x0100: struct.pack("<H", C_STORE_RSP),
+        0x0120: struct.pack("<H", 1),
+        0x0800: struct.pack("<H", NO_DATA_SET),
+        0x0900: struct.pack("<H", status),
+    }
+    with pytest.raises(ProtocolError, match="Pending"):
+        check_response(values, C_STORE_RSP, 1, b"1.2.3")
+    with pytest.raises(ValueError, match="Pending"):
+        classify_status(status)
 
 
 def test_a_resource_limitation_from_a_real_peer_is_retry_with_its_status(tmp_path: Path) -> None:
