@@ -224,7 +224,10 @@ class OrthancPeer:
         try:
             self.rest("POST", f"/modalities/{modality}/store", instance_id)
         except urllib.error.HTTPError as exc:
-            return False, f"HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:300]}"
+            try:
+                return False, f"HTTP {exc.code}: {exc.read().decode('utf-8', 'replace')[:300]}"
+            finally:
+                exc.close()
         return True, ""
 
 
