@@ -152,9 +152,15 @@ class StoreSCP:
 
 @contextmanager
 def storescp(
-    output: Path, *, ae_title: str = "STORESCP", nagle: bool = False, extra: list[str] | None = None
+    output: Path,
+    *,
+    ae_title: str = "STORESCP",
+    nagle: bool = False,
+    extra: list[str] | None = None,
+    log: Path | None = None,
 ) -> Iterator[StoreSCP]:
-    """DCMTK storescp on a free port; ``nagle=True`` leaves Debian's default (Nagle on)."""
+    """DCMTK storescp on a free port; ``nagle=True`` leaves Debian's default (Nagle on).
+    ``log``: its stderr goes to this file (a long run's warnings would fill an unread pipe)."""
     output.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = dict(os.environ)
@@ -162,7 +168,13 @@ def storescp(
     if not nagle:
         env["TCP_NODELAY"] = "1"
     cmd = [STORESCP, "-aet", ae_title, "-od", str(output), *(extra or []), str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log_file = open(log, "ab") if log is not None else None  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file if log_file is not None else subprocess.PIPE,
+    )
     try:
         wait_for_port(port, proc=proc)
         yield StoreSCP(port, output, proc, ae_title)
@@ -170,6 +182,8 @@ def storescp(
         stop_process(proc)
         if proc.stderr is not None:
             proc.stderr.close()
+        if log_file is not None:
+            log_file.close()
 
 
 @dataclass

@@ -140,7 +140,12 @@ def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiveRun]:
     with ExitStack() as stack:
         recv = stack.enter_context(forwarder_receive(work / "received", command=FORWARDER))
         scp = stack.enter_context(
-            storescp(work / "storescp", ae_title="STORESCP", extra=["+B", "+uf", "+xa"])
+            storescp(
+                work / "storescp",
+                ae_title="STORESCP",
+                extra=["+B", "+uf", "+xa"],
+                log=work / "storescp.log",
+            )
         )
         orth = stack.enter_context(orthanc(work / "orthanc", ae_title="ORTHANC"))
         orth.add_modality("fwd", recv.ae_title, recv.port)

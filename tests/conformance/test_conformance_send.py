@@ -126,7 +126,12 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Peer]]
                 out[name] = Peer(name, o.ae_title, o.port, orthanc=o)
             else:
                 s = stack.enter_context(
-                    storescp(root / name, ae_title="STORESCP", extra=["+B", "+uf", *opts])
+                    storescp(
+                        root / name,
+                        ae_title="STORESCP",
+                        extra=["+B", "+uf", *opts],
+                        log=root / f"{name}.log",
+                    )
                 )
                 out[name] = Peer(name, s.ae_title, s.port, scp=s)
         yield out
