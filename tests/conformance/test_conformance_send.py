@@ -14,7 +14,9 @@ The rules, per file and peer:
    is in ``done/``, or its ``.error.json`` says that destination stored it) is held by the peer,
    equal to the original (conformance_lib.compare: element by element, pixel arrays equal);
    at storescp, whose meta header records the C-STORE's Affected SOP Class/Instance UID, the
-   command named the data set's own UIDs (dcmsend names "31" for ``rtdose_rle*.dcm``).
+   command named the data set's own UIDs (dcmsend names "31" for ``rtdose_rle*.dcm``). At
+   Orthanc text values are compared without trailing spaces/NULs: Orthanc trims over-long
+   padding in what it stores, dcmsend's objects alike (the only peer-specific exclusion).
 2. A file not stored has a named reason (``--report`` error; ``failed/NAME.error.json``).
 3. Every file dcmsend delivers is delivered by forwarder. "Delivers" means: a stored status, and
    the peer holds an object equal to the original by the same comparison as rule 1, except for
