@@ -146,6 +146,11 @@ class SendOutcome:
     # for an earlier file of the batch failed), or the association was rejected permanently
     # (our AE title unknown there...: the configuration or the peer is at fault, no file is).
     attempted: bool = True
+    # True when this outcome is the failure to open an association in this batch (the file
+    # that was tried, and the rest of the batch answered with the same reason). What a caller
+    # must use to tell "the peer is down" from a file's own fault: Channel.down is the last
+    # association attempt's error and stays set through batches that never try one.
+    association_failed: bool = False
 
 
 class Channel:
@@ -168,7 +173,10 @@ class Channel:
         self._proposed: set[tuple[str, str]] = set()
         self._proposed_order: list[tuple[str, str]] = []
         self.associations_opened = 0
-        self.down: AssociationError | None = None  # the last failure to associate, until one works
+        # The error of the last association attempt, None once one works. Not reset by a batch
+        # that never tries to associate (every file unreadable): for what happened in a batch,
+        # see SendOutcome.association_failed.
+        self.down: AssociationError | None = None
 
     @property
     def is_open(self) -> bool:
@@ -270,7 +278,14 @@ class Channel:
             if down is not None:
                 verdict = Outcome.RETRY if down.retryable else Outcome.FAILED
                 yield self._outcome(
-                    request, request.meta, verdict, None, str(down), 0.0, attempted=False
+                    request,
+                    request.meta,
+                    verdict,
+                    None,
+                    str(down),
+                    0.0,
+                    attempted=False,
+                    association_failed=True,
                 )
                 continue
             started = time.monotonic()
@@ -295,7 +310,14 @@ class Channel:
                 self._assoc = None
                 down = exc  # refused or unreachable: the rest of this batch fares the same
                 yield self._outcome(
-                    request, meta, outcome, None, str(exc), 0.0, attempted=exc.retryable
+                    request,
+                    meta,
+                    outcome,
+                    None,
+                    str(exc),
+                    0.0,
+                    attempted=exc.retryable,
+                    association_failed=True,
                 )
                 continue
             except Exception as exc:  # the safety net: see the docstring
@@ -444,6 +466,7 @@ class Channel:
         *,
         association: int | None = None,
         attempted: bool = True,
+        association_failed: bool = False,
     ) -> SendOutcome:
         if association is None and self.is_open:
             association = self._assoc_number
@@ -460,4 +483,5 @@ class Channel:
             nbytes=0,
             seconds=time.monotonic() - started if started else 0.0,
             attempted=attempted,
+            association_failed=association_failed,
         )

@@ -292,11 +292,13 @@ class DestinationWorkers:
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         handed_back: list[int] = []  # back to READY, no attempt charged
         spare = False
+        association_failed = False  # this batch tried to associate and failed
         try:
             for outcome in channel.send(requests(), hint=self._hints()):
                 self._beats[index] = time.monotonic()
                 job = by_id[outcome.request.key]
-                if self._spare_unavailable(channel, outcome, index):
+                association_failed |= outcome.association_failed
+                if self._spare_unavailable(outcome, index):
                     # This extra association was refused or timed out while a sibling's works
                     # (a peer serving fewer associations than configured): the jobs go back
                     # unharmed.
@@ -352,7 +354,7 @@ class DestinationWorkers:
                 channel.down,
             )
         else:
-            self._update_down(channel)
+            self._update_down(channel, association_failed)
 
     def _apply_acks(self, index: int, acks: Sequence[_Ack]) -> bool:
         """Record outcomes in the queue. Those it refuses (its disk is full...) are kept for
@@ -402,14 +404,13 @@ class DestinationWorkers:
             return False  # gone: the sender reports that
         return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
-    def _spare_unavailable(self, channel: Channel, outcome: SendOutcome, index: int) -> bool:
+    def _spare_unavailable(self, outcome: SendOutcome, index: int) -> bool:
         # Whatever the rejection (some peers reject an extra association permanently): while
-        # a sibling's association works, the destination is not down.
-        return (
-            not outcome.outcome.stored
-            and outcome.association is None
-            and channel.down is not None
-            and any(c.is_open for i, c in self._channels.items() if i != index)
+        # a sibling's association works, the destination is not down. Only an association
+        # that failed in this batch counts: a file's own failure (unreadable...) on a channel
+        # whose last association attempt failed long ago is that file's, and charged to it.
+        return outcome.association_failed and any(
+            c.is_open for i, c in self._channels.items() if i != index
         )
 
     def _retry(self, job: Job, status: int | None, error: str | None) -> _Ack:
@@ -428,12 +429,15 @@ class DestinationWorkers:
         next_at = time.time() + backoff(policy, attempts)
         return _Ack("retry", (job.id,), status, error, next_at)
 
-    def _update_down(self, channel: Channel) -> None:
-        """After a batch: the destination is up if an association worked, down (paused with
-        backoff, or held for ``retry.max_delay`` after a permanent rejection) if it failed."""
+    def _update_down(self, channel: Channel, association_failed: bool) -> None:
+        """After a batch: the destination is down (paused with backoff, or held for
+        ``retry.max_delay`` after a permanent rejection) if this batch failed to associate, up
+        if the channel's last association worked. A batch that never tried to associate (every
+        file failed before: unreadable...) changes nothing: ``channel.down`` is then an old
+        error, and the files' failures are their own."""
         down = channel.down
-        if down is None:
-            if channel.associations_opened:
+        if not association_failed or down is None:
+            if down is None and channel.associations_opened:
                 with self._lock:
                     self._down_failures = 0
                 self._set_state("up", None)

@@ -99,6 +99,26 @@ def test_an_unreachable_peer_charges_only_the_file_tried(tmp_path: Path) -> None
     outcomes = send_all(Channel(Peer("127.0.0.1", free_port(), "NOBODY"), SETTINGS), [*paths])
     assert [o.outcome for o in outcomes] == [Outcome.RETRY] * 4
     assert [o.attempted for o in outcomes] == [True, False, False, False]
+    assert [o.association_failed for o in outcomes] == [True] * 4
+
+
+def test_a_file_failing_before_any_association_is_not_an_association_failure(
+    tmp_path: Path,
+) -> None:
+    """Channel.down is the last association attempt's error, kept until one works; a later
+    batch whose files all fail before any association is tried must not look like the peer
+    being down (the worker used to read channel.down for that, and hand such files back
+    uncharged or mark the destination DOWN)."""
+    (good,) = write_files(tmp_path, 1, rows=8, columns=8)
+    unreadable = tmp_path / "unreadable.dcm"
+    unreadable.mkdir()
+    channel = Channel(Peer("127.0.0.1", free_port(), "NOBODY"), SETTINGS)
+    (refused,) = send_all(channel, [good])
+    assert refused.association_failed and channel.down is not None
+    (outcome,) = send_all(channel, [unreadable])
+    assert outcome.outcome is Outcome.RETRY and outcome.attempted
+    assert not outcome.association_failed
+    assert channel.down is not None  # still the old error: callers must not read it per batch
 
 
 def test_a_permanent_rejection_charges_no_file(tmp_path: Path) -> None:
@@ -107,6 +127,7 @@ def test_a_permanent_rejection_charges_no_file(tmp_path: Path) -> None:
         channel = Channel(Peer("127.0.0.1", peer.port, "SCP"), SETTINGS)
         outcomes = send_all(channel, [*paths])
     assert [(o.outcome, o.attempted) for o in outcomes] == [(Outcome.FAILED, False)] * 3
+    assert all(o.association_failed for o in outcomes)
     assert channel.down is not None and not channel.down.retryable
     assert "rejected-permanent" in (outcomes[0].error or "")
 

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import statistics
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from forwarder.config import Destination, RetryPolicy
 from forwarder.dicomfile import read_meta
 from forwarder.finisher import Finisher
 from forwarder.ingest import Ingest
+from forwarder.pool import Channel, StoreRequest
 from forwarder.queue import JobStatus, Queue
+from forwarder.queue_records import FileEntry
 from forwarder.router import Router
 from forwarder.sender import AssociationSettings
 from forwarder.spool import Spool
@@ -458,3 +461,116 @@ def test_the_data_set_s_own_uids_are_sent_not_a_stale_meta_header_s(rig: Rig) ->
         rig.start()
         wait_until(lambda: len(rig.done()) == 1, 20, what="the deflated file in done/")
         assert scp.uids() == {own}
+
+
+def test_a_file_unreadable_on_a_spare_channel_whose_last_association_failed_is_charged(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Channel.down stays set until an association works. A file that failed before any
+    association was tried (unreadable at send time) on a spare channel whose last association
+    attempt had failed used to be taken for "this association is not available": handed back
+    uncharged, again and again, while the sibling's association was open (and, with none open,
+    the destination was marked DOWN with that old error). It is the file's failure: charged,
+    and failed/ after max_attempts.
+
+    The raw-socket peer serves one association at a time and never answers the first store:
+    one thread's association stays open and busy (response_timeout), so the other thread is the
+    only one claiming, and its association attempts time out (not accepted while the first is
+    open)."""
+    caplog.set_level("INFO", logger="forwarder.worker")
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=3)
+    with HostilePeer(Behaviour.NEVER_ANSWER, then=Behaviour.ACCEPT) as peer:
+        workers = rig.add_destination(
+            "a", peer.port, retry=retry, associations=2, connect_timeout=1.0, response_timeout=10.0
+        )
+        rig.start()
+        rig.enqueue(1, prefix="busy")  # one thread associates, sends it, waits for an answer
+        wait_until(lambda: len(peer.datasets) == 1, 10, what="the first data set at the peer")
+        # The other thread: a file whose association attempt fails (the peer is busy) ...
+        path = rig.spool.incoming / "spare.dcm"
+        ds = write_file(path, rows=8, columns=8, seed=99)
+        entry = FileEntry(
+            str(path),
+            path.name,
+            path.stat().st_size,
+            0,  # no mtime: the worker's "changed since queued" check leaves it alone
+            str(ds.SOPClassUID),
+            str(ds.SOPInstanceUID),
+            str(ds.file_meta.TransferSyntaxUID),
+        )
+        rig.queue.enqueue(entry, ["a"])
+        workers.wake()
+        wait_until(
+            lambda: any(c.down is not None for c in workers._channels.values()),
+            10,
+            what="the spare channel's failed association",
+        )
+        assert _attempts(rig.queue)[-1] == ("READY", 0)  # not charged: the peer was busy
+        # ... then becomes unreadable: a directory where the file was (EISDIR at read_meta).
+        path.unlink()
+        path.mkdir()
+        wait_until(lambda: rig.failed() == ["spare.dcm"], 8, what="the unreadable file in failed/")
+        assert not peer.aborted.is_set()  # all while the sibling's association was open, busy
+        (result,) = rig.error("spare.dcm")["destinations"]  # type: ignore[misc]
+        assert "gave up after 3 attempts" in result["error"], result
+        assert "cannot read" in result["error"], result
+        # The busy file times out, is retried on a new association and stored: the destination
+        # was never down, and nothing said it was.
+        wait_until(lambda: rig.done() == ["busy000.dcm"], 30, what="the busy file in done/")
+        wait_until(lambda: workers.state[0] == "up", 10, what="the destination up")
+    assert not [r for r in caplog.records if "DOWN" in r.getMessage()]
+    assert rig.queue.destination_states()["a"].state == "up"
+
+
+def _unreadable_entry(path: Path) -> FileEntry:
+    """Queue a real file, then put a directory in its place (EISDIR at read_meta): unreadable
+    at send time. No mtime, so the worker's "changed since queued" check leaves it alone."""
+    ds = write_file(path, rows=8, columns=8, seed=98)
+    entry = FileEntry(
+        str(path),
+        path.name,
+        path.stat().st_size,
+        0,
+        str(ds.SOPClassUID),
+        str(ds.SOPInstanceUID),
+        str(ds.file_meta.TransferSyntaxUID),
+    )
+    path.unlink()
+    path.mkdir()
+    return entry
+
+
+def test_an_unreadable_file_on_a_channel_whose_old_association_failed_is_not_the_destination_down(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same, with no sibling association open: the file was charged, but the batch ended
+    with the channel's old association error still in Channel.down, and the destination that
+    had come up since was paused and marked DOWN with that error. Driven batch by batch (the
+    worker's own _process on its two channels) so that each channel's history is exact."""
+    caplog.set_level("INFO", logger="forwarder.worker")
+    port = free_port()
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=2)
+    workers = rig.add_destination("a", port, retry=retry, associations=2)
+    spare = Channel(workers.peer, workers.settings, name="a#2")
+    write_file(rig.root / "early.dcm", rows=8, columns=8, seed=97)
+    (refused,) = spare.send([StoreRequest(str(rig.root / "early.dcm"), 1)])
+    assert refused.association_failed and spare.down is not None  # the peer was down then
+    with ScriptedSCP(port=port) as scp:
+        first = Channel(workers.peer, workers.settings, name="a#1")
+        workers._channels.update({0: first, 1: spare})
+        rig.enqueue(1)
+        workers._process(first, rig.queue.claim("a", 64), 0)  # stored: the destination is up
+        assert workers.state[0] == "up" and len(scp.received) == 1
+        first.release()  # idle, released: no sibling association open
+        rig.queue.enqueue(_unreadable_entry(rig.spool.incoming / "gone.dcm"), ["a"])
+        for attempt in (1, 2):
+            jobs = rig.queue.claim("a", 64, now=time.time() + 3600)
+            assert len(jobs) == 1 and jobs[0].path.endswith("gone.dcm"), jobs
+            workers._process(spare, jobs, 1)
+            assert workers.state[0] == "up", (attempt, workers.state)
+            assert workers._down_until == 0.0  # not paused
+    assert rig.failed() == ["gone.dcm"]
+    (result,) = rig.error("gone.dcm")["destinations"]  # type: ignore[misc]
+    assert "gave up after 2 attempts" in result["error"] and "cannot read" in result["error"]
+    assert not [r for r in caplog.records if "DOWN" in r.getMessage()]
+    assert rig.queue.destination_states()["a"].state == "up"
