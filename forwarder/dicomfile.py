@@ -11,13 +11,13 @@ required. Everything here is bounded: no length read from the file is trusted to
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import BinaryIO
 
 from forwarder.errors import InvalidFileError, UnreadableFileError
@@ -210,7 +210,8 @@ def read_meta(path: str | os.PathLike[str]) -> FileMeta:
 
 _NUMERIC = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
 _MAX_DEPTH = 32
-_IN_MEMORY = 2 * 1024 * 1024
+_IN_MEMORY = 2 * 1024 * 1024  # files up to this size are read whole; bigger ones through a window
+_WINDOW = 64 * 1024  # the window of a big file: element headers are read, values skipped
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
@@ -232,6 +233,33 @@ MAX_INFLATED = 256 * 1024 * 1024
 _INTERNAL_KEYS = {_SOP_CLASS_UID: "\0SOPClassUID", _SOP_INSTANCE_UID: "\0SOPInstanceUID"}
 
 
+@cache
+def _dictionary_tags() -> tuple[frozenset[int], frozenset[int]]:
+    """The data dictionary's tags whose VR is SQ, and all the tags it knows; built once, on the
+    first implicit VR data set (pydicom is imported only then)."""
+    from pydicom._dicom_dict import DicomDictionary
+
+    sequences = frozenset(tag for tag, entry in DicomDictionary.items() if entry[0] == "SQ")
+    return sequences, frozenset(DicomDictionary)
+
+
+def implicit_vr_sequence(tag: int) -> bool | None:
+    """The one rule for an implicit VR element of defined length (``scan_file`` and
+    ``transcode`` both follow it): True when the data dictionary's VR is SQ (its value must be
+    items), False when the tag is known with another VR (Pixel Data, a group length, a private
+    creator: its bytes are a value, whatever they start with), None when the dictionary does not
+    know it (private data elements, unknown tags): a sequence only if its bytes parse as items."""
+    sequences, known = _dictionary_tags()
+    if tag in sequences:
+        return True
+    group, elem = tag >> 16, tag & 0xFFFF
+    if elem == 0 or (group & 1 and 0x0010 <= elem <= 0x00FF):
+        return False  # group lengths, private creators
+    if group & 1:
+        return None
+    return False if tag in known else None
+
+
 def _encapsulated_syntax(transfer_syntax: str) -> bool | None:
     """True when ``transfer_syntax`` requires encapsulated Pixel Data, False when it requires
     native Pixel Data, None when it is not a standard syntax of pixel data (not judged)."""
@@ -250,36 +278,84 @@ def _encapsulated_syntax(transfer_syntax: str) -> bool | None:
 class _Scanner:
     """Walks every element of a data set without building it: checks that each length fits in
     the file and every undefined length is closed, and collects the values of ``want`` (top level
-    only). Works on a buffer (the bytes of a small file, or an mmap of a big one) with integer
-    offsets; each step consumes at least 8 bytes, so the walk is bounded by the file size."""
+    only). Positions are file offsets (offsets in the inflated data set when deflated); ``buf``
+    holds the bytes from ``base`` to ``limit``: the whole file when it is small, else a window
+    read with ``os.preadv`` into one reused buffer, moved forward as the walk goes (element
+    headers are read, values skipped by offset), so memory stays flat whatever the file's size
+    and a file truncated meanwhile by another program is found truncated (an mmap would kill
+    the process with SIGBUS). Each step consumes at least 8 bytes, so the walk is bounded by the
+    file size."""
 
     def __init__(
         self,
-        buf: bytes | bytearray | mmap.mmap,
+        buf: bytes | bytearray,
         path: str,
         little: bool,
         want: Mapping[int, str],
         vrs: Mapping[int, str],
+        *,
+        fd: int | None = None,
+        size: int | None = None,
     ) -> None:
         self.buf = buf
-        self.size = len(buf)
+        self.base = 0
+        self.limit = len(buf) if fd is None else 0
+        self.size = len(buf) if size is None else size
+        self.fd = fd  # a big file's descriptor; None when ``buf`` holds the whole data
         self.path = path
         self.fmt = "<" if little else ">"
         self.tag_len = struct.Struct(self.fmt + "HHI")
         self.tag_vr_len = struct.Struct(self.fmt + "HH2sH")
         self.long_len = struct.Struct(self.fmt + "I")
+        self.item_tag = struct.pack(self.fmt + "HH", 0xFFFE, 0xE000)
         self.want = want
         self.vrs = vrs  # VRs of wanted tags, for implicit VR data sets
         self.found: dict[str, str] = {}
         self.pixel_data: str | None = None  # "native" or "encapsulated", at the top level
+        self.sequences: frozenset[int] = frozenset()
+        self.known: frozenset[int] = frozenset()
 
     def fail(self, message: str) -> InvalidFileError:
         return InvalidFileError(self.path, message)
 
+    def shrunk(self) -> InvalidFileError:
+        return self.fail(
+            f"truncated while being checked: the file was {self.size} bytes when opened and "
+            "is shorter now (another program is writing or cutting it)"
+        )
+
+    def fill(self, pos: int) -> None:
+        """Move the window of a big file to start at ``pos``."""
+        if self.fd is None:
+            return
+        window = self.buf
+        assert isinstance(window, bytearray)
+        wanted = min(len(window), self.size - pos)
+        got = os.preadv(self.fd, [window], pos) if wanted > 0 else 0
+        if got < wanted:
+            raise self.shrunk()
+        self.base, self.limit = pos, pos + max(got, 0)
+
+    def read(self, pos: int, n: int) -> bytes:
+        """``n`` bytes at ``pos`` (fewer at the end of the data): for values and hints."""
+        n = max(min(n, self.size - pos), 0)
+        if self.base <= pos and pos + n <= self.limit:
+            return bytes(self.buf[pos - self.base : pos - self.base + n])
+        assert self.fd is not None  # a whole buffer holds every position
+        data = os.pread(self.fd, n, pos)
+        if len(data) < n:
+            raise self.shrunk()
+        return data
+
+    def check_unchanged(self) -> None:
+        """A big file whose size changed during the walk may have lost what the walk skipped."""
+        if self.fd is not None and os.fstat(self.fd).st_size != self.size:
+            raise self.shrunk()
+
     def truncated(self, tag: int, length: int, pos: int, implicit: bool) -> InvalidFileError:
         hint = ""
         if implicit and pos >= 4:
-            vr = self.buf[pos - 4 : pos - 2]
+            vr = self.read(pos - 4, 2)
             if vr in _LONG_VRS or (vr[:1].isupper() and vr[1:].isupper()):
                 hint = (
                     " (the data set looks explicit VR: its meta header names the wrong "
@@ -293,7 +369,7 @@ class _Scanner:
     def invalid_vr(self, tag: int, vr: bytes, pos: int) -> InvalidFileError:
         hint = ""
         if self.fmt == "<" and pos + 4 <= self.size:
-            (as_implicit,) = self.long_len.unpack_from(self.buf, pos)
+            (as_implicit,) = self.long_len.unpack(self.read(pos, 4))
             if as_implicit <= self.size - pos - 4:
                 hint = (
                     " (the data set looks implicit VR: it does not match the transfer syntax "
@@ -301,13 +377,23 @@ class _Scanner:
                 )
         return self.fail(f"element {_tag(tag)} has an invalid VR {bytes(vr)!r}{hint}")
 
+    def walk(self, pos: int, implicit: bool) -> None:
+        """Walk the data set from ``pos`` to the end of the data."""
+        self.fill(pos)
+        self.elements(pos, implicit, 0, self.size, in_item=False)
+        self.check_unchanged()
+
     def elements(self, pos: int, implicit: bool, depth: int, end: int, in_item: bool) -> int:
         """Read elements from ``pos`` until ``end`` or (``in_item``) an item delimiter;
         return the position after them."""
         if depth > _MAX_DEPTH:
             raise self.fail("sequences nested deeper than 32 levels")
-        buf, size = self.buf, self.size
+        if implicit and not self.known:
+            self.sequences, self.known = _dictionary_tags()
+        want = self.want
+        buf, base, limit, size = self.buf, self.base, self.limit, self.size
         tag_len, tag_vr_len, long_len = self.tag_len, self.tag_vr_len, self.long_len
+        sequences, known = self.sequences, self.known
         while True:
             if pos >= end:
                 if pos > end:
@@ -315,23 +401,27 @@ class _Scanner:
                 if in_item:
                     raise self.fail("truncated: an item has no item delimiter")
                 return pos
-            if pos + 8 > size:
-                if depth == 0 and not buf[pos:size].strip(b"\x00"):
-                    return size  # a few zero padding bytes at the very end
-                raise self.fail("truncated: the file ends inside an element header")
+            if pos + 12 > limit:
+                if pos + 8 > size:
+                    if depth == 0 and not self.read(pos, size - pos).strip(b"\x00"):
+                        return size  # a few zero padding bytes at the very end
+                    raise self.fail("truncated: the file ends inside an element header")
+                if limit < size:
+                    self.fill(pos)
+                    buf, base, limit = self.buf, self.base, self.limit
             if implicit:
-                group, elem, length = tag_len.unpack_from(buf, pos)
+                group, elem, length = tag_len.unpack_from(buf, pos - base)
                 vr = b""
                 pos += 8
             else:
-                group, elem, vr, length = tag_vr_len.unpack_from(buf, pos)
+                group, elem, vr, length = tag_vr_len.unpack_from(buf, pos - base)
                 pos += 8
                 if group == 0xFFFE:
-                    (length,) = long_len.unpack_from(buf, pos - 4)
+                    (length,) = long_len.unpack_from(buf, pos - 4 - base)
                 elif vr in _LONG_VRS:
                     if pos + 4 > size:
                         raise self.fail("truncated: the file ends inside an element header")
-                    (length,) = long_len.unpack_from(buf, pos)
+                    (length,) = long_len.unpack_from(buf, pos - base)
                     pos += 4
                 elif not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                     raise self.invalid_vr((group << 16) | elem, vr, pos - 4)
@@ -347,24 +437,46 @@ class _Scanner:
                     self.pixel_data = "encapsulated"
                 fragments = pixels or vr in (b"OB", b"OW")
                 pos = self.items(pos, implicit or vr == b"UN", depth + 1, fragments)
+                buf, base, limit = self.buf, self.base, self.limit
                 continue
             if pos + length > end:
                 raise self.truncated(tag, length, pos, implicit)
-            if vr == b"SQ" or (implicit and length >= 8 and self._starts_item(pos)):
+            if vr == b"SQ" or (implicit and tag in sequences):
                 # A defined-length sequence: its items must fit it exactly.
                 self.defined_items(pos, pos + length, implicit or vr == b"UN", depth + 1)
-            elif depth == 0:
-                if tag in self.want and length <= 4096:
-                    vr_used = vr or self.vrs.get(tag, "").encode()
-                    raw = bytes(buf[pos : pos + length])
-                    self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
-                elif tag == _PIXEL_DATA:
-                    self.pixel_data = "native"
+                buf, base, limit = self.buf, self.base, self.limit
+            elif implicit and length >= 8 and (group & 1 or tag not in known):
+                # A private or unknown tag: a sequence if its bytes parse as items, else a value.
+                if not self.guess_items(tag, pos, length, depth + 1) and depth == 0:
+                    self.value(tag, vr, pos, length)
+                buf, base, limit = self.buf, self.base, self.limit
+            elif depth == 0 and (tag in want or tag == _PIXEL_DATA):
+                self.value(tag, vr, pos, length)
             pos += length
 
-    def _starts_item(self, pos: int) -> bool:
-        group, elem = struct.unpack_from(self.fmt + "HH", self.buf, pos)
-        return bool(((group << 16) | elem) == _ITEM)
+    def value(self, tag: int, vr: bytes, pos: int, length: int) -> None:
+        """A top-level value: kept when wanted; Pixel Data noted."""
+        if tag in self.want and length <= 4096:
+            vr_used = vr or self.vrs.get(tag, "").encode()
+            raw = self.read(pos, length)
+            self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
+        elif tag == _PIXEL_DATA:
+            self.pixel_data = "native"
+
+    def guess_items(self, tag: int, pos: int, length: int, depth: int) -> bool:
+        """Whether the implicit VR value at ``pos`` of a tag the dictionary does not know (see
+        :func:`implicit_vr_sequence`) is a sequence: its bytes start with an item and parse as
+        items (walked, then). Otherwise it is an opaque value (private binary data may start
+        with the bytes of an item tag), not a fault."""
+        if implicit_vr_sequence(tag) is not None or self.read(pos, 4) != self.item_tag:
+            return False
+        try:
+            self.defined_items(pos, pos + length, True, depth)
+        except InvalidFileError:
+            if self.base > pos:
+                self.fill(pos)  # the window moved on during the attempt: back to the value
+            return False
+        return True
 
     def defined_items(self, pos: int, end: int, implicit: bool, depth: int) -> None:
         """Items of a sequence with a defined length: each must end inside ``end``."""
@@ -373,7 +485,9 @@ class _Scanner:
         while pos < end:
             if pos + 8 > end:
                 raise self.fail("a sequence ends inside an item header")
-            group, elem, length = self.tag_len.unpack_from(self.buf, pos)
+            if pos + 8 > self.limit:
+                self.fill(pos)
+            group, elem, length = self.tag_len.unpack_from(self.buf, pos - self.base)
             pos += 8
             if ((group << 16) | elem) != _ITEM:
                 raise self.fail(
@@ -389,13 +503,15 @@ class _Scanner:
                 pos = self.elements(pos, implicit, depth, pos + length, in_item=False)
 
     def items(self, pos: int, implicit: bool, depth: int, fragments: bool) -> int:
-        buf, size = self.buf, self.size
+        size = self.size
         while True:
             if pos + 8 > size:
                 raise self.fail(
                     "truncated: an undefined length has no sequence delimiter before the end"
                 )
-            group, elem, length = self.tag_len.unpack_from(buf, pos)
+            if pos + 8 > self.limit:
+                self.fill(pos)
+            group, elem, length = self.tag_len.unpack_from(self.buf, pos - self.base)
             pos += 8
             tag = (group << 16) | elem
             if tag == _SEQ_END:
@@ -508,33 +624,38 @@ def inflate(f: BinaryIO, path: str, offset: int, limit: int = MAX_INFLATED) -> b
 
 
 def _scan(
-    p: str, meta: FileMeta, want: Mapping[int, str], vrs: Mapping[int, str]
-) -> tuple[dict[str, str], str, str]:
-    """Walk the data set of ``p``; return the wanted values and the data set's own UIDs."""
-    ts = meta.transfer_syntax
-    implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
-    little = ts != EXPLICIT_VR_BIG_ENDIAN
+    p: str, meta: FileMeta | None, want: Mapping[int, str], vrs: Mapping[int, str]
+) -> tuple[FileMeta, dict[str, str], str, str]:
+    """Walk the data set of ``p`` (its meta header read first when ``meta`` is None, from the
+    same open file); return the meta header, the wanted values and the data set's own UIDs."""
     wanted = dict(want)
     for tag, key in _INTERNAL_KEYS.items():
         wanted.setdefault(tag, key)
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            data = f.read() if size <= _IN_MEMORY else None
+            if meta is None:
+                head = f.read(_MAX_META) if data is None else data
+                meta = parse_meta(head[:_MAX_META] if len(head) > _MAX_META else head, size, p)
+            ts = meta.transfer_syntax
+            implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
+            little = ts != EXPLICIT_VR_BIG_ENDIAN
             if ts in DEFLATED_SYNTAXES:
                 scanner = _Scanner(inflate(f, p, meta.dataset_offset), p, True, wanted, vrs)
-                scanner.elements(0, False, 0, scanner.size, in_item=False)
-            elif size <= _IN_MEMORY:
-                scanner = _Scanner(f.read(), p, little, wanted, vrs)
-                scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
+                scanner.walk(0, False)
+            elif data is not None:
+                scanner = _Scanner(data, p, little, wanted, vrs)
+                scanner.walk(meta.dataset_offset, implicit)
             else:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                    scanner = _Scanner(mapped, p, little, wanted, vrs)
-                    scanner.elements(meta.dataset_offset, implicit, 0, scanner.size, in_item=False)
-                    scanner.buf = b""  # the map closes here; nothing reads it after the walk
+                # Never mmap: a file cut by another program meanwhile would kill us (SIGBUS).
+                window = bytearray(_WINDOW)
+                scanner = _Scanner(window, p, little, wanted, vrs, fd=f.fileno(), size=size)
+                scanner.walk(meta.dataset_offset, implicit)
     except OSError as exc:
         raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
     sop_class, sop_instance = scanner.finish(ts)
-    return scanner.found, sop_class, sop_instance
+    return meta, scanner.found, sop_class, sop_instance
 
 
 def scan_file(
@@ -559,7 +680,7 @@ def scan_file(
         from pydicom.datadict import dictionary_VR
 
         vrs = {tag: dictionary_VR(tag).split(" or ")[0] for tag in want}
-    found, _, _ = _scan(p, meta, want or {}, vrs or {})
+    _, found, _, _ = _scan(p, meta, want or {}, vrs or {})
     return found
 
 
@@ -571,6 +692,5 @@ def check_file(path: str | os.PathLike[str]) -> FileMeta:
     Raises :class:`InvalidFileError` (:class:`UnreadableFileError` when it cannot be read).
     """
     p = os.fspath(path)
-    meta = read_meta(p)
-    _, sop_class, sop_instance = _scan(p, meta, {}, {})
+    meta, _, sop_class, sop_instance = _scan(p, None, {}, {})
     return replace(meta, sop_class_uid=sop_class, sop_instance_uid=sop_instance)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import wait_until
 from dicomgen import make_dataset
 from pydicom.data import get_charset_files, get_testdata_file, get_testdata_files
 from pydicom.uid import (
@@ -352,3 +355,157 @@ def test_scan_file_still_returns_wanted_sop_uids() -> None:
         "SOPClassUID": ds.SOPClassUID,
         "Modality": ds.Modality,
     }
+
+
+# -- implicit VR: which values are sequences -------------------------------------------------
+
+#: The bytes of an item tag (FFFE,E000) followed by a length far past the value.
+ITEM_LOOKALIKE = struct.pack("<HHI", 0xFFFE, 0xE000, 0x100)
+
+
+def implicit_image(rows: int) -> pydicom.Dataset:
+    """A valid implicit VR image whose 16-bit pixels start with 0xFFFE, 0xE000, 0x0100, 0."""
+    ds = make_dataset(rows=rows, columns=rows, transfer_syntax=ImplicitVRLittleEndian)
+    pixels = bytearray(ds.PixelData)
+    pixels[:8] = ITEM_LOOKALIKE
+    ds.PixelData = bytes(pixels)
+    return ds
+
+
+@pytest.mark.parametrize("rows", [64, 1100], ids=["in-memory", "big-file"])
+def test_implicit_pixel_data_that_starts_like_an_item_is_pixel_data(
+    tmp_path: Path, rows: int
+) -> None:
+    """Pixel Data is never a sequence, whatever its first bytes: the file is valid."""
+    path = write(tmp_path, to_bytes(implicit_image(rows)))
+    decoded = pydicom.dcmread(path)
+    assert decoded.pixel_array[0, :4].tolist() == [0xFFFE, 0xE000, 0x0100, 0]
+    assert path.stat().st_size > 2 * 1024 * 1024 or rows == 64
+    meta = check_file(path)
+    assert (meta.sop_instance_uid, meta.transfer_syntax) == (
+        decoded.SOPInstanceUID,
+        ImplicitVRLittleEndian,
+    )
+
+
+@pytest.mark.parametrize("rows", [64, 1100], ids=["in-memory", "big-file"])
+def test_private_binary_data_that_starts_like_an_item_is_a_value(tmp_path: Path, rows: int) -> None:
+    """A private tag the dictionary does not know, holding bytes that start with an item tag
+    but do not parse as items, is an opaque value, not a broken sequence."""
+    ds = make_dataset(rows=rows, columns=rows, transfer_syntax=ImplicitVRLittleEndian)
+    block = ds.private_block(0x0009, "FORWARDER TEST", create=True)
+    block.add_new(0x10, "OB", ITEM_LOOKALIKE + bytes(range(24)))
+    path = write(tmp_path, to_bytes(ds))
+    assert pydicom.dcmread(path)[0x00091010].value[:8] == ITEM_LOOKALIKE
+    assert check_file(path).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_an_implicit_private_sequence_is_still_walked(tmp_path: Path) -> None:
+    """A private tag whose value parses as items is a sequence: walked, and the file passes."""
+    ds = make_dataset(transfer_syntax=ImplicitVRLittleEndian)
+    inner = pydicom.Dataset()
+    inner.CodeValue = "123"
+    block = ds.private_block(0x0009, "FORWARDER TEST", create=True)
+    block.add_new(0x10, "SQ", [inner])
+    data = to_bytes(ds)
+    assert check_file(write(tmp_path, data)).sop_instance_uid == ds.SOPInstanceUID
+
+
+def test_an_implicit_dictionary_sequence_that_does_not_parse_is_refused(tmp_path: Path) -> None:
+    """A tag whose dictionary VR is SQ must hold items: a bad item length is a fault."""
+    ds = make_dataset(transfer_syntax=ImplicitVRLittleEndian)
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID = ds.SOPClassUID
+    ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    ds.ReferencedImageSequence = [ref]
+    data = bytearray(to_bytes(ds))
+    at = data.index(struct.pack("<HH", 0x0008, 0x1140))
+    (length,) = struct.unpack_from("<I", data, at + 4)
+    assert length != 0xFFFFFFFF and data[at + 8 : at + 12] == struct.pack("<HH", 0xFFFE, 0xE000)
+    struct.pack_into("<I", data, at + 12, length)  # the item claims more than its sequence
+    with pytest.raises(InvalidFileError, match="an item claims"):
+        check_file(write(tmp_path, bytes(data)))
+
+
+# -- big files: read through a window, never mapped -----------------------------------------
+
+#: The scan, as its own process: it opens the file only to scan it (the meta header comes as
+#: arguments), so the file being open means the scan has started.
+_SCAN = """
+import sys
+from forwarder.dicomfile import FileMeta, scan_file
+from forwarder.errors import InvalidFileError
+
+path, syntax, offset, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+meta = FileMeta("1.2", "1.2.3", syntax, offset, size)
+try:
+    scan_file(path, meta)
+    print("accepted")
+except InvalidFileError as exc:
+    print("refused:", exc.reason)
+"""
+
+
+def has_open(pid: int, path: Path) -> bool:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir() if fd_dir.exists() else ():
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_big_file_cut_while_it_is_scanned_is_refused_not_fatal(tmp_path: Path) -> None:
+    """A 32 MB file of two million small fragments, cut in half by another program while a
+    scan walks it: the scan says truncated (a scan through an mmap dies of SIGBUS, exit -7)."""
+    ds = make_dataset(transfer_syntax=ExplicitVRLittleEndian)
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    head = to_bytes(ds)
+    fragment = struct.pack("<HHI", 0xFFFE, 0xE000, 8) + bytes(8)
+    pixels = (
+        struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+        + fragment * 2_000_000
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )
+    path = write(tmp_path, head + pixels)
+    meta = check_file(path)  # whole, it is valid
+    args = [meta.transfer_syntax, str(meta.dataset_offset), str(meta.size)]
+    scan = subprocess.Popen(
+        [sys.executable, "-c", _SCAN, str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: has_open(scan.pid, path) or scan.poll() is not None, interval=0)
+        os.truncate(path, meta.size // 2 // 65536 * 65536)  # pages past the end: SIGBUS
+        out, err = scan.communicate(timeout=60)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+            scan.wait()
+    assert scan.returncode == 0, (scan.returncode, err)
+    assert out.startswith("refused: truncated while being checked"), out
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_big_file_gives_the_same_values_as_a_small_one(tmp_path: Path, syntax: str) -> None:
+    """Through the window (a 2.4 MB file, element headers read, values skipped) the wanted
+    values and the verdict are those of the whole-buffer path."""
+    want = {MODALITY: "Modality", ROWS: "Rows", 0x00080018: "SOPInstanceUID"}
+    for rows, name in ((1100, "big.dcm"), (64, "small.dcm")):
+        ds = make_dataset(rows=rows, columns=rows, transfer_syntax=syntax)
+        ds.ReferencedImageSequence = [pydicom.Dataset()]
+        ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3"
+        path = write(tmp_path, to_bytes(ds), name)
+        assert (path.stat().st_size > 2 * 1024 * 1024) == (rows == 1100)
+        found = scan_file(path, read_meta(path), want)
+        assert found == {"Modality": "CT", "Rows": str(rows), "SOPInstanceUID": ds.SOPInstanceUID}
+        cut = write(tmp_path, to_bytes(ds)[:-3], "cut-" + name)
+        with pytest.raises(InvalidFileError, match="truncated: element \\(7FE0,0010\\)"):
+            check_file(cut)

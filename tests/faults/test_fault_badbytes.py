@@ -153,10 +153,10 @@ def test_huge_lengths_allocate_nothing(tmp_path: Path) -> None:
     assert peak < 1024 * 1024, f"checking {len(paths)} small files peaked at {peak} bytes"
 
 
-def test_a_big_file_is_scanned_through_mmap_without_reading_it_into_memory(
+def test_a_big_file_is_scanned_through_a_window_without_reading_it_into_memory(
     tmp_path: Path,
 ) -> None:
-    """A 24 MB file whose last element is cut: found, with memory flat."""
+    """A 24 MB file whose last element is cut: found, with memory flat (one 64 KiB window)."""
     ds = _dataset(ExplicitVRLittleEndian)
     ds.Rows, ds.Columns = 2048, 2048
     ds.BitsAllocated = ds.BitsStored = 16
