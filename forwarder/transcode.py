@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from array import array
+from collections.abc import Container, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 from pydicom import dcmread
@@ -31,6 +34,7 @@ from forwarder.dicomfile import (
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
+    implicit_vr_sequence,
     inflate,
     read_meta,
 )
@@ -47,25 +51,79 @@ _NATIVE_SOURCES = frozenset(
     }
 )
 
-#: Transfer syntaxes whose pixel data may have been compressed lossily.
-LOSSY_SYNTAXES = frozenset(
+#: Transfer syntaxes whose pixel data is known to be lossless (PS3.5 Table A-1). Any other
+#: compressed syntax, including one forwarder does not know, is possibly lossy.
+LOSSLESS_SYNTAXES = frozenset(
     {
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossless or lossy)
-        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossless or lossy)
-        "1.2.840.10008.1.2.4.100",  # MPEG2 and the video syntaxes after it
-        "1.2.840.10008.1.2.4.101",
-        "1.2.840.10008.1.2.4.102",
-        "1.2.840.10008.1.2.4.103",
-        "1.2.840.10008.1.2.4.104",
-        "1.2.840.10008.1.2.4.105",
-        "1.2.840.10008.1.2.4.106",
-        "1.2.840.10008.1.2.4.107",
-        "1.2.840.10008.1.2.4.108",
+        "1.2.840.10008.1.2.1.98",  # Encapsulated Uncompressed Explicit VR Little Endian
+        "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+        "1.2.840.10008.1.2.4.58",  # JPEG Lossless, Non-Hierarchical (Process 15) (retired)
+        "1.2.840.10008.1.2.4.65",  # JPEG Lossless, Hierarchical (Process 28) (retired)
+        "1.2.840.10008.1.2.4.66",  # JPEG Lossless, Hierarchical (Process 29) (retired)
+        "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Non-Hierarchical, First-Order Prediction
+        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 (Lossless Only)
+        "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Multi-component (Lossless Only)
+        "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless (.111, JPEG recompression, keeps a
+        # lossy JPEG's pixels; .112 may be lossy)
+        "1.2.840.10008.1.2.4.201",  # HTJ2K (Lossless Only)
+        "1.2.840.10008.1.2.4.202",  # HTJ2K with RPCL Options (Lossless Only)
+        "1.2.840.10008.1.2.5",  # RLE Lossless
+        "1.2.840.10008.1.2.7.1",  # SMPTE ST 2110-20 Uncompressed Progressive Active Video
+        "1.2.840.10008.1.2.7.2",  # SMPTE ST 2110-20 Uncompressed Interlaced Active Video
+        "1.2.840.10008.1.2.7.3",  # SMPTE ST 2110-30 PCM Digital Audio
+        "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
     }
 )
+
+
+def possibly_lossy(transfer_syntax: str) -> bool:
+    """Whether pixel data in ``transfer_syntax`` may have been compressed lossily: every syntax
+    that is neither uncompressed nor in :data:`LOSSLESS_SYNTAXES` (JPEG baseline and extended,
+    retired lossy JPEG processes, JPEG-LS near-lossless, JPEG 2000 and HTJ2K that are not
+    "lossless only", JPEG XL, video, JPIP-referenced pixels, syntaxes unknown to forwarder)."""
+    return transfer_syntax not in _NATIVE_SOURCES and transfer_syntax not in LOSSLESS_SYNTAXES
+
+
+class _PossiblyLossy(Container[str]):
+    """``uid in LOSSY_SYNTAXES`` is :func:`possibly_lossy` (the set is open-ended)."""
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, str) and possibly_lossy(uid)
+
+
+#: The transfer syntaxes whose pixel data may be lossy, as a container: all but the known lossless.
+LOSSY_SYNTAXES: Container[str] = _PossiblyLossy()
+
+#: pydicom logs a decoder's failure with a traceback before raising it; forwarder reports the
+#: exception in one line, so pydicom's logger is held quiet while it decodes.
+_PYDICOM_LOGGER = logging.getLogger("pydicom")
+_quiet_lock = threading.Lock()
+_quiet_count = 0
+_quiet_saved_level = logging.NOTSET
+
+
+@contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """Raise pydicom's log level for the duration (nested and concurrent uses share one raise;
+    the last one out restores the level)."""
+    global _quiet_count, _quiet_saved_level
+    with _quiet_lock:
+        if _quiet_count == 0:
+            _quiet_saved_level = _PYDICOM_LOGGER.level
+            _PYDICOM_LOGGER.setLevel(logging.CRITICAL + 1)
+        _quiet_count += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_count -= 1
+            if _quiet_count == 0:
+                _PYDICOM_LOGGER.setLevel(_quiet_saved_level)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 def syntax_name(uid: str) -> str:
@@ -96,11 +154,14 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool, context: str 
             path, meta.transfer_syntax, meta.dataset_offset, target_syntax, lead
         )
     try:
-        ds = dcmread(path)
+        with _pydicom_quiet():
+            ds = dcmread(path)
     except Exception as exc:
-        raise SendError(f"cannot decode {path} for transcoding: {exc}", retryable=False) from None
+        raise SendError(
+            f"cannot decode {path} for transcoding: {_one_line(exc)}", retryable=False
+        ) from None
     source = str(ds.file_meta.TransferSyntaxUID)
-    if source in LOSSY_SYNTAXES and not allow_lossy:
+    if possibly_lossy(source) and not allow_lossy:
         lossless_flag = str(ds.get("LossyImageCompression", "")) == "00"
         if not lossless_flag:
             raise SendError(
@@ -109,14 +170,15 @@ def transcode(path: str, target_syntax: str, *, allow_lossy: bool, context: str 
                 retryable=False,
             )
     try:
-        if UID(source).is_compressed and "PixelData" in ds:
-            # Keep the SOP Instance UID: a router forwards the same object, not a new one.
-            ds.decompress(generate_instance_uid=False)
-        data = _write_little_endian(ds, target_syntax)
+        with _pydicom_quiet():
+            if UID(source).is_compressed and "PixelData" in ds:
+                # Keep the SOP Instance UID: a router forwards the same object, not a new one.
+                ds.decompress(generate_instance_uid=False)
+            data = _write_little_endian(ds, target_syntax)
     except Exception as exc:
         raise SendError(
-            f"{lead}cannot convert {syntax_name(source)} to {syntax_name(target_syntax)}: {exc} "
-            "(is a decoder plugin for this syntax installed?)",
+            f"{lead}cannot convert {syntax_name(source)} to {syntax_name(target_syntax)}: "
+            f"{_one_line(exc)} (is a decoder plugin for this syntax installed?)",
             retryable=False,
         ) from None
     logger.debug("transcoded %s from %s to %s (%d bytes)", path, source, target_syntax, len(data))
@@ -470,7 +532,9 @@ class _LittleEndianReencoder:
             self.need(pos, length, end)
             if elem == 0 and length == 4:
                 pass  # a group length: wrong once headers change size; dropped
-            elif vr == "SQ" and (not implicit or _dictionary_vr(tag) == "SQ"):
+            elif implicit_vr_sequence(tag) is True if implicit else vr == "SQ":
+                # Implicit VR: a sequence only where the dictionary says SQ (the rule the
+                # check follows); private and unknown values keep their bytes, as UN.
                 self.sequence(tag, pos, pos + length, implicit, depth)
             else:
                 if (
@@ -492,13 +556,14 @@ class _LittleEndianReencoder:
         return pos
 
     def undefined(self, tag: int, vr: str, pos: int, end: int, implicit: bool, depth: int) -> int:
-        """An element of undefined length: a sequence, encapsulated pixel data, or UN."""
+        """An element of undefined length: a sequence, or UN holding implicit VR (CP-246).
+        This converter sees only native syntaxes, where encapsulated (undefined length) OB, OW
+        or Pixel Data is malformed at any depth (PS3.5 A.4): refused, not copied."""
         if vr in ("OB", "OW") or tag == _PIXEL_DATA:
-            start = pos
-            pos = self.skip_fragments(pos, end)
-            self.header(tag, vr if vr in ("OB", "OW") else "OB", _UNDEFINED)
-            self.out += self.buf[start:pos]
-            return pos
+            raise UnconvertibleError(
+                f"element {_tag(tag)} ({vr}) has an undefined length (encapsulated data), "
+                "which a native transfer syntax does not allow (PS3.5 A.4)"
+            )
         self.header(tag, "SQ" if vr != "UN" or self.dst_implicit else "UN", _UNDEFINED)
         if vr == "UN":
             # CP-246: its items are implicit VR; kept so in both targets.
@@ -509,18 +574,6 @@ class _LittleEndianReencoder:
                 self.dst_implicit = saved
             return pos
         return self.items(pos, end, implicit, depth + 1)
-
-    def skip_fragments(self, pos: int, end: int) -> int:
-        while True:
-            self.need(pos, 8, end)
-            group, elem, length = struct.unpack_from("<HHI", self.buf, pos)
-            pos += 8
-            if (group << 16) | elem == _SEQ_END:
-                return pos
-            if (group << 16) | elem != _ITEM or length == _UNDEFINED:
-                raise UnconvertibleError("malformed encapsulated pixel data")
-            self.need(pos, length, end)
-            pos += length
 
     def items(self, pos: int, end: int, implicit: bool, depth: int) -> int:
         """Items up to a sequence delimiter, each written with an undefined length."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,75 @@ def test_undecodable_pixel_data_is_a_permanent_send_error(tmp_path: Path) -> Non
 def test_syntax_name() -> None:
     assert syntax_name(str(RLELossless)) == f"RLE Lossless ({RLELossless})"
     assert syntax_name("1.2.3.4") == "1.2.3.4"
+
+
+# -- what counts as possibly lossy: everything not known to be lossless ----------------------
+
+
+def test_the_lossless_list_agrees_with_pydicom_s_names() -> None:
+    """Every syntax pydicom names lossless (not near-lossless) is in the list, and nothing
+    pydicom knows as possibly lossy is."""
+    from pydicom.uid import AllTransferSyntaxes
+
+    from forwarder.transcode import LOSSLESS_SYNTAXES, possibly_lossy
+
+    for uid in AllTransferSyntaxes:
+        name = uid.name
+        if not uid.is_compressed:
+            continue
+        lossless = ("Lossless" in name and "Near" not in name) or "Uncompressed" in name
+        lossless |= "PCM" in name
+        assert (uid in LOSSLESS_SYNTAXES) == lossless, name
+        assert possibly_lossy(uid) != lossless, name
+    for uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"):
+        assert not possibly_lossy(uid) and uid not in LOSSY_SYNTAXES
+
+
+def with_syntax(data: bytes, syntax: str) -> bytes:
+    """A Part 10 file's bytes with another Transfer Syntax UID in its meta header (pydicom
+    refuses to write syntaxes it does not know)."""
+    at = data.index(b"\x02\x00\x10\x00UI")
+    (length,) = struct.unpack_from("<H", data, at + 6)
+    value = syntax.encode() + b"\0" * (len(syntax) % 2)
+    out = bytearray(
+        data[: at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length :]
+    )
+    group_length_at = data.index(b"\x02\x00\x00\x00UL") + 8
+    (group_length,) = struct.unpack_from("<I", out, group_length_at)
+    struct.pack_into("<I", out, group_length_at, group_length + len(value) - length)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2 multi-component (may be lossy)
+        "1.2.840.10008.1.2.4.112",  # JPEG XL
+        "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG recompression: a lossy JPEG's pixels
+        "1.2.840.10008.1.2.4.53",  # a retired lossy JPEG process
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+        "1.2.999.1",  # a syntax forwarder does not know
+    ],
+)
+def test_a_syntax_not_known_to_be_lossless_needs_the_flag(tmp_path: Path, syntax: str) -> None:
+    path = tmp_path / "relabelled.dcm"
+    path.write_bytes(with_syntax(bundled("MR_small_jp2klossless.dcm").read_bytes(), syntax))
+    assert str(dcmread(path).file_meta.TransferSyntaxUID) == syntax
+    assert syntax in LOSSY_SYNTAXES
+    with pytest.raises(SendError, match="possibly lossy; decompressing it needs --allow-lossy"):
+        transcode(str(path), EXPLICIT, allow_lossy=False)
+
+
+def test_a_decoder_failure_is_one_line_and_pydicom_stays_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """libjpeg cannot decode JPEG-lossy.dcm: pydicom logs an ERROR with a traceback before it
+    raises; the user sees only forwarder's one-line reason, and pydicom's level is restored."""
+    pydicom_logger = logging.getLogger("pydicom")
+    level = pydicom_logger.level
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(SendError, match="cannot convert JPEG Extended") as info:
+        transcode(str(bundled("JPEG-lossy.dcm")), EXPLICIT, allow_lossy=True)
+    assert "\n" not in str(info.value)
+    assert [r for r in caplog.records if r.name.startswith("pydicom")] == []
+    assert pydicom_logger.level == level

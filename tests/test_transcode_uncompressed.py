@@ -379,3 +379,61 @@ def test_an_unreadable_file_is_a_retryable_send_error(tmp_path: Path) -> None:
     with pytest.raises(SendError, match="cannot read") as info:
         transcode(str(tmp_path / "gone.dcm"), EXPLICIT, allow_lossy=False)
     assert info.value.retryable
+
+
+# -- the re-encoder between explicit and implicit VR -------------------------------------------
+
+
+def _icon_with_encapsulated_pixels(tmp_path: Path, syntax: str) -> Path:
+    """A native-syntax file whose Icon Image Sequence item holds Pixel Data of undefined
+    length (fragments): malformed in a native syntax (PS3.5 A.4); the top level is fine."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    icon = Dataset()
+    icon.Rows = icon.Columns = 1
+    icon.BitsAllocated = 8
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0)
+    fragment = struct.pack("<HHI", 0xFFFE, 0xE000, 2) + b"\xab\xcd"
+    icon.add_new(0x7FE00010, "OB", item + fragment + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+    icon["PixelData"].is_undefined_length = True
+    ds.IconImageSequence = Sequence([icon])
+    ds.file_meta.TransferSyntaxUID = syntax
+    path = tmp_path / "icon.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(path, enforce_file_format=True, implicit_vr=syntax == IMPLICIT)
+    data = path.read_bytes()
+    assert struct.pack("<HHI", 0x7FE0, 0x0010, 0xFFFFFFFF) in data or (
+        struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) in data
+    )
+    return path
+
+
+@pytest.mark.parametrize(("source", "target"), [(EXPLICIT, IMPLICIT), (IMPLICIT, EXPLICIT)])
+def test_nested_encapsulated_pixel_data_in_a_native_syntax_is_refused(
+    tmp_path: Path, source: str, target: str
+) -> None:
+    path = _icon_with_encapsulated_pixels(tmp_path, source)
+    with pytest.raises(SendError, match=r"element \(7FE0,0010\) \(O[BW]\) has an undefined") as e:
+        transcode(str(path), target, allow_lossy=False)
+    assert not e.value.retryable
+
+
+@pytest.mark.parametrize("target", [EXPLICIT, IMPLICIT])
+def test_implicit_pixels_that_start_like_an_item_convert_as_pixels(
+    tmp_path: Path, target: str
+) -> None:
+    """The re-encoder follows the check's rule: Pixel Data is never read as a sequence."""
+    from dicomgen import make_dataset
+
+    ds = make_dataset(transfer_syntax=IMPLICIT)
+    pixels = bytearray(ds.PixelData)
+    pixels[:8] = struct.pack("<HHI", 0xFFFE, 0xE000, 0x100)
+    ds.PixelData = bytes(pixels)
+    block = ds.private_block(0x0009, "FORWARDER TEST", create=True)
+    block.add_new(0x10, "OB", struct.pack("<HHI", 0xFFFE, 0xE000, 0x100) + bytes(8))
+    path = tmp_path / "implicit.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    check_file(path)
+    got = decode(transcode(str(path), target, allow_lossy=False), target)
+    assert np.array_equal(got.pixel_array, dcmread_quiet(path).pixel_array)
+    assert got[0x00091010].value == ds[0x00091010].value
