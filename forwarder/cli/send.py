@@ -319,12 +319,12 @@ def _send_all(
 
 
 def _spare_unavailable(channel: Channel, outcome: SendOutcome, channels: list[Channel]) -> bool:
-    """True when ``channel`` never got an association but another channel did."""
+    """True when this outcome is ``channel`` failing to associate (not the file failing) while
+    another channel has an association: the file is handed back, not charged to the peer."""
     return (
         outcome.outcome is Outcome.RETRY
-        and outcome.association is None
+        and outcome.association_failed
         and channel.associations_opened == 0
-        and channel.down is not None
         and any(c.associations_opened for c in channels if c is not channel)
     )
 
