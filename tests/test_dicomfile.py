@@ -421,8 +421,8 @@ def test_truncation_at_every_element_boundary_is_detected(tmp_path: Path, name: 
     assert not missed, f"{len(missed)} truncations not detected, e.g. {missed[:5]}"
 
 
-def test_truncation_of_a_big_file_is_detected_through_mmap(tmp_path: Path) -> None:
-    ds = make_dataset(rows=1100, columns=1100)  # 2.4 MB: scanned through an mmap
+def test_truncation_of_a_big_file_is_detected_through_the_window(tmp_path: Path) -> None:
+    ds = make_dataset(rows=1100, columns=1100)  # 2.4 MB: scanned through a window
     data = to_bytes(ds)
     assert len(data) > 2 * 1024 * 1024
     assert scan(write(tmp_path, data), WANT)["Rows"] == "1100"
