@@ -284,7 +284,7 @@ def _conversion(uid: str) -> str:
         raise ValueError(f"say how transcode converts {uid}")
     if not _decoder_available(uid):
         return "refused, not retried: no decoder in this installation"
-    if uid in transcode.LOSSY_SYNTAXES:
+    if transcode.possibly_lossy(uid):
         return (
             "refused, unless `allow_lossy_decompress` / `--allow-lossy-decompress` is on or the "
             "file says Lossy Image Compression `00`; then decompressed"
@@ -675,7 +675,7 @@ def _conversions() -> list[str]:
     rows = [
         [
             _syntax(str(uid)),
-            "yes" if str(uid) in transcode.LOSSY_SYNTAXES else "",
+            "yes" if transcode.possibly_lossy(str(uid)) else "",
             _conversion(str(uid)),
         ]
         for uid in AllTransferSyntaxes

@@ -18,7 +18,7 @@ import logging
 import struct
 import threading
 from array import array
-from collections.abc import Container, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -84,16 +84,6 @@ def possibly_lossy(transfer_syntax: str) -> bool:
     "lossless only", JPEG XL, video, JPIP-referenced pixels, syntaxes unknown to forwarder)."""
     return transfer_syntax not in _NATIVE_SOURCES and transfer_syntax not in LOSSLESS_SYNTAXES
 
-
-class _PossiblyLossy(Container[str]):
-    """``uid in LOSSY_SYNTAXES`` is :func:`possibly_lossy` (the set is open-ended)."""
-
-    def __contains__(self, uid: object) -> bool:
-        return isinstance(uid, str) and possibly_lossy(uid)
-
-
-#: The transfer syntaxes whose pixel data may be lossy, as a container: all but the known lossless.
-LOSSY_SYNTAXES: Container[str] = _PossiblyLossy()
 
 #: pydicom logs a decoder's failure with a traceback before raising it; forwarder reports the
 #: exception in one line, so pydicom's logger is held quiet while it decodes.
