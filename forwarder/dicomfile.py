@@ -11,6 +11,7 @@ required. Everything here is bounded: no length read from the file is trusted to
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import struct
@@ -192,6 +193,17 @@ def _dataset_uids(head: bytes, pos: int, transfer_syntax: str) -> tuple[str, str
     return sop_class, sop_instance
 
 
+def read_error(path: str, exc: OSError, doing: str) -> InvalidFileError:
+    """The error for an OSError met reading ``path``: a file that is not there (removed, or a
+    folder in its path gone) is :class:`InvalidFileError`, since trying again cannot help; any
+    other (EIO, EACCES...) is :class:`UnreadableFileError`, tried again later: nothing is known
+    against the file."""
+    reason = f"{doing}: {exc.strerror or exc}"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return InvalidFileError(path, reason)
+    return UnreadableFileError(path, reason)
+
+
 def read_meta(path: str | os.PathLike[str]) -> FileMeta:
     """Read the file meta information of the Part 10 file at ``path``.
 
@@ -204,7 +216,7 @@ def read_meta(path: str | os.PathLike[str]) -> FileMeta:
             size = os.fstat(f.fileno()).st_size
             head = f.read(min(size, _MAX_META))
     except OSError as exc:
-        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(p, exc, "cannot read") from None
     return parse_meta(head, size, p)
 
 
@@ -657,7 +669,7 @@ def _scan(
                 scanner = _Scanner(window, p, little, wanted, vrs, fd=f.fileno(), size=size)
                 scanner.walk(meta.dataset_offset, implicit)
     except OSError as exc:
-        raise UnreadableFileError(p, f"cannot read: {exc.strerror or exc}") from None
+        raise read_error(p, exc, "cannot read") from None
     sop_class, sop_instance = scanner.finish(ts)
     return meta, scanner.found, sop_class, sop_instance
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from forwarder.crashpoints import crash_point
-from forwarder.dicomfile import FileMeta
+from forwarder.dicomfile import FileMeta, read_error
 from forwarder.errors import (
     AssociationError,
     InvalidFileError,
@@ -310,7 +310,7 @@ class Association:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise UnreadableFileError(path, f"cannot open: {exc.strerror}") from None
+            raise read_error(path, exc, "cannot open") from None
         try:
             if os.fstat(fd).st_size != meta.size:
                 raise InvalidFileError(path, "the file changed since its header was read")
