@@ -17,7 +17,7 @@ import re
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from typing import BinaryIO
 
@@ -59,8 +59,15 @@ def _uid(raw: bytes) -> str:
     return raw.rstrip(b"\x00 ").decode("ascii", "replace").strip()
 
 
-def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
-    """Parse the preamble and group 0002 at the start of a file (``head`` is its first bytes)."""
+def parse_meta(
+    head: bytes, size: int, path: str = "<bytes>", *, peek_uids: bool = True
+) -> FileMeta:
+    """Parse the preamble and group 0002 at the start of a file (``head`` is its first bytes).
+
+    With ``peek_uids`` (the fast path, no whole-file check) the SOP Class and Instance UID are
+    taken from the data set's first elements where they are plainly there, and checked; without
+    it (:func:`check_file`, whose scan finds and checks the data set's own) they are the meta
+    header's, unchecked, and only the transfer syntax is checked."""
     if size == 0:
         raise InvalidFileError(path, "empty file")
     if len(head) < 132 or head[128:132] != b"DICM":
@@ -117,7 +124,7 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
     if pos >= size:
         raise InvalidFileError(path, "no data set after the file meta information")
     transfer_syntax = _uid(values[_TAG_TRANSFER_SYNTAX])
-    sop_class, sop_instance = _dataset_uids(head, pos, transfer_syntax)
+    sop_class, sop_instance = _dataset_uids(head, pos, transfer_syntax) if peek_uids else ("", "")
     meta = FileMeta(
         sop_class_uid=sop_class or _uid(values[_TAG_SOP_CLASS]),
         sop_instance_uid=sop_instance or _uid(values[_TAG_SOP_INSTANCE]),
@@ -125,11 +132,16 @@ def parse_meta(head: bytes, size: int, path: str = "<bytes>") -> FileMeta:
         dataset_offset=pos,
         size=size,
     )
-    for name, uid in (
-        ("SOP Class UID", meta.sop_class_uid),
-        ("SOP Instance UID", meta.sop_instance_uid),
-        ("Transfer Syntax UID", meta.transfer_syntax),
-    ):
+    checked = (
+        (
+            ("SOP Class UID", meta.sop_class_uid),
+            ("SOP Instance UID", meta.sop_instance_uid),
+            ("Transfer Syntax UID", meta.transfer_syntax),
+        )
+        if peek_uids
+        else (("Transfer Syntax UID", meta.transfer_syntax),)
+    )
+    for name, uid in checked:
         if not is_valid_uid(uid):
             # Proposed to a peer, an invalid UID makes it refuse the whole association.
             shown = uid if len(uid) <= 80 else uid[:77] + "..."
@@ -655,7 +667,8 @@ def _scan(
             data = f.read() if size <= _IN_MEMORY else None
             if meta is None:
                 head = f.read(_MAX_META) if data is None else data
-                meta = parse_meta(head[:_MAX_META] if len(head) > _MAX_META else head, size, p)
+                head = head[:_MAX_META] if len(head) > _MAX_META else head
+                meta = parse_meta(head, size, p, peek_uids=False)
             ts = meta.transfer_syntax
             implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
             little = ts != EXPLICIT_VR_BIG_ENDIAN
@@ -709,6 +722,19 @@ def check_file(path: str | os.PathLike[str]) -> FileMeta:
 
     Raises :class:`InvalidFileError` (:class:`UnreadableFileError` when it cannot be read).
     """
+    return check_file_values(path)[0]
+
+
+def check_file_values(
+    path: str | os.PathLike[str],
+    want: Mapping[int, str] | None = None,
+    vrs: Mapping[int, str] | None = None,
+) -> tuple[FileMeta, dict[str, str]]:
+    """:func:`check_file`, also returning the top-level values of ``want`` as
+    :func:`scan_file` does (``vrs`` as there): one open and one walk (the daemon's ingest)."""
     p = os.fspath(path)
-    meta, _, sop_class, sop_instance = _scan(p, None, {}, {})
-    return replace(meta, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+    meta, found, sop_class, sop_instance = _scan(p, None, want or {}, vrs or {})
+    checked = FileMeta(
+        sop_class, sop_instance, meta.transfer_syntax, meta.dataset_offset, meta.size
+    )
+    return checked, found

@@ -1,8 +1,9 @@
 """Ingest: a complete file in incoming -> checked, routed, and queued for each destination.
 
-A file is checked end to end without being decoded (``dicomfile.scan_file``: Part 10 header,
-every element's length, every undefined length closed), routed on its header values and
-sub-folder, and enqueued with one job per destination in one transaction per batch. Files that
+A file is checked end to end without being decoded (``dicomfile.check_file_values``, the check
+``send`` and ``receive`` use too: Part 10 header, every element's length, every undefined length
+closed, the data set's own SOP UIDs, which are what is queued and sent), routed on its header
+values and sub-folder, and enqueued with one job per destination in one transaction per batch. Files that
 are not usable DICOM or match no route go to failed/ with ``NAME.error.json``; nothing is deleted.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from forwarder.crashpoints import crash_point
-from forwarder.dicomfile import read_meta, scan_file
+from forwarder.dicomfile import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue import FileEntry, Queue
 from forwarder.router import Router
@@ -48,9 +49,6 @@ _PHI_KEYWORDS = frozenset(
         "Occupation",
     }
 )
-
-
-_OWN_UIDS = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID"}
 
 
 def is_phi(keyword: str) -> bool:
@@ -103,10 +101,8 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        # The data set's own SOP Class and Instance UID are queued and sent, not the meta
-        # header's (a deflated data set's, or one a stale header misnames).
-        want: dict[int, str] = dict(_OWN_UIDS)
-        vrs: dict[int, str] = dict.fromkeys(_OWN_UIDS, "UI")
+        want: dict[int, str] = {}
+        vrs: dict[int, str] = {}
         if router.keywords:
             # pydicom's data dictionary, only when routes read the header.
             from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -215,8 +211,7 @@ class Ingest:
     ) -> tuple[FileEntry, list[str]] | None:
         path = str(ready.path)
         try:
-            meta = read_meta(path)
-            values = scan_file(path, meta, want, vrs)
+            meta, values = check_file_values(path, want, vrs)
         except UnreadableFileError as exc:
             # Nothing is known about it: leave it where it is; the watcher's rescan offers it
             # again, and it is taken once it can be read.
@@ -253,8 +248,8 @@ class Ingest:
             rel_path=ready.rel_path,
             size=meta.size,
             mtime_ns=ready.mtime_ns,
-            sop_class_uid=values.get(_OWN_UIDS[0x00080016]) or meta.sop_class_uid,
-            sop_instance_uid=values.get(_OWN_UIDS[0x00080018]) or meta.sop_instance_uid,
+            sop_class_uid=meta.sop_class_uid,  # the data set's own, checked
+            sop_instance_uid=meta.sop_instance_uid,
             transfer_syntax=meta.transfer_syntax,
         )
         return entry, destinations
