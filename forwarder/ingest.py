@@ -3,8 +3,9 @@
 A file is checked end to end without being decoded (``dicomfile.check_file_values``, the check
 ``send`` and ``receive`` use too: Part 10 header, every element's length, every undefined length
 closed, the data set's own SOP UIDs, which are what is queued and sent), routed on its header
-values and sub-folder, and enqueued with one job per destination in one transaction per batch. Files that
-are not usable DICOM or match no route go to failed/ with ``NAME.error.json``; nothing is deleted.
+values and sub-folder, and enqueued with one job per destination in one transaction per batch.
+Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
+nothing is deleted.
 """
 
 from __future__ import annotations
