@@ -675,12 +675,6 @@ class Queue:
             dropped=tuple(sorted(r[0] for r in dropped)),
         )
 
-    def active_paths(self) -> set[str]:
-        """Paths of every unfinished file (QUEUED or FINISHING): the watcher's dedup set."""
-        with self._read("listing queued paths") as conn:
-            rows = conn.execute("SELECT path FROM files WHERE state != 'FINISHED'").fetchall()
-        return {r[0] for r in rows}
-
     def pending_syntaxes(self, destination: str, limit: int = 256) -> list[PendingSyntax]:
         """Distinct (SOP Class UID, transfer syntax) of READY and CLAIMED jobs for
         ``destination``, most common first: what the sender should propose."""

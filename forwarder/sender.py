@@ -146,7 +146,6 @@ class DimseResponse:
 class _Negotiated:
     accepted: dict[tuple[str, str], AcceptedContext] = field(default_factory=dict)
     by_abstract: dict[str, list[AcceptedContext]] = field(default_factory=dict)
-    rejected: list[ProposedContext] = field(default_factory=list)
 
 
 class Association:
@@ -252,7 +251,6 @@ class Association:
             accepted_ids.add(cid)
             neg.accepted.setdefault((proposal.abstract_syntax, ts), acc)
             neg.by_abstract.setdefault(proposal.abstract_syntax, []).append(acc)
-        neg.rejected = [c for cid, c in proposed.items() if cid not in accepted_ids]
         self._negotiated = neg
         self._context_ids = frozenset(accepted_ids)
         if s.tls is None:
@@ -280,10 +278,6 @@ class Association:
     @property
     def accepted_contexts(self) -> list[AcceptedContext]:
         return [c for cs in self._negotiated.by_abstract.values() for c in cs]
-
-    @property
-    def rejected_contexts(self) -> list[ProposedContext]:
-        return list(self._negotiated.rejected)
 
     # -- DIMSE --------------------------------------------------------------------------------
 

@@ -60,8 +60,9 @@ TICK = 0.25
 CLOSED_SETTLE = 0.25
 """Stability window after a close-after-write or a rename into place (capped by ``settle``)."""
 MIN_WINDOW = 0.05
-STALE_WRITER = 60.0  # seconds without a close before /proc is asked who writes
 """Floor for every stability window, so that ``settle: 0`` cannot spin."""
+STALE_WRITER = 60.0
+"""Seconds without a close before /proc is asked who still writes a file."""
 
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial")
 _UNOBSERVED = -1

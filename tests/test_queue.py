@@ -117,19 +117,19 @@ def test_enqueue_is_idempotent_until_the_file_finished(q: Queue, db: Path) -> No
     assert first is not None
     assert q.enqueue(entry("a"), ["pacs", "other"], now=T0) is None
     assert len(job_rows(db)) == 2
-    assert q.active_paths() == {"/in/a"}
+    assert set(q.active_files()) == {"/in/a"}
 
     ids = [j.id for j in q.claim("pacs", 10, now=T0) + q.claim("archive", 10, now=T0)]
     assert q.ack_done(ids, now=T0) == [first]
     q.begin_finish(first, "/done/a")
     assert q.enqueue(entry("a"), ["pacs"], now=T0) is None  # still FINISHING
-    assert q.active_paths() == {"/in/a"}
+    assert set(q.active_files()) == {"/in/a"}
     q.complete_finish(first, now=T0)
-    assert q.active_paths() == set()
+    assert set(q.active_files()) == set()
 
     second = q.enqueue(entry("a"), ["pacs"], now=T0 + 1)
     assert second is not None and second != first
-    assert q.active_paths() == {"/in/a"}
+    assert set(q.active_files()) == {"/in/a"}
 
 
 def test_enqueue_many_is_one_transaction(q: Queue, db: Path) -> None:
@@ -141,7 +141,7 @@ def test_enqueue_many_is_one_transaction(q: Queue, db: Path) -> None:
     # an invalid item anywhere means nothing of the batch is written
     with pytest.raises(ValueError, match="at least one destination"):
         q.enqueue_many([(entry("c"), ["x"]), (entry("d"), [])], now=T0)
-    assert q.active_paths() == {"/in/a", "/in/b"}
+    assert set(q.active_files()) == {"/in/a", "/in/b"}
     assert q.enqueue_many([]) == []
 
 
@@ -656,7 +656,7 @@ def test_prune_keeps_unfinished_and_recent_files(q: Queue) -> None:
     finish(q, a, now=T0 + 10)
     assert q.prune(60, now=T0 + 69) == 0
     assert q.prune(60, now=T0 + 71) == 1
-    assert q.active_paths() == {"/in/b"}
+    assert set(q.active_files()) == {"/in/b"}
 
 
 # -- forwarder retry ---------------------------------------------------------------------------
@@ -683,7 +683,7 @@ def test_requeue_failed(q: Queue, db: Path) -> None:
 
     new = q.requeue_failed(bad, "/in/bad", "bad", ["pacs"], now=T0 + 10)
     assert q.failed_files() == []
-    assert q.active_paths() == {"/in/bad"}
+    assert set(q.active_files()) == {"/in/bad"}
     assert q.enqueue(entry("bad"), ["pacs"]) is None  # the watcher sees it as queued
     (job,) = q.claim("pacs", 5, now=T0 + 10)
     assert (job.file_id, job.attempts, job.created_at, job.path) == (new, 0, T0 + 10, "/in/bad")

@@ -385,7 +385,7 @@ def test_ingest_queues_or_fails_every_corpus_file(the_corpus: list[Broken], tmp_
             ready.append(ReadyFile(path, path.name, st_.st_size, st_.st_mtime_ns))
         for start in range(0, len(ready), 100):
             ingest(ready[start : start + 100])
-        queued = {Path(p).name for p in queue.active_paths()}
+        queued = {Path(p).name for p in queue.active_files()}
     rejected = {p.name for p in failed.iterdir() if not p.name.endswith(".error.json")}
     left = {p.name for p in incoming.iterdir()} - queued
     assert not left, f"files neither queued nor failed: {sorted(left)[:10]}"
