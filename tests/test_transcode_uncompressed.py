@@ -376,9 +376,15 @@ def test_a_generated_uid_keeps_its_value(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_file_is_a_retryable_send_error(tmp_path: Path) -> None:
+    """An I/O error (here EISDIR: a folder where the file was) says nothing against the file:
+    tried again later. A file that is gone cannot come back: not retryable."""
+    (tmp_path / "folder.dcm").mkdir()
     with pytest.raises(SendError, match="cannot read") as info:
-        transcode(str(tmp_path / "gone.dcm"), EXPLICIT, allow_lossy=False)
+        transcode(str(tmp_path / "folder.dcm"), EXPLICIT, allow_lossy=False)
     assert info.value.retryable
+    with pytest.raises(SendError, match="No such file") as gone:
+        transcode(str(tmp_path / "gone.dcm"), EXPLICIT, allow_lossy=False)
+    assert not gone.value.retryable
 
 
 # -- the re-encoder between explicit and implicit VR -------------------------------------------

@@ -125,8 +125,12 @@ def _is_sync(call: Call) -> bool:
     return call.name in ("fsync", "fdatasync")
 
 
-def _traced_run(tmp_path: Path, good: int, bad: int) -> tuple[Daemon, list[Call]]:
-    """A daemon storing ``good`` files and failing ``bad`` (status 0xC000), under strace."""
+def _traced_run(
+    tmp_path: Path, good: int, bad: int, *, one_by_one: bool = False
+) -> tuple[Daemon, list[Call]]:
+    """A daemon storing ``good`` files and failing ``bad`` (status 0xC000), under strace.
+    ``one_by_one`` drops each good file only once the one before is in done/, so each goes
+    through its own commits (ingest, claim, ack, finish) however the daemon would batch them."""
     fail: set[str] = set()
 
     def status(rec: Received) -> int:
@@ -135,7 +139,12 @@ def _traced_run(tmp_path: Path, good: int, bad: int) -> tuple[Daemon, list[Call]
     with ScriptedSCP(status=status, transfer_syntaxes=[EXPLICIT, IMPLICIT]) as scp:
         d = Daemon(tmp_path / "d", destinations=[destination("a", scp.port)])
         with d, trace(d.pid, tmp_path / "strace.log") as t:
-            d.drop_files(good, rows=8, columns=8)
+            if one_by_one:
+                for i in range(good):
+                    d.drop(f"one{i:04d}.dcm", seed=1000 + i, rows=8, columns=8)
+                    d.wait_done(i + 1)
+            else:
+                d.drop_files(good, rows=8, columns=8)
             fail.update(f.sop_instance_uid for f in d.drop_files(bad, prefix="bad"))
             d.wait_done(good)
             d.wait_failed(bad)
@@ -198,7 +207,7 @@ def test_every_queue_commit_is_synced_before_the_next(tmp_path: Path) -> None:
     """synchronous=FULL, seen from outside: after each WAL commit frame, the committing thread
     syncs the WAL before it (or anyone) writes another frame. (With NORMAL, a power loss could
     forget acks and moves the daemon has already acted on.)"""
-    _, calls = _traced_run(tmp_path, good=5, bad=1)
+    _, calls = _traced_run(tmp_path, good=5, bad=1, one_by_one=True)
     wal = [c for c in calls if _is_wal(c)]
     commits = 0
     pending: int | None = None  # tid with an unsynced commit
