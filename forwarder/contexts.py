@@ -9,44 +9,35 @@ rejects each context on its own, and the sender prefers the exact match.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from forwarder.dicomfile import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
-from forwarder.pdu import MAX_CONTEXTS
+from forwarder.pdu import MAX_CONTEXTS, ProposedContext
 
 
-@dataclass(frozen=True, slots=True)
-class ContextPlan:
-    """One proposed context: an abstract syntax and the transfer syntaxes offered for it."""
-
-    abstract_syntax: str
-    transfer_syntaxes: tuple[str, ...]
-
-
-def contexts_for(sop_class: str, transfer_syntax: str) -> list[ContextPlan]:
+def contexts_for(sop_class: str, transfer_syntax: str) -> list[ProposedContext]:
     """The contexts one (SOP class, transfer syntax) needs, most preferred first."""
     if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
         # Every SCP must accept Implicit VR Little Endian; offering Explicit beside it would
         # only let the peer choose a syntax that forces us to re-encode the file.
-        return [ContextPlan(sop_class, (IMPLICIT_VR_LITTLE_ENDIAN,))]
+        return [ProposedContext(sop_class, (IMPLICIT_VR_LITTLE_ENDIAN,))]
     # The file's own syntax alone (a peer offered Explicit and Implicit together may pick
     # Implicit, forcing a re-encode), and the shared uncompressed fallback beside it.
     return [
-        ContextPlan(sop_class, (transfer_syntax,)),
-        ContextPlan(sop_class, UNCOMPRESSED),
+        ProposedContext(sop_class, (transfer_syntax,)),
+        ProposedContext(sop_class, UNCOMPRESSED),
     ]
 
 
 def plan_contexts(
     needs: Iterable[tuple[str, str]], limit: int = MAX_CONTEXTS
-) -> tuple[list[ContextPlan], set[tuple[str, str]]]:
+) -> tuple[list[ProposedContext], set[tuple[str, str]]]:
     """Contexts for ``needs`` in order, at most ``limit``; returns them and the needs covered.
 
     A need is covered only when all of its contexts fit, so that a compressed file never goes
     out without its fallback having been offered.
     """
-    plans: list[ContextPlan] = []
-    seen: set[ContextPlan] = set()
+    plans: list[ProposedContext] = []
+    seen: set[ProposedContext] = set()
     covered: set[tuple[str, str]] = set()
     for need in needs:
         if need in covered:

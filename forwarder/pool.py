@@ -25,7 +25,7 @@ from forwarder.errors import (
     SendError,
     UnreadableFileError,
 )
-from forwarder.pdu import MAX_CONTEXTS, ProposedContext
+from forwarder.pdu import MAX_CONTEXTS
 from forwarder.sender import (
     AcceptedContext,
     Association,
@@ -185,8 +185,7 @@ class Channel:
     # -- association management ---------------------------------------------------------------
 
     def _open(self, needs: Sequence[tuple[str, str]]) -> Association:
-        plans, covered = plan_contexts(needs, MAX_CONTEXTS)
-        contexts = [ProposedContext(p.abstract_syntax, p.transfer_syntaxes) for p in plans]
+        contexts, covered = plan_contexts(needs, MAX_CONTEXTS)
         try:
             assoc = Association.request(self.peer, self.settings, contexts)
         except AssociationError as exc:

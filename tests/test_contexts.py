@@ -17,11 +17,11 @@ from pydicom.uid import (
 
 from forwarder.contexts import (
     MAX_CONTEXTS,
-    ContextPlan,
     contexts_for,
     group_by_contexts,
     plan_contexts,
 )
+from forwarder.pdu import ProposedContext
 
 EXPLICIT = str(ExplicitVRLittleEndian)
 IMPLICIT = str(ImplicitVRLittleEndian)
@@ -38,7 +38,7 @@ def test_explicit_is_proposed_first_with_implicit_available() -> None:
 
 
 def test_implicit_offers_only_implicit() -> None:
-    assert contexts_for(CT, IMPLICIT) == [ContextPlan(CT, (IMPLICIT,))]
+    assert contexts_for(CT, IMPLICIT) == [ProposedContext(CT, (IMPLICIT,))]
 
 
 @pytest.mark.parametrize("syntax", [RLE, str(JPEGBaseline8Bit), str(JPEGLSLossless)])
@@ -46,7 +46,7 @@ def test_compressed_gets_its_own_context_and_a_separate_uncompressed_fallback(
     syntax: str,
 ) -> None:
     own, fallback = contexts_for(MR, syntax)
-    assert own == ContextPlan(MR, (syntax,))
+    assert own == ProposedContext(MR, (syntax,))
     assert fallback.abstract_syntax == MR
     assert set(fallback.transfer_syntaxes) == {EXPLICIT, IMPLICIT}
 
@@ -129,4 +129,4 @@ def test_groups_partition_the_needs_and_each_fits(needs: list[tuple[str, str]], 
             assert (sop, syntax) in proposed
             if syntax not in (EXPLICIT, IMPLICIT):
                 # The uncompressed fallback always travels with a compressed need.
-                assert ContextPlan(sop, (EXPLICIT, IMPLICIT)) in plans
+                assert ProposedContext(sop, (EXPLICIT, IMPLICIT)) in plans
