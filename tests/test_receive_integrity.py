@@ -125,6 +125,20 @@ def raw_store(
     return rsp
 
 
+def store_ok(assoc: Association, ds: Dataset, *, message_id: int) -> None:
+    """Store the valid CT object ``ds`` on ``assoc`` and expect Success: the association (or
+    the receiver) goes on after whatever was refused before."""
+    rsp = raw_store(
+        assoc,
+        dataset_bytes_of(ds),
+        context_class=CT,
+        sop_class=CT,
+        sop_instance=ds.SOPInstanceUID,
+        message_id=message_id,
+    )
+    assert rsp.Status == 0x0000, f"status 0x{rsp.Status:04X}"
+
+
 def store_file(port: int, path: Path) -> C_STORE:
     """One raw C-STORE of the file's data set bytes, naming its meta header's UIDs."""
     meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
@@ -208,15 +222,7 @@ def test_broken_data_set_gets_c000_with_a_comment_and_is_not_kept(
         )
         assert_failure(rsp, 0xC000, 0xCFFF, reason)
         # The association carries on: the next object on it is stored.
-        ok = raw_store(
-            assoc,
-            dataset_bytes_of(good),
-            context_class=CT,
-            sop_class=CT,
-            sop_instance=good.SOPInstanceUID,
-            message_id=2,
-        )
-        assert ok.Status == 0x0000
+        store_ok(assoc, good, message_id=2)
         assert len(list(receiver.output.rglob(f"{good.SOPInstanceUID}.dcm"))) == 1
     finally:
         finish(assoc)
@@ -498,14 +504,7 @@ def test_malformed_c_store_is_aborted_at_once_and_leaves_nothing(
         # The receiver goes on serving.
         assoc = open_association(proc.port, (CT, EXPLICIT_LE))
         try:
-            rsp = raw_store(
-                assoc,
-                dataset_bytes_of(ds),
-                context_class=CT,
-                sop_class=CT,
-                sop_instance=ds.SOPInstanceUID,
-            )
-            assert rsp.Status == 0x0000
+            store_ok(assoc, ds, message_id=1)
         finally:
             finish(assoc)
 
@@ -568,15 +567,7 @@ def test_c_store_without_a_data_set_gets_c000(tmp_path: Path) -> None:
             assert isinstance(rsp, C_STORE) and rsp.MessageIDBeingRespondedTo == 7
             assert_failure(rsp, 0xC000, 0xCFFF, "no data set")
             # The association carries on.
-            ok = raw_store(
-                assoc,
-                dataset_bytes_of(ds),
-                context_class=CT,
-                sop_class=CT,
-                sop_instance=ds.SOPInstanceUID,
-                message_id=8,
-            )
-            assert ok.Status == 0x0000
+            store_ok(assoc, ds, message_id=8)
         finally:
             finish(assoc)
         assert len(dcm_files(proc.output)) == 1
