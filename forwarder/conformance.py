@@ -6,10 +6,11 @@ tests/test_conformance_statement.py fails when the committed document differs fr
 module renders now, and checks on the wire that what it states is what the engine does.
 
 Every fact the code holds is read from the code, never restated: UIDs and version names, the
-presentation contexts :mod:`forwarder.contexts` plans, the user information items
-:func:`forwarder.pdu.encode_associate_rq` puts on the wire, the PDU bounds, every DIMSE status
-code run through the sender's own response check and :func:`forwarder.pool.classify_status`, the
-conversions :mod:`forwarder.transcode` performs, the SOP classes and transfer syntaxes the
+presentation contexts :mod:`forwarder.net.contexts` plans, the user information items
+:func:`forwarder.net.pdu.encode_associate_rq` puts on the wire, the PDU bounds, every DIMSE status
+code run through the sender's own response check and
+:func:`forwarder.net.channel.classify_status`, the
+conversions :mod:`forwarder.dicom.transcode` performs, the SOP classes and transfer syntaxes the
 receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,
 ``send``, ``echo`` and ``receive`` actually use (built the way those commands build them).
 Only what has no table is prose.
@@ -35,11 +36,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydicom.uid import UID, AllTransferSyntaxes
 
-from forwarder import __version__, contexts, dicomfile, pdu, pool, receiver, tls, transcode
+from forwarder import __version__
 from forwarder.config import Config, Destination, RetryPolicy, TLSConfig, parse_config
+from forwarder.dicom import part10 as dicomfile
+from forwarder.dicom import transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
-from forwarder.sender import AssociationSettings
+from forwarder.net import channel as pool
+from forwarder.net import contexts, pdu, receiver, tls
+from forwarder.net.association import AssociationSettings
 
 DEFAULT_OUTPUT = Path("docs/conformance-statement.md")
 
@@ -58,7 +63,7 @@ _USER_ITEMS = {
     0x58: "User Identity",
 }
 
-#: What each outcome of :func:`forwarder.pool.classify_status` means for a file, daemon and
+#: What each outcome of :func:`forwarder.net.channel.classify_status` means for a file, daemon and
 #: ``send``. A new outcome without a sentence here makes rendering fail (and the test with it).
 _TREATMENT = {
     pool.Outcome.STORED: "stored",
@@ -109,7 +114,7 @@ class _Engine:
     send_associations: int
     echo: AssociationSettings
     receive_settings: receiver.ReceiverSettings
-    receive_ae: Any  # pynetdicom.AE, as forwarder.receiver builds it
+    receive_ae: Any  # pynetdicom.AE, as forwarder.net.receiver builds it
     parsers: dict[str, argparse.ArgumentParser]
 
 
@@ -117,7 +122,7 @@ def _engine() -> _Engine:
     from forwarder.cli import build_parser
     from forwarder.cli._net import resolve
     from forwarder.cli.receive import settings_from_args as receive_settings_from_args
-    from forwarder.service import association_settings
+    from forwarder.daemon.service import association_settings
 
     config = parse_config(
         "incoming: /in\ndone: /done\nfailed: /failed\nqueue: /q.sqlite\n"
@@ -223,8 +228,8 @@ def _user_items(max_pdu: int) -> dict[int, bytes]:
 
 def _store_response_treatment(status: int) -> str:
     """What the sender does with a C-STORE-RSP carrying ``status``: the response goes through
-    the same check the sender applies (:func:`forwarder.pdu.check_response`), then
-    :func:`forwarder.pool.classify_status`."""
+    the same check the sender applies (:func:`forwarder.net.pdu.check_response`), then
+    :func:`forwarder.net.channel.classify_status`."""
     sop = _EXAMPLE_SOP_CLASS.encode()
     values = {
         0x0002: sop,
@@ -627,7 +632,8 @@ def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str
         "**Proposed Presentation Contexts.** The abstract syntax is the file's SOP Class UID, "
         "the data set's own (any storage SOP class, standard or private; a file whose data set "
         "lacks its own SOP Class or Instance UID is refused with that reason). The transfer "
-        "syntaxes proposed depend on the file's own transfer syntax (from `forwarder.contexts`):",
+        "syntaxes proposed depend on the file's own transfer syntax "
+        "(from `forwarder.net.contexts`):",
         "",
         *_table(
             ["File's transfer syntax", "Contexts proposed for its SOP class", "Role", "Ext. neg."],
@@ -660,7 +666,7 @@ def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str
         "**Maximum PDU size.** We announce "
         f"{_bytes(settings.max_pdu_receive)} as our Maximum Length. P-DATA-TF PDUs we send "
         "never exceed the peer's announced maximum, clamped to sane bounds "
-        f"(`forwarder.pdu.send_pdu_limit`: at most {_bytes(pdu.MAX_SEND_PDU)}, "
+        f"(`forwarder.net.pdu.send_pdu_limit`: at most {_bytes(pdu.MAX_SEND_PDU)}, "
         f"at least {pdu.MIN_SEND_PDU} bytes, always even):",
         "",
         *_table(["Peer's Maximum Length", "Largest PDU we send"], _pdu_rows(settings)),
@@ -992,7 +998,7 @@ def _ae_receive(e: _Engine) -> list[str]:
         "Success answered"
         + (
             ", after its whole data set was walked by the same scanner `send` and the daemon use "
-            "(`forwarder.dicomfile.scan_file`)"
+            "(`forwarder.dicom.part10.scan_file`)"
             if hasattr(receiver, "scan_file")
             else ""
         )

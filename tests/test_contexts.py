@@ -1,4 +1,4 @@
-"""Presentation contexts planned from the files to send (``forwarder.contexts``)."""
+"""Presentation contexts planned from the files to send (``forwarder.net.contexts``)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from forwarder.contexts import (
+from forwarder.net.contexts import (
     MAX_CONTEXTS,
     contexts_for,
     group_by_contexts,
     plan_contexts,
 )
-from forwarder.pdu import ProposedContext
+from forwarder.net.pdu import ProposedContext
 
 EXPLICIT = str(ExplicitVRLittleEndian)
 IMPLICIT = str(ImplicitVRLittleEndian)

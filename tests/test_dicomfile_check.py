@@ -25,7 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from forwarder.dicomfile import (
+from forwarder.dicom.part10 import (
     MAX_INFLATED,
     FileMeta,
     check_file,
@@ -433,7 +433,7 @@ def test_an_implicit_dictionary_sequence_that_does_not_parse_is_refused(tmp_path
 #: arguments), so the file being open means the scan has started.
 _SCAN = """
 import sys
-from forwarder.dicomfile import FileMeta, scan_file
+from forwarder.dicom.part10 import FileMeta, scan_file
 from forwarder.errors import InvalidFileError
 
 path, syntax, offset, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from forwarder.dicomfile import check_file, parse_meta, read_meta, scan_file
-from forwarder.errors import InvalidFileError
-from forwarder.transcode import (
+from forwarder.dicom.part10 import check_file, parse_meta, read_meta, scan_file
+from forwarder.dicom.transcode import (
     UnconvertibleError,
     big_to_little_endian,
     reencode_little_endian,
 )
+from forwarder.errors import InvalidFileError
 
 SEEDS = [
     "CT_small.dcm",  # explicit VR little endian

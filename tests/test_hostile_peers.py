@@ -1,7 +1,7 @@
 """Hostile peers against the sender (issue 12, items 6 and 7): each misbehaviour of PS3.7/PS3.8
 ends as a RETRY with a clear reason, the file is never reported stored, and the same
-:class:`~forwarder.pool.Channel` (the worker's sending loop) carries on: the next file is stored
-on a new association.
+:class:`~forwarder.net.channel.Channel` (the worker's sending loop) carries on: the next file is
+stored on a new association.
 
 The peer is the raw-socket :class:`hostile.HostilePeer`: the first connection misbehaves, later
 ones (``then``) behave.
@@ -18,9 +18,9 @@ from conftest import wait_until
 from dicomgen import write_files
 from hostile import Behaviour, HostilePeer
 
-from forwarder.dicomfile import read_meta
-from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
-from forwarder.sender import AssociationSettings, Peer
+from forwarder.dicom.part10 import read_meta
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
 
 SETTINGS = AssociationSettings(connect_timeout=5.0, response_timeout=5.0, release_timeout=5.0)
 
@@ -108,7 +108,7 @@ def test_a_response_pynetdicom_accepts_is_stored_on_one_association(
     different: pynetdicom and DCMTK accept it. Each used to be a protocol error: every file,
     already stored by the peer, was resent and finally moved to failed/. Layout faults are
     logged as a warning once per association."""
-    caplog.set_level("DEBUG", logger="forwarder.sender")
+    caplog.set_level("DEBUG", logger="forwarder.net.association")
     with HostilePeer(behaviour) as peer:
         channel = channel_to(peer)
         try:

@@ -16,11 +16,11 @@ from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from forwarder.config import Route
-from forwarder.ingest import CHUNK, Ingest
-from forwarder.queue import Queue
-from forwarder.router import Router
-from forwarder.spool import Spool
-from forwarder.watcher import ReadyFile
+from forwarder.daemon.ingest import CHUNK, Ingest
+from forwarder.daemon.router import Router
+from forwarder.daemon.spool import Spool
+from forwarder.daemon.watcher import ReadyFile
+from forwarder.queue.jobs import Queue
 
 DESTS = ["pacs", "archive"]
 

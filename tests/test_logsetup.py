@@ -77,7 +77,7 @@ from forwarder.logsetup import configure_daemon_logging, fields
 configure_daemon_logging(sys.argv[1], log_phi=sys.argv[2] == "phi")
 kinds = [type(h).__name__ for h in logging.getLogger().handlers]
 print(",".join(kinds), flush=True)
-log = logging.getLogger("forwarder.worker")
+log = logging.getLogger("forwarder.daemon.worker")
 log.info("stored %s on %s", "1.2.3", "pacs", extra=fields(destination="pacs", outcome="stored"))
 log.debug("hidden at INFO")
 logging.getLogger("pynetdicom.assoc").info("pdu chatter")
@@ -106,7 +106,7 @@ def test_plain_lines_when_stderr_is_a_file(tmp_path: Path) -> None:
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO forwarder\.worker: stored 1\.2\.3 on pacs",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO forwarder\.daemon\.worker: stored 1\.2\.3 on pacs",
         lines[0],
     )
 
@@ -134,7 +134,7 @@ os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
 from forwarder.logsetup import configure_daemon_logging, fields
 configure_daemon_logging("INFO")
 print(type(logging.getLogger().handlers[-1]).__name__)
-logging.getLogger("forwarder.worker").warning(
+logging.getLogger("forwarder.daemon.worker").warning(
     "cannot store %s", "1.2.3",
     extra=fields(destination="pacs", sop_instance_uid="1.2.3", status=0xA700, outcome="failed"),
 )
@@ -174,7 +174,7 @@ def test_journal_fields_reach_journald(tmp_path: Path) -> None:
     assert entry["MESSAGE"] == "cannot store 1.2.3"
     assert entry["PRIORITY"] == "4"
     assert entry["SYSLOG_IDENTIFIER"] == "forwarder"
-    assert entry["LOGGER"] == "forwarder.worker"
+    assert entry["LOGGER"] == "forwarder.daemon.worker"
     assert entry["DESTINATION"] == "pacs"
     assert entry["SOP_INSTANCE_UID"] == "1.2.3"
     assert entry["DIMSE_STATUS"] == "0xA700"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder import metrics as metrics_module
+from forwarder.daemon import metrics as metrics_module
+from forwarder.daemon.metrics import Metrics
 from forwarder.errors import ForwarderError
-from forwarder.metrics import Metrics
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

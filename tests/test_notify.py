@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.notify import Notifier
+from forwarder.daemon.notify import Notifier
 
 
 def _needs_systemd_python() -> None:
@@ -144,7 +144,7 @@ def test_without_systemd_python_it_is_a_no_op(notify_socket: socket.socket) -> N
     # A child where `import systemd` fails, as on an install without the systemd extra.
     code = (
         "import sys; sys.modules['systemd'] = None\n"
-        "from forwarder.notify import Notifier\n"
+        "from forwarder.daemon.notify import Notifier\n"
         "n = Notifier(); n.ready('x'); n.watchdog(); n.stopping()\n"
         "print(n.enabled)\n"
     )

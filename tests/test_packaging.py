@@ -23,7 +23,7 @@ from prometheus_client import generate_latest
 
 from forwarder import __version__
 from forwarder.config import load_config
-from forwarder.metrics import Metrics
+from forwarder.daemon.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -203,7 +203,7 @@ def test_alerts_and_dashboard_use_only_exposed_metrics(tmp_path: Path) -> None:
     for expr in _promql_expressions():
         used.update(re.findall(r"\bforwarder_[a-z_]+", expr))
     assert used
-    assert used <= exposed, f"not exposed by forwarder.metrics: {sorted(used - exposed)}"
+    assert used <= exposed, f"not exposed by forwarder.daemon.metrics: {sorted(used - exposed)}"
 
 
 def test_promql_parses(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_deb_files(deb: Path, extracted: Path) -> None:
         "/usr/share/doc/forwarder/examples/alerts.yml": "-rw-r--r--",
         "/usr/share/doc/forwarder/examples/grafana-dashboard.json": "-rw-r--r--",
         "/usr/lib/forwarder/forwarder/cli/__init__.py": "-rw-r--r--",
-        "/usr/lib/forwarder/forwarder/notify.py": "-rw-r--r--",
+        "/usr/lib/forwarder/forwarder/daemon/notify.py": "-rw-r--r--",
     }
     for path, mode in expected.items():
         assert path in entries, path
@@ -330,7 +330,7 @@ def test_extracted_program_runs_on_debian_python(extracted: Path) -> None:
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
         "import numpy, pydantic_core, pynetdicom, pydicom, yaml, watchdog.observers;"
-        "import prometheus_client, pylibjpeg, forwarder.metrics, forwarder.logsetup;"
+        "import prometheus_client, pylibjpeg, forwarder.daemon.metrics, forwarder.logsetup;"
         "from forwarder.config import load_config;"
         "print(load_config(sys.argv[2]).destinations[0].name)"
     )

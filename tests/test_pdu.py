@@ -1,4 +1,5 @@
-"""The hand-written PDU and command-set codec (forwarder/pdu.py) against pynetdicom's, both ways.
+"""The hand-written PDU and command-set codec (forwarder/net/pdu.py) against pynetdicom's,
+both ways.
 
 What forwarder encodes (A-ASSOCIATE-RQ, C-STORE-RQ, C-ECHO-RQ) decodes in pynetdicom to the same
 values; what pynetdicom encodes (A-ASSOCIATE-AC/RJ with every kind of result and user item,
@@ -40,7 +41,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from forwarder.errors import ProtocolError
-from forwarder.pdu import (
+from forwarder.net.pdu import (
     ABORT,
     APPLICATION_CONTEXT,
     RELEASE_RP,
@@ -60,10 +61,10 @@ from forwarder.pdu import (
     offending_text,
     send_pdu_limit,
 )
-from forwarder.pdu import (
+from forwarder.net.pdu import (
     C_ECHO_RSP as ECHO_RSP_FIELD,
 )
-from forwarder.pdu import (
+from forwarder.net.pdu import (
     C_STORE_RSP as STORE_RSP_FIELD,
 )
 

@@ -4,8 +4,8 @@ a peer escapes as an unexpected exception").
 Random bytes and mutated valid PDUs (bytes flipped, cut, inserted; built by pynetdicom) go
 through ``decode_associate_ac``, ``decode_associate_rj``, ``check_fixed_pdu``,
 ``collect_command``, ``decode_command`` and ``check_response``, and through a whole
-:class:`~forwarder.sender.Association` on a real 127.0.0.1 connection: each either returns what
-PS3.7/PS3.8 allow or raises :class:`ProtocolError` (an :class:`AssociationError` on the socket
+:class:`~forwarder.net.association.Association` on a real 127.0.0.1 connection: each either returns
+what PS3.7/PS3.8 allow or raises :class:`ProtocolError` (an :class:`AssociationError` on the socket
 path). Runs are bounded (``max_examples``, no deadline) so the file takes seconds.
 """
 
@@ -25,10 +25,11 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 from forwarder.errors import AssociationError, ProtocolError
-from forwarder.pdu import (
+from forwarder.net.association import Association, AssociationSettings, Peer
+from forwarder.net.pdu import (
     C_STORE_RSP as STORE_RSP_FIELD,
 )
-from forwarder.pdu import (
+from forwarder.net.pdu import (
     MAX_SEND_PDU,
     MIN_SEND_PDU,
     PENDING,
@@ -41,7 +42,6 @@ from forwarder.pdu import (
     decode_command,
     send_pdu_limit,
 )
-from forwarder.sender import Association, AssociationSettings, Peer
 
 FUZZ = settings(
     max_examples=300,

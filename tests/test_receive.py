@@ -28,7 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from forwarder.receiver import Receiver, ReceiverSettings, safe_uid_name
+from forwarder.net.receiver import Receiver, ReceiverSettings, safe_uid_name
 
 STORESCU = "/usr/bin/storescu"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -37,8 +37,8 @@ from test_receive import (
     without_padding,
 )
 
-from forwarder.dicomfile import read_meta
-from forwarder.receiver import NO_STUDY_FOLDER, Receiver, ReceiverSettings
+from forwarder.dicom.part10 import read_meta
+from forwarder.net.receiver import NO_STUDY_FOLDER, Receiver, ReceiverSettings
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

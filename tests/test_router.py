@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from forwarder.config import Route
-from forwarder.router import Router
+from forwarder.daemon.router import Router
 
 DESTS = ["pacs", "archive", "research", "cloud"]
 

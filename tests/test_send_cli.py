@@ -27,7 +27,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import UID, RLELossless
 from pynetdicom import AllStoragePresentationContexts
 
-from forwarder.dicomfile import read_meta
+from forwarder.dicom.part10 import read_meta
 
 RLE = str(RLELossless)
 UNCOMPRESSED = [EXPLICIT, IMPLICIT]

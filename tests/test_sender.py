@@ -36,17 +36,15 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import code_to_category as pynetdicom_category
 
-from forwarder.dicomfile import read_meta
+from forwarder.dicom.part10 import read_meta
 from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
-from forwarder.pdu import (
-    IMPLEMENTATION_CLASS_UID,
-    IMPLEMENTATION_VERSION,
-    PRIORITY,
-    ProposedContext,
-    decode_associate_ac,
-    encode_associate_rq,
+from forwarder.net.association import (
+    AcceptedContext,
+    Association,
+    AssociationSettings,
+    Peer,
 )
-from forwarder.pool import (
+from forwarder.net.channel import (
     Channel,
     Outcome,
     SendOutcome,
@@ -54,13 +52,15 @@ from forwarder.pool import (
     classify_status,
     code_to_category,
 )
-from forwarder.sender import (
-    AcceptedContext,
-    Association,
-    AssociationSettings,
-    Peer,
+from forwarder.net.pdu import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    PRIORITY,
+    ProposedContext,
+    decode_associate_ac,
+    encode_associate_rq,
 )
-from forwarder.tls import client_context, server_context
+from forwarder.net.tls import client_context, server_context
 
 SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, release_timeout=5.0)
 UNCOMPRESSED = [EXPLICIT, IMPLICIT]

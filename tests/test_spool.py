@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.spool import DestinationResult, Spool, SpoolError
+from forwarder.daemon.spool import DestinationResult, Spool, SpoolError
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 

@@ -1,5 +1,5 @@
 """DICOM TLS: ``forwarder receive`` against DCMTK storescu, ``client_context`` against DCMTK
-storescp, and the TLS building blocks in :mod:`forwarder.tls`."""
+storescp, and the TLS building blocks in :mod:`forwarder.net.tls`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pki import Pki, make_pki
 from test_receive import run_receiver, run_storescu, sample, stored_path, wait_until
 
 from forwarder.errors import TLSSetupError
-from forwarder.tls import (
+from forwarder.net.tls import (
     check_private_key_permissions,
     client_context,
     describe_tls_error,

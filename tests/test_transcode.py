@@ -1,4 +1,4 @@
-"""The decompression fallback (``forwarder.transcode``) on pydicom's bundled test files."""
+"""The decompression fallback (``forwarder.dicom.transcode``) on pydicom's bundled test files."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from forwarder.dicom.transcode import possibly_lossy, syntax_name, transcode
 from forwarder.errors import SendError
-from forwarder.transcode import possibly_lossy, syntax_name, transcode
 
 EXPLICIT = str(ExplicitVRLittleEndian)
 IMPLICIT = str(ImplicitVRLittleEndian)
@@ -144,7 +144,7 @@ def test_the_lossless_list_agrees_with_pydicom_s_names() -> None:
     pydicom knows as possibly lossy is."""
     from pydicom.uid import AllTransferSyntaxes
 
-    from forwarder.transcode import LOSSLESS_SYNTAXES
+    from forwarder.dicom.transcode import LOSSLESS_SYNTAXES
 
     for uid in AllTransferSyntaxes:
         name = uid.name

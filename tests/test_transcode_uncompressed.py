@@ -36,9 +36,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from forwarder.dicomfile import check_file, read_meta
+from forwarder.dicom.part10 import check_file, read_meta
+from forwarder.dicom.transcode import transcode
 from forwarder.errors import InvalidFileError, SendError
-from forwarder.transcode import transcode
 
 EXPLICIT = str(ExplicitVRLittleEndian)
 IMPLICIT = str(ImplicitVRLittleEndian)

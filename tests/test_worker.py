@@ -19,17 +19,17 @@ from peers import Received, ScriptedSCP, free_port
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from forwarder.config import Destination, RetryPolicy
-from forwarder.dicomfile import read_meta
-from forwarder.finisher import Finisher
-from forwarder.ingest import Ingest
-from forwarder.pool import Channel, StoreRequest
-from forwarder.queue import JobStatus, Queue
-from forwarder.queue_records import FileEntry
-from forwarder.router import Router
-from forwarder.sender import AssociationSettings
-from forwarder.spool import Spool
-from forwarder.watcher import ReadyFile
-from forwarder.worker import DestinationWorkers, LastOutcome, backoff
+from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.router import Router
+from forwarder.daemon.spool import Spool
+from forwarder.daemon.watcher import ReadyFile
+from forwarder.daemon.worker import DestinationWorkers, LastOutcome, backoff
+from forwarder.dicom.part10 import read_meta
+from forwarder.net.association import AssociationSettings
+from forwarder.net.channel import Channel, StoreRequest
+from forwarder.queue.jobs import JobStatus, Queue
+from forwarder.queue.records import FileEntry
 
 FAST = RetryPolicy(initial_delay=0.1, max_delay=0.4)
 
@@ -477,7 +477,7 @@ def test_a_file_unreadable_on_a_spare_channel_whose_last_association_failed_is_c
     one thread's association stays open and busy (response_timeout), so the other thread is the
     only one claiming, and its association attempts time out (not accepted while the first is
     open)."""
-    caplog.set_level("INFO", logger="forwarder.worker")
+    caplog.set_level("INFO", logger="forwarder.daemon.worker")
     retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=3)
     with HostilePeer(Behaviour.NEVER_ANSWER, then=Behaviour.ACCEPT) as peer:
         workers = rig.add_destination(
@@ -547,7 +547,7 @@ def test_an_unreadable_file_on_a_channel_whose_old_association_failed_is_not_the
     with the channel's old association error still in Channel.down, and the destination that
     had come up since was paused and marked DOWN with that error. Driven batch by batch (the
     worker's own _process on its two channels) so that each channel's history is exact."""
-    caplog.set_level("INFO", logger="forwarder.worker")
+    caplog.set_level("INFO", logger="forwarder.daemon.worker")
     port = free_port()
     retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=2)
     workers = rig.add_destination("a", port, retry=retry, associations=2)

@@ -16,8 +16,8 @@ from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 from forwarder.cli._argtypes import non_negative, whole_number
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
-from forwarder.pdu import PRIORITY
-from forwarder.sender import AssociationSettings, Peer
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.pdu import PRIORITY
 
 
 class UsageError(ForwarderError):
@@ -253,7 +253,7 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
     calling = args.calling_aet or calling or "FORWARDER"
     tls_context = None
     if tls_paths is not None:
-        from forwarder.tls import check_private_key_permissions, client_context
+        from forwarder.net.tls import check_private_key_permissions, client_context
 
         ca, cert, key, verify_hostname = tls_paths
         if (cert is None) != (key is None):

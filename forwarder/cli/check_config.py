@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     path, config = load_or_report(args, "check-config")
     if config is None:
         return EXIT_CONFIG
-    from forwarder.service import association_settings
+    from forwarder.daemon.service import association_settings
 
     problems = []
     for i, dest in enumerate(config.destinations):

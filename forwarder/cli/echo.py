@@ -16,8 +16,8 @@ from forwarder.cli import (
 from forwarder.cli._argtypes import positive
 from forwarder.cli._net import add_association_options, resolve_or_report
 from forwarder.errors import AssociationError
-from forwarder.pdu import VERIFICATION_SOP_CLASS, ProposedContext
-from forwarder.sender import Association
+from forwarder.net.association import Association
+from forwarder.net.pdu import VERIFICATION_SOP_CLASS, ProposedContext
 
 _VERIFICATION = ProposedContext(VERIFICATION_SOP_CLASS, ("1.2.840.10008.1.2",))
 

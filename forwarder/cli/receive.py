@@ -12,16 +12,16 @@ from typing import Any
 
 from forwarder.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, setup_logging
 from forwarder.cli._argtypes import positive, whole_number
+from forwarder.daemon.signals import SignalWaiter
 from forwarder.errors import ForwarderError
-from forwarder.receiver import (
+from forwarder.net.receiver import (
     Receiver,
     ReceiverSettings,
     accept_unknown_sop_classes,
     enable_streamed_receive,
     parse_networks,
 )
-from forwarder.signals import SignalWaiter
-from forwarder.tls import server_context
+from forwarder.net.tls import server_context
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}

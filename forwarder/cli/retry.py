@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _free(path: Path) -> Path:
-    from forwarder.spool import numbered
+    from forwarder.daemon.spool import numbered
 
     candidate, n = path, 0
     while candidate.exists():
@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(config.queue):
         print("forwarder retry: nothing to retry (no queue database yet)", file=sys.stderr)
         return EXIT_OK
-    from forwarder.queue import Queue
-    from forwarder.spool import Spool
+    from forwarder.daemon.spool import Spool
+    from forwarder.queue.jobs import Queue
 
     requeued = skipped = 0
     try:

@@ -27,8 +27,8 @@ def run(args: argparse.Namespace) -> int:
     path, config = load_or_report(args, "run")
     if config is None:
         return EXIT_CONFIG
+    from forwarder.daemon.service import Service
     from forwarder.logsetup import configure_daemon_logging
-    from forwarder.service import Service
 
     configure_daemon_logging(config.log_level, log_phi=config.log_phi)
     try:

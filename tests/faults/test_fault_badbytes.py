@@ -28,13 +28,13 @@ from peers import ScriptedSCP, storescp
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from forwarder.dicomfile import parse_meta, read_meta, scan_file
+from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.router import Router
+from forwarder.daemon.spool import Spool
+from forwarder.daemon.watcher import ReadyFile
+from forwarder.dicom.part10 import parse_meta, read_meta, scan_file
 from forwarder.errors import InvalidFileError
-from forwarder.ingest import Ingest
-from forwarder.queue import Queue
-from forwarder.router import Router
-from forwarder.spool import Spool
-from forwarder.watcher import ReadyFile
+from forwarder.queue.jobs import Queue
 
 pytestmark = pytest.mark.faults
 

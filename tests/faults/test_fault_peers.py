@@ -18,8 +18,8 @@ from dicomgen import write_file
 from hostile_peer import Act, HostilePeer
 from peers import ScriptedSCP, free_port
 
-from forwarder.pool import Channel, Outcome, StoreRequest
-from forwarder.sender import AssociationSettings, Peer
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.channel import Channel, Outcome, StoreRequest
 
 pytestmark = pytest.mark.faults
 

@@ -21,17 +21,17 @@ from typing import Any
 
 from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.notify import Notifier
+from forwarder.daemon.router import Router
+from forwarder.daemon.signals import SignalWaiter
+from forwarder.daemon.spool import Spool
+from forwarder.daemon.watcher import Watcher
+from forwarder.daemon.worker import DestinationWorkers, LastOutcome
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
-from forwarder.finisher import Finisher
-from forwarder.ingest import Ingest
-from forwarder.notify import Notifier
-from forwarder.queue import Queue
-from forwarder.router import Router
-from forwarder.sender import AssociationSettings
-from forwarder.signals import SignalWaiter
-from forwarder.spool import Spool
-from forwarder.watcher import Watcher
-from forwarder.worker import DestinationWorkers, LastOutcome
+from forwarder.net.association import AssociationSettings
+from forwarder.queue.jobs import Queue
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def association_settings(dest: Destination, config: Config) -> AssociationSettin
     """Sender settings for a destination; raises TLSSetupError for unusable TLS material."""
     tls = None
     if dest.tls is not None:
-        from forwarder.tls import check_private_key_permissions, client_context
+        from forwarder.net.tls import check_private_key_permissions, client_context
 
         if dest.tls.key is not None:
             check_private_key_permissions(dest.tls.key)
@@ -79,7 +79,7 @@ class Service:
         self._last: LastOutcome | None = None
         self._unhealthy: list[str] = []  # what the last health check found wrong
         self._lock_fd: int | None = None
-        self.metrics: Any = None  # forwarder.metrics.Metrics when metrics.listen is set
+        self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -118,7 +118,9 @@ class Service:
             self.finisher.start()
             self._fail_orphans()
             if c.metrics is not None:
-                from forwarder.metrics import Metrics  # prometheus_client only when asked for
+                from forwarder.daemon.metrics import (
+                    Metrics,  # prometheus_client only when asked for
+                )
 
                 self.metrics = Metrics()
                 self.ingest.metrics = self.metrics

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from forwarder.errors import QueueError
-from forwarder.queue_records import (
+from forwarder.queue.records import (
     DestinationState,
     DestinationStats,
     FailedFile,
@@ -47,7 +47,7 @@ from forwarder.queue_records import (
     RecoveryReport,
     Replaced,
 )
-from forwarder.queue_sql import (
+from forwarder.queue.sql import (
     ACK_RETRY,
     ACK_TERMINAL,
     BEGIN_FINISH,

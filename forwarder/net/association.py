@@ -3,7 +3,7 @@
 pynetdicom's own SCU costs about 3 ms per C-STORE (a reactor thread, queues, 1 ms polling sleeps,
 command sets encoded through pydicom) and decodes/re-encodes every file; importing it also costs
 ~0.7 s (it pulls in pydicom and numpy), more than storescu needs to send 2,000 files. So the
-three association PDUs are encoded by hand (:mod:`forwarder.pdu`; the tests decode them with
+three association PDUs are encoded by hand (:mod:`forwarder.net.pdu`; the tests decode them with
 pynetdicom's PDU classes and negotiate with DCMTK, Orthanc and pynetdicom peers), and the
 per-file work is done on a blocking socket:
 
@@ -12,7 +12,7 @@ per-file work is done on a blocking socket:
   through one reused buffer, so memory stays flat whatever the file size;
 * ``TCP_NODELAY`` is always on, and ``TCP_QUICKACK`` is re-armed after every read, so a peer with
   Nagle's algorithm on (Debian's DCMTK and Orthanc) never stalls on our delayed ACKs;
-* every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.pdu`'s strict
+* every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.net.pdu`'s strict
   decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
   SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
   raises :class:`~forwarder.errors.ProtocolError` (the file is retried); a stalled peer hits the
@@ -40,14 +40,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from forwarder.crashpoints import crash_point
-from forwarder.dicomfile import FileMeta, read_error
+from forwarder.dicom.part10 import FileMeta, read_error
 from forwarder.errors import (
     AssociationError,
     InvalidFileError,
     ProtocolError,
     UnreadableFileError,
 )
-from forwarder.pdu import (
+from forwarder.net.pdu import (
     ABORT,
     C_ECHO_RSP,
     C_STORE_RSP,
@@ -749,7 +749,7 @@ def _connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
     except OSError as exc:  # ssl.SSLError is an OSError
         sock.close()
         if handshaking:
-            from forwarder.tls import describe_tls_error
+            from forwarder.net.tls import describe_tls_error
 
             raise AssociationError(
                 f"TLS handshake with {peer} failed: {describe_tls_error(exc)}", retryable=True

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Protocol
 
 from forwarder.crashpoints import crash_point
-from forwarder.dicomfile import check_file_values
+from forwarder.daemon.router import Router
+from forwarder.daemon.spool import Spool, SpoolError
+from forwarder.dicom.part10 import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
-from forwarder.queue import FileEntry, Queue
-from forwarder.router import Router
-from forwarder.spool import Spool, SpoolError
+from forwarder.queue.jobs import FileEntry, Queue
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ symlink inside ``output`` is followed. An object whose data set has no Study Ins
 as ``output/no-study-uid/<SOPInstanceUID>.dcm``, so a resend replaces it.
 
 Success is answered only for an object whose whole data set was walked by the shared scanner
-(:func:`forwarder.dicomfile.scan_file`) and whose own SOP Class and Instance UIDs are the ones
+(:func:`forwarder.dicom.part10.scan_file`) and whose own SOP Class and Instance UIDs are the ones
 the C-STORE request names, sent on a presentation context negotiated for that SOP Class. Any
 other object gets a failure status with an Error Comment (0000,0902) saying why, and is deleted,
 never placed under ``output``: the sender still holds it and has been told it was not stored.
@@ -55,10 +55,10 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from forwarder.dicomfile import FileMeta, scan_file
+from forwarder.dicom.part10 import FileMeta, scan_file
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
-from forwarder.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-from forwarder.tls import describe_tls_error
+from forwarder.net.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from forwarder.net.tls import describe_tls_error
 
 logger = logging.getLogger(__name__)
 

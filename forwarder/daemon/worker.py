@@ -1,6 +1,6 @@
 """Workers: per destination, ``associations`` threads that claim jobs, send them and ack them.
 
-Each thread owns one :class:`~forwarder.pool.Channel` (one pooled association, reused across
+Each thread owns one :class:`~forwarder.net.channel.Channel` (one pooled association, reused across
 files, released when idle, replaced when broken). A destination that is down pauses only its own
 threads (backoff per destination, on top of each job's own backoff), so it never slows the
 others. Acks follow the sends: a crash between the peer's response and the ack means the file is
@@ -30,11 +30,11 @@ from typing import Protocol
 
 from forwarder.config import Destination, RetryPolicy
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.finisher import Finisher
 from forwarder.errors import ForwarderError
-from forwarder.finisher import Finisher
-from forwarder.pool import Channel, Outcome, SendOutcome, StoreRequest
-from forwarder.queue import Job, Queue
-from forwarder.sender import AssociationSettings, Peer
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.queue.jobs import Job, Queue
 
 logger = logging.getLogger(__name__)
 

@@ -17,22 +17,22 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from forwarder.contexts import plan_contexts
-from forwarder.dicomfile import UNCOMPRESSED, FileMeta, read_meta
+from forwarder.dicom.part10 import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import (
     AssociationError,
     InvalidFileError,
     SendError,
     UnreadableFileError,
 )
-from forwarder.pdu import MAX_CONTEXTS
-from forwarder.sender import (
+from forwarder.net.association import (
     AcceptedContext,
     Association,
     AssociationSettings,
     DimseResponse,
     Peer,
 )
+from forwarder.net.contexts import plan_contexts
+from forwarder.net.pdu import MAX_CONTEXTS
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ _TRANSIENT_FAILURES = frozenset(
 
 
 def classify_status(status: int) -> Outcome:
-    """Map the status of a C-STORE-RSP that passed :func:`forwarder.pdu.check_response` to an
+    """Map the status of a C-STORE-RSP that passed :func:`forwarder.net.pdu.check_response` to an
     outcome.
 
     - Success and Warning (0xB000, 0xB006, 0xB007, 0x0001...) are stored.
@@ -372,7 +372,7 @@ class Channel:
                 if isinstance(fallback, str):
                     return self._outcome(request, meta, Outcome.FAILED, None, fallback, started)
                 sent_syntax = fallback.transfer_syntax
-                from forwarder.transcode import transcode  # pydicom: only on this slow path
+                from forwarder.dicom.transcode import transcode  # pydicom: only on this slow path
 
                 data = transcode(
                     request.path,
@@ -402,7 +402,7 @@ class Channel:
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
 
     def _accepted_note(self, assoc: Association, meta: FileMeta) -> str:
-        from forwarder.transcode import syntax_name
+        from forwarder.dicom.transcode import syntax_name
 
         accepted = [syntax_name(c.transfer_syntax) for c in assoc.contexts_for(meta.sop_class_uid)]
         return (
@@ -411,7 +411,7 @@ class Channel:
         )
 
     def _fallback(self, assoc: Association, meta: FileMeta) -> AcceptedContext | str:
-        from forwarder.transcode import syntax_name
+        from forwarder.dicom.transcode import syntax_name
 
         for ctx in assoc.contexts_for(meta.sop_class_uid):
             if ctx.transfer_syntax in UNCOMPRESSED:

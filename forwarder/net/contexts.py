@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from forwarder.dicomfile import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
-from forwarder.pdu import MAX_CONTEXTS, ProposedContext
+from forwarder.dicom.part10 import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
+from forwarder.net.pdu import MAX_CONTEXTS, ProposedContext
 
 
 def contexts_for(sop_class: str, transfer_syntax: str) -> list[ProposedContext]:

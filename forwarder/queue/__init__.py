@@ -1,0 +1,2 @@
+"""The persistent job queue (SQLite): one row per file and destination,
+claimed then acknowledged."""
