@@ -140,18 +140,50 @@ def test_vanished_socket_is_logged_not_raised(
     assert "sd_notify" in warnings[0].getMessage()
 
 
-def test_without_systemd_python_it_is_a_no_op(notify_socket: socket.socket) -> None:
-    # A child where `import systemd` fails, as on an install without the systemd extra.
-    code = (
-        "import sys; sys.modules['systemd'] = None\n"
+def _without_systemd_python(code: str) -> None:
+    """Run ``code`` in a child where ``import systemd`` fails, as on an install without the
+    systemd extra (a plain ``pip install forwarder``)."""
+    subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['systemd'] = None\n" + code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_without_systemd_python_the_socket_is_written_directly(
+    notify_socket: socket.socket,
+) -> None:
+    _without_systemd_python(
         "from forwarder.daemon.notify import Notifier\n"
-        "n = Notifier(); n.ready('x'); n.watchdog(); n.stopping()\n"
-        "print(n.enabled)\n"
+        "n = Notifier(); assert n.enabled\n"
+        "n.ready('queue: 0 pending'); n.watchdog(); n.stopping()\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    assert _receive(notify_socket) == {"READY": "1", "STATUS": "queue: 0 pending"}
+    assert _receive(notify_socket) == {"WATCHDOG": "1"}
+    assert _receive(notify_socket) == {"STOPPING": "1"}
+
+
+def test_without_systemd_python_an_abstract_socket_works() -> None:
+    # systemd may name an abstract socket ("@/org/freedesktop/systemd1/notify/...").
+    name = f"forwarder-test-notify-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5.0)
+        _without_systemd_python(
+            "import os\n"
+            f"os.environ['NOTIFY_SOCKET'] = '@{name}'\n"
+            "from forwarder.daemon.notify import Notifier\n"
+            "Notifier().ready()\n"
+        )
+        assert _receive(sock) == {"READY": "1"}
+
+
+def test_without_systemd_python_a_vanished_socket_is_not_raised(tmp_path: Path) -> None:
+    _without_systemd_python(
+        "import os\n"
+        f"os.environ['NOTIFY_SOCKET'] = {str(tmp_path / 'gone.sock')!r}\n"
+        "from forwarder.daemon.notify import Notifier\n"
+        "n = Notifier(); n.ready(); n.watchdog()\n"
     )
-    assert result.stdout.strip() == "False"
-    notify_socket.settimeout(0.2)
-    with pytest.raises(TimeoutError):
-        notify_socket.recv(4096)

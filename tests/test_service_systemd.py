@@ -81,6 +81,38 @@ def test_ready_watchdog_status_and_stopping(notify_socket: socket.socket, tmp_pa
             messages.wait_for("STOPPING=1", timeout=5)
 
 
+def test_ready_and_watchdog_without_systemd_python(
+    notify_socket: socket.socket, tmp_path: Path
+) -> None:
+    """Installed without the systemd extra, the daemon still tells systemd it is ready and
+    feeds the watchdog: under the shipped Type=notify unit it would otherwise be killed at the
+    start timeout."""
+    hidden = tmp_path / "no-systemd-python"
+    (hidden / "systemd").mkdir(parents=True)
+    (hidden / "systemd" / "__init__.py").write_text(
+        "raise ImportError('systemd-python hidden by the test')\n"
+    )
+    messages = Messages(notify_socket)
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "daemon",
+            destinations=[destination("pacs", scp.port)],
+            env={
+                "NOTIFY_SOCKET": notify_socket.getsockname(),
+                "WATCHDOG_USEC": "2000000",
+                "PYTHONPATH": str(hidden),
+            },
+        )
+        with d:
+            messages.wait_for("READY=1")
+            messages.wait_for("WATCHDOG=1", timeout=10)
+            d.drop_files(2)
+            d.wait_done(2)
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit(20) == 0
+            messages.wait_for("STOPPING=1", timeout=5)
+
+
 def test_a_starved_watchdog_is_explained_once_not_every_second(
     notify_socket: socket.socket, tmp_path: Path
 ) -> None:

@@ -3,16 +3,21 @@
 The service owns one :class:`Notifier` and decides *when* to call it: ``ready()`` only once
 the queue is recovered, the watcher runs and the workers are up; ``watchdog()`` from the
 health of the worker loop (never from a timer that always pings, or a wedged sender would
-never be restarted). Every method is a no-op when systemd-python (the ``systemd`` extra) is
-not installed or when ``NOTIFY_SOCKET`` is unset, so the daemon runs the same outside systemd.
-A failing notification is logged, never raised: the daemon must not die because the notify
-socket went away.
+never be restarted). Notifications go through ``systemd.daemon.notify`` when systemd-python
+(the ``systemd`` extra) is installed, and otherwise straight to the ``NOTIFY_SOCKET`` datagram
+socket (the whole sd_notify protocol: one datagram of ``KEY=value`` lines), so readiness and
+the watchdog work however forwarder was installed (a plain ``pip install`` under the shipped
+Type=notify unit would otherwise be killed at the start timeout). Every method is a no-op when
+``NOTIFY_SOCKET`` is unset, so the daemon runs the same outside systemd. A failing
+notification is logged, never raised: the daemon must not die because the notify socket went
+away.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 
@@ -21,13 +26,27 @@ logger = logging.getLogger(__name__)
 _SendFunction = Callable[[str], bool]
 
 
-def _load_sender() -> _SendFunction | None:
+def _load_sender(address: str) -> _SendFunction:
     try:
         from systemd import daemon
     except ImportError:
-        return None
+        return _DatagramSender(address)
     send: _SendFunction = daemon.notify
     return send
+
+
+class _DatagramSender:
+    """sd_notify(3) without libsystemd: one datagram to the AF_UNIX socket ``NOTIFY_SOCKET``
+    names (a path, or ``@name`` in the abstract namespace). Raises OSError like the library."""
+
+    def __init__(self, address: str) -> None:
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+
+    def __call__(self, message: str) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(self._address)
+            sock.sendall(message.encode())
+        return True
 
 
 def _one_line(text: str) -> str:
@@ -36,23 +55,18 @@ def _one_line(text: str) -> str:
 
 
 class Notifier:
-    """sd_notify via ``systemd.daemon.notify``.
+    """sd_notify via ``systemd.daemon.notify``, or the socket itself without systemd-python.
 
-    Every method is a no-op without systemd-python or without ``NOTIFY_SOCKET``. The
-    environment is read once, at construction (systemd sets it before ``exec``).
+    Every method is a no-op without ``NOTIFY_SOCKET``. The environment is read once, at
+    construction (systemd sets it before ``exec``).
     """
 
     def __init__(self) -> None:
         env = os.environ
         self._socket = env.get("NOTIFY_SOCKET") or None
         self._watchdog_interval = _watchdog_interval(env, os.getpid())
-        self._send = _load_sender() if self._socket else None
+        self._send = _load_sender(self._socket) if self._socket else None
         self._failed_once = False
-        if self._socket and self._send is None:
-            logger.info(
-                "NOTIFY_SOCKET is set but systemd-python is not installed: "
-                "no readiness or watchdog notifications (install forwarder[systemd])"
-            )
 
     @property
     def enabled(self) -> bool:
