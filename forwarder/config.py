@@ -271,7 +271,9 @@ def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
     )
     kind = err["type"]
     if kind == "extra_forbidden":
-        message = "unknown key (check the spelling; see config/forwarder.yaml)"
+        message = (
+            "unknown key (check the spelling; `forwarder check-config --schema` lists every key)"
+        )
     elif kind == "missing":
         message = "required key is missing"
     else:

@@ -64,5 +64,11 @@ class TLSSetupError(ForwarderError):
     """TLS material is missing, unreadable or unsafe (for example a world-readable key)."""
 
 
+class SetupError(ForwarderError):
+    """The host is not set up for the daemon (a spool folder it cannot write, for example):
+    restarting will not help, so ``forwarder run`` exits 78 like for an invalid config. The
+    message names the path, what was tried and the fix."""
+
+
 class QueueError(ForwarderError):
     """The queue database failed (disk full, permissions, corruption). Says what was being done."""

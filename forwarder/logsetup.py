@@ -4,8 +4,11 @@ When stderr *is* the journal (systemd sets ``JOURNAL_STREAM=dev:ino`` for the st
 connected to stderr), records go through ``systemd.journal.JournalHandler`` so the extra
 fields built by :func:`fields` become journal fields and
 ``journalctl -u forwarder DESTINATION=pacs OUTCOME=failed`` works. Anywhere else (a terminal,
-a pipe, a file, or systemd without systemd-python) it is one ``time level logger: message``
-line per record on stderr; the fields are simply not shown.
+a pipe, a file) it is one ``time level logger: message`` line per record on stderr; the fields
+are simply not shown. Under systemd without systemd-python the lines go to stderr with a
+``<N>`` syslog priority prefix, which journald turns into the entry's priority, so
+``journalctl -p err`` still finds errors; :func:`journal_prefix` gives the CLI the same prefix
+for what it prints before logging is set up (an invalid config at start).
 
 Only the CLI calls :func:`configure_daemon_logging`; library modules just log.
 """
@@ -101,6 +104,48 @@ def _plain_handler() -> logging.Handler:
     return handler
 
 
+# syslog priorities (sd-daemon(3)) of the logging levels.
+_PRIORITIES: Final = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+
+
+def _priority(levelno: int) -> int:
+    return next((prio for level, prio in _PRIORITIES if levelno >= level), 7)
+
+
+class _JournalStreamFormatter(logging.Formatter):
+    """``<N>logger: message`` for a stderr that is the journal: journald reads ``<N>`` as the
+    priority (SyslogLevelPrefix=yes, systemd's default) and stamps the time itself."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"<{_priority(record.levelno)}>"
+        # A traceback spans lines; each line is its own journal entry and needs the prefix.
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def _journal_stream_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JournalStreamFormatter())
+    return handler
+
+
+def journal_prefix(levelno: int = logging.ERROR) -> str:
+    """``"<N>"`` (the syslog priority of ``levelno``) when stderr is the journal, else ``""``:
+    for lines the CLI prints itself, so that ``journalctl -p err`` shows why the service
+    exited (journald files unprefixed stderr lines at info)."""
+    if stderr_is_journal(os.environ.get("JOURNAL_STREAM"), _stderr_stat()):
+        return f"<{_priority(levelno)}>"
+    return ""
+
+
 def configure_daemon_logging(level: str = "INFO", *, log_phi: bool = False) -> None:
     """Send the root logger to the journal when stderr is the journal, else plain lines to
     stderr. Safe to call again (on reload): it replaces the handler it installed before.
@@ -113,10 +158,10 @@ def configure_daemon_logging(level: str = "INFO", *, log_phi: bool = False) -> N
     if not isinstance(numeric, int):
         raise ValueError(f"unknown log level {level!r}: use DEBUG, INFO, WARNING or ERROR")
 
-    handler: logging.Handler | None = None
+    handler: logging.Handler
     if stderr_is_journal(os.environ.get("JOURNAL_STREAM"), _stderr_stat()):
-        handler = _journal_handler()
-    if handler is None:
+        handler = _journal_handler() or _journal_stream_handler()
+    else:
         handler = _plain_handler()
     setattr(handler, _OURS, True)
 

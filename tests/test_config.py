@@ -182,8 +182,8 @@ def test_unknown_keys_are_errors_at_every_level() -> None:
         ("destination", 20),
     ]:
         assert (
-            f"{key} (line {line}): unknown key (check the spelling; see config/forwarder.yaml)"
-            in (found)
+            f"{key} (line {line}): unknown key "
+            "(check the spelling; `forwarder check-config --schema` lists every key)" in (found)
         ), found
     assert len(found) == 5, found
 

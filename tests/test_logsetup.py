@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import FORWARDER
 
 from forwarder import logsetup
 from forwarder.logsetup import configure_daemon_logging, fields, stderr_is_journal
@@ -106,7 +107,8 @@ def test_plain_lines_when_stderr_is_a_file(tmp_path: Path) -> None:
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert re.fullmatch(
-        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO forwarder\.daemon\.worker: stored 1\.2\.3 on pacs",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
+        r"forwarder\.daemon\.worker: stored 1\.2\.3 on pacs",
         lines[0],
     )
 
@@ -221,3 +223,71 @@ def test_phi_warning_only_once_per_process(
 def test_unknown_level_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         configure_daemon_logging("LOUD")
+
+
+def test_journal_stream_without_systemd_python_carries_priorities(tmp_path: Path) -> None:
+    """Under systemd without systemd-python, records still reach the journal with their
+    priority (a ``<N>`` prefix journald parses), so ``journalctl -p err`` finds errors."""
+    err_path = tmp_path / "stderr.txt"
+    code = (
+        "import sys; sys.modules['systemd'] = None\n"
+        "import logging, os\n"
+        "st = os.fstat(2)\n"
+        "os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}'\n"
+        "from forwarder.logsetup import configure_daemon_logging\n"
+        "configure_daemon_logging('INFO')\n"
+        "log = logging.getLogger('forwarder.daemon.worker')\n"
+        "log.info('stored %s', '1.2.3')\n"
+        "log.warning('retrying %s', '1.2.4')\n"
+        "try:\n"
+        "    raise ValueError('boom')\n"
+        "except ValueError:\n"
+        "    log.exception('crashed on %s', '1.2.5')\n"
+    )
+    with err_path.open("w") as err:
+        subprocess.run(
+            [sys.executable, "-c", code], stderr=err, env=dict(os.environ), timeout=60, check=True
+        )
+    lines = err_path.read_text().splitlines()
+    assert lines[0] == "<6>forwarder.daemon.worker: stored 1.2.3"
+    assert lines[1] == "<4>forwarder.daemon.worker: retrying 1.2.4"
+    assert lines[2] == "<3>forwarder.daemon.worker: crashed on 1.2.5"
+    # Each traceback line is its own journal entry, at the record's priority.
+    assert len(lines) > 4
+    assert all(line.startswith("<3>") for line in lines[2:])
+    assert lines[-1] == "<3>ValueError: boom"
+
+
+def _run_with_bad_config(tmp_path: Path, journal: bool) -> tuple[int, list[str]]:
+    config = tmp_path / "bad.yaml"
+    config.write_text("incoming: /tmp/x\nsurprise: 1\n")
+    err_path = tmp_path / "stderr.txt"
+    err_path.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "FORWARDER_CONFIG")}
+    if journal:
+        st = os.stat(err_path)
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    with err_path.open("a") as err:
+        proc = subprocess.run(
+            [FORWARDER, "run", "-c", str(config)],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    return proc.returncode, err_path.read_text().splitlines()
+
+
+def test_config_errors_at_start_reach_the_journal_as_errors(tmp_path: Path) -> None:
+    code, lines = _run_with_bad_config(tmp_path, journal=True)
+    assert code == 78
+    assert lines and all(line.startswith("<3>") for line in lines), lines
+    assert any("surprise (line 2): unknown key" in line for line in lines)
+    assert lines[-1].startswith("<3>forwarder run: invalid config file")
+
+
+def test_config_errors_on_a_terminal_have_no_prefix(tmp_path: Path) -> None:
+    code, lines = _run_with_bad_config(tmp_path, journal=False)
+    assert code == 78
+    assert lines and not any(line.startswith("<") for line in lines), lines

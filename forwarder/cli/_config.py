@@ -7,6 +7,7 @@ import sys
 
 from forwarder.config import Config, config_path_from_env, load_config
 from forwarder.errors import ConfigError
+from forwarder.logsetup import journal_prefix
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +25,8 @@ def load_or_report(args: argparse.Namespace, command: str) -> tuple[str, Config 
     try:
         return path, load_config(path)
     except ConfigError as exc:
+        prefix = journal_prefix()  # under systemd: journal priority err, not info
         for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
-        print(f"forwarder {command}: invalid config file {path}", file=sys.stderr)
+            print(f"{prefix}{exc.source}: {problem}", file=sys.stderr)
+        print(f"{prefix}forwarder {command}: invalid config file {path}", file=sys.stderr)
         return path, None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 import sys
 from typing import Any
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from forwarder.cli._config import add_config_option, load_or_report
-from forwarder.errors import ForwarderError, TLSSetupError
+from forwarder.errors import ForwarderError, SetupError, TLSSetupError
+from forwarder.logsetup import journal_prefix
 
 
 def add_parser(sub: Any) -> None:
@@ -31,11 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from forwarder.logsetup import configure_daemon_logging
 
     configure_daemon_logging(config.log_level, log_phi=config.log_phi)
+    # Every thread's stack on stderr (the journal under systemd) when the watchdog aborts a
+    # hung daemon (SIGABRT) or it crashes, and on demand without stopping it:
+    # `systemctl kill -s USR1 forwarder` (or kill -USR1 PID).
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     try:
         return Service(config, path).run() or EXIT_OK
-    except TLSSetupError as exc:
-        print(f"forwarder run: {exc}", file=sys.stderr)
+    except (TLSSetupError, SetupError) as exc:
+        print(f"{journal_prefix()}forwarder run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ForwarderError as exc:
-        print(f"forwarder run: {exc}", file=sys.stderr)
+        print(f"{journal_prefix()}forwarder run: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -29,7 +29,7 @@ from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers, LastOutcome
-from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
+from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
 from forwarder.net.association import AssociationSettings
 from forwarder.queue.jobs import Queue
 
@@ -105,6 +105,7 @@ class Service:
         self.queue = Queue(c.queue)
         try:
             self.spool = Spool(c.incoming, c.done, c.failed)
+            self.spool.check_writable()
             report = self.queue.recover()
             self.ingest = Ingest(
                 self.spool,
@@ -153,8 +154,17 @@ class Service:
         return 0
 
     def _take_lock(self, queue_path: Path) -> None:
-        queue_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{queue_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            queue_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(f"{queue_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise SetupError(
+                f"the queue folder {queue_path.parent} is not writable ({exc.strerror or exc}); "
+                f"forwarder keeps its queue database {queue_path.name} there. Make it writable "
+                f"by the forwarder user; under the packaged systemd unit, a folder outside "
+                f"ReadWritePaths= is read-only: add it with `systemctl edit forwarder` "
+                f"([Service] ReadWritePaths={queue_path.parent})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -8,6 +8,7 @@ at worst, in both, never in none). Nothing is ever deleted on failure.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,33 @@ class Spool:
         self.incoming = incoming
         self.done = done
         self.failed = failed
-        for folder in (incoming, done, failed):
-            folder.mkdir(parents=True, exist_ok=True)
+        for role, folder in self._folders():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise SetupError(_not_writable(role, folder, exc, "cannot create it")) from None
+
+    def _folders(self) -> tuple[tuple[str, Path], ...]:
+        return (("incoming", self.incoming), ("done", self.done), ("failed", self.failed))
+
+    def check_writable(self) -> None:
+        """Raise :class:`SetupError` unless a file can be created in each folder. The daemon
+        calls it at start: a read-only ``done/`` (a read-only mount, or a folder outside the
+        systemd unit's ReadWritePaths=) would otherwise only show when the first file is
+        finished, and then on every retry."""
+        for role, folder in self._folders():
+            probe = folder / f".forwarder-write-test.{os.getpid()}"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                fd = None  # a probe left by a killed run with our PID: writable enough
+            except OSError as exc:
+                what = "cannot create a file in it"
+                raise SetupError(_not_writable(role, folder, exc, what)) from None
+            if fd is not None:
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
     def rel_path(self, path: Path) -> str:
         return path.relative_to(self.incoming).as_posix()
@@ -199,6 +225,22 @@ class Spool:
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         for d in set(dirs):
             fsync_dir(d)
+
+
+_ROLES = {
+    "incoming": "the folder it takes files from",
+    "done": "it moves delivered files there",
+    "failed": "it moves files it could not deliver there",
+}
+
+
+def _not_writable(role: str, folder: Path, exc: OSError, what: str) -> str:
+    return (
+        f"the {role} folder {folder} is not writable ({what}: {exc.strerror or exc}); "
+        f"forwarder needs it ({_ROLES[role]}). Make it writable by the forwarder user; under the "
+        f"packaged systemd unit, a folder outside ReadWritePaths= is read-only: add it with "
+        f"`systemctl edit forwarder` ([Service] ReadWritePaths={folder})"
+    )
 
 
 def numbered(name: str, n: int | str) -> str:
