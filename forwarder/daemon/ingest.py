@@ -21,7 +21,7 @@ from typing import Protocol
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool, SpoolError
-from forwarder.dicom.part10 import check_file_values
+from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue.jobs import FileEntry, Queue
 

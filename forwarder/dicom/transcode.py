@@ -29,15 +29,15 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
+from forwarder.dicom.check import inflate
 from forwarder.dicom.part10 import (
     DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
     EXPLICIT_VR_BIG_ENDIAN,
     EXPLICIT_VR_LITTLE_ENDIAN,
     IMPLICIT_VR_LITTLE_ENDIAN,
-    implicit_vr_sequence,
-    inflate,
     read_meta,
 )
+from forwarder.dicom.scanner import implicit_vr_sequence
 from forwarder.errors import InvalidFileError, SendError, UnreadableFileError
 
 logger = logging.getLogger(__name__)
