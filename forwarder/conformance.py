@@ -39,7 +39,7 @@ from pydicom.uid import UID, AllTransferSyntaxes
 from forwarder import __version__
 from forwarder.config import Config, Destination, RetryPolicy, TLSConfig, parse_config
 from forwarder.dicom import part10 as dicomfile
-from forwarder.dicom import transcode
+from forwarder.dicom import reencode, transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
 from forwarder.net import channel as pool
@@ -300,7 +300,7 @@ def _conversion(uid: str) -> str:
 def _swap_sizes() -> str:
     """``2 bytes: AT, OW, SS, US; 4 bytes: ...`` from the big endian converter's own table."""
     by_size: dict[int, list[str]] = {}
-    for vr, size in transcode._SWAP_SIZE.items():
+    for vr, size in reencode._SWAP_SIZE.items():
         by_size.setdefault(size, []).append(vr.decode("ascii"))
     return "; ".join(
         f"{size} bytes: {', '.join(sorted(vrs))}" for size, vrs in sorted(by_size.items())

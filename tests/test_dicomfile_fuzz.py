@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from forwarder.dicom.check import check_file, scan_file
 from forwarder.dicom.part10 import parse_meta, read_meta
-from forwarder.dicom.transcode import (
+from forwarder.dicom.reencode import (
     UnconvertibleError,
     big_to_little_endian,
     reencode_little_endian,
