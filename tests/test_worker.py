@@ -23,7 +23,7 @@ from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
-from forwarder.daemon.watcher import ReadyFile
+from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.daemon.worker import DestinationWorkers, LastOutcome, backoff
 from forwarder.dicom.part10 import read_meta
 from forwarder.net.association import AssociationSettings

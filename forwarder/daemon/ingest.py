@@ -57,7 +57,7 @@ def is_phi(keyword: str) -> bool:
 
 
 class ReadyLike(Protocol):
-    """What the watcher hands over (``watcher.ReadyFile``)."""
+    """What the watcher hands over (``watch_settle.ReadyFile``)."""
 
     @property
     def path(self) -> Path: ...

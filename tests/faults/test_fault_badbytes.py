@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
-from forwarder.daemon.watcher import ReadyFile
+from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.dicom.check import scan_file
 from forwarder.dicom.part10 import parse_meta, read_meta
 from forwarder.errors import InvalidFileError
