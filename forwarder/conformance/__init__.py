@@ -10,7 +10,8 @@ presentation contexts :mod:`forwarder.net.contexts` plans, the user information 
 :func:`forwarder.net.pdu.encode_associate_rq` puts on the wire, the PDU bounds, every DIMSE status
 code run through the sender's own response check and
 :func:`forwarder.net.channel.classify_status`, the
-conversions :mod:`forwarder.dicom.transcode` performs, the SOP classes and transfer syntaxes the
+conversions :mod:`forwarder.dicom.transcode` and :mod:`forwarder.dicom.reencode` perform, the SOP
+classes and transfer syntaxes the
 receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,
 ``send``, ``echo`` and ``receive`` actually use (built the way those commands build them).
 Only what has no table is prose.

@@ -119,7 +119,7 @@ def _ae_receive(e: _Engine) -> list[str]:
         "Success answered"
         + (
             ", after its whole data set was walked by the same scanner `send` and the daemon use "
-            "(`forwarder.dicom.part10.scan_file`)"
+            "(`forwarder.dicom.check.scan_file`)"
             if hasattr(receiver, "scan_file")
             else ""
         )
