@@ -52,7 +52,7 @@ def test_small_and_ct_produce_sane_results(tmp_path: Path) -> None:
     assert "3." in data["machine"]["dcmtk"]
     # forwarder runs byte-compiled, as installed, even where PYTHONDONTWRITEBYTECODE is set
     assert data["settings"]["forwarder_bytecode"].startswith("compiled"), data["settings"]
-    assert list((REPO / "forwarder" / "__pycache__").glob("service.*.pyc"))
+    assert list((REPO / "forwarder" / "daemon" / "__pycache__").glob("service.*.pyc"))
     assert [c["case"] for c in data["cases"]] == ["small", "ct"]
     for case in data["cases"]:
         assert case["files"] == {"small": 40, "ct": 10}[case["case"]]

@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
-from forwarder.dicom.part10 import FileMeta, parse_meta, read_meta, scan_file
+from forwarder.dicom.check import scan_file
+from forwarder.dicom.part10 import FileMeta, parse_meta, read_meta
 from forwarder.errors import InvalidFileError
 
 MODALITY = 0x00080060

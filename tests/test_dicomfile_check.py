@@ -25,14 +25,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from forwarder.dicom.part10 import (
-    MAX_INFLATED,
-    FileMeta,
-    check_file,
-    inflate,
-    read_meta,
-    scan_file,
-)
+from forwarder.dicom.check import MAX_INFLATED, check_file, inflate, scan_file
+from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import InvalidFileError
 
 MODALITY, ROWS = 0x00080060, 0x00280010
@@ -433,7 +427,8 @@ def test_an_implicit_dictionary_sequence_that_does_not_parse_is_refused(tmp_path
 #: arguments), so the file being open means the scan has started.
 _SCAN = """
 import sys
-from forwarder.dicom.part10 import FileMeta, scan_file
+from forwarder.dicom.check import scan_file
+from forwarder.dicom.part10 import FileMeta
 from forwarder.errors import InvalidFileError
 
 path, syntax, offset, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from forwarder.dicom.part10 import check_file, parse_meta, read_meta, scan_file
-from forwarder.dicom.transcode import (
+from forwarder.dicom.check import check_file, scan_file
+from forwarder.dicom.part10 import parse_meta, read_meta
+from forwarder.dicom.reencode import (
     UnconvertibleError,
     big_to_little_endian,
     reencode_little_endian,

@@ -19,7 +19,7 @@ from forwarder.config import Route
 from forwarder.daemon.ingest import CHUNK, Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
-from forwarder.daemon.watcher import ReadyFile
+from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.queue.jobs import Queue
 
 DESTS = ["pacs", "archive"]

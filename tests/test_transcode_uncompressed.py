@@ -36,7 +36,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from forwarder.dicom.part10 import check_file, read_meta
+from forwarder.dicom.check import check_file
+from forwarder.dicom.part10 import read_meta
 from forwarder.dicom.transcode import transcode
 from forwarder.errors import InvalidFileError, SendError
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.daemon.watcher import CLOSED_SETTLE, ReadyFile, Watcher, is_ignored_name
+from forwarder.daemon.watch_settle import CLOSED_SETTLE, ReadyFile, is_ignored_name
+from forwarder.daemon.watcher import Watcher
 from forwarder.errors import ForwarderError
 
 MODES = [pytest.param(False, id="inotify"), pytest.param(True, id="polling")]
@@ -408,7 +409,7 @@ def test_symlinks_are_not_followed(
     polling: bool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="forwarder.daemon.watcher")
+    caplog.set_level(logging.WARNING, logger="forwarder.daemon.watch_settle")
     outside = tmp_path / "outside"
     (outside / "dir").mkdir(parents=True)
     (outside / "secret.dcm").write_bytes(b"s")
@@ -487,7 +488,7 @@ def test_bad_arguments_are_refused(root: Path) -> None:
 
 
 def test_open_for_writing_is_read_from_proc(tmp_path: Path) -> None:
-    from forwarder.daemon.watcher import _open_for_writing
+    from forwarder.daemon.watch_settle import _open_for_writing
 
     path = tmp_path / "f.dcm"
     with open(path, "wb") as writer:

@@ -21,10 +21,11 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from forwarder.config import Destination, RetryPolicy
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.outcomes import LastOutcome, backoff
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
-from forwarder.daemon.watcher import ReadyFile
-from forwarder.daemon.worker import DestinationWorkers, LastOutcome, backoff
+from forwarder.daemon.watch_settle import ReadyFile
+from forwarder.daemon.worker import DestinationWorkers
 from forwarder.dicom.part10 import read_meta
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import Channel, StoreRequest
@@ -568,7 +569,7 @@ def test_an_unreadable_file_on_a_channel_whose_old_association_failed_is_not_the
             assert len(jobs) == 1 and jobs[0].path.endswith("gone.dcm"), jobs
             workers._process(spare, jobs, 1)
             assert workers.state[0] == "up", (attempt, workers.state)
-            assert workers._down_until == 0.0  # not paused
+            assert workers._dest.down_until == 0.0  # not paused
     assert rig.failed() == ["gone.dcm"]
     (result,) = rig.error("gone.dcm")["destinations"]  # type: ignore[misc]
     assert "gave up after 2 attempts" in result["error"] and "cannot read" in result["error"]

@@ -23,7 +23,8 @@ from forwarder.cli import (
 )
 from forwarder.cli._argtypes import positive
 from forwarder.cli._net import Target, add_association_options, resolve_or_report
-from forwarder.dicom.part10 import FileMeta, check_file, read_meta
+from forwarder.dicom.check import check_file
+from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import InvalidFileError
 from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
 from forwarder.net.contexts import group_by_contexts

@@ -21,7 +21,7 @@ from typing import Protocol
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool, SpoolError
-from forwarder.dicom.part10 import check_file_values
+from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue.jobs import FileEntry, Queue
 
@@ -57,7 +57,7 @@ def is_phi(keyword: str) -> bool:
 
 
 class ReadyLike(Protocol):
-    """What the watcher hands over (``watcher.ReadyFile``)."""
+    """What the watcher hands over (``watch_settle.ReadyFile``)."""
 
     @property
     def path(self) -> Path: ...

@@ -24,11 +24,12 @@ from forwarder.crashpoints import crash_point
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.notify import Notifier
+from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watcher import Watcher
-from forwarder.daemon.worker import DestinationWorkers, LastOutcome
+from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
 from forwarder.net.association import AssociationSettings
 from forwarder.queue.jobs import Queue

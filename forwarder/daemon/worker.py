@@ -13,24 +13,33 @@ no file: the whole destination is *held* (state "down", retried every ``retry.ma
 files stay queued, and the change is logged once, recorded for ``forwarder status`` and exported
 as ``forwarder_destination_up``. A worker thread survives anything: an unexpected exception in
 an attempt counts as an attempt (retried, "internal error: ..."), and the thread carries on.
+
+This module holds the threads, the loop and the batches: what is claimed, sent, acked. The
+destination's up/down state is :mod:`forwarder.daemon.destination_state`; what each outcome
+becomes (its log line, its ack, the retry and give-up rules) is :mod:`forwarder.daemon.outcomes`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from forwarder.config import Destination, RetryPolicy
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.outcomes import (
+    Ack,
+    LastOutcome,
+    SendMetrics,
+    backoff,
+    log_outcome,
+    retry_ack,
+)
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
@@ -40,41 +49,6 @@ logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
-
-
-class SendMetrics(Protocol):
-    def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None: ...
-    def retry(self, destination: str) -> None: ...
-    def associations_open(self, destination: str, delta: int) -> None: ...
-    def destination_up(self, destination: str, up: bool) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LastOutcome:
-    """The latest outcome of a destination, for systemd STATUS= lines."""
-
-    destination: str
-    outcome: str
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Ack:
-    """One outcome to record in the queue (kept and retried if the queue refuses it)."""
-
-    kind: str  # "done", "retry", "failed" or "release"
-    ids: tuple[int, ...]
-    status: int | None = None
-    error: str = ""
-    next_attempt_at: float = 0.0
-
-
-def backoff(policy: RetryPolicy, attempts: int) -> float:
-    """Seconds to wait after ``attempts`` failed attempts: exponential, capped, with jitter."""
-    # The exponent is capped before it is used: 2.0 ** 1024 overflows, and a week of retries
-    # against a dead peer gets there.
-    base = min(policy.max_delay, policy.initial_delay * 2.0 ** min(max(attempts - 1, 0), 60))
-    return float(base * random.uniform(0.5, 1.0))
 
 
 class DestinationWorkers:
@@ -107,17 +81,11 @@ class DestinationWorkers:
         self._threads: list[threading.Thread] = []
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
-        self._down_until = 0.0
         self._spare_pause: dict[int, float] = {}
-        self._unapplied: dict[int, list[_Ack]] = {}  # per thread: acks the queue refused
-        self._down_failures = 0
-        self._state: str | None = None  # "up" or "down" once known
-        self._state_error: str | None = None
-        self._state_since = 0.0
+        self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
-        self._lock = threading.Lock()
-        self._state_lock = threading.Lock()  # one state change at a time, log and queue alike
+        self._dest = DestinationState(self.name, retry, queue, metrics)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -222,7 +190,7 @@ class DestinationWorkers:
             return was_open
         jobs: list[Job] = []
         now = time.monotonic()
-        if now >= self._down_until and now >= self._spare_pause.get(index, 0.0):
+        if now >= self._dest.down_until and now >= self._spare_pause.get(index, 0.0):
             try:
                 jobs = self.queue.claim(self.name, BATCH)
             except ForwarderError as exc:
@@ -252,7 +220,7 @@ class DestinationWorkers:
         wait = 1.0
         if due is not None:
             wait = min(wait, max(due - now, 0.05))
-        down_left = self._down_until - time.monotonic()
+        down_left = self._dest.down_until - time.monotonic()
         if down_left > 0:
             wait = min(max(down_left, 0.05), 1.0)
         with self._wake:
@@ -272,7 +240,7 @@ class DestinationWorkers:
     def _process(self, channel: Channel, jobs: Sequence[Job], index: int) -> None:
         by_id = {j.id: j for j in jobs}
         sent: set[int] = set()  # handed to the channel
-        acks: list[_Ack] = []
+        acks: list[Ack] = []
 
         def requests() -> Iterator[StoreRequest]:
             for job in jobs:
@@ -284,7 +252,7 @@ class DestinationWorkers:
                     # would deliver content the queue does not know about (and the other
                     # destinations would keep the old one). Wait for ingest to catch up.
                     error = "the file changed since it was queued; waiting for it to settle"
-                    acks.append(_Ack("retry", (job.id,), None, error, time.time() + 1.0))
+                    acks.append(Ack("retry", (job.id,), None, error, time.time() + 1.0))
                     continue
                 uids = (job.sop_class_uid, job.sop_instance_uid)
                 yield StoreRequest(job.path, job.id, dataset_uids=uids)
@@ -312,7 +280,7 @@ class DestinationWorkers:
                     continue
                 if outcome.outcome.stored:
                     crash_point("after-response")
-                self._log(job, outcome)
+                log_outcome(self.name, job, outcome)
                 if self.metrics is not None:
                     self.metrics.file_sent(
                         self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
@@ -323,7 +291,7 @@ class DestinationWorkers:
                     acks.append(self._retry(job, outcome.status, outcome.error))
                 else:
                     error = outcome.error or "failed"
-                    acks.append(_Ack("failed", (job.id,), outcome.status, error))
+                    acks.append(Ack("failed", (job.id,), outcome.status, error))
                 self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
         except Exception as exc:
             # Not the channel (it answers RETRY for what goes wrong in an attempt): our own
@@ -340,10 +308,10 @@ class DestinationWorkers:
             settled |= {i for ids in done.values() for i in ids}
             acks += [self._retry(by_id[j], None, error) for j in sorted(sent - settled)]
         # one transaction per status (almost always one)
-        acks += [_Ack("done", tuple(ids), status) for status, ids in done.items()]
+        acks += [Ack("done", tuple(ids), status) for status, ids in done.items()]
         unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
-            acks.append(_Ack("release", tuple(unsent)))
+            acks.append(Ack("release", tuple(unsent)))
         self._apply_acks(index, acks)
         if spare:
             self._spare_pause[index] = time.monotonic() + backoff(self.retry, 1)
@@ -354,9 +322,9 @@ class DestinationWorkers:
                 channel.down,
             )
         else:
-            self._update_down(channel, association_failed)
+            self._dest.update(channel, association_failed)
 
-    def _apply_acks(self, index: int, acks: Sequence[_Ack]) -> bool:
+    def _apply_acks(self, index: int, acks: Sequence[Ack]) -> bool:
         """Record outcomes in the queue. Those it refuses (its disk is full...) are kept for
         this thread to retry before it claims more: the jobs do not sit CLAIMED until a
         restart. Returns True when everything was recorded."""
@@ -413,138 +381,12 @@ class DestinationWorkers:
             c.is_open for i, c in self._channels.items() if i != index
         )
 
-    def _retry(self, job: Job, status: int | None, error: str | None) -> _Ack:
-        attempts = job.attempts + 1
-        error = error or "transient failure"
-        policy = self.retry
-        age = time.time() - job.created_at
-        if policy.max_attempts is not None and attempts >= policy.max_attempts:
-            error = f"gave up after {attempts} attempts: {error}"
-            return _Ack("failed", (job.id,), status, error)
-        if age >= policy.give_up_after:
-            error = f"gave up after {age / 3600:.1f} h and {attempts} attempts: {error}"
-            return _Ack("failed", (job.id,), status, error)
-        if self.metrics is not None:
-            self.metrics.retry(self.name)
-        next_at = time.time() + backoff(policy, attempts)
-        return _Ack("retry", (job.id,), status, error, next_at)
-
-    def _update_down(self, channel: Channel, association_failed: bool) -> None:
-        """After a batch: the destination is down (paused with backoff, or held for
-        ``retry.max_delay`` after a permanent rejection) if this batch failed to associate, up
-        if the channel's last association worked. A batch that never tried to associate (every
-        file failed before: unreadable...) changes nothing: ``channel.down`` is then an old
-        error, and the files' failures are their own."""
-        down = channel.down
-        if not association_failed or down is None:
-            if down is None and channel.associations_opened:
-                with self._lock:
-                    self._down_failures = 0
-                self._set_state("up", None)
-            return
-        with self._lock:
-            self._down_failures += 1
-            if down.retryable:
-                pause = backoff(self.retry, self._down_failures)
-            else:
-                pause = self.retry.max_delay
-            self._down_until = max(self._down_until, time.monotonic() + pause)
-        held = "" if down.retryable else "; destination held, its files stay queued"
-        error = f"{down}{held}"
-        if not self._set_state("down", error, pause):
-            logger.debug("%s: still down (%s); next try in %.1fs", self.name, down, pause)
-
-    def _set_state(self, state: str, error: str | None, pause: float = 0.0) -> bool:
-        """Record a change of the destination's state: logged once (an error when it goes
-        down or its reason changes), exported, and written for ``forwarder status``. Returns
-        False when nothing changed. Serialised, so the queue never keeps an older state than
-        the last one logged."""
-        with self._state_lock:
-            return self._set_state_locked(state, error, pause)
-
-    def _set_state_locked(self, state: str, error: str | None, pause: float) -> bool:
-        with self._lock:
-            if (state, error) == (self._state, self._state_error):
-                return False
-            previous = self._state
-            self._state, self._state_error = state, error
-            self._state_since = time.time()
-            since = self._state_since
-        if state == "down":
-            logger.error(
-                "%s: DOWN: %s; next try in %.1fs",
-                self.name,
-                error,
-                pause,
-                extra={"DESTINATION": self.name, "OUTCOME": "down"},
-            )
-        elif previous is not None:
-            logger.warning(
-                "%s: up again: an association was accepted; sending resumes",
-                self.name,
-                extra={"DESTINATION": self.name, "OUTCOME": "up"},
-            )
-        if self.metrics is not None:
-            self.metrics.destination_up(self.name, state == "up")
-        try:
-            self.queue.set_destination_state(self.name, state, error, since=since)
-        except ForwarderError as exc:
-            logger.warning("%s: cannot record its state for status: %s", self.name, exc)
-        return True
+    def _retry(self, job: Job, status: int | None, error: str | None) -> Ack:
+        return retry_ack(
+            job, status, error, policy=self.retry, destination=self.name, metrics=self.metrics
+        )
 
     @property
     def state(self) -> tuple[str | None, str | None, float]:
         """(state, why it is down, since when as Unix time); state None until known."""
-        with self._lock:
-            return self._state, self._state_error, self._state_since
-
-    def _log(self, job: Job, o: SendOutcome) -> None:
-        # The object actually read from the file now (it may have been replaced since ingest).
-        if o.sop_instance_uid and o.sop_instance_uid != job.sop_instance_uid:
-            job = dataclasses.replace(job, sop_instance_uid=o.sop_instance_uid)
-        status = f"0x{o.status:04X}" if o.status is not None else "-"
-        fields = {
-            "DESTINATION": self.name,
-            "SOP_INSTANCE_UID": job.sop_instance_uid,
-            "DIMSE_STATUS": status,
-            "FILE": job.path,
-            "OUTCOME": o.outcome.value,
-        }
-        if o.outcome is Outcome.STORED:
-            logger.info(
-                "%s -> %s: stored %s (status %s, %.0f ms)",
-                job.rel_path,
-                self.name,
-                job.sop_instance_uid,
-                status,
-                o.seconds * 1000,
-                extra=fields,
-            )
-        elif o.outcome is Outcome.WARNING:
-            logger.warning(
-                "%s -> %s: stored with warning %s: %s",
-                job.rel_path,
-                self.name,
-                job.sop_instance_uid,
-                o.error,
-                extra=fields,
-            )
-        elif o.outcome is Outcome.RETRY:
-            logger.warning(
-                "%s -> %s: will retry %s (attempt %d): %s",
-                job.rel_path,
-                self.name,
-                job.sop_instance_uid,
-                job.attempts + 1,
-                o.error,
-                extra=fields,
-            )
-        else:
-            logger.error(
-                "%s -> %s: failed %s: %s",
-                job.rel_path,
-                self.name,
-                job.sop_instance_uid,
-                o.error,
-                extra=fields,
-            )
+        return self._dest.state

@@ -55,7 +55,8 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from forwarder.dicom.part10 import FileMeta, scan_file
+from forwarder.dicom.check import scan_file
+from forwarder.dicom.part10 import FileMeta
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from forwarder.net.tls import describe_tls_error

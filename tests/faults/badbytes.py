@@ -1,7 +1,7 @@
 """A corpus of broken DICOM files, built from valid ones by an independent structure walker.
 
 :func:`walk` lists every node of a Part 10 file (meta elements, data elements, items and
-delimiters, at their nesting depth) without using ``forwarder.dicom.part10``, so the corpus does not
+delimiters, at their nesting depth) without using ``forwarder.dicom``, so the corpus does not
 share the parser's blind spots. :func:`corpus` derives broken variants from valid seed files:
 truncations at and inside every structural boundary, missing delimiters, lengths past the end of
 the file, huge lengths, bit flips, a wrong preamble, no meta header, a wrong transfer syntax, and

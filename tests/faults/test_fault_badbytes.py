@@ -31,8 +31,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
-from forwarder.daemon.watcher import ReadyFile
-from forwarder.dicom.part10 import parse_meta, read_meta, scan_file
+from forwarder.daemon.watch_settle import ReadyFile
+from forwarder.dicom.check import scan_file
+from forwarder.dicom.part10 import parse_meta, read_meta
 from forwarder.errors import InvalidFileError
 from forwarder.queue.jobs import Queue
 

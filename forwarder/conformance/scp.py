@@ -1,0 +1,146 @@
+"""The Conformance Statement's SCP AE specification: ``forwarder receive`` (section 3.2.4).
+
+The SOP classes and transfer syntaxes the receiver's pynetdicom AE is built with, its association
+policies, its acceptance policy and the statuses it answers (read from its own ``STATUS_*``
+constants and their comments). The SCU AEs are :mod:`forwarder.conformance.scu`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from forwarder.conformance.engine import _Engine, _status_meaning
+from forwarder.conformance.markdown import _bytes, _hex, _name, _seconds, _syntax, _table
+from forwarder.net import channel as pool
+from forwarder.net import pdu, receiver
+
+
+def _receiver_statuses() -> list[list[str]]:
+    """The receiver's ``STATUS_*`` constants, with the comment each carries in its source line
+    (what it is answered for)."""
+    source = inspect.getsource(receiver)
+    rows = []
+    for name in sorted(n for n in dir(receiver) if n.startswith("STATUS_")):
+        code = getattr(receiver, name)
+        if isinstance(code, int):
+            line = re.search(rf"^{name} = [^#\n]*(?:#\s*(.*))?$", source, re.MULTILINE)
+            when = line.group(1) if line and line.group(1) else ""
+            when = when or ("the object is stored" if code == 0 else "")
+            meaning = _status_meaning(code) or ("Success" if code == 0 else "")
+            rows.append([_hex(code), pool.code_to_category(code), meaning, when])
+    return sorted(rows)
+
+
+def _ae_receive(e: _Engine) -> list[str]:
+    ae = e.receive_ae
+    s = e.receive_settings
+    storage = [c for c in ae.supported_contexts if c.abstract_syntax != pdu.VERIFICATION_SOP_CLASS]
+    verification = [
+        c for c in ae.supported_contexts if c.abstract_syntax == pdu.VERIFICATION_SOP_CLASS
+    ]
+    accepted = list(storage[0].transfer_syntax) if storage else []
+    return [
+        "#### 3.2.4 Storage SCP (`forwarder receive`)",
+        "",
+        "##### 3.2.4.1 SOP Classes",
+        "",
+        "This AE provides Standard Conformance to the following "
+        f"{len(storage) + len(verification)} "
+        "SOP classes, as SCP only (the storage list is pynetdicom's, as the receiver registers "
+        "it). With `--promiscuous` it also accepts every other SOP class proposed for storage, "
+        "private and unknown ones included, each in the first transfer syntax the caller "
+        "proposes, and writes the objects as received.",
+        "",
+        *_table(
+            ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
+            [
+                [_name(c.abstract_syntax), f"`{c.abstract_syntax}`", "No", "Yes"]
+                for c in [*verification, *storage]
+            ],
+        ),
+        "##### 3.2.4.2 Association Policies",
+        "",
+        f"**General.** Application Context Name `{pdu.APPLICATION_CONTEXT}`. Maximum PDU "
+        f"announced: {_bytes(ae.maximum_pdu_size)} (`--max-pdu`).",
+        "",
+        f"**Number of Associations.** At most {ae.maximum_associations} simultaneous "
+        "associations (`--max-associations`); one more gets A-ASSOCIATE-RJ transient, local "
+        "limit exceeded.",
+        "",
+        "**Asynchronous Nature.** Not supported: a proposed Asynchronous Operations Window gets "
+        "no answer, so one operation is outstanding at a time.",
+        "",
+        "**Implementation Identifying Information** (pynetdicom's, which the receiver runs on):",
+        "",
+        *_table(
+            ["", ""],
+            [
+                ["Implementation Class UID", f"`{ae.implementation_class_uid}`"],
+                ["Implementation Version Name", f"`{ae.implementation_version_name}`"],
+            ],
+        ),
+        "##### 3.2.4.3 Association Acceptance Policy",
+        "",
+        f"Our AE title is `{s.ae_title}` (`--ae-title`). The called AE title is "
+        + (
+            "checked"
+            if ae.require_called_aet
+            else "not checked unless `--require-called-aet` is given"
+        )
+        + "; calling AE titles and source addresses are accepted from anyone unless "
+        "`--allow-calling-aet` / `--allow-host` lists them (see 6.2).",
+        "",
+        "**Accepted Presentation Contexts.** Every SOP class of 3.2.4.1 in any of these transfer "
+        "syntaxes; when a context offers several, the first of this list that the caller "
+        "offered is chosen (lossless compressed first, then uncompressed, lossy last, so the "
+        "receiver never makes a caller compress lossily an image it holds uncompressed):",
+        "",
+        *_table(
+            ["Preference", "Transfer Syntax", "UID"],
+            [[i + 1, _name(t), f"`{t}`"] for i, t in enumerate(accepted)],
+        ),
+        *(
+            [
+                "Verification is accepted in: "
+                + ", ".join(_syntax(t) for t in verification[0].transfer_syntax)
+                + ".",
+                "",
+            ]
+            if verification
+            else []
+        ),
+        "Role: SCP only; no SCP/SCU Role Selection or Extended Negotiation is accepted.",
+        "",
+        "##### 3.2.4.4 SOP Specific Conformance: Storage SCP",
+        "",
+        "The data set is written as received, never decoded and re-encoded, with a Part 10 meta "
+        "header; the file appears atomically (written, fsynced, renamed) and only then is "
+        "Success answered"
+        + (
+            ", after its whole data set was walked by the same scanner `send` and the daemon use "
+            "(`forwarder.dicom.check.scan_file`)"
+            if hasattr(receiver, "scan_file")
+            else ""
+        )
+        + ". Level of support: Level 2 (Full) for what is kept (every element, private ones "
+        "included, byte for byte); nothing is coerced. Statuses the receiver answers (its "
+        "`STATUS_*` constants; a failure carries an Error Comment):",
+        "",
+        *_table(["Status", "Category", "Meaning", "Answered when"], _receiver_statuses()),
+        "**Timeouts** (pynetdicom's, as the receiver builds its AE):",
+        "",
+        *_table(
+            ["Waiting for", "Default"],
+            [
+                ["A-ASSOCIATE-RQ / A-RELEASE (ACSE)", _seconds(ae.acse_timeout)],
+                ["DIMSE messages", _seconds(ae.dimse_timeout)],
+                ["network activity", _seconds(ae.network_timeout)],
+                ["TLS handshake", _seconds(receiver._HANDSHAKE_TIMEOUT)],
+            ],
+        ),
+        "Objects larger than `--max-object-size` (default "
+        f"{_bytes(s.max_object_size)}) and objects that cannot be written (disk full) are "
+        "refused with a status; nothing is half-written.",
+        "",
+    ]

@@ -1,0 +1,376 @@
+"""The Conformance Statement's SCU AE specifications: ``forwarder run``, ``send`` and ``echo``.
+
+Sections 3.2.1 to 3.2.3: association policies (the user information items, PDU sizes, timeouts),
+the association initiation policy (the presentation contexts proposed), the conversions, and the
+treatment of every C-STORE response status, each table read from the engine
+(:mod:`forwarder.conformance.engine`). The SCP (``receive``) is :mod:`forwarder.conformance.scp`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+
+from pydicom.uid import AllTransferSyntaxes
+
+from forwarder.config import Destination, RetryPolicy
+from forwarder.conformance.engine import (
+    _TREATMENT_LEGEND,
+    _USER_ITEMS,
+    _conversion,
+    _Engine,
+    _plan_shapes,
+    _status_ranges,
+    _user_items,
+)
+from forwarder.conformance.markdown import _bytes, _hex, _name, _seconds, _syntax, _table
+from forwarder.dicom import part10 as dicomfile
+from forwarder.dicom import transcode
+from forwarder.errors import ProtocolError
+from forwarder.net import pdu
+from forwarder.net.association import AssociationSettings
+
+
+def _assoc_policy_rows(settings: AssociationSettings) -> list[list[str]]:
+    items = _user_items(settings.max_pdu_receive)
+    rows = []
+    for kind, label in _USER_ITEMS.items():
+        raw = items.get(kind)
+        if raw is None:
+            value = "not sent"
+        elif kind == 0x51:
+            value = _bytes(struct.unpack(">I", raw)[0])
+        else:
+            value = f"`{raw.decode('ascii')}`"
+        rows.append([f"{label} (0x{kind:02X})", value])
+    return rows
+
+
+def _scu_policies(e: _Engine, number: str, settings: AssociationSettings, count: str) -> list[str]:
+    return [
+        f"##### {number} Association Policies",
+        "",
+        "**General.** Application Context Name "
+        f"`{pdu.APPLICATION_CONTEXT}`. The A-ASSOCIATE-RQ carries these user information "
+        "items (decoded from the PDU the sender encodes):",
+        "",
+        *_table(["User information sub-item", "Value"], _assoc_policy_rows(settings)),
+        f"**Number of Associations.** {count}",
+        "",
+        "**Asynchronous Nature.** Not supported: no Asynchronous Operations Window is proposed, "
+        "so one C-STORE is outstanding per association at a time (parallelism comes from "
+        "several associations).",
+        "",
+        "**Implementation Identifying Information.**",
+        "",
+        *_table(
+            ["", ""],
+            [
+                ["Implementation Class UID", f"`{pdu.IMPLEMENTATION_CLASS_UID}`"],
+                ["Implementation Version Name", f"`{pdu.IMPLEMENTATION_VERSION}`"],
+            ],
+        ),
+    ]
+
+
+def _pdu_rows(settings: AssociationSettings) -> list[list[str]]:
+    rows = []
+    for peer_max in (0, 0xFFFFFFFF, pdu.MAX_SEND_PDU * 4, 16384, pdu.MIN_SEND_PDU, 7):
+        try:
+            result = _bytes(pdu.send_pdu_limit(peer_max, settings.max_pdu_send))
+        except ProtocolError:
+            result = "association aborted (no data could ever be sent), retried later"
+        rows.append([_bytes(peer_max) if peer_max else "0 (no limit)", result])
+    return rows
+
+
+def _timeouts(settings: AssociationSettings) -> list[list[str]]:
+    accept = (
+        _seconds(settings.accept_timeout)
+        if settings.accept_timeout is not None
+        else f"the connect timeout ({_seconds(settings.connect_timeout)})"
+    )
+    return [
+        ["TCP connect (and TLS handshake)", _seconds(settings.connect_timeout)],
+        ["A-ASSOCIATE-AC/RJ after the request", accept],
+        ["each DIMSE response; progress while sending", _seconds(settings.response_timeout)],
+        ["A-RELEASE-RP", _seconds(settings.release_timeout)],
+    ]
+
+
+def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str) -> list[str]:
+    shapes = _plan_shapes()
+    return [
+        f"##### {number} Association Initiation Policy",
+        "",
+        f"**Activity: store a file.** {who} Presentation contexts are planned from the files "
+        "to send (the daemon also looks at what else is queued for the destination), one "
+        "(SOP class, transfer syntax) pair at a time, at most "
+        f"{pdu.MAX_CONTEXTS} contexts per association; pairs that do not fit open further "
+        "associations. A file needing a context the open association did not propose makes "
+        "the sender release it and negotiate again, proposing the new pair with the old ones.",
+        "",
+        "**Proposed Presentation Contexts.** The abstract syntax is the file's SOP Class UID, "
+        "the data set's own (any storage SOP class, standard or private; a file whose data set "
+        "lacks its own SOP Class or Instance UID is refused with that reason). The transfer "
+        "syntaxes proposed depend on the file's own transfer syntax "
+        "(from `forwarder.net.contexts`):",
+        "",
+        *_table(
+            ["File's transfer syntax", "Contexts proposed for its SOP class", "Role", "Ext. neg."],
+            [
+                [
+                    ", ".join(_syntax(t) for t in syntaxes)
+                    if len(syntaxes) < 3
+                    else f"Every other: the {len(syntaxes)} others pydicom knows (e.g. "
+                    + ", ".join(_name(t) for t in syntaxes[:3])
+                    + "), private ones too",
+                    offered,
+                    "SCU",
+                    "None",
+                ]
+                for offered, syntaxes in shapes
+            ],
+        ),
+        "Each context carries one syntax (or the uncompressed pair), so a peer accepts or "
+        "rejects the compressed form and the uncompressed fallback separately and cannot "
+        "force a conversion of a file it would take as it is. No SCP/SCU Role Selection, "
+        "SOP Class Extended or Common Extended Negotiation is proposed.",
+        "",
+        "**Transfer syntax selection.** A file goes in its own transfer syntax whenever the peer "
+        "accepted a context with it: its data set is streamed from the file byte for byte "
+        "(an odd-length data set gets one trailing zero byte, as PS3.5 requires even lengths). "
+        "Otherwise the first accepted uncompressed context of its SOP class is used and the "
+        "file is converted (3.2.1.4); if there is none, the file is not stored: 'no acceptable "
+        "presentation context' (failed, not retried).",
+        "",
+        "**Maximum PDU size.** We announce "
+        f"{_bytes(settings.max_pdu_receive)} as our Maximum Length. P-DATA-TF PDUs we send "
+        "never exceed the peer's announced maximum, clamped to sane bounds "
+        f"(`forwarder.net.pdu.send_pdu_limit`: at most {_bytes(pdu.MAX_SEND_PDU)}, "
+        f"at least {pdu.MIN_SEND_PDU} bytes, always even):",
+        "",
+        *_table(["Peer's Maximum Length", "Largest PDU we send"], _pdu_rows(settings)),
+        "**Timeouts.**",
+        "",
+        *_table(["Waiting for", "Default"], _timeouts(settings)),
+    ]
+
+
+def _conversions() -> list[str]:
+    targets = ", ".join(_syntax(t) for t in dicomfile.UNCOMPRESSED)
+    rows = [
+        [
+            _syntax(str(uid)),
+            "yes" if transcode.possibly_lossy(str(uid)) else "",
+            _conversion(str(uid)),
+        ]
+        for uid in AllTransferSyntaxes
+    ]
+    return [
+        "##### 3.2.1.4 Conversions",
+        "",
+        "A file whose own transfer syntax the peer did not accept is converted, in memory, to "
+        f"the uncompressed syntax the peer accepted ({targets}); the file on disk is never "
+        "changed. The SOP Instance UID and every other attribute are kept (only the encoding "
+        "changes). A file that cannot be converted is refused with its reason and not retried:",
+        "",
+        *_table(
+            ["Source transfer syntax", "Possibly lossy", "When the peer accepts only uncompressed"],
+            rows,
+        ),
+    ]
+
+
+def _status_section(number: str) -> list[str]:
+    rows = []
+    for first, last, category, meaning, treatment in _status_ranges():
+        codes = _hex(first) if first == last else f"{_hex(first)}-{_hex(last)}"
+        rows.append([category, meaning or "—", codes, treatment])
+    rp = RetryPolicy()
+    return [
+        f"##### {number} SOP Specific Conformance: Storage SCU",
+        "",
+        "Every C-STORE-RSP is checked against the request before its status is read "
+        "(Command Field, Message ID Being Responded To, Command Data Set Type, a two-byte "
+        "Status, Affected SOP Class/Instance UID when present); a response that fails the check "
+        "is a protocol error. The table covers every status code, 0x0000 to 0xFFFF "
+        "(categories per PS3.7 Annex C; meanings per PS3.4 B.2.3):",
+        "",
+        *_table(["Service Status", "Further Meaning", "Error Code", "Behavior"], rows),
+        *_table(["Behavior", "What happens to the file"], _TREATMENT_LEGEND),
+        "Retries back off exponentially with jitter from "
+        f"{_seconds(rp.initial_delay)} to {_seconds(rp.max_delay)} (config `retry`); a file is "
+        f"given up after {rp.max_attempts if rp.max_attempts else 'unlimited'} attempts or "
+        f"{_seconds(rp.give_up_after)}, then moved to `failed/`. An attempt is counted only for "
+        "a file actually tried.",
+        "",
+        "**Communication failure behavior.**",
+        "",
+        *_table(
+            ["Exception", "Behavior"],
+            [
+                [
+                    "Connection refused, unreachable, TCP or TLS failure, connect timeout",
+                    "No association; the files of the batch go back to the queue without an "
+                    "attempt counted except the one tried; retried with backoff. `send`: exit 3 "
+                    "when nothing could be stored.",
+                ],
+                [
+                    "A-ASSOCIATE-RJ, transient",
+                    "Retried with backoff.",
+                ],
+                [
+                    "A-ASSOCIATE-RJ, permanent (e.g. our AE title unknown to the peer)",
+                    "Not the files' fault: the destination is held, its files stay queued "
+                    "without an attempt counted, and status, metrics and log say why. "
+                    "`send`: exit 3.",
+                ],
+                [
+                    "Response timeout, or the peer stops reading while we send",
+                    "The association is aborted (A-ABORT); the file is retried.",
+                ],
+                [
+                    "A-ABORT from the peer, or the connection closed",
+                    "The file in flight is retried on a new association.",
+                ],
+                [
+                    "A-RELEASE-RQ from the peer",
+                    "Answered with A-RELEASE-RP (also during our own release); a file in flight "
+                    "is retried.",
+                ],
+                [
+                    "Malformed or unexpected PDU, item or response (PS3.7/PS3.8 violation)",
+                    "The association is aborted; the file is retried (a protocol error is never "
+                    "the file's fault).",
+                ],
+            ],
+        ),
+    ]
+
+
+def _ae_daemon(e: _Engine) -> list[str]:
+    d = e.destination
+    assoc = Destination.model_fields["associations"]
+    limits = {
+        attr: getattr(m, attr) for m in assoc.metadata for attr in ("ge", "le") if hasattr(m, attr)
+    }
+    count = (
+        f"Per destination, `associations` parallel associations (default {d.associations}, "
+        f"{limits.get('ge', 1)} to {limits.get('le', '?')}); destinations are independent, so the "
+        "total is the sum over destinations. An association idle for `idle_timeout` "
+        f"(default {_seconds(d.idle_timeout)}) is released; an idle one is checked before reuse "
+        "and replaced when the peer has closed it."
+    )
+    return [
+        "### 3.2 AE Specifications",
+        "",
+        "#### 3.2.1 Forwarding SCU (`forwarder run`)",
+        "",
+        "##### 3.2.1.1 SOP Classes",
+        "",
+        "This AE provides Standard Conformance to the following SOP classes:",
+        "",
+        *_table(
+            ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
+            [
+                [
+                    "Every Storage SOP Class a queued file carries (standard or private)",
+                    "any",
+                    "Yes",
+                    "No",
+                ]
+            ],
+        ),
+        *_scu_policies(e, "3.2.1.2", e.daemon, count),
+        *_initiation(
+            e,
+            "3.2.1.3",
+            e.daemon,
+            "The daemon opens an association to a destination when files are queued for it.",
+        ),
+        *_conversions(),
+        *_status_section("3.2.1.5"),
+        "##### 3.2.1.6 Association Acceptance Policy",
+        "",
+        "The Forwarding SCU accepts no associations.",
+        "",
+    ]
+
+
+def _ae_send(e: _Engine) -> list[str]:
+    s = e.send
+    count = (
+        f"`--associations N` (default {e.send_associations}) parallel associations; "
+        "extra associations the peer refuses while one works are dropped without failing files."
+    )
+    return [
+        "#### 3.2.2 Manual Storage SCU (`forwarder send`)",
+        "",
+        "The same engine as 3.2.1 (same contexts, conversions, status handling), with these "
+        "defaults. Every file is checked end to end before any association is opened; a file "
+        "that fails the check is refused with its reason"
+        + (
+            " (`--no-check` sends files as they are, for experts)."
+            if _has_option(e.parsers["send"], "--no-check")
+            else "."
+        ),
+        "",
+        *_table(
+            ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
+            [["Any Storage SOP Class a file carries", "any", "Yes", "No"]],
+        ),
+        *_scu_policies(e, "3.2.2.1", s, count),
+        "##### 3.2.2.2 Association Initiation Policy",
+        "",
+        f"Calling AE title `{s.calling_ae_title}` unless given; DIMSE priority "
+        f"{_priority(s.priority)}; maximum PDU announced {_bytes(s.max_pdu_receive)}. "
+        "Each association ends with A-RELEASE (`--abort`: A-ABORT).",
+        "",
+        *_table(["Waiting for", "Default"], _timeouts(s)),
+        "Exit status: 0 every file stored (Success or Warning), 1 at least one not stored, "
+        "2 bad command line, 3 the peer could not be reached or refused the association and "
+        "nothing was stored, 78 invalid config file.",
+        "",
+    ]
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in action.option_strings for action in parser._actions)
+
+
+def _priority(value: int) -> str:
+    names = {v: k for k, v in pdu.PRIORITY.items()}
+    return f"{names.get(value, '?').upper()} (`{_hex(value)}`)"
+
+
+def _ae_echo(e: _Engine) -> list[str]:
+    from forwarder.cli.echo import _VERIFICATION
+
+    s = e.echo
+    return [
+        "#### 3.2.3 Verification SCU (`forwarder echo`)",
+        "",
+        *_table(
+            ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
+            [[_name(pdu.VERIFICATION_SOP_CLASS), f"`{pdu.VERIFICATION_SOP_CLASS}`", "Yes", "No"]],
+        ),
+        "One association, the same identifying information and user information items as "
+        "3.2.1.2, C-ECHO (`--repeat N` times), A-RELEASE. Proposed presentation context:",
+        "",
+        *_table(
+            ["Abstract Syntax", "Transfer Syntaxes", "Role", "Ext. neg."],
+            [
+                [
+                    _syntax(_VERIFICATION.abstract_syntax),
+                    ", ".join(_syntax(t) for t in _VERIFICATION.transfer_syntaxes),
+                    "SCU",
+                    "None",
+                ]
+            ],
+        ),
+        *_table(["Waiting for", "Default"], _timeouts(s)),
+        "Exit status 0 when the peer answers Success, 3 when it cannot be reached or refuses "
+        "the association, 1 for any other status.",
+        "",
+    ]
