@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from forwarder.errors import QueueError
-from forwarder.queue.jobs import (
+from forwarder.queue import (
     DestinationStats,
     FileEntry,
     FileState,
@@ -371,7 +371,7 @@ def test_fail_pending_gives_up_a_destination(q: Queue) -> None:
 
 CHILD_CLAIMS = """
 import sys
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 q = Queue(sys.argv[1])
 jobs = q.claim("pacs", 7)
 print(" ".join(str(j.id) for j in jobs), flush=True)
@@ -426,7 +426,7 @@ def test_recover_returns_finishing_and_unfinished_terminal_files(db: Path) -> No
 
 CHILD_WRITES = """
 import sys
-from forwarder.queue.jobs import FileEntry, Queue
+from forwarder.queue import FileEntry, Queue
 q = Queue(sys.argv[1])
 for i in range(1_000_000):
     e = FileEntry(f"/in/{i}", str(i), 1, 1, "1.2", f"1.2.{i}", "1.2.840.10008.1.2.1")

@@ -21,7 +21,7 @@ from pathlib import Path
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.spool import DestinationResult, SourceGoneError, Spool, SpoolError
 from forwarder.errors import QueueError
-from forwarder.queue.jobs import FileState, FileToFinish, JobStatus, Outcome, Queue
+from forwarder.queue import FileState, FileToFinish, JobStatus, Outcome, Queue
 
 logger = logging.getLogger(__name__)
 

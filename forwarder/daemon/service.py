@@ -31,7 +31,7 @@ from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers, LastOutcome
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.net.association import AssociationSettings
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
 

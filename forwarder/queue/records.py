@@ -1,7 +1,7 @@
 """The records the queue hands out and takes in: statuses and frozen, slotted dataclasses.
 
-Kept apart from :mod:`forwarder.queue.jobs` so the state machine's code reads on its own;
-``forwarder.queue.jobs`` re-exports every name here.
+Kept apart from the queue's parts (:mod:`forwarder.queue.jobs` and its siblings), which all
+use them; :mod:`forwarder.queue` re-exports every name here.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from forwarder.daemon.spool import Spool
 from forwarder.daemon.watcher import ReadyFile
 from forwarder.dicom.part10 import parse_meta, read_meta, scan_file
 from forwarder.errors import InvalidFileError
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 pytestmark = pytest.mark.faults
 
