@@ -20,8 +20,8 @@ from forwarder.queue import (
     DestinationStats,
     FileEntry,
     FileState,
+    Finish,
     JobStatus,
-    Outcome,
     PendingSyntax,
     Queue,
 )
@@ -93,7 +93,7 @@ def test_database_is_wal_full_sync_incremental_vacuum(q: Queue, db: Path) -> Non
         schema = " ".join(r[0] for r in conn.execute("SELECT sql FROM sqlite_master") if r[0])
     finally:
         conn.close()
-    for value in [*JobStatus, *FileState, *Outcome]:
+    for value in [*JobStatus, *FileState, *Finish]:
         assert f"'{value.value}'" in schema  # CHECK constraints spell the enums' values
 
 
@@ -254,7 +254,7 @@ def test_file_is_terminal_only_when_every_destination_is(q: Queue) -> None:
     assert (again.state, again.final_path, again.outcome) == (
         FileState.FINISHING,
         "/failed/a",
-        Outcome.FAILED,
+        Finish.FAILED,
     )
     with pytest.raises(QueueError, match=rf"cannot begin_finish file {fid}: it is FINISHING"):
         q.begin_finish(fid, "/failed/b")
@@ -272,7 +272,7 @@ def test_all_done_gives_outcome_done(q: Queue) -> None:
     assert q.ack_done([job.id], now=T0) == [fid]
     (todo,) = q.to_finish()
     assert todo.outcome == "done"
-    assert todo.outcome is Outcome.DONE
+    assert todo.outcome is Finish.DONE
 
 
 def _jobs_by_destination(db: Path, file_id: int) -> dict[str, tuple[str, int, int]]:
@@ -323,7 +323,7 @@ def test_a_replaced_file_is_routed_afresh(q: Queue, db: Path) -> None:
     (job,) = q.claim("ai", 1, now=T0 + 2)
     assert q.ack_done([job.id], now=T0 + 3) == [fid]
     (todo,) = q.to_finish()
-    assert todo.outcome is Outcome.DONE
+    assert todo.outcome is Finish.DONE
     assert [r.destination for r in todo.results] == ["ai", "archive", "mr-pacs"]
 
 
@@ -468,7 +468,7 @@ def test_sigkill_mid_write_loses_nothing_committed(db: Path) -> None:
         states = [f.state for f in report.finishing]
         assert states.count(FileState.FINISHING) > 100  # begun, never completed
         assert states.count(FileState.QUEUED) <= 3  # acked, killed before begin_finish
-        assert all(f.outcome is Outcome.DONE for f in report.finishing)
+        assert all(f.outcome is Finish.DONE for f in report.finishing)
         assert q.counts()["CLAIMED"] == 0
 
 

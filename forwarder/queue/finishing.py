@@ -2,7 +2,7 @@
 
 When every job of a file is ``DONE`` or ``FAILED`` the caller (the daemon's finisher) moves the
 file in two steps: :meth:`Finishing.begin_finish` records where it goes (``QUEUED`` ->
-``FINISHING``, with :class:`~forwarder.queue.records.Outcome` ``done`` or ``failed``), the caller
+``FINISHING``, with :class:`~forwarder.queue.records.Finish` ``done`` or ``failed``), the caller
 renames it, then :meth:`Finishing.complete_finish` marks it ``FINISHED``. A crash in between
 leaves the file ``FINISHING`` with its target path, and recovery hands it back.
 
@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from forwarder.errors import QueueError
-from forwarder.queue.records import FileState, FileToFinish, JobResult, JobStatus, Outcome
+from forwarder.queue.records import FileState, FileToFinish, Finish, JobResult, JobStatus
 from forwarder.queue.sql import BEGIN_FINISH, RESULTS, TO_FINISH_ALL, TO_FINISH_IDS
 from forwarder.queue.store import Store, clock, ids_json
 
@@ -46,7 +46,7 @@ def select_to_finish(
                 path=path,
                 rel_path=rel_path,
                 state=FileState(state),
-                outcome=Outcome.DONE if done else Outcome.FAILED,
+                outcome=Finish.DONE if done else Finish.FAILED,
                 final_path=final_path,
                 results=jobs,
             )
