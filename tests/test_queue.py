@@ -475,33 +475,46 @@ def test_sigkill_mid_write_loses_nothing_committed(db: Path) -> None:
 # -- concurrency -------------------------------------------------------------------------------
 
 
-def test_many_threads_never_claim_a_job_twice(q: Queue) -> None:
-    q.enqueue_many([(entry(f"f{i}"), ["pacs"]) for i in range(4000)], now=T0)
-    barrier = threading.Barrier(8)
-    claimed: list[list[int]] = [[] for _ in range(8)]
-    errors: list[BaseException] = []
+def test_two_connections_racing_claims_hand_every_job_out_exactly_once(db: Path) -> None:
+    # Two Queue instances are two SQLite connections on one file, as the daemon and
+    # `forwarder retry` are: each one's lock serialises only its own threads, so only the claim's
+    # transaction keeps the two from handing out the same job. (Threads racing on ONE Queue
+    # would prove nothing: its lock serialises them whatever claim does.)
+    threads_per_queue, total = 3, 3000
+    with Queue(db) as first, Queue(db) as second:
+        first.enqueue_many([(entry(f"f{i}"), ["pacs"]) for i in range(total)], now=T0)
+        queues = [first] * threads_per_queue + [second] * threads_per_queue
+        barrier = threading.Barrier(len(queues))
+        claimed: list[list[int]] = [[] for _ in queues]
+        share = total // len(queues)
+        errors: list[BaseException] = []
 
-    def worker(n: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            while jobs := q.claim("pacs", 7, now=T0):
-                claimed[n].extend(j.id for j in jobs)
-                q.ack_done([j.id for j in jobs], now=T0)
-        except BaseException as exc:
-            errors.append(exc)
+        def worker(n: int) -> None:
+            try:
+                barrier.wait(timeout=10)
+                # A share each, so that one connection cannot take every job while SQLite's busy
+                # handler has the other asleep: both must claim. (Shares add up to the total, so
+                # every job is still claimed.)
+                while len(claimed[n]) < share and (jobs := queues[n].claim("pacs", 7, now=T0)):
+                    claimed[n].extend(j.id for j in jobs)
+                    queues[n].ack_done([j.id for j in jobs], now=T0)
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
-    every = [i for ids in claimed for i in ids]
-    assert len(every) == len(set(every)) == 4000
-    assert sum(1 for ids in claimed if ids) > 1  # the threads really interleaved
-    assert q.counts()["DONE"] == 4000
-    assert q.stats(now=T0)["pacs"].done == 4000
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(queues))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        every = [i for ids in claimed for i in ids]
+        assert len(every) == len(set(every))  # no job handed out twice
+        assert set(every) == set(job_rows(db))  # and none lost
+        by_first = sum(len(ids) for ids in claimed[:threads_per_queue])
+        assert 0 < by_first < total  # both connections claimed
+        assert second.counts() == {"READY": 0, "CLAIMED": 0, "DONE": total, "FAILED": 0}
+        assert first.stats(now=T0)["pacs"].done == total
 
 
 def test_second_connection_reads_consistent_snapshots_while_first_writes(
