@@ -20,7 +20,7 @@ from forwarder.daemon.ingest import CHUNK, Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 DESTS = ["pacs", "archive"]
 

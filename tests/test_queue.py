@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from forwarder.errors import QueueError
-from forwarder.queue.jobs import (
+from forwarder.queue import (
     DestinationStats,
     FileEntry,
     FileState,
+    Finish,
     JobStatus,
-    Outcome,
     PendingSyntax,
     Queue,
 )
@@ -93,7 +93,7 @@ def test_database_is_wal_full_sync_incremental_vacuum(q: Queue, db: Path) -> Non
         schema = " ".join(r[0] for r in conn.execute("SELECT sql FROM sqlite_master") if r[0])
     finally:
         conn.close()
-    for value in [*JobStatus, *FileState, *Outcome]:
+    for value in [*JobStatus, *FileState, *Finish]:
         assert f"'{value.value}'" in schema  # CHECK constraints spell the enums' values
 
 
@@ -254,7 +254,7 @@ def test_file_is_terminal_only_when_every_destination_is(q: Queue) -> None:
     assert (again.state, again.final_path, again.outcome) == (
         FileState.FINISHING,
         "/failed/a",
-        Outcome.FAILED,
+        Finish.FAILED,
     )
     with pytest.raises(QueueError, match=rf"cannot begin_finish file {fid}: it is FINISHING"):
         q.begin_finish(fid, "/failed/b")
@@ -272,7 +272,7 @@ def test_all_done_gives_outcome_done(q: Queue) -> None:
     assert q.ack_done([job.id], now=T0) == [fid]
     (todo,) = q.to_finish()
     assert todo.outcome == "done"
-    assert todo.outcome is Outcome.DONE
+    assert todo.outcome is Finish.DONE
 
 
 def _jobs_by_destination(db: Path, file_id: int) -> dict[str, tuple[str, int, int]]:
@@ -323,7 +323,7 @@ def test_a_replaced_file_is_routed_afresh(q: Queue, db: Path) -> None:
     (job,) = q.claim("ai", 1, now=T0 + 2)
     assert q.ack_done([job.id], now=T0 + 3) == [fid]
     (todo,) = q.to_finish()
-    assert todo.outcome is Outcome.DONE
+    assert todo.outcome is Finish.DONE
     assert [r.destination for r in todo.results] == ["ai", "archive", "mr-pacs"]
 
 
@@ -371,7 +371,7 @@ def test_fail_pending_gives_up_a_destination(q: Queue) -> None:
 
 CHILD_CLAIMS = """
 import sys
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 q = Queue(sys.argv[1])
 jobs = q.claim("pacs", 7)
 print(" ".join(str(j.id) for j in jobs), flush=True)
@@ -426,7 +426,7 @@ def test_recover_returns_finishing_and_unfinished_terminal_files(db: Path) -> No
 
 CHILD_WRITES = """
 import sys
-from forwarder.queue.jobs import FileEntry, Queue
+from forwarder.queue import FileEntry, Queue
 q = Queue(sys.argv[1])
 for i in range(1_000_000):
     e = FileEntry(f"/in/{i}", str(i), 1, 1, "1.2", f"1.2.{i}", "1.2.840.10008.1.2.1")
@@ -468,40 +468,53 @@ def test_sigkill_mid_write_loses_nothing_committed(db: Path) -> None:
         states = [f.state for f in report.finishing]
         assert states.count(FileState.FINISHING) > 100  # begun, never completed
         assert states.count(FileState.QUEUED) <= 3  # acked, killed before begin_finish
-        assert all(f.outcome is Outcome.DONE for f in report.finishing)
+        assert all(f.outcome is Finish.DONE for f in report.finishing)
         assert q.counts()["CLAIMED"] == 0
 
 
 # -- concurrency -------------------------------------------------------------------------------
 
 
-def test_many_threads_never_claim_a_job_twice(q: Queue) -> None:
-    q.enqueue_many([(entry(f"f{i}"), ["pacs"]) for i in range(4000)], now=T0)
-    barrier = threading.Barrier(8)
-    claimed: list[list[int]] = [[] for _ in range(8)]
-    errors: list[BaseException] = []
+def test_two_connections_racing_claims_hand_every_job_out_exactly_once(db: Path) -> None:
+    # Two Queue instances are two SQLite connections on one file, as the daemon and
+    # `forwarder retry` are: each one's lock serialises only its own threads, so only the claim's
+    # transaction keeps the two from handing out the same job. (Threads racing on ONE Queue
+    # would prove nothing: its lock serialises them whatever claim does.)
+    threads_per_queue, total = 3, 3000
+    with Queue(db) as first, Queue(db) as second:
+        first.enqueue_many([(entry(f"f{i}"), ["pacs"]) for i in range(total)], now=T0)
+        queues = [first] * threads_per_queue + [second] * threads_per_queue
+        barrier = threading.Barrier(len(queues))
+        claimed: list[list[int]] = [[] for _ in queues]
+        share = total // len(queues)
+        errors: list[BaseException] = []
 
-    def worker(n: int) -> None:
-        try:
-            barrier.wait(timeout=10)
-            while jobs := q.claim("pacs", 7, now=T0):
-                claimed[n].extend(j.id for j in jobs)
-                q.ack_done([j.id for j in jobs], now=T0)
-        except BaseException as exc:
-            errors.append(exc)
+        def worker(n: int) -> None:
+            try:
+                barrier.wait(timeout=10)
+                # A share each, so that one connection cannot take every job while SQLite's busy
+                # handler has the other asleep: both must claim. (Shares add up to the total, so
+                # every job is still claimed.)
+                while len(claimed[n]) < share and (jobs := queues[n].claim("pacs", 7, now=T0)):
+                    claimed[n].extend(j.id for j in jobs)
+                    queues[n].ack_done([j.id for j in jobs], now=T0)
+            except BaseException as exc:
+                errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
-    every = [i for ids in claimed for i in ids]
-    assert len(every) == len(set(every)) == 4000
-    assert sum(1 for ids in claimed if ids) > 1  # the threads really interleaved
-    assert q.counts()["DONE"] == 4000
-    assert q.stats(now=T0)["pacs"].done == 4000
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(len(queues))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        every = [i for ids in claimed for i in ids]
+        assert len(every) == len(set(every))  # no job handed out twice
+        assert set(every) == set(job_rows(db))  # and none lost
+        by_first = sum(len(ids) for ids in claimed[:threads_per_queue])
+        assert 0 < by_first < total  # both connections claimed
+        assert second.counts() == {"READY": 0, "CLAIMED": 0, "DONE": total, "FAILED": 0}
+        assert first.stats(now=T0)["pacs"].done == total
 
 
 def test_second_connection_reads_consistent_snapshots_while_first_writes(

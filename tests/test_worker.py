@@ -29,8 +29,7 @@ from forwarder.daemon.worker import DestinationWorkers
 from forwarder.dicom.part10 import read_meta
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import Channel, StoreRequest
-from forwarder.queue.jobs import JobStatus, Queue
-from forwarder.queue.records import FileEntry
+from forwarder.queue import FileEntry, JobStatus, Queue
 
 FAST = RetryPolicy(initial_delay=0.1, max_delay=0.4)
 

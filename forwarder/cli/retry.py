@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print("forwarder retry: nothing to retry (no queue database yet)", file=sys.stderr)
         return EXIT_OK
     from forwarder.daemon.spool import Spool
-    from forwarder.queue.jobs import Queue
+    from forwarder.queue import Queue
 
     requeued = skipped = 0
     try:

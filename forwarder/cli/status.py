@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     _, config = load_or_report(args, "status")
     if config is None:
         return EXIT_CONFIG
-    from forwarder.queue.jobs import Queue
+    from forwarder.queue import Queue
 
     names = [d.name for d in config.destinations]
     result: dict[str, dict[str, Any]] = {}

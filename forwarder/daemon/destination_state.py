@@ -19,7 +19,7 @@ from forwarder.config import RetryPolicy
 from forwarder.daemon.outcomes import SendMetrics, backoff
 from forwarder.errors import ForwarderError
 from forwarder.net.channel import Channel
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
 

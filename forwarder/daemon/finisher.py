@@ -21,7 +21,7 @@ from pathlib import Path
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.spool import DestinationResult, SourceGoneError, Spool, SpoolError
 from forwarder.errors import QueueError
-from forwarder.queue.jobs import FileState, FileToFinish, JobStatus, Outcome, Queue
+from forwarder.queue import FileState, FileToFinish, Finish, JobStatus, Queue
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Finisher:
         for item in items:
             if item.state == FileState.QUEUED or item.final_path is None:
                 target = self.spool.target(
-                    item.rel_path, failed=item.outcome == Outcome.FAILED, taken=taken
+                    item.rel_path, failed=item.outcome == Finish.FAILED, taken=taken
                 )
                 begin.append((item.file_id, str(target)))
             else:
@@ -157,7 +157,7 @@ class Finisher:
             logger.error("cannot record the finishing problem in the queue: %s", exc)
 
     def _move(self, item: FileToFinish, target: Path, dirs: set[Path]) -> None:
-        failed = item.outcome == Outcome.FAILED
+        failed = item.outcome == Finish.FAILED
         source = Path(item.path)
         reason = ""
         if failed:

@@ -23,7 +23,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool, SpoolError
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
-from forwarder.queue.jobs import FileEntry, Queue
+from forwarder.queue import FileEntry, Queue
 
 logger = logging.getLogger(__name__)
 

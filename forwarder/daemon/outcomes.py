@@ -19,7 +19,7 @@ from typing import Protocol
 
 from forwarder.config import RetryPolicy
 from forwarder.net.channel import Outcome, SendOutcome
-from forwarder.queue.jobs import Job
+from forwarder.queue import Job
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
 from forwarder.net.association import AssociationSettings
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
 

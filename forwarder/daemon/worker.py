@@ -43,7 +43,7 @@ from forwarder.daemon.outcomes import (
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
-from forwarder.queue.jobs import Job, Queue
+from forwarder.queue import Job, Queue
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The records the queue hands out and takes in: statuses and frozen, slotted dataclasses.
 
-Kept apart from :mod:`forwarder.queue.jobs` so the state machine's code reads on its own;
-``forwarder.queue.jobs`` re-exports every name here.
+Kept apart from the queue's parts (:mod:`forwarder.queue.jobs` and its siblings), which all
+use them; :mod:`forwarder.queue` re-exports every name here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class FileState(enum.StrEnum):
     FINISHED = "FINISHED"
 
 
-class Outcome(enum.StrEnum):
+class Finish(enum.StrEnum):
+    """How a file finishes once every job is terminal: moved to done/ or to failed/."""
+
     DONE = "done"
     FAILED = "failed"
 
@@ -81,7 +83,7 @@ class FileToFinish:
     path: str
     rel_path: str
     state: FileState
-    outcome: Outcome  # "done" if every job is DONE, else "failed"
+    outcome: Finish  # "done" if every job is DONE, else "failed"
     final_path: str | None  # set once begin_finish ran
     results: tuple[JobResult, ...]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-# The status literals below must match JobStatus / FileState / Outcome (tests check the CHECKs).
+# The status literals below must match JobStatus / FileState / Finish (tests check the CHECKs).
 DDL = (
     """CREATE TABLE IF NOT EXISTS files (
         id INTEGER PRIMARY KEY,

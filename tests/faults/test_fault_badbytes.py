@@ -35,7 +35,7 @@ from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.dicom.check import scan_file
 from forwarder.dicom.part10 import parse_meta, read_meta
 from forwarder.errors import InvalidFileError
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 pytestmark = pytest.mark.faults
 

@@ -30,7 +30,7 @@ from invariants import clone_files, open_readonly, queue_problems, snapshot
 from peers import Received, ScriptedSCP
 from syscalls import STRACE, Call, trace
 
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 pytestmark = pytest.mark.faults
 needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed")

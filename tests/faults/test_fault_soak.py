@@ -22,7 +22,7 @@ from daemon import Daemon, destination
 from invariants import clone_files, settled_problems, snapshot
 from peers import STORESCP, free_port, stop_process, storescp, wait_for_port
 
-from forwarder.queue.jobs import Queue
+from forwarder.queue import Queue
 
 
 @dataclass

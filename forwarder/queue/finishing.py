@@ -1,0 +1,115 @@
+"""Finishing files: which files have every job terminal, and their two-step move out of incoming.
+
+When every job of a file is ``DONE`` or ``FAILED`` the caller (the daemon's finisher) moves the
+file in two steps: :meth:`Finishing.begin_finish` records where it goes (``QUEUED`` ->
+``FINISHING``, with :class:`~forwarder.queue.records.Finish` ``done`` or ``failed``), the caller
+renames it, then :meth:`Finishing.complete_finish` marks it ``FINISHED``. A crash in between
+leaves the file ``FINISHING`` with its target path, and recovery hands it back.
+
+The moving itself (renames, fsyncs, ``NAME.error.json``) is not here: it is
+:mod:`forwarder.daemon.finisher`'s; this module only records the states.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+
+from forwarder.errors import QueueError
+from forwarder.queue.records import FileState, FileToFinish, Finish, JobResult, JobStatus
+from forwarder.queue.sql import BEGIN_FINISH, RESULTS, TO_FINISH_ALL, TO_FINISH_IDS
+from forwarder.queue.store import Store, clock, ids_json
+
+
+def select_to_finish(
+    conn: sqlite3.Connection, file_ids: Sequence[int] | None, limit: int
+) -> list[FileToFinish]:
+    """Inside a transaction on ``conn``: :meth:`Finishing.to_finish`'s answer (``limit=-1``:
+    all), also what :meth:`forwarder.queue.jobs.Jobs.recover` returns."""
+    if file_ids is None:
+        files = conn.execute(TO_FINISH_ALL, {"limit": limit}).fetchall()
+    else:
+        params = {"ids": ids_json(file_ids), "limit": limit}
+        files = conn.execute(TO_FINISH_IDS, params).fetchall()
+    if not files:
+        return []
+    results: dict[int, list[JobResult]] = {}
+    for r in conn.execute(RESULTS, {"ids": ids_json(f[0] for f in files)}).fetchall():
+        results.setdefault(r[0], []).append(JobResult(r[1], JobStatus(r[2]), *r[3:]))
+    finished: list[FileToFinish] = []
+    for file_id, path, rel_path, state, final_path in files:
+        jobs = tuple(results.get(file_id, ()))
+        done = all(j.status is JobStatus.DONE for j in jobs)
+        finished.append(
+            FileToFinish(
+                file_id=file_id,
+                path=path,
+                rel_path=rel_path,
+                state=FileState(state),
+                outcome=Finish.DONE if done else Finish.FAILED,
+                final_path=final_path,
+                results=jobs,
+            )
+        )
+    return finished
+
+
+class Finishing(Store):
+    """Finishing files (a part of :class:`forwarder.queue.Queue`)."""
+
+    def to_finish(
+        self, file_ids: Sequence[int] | None = None, limit: int = 1000
+    ) -> list[FileToFinish]:
+        """Files (all, or among ``file_ids``) whose jobs are all terminal and that are QUEUED or
+        FINISHING, oldest first, with every destination's result."""
+        with self._read("listing files to finish") as conn:
+            return select_to_finish(conn, file_ids, limit)
+
+    def begin_finish(self, file_id: int, final_path: str) -> None:
+        """QUEUED -> FINISHING, recording where the file goes. Commit this, then move the file,
+        then :meth:`complete_finish`; after a crash :meth:`recover` returns it with final_path."""
+        self.begin_finish_many([(file_id, final_path)])
+
+    def begin_finish_many(self, items: Sequence[tuple[int, str]]) -> None:
+        """:meth:`begin_finish` for many files in ONE transaction (one fsync for a batch);
+        all or nothing."""
+        if not items:
+            return
+        with self._write(f"starting to finish {len(items)} files") as conn:
+            for file_id, final_path in items:
+                params = {"id": file_id, "final_path": final_path}
+                if conn.execute(BEGIN_FINISH, params).rowcount != 1:
+                    raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
+
+    def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
+        """FINISHING -> FINISHED, once the file is at its final path."""
+        self.complete_finish_many([file_id], now=now)
+
+    def complete_finish_many(self, file_ids: Sequence[int], *, now: float | None = None) -> None:
+        """:meth:`complete_finish` for many files in ONE transaction; all or nothing."""
+        if not file_ids:
+            return
+        with self._write(f"completing the finish of {len(file_ids)} files") as conn:
+            for file_id in file_ids:
+                updated = conn.execute(
+                    """UPDATE files SET state = 'FINISHED', finished_at = :now
+                       WHERE id = :id AND state = 'FINISHING'""",
+                    {"id": file_id, "now": clock(now)},
+                ).rowcount
+                if updated != 1:
+                    raise self._not_in_state(conn, file_id, FileState.FINISHING, "complete_finish")
+
+    def _not_in_state(
+        self, conn: sqlite3.Connection, file_id: int, expected: FileState, action: str
+    ) -> QueueError:
+        row = conn.execute("SELECT state FROM files WHERE id = :id", {"id": file_id}).fetchone()
+        if row is None:
+            found = "does not exist"
+        elif row[0] == expected:
+            found = "still has jobs that are READY or CLAIMED"
+        else:
+            found = f"is {row[0]}"
+        return QueueError(
+            f"queue database {self._path}: cannot {action} file {file_id}: it {found} "
+            f"(it must be {expected.value} with every job DONE or FAILED)"
+        )

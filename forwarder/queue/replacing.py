@@ -1,0 +1,102 @@
+"""A file replaced in incoming while it is queued: what ingest compares, and routing it afresh.
+
+Ingest notices a replaced file by comparing size and mtime with :meth:`Replacing.active_files`,
+then hands the new version's header values and routing to :meth:`Replacing.replace_file`: each
+destination routed now receives the new version (again), destinations no longer routed keep
+what they already stored. A job claimed meanwhile is marked stale and its ack (in
+:mod:`~forwarder.queue.jobs`) sends it again or drops it.
+
+Reading headers and routing are not here: they are the daemon's ingest and router.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from forwarder.queue.records import FileEntry, Replaced
+from forwarder.queue.store import Store, clock, routed_to
+
+
+class Replacing(Store):
+    """Replaced files (a part of :class:`forwarder.queue.Queue`)."""
+
+    def active_files(self) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) as queued, for every unfinished file (ingest notices a
+        file replaced in incoming by comparing)."""
+        with self._read("listing queued files") as conn:
+            rows = conn.execute(
+                "SELECT path, size, mtime_ns FROM files WHERE state != 'FINISHED'"
+            ).fetchall()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def replace_file(
+        self,
+        entry: FileEntry,
+        destinations: Sequence[str],
+        *,
+        now: float | None = None,
+    ) -> Replaced | None:
+        """The file at ``entry.path`` was replaced in incoming while QUEUED: record its new
+        header values and routing (``destinations``, routed afresh from the new version).
+
+        For each destination routed now, the new version is sent (again): DONE and FAILED jobs
+        go back to READY, CLAIMED ones are marked stale (their ack puts them back to READY), a
+        destination routed for the first time gets a job. Destinations no longer routed keep
+        what they already stored (DONE stays); their READY and FAILED jobs are deleted and a
+        CLAIMED one is deleted when its claim ends. Returns None when no QUEUED row has that
+        path (finishing or finished: nothing to do)."""
+        params = {
+            "path": entry.path,
+            "size": entry.size,
+            "mtime_ns": entry.mtime_ns,
+            "sop_class_uid": entry.sop_class_uid,
+            "sop_instance_uid": entry.sop_instance_uid,
+            "transfer_syntax": entry.transfer_syntax,
+            "now": clock(now),
+        }
+        routed_now = routed_to(destinations)
+        with self._write(f"recording that {entry.path} was replaced") as conn:
+            row = conn.execute(
+                """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
+                          sop_class_uid = :sop_class_uid, sop_instance_uid = :sop_instance_uid,
+                          transfer_syntax = :transfer_syntax
+                   WHERE path = :path AND state = 'QUEUED' RETURNING id""",
+                params,
+            ).fetchone()
+            if row is None:
+                return None
+            ids = {"id": row[0], "now": params["now"], "dests": json.dumps(routed_now)}
+            routed = "destination IN (SELECT value FROM json_each(:dests))"
+            conn.execute(
+                f"""UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
+                          finished_at = NULL, last_status = NULL
+                   WHERE file_id = :id AND status IN ('DONE', 'FAILED') AND {routed}""",
+                ids,
+            )
+            conn.execute(
+                f"UPDATE jobs SET stale = 1 WHERE file_id = :id AND status = 'CLAIMED' "
+                f"AND {routed}",
+                ids,
+            )
+            dropped = conn.execute(
+                f"""DELETE FROM jobs WHERE file_id = :id AND status IN ('READY', 'FAILED')
+                   AND NOT {routed} RETURNING destination""",
+                ids,
+            ).fetchall()
+            dropped += conn.execute(
+                f"""UPDATE jobs SET stale = 2 WHERE file_id = :id AND status = 'CLAIMED'
+                   AND NOT {routed} RETURNING destination""",
+                ids,
+            ).fetchall()
+            conn.execute(
+                """INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
+                   SELECT :id, value, 'READY', :now, :now FROM json_each(:dests)
+                   WHERE value NOT IN (SELECT destination FROM jobs WHERE file_id = :id)""",
+                ids,
+            )
+        return Replaced(
+            file_id=int(row[0]),
+            destinations=tuple(routed_now),
+            dropped=tuple(sorted(r[0] for r in dropped)),
+        )

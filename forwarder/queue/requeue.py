@@ -1,0 +1,86 @@
+"""Putting failed files back in the queue (``forwarder retry``): listing them and requeuing one.
+
+A file that ended in failed/ keeps its FINISHED row. :meth:`Requeue.failed_files` lists those not
+retried yet; :meth:`Requeue.requeue_failed` queues one again as a NEW row with fresh ``READY``
+jobs and marks the old row retried. Moving the file back into incoming is the CLI's
+(:mod:`forwarder.cli.retry`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from forwarder.errors import QueueError
+from forwarder.queue.records import FailedFile
+from forwarder.queue.sql import FAILED_FILES, INSERT_JOBS, REQUEUE_FILE
+from forwarder.queue.store import Store, clock, routed_to
+
+logger = logging.getLogger(__name__)
+
+
+class Requeue(Store):
+    """``forwarder retry``'s part of :class:`forwarder.queue.Queue`."""
+
+    def failed_files(self, destination: str | None = None) -> list[FailedFile]:
+        """FINISHED files that went to failed/ and were not retried yet; with ``destination``,
+        only those whose job for it FAILED. Each lists every destination that failed."""
+        with self._read("listing failed files") as conn:
+            rows = conn.execute(FAILED_FILES, {"destination": destination}).fetchall()
+        grouped: dict[int, tuple[Any, list[str]]] = {}
+        for file_id, final_path, rel_path, finished_at, dest in rows:
+            grouped.setdefault(file_id, ((final_path, rel_path, finished_at), []))[1].append(dest)
+        return [
+            FailedFile(
+                file_id=file_id,
+                final_path=head[0],
+                rel_path=head[1],
+                destinations=tuple(dests),
+                finished_at=head[2],
+            )
+            for file_id, (head, dests) in grouped.items()
+        ]
+
+    def requeue_failed(
+        self,
+        file_id: int,
+        new_path: str,
+        rel_path: str,
+        destinations: Sequence[str],
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Queue a failed file again: a NEW QUEUED row at ``new_path`` (header values copied)
+        with fresh READY jobs for ``destinations``, and the old row marked retried so
+        :meth:`failed_files` no longer lists it. Returns the new file id. Do this before moving
+        the file to ``new_path`` so the watcher sees it as already queued."""
+        dests = json.dumps(routed_to(destinations))
+        at = clock(now)
+        params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
+        with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:
+            try:
+                row = conn.execute(REQUEUE_FILE, params).fetchall()
+            except sqlite3.IntegrityError as exc:
+                raise QueueError(
+                    f"queue database {self._path}: cannot requeue file {file_id} as {new_path}: "
+                    "a file with that path is already queued"
+                ) from exc
+            if not row:
+                raise QueueError(
+                    f"queue database {self._path}: cannot requeue file {file_id}: it is not a "
+                    "finished, failed file (or it was retried already)"
+                )
+            new_id = int(row[0][0])
+            conn.execute(INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
+            updated = conn.execute(
+                """UPDATE files SET retried_as = :new_id
+                   WHERE id = :id AND retried_as IS NULL""",
+                {"id": file_id, "new_id": new_id},
+            ).rowcount
+            if updated != 1:  # pragma: no cover - the INSERT above checked the same condition
+                raise QueueError(f"queue database {self._path}: file {file_id} changed meanwhile")
+        logger.info("requeued failed file %d as %d (%s)", file_id, new_id, new_path)
+        return new_id

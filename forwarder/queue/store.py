@@ -1,0 +1,205 @@
+"""The queue's SQLite connection: opening it, pragmas, schema, and transactions under one lock.
+
+:class:`Store` is the base every part of :class:`forwarder.queue.Queue` builds on: it opens the
+database file (creating and migrating the schema), sets the pragmas durability relies on, and
+hands its parts one write or read transaction at a time (``_write``, ``_read``), turning any
+SQLite error into a :class:`~forwarder.errors.QueueError` that names the file and the
+operation. It also holds the small helpers the parts share to build statement parameters.
+
+It holds no statement of the state machine and no query: those live in the parts
+(:mod:`~forwarder.queue.jobs`, :mod:`~forwarder.queue.finishing`, ...) and in
+:mod:`~forwarder.queue.sql`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Self
+
+from forwarder.errors import QueueError
+from forwarder.queue.sql import DDL
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3  # 2: the problems table; 3: jobs.stale
+
+
+def clock(now: float | None) -> float:
+    """``now``, or the current time when the caller gave none."""
+    return time.time() if now is None else now
+
+
+def ids_json(ids: Iterable[int]) -> str:
+    return json.dumps([int(i) for i in ids])
+
+
+def routed_to(destinations: Sequence[str]) -> list[str]:
+    """The destinations in order, without duplicates; a file must go somewhere."""
+    unique = list(dict.fromkeys(destinations))
+    if not unique:
+        raise ValueError("a file must be enqueued for at least one destination")
+    return unique
+
+
+class Store:
+    """One SQLite connection shared by many threads, serialized by one lock; close it (or use
+    ``with``). ``create=False`` refuses to create a missing database (for ``forwarder status``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, create: bool = True
+    ) -> None:
+        self._path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        if not create and not os.path.exists(self._path):
+            raise QueueError(
+                f"queue database {self._path} does not exist: check the 'queue' key of the "
+                "config, or start the daemon once to create it"
+            )
+        self._busy_pragma = f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}"
+        try:
+            # timeout= is SQLite's busy timeout: wait for another writer instead of failing.
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread=False:
+            # worker threads share this connection, serialized by self._lock.
+            conn = sqlite3.connect(
+                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise self._error(exc, "opening it") from exc
+        try:
+            self._configure(conn)
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(exc, "opening it") from exc
+            raise
+        self._conn = conn
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def _error(self, exc: sqlite3.Error, what: str) -> QueueError:
+        hint = ""
+        if "unable to open" in str(exc):
+            directory = os.path.dirname(os.path.abspath(self._path))
+            hint = f" (does {directory} exist, and may this user write to it?)"
+        elif "not a database" in str(exc):
+            hint = " (is the 'queue' key pointing at some other file?)"
+        return QueueError(f"queue database {self._path}: {exc} while {what}{hint}")
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # Must be chosen before the first table exists (and before WAL): lets prune() hand
+            # freed pages back to the filesystem without a VACUUM that locks out the daemon.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        # WAL: readers (forwarder status) and the daemon's writer do not block each other, and a
+        # commit is one append to the log. The mode is stored in the file.
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise QueueError(
+                f"queue database {self._path}: cannot use write-ahead logging (journal mode "
+                f"stays {mode!r}); put the queue on a local filesystem"
+            )
+        # FULL: fsync the log on every commit. With NORMAL a power loss can drop the last commits:
+        # a lost ack would make a job look READY for a file already moved to done/.
+        conn.execute("PRAGMA synchronous = FULL")
+        # prune() relies on ON DELETE CASCADE from files to jobs; SQLite leaves it off by default.
+        conn.execute("PRAGMA foreign_keys = ON")
+        # After a checkpoint, shrink the -wal file back to 64 MiB so a burst does not pin the disk.
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QueueError(
+                f"queue database {self._path} has schema version {version}, newer than this "
+                f"forwarder understands ({SCHEMA_VERSION}); upgrade forwarder"
+            )
+        if version < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in DDL:
+                    conn.execute(statement)
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                if "stale" not in columns:  # a version 1 or 2 database
+                    conn.execute("ALTER TABLE jobs ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+
+    # -- connection plumbing ---------------------------------------------------------------
+
+    def _connection(self, what: str) -> sqlite3.Connection:
+        if self._conn is None:
+            raise QueueError(f"queue database {self._path}: closed, while {what}")
+        return self._conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock; any sqlite3 error becomes a QueueError."""
+        with self._lock:
+            conn = self._connection(what)
+            try:
+                # IMMEDIATE takes the write lock now, so reads inside see what they will update.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A short read transaction (one snapshot across statements) under the lock."""
+        with self._lock:
+            conn = self._connection(what)
+            try:
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                logger.exception("rollback failed; SQLite rolls back when the connection closes")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    raise self._error(exc, "closing it") from exc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
