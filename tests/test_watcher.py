@@ -11,8 +11,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileMovedEvent
 
-from forwarder.daemon.watch_settle import CLOSED_SETTLE, ReadyFile, is_ignored_name
+from forwarder.daemon.watch_events import EventHandler
+from forwarder.daemon.watch_settle import (
+    CLOSED_SETTLE,
+    Hint,
+    ReadyFile,
+    Settler,
+    is_ignored_name,
+)
 from forwarder.daemon.watcher import Watcher
 from forwarder.errors import ForwarderError
 
@@ -497,3 +505,55 @@ def test_open_for_writing_is_read_from_proc(tmp_path: Path) -> None:
     with open(path, "rb"):  # a reader is not a writer
         assert not _open_for_writing(str(path))
     assert not _open_for_writing(str(tmp_path / "missing.dcm"))
+
+
+def _settler(root: Path, settle: float) -> tuple[Settler, list[ReadyFile]]:
+    ready: list[ReadyFile] = []
+    settler = Settler(
+        str(root),
+        ready.extend,
+        settle=settle,
+        polling=False,
+        is_known=None,
+        batch_max=64,
+        stopping=threading.Event(),
+    )
+    return settler, ready
+
+
+def test_a_file_renamed_into_place_is_ready_at_the_first_look(root: Path) -> None:
+    """Zero-wait hand-off: the rename is the writer's "complete"; no settle window, even a long
+    one. A close-after-write still waits its window (the writer may open the file again)."""
+    settler, ready = _settler(root, settle=60.0)
+    (root / "renamed.dcm").write_bytes(b"r" * 300)
+    (root / "closed.dcm").write_bytes(b"c" * 200)
+    now = time.monotonic()
+    settler.apply(
+        {str(root / "renamed.dcm"): Hint.MOVED_IN, str(root / "closed.dcm"): Hint.CLOSED}, now
+    )
+    settler.check_due(now)
+    assert [f.rel_path for f in ready] == ["renamed.dcm"]
+    assert ready[0].size == 300
+    settler.check_due(now + CLOSED_SETTLE / 2)
+    assert [f.rel_path for f in ready] == ["renamed.dcm"]
+    settler.check_due(now + CLOSED_SETTLE + 0.01)
+    assert [f.rel_path for f in ready] == ["renamed.dcm", "closed.dcm"]
+
+
+def test_a_write_after_the_rename_cancels_the_zero_wait(root: Path) -> None:
+    settler, ready = _settler(root, settle=5.0)
+    path = root / "a.dcm"
+    path.write_bytes(b"a" * 10)
+    now = time.monotonic()
+    settler.apply({str(path): Hint.MOVED_IN}, now)
+    settler.apply({str(path): Hint.WRITING}, now)  # the writer is still at it
+    settler.check_due(now)
+    settler.check_due(now + 1.0)
+    assert ready == []
+
+
+def test_the_event_handler_reports_a_move_in_as_moved_in(root: Path) -> None:
+    notes: list[tuple[str, Hint]] = []
+    handler = EventHandler(lambda path, hint: notes.append((path, hint)))
+    handler.on_moved(FileMovedEvent(str(root / ".x.tmp"), str(root / "x.dcm")))
+    assert notes == [(str(root / ".x.tmp"), Hint.DELETED), (str(root / "x.dcm"), Hint.MOVED_IN)]

@@ -83,7 +83,7 @@ class EventHandler(FileSystemEventHandler):
         if src:
             self._note(src, Hint.DELETED)
         if dest:
-            self._note(dest, Hint.CLOSED)
+            self._note(dest, Hint.MOVED_IN)
 
 
 def make_observer(polling: bool, settle: float) -> BaseObserver:

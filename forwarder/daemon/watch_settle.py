@@ -1,10 +1,12 @@
 """When a file in the incoming folder is complete: the watcher's settle-thread logic.
 
 A file is *ready* once its size and modification time have been observed identical across the
-settle time. A close-after-write or a rename into place shortens that wait to
-:data:`CLOSED_SETTLE`, but a file is never ready before two ``lstat`` calls agree, and any write
-seen after the close cancels the shortcut. A file seen written and never closed, or empty with no
-close seen, is ready only once no process holds it open for writing (/proc).
+settle time. A file renamed into place (inotify ``IN_MOVED_TO``, or a move the polling observer
+pairs) is ready at the first ``lstat`` after the rename: the rename is its writer saying it is
+complete, and a write after it would be seen as a new event. A close-after-write shortens the wait
+to :data:`CLOSED_SETTLE`, but such a file is never ready before two ``lstat`` calls agree, and any
+write seen after the close cancels the shortcut. A file seen written and never closed, or empty
+with no close seen, is ready only once no process holds it open for writing (/proc).
 
 :class:`Settler` holds every candidate, applies the :class:`Hint` s the event handler recorded,
 scans folders (without following symlinks), and hands settled files on in batches. It runs on
@@ -59,7 +61,8 @@ class Hint(enum.Enum):
 
     CHANGED = "changed"  # created, attributes changed: wait the full settle time
     WRITING = "writing"  # written (IN_MODIFY): wait for the close, then settle
-    CLOSED = "closed"  # closed after writing, or renamed into place: the short window applies
+    CLOSED = "closed"  # closed after writing: the short window applies
+    MOVED_IN = "moved_in"  # renamed into place: complete at the next lstat, no window
     DELETED = "deleted"  # gone (deleted or moved away): forget it
     DIR = "dir"  # a directory appeared: scan it (files may predate its inotify watch)
 
@@ -74,6 +77,7 @@ class _Candidate:
     closed: bool  # a close-after-write / move-in was the latest event
     due: float  # monotonic time of the next lstat; heap entries with another due are stale
     writing: bool = False  # seen written (IN_CREATE/IN_MODIFY) and not closed since
+    moved_in: bool = False  # renamed into place and nothing seen since: take at the next lstat
 
 
 class Settler:
@@ -127,16 +131,18 @@ class Settler:
                 continue
             # A file, or a "directory" that is a file now (the polling diff pairs paths by
             # inode, and inodes get reused): make it a candidate.
-            closed = hint is Hint.CLOSED
+            closed = hint is Hint.CLOSED or hint is Hint.MOVED_IN
             cand = self._pending.get(path)
             if cand is None:
                 cand = _Candidate(_UNOBSERVED, _UNOBSERVED, now, closed, now)
                 cand.writing = hint is Hint.WRITING and not self._polling
+                cand.moved_in = hint is Hint.MOVED_IN
                 self._pending[path] = cand
                 self._schedule(path, cand, now)
                 continue
             cand.size = _UNOBSERVED  # written after the last lstat: observe afresh
             cand.closed = closed
+            cand.moved_in = hint is Hint.MOVED_IN
             if closed:
                 cand.writing = False
             elif hint is Hint.WRITING and not self._polling:
@@ -234,7 +240,10 @@ class Settler:
                     self.scan(path, now, full=False)
                 continue
             size, mtime_ns = st.st_size, st.st_mtime_ns
-            if size != cand.size or mtime_ns != cand.mtime_ns:
+            if cand.moved_in:
+                # Renamed into place, and no event since: complete now (zero-wait hand-off).
+                self._take(path, size, mtime_ns, ready)
+            elif size != cand.size or mtime_ns != cand.mtime_ns:
                 if cand.size != _UNOBSERVED:
                     cand.closed = False  # changed after the close: the writer is back
                 cand.size, cand.mtime_ns, cand.since = size, mtime_ns, now

@@ -1,10 +1,13 @@
 """Find complete files in the incoming folder and hand them on in batches.
 
-A file is *ready* once its size and modification time have been observed identical across the
-settle time (``settle``). A close-after-write or a rename into place (inotify ``IN_CLOSE_WRITE``,
-``IN_MOVED_TO``) shortens that wait to :data:`CLOSED_SETTLE`, but a file is never ready before two
-``lstat`` calls agree, and any write seen after the close cancels the shortcut. An empty file
-with no close seen is ready only once no process holds it open for writing (/proc).
+A file written in place is *ready* once its size and modification time have been observed
+identical across the settle time (``settle``); a close-after-write (inotify ``IN_CLOSE_WRITE``)
+shortens that wait to :data:`CLOSED_SETTLE`, and any write seen after the close cancels the
+shortcut. A file renamed into place (``IN_MOVED_TO``: the usual way scanners, storescp
+``--fork``-style receivers and ``forwarder receive`` deliver) is ready at once, at the first
+``lstat`` after the rename, with no settle wait. An empty file with no close seen is ready only
+once no process holds it open for writing (/proc). The rules live in
+:mod:`forwarder.daemon.watch_settle`.
 
 Candidates come from three sources, so that no file can be stranded:
 
