@@ -9,7 +9,7 @@ Every fact the code holds is read from the code, never restated: UIDs and versio
 presentation contexts :mod:`forwarder.net.contexts` plans, the user information items
 :func:`forwarder.net.pdu.encode_associate_rq` puts on the wire, the PDU bounds, every DIMSE status
 code run through the sender's own response check and
-:func:`forwarder.net.channel.classify_status`, the
+:func:`forwarder.net.status.classify_status`, the
 conversions :mod:`forwarder.dicom.transcode` performs, the SOP classes and transfer syntaxes the
 receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,
 ``send``, ``echo`` and ``receive`` actually use (built the way those commands build them).
@@ -42,8 +42,8 @@ from forwarder.dicom import part10 as dicomfile
 from forwarder.dicom import transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
-from forwarder.net import channel as pool
 from forwarder.net import contexts, pdu, receiver, tls
+from forwarder.net import status as dimse_status
 from forwarder.net.association import AssociationSettings
 
 DEFAULT_OUTPUT = Path("docs/conformance-statement.md")
@@ -63,13 +63,13 @@ _USER_ITEMS = {
     0x58: "User Identity",
 }
 
-#: What each outcome of :func:`forwarder.net.channel.classify_status` means for a file, daemon and
+#: What each outcome of :func:`forwarder.net.status.classify_status` means for a file, daemon and
 #: ``send``. A new outcome without a sentence here makes rendering fail (and the test with it).
 _TREATMENT = {
-    pool.Outcome.STORED: "stored",
-    pool.Outcome.WARNING: "stored, warning logged",
-    pool.Outcome.RETRY: "retried",
-    pool.Outcome.FAILED: "failed",
+    dimse_status.Outcome.STORED: "stored",
+    dimse_status.Outcome.WARNING: "stored, warning logged",
+    dimse_status.Outcome.RETRY: "retried",
+    dimse_status.Outcome.FAILED: "failed",
 }
 _PROTOCOL_ERROR = "protocol error"
 _TREATMENT_LEGEND = [
@@ -229,7 +229,7 @@ def _user_items(max_pdu: int) -> dict[int, bytes]:
 def _store_response_treatment(status: int) -> str:
     """What the sender does with a C-STORE-RSP carrying ``status``: the response goes through
     the same check the sender applies (:func:`forwarder.net.pdu.check_response`), then
-    :func:`forwarder.net.channel.classify_status`."""
+    :func:`forwarder.net.status.classify_status`."""
     sop = _EXAMPLE_SOP_CLASS.encode()
     values = {
         0x0002: sop,
@@ -242,7 +242,7 @@ def _store_response_treatment(status: int) -> str:
         pdu.check_response(values, pdu.C_STORE_RSP, 1, sop, None)
     except ProtocolError:
         return _PROTOCOL_ERROR
-    return _TREATMENT[pool.classify_status(status)]
+    return _TREATMENT[dimse_status.classify_status(status)]
 
 
 def _status_meaning(status: int) -> str:
@@ -256,7 +256,11 @@ def _status_ranges() -> list[tuple[int, int, str, str, str]]:
     """Every status code 0x0000-0xFFFF, merged into runs of equal (category, meaning, treatment)."""
     runs: list[tuple[int, int, str, str, str]] = []
     for code in range(0x10000):
-        key = (pool.code_to_category(code), _status_meaning(code), _store_response_treatment(code))
+        key = (
+            dimse_status.code_to_category(code),
+            _status_meaning(code),
+            _store_response_treatment(code),
+        )
         if runs and runs[-1][2:] == key and runs[-1][1] == code - 1:
             runs[-1] = (runs[-1][0], code, *key)
         else:
@@ -311,7 +315,7 @@ def _plan_shapes() -> list[tuple[str, list[str]]]:
     """The presentation contexts planned for a file, per transfer syntax, grouped by shape."""
     shapes: dict[tuple[tuple[str, ...], ...], list[str]] = {}
     for ts in [*dicomfile.UNCOMPRESSED, *(str(u) for u in AllTransferSyntaxes)]:
-        plans = contexts.contexts_for(_EXAMPLE_SOP_CLASS, ts)
+        plans = contexts.proposals_for(_EXAMPLE_SOP_CLASS, ts)
         shape = tuple(
             tuple("the file's own" if i == 0 and t == ts else t for t in p.transfer_syntaxes)
             for i, p in enumerate(plans)
@@ -907,7 +911,7 @@ def _receiver_statuses() -> list[list[str]]:
             when = line.group(1) if line and line.group(1) else ""
             when = when or ("the object is stored" if code == 0 else "")
             meaning = _status_meaning(code) or ("Success" if code == 0 else "")
-            rows.append([_hex(code), pool.code_to_category(code), meaning, when])
+            rows.append([_hex(code), dimse_status.code_to_category(code), meaning, when])
     return sorted(rows)
 
 

@@ -25,8 +25,9 @@ from forwarder.cli._argtypes import positive
 from forwarder.cli._net import Target, add_association_options, resolve_or_report
 from forwarder.dicom.part10 import FileMeta, check_file, read_meta
 from forwarder.errors import InvalidFileError
-from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
 from forwarder.net.contexts import group_by_contexts
+from forwarder.net.status import Outcome
 
 logger = logging.getLogger("forwarder.send")
 

@@ -33,7 +33,8 @@ from forwarder.crashpoints import crash_point
 from forwarder.daemon.finisher import Finisher
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
+from forwarder.net.status import Outcome
 from forwarder.queue.jobs import Job, Queue
 
 logger = logging.getLogger(__name__)
