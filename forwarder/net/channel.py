@@ -143,15 +143,14 @@ class Channel:
                 "%s: association #%s is gone; opening another", self.name, self._assoc_number
             )
             self._assoc = assoc = None
-        if assoc is not None and not assoc.closed and need in self._proposed:
+        # peer_gone() is True for a closed association: one still here is open.
+        if assoc is not None and need in self._proposed:
             return assoc
-        if assoc is not None and not assoc.closed:
+        if assoc is not None:
             # A syntax we never proposed: renegotiate, keeping what we proposed before.
             logger.debug("%s: renegotiating for %s in %s", self.name, need[0], need[1])
             assoc.release()
-            needs = [need, *hint, *self._proposed_order]
-        else:
-            needs = [need, *hint, *self._proposed_order]
+        needs = [need, *hint, *self._proposed_order]
         return self._open(list(dict.fromkeys(needs)))
 
     @property
