@@ -10,9 +10,9 @@ per-file work is done on a blocking socket:
 * the C-STORE-RQ command set is packed with ``struct`` (implicit VR little endian);
 * the data set is streamed from the file in PDU-sized fragments, several PDUs per ``sendall``,
   through one reused buffer, so memory stays flat whatever the file size;
-* ``TCP_NODELAY`` is always on, and ``TCP_QUICKACK`` is re-armed after every read, so a peer with
-  Nagle's algorithm on (Debian's DCMTK and Orthanc) never stalls on our delayed ACKs, and plain
-  TCP runs on kernel timeouts, without a ``poll()`` a call (:mod:`forwarder.net.transport`);
+* ``TCP_NODELAY`` is always on, ``TCP_QUICKACK`` re-armed after every read (a peer with Nagle's
+  algorithm on never stalls on our delayed ACKs), and plain TCP runs on kernel timeouts, without a
+  ``poll()`` a call (:mod:`forwarder.net.transport`);
 * every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.net.pdu`'s strict
   decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
   SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
@@ -22,14 +22,12 @@ per-file work is done on a blocking socket:
   (a warning once per association); an empty Affected SOP Class/Instance UID counts as absent;
 * the peer's maximum PDU is clamped (``pdu.send_pdu_limit``), fragments are even and an odd data
   set is padded with one 0x00;
-* release collisions are answered (PS3.8 Sta9/Sta11), and an idle association is checked before
-  reuse (:meth:`Association.peer_gone`).
+* release collisions are answered (PS3.8 Sta9/Sta11, :mod:`forwarder.net.acse`), and an idle
+  association is checked before reuse (:meth:`Association.peer_gone`).
 
-There is no reactor thread, hence no race over who reads the C-STORE-RSP.
-
-This module holds the :class:`Association` and its DIMSE messages (C-STORE, C-ECHO and their
-responses); the socket is :mod:`forwarder.net.transport`'s, negotiation and release are
-:mod:`forwarder.net.acse`'s.
+There is no reactor thread, hence no race over who reads the C-STORE-RSP. This module holds the
+:class:`Association` and its DIMSE messages (C-STORE, C-ECHO and their responses); the socket is
+:mod:`forwarder.net.transport`'s, negotiation and release are :mod:`forwarder.net.acse`'s.
 """
 
 from __future__ import annotations
