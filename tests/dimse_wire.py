@@ -1,6 +1,7 @@
-"""Just enough of the DICOM upper layer and DIMSE, by hand, for the raw-socket test peers
-(``hostile.py``, ``faults/hostile_peer.py``): read PDUs with a stop flag, decode a request's
-command set, encode a C-STORE-RSP / C-ECHO-RSP."""
+"""Just enough of the DICOM upper layer and DIMSE for the raw-socket test peers (``hostile.py``,
+``faults/hostile_peer.py``): listen, read PDUs with a stop flag, decode the A-ASSOCIATE-RQ and
+encode the A-ASSOCIATE-AC/RJ with pynetdicom's PDU classes, split a P-DATA-TF into its PDVs,
+decode a request's command set and encode a C-STORE-RSP / C-ECHO-RSP by hand."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
 PDU_HEADER = struct.Struct(">BxI")
+RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
 class Closed(Exception):
@@ -82,6 +94,86 @@ class Conn:
             except OSError:
                 raise Closed from None
             view = view[sent:]
+
+
+def listen(port: int, backlog: int, *, rcvbuf: int | None = None) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port`` (0: a free port) whose ``accept`` times out
+    every 50 ms, so that the accepting loop notices a stop request."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if rcvbuf is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(backlog)
+    listener.settimeout(0.05)
+    return listener
+
+
+def read_associate_rq(conn: Conn) -> A_ASSOCIATE:
+    """The first PDU of a connection, an A-ASSOCIATE-RQ, as pynetdicom's primitive (anything
+    else ends the conversation)."""
+    pdu_type, body = conn.read_pdu()
+    if pdu_type != 0x01:
+        raise Closed
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(PDU_HEADER.pack(pdu_type, len(body)) + body)
+    primitive: A_ASSOCIATE = rq.to_primitive()
+    return primitive
+
+
+def associate_ac(
+    rq: A_ASSOCIATE,
+    answer: Callable[[PresentationContext], tuple[str, int]],
+    *,
+    max_pdu: int,
+    implementation_uid: str,
+) -> bytes:
+    """An A-ASSOCIATE-AC for ``rq``: ``answer`` gives each proposed context's (transfer syntax,
+    result), 0 accepting it."""
+    ac = A_ASSOCIATE()
+    ac.application_context_name = rq.application_context_name
+    ac.calling_ae_title = rq.calling_ae_title
+    ac.called_ae_title = rq.called_ae_title
+    ac.result = 0x00
+    results = []
+    for proposed in rq.presentation_context_definition_list:
+        result = PresentationContext()
+        result.context_id = proposed.context_id
+        result.abstract_syntax = proposed.abstract_syntax
+        syntax, outcome = answer(proposed)
+        result.transfer_syntax = [syntax]
+        result.result = outcome
+        results.append(result)
+    ac.presentation_context_definition_results_list = results
+    max_len = MaximumLengthNotification()
+    max_len.maximum_length_received = max_pdu
+    impl = ImplementationClassUIDNotification()
+    impl.implementation_class_uid = implementation_uid
+    ac.user_information = [max_len, impl]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    return bytes(pdu.encode())
+
+
+def associate_rj(result: int, source: int, diagnostic: int) -> bytes:
+    """An A-ASSOCIATE-RJ (PS3.8 9.3.4: result 1 permanent, 2 transient)."""
+    prim = A_ASSOCIATE()
+    prim.result, prim.result_source, prim.diagnostic = result, source, diagnostic
+    rj = A_ASSOCIATE_RJ()
+    rj.from_primitive(prim)
+    return bytes(rj.encode())
+
+
+def pdvs(body: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The (presentation context ID, message control header, value) of each PDV item of a
+    P-DATA-TF body, in order."""
+    pos = 0
+    while pos + 6 <= len(body):
+        (item_len,) = struct.unpack_from(">I", body, pos)
+        context_id, control = body[pos + 4], body[pos + 5]
+        value = body[pos + 6 : pos + 4 + item_len]
+        pos += 4 + item_len
+        yield context_id, control, value
 
 
 def uid_value(uid: str) -> bytes:

@@ -23,26 +23,26 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dimse_wire import PDU_HEADER as _PDU_HEADER
+from dimse_wire import ABORT as _ABORT
+from dimse_wire import RELEASE_RP as _RELEASE_RP
+from dimse_wire import RELEASE_RQ as _RELEASE_RQ
 from dimse_wire import Closed as _Closed
 from dimse_wire import Command
 from dimse_wire import Conn as _Conn
+from dimse_wire import associate_ac as _associate_ac
+from dimse_wire import associate_rj as _associate_rj
 from dimse_wire import decode_command as _decode_command
+from dimse_wire import listen as _listen
+from dimse_wire import pdvs as _pdvs
+from dimse_wire import read_associate_rq as _read_associate_rq
 from dimse_wire import response as _response
 from peers import Received, ScriptedSCP
 from pynetdicom import evt
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
 
 IMPLICIT = "1.2.840.10008.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
-_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _NAMES = {0x04: "P-DATA-TF", 0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
 
 
@@ -161,14 +161,10 @@ class HostilePeer:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> HostilePeer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.behaviour is Behaviour.STOP_READING:
-            # A small receive window, so the sender's writes block soon after we stop reading.
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(8)
-        listener.settimeout(0.05)
+        # STOP_READING: a small receive window, so the sender's writes block soon after we stop
+        # reading.
+        small = self.behaviour is Behaviour.STOP_READING
+        listener = _listen(self.port, 8, rcvbuf=4096 if small else None)
         self.port = listener.getsockname()[1]
         self._listener = listener
         self._thread = threading.Thread(target=self._serve, name=f"hostile-{self.port}")
@@ -221,12 +217,7 @@ class HostilePeer:
         raise _Closed
 
     def _converse(self, conn: _Conn) -> None:
-        pdu_type, body = conn.read_pdu()
-        if pdu_type != 0x01:
-            raise _Closed
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(_PDU_HEADER.pack(pdu_type, len(body)) + body)
-        prim = rq.to_primitive()
+        prim = _read_associate_rq(conn)
         with self._lock:
             self.calling_aets.append(str(prim.calling_ae_title))
             for item in prim.user_information:
@@ -250,13 +241,8 @@ class HostilePeer:
             conn.send(b"\x03\x00\x00\x00\x00\x02\x00\x01")
             self._drain_until_stopped(conn)
         if self.behaviour is Behaviour.REJECT:
-            rj = A_ASSOCIATE_RJ()
-            rj_prim = A_ASSOCIATE()
-            rj_prim.result = 0x01  # rejected-permanent
-            rj_prim.result_source = 0x01  # service user
-            rj_prim.diagnostic = 0x07  # called AE title not recognised
-            rj.from_primitive(rj_prim)
-            conn.send(rj.encode())
+            # rejected-permanent by the service user: called AE title not recognised
+            conn.send(_associate_rj(0x01, 0x01, 0x07))
             self._drain_until_stopped(conn)
         conn.send(self._accept(prim))
         command = bytearray()
@@ -283,13 +269,7 @@ class HostilePeer:
                 raise _Closed
             if pdu_type != 0x04:
                 raise _Closed
-            pos = 0
-            while pos + 6 <= len(body):
-                (item_len,) = struct.unpack_from(">I", body, pos)
-                control = body[pos + 5]
-                value = body[pos + 6 : pos + 4 + item_len]
-                context_id = body[pos + 4]
-                pos += 4 + item_len
+            for context_id, control, value in _pdvs(body):
                 if control & 0x01:
                     command += value
                     if not control & 0x02:
@@ -347,7 +327,7 @@ class HostilePeer:
     def _collide(self, conn: _Conn) -> None:
         """Our A-RELEASE-RQ has arrived: send ours as if they crossed on the wire, and wait for
         the requestor's A-RELEASE-RP before sending ours (PS3.8 Sta10 -> Sta12 as acceptor)."""
-        conn.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        conn.send(_RELEASE_RQ)
         self._event("sent A-RELEASE-RQ")
         pdu_type, _ = conn.read_pdu()
         if pdu_type != 0x06:
@@ -371,7 +351,7 @@ class HostilePeer:
             conn.send(struct.pack(">BxIIBB", 0x04, 8, 4, context_id, 0x03) + b"\x00\x00")
             self._event("sent P-DATA-TF")
             self._drain_until_stopped(conn)
-        conn.send(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        conn.send(_RELEASE_RQ)
         self._event("sent A-RELEASE-RQ")
         pdu_type, _ = conn.read_pdu()
         self._event(_NAMES.get(pdu_type, f"PDU 0x{pdu_type:02X}"))
@@ -389,29 +369,14 @@ class HostilePeer:
                 raise
 
     def _accept(self, rq: A_ASSOCIATE) -> bytes:
-        ac = A_ASSOCIATE()
-        ac.application_context_name = rq.application_context_name
-        ac.calling_ae_title = rq.calling_ae_title
-        ac.called_ae_title = rq.called_ae_title
-        ac.result = 0x00
-        results = []
-        for proposed in rq.presentation_context_definition_list:
-            result = PresentationContext()
-            result.context_id = proposed.context_id
-            result.abstract_syntax = proposed.abstract_syntax
+        def answer(proposed: PresentationContext) -> tuple[str, int]:
             chosen = [ts for ts in proposed.transfer_syntax if ts in self.transfer_syntaxes]
-            result.transfer_syntax = [chosen[0] if chosen else proposed.transfer_syntax[0]]
-            result.result = 0x00 if chosen else 0x04  # transfer syntaxes not supported
-            results.append(result)
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1284.99"
-        ac.user_information = [max_len, impl]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        return bytes(pdu.encode())
+            # 4: transfer syntaxes not supported
+            return (chosen[0], 0x00) if chosen else (proposed.transfer_syntax[0], 0x04)
+
+        return _associate_ac(
+            rq, answer, max_pdu=self.max_pdu, implementation_uid="1.2.826.0.1.3680043.10.1284.99"
+        )
 
     def _store_response(
         self,

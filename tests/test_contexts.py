@@ -17,9 +17,9 @@ from pydicom.uid import (
 
 from forwarder.net.contexts import (
     MAX_CONTEXTS,
-    contexts_for,
     group_by_contexts,
     plan_contexts,
+    proposals_for,
 )
 from forwarder.net.pdu import ProposedContext
 
@@ -32,20 +32,20 @@ SYNTAXES = [EXPLICIT, IMPLICIT, RLE, str(JPEGBaseline8Bit), str(JPEGLSLossless)]
 
 
 def test_explicit_is_proposed_first_with_implicit_available() -> None:
-    plans = contexts_for(CT, EXPLICIT)
+    plans = proposals_for(CT, EXPLICIT)
     assert plans[0].abstract_syntax == CT and plans[0].transfer_syntaxes[0] == EXPLICIT
     assert any(IMPLICIT in p.transfer_syntaxes for p in plans)
 
 
 def test_implicit_offers_only_implicit() -> None:
-    assert contexts_for(CT, IMPLICIT) == [ProposedContext(CT, (IMPLICIT,))]
+    assert proposals_for(CT, IMPLICIT) == [ProposedContext(CT, (IMPLICIT,))]
 
 
 @pytest.mark.parametrize("syntax", [RLE, str(JPEGBaseline8Bit), str(JPEGLSLossless)])
 def test_compressed_gets_its_own_context_and_a_separate_uncompressed_fallback(
     syntax: str,
 ) -> None:
-    own, fallback = contexts_for(MR, syntax)
+    own, fallback = proposals_for(MR, syntax)
     assert own == ProposedContext(MR, (syntax,))
     assert fallback.abstract_syntax == MR
     assert set(fallback.transfer_syntaxes) == {EXPLICIT, IMPLICIT}
@@ -55,10 +55,10 @@ def test_plan_is_each_needs_contexts_in_order_without_repeats() -> None:
     needs = [(CT, EXPLICIT), (CT, RLE), (CT, IMPLICIT), (MR, str(JPEGBaseline8Bit))]
     plans, covered = plan_contexts(needs)
     assert covered == set(needs)
-    expected = list(dict.fromkeys(p for n in needs for p in contexts_for(*n)))
+    expected = list(dict.fromkeys(p for n in needs for p in proposals_for(*n)))
     assert plans == expected
     # The uncompressed fallback of CT is proposed once, however many needs share it.
-    fallback = contexts_for(CT, RLE)[1]
+    fallback = proposals_for(CT, RLE)[1]
     assert plans.count(fallback) == 1
 
 

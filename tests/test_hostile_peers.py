@@ -20,7 +20,8 @@ from hostile import Behaviour, HostilePeer
 
 from forwarder.dicom.part10 import read_meta
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
+from forwarder.net.status import Outcome
 
 SETTINGS = AssociationSettings(connect_timeout=5.0, response_timeout=5.0, release_timeout=5.0)
 

@@ -38,20 +38,9 @@ from pynetdicom.status import code_to_category as pynetdicom_category
 
 from forwarder.dicom.part10 import read_meta
 from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
-from forwarder.net.association import (
-    AcceptedContext,
-    Association,
-    AssociationSettings,
-    Peer,
-)
-from forwarder.net.channel import (
-    Channel,
-    Outcome,
-    SendOutcome,
-    StoreRequest,
-    classify_status,
-    code_to_category,
-)
+from forwarder.net.acse import AcceptedContext
+from forwarder.net.association import Association, AssociationSettings, Peer
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
 from forwarder.net.pdu import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -60,6 +49,7 @@ from forwarder.net.pdu import (
     decode_associate_ac,
     encode_associate_rq,
 )
+from forwarder.net.status import Outcome, classify_status, code_to_category
 from forwarder.net.tls import client_context, server_context
 
 SETTINGS = AssociationSettings(connect_timeout=10.0, response_timeout=10.0, release_timeout=5.0)
@@ -548,7 +538,7 @@ def test_tcp_nodelay(small_files: list[Path], nodelay: bool) -> None:
         assoc, _ = associate(peer_of(scp), small_files[:1], settings)
         try:
             # No public accessor for the socket: this is the option the engine promises.
-            sock: socket.socket = assoc._sock
+            sock: socket.socket = assoc._transport.sock
             assert bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) is nodelay
         finally:
             assoc.release()
@@ -803,7 +793,7 @@ def test_a_pynetdicom_scp_ending_an_idle_association_costs_the_next_file_nothing
         (theirs,) = server.active_associations
         ender = threading.Thread(target=getattr(theirs, how))  # release() waits for our RP
         ender.start()
-        sock = assoc._sock
+        sock = assoc._transport.sock
         wait_until(lambda: select.select([sock], [], [], 0)[0], what=f"their {how}")
         (second,) = channel.send([StoreRequest(str(small_files[1]))])
         channel.release()

@@ -26,8 +26,9 @@ from forwarder.cli._net import Target, add_association_options, resolve_or_repor
 from forwarder.dicom.check import check_file
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import InvalidFileError
-from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
 from forwarder.net.contexts import group_by_contexts
+from forwarder.net.status import Outcome
 
 logger = logging.getLogger("forwarder.send")
 

@@ -9,7 +9,7 @@ Every fact the code holds is read from the code, never restated: UIDs and versio
 presentation contexts :mod:`forwarder.net.contexts` plans, the user information items
 :func:`forwarder.net.pdu.encode_associate_rq` puts on the wire, the PDU bounds, every DIMSE status
 code run through the sender's own response check and
-:func:`forwarder.net.channel.classify_status`, the
+:func:`forwarder.net.status.classify_status`, the
 conversions :mod:`forwarder.dicom.transcode` and :mod:`forwarder.dicom.reencode` perform, the SOP
 classes and transfer syntaxes the
 receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,

@@ -5,7 +5,7 @@ run``, ``send``, ``echo`` and ``receive`` build them (the CLI parsers and
 ``service.association_settings`` included). The helpers below read the rest from the code: the
 user information items :func:`forwarder.net.pdu.encode_associate_rq` puts on the wire, every
 DIMSE status code run through the sender's own response check and
-:func:`forwarder.net.channel.classify_status`, the conversions :mod:`forwarder.dicom.transcode`
+:func:`forwarder.net.status.classify_status`, the conversions :mod:`forwarder.dicom.transcode`
 and :mod:`forwarder.dicom.reencode` perform, the presentation contexts
 :mod:`forwarder.net.contexts` plans, the configuration fields and command-line options; and the
 treatment each status outcome gets, with what that treatment means. The sections that lay these
@@ -29,8 +29,8 @@ from forwarder.dicom import part10 as dicomfile
 from forwarder.dicom import reencode, transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
-from forwarder.net import channel as pool
 from forwarder.net import contexts, pdu, receiver
+from forwarder.net import status as dimse_status
 from forwarder.net.association import AssociationSettings
 
 _EXAMPLE_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage: only to exercise the planner
@@ -49,13 +49,13 @@ _USER_ITEMS = {
     0x58: "User Identity",
 }
 
-#: What each outcome of :func:`forwarder.net.channel.classify_status` means for a file, daemon and
+#: What each outcome of :func:`forwarder.net.status.classify_status` means for a file, daemon and
 #: ``send``. A new outcome without a sentence here makes rendering fail (and the test with it).
 _TREATMENT = {
-    pool.Outcome.STORED: "stored",
-    pool.Outcome.WARNING: "stored, warning logged",
-    pool.Outcome.RETRY: "retried",
-    pool.Outcome.FAILED: "failed",
+    dimse_status.Outcome.STORED: "stored",
+    dimse_status.Outcome.WARNING: "stored, warning logged",
+    dimse_status.Outcome.RETRY: "retried",
+    dimse_status.Outcome.FAILED: "failed",
 }
 _PROTOCOL_ERROR = "protocol error"
 _TREATMENT_LEGEND = [
@@ -167,7 +167,7 @@ def _user_items(max_pdu: int) -> dict[int, bytes]:
 def _store_response_treatment(status: int) -> str:
     """What the sender does with a C-STORE-RSP carrying ``status``: the response goes through
     the same check the sender applies (:func:`forwarder.net.pdu.check_response`), then
-    :func:`forwarder.net.channel.classify_status`."""
+    :func:`forwarder.net.status.classify_status`."""
     sop = _EXAMPLE_SOP_CLASS.encode()
     values = {
         0x0002: sop,
@@ -180,7 +180,7 @@ def _store_response_treatment(status: int) -> str:
         pdu.check_response(values, pdu.C_STORE_RSP, 1, sop, None)
     except ProtocolError:
         return _PROTOCOL_ERROR
-    return _TREATMENT[pool.classify_status(status)]
+    return _TREATMENT[dimse_status.classify_status(status)]
 
 
 def _status_meaning(status: int) -> str:
@@ -194,7 +194,11 @@ def _status_ranges() -> list[tuple[int, int, str, str, str]]:
     """Every status code 0x0000-0xFFFF, merged into runs of equal (category, meaning, treatment)."""
     runs: list[tuple[int, int, str, str, str]] = []
     for code in range(0x10000):
-        key = (pool.code_to_category(code), _status_meaning(code), _store_response_treatment(code))
+        key = (
+            dimse_status.code_to_category(code),
+            _status_meaning(code),
+            _store_response_treatment(code),
+        )
         if runs and runs[-1][2:] == key and runs[-1][1] == code - 1:
             runs[-1] = (runs[-1][0], code, *key)
         else:
@@ -249,7 +253,7 @@ def _plan_shapes() -> list[tuple[str, list[str]]]:
     """The presentation contexts planned for a file, per transfer syntax, grouped by shape."""
     shapes: dict[tuple[tuple[str, ...], ...], list[str]] = {}
     for ts in [*dicomfile.UNCOMPRESSED, *(str(u) for u in AllTransferSyntaxes)]:
-        plans = contexts.contexts_for(_EXAMPLE_SOP_CLASS, ts)
+        plans = contexts.proposals_for(_EXAMPLE_SOP_CLASS, ts)
         shape = tuple(
             tuple("the file's own" if i == 0 and t == ts else t for t in p.transfer_syntaxes)
             for i, p in enumerate(plans)

@@ -12,8 +12,8 @@ import re
 
 from forwarder.conformance.engine import _Engine, _status_meaning
 from forwarder.conformance.markdown import _bytes, _hex, _name, _seconds, _syntax, _table
-from forwarder.net import channel as pool
 from forwarder.net import pdu, receiver
+from forwarder.net import status as dimse_status
 
 
 def _receiver_statuses() -> list[list[str]]:
@@ -28,7 +28,7 @@ def _receiver_statuses() -> list[list[str]]:
             when = line.group(1) if line and line.group(1) else ""
             when = when or ("the object is stored" if code == 0 else "")
             meaning = _status_meaning(code) or ("Success" if code == 0 else "")
-            rows.append([_hex(code), pool.code_to_category(code), meaning, when])
+            rows.append([_hex(code), dimse_status.code_to_category(code), meaning, when])
     return sorted(rows)
 
 

@@ -24,7 +24,6 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import socket
@@ -50,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from forwarder import __version__
 from forwarder.errors import ForwarderError
+from forwarder.net.status import Outcome  # the outcome label values
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 QUEUE_STATES = ("pending", "in_flight", "done", "failed")
 _ERROR_SUFFIX = ".error.json"
 _SCRAPE_TIMEOUT = 10.0  # seconds a scrape connection may stay silent before it is dropped
-
-
-class Outcome(enum.StrEnum):
-    """What became of one C-STORE attempt (``file_sent``'s ``outcome``)."""
-
-    STORED = "stored"  # Success status
-    WARNING = "warning"  # Warning status: stored all the same
-    RETRY = "retry"  # transient failure: the file goes back into the queue
-    FAILED = "failed"  # permanent failure: the file goes to failed/
 
 
 class _QueueCollector(Collector):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from forwarder.config import RetryPolicy
-from forwarder.net.channel import Outcome, SendOutcome
+from forwarder.net.channel import SendOutcome
+from forwarder.net.status import Outcome
 from forwarder.queue import Job
 
 logger = logging.getLogger(__name__)

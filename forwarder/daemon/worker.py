@@ -42,7 +42,8 @@ from forwarder.daemon.outcomes import (
 )
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, Outcome, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, SendOutcome, StoreRequest
+from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
 logger = logging.getLogger(__name__)

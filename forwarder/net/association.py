@@ -10,8 +10,9 @@ per-file work is done on a blocking socket:
 * the C-STORE-RQ command set is packed with ``struct`` (implicit VR little endian);
 * the data set is streamed from the file in PDU-sized fragments, several PDUs per ``sendall``,
   through one reused buffer, so memory stays flat whatever the file size;
-* ``TCP_NODELAY`` is always on, and ``TCP_QUICKACK`` is re-armed after every read, so a peer with
-  Nagle's algorithm on (Debian's DCMTK and Orthanc) never stalls on our delayed ACKs;
+* ``TCP_NODELAY`` is always on, ``TCP_QUICKACK`` re-armed after every read (a peer with Nagle's
+  algorithm on never stalls on our delayed ACKs), and plain TCP runs on kernel timeouts, without a
+  ``poll()`` a call (:mod:`forwarder.net.transport`);
 * every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.net.pdu`'s strict
   decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
   SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
@@ -21,22 +22,21 @@ per-file work is done on a blocking socket:
   (a warning once per association); an empty Affected SOP Class/Instance UID counts as absent;
 * the peer's maximum PDU is clamped (``pdu.send_pdu_limit``), fragments are even and an odd data
   set is padded with one 0x00;
-* release collisions are answered (PS3.8 Sta9/Sta11), and an idle association is checked before
-  reuse (:meth:`Association.peer_gone`).
+* release collisions are answered (PS3.8 Sta9/Sta11, :mod:`forwarder.net.acse`), and an idle
+  association is checked before reuse (:meth:`Association.peer_gone`).
 
-There is no reactor thread, hence no race over who reads the C-STORE-RSP.
+There is no reactor thread, hence no race over who reads the C-STORE-RSP. This module holds the
+:class:`Association` and its DIMSE messages (C-STORE, C-ECHO and their responses); the socket is
+:mod:`forwarder.net.transport`'s, negotiation and release are :mod:`forwarder.net.acse`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
-import socket
-import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from forwarder.crashpoints import crash_point
@@ -47,49 +47,38 @@ from forwarder.errors import (
     ProtocolError,
     UnreadableFileError,
 )
+from forwarder.net import acse
+from forwarder.net.acse import AcceptedContext, Negotiated
 from forwarder.net.pdu import (
-    ABORT,
     C_ECHO_RSP,
     C_STORE_RSP,
     MAX_CONTEXTS,
     PDATA_HEADER,
     PDU_ABORT,
-    PDU_ASSOCIATE_AC,
-    PDU_ASSOCIATE_RJ,
-    PDU_HEADER,
-    PDU_NAMES,
     PDU_P_DATA,
-    PDU_RELEASE_RP,
     PDU_RELEASE_RQ,
     PRIORITY,
-    REJECT_RESULT,
     RELEASE_RP,
-    RELEASE_RQ,
     VERIFICATION_SOP_CLASS,
     ProposedContext,
-    check_fixed_pdu,
     check_response,
     collect_command,
     command_text,
-    decode_associate_ac,
-    decode_associate_rj,
     decode_command,
-    encode_associate_rq,
     encode_echo_rq,
     encode_store_rq,
     offending_text,
-    reject_reason,
-    send_pdu_limit,
 )
+from forwarder.net.transport import Transport, connect, pdu_name
 
 if TYPE_CHECKING:
+    import socket
     import ssl
 
 logger = logging.getLogger(__name__)
 
-_MAX_INCOMING_PDU = 16 * 1024 * 1024  # refuse absurd PDU lengths from a broken peer
 _VERIFICATION = VERIFICATION_SOP_CLASS.encode("ascii")
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+_NOTHING_YET = Negotiated({}, {}, frozenset(), 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +115,6 @@ class AssociationSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class AcceptedContext:
-    context_id: int
-    abstract_syntax: str
-    transfer_syntax: str
-
-
-@dataclass(frozen=True, slots=True)
 class DimseResponse:
     """A C-STORE-RSP or C-ECHO-RSP."""
 
@@ -140,12 +122,6 @@ class DimseResponse:
     error_comment: str | None
     message_id: int
     offending: str | None = None
-
-
-@dataclass(slots=True)
-class _Negotiated:
-    accepted: dict[tuple[str, str], AcceptedContext] = field(default_factory=dict)
-    by_abstract: dict[str, list[AcceptedContext]] = field(default_factory=dict)
 
 
 class Association:
@@ -158,22 +134,14 @@ class Association:
     def __init__(self, peer: Peer, settings: AssociationSettings, sock: socket.socket) -> None:
         self.peer = peer
         self.settings = settings
-        self._sock = sock
-        self._rbuf = bytearray()
+        self._transport = Transport(sock, peer, settings)
         self._message_id = 0
-        self._negotiated = _Negotiated()
+        self._negotiated = _NOTHING_YET
         self.max_pdu_send = 0  # the largest P-DATA-TF we send (pdu.send_pdu_limit)
         self._frag = 0  # data bytes per PDV: max_pdu_send - 6, even
         self._context_ids: frozenset[int] = frozenset()  # accepted presentation context IDs
-        self.closed = False
         self.opened_at = time.monotonic()
         self.last_used = self.opened_at
-        self.last_progress = self.opened_at  # any byte sent or received (watchdog health)
-        # Plain TCP after negotiation: a blocking socket with kernel timeouts (SO_RCVTIMEO /
-        # SO_SNDTIMEO), because a Python-level timeout makes every send and recv a poll()
-        # first: two more system calls a file, each giving up the GIL.
-        self._kernel_timeouts = False
-        self._rcvtimeo: float | None = None
         self._layout_noted = False  # a tolerated command set layout fault was logged
 
     # -- establishment ------------------------------------------------------------------------
@@ -190,80 +158,35 @@ class Association:
             raise ValueError("at least one presentation context is needed")
         if len(contexts) > MAX_CONTEXTS:
             raise ValueError(f"{len(contexts)} presentation contexts; at most {MAX_CONTEXTS}")
-        sock = _connect(peer, settings)
+        sock = connect(peer, settings)
         assoc = cls(peer, settings, sock)
         try:
             assoc._negotiate(contexts)
         except BaseException:
-            assoc._close_socket()
+            assoc._transport.close()
             raise
         return assoc
 
     def _negotiate(self, contexts: Sequence[ProposedContext]) -> None:
-        s = self.settings
-        proposed = {2 * i + 1: ctx for i, ctx in enumerate(contexts)}
-        rq = encode_associate_rq(
-            self.peer.ae_title, s.calling_ae_title, proposed, s.max_pdu_receive
-        )
-        timeout = s.accept_timeout if s.accept_timeout is not None else s.connect_timeout
-        self._sock.settimeout(timeout)
-        self._send(rq, what="A-ASSOCIATE-RQ")
-        pdu_type, body = self._read_pdu(timeout, waiting_for="A-ASSOCIATE-AC")
-        if pdu_type == PDU_ASSOCIATE_RJ:
-            try:
-                result, source, reason = decode_associate_rj(body)
-            except ProtocolError as exc:
-                self.abort()
-                raise ProtocolError(f"{self.peer} sent a malformed A-ASSOCIATE-RJ: {exc}") from None
-            self._close_socket()
-            verdict = REJECT_RESULT[result]
-            raise AssociationError(
-                f"{self.peer} rejected the association "
-                f"({verdict}: {reject_reason(source, reason)})",
-                retryable=result != 1,
-            )
-        if pdu_type == PDU_ABORT:
-            self._close_socket()
-            raise AssociationError(f"{self.peer} aborted during negotiation", retryable=True)
-        if pdu_type != PDU_ASSOCIATE_AC:
-            self.abort()
-            raise ProtocolError(
-                f"{self.peer} answered the A-ASSOCIATE-RQ with {_pdu_name(pdu_type)}"
-            )
-        try:
-            results, peer_max = decode_associate_ac(body, proposed)
-        except ProtocolError as exc:
-            self.abort()
-            raise ProtocolError(f"{self.peer} sent a malformed A-ASSOCIATE-AC: {exc}") from None
-        try:
-            self.max_pdu_send = send_pdu_limit(peer_max, s.max_pdu_send)
-        except ProtocolError as exc:
-            self.abort()
-            raise ProtocolError(f"{self.peer}: {exc}") from None
-        self._frag = self.max_pdu_send - 6
-        neg = _Negotiated()
-        accepted_ids = set()
-        for cid, (result, ts) in results.items():
-            proposal = proposed.get(cid)
-            if proposal is None or result != 0 or not ts:
-                continue
-            acc = AcceptedContext(cid, proposal.abstract_syntax, ts)
-            accepted_ids.add(cid)
-            neg.accepted.setdefault((proposal.abstract_syntax, ts), acc)
-            neg.by_abstract.setdefault(proposal.abstract_syntax, []).append(acc)
+        neg = acse.negotiate(self._transport, contexts)
         self._negotiated = neg
-        self._context_ids = frozenset(accepted_ids)
-        if s.tls is None:
-            self._use_kernel_timeouts(s.response_timeout)
+        self.max_pdu_send = neg.max_pdu_send
+        self._frag = neg.max_pdu_send - 6
+        self._context_ids = neg.context_ids
+        if self.settings.tls is None:
+            self._transport.use_kernel_timeouts(self.settings.response_timeout)
         else:
-            self._sock.settimeout(s.response_timeout)
-        logger.debug(
-            "associated with %s: %d of %d contexts accepted, peer max PDU %d",
-            self.peer,
-            len(accepted_ids),
-            len(proposed),
-            peer_max,
-        )
+            self._transport.sock.settimeout(self.settings.response_timeout)
+
+    @property
+    def closed(self) -> bool:
+        """True once the association is released, aborted or broken."""
+        return self._transport.closed
+
+    @property
+    def last_progress(self) -> float:
+        """When a byte was last sent or received (monotonic; watchdog health)."""
+        return self._transport.last_progress
 
     # -- negotiated contexts ------------------------------------------------------------------
 
@@ -271,8 +194,9 @@ class Association:
         """The accepted context for exactly this SOP class and transfer syntax, if any."""
         return self._negotiated.accepted.get((sop_class, transfer_syntax))
 
-    def contexts_for(self, sop_class: str) -> list[AcceptedContext]:
-        """Every accepted context for ``sop_class`` (in proposal order)."""
+    def accepted_for(self, sop_class: str) -> list[AcceptedContext]:
+        """Every accepted context for ``sop_class``, whatever its transfer syntax (in proposal
+        order)."""
         return self._negotiated.by_abstract.get(sop_class, [])
 
     @property
@@ -286,7 +210,7 @@ class Association:
         return self._message_id
 
     def echo(self) -> DimseResponse:
-        ctx = self.contexts_for(VERIFICATION_SOP_CLASS)
+        ctx = self.accepted_for(VERIFICATION_SOP_CLASS)
         if not ctx:
             raise AssociationError(f"{self.peer} did not accept Verification", retryable=False)
         msg_id = self._next_message_id()
@@ -349,13 +273,14 @@ class Association:
             parts.append(chunk)
             if last:
                 break
-        self._send(b"".join(parts), what="P-DATA")
+        self._transport.send(b"".join(parts), what="P-DATA")
 
     def _stream(
         self, context_id: int, command: bytes, fd: int, offset: int, length: int, path: str
     ) -> None:
         """Command PDU(s) and the data set's PDUs, batched into ~1 MB ``sendall`` calls; an odd
         ``length`` is sent with one 0x00 pad byte (fragments are even: pdu.send_pdu_limit)."""
+        transport = self._transport
         frag = self._frag
         if len(command) > frag:
             self._send_fragments(context_id, True, command)
@@ -379,7 +304,7 @@ class Association:
         while True:
             n = min(frag, remaining)
             if pos + 12 + n > batch_len:
-                self._send(view[:pos], what="P-DATA")
+                transport.send(view[:pos], what="P-DATA")
                 crash_point("mid-store")
                 pos = 0
             remaining -= n
@@ -409,7 +334,7 @@ class Association:
             pos += 12 + n
             if remaining == 0:
                 break
-        self._send(view[:pos], what="P-DATA")
+        transport.send(view[:pos], what="P-DATA")
 
     def _read_response(
         self, message_id: int, command_field: int, sop_class: bytes, sop_instance: bytes | None
@@ -417,10 +342,11 @@ class Association:
         """Wait for the response to our one outstanding request and check it (pdu.py's
         :func:`collect_command`, :func:`decode_command`, :func:`check_response`): a few
         comparisons, no pydicom. Anything but that response aborts the association."""
+        transport = self._transport
         timeout = self.settings.response_timeout
         command = bytearray()
         while True:
-            pdu_type, body = self._read_pdu(timeout, waiting_for="a DIMSE response")
+            pdu_type, body = transport.read_pdu(timeout, waiting_for="a DIMSE response")
             if pdu_type == PDU_P_DATA:
                 try:
                     if not collect_command(body, self._context_ids, command):
@@ -443,18 +369,18 @@ class Association:
                     offending=offending_text(values.get(0x0901)),
                 )
             if pdu_type == PDU_ABORT:
-                self._close_socket()
+                transport.close()
                 raise AssociationError(f"{self.peer} aborted the association", retryable=True)
             if pdu_type == PDU_RELEASE_RQ:
                 # PS3.8 Sta6 + A-RELEASE-RQ: answer it; the request is lost with the association.
-                self._send(RELEASE_RP, what="A-RELEASE-RP")
-                self._close_socket()
+                transport.send(RELEASE_RP, what="A-RELEASE-RP")
+                transport.close()
                 raise AssociationError(
                     f"{self.peer} released the association before answering", retryable=True
                 )
             self.abort()
             raise ProtocolError(
-                f"{self.peer} sent {_pdu_name(pdu_type)} while we waited for a DIMSE response"
+                f"{self.peer} sent {pdu_name(pdu_type)} while we waited for a DIMSE response"
             )
 
     def _note_layout(self, notes: list[str]) -> None:
@@ -474,45 +400,9 @@ class Association:
     # -- release / abort ----------------------------------------------------------------------
 
     def release(self) -> None:
-        """A-RELEASE (PS3.8 7.2); aborts if the peer does not answer within ``release_timeout``.
-
-        While we wait for the A-RELEASE-RP (PS3.8 state Sta7), a P-DATA-TF is dropped (AR-6: no
-        request is outstanding); an A-RELEASE-RQ from the peer is a release collision (AR-8): as
-        the association requestor we answer it with an A-RELEASE-RP at once (AR-9, Sta11), then
-        wait for theirs (AR-3), as pynetdicom's state machine and DCMTK do. An A-ABORT ends it;
-        anything else gets an A-ABORT (AA-8).
-        """
-        if self.closed:
-            return
-        try:
-            self._send(RELEASE_RQ, what="A-RELEASE-RQ")
-            deadline = time.monotonic() + self.settings.release_timeout
-            collided = False
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssociationError("no A-RELEASE-RP", retryable=True)
-                pdu_type, _ = self._read_pdu(remaining, waiting_for="A-RELEASE-RP")
-                if pdu_type in (PDU_RELEASE_RP, PDU_ABORT):
-                    break
-                if pdu_type == PDU_RELEASE_RQ and not collided:
-                    logger.debug(
-                        "%s: release collision, answering the peer's A-RELEASE-RQ", self.peer
-                    )
-                    collided = True
-                    self._send(RELEASE_RP, what="A-RELEASE-RP")
-                    continue
-                if pdu_type == PDU_P_DATA and not collided:
-                    continue
-                raise ProtocolError(
-                    f"{self.peer} sent {_pdu_name(pdu_type)} while we waited for A-RELEASE-RP"
-                )
-        except AssociationError as exc:
-            logger.debug("%s: release failed (%s); aborting", self.peer, exc)
-            if not self.closed:
-                self.abort()
-            return
-        self._close_socket()
+        """A-RELEASE (:func:`forwarder.net.acse.release`); aborts if the peer does not answer
+        within ``release_timeout``."""
+        acse.release(self._transport)
 
     def peer_gone(self) -> bool:
         """True when this association, idle between requests, can no longer be used: the peer
@@ -520,241 +410,22 @@ class Association:
         request outstanding. A non-blocking look (one ``recv`` with MSG_PEEK|MSG_DONTWAIT on
         plain TCP); call it only between requests.
 
-        What arrived is answered as PS3.8 says: an A-RELEASE-RQ (Sta6, AR-2) gets its
-        A-RELEASE-RP, since nothing is outstanding; an A-ABORT closes; anything else (an
-        unsolicited P-DATA-TF, garbage) gets an A-ABORT. Either way the association is closed
-        when this returns True, so the caller opens a new one for the next file instead of
-        losing an attempt to a dead one.
+        What arrived is answered as PS3.8 says (:func:`forwarder.net.acse.answer_idle`). Either
+        way the association is closed when this returns True, so the caller opens a new one for
+        the next file instead of losing an attempt to a dead one.
         """
-        if self.closed:
+        transport = self._transport
+        if transport.closed:
             return True
-        if not self._rbuf:
-            waiting = self._poll_idle()
-            if waiting is None:
-                return False
-            if not waiting:
-                logger.debug("%s: the peer closed the idle association", self.peer)
-                self._close_socket()
-                return True
-        try:
-            pdu_type, _ = self._read_pdu(1.0, waiting_for="the PDU it started while idle")
-        except AssociationError as exc:
-            logger.debug("%s: idle association broke: %s", self.peer, exc)
-            return True  # closed or aborted by _read_pdu
-        if pdu_type == PDU_RELEASE_RQ:
-            logger.debug("%s: the peer released the idle association", self.peer)
-            try:
-                self._send(RELEASE_RP, what="A-RELEASE-RP")
-            except AssociationError:
-                pass
-            self._close_socket()
-        elif pdu_type == PDU_ABORT:
-            logger.debug("%s: the peer aborted the idle association", self.peer)
-            self._close_socket()
-        else:
-            logger.warning(
-                "%s sent %s on an idle association; aborting it", self.peer, _pdu_name(pdu_type)
-            )
-            self.abort()
-        return True
-
-    def _poll_idle(self) -> bool | None:
-        """None: nothing to read; True: bytes are waiting (now or in ``_rbuf``); False: EOF or a
-        socket error."""
-        sock = self._sock
-        if self.settings.tls is None:
-            try:
-                return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-            except BlockingIOError:
-                return None
-            except OSError:
-                return False
-        import ssl  # already loaded: TLS is in use
-
-        try:
-            buffered = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-            if not buffered and not select.select([sock], [], [], 0)[0]:
-                return None
-            sock.settimeout(0)
-            try:
-                chunk = sock.recv(65536)
-            finally:
-                sock.settimeout(self.settings.response_timeout)
-        except ssl.SSLWantReadError:
-            return None  # a TLS record with no application data (a session ticket)
-        except (OSError, ValueError):
+        waiting = transport.poll_idle()
+        if waiting is None:
             return False
-        if not chunk:
-            return False
-        self._rbuf += chunk
+        if not waiting:
+            logger.debug("%s: the peer closed the idle association", self.peer)
+            transport.close()
+            return True
+        acse.answer_idle(transport)
         return True
 
     def abort(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._sock.settimeout(1.0)
-            self._sock.sendall(ABORT)
-        except OSError:
-            pass
-        self._close_socket()
-
-    def _close_socket(self) -> None:
-        self.closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-
-    # -- socket I/O ---------------------------------------------------------------------------
-
-    def _use_kernel_timeouts(self, timeout: float) -> None:
-        sock = self._sock
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-        self._kernel_timeouts = True
-        self._rcvtimeo = timeout
-
-    def _set_recv_timeout(self, timeout: float) -> None:
-        if not self._kernel_timeouts:
-            self._sock.settimeout(timeout)
-        elif timeout != self._rcvtimeo:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-            self._rcvtimeo = timeout
-
-    def _send(self, data: bytes | bytearray | memoryview, *, what: str) -> None:
-        self.last_progress = time.monotonic()
-        try:
-            self._sock.sendall(data)
-        except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
-            self.abort()
-            raise AssociationError(
-                f"{self.peer} stopped reading while we sent {what} "
-                f"(no progress in {self.settings.response_timeout:g}s)",
-                retryable=True,
-            ) from None
-        except (OSError, ValueError) as exc:
-            self._close_socket()
-            raise AssociationError(
-                f"connection to {self.peer} lost while sending {what}: {_oserror(exc)}",
-                retryable=True,
-            ) from None
-
-    def _fill(self, n: int, timeout: float, waiting_for: str) -> None:
-        sock = self._sock
-        self._set_recv_timeout(timeout)
-        while len(self._rbuf) < n:
-            try:
-                chunk = sock.recv(max(65536, n - len(self._rbuf)))
-            except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
-                self.abort()
-                raise AssociationError(
-                    f"{self.peer} did not send {waiting_for} within {timeout:g}s", retryable=True
-                ) from None
-            except (OSError, ValueError) as exc:
-                self._close_socket()
-                raise AssociationError(
-                    f"connection to {self.peer} lost waiting for {waiting_for}: {_oserror(exc)}",
-                    retryable=True,
-                ) from None
-            if not chunk:
-                self._close_socket()
-                raise AssociationError(
-                    f"{self.peer} closed the connection (waiting for {waiting_for})",
-                    retryable=True,
-                )
-            self._rbuf += chunk
-            self.last_progress = time.monotonic()
-            if _TCP_QUICKACK is not None:
-                # Linux turns quick ACKs off again after a while; re-arm after every read so the
-                # peer's Nagle-delayed second segment is released at once.
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-                except OSError:
-                    pass
-
-    def _read_pdu(self, timeout: float, waiting_for: str) -> tuple[int, bytes]:
-        """One PDU: a known type (PS3.8 9.3.1), a bounded length (a P-DATA-TF no longer than
-        the maximum we announced), A-RELEASE and A-ABORT PDUs of exactly 4 bytes."""
-        self._fill(6, timeout, waiting_for)
-        pdu_type, length = PDU_HEADER.unpack_from(self._rbuf, 0)
-        if length > _MAX_INCOMING_PDU or pdu_type not in PDU_NAMES:
-            self.abort()
-            raise ProtocolError(
-                f"{self.peer} sent a malformed PDU (type 0x{pdu_type:02X}, length {length})"
-            )
-        limit = self.settings.max_pdu_receive
-        if pdu_type == PDU_P_DATA and 0 < limit < length:
-            self.abort()
-            raise ProtocolError(
-                f"{self.peer} sent a P-DATA-TF of {length} bytes; we accept at most {limit}"
-            )
-        self._fill(6 + length, timeout, waiting_for)
-        body = bytes(self._rbuf[6 : 6 + length])
-        del self._rbuf[: 6 + length]
-        if pdu_type >= PDU_RELEASE_RQ:
-            try:
-                check_fixed_pdu(pdu_type, body)
-            except ProtocolError as exc:
-                self.abort()
-                raise ProtocolError(f"{self.peer} sent a malformed PDU: {exc}") from None
-        return pdu_type, body
-
-
-def _pdu_name(pdu_type: int) -> str:
-    return PDU_NAMES.get(pdu_type, f"PDU type 0x{pdu_type:02X}")
-
-
-def _timeval(seconds: float) -> bytes:
-    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO (0 would mean "never time out"; a
-    configured ``.inf`` or 1e300 becomes 68 years rather than an overflow)."""
-    usec = max(1000, round(min(seconds, 2**31 - 1) * 1_000_000))
-    return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
-
-
-def _oserror(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-def _connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
-    source = (settings.bind_host, 0) if settings.bind_host else None
-    try:
-        sock = socket.create_connection(
-            (peer.host, peer.port), timeout=settings.connect_timeout, source_address=source
-        )
-    except TimeoutError:
-        raise AssociationError(
-            f"cannot connect to {peer}: no answer within {settings.connect_timeout:g}s",
-            retryable=True,
-        ) from None
-    except OSError as exc:
-        raise AssociationError(
-            f"cannot connect to {peer}: {_oserror(exc)}", retryable=True
-        ) from None
-    handshaking = False
-    try:
-        if settings.tcp_nodelay:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if settings.so_sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.so_sndbuf)
-        if settings.so_rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, settings.so_rcvbuf)
-        if settings.tls is not None:
-            name = settings.tls_server_name or peer.host
-            handshaking = True
-            sock = settings.tls.wrap_socket(sock, server_hostname=name)
-    except OSError as exc:  # ssl.SSLError is an OSError
-        sock.close()
-        if handshaking:
-            from forwarder.net.tls import describe_tls_error
-
-            raise AssociationError(
-                f"TLS handshake with {peer} failed: {describe_tls_error(exc)}", retryable=True
-            ) from None
-        raise AssociationError(
-            f"cannot connect to {peer}: {_oserror(exc)}", retryable=True
-        ) from None
-    return sock
+        self._transport.abort()

@@ -1,10 +1,11 @@
-"""Channels: one reusable association slot to one peer, and what a C-STORE outcome means.
+"""Channels: one reusable association slot to one peer, and the outcome of each file sent on it.
 
 A :class:`Channel` is driven by one thread. It opens an association on first use with contexts
 planned from what it is asked to send (plus a hint of what else is queued), keeps it open across
 batches, renegotiates when a file needs a context it never proposed, replaces it when it breaks,
 and releases it when idle. Both the daemon's workers and ``forwarder send`` use it: one sender,
-two front ends.
+two front ends. Each file's :class:`SendOutcome` carries the :class:`~forwarder.net.status.Outcome`
+its response status maps to (:mod:`forwarder.net.status` holds that classification).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from enum import StrEnum
 
 from forwarder.dicom.part10 import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import (
@@ -24,8 +24,8 @@ from forwarder.errors import (
     SendError,
     UnreadableFileError,
 )
+from forwarder.net.acse import AcceptedContext
 from forwarder.net.association import (
-    AcceptedContext,
     Association,
     AssociationSettings,
     DimseResponse,
@@ -33,86 +33,13 @@ from forwarder.net.association import (
 )
 from forwarder.net.contexts import plan_contexts
 from forwarder.net.pdu import MAX_CONTEXTS
+from forwarder.net.status import Outcome, classify_status
 
 logger = logging.getLogger(__name__)
 
 _association_numbers = itertools.count(1)
 _numbers_lock = threading.Lock()
 _tracebacks_logged: set[tuple[str, str]] = set()  # (exception type, where): traceback once
-
-
-class Outcome(StrEnum):
-    """What became of one C-STORE."""
-
-    STORED = "stored"  # Success
-    WARNING = "warning"  # Warning status: stored, with a remark
-    RETRY = "retry"  # transient: try again later
-    FAILED = "failed"  # permanent: do not retry
-
-    @property
-    def stored(self) -> bool:
-        return self in (Outcome.STORED, Outcome.WARNING)
-
-
-_FAILURE_CODES = frozenset(
-    {0x0105, 0x0106, 0x0110, 0x0111, 0x0112, 0x0113, 0x0114, 0x0115, 0x0117, 0x0118, 0x0119}
-    | {0x0120, 0x0121, 0x0122, 0x0123, 0x0124, 0x0210, 0x0211, 0x0212, 0x0213}
-)
-
-
-def code_to_category(code: int) -> str:
-    """pynetdicom.status.code_to_category, restated so that sending does not import pynetdicom
-    (and with it pydicom and numpy); tests/test_sender.py checks both agree on every code."""
-    if code == 0x0000:
-        return "Success"
-    if code in (0xFF00, 0xFF01):
-        return "Pending"
-    if code == 0xFE00:
-        return "Cancel"
-    if code in _FAILURE_CODES or 0xA000 <= code <= 0xAFFF or 0xC000 <= code <= 0xCFFF:
-        return "Failure"
-    if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-        return "Warning"
-    return "Unknown"
-
-
-#: Failure statuses that say nothing against the file: the peer may store it later.
-_TRANSIENT_FAILURES = frozenset(
-    {
-        0x0110,  # processing failure: PACS use it for passing database trouble
-        0x0210,  # duplicate invocation (a Message ID clash on the peer's side)
-        0x0213,  # resource limitation
-    }
-)
-
-
-def classify_status(status: int) -> Outcome:
-    """Map the status of a C-STORE-RSP that passed :func:`forwarder.net.pdu.check_response` to an
-    outcome.
-
-    - Success and Warning (0xB000, 0xB006, 0xB007, 0x0001...) are stored.
-    - Retried with backoff (the file is not at fault, or we cannot tell): 0xA7xx (out of
-      resources), 0x0213 (resource limitation), 0x0110 (processing failure), 0x0210 (duplicate
-      invocation), Cancel, and every status outside PS3.4's categories (Unknown).
-    - Every other failure is permanent: 0xA9xx (data set does not match the SOP class), 0xCxxx
-      (cannot understand), 0x0122 (SOP class not supported), 0x0124 (not authorised), ...
-
-    Pending (0xFF00, 0xFF01) is not a C-STORE status: ``check_response`` refuses such a response
-    as a protocol error (the association is aborted, the file retried), so no status of that
-    category reaches here from the sender; passing one is a caller's error (``ValueError``).
-    """
-    category = code_to_category(status)
-    if category == "Success":
-        return Outcome.STORED
-    if category == "Warning":
-        return Outcome.WARNING
-    if category == "Pending":
-        raise ValueError(
-            f"status 0x{status:04X} is Pending: a protocol error for C-STORE (pdu.check_response)"
-        )
-    if category == "Failure" and (status & 0xFF00) != 0xA700 and status not in _TRANSIENT_FAILURES:
-        return Outcome.FAILED
-    return Outcome.RETRY
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,15 +143,14 @@ class Channel:
                 "%s: association #%s is gone; opening another", self.name, self._assoc_number
             )
             self._assoc = assoc = None
-        if assoc is not None and not assoc.closed and need in self._proposed:
+        # peer_gone() is True for a closed association: one still here is open.
+        if assoc is not None and need in self._proposed:
             return assoc
-        if assoc is not None and not assoc.closed:
+        if assoc is not None:
             # A syntax we never proposed: renegotiate, keeping what we proposed before.
             logger.debug("%s: renegotiating for %s in %s", self.name, need[0], need[1])
             assoc.release()
-            needs = [need, *hint, *self._proposed_order]
-        else:
-            needs = [need, *hint, *self._proposed_order]
+        needs = [need, *hint, *self._proposed_order]
         return self._open(list(dict.fromkeys(needs)))
 
     @property
@@ -404,7 +330,7 @@ class Channel:
     def _accepted_note(self, assoc: Association, meta: FileMeta) -> str:
         from forwarder.dicom.transcode import syntax_name
 
-        accepted = [syntax_name(c.transfer_syntax) for c in assoc.contexts_for(meta.sop_class_uid)]
+        accepted = [syntax_name(c.transfer_syntax) for c in assoc.accepted_for(meta.sop_class_uid)]
         return (
             f"{syntax_name(meta.sop_class_uid)}: {self.peer} accepted only "
             f"{', '.join(accepted) or 'nothing'} for this SOP class"
@@ -413,10 +339,10 @@ class Channel:
     def _fallback(self, assoc: Association, meta: FileMeta) -> AcceptedContext | str:
         from forwarder.dicom.transcode import syntax_name
 
-        for ctx in assoc.contexts_for(meta.sop_class_uid):
+        for ctx in assoc.accepted_for(meta.sop_class_uid):
             if ctx.transfer_syntax in UNCOMPRESSED:
                 return ctx
-        accepted = [syntax_name(c.transfer_syntax) for c in assoc.contexts_for(meta.sop_class_uid)]
+        accepted = [syntax_name(c.transfer_syntax) for c in assoc.accepted_for(meta.sop_class_uid)]
         offer = ", ".join(accepted) if accepted else "nothing"
         return (
             f"no acceptable presentation context: {syntax_name(meta.sop_class_uid)} in "

@@ -14,8 +14,8 @@ from forwarder.dicom.part10 import IMPLICIT_VR_LITTLE_ENDIAN, UNCOMPRESSED
 from forwarder.net.pdu import MAX_CONTEXTS, ProposedContext
 
 
-def contexts_for(sop_class: str, transfer_syntax: str) -> list[ProposedContext]:
-    """The contexts one (SOP class, transfer syntax) needs, most preferred first."""
+def proposals_for(sop_class: str, transfer_syntax: str) -> list[ProposedContext]:
+    """The contexts to propose for one (SOP class, transfer syntax), most preferred first."""
     if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
         # Every SCP must accept Implicit VR Little Endian; offering Explicit beside it would
         # only let the peer choose a syntax that forces us to re-encode the file.
@@ -42,7 +42,7 @@ def plan_contexts(
     for need in needs:
         if need in covered:
             continue
-        new = [c for c in contexts_for(*need) if c not in seen]
+        new = [c for c in proposals_for(*need) if c not in seen]
         if len(plans) + len(new) > limit:
             continue
         for c in new:

@@ -17,28 +17,25 @@ connection and joins all threads.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from dimse_wire import PDU_HEADER as _PDU_HEADER
+from dimse_wire import ABORT as _ABORT
+from dimse_wire import RELEASE_RP as _RELEASE_RP
 from dimse_wire import Closed as _Closed
 from dimse_wire import Command
 from dimse_wire import Conn as _Conn
+from dimse_wire import associate_ac as _associate_ac
+from dimse_wire import associate_rj as _associate_rj
 from dimse_wire import decode_command as _decode_command
+from dimse_wire import listen as _listen
+from dimse_wire import pdvs as _pdvs
+from dimse_wire import read_associate_rq as _read_associate_rq
 from dimse_wire import response as _response
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
-
-_ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"
-_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 
 
 class Act(StrEnum):
@@ -81,11 +78,7 @@ class HostilePeer:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> HostilePeer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(16)
-        listener.settimeout(0.05)
+        listener = _listen(self.port, 16)
         self.port = listener.getsockname()[1]
         self._listener = listener
         t = threading.Thread(target=self._accept_loop, name=f"hostile-{self.port}")
@@ -158,12 +151,7 @@ class HostilePeer:
                 pass
 
     def _converse(self, conn: _Conn, act: Act) -> None:
-        pdu_type, body = conn.read_pdu()
-        if pdu_type != 0x01:
-            raise _Closed
-        rq = A_ASSOCIATE_RQ()
-        rq.decode(_PDU_HEADER.pack(pdu_type, len(body)) + body)
-        prim = rq.to_primitive()
+        prim = _read_associate_rq(conn)
         if act is Act.NO_AC:
             conn.drain()
         if act in (Act.REJECT_PERMANENT, Act.REJECT_TRANSIENT):
@@ -179,12 +167,7 @@ class HostilePeer:
                 raise _Closed
             if pdu_type != 0x04:
                 raise _Closed  # A-ABORT or anything else
-            pos = 0
-            while pos + 6 <= len(body):
-                (item_len,) = struct.unpack_from(">I", body, pos)
-                context_id, control = body[pos + 4], body[pos + 5]
-                value = body[pos + 6 : pos + 4 + item_len]
-                pos += 4 + item_len
+            for context_id, control, value in _pdvs(body):
                 if control & 0x01:
                     command += value
                     if control & 0x02:
@@ -224,36 +207,16 @@ class HostilePeer:
                 current = None
 
     def _accept(self, rq: A_ASSOCIATE, *, none: bool) -> bytes:
-        ac = A_ASSOCIATE()
-        ac.application_context_name = rq.application_context_name
-        ac.calling_ae_title = rq.calling_ae_title
-        ac.called_ae_title = rq.called_ae_title
-        ac.result = 0x00
-        results = []
-        for proposed in rq.presentation_context_definition_list:
-            result = PresentationContext()
-            result.context_id = proposed.context_id
-            result.abstract_syntax = proposed.abstract_syntax
-            result.transfer_syntax = [proposed.transfer_syntax[0]]
-            result.result = 0x03 if none else 0x00  # 3: abstract syntax not supported
-            results.append(result)
-        ac.presentation_context_definition_results_list = results
-        max_len = MaximumLengthNotification()
-        max_len.maximum_length_received = self.max_pdu
-        impl = ImplementationClassUIDNotification()
-        impl.implementation_class_uid = "1.2.826.0.1.3680043.10.1284.66"
-        ac.user_information = [max_len, impl]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(ac)
-        return bytes(pdu.encode())
+        def answer(proposed: PresentationContext) -> tuple[str, int]:
+            # 3: abstract syntax not supported
+            return proposed.transfer_syntax[0], 0x03 if none else 0x00
+
+        return _associate_ac(
+            rq, answer, max_pdu=self.max_pdu, implementation_uid="1.2.826.0.1.3680043.10.1284.66"
+        )
 
 
 def _reject(act: Act) -> bytes:
-    prim = A_ASSOCIATE()
     if act is Act.REJECT_PERMANENT:
-        prim.result, prim.result_source, prim.diagnostic = 0x01, 0x01, 0x07  # called AE unknown
-    else:
-        prim.result, prim.result_source, prim.diagnostic = 0x02, 0x03, 0x02  # local limit
-    rj = A_ASSOCIATE_RJ()
-    rj.from_primitive(prim)
-    return bytes(rj.encode())
+        return _associate_rj(0x01, 0x01, 0x07)  # called AE unknown
+    return _associate_rj(0x02, 0x03, 0x02)  # local limit

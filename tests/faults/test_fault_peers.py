@@ -19,7 +19,8 @@ from hostile_peer import Act, HostilePeer
 from peers import ScriptedSCP, free_port
 
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, Outcome, StoreRequest
+from forwarder.net.channel import Channel, StoreRequest
+from forwarder.net.status import Outcome
 
 pytestmark = pytest.mark.faults
 
