@@ -124,51 +124,73 @@ def deb_depends(deb: Path) -> list[str]:
     return sorted(n for n in names if n)
 
 
-def cached_root(packages: list[str]) -> Path:
-    """The debootstrapped root for ``packages``, built once (a lock keeps parallel runs out)."""
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """The whole cache, exclusively: building, choosing and pruning its entries."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # Anything half-built here was left by a run that was killed while holding this lock.
+        for stale in [*CACHE.glob(".building-*"), *CACHE.glob(".wheels-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def cached_root(packages: list[str], stack: contextlib.ExitStack) -> Path:
+    """The debootstrapped root for ``packages``, built once. A shared lock on it is held until
+    ``stack`` closes, so that a run needing another package list never deletes it in use."""
     mirror = apt_mirror()
     key_text = json.dumps([SUITE, mirror, packages, ROOT_LAYOUT])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     root = CACHE / f"root-{key}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache_lock():
         if (root / ".complete").exists():
             say(f"root: cached {root}")
-            return root
-        say(f"root: debootstrap {SUITE} from {mirror} with {','.join(packages)} (once)")
-        work = CACHE / f".building-{key}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            host(
-                [
-                    "debootstrap",
-                    "--variant=minbase",
-                    f"--include={','.join(packages)}",
-                    SUITE,
-                    str(work),
-                    mirror,
-                ],
-                timeout=900,
-            )
-            shutil.rmtree(work / "var/cache/apt/archives", ignore_errors=True)
-            (work / "var/cache/apt/archives/partial").mkdir(parents=True)
-            # No getty on the console: the container's console is our log file.
-            (work / "etc/systemd/system/console-getty.service").symlink_to("/dev/null")
-            # The man-db trigger would only slow dpkg -i down.
-            (work / "var/lib/man-db/auto-update").unlink(missing_ok=True)
-            (work / ".complete").write_text(key_text + "\n")
-            if root.exists():
-                shutil.rmtree(root)
-            work.rename(root)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        else:
+            build_root(root, packages, mirror, key_text)
+        in_use = stack.enter_context(open(CACHE / f"root-{key}.lock", "a"))  # noqa: SIM115
+        fcntl.flock(in_use, fcntl.LOCK_SH)
         for old in CACHE.glob("root-*"):
-            if old != root:
+            if old.suffix == ".lock" or old == root:
+                continue
+            with open(old.with_name(old.name + ".lock"), "a") as other:
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another run boots it right now
                 say(f"root: removing the outdated {old}")
                 shutil.rmtree(old, ignore_errors=True)
-        say(f"root: cached as {root}")
-        return root
+                old.with_name(old.name + ".lock").unlink(missing_ok=True)
+    return root
+
+
+def build_root(root: Path, packages: list[str], mirror: str, key_text: str) -> None:
+    say(f"root: debootstrap {SUITE} from {mirror} with {','.join(packages)} (once)")
+    work = CACHE / f".building-{root.name}"
+    try:
+        host(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--include={','.join(packages)}",
+                SUITE,
+                str(work),
+                mirror,
+            ],
+            timeout=900,
+        )
+        shutil.rmtree(work / "var/cache/apt/archives", ignore_errors=True)
+        (work / "var/cache/apt/archives/partial").mkdir(parents=True)
+        # No getty on the console: the container's console is our log file.
+        (work / "etc/systemd/system/console-getty.service").symlink_to("/dev/null")
+        # The man-db trigger would only slow dpkg -i down.
+        (work / "var/lib/man-db/auto-update").unlink(missing_ok=True)
+        (work / ".complete").write_text(key_text + "\n")
+        shutil.rmtree(root, ignore_errors=True)
+        work.rename(root)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"root: cached as {root}")
 
 
 # --- the container -----------------------------------------------------------------------
@@ -688,22 +710,32 @@ def build_artifacts(share: Path, with_wheels: bool) -> Path:
         wheels = share / "wheels"
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         host([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)])
-        deps = dependency_wheels(pip)
-        for wheel in deps.glob("*.whl"):
-            os.link(wheel, wheels / wheel.name)
+        dependency_wheels(pip, wheels)
     return deb
 
 
-def dependency_wheels(pip: list[str]) -> Path:
+def dependency_wheels(pip: list[str], into: Path) -> None:
+    """The wheels of forwarder's dependencies at the versions of this venv (pip freeze),
+    downloaded once into the cache and copied ``into``."""
     with open(ROOT / "pyproject.toml", "rb") as f:
         requirements = tomllib.load(f)["project"]["dependencies"]
     frozen = host([*pip, "freeze", "--exclude-editable"]).splitlines()
     constraints = [line for line in frozen if not re.match(r"(?i)^forwarder[ =@]", line)]
     key_text = json.dumps([requirements, constraints, sys.version_info[:2]])
     folder = CACHE / f"wheels-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}"
-    if (folder / ".complete").exists():
-        return folder
-    CACHE.mkdir(parents=True, exist_ok=True)
+    with cache_lock():
+        if not (folder / ".complete").exists():
+            download_wheels(pip, folder, requirements, constraints, key_text)
+        for old in CACHE.glob("wheels-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+        for wheel in folder.glob("*.whl"):  # copied under the lock: never pruned mid-copy
+            shutil.copy(wheel, into / wheel.name)
+
+
+def download_wheels(
+    pip: list[str], folder: Path, requirements: list[str], constraints: list[str], key_text: str
+) -> None:
     work = Path(tempfile.mkdtemp(dir=CACHE, prefix=".wheels-"))
     try:
         (work / "constraints.txt").write_text("\n".join(constraints) + "\n")
@@ -724,10 +756,6 @@ def dependency_wheels(pip: list[str]) -> Path:
         work.rename(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for old in CACHE.glob("wheels-*"):
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def report_failure(box: Container | None, failure: BaseException) -> None:
@@ -766,10 +794,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGHUP, terminate)
     keep = False
+    stack = contextlib.ExitStack()
     try:
         preflight()
         deb = build_artifacts(share, with_wheels=True)
-        root = cached_root(sorted({*deb_depends(deb), *EXTRA_PACKAGES}))
+        root = cached_root(sorted({*deb_depends(deb), *EXTRA_PACKAGES}), stack)
         box = Container(root, share, share / "console.log")
         box.boot()
         unit = Unit(box)
@@ -807,6 +836,7 @@ def main() -> int:
             if box is not None:
                 box.poweroff()
             shutil.rmtree(share, ignore_errors=True)
+        stack.close()
         say(f"done in {time.monotonic() - STARTED:.0f}s")
 
 
