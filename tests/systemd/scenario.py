@@ -105,7 +105,7 @@ def apt_mirror() -> str:
         text = path.read_text(errors="replace")
         if path.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
-                fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
+                fields: dict[str, str] = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
                 suites = fields.get("Suites", "").split()
                 for uri in fields.get("URIs", "").split():
                     if SUITE in suites and uri.rstrip("/").endswith("/debian"):
@@ -706,7 +706,7 @@ def build_artifacts(share: Path, with_wheels: bool) -> Path:
     shutil.move(out, deb)
     shutil.rmtree(share / "dist")
     if with_wheels:
-        say("build: the forwarder wheel, and its dependencies' wheels (cached)")
+        say("build: the forwarder wheel, and its dependencies' wheels (downloaded once, cached)")
         wheels = share / "wheels"
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         host([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)])
