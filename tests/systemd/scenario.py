@@ -228,8 +228,17 @@ class Container:
         wait_until("the container's init", self._find_init, 30)
         say(f"boot: container PID 1 is host pid {self.pid}")
         started = time.monotonic()
-        result = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=90)
-        state = result.stdout.strip()
+        states: list[str] = []
+
+        def booted() -> bool:
+            # Right after the fork systemd may not listen yet ("offline", or no bus): retry.
+            cmd = ["systemctl", "is-system-running", "--wait"]
+            result = self.run(cmd, check=False, timeout=90)
+            states.append(result.stdout.strip() or result.stderr.strip())
+            return states[-1] in ("running", "degraded", "maintenance", "stopping")
+
+        wait_until("the boot (systemctl is-system-running --wait)", booted, 90)
+        state = states[-1]
         if state == "degraded":
             failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
             say(f"boot: degraded; failed units:\n{failed.stdout}")
@@ -474,10 +483,17 @@ def check_ready_and_status(box: Container, unit: Unit) -> None:
     unit.systemctl("restart", timeout=120)
     # No retry: if start had returned before READY, the listener could still be missing.
     expect(metrics_answer(box), "metrics not served right after systemctl restart returned")
-    s = unit.show("ActiveState", "SubState", "StatusText", "MainPID")
+    s = unit.show(
+        "ActiveState",
+        "SubState",
+        "StatusText",
+        "ExecMainStartTimestampMonotonic",
+        "ActiveEnterTimestampMonotonic",
+    )
     expect(s["ActiveState"] == "active" and s["SubState"] == "running", f"state {s}")
     expect(s["StatusText"] != "", f"no STATUS= text: {s}")
-    say(f"readiness: StatusText={s['StatusText']!r}")
+    waited = int(s["ActiveEnterTimestampMonotonic"]) - int(s["ExecMainStartTimestampMonotonic"])
+    say(f"readiness: active {waited / 1e6:.2f}s after the exec; StatusText={s['StatusText']!r}")
 
 
 def check_delivery_and_journal(box: Container, unit: Unit, drops: Drops) -> None:
