@@ -714,6 +714,15 @@ def check_pip_install(box: Container, unit: Unit, drops: Drops) -> None:
     unit.systemctl("restart")
 
 
+def show_warnings(unit: Unit) -> None:
+    """What the daemon and systemd logged about it at warning or worse over the scenario (all
+    provoked, when all is well): printed for the reader, not judged."""
+    distinct = sorted(set(unit.journal(0, "-p", "warning").splitlines()))
+    say(f"journal: {len(distinct)} distinct lines at warning or worse for the unit:")
+    for line in distinct[:40]:
+        print(f"    {line[:200]}", flush=True)
+
+
 def build_artifacts(share: Path, with_wheels: bool) -> Path:
     say("build: packaging/build-deb.sh (the freshly built .deb)")
     env = dict(os.environ, OUT_DIR=str(share / "dist"), PYTHON=sys.executable)
@@ -833,6 +842,7 @@ def main() -> int:
         check_security(box)
         check_pip_install(box, unit, drops)
         check_remove_purge_reinstall(box, unit, drops)
+        show_warnings(unit)
         say(f"OK: forwarder under systemd, {drops.count} files delivered")
         return 0
     except (Failure, subprocess.TimeoutExpired, KeyboardInterrupt) as failure:
