@@ -12,6 +12,10 @@ stop, exit 78 without a restart loop, unwritable done/, security score, remove/p
 and the same unit on a plain ``pip install`` in a venv). The container is powered off at the
 end whatever happens; nothing stays mounted on the host.
 
+This file holds the scenario's checks and its main; artifacts.py builds the .deb, the wheels and
+the cached root, nspawn.py boots the container and queries the unit, drops.py makes DICOM files
+and finds them at the destinations, helpers.py prints steps and waits with deadlines.
+
 Run as root: ``.venv/bin/python tests/systemd/scenario.py`` (``make test-systemd``). Every step
 is printed; a failure prints the reason, the unit's status and the journal tail, and exits 1.
 Environment: FORWARDER_TEST_SYSTEMD_CACHE (default /var/cache/forwarder-test-systemd),
@@ -23,8 +27,6 @@ it prints how).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
@@ -34,406 +36,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: dicomgen
 
-from dicomgen import make_dataset  # noqa: E402
+from artifacts import build_artifacts, cached_root, deb_depends
+from drops import PACS_DIR, SPOOL, Drops
+from helpers import STARTED, Failure, expect, say, wait_until
+from nspawn import UNIT, Container, Unit, drop_in
 
-SUITE = "bookworm"  # the package is built for its python3 (3.11)
-ROOT_LAYOUT = 1  # bump when the root's preparation below changes
 # Besides the .deb's own Depends: the init, its bus, the destination (DCMTK storescp, echoscu)
 # and python3-venv for the pip variant.
 EXTRA_PACKAGES = ("systemd", "dbus", "dcmtk", "python3-venv")
-CACHE = Path(os.environ.get("FORWARDER_TEST_SYSTEMD_CACHE", "/var/cache/forwarder-test-systemd"))
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-UNIT = "forwarder"
-SPOOL = "/var/spool/forwarder"
 CONFIG = "/etc/forwarder/forwarder.yaml"
-PACS_DIR = "/srv/pacs"
 ARCHIVE_DIR = "/srv/archive"
 VENV = "/opt/forwarder-venv"
-STARTED = time.monotonic()
-
-
-class Failure(Exception):
-    """A failed expectation: the message says what was expected and what was seen."""
-
-
-def say(message: str) -> None:
-    print(f"[{time.monotonic() - STARTED:6.1f}s] {message}", flush=True)
-
-
-def expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise Failure(message)
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float, step: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(step)
-
-
-def host(cmd: list[str], *, timeout: float = 600, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=ROOT
-    )
-    if result.returncode != 0:
-        output = result.stdout + result.stderr
-        raise Failure(f"{' '.join(cmd)} exited {result.returncode}:\n{output}")
-    return result.stdout
-
-
-# --- the cached root ---------------------------------------------------------------------
-
-
-def apt_mirror() -> str:
-    """The Debian mirror apt uses on this machine (deb822 or one-line sources)."""
-    configured = os.environ.get("FORWARDER_TEST_SYSTEMD_MIRROR")
-    if configured:
-        return configured
-    files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in files:
-        if not path.is_file():
-            continue
-        text = path.read_text(errors="replace")
-        if path.suffix == ".sources":
-            for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
-                suites = fields.get("Suites", "").split()
-                for uri in fields.get("URIs", "").split():
-                    if SUITE in suites and uri.rstrip("/").endswith("/debian"):
-                        return uri
-        else:
-            for line in text.splitlines():
-                m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
-                if m and m.group(2) == SUITE and m.group(1).rstrip("/").endswith("/debian"):
-                    return m.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def deb_depends(deb: Path) -> list[str]:
-    depends = host(["dpkg-deb", "-f", str(deb), "Depends"]).strip()
-    names = {re.split(r"[\s(:]", alt.split("|")[0].strip())[0] for alt in depends.split(",")}
-    return sorted(n for n in names if n)
-
-
-@contextlib.contextmanager
-def cache_lock() -> Iterator[None]:
-    """The whole cache, exclusively: building, choosing and pruning its entries."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # Anything half-built here was left by a run that was killed while holding this lock.
-        for stale in [*CACHE.glob(".building-*"), *CACHE.glob(".wheels-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        yield
-
-
-def cached_root(packages: list[str], stack: contextlib.ExitStack) -> Path:
-    """The debootstrapped root for ``packages``, built once. A shared lock on it is held until
-    ``stack`` closes, so that a run needing another package list never deletes it in use."""
-    mirror = apt_mirror()
-    key_text = json.dumps([SUITE, mirror, packages, ROOT_LAYOUT])
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    root = CACHE / f"root-{key}"
-    with cache_lock():
-        if (root / ".complete").exists():
-            say(f"root: cached {root}")
-        else:
-            build_root(root, packages, mirror, key_text)
-        in_use = stack.enter_context(open(CACHE / f"root-{key}.lock", "a"))  # noqa: SIM115
-        fcntl.flock(in_use, fcntl.LOCK_SH)
-        for old in CACHE.glob("root-*"):
-            if old.suffix == ".lock" or old == root:
-                continue
-            with open(old.with_name(old.name + ".lock"), "a") as other:
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another run boots it right now
-                say(f"root: removing the outdated {old}")
-                shutil.rmtree(old, ignore_errors=True)
-                old.with_name(old.name + ".lock").unlink(missing_ok=True)
-    return root
-
-
-def build_root(root: Path, packages: list[str], mirror: str, key_text: str) -> None:
-    say(f"root: debootstrap {SUITE} from {mirror} with {','.join(packages)} (once)")
-    work = CACHE / f".building-{root.name}"
-    try:
-        host(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={','.join(packages)}",
-                SUITE,
-                str(work),
-                mirror,
-            ],
-            timeout=900,
-        )
-        shutil.rmtree(work / "var/cache/apt/archives", ignore_errors=True)
-        (work / "var/cache/apt/archives/partial").mkdir(parents=True)
-        # No getty on the console: the container's console is our log file.
-        (work / "etc/systemd/system/console-getty.service").symlink_to("/dev/null")
-        # The man-db trigger would only slow dpkg -i down.
-        (work / "var/lib/man-db/auto-update").unlink(missing_ok=True)
-        (work / ".complete").write_text(key_text + "\n")
-        shutil.rmtree(root, ignore_errors=True)
-        work.rename(root)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    say(f"root: cached as {root}")
-
-
-# --- the container -----------------------------------------------------------------------
-
-
-class Container:
-    """A booted systemd-nspawn container over ``root``; ``share`` appears read-only at /mnt/host."""
-
-    def __init__(self, root: Path, share: Path, log: Path) -> None:
-        self.root, self.share, self.log = root, share, log
-        self.nspawn: subprocess.Popen[bytes] | None = None
-        self.pid = 0
-
-    def boot(self) -> None:
-        say("boot: systemd-nspawn -b (volatile overlay, private network)")
-        with open(self.log, "wb") as log:
-            self.nspawn = subprocess.Popen(
-                [
-                    "systemd-nspawn",
-                    "--quiet",
-                    "--boot",
-                    "--register=no",
-                    "--keep-unit",
-                    "--volatile=overlay",
-                    "--private-network",
-                    f"--machine=fwdtest{os.getpid()}",
-                    f"--directory={self.root}",
-                    f"--bind-ro={self.share}:/mnt/host",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_until("the container's init", self._find_init, 30)
-        say(f"boot: container PID 1 is host pid {self.pid}")
-        started = time.monotonic()
-        states: list[str] = []
-
-        def booted() -> bool:
-            # Right after the fork systemd may not listen yet ("offline", or no bus): retry.
-            cmd = ["systemctl", "is-system-running", "--wait"]
-            result = self.run(cmd, check=False, timeout=90)
-            states.append(result.stdout.strip() or result.stderr.strip())
-            return states[-1] in ("running", "degraded", "maintenance", "stopping")
-
-        wait_until("the boot (systemctl is-system-running --wait)", booted, 90)
-        state = states[-1]
-        if state == "degraded":
-            failed = self.run(["systemctl", "--failed", "--no-legend", "--plain"], check=False)
-            say(f"boot: degraded; failed units:\n{failed.stdout}")
-        elif state != "running":
-            raise Failure(f"the container did not boot: is-system-running says {state!r}")
-        say(f"boot: {state} after {time.monotonic() - started:.1f}s")
-
-    def _find_init(self) -> bool:
-        assert self.nspawn is not None
-        if self.nspawn.poll() is not None:
-            raise Failure(f"systemd-nspawn exited {self.nspawn.returncode}:\n{self.console_tail()}")
-        try:
-            children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text()
-        except OSError:
-            return False
-        for child in children.split():
-            status = Path(f"/proc/{child}/status").read_text()
-            nspid = re.search(r"^NSpid:\s+(.*)$", status, re.M)
-            if nspid and nspid.group(1).split()[-1] == "1":
-                self.pid = int(child)
-                return True
-        return False
-
-    def console_tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def run(
-        self,
-        argv: list[str],
-        *,
-        check: bool = True,
-        timeout: float = 120,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """``argv`` inside the container, as root, with a clean environment."""
-        cmd = ["nsenter", f"--target={self.pid}", "--all", "--"]
-        cmd += ["env", "-i", f"PATH={PATH}", "LANG=C.UTF-8", "SYSTEMD_COLORS=0", "TERM=dumb"]
-        result = subprocess.run(
-            cmd + argv, capture_output=True, text=True, timeout=timeout, input=input, check=False
-        )
-        if check and result.returncode != 0:
-            raise Failure(
-                f"in the container: {' '.join(argv)} exited {result.returncode}:\n"
-                f"{result.stdout}{result.stderr}"
-            )
-        return result
-
-    def sh(self, script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-        return self.run(["sh", "-ec", script], **kwargs)  # type: ignore[arg-type]
-
-    def path(self, inside: str) -> Path:
-        """A path inside the container, seen from the host (through its PID 1's root)."""
-        return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
-
-    def poweroff(self) -> None:
-        if self.nspawn is None or self.nspawn.poll() is not None:
-            return
-        say("poweroff")
-        if self.pid:
-            with contextlib.suppress(Exception):
-                self.run(["systemctl", "poweroff", "--no-block"], check=False, timeout=20)
-        try:
-            self.nspawn.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            say("poweroff: still running after 30s; SIGTERM to systemd-nspawn")
-            self.nspawn.terminate()
-            try:
-                self.nspawn.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                say("poweroff: SIGKILL to systemd-nspawn")
-                self.nspawn.kill()
-                self.nspawn.wait(timeout=20)
-
-
-# --- the unit, seen from inside -----------------------------------------------------------
-
-
-class Unit:
-    def __init__(self, box: Container) -> None:
-        self.box = box
-
-    def show(self, *props: str) -> dict[str, str]:
-        out = self.box.run(["systemctl", "show", UNIT, *(f"--property={p}" for p in props)]).stdout
-        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-    def prop(self, name: str) -> str:
-        return self.show(name).get(name, "")
-
-    def systemctl(self, *args: str, check: bool = True, timeout: float = 120) -> int:
-        started = time.monotonic()
-        result = self.box.run(["systemctl", *args, UNIT], check=check, timeout=timeout)
-        say(
-            f"  systemctl {' '.join(args)} {UNIT}: exit {result.returncode} "
-            f"in {time.monotonic() - started:.1f}s"
-        )
-        return result.returncode
-
-    @staticmethod
-    def cursor() -> int:
-        """Now, as journald's __MONOTONIC_TIMESTAMP (the container shares the host's clock).
-        Not a journal cursor: systemd 252's ``--after-cursor`` with ``-u``/``-p`` matches
-        skips the first matching entry."""
-        return int(time.monotonic() * 1_000_000)
-
-    def journal(self, since: int, *args: str) -> str:
-        """The MESSAGE lines of ``journalctl -u forwarder ARGS`` logged after ``since``."""
-        out = self.box.run(["journalctl", "--no-pager", "-u", UNIT, "-o", "json", *args]).stdout
-        lines = []
-        for raw in out.splitlines():
-            entry = json.loads(raw)
-            if int(entry["__MONOTONIC_TIMESTAMP"]) > since:
-                message = entry.get("MESSAGE", "")
-                if isinstance(message, list):  # not UTF-8: journalctl gives the bytes
-                    message = bytes(message).decode(errors="replace")
-                lines.append(str(message))
-        return "\n".join(lines)
-
-    def wait_journal(self, since: int, needle: str, *args: str, timeout: float = 20) -> str:
-        found: list[str] = []
-
-        def has() -> bool:
-            found[:] = [self.journal(since, *args)]
-            return needle in found[0]
-
-        wait_until(f"{needle!r} in journalctl -u {UNIT} {' '.join(args)}", has, timeout)
-        return found[0]
-
-    def wait_active(self, timeout: float = 30) -> None:
-        wait_until(f"{UNIT} active", lambda: self.prop("ActiveState") == "active", timeout)
-
-    def failed_with(self, status: int) -> dict[str, str]:
-        s = self.show("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
-        expect(
-            s["ActiveState"] == "failed"
-            and s["SubState"] == "failed"  # not auto-restart: no restart loop
-            and s["ExecMainStatus"] == str(status),
-            f"expected failed with exit {status} and no restart pending, got {s}",
-        )
-        return s
-
-
-# --- DICOM files -------------------------------------------------------------------------
-
-
-def dataset_bytes(data: bytes) -> bytes:
-    """The data set of a Part 10 file: what follows the File Meta group (explicit VR LE)."""
-    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
-        return b""  # not (yet) a whole Part 10 file with a group length
-    group_length = int.from_bytes(data[140:144], "little")
-    return data[144 + group_length :]
-
-
-class Drops:
-    """Files dropped into the container's incoming folder, and checks on where they went."""
-
-    def __init__(self, box: Container, scratch: Path) -> None:
-        self.box, self.scratch = box, scratch
-        self.count = 0
-
-    def drop(self, tag: str) -> tuple[str, str, bytes]:
-        """Write one new image atomically (a dot name, then rename); returns (name, uid, bytes)."""
-        self.count += 1
-        name = f"{tag}-{self.count:03d}.dcm"
-        local = self.scratch / name
-        ds = make_dataset(seed=self.count)
-        ds.save_as(local, enforce_file_format=True)
-        data, uid = local.read_bytes(), str(ds.SOPInstanceUID)
-        incoming = self.box.path(f"{SPOOL}/incoming")
-        tmp = incoming / f".{name}.part"
-        tmp.write_bytes(data)
-        tmp.rename(incoming / name)
-        return name, uid, data
-
-    def received(self, uid: str, folder: str = PACS_DIR) -> Path | None:
-        hits = [p for p in self.box.path(folder).iterdir() if p.name.endswith(uid)]
-        return hits[0] if hits else None
-
-    def wait_delivered(
-        self, name: str, uid: str, data: bytes, timeout: float = 60, to: tuple[str, ...] = ()
-    ) -> None:
-        done = self.box.path(f"{SPOOL}/done/{name}")
-        sent = dataset_bytes(data)
-        for folder in (PACS_DIR, *to):
-
-            def arrived() -> bool:  # storescp may still be writing it: compare until equal
-                got = self.received(uid, folder)  # noqa: B023 (used at once)
-                return got is not None and dataset_bytes(got.read_bytes()) == sent
-
-            wait_until(f"{uid} in {folder}, its data set byte for byte", arrived, timeout)
-        wait_until(f"{name} in done/", done.exists, timeout)
-        expect(done.read_bytes() == data, f"done/{name} differs from the file dropped")
-
-
-# --- the scenario ------------------------------------------------------------------------
 
 
 def start_destination(box: Container, name: str, ae_title: str, port: int, folder: str) -> None:
@@ -542,19 +159,6 @@ def check_reload(box: Container, unit: Unit, drops: Drops) -> None:
     drops.wait_delivered(name, uid, data, to=(ARCHIVE_DIR,))
     wait_journal_fields(box, "archive", uid)
     say(f"reload: {name} delivered to both destinations by pid {after['MainPID']}")
-
-
-@contextlib.contextmanager
-def drop_in(box: Container, name: str, text: str) -> Iterator[None]:
-    path = f"/run/systemd/system/{UNIT}.service.d/{name}.conf"
-    box.run(["mkdir", "-p", os.path.dirname(path)])
-    box.run(["tee", path], input=text)
-    box.run(["systemctl", "daemon-reload"])
-    try:
-        yield
-    finally:
-        box.run(["rm", "-f", path])
-        box.run(["systemctl", "daemon-reload"])
 
 
 def check_watchdog(box: Container, unit: Unit, drops: Drops, label: str) -> None:
@@ -721,66 +325,6 @@ def show_warnings(unit: Unit) -> None:
     say(f"journal: {len(distinct)} distinct lines at warning or worse for the unit:")
     for line in distinct[:40]:
         print(f"    {line[:200]}", flush=True)
-
-
-def build_artifacts(share: Path, with_wheels: bool) -> Path:
-    say("build: packaging/build-deb.sh (the freshly built .deb)")
-    env = dict(os.environ, OUT_DIR=str(share / "dist"), PYTHON=sys.executable)
-    out = host(["bash", str(ROOT / "packaging/build-deb.sh")], env=env).strip().splitlines()[-1]
-    deb = share / "forwarder.deb"
-    shutil.move(out, deb)
-    shutil.rmtree(share / "dist")
-    if with_wheels:
-        say("build: the forwarder wheel, and its dependencies' wheels (downloaded once, cached)")
-        wheels = share / "wheels"
-        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        host([*pip, "wheel", "--no-deps", "-w", str(wheels), str(ROOT)])
-        dependency_wheels(pip, wheels)
-    return deb
-
-
-def dependency_wheels(pip: list[str], into: Path) -> None:
-    """The wheels of forwarder's dependencies at the versions of this venv (pip freeze),
-    downloaded once into the cache and copied ``into``."""
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        requirements = tomllib.load(f)["project"]["dependencies"]
-    frozen = host([*pip, "freeze", "--exclude-editable"]).splitlines()
-    constraints = [line for line in frozen if not re.match(r"(?i)^forwarder[ =@]", line)]
-    key_text = json.dumps([requirements, constraints, sys.version_info[:2]])
-    folder = CACHE / f"wheels-{hashlib.sha256(key_text.encode()).hexdigest()[:16]}"
-    with cache_lock():
-        if not (folder / ".complete").exists():
-            download_wheels(pip, folder, requirements, constraints, key_text)
-        for old in CACHE.glob("wheels-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
-        for wheel in folder.glob("*.whl"):  # copied under the lock: never pruned mid-copy
-            shutil.copy(wheel, into / wheel.name)
-
-
-def download_wheels(
-    pip: list[str], folder: Path, requirements: list[str], constraints: list[str], key_text: str
-) -> None:
-    work = Path(tempfile.mkdtemp(dir=CACHE, prefix=".wheels-"))
-    try:
-        (work / "constraints.txt").write_text("\n".join(constraints) + "\n")
-        host(
-            [
-                *pip,
-                "download",
-                "--only-binary=:all:",
-                "-d",
-                str(work),
-                "-c",
-                str(work / "constraints.txt"),
-                *requirements,
-            ]
-        )
-        (work / ".complete").write_text(key_text)
-        shutil.rmtree(folder, ignore_errors=True)
-        work.rename(folder)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def report_failure(box: Container | None, failure: BaseException) -> None:
