@@ -51,6 +51,7 @@ class Drops:
     ) -> None:
         done = self.box.path(f"{SPOOL}/done/{name}")
         sent = dataset_bytes(data)
+        expect(sent != b"", f"{name}: the dropped file has no File Meta group length")
         for folder in (PACS_DIR, *to):
 
             def arrived() -> bool:  # storescp may still be writing it: compare until equal
