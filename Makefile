@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 RUN_DIR := run
 RECEIVE_PORT ?= 11112
 
-.PHONY: all setup system-deps run test test-faults soak lint typecheck bench deb clean \
-	conformance-statement
+.PHONY: all setup system-deps run test test-systemd test-faults soak lint typecheck bench deb \
+	clean conformance-statement
 
 all: test
 
@@ -30,6 +30,8 @@ system-deps:
 	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
 	command -v dpkg-deb >/dev/null || missing="$$missing dpkg-dev"; \
 	command -v fakeroot >/dev/null || missing="$$missing fakeroot"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
@@ -64,6 +66,12 @@ typecheck: setup
 
 test: setup lint typecheck
 	$(BIN)/python -m pytest -q -m "not soak" tests
+	$(MAKE) --no-print-directory test-systemd
+
+# The .deb (and a pip install) under a real systemd: a debootstrapped bookworm root, cached in
+# /var/cache/forwarder-test-systemd, booted with systemd-nspawn; the operations scenario inside.
+test-systemd: setup
+	$(BIN)/python tests/systemd/scenario.py
 
 test-faults: setup
 	$(BIN)/python -m pytest -q -m faults tests

@@ -106,6 +106,7 @@ for wheel in pathlib.Path(sys.argv[1]).glob("*.dist-info/WHEEL"):
 print(f"{need[0]}.{need[1]}")
 PY
 )
+# procps: /bin/kill, the unit's ExecReload= (minimal Debian systems do not have it otherwise).
 installed_kb=$(du -sk --apparent-size --exclude=DEBIAN "$pkg" | cut -f1)
 cat > "$pkg/DEBIAN/control" <<EOF
 Package: forwarder
@@ -113,7 +114,7 @@ Version: $version
 Architecture: $arch
 Maintainer: $MAINTAINER
 Installed-Size: $installed_kb
-Depends: python3 (>= $pyver~), python3 (<< $pynext), python3-systemd, libc6 (>= $glibc), init-system-helpers
+Depends: python3 (>= $pyver~), python3 (<< $pynext), python3-systemd, libc6 (>= $glibc), init-system-helpers, procps
 Recommends: systemd
 Suggests: dcmtk
 Section: net

@@ -270,6 +270,28 @@ def test_deb_control_conffiles_and_scripts(deb: Path, tmp_path: Path) -> None:
     assert re.search(r"^[0-9a-f]{32}  usr/bin/forwarder$", md5sums, re.M)
 
 
+def test_deb_depends_on_what_the_unit_executes(deb: Path, extracted: Path) -> None:
+    # Every program the unit runs is in the package or in a package it depends on: a minimal
+    # Debian root (debootstrap minbase) has no /bin/kill, so without procps `systemctl reload
+    # forwarder` failed with 203/EXEC (found by make test-systemd).
+    _need("dpkg-query")
+    info = _run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
+    depends = {re.split(r"[\s(]", alt.strip())[0] for alt in info.split(",")}
+    programs = set()
+    for key, values in _unit_settings().items():
+        if key.startswith("Service.Exec"):
+            programs.update(v.lstrip("-@:+!").split()[0] for v in values if v)
+    assert "/bin/kill" in programs
+    for program in sorted(programs):
+        if (extracted / program.lstrip("/")).exists():
+            continue
+        owner = _run(["dpkg-query", "-S", program])
+        if owner.returncode != 0:
+            pytest.skip(f"{program} is not installed on this host: cannot tell its package")
+        package = owner.stdout.split(":")[0]
+        assert package in depends, f"{program} comes from {package}, not in Depends: {info}"
+
+
 def test_deb_files(deb: Path, extracted: Path) -> None:
     listing = _run(["dpkg-deb", "-c", str(deb)]).stdout
     entries = {}
