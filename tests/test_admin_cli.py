@@ -246,6 +246,57 @@ def test_status_while_running_counts_per_destination(tmp_path: Path) -> None:
         assert after["destinations"]["up"]["done"] == 4
 
 
+def test_status_forgets_an_error_once_the_destination_recovers(tmp_path: Path) -> None:
+    """The last error is the last one since a file was stored: after an outage is over,
+    status shows the destination healthy, not the outage's error (issue 17, item 6)."""
+    port = free_port()
+    d = Daemon(tmp_path, destinations=[destination("pacs", port)])
+    with d:
+        dropped = d.drop_files(2)
+        d.wait_status(
+            lambda s: bool(s["pacs"]["last_error"]) and "refused" in s["pacs"]["last_error"],
+            what="the refused connection as pacs's last error",
+        )
+        with ScriptedSCP(port=port) as scp:
+            wait_until(lambda: scp.uids() == uids(dropped), 60, what="the 2 files after the outage")
+            doc = d.wait_status(
+                lambda s: s["pacs"]["done"] == 2 and s["pacs"]["pending"] == 0,
+                what="both files counted done",
+            )
+            pacs = doc["destinations"]["pacs"]
+            assert pacs["last_error"] is None
+            assert pacs["state"] == "up"
+            text = d.cli("status").stdout
+            assert "last error" not in text and "DOWN" not in text
+
+
+def test_status_drops_a_finishing_error_of_an_earlier_run(tmp_path: Path) -> None:
+    """A 'cannot move out of incoming' error recorded by an earlier run is cleared by the first
+    clean move, and status prints no line about files waiting when none wait."""
+    from forwarder.queue import Queue
+
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with Queue(d.queue) as queue:
+            queue.set_problem("finish", "cannot move a.dcm to done/: Read-only file system")
+        before = d.cli("status").stdout
+        assert "Read-only file system" not in before  # nothing waits: history, not news
+        with d:
+            d.drop_files(1)
+            d.wait_done(1)
+            wait_until(
+                lambda: "finish" not in _problems(d.queue), 15, what="the old problem cleared"
+            )
+        assert "wait to be moved" not in d.cli("status").stdout
+
+
+def _problems(path: Path) -> dict[str, Any]:
+    from forwarder.queue import Queue
+
+    with Queue(path, create=False) as queue:
+        return dict(queue.problems())
+
+
 # -- retry -----------------------------------------------------------------------------------
 
 

@@ -603,7 +603,19 @@ def test_stats_and_counts(q: Queue) -> None:
     assert q.stats(now=T0 + 101)["pacs"].last_error == "timed out"
     (job,) = q.claim("archive", 1, now=T0 + 102)
     q.ack_done([job.id], now=T0 + 103)
-    assert q.stats(now=T0 + 103)["pacs"].last_error == "timed out"  # success keeps the history
+    # A success elsewhere says nothing about pacs.
+    assert q.stats(now=T0 + 103)["pacs"].last_error == "timed out"
+    # pacs stores a file again: it recovered, and status no longer shows the old error. The
+    # permanent failure stays counted.
+    (job,) = q.claim("pacs", 1, now=T0 + 300)
+    q.ack_done([job.id], now=T0 + 301)
+    after = q.stats(now=T0 + 301)["pacs"]
+    assert after.last_error is None
+    assert after.failed == 1
+    # And a new error after the recovery shows again.
+    (job,) = q.claim("pacs", 1, now=T0 + 302)
+    q.ack_retry(job.id, next_attempt_at=T0 + 400, error="refused", now=T0 + 303)
+    assert q.stats(now=T0 + 303)["pacs"].last_error == "refused"
 
 
 def test_pending_syntaxes_most_common_first(q: Queue) -> None:

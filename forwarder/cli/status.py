@@ -19,9 +19,10 @@ def add_parser(sub: Any) -> None:
         "status",
         help="queue state per destination",
         description="Pending, in-flight, done and failed counts per destination, the age of "
-        "the oldest pending item, the last error, and whether the destination is up or down "
-        "(unreachable, refusing or rejecting associations: its files stay queued) and since "
-        "when, read from the queue database (works while the daemon runs).",
+        "the oldest pending item, the last error since a file was last stored, and whether "
+        "the destination is up or down (unreachable, refusing or rejecting associations: its "
+        "files stay queued) and since when, read from the queue database (works while the "
+        "daemon runs).",
     )
     add_config_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if r["last_error"]:
             print(f"  last error: {r['last_error']}")
-    if finishing["waiting"] or finishing["last_error"]:
+    if finishing["waiting"]:  # nothing waits: an old finishing error is history
         print(
             f"{finishing['waiting']} delivered or failed files wait to be moved out of incoming"
             + (f"; last error: {finishing['last_error']}" if finishing["last_error"] else "")

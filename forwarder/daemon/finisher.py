@@ -39,7 +39,9 @@ class Finisher:
         self.on_finished = on_finished
         self._lock = threading.Lock()
         self.last_error: str | None = None
-        self._reported = False  # a 'finish' problem is recorded in the queue
+        # A 'finish' problem may be recorded in the queue (by a previous run, too): the first
+        # clean finish clears it, so `forwarder status` does not show it after the fix.
+        self._reported = True
         self._inbox: stdqueue.SimpleQueue[int | None] = stdqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
 

@@ -128,8 +128,12 @@ BUMP_STATS = """
     ON CONFLICT (destination) DO UPDATE SET
         done_total = done_total + excluded.done_total,
         failed_total = failed_total + excluded.failed_total,
-        last_error = COALESCE(excluded.last_error, last_error),
-        last_error_at = COALESCE(excluded.last_error_at, last_error_at)"""
+        -- A file stored after an error means the destination recovered: the last error is
+        -- the last one since then (a permanent failure stays counted in failed_total).
+        last_error = CASE WHEN excluded.last_error IS NOT NULL THEN excluded.last_error
+                          WHEN excluded.done_total > 0 THEN NULL ELSE last_error END,
+        last_error_at = CASE WHEN excluded.last_error IS NOT NULL THEN excluded.last_error_at
+                             WHEN excluded.done_total > 0 THEN NULL ELSE last_error_at END"""
 
 TERMINAL_FILES = f"""
     SELECT f.id FROM files AS f
