@@ -4,6 +4,7 @@ with a real queue, spool and finisher (statuses, retries, give-up rules, a desti
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import statistics
 import threading
@@ -15,7 +16,8 @@ import pytest
 from conftest import wait_until
 from dicomgen import make_dataset, write_file
 from hostile import Behaviour, HostilePeer
-from peers import Received, ScriptedSCP, free_port
+from peers import Received, ScriptedSCP, free_port, storescp
+from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from forwarder.config import Destination, RetryPolicy
@@ -473,53 +475,81 @@ def test_a_file_unreadable_on_a_spare_channel_whose_last_association_failed_is_c
     the destination was marked DOWN with that old error). It is the file's failure: charged,
     and failed/ after max_attempts.
 
-    The raw-socket peer serves one association at a time and never answers the first store:
-    one thread's association stays open and busy (response_timeout), so the other thread is the
-    only one claiming, and its association attempts time out (not accepted while the first is
-    open)."""
-    caplog.set_level("INFO", logger="forwarder.daemon.worker")
+    The raw-socket peer serves one association at a time: the first channel's association is
+    open, the spare's attempt times out. Driven batch by batch (the worker's own _process), as
+    the worker's threads now ask for a spare association before they claim files."""
+    caplog.set_level("INFO", logger="forwarder.daemon")
     retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=3)
     with HostilePeer(Behaviour.NEVER_ANSWER, then=Behaviour.ACCEPT) as peer:
         workers = rig.add_destination(
             "a", peer.port, retry=retry, associations=2, connect_timeout=1.0, response_timeout=10.0
         )
-        rig.start()
-        rig.enqueue(1, prefix="busy")  # one thread associates, sends it, waits for an answer
-        wait_until(lambda: len(peer.datasets) == 1, 10, what="the first data set at the peer")
-        # The other thread: a file whose association attempt fails (the peer is busy) ...
-        path = rig.spool.incoming / "spare.dcm"
-        ds = write_file(path, rows=8, columns=8, seed=99)
-        entry = FileEntry(
-            str(path),
-            path.name,
-            path.stat().st_size,
-            0,  # no mtime: the worker's "changed since queued" check leaves it alone
-            str(ds.SOPClassUID),
-            str(ds.SOPInstanceUID),
-            str(ds.file_meta.TransferSyntaxUID),
-        )
-        rig.queue.enqueue(entry, ["a"])
-        workers.wake()
-        wait_until(
-            lambda: any(c.down is not None for c in workers._channels.values()),
-            10,
-            what="the spare channel's failed association",
-        )
-        assert _attempts(rig.queue)[-1] == ("READY", 0)  # not charged: the peer was busy
-        # ... then becomes unreadable: a directory where the file was (EISDIR at read_meta).
-        path.unlink()
-        path.mkdir()
-        wait_until(lambda: rig.failed() == ["spare.dcm"], 8, what="the unreadable file in failed/")
-        assert not peer.aborted.is_set()  # all while the sibling's association was open, busy
+        ds = make_dataset(rows=8, columns=8, seed=5)
+        need = [(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))]
+        first = Channel(workers.peer, workers.settings, name="a#1")
+        spare = Channel(workers.peer, workers.settings, name="a#2")
+        workers._channels.update({0: first, 1: spare})
+        assert first.open(need)  # the peer's one association
+        assert not spare.open(need) and spare.down is not None  # busy: not accepted in 1s
+        rig.queue.enqueue(_unreadable_entry(rig.spool.incoming / "spare.dcm"), ["a"])
+        for attempt in (1, 2, 3):
+            jobs = rig.queue.claim("a", 64, now=time.time() + 3600)
+            assert len(jobs) == 1, (attempt, jobs)
+            workers._process(spare, jobs, 1)
+            assert first.is_open  # all while the sibling's association was open
+        assert rig.failed() == ["spare.dcm"]
         (result,) = rig.error("spare.dcm")["destinations"]  # type: ignore[misc]
         assert "gave up after 3 attempts" in result["error"], result
         assert "cannot read" in result["error"], result
-        # The busy file times out, is retried on a new association and stored: the destination
-        # was never down, and nothing said it was.
-        wait_until(lambda: rig.done() == ["busy000.dcm"], 30, what="the busy file in done/")
-        wait_until(lambda: workers.state[0] == "up", 10, what="the destination up")
+        first.release()
     assert not [r for r in caplog.records if "DOWN" in r.getMessage()]
-    assert rig.queue.destination_states()["a"].state == "up"
+    assert workers.state[0] != "down"
+
+
+def test_a_peer_serving_one_association_costs_no_held_files(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DCMTK storescp without --fork serves one association at a time: a second association's
+    A-ASSOCIATE-RQ waits until the first ends. The spare thread asks for its association
+    before it claims files, so no batch waits with it (it used to hold 64 files for the whole
+    timeout, again and again), and the limit is logged once, with the setting to use (issue
+    17, item 4)."""
+    stored_at_warning: list[int] = []
+
+    class AtWarning(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "associations configured" in record.getMessage():
+                stored_at_warning.append(len(scp.files()))
+
+    caplog.set_level("INFO", logger="forwarder.daemon")
+    spy = AtWarning()
+    logging.getLogger("forwarder.daemon.spares").addHandler(spy)
+    try:
+        with storescp(tmp_path / "pacs", ae_title="SCP") as scp:
+            workers = rig.add_destination(
+                "a",
+                scp.port,
+                associations=2,
+                connect_timeout=5.0,  # how long the spare's request waits for its answer
+                idle_timeout=30.0,  # the first association stays open throughout
+            )
+            rig.start()
+            uids = rig.enqueue(200)
+            wait_until(lambda: len(rig.done()) == 200, 60, what="200 files in done/")
+            wait_until(lambda: stored_at_warning, 30, what="the spare's limit warning")
+            rig.stop()
+    finally:
+        logging.getLogger("forwarder.daemon.spares").removeHandler(spy)
+    # Every file was stored while the spare's request waited: none was held with it.
+    assert stored_at_warning == [200]
+    assert {str(dcmread(f).SOPInstanceUID) for f in scp.files()} == uids
+    warnings = [
+        r.getMessage() for r in caplog.records if "associations configured" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
+    assert "took only 1 of the 2" in warnings[0] and "Set associations: 1" in warnings[0]
+    assert workers.state[0] == "up"
+    assert all(attempts <= 1 for _, attempts in _attempts(rig.queue))
 
 
 def _unreadable_entry(path: Path) -> FileEntry:

@@ -36,13 +36,13 @@ from forwarder.daemon.outcomes import (
     Ack,
     LastOutcome,
     SendMetrics,
-    backoff,
     log_outcome,
     retry_ack,
 )
+from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, SendOutcome, StoreRequest
+from forwarder.net.channel import Channel, StoreRequest
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
@@ -82,11 +82,11 @@ class DestinationWorkers:
         self._threads: list[threading.Thread] = []
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
-        self._spare_pause: dict[int, float] = {}
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
+        self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -191,7 +191,11 @@ class DestinationWorkers:
             return was_open
         jobs: list[Job] = []
         now = time.monotonic()
-        if now >= self._dest.down_until and now >= self._spare_pause.get(index, 0.0):
+        if (
+            now >= self._dest.down_until
+            and not self._spares.paused(index, now)
+            and self._spares.may_claim(channel, index, self._work_due, self._hints)
+        ):
             try:
                 jobs = self.queue.claim(self.name, BATCH)
             except ForwarderError as exc:
@@ -267,7 +271,7 @@ class DestinationWorkers:
                 self._beats[index] = time.monotonic()
                 job = by_id[outcome.request.key]
                 association_failed |= outcome.association_failed
-                if self._spare_unavailable(outcome, index):
+                if self._spares.unavailable(outcome, index):
                     # This extra association was refused or timed out while a sibling's works
                     # (a peer serving fewer associations than configured): the jobs go back
                     # unharmed.
@@ -315,13 +319,7 @@ class DestinationWorkers:
             acks.append(Ack("release", tuple(unsent)))
         self._apply_acks(index, acks)
         if spare:
-            self._spare_pause[index] = time.monotonic() + backoff(self.retry, 1)
-            logger.info(
-                "%s: association %d not available (%s); continuing with fewer",
-                self.name,
-                index + 1,
-                channel.down,
-            )
+            self._spares.missed(channel, index)
         else:
             self._dest.update(channel, association_failed)
 
@@ -373,14 +371,14 @@ class DestinationWorkers:
             return False  # gone: the sender reports that
         return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
-    def _spare_unavailable(self, outcome: SendOutcome, index: int) -> bool:
-        # Whatever the rejection (some peers reject an extra association permanently): while
-        # a sibling's association works, the destination is not down. Only an association
-        # that failed in this batch counts: a file's own failure (unreadable...) on a channel
-        # whose last association attempt failed long ago is that file's, and charged to it.
-        return outcome.association_failed and any(
-            c.is_open for i, c in self._channels.items() if i != index
-        )
+    def _work_due(self) -> bool:
+        """Whether a job of this destination is due now (True when the queue cannot say: the
+        claim reports the queue's trouble)."""
+        try:
+            due = self.queue.next_due(self.name)
+        except ForwarderError:
+            return True
+        return due is not None and due <= time.time()
 
     def _retry(self, job: Job, status: int | None, error: str | None) -> Ack:
         return retry_ack(

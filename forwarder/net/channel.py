@@ -153,6 +153,21 @@ class Channel:
         needs = [need, *hint, *self._proposed_order]
         return self._open(list(dict.fromkeys(needs)))
 
+    def open(self, needs: Sequence[tuple[str, str]]) -> bool:
+        """Open an association for ``needs`` (SOP class, transfer syntax pairs) before any file
+        is handed over: a spare association asking whether the peer takes one more without
+        holding files while it waits. True when one is open; False when the peer did not take
+        it (:attr:`down` says why)."""
+        if self.is_open:
+            return True
+        if not needs:
+            return False
+        try:
+            self._open(list(dict.fromkeys(needs)))
+        except AssociationError:
+            return False
+        return True
+
     @property
     def last_progress(self) -> float | None:
         """When the open association last moved a byte (monotonic), for health checks."""
