@@ -149,7 +149,11 @@ class WatchConfig(_Model):
     """How the incoming folder is watched."""
 
     polling: bool = Field(False, description="poll instead of inotify (NFS/SMB/CIFS mounts)")
-    settle: Duration = Field(1.0, description="a file must be unchanged this long")
+    settle: Duration = Field(
+        1.0,
+        description="a file written in place must be unchanged this long (one renamed into "
+        "incoming is taken at once)",
+    )
     rescan_interval: Duration = Field(60.0, description="full rescan to catch missed events")
 
 
