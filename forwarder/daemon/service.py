@@ -145,7 +145,7 @@ class Service:
                 "forwarder running: watching %s, %d destinations (%s)",
                 c.incoming,
                 len(c.destinations),
-                ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in c.destinations),
+                ", ".join(f"{d.name}={d.target}" for d in c.destinations),
             )
             self.notifier.ready(self._status_line())
             self._loop()
