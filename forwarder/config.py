@@ -304,13 +304,14 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping of keys (ae_title, ...)"])
     lines = dict(_node_lines(node, ())) if node is not None else {}
-    problems: list[str] = []
+    found: list[tuple[tuple[Any, ...], str]] = []
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [
-            _render(err, lines) for err in exc.errors() if err["type"] != "destination_shape"
-        ]
+        # destination_shape: reported by _check_kind below, with the key and its line
+        found = [_render(err) for err in exc.errors() if err["type"] != "destination_shape"]
+    found = _with_destination_kinds(found, data)
+    problems = [_problem(loc, message, lines) for loc, message in found]
     problems += _cross_check(data, lines)
     if problems:
         raise ConfigError(source, problems)
@@ -357,7 +358,7 @@ def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], in
     return f"{_format_loc(loc)}{where}: {message}"
 
 
-def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
+def _render(err: Any) -> tuple[tuple[Any, ...], str]:
     # Drop pydantic's union/type tags ("str", "list[str]", "function-before[...]") from the loc.
     loc = tuple(
         p for p in err["loc"] if isinstance(p, int) or not re.match(r"^[a-z_-]+\[|^(str|int)$", p)
@@ -373,7 +374,7 @@ def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ")
         message = message[:1].lower() + message[1:]
-    return _problem(loc, message, lines)
+    return loc, message
 
 
 def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> list[str]:
@@ -396,7 +397,6 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                     )
                 )
             seen.setdefault(name, i)
-        problems += _check_kind(dest, ("destinations", i), lines)
         tls = dest.get("tls")
         if isinstance(tls, dict):
             if tls.get("key") and not tls.get("cert"):
@@ -432,30 +432,68 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
     return problems
 
 
-def _check_kind(
-    dest: dict[str, Any], at: tuple[Any, ...], lines: dict[tuple[Any, ...], int]
-) -> list[str]:
+def _check_kind(dest: dict[str, Any], at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
     """A destination is DIMSE (ae_title, host, port) or DICOMweb (url), never both."""
     if dest.get("url") is not None:
         given = [k for k in _DIMSE_ONLY if k in dest]
         problems = [
-            _problem((*at, k), "a DICOMweb destination (url) does not take this key", lines)
-            for k in given
+            ((*at, k), "a DICOMweb destination (url) does not take this key") for k in given
         ]
         tls = dest.get("tls")
         url = dest.get("url")
         if isinstance(tls, dict) and isinstance(url, str) and url.startswith("http://"):
-            problems.append(_problem((*at, "tls"), "needs an https:// url", lines))
+            problems.append(((*at, "tls"), "needs an https:// url"))
         return problems
     missing = [k for k in ("ae_title", "host", "port") if k not in dest]
     problem = _shape_problem(False, missing, "auth" in dest)
     if problem is None:
         return []
     if len(missing) == 3:
-        return [_problem(at, problem, lines)]
+        return [(at, problem)]
     if missing:
-        return [_problem((*at, k), "required key is missing", lines) for k in missing]
-    return [_problem((*at, "auth"), problem, lines)]
+        return [((*at, k), "required key is missing") for k in missing]
+    return [((*at, "auth"), problem)]
+
+
+def _with_destination_kinds(
+    found: list[tuple[tuple[Any, ...], str]], data: dict[str, Any]
+) -> list[tuple[tuple[Any, ...], str]]:
+    """``found`` (pydantic's problems) with :func:`_check_kind`'s, each destination's problems
+    in field order (unknown keys last) where pydantic reports destinations: the order
+    pydantic itself used when ae_title, host and port were plain required fields."""
+    dests = data.get("destinations")
+    kinds = [
+        problem
+        for i, dest in enumerate(dests if isinstance(dests, list) else [])
+        if isinstance(dest, dict)
+        for problem in _check_kind(dest, ("destinations", i))
+    ]
+    if not kinds:
+        return found
+
+    def is_dest(loc: tuple[Any, ...]) -> bool:
+        return len(loc) >= 2 and loc[0] == "destinations" and isinstance(loc[1], int)
+
+    fields = list(Destination.model_fields)
+    top = list(Config.model_fields)
+    later = top[top.index("destinations") + 1 :]
+    block = [p for p in found if is_dest(p[0])] + kinds
+    rest = [p for p in found if not is_dest(p[0])]
+    first = next((n for n, p in enumerate(found) if is_dest(p[0])), None)
+    if first is not None:  # where pydantic put destinations' problems
+        at = first
+    else:  # before the first problem of a later top-level key (or an unknown one)
+        at = next(
+            (n for n, p in enumerate(rest) if not p[0] or p[0][0] in later or p[0][0] not in top),
+            len(rest),
+        )
+
+    def order(problem: tuple[tuple[Any, ...], str]) -> tuple[int, int]:
+        loc = problem[0]
+        key = loc[2] if len(loc) > 2 else None
+        return loc[1], (fields.index(key) if key in fields else -1 if key is None else len(fields))
+
+    return rest[:at] + sorted(block, key=order) + rest[at:]
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
