@@ -66,6 +66,13 @@ class StowChannel:
             settings = replace(settings, tls=client_context(None))  # built once, not per connection
         self.settings = settings
         self.name = name or settings.url
+        if settings.auth is not None and settings.url.startswith("http:"):
+            logger.warning(
+                "%s: credentials go over plain HTTP (%s): use an https:// url outside a "
+                "trusted network",
+                self.name,
+                settings.auth.describe(),
+            )
         self.max_instances = settings.max_instances
         self._client: WebClient | None = None
         self._number: int | None = None

@@ -19,6 +19,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import urllib3
@@ -31,10 +32,12 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from forwarder.config import Destination
 from forwarder.dicomweb.auth import Authorization, AuthSpec
 from forwarder.dicomweb.multipart import MultipartBody
 from forwarder.errors import ForwarderError
+
+if TYPE_CHECKING:  # pydantic is not imported by `send URL`
+    from forwarder.config import Destination
 
 logger = logging.getLogger(__name__)
 
