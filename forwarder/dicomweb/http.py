@@ -186,8 +186,7 @@ class WebClient:
         try:
             data = response.read(MAX_REPLY + 1, decode_content=True)
             if len(data) > MAX_REPLY:
-                response.drain_conn()
-                response.release_conn()
+                response.close()  # not drained: the connection is dropped, not reused
                 raise HttpFailure(
                     f"{where}: the response is larger than {MAX_REPLY} bytes", connected=True
                 )
