@@ -270,3 +270,14 @@ def test_the_response_json_helper_round_trips() -> None:
     parsed = parse_response(stow_json({"1.2": 0xB000, "1.3": None}, {"1.4": 0xA700}), "")
     assert parsed.stored == {"1.2": 0xB000, "1.3": None}
     assert parsed.failed == {"1.4": 0xA700}
+
+
+def test_files_that_are_not_dicom_or_gone_fail_alone(tmp_path: Path, files: list[Path]) -> None:
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not dicom" * 100)
+    gone = tmp_path / "gone.dcm"
+    with StowServer() as server:
+        outcomes = send(server, [garbage, files[0], gone])
+    by_key = sorted(outcomes, key=lambda o: o.request.key)  # unusable files answer at once
+    assert [o.outcome for o in by_key] == [Outcome.FAILED, Outcome.STORED, Outcome.FAILED]
+    assert server.uids() == [uid(files[0])]

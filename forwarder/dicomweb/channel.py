@@ -133,6 +133,18 @@ class StowChannel:
                 except InvalidFileError as exc:
                     yield self._outcome(request, None, Outcome.FAILED, None, exc.reason, started)
                     continue
+                except Exception as exc:  # the safety net, as in net.channel.Channel.send
+                    logger.error(
+                        "%s: internal error while reading %s (%s: %s); it will be tried again",
+                        self.name,
+                        request.path,
+                        type(exc).__name__,
+                        exc,
+                        exc_info=exc,
+                    )
+                    error = f"internal error: {type(exc).__name__}: {exc}"
+                    yield self._outcome(request, request.meta, Outcome.RETRY, None, error, started)
+                    continue
                 batch.append(item)
                 nbytes += item.size
                 if len(batch) >= self.max_instances or nbytes >= self.settings.max_bytes:
