@@ -113,3 +113,19 @@ def test_429_retry_after_is_honoured(tmp_path: Path) -> None:
         assert "429" in daemon.log_text()
     assert len(times) >= 2 and times[1] - times[0] >= 2.9, times
     assert set(server.uids()) >= uids(dropped)
+
+
+def test_an_unsafe_secret_file_stops_the_start_with_exit_78(tmp_path: Path) -> None:
+    token = tmp_path / "cloud.token"
+    token.write_text("s3cret")
+    token.chmod(0o640)
+    dest = web_destination("https://127.0.0.1:9/dicom-web", auth={"bearer_token_file": str(token)})
+    daemon = Daemon(tmp_path / "d", destinations=[dest])
+    try:
+        daemon.start(wait_ready=False)
+        assert daemon.wait_exit(30) == 78
+        log = daemon.log_text()
+        assert "accessible by others (mode 0640): chmod 600 it" in log
+        assert "s3cret" not in log
+    finally:
+        daemon.close()

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 from forwarder.cli._argtypes import non_negative, whole_number
-from forwarder.dicomweb.auth import SecretError
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.net.association import AssociationSettings, Peer
@@ -196,7 +195,7 @@ def resolve_or_report(
         for problem in exc.problems:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    except (TLSSetupError, SecretError) as exc:
+    except TLSSetupError as exc:  # also dicomweb.auth.SecretError
         print(f"forwarder {command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

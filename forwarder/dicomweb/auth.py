@@ -16,11 +16,13 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forwarder.errors import ForwarderError
+from forwarder.errors import TLSSetupError
 
 
-class SecretError(ForwarderError):
-    """A secret file is missing, unreadable, empty or readable by others."""
+class SecretError(TLSSetupError):
+    """A secret file is missing, unreadable, empty or readable by others. A kind of
+    TLSSetupError (unusable credentials material), so that ``forwarder run`` refuses it at
+    start (exit 78) and a reload refuses it, exactly as an unusable TLS key."""
 
 
 @dataclass(frozen=True, slots=True)

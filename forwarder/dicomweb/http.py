@@ -241,3 +241,11 @@ def web_settings(destination: Destination, tls: ssl.SSLContext | None) -> WebSet
         connect_timeout=destination.connect_timeout,
         response_timeout=destination.response_timeout,
     )
+
+
+def check_credentials(destination: Destination) -> None:
+    """Read a DICOMweb destination's secret files now: :class:`~forwarder.dicomweb.auth.
+    SecretError` (a TLSSetupError) when one is missing, empty or readable by others."""
+    a = destination.auth
+    if a is not None:
+        Authorization(AuthSpec(a.bearer_token_file, a.username, a.password_file)).header()
