@@ -281,3 +281,24 @@ def test_files_that_are_not_dicom_or_gone_fail_alone(tmp_path: Path, files: list
     by_key = sorted(outcomes, key=lambda o: o.request.key)  # unusable files answer at once
     assert [o.outcome for o in by_key] == [Outcome.FAILED, Outcome.STORED, Outcome.FAILED]
     assert server.uids() == [uid(files[0])]
+
+
+def test_https_with_mutual_tls_and_no_plaintext_fallback(tmp_path: Path, files: list[Path]) -> None:
+    from pki import make_pki
+
+    from forwarder.net.tls import client_context, server_context
+
+    pki = make_pki(tmp_path / "pki")
+    tls = server_context(pki.server_cert, pki.server_key, ca=pki.ca_cert)  # client certs required
+    with StowServer(tls=tls) as server:
+        assert server.url.startswith("https://")
+        mutual = client_context(pki.ca_cert, pki.client_cert, pki.client_key)
+        stored = send(server, files[:2], tls=mutual)
+        anonymous = send(server, files[2:3], tls=client_context(pki.ca_cert))
+        untrusted = send(server, files[3:], tls=client_context(pki.other_ca_cert))
+    assert {o.outcome for o in stored} == {Outcome.STORED}
+    assert len(server.posts()) == 1  # the refused ones never got to send a byte of HTTP
+    # Without our certificate the server refuses (TLS 1.3: seen at the first read or write).
+    assert anonymous[0].outcome is Outcome.RETRY
+    assert (untrusted[0].outcome, untrusted[0].association_failed) == (Outcome.RETRY, True)
+    assert "untrusted issuer" in (untrusted[0].error or "")
