@@ -18,6 +18,7 @@ system-deps:
 	@missing=""; \
 	command -v storescp >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	pkg-config --exists libsystemd 2>/dev/null || missing="$$missing libsystemd-dev pkg-config"; \
 	command -v gcc >/dev/null || missing="$$missing gcc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \

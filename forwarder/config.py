@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -22,7 +23,9 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError
@@ -77,16 +80,71 @@ class TLSConfig(_Model):
     verify_hostname: bool = Field(True, description="check the peer's name or IP against host")
 
 
+class WebAuth(_Model):
+    """How a DICOMweb destination authenticates: a bearer token or HTTP basic auth. The secrets
+    stay in files (mode 0600, checked when they are read), never in the config or the logs."""
+
+    bearer_token_file: Path | None = Field(None, description="a file holding the bearer token")
+    username: str | None = Field(None, min_length=1, description="HTTP basic auth user name")
+    password_file: Path | None = Field(None, description="a file holding the basic auth password")
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> WebAuth:
+        basic = self.username is not None or self.password_file is not None
+        if self.bearer_token_file is not None and basic:
+            raise ValueError("give bearer_token_file or username/password_file, not both")
+        if self.bearer_token_file is None and not basic:
+            raise ValueError("give bearer_token_file, or username and password_file")
+        if basic and (self.username is None or self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+def check_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be an http:// or https:// URL")
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "must be an http:// or https:// URL with a host, e.g. https://pacs.example.org/dicom-web"
+        )
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(
+            "must not hold a query, a fragment or credentials (credentials go under auth:)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError("has a bad port number") from None
+    return value.strip().rstrip("/")
+
+
+WebURL = Annotated[str, BeforeValidator(check_url), WithJsonSchema({"type": "string"})]
+
+#: Keys that only a DIMSE (C-STORE) destination takes.
+_DIMSE_ONLY = ("ae_title", "host", "port", "calling_ae_title", "max_pdu", "release_timeout")
+
+
 class Destination(_Model):
-    """A peer that receives C-STORE requests."""
+    """A peer that receives the files: by C-STORE (``ae_title``/``host``/``port``) or by
+    DICOMweb STOW-RS (``url``). Which keys go together is checked in ``_cross_check`` (on the
+    YAML, to name each key and line) and again here for destinations built in code."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=64)
-    ae_title: AETitle
-    host: str = Field(min_length=1)
-    port: Port
-    associations: int = Field(1, ge=1, le=32, description="parallel associations")
+    ae_title: AETitle | None = Field(None, description="the peer's AE title (DIMSE: required)")
+    host: str | None = Field(None, min_length=1, description="DIMSE: required")
+    port: Port | None = Field(None, description="DIMSE: required")
+    url: WebURL | None = Field(
+        None, description="a DICOMweb (STOW-RS) service root instead of ae_title/host/port"
+    )
+    auth: WebAuth | None = Field(None, description="DICOMweb only: bearer token or basic auth")
+    associations: int = Field(
+        1, ge=1, le=32, description="parallel associations (DICOMweb: parallel requests)"
+    )
     connect_timeout: Duration = Field(10.0, description="TCP connect + association negotiation")
-    response_timeout: Duration = Field(60.0, description="wait for a C-STORE response")
+    response_timeout: Duration = Field(
+        60.0, description="wait for a C-STORE response (DICOMweb: for the HTTP response)"
+    )
     release_timeout: Duration = Field(10.0, description="wait for an A-RELEASE response")
     idle_timeout: Duration = Field(30.0, description="release an association idle this long")
     max_pdu: int = Field(
@@ -97,6 +155,39 @@ class Destination(_Model):
         False, description="decompress lossy JPEG when the peer only accepts uncompressed"
     )
     tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Destination:
+        problem = _shape_problem(
+            self.url is not None,
+            [k for k in ("ae_title", "host", "port") if getattr(self, k) is None],
+            self.auth is not None,
+        )
+        if problem is not None:
+            # Reported by _cross_check with key and line when the config comes from YAML.
+            raise PydanticCustomError("destination_shape", problem)
+        return self
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
+
+    @property
+    def target(self) -> str:
+        """Where it sends, for logs: the URL, or AE@host:port."""
+        return self.url or f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _shape_problem(url: bool, dimse_missing: list[str], auth: bool) -> str | None:
+    if url and len(dimse_missing) < 3:
+        return "give url (DICOMweb) or ae_title, host and port (DIMSE), not both"
+    if not url and len(dimse_missing) == 3:
+        return "needs ae_title, host and port (DIMSE C-STORE) or url (DICOMweb STOW-RS)"
+    if not url and dimse_missing:
+        return f"{', '.join(dimse_missing)}: required key is missing"
+    if not url and auth:
+        return "auth applies to DICOMweb destinations (url) only"
+    return None
 
 
 class Route(_Model):
@@ -217,11 +308,14 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping of keys (ae_title, ...)"])
     lines = dict(_node_lines(node, ())) if node is not None else {}
-    problems: list[str] = []
+    found: list[tuple[tuple[Any, ...], str]] = []
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [_render(err, lines) for err in exc.errors()]
+        # destination_shape: reported by _check_kind below, with the key and its line
+        found = [_render(err) for err in exc.errors() if err["type"] != "destination_shape"]
+    found = _with_destination_kinds(found, data)
+    problems = [_problem(loc, message, lines) for loc, message in found]
     problems += _cross_check(data, lines)
     if problems:
         raise ConfigError(source, problems)
@@ -268,7 +362,7 @@ def _problem(loc: tuple[Any, ...], message: str, lines: dict[tuple[Any, ...], in
     return f"{_format_loc(loc)}{where}: {message}"
 
 
-def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
+def _render(err: Any) -> tuple[tuple[Any, ...], str]:
     # Drop pydantic's union/type tags ("str", "list[str]", "function-before[...]") from the loc.
     loc = tuple(
         p for p in err["loc"] if isinstance(p, int) or not re.match(r"^[a-z_-]+\[|^(str|int)$", p)
@@ -284,7 +378,7 @@ def _render(err: Any, lines: dict[tuple[Any, ...], int]) -> str:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ")
         message = message[:1].lower() + message[1:]
-    return _problem(loc, message, lines)
+    return loc, message
 
 
 def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> list[str]:
@@ -342,6 +436,70 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
     return problems
 
 
+def _check_kind(dest: dict[str, Any], at: tuple[Any, ...]) -> list[tuple[tuple[Any, ...], str]]:
+    """A destination is DIMSE (ae_title, host, port) or DICOMweb (url), never both."""
+    if dest.get("url") is not None:
+        given = [k for k in _DIMSE_ONLY if k in dest]
+        problems = [
+            ((*at, k), "a DICOMweb destination (url) does not take this key") for k in given
+        ]
+        tls = dest.get("tls")
+        url = dest.get("url")
+        if isinstance(tls, dict) and isinstance(url, str) and url.startswith("http://"):
+            problems.append(((*at, "tls"), "needs an https:// url"))
+        return problems
+    missing = [k for k in ("ae_title", "host", "port") if k not in dest]
+    problem = _shape_problem(False, missing, "auth" in dest)
+    if problem is None:
+        return []
+    if len(missing) == 3:
+        return [(at, problem)]
+    if missing:
+        return [((*at, k), "required key is missing") for k in missing]
+    return [((*at, "auth"), problem)]
+
+
+def _with_destination_kinds(
+    found: list[tuple[tuple[Any, ...], str]], data: dict[str, Any]
+) -> list[tuple[tuple[Any, ...], str]]:
+    """``found`` (pydantic's problems) with :func:`_check_kind`'s, each destination's problems
+    in field order (unknown keys last) where pydantic reports destinations: the order
+    pydantic itself used when ae_title, host and port were plain required fields."""
+    dests = data.get("destinations")
+    kinds = [
+        problem
+        for i, dest in enumerate(dests if isinstance(dests, list) else [])
+        if isinstance(dest, dict)
+        for problem in _check_kind(dest, ("destinations", i))
+    ]
+    if not kinds:
+        return found
+
+    def is_dest(loc: tuple[Any, ...]) -> bool:
+        return len(loc) >= 2 and loc[0] == "destinations" and isinstance(loc[1], int)
+
+    fields = list(Destination.model_fields)
+    top = list(Config.model_fields)
+    later = top[top.index("destinations") + 1 :]
+    block = [p for p in found if is_dest(p[0])] + kinds
+    rest = [p for p in found if not is_dest(p[0])]
+    first = next((n for n, p in enumerate(found) if is_dest(p[0])), None)
+    if first is not None:  # where pydantic put destinations' problems
+        at = first
+    else:  # before the first problem of a later top-level key (or an unknown one)
+        at = next(
+            (n for n, p in enumerate(rest) if not p[0] or p[0][0] in later or p[0][0] not in top),
+            len(rest),
+        )
+
+    def order(problem: tuple[tuple[Any, ...], str]) -> tuple[int, int]:
+        loc = problem[0]
+        key = loc[2] if len(loc) > 2 else None
+        return loc[1], (fields.index(key) if key in fields else -1 if key is None else len(fields))
+
+    return rest[:at] + sorted(block, key=order) + rest[at:]
+
+
 def _resolve_paths(config: Config, base: Path) -> Config:
     def fix(p: Path | None) -> Path | None:
         if p is None:
@@ -356,6 +514,14 @@ def _resolve_paths(config: Config, base: Path) -> Config:
                 update={"ca": fix(d.tls.ca), "cert": fix(d.tls.cert), "key": fix(d.tls.key)}
             )
             d = d.model_copy(update={"tls": tls})
+        if d.auth is not None:
+            auth = d.auth.model_copy(
+                update={
+                    "bearer_token_file": fix(d.auth.bearer_token_file),
+                    "password_file": fix(d.auth.password_file),
+                }
+            )
+            d = d.model_copy(update={"auth": auth})
         dests.append(d)
     return config.model_copy(
         update={

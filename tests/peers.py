@@ -6,10 +6,12 @@ for processes.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -192,21 +194,26 @@ class OrthancPeer:
     http_port: int
     ae_title: str
     proc: subprocess.Popen[bytes]
+    auth: tuple[str, str] | None = None  # for an Orthanc with RegisteredUsers
+
+    @property
+    def _base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def instance_count(self) -> int:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.http_port}/statistics", timeout=5
-        ) as r:
-            return int(json.load(r)["CountInstances"])
+        return int(json.loads(self.rest("GET", "/statistics", timeout=5))["CountInstances"])
 
     def rest(self, method: str, path: str, body: Any = None, timeout: float = 30) -> bytes:
         """One REST call (``GET /instances``...); raises urllib's HTTPError on a 4xx/5xx."""
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}",
+            f"{self._base}{path}",
             data=data.encode() if isinstance(data, str) else data,
             method=method,
         )
+        if self.auth is not None:
+            pair = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {pair}")
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return bytes(r.read())
 
@@ -245,12 +252,32 @@ class OrthancPeer:
         return True, ""
 
 
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 @contextmanager
 def orthanc(
-    folder: Path, *, ae_title: str = "ORTHANC", extra: dict[str, Any] | None = None
+    folder: Path,
+    *,
+    ae_title: str = "ORTHANC",
+    extra: dict[str, Any] | None = None,
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
 ) -> Iterator[OrthancPeer]:
     """Orthanc (Debian's, Nagle on as shipped) with its storage in ``folder``; ``extra`` adds
-    or overrides configuration keys."""
+    or overrides configuration keys. ``dicomweb=True`` loads the DICOMweb plugin (Debian's
+    orthanc-dicomweb), serving ``http://127.0.0.1:HTTP_PORT/dicom-web`` (see
+    :func:`orthanc_dicomweb_url`; put :func:`tls_proxy` in front of it for HTTPS: Debian's
+    Orthanc 1.10 crashes on its own ``SslEnabled``). ``users`` turns on HTTP basic auth with
+    these user names and passwords (the REST helpers use the first)."""
+    if users:
+        extra = {"AuthenticationEnabled": True, "RegisteredUsers": users, **(extra or {})}
+    if dicomweb:
+        plugins = {
+            "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        extra = {**plugins, **(extra or {})}
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     folder.mkdir(parents=True, exist_ok=True)
     port, http_port = free_port(), free_port()
@@ -276,10 +303,86 @@ def orthanc(
     try:
         wait_for_port(port, timeout=30, proc=proc)
         wait_for_port(http_port, timeout=30, proc=proc)
-        yield OrthancPeer(port, http_port, ae_title, proc)
+        auth = next(iter(users.items())) if users else None
+        yield OrthancPeer(port, http_port, ae_title, proc, auth)
     finally:
         stop_process(proc, timeout=15)
         log.close()
+
+
+def orthanc_dicomweb_url(peer: OrthancPeer, scheme: str = "http") -> str:
+    """The DICOMweb service root of an Orthanc started with ``dicomweb=True``."""
+    return f"{scheme}://127.0.0.1:{peer.http_port}/dicom-web"
+
+
+@contextmanager
+def tls_proxy(target_port: int, cert: Path, key: Path) -> Iterator[int]:
+    """A TLS-terminating relay on a free 127.0.0.1 port to ``127.0.0.1:target_port`` (HTTPS in
+    front of an HTTP server, as a reverse proxy does); yields its port. A client whose
+    handshake fails is dropped; the relay goes on."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    port = int(listener.getsockname()[1])
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def relay(tls: ssl.SSLSocket) -> None:
+        import select
+
+        try:
+            plain = socket.create_connection(("127.0.0.1", target_port), timeout=5)
+        except OSError:
+            tls.close()
+            return
+        with tls, plain:
+            tls.settimeout(30)
+            plain.settimeout(30)
+            while not stop.is_set():
+                ready, _, _ = select.select([tls, plain], [], [], 0.1)
+                try:
+                    if tls in ready or tls.pending():
+                        data = tls.recv(1 << 16)
+                        if not data:
+                            return
+                        plain.sendall(data)
+                    if plain in ready:
+                        data = plain.recv(1 << 16)
+                        if not data:
+                            return
+                        tls.sendall(data)
+                except OSError:
+                    return
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                conn.settimeout(10)
+                tls = ctx.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()
+                continue
+            t = threading.Thread(target=relay, args=(tls,), name="tls-proxy-relay", daemon=True)
+            threads.append(t)
+            t.start()
+
+    acceptor = threading.Thread(target=accept, name="tls-proxy", daemon=True)
+    acceptor.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        acceptor.join(5)
+        listener.close()
+        for t in threads:
+            t.join(5)
 
 
 @dataclass

@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
 from forwarder.cli._argtypes import non_negative, whole_number
@@ -19,9 +21,27 @@ from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.pdu import PRIORITY
 
+if TYPE_CHECKING:
+    from forwarder.config import Destination
+    from forwarder.dicomweb.http import WebSettings
+
 
 class UsageError(ForwarderError):
     """A bad command line (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebTarget:
+    """A DICOMweb (STOW-RS) service: ``send URL FILE...``, ``echo URL``, or a destination with
+    ``url``."""
+
+    settings: WebSettings
+    files: list[str]
+    associations: int
+
+    @property
+    def where(self) -> str:
+        return self.settings.url
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +143,10 @@ def add_association_options(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--so-sndbuf", "-sosndbuf", dest="so_sndbuf", type=non_negative, metavar="KB")
     p.add_argument("--so-rcvbuf", "-sorcvbuf", dest="so_rcvbuf", type=non_negative, metavar="KB")
+    w = parser.add_argument_group("DICOMweb (TARGET http(s)://host/dicom-web)")
+    w.add_argument("--bearer-token-file", metavar="FILE", help="send this bearer token (mode 0600)")
+    w.add_argument("--user", metavar="NAME", help="HTTP basic auth user name")
+    w.add_argument("--password-file", metavar="FILE", help="the basic auth password (mode 0600)")
     s = parser.add_argument_group("TLS (never falls back to plain TCP)")
     s.add_argument("--tls-ca", metavar="FILE", help="verify the peer against this CA bundle")
     s.add_argument("--tls-cert", metavar="FILE", help="our certificate (mutual TLS)")
@@ -157,11 +181,13 @@ def _port(text: str, whole: str) -> int:
     return int(text)
 
 
-def resolve_or_report(args: argparse.Namespace, command: str, *, needs_files: bool) -> Target | int:
+def resolve_or_report(
+    args: argparse.Namespace, command: str, *, needs_files: bool
+) -> Target | WebTarget | int:
     """:func:`resolve`, printing a one-line reason and returning the exit code on failure
     (2 bad command line, 78 invalid config, 1 unusable TLS material)."""
     try:
-        return resolve(args, list(args.args), needs_files=needs_files)
+        return resolve_target(args, list(args.args), needs_files=needs_files)
     except UsageError as exc:
         print(f"forwarder {command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -169,9 +195,43 @@ def resolve_or_report(args: argparse.Namespace, command: str, *, needs_files: bo
         for problem in exc.problems:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
-    except TLSSetupError as exc:
+    except TLSSetupError as exc:  # also dicomweb.auth.SecretError
         print(f"forwarder {command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _is_url(text: str) -> bool:
+    return text.lower().startswith(("http://", "https://"))
+
+
+def resolve_target(
+    args: argparse.Namespace, positionals: list[str], *, needs_files: bool
+) -> Target | WebTarget:
+    """:func:`resolve`, or a :class:`WebTarget` for an ``http(s)://`` TARGET or a destination
+    with ``url``."""
+    if not args.destination and positionals and _is_url(positionals[0]):
+        return _resolve_web(args, positionals[0], positionals[1:], None, needs_files=needs_files)
+    if args.destination:
+        dest = _config_destination(args)
+        if dest.url is not None:
+            return _resolve_web(args, dest.url, positionals, dest, needs_files=needs_files)
+    return resolve(args, positionals, needs_files=needs_files)
+
+
+def _config_destination(args: argparse.Namespace) -> Destination:
+    config_path = args.config or args.c_option or os.environ.get("FORWARDER_CONFIG")
+    if not config_path:
+        raise UsageError("--destination needs -c CONFIG (or $FORWARDER_CONFIG)")
+    from forwarder.config import load_config  # pydantic: only when a config is used
+
+    config = load_config(config_path)
+    try:
+        return config.destination(args.destination)
+    except KeyError:
+        names = ", ".join(d.name for d in config.destinations)
+        raise UsageError(
+            f"no destination {args.destination!r} in {config_path} (known: {names})"
+        ) from None
 
 
 def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bool) -> Target:
@@ -192,6 +252,9 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
             raise UsageError(
                 f"no destination {args.destination!r} in {config_path} (known: {names})"
             ) from None
+        if dest.url is not None:
+            raise UsageError(f"destination {dest.name!r} is a DICOMweb destination (url)")
+        assert dest.host is not None and dest.port is not None and dest.ae_title is not None
         peer = Peer(dest.host, dest.port, dest.ae_title)
         calling = dest.calling_ae_title or config.ae_title
         defaults = {
@@ -233,8 +296,6 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
         defaults = {}
         tls_paths = None
     if args.tls_ca or args.tls_cert or args.tls_key:
-        from pathlib import Path
-
         tls_paths = (
             Path(args.tls_ca) if args.tls_ca else None,
             Path(args.tls_cert) if args.tls_cert else None,
@@ -300,3 +361,76 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
         batch_bytes=(getattr(args, "buffer_size", None) or 1024) * 1024,
     )
     return Target(peer, settings, lossy, files, associations)
+
+
+def _resolve_web(
+    args: argparse.Namespace,
+    url: str,
+    files: list[str],
+    dest: Destination | None,
+    *,
+    needs_files: bool,
+) -> WebTarget:
+    """A DICOMweb target: the URL from the command line or ``dest``, auth and TLS from the
+    options (which win) or ``dest``; the secrets are read now, so a bad file stops here."""
+    from forwarder.config import check_url
+    from forwarder.dicomweb.auth import Authorization, AuthSpec
+    from forwarder.dicomweb.http import WebSettings
+
+    try:
+        url = check_url(url)
+    except ValueError as exc:
+        raise UsageError(f"bad URL {url!r}: {exc}") from None
+    if needs_files and not files:
+        raise UsageError("no FILE or DIR to send")
+    if not needs_files and files:
+        raise UsageError(f"unexpected arguments: {' '.join(files)}")
+    auth: AuthSpec | None = None
+    if dest is not None and dest.auth is not None:
+        a = dest.auth
+        auth = AuthSpec(a.bearer_token_file, a.username, a.password_file)
+    if args.bearer_token_file and (args.user or args.password_file):
+        raise UsageError("--bearer-token-file or --user/--password-file, not both")
+    if args.bearer_token_file:
+        auth = AuthSpec(bearer_token_file=Path(args.bearer_token_file))
+    elif args.user or args.password_file:
+        if not (args.user and args.password_file):
+            raise UsageError("--user and --password-file go together")
+        auth = AuthSpec(username=args.user, password_file=Path(args.password_file))
+    Authorization(auth).header()  # SecretError now rather than at the first request
+    tls_paths = None
+    if dest is not None and dest.tls is not None:
+        tls_paths = (dest.tls.ca, dest.tls.cert, dest.tls.key, dest.tls.verify_hostname)
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls_paths = (
+            Path(args.tls_ca) if args.tls_ca else None,
+            Path(args.tls_cert) if args.tls_cert else None,
+            Path(args.tls_key) if args.tls_key else None,
+            not args.tls_no_verify_hostname,
+        )
+    https = url.lower().startswith("https:")
+    if tls_paths is not None and not https:
+        raise UsageError("TLS options need an https:// URL (there is no plaintext fallback)")
+    tls_context = None
+    if https:
+        from forwarder.net.tls import check_private_key_permissions, client_context
+
+        ca, cert, key, verify_hostname = tls_paths or (None, None, None, True)
+        if (cert is None) != (key is None):
+            raise UsageError("--tls-cert and --tls-key go together")
+        if key is not None:
+            check_private_key_permissions(key)
+        tls_context = client_context(ca, cert, key, verify_hostname=verify_hostname)
+    connect = args.connect_timeout
+    if connect is None:
+        connect = dest.connect_timeout if dest is not None else 10.0
+    response = args.response_timeout
+    if response is None:
+        response = dest.response_timeout if dest is not None else 60.0
+    associations = getattr(args, "associations", None)
+    if associations is None:
+        associations = dest.associations if dest is not None else 1
+    settings = WebSettings(
+        url=url, auth=auth, tls=tls_context, connect_timeout=connect, response_timeout=response
+    )
+    return WebTarget(settings, files, int(associations))

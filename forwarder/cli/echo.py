@@ -14,7 +14,7 @@ from forwarder.cli import (
     setup_logging,
 )
 from forwarder.cli._argtypes import positive
-from forwarder.cli._net import add_association_options, resolve_or_report
+from forwarder.cli._net import WebTarget, add_association_options, resolve_or_report
 from forwarder.errors import AssociationError
 from forwarder.net.association import Association
 from forwarder.net.pdu import VERIFICATION_SOP_CLASS, ProposedContext
@@ -27,8 +27,10 @@ def add_parser(sub: Any) -> None:
         "echo",
         help="C-ECHO a peer (exit 0 when it answers Success)",
         description="Verify a peer with C-ECHO. TARGET: AET[@host[:port]], HOST PORT, or "
-        "--destination NAME -c CONFIG. Exit 0 on Success, 3 when the peer cannot be reached "
-        "or refuses, 1 when it answers with another status.",
+        "--destination NAME -c CONFIG, or a DICOMweb service root http(s)://host/dicom-web "
+        "(a QIDO-RS GET {url}/studies?limit=1 proves it is reachable and takes our "
+        "credentials). Exit 0 on Success (HTTP 200/204), 3 when the peer cannot be reached or "
+        "refuses (HTTP 401/403), 1 when it answers with another status.",
         allow_abbrev=False,
     )
     p.add_argument("args", nargs="*", metavar="TARGET", help="AET[@host[:port]] or HOST PORT")
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_or_report(args, "echo", needs_files=False)
     if isinstance(target, int):
         return target
+    if isinstance(target, WebTarget):
+        return _echo_web(target, args)
     started = time.monotonic()
     try:
         assoc = Association.request(target.peer, target.settings, [_VERIFICATION])
@@ -68,4 +72,42 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         ms = (time.monotonic() - started) * 1000
         print(f"forwarder echo: {target.peer} answered Success in {ms:.0f} ms", file=sys.stderr)
+    return EXIT_OK
+
+
+def _echo_web(target: WebTarget, args: argparse.Namespace) -> int:
+    """QIDO-RS ``GET {url}/studies?limit=1``: reachability, TLS and auth in one request."""
+    from forwarder.dicomweb.http import HttpFailure, WebClient
+
+    client = WebClient(target.settings)
+    started = time.monotonic()
+    try:
+        for _ in range(args.repeat):
+            try:
+                reply = client.get("/studies?limit=1")
+            except HttpFailure as exc:
+                print(f"forwarder echo: {exc}", file=sys.stderr)
+                return EXIT_UNREACHABLE if not exc.connected else EXIT_FAILED
+            if reply.status in (401, 403):
+                print(
+                    f"forwarder echo: {target.where} refused our credentials: HTTP "
+                    f"{reply.status} {reply.reason} (check the token or password)",
+                    file=sys.stderr,
+                )
+                return EXIT_UNREACHABLE
+            if reply.status not in (200, 204):
+                print(
+                    f"forwarder echo: {target.where} answered HTTP {reply.status} "
+                    f"{reply.reason}: {reply.excerpt()}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+    finally:
+        client.close()
+    if not args.quiet:
+        ms = (time.monotonic() - started) * 1000
+        print(
+            f"forwarder echo: {target.where} answered HTTP {reply.status} in {ms:.0f} ms",
+            file=sys.stderr,
+        )
     return EXIT_OK

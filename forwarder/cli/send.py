@@ -22,7 +22,8 @@ from forwarder.cli import (
     setup_logging,
 )
 from forwarder.cli._argtypes import positive
-from forwarder.cli._net import Target, add_association_options, resolve_or_report
+from forwarder.cli._net import Target, WebTarget, add_association_options, resolve_or_report
+from forwarder.daemon.channels import SendChannel
 from forwarder.dicom.check import check_file
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import InvalidFileError
@@ -34,7 +35,10 @@ logger = logging.getLogger("forwarder.send")
 
 _HELP_NOTES = """\
 TARGET is AET[@host[:port]] (dcmsnd; host localhost, port 104), or HOST PORT (storescu; the called
-AE from -c/--called-aet, default ANY-SCP), or --destination NAME -c CONFIG.
+AE from -c/--called-aet, default ANY-SCP), or --destination NAME -c CONFIG, or a DICOMweb service
+root http(s)://host/dicom-web: the files go by STOW-RS (several per request, as they are on disk;
+--associations parallel requests; --bearer-token-file or --user/--password-file; the --tls-*
+options), with the same report and exit status.
 
 Presentation contexts are planned from the files: one per (SOP class, transfer syntax) plus an
 uncompressed fallback in a separate context; over 128 contexts take further associations. A file
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"forwarder send: {stored} stored ({counts[Outcome.WARNING]} with warnings), "
             f"{failed} failed, {mb:.1f} MB in {elapsed:.2f}s ({mb / elapsed:.1f} MB/s) "
-            f"to {target.peer}",
+            f"to {_where(target)}",
             file=sys.stderr,
         )
     if args.report:
@@ -225,8 +229,28 @@ def _meta(request: StoreRequest) -> FileMeta:
     return request.meta
 
 
+def _where(target: Target | WebTarget) -> str:
+    return target.where if isinstance(target, WebTarget) else str(target.peer)
+
+
+def _channels(target: Target | WebTarget, count: int) -> list[SendChannel]:
+    if isinstance(target, WebTarget):
+        from forwarder.dicomweb.channel import StowChannel  # urllib3: only for DICOMweb
+
+        return [StowChannel(target.settings, name=f"{target.where}#{i + 1}") for i in range(count)]
+    return [
+        Channel(
+            target.peer,
+            target.settings,
+            allow_lossy_decompress=target.allow_lossy_decompress,
+            name=f"{target.peer}#{i + 1}",
+        )
+        for i in range(count)
+    ]
+
+
 def _send_all(
-    target: Target,
+    target: Target | WebTarget,
     requests: list[StoreRequest],
     stats: _Stats,
     progress: _Progress,
@@ -239,15 +263,9 @@ def _send_all(
     needs = Counter((_meta(r).sop_class_uid, _meta(r).transfer_syntax) for r in requests)
     ordered_needs = [n for n, _ in needs.most_common()]
     groups = group_by_contexts(ordered_needs) if requests else []
-    channels = [
-        Channel(
-            target.peer,
-            target.settings,
-            allow_lossy_decompress=target.allow_lossy_decompress,
-            name=f"{target.peer}#{i + 1}",
-        )
-        for i in range(max(1, min(target.associations, len(requests) or 1)))
-    ]
+    if isinstance(target, WebTarget) and requests:
+        groups = [set(ordered_needs)]  # STOW-RS has no presentation contexts to plan
+    channels = _channels(target, max(1, min(target.associations, len(requests) or 1)))
     for group in groups:
         work: queue.SimpleQueue[StoreRequest | None] = queue.SimpleQueue()
         for r in requests:
@@ -258,7 +276,7 @@ def _send_all(
         hint = [n for n in ordered_needs if n in group]
 
         def drain(
-            channel: Channel,
+            channel: SendChannel,
             work: queue.SimpleQueue[StoreRequest | None],
             hint: list[tuple[str, str]],
         ) -> None:
@@ -320,7 +338,9 @@ def _send_all(
     return results, opened, any(c.down is not None for c in channels)
 
 
-def _spare_unavailable(channel: Channel, outcome: SendOutcome, channels: list[Channel]) -> bool:
+def _spare_unavailable(
+    channel: SendChannel, outcome: SendOutcome, channels: list[SendChannel]
+) -> bool:
     """True when this outcome is ``channel`` failing to associate (not the file failing) while
     another channel has an association: the file is handed back, not charged to the peer."""
     return (
@@ -349,10 +369,11 @@ def _bad(
     )
 
 
-def _print_failure(o: SendOutcome, target: Target) -> None:
+def _print_failure(o: SendOutcome, target: Target | WebTarget) -> None:
     uid = f" SOP Instance {o.sop_instance_uid}" if o.sop_instance_uid else ""
     print(
-        f"forwarder send: FAILED {o.request.path}{uid} -> {target.peer}: {o.error}", file=sys.stderr
+        f"forwarder send: FAILED {o.request.path}{uid} -> {_where(target)}: {o.error}",
+        file=sys.stderr,
     )
 
 
@@ -372,15 +393,21 @@ def _record(o: SendOutcome) -> dict[str, Any]:
 
 
 def _write_report(
-    path: str, target: Target, records: list[dict[str, Any]], stored: int, failed: int
+    path: str, target: Target | WebTarget, records: list[dict[str, Any]], stored: int, failed: int
 ) -> None:
-    report = {
-        "peer": {
+    peer: dict[str, Any]
+    if isinstance(target, WebTarget):
+        peer, calling = {"url": target.where}, None
+    else:
+        peer = {
             "ae_title": target.peer.ae_title,
             "host": target.peer.host,
             "port": target.peer.port,
-        },
-        "calling_ae_title": target.settings.calling_ae_title,
+        }
+        calling = target.settings.calling_ae_title
+    report = {
+        "peer": peer,
+        "calling_ae_title": calling,
         "stored": stored,
         "failed": failed,
         "files": records,

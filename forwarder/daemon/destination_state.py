@@ -16,9 +16,9 @@ import threading
 import time
 
 from forwarder.config import RetryPolicy
+from forwarder.daemon.channels import SendChannel
 from forwarder.daemon.outcomes import SendMetrics, backoff
 from forwarder.errors import ForwarderError
-from forwarder.net.channel import Channel
 from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class DestinationState:
         """Monotonic time before which no batch is claimed (0.0: not paused)."""
         return self._down_until
 
-    def update(self, channel: Channel, association_failed: bool) -> None:
+    def update(self, channel: SendChannel, association_failed: bool) -> None:
         """After a batch: the destination is down (paused with backoff, or held for
         ``retry.max_delay`` after a permanent rejection) if this batch failed to associate, up
         if the channel's last association worked. A batch that never tried to associate (every

@@ -46,7 +46,12 @@ _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often whil
 
 
 def association_settings(dest: Destination, config: Config) -> AssociationSettings:
-    """Sender settings for a destination; raises TLSSetupError for unusable TLS material."""
+    """Sender settings for a destination; raises TLSSetupError for unusable TLS material (and
+    for a DICOMweb destination's unusable secret files)."""
+    if dest.url is not None:
+        from forwarder.dicomweb.http import check_credentials
+
+        check_credentials(dest)
     tls = None
     if dest.tls is not None:
         from forwarder.net.tls import check_private_key_permissions, client_context
@@ -146,7 +151,7 @@ class Service:
                 "forwarder running: watching %s, %d destinations (%s)",
                 c.incoming,
                 len(c.destinations),
-                ", ".join(f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in c.destinations),
+                ", ".join(f"{d.name}={d.target}" for d in c.destinations),
             )
             self.notifier.ready(self._status_line())
             self._loop()

@@ -24,18 +24,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from forwarder.config import Destination, RetryPolicy
+from forwarder.daemon.channels import SendChannel
 from forwarder.daemon.outcomes import backoff
-from forwarder.net.channel import Channel, SendOutcome
+from forwarder.net.channel import SendOutcome
 
 logger = logging.getLogger(__name__)
 
 
 class SpareAssociations:
     """The spare-association state of one destination's threads (``channels``: index ->
-    that thread's :class:`Channel`, shared with the worker)."""
+    that thread's channel, shared with the worker)."""
 
     def __init__(
-        self, destination: Destination, retry: RetryPolicy, channels: Mapping[int, Channel]
+        self, destination: Destination, retry: RetryPolicy, channels: Mapping[int, SendChannel]
     ) -> None:
         self._name = destination.name
         self._configured = destination.associations
@@ -51,7 +52,7 @@ class SpareAssociations:
 
     def may_claim(
         self,
-        channel: Channel,
+        channel: SendChannel,
         index: int,
         work_due: Callable[[], bool],
         hints: Callable[[], Sequence[tuple[str, str]]],
@@ -93,7 +94,7 @@ class SpareAssociations:
         is that file's, and charged to it."""
         return outcome.association_failed and self.sibling_open(index)
 
-    def missed(self, channel: Channel, index: int) -> None:
+    def missed(self, channel: SendChannel, index: int) -> None:
         """Thread ``index``'s association was not available: pause it, longer each time in a
         row, and log the peer's limit once."""
         misses = self._misses.get(index, 0) + 1

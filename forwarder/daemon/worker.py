@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from forwarder.config import Destination, RetryPolicy
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.channels import SendChannel as Channel
+from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.outcomes import (
@@ -41,8 +43,8 @@ from forwarder.daemon.outcomes import (
 )
 from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError
-from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.channel import Channel, StoreRequest
+from forwarder.net.association import AssociationSettings
+from forwarder.net.channel import StoreRequest
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
@@ -74,7 +76,7 @@ class DestinationWorkers:
         self.finisher = finisher
         self.metrics = metrics
         self.on_outcome = on_outcome
-        self.peer = Peer(destination.host, destination.port, destination.ae_title)
+        self.peer = destination_peer(destination)
         self.settings = settings
         self.calling_ae_title = calling_ae_title
         self._stop = threading.Event()
@@ -146,12 +148,7 @@ class DestinationWorkers:
     # -- the loop -------------------------------------------------------------------------------
 
     def _run(self, index: int) -> None:
-        channel = Channel(
-            self.peer,
-            self.settings,
-            allow_lossy_decompress=self.destination.allow_lossy_decompress,
-            name=f"{self.name}#{index + 1}",
-        )
+        channel = open_channel(self.destination, self.settings, f"{self.name}#{index + 1}")
         self._channels[index] = channel
         was_open = False
         try:

@@ -1,0 +1,251 @@
+"""One pooled HTTP(S) connection to a DICOMweb service, on urllib3, and its errors.
+
+:class:`WebClient` keeps one keep-alive connection (a urllib3 pool of size one: each sending
+thread has its own, so ``associations`` are parallel requests), sends a STOW-RS POST with a
+streamed :class:`~forwarder.dicomweb.multipart.MultipartBody` and a ``Content-Length``, and
+reads the reply (capped in size). urllib3 never retries and never follows a redirect here: the
+channel decides what a failure means, and an ``https`` URL never falls back to plain HTTP.
+
+Errors are :class:`HttpFailure`; ``connected`` tells "could not reach the server at all"
+(refused, DNS, connect timeout, TLS handshake) from a failure once the request was on its way.
+The ``Authorization`` header is never logged (no header dumps, urllib3's own logger is quiet at
+INFO).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError as _ConnectTimeout
+from urllib3.exceptions import (
+    HTTPError,
+    NewConnectionError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from forwarder.dicomweb.auth import Authorization, AuthSpec
+from forwarder.dicomweb.multipart import MultipartBody
+from forwarder.errors import ForwarderError
+
+if TYPE_CHECKING:  # pydantic is not imported by `send URL`
+    from forwarder.config import Destination
+
+logger = logging.getLogger(__name__)
+
+MAX_REPLY = 16 * 1024 * 1024  # bytes of a response body we read; a STOW-RS response is small
+USER_AGENT = "forwarder (DICOMweb STOW-RS)"
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """Everything about how we talk to one DICOMweb service."""
+
+    url: str  # the service root, without a trailing slash
+    auth: AuthSpec | None = None
+    tls: ssl.SSLContext | None = None  # for https; None = the system trust store
+    connect_timeout: float = 10.0
+    response_timeout: float = 60.0
+    max_instances: int = 32  # instances per STOW-RS request
+    max_bytes: int = 64 * 1024 * 1024  # no more instances are added once a request holds this
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    reason: str
+    headers: dict[str, str] = field(repr=False)  # lower-case names
+    body: bytes = field(repr=False)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    def excerpt(self, limit: int = 200) -> str:
+        """The start of the body as one line, for error messages."""
+        text = self.body[:limit].decode("utf-8", "replace")
+        text = " ".join(text.split())
+        return text + ("..." if len(self.body) > limit else "")
+
+    def retry_after(self, now: float | None = None) -> float | None:
+        """Seconds asked by ``Retry-After`` (delta-seconds or an HTTP date), capped at a day."""
+        value = self.headers.get("retry-after", "").strip()
+        if not value:
+            return None
+        if value.isdigit():
+            return min(float(value), 86400.0)
+        try:
+            when = email.utils.parsedate_to_datetime(value).timestamp()
+        except (TypeError, ValueError, IndexError):
+            return None
+        return min(max(when - (time.time() if now is None else now), 0.0), 86400.0)
+
+
+class HttpFailure(ForwarderError):
+    """No HTTP response. ``connected`` is False when the server was never reached."""
+
+    def __init__(self, message: str, *, connected: bool) -> None:
+        self.connected = connected
+        super().__init__(message)
+
+
+def scheme_host(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, parts.hostname or "", port
+
+
+class WebClient:
+    """One keep-alive connection to ``settings.url``; driven by one thread."""
+
+    def __init__(self, settings: WebSettings) -> None:
+        self.settings = settings
+        self.authorization = Authorization(settings.auth)
+        self._path = urlsplit(settings.url).path.rstrip("/")
+        scheme, host, port = scheme_host(settings.url)
+        timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.response_timeout)
+        self._pool: urllib3.HTTPConnectionPool
+        if scheme == "https":
+            from forwarder.net.tls import client_context
+
+            self._pool = urllib3.HTTPSConnectionPool(
+                host,
+                port,
+                maxsize=1,
+                block=False,
+                timeout=timeout,
+                retries=False,
+                ssl_context=settings.tls or client_context(None),
+            )
+        else:
+            self._pool = urllib3.HTTPConnectionPool(
+                host, port, maxsize=1, block=False, timeout=timeout, retries=False
+            )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def headers(self, accept: str) -> dict[str, str]:
+        """Request headers, with ``Authorization`` (raises auth.SecretError when unusable)."""
+        headers = {"Accept": accept, "User-Agent": USER_AGENT}
+        value = self.authorization.header()
+        if value is not None:
+            headers["Authorization"] = value
+        return headers
+
+    def post_stow(self, body: MultipartBody) -> Reply:
+        """``POST {url}/studies`` with ``body``; the multipart body streams while it is sent."""
+        headers = self.headers("application/dicom+json, application/dicom+xml;q=0.5")
+        headers["Content-Type"] = body.content_type
+        headers["Content-Length"] = str(body.length)
+        return self._request("POST", f"{self._path}/studies", headers, body)
+
+    def get(self, path: str, accept: str = "application/dicom+json") -> Reply:
+        return self._request("GET", f"{self._path}{path}", self.headers(accept), None)
+
+    def _request(
+        self, method: str, path: str, headers: dict[str, str], body: MultipartBody | None
+    ) -> Reply:
+        where = f"{method} {self.settings.url}"
+        try:
+            response = self._pool.urlopen(
+                method,
+                path,
+                body=body,
+                headers=headers,
+                redirect=False,
+                retries=False,
+                preload_content=False,
+                chunked=False,
+            )
+        except SSLError as exc:
+            from forwarder.net.tls import describe_tls_error
+
+            raise HttpFailure(f"{where}: {describe_tls_error(exc)}", connected=False) from None
+        except (NewConnectionError, _ConnectTimeout) as exc:
+            raise HttpFailure(f"{where}: cannot connect: {_reason(exc)}", connected=False) from None
+        except ReadTimeoutError:
+            raise HttpFailure(
+                f"{where}: no response within {self.settings.response_timeout:g}s",
+                connected=True,
+            ) from None
+        except ProtocolError as exc:
+            raise HttpFailure(
+                f"{where}: the connection broke: {_reason(exc)}", connected=True
+            ) from None
+        except (HTTPError, OSError) as exc:
+            raise HttpFailure(f"{where}: {_reason(exc)}", connected=True) from None
+        try:
+            data = response.read(MAX_REPLY + 1, decode_content=True)
+            if len(data) > MAX_REPLY:
+                response.close()  # not drained: the connection is dropped, not reused
+                raise HttpFailure(
+                    f"{where}: the response is larger than {MAX_REPLY} bytes", connected=True
+                )
+        except ReadTimeoutError:
+            raise HttpFailure(
+                f"{where}: the response stalled for {self.settings.response_timeout:g}s",
+                connected=True,
+            ) from None
+        except (HTTPError, OSError) as exc:
+            raise HttpFailure(
+                f"{where}: the connection broke while reading the response: {_reason(exc)}",
+                connected=True,
+            ) from None
+        finally:
+            response.release_conn()
+        return Reply(
+            status=response.status,
+            reason=response.reason or "",
+            headers={k.lower(): v for k, v in response.headers.items()},
+            body=bytes(data),
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful message of a urllib3 error (no object reprs)."""
+    inner: BaseException = exc
+    seen = 0
+    while seen < 5:
+        nxt = inner.__cause__ or inner.__context__
+        if nxt is None and inner.args and isinstance(inner.args[-1], BaseException):
+            nxt = inner.args[-1]
+        if nxt is None:
+            break
+        inner, seen = nxt, seen + 1
+    text = str(inner) or type(inner).__name__
+    if isinstance(inner, OSError) and inner.strerror:
+        text = inner.strerror
+    return text.split(": ", 1)[-1] if text.startswith("<") else text
+
+
+def web_settings(destination: Destination, tls: ssl.SSLContext | None) -> WebSettings:
+    """The settings of a DICOMweb destination of the config (``tls``: its built context)."""
+    assert destination.url is not None
+    auth = None
+    if destination.auth is not None:
+        a = destination.auth
+        auth = AuthSpec(a.bearer_token_file, a.username, a.password_file)
+    return WebSettings(
+        url=destination.url,
+        auth=auth,
+        tls=tls,
+        connect_timeout=destination.connect_timeout,
+        response_timeout=destination.response_timeout,
+    )
+
+
+def check_credentials(destination: Destination) -> None:
+    """Read a DICOMweb destination's secret files now: :class:`~forwarder.dicomweb.auth.
+    SecretError` (a TLSSetupError) when one is missing, empty or readable by others."""
+    a = destination.auth
+    if a is not None:
+        Authorization(AuthSpec(a.bearer_token_file, a.username, a.password_file)).header()
