@@ -1,0 +1,39 @@
+"""The YAML configuration: pydantic models (:mod:`~forwarder.config.models`) and loading with
+errors that name key and line (:mod:`~forwarder.config.load`)."""
+
+from __future__ import annotations
+
+from forwarder.config.load import config_path_from_env, json_schema, load_config, parse_config
+from forwarder.config.models import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    Destination,
+    Duration,
+    MetricsConfig,
+    RetryPolicy,
+    Route,
+    TLSConfig,
+    WatchConfig,
+    WebAuth,
+    check_url,
+)
+from forwarder.durations import parse_duration
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "Destination",
+    "Duration",
+    "MetricsConfig",
+    "RetryPolicy",
+    "Route",
+    "TLSConfig",
+    "WatchConfig",
+    "WebAuth",
+    "check_url",
+    "config_path_from_env",
+    "json_schema",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
