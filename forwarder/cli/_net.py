@@ -3,6 +3,9 @@
 Both seeds' spellings are accepted: dcm4che dcmsnd (``AET@host:port``, ``-L``, ``-connectTO``
 in milliseconds, ``-sndpdulen`` in KB ...) and DCMTK storescu (``HOST PORT``, ``-aet``/``-t``,
 ``-aec``/``-c``, ``-b`` bytes ...).
+
+Past 400 lines since DICOMweb targets joined the DIMSE ones: both kinds of address, their
+options and their resolution from a config's destinations belong together.
 """
 
 from __future__ import annotations

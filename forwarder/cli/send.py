@@ -1,4 +1,9 @@
-"""``forwarder send``: manual C-STORE of files and directory trees (dcmsnd / storescu drop-in)."""
+"""``forwarder send``: manual C-STORE of files and directory trees (dcmsnd / storescu drop-in).
+
+One command's flow in one module (past 400 lines on purpose): its options, the check of every
+file before any association, the parallel senders, the report and the exit code. Addressing and
+the options it shares with ``echo`` are :mod:`forwarder.cli._net`.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ a valid SOP Class and Instance UID of its own; it collects the top-level values 
 rule for implicit VR elements of defined length (:func:`implicit_vr_sequence`) is shared with
 ``transcode``. Opening the file, choosing buffer or window, inflating, and the entry points are
 :mod:`forwarder.dicom.check`; the meta header is :mod:`forwarder.dicom.part10`.
+
+About 400 lines: one class and the dictionary helpers only it uses.
 """
 
 from __future__ import annotations

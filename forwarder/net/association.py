@@ -28,6 +28,9 @@ per-file work is done on a blocking socket:
 There is no reactor thread, hence no race over who reads the C-STORE-RSP. This module holds the
 :class:`Association` and its DIMSE messages (C-STORE, C-ECHO and their responses); the socket is
 :mod:`forwarder.net.transport`'s, negotiation and release are :mod:`forwarder.net.acse`'s.
+
+A little past 400 lines: the DIMSE streaming code and the settings records importers expect
+here; the socket is :mod:`forwarder.net.transport`, negotiation :mod:`forwarder.net.acse`.
 """
 
 from __future__ import annotations

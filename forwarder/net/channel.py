@@ -6,6 +6,9 @@ batches, renegotiates when a file needs a context it never proposed, replaces it
 and releases it when idle. Both the daemon's workers and ``forwarder send`` use it: one sender,
 two front ends. Each file's :class:`SendOutcome` carries the :class:`~forwarder.net.status.Outcome`
 its response status maps to (:mod:`forwarder.net.status` holds that classification).
+
+A little past 400 lines: association management and the per-file outcome rules stay together,
+since each outcome depends on the association state the file met.
 """
 
 from __future__ import annotations

