@@ -11,9 +11,9 @@ presentation contexts :mod:`forwarder.net.contexts` plans, the user information 
 code run through the sender's own response check and
 :func:`forwarder.net.channel.classify_status`, the
 conversions :mod:`forwarder.dicom.transcode` performs, the SOP classes and transfer syntaxes the
-receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,
-``send``, ``echo`` and ``receive`` actually use (built the way those commands build them).
-Only what has no table is prose.
+receiver's engine accepts (:func:`forwarder.net.receiver.profile`), the TLS settings, and the
+defaults ``forwarder run``, ``send``, ``echo`` and ``receive`` actually use (built the way
+those commands build them). Only what has no table is prose.
 
 This module sits on top, beside :mod:`forwarder.cli`: it reads every layer (the CLI parsers and
 ``service.association_settings`` included) and nothing imports it. It is no hot path, so it may
@@ -43,7 +43,7 @@ from forwarder.dicom import transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
 from forwarder.net import channel as pool
-from forwarder.net import contexts, pdu, receiver, tls
+from forwarder.net import contexts, pdu, receiver, scp_object, tls
 from forwarder.net.association import AssociationSettings
 
 DEFAULT_OUTPUT = Path("docs/conformance-statement.md")
@@ -114,7 +114,7 @@ class _Engine:
     send_associations: int
     echo: AssociationSettings
     receive_settings: receiver.ReceiverSettings
-    receive_ae: Any  # pynetdicom.AE, as forwarder.net.receiver builds it
+    receive_ae: receiver.ScpProfile  # what forwarder.net.receiver accepts and announces
     parsers: dict[str, argparse.ArgumentParser]
 
 
@@ -136,7 +136,7 @@ def _engine() -> _Engine:
     echo = resolve(echo_args, list(echo_args.args), needs_files=False)
     rargs = parsers["receive"].parse_intermixed_args(["--port", "0", "--output", "/received"])
     rsettings = receive_settings_from_args(rargs)
-    ae = receiver.Receiver(rsettings)._make_ae()
+    ae = receiver.profile(rsettings)
     return _Engine(
         destination=destination,
         daemon=association_settings(destination, config),
@@ -898,10 +898,10 @@ def _ae_echo(e: _Engine) -> list[str]:
 def _receiver_statuses() -> list[list[str]]:
     """The receiver's ``STATUS_*`` constants, with the comment each carries in its source line
     (what it is answered for)."""
-    source = inspect.getsource(receiver)
+    source = inspect.getsource(scp_object)
     rows = []
-    for name in sorted(n for n in dir(receiver) if n.startswith("STATUS_")):
-        code = getattr(receiver, name)
+    for name in sorted(n for n in dir(scp_object) if n.startswith("STATUS_")):
+        code = getattr(scp_object, name)
         if isinstance(code, int):
             line = re.search(rf"^{name} = [^#\n]*(?:#\s*(.*))?$", source, re.MULTILINE)
             when = line.group(1) if line and line.group(1) else ""
@@ -947,10 +947,12 @@ def _ae_receive(e: _Engine) -> list[str]:
         "associations (`--max-associations`); one more gets A-ASSOCIATE-RJ transient, local "
         "limit exceeded.",
         "",
-        "**Asynchronous Nature.** Not supported: a proposed Asynchronous Operations Window gets "
-        "no answer, so one operation is outstanding at a time.",
+        "**Asynchronous Nature.** Supported: a proposed Asynchronous Operations Window is "
+        f"answered with at most {ae.async_ops_window} outstanding operations each way (0, "
+        "unlimited, counts as that); requests are served and answered in the order they "
+        "arrive. Without a window, one operation is outstanding at a time.",
         "",
-        "**Implementation Identifying Information** (pynetdicom's, which the receiver runs on):",
+        "**Implementation Identifying Information** (forwarder's own, as the sender's):",
         "",
         *_table(
             ["", ""],
@@ -1007,14 +1009,13 @@ def _ae_receive(e: _Engine) -> list[str]:
         "`STATUS_*` constants; a failure carries an Error Comment):",
         "",
         *_table(["Status", "Category", "Meaning", "Answered when"], _receiver_statuses()),
-        "**Timeouts** (pynetdicom's, as the receiver builds its AE):",
+        "**Timeouts** (the receiver's engine):",
         "",
         *_table(
             ["Waiting for", "Default"],
             [
-                ["A-ASSOCIATE-RQ / A-RELEASE (ACSE)", _seconds(ae.acse_timeout)],
-                ["DIMSE messages", _seconds(ae.dimse_timeout)],
-                ["network activity", _seconds(ae.network_timeout)],
+                ["the first PDU (A-ASSOCIATE-RQ) of a connection", _seconds(ae.acse_timeout)],
+                ["the next PDU, or progress inside one", _seconds(ae.network_timeout)],
                 ["TLS handshake", _seconds(receiver._HANDSHAKE_TIMEOUT)],
             ],
         ),
