@@ -87,16 +87,17 @@ class FolderSink:
         study_value = obj.study_instance_uid
         study = safe_uid_name(study_value) if study_value else NO_STUDY_FOLDER
         name = safe_uid_name(obj.sop_instance_uid) + ".dcm"
-        target = self._output / study / name
         try:
             self._place(path, study, name)
         except OSError as exc:
             reason = write_error_reason(exc)
             logger.error(
-                "cannot store SOP Instance %s from %s at %s: %s (%s); answering 0x%04X",
+                "cannot store SOP Instance %s from %s at %s/%s/%s: %s (%s); answering 0x%04X",
                 shown(obj.sop_instance_uid),
                 origin.calling_ae,
-                target,
+                self._output,
+                study,
+                name,
                 reason,
                 exc.strerror or exc,
                 STATUS_OUT_OF_RESOURCES,
@@ -105,10 +106,12 @@ class FolderSink:
         with self._lock:
             self._received += 1
         logger.info(
-            "stored %s from %s at %s (%s, %d bytes)",
+            "stored %s from %s at %s/%s/%s (%s, %d bytes)",
             shown(obj.sop_instance_uid),
             origin.calling_ae,
-            target,
+            self._output,
+            study,
+            name,
             syntax_name(obj.transfer_syntax),
             obj.size,
         )

@@ -153,16 +153,14 @@ class IncomingObject:
         self.sop_class, self.sop_instance = sop_class, sop_instance
         self.transfer_syntax = transfer_syntax
         self.max_size = max_size
-        self.path = sink.spool / f".receiving.{secrets.token_hex(8)}.part"
-        self.size = 0  # bytes of the Part 10 file as received, written or not
-        self.header = 0
+        self.path = os.path.join(sink.spool, f".receiving.{secrets.token_hex(8)}.part")
+        # Written with the first fragment (one system call less per object).
+        self.pending = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
+        self.size = self.header = len(self.pending)  # bytes of the file as received
         self.failure: Answer | None = None
         self.fd = -1
         try:
             self.fd = os.open(self.path, _CREATE, 0o666)
-            header = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
-            self._write_all(header)
-            self.size = self.header = len(header)
         except OSError as exc:
             self._fail_write(exc)
 
@@ -196,7 +194,13 @@ class IncomingObject:
             self.discard()
             return
         try:
-            self._write_all(fragment)
+            if self.pending:
+                header, self.pending = self.pending, b""
+                n = os.writev(self.fd, (header, fragment))
+                if n < len(header) + len(fragment):
+                    self._write_all(memoryview(header + fragment)[n:])
+            else:
+                self._write_all(fragment)
         except OSError as exc:
             self._fail_write(exc)
 
@@ -250,7 +254,7 @@ class IncomingObject:
             dataset_offset=self.header,
         )
         try:
-            return self.sink.accept(self.path, obj, self.origin)
+            return self.sink.accept(Path(self.path), obj, self.origin)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
