@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import threading
 import uuid
 from pathlib import Path
@@ -122,16 +121,19 @@ class FolderSink:
         out_fd = os.open(self._output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             created = False
-            try:
-                os.mkdir(study, 0o777, dir_fd=out_fd)
-                created = True
-            except FileExistsError:
-                pass
-            if stat.S_ISLNK(os.stat(study, dir_fd=out_fd, follow_symlinks=False).st_mode):
-                raise OSError(errno.ELOOP, "the study folder is a symlink", study)
-            # O_NOFOLLOW still guards the window between that check and this open.
+            # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
             flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-            study_fd = os.open(study, flags, dir_fd=out_fd)
+            try:
+                study_fd = os.open(study, flags, dir_fd=out_fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(study, 0o777, dir_fd=out_fd)
+                    created = True
+                except FileExistsError:  # another association made it meanwhile
+                    pass
+                study_fd = os.open(study, flags, dir_fd=out_fd)
+            except NotADirectoryError as exc:  # a symlink to a file, or a file
+                raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
             try:
                 if created:
                     os.fsync(out_fd)  # the new study folder survives a crash

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ _STUDY_UID = 0x0020000D
 _WANTED = {_SOP_CLASS_UID: "SOPClassUID", _SOP_INSTANCE_UID: "SOPInstanceUID"}
 _WANTED[_STUDY_UID] = "StudyInstanceUID"
 _WANTED_VRS = dict.fromkeys(_WANTED, "UI")
+_TOKEN = secrets.token_hex(4)  # this process's partial files (a stale one never clashes)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -60,6 +62,8 @@ class Answer:
 
 
 SUCCESS = Answer(STATUS_SUCCESS)
+FAILED_SINK = Answer(STATUS_OUT_OF_RESOURCES, "cannot store the object")
+_names = itertools.count(1)  # partial file names: unique in this process, no random bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +95,8 @@ class ObjectSink(Protocol):
     ``spool`` is the folder the engine writes partial files into (dot-files, on the
     destination's filesystem). :meth:`accept` runs on the association's thread, after the file
     is durable and before the C-STORE-RSP; it moves ``path`` away to keep the object (what it
-    leaves behind is deleted) and returns Success, or a failure status with a comment.
+    leaves behind is deleted) and returns Success, or a failure status with a comment. It
+    returns Success only once ``path`` has been moved away (the engine then leaves it alone).
     """
 
     @property
@@ -120,20 +125,26 @@ def _ui(elem: int, value: str, pad: bytes = b"\x00", vr: bytes = b"UI") -> bytes
     return struct.pack("<HH2sH", 0x0002, elem, vr, len(raw)) + raw
 
 
+_META_VERSION = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+_IMPLEMENTATION = _ui(0x0012, IMPLEMENTATION_CLASS_UID) + _ui(
+    0x0013, IMPLEMENTATION_VERSION, b" ", b"SH"
+)
+_PREAMBLE = bytes(128) + b"DICM"
+
+
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, calling: str) -> bytes:
     """Preamble, ``DICM`` and the file meta group (explicit VR little endian, PS3.10 7.1)."""
     body = b"".join(
         (
-            struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _META_VERSION,
             _ui(0x0002, sop_class),
             _ui(0x0003, sop_instance),
             _ui(0x0010, transfer_syntax),
-            _ui(0x0012, IMPLEMENTATION_CLASS_UID),
-            _ui(0x0013, IMPLEMENTATION_VERSION, b" ", b"SH"),
+            _IMPLEMENTATION,
             _ui(0x0016, calling, b" ", b"AE") if calling else b"",
         )
     )
-    return bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+    return _PREAMBLE + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 class IncomingObject:
@@ -153,7 +164,7 @@ class IncomingObject:
         self.sop_class, self.sop_instance = sop_class, sop_instance
         self.transfer_syntax = transfer_syntax
         self.max_size = max_size
-        self.path = os.path.join(sink.spool, f".receiving.{secrets.token_hex(8)}.part")
+        self.path = os.path.join(sink.spool, f".receiving.{_TOKEN}.{next(_names)}.part")
         # Written with the first fragment (one system call less per object).
         self.pending = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
         self.size = self.header = len(self.pending)  # bytes of the file as received
@@ -253,11 +264,14 @@ class IncomingObject:
             size=self.size,
             dataset_offset=self.header,
         )
+        answer = FAILED_SINK
         try:
-            return self.sink.accept(Path(self.path), obj, self.origin)
+            answer = self.sink.accept(Path(self.path), obj, self.origin)
+            return answer
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            if answer.status != STATUS_SUCCESS:  # on Success the sink has moved the file away
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
 
     def refuse(self, status: int, comment: str, detail: str) -> Answer:
         logger.warning(
