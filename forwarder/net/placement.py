@@ -82,7 +82,7 @@ class FolderSink:
         with self._lock:
             return self._received
 
-    def accept(self, path: Path, obj: ReceivedObject, origin: Origin) -> Answer:
+    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
         study_value = obj.study_instance_uid
         study = safe_uid_name(study_value) if study_value else NO_STUDY_FOLDER
         name = safe_uid_name(obj.sop_instance_uid) + ".dcm"
@@ -104,6 +104,8 @@ class FolderSink:
             return Answer(STATUS_OUT_OF_RESOURCES, f"cannot store: {reason}")
         with self._lock:
             self._received += 1
+        if not logger.isEnabledFor(logging.INFO):
+            return SUCCESS
         logger.info(
             "stored %s from %s at %s/%s/%s (%s, %d bytes)",
             shown(obj.sop_instance_uid),
@@ -116,7 +118,7 @@ class FolderSink:
         )
         return SUCCESS
 
-    def _place(self, source: Path, study: str, name: str) -> None:
+    def _place(self, source: str, study: str, name: str) -> None:
         """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks)."""
         out_fd = os.open(self._output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -150,7 +152,7 @@ class FolderSink:
             os.close(out_fd)
 
 
-def _copy(source: Path, study_fd: int, name: str) -> None:
+def _copy(source: str, study_fd: int, name: str) -> None:
     """Copy into a dot-file beside the target, fsync it, then rename it over the target."""
     part = f".{name}.{secrets.token_hex(4)}.part"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

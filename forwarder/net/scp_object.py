@@ -102,7 +102,7 @@ class ObjectSink(Protocol):
     @property
     def spool(self) -> Path: ...
 
-    def accept(self, path: Path, obj: ReceivedObject, origin: Origin) -> Answer: ...
+    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer: ...
 
 
 def shown(uid: str) -> str:
@@ -266,7 +266,7 @@ class IncomingObject:
         )
         answer = FAILED_SINK
         try:
-            answer = self.sink.accept(Path(self.path), obj, self.origin)
+            answer = self.sink.accept(self.path, obj, self.origin)
             return answer
         finally:
             if answer.status != STATUS_SUCCESS:  # on Success the sink has moved the file away
