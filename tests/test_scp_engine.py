@@ -33,8 +33,7 @@ from test_receive_integrity import assert_same_object, dataset_bytes, dcm_files,
 
 from forwarder.net.placement import FolderSink
 from forwarder.net.receiver import Receiver, ReceiverSettings
-from forwarder.net.scp_association import EngineSettings
-from forwarder.net.scp_policy import context_policy, scp_profile
+from forwarder.net.scp_policy import EngineSettings, context_policy, scp_profile
 from forwarder.net.scp_server import ScpServer
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -36,8 +36,7 @@ from pathlib import Path
 from forwarder.dicom.part10 import scan_file  # noqa: F401 - the check Success waits for
 from forwarder.errors import ForwarderError
 from forwarder.net.placement import NO_STUDY_FOLDER, FolderSink, safe_uid_name
-from forwarder.net.scp_association import REJECT_CALLED_AE, REJECT_CALLING_AE, EngineSettings
-from forwarder.net.scp_codec import AssociateRequest
+from forwarder.net.scp_codec import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociateRequest
 from forwarder.net.scp_object import Origin
 from forwarder.net.scp_policy import (
     ASSOCIATE_TIMEOUT,
@@ -45,6 +44,7 @@ from forwarder.net.scp_policy import (
     IDLE_TIMEOUT,
     MAX_ASYNC_WINDOW,
     RELEASE_TIMEOUT,
+    EngineSettings,
     ScpProfile,
     context_policy,
     scp_profile,

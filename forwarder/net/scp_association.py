@@ -14,9 +14,9 @@ Strict (PS3.8 9.3, PS3.7 9.3): a PDU of an unknown or unexpected type, longer th
 announced, items or PDVs that do not exactly fill what holds them, a PDV on a context not
 accepted, a data set fragment before its command, a command fragment inside a data set, a
 command set that is not a valid C-STORE-RQ / C-ECHO-RQ: the association is aborted (A-ABORT,
-source service provider) and the object in progress deleted, never answered Success. Timeouts:
-a short one for the first PDU (a silent connection does not hold a slot), the idle timeout
-after. Not here: sockets, TLS and slots (:mod:`forwarder.net.scp_server`).
+source service provider) and the object in progress deleted, never answered Success. A short
+timeout for the first PDU (a silent connection holds no slot for long), the idle one after.
+Not here: sockets, TLS and slots (:mod:`forwarder.net.scp_server`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from forwarder.errors import ProtocolError
 from forwarder.net.pdu import (
@@ -49,6 +47,8 @@ from forwarder.net.scp_codec import (
     ABORT_UNRECOGNISED_PDU,
     C_CANCEL_RQ,
     C_ECHO_RQ,
+    REJECT_APPLICATION_CONTEXT,
+    REJECT_PROTOCOL_VERSION,
     AssociateRequest,
     DimseRequest,
     decode_associate_rq,
@@ -69,7 +69,7 @@ from forwarder.net.scp_object import (
     Origin,
     shown,
 )
-from forwarder.net.scp_policy import ACCEPTANCE, ContextPolicy
+from forwarder.net.scp_policy import Admit, ContextPolicy, EngineSettings, log_refused
 from forwarder.net.scp_wire import Wire, WireClosed, WireTimeout
 
 logger = logging.getLogger(__name__)
@@ -77,13 +77,6 @@ logger = logging.getLogger(__name__)
 _MAX_ASSOCIATE_RQ = 1024 * 1024  # 128 contexts of 8 syntaxes take ~40 kB
 _PDV_HEADER = struct.Struct(">IBB")
 _ABORT_LINGER = 2.0  # after our A-ABORT, how long the peer has to close the connection
-
-#: A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
-REJECT_CALLING_AE = (1, 1, 3)
-REJECT_CALLED_AE = (1, 1, 7)
-REJECT_APPLICATION_CONTEXT = (1, 1, 2)
-REJECT_PROTOCOL_VERSION = (1, 2, 2)
-REJECT_LIMIT = (2, 3, 2)
 
 
 class _Abort(Exception):
@@ -93,22 +86,6 @@ class _Abort(Exception):
         super().__init__(message)
         self.reason = reason
         self.dimse = dimse
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    """How the SCP engine negotiates and reads (the same for every association)."""
-
-    max_pdu: int  # the largest P-DATA-TF we accept (0 = no limit)
-    max_object_size: int | None
-    async_window: int
-    associate_timeout: float
-    idle_timeout: float
-    release_timeout: float
-
-
-#: Decides on an A-ASSOCIATE-RQ: None to accept, or ((result, source, reason), why) to reject.
-Admit = Callable[[AssociateRequest, Origin], "tuple[tuple[int, int, int], str] | None"]
 
 
 class _Message:
@@ -146,7 +123,6 @@ class ScpAssociation:
         self._contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract, transfer syntax)
         self._send_limit = 0
         self._message: _Message | None = None
-        self.stored = 0
 
     # -- the life of the association --------------------------------------------------------------
 
@@ -168,14 +144,15 @@ class ScpAssociation:
                 logger.warning("malformed PDU from %s (%s); aborting the association", who, exc)
             self._send_abort(exc.reason)
         except WireTimeout:
-            waited = self.settings.idle_timeout if established else self.settings.associate_timeout
-            what = "a PDU" if established else "an A-ASSOCIATE-RQ"
+            s = self.settings
+            waited, what = (
+                (s.idle_timeout, "a PDU")
+                if established
+                else (s.associate_timeout, "an A-ASSOCIATE-RQ")
+            )
+            who = self.origin.calling_ae or "connection"
             logger.warning(
-                "%s at %s sent no %s within %gs; aborting",
-                self.origin.calling_ae or "connection",
-                self.origin.host,
-                what,
-                waited,
+                "%s at %s sent no %s within %gs; aborting", who, self.origin.host, what, waited
             )
             self._send_abort(0)
         except WireClosed as exc:
@@ -255,20 +232,9 @@ class ScpAssociation:
             self._send_limit = send_pdu_limit(request.max_pdu)
         except ProtocolError as exc:
             raise _Abort(str(exc)) from None
-        results = []
-        refused: set[str] = set()
-        for context in request.contexts:
-            result, syntax = self.policy.answer(context)
-            results.append((context.context_id, result, syntax))
-            if result == ACCEPTANCE:
-                self._contexts[context.context_id] = (context.abstract_syntax, syntax)
-            else:
-                refused.add(context.abstract_syntax)
-        window = None
-        if request.async_window is not None:
-            ours = self.settings.async_window
-            window = tuple(min(n or ours, ours) for n in request.async_window)
-        ac = encode_associate_ac(body, results, self.settings.max_pdu, window)  # type: ignore[arg-type]
+        answer = self.policy.negotiate(request, self.settings.async_window)
+        self._contexts = answer.accepted
+        ac = encode_associate_ac(body, answer.results, self.settings.max_pdu, answer.window)
         self.wire.send(ac)
         logger.info(
             "association from %s at %s:%d accepted",
@@ -276,8 +242,8 @@ class ScpAssociation:
             self.origin.host,
             self.origin.port,
         )
-        if refused:
-            _log_refused(request.calling_ae, sorted(refused))
+        if answer.refused:
+            log_refused(request.calling_ae, answer.refused)
         return True
 
     def _reject(
@@ -370,8 +336,6 @@ class ScpAssociation:
             answer = message.answer
             if message.object is not None:
                 answer = message.object.finish()
-                if answer.status == STATUS_SUCCESS:
-                    self.stored += 1
             assert answer is not None
             self._respond(message.request, context_id, answer)
 
@@ -441,17 +405,3 @@ class ScpAssociation:
     def _respond(self, request: DimseRequest, context_id: int, answer: Answer) -> None:
         command = encode_response(request, answer.status, answer.comment)
         self.wire.send(encode_pdata(context_id, command, self._send_limit))
-
-
-def _log_refused(calling: str, refused: list[str]) -> None:
-    """The caller learns only "context rejected"; say here what and why, once per association."""
-    from pydicom.uid import UID
-
-    unknown = any(UID(uid).name == uid for uid in refused)  # pydicom has no name for it
-    logger.warning(
-        "association from %s: refused the presentation contexts of %d SOP class(es): %s%s",
-        calling,
-        len(refused),
-        ", ".join(refused[:10]) + (" ..." if len(refused) > 10 else ""),
-        " (private or unknown ones are accepted with --promiscuous)" if unknown else "",
-    )

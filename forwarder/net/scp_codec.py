@@ -38,6 +38,13 @@ ABORT_UNRECOGNISED_PDU = 1
 ABORT_UNEXPECTED_PDU = 2
 ABORT_INVALID_PARAMETER = 6
 
+#: A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
+REJECT_CALLING_AE = (1, 1, 3)
+REJECT_CALLED_AE = (1, 1, 7)
+REJECT_APPLICATION_CONTEXT = (1, 1, 2)
+REJECT_PROTOCOL_VERSION = (1, 2, 2)
+REJECT_LIMIT = (2, 3, 2)
+
 _ITEM = struct.Struct(">BxH")
 _ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<HHIH")  # one US element of the command group

@@ -13,6 +13,8 @@ all (allow lists, :mod:`forwarder.net.receiver`), the association loop
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from forwarder.net.pdu import (
@@ -20,7 +22,10 @@ from forwarder.net.pdu import (
     IMPLEMENTATION_VERSION,
     VERIFICATION_SOP_CLASS,
 )
-from forwarder.net.scp_codec import RequestedContext
+from forwarder.net.scp_codec import AssociateRequest, RequestedContext
+from forwarder.net.scp_object import Origin
+
+logger = logging.getLogger(__name__)
 
 #: Presentation context results (PS3.8 9.3.3.2).
 ACCEPTANCE = 0
@@ -66,6 +71,22 @@ MAX_ASYNC_WINDOW = 16  # outstanding operations we grant when a requestor propos
 
 
 @dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """How the SCP engine negotiates and reads (the same for every association)."""
+
+    max_pdu: int  # the largest P-DATA-TF we accept (0 = no limit)
+    max_object_size: int | None
+    async_window: int
+    associate_timeout: float
+    idle_timeout: float
+    release_timeout: float
+
+
+#: Decides on an A-ASSOCIATE-RQ: None to accept, or ((result, source, reason), why) to reject.
+Admit = Callable[[AssociateRequest, Origin], "tuple[tuple[int, int, int], str] | None"]
+
+
+@dataclass(frozen=True, slots=True)
 class SupportedContext:
     """One SOP class we accept, in these transfer syntaxes (our order of preference)."""
 
@@ -91,6 +112,16 @@ class ScpProfile:
     dimse_timeout: float = IDLE_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The answer to an A-ASSOCIATE-RQ's presentation contexts and asynchronous window."""
+
+    results: list[tuple[int, int, str]]  # (context ID, result, transfer syntax) per context
+    accepted: dict[int, tuple[str, str]]  # context ID -> (abstract syntax, transfer syntax)
+    refused: list[str]  # the abstract syntaxes of the contexts not accepted, sorted
+    window: tuple[int, int] | None  # the asynchronous operations window granted, if proposed
+
+
 class ContextPolicy:
     """Answers each proposed presentation context: ``(result, transfer syntax)``."""
 
@@ -114,6 +145,28 @@ class ContextPolicy:
             if syntax in proposed:
                 return ACCEPTANCE, syntax
         return TRANSFER_SYNTAXES_NOT_SUPPORTED, ""
+
+    def negotiate(self, request: AssociateRequest, max_window: int) -> Negotiated:
+        """Every context of ``request`` answered; the window granted is at most ``max_window``
+        each way (0, "unlimited", counts as ``max_window``)."""
+        results = []
+        accepted: dict[int, tuple[str, str]] = {}
+        refused: set[str] = set()
+        for context in request.contexts:
+            result, syntax = self.answer(context)
+            results.append((context.context_id, result, syntax))
+            if result == ACCEPTANCE:
+                accepted[context.context_id] = (context.abstract_syntax, syntax)
+            else:
+                refused.add(context.abstract_syntax)
+        window = None
+        if request.async_window is not None:
+            invoked, performed = request.async_window
+            window = (
+                min(invoked or max_window, max_window),
+                min(performed or max_window, max_window),
+            )
+        return Negotiated(results, accepted, sorted(refused), window)
 
     def _storage_like(self, uid: str) -> bool:
         """Private, unknown, or a storage SOP class: anything but a known other service."""
@@ -170,3 +223,17 @@ def context_policy(profile: ScpProfile) -> ContextPolicy:
         if not name.startswith("_") and isinstance(value := getattr(sop_class, name), str)
     }
     return ContextPolicy(profile, frozenset(known - storage))
+
+
+def log_refused(calling: str, refused: list[str]) -> None:
+    """The caller learns only "context rejected"; say here what and why, once per association."""
+    from pydicom.uid import UID
+
+    unknown = any(UID(uid).name == uid for uid in refused)  # pydicom has no name for it
+    logger.warning(
+        "association from %s: refused the presentation contexts of %d SOP class(es): %s%s",
+        calling,
+        len(refused),
+        ", ".join(refused[:10]) + (" ..." if len(refused) > 10 else ""),
+        " (private or unknown ones are accepted with --promiscuous)" if unknown else "",
+    )

@@ -25,9 +25,10 @@ import ssl
 import threading
 from collections.abc import Callable
 
-from forwarder.net.scp_association import REJECT_LIMIT, Admit, EngineSettings, ScpAssociation
+from forwarder.net.scp_association import ScpAssociation
+from forwarder.net.scp_codec import REJECT_LIMIT
 from forwarder.net.scp_object import ObjectSink, Origin
-from forwarder.net.scp_policy import HANDSHAKE_TIMEOUT, ContextPolicy
+from forwarder.net.scp_policy import HANDSHAKE_TIMEOUT, Admit, ContextPolicy, EngineSettings
 from forwarder.net.scp_wire import Wire
 from forwarder.net.tls import describe_tls_error
 
