@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -25,6 +26,7 @@ import pydicom
 import pytest
 from dicomgen import make_dataset
 from dimse_wire import elem, uid_value
+from pki import Pki, make_pki
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
@@ -35,6 +37,7 @@ from forwarder.net.placement import FolderSink
 from forwarder.net.receiver import Receiver, ReceiverSettings
 from forwarder.net.scp_policy import EngineSettings, context_policy, scp_profile
 from forwarder.net.scp_server import ScpServer
+from forwarder.net.tls import client_context, server_context
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -542,3 +545,49 @@ def test_a_silent_connection_is_dropped_and_frees_its_slot(tmp_path: Path) -> No
         wait_until(slot_free, 10, "the slot to be free")
     finally:
         server.stop()
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def test_tls_async_pushes_then_stop_aborts_inside_tls(pki: Pki, tmp_path: Path) -> None:
+    """Back-to-back requests over TLS are answered; stopping the receiver with the association
+    open ends the connection promptly (an end of file the client's TLS layer reads cleanly,
+    no bytes in clear)."""
+    settings = ReceiverSettings(
+        output=tmp_path / "out",
+        port=0,
+        bind="127.0.0.1",
+        tls=server_context(pki.server_cert, pki.server_key),
+    )
+    receiver = Receiver(settings)
+    receiver.start()
+    try:
+        raw = Raw(receiver.port)
+        raw.sock = client_context(pki.ca_cert).wrap_socket(raw.sock, server_hostname="localhost")
+        try:
+            raw.associate([(1, CT, [EXPLICIT_LE])], window=(4, 4))
+            objects = [ct_object(700 + i) for i in range(3)]
+            raw.send(
+                b"".join(
+                    pdata(1, 0x03, command_set(i, CT, uid)) + pdata(1, 0x02, data)
+                    for i, (uid, data) in enumerate(objects, start=1)
+                )
+            )
+            assert [status(raw.response()[0]) for _ in objects] == [0, 0, 0]
+            stopper = threading.Thread(target=receiver.stop)
+            stopper.start()
+            with pytest.raises((EOFError, ssl.SSLEOFError, ConnectionResetError)):
+                raw.pdu()
+            stopper.join(15)
+            assert not stopper.is_alive()
+        finally:
+            raw.close()
+    finally:
+        receiver.stop()
+    assert receiver.received == 3

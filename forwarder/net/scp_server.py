@@ -117,9 +117,13 @@ class ScpServer:
             for assoc in self._associations:
                 assoc.stopping.set()
         for worker in serving:
-            # The reading side only: the association still sends its A-ABORT.
+            # A plain connection: its reading side only, so that the association still sends
+            # its A-ABORT. A TLS one cannot write once its reads were cut (OpenSSL's state is
+            # broken then), so it is closed both ways: the peer sees the connection end. The
+            # plain socket method: ``SSLSocket.shutdown`` would drop the TLS layer first.
+            how = socket.SHUT_RDWR if isinstance(worker.sock, ssl.SSLSocket) else socket.SHUT_RD
             with contextlib.suppress(OSError):
-                worker.sock.shutdown(socket.SHUT_RD)
+                socket.socket.shutdown(worker.sock, how)
         for worker in serving:
             worker.join(_JOIN_TIMEOUT)
             if worker.is_alive():
@@ -132,9 +136,12 @@ class ScpServer:
         while not self._stopping.is_set():
             try:
                 sock, address = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
+                # Out of descriptors or memory: wait instead of spinning, then try again.
+                logger.warning("cannot accept a connection: %s", exc.strerror or exc)
+                self._stopping.wait(0.1)
                 continue
             host, port = str(address[0]), int(address[1])
             if not self._allow_host(host):
