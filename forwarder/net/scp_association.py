@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_ASSOCIATE_RQ = 1024 * 1024  # 128 contexts of 8 syntaxes take ~40 kB
 _PDV_HEADER = struct.Struct(">IBB")
-_ABORT_LINGER = 2.0  # after our A-ABORT, how long the peer has to close the connection
+_ABORT_LINGER = 2.0  # after our A-ABORT / A-ASSOCIATE-RJ, how long the peer has to close
 
 
 class _Abort(Exception):
@@ -178,6 +178,13 @@ class ScpAssociation:
         try:
             self.wire.set_timeout(self.settings.release_timeout)
             self.wire.send(encode_abort(ABORT_SOURCE_PROVIDER, reason))
+        except (WireClosed, WireTimeout):
+            return
+        self._linger()
+
+    def _linger(self) -> None:
+        """Read and drop until the peer closes the connection, for a bounded time."""
+        try:
             self.wire.set_timeout(_ABORT_LINGER)
             deadline = time.monotonic() + _ABORT_LINGER
             while time.monotonic() < deadline:
@@ -257,6 +264,7 @@ class ScpAssociation:
             why,
         )
         self.wire.send(encode_associate_rj(*verdict))
+        self._linger()  # the requestor closes the connection (PS3.8 Sta13)
 
     # -- established -----------------------------------------------------------------------------
 
