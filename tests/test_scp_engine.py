@@ -591,3 +591,48 @@ def test_tls_async_pushes_then_stop_aborts_inside_tls(pki: Pki, tmp_path: Path) 
     finally:
         receiver.stop()
     assert receiver.received == 3
+
+
+# -- the codec against the sender's strict decoders and pynetdicom's PDU classes ------------------
+
+
+def test_our_answers_pass_the_senders_strict_checks_and_pynetdicoms_decoder() -> None:
+    from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+
+    from forwarder.net import pdu
+    from forwarder.net.scp_codec import (
+        DimseRequest,
+        decode_associate_rq,
+        encode_associate_ac,
+        encode_response,
+    )
+
+    proposed = {
+        1: pdu.ProposedContext(CT, (EXPLICIT_LE, IMPLICIT_LE)),
+        3: pdu.ProposedContext("1.2.3.4", (EXPLICIT_LE,)),
+    }
+    rq = pdu.encode_associate_rq("FORWARDER", "SENDER", proposed, 32768)
+    theirs = A_ASSOCIATE_RQ()
+    theirs.decode(rq)  # what we decode below is what pynetdicom reads too
+    request = decode_associate_rq(rq[6:])
+    assert (request.called_ae, request.calling_ae, request.max_pdu) == (
+        "FORWARDER",
+        "SENDER",
+        32768,
+    )
+    assert [c.transfer_syntaxes for c in request.contexts] == [
+        (EXPLICIT_LE, IMPLICIT_LE),
+        (EXPLICIT_LE,),
+    ]
+    ac = encode_associate_ac(rq[6:], [(1, 0, EXPLICIT_LE), (3, 3, "")], 65536, (16, 16))
+    results, max_pdu = pdu.decode_associate_ac(ac[6:], proposed)
+    assert results == {1: (0, EXPLICIT_LE), 3: (3, "")} and max_pdu == 65536
+    decoded = A_ASSOCIATE_AC()
+    decoded.decode(ac)
+    assert decoded.calling_ae_title == "SENDER" and decoded.called_ae_title == "FORWARDER"
+    rsp = encode_response(DimseRequest(0x0001, 7, CT, "1.2.3.99", True), 0xA900, "bad\\x" * 30)
+    values = pdu.decode_command(rsp, notes := [])
+    assert notes == []  # group length right, elements in order
+    assert pdu.check_response(values, pdu.C_STORE_RSP, 7, CT.encode(), b"1.2.3.99") == 0xA900
+    comment = pdu.command_text(values[0x0902])
+    assert comment is not None and len(comment) <= 64 and "\\" not in comment
