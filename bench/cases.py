@@ -28,6 +28,8 @@ class Kind(enum.Enum):
     STORESCU = "storescu"  # DCMTK storescu, the reference
     SEND = "send"  # forwarder send
     DAEMON = "daemon"  # forwarder run, files present in incoming at start
+    STORESCP_OD = "storescp-od"  # receive cases: DCMTK storescp -od, the reference receiver
+    RECEIVE = "receive"  # receive cases: forwarder receive (storescu pushes into both)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,14 @@ CASES: dict[str, Case] = {
             "nagle", "nagle", Kind.SEND, Goal(Metric.FILES_PER_S, 50.0), False,
             "small files to stock storescp (Nagle on); storescu as shipped",
         ),
+        Case(
+            "receive-small", "small", Kind.RECEIVE, Goal(Metric.FILES_PER_S, 1.0), True,
+            "storescu pushing small files into forwarder receive vs storescp -od (tmpfs)",
+        ),
+        Case(
+            "receive-ct", "ct", Kind.RECEIVE, Goal(Metric.MB_PER_S, 1.0), True,
+            "storescu pushing CT files into forwarder receive vs storescp -od (tmpfs)",
+        ),
     )
 }  # fmt: skip
 
@@ -87,6 +97,10 @@ class Sender:
     def label(self) -> str:
         if self.kind is Kind.STORESCU:
             return "storescu"
+        if self.kind is Kind.STORESCP_OD:
+            return "storescp -od"
+        if self.kind is Kind.RECEIVE:
+            return "forwarder receive"
         name = "forwarder send" if self.kind is Kind.SEND else "forwarder run"
         return f"{name} -a{self.associations}"
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from bench import corpus as corpora
-from bench import report
+from bench import receive, report
 from bench.cases import CASES, Attempt, Case, CaseResult, Kind, Row, Sender, Statistic
 from bench.procs import (
     SCP_AET,
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     unavailable = {
         Kind.SEND: works([fwd, "send", "--help"], dcmtk_env(True)),
         Kind.DAEMON: works([fwd, "run", "--help"], dcmtk_env(True)),
+        Kind.RECEIVE: works([fwd, "receive", "--help"], dcmtk_env(True)),
     }
     for kind, why in unavailable.items():
         if why is not None:
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             data = corpora.ensure(case.corpus, args.scale, args.corpus_dir)
             _warm(data)
             logger.info("case %s: %d files, %.1f MB", name, data.count, data.total_bytes / 1e6)
+            if case.kind is Kind.RECEIVE:
+                results.append(receive.run_case(case, data, args, logs, unavailable.get(case.kind)))
+                continue
             senders = [Sender(Kind.STORESCU)] + [Sender(case.kind, a) for a in args.assoc_list]
             results.append(
                 _run_case(case, data, senders, args, fork, logs, unavailable.get(case.kind))
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         "forwarder": f"{fwd} send --calling-aet {FWD_AET} --associations N "
         f"{SCP_AET}@127.0.0.1:PORT DIR",
         "daemon_settle": "0 (the watcher's floor)",
+        "receive": f"{STORESCU} -aec RECEIVER +sd +r 127.0.0.1 PORT DIR into `{STORESCP} -od "
+        f"OUT` or `{fwd} receive --output OUT -q`, OUT on {receive.tmpfs_root()}",
         "forwarder_bytecode": bytecode,
         "elapsed_s": round(time.monotonic() - started, 1),
     }

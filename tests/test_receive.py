@@ -604,9 +604,11 @@ def test_receiver_in_process_port_0_counter_nodelay_and_stop(tmp_path: Path) -> 
         source = sample("CT_small.dcm")
         with store_association(receiver.port, [source]) as assoc:
             assert assoc.send_c_store(pydicom.dcmread(source)).Status == 0x0000
-            server_side = [a for a in threading.enumerate() if a.name.startswith("AcceptorThread")]
+            server_side = [
+                t for t in threading.enumerate() if t.name.startswith("receiver-association-")
+            ]
             assert server_side
-            sock = server_side[0].dul.socket.socket  # type: ignore[attr-defined]
+            sock = server_side[0].sock  # type: ignore[attr-defined]
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert receiver.received == 1
         received = pydicom.dcmread(stored_path(receiver.output, source))

@@ -528,11 +528,14 @@ def test_association_aborted_mid_data_set_leaves_no_temporary_file(tmp_path: Pat
             pdus = message.encode_msg(assoc.accepted_contexts[0].context_id, 65536)
             for _ in range(3):  # the command set and the first data set fragments only
                 assoc.dul.send_pdu(next(pdus))
-            wait_until(lambda: list(tmpdir.iterdir()), 10, "the receiver to start a file")
+            # The partial file is written where the object will land (a dot-file in the output
+            # folder, renamed into place once checked), not in $TMPDIR.
+            wait_until(lambda: dot_files(proc.output), 10, "the receiver to start a file")
             assoc.abort()
         finally:
             finish(assoc)
-        wait_until(lambda: list(tmpdir.iterdir()) == [], 10, "the partial file to be deleted")
+        wait_until(lambda: dot_files(proc.output) == [], 10, "the partial file to be deleted")
+        assert list(tmpdir.iterdir()) == []
         assert dcm_files(proc.output) == []
         assert "aborted" in proc.log_text()
 

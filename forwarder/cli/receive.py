@@ -17,8 +17,6 @@ from forwarder.errors import ForwarderError
 from forwarder.net.receiver import (
     Receiver,
     ReceiverSettings,
-    accept_unknown_sop_classes,
-    enable_streamed_receive,
     parse_networks,
 )
 from forwarder.net.tls import server_context
@@ -138,6 +136,7 @@ def settings_from_args(
         max_object_size=args.max_object_size,
         max_pdu=args.max_pdu,
         tls=tls,
+        promiscuous=args.promiscuous,
     )
 
 
@@ -155,9 +154,6 @@ def run(args: argparse.Namespace) -> int:
             else None
         )
         settings = settings_from_args(args, tls)
-        enable_streamed_receive()  # this process runs no other SCP
-        if args.promiscuous:
-            accept_unknown_sop_classes()
         receiver = Receiver(settings)
         signals = SignalWaiter((signal.SIGTERM, signal.SIGINT))
         signals.__enter__()

@@ -11,8 +11,8 @@ presentation contexts :mod:`forwarder.net.contexts` plans, the user information 
 code run through the sender's own response check and
 :func:`forwarder.net.status.classify_status`, the
 conversions :mod:`forwarder.dicom.transcode` and :mod:`forwarder.dicom.reencode` perform, the SOP
-classes and transfer syntaxes the
-receiver's pynetdicom AE is built with, the TLS settings, and the defaults ``forwarder run``,
+classes and transfer syntaxes the receiver's engine accepts
+(:func:`forwarder.net.receiver.profile`), the TLS settings, and the defaults ``forwarder run``,
 ``send``, ``echo`` and ``receive`` actually use (built the way those commands build them).
 Only what has no table is prose.
 

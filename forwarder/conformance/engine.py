@@ -100,7 +100,7 @@ class _Engine:
     send_associations: int
     echo: AssociationSettings
     receive_settings: receiver.ReceiverSettings
-    receive_ae: Any  # pynetdicom.AE, as forwarder.net.receiver builds it
+    receive_ae: receiver.ScpProfile  # what forwarder.net.receiver accepts and announces
     parsers: dict[str, argparse.ArgumentParser]
 
 
@@ -122,7 +122,7 @@ def _engine() -> _Engine:
     echo = resolve(echo_args, list(echo_args.args), needs_files=False)
     rargs = parsers["receive"].parse_intermixed_args(["--port", "0", "--output", "/received"])
     rsettings = receive_settings_from_args(rargs)
-    ae = receiver.Receiver(rsettings)._make_ae()
+    ae = receiver.profile(rsettings)
     return _Engine(
         destination=destination,
         daemon=association_settings(destination, config),

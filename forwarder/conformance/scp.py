@@ -1,8 +1,9 @@
 """The Conformance Statement's SCP AE specification: ``forwarder receive`` (section 3.2.4).
 
-The SOP classes and transfer syntaxes the receiver's pynetdicom AE is built with, its association
-policies, its acceptance policy and the statuses it answers (read from its own ``STATUS_*``
-constants and their comments). The SCU AEs are :mod:`forwarder.conformance.scu`.
+The SOP classes and transfer syntaxes the receiver's engine accepts
+(:func:`forwarder.net.receiver.profile`), its association policies, its acceptance policy and
+the statuses it answers (read from its own ``STATUS_*`` constants and their comments). The SCU
+AEs are :mod:`forwarder.conformance.scu`.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import re
 
 from forwarder.conformance.engine import _Engine, _status_meaning
 from forwarder.conformance.markdown import _bytes, _hex, _name, _seconds, _syntax, _table
-from forwarder.net import pdu, receiver
+from forwarder.net import pdu, receiver, scp_object
 from forwarder.net import status as dimse_status
 
 
 def _receiver_statuses() -> list[list[str]]:
     """The receiver's ``STATUS_*`` constants, with the comment each carries in its source line
     (what it is answered for)."""
-    source = inspect.getsource(receiver)
+    source = inspect.getsource(scp_object)
     rows = []
-    for name in sorted(n for n in dir(receiver) if n.startswith("STATUS_")):
-        code = getattr(receiver, name)
+    for name in sorted(n for n in dir(scp_object) if n.startswith("STATUS_")):
+        code = getattr(scp_object, name)
         if isinstance(code, int):
             line = re.search(rf"^{name} = [^#\n]*(?:#\s*(.*))?$", source, re.MULTILINE)
             when = line.group(1) if line and line.group(1) else ""
@@ -68,10 +69,12 @@ def _ae_receive(e: _Engine) -> list[str]:
         "associations (`--max-associations`); one more gets A-ASSOCIATE-RJ transient, local "
         "limit exceeded.",
         "",
-        "**Asynchronous Nature.** Not supported: a proposed Asynchronous Operations Window gets "
-        "no answer, so one operation is outstanding at a time.",
+        "**Asynchronous Nature.** Supported: a proposed Asynchronous Operations Window is "
+        f"answered with at most {ae.async_ops_window} outstanding operations each way (0, "
+        "unlimited, counts as that); requests are served and answered in the order they "
+        "arrive. Without a window, one operation is outstanding at a time.",
         "",
-        "**Implementation Identifying Information** (pynetdicom's, which the receiver runs on):",
+        "**Implementation Identifying Information** (forwarder's own, as the sender's):",
         "",
         *_table(
             ["", ""],
@@ -128,14 +131,13 @@ def _ae_receive(e: _Engine) -> list[str]:
         "`STATUS_*` constants; a failure carries an Error Comment):",
         "",
         *_table(["Status", "Category", "Meaning", "Answered when"], _receiver_statuses()),
-        "**Timeouts** (pynetdicom's, as the receiver builds its AE):",
+        "**Timeouts** (the receiver's engine):",
         "",
         *_table(
             ["Waiting for", "Default"],
             [
-                ["A-ASSOCIATE-RQ / A-RELEASE (ACSE)", _seconds(ae.acse_timeout)],
-                ["DIMSE messages", _seconds(ae.dimse_timeout)],
-                ["network activity", _seconds(ae.network_timeout)],
+                ["the first PDU (A-ASSOCIATE-RQ) of a connection", _seconds(ae.acse_timeout)],
+                ["the next PDU, or progress inside one", _seconds(ae.network_timeout)],
                 ["TLS handshake", _seconds(receiver._HANDSHAKE_TIMEOUT)],
             ],
         ),
