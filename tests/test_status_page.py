@@ -32,8 +32,10 @@ from conftest import REPO, wait_until
 from daemon import Daemon, destination, route
 from peers import ScriptedSCP, free_port
 
+from forwarder.daemon.metrics import Metrics
 from forwarder.daemon.status import RateMeter, recent_failures
-from forwarder.daemon.status_page import render
+from forwarder.daemon.status_page import StatusPage, render
+from forwarder.queue import Queue
 
 CHROMIUM = shutil.which("chromium")
 WIDTH, HEIGHT = 1280, 900
@@ -433,3 +435,45 @@ def test_render_escapes_everything() -> None:
     assert "<script" not in page and "alert(&quot;x&quot;)" in page
     assert page.count("&lt;script&gt;") == 14  # every value shown, each escaped
     assert 'http-equiv="refresh" content="5"' in page
+
+
+def test_routing_and_an_unreadable_queue_on_a_real_listener(tmp_path: Path) -> None:
+    """The page's two paths go to the page, every other path stays the metrics; without a page
+    ``/`` is the metrics as before; a queue that cannot be read answers 503 with the reason."""
+    queue = Queue(tmp_path / "queue.sqlite")
+    page = StatusPage(queue, lambda: ["pacs"], tmp_path / "failed")
+    metrics = Metrics(destinations=["pacs"])
+    metrics.set_status_app(page)
+    metrics.start_server("127.0.0.1:0")
+    try:
+        assert metrics.address is not None
+        host, port = metrics.address
+        url = f"http://{host}:{port}"
+        status, _, body = get(f"{url}/api/status")
+        doc = json.loads(body)
+        assert status == 200 and doc["recent_failures"] == []
+        assert doc["destinations"]["pacs"]["state"] == "up"
+        assert doc["destinations"]["pacs"]["rate"] is None  # one sample only
+        status, headers, body = get(f"{url}/")
+        assert status == 200 and b"No files in failed/." in body
+        assert headers["Cache-Control"] == "no-store"
+        for path in ("/metrics", "/other"):
+            status, headers, body = get(f"{url}{path}")
+            assert status == 200 and b"forwarder_build_info" in body
+        head = urllib.request.Request(f"{url}/", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
+            assert int(resp.headers["Content-Length"]) > 0
+
+        queue.close()
+        status, _, body = get(f"{url}/api/status")
+        assert status == 503 and "closed" in json.loads(body)["error"]
+        status, _, body = get(f"{url}/")
+        assert status == 503 and b"The queue database cannot be read" in body
+
+        metrics.set_status_app(None)
+        status, _, body = get(f"{url}/")
+        assert status == 200 and b"forwarder_build_info" in body
+    finally:
+        metrics.stop()
+        queue.close()
