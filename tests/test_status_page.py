@@ -32,9 +32,10 @@ from conftest import REPO, wait_until
 from daemon import Daemon, destination, route
 from peers import ScriptedSCP, free_port
 
+from forwarder.daemon import metrics as metrics_module
 from forwarder.daemon.metrics import Metrics
 from forwarder.daemon.status import RateMeter, recent_failures
-from forwarder.daemon.status_page import StatusPage, render
+from forwarder.daemon.status_page import PATHS, StatusPage, render
 from forwarder.queue import Queue
 
 CHROMIUM = shutil.which("chromium")
@@ -140,7 +141,7 @@ def test_api_status_and_metrics_over_http(tmp_path: Path) -> None:
         assert offline["state"] == "down" and offline["state_since"]
         assert offline["pending"] == CT_FILES and offline["done"] == 0
         assert offline["oldest_pending_seconds"] > 0
-        assert "refused" in offline["last_error"].lower() or offline["last_error"]
+        assert "connection refused" in offline["last_error"]
         assert archive["failed"] == MR_FILES and archive["state"] == "up"
         # The rate: the daemon sampled the counters before the first file was stored.
         assert doc["rate_window_seconds"] > 0
@@ -440,6 +441,7 @@ def test_render_escapes_everything() -> None:
 def test_routing_and_an_unreadable_queue_on_a_real_listener(tmp_path: Path) -> None:
     """The page's two paths go to the page, every other path stays the metrics; without a page
     ``/`` is the metrics as before; a queue that cannot be read answers 503 with the reason."""
+    assert metrics_module.STATUS_PATHS == PATHS  # metrics routes exactly the page's paths
     queue = Queue(tmp_path / "queue.sqlite")
     page = StatusPage(queue, lambda: ["pacs"], tmp_path / "failed")
     metrics = Metrics(destinations=["pacs"])
