@@ -1,5 +1,8 @@
 """Prometheus metrics (``metrics.listen`` in the config): text format at ``/metrics``.
 
+The same listener serves the read-only status page, ``/`` and ``/api/status``, when the service
+hands it one (:meth:`Metrics.set_status_app`; the page is :mod:`forwarder.daemon.status_page`).
+
 Counters and histograms are updated by the code that sees the event (the service calls
 :meth:`Metrics.file_sent` and friends); queue depth, the age of the oldest pending item and
 the number of files in ``failed/`` are read at scrape time by a collector, so they are never
@@ -54,6 +57,8 @@ from forwarder.net.status import Outcome  # the outcome label values
 logger = logging.getLogger(__name__)
 
 QueueSource = Callable[[], Mapping[str, Any]]
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+STATUS_PATHS = ("/", "/api/status")  # the status page's; every other path is the metrics
 
 # One C-STORE takes milliseconds on a LAN and up to response_timeout on a stalled peer.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -208,6 +213,7 @@ class Metrics:
         for name in destinations:
             self.add_destination(name)
         self._lock = threading.Lock()
+        self._status_app: WSGIApp | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -261,6 +267,22 @@ class Metrics:
         """Count the files in ``failed/`` at scrape time (None: do not)."""
         self._queue.failed_folder = None if folder is None else Path(folder)
 
+    def set_status_app(self, app: WSGIApp | None) -> None:
+        """Serve :data:`STATUS_PATHS` with ``app`` (None: those paths are metrics again, as
+        every path but them is)."""
+        self._status_app = app
+
+    def _app(self) -> WSGIApp:
+        metrics_app: WSGIApp = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            status_app = self._status_app
+            if status_app is not None and environ.get("PATH_INFO", "/") in STATUS_PATHS:
+                return status_app(environ, start_response)
+            return metrics_app(environ, start_response)
+
+        return app
+
     @property
     def address(self) -> tuple[str, int] | None:
         """(host, port) the server listens on, or None when it is not running."""
@@ -271,8 +293,9 @@ class Metrics:
         return str(host), int(port)
 
     def start_server(self, listen: str) -> None:
-        """Serve ``/metrics`` on ``listen`` (``host:port``, ``[v6]:port``; an empty host is
-        every address, port 0 picks a free one). Raises ForwarderError when it cannot bind."""
+        """Serve ``/metrics`` (and the status page) on ``listen`` (``host:port``,
+        ``[v6]:port``; an empty host is every address, port 0 picks a free one). Raises
+        ForwarderError when it cannot bind."""
         host, port = _parse_listen(listen)
         with self._lock:
             if self._server is not None:
@@ -280,9 +303,7 @@ class Metrics:
             try:
                 family = _family_for(host, port)
                 server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-                server: _Server = make_server(
-                    host, port, make_wsgi_app(self.registry), server_class, _QuietHandler
-                )
+                server: _Server = make_server(host, port, self._app(), server_class, _QuietHandler)
             except OSError as exc:
                 raise ForwarderError(
                     f"cannot serve metrics on {listen}: {exc.strerror or exc}; "

@@ -28,6 +28,7 @@ from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
+from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
@@ -86,6 +87,8 @@ class Service:
         self._unhealthy: list[str] = []  # what the last health check found wrong
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
+        self.status_page: StatusPage | None = None  # on the metrics listener
+        self._started = time.time()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -135,6 +138,11 @@ class Service:
                 self.metrics.set_failed_folder(c.failed)
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
+                self.status_page = StatusPage(
+                    self.queue, self._destination_names, c.failed, started=self._started
+                )
+                self._sample_rates()  # before the first file is sent: the rates start at zero
+                self.metrics.set_status_app(self.status_page)
                 self.metrics.start_server(c.metrics.listen)
             for dest in c.destinations:
                 self._start_workers(dest)
@@ -210,6 +218,16 @@ class Service:
                 )
                 self.finisher.finish_ids(ids)
 
+    def _destination_names(self) -> list[str]:
+        return [d.name for d in self.config.destinations]
+
+    def _sample_rates(self) -> None:
+        if self.status_page is not None:
+            try:
+                self.status_page.sample()
+            except ForwarderError as exc:
+                logger.warning("status page: cannot sample the done counters: %s", exc)
+
     def _queue_stats(self) -> dict[str, Any]:
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
@@ -266,6 +284,7 @@ class Service:
                 next_unhealthy_log = now + _UNHEALTHY_LOG_EVERY
             if now >= next_status:
                 self.notifier.status(self._status_line())
+                self._sample_rates()
                 next_status = now + _STATUS_EVERY
             if now >= next_finish:
                 try:

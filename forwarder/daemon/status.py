@@ -1,0 +1,235 @@
+"""The status document: what ``forwarder status`` prints and the status page serves.
+
+:func:`read_status` reads the queue database (counts per destination, each destination's last
+recorded up/down state, files waiting to be moved out of incoming), so ``forwarder status`` in
+another process and the daemon's own page tell the same story. :func:`recent_failures` reads the
+``NAME.error.json`` reports in ``failed/`` (the files still there: ``forwarder retry`` removes a
+report with its file). :class:`RateMeter` turns samples of the cumulative done counters into
+files stored per minute.
+
+Rendering (text, HTML) is not here: the text is :mod:`forwarder.cli.status`'s, the page and
+``/api/status`` are :mod:`forwarder.daemon.status_page`'s.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from forwarder.queue import Queue
+
+ERROR_SUFFIX = ".error.json"
+_MAX_REPORT_BYTES = 256 * 1024  # a report is a few hundred bytes; never read a huge file whole
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """What the queue database says, per destination and about files waiting to be moved."""
+
+    destinations: dict[str, dict[str, Any]]  # name -> the contract's ``status --json`` object
+    since: dict[str, float]  # name -> epoch seconds of its recorded state (absent: never)
+    waiting_to_move: int  # files delivered or failed but not yet out of incoming
+    finishing_error: str | None  # why the last such move failed, if one did
+
+    def document(self) -> dict[str, Any]:
+        """Exactly the contract's ``forwarder status --json`` shape."""
+        return {"destinations": self.destinations}
+
+
+def _empty() -> dict[str, Any]:
+    return {
+        "pending": 0,
+        "in_flight": 0,
+        "done": 0,
+        "failed": 0,
+        "oldest_pending_seconds": None,
+        "last_error": None,
+    }
+
+
+def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueStatus:
+    """The status of every configured destination (zeros when ``queue`` is None: the daemon
+    never ran) and of every destination the queue has rows for. Raises ForwarderError when
+    the database cannot be read."""
+    result: dict[str, dict[str, Any]] = {}
+    states: dict[str, Any] = {}
+    waiting = 0
+    finishing_error: str | None = None
+    if queue is not None:
+        stats = queue.stats(destinations=destination_names)
+        waiting = queue.waiting_to_move()
+        problem = queue.problems().get("finish")
+        states = queue.destination_states()
+        if problem is not None:
+            finishing_error = problem[0]
+        for name, s in stats.items():
+            result[name] = {
+                "pending": s.pending,
+                "in_flight": s.in_flight,
+                "done": s.done,
+                "failed": s.failed,
+                "oldest_pending_seconds": s.oldest_pending_seconds,
+                "last_error": s.last_error,
+            }
+    for name in destination_names:
+        result.setdefault(name, _empty())
+    since: dict[str, float] = {}
+    for name, r in result.items():
+        # Never recorded: the daemon has not needed an association yet, nothing says it is down.
+        st = states.get(name)
+        r["state"] = st.state if st is not None else "up"
+        r["state_since"] = iso_local(st.since) if st is not None else None
+        if st is not None:
+            since[name] = st.since
+            if st.state == "down" and st.error:
+                r["last_error"] = st.error  # what holds every file, not one file's last failure
+    return QueueStatus(result, since, waiting, finishing_error)
+
+
+def status_document(queue: Queue | None, destination_names: Sequence[str]) -> dict[str, Any]:
+    """``forwarder status --json``'s document (see :func:`read_status`)."""
+    return read_status(queue, destination_names).document()
+
+
+def iso_local(at: float) -> str:
+    """Local time with its UTC offset, to the second (ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
+
+
+def iso_utc(at: float) -> str:
+    """UTC to the second, ``Z`` suffix (as ``NAME.error.json`` writes its times)."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def format_age(seconds: float) -> str:
+    """``42s``, ``17m``, ``3h05m``, ``2d4h``."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600}h"
+
+
+# -- recent failures ---------------------------------------------------------------------------
+
+
+def _reports(folder: Path) -> Iterator[tuple[float, str]]:
+    """(mtime, path) of every ``NAME.error.json`` under ``folder`` (unreadable parts skipped)."""
+    for dirpath, _dirnames, filenames in os.walk(folder, onerror=lambda _exc: None):
+        for name in filenames:
+            if name.endswith(ERROR_SUFFIX) and not name.startswith("."):
+                path = os.path.join(dirpath, name)
+                try:
+                    yield os.stat(path).st_mtime, path
+                except OSError:
+                    continue  # retried (removed) meanwhile
+
+
+def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
+    """The ``limit`` newest reports in ``failed/``, newest first: ``path`` (of the failed file,
+    relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` (when the report
+    has one) and per destination its ``outcome``, DICOM ``status`` (hex), ``error`` and
+    ``attempts``. Costs one stat per report in the folder and one read per report shown."""
+    out: list[dict[str, Any]] = []
+    for mtime, path in heapq.nlargest(limit, _reports(failed)):
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.loads(f.read(_MAX_REPORT_BYTES))
+        except (OSError, ValueError):
+            doc = None  # removed meanwhile, being replaced, or not ours: still a failed file
+        if not isinstance(doc, dict):
+            doc = {"reason": "(unreadable report)"}
+        rel = Path(path).relative_to(failed).as_posix()[: -len(ERROR_SUFFIX)]
+        entry: dict[str, Any] = {
+            "path": rel,
+            "failed_at": _text(doc.get("failed_at")) or iso_utc(mtime),
+            "reason": _text(doc.get("reason")),
+            "sop_instance_uid": _text(doc.get("sop_instance_uid")),
+            "destinations": [],
+        }
+        results = doc.get("destinations")
+        for r in results if isinstance(results, list) else []:
+            if isinstance(r, dict):
+                attempts = r.get("attempts")
+                entry["destinations"].append(
+                    {
+                        "destination": _text(r.get("destination")),
+                        "outcome": _text(r.get("outcome")),
+                        "status": _text(r.get("status")),
+                        "error": _text(r.get("error")),
+                        "attempts": attempts if isinstance(attempts, int) else None,
+                    }
+                )
+        out.append(entry)
+    return out
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+# -- rates -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    at: float  # monotonic seconds
+    done: Mapping[str, int]
+
+
+class RateMeter:
+    """Files stored per minute per destination, over the last ``window`` seconds, from samples
+    of the cumulative done counters (the daemon samples every few seconds, and each page view
+    adds one). Thread-safe: sampled by the service and read by the HTTP server's threads."""
+
+    def __init__(
+        self,
+        window: float = 300.0,
+        *,
+        min_span: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self._min_span = min_span  # closer samples replace each other: bounded memory
+        self._clock = clock
+        self._samples: deque[_Sample] = deque()
+        self._lock = threading.Lock()
+
+    def sample(self, done: Mapping[str, int], *, now: float | None = None) -> None:
+        at = self._clock() if now is None else now
+        with self._lock:
+            s = self._samples
+            if len(s) >= 2 and at - s[-2].at < self._min_span:
+                s.pop()  # keep the first of a burst and the freshest
+            s.append(_Sample(at, dict(done)))
+            # Keep one sample at or before the window's start, so the span covers the window.
+            while len(s) >= 2 and s[1].at <= at - self.window:
+                s.popleft()
+
+    def rates(self) -> tuple[dict[str, float | None], float | None]:
+        """(destination -> files per minute, or None without two samples far enough apart;
+        the seconds the rates are over)."""
+        with self._lock:
+            if len(self._samples) < 2:
+                return {}, None
+            first, last = self._samples[0], self._samples[-1]
+        span = last.at - first.at
+        if span < self._min_span:
+            return {}, None
+        rates: dict[str, float | None] = {}
+        for name, done in last.done.items():
+            before = first.done.get(name)
+            rates[name] = None if before is None else max(0, done - before) * 60.0 / span
+        return rates, span

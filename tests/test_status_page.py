@@ -1,0 +1,481 @@
+"""The status page on the metrics listener: ``/`` (HTML) and ``/api/status`` (JSON).
+
+The daemon runs as a real subprocess with three destinations: ``pacs`` (a Storage SCP that
+stores), ``offline`` (a closed port: down, its files stay queued) and ``archive`` (an SCP that
+answers 0xC001 to everything: those files go to failed/). ``/api/status`` and ``/metrics`` are
+read over HTTP; the page is rendered by Debian's chromium in headless mode, its DOM text and
+its screenshot (decoded with a few lines of zlib) checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO, wait_until
+from daemon import Daemon, destination, route
+from peers import ScriptedSCP, free_port
+
+from forwarder.daemon import metrics as metrics_module
+from forwarder.daemon.metrics import Metrics
+from forwarder.daemon.status import RateMeter, recent_failures
+from forwarder.daemon.status_page import PATHS, StatusPage, render
+from forwarder.queue import Queue
+
+CHROMIUM = shutil.which("chromium")
+WIDTH, HEIGHT = 1280, 900
+UP_RGB = (0x1A, 0x7F, 0x37)  # .badge.up in status_page's CSS
+DOWN_RGB = (0xCF, 0x22, 0x2E)  # .badge.down
+CT_FILES, MR_FILES = 3, 2
+
+
+# -- the scene -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Scene:
+    daemon: Daemon
+    url: str  # http://127.0.0.1:PORT
+    pacs: ScriptedSCP
+
+
+@contextmanager
+def scene(tmp_path: Path) -> Iterator[Scene]:
+    """The daemon with pacs up, offline down and archive failing everything, files dropped,
+    and every outcome settled (pacs stored the CT files, the MR files and a non-DICOM file are
+    in failed/, offline is down)."""
+    listen_port = free_port()
+    closed_port = free_port()  # nothing listens there: connection refused
+    with ScriptedSCP() as pacs, ScriptedSCP(status=0xC001) as archive:
+        d = Daemon(
+            tmp_path,
+            destinations=[
+                destination("pacs", pacs.port),
+                destination("offline", closed_port, connect_timeout="1s"),
+                destination("archive", archive.port),
+            ],
+            routes=[
+                route("ct", ["pacs", "offline"], Modality="CT"),
+                route("mr", ["archive"], Modality="MR"),
+            ],
+            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
+        )
+        with d:
+            d.drop_files(CT_FILES, prefix="ct")
+            d.drop_files(MR_FILES, prefix="mr", folder="mr", modality="MR")
+            d.drop_bytes("junk.dcm", b"this is not DICOM" * 10)
+            d.wait_failed(MR_FILES + 1)
+            wait_until(lambda: len(pacs.uids()) == CT_FILES, 30, what="pacs to store the CT")
+            d.wait_status(
+                lambda s: (
+                    s["offline"]["state"] == "down"
+                    and s["pacs"]["done"] == CT_FILES
+                    and s["archive"]["failed"] == MR_FILES
+                    and s["offline"]["in_flight"] == 0
+                ),
+                what="offline down, pacs done, archive failed",
+            )
+            yield Scene(d, f"http://127.0.0.1:{listen_port}", pacs)
+            assert d.stop() == 0
+            d.assert_no_phi()
+
+
+def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+def test_api_status_and_metrics_over_http(tmp_path: Path) -> None:
+    with scene(tmp_path) as s:
+
+        def read() -> dict[str, Any] | None:
+            status, headers, body = get(f"{s.url}/api/status")
+            assert status == 200 and headers["Content-Type"] == "application/json"
+            doc: dict[str, Any] = json.loads(body)
+            return doc if (doc["rate_window_seconds"] or 0) >= 2.0 else None
+
+        # Rates need samples at least a second apart (the daemon samples every 5 s).
+        doc = wait_until(read, 15, interval=0.5, what="two seconds of rate samples")
+        assert isinstance(doc, dict)
+        # The contract's `status --json` document, and what the page adds.
+        cli = s.daemon.status_json()
+        assert (
+            set(doc["destinations"])
+            == set(cli["destinations"])
+            == {
+                "pacs",
+                "offline",
+                "archive",
+            }
+        )
+        for name, entry in doc["destinations"].items():
+            same = {k: v for k, v in entry.items() if k not in ("oldest_pending_seconds", "rate")}
+            assert same == {
+                k: v for k, v in cli["destinations"][name].items() if k != "oldest_pending_seconds"
+            }
+        pacs, offline, archive = (doc["destinations"][n] for n in ("pacs", "offline", "archive"))
+        assert (pacs["state"], pacs["done"], pacs["pending"], pacs["failed"]) == ("up", 3, 0, 0)
+        assert offline["state"] == "down" and offline["state_since"]
+        assert offline["pending"] == CT_FILES and offline["done"] == 0
+        assert offline["oldest_pending_seconds"] > 0
+        assert "connection refused" in offline["last_error"]
+        assert archive["failed"] == MR_FILES and archive["state"] == "up"
+        # The rate: the daemon sampled the counters before the first file was stored.
+        assert doc["rate_window_seconds"] > 0
+        assert pacs["rate"] > 0 and archive["rate"] == 0 and offline["rate"] == 0
+        assert doc["daemon"]["version"] and doc["daemon"]["pid"] == s.daemon.pid
+        assert doc["daemon"]["uptime_seconds"] > 0
+        assert doc["finishing"] == {"waiting": 0, "last_error": None}
+
+        failures = doc["recent_failures"]
+        assert len(failures) == MR_FILES + 1
+        assert [f["failed_at"] for f in failures] == sorted(
+            (f["failed_at"] for f in failures), reverse=True
+        )
+        by_path = {f["path"]: f for f in failures}
+        assert set(by_path) == {"junk.dcm", "mr/mr0000.dcm", "mr/mr0001.dcm"}
+        assert by_path["junk.dcm"]["reason"].startswith("not usable DICOM")
+        assert by_path["junk.dcm"]["destinations"] == []
+        mr = by_path["mr/mr0000.dcm"]
+        assert mr["reason"].startswith("archive: ") and "0xC001" in mr["reason"]
+        (outcome,) = mr["destinations"]
+        assert outcome["destination"] == "archive" and outcome["outcome"] == "failed"
+        assert outcome["status"] == "0xC001" and outcome["attempts"] == 1
+
+        # /metrics still serves Prometheus text; other paths stay the metrics too.
+        status, headers, body = get(f"{s.url}/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain")
+        text = body.decode()
+        assert 'forwarder_queue_items{destination="offline",state="pending"} 3.0' in text
+        assert 'forwarder_destination_up{destination="offline"} 0.0' in text
+
+        # The page: HTML, read-only, no script allowed.
+        status, headers, body = get(f"{s.url}/")
+        assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+        assert "script-src" not in headers["Content-Security-Policy"]
+        assert "default-src 'none'" in headers["Content-Security-Policy"]
+        assert b"<script" not in body and b'http-equiv="refresh"' in body
+        request = urllib.request.Request(f"{s.url}/api/status", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        with err.value:
+            assert err.value.code == 405
+
+
+def test_the_shipped_config_binds_the_listener_to_loopback() -> None:
+    """The page has no login: the packaged config keeps it on loopback."""
+    config = yaml.safe_load((REPO / "packaging" / "forwarder.yaml").read_text())
+    assert config["metrics"]["listen"].startswith("127.0.0.1:")
+
+
+# -- the browser ---------------------------------------------------------------------------------
+
+
+def chromium(args: list[str], profile: Path, timeout: float = 60.0) -> bytes:
+    """Run headless chromium; kill it (its process group, by its PID) when it overruns."""
+    assert CHROMIUM is not None
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--window-size={WIDTH},{HEIGHT}",
+        *args,
+    ]
+    env = {**os.environ, "HOME": str(profile)}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # its own process group: the renderer and zygote die with it
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"chromium did not finish within {timeout}s: {' '.join(cmd)}")
+    assert proc.returncode == 0, f"chromium exited {proc.returncode}: {err.decode()[-2000:]}"
+    return out
+
+
+class _Text(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag in ("style", "script", "title"):
+            self._skip += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("style", "script", "title"):
+            self._skip -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip:
+            self.parts.append(data)
+
+
+def dom_text(html: str) -> str:
+    parser = _Text()
+    parser.feed(html)
+    return re.sub(r"\s+", " ", " ".join(parser.parts))
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of RGB bytes) of an 8-bit RGB or RGBA, non-interlaced PNG."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, chunk = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat += chunk
+        elif kind == b"IEND":
+            break
+    assert header is not None
+    width, height, depth, colour, _comp, _filter, interlace = header
+    assert depth == 8 and colour in (2, 6) and interlace == 0, header
+    bpp = 3 if colour == 2 else 4
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for y in range(height):
+        ftype = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        if ftype == 1:
+            for i in range(bpp, stride):
+                line[i] = (line[i] + line[i - bpp]) & 0xFF
+        elif ftype == 2:
+            line = bytearray((a + b) & 0xFF for a, b in zip(line, prev, strict=True))
+        elif ftype == 3:
+            for i in range(stride):
+                left = line[i - bpp] if i >= bpp else 0
+                line[i] = (line[i] + ((left + prev[i]) >> 1)) & 0xFF
+        elif ftype == 4:
+            for i in range(stride):
+                a = line[i - bpp] if i >= bpp else 0
+                b = prev[i]
+                c = prev[i - bpp] if i >= bpp else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                pred = a if pa <= pb and pa <= pc else b if pb <= pc else c
+                line[i] = (line[i] + pred) & 0xFF
+        else:
+            assert ftype == 0, f"unknown PNG filter {ftype}"
+        prev = line
+        rgb = bytes(line) if bpp == 3 else bytes(b for i, b in enumerate(line) if i % 4 != 3)
+        rows.append(rgb)
+    return width, height, rows
+
+
+def count_colour(rows: list[bytes], rgb: tuple[int, int, int], tolerance: int = 6) -> int:
+    n = 0
+    for row in rows:
+        for x in range(0, len(row), 3):
+            if all(abs(row[x + k] - rgb[k]) <= tolerance for k in range(3)):
+                n += 1
+    return n
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make system-deps)")
+@pytest.mark.timeout(240)
+def test_the_page_in_headless_chromium(tmp_path: Path) -> None:
+    with scene(tmp_path / "daemon") as s:
+        profile = tmp_path / "chromium"
+        profile.mkdir()
+        html = chromium(["--dump-dom", f"{s.url}/"], profile).decode()
+        text = dom_text(html)
+        for expected in ("forwarder", "Destinations", "pacs", "offline", "archive", "Recent"):
+            assert expected in text, (expected, text)
+        assert re.search(r"offline down since \S+ \S+ \(\d+s ago\)", text), text
+        # name, state and since, pending, in flight, oldest pending, rate, done, failed
+        since = r"(?:since \S+ \S+ \(\d+s ago\)|no outage recorded)"
+        assert re.search(rf"pacs up {since} 0 0 - [0-9.]+ {CT_FILES} 0", text), text
+        assert re.search(rf"offline down {since} {CT_FILES} 0 \d+s 0\.0 0 0 ", text), text
+        assert re.search(rf"archive up {since} 0 0 - 0\.0 0 {MR_FILES} ", text), text
+        assert "connection refused" in text
+        assert "mr/mr0000.dcm" in text and "junk.dcm" in text
+        assert (
+            "archive : failed 0xC001" in text
+            and "(1 attempt)" in text
+            and "not usable DICOM" in text
+        )
+        assert "Recent failures (3, newest first)" in text
+
+        png = tmp_path / "page.png"
+        chromium([f"--screenshot={png}", f"{s.url}/"], profile)
+        width, height, rows = decode_png(png.read_bytes())
+        assert (width, height) == (WIDTH, HEIGHT)
+        assert len({row for row in rows}) > 50, "the screenshot is (nearly) blank"
+        # The badges: two green "up" (pacs, archive) and one red "down" (offline).
+        up, down = count_colour(rows, UP_RGB), count_colour(rows, DOWN_RGB)
+        assert up > 2 * 400, f"{up} pixels of the up badges' green"
+        assert down > 400, f"{down} pixels of the down badge's red"
+        white = count_colour(rows, (255, 255, 255), tolerance=0)
+        assert white > WIDTH * HEIGHT // 2, "a white page with the tables on it"
+
+
+# -- the parts, without a daemon ----------------------------------------------------------------
+
+
+def test_rate_meter() -> None:
+    m = RateMeter(window=60.0)
+    assert m.rates() == ({}, None)
+    m.sample({"a": 0, "b": 5}, now=100.0)
+    m.sample({"a": 0, "b": 5}, now=100.5)  # too close: replaces nothing but itself later
+    assert m.rates() == ({}, None)
+    m.sample({"a": 30, "b": 5, "new": 1}, now=130.0)
+    rates, span = m.rates()
+    assert span == 30.0 and rates == {"a": 60.0, "b": 0.0, "new": None}
+    m.sample({"a": 60, "b": 5}, now=200.0)  # the 100.0 sample falls out of the window
+    rates, span = m.rates()
+    assert span == 70.0 and rates["a"] == pytest.approx(30 * 60 / 70)
+    m.sample({"a": 10, "b": 5}, now=260.0)  # a counter that went back: never negative
+    assert m.rates()[0]["a"] == 0.0
+
+
+def test_recent_failures_newest_first_and_limited(tmp_path: Path) -> None:
+    failed = tmp_path / "failed"
+    (failed / "sub").mkdir(parents=True)
+    for i in range(5):
+        report = failed / "sub" / f"f{i}.dcm.error.json"
+        report.write_text(json.dumps({"reason": f"r{i}", "failed_at": f"2026-01-0{i + 1}"}))
+        os.utime(report, (1000.0 + i, 1000.0 + i))
+    (failed / "bad.dcm.error.json").write_text("{not json")
+    os.utime(failed / "bad.dcm.error.json", (900.0, 900.0))
+    (failed / ".hidden.error.json.tmp").write_text("{}")
+    got = recent_failures(failed, limit=3)
+    assert [f["path"] for f in got] == ["sub/f4.dcm", "sub/f3.dcm", "sub/f2.dcm"]
+    everything = recent_failures(failed, limit=10)
+    assert everything[-1] == {
+        "path": "bad.dcm",
+        "failed_at": "1970-01-01T00:15:00Z",
+        "reason": "(unreadable report)",
+        "sop_instance_uid": None,
+        "destinations": [],
+    }
+    assert recent_failures(tmp_path / "missing") == []
+
+
+def test_render_escapes_everything() -> None:
+    evil = '<script>alert("x")</script>&'
+    doc = {
+        "destinations": {
+            evil: {
+                "pending": 1,
+                "in_flight": 0,
+                "done": 2,
+                "failed": 3,
+                "oldest_pending_seconds": 4.0,
+                "last_error": evil,
+                "state": "down",
+                "state_since": evil,
+                "rate": 1.5,
+            }
+        },
+        "rate_window_seconds": 30.0,
+        "recent_failures": [
+            {
+                "path": evil,
+                "failed_at": evil,
+                "reason": evil,
+                "sop_instance_uid": evil,
+                "destinations": [
+                    {
+                        "destination": evil,
+                        "outcome": "failed",
+                        "status": evil,
+                        "error": evil,
+                        "attempts": 2,
+                    }
+                ],
+            }
+        ],
+        "finishing": {"waiting": 1, "last_error": evil},
+        "daemon": {"version": evil, "pid": 1, "started_at": evil, "uptime_seconds": 5.0},
+        "generated_at": evil,
+    }
+    page = render(doc)
+    assert "<script" not in page and "alert(&quot;x&quot;)" in page
+    assert page.count("&lt;script&gt;") == 14  # every value shown, each escaped
+    assert 'http-equiv="refresh" content="5"' in page
+
+
+def test_routing_and_an_unreadable_queue_on_a_real_listener(tmp_path: Path) -> None:
+    """The page's two paths go to the page, every other path stays the metrics; without a page
+    ``/`` is the metrics as before; a queue that cannot be read answers 503 with the reason."""
+    assert metrics_module.STATUS_PATHS == PATHS  # metrics routes exactly the page's paths
+    queue = Queue(tmp_path / "queue.sqlite")
+    page = StatusPage(queue, lambda: ["pacs"], tmp_path / "failed")
+    metrics = Metrics(destinations=["pacs"])
+    metrics.set_status_app(page)
+    metrics.start_server("127.0.0.1:0")
+    try:
+        assert metrics.address is not None
+        host, port = metrics.address
+        url = f"http://{host}:{port}"
+        status, _, body = get(f"{url}/api/status")
+        doc = json.loads(body)
+        assert status == 200 and doc["recent_failures"] == []
+        assert doc["destinations"]["pacs"]["state"] == "up"
+        assert doc["destinations"]["pacs"]["rate"] is None  # one sample only
+        status, headers, body = get(f"{url}/")
+        assert status == 200 and b"No files in failed/." in body
+        assert headers["Cache-Control"] == "no-store"
+        for path in ("/metrics", "/other"):
+            status, headers, body = get(f"{url}{path}")
+            assert status == 200 and b"forwarder_build_info" in body
+        head = urllib.request.Request(f"{url}/", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as resp:
+            assert resp.status == 200 and resp.read() == b""
+            assert int(resp.headers["Content-Length"]) > 0
+
+        queue.close()
+        status, _, body = get(f"{url}/api/status")
+        assert status == 503 and "closed" in json.loads(body)["error"]
+        status, _, body = get(f"{url}/")
+        assert status == 503 and b"The queue database cannot be read" in body
+
+        metrics.set_status_app(None)
+        status, _, body = get(f"{url}/")
+        assert status == 200 and b"forwarder_build_info" in body
+    finally:
+        metrics.stop()
+        queue.close()
