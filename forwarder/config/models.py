@@ -243,7 +243,7 @@ class WatchConfig(_Model):
 
 
 class MetricsConfig(_Model):
-    """Prometheus text format at /metrics."""
+    """Prometheus text format at /metrics, and the read-only status page at / and /api/status."""
 
     listen: str = Field(pattern=r"^[^\s:]*:\d{1,5}$", description="host:port")
 
