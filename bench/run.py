@@ -1,5 +1,8 @@
 """Run the benchmark: per case one storescp, then storescu and the forwarder variants alternately.
 
+The ``stow-*`` cases have Orthanc as their peer instead (``bench.orthanc``): storescu, then
+``forwarder send`` by C-STORE and by STOW-RS, Orthanc emptied before each of them.
+
 Each repetition runs every sender once, in the same order (storescu first), against the same
 storescp and corpus; a sender's time is the best (or, with ``--statistic median``, the median)
 of its repetitions, its RSS the maximum.
@@ -151,19 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         "forwarder": f"{fwd} send --calling-aet {FWD_AET} --associations N "
         f"{SCP_AET}@127.0.0.1:PORT DIR",
         "daemon_settle": "0 (the watcher's floor)",
-        **(
-            {
-                "orthanc": "/usr/sbin/Orthanc + DICOMweb plugin, storage and index on tmpfs, "
-                "emptied (DELETE /patients/ID) before every sender, counted by /statistics",
-                "forwarder_stow": f"{fwd} send --associations N "
-                "http://127.0.0.1:HTTP_PORT/dicom-web DIR",
-            }
-            if with_orthanc
-            else {}
-        ),
         "forwarder_bytecode": bytecode,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+    if with_orthanc:
+        settings["orthanc"] = (
+            f"{orthanc.ORTHANC} with {orthanc.DICOMWEB_PLUGIN}, storage and index on tmpfs, "
+            "emptied (DELETE /patients/ID) before every sender, counted by /statistics"
+        )
+        settings["forwarder_stow"] = (
+            f"{fwd} send --associations N http://127.0.0.1:HTTP_PORT/dicom-web DIR"
+        )
     table = report.table(results)
     print(table)
     print(f"\n{report.footer(machine, settings, results)}")
