@@ -30,6 +30,14 @@ class Kind(enum.Enum):
     DAEMON = "daemon"  # forwarder run, files present in incoming at start
     STORESCP_OD = "storescp-od"  # receive cases: DCMTK storescp -od, the reference receiver
     RECEIVE = "receive"  # receive cases: forwarder receive (storescu pushes into both)
+    STOW = "stow"  # forwarder send http://.../dicom-web (STOW-RS), beside SEND to the same peer
+
+
+class Peer(enum.Enum):
+    """Who receives."""
+
+    STORESCP = "storescp"  # DCMTK storescp --ignore (bench.procs)
+    ORTHANC = "orthanc"  # Orthanc with its DICOMweb plugin, C-STORE and STOW-RS (bench.orthanc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,7 @@ class Case:
     goal: Goal
     nodelay: bool  # TCP_NODELAY=1 for storescp and storescu; False = Nagle on, as shipped
     description: str
+    peer: Peer = Peer.STORESCP
 
 
 CASES: dict[str, Case] = {
@@ -84,6 +93,16 @@ CASES: dict[str, Case] = {
             "receive-ct", "ct", Kind.RECEIVE, Goal(Metric.MB_PER_S, 1.0), True,
             "storescu pushing CT files into forwarder receive vs storescp -od (tmpfs)",
         ),
+        # Issue 19: STOW-RS to Orthanc against C-STORE to the same Orthanc. The goal applies to
+        # every forwarder row (C-STORE and STOW-RS), against storescu into the same Orthanc.
+        Case(
+            "stow-small", "small", Kind.STOW, Goal(Metric.FILES_PER_S, 1.0), True,
+            "small files (~9 KB) to Orthanc: C-STORE and STOW-RS", Peer.ORTHANC,
+        ),
+        Case(
+            "stow-ct", "ct", Kind.STOW, Goal(Metric.MB_PER_S, 1.0), True,
+            "CT files (~0.5 MB) to Orthanc: C-STORE and STOW-RS", Peer.ORTHANC,
+        ),
     )
 }  # fmt: skip
 
@@ -101,6 +120,8 @@ class Sender:
             return "storescp -od"
         if self.kind is Kind.RECEIVE:
             return "forwarder receive"
+        if self.kind is Kind.STOW:
+            return f"forwarder send STOW-RS -a{self.associations}"
         name = "forwarder send" if self.kind is Kind.SEND else "forwarder run"
         return f"{name} -a{self.associations}"
 

@@ -145,6 +145,9 @@ class StoreSCP:
     line per C-STORE request, which :meth:`received` counts.
     """
 
+    name = "storescp"
+    ae_title = SCP_AET
+
     def __init__(self, log_path: Path, *, nodelay: bool, fork: bool) -> None:
         self.port = free_port()
         self.log_path = log_path

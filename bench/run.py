@@ -1,5 +1,8 @@
 """Run the benchmark: per case one storescp, then storescu and the forwarder variants alternately.
 
+The ``stow-*`` cases have Orthanc as their peer instead (``bench.orthanc``): storescu, then
+``forwarder send`` by C-STORE and by STOW-RS, Orthanc emptied before each of them.
+
 Each repetition runs every sender once, in the same order (storescu first), against the same
 storescp and corpus; a sender's time is the best (or, with ``--statistic median``, the median)
 of its repetitions, its RSS the maximum.
@@ -24,8 +27,8 @@ from pathlib import Path
 from typing import IO
 
 from bench import corpus as corpora
-from bench import receive, report
-from bench.cases import CASES, Attempt, Case, CaseResult, Kind, Row, Sender, Statistic
+from bench import orthanc, receive, report
+from bench.cases import CASES, Attempt, Case, CaseResult, Kind, Peer, Row, Sender, Statistic
 from bench.procs import (
     SCP_AET,
     STORESCP,
@@ -112,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         Kind.DAEMON: works([fwd, "run", "--help"], dcmtk_env(True)),
         Kind.RECEIVE: works([fwd, "receive", "--help"], dcmtk_env(True)),
     }
+    unavailable[Kind.STOW] = unavailable[Kind.SEND]  # the same command, another TARGET
     for kind, why in unavailable.items():
         if why is not None:
             logger.warning("forwarder %s unavailable (%s): its rows will show FAILED", kind, why)
     fork = args.fork == "yes" or (args.fork == "auto" and max(args.assoc_list) > 1)
     machine = _machine(fwd)
+    with_orthanc = any(CASES[name].peer is Peer.ORTHANC for name in args.case_list)
+    if with_orthanc:
+        machine["orthanc"] = orthanc.version()
     results: list[CaseResult] = []
     started = time.monotonic()
     try:
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(receive.run_case(case, data, args, logs, unavailable.get(case.kind)))
                 continue
             senders = [Sender(Kind.STORESCU)] + [Sender(case.kind, a) for a in args.assoc_list]
+            if case.kind is Kind.STOW:  # C-STORE to the same peer first, then STOW-RS
+                senders[1:1] = [Sender(Kind.SEND, a) for a in args.assoc_list]
             results.append(
                 _run_case(case, data, senders, args, fork, logs, unavailable.get(case.kind))
             )
@@ -154,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         "forwarder_bytecode": bytecode,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+    if with_orthanc:
+        settings["orthanc"] = (
+            f"{orthanc.ORTHANC} with {orthanc.DICOMWEB_PLUGIN}, storage and index on tmpfs, "
+            "emptied (DELETE /patients/ID) before every sender, counted by /statistics"
+        )
+        settings["forwarder_stow"] = (
+            f"{fwd} send --associations N http://127.0.0.1:HTTP_PORT/dicom-web DIR"
+        )
     table = report.table(results)
     print(table)
     print(f"\n{report.footer(machine, settings, results)}")
@@ -229,11 +246,19 @@ def _run_case(
     if load > 0.5:
         logger.warning("load average %.2f before case %s: numbers will be noisy", load, case.name)
     attempts: dict[Sender, list[Attempt]] = {s: [] for s in senders}
-    with StoreSCP(logs / f"{case.name}.storescp.log", nodelay=case.nodelay, fork=fork) as scp:
+    if case.peer is Peer.ORTHANC and (missing := orthanc.available()) is not None:
+        rows = [
+            Row(s, data.count, data.total_bytes, (), Statistic(args.statistic), missing)
+            for s in senders
+        ]
+        return CaseResult(case, rows[0], tuple(rows[1:]), load)  # every row FAILED: no peer
+    with _peer(case, logs, fork) as scp:
         for rep in range(args.repeat):
             for sender in senders:
                 if sender.kind is not Kind.STORESCU and unavailable is not None:
                     continue
+                if isinstance(scp, orthanc.Orthanc):
+                    scp.wipe()  # every sender stores into an empty Orthanc
                 log = logs / f"{case.name}.{sender.label.replace(' ', '_')}.{rep}.log"
                 before = scp.received()
                 attempt = _attempt(case, data, sender, scp, args, log, before)
@@ -260,11 +285,18 @@ def _run_case(
     return CaseResult(case, rows[0], tuple(rows[1:]), load)
 
 
+def _peer(case: Case, logs: Path, fork: bool) -> StoreSCP | orthanc.Orthanc:
+    """The receiver of ``case``, not yet started: storescp, or Orthanc for the ``stow`` cases."""
+    if case.peer is Peer.ORTHANC:
+        return orthanc.Orthanc(logs / f"{case.name}.orthanc.log", nodelay=case.nodelay)
+    return StoreSCP(logs / f"{case.name}.storescp.log", nodelay=case.nodelay, fork=fork)
+
+
 def _attempt(
     case: Case,
     data: corpora.Corpus,
     sender: Sender,
-    scp: StoreSCP,
+    scp: StoreSCP | orthanc.Orthanc,
     args: argparse.Namespace,
     log_path: Path,
     before: int,
@@ -273,15 +305,20 @@ def _attempt(
     rusage = log_path.with_suffix(".rusage.json")
     with log_path.open("wb") as log:
         if sender.kind is Kind.DAEMON:
+            assert isinstance(scp, StoreSCP)
             measured, error = _run_daemon(data, sender, scp, args, env, log, rusage)
         else:
             if sender.kind is Kind.STORESCU:
-                argv = [STORESCU, "-aet", SCU_AET, "-aec", SCP_AET, "+sd", "+r"]
+                argv = [STORESCU, "-aet", SCU_AET, "-aec", scp.ae_title, "+sd", "+r"]
                 argv += ["127.0.0.1", str(scp.port), str(data.folder)]
+            elif sender.kind is Kind.STOW:
+                assert isinstance(scp, orthanc.Orthanc)
+                argv = [str(args.forwarder), "send", "--associations", str(sender.associations)]
+                argv += [scp.url, str(data.folder)]
             else:
                 argv = [str(args.forwarder), "send", "--calling-aet", FWD_AET]
                 argv += ["--associations", str(sender.associations)]
-                argv += [f"{SCP_AET}@127.0.0.1:{scp.port}", str(data.folder)]
+                argv += [f"{scp.ae_title}@127.0.0.1:{scp.port}", str(data.folder)]
             measured = run_measured(argv, env, log, rusage, args.timeout)
             error = _exit_problem(measured)
     received = scp.wait_received(before + data.count) - before
@@ -289,7 +326,7 @@ def _attempt(
     if error is None and (
         received < data.count or (sender.kind is not Kind.DAEMON and received != data.count)
     ):
-        error = f"storescp received {received} of {data.count} files"
+        error = f"{scp.name} received {received} of {data.count} files"
     if error is not None:
         error += f" (log: {log_path})"
     return Attempt(

@@ -89,3 +89,26 @@ def test_a_sender_that_sends_nothing_is_failed_not_fast(tmp_path: Path) -> None:
     assert fake_row["files_per_s"] is None and fake_row["ratio"] is None
     assert "storescp received 0 of 40" in fake_row["error"]
     assert "FAILED" in proc.stdout
+
+
+@pytest.mark.skipif(
+    not os.access("/usr/sbin/Orthanc", os.X_OK)
+    or not os.path.exists("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+    reason="Orthanc or its DICOMweb plugin not installed (make system-deps)",
+)
+def test_stow_case_checks_what_orthanc_holds_after_every_sender(tmp_path: Path) -> None:
+    """The issue 19 case: C-STORE and STOW-RS into the same Orthanc, emptied before each sender
+    (so every attempt's count is the corpus exactly, not a running total)."""
+    proc, out = run_bench(tmp_path, "--cases", "stow-small", "--associations", "1")
+    data = json.loads((out / "results.json").read_text())
+    assert "Orthanc" in data["machine"]["orthanc"]
+    (case,) = data["cases"]
+    assert case["case"] == "stow-small" and case["files"] == 40
+    labels = [row["sender"] for row in case["rows"]]
+    assert labels == ["storescu", "forwarder send -a1", "forwarder send STOW-RS -a1"]
+    for row in case["rows"]:
+        assert row["ok"], row["error"]
+        assert [(a["received"], a["expected"]) for a in row["attempts"]] == [(40, 40)]
+        for key in ("files_per_s", "mb_per_s", "peak_rss_mib", "seconds"):
+            assert sane(row[key]), (key, row)
+    assert any(line.startswith("| stow-small ") for line in proc.stdout.splitlines())
