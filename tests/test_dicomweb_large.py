@@ -1,4 +1,4 @@
-"""A 200 MB object goes by STOW-RS with flat memory: ``forwarder send`` streams it from disk
+"""A 500 MB object goes by STOW-RS with flat memory: ``forwarder send`` streams it from disk
 (the server receives it whole, byte for byte) and its peak RSS stays far below its size."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from stowserver import Answer, StowServer, stow_json
 
 from forwarder.dicom.part10 import read_meta
 
-ROWS = COLUMNS = 10240  # 16-bit: 200 MiB of pixel data
+ROWS = COLUMNS = 16384  # 16-bit: 512 MiB of pixel data (the issue's 500 MB object)
 PIXEL_BYTES = ROWS * COLUMNS * 2
 
 
 def big_sparse_file(path: Path) -> None:
-    """A valid Part 10 image whose 200 MiB of pixel data is a hole in a sparse file."""
+    """A valid Part 10 image whose 512 MiB of pixel data is a hole in a sparse file."""
     ds = make_dataset(rows=8, columns=8)
     ds.Rows, ds.Columns = ROWS, COLUMNS
     ds.PixelData = b"\0\0"  # replaced below: the last element, length patched
@@ -53,13 +53,13 @@ def _vm_hwm_kb(pid: int) -> int:
     return 0
 
 
-def test_a_200_mb_file_streams_with_flat_memory(
+def test_a_500_mb_file_streams_with_flat_memory(
     tmp_path: Path, forwarder_env: dict[str, str]
 ) -> None:
     path = tmp_path / "big.dcm"
     big_sparse_file(path)
     size = path.stat().st_size
-    assert size > 200 * 1024 * 1024
+    assert size > 500 * 1024 * 1024
     uid = read_meta(str(path)).sop_instance_uid
     answer = Answer(body=stow_json({uid: None}, {}))  # stream=True: the server keeps no parts
     with StowServer(answer, stream=True) as server:
@@ -83,4 +83,5 @@ def test_a_200_mb_file_streams_with_flat_memory(
     assert post.nbytes == int(post.headers["content-length"])
     assert post.sha256 == expected_sha256(path, boundary)  # the whole file, byte for byte
     peak_mb = peak_kb / 1024
-    assert peak_mb < 120, f"send peaked at {peak_mb:.0f} MB RSS for a {size / 1e6:.0f} MB file"
+    # ~40 MB is the interpreter with urllib3 and ssl loaded: the file adds nothing to it.
+    assert peak_mb < 64, f"send peaked at {peak_mb:.0f} MB RSS for a {size / 1e6:.0f} MB file"
