@@ -101,6 +101,32 @@ def test_every_pydicom_file_gets_dcmtk_s_verdict(path: str) -> None:
         assert info.value.path == path
 
 
+_ALL_VALUES = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "Study"}
+
+
+def _scan_verdict(path: str, data: bytes | None) -> tuple[str, object]:
+    try:
+        meta = read_meta(path)
+    except InvalidFileError as exc:
+        return "meta", exc.reason
+    try:
+        return "ok", scan_file(path, meta, _ALL_VALUES, data=data)
+    except InvalidFileError as exc:
+        return "refused", exc.reason
+
+
+@pytest.mark.parametrize("path", PART10, ids=lambda p: p.split("/data/")[-1])
+def test_the_in_memory_walk_gives_the_file_walk_s_verdict(path: str, tmp_path: Path) -> None:
+    """A receiver walks the bytes it just wrote instead of reading the file back: the same
+    verdict and values as the file itself, whole and cut short."""
+    data = Path(path).read_bytes()
+    assert _scan_verdict(path, data) == _scan_verdict(path, None)
+    cut = tmp_path / "cut.dcm"
+    for n in (len(data) - 1, len(data) * 2 // 3):
+        cut.write_bytes(data[:n])
+        assert _scan_verdict(str(cut), data[:n]) == _scan_verdict(str(cut), None), n
+
+
 def test_the_table_covers_the_files() -> None:
     names = {os.path.basename(p) for p in PART10}
     assert set(DCMTK_REFUSES) <= names

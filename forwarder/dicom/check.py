@@ -11,6 +11,7 @@ read; the walk itself is the scanner's.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -31,7 +32,7 @@ from forwarder.errors import InvalidFileError
 
 #: Files up to this size are read whole; bigger ones through a window, so a CT image's pixel
 #: data is skipped, not read (0.5 MB: 39 -> 32 us a check).
-_IN_MEMORY = 128 * 1024
+IN_MEMORY = 128 * 1024
 _WINDOW = 64 * 1024  # the window of a big file: element headers are read, values skipped
 #: An inflated data set is held in memory to be walked: bounded, so a deflate bomb is refused.
 MAX_INFLATED = 256 * 1024 * 1024
@@ -75,17 +76,35 @@ def inflate(f: BinaryIO, path: str, offset: int, limit: int = MAX_INFLATED) -> b
 
 
 def _scan(
-    p: str, meta: FileMeta | None, want: Mapping[int, str], vrs: Mapping[int, str]
+    p: str,
+    meta: FileMeta | None,
+    want: Mapping[int, str],
+    vrs: Mapping[int, str],
+    data: bytes | bytearray | None = None,
 ) -> tuple[FileMeta, dict[str, str], str, str]:
     """Walk the data set of ``p`` (its meta header read first when ``meta`` is None, from the
-    same open file); return the meta header, the wanted values and the data set's own UIDs."""
+    same open file); return the meta header, the wanted values and the data set's own UIDs.
+    ``data``: the file's bytes, already in memory (what a receiver just wrote), walked instead
+    of reading the file back."""
     wanted = dict(want)
     for tag, key in INTERNAL_KEYS.items():
         wanted.setdefault(tag, key)
+    if data is not None and meta is not None:
+        ts = meta.transfer_syntax
+        if ts in DEFLATED_SYNTAXES:
+            scanner = Scanner(
+                inflate(io.BytesIO(data), p, meta.dataset_offset), p, True, wanted, vrs
+            )
+            scanner.walk(0, False)
+        else:
+            scanner = Scanner(data, p, ts != EXPLICIT_VR_BIG_ENDIAN, wanted, vrs)
+            scanner.walk(meta.dataset_offset, ts == IMPLICIT_VR_LITTLE_ENDIAN)
+        sop_class, sop_instance = scanner.finish(ts)
+        return meta, scanner.found, sop_class, sop_instance
     try:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            data = f.read() if size <= _IN_MEMORY else None
+            data = f.read() if size <= IN_MEMORY else None
             if meta is None:
                 head = f.read(MAX_META) if data is None else data
                 head = head[:MAX_META] if len(head) > MAX_META else head
@@ -115,6 +134,8 @@ def scan_file(
     meta: FileMeta,
     want: Mapping[int, str] | None = None,
     vrs: Mapping[int, str] | None = None,
+    *,
+    data: bytes | bytearray | None = None,
 ) -> dict[str, str]:
     """Check the whole data set of a Part 10 file is well formed and complete, and return the
     top-level values of ``want`` (tag -> keyword) as text (multiple values joined by ``\\``).
@@ -125,6 +146,8 @@ def scan_file(
     syntax (pixel data encapsulated under a native syntax or the reverse), a corrupt or
     oversized deflate stream, or no valid SOP Class / Instance UID in the data set itself.
     Deflated data sets are inflated (at most :data:`MAX_INFLATED` bytes) and walked.
+    ``data``, when given, is the whole file's bytes already in memory (a receiver keeps a copy
+    of a small object as it writes it): walked instead of reading the file back.
     """
     p = os.fspath(path)
     if meta.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN and want and vrs is None:
@@ -132,7 +155,7 @@ def scan_file(
         from pydicom.datadict import dictionary_VR
 
         vrs = {tag: dictionary_VR(tag).split(" or ")[0] for tag in want}
-    _, found, _, _ = _scan(p, meta, want or {}, vrs or {})
+    _, found, _, _ = _scan(p, meta, want or {}, vrs or {}, data)
     return found
 
 

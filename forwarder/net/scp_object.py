@@ -29,7 +29,7 @@ from functools import cache
 from pathlib import Path
 from typing import Protocol
 
-from forwarder.dicom.check import scan_file
+from forwarder.dicom.check import IN_MEMORY, scan_file
 from forwarder.dicom.part10 import FileMeta
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.net.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -169,6 +169,9 @@ class IncomingObject:
         # Written with the first fragment (one system call less per object).
         self.pending = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
         self.size = self.header = len(self.pending)  # bytes of the file as received
+        # A small object is also kept in memory as it is written, so the check walks these
+        # bytes instead of reading the file back (a big one is read back through a window).
+        self.copy: bytearray | None = bytearray(self.pending)
         self.failure: Answer | None = None
         self.fd = -1
         try:
@@ -205,6 +208,12 @@ class IncomingObject:
             )
             self.discard()
             return
+        copy = self.copy
+        if copy is not None:
+            if self.size <= IN_MEMORY:
+                copy += fragment
+            else:
+                self.copy = None
         try:
             if self.pending:
                 header, self.pending = self.pending, b""
@@ -299,7 +308,7 @@ class IncomingObject:
             comment = "the C-STORE request carries an empty data set"
             return "", self.refuse(STATUS_CANNOT_UNDERSTAND, comment, comment)
         try:
-            found = scan_file(self.path, meta, _WANTED, _WANTED_VRS)
+            found = scan_file(self.path, meta, _WANTED, _WANTED_VRS, data=self.copy)
         except UnreadableFileError as exc:  # our own file: not the sender's fault
             logger.error(
                 "cannot read back SOP Instance %s from %s: %s; answering 0x%04X",
