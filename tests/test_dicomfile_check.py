@@ -530,3 +530,17 @@ def test_a_big_file_gives_the_same_values_as_a_small_one(tmp_path: Path, syntax:
         cut = write(tmp_path, to_bytes(ds)[:-3], "cut-" + name)
         with pytest.raises(InvalidFileError, match="truncated: element \\(7FE0,0010\\)"):
             check_file(cut)
+
+
+def test_a_sop_instance_uid_given_twice_is_refused(tmp_path: Path) -> None:
+    """dcmdump keeps the first copy of a repeated element, pydicom the last: a PACS could file
+    the object under another UID than the one the check (and a receiver's Success) saw."""
+    path = tmp_path / "twice.dcm"
+    make_dataset(rows=4, columns=4, seed=3).save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    at = data.index(b"\x08\x00\x18\x00UI", 132 + 12)  # the data set's, not the meta header's
+    decoy = b"\x08\x00\x18\x00UI" + struct.pack("<H", 8) + b"9.9.9.9\x00"
+    path.write_bytes(data[:at] + decoy + data[at:])
+    with pytest.raises(InvalidFileError) as info:
+        check_file(path)
+    assert "(0008,0018) appears twice" in info.value.reason

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -36,6 +37,10 @@ IN_MEMORY = 128 * 1024
 _WINDOW = 64 * 1024  # the window of a big file: element headers are read, values skipped
 #: An inflated data set is held in memory to be walked: bounded, so a deflate bomb is refused.
 MAX_INFLATED = 256 * 1024 * 1024
+#: One inflation at a time in a process: a receiver's associations each inflating a bomb at once
+#: would hold MAX_INFLATED (and twice that while it grows) apiece. Deflated objects are rare;
+#: waiting for another one's walk costs little.
+_INFLATING = threading.Lock()
 
 
 def inflate(f: BinaryIO, path: str, offset: int, limit: int = MAX_INFLATED) -> bytearray:
@@ -92,10 +97,11 @@ def _scan(
     if data is not None and meta is not None:
         ts = meta.transfer_syntax
         if ts in DEFLATED_SYNTAXES:
-            scanner = Scanner(
-                inflate(io.BytesIO(data), p, meta.dataset_offset), p, True, wanted, vrs
-            )
-            scanner.walk(0, False)
+            with _INFLATING:
+                inflated = inflate(io.BytesIO(data), p, meta.dataset_offset)
+                scanner = Scanner(inflated, p, True, wanted, vrs)
+                scanner.walk(0, False)
+                scanner.buf = inflated = bytearray()  # freed before the next one inflates
         else:
             scanner = Scanner(data, p, ts != EXPLICIT_VR_BIG_ENDIAN, wanted, vrs)
             scanner.walk(meta.dataset_offset, ts == IMPLICIT_VR_LITTLE_ENDIAN)
@@ -113,8 +119,11 @@ def _scan(
             implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
             little = ts != EXPLICIT_VR_BIG_ENDIAN
             if ts in DEFLATED_SYNTAXES:
-                scanner = Scanner(inflate(f, p, meta.dataset_offset), p, True, wanted, vrs)
-                scanner.walk(0, False)
+                with _INFLATING:
+                    inflated = inflate(f, p, meta.dataset_offset)
+                    scanner = Scanner(inflated, p, True, wanted, vrs)
+                    scanner.walk(0, False)
+                    scanner.buf = inflated = bytearray()  # freed before the next one inflates
             elif data is not None:
                 scanner = Scanner(data, p, little, wanted, vrs)
                 scanner.walk(meta.dataset_offset, implicit)

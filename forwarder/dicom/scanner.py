@@ -277,9 +277,16 @@ class Scanner:
     def value(self, tag: int, vr: bytes, pos: int, length: int) -> None:
         """A top-level value: kept when wanted; Pixel Data noted."""
         if tag in self.want and length <= 4096:
+            key = self.want[tag]
+            if key in self.found:
+                # PS3.5 7.1: one element per tag. Readers disagree on which copy counts (dcmdump
+                # keeps the first, pydicom the last), so a PACS could file it under another UID.
+                raise self.fail(
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) appears twice in the data set"
+                )
             vr_used = vr or self.vrs.get(tag, "").encode()
             raw = self.read(pos, length)
-            self.found[self.want[tag]] = _value(raw, vr_used, self.fmt)
+            self.found[key] = _value(raw, vr_used, self.fmt)
         elif tag == _PIXEL_DATA:
             self.pixel_data = "native"
 
