@@ -636,3 +636,124 @@ def test_our_answers_pass_the_senders_strict_checks_and_pynetdicoms_decoder() ->
     assert pdu.check_response(values, pdu.C_STORE_RSP, 7, CT.encode(), b"1.2.3.99") == 0xA900
     comment = pdu.command_text(values[0x0902])
     assert comment is not None and len(comment) <= 64 and "\\" not in comment
+
+
+# -- found by review --------------------------------------------------------------------------
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def test_a_c_store_on_the_verification_context_is_not_stored(receiver: Receiver) -> None:
+    """Only storage contexts carry objects: a C-STORE naming Verification (with a data set that
+    says so too) is answered 0x0122 and nothing is written."""
+    ds = make_dataset(rows=4, columns=4, seed=7)
+    ds.SOPClassUID = VERIFICATION
+    ds.file_meta.MediaStorageSOPClassUID = VERIFICATION
+    from io import BytesIO
+
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw_file = buffer.getvalue()
+    (meta_length,) = struct.unpack("<I", raw_file[140:144])
+    data = raw_file[144 + meta_length :]
+    raw = Raw(receiver.port)
+    try:
+        raw.associate([(1, VERIFICATION, [EXPLICIT_LE])])
+        uid = str(ds.SOPInstanceUID)
+        raw.send(pdata(1, 0x03, command_set(1, VERIFICATION, uid)) + pdata(1, 0x02, data))
+        values, _ = raw.response()
+        assert status(values) == 0x0122
+    finally:
+        raw.close()
+    nothing_left(receiver.output)
+    assert receiver.received == 0
+
+
+def test_a_dripping_association_request_is_cut_at_its_deadline(tmp_path: Path) -> None:
+    """The A-ASSOCIATE-RQ must arrive whole within the first-PDU timeout, not each byte of it:
+    a peer sending one byte now and then cannot hold the only slot (here 1 slot, 1 s)."""
+    output = tmp_path / "out"
+    output.mkdir()
+    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
+    server = ScpServer(
+        "127.0.0.1",
+        0,
+        settings=EngineSettings(65536, None, 16, 1.0, 5.0, 1.0),
+        policy=context_policy(profile),
+        sink=FolderSink(output),
+        admit=lambda _rq, _origin: None,
+        allow_host=lambda _host: True,
+        max_associations=1,
+    )
+    server.start()
+    drip = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        started = time.monotonic()
+        drip.sendall(b"\x01\x00\x00\x01\x86\xa0")  # an A-ASSOCIATE-RQ of 100,000 bytes
+        closed = False
+        drip.settimeout(0.3)
+        while not closed and time.monotonic() - started < 8:
+            try:
+                drip.sendall(b"\x00")  # a byte every 0.3 s: each read is far within 1 s
+                drip.recv(64)  # an A-ABORT, or b"" at the end of the connection
+                closed = True
+            except TimeoutError:
+                continue  # still being served: drip on
+            except OSError:
+                closed = True
+        assert closed, "the dripping connection was still served after 8 s"
+        assert time.monotonic() - started < 5
+    finally:
+        drip.close()
+        server.stop()
+
+
+def test_plain_dicom_to_a_tls_port_is_closed_not_left_hanging(pki: Pki, tmp_path: Path) -> None:
+    """A failed TLS handshake closes the connection (the wrapper held its descriptor open)."""
+    r = Receiver(
+        ReceiverSettings(
+            port=0,
+            output=tmp_path / "out",
+            bind="127.0.0.1",
+            tls=server_context(pki.server_cert, pki.server_key),
+        )
+    )
+    r.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", r.port), timeout=10)
+        try:
+            sock.sendall(associate_rq([(1, CT, [EXPLICIT_LE])]))
+            sock.settimeout(10)
+            started = time.monotonic()
+            try:
+                while sock.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - started < 9, "the connection was left open"
+        finally:
+            sock.close()
+    finally:
+        r.stop()
+
+
+def test_partial_objects_of_a_dead_receiver_are_swept_at_start(tmp_path: Path) -> None:
+    """A receiver killed mid-object leaves a dot-file nothing else would ever remove; a fresh
+    one (another receiver writing into the same folder) is left alone."""
+    output = tmp_path / "out"
+    output.mkdir()
+    old = output / ".receiving.deadbeef.1.part"
+    fresh = output / ".receiving.cafef00d.7.part"
+    other = output / ".something-else.part"
+    for path in (old, fresh, other):
+        path.write_bytes(b"DICM partial")
+    long_ago = time.time() - 3600
+    os.utime(old, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    r = Receiver(ReceiverSettings(output=output, port=0, bind="127.0.0.1"))
+    r.start()
+    try:
+        assert not old.exists()
+        assert fresh.exists() and other.exists()
+    finally:
+        r.stop()

@@ -112,7 +112,11 @@ def add_parser(subparsers: Any) -> None:
         help="answer 0xA700 for larger objects (bytes, or 500M, 2G)",
     )
     p.add_argument(
-        "--max-pdu", type=positive, default=262144, metavar="BYTES", help="max PDU we receive"
+        "--max-pdu",
+        type=whole_number(1, 0xFFFFFFFF),
+        default=262144,
+        metavar="BYTES",
+        help="max PDU we receive (1..4294967295)",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each stored object")
     p.add_argument("-d", "--debug", action="store_true", help="debug logging")

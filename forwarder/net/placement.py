@@ -145,7 +145,16 @@ class FolderSink:
                     if exc.errno != errno.EXDEV:  # a study folder mounted from elsewhere
                         raise
                     _copy(source, study_fd, name)
-                os.fsync(study_fd)  # the rename survives a crash
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(source)  # copied and renamed into place: the source goes
+                try:
+                    os.fsync(study_fd)  # the rename survives a crash
+                except OSError:
+                    # Not durable: it must not stay placed while the peer is told it was not
+                    # stored (and a daemon watching the folder would take it).
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=study_fd)
+                    raise
             finally:
                 os.close(study_fd)
         finally:

@@ -29,6 +29,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a partial object may go unwritten before a starting receiver takes it for a dead
+#: one's (a live transfer touches its file with every fragment).
+STALE_PARTIAL = 600.0
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -222,6 +227,35 @@ class Receiver:
             raise ForwarderError(
                 f"output folder {self._output} is not writable: {exc.strerror}"
             ) from None
+        self._sweep_partials()
+
+    def _sweep_partials(self) -> None:
+        """Delete the partial objects a receiver killed mid-object left in the output (dot-files
+        the watcher ignores, so nothing else ever would). Only those untouched for
+        :data:`STALE_PARTIAL` seconds: another receiver writing into the same folder keeps its."""
+        cutoff = time.time() - STALE_PARTIAL
+        removed = 0
+        try:
+            with os.scandir(self._output) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if not (name.startswith(".receiving.") and name.endswith(".part")):
+                        continue
+                    try:
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                            continue
+                        os.unlink(entry.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        continue
+        except OSError as exc:
+            logger.warning("cannot look for partial objects in %s: %s", self._output, exc)
+        if removed:
+            logger.info(
+                "removed %d partial objects an earlier run left in %s", removed, self._output
+            )
 
 
 def _resolve_bind(host: str) -> str:

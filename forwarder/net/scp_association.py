@@ -207,12 +207,15 @@ class ScpAssociation:
 
     def _associate(self) -> bool:
         self.wire.set_timeout(self.settings.associate_timeout)
+        # The whole A-ASSOCIATE-RQ within that time, not each byte of it (ARTIM, PS3.8 9.1.5).
+        self.wire.deadline = time.monotonic() + self.settings.associate_timeout
         pdu_type, length = self._header()
         if pdu_type != PDU_ASSOCIATE_RQ:
             raise _Abort(f"{PDU_NAMES[pdu_type]} before A-ASSOCIATE-RQ", ABORT_UNEXPECTED_PDU)
         if length > _MAX_ASSOCIATE_RQ:
             raise _Abort(f"A-ASSOCIATE-RQ of {length} bytes")
         body = self.wire.take(length)
+        self.wire.deadline = None
         try:
             request = decode_associate_rq(body)
         except ProtocolError as exc:
@@ -367,6 +370,9 @@ class ScpAssociation:
             return
         if request.sop_class != abstract:
             message.answer = self._wrong_class(request, message)
+        elif not self._storage(abstract):
+            # A C-STORE on the Verification context (or any non-storage one): nothing to keep.
+            message.answer = self._wrong_class(request, message)
         elif request.has_data_set:
             message.object = IncomingObject(
                 self.sink,
@@ -390,6 +396,12 @@ class ScpAssociation:
                 )
                 answer = Answer(STATUS_CANNOT_UNDERSTAND, comment)
             self._respond(request, message.context_id, answer)
+
+    @staticmethod
+    def _storage(abstract: str) -> bool:
+        """Whether a context accepted for ``abstract`` may carry a C-STORE: every context the
+        policy accepts is a storage one but Verification's."""
+        return abstract != VERIFICATION_SOP_CLASS
 
     def _wrong_class(self, request: DimseRequest, message: _Message) -> Answer:
         # A presentation context carries one abstract syntax (PS3.8 7.1.1.13): a request on it is

@@ -259,13 +259,19 @@ class IncomingObject:
             return refusal
         try:
             os.fsync(self.fd)
-            os.close(self.fd)
         except OSError as exc:
-            self.fd = -1
+            self._fail_write(exc)  # closes and deletes the partial file
+            assert self.failure is not None
+            return self.failure
+        fd, self.fd = self.fd, -1
+        try:
+            os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             self._fail_write(exc)
             assert self.failure is not None
             return self.failure
-        self.fd = -1
         obj = ReceivedObject(
             sop_class_uid=self.sop_class,
             sop_instance_uid=self.sop_instance,

@@ -23,6 +23,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 
 from forwarder.net.scp_association import ScpAssociation
@@ -35,6 +36,7 @@ from forwarder.net.tls import describe_tls_error
 logger = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT = 10.0
+_STOP_GRACE = 2.0  # seconds an association has to send its A-ABORT and end
 _MAX_REJECTING = 8  # connections over the limit being answered A-ASSOCIATE-RJ at once
 
 
@@ -124,8 +126,18 @@ class ScpServer:
             how = socket.SHUT_RDWR if isinstance(worker.sock, ssl.SSLSocket) else socket.SHUT_RD
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(worker.sock, how)
+        deadline = time.monotonic() + _STOP_GRACE
         for worker in serving:
-            worker.join(_JOIN_TIMEOUT)
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in serving:
+            if worker.is_alive():
+                # Blocked writing to a peer that stopped reading (SHUT_RD does not wake a
+                # send): cut the connection both ways.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(worker.sock, socket.SHUT_RDWR)
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for worker in serving:
+            worker.join(max(0.0, deadline - time.monotonic()))
             if worker.is_alive():
                 logger.warning("association thread %s did not stop", worker.name)
         self._listener = None
@@ -206,6 +218,7 @@ class ScpServer:
 
     def _handshake(self, sock: socket.socket, host: str) -> socket.socket | None:
         assert self._tls is not None
+        wrapped: ssl.SSLSocket | None = None
         try:
             wrapped = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             me = threading.current_thread()
@@ -221,5 +234,8 @@ class ScpServer:
                 logger.warning("TLS handshake with %s failed: %s", host, describe_tls_error(exc))
             with contextlib.suppress(OSError):
                 sock.close()
+            if wrapped is not None:  # wrap_socket detached sock: the wrapper holds the fd
+                with contextlib.suppress(OSError):
+                    wrapped.close()
             return None
         return wrapped

@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
@@ -43,12 +44,21 @@ class Wire:
         self._start = 0
         self._end = 0
         self._kernel = not isinstance(sock, ssl.SSLSocket)
-        self._timeout = -1.0
+        self._timeout = -1.0  # the wait for each read or write
+        self._applied = -1.0  # what the socket is set to now
+        #: A monotonic time by which everything still to be read must have arrived (None: only
+        #: the per-read timeout). For the first PDU, so that a peer dripping a byte now and
+        #: then cannot hold a connection (and its slot) before any check ran.
+        self.deadline: float | None = None
 
     def set_timeout(self, seconds: float) -> None:
-        if seconds == self._timeout:
-            return
         self._timeout = seconds
+        self._apply(seconds)
+
+    def _apply(self, seconds: float) -> None:
+        if seconds == self._applied:
+            return
+        self._applied = seconds
         if self._kernel:
             self.sock.settimeout(None)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
@@ -66,6 +76,13 @@ class Wire:
             self._start = self._end = 0
         elif self._end == len(self._buf):
             self._compact()
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise WireTimeout
+            self._apply(min(self._timeout, left))
+        elif self._applied != self._timeout:
+            self._apply(self._timeout)
         try:
             got = self.sock.recv_into(self._view[self._end :])
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
