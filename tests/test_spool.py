@@ -316,3 +316,34 @@ def test_reject_moves_to_failed_with_the_reason(spool: Spool) -> None:
     assert target2 == spool.failed / "junk" / "readme.1.txt"
     doc2 = json.loads((spool.failed / "junk" / "readme.1.txt.error.json").read_text())
     assert doc2["reason"] == "second reason"
+
+
+def test_the_start_up_write_check_leaves_no_trace_in_done_or_failed(tmp_path: Path) -> None:
+    """Scripts watch done/ and failed/: the daemon's start-up probe of each folder must not
+    make a file appear there, even for an instant (an unnamed O_TMPFILE: inotify reports it
+    opened and closed, but no name is ever created, moved or deleted)."""
+    import queue as stdqueue
+
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+    from watchdog.observers.inotify import InotifyObserver
+
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    seen: stdqueue.Queue[str] = stdqueue.Queue()
+
+    class Record(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            if event.event_type in ("created", "moved", "deleted"):
+                seen.put(f"{event.event_type} {event.src_path!r}")
+
+    observer = InotifyObserver()
+    for folder in (spool.done, spool.failed):
+        observer.schedule(Record(), str(folder))
+    observer.start()
+    try:
+        spool.check_writable()
+        (spool.done / "marker").write_bytes(b"x")  # proves the observer sees events at all
+        first = seen.get(timeout=10)
+    finally:
+        observer.stop()
+        observer.join(10)
+    assert "marker" in first, first

@@ -102,18 +102,11 @@ class Spool:
         systemd unit's ReadWritePaths=) would otherwise only show when the first file is
         finished, and then on every retry."""
         for role, folder in self._folders():
-            probe = folder / f".forwarder-write-test.{os.getpid()}"
             try:
-                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                fd = None  # a probe left by a killed run with our PID: writable enough
+                _probe_write(folder)
             except OSError as exc:
                 what = "cannot create a file in it"
                 raise SetupError(_not_writable(role, folder, exc, what)) from None
-            if fd is not None:
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                probe.unlink()
 
     def rel_path(self, path: Path) -> str:
         return path.relative_to(self.incoming).as_posix()
@@ -225,6 +218,27 @@ class Spool:
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         for d in set(dirs):
             fsync_dir(d)
+
+
+def _probe_write(folder: Path) -> None:
+    """Create a file in ``folder`` and drop it, raising OSError when that is refused. An
+    unnamed file (O_TMPFILE) where the filesystem has them, so that nothing ever appears in
+    done/ or failed/ (scripts watch those); else a dot-file, removed at once."""
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            os.close(os.open(folder, tmpfile | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    probe = folder / f".forwarder-write-test.{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass  # a probe left by a killed run with our PID: writable enough
+    with contextlib.suppress(OSError):
+        probe.unlink()
 
 
 _ROLES = {
