@@ -380,16 +380,5 @@ class StowChannel:
         started: float,
         number: int | None = None,
     ) -> SendOutcome:
-        return SendOutcome(
-            request=request,
-            outcome=outcome,
-            status=status,
-            error=error,
-            sop_class_uid=meta.sop_class_uid if meta else None,
-            sop_instance_uid=meta.sop_instance_uid if meta else None,
-            transfer_syntax=meta.transfer_syntax if meta else None,
-            sent_transfer_syntax=None,
-            association=number if number is not None else self._number,
-            nbytes=0,
-            seconds=time.monotonic() - started if started else 0.0,
-        )
+        association = number if number is not None else self._number
+        return SendOutcome.without_data(request, meta, outcome, status, error, started, association)

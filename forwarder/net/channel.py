@@ -7,8 +7,8 @@ and releases it when idle. Both the daemon's workers and ``forwarder send`` use 
 two front ends. Each file's :class:`SendOutcome` carries the :class:`~forwarder.net.status.Outcome`
 its response status maps to (:mod:`forwarder.net.status` holds that classification).
 
-A little past 400 lines: association management and the per-file outcome rules stay together,
-since each outcome depends on the association state the file met.
+Past 400 lines: association management, the per-file outcome rules and the outcome record they
+fill stay together, since each outcome depends on the association state the file met.
 """
 
 from __future__ import annotations
@@ -81,6 +81,39 @@ class SendOutcome:
     # must use to tell "the peer is down" from a file's own fault: Channel.down is the last
     # association attempt's error and stays set through batches that never try one.
     association_failed: bool = False
+
+    @classmethod
+    def without_data(
+        cls,
+        request: StoreRequest,
+        meta: FileMeta | None,
+        outcome: Outcome,
+        status: int | None,
+        error: str,
+        started: float,
+        association: int | None,
+        *,
+        attempted: bool = True,
+        association_failed: bool = False,
+    ) -> SendOutcome:
+        """An outcome for which no data set byte counts as sent (refused before or while
+        sending, or not tried): the file's UIDs from ``meta`` when it was read; ``started``
+        (monotonic, 0 for none) times it. Both channels (C-STORE and STOW-RS) build these."""
+        return cls(
+            request=request,
+            outcome=outcome,
+            status=status,
+            error=error,
+            sop_class_uid=meta.sop_class_uid if meta else None,
+            sop_instance_uid=meta.sop_instance_uid if meta else None,
+            transfer_syntax=meta.transfer_syntax if meta else None,
+            sent_transfer_syntax=None,
+            association=association,
+            nbytes=0,
+            seconds=time.monotonic() - started if started else 0.0,
+            attempted=attempted,
+            association_failed=association_failed,
+        )
 
 
 class Channel:
@@ -413,18 +446,14 @@ class Channel:
     ) -> SendOutcome:
         if association is None and self.is_open:
             association = self._assoc_number
-        return SendOutcome(
-            request=request,
-            outcome=outcome,
-            status=status,
-            error=error,
-            sop_class_uid=meta.sop_class_uid if meta else None,
-            sop_instance_uid=meta.sop_instance_uid if meta else None,
-            transfer_syntax=meta.transfer_syntax if meta else None,
-            sent_transfer_syntax=None,
-            association=association,
-            nbytes=0,
-            seconds=time.monotonic() - started if started else 0.0,
+        return SendOutcome.without_data(
+            request,
+            meta,
+            outcome,
+            status,
+            error,
+            started,
+            association,
             attempted=attempted,
             association_failed=association_failed,
         )
