@@ -1,14 +1,21 @@
-"""The read-only status page on the metrics listener: ``/`` (HTML) and ``/api/status`` (JSON).
+"""The read-only status page on the metrics listener: ``/`` (HTML), ``/api/status`` and
+``/api/find`` (JSON).
 
 ``/api/status`` is ``forwarder status --json``'s document (:mod:`forwarder.daemon.status`) plus,
 per destination, ``rate`` (files stored per minute over ``rate_window_seconds``), and
 ``recent_failures`` (the newest reports in ``failed/``, with their reasons per destination),
 ``finishing`` (files waiting to be moved out of incoming) and ``daemon`` (version, start, uptime).
 
+``/api/find?key=KEY`` is ``forwarder find --json``'s document
+(:func:`~forwarder.daemon.status.find_document`): every file of a Study, Series or SOP Instance
+UID or an Accession Number the queue knows, where it is and its state per destination.
+
 ``/`` renders the same document as plain HTML: inline CSS, no script, no external asset, a meta
-refresh. Every value is escaped. It shows what the queue and the reports hold (destination
-names, counts, states, paths under ``failed/``, SOP Instance UIDs, DICOM statuses and error
-comments), never a patient's name or ID, which the queue does not keep.
+refresh, and a search box (``/?find=KEY``, a GET form) that shows what ``/api/find`` says as a
+table; a page showing a search does not refresh, so a key being typed is not lost. Every value
+is escaped. It shows what the queue and the reports hold (destination names, counts, states,
+paths, UIDs, DICOM statuses and error comments), never a patient's name or ID, which the queue
+does not keep; an Accession Number appears only as the key the user typed.
 
 Not here: the HTTP server (:mod:`forwarder.daemon.metrics` routes these two paths here) and what
 the document holds (:mod:`forwarder.daemon.status`).
@@ -21,16 +28,20 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from forwarder import __version__
 from forwarder.daemon.status import (
     RateMeter,
+    find_document,
     format_age,
     iso_local,
+    job_summary,
     read_status,
     recent_failures,
 )
@@ -41,9 +52,12 @@ logger = logging.getLogger(__name__)
 
 PAGE_PATH = "/"
 API_PATH = "/api/status"
-PATHS = (PAGE_PATH, API_PATH)
+FIND_API_PATH = "/api/find"
+PATHS = (PAGE_PATH, API_PATH, FIND_API_PATH)
 REFRESH_SECONDS = 5
 RECENT_FAILURES = 50
+MAX_KEYS = 20  # keys one search takes (more are ignored)
+MAX_FOUND_SHOWN = 500  # files the page lists for one search (/api/find returns them all)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -54,7 +68,7 @@ _HEADERS = [
     (
         "Content-Security-Policy",
         "default-src 'none'; style-src 'unsafe-inline'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     ),
     ("Referrer-Policy", "no-referrer"),
 ]
@@ -117,6 +131,10 @@ class StatusPage:
             "generated_at": iso_local(now),
         }
 
+    def find(self, keys: Sequence[str]) -> dict[str, Any]:
+        """``/api/find``. Raises ForwarderError when the queue cannot be read."""
+        return find_document(keys, self._queue.find(keys))
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI application for :data:`PATHS`."""
         path = environ.get("PATH_INFO") or "/"
@@ -131,7 +149,17 @@ class StatusPage:
                 method,
             )
         try:
+            query = parse_qs(
+                environ.get("QUERY_STRING", ""), keep_blank_values=True, max_num_fields=MAX_KEYS
+            )
+        except ValueError:
+            query = {}  # more fields than any search takes: none is read
+        if path == FIND_API_PATH:
+            return self._find_api(_keys(query.get("key", [])), start_response, method)
+        search = _keys(query["find"]) if path == PAGE_PATH and "find" in query else None
+        try:
             doc = self.document()
+            found = self.find(search) if search else None
         except ForwarderError as exc:
             logger.warning("status page: cannot read the queue: %s", exc)
             if path == API_PATH:
@@ -146,8 +174,41 @@ class StatusPage:
         if path == API_PATH:
             body = (json.dumps(doc, indent=2) + "\n").encode()
             return _respond(start_response, "200 OK", "application/json", body, [], method)
-        html = render(doc, self._refresh).encode()
+        shown = None if search is None else Search(search, found)
+        html = render(doc, self._refresh, shown).encode()
         return _respond(start_response, "200 OK", "text/html", html, [], method)
+
+    def _find_api(self, keys: list[str], start_response: StartResponse, method: str) -> list[bytes]:
+        """``/api/find``: 200 with the document (``files`` may be empty), 400 without a key,
+        503 when the queue cannot be read."""
+        if not keys:
+            body = json.dumps({"error": "give one or more keys: /api/find?key=UID"}).encode()
+            return _respond(start_response, "400 Bad Request", "application/json", body, [], method)
+        try:
+            doc = self.find(keys)
+        except ForwarderError as exc:
+            logger.warning("status page: cannot read the queue: %s", exc)
+            body = json.dumps({"error": str(exc)}).encode()
+            return _respond(
+                start_response, "503 Service Unavailable", "application/json", body, [], method
+            )
+        body = (json.dumps(doc, indent=2) + "\n").encode()
+        return _respond(start_response, "200 OK", "application/json", body, [], method)
+
+
+def _keys(values: Sequence[str]) -> list[str]:
+    """The keys of a query: each value split on spaces and commas, without duplicates."""
+    keys = [k for v in values for k in v.replace(",", " ").split()]
+    return list(dict.fromkeys(keys))[:MAX_KEYS]
+
+
+@dataclass(frozen=True, slots=True)
+class Search:
+    """What the page's search box was given, and ``/api/find``'s document for it (None: no
+    key was given)."""
+
+    keys: list[str]
+    found: dict[str, Any] | None
 
 
 def _respond(
@@ -188,6 +249,7 @@ border-radius:.8em;font-weight:700;color:#fff}
 .err{color:#cf222e;word-break:break-word}
 code{font:12px ui-monospace,monospace;word-break:break-all}
 ul{margin:0;padding-left:1.2em}
+form.find{margin:.8em 0 0}form.find input{font:12px ui-monospace,monospace;padding:.3em}
 """
 
 
@@ -274,17 +336,91 @@ def _failure_rows(failures: list[dict[str, Any]]) -> str:
 
 
 def _page(title: str, refresh: int, body: str) -> str:
+    """A whole page; ``refresh`` 0: no meta refresh."""
+    meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh > 0 else ""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="refresh" content="{int(refresh)}">'
+        f"{meta}"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
     )
 
 
-def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
-    """The HTML page of an ``/api/status`` document."""
+def _search_form(search: Search | None) -> str:
+    value = " ".join(search.keys) if search is not None else ""
+    focus = " autofocus" if search is not None else ""
+    return (
+        '<form method="get" action="/" class="find"><label>Find '
+        f'<input type="search" name="find" value="{_e(value)}" size="70"{focus} '
+        'placeholder="Study, Series or SOP Instance UID, or Accession Number"></label> '
+        '<button type="submit">Find</button></form>'
+    )
+
+
+def _found_rows(files: list[dict[str, Any]]) -> str:
+    rows = []
+    for f in files[:MAX_FOUND_SHOWN]:
+        matched = ", ".join(f"{_e(m['as'])} <code>{_e(m['key'])}</code>" for m in f["matched"])
+        uids = "".join(
+            f'<div><span class="since">{label}</span> <code>{_e(f[key])}</code></div>'
+            for label, key in (
+                ("SOP Instance", "sop_instance_uid"),
+                ("Series", "series_instance_uid"),
+                ("Study", "study_instance_uid"),
+            )
+            if f.get(key)
+        )
+        jobs = "".join(
+            f"<li><b>{_e(d['destination'])}</b>: {_e(job_summary(d))}</li>"
+            for d in f["destinations"]
+        )
+        retried = (
+            f'<div class="since">queued again as file {_e(f["retried_as"])}</div>'
+            if f.get("retried_as") is not None
+            else ""
+        )
+        rows.append(
+            "<tr>"
+            f"<td><code>{_e(f['rel_path'])}</code>"
+            f'<div class="since">file {_e(f["file_id"])}, queued {_e(f["queued_at"])}</div></td>'
+            f"<td><b>{_e(f['where'])}</b><div><code>{_e(f['path'])}</code></div>{retried}</td>"
+            f"<td>{matched}</td><td>{uids}</td>"
+            f"<td>{f'<ul>{jobs}</ul>' if jobs else '-'}</td>"
+            "</tr>"
+        )
+    return "\n".join(rows)
+
+
+def _search_section(search: Search) -> str:
+    if search.found is None:
+        return '<section><h2>Find</h2><p class="none">Give a key to find.</p></section>'
+    files = search.found["files"]
+    keys = ", ".join(f"<code>{_e(k)}</code>" for k in search.keys)
+    parts = [f"<section><h2>Found {len(files)} file{'' if len(files) == 1 else 's'}</h2>"]
+    parts.append(f'<p class="meta">for {keys} · <a href="/">back to the status page</a></p>')
+    if files:
+        parts.append(
+            "<table><thead><tr><th>File</th><th>Where</th><th>Matched</th><th>UIDs</th>"
+            "<th>Per destination</th></tr></thead><tbody>" + _found_rows(files) + "</tbody></table>"
+        )
+        if len(files) > MAX_FOUND_SHOWN:
+            parts.append(
+                f'<p class="meta">The first {MAX_FOUND_SHOWN} are shown: '
+                "<code>forwarder find</code> or /api/find lists them all.</p>"
+            )
+    else:
+        parts.append(
+            '<p class="none">The queue knows no file of this (never queued, or pruned).</p>'
+        )
+    return "".join(parts) + "</section>"
+
+
+def render(
+    doc: dict[str, Any], refresh: int = REFRESH_SECONDS, search: Search | None = None
+) -> str:
+    """The HTML page of an ``/api/status`` document, with a search's result (it then does not
+    refresh)."""
     daemon = doc["daemon"]
     span = doc.get("rate_window_seconds")
     rate_note = (
@@ -297,7 +433,10 @@ def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
         f'<p class="meta">version {_e(daemon["version"])} · pid {_e(daemon["pid"])} · '
         f"up {_e(format_age(daemon['uptime_seconds']))} (since {_e(daemon['started_at'])}) · "
         f"as of {_e(doc['generated_at'])}, refreshed every {int(refresh)} s · "
-        '<a href="/api/status">JSON</a> · <a href="/metrics">metrics</a></p></header>',
+        '<a href="/api/status">JSON</a> · <a href="/metrics">metrics</a></p>',
+        _search_form(search),
+        "</header>",
+        _search_section(search) if search is not None else "",
         "<section><h2>Destinations</h2><table><thead><tr><th>Destination</th><th>State</th>"
         '<th>Pending</th><th>In flight</th><th>Oldest pending</th><th title="'
         f'{_e(rate_note)}">Rate /min</th><th>Done</th><th>Failed</th><th>Last error</th>'
@@ -331,7 +470,8 @@ def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
     parts.append(
         '<p class="meta">Put failed files back with <code>forwarder retry</code>.</p></section>'
     )
-    return _page("forwarder status", refresh, "\n".join(parts))
+    title = "forwarder find" if search is not None else "forwarder status"
+    return _page(title, 0 if search is not None else refresh, "\n".join(parts))
 
 
 def render_error(message: str, refresh: int = REFRESH_SECONDS) -> str:
