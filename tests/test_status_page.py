@@ -343,6 +343,10 @@ def test_the_page_in_headless_chromium(tmp_path: Path) -> None:
             and "not usable DICOM" in text
         )
         assert "Recent failures (3, newest first)" in text
+        # The search box's answer, as a browser shows it.
+        found = dom_text(chromium(["--dump-dom", f"{s.url}/?find={CT_STUDY}"], profile).decode())
+        assert "Found 3 files" in found and "ct0000.dcm" in found, found
+        assert re.search(r"pacs : stored at \S+ \(status 0x0000, 1 attempt\)", found), found
 
         png = tmp_path / "page.png"
         chromium([f"--screenshot={png}", f"{s.url}/"], profile)
