@@ -17,8 +17,9 @@ is escaped. It shows what the queue and the reports hold (destination names, cou
 paths, UIDs, DICOM statuses and error comments), never a patient's name or ID, which the queue
 does not keep; an Accession Number appears only as the key the user typed.
 
-Not here: the HTTP server (:mod:`forwarder.daemon.metrics` routes these two paths here) and what
-the document holds (:mod:`forwarder.daemon.status`).
+Not here: the HTTP server (:mod:`forwarder.daemon.metrics` routes these paths here), what the
+documents hold (:mod:`forwarder.daemon.status`) and the search's HTML
+(:mod:`forwarder.daemon.status_find`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from html import escape
 from pathlib import Path
@@ -41,9 +41,15 @@ from forwarder.daemon.status import (
     find_document,
     format_age,
     iso_local,
-    job_summary,
     read_status,
     recent_failures,
+)
+from forwarder.daemon.status_find import (
+    MAX_KEYS,
+    Search,
+    search_form,
+    search_keys,
+    search_section,
 )
 from forwarder.errors import ForwarderError
 from forwarder.queue import Queue
@@ -56,8 +62,6 @@ FIND_API_PATH = "/api/find"
 PATHS = (PAGE_PATH, API_PATH, FIND_API_PATH)
 REFRESH_SECONDS = 5
 RECENT_FAILURES = 50
-MAX_KEYS = 20  # keys one search takes (more are ignored)
-MAX_FOUND_SHOWN = 500  # files the page lists for one search (/api/find returns them all)
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -155,8 +159,8 @@ class StatusPage:
         except ValueError:
             query = {}  # more fields than any search takes: none is read
         if path == FIND_API_PATH:
-            return self._find_api(_keys(query.get("key", [])), start_response, method)
-        search = _keys(query["find"]) if path == PAGE_PATH and "find" in query else None
+            return self._find_api(search_keys(query.get("key", [])), start_response, method)
+        search = search_keys(query["find"]) if path == PAGE_PATH and "find" in query else None
         try:
             doc = self.document()
             found = self.find(search) if search else None
@@ -174,7 +178,7 @@ class StatusPage:
         if path == API_PATH:
             body = (json.dumps(doc, indent=2) + "\n").encode()
             return _respond(start_response, "200 OK", "application/json", body, [], method)
-        shown = None if search is None else Search(search, found)
+        shown = None if search is None else Search(tuple(search), found)
         html = render(doc, self._refresh, shown).encode()
         return _respond(start_response, "200 OK", "text/html", html, [], method)
 
@@ -194,21 +198,6 @@ class StatusPage:
             )
         body = (json.dumps(doc, indent=2) + "\n").encode()
         return _respond(start_response, "200 OK", "application/json", body, [], method)
-
-
-def _keys(values: Sequence[str]) -> list[str]:
-    """The keys of a query: each value split on spaces and commas, without duplicates."""
-    keys = [k for v in values for k in v.replace(",", " ").split()]
-    return list(dict.fromkeys(keys))[:MAX_KEYS]
-
-
-@dataclass(frozen=True, slots=True)
-class Search:
-    """What the page's search box was given, and ``/api/find``'s document for it (None: no
-    key was given)."""
-
-    keys: list[str]
-    found: dict[str, Any] | None
 
 
 def _respond(
@@ -347,75 +336,6 @@ def _page(title: str, refresh: int, body: str) -> str:
     )
 
 
-def _search_form(search: Search | None) -> str:
-    value = " ".join(search.keys) if search is not None else ""
-    focus = " autofocus" if search is not None else ""
-    return (
-        '<form method="get" action="/" class="find"><label>Find '
-        f'<input type="search" name="find" value="{_e(value)}" size="70"{focus} '
-        'placeholder="Study, Series or SOP Instance UID, or Accession Number"></label> '
-        '<button type="submit">Find</button></form>'
-    )
-
-
-def _found_rows(files: list[dict[str, Any]]) -> str:
-    rows = []
-    for f in files[:MAX_FOUND_SHOWN]:
-        matched = ", ".join(f"{_e(m['as'])} <code>{_e(m['key'])}</code>" for m in f["matched"])
-        uids = "".join(
-            f'<div><span class="since">{label}</span> <code>{_e(f[key])}</code></div>'
-            for label, key in (
-                ("SOP Instance", "sop_instance_uid"),
-                ("Series", "series_instance_uid"),
-                ("Study", "study_instance_uid"),
-            )
-            if f.get(key)
-        )
-        jobs = "".join(
-            f"<li><b>{_e(d['destination'])}</b>: {_e(job_summary(d))}</li>"
-            for d in f["destinations"]
-        )
-        retried = (
-            f'<div class="since">queued again as file {_e(f["retried_as"])}</div>'
-            if f.get("retried_as") is not None
-            else ""
-        )
-        rows.append(
-            "<tr>"
-            f"<td><code>{_e(f['rel_path'])}</code>"
-            f'<div class="since">file {_e(f["file_id"])}, queued {_e(f["queued_at"])}</div></td>'
-            f"<td><b>{_e(f['where'])}</b><div><code>{_e(f['path'])}</code></div>{retried}</td>"
-            f"<td>{matched}</td><td>{uids}</td>"
-            f"<td>{f'<ul>{jobs}</ul>' if jobs else '-'}</td>"
-            "</tr>"
-        )
-    return "\n".join(rows)
-
-
-def _search_section(search: Search) -> str:
-    if search.found is None:
-        return '<section><h2>Find</h2><p class="none">Give a key to find.</p></section>'
-    files = search.found["files"]
-    keys = ", ".join(f"<code>{_e(k)}</code>" for k in search.keys)
-    parts = [f"<section><h2>Found {len(files)} file{'' if len(files) == 1 else 's'}</h2>"]
-    parts.append(f'<p class="meta">for {keys} · <a href="/">back to the status page</a></p>')
-    if files:
-        parts.append(
-            "<table><thead><tr><th>File</th><th>Where</th><th>Matched</th><th>UIDs</th>"
-            "<th>Per destination</th></tr></thead><tbody>" + _found_rows(files) + "</tbody></table>"
-        )
-        if len(files) > MAX_FOUND_SHOWN:
-            parts.append(
-                f'<p class="meta">The first {MAX_FOUND_SHOWN} are shown: '
-                "<code>forwarder find</code> or /api/find lists them all.</p>"
-            )
-    else:
-        parts.append(
-            '<p class="none">The queue knows no file of this (never queued, or pruned).</p>'
-        )
-    return "".join(parts) + "</section>"
-
-
 def render(
     doc: dict[str, Any], refresh: int = REFRESH_SECONDS, search: Search | None = None
 ) -> str:
@@ -434,9 +354,9 @@ def render(
         f"up {_e(format_age(daemon['uptime_seconds']))} (since {_e(daemon['started_at'])}) · "
         f"as of {_e(doc['generated_at'])}, refreshed every {int(refresh)} s · "
         '<a href="/api/status">JSON</a> · <a href="/metrics">metrics</a></p>',
-        _search_form(search),
+        search_form(search),
         "</header>",
-        _search_section(search) if search is not None else "",
+        search_section(search) if search is not None else "",
         "<section><h2>Destinations</h2><table><thead><tr><th>Destination</th><th>State</th>"
         '<th>Pending</th><th>In flight</th><th>Oldest pending</th><th title="'
         f'{_e(rate_note)}">Rate /min</th><th>Done</th><th>Failed</th><th>Last error</th>'
