@@ -1,4 +1,4 @@
-"""The status document: what ``forwarder status`` prints and the status page serves.
+"""The status documents: what ``forwarder status`` and ``find`` print and the status page serves.
 
 :func:`read_status` reads the queue database (counts per destination, each destination's last
 recorded up/down state, files waiting to be moved out of incoming), so ``forwarder status`` in
@@ -6,10 +6,12 @@ another process and the daemon's own page tell the same story. :func:`recent_fai
 ``NAME.error.json`` reports in ``failed/`` (the files still there: ``forwarder retry`` removes a
 report with its file). :class:`RateMeter` turns samples of the cumulative done counters into
 files stored per minute. :func:`find_document` is what ``forwarder find --json`` prints and
-``/api/find`` serves: the files :meth:`Queue.find` found, as plain values.
+``/api/find`` serves: the files :meth:`Queue.find` found, as plain values; :func:`job_summary`
+says one destination's state of such a file in words, for ``find``'s text and the page alike.
 
-Rendering (text, HTML) is not here: the text is :mod:`forwarder.cli.status`'s, the page and
-``/api/status`` are :mod:`forwarder.daemon.status_page`'s.
+Rendering (text, HTML) is not here: the text is :mod:`forwarder.cli.status`'s and
+:mod:`forwarder.cli.find`'s, the page and ``/api/status`` are
+:mod:`forwarder.daemon.status_page`'s (its search box :mod:`forwarder.daemon.status_find`'s).
 """
 
 from __future__ import annotations
