@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,3 +279,37 @@ def test_a_big_batch_is_queued_in_chunks_so_sending_starts_early(env: Env) -> No
     assert env.rec.wakes == -(-200 // CHUNK) == 4
     assert env.queue.counts()["READY"] == 400
     assert len(env.jobs("archive")) == 200
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", ImplicitVRLittleEndian, RLELossless])
+def test_the_study_series_and_accession_are_recorded_for_find(routed: Env, syntax: str) -> None:
+    """Read in the same walk as the routes' values (here: Modality), in every encoding; found by
+    each; padding stripped. A file without an Accession Number records none."""
+    ds = make_dataset(transfer_syntax=syntax)
+    ds.AccessionNumber = "ACC12"  # odd length: padded with a space on disk
+    path = routed.spool.incoming / "with.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    bare = routed.put("without.dcm", transfer_syntax=syntax)
+    routed.ingest([routed.ready("with.dcm"), bare])
+    (found,) = routed.queue.find(["ACC12"])
+    assert found.rel_path == "with.dcm" and found.path == str(path)
+    assert found.study_instance_uid == ds.StudyInstanceUID
+    assert found.series_instance_uid == ds.SeriesInstanceUID
+    assert [f.rel_path for f in routed.queue.find([ds.StudyInstanceUID])] == ["with.dcm"]
+    assert [f.rel_path for f in routed.queue.find([ds.SeriesInstanceUID])] == ["with.dcm"]
+    assert [f.rel_path for f in routed.queue.find([ds.SOPInstanceUID])] == ["with.dcm"]
+    (other,) = routed.queue.find([_study_of(bare)])
+    assert other.rel_path == "without.dcm"
+    assert [j.destination for j in found.jobs] == ["pacs"]  # routed on Modality CT
+    conn = sqlite3.connect(routed.queue.path)
+    try:
+        rows = conn.execute("SELECT rel_path, accession_number FROM files ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert rows == [("with.dcm", "ACC12"), ("without.dcm", None)]
+
+
+def _study_of(ready: ReadyFile) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(ready.path, stop_before_pixels=True).StudyInstanceUID)

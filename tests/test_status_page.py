@@ -1,4 +1,5 @@
-"""The status page on the metrics listener: ``/`` (HTML) and ``/api/status`` (JSON).
+"""The status page on the metrics listener: ``/`` (HTML, with its search box), ``/api/status``
+and ``/api/find`` (JSON); and ``forwarder find`` against the same daemon.
 
 The daemon runs as a real subprocess with three destinations: ``pacs`` (a Storage SCP that
 stores), ``offline`` (a closed port: down, its files stay queued) and ``archive`` (an SCP that
@@ -17,6 +18,7 @@ import signal
 import struct
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterator
@@ -26,23 +28,26 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import yaml
-from conftest import REPO, wait_until
+from conftest import FORWARDER, REPO, wait_until
 from daemon import Daemon, destination, route
+from dicomgen import make_dataset
 from peers import ScriptedSCP, free_port
 
 from forwarder.daemon import metrics as metrics_module
 from forwarder.daemon.metrics import Metrics
 from forwarder.daemon.status import RateMeter, recent_failures
 from forwarder.daemon.status_page import PATHS, StatusPage, render
-from forwarder.queue import Queue
+from forwarder.queue import FileEntry, Queue
 
 CHROMIUM = shutil.which("chromium")
 WIDTH, HEIGHT = 1280, 900
 UP_RGB = (0x1A, 0x7F, 0x37)  # .badge.up in status_page's CSS
 DOWN_RGB = (0xCF, 0x22, 0x2E)  # .badge.down
 CT_FILES, MR_FILES = 3, 2
+CT_STUDY = "1.2.826.0.1.3680043.8.498.77"  # every CT file of the scene is of this study
 
 
 # -- the scene -----------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def scene(tmp_path: Path) -> Iterator[Scene]:
             extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
         )
         with d:
-            d.drop_files(CT_FILES, prefix="ct")
+            d.drop_files(CT_FILES, prefix="ct", study_uid=CT_STUDY)
             d.drop_files(MR_FILES, prefix="mr", folder="mr", modality="MR")
             d.drop_bytes("junk.dcm", b"this is not DICOM" * 10)
             d.wait_failed(MR_FILES + 1)
@@ -338,6 +343,10 @@ def test_the_page_in_headless_chromium(tmp_path: Path) -> None:
             and "not usable DICOM" in text
         )
         assert "Recent failures (3, newest first)" in text
+        # The search box's answer, as a browser shows it.
+        found = dom_text(chromium(["--dump-dom", f"{s.url}/?find={CT_STUDY}"], profile).decode())
+        assert "Found 3 files" in found and "ct0000.dcm" in found, found
+        assert re.search(r"pacs : stored at \S+ \(status 0x0000, 1 attempt\)", found), found
 
         png = tmp_path / "page.png"
         chromium([f"--screenshot={png}", f"{s.url}/"], profile)
@@ -476,6 +485,178 @@ def test_routing_and_an_unreadable_queue_on_a_real_listener(tmp_path: Path) -> N
         metrics.set_status_app(None)
         status, _, body = get(f"{url}/")
         assert status == 200 and b"forwarder_build_info" in body
+    finally:
+        metrics.stop()
+        queue.close()
+
+
+# -- find ----------------------------------------------------------------------------------------
+
+
+def _find_cli(s: Scene, *keys: str) -> subprocess.CompletedProcess[str]:
+    return s.daemon.cli("find", *keys)
+
+
+def test_find_over_http_and_with_the_cli(tmp_path: Path) -> None:
+    """``/api/find``, the page's search and ``forwarder find`` (a subprocess, while the daemon
+    runs) tell the same story: the CT files in incoming, stored at pacs, pending for offline
+    (down); the MR files in failed/ with archive's 0xC001."""
+    with scene(tmp_path) as s:
+        ds = make_dataset(station="SCANNER9")
+        ds.AccessionNumber = "ACC-4711"
+        staging = tmp_path / "acc.dcm"
+        ds.save_as(staging, enforce_file_format=True)
+        s.daemon.drop_bytes("acc.dcm", staging.read_bytes())
+        wait_until(lambda: len(s.pacs.uids()) == CT_FILES + 1, 30, what="pacs to store acc.dcm")
+
+        status, headers, body = get(f"{s.url}/api/find?key={CT_STUDY}")
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        doc = json.loads(body)
+        assert doc["keys"] == [CT_STUDY]
+        files = doc["files"]
+        assert [f["rel_path"] for f in files] == ["ct0000.dcm", "ct0001.dcm", "ct0002.dcm"]
+        for f in files:
+            assert f["where"] == "incoming" and f["state"] == "QUEUED"
+            assert f["path"] == str(s.daemon.incoming / f["rel_path"])
+            assert f["matched"] == [{"key": CT_STUDY, "as": "StudyInstanceUID"}]
+            assert f["study_instance_uid"] == CT_STUDY and f["series_instance_uid"]
+            by = {d["destination"]: d for d in f["destinations"]}
+            assert set(by) == {"pacs", "offline"}
+            assert by["pacs"]["state"] == "stored" and by["pacs"]["last_status"] == "0x0000"
+            assert by["pacs"]["finished_at"] and by["pacs"]["attempts"] == 1
+            assert by["offline"]["state"] in ("pending", "sending")
+            assert "connection refused" in (by["offline"]["last_error"] or "")
+        assert {f["sop_instance_uid"] for f in files} < s.pacs.uids()
+
+        # The same from the command line, by SOP Instance UID and by Series Instance UID.
+        result = _find_cli(s, files[0]["sop_instance_uid"], "--json")
+        assert result.returncode == 0, result.stderr
+        (one,) = json.loads(result.stdout)["files"]
+        assert one["rel_path"] == "ct0000.dcm"
+        assert one["matched"] == [{"key": files[0]["sop_instance_uid"], "as": "SOPInstanceUID"}]
+        text = _find_cli(s, files[1]["series_instance_uid"])
+        assert text.returncode == 0, text.stderr
+        assert text.stdout.startswith("ct0001.dcm  (incoming, file ")
+        assert f"  path: {s.daemon.incoming / 'ct0001.dcm'}\n" in text.stdout
+        assert re.search(r"\n  pacs: stored at \S+ \(status 0x0000, 1 attempt\)\n", text.stdout)
+        assert re.search(r"\n  offline: (pending|sending)", text.stdout), text.stdout
+
+        # Finished files: the MR ones are in failed/, with archive's answer.
+        mr_path = s.daemon.failed / "mr" / "mr0000.dcm"
+        mr_uid = str(pydicom.dcmread(mr_path, stop_before_pixels=True).SOPInstanceUID)
+        result = _find_cli(s, "--json", mr_uid)
+        assert result.returncode == 0, result.stderr
+        (failed,) = json.loads(result.stdout)["files"]
+        assert failed["where"] == "failed" and failed["state"] == "FINISHED"
+        assert failed["path"] == str(mr_path)
+        assert os.path.exists(failed["path"]) and failed["finished_at"]
+        (archive,) = failed["destinations"]
+        assert archive["destination"] == "archive" and archive["state"] == "failed"
+        assert archive["last_status"] == "0xC001" and archive["attempts"] == 1
+        status, _, body = get(f"{s.url}/")  # the plain page has the search box
+        assert b'<form method="get" action="/" class="find">' in body
+        result = _find_cli(s, "--json", CT_STUDY, "ACC-4711", "1.2.3.999")
+        assert result.returncode == 0, result.stderr
+        found = json.loads(result.stdout)["files"]
+        assert [f["rel_path"] for f in found] == [
+            "ct0000.dcm",
+            "ct0001.dcm",
+            "ct0002.dcm",
+            "acc.dcm",
+        ]
+        assert found[-1]["matched"] == [{"key": "ACC-4711", "as": "AccessionNumber"}]
+
+        # Nothing found: exit 1, said on stderr; the page and the API say so too.
+        nothing = _find_cli(s, "1.2.3.999")
+        assert nothing.returncode == 1 and nothing.stdout == ""
+        assert "no file of 1.2.3.999" in nothing.stderr
+        status, _, body = get(f"{s.url}/api/find?key=1.2.3.999")
+        assert status == 200 and json.loads(body)["files"] == []
+        status, _, body = get(f"{s.url}/api/find")
+        assert status == 400 and "key" in json.loads(body)["error"]
+
+        # The page's search: a table, no refresh, the key kept in the box.
+        status, headers, body = get(f"{s.url}/?find={CT_STUDY}")
+        page = body.decode()
+        assert status == 200 and "form-action 'self'" in headers["Content-Security-Policy"]
+        assert 'http-equiv="refresh"' not in page
+        assert "Found 3 files" in page and f'value="{CT_STUDY}"' in page
+        for name in ("ct0000.dcm", "ct0001.dcm", "ct0002.dcm"):
+            assert name in page
+        assert "pacs</b>: stored at" in page and "offline</b>:" in page
+        assert "Destinations" in page  # the status is still there, below
+        # The Accession Number is shown only as the key the user typed.
+        status, _, body = get(f"{s.url}/?find={ds.StudyInstanceUID}")
+        assert status == 200 and b"acc.dcm" in body and b"ACC-4711" not in body
+        status, _, body = get(f"{s.url}/api/find?key={ds.SOPInstanceUID}")
+        assert b"acc.dcm" in body and b"ACC-4711" not in body
+        status, _, body = get(f"{s.url}/?find=ACC-4711")
+        assert b"Found 1 file<" in body and b"AccessionNumber <code>ACC-4711</code>" in body
+        status, _, body = get(f"{s.url}/?find=")
+        assert status == 200 and b"Give a key to find." in body
+
+
+def test_find_cli_exit_codes_without_a_daemon(tmp_path: Path) -> None:
+    """A bad config exits 78; a queue that was never created finds nothing (exit 1) and is not
+    created; --help says what the exit codes mean."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("incoming: [\n")
+    d = Daemon(tmp_path / "d", destinations=[destination("pacs", free_port())])
+    result = subprocess.run(
+        [FORWARDER, "find", "-c", str(bad), "1.2.3"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 78, result.stderr
+    result = d.cli("find", "1.2.3")
+    assert result.returncode == 1 and "no file of 1.2.3" in result.stderr
+    assert not d.queue.exists()
+    usage = subprocess.run(
+        [FORWARDER, "find", "--help"], capture_output=True, text=True, check=False
+    )
+    assert usage.returncode == 0 and "1 when none was" in " ".join(usage.stdout.split())
+    assert subprocess.run([FORWARDER, "find"], capture_output=True, check=False).returncode == 2
+
+
+def _queue_with(path: Path, evil: str) -> Queue:
+    queue = Queue(path)
+    entry = FileEntry(
+        path=f"/in/{evil}",
+        rel_path=evil,
+        size=1,
+        mtime_ns=1,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        sop_instance_uid="1.2.3.4",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.1",
+        accession_number="SECRET-ACC",
+    )
+    queue.enqueue(entry, [evil])
+    return queue
+
+
+def test_the_search_escapes_everything_and_reads_no_more_than_it_shows(tmp_path: Path) -> None:
+    evil = '<script>alert("x")</script>&'
+    queue = _queue_with(tmp_path / "queue.sqlite", evil)
+    page = StatusPage(queue, lambda: [evil], tmp_path / "failed")
+    metrics = Metrics(destinations=["pacs"])
+    metrics.set_status_app(page)
+    metrics.start_server("127.0.0.1:0")
+    try:
+        assert metrics.address is not None
+        host, port = metrics.address
+        url = f"http://{host}:{port}"
+        quoted = urllib.parse.quote(f"1.2.3 {evil}")
+        status, _, body = get(f"{url}/?find={quoted}")
+        html = body.decode()
+        assert status == 200 and "<script" not in html and "Found 1 file<" in html
+        assert "&lt;script&gt;" in html and "SECRET-ACC" not in html
+        status, _, body = get(f"{url}/api/find?key=1.2.3&key={urllib.parse.quote(evil)}")
+        doc = json.loads(body)
+        assert doc["keys"] == ["1.2.3", evil] and len(doc["files"]) == 1
+        assert b"SECRET-ACC" not in body
+        many = "&".join(f"key=k{i}" for i in range(100))
+        status, _, body = get(f"{url}/api/find?{many}")
+        assert status == 400  # more fields than a search takes: none read
     finally:
         metrics.stop()
         queue.close()

@@ -4,6 +4,8 @@ A file is checked end to end without being decoded (``dicomfile.check_file_value
 ``send`` and ``receive`` use too: Part 10 header, every element's length, every undefined length
 closed, the data set's own SOP UIDs, which are what is queued and sent), routed on its header
 values and sub-folder, and enqueued with one job per destination in one transaction per batch.
+The same walk reads the Study and Series Instance UIDs and the Accession Number, which the queue
+records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
 nothing is deleted.
 """
@@ -50,6 +52,14 @@ _PHI_KEYWORDS = frozenset(
         "Occupation",
     }
 )
+
+
+# What the queue records for ``forwarder find``, read in the same walk as the routes' values.
+_FIND_TAGS = {
+    0x0020000D: ("StudyInstanceUID", "UI"),
+    0x0020000E: ("SeriesInstanceUID", "UI"),
+    0x00080050: ("AccessionNumber", "SH"),
+}
 
 
 def is_phi(keyword: str) -> bool:
@@ -102,8 +112,8 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        want: dict[int, str] = {}
-        vrs: dict[int, str] = {}
+        want = {tag: keyword for tag, (keyword, _) in _FIND_TAGS.items()}
+        vrs = {tag: vr for tag, (_, vr) in _FIND_TAGS.items()}
         if router.keywords:
             # pydicom's data dictionary, only when routes read the header.
             from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -252,6 +262,9 @@ class Ingest:
             sop_class_uid=meta.sop_class_uid,  # the data set's own, checked
             sop_instance_uid=meta.sop_instance_uid,
             transfer_syntax=meta.transfer_syntax,
+            study_instance_uid=_value(values, "StudyInstanceUID"),
+            series_instance_uid=_value(values, "SeriesInstanceUID"),
+            accession_number=_value(values, "AccessionNumber"),
         )
         return entry, destinations
 
@@ -272,6 +285,11 @@ class Ingest:
             reason,
             extra={"FILE": str(ready.path), "OUTCOME": "rejected"},
         )
+
+
+def _value(values: dict[str, str], keyword: str) -> str:
+    """A recorded value without its padding ("" when the file has none)."""
+    return values.get(keyword, "").strip(" \x00")
 
 
 def sync_files(paths: Sequence[str]) -> dict[str, str]:

@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 QueueSource = Callable[[], Mapping[str, Any]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-STATUS_PATHS = ("/", "/api/status")  # the status page's; every other path is the metrics
+# The status page's; every other path is the metrics.
+STATUS_PATHS = ("/", "/api/status", "/api/find")
 
 # One C-STORE takes milliseconds on a LAN and up to response_timeout on a stalled peer.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

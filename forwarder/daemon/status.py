@@ -1,14 +1,17 @@
-"""The status document: what ``forwarder status`` prints and the status page serves.
+"""The status documents: what ``forwarder status`` and ``find`` print and the status page serves.
 
 :func:`read_status` reads the queue database (counts per destination, each destination's last
 recorded up/down state, files waiting to be moved out of incoming), so ``forwarder status`` in
 another process and the daemon's own page tell the same story. :func:`recent_failures` reads the
 ``NAME.error.json`` reports in ``failed/`` (the files still there: ``forwarder retry`` removes a
 report with its file). :class:`RateMeter` turns samples of the cumulative done counters into
-files stored per minute.
+files stored per minute. :func:`find_document` is what ``forwarder find --json`` prints and
+``/api/find`` serves: the files :meth:`Queue.find` found, as plain values; :func:`job_summary`
+says one destination's state of such a file in words, for ``find``'s text and the page alike.
 
-Rendering (text, HTML) is not here: the text is :mod:`forwarder.cli.status`'s, the page and
-``/api/status`` are :mod:`forwarder.daemon.status_page`'s.
+Rendering (text, HTML) is not here: the text is :mod:`forwarder.cli.status`'s and
+:mod:`forwarder.cli.find`'s, the page and ``/api/status`` are
+:mod:`forwarder.daemon.status_page`'s (its search box :mod:`forwarder.daemon.status_find`'s).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from forwarder.queue import Queue
+from forwarder.queue import FileState, FoundFile, FoundJob, JobStatus, Queue
 
 ERROR_SUFFIX = ".error.json"
 _MAX_REPORT_BYTES = 256 * 1024  # a report is a few hundred bytes; never read a huge file whole
@@ -120,6 +123,92 @@ def format_age(seconds: float) -> str:
     if s < 172800:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
     return f"{s // 86400}d{(s % 86400) // 3600}h"
+
+
+# -- find -------------------------------------------------------------------------------------
+
+# A job's status as an operator says it.
+_JOB_STATES = {
+    JobStatus.READY: "pending",
+    JobStatus.CLAIMED: "sending",
+    JobStatus.DONE: "stored",
+    JobStatus.FAILED: "failed",
+}
+
+
+def _where(f: FoundFile) -> str:
+    """``incoming``, ``done``, ``failed``, or ``moving to done`` / ``moving to failed``."""
+    if f.state is FileState.QUEUED or f.outcome is None:
+        return "incoming"
+    if f.state is FileState.FINISHING:
+        return f"moving to {f.outcome.value}"
+    return f.outcome.value
+
+
+def _dicom_status(status: int | None) -> str | None:
+    return None if status is None else f"0x{status:04X}"
+
+
+def _job(j: FoundJob) -> dict[str, Any]:
+    return {
+        "destination": j.destination,
+        "state": _JOB_STATES[j.status],
+        "status": j.status.value,
+        "attempts": j.attempts,
+        "next_attempt_at": None if j.next_attempt_at is None else iso_local(j.next_attempt_at),
+        "last_status": _dicom_status(j.last_status),
+        "last_error": j.last_error,
+        "finished_at": None if j.finished_at is None else iso_local(j.finished_at),
+    }
+
+
+def find_document(keys: Sequence[str], found: Sequence[FoundFile]) -> dict[str, Any]:
+    """``forwarder find --json`` and ``/api/find``: the keys asked and, per file found, where it
+    is now (``where``: incoming, done, failed; ``path``), its UIDs, the keys it matched (an
+    Accession Number appears only there, as the key given) and its state per destination
+    (``state``: pending, sending, stored or failed; the job's ``status``; ``last_status`` as
+    hex)."""
+    return {
+        "keys": list(keys),
+        "files": [
+            {
+                "file_id": f.file_id,
+                "path": f.path,
+                "rel_path": f.rel_path,
+                "where": _where(f),
+                "state": f.state.value,
+                "matched": [{"key": key, "as": kind.value} for key, kind in f.matched],
+                "sop_instance_uid": f.sop_instance_uid,
+                "study_instance_uid": f.study_instance_uid,
+                "series_instance_uid": f.series_instance_uid,
+                "queued_at": iso_local(f.created_at),
+                "finished_at": None if f.finished_at is None else iso_local(f.finished_at),
+                "retried_as": f.retried_as,
+                "destinations": [_job(j) for j in f.jobs],
+            }
+            for f in found
+        ],
+    }
+
+
+def job_summary(d: dict[str, Any]) -> str:
+    """One destination of a :func:`find_document` file in words: ``stored at T (status 0x0000,
+    1 attempt)``, ``pending, next attempt at T (2 attempts): connection refused``..."""
+    attempts = d["attempts"]
+    details = [f"{attempts} attempt{'' if attempts == 1 else 's'}"]
+    if d["last_status"]:
+        details.insert(0, f"status {d['last_status']}")
+    state = d["state"]
+    if state == "pending" and d["next_attempt_at"]:
+        head = f"pending, next attempt at {d['next_attempt_at']}"
+    elif state in ("stored", "failed") and d["finished_at"]:
+        head = f"{state} at {d['finished_at']}"
+    else:
+        head = state
+    line = f"{head} ({', '.join(details)})"
+    if d["last_error"] and state != "stored":
+        line += f": {d['last_error']}"
+    return line
 
 
 # -- recent failures ---------------------------------------------------------------------------

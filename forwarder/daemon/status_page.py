@@ -1,17 +1,25 @@
-"""The read-only status page on the metrics listener: ``/`` (HTML) and ``/api/status`` (JSON).
+"""The read-only status page on the metrics listener: ``/`` (HTML), ``/api/status`` and
+``/api/find`` (JSON).
 
 ``/api/status`` is ``forwarder status --json``'s document (:mod:`forwarder.daemon.status`) plus,
 per destination, ``rate`` (files stored per minute over ``rate_window_seconds``), and
 ``recent_failures`` (the newest reports in ``failed/``, with their reasons per destination),
 ``finishing`` (files waiting to be moved out of incoming) and ``daemon`` (version, start, uptime).
 
-``/`` renders the same document as plain HTML: inline CSS, no script, no external asset, a meta
-refresh. Every value is escaped. It shows what the queue and the reports hold (destination
-names, counts, states, paths under ``failed/``, SOP Instance UIDs, DICOM statuses and error
-comments), never a patient's name or ID, which the queue does not keep.
+``/api/find?key=KEY`` is ``forwarder find --json``'s document
+(:func:`~forwarder.daemon.status.find_document`): every file of a Study, Series or SOP Instance
+UID or an Accession Number the queue knows, where it is and its state per destination.
 
-Not here: the HTTP server (:mod:`forwarder.daemon.metrics` routes these two paths here) and what
-the document holds (:mod:`forwarder.daemon.status`).
+``/`` renders the same document as plain HTML: inline CSS, no script, no external asset, a meta
+refresh, and a search box (``/?find=KEY``, a GET form) that shows what ``/api/find`` says as a
+table; a page showing a search does not refresh, so a key being typed is not lost. Every value
+is escaped. It shows what the queue and the reports hold (destination names, counts, states,
+paths, UIDs, DICOM statuses and error comments), never a patient's name or ID, which the queue
+does not keep; an Accession Number appears only as the key the user typed.
+
+Not here: the HTTP server (:mod:`forwarder.daemon.metrics` routes these paths here), what the
+documents hold (:mod:`forwarder.daemon.status`) and the search's HTML
+(:mod:`forwarder.daemon.status_find`).
 """
 
 from __future__ import annotations
@@ -25,14 +33,23 @@ from datetime import datetime
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from forwarder import __version__
 from forwarder.daemon.status import (
     RateMeter,
+    find_document,
     format_age,
     iso_local,
     read_status,
     recent_failures,
+)
+from forwarder.daemon.status_find import (
+    MAX_KEYS,
+    Search,
+    search_form,
+    search_keys,
+    search_section,
 )
 from forwarder.errors import ForwarderError
 from forwarder.queue import Queue
@@ -41,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 PAGE_PATH = "/"
 API_PATH = "/api/status"
-PATHS = (PAGE_PATH, API_PATH)
+FIND_API_PATH = "/api/find"
+PATHS = (PAGE_PATH, API_PATH, FIND_API_PATH)
 REFRESH_SECONDS = 5
 RECENT_FAILURES = 50
 
@@ -54,7 +72,7 @@ _HEADERS = [
     (
         "Content-Security-Policy",
         "default-src 'none'; style-src 'unsafe-inline'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     ),
     ("Referrer-Policy", "no-referrer"),
 ]
@@ -117,6 +135,10 @@ class StatusPage:
             "generated_at": iso_local(now),
         }
 
+    def find(self, keys: Sequence[str]) -> dict[str, Any]:
+        """``/api/find``. Raises ForwarderError when the queue cannot be read."""
+        return find_document(keys, self._queue.find(keys))
+
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         """The WSGI application for :data:`PATHS`."""
         path = environ.get("PATH_INFO") or "/"
@@ -131,7 +153,17 @@ class StatusPage:
                 method,
             )
         try:
+            query = parse_qs(
+                environ.get("QUERY_STRING", ""), keep_blank_values=True, max_num_fields=MAX_KEYS
+            )
+        except ValueError:
+            query = {}  # more fields than any search takes: none is read
+        if path == FIND_API_PATH:
+            return self._find_api(search_keys(query.get("key", [])), start_response, method)
+        search = search_keys(query["find"]) if path == PAGE_PATH and "find" in query else None
+        try:
             doc = self.document()
+            found = self.find(search) if search else None
         except ForwarderError as exc:
             logger.warning("status page: cannot read the queue: %s", exc)
             if path == API_PATH:
@@ -146,8 +178,26 @@ class StatusPage:
         if path == API_PATH:
             body = (json.dumps(doc, indent=2) + "\n").encode()
             return _respond(start_response, "200 OK", "application/json", body, [], method)
-        html = render(doc, self._refresh).encode()
+        shown = None if search is None else Search(tuple(search), found)
+        html = render(doc, self._refresh, shown).encode()
         return _respond(start_response, "200 OK", "text/html", html, [], method)
+
+    def _find_api(self, keys: list[str], start_response: StartResponse, method: str) -> list[bytes]:
+        """``/api/find``: 200 with the document (``files`` may be empty), 400 without a key,
+        503 when the queue cannot be read."""
+        if not keys:
+            body = json.dumps({"error": "give one or more keys: /api/find?key=UID"}).encode()
+            return _respond(start_response, "400 Bad Request", "application/json", body, [], method)
+        try:
+            doc = self.find(keys)
+        except ForwarderError as exc:
+            logger.warning("status page: cannot read the queue: %s", exc)
+            body = json.dumps({"error": str(exc)}).encode()
+            return _respond(
+                start_response, "503 Service Unavailable", "application/json", body, [], method
+            )
+        body = (json.dumps(doc, indent=2) + "\n").encode()
+        return _respond(start_response, "200 OK", "application/json", body, [], method)
 
 
 def _respond(
@@ -188,6 +238,7 @@ border-radius:.8em;font-weight:700;color:#fff}
 .err{color:#cf222e;word-break:break-word}
 code{font:12px ui-monospace,monospace;word-break:break-all}
 ul{margin:0;padding-left:1.2em}
+form.find{margin:.8em 0 0}form.find input{font:12px ui-monospace,monospace;padding:.3em}
 """
 
 
@@ -274,17 +325,22 @@ def _failure_rows(failures: list[dict[str, Any]]) -> str:
 
 
 def _page(title: str, refresh: int, body: str) -> str:
+    """A whole page; ``refresh`` 0: no meta refresh."""
+    meta = f'<meta http-equiv="refresh" content="{int(refresh)}">' if refresh > 0 else ""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
-        f'<meta http-equiv="refresh" content="{int(refresh)}">'
+        f"{meta}"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
     )
 
 
-def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
-    """The HTML page of an ``/api/status`` document."""
+def render(
+    doc: dict[str, Any], refresh: int = REFRESH_SECONDS, search: Search | None = None
+) -> str:
+    """The HTML page of an ``/api/status`` document, with a search's result (it then does not
+    refresh)."""
     daemon = doc["daemon"]
     span = doc.get("rate_window_seconds")
     rate_note = (
@@ -297,7 +353,10 @@ def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
         f'<p class="meta">version {_e(daemon["version"])} · pid {_e(daemon["pid"])} · '
         f"up {_e(format_age(daemon['uptime_seconds']))} (since {_e(daemon['started_at'])}) · "
         f"as of {_e(doc['generated_at'])}, refreshed every {int(refresh)} s · "
-        '<a href="/api/status">JSON</a> · <a href="/metrics">metrics</a></p></header>',
+        '<a href="/api/status">JSON</a> · <a href="/metrics">metrics</a></p>',
+        search_form(search),
+        "</header>",
+        search_section(search) if search is not None else "",
         "<section><h2>Destinations</h2><table><thead><tr><th>Destination</th><th>State</th>"
         '<th>Pending</th><th>In flight</th><th>Oldest pending</th><th title="'
         f'{_e(rate_note)}">Rate /min</th><th>Done</th><th>Failed</th><th>Last error</th>'
@@ -331,7 +390,8 @@ def render(doc: dict[str, Any], refresh: int = REFRESH_SECONDS) -> str:
     parts.append(
         '<p class="meta">Put failed files back with <code>forwarder retry</code>.</p></section>'
     )
-    return _page("forwarder status", refresh, "\n".join(parts))
+    title = "forwarder find" if search is not None else "forwarder status"
+    return _page(title, 0 if search is not None else refresh, "\n".join(parts))
 
 
 def render_error(message: str, refresh: int = REFRESH_SECONDS) -> str:

@@ -26,6 +26,7 @@ each, that share one connection and one lock (:class:`~forwarder.queue.store.Sto
 - :mod:`~forwarder.queue.finishing`: files whose jobs are all terminal, moved in two steps;
 - :mod:`~forwarder.queue.stats`: statistics and problems, for ``forwarder status`` and metrics;
 - :mod:`~forwarder.queue.requeue`: failed files put back in the queue (``forwarder retry``);
+- :mod:`~forwarder.queue.lookup`: files found by UID or Accession Number (``forwarder find``);
 - :mod:`~forwarder.queue.housekeeping`: pruning old finished files;
 - :mod:`~forwarder.queue.records` (the records handed out and taken in) and
   :mod:`~forwarder.queue.sql` (the schema and statements).
@@ -36,6 +37,7 @@ from __future__ import annotations
 from forwarder.queue.finishing import Finishing
 from forwarder.queue.housekeeping import Housekeeping
 from forwarder.queue.jobs import Jobs
+from forwarder.queue.lookup import Lookup
 from forwarder.queue.records import (
     DestinationState,
     DestinationStats,
@@ -44,9 +46,12 @@ from forwarder.queue.records import (
     FileState,
     FileToFinish,
     Finish,
+    FoundFile,
+    FoundJob,
     Job,
     JobResult,
     JobStatus,
+    KeyKind,
     PendingSyntax,
     RecoveryReport,
     Replaced,
@@ -65,9 +70,12 @@ __all__ = [
     "FileState",
     "FileToFinish",
     "Finish",
+    "FoundFile",
+    "FoundJob",
     "Job",
     "JobResult",
     "JobStatus",
+    "KeyKind",
     "PendingSyntax",
     "Queue",
     "RecoveryReport",
@@ -75,7 +83,7 @@ __all__ = [
 ]
 
 
-class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Housekeeping):
+class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping):
     """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
 
     ``create=False`` refuses to create a missing database (for ``forwarder status``).

@@ -36,7 +36,7 @@ from forwarder.queue.sql import (
     RELEASE,
     TERMINAL_FILES,
 )
-from forwarder.queue.store import Store, clock, ids_json, routed_to
+from forwarder.queue.store import Store, clock, find_values, ids_json, routed_to
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class Jobs(Store):
                         "sop_class_uid": entry.sop_class_uid,
                         "sop_instance_uid": entry.sop_instance_uid,
                         "transfer_syntax": entry.transfer_syntax,
+                        **find_values(entry),
                         "now": at,
                     },
                 ).fetchall()

@@ -42,6 +42,10 @@ class FileEntry:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str
+    # What ``forwarder find`` looks files up by ("": the file has none).
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+    accession_number: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,3 +141,44 @@ class DestinationState:
     state: str  # "up" or "down"
     error: str | None  # why it is down
     since: float  # Unix time
+
+
+class KeyKind(enum.StrEnum):
+    """Which recorded value a ``forwarder find`` key matched (the DICOM keyword)."""
+
+    STUDY = "StudyInstanceUID"
+    SERIES = "SeriesInstanceUID"
+    SOP_INSTANCE = "SOPInstanceUID"
+    ACCESSION = "AccessionNumber"
+
+
+@dataclass(frozen=True, slots=True)
+class FoundJob:
+    """One destination's state for a found file."""
+
+    destination: str
+    status: JobStatus
+    attempts: int  # completed attempts
+    next_attempt_at: float | None  # READY only: when it is due
+    last_status: int | None  # the last DICOM status (or HTTP status) answered
+    last_error: str | None
+    finished_at: float | None  # DONE or FAILED: when
+
+
+@dataclass(frozen=True, slots=True)
+class FoundFile:
+    """A file :meth:`Queue.find` found: where it is now and its state per destination."""
+
+    file_id: int
+    rel_path: str
+    path: str  # where it is now: in incoming, or its final path in done/ or failed/
+    state: FileState
+    outcome: Finish | None  # once it is FINISHING or FINISHED
+    matched: tuple[tuple[str, KeyKind], ...]  # (the key given, what it matched), in key order
+    sop_instance_uid: str
+    study_instance_uid: str | None
+    series_instance_uid: str | None
+    created_at: float
+    finished_at: float | None
+    retried_as: int | None  # a failed file put back by ``forwarder retry``: its new file id
+    jobs: tuple[FoundJob, ...]  # by destination name

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 from forwarder.queue.records import FileEntry, Replaced
-from forwarder.queue.store import Store, clock, routed_to
+from forwarder.queue.store import Store, clock, find_values, routed_to
 
 
 class Replacing(Store):
@@ -53,6 +53,7 @@ class Replacing(Store):
             "sop_class_uid": entry.sop_class_uid,
             "sop_instance_uid": entry.sop_instance_uid,
             "transfer_syntax": entry.transfer_syntax,
+            **find_values(entry),
             "now": clock(now),
         }
         routed_now = routed_to(destinations)
@@ -60,7 +61,10 @@ class Replacing(Store):
             row = conn.execute(
                 """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
                           sop_class_uid = :sop_class_uid, sop_instance_uid = :sop_instance_uid,
-                          transfer_syntax = :transfer_syntax
+                          transfer_syntax = :transfer_syntax,
+                          study_instance_uid = :study_instance_uid,
+                          series_instance_uid = :series_instance_uid,
+                          accession_number = :accession_number
                    WHERE path = :path AND state = 'QUEUED' RETURNING id""",
                 params,
             ).fetchone()

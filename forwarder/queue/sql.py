@@ -18,7 +18,10 @@ DDL = (
         final_path TEXT,
         retried_as INTEGER,
         created_at REAL NOT NULL,
-        finished_at REAL
+        finished_at REAL,
+        study_instance_uid TEXT,
+        series_instance_uid TEXT,
+        accession_number TEXT
     )""",
     # enqueue is idempotent per path while the file is unfinished; once finished, the same name
     # may be dropped into incoming again
@@ -59,15 +62,27 @@ DDL = (
     )""",
 )
 
+# Schema version 4: the values `forwarder find` looks files up by, without a scan. Run after
+# FIND_COLUMNS were added to a version 3 (or older) files table.
+FIND_COLUMNS = ("study_instance_uid", "series_instance_uid", "accession_number")
+FIND_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS files_sop_instance ON files (sop_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS files_study ON files (study_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS files_series ON files (series_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS files_accession ON files (accession_number)",
+)
+
 UNFINISHED_JOB = (
     "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
 )
 
 INSERT_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-                       transfer_syntax, state, created_at)
+                       transfer_syntax, study_instance_uid, series_instance_uid,
+                       accession_number, state, created_at)
     VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
-            :transfer_syntax, 'QUEUED', :now)
+            :transfer_syntax, :study_instance_uid, :series_instance_uid, :accession_number,
+            'QUEUED', :now)
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
     RETURNING id"""
 
@@ -178,12 +193,36 @@ FAILED_FILES = """
 
 REQUEUE_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-                       transfer_syntax, state, created_at)
+                       transfer_syntax, study_instance_uid, series_instance_uid,
+                       accession_number, state, created_at)
     SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
-           transfer_syntax, 'QUEUED', :now
+           transfer_syntax, study_instance_uid, series_instance_uid, accession_number,
+           'QUEUED', :now
     FROM files
     WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
     RETURNING id"""
+
+# The ids of the files one key matches, and as what (one indexed lookup per column).
+FIND_KEY = """
+    SELECT id, 'SOPInstanceUID' FROM files WHERE sop_instance_uid = :key
+    UNION ALL SELECT id, 'StudyInstanceUID' FROM files WHERE study_instance_uid = :key
+    UNION ALL SELECT id, 'SeriesInstanceUID' FROM files WHERE series_instance_uid = :key
+    UNION ALL SELECT id, 'AccessionNumber' FROM files WHERE accession_number = :key"""
+
+# FoundFile's file fields, for the ids found
+FOUND_FILES = """
+    SELECT id, rel_path, path, final_path, state, outcome, sop_instance_uid, study_instance_uid,
+           series_instance_uid, created_at, finished_at, retried_as
+    FROM files WHERE id IN (SELECT value FROM json_each(:ids))
+    ORDER BY id"""
+
+# file_id, then FoundJob's fields in order
+FOUND_JOBS = """
+    SELECT file_id, destination, status, attempts,
+           CASE WHEN status = 'READY' THEN next_attempt_at END, last_status, last_error,
+           finished_at
+    FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
+    ORDER BY file_id, destination"""
 
 PRUNE = """
     DELETE FROM files WHERE id IN (

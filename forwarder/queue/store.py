@@ -25,11 +25,13 @@ from types import TracebackType
 from typing import Self
 
 from forwarder.errors import QueueError
-from forwarder.queue.sql import DDL
+from forwarder.queue.records import FileEntry
+from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: the problems table; 3: jobs.stale
+# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files
+SCHEMA_VERSION = 4
 
 
 def clock(now: float | None) -> float:
@@ -39,6 +41,15 @@ def clock(now: float | None) -> float:
 
 def ids_json(ids: Iterable[int]) -> str:
     return json.dumps([int(i) for i in ids])
+
+
+def find_values(entry: FileEntry) -> dict[str, str | None]:
+    """The statement parameters of what ``forwarder find`` looks a file up by (NULL: none)."""
+    return {
+        "study_instance_uid": entry.study_instance_uid or None,
+        "series_instance_uid": entry.series_instance_uid or None,
+        "accession_number": entry.accession_number or None,
+    }
 
 
 def routed_to(destinations: Sequence[str]) -> list[str]:
@@ -131,6 +142,12 @@ class Store:
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
                 if "stale" not in columns:  # a version 1 or 2 database
                     conn.execute("ALTER TABLE jobs ADD COLUMN stale INTEGER NOT NULL DEFAULT 0")
+                present = {r[1] for r in conn.execute("PRAGMA table_info(files)")}
+                for column in FIND_COLUMNS:  # a version 1 to 3 database: NULL for its files
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
+                for statement in FIND_INDEXES:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
