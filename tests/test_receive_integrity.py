@@ -105,12 +105,7 @@ def raw_store(
     presentation context accepted for ``context_class``; return the C-STORE-RSP."""
     contexts = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == context_class]
     assert contexts, f"no accepted context for {context_class}"
-    req = C_STORE()
-    req.MessageID = message_id
-    req.AffectedSOPClassUID = sop_class
-    req.AffectedSOPInstanceUID = sop_instance
-    req.Priority = 2
-    req.DataSet = BytesIO(data)
+    req = c_store_rq(data, sop_class, sop_instance, message_id)
     # Pause the requestor's reactor, as pynetdicom's send_c_store does, or it takes the
     # response off the queue first.
     assoc._reactor_checkpoint.clear()
@@ -266,6 +261,17 @@ def test_undefined_length_without_delimiter_gets_c000(receiver: ReceiverProcess)
         finish(assoc)
     assert_failure(rsp, 0xC000, 0xCFFF, "")
     assert not list(receiver.output.rglob(f"{ds.SOPInstanceUID}.dcm"))
+
+
+def c_store_rq(data: bytes, sop_class: str, sop_instance: str, message_id: int = 1) -> C_STORE:
+    """A C-STORE request primitive carrying ``data`` (an encoded data set, as is)."""
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = sop_class
+    req.AffectedSOPInstanceUID = sop_instance
+    req.Priority = 2
+    req.DataSet = BytesIO(data)
+    return req
 
 
 def dataset_bytes_of(ds: Dataset) -> bytes:
@@ -481,12 +487,7 @@ def test_malformed_c_store_is_aborted_at_once_and_leaves_nothing(
     with run_receiver(tmp_path / "r", env=env) as proc:
         assoc = open_association(proc.port, (CT, EXPLICIT_LE))
         try:
-            req = C_STORE()
-            req.MessageID = 1
-            req.AffectedSOPClassUID = CT
-            req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-            req.Priority = 2
-            req.DataSet = BytesIO(dataset_bytes_of(ds))
+            req = c_store_rq(dataset_bytes_of(ds), CT, ds.SOPInstanceUID)
             context_id = assoc.accepted_contexts[0].context_id
             if fault == "context not accepted":
                 context_id += 2
@@ -517,12 +518,7 @@ def test_association_aborted_mid_data_set_leaves_no_temporary_file(tmp_path: Pat
     with run_receiver(tmp_path / "r", env=env) as proc:
         assoc = open_association(proc.port, (CT, EXPLICIT_LE))
         try:
-            req = C_STORE()
-            req.MessageID = 1
-            req.AffectedSOPClassUID = CT
-            req.AffectedSOPInstanceUID = ds.SOPInstanceUID
-            req.Priority = 2
-            req.DataSet = BytesIO(dataset_bytes_of(ds))
+            req = c_store_rq(dataset_bytes_of(ds), CT, ds.SOPInstanceUID)
             message = C_STORE_RQ()
             message.primitive_to_message(req)
             pdus = message.encode_msg(assoc.accepted_contexts[0].context_id, 65536)
