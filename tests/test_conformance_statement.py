@@ -352,7 +352,11 @@ def forwarder_receive(tmp_path: Path, env: dict[str, str], *args: str) -> Iterat
             return "listening on" in log.read_text(errors="replace")
 
         wait_until(listening, 30, what="forwarder receive to listen")
-        yield port
+        try:
+            yield port
+        except AssertionError as exc:  # what the receiver said explains most failures
+            said = log.read_text(errors="replace")
+            raise AssertionError(f"{exc}\nreceiver log:\n{said}") from exc
     finally:
         stop_process(proc, timeout=10)
 
@@ -427,7 +431,9 @@ def rejection(port: int, calling: str, called: str) -> tuple[int, int, int] | No
     if assoc.is_established:
         assoc.release()
         return None
-    assert assoc.is_rejected
+    assert assoc.is_rejected, f"{calling} -> {called}: neither established nor rejected " + (
+        "(aborted)" if assoc.is_aborted else "(no connection?)"
+    )
     rj = assoc.acceptor.primitive
     return (rj.result, rj.result_source, rj.diagnostic)
 

@@ -35,6 +35,8 @@ from test_receive_integrity import assert_same_object, dataset_bytes, dcm_files,
 
 from forwarder.net.placement import FolderSink
 from forwarder.net.receiver import Receiver, ReceiverSettings
+from forwarder.net.scp_codec import AssociateRequest
+from forwarder.net.scp_object import Origin
 from forwarder.net.scp_policy import EngineSettings, context_policy, scp_profile
 from forwarder.net.scp_server import ScpServer
 from forwarder.net.tls import client_context, server_context
@@ -544,6 +546,43 @@ def test_a_silent_connection_is_dropped_and_frees_its_slot(tmp_path: Path) -> No
 
         wait_until(slot_free, 10, "the slot to be free")
     finally:
+        server.stop()
+
+
+def test_a_rejected_association_left_open_does_not_hold_its_slot(tmp_path: Path) -> None:
+    """After an A-ASSOCIATE-RJ the engine waits a while for the requestor to close (PS3.8
+    Sta13); a requestor that keeps the connection open meanwhile must not hold the only slot:
+    the next, admitted association is accepted, not rejected for the limit."""
+    output = tmp_path / "out"
+    output.mkdir()
+    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
+
+    def admit(rq: AssociateRequest, _origin: Origin) -> tuple[tuple[int, int, int], str] | None:
+        return None if rq.called_ae == "FORWARDER" else ((1, 1, 7), "called AE not recognised")
+
+    server = ScpServer(
+        "127.0.0.1",
+        0,
+        settings=EngineSettings(65536, None, 16, 5.0, 5.0, 1.0),
+        policy=context_policy(profile),
+        sink=FolderSink(output),
+        admit=admit,
+        allow_host=lambda _host: True,
+        max_associations=1,
+    )
+    server.start()
+    lingering = Raw(server.port)
+    try:
+        lingering.send(associate_rq([(1, CT, [EXPLICIT_LE])], called="ELSEWHERE"))
+        pdu_type, body = lingering.pdu()
+        assert (pdu_type, body[1:4]) == (0x03, bytes((1, 1, 7)))  # RJ, and still open
+        admitted = Raw(server.port)  # connected only now: the slot was taken until the RJ
+        admitted.send(associate_rq([(1, CT, [EXPLICIT_LE])]))
+        pdu_type, body = admitted.pdu()
+        assert pdu_type == 0x02, body  # A-ASSOCIATE-AC, not RJ "local limit exceeded"
+        admitted.close()
+    finally:
+        lingering.close()
         server.stop()
 
 

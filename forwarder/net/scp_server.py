@@ -6,7 +6,8 @@ word, and starts one thread per connection: the TLS handshake (bounded, on that 
 silent client never blocks the accept loop), then :class:`~forwarder.net.scp_association.\
 ScpAssociation`. At most ``max_associations`` connections hold a slot; one more is still read
 (its A-ASSOCIATE-RQ, under the short first-PDU timeout) and answered A-ASSOCIATE-RJ transient,
-local limit exceeded, on a thread of its own (a few at a time; beyond that it is closed).
+local limit exceeded, on a thread of its own (a few at a time; beyond that it is closed). An
+association the caller's checks reject gives its slot back as soon as it is answered.
 :meth:`ScpServer.stop` stops accepting, aborts every association and joins every thread.
 
 Not here: what an association does (:mod:`forwarder.net.scp_association`), who may associate
@@ -27,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from forwarder.net.scp_association import ScpAssociation
-from forwarder.net.scp_codec import REJECT_LIMIT
+from forwarder.net.scp_codec import REJECT_LIMIT, AssociateRequest
 from forwarder.net.scp_object import ObjectSink, Origin
 from forwarder.net.scp_policy import HANDSHAKE_TIMEOUT, Admit, ContextPolicy, EngineSettings
 from forwarder.net.scp_wire import Wire
@@ -43,9 +44,12 @@ _MAX_REJECTING = 8  # connections over the limit being answered A-ASSOCIATE-RJ a
 class _ConnectionThread(threading.Thread):
     """A connection's thread; ``sock`` is its socket (TLS-wrapped once the handshake began)."""
 
-    def __init__(self, sock: socket.socket, target: Callable[[], None], name: str) -> None:
+    def __init__(
+        self, sock: socket.socket, target: Callable[[], None], name: str, over: bool
+    ) -> None:
         super().__init__(target=target, name=name, daemon=True)
         self.sock = sock
+        self.holds_slot = not over  # else one of the few "being rejected" places
 
 
 class ScpServer:
@@ -175,6 +179,7 @@ class ScpServer:
                     sock,
                     functools.partial(self._serve, sock, host, port, n, over),
                     f"receiver-association-{n}",
+                    over,
                 )
                 self._serving.add(worker)
             worker.start()
@@ -190,7 +195,7 @@ class ScpServer:
                     return
                 sock = wrapped
             origin = Origin("", "", host, port, f"{self._prefix}-{n}")
-            admit = self._admit if not over else self._refuse_over_limit
+            admit = self._admit_or_free_slot if not over else self._refuse_over_limit
             assoc = ScpAssociation(
                 Wire(sock), origin, self._settings, self._policy, self._sink, admit
             )
@@ -208,10 +213,27 @@ class ScpServer:
                 self._serving.discard(me)
                 if assoc is not None:
                     self._associations.discard(assoc)
-                if over:
-                    self._rejecting -= 1
-                else:
+                if me.holds_slot:
                     self._slots -= 1
+                else:
+                    self._rejecting -= 1
+
+    def _admit_or_free_slot(
+        self, request: AssociateRequest, origin: Origin
+    ) -> tuple[tuple[int, int, int], str] | None:
+        """The caller's verdict; a rejected association gives its slot back at once, as it
+        lingers (up to the abort linger) for the requestor to close: a peer that keeps the
+        connection open after an A-ASSOCIATE-RJ must not hold one of ``max_associations``."""
+        verdict = self._admit(request, origin)
+        if verdict is not None:
+            me = threading.current_thread()
+            assert isinstance(me, _ConnectionThread)
+            with self._lock:
+                if me.holds_slot:
+                    me.holds_slot = False
+                    self._slots -= 1
+                    self._rejecting += 1
+        return verdict
 
     def _refuse_over_limit(self, *_args: object) -> tuple[tuple[int, int, int], str]:
         return REJECT_LIMIT, f"too many associations (max {self._max})"
