@@ -44,6 +44,7 @@ class Finisher:
         self._reported = True
         self._inbox: stdqueue.SimpleQueue[int | None] = stdqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._sweep_from = 0  # where retry_pending's next slice of the queue starts
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="forwarder-finisher", daemon=True)
@@ -98,9 +99,12 @@ class Finisher:
                 self._finish(self.queue.to_finish(file_ids))
 
     def retry_pending(self) -> None:
-        """Finish whatever is terminal but not moved yet (after a disk-full, or at start)."""
+        """Finish what is terminal but not moved yet (a move that failed, a replaced file's job
+        dropped): every FINISHING file, and a slice of the queue (``Queue.sweep_to_finish``),
+        so that a call costs the same with 1M files queued as with 100."""
         with self._lock:
-            self._finish(self.queue.to_finish(None))
+            items, self._sweep_from = self.queue.sweep_to_finish(self._sweep_from)
+            self._finish(items)
 
     def finish(self, items: Sequence[FileToFinish]) -> None:
         """Finish ``items`` as returned by ``Queue.recover()``."""

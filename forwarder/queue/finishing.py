@@ -14,11 +14,22 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from typing import Any
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import FileState, FileToFinish, Finish, JobResult, JobStatus
-from forwarder.queue.sql import BEGIN_FINISH, RESULTS, TO_FINISH_ALL, TO_FINISH_IDS
+from forwarder.queue.sql import (
+    BEGIN_FINISH,
+    RESULTS,
+    SWEEP_UPTO,
+    TO_FINISH_ALL,
+    TO_FINISH_FINISHING,
+    TO_FINISH_IDS,
+    TO_FINISH_SLICE,
+)
 from forwarder.queue.store import Store, clock, ids_json
+
+SWEEP_SPAN = 20_000  # files looked at per sweep_to_finish() call: ~10 ms
 
 
 def select_to_finish(
@@ -31,6 +42,11 @@ def select_to_finish(
     else:
         params = {"ids": ids_json(file_ids), "limit": limit}
         files = conn.execute(TO_FINISH_IDS, params).fetchall()
+    return _with_results(conn, files)
+
+
+def _with_results(conn: sqlite3.Connection, files: list[Any]) -> list[FileToFinish]:
+    """Rows of (id, path, rel_path, state, final_path) with every destination's result."""
     if not files:
         return []
     results: dict[int, list[JobResult]] = {}
@@ -62,8 +78,33 @@ class Finishing(Store):
     ) -> list[FileToFinish]:
         """Files (all, or among ``file_ids``) whose jobs are all terminal and that are QUEUED or
         FINISHING, oldest first, with every destination's result."""
+        if file_ids is None:  # a sweep over every queued file: off the writers' lock
+            with self._scan("listing files to finish") as conn:
+                return select_to_finish(conn, None, limit)
         with self._read("listing files to finish") as conn:
             return select_to_finish(conn, file_ids, limit)
+
+    def sweep_to_finish(
+        self, after: int, span: int = SWEEP_SPAN, limit: int = 1000
+    ) -> tuple[list[FileToFinish], int]:
+        """The periodic sweep for files :meth:`to_finish` would return, a slice at a time so
+        that its cost does not grow with the queue: every FINISHING file, and the QUEUED files
+        with every job terminal among the ``span`` files after id ``after``. Returns them and
+        where the next slice starts (0: the beginning again); a whole cycle covers every file."""
+        params: dict[str, int] = {"after": after, "offset": span - 1, "limit": limit}
+        with self._scan("sweeping for files to finish") as conn:
+            row = conn.execute(SWEEP_UPTO, params).fetchone()
+            last = row is None
+            if last:  # fewer than ``span`` files after ``after``: to the end of the table
+                row = conn.execute("SELECT MAX(id) FROM files").fetchone()
+            params["upto"] = int(row[0] or 0)
+            stuck = conn.execute(TO_FINISH_FINISHING, params).fetchall()
+            queued = conn.execute(TO_FINISH_SLICE, params).fetchall()
+            files = sorted({r[0]: r for r in stuck + queued}.values())
+            found = _with_results(conn, files)
+        if len(queued) == limit:  # more in this slice: go on after the last one next time
+            return found, int(queued[-1][0])
+        return found, 0 if last else params["upto"]
 
     def begin_finish(self, file_id: int, final_path: str) -> None:
         """QUEUED -> FINISHING, recording where the file goes. Commit this, then move the file,

@@ -282,17 +282,23 @@ class Jobs(Store):
 
     # -- the worker's reads ---------------------------------------------------------------
 
-    def pending_syntaxes(self, destination: str, limit: int = 256) -> list[PendingSyntax]:
-        """Distinct (SOP Class UID, transfer syntax) of READY and CLAIMED jobs for
-        ``destination``, most common first: what the sender should propose."""
-        with self._read(f"listing pending transfer syntaxes for {destination}") as conn:
+    def pending_syntaxes(
+        self, destination: str, limit: int = 256, window: int = 5000
+    ) -> list[PendingSyntax]:
+        """Distinct (SOP Class UID, transfer syntax) among the next ``window`` READY and
+        CLAIMED jobs for ``destination`` (those in flight, then the earliest due), most common
+        first: what the sender should propose. A hint, so its cost stays flat however deep the
+        queue: a job outside the window still goes, on contexts negotiated when it comes."""
+        with self._scan(f"listing pending transfer syntaxes for {destination}") as conn:
             rows = conn.execute(
                 """SELECT f.sop_class_uid, f.transfer_syntax, COUNT(*) AS n
-                   FROM jobs AS j JOIN files AS f ON f.id = j.file_id
-                   WHERE j.destination = :destination AND j.status IN ('READY', 'CLAIMED')
+                   FROM (SELECT file_id FROM jobs
+                         WHERE destination = :destination AND status IN ('CLAIMED', 'READY')
+                         ORDER BY status, next_attempt_at LIMIT :window) AS j
+                   JOIN files AS f ON f.id = j.file_id
                    GROUP BY f.sop_class_uid, f.transfer_syntax
                    ORDER BY n DESC, f.sop_class_uid, f.transfer_syntax LIMIT :limit""",
-                {"destination": destination, "limit": limit},
+                {"destination": destination, "limit": limit, "window": window},
             ).fetchall()
         return [PendingSyntax(r[0], r[1]) for r in rows]
 

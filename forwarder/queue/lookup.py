@@ -30,7 +30,7 @@ class Lookup(Store):
         wanted = [k for k in wanted if k and len(k) <= MAX_KEY_LENGTH]
         if not wanted:
             return []
-        with self._read("finding files") as conn:
+        with self._scan("finding files") as conn:
             matched: dict[int, list[tuple[str, KeyKind]]] = {}
             for key in wanted:
                 for file_id, kind in conn.execute(FIND_KEY, {"key": key}).fetchall():

@@ -24,7 +24,7 @@ class Replacing(Store):
     def active_files(self) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) as queued, for every unfinished file (ingest notices a
         file replaced in incoming by comparing)."""
-        with self._read("listing queued files") as conn:
+        with self._scan("listing queued files") as conn:
             rows = conn.execute(
                 "SELECT path, size, mtime_ns FROM files WHERE state != 'FINISHED'"
             ).fetchall()

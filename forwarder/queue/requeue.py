@@ -28,7 +28,7 @@ class Requeue(Store):
     def failed_files(self, destination: str | None = None) -> list[FailedFile]:
         """FINISHED files that went to failed/ and were not retried yet; with ``destination``,
         only those whose job for it FAILED. Each lists every destination that failed."""
-        with self._read("listing failed files") as conn:
+        with self._scan("listing failed files") as conn:
             rows = conn.execute(FAILED_FILES, {"destination": destination}).fetchall()
         grouped: dict[int, tuple[Any, list[str]]] = {}
         for file_id, final_path, rel_path, finished_at, dest in rows:

@@ -150,9 +150,11 @@ BUMP_STATS = """
         last_error_at = CASE WHEN excluded.last_error IS NOT NULL THEN excluded.last_error_at
                              WHEN excluded.done_total > 0 THEN NULL ELSE last_error_at END"""
 
+# The files are looked up by id: ``+f.state`` keeps SQLite from choosing the files_state index
+# instead, which walks every QUEUED file (milliseconds a call with a deep queue).
 TERMINAL_FILES = f"""
     SELECT f.id FROM files AS f
-    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state = 'QUEUED'
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND +f.state = 'QUEUED'
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id"""
 
@@ -161,9 +163,24 @@ TO_FINISH_ALL = f"""
     WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
+# The daemon's periodic sweep, a slice of the files table at a time (rowid ranges): files left
+# FINISHING (a move that failed) are few and indexed; QUEUED files whose jobs all ended without
+# the finisher being told (a replaced file's job dropped) are looked for among SPAN files only.
+SWEEP_UPTO = "SELECT id FROM files WHERE id > :after ORDER BY id LIMIT 1 OFFSET :offset"
+
+TO_FINISH_FINISHING = """
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.state = 'FINISHING' ORDER BY f.id LIMIT :limit"""
+
+TO_FINISH_SLICE = f"""
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    WHERE f.id > :after AND f.id <= :upto AND +f.state = 'QUEUED'
+      AND NOT EXISTS ({UNFINISHED_JOB})
+    ORDER BY f.id LIMIT :limit"""
+
 TO_FINISH_IDS = f"""
     SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
-    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state IN ('QUEUED', 'FINISHING')
+    WHERE f.id IN (SELECT value FROM json_each(:ids)) AND +f.state IN ('QUEUED', 'FINISHING')
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 

@@ -29,7 +29,7 @@ class Statistics(Store):
     ) -> dict[str, DestinationStats]:
         """Per destination (every one with rows, plus those named), sorted by name."""
         at = clock(now)
-        with self._read("reading destination statistics") as conn:
+        with self._scan("reading destination statistics") as conn:
             live = conn.execute(
                 """SELECT destination, status, COUNT(*), MIN(created_at) FROM jobs
                    WHERE status IN ('READY', 'CLAIMED') GROUP BY destination, status"""
@@ -60,7 +60,7 @@ class Statistics(Store):
 
     def counts(self) -> dict[str, int]:
         """Rows per job status (every JobStatus value present) — pruned rows not included."""
-        with self._read("counting jobs") as conn:
+        with self._scan("counting jobs") as conn:
             rows = conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         counts = {s.value: 0 for s in JobStatus}
         counts.update({r[0]: r[1] for r in rows})
@@ -108,7 +108,7 @@ class Statistics(Store):
 
     def waiting_to_move(self) -> int:
         """Files whose jobs are all terminal but which are not yet out of incoming."""
-        with self._read("counting files waiting to be moved") as conn:
+        with self._scan("counting files waiting to be moved") as conn:
             row = conn.execute(
                 f"""SELECT COUNT(*) FROM files AS f WHERE f.state = 'FINISHING'
                     OR (f.state = 'QUEUED' AND NOT EXISTS ({UNFINISHED_JOB}))"""

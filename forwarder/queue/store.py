@@ -2,7 +2,8 @@
 
 :class:`Store` is the base every part of :class:`forwarder.queue.Queue` builds on: it opens the
 database file (creating and migrating the schema), sets the pragmas durability relies on, and
-hands its parts one write or read transaction at a time (``_write``, ``_read``), turning any
+hands its parts one write or read transaction at a time (``_write``, ``_read``; long reads,
+``_scan``, on a second connection that never holds up the writer), turning any
 SQLite error into a :class:`~forwarder.errors.QueueError` that names the file and the
 operation. It also holds the small helpers the parts share to build statement parameters.
 
@@ -71,6 +72,10 @@ class Store:
         self._path = os.fspath(path)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        # Long reads (statistics, sweeps) run on a second connection with a lock of its own.
+        self._scan_lock = threading.Lock()
+        self._scanner: sqlite3.Connection | None = None
+        self._busy_timeout = busy_timeout
         if not create and not os.path.exists(self._path):
             raise QueueError(
                 f"queue database {self._path} does not exist: check the 'queue' key of the "
@@ -193,6 +198,40 @@ class Store:
             except sqlite3.Error as exc:
                 raise self._error(exc, what) from exc
 
+    @contextmanager
+    def _scan(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A long read (statistics, counts, sweeps over every queued file) in one snapshot, on a
+        second connection: it never holds the lock every claim, ack and enqueue takes, and with
+        write-ahead logging a reader does not block the writer. Scans wait for one another."""
+        with self._scan_lock:
+            try:
+                conn = self._scan_connection(what)
+                conn.execute("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc, what) from exc
+
+    def _scan_connection(self, what: str) -> sqlite3.Connection:
+        self._connection(what)  # closed: say so
+        if self._scanner is None:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            try:
+                conn.execute("PRAGMA query_only = ON")
+            except BaseException:
+                conn.close()
+                raise
+            self._scanner = conn
+        return self._scanner
+
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
@@ -202,6 +241,13 @@ class Store:
                 logger.exception("rollback failed; SQLite rolls back when the connection closes")
 
     def close(self) -> None:
+        with self._scan_lock:
+            if self._scanner is not None:
+                scanner, self._scanner = self._scanner, None
+                try:
+                    scanner.close()
+                except sqlite3.Error as exc:
+                    raise self._error(exc, "closing it") from exc
         with self._lock:
             if self._conn is not None:
                 conn, self._conn = self._conn, None

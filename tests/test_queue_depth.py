@@ -1,0 +1,178 @@
+"""The queue with many pending jobs: the hot path looks rows up by key, and the long reads
+(statistics, sweeps) never hold up a claim, an ack or an enqueue.
+
+Latencies at 1M pending jobs are measured by ``python -m bench.queue_depth``, not here; these
+tests pin down the two properties that keep those latencies flat.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from forwarder.queue import FileEntry, Queue, sql
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+
+# What every file's journey runs, once or per batch: ingest, claim, ack, finish.
+HOT = (
+    "INSERT_FILE",
+    "INSERT_JOBS",
+    "CLAIM",
+    "CLAIMED_JOBS",
+    "ACK_TERMINAL",
+    "ACK_RETRY",
+    "DROP_CLAIMED",
+    "RELEASE",
+    "BUMP_STATS",
+    "TERMINAL_FILES",
+    "TO_FINISH_IDS",
+    "RESULTS",
+    "BEGIN_FINISH",
+    "SWEEP_UPTO",
+    "TO_FINISH_SLICE",
+)
+PARAMS = {
+    "path": "/in/a.dcm",
+    "rel_path": "a.dcm",
+    "size": 1,
+    "mtime_ns": 1,
+    "sop_class_uid": CT,
+    "sop_instance_uid": "1.2.3",
+    "transfer_syntax": EXPLICIT,
+    "study_instance_uid": None,
+    "series_instance_uid": None,
+    "accession_number": None,
+    "now": 0.0,
+    "file_id": 1,
+    "destinations": '["pacs"]',
+    "destination": "pacs",
+    "limit": 64,
+    "ids": "[1, 2, 3]",
+    "status": "DONE",
+    "last_status": 0,
+    "error": None,
+    "id": 1,
+    "next_attempt_at": 0.0,
+    "final_path": "/done/a.dcm",
+    "done": 1,
+    "failed": 0,
+    "after": 0,
+    "upto": 100,
+    "offset": 99,
+}
+
+
+def entry(n: int) -> FileEntry:
+    return FileEntry(
+        path=f"/in/{n}.dcm",
+        rel_path=f"{n}.dcm",
+        size=1234,
+        mtime_ns=n,
+        sop_class_uid=CT,
+        sop_instance_uid=f"1.2.3.{n}",
+        transfer_syntax=EXPLICIT,
+    )
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Queue:
+    q = Queue(tmp_path / "queue.sqlite")
+    q.enqueue_many([(entry(n), ["pacs"]) for n in range(2000)])
+    return q
+
+
+@pytest.mark.parametrize("name", HOT)
+def test_hot_statements_look_rows_up_by_key(queue: Queue, name: str) -> None:
+    """No statement of a file's journey walks a table or an index over every queued file
+    (TERMINAL_FILES once picked the files_state index, ~11 ms an ack at 200k pending jobs)."""
+    conn = sqlite3.connect(queue.path)
+    try:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {getattr(sql, name)}", PARAMS)]
+    finally:
+        conn.close()
+        queue.close()
+    walks = [step for step in plan if step.startswith("SCAN") and "json_each" not in step]
+    by_state = [step for step in plan if "files_state" in step]
+    assert not walks and not by_state, plan
+
+
+def test_a_long_read_does_not_hold_up_claims_acks_and_enqueues(queue: Queue) -> None:
+    """A statistics read in progress (held open here) leaves the writer's path free: claim,
+    ack and enqueue complete meanwhile, and the read still sees its own snapshot."""
+    inside, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def long_read() -> None:
+        with queue._scan("holding a read open") as conn:
+            seen.append(
+                conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'READY'").fetchone()[0]
+            )
+            inside.set()
+            release.wait(30)
+            seen.append(
+                conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'READY'").fetchone()[0]
+            )
+
+    reader = threading.Thread(target=long_read)
+    reader.start()
+    try:
+        assert inside.wait(10)
+        done = threading.Event()
+
+        def writes() -> None:
+            jobs = queue.claim("pacs", 64)
+            queue.ack_done([j.id for j in jobs], status=0)
+            queue.enqueue(entry(10_000), ["pacs"])
+            done.set()
+
+        writer = threading.Thread(target=writes)
+        writer.start()
+        writer.join(10)
+        assert done.is_set(), "a write waited for the long read"
+    finally:
+        release.set()
+        reader.join(10)
+    assert seen == [2000, 2000]  # one snapshot for the whole read
+    assert queue.stats()["pacs"].pending == 2000 - 64 + 1
+    queue.close()
+
+
+def test_the_sweep_finds_every_leftover_once_a_cycle_a_slice_at_a_time(queue: Queue) -> None:
+    """Files whose jobs ended without the finisher being told are found by the periodic sweep,
+    one slice of ``span`` files per call; a file left FINISHING (its move failed) by every call."""
+    claimed = queue.claim("pacs", 2000)
+    leftovers = [j.file_id for j in claimed if j.file_id % 7 == 0]
+    queue.ack_done([j.id for j in claimed if j.file_id % 7 == 0], status=0)
+    stuck = leftovers.pop()
+    queue.begin_finish(stuck, "/done/stuck.dcm")
+    found: list[int] = []
+    after, calls = 0, 0
+    while True:
+        items, after = queue.sweep_to_finish(after, span=300)
+        calls += 1
+        assert stuck in [i.file_id for i in items]  # in every slice
+        found += [i.file_id for i in items if i.file_id != stuck]
+        if after == 0:
+            break
+        assert calls < 20
+    assert calls == 7  # 2000 files, 300 a slice
+    assert sorted(found) == sorted(leftovers)  # each exactly once
+    first, _ = queue.sweep_to_finish(0, span=300)  # the next cycle starts again
+    assert {i.file_id for i in first} == {stuck} | {f for f in leftovers if f <= 300}
+    queue.close()
+
+
+def test_a_full_slice_goes_on_after_its_last_file(queue: Queue) -> None:
+    claimed = queue.claim("pacs", 50)
+    queue.ack_done([j.id for j in claimed], status=0)
+    items, after = queue.sweep_to_finish(0, span=1000, limit=20)
+    assert [i.file_id for i in items] == sorted(j.file_id for j in claimed)[:20]
+    assert after == items[-1].file_id
+    rest, after = queue.sweep_to_finish(after, span=1000, limit=20)
+    assert [i.file_id for i in rest] == sorted(j.file_id for j in claimed)[20:40]
+    queue.close()
