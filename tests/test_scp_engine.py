@@ -372,7 +372,8 @@ def test_no_acceptable_context_is_an_ac_with_every_context_rejected(receiver: Re
         ac = raw.associate(
             [(1, "1.2.840.10008.5.1.4.1.2.1.1", [EXPLICIT_LE]), (3, CT, ["1.2.3.4.5"])]
         )
-        assert ac_results(ac) == {1: (3, ""), 3: (4, "")}
+        # refused, each with a Transfer Syntax sub-item all the same (PS3.8 9.3.3.2)
+        assert ac_results(ac) == {1: (3, EXPLICIT_LE), 3: (4, "1.2.3.4.5")}
         assert user_items(ac)[0x52].rstrip(b"\x00") == b"1.2.826.0.1.3680043.10.1284.1"
     finally:
         raw.close()

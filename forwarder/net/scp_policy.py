@@ -154,11 +154,15 @@ class ContextPolicy:
         refused: set[str] = set()
         for context in request.contexts:
             result, syntax = self.answer(context)
-            results.append((context.context_id, result, syntax))
             if result == ACCEPTANCE:
                 accepted[context.context_id] = (context.abstract_syntax, syntax)
-            else:
-                refused.add(context.abstract_syntax)
+                results.append((context.context_id, result, syntax))
+                continue
+            refused.add(context.abstract_syntax)
+            # PS3.8 9.3.3.2: the AC's context item holds one Transfer Syntax sub-item even when
+            # refused ("not significant"); strict requestors expect it: echo their first one.
+            echoed = context.transfer_syntaxes[0] if context.transfer_syntaxes else ""
+            results.append((context.context_id, result, echoed))
         window = None
         if request.async_window is not None:
             invoked, performed = request.async_window
