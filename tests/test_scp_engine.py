@@ -748,6 +748,48 @@ def test_a_dripping_association_request_is_cut_at_its_deadline(tmp_path: Path) -
         server.stop()
 
 
+def test_a_pdu_dripping_after_association_is_cut_at_its_deadline(tmp_path: Path) -> None:
+    """Past the association checks, a PDU must still arrive whole within the idle timeout plus
+    its length at the minimum rate (here 1 s + 1,000 bytes at 1,000 bytes/s): a byte every
+    0.3 s, each far within the idle timeout, does not keep the association (and its slot)."""
+    output = tmp_path / "out"
+    output.mkdir()
+    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
+    server = ScpServer(
+        "127.0.0.1",
+        0,
+        settings=EngineSettings(65536, None, 16, 1.0, 1.0, 1.0, min_pdu_rate=1000.0),
+        policy=context_policy(profile),
+        sink=FolderSink(output),
+        admit=lambda _rq, _origin: None,
+        allow_host=lambda _host: True,
+        max_associations=1,
+    )
+    server.start()
+    raw = Raw(server.port)
+    try:
+        raw.associate([(1, CT, [EXPLICIT_LE])])
+        started = time.monotonic()
+        # a P-DATA-TF of 1,000 bytes: a command PDV begun, its bytes then one at a time
+        raw.send(PDU.pack(0x04, 1000) + struct.pack(">IBB", 996, 1, 0x01))
+        raw.sock.settimeout(0.3)
+        aborted = False
+        while not aborted and time.monotonic() - started < 8:
+            try:
+                raw.send(b"\x00")
+                aborted = raw.sock.recv(64)[:1] in (b"\x07", b"")  # A-ABORT, or closed
+            except TimeoutError:
+                continue  # still being served: drip on
+            except OSError:
+                aborted = True
+        assert aborted, "the dripping association was still served after 8 s"
+        assert time.monotonic() - started < 5
+    finally:
+        raw.close()
+        server.stop()
+    nothing_left(output)
+
+
 def test_plain_dicom_to_a_tls_port_is_closed_not_left_hanging(pki: Pki, tmp_path: Path) -> None:
     """A failed TLS handshake closes the connection (the wrapper held its descriptor open)."""
     r = Receiver(

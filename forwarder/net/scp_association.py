@@ -151,9 +151,17 @@ class ScpAssociation:
                 else (s.associate_timeout, "an A-ASSOCIATE-RQ")
             )
             who = self.origin.calling_ae or "connection"
-            logger.warning(
-                "%s at %s sent no %s within %gs; aborting", who, self.origin.host, what, waited
-            )
+            if self.wire.deadline is not None and established:
+                logger.warning(
+                    "%s at %s sent a PDU slower than %g bytes/s; aborting",
+                    who,
+                    self.origin.host,
+                    s.min_pdu_rate,
+                )
+            else:
+                logger.warning(
+                    "%s at %s sent no %s within %gs; aborting", who, self.origin.host, what, waited
+                )
             self._send_abort(0)
         except WireClosed as exc:
             if self.stopping.is_set():
@@ -277,10 +285,12 @@ class ScpAssociation:
             raise WireClosed("the receiver is stopping")
         pdu_type, length = self._header()
         if pdu_type == PDU_P_DATA:
-            limit = self.settings.max_pdu
-            if 0 < limit < length:
-                raise _Abort(f"P-DATA-TF of {length} bytes; we accept at most {limit}")
+            s = self.settings
+            if 0 < s.max_pdu < length:
+                raise _Abort(f"P-DATA-TF of {length} bytes; we accept at most {s.max_pdu}")
+            self.wire.deadline = time.monotonic() + s.idle_timeout + length / s.min_pdu_rate
             self._pdata(length)
+            self.wire.deadline = None
             return True
         if pdu_type in (PDU_RELEASE_RQ, PDU_ABORT):
             if length != 4:

@@ -80,6 +80,10 @@ class EngineSettings:
     associate_timeout: float
     idle_timeout: float
     release_timeout: float
+    #: Once a PDU has begun, all of it must arrive within ``idle_timeout`` plus its length at
+    #: this rate (bytes/s): a peer past the AE checks cannot hold a slot by dripping a byte
+    #: just inside the idle timeout. 8 KiB/s: 2 min more for a 1 MiB PDU, far below any link.
+    min_pdu_rate: float = 8192.0
 
 
 #: Decides on an A-ASSOCIATE-RQ: None to accept, or ((result, source, reason), why) to reject.
