@@ -31,6 +31,14 @@ class Kind(enum.Enum):
     STORESCP_OD = "storescp-od"  # receive cases: DCMTK storescp -od, the reference receiver
     RECEIVE = "receive"  # receive cases: forwarder receive (storescu pushes into both)
     STOW = "stow"  # forwarder send http://.../dicom-web (STOW-RS), beside SEND to the same peer
+    # gateway cases (bench.gateway): storescu pushes through a gateway to the PACS
+    GATEWAY = "gateway"  # forwarder run with listen:
+    GATEWAY_STORESCP = "gateway-storescp"  # DCMTK storescp -od feeding forwarder run (comparison)
+    ORTHANC_ROUTE = "orthanc-route"  # Orthanc, Lua OnStoredInstance -> SendToModality (comparison)
+
+
+#: Rows shown beside forwarder's for comparison: no goal applies to them.
+COMPARISON = frozenset({Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE})
 
 
 class Peer(enum.Enum):
@@ -103,6 +111,16 @@ CASES: dict[str, Case] = {
             "stow-ct", "ct", Kind.STOW, Goal(Metric.MB_PER_S, 1.0), True,
             "CT files (~0.5 MB) to Orthanc: C-STORE and STOW-RS", Peer.ORTHANC,
         ),
+        # Issue 13: storescu pushing to the PACS through a gateway, against pushing straight to
+        # it (the reference row); the goal applies to the daemon's listener only.
+        Case(
+            "gateway-small", "small", Kind.GATEWAY, Goal(Metric.FILES_PER_S, 0.5), True,
+            "storescu -> gateway -> PACS (storescp), small files, until the PACS has them all",
+        ),
+        Case(
+            "gateway-ct", "ct", Kind.GATEWAY, Goal(Metric.MB_PER_S, 0.5), True,
+            "storescu -> gateway -> PACS (storescp), CT files, until the PACS has them all",
+        ),
     )
 }  # fmt: skip
 
@@ -122,6 +140,12 @@ class Sender:
             return "forwarder receive"
         if self.kind is Kind.STOW:
             return f"forwarder send STOW-RS -a{self.associations}"
+        if self.kind is Kind.GATEWAY:
+            return "via forwarder run (listen)"
+        if self.kind is Kind.GATEWAY_STORESCP:
+            return "via storescp + forwarder run"
+        if self.kind is Kind.ORTHANC_ROUTE:
+            return "via Orthanc (Lua routing)"
         name = "forwarder send" if self.kind is Kind.SEND else "forwarder run"
         return f"{name} -a{self.associations}"
 
@@ -192,7 +216,10 @@ class CaseResult:
         return ours / ref
 
     def met(self, row: Row) -> bool | None:
-        """None when it cannot be judged (a sender failed); the goal applies to forwarder rows."""
+        """None when it cannot be judged (a sender failed, or a comparison row); the goal
+        applies to forwarder rows."""
+        if row.sender.kind in COMPARISON:
+            return None
         ratio = self.ratio(row)
         if ratio is None:
             return None
@@ -203,5 +230,5 @@ class CaseResult:
     @property
     def best(self) -> Row | None:
         """The forwarder variant with the highest goal metric."""
-        good = [r for r in self.contenders if r.ok]
+        good = [r for r in self.contenders if r.ok and r.sender.kind not in COMPARISON]
         return max(good, key=lambda r: r.value(self.case.goal.metric) or 0.0, default=None)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.cases import Attempt, CaseResult, Metric, Row
+from bench.cases import COMPARISON, Attempt, CaseResult, Metric, Row
 
 _HEADER = ("case", "sender", "files/s", "MB/s", "peak RSS MiB", "ratio", "goal", "met?")
 
@@ -28,7 +28,10 @@ def _cells(result: CaseResult, row: Row, reference: bool) -> tuple[str, ...]:
         return (name, row.sender.label, rate, _num(mbs, 1), _num(rss), "1.00 (ref)", "", "")
     ratio = result.ratio(row)
     met = result.met(row)
-    verdict = "n/a (storescu failed)" if met is None else ("yes" if met else "NO")
+    if row.sender.kind in COMPARISON:
+        verdict = "(comparison)"
+    else:
+        verdict = "n/a (storescu failed)" if met is None else ("yes" if met else "NO")
     return (
         name,
         row.sender.label,
@@ -153,3 +156,15 @@ def footer(machine: dict[str, Any], settings: dict[str, Any], results: list[Case
         f"{machine['dcmtk']}, {machine['forwarder']}; {settings['statistic']}, scale "
         f"{settings['scale']:g}. Load average before each case: {loads}."
     )
+
+
+def latency_lines(latencies: dict[str, Any]) -> str:
+    """The latency case: one line per path, median and 90th percentile (goal: median <= 20 ms
+    through the gateway, issue 13)."""
+    lines = [f"latency, {latencies.get('objects')} objects one at a time into an idle gateway:"]
+    for path, value in latencies.items():
+        if isinstance(value, dict):
+            lines.append(
+                f"- {path}: median {value['median_ms']:.1f} ms, p90 {value['p90_ms']:.1f} ms"
+            )
+    return "\n".join(lines) + "\n(goal: median <= 20 ms from pushed or renamed in to stored)"

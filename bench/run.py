@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO
 
 from bench import corpus as corpora
-from bench import orthanc, receive, report
+from bench import gateway, orthanc, receive, report
 from bench.cases import CASES, Attempt, Case, CaseResult, Kind, Peer, Row, Sender, Statistic
 from bench.procs import (
     SCP_AET,
@@ -49,6 +49,7 @@ OUT = Path(__file__).resolve().parent / "out"
 FORWARDER = Path(sys.executable).parent / "forwarder"
 SCU_AET = "STORESCU"
 FWD_AET = "FORWARDER"
+LATENCY = "latency"  # not a throughput case: bench.gateway.latency, printed after the table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="forwarder vs DCMTK storescu throughput, against DCMTK storescp --ignore.",
     )
-    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: %(default)s")
+    p.add_argument(
+        "--cases", default=",".join([*CASES, LATENCY]), help="comma-separated: %(default)s"
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per sender (default 3)")
     p.add_argument(
         "--statistic",
@@ -83,9 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--forwarder", type=Path, default=FORWARDER, help="the forwarder command")
     args = p.parse_args(argv)
     args.case_list = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in args.case_list if c not in CASES]
+    unknown = [c for c in args.case_list if c not in CASES and c != LATENCY]
     if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}: choose from {', '.join(CASES)}")
+        known = ", ".join([*CASES, LATENCY])
+        p.error(f"unknown case(s) {', '.join(unknown)}: choose from {known}")
     try:
         args.assoc_list = [int(a) for a in args.associations.split(",")]
     except ValueError:
@@ -125,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     if with_orthanc:
         machine["orthanc"] = orthanc.version()
     results: list[CaseResult] = []
+    latencies: dict[str, object] | None = None
     started = time.monotonic()
     try:
         for name in args.case_list:
+            if name == LATENCY:
+                continue
             case = CASES[name]
             data = corpora.ensure(case.corpus, args.scale, args.corpus_dir)
             _warm(data)
@@ -135,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             if case.kind is Kind.RECEIVE:
                 results.append(receive.run_case(case, data, args, logs, unavailable.get(case.kind)))
                 continue
+            if case.kind is Kind.GATEWAY:
+                why = unavailable.get(Kind.DAEMON)
+                results.append(gateway.run_case(case, data, args, logs, why))
+                continue
             senders = [Sender(Kind.STORESCU)] + [Sender(case.kind, a) for a in args.assoc_list]
             if case.kind is Kind.STOW:  # C-STORE to the same peer first, then STOW-RS
                 senders[1:1] = [Sender(Kind.SEND, a) for a in args.assoc_list]
             results.append(
                 _run_case(case, data, senders, args, fork, logs, unavailable.get(case.kind))
             )
+        if LATENCY in args.case_list:
+            data = corpora.ensure("small", args.scale, args.corpus_dir)
+            logger.info("latency: one object at a time into an idle gateway")
+            latencies = gateway.latency(data, args, logs)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -171,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         settings["forwarder_stow"] = (
             f"{fwd} send --associations N http://127.0.0.1:HTTP_PORT/dicom-web DIR"
         )
+    if latencies is not None:
+        settings["latency"] = latencies
     table = report.table(results)
+    if latencies is not None:
+        table += "\n\n" + report.latency_lines(latencies)
     print(table)
     print(f"\n{report.footer(machine, settings, results)}")
     report.write(args.out, machine, settings, results, table)
