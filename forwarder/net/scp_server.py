@@ -103,8 +103,9 @@ class ScpServer:
         self._thread.daemon = True
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop accepting, abort open associations and join every thread we started."""
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, give open associations ``drain`` seconds to end by themselves (the
+        peer releases), abort those still open and join every thread we started."""
         listener, thread = self._listener, self._thread
         if listener is None:
             return
@@ -114,6 +115,12 @@ class ScpServer:
         if thread is not None:
             thread.join(_JOIN_TIMEOUT)
         listener.close()
+        if drain > 0:
+            deadline = time.monotonic() + drain
+            with self._lock:
+                draining = set(self._serving)
+            for worker in draining:
+                worker.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             serving = set(self._serving)
             for assoc in self._associations:
