@@ -172,6 +172,12 @@ class Listener:
     def stop(self, drain: float) -> None:
         """Stop accepting; open associations have ``drain`` seconds to end, then are aborted."""
         started = time.monotonic()
+        still_open = self._receiver.stop_accepting()
+        logger.info(
+            "listen: no longer accepting associations; %d open, given up to %.0f s to end",
+            still_open,
+            drain,
+        )
         self._receiver.stop(drain)
         logger.info("listen: stopped (%.1f s)", time.monotonic() - started)
 

@@ -177,6 +177,13 @@ class Receiver:
             "on" if s.tls is not None else "off",
         )
 
+    def stop_accepting(self) -> int:
+        """Refuse new connections from now on; returns how many associations are open."""
+        if self._server is None:
+            return 0
+        self._server.stop_accepting()
+        return self._server.open_associations
+
     def stop(self, drain: float = 0.0) -> None:
         """Stop accepting, give open associations ``drain`` seconds to end, abort the rest and
         join every thread we started."""
