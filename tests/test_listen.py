@@ -430,6 +430,8 @@ def test_kill_9_at_each_step_loses_nothing_answered_and_a_resend_is_harmless(
         # the second was durable (placed) before the crash: the restart queues it too (with its
         # calling AE read back from its folder when the queue never heard of it)
         wait_until(lambda: uid_of(files[1]) in held(pacs), 30, what="the durable object")
+        recovered = "durable but not queued when forwarder stopped" in d.log_text()
+        assert recovered == (point != "listen-before-answer")
         # the modality sends what was not answered again: harmless
         assert push(listen_port(d), files[1:], calling="CT01") == [(0, "")] * 2
         wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
