@@ -25,7 +25,7 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_listen_accepting                           1 while the listener takes objects, 0
                                                          while free space on the spool is below
                                                          listen.min_free_space (0xA700 answered)
-    forwarder_listen_spool_free_bytes                    free space on the incoming filesystem
+    forwarder_listen_spool_free_space                    free space on the incoming filesystem
     forwarder_listen_objects_total{outcome}              received through listen: stored,
                                                          refused (low space, cannot store/queue)
     forwarder_build_info{version}
@@ -214,8 +214,8 @@ class Metrics:
             registry=reg,
         )
         self._listen_free = Gauge(
-            "forwarder_listen_spool_free_bytes",
-            "Free space on the incoming filesystem, as the listener last measured it.",
+            "forwarder_listen_spool_free_space",
+            "Free space on the incoming filesystem in bytes, as the listener last measured it.",
             registry=reg,
         )
         self._listen_objects = Counter(
