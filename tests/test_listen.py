@@ -285,7 +285,7 @@ def test_routes_match_the_calling_ae_title(tmp_path: Path) -> None:
         failed = sorted(d.failed_files())
         assert failed[0].startswith("XA01/") and failed[1] == "watched/one.dcm"
         report = json.loads((d.failed / (failed[0] + ".error.json")).read_text())
-        assert "calling_ae='XA01'" in json.dumps(report)
+        assert "calling_ae='XA01'" in report["reason"] and report["calling_ae"] == "XA01"
         assert d.stop() == 0
 
 
@@ -361,6 +361,9 @@ def test_below_the_watermark_objects_get_a700_and_status_says_so(
         assert "REFUSING objects" in cli(d, "status").stdout
         assert _metric(metrics, "forwarder_listen_accepting") == 0
         assert _metric(metrics, 'forwarder_listen_objects_total{outcome="refused"}') == 3
+        api = f"http://127.0.0.1:{metrics}/api/status"
+        with urllib.request.urlopen(api, timeout=10) as r:
+            assert json.loads(r.read())["listen"]["accepting"] is False
         assert d.stop() == 0
 
 

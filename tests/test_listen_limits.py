@@ -4,13 +4,15 @@ rejected transiently; and the router's ``calling_ae`` pseudo-key on its own."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from peers import StoreSCP
+from daemon import destination
+from peers import ScriptedSCP, StoreSCP
 from pki import Pki, make_pki
 from test_listen import (
     GATEWAY,
@@ -112,3 +114,19 @@ def test_router_calling_ae_pseudo_key() -> None:
     assert router.route({"Modality": "CT"}, "x.dcm", "MR2") == []
     # a file from the watch folder has no calling AE: never matches
     assert router.route({"Modality": "MR"}, "CT01/x.dcm") == []
+
+
+def test_a_permanent_failure_keeps_the_origin_in_failed_and_its_report(tmp_path: Path) -> None:
+    files = copies(tmp_path / "m", "CT_small.dcm", 1)
+    with (
+        ScriptedSCP(status=0xC000) as scp,
+        listen_daemon(tmp_path / "gw", [destination("pacs", scp.port)]) as d,
+    ):
+        assert push(listen_port(d), files, calling="CT01") == [(0, "")]
+        wait_until(lambda: len(d.failed_files()) == 1, 30, what="failed/")
+        [rel] = d.failed_files()
+        assert rel.startswith("CT01/")
+        report = json.loads((d.failed / (rel + ".error.json")).read_text())
+        assert report["calling_ae"] == "CT01"
+        assert "(from CT01) -> pacs: failed" in d.log_text()
+        assert d.stop() == 0

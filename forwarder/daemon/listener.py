@@ -105,6 +105,7 @@ class Listener:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
+        self._sweep_partials()
         queued = 0
         for dirpath, dirnames, filenames in os.walk(self.folder, topdown=False):
             for name in filenames:
@@ -123,6 +124,20 @@ class Listener:
                 queued,
             )
         return queued
+
+    def _sweep_partials(self) -> None:
+        """Delete the partial objects a killed run left (``.receiving.*.part``), whatever their
+        age: the daemon holds the queue's lock, so no other writer uses this folder (the
+        receiver's own sweep keeps those younger than 10 minutes)."""
+        removed = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".receiving.") and entry.name.endswith(".part"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            logger.info("listen: removed %d partial objects a stopped run left", removed)
 
     def _recover_file(self, path: Path) -> bool:
         rel = path.relative_to(self.folder).parts

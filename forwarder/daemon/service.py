@@ -29,6 +29,7 @@ from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
+from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
@@ -186,6 +187,9 @@ class Service:
         listener.recover()
         listener.start()
         self.listener = listener
+        if self.status_page is not None:
+            c = self.config
+            self.status_page.listen_status = lambda: listen_status(c.listen, c.incoming, c.ae_title)
 
     def _take_lock(self, queue_path: Path) -> None:
         try:

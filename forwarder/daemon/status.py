@@ -267,9 +267,10 @@ def _reports(folder: Path) -> Iterator[tuple[float, str]]:
 
 def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
     """The ``limit`` newest reports in ``failed/``, newest first: ``path`` (of the failed file,
-    relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` (when the report
-    has one) and per destination its ``outcome``, DICOM ``status`` (hex), ``error`` and
-    ``attempts``. Costs one stat per report in the folder and one read per report shown."""
+    relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` and ``calling_ae``
+    (received through ``listen``; when the report has them) and per destination its
+    ``outcome``, DICOM ``status`` (hex), ``error`` and ``attempts``. Costs one stat per report
+    in the folder and one read per report shown."""
     out: list[dict[str, Any]] = []
     for mtime, path in heapq.nlargest(limit, _reports(failed)):
         try:
@@ -285,6 +286,7 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
             "failed_at": _text(doc.get("failed_at")) or iso_utc(mtime),
             "reason": _text(doc.get("reason")),
             "sop_instance_uid": _text(doc.get("sop_instance_uid")),
+            "calling_ae": _text(doc.get("calling_ae")),
             "destinations": [],
         }
         results = doc.get("destinations")

@@ -96,6 +96,7 @@ class FileToFinish:
     outcome: Finish  # "done" if every job is DONE, else "failed"
     final_path: str | None  # set once begin_finish ran
     results: tuple[JobResult, ...]
+    calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
 
 
 @dataclass(frozen=True, slots=True)

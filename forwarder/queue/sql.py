@@ -167,12 +167,14 @@ TERMINAL_FILES = f"""
     ORDER BY f.id"""
 
 TO_FINISH_ALL = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
 TO_FINISH_IDS = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.id IN (SELECT value FROM json_each(:ids)) AND f.state IN ('QUEUED', 'FINISHING')
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
