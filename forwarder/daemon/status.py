@@ -286,9 +286,11 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
             "failed_at": _text(doc.get("failed_at")) or iso_utc(mtime),
             "reason": _text(doc.get("reason")),
             "sop_instance_uid": _text(doc.get("sop_instance_uid")),
-            "calling_ae": _text(doc.get("calling_ae")),
             "destinations": [],
         }
+        calling_ae = _text(doc.get("calling_ae"))
+        if calling_ae:  # received through listen
+            entry["calling_ae"] = calling_ae
         results = doc.get("destinations")
         for r in results if isinstance(results, list) else []:
             if isinstance(r, dict):
