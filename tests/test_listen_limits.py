@@ -130,3 +130,16 @@ def test_a_permanent_failure_keeps_the_origin_in_failed_and_its_report(tmp_path:
         assert report["calling_ae"] == "CT01"
         assert "(from CT01) -> pacs: failed" in d.log_text()
         assert d.stop() == 0
+
+
+def test_config_sizes() -> None:
+    from forwarder.durations import parse_size
+
+    assert parse_size("5GB") == 5 * 1024**3
+    assert parse_size("500MB") == 500 * 1024**2
+    assert parse_size("1.5g") == int(1.5 * 1024**3)
+    assert parse_size("300KiB") == 300 * 1024
+    assert parse_size(4096) == 4096
+    for bad in ("5XB", "", "GB", True, -1, 1.5):
+        with pytest.raises(ValueError):
+            parse_size(bad)
