@@ -173,7 +173,16 @@ class Listener:
     def start(self) -> None:
         """Open the port (raises :class:`~forwarder.errors.ForwarderError`)."""
         self.space.check()
-        self._receiver.start()
+        try:
+            self._receiver.start()
+        except ForwarderError as exc:
+            if self.config.port < 1024 and "Permission denied" in str(exc):
+                raise ForwarderError(
+                    f"{exc} (ports below 1024 need CAP_NET_BIND_SERVICE: under the packaged "
+                    "systemd unit use a port from 1024 up, e.g. 11112, or see README's listen "
+                    "section for the drop-in that grants it)"
+                ) from None
+            raise
         s = self.settings
         logger.info(
             "listen: Storage SCP %s on %s:%d (TLS %s), received objects are queued from %s",
