@@ -143,16 +143,24 @@ def associate(port: int, files: Sequence[Path], calling: str = "CT01") -> Associ
         for m in map(read_file_meta_info, files)
     }:
         ae.add_requested_context(meta[0], [meta[1]])
-    return ae.associate("127.0.0.1", port, ae_title=GATEWAY)
+    assoc = ae.associate("127.0.0.1", port, ae_title=GATEWAY)
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if isinstance(raw, socket.socket):
+        _RAW[id(assoc)] = raw
+    return assoc
+
+
+_RAW: dict[int, socket.socket] = {}  # id(association) -> its TCP socket
 
 
 def joined(assoc: Association) -> None:
-    """Wait for a refused or ended association's thread (its socket is closed then)."""
+    """Wait for a refused or ended association's thread, then close its TCP socket (pynetdicom
+    drops it without closing when the peer aborted or vanished)."""
     if assoc.ident is not None:
         assoc.join(10)
-    sock = getattr(assoc.dul, "socket", None)
-    if sock is not None:
-        sock.close()
+    raw = _RAW.pop(id(assoc), None)
+    if raw is not None:
+        raw.close()
 
 
 def push(port: int, files: Sequence[Path], calling: str = "CT01") -> list[tuple[int, str]]:
@@ -173,8 +181,7 @@ def push(port: int, files: Sequence[Path], calling: str = "CT01") -> list[tuple[
     finally:
         if assoc.is_established:
             assoc.release()
-        if assoc.ident is not None:
-            assoc.join(10)
+        joined(assoc)
     return out
 
 
@@ -466,8 +473,7 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
             finally:
                 if assoc.is_established:
                     assoc.release()
-                if assoc.ident is not None:
-                    assoc.join(10)
+                joined(assoc)
 
         sender = threading.Thread(target=modality)
         sender.start()
@@ -504,7 +510,7 @@ def test_sigterm_stops_accepting_and_drains_open_associations(
         finally:
             if assoc.is_established:
                 assoc.release()
-            assoc.join(10)
+            joined(assoc)
         started = time.monotonic()
         assert d.wait_exit(20) == 0
         assert time.monotonic() - started < 5
@@ -518,7 +524,7 @@ def test_sigterm_stops_accepting_and_drains_open_associations(
             assert d.wait_exit(20) == 0
             wait_until(lambda: idle.is_aborted or not idle.is_established, 10, what="abort")
         finally:
-            idle.join(10)
+            joined(idle)
     assert not [p for p in staged(d) if p.name.startswith(".")]
     with d:
         wait_until(lambda: len(held(pacs)) == 2, 30, what="both answered objects")
