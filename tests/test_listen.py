@@ -488,6 +488,7 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
         assert_same_datasets(pacs, [p for p in files if uid_of(p) in success])
         assert not [p for p in staged(d) if p.name.startswith(".receiving.")]
         assert d.stop() == 0
+        d.assert_no_phi()
 
 
 def test_sigterm_stops_accepting_and_drains_open_associations(

@@ -19,6 +19,7 @@ from test_listen import (
     STORESCU,
     assert_same_datasets,
     associate,
+    cli,
     copies,
     held,
     joined,
@@ -129,6 +130,14 @@ def test_a_permanent_failure_keeps_the_origin_in_failed_and_its_report(tmp_path:
         report = json.loads((d.failed / (rel + ".error.json")).read_text())
         assert report["calling_ae"] == "CT01"
         assert "(from CT01) -> pacs: failed" in d.log_text()
+        # retry: delivered, still known as received from CT01
+        scp.status = 0x0000
+        retried = cli(d, "retry")
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+        wait_until(lambda: d.done_files() == [rel], 30, what="the retried file in done/")
+        assert scp.uids() == {uid_of(files[0])}
+        found = json.loads(cli(d, "find", "--json", uid_of(files[0])).stdout)["files"]
+        assert [f["origin"]["calling_ae"] for f in found] == ["CT01", "CT01"]
         assert d.stop() == 0
 
 
