@@ -7,7 +7,9 @@ values and sub-folder, and enqueued with one job per destination in one transact
 The same walk reads the Study and Series Instance UIDs and the Accession Number, which the queue
 records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
-nothing is deleted.
+nothing is deleted. Objects the listener received (:mod:`forwarder.daemon.listen_sink`) come in
+through :meth:`Ingest.enqueue_received`: already checked by the SCP engine, whose one walk also
+read the values routing needs, they are routed (``calling_ae`` too) and queued in one commit.
 """
 
 from __future__ import annotations

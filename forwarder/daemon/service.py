@@ -2,7 +2,9 @@
 
 Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
 completed), start workers, start the watcher (its first scan picks up files that arrived while
-we were stopped), then tell systemd READY=1. SIGTERM/SIGINT: stop watching, let each worker
+we were stopped), with ``listen:`` queue what the listener left unqueued and open its port
+(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop the
+listener (new associations refused, open ones drained then aborted), stop watching, let each worker
 finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
