@@ -8,7 +8,10 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``after-response``: the peer answered Success, the queue not yet acked;
 - ``finish-before-move``: the final path recorded (FINISHING), the file not yet moved;
 - ``finish-after-move``: the file moved, the queue not yet told;
-- ``reload``: in the middle of applying a reloaded config.
+- ``reload``: in the middle of applying a reloaded config;
+- ``listen-after-place``: a received object fsynced under ``incoming/.listen``, not yet routed;
+- ``listen-before-commit``: routed, its queue commit not yet made;
+- ``listen-before-answer``: queued, Success not yet answered to the modality.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 def print_text(doc: dict[str, Any]) -> None:
     """One block per file: where it is, what it matched, its UIDs, then one line per
     destination."""
-    from forwarder.daemon.status import job_summary
+    from forwarder.daemon.status import job_summary, origin_text
 
     for n, f in enumerate(doc["files"]):
         if n:
@@ -84,6 +84,9 @@ def print_text(doc: dict[str, Any]) -> None:
             print(f"  Series Instance UID: {f['series_instance_uid']}")
         if f["study_instance_uid"]:
             print(f"  Study Instance UID: {f['study_instance_uid']}")
+        received = origin_text(f.get("origin"))
+        if received:
+            print(f"  {received}")
         print(f"  queued at {f['queued_at']}")
         if f["finished_at"]:
             print(f"  finished at {f['finished_at']}")

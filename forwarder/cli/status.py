@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     _, config = load_or_report(args, "status")
     if config is None:
         return EXIT_CONFIG
-    from forwarder.daemon.status import format_age, read_status
+    from forwarder.daemon.status import format_age, listen_status, read_status
     from forwarder.queue import Queue
 
     names = [d.name for d in config.destinations]
@@ -47,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"forwarder status: {exc}", file=sys.stderr)
         return EXIT_FAILED
     result = status.destinations
+    listen = listen_status(config.listen, config.incoming, config.ae_title)
     if args.json:
-        # Exactly the contract's shape; the finishing problem shows in the text output.
-        print(json.dumps(status.document(), indent=2))
+        # The contract's shape (and "listen" when configured); the finishing problem shows in
+        # the text output.
+        doc = status.document()
+        if listen is not None:
+            doc["listen"] = listen
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
     print(f"{'DESTINATION':<20} {'PENDING':>8} {'IN FLIGHT':>9} {'DONE':>8} {'FAILED':>7}  OLDEST")
     for name, r in result.items():
@@ -68,6 +73,18 @@ def run(args: argparse.Namespace) -> int:
             )
         if r["last_error"]:
             print(f"  last error: {r['last_error']}")
+    if listen is not None:
+        free = listen["free_space"]
+        shown = "unknown" if free is None else f"{free // 2**20} MB"
+        state = (
+            "accepting objects"
+            if listen["accepting"]
+            else "REFUSING objects (0xA700, out of resources): free space below min_free_space"
+        )
+        print(
+            f"listen: port {listen['port']}: {state} ({shown} free on {config.incoming}, "
+            f"min_free_space {listen['min_free_space'] // 2**20} MB)"
+        )
     if status.waiting_to_move:  # nothing waits: an old finishing error is history
         print(
             f"{status.waiting_to_move} delivered or failed files wait to be moved out of incoming"

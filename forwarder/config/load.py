@@ -273,8 +273,19 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             )
             d = d.model_copy(update={"auth": auth})
         dests.append(d)
+    listen = config.listen
+    if listen is not None and listen.tls is not None:
+        tls_listen = listen.tls.model_copy(
+            update={
+                "ca": fix(listen.tls.ca),
+                "cert": fix(listen.tls.cert),
+                "key": fix(listen.tls.key),
+            }
+        )
+        listen = listen.model_copy(update={"tls": tls_listen})
     return config.model_copy(
         update={
+            "listen": listen,
             "incoming": fix(config.incoming),
             "done": fix(config.done),
             "failed": fix(config.failed),

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from forwarder.durations import parse_duration
+from forwarder.durations import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
 
@@ -36,6 +36,21 @@ Duration = Annotated[
                 {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
             ],
             "description": "a duration: 250ms, 5s, 10m, 2h, 7d, or seconds",
+        }
+    ),
+]
+
+
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]?)(i?[bB])?\s*$"},
+            ],
+            "description": "a size: 500MB, 5GB (powers of 1024), or bytes",
         }
     ),
 ]
@@ -190,7 +205,8 @@ class Route(_Model):
     name: str = Field(min_length=1)
     match: dict[str, str | list[str]] = Field(
         default_factory=dict,
-        description="DICOM keyword (or `folder`) -> value, list of values, * ? wildcards",
+        description="DICOM keyword (or `folder`, or `calling_ae`: the AE title a file came "
+        "in with through `listen`) -> value, list of values, * ? wildcards",
     )
     to: list[str] = Field(min_length=1)
 
@@ -216,7 +232,7 @@ class Route(_Model):
         from pydicom.datadict import tag_for_keyword
 
         for key in value:
-            if key != "folder" and tag_for_keyword(key) is None:
+            if key not in ("folder", "calling_ae") and tag_for_keyword(key) is None:
                 raise ValueError(f"{key!r} is not a DICOM keyword (e.g. Modality, StationName)")
         return value
 
@@ -248,6 +264,60 @@ class MetricsConfig(_Model):
     listen: str = Field(pattern=r"^[^\s:]*:\d{1,5}$", description="host:port")
 
 
+class ListenTLS(_Model):
+    """DICOM TLS for the listener: our certificate and key, and optionally the CA whose client
+    certificates are required (as ``forwarder receive --tls-cert/--tls-key/--tls-ca``)."""
+
+    cert: Path = Field(description="our certificate (PEM)")
+    key: Path = Field(description="its private key (PEM, mode 0600)")
+    ca: Path | None = Field(None, description="require client certificates from this CA")
+
+
+def _check_network(value: Any) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR network") from None
+    return str(value).strip()
+
+
+Network = Annotated[str, BeforeValidator(_check_network)]
+
+
+class ListenConfig(_Model):
+    """The daemon as a Storage SCP: what a modality sends is written under incoming and queued
+    before Success is answered (the engine and the checks of ``forwarder receive``)."""
+
+    port: Port
+    ae_title: AETitle | None = Field(None, description="our AE title (default: the global one)")
+    bind: str = Field("0.0.0.0", min_length=1, description="address to listen on")
+    require_called_aet: bool = Field(
+        False, description="reject associations whose called AE title is not ae_title"
+    )
+    allow_calling_aet: list[AETitle] = Field(
+        default_factory=list, description="accept only these calling AE titles (empty: any)"
+    )
+    allow_host: list[Network] = Field(
+        default_factory=list, description="accept only these addresses or networks (empty: any)"
+    )
+    max_associations: int = Field(16, ge=1, le=1024, description="associations at once")
+    max_object_size: Size | None = Field(
+        None, description="larger objects are answered 0xA700 (null: no limit)"
+    )
+    max_pdu: int = Field(262144, ge=1, le=0xFFFFFFFF, description="max PDU we receive")
+    promiscuous: bool = Field(
+        False, description="accept private and unknown SOP classes too (storescp +pm)"
+    )
+    tls: ListenTLS | None = None
+    min_free_space: Size = Field(
+        1024**3,
+        description="below this much free space on the incoming filesystem, objects are "
+        "answered 0xA700 (out of resources) instead of accepted",
+    )
+
+
 class Config(_Model):
     """The whole configuration file."""
 
@@ -261,6 +331,9 @@ class Config(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     metrics: MetricsConfig | None = None
+    listen: ListenConfig | None = Field(
+        None, description="the daemon is also a Storage SCP (a modality gateway)"
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_phi: bool = Field(
         False, description="debug only: allow patient names and IDs in logs (says so when on)"

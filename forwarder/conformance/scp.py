@@ -145,4 +145,14 @@ def _ae_receive(e: _Engine) -> list[str]:
         f"{_bytes(s.max_object_size)}) and objects that cannot be written (disk full) are "
         "refused with a status; nothing is half-written.",
         "",
+        "**The daemon's listener** (`listen:` in the configuration of `forwarder run`) is this "
+        "same SCP, with the same SOP classes, transfer syntaxes, checks, allow lists, TLS and "
+        "limits (`listen.*` keys in place of the options). It differs in what Success means and "
+        "in one more refusal: Success is answered only once the object is fsynced under "
+        "`incoming/.listen/<calling AE>/` and queued for forwarding; while the incoming "
+        "filesystem has less than `listen.min_free_space` free (default 1 GiB), every object "
+        'is answered 0xA700 with the Error Comment "the gateway is low on disk space" and '
+        'not kept; an object that cannot be queued is answered 0xA700 "cannot queue the '
+        'object".',
+        "",
     ]

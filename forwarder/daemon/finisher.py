@@ -181,7 +181,8 @@ class Finisher:
             ]
             bad = [r for r in results if r.outcome == "failed"]
             reason = "; ".join(f"{r.destination}: {r.error or 'failed'}" for r in bad)
-            self.spool.write_error(target, item.rel_path, reason, results)
+            origin = {"calling_ae": item.calling_ae} if item.calling_ae else None
+            self.spool.write_error(target, item.rel_path, reason, results, extra=origin)
         crash_point("finish-before-move")
         try:
             self.spool.move(source, target, sync=False)

@@ -7,7 +7,9 @@ values and sub-folder, and enqueued with one job per destination in one transact
 The same walk reads the Study and Series Instance UIDs and the Accession Number, which the queue
 records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
-nothing is deleted.
+nothing is deleted. Objects the listener received (:mod:`forwarder.daemon.listen_sink`) come in
+through :meth:`Ingest.enqueue_received`: already checked by the SCP engine, whose one walk also
+read the values routing needs, they are routed (``calling_ae`` too) and queued in one commit.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.router import Router
@@ -127,6 +129,44 @@ class Ingest:
             self._router = router
             self._want = want
             self._vrs = vrs
+
+    @property
+    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        """The tags (tag -> keyword, tag -> VR) routing and ``find`` read from a header."""
+        with self._lock:
+            return self._want, self._vrs
+
+    def enqueue_received(self, entry: FileEntry, values: Mapping[str, str]) -> list[str] | None:
+        """A file the listener made durable under ``incoming/.listen`` (its data set already
+        checked): routed on ``values`` and its calling AE, and queued in one commit. Returns its
+        destinations; ``[]`` when no route matched (it went to failed/); None when an earlier
+        version at that path is being moved out right now (the sender should send it again).
+        Raises :class:`~forwarder.errors.QueueError` when the queue cannot take it."""
+        with self._lock:
+            router = self._router
+            queued = self._known.get(entry.path)
+        destinations = router.route(values, entry.rel_path, entry.calling_ae or None)
+        if not destinations:
+            ready = _Ready(Path(entry.path), entry.rel_path, entry.size, entry.mtime_ns)
+            extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
+            reason = _no_route(values, router, self.log_phi, entry.calling_ae)
+            self._reject(ready, reason, "no_route", extra=extra)
+            return []
+        crash_point("listen-before-commit")
+        if queued is None and self.queue.enqueue_many([(entry, destinations)])[0] is not None:
+            with self._lock:
+                self._known[entry.path] = (entry.size, entry.mtime_ns)
+            if self.metrics is not None:
+                self.metrics.ingested(True)
+            self.on_enqueued()
+            return destinations
+        # A resend of an object still queued: the new version replaces it.
+        if self.queue.replace_file(entry, destinations) is None:
+            return None
+        with self._lock:
+            self._known[entry.path] = (entry.size, entry.mtime_ns)
+        self.on_enqueued()
+        return destinations
 
     def is_known(self, path: str) -> bool:
         """True while ``path`` is queued (the watcher then does not hand it over again)."""
@@ -243,13 +283,7 @@ class Ingest:
             return None
         destinations = router.route(values, ready.rel_path)
         if not destinations:
-            shown = {
-                k: v
-                for k, v in values.items()
-                if k in router.keywords and (self.log_phi or not is_phi(k))
-            }
-            detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
-            reason = "no route: no route matches this file" + (f" ({detail})" if detail else "")
+            reason = _no_route(values, router, self.log_phi)
             self._reject(
                 ready, reason, "no_route", extra={"sop_instance_uid": meta.sop_instance_uid}
             )
@@ -287,7 +321,25 @@ class Ingest:
         )
 
 
-def _value(values: dict[str, str], keyword: str) -> str:
+class _Ready(NamedTuple):
+    path: Path
+    rel_path: str
+    size: int
+    mtime_ns: int
+
+
+def _no_route(
+    values: Mapping[str, str], router: Router, log_phi: bool, calling_ae: str = ""
+) -> str:
+    """Why a file goes to failed/ unrouted, with the values the routes read (no PHI)."""
+    shown = {k: v for k, v in values.items() if k in router.keywords and (log_phi or not is_phi(k))}
+    if calling_ae:
+        shown["calling_ae"] = calling_ae
+    detail = ", ".join(f"{k}={v!r}" for k, v in sorted(shown.items()))
+    return "no route: no route matches this file" + (f" ({detail})" if detail else "")
+
+
+def _value(values: Mapping[str, str], keyword: str) -> str:
     """A recorded value without its padding ("" when the file has none)."""
     return values.get(keyword, "").strip(" \x00")
 

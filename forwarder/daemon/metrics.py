@@ -22,6 +22,12 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_queue_items{destination,state}             pending in_flight done failed
     forwarder_queue_oldest_pending_seconds{destination}  0 when nothing is pending
     forwarder_failed_folder_files                        files in failed/ (without .error.json)
+    forwarder_listen_accepting                           1 while the listener takes objects, 0
+                                                         while free space on the spool is below
+                                                         listen.min_free_space (0xA700 answered)
+    forwarder_listen_spool_free_space                    free space on the incoming filesystem
+    forwarder_listen_objects_total{outcome}              received through listen: stored,
+                                                         refused (low space, cannot store/queue)
     forwarder_build_info{version}
 """
 
@@ -201,6 +207,24 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        self._listen_accepting = Gauge(
+            "forwarder_listen_accepting",
+            "1 while the listener takes objects; 0 while the free space on the incoming "
+            "filesystem is below listen.min_free_space (objects are answered 0xA700).",
+            registry=reg,
+        )
+        self._listen_free = Gauge(
+            "forwarder_listen_spool_free_space",
+            "Free space on the incoming filesystem in bytes, as the listener last measured it.",
+            registry=reg,
+        )
+        self._listen_objects = Counter(
+            "forwarder_listen_objects",
+            "Objects received through listen, by outcome (stored: queued before Success; "
+            "refused: answered a failure status by the daemon's sink).",
+            ["outcome"],
+            registry=reg,
+        )
         self._info = Gauge(
             "forwarder_build_info", "Always 1; the version label.", ["version"], registry=reg
         )
@@ -248,6 +272,15 @@ class Metrics:
             self._accepted.inc()
         else:
             self._rejected.labels(reason or "unknown").inc()
+
+    def listen_space(self, accepting: bool, free_bytes: int) -> None:
+        """The listener measured the spool's free space (``accepting``: above the watermark)."""
+        self._listen_accepting.set(1 if accepting else 0)
+        self._listen_free.set(max(0, free_bytes))
+
+    def listen_object(self, outcome: str) -> None:
+        """An object received through listen: ``stored`` or ``refused``."""
+        self._listen_objects.labels(outcome).inc()
 
     def associations_open(self, destination: str, delta: int) -> None:
         """+1 when an association is established, -1 when it is released or aborted."""

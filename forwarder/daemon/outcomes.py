@@ -99,10 +99,14 @@ def log_outcome(destination: str, job: Job, o: SendOutcome) -> None:
         "FILE": job.path,
         "OUTCOME": o.outcome.value,
     }
+    source = job.rel_path
+    if job.calling_ae:  # received through listen: where it came from
+        fields["CALLING_AE"] = job.calling_ae
+        source = f"{job.rel_path} (from {job.calling_ae})"
     if o.outcome is Outcome.STORED:
         logger.info(
             "%s -> %s: stored %s (status %s, %.0f ms)",
-            job.rel_path,
+            source,
             destination,
             job.sop_instance_uid,
             status,
@@ -112,7 +116,7 @@ def log_outcome(destination: str, job: Job, o: SendOutcome) -> None:
     elif o.outcome is Outcome.WARNING:
         logger.warning(
             "%s -> %s: stored with warning %s: %s",
-            job.rel_path,
+            source,
             destination,
             job.sop_instance_uid,
             o.error,
@@ -121,7 +125,7 @@ def log_outcome(destination: str, job: Job, o: SendOutcome) -> None:
     elif o.outcome is Outcome.RETRY:
         logger.warning(
             "%s -> %s: will retry %s (attempt %d): %s",
-            job.rel_path,
+            source,
             destination,
             job.sop_instance_uid,
             job.attempts + 1,
@@ -131,7 +135,7 @@ def log_outcome(destination: str, job: Job, o: SendOutcome) -> None:
     else:
         logger.error(
             "%s -> %s: failed %s: %s",
-            job.rel_path,
+            source,
             destination,
             job.sop_instance_uid,
             o.error,

@@ -4,6 +4,8 @@ Every matching route applies (fan-out); no routes at all means every file goes t
 destination. A condition is a DICOM keyword mapped to a value, a list of values, or ``*``/``?``
 wildcards; all conditions of a route must match. ``folder`` matches the file's path relative to
 the incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
+``calling_ae`` matches the AE title a file came in with through ``listen`` (a pseudo-key fed from
+the file's origin, not its header); a file from the watch folder has none and never matches it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from fnmatch import fnmatchcase
 from forwarder.config import Route
 
 FOLDER = "folder"
+CALLING_AE = "calling_ae"
+_PSEUDO_KEYS = (FOLDER, CALLING_AE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +56,15 @@ class Router:
         """The DICOM keywords the routes look at (ingest reads these from the header)."""
         if self._rules is None:
             return frozenset()
-        return frozenset(k for rule in self._rules for k, _ in rule.conditions if k != FOLDER)
+        return frozenset(
+            k for rule in self._rules for k, _ in rule.conditions if k not in _PSEUDO_KEYS
+        )
 
-    def route(self, header: Mapping[str, str], rel_path: str) -> list[str]:
-        """Destination names for a file, in config order, without duplicates."""
+    def route(
+        self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None
+    ) -> list[str]:
+        """Destination names for a file, in config order, without duplicates. ``calling_ae``:
+        the AE title it was received from through ``listen`` (None: the watch folder)."""
         if self._rules is None:
             return list(self._all)
         folder = rel_path.rpartition("/")[0]
@@ -65,6 +74,8 @@ class Router:
             for key, patterns in rule.conditions:
                 if key == FOLDER:
                     ok = _matches(rel_path, patterns) or _matches(folder, patterns)
+                elif key == CALLING_AE:
+                    ok = _matches(calling_ae, patterns)
                 else:
                     ok = _matches(header.get(key), patterns)
                 if not ok:

@@ -2,7 +2,9 @@
 
 Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
 completed), start workers, start the watcher (its first scan picks up files that arrived while
-we were stopped), then tell systemd READY=1. SIGTERM/SIGINT: stop watching, let each worker
+we were stopped), with ``listen:`` queue what the listener left unqueued and open its port
+(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop the
+listener (new associations refused, open ones drained then aborted), stop watching, let each worker
 finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
@@ -23,11 +25,13 @@ from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
+from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
@@ -44,6 +48,7 @@ _PRUNE_EVERY = 3600.0
 _PRUNE_AFTER = 7 * 86400.0
 _STOP_TIMEOUT = 10.0
 _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
+_LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
 
 
 def association_settings(dest: Destination, config: Config) -> AssociationSettings:
@@ -88,6 +93,7 @@ class Service:
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
         self.status_page: StatusPage | None = None  # on the metrics listener
+        self.listener: Listener | None = None  # the Storage SCP, when listen: is set
         self._started = time.time()
 
     # -- signals ----------------------------------------------------------------------------
@@ -155,6 +161,8 @@ class Service:
                 is_known=self.ingest.is_known,
             )
             self.watcher.start()
+            if c.listen is not None:
+                self._start_listener()
             logger.info(
                 "forwarder running: watching %s, %d destinations (%s)",
                 c.incoming,
@@ -166,6 +174,24 @@ class Service:
         finally:
             self._shutdown()
         return 0
+
+    def _start_listener(self) -> None:
+        """Queue what a crash left durable but unqueued under incoming/.listen, then open the
+        port: from then on a modality's Success means the object is queued."""
+        assert self.config.listen is not None
+        listener = Listener(
+            self.config.listen,
+            ae_title=self.config.ae_title,
+            spool=self.spool,
+            ingest=self.ingest,
+            metrics=self.metrics,
+        )
+        listener.recover()
+        listener.start()
+        self.listener = listener
+        if self.status_page is not None:
+            c = self.config
+            self.status_page.listen_status = lambda: listen_status(c.listen, c.incoming, c.ae_title)
 
     def _take_lock(self, queue_path: Path) -> None:
         try:
@@ -282,6 +308,8 @@ class Service:
                 logger.error("not feeding systemd's watchdog: %s", "; ".join(problems))
                 self._unhealthy = problems
                 next_unhealthy_log = now + _UNHEALTHY_LOG_EVERY
+            if self.listener is not None:
+                self.listener.space.check()  # logs when the watermark is crossed, not per object
             if now >= next_status:
                 self.notifier.status(self._status_line())
                 self._sample_rates()
@@ -326,15 +354,11 @@ class Service:
             self.notifier.ready(self._status_line())
             return
         old = self.config
-        for key in ("incoming", "done", "failed", "queue", "metrics", "watch"):
+        fixed = ("incoming", "done", "failed", "queue", "metrics", "watch", "listen")
+        for key in fixed:
             if getattr(old, key) != getattr(new, key):
                 logger.warning("reload: %s changed; restart forwarder to apply it", key)
-        new = new.model_copy(
-            update={
-                k: getattr(old, k)
-                for k in ("incoming", "done", "failed", "queue", "metrics", "watch")
-            }
-        )
+        new = new.model_copy(update={k: getattr(old, k) for k in fixed})
         old_dests = {d.name: d for d in old.destinations}
         new_dests = {d.name: d for d in new.destinations}
         self.config = new
@@ -368,6 +392,10 @@ class Service:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         logger.info("stopping: finishing files in flight")
+        if self.listener is not None:
+            # First: nothing new is accepted, and what is answered Success is already queued.
+            self.listener.stop(_LISTEN_DRAIN)
+            self.listener = None
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

@@ -80,6 +80,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: The folder under incoming where the listener stages what it receives, one sub-folder per
+#: calling AE title (a dot-folder: the watcher never takes anything from it).
+LISTEN_FOLDER = ".listen"
+LISTEN_PREFIX = LISTEN_FOLDER + "/"
+
+
 class Spool:
     """The incoming, done and failed folders."""
 
@@ -109,7 +115,12 @@ class Spool:
                 raise SetupError(_not_writable(role, folder, exc, what)) from None
 
     def rel_path(self, path: Path) -> str:
-        return path.relative_to(self.incoming).as_posix()
+        """``path`` relative to incoming; a file the listener staged under
+        ``incoming/.listen/`` is named without that folder (it goes to ``done/CALLING_AE/...``)."""
+        rel = path.relative_to(self.incoming).as_posix()
+        if rel.startswith(LISTEN_PREFIX):
+            return rel[len(LISTEN_PREFIX) :]
+        return rel
 
     def target(self, rel_path: str, failed: bool, taken: AbstractSet[Path] = frozenset()) -> Path:
         """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash);

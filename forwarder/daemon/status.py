@@ -162,6 +162,44 @@ def _job(j: FoundJob) -> dict[str, Any]:
     }
 
 
+def _origin(f: FoundFile) -> dict[str, str] | None:
+    """Where a file received through ``listen`` came from (None: the watch folder)."""
+    if f.origin is None:
+        return None
+    calling, called, peer, association = f.origin
+    return {"calling_ae": calling, "called_ae": called, "peer": peer, "association": association}
+
+
+def origin_text(origin: dict[str, str] | None) -> str | None:
+    """``received from CT01 (10.1.2.3:5104, association 1f2e-7)``, or None."""
+    if not origin:
+        return None
+    details = [x for x in (origin["peer"], origin["association"]) if x]
+    if origin["association"]:
+        details[-1] = f"association {origin['association']}"
+    return f"received from {origin['calling_ae']}" + (f" ({', '.join(details)})" if details else "")
+
+
+def listen_status(listen: Any, incoming: Path, ae_title: str) -> dict[str, Any] | None:
+    """``status --json``'s ``listen`` object: the listener's port and AE title, the free space
+    on the incoming filesystem and whether it is above ``min_free_space`` (the listener answers
+    0xA700 to every object while it is not). None when ``listen`` is not configured."""
+    if listen is None:
+        return None
+    try:
+        st = os.statvfs(incoming)
+        free: int | None = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    return {
+        "port": listen.port,
+        "ae_title": listen.ae_title or ae_title,
+        "free_space": free,
+        "min_free_space": listen.min_free_space,
+        "accepting": free is None or free >= listen.min_free_space,
+    }
+
+
 def find_document(keys: Sequence[str], found: Sequence[FoundFile]) -> dict[str, Any]:
     """``forwarder find --json`` and ``/api/find``: the keys asked and, per file found, where it
     is now (``where``: incoming, done, failed; ``path``), its UIDs, the keys it matched (an
@@ -184,6 +222,7 @@ def find_document(keys: Sequence[str], found: Sequence[FoundFile]) -> dict[str, 
                 "queued_at": iso_local(f.created_at),
                 "finished_at": None if f.finished_at is None else iso_local(f.finished_at),
                 "retried_as": f.retried_as,
+                "origin": _origin(f),
                 "destinations": [_job(j) for j in f.jobs],
             }
             for f in found
@@ -228,9 +267,10 @@ def _reports(folder: Path) -> Iterator[tuple[float, str]]:
 
 def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
     """The ``limit`` newest reports in ``failed/``, newest first: ``path`` (of the failed file,
-    relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` (when the report
-    has one) and per destination its ``outcome``, DICOM ``status`` (hex), ``error`` and
-    ``attempts``. Costs one stat per report in the folder and one read per report shown."""
+    relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` and ``calling_ae``
+    (received through ``listen``; when the report has them) and per destination its
+    ``outcome``, DICOM ``status`` (hex), ``error`` and ``attempts``. Costs one stat per report
+    in the folder and one read per report shown."""
     out: list[dict[str, Any]] = []
     for mtime, path in heapq.nlargest(limit, _reports(failed)):
         try:
@@ -248,6 +288,9 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
             "sop_instance_uid": _text(doc.get("sop_instance_uid")),
             "destinations": [],
         }
+        calling_ae = _text(doc.get("calling_ae"))
+        if calling_ae:  # received through listen
+            entry["calling_ae"] = calling_ae
         results = doc.get("destinations")
         for r in results if isinstance(results, list) else []:
             if isinstance(r, dict):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-from forwarder.daemon.status import job_summary
+from forwarder.daemon.status import job_summary, origin_text
 
 MAX_KEYS = 20  # keys one search takes (more are ignored)
 MAX_FOUND_SHOWN = 500  # files the page lists for one search (/api/find returns them all)
@@ -71,6 +71,8 @@ def _found_rows(files: list[dict[str, Any]]) -> str:
             f"<li><b>{_e(d['destination'])}</b>: {_e(job_summary(d))}</li>"
             for d in f["destinations"]
         )
+        received = origin_text(f.get("origin"))
+        origin = f'<div class="since">{_e(received)}</div>' if received else ""
         retried = (
             f'<div class="since">queued again as file {_e(f["retried_as"])}</div>'
             if f.get("retried_as") is not None
@@ -80,7 +82,8 @@ def _found_rows(files: list[dict[str, Any]]) -> str:
             "<tr>"
             f"<td><code>{_e(f['rel_path'])}</code>"
             f'<div class="since">file {_e(f["file_id"])}, queued {_e(f["queued_at"])}</div></td>'
-            f"<td><b>{_e(f['where'])}</b><div><code>{_e(f['path'])}</code></div>{retried}</td>"
+            f"<td><b>{_e(f['where'])}</b><div><code>{_e(f['path'])}</code></div>{origin}{retried}"
+            "</td>"
             f"<td>{matched}</td><td>{uids}</td>"
             f"<td>{f'<ul>{jobs}</ul>' if jobs else '-'}</td>"
             "</tr>"

@@ -101,6 +101,8 @@ class StatusPage:
         self._failures = failures
         self._refresh = refresh
         self.rates = RateMeter()
+        # ``status --json``'s "listen" object, when the daemon listens (set by the service)
+        self.listen_status: Callable[[], dict[str, Any] | None] | None = None
 
     def sample(self) -> None:
         """Record the done counters for the rates (the service calls this every few seconds).
@@ -133,6 +135,7 @@ class StatusPage:
                 "uptime_seconds": round(max(0.0, time.monotonic() - self._started_mono), 1),
             },
             "generated_at": iso_local(now),
+            **({"listen": self.listen_status()} if self.listen_status is not None else {}),
         }
 
     def find(self, keys: Sequence[str]) -> dict[str, Any]:
@@ -311,11 +314,13 @@ def _failure_rows(failures: list[dict[str, Any]]) -> str:
     for f in failures:
         items = "".join(_outcome_item(d) for d in f["destinations"])
         uid = f.get("sop_instance_uid")
+        calling = f.get("calling_ae")
         rows.append(
             "<tr>"
             f"<td>{_e(f['failed_at'])}</td>"
             f"<td><code>{_e(f['path'])}</code>"
             + (f'<div class="since">SOP Instance UID <code>{_e(uid)}</code></div>' if uid else "")
+            + (f'<div class="since">received from {_e(calling)}</div>' if calling else "")
             + "</td>"
             f'<td class="err">{_e(f.get("reason") or "")}</td>'
             f"<td>{f'<ul>{items}</ul>' if items else '-'}</td>"

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 from forwarder.net.scp_object import (
+    BASE_WANTED,
     STATUS_OUT_OF_RESOURCES,
     SUCCESS,
     Answer,
@@ -78,6 +79,10 @@ class FolderSink:
         return self._output
 
     @property
+    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        return BASE_WANTED
+
+    @property
     def received(self) -> int:
         with self._lock:
             return self._received
@@ -119,46 +124,51 @@ class FolderSink:
         return SUCCESS
 
     def _place(self, source: str, study: str, name: str) -> None:
-        """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks)."""
-        out_fd = os.open(self._output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        place(self._output, source, study, name)
+
+
+def place(output: Path, source: str, study: str, name: str) -> None:
+    """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks; the
+    study folder is made, and ``output`` fsynced, when it is new)."""
+    out_fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        created = False
+        # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            created = False
-            # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
-            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            study_fd = os.open(study, flags, dir_fd=out_fd)
+        except FileNotFoundError:
             try:
-                study_fd = os.open(study, flags, dir_fd=out_fd)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(study, 0o777, dir_fd=out_fd)
-                    created = True
-                except FileExistsError:  # another association made it meanwhile
-                    pass
-                study_fd = os.open(study, flags, dir_fd=out_fd)
-            except NotADirectoryError as exc:  # a symlink to a file, or a file
-                raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
+                os.mkdir(study, 0o777, dir_fd=out_fd)
+                created = True
+            except FileExistsError:  # another association made it meanwhile
+                pass
+            study_fd = os.open(study, flags, dir_fd=out_fd)
+        except NotADirectoryError as exc:  # a symlink to a file, or a file
+            raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
+        try:
+            if created:
+                os.fsync(out_fd)  # the new study folder survives a crash
             try:
-                if created:
-                    os.fsync(out_fd)  # the new study folder survives a crash
-                try:
-                    os.rename(source, name, dst_dir_fd=study_fd)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:  # a study folder mounted from elsewhere
-                        raise
-                    _copy(source, study_fd, name)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(source)  # copied and renamed into place: the source goes
-                try:
-                    os.fsync(study_fd)  # the rename survives a crash
-                except OSError:
-                    # Not durable: it must not stay placed while the peer is told it was not
-                    # stored (and a daemon watching the folder would take it).
-                    with contextlib.suppress(OSError):
-                        os.unlink(name, dir_fd=study_fd)
+                os.rename(source, name, dst_dir_fd=study_fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # a study folder mounted from elsewhere
                     raise
-            finally:
-                os.close(study_fd)
+                _copy(source, study_fd, name)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(source)  # copied and renamed into place: the source goes
+            try:
+                os.fsync(study_fd)  # the rename survives a crash
+            except OSError:
+                # Not durable: it must not stay placed while the peer is told it was not
+                # stored (and a daemon watching the folder would take it).
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=study_fd)
+                raise
         finally:
-            os.close(out_fd)
+            os.close(study_fd)
+    finally:
+        os.close(out_fd)
 
 
 def _copy(source: str, study_fd: int, name: str) -> None:

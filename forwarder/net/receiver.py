@@ -38,7 +38,7 @@ from forwarder.dicom.check import scan_file  # noqa: F401 - the check Success wa
 from forwarder.errors import ForwarderError
 from forwarder.net.placement import NO_STUDY_FOLDER, FolderSink, safe_uid_name
 from forwarder.net.scp_codec import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociateRequest
-from forwarder.net.scp_object import Origin
+from forwarder.net.scp_object import ObjectSink, Origin
 from forwarder.net.scp_policy import (
     ASSOCIATE_TIMEOUT,
     HANDSHAKE_TIMEOUT,
@@ -103,18 +103,22 @@ def profile(settings: ReceiverSettings) -> ScpProfile:
 
 
 class Receiver:
-    """A Storage SCP writing to ``settings.output``; :meth:`start` returns at once."""
+    """A Storage SCP writing to ``settings.output``; :meth:`start` returns at once.
 
-    def __init__(self, settings: ReceiverSettings) -> None:
+    ``sink``: who takes the checked objects instead of the folder writer (the daemon's listener);
+    its :attr:`~forwarder.net.scp_object.ObjectSink.spool` must be ``settings.output``."""
+
+    def __init__(self, settings: ReceiverSettings, sink: ObjectSink | None = None) -> None:
         self._settings = settings
         self._output = Path(os.path.abspath(settings.output))
-        self._sink = FolderSink(self._output)
+        self._folder = FolderSink(self._output)
+        self._sink: ObjectSink = self._folder if sink is None else sink
         self._server: ScpServer | None = None
 
     @property
     def received(self) -> int:
-        """How many objects have been stored since :meth:`start`."""
-        return self._sink.received
+        """How many objects the folder writer has stored since :meth:`start`."""
+        return self._folder.received
 
     @property
     def port(self) -> int:
@@ -173,13 +177,22 @@ class Receiver:
             "on" if s.tls is not None else "off",
         )
 
-    def stop(self) -> None:
-        """Stop accepting, abort open associations and join every thread we started."""
+    def stop_accepting(self) -> int:
+        """Refuse new connections from now on; returns how many associations are open."""
+        if self._server is None:
+            return 0
+        self._server.stop_accepting()
+        return self._server.open_associations
+
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, give open associations ``drain`` seconds to end, abort the rest and
+        join every thread we started."""
         server, self._server = self._server, None
         if server is None:
             return
-        server.stop()
-        logger.info("stopped after %d objects", self.received)
+        server.stop(drain)
+        if self._sink is self._folder:
+            logger.info("stopped after %d objects", self.received)
 
     # -- who may associate -----------------------------------------------------------------------
 

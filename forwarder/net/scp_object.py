@@ -50,6 +50,8 @@ _STUDY_UID = 0x0020000D
 _WANTED = {_SOP_CLASS_UID: "SOPClassUID", _SOP_INSTANCE_UID: "SOPInstanceUID"}
 _WANTED[_STUDY_UID] = "StudyInstanceUID"
 _WANTED_VRS = dict.fromkeys(_WANTED, "UI")
+#: What every sink's :attr:`ObjectSink.wanted` must include (tag -> keyword, tag -> VR).
+BASE_WANTED: tuple[dict[int, str], dict[int, str]] = (_WANTED, _WANTED_VRS)
 _TOKEN = secrets.token_hex(4)  # this process's partial files (a stale one never clashes)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -88,6 +90,7 @@ class ReceivedObject:
     study_instance_uid: str  # "" when the data set has none
     size: int  # bytes of the Part 10 file
     dataset_offset: int
+    values: dict[str, str]  # keyword -> value of what the sink wanted (top level, as found)
 
 
 class ObjectSink(Protocol):
@@ -102,6 +105,12 @@ class ObjectSink(Protocol):
 
     @property
     def spool(self) -> Path: ...
+
+    @property
+    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        """What the one walk over each data set collects for the sink (tag -> keyword, tag ->
+        VR; a superset of :data:`BASE_WANTED`), handed back in :attr:`ReceivedObject.values`."""
+        ...
 
     def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer: ...
 
@@ -254,7 +263,7 @@ class IncomingObject:
                     STATUS_OUT_OF_RESOURCES,
                 )
             return self.failure
-        found, refusal = self._check()
+        found, values, refusal = self._check()
         if refusal is not None:
             return refusal
         try:
@@ -279,6 +288,7 @@ class IncomingObject:
             study_instance_uid=found,
             size=self.size,
             dataset_offset=self.header,
+            values=values,
         )
         answer = FAILED_SINK
         try:
@@ -300,9 +310,11 @@ class IncomingObject:
         )
         return Answer(status, comment)
 
-    def _check(self) -> tuple[str, Answer | None]:
-        """Walk the whole data set once: the Study Instance UID it holds ("" when none), and
-        the refusal to answer when it is broken or is not what the request says."""
+    def _check(self) -> tuple[str, dict[str, str], Answer | None]:
+        """Walk the whole data set once: the Study Instance UID it holds ("" when none), the
+        values the sink wants, and the refusal to answer when it is broken or is not what the
+        request says."""
+        none: dict[str, str] = {}
         meta = FileMeta(
             sop_class_uid=self.sop_class,
             sop_instance_uid=self.sop_instance,
@@ -312,9 +324,10 @@ class IncomingObject:
         )
         if meta.dataset_length <= 0:
             comment = "the C-STORE request carries an empty data set"
-            return "", self.refuse(STATUS_CANNOT_UNDERSTAND, comment, comment)
+            return "", none, self.refuse(STATUS_CANNOT_UNDERSTAND, comment, comment)
         try:
-            found = scan_file(self.path, meta, _WANTED, _WANTED_VRS, data=self.copy)
+            want, vrs = self.sink.wanted
+            found = scan_file(self.path, meta, want, vrs, data=self.copy)
         except UnreadableFileError as exc:  # our own file: not the sender's fault
             logger.error(
                 "cannot read back SOP Instance %s from %s: %s; answering 0x%04X",
@@ -323,10 +336,12 @@ class IncomingObject:
                 exc.reason,
                 STATUS_OUT_OF_RESOURCES,
             )
-            return "", Answer(STATUS_OUT_OF_RESOURCES, "cannot read back the object")
+            return "", none, Answer(STATUS_OUT_OF_RESOURCES, "cannot read back the object")
         except InvalidFileError as exc:
-            return "", self.refuse(
-                STATUS_CANNOT_UNDERSTAND, exc.reason, f"cannot parse: {exc.reason}"
+            return (
+                "",
+                none,
+                self.refuse(STATUS_CANNOT_UNDERSTAND, exc.reason, f"cannot parse: {exc.reason}"),
             )
         sop_class = found.get("SOPClassUID", "").strip(" \x00")
         sop_instance = found.get("SOPInstanceUID", "").strip(" \x00")
@@ -336,21 +351,29 @@ class IncomingObject:
         ):
             if not value:
                 comment = f"the data set has no {keyword} {tag}"
-                return "", self.refuse(STATUS_CANNOT_UNDERSTAND, comment, comment)
+                return "", none, self.refuse(STATUS_CANNOT_UNDERSTAND, comment, comment)
         if sop_class != self.sop_class:
-            return "", self.refuse(
-                STATUS_DATA_SET_MISMATCH,
-                "SOP Class UID of the data set differs from the request's",
-                f"the data set's SOP Class UID {shown(sop_class)} is not the request's "
-                f"{shown(self.sop_class)}",
+            return (
+                "",
+                none,
+                self.refuse(
+                    STATUS_DATA_SET_MISMATCH,
+                    "SOP Class UID of the data set differs from the request's",
+                    f"the data set's SOP Class UID {shown(sop_class)} is not the request's "
+                    f"{shown(self.sop_class)}",
+                ),
             )
         if sop_instance != self.sop_instance:
-            return "", self.refuse(
-                STATUS_DATA_SET_MISMATCH,
-                "SOP Instance UID of the data set differs from the request's",
-                f"the data set's SOP Instance UID {shown(sop_instance)} is not the request's",
+            return (
+                "",
+                none,
+                self.refuse(
+                    STATUS_DATA_SET_MISMATCH,
+                    "SOP Instance UID of the data set differs from the request's",
+                    f"the data set's SOP Instance UID {shown(sop_instance)} is not the request's",
+                ),
             )
-        return found.get("StudyInstanceUID", "").strip(" \x00"), None
+        return found.get("StudyInstanceUID", "").strip(" \x00"), found, None
 
 
 def write_error_reason(exc: OSError) -> str:

@@ -107,10 +107,16 @@ class ScpServer:
         self._thread.daemon = True
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop accepting, abort open associations and join every thread we started."""
+    @property
+    def open_associations(self) -> int:
+        with self._lock:
+            return len(self._serving)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket (a new connection is refused) and join the accept
+        thread; open associations go on. Idempotent."""
         listener, thread = self._listener, self._thread
-        if listener is None:
+        if listener is None or self._stopping.is_set():
             return
         self._stopping.set()
         with contextlib.suppress(OSError):
@@ -118,6 +124,19 @@ class ScpServer:
         if thread is not None:
             thread.join(_JOIN_TIMEOUT)
         listener.close()
+
+    def stop(self, drain: float = 0.0) -> None:
+        """Stop accepting, give open associations ``drain`` seconds to end by themselves (the
+        peer releases), abort those still open and join every thread we started."""
+        if self._listener is None:
+            return
+        self.stop_accepting()
+        if drain > 0:
+            deadline = time.monotonic() + drain
+            with self._lock:
+                draining = set(self._serving)
+            for worker in draining:
+                worker.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             serving = set(self._serving)
             for assoc in self._associations:

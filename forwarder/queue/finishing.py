@@ -46,14 +46,15 @@ def select_to_finish(
 
 
 def _with_results(conn: sqlite3.Connection, files: list[Any]) -> list[FileToFinish]:
-    """Rows of (id, path, rel_path, state, final_path) with every destination's result."""
+    """Rows of (id, path, rel_path, state, final_path, calling_ae) with every destination's
+    result."""
     if not files:
         return []
     results: dict[int, list[JobResult]] = {}
     for r in conn.execute(RESULTS, {"ids": ids_json(f[0] for f in files)}).fetchall():
         results.setdefault(r[0], []).append(JobResult(r[1], JobStatus(r[2]), *r[3:]))
     finished: list[FileToFinish] = []
-    for file_id, path, rel_path, state, final_path in files:
+    for file_id, path, rel_path, state, final_path, calling_ae in files:
         jobs = tuple(results.get(file_id, ()))
         done = all(j.status is JobStatus.DONE for j in jobs)
         finished.append(
@@ -65,6 +66,7 @@ def _with_results(conn: sqlite3.Connection, files: list[Any]) -> list[FileToFini
                 outcome=Finish.DONE if done else Finish.FAILED,
                 final_path=final_path,
                 results=jobs,
+                calling_ae=calling_ae,
             )
         )
     return finished

@@ -36,7 +36,14 @@ from forwarder.queue.sql import (
     RELEASE,
     TERMINAL_FILES,
 )
-from forwarder.queue.store import Store, clock, find_values, ids_json, routed_to
+from forwarder.queue.store import (
+    Store,
+    clock,
+    find_values,
+    ids_json,
+    origin_values,
+    routed_to,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +123,7 @@ class Jobs(Store):
                         "sop_instance_uid": entry.sop_instance_uid,
                         "transfer_syntax": entry.transfer_syntax,
                         **find_values(entry),
+                        **origin_values(entry),
                         "now": at,
                     },
                 ).fetchall()

@@ -56,6 +56,10 @@ class Lookup(Store):
             created_at,
             finished_at,
             retried_as,
+            calling_ae,
+            called_ae,
+            peer,
+            association,
         ) in files:
             file_state = FileState(state)
             found.append(
@@ -74,6 +78,9 @@ class Lookup(Store):
                     finished_at=finished_at,
                     retried_as=retried_as,
                     jobs=tuple(jobs.get(file_id, ())),
+                    origin=None
+                    if calling_ae is None
+                    else (calling_ae, called_ae or "", peer or "", association or ""),
                 )
             )
         return found

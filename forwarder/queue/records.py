@@ -46,6 +46,11 @@ class FileEntry:
     study_instance_uid: str = ""
     series_instance_uid: str = ""
     accession_number: str = ""
+    # Where it came from, for a file received through ``listen`` ("": the watch folder).
+    calling_ae: str = ""
+    called_ae: str = ""
+    peer: str = ""  # host:port
+    association: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +69,7 @@ class Job:
     attempts: int  # completed attempts before this one
     created_at: float
     mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
+    calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +96,7 @@ class FileToFinish:
     outcome: Finish  # "done" if every job is DONE, else "failed"
     final_path: str | None  # set once begin_finish ran
     results: tuple[JobResult, ...]
+    calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,3 +189,5 @@ class FoundFile:
     finished_at: float | None
     retried_as: int | None  # a failed file put back by ``forwarder retry``: its new file id
     jobs: tuple[FoundJob, ...]  # by destination name
+    # Received through ``listen``: calling AE, called AE, peer host:port, association (else None)
+    origin: tuple[str, str, str, str] | None = None

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 from forwarder.queue.records import FileEntry, Replaced
-from forwarder.queue.store import Store, clock, find_values, routed_to
+from forwarder.queue.store import Store, clock, find_values, origin_values, routed_to
 
 
 class Replacing(Store):
@@ -54,6 +54,7 @@ class Replacing(Store):
             "sop_instance_uid": entry.sop_instance_uid,
             "transfer_syntax": entry.transfer_syntax,
             **find_values(entry),
+            **origin_values(entry),
             "now": clock(now),
         }
         routed_now = routed_to(destinations)
@@ -64,7 +65,9 @@ class Replacing(Store):
                           transfer_syntax = :transfer_syntax,
                           study_instance_uid = :study_instance_uid,
                           series_instance_uid = :series_instance_uid,
-                          accession_number = :accession_number
+                          accession_number = :accession_number,
+                          calling_ae = :calling_ae, called_ae = :called_ae, peer = :peer,
+                          association = :association
                    WHERE path = :path AND state = 'QUEUED' RETURNING id""",
                 params,
             ).fetchone()

@@ -21,7 +21,11 @@ DDL = (
         finished_at REAL,
         study_instance_uid TEXT,
         series_instance_uid TEXT,
-        accession_number TEXT
+        accession_number TEXT,
+        calling_ae TEXT,
+        called_ae TEXT,
+        peer TEXT,
+        association TEXT
     )""",
     # enqueue is idempotent per path while the file is unfinished; once finished, the same name
     # may be dropped into incoming again
@@ -72,6 +76,10 @@ FIND_INDEXES = (
     "CREATE INDEX IF NOT EXISTS files_accession ON files (accession_number)",
 )
 
+# Schema version 5: where a file received through `listen` came from (NULL: the watch folder).
+# Added to an older files table by store.py's migration.
+ORIGIN_COLUMNS = ("calling_ae", "called_ae", "peer", "association")
+
 UNFINISHED_JOB = (
     "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
 )
@@ -79,10 +87,11 @@ UNFINISHED_JOB = (
 INSERT_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                        transfer_syntax, study_instance_uid, series_instance_uid,
-                       accession_number, state, created_at)
+                       accession_number, calling_ae, called_ae, peer, association, state,
+                       created_at)
     VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
             :transfer_syntax, :study_instance_uid, :series_instance_uid, :accession_number,
-            'QUEUED', :now)
+            :calling_ae, :called_ae, :peer, :association, 'QUEUED', :now)
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
     RETURNING id"""
 
@@ -101,7 +110,8 @@ CLAIM = """
 # Job's fields in order
 CLAIMED_JOBS = """
     SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
-           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns
+           f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns,
+           COALESCE(f.calling_ae, '')
     FROM jobs AS j JOIN files AS f ON f.id = j.file_id
     WHERE j.id IN (SELECT value FROM json_each(:ids))
     ORDER BY j.next_attempt_at, j.id"""
@@ -159,7 +169,8 @@ TERMINAL_FILES = f"""
     ORDER BY f.id"""
 
 TO_FINISH_ALL = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
@@ -169,17 +180,20 @@ TO_FINISH_ALL = f"""
 SWEEP_UPTO = "SELECT id FROM files WHERE id > :after ORDER BY id LIMIT 1 OFFSET :offset"
 
 TO_FINISH_FINISHING = """
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.state = 'FINISHING' ORDER BY f.id LIMIT :limit"""
 
 TO_FINISH_SLICE = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.id > :after AND f.id <= :upto AND +f.state = 'QUEUED'
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
 TO_FINISH_IDS = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path FROM files AS f
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    FROM files AS f
     WHERE f.id IN (SELECT value FROM json_each(:ids)) AND +f.state IN ('QUEUED', 'FINISHING')
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
@@ -211,10 +225,11 @@ FAILED_FILES = """
 REQUEUE_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                        transfer_syntax, study_instance_uid, series_instance_uid,
-                       accession_number, state, created_at)
+                       accession_number, calling_ae, called_ae, peer, association, state,
+                       created_at)
     SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
            transfer_syntax, study_instance_uid, series_instance_uid, accession_number,
-           'QUEUED', :now
+           calling_ae, called_ae, peer, association, 'QUEUED', :now
     FROM files
     WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
     RETURNING id"""
@@ -229,7 +244,8 @@ FIND_KEY = """
 # FoundFile's file fields, for the ids found
 FOUND_FILES = """
     SELECT id, rel_path, path, final_path, state, outcome, sop_instance_uid, study_instance_uid,
-           series_instance_uid, created_at, finished_at, retried_as
+           series_instance_uid, created_at, finished_at, retried_as, calling_ae, called_ae, peer,
+           association
     FROM files WHERE id IN (SELECT value FROM json_each(:ids))
     ORDER BY id"""
 

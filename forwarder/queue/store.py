@@ -27,12 +27,13 @@ from typing import Self
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import FileEntry
-from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES
+from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES, ORIGIN_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files
-SCHEMA_VERSION = 4
+# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files;
+# 5: the origin of files received through `listen` (calling/called AE, peer, association)
+SCHEMA_VERSION = 5
 
 
 def clock(now: float | None) -> float:
@@ -50,6 +51,16 @@ def find_values(entry: FileEntry) -> dict[str, str | None]:
         "study_instance_uid": entry.study_instance_uid or None,
         "series_instance_uid": entry.series_instance_uid or None,
         "accession_number": entry.accession_number or None,
+    }
+
+
+def origin_values(entry: FileEntry) -> dict[str, str | None]:
+    """The statement parameters of where a file came from (NULL: the watch folder)."""
+    return {
+        "calling_ae": entry.calling_ae or None,
+        "called_ae": entry.called_ae or None,
+        "peer": entry.peer or None,
+        "association": entry.association or None,
     }
 
 
@@ -153,6 +164,13 @@ class Store:
                         conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
                 for statement in FIND_INDEXES:
                     conn.execute(statement)
+                # -- schema version 5 (listen: where a file came from) ------------------------
+                # A version 1 to 4 database: NULL for its files (they came from the watch folder).
+                present = {r[1] for r in conn.execute("PRAGMA table_info(files)")}
+                for column in ORIGIN_COLUMNS:
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
+                # -- end of schema version 5 ------------------------------------------------------
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,214 @@
+"""The daemon as a Storage SCP (``listen:`` in the config): start, recover, stop.
+
+The engine, the allow lists (calling AE titles, source networks), the called AE check, TLS,
+``max_associations`` and ``max_object_size`` are those of ``forwarder receive``
+(:class:`forwarder.net.receiver.Receiver`); what differs is the sink: each object is made durable
+under ``incoming/.listen/<CALLING_AE>/<Study>/<SOP>.dcm`` and queued before Success is answered
+(:mod:`forwarder.daemon.listen_sink`).
+
+:meth:`Listener.recover` runs before the port is opened: every file under ``incoming/.listen``
+that the queue does not know (a crash after the object was made durable and before its queue
+commit) is checked and queued, its calling AE title read back from its folder; empty folders
+left there by finished files are removed. Partial files (``.receiving.*.part``) of a killed
+daemon are deleted by the receiver's own sweep. :meth:`Listener.stop` stops accepting, gives
+open associations ``drain`` seconds to end, then aborts them: an object cut short leaves
+nothing behind, and one answered Success is in the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+from forwarder.config import ListenConfig
+from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.listen_sink import (
+    ListenSink,
+    SpaceWatch,
+    ae_from_folder,
+    received_entry,
+)
+from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
+from forwarder.dicom.check import check_file_values
+from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
+from forwarder.net.receiver import Receiver, ReceiverSettings, parse_networks
+from forwarder.net.scp_object import Origin, ReceivedObject
+
+logger = logging.getLogger(__name__)
+
+
+class ListenMetrics(Protocol):
+    def listen_space(self, accepting: bool, free_bytes: int) -> None: ...
+
+    def listen_object(self, outcome: str) -> None: ...
+
+
+def receiver_settings(listen: ListenConfig, folder: Path, ae_title: str) -> ReceiverSettings:
+    """The engine's settings for ``listen`` (TLS material is loaded by :class:`Listener`)."""
+    return ReceiverSettings(
+        output=folder,
+        port=listen.port,
+        bind=listen.bind,
+        ae_title=listen.ae_title or ae_title,
+        require_called_aet=listen.require_called_aet,
+        allowed_calling_aets=frozenset(listen.allow_calling_aet),
+        allowed_networks=parse_networks(listen.allow_host),
+        max_associations=listen.max_associations,
+        max_object_size=listen.max_object_size,
+        max_pdu=listen.max_pdu,
+        promiscuous=listen.promiscuous,
+    )
+
+
+class Listener:
+    """The daemon's Storage SCP; :meth:`recover`, then :meth:`start`, then :meth:`stop`."""
+
+    def __init__(
+        self,
+        listen: ListenConfig,
+        *,
+        ae_title: str,
+        spool: Spool,
+        ingest: Ingest,
+        metrics: ListenMetrics | None = None,
+    ) -> None:
+        self.config = listen
+        self.folder = spool.incoming / LISTEN_FOLDER
+        self._spool = spool
+        self._ingest = ingest
+        self._metrics = metrics
+        self.space = SpaceWatch(spool.incoming, listen.min_free_space, self._space_changed)
+        self._sink = ListenSink(self.folder, spool, ingest, self.space, self._object)
+        tls = None
+        if listen.tls is not None:
+            from forwarder.net.tls import check_private_key_permissions, server_context
+
+            check_private_key_permissions(listen.tls.key)
+            tls = server_context(listen.tls.cert, listen.tls.key, listen.tls.ca)
+        settings = receiver_settings(listen, self.folder, ae_title)
+        self.settings = dataclasses.replace(settings, tls=tls)
+        self._receiver = Receiver(self.settings, sink=self._sink)
+
+    @property
+    def port(self) -> int:
+        return self._receiver.port
+
+    def recover(self) -> int:
+        """Queue what an earlier run made durable under ``.listen`` but did not queue; remove
+        the empty folders finished files left. Returns how many files were queued."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
+        self._sweep_partials()
+        queued = 0
+        for dirpath, dirnames, filenames in os.walk(self.folder, topdown=False):
+            for name in filenames:
+                if name.startswith(".") or not name.endswith(".dcm"):
+                    continue  # partial files: the receiver's sweep
+                path = Path(dirpath, name)
+                if not self._ingest.is_known(str(path)) and self._recover_file(path):
+                    queued += 1
+            if dirpath != str(self.folder) and not dirnames and not filenames:
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)  # only ever empty: rmdir refuses otherwise
+        if queued:
+            logger.warning(
+                "listen: %d received files were durable but not queued when forwarder stopped; "
+                "queued now",
+                queued,
+            )
+        return queued
+
+    def _sweep_partials(self) -> None:
+        """Delete the partial objects a killed run left (``.receiving.*.part``), whatever their
+        age: the daemon holds the queue's lock, so no other writer uses this folder (the
+        receiver's own sweep keeps those younger than 10 minutes)."""
+        removed = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".receiving.") and entry.name.endswith(".part"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        if removed:
+            logger.info("listen: removed %d partial objects a stopped run left", removed)
+
+    def _recover_file(self, path: Path) -> bool:
+        rel = path.relative_to(self.folder).parts
+        calling_ae = ae_from_folder(rel[0]) if len(rel) > 1 else ""
+        want, vrs = self._sink.wanted
+        try:
+            meta, values = check_file_values(path, want, vrs)
+            st = os.lstat(path)
+        except (UnreadableFileError, OSError) as exc:
+            logger.warning("listen: %s: cannot read it (%s); left where it is", path, exc)
+            return False
+        except InvalidFileError as exc:
+            try:
+                target = self._spool.reject(path, f"not usable DICOM: {exc.reason}")
+            except SpoolError as err:
+                logger.error("listen: %s: not usable DICOM, and %s", path, err)
+                return False
+            logger.warning("listen: %s: moved to %s: not usable DICOM", path, target)
+            return False
+        obj = ReceivedObject(
+            sop_class_uid=meta.sop_class_uid,
+            sop_instance_uid=meta.sop_instance_uid,
+            transfer_syntax=meta.transfer_syntax,
+            study_instance_uid=values.get("StudyInstanceUID", ""),
+            size=meta.size,
+            dataset_offset=meta.dataset_offset,
+            values=values,
+        )
+        origin = Origin(calling_ae, "", "", 0, "")
+        entry = received_entry(self._spool, path, st.st_size, st.st_mtime_ns, obj, origin)
+        return bool(self._ingest.enqueue_received(entry, values))
+
+    def start(self) -> None:
+        """Open the port (raises :class:`~forwarder.errors.ForwarderError`)."""
+        self.space.check()
+        try:
+            self._receiver.start()
+        except ForwarderError as exc:
+            if self.config.port < 1024 and "Permission denied" in str(exc):
+                raise ForwarderError(
+                    f"{exc} (ports below 1024 need CAP_NET_BIND_SERVICE: under the packaged "
+                    "systemd unit use a port from 1024 up, e.g. 11112, or see README's listen "
+                    "section for the drop-in that grants it)"
+                ) from None
+            raise
+        s = self.settings
+        logger.info(
+            "listen: Storage SCP %s on %s:%d (TLS %s), received objects are queued from %s",
+            s.ae_title,
+            s.bind,
+            self.port,
+            "on" if s.tls is not None else "off",
+            self.folder,
+        )
+
+    def stop(self, drain: float) -> None:
+        """Stop accepting; open associations have ``drain`` seconds to end, then are aborted."""
+        started = time.monotonic()
+        still_open = self._receiver.stop_accepting()
+        logger.info(
+            "listen: no longer accepting associations; %d open, given up to %.0f s to end",
+            still_open,
+            drain,
+        )
+        self._receiver.stop(drain)
+        logger.info("listen: stopped (%.1f s)", time.monotonic() - started)
+
+    def _space_changed(self, ok: bool, free: int) -> None:
+        if self._metrics is not None:
+            self._metrics.listen_space(ok, free)
+
+    def _object(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.listen_object(outcome)
