@@ -25,6 +25,7 @@ from forwarder.config.models import (
     Destination,
     _shape_problem,
 )
+from forwarder.config.routing import route_problems
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError
 
@@ -63,7 +64,12 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
         config = Config.model_validate(data)
     except ValidationError as exc:
         # destination_shape: reported by _check_kind below, with the key and its line
-        found = [_render(err) for err in exc.errors() if err["type"] != "destination_shape"]
+        # destination_shape, route_shape: reported by the cross checks below, with key and line
+        found = [
+            _render(err)
+            for err in exc.errors()
+            if err["type"] not in ("destination_shape", "route_shape")
+        ]
     found = _with_destination_kinds(found, data)
     problems = [_problem(loc, message, lines) for loc, message in found]
     problems += _cross_check(data, lines)
@@ -162,6 +168,10 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                     _problem(("destinations", i, "tls", "cert"), "needs tls.key", lines)
                 )
     routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if isinstance(route, dict):
+            for loc, message in route_problems(route):
+                problems.append(_problem(("routes", i, *loc), message, lines))
     for i, route in enumerate(routes if isinstance(routes, list) and seen else []):
         targets = route.get("to") if isinstance(route, dict) else None
         for j, target in enumerate(targets if isinstance(targets, list) else []):

@@ -7,7 +7,7 @@ values and sub-folder, and enqueued with one job per destination in one transact
 The same walk reads the Study and Series Instance UIDs and the Accession Number, which the queue
 records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
-nothing is deleted.
+files a discard route matches go to done/ with a log line naming the route; nothing is deleted.
 """
 
 from __future__ import annotations
@@ -241,7 +241,11 @@ class Ingest:
             # It changed since the watcher saw it settle; the watcher will offer it again.
             logger.debug("%s: changed while being read; waiting for it to settle", path)
             return None
-        destinations = router.route(values, ready.rel_path)
+        plan = router.plan(values, ready.rel_path)
+        if plan.discarded_by:
+            self._discard(ready, plan.discarded_by, meta.sop_instance_uid)
+            return None
+        destinations = list(plan.destinations)
         if not destinations:
             shown = {
                 k: v
@@ -267,6 +271,25 @@ class Ingest:
             accession_number=_value(values, "AccessionNumber"),
         )
         return entry, destinations
+
+    def _discard(self, ready: ReadyLike, routes: Sequence[str], sop_instance_uid: str) -> None:
+        """A discard route matched: straight to done/, nothing sent, one log line naming the
+        route(s)."""
+        try:
+            target = self.spool.discard(Path(ready.path))
+        except SpoolError as exc:
+            logger.error("%s: discarded by route %s; and %s", ready.path, ", ".join(routes), exc)
+            return
+        if self.metrics is not None:
+            self.metrics.ingested(False, "discarded")
+        logger.info(
+            "%s: discarded by route %s (%s): moved to %s, nothing sent",
+            ready.rel_path,
+            ", ".join(routes),
+            sop_instance_uid,
+            target,
+            extra={"FILE": str(ready.path), "OUTCOME": "discarded", "ROUTE": ",".join(routes)},
+        )
 
     def _reject(
         self, ready: ReadyLike, reason: str, kind: str, extra: dict[str, str] | None = None

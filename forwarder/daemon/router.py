@@ -1,35 +1,75 @@
 """Routes: which destinations a file goes to, from its header and the sub-folder it arrived in.
 
 Every matching route applies (fan-out); no routes at all means every file goes to every
-destination. A condition is a DICOM keyword mapped to a value, a list of values, or ``*``/``?``
-wildcards; all conditions of a route must match. ``folder`` matches the file's path relative to
-the incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
+destination. A route's conditions (:mod:`forwarder.daemon.conditions`: values, wildcards,
+regex, not, present, range) must all hold. ``folder`` matches the file's path relative to the
+incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
+
+``action: discard`` routes: a file that any discard route matches is sent nowhere, whatever send
+routes match it too (a discard route is how an administrator says "never forward these", e.g.
+test patients or KO/PR objects, above broad send routes); it goes to done/ with a log line naming
+the route. :meth:`Router.plan` says all of this for one file, route by route, which is what
+ingest acts on and ``forwarder explain`` prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from forwarder.config import Route
-
-FOLDER = "folder"
+from forwarder.config.routing import FOLDER, Action
+from forwarder.daemon.conditions import Condition, Not, condition
 
 
 @dataclass(frozen=True, slots=True)
-class _Rule:
+class Rule:
+    """One configured route, its conditions built."""
+
     name: str
-    conditions: tuple[tuple[str, tuple[str, ...]], ...]
+    conditions: tuple[Condition, ...]
     to: tuple[str, ...]
+    discard: bool
+    route: Route | None  # the config it came from (None: the implicit every-destination rule)
 
 
-def _matches(value: str | None, patterns: tuple[str, ...]) -> bool:
-    if value is None:
-        return False
-    # Multi-valued elements (ImageType ORIGINAL\PRIMARY) match on any value or the whole.
-    candidates = [value, *value.split("\\")] if "\\" in value else [value]
-    return any(fnmatchcase(c.strip(), p) for c in candidates for p in patterns)
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The first condition of a route that does not hold for a file."""
+
+    key: str
+    expected: str
+    actual: str | None  # None: the file does not have the attribute
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    rule: Rule
+    failure: Failure | None
+
+    @property
+    def matched(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What happens to one file: its destinations (config order), the discard routes that
+    matched it (then no destination), and every route's verdict."""
+
+    destinations: tuple[str, ...]
+    discarded_by: tuple[str, ...]
+    verdicts: tuple[Verdict, ...]
+
+    def routes_to(self, destination: str) -> tuple[Rule, ...]:
+        """The matching send routes that send the file to ``destination``."""
+        if self.discarded_by:
+            return ()
+        return tuple(
+            v.rule
+            for v in self.verdicts
+            if v.matched and not v.rule.discard and destination in v.rule.to
+        )
 
 
 class Router:
@@ -37,38 +77,53 @@ class Router:
 
     def __init__(self, routes: Sequence[Route] | None, destinations: Sequence[str]) -> None:
         self._all = tuple(destinations)
-        self._rules: tuple[_Rule, ...] | None = None
-        if routes is not None:
-            rules = []
-            for r in routes:
-                conds = tuple(
-                    (key, tuple(v) if isinstance(v, list) else (v,)) for key, v in r.match.items()
+        self.configured = routes is not None
+        if routes is None:
+            self.rules: tuple[Rule, ...] = (Rule("(all)", (), self._all, False, None),)
+        else:
+            self.rules = tuple(
+                Rule(
+                    r.name,
+                    tuple(condition(k, v) for k, v in r.match.items()),
+                    tuple(r.to),
+                    r.action is Action.DISCARD,
+                    r,
                 )
-                rules.append(_Rule(r.name, conds, tuple(r.to)))
-            self._rules = tuple(rules)
+                for r in routes
+            )
 
     @property
     def keywords(self) -> frozenset[str]:
-        """The DICOM keywords the routes look at (ingest reads these from the header)."""
-        if self._rules is None:
-            return frozenset()
-        return frozenset(k for rule in self._rules for k, _ in rule.conditions if k != FOLDER)
+        """The keys the routes look at besides ``folder`` (ingest reads these from the
+        header; a key that is not a DICOM keyword must come from elsewhere)."""
+        return frozenset(c.key for rule in self.rules for c in rule.conditions if c.key != FOLDER)
+
+    def plan(self, header: Mapping[str, str], rel_path: str) -> Plan:
+        folder = rel_path.rpartition("/")[0]
+        verdicts = []
+        for rule in self.rules:
+            failure = None
+            for cond in rule.conditions:
+                if cond.key == FOLDER:
+                    tests = (cond.holds(rel_path), cond.holds(folder))
+                    ok = all(tests) if isinstance(cond, Not) else any(tests)
+                    actual: str | None = rel_path
+                else:
+                    actual = header.get(cond.key)
+                    ok = cond.holds(actual)
+                if not ok:
+                    failure = Failure(cond.key, cond.expected(), actual)
+                    break
+            verdicts.append(Verdict(rule, failure))
+        discarded = tuple(v.rule.name for v in verdicts if v.matched and v.rule.discard)
+        chosen: set[str] = set()
+        if not discarded:
+            for v in verdicts:
+                if v.matched:
+                    chosen.update(v.rule.to)
+        return Plan(tuple(d for d in self._all if d in chosen), discarded, tuple(verdicts))
 
     def route(self, header: Mapping[str, str], rel_path: str) -> list[str]:
-        """Destination names for a file, in config order, without duplicates."""
-        if self._rules is None:
-            return list(self._all)
-        folder = rel_path.rpartition("/")[0]
-        chosen: dict[str, None] = {}
-        for rule in self._rules:
-            ok = True
-            for key, patterns in rule.conditions:
-                if key == FOLDER:
-                    ok = _matches(rel_path, patterns) or _matches(folder, patterns)
-                else:
-                    ok = _matches(header.get(key), patterns)
-                if not ok:
-                    break
-            if ok:
-                chosen.update(dict.fromkeys(rule.to))
-        return [d for d in self._all if d in chosen]
+        """Destination names for a file, in config order, without duplicates (none when a
+        discard route matches it)."""
+        return list(self.plan(header, rel_path).destinations)

@@ -1,0 +1,238 @@
+"""The configuration's routes: what a route matches (``match:`` conditions) and what it does
+(``action``, ``to``).
+
+A condition maps a DICOM keyword (or ``folder``) to a value, a list of values or ``*``/``?``
+wildcards, or to one operator: ``{regex: ...}``, ``{not: value|list}``, ``{present: bool}``,
+``{range: [lo, hi]}``. Each is checked here once, when the config is read (a bad regular
+expression or range is reported with its key and line); the router
+(:mod:`forwarder.daemon.conditions`) turns the checked values into matchers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
+
+FOLDER = "folder"
+OPERATORS = ("regex", "not", "present", "range")
+#: VRs a ``range`` compares as numbers, and those it compares as dates/times (as text, each
+#: value cut to the bound's length: ``20261231`` holds all of that day's DT values).
+NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+DATE_VRS = frozenset({"DA", "DT", "TM"})
+_DATE_BOUND = re.compile(r"^\d{1,14}(\.\d{1,6})?([+-]\d{4})?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _text(v: Any) -> Any:
+    """YAML reads ``SeriesNumber: 1`` as a number and ``2026-01-01`` as a date; header values
+    are matched as text (a date as DICOM writes it, YYYYMMDD)."""
+    if isinstance(v, datetime.date) and not isinstance(v, datetime.datetime):
+        return v.strftime("%Y%m%d")
+    return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+
+def _values(v: Any, what: str) -> str | list[str]:
+    v = _text(v)
+    if isinstance(v, list):
+        v = [_text(x) for x in v]
+        if not v or not all(isinstance(x, str) for x in v):
+            raise ValueError(f"{what} must be a value or a non-empty list of values")
+        return [str(x) for x in v]
+    if not isinstance(v, str):
+        raise ValueError(f"{what} must be a value or a non-empty list of values")
+    return str(v)
+
+
+def keyword_vr(keyword: str) -> str | None:
+    """The data dictionary's VR of ``keyword`` (its first, for ``US or SS``); None when it is
+    not a DICOM keyword. The one place config reaches into pydicom: its data dictionary."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return None
+    return str(dictionary_VR(tag)).split(" or ")[0]
+
+
+def _check_range(bounds: Any) -> list[str | None]:
+    if not isinstance(bounds, list) or len(bounds) != 2:
+        raise ValueError("range must be a list of two bounds [low, high] (null for an open end)")
+    out = [None if b is None else _text(b) for b in bounds]
+    if all(b is None for b in out):
+        raise ValueError("range needs at least one bound (null leaves one end open)")
+    if not all(b is None or isinstance(b, str) for b in out):
+        raise ValueError("range bounds must be numbers, dates (YYYYMMDD) or times (HHMMSS)")
+    return out
+
+
+def check_condition(value: Any) -> str | list[str] | dict[str, Any]:
+    """One ``match:`` value, checked and normalised (numbers to text); the keyword-dependent
+    checks (a range on a number or date attribute) are :meth:`Route._conditions_fit`'s."""
+    if not isinstance(value, dict):
+        return _values(value, "a condition")
+    if len(value) != 1:
+        raise ValueError(f"a condition takes one operator of {', '.join(OPERATORS)}")
+    ((op, arg),) = value.items()
+    if op == "regex":
+        if not isinstance(arg, str):
+            raise ValueError("regex must be a string (a Python regular expression)")
+        try:
+            re.compile(arg)
+        except re.error as exc:
+            raise ValueError(f"regex {arg!r} is not a valid regular expression: {exc}") from None
+        return {"regex": arg}
+    if op == "not":
+        return {"not": _values(arg, "not")}
+    if op == "present":
+        if not isinstance(arg, bool):
+            raise ValueError("present must be true or false")
+        return {"present": arg}
+    if op == "range":
+        return {"range": _check_range(arg)}
+    raise ValueError(f"unknown operator {op!r} (one of {', '.join(OPERATORS)})")
+
+
+MatchValue = Annotated[
+    str | list[str] | dict[str, Any],
+    BeforeValidator(check_condition),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "number"},
+                {"type": "array", "items": {"type": ["string", "number"]}, "minItems": 1},
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "properties": {
+                        "regex": {"type": "string"},
+                        "not": {
+                            "anyOf": [
+                                {"type": ["string", "number"]},
+                                {"type": "array", "items": {"type": ["string", "number"]}},
+                            ]
+                        },
+                        "present": {"type": "boolean"},
+                        "range": {
+                            "type": "array",
+                            "minItems": 2,
+                            "maxItems": 2,
+                            "items": {"type": ["string", "number", "null"]},
+                        },
+                    },
+                    "additionalProperties": False,
+                },
+            ],
+            "description": "a value, a list of values, * ? wildcards, or one of "
+            "{regex: ...}, {not: value|list}, {present: bool}, {range: [low, high]}",
+        }
+    ),
+]
+
+
+class Action(StrEnum):
+    SEND = "send"
+    DISCARD = "discard"
+
+
+def _range_problem(keyword: str, vr: str, bounds: list[str | None]) -> str | None:
+    if vr in NUMERIC_VRS:
+        nums = []
+        for b in bounds:
+            if b is None:
+                continue
+            try:
+                nums.append(float(b))
+            except ValueError:
+                return f"range bound {b!r} is not a number ({keyword} is {vr})"
+        if len(nums) == 2 and nums[0] > nums[1]:
+            return f"range [{bounds[0]}, {bounds[1]}]: the low bound is above the high one"
+        return None
+    if vr in DATE_VRS:
+        for b in bounds:
+            if b is not None and not _DATE_BOUND.match(b):
+                return (
+                    f"range bound {b!r} is not a DICOM {vr} value (dates YYYYMMDD, "
+                    "times HHMMSS, date-times YYYYMMDDHHMMSS; a prefix is allowed)"
+                )
+        lo, hi = bounds
+        if lo is not None and hi is not None and lo[: len(hi)] > hi:
+            return f"range [{lo}, {hi}]: the low bound is above the high one"
+        return None
+    return f"range applies to numbers and DA/DT/TM dates and times; {keyword} is {vr}"
+
+
+class Route(_Model):
+    """Files whose header (and sub-folder) match go to the listed destinations, or, for an
+    ``action: discard`` route, to done/ with nothing sent."""
+
+    name: str = Field(min_length=1)
+    match: dict[str, MatchValue] = Field(
+        default_factory=dict,
+        description="DICOM keyword (or `folder`) -> value, list of values, * ? wildcards, or "
+        "{regex|not|present|range: ...}; all must hold",
+    )
+    to: list[str] = Field(
+        default_factory=list, description="destination names (send routes: at least one)"
+    )
+    action: Action = Field(
+        Action.SEND,
+        description="send, or discard: a matching file goes to done/ with a note, nothing sent "
+        "(a discard route wins over send routes)",
+    )
+
+    @model_validator(mode="after")
+    def _conditions_fit(self) -> Route:
+        data = {"match": dict(self.match), "to": list(self.to), "action": self.action.value}
+        problems = route_problems(data)
+        if problems:
+            # Reported by load's cross check with key and line when the config comes from YAML.
+            loc, message = problems[0]
+            where = ".".join(str(p) for p in loc)
+            raise PydanticCustomError("route_shape", f"{where}: {message}")
+        return self
+
+
+def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """What is wrong with one route across its keys (a condition that does not fit its
+    keyword, ``to`` against ``action``), each with its path inside the route. Run on the raw
+    YAML by :mod:`forwarder.config.load` (to name the line) and by :class:`Route`."""
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    match = route.get("match")
+    for key, cond in match.items() if isinstance(match, dict) else ():
+        if key == FOLDER:
+            if isinstance(cond, dict) and "range" in cond:
+                problems.append((("match", key), "range applies to numbers and dates"))
+            continue
+        vr = keyword_vr(str(key))
+        if vr is None:
+            problems.append(
+                (("match", key), f"{key!r} is not a DICOM keyword (e.g. Modality, StationName)")
+            )
+            continue
+        if isinstance(cond, dict) and "range" in cond:
+            try:
+                bounds = _check_range(cond["range"])
+            except ValueError:
+                continue  # reported by the field's own validation
+            problem = _range_problem(str(key), vr, bounds)
+            if problem is not None:
+                problems.append((("match", key, "range"), problem))
+    action = route.get("action", "send")
+    to = route.get("to")
+    if action == "send" and not to and "to" not in route:
+        problems.append((("to",), "required key is missing (a send route needs destinations)"))
+    elif action == "send" and isinstance(to, list) and not to:
+        problems.append((("to",), "a send route needs at least one destination"))
+    if action == "discard" and to:
+        problems.append((("to",), "a discard route sends nowhere; remove `to`"))
+    return problems
