@@ -244,3 +244,16 @@ def test_a_plan_says_which_condition_failed_and_the_actual_value() -> None:
     assert (research.failure.expected, research.failure.actual) == ("regex ^RES", None)
     assert acc.failure is not None and acc.failure.expected == "present"
     assert plan.destinations == ()
+
+
+def test_edits_in_order_and_conflicts() -> None:
+    a = rr("a", ["pacs"], {"Modality": "CT"}, modify={"set": {"InstitutionName": "A"}})
+    a2 = rr("a2", ["pacs"], {"StationName": "S1"}, modify={"set": {"InstitutionName": "A"}})
+    b = rr("b", ["pacs"], {"StationName": "S2"}, modify={"set": {"InstitutionName": "B"}})
+    router = Router([a, a2, b], DESTS, {"pacs": a.modify})
+    same = router.edits(router.plan({"Modality": "CT", "StationName": "S1"}, "x"), "pacs")
+    assert same.conflict is None
+    assert [label for label, _ in same.steps] == ["route a: modify", "destination pacs: modify"]
+    clash = router.edits(router.plan({"Modality": "CT", "StationName": "S2"}, "x"), "pacs")
+    assert clash.conflict is not None and clash.conflict.startswith("routes a, b send it to pacs")
+    assert clash.steps == ()

@@ -184,6 +184,7 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                         lines,
                     )
                 )
+    problems += _edit_conflicts(routes if isinstance(routes, list) else [], lines)
     retry = data.get("retry")
     if isinstance(retry, dict) and "initial_delay" in retry and "max_delay" in retry:
         try:
@@ -193,6 +194,41 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                 )
         except ValueError:
             pass  # reported by the field validation
+    return problems
+
+
+def _edit_conflicts(routes: list[Any], lines: dict[tuple[Any, ...], int]) -> list[str]:
+    """Two routes that send the same file to the same destination with different changes
+    (``modify``, ``deidentify``) would leave forwarder to pick one: refused where it is
+    certain they match the same files (one matches everything, or both match alike); other
+    overlaps are a per-file failure when a file meets them."""
+    problems = []
+    seen: list[tuple[int, dict[str, Any]]] = []
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict) or route.get("action", "send") != "send":
+            continue
+        edits = {k: route.get(k) for k in ("modify", "deidentify") if route.get(k)}
+        for j, other in seen:
+            other_edits = {k: other.get(k) for k in ("modify", "deidentify") if other.get(k)}
+            if edits == other_edits:
+                continue
+            shared = [
+                d
+                for d in route.get("to") or []
+                if isinstance(d, str) and d in (other.get("to") or [])
+            ]
+            match, other_match = route.get("match") or {}, other.get("match") or {}
+            if shared and (not match or not other_match or match == other_match):
+                problems.append(
+                    _problem(
+                        ("routes", i, "to"),
+                        f"routes[{j}] ({other.get('name')}) sends the same files to "
+                        f"{', '.join(shared)} with other changes (modify/deidentify): give "
+                        "them the same changes, or put the changes on the destination",
+                        lines,
+                    )
+                )
+        seen.append((i, route))
     return problems
 
 

@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from forwarder.config.routing import Route
+from forwarder.config.routing import Modify, Route
 from forwarder.durations import parse_duration
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
@@ -149,6 +149,9 @@ class Destination(_Model):
         False, description="decompress lossy JPEG when the peer only accepts uncompressed"
     )
     tls: TLSConfig | None = None
+    modify: Modify | None = Field(
+        None, description="changes made to what is sent here, after the routes' own"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:

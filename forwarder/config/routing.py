@@ -184,6 +184,9 @@ class Route(_Model):
     to: list[str] = Field(
         default_factory=list, description="destination names (send routes: at least one)"
     )
+    modify: Modify | None = Field(
+        None, description="changes made to what this route sends (not to the file on disk)"
+    )
     action: Action = Field(
         Action.SEND,
         description="send, or discard: a matching file goes to done/ with a note, nothing sent "
@@ -192,7 +195,12 @@ class Route(_Model):
 
     @model_validator(mode="after")
     def _conditions_fit(self) -> Route:
-        data = {"match": dict(self.match), "to": list(self.to), "action": self.action.value}
+        data = {
+            "match": dict(self.match),
+            "to": list(self.to),
+            "action": self.action.value,
+            "modify": self.modify is not None and not self.modify.empty,
+        }
         problems = route_problems(data)
         if problems:
             # Reported by load's cross check with key and line when the config comes from YAML.
@@ -235,4 +243,105 @@ def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         problems.append((("to",), "a send route needs at least one destination"))
     if action == "discard" and to:
         problems.append((("to",), "a discard route sends nowhere; remove `to`"))
+    if action == "discard" and route.get("modify"):
+        problems.append((("modify",), "a discard route sends nothing to modify"))
     return problems
+
+
+# -- modify: what is changed in what is sent -------------------------------------------------
+
+_TAG_TEXT = re.compile(r"^\(?(?:0x)?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
+_GROUP_TEXT = re.compile(r"^(?:0x)?([0-9A-Fa-f]{4})$")
+#: What C-STORE and STOW-RS need and a modification may not take away or change.
+_PROTECTED = frozenset({"SOPClassUID", "SOPInstanceUID"})
+_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+
+
+def parse_remove(item: str) -> tuple[str, int]:
+    """One ``remove:`` entry: ``("private", 0)``, ``("group", 0x0009)``, ``("tag", 0x00091001)``
+    or ``("keyword", tag)``. Raises ValueError saying what is accepted."""
+    from pydicom.datadict import tag_for_keyword
+
+    if item == "private":
+        return "private", 0
+    if (m := _GROUP_TEXT.match(item)) is not None:
+        return "group", int(m.group(1), 16)
+    if (m := _TAG_TEXT.match(item)) is not None:
+        return "tag", int(m.group(1) + m.group(2), 16)
+    tag = tag_for_keyword(item)
+    if tag is None:
+        raise ValueError(
+            f"{item!r} is not a DICOM keyword, `private`, a group (0x0009) or a tag "
+            "((0009,1001) or 0x00091001)"
+        )
+    return "keyword", int(tag)
+
+
+def template_fields(template: str) -> list[str]:
+    """The attribute keywords a ``set:`` template uses (``EXT-{AccessionNumber}``); raises
+    ValueError for a malformed template."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"template {template!r}: {exc} (write {{{{ and }}}} for braces)") from None
+    fields = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if spec or conversion or not field:
+            raise ValueError(f"template {template!r}: write {{Keyword}}, nothing else, in braces")
+        fields.append(field)
+    return fields
+
+
+class Modify(_Model):
+    """Changes made to what is sent to a destination (never to the file on disk)."""
+
+    set: dict[str, str] = Field(
+        default_factory=dict,
+        description="DICOM keyword -> new value, or a template naming other attributes: "
+        '"EXT-{AccessionNumber}" (a missing attribute renders empty)',
+    )
+    remove: list[str] = Field(
+        default_factory=list,
+        description="keywords, `private` (every private element), a group (0x0009) or a tag "
+        "((0009,1001))",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict) and isinstance(value.get("set"), dict):
+            value = {**value, "set": {k: _text(v) for k, v in value["set"].items()}}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Modify:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword, template in self.set.items():
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"set.{keyword}: not a DICOM keyword")
+            if keyword in _PROTECTED | _PIXEL_KEYWORDS:
+                raise ValueError(f"set.{keyword}: cannot be changed by modify")
+            if int(tag_for_keyword(keyword) or 0) >> 16 == 0x0002:
+                raise ValueError(f"set.{keyword}: the meta header is not modified")
+            for name in template_fields(template):
+                if tag_for_keyword(name) is None:
+                    raise ValueError(f"set.{keyword}: {{{name}}} is not a DICOM keyword")
+        for item in self.remove:
+            kind, tag = parse_remove(item)
+            if kind in ("tag", "keyword") and tag in (0x00080016, 0x00080018):
+                raise ValueError(f"remove: {item} is needed to store the object")
+            if kind == "group" and tag in (0x0002, 0x0008):
+                raise ValueError(f"remove: group {item} holds what is needed to store the object")
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return not self.set and not self.remove
+
+
+Route.model_rebuild()

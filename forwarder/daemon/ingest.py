@@ -62,6 +62,22 @@ _FIND_TAGS = {
 }
 
 
+def header_tags(router: Router) -> tuple[dict[int, str], dict[int, str]]:
+    """The header tags ingest reads (for ``find`` and for the routes) and their VRs."""
+    want = {tag: keyword for tag, (keyword, _) in _FIND_TAGS.items()}
+    vrs = {tag: vr for tag, (_, vr) in _FIND_TAGS.items()}
+    if router.keywords:
+        # pydicom's data dictionary, only when routes read the header.
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for keyword in router.keywords:
+            tag = tag_for_keyword(keyword)
+            if tag is not None:
+                want[int(tag)] = keyword
+                vrs[int(tag)] = dictionary_VR(tag).split(" or ")[0]
+    return want, vrs
+
+
 def is_phi(keyword: str) -> bool:
     return keyword.startswith(_PHI_PREFIXES) or keyword in _PHI_KEYWORDS
 
@@ -112,21 +128,16 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        want = {tag: keyword for tag, (keyword, _) in _FIND_TAGS.items()}
-        vrs = {tag: vr for tag, (_, vr) in _FIND_TAGS.items()}
-        if router.keywords:
-            # pydicom's data dictionary, only when routes read the header.
-            from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-            for keyword in router.keywords:
-                tag = tag_for_keyword(keyword)
-                if tag is not None:
-                    want[int(tag)] = keyword
-                    vrs[int(tag)] = dictionary_VR(tag).split(" or ")[0]
+        want, vrs = header_tags(router)
         with self._lock:
             self._router = router
             self._want = want
             self._vrs = vrs
+
+    def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]:
+        """The router in force and the header tags (and their VRs) it reads."""
+        with self._lock:
+            return self._router, self._want, self._vrs
 
     def is_known(self, path: str) -> bool:
         """True while ``path`` is queued (the watcher then does not hand it over again)."""
@@ -246,6 +257,13 @@ class Ingest:
             self._discard(ready, plan.discarded_by, meta.sop_instance_uid)
             return None
         destinations = list(plan.destinations)
+        for name in destinations:
+            conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
+            if conflict is not None:
+                reason = f"conflicting changes: {conflict}"
+                extra = {"sop_instance_uid": meta.sop_instance_uid}
+                self._reject(ready, reason, "conflict", extra=extra)
+                return None
         if not destinations:
             shown = {
                 k: v

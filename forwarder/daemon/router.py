@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from forwarder.config import Route
-from forwarder.config.routing import FOLDER, Action
+from forwarder.config.routing import FOLDER, Action, Modify
 from forwarder.daemon.conditions import Condition, Not, condition
+
+if TYPE_CHECKING:
+    from forwarder.dicom.edit import Editor
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,21 @@ class Rule:
     to: tuple[str, ...]
     discard: bool
     route: Route | None  # the config it came from (None: the implicit every-destination rule)
+
+    @property
+    def edit_key(self) -> tuple[Any, ...]:
+        """What this route changes in what it sends (equal keys: the same changes)."""
+        if self.route is None:
+            return ()
+        modify = self.route.modify if self.route.modify and not self.route.modify.empty else None
+        return (modify, getattr(self.route, "deidentify", None))
+
+    @property
+    def priority(self) -> str:
+        """The route's priority when the config has one (another part of issue 15), else
+        ``normal``."""
+        value = getattr(self.route, "priority", None) if self.route is not None else None
+        return str(getattr(value, "value", value) or "normal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +91,31 @@ class Plan:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Edits:
+    """The changes made to a file sent to one destination: the steps in order (a label such
+    as ``route research: modify`` and its editor), or the conflict that forbids sending."""
+
+    destination: str
+    steps: tuple[tuple[str, Editor], ...]
+    conflict: str | None = None
+
+    @property
+    def editors(self) -> tuple[Editor, ...]:
+        return tuple(e for _, e in self.steps)
+
+
 class Router:
     """Decides the destinations of a file. Immutable; build a new one on reload."""
 
-    def __init__(self, routes: Sequence[Route] | None, destinations: Sequence[str]) -> None:
+    def __init__(
+        self,
+        routes: Sequence[Route] | None,
+        destinations: Sequence[str],
+        modify: Mapping[str, Modify | None] | None = None,
+    ) -> None:
         self._all = tuple(destinations)
+        self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
         self.configured = routes is not None
         if routes is None:
             self.rules: tuple[Rule, ...] = (Rule("(all)", (), self._all, False, None),)
@@ -122,6 +161,50 @@ class Router:
                 if v.matched:
                     chosen.update(v.rule.to)
         return Plan(tuple(d for d in self._all if d in chosen), discarded, tuple(verdicts))
+
+    def may_edit(self, destination: str) -> bool:
+        """Whether a file sent to ``destination`` may be changed (when not, its header need
+        not be read again when it is sent)."""
+        return destination in self._modify or any(
+            destination in r.to and any(r.edit_key) for r in self.rules if not r.discard
+        )
+
+    def edits(self, plan: Plan, destination: str) -> Edits:
+        """The changes for the file of ``plan`` sent to ``destination``: the matching routes'
+        (``deidentify`` then ``modify``), then the destination's own ``modify``. Matching
+        routes that send it there with different changes are a conflict, never a pick."""
+        rules = plan.routes_to(destination)
+        keys: list[tuple[Any, ...]] = []  # config models are not hashable: compared with ==
+        for r in rules:
+            if r.edit_key not in keys:
+                keys.append(r.edit_key)
+        if len(keys) > 1:
+            names = ", ".join(r.name for r in rules)
+            return Edits(
+                destination,
+                (),
+                f"routes {names} send it to {destination} with different changes "
+                "(modify/deidentify); give them the same changes or put them on the destination",
+            )
+        from forwarder.dicom.edit import Modification  # pydicom: only when there are changes
+
+        steps: list[tuple[str, Editor]] = []
+        rule = rules[0] if rules else None
+        if rule is not None and rule.route is not None:
+            deid = getattr(rule.route, "deidentify", None)
+            if deid is not None:
+                steps.append((f"route {rule.name}: deidentify", self._deidentifier(deid)))
+            if rule.route.modify is not None and not rule.route.modify.empty:
+                steps.append(
+                    (f"route {rule.name}: modify", Modification.from_config(rule.route.modify))
+                )
+        own = self._modify.get(destination)
+        if own is not None:
+            steps.append((f"destination {destination}: modify", Modification.from_config(own)))
+        return Edits(destination, tuple(steps))
+
+    def _deidentifier(self, config: Any) -> Editor:
+        raise NotImplementedError("deidentify is not built yet")
 
     def route(self, header: Mapping[str, str], rel_path: str) -> list[str]:
         """Destination names for a file, in config order, without duplicates (none when a

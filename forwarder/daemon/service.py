@@ -21,6 +21,7 @@ from typing import Any
 
 from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.edits import EditResolver
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.notify import Notifier
@@ -119,7 +120,11 @@ class Service:
             self.ingest = Ingest(
                 self.spool,
                 self.queue,
-                Router(c.routes, [d.name for d in c.destinations]),
+                Router(
+                    c.routes,
+                    [d.name for d in c.destinations],
+                    {d.name: d.modify for d in c.destinations},
+                ),
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
             )
@@ -199,6 +204,7 @@ class Service:
             settings=association_settings(dest, self.config),
             metrics=self.metrics,
             on_outcome=self._on_outcome,
+            edits=EditResolver(self.ingest),
         )
         workers.start()
         self._workers[dest.name] = workers
@@ -345,7 +351,9 @@ class Service:
             )
             if name not in new_dests or changed:
                 self._workers.pop(name).stop(_STOP_TIMEOUT)
-        self.ingest.set_router(Router(new.routes, list(new_dests)))
+        self.ingest.set_router(
+            Router(new.routes, list(new_dests), {n: d.modify for n, d in new_dests.items()})
+        )
         for name, dest in new_dests.items():
             if name not in self._workers:
                 if self.metrics is not None:
