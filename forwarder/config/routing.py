@@ -187,6 +187,11 @@ class Route(_Model):
     modify: Modify | None = Field(
         None, description="changes made to what this route sends (not to the file on disk)"
     )
+    deidentify: Deidentify | None = Field(
+        None,
+        description="PS3.15 Annex E Basic Profile on what this route sends: basic, or "
+        "{profile: basic, options: [retain_uids, retain_long_full_dates]}",
+    )
     action: Action = Field(
         Action.SEND,
         description="send, or discard: a matching file goes to done/ with a note, nothing sent "
@@ -200,6 +205,7 @@ class Route(_Model):
             "to": list(self.to),
             "action": self.action.value,
             "modify": self.modify is not None and not self.modify.empty,
+            "deidentify": self.deidentify is not None,
         }
         problems = route_problems(data)
         if problems:
@@ -243,8 +249,9 @@ def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
         problems.append((("to",), "a send route needs at least one destination"))
     if action == "discard" and to:
         problems.append((("to",), "a discard route sends nowhere; remove `to`"))
-    if action == "discard" and route.get("modify"):
-        problems.append((("modify",), "a discard route sends nothing to modify"))
+    for key in ("modify", "deidentify"):
+        if action == "discard" and route.get(key):
+            problems.append(((key,), f"a discard route sends nothing to {key}"))
     return problems
 
 
@@ -342,6 +349,57 @@ class Modify(_Model):
     @property
     def empty(self) -> bool:
         return not self.set and not self.remove
+
+
+# -- deidentify: PS3.15 Annex E -------------------------------------------------------------
+
+#: The options forwarder implements, by the standard's names (PS3.15 Table E.1-1 columns):
+#: Retain UIDs Option, Retain Longitudinal Temporal Information with Full Dates Option.
+DEID_OPTIONS = ("retain_uids", "retain_long_full_dates")
+#: The standard's other options: named, so that a config asking for one is told it is not
+#: implemented rather than that it is misspelled.
+DEID_OPTIONS_NOT_BUILT = (
+    "retain_safe_private",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_long_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+    "clean_pixel_data",
+    "clean_recognizable_visual_features",
+)
+
+
+class Deidentify(_Model):
+    """De-identification of what a route sends: the Basic Application Level Confidentiality
+    Profile of PS3.15 Annex E, with options."""
+
+    profile: str = Field("basic", pattern="^basic$", description="basic (PS3.15 Annex E)")
+    options: list[str] = Field(
+        default_factory=list,
+        description="retain_uids, retain_long_full_dates (PS3.15 Table E.1-1 option columns)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"profile": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> Deidentify:
+        for option in self.options:
+            if option in DEID_OPTIONS_NOT_BUILT:
+                raise ValueError(
+                    f"options: {option} is a PS3.15 option forwarder does not implement "
+                    f"(implemented: {', '.join(DEID_OPTIONS)})"
+                )
+            if option not in DEID_OPTIONS:
+                raise ValueError(
+                    f"options: unknown option {option!r} (one of {', '.join(DEID_OPTIONS)})"
+                )
+        return self
 
 
 Route.model_rebuild()

@@ -9,6 +9,8 @@ The result is one JSON-able document per file; :mod:`forwarder.cli.explain` prin
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,26 @@ from forwarder.errors import InvalidFileError, UnreadableFileError
 _RANK = {"urgent": 0, "normal": 1, "low": 2}
 
 
+class PreviewUids:
+    """De-identification's UID map for explain: new UIDs made in memory, never stored (the
+    daemon's own map, in the queue, may already hold other ones for these UIDs)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, str] = {}
+
+    def replacement_uids(self, originals: Iterable[str]) -> dict[str, str]:
+        wanted = list(originals)
+        for uid in wanted:
+            self._made.setdefault(uid, f"2.25.{uuid.uuid4().int}")
+        return {uid: self._made[uid] for uid in wanted}
+
+
 def router_for(config: Config) -> Router:
     return Router(
         config.routes,
         [d.name for d in config.destinations],
         {d.name: d.modify for d in config.destinations},
+        PreviewUids(),
     )
 
 

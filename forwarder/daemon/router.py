@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from forwarder.config import Route
-from forwarder.config.routing import FOLDER, Action, Modify
+from forwarder.config.routing import FOLDER, Action, Deidentify, Modify
 from forwarder.daemon.conditions import Condition, Not, condition
 
 if TYPE_CHECKING:
+    from forwarder.dicom.deidentify import UidSource
     from forwarder.dicom.edit import Editor
 
 
@@ -42,7 +43,7 @@ class Rule:
         if self.route is None:
             return ()
         modify = self.route.modify if self.route.modify and not self.route.modify.empty else None
-        return (modify, getattr(self.route, "deidentify", None))
+        return (modify, self.route.deidentify)
 
     @property
     def priority(self) -> str:
@@ -113,8 +114,10 @@ class Router:
         routes: Sequence[Route] | None,
         destinations: Sequence[str],
         modify: Mapping[str, Modify | None] | None = None,
+        uids: UidSource | None = None,
     ) -> None:
         self._all = tuple(destinations)
+        self._uids = uids  # the UID map deidentify uses (the queue's)
         self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
         self.configured = routes is not None
         if routes is None:
@@ -191,7 +194,7 @@ class Router:
         steps: list[tuple[str, Editor]] = []
         rule = rules[0] if rules else None
         if rule is not None and rule.route is not None:
-            deid = getattr(rule.route, "deidentify", None)
+            deid = rule.route.deidentify
             if deid is not None:
                 steps.append((f"route {rule.name}: deidentify", self._deidentifier(deid)))
             if rule.route.modify is not None and not rule.route.modify.empty:
@@ -203,8 +206,12 @@ class Router:
             steps.append((f"destination {destination}: modify", Modification.from_config(own)))
         return Edits(destination, tuple(steps))
 
-    def _deidentifier(self, config: Any) -> Editor:
-        raise NotImplementedError("deidentify is not built yet")
+    def _deidentifier(self, config: Deidentify) -> Editor:
+        from forwarder.dicom.deidentify import Deidentifier
+
+        if self._uids is None:
+            raise ValueError("a router that de-identifies needs a UID map")
+        return Deidentifier(frozenset(config.options), self._uids)
 
     def route(self, header: Mapping[str, str], rel_path: str) -> list[str]:
         """Destination names for a file, in config order, without duplicates (none when a

@@ -124,6 +124,7 @@ class Service:
                     c.routes,
                     [d.name for d in c.destinations],
                     {d.name: d.modify for d in c.destinations},
+                    self.queue,
                 ),
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
@@ -352,7 +353,12 @@ class Service:
             if name not in new_dests or changed:
                 self._workers.pop(name).stop(_STOP_TIMEOUT)
         self.ingest.set_router(
-            Router(new.routes, list(new_dests), {n: d.modify for n, d in new_dests.items()})
+            Router(
+                new.routes,
+                list(new_dests),
+                {n: d.modify for n, d in new_dests.items()},
+                self.queue,
+            )
         )
         for name, dest in new_dests.items():
             if name not in self._workers:

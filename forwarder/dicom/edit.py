@@ -169,7 +169,11 @@ def diff(before: Dataset, after: Dataset) -> list[Change]:
     for tag in sorted(set(before.keys()) | set(after.keys())):
         old = before[tag] if tag in before else None  # noqa: SIM401 (a Dataset)
         new = after[tag] if tag in after else None  # noqa: SIM401
-        if old is not None and new is not None and old.value == new.value:
+        if (
+            old is not None
+            and new is not None
+            and (old.value == new.value or (old.value in (None, "") and new.value in (None, "")))
+        ):
             continue
         keyword = keyword_for_tag(tag) or ("(private)" if tag >> 16 & 1 else "(unknown)")
         changes.append(

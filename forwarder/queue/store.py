@@ -26,12 +26,13 @@ from typing import Self
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import FileEntry
-from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES
+from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES, UID_MAP_DDL
 
 logger = logging.getLogger(__name__)
 
-# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files
-SCHEMA_VERSION = 4
+# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files;
+# 5: the uid_map table (deidentify, issue 15)
+SCHEMA_VERSION = 5
 
 
 def clock(now: float | None) -> float:
@@ -148,6 +149,10 @@ class Store:
                         conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
                 for statement in FIND_INDEXES:
                     conn.execute(statement)
+                # -- schema 5 (issue 15, deidentify): the UID map; a new table, so an older
+                # database only gains it (CREATE ... IF NOT EXISTS).
+                conn.execute(UID_MAP_DDL)
+                # -- end of schema 5
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
