@@ -30,6 +30,7 @@ from forwarder.dicom.edit import Modification, edit_file
 from forwarder.errors import ConfigError
 
 FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm"]
+FILES += ["image_dfl.dcm"]  # deflated: changed in memory
 FILES_NO_PIXELS = ["rtplan.dcm"]
 
 ROUTE_MODIFY = {
@@ -118,7 +119,7 @@ def test_an_edited_object_carries_exactly_the_changes(name: str) -> None:
     received = dcmread(io.BytesIO(obj.file_meta + b"".join(obj.chunks())))
     assert str(received.file_meta.TransferSyntaxUID) == str(original.file_meta.TransferSyntaxUID)
     assert_exactly(original, received, expected_after(original, ROUTE_MODIFY, DEST_MODIFY))
-    if "PixelData" in original:
+    if "PixelData" in original and name != "image_dfl.dcm":
         # the pixel data element is the file's own bytes, not re-encoded
         assert any(not isinstance(s, bytes) for s in obj.segments)
     keywords = {c.keyword for c in obj.changes}
