@@ -41,6 +41,9 @@ class EditResolver:
         if not router.may_edit(destination):
             return ()
         _, values = check_file_values(job.path, want, vrs)
+        # Keys that are not in the header (the calling_ae of files received by `listen`) must
+        # be added to ``values`` here as ingest adds them, or routes using them would not match
+        # at send time and their changes would be missed.
         edits = router.edits(router.plan(values, job.rel_path), destination)
         if edits.conflict is not None:
             raise EditConflict(edits.conflict)
