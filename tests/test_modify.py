@@ -186,23 +186,39 @@ def test_two_routes_sending_alike_files_with_different_changes_are_refused() -> 
 
 
 @pytest.mark.parametrize(
-    ("modify", "words"),
+    ("modify", "where", "words"),
     [
-        ("{set: {Nope: x}}", "set.Nope: not a DICOM keyword"),
-        ("{set: {StudyID: 'X-{Nope}'}}", "{Nope} is not a DICOM keyword"),
-        ("{set: {StudyID: 'X-{'}}", "template"),
-        ("{set: {SOPInstanceUID: '1.2'}}", "cannot be changed"),
-        ("{remove: [SOPInstanceUID]}", "needed to store the object"),
-        ("{remove: [Nope]}", "'Nope' is not a DICOM keyword, `private`, a group"),
+        ("{set: {Nope: x}}", "set.Nope (line 10)", "'Nope' is not a DICOM keyword"),
+        ("{set: {StudyID: 'X-{Nope}'}}", "set.StudyID (line 10)", "{Nope} is not a DICOM"),
+        ("{set: {StudyID: 'X-{'}}", "set.StudyID (line 10)", "template"),
+        ("{set: {SOPInstanceUID: '1.2'}}", "set.SOPInstanceUID (line 10)", "cannot be changed"),
+        ("{remove: [SOPInstanceUID]}", "remove[0] (line 10)", "needed to store the object"),
+        ("\n      remove: [private, Nope]", "remove[1] (line 11)", "'Nope' is not a DICOM keyword"),
     ],
 )
-def test_bad_modifications_are_refused_with_the_line(modify: str, words: str) -> None:
+def test_bad_modifications_are_refused_with_key_and_line(
+    modify: str, where: str, words: str
+) -> None:
     text = CONFIG + f"  - name: a\n    to: [pacs]\n    modify: {modify}\n"
     with pytest.raises(ConfigError) as err:
         parse_config(text)
     (problem,) = err.value.problems
-    assert problem.startswith("routes[0].modify (line 10): "), problem
+    assert problem.startswith(f"routes[0].modify.{where}: "), problem
     assert words in problem, problem
+
+
+def test_a_bad_destination_modification_names_its_key_and_line() -> None:
+    text = (
+        CONFIG.replace(
+            "port: 104}", "port: 104,\n      modify: {set: {InstitutionName: A, Bad: B}}}"
+        )
+        + "  - {name: a, to: [pacs]}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert err.value.problems == [
+        "destinations[0].modify.set.Bad (line 7): 'Bad' is not a DICOM keyword"
+    ]
 
 
 # -- end to end: DCMTK storescp and Orthanc (DIMSE and STOW-RS) --------------------------------

@@ -25,7 +25,7 @@ from forwarder.config.models import (
     Destination,
     _shape_problem,
 )
-from forwarder.config.routing import route_problems
+from forwarder.config.routing import modify_problems, route_problems
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError
 
@@ -68,7 +68,7 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
         found = [
             _render(err)
             for err in exc.errors()
-            if err["type"] not in ("destination_shape", "route_shape")
+            if err["type"] not in ("destination_shape", "route_shape", "modify_shape")
         ]
     found = _with_destination_kinds(found, data)
     problems = [_problem(loc, message, lines) for loc, message in found]
@@ -172,6 +172,12 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
         if isinstance(route, dict):
             for loc, message in route_problems(route):
                 problems.append(_problem(("routes", i, *loc), message, lines))
+    for section in ("destinations", "routes"):
+        entries = data.get(section)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            modify = entry.get("modify") if isinstance(entry, dict) else None
+            for loc, message in modify_problems(modify) if isinstance(modify, dict) else ():
+                problems.append(_problem((section, i, "modify", *loc), message, lines))
     for i, route in enumerate(routes if isinstance(routes, list) and seen else []):
         targets = route.get("to") if isinstance(route, dict) else None
         for j, target in enumerate(targets if isinstance(targets, list) else []):

@@ -326,29 +326,60 @@ class Modify(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> Modify:
-        from pydicom.datadict import tag_for_keyword
-
-        for keyword, template in self.set.items():
-            if tag_for_keyword(keyword) is None:
-                raise ValueError(f"set.{keyword}: not a DICOM keyword")
-            if keyword in _PROTECTED | _PIXEL_KEYWORDS:
-                raise ValueError(f"set.{keyword}: cannot be changed by modify")
-            if int(tag_for_keyword(keyword) or 0) >> 16 == 0x0002:
-                raise ValueError(f"set.{keyword}: the meta header is not modified")
-            for name in template_fields(template):
-                if tag_for_keyword(name) is None:
-                    raise ValueError(f"set.{keyword}: {{{name}}} is not a DICOM keyword")
-        for item in self.remove:
-            kind, tag = parse_remove(item)
-            if kind in ("tag", "keyword") and tag in (0x00080016, 0x00080018):
-                raise ValueError(f"remove: {item} is needed to store the object")
-            if kind == "group" and tag in (0x0002, 0x0008):
-                raise ValueError(f"remove: group {item} holds what is needed to store the object")
+        problems = modify_problems({"set": dict(self.set), "remove": list(self.remove)})
+        if problems:
+            # Reported by load's cross check with key and line when the config comes from YAML.
+            loc, message = problems[0]
+            where = ".".join(str(p) for p in loc)
+            raise PydanticCustomError("modify_shape", f"{where}: {message}")
         return self
 
     @property
     def empty(self) -> bool:
         return not self.set and not self.remove
+
+
+def modify_problems(modify: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
+    """What is wrong in one ``modify:`` block, each with its path inside it (``("set",
+    "Nope")``, ``("remove", 2)``). Run on the raw YAML by :mod:`forwarder.config.load` (to name
+    the line) and by :class:`Modify`; values of the wrong type are the fields' own errors."""
+    from pydicom.datadict import tag_for_keyword
+
+    problems: list[tuple[tuple[Any, ...], str]] = []
+    sets = modify.get("set")
+    for keyword, template in sets.items() if isinstance(sets, dict) else ():
+        at = ("set", keyword)
+        tag = tag_for_keyword(str(keyword))
+        if tag is None:
+            problems.append((at, f"{keyword!r} is not a DICOM keyword"))
+        elif keyword in _PROTECTED | _PIXEL_KEYWORDS or int(tag) >> 16 == 0x0002:
+            problems.append((at, f"{keyword} cannot be changed by modify"))
+        if not isinstance(template, str):
+            continue
+        try:
+            names = template_fields(template)
+        except ValueError as exc:
+            problems.append((at, str(exc)))
+            continue
+        for name in names:
+            if tag_for_keyword(name) is None:
+                problems.append((at, f"{{{name}}} is not a DICOM keyword"))
+    removes = modify.get("remove")
+    for i, item in enumerate(removes if isinstance(removes, list) else []):
+        if not isinstance(item, str):
+            continue
+        try:
+            kind, number = parse_remove(item)
+        except ValueError as exc:
+            problems.append((("remove", i), str(exc)))
+            continue
+        if kind in ("tag", "keyword") and number in (0x00080016, 0x00080018):
+            problems.append((("remove", i), f"{item} is needed to store the object"))
+        if kind == "group" and number in (0x0002, 0x0008):
+            problems.append(
+                (("remove", i), f"group {item} holds what is needed to store the object")
+            )
+    return problems
 
 
 # -- deidentify: PS3.15 Annex E -------------------------------------------------------------
