@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from daemon import Daemon, destination
-from peers import storescp
+from peers import orthanc, storescp
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -186,11 +186,20 @@ def drop_copy(d: Daemon, name: str) -> Dataset:
 
 
 def test_a_study_deidentified_keeps_its_new_uids_across_a_restart(tmp_path: Path) -> None:
-    with storescp(tmp_path / "storescp", extra=["+xa"]) as dcmtk:
+    with (
+        storescp(tmp_path / "storescp", extra=["+xa"]) as dcmtk,
+        orthanc(tmp_path / "orthanc") as orth,
+    ):
         d = Daemon(
             tmp_path / "fw",
-            destinations=[destination("dcmtk", dcmtk.port, ae_title="STORESCP")],
-            routes=[{"name": "research", "to": ["dcmtk"], "deidentify": "basic"}],
+            destinations=[
+                destination("dcmtk", dcmtk.port, ae_title="STORESCP"),
+                destination("orthanc", orth.port, ae_title=orth.ae_title),
+            ],
+            routes=[
+                {"name": "research", "to": ["dcmtk"], "deidentify": "basic"},
+                {"name": "archive", "to": ["orthanc"], "deidentify": "basic"},
+            ],
         )
         originals = {}
         with d:
@@ -205,8 +214,15 @@ def test_a_study_deidentified_keeps_its_new_uids_across_a_restart(tmp_path: Path
                 originals[str(ds.SOPInstanceUID)] = ds
             d.wait_done(5)
             wait_until(lambda: len(dcmtk.files()) == 5, 15, what="5 files at storescp")
+            wait_until(lambda: orth.instance_count() == 5, 30, what="5 instances in Orthanc")
             assert d.stop() == 0
         received = [dcmread(p) for p in dcmtk.files()]
+        at_orthanc = [dcmread(p) for p in orth.take_all(tmp_path / "from-orthanc")]
+    # the other route and destination: the same new UIDs (one map)
+    assert {str(r.SOPInstanceUID) for r in at_orthanc} == {str(r.SOPInstanceUID) for r in received}
+    assert {str(r.StudyInstanceUID) for r in at_orthanc} == {
+        str(r.StudyInstanceUID) for r in received
+    }
     for name in ("a0.dcm", "b1.dcm"):
         original = dcmread(d.done / name)
         assert str(original.SOPInstanceUID) in originals  # done/ holds the original
@@ -216,7 +232,7 @@ def test_a_study_deidentified_keeps_its_new_uids_across_a_restart(tmp_path: Path
     assert len(studies) == len(series) == len(frames) == 1, (studies, series)
     assert len({str(r.SOPInstanceUID) for r in received}) == 5
     any_original = next(iter(originals.values()))
-    for r in received:
+    for r in received + at_orthanc:
         assert_deidentified(any_original, r)
     with Queue(d.queue) as q:  # the map: original study UID -> what arrived
         mapped = q.replacement_uids([str(any_original.StudyInstanceUID)])
