@@ -133,3 +133,24 @@ def test_a_file_that_is_not_dicom_exits_1_with_the_reason(
     result = explain(tmp_path, forwarder_env, str(junk))
     assert result.returncode == 1
     assert "=> failed/: not usable DICOM:" in result.stdout
+
+
+def test_conflicting_changes_are_shown_and_exit_1(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    config = tmp_path / "f.yaml"
+    config.write_text(
+        CONFIG.format(root=tmp_path)
+        + "  - name: station\n"
+        + "    match: {StationName: 'CT01*'}\n"
+        + "    to: [pacs]\n"
+        + "    deidentify: basic\n"
+    )
+    result = explain(tmp_path, forwarder_env, ct_small(), json_out=True)
+    assert result.returncode == 1, result.stderr
+    (doc,) = json.loads(result.stdout)["files"]
+    assert doc["outcome"] == "conflict"
+    (pacs,) = doc["destinations"]
+    assert pacs["conflict"].startswith("routes ct, station send it to pacs with different")
+    text = explain(tmp_path, forwarder_env, ct_small()).stdout
+    assert "failed/: conflicting changes: routes ct, station" in text

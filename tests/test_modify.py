@@ -385,3 +385,53 @@ def test_a_modified_500_mb_file_is_sent_with_flat_memory(tmp_path: Path) -> None
     assert idle_kb > 10_000
     grown_mb = (peak_kb - idle_kb) / 1024
     assert grown_mb < 48, f"the daemon grew by {grown_mb:.0f} MB sending a {size / 1e6:.0f} MB file"
+
+
+def test_a_modified_500_mb_file_goes_by_stow_rs_with_flat_memory(tmp_path: Path) -> None:
+    from stowserver import Answer, Seen, StowServer, stow_json
+    from test_dicomweb_large import big_sparse_file
+
+    from forwarder.dicom.part10 import read_meta
+
+    uids: dict[str, str] = {}
+
+    def answer(seen: Seen) -> Answer:  # streamed: the server keeps no parts, so no UIDs
+        uid = uids["big"] if seen.nbytes > 100_000_000 else uids["small"]
+        return Answer(body=stow_json({uid: None}, {}))
+
+    uids["small"] = str(dcmread(real("CT_small.dcm")).SOPInstanceUID)
+    with StowServer(answer, stream=True) as server:
+        d = Daemon(
+            tmp_path / "fw",
+            destinations=[
+                {
+                    "name": "web",
+                    "url": server.url,
+                    "response_timeout": "60s",
+                    "modify": {"set": {"InstitutionName": "Big"}},
+                }
+            ],
+        )
+        with d:
+            assert d.proc is not None
+            pid = d.proc.pid
+            drop_real(d, ["CT_small.dcm"])
+            d.wait_done(1)
+            idle_kb = _vm_hwm_kb(pid)
+            big = d.incoming / ".big.dcm.tmp"
+            big_sparse_file(big)
+            uids["big"] = read_meta(str(big)).sop_instance_uid
+            size = big.stat().st_size
+            big.rename(d.incoming / "big.dcm")
+            peak_kb = idle_kb
+            deadline = time.monotonic() + 120
+            while not (d.done / "big.dcm").exists():
+                assert time.monotonic() < deadline, d.log_tail()
+                peak_kb = max(peak_kb, _vm_hwm_kb(pid))
+                time.sleep(0.01)
+            peak_kb = max(peak_kb, _vm_hwm_kb(pid))
+            assert d.stop() == 0
+        big_post = [p for p in server.posts() if p.nbytes > 100_000_000]
+    assert len(big_post) == 1 and big_post[0].nbytes > size - 4096  # the whole object went
+    grown_mb = (peak_kb - idle_kb) / 1024
+    assert grown_mb < 48, f"the daemon grew by {grown_mb:.0f} MB sending a {size / 1e6:.0f} MB file"
