@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from conftest import wait_until
+from daemon import Daemon, destination
+from peers import storescp
 
 from forwarder.config import Route
 from forwarder.daemon.router import Router
@@ -257,3 +262,27 @@ def test_edits_in_order_and_conflicts() -> None:
     clash = router.edits(router.plan({"Modality": "CT", "StationName": "S2"}, "x"), "pacs")
     assert clash.conflict is not None and clash.conflict.startswith("routes a, b send it to pacs")
     assert clash.steps == ()
+
+
+def test_a_discard_route_end_to_end(tmp_path: Path) -> None:
+    """The daemon: discarded files reach done/ unsent, with the log line; the others are sent."""
+    root = tmp_path
+    with storescp(root / "storescp") as dcmtk:
+        d = Daemon(
+            root / "fw",
+            destinations=[destination("dcmtk", dcmtk.port, ae_title="STORESCP")],
+            routes=[
+                {"name": "all", "to": ["dcmtk"]},
+                {"name": "no-mr", "match": {"Modality": "MR"}, "action": "discard"},
+            ],
+        )
+        with d:
+            d.drop("ct.dcm", modality="CT")
+            d.drop("mr.dcm", modality="MR")
+            assert sorted(d.wait_done(2)) == ["ct.dcm", "mr.dcm"]
+            wait_until(lambda: len(dcmtk.files()) == 1, 15, what="the CT file at storescp")
+            assert d.stop() == 0
+        assert "mr.dcm: discarded by route no-mr" in d.log_text()
+        assert d.failed_files() == []
+        (received,) = dcmtk.files()
+        assert received.name.startswith("CT")
