@@ -193,6 +193,11 @@ def test_two_routes_sending_alike_files_with_different_changes_are_refused() -> 
         ("{set: {StudyID: 'X-{'}}", "set.StudyID (line 10)", "template"),
         ("{set: {SOPInstanceUID: '1.2'}}", "set.SOPInstanceUID (line 10)", "cannot be changed"),
         ("{remove: [SOPInstanceUID]}", "remove[0] (line 10)", "needed to store the object"),
+        (
+            "{set: {OtherPatientIDsSequence: x}}",
+            "set.OtherPatientIDsSequence (line 10)",
+            "a sequence",
+        ),
         ("\n      remove: [private, Nope]", "remove[1] (line 11)", "'Nope' is not a DICOM keyword"),
     ],
 )

@@ -354,6 +354,8 @@ def modify_problems(modify: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]
             problems.append((at, f"{keyword!r} is not a DICOM keyword"))
         elif keyword in _PROTECTED | _PIXEL_KEYWORDS or int(tag) >> 16 == 0x0002:
             problems.append((at, f"{keyword} cannot be changed by modify"))
+        elif keyword_vr(str(keyword)) == "SQ":
+            problems.append((at, f"{keyword} is a sequence: set takes attributes with values"))
         if not isinstance(template, str):
             continue
         try:
