@@ -124,7 +124,7 @@ unknown_top: 1
         "destinations[0].colour (line 12)": "unknown key",
         "destinations[1].ae_title (line 14)": "1 to 16 characters",
         "destinations[1].port (line 13)": "required key is missing",
-        "routes[0].match (line 18)": "'Modalty' is not a DICOM keyword",
+        "routes[0].match.Modalty (line 18)": "'Modalty' is not a DICOM keyword",
         "unknown_top (line 20)": "unknown key",
     }
     assert len(found) == len(expected), found
@@ -300,3 +300,62 @@ def test_config_path_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORWARDER_CONFIG", "/x/env.yaml")
     assert config_path_from_env(None) == "/x/env.yaml"
     assert config_path_from_env("/x/explicit.yaml") == "/x/explicit.yaml"
+
+
+def test_bad_route_conditions_name_the_key_and_line() -> None:
+    text = BASE + (
+        "routes:\n"  # line 11
+        "  - name: r\n"
+        "    match:\n"
+        "      StudyDescription: {regex: '^(RESEARCH'}\n"  # line 14
+        "      StudyDate: {range: ['20261231', '20260101']}\n"  # line 15
+        "      PatientName: {range: [A, B]}\n"  # line 16
+        "      Modality: {nope: CT}\n"  # line 17
+        "      AccessionNumber: {present: maybe}\n"  # line 18
+        "      SeriesNumber: {range: [1, x]}\n"  # line 19
+        "      AcquisitionDate: {range: ['2026/01/01', null]}\n"  # line 20
+        "    to: [pacs]\n"
+        "  - name: d\n"
+        "    action: discard\n"
+        "    to: [pacs]\n"  # line 24
+        "  - name: s\n"  # line 25: a send route without `to`
+        "    match: {Modality: {not: [SR, KO]}}\n"
+    )
+    found = problems(text)
+    expected = [
+        ("routes[0].match.StudyDescription (line 14)", "not a valid regular expression"),
+        ("routes[0].match.StudyDate.range (line 15)", "low bound is above the high one"),
+        ("routes[0].match.PatientName.range (line 16)", "numbers and DA/DT/TM"),
+        ("routes[0].match.Modality (line 17)", "unknown operator 'nope'"),
+        ("routes[0].match.AccessionNumber (line 18)", "present must be true or false"),
+        ("routes[0].match.SeriesNumber.range (line 19)", "'x' is not a number"),
+        ("routes[0].match.AcquisitionDate.range (line 20)", "not a DICOM DA value"),
+        ("routes[1].to (line 24)", "a discard route sends nowhere"),
+        ("routes[2].to (line 25)", "needs destinations"),
+    ]
+    for prefix, words in expected:
+        assert any(p.startswith(prefix + ": ") and words in p for p in found), (prefix, found)
+    assert len(found) == len(expected), found
+
+
+def test_good_route_conditions_are_accepted() -> None:
+    text = BASE + (
+        "routes:\n"
+        "  - name: research\n"
+        "    match:\n"
+        "      StudyDescription: {regex: '^RESEARCH'}\n"
+        "      Modality: {not: [SR, KO]}\n"
+        "      AccessionNumber: {present: true}\n"
+        "      StudyDate: {range: [20260101, '20261231']}\n"
+        "      SeriesNumber: {range: [1, null]}\n"
+        "      AcquisitionDate: {range: [2026-01-01, null]}\n"  # a YAML date
+        "    to: [pacs]\n"
+        "  - {name: junk, match: {PatientID: 'TEST*'}, action: discard}\n"
+    )
+    config = parse_config(text)
+    assert config.routes is not None
+    match = config.routes[0].match
+    assert match["StudyDate"] == {"range": ["20260101", "20261231"]}
+    assert match["Modality"] == {"not": ["SR", "KO"]}
+    assert match["AcquisitionDate"] == {"range": ["20260101", None]}
+    assert config.routes[1].action.value == "discard" and config.routes[1].to == []

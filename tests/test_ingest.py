@@ -313,3 +313,30 @@ def _study_of(ready: ReadyFile) -> str:
     import pydicom
 
     return str(pydicom.dcmread(ready.path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_a_discarded_file_goes_to_done_with_a_log_line_and_nothing_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    routes = [
+        Route(name="all", to=["pacs"]),
+        Route.model_validate(
+            {"name": "no-sr", "match": {"Modality": {"not": ["CT", "MR"]}}, "action": "discard"}
+        ),
+    ]
+    made = make_env(tmp_path, routes)
+    env = next(made)
+    ct = env.put("a/ct.dcm", modality="CT")
+    sr = env.put("a/sr.dcm", modality="SR")
+    original = sr.path.read_bytes()
+    with caplog.at_level(logging.INFO, logger="forwarder.daemon.ingest"):
+        env.ingest([ct, sr])
+    assert sorted(env.jobs("pacs")) == ["a/ct.dcm"]  # the discard route wins over "all"
+    assert env.jobs("archive") == {}
+    assert not sr.path.exists()
+    assert (env.spool.done / "a/sr.dcm").read_bytes() == original
+    assert not list(env.spool.failed.rglob("*"))
+    assert (False, "discarded") in env.rec.ingested_calls
+    lines = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
+    assert len(lines) == 1 and "discarded by route no-sr" in lines[0], lines
+    made.close()

@@ -37,6 +37,7 @@ CONFINED: dict[str, set[str]] = {
     "yaml": {"config/load.py"},
     "urllib3": {"dicomweb/*"},
     "pynetdicom": {"net/*", "conformance/*"},
+    "dicomanonymizer": {"dicom/deidentify.py"},  # PS3.15 Annex E's table, nothing else
 }
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from conftest import wait_until
+from daemon import Daemon, destination
+from peers import storescp
 
 from forwarder.config import Route
 from forwarder.daemon.router import Router
@@ -133,3 +138,151 @@ def test_keywords_are_what_ingest_must_read() -> None:
 def test_values_are_compared_without_padding() -> None:
     router = Router([r("x", ["pacs"], StationName="SCANNER1")], DESTS)
     assert router.route({"StationName": "SCANNER1 "}, "a") == ["pacs"]
+
+
+# -- operators: regex, not, present, range (issue 15) ---------------------------------------
+
+
+def rr(name: str, to: list[str], match: dict[str, object], **kw: object) -> Route:
+    return Route.model_validate({"name": name, "match": match, "to": to, **kw})
+
+
+@pytest.mark.parametrize(
+    ("cond", "value", "matches"),
+    [
+        ({"regex": "^RESEARCH"}, "RESEARCH BRAIN", True),
+        ({"regex": "^RESEARCH"}, "CLINICAL RESEARCH", False),
+        ({"regex": "RESEARCH"}, "CLINICAL RESEARCH", True),  # search: anywhere unless anchored
+        ({"regex": "(?i)^research"}, "Research", True),
+        ({"regex": "^A$"}, "A ", True),  # padding is not part of the value
+        ({"regex": "x"}, None, False),
+        ({"not": ["SR", "KO"]}, "CT", True),
+        ({"not": ["SR", "KO"]}, "KO", False),
+        ({"not": "S?"}, "SR", False),
+        ({"not": "SR"}, None, True),  # a missing attribute is not SR
+        ({"present": True}, "A1", True),
+        ({"present": True}, "", False),
+        ({"present": True}, None, False),
+        ({"present": False}, None, True),
+        ({"present": False}, "  ", True),
+        ({"present": False}, "A1", False),
+    ],
+)
+def test_operators(cond: dict[str, object], value: str | None, matches: bool) -> None:
+    key = (
+        "StudyDescription"
+        if "regex" in cond
+        else "Modality"
+        if "not" in cond
+        else "AccessionNumber"
+    )
+    router = Router([rr("x", ["pacs"], {key: cond})], DESTS)
+    header = {} if value is None else {key: value}
+    assert router.route(header, "a.dcm") == (["pacs"] if matches else [])
+
+
+@pytest.mark.parametrize(
+    ("key", "bounds", "value", "matches"),
+    [
+        ("StudyDate", ["20260101", "20261231"], "20260101", True),  # inclusive
+        ("StudyDate", ["20260101", "20261231"], "20261231", True),
+        ("StudyDate", ["20260101", "20261231"], "20251231", False),
+        ("StudyDate", ["20260101", "20261231"], "20270101", False),
+        ("StudyDate", [20260101, None], "29991231", True),  # open end; YAML numbers
+        ("StudyDate", [None, "20260101"], "19990101", True),
+        ("StudyDate", ["20260101", "20261231"], "", False),
+        ("StudyDate", ["20260101", "20261231"], None, False),
+        ("AcquisitionDateTime", ["20260101", "20261231"], "20261231235959.5", True),
+        ("StudyTime", ["0800", "1200"], "120059", True),  # hours and minutes: a prefix
+        ("StudyTime", ["0800", "1200"], "121000", False),
+        ("SeriesNumber", [2, 10], "9", True),
+        ("SeriesNumber", [2, 10], "10", True),  # numbers, not text ("10" < "2" as text)
+        ("SeriesNumber", [2, 10], "11", False),
+        ("SliceThickness", [0.5, 1.25], "1.25", True),
+        ("SliceThickness", [0.5, 1.25], "abc", False),
+        ("Rows", [512, None], "1024", True),
+        ("ImagePositionPatient", [0, 10], "-5\\3\\20", True),  # any value
+    ],
+)
+def test_ranges(key: str, bounds: list[object], value: str | None, matches: bool) -> None:
+    router = Router([rr("x", ["pacs"], {key: {"range": bounds}})], DESTS)
+    header = {} if value is None else {key: value}
+    assert router.route(header, "a.dcm") == (["pacs"] if matches else [])
+
+
+def test_operators_on_the_folder() -> None:
+    router = Router([rr("x", ["pacs"], {"folder": {"not": "test/*"}})], DESTS)
+    assert router.route({}, "ct/a.dcm") == ["pacs"]
+    assert router.route({}, "test/a.dcm") == []
+    regex = Router([rr("x", ["pacs"], {"folder": {"regex": r"^site\d+/"}})], DESTS)
+    assert regex.route({}, "site12/a.dcm") == ["pacs"]
+    assert regex.route({}, "x/site12/a.dcm") == []
+
+
+def test_a_discard_route_wins_over_send_routes() -> None:
+    routes = [
+        rr("everything", ["pacs", "archive"], {}),
+        rr("no-test-patients", [], {"PatientID": "TEST*"}, action="discard"),
+        rr("no-ko", [], {"Modality": ["KO", "PR"]}, action="discard"),
+    ]
+    router = Router(routes, DESTS)
+    assert router.route({"PatientID": "123", "Modality": "CT"}, "a") == ["pacs", "archive"]
+    plan = router.plan({"PatientID": "TEST1", "Modality": "KO"}, "a")
+    assert plan.destinations == ()
+    assert plan.discarded_by == ("no-test-patients", "no-ko")
+    assert plan.routes_to("pacs") == ()
+    only_discard = Router([routes[1]], DESTS).plan({"PatientID": "TEST9"}, "a")
+    assert (only_discard.destinations, only_discard.discarded_by) == ((), ("no-test-patients",))
+
+
+def test_a_plan_says_which_condition_failed_and_the_actual_value() -> None:
+    routes = [
+        rr("ct", ["pacs"], {"Modality": "CT", "StationName": "S1"}),
+        rr("research", ["research"], {"StudyDescription": {"regex": "^RES"}}),
+        rr("acc", ["archive"], {"AccessionNumber": {"present": True}}),
+    ]
+    plan = Router(routes, DESTS).plan({"Modality": "CT", "StationName": "S2"}, "a")
+    ct, research, acc = plan.verdicts
+    assert not ct.matched and ct.failure is not None
+    assert (ct.failure.key, ct.failure.expected, ct.failure.actual) == ("StationName", "S1", "S2")
+    assert research.failure is not None
+    assert (research.failure.expected, research.failure.actual) == ("regex ^RES", None)
+    assert acc.failure is not None and acc.failure.expected == "present"
+    assert plan.destinations == ()
+
+
+def test_edits_in_order_and_conflicts() -> None:
+    a = rr("a", ["pacs"], {"Modality": "CT"}, modify={"set": {"InstitutionName": "A"}})
+    a2 = rr("a2", ["pacs"], {"StationName": "S1"}, modify={"set": {"InstitutionName": "A"}})
+    b = rr("b", ["pacs"], {"StationName": "S2"}, modify={"set": {"InstitutionName": "B"}})
+    router = Router([a, a2, b], DESTS, {"pacs": a.modify})
+    same = router.edits(router.plan({"Modality": "CT", "StationName": "S1"}, "x"), "pacs")
+    assert same.conflict is None
+    assert [label for label, _ in same.steps] == ["route a: modify", "destination pacs: modify"]
+    clash = router.edits(router.plan({"Modality": "CT", "StationName": "S2"}, "x"), "pacs")
+    assert clash.conflict is not None and clash.conflict.startswith("routes a, b send it to pacs")
+    assert clash.steps == ()
+
+
+def test_a_discard_route_end_to_end(tmp_path: Path) -> None:
+    """The daemon: discarded files reach done/ unsent, with the log line; the others are sent."""
+    root = tmp_path
+    with storescp(root / "storescp") as dcmtk:
+        d = Daemon(
+            root / "fw",
+            destinations=[destination("dcmtk", dcmtk.port, ae_title="STORESCP")],
+            routes=[
+                {"name": "all", "to": ["dcmtk"]},
+                {"name": "no-mr", "match": {"Modality": "MR"}, "action": "discard"},
+            ],
+        )
+        with d:
+            d.drop("ct.dcm", modality="CT")
+            d.drop("mr.dcm", modality="MR")
+            assert sorted(d.wait_done(2)) == ["ct.dcm", "mr.dcm"]
+            wait_until(lambda: len(dcmtk.files()) == 1, 15, what="the CT file at storescp")
+            assert d.stop() == 0
+        assert "mr.dcm: discarded by route no-mr" in d.log_text()
+        assert d.failed_files() == []
+        (received,) = dcmtk.files()
+        assert received.name.startswith("CT")

@@ -13,12 +13,12 @@ from forwarder.config.models import (
     ListenTLS,
     MetricsConfig,
     RetryPolicy,
-    Route,
     TLSConfig,
     WatchConfig,
     WebAuth,
     check_url,
 )
+from forwarder.config.routing import Route
 from forwarder.durations import parse_duration
 
 __all__ = [

@@ -25,6 +25,7 @@ from forwarder.config.models import (
     Destination,
     _shape_problem,
 )
+from forwarder.config.routing import modify_problems, route_problems
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError
 
@@ -63,7 +64,12 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
         config = Config.model_validate(data)
     except ValidationError as exc:
         # destination_shape: reported by _check_kind below, with the key and its line
-        found = [_render(err) for err in exc.errors() if err["type"] != "destination_shape"]
+        # destination_shape, route_shape: reported by the cross checks below, with key and line
+        found = [
+            _render(err)
+            for err in exc.errors()
+            if err["type"] not in ("destination_shape", "route_shape", "modify_shape")
+        ]
     found = _with_destination_kinds(found, data)
     problems = [_problem(loc, message, lines) for loc, message in found]
     problems += _cross_check(data, lines)
@@ -162,6 +168,16 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                     _problem(("destinations", i, "tls", "cert"), "needs tls.key", lines)
                 )
     routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if isinstance(route, dict):
+            for loc, message in route_problems(route):
+                problems.append(_problem(("routes", i, *loc), message, lines))
+    for section in ("destinations", "routes"):
+        entries = data.get(section)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            modify = entry.get("modify") if isinstance(entry, dict) else None
+            for loc, message in modify_problems(modify) if isinstance(modify, dict) else ():
+                problems.append(_problem((section, i, "modify", *loc), message, lines))
     for i, route in enumerate(routes if isinstance(routes, list) and seen else []):
         targets = route.get("to") if isinstance(route, dict) else None
         for j, target in enumerate(targets if isinstance(targets, list) else []):
@@ -174,6 +190,7 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                         lines,
                     )
                 )
+    problems += _edit_conflicts(routes if isinstance(routes, list) else [], lines)
     retry = data.get("retry")
     if isinstance(retry, dict) and "initial_delay" in retry and "max_delay" in retry:
         try:
@@ -183,6 +200,41 @@ def _cross_check(data: dict[str, Any], lines: dict[tuple[Any, ...], int]) -> lis
                 )
         except ValueError:
             pass  # reported by the field validation
+    return problems
+
+
+def _edit_conflicts(routes: list[Any], lines: dict[tuple[Any, ...], int]) -> list[str]:
+    """Two routes that send the same file to the same destination with different changes
+    (``modify``, ``deidentify``) would leave forwarder to pick one: refused where it is
+    certain they match the same files (one matches everything, or both match alike); other
+    overlaps are a per-file failure when a file meets them."""
+    problems = []
+    seen: list[tuple[int, dict[str, Any]]] = []
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict) or route.get("action", "send") != "send":
+            continue
+        edits = {k: route.get(k) for k in ("modify", "deidentify") if route.get(k)}
+        for j, other in seen:
+            other_edits = {k: other.get(k) for k in ("modify", "deidentify") if other.get(k)}
+            if edits == other_edits:
+                continue
+            shared = [
+                d
+                for d in route.get("to") or []
+                if isinstance(d, str) and d in (other.get("to") or [])
+            ]
+            match, other_match = route.get("match") or {}, other.get("match") or {}
+            if shared and (not match or not other_match or match == other_match):
+                problems.append(
+                    _problem(
+                        ("routes", i, "to"),
+                        f"routes[{j}] ({other.get('name')}) sends the same files to "
+                        f"{', '.join(shared)} with other changes (modify/deidentify): give "
+                        "them the same changes, or put the changes on the destination",
+                        lines,
+                    )
+                )
+        seen.append((i, route))
     return problems
 
 

@@ -17,11 +17,11 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
-    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from forwarder.config.routing import Modify, Route
 from forwarder.durations import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
@@ -164,6 +164,9 @@ class Destination(_Model):
         False, description="decompress lossy JPEG when the peer only accepts uncompressed"
     )
     tls: TLSConfig | None = None
+    modify: Modify | None = Field(
+        None, description="changes made to what is sent here, after the routes' own"
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:
@@ -197,44 +200,6 @@ def _shape_problem(url: bool, dimse_missing: list[str], auth: bool) -> str | Non
     if not url and auth:
         return "auth applies to DICOMweb destinations (url) only"
     return None
-
-
-class Route(_Model):
-    """Files whose header (and sub-folder) match go to the listed destinations."""
-
-    name: str = Field(min_length=1)
-    match: dict[str, str | list[str]] = Field(
-        default_factory=dict,
-        description="DICOM keyword (or `folder`, or `calling_ae`: the AE title a file came "
-        "in with through `listen`) -> value, list of values, * ? wildcards",
-    )
-    to: list[str] = Field(min_length=1)
-
-    @field_validator("match", mode="before")
-    @classmethod
-    def _values_as_text(cls, value: Any) -> Any:
-        """YAML reads ``SeriesNumber: 1`` as a number; header values are matched as text."""
-
-        def text(v: Any) -> Any:
-            return str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-        if isinstance(value, dict):
-            return {
-                k: [text(x) for x in v] if isinstance(v, list) else text(v)
-                for k, v in value.items()
-            }
-        return value
-
-    @field_validator("match")
-    @classmethod
-    def _keywords_exist(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
-        # The one place config reaches into pydicom: its data dictionary, to reject typos.
-        from pydicom.datadict import tag_for_keyword
-
-        for key in value:
-            if key not in ("folder", "calling_ae") and tag_for_keyword(key) is None:
-                raise ValueError(f"{key!r} is not a DICOM keyword (e.g. Modality, StationName)")
-        return value
 
 
 class RetryPolicy(_Model):

@@ -7,9 +7,10 @@ values and sub-folder, and enqueued with one job per destination in one transact
 The same walk reads the Study and Series Instance UIDs and the Accession Number, which the queue
 records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
-nothing is deleted. Objects the listener received (:mod:`forwarder.daemon.listen_sink`) come in
-through :meth:`Ingest.enqueue_received`: already checked by the SCP engine, whose one walk also
-read the values routing needs, they are routed (``calling_ae`` too) and queued in one commit.
+files a discard route matches go to done/ with a log line naming the route; nothing is deleted.
+Objects the listener received (:mod:`forwarder.daemon.listen_sink`) come in through
+:meth:`Ingest.enqueue_received`: already checked by the SCP engine, whose one walk also read the
+values routing needs, they are routed (``calling_ae`` too) and queued in one commit.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ _FIND_TAGS = {
 }
 
 
+def header_tags(router: Router) -> tuple[dict[int, str], dict[int, str]]:
+    """The header tags ingest reads (for ``find`` and for the routes) and their VRs."""
+    want = {tag: keyword for tag, (keyword, _) in _FIND_TAGS.items()}
+    vrs = {tag: vr for tag, (_, vr) in _FIND_TAGS.items()}
+    if router.keywords:
+        # pydicom's data dictionary, only when routes read the header.
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        for keyword in router.keywords:
+            tag = tag_for_keyword(keyword)
+            if tag is not None:
+                want[int(tag)] = keyword
+                vrs[int(tag)] = dictionary_VR(tag).split(" or ")[0]
+    return want, vrs
+
+
 def is_phi(keyword: str) -> bool:
     return keyword.startswith(_PHI_PREFIXES) or keyword in _PHI_KEYWORDS
 
@@ -114,17 +131,7 @@ class Ingest:
         self.set_router(router)
 
     def set_router(self, router: Router) -> None:
-        want = {tag: keyword for tag, (keyword, _) in _FIND_TAGS.items()}
-        vrs = {tag: vr for tag, (_, vr) in _FIND_TAGS.items()}
-        if router.keywords:
-            # pydicom's data dictionary, only when routes read the header.
-            from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-            for keyword in router.keywords:
-                tag = tag_for_keyword(keyword)
-                if tag is not None:
-                    want[int(tag)] = keyword
-                    vrs[int(tag)] = dictionary_VR(tag).split(" or ")[0]
+        want, vrs = header_tags(router)
         with self._lock:
             self._router = router
             self._want = want
@@ -139,15 +146,26 @@ class Ingest:
     def enqueue_received(self, entry: FileEntry, values: Mapping[str, str]) -> list[str] | None:
         """A file the listener made durable under ``incoming/.listen`` (its data set already
         checked): routed on ``values`` and its calling AE, and queued in one commit. Returns its
-        destinations; ``[]`` when no route matched (it went to failed/); None when an earlier
+        destinations; ``[]`` when it is not sent anywhere (no route matched: failed/; a discard
+        route did, or its changes conflict: done/ or failed/ with a log line); None when an earlier
         version at that path is being moved out right now (the sender should send it again).
         Raises :class:`~forwarder.errors.QueueError` when the queue cannot take it."""
         with self._lock:
             router = self._router
             queued = self._known.get(entry.path)
-        destinations = router.route(values, entry.rel_path, entry.calling_ae or None)
+        plan = router.plan(values, entry.rel_path, entry.calling_ae or None)
+        ready = _Ready(Path(entry.path), entry.rel_path, entry.size, entry.mtime_ns)
+        if plan.discarded_by:
+            self._discard(ready, plan.discarded_by, entry.sop_instance_uid)
+            return []
+        destinations = list(plan.destinations)
+        for name in destinations:
+            conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
+            if conflict is not None:
+                extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
+                self._reject(ready, f"conflicting changes: {conflict}", "conflict", extra=extra)
+                return []
         if not destinations:
-            ready = _Ready(Path(entry.path), entry.rel_path, entry.size, entry.mtime_ns)
             extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
             reason = _no_route(values, router, self.log_phi, entry.calling_ae)
             self._reject(ready, reason, "no_route", extra=extra)
@@ -167,6 +185,11 @@ class Ingest:
             self._known[entry.path] = (entry.size, entry.mtime_ns)
         self.on_enqueued()
         return destinations
+
+    def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]:
+        """The router in force and the header tags (and their VRs) it reads."""
+        with self._lock:
+            return self._router, self._want, self._vrs
 
     def is_known(self, path: str) -> bool:
         """True while ``path`` is queued (the watcher then does not hand it over again)."""
@@ -281,7 +304,18 @@ class Ingest:
             # It changed since the watcher saw it settle; the watcher will offer it again.
             logger.debug("%s: changed while being read; waiting for it to settle", path)
             return None
-        destinations = router.route(values, ready.rel_path)
+        plan = router.plan(values, ready.rel_path)
+        if plan.discarded_by:
+            self._discard(ready, plan.discarded_by, meta.sop_instance_uid)
+            return None
+        destinations = list(plan.destinations)
+        for name in destinations:
+            conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
+            if conflict is not None:
+                reason = f"conflicting changes: {conflict}"
+                extra = {"sop_instance_uid": meta.sop_instance_uid}
+                self._reject(ready, reason, "conflict", extra=extra)
+                return None
         if not destinations:
             reason = _no_route(values, router, self.log_phi)
             self._reject(
@@ -301,6 +335,25 @@ class Ingest:
             accession_number=_value(values, "AccessionNumber"),
         )
         return entry, destinations
+
+    def _discard(self, ready: ReadyLike, routes: Sequence[str], sop_instance_uid: str) -> None:
+        """A discard route matched: straight to done/, nothing sent, one log line naming the
+        route(s)."""
+        try:
+            target = self.spool.discard(Path(ready.path))
+        except SpoolError as exc:
+            logger.error("%s: discarded by route %s; and %s", ready.path, ", ".join(routes), exc)
+            return
+        if self.metrics is not None:
+            self.metrics.ingested(False, "discarded")
+        logger.info(
+            "%s: discarded by route %s (%s): moved to %s, nothing sent",
+            ready.rel_path,
+            ", ".join(routes),
+            sop_instance_uid,
+            target,
+            extra={"FILE": str(ready.path), "OUTCOME": "discarded", "ROUTE": ",".join(routes)},
+        )
 
     def _reject(
         self, ready: ReadyLike, reason: str, kind: str, extra: dict[str, str] | None = None

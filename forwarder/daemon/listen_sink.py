@@ -209,7 +209,7 @@ class ListenSink:
                 origin.host,
                 origin.port,
                 origin.association,
-                ", ".join(destinations) or "none (no route: failed/)",
+                ", ".join(destinations) or "nothing (discarded, or no route: see above)",
                 extra={
                     "FILE": entry.path,
                     "SOP_INSTANCE_UID": entry.sop_instance_uid,

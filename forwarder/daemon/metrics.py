@@ -18,7 +18,7 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
                                                          rejected: held, its files stay queued)
     forwarder_retries_total{destination}
     forwarder_ingest_accepted_total                      files taken into the queue
-    forwarder_ingest_rejected_total{reason}              not_dicom, no_route, ...
+    forwarder_ingest_rejected_total{reason}              not_dicom, no_route, discarded, ...
     forwarder_queue_items{destination,state}             pending in_flight done failed
     forwarder_queue_oldest_pending_seconds{destination}  0 when nothing is pending
     forwarder_failed_folder_files                        files in failed/ (without .error.json)
@@ -267,7 +267,7 @@ class Metrics:
 
     def ingested(self, accepted: bool, reason: str = "") -> None:
         """A file left incoming/: queued (``accepted``) or rejected for ``reason``
-        (``not_dicom``, ``no_route``, ...)."""
+        (``not_dicom``, ``no_route``, ``discarded`` by a discard route...)."""
         if accepted:
             self._accepted.inc()
         else:

@@ -1,85 +1,235 @@
 """Routes: which destinations a file goes to, from its header and the sub-folder it arrived in.
 
 Every matching route applies (fan-out); no routes at all means every file goes to every
-destination. A condition is a DICOM keyword mapped to a value, a list of values, or ``*``/``?``
-wildcards; all conditions of a route must match. ``folder`` matches the file's path relative to
-the incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
+destination. A route's conditions (:mod:`forwarder.daemon.conditions`: values, wildcards,
+regex, not, present, range) must all hold. ``folder`` matches the file's path relative to the
+incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
 ``calling_ae`` matches the AE title a file came in with through ``listen`` (a pseudo-key fed from
-the file's origin, not its header); a file from the watch folder has none and never matches it.
+the file's origin, not its header); a file from the watch folder has none and never matches it
+(``not`` and ``present: false`` hold for it).
+
+``action: discard`` routes: a file that any discard route matches is sent nowhere, whatever send
+routes match it too (a discard route is how an administrator says "never forward these", e.g.
+test patients or KO/PR objects, above broad send routes); it goes to done/ with a log line naming
+the route. :meth:`Router.plan` says all of this for one file, route by route, which is what
+ingest acts on and ``forwarder explain`` prints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
 
 from forwarder.config import Route
+from forwarder.config.routing import CALLING_AE, FOLDER, Action, Deidentify, Modify
+from forwarder.daemon.conditions import Condition, Not, condition
 
-FOLDER = "folder"
-CALLING_AE = "calling_ae"
+if TYPE_CHECKING:
+    from forwarder.dicom.deidentify import UidSource
+    from forwarder.dicom.edit import Editor
+
 _PSEUDO_KEYS = (FOLDER, CALLING_AE)
 
 
 @dataclass(frozen=True, slots=True)
-class _Rule:
+class Rule:
+    """One configured route, its conditions built."""
+
     name: str
-    conditions: tuple[tuple[str, tuple[str, ...]], ...]
+    conditions: tuple[Condition, ...]
     to: tuple[str, ...]
+    discard: bool
+    route: Route | None  # the config it came from (None: the implicit every-destination rule)
+
+    @property
+    def edit_key(self) -> tuple[Any, ...]:
+        """What this route changes in what it sends (equal keys: the same changes)."""
+        if self.route is None:
+            return ()
+        modify = self.route.modify if self.route.modify and not self.route.modify.empty else None
+        return (modify, self.route.deidentify)
+
+    @property
+    def priority(self) -> str:
+        """The route's priority when the config has one (another part of issue 15), else
+        ``normal``."""
+        value = getattr(self.route, "priority", None) if self.route is not None else None
+        return str(getattr(value, "value", value) or "normal")
 
 
-def _matches(value: str | None, patterns: tuple[str, ...]) -> bool:
-    if value is None:
-        return False
-    # Multi-valued elements (ImageType ORIGINAL\PRIMARY) match on any value or the whole.
-    candidates = [value, *value.split("\\")] if "\\" in value else [value]
-    return any(fnmatchcase(c.strip(), p) for c in candidates for p in patterns)
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The first condition of a route that does not hold for a file."""
+
+    key: str
+    expected: str
+    actual: str | None  # None: the file does not have the attribute
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    rule: Rule
+    failure: Failure | None
+
+    @property
+    def matched(self) -> bool:
+        return self.failure is None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What happens to one file: its destinations (config order), the discard routes that
+    matched it (then no destination), and every route's verdict."""
+
+    destinations: tuple[str, ...]
+    discarded_by: tuple[str, ...]
+    verdicts: tuple[Verdict, ...]
+
+    def routes_to(self, destination: str) -> tuple[Rule, ...]:
+        """The matching send routes that send the file to ``destination``."""
+        if self.discarded_by:
+            return ()
+        return tuple(
+            v.rule
+            for v in self.verdicts
+            if v.matched and not v.rule.discard and destination in v.rule.to
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Edits:
+    """The changes made to a file sent to one destination: the steps in order (a label such
+    as ``route research: modify`` and its editor), or the conflict that forbids sending."""
+
+    destination: str
+    steps: tuple[tuple[str, Editor], ...]
+    conflict: str | None = None
+
+    @property
+    def editors(self) -> tuple[Editor, ...]:
+        return tuple(e for _, e in self.steps)
 
 
 class Router:
     """Decides the destinations of a file. Immutable; build a new one on reload."""
 
-    def __init__(self, routes: Sequence[Route] | None, destinations: Sequence[str]) -> None:
+    def __init__(
+        self,
+        routes: Sequence[Route] | None,
+        destinations: Sequence[str],
+        modify: Mapping[str, Modify | None] | None = None,
+        uids: UidSource | None = None,
+    ) -> None:
         self._all = tuple(destinations)
-        self._rules: tuple[_Rule, ...] | None = None
-        if routes is not None:
-            rules = []
-            for r in routes:
-                conds = tuple(
-                    (key, tuple(v) if isinstance(v, list) else (v,)) for key, v in r.match.items()
+        self._uids = uids  # the UID map deidentify uses (the queue's)
+        self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
+        self.configured = routes is not None
+        if routes is None:
+            self.rules: tuple[Rule, ...] = (Rule("(all)", (), self._all, False, None),)
+        else:
+            self.rules = tuple(
+                Rule(
+                    r.name,
+                    tuple(condition(k, v) for k, v in r.match.items()),
+                    tuple(r.to),
+                    r.action is Action.DISCARD,
+                    r,
                 )
-                rules.append(_Rule(r.name, conds, tuple(r.to)))
-            self._rules = tuple(rules)
+                for r in routes
+            )
 
     @property
     def keywords(self) -> frozenset[str]:
-        """The DICOM keywords the routes look at (ingest reads these from the header)."""
-        if self._rules is None:
-            return frozenset()
+        """The keys the routes look at besides ``folder`` (ingest reads these from the
+        header; a key that is not a DICOM keyword must come from elsewhere)."""
         return frozenset(
-            k for rule in self._rules for k, _ in rule.conditions if k not in _PSEUDO_KEYS
+            c.key for rule in self.rules for c in rule.conditions if c.key not in _PSEUDO_KEYS
         )
+
+    def plan(
+        self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None
+    ) -> Plan:
+        """Every route's verdict for a file, and what follows. ``calling_ae``: the AE title it
+        was received from through ``listen`` (None: the watch folder)."""
+        folder = rel_path.rpartition("/")[0]
+        verdicts = []
+        for rule in self.rules:
+            failure = None
+            for cond in rule.conditions:
+                if cond.key == FOLDER:
+                    tests = (cond.holds(rel_path), cond.holds(folder))
+                    ok = all(tests) if isinstance(cond, Not) else any(tests)
+                    actual: str | None = rel_path
+                elif cond.key == CALLING_AE:
+                    actual = calling_ae or None
+                    ok = cond.holds(actual)
+                else:
+                    actual = header.get(cond.key)
+                    ok = cond.holds(actual)
+                if not ok:
+                    failure = Failure(cond.key, cond.expected(), actual)
+                    break
+            verdicts.append(Verdict(rule, failure))
+        discarded = tuple(v.rule.name for v in verdicts if v.matched and v.rule.discard)
+        chosen: set[str] = set()
+        if not discarded:
+            for v in verdicts:
+                if v.matched:
+                    chosen.update(v.rule.to)
+        return Plan(tuple(d for d in self._all if d in chosen), discarded, tuple(verdicts))
+
+    def may_edit(self, destination: str) -> bool:
+        """Whether a file sent to ``destination`` may be changed (when not, its header need
+        not be read again when it is sent)."""
+        return destination in self._modify or any(
+            destination in r.to and any(r.edit_key) for r in self.rules if not r.discard
+        )
+
+    def edits(self, plan: Plan, destination: str) -> Edits:
+        """The changes for the file of ``plan`` sent to ``destination``: the matching routes'
+        (``deidentify`` then ``modify``), then the destination's own ``modify``. Matching
+        routes that send it there with different changes are a conflict, never a pick."""
+        rules = plan.routes_to(destination)
+        keys: list[tuple[Any, ...]] = []  # config models are not hashable: compared with ==
+        for r in rules:
+            if r.edit_key not in keys:
+                keys.append(r.edit_key)
+        if len(keys) > 1:
+            names = ", ".join(r.name for r in rules)
+            return Edits(
+                destination,
+                (),
+                f"routes {names} send it to {destination} with different changes "
+                "(modify/deidentify); give them the same changes or put them on the destination",
+            )
+        from forwarder.dicom.edit import Modification  # pydicom: only when there are changes
+
+        steps: list[tuple[str, Editor]] = []
+        rule = rules[0] if rules else None
+        if rule is not None and rule.route is not None:
+            deid = rule.route.deidentify
+            if deid is not None:
+                steps.append((f"route {rule.name}: deidentify", self._deidentifier(deid)))
+            if rule.route.modify is not None and not rule.route.modify.empty:
+                steps.append(
+                    (f"route {rule.name}: modify", Modification.from_config(rule.route.modify))
+                )
+        own = self._modify.get(destination)
+        if own is not None:
+            steps.append((f"destination {destination}: modify", Modification.from_config(own)))
+        return Edits(destination, tuple(steps))
+
+    def _deidentifier(self, config: Deidentify) -> Editor:
+        from forwarder.dicom.deidentify import Deidentifier
+
+        if self._uids is None:
+            raise ValueError("a router that de-identifies needs a UID map")
+        return Deidentifier(frozenset(config.options), self._uids)
 
     def route(
         self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None
     ) -> list[str]:
-        """Destination names for a file, in config order, without duplicates. ``calling_ae``:
-        the AE title it was received from through ``listen`` (None: the watch folder)."""
-        if self._rules is None:
-            return list(self._all)
-        folder = rel_path.rpartition("/")[0]
-        chosen: dict[str, None] = {}
-        for rule in self._rules:
-            ok = True
-            for key, patterns in rule.conditions:
-                if key == FOLDER:
-                    ok = _matches(rel_path, patterns) or _matches(folder, patterns)
-                elif key == CALLING_AE:
-                    ok = _matches(calling_ae, patterns)
-                else:
-                    ok = _matches(header.get(key), patterns)
-                if not ok:
-                    break
-            if ok:
-                chosen.update(dict.fromkeys(rule.to))
-        return [d for d in self._all if d in chosen]
+        """Destination names for a file, in config order, without duplicates (none when a
+        discard route matches it)."""
+        return list(self.plan(header, rel_path, calling_ae).destinations)

@@ -23,6 +23,7 @@ from typing import Any
 
 from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.edits import EditResolver
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.listener import Listener
@@ -125,7 +126,12 @@ class Service:
             self.ingest = Ingest(
                 self.spool,
                 self.queue,
-                Router(c.routes, [d.name for d in c.destinations]),
+                Router(
+                    c.routes,
+                    [d.name for d in c.destinations],
+                    {d.name: d.modify for d in c.destinations},
+                    self.queue,
+                ),
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
             )
@@ -225,6 +231,7 @@ class Service:
             settings=association_settings(dest, self.config),
             metrics=self.metrics,
             on_outcome=self._on_outcome,
+            edits=EditResolver(self.ingest),
         )
         workers.start()
         self._workers[dest.name] = workers
@@ -369,7 +376,14 @@ class Service:
             )
             if name not in new_dests or changed:
                 self._workers.pop(name).stop(_STOP_TIMEOUT)
-        self.ingest.set_router(Router(new.routes, list(new_dests)))
+        self.ingest.set_router(
+            Router(
+                new.routes,
+                list(new_dests),
+                {n: d.modify for n, d in new_dests.items()},
+                self.queue,
+            )
+        )
         for name, dest in new_dests.items():
             if name not in self._workers:
                 if self.metrics is not None:

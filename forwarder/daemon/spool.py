@@ -226,6 +226,13 @@ class Spool:
         self.move(source, target)
         return target
 
+    def discard(self, source: Path) -> Path:
+        """Move a file that a discard route matched straight to done/ (never queued, nothing
+        sent). The caller logs which route."""
+        target = self.target(self.rel_path(source), failed=False)
+        self.move(source, target)
+        return target
+
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         for d in set(dirs):
             fsync_dir(d)

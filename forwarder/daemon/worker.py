@@ -27,12 +27,14 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from forwarder.config import Destination, RetryPolicy
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
+from forwarder.daemon.edits import EditConflict
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.outcomes import (
     Ack,
@@ -42,11 +44,14 @@ from forwarder.daemon.outcomes import (
     retry_ack,
 )
 from forwarder.daemon.spares import SpareAssociations
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import StoreRequest
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
+
+if TYPE_CHECKING:
+    from forwarder.dicom.edit import Editor
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +73,10 @@ class DestinationWorkers:
         settings: AssociationSettings,
         metrics: SendMetrics | None = None,
         on_outcome: Callable[[LastOutcome], None] = lambda _: None,
+        edits: Callable[[Job, str], tuple[Editor, ...]] | None = None,
     ) -> None:
         self.destination = destination
+        self.edits = edits  # the changes to make to a file sent here (modify, deidentify)
         self.name = destination.name
         self.retry = retry
         self.queue = queue
@@ -257,7 +264,18 @@ class DestinationWorkers:
                     acks.append(Ack("retry", (job.id,), None, error, time.time() + 1.0))
                     continue
                 uids = (job.sop_class_uid, job.sop_instance_uid)
-                yield StoreRequest(job.path, job.id, dataset_uids=uids)
+                edits: tuple[Editor, ...] = ()
+                if self.edits is not None:
+                    try:
+                        edits = self.edits(job, self.name)
+                    except EditConflict as exc:
+                        acks.append(Ack("failed", (job.id,), None, f"conflicting changes: {exc}"))
+                        continue
+                    except (InvalidFileError, UnreadableFileError) as exc:
+                        error = f"cannot read the header for its changes: {exc.reason}"
+                        acks.append(self._retry(job, None, error))
+                        continue
+                yield StoreRequest(job.path, job.id, dataset_uids=uids, edits=edits)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         handed_back: list[int] = []  # back to READY, no attempt charged

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.dicomweb.auth import SecretError
@@ -41,6 +42,9 @@ from forwarder.dicomweb.response import ResponseError, StowResponse, parse_respo
 from forwarder.errors import AssociationError, InvalidFileError, UnreadableFileError
 from forwarder.net.channel import SendOutcome, StoreRequest
 from forwarder.net.status import Outcome, classify_status
+
+if TYPE_CHECKING:
+    from forwarder.dicom.edit import EditedObject
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,7 @@ class _Item:
     request: StoreRequest
     meta: FileMeta
     size: int
+    edited: EditedObject | None = None
 
 
 class StowChannel:
@@ -185,6 +190,16 @@ class StowChannel:
             if request.dataset_uids is not None and request.dataset_uids[1]:
                 sop_class, sop_instance = request.dataset_uids
                 meta = replace(meta, sop_class_uid=sop_class, sop_instance_uid=sop_instance)
+        if request.edits:
+            from forwarder.dicom.edit import EditError, edit_file  # pydicom: only for changes
+
+            try:
+                obj = edit_file(request.path, request.edits)
+            except EditError as exc:
+                reason = f"cannot apply the configured changes: {exc}"
+                raise InvalidFileError(request.path, reason) from None
+            meta = replace(meta, sop_instance_uid=obj.sop_instance_uid)
+            return _Item(request, meta, len(obj.file_meta) + obj.length, obj)
         try:
             size = os.stat(request.path).st_size
         except OSError as exc:
@@ -199,7 +214,7 @@ class StowChannel:
         try:
             client = self._connection()
             body = MultipartBody(
-                [Part(i.request.path, i.size) for i in batch], on_progress=self._moved
+                [Part(i.request.path, i.size, i.edited) for i in batch], on_progress=self._moved
             )
             reply = client.post_stow(body)
         except SecretError as exc:

@@ -1,11 +1,13 @@
 """The STOW-RS request body: ``multipart/related; type="application/dicom"``, streamed from disk.
 
 Each part is one Part 10 file exactly as it is on disk (preamble, meta header, data set): no
-decode, no re-encode. The body is produced in chunks of :data:`CHUNK` bytes while it is sent, so
-memory stays flat whatever the size of the files; its length is known up front (from the sizes
-the files had when the batch was planned), so it is sent with a ``Content-Length`` rather than
-chunked. A file that changes size while it is read (being rewritten) stops the body with
-:class:`BodyError`: a truncated or mixed object is never sent as if it were whole.
+decode, no re-encode; a changed object (modify, deidentify) is its new meta header and data set,
+its pixel data still streamed from the file. The body is produced in chunks of :data:`CHUNK`
+bytes while it is sent, so memory stays flat whatever the size of the files; its length is
+known up front (from the sizes the files had when the batch was planned), so it is sent with a
+``Content-Length`` rather than chunked. A file that changes size while it is read (being
+rewritten) stops the body with :class:`BodyError`: a truncated or mixed object is never sent as
+if it were whole.
 
 What this module does not do: decide which files go together (the channel does) or send
 anything (``http`` does).
@@ -17,8 +19,12 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, InvalidFileError
+
+if TYPE_CHECKING:
+    from forwarder.dicom.edit import EditedObject
 
 CHUNK = 1024 * 1024  # bytes read from a file and handed to the socket at a time
 CRLF = b"\r\n"
@@ -39,6 +45,9 @@ class Part:
 
     path: str
     size: int
+    # A changed object (modify, deidentify): its new meta header and data set are sent, the
+    # pixel data streamed from ``path``; ``size`` is then the part's length.
+    edited: EditedObject | None = None
 
 
 class MultipartBody:
@@ -77,6 +86,9 @@ class MultipartBody:
         yield self._tail
 
     def _file(self, part: Part) -> Iterator[bytes]:
+        if part.edited is not None:
+            yield from self._edited(part, part.edited)
+            return
         try:
             fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -101,3 +113,13 @@ class MultipartBody:
                 yield chunk
         finally:
             os.close(fd)
+
+    def _edited(self, part: Part, obj: EditedObject) -> Iterator[bytes]:
+        yield obj.file_meta
+        try:
+            for chunk in obj.chunks(CHUNK):
+                if self._on_progress is not None:
+                    self._on_progress(len(chunk))
+                yield chunk
+        except InvalidFileError as exc:
+            raise BodyError(part.path, exc.reason) from None

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,8 @@ from forwarder.net.transport import Transport, connect, pdu_name
 if TYPE_CHECKING:
     import socket
     import ssl
+
+    from forwarder.dicom.edit import EditedObject
 
 logger = logging.getLogger(__name__)
 
@@ -239,13 +241,29 @@ class Association:
             command = encode_store_rq(
                 msg_id, meta.sop_class_uid, meta.sop_instance_uid, self.settings.priority
             )
-            self._stream(
-                context.context_id, command, fd, meta.dataset_offset, meta.dataset_length, path
-            )
+            base = meta.dataset_offset
+
+            def read_at(view: memoryview, pos: int) -> int:
+                return os.preadv(fd, [view], base + pos)
+
+            self._stream(context.context_id, command, read_at, meta.dataset_length, path)
         finally:
             os.close(fd)
         return self._read_response(
             msg_id, C_STORE_RSP, meta.sop_class_uid.encode(), meta.sop_instance_uid.encode()
+        )
+
+    def store_edited(self, obj: EditedObject, context: AcceptedContext) -> DimseResponse:
+        """Send a changed object (:mod:`forwarder.dicom.edit`): its re-encoded attributes and
+        its Pixel Data streamed from the file, as :meth:`store_file` streams a whole file."""
+        msg_id = self._next_message_id()
+        command = encode_store_rq(
+            msg_id, obj.sop_class_uid, obj.sop_instance_uid, self.settings.priority
+        )
+        with obj.open() as reader:
+            self._stream(context.context_id, command, reader.read_at, obj.length, obj.path)
+        return self._read_response(
+            msg_id, C_STORE_RSP, obj.sop_class_uid.encode(), obj.sop_instance_uid.encode()
         )
 
     def store_bytes(
@@ -279,10 +297,16 @@ class Association:
         self._transport.send(b"".join(parts), what="P-DATA")
 
     def _stream(
-        self, context_id: int, command: bytes, fd: int, offset: int, length: int, path: str
+        self,
+        context_id: int,
+        command: bytes,
+        read_at: Callable[[memoryview, int], int],
+        length: int,
+        path: str,
     ) -> None:
         """Command PDU(s) and the data set's PDUs, batched into ~1 MB ``sendall`` calls; an odd
-        ``length`` is sent with one 0x00 pad byte (fragments are even: pdu.send_pdu_limit)."""
+        ``length`` is sent with one 0x00 pad byte (fragments are even: pdu.send_pdu_limit).
+        ``read_at(view, pos)`` fills ``view`` from data set position ``pos``."""
         transport = self._transport
         frag = self._frag
         if len(command) > frag:
@@ -299,7 +323,7 @@ class Association:
         batch_len = len(prefix) + per_batch * (frag + 12)
         buf = bytearray(batch_len)
         view = memoryview(buf)
-        preadv = os.preadv
+        offset = 0
         remaining = padded
         in_file = length
         pos = len(prefix)
@@ -317,7 +341,7 @@ class Association:
             got = 0
             while got < want:
                 try:
-                    r = preadv(fd, [view[pos + 12 + got : pos + 12 + want]], offset)
+                    r = read_at(view[pos + 12 + got : pos + 12 + want], offset)
                 except OSError as exc:
                     # EIO and the like: part of the message may be out, so the association
                     # cannot carry on; nothing is known against the file: tried again later.

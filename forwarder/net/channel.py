@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from forwarder.dicom.part10 import UNCOMPRESSED, FileMeta, read_meta
 from forwarder.errors import (
@@ -38,6 +39,9 @@ from forwarder.net.contexts import plan_contexts
 from forwarder.net.pdu import MAX_CONTEXTS
 from forwarder.net.status import Outcome, classify_status
 
+if TYPE_CHECKING:  # pydicom is imported only when an object is changed
+    from forwarder.dicom.edit import EditedObject, Editor
+
 logger = logging.getLogger(__name__)
 
 _association_numbers = itertools.count(1)
@@ -55,6 +59,9 @@ class StoreRequest:
     # The data set's own (SOP Class UID, SOP Instance UID) when a whole-file check found them
     # (the daemon's ingest): they win over the meta header's that read_meta may fall back to.
     dataset_uids: tuple[str, str] | None = None
+    # Changes to make to what is sent (modify, deidentify: :mod:`forwarder.dicom.edit`); the
+    # file itself is never changed. Empty: the file is streamed byte for byte.
+    edits: tuple[Editor, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +347,8 @@ class Channel:
         exact = assoc.context_for(meta.sop_class_uid, meta.transfer_syntax)
         sent_syntax: str
         try:
+            if request.edits:
+                return self._store_edited(assoc, request, meta, exact, started)
             if exact is not None:
                 sent_syntax = exact.transfer_syntax
                 response = assoc.store_file(request.path, meta, exact)
@@ -378,6 +387,49 @@ class Channel:
             )
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
 
+    def _store_edited(
+        self,
+        assoc: Association,
+        request: StoreRequest,
+        meta: FileMeta,
+        exact: AcceptedContext | None,
+        started: float,
+    ) -> SendOutcome:
+        """A file sent with changes: re-encoded in its own syntax with its pixels streamed
+        (:func:`forwarder.dicom.edit.edit_file`), or, when the peer needs another syntax,
+        transcoded and then changed in memory (the transcoding path holds it anyway)."""
+        from forwarder.dicom.edit import EditError, edit_dataset_bytes, edit_file
+
+        try:
+            if exact is not None:
+                obj = edit_file(request.path, request.edits)
+                response = assoc.store_edited(obj, exact)
+                return self._from_response(
+                    request, meta, response, exact.transfer_syntax, obj.length, started, obj
+                )
+            fallback = self._fallback(assoc, meta)
+            if isinstance(fallback, str):
+                return self._outcome(request, meta, Outcome.FAILED, None, fallback, started)
+            from forwarder.dicom.part10 import IMPLICIT_VR_LITTLE_ENDIAN
+            from forwarder.dicom.transcode import transcode
+
+            data = transcode(
+                request.path,
+                fallback.transfer_syntax,
+                allow_lossy=self.allow_lossy_decompress,
+                context=self._accepted_note(assoc, meta),
+            )
+            implicit = fallback.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+            data, sop_instance = edit_dataset_bytes(data, implicit, request.edits)
+            response = assoc.store_bytes(meta.sop_class_uid, sop_instance, data, fallback)
+            sent = replace(meta, sop_instance_uid=sop_instance)
+            return self._from_response(
+                request, sent, response, fallback.transfer_syntax, len(data), started
+            )
+        except EditError as exc:
+            error = f"cannot apply the configured changes: {exc}"
+            return self._outcome(request, meta, Outcome.FAILED, None, error, started)
+
     def _accepted_note(self, assoc: Association, meta: FileMeta) -> str:
         from forwarder.dicom.transcode import syntax_name
 
@@ -408,7 +460,10 @@ class Channel:
         sent_syntax: str,
         nbytes: int,
         started: float,
+        edited: EditedObject | None = None,
     ) -> SendOutcome:
+        if edited is not None:
+            meta = replace(meta, sop_instance_uid=edited.sop_instance_uid)
         outcome = classify_status(response.status)
         error = None
         if outcome is not Outcome.STORED:

@@ -60,6 +60,7 @@ from forwarder.queue.replacing import Replacing
 from forwarder.queue.requeue import Requeue
 from forwarder.queue.stats import Statistics
 from forwarder.queue.store import SCHEMA_VERSION
+from forwarder.queue.uidmap import UidMap
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -83,7 +84,7 @@ __all__ = [
 ]
 
 
-class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping):
+class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping, UidMap):
     """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
 
     ``create=False`` refuses to create a missing database (for ``forwarder status``).

@@ -261,3 +261,10 @@ PRUNE = """
     DELETE FROM files WHERE id IN (
         SELECT id FROM files WHERE state = 'FINISHED' AND finished_at < :cutoff
         ORDER BY id LIMIT :batch)"""
+
+# Schema 5 (issue 15, deidentify): original UID -> its replacement (queue.uidmap).
+UID_MAP_DDL = """CREATE TABLE IF NOT EXISTS uid_map (
+    original TEXT PRIMARY KEY,
+    replacement TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+) WITHOUT ROWID"""

@@ -27,13 +27,14 @@ from typing import Self
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import FileEntry
-from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES, ORIGIN_COLUMNS
+from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES, ORIGIN_COLUMNS, UID_MAP_DDL
 
 logger = logging.getLogger(__name__)
 
 # 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files;
-# 5: the origin of files received through `listen` (calling/called AE, peer, association)
-SCHEMA_VERSION = 5
+# 5: the origin of files received through `listen` (calling/called AE, peer, association);
+# 6: the uid_map table (deidentify, issue 15)
+SCHEMA_VERSION = 6
 
 
 def clock(now: float | None) -> float:
@@ -171,6 +172,10 @@ class Store:
                     if column not in present:
                         conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
                 # -- end of schema version 5 ------------------------------------------------------
+                # -- schema version 6 (issue 15, deidentify): the UID map; a new table, so an
+                # older database only gains it (CREATE ... IF NOT EXISTS).
+                conn.execute(UID_MAP_DDL)
+                # -- end of schema version 6
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:

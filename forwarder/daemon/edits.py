@@ -1,0 +1,50 @@
+"""The changes a destination's worker makes to a file it sends (``modify``, ``deidentify``).
+
+Which routes sent a file to a destination is not stored in the queue: when a destination may
+change what it sends (:meth:`Router.may_edit`), the file's header is read again when it is sent
+(the same one-walk check ingest made, a few tens of microseconds) and routed again with the
+routes in force then, so a reloaded config applies to what is still queued. A destination
+without any change keeps today's path: no header read, the file streamed byte for byte.
+Routes sending the file there with different changes are a per-file failure, never a pick.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from forwarder.dicom.check import check_file_values
+from forwarder.errors import ForwarderError
+from forwarder.queue import Job
+
+if TYPE_CHECKING:
+    from forwarder.daemon.router import Router
+    from forwarder.dicom.edit import Editor
+
+
+class EditConflict(ForwarderError):
+    """Matching routes send the file to one destination with different changes."""
+
+
+class RoutingSource(Protocol):
+    def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]: ...
+
+
+class EditResolver:
+    """``resolver(job, destination)`` -> the editors for that send (empty: unchanged)."""
+
+    def __init__(self, source: RoutingSource) -> None:
+        self.source = source
+
+    def __call__(self, job: Job, destination: str) -> tuple[Editor, ...]:
+        """Raises :class:`EditConflict`, or the check's InvalidFileError/UnreadableFileError."""
+        router, want, vrs = self.source.routing()
+        if not router.may_edit(destination):
+            return ()
+        _, values = check_file_values(job.path, want, vrs)
+        # Routed again as at ingest: with the calling AE title of a file received by `listen`
+        # (kept in the queue), or routes matching it would miss their changes at send time.
+        plan = router.plan(values, job.rel_path, job.calling_ae or None)
+        edits = router.edits(plan, destination)
+        if edits.conflict is not None:
+            raise EditConflict(edits.conflict)
+        return edits.editors
