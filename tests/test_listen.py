@@ -531,3 +531,51 @@ def test_sigterm_stops_accepting_and_drains_open_associations(
         wait_until(lambda: len(held(pacs)) == 2, 30, what="both answered objects")
         assert_same_datasets(pacs, files[:2])
         assert d.stop() == 0
+
+
+def test_a_calling_ae_route_modifies_what_it_sends_and_a_discard_route_holds_back(
+    tmp_path: Path, pacs: StoreSCP
+) -> None:
+    """Routing at send time sees the calling AE title too: a route matched on it changes what
+    reaches the PACS (and only that); a discard route matched on it keeps the object out of
+    every destination, in done/ (the modality was answered Success)."""
+    ct_files = copies(tmp_path / "ct", "CT_small.dcm", 1)
+    qa_files = copies(tmp_path / "qa", "MR_small.dcm", 1)
+    routes = [
+        {
+            "name": "ct-rooms",
+            "match": {"calling_ae": "CT*"},
+            "to": ["pacs"],
+            "modify": {"set": {"InstitutionName": "Gateway Hospital"}},
+        },
+        {"name": "qa", "match": {"calling_ae": "QA01"}, "action": "discard"},
+        {"name": "all", "match": {"calling_ae": {"not": "CT*"}}, "to": ["pacs"]},
+    ]
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], routes=routes) as d:
+        port = listen_port(d)
+        assert push(port, ct_files, calling="CT01") == [(0, "")]
+        assert push(port, qa_files, calling="QA01") == [(0, "")]
+        wait_until(lambda: len(held(pacs)) == 1 and len(d.done_files()) == 2, 30, what="done")
+        stored = held(pacs)
+        assert set(stored) == {uid_of(ct_files[0])}  # the QA object went nowhere
+        got = pydicom.dcmread(stored[uid_of(ct_files[0])])
+        want = pydicom.dcmread(ct_files[0])
+        assert got.InstitutionName == "Gateway Hospital"
+        del got.InstitutionName
+        if "InstitutionName" in want:
+            del want.InstitutionName
+        assert without_padding(got) == without_padding(want)
+        assert sorted(d.done_files()) == sorted(
+            [f"CT01/{p}" for p in _study_paths(ct_files)]
+            + [f"QA01/{p}" for p in _study_paths(qa_files)]
+        )
+        assert d.stop() == 0
+
+
+def _study_paths(files: Sequence[Path]) -> list[str]:
+    """Where the listener files an object: <StudyInstanceUID>/<SOPInstanceUID>.dcm."""
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        out.append(f"{ds.StudyInstanceUID}/{ds.SOPInstanceUID}.dcm")
+    return out
