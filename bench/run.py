@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("forwarder %s unavailable (%s): its rows will show FAILED", kind, why)
     fork = args.fork == "yes" or (args.fork == "auto" and max(args.assoc_list) > 1)
     machine = _machine(fwd)
-    with_orthanc = any(CASES[name].peer is Peer.ORTHANC for name in args.case_list)
+    with_orthanc = any(
+        CASES[name].peer is Peer.ORTHANC or CASES[name].kind is Kind.GATEWAY
+        for name in args.case_list
+        if name in CASES
+    )
     if with_orthanc:
         machine["orthanc"] = orthanc.version()
     results: list[CaseResult] = []
@@ -188,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if latencies is not None:
         settings["latency"] = latencies
-    table = report.table(results)
+    table = report.table(results) if results else ""
     if latencies is not None:
-        table += "\n\n" + report.latency_lines(latencies)
+        table = "\n\n".join(t for t in (table, report.latency_lines(latencies)) if t)
     print(table)
     print(f"\n{report.footer(machine, settings, results)}")
     report.write(args.out, machine, settings, results, table)

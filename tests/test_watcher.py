@@ -318,6 +318,26 @@ def test_sub_folders_created_after_start(
     assert watcher.healthy
 
 
+def test_a_folder_renamed_inside_incoming_keeps_being_watched_under_its_new_name(
+    root: Path, start_watcher: StartWatcher
+) -> None:
+    """Moves inside incoming are paired within a short window (MOVE_PAIRING_WINDOW, not
+    watchdog's 0.5 s, which held every later event behind each file moved out to done/): a
+    folder written under a staging name and renamed keeps its watch, and files written into
+    it afterwards are reported under the new name."""
+    watcher, collector = start_watcher(settle=0.2)
+    (root / ".staging").mkdir()
+    (root / ".staging/one.dcm").write_bytes(b"1")
+    os.rename(root / ".staging", root / "study")
+    wait_until(lambda: collector.count("study/one.dcm") == 1, "study/one.dcm")
+    write_atomic(root / "study/two.dcm", b"2")
+    (root / "study/three.dcm").write_bytes(b"3")
+    wait_until(lambda: collector.count("study/three.dcm") == 1, "study/three.dcm")
+    barrier(watcher, collector, root)
+    assert collector.rel_paths() == ["study/one.dcm", "study/three.dcm", "study/two.dcm"]
+    assert watcher.healthy
+
+
 @pytest.mark.parametrize("polling", MODES)
 def test_incoming_that_is_itself_a_symlink_is_watched(tmp_path: Path, polling: bool) -> None:
     """`incoming` may be a symlink to the real spool folder; paths are reported under it."""

@@ -86,6 +86,11 @@ class EventHandler(FileSystemEventHandler):
             self._note(dest, Hint.MOVED_IN)
 
 
+#: How long watchdog's inotify emitter waits to pair an IN_MOVED_FROM with its IN_MOVED_TO
+#: (watchdog's default, 0.5 s, delays every later event by as much).
+MOVE_PAIRING_WINDOW = 0.01
+
+
 def make_observer(polling: bool, settle: float) -> BaseObserver:
     """The observer: polling (for network filesystems) at an interval from ``settle``, else
     inotify with full events, or the platform's native one off Linux."""
@@ -95,10 +100,17 @@ def make_observer(polling: bool, settle: float) -> BaseObserver:
         return PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
     try:
         from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
     except ImportError:  # not Linux: the platform's native observer
         from watchdog.observers import Observer
 
         return Observer()
+    # watchdog holds every IN_MOVED_FROM for 0.5 s to pair it with its IN_MOVED_TO, and every
+    # event behind it waits: each file the finisher moves out of incoming (to done/) held up
+    # the next file renamed in by ~0.5 s. The kernel queues both halves of a rename together,
+    # so they are read in one batch: 10 ms pairs them as well. An unpaired half is harmless
+    # here (full events: a deletion and a move-in, which is what the handler makes of a pair).
+    InotifyMoveEventGrouper.delay = MOVE_PAIRING_WINDOW
     # Full events: a file moved in from outside is a move (complete), not a creation.
     return InotifyObserver(generate_full_events=True)
 
