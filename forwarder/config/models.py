@@ -8,7 +8,7 @@ number is :mod:`forwarder.config.load`; :mod:`forwarder.config` exports both.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -193,6 +193,10 @@ class Route(_Model):
         description="DICOM keyword (or `folder`) -> value, list of values, * ? wildcards",
     )
     to: list[str] = Field(min_length=1)
+    priority: Literal["urgent", "normal", "low"] = Field(
+        "normal",
+        description="claimed urgent first, low last (never starved); sets the C-STORE Priority",
+    )
 
     @field_validator("match", mode="before")
     @classmethod

@@ -153,7 +153,7 @@ class Ingest:
         want: dict[int, str],
         vrs: dict[int, str],
     ) -> None:
-        checked: list[tuple[FileEntry, list[str]]] = []
+        checked: list[tuple[FileEntry, dict[str, int]]] = []
         replaced: set[str] = set()
         for ready in files:
             path = str(ready.path)
@@ -169,7 +169,7 @@ class Ingest:
                 replaced.add(path)
         # The queue takes responsibility for these files: their data must be on disk first.
         unsynced = sync_files([e.path for e, _ in checked])
-        batch: list[tuple[FileEntry, list[str]]] = []
+        batch: list[tuple[FileEntry, dict[str, int]]] = []
         for file, destinations in checked:
             error = unsynced.get(file.path)
             if error is not None:
@@ -191,7 +191,7 @@ class Ingest:
         logger.debug("queued %d files (%d already queued)", added, len(ids) - added)
         self.on_enqueued()
 
-    def _replaced(self, entry: FileEntry, destinations: list[str]) -> None:
+    def _replaced(self, entry: FileEntry, destinations: dict[str, int]) -> None:
         """A queued file was replaced by another object: it is routed afresh, and every
         destination of the new routing gets the new version."""
         replaced = self.queue.replace_file(entry, destinations)
@@ -219,7 +219,7 @@ class Ingest:
 
     def _check(
         self, ready: ReadyLike, router: Router, want: dict[int, str], vrs: dict[int, str]
-    ) -> tuple[FileEntry, list[str]] | None:
+    ) -> tuple[FileEntry, dict[str, int]] | None:
         path = str(ready.path)
         try:
             meta, values = check_file_values(path, want, vrs)
@@ -241,7 +241,7 @@ class Ingest:
             # It changed since the watcher saw it settle; the watcher will offer it again.
             logger.debug("%s: changed while being read; waiting for it to settle", path)
             return None
-        destinations = router.route(values, ready.rel_path)
+        destinations = router.route_ranked(values, ready.rel_path)
         if not destinations:
             shown = {
                 k: v

@@ -4,6 +4,8 @@ Every matching route applies (fan-out); no routes at all means every file goes t
 destination. A condition is a DICOM keyword mapped to a value, a list of values, or ``*``/``?``
 wildcards; all conditions of a route must match. ``folder`` matches the file's path relative to
 the incoming folder (``ct/*`` matches ``ct/a.dcm`` and ``ct/x/b.dcm``) or its folder (``ct``).
+A route's ``priority`` goes with the file to each of its destinations
+(:meth:`Router.route_ranked`; the highest wins when routes overlap).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from forwarder.config import Route
+from forwarder.queue import NORMAL_RANK, PRIORITY_RANK
 
 FOLDER = "folder"
 
@@ -22,6 +25,7 @@ class _Rule:
     name: str
     conditions: tuple[tuple[str, tuple[str, ...]], ...]
     to: tuple[str, ...]
+    rank: int = NORMAL_RANK  # the route's priority (PRIORITY_RANK: 0 urgent)
 
 
 def _matches(value: str | None, patterns: tuple[str, ...]) -> bool:
@@ -44,7 +48,7 @@ class Router:
                 conds = tuple(
                     (key, tuple(v) if isinstance(v, list) else (v,)) for key, v in r.match.items()
                 )
-                rules.append(_Rule(r.name, conds, tuple(r.to)))
+                rules.append(_Rule(r.name, conds, tuple(r.to), PRIORITY_RANK[r.priority]))
             self._rules = tuple(rules)
 
     @property
@@ -56,10 +60,15 @@ class Router:
 
     def route(self, header: Mapping[str, str], rel_path: str) -> list[str]:
         """Destination names for a file, in config order, without duplicates."""
+        return list(self.route_ranked(header, rel_path))
+
+    def route_ranked(self, header: Mapping[str, str], rel_path: str) -> dict[str, int]:
+        """Destination name -> priority rank for a file, in config order: when several routes
+        send it to one destination, the highest priority (lowest rank) wins."""
         if self._rules is None:
-            return list(self._all)
+            return dict.fromkeys(self._all, NORMAL_RANK)
         folder = rel_path.rpartition("/")[0]
-        chosen: dict[str, None] = {}
+        chosen: dict[str, int] = {}
         for rule in self._rules:
             ok = True
             for key, patterns in rule.conditions:
@@ -70,5 +79,6 @@ class Router:
                 if not ok:
                     break
             if ok:
-                chosen.update(dict.fromkeys(rule.to))
-        return [d for d in self._all if d in chosen]
+                for name in rule.to:
+                    chosen[name] = min(chosen.get(name, rule.rank), rule.rank)
+        return {d: chosen[d] for d in self._all if d in chosen}

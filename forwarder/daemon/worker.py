@@ -45,12 +45,18 @@ from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import StoreRequest
+from forwarder.net.pdu import PRIORITY
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
 logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
+# Every FAIR_EVERY-th claim of a destination takes its oldest due jobs whatever their priority:
+# the share reserved so that low (and normal) jobs are never starved by a stream of urgent ones.
+FAIR_EVERY = 4
+#: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
+DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
 
 
@@ -85,6 +91,8 @@ class DestinationWorkers:
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
+        self._claims = 0  # claims made, for the FAIR_EVERY share
+        self._claims_lock = threading.Lock()
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
@@ -194,7 +202,7 @@ class DestinationWorkers:
             and self._spares.may_claim(channel, index, self._work_due, self._hints)
         ):
             try:
-                jobs = self.queue.claim(self.name, BATCH)
+                jobs = self.queue.claim(self.name, BATCH, oldest=self._fair_turn())
             except ForwarderError as exc:
                 logger.error("%s: cannot claim jobs: %s", self.name, exc)
         if not jobs:
@@ -229,6 +237,12 @@ class DestinationWorkers:
             if not self._stop.is_set():
                 self._wake.wait(wait)
 
+    def _fair_turn(self) -> bool:
+        """Whether this claim is one of the share taken oldest first, whatever the priority."""
+        with self._claims_lock:
+            self._claims += 1
+            return self._claims % FAIR_EVERY == 0
+
     def _hints(self) -> list[tuple[str, str]]:
         now = time.monotonic()
         if now - self._hint_at > _HINT_TTL:
@@ -257,7 +271,8 @@ class DestinationWorkers:
                     acks.append(Ack("retry", (job.id,), None, error, time.time() + 1.0))
                     continue
                 uids = (job.sop_class_uid, job.sop_instance_uid)
-                yield StoreRequest(job.path, job.id, dataset_uids=uids)
+                priority = DIMSE_PRIORITY.get(job.priority, PRIORITY["medium"])
+                yield StoreRequest(job.path, job.id, dataset_uids=uids, priority=priority)
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         handed_back: list[int] = []  # back to READY, no attempt charged

@@ -55,6 +55,8 @@ class StoreRequest:
     # The data set's own (SOP Class UID, SOP Instance UID) when a whole-file check found them
     # (the daemon's ingest): they win over the meta header's that read_meta may fall back to.
     dataset_uids: tuple[str, str] | None = None
+    # The C-STORE Priority (PS3.7: 0 medium, 1 high, 2 low); None: the settings' priority.
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +344,7 @@ class Channel:
         try:
             if exact is not None:
                 sent_syntax = exact.transfer_syntax
-                response = assoc.store_file(request.path, meta, exact)
+                response = assoc.store_file(request.path, meta, exact, priority=request.priority)
                 nbytes = meta.dataset_length
             else:
                 fallback = self._fallback(assoc, meta)
@@ -358,7 +360,11 @@ class Channel:
                     context=self._accepted_note(assoc, meta),
                 )
                 response = assoc.store_bytes(
-                    meta.sop_class_uid, meta.sop_instance_uid, data, fallback
+                    meta.sop_class_uid,
+                    meta.sop_instance_uid,
+                    data,
+                    fallback,
+                    priority=request.priority,
                 )
                 nbytes = len(data)
         except SendError as exc:
