@@ -21,7 +21,18 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_CONFIG = 78  # EX_CONFIG: the systemd unit does not restart on it
 
-_COMMANDS = ("run", "send", "echo", "receive", "check_config", "status", "retry", "find")
+_COMMANDS = (
+    "run",
+    "send",
+    "echo",
+    "receive",
+    "check_config",
+    "status",
+    "retry",
+    "find",
+    "pause",
+    "resume",
+)
 
 
 class _Parser(argparse.ArgumentParser):

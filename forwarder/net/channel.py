@@ -83,6 +83,9 @@ class SendOutcome:
     # must use to tell "the peer is down" from a file's own fault: Channel.down is the last
     # association attempt's error and stays set through batches that never try one.
     association_failed: bool = False
+    # True when the association broke while this file was on it (aborted, reset, timed out):
+    # a connection-level failure like association_failed, though the file was tried.
+    association_broke: bool = False
 
     @classmethod
     def without_data(
@@ -97,6 +100,7 @@ class SendOutcome:
         *,
         attempted: bool = True,
         association_failed: bool = False,
+        association_broke: bool = False,
     ) -> SendOutcome:
         """An outcome for which no data set byte counts as sent (refused before or while
         sending, or not tried): the file's UIDs from ``meta`` when it was read; ``started``
@@ -115,6 +119,7 @@ class SendOutcome:
             seconds=time.monotonic() - started if started else 0.0,
             attempted=attempted,
             association_failed=association_failed,
+            association_broke=association_broke,
         )
 
 
@@ -380,7 +385,14 @@ class Channel:
             self._assoc = None
             outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED
             return self._outcome(
-                request, meta, outcome, None, str(exc), started, association=number
+                request,
+                meta,
+                outcome,
+                None,
+                str(exc),
+                started,
+                association=number,
+                association_broke=True,
             )
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
 
@@ -449,6 +461,7 @@ class Channel:
         association: int | None = None,
         attempted: bool = True,
         association_failed: bool = False,
+        association_broke: bool = False,
     ) -> SendOutcome:
         if association is None and self.is_open:
             association = self._assoc_number
@@ -462,4 +475,5 @@ class Channel:
             association,
             attempted=attempted,
             association_failed=association_failed,
+            association_broke=association_broke,
         )

@@ -1,0 +1,70 @@
+"""What a destination may claim now, besides its breaker: paused by an operator, or outside its
+send window (urgent files only, or all of them at a lower rate), per :class:`FlowGate`.
+
+A pause is a row in the queue database (``forwarder pause``, :mod:`forwarder.queue.control`),
+read at most every ``PAUSE_POLL`` seconds, so a running daemon stops claiming within a second
+(a file being sent finishes) and starts again within a second of ``forwarder resume``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from forwarder.errors import ForwarderError
+from forwarder.queue import Queue
+
+logger = logging.getLogger(__name__)
+
+PAUSE_POLL = 0.25  # seconds between reads of the paused destinations
+ALL_RANKS = 2  # claim every priority (PRIORITY_RANK: 0 urgent .. 2 low)
+URGENT_ONLY = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether to claim, up to which priority rank, and the state to show (None: the
+    breaker's)."""
+
+    claim: bool
+    max_rank: int = ALL_RANKS
+    state: str | None = None
+
+
+class FlowGate:
+    """The pause of one destination (shared by its worker threads)."""
+
+    def __init__(
+        self, name: str, queue: Queue, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._paused = False
+        self._read_at = -1e9
+
+    def paused(self) -> bool:
+        """Whether an operator paused it (read again after ``PAUSE_POLL`` seconds)."""
+        now = self._clock()
+        with self._lock:
+            if now - self._read_at < PAUSE_POLL:
+                return self._paused
+            self._read_at = now
+        try:
+            paused = self.name in self.queue.paused()
+        except ForwarderError as exc:
+            logger.warning("%s: cannot read whether it is paused: %s", self.name, exc)
+            return self._paused
+        with self._lock:
+            self._paused = paused
+        return paused
+
+    def decide(self) -> Decision:
+        """What the workers may claim now."""
+        if self.paused():
+            return Decision(claim=False, state="paused")
+        return Decision(claim=True)
