@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from forwarder.config.flow import Window, parse_window
 from forwarder.durations import parse_duration
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
@@ -50,6 +51,22 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, BeforeValidator(lambda v: _check_ae_title(str(v)))]
+
+
+def _check_window(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a window is a string: DAYS [HH:MM-HH:MM], e.g. 'Mon-Fri 19:00-07:00'")
+    parse_window(value)
+    return value
+
+
+WindowText = Annotated[
+    str,
+    BeforeValidator(_check_window),
+    WithJsonSchema(
+        {"type": "string", "description": "DAYS [HH:MM-HH:MM]: 'Mon-Fri 19:00-07:00', 'Sat-Sun'"}
+    ),
+]
 
 
 def _check_port(value: Any) -> int:
@@ -149,6 +166,26 @@ class Destination(_Model):
         False, description="decompress lossy JPEG when the peer only accepts uncompressed"
     )
     tls: TLSConfig | None = None
+    window: list[WindowText] | None = Field(
+        None,
+        description="send windows in local time, e.g. ['Mon-Fri 19:00-07:00', 'Sat-Sun'] "
+        "(a range ending before it starts crosses midnight); omitted = always",
+    )
+    urgent_bypasses_window: bool = Field(
+        False, description="urgent files are sent outside the window too"
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _some_window(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one window, or leave window out (always)")
+        return value
+
+    @property
+    def windows(self) -> list[Window]:
+        """``window`` parsed (empty: always open)."""
+        return [parse_window(w) for w in self.window or []]
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:

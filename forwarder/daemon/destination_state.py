@@ -31,6 +31,7 @@ from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
 
+GATE_STATES = ("paused", "outside_window")
 DOWN_AFTER = 3  # connection-level failures in a row that open the breaker
 PROBE_FIRST = 1.0  # seconds before the first probe; doubled after each failed one
 
@@ -59,6 +60,14 @@ class DestinationState:
         self._state_since = 0.0
         self._lock = threading.Lock()
         self._state_lock = threading.Lock()  # one state change at a time, log and queue alike
+        # A gate state recorded by an earlier run (or before a reload): replaced by "up" as
+        # soon as the gate opens, not left until the first association.
+        self._stale_gate = False
+        try:
+            recorded = queue.destination_states().get(name)
+            self._stale_gate = recorded is not None and recorded.state in GATE_STATES
+        except ForwarderError:
+            pass
 
     @property
     def down_until(self) -> float:
@@ -169,7 +178,7 @@ class DestinationState:
         "outside_window" (its send window is closed), or None."""
         with self._state_lock:
             with self._lock:
-                if gate == self._gate:
+                if gate == self._gate and not self._stale_gate:
                     return
                 self._gate = gate
             self._publish(0.0, "")
@@ -180,10 +189,14 @@ class DestinationState:
         status``. Called under the state lock, so the queue never keeps an older state than
         the last one logged."""
         with self._lock:
+            # paused wins over down, down over outside_window
             shown: tuple[str | None, str | None] = (self._breaker, self._breaker_error)
-            if self._gate is not None:
+            if self._gate == "paused" or (self._gate is not None and self._breaker != "down"):
                 shown = (self._gate, None)
             state, error = shown
+            if state is None and self._stale_gate:
+                state = "up"
+            self._stale_gate = False if state is not None else self._stale_gate
             if state is None or (state, error) == (self._state, self._state_error):
                 return
             previous = self._state

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
+from forwarder.config.flow import Window, window_open
 from forwarder.errors import ForwarderError
 from forwarder.queue import Queue
 
@@ -35,14 +37,28 @@ class Decision:
 
 
 class FlowGate:
-    """The pause of one destination (shared by its worker threads)."""
+    """The pause and the send windows of one destination (shared by its worker threads).
+
+    ``windows`` (none: always open) are judged against ``local_now()``, the local wall clock
+    unless a test injects another; ``urgent_bypasses`` lets urgent files through a closed
+    window."""
 
     def __init__(
-        self, name: str, queue: Queue, *, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        queue: Queue,
+        *,
+        windows: Sequence[Window] = (),
+        urgent_bypasses: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        local_now: Callable[[], datetime] = datetime.now,
     ) -> None:
         self.name = name
         self.queue = queue
+        self.windows = tuple(windows)
+        self.urgent_bypasses = urgent_bypasses
         self._clock = clock
+        self._local_now = local_now
         self._lock = threading.Lock()
         self._paused = False
         self._read_at = -1e9
@@ -63,8 +79,17 @@ class FlowGate:
             self._paused = paused
         return paused
 
+    def in_window(self) -> bool:
+        """Whether the send window is open now (always, without windows)."""
+        return window_open(self.windows, self._local_now())
+
     def decide(self) -> Decision:
-        """What the workers may claim now."""
+        """What the workers may claim now: nothing when paused; outside the window nothing,
+        or urgent files only (``urgent_bypasses_window``)."""
         if self.paused():
             return Decision(claim=False, state="paused")
-        return Decision(claim=True)
+        if self.in_window():
+            return Decision(claim=True)
+        if self.urgent_bypasses:
+            return Decision(claim=True, max_rank=URGENT_ONLY, state="outside_window")
+        return Decision(claim=False, state="outside_window")

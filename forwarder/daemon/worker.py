@@ -102,7 +102,12 @@ class DestinationWorkers:
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
-        self._gate = FlowGate(self.name, queue)
+        self._gate = FlowGate(
+            self.name,
+            queue,
+            windows=destination.windows,
+            urgent_bypasses=destination.urgent_bypasses_window,
+        )
         self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
