@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from forwarder.config.flow import Window, parse_window
+from forwarder.config.flow import Window, parse_rate, parse_window
 from forwarder.durations import parse_duration
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
@@ -65,6 +65,21 @@ WindowText = Annotated[
     BeforeValidator(_check_window),
     WithJsonSchema(
         {"type": "string", "description": "DAYS [HH:MM-HH:MM]: 'Mon-Fri 19:00-07:00', 'Sat-Sun'"}
+    ),
+]
+
+
+Rate = Annotated[
+    float,
+    BeforeValidator(parse_rate),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 1024},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?\s*[kKmMgGtT]?(i?[bB])?\s*(/\s*s)?$"},
+            ],
+            "description": "bytes per second: 20MB/s, 500KB/s (K/M/G: powers of 1024)",
+        }
     ),
 ]
 
@@ -173,6 +188,12 @@ class Destination(_Model):
     )
     urgent_bypasses_window: bool = Field(
         False, description="urgent files are sent outside the window too"
+    )
+    outside_window_rate: Rate | None = Field(
+        None, description="outside the window, send at this rate instead of not at all"
+    )
+    max_rate: Rate | None = Field(
+        None, description="cap across all associations of this destination; omitted = unlimited"
     )
 
     @field_validator("window")

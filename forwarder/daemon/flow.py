@@ -1,5 +1,6 @@
 """What a destination may claim now, besides its breaker: paused by an operator, or outside its
-send window (urgent files only, or all of them at a lower rate), per :class:`FlowGate`.
+send window (nothing, urgent files only, or all of them at ``outside_window_rate``), and at
+which rate (``max_rate``), per :class:`FlowGate`.
 
 A pause is a row in the queue database (``forwarder pause``, :mod:`forwarder.queue.control`),
 read at most every ``PAUSE_POLL`` seconds, so a running daemon stops claiming within a second
@@ -34,6 +35,7 @@ class Decision:
     claim: bool
     max_rank: int = ALL_RANKS
     state: str | None = None
+    rate: float | None = None  # bytes per second now (None: unlimited)
 
 
 class FlowGate:
@@ -50,6 +52,8 @@ class FlowGate:
         *,
         windows: Sequence[Window] = (),
         urgent_bypasses: bool = False,
+        max_rate: float | None = None,
+        outside_rate: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         local_now: Callable[[], datetime] = datetime.now,
     ) -> None:
@@ -57,6 +61,11 @@ class FlowGate:
         self.queue = queue
         self.windows = tuple(windows)
         self.urgent_bypasses = urgent_bypasses
+        self.max_rate = max_rate
+        # Outside the window, with outside_window_rate: that rate (max_rate still caps it).
+        self.outside_rate = outside_rate
+        if outside_rate is not None and max_rate is not None:
+            self.outside_rate = min(outside_rate, max_rate)
         self._clock = clock
         self._local_now = local_now
         self._lock = threading.Lock()
@@ -84,12 +93,17 @@ class FlowGate:
         return window_open(self.windows, self._local_now())
 
     def decide(self) -> Decision:
-        """What the workers may claim now: nothing when paused; outside the window nothing,
-        or urgent files only (``urgent_bypasses_window``)."""
+        """What the workers may claim now: nothing when paused; outside the window every
+        file at ``outside_window_rate`` if set, else urgent files only
+        (``urgent_bypasses_window``), else nothing; inside it, every file at ``max_rate``."""
         if self.paused():
             return Decision(claim=False, state="paused")
         if self.in_window():
-            return Decision(claim=True)
+            return Decision(claim=True, rate=self.max_rate)
+        if self.outside_rate is not None:
+            return Decision(claim=True, state="outside_window", rate=self.outside_rate)
         if self.urgent_bypasses:
-            return Decision(claim=True, max_rank=URGENT_ONLY, state="outside_window")
+            return Decision(
+                claim=True, max_rank=URGENT_ONLY, state="outside_window", rate=self.max_rate
+            )
         return Decision(claim=False, state="outside_window")

@@ -26,6 +26,7 @@ becomes (its log line, its ack, the retry and give-up rules) is :mod:`forwarder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -51,6 +52,7 @@ from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import StoreRequest
+from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import PRIORITY
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
@@ -107,7 +109,13 @@ class DestinationWorkers:
             queue,
             windows=destination.windows,
             urgent_bypasses=destination.urgent_bypasses_window,
+            max_rate=destination.max_rate,
+            outside_rate=destination.outside_window_rate,
         )
+        self.pacer: Pacer | None = None  # one token bucket for all associations
+        if destination.max_rate is not None or destination.outside_window_rate is not None:
+            self.pacer = Pacer(destination.max_rate)
+            self.settings = dataclasses.replace(settings, pacer=self.pacer)
         self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -209,6 +217,8 @@ class DestinationWorkers:
         jobs: list[Job] = []
         decision = self._gate.decide()
         self._dest.set_gate(decision.state)
+        if self.pacer is not None:
+            self.pacer.set_rate(decision.rate)
         if not decision.claim:
             # Paused (or outside the send window): nothing is claimed; a send under way in
             # another thread finishes.

@@ -52,6 +52,7 @@ from forwarder.errors import (
 )
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
+from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import (
     C_ECHO_RSP,
     C_STORE_RSP,
@@ -115,6 +116,8 @@ class AssociationSettings:
     tls: ssl.SSLContext | None = None  # ssl is imported only when TLS is used
     tls_server_name: str | None = None  # defaults to the peer's host
     batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
+    # The destination's rate cap, shared by all its associations (None: unlimited).
+    pacer: Pacer | None = None
 
 
 @dataclass(frozen=True, slots=True)
