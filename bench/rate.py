@@ -3,13 +3,13 @@
 A real ``forwarder run`` sends to DCMTK ``storescp --ignore`` on 127.0.0.1 through one
 destination capped at ``--rate`` (default 20MB/s, i.e. 20 MiB/s: sizes in the config are powers
 of 1024), with 1 and with 4 associations, for large files (8 MiB) and small ones (64 KiB). A
-pool of 12 seconds' worth of files is recycled from done/ back into incoming/ so the queue never
-runs dry (a smaller pool starves it: a batch of 64 holds every file until it is all sent) and
-the disk holds little. After a warm-up, the rate is read from the daemon's
-own ``forwarder_sent_bytes_total`` (data set bytes stored, sampled every 20 ms, between the first
-and the last file stored in ``--seconds``; default 10, the issue's check is ``--seconds 60``)
-and compared with the cap: within ``--tolerance`` (5%) or the
-exit code is 1::
+pool of hard links to one file (12 seconds' worth, and three claim batches of 64 per
+association) is recycled from done/ back into incoming/ so the queue never runs dry (a smaller
+pool starves it: a batch holds its files until all of them are sent and acked). After a
+warm-up, the rate is read from the daemon's own ``forwarder_sent_bytes_total`` (data set bytes
+stored, sampled every 20 ms, between the first and the last file stored in ``--seconds``;
+default 10, the issue's check is ``--seconds 60``) and compared with the cap: within
+``--tolerance`` (5%) or the exit code is 1::
 
     .venv/bin/python -m bench.rate                      # ~1.5 min: 4 cases x (3 s + 10 s)
     .venv/bin/python -m bench.rate --seconds 60         # the issue's minute per case
@@ -36,6 +36,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from bench.procs import StoreSCP, free_port
 from forwarder.config.flow import parse_rate
+from forwarder.daemon.worker import BATCH
 
 OUT = Path(__file__).parent / "out"
 _SENT = re.compile(
@@ -105,12 +106,13 @@ def run_case(rate: float, size: int, associations: int, seconds: float, warmup: 
         incoming, done = root / "incoming", root / "done"
         for d in (incoming, done, root / "failed"):
             d.mkdir()
-        count = max(8 * associations, math.ceil(rate * 12 / size))
+        # More than the daemon's claim batches can hold (64 files per association), and 12 s
+        # of sending: hard links of one file, so the disk holds one.
+        count = max(3 * BATCH * associations, math.ceil(rate * 12 / size))
         template = root / "template.dcm"
         _write_file(template, size)
-        data = template.read_bytes()
         for i in range(count):
-            (incoming / f"f{i:05d}.dcm").write_bytes(data)
+            os.link(template, incoming / f"f{i:05d}.dcm")
         metrics = free_port()
         OUT.mkdir(exist_ok=True)
         with StoreSCP(OUT / "rate-storescp.log", nodelay=True, fork=False) as scp:

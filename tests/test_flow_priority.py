@@ -19,8 +19,9 @@ from dicomgen import make_dataset, write_file
 from peers import ScriptedSCP
 
 from forwarder.config import Route
+from forwarder.daemon.flow import FAIR_EVERY
 from forwarder.daemon.router import Router
-from forwarder.daemon.worker import DIMSE_PRIORITY, FAIR_EVERY
+from forwarder.daemon.worker import DIMSE_PRIORITY
 from forwarder.dicom.part10 import read_meta
 from forwarder.queue import SCHEMA_VERSION, FileEntry, Queue
 

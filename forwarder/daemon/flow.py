@@ -22,6 +22,9 @@ from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
 
+# Every FAIR_EVERY-th claim of a destination takes its oldest due jobs whatever their priority:
+# the share reserved so that low (and normal) jobs are never starved by a stream of urgent ones.
+FAIR_EVERY = 4
 PAUSE_POLL = 0.25  # seconds between reads of the paused destinations
 ALL_RANKS = 2  # claim every priority (PRIORITY_RANK: 0 urgent .. 2 low)
 URGENT_ONLY = 0
@@ -71,6 +74,7 @@ class FlowGate:
         self._lock = threading.Lock()
         self._paused = False
         self._read_at = -1e9
+        self._claims = 0  # claims made, for the FAIR_EVERY share
 
     def paused(self) -> bool:
         """Whether an operator paused it (read again after ``PAUSE_POLL`` seconds)."""
@@ -107,3 +111,15 @@ class FlowGate:
                 claim=True, max_rank=URGENT_ONLY, state="outside_window", rate=self.max_rate
             )
         return Decision(claim=False, state="outside_window")
+
+    def may_send(self, priority: int) -> bool:
+        """Whether a claimed job of ``priority`` (rank) may still go: a pause (or a window
+        closing) takes effect between two files, not only between two batches."""
+        decision = self.decide()
+        return decision.claim and priority <= decision.max_rank
+
+    def fair_turn(self) -> bool:
+        """Whether this claim is one of the share taken oldest first, whatever the priority."""
+        with self._lock:
+            self._claims += 1
+            return self._claims % FAIR_EVERY == 0

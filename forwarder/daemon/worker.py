@@ -14,12 +14,18 @@ threads claim nothing (no file is charged) and one of them probes it with C-ECHO
 (:mod:`forwarder.daemon.probe`) with backoff until it answers Success; the change is logged
 once, recorded for ``forwarder status`` and exported as ``forwarder_destination_up``. Claims
 take urgent jobs first, then normal, then low; every ``FAIR_EVERY``-th claim takes the oldest
-due jobs whatever their priority, so low ones are never starved. A worker thread survives
-anything: an unexpected exception in an attempt counts as an attempt (retried, "internal
+due jobs whatever their priority, so low ones are never starved. Before each claim, and before
+each file of a batch, the destination's :class:`~forwarder.daemon.flow.FlowGate` says whether
+it is paused (``forwarder pause``) or outside its send window (nothing, or urgent files only,
+or everything at ``outside_window_rate``); the rate cap is one
+:class:`~forwarder.net.pacing.Pacer` shared by the threads' associations. A worker thread
+survives anything: an unexpected exception in an attempt counts as an attempt (retried, "internal
 error: ..."), and the thread carries on.
 
 This module holds the threads, the loop and the batches: what is claimed, sent, acked. The
-destination's up/down state is :mod:`forwarder.daemon.destination_state`; what each outcome
+destination's state (up, down, paused, outside_window) is
+:mod:`forwarder.daemon.destination_state`; what may be claimed now is
+:mod:`forwarder.daemon.flow`; what each outcome
 becomes (its log line, its ack, the retry and give-up rules) is :mod:`forwarder.daemon.outcomes`.
 """
 
@@ -60,9 +66,6 @@ from forwarder.queue import Job, Queue
 logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
-# Every FAIR_EVERY-th claim of a destination takes its oldest due jobs whatever their priority:
-# the share reserved so that low (and normal) jobs are never starved by a stream of urgent ones.
-FAIR_EVERY = 4
 #: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
 DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
@@ -99,8 +102,6 @@ class DestinationWorkers:
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
-        self._claims = 0  # claims made, for the FAIR_EVERY share
-        self._claims_lock = threading.Lock()
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
@@ -240,7 +241,7 @@ class DestinationWorkers:
         ):
             try:
                 jobs = self.queue.claim(
-                    self.name, BATCH, oldest=self._fair_turn(), max_rank=decision.max_rank
+                    self.name, BATCH, oldest=self._gate.fair_turn(), max_rank=decision.max_rank
                 )
             except ForwarderError as exc:
                 logger.error("%s: cannot claim jobs: %s", self.name, exc)
@@ -283,18 +284,6 @@ class DestinationWorkers:
             if not self._stop.is_set():
                 self._wake.wait(wait)
 
-    def _may_send(self, job: Job) -> bool:
-        """Whether the claimed ``job`` may still go: a pause (or a window closing) takes
-        effect between two files, not only between two batches."""
-        decision = self._gate.decide()
-        return decision.claim and job.priority <= decision.max_rank
-
-    def _fair_turn(self) -> bool:
-        """Whether this claim is one of the share taken oldest first, whatever the priority."""
-        with self._claims_lock:
-            self._claims += 1
-            return self._claims % FAIR_EVERY == 0
-
     def _probe(self) -> None:
         """C-ECHO (QIDO-RS for DICOMweb) the destination whose breaker is open."""
         try:
@@ -321,7 +310,7 @@ class DestinationWorkers:
 
         def requests() -> Iterator[StoreRequest]:
             for job in jobs:
-                if self._stop.is_set() or not self._may_send(job):
+                if self._stop.is_set() or not self._gate.may_send(job.priority):
                     return  # the rest go back to READY, uncharged
                 sent.add(job.id)
                 if self._changed_since_queued(job):
