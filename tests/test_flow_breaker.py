@@ -128,3 +128,43 @@ def test_a_stopped_peer_is_probed_charged_nothing_and_resumes_on_its_own(
         assert "C-ECHO" in ups[0]
         assert _metric(metrics_port, "forwarder_destination_up") == 1.0
         assert d.stop() == 0
+
+
+def test_a_dicomweb_destination_answering_503_is_probed_with_qido_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """The same breaker for STOW-RS: after DOWN_AFTER failed requests no more POSTs, only
+    QIDO-RS GETs (charged nothing); the first 2xx resumes sending."""
+    from stowserver import Answer, Seen, StowServer
+
+    down = [True]
+
+    def answer(seen: Seen) -> Answer:
+        return Answer(status=503, body=b"maintenance") if down[0] else Answer()
+
+    with StowServer(answer) as server:
+        cloud = {"name": "cloud", "url": server.url, "connect_timeout": "2s"}
+        d = Daemon(
+            tmp_path,
+            destinations=[cloud],
+            retry={"initial_delay": "100ms", "max_delay": "1s"},
+            extra={"log_level": "DEBUG"},
+        )
+        with d:
+            dropped = d.drop_files(5)
+            d.wait_log("next probe in", what="a failed QIDO-RS probe")
+            posts = len(server.posts())
+            assert 1 <= posts <= DOWN_AFTER
+            gets = sum(1 for s in server.seen if s.method == "GET")
+            wait_until(
+                lambda: sum(1 for s in server.seen if s.method == "GET") >= gets + 2,
+                timeout=10,
+                what="two more probes",
+            )
+            assert len(server.posts()) == posts  # nothing sent (nor charged) while down
+            assert d.status_json()["destinations"]["cloud"]["state"] == "down"
+            down[0] = False
+            d.wait_done(5, timeout=15)
+            assert set(server.uids()) == {x.sop_instance_uid for x in dropped}
+            d.wait_status(lambda s: s["cloud"]["state"] == "up", 5, "cloud up")
+            assert d.stop() == 0
