@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from forwarder.config import Destination, RetryPolicy
+from forwarder.daemon.destination_state import DOWN_AFTER
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.outcomes import LastOutcome, backoff
@@ -418,9 +419,7 @@ def test_a_permanent_rejection_holds_the_destination_and_charges_nothing(
     assert workers.healthy(), workers.problems()
 
 
-@pytest.mark.parametrize(
-    "behaviour", [Behaviour.EMPTY_STATUS, Behaviour.PENDING, Behaviour.SHORT_RJ, Behaviour.BAD_AC]
-)
+@pytest.mark.parametrize("behaviour", [Behaviour.EMPTY_STATUS, Behaviour.PENDING])
 def test_a_response_that_breaks_ps37_costs_an_attempt_and_the_worker_goes_on(
     rig: Rig, behaviour: Behaviour
 ) -> None:
@@ -436,6 +435,28 @@ def test_a_response_that_breaks_ps37_costs_an_attempt_and_the_worker_goes_on(
             error = str(rig.error(name))
             assert "gave up after 2 attempts" in error, error
         assert rig.queue.counts()["CLAIMED"] == 0
+        assert workers.healthy(), workers.problems()
+
+
+@pytest.mark.parametrize("behaviour", [Behaviour.SHORT_RJ, Behaviour.BAD_AC])
+def test_an_association_that_breaks_ps37_opens_the_breaker_and_the_worker_goes_on(
+    rig: Rig, behaviour: Behaviour
+) -> None:
+    """A malformed association answer is a connection-level failure: a few attempts are
+    charged, then the breaker opens (issue 16) and the files wait, charged nothing, while
+    C-ECHO probes the peer; no job stays CLAIMED, the thread lives."""
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.2, max_attempts=5)
+    with HostilePeer(behaviour) as peer:
+        workers = rig.add_destination("a", peer.port, retry=retry)
+        rig.enqueue(2)
+        rig.start()
+        wait_until(lambda: peer.connections >= DOWN_AFTER + 2, 20, what="probes after the trip")
+        assert workers.state[0] == "down"
+        charged = sum(a for _, a in _attempts(rig.queue))
+        assert 1 <= charged <= DOWN_AFTER
+        wait_until(lambda: peer.connections >= DOWN_AFTER + 4, 20, what="more probes")
+        assert sum(a for _, a in _attempts(rig.queue)) == charged
+        assert rig.failed() == [] and rig.queue.counts()["CLAIMED"] == 0
         assert workers.healthy(), workers.problems()
 
 

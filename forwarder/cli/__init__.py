@@ -31,6 +31,8 @@ _COMMANDS = (
     "retry",
     "find",
     "explain",
+    "pause",
+    "resume",
 )
 
 

@@ -20,13 +20,21 @@ def add_parser(sub: Any) -> None:
         help="queue state per destination",
         description="Pending, in-flight, done and failed counts per destination, the age of "
         "the oldest pending item, the last error since a file was last stored, and whether "
-        "the destination is up or down (unreachable, refusing or rejecting associations: its "
-        "files stay queued) and since when, read from the queue database (works while the "
-        "daemon runs).",
+        "the destination is up, down (unreachable, refusing or rejecting associations: its "
+        "files stay queued), paused or outside its send window, and since when, read from the "
+        "queue database (works while the daemon runs).",
     )
     add_config_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
+
+
+#: What the text output says of a destination that is not up.
+_STATE_TEXT = {
+    "down": "files stay queued",
+    "paused": "files stay queued until `forwarder resume`",
+    "outside_window": "files wait for the send window",
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,11 +73,11 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<20} {r['pending']:>8} {r['in_flight']:>9} {r['done']:>8} {r['failed']:>7}"
             f"  {age}{extra}"
         )
-        if r["state"] == "down":
+        if r["state"] in _STATE_TEXT:
             since = status.since[name]
             print(
-                f"  DOWN since {r['state_since']} ({format_age(max(0.0, time.time() - since))}): "
-                "files stay queued"
+                f"  {r['state'].upper().replace('_', ' ')} since {r['state_since']} "
+                f"({format_age(max(0.0, time.time() - since))}): {_STATE_TEXT[r['state']]}"
             )
         if r["last_error"]:
             print(f"  last error: {r['last_error']}")

@@ -17,10 +17,12 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
+from forwarder.config.flow import Window, parse_rate, parse_window
 from forwarder.config.routing import Modify, Route
 from forwarder.durations import parse_duration, parse_size
 
@@ -65,6 +67,37 @@ def _check_ae_title(value: str) -> str:
 
 
 AETitle = Annotated[str, BeforeValidator(lambda v: _check_ae_title(str(v)))]
+
+
+def _check_window(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a window is a string: DAYS [HH:MM-HH:MM], e.g. 'Mon-Fri 19:00-07:00'")
+    parse_window(value)
+    return value
+
+
+WindowText = Annotated[
+    str,
+    BeforeValidator(_check_window),
+    WithJsonSchema(
+        {"type": "string", "description": "DAYS [HH:MM-HH:MM]: 'Mon-Fri 19:00-07:00', 'Sat-Sun'"}
+    ),
+]
+
+
+Rate = Annotated[
+    float,
+    BeforeValidator(parse_rate),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 1024},
+                {"type": "string", "pattern": r"^\d+(\.\d+)?\s*[kKmMgGtT]?(i?[bB])?\s*(/\s*s)?$"},
+            ],
+            "description": "bytes per second: 20MB/s, 500KB/s (K/M/G: powers of 1024)",
+        }
+    ),
+]
 
 
 def _check_port(value: Any) -> int:
@@ -167,6 +200,32 @@ class Destination(_Model):
     modify: Modify | None = Field(
         None, description="changes made to what is sent here, after the routes' own"
     )
+    window: list[WindowText] | None = Field(
+        None,
+        description="send windows in local time, e.g. ['Mon-Fri 19:00-07:00', 'Sat-Sun'] "
+        "(a range ending before it starts crosses midnight); omitted = always",
+    )
+    urgent_bypasses_window: bool = Field(
+        False, description="urgent files are sent outside the window too"
+    )
+    outside_window_rate: Rate | None = Field(
+        None, description="outside the window, send at this rate instead of not at all"
+    )
+    max_rate: Rate | None = Field(
+        None, description="cap across all associations of this destination; omitted = unlimited"
+    )
+
+    @field_validator("window")
+    @classmethod
+    def _some_window(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("give at least one window, or leave window out (always)")
+        return value
+
+    @property
+    def windows(self) -> list[Window]:
+        """``window`` parsed (empty: always open)."""
+        return [parse_window(w) for w in self.window or []]
 
     @model_validator(mode="after")
     def _one_kind(self) -> Destination:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import re
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
@@ -193,6 +193,10 @@ class Route(_Model):
         None,
         description="PS3.15 Annex E Basic Profile on what this route sends: basic, or "
         "{profile: basic, options: [retain_uids, retain_long_full_dates]}",
+    )
+    priority: Literal["urgent", "normal", "low"] = Field(
+        "normal",
+        description="claimed urgent first, low last (never starved); sets the C-STORE Priority",
     )
     action: Action = Field(
         Action.SEND,

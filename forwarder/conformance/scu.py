@@ -108,7 +108,12 @@ def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str
         "(SOP class, transfer syntax) pair at a time, at most "
         f"{pdu.MAX_CONTEXTS} contexts per association; pairs that do not fit open further "
         "associations. A file needing a context the open association did not propose makes "
-        "the sender release it and negotiate again, proposing the new pair with the old ones.",
+        "the sender release it and negotiate again, proposing the new pair with the old ones. "
+        "The daemon sets each C-STORE request's Priority from the file's route: urgent HIGH "
+        f"(`{_hex(pdu.PRIORITY['high'])}`), normal MEDIUM (`{_hex(pdu.PRIORITY['medium'])}`), "
+        f"low LOW (`{_hex(pdu.PRIORITY['low'])}`); a destination that failed at the connection "
+        "level is probed with C-ECHO (Verification, Implicit VR Little Endian) before files are "
+        "sent to it again.",
         "",
         "**Proposed Presentation Contexts.** The abstract syntax is the file's SOP Class UID, "
         "the data set's own (any storage SOP class, standard or private; a file whose data set "

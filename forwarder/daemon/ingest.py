@@ -158,7 +158,7 @@ class Ingest:
         if plan.discarded_by:
             self._discard(ready, plan.discarded_by, entry.sop_instance_uid)
             return []
-        destinations = list(plan.destinations)
+        destinations = plan.ranked()  # name -> priority rank
         for name in destinations:
             conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
             if conflict is not None:
@@ -177,14 +177,14 @@ class Ingest:
             if self.metrics is not None:
                 self.metrics.ingested(True)
             self.on_enqueued()
-            return destinations
+            return list(destinations)
         # A resend of an object still queued: the new version replaces it.
         if self.queue.replace_file(entry, destinations) is None:
             return None
         with self._lock:
             self._known[entry.path] = (entry.size, entry.mtime_ns)
         self.on_enqueued()
-        return destinations
+        return list(destinations)
 
     def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]:
         """The router in force and the header tags (and their VRs) it reads."""
@@ -216,7 +216,7 @@ class Ingest:
         want: dict[int, str],
         vrs: dict[int, str],
     ) -> None:
-        checked: list[tuple[FileEntry, list[str]]] = []
+        checked: list[tuple[FileEntry, dict[str, int]]] = []
         replaced: set[str] = set()
         for ready in files:
             path = str(ready.path)
@@ -232,7 +232,7 @@ class Ingest:
                 replaced.add(path)
         # The queue takes responsibility for these files: their data must be on disk first.
         unsynced = sync_files([e.path for e, _ in checked])
-        batch: list[tuple[FileEntry, list[str]]] = []
+        batch: list[tuple[FileEntry, dict[str, int]]] = []
         for file, destinations in checked:
             error = unsynced.get(file.path)
             if error is not None:
@@ -254,7 +254,7 @@ class Ingest:
         logger.debug("queued %d files (%d already queued)", added, len(ids) - added)
         self.on_enqueued()
 
-    def _replaced(self, entry: FileEntry, destinations: list[str]) -> None:
+    def _replaced(self, entry: FileEntry, destinations: dict[str, int]) -> None:
         """A queued file was replaced by another object: it is routed afresh, and every
         destination of the new routing gets the new version."""
         replaced = self.queue.replace_file(entry, destinations)
@@ -282,7 +282,7 @@ class Ingest:
 
     def _check(
         self, ready: ReadyLike, router: Router, want: dict[int, str], vrs: dict[int, str]
-    ) -> tuple[FileEntry, list[str]] | None:
+    ) -> tuple[FileEntry, dict[str, int]] | None:
         path = str(ready.path)
         try:
             meta, values = check_file_values(path, want, vrs)
@@ -308,7 +308,7 @@ class Ingest:
         if plan.discarded_by:
             self._discard(ready, plan.discarded_by, meta.sop_instance_uid)
             return None
-        destinations = list(plan.destinations)
+        destinations = plan.ranked()  # name -> priority rank
         for name in destinations:
             conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
             if conflict is not None:

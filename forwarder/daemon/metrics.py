@@ -16,6 +16,9 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_associations_open{destination}
     forwarder_destination_up{destination}                1 up, 0 down (unreachable, refused or
                                                          rejected: held, its files stay queued)
+    forwarder_destination_state{destination,state}       1 for its state now (up down paused
+                                                         outside_window), 0 for the others
+    forwarder_destination_state_since_seconds{destination}  Unix time it entered that state
     forwarder_retries_total{destination}
     forwarder_ingest_accepted_total                      files taken into the queue
     forwarder_ingest_rejected_total{reason}              not_dicom, no_route, discarded, ...
@@ -61,6 +64,8 @@ from forwarder.errors import ForwarderError
 from forwarder.net.status import Outcome  # the outcome label values
 
 logger = logging.getLogger(__name__)
+
+DESTINATION_STATES = ("up", "down", "paused", "outside_window")
 
 QueueSource = Callable[[], Mapping[str, Any]]
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -190,6 +195,18 @@ class Metrics:
             ["destination"],
             registry=reg,
         )
+        self._state = Gauge(
+            "forwarder_destination_state",
+            "1 for the destination's state now (up, down, paused, outside_window), else 0.",
+            ["destination", "state"],
+            registry=reg,
+        )
+        self._state_since = Gauge(
+            "forwarder_destination_state_since_seconds",
+            "When the destination entered its state (Unix time).",
+            ["destination"],
+            registry=reg,
+        )
         self._retries = Counter(
             "forwarder_retries",
             "Items put back into the queue for another attempt after a transient failure.",
@@ -290,6 +307,12 @@ class Metrics:
         """The destination came up (an association worked) or went down."""
         self._known.add(destination)
         self._up.labels(destination).set(1 if up else 0)
+
+    def destination_state(self, destination: str, state: str, since: float) -> None:
+        """The destination's state (up, down, paused, outside_window) and since when."""
+        for s in DESTINATION_STATES:
+            self._state.labels(destination, s).set(1 if s == state else 0)
+        self._state_since.labels(destination).set(since)
 
     def set_queue_source(self, fn: QueueSource) -> None:
         """``fn()`` returns ``{destination: counts}`` where counts has ``.pending``,

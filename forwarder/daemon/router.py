@@ -13,6 +13,9 @@ routes match it too (a discard route is how an administrator says "never forward
 test patients or KO/PR objects, above broad send routes); it goes to done/ with a log line naming
 the route. :meth:`Router.plan` says all of this for one file, route by route, which is what
 ingest acts on and ``forwarder explain`` prints.
+
+A route's ``priority`` goes with the file to each of its destinations (:meth:`Plan.ranked`;
+the highest wins when routes overlap).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from forwarder.config import Route
 from forwarder.config.routing import CALLING_AE, FOLDER, Action, Deidentify, Modify
 from forwarder.daemon.conditions import Condition, Not, condition
+from forwarder.queue import NORMAL_RANK, PRIORITY_RANK
 
 if TYPE_CHECKING:
     from forwarder.dicom.deidentify import UidSource
@@ -52,10 +56,14 @@ class Rule:
 
     @property
     def priority(self) -> str:
-        """The route's priority when the config has one (another part of issue 15), else
-        ``normal``."""
+        """The route's priority (``urgent``, ``normal`` or ``low``; issue 16)."""
         value = getattr(self.route, "priority", None) if self.route is not None else None
         return str(getattr(value, "value", value) or "normal")
+
+    @property
+    def rank(self) -> int:
+        """The priority as the queue orders claims (PRIORITY_RANK: 0 urgent)."""
+        return PRIORITY_RANK.get(self.priority, NORMAL_RANK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +93,11 @@ class Plan:
     destinations: tuple[str, ...]
     discarded_by: tuple[str, ...]
     verdicts: tuple[Verdict, ...]
+
+    def ranked(self) -> dict[str, int]:
+        """Destination -> priority rank, in config order: when several matching routes send
+        the file to one destination, the highest priority (lowest rank) wins."""
+        return {d: min(r.rank for r in self.routes_to(d)) for d in self.destinations}
 
     def routes_to(self, destination: str) -> tuple[Rule, ...]:
         """The matching send routes that send the file to ``destination``."""
@@ -224,6 +237,12 @@ class Router:
         if self._uids is None:
             raise ValueError("a router that de-identifies needs a UID map")
         return Deidentifier(frozenset(config.options), self._uids)
+
+    def route_ranked(
+        self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None
+    ) -> dict[str, int]:
+        """Destination name -> priority rank for a file (:meth:`Plan.ranked`)."""
+        return self.plan(header, rel_path, calling_ae).ranked()
 
     def route(
         self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None

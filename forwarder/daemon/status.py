@@ -65,6 +65,7 @@ def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueS
     the database cannot be read."""
     result: dict[str, dict[str, Any]] = {}
     states: dict[str, Any] = {}
+    paused: dict[str, float] = {}
     waiting = 0
     finishing_error: str | None = None
     if queue is not None:
@@ -72,6 +73,7 @@ def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueS
         waiting = queue.waiting_to_move()
         problem = queue.problems().get("finish")
         states = queue.destination_states()
+        paused = queue.paused()
         if problem is not None:
             finishing_error = problem[0]
         for name, s in stats.items():
@@ -95,6 +97,11 @@ def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueS
             since[name] = st.since
             if st.state == "down" and st.error:
                 r["last_error"] = st.error  # what holds every file, not one file's last failure
+        if name in paused:  # `forwarder pause`: shown at once, whether the daemon runs or not
+            if r["state"] != "paused":
+                since[name] = paused[name]
+                r["state_since"] = iso_local(paused[name])
+            r["state"] = "paused"
     return QueueStatus(result, since, waiting, finishing_error)
 
 

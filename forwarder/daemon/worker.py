@@ -8,20 +8,31 @@ sent again after restart (at least once).
 
 Attempts are charged per file actually tried: when the association for a batch cannot be opened,
 the file that was tried is charged one attempt and the rest of the batch goes back to READY
-untouched. A permanent association rejection (the peer no longer knows our AE title...) charges
-no file: the whole destination is *held* (state "down", retried every ``retry.max_delay``), its
-files stay queued, and the change is logged once, recorded for ``forwarder status`` and exported
-as ``forwarder_destination_up``. A worker thread survives anything: an unexpected exception in
-an attempt counts as an attempt (retried, "internal error: ..."), and the thread carries on.
+untouched. Connection-level failures in a row (or one permanent association rejection) open the
+destination's circuit breaker (:mod:`forwarder.daemon.destination_state`): it is "down", its
+threads claim nothing (no file is charged) and one of them probes it with C-ECHO
+(:mod:`forwarder.daemon.probe`) with backoff until it answers Success; the change is logged
+once, recorded for ``forwarder status`` and exported as ``forwarder_destination_up``. Claims
+take urgent jobs first, then normal, then low; every ``FAIR_EVERY``-th claim takes the oldest
+due jobs whatever their priority, so low ones are never starved. Before each claim, and before
+each file of a batch, the destination's :class:`~forwarder.daemon.flow.FlowGate` says whether
+it is paused (``forwarder pause``) or outside its send window (nothing, or urgent files only,
+or everything at ``outside_window_rate``); the rate cap is one
+:class:`~forwarder.net.pacing.Pacer` shared by the threads' associations. A worker thread
+survives anything: an unexpected exception in an attempt counts as an attempt (retried, "internal
+error: ..."), and the thread carries on.
 
 This module holds the threads, the loop and the batches: what is claimed, sent, acked. The
-destination's up/down state is :mod:`forwarder.daemon.destination_state`; what each outcome
+destination's state (up, down, paused, outside_window) is
+:mod:`forwarder.daemon.destination_state`; what may be claimed now is
+:mod:`forwarder.daemon.flow`; what each outcome
 becomes (its log line, its ack, the retry and give-up rules) is :mod:`forwarder.daemon.outcomes`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -36,6 +47,7 @@ from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.edits import EditConflict
 from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.flow import PAUSE_POLL, FlowGate
 from forwarder.daemon.outcomes import (
     Ack,
     LastOutcome,
@@ -43,10 +55,13 @@ from forwarder.daemon.outcomes import (
     log_outcome,
     retry_ack,
 )
+from forwarder.daemon.probe import probe
 from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import StoreRequest
+from forwarder.net.pacing import Pacer
+from forwarder.net.pdu import PRIORITY
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
@@ -56,6 +71,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
+#: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
+DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
 
 
@@ -95,6 +112,18 @@ class DestinationWorkers:
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
+        self._gate = FlowGate(
+            self.name,
+            queue,
+            windows=destination.windows,
+            urgent_bypasses=destination.urgent_bypasses_window,
+            max_rate=destination.max_rate,
+            outside_rate=destination.outside_window_rate,
+        )
+        self.pacer: Pacer | None = None  # one token bucket for all associations
+        if destination.max_rate is not None or destination.outside_window_rate is not None:
+            self.pacer = Pacer(destination.max_rate)
+            self.settings = dataclasses.replace(settings, pacer=self.pacer)
         self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -194,14 +223,33 @@ class DestinationWorkers:
             self._stop.wait(2.0)  # the queue still refuses (disk full?): try again soon
             return was_open
         jobs: list[Job] = []
+        decision = self._gate.decide()
+        self._dest.set_gate(decision.state)
+        if self.pacer is not None:
+            self.pacer.set_rate(decision.rate)
+        if not decision.claim:
+            # Paused (or outside the send window): nothing is claimed; a send under way in
+            # another thread finishes.
+            if channel.release_if_idle(0.0):
+                was_open = self._assoc_delta(channel, was_open)
+            self._idle_wait(gated=True)
+            return was_open
         now = time.monotonic()
+        if self._dest.is_down:
+            # The breaker is open: nothing is claimed, one thread probes now and then.
+            if self._dest.take_probe(now):
+                self._probe()
+            self._idle_wait()
+            return was_open
         if (
             now >= self._dest.down_until
             and not self._spares.paused(index, now)
             and self._spares.may_claim(channel, index, self._work_due, self._hints)
         ):
             try:
-                jobs = self.queue.claim(self.name, BATCH)
+                jobs = self.queue.claim(
+                    self.name, BATCH, oldest=self._gate.fair_turn(), max_rank=decision.max_rank
+                )
             except ForwarderError as exc:
                 logger.error("%s: cannot claim jobs: %s", self.name, exc)
         if not jobs:
@@ -219,7 +267,12 @@ class DestinationWorkers:
             self.metrics.associations_open(self.name, 1 if now_open else -1)
         return now_open
 
-    def _idle_wait(self) -> None:
+    def _idle_wait(self, *, gated: bool = False) -> None:
+        if gated:  # paused or outside the window: look again soon (within a second)
+            with self._wake:
+                if not self._stop.is_set():
+                    self._wake.wait(PAUSE_POLL)
+            return
         now = time.time()
         due = None
         try:
@@ -232,9 +285,20 @@ class DestinationWorkers:
         down_left = self._dest.down_until - time.monotonic()
         if down_left > 0:
             wait = min(max(down_left, 0.05), 1.0)
+        if self._dest.is_down:
+            wait = min(max(self._dest.probe_wait(), 0.05), 1.0)
         with self._wake:
             if not self._stop.is_set():
                 self._wake.wait(wait)
+
+    def _probe(self) -> None:
+        """C-ECHO (QIDO-RS for DICOMweb) the destination whose breaker is open."""
+        try:
+            error = probe(self.destination, self.settings)
+        except Exception as exc:  # a bug of ours must not leave the breaker stuck probing
+            logger.exception("%s: the probe failed unexpectedly", self.name)
+            error = f"internal error: {type(exc).__name__}: {exc}"
+        self._dest.probed(error)
 
     def _hints(self) -> list[tuple[str, str]]:
         now = time.monotonic()
@@ -253,8 +317,8 @@ class DestinationWorkers:
 
         def requests() -> Iterator[StoreRequest]:
             for job in jobs:
-                if self._stop.is_set():
-                    return
+                if self._stop.is_set() or not self._gate.may_send(job.priority):
+                    return  # the rest go back to READY, uncharged
                 sent.add(job.id)
                 if self._changed_since_queued(job):
                     # Replaced in incoming and not yet re-registered by ingest: sending now
@@ -275,17 +339,30 @@ class DestinationWorkers:
                         error = f"cannot read the header for its changes: {exc.reason}"
                         acks.append(self._retry(job, None, error))
                         continue
-                yield StoreRequest(job.path, job.id, dataset_uids=uids, edits=edits)
+                priority = DIMSE_PRIORITY.get(job.priority, PRIORITY["medium"])
+                yield StoreRequest(
+                    job.path, job.id, dataset_uids=uids, edits=edits, priority=priority
+                )
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
         handed_back: list[int] = []  # back to READY, no attempt charged
         spare = False
         association_failed = False  # this batch tried to associate and failed
+        broke = False  # the last association of this batch broke under a file
         try:
             for outcome in channel.send(requests(), hint=self._hints()):
                 self._beats[index] = time.monotonic()
                 job = by_id[outcome.request.key]
-                association_failed |= outcome.association_failed
+                # A connection-level failure: an association tried and refused (or rejected
+                # for good); not a batch the channel refused without trying (Retry-After).
+                if outcome.association_failed and (
+                    outcome.attempted or outcome.outcome is Outcome.FAILED
+                ):
+                    association_failed = True
+                if outcome.association_broke:
+                    broke = True
+                elif outcome.outcome.stored:
+                    broke = False
                 if self._spares.unavailable(outcome, index):
                     # This extra association was refused or timed out while a sibling's works
                     # (a peer serving fewer associations than configured): the jobs go back
@@ -336,7 +413,7 @@ class DestinationWorkers:
         if spare:
             self._spares.missed(channel, index)
         else:
-            self._dest.update(channel, association_failed)
+            self._dest.update(channel, association_failed, broke)
 
     def _apply_acks(self, index: int, acks: Sequence[Ack]) -> bool:
         """Record outcomes in the queue. Those it refuses (its disk is full...) are kept for

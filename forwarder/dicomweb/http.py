@@ -18,6 +18,7 @@ import email.utils
 import logging
 import ssl
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -35,6 +36,7 @@ from urllib3.exceptions import (
 from forwarder.dicomweb.auth import Authorization, AuthSpec
 from forwarder.dicomweb.multipart import MultipartBody
 from forwarder.errors import ForwarderError
+from forwarder.net.pacing import Pacer
 
 if TYPE_CHECKING:  # pydantic is not imported by `send URL`
     from forwarder.config import Destination
@@ -56,6 +58,7 @@ class WebSettings:
     response_timeout: float = 60.0
     max_instances: int = 32  # instances per STOW-RS request
     max_bytes: int = 64 * 1024 * 1024  # no more instances are added once a request holds this
+    pacer: Pacer | None = None  # the destination's rate cap, shared by its requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +158,12 @@ class WebClient:
         self, method: str, path: str, headers: dict[str, str], body: MultipartBody | None
     ) -> Reply:
         where = f"{method} {self.settings.url}"
+        pacer = self.settings.pacer
         try:
             response = self._pool.urlopen(
                 method,
                 path,
-                body=body,
+                body=body if body is None or pacer is None else _paced(body, pacer),
                 headers=headers,
                 redirect=False,
                 retries=False,
@@ -227,8 +231,22 @@ def _reason(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if text.startswith("<") else text
 
 
-def web_settings(destination: Destination, tls: ssl.SSLContext | None) -> WebSettings:
-    """The settings of a DICOMweb destination of the config (``tls``: its built context)."""
+def _paced(body: Iterable[bytes], pacer: Pacer) -> Iterator[bytes]:
+    """``body`` in slices, each charged to the destination's token bucket before it goes."""
+    for chunk in body:
+        view = memoryview(chunk)
+        step = pacer.slice_size()
+        for start in range(0, len(view), step):
+            piece = view[start : start + step]
+            pacer.take(len(piece))
+            yield bytes(piece)
+
+
+def web_settings(
+    destination: Destination, tls: ssl.SSLContext | None, pacer: Pacer | None = None
+) -> WebSettings:
+    """The settings of a DICOMweb destination of the config (``tls``: its built context;
+    ``pacer``: its rate cap)."""
     assert destination.url is not None
     auth = None
     if destination.auth is not None:
@@ -240,6 +258,7 @@ def web_settings(destination: Destination, tls: ssl.SSLContext | None) -> WebSet
         tls=tls,
         connect_timeout=destination.connect_timeout,
         response_timeout=destination.response_timeout,
+        pacer=pacer,
     )
 
 

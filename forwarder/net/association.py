@@ -52,6 +52,7 @@ from forwarder.errors import (
 )
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
+from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import (
     C_ECHO_RSP,
     C_STORE_RSP,
@@ -117,6 +118,8 @@ class AssociationSettings:
     tls: ssl.SSLContext | None = None  # ssl is imported only when TLS is used
     tls_server_name: str | None = None  # defaults to the peer's host
     batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
+    # The destination's rate cap, shared by all its associations (None: unlimited).
+    pacer: Pacer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +225,14 @@ class Association:
         self._send_fragments(ctx[0].context_id, True, encode_echo_rq(msg_id))
         return self._read_response(msg_id, C_ECHO_RSP, _VERIFICATION, None)
 
-    def store_file(self, path: str, meta: FileMeta, context: AcceptedContext) -> DimseResponse:
+    def store_file(
+        self,
+        path: str,
+        meta: FileMeta,
+        context: AcceptedContext,
+        *,
+        priority: int | None = None,
+    ) -> DimseResponse:
         """Send the data set of ``path`` (as it is on disk) and return the peer's response.
 
         A data set of odd length (a deflated one: PS3.5 A.5 pads the deflated bytes, not every
@@ -239,7 +249,10 @@ class Association:
                 raise InvalidFileError(path, "the file changed since its header was read")
             msg_id = self._next_message_id()
             command = encode_store_rq(
-                msg_id, meta.sop_class_uid, meta.sop_instance_uid, self.settings.priority
+                msg_id,
+                meta.sop_class_uid,
+                meta.sop_instance_uid,
+                self.settings.priority if priority is None else priority,
             )
             base = meta.dataset_offset
 
@@ -267,11 +280,19 @@ class Association:
         )
 
     def store_bytes(
-        self, sop_class: str, sop_instance: str, dataset: bytes, context: AcceptedContext
+        self,
+        sop_class: str,
+        sop_instance: str,
+        dataset: bytes,
+        context: AcceptedContext,
+        *,
+        priority: int | None = None,
     ) -> DimseResponse:
-        """Send an already encoded data set (used after transcoding); padded to even length."""
+        """Send an already encoded data set (used after transcoding); padded to even length.
+        ``priority`` overrides the settings' C-STORE Priority for this request."""
         msg_id = self._next_message_id()
-        command = encode_store_rq(msg_id, sop_class, sop_instance, self.settings.priority)
+        prio = self.settings.priority if priority is None else priority
+        command = encode_store_rq(msg_id, sop_class, sop_instance, prio)
         self._send_fragments(context.context_id, True, command)
         if len(dataset) % 2:
             dataset += b"\x00"

@@ -62,6 +62,8 @@ class StoreRequest:
     # Changes to make to what is sent (modify, deidentify: :mod:`forwarder.dicom.edit`); the
     # file itself is never changed. Empty: the file is streamed byte for byte.
     edits: tuple[Editor, ...] = ()
+    # The C-STORE Priority (PS3.7: 0 medium, 1 high, 2 low); None: the settings' priority.
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class SendOutcome:
     # must use to tell "the peer is down" from a file's own fault: Channel.down is the last
     # association attempt's error and stays set through batches that never try one.
     association_failed: bool = False
+    # True when the association broke while this file was on it (aborted, reset, timed out):
+    # a connection-level failure like association_failed, though the file was tried.
+    association_broke: bool = False
 
     @classmethod
     def without_data(
@@ -102,6 +107,7 @@ class SendOutcome:
         *,
         attempted: bool = True,
         association_failed: bool = False,
+        association_broke: bool = False,
     ) -> SendOutcome:
         """An outcome for which no data set byte counts as sent (refused before or while
         sending, or not tried): the file's UIDs from ``meta`` when it was read; ``started``
@@ -120,6 +126,7 @@ class SendOutcome:
             seconds=time.monotonic() - started if started else 0.0,
             attempted=attempted,
             association_failed=association_failed,
+            association_broke=association_broke,
         )
 
 
@@ -351,7 +358,7 @@ class Channel:
                 return self._store_edited(assoc, request, meta, exact, started)
             if exact is not None:
                 sent_syntax = exact.transfer_syntax
-                response = assoc.store_file(request.path, meta, exact)
+                response = assoc.store_file(request.path, meta, exact, priority=request.priority)
                 nbytes = meta.dataset_length
             else:
                 fallback = self._fallback(assoc, meta)
@@ -367,7 +374,11 @@ class Channel:
                     context=self._accepted_note(assoc, meta),
                 )
                 response = assoc.store_bytes(
-                    meta.sop_class_uid, meta.sop_instance_uid, data, fallback
+                    meta.sop_class_uid,
+                    meta.sop_instance_uid,
+                    data,
+                    fallback,
+                    priority=request.priority,
                 )
                 nbytes = len(data)
         except SendError as exc:
@@ -383,7 +394,14 @@ class Channel:
             self._assoc = None
             outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED
             return self._outcome(
-                request, meta, outcome, None, str(exc), started, association=number
+                request,
+                meta,
+                outcome,
+                None,
+                str(exc),
+                started,
+                association=number,
+                association_broke=True,
             )
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
 
@@ -498,6 +516,7 @@ class Channel:
         association: int | None = None,
         attempted: bool = True,
         association_failed: bool = False,
+        association_broke: bool = False,
     ) -> SendOutcome:
         if association is None and self.is_open:
             association = self._assoc_number
@@ -511,4 +530,5 @@ class Channel:
             association,
             attempted=attempted,
             association_failed=association_failed,
+            association_broke=association_broke,
         )

@@ -124,8 +124,19 @@ class Transport:
 
     def send(self, data: bytes | bytearray | memoryview, *, what: str) -> None:
         self.last_progress = time.monotonic()
+        pacer = self.settings.pacer
         try:
-            self.sock.sendall(data)
+            if pacer is None or pacer.rate is None:
+                self.sock.sendall(data)
+            else:
+                # The destination's rate cap: slice by slice, each waiting for its tokens.
+                view = memoryview(data).cast("B")
+                step = pacer.slice_size()
+                for start in range(0, len(view), step):
+                    piece = view[start : start + step]
+                    pacer.take(len(piece))
+                    self.sock.sendall(piece)
+                    self.last_progress = time.monotonic()
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
             self.abort()
             raise AssociationError(

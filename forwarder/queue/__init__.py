@@ -28,17 +28,21 @@ each, that share one connection and one lock (:class:`~forwarder.queue.store.Sto
 - :mod:`~forwarder.queue.requeue`: failed files put back in the queue (``forwarder retry``);
 - :mod:`~forwarder.queue.lookup`: files found by UID or Accession Number (``forwarder find``);
 - :mod:`~forwarder.queue.housekeeping`: pruning old finished files;
+- :mod:`~forwarder.queue.control`: destinations an operator paused (``forwarder pause``);
 - :mod:`~forwarder.queue.records` (the records handed out and taken in) and
   :mod:`~forwarder.queue.sql` (the schema and statements).
 """
 
 from __future__ import annotations
 
+from forwarder.queue.control import Control
 from forwarder.queue.finishing import Finishing
 from forwarder.queue.housekeeping import Housekeeping
 from forwarder.queue.jobs import Jobs
 from forwarder.queue.lookup import Lookup
 from forwarder.queue.records import (
+    NORMAL_RANK,
+    PRIORITY_RANK,
     DestinationState,
     DestinationStats,
     FailedFile,
@@ -63,6 +67,8 @@ from forwarder.queue.store import SCHEMA_VERSION
 from forwarder.queue.uidmap import UidMap
 
 __all__ = [
+    "NORMAL_RANK",
+    "PRIORITY_RANK",
     "SCHEMA_VERSION",
     "DestinationState",
     "DestinationStats",
@@ -84,7 +90,7 @@ __all__ = [
 ]
 
 
-class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping, UidMap):
+class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping, UidMap, Control):
     """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
 
     ``create=False`` refuses to create a missing database (for ``forwarder status``).

@@ -15,7 +15,6 @@ is :mod:`~forwarder.queue.replacing`.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -23,12 +22,20 @@ from typing import Any
 
 from forwarder.errors import QueueError
 from forwarder.queue.finishing import select_to_finish
-from forwarder.queue.records import FileEntry, Job, JobStatus, PendingSyntax, RecoveryReport
+from forwarder.queue.records import (
+    PRIORITY_RANK,
+    FileEntry,
+    Job,
+    JobStatus,
+    PendingSyntax,
+    RecoveryReport,
+)
 from forwarder.queue.sql import (
     ACK_RETRY,
     ACK_TERMINAL,
     BUMP_STATS,
     CLAIM,
+    CLAIM_OLDEST,
     CLAIMED_JOBS,
     DROP_CLAIMED,
     INSERT_FILE,
@@ -37,13 +44,16 @@ from forwarder.queue.sql import (
     TERMINAL_FILES,
 )
 from forwarder.queue.store import (
+    Routed,
     Store,
     clock,
     find_values,
     ids_json,
     origin_values,
-    routed_to,
+    ranked_json,
 )
+
+LOWEST_RANK = max(PRIORITY_RANK.values())
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +94,16 @@ class Jobs(Store):
         return RecoveryReport(requeued=requeued, finishing=tuple(finishing))
 
     def enqueue(
-        self, entry: FileEntry, destinations: Sequence[str], *, now: float | None = None
+        self, entry: FileEntry, destinations: Routed, *, now: float | None = None
     ) -> int | None:
-        """Add a file and one READY job per destination in one transaction. Returns the file id,
-        or None when an unfinished row for that path exists (then nothing changes)."""
+        """Add a file and one READY job per destination in one transaction (``destinations``:
+        names, or name -> priority rank). Returns the file id, or None when an unfinished row
+        for that path exists (then nothing changes)."""
         return self._enqueue([(entry, destinations)], now, f"enqueuing {entry.path}")[0]
 
     def enqueue_many(
         self,
-        items: Sequence[tuple[FileEntry, Sequence[str]]],
+        items: Sequence[tuple[FileEntry, Routed]],
         *,
         now: float | None = None,
     ) -> list[int | None]:
@@ -101,13 +112,13 @@ class Jobs(Store):
 
     def _enqueue(
         self,
-        items: Sequence[tuple[FileEntry, Sequence[str]]],
+        items: Sequence[tuple[FileEntry, Routed]],
         now: float | None,
         what: str,
     ) -> list[int | None]:
         if not items:
             return []
-        prepared = [(entry, json.dumps(routed_to(dests))) for entry, dests in items]
+        prepared = [(entry, ranked_json(dests)) for entry, dests in items]
         at = clock(now)
         ids: list[int | None] = []
         with self._write(what) as conn:
@@ -137,14 +148,31 @@ class Jobs(Store):
                 ids.append(file_id)
         return ids
 
-    def claim(self, destination: str, limit: int, *, now: float | None = None) -> list[Job]:
-        """Up to ``limit`` due READY jobs for ``destination``, earliest due first (FIFO among
-        new jobs), now CLAIMED. One UPDATE ... RETURNING: no job is handed out twice."""
+    def claim(
+        self,
+        destination: str,
+        limit: int,
+        *,
+        now: float | None = None,
+        oldest: bool = False,
+        max_rank: int = LOWEST_RANK,
+    ) -> list[Job]:
+        """Up to ``limit`` due READY jobs for ``destination``, now CLAIMED: urgent first, then
+        normal, then low, and within one priority earliest due first (FIFO among new jobs).
+        ``oldest`` ignores priorities (the share the caller reserves so low jobs are never
+        starved); ``max_rank`` 0 claims urgent jobs only. One UPDATE ... RETURNING: no job is
+        handed out twice."""
         if limit <= 0:
             return []
-        params = {"destination": destination, "limit": limit, "now": clock(now)}
+        params = {
+            "destination": destination,
+            "limit": limit,
+            "now": clock(now),
+            "max_rank": max_rank,
+        }
         with self._write(f"claiming jobs for {destination}") as conn:
-            claimed = [r[0] for r in conn.execute(CLAIM, params).fetchall()]
+            statement = CLAIM_OLDEST if oldest else CLAIM
+            claimed = [r[0] for r in conn.execute(statement, params).fetchall()]
             if not claimed:
                 return []
             rows = conn.execute(CLAIMED_JOBS, {"ids": ids_json(claimed)}).fetchall()

@@ -10,6 +10,10 @@ import enum
 from dataclasses import dataclass
 from typing import NamedTuple
 
+#: A route's ``priority`` as the queue stores it per job (claimed lowest rank first).
+PRIORITY_RANK = {"urgent": 0, "normal": 1, "low": 2}
+NORMAL_RANK = PRIORITY_RANK["normal"]
+
 
 class JobStatus(enum.StrEnum):
     READY = "READY"
@@ -70,6 +74,7 @@ class Job:
     created_at: float
     mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
     calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
+    priority: int = 1  # PRIORITY_RANK: 0 urgent, 1 normal, 2 low (claimed in that order)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,17 @@ Reading headers and routing are not here: they are the daemon's ingest and route
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 
 from forwarder.queue.records import FileEntry, Replaced
-from forwarder.queue.store import Store, clock, find_values, origin_values, routed_to
+from forwarder.queue.store import (
+    Routed,
+    Store,
+    clock,
+    find_values,
+    origin_values,
+    ranked_json,
+    routed_to,
+)
 
 
 class Replacing(Store):
@@ -33,7 +40,7 @@ class Replacing(Store):
     def replace_file(
         self,
         entry: FileEntry,
-        destinations: Sequence[str],
+        destinations: Routed,
         *,
         now: float | None = None,
     ) -> Replaced | None:
@@ -73,7 +80,12 @@ class Replacing(Store):
             ).fetchone()
             if row is None:
                 return None
-            ids = {"id": row[0], "now": params["now"], "dests": json.dumps(routed_now)}
+            ids = {
+                "id": row[0],
+                "now": params["now"],
+                "dests": json.dumps(routed_now),
+                "ranks": ranked_json(destinations),
+            }
             routed = "destination IN (SELECT value FROM json_each(:dests))"
             conn.execute(
                 f"""UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
@@ -97,9 +109,17 @@ class Replacing(Store):
                 ids,
             ).fetchall()
             conn.execute(
-                """INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
-                   SELECT :id, value, 'READY', :now, :now FROM json_each(:dests)
-                   WHERE value NOT IN (SELECT destination FROM jobs WHERE file_id = :id)""",
+                """INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at,
+                                     priority)
+                   SELECT :id, key, 'READY', :now, :now, value FROM json_each(:ranks)
+                   WHERE key NOT IN (SELECT destination FROM jobs WHERE file_id = :id)""",
+                ids,
+            )
+            # The new version's routes decide its priority everywhere it still goes.
+            conn.execute(
+                """UPDATE jobs SET priority = (SELECT value FROM json_each(:ranks)
+                                               WHERE key = jobs.destination)
+                   WHERE file_id = :id AND destination IN (SELECT key FROM json_each(:ranks))""",
                 ids,
             )
         return Replaced(

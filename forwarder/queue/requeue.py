@@ -8,7 +8,6 @@ jobs and marks the old row retried. Moving the file back into incoming is the CL
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from typing import Any
 from forwarder.errors import QueueError
 from forwarder.queue.records import FailedFile
 from forwarder.queue.sql import FAILED_FILES, INSERT_JOBS, REQUEUE_FILE
-from forwarder.queue.store import Store, clock, routed_to
+from forwarder.queue.store import Store, clock, ranked_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class Requeue(Store):
         with fresh READY jobs for ``destinations``, and the old row marked retried so
         :meth:`failed_files` no longer lists it. Returns the new file id. Do this before moving
         the file to ``new_path`` so the watcher sees it as already queued."""
-        dests = json.dumps(routed_to(destinations))
+        dests = ranked_json(destinations)
         at = clock(now)
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
         with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:

@@ -47,6 +47,7 @@ DDL = (
         -- the file was replaced while this job was CLAIMED: 1 send it again, 2 its new
         -- version is not routed here (the job is deleted when its claim ends)
         stale INTEGER NOT NULL DEFAULT 0,
+        priority INTEGER NOT NULL DEFAULT 1,  -- 0 urgent, 1 normal, 2 low (schema 5)
         UNIQUE (file_id, destination)
     )""",
     "CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (destination, status, next_attempt_at)",
@@ -95,15 +96,38 @@ INSERT_FILE = """
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
     RETURNING id"""
 
+# :destinations is a JSON object, destination -> priority rank (PRIORITY_RANK)
 INSERT_JOBS = """
-    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at)
-    SELECT :file_id, value, 'READY', :now, :now FROM json_each(:destinations)"""
+    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at, priority)
+    SELECT :file_id, key, 'READY', :now, :now, value FROM json_each(:destinations)"""
 
+# Schema version 7 (issue 16): each job's priority, and the index claiming by it. Run after
+# the column was added to an older jobs table.
+PRIORITY_INDEX = """CREATE INDEX IF NOT EXISTS jobs_claim_priority
+    ON jobs (destination, status, priority, next_attempt_at, id)"""
+# Destinations an operator paused (forwarder pause): kept across restarts.
+PAUSED_TABLE = """CREATE TABLE IF NOT EXISTS paused_destinations (
+        destination TEXT PRIMARY KEY,
+        at REAL NOT NULL
+    )"""
+
+# Due jobs by priority (urgent first), then due time and queue order (FIFO, so a study keeps
+# its order within one priority). :max_rank limits the claim to urgent jobs (0) when a window
+# is closed but lets urgent jobs through; 2 takes every priority.
 CLAIM = """
     UPDATE jobs SET status = 'CLAIMED', claimed_at = :now
     WHERE id IN (SELECT id FROM jobs
                  WHERE destination = :destination AND status = 'READY'
-                   AND next_attempt_at <= :now
+                   AND next_attempt_at <= :now AND priority <= :max_rank
+                 ORDER BY priority, next_attempt_at, id LIMIT :limit)
+    RETURNING id"""
+
+# The same, oldest first whatever the priority: the share reserved so low never starves.
+CLAIM_OLDEST = """
+    UPDATE jobs SET status = 'CLAIMED', claimed_at = :now
+    WHERE id IN (SELECT id FROM jobs
+                 WHERE destination = :destination AND status = 'READY'
+                   AND next_attempt_at <= :now AND priority <= :max_rank
                  ORDER BY next_attempt_at, id LIMIT :limit)
     RETURNING id"""
 
@@ -111,10 +135,10 @@ CLAIM = """
 CLAIMED_JOBS = """
     SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
            f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns,
-           COALESCE(f.calling_ae, '')
+           COALESCE(f.calling_ae, ''), j.priority
     FROM jobs AS j JOIN files AS f ON f.id = j.file_id
     WHERE j.id IN (SELECT value FROM json_each(:ids))
-    ORDER BY j.next_attempt_at, j.id"""
+    ORDER BY j.priority, j.next_attempt_at, j.id"""
 
 # A stale job (its file was replaced while it was being sent) goes back to READY instead: what
 # the peer stored was the old content. (stale = 2 rows are deleted by DROP_CLAIMED first.)

@@ -20,21 +20,30 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
 
 from forwarder.errors import QueueError
-from forwarder.queue.records import FileEntry
-from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES, ORIGIN_COLUMNS, UID_MAP_DDL
+from forwarder.queue.records import NORMAL_RANK, FileEntry
+from forwarder.queue.sql import (
+    DDL,
+    FIND_COLUMNS,
+    FIND_INDEXES,
+    ORIGIN_COLUMNS,
+    PAUSED_TABLE,
+    PRIORITY_INDEX,
+    UID_MAP_DDL,
+)
 
 logger = logging.getLogger(__name__)
 
 # 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files;
 # 5: the origin of files received through `listen` (calling/called AE, peer, association);
-# 6: the uid_map table (deidentify, issue 15)
-SCHEMA_VERSION = 6
+# 6: the uid_map table (deidentify, issue 15);
+# 7: jobs.priority and the paused_destinations table (issue 16, flow control)
+SCHEMA_VERSION = 7
 
 
 def clock(now: float | None) -> float:
@@ -65,12 +74,27 @@ def origin_values(entry: FileEntry) -> dict[str, str | None]:
     }
 
 
-def routed_to(destinations: Sequence[str]) -> list[str]:
+#: Where a file goes: destination names (normal priority), or name -> priority rank
+#: (:data:`~forwarder.queue.records.PRIORITY_RANK`), in order.
+Routed = Sequence[str] | Mapping[str, int]
+
+
+def routed_to(destinations: Routed) -> list[str]:
     """The destinations in order, without duplicates; a file must go somewhere."""
     unique = list(dict.fromkeys(destinations))
     if not unique:
         raise ValueError("a file must be enqueued for at least one destination")
     return unique
+
+
+def ranked_json(destinations: Routed) -> str:
+    """``{destination: priority rank}`` as JSON (names alone are normal priority)."""
+    if isinstance(destinations, Mapping):
+        ranks = {str(k): int(v) for k, v in destinations.items()}
+    else:
+        ranks = dict.fromkeys(destinations, NORMAL_RANK)
+    routed_to(ranks)
+    return json.dumps(ranks)
 
 
 class Store:
@@ -176,6 +200,16 @@ class Store:
                 # older database only gains it (CREATE ... IF NOT EXISTS).
                 conn.execute(UID_MAP_DDL)
                 # -- end of schema version 6
+                # -- schema version 7 (issue 16, flow control): a priority per job (older jobs are
+                # normal) and the destinations an operator paused.
+                if "priority" not in columns:
+                    conn.execute(
+                        "ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL "
+                        f"DEFAULT {NORMAL_RANK}"
+                    )
+                conn.execute(PRIORITY_INDEX)
+                conn.execute(PAUSED_TABLE)
+                # -- end of schema version 7
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
