@@ -22,7 +22,8 @@ from forwarder.conformance.engine import _Engine, _engine
 from forwarder.conformance.markdown import _table
 from forwarder.conformance.scp import _ae_receive
 from forwarder.conformance.scu import _ae_daemon, _ae_echo, _ae_send
-from forwarder.net import pdu
+from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
+from forwarder.net.scp_policy import NON_STORAGE
 
 
 def render() -> str:
@@ -72,9 +73,10 @@ def _cover(e: _Engine) -> list[str]:
 
 def _overview(e: _Engine) -> list[str]:
     n_storage = sum(
-        1
-        for c in e.receive_ae.supported_contexts
-        if c.abstract_syntax != pdu.VERIFICATION_SOP_CLASS
+        1 for c in e.receive_ae.supported_contexts if c.abstract_syntax not in NON_STORAGE
+    )
+    commits = any(
+        c.abstract_syntax == STORAGE_COMMITMENT_PUSH for c in e.receive_ae.supported_contexts
     )
     return [
         "## 1 Conformance Statement Overview",
@@ -104,10 +106,23 @@ def _overview(e: _Engine) -> list[str]:
                 ],
                 ["**Verification**", "", ""],
                 ["Verification SOP Class", "Yes (`forwarder echo`)", "Yes (`forwarder receive`)"],
+                *(
+                    [
+                        ["**Workflow Management**", "", ""],
+                        [
+                            "Storage Commitment Push Model SOP Class",
+                            "Yes (`forwarder send --stgcmt`)",
+                            "Yes (`forwarder receive`)",
+                        ],
+                    ]
+                    if commits
+                    else []
+                ),
             ],
         ),
-        "No Query/Retrieve, Workflow Management or Print Management services are supported. "
-        "No Media Storage Application Profiles are supported.",
+        "No Query/Retrieve or Print Management services are supported"
+        + ("" if commits else ", nor Workflow Management")
+        + ". No Media Storage Application Profiles are supported.",
         "",
     ]
 

@@ -29,6 +29,11 @@ from forwarder.dicom import transcode
 from forwarder.errors import ProtocolError
 from forwarder.net import pdu
 from forwarder.net.association import AssociationSettings
+from forwarder.net.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+)
 
 
 def _assoc_policy_rows(settings: AssociationSettings) -> list[list[str]]:
@@ -318,7 +323,14 @@ def _ae_send(e: _Engine) -> list[str]:
         "",
         *_table(
             ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
-            [["Any Storage SOP Class a file carries", "any", "Yes", "No"]],
+            [
+                ["Any Storage SOP Class a file carries", "any", "Yes", "No"],
+                *(
+                    [[_name(STORAGE_COMMITMENT_PUSH), f"`{STORAGE_COMMITMENT_PUSH}`", "Yes", "No"]]
+                    if _has_option(e.parsers["send"], "--stgcmt")
+                    else []
+                ),
+            ],
         ),
         *_scu_policies(e, "3.2.2.1", s, count),
         "##### 3.2.2.2 Association Initiation Policy",
@@ -331,6 +343,33 @@ def _ae_send(e: _Engine) -> list[str]:
         "Exit status: 0 every file stored (Success or Warning), 1 at least one not stored, "
         "2 bad command line, 3 the peer could not be reached or refused the association and "
         "nothing was stored, 78 invalid config file.",
+        "",
+        *(_stgcmt_scu() if _has_option(e.parsers["send"], "--stgcmt") else []),
+    ]
+
+
+def _stgcmt_scu() -> list[str]:
+    from forwarder.cli._stgcmt import DEFAULT_TIMEOUT
+
+    return [
+        "##### 3.2.2.3 SOP Specific Conformance: Storage Commitment Push Model SCU",
+        "",
+        "With `--stgcmt`, after the C-STOREs, one further association (pynetdicom) proposes "
+        "the Storage Commitment Push Model in "
+        + ", ".join(_syntax(t) for t in COMMITMENT_SYNTAXES)
+        + " (role SCU, no role selection) and sends one N-ACTION-RQ (Action Type ID 1) on "
+        f"the well-known SOP Instance `{STORAGE_COMMITMENT_INSTANCE}`, with a new Transaction "
+        "UID and a Referenced SOP Sequence naming each instance the peer answered Success or "
+        "Warning for. The N-EVENT-REPORT (Event Type 1 or 2) is accepted on that association, "
+        "which stays open until the report, the peer's release or `--stgcmt-timeout` "
+        f"(default {_seconds(DEFAULT_TIMEOUT)}); with `--stgcmt-port PORT` the association is "
+        "released after the N-ACTION-RSP and the report is accepted on an association the "
+        "peer opens to the calling AE title on PORT (SCU or SCP role proposed by the peer "
+        "accepted; Verification accepted too). A report is trusted only when its Transaction "
+        "UID is ours and every instance it names was asked for, with the same SOP Class, once; "
+        "otherwise it is logged, answered 0x0110 or 0x0115, and ignored. An instance in the "
+        "Failed SOP Sequence (with its Failure Reason), or not reported in time, is not "
+        "committed: it is named in `--report` and the exit status is 1.",
         "",
     ]
 

@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 #: The Storage Commitment Push Model SOP Class and its well-known SOP Instance (PS3.4 J.3.1).
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+#: The transfer syntaxes commitment goes in, both ways (our order of preference).
+COMMITMENT_SYNTAXES = (EXPLICIT_LE, IMPLICIT_LE)
 ACTION_REQUEST_COMMITMENT = 1  # Action Type ID of "Request Storage Commitment"
 EVENT_ALL_COMMITTED = 1  # Event Type ID: storage commitment request successful
 EVENT_SOME_FAILED = 2  # Event Type ID: storage commitment request complete, failures exist

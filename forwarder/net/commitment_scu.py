@@ -25,6 +25,7 @@ from typing import Any
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
+    COMMITMENT_SYNTAXES,
     STATUS_PROCESSING_FAILURE,
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
@@ -38,7 +39,6 @@ from forwarder.net.commitment import (
 
 logger = logging.getLogger(__name__)
 
-_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # explicit, implicit VR little endian
 _VERIFICATION = "1.2.840.10008.1.1"
 _POLL = 0.2  # how often the same-association wait looks whether the association still stands
 
@@ -83,8 +83,10 @@ class ReportAcceptor:
 
         ae = AE(ae_title=self.ae_title)
         # The peer may propose the SCP role for itself (role selection), or leave roles default.
-        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, _SYNTAXES, scu_role=True, scp_role=True)
-        ae.add_supported_context(_VERIFICATION, _SYNTAXES)
+        ae.add_supported_context(
+            STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES), scu_role=True, scp_role=True
+        )
+        ae.add_supported_context(_VERIFICATION, list(COMMITMENT_SYNTAXES))
         ae.require_called_aet = False
         try:
             self._server = ae.start_server(
@@ -125,7 +127,7 @@ def open_association(
 
     ae = AE(ae_title=settings.calling_ae_title)
     for uid in contexts:
-        ae.add_requested_context(uid, _SYNTAXES)
+        ae.add_requested_context(uid, list(COMMITMENT_SYNTAXES))
     ae.connection_timeout = settings.connect_timeout
     ae.acse_timeout = settings.accept_timeout or settings.connect_timeout
     ae.dimse_timeout = settings.response_timeout

@@ -27,6 +27,14 @@ import threading
 import time
 
 from forwarder.errors import ProtocolError
+from forwarder.net.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from forwarder.net.commitment_scp import (
+    MAX_ACTION_SIZE,
+    ActionAnswer,
+    CommitmentResponder,
+    encode_dataset,
+    send_report,
+)
 from forwarder.net.pdu import (
     APPLICATION_CONTEXT,
     MAX_COMMAND_SET,
@@ -47,6 +55,8 @@ from forwarder.net.scp_codec import (
     ABORT_UNRECOGNISED_PDU,
     C_CANCEL_RQ,
     C_ECHO_RQ,
+    N_ACTION_RQ,
+    N_EVENT_REPORT_RSP,
     REJECT_APPLICATION_CONTEXT,
     REJECT_PROTOCOL_VERSION,
     AssociateRequest,
@@ -54,8 +64,10 @@ from forwarder.net.scp_codec import (
     decode_associate_rq,
     decode_request,
     encode_abort,
+    encode_action_response,
     encode_associate_ac,
     encode_associate_rj,
+    encode_event_report,
     encode_pdata,
     encode_response,
 )
@@ -69,7 +81,7 @@ from forwarder.net.scp_object import (
     Origin,
     shown,
 )
-from forwarder.net.scp_policy import Admit, ContextPolicy, EngineSettings, log_refused
+from forwarder.net.scp_policy import NON_STORAGE, Admit, ContextPolicy, EngineSettings, log_refused
 from forwarder.net.scp_wire import Wire, WireClosed, WireTimeout
 
 logger = logging.getLogger(__name__)
@@ -91,7 +103,7 @@ class _Abort(Exception):
 class _Message:
     """A DIMSE message being received on one presentation context."""
 
-    __slots__ = ("answer", "command", "context_id", "object", "request")
+    __slots__ = ("answer", "buffer", "command", "context_id", "object", "request")
 
     def __init__(self, context_id: int) -> None:
         self.context_id = context_id
@@ -99,6 +111,7 @@ class _Message:
         self.request: DimseRequest | None = None
         self.object: IncomingObject | None = None
         self.answer: Answer | None = None  # decided before the data set (0x0122): read, drop
+        self.buffer: bytearray | None = None  # an N-ACTION's data set, kept in memory
 
 
 class ScpAssociation:
@@ -112,7 +125,12 @@ class ScpAssociation:
         policy: ContextPolicy,
         sink: ObjectSink,
         admit: Admit,
+        commitment: CommitmentResponder | None = None,
     ) -> None:
+        self.commitment = commitment
+        self._reports_later: list[ActionAnswer] = []  # for a new association, once this ends
+        self._report_ids: set[int] = set()  # Message IDs of our N-EVENT-REPORTs not yet answered
+        self._next_id = 0
         self.wire = wire
         self.origin = origin
         self.settings = settings
@@ -170,6 +188,7 @@ class ScpAssociation:
         finally:
             self._drop_message()
             self.wire.close()
+            self._send_reports_later()
 
     def _send_abort(self, reason: int) -> None:
         """A-ABORT, then wait (bounded, ARTIM-like) for the peer to close the connection, as
@@ -340,10 +359,19 @@ class ScpAssociation:
             raise _Abort("data set fragment before its command set", dimse=True)
         if message.object is not None:
             self.wire.stream(size, message.object.write)
+        elif message.buffer is not None:
+            if len(message.buffer) + size > MAX_ACTION_SIZE:
+                raise _Abort(f"N-ACTION data set over {MAX_ACTION_SIZE} bytes", dimse=True)
+            message.buffer += self.wire.take(size)
         else:
             self.wire.skip(size)
         if last:
             self._message = None
+            if message.buffer is not None:
+                self._n_action(message.request, context_id, bytes(message.buffer))
+                return
+            if message.request.command_field == N_EVENT_REPORT_RSP:
+                return  # a response: nothing to answer
             answer = message.answer
             if message.object is not None:
                 answer = message.object.finish()
@@ -359,6 +387,21 @@ class ScpAssociation:
         abstract, syntax = self._contexts[message.context_id]
         if request.command_field == C_CANCEL_RQ:
             self._message = None  # nothing to cancel: every C-STORE is answered in order
+            return
+        if request.command_field == N_EVENT_REPORT_RSP:
+            self._report_answered(request, message)
+            return
+        if request.command_field == N_ACTION_RQ:
+            if (
+                self.commitment is None
+                or abstract != STORAGE_COMMITMENT_PUSH
+                or request.sop_class != STORAGE_COMMITMENT_PUSH
+                or not request.has_data_set
+            ):
+                raise _Abort(
+                    f"N-ACTION for {request.sop_class} on a context for {abstract}", dimse=True
+                )
+            message.buffer = bytearray()
             return
         if request.command_field == C_ECHO_RQ:
             self._message = None
@@ -400,8 +443,74 @@ class ScpAssociation:
     @staticmethod
     def _storage(abstract: str) -> bool:
         """Whether a context accepted for ``abstract`` may carry a C-STORE: every context the
-        policy accepts is a storage one but Verification's."""
-        return abstract != VERIFICATION_SOP_CLASS
+        policy accepts is a storage one but Verification's and Storage Commitment's."""
+        return abstract not in NON_STORAGE
+
+    # -- storage commitment (PS3.4 J) -------------------------------------------------------------
+
+    def _n_action(self, request: DimseRequest, context_id: int, data: bytes) -> None:
+        """Answer the N-ACTION-RSP, then send the report here or keep it for a new association."""
+        assert self.commitment is not None
+        syntax = self._contexts[context_id][1]
+        answer = self.commitment.answer(
+            request.sop_instance, request.action_type, data, syntax, self.origin.calling_ae
+        )
+        command = encode_action_response(request, answer.status)
+        self.wire.send(encode_pdata(context_id, command, self._send_limit))
+        if answer.report is None:
+            return
+        if self.commitment.report_to is not None:
+            self._reports_later.append(answer)
+            return
+        self._next_id = self._next_id % 0xFFFF + 1
+        command = encode_event_report(
+            self._next_id, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE, answer.event_type
+        )
+        data_set = encode_dataset(answer.report, syntax)
+        self.wire.send(
+            encode_pdata(context_id, command, self._send_limit)
+            + encode_pdata(context_id, data_set, self._send_limit, is_command=False)
+        )
+        self._report_ids.add(self._next_id)
+        logger.info(
+            "storage commitment report (transaction %s) sent to %s on its association",
+            answer.transaction_uid,
+            self.origin.calling_ae,
+        )
+
+    def _report_answered(self, request: DimseRequest, message: _Message) -> None:
+        if request.message_id not in self._report_ids:
+            raise _Abort(f"N-EVENT-REPORT-RSP for message {request.message_id}", dimse=True)
+        self._report_ids.discard(request.message_id)
+        if not request.has_data_set:  # else its Event Reply is read and dropped (_pdv)
+            self._message = None
+        if request.status != STATUS_SUCCESS:
+            logger.warning(
+                "%s answered our storage commitment report with status 0x%04X",
+                self.origin.calling_ae,
+                request.status or 0,
+            )
+
+    def _send_reports_later(self) -> None:
+        """The reports for a new association (``--stgcmt-peer``), now this one has ended."""
+        if not self._reports_later or self.commitment is None:
+            return
+        assert self.commitment.report_to is not None
+        host, port = self.commitment.report_to
+        for answer in self._reports_later:
+            assert answer.report is not None
+            try:
+                send_report(
+                    host,
+                    port,
+                    self.origin.calling_ae,
+                    self.commitment.ae_title,
+                    answer.event_type,
+                    answer.report,
+                )
+            except Exception:
+                logger.exception("sending the storage commitment report to %s failed", host)
+        self._reports_later.clear()
 
     def _wrong_class(self, request: DimseRequest, message: _Message) -> Answer:
         # A presentation context carries one abstract syntax (PS3.8 7.1.1.13): a request on it is
