@@ -28,12 +28,21 @@ each, that share one connection and one lock (:class:`~forwarder.queue.store.Sto
 - :mod:`~forwarder.queue.requeue`: failed files put back in the queue (``forwarder retry``);
 - :mod:`~forwarder.queue.lookup`: files found by UID or Accession Number (``forwarder find``);
 - :mod:`~forwarder.queue.housekeeping`: pruning old finished files;
+- :mod:`~forwarder.queue.commitments`: proof of delivery (stored instances awaiting storage
+  commitment or a verifying query, and the transactions);
 - :mod:`~forwarder.queue.records` (the records handed out and taken in) and
   :mod:`~forwarder.queue.sql` (the schema and statements).
 """
 
 from __future__ import annotations
 
+from forwarder.queue.commitments import (
+    CommitItem,
+    CommitmentCounts,
+    Commitments,
+    OpenCommitment,
+    Resolution,
+)
 from forwarder.queue.finishing import Finishing
 from forwarder.queue.housekeeping import Housekeeping
 from forwarder.queue.jobs import Jobs
@@ -63,6 +72,8 @@ from forwarder.queue.store import SCHEMA_VERSION
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CommitItem",
+    "CommitmentCounts",
     "DestinationState",
     "DestinationStats",
     "FailedFile",
@@ -76,14 +87,16 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "KeyKind",
+    "OpenCommitment",
     "PendingSyntax",
     "Queue",
     "RecoveryReport",
     "Replaced",
+    "Resolution",
 ]
 
 
-class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping):
+class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping, Commitments):
     """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
 
     ``create=False`` refuses to create a missing database (for ``forwarder status``).

@@ -26,12 +26,20 @@ from typing import Self
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import FileEntry
-from forwarder.queue.sql import DDL, FIND_COLUMNS, FIND_INDEXES
+from forwarder.queue.sql import (
+    COMMITMENT_DDL,
+    COMMITMENT_JOB_COLUMNS,
+    COMMITMENT_STATS_COLUMNS,
+    DDL,
+    FIND_COLUMNS,
+    FIND_INDEXES,
+)
 
 logger = logging.getLogger(__name__)
 
-# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files
-SCHEMA_VERSION = 4
+# 2: the problems table; 3: jobs.stale; 4: the Study/Series UIDs and Accession Number of files;
+# 5: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
+SCHEMA_VERSION = 5
 
 
 def clock(now: float | None) -> float:
@@ -148,6 +156,18 @@ class Store:
                         conn.execute(f"ALTER TABLE files ADD COLUMN {column} TEXT")
                 for statement in FIND_INDEXES:
                     conn.execute(statement)
+                # -- schema version 5 (issue 14): proof of delivery; idempotent --------------
+                job_columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                for name, decl in COMMITMENT_JOB_COLUMNS:
+                    if name not in job_columns:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                stats_columns = {r[1] for r in conn.execute("PRAGMA table_info(destination_stats)")}
+                for name, decl in COMMITMENT_STATS_COLUMNS:
+                    if name not in stats_columns:
+                        conn.execute(f"ALTER TABLE destination_stats ADD COLUMN {name} {decl}")
+                for statement in COMMITMENT_DDL:
+                    conn.execute(statement)
+                # -- end of schema version 5 --------------------------------------------------
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
