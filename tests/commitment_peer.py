@@ -39,6 +39,7 @@ class CommitmentSCP:
     extra_instance: bool = False  # the report also names an instance nobody asked about
     action_status: int = 0x0000
     held: dict[str, Dataset] = field(default_factory=dict)
+    stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
     actions: list[Dataset] = field(default_factory=list)
     report_statuses: list[int] = field(default_factory=list)
     port: int = 0
@@ -51,6 +52,7 @@ class CommitmentSCP:
         ds.file_meta = event.file_meta
         with self._lock:
             self.held[str(ds.SOPInstanceUID)] = ds
+            self.stores.append(str(ds.SOPInstanceUID))
         return 0x0000
 
     def _report(self, action: Dataset) -> tuple[int, Dataset]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.notify import Notifier
@@ -87,6 +88,7 @@ class Service:
         self._unhealthy: list[str] = []  # what the last health check found wrong
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
+        self.commitment: CommitmentKeeper | None = None  # storage commitment (issue 14)
         self.status_page: StatusPage | None = None  # on the metrics listener
         self._started = time.time()
 
@@ -135,6 +137,7 @@ class Service:
                 self.metrics = Metrics()
                 self.ingest.metrics = self.metrics
                 self.metrics.set_queue_source(self._queue_stats)
+                self.metrics.set_commitment_source(self.queue.commitment_counts)
                 self.metrics.set_failed_folder(c.failed)
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
@@ -146,6 +149,7 @@ class Service:
                 self.metrics.start_server(c.metrics.listen)
             for dest in c.destinations:
                 self._start_workers(dest)
+            self._start_proof()
             self.watcher = Watcher(
                 c.incoming,
                 self.ingest,
@@ -202,6 +206,21 @@ class Service:
         )
         workers.start()
         self._workers[dest.name] = workers
+
+    def _start_proof(self) -> None:
+        """The storage commitment keeper, for the destinations that require commitment."""
+        self.commitment = CommitmentKeeper(
+            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+        )
+        self.commitment.configure(self._proof_targets())
+        self.commitment.start()
+
+    def _proof_targets(self) -> list[ProofTarget]:
+        return [
+            ProofTarget(d, association_settings(d, self.config))
+            for d in self.config.destinations
+            if d.storage_commitment is not None
+        ]
 
     def _fail_orphans(self) -> None:
         """Jobs for destinations no longer configured go to failed/ (``retry`` brings them back)."""
@@ -354,6 +373,8 @@ class Service:
             else:
                 self._workers[name].retry = new.retry
         self._fail_orphans()
+        if self.commitment is not None:
+            self.commitment.configure(self._proof_targets())
         added = sorted(set(new_dests) - set(old_dests))
         removed = sorted(set(old_dests) - set(new_dests))
         logger.info(
@@ -374,6 +395,8 @@ class Service:
         for w in self._workers.values():
             w.stop(_STOP_TIMEOUT)
         self._workers.clear()
+        if self.commitment is not None:
+            self.commitment.stop()
         finisher = getattr(self, "finisher", None)
         if finisher is not None:
             finisher.stop()

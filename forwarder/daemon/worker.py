@@ -88,6 +88,10 @@ class DestinationWorkers:
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
         self._dest = DestinationState(self.name, retry, queue, metrics)
+        #: Stored is not enough: the destination must commit (or hold, by query) what it stored.
+        self.needs_proof = (
+            destination.storage_commitment is not None or destination.verify_by_query is not None
+        )
         self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -329,7 +333,9 @@ class DestinationWorkers:
         try:
             for ack in acks:
                 if ack.kind == "done":
-                    finished += self.queue.ack_done(ack.ids, status=ack.status)
+                    finished += self.queue.ack_done(
+                        ack.ids, status=ack.status, commitment=self.needs_proof
+                    )
                 elif ack.kind == "failed":
                     finished += self.queue.ack_failed(
                         ack.ids[0], error=ack.error, status=ack.status

@@ -238,6 +238,12 @@ class CommitmentBook:
         with self._lock:
             self._awaited.pop(transaction_uid, None)
 
+    def awaits(self, transaction_uid: str) -> bool:
+        """Whether ``transaction_uid`` is expected and its report has not come."""
+        with self._lock:
+            awaited = self._awaited.get(transaction_uid)
+            return awaited is not None and awaited.report is None
+
     def pending(self) -> list[str]:
         with self._lock:
             return [uid for uid, a in self._awaited.items() if a.report is None]

@@ -18,6 +18,7 @@ parse_report`). Not here: what the reports mean, the send command, the daemon.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -157,6 +158,8 @@ def request_commitment(
     timeout: float,
     release_at_once: bool,
     transaction_uid: str | None = None,
+    manage_book: bool = True,
+    cancel: threading.Event | None = None,
 ) -> tuple[str, CommitmentReport | None]:
     """Ask ``peer`` to commit ``references``; wait up to ``timeout`` seconds for the report.
 
@@ -164,10 +167,13 @@ def request_commitment(
     on ``book`` (a :class:`ReportAcceptor` or another listener feeds it); otherwise keep the
     association open until the report comes on it, the peer ends it, or the time is up.
     Returns (Transaction UID, report or None). Raises :class:`CommitmentError` when the request
-    could not be made or was refused (the instances are then simply not committed)."""
+    could not be made or was refused (the instances are then simply not committed).
+    ``manage_book=False``: the caller has told ``book`` to expect the transaction and keeps
+    expecting it after this returns (the daemon, whose reports may come hours later)."""
     uid = transaction_uid or new_transaction_uid()
     deadline = time.monotonic() + timeout
-    book.expect(uid, references)
+    if manage_book:
+        book.expect(uid, references)
     try:
         assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH])
         try:
@@ -195,13 +201,21 @@ def request_commitment(
                 uid,
             )
             if not release_at_once:
-                while time.monotonic() < deadline and assoc.is_established:
+                while (
+                    time.monotonic() < deadline
+                    and assoc.is_established
+                    and book.awaits(uid)
+                    and not (cancel is not None and cancel.is_set())
+                ):
                     report = book.wait(uid, min(deadline, time.monotonic() + _POLL))
                     if report is not None:
                         return uid, report
         finally:
             if assoc.is_established:
                 assoc.release()
+        if cancel is not None and cancel.is_set():
+            return uid, None
         return uid, book.wait(uid, deadline)
     finally:
-        book.forget(uid)
+        if manage_book:
+            book.forget(uid)
