@@ -7,6 +7,7 @@ PACS did not."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from commitment_peer import CommitmentSCP
 from conftest import wait_until
 from daemon import Daemon, destination
-from peers import free_port
+from peers import free_port, orthanc
 from pydicom import dcmread
 
 STUDY = "1.2.826.0.1.3680043.10.1284.55.1"
@@ -131,3 +132,35 @@ def test_kill_9_between_request_and_report_loses_nothing(point: str, tmp_path: P
             assert d.stop() == 0
     assert {f.sop_instance_uid for f in dropped} <= set(scp.held)
     _same_as_sent(d, scp)
+
+
+def test_orthanc_commits_and_what_it_loses_ends_in_failed(tmp_path: Path) -> None:
+    from test_send_stgcmt import _orthanc_extra
+
+    port = free_port()
+    with orthanc(tmp_path / "orthanc", extra=_orthanc_extra(tmp_path, port, "FORWARDER")) as pacs:
+        policy = {"timeout": "30s", "max_resends": 1, "settle": "300ms", "port": port}
+        dest = destination(
+            "pacs",
+            pacs.port,
+            ae_title=pacs.ae_title,
+            storage_commitment={**policy, "bind": "127.0.0.1"},
+        )
+        with Daemon(tmp_path / "fwd", destinations=[dest]) as d:
+            kept = d.drop_files(3, study_uid=STUDY)
+            lost = d.drop("lost.dcm", study_uid=STUDY, station="LOSER")
+            d.wait_done(3, timeout=60)
+            (failed,) = d.wait_failed(1, timeout=60)
+            assert failed == lost.rel_path
+            text = str(d.error_json(failed))
+            assert "stored but not committed" in text and "0x0112" in text
+            assert d.stop() == 0
+        held = {}
+        for iid in pacs.instances():
+            ds = dcmread(io.BytesIO(pacs.instance_file(iid)))
+            held[str(ds.SOPInstanceUID)] = ds
+    assert set(held) == {f.sop_instance_uid for f in kept}
+    for rel in d.done_files():
+        ds = dcmread(d.done / rel)
+        assert held[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
+    assert "1 sent again" in d.log_text()

@@ -51,11 +51,12 @@ end
 """
 
 
-def _orthanc_extra(tmp_path: Path, port: int) -> dict[str, Any]:
+def _orthanc_extra(tmp_path: Path, port: int, calling: str = CALLING) -> dict[str, Any]:
+    """Orthanc reports commitment to ``calling`` at 127.0.0.1:``port`` and loses LOSER."""
     lua = tmp_path / "loser.lua"
     lua.write_text(_LOSER_LUA)
     return {
-        "DicomModalities": {"fwd": [CALLING, "127.0.0.1", port]},
+        "DicomModalities": {"fwd": [calling, "127.0.0.1", port]},
         "LuaScripts": [str(lua)],
     }
 
