@@ -49,7 +49,7 @@ from forwarder.net.commitment import (
     failure_text,
     new_transaction_uid,
 )
-from forwarder.queue import CommitItem, Queue
+from forwarder.queue import CommitItem, Queue, Resolution
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -289,28 +289,50 @@ class CommitmentKeeper:
             self._jobs.pop(uid, None)
         if res is None:
             return
-        level = logging.INFO if not (res.resent or res.failed) else logging.WARNING
-        reasons = sorted({why for _, why in failed})
-        logger.log(
-            level,
-            "%s: storage commitment transaction %s: %d committed, %d sent again, %d failed%s",
-            name,
-            uid,
-            res.committed,
-            res.resent,
-            res.failed,
-            f" ({'; '.join(reasons[:3])})" if reasons else "",
-            extra={"DESTINATION": name, "TRANSACTION_UID": uid},
+        apply_outcome(
+            res,
+            name or "?",
+            f"storage commitment transaction {uid}",
+            sorted({why for _, why in failed}),
+            finisher=self.finisher,
+            wake_workers=self.wake_workers,
+            metrics=self.metrics,
         )
-        if self.metrics is not None and name:
-            self.metrics.commitment_outcome(name, res.committed, res.resent, res.failed)
-        if res.finished_files:
-            self.finisher.submit(list(res.finished_files))
-        if res.resent:
-            self.wake_workers()
 
     def _destination_of(self, uid: str) -> str | None:
         for txn in self.queue.open_commitments():
             if txn.uid == uid:
                 return txn.destination
         return None
+
+
+def apply_outcome(
+    res: Resolution,
+    destination: str,
+    what: str,
+    reasons: Sequence[str],
+    *,
+    finisher: Finisher,
+    wake_workers: Callable[[], None],
+    metrics: Any,
+) -> None:
+    """After the queue recorded an outcome: its one journal line, the metrics, the files it
+    finished to the finisher, and the workers woken for what is sent again."""
+    level = logging.INFO if not (res.resent or res.failed) else logging.WARNING
+    logger.log(
+        level,
+        "%s: %s: %d committed, %d sent again, %d failed%s",
+        destination,
+        what,
+        res.committed,
+        res.resent,
+        res.failed,
+        f" ({'; '.join(reasons[:3])})" if reasons else "",
+        extra={"DESTINATION": destination},
+    )
+    if metrics is not None:
+        metrics.commitment_outcome(destination, res.committed, res.resent, res.failed)
+    if res.finished_files:
+        finisher.submit(list(res.finished_files))
+    if res.resent:
+        wake_workers()

@@ -30,6 +30,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.status_page import StatusPage
+from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
@@ -89,6 +90,7 @@ class Service:
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
         self.commitment: CommitmentKeeper | None = None  # storage commitment (issue 14)
+        self.verifier: QueryVerifier | None = None  # verify_by_query (issue 14)
         self.status_page: StatusPage | None = None  # on the metrics listener
         self._started = time.time()
 
@@ -214,12 +216,25 @@ class Service:
         )
         self.commitment.configure(self._proof_targets())
         self.commitment.start()
+        self.verifier = QueryVerifier(
+            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+        )
+        self.verifier.configure(self._query_targets())
+        self.verifier.start()
 
     def _proof_targets(self) -> list[ProofTarget]:
         return [
             ProofTarget(d, association_settings(d, self.config))
             for d in self.config.destinations
             if d.storage_commitment is not None
+        ]
+
+    def _query_targets(self) -> list[QueryTarget]:
+        """Destinations verified by C-FIND (storage commitment, when also set, wins)."""
+        return [
+            QueryTarget(d, association_settings(d, self.config))
+            for d in self.config.destinations
+            if d.verify_by_query is not None and d.storage_commitment is None
         ]
 
     def _fail_orphans(self) -> None:
@@ -375,6 +390,8 @@ class Service:
         self._fail_orphans()
         if self.commitment is not None:
             self.commitment.configure(self._proof_targets())
+        if self.verifier is not None:
+            self.verifier.configure(self._query_targets())
         added = sorted(set(new_dests) - set(old_dests))
         removed = sorted(set(old_dests) - set(new_dests))
         logger.info(
@@ -397,6 +414,8 @@ class Service:
         self._workers.clear()
         if self.commitment is not None:
             self.commitment.stop()
+        if self.verifier is not None:
+            self.verifier.stop()
         finisher = getattr(self, "finisher", None)
         if finisher is not None:
             finisher.stop()
