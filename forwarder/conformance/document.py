@@ -85,8 +85,10 @@ def _overview(e: _Engine) -> list[str]:
         "one unchanged to one or more remote archives, retrying until they have it or a permanent "
         "refusal says they never will. An operator can also send files by hand, test that a "
         "remote system answers, and run a small receiver that writes what it is sent into a "
-        "folder. forwarder does not query, retrieve, print, or create images of its own, and "
-        "it does not read or write removable media.",
+        "folder. Where configured it asks the remote archive for proof that it keeps what it "
+        "received (storage commitment, or a query for each instance) and sends again what it "
+        "lacks. forwarder does not retrieve, print, or create images of its own, and it does "
+        "not read or write removable media.",
         "",
         *_table(
             ["SOP Classes", "User of Service (SCU)", "Provider of Service (SCP)"],
@@ -111,8 +113,15 @@ def _overview(e: _Engine) -> list[str]:
                         ["**Workflow Management**", "", ""],
                         [
                             "Storage Commitment Push Model SOP Class",
-                            "Yes (`forwarder send --stgcmt`)",
+                            "Yes (`forwarder send --stgcmt`, `forwarder run` with "
+                            "`storage_commitment`)",
                             "Yes (`forwarder receive`)",
+                        ],
+                        ["**Query/Retrieve**", "", ""],
+                        [
+                            "Study Root Query/Retrieve Information Model - FIND",
+                            "Yes (`forwarder run` with `verify_by_query`)",
+                            "No",
                         ],
                     ]
                     if commits
@@ -120,8 +129,11 @@ def _overview(e: _Engine) -> list[str]:
                 ),
             ],
         ),
-        "No Query/Retrieve or Print Management services are supported"
-        + ("" if commits else ", nor Workflow Management")
+        (
+            "No Query/Retrieve MOVE/GET or Print Management services are supported"
+            if commits
+            else "No Query/Retrieve, Workflow Management or Print Management services are supported"
+        )
         + ". No Media Storage Application Profiles are supported.",
         "",
     ]

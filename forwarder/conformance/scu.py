@@ -34,6 +34,7 @@ from forwarder.net.commitment import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
 )
+from forwarder.net.query_scu import STUDY_ROOT_FIND
 
 
 def _assoc_policy_rows(settings: AssociationSettings) -> list[list[str]]:
@@ -284,7 +285,19 @@ def _ae_daemon(e: _Engine) -> list[str]:
                     "any",
                     "Yes",
                     "No",
-                ]
+                ],
+                [
+                    _name(STORAGE_COMMITMENT_PUSH) + " (with `storage_commitment`)",
+                    f"`{STORAGE_COMMITMENT_PUSH}`",
+                    "Yes",
+                    "No",
+                ],
+                [
+                    _name(STUDY_ROOT_FIND) + " (with `verify_by_query`)",
+                    f"`{STUDY_ROOT_FIND}`",
+                    "Yes",
+                    "No",
+                ],
             ],
         ),
         *_scu_policies(e, "3.2.1.2", e.daemon, count),
@@ -298,7 +311,29 @@ def _ae_daemon(e: _Engine) -> list[str]:
         *_status_section("3.2.1.5"),
         "##### 3.2.1.6 Association Acceptance Policy",
         "",
-        "The Forwarding SCU accepts no associations.",
+        "The Forwarding SCU accepts no storage associations. With `storage_commitment.port` "
+        "set, a small acceptor on that port accepts associations proposing the Storage "
+        "Commitment Push Model (either role; Verification too) for N-EVENT-REPORTs only.",
+        "",
+        "##### 3.2.1.7 SOP Specific Conformance: Proof of Delivery",
+        "",
+        "**Storage Commitment Push Model SCU** (`storage_commitment`): stored instances are "
+        "grouped per study (once nothing was stored for it for `settle`, or every "
+        "`max_instances`); for each group the transaction is recorded in the queue, then one "
+        "N-ACTION-RQ (Action Type ID 1, as 3.2.2.3) goes on an association of its own. The "
+        "N-EVENT-REPORT is accepted on that association (kept open `wait_on_association`), on "
+        "the acceptor of 3.2.1.6, or, after a restart, for any transaction still open; it is "
+        "trusted as in 3.2.2.3. Instances in the Failed SOP Sequence or not reported by "
+        "`timeout` are sent again (C-STORE) and asked about again, up to `max_resends`, then "
+        'reported failed ("stored but not committed" with the Failure Reason).',
+        "",
+        "**Study Root Query/Retrieve Information Model - FIND SCU** (`verify_by_query`): "
+        "`after` the store, one C-FIND-RQ per instance at IMAGE level with Query/Retrieve "
+        "Level, Study, Series and SOP Instance UID (unique keys only), "
+        + ", ".join(_syntax(t) for t in COMMITMENT_SYNTAXES)
+        + ". A Pending response naming the instance means held; Success without one means "
+        "not held (the instance is sent again, as for storage commitment); any other status "
+        "decides nothing (asked again later).",
         "",
     ]
 
