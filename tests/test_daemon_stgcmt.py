@@ -8,6 +8,7 @@ PACS did not."""
 from __future__ import annotations
 
 import io
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ def _dest(scp: CommitmentSCP, **commitment: Any) -> dict[str, Any]:
     return destination("pacs", scp.port, ae_title=scp.ae_title, storage_commitment=policy)
 
 
+def _metrics(listen: str) -> str:
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
 def _same_as_sent(d: Daemon, scp: CommitmentSCP) -> None:
     """Every file in done/ is held by the PACS, equal to the original."""
     for rel in d.done_files():
@@ -36,17 +42,28 @@ def _same_as_sent(d: Daemon, scp: CommitmentSCP) -> None:
 
 def test_files_finish_only_once_committed(tmp_path: Path) -> None:
     scp = CommitmentSCP(mode="same", delay=1.5)
-    with scp, Daemon(tmp_path, destinations=[_dest(scp)]) as d:
+    listen = f"127.0.0.1:{free_port()}"
+    extra = {"metrics": {"listen": listen}}
+    with scp, Daemon(tmp_path, destinations=[_dest(scp)], extra=extra) as d:
         dropped = d.drop_files(3, study_uid=STUDY)
         wait_until(lambda: len(scp.actions) == 1, 20, what="the N-ACTION")
         # Stored, requested, not yet reported: nothing is done.
         assert len(scp.held) == 3 and d.done_files() == []
         status = d.status_json()["destinations"]["pacs"]
         assert status["awaiting_commitment"] == 3 and status["stored"] == 3
+        assert 'forwarder_awaiting_commitment{destination="pacs"} 3.0' in _metrics(listen)
         d.wait_done(3)
         status = d.status_json()["destinations"]["pacs"]
         assert (status["awaiting_commitment"], status["committed"]) == (0, 3)
         d.wait_log("storage commitment transaction")
+        text = _metrics(listen)
+        assert (
+            'forwarder_commitment_instances_total{destination="pacs",outcome="committed"} 3.0'
+            in text
+        )
+        assert 'forwarder_awaiting_commitment{destination="pacs"} 0.0' in text
+        out = d.cli("status").stdout
+        assert "3 stored, 0 awaiting commitment, 3 committed, 0 not committed" in out
         assert d.stop() == 0
     asked = {str(r.ReferencedSOPInstanceUID) for r in scp.actions[0].ReferencedSOPSequence}
     assert asked == {f.sop_instance_uid for f in dropped}
@@ -164,3 +181,25 @@ def test_orthanc_commits_and_what_it_loses_ends_in_failed(tmp_path: Path) -> Non
         ds = dcmread(d.done / rel)
         assert held[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
     assert "1 sent again" in d.log_text()
+
+
+def test_kill_9_during_a_resend_loses_nothing(tmp_path: Path) -> None:
+    with CommitmentSCP(mode="same") as scp:
+        dest = _dest(scp, max_resends=2)
+        d = Daemon(tmp_path, destinations=[dest], env={"FORWARDER_CRASH_AT": "after-response:4"})
+        with d:
+            dropped = d.drop_files(3, study_uid=STUDY)
+            lost = dropped[2].sop_instance_uid
+            scp.forget.add(lost)
+            assert d.wait_exit(60) == -9  # the PACS answered the resend; the queue was not told
+            assert scp.stores.count(lost) == 2
+            d.env.pop("FORWARDER_CRASH_AT")
+            d.start()
+            d.wait_done(2, timeout=60)
+            (failed,) = d.wait_failed(1, timeout=60)
+            assert failed == dropped[2].rel_path
+            assert "stored but not committed" in str(d.error_json(failed))
+            assert d.stop() == 0
+    assert scp.stores.count(lost) >= 3
+    assert {f.sop_instance_uid for f in dropped[:2]} <= set(scp.held)
+    _same_as_sent(d, scp)

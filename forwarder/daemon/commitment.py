@@ -235,9 +235,8 @@ class CommitmentKeeper:
         return refs
 
     def _expire(self) -> None:
-        now = time.time()
-        for txn in self.queue.open_commitments():
-            if txn.kind != "stgcmt" or txn.deadline > now:
+        for txn in self.queue.open_commitments(due_by=time.time()):
+            if txn.kind != "stgcmt":
                 continue
             target = self._targets.get(txn.destination)
             timeout = target.policy.timeout if target else txn.deadline - txn.created_at
@@ -278,7 +277,7 @@ class CommitmentKeeper:
         # Jobs neither committed nor failed by the report are "not reported": say why.
         named = set(committed) | {j for j, _ in failed}
         failed = failed + [(j, unreported) for j in jobs.values() if j not in named]
-        name = destination or self._destination_of(uid)
+        name = destination or self.queue.commitment_destination(uid)
         target = self._targets.get(name or "")
         max_resends = target.policy.max_resends if target else 0
         res = self.queue.resolve_commitment(
@@ -298,12 +297,6 @@ class CommitmentKeeper:
             wake_workers=self.wake_workers,
             metrics=self.metrics,
         )
-
-    def _destination_of(self, uid: str) -> str | None:
-        for txn in self.queue.open_commitments():
-            if txn.uid == uid:
-                return txn.destination
-        return None
 
 
 def apply_outcome(

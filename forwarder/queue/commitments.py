@@ -133,14 +133,18 @@ class Commitments(Store):
                 {"uid": uid},
             )
 
-    def open_commitments(self, destination: str | None = None) -> list[OpenCommitment]:
-        """Every transaction still REQUESTED (of ``destination``), with its instances."""
+    def open_commitments(
+        self, destination: str | None = None, *, due_by: float | None = None
+    ) -> list[OpenCommitment]:
+        """Every transaction still REQUESTED (of ``destination``; with ``due_by``, only those
+        whose deadline is not after it), with its instances."""
         with self._read("listing open commitment transactions") as conn:
             txns = conn.execute(
                 """SELECT uid, destination, kind, created_at, deadline FROM commitments
                    WHERE state = 'REQUESTED' AND (:d IS NULL OR destination = :d)
+                     AND (:due IS NULL OR deadline <= :due)
                    ORDER BY deadline""",
-                {"d": destination},
+                {"d": destination, "due": due_by},
             ).fetchall()
             out = []
             for uid, dest, kind, created, deadline in txns:
@@ -153,6 +157,14 @@ class Commitments(Store):
                 items = tuple(CommitItem(*r) for r in rows)
                 out.append(OpenCommitment(uid, dest, kind, created, deadline, items))
         return out
+
+    def commitment_destination(self, uid: str) -> str | None:
+        """The destination of transaction ``uid`` (None: unknown)."""
+        with self._read(f"reading commitment transaction {uid}") as conn:
+            row = conn.execute(
+                "SELECT destination FROM commitments WHERE uid = :uid", {"uid": uid}
+            ).fetchone()
+        return None if row is None else str(row[0])
 
     def resolve_commitment(
         self,
