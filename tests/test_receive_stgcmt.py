@@ -138,3 +138,23 @@ def test_malformed_requests_are_refused(
         rsp, _ = assoc.send_n_action(ds, action_type, STORAGE_COMMITMENT_PUSH, instance)
         assert int(rsp.Status) == status
         assoc.release()
+
+
+def test_send_stgcmt_over_mutual_tls(tmp_path: Path, forwarder_env: dict[str, str]) -> None:
+    from pki import make_pki
+    from test_tls import tls_args
+
+    pki = make_pki(tmp_path / "pki")
+    paths = write_files(tmp_path / "in", 2)
+    report = tmp_path / "r.json"
+    client = [
+        "--tls-ca", pki.ca_cert, "--tls-cert", pki.client_cert, "--tls-key", pki.client_key,
+    ]  # fmt: skip
+    with forwarder_receive(tmp_path / "out", extra=tls_args(pki)) as rcv:
+        r = send(
+            *client, "--stgcmt", "--stgcmt-timeout", "20s", "--report", report,
+            f"{rcv.ae_title}@localhost:{rcv.port}", tmp_path / "in", env=forwarder_env,
+        )  # fmt: skip
+        _same_as_sent(rcv, paths)
+    assert r.returncode == 0, r.stderr
+    assert {f["commitment"] for f in _files(report).values()} == {"committed"}
