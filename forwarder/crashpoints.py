@@ -8,7 +8,10 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``after-response``: the peer answered Success, the queue not yet acked;
 - ``finish-before-move``: the final path recorded (FINISHING), the file not yet moved;
 - ``finish-after-move``: the file moved, the queue not yet told;
-- ``reload``: in the middle of applying a reloaded config.
+- ``reload``: in the middle of applying a reloaded config;
+- ``stgcmt-before-action``: a storage commitment transaction recorded, its N-ACTION not sent;
+- ``stgcmt-before-record``: a trusted commitment report received, its outcome not recorded;
+- ``query-before-find``: a verify_by_query round recorded, its C-FINDs not sent.
 """
 
 from __future__ import annotations

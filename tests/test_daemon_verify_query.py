@@ -86,3 +86,22 @@ def test_a_pacs_that_refuses_the_query_proves_nothing(tmp_path: Path) -> None:
         assert d.done_files() == [] and d.failed_files() == []
         assert d.status_json()["destinations"]["pacs"]["awaiting_commitment"] == 1
         assert d.stop() == 0
+
+
+def test_kill_9_before_the_query_asks_again_after_restart(tmp_path: Path) -> None:
+    with orthanc(tmp_path / "orthanc", extra=FIND) as pacs:
+        d = Daemon(
+            tmp_path / "fwd",
+            destinations=[_dest(pacs, "500ms", 1)],
+            env={"FORWARDER_CRASH_AT": "query-before-find"},
+        )
+        with d:
+            dropped = d.drop_files(2, study_uid=STUDY)
+            assert d.wait_exit(30) == -9
+            assert d.done_files() == []
+            d.env.pop("FORWARDER_CRASH_AT")
+            d.start()
+            d.wait_done(2, timeout=60)
+            assert d.stop() == 0
+        assert set(_held(pacs)) == {f.sop_instance_uid for f in dropped}
+    assert "0 sent again" in d.log_text()
