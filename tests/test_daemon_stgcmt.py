@@ -203,3 +203,20 @@ def test_kill_9_during_a_resend_loses_nothing(tmp_path: Path) -> None:
     assert scp.stores.count(lost) >= 3
     assert {f.sop_instance_uid for f in dropped[:2]} <= set(scp.held)
     _same_as_sent(d, scp)
+
+
+def test_turning_commitment_off_releases_what_awaits_it(tmp_path: Path) -> None:
+    scp = CommitmentSCP(mode="none")
+    with scp, Daemon(tmp_path, destinations=[_dest(scp, timeout="1h")]) as d:
+        d.drop_files(2, study_uid=STUDY)
+        wait_until(lambda: len(scp.actions) == 1, 20, what="the N-ACTION")
+        assert d.stop() == 0
+        assert d.done_files() == []
+        d.write_config(destinations=[destination("pacs", scp.port, ae_title=scp.ae_title)])
+        d.start()
+        d.wait_done(2)
+        status = d.status_json()["destinations"]["pacs"]
+        assert "awaiting_commitment" not in status or status["committed"] == 0
+        assert d.stop() == 0
+    assert "no longer requires proof of delivery: 2 stored instance(s)" in d.log_text()
+    assert len(scp.stores) == 2  # nothing sent again

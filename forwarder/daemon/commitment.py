@@ -111,6 +111,12 @@ class CommitmentKeeper:
 
         with self._lock:
             self._targets = {t.name: t for t in targets}
+        for txn in self.queue.open_commitments():
+            if txn.kind == "stgcmt" and txn.destination not in self._targets:
+                # No longer asked of that destination: its instances await proof again (by
+                # query, if that is configured now; see Service._settle_proof).
+                self.queue.cancel_commitment(txn.uid)
+                self.book.forget(txn.uid)
         wanted = {
             (t.policy.bind, t.policy.port): t.policy.ae_title or t.settings.calling_ae_title
             for t in targets

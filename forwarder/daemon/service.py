@@ -221,6 +221,25 @@ class Service:
         )
         self.verifier.configure(self._query_targets())
         self.verifier.start()
+        self._settle_proof()
+
+    def _settle_proof(self) -> None:
+        """Destinations (configured or not) with instances awaiting proof that no longer
+        require it: those count as delivered, as they would have without proof."""
+        wanted = {
+            d.name for d in self.config.destinations if d.storage_commitment or d.verify_by_query
+        }
+        for name, counts in self.queue.commitment_counts().items():
+            if name in wanted or not counts.awaiting:
+                continue
+            released, files = self.queue.drop_proof(name)
+            logger.warning(
+                "%s no longer requires proof of delivery: %d stored instance(s) no longer await "
+                "it and count as delivered",
+                name,
+                released,
+            )
+            self.finisher.submit(files)
 
     def _proof_targets(self) -> list[ProofTarget]:
         return [
@@ -392,6 +411,7 @@ class Service:
             self.commitment.configure(self._proof_targets())
         if self.verifier is not None:
             self.verifier.configure(self._query_targets())
+            self._settle_proof()
         added = sorted(set(new_dests) - set(old_dests))
         removed = sorted(set(old_dests) - set(new_dests))
         logger.info(

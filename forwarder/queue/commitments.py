@@ -158,6 +158,29 @@ class Commitments(Store):
                 out.append(OpenCommitment(uid, dest, kind, created, deadline, items))
         return out
 
+    def drop_proof(self, destination: str) -> tuple[int, list[int]]:
+        """``destination`` no longer requires proof (its key was removed, or it was): what it
+        stored and had not yet proven counts as delivered, as without proof; its open
+        transactions are cancelled. Returns (instances released, files this made terminal).
+        Nothing is counted as committed."""
+        with self._write(f"dropping the proof of delivery of {destination}") as conn:
+            conn.execute(
+                """UPDATE commitments SET state = 'CANCELLED'
+                   WHERE destination = :d AND state = 'REQUESTED'""",
+                {"d": destination},
+            )
+            rows = conn.execute(
+                """UPDATE jobs SET commitment = 0, commit_txn = NULL
+                   WHERE destination = :d AND status = 'DONE' AND commitment IN (1, 2)
+                   RETURNING file_id""",
+                {"d": destination},
+            ).fetchall()
+            if not rows:
+                return 0, []
+            files = sorted({r[0] for r in rows})
+            terminal = conn.execute(TERMINAL_FILES, {"ids": ids_json(files)}).fetchall()
+        return len(rows), [r[0] for r in terminal]
+
     def commitment_destination(self, uid: str) -> str | None:
         """The destination of transaction ``uid`` (None: unknown)."""
         with self._read(f"reading commitment transaction {uid}") as conn:
