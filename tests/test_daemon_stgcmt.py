@@ -64,6 +64,8 @@ def test_files_finish_only_once_committed(tmp_path: Path) -> None:
         assert 'forwarder_awaiting_commitment{destination="pacs"} 0.0' in text
         out = d.cli("status").stdout
         assert "3 stored, 0 awaiting commitment, 3 committed, 0 not committed" in out
+        with urllib.request.urlopen(f"http://{listen}/", timeout=10) as resp:
+            assert "3 committed, 0 awaiting" in resp.read().decode()
         assert d.stop() == 0
     asked = {str(r.ReferencedSOPInstanceUID) for r in scp.actions[0].ReferencedSOPSequence}
     assert asked == {f.sop_instance_uid for f in dropped}
