@@ -8,13 +8,16 @@ P-DATA-TF PDUs are walked PDV by PDV straight from the socket buffer: command fr
 gathered and decoded by hand, data set fragments go to the object's file as they arrive
 (:mod:`forwarder.net.scp_object`). The C-STORE-RSP / C-ECHO-RSP goes out once the object is
 checked and the sink has answered; a requestor that proposed an asynchronous operations window
-may send its next requests meanwhile (they wait in the socket; answers go in order).
+may send its next requests meanwhile (they wait in the socket; answers go in order). An
+N-ACTION-RQ on the Storage Commitment context (when the receiver answers commitment) has its
+small data set gathered in memory and is answered by :mod:`forwarder.net.scp_commitment`.
 
 Strict (PS3.8 9.3, PS3.7 9.3): a PDU of an unknown or unexpected type, longer than the maximum we
 announced, items or PDVs that do not exactly fill what holds them, a PDV on a context not
 accepted, a data set fragment before its command, a command fragment inside a data set, a
-command set that is not a valid C-STORE-RQ / C-ECHO-RQ: the association is aborted (A-ABORT,
-source service provider) and the object in progress deleted, never answered Success. A short
+command set that is not a valid C-STORE-RQ / C-ECHO-RQ / N-ACTION-RQ (or the response to a
+report we sent): the association is aborted (A-ABORT, source service provider) and the object
+in progress deleted, never answered Success. A short
 timeout for the first PDU (a silent connection holds no slot for long), the idle one after.
 Not here: sockets, TLS and slots (:mod:`forwarder.net.scp_server`).
 """
@@ -27,14 +30,8 @@ import threading
 import time
 
 from forwarder.errors import ProtocolError
-from forwarder.net.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
-from forwarder.net.commitment_scp import (
-    MAX_ACTION_SIZE,
-    ActionAnswer,
-    CommitmentResponder,
-    encode_dataset,
-    send_report,
-)
+from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
+from forwarder.net.commitment_scp import MAX_ACTION_SIZE, CommitmentResponder
 from forwarder.net.pdu import (
     APPLICATION_CONTEXT,
     MAX_COMMAND_SET,
@@ -64,13 +61,12 @@ from forwarder.net.scp_codec import (
     decode_associate_rq,
     decode_request,
     encode_abort,
-    encode_action_response,
     encode_associate_ac,
     encode_associate_rj,
-    encode_event_report,
     encode_pdata,
     encode_response,
 )
+from forwarder.net.scp_commitment import CommitmentExchange
 from forwarder.net.scp_object import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -128,9 +124,7 @@ class ScpAssociation:
         commitment: CommitmentResponder | None = None,
     ) -> None:
         self.commitment = commitment
-        self._reports_later: list[ActionAnswer] = []  # for a new association, once this ends
-        self._report_ids: set[int] = set()  # Message IDs of our N-EVENT-REPORTs not yet answered
-        self._next_id = 0
+        self._commit = CommitmentExchange(commitment) if commitment is not None else None
         self.wire = wire
         self.origin = origin
         self.settings = settings
@@ -188,7 +182,8 @@ class ScpAssociation:
         finally:
             self._drop_message()
             self.wire.close()
-            self._send_reports_later()
+            if self._commit is not None:
+                self._commit.after(self.origin.calling_ae)
 
     def _send_abort(self, reason: int) -> None:
         """A-ABORT, then wait (bounded, ARTIM-like) for the peer to close the connection, as
@@ -446,71 +441,22 @@ class ScpAssociation:
         policy accepts is a storage one but Verification's and Storage Commitment's."""
         return abstract not in NON_STORAGE
 
-    # -- storage commitment (PS3.4 J) -------------------------------------------------------------
+    # -- storage commitment (PS3.4 J): forwarder.net.scp_commitment -----------------------------
 
     def _n_action(self, request: DimseRequest, context_id: int, data: bytes) -> None:
-        """Answer the N-ACTION-RSP, then send the report here or keep it for a new association."""
-        assert self.commitment is not None
+        assert self._commit is not None
         syntax = self._contexts[context_id][1]
-        answer = self.commitment.answer(
-            request.sop_instance, request.action_type, data, syntax, self.origin.calling_ae
-        )
-        command = encode_action_response(request, answer.status)
-        self.wire.send(encode_pdata(context_id, command, self._send_limit))
-        if answer.report is None:
-            return
-        if self.commitment.report_to is not None:
-            self._reports_later.append(answer)
-            return
-        self._next_id = self._next_id % 0xFFFF + 1
-        command = encode_event_report(
-            self._next_id, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE, answer.event_type
-        )
-        data_set = encode_dataset(answer.report, syntax)
         self.wire.send(
-            encode_pdata(context_id, command, self._send_limit)
-            + encode_pdata(context_id, data_set, self._send_limit, is_command=False)
-        )
-        self._report_ids.add(self._next_id)
-        logger.info(
-            "storage commitment report (transaction %s) sent to %s on its association",
-            answer.transaction_uid,
-            self.origin.calling_ae,
+            self._commit.action(
+                request, context_id, syntax, data, self._send_limit, self.origin.calling_ae
+            )
         )
 
     def _report_answered(self, request: DimseRequest, message: _Message) -> None:
-        if request.message_id not in self._report_ids:
+        if self._commit is None or not self._commit.answered(request, self.origin.calling_ae):
             raise _Abort(f"N-EVENT-REPORT-RSP for message {request.message_id}", dimse=True)
-        self._report_ids.discard(request.message_id)
         if not request.has_data_set:  # else its Event Reply is read and dropped (_pdv)
             self._message = None
-        if request.status != STATUS_SUCCESS:
-            logger.warning(
-                "%s answered our storage commitment report with status 0x%04X",
-                self.origin.calling_ae,
-                request.status or 0,
-            )
-
-    def _send_reports_later(self) -> None:
-        """The reports for a new association (``--stgcmt-peer``), now this one has ended."""
-        if not self._reports_later or self.commitment is None:
-            return
-        assert self.commitment.report_to is not None
-        host, port = self.commitment.report_to
-        for answer in self._reports_later:
-            assert answer.report is not None
-            try:
-                send_report(
-                    host,
-                    port,
-                    self.origin.calling_ae,
-                    self.commitment.ae_title,
-                    answer.event_type,
-                    answer.report,
-                )
-            except Exception:
-                logger.exception("sending the storage commitment report to %s failed", host)
-        self._reports_later.clear()
 
     def _wrong_class(self, request: DimseRequest, message: _Message) -> Answer:
         # A presentation context carries one abstract syntax (PS3.8 7.1.1.13): a request on it is
