@@ -12,6 +12,9 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``listen-after-place``: a received object fsynced under ``incoming/.listen``, not yet routed;
 - ``listen-before-commit``: routed, its queue commit not yet made;
 - ``listen-before-answer``: queued, Success not yet answered to the modality.
+- ``stgcmt-before-action``: a storage commitment transaction recorded, its N-ACTION not sent;
+- ``stgcmt-before-record``: a trusted commitment report received, its outcome not recorded;
+- ``query-before-find``: a verify_by_query round recorded, its C-FINDs not sent.
 """
 
 from __future__ import annotations

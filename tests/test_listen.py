@@ -458,6 +458,7 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
 ) -> None:
     files = generated(tmp_path / "m", 40)
     answered: list[str] = []
+    dozen, killed = threading.Event(), threading.Event()
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
         port = listen_port(d)
 
@@ -470,6 +471,10 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
                     rsp = assoc.send_c_store(os.fspath(path))
                     if "Status" in rsp and int(rsp.Status) == 0:
                         answered.append(uid_of(path))
+                    if len(answered) == 12 and not dozen.is_set():
+                        # mid-push for sure: the rest goes only once the daemon was killed
+                        dozen.set()
+                        killed.wait(30)
             finally:
                 if assoc.is_established:
                     assoc.release()
@@ -477,8 +482,9 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
 
         sender = threading.Thread(target=modality)
         sender.start()
-        wait_until(lambda: len(answered) >= 12, 30, what="a dozen answered")
+        assert dozen.wait(30), "a dozen answered"
         d.kill()
+        killed.set()
         sender.join(30)
         assert not sender.is_alive()
         success = list(answered)

@@ -58,6 +58,7 @@ PARAMS = {
     "destination": "pacs",
     "limit": 64,
     "max_rank": 2,
+    "commit": 0,
     "ids": "[1, 2, 3]",
     "status": "DONE",
     "last_status": 0,

@@ -418,6 +418,24 @@ def _after_association(fault: str, port: int) -> Raw:
             elem(0x0100, struct.pack("<H", 0x0001)), elem(0x0100, struct.pack("<H", 0x0020))
         )
         raw.send(pdata(1, 0x03, find))
+    elif fault == "an N-ACTION on a storage context":
+        action = (
+            elem(0x0003, uid_value("1.2.840.10008.1.20.1"))
+            + elem(0x0100, struct.pack("<H", 0x0130))
+            + elem(0x0110, struct.pack("<H", 1))
+            + elem(0x0800, struct.pack("<H", 0x0000))
+            + elem(0x1001, uid_value("1.2.840.10008.1.20.1.1"))
+            + elem(0x1008, struct.pack("<H", 1))
+        )
+        raw.send(pdata(1, 0x03, elem(0x0000, struct.pack("<I", len(action))) + action))
+    elif fault == "an N-EVENT-REPORT-RSP for no report":
+        rsp = (
+            elem(0x0100, struct.pack("<H", 0x8100))
+            + elem(0x0120, struct.pack("<H", 7))
+            + elem(0x0800, struct.pack("<H", 0x0101))
+            + elem(0x0900, struct.pack("<H", 0x0000))
+        )
+        raw.send(pdata(1, 0x03, elem(0x0000, struct.pack("<I", len(rsp))) + rsp))
     return raw
 
 
@@ -433,6 +451,8 @@ def _after_association(fault: str, port: int) -> Raw:
         "unknown PDU type",
         "A-ASSOCIATE-RQ again",
         "a C-FIND",
+        "an N-ACTION on a storage context",
+        "an N-EVENT-REPORT-RSP for no report",
     ],
 )
 def test_protocol_faults_after_association_are_aborted_and_leave_nothing(

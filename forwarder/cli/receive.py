@@ -55,6 +55,13 @@ def _network(value: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (port 1..65535)")
+    return host.strip("[]"), int(port)
+
+
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "receive",
@@ -64,8 +71,10 @@ def add_parser(subparsers: Any) -> None:
             "<SOPInstanceUID>.dcm (DIR/no-study-uid/<SOPInstanceUID>.dcm without a Study "
             "Instance UID), atomically. Success is answered only once the whole data set has "
             "been parsed and its SOP Class/Instance UIDs match the request's; anything else is "
-            "answered with a failure status and an error comment, and not kept. Runs until "
-            "SIGTERM or SIGINT."
+            "answered with a failure status and an error comment, and not kept. Answers storage "
+            "commitment requests (N-ACTION) for what DIR holds: an instance is committed when "
+            "DIR/*/<SOPInstanceUID>.dcm exists with that SOP Class; the report goes on the same "
+            "association, or with --stgcmt-peer on a new one. Runs until SIGTERM or SIGINT."
         ),
     )
     p.add_argument("--port", type=_port, required=True, help="TCP port (0 = any free port)")
@@ -104,6 +113,13 @@ def add_parser(subparsers: Any) -> None:
         help="accept private and unknown SOP classes too, each in the transfer syntax the "
         "caller proposes first (storescp +pm)",
     )
+    p.add_argument(
+        "--stgcmt-peer",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="send storage commitment reports on a new association to HOST:PORT (called AE: "
+        "the requester's calling AE title) instead of on the requester's association",
+    )
     p.add_argument("--max-associations", type=positive, default=16, metavar="N")
     p.add_argument(
         "--max-object-size",
@@ -141,6 +157,7 @@ def settings_from_args(
         max_pdu=args.max_pdu,
         tls=tls,
         promiscuous=args.promiscuous,
+        commitment_peer=args.stgcmt_peer,
     )
 
 

@@ -24,6 +24,8 @@ from forwarder.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    _stgcmt,
     setup_logging,
 )
 from forwarder.cli._argtypes import positive
@@ -61,7 +63,14 @@ Instance UID, pixel data matching the transfer syntax): a broken file is refused
 naming the file and the fault and is never sent. --no-check sends files as they are (meta header
 only; experts, for peers that must receive broken data).
 
-Exit status: 0 every file stored (Success or Warning); 1 at least one file not stored; 2 bad
+--stgcmt: after storing, one N-ACTION (Storage Commitment Push Model) asks the peer to commit
+every instance it stored; the report is taken on that association, or with --stgcmt-port PORT on
+an association the peer opens to our calling AE title on PORT (the peer must have that address
+for our AE title); what is not committed within --stgcmt-timeout (default 60s) counts as not
+committed: a NOT COMMITTED line, "commitment" in --report, and exit status 1.
+
+Exit status: 0 every file stored (Success or Warning); 1 at least one file not stored (or, with
+--stgcmt, not committed); 2 bad
 command line; 3 the peer could not be reached or refused the association and nothing was stored;
 78 invalid config file.
 """
@@ -120,6 +129,7 @@ def add_parser(sub: Any) -> None:
         help="send files as they are, without the end-to-end data set check (experts only)",
     )
     g.add_argument("--report", metavar="FILE.json", help="write one JSON record per file")
+    _stgcmt.add_options(p)
     o = p.add_argument_group("output")
     o.add_argument("-v", "--verbose", action="count", default=0, help="one line per file")
     o.add_argument("-d", "--debug", action="store_true", help="debug logging")
@@ -162,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_or_report(args, "send", needs_files=True)
     if isinstance(target, int):
         return target
+    problem = _stgcmt.usage_problem(args, target)
+    if problem is not None:
+        print(f"forwarder send: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     files, missing = collect_files(target.files)
     records: list[dict[str, Any]] = []
     bad: list[SendOutcome] = []
@@ -192,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
             opened += n
     finally:
         progress.finish()
+    verdicts = None
+    if args.stgcmt:
+        assert isinstance(target, Target)
+        verdicts = _stgcmt.request(args, target, outcomes)
     already_printed = {id(o) for o in bad}
     for o in outcomes:
         if id(o) not in already_printed:
@@ -207,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
                     o.status or 0,
                 )
         records.append(_record(o))
+        if verdicts is not None:
+            _stgcmt.annotate(records[-1], verdicts, o)
     counts = Counter(o.outcome for o in outcomes)
     stored = counts[Outcome.STORED] + counts[Outcome.WARNING]
     # Against what was asked, not what came back: a file without an outcome is not stored.
@@ -220,8 +240,15 @@ def run(args: argparse.Namespace) -> int:
             f"to {_where(target)}",
             file=sys.stderr,
         )
+    not_committed = 0
+    if verdicts is not None:
+        _stgcmt.print_outcome(verdicts, outcomes, quiet=args.quiet)
+        not_committed = verdicts.counts()[1]
     if args.report:
-        _write_report(args.report, target, records, stored, failed)
+        extra = {"storage_commitment": _stgcmt.summary(verdicts)} if verdicts else {}
+        _write_report(args.report, target, records, stored, failed, extra)
+    if not_committed:
+        return EXIT_FAILED
     if failed == 0:
         return EXIT_OK
     if stored == 0 and opened == 0 and refused:
@@ -398,7 +425,12 @@ def _record(o: SendOutcome) -> dict[str, Any]:
 
 
 def _write_report(
-    path: str, target: Target | WebTarget, records: list[dict[str, Any]], stored: int, failed: int
+    path: str,
+    target: Target | WebTarget,
+    records: list[dict[str, Any]],
+    stored: int,
+    failed: int,
+    extra: dict[str, Any],
 ) -> None:
     peer: dict[str, Any]
     if isinstance(target, WebTarget):
@@ -415,6 +447,7 @@ def _write_report(
         "calling_ae_title": calling,
         "stored": stored,
         "failed": failed,
+        **extra,
         "files": records,
     }
     tmp = f"{path}.tmp"

@@ -45,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from forwarder.queue import Queue
 
     names = [d.name for d in config.destinations]
+    proof = [d.name for d in config.destinations if d.storage_commitment or d.verify_by_query]
     try:
         if os.path.exists(config.queue):
             with Queue(config.queue, create=False) as queue:
-                status = read_status(queue, names)
+                status = read_status(queue, names, proof)
         else:
-            status = read_status(None, names)
+            status = read_status(None, names, proof)
     except ForwarderError as exc:
         print(f"forwarder status: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -73,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
             f"{name:<20} {r['pending']:>8} {r['in_flight']:>9} {r['done']:>8} {r['failed']:>7}"
             f"  {age}{extra}"
         )
+        if "awaiting_commitment" in r:
+            print(
+                f"  proof of delivery: {r['stored']} stored, {r['awaiting_commitment']} awaiting "
+                f"commitment, {r['committed']} committed, {r['commitment_failures']} not "
+                "committed (sent again or failed)"
+            )
         if r["state"] in _STATE_TEXT:
             since = status.since[name]
             print(

@@ -164,7 +164,55 @@ def check_url(value: Any) -> str:
 WebURL = Annotated[str, BeforeValidator(check_url), WithJsonSchema({"type": "string"})]
 
 #: Keys that only a DIMSE (C-STORE) destination takes.
-_DIMSE_ONLY = ("ae_title", "host", "port", "calling_ae_title", "max_pdu", "release_timeout")
+_DIMSE_ONLY = (
+    "ae_title",
+    "host",
+    "port",
+    "calling_ae_title",
+    "max_pdu",
+    "release_timeout",
+    "storage_commitment",
+    "verify_by_query",
+)
+
+
+class StorageCommitment(_Model):
+    """Proof of delivery by DICOM Storage Commitment (Push Model, PS3.4 Annex J): files go to
+    done/ only once this destination has committed them."""
+
+    timeout: Duration = Field(3600.0, gt=0, description="wait this long for the report")
+    max_resends: int = Field(
+        3, ge=0, le=100, description="send an uncommitted instance again at most this often"
+    )
+    settle: Duration = Field(
+        10.0,
+        ge=0,
+        description="request commitment for a study once nothing was stored for it this long",
+    )
+    max_instances: int = Field(
+        500, ge=1, le=10000, description="or once this many of its instances are stored"
+    )
+    port: Port | None = Field(
+        None,
+        description="accept reports on associations the peer opens to us on this port "
+        "(the peer must have our AE title at this address); omitted: on the same association",
+    )
+    ae_title: AETitle | None = Field(
+        None, description="the AE title those reports are sent to (default: our calling AE)"
+    )
+    bind: str = Field("0.0.0.0", min_length=1, description="the address the port listens on")
+    wait_on_association: Duration = Field(
+        10.0, ge=0, description="how long to keep the requesting association open for a report"
+    )
+
+
+class VerifyByQuery(_Model):
+    """Proof of delivery by C-FIND (IMAGE level) where the peer has no storage commitment."""
+
+    after: Duration = Field(600.0, ge=0, description="ask this long after storing")
+    max_resends: int = Field(
+        3, ge=0, le=100, description="send an instance the peer lacks again at most this often"
+    )
 
 
 class Destination(_Model):
@@ -197,6 +245,12 @@ class Destination(_Model):
         False, description="decompress lossy JPEG when the peer only accepts uncompressed"
     )
     tls: TLSConfig | None = None
+    storage_commitment: StorageCommitment | None = Field(
+        None, description="require storage commitment before a file is done (omitted = off)"
+    )
+    verify_by_query: VerifyByQuery | None = Field(
+        None, description="check with C-FIND that the peer holds what it stored (omitted = off)"
+    )
     modify: Modify | None = Field(
         None, description="changes made to what is sent here, after the routes' own"
     )
@@ -237,6 +291,11 @@ class Destination(_Model):
         if problem is not None:
             # Reported by _cross_check with key and line when the config comes from YAML.
             raise PydanticCustomError("destination_shape", problem)
+        if self.url is not None and (self.storage_commitment or self.verify_by_query):
+            raise PydanticCustomError(
+                "destination_shape",
+                "storage_commitment and verify_by_query need a DIMSE destination, not url",
+            )
         return self
 
     @property

@@ -22,7 +22,8 @@ from forwarder.conformance.engine import _Engine, _engine
 from forwarder.conformance.markdown import _table
 from forwarder.conformance.scp import _ae_receive
 from forwarder.conformance.scu import _ae_daemon, _ae_echo, _ae_send
-from forwarder.net import pdu
+from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
+from forwarder.net.scp_policy import NON_STORAGE
 
 
 def render() -> str:
@@ -72,9 +73,10 @@ def _cover(e: _Engine) -> list[str]:
 
 def _overview(e: _Engine) -> list[str]:
     n_storage = sum(
-        1
-        for c in e.receive_ae.supported_contexts
-        if c.abstract_syntax != pdu.VERIFICATION_SOP_CLASS
+        1 for c in e.receive_ae.supported_contexts if c.abstract_syntax not in NON_STORAGE
+    )
+    commits = any(
+        c.abstract_syntax == STORAGE_COMMITMENT_PUSH for c in e.receive_ae.supported_contexts
     )
     return [
         "## 1 Conformance Statement Overview",
@@ -83,8 +85,10 @@ def _overview(e: _Engine) -> list[str]:
         "one unchanged to one or more remote archives, retrying until they have it or a permanent "
         "refusal says they never will. An operator can also send files by hand, test that a "
         "remote system answers, and run a small receiver that writes what it is sent into a "
-        "folder. forwarder does not query, retrieve, print, or create images of its own, and "
-        "it does not read or write removable media.",
+        "folder. Where configured it asks the remote archive for proof that it keeps what it "
+        "received (storage commitment, or a query for each instance) and sends again what it "
+        "lacks. forwarder does not retrieve, print, or create images of its own, and it does "
+        "not read or write removable media.",
         "",
         *_table(
             ["SOP Classes", "User of Service (SCU)", "Provider of Service (SCP)"],
@@ -104,10 +108,33 @@ def _overview(e: _Engine) -> list[str]:
                 ],
                 ["**Verification**", "", ""],
                 ["Verification SOP Class", "Yes (`forwarder echo`)", "Yes (`forwarder receive`)"],
+                *(
+                    [
+                        ["**Workflow Management**", "", ""],
+                        [
+                            "Storage Commitment Push Model SOP Class",
+                            "Yes (`forwarder send --stgcmt`, `forwarder run` with "
+                            "`storage_commitment`)",
+                            "Yes (`forwarder receive`)",
+                        ],
+                        ["**Query/Retrieve**", "", ""],
+                        [
+                            "Study Root Query/Retrieve Information Model - FIND",
+                            "Yes (`forwarder run` with `verify_by_query`)",
+                            "No",
+                        ],
+                    ]
+                    if commits
+                    else []
+                ),
             ],
         ),
-        "No Query/Retrieve, Workflow Management or Print Management services are supported. "
-        "No Media Storage Application Profiles are supported.",
+        (
+            "No Query/Retrieve MOVE/GET or Print Management services are supported"
+            if commits
+            else "No Query/Retrieve, Workflow Management or Print Management services are supported"
+        )
+        + ". No Media Storage Application Profiles are supported.",
         "",
     ]
 

@@ -15,6 +15,8 @@ from forwarder.conformance.engine import _Engine, _status_meaning
 from forwarder.conformance.markdown import _bytes, _hex, _name, _seconds, _syntax, _table
 from forwarder.net import pdu, receiver, scp_object
 from forwarder.net import status as dimse_status
+from forwarder.net.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from forwarder.net.scp_policy import NON_STORAGE
 
 
 def _receiver_statuses() -> list[list[str]]:
@@ -36,10 +38,11 @@ def _receiver_statuses() -> list[list[str]]:
 def _ae_receive(e: _Engine) -> list[str]:
     ae = e.receive_ae
     s = e.receive_settings
-    storage = [c for c in ae.supported_contexts if c.abstract_syntax != pdu.VERIFICATION_SOP_CLASS]
+    storage = [c for c in ae.supported_contexts if c.abstract_syntax not in NON_STORAGE]
     verification = [
         c for c in ae.supported_contexts if c.abstract_syntax == pdu.VERIFICATION_SOP_CLASS
     ]
+    commitment = [c for c in ae.supported_contexts if c.abstract_syntax == STORAGE_COMMITMENT_PUSH]
     accepted = list(storage[0].transfer_syntax) if storage else []
     return [
         "#### 3.2.4 Storage SCP (`forwarder receive`)",
@@ -47,7 +50,7 @@ def _ae_receive(e: _Engine) -> list[str]:
         "##### 3.2.4.1 SOP Classes",
         "",
         "This AE provides Standard Conformance to the following "
-        f"{len(storage) + len(verification)} "
+        f"{len(storage) + len(verification) + len(commitment)} "
         "SOP classes, as SCP only (the storage list is pynetdicom's, as the receiver registers "
         "it). With `--promiscuous` it also accepts every other SOP class proposed for storage, "
         "private and unknown ones included, each in the first transfer syntax the caller "
@@ -57,7 +60,7 @@ def _ae_receive(e: _Engine) -> list[str]:
             ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
             [
                 [_name(c.abstract_syntax), f"`{c.abstract_syntax}`", "No", "Yes"]
-                for c in [*verification, *storage]
+                for c in [*verification, *commitment, *storage]
             ],
         ),
         "##### 3.2.4.2 Association Policies",
@@ -113,6 +116,16 @@ def _ae_receive(e: _Engine) -> list[str]:
             if verification
             else []
         ),
+        *(
+            [
+                "Storage Commitment Push Model is accepted in: "
+                + ", ".join(_syntax(t) for t in commitment[0].transfer_syntax)
+                + ".",
+                "",
+            ]
+            if commitment
+            else []
+        ),
         "Role: SCP only; no SCP/SCU Role Selection or Extended Negotiation is accepted.",
         "",
         "##### 3.2.4.4 SOP Specific Conformance: Storage SCP",
@@ -154,5 +167,30 @@ def _ae_receive(e: _Engine) -> list[str]:
         'is answered 0xA700 with the Error Comment "the gateway is low on disk space" and '
         'not kept; an object that cannot be queued is answered 0xA700 "cannot queue the '
         'object".',
+        "",
+        *(_commitment_scp() if commitment else []),
+    ]
+
+
+def _commitment_scp() -> list[str]:
+    return [
+        "##### 3.2.4.5 SOP Specific Conformance: Storage Commitment Push Model SCP",
+        "",
+        "An N-ACTION-RQ (Action Type ID 1, on the well-known SOP Instance "
+        f"`{STORAGE_COMMITMENT_INSTANCE}`) is answered at once with an N-ACTION-RSP: "
+        "Success, or 0x0123 (another Action Type), 0x0112 (another SOP Instance), 0x0115 (no "
+        "Transaction UID or an empty or incomplete Referenced SOP Sequence), 0x0110 (a data "
+        "set that cannot be read). Then each referenced instance is looked up in the output "
+        "folder as `DIR/*/<SOPInstanceUID>.dcm` (the layout of 3.2.4.4; the request has no "
+        "Study UID, so every study folder is looked in) and its meta header read: the "
+        "instance is committed when the file holds that SOP Instance of that SOP Class; "
+        "otherwise it is in the Failed SOP Sequence with Failure Reason 0x0112 (not held), "
+        "0x0119 (held under another SOP Class) or 0x0110 (unreadable). The N-EVENT-REPORT-RQ "
+        "(Event Type ID 1 all committed, 2 failures; Retrieve AE Title our AE title) goes on "
+        "the requester's association right after the N-ACTION-RSP, in the context's "
+        "transfer syntax; with `--stgcmt-peer HOST:PORT`, on a new association to HOST:PORT "
+        "once the requester's association has ended, called AE title the requester's calling "
+        "AE title, proposing SCP/SCU Role Selection with us as SCP. Commitment lasts as long "
+        "as the file stays in the output folder: `receive` does not keep objects itself.",
         "",
     ]

@@ -29,6 +29,12 @@ from forwarder.dicom import transcode
 from forwarder.errors import ProtocolError
 from forwarder.net import pdu
 from forwarder.net.association import AssociationSettings
+from forwarder.net.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+)
+from forwarder.net.query_scu import STUDY_ROOT_FIND
 
 
 def _assoc_policy_rows(settings: AssociationSettings) -> list[list[str]]:
@@ -284,7 +290,19 @@ def _ae_daemon(e: _Engine) -> list[str]:
                     "any",
                     "Yes",
                     "No",
-                ]
+                ],
+                [
+                    _name(STORAGE_COMMITMENT_PUSH) + " (with `storage_commitment`)",
+                    f"`{STORAGE_COMMITMENT_PUSH}`",
+                    "Yes",
+                    "No",
+                ],
+                [
+                    _name(STUDY_ROOT_FIND) + " (with `verify_by_query`)",
+                    f"`{STUDY_ROOT_FIND}`",
+                    "Yes",
+                    "No",
+                ],
             ],
         ),
         *_scu_policies(e, "3.2.1.2", e.daemon, count),
@@ -298,7 +316,29 @@ def _ae_daemon(e: _Engine) -> list[str]:
         *_status_section("3.2.1.5"),
         "##### 3.2.1.6 Association Acceptance Policy",
         "",
-        "The Forwarding SCU accepts no associations.",
+        "The Forwarding SCU accepts no storage associations. With `storage_commitment.port` "
+        "set, a small acceptor on that port accepts associations proposing the Storage "
+        "Commitment Push Model (either role; Verification too) for N-EVENT-REPORTs only.",
+        "",
+        "##### 3.2.1.7 SOP Specific Conformance: Proof of Delivery",
+        "",
+        "**Storage Commitment Push Model SCU** (`storage_commitment`): stored instances are "
+        "grouped per study (once nothing was stored for it for `settle`, or every "
+        "`max_instances`); for each group the transaction is recorded in the queue, then one "
+        "N-ACTION-RQ (Action Type ID 1, as 3.2.2.3) goes on an association of its own. The "
+        "N-EVENT-REPORT is accepted on that association (kept open `wait_on_association`), on "
+        "the acceptor of 3.2.1.6, or, after a restart, for any transaction still open; it is "
+        "trusted as in 3.2.2.3. Instances in the Failed SOP Sequence or not reported by "
+        "`timeout` are sent again (C-STORE) and asked about again, up to `max_resends`, then "
+        'reported failed ("stored but not committed" with the Failure Reason).',
+        "",
+        "**Study Root Query/Retrieve Information Model - FIND SCU** (`verify_by_query`): "
+        "`after` the store, one C-FIND-RQ per instance at IMAGE level with Query/Retrieve "
+        "Level, Study, Series and SOP Instance UID (unique keys only), "
+        + ", ".join(_syntax(t) for t in COMMITMENT_SYNTAXES)
+        + ". A Pending response naming the instance means held; Success without one means "
+        "not held (the instance is sent again, as for storage commitment); any other status "
+        "decides nothing (asked again later).",
         "",
     ]
 
@@ -323,7 +363,14 @@ def _ae_send(e: _Engine) -> list[str]:
         "",
         *_table(
             ["SOP Class Name", "SOP Class UID", "SCU", "SCP"],
-            [["Any Storage SOP Class a file carries", "any", "Yes", "No"]],
+            [
+                ["Any Storage SOP Class a file carries", "any", "Yes", "No"],
+                *(
+                    [[_name(STORAGE_COMMITMENT_PUSH), f"`{STORAGE_COMMITMENT_PUSH}`", "Yes", "No"]]
+                    if _has_option(e.parsers["send"], "--stgcmt")
+                    else []
+                ),
+            ],
         ),
         *_scu_policies(e, "3.2.2.1", s, count),
         "##### 3.2.2.2 Association Initiation Policy",
@@ -336,6 +383,33 @@ def _ae_send(e: _Engine) -> list[str]:
         "Exit status: 0 every file stored (Success or Warning), 1 at least one not stored, "
         "2 bad command line, 3 the peer could not be reached or refused the association and "
         "nothing was stored, 78 invalid config file.",
+        "",
+        *(_stgcmt_scu() if _has_option(e.parsers["send"], "--stgcmt") else []),
+    ]
+
+
+def _stgcmt_scu() -> list[str]:
+    from forwarder.cli._stgcmt import DEFAULT_TIMEOUT
+
+    return [
+        "##### 3.2.2.3 SOP Specific Conformance: Storage Commitment Push Model SCU",
+        "",
+        "With `--stgcmt`, after the C-STOREs, one further association (pynetdicom) proposes "
+        "the Storage Commitment Push Model in "
+        + ", ".join(_syntax(t) for t in COMMITMENT_SYNTAXES)
+        + " (role SCU, no role selection) and sends one N-ACTION-RQ (Action Type ID 1) on "
+        f"the well-known SOP Instance `{STORAGE_COMMITMENT_INSTANCE}`, with a new Transaction "
+        "UID and a Referenced SOP Sequence naming each instance the peer answered Success or "
+        "Warning for. The N-EVENT-REPORT (Event Type 1 or 2) is accepted on that association, "
+        "which stays open until the report, the peer's release or `--stgcmt-timeout` "
+        f"(default {_seconds(DEFAULT_TIMEOUT)}); with `--stgcmt-port PORT` the association is "
+        "released after the N-ACTION-RSP and the report is accepted on an association the "
+        "peer opens to the calling AE title on PORT (SCU or SCP role proposed by the peer "
+        "accepted; Verification accepted too). A report is trusted only when its Transaction "
+        "UID is ours and every instance it names was asked for, with the same SOP Class, once; "
+        "otherwise it is logged, answered 0x0110 or 0x0115, and ignored. An instance in the "
+        "Failed SOP Sequence (with its Failure Reason), or not reported in time, is not "
+        "committed: it is named in `--report` and the exit status is 1.",
         "",
     ]
 

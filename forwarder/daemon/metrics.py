@@ -85,11 +85,29 @@ class _QueueCollector(Collector):
     def __init__(self) -> None:
         self.source: QueueSource | None = None
         self.failed_folder: Path | None = None
+        self.commitment_source: Callable[[], dict[str, Any]] | None = None
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
-        return list(self._families())
+        return [*self._families(), self._awaiting_family()]
+
+    @staticmethod
+    def _awaiting_family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "forwarder_awaiting_commitment",
+            "Instances stored at a destination that requires proof of delivery and not yet "
+            "committed (storage commitment or a verifying query) per destination.",
+            labels=["destination"],
+        )
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
+        awaiting = self._awaiting_family()
+        if self.commitment_source is not None:
+            try:
+                for destination, c in sorted(self.commitment_source().items()):
+                    awaiting.add_metric([destination], float(c.awaiting))
+            except Exception as exc:
+                logger.warning("metrics: cannot read the commitment counts: %s", exc)
+        yield awaiting
         items, oldest, failed_files = self._families()
         source = self.source
         if source is not None:
@@ -105,7 +123,7 @@ class _QueueCollector(Collector):
                 logger.warning("metrics: cannot read the queue counts: %s", exc)
         if self.failed_folder is not None:
             failed_files.add_metric([], float(_count_failed(self.failed_folder)))
-        return [items, oldest, failed_files]
+        yield from (items, oldest, failed_files)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
@@ -242,6 +260,13 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self._commitment = Counter(
+            "forwarder_commitment_instances",
+            "Instances whose proof of delivery was decided, by outcome: committed, resent (not "
+            "committed, sent again), failed (not committed, resends exhausted).",
+            ["destination", "outcome"],
+            registry=reg,
+        )
         self._info = Gauge(
             "forwarder_build_info", "Always 1; the version label.", ["version"], registry=reg
         )
@@ -277,6 +302,17 @@ class Metrics:
         self._files.labels(destination, value).inc()
         self._bytes.labels(destination, value).inc(max(0, nbytes))
         self._latency.labels(destination).observe(max(0.0, seconds))
+
+    def commitment_outcome(
+        self, destination: str, committed: int, resent: int, failed: int
+    ) -> None:
+        """One commitment transaction's (or verifying query's) outcome."""
+        for outcome, n in (("committed", committed), ("resent", resent), ("failed", failed)):
+            self._commitment.labels(destination, outcome).inc(n)
+
+    def set_commitment_source(self, fn: Callable[[], dict[str, Any]]) -> None:
+        """``fn()`` returns ``{destination: counts}`` with ``.awaiting``, read on scrape."""
+        self._queue.commitment_source = fn
 
     def retry(self, destination: str) -> None:
         """An item was rescheduled after a transient failure (refused, timeout, busy)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
@@ -34,6 +35,7 @@ from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
+from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
 from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
@@ -93,6 +95,8 @@ class Service:
         self._unhealthy: list[str] = []  # what the last health check found wrong
         self._lock_fd: int | None = None
         self.metrics: Any = None  # forwarder.daemon.metrics.Metrics when metrics.listen is set
+        self.commitment: CommitmentKeeper | None = None  # storage commitment (issue 14)
+        self.verifier: QueryVerifier | None = None  # verify_by_query (issue 14)
         self.status_page: StatusPage | None = None  # on the metrics listener
         self.listener: Listener | None = None  # the Storage SCP, when listen: is set
         self._started = time.time()
@@ -147,6 +151,7 @@ class Service:
                 self.metrics = Metrics()
                 self.ingest.metrics = self.metrics
                 self.metrics.set_queue_source(self._queue_stats)
+                self.metrics.set_commitment_source(self.queue.commitment_counts)
                 self.metrics.set_failed_folder(c.failed)
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
@@ -158,6 +163,7 @@ class Service:
                 self.metrics.start_server(c.metrics.listen)
             for dest in c.destinations:
                 self._start_workers(dest)
+            self._start_proof()
             self.watcher = Watcher(
                 c.incoming,
                 self.ingest,
@@ -235,6 +241,53 @@ class Service:
         )
         workers.start()
         self._workers[dest.name] = workers
+
+    def _start_proof(self) -> None:
+        """The storage commitment keeper, for the destinations that require commitment."""
+        self.commitment = CommitmentKeeper(
+            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+        )
+        self.commitment.configure(self._proof_targets())
+        self.commitment.start()
+        self.verifier = QueryVerifier(
+            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+        )
+        self.verifier.configure(self._query_targets())
+        self.verifier.start()
+        self._settle_proof()
+
+    def _settle_proof(self) -> None:
+        """Destinations (configured or not) with instances awaiting proof that no longer
+        require it: those count as delivered, as they would have without proof."""
+        wanted = {
+            d.name for d in self.config.destinations if d.storage_commitment or d.verify_by_query
+        }
+        for name, counts in self.queue.commitment_counts().items():
+            if name in wanted or not counts.awaiting:
+                continue
+            released, files = self.queue.drop_proof(name)
+            logger.warning(
+                "%s no longer requires proof of delivery: %d stored instance(s) no longer await "
+                "it and count as delivered",
+                name,
+                released,
+            )
+            self.finisher.submit(files)
+
+    def _proof_targets(self) -> list[ProofTarget]:
+        return [
+            ProofTarget(d, association_settings(d, self.config))
+            for d in self.config.destinations
+            if d.storage_commitment is not None
+        ]
+
+    def _query_targets(self) -> list[QueryTarget]:
+        """Destinations verified by C-FIND (storage commitment, when also set, wins)."""
+        return [
+            QueryTarget(d, association_settings(d, self.config))
+            for d in self.config.destinations
+            if d.verify_by_query is not None and d.storage_commitment is None
+        ]
 
     def _fail_orphans(self) -> None:
         """Jobs for destinations no longer configured go to failed/ (``retry`` brings them back)."""
@@ -392,6 +445,11 @@ class Service:
             else:
                 self._workers[name].retry = new.retry
         self._fail_orphans()
+        if self.commitment is not None:
+            self.commitment.configure(self._proof_targets())
+        if self.verifier is not None:
+            self.verifier.configure(self._query_targets())
+            self._settle_proof()
         added = sorted(set(new_dests) - set(old_dests))
         removed = sorted(set(old_dests) - set(new_dests))
         logger.info(
@@ -416,6 +474,10 @@ class Service:
         for w in self._workers.values():
             w.stop(_STOP_TIMEOUT)
         self._workers.clear()
+        if self.commitment is not None:
+            self.commitment.stop()
+        if self.verifier is not None:
+            self.verifier.stop()
         finisher = getattr(self, "finisher", None)
         if finisher is not None:
             finisher.stop()

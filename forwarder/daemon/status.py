@@ -59,16 +59,23 @@ def _empty() -> dict[str, Any]:
     }
 
 
-def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueStatus:
+def read_status(
+    queue: Queue | None, destination_names: Sequence[str], proof: Sequence[str] = ()
+) -> QueueStatus:
     """The status of every configured destination (zeros when ``queue`` is None: the daemon
-    never ran) and of every destination the queue has rows for. Raises ForwarderError when
-    the database cannot be read."""
+    never ran) and of every destination the queue has rows for. Destinations in ``proof``
+    (storage commitment or verify_by_query) and any with commitment activity also show
+    ``stored`` (what the peer answered Success for, the same as ``done``), ``awaiting_commitment``,
+    ``committed`` and ``commitment_failures`` (instances reported not committed, each time:
+    sent again or failed). Raises ForwarderError when the database cannot be read."""
     result: dict[str, dict[str, Any]] = {}
     states: dict[str, Any] = {}
     paused: dict[str, float] = {}
     waiting = 0
     finishing_error: str | None = None
+    commitment: dict[str, Any] = {}
     if queue is not None:
+        commitment = queue.commitment_counts()
         stats = queue.stats(destinations=destination_names)
         waiting = queue.waiting_to_move()
         problem = queue.problems().get("finish")
@@ -87,6 +94,13 @@ def read_status(queue: Queue | None, destination_names: Sequence[str]) -> QueueS
             }
     for name in destination_names:
         result.setdefault(name, _empty())
+    for name in set(proof) | set(commitment):
+        r = result.setdefault(name, _empty())
+        c = commitment.get(name)
+        r["stored"] = r["done"]
+        r["awaiting_commitment"] = c.awaiting if c else 0
+        r["committed"] = c.committed if c else 0
+        r["commitment_failures"] = c.uncommitted if c else 0
     since: dict[str, float] = {}
     for name, r in result.items():
         # Never recorded: the daemon has not needed an association yet, nothing says it is down.

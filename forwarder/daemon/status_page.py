@@ -286,12 +286,22 @@ def _destination_rows(destinations: dict[str, dict[str, Any]]) -> str:
             f'<td class="n">{_e(r["in_flight"])}</td>'
             f'<td class="n">{_e(_age(r["oldest_pending_seconds"]))}</td>'
             f'<td class="n">{_e("-" if rate is None else f"{rate:.1f}")}</td>'
-            f'<td class="n">{_e(r["done"])}</td>'
+            f'<td class="n">{_e(r["done"])}{_proof(r)}</td>'
             f'<td class="n">{_e(r["failed"])}</td>'
             f'<td class="err">{_e(r.get("last_error") or "")}</td>'
             "</tr>"
         )
     return "\n".join(rows)
+
+
+def _proof(r: dict[str, Any]) -> str:
+    """Under Done, for a destination with proof of delivery: committed and awaiting."""
+    if "awaiting_commitment" not in r:
+        return ""
+    return (
+        f'<div class="since">{_e(r["committed"])} committed, '
+        f"{_e(r['awaiting_commitment'])} awaiting</div>"
+    )
 
 
 def _outcome_item(d: dict[str, Any]) -> str:

@@ -124,6 +124,10 @@ class DestinationWorkers:
         if destination.max_rate is not None or destination.outside_window_rate is not None:
             self.pacer = Pacer(destination.max_rate)
             self.settings = dataclasses.replace(settings, pacer=self.pacer)
+        #: Stored is not enough: the destination must commit (or hold, by query) what it stored.
+        self.needs_proof = (
+            destination.storage_commitment is not None or destination.verify_by_query is not None
+        )
         self._spares = SpareAssociations(destination, retry, self._channels)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -424,7 +428,9 @@ class DestinationWorkers:
         try:
             for ack in acks:
                 if ack.kind == "done":
-                    finished += self.queue.ack_done(ack.ids, status=ack.status)
+                    finished += self.queue.ack_done(
+                        ack.ids, status=ack.status, commitment=self.needs_proof
+                    )
                 elif ack.kind == "failed":
                     finished += self.queue.ack_failed(
                         ack.ids[0], error=ack.error, status=ack.status

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from forwarder.dicom.check import scan_file  # noqa: F401 - the check Success waits for
 from forwarder.errors import ForwarderError
+from forwarder.net.commitment_scp import CommitmentResponder, FolderHoldings
 from forwarder.net.placement import NO_STUDY_FOLDER, FolderSink, safe_uid_name
 from forwarder.net.scp_codec import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociateRequest
 from forwarder.net.scp_object import ObjectSink, Origin
@@ -89,6 +90,8 @@ class ReceiverSettings:
     max_pdu: int = 262144
     tls: ssl.SSLContext | None = None
     promiscuous: bool = False  # storescp +pm: private and unknown SOP classes too
+    commitment: bool = True  # answer storage commitment requests for what output holds
+    commitment_peer: tuple[str, int] | None = None  # send reports on a new association here
 
 
 def profile(settings: ReceiverSettings) -> ScpProfile:
@@ -99,6 +102,7 @@ def profile(settings: ReceiverSettings) -> ScpProfile:
         max_associations=settings.max_associations,
         require_called_aet=settings.require_called_aet,
         promiscuous=settings.promiscuous,
+        commitment=settings.commitment,
     )
 
 
@@ -160,6 +164,15 @@ class Receiver:
             allow_host=self._allow_host,
             max_associations=s.max_associations,
             tls=s.tls,
+            commitment=(
+                CommitmentResponder(
+                    FolderHoldings(self._output).failure,
+                    ae_title=s.ae_title,
+                    report_to=s.commitment_peer,
+                )
+                if s.commitment
+                else None
+            ),
         )
         try:
             server.start()

@@ -8,13 +8,16 @@ P-DATA-TF PDUs are walked PDV by PDV straight from the socket buffer: command fr
 gathered and decoded by hand, data set fragments go to the object's file as they arrive
 (:mod:`forwarder.net.scp_object`). The C-STORE-RSP / C-ECHO-RSP goes out once the object is
 checked and the sink has answered; a requestor that proposed an asynchronous operations window
-may send its next requests meanwhile (they wait in the socket; answers go in order).
+may send its next requests meanwhile (they wait in the socket; answers go in order). An
+N-ACTION-RQ on the Storage Commitment context (when the receiver answers commitment) has its
+small data set gathered in memory and is answered by :mod:`forwarder.net.scp_commitment`.
 
 Strict (PS3.8 9.3, PS3.7 9.3): a PDU of an unknown or unexpected type, longer than the maximum we
 announced, items or PDVs that do not exactly fill what holds them, a PDV on a context not
 accepted, a data set fragment before its command, a command fragment inside a data set, a
-command set that is not a valid C-STORE-RQ / C-ECHO-RQ: the association is aborted (A-ABORT,
-source service provider) and the object in progress deleted, never answered Success. A short
+command set that is not a valid C-STORE-RQ / C-ECHO-RQ / N-ACTION-RQ (or the response to a
+report we sent): the association is aborted (A-ABORT, source service provider) and the object
+in progress deleted, never answered Success. A short
 timeout for the first PDU (a silent connection holds no slot for long), the idle one after.
 Not here: sockets, TLS and slots (:mod:`forwarder.net.scp_server`).
 """
@@ -27,6 +30,8 @@ import threading
 import time
 
 from forwarder.errors import ProtocolError
+from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
+from forwarder.net.commitment_scp import MAX_ACTION_SIZE, CommitmentResponder
 from forwarder.net.pdu import (
     APPLICATION_CONTEXT,
     MAX_COMMAND_SET,
@@ -47,6 +52,8 @@ from forwarder.net.scp_codec import (
     ABORT_UNRECOGNISED_PDU,
     C_CANCEL_RQ,
     C_ECHO_RQ,
+    N_ACTION_RQ,
+    N_EVENT_REPORT_RSP,
     REJECT_APPLICATION_CONTEXT,
     REJECT_PROTOCOL_VERSION,
     AssociateRequest,
@@ -59,6 +66,7 @@ from forwarder.net.scp_codec import (
     encode_pdata,
     encode_response,
 )
+from forwarder.net.scp_commitment import CommitmentExchange
 from forwarder.net.scp_object import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -69,7 +77,7 @@ from forwarder.net.scp_object import (
     Origin,
     shown,
 )
-from forwarder.net.scp_policy import Admit, ContextPolicy, EngineSettings, log_refused
+from forwarder.net.scp_policy import NON_STORAGE, Admit, ContextPolicy, EngineSettings, log_refused
 from forwarder.net.scp_wire import Wire, WireClosed, WireTimeout
 
 logger = logging.getLogger(__name__)
@@ -91,7 +99,7 @@ class _Abort(Exception):
 class _Message:
     """A DIMSE message being received on one presentation context."""
 
-    __slots__ = ("answer", "command", "context_id", "object", "request")
+    __slots__ = ("answer", "buffer", "command", "context_id", "object", "request")
 
     def __init__(self, context_id: int) -> None:
         self.context_id = context_id
@@ -99,6 +107,7 @@ class _Message:
         self.request: DimseRequest | None = None
         self.object: IncomingObject | None = None
         self.answer: Answer | None = None  # decided before the data set (0x0122): read, drop
+        self.buffer: bytearray | None = None  # an N-ACTION's data set, kept in memory
 
 
 class ScpAssociation:
@@ -112,7 +121,10 @@ class ScpAssociation:
         policy: ContextPolicy,
         sink: ObjectSink,
         admit: Admit,
+        commitment: CommitmentResponder | None = None,
     ) -> None:
+        self.commitment = commitment
+        self._commit = CommitmentExchange(commitment) if commitment is not None else None
         self.wire = wire
         self.origin = origin
         self.settings = settings
@@ -178,6 +190,8 @@ class ScpAssociation:
         finally:
             self._drop_message()
             self.wire.close()
+            if self._commit is not None:
+                self._commit.after(self.origin.calling_ae)
 
     def _send_abort(self, reason: int) -> None:
         """A-ABORT, then wait (bounded, ARTIM-like) for the peer to close the connection, as
@@ -350,10 +364,19 @@ class ScpAssociation:
             raise _Abort("data set fragment before its command set", dimse=True)
         if message.object is not None:
             self.wire.stream(size, message.object.write)
+        elif message.buffer is not None:
+            if len(message.buffer) + size > MAX_ACTION_SIZE:
+                raise _Abort(f"N-ACTION data set over {MAX_ACTION_SIZE} bytes", dimse=True)
+            message.buffer += self.wire.take(size)
         else:
             self.wire.skip(size)
         if last:
             self._message = None
+            if message.buffer is not None:
+                self._n_action(message.request, context_id, bytes(message.buffer))
+                return
+            if message.request.command_field == N_EVENT_REPORT_RSP:
+                return  # a response: nothing to answer
             answer = message.answer
             if message.object is not None:
                 answer = message.object.finish()
@@ -369,6 +392,21 @@ class ScpAssociation:
         abstract, syntax = self._contexts[message.context_id]
         if request.command_field == C_CANCEL_RQ:
             self._message = None  # nothing to cancel: every C-STORE is answered in order
+            return
+        if request.command_field == N_EVENT_REPORT_RSP:
+            self._report_answered(request, message)
+            return
+        if request.command_field == N_ACTION_RQ:
+            if (
+                self.commitment is None
+                or abstract != STORAGE_COMMITMENT_PUSH
+                or request.sop_class != STORAGE_COMMITMENT_PUSH
+                or not request.has_data_set
+            ):
+                raise _Abort(
+                    f"N-ACTION for {request.sop_class} on a context for {abstract}", dimse=True
+                )
+            message.buffer = bytearray()
             return
         if request.command_field == C_ECHO_RQ:
             self._message = None
@@ -410,8 +448,25 @@ class ScpAssociation:
     @staticmethod
     def _storage(abstract: str) -> bool:
         """Whether a context accepted for ``abstract`` may carry a C-STORE: every context the
-        policy accepts is a storage one but Verification's."""
-        return abstract != VERIFICATION_SOP_CLASS
+        policy accepts is a storage one but Verification's and Storage Commitment's."""
+        return abstract not in NON_STORAGE
+
+    # -- storage commitment (PS3.4 J): forwarder.net.scp_commitment -----------------------------
+
+    def _n_action(self, request: DimseRequest, context_id: int, data: bytes) -> None:
+        assert self._commit is not None
+        syntax = self._contexts[context_id][1]
+        self.wire.send(
+            self._commit.action(
+                request, context_id, syntax, data, self._send_limit, self.origin.calling_ae
+            )
+        )
+
+    def _report_answered(self, request: DimseRequest, message: _Message) -> None:
+        if self._commit is None or not self._commit.answered(request, self.origin.calling_ae):
+            raise _Abort(f"N-EVENT-REPORT-RSP for message {request.message_id}", dimse=True)
+        if not request.has_data_set:  # else its Event Reply is read and dropped (_pdv)
+            self._message = None
 
     def _wrong_class(self, request: DimseRequest, message: _Message) -> Answer:
         # A presentation context carries one abstract syntax (PS3.8 7.1.1.13): a request on it is

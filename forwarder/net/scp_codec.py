@@ -30,6 +30,9 @@ from forwarder.net.pdu import (
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
+N_ACTION_RQ = 0x0130  # storage commitment requests (PS3.7 10.3.4.1)
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100  # the answer to a storage commitment report we sent
 
 #: A-ABORT source / reason (PS3.8 9.3.8): we abort as the service provider for PDU faults.
 ABORT_SOURCE_USER = 0
@@ -75,7 +78,10 @@ class AssociateRequest:
 
 @dataclass(frozen=True, slots=True)
 class DimseRequest:
-    """A C-STORE-RQ or C-ECHO-RQ command set (values as sent, padding removed)."""
+    """A C-STORE-RQ, C-ECHO-RQ or N-ACTION-RQ command set, or the N-EVENT-REPORT-RSP answering
+    our report (values as sent, padding removed). For N-ACTION the SOP Class and Instance are the
+    Requested ones; for the N-EVENT-REPORT-RSP ``message_id`` is the Message ID Being Responded
+    To."""
 
     command_field: int
     message_id: int
@@ -83,6 +89,8 @@ class DimseRequest:
     sop_instance: str  # "" for C-ECHO
     has_data_set: bool
     priority: int = 0
+    action_type: int = 0  # N-ACTION's Action Type ID
+    status: int | None = None  # N-EVENT-REPORT-RSP's Status
 
 
 def _uid(raw: bytes, what: str) -> str:
@@ -289,8 +297,24 @@ def decode_request(raw: bytes) -> DimseRequest:
         return DimseRequest(
             field, _us(values, 0x0120, "Message ID Being Responded To"), "", "", False
         )
+    if field == N_EVENT_REPORT_RSP:
+        answered = _us(values, 0x0120, "Message ID Being Responded To")
+        status = _us(values, 0x0900, "Status")
+        has_data = _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET
+        return DimseRequest(field, answered, "", "", has_data, status=status)
+    if field == N_ACTION_RQ:
+        return DimseRequest(
+            field,
+            _us(values, 0x0110, "Message ID"),
+            _text_uid(values, 0x0003, "Requested SOP Class UID"),
+            _text_uid(values, 0x1001, "Requested SOP Instance UID"),
+            _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET,
+            action_type=_us(values, 0x1008, "Action Type ID"),
+        )
     if field not in (C_STORE_RQ, C_ECHO_RQ):
-        raise ProtocolError(f"DIMSE command 0x{field:04X} (we serve C-STORE and C-ECHO only)")
+        raise ProtocolError(
+            f"DIMSE command 0x{field:04X} (we serve C-STORE, C-ECHO and N-ACTION only)"
+        )
     message_id = _us(values, 0x0110, "Message ID")
     has_data = _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET
     sop_class = _text_uid(values, 0x0002, "Affected SOP Class UID")
@@ -340,16 +364,63 @@ def encode_response(request: DimseRequest, status: int, comment: str | None = No
     return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
 
 
-def encode_pdata(context_id: int, command: bytes, max_pdu: int) -> bytes:
+def encode_action_response(request: DimseRequest, status: int) -> bytes:
+    """The N-ACTION-RSP command set answering ``request`` (PS3.7 10.3.4.1.2): Affected SOP
+    Class/Instance UID (the Requested ones), Message ID Being Responded To, Status, Action Type
+    ID, no data set (storage commitment's reply carries none)."""
+    sop_class = _uid_bytes(request.sop_class)
+    uid = _uid_bytes(request.sop_instance)
+    body = b"".join(
+        (
+            _ELEMENT.pack(0, 0x0002, len(sop_class)),
+            sop_class,
+            _US.pack(0, 0x0100, 2, N_ACTION_RQ | 0x8000),
+            _US.pack(0, 0x0120, 2, request.message_id),
+            _US.pack(0, 0x0800, 2, NO_DATA_SET),
+            _US.pack(0, 0x0900, 2, status),
+            _ELEMENT.pack(0, 0x1000, len(uid)),
+            uid,
+            _US.pack(0, 0x1008, 2, request.action_type),
+        )
+    )
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def encode_event_report(
+    message_id: int, sop_class: str, sop_instance: str, event_type: int
+) -> bytes:
+    """An N-EVENT-REPORT-RQ command set (PS3.7 10.3.1.1.1) announcing a data set."""
+    cls = _uid_bytes(sop_class)
+    uid = _uid_bytes(sop_instance)
+    body = b"".join(
+        (
+            _ELEMENT.pack(0, 0x0002, len(cls)),
+            cls,
+            _US.pack(0, 0x0100, 2, N_EVENT_REPORT_RQ),
+            _US.pack(0, 0x0110, 2, message_id),
+            _US.pack(0, 0x0800, 2, 0x0000),  # a data set follows
+            _ELEMENT.pack(0, 0x1000, len(uid)),
+            uid,
+            _US.pack(0, 0x1002, 2, event_type),
+        )
+    )
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def encode_pdata(
+    context_id: int, command: bytes, max_pdu: int, *, is_command: bool = True
+) -> bytes:
     """``command`` as P-DATA-TF PDUs of at most ``max_pdu`` bytes (PDU length field), one PDV
-    each, the last one flagged last (control 0x03 / 0x01)."""
+    each, the last one flagged last (control 0x03 / 0x01; a data set's 0x02 / 0x00 when not
+    ``is_command``)."""
+    flag = 0x01 if is_command else 0x00
     room = max_pdu - 6
     out = []
     pos, end = 0, len(command)
     while True:
         chunk = command[pos : pos + room]
         pos += len(chunk)
-        control = 0x03 if pos >= end else 0x01
+        control = (0x02 if pos >= end else 0x00) | flag
         out.append(
             struct.pack(">BxIIBB", 0x04, len(chunk) + 6, len(chunk) + 2, context_id, control)
         )

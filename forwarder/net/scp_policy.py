@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forwarder.net.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH
 from forwarder.net.pdu import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
@@ -62,6 +63,9 @@ VERIFICATION_SYNTAXES = (
     "1.2.840.10008.1.2.2",
 )
 
+#: The SOP classes we serve that are not storage: no C-STORE on their contexts.
+NON_STORAGE = frozenset({VERIFICATION_SOP_CLASS, STORAGE_COMMITMENT_PUSH})
+
 #: Timeouts of the engine (seconds).
 ASSOCIATE_TIMEOUT = 10.0  # a connection's first PDU (A-ASSOCIATE-RQ): a silent one is dropped
 IDLE_TIMEOUT = 60.0  # no PDU, or no progress inside one, on an established association
@@ -103,7 +107,7 @@ class ScpProfile:
     """What the Storage SCP accepts and announces (names as on pynetdicom's ``AE``, which the
     conformance statement used to read)."""
 
-    supported_contexts: tuple[SupportedContext, ...]  # Verification first, then storage
+    supported_contexts: tuple[SupportedContext, ...]  # Verification, commitment, storage
     promiscuous: bool
     maximum_pdu_size: int
     maximum_associations: int
@@ -141,7 +145,7 @@ class ContextPolicy:
                 # storescp +pm: private and unknown SOP classes in the caller's first choice.
                 return ACCEPTANCE, context.transfer_syntaxes[0]
             return ABSTRACT_SYNTAX_NOT_SUPPORTED, ""
-        if self._promiscuous and context.abstract_syntax != VERIFICATION_SOP_CLASS:
+        if self._promiscuous and context.abstract_syntax not in NON_STORAGE:
             # As pynetdicom's unrestricted storage service: the caller's first choice.
             return ACCEPTANCE, context.transfer_syntaxes[0]
         proposed = context.transfer_syntaxes
@@ -197,9 +201,11 @@ def scp_profile(
     max_associations: int,
     require_called_aet: bool,
     promiscuous: bool = False,
+    commitment: bool = False,
 ) -> ScpProfile:
-    """The SCP's tables: Verification, and every storage SOP class pynetdicom lists, each in
-    every transfer syntax it knows (imports pynetdicom: call it once, at start)."""
+    """The SCP's tables: Verification, the Storage Commitment Push Model when ``commitment``,
+    and every storage SOP class pynetdicom lists, each in every transfer syntax it knows
+    (imports pynetdicom: call it once, at start)."""
     from pynetdicom import AllStoragePresentationContexts
 
     syntaxes = _preferred_transfer_syntaxes()
@@ -209,6 +215,11 @@ def scp_profile(
     return ScpProfile(
         supported_contexts=(
             SupportedContext(VERIFICATION_SOP_CLASS, VERIFICATION_SYNTAXES),
+            *(
+                [SupportedContext(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES)]
+                if commitment
+                else []
+            ),
             *storage,
         ),
         promiscuous=promiscuous,
@@ -223,8 +234,7 @@ def context_policy(profile: ScpProfile) -> ContextPolicy:
     """The negotiator for ``profile`` (imports pynetdicom's SOP class list once)."""
     from pynetdicom import sop_class
 
-    storage = {c.abstract_syntax for c in profile.supported_contexts}
-    storage.discard(VERIFICATION_SOP_CLASS)
+    storage = {c.abstract_syntax for c in profile.supported_contexts} - NON_STORAGE
     known = {
         str(value)
         for name in dir(sop_class)

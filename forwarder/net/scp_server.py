@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from forwarder.net.commitment_scp import CommitmentResponder
 from forwarder.net.scp_association import ScpAssociation
 from forwarder.net.scp_codec import REJECT_LIMIT, AssociateRequest
 from forwarder.net.scp_object import ObjectSink, Origin
@@ -67,8 +68,10 @@ class ScpServer:
         allow_host: Callable[[str], bool],
         max_associations: int,
         tls: ssl.SSLContext | None = None,
+        commitment: CommitmentResponder | None = None,
     ) -> None:
         self._address = (host, port)
+        self._commitment = commitment
         self._settings, self._policy, self._sink = settings, policy, sink
         self._admit, self._allow_host = admit, allow_host
         self._max = max_associations
@@ -216,7 +219,13 @@ class ScpServer:
             origin = Origin("", "", host, port, f"{self._prefix}-{n}")
             admit = self._admit_or_free_slot if not over else self._refuse_over_limit
             assoc = ScpAssociation(
-                Wire(sock), origin, self._settings, self._policy, self._sink, admit
+                Wire(sock),
+                origin,
+                self._settings,
+                self._policy,
+                self._sink,
+                admit,
+                self._commitment,
             )
             with self._lock:
                 if self._stopping.is_set():

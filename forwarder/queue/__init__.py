@@ -28,6 +28,8 @@ each, that share one connection and one lock (:class:`~forwarder.queue.store.Sto
 - :mod:`~forwarder.queue.requeue`: failed files put back in the queue (``forwarder retry``);
 - :mod:`~forwarder.queue.lookup`: files found by UID or Accession Number (``forwarder find``);
 - :mod:`~forwarder.queue.housekeeping`: pruning old finished files;
+- :mod:`~forwarder.queue.commitments`: proof of delivery (stored instances awaiting storage
+  commitment or a verifying query, and the transactions);
 - :mod:`~forwarder.queue.control`: destinations an operator paused (``forwarder pause``);
 - :mod:`~forwarder.queue.records` (the records handed out and taken in) and
   :mod:`~forwarder.queue.sql` (the schema and statements).
@@ -35,6 +37,13 @@ each, that share one connection and one lock (:class:`~forwarder.queue.store.Sto
 
 from __future__ import annotations
 
+from forwarder.queue.commitments import (
+    CommitItem,
+    CommitmentCounts,
+    Commitments,
+    OpenCommitment,
+    Resolution,
+)
 from forwarder.queue.control import Control
 from forwarder.queue.finishing import Finishing
 from forwarder.queue.housekeeping import Housekeeping
@@ -70,6 +79,8 @@ __all__ = [
     "NORMAL_RANK",
     "PRIORITY_RANK",
     "SCHEMA_VERSION",
+    "CommitItem",
+    "CommitmentCounts",
     "DestinationState",
     "DestinationStats",
     "FailedFile",
@@ -83,14 +94,27 @@ __all__ = [
     "JobResult",
     "JobStatus",
     "KeyKind",
+    "OpenCommitment",
     "PendingSyntax",
     "Queue",
     "RecoveryReport",
     "Replaced",
+    "Resolution",
 ]
 
 
-class Queue(Jobs, Replacing, Finishing, Statistics, Requeue, Lookup, Housekeeping, UidMap, Control):
+class Queue(
+    Jobs,
+    Replacing,
+    Finishing,
+    Statistics,
+    Requeue,
+    Lookup,
+    Housekeeping,
+    UidMap,
+    Control,
+    Commitments,
+):
     """The persistent queue in one SQLite file. Thread-safe; close it (or use ``with``).
 
     ``create=False`` refuses to create a missing database (for ``forwarder status``).

@@ -179,10 +179,17 @@ class Jobs(Store):
         return [Job(*r) for r in rows]
 
     def ack_done(
-        self, job_ids: Sequence[int], *, status: int | None = None, now: float | None = None
+        self,
+        job_ids: Sequence[int],
+        *,
+        status: int | None = None,
+        now: float | None = None,
+        commitment: bool = False,
     ) -> list[int]:
-        """CLAIMED -> DONE (one attempt counted). Returns the ids of files this made terminal."""
-        return self._ack_terminal(job_ids, JobStatus.DONE, status, None, now)
+        """CLAIMED -> DONE (one attempt counted). Returns the ids of files this made terminal.
+        ``commitment``: the destination must also commit them (storage commitment or a
+        verifying query): the jobs await that and their files do not finish yet."""
+        return self._ack_terminal(job_ids, JobStatus.DONE, status, None, now, commitment)
 
     def ack_failed(
         self, job_id: int, *, error: str, status: int | None = None, now: float | None = None
@@ -197,13 +204,20 @@ class Jobs(Store):
         status: int | None,
         error: str | None,
         now: float | None,
+        commitment: bool = False,
     ) -> list[int]:
         ids = _unique_ids(job_ids)
         if not ids:
             return []
         at = clock(now)
         verb = "delivered" if to is JobStatus.DONE else "failed"
-        params = {"status": to.value, "last_status": status, "error": error, "now": at}
+        params = {
+            "status": to.value,
+            "last_status": status,
+            "error": error,
+            "now": at,
+            "commit": 1 if commitment else 0,
+        }
         with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
             dropped = conn.execute(DROP_CLAIMED, {"ids": ids_json(ids)}).fetchall()
             rows = conn.execute(ACK_TERMINAL, {**params, "ids": ids_json(ids)}).fetchall()

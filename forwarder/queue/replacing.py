@@ -89,7 +89,8 @@ class Replacing(Store):
             routed = "destination IN (SELECT value FROM json_each(:dests))"
             conn.execute(
                 f"""UPDATE jobs SET status = 'READY', attempts = 0, next_attempt_at = :now,
-                          finished_at = NULL, last_status = NULL
+                          finished_at = NULL, last_status = NULL, commitment = 0,
+                          commit_txn = NULL
                    WHERE file_id = :id AND status IN ('DONE', 'FAILED') AND {routed}""",
                 ids,
             )

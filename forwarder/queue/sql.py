@@ -80,9 +80,41 @@ FIND_INDEXES = (
 # Schema version 5: where a file received through `listen` came from (NULL: the watch folder).
 # Added to an older files table by store.py's migration.
 ORIGIN_COLUMNS = ("calling_ae", "called_ae", "peer", "association")
+# -- Schema version 8 (issue 14, proof of delivery): its own block, for the integrator --------
+# jobs.commitment: 0 not required (or not yet stored), 1 stored and awaiting a commitment request
+# (or a verifying query), 2 requested (in the transaction jobs.commit_txn), 3 committed. A DONE
+# job with commitment 1 or 2 is not finished: its file stays in incoming. jobs.resends counts the
+# times an uncommitted instance was sent again.
+COMMITMENT_JOB_COLUMNS = (
+    ("commitment", "INTEGER NOT NULL DEFAULT 0"),
+    ("commit_txn", "TEXT"),
+    ("resends", "INTEGER NOT NULL DEFAULT 0"),
+)
+COMMITMENT_STATS_COLUMNS = (
+    ("committed_total", "INTEGER NOT NULL DEFAULT 0"),
+    ("uncommitted_total", "INTEGER NOT NULL DEFAULT 0"),
+)
+COMMITMENT_DDL = (
+    """CREATE TABLE IF NOT EXISTS commitments (
+        uid TEXT PRIMARY KEY,
+        destination TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('stgcmt', 'query')),
+        state TEXT NOT NULL CHECK (state IN ('REQUESTED', 'RESOLVED', 'CANCELLED')),
+        created_at REAL NOT NULL,
+        deadline REAL NOT NULL,
+        resolved_at REAL,
+        outcome TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS commitments_open ON commitments (state, deadline)",
+    """CREATE INDEX IF NOT EXISTS jobs_awaiting_commitment ON jobs (destination, commitment)
+        WHERE commitment IN (1, 2)""",
+    "CREATE INDEX IF NOT EXISTS jobs_commit_txn ON jobs (commit_txn) WHERE commit_txn IS NOT NULL",
+)
+# -- end of schema version 8 ------------------------------------------------------------------
 
 UNFINISHED_JOB = (
-    "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND u.status IN ('READY', 'CLAIMED')"
+    "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND (u.status IN ('READY', 'CLAIMED') "
+    "OR (u.status = 'DONE' AND u.commitment IN (1, 2)))"
 )
 
 INSERT_FILE = """
@@ -144,6 +176,8 @@ CLAIMED_JOBS = """
 # the peer stored was the old content. (stale = 2 rows are deleted by DROP_CLAIMED first.)
 ACK_TERMINAL = """
     UPDATE jobs SET status = CASE WHEN stale THEN 'READY' ELSE :status END,
+                    commitment = CASE WHEN NOT stale AND :status = 'DONE' THEN :commit ELSE 0 END,
+                    commit_txn = NULL,
                     attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
                     next_attempt_at = CASE WHEN stale THEN :now ELSE next_attempt_at END,
                     finished_at = CASE WHEN stale THEN NULL ELSE :now END,
@@ -235,7 +269,8 @@ BEGIN_FINISH = """
                                     WHERE j.file_id = files.id AND j.status != 'DONE')
                        THEN 'failed' ELSE 'done' END
     WHERE id = :id AND state = 'QUEUED' AND NOT EXISTS (
-        SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND u.status IN ('READY', 'CLAIMED'))"""
+        SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND (u.status IN ('READY', 'CLAIMED')
+            OR (u.status = 'DONE' AND u.commitment IN (1, 2))))"""
 
 FAILED_FILES = """
     SELECT f.id, f.final_path, f.rel_path, f.finished_at, j.destination

@@ -28,6 +28,9 @@ from typing import Self
 from forwarder.errors import QueueError
 from forwarder.queue.records import NORMAL_RANK, FileEntry
 from forwarder.queue.sql import (
+    COMMITMENT_DDL,
+    COMMITMENT_JOB_COLUMNS,
+    COMMITMENT_STATS_COLUMNS,
     DDL,
     FIND_COLUMNS,
     FIND_INDEXES,
@@ -43,7 +46,8 @@ logger = logging.getLogger(__name__)
 # 5: the origin of files received through `listen` (calling/called AE, peer, association);
 # 6: the uid_map table (deidentify, issue 15);
 # 7: jobs.priority and the paused_destinations table (issue 16, flow control)
-SCHEMA_VERSION = 7
+# 8: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
+SCHEMA_VERSION = 8
 
 
 def clock(now: float | None) -> float:
@@ -210,6 +214,18 @@ class Store:
                 conn.execute(PRIORITY_INDEX)
                 conn.execute(PAUSED_TABLE)
                 # -- end of schema version 7
+                # -- schema version 8 (issue 14): proof of delivery; idempotent --------------
+                job_columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                for name, decl in COMMITMENT_JOB_COLUMNS:
+                    if name not in job_columns:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                stats_columns = {r[1] for r in conn.execute("PRAGMA table_info(destination_stats)")}
+                for name, decl in COMMITMENT_STATS_COLUMNS:
+                    if name not in stats_columns:
+                        conn.execute(f"ALTER TABLE destination_stats ADD COLUMN {name} {decl}")
+                for statement in COMMITMENT_DDL:
+                    conn.execute(statement)
+                # -- end of schema version 8 --------------------------------------------------
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:

@@ -1,0 +1,337 @@
+"""Proof of delivery in the daemon: storage commitment per destination, with reconciliation.
+
+For each destination with ``storage_commitment:``, the workers ack stored files as awaiting
+commitment (the file stays in incoming). One thread, the :class:`CommitmentKeeper`, then:
+
+1. groups what awaits by study and requests commitment for a study once nothing was stored for
+   it for ``settle``, or as soon as ``max_instances`` of it are stored: the transaction (its
+   Transaction UID, instances and deadline) is committed to the queue *before* the N-ACTION
+   goes out (:meth:`forwarder.queue.Queue.begin_commitment`); a peer that cannot be reached
+   cancels it, and it is asked again later;
+2. takes the report, on the requesting association (kept open ``wait_on_association``), on its
+   own report acceptor (``storage_commitment.port``: a pynetdicom AE the peer opens an
+   association to), or from anyone who calls :meth:`CommitmentKeeper.deliver_report` (the seam
+   for the daemon's ``listen`` Storage SCP): the :class:`~forwarder.net.commitment.
+   CommitmentBook` trusts only reports for a transaction it awaits that name only instances
+   asked for;
+3. records the outcome in one queue transaction: committed instances let their files finish
+   (done/ once every destination requiring proof has committed them); failed ones (with the
+   peer's Failure Reason) and those not reported by ``timeout`` are sent again, only those, up
+   to ``max_resends``, then failed/ with "stored but not committed" and the reason.
+
+One log line (journal) per transaction outcome. After a restart the open transactions are read
+back from the queue and awaited again, so a report hours late is still taken, and one that never
+comes expires at its deadline: nothing is marked committed that the peer did not commit, and
+nothing is forgotten. The C-FIND variant (``verify_by_query``) is
+:mod:`forwarder.daemon.verify_query`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from forwarder.config import Destination, StorageCommitment
+from forwarder.crashpoints import crash_point
+from forwarder.daemon.channels import destination_peer
+from forwarder.errors import ForwarderError
+from forwarder.net.association import AssociationSettings
+from forwarder.net.commitment import (
+    CommitmentBook,
+    CommitmentError,
+    CommitmentReport,
+    Reference,
+    failure_text,
+    new_transaction_uid,
+)
+from forwarder.queue import CommitItem, Queue, Resolution
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+    from forwarder.daemon.finisher import Finisher
+
+logger = logging.getLogger(__name__)
+
+_TICK = 1.0  # how often the keeper looks for what is due
+_RETRY_REQUEST = 30.0  # after a request failed (peer down), ask again this much later
+
+
+@dataclass(frozen=True, slots=True)
+class ProofTarget:
+    """A destination requiring storage commitment, as the keeper needs it."""
+
+    destination: Destination
+    settings: AssociationSettings
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+    @property
+    def policy(self) -> StorageCommitment:
+        assert self.destination.storage_commitment is not None
+        return self.destination.storage_commitment
+
+
+class CommitmentKeeper:
+    """Requests, awaits and records storage commitment for every destination that wants it."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        finisher: Finisher,
+        *,
+        wake_workers: Callable[[], None],
+        metrics: Any = None,
+    ) -> None:
+        self.queue = queue
+        self.finisher = finisher
+        self.wake_workers = wake_workers
+        self.metrics = metrics
+        self.book = CommitmentBook(on_report=self._on_report)
+        self._targets: dict[str, ProofTarget] = {}
+        self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._acceptors: dict[tuple[str, int], Any] = {}
+        self._not_before: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def configure(self, targets: Sequence[ProofTarget]) -> None:
+        """The destinations requiring commitment now (at start and on reload)."""
+        from forwarder.net.commitment_scu import ReportAcceptor
+
+        with self._lock:
+            self._targets = {t.name: t for t in targets}
+        for txn in self.queue.open_commitments():
+            if txn.kind == "stgcmt" and txn.destination not in self._targets:
+                # No longer asked of that destination: its instances await proof again (by
+                # query, if that is configured now; see Service._settle_proof).
+                self.queue.cancel_commitment(txn.uid)
+                self.book.forget(txn.uid)
+        wanted = {
+            (t.policy.bind, t.policy.port): t.policy.ae_title or t.settings.calling_ae_title
+            for t in targets
+            if t.policy.port is not None
+        }
+        for key in list(self._acceptors):
+            if key not in wanted:
+                self._acceptors.pop(key).stop()
+        for (bind, port), ae_title in wanted.items():
+            if (bind, port) not in self._acceptors and port is not None:
+                acceptor = ReportAcceptor(self.book, ae_title=ae_title, port=port, bind=bind)
+                self._acceptors[(bind, port)] = acceptor.start()
+
+    def start(self) -> None:
+        """Await again every transaction a previous run left open, then run the thread."""
+        for txn in self.queue.open_commitments():
+            if txn.kind == "stgcmt":
+                self._expect(txn.uid, txn.items)
+        if self._jobs:
+            logger.info(
+                "storage commitment: %d transaction(s) still awaiting their report", len(self._jobs)
+            )
+        self._thread = threading.Thread(target=self._run, name="stgcmt", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        for acceptor in self._acceptors.values():
+            acceptor.stop()
+        self._acceptors.clear()
+
+    def deliver_report(self, event_type: int, dataset: Dataset, calling_ae: str) -> int:
+        """The seam for any listener that receives an N-EVENT-REPORT (Storage Commitment Push
+        Model): the report is checked and recorded; returns the status to answer it with."""
+        return self.book.deliver(event_type, dataset, calling_ae)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.wait(_TICK):
+            try:
+                self._expire()
+                with self._lock:
+                    targets = list(self._targets.values())
+                for target in targets:
+                    if self._stop.is_set():
+                        return
+                    self._request_due(target)
+            except ForwarderError as exc:
+                logger.error("storage commitment: %s; trying again", exc)
+            except Exception:
+                logger.exception("storage commitment: internal error; trying again")
+
+    def _request_due(self, target: ProofTarget) -> None:
+        now = time.time()
+        if now < self._not_before.get(target.name, 0.0):
+            return
+        policy = target.policy
+        by_study: dict[str, list[CommitItem]] = defaultdict(list)
+        for item in self.queue.awaiting_commitment(target.name):
+            by_study[item.study_instance_uid].append(item)
+        for items in by_study.values():
+            quiet = max(i.stored_at for i in items) <= now - policy.settle
+            for start in range(0, len(items), policy.max_instances):
+                chunk = items[start : start + policy.max_instances]
+                if len(chunk) < policy.max_instances and not quiet:
+                    continue
+                if not self._request(target, chunk):
+                    self._not_before[target.name] = time.time() + _RETRY_REQUEST
+                    return
+
+    def _request(self, target: ProofTarget, items: list[CommitItem]) -> bool:
+        from forwarder.net.commitment_scu import request_commitment
+
+        policy = target.policy
+        uid = new_transaction_uid()
+        self.queue.begin_commitment(
+            uid,
+            target.name,
+            "stgcmt",
+            [i.job_id for i in items],
+            deadline=time.time() + policy.timeout,
+        )
+        refs = self._expect(uid, items)
+        crash_point("stgcmt-before-action")
+        try:
+            request_commitment(
+                destination_peer(target.destination),
+                target.settings,
+                refs,
+                self.book,
+                # With a report port, nothing is awaited here: the acceptor records the report.
+                timeout=0.0 if policy.port is not None else policy.wait_on_association,
+                release_at_once=policy.port is not None,
+                transaction_uid=uid,
+                manage_book=False,
+                cancel=self._stop,
+            )
+        except CommitmentError as exc:
+            logger.warning(
+                "%s: storage commitment of %d instance(s) not requested: %s; asking again in %.0fs",
+                target.name,
+                len(items),
+                exc,
+                _RETRY_REQUEST,
+            )
+            self.book.forget(uid)
+            with self._lock:
+                self._jobs.pop(uid, None)
+            self.queue.cancel_commitment(uid)
+            return False
+        return True
+
+    def _expect(self, uid: str, items: Sequence[CommitItem]) -> list[Reference]:
+        refs = [Reference(i.sop_class_uid, i.sop_instance_uid) for i in items]
+        with self._lock:
+            self._jobs[uid] = {i.sop_instance_uid: i.job_id for i in items}
+        self.book.expect(uid, refs)
+        return refs
+
+    def _expire(self) -> None:
+        for txn in self.queue.open_commitments(due_by=time.time()):
+            if txn.kind != "stgcmt":
+                continue
+            target = self._targets.get(txn.destination)
+            timeout = target.policy.timeout if target else txn.deadline - txn.created_at
+            why = f"no storage commitment report within {timeout:g}s"
+            self._record(txn.uid, txn.destination, [], [], why)
+
+    # -- outcomes ----------------------------------------------------------------------------------
+
+    def _on_report(self, report: CommitmentReport) -> None:
+        """A trusted report (any thread): record it."""
+        crash_point("stgcmt-before-record")
+        with self._lock:
+            jobs = self._jobs.get(report.transaction_uid, {})
+        committed = [jobs[r.sop_instance] for r in report.committed if r.sop_instance in jobs]
+        failed = [
+            (jobs[f.reference.sop_instance], failure_text(f.reason))
+            for f in report.failed
+            if f.reference.sop_instance in jobs
+        ]
+        try:
+            self._record(report.transaction_uid, None, committed, failed, "not named in the report")
+        except ForwarderError as exc:
+            # Not recorded: the transaction stays open and expires at its deadline (resent).
+            logger.error(
+                "storage commitment report %s not recorded: %s", report.transaction_uid, exc
+            )
+
+    def _record(
+        self,
+        uid: str,
+        destination: str | None,
+        committed: list[int],
+        failed: list[tuple[int, str]],
+        unreported: str,
+    ) -> None:
+        with self._lock:
+            jobs = self._jobs.get(uid, {})
+        # Jobs neither committed nor failed by the report are "not reported": say why.
+        named = set(committed) | {j for j, _ in failed}
+        failed = failed + [(j, unreported) for j in jobs.values() if j not in named]
+        name = destination or self.queue.commitment_destination(uid)
+        target = self._targets.get(name or "")
+        max_resends = target.policy.max_resends if target else 0
+        res = self.queue.resolve_commitment(
+            uid, committed, failed, max_resends=max_resends, outcome=unreported
+        )
+        self.book.forget(uid)
+        with self._lock:
+            self._jobs.pop(uid, None)
+        if res is None:
+            return
+        apply_outcome(
+            res,
+            name or "?",
+            f"storage commitment transaction {uid}",
+            sorted({why for _, why in failed}),
+            finisher=self.finisher,
+            wake_workers=self.wake_workers,
+            metrics=self.metrics,
+        )
+
+
+def apply_outcome(
+    res: Resolution,
+    destination: str,
+    what: str,
+    reasons: Sequence[str],
+    *,
+    finisher: Finisher,
+    wake_workers: Callable[[], None],
+    metrics: Any,
+) -> None:
+    """After the queue recorded an outcome: its one journal line, the metrics, the files it
+    finished to the finisher, and the workers woken for what is sent again."""
+    level = logging.INFO if not (res.resent or res.failed) else logging.WARNING
+    logger.log(
+        level,
+        "%s: %s: %d committed, %d sent again, %d failed%s",
+        destination,
+        what,
+        res.committed,
+        res.resent,
+        res.failed,
+        f" ({'; '.join(reasons[:3])})" if reasons else "",
+        extra={"DESTINATION": destination},
+    )
+    if metrics is not None:
+        metrics.commitment_outcome(destination, res.committed, res.resent, res.failed)
+    if res.finished_files:
+        finisher.submit(list(res.finished_files))
+    if res.resent:
+        wake_workers()

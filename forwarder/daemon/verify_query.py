@@ -1,0 +1,172 @@
+"""Proof of delivery by query, for peers without storage commitment (``verify_by_query:``).
+
+The workers ack what such a destination stored as awaiting proof, exactly as for storage
+commitment (:mod:`forwarder.daemon.commitment`). ``after`` seconds later the
+:class:`QueryVerifier` asks the peer, by C-FIND at IMAGE level with each instance's Study,
+Series and SOP Instance UID (:mod:`forwarder.net.query_scu`), whether it holds it. What it holds
+counts as committed; what it does not is sent again, only that, up to ``max_resends``, then
+failed/ with "stored but not committed: not held by the destination": the same queue states,
+reasons, ``status`` fields and metrics as storage commitment.
+
+A round is recorded in the queue before the queries go out (kind ``query``); one left open by a
+crash is simply asked again after the restart (a query changes nothing at the peer). A peer
+that cannot be asked leaves everything awaiting, and is asked again later.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from forwarder.config import Destination, VerifyByQuery
+from forwarder.crashpoints import crash_point
+from forwarder.daemon.channels import destination_peer
+from forwarder.daemon.commitment import apply_outcome
+from forwarder.errors import ForwarderError
+from forwarder.net.association import AssociationSettings
+from forwarder.net.commitment import new_transaction_uid
+from forwarder.queue import CommitItem, Queue
+
+if TYPE_CHECKING:
+    from forwarder.daemon.finisher import Finisher
+
+logger = logging.getLogger(__name__)
+
+_TICK = 1.0
+_RETRY_QUERY = 30.0  # after the peer could not be asked, ask again this much later
+_ROUND = 500  # instances asked about per round (one association)
+NOT_HELD = "not held by the destination (C-FIND at IMAGE level found no such instance)"
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTarget:
+    """A destination verified by query, as the verifier needs it."""
+
+    destination: Destination
+    settings: AssociationSettings
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+    @property
+    def policy(self) -> VerifyByQuery:
+        assert self.destination.verify_by_query is not None
+        return self.destination.verify_by_query
+
+
+class QueryVerifier:
+    """Asks destinations with ``verify_by_query`` whether they hold what they stored."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        finisher: Finisher,
+        *,
+        wake_workers: Callable[[], None],
+        metrics: Any = None,
+    ) -> None:
+        self.queue = queue
+        self.finisher = finisher
+        self.wake_workers = wake_workers
+        self.metrics = metrics
+        self._targets: dict[str, QueryTarget] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._not_before: dict[str, float] = {}
+
+    def configure(self, targets: Sequence[QueryTarget]) -> None:
+        with self._lock:
+            self._targets = {t.name: t for t in targets}
+
+    def start(self) -> None:
+        """Rounds a crash left open are asked again (their instances await once more)."""
+        for txn in self.queue.open_commitments():
+            if txn.kind == "query":
+                self.queue.cancel_commitment(txn.uid)
+        self._thread = threading.Thread(target=self._run, name="verify-query", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(60)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(_TICK):
+            with self._lock:
+                targets = list(self._targets.values())
+            for target in targets:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._verify_due(target)
+                except ForwarderError as exc:
+                    logger.error("%s: verification by query: %s; trying again", target.name, exc)
+                except Exception:
+                    logger.exception("%s: verification by query: internal error", target.name)
+
+    def _verify_due(self, target: QueryTarget) -> None:
+        now = time.time()
+        if now < self._not_before.get(target.name, 0.0):
+            return
+        due = [
+            i
+            for i in self.queue.awaiting_commitment(target.name)
+            if i.stored_at <= now - target.policy.after
+        ]
+        for start in range(0, len(due), _ROUND):
+            if self._stop.is_set() or not self._verify(target, due[start : start + _ROUND]):
+                return
+
+    def _verify(self, target: QueryTarget, items: list[CommitItem]) -> bool:
+        from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
+
+        uid = new_transaction_uid()
+        self.queue.begin_commitment(
+            uid, target.name, "query", [i.job_id for i in items], deadline=time.time()
+        )
+        crash_point("query-before-find")
+        keys = [
+            InstanceKey(i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid)
+            for i in items
+        ]
+        try:
+            held = held_instances(destination_peer(target.destination), target.settings, keys)
+        except QueryError as exc:
+            logger.warning(
+                "%s: verification by query of %d instance(s) not done: %s; asking again in %.0fs",
+                target.name,
+                len(items),
+                exc,
+                _RETRY_QUERY,
+            )
+            self.queue.cancel_commitment(uid)
+            self._not_before[target.name] = time.time() + _RETRY_QUERY
+            return False
+        committed = [i.job_id for i in items if i.sop_instance_uid in held]
+        missing = [(i.job_id, NOT_HELD) for i in items if i.sop_instance_uid not in held]
+        res = self.queue.resolve_commitment(
+            uid,
+            committed,
+            missing,
+            max_resends=target.policy.max_resends,
+            outcome="query",
+        )
+        if res is not None:
+            apply_outcome(
+                res,
+                target.name,
+                f"verification by query {uid}",
+                [NOT_HELD] if missing else [],
+                finisher=self.finisher,
+                wake_workers=self.wake_workers,
+                metrics=self.metrics,
+            )
+        return True

@@ -1,0 +1,82 @@
+"""Does the peer hold these instances? C-FIND at IMAGE level (Study Root), over pynetdicom.
+
+For destinations without storage commitment (``verify_by_query``): one association, one C-FIND
+per instance naming its Study, Series and SOP Instance UID (the unique keys of each level, as
+PS3.4 C.4.1 asks of a Study Root query at IMAGE level). A match (Pending) means held, Success
+with none means not held; any other status, or no answer, and nothing is decided
+(:class:`QueryError`): the caller asks again later. Not a hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder.errors import ForwarderError
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.commitment import COMMITMENT_SYNTAXES
+
+logger = logging.getLogger(__name__)
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+class QueryError(ForwarderError):
+    """The peer could not be asked, or did not answer a query clearly."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKey:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+def held_instances(
+    peer: Peer, settings: AssociationSettings, keys: Sequence[InstanceKey]
+) -> set[str]:
+    """The SOP Instance UIDs of ``keys`` the peer holds. Raises :class:`QueryError`."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    ae = AE(ae_title=settings.calling_ae_title)
+    ae.add_requested_context(STUDY_ROOT_FIND, list(COMMITMENT_SYNTAXES))
+    ae.connection_timeout = settings.connect_timeout
+    ae.acse_timeout = settings.accept_timeout or settings.connect_timeout
+    ae.dimse_timeout = settings.response_timeout
+    ae.network_timeout = max(settings.response_timeout, 60.0)
+    kwargs: dict[str, Any] = {"ae_title": peer.ae_title, "max_pdu": settings.max_pdu_receive}
+    if settings.bind_host:
+        kwargs["bind_address"] = (settings.bind_host, 0)
+    if settings.tls is not None:
+        kwargs["tls_args"] = (settings.tls, settings.tls_server_name or peer.host)
+    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    if not assoc.is_established:
+        raise QueryError(f"no association with {peer} for C-FIND")
+    held: set[str] = set()
+    try:
+        for key in keys:
+            query = Dataset()
+            query.QueryRetrieveLevel = "IMAGE"
+            query.StudyInstanceUID = key.study_instance_uid
+            query.SeriesInstanceUID = key.series_instance_uid
+            query.SOPInstanceUID = key.sop_instance_uid
+            found = False
+            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+                code = int(status.Status) if status is not None and "Status" in status else None
+                if code in (0xFF00, 0xFF01):
+                    uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
+                    found = found or uid == key.sop_instance_uid
+                elif code != 0x0000:
+                    raise QueryError(
+                        f"{peer} answered the C-FIND for {key.sop_instance_uid} with "
+                        + ("nothing" if code is None else f"status 0x{code:04X}")
+                    )
+            if found:
+                held.add(key.sop_instance_uid)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return held

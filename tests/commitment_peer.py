@@ -1,0 +1,152 @@
+"""A scripted Storage SCP and Storage Commitment SCP (pynetdicom) for the commitment tests.
+
+It stores what it is sent (in memory, by SOP Instance UID) and answers each N-ACTION by
+committing the instances it holds and failing the others (0x0112), unless the test scripts it
+otherwise: report on the same association or on a new one to ``report_to``, not at all, late,
+for another transaction, or naming an instance nobody asked about.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from peers import free_port
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    build_role,
+    evt,
+)
+
+SC = "1.2.840.10008.1.20.1"
+SC_INSTANCE = "1.2.840.10008.1.20.1.1"
+SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+@dataclass
+class CommitmentSCP:
+    ae_title: str = "PACS"
+    mode: str = "same"  # "same", "new" (to report_to), "none"
+    report_to: tuple[str, int, str] | None = None  # (host, port, AE title) for mode "new"
+    delay: float = 0.0  # before the report
+    forget: set[str] = field(default_factory=set)  # held, but reported failed (0x0110)
+    wrong_transaction: bool = False  # report under another Transaction UID
+    extra_instance: bool = False  # the report also names an instance nobody asked about
+    action_status: int = 0x0000
+    held: dict[str, Dataset] = field(default_factory=dict)
+    stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
+    actions: list[Dataset] = field(default_factory=list)
+    report_statuses: list[int] = field(default_factory=list)
+    port: int = 0
+    _server: Any = None
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.held[str(ds.SOPInstanceUID)] = ds
+            self.stores.append(str(ds.SOPInstanceUID))
+        return 0x0000
+
+    def _report(self, action: Dataset) -> tuple[int, Dataset]:
+        out = Dataset()
+        out.TransactionUID = "1.2.3.999" if self.wrong_transaction else action.TransactionUID
+        ok, bad = [], []
+        for ref in action.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            uid = str(ref.ReferencedSOPInstanceUID)
+            with self._lock:
+                held = uid in self.held
+            if held and uid not in self.forget:
+                ok.append(item)
+            else:
+                item.FailureReason = 0x0112 if not held else 0x0110
+                bad.append(item)
+        if self.extra_instance:
+            item = Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+            ok.append(item)
+        if ok:
+            out.ReferencedSOPSequence = ok
+        if bad:
+            out.FailedSOPSequence = bad
+        return (2 if bad else 1), out
+
+    def _action(self, event: Any) -> tuple[int, None]:
+        action = event.action_information
+        with self._lock:
+            self.actions.append(action)
+        if self.action_status != 0 or self.mode == "none":
+            return self.action_status, None
+        event_type, report = self._report(action)
+        assoc = event.assoc
+        t = threading.Thread(
+            target=self._send_report, args=(assoc, event_type, report), daemon=True
+        )
+        self._threads.append(t)
+        t.start()
+        return 0x0000, None
+
+    def _send_report(self, assoc: Any, event_type: int, report: Dataset) -> None:
+        deadline = time.monotonic() + self.delay
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.mode == "same":
+            # Wait for the N-ACTION-RSP to be out before the report.
+            time.sleep(0.2)
+            if assoc.is_established:
+                status, _ = assoc.send_n_event_report(report, event_type, SC, SC_INSTANCE)
+                self._note(status)
+            return
+        assert self.report_to is not None
+        host, port, aet = self.report_to
+        ae = AE(ae_title=self.ae_title)
+        ae.add_requested_context(SC, SYNTAXES)
+        peer = ae.associate(
+            host, port, ae_title=aet, ext_neg=[build_role(SC, scp_role=True, scu_role=False)]
+        )
+        if peer.is_established:
+            status, _ = peer.send_n_event_report(report, event_type, SC, SC_INSTANCE)
+            self._note(status)
+            peer.release()
+
+    def _note(self, status: Any) -> None:
+        with self._lock:
+            self.report_statuses.append(int(status.Status) if status and "Status" in status else -1)
+
+    def start(self) -> CommitmentSCP:
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(SC, SYNTAXES)
+        ae.add_supported_context("1.2.840.10008.1.1")
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port or free_port()),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)],
+        )
+        self.port = self._server.socket.getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        for t in self._threads:
+            t.join(10)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> CommitmentSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""The queue's proof-of-delivery states (forwarder.queue.commitments) on a real SQLite file:
+a stored job awaiting commitment holds its file back; a transaction is recorded before the
+request; its outcome commits, resends (up to the limit) or fails, once; a version 4 database
+upgrades."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from forwarder.queue import SCHEMA_VERSION, FileEntry, Finish, Queue
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+T0 = 1_700_000_000.0
+STUDY = "1.2.826.0.1.3680043.8.498.7"
+
+
+def entry(i: int) -> FileEntry:
+    return FileEntry(
+        f"/in/{i}", f"{i}", 10, 1, CT, f"1.2.3.{i}", EXPLICIT, STUDY, f"{STUDY}.1", "ACC"
+    )
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Iterator[Queue]:
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        yield queue
+
+
+def _store(q: Queue, n: int, dests: list[str] | None = None) -> list[int]:
+    """Enqueue n files, claim and ack their pacs jobs stored-awaiting-commitment."""
+    q.enqueue_many([(entry(i), dests or ["pacs"]) for i in range(n)], now=T0)
+    jobs = q.claim("pacs", 100, now=T0)
+    assert q.ack_done([j.id for j in jobs], now=T0 + 1, commitment=True) == []
+    return [j.id for j in jobs]
+
+
+def test_a_stored_job_awaiting_commitment_holds_its_file(q: Queue) -> None:
+    job_ids = _store(q, 3)
+    assert q.to_finish() == []
+    items = q.awaiting_commitment("pacs")
+    assert [i.job_id for i in items] == job_ids
+    assert {i.study_instance_uid for i in items} == {STUDY}
+    assert q.commitment_counts()["pacs"].awaiting == 3
+    assert q.recover().finishing == ()  # a restart does not finish them either
+
+
+def test_the_outcome_commits_resends_and_fails(q: Queue) -> None:
+    job_ids = _store(q, 3)
+    q.begin_commitment("9.1", "pacs", "stgcmt", job_ids, deadline=T0 + 60, now=T0 + 2)
+    assert q.awaiting_commitment("pacs") == []
+    (txn,) = q.open_commitments()
+    assert (txn.uid, [i.job_id for i in txn.items]) == ("9.1", job_ids)
+    res = q.resolve_commitment(
+        "9.1",
+        [job_ids[0]],
+        [(job_ids[1], "0x0112 (no such object instance)")],
+        max_resends=1,
+        outcome="report",
+        now=T0 + 3,
+    )
+    assert res is not None and (res.committed, res.resent, res.failed) == (1, 2, 0)
+    (done,) = q.to_finish(list(res.finished_files))
+    assert done.outcome is Finish.DONE
+    # a second outcome for the same transaction changes nothing
+    assert q.resolve_commitment("9.1", job_ids, [], max_resends=1, outcome="x") is None
+    again = q.claim("pacs", 10, now=T0 + 4)
+    assert sorted(j.id for j in again) == job_ids[1:]
+    q.ack_done([j.id for j in again], now=T0 + 5, commitment=True)
+    q.begin_commitment("9.2", "pacs", "stgcmt", job_ids[1:], deadline=T0 + 60, now=T0 + 6)
+    res = q.resolve_commitment(
+        "9.2", [], [(job_ids[1], "0x0110 (processing failure)")], max_resends=1, outcome="r"
+    )
+    assert res is not None and (res.committed, res.resent, res.failed) == (0, 0, 2)
+    finished = q.to_finish(list(res.finished_files))
+    assert {f.outcome for f in finished} == {Finish.FAILED}
+    errors = {r.last_error for f in finished for r in f.results}
+    assert errors == {
+        "stored but not committed: 0x0110 (processing failure)",
+        "stored but not committed: not reported",
+    }
+    counts = q.commitment_counts()["pacs"]
+    assert (counts.awaiting, counts.committed, counts.uncommitted) == (0, 1, 4)
+    assert q.stats()["pacs"].failed == 2
+
+
+def test_a_file_waits_for_every_destination_that_requires_proof(q: Queue) -> None:
+    job_ids = _store(q, 1, ["pacs", "archive"])
+    (other,) = q.claim("archive", 10, now=T0)
+    assert q.ack_done([other.id], now=T0) == []  # pacs still awaits commitment
+    q.begin_commitment("9.3", "pacs", "stgcmt", job_ids, deadline=T0 + 60)
+    res = q.resolve_commitment("9.3", job_ids, [], max_resends=3, outcome="report")
+    assert res is not None and len(res.finished_files) == 1
+
+
+def test_a_cancelled_request_leaves_the_jobs_awaiting(q: Queue) -> None:
+    job_ids = _store(q, 2)
+    q.begin_commitment("9.4", "pacs", "stgcmt", job_ids, deadline=T0 + 60)
+    q.cancel_commitment("9.4")
+    assert [i.job_id for i in q.awaiting_commitment("pacs")] == job_ids
+    assert q.open_commitments() == []
+    assert q.resolve_commitment("9.4", job_ids, [], max_resends=3, outcome="late") is None
+
+
+def test_a_version_4_database_upgrades(tmp_path: Path) -> None:
+    db = tmp_path / "queue.sqlite"
+    with Queue(db) as q:
+        q.enqueue(entry(1), ["pacs"], now=T0)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for index in ("jobs_awaiting_commitment", "jobs_commit_txn", "commitments_open"):
+            conn.execute(f"DROP INDEX {index}")
+        conn.execute("DROP TABLE commitments")
+        for column in ("commitment", "commit_txn", "resends"):
+            conn.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+        for column in ("committed_total", "uncommitted_total"):
+            conn.execute(f"ALTER TABLE destination_stats DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 4")
+    finally:
+        conn.close()
+    with Queue(db) as q:
+        (job,) = q.claim("pacs", 1, now=T0)
+        q.ack_done([job.id], commitment=True)
+        assert q.commitment_counts()["pacs"].awaiting == 1
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
