@@ -86,6 +86,26 @@ def test_a_replaced_file_takes_the_priority_of_its_new_routing(tmp_path: Path) -
         assert {j.priority for j in q.claim("cloud", 5, now=T0 + 2)} == {0}
 
 
+def test_a_retried_file_keeps_the_priority_its_route_gave_it(tmp_path: Path) -> None:
+    """``forwarder retry`` queues a failed file again at the priority each destination had."""
+    q = Queue(tmp_path / "q.sqlite")
+    file_id = q.enqueue(_entry("a.dcm"), {"pacs": 0, "archive": 2})
+    assert file_id is not None
+    for dest in ("pacs", "archive"):
+        (job,) = q.claim(dest, 10)
+        q.ack_failed(job.id, error="refused")
+    assert [f.file_id for f in q.to_finish([file_id])] == [file_id]
+    q.begin_finish(file_id, "/failed/a.dcm")
+    q.complete_finish(file_id)
+    new_id = q.requeue_failed(file_id, "/in/again/a.dcm", "again/a.dcm", ["pacs", "archive"])
+    claimed = [j for d in ("pacs", "archive") for j in q.claim(d, 10)]
+    assert {j.destination: (j.file_id, j.priority) for j in claimed} == {
+        "pacs": (new_id, 0),
+        "archive": (new_id, 2),
+    }
+    q.close()
+
+
 def test_a_version_4_database_gains_priorities_and_the_paused_table(tmp_path: Path) -> None:
     db = tmp_path / "q.sqlite"
     with Queue(db) as q:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from forwarder.errors import QueueError
-from forwarder.queue.records import FailedFile
+from forwarder.queue.records import NORMAL_RANK, FailedFile
 from forwarder.queue.sql import FAILED_FILES, INSERT_JOBS, REQUEUE_FILE
 from forwarder.queue.store import Store, clock, ranked_json
 
@@ -53,10 +53,9 @@ class Requeue(Store):
         now: float | None = None,
     ) -> int:
         """Queue a failed file again: a NEW QUEUED row at ``new_path`` (header values copied)
-        with fresh READY jobs for ``destinations``, and the old row marked retried so
-        :meth:`failed_files` no longer lists it. Returns the new file id. Do this before moving
-        the file to ``new_path`` so the watcher sees it as already queued."""
-        dests = ranked_json(destinations)
+        with fresh READY jobs for ``destinations`` (each at the priority it had), and the old
+        row marked retried so :meth:`failed_files` no longer lists it. Returns the new file id.
+        Do this before moving the file to ``new_path`` so the watcher sees it as already queued."""
         at = clock(now)
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
         with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:
@@ -73,6 +72,15 @@ class Requeue(Store):
                     "finished, failed file (or it was retried already)"
                 )
             new_id = int(row[0][0])
+            # Each destination keeps the priority its failed job had (its route's); a
+            # destination the file was not queued for before is normal.
+            was = dict(
+                conn.execute(
+                    "SELECT destination, priority FROM jobs WHERE file_id = :id", {"id": file_id}
+                ).fetchall()
+            )
+            ranks = {d: int(was.get(d, NORMAL_RANK)) for d in destinations}
+            dests = ranked_json(ranks)
             conn.execute(INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
             updated = conn.execute(
                 """UPDATE files SET retried_as = :new_id
