@@ -50,6 +50,45 @@ def test_the_bucket_paces_to_its_rate_whatever_the_slices() -> None:
     assert Pacer(4096).slice_size() == 1024
 
 
+def test_urgent_files_bypassing_a_closed_window_go_at_the_cap_and_the_rest_stays_under_it() -> None:
+    """Outside the window at outside_window_rate with urgent_bypasses_window: urgent bytes are
+    held to max_rate only; the others to the outside rate, and to max_rate too, so that both
+    together never exceed max_rate."""
+    t = _FakeTime()
+    pacer = Pacer(4_000_000.0, clock=t.clock, sleep=t.sleep)  # max_rate 4 MB/s
+    pacer.set_rate(1_000_000.0, urgent_apart=True, urgent_rate=4_000_000.0)
+    assert pacer.slice_size(urgent=True) == 64 * 1024 and pacer.limited(urgent=True)
+    for _ in range(400):
+        pacer.take(10_000, urgent=True)  # 4 MB of an urgent file: ~1 s at the cap
+    assert 0.9 <= t.now <= 1.0
+    t.now += 100.0
+    start = t.now
+    for _ in range(100):
+        pacer.take(10_000)  # 1 MB of an ordinary file: ~1 s at the outside rate
+    assert 0.75 <= t.now - start <= 1.0
+    # both at once: the ordinary file's bytes use up the cap too, so the urgent ones wait more
+    t.now += 100.0
+    start = t.now
+    for _ in range(100):
+        pacer.take(10_000)
+        pacer.take(30_000, urgent=True)
+    assert 0.75 <= t.now - start <= 1.05  # 4 MB in all, at the 4 MB/s cap
+    # the window opens: one rate for all again, urgent or not
+    pacer.set_rate(4_000_000.0)
+    t.now += 100.0
+    start = t.now
+    for _ in range(400):
+        pacer.take(10_000, urgent=True)
+    assert 0.75 <= t.now - start <= 1.0
+    # without the bypass, urgent bytes are held to the outside rate like the others
+    pacer.set_rate(1_000_000.0)
+    t.now += 100.0
+    start = t.now
+    for _ in range(100):
+        pacer.take(10_000, urgent=True)
+    assert 0.75 <= t.now - start <= 1.0
+
+
 @pytest.mark.parametrize(
     ("text", "rate"),
     [("20MB/s", 20 * 1024**2), ("500KB/s", 500 * 1024), ("1.5MiB/s", 1.5 * 1024**2), (4096, 4096)],
@@ -81,6 +120,18 @@ def test_outside_window_rate_is_capped_by_max_rate(tmp_path: Path) -> None:
         )
         d = gate.decide()
         assert d.claim and d.state == "outside_window" and d.rate == 1e6
+        assert not d.urgent_apart  # without the bypass, urgent files go at that rate too
+        bypass = FlowGate(
+            "pacs",
+            q,
+            windows=never,
+            urgent_bypasses=True,
+            max_rate=4e6,
+            outside_rate=1e6,
+            local_now=lambda: datetime(2026, 11, 25, 12, 0),
+        )
+        d = bypass.decide()
+        assert (d.claim, d.rate, d.urgent_apart, d.urgent_rate) == (True, 1e6, True, 4e6)
 
 
 class _TimedSCP(ScriptedSCP):

@@ -39,6 +39,10 @@ class Decision:
     max_rank: int = ALL_RANKS
     state: str | None = None
     rate: float | None = None  # bytes per second now (None: unlimited)
+    # Outside the window at outside_window_rate with urgent_bypasses_window: urgent files go
+    # at urgent_rate (max_rate; None: unlimited), apart from the others.
+    urgent_apart: bool = False
+    urgent_rate: float | None = None
 
 
 class FlowGate:
@@ -98,14 +102,21 @@ class FlowGate:
 
     def decide(self) -> Decision:
         """What the workers may claim now: nothing when paused; outside the window every
-        file at ``outside_window_rate`` if set, else urgent files only
-        (``urgent_bypasses_window``), else nothing; inside it, every file at ``max_rate``."""
+        file at ``outside_window_rate`` if set (urgent files at ``max_rate`` with
+        ``urgent_bypasses_window``), else urgent files only (``urgent_bypasses_window``), else
+        nothing; inside it, every file at ``max_rate``."""
         if self.paused():
             return Decision(claim=False, state="paused")
         if self.in_window():
             return Decision(claim=True, rate=self.max_rate)
         if self.outside_rate is not None:
-            return Decision(claim=True, state="outside_window", rate=self.outside_rate)
+            return Decision(
+                claim=True,
+                state="outside_window",
+                rate=self.outside_rate,
+                urgent_apart=self.urgent_bypasses,
+                urgent_rate=self.max_rate,
+            )
         if self.urgent_bypasses:
             return Decision(
                 claim=True, max_rank=URGENT_ONLY, state="outside_window", rate=self.max_rate

@@ -230,7 +230,11 @@ class DestinationWorkers:
         decision = self._gate.decide()
         self._dest.set_gate(decision.state)
         if self.pacer is not None:
-            self.pacer.set_rate(decision.rate)
+            self.pacer.set_rate(
+                decision.rate,
+                urgent_apart=decision.urgent_apart,
+                urgent_rate=decision.urgent_rate,
+            )
         if not decision.claim:
             # Paused (or outside the send window): nothing is claimed; a send under way in
             # another thread finishes.

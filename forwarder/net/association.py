@@ -248,33 +248,32 @@ class Association:
             if os.fstat(fd).st_size != meta.size:
                 raise InvalidFileError(path, "the file changed since its header was read")
             msg_id = self._next_message_id()
-            command = encode_store_rq(
-                msg_id,
-                meta.sop_class_uid,
-                meta.sop_instance_uid,
-                self.settings.priority if priority is None else priority,
-            )
+            prio = self.settings.priority if priority is None else priority
+            command = encode_store_rq(msg_id, meta.sop_class_uid, meta.sop_instance_uid, prio)
             base = meta.dataset_offset
 
             def read_at(view: memoryview, pos: int) -> int:
                 return os.preadv(fd, [view], base + pos)
 
-            self._stream(context.context_id, command, read_at, meta.dataset_length, path)
+            urgent = prio == PRIORITY["high"]
+            self._stream(context.context_id, command, read_at, meta.dataset_length, path, urgent)
         finally:
             os.close(fd)
         return self._read_response(
             msg_id, C_STORE_RSP, meta.sop_class_uid.encode(), meta.sop_instance_uid.encode()
         )
 
-    def store_edited(self, obj: EditedObject, context: AcceptedContext) -> DimseResponse:
+    def store_edited(
+        self, obj: EditedObject, context: AcceptedContext, *, priority: int | None = None
+    ) -> DimseResponse:
         """Send a changed object (:mod:`forwarder.dicom.edit`): its re-encoded attributes and
         its Pixel Data streamed from the file, as :meth:`store_file` streams a whole file."""
         msg_id = self._next_message_id()
-        command = encode_store_rq(
-            msg_id, obj.sop_class_uid, obj.sop_instance_uid, self.settings.priority
-        )
+        prio = self.settings.priority if priority is None else priority
+        command = encode_store_rq(msg_id, obj.sop_class_uid, obj.sop_instance_uid, prio)
+        urgent = prio == PRIORITY["high"]
         with obj.open() as reader:
-            self._stream(context.context_id, command, reader.read_at, obj.length, obj.path)
+            self._stream(context.context_id, command, reader.read_at, obj.length, obj.path, urgent)
         return self._read_response(
             msg_id, C_STORE_RSP, obj.sop_class_uid.encode(), obj.sop_instance_uid.encode()
         )
@@ -293,13 +292,16 @@ class Association:
         msg_id = self._next_message_id()
         prio = self.settings.priority if priority is None else priority
         command = encode_store_rq(msg_id, sop_class, sop_instance, prio)
-        self._send_fragments(context.context_id, True, command)
+        urgent = prio == PRIORITY["high"]
+        self._send_fragments(context.context_id, True, command, urgent)
         if len(dataset) % 2:
             dataset += b"\x00"
-        self._send_fragments(context.context_id, False, dataset)
+        self._send_fragments(context.context_id, False, dataset, urgent)
         return self._read_response(msg_id, C_STORE_RSP, sop_class.encode(), sop_instance.encode())
 
-    def _send_fragments(self, context_id: int, command: bool, data: bytes) -> None:
+    def _send_fragments(
+        self, context_id: int, command: bool, data: bytes, urgent: bool = False
+    ) -> None:
         frag = self._frag
         total = len(data)
         parts = []
@@ -315,7 +317,7 @@ class Association:
             parts.append(chunk)
             if last:
                 break
-        self._transport.send(b"".join(parts), what="P-DATA")
+        self._transport.send(b"".join(parts), what="P-DATA", urgent=urgent)
 
     def _stream(
         self,
@@ -324,14 +326,17 @@ class Association:
         read_at: Callable[[memoryview, int], int],
         length: int,
         path: str,
+        urgent: bool = False,
     ) -> None:
         """Command PDU(s) and the data set's PDUs, batched into ~1 MB ``sendall`` calls; an odd
         ``length`` is sent with one 0x00 pad byte (fragments are even: pdu.send_pdu_limit).
-        ``read_at(view, pos)`` fills ``view`` from data set position ``pos``."""
+        ``read_at(view, pos)`` fills ``view`` from data set position ``pos``; ``urgent``: an
+        urgent file's bytes (a rate cap may treat them apart, :class:`~forwarder.net.pacing.
+        Pacer`)."""
         transport = self._transport
         frag = self._frag
         if len(command) > frag:
-            self._send_fragments(context_id, True, command)
+            self._send_fragments(context_id, True, command, urgent)
             prefix = b""
         else:
             prefix = (
@@ -352,7 +357,7 @@ class Association:
         while True:
             n = min(frag, remaining)
             if pos + 12 + n > batch_len:
-                transport.send(view[:pos], what="P-DATA")
+                transport.send(view[:pos], what="P-DATA", urgent=urgent)
                 crash_point("mid-store")
                 pos = 0
             remaining -= n
@@ -382,7 +387,7 @@ class Association:
             pos += 12 + n
             if remaining == 0:
                 break
-        transport.send(view[:pos], what="P-DATA")
+        transport.send(view[:pos], what="P-DATA", urgent=urgent)
 
     def _read_response(
         self, message_id: int, command_field: int, sop_class: bytes, sop_instance: bytes | None

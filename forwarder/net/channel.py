@@ -421,7 +421,7 @@ class Channel:
         try:
             if exact is not None:
                 obj = edit_file(request.path, request.edits)
-                response = assoc.store_edited(obj, exact)
+                response = assoc.store_edited(obj, exact, priority=request.priority)
                 return self._from_response(
                     request, meta, response, exact.transfer_syntax, obj.length, started, obj
                 )
@@ -439,7 +439,9 @@ class Channel:
             )
             implicit = fallback.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
             data, sop_instance = edit_dataset_bytes(data, implicit, request.edits)
-            response = assoc.store_bytes(meta.sop_class_uid, sop_instance, data, fallback)
+            response = assoc.store_bytes(
+                meta.sop_class_uid, sop_instance, data, fallback, priority=request.priority
+            )
             sent = replace(meta, sop_instance_uid=sop_instance)
             return self._from_response(
                 request, sent, response, fallback.transfer_syntax, len(data), started

@@ -22,8 +22,36 @@ MIN_SLICE = 1024
 MAX_SLICE = 64 * 1024
 
 
+class _Bucket:
+    """One token bucket (not thread-safe: the Pacer's lock guards it)."""
+
+    __slots__ = ("last", "rate", "tokens")
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = 0.0
+        self.last = now
+
+    def refill(self, now: float) -> None:
+        burst = max(self.rate * BURST_SECONDS, MIN_SLICE)
+        self.tokens = min(burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+
+    def charge(self, nbytes: int, now: float) -> float:
+        """Take ``nbytes``; how long to wait until the bucket covers them."""
+        self.refill(now)
+        self.tokens -= nbytes
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+
 class Pacer:
-    """A token bucket in bytes per second, shared across threads; ``rate`` None: unlimited."""
+    """Token buckets in bytes per second, shared across threads.
+
+    ``rate`` is what every write is held to now (None: unlimited). While the send window is
+    closed and urgent files may bypass it, :meth:`set_rate` holds urgent writes apart, to
+    ``urgent_rate`` (the destination's ``max_rate``), and the others to both (``rate``, the
+    outside-window rate, is the tighter): all of them together stay within ``max_rate``.
+    """
 
     def __init__(
         self,
@@ -35,43 +63,68 @@ class Pacer:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._rate = rate
-        self._tokens = 0.0
-        self._last = clock()
+        now = clock()
+        self._main: _Bucket | None = None if rate is None else _Bucket(rate, now)
+        self._urgent: _Bucket | None = None  # the cap urgent writes keep (None: the same)
+        self._urgent_apart = False  # urgent writes are held to ``_urgent`` only
 
     @property
     def rate(self) -> float | None:
-        return self._rate
+        """The rate ordinary writes are held to now (None: unlimited)."""
+        return None if self._main is None else self._main.rate
 
-    def set_rate(self, rate: float | None) -> None:
-        """Change the rate (the window opened or closed); tokens and debt carry over."""
+    def set_rate(
+        self, rate: float | None, *, urgent_apart: bool = False, urgent_rate: float | None = None
+    ) -> None:
+        """Change the rate (the window opened or closed); tokens and debt carry over. With
+        ``urgent_apart``, urgent writes are held to ``urgent_rate`` (None: unlimited) instead,
+        and the others to ``urgent_rate`` as well as ``rate``."""
         with self._lock:
-            if rate == self._rate:
-                return
-            self._refill(self._clock())
-            self._rate = rate
+            now = self._clock()
+            self._main = self._retuned(self._main, rate, now)
+            self._urgent_apart = urgent_apart
+            self._urgent = self._retuned(self._urgent, urgent_rate if urgent_apart else None, now)
 
-    def slice_size(self) -> int:
+    @staticmethod
+    def _retuned(bucket: _Bucket | None, rate: float | None, now: float) -> _Bucket | None:
+        if rate is None:
+            return None
+        if bucket is None:
+            return _Bucket(rate, now)
+        if bucket.rate != rate:
+            bucket.refill(now)
+            bucket.rate = rate
+        return bucket
+
+    def slice_size(self, *, urgent: bool = False) -> int:
         """How many bytes to write between two waits at the rate now."""
-        rate = self._rate
+        rate = self._effective(urgent)
         if rate is None:
             return 1 << 62
         return max(MIN_SLICE, min(MAX_SLICE, int(rate / 20)))
 
-    def _refill(self, now: float) -> None:
-        if self._rate is not None:
-            burst = max(self._rate * BURST_SECONDS, MIN_SLICE)
-            self._tokens = min(burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
+    def _effective(self, urgent: bool) -> float | None:
+        bucket = self._urgent if urgent and self._urgent_apart else self._main
+        return None if bucket is None else bucket.rate
 
-    def take(self, nbytes: int) -> None:
-        """Charge ``nbytes`` about to be written; sleeps until the bucket covers them."""
+    def limited(self, *, urgent: bool = False) -> bool:
+        """Whether such a write is held to a rate at all now."""
+        return self._effective(urgent) is not None
+
+    def take(self, nbytes: int, *, urgent: bool = False) -> None:
+        """Charge ``nbytes`` about to be written; sleeps until the buckets cover them. An urgent
+        write while urgent files bypass the window is charged to the cap only; every other
+        write to the rate now, and to the cap too while urgent writes are held apart."""
         with self._lock:
-            rate = self._rate
-            if rate is None:
-                return
-            self._refill(self._clock())
-            self._tokens -= nbytes
-            wait = -self._tokens / rate if self._tokens < 0 else 0.0
+            now = self._clock()
+            wait = 0.0
+            if urgent and self._urgent_apart:
+                if self._urgent is not None:
+                    wait = self._urgent.charge(nbytes, now)
+            else:
+                if self._main is not None:
+                    wait = self._main.charge(nbytes, now)
+                if self._urgent_apart and self._urgent is not None:
+                    wait = max(wait, self._urgent.charge(nbytes, now))
         if wait > 0:
             self._sleep(wait)

@@ -122,19 +122,23 @@ class Transport:
 
     # -- sending and receiving ----------------------------------------------------------------
 
-    def send(self, data: bytes | bytearray | memoryview, *, what: str) -> None:
+    def send(
+        self, data: bytes | bytearray | memoryview, *, what: str, urgent: bool = False
+    ) -> None:
+        """Write all of ``data``, paced by the destination's rate cap if it has one (``urgent``:
+        an urgent file's bytes, which may bypass a closed window's tighter rate)."""
         self.last_progress = time.monotonic()
         pacer = self.settings.pacer
         try:
-            if pacer is None or pacer.rate is None:
+            if pacer is None or not pacer.limited(urgent=urgent):
                 self.sock.sendall(data)
             else:
                 # The destination's rate cap: slice by slice, each waiting for its tokens.
                 view = memoryview(data).cast("B")
-                step = pacer.slice_size()
+                step = pacer.slice_size(urgent=urgent)
                 for start in range(0, len(view), step):
                     piece = view[start : start + step]
-                    pacer.take(len(piece))
+                    pacer.take(len(piece), urgent=urgent)
                     self.sock.sendall(piece)
                     self.last_progress = time.monotonic()
         except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO expired
