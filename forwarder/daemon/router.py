@@ -147,9 +147,7 @@ class Router:
             c.key for rule in self.rules for c in rule.conditions if c.key not in _PSEUDO_KEYS
         )
 
-    def plan(
-        self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None
-    ) -> Plan:
+    def plan(self, header: Mapping[str, str], rel_path: str, calling_ae: str | None = None) -> Plan:
         """Every route's verdict for a file, and what follows. ``calling_ae``: the AE title it
         was received from through ``listen`` (None: the watch folder)."""
         folder = rel_path.rpartition("/")[0]
