@@ -363,13 +363,13 @@ def test_good_route_conditions_are_accepted() -> None:
 
 def test_deidentify_options_are_checked_with_key_and_line() -> None:
     every = (
-        "[retain_uids, retain_device_identity, retain_institution_identity, "
+        "[retain_safe_private, retain_uids, retain_device_identity, retain_institution_identity, "
         "retain_patient_characteristics, retain_long_modified_dates, clean_descriptors, "
         "clean_structured_content, clean_graphics]"
     )
     good = BASE + f"routes:\n  - name: r\n    to: [pacs]\n    deidentify: {{options: {every}}}\n"
     (route,) = parse_config(good, source="test.yaml").routes
-    assert route.deidentify is not None and len(route.deidentify.options) == 8
+    assert route.deidentify is not None and len(route.deidentify.options) == 9
     text = BASE + (
         "routes:\n"  # line 11
         "  - name: a\n"
@@ -377,7 +377,7 @@ def test_deidentify_options_are_checked_with_key_and_line() -> None:
         "    deidentify: {options: [retain_uids, clean_descriptor]}\n"  # line 14
         "  - name: b\n"
         "    to: [pacs]\n"
-        "    deidentify: {options: [retain_safe_private]}\n"  # line 17
+        "    deidentify: {options: [clean_pixel_data]}\n"  # line 17
         "  - name: c\n"
         "    to: [pacs]\n"
         "    deidentify:\n"  # line 20
@@ -386,7 +386,7 @@ def test_deidentify_options_are_checked_with_key_and_line() -> None:
     found = problems(text)
     expected = [
         ("routes[0].deidentify (line 14)", "unknown option 'clean_descriptor'"),
-        ("routes[1].deidentify (line 17)", "retain_safe_private is a PS3.15 option forwarder"),
+        ("routes[1].deidentify (line 17)", "clean_pixel_data is a PS3.15 option forwarder"),
         ("routes[2].deidentify (line 20)", "exclude each other"),
     ]
     for prefix, words in expected:

@@ -166,7 +166,54 @@ def test_clean_graphics_keeps_overlays() -> None:
     assert codes(kept) == ["113100", "113103"]
 
 
+#: CT_small's private elements Table E.3.10-1 lists, with their blocks' Private Creators.
+SAFE_IN_CT_SMALL = {
+    0x00190010,  # GEMS_ACQU_01
+    0x00191023,  # Table Speed [mm/rotation]
+    0x00191024,  # Mid Scan Time [sec]
+    0x00191027,  # Rotation Speed (Gantry Period)
+    0x00250010,  # GEMS_SERS_01
+    0x00251007,  # Images in Series
+    0x00430010,  # GEMS_PARM_01
+    0x00431027,  # Scan Pitch Ratio
+}
+
+
+def test_retain_safe_private_keeps_what_table_e_3_10_1_lists() -> None:
+    original = dcmread(real("CT_small.dcm"))
+    assert original[0x00190010].value == "GEMS_ACQU_01"
+    safe = SAFE_IN_CT_SMALL
+    kept = sent("CT_small.dcm", {"retain_safe_private"})
+    private = {int(e.tag) for e in kept if e.tag.is_private}
+    assert private == safe
+    for tag in safe:
+        assert kept[tag].value == original[tag].value
+    assert not [e for e in sent("CT_small.dcm", set()) if e.tag.is_private]
+    assert codes(kept) == ["113100", "113111"]
+
+
+def test_a_safe_private_uid_is_replaced_and_an_unlisted_creator_block_removed(
+    tmp_path: Path,
+) -> None:
+    ds = dcmread(real("MR_small.dcm"))
+    block = ds.private_block(0x0099, "NQHeader", create=True)
+    block.add_new(0x02, "UI", "1.2.3.4.5.6")  # Analyzed Series UID: listed, a UID
+    block.add_new(0x05, "LT", "return message")  # listed
+    block.add_new(0x30, "LO", "Doe^John")  # not listed
+    other = ds.private_block(0x0099, "SOMEONE ELSE", create=True)
+    other.add_new(0x02, "UI", "1.2.3.4.5.7")  # same element byte, another creator
+    ds.save_as(tmp_path / "mr.dcm")
+    kept = sent(tmp_path / "mr.dcm", {"retain_safe_private"})
+    private = {int(e.tag): e.value for e in kept if e.tag.is_private}
+    assert private[0x00990010] == "NQHeader" and private[0x00991005] == "return message"
+    assert str(private[0x00991002]).startswith("2.25.")  # mapped like every UID
+    assert set(private) == {0x00990010, 0x00991002, 0x00991005}
+    uids_kept = sent(tmp_path / "mr.dcm", {"retain_safe_private", "retain_uids"})
+    assert uids_kept[0x00991002].value == "1.2.3.4.5.6"
+
+
 OPTIONS = [
+    "retain_safe_private",
     "retain_uids",
     "retain_device_identity",
     "retain_institution_identity",
@@ -215,9 +262,13 @@ def test_the_daemon_sends_a_study_deidentified_with_options(tmp_path: Path) -> N
         assert r.ContrastBolusAgent == "CLEANED" != original.ContrastBolusAgent
         assert str(r.PatientName) == "" and r.PatientID != original.PatientID
         assert r.PatientIdentityRemoved == "YES"
-        assert codes(r) == ["113100", "113110", "113109", "113112", "113108", "113107", "113105"]
+        assert codes(r) == [
+            "113100", "113111", "113110", "113109", "113112", "113108", "113107", "113105"
+        ]  # fmt: skip
         assert r.LongitudinalTemporalInformationModified == "MODIFIED"
-        assert not [e for e in r if e.tag.is_private]
+        assert {int(e.tag) for e in r if e.tag.is_private} == SAFE_IN_CT_SMALL
+        for tag in SAFE_IN_CT_SMALL:
+            assert r[tag].value == original[tag].value
         assert (r.pixel_array == original.pixel_array).all()
         # every other element: as the original
         changed = {

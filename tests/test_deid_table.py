@@ -241,3 +241,32 @@ def test_every_row_under_each_option(options: frozenset[str]) -> None:
             raise AssertionError(f"{label} {before.VR} {code} -> {ds.get(tag)}: {exc}") from None
         checked += 1
     assert checked == 620 + len(ONLY_IN_2026C)
+
+
+SAFE = json.loads((TABLE.parent / "safe_private_attributes.json").read_text(encoding="utf-8"))
+
+
+def test_every_row_of_the_safe_private_table() -> None:
+    """Each of Table E.3.10-1's 130 rows, in a block of its creator: kept with the option (a UI
+    replaced), removed without; an element of the same number under another creator removed."""
+    assert len(SAFE) == 130
+    for row in SAFE:
+        group, element = (int(p, 16) for p in row["tag"].strip("()").replace("xx", "").split(","))
+        vr = row["vr"] or "LO"  # the standard gives no VR for a few
+        numbers = {"SS": 3, "US": 3, "UL": 3, "SL": 3, "FL": 1.5, "FD": 1.5}
+        value = numbers.get(vr, sample(vr))
+        ds = Dataset()
+        ds.private_block(group, row["creator"], create=True).add_new(element, vr, value)
+        ds.private_block(group, "NOT " + row["creator"], create=True).add_new(element, vr, value)
+        mine, other = (group << 16) | 0x1000 | element, (group << 16) | 0x1100 | element
+        Deidentifier(frozenset({"retain_safe_private"}), PreviewUids()).apply(ds)
+        assert mine in ds and other not in ds and (group << 16 | 0x11) not in ds, row
+        assert ds[(group << 16) | 0x10].value == row["creator"]
+        if vr == "UI":
+            assert str(ds[mine].value).startswith("2.25."), row
+        elif vr != "SQ":
+            assert ds[mine].value == value, row
+        ds2 = Dataset()
+        ds2.private_block(group, row["creator"], create=True).add_new(element, vr, value)
+        Deidentifier(frozenset(), PreviewUids()).apply(ds2)
+        assert not [e for e in ds2 if e.tag.is_private], row

@@ -146,7 +146,7 @@ def test_the_options_keep_uids_and_dates() -> None:
 def test_options_the_standard_names_but_forwarder_lacks_are_refused() -> None:
     with pytest.raises(ValueError, match="does not implement"):
         Route.model_validate(
-            {"name": "r", "to": ["x"], "deidentify": {"options": ["retain_safe_private"]}}
+            {"name": "r", "to": ["x"], "deidentify": {"options": ["clean_pixel_data"]}}
         )
     with pytest.raises(ValueError, match="exclude each other"):
         both = ["retain_long_full_dates", "retain_long_modified_dates"]

@@ -313,6 +313,7 @@ def test_deb_files(deb: Path, extracted: Path) -> None:
         "/usr/lib/forwarder/forwarder/daemon/notify.py": "-rw-r--r--",
         # deidentify's option columns (PS3.15 Table E.1-1), read at run time
         "/usr/lib/forwarder/forwarder/dicom/data/confidentiality_profile.json": "-rw-r--r--",
+        "/usr/lib/forwarder/forwarder/dicom/data/safe_private_attributes.json": "-rw-r--r--",
         "/usr/lib/forwarder/forwarder/dicom/data/README.md": "-rw-r--r--",
     }
     for path, mode in expected.items():

@@ -390,6 +390,7 @@ def modify_problems(modify: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]
 
 #: The options forwarder implements, by the standard's names (PS3.15 Table E.1-1 columns, E.3).
 DEID_OPTIONS = (
+    "retain_safe_private",
     "retain_uids",
     "retain_device_identity",
     "retain_institution_identity",
@@ -401,10 +402,8 @@ DEID_OPTIONS = (
     "clean_graphics",
 )
 #: The standard's other options: named, so that a config asking for one is told it is not
-#: implemented rather than that it is misspelled. Retain Safe Private needs PS3.15 Table
-#: E.3.10-1, which forwarder does not ship; the pixel options need image analysis.
+#: implemented rather than that it is misspelled: the pixel options need image analysis.
 DEID_OPTIONS_NOT_BUILT = (
-    "retain_safe_private",
     "clean_pixel_data",
     "clean_recognizable_visual_features",
 )

@@ -11,7 +11,7 @@ Options and the columns they read, by forwarder's config names (PS3.15 E.3):
 ========================================  ======================  ======================
 option                                    column                  CID 7050 code
 ========================================  ======================  ======================
-retain_safe_private                       rtnSafePrivOpt          113111 (not built)
+retain_safe_private                       rtnSafePrivOpt          113111
 retain_uids                               rtnUIDsOpt              113110
 retain_device_identity                    rtnDevIdOpt             113109
 retain_institution_identity               rtnInstIdOpt            113112
@@ -121,3 +121,15 @@ def column(option: str) -> Column:
         else:
             masked.append((tag, mask, code))
     return Column(exact, tuple(masked))
+
+
+@functools.cache
+def safe_private() -> dict[tuple[int, int, str], str]:
+    """PS3.15 Table E.3.10-1 (``data/safe_private_attributes.json``): (group, element byte,
+    Private Creator) -> the VR the standard gives (empty where it gives none)."""
+    text = resources.files("forwarder.dicom").joinpath("data/safe_private_attributes.json")
+    out: dict[tuple[int, int, str], str] = {}
+    for row in json.loads(text.read_text(encoding="utf-8")):
+        group, element = row["tag"].strip("()").split(",")
+        out[(int(group, 16), int(element[2:], 16), row["creator"])] = row["vr"]
+    return out

@@ -15,11 +15,17 @@ The Basic Profile's actions, at every level of nested sequences:
   choice that keeps an attribute the IOD may require: Z/D and X/D and X/Z/D -> D, X/Z -> Z,
   X/Z/U* -> its UIDs replaced (U) and everything else in it emptied;
 * every UID the table does not list is replaced too (except the standard's own, 1.2.840.10008.*),
-  every private element is removed (the Retain Safe Private Option is not implemented: forwarder
-  does not ship PS3.15 Table E.3.10-1), and curves (50xx), overlay data and comments (60xx);
+  every private element is removed, and curves (50xx), overlay data and comments (60xx);
 * then Patient Identity Removed (0012,0062) = YES, De-identification Method (0012,0063) and its
   Code Sequence (0012,0064, CID 7050: 113100 and each applied option's code), and Longitudinal
   Temporal Information Modified (0028,0303) = UNMODIFIED, MODIFIED or REMOVED.
+
+``retain_safe_private`` keeps the private elements PS3.15 Table E.3.10-1 lists (matched by
+group, element byte and the value of their block's Private Creator, at every level) and the
+Private Creator elements of the blocks that keep one; their UIDs (VR UI) are replaced like any
+other unless ``retain_uids``; a listed element whose VR is unknown (UN: implicit VR, not in
+pydicom's private dictionary) is removed when the table says it is a UID. Safe-listing through
+Private Data Element Characteristics (0008,0300) is not used.
 
 An option changes only the rows its column marks. When options disagree on a row, K (keep) wins
 over C (clean), and C over the Basic Profile's action:
@@ -57,12 +63,12 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from forwarder.dicom.deid_options import OPTIONS, ORDER, column
+from forwarder.dicom.deid_options import OPTIONS, ORDER, column, safe_private
 
 #: The PS3.15 edition of the Basic Profile table used.
 EDITION = "2026c"
 #: The options this module implements (the standard's others are refused by check-config).
-IMPLEMENTED = tuple(o for o in ORDER if o not in ("basic", "retain_safe_private"))
+IMPLEMENTED = tuple(o for o in ORDER if o != "basic")
 _DUMMY = {
     "PN": "ANONYMOUS",
     "DA": "19000101",
@@ -259,10 +265,11 @@ class _Run:
         return basic
 
     def level(self, ds: Dataset, cleaning: bool) -> None:
+        safe = self._safe_private(ds) if "retain_safe_private" in self.options else set()
         for tag in list(ds.keys()):
             elem = ds[tag]
-            if tag >> 16 & 1:
-                del ds[tag]  # private (no Retain Safe Private Option)
+            if tag >> 16 & 1 and tag not in safe:
+                del ds[tag]  # private, and not kept by the Retain Safe Private Option
                 continue
             action = self.action(int(tag))
             if elem.VR == "UI":
@@ -286,6 +293,25 @@ class _Run:
                 elem.value = Sequence() if elem.VR == "SQ" else None
             elif action == "D":
                 _dummy(elem)
+
+    @staticmethod
+    def _safe_private(ds: Dataset) -> set[int]:
+        """The private tags of this level Table E.3.10-1 lists, and their blocks' creators."""
+        table = safe_private()
+        keep: set[int] = set()
+        for tag in ds.keys():  # noqa: SIM118
+            group, element = tag >> 16, tag & 0xFFFF
+            if not group & 1 or element < 0x1000:
+                continue
+            creator_tag = (group << 16) | (element >> 8)
+            creator = ds.get(creator_tag)
+            if creator is None or not isinstance(creator.value, str):
+                continue
+            vr = table.get((group, element & 0xFF, creator.value.strip()))
+            if vr is None or (vr == "UI" and ds[tag].VR == "UN"):
+                continue
+            keep |= {int(tag), creator_tag}
+        return keep
 
     def _uid(self, ds: Dataset, elem: DataElement, action: str | None) -> None:
         if "retain_uids" in self.options or action == "K" or not elem.value:
