@@ -31,7 +31,8 @@ An option changes only the rows its column marks. When options disagree on a row
 over C (clean), and C over the Basic Profile's action:
 
 * K: the attribute is kept as it is (a sequence: kept, the profile applied to its items);
-  ``retain_uids`` keeps every UID, listed or not;
+  ``retain_uids`` keeps every UID, listed or not, but those the Basic Profile removes (X)
+  where its column does not say K;
 * C of ``retain_long_modified_dates``: dates (DA, and the date of a DT) are moved back by a
   number of whole days, the same for every object of a patient: 1 to 3650 days, drawn at random
   the first time a patient (Patient ID, else Patient's Name, else Study Instance UID) is seen
