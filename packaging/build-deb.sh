@@ -68,7 +68,7 @@ mkdir -p "$pkg/DEBIAN" "$pkg/usr/bin" "$pkg/usr/lib" "$pkg/etc/forwarder" \
     "$pkg/lib/systemd/system" "$pkg/usr/lib/sysusers.d" "$pkg/usr/lib/tmpfiles.d" \
     "$pkg/usr/share/man/man1" "$doc/examples"
 cp -al "$deps" "$lib"  # hard links: the cache is never modified in place
-( cd "$root_dir" && find forwarder \( -name '*.py' -o -name py.typed \) -print0 \
+( cd "$root_dir" && find forwarder \( -name '*.py' -o -name py.typed -o -path 'forwarder/*/data/*' \) -print0 \
     | xargs -0 cp --parents -t "$lib" )
 "$PYTHON" -m compileall -q "$lib/forwarder" >/dev/null
 

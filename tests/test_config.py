@@ -359,3 +359,37 @@ def test_good_route_conditions_are_accepted() -> None:
     assert match["Modality"] == {"not": ["SR", "KO"]}
     assert match["AcquisitionDate"] == {"range": ["20260101", None]}
     assert config.routes[1].action.value == "discard" and config.routes[1].to == []
+
+
+def test_deidentify_options_are_checked_with_key_and_line() -> None:
+    every = (
+        "[retain_safe_private, retain_uids, retain_device_identity, retain_institution_identity, "
+        "retain_patient_characteristics, retain_long_modified_dates, clean_descriptors, "
+        "clean_structured_content, clean_graphics]"
+    )
+    good = BASE + f"routes:\n  - name: r\n    to: [pacs]\n    deidentify: {{options: {every}}}\n"
+    (route,) = parse_config(good, source="test.yaml").routes
+    assert route.deidentify is not None and len(route.deidentify.options) == 9
+    text = BASE + (
+        "routes:\n"  # line 11
+        "  - name: a\n"
+        "    to: [pacs]\n"
+        "    deidentify: {options: [retain_uids, clean_descriptor]}\n"  # line 14
+        "  - name: b\n"
+        "    to: [pacs]\n"
+        "    deidentify: {options: [clean_pixel_data]}\n"  # line 17
+        "  - name: c\n"
+        "    to: [pacs]\n"
+        "    deidentify:\n"  # line 20
+        "      options: [retain_long_full_dates, retain_long_modified_dates]\n"
+    )
+    found = problems(text)
+    expected = [
+        ("routes[0].deidentify (line 14)", "unknown option 'clean_descriptor'"),
+        ("routes[1].deidentify (line 17)", "clean_pixel_data is a PS3.15 option forwarder"),
+        ("routes[2].deidentify (line 20)", "exclude each other"),
+    ]
+    for prefix, words in expected:
+        assert any(p.startswith(prefix + ": ") and words in p for p in found), (prefix, found)
+    # (the three routes also send to one destination with different changes: reported too)
+    assert len([p for p in found if "options" in p]) == len(expected), found

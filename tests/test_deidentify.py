@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from forwarder.config import Route
+from forwarder.config.routing import DEID_OPTIONS
 from forwarder.daemon.explain import PreviewUids
 from forwarder.dicom.deidentify import Deidentifier, basic_profile
 from forwarder.dicom.edit import edit_file
@@ -145,8 +146,14 @@ def test_the_options_keep_uids_and_dates() -> None:
 def test_options_the_standard_names_but_forwarder_lacks_are_refused() -> None:
     with pytest.raises(ValueError, match="does not implement"):
         Route.model_validate(
-            {"name": "r", "to": ["x"], "deidentify": {"options": ["retain_device_identity"]}}
+            {"name": "r", "to": ["x"], "deidentify": {"options": ["clean_pixel_data"]}}
         )
+    with pytest.raises(ValueError, match="exclude each other"):
+        both = ["retain_long_full_dates", "retain_long_modified_dates"]
+        Route.model_validate({"name": "r", "to": ["x"], "deidentify": {"options": both}})
+    every = [o for o in DEID_OPTIONS if o != "retain_long_full_dates"]
+    route = Route.model_validate({"name": "r", "to": ["x"], "deidentify": {"options": every}})
+    assert route.deidentify is not None and route.deidentify.options == every
     with pytest.raises(ValueError, match="unknown option"):
         Route.model_validate({"name": "r", "to": ["x"], "deidentify": {"options": ["nope"]}})
     assert Route.model_validate({"name": "r", "to": ["x"], "deidentify": "basic"}).deidentify

@@ -154,3 +154,30 @@ def test_conflicting_changes_are_shown_and_exit_1(
     assert pacs["conflict"].startswith("routes ct, station send it to pacs with different")
     text = explain(tmp_path, forwarder_env, ct_small()).stdout
     assert "failed/: conflicting changes: routes ct, station" in text
+
+
+def test_the_changes_of_deidentify_options_are_shown(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    config = tmp_path / "f.yaml"
+    options = "[retain_device_identity, retain_long_modified_dates, clean_descriptors]"
+    config.write_text(
+        CONFIG.format(root=tmp_path).split("routes:")[0]
+        + "routes:\n  - name: anon\n    to: [research]\n"
+        + f"    deidentify: {{profile: basic, options: {options}}}\n"
+    )
+    result = explain(tmp_path, forwarder_env, ct_small(), json_out=True)
+    assert result.returncode == 0, result.stderr
+    (doc,) = json.loads(result.stdout)["files"]
+    (research,) = doc["destinations"]
+    assert research["steps"] == [
+        "route anon: deidentify (basic + retain_device_identity + retain_long_modified_dates"
+        " + clean_descriptors)"
+    ]
+    changes = {c["keyword"]: (c["old"], c["new"]) for c in research["changes"]}
+    assert "StationName" not in changes  # kept: retain_device_identity
+    assert changes["StudyDescription"] == ("e+1", "CLEANED")  # clean_descriptors
+    old, new = changes["StudyDate"]  # shifted, not emptied
+    assert old == "20040119" and new and new < old
+    assert changes["InstitutionName"][1] == "ANONYMIZED"  # no institution option
+    assert changes["LongitudinalTemporalInformationModified"][1] == "MODIFIED"

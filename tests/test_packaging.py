@@ -311,6 +311,10 @@ def test_deb_files(deb: Path, extracted: Path) -> None:
         "/usr/share/doc/forwarder/examples/grafana-dashboard.json": "-rw-r--r--",
         "/usr/lib/forwarder/forwarder/cli/__init__.py": "-rw-r--r--",
         "/usr/lib/forwarder/forwarder/daemon/notify.py": "-rw-r--r--",
+        # deidentify's option columns (PS3.15 Table E.1-1), read at run time
+        "/usr/lib/forwarder/forwarder/dicom/data/confidentiality_profile.json": "-rw-r--r--",
+        "/usr/lib/forwarder/forwarder/dicom/data/safe_private_attributes.json": "-rw-r--r--",
+        "/usr/lib/forwarder/forwarder/dicom/data/README.md": "-rw-r--r--",
     }
     for path, mode in expected.items():
         assert path in entries, path
@@ -354,6 +358,9 @@ def test_extracted_program_runs_on_debian_python(extracted: Path) -> None:
         "import numpy, pydantic_core, pynetdicom, pydicom, yaml, watchdog.observers;"
         "import prometheus_client, pylibjpeg, forwarder.daemon.metrics, forwarder.logsetup;"
         "from forwarder.config import load_config;"
+        "from forwarder.dicom.deid_options import table_rows;"
+        "from forwarder.dicom.deidentify import basic_profile;"
+        "assert len(table_rows()) == 621 and basic_profile().exact;"
         "print(load_config(sys.argv[2]).destinations[0].name)"
     )
     result = _run(

@@ -392,20 +392,22 @@ def modify_problems(modify: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]
 
 # -- deidentify: PS3.15 Annex E -------------------------------------------------------------
 
-#: The options forwarder implements, by the standard's names (PS3.15 Table E.1-1 columns):
-#: Retain UIDs Option, Retain Longitudinal Temporal Information with Full Dates Option.
-DEID_OPTIONS = ("retain_uids", "retain_long_full_dates")
-#: The standard's other options: named, so that a config asking for one is told it is not
-#: implemented rather than that it is misspelled.
-DEID_OPTIONS_NOT_BUILT = (
+#: The options forwarder implements, by the standard's names (PS3.15 Table E.1-1 columns, E.3).
+DEID_OPTIONS = (
     "retain_safe_private",
+    "retain_uids",
     "retain_device_identity",
     "retain_institution_identity",
     "retain_patient_characteristics",
+    "retain_long_full_dates",
     "retain_long_modified_dates",
     "clean_descriptors",
     "clean_structured_content",
     "clean_graphics",
+)
+#: The standard's other options: named, so that a config asking for one is told it is not
+#: implemented rather than that it is misspelled: the pixel options need image analysis.
+DEID_OPTIONS_NOT_BUILT = (
     "clean_pixel_data",
     "clean_recognizable_visual_features",
 )
@@ -418,7 +420,7 @@ class Deidentify(_Model):
     profile: str = Field("basic", pattern="^basic$", description="basic (PS3.15 Annex E)")
     options: list[str] = Field(
         default_factory=list,
-        description="retain_uids, retain_long_full_dates (PS3.15 Table E.1-1 option columns)",
+        description="PS3.15 Table E.1-1 option columns: " + ", ".join(DEID_OPTIONS),
     )
 
     @model_validator(mode="before")
@@ -438,6 +440,11 @@ class Deidentify(_Model):
                 raise ValueError(
                     f"options: unknown option {option!r} (one of {', '.join(DEID_OPTIONS)})"
                 )
+        if {"retain_long_full_dates", "retain_long_modified_dates"} <= set(self.options):
+            raise ValueError(
+                "options: retain_long_full_dates and retain_long_modified_dates exclude each "
+                "other (dates are either kept or shifted)"
+            )
         return self
 
 

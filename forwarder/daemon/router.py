@@ -221,7 +221,10 @@ class Router:
         if rule is not None and rule.route is not None:
             deid = rule.route.deidentify
             if deid is not None:
-                steps.append((f"route {rule.name}: deidentify", self._deidentifier(deid)))
+                label = f"route {rule.name}: deidentify"
+                if deid.options:  # explain names the options whose changes it lists
+                    label += f" ({deid.profile} + {' + '.join(deid.options)})"
+                steps.append((label, self._deidentifier(deid)))
             if rule.route.modify is not None and not rule.route.modify.empty:
                 steps.append(
                     (f"route {rule.name}: modify", Modification.from_config(rule.route.modify))

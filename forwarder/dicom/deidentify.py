@@ -1,16 +1,12 @@
-"""De-identification: the Basic Application Level Confidentiality Profile of PS3.15 Annex E,
-applied to what a route sends (an :class:`~forwarder.dicom.edit.Editor`).
+"""De-identification: the Basic Application Level Confidentiality Profile of PS3.15 Annex E and
+its options, applied to what a route sends (an :class:`~forwarder.dicom.edit.Editor`).
 
-The profile's action per attribute (PS3.15 Table E.1-1) comes from ``dicom-anonymizer``
+The Basic Profile's action per attribute (PS3.15 Table E.1-1) comes from ``dicom-anonymizer``
 (KitwareMedical), which ships the table generated from the standard for each edition; the
-2026c edition is used. Its tables hold the Basic Profile column only; the options forwarder
-implements follow from the standard's definition of their columns:
+2026c edition is used. It holds the Basic Profile column only; the option columns come from
+innolitics/dicom-standard's extraction of the same table (:mod:`forwarder.dicom.deid_options`).
 
-* ``retain_uids`` (Retain UIDs Option, E.3.9): every UID is kept;
-* ``retain_long_full_dates`` (Retain Longitudinal Temporal Information with Full Dates Option,
-  E.3.6): every date and time (DA, DT, TM) is kept.
-
-The actions, at every level of nested sequences:
+The Basic Profile's actions, at every level of nested sequences:
 
 * X: removed; Z: emptied (a sequence: no items); D: a dummy value of its VR (a sequence: no
   items; a UID: replaced as U); U: replaced by a new UID from the UID map, the same for the same
@@ -18,18 +14,48 @@ The actions, at every level of nested sequences:
 * where the table leaves a choice to keep the IOD valid (Z/D, X/Z, X/D, X/Z/D, X/Z/U*), the
   choice that keeps an attribute the IOD may require: Z/D and X/D and X/Z/D -> D, X/Z -> Z,
   X/Z/U* -> its UIDs replaced (U) and everything else in it emptied;
-* every private element is removed (the Retain Safe Private Option is not implemented), and
-  curves (50xx), overlay data and comments (60xx,3000/4000);
+* every UID the table does not list is replaced too (except the standard's own, 1.2.840.10008.*),
+  every private element is removed, and curves (50xx), overlay data and comments (60xx);
 * then Patient Identity Removed (0012,0062) = YES, De-identification Method (0012,0063) and its
-  Code Sequence (0012,0064, CID 7050: 113100 and the options' codes), and Longitudinal Temporal
-  Information Modified (0028,0303) = REMOVED or UNMODIFIED.
+  Code Sequence (0012,0064, CID 7050: 113100 and each applied option's code), and Longitudinal
+  Temporal Information Modified (0028,0303) = UNMODIFIED, MODIFIED or REMOVED.
 
-Pixel data is not looked at: burned-in text (Clean Pixel Data Option) is not removed.
+``retain_safe_private`` keeps the private elements PS3.15 Table E.3.10-1 lists (matched by
+group, element byte and the value of their block's Private Creator, at every level) and the
+Private Creator elements of the blocks that keep one; their UIDs (VR UI) are replaced like any
+other unless ``retain_uids``; a listed element whose VR is unknown (UN: implicit VR, not in
+pydicom's private dictionary) is removed when the table says it is a UID. Safe-listing through
+Private Data Element Characteristics (0008,0300) is not used.
+
+An option changes only the rows its column marks. When options disagree on a row, K (keep) wins
+over C (clean), and C over the Basic Profile's action:
+
+* K: the attribute is kept as it is (a sequence: kept, the profile applied to its items);
+  ``retain_uids`` keeps every UID, listed or not, but those the Basic Profile removes (X)
+  where its column does not say K;
+* C of ``retain_long_modified_dates``: dates (DA, and the date of a DT) are moved back by a
+  number of whole days, the same for every object of a patient: 1 to 3650 days, drawn at random
+  the first time a patient (Patient ID, else Patient's Name, else Study Instance UID) is seen
+  and kept in the UID map (under a SHA-256 of that key, never the key itself), so it survives
+  restarts. Times (TM, the time of a DT) are kept: a whole-day shift keeps every interval. A
+  date that is not a full YYYYMMDD is emptied;
+* any other C ("clean: replace with values of similar meaning known not to contain identifying
+  information", PS3.15 E.1.1): forwarder does not interpret free text, so a text value (AE, CS,
+  SH, LO, ST, LT, UT, UC, UR, PN) is replaced by the dummy ``CLEANED`` (PN: ``ANONYMOUS``); a
+  sequence is kept and the whole profile applied to its items (codes, measurements and graphic
+  coordinates stay, their free text is cleaned: Text Value (0040,A160), which the table does not
+  list, becomes ``CLEANED`` in such items); numbers and binary values (curve data, overlay
+  bitmaps) are kept as they are: forwarder does not look at pixels, so text burned into an
+  overlay bitmap stays, as it does in Pixel Data (the Clean Pixel Data Option is not
+  implemented).
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
+import hashlib
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,22 +64,12 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-#: The PS3.15 edition of the table used.
+from forwarder.dicom.deid_options import OPTIONS, ORDER, column, safe_private
+
+#: The PS3.15 edition of the Basic Profile table used.
 EDITION = "2026c"
-_ITEM_CODES = {
-    "basic": ("113100", "Basic Application Confidentiality Profile"),
-    "retain_uids": ("113110", "Retain UIDs Option"),
-    "retain_long_full_dates": (
-        "113106",
-        "Retain Longitudinal Temporal Information Full Dates Option",
-    ),
-}
-_METHOD_TEXT = {
-    "basic": "PS3.15 Basic Application Level Confidentiality Profile",
-    "retain_uids": "Retain UIDs Option",
-    "retain_long_full_dates": "Retain Longitudinal Temporal Information Full Dates Option",
-}
-_DATE_VRS = frozenset({"DA", "DT", "TM"})
+#: The options this module implements (the standard's others are refused by check-config).
+IMPLEMENTED = tuple(o for o in ORDER if o != "basic")
 _DUMMY = {
     "PN": "ANONYMOUS",
     "DA": "19000101",
@@ -72,8 +88,15 @@ _DUMMY = {
     "IS": "0",
     "DS": "0",
 }
+_CLEANED = "CLEANED"
+_TEXT_VRS = frozenset({"AE", "CS", "SH", "LO", "ST", "LT", "UT", "UC", "UR"})
+_TEXT_VALUE = 0x0040A160  # Text Value: free text of SR content items, not in the table
 _NUMBERS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 _BYTES = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+#: Date shift: the key's prefix in the UID map, and the largest shift in days.
+SHIFT_KEY = "deidentify-date-shift:"
+MAX_SHIFT_DAYS = 3650
+_FULL_DATE = re.compile(r"^\d{8}")
 #: The table's categories and what forwarder does for each (see the module docstring).
 _CATEGORIES = {
     "D_TAGS": "D",
@@ -112,22 +135,39 @@ class Profile:
 
 
 @functools.cache
-def basic_profile() -> Profile:
-    """PS3.15 Table E.1-1's Basic Profile column (:data:`EDITION`), from dicom-anonymizer."""
+def raw_basic_table() -> dict[tuple[int, int], str]:
+    """dicom-anonymizer's table as the standard writes its codes: (tag, mask) -> "X/Z/D"..."""
     import importlib
 
     table = importlib.import_module(
         f"dicomanonymizer.dicom_anonymization_databases.dicomfields_{EDITION}"
     )
-    exact: dict[int, str] = {}
-    masked: list[tuple[int, int, str]] = []
-    for category, action in _CATEGORIES.items():
+    out: dict[tuple[int, int], str] = {}
+    for category in _CATEGORIES:
+        code = category.removesuffix("_TAGS").replace("_STAR", "*").replace("_", "/")
         for entry in getattr(table, category):
             if len(entry) == 2:
-                exact[(entry[0] << 16) | entry[1]] = action
+                out[((entry[0] << 16) | entry[1], 0xFFFFFFFF)] = code
             else:
                 group, elem, gmask, emask = entry
-                masked.append(((group << 16) | elem, (gmask << 16) | emask, action))
+                out[((group << 16) | elem, (gmask << 16) | emask)] = code
+    return out
+
+
+@functools.cache
+def basic_profile() -> Profile:
+    """PS3.15 Table E.1-1's Basic Profile column (:data:`EDITION`), from dicom-anonymizer."""
+    does = {
+        k.removesuffix("_TAGS").replace("_STAR", "*").replace("_", "/"): v
+        for k, v in _CATEGORIES.items()
+    }
+    exact: dict[int, str] = {}
+    masked: list[tuple[int, int, str]] = []
+    for (tag, mask), code in raw_basic_table().items():
+        if mask == 0xFFFFFFFF:
+            exact[tag] = does[code]
+        else:
+            masked.append((tag, mask, does[code]))
     return Profile(exact, tuple(masked))
 
 
@@ -141,6 +181,21 @@ def _walk_uids(ds: Dataset) -> Iterator[str]:
             yield from (str(v) for v in values)
 
 
+def shift_date(value: str, days: int) -> str | None:
+    """A DA or DT value moved by ``days`` (its time part kept); None if not a full date."""
+    text = value.strip()
+    if not _FULL_DATE.match(text):
+        return None
+    try:
+        day = datetime.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+    moved = day + datetime.timedelta(days=days)
+    if moved.year < 1:
+        return None
+    return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}{text[8:]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Deidentifier:
     """A route's ``deidentify:``; ``uids`` maps original UIDs to their replacements."""
@@ -149,80 +204,155 @@ class Deidentifier:
     uids: UidSource
 
     def apply(self, ds: Dataset) -> None:
-        profile = basic_profile()
         mapping: dict[str, str] = {}
         if "retain_uids" not in self.options:
             wanted = [u for u in _walk_uids(ds) if not u.startswith("1.2.840.10008.")]
             # UIDs the standard defines (SOP classes, transfer syntaxes, coding schemes) are
             # not identifying and stay; all others are replaced, the same way every time.
             mapping = self.uids.replacement_uids(wanted)
-        self._level(ds, profile, mapping)
+        shift = self.date_shift(ds) if "retain_long_modified_dates" in self.options else 0
+        _Run(self.options, mapping, shift).level(ds, cleaning=False)
         self._mark(ds)
 
-    def _uid(self, elem: DataElement, mapping: dict[str, str]) -> None:
-        if not elem.value:
-            return
-        if isinstance(elem.value, list):
-            elem.value = [mapping.get(str(v), str(v)) for v in elem.value]
-        else:
-            elem.value = mapping.get(str(elem.value), str(elem.value))
-
-    def _level(self, ds: Dataset, profile: Profile, mapping: dict[str, str]) -> None:
-        for tag in list(ds.keys()):
-            elem = ds[tag]
-            if tag >> 16 & 1:
-                del ds[tag]  # private (no Retain Safe Private Option)
-                continue
-            action = profile.action(int(tag))
-            retained_date = elem.VR in _DATE_VRS and "retain_long_full_dates" in self.options
-            if elem.VR == "UI":
-                if "retain_uids" in self.options:
-                    continue
-                if action == "X":
-                    del ds[tag]
-                else:  # U, D, or a UID the table does not list: every UID is mapped alike
-                    self._uid(elem, mapping)
-                continue
-            if action is None or retained_date:
-                if elem.VR == "SQ":
-                    for item in elem.value:
-                        self._level(item, profile, mapping)
-                continue
-            if action == "X":
-                del ds[tag]
-            elif action == "U*" and elem.VR == "SQ":
-                for item in elem.value:
-                    self._level(item, profile, mapping)
-            elif action in ("Z", "U*") or elem.VR == "SQ":
-                elem.value = Sequence() if elem.VR == "SQ" else None
-            elif action == "D":
-                self._dummy(elem)
-            elif action == "U":
-                self._uid(elem, mapping)
-
-    @staticmethod
-    def _dummy(elem: DataElement) -> None:
-        vr = elem.VR
-        if vr in _DUMMY:
-            elem.value = _DUMMY[vr]
-        elif vr in _NUMBERS:
-            elem.value = 0
-        elif vr in _BYTES:
-            elem.value = b""
-        else:
-            elem.value = None
+    def date_shift(self, ds: Dataset) -> int:
+        """The patient's date shift in days (negative), from the UID map."""
+        key = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "")
+        key = key or str(ds.get("StudyInstanceUID", "") or "")
+        name = SHIFT_KEY + hashlib.sha256(key.encode("utf-8")).hexdigest()
+        drawn = self.uids.replacement_uids([name])[name]
+        return -(1 + int(drawn.rsplit(".", 1)[-1]) % MAX_SHIFT_DAYS)
 
     def _mark(self, ds: Dataset) -> None:
-        chosen = [o for o in ("retain_uids", "retain_long_full_dates") if o in self.options]
+        chosen = [o for o in ORDER if o == "basic" or o in self.options]
         ds.PatientIdentityRemoved = "YES"
-        methods = [_METHOD_TEXT[k] for k in ["basic", *chosen]]  # LO, one value each
+        methods = [OPTIONS[k][2] for k in chosen]  # LO, one value each
         ds.DeidentificationMethod = methods if len(methods) > 1 else methods[0]
         codes = Sequence()
-        for key in ["basic", *chosen]:
+        for key in chosen:
             item = Dataset()
-            item.CodeValue, item.CodeMeaning = _ITEM_CODES[key]
+            item.CodeValue, item.CodeMeaning = OPTIONS[key][1], OPTIONS[key][2]
             item.CodingSchemeDesignator = "DCM"
             codes.append(item)
         ds.DeidentificationMethodCodeSequence = codes
-        full_dates = "retain_long_full_dates" in self.options
-        ds.LongitudinalTemporalInformationModified = "UNMODIFIED" if full_dates else "REMOVED"
+        if "retain_long_full_dates" in self.options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif "retain_long_modified_dates" in self.options:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One object's de-identification: the options, the UID mapping, the date shift."""
+
+    options: frozenset[str]
+    mapping: dict[str, str]
+    shift: int
+
+    def action(self, tag: int) -> str | None:
+        """The Basic Profile's action, or K / S (shift) / C from the options' columns."""
+        basic = basic_profile().action(tag)
+        if basic is None:
+            return None
+        found = {
+            "S" if o == "retain_long_modified_dates" and code == "C" else code
+            for o in self.options
+            if (code := column(o).code(tag)) is not None
+        }
+        for wins in ("K", "S", "C"):
+            if wins in found:
+                return wins
+        return basic
+
+    def level(self, ds: Dataset, cleaning: bool) -> None:
+        safe = self._safe_private(ds) if "retain_safe_private" in self.options else set()
+        for tag in list(ds.keys()):
+            elem = ds[tag]
+            if tag >> 16 & 1 and tag not in safe:
+                del ds[tag]  # private, and not kept by the Retain Safe Private Option
+                continue
+            action = self.action(int(tag))
+            if elem.VR == "UI":
+                self._uid(ds, elem, action)
+            elif action in (None, "K", "S", "C") and elem.VR == "SQ":
+                for item in elem.value:
+                    self.level(item, cleaning or action == "C")
+            elif action is None or action == "K":
+                if cleaning and tag == _TEXT_VALUE and elem.value:
+                    elem.value = _CLEANED
+            elif action == "S":
+                self._shift(elem)
+            elif action == "C":
+                self._clean(elem)
+            elif action == "X":
+                del ds[tag]
+            elif action == "U*" and elem.VR == "SQ":
+                for item in elem.value:
+                    self.level(item, cleaning)
+            elif action in ("Z", "U*") or elem.VR == "SQ":
+                elem.value = Sequence() if elem.VR == "SQ" else None
+            elif action == "D":
+                _dummy(elem)
+
+    @staticmethod
+    def _safe_private(ds: Dataset) -> set[int]:
+        """The private tags of this level Table E.3.10-1 lists, and their blocks' creators."""
+        table = safe_private()
+        keep: set[int] = set()
+        for tag in ds.keys():  # noqa: SIM118
+            group, element = tag >> 16, tag & 0xFFFF
+            if not group & 1 or element < 0x1000:
+                continue
+            creator_tag = (group << 16) | (element >> 8)
+            creator = ds.get(creator_tag)
+            if creator is None or not isinstance(creator.value, str):
+                continue
+            vr = table.get((group, element & 0xFF, creator.value.strip()))
+            if vr is None or (vr == "UI" and ds[tag].VR == "UN"):
+                continue
+            keep |= {int(tag), creator_tag}
+        return keep
+
+    def _uid(self, ds: Dataset, elem: DataElement, action: str | None) -> None:
+        if "retain_uids" in self.options or action == "K" or not elem.value:
+            return
+        if action == "X":
+            del ds[elem.tag]
+        elif isinstance(elem.value, list):  # U, D, or a UID the table does not list
+            elem.value = [self.mapping.get(str(v), str(v)) for v in elem.value]
+        else:
+            elem.value = self.mapping.get(str(elem.value), str(elem.value))
+
+    def _shift(self, elem: DataElement) -> None:
+        if elem.VR not in ("DA", "DT") or not elem.value:
+            return  # TM: a whole-day shift keeps times
+        values = elem.value if isinstance(elem.value, list) else [elem.value]
+        moved = [shift_date(str(v), self.shift) for v in values]
+        if any(m is None for m in moved):
+            elem.value = None
+            return
+        kept = [m for m in moved if m is not None]
+        elem.value = kept if len(kept) > 1 else kept[0]
+
+    @staticmethod
+    def _clean(elem: DataElement) -> None:
+        if elem.value in (None, "", b""):
+            return
+        if elem.VR in _TEXT_VRS:
+            elem.value = _CLEANED
+        elif elem.VR in ("PN", "DA", "DT", "TM", "AS"):
+            _dummy(elem)
+        # numbers and bytes (curve data, overlay bitmaps) are kept: see the module docstring
+
+
+def _dummy(elem: DataElement) -> None:
+    vr = elem.VR
+    if vr in _DUMMY:
+        elem.value = _DUMMY[vr]
+    elif vr in _NUMBERS:
+        elem.value = 0
+    elif vr in _BYTES:
+        elem.value = b""
+    else:
+        elem.value = None
