@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import shutil
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import FORWARDER, wait_until
 from daemon import Daemon, destination
 from peers import orthanc, orthanc_dicomweb_url, storescp
 from pydicom import dcmread
@@ -279,6 +280,41 @@ def test_storescp_and_orthanc_receive_exactly_the_configured_changes(tmp_path: P
             assert_exactly(
                 original, at_orthanc[uid], expected_after(original, ROUTE_MODIFY, DEST_MODIFY)
             )
+
+
+def test_send_to_a_configured_destination_applies_its_modify(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """``forwarder send --destination NAME -c CONFIG`` sends what the daemon would send there:
+    the destination's own ``modify`` (routes are the daemon's); the files stay as they are."""
+    names = ["CT_small.dcm", "MR_small_implicit.dcm"]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in names:
+        shutil.copyfile(real(name), folder / name)
+    with storescp(tmp_path / "storescp", extra=["+xa"]) as dcmtk:
+        config = tmp_path / "forwarder.yaml"
+        config.write_text(
+            f"incoming: {tmp_path / 'i'}\ndone: {tmp_path / 'd'}\nfailed: {tmp_path / 'f'}\n"
+            f"queue: {tmp_path / 'q.sqlite'}\ndestinations:\n"
+            f"  - name: pacs\n    ae_title: STORESCP\n    host: 127.0.0.1\n    port: {dcmtk.port}\n"
+            "    modify: {set: {IssuerOfPatientID: HOSP-A, StationName: '{StationName}-FW'}}\n"
+        )
+        result = subprocess.run(
+            [FORWARDER, "send", "--destination", "pacs", "-c", str(config), str(folder)],
+            env=forwarder_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: len(dcmtk.files()) == len(names), 15, what="storescp files")
+        received = by_uid(dcmtk.files())
+    for name in names:
+        original = dcmread(real(name))
+        assert (folder / name).read_bytes() == real(name).read_bytes()
+        want = expected_after(original, DEST_MODIFY)
+        assert_exactly(original, received[str(original.SOPInstanceUID)], want, padding=False)
 
 
 def test_stow_rs_receives_exactly_the_destination_changes(tmp_path: Path) -> None:

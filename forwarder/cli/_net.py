@@ -215,13 +215,13 @@ def resolve_target(
     if not args.destination and positionals and _is_url(positionals[0]):
         return _resolve_web(args, positionals[0], positionals[1:], None, needs_files=needs_files)
     if args.destination:
-        dest = _config_destination(args)
+        dest = config_destination(args)
         if dest.url is not None:
             return _resolve_web(args, dest.url, positionals, dest, needs_files=needs_files)
     return resolve(args, positionals, needs_files=needs_files)
 
 
-def _config_destination(args: argparse.Namespace) -> Destination:
+def config_destination(args: argparse.Namespace) -> Destination:
     config_path = args.config or args.c_option or os.environ.get("FORWARDER_CONFIG")
     if not config_path:
         raise UsageError("--destination needs -c CONFIG (or $FORWARDER_CONFIG)")

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder.cli import (
     EXIT_FAILED,
@@ -29,7 +29,13 @@ from forwarder.cli import (
     setup_logging,
 )
 from forwarder.cli._argtypes import positive
-from forwarder.cli._net import Target, WebTarget, add_association_options, resolve_or_report
+from forwarder.cli._net import (
+    Target,
+    WebTarget,
+    add_association_options,
+    config_destination,
+    resolve_or_report,
+)
 from forwarder.daemon.channels import SendChannel
 from forwarder.dicom.check import check_file
 from forwarder.dicom.part10 import FileMeta, read_meta
@@ -37,6 +43,9 @@ from forwarder.errors import InvalidFileError
 from forwarder.net.channel import Channel, SendOutcome, StoreRequest
 from forwarder.net.contexts import group_by_contexts
 from forwarder.net.status import Outcome
+
+if TYPE_CHECKING:
+    from forwarder.dicom.edit import Editor
 
 logger = logging.getLogger("forwarder.send")
 
@@ -167,6 +176,19 @@ def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     return files, missing
 
 
+def destination_edits(args: argparse.Namespace) -> tuple[Editor, ...]:
+    """With ``--destination NAME``, the destination's own ``modify`` (what the daemon applies
+    after the routes' changes; routes do not apply to a manual send); else none."""
+    if not args.destination:
+        return ()
+    modify = config_destination(args).modify
+    if modify is None or modify.empty:
+        return ()
+    from forwarder.dicom.edit import Modification  # pydicom: only when there are changes
+
+    return (Modification.from_config(modify),)
+
+
 def run(args: argparse.Namespace) -> int:
     setup_logging(verbose=2 if args.debug else 1 if args.verbose else 0, quiet=args.quiet)
     target = resolve_or_report(args, "send", needs_files=True)
@@ -177,13 +199,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"forwarder send: {problem}", file=sys.stderr)
         return EXIT_USAGE
     files, missing = collect_files(target.files)
+    edits = destination_edits(args)
     records: list[dict[str, Any]] = []
     bad: list[SendOutcome] = []
     good: list[StoreRequest] = []
     check = read_meta if args.no_check else check_file
     for i, path in enumerate(files):
         try:
-            good.append(StoreRequest(path, i, check(path)))
+            good.append(StoreRequest(path, i, check(path), edits=edits))
         except InvalidFileError as exc:
             bad.append(_bad(StoreRequest(path, i), f"refused, not sent: {exc.reason}"))
     bad.extend(_bad(StoreRequest(path, -1), reason) for path, reason in missing)
