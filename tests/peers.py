@@ -263,13 +263,15 @@ def orthanc(
     extra: dict[str, Any] | None = None,
     dicomweb: bool = False,
     users: dict[str, str] | None = None,
+    ports: tuple[int, int] | None = None,
 ) -> Iterator[OrthancPeer]:
     """Orthanc (Debian's, Nagle on as shipped) with its storage in ``folder``; ``extra`` adds
     or overrides configuration keys. ``dicomweb=True`` loads the DICOMweb plugin (Debian's
     orthanc-dicomweb), serving ``http://127.0.0.1:HTTP_PORT/dicom-web`` (see
     :func:`orthanc_dicomweb_url`; put :func:`tls_proxy` in front of it for HTTPS: Debian's
     Orthanc 1.10 crashes on its own ``SslEnabled``). ``users`` turns on HTTP basic auth with
-    these user names and passwords (the REST helpers use the first)."""
+    these user names and passwords (the REST helpers use the first). ``ports`` (DICOM, HTTP):
+    fixed ports, to start it again where a client expects it (default: free ones)."""
     if users:
         extra = {"AuthenticationEnabled": True, "RegisteredUsers": users, **(extra or {})}
     if dicomweb:
@@ -280,7 +282,7 @@ def orthanc(
         extra = {**plugins, **(extra or {})}
     exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
     folder.mkdir(parents=True, exist_ok=True)
-    port, http_port = free_port(), free_port()
+    port, http_port = ports if ports is not None else (free_port(), free_port())
     config = {
         "Name": "forwarder-test",
         "StorageDirectory": str(folder / "storage"),
