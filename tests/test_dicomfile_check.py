@@ -511,7 +511,9 @@ def test_a_big_file_cut_while_it_is_scanned_is_refused_not_fatal(tmp_path: Path)
             scan.kill()
             scan.wait()
     assert scan.returncode == 0, (scan.returncode, err)
-    assert out.startswith("refused: truncated while being checked"), out
+    # "while being checked" when the cut lands mid-walk; on a loaded machine the scan may not
+    # have measured the file yet when it is cut, and then it sees a file truncated from the start
+    assert out.startswith("refused: truncated"), out
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

@@ -16,7 +16,7 @@ from typing import Any
 from forwarder.errors import QueueError
 from forwarder.queue.records import NORMAL_RANK, FailedFile
 from forwarder.queue.sql import FAILED_FILES, INSERT_JOBS, REQUEUE_FILE
-from forwarder.queue.store import Store, clock, ranked_json
+from forwarder.queue.store import Store, clock, ranked_json, routed_to
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class Requeue(Store):
         with fresh READY jobs for ``destinations`` (each at the priority it had), and the old
         row marked retried so :meth:`failed_files` no longer lists it. Returns the new file id.
         Do this before moving the file to ``new_path`` so the watcher sees it as already queued."""
+        routed_to(destinations)  # a file must go somewhere: refused before any write
         at = clock(now)
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
         with self._write(f"requeuing failed file {file_id} as {new_path}") as conn:
