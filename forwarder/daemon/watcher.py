@@ -41,7 +41,7 @@ from pathlib import Path
 from watchdog.observers.api import BaseObserver
 
 from forwarder.daemon.watch_events import EVENTS, EventHandler, halt, make_observer
-from forwarder.daemon.watch_settle import MIN_WINDOW, Hint, ReadyFile, Settler
+from forwarder.daemon.watch_settle import MIN_WINDOW, Hint, ReadyFile, Settler, is_ignored_name
 from forwarder.errors import ForwarderError
 
 logger = logging.getLogger(__name__)
@@ -203,6 +203,12 @@ class Watcher:
         """Record a hint (observer thread); the settle thread applies it."""
         if self._real_prefix != self._prefix and path.startswith(self._real_prefix):
             path = self._prefix + path[len(self._real_prefix) :]  # report under root as given
+        if path.startswith(self._prefix) and any(
+            is_ignored_name(part) for part in path[len(self._prefix) :].split(os.sep)
+        ):
+            # Never a candidate (a dot-folder such as the listener's .listen, a .part file):
+            # the settle thread is not woken for it. Each received object makes six events.
+            return
         with self._lock:
             self._inbox[path] = hint
         self._wake.set()
