@@ -20,7 +20,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
@@ -259,34 +259,32 @@ class Store:
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
         """A short read transaction (one snapshot across statements) under the lock."""
-        with self._lock:
-            conn = self._connection(what)
-            try:
-                conn.execute("BEGIN")
-                try:
-                    yield conn
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._error(exc, what) from exc
+        with self._lock, self._snapshot(lambda: self._connection(what), what) as conn:
+            yield conn
 
     @contextmanager
     def _scan(self, what: str) -> Iterator[sqlite3.Connection]:
         """A long read (statistics, counts, sweeps over every queued file) in one snapshot, on a
         second connection: it never holds the lock every claim, ack and enqueue takes, and with
         write-ahead logging a reader does not block the writer. Scans wait for one another."""
-        with self._scan_lock:
+        with self._scan_lock, self._snapshot(lambda: self._scan_connection(what), what) as conn:
+            yield conn
+
+    @contextmanager
+    def _snapshot(
+        self, connection: Callable[[], sqlite3.Connection], what: str
+    ) -> Iterator[sqlite3.Connection]:
+        """One read transaction on ``connection()`` (its caller holds the right lock)."""
+        try:
+            conn = connection()
+            conn.execute("BEGIN")
             try:
-                conn = self._scan_connection(what)
-                conn.execute("BEGIN")
-                try:
-                    yield conn
-                finally:
-                    if conn.in_transaction:
-                        conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._error(exc, what) from exc
+                yield conn
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error(exc, what) from exc
 
     def _scan_connection(self, what: str) -> sqlite3.Connection:
         self._connection(what)  # closed: say so
