@@ -197,6 +197,7 @@ class Service:
             spool=self.spool,
             ingest=self.ingest,
             metrics=self.metrics,
+            reports=self.commitment.deliver_report if self.commitment is not None else None,
         )
         listener.recover()
         listener.start()
