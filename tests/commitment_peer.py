@@ -5,7 +5,8 @@ committing the instances it holds and failing the others (0x0112), unless the te
 otherwise: report on the same association or on a new one to ``report_to``, not at all, late,
 for another transaction, or naming an instance nobody asked about. It also answers C-FIND at
 IMAGE level (Study Root) from what it holds. ``hang``: accept the association, then never
-answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer).
+answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
+``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class CommitmentSCP:
     extra_instance: bool = False  # the report also names an instance nobody asked about
     action_status: int = 0x0000
     hang: bool = False  # never answer N-ACTION / C-FIND while set
+    hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
+    hung_associations: int = 0  # how many A-ASSOCIATE-RQs were left unanswered
     finds: list[str] = field(default_factory=list)  # SOP Instance UID of every C-FIND
     held: dict[str, Dataset] = field(default_factory=dict)
     stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
@@ -133,6 +136,13 @@ class CommitmentSCP:
             self._note(status)
             peer.release()
 
+    def _requested(self, event: Any) -> None:
+        if self.hang_associate:
+            with self._lock:
+                self.hung_associations += 1
+            while self.hang_associate and not self._stopping.wait(0.05):
+                pass
+
     def _find(self, event: Any) -> Any:
         uid = str(event.identifier.SOPInstanceUID)
         with self._lock:
@@ -164,6 +174,7 @@ class CommitmentSCP:
                 (evt.EVT_C_STORE, self._store),
                 (evt.EVT_N_ACTION, self._action),
                 (evt.EVT_C_FIND, self._find),
+                (evt.EVT_REQUESTED, self._requested),
             ],
         )
         self.port = self._server.socket.getsockname()[1]

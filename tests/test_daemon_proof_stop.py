@@ -66,6 +66,25 @@ def test_sigterm_while_the_n_action_is_unanswered(tmp_path: Path) -> None:
     assert "asked again after the restart" in d.log_text()
 
 
+def test_sigterm_while_the_association_request_is_unanswered(tmp_path: Path) -> None:
+    policy = {"timeout": "60s", "settle": "2s"}
+    scp = CommitmentSCP(mode="same")
+    with scp:
+        dest = _dest(scp, storage_commitment=policy, connect_timeout="30s")
+        with Daemon(tmp_path, destinations=[dest]) as d:
+            d.drop_files(1, study_uid=STUDY)
+            wait_until(lambda: len(scp.stores) == 1, 30, what="the C-STORE")
+            scp.hang_associate = True  # the commitment association is never answered
+            wait_until(lambda: scp.hung_associations >= 1, 30, what="the A-ASSOCIATE-RQ")
+            _stop_promptly(d)
+            scp.hang_associate = False
+            d.start()
+            d.wait_done(1)
+            assert d.stop() == 0
+    assert len(scp.actions) == 1 and len(scp.stores) == 1
+    _held_as_sent(d, scp)
+
+
 def test_sigterm_with_an_idle_association_on_the_report_acceptor(tmp_path: Path) -> None:
     port = free_port()
     policy = {"timeout": "60s", "settle": "300ms", "port": port, "bind": "127.0.0.1"}

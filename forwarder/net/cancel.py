@@ -7,7 +7,7 @@ not wake a caller waiting for a DIMSE response (it waits on a queue that only DI
 fill). So, with a ``cancel`` event set (the daemon's stop):
 
 - :func:`associate` runs ``AE.associate`` on a helper thread and returns as soon as ``cancel``
-  is set (:class:`Cancelled`); the helper aborts the association if it is established later;
+  is set (:class:`Cancelled`), aborting the association under negotiation;
 - :func:`abort_on_cancel` watches ``cancel`` while its block runs: once set, it sends A-ABORT,
   wakes the thread waiting for a DIMSE response (it sees "no response" at once) and closes the
   connection. The caller's ``send_*`` then returns like a peer that did not answer.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,20 +94,37 @@ def abort_on_cancel(assoc: Any, cancel: threading.Event | None) -> Iterator[None
         done.set()
 
 
-def associate(open_assoc: Callable[[], Any], cancel: threading.Event | None) -> Any:
-    """``open_assoc()`` (an ``AE.associate`` call), unless ``cancel`` is set first: then raises
-    :class:`Cancelled` at once, and an association established later is aborted."""
+def associate(
+    ae: Any, host: str, port: int, kwargs: dict[str, Any], cancel: threading.Event | None
+) -> Any:
+    """``ae.associate(host, port, **kwargs)``, unless ``cancel`` is set first: then the
+    association being negotiated is aborted (pynetdicom's connection thread is not a daemon
+    thread: left alone, it would hold the process's exit until the ACSE timeout) and
+    :class:`Cancelled` raised at once; one established meanwhile is aborted too. (A TCP connect
+    that hangs is not interrupted: it ends at ``connect_timeout``.)"""
     if cancel is None:
-        return open_assoc()
+        return ae.associate(host, port, **kwargs)
+    from pynetdicom import evt
+
     result: list[Any] = []
     failure: list[BaseException] = []
+    connected: list[Any] = []  # the association, once its connection is open
     finished = threading.Event()
     lock = threading.Lock()
     abandoned = False
 
+    def on_open(event: Any) -> None:
+        with lock:
+            connected.append(event.assoc)
+            late = abandoned
+        if late:
+            abort_now(event.assoc)
+
+    handlers = [*kwargs.get("evt_handlers", []), (evt.EVT_CONN_OPEN, on_open)]
+
     def run() -> None:
         try:
-            assoc = open_assoc()
+            assoc = ae.associate(host, port, **{**kwargs, "evt_handlers": handlers})
         except BaseException as exc:  # handed to the caller's thread
             failure.append(exc)
             finished.set()
@@ -124,7 +141,10 @@ def associate(open_assoc: Callable[[], Any], cancel: threading.Event | None) -> 
         if cancel.is_set():
             with lock:
                 abandoned = not result
+                opened = list(connected)
             if abandoned:
+                for assoc in opened:
+                    abort_now(assoc)
                 raise Cancelled("stopping: the association was not established")
             break
     if failure:

@@ -153,7 +153,7 @@ def open_association(
     if settings.tls is not None:
         kwargs["tls_args"] = (settings.tls, settings.tls_server_name or peer.host)
     try:
-        assoc = associate(lambda: ae.associate(peer.host, peer.port, **kwargs), cancel)
+        assoc = associate(ae, peer.host, peer.port, kwargs, cancel)
     except Cancelled as exc:
         raise CommitmentError(f"no association with {peer} for storage commitment: {exc}") from None
     if not assoc.is_established:

@@ -58,7 +58,7 @@ def held_instances(
     if settings.tls is not None:
         kwargs["tls_args"] = (settings.tls, settings.tls_server_name or peer.host)
     try:
-        assoc = associate(lambda: ae.associate(peer.host, peer.port, **kwargs), cancel)
+        assoc = associate(ae, peer.host, peer.port, kwargs, cancel)
     except Cancelled as exc:
         raise QueryError(str(exc)) from None
     if not assoc.is_established:
