@@ -10,7 +10,11 @@ fill). So, with a ``cancel`` event set (the daemon's stop):
   is set (:class:`Cancelled`), aborting the association under negotiation;
 - :func:`abort_on_cancel` watches ``cancel`` while its block runs: once set, it sends A-ABORT,
   wakes the thread waiting for a DIMSE response (it sees "no response" at once) and closes the
-  connection. The caller's ``send_*`` then returns like a peer that did not answer.
+  connection. The caller's ``send_*`` then returns like a peer that did not answer;
+- :func:`end_association` releases, or aborts once ``cancel`` is set.
+
+Closing matters beyond the caller: pynetdicom's connection (DUL) thread is not a daemon thread,
+so one left running holds the process's exit however promptly the daemon's own threads stop.
 
 Only the storage commitment and query SCUs use pynetdicom as requestor (not a hot path); the
 sender has its own association engine with its own stop.
@@ -92,6 +96,16 @@ def abort_on_cancel(assoc: Any, cancel: threading.Event | None) -> Iterator[None
         yield
     finally:
         done.set()
+
+
+def end_association(assoc: Any, cancel: threading.Event | None) -> None:
+    """Release ``assoc``; abort it instead when ``cancel`` is set, also while the release waits
+    for the peer's answer (a stop never waits on the release handshake)."""
+    if cancel is not None and cancel.is_set():
+        abort_now(assoc)  # stopping: no release handshake with a peer that may not answer
+    elif assoc.is_established:
+        with abort_on_cancel(assoc, cancel):
+            assoc.release()
 
 
 def associate(

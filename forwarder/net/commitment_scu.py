@@ -24,7 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.cancel import Cancelled, abort_now, abort_on_cancel, associate
+from forwarder.net.cancel import (
+    Cancelled,
+    abort_now,
+    abort_on_cancel,
+    associate,
+    end_association,
+)
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
@@ -193,10 +199,7 @@ def request_commitment(
             with abort_on_cancel(assoc, cancel):
                 report = _ask(assoc, peer, references, book, uid, deadline, release_at_once, cancel)
         finally:
-            if cancel is not None and cancel.is_set():
-                abort_now(assoc)  # stopping: no release handshake with a peer that may not answer
-            elif assoc.is_established:
-                assoc.release()
+            end_association(assoc, cancel)
         if report is not None or (cancel is not None and cancel.is_set()):
             return uid, report
         return uid, book.wait(uid, deadline)

@@ -17,7 +17,7 @@ from typing import Any
 
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.cancel import Cancelled, abort_now, abort_on_cancel, associate
+from forwarder.net.cancel import Cancelled, abort_on_cancel, associate, end_association
 from forwarder.net.commitment import COMMITMENT_SYNTAXES
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,7 @@ def held_instances(
         with abort_on_cancel(assoc, cancel):
             _ask(assoc, peer, keys, held, cancel)
     finally:
-        if cancel is not None and cancel.is_set():
-            abort_now(assoc)  # stopping: no release handshake with a peer that may not answer
-        elif assoc.is_established:
-            assoc.release()
+        end_association(assoc, cancel)
     return held
 
 
