@@ -3,7 +3,10 @@
 It stores what it is sent (in memory, by SOP Instance UID) and answers each N-ACTION by
 committing the instances it holds and failing the others (0x0112), unless the test scripts it
 otherwise: report on the same association or on a new one to ``report_to``, not at all, late,
-for another transaction, or naming an instance nobody asked about.
+for another transaction, or naming an instance nobody asked about. It also answers C-FIND at
+IMAGE level (Study Root) from what it holds. ``hang``: accept the association, then never
+answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
+``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pynetdicom import (
 
 SC = "1.2.840.10008.1.20.1"
 SC_INSTANCE = "1.2.840.10008.1.20.1.1"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
@@ -38,6 +42,10 @@ class CommitmentSCP:
     wrong_transaction: bool = False  # report under another Transaction UID
     extra_instance: bool = False  # the report also names an instance nobody asked about
     action_status: int = 0x0000
+    hang: bool = False  # never answer N-ACTION / C-FIND while set
+    hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
+    hung_associations: int = 0  # how many A-ASSOCIATE-RQs were left unanswered
+    finds: list[str] = field(default_factory=list)  # SOP Instance UID of every C-FIND
     held: dict[str, Dataset] = field(default_factory=dict)
     stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
     actions: list[Dataset] = field(default_factory=list)
@@ -46,6 +54,11 @@ class CommitmentSCP:
     _server: Any = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+
+    def _hang(self) -> None:
+        while self.hang and not self._stopping.wait(0.05):
+            pass
 
     def _store(self, event: Any) -> int:
         ds = event.dataset
@@ -86,6 +99,9 @@ class CommitmentSCP:
         action = event.action_information
         with self._lock:
             self.actions.append(action)
+        self._hang()
+        if event.assoc.dul.state_machine.current_state != "Sta6":
+            return 0x0000, None  # the requestor gave up (aborted): nobody to report to
         if self.action_status != 0 or self.mode == "none":
             return self.action_status, None
         event_type, report = self._report(action)
@@ -120,6 +136,26 @@ class CommitmentSCP:
             self._note(status)
             peer.release()
 
+    def _requested(self, event: Any) -> None:
+        if self.hang_associate:
+            with self._lock:
+                self.hung_associations += 1
+            while self.hang_associate and not self._stopping.wait(0.05):
+                pass
+
+    def _find(self, event: Any) -> Any:
+        uid = str(event.identifier.SOPInstanceUID)
+        with self._lock:
+            self.finds.append(uid)
+        self._hang()
+        with self._lock:
+            held = self.held.get(uid)
+        if held is not None:
+            match = Dataset()
+            match.QueryRetrieveLevel = "IMAGE"
+            match.SOPInstanceUID = uid
+            yield 0xFF00, match
+
     def _note(self, status: Any) -> None:
         with self._lock:
             self.report_statuses.append(int(status.Status) if status and "Status" in status else -1)
@@ -130,15 +166,22 @@ class CommitmentSCP:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(SC, SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")
+        ae.add_supported_context(STUDY_FIND, SYNTAXES)
         self._server = ae.start_server(
             ("127.0.0.1", self.port or free_port()),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._store),
+                (evt.EVT_N_ACTION, self._action),
+                (evt.EVT_C_FIND, self._find),
+                (evt.EVT_REQUESTED, self._requested),
+            ],
         )
         self.port = self._server.socket.getsockname()[1]
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         for t in self._threads:
             t.join(10)
         if self._server is not None:

@@ -166,7 +166,14 @@ def _ae_receive(e: _Engine) -> list[str]:
         "filesystem has less than `listen.min_free_space` free (default 1 GiB), every object "
         'is answered 0xA700 with the Error Comment "the gateway is low on disk space" and '
         'not kept; an object that cannot be queued is answered 0xA700 "cannot queue the '
-        'object".',
+        'object". Storage commitment on the listener is the other way round: it is no '
+        "Storage Commitment SCP (an N-ACTION-RQ there aborts the association), but it accepts "
+        "the Storage Commitment Push Model with the requestor as SCP (SCP/SCU Role Selection "
+        "proposing SCP role 1 is answered with SCP role 1, SCU role 0) so that a destination "
+        "of `forwarder run` with `storage_commitment` can send its N-EVENT-REPORT-RQ to this "
+        "port: the report is checked as in 3.2.1.7 and answered with an N-EVENT-REPORT-RSP, "
+        "Success, or 0x0110 when it is not trusted (unknown transaction, instances not asked "
+        "about, a data set that cannot be read).",
         "",
         *(_commitment_scp() if commitment else []),
     ]

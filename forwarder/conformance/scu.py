@@ -318,7 +318,9 @@ def _ae_daemon(e: _Engine) -> list[str]:
         "",
         "The Forwarding SCU accepts no storage associations. With `storage_commitment.port` "
         "set, a small acceptor on that port accepts associations proposing the Storage "
-        "Commitment Push Model (either role; Verification too) for N-EVENT-REPORTs only.",
+        "Commitment Push Model (either role; Verification too) for N-EVENT-REPORTs only. "
+        "With `listen:` the daemon's listener (3.2.4) also takes N-EVENT-REPORTs, on "
+        "associations proposing the Storage Commitment Push Model with the requestor as SCP.",
         "",
         "##### 3.2.1.7 SOP Specific Conformance: Proof of Delivery",
         "",
@@ -327,7 +329,8 @@ def _ae_daemon(e: _Engine) -> list[str]:
         "`max_instances`); for each group the transaction is recorded in the queue, then one "
         "N-ACTION-RQ (Action Type ID 1, as 3.2.2.3) goes on an association of its own. The "
         "N-EVENT-REPORT is accepted on that association (kept open `wait_on_association`), on "
-        "the acceptor of 3.2.1.6, or, after a restart, for any transaction still open; it is "
+        "the acceptor of 3.2.1.6, on the daemon's `listen` port (3.2.4), or, after a restart, "
+        "for any transaction still open; it is "
         "trusted as in 3.2.2.3. Instances in the Failed SOP Sequence or not reported by "
         "`timeout` are sent again (C-STORE) and asked about again, up to `max_resends`, then "
         'reported failed ("stored but not committed" with the Failure Reason).',

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 _TICK = 1.0  # how often the keeper looks for what is due
 _RETRY_REQUEST = 30.0  # after a request failed (peer down), ask again this much later
+_STOP_JOIN = 5.0  # the thread's network waits end at once on stop; this is only a bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +143,19 @@ class CommitmentKeeper:
         self._thread = threading.Thread(target=self._run, name="stgcmt", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Begin stopping (returns at once): a request under way is aborted, its transaction
+        cancelled (asked again after the restart); a report being awaited stays awaited."""
+        self._stop.set()
+
     def stop(self) -> None:
+        """Stop the thread and the report acceptors; returns within a few seconds whatever the
+        peers do (every network wait of the thread is cancelled by the stop)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(30)
+            self._thread.join(_STOP_JOIN)
+            if self._thread.is_alive():
+                logger.warning("storage commitment: the keeper did not stop within %gs", _STOP_JOIN)
             self._thread = None
         for acceptor in self._acceptors.values():
             acceptor.stop()
@@ -219,13 +229,23 @@ class CommitmentKeeper:
                 cancel=self._stop,
             )
         except CommitmentError as exc:
-            logger.warning(
-                "%s: storage commitment of %d instance(s) not requested: %s; asking again in %.0fs",
-                target.name,
-                len(items),
-                exc,
-                _RETRY_REQUEST,
-            )
+            if self._stop.is_set():
+                logger.info(
+                    "%s: storage commitment of %d instance(s) not requested (%s); asked again "
+                    "after the restart",
+                    target.name,
+                    len(items),
+                    exc,
+                )
+            else:
+                logger.warning(
+                    "%s: storage commitment of %d instance(s) not requested: %s; asking again "
+                    "in %.0fs",
+                    target.name,
+                    len(items),
+                    exc,
+                    _RETRY_REQUEST,
+                )
             self.book.forget(uid)
             with self._lock:
                 self._jobs.pop(uid, None)

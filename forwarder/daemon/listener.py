@@ -13,6 +13,11 @@ left there by finished files are removed. Partial files (``.receiving.*.part``) 
 daemon are deleted by the receiver's own sweep. :meth:`Listener.stop` stops accepting, gives
 open associations ``drain`` seconds to end, then aborts them: an object cut short leaves
 nothing behind, and one answered Success is in the queue.
+
+Storage commitment reports (N-EVENT-REPORT) a PACS sends to this port, on an association where
+it proposed itself as SCP of the Storage Commitment Push Model, go to ``reports`` (the
+keeper's :meth:`~forwarder.daemon.commitment.CommitmentKeeper.deliver_report`), which answers
+their status; N-ACTION is refused here (the association is aborted).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.receiver import Receiver, ReceiverSettings, parse_networks
+from forwarder.net.scp_commitment import ReportSink
 from forwarder.net.scp_object import Origin, ReceivedObject
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,11 @@ def receiver_settings(listen: ListenConfig, folder: Path, ae_title: str) -> Rece
         max_object_size=listen.max_object_size,
         max_pdu=listen.max_pdu,
         promiscuous=listen.promiscuous,
+        # Storage commitment: the daemon takes the reports PACSs send to its listen port (as
+        # SCP, PS3.4 J.3.3) for what it asked them to commit; it is no commitment SCP itself
+        # (an N-ACTION here is refused: what it forwards is no longer its to vouch for).
+        commitment=False,
+        reports=True,
     )
 
 
@@ -76,6 +87,7 @@ class Listener:
         spool: Spool,
         ingest: Ingest,
         metrics: ListenMetrics | None = None,
+        reports: ReportSink | None = None,
     ) -> None:
         self.config = listen
         self.folder = spool.incoming / LISTEN_FOLDER
@@ -92,7 +104,7 @@ class Listener:
             tls = server_context(listen.tls.cert, listen.tls.key, listen.tls.ca)
         settings = receiver_settings(listen, self.folder, ae_title)
         self.settings = dataclasses.replace(settings, tls=tls)
-        self._receiver = Receiver(self.settings, sink=self._sink)
+        self._receiver = Receiver(self.settings, sink=self._sink, reports=reports)
 
     @property
     def port(self) -> int:

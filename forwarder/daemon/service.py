@@ -197,6 +197,7 @@ class Service:
             spool=self.spool,
             ingest=self.ingest,
             metrics=self.metrics,
+            reports=self.commitment.deliver_report if self.commitment is not None else None,
         )
         listener.recover()
         listener.start()
@@ -464,6 +465,11 @@ class Service:
     def _shutdown(self) -> None:
         self.notifier.stopping()
         logger.info("stopping: finishing files in flight")
+        # Proof of delivery first: its network waits are aborted now, in parallel with the
+        # listener's drain and the workers' last files, not after them.
+        for proof in (self.commitment, self.verifier):
+            if proof is not None:
+                proof.request_stop()
         if self.listener is not None:
             # First: nothing new is accepted, and what is answered Success is already queued.
             self.listener.stop(_LISTEN_DRAIN)

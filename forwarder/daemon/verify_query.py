@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _TICK = 1.0
 _RETRY_QUERY = 30.0  # after the peer could not be asked, ask again this much later
+_STOP_JOIN = 5.0  # the round's network waits end at once on stop; this is only a bound
 _ROUND = 500  # instances asked about per round (one association)
 NOT_HELD = "not held by the destination (C-FIND at IMAGE level found no such instance)"
 
@@ -92,10 +93,18 @@ class QueryVerifier:
         self._thread = threading.Thread(target=self._run, name="verify-query", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Begin stopping (returns at once): a round under way is aborted and asked again."""
+        self._stop.set()
+
     def stop(self) -> None:
+        """Stop the thread; returns within a few seconds whatever the peer does (the round's
+        association is aborted by the stop)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(60)
+            self._thread.join(_STOP_JOIN)
+            if self._thread.is_alive():
+                logger.warning("verification by query did not stop within %gs", _STOP_JOIN)
             self._thread = None
 
     def _run(self) -> None:
@@ -138,8 +147,20 @@ class QueryVerifier:
             for i in items
         ]
         try:
-            held = held_instances(destination_peer(target.destination), target.settings, keys)
+            held = held_instances(
+                destination_peer(target.destination), target.settings, keys, self._stop
+            )
         except QueryError as exc:
+            if self._stop.is_set():
+                logger.info(
+                    "%s: verification by query of %d instance(s) interrupted (%s); asked again "
+                    "after the restart",
+                    target.name,
+                    len(items),
+                    exc,
+                )
+                self.queue.cancel_commitment(uid)
+                return False
             logger.warning(
                 "%s: verification by query of %d instance(s) not done: %s; asking again in %.0fs",
                 target.name,

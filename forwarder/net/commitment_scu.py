@@ -24,6 +24,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.cancel import (
+    Cancelled,
+    abort_now,
+    abort_on_cancel,
+    associate,
+    end_association,
+)
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
@@ -108,7 +115,11 @@ class ReportAcceptor:
         return self
 
     def stop(self) -> None:
+        """Stop at once: open associations are aborted first (pynetdicom's server waits for
+        every association thread to end, and a peer may keep one open for minutes)."""
         if self._server is not None:
+            for assoc in list(self._server.active_associations):
+                abort_now(assoc)
             self._server.shutdown()
             self._server = None
 
@@ -120,10 +131,15 @@ class ReportAcceptor:
 
 
 def open_association(
-    peer: Peer, settings: AssociationSettings, book: CommitmentBook, contexts: Sequence[str]
+    peer: Peer,
+    settings: AssociationSettings,
+    book: CommitmentBook,
+    contexts: Sequence[str],
+    cancel: threading.Event | None = None,
 ) -> Any:
     """A pynetdicom association to ``peer`` proposing ``contexts`` (one each, little endian),
-    whose N-EVENT-REPORTs go to ``book``. Raises :class:`CommitmentError` when none."""
+    whose N-EVENT-REPORTs go to ``book``. Raises :class:`CommitmentError` when none, or when
+    ``cancel`` is set before it is established."""
     from pynetdicom import AE, evt
 
     ae = AE(ae_title=settings.calling_ae_title)
@@ -142,7 +158,10 @@ def open_association(
         kwargs["bind_address"] = (settings.bind_host, 0)
     if settings.tls is not None:
         kwargs["tls_args"] = (settings.tls, settings.tls_server_name or peer.host)
-    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    try:
+        assoc = associate(ae, peer.host, peer.port, kwargs, cancel)
+    except Cancelled as exc:
+        raise CommitmentError(f"no association with {peer} for storage commitment: {exc}") from None
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise CommitmentError(f"no association with {peer} for storage commitment ({why})")
@@ -175,47 +194,62 @@ def request_commitment(
     if manage_book:
         book.expect(uid, references)
     try:
-        assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH])
+        assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH], cancel)
         try:
-            if not any(
-                cx.abstract_syntax == STORAGE_COMMITMENT_PUSH for cx in assoc.accepted_contexts
-            ):
-                raise CommitmentError(f"{peer} does not accept Storage Commitment Push Model")
-            status, _ = assoc.send_n_action(
-                action_dataset(uid, references),
-                ACTION_REQUEST_COMMITMENT,
-                STORAGE_COMMITMENT_PUSH,
-                STORAGE_COMMITMENT_INSTANCE,
-            )
-            code = int(status.Status) if status is not None and "Status" in status else None
-            if code is None:
-                raise CommitmentError(f"{peer} did not answer the N-ACTION")
-            if code != 0x0000:
-                raise CommitmentError(
-                    f"{peer} answered the N-ACTION with status 0x{code:04X}", status=code
-                )
-            logger.info(
-                "storage commitment of %d instance(s) requested from %s (transaction %s)",
-                len(references),
-                peer,
-                uid,
-            )
-            if not release_at_once:
-                while (
-                    time.monotonic() < deadline
-                    and assoc.is_established
-                    and book.awaits(uid)
-                    and not (cancel is not None and cancel.is_set())
-                ):
-                    report = book.wait(uid, min(deadline, time.monotonic() + _POLL))
-                    if report is not None:
-                        return uid, report
+            with abort_on_cancel(assoc, cancel):
+                report = _ask(assoc, peer, references, book, uid, deadline, release_at_once, cancel)
         finally:
-            if assoc.is_established:
-                assoc.release()
-        if cancel is not None and cancel.is_set():
-            return uid, None
+            end_association(assoc, cancel)
+        if report is not None or (cancel is not None and cancel.is_set()):
+            return uid, report
         return uid, book.wait(uid, deadline)
     finally:
         if manage_book:
             book.forget(uid)
+
+
+def _ask(
+    assoc: Any,
+    peer: Peer,
+    references: Sequence[Reference],
+    book: CommitmentBook,
+    uid: str,
+    deadline: float,
+    release_at_once: bool,
+    cancel: threading.Event | None,
+) -> CommitmentReport | None:
+    """The N-ACTION on ``assoc``, then (unless ``release_at_once``) the wait for the report on
+    it; the report, or None."""
+    if not any(cx.abstract_syntax == STORAGE_COMMITMENT_PUSH for cx in assoc.accepted_contexts):
+        raise CommitmentError(f"{peer} does not accept Storage Commitment Push Model")
+    status, _ = assoc.send_n_action(
+        action_dataset(uid, references),
+        ACTION_REQUEST_COMMITMENT,
+        STORAGE_COMMITMENT_PUSH,
+        STORAGE_COMMITMENT_INSTANCE,
+    )
+    code = int(status.Status) if status is not None and "Status" in status else None
+    if code is None:
+        if cancel is not None and cancel.is_set():
+            raise CommitmentError(f"stopping: no answer from {peer} to the N-ACTION yet")
+        raise CommitmentError(f"{peer} did not answer the N-ACTION")
+    if code != 0x0000:
+        raise CommitmentError(f"{peer} answered the N-ACTION with status 0x{code:04X}", status=code)
+    logger.info(
+        "storage commitment of %d instance(s) requested from %s (transaction %s)",
+        len(references),
+        peer,
+        uid,
+    )
+    if release_at_once:
+        return None
+    while (
+        time.monotonic() < deadline
+        and assoc.is_established
+        and book.awaits(uid)
+        and not (cancel is not None and cancel.is_set())
+    ):
+        report = book.wait(uid, min(deadline, time.monotonic() + _POLL))
+        if report is not None:
+            return report
+    return None

@@ -10,12 +10,14 @@ with none means not held; any other status, or no answer, and nothing is decided
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.cancel import Cancelled, abort_on_cancel, associate, end_association
 from forwarder.net.commitment import COMMITMENT_SYNTAXES
 
 logger = logging.getLogger(__name__)
@@ -35,10 +37,13 @@ class InstanceKey:
 
 
 def held_instances(
-    peer: Peer, settings: AssociationSettings, keys: Sequence[InstanceKey]
+    peer: Peer,
+    settings: AssociationSettings,
+    keys: Sequence[InstanceKey],
+    cancel: threading.Event | None = None,
 ) -> set[str]:
-    """The SOP Instance UIDs of ``keys`` the peer holds. Raises :class:`QueryError`."""
-    from pydicom.dataset import Dataset
+    """The SOP Instance UIDs of ``keys`` the peer holds. Raises :class:`QueryError`, also when
+    ``cancel`` is set before all are asked (the association is then aborted at once)."""
     from pynetdicom import AE
 
     ae = AE(ae_title=settings.calling_ae_title)
@@ -52,31 +57,50 @@ def held_instances(
         kwargs["bind_address"] = (settings.bind_host, 0)
     if settings.tls is not None:
         kwargs["tls_args"] = (settings.tls, settings.tls_server_name or peer.host)
-    assoc = ae.associate(peer.host, peer.port, **kwargs)
+    try:
+        assoc = associate(ae, peer.host, peer.port, kwargs, cancel)
+    except Cancelled as exc:
+        raise QueryError(str(exc)) from None
     if not assoc.is_established:
         raise QueryError(f"no association with {peer} for C-FIND")
     held: set[str] = set()
     try:
-        for key in keys:
-            query = Dataset()
-            query.QueryRetrieveLevel = "IMAGE"
-            query.StudyInstanceUID = key.study_instance_uid
-            query.SeriesInstanceUID = key.series_instance_uid
-            query.SOPInstanceUID = key.sop_instance_uid
-            found = False
-            for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
-                code = int(status.Status) if status is not None and "Status" in status else None
-                if code in (0xFF00, 0xFF01):
-                    uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
-                    found = found or uid == key.sop_instance_uid
-                elif code != 0x0000:
-                    raise QueryError(
-                        f"{peer} answered the C-FIND for {key.sop_instance_uid} with "
-                        + ("nothing" if code is None else f"status 0x{code:04X}")
-                    )
-            if found:
-                held.add(key.sop_instance_uid)
+        with abort_on_cancel(assoc, cancel):
+            _ask(assoc, peer, keys, held, cancel)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        end_association(assoc, cancel)
     return held
+
+
+def _ask(
+    assoc: Any,
+    peer: Peer,
+    keys: Sequence[InstanceKey],
+    held: set[str],
+    cancel: threading.Event | None,
+) -> None:
+    from pydicom.dataset import Dataset
+
+    for key in keys:
+        if cancel is not None and cancel.is_set():
+            raise QueryError("stopping: not all instances asked about")
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = key.study_instance_uid
+        query.SeriesInstanceUID = key.series_instance_uid
+        query.SOPInstanceUID = key.sop_instance_uid
+        found = False
+        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code in (0xFF00, 0xFF01):
+                uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
+                found = found or uid == key.sop_instance_uid
+            elif code is None and cancel is not None and cancel.is_set():
+                raise QueryError("stopping: no answer to a C-FIND yet")
+            elif code != 0x0000:
+                raise QueryError(
+                    f"{peer} answered the C-FIND for {key.sop_instance_uid} with "
+                    + ("nothing" if code is None else f"status 0x{code:04X}")
+                )
+        if found:
+            held.add(key.sop_instance_uid)

@@ -39,6 +39,7 @@ from forwarder.errors import ForwarderError
 from forwarder.net.commitment_scp import CommitmentResponder, FolderHoldings
 from forwarder.net.placement import NO_STUDY_FOLDER, FolderSink, safe_uid_name
 from forwarder.net.scp_codec import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociateRequest
+from forwarder.net.scp_commitment import ReportSink
 from forwarder.net.scp_object import ObjectSink, Origin
 from forwarder.net.scp_policy import (
     ASSOCIATE_TIMEOUT,
@@ -92,6 +93,7 @@ class ReceiverSettings:
     promiscuous: bool = False  # storescp +pm: private and unknown SOP classes too
     commitment: bool = True  # answer storage commitment requests for what output holds
     commitment_peer: tuple[str, int] | None = None  # send reports on a new association here
+    reports: bool = False  # take storage commitment reports (N-EVENT-REPORT, the peer as SCP)
 
 
 def profile(settings: ReceiverSettings) -> ScpProfile:
@@ -103,6 +105,7 @@ def profile(settings: ReceiverSettings) -> ScpProfile:
         require_called_aet=settings.require_called_aet,
         promiscuous=settings.promiscuous,
         commitment=settings.commitment,
+        reports=settings.reports,
     )
 
 
@@ -110,10 +113,17 @@ class Receiver:
     """A Storage SCP writing to ``settings.output``; :meth:`start` returns at once.
 
     ``sink``: who takes the checked objects instead of the folder writer (the daemon's listener);
-    its :attr:`~forwarder.net.scp_object.ObjectSink.spool` must be ``settings.output``."""
+    its :attr:`~forwarder.net.scp_object.ObjectSink.spool` must be ``settings.output``.
+    ``reports``: who takes the storage commitment reports peers send (``settings.reports``)."""
 
-    def __init__(self, settings: ReceiverSettings, sink: ObjectSink | None = None) -> None:
+    def __init__(
+        self,
+        settings: ReceiverSettings,
+        sink: ObjectSink | None = None,
+        reports: ReportSink | None = None,
+    ) -> None:
         self._settings = settings
+        self._reports = reports if settings.reports else None
         self._output = Path(os.path.abspath(settings.output))
         self._folder = FolderSink(self._output)
         self._sink: ObjectSink = self._folder if sink is None else sink
@@ -173,6 +183,7 @@ class Receiver:
                 if s.commitment
                 else None
             ),
+            reports=self._reports,
         )
         try:
             server.start()

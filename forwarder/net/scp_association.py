@@ -10,7 +10,8 @@ gathered and decoded by hand, data set fragments go to the object's file as they
 checked and the sink has answered; a requestor that proposed an asynchronous operations window
 may send its next requests meanwhile (they wait in the socket; answers go in order). An
 N-ACTION-RQ on the Storage Commitment context (when the receiver answers commitment) has its
-small data set gathered in memory and is answered by :mod:`forwarder.net.scp_commitment`.
+small data set gathered in memory and is answered by :mod:`forwarder.net.scp_commitment`; so is
+an N-EVENT-REPORT-RQ there (a PACS reporting as SCP, when the receiver takes reports).
 
 Strict (PS3.8 9.3, PS3.7 9.3): a PDU of an unknown or unexpected type, longer than the maximum we
 announced, items or PDVs that do not exactly fill what holds them, a PDV on a context not
@@ -53,6 +54,7 @@ from forwarder.net.scp_codec import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
     N_ACTION_RQ,
+    N_EVENT_REPORT_RQ,
     N_EVENT_REPORT_RSP,
     REJECT_APPLICATION_CONTEXT,
     REJECT_PROTOCOL_VERSION,
@@ -66,7 +68,7 @@ from forwarder.net.scp_codec import (
     encode_pdata,
     encode_response,
 )
-from forwarder.net.scp_commitment import CommitmentExchange
+from forwarder.net.scp_commitment import CommitmentExchange, ReportSink, take_report
 from forwarder.net.scp_object import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
@@ -122,8 +124,10 @@ class ScpAssociation:
         sink: ObjectSink,
         admit: Admit,
         commitment: CommitmentResponder | None = None,
+        reports: ReportSink | None = None,
     ) -> None:
         self.commitment = commitment
+        self.reports = reports
         self._commit = CommitmentExchange(commitment) if commitment is not None else None
         self.wire = wire
         self.origin = origin
@@ -266,7 +270,9 @@ class ScpAssociation:
             raise _Abort(str(exc)) from None
         answer = self.policy.negotiate(request, self.settings.async_window)
         self._contexts = answer.accepted
-        ac = encode_associate_ac(body, answer.results, self.settings.max_pdu, answer.window)
+        ac = encode_associate_ac(
+            body, answer.results, self.settings.max_pdu, answer.window, answer.roles
+        )
         self.wire.send(ac)
         logger.info(
             "association from %s at %s:%d accepted",
@@ -366,14 +372,19 @@ class ScpAssociation:
             self.wire.stream(size, message.object.write)
         elif message.buffer is not None:
             if len(message.buffer) + size > MAX_ACTION_SIZE:
-                raise _Abort(f"N-ACTION data set over {MAX_ACTION_SIZE} bytes", dimse=True)
+                raise _Abort(
+                    f"N-ACTION/N-EVENT-REPORT data set over {MAX_ACTION_SIZE} bytes", dimse=True
+                )
             message.buffer += self.wire.take(size)
         else:
             self.wire.skip(size)
         if last:
             self._message = None
             if message.buffer is not None:
-                self._n_action(message.request, context_id, bytes(message.buffer))
+                if message.request.command_field == N_EVENT_REPORT_RQ:
+                    self._event_report(message.request, context_id, bytes(message.buffer))
+                else:
+                    self._n_action(message.request, context_id, bytes(message.buffer))
                 return
             if message.request.command_field == N_EVENT_REPORT_RSP:
                 return  # a response: nothing to answer
@@ -405,6 +416,19 @@ class ScpAssociation:
             ):
                 raise _Abort(
                     f"N-ACTION for {request.sop_class} on a context for {abstract}", dimse=True
+                )
+            message.buffer = bytearray()
+            return
+        if request.command_field == N_EVENT_REPORT_RQ:
+            if (
+                self.reports is None
+                or abstract != STORAGE_COMMITMENT_PUSH
+                or request.sop_class != STORAGE_COMMITMENT_PUSH
+                or not request.has_data_set
+            ):
+                raise _Abort(
+                    f"N-EVENT-REPORT for {request.sop_class} on a context for {abstract}",
+                    dimse=True,
                 )
             message.buffer = bytearray()
             return
@@ -459,6 +483,21 @@ class ScpAssociation:
         self.wire.send(
             self._commit.action(
                 request, context_id, syntax, data, self._send_limit, self.origin.calling_ae
+            )
+        )
+
+    def _event_report(self, request: DimseRequest, context_id: int, data: bytes) -> None:
+        assert self.reports is not None
+        syntax = self._contexts[context_id][1]
+        self.wire.send(
+            take_report(
+                self.reports,
+                request,
+                context_id,
+                syntax,
+                data,
+                self._send_limit,
+                self.origin.calling_ae,
             )
         )
 

@@ -16,6 +16,7 @@ D.3.3 allows by leaving them out of the answer.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from forwarder.errors import ProtocolError
@@ -74,6 +75,7 @@ class AssociateRequest:
     implementation_version: str
     async_window: tuple[int, int] | None  # (invoked, performed); 0 = unlimited
     application_context: str = APPLICATION_CONTEXT
+    roles: tuple[tuple[str, int, int], ...] = ()  # role selection: (SOP Class, SCU, SCP role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class DimseRequest:
     sop_instance: str  # "" for C-ECHO
     has_data_set: bool
     priority: int = 0
-    action_type: int = 0  # N-ACTION's Action Type ID
+    action_type: int = 0  # N-ACTION's Action Type ID; N-EVENT-REPORT's Event Type ID
     status: int | None = None  # N-EVENT-REPORT-RSP's Status
 
 
@@ -156,8 +158,9 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
     more presentation contexts with odd, distinct IDs, each one abstract syntax and one or more
     transfer syntaxes (UIDs); one user information item holding one maximum length (4 bytes) and
     one implementation class UID, at most one version name (1..16 bytes), asynchronous
-    operations window (4 bytes). Role selection and extended negotiation are skipped (not
-    answered: default roles). A protocol version we do not speak raises ``ProtocolError`` with
+    operations window (4 bytes), SCP/SCU role selection items (PS3.7 D.3.3.4: a UID, then the
+    SCU and SCP role bytes; answered by the policy). Extended negotiation is skipped. A
+    protocol version we do not speak raises ``ProtocolError`` with
     ``version`` in its message; the caller answers A-ASSOCIATE-RJ for it.
     """
     if len(body) < 68:
@@ -191,6 +194,7 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
     impl_uid: list[str] = []
     impl_version: list[str] = []
     window: list[tuple[int, int]] = []
+    roles: list[tuple[str, int, int]] = []
     for sub_type, sub in _items(users[0], 0, "user information"):
         if sub_type == 0x51:
             if len(sub) != 4:
@@ -207,6 +211,8 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
                 raise ProtocolError(f"asynchronous operations window of {len(sub)} bytes (4)")
             invoked, performed = struct.unpack(">HH", sub)
             window.append((invoked, performed))
+        elif sub_type == 0x54:
+            roles.append(_role(sub))
     if len(max_pdu) != 1 or len(impl_uid) != 1 or len(impl_version) > 1 or len(window) > 1:
         raise ProtocolError(
             f"user information with {len(max_pdu)} maximum length, {len(impl_uid)} "
@@ -222,7 +228,19 @@ def decode_associate_rq(body: bytes) -> AssociateRequest:
         implementation_version=impl_version[0] if impl_version else "",
         async_window=window[0] if window else None,
         application_context=app[0],
+        roles=tuple(roles),
     )
+
+
+def _role(sub: bytes) -> tuple[str, int, int]:
+    """An SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4): (SOP Class UID, SCU role, SCP role)."""
+    if len(sub) < 4:
+        raise ProtocolError(f"role selection sub-item of {len(sub)} bytes (at least 4)")
+    (length,) = struct.unpack_from(">H", sub, 0)
+    if len(sub) != 2 + length + 2:
+        raise ProtocolError(f"role selection sub-item: a UID of {length} bytes in {len(sub)}")
+    uid = _uid(sub[2 : 2 + length], "role selection SOP class")
+    return uid, sub[2 + length], sub[3 + length]
 
 
 def _item(item_type: int, value: bytes) -> bytes:
@@ -234,11 +252,13 @@ def encode_associate_ac(
     results: list[tuple[int, int, str]],
     max_pdu: int,
     async_window: tuple[int, int] | None,
+    roles: Sequence[tuple[str, int, int]] = (),
 ) -> bytes:
     """An A-ASSOCIATE-AC PDU answering ``request_body`` (its fixed fields echoed, PS3.8 9.3.3):
     one result item per proposed context ``(id, result, transfer syntax)``, our maximum length,
-    implementation class UID and version name, and the asynchronous operations window we grant
-    when one was proposed."""
+    implementation class UID and version name, the asynchronous operations window we grant
+    when one was proposed, and the answer to each role selection we answer
+    ``(SOP Class, SCU role, SCP role)``."""
     items = [_item(0x10, APPLICATION_CONTEXT.encode())]
     for cid, result, syntax in results:
         sub = _item(0x40, syntax.encode("ascii")) if syntax else b""
@@ -246,6 +266,9 @@ def encode_associate_ac(
     user = _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, IMPLEMENTATION_CLASS_UID.encode())
     if async_window is not None:
         user += _item(0x53, struct.pack(">HH", *async_window))
+    for uid, scu, scp in roles:
+        raw = uid.encode("ascii")
+        user += _item(0x54, struct.pack(">H", len(raw)) + raw + bytes((scu, scp)))
     user += _item(0x55, IMPLEMENTATION_VERSION.encode())
     items.append(_item(0x50, user))
     body = struct.pack(">H2x", 1) + request_body[4:68] + b"".join(items)
@@ -302,6 +325,15 @@ def decode_request(raw: bytes) -> DimseRequest:
         status = _us(values, 0x0900, "Status")
         has_data = _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET
         return DimseRequest(field, answered, "", "", has_data, status=status)
+    if field == N_EVENT_REPORT_RQ:
+        return DimseRequest(
+            field,
+            _us(values, 0x0110, "Message ID"),
+            _text_uid(values, 0x0002, "Affected SOP Class UID"),
+            _text_uid(values, 0x1000, "Affected SOP Instance UID"),
+            _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET,
+            action_type=_us(values, 0x1002, "Event Type ID"),
+        )
     if field == N_ACTION_RQ:
         return DimseRequest(
             field,
@@ -313,7 +345,8 @@ def decode_request(raw: bytes) -> DimseRequest:
         )
     if field not in (C_STORE_RQ, C_ECHO_RQ):
         raise ProtocolError(
-            f"DIMSE command 0x{field:04X} (we serve C-STORE, C-ECHO and N-ACTION only)"
+            f"DIMSE command 0x{field:04X} (we serve C-STORE, C-ECHO, N-ACTION and "
+            "N-EVENT-REPORT only)"
         )
     message_id = _us(values, 0x0110, "Message ID")
     has_data = _us(values, 0x0800, "Command Data Set Type") != NO_DATA_SET
@@ -381,6 +414,27 @@ def encode_action_response(request: DimseRequest, status: int) -> bytes:
             _ELEMENT.pack(0, 0x1000, len(uid)),
             uid,
             _US.pack(0, 0x1008, 2, request.action_type),
+        )
+    )
+    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+
+
+def encode_event_report_response(request: DimseRequest, status: int) -> bytes:
+    """The N-EVENT-REPORT-RSP command set answering ``request`` (PS3.7 10.3.1.1.2): Affected
+    SOP Class/Instance UID, Message ID Being Responded To, Status, Event Type ID, no data set."""
+    sop_class = _uid_bytes(request.sop_class)
+    uid = _uid_bytes(request.sop_instance)
+    body = b"".join(
+        (
+            _ELEMENT.pack(0, 0x0002, len(sop_class)),
+            sop_class,
+            _US.pack(0, 0x0100, 2, N_EVENT_REPORT_RSP),
+            _US.pack(0, 0x0120, 2, request.message_id),
+            _US.pack(0, 0x0800, 2, NO_DATA_SET),
+            _US.pack(0, 0x0900, 2, status),
+            _ELEMENT.pack(0, 0x1000, len(uid)),
+            uid,
+            _US.pack(0, 0x1002, 2, request.action_type),
         )
     )
     return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body

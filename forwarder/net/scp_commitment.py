@@ -12,12 +12,19 @@ reports kept for a new association (``receive --stgcmt-peer``). What the answer 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from forwarder.net.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from forwarder.net.commitment import (
+    STATUS_PROCESSING_FAILURE,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+)
 from forwarder.net.commitment_scp import (
     STATUS_SUCCESS,
     ActionAnswer,
     CommitmentResponder,
+    decode_dataset,
     encode_dataset,
     send_report,
 )
@@ -25,8 +32,17 @@ from forwarder.net.scp_codec import (
     DimseRequest,
     encode_action_response,
     encode_event_report,
+    encode_event_report_response,
     encode_pdata,
 )
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+#: Who takes an N-EVENT-REPORT of the Storage Commitment Push Model we receive (the daemon's
+#: :meth:`~forwarder.daemon.commitment.CommitmentKeeper.deliver_report`): (Event Type ID, Event
+#: Information, calling AE title) -> the status to answer it with.
+ReportSink = Callable[[int, "Dataset", str], int]
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +124,32 @@ class CommitmentExchange:
             except Exception:
                 logger.exception("sending the storage commitment report to %s failed", host)
         self._later.clear()
+
+
+def take_report(
+    sink: ReportSink,
+    request: DimseRequest,
+    context_id: int,
+    syntax: str,
+    data: bytes,
+    send_limit: int,
+    calling_ae: str,
+) -> bytes:
+    """The PDUs answering an N-EVENT-REPORT-RQ (a storage commitment report a PACS sends us as
+    SCP, PS3.4 J.3.3): its data set decoded and handed to ``sink``, whose status is answered;
+    one that cannot be decoded, or a sink that fails, is answered 0x0110 (the PACS may send it
+    again; the transaction stays awaited meanwhile)."""
+    try:
+        dataset = decode_dataset(data, syntax)
+    except Exception as exc:  # not a data set pydicom can read: not trusted
+        logger.warning(
+            "storage commitment report from %s with an unreadable data set: %s", calling_ae, exc
+        )
+        status = STATUS_PROCESSING_FAILURE
+    else:
+        try:
+            status = sink(request.action_type, dataset, calling_ae)
+        except Exception:
+            logger.exception("storage commitment report from %s not taken", calling_ae)
+            status = STATUS_PROCESSING_FAILURE
+    return encode_pdata(context_id, encode_event_report_response(request, status), send_limit)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from forwarder.net.commitment import COMMITMENT_SYNTAXES, STORAGE_COMMITMENT_PUSH
 from forwarder.net.pdu import (
@@ -118,6 +118,8 @@ class ScpProfile:
     acse_timeout: float = ASSOCIATE_TIMEOUT
     network_timeout: float = IDLE_TIMEOUT
     dimse_timeout: float = IDLE_TIMEOUT
+    answers_commitment: bool = False  # N-ACTION (the requestor as Storage Commitment SCU)
+    takes_reports: bool = False  # N-EVENT-REPORT (the requestor as Storage Commitment SCP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +130,7 @@ class Negotiated:
     accepted: dict[int, tuple[str, str]]  # context ID -> (abstract syntax, transfer syntax)
     refused: list[str]  # the abstract syntaxes of the contexts not accepted, sorted
     window: tuple[int, int] | None  # the asynchronous operations window granted, if proposed
+    roles: list[tuple[str, int, int]] = field(default_factory=list)  # role selections answered
 
 
 class ContextPolicy:
@@ -137,6 +140,8 @@ class ContextPolicy:
         self._syntaxes = {c.abstract_syntax: c.transfer_syntax for c in profile.supported_contexts}
         self._promiscuous = profile.promiscuous
         self._known_non_storage = known_non_storage
+        self._answers_commitment = profile.answers_commitment
+        self._takes_reports = profile.takes_reports
 
     def answer(self, context: RequestedContext) -> tuple[int, str]:
         ours = self._syntaxes.get(context.abstract_syntax)
@@ -178,7 +183,23 @@ class ContextPolicy:
                 min(invoked or max_window, max_window),
                 min(performed or max_window, max_window),
             )
-        return Negotiated(results, accepted, sorted(refused), window)
+        return Negotiated(results, accepted, sorted(refused), window, self._roles(request))
+
+    def _roles(self, request: AssociateRequest) -> list[tuple[str, int, int]]:
+        """SCP/SCU Role Selection (PS3.7 D.3.3.4) answered for Storage Commitment only: a PACS
+        proposes itself as SCP to send its N-EVENT-REPORTs (PS3.4 J.3.3); we accept each role
+        we serve (a role not proposed is answered 0). Other SOP classes: default roles."""
+        out = []
+        for uid, scu, scp in request.roles:
+            if uid == STORAGE_COMMITMENT_PUSH:
+                out.append(
+                    (
+                        uid,
+                        int(bool(scu) and self._answers_commitment),
+                        int(bool(scp) and self._takes_reports),
+                    )
+                )
+        return out
 
     def _storage_like(self, uid: str) -> bool:
         """Private, unknown, or a storage SOP class: anything but a known other service."""
@@ -202,8 +223,10 @@ def scp_profile(
     require_called_aet: bool,
     promiscuous: bool = False,
     commitment: bool = False,
+    reports: bool = False,
 ) -> ScpProfile:
-    """The SCP's tables: Verification, the Storage Commitment Push Model when ``commitment``,
+    """The SCP's tables: Verification, the Storage Commitment Push Model when ``commitment``
+    (we answer N-ACTION) or ``reports`` (we take N-EVENT-REPORT),
     and every storage SOP class pynetdicom lists, each in every transfer syntax it knows
     (imports pynetdicom: call it once, at start)."""
     from pynetdicom import AllStoragePresentationContexts
@@ -217,7 +240,7 @@ def scp_profile(
             SupportedContext(VERIFICATION_SOP_CLASS, VERIFICATION_SYNTAXES),
             *(
                 [SupportedContext(STORAGE_COMMITMENT_PUSH, COMMITMENT_SYNTAXES)]
-                if commitment
+                if commitment or reports
                 else []
             ),
             *storage,
@@ -227,6 +250,8 @@ def scp_profile(
         maximum_associations=max_associations,
         require_called_aet=require_called_aet,
         async_ops_window=MAX_ASYNC_WINDOW,
+        answers_commitment=commitment,
+        takes_reports=reports,
     )
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from forwarder.net.commitment_scp import CommitmentResponder
 from forwarder.net.scp_association import ScpAssociation
 from forwarder.net.scp_codec import REJECT_LIMIT, AssociateRequest
+from forwarder.net.scp_commitment import ReportSink
 from forwarder.net.scp_object import ObjectSink, Origin
 from forwarder.net.scp_policy import HANDSHAKE_TIMEOUT, Admit, ContextPolicy, EngineSettings
 from forwarder.net.scp_wire import Wire
@@ -69,9 +70,11 @@ class ScpServer:
         max_associations: int,
         tls: ssl.SSLContext | None = None,
         commitment: CommitmentResponder | None = None,
+        reports: ReportSink | None = None,
     ) -> None:
         self._address = (host, port)
         self._commitment = commitment
+        self._reports = reports
         self._settings, self._policy, self._sink = settings, policy, sink
         self._admit, self._allow_host = admit, allow_host
         self._max = max_associations
@@ -226,6 +229,7 @@ class ScpServer:
                 self._sink,
                 admit,
                 self._commitment,
+                self._reports,
             )
             with self._lock:
                 if self._stopping.is_set():

@@ -1,0 +1,166 @@
+"""Stopping a pynetdicom association from another thread, so a SIGTERM never waits on a peer.
+
+pynetdicom blocks its caller while it waits: ``AE.associate`` for up to the connect and ACSE
+timeouts, ``send_n_action``/``send_c_find`` for the DIMSE timeout (a destination's
+``response_timeout``, a minute by default), and ``Association.abort`` from another thread does
+not wake a caller waiting for a DIMSE response (it waits on a queue that only DIMSE messages
+fill). So, with a ``cancel`` event set (the daemon's stop):
+
+- :func:`associate` runs ``AE.associate`` on a helper thread and returns as soon as ``cancel``
+  is set (:class:`Cancelled`), aborting the association under negotiation;
+- :func:`abort_on_cancel` watches ``cancel`` while its block runs: once set, it sends A-ABORT,
+  wakes the thread waiting for a DIMSE response (it sees "no response" at once) and closes the
+  connection. The caller's ``send_*`` then returns like a peer that did not answer;
+- :func:`end_association` releases, or aborts once ``cancel`` is set.
+
+Closing matters beyond the caller: pynetdicom's connection (DUL) thread is not a daemon thread,
+so one left running holds the process's exit however promptly the daemon's own threads stop.
+
+Only the storage commitment and query SCUs use pynetdicom as requestor (not a hot path); the
+sender has its own association engine with its own stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from forwarder.errors import ForwarderError
+
+logger = logging.getLogger(__name__)
+
+_POLL = 0.1  # how often a wait looks at the cancel event
+_WAKE_EVERY = 0.02  # how often the waiter is offered its "no response" again
+_WAKE_FOR = 5.0  # and for how long at most
+_ABORT_GRACE = 1.0  # after an A-ABORT, how long the peer has to close before we do
+
+
+class Cancelled(ForwarderError):
+    """Stopped on request (the daemon stops) before the peer answered."""
+
+
+def abort_now(assoc: Any, waiter_done: threading.Event | None = None) -> None:
+    """A-ABORT ``assoc`` and wake whoever waits in it for a DIMSE response; returns once that
+    waiter is awake (``waiter_done`` set; at once without one). A helper thread then waits for
+    the connection to close: at most the ACSE timeout."""
+    try:
+        # Non-blocking: marks the abort as sent, so the woken caller's own "no response" abort
+        # returns at once instead of waiting for the connection to close too.
+        assoc.abort(block=False)
+    except Exception as exc:  # an association already gone: nothing left to stop
+        logger.debug("aborting an association on stop: %s", exc)
+        return
+    # "No response" for the waiter. The abort restarted the association's reactor, which may
+    # take this off the queue before the waiter does: offer it again until the waiter is out.
+    until = time.monotonic() + _WAKE_FOR
+    while True:
+        assoc.dimse.msg_queue.put((None, None))
+        if waiter_done is None or waiter_done.wait(_WAKE_EVERY) or time.monotonic() > until:
+            break
+    threading.Thread(target=_close, args=(assoc,), name="assoc-abort", daemon=True).start()
+
+
+def _close(assoc: Any) -> None:
+    """Give the A-ABORT a moment to go out and the peer to close, then close our end (so the
+    state machine is idle at once, not after the ACSE timeout) and end the threads."""
+    try:
+        until = time.monotonic() + _ABORT_GRACE
+        while assoc.dul.state_machine.current_state != "Sta1" and time.monotonic() < until:
+            time.sleep(0.01)
+        assoc.dul.socket._shutdown_socket()
+        assoc.kill()
+    except Exception as exc:
+        logger.debug("closing an aborted association: %s", exc)
+
+
+@contextmanager
+def abort_on_cancel(assoc: Any, cancel: threading.Event | None) -> Iterator[None]:
+    """While the block runs, ``cancel`` being set aborts ``assoc`` (see :func:`abort_now`)."""
+    if cancel is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_POLL):
+            if cancel.is_set():
+                abort_now(assoc, done)
+                return
+
+    threading.Thread(target=watch, name="assoc-cancel", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def end_association(assoc: Any, cancel: threading.Event | None) -> None:
+    """Release ``assoc``; abort it instead when ``cancel`` is set, also while the release waits
+    for the peer's answer (a stop never waits on the release handshake)."""
+    if cancel is not None and cancel.is_set():
+        abort_now(assoc)  # stopping: no release handshake with a peer that may not answer
+    elif assoc.is_established:
+        with abort_on_cancel(assoc, cancel):
+            assoc.release()
+
+
+def associate(
+    ae: Any, host: str, port: int, kwargs: dict[str, Any], cancel: threading.Event | None
+) -> Any:
+    """``ae.associate(host, port, **kwargs)``, unless ``cancel`` is set first: then the
+    association being negotiated is aborted (pynetdicom's connection thread is not a daemon
+    thread: left alone, it would hold the process's exit until the ACSE timeout) and
+    :class:`Cancelled` raised at once; one established meanwhile is aborted too. (A TCP connect
+    that hangs is not interrupted: it ends at ``connect_timeout``.)"""
+    if cancel is None:
+        return ae.associate(host, port, **kwargs)
+    from pynetdicom import evt
+
+    result: list[Any] = []
+    failure: list[BaseException] = []
+    connected: list[Any] = []  # the association, once its connection is open
+    finished = threading.Event()
+    lock = threading.Lock()
+    abandoned = False
+
+    def on_open(event: Any) -> None:
+        with lock:
+            connected.append(event.assoc)
+            late = abandoned
+        if late:
+            abort_now(event.assoc)
+
+    handlers = [*kwargs.get("evt_handlers", []), (evt.EVT_CONN_OPEN, on_open)]
+
+    def run() -> None:
+        try:
+            assoc = ae.associate(host, port, **{**kwargs, "evt_handlers": handlers})
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+            finished.set()
+            return
+        with lock:
+            result.append(assoc)
+            late = abandoned
+        finished.set()
+        if late and assoc.is_established:
+            abort_now(assoc)
+
+    threading.Thread(target=run, name="assoc-open", daemon=True).start()
+    while not finished.wait(_POLL):
+        if cancel.is_set():
+            with lock:
+                abandoned = not result
+                opened = list(connected)
+            if abandoned:
+                for assoc in opened:
+                    abort_now(assoc)
+                raise Cancelled("stopping: the association was not established")
+            break
+    if failure:
+        raise failure[0]
+    return result[0]

@@ -1,0 +1,117 @@
+"""Storage commitment reports that come back on the daemon's ``listen:`` port (CONTRACT.md,
+"Second stage": ``storage_commitment: {...}  # reports may come back on listen``).
+
+A PACS sends its N-EVENT-REPORT on a new association to the address it has for our AE title,
+proposing itself as SCP of the Storage Commitment Push Model (SCP/SCU Role Selection, PS3.4
+J.3.3): the listener accepts that role, hands the report to the commitment keeper and answers its
+status. A destination with ``storage_commitment`` and no ``port`` needs no acceptor of its own.
+Peers: the scripted pynetdicom PACS (tests/commitment_peer.py) and Orthanc (its DicomModalities
+naming the listen port, a Lua script deleting the LOSER instance so that it is never committed).
+N-ACTION on the listener is refused: the daemon is no commitment SCP for modalities.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from commitment_peer import SC, SC_INSTANCE, SYNTAXES, CommitmentSCP
+from daemon import Daemon, destination
+from peers import orthanc
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from test_listen import listen_daemon, listen_port
+
+STUDY = "1.2.826.0.1.3680043.10.1284.58.1"
+WE = "FORWARDER"  # the daemon's AE title (config default), also its listen AE title here
+
+
+def _policy(**extra: Any) -> dict[str, Any]:
+    # No ``port``: the report comes on the listener; the requesting association is not kept
+    # open long, so the report cannot come on it.
+    return {"timeout": "30s", "settle": "300ms", "wait_on_association": "0s", **extra}
+
+
+def _same_as_held(d: Daemon, held: dict[str, Dataset]) -> None:
+    assert d.done_files()
+    for rel in d.done_files():
+        ds = dcmread(d.done / rel)
+        assert held[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
+
+
+def test_reports_on_the_listen_port_commit_and_resend(tmp_path: Path) -> None:
+    scp = CommitmentSCP(mode="new")
+    with scp:
+        dest = destination(
+            "pacs", scp.port, ae_title=scp.ae_title, storage_commitment=_policy(max_resends=1)
+        )
+        d = listen_daemon(tmp_path, [dest], ae_title=WE)
+        scp.report_to = ("127.0.0.1", listen_port(d), WE)
+        with d:
+            dropped = d.drop_files(3, study_uid=STUDY)
+            lost = dropped[2].sop_instance_uid
+            scp.forget.add(lost)  # held, but reported failed: sent again, then failed/
+            d.wait_done(2, timeout=60)
+            (failed,) = d.wait_failed(1, timeout=60)
+            assert failed == dropped[2].rel_path
+            assert "0x0110" in str(d.error_json(failed))
+            status = d.status_json()["destinations"]["pacs"]
+            assert (status["committed"], status["awaiting_commitment"]) == (2, 0)
+            assert d.stop() == 0
+    assert scp.stores.count(lost) == 2
+    assert scp.report_statuses and set(scp.report_statuses) == {0x0000}
+    _same_as_held(d, scp.held)
+    assert "1 sent again" in d.log_text()
+
+
+def test_n_action_on_the_listen_port_is_refused(tmp_path: Path) -> None:
+    with listen_daemon(tmp_path, [destination("a", 1)], ae_title=WE) as d:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(SC, SYNTAXES)
+        assoc = ae.associate("127.0.0.1", listen_port(d), ae_title=WE)
+        assert assoc.is_established
+        action = Dataset()
+        action.TransactionUID = "1.2.3.4"
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ref.ReferencedSOPInstanceUID = "1.2.3.4.5"
+        action.ReferencedSOPSequence = [ref]
+        status, _ = assoc.send_n_action(action, 1, SC, SC_INSTANCE)
+        assert "Status" not in status  # no answer: the association was aborted
+        assoc.abort()
+        d.wait_log("N-ACTION for")
+        assert d.stop() == 0
+
+
+def test_orthanc_reports_on_the_listen_port(tmp_path: Path) -> None:
+    from test_send_stgcmt import _orthanc_extra
+
+    d = listen_daemon(tmp_path / "fwd", [destination("pacs", 1)], ae_title=WE)
+    port = listen_port(d)
+    with orthanc(tmp_path / "orthanc", extra=_orthanc_extra(tmp_path, port, WE)) as pacs:
+        policy = _policy(max_resends=1)
+        d.write_config(
+            destinations=[
+                destination("pacs", pacs.port, ae_title=pacs.ae_title, storage_commitment=policy)
+            ]
+        )
+        with d:
+            kept = d.drop_files(3, study_uid=STUDY)
+            lost = d.drop("lost.dcm", study_uid=STUDY, station="LOSER")
+            d.wait_done(3, timeout=60)
+            (failed,) = d.wait_failed(1, timeout=60)
+            assert failed == lost.rel_path
+            text = str(d.error_json(failed))
+            assert "stored but not committed" in text and "0x0112" in text
+            assert d.stop() == 0
+        held = {}
+        for iid in pacs.instances():
+            ds = dcmread(io.BytesIO(pacs.instance_file(iid)))
+            held[str(ds.SOPInstanceUID)] = ds
+    assert set(held) == {f.sop_instance_uid for f in kept}
+    _same_as_held(d, held)
+    log = d.log_text()
+    assert "1 sent again" in log and "storage commitment report from" in log
+    assert "accepting storage commitment reports" not in log  # no acceptor of its own
