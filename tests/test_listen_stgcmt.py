@@ -7,7 +7,8 @@ J.3.3): the listener accepts that role, hands the report to the commitment keepe
 status. A destination with ``storage_commitment`` and no ``port`` needs no acceptor of its own.
 Peers: the scripted pynetdicom PACS (tests/commitment_peer.py) and Orthanc (its DicomModalities
 naming the listen port, a Lua script deleting the LOSER instance so that it is never committed).
-N-ACTION on the listener is refused: the daemon is no commitment SCP for modalities.
+A modality may also ask the gateway to commit what it pushed: the listener answers N-ACTION for
+what the daemon holds (in incoming, done/ or failed/, per the queue).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from commitment_peer import SC, SC_INSTANCE, SYNTAXES, CommitmentSCP
+from conftest import wait_until
 from daemon import Daemon, destination
 from peers import orthanc
 from pydicom import dcmread
@@ -66,22 +68,83 @@ def test_reports_on_the_listen_port_commit_and_resend(tmp_path: Path) -> None:
     assert "1 sent again" in d.log_text()
 
 
-def test_n_action_on_the_listen_port_is_refused(tmp_path: Path) -> None:
+def test_a_modality_gets_commitment_for_what_the_gateway_holds(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """``forwarder send --stgcmt`` as the modality, the daemon's listener as Storage Commitment
+    SCP (the report on the same association): what it received is committed while it is
+    forwarded, and again once it is in done/; a file removed from done/ and sent again is stored
+    and committed anew."""
+    from dicomgen import write_files
+    from test_send_stgcmt import _by_uid, _report, send
+
+    with CommitmentSCP(mode="same") as pacs:
+        dest = destination("pacs", pacs.port, ae_title=pacs.ae_title)
+        with listen_daemon(tmp_path / "gw", [dest], ae_title=WE) as d:
+            port = listen_port(d)
+            first = write_files(tmp_path / "first", 3, prefix="a")
+            report = tmp_path / "first.json"
+            r = send("--stgcmt", "--report", report, f"{WE}@127.0.0.1:{port}", first[0].parent,
+                     env=forwarder_env)  # fmt: skip
+            assert r.returncode == 0, r.stderr
+            assert {f["commitment"] for f in _report(report)["files"]} == {"committed"}
+            d.wait_done(3, timeout=60)
+            # Once delivered: held in done/. One removed from done/ by someone is sent again.
+            gone = dcmread(first[2])
+            (removed,) = [
+                p for p in d.done.rglob("*.dcm") if dcmread(p).SOPInstanceUID == gone.SOPInstanceUID
+            ]
+            removed.unlink()
+            again = tmp_path / "again.json"
+            r = send("--stgcmt", "--report", again, f"{WE}@127.0.0.1:{port}", first[0].parent,
+                     env=forwarder_env)  # fmt: skip
+            # The resend stores it again (queued anew): committed too, from incoming or done/.
+            assert r.returncode == 0, r.stderr
+            files = _by_uid(_report(again))
+            assert {f["commitment"] for f in files.values()} == {"committed"}
+            assert d.stop() == 0
+    # What the PACS holds is what the modality sent.
+    for path in first:
+        ds = dcmread(path)
+        assert pacs.held[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
+
+
+def test_the_gateway_answers_for_instances_it_does_not_hold(tmp_path: Path) -> None:
+    """Asked straight (pynetdicom, the report on the same association): an instance never
+    received is 0x0112; the N-ACTION itself is answered Success."""
+    from pynetdicom import evt
+
     with listen_daemon(tmp_path, [destination("a", 1)], ae_title=WE) as d:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(SC, SYNTAXES)
-        assoc = ae.associate("127.0.0.1", listen_port(d), ae_title=WE)
+        got: list[tuple[int, Dataset]] = []
+
+        def handle(event: Any) -> tuple[int, None]:
+            got.append((event.event_type, event.event_information))
+            return 0x0000, None
+
+        assoc = ae.associate(
+            "127.0.0.1",
+            listen_port(d),
+            ae_title=WE,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle)],
+        )
         assert assoc.is_established
         action = Dataset()
-        action.TransactionUID = "1.2.3.4"
+        action.TransactionUID = "1.2.826.0.1.3680043.10.1284.77"
         ref = Dataset()
         ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        ref.ReferencedSOPInstanceUID = "1.2.3.4.5"
+        ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.1284.404"
         action.ReferencedSOPSequence = [ref]
         status, _ = assoc.send_n_action(action, 1, SC, SC_INSTANCE)
-        assert "Status" not in status  # no answer: the association was aborted
-        assoc.abort()
-        d.wait_log("N-ACTION for")
+        assert status.Status == 0x0000
+        wait_until(lambda: bool(got), 10, what="the report on the same association")
+        assoc.release()
+        event_type, info = got[0]
+        assert event_type == 2  # failures
+        (failed,) = info.FailedSOPSequence
+        assert failed.ReferencedSOPInstanceUID == ref.ReferencedSOPInstanceUID
+        assert failed.FailureReason == 0x0112
         assert d.stop() == 0
 
 

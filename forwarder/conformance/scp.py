@@ -166,8 +166,12 @@ def _ae_receive(e: _Engine) -> list[str]:
         "filesystem has less than `listen.min_free_space` free (default 1 GiB), every object "
         'is answered 0xA700 with the Error Comment "the gateway is low on disk space" and '
         'not kept; an object that cannot be queued is answered 0xA700 "cannot queue the '
-        'object". Storage commitment on the listener is the other way round: it is no '
-        "Storage Commitment SCP (an N-ACTION-RQ there aborts the association), but it accepts "
+        'object". Storage commitment on the listener goes both ways. As Storage Commitment '
+        "SCP it answers a modality's N-ACTION-RQ as in 3.2.4.5, except where it looks: an "
+        "instance is committed when the queue knows a file of that SOP Instance UID and the "
+        "file is where the queue says, whole, that instance of that class (in `incoming` while "
+        "it is forwarded, in `done/` once delivered, or in `failed/`); otherwise 0x0112, or "
+        "0x0119 for another SOP Class; the report goes on the same association. And it accepts "
         "the Storage Commitment Push Model with the requestor as SCP (SCP/SCU Role Selection "
         "proposing SCP role 1 is answered with SCP role 1, SCU role 0) so that a destination "
         "of `forwarder run` with `storage_commitment` can send its N-EVENT-REPORT-RQ to this "

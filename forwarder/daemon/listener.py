@@ -17,7 +17,8 @@ nothing behind, and one answered Success is in the queue.
 Storage commitment reports (N-EVENT-REPORT) a PACS sends to this port, on an association where
 it proposed itself as SCP of the Storage Commitment Push Model, go to ``reports`` (the
 keeper's :meth:`~forwarder.daemon.commitment.CommitmentKeeper.deliver_report`), which answers
-their status; N-ACTION is refused here (the association is aborted).
+their status. A modality's own commitment request (N-ACTION) is answered for what the gateway
+holds (:mod:`forwarder.daemon.listen_commitment`): in incoming, done/ or failed/.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Protocol
 
 from forwarder.config import ListenConfig
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.listen_commitment import QueueHoldings
 from forwarder.daemon.listen_sink import (
     ListenSink,
     SpaceWatch,
@@ -68,10 +70,10 @@ def receiver_settings(listen: ListenConfig, folder: Path, ae_title: str) -> Rece
         max_object_size=listen.max_object_size,
         max_pdu=listen.max_pdu,
         promiscuous=listen.promiscuous,
-        # Storage commitment: the daemon takes the reports PACSs send to its listen port (as
-        # SCP, PS3.4 J.3.3) for what it asked them to commit; it is no commitment SCP itself
-        # (an N-ACTION here is refused: what it forwards is no longer its to vouch for).
-        commitment=False,
+        # Storage commitment both ways: a modality may ask the gateway to commit what it holds
+        # (answered from the queue: daemon.listen_commitment), and a PACS sends the reports of
+        # what the daemon asked it to commit to this port (as SCP, PS3.4 J.3.3).
+        commitment=True,
         reports=True,
     )
 
@@ -104,7 +106,10 @@ class Listener:
             tls = server_context(listen.tls.cert, listen.tls.key, listen.tls.ca)
         settings = receiver_settings(listen, self.folder, ae_title)
         self.settings = dataclasses.replace(settings, tls=tls)
-        self._receiver = Receiver(self.settings, sink=self._sink, reports=reports)
+        holdings = QueueHoldings(ingest.queue).failure
+        self._receiver = Receiver(
+            self.settings, sink=self._sink, reports=reports, holdings=holdings
+        )
 
     @property
     def port(self) -> int:

@@ -30,12 +30,13 @@ import secrets
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder.dicom.check import scan_file  # noqa: F401 - the check Success waits for
 from forwarder.errors import ForwarderError
+from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import CommitmentResponder, FolderHoldings
 from forwarder.net.placement import NO_STUDY_FOLDER, FolderSink, safe_uid_name
 from forwarder.net.scp_codec import REJECT_CALLED_AE, REJECT_CALLING_AE, AssociateRequest
@@ -114,15 +115,20 @@ class Receiver:
 
     ``sink``: who takes the checked objects instead of the folder writer (the daemon's listener);
     its :attr:`~forwarder.net.scp_object.ObjectSink.spool` must be ``settings.output``.
-    ``reports``: who takes the storage commitment reports peers send (``settings.reports``)."""
+    ``reports``: who takes the storage commitment reports peers send (``settings.reports``);
+    ``holdings``: what commitment requests are answered from (default: the output folder)."""
 
     def __init__(
         self,
         settings: ReceiverSettings,
         sink: ObjectSink | None = None,
         reports: ReportSink | None = None,
+        holdings: Callable[[Reference], int | None] | None = None,
     ) -> None:
         self._settings = settings
+        # What a storage commitment request is answered from (settings.commitment): the
+        # output folder, unless the caller says otherwise (the daemon: its queue).
+        self._holdings = holdings
         self._reports = reports if settings.reports else None
         self._output = Path(os.path.abspath(settings.output))
         self._folder = FolderSink(self._output)
@@ -176,7 +182,7 @@ class Receiver:
             tls=s.tls,
             commitment=(
                 CommitmentResponder(
-                    FolderHoldings(self._output).failure,
+                    self._holdings or FolderHoldings(self._output).failure,
                     ae_title=s.ae_title,
                     report_to=s.commitment_peer,
                 )

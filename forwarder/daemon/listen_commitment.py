@@ -1,0 +1,64 @@
+"""What the gateway holds, for a modality's storage commitment request on the listener.
+
+A modality that pushed to the daemon's ``listen:`` port may ask it to commit what it sent
+(PS3.4 Annex J, the gateway as Storage Commitment SCP). The gateway holds an instance when the
+queue knows a file of that SOP Instance UID (received through ``listen`` or taken from the
+watched folder) and that file is still on disk where the queue says it is, whole: in
+``incoming`` while it is forwarded, in ``done/`` once delivered, or in ``failed/`` (kept there
+for an operator; delivery failed, the object did not). Its meta header must name that SOP
+Instance and Class. A file put back by ``forwarder retry`` is looked up at its new place.
+
+The N-ACTION and the report are the engine's (:class:`~forwarder.net.commitment_scp.
+CommitmentResponder`); this module only answers "held, or why not".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from forwarder.dicom.part10 import read_meta
+from forwarder.errors import ForwarderError
+from forwarder.net.commitment import Reference
+from forwarder.net.commitment_scp import (
+    REASON_CLASS_CONFLICT,
+    REASON_NO_SUCH_INSTANCE,
+    REASON_PROCESSING_FAILURE,
+)
+from forwarder.queue import KeyKind, Queue
+
+logger = logging.getLogger(__name__)
+
+
+class QueueHoldings:
+    """Answers :meth:`failure` from the queue and the files it points to."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def failure(self, ref: Reference) -> int | None:
+        """None when the gateway holds ``ref`` (that instance, that class), else the Failure
+        Reason: 0x0112 not held, 0x0119 held under another SOP Class, 0x0110 the queue cannot
+        be read."""
+        try:
+            found = self.queue.find([ref.sop_instance])
+        except ForwarderError as exc:
+            logger.warning("storage commitment: cannot look %s up: %s", ref.sop_instance, exc)
+            return REASON_PROCESSING_FAILURE
+        candidates = [
+            f
+            for f in found
+            if f.retried_as is None and any(kind is KeyKind.SOP_INSTANCE for _, kind in f.matched)
+        ]
+        conflict = False
+        for f in reversed(candidates):  # the newest copy first
+            try:
+                meta = read_meta(f.path)
+            except (ForwarderError, OSError):
+                continue  # moved meanwhile, removed by someone: not this copy
+            if meta.sop_instance_uid != ref.sop_instance:
+                continue
+            if meta.sop_class_uid != ref.sop_class:
+                conflict = True
+                continue
+            return None
+        return REASON_CLASS_CONFLICT if conflict else REASON_NO_SUCH_INSTANCE
