@@ -374,10 +374,17 @@ def _lo(text: str) -> bytes:
     return raw + b" " if len(raw) % 2 else raw
 
 
-def encode_response(request: DimseRequest, status: int, comment: str | None = None) -> bytes:
-    """The C-STORE-RSP / C-ECHO-RSP command set answering ``request`` (PS3.7 9.3.1.2, 9.3.5.2):
-    Affected SOP Class (and Instance) UID echoed, Message ID Being Responded To, no data set,
-    Status, and an Error Comment (0000,0902) when given."""
+def encode_response(
+    request: DimseRequest,
+    status: int,
+    comment: str | None = None,
+    *,
+    type_id: tuple[int, int] | None = None,
+) -> bytes:
+    """The response command set answering ``request`` (C-STORE-RSP, C-ECHO-RSP: PS3.7 9.3.1.2,
+    9.3.5.2; N-ACTION-RSP, N-EVENT-REPORT-RSP with ``type_id``): Affected SOP Class (and
+    Instance) UID echoed, Message ID Being Responded To, no data set, Status, an Error Comment
+    (0000,0902) when given, and ``type_id`` (tag, value): the Action or Event Type ID."""
     sop_class = _uid_bytes(request.sop_class)
     parts = [
         _ELEMENT.pack(0, 0x0002, len(sop_class)),
@@ -393,6 +400,8 @@ def encode_response(request: DimseRequest, status: int, comment: str | None = No
     if request.sop_instance:
         uid = _uid_bytes(request.sop_instance)
         parts += [_ELEMENT.pack(0, 0x1000, len(uid)), uid]
+    if type_id is not None:
+        parts.append(_US.pack(0, type_id[0], 2, type_id[1]))
     body = b"".join(parts)
     return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
 
@@ -401,43 +410,13 @@ def encode_action_response(request: DimseRequest, status: int) -> bytes:
     """The N-ACTION-RSP command set answering ``request`` (PS3.7 10.3.4.1.2): Affected SOP
     Class/Instance UID (the Requested ones), Message ID Being Responded To, Status, Action Type
     ID, no data set (storage commitment's reply carries none)."""
-    sop_class = _uid_bytes(request.sop_class)
-    uid = _uid_bytes(request.sop_instance)
-    body = b"".join(
-        (
-            _ELEMENT.pack(0, 0x0002, len(sop_class)),
-            sop_class,
-            _US.pack(0, 0x0100, 2, N_ACTION_RQ | 0x8000),
-            _US.pack(0, 0x0120, 2, request.message_id),
-            _US.pack(0, 0x0800, 2, NO_DATA_SET),
-            _US.pack(0, 0x0900, 2, status),
-            _ELEMENT.pack(0, 0x1000, len(uid)),
-            uid,
-            _US.pack(0, 0x1008, 2, request.action_type),
-        )
-    )
-    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+    return encode_response(request, status, type_id=(0x1008, request.action_type))
 
 
 def encode_event_report_response(request: DimseRequest, status: int) -> bytes:
     """The N-EVENT-REPORT-RSP command set answering ``request`` (PS3.7 10.3.1.1.2): Affected
     SOP Class/Instance UID, Message ID Being Responded To, Status, Event Type ID, no data set."""
-    sop_class = _uid_bytes(request.sop_class)
-    uid = _uid_bytes(request.sop_instance)
-    body = b"".join(
-        (
-            _ELEMENT.pack(0, 0x0002, len(sop_class)),
-            sop_class,
-            _US.pack(0, 0x0100, 2, N_EVENT_REPORT_RSP),
-            _US.pack(0, 0x0120, 2, request.message_id),
-            _US.pack(0, 0x0800, 2, NO_DATA_SET),
-            _US.pack(0, 0x0900, 2, status),
-            _ELEMENT.pack(0, 0x1000, len(uid)),
-            uid,
-            _US.pack(0, 0x1002, 2, request.action_type),
-        )
-    )
-    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<I", len(body)) + body
+    return encode_response(request, status, type_id=(0x1002, request.action_type))
 
 
 def encode_event_report(
