@@ -18,7 +18,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -530,24 +530,36 @@ def test_abort_in_the_middle_of_an_object_leaves_nothing(receiver: Receiver) -> 
     nothing_left(receiver.output)
 
 
+def one_slot_server(
+    settings: EngineSettings,
+    sink: FolderSink,
+    admit: Callable[[AssociateRequest, Origin], tuple[tuple[int, int, int], str] | None] = (
+        lambda _rq, _origin: None
+    ),
+) -> ScpServer:
+    """The engine on a free loopback port with one association slot, started."""
+    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
+    server = ScpServer(
+        "127.0.0.1",
+        0,
+        settings=settings,
+        policy=context_policy(profile),
+        sink=sink,
+        admit=admit,
+        allow_host=lambda _host: True,
+        max_associations=1,
+    )
+    server.start()
+    return server
+
+
 def test_a_silent_connection_is_dropped_and_frees_its_slot(tmp_path: Path) -> None:
     """The first PDU has a short timeout of its own: a bare TCP connection does not hold one of
     the association slots for long (here 1 slot, 0.5 s)."""
     output = tmp_path / "out"
     output.mkdir()
     sink = FolderSink(output)
-    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
-    server = ScpServer(
-        "127.0.0.1",
-        0,
-        settings=EngineSettings(65536, None, 16, 0.5, 5.0, 1.0),
-        policy=context_policy(profile),
-        sink=sink,
-        admit=lambda _rq, _origin: None,
-        allow_host=lambda _host: True,
-        max_associations=1,
-    )
-    server.start()
+    server = one_slot_server(EngineSettings(65536, None, 16, 0.5, 5.0, 1.0), sink)
     try:
         silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         started = time.monotonic()
@@ -576,22 +588,13 @@ def test_a_rejected_association_left_open_does_not_hold_its_slot(tmp_path: Path)
     the next, admitted association is accepted, not rejected for the limit."""
     output = tmp_path / "out"
     output.mkdir()
-    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
 
     def admit(rq: AssociateRequest, _origin: Origin) -> tuple[tuple[int, int, int], str] | None:
         return None if rq.called_ae == "FORWARDER" else ((1, 1, 7), "called AE not recognised")
 
-    server = ScpServer(
-        "127.0.0.1",
-        0,
-        settings=EngineSettings(65536, None, 16, 5.0, 5.0, 1.0),
-        policy=context_policy(profile),
-        sink=FolderSink(output),
-        admit=admit,
-        allow_host=lambda _host: True,
-        max_associations=1,
+    server = one_slot_server(
+        EngineSettings(65536, None, 16, 5.0, 5.0, 1.0), FolderSink(output), admit=admit
     )
-    server.start()
     lingering = Raw(server.port)
     try:
         lingering.send(associate_rq([(1, CT, [EXPLICIT_LE])], called="ELSEWHERE"))
@@ -734,18 +737,7 @@ def test_a_dripping_association_request_is_cut_at_its_deadline(tmp_path: Path) -
     a peer sending one byte now and then cannot hold the only slot (here 1 slot, 1 s)."""
     output = tmp_path / "out"
     output.mkdir()
-    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
-    server = ScpServer(
-        "127.0.0.1",
-        0,
-        settings=EngineSettings(65536, None, 16, 1.0, 5.0, 1.0),
-        policy=context_policy(profile),
-        sink=FolderSink(output),
-        admit=lambda _rq, _origin: None,
-        allow_host=lambda _host: True,
-        max_associations=1,
-    )
-    server.start()
+    server = one_slot_server(EngineSettings(65536, None, 16, 1.0, 5.0, 1.0), FolderSink(output))
     drip = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
         started = time.monotonic()
@@ -774,18 +766,9 @@ def test_a_pdu_dripping_after_association_is_cut_at_its_deadline(tmp_path: Path)
     0.3 s, each far within the idle timeout, does not keep the association (and its slot)."""
     output = tmp_path / "out"
     output.mkdir()
-    profile = scp_profile(max_pdu=65536, max_associations=1, require_called_aet=False)
-    server = ScpServer(
-        "127.0.0.1",
-        0,
-        settings=EngineSettings(65536, None, 16, 1.0, 1.0, 1.0, min_pdu_rate=1000.0),
-        policy=context_policy(profile),
-        sink=FolderSink(output),
-        admit=lambda _rq, _origin: None,
-        allow_host=lambda _host: True,
-        max_associations=1,
+    server = one_slot_server(
+        EngineSettings(65536, None, 16, 1.0, 1.0, 1.0, min_pdu_rate=1000.0), FolderSink(output)
     )
-    server.start()
     raw = Raw(server.port)
     try:
         raw.associate([(1, CT, [EXPLICIT_LE])])
