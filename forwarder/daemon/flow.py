@@ -98,6 +98,8 @@ class FlowGate:
 
     def in_window(self) -> bool:
         """Whether the send window is open now (always, without windows)."""
+        if not self.windows:
+            return True  # no clock read: this is asked before every file
         return window_open(self.windows, self._local_now())
 
     def decide(self) -> Decision:
@@ -126,6 +128,8 @@ class FlowGate:
     def may_send(self, priority: int) -> bool:
         """Whether a claimed job of ``priority`` (rank) may still go: a pause (or a window
         closing) takes effect between two files, not only between two batches."""
+        if not self.windows:  # the common case, before every file: no Decision built
+            return not self.paused()
         decision = self.decide()
         return decision.claim and priority <= decision.max_rank
 

@@ -21,7 +21,7 @@ the highest wins when routes overlap).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from forwarder.config import Route
@@ -45,25 +45,25 @@ class Rule:
     to: tuple[str, ...]
     discard: bool
     route: Route | None  # the config it came from (None: the implicit every-destination rule)
+    # Derived from ``route`` once (they are asked for every file):
+    # what this route changes in what it sends (equal keys: the same changes),
+    edit_key: tuple[Any, ...] = field(init=False, compare=False, repr=False)
+    # its priority (``urgent``, ``normal`` or ``low``; issue 16),
+    priority: str = field(init=False, compare=False, repr=False)
+    # and that priority as the queue orders claims (PRIORITY_RANK: 0 urgent).
+    rank: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def edit_key(self) -> tuple[Any, ...]:
-        """What this route changes in what it sends (equal keys: the same changes)."""
-        if self.route is None:
-            return ()
-        modify = self.route.modify if self.route.modify and not self.route.modify.empty else None
-        return (modify, self.route.deidentify)
-
-    @property
-    def priority(self) -> str:
-        """The route's priority (``urgent``, ``normal`` or ``low``; issue 16)."""
-        value = getattr(self.route, "priority", None) if self.route is not None else None
-        return str(getattr(value, "value", value) or "normal")
-
-    @property
-    def rank(self) -> int:
-        """The priority as the queue orders claims (PRIORITY_RANK: 0 urgent)."""
-        return PRIORITY_RANK.get(self.priority, NORMAL_RANK)
+    def __post_init__(self) -> None:
+        route = self.route
+        edit_key: tuple[Any, ...] = ()
+        if route is not None:
+            modify = route.modify if route.modify and not route.modify.empty else None
+            edit_key = (modify, route.deidentify)
+        value = getattr(route, "priority", None) if route is not None else None
+        priority = str(getattr(value, "value", value) or "normal")
+        object.__setattr__(self, "edit_key", edit_key)
+        object.__setattr__(self, "priority", priority)
+        object.__setattr__(self, "rank", PRIORITY_RANK.get(priority, NORMAL_RANK))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,8 @@ class Router:
                 )
                 for r in routes
             )
+        self._may_edit: dict[str, bool] = {}
+        self._may_edit = {d: self.may_edit(d) for d in self._all}
 
     @property
     def keywords(self) -> frozenset[str]:
@@ -193,6 +195,9 @@ class Router:
     def may_edit(self, destination: str) -> bool:
         """Whether a file sent to ``destination`` may be changed (when not, its header need
         not be read again when it is sent)."""
+        known = self._may_edit.get(destination)
+        if known is not None:
+            return known
         return destination in self._modify or any(
             destination in r.to and any(r.edit_key) for r in self.rules if not r.discard
         )
