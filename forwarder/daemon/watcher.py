@@ -12,20 +12,22 @@ once no process holds it open for writing (/proc). The rules live in
 Candidates come from three sources, so that no file can be stranded:
 
 - the initial full scan at start (files left in ``incoming`` while the daemon was stopped);
-- watchdog events: inotify, or a polling observer for network filesystems (``watch.polling``);
+- events: inotify, or watchdog's polling observer for network filesystems (``watch.polling``);
 - a periodic full rescan (``watch.rescan_interval``), which also offers again a file that is still
   present but that ``is_known`` says the daemon does not hold (a lost event or a lost row).
 
 Names starting with ``.`` or ending in ``.tmp``, ``.part`` or ``.partial`` (any path component,
 so ``.staging/x.dcm`` too) are left alone until renamed. Symbolic links are never followed.
 
-Threads: the watchdog observer (plus its emitter threads) only records which paths changed; one
-settle thread owns every other piece of state, stats candidates, scans, and calls ``on_ready``
-and ``is_known``. Both callbacks therefore run on that one thread.
+Threads: on Linux (without ``watch.polling``) one inotify reader thread
+(:mod:`forwarder.daemon.watch_inotify`) records which paths changed, and never watches an ignored
+folder such as the listener's ``.listen``; elsewhere, or polling, watchdog's observer (plus its
+emitter threads) does. One settle thread owns every other piece of state, stats candidates,
+scans, and calls ``on_ready`` and ``is_known``. Both callbacks therefore run on that one thread.
 
-This module owns those threads and the observer's lifecycle. When a file is complete (the
-candidates, scans, /proc) is :mod:`forwarder.daemon.watch_settle`; the watchdog event handler and
-observer making are :mod:`forwarder.daemon.watch_events`.
+This module owns those threads and their lifecycle. When a file is complete (the candidates,
+scans, /proc) is :mod:`forwarder.daemon.watch_settle`; the watchdog event handler and observer
+making are :mod:`forwarder.daemon.watch_events`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from pathlib import Path
 
 from watchdog.observers.api import BaseObserver
 
+from forwarder.daemon import watch_inotify
 from forwarder.daemon.watch_events import EVENTS, EventHandler, halt, make_observer
+from forwarder.daemon.watch_inotify import InotifyReader
 from forwarder.daemon.watch_settle import MIN_WINDOW, Hint, ReadyFile, Settler, is_ignored_name
 from forwarder.errors import ForwarderError
 
@@ -90,6 +94,7 @@ class Watcher:
         self._stopping = threading.Event()
         self._started = False
         self._observer: BaseObserver | None = None
+        self._reader: InotifyReader | None = None  # Linux without polling: instead of watchdog
         self._thread: threading.Thread | None = None
 
         # Owned by the settle thread alone.
@@ -127,6 +132,34 @@ class Watcher:
             category=RuntimeWarning,
             module=r"watchdog\.",
         )
+        if not self._polling and watch_inotify.available():
+            self._start_reader()
+        else:
+            self._start_observer()
+        self._thread = threading.Thread(
+            target=self._run, name="forwarder-watcher-settle", daemon=True
+        )
+        self._thread.start()
+        logger.info(
+            "watching %s (%s), settle %.2fs, full rescan every %.0fs",
+            self._root,
+            "polling" if self._polling else "inotify",
+            self._settle,
+            self._rescan_interval,
+        )
+
+    def _start_reader(self) -> None:
+        reader = InotifyReader(self._real_root, self._note_many, self.rescan)
+        try:
+            reader.start()
+        except OSError as exc:
+            raise ForwarderError(
+                f"cannot watch {self._root}: {exc}; raise fs.inotify.max_user_watches and "
+                "fs.inotify.max_user_instances, or set watch.polling: true"
+            ) from exc
+        self._reader = reader
+
+    def _start_observer(self) -> None:
         observer: BaseObserver | None = None
         try:
             observer = make_observer(self._polling, self._settle)
@@ -145,17 +178,6 @@ class Watcher:
                 "fs.inotify.max_user_instances, or set watch.polling: true"
             ) from exc
         self._observer = observer
-        self._thread = threading.Thread(
-            target=self._run, name="forwarder-watcher-settle", daemon=True
-        )
-        self._thread.start()
-        logger.info(
-            "watching %s (%s), settle %.2fs, full rescan every %.0fs",
-            self._root,
-            "polling" if self._polling else "inotify",
-            self._settle,
-            self._rescan_interval,
-        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop and join the observer (with its emitters) and the settle thread; idempotent."""
@@ -165,6 +187,8 @@ class Watcher:
         self._wake.set()
         if self._observer is not None and (first or self._observer.is_alive()):
             halt(self._observer, timeout)
+        if self._reader is not None:
+            self._reader.stop(max(0.0, deadline - time.monotonic()))
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
@@ -180,9 +204,14 @@ class Watcher:
 
     @property
     def healthy(self) -> bool:
-        """True while the observer, its emitters and the settle thread are all alive."""
-        observer, thread = self._observer, self._thread
-        if observer is None or thread is None or self._stopping.is_set():
+        """True while the inotify reader (or the observer and its emitters) and the settle
+        thread are alive, and the watched folder is still there."""
+        observer, thread, reader = self._observer, self._thread, self._reader
+        if thread is None or self._stopping.is_set():
+            return False
+        if reader is not None:
+            return reader.alive and thread.is_alive()
+        if observer is None:
             return False
         try:
             emitters = list(observer.emitters)
@@ -211,6 +240,18 @@ class Watcher:
             return
         with self._lock:
             self._inbox[path] = hint
+        self._wake.set()
+
+    def _note_many(self, hints: dict[str, Hint]) -> None:
+        """Record one read's hints (inotify reader thread; it watches no ignored folder and
+        reports no ignored name, so only the root's spelling is adjusted)."""
+        if self._real_prefix != self._prefix:
+            real, given = self._real_prefix, self._prefix
+            hints = {
+                (given + p[len(real) :] if p.startswith(real) else p): h for p, h in hints.items()
+            }
+        with self._lock:
+            self._inbox.update(hints)
         self._wake.set()
 
     # -- settle thread ---------------------------------------------------------------------
