@@ -29,18 +29,17 @@ nothing is forgotten. The C-FIND variant (``verify_by_query``) is
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from forwarder.config import Destination, StorageCommitment
+from forwarder.config import StorageCommitment
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
+from forwarder.daemon.proof_thread import ProofThread, Target
 from forwarder.errors import ForwarderError
-from forwarder.net.association import AssociationSettings
 from forwarder.net.commitment import (
     CommitmentBook,
     CommitmentError,
@@ -58,21 +57,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_TICK = 1.0  # how often the keeper looks for what is due
-_RETRY_REQUEST = 30.0  # after a request failed (peer down), ask again this much later
-_STOP_JOIN = 5.0  # the thread's network waits end at once on stop; this is only a bound
-
 
 @dataclass(frozen=True, slots=True)
-class ProofTarget:
+class ProofTarget(Target):
     """A destination requiring storage commitment, as the keeper needs it."""
-
-    destination: Destination
-    settings: AssociationSettings
-
-    @property
-    def name(self) -> str:
-        return self.destination.name
 
     @property
     def policy(self) -> StorageCommitment:
@@ -80,8 +68,16 @@ class ProofTarget:
         return self.destination.storage_commitment
 
 
-class CommitmentKeeper:
-    """Requests, awaits and records storage commitment for every destination that wants it."""
+class CommitmentKeeper(ProofThread[ProofTarget]):
+    """Requests, awaits and records storage commitment for every destination that wants it.
+
+    On stop (:meth:`request_stop`), a request under way is aborted and its transaction
+    cancelled (asked again after the restart); a report being awaited stays awaited.
+    """
+
+    thread_name = "stgcmt"
+    not_stopped = "storage commitment: the keeper did not stop within %gs"
+    log = logger
 
     def __init__(
         self,
@@ -91,18 +87,10 @@ class CommitmentKeeper:
         wake_workers: Callable[[], None],
         metrics: Any = None,
     ) -> None:
-        self.queue = queue
-        self.finisher = finisher
-        self.wake_workers = wake_workers
-        self.metrics = metrics
+        super().__init__(queue, finisher, wake_workers=wake_workers, metrics=metrics)
         self.book = CommitmentBook(on_report=self._on_report)
-        self._targets: dict[str, ProofTarget] = {}
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._acceptors: dict[tuple[str, int], Any] = {}
-        self._not_before: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -110,8 +98,7 @@ class CommitmentKeeper:
         """The destinations requiring commitment now (at start and on reload)."""
         from forwarder.net.commitment_scu import ReportAcceptor
 
-        with self._lock:
-            self._targets = {t.name: t for t in targets}
+        super().configure(targets)
         for txn in self.queue.open_commitments():
             if txn.kind == "stgcmt" and txn.destination not in self._targets:
                 # No longer asked of that destination: its instances await proof again (by
@@ -140,23 +127,12 @@ class CommitmentKeeper:
             logger.info(
                 "storage commitment: %d transaction(s) still awaiting their report", len(self._jobs)
             )
-        self._thread = threading.Thread(target=self._run, name="stgcmt", daemon=True)
-        self._thread.start()
-
-    def request_stop(self) -> None:
-        """Begin stopping (returns at once): a request under way is aborted, its transaction
-        cancelled (asked again after the restart); a report being awaited stays awaited."""
-        self._stop.set()
+        super().start()
 
     def stop(self) -> None:
-        """Stop the thread and the report acceptors; returns within a few seconds whatever the
-        peers do (every network wait of the thread is cancelled by the stop)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(_STOP_JOIN)
-            if self._thread.is_alive():
-                logger.warning("storage commitment: the keeper did not stop within %gs", _STOP_JOIN)
-            self._thread = None
+        """Stop the thread, then the report acceptors; returns within a few seconds whatever
+        the peers do (every network wait of the thread is cancelled by the stop)."""
+        super().stop()
         for acceptor in self._acceptors.values():
             acceptor.stop()
         self._acceptors.clear()
@@ -168,24 +144,21 @@ class CommitmentKeeper:
 
     # -- the loop --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._stop.wait(_TICK):
-            try:
-                self._expire()
-                with self._lock:
-                    targets = list(self._targets.values())
-                for target in targets:
-                    if self._stop.is_set():
-                        return
-                    self._request_due(target)
-            except ForwarderError as exc:
-                logger.error("storage commitment: %s; trying again", exc)
-            except Exception:
-                logger.exception("storage commitment: internal error; trying again")
+    def _tick(self) -> None:
+        try:
+            self._expire()
+            for target in self._current_targets():
+                if self._stop.is_set():
+                    return
+                self._request_due(target)
+        except ForwarderError as exc:
+            logger.error("storage commitment: %s; trying again", exc)
+        except Exception:
+            logger.exception("storage commitment: internal error; trying again")
 
     def _request_due(self, target: ProofTarget) -> None:
         now = time.time()
-        if now < self._not_before.get(target.name, 0.0):
+        if self._resting(target, now):
             return
         policy = target.policy
         by_study: dict[str, list[CommitItem]] = defaultdict(list)
@@ -198,7 +171,6 @@ class CommitmentKeeper:
                 if len(chunk) < policy.max_instances and not quiet:
                     continue
                 if not self._request(target, chunk):
-                    self._not_before[target.name] = time.time() + _RETRY_REQUEST
                     return
 
     def _request(self, target: ProofTarget, items: list[CommitItem]) -> bool:
@@ -229,23 +201,9 @@ class CommitmentKeeper:
                 cancel=self._stop,
             )
         except CommitmentError as exc:
-            if self._stop.is_set():
-                logger.info(
-                    "%s: storage commitment of %d instance(s) not requested (%s); asked again "
-                    "after the restart",
-                    target.name,
-                    len(items),
-                    exc,
-                )
-            else:
-                logger.warning(
-                    "%s: storage commitment of %d instance(s) not requested: %s; asking again "
-                    "in %.0fs",
-                    target.name,
-                    len(items),
-                    exc,
-                    _RETRY_REQUEST,
-                )
+            self._not_done(
+                target, "storage commitment", len(items), "not requested", "not requested", exc
+            )
             self.book.forget(uid)
             with self._lock:
                 self._jobs.pop(uid, None)

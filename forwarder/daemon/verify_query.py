@@ -16,43 +16,27 @@ that cannot be asked leaves everything awaiting, and is asked again later.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from forwarder.config import Destination, VerifyByQuery
+from forwarder.config import VerifyByQuery
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
 from forwarder.daemon.commitment import apply_outcome
+from forwarder.daemon.proof_thread import ProofThread, Target
 from forwarder.errors import ForwarderError
-from forwarder.net.association import AssociationSettings
 from forwarder.net.commitment import new_transaction_uid
-from forwarder.queue import CommitItem, Queue
-
-if TYPE_CHECKING:
-    from forwarder.daemon.finisher import Finisher
+from forwarder.queue import CommitItem
 
 logger = logging.getLogger(__name__)
 
-_TICK = 1.0
-_RETRY_QUERY = 30.0  # after the peer could not be asked, ask again this much later
-_STOP_JOIN = 5.0  # the round's network waits end at once on stop; this is only a bound
 _ROUND = 500  # instances asked about per round (one association)
 NOT_HELD = "not held by the destination (C-FIND at IMAGE level found no such instance)"
 
 
 @dataclass(frozen=True, slots=True)
-class QueryTarget:
+class QueryTarget(Target):
     """A destination verified by query, as the verifier needs it."""
-
-    destination: Destination
-    settings: AssociationSettings
-
-    @property
-    def name(self) -> str:
-        return self.destination.name
 
     @property
     def policy(self) -> VerifyByQuery:
@@ -60,70 +44,38 @@ class QueryTarget:
         return self.destination.verify_by_query
 
 
-class QueryVerifier:
-    """Asks destinations with ``verify_by_query`` whether they hold what they stored."""
+class QueryVerifier(ProofThread[QueryTarget]):
+    """Asks destinations with ``verify_by_query`` whether they hold what they stored.
 
-    def __init__(
-        self,
-        queue: Queue,
-        finisher: Finisher,
-        *,
-        wake_workers: Callable[[], None],
-        metrics: Any = None,
-    ) -> None:
-        self.queue = queue
-        self.finisher = finisher
-        self.wake_workers = wake_workers
-        self.metrics = metrics
-        self._targets: dict[str, QueryTarget] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._not_before: dict[str, float] = {}
+    On stop (:meth:`request_stop`), a round under way is aborted (its association with it) and
+    asked again after the restart.
+    """
 
-    def configure(self, targets: Sequence[QueryTarget]) -> None:
-        with self._lock:
-            self._targets = {t.name: t for t in targets}
+    thread_name = "verify-query"
+    not_stopped = "verification by query did not stop within %gs"
+    log = logger
 
     def start(self) -> None:
         """Rounds a crash left open are asked again (their instances await once more)."""
         for txn in self.queue.open_commitments():
             if txn.kind == "query":
                 self.queue.cancel_commitment(txn.uid)
-        self._thread = threading.Thread(target=self._run, name="verify-query", daemon=True)
-        self._thread.start()
+        super().start()
 
-    def request_stop(self) -> None:
-        """Begin stopping (returns at once): a round under way is aborted and asked again."""
-        self._stop.set()
-
-    def stop(self) -> None:
-        """Stop the thread; returns within a few seconds whatever the peer does (the round's
-        association is aborted by the stop)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(_STOP_JOIN)
-            if self._thread.is_alive():
-                logger.warning("verification by query did not stop within %gs", _STOP_JOIN)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(_TICK):
-            with self._lock:
-                targets = list(self._targets.values())
-            for target in targets:
-                if self._stop.is_set():
-                    return
-                try:
-                    self._verify_due(target)
-                except ForwarderError as exc:
-                    logger.error("%s: verification by query: %s; trying again", target.name, exc)
-                except Exception:
-                    logger.exception("%s: verification by query: internal error", target.name)
+    def _tick(self) -> None:
+        for target in self._current_targets():
+            if self._stop.is_set():
+                return
+            try:
+                self._verify_due(target)
+            except ForwarderError as exc:
+                logger.error("%s: verification by query: %s; trying again", target.name, exc)
+            except Exception:
+                logger.exception("%s: verification by query: internal error", target.name)
 
     def _verify_due(self, target: QueryTarget) -> None:
         now = time.time()
-        if now < self._not_before.get(target.name, 0.0):
+        if self._resting(target, now):
             return
         due = [
             i
@@ -151,25 +103,10 @@ class QueryVerifier:
                 destination_peer(target.destination), target.settings, keys, self._stop
             )
         except QueryError as exc:
-            if self._stop.is_set():
-                logger.info(
-                    "%s: verification by query of %d instance(s) interrupted (%s); asked again "
-                    "after the restart",
-                    target.name,
-                    len(items),
-                    exc,
-                )
-                self.queue.cancel_commitment(uid)
-                return False
-            logger.warning(
-                "%s: verification by query of %d instance(s) not done: %s; asking again in %.0fs",
-                target.name,
-                len(items),
-                exc,
-                _RETRY_QUERY,
+            self._not_done(
+                target, "verification by query", len(items), "interrupted", "not done", exc
             )
             self.queue.cancel_commitment(uid)
-            self._not_before[target.name] = time.time() + _RETRY_QUERY
             return False
         committed = [i.job_id for i in items if i.sop_instance_uid in held]
         missing = [(i.job_id, NOT_HELD) for i in items if i.sop_instance_uid not in held]

@@ -7,8 +7,11 @@ and releases it when idle. Both the daemon's workers and ``forwarder send`` use 
 two front ends. Each file's :class:`SendOutcome` carries the :class:`~forwarder.net.status.Outcome`
 its response status maps to (:mod:`forwarder.net.status` holds that classification).
 
-Past 400 lines: association management, the per-file outcome rules and the outcome record they
-fill stay together, since each outcome depends on the association state the file met.
+Association management and the per-file outcome rules stay together here, since each outcome
+depends on the association state the file met. Not here: the records (:class:`StoreRequest`,
+:class:`SendOutcome`: :mod:`forwarder.net.send_outcome`, importable from here too), and the
+paths of a file that cannot go byte for byte, transcoded or changed
+(:mod:`forwarder.net.channel_convert`).
 """
 
 from __future__ import annotations
@@ -18,116 +21,38 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from forwarder.dicom.part10 import UNCOMPRESSED, FileMeta, read_meta
+from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import (
     AssociationError,
     InvalidFileError,
     SendError,
     UnreadableFileError,
 )
-from forwarder.net.acse import AcceptedContext
 from forwarder.net.association import (
     Association,
     AssociationSettings,
     DimseResponse,
     Peer,
 )
+from forwarder.net.channel_convert import accepted_note, fallback_context, store_edited
 from forwarder.net.contexts import plan_contexts
 from forwarder.net.pdu import MAX_CONTEXTS
+from forwarder.net.send_outcome import SendOutcome, StoreRequest
 from forwarder.net.status import Outcome, classify_status
 
 if TYPE_CHECKING:  # pydicom is imported only when an object is changed
-    from forwarder.dicom.edit import EditedObject, Editor
+    from forwarder.dicom.edit import EditedObject
+
+__all__ = ["Channel", "SendOutcome", "StoreRequest"]
 
 logger = logging.getLogger(__name__)
 
 _association_numbers = itertools.count(1)
 _numbers_lock = threading.Lock()
 _tracebacks_logged: set[tuple[str, str]] = set()  # (exception type, where): traceback once
-
-
-@dataclass(frozen=True, slots=True)
-class StoreRequest:
-    """A file to store. ``key`` is the caller's handle (a job id, an index)."""
-
-    path: str
-    key: int = 0
-    meta: FileMeta | None = None  # read from the file when not given
-    # The data set's own (SOP Class UID, SOP Instance UID) when a whole-file check found them
-    # (the daemon's ingest): they win over the meta header's that read_meta may fall back to.
-    dataset_uids: tuple[str, str] | None = None
-    # Changes to make to what is sent (modify, deidentify: :mod:`forwarder.dicom.edit`); the
-    # file itself is never changed. Empty: the file is streamed byte for byte.
-    edits: tuple[Editor, ...] = ()
-    # The C-STORE Priority (PS3.7: 0 medium, 1 high, 2 low); None: the settings' priority.
-    priority: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    """The result of one C-STORE attempt, for logs, the queue and ``--report``."""
-
-    request: StoreRequest
-    outcome: Outcome
-    status: int | None  # the DIMSE status, when the peer answered
-    error: str | None  # why it is not plainly stored
-    sop_class_uid: str | None
-    sop_instance_uid: str | None
-    transfer_syntax: str | None  # the file's
-    sent_transfer_syntax: str | None
-    association: int | None  # association number, 1-based per process
-    nbytes: int
-    seconds: float
-    # False when no attempt is to be charged to the file: it was not tried (the association
-    # for an earlier file of the batch failed), or the association was rejected permanently
-    # (our AE title unknown there...: the configuration or the peer is at fault, no file is).
-    attempted: bool = True
-    # True when this outcome is the failure to open an association in this batch (the file
-    # that was tried, and the rest of the batch answered with the same reason). What a caller
-    # must use to tell "the peer is down" from a file's own fault: Channel.down is the last
-    # association attempt's error and stays set through batches that never try one.
-    association_failed: bool = False
-    # True when the association broke while this file was on it (aborted, reset, timed out):
-    # a connection-level failure like association_failed, though the file was tried.
-    association_broke: bool = False
-
-    @classmethod
-    def without_data(
-        cls,
-        request: StoreRequest,
-        meta: FileMeta | None,
-        outcome: Outcome,
-        status: int | None,
-        error: str,
-        started: float,
-        association: int | None,
-        *,
-        attempted: bool = True,
-        association_failed: bool = False,
-        association_broke: bool = False,
-    ) -> SendOutcome:
-        """An outcome for which no data set byte counts as sent (refused before or while
-        sending, or not tried): the file's UIDs from ``meta`` when it was read; ``started``
-        (monotonic, 0 for none) times it. Both channels (C-STORE and STOW-RS) build these."""
-        return cls(
-            request=request,
-            outcome=outcome,
-            status=status,
-            error=error,
-            sop_class_uid=meta.sop_class_uid if meta else None,
-            sop_instance_uid=meta.sop_instance_uid if meta else None,
-            transfer_syntax=meta.transfer_syntax if meta else None,
-            sent_transfer_syntax=None,
-            association=association,
-            nbytes=0,
-            seconds=time.monotonic() - started if started else 0.0,
-            attempted=attempted,
-            association_failed=association_failed,
-            association_broke=association_broke,
-        )
 
 
 class Channel:
@@ -355,13 +280,13 @@ class Channel:
         sent_syntax: str
         try:
             if request.edits:
-                return self._store_edited(assoc, request, meta, exact, started)
+                return store_edited(self, assoc, request, meta, exact, started)
             if exact is not None:
                 sent_syntax = exact.transfer_syntax
                 response = assoc.store_file(request.path, meta, exact, priority=request.priority)
                 nbytes = meta.dataset_length
             else:
-                fallback = self._fallback(assoc, meta)
+                fallback = fallback_context(assoc, meta, self.peer)
                 if isinstance(fallback, str):
                     return self._outcome(request, meta, Outcome.FAILED, None, fallback, started)
                 sent_syntax = fallback.transfer_syntax
@@ -371,7 +296,7 @@ class Channel:
                     request.path,
                     sent_syntax,
                     allow_lossy=self.allow_lossy_decompress,
-                    context=self._accepted_note(assoc, meta),
+                    context=accepted_note(assoc, meta, self.peer),
                 )
                 response = assoc.store_bytes(
                     meta.sop_class_uid,
@@ -404,73 +329,6 @@ class Channel:
                 association_broke=True,
             )
         return self._from_response(request, meta, response, sent_syntax, nbytes, started)
-
-    def _store_edited(
-        self,
-        assoc: Association,
-        request: StoreRequest,
-        meta: FileMeta,
-        exact: AcceptedContext | None,
-        started: float,
-    ) -> SendOutcome:
-        """A file sent with changes: re-encoded in its own syntax with its pixels streamed
-        (:func:`forwarder.dicom.edit.edit_file`), or, when the peer needs another syntax,
-        transcoded and then changed in memory (the transcoding path holds it anyway)."""
-        from forwarder.dicom.edit import EditError, edit_dataset_bytes, edit_file
-
-        try:
-            if exact is not None:
-                obj = edit_file(request.path, request.edits)
-                response = assoc.store_edited(obj, exact, priority=request.priority)
-                return self._from_response(
-                    request, meta, response, exact.transfer_syntax, obj.length, started, obj
-                )
-            fallback = self._fallback(assoc, meta)
-            if isinstance(fallback, str):
-                return self._outcome(request, meta, Outcome.FAILED, None, fallback, started)
-            from forwarder.dicom.part10 import IMPLICIT_VR_LITTLE_ENDIAN
-            from forwarder.dicom.transcode import transcode
-
-            data = transcode(
-                request.path,
-                fallback.transfer_syntax,
-                allow_lossy=self.allow_lossy_decompress,
-                context=self._accepted_note(assoc, meta),
-            )
-            implicit = fallback.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-            data, sop_instance = edit_dataset_bytes(data, implicit, request.edits)
-            response = assoc.store_bytes(
-                meta.sop_class_uid, sop_instance, data, fallback, priority=request.priority
-            )
-            sent = replace(meta, sop_instance_uid=sop_instance)
-            return self._from_response(
-                request, sent, response, fallback.transfer_syntax, len(data), started
-            )
-        except EditError as exc:
-            error = f"cannot apply the configured changes: {exc}"
-            return self._outcome(request, meta, Outcome.FAILED, None, error, started)
-
-    def _accepted_note(self, assoc: Association, meta: FileMeta) -> str:
-        from forwarder.dicom.transcode import syntax_name
-
-        accepted = [syntax_name(c.transfer_syntax) for c in assoc.accepted_for(meta.sop_class_uid)]
-        return (
-            f"{syntax_name(meta.sop_class_uid)}: {self.peer} accepted only "
-            f"{', '.join(accepted) or 'nothing'} for this SOP class"
-        )
-
-    def _fallback(self, assoc: Association, meta: FileMeta) -> AcceptedContext | str:
-        from forwarder.dicom.transcode import syntax_name
-
-        for ctx in assoc.accepted_for(meta.sop_class_uid):
-            if ctx.transfer_syntax in UNCOMPRESSED:
-                return ctx
-        accepted = [syntax_name(c.transfer_syntax) for c in assoc.accepted_for(meta.sop_class_uid)]
-        offer = ", ".join(accepted) if accepted else "nothing"
-        return (
-            f"no acceptable presentation context: {syntax_name(meta.sop_class_uid)} in "
-            f"{syntax_name(meta.transfer_syntax)}; {self.peer} accepted {offer} for this SOP class"
-        )
 
     def _from_response(
         self,

@@ -1,0 +1,143 @@
+"""The thread shape both proofs of delivery share: storage commitment
+(:mod:`forwarder.daemon.commitment`) and verification by query
+(:mod:`forwarder.daemon.verify_query`).
+
+A :class:`ProofThread` holds the destinations it proves (:class:`Target`s, replaced on
+reload), wakes once a second to do what is due (:meth:`ProofThread._tick`), and stops in two
+steps: :meth:`~ProofThread.request_stop` sets the stop event, which every network wait of the
+thread is given as its cancel (:mod:`forwarder.net.cancel`), so an exchange under way is aborted
+at once; :meth:`~ProofThread.stop` then joins the thread within a bound. An exchange that did not
+happen is said once (:meth:`~ProofThread._not_done`) and its destination rests before it is asked
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from forwarder.config import Destination
+from forwarder.net.association import AssociationSettings
+from forwarder.queue import Queue
+
+if TYPE_CHECKING:
+    from forwarder.daemon.finisher import Finisher
+
+_TICK = 1.0  # how often the thread looks for what is due
+_RETRY = 30.0  # after the peer could not be asked, ask again this much later
+_STOP_JOIN = 5.0  # the thread's network waits end at once on stop; this is only a bound
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A destination requiring proof of delivery, as the proving thread needs it."""
+
+    destination: Destination
+    settings: AssociationSettings
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+
+TargetT = TypeVar("TargetT", bound=Target)
+
+
+class ProofThread(Generic[TargetT]):
+    """One thread proving what its destinations stored; subclasses say what a tick does."""
+
+    #: The thread's name (``ps -L``, thread dumps, the tests' leak check).
+    thread_name: ClassVar[str]
+    #: The warning when the thread outlives its join, with ``%g`` for the bound.
+    not_stopped: ClassVar[str]
+    #: The subclass module's logger, so that every line keeps its logger name.
+    log: ClassVar[logging.Logger]
+
+    def __init__(
+        self,
+        queue: Queue,
+        finisher: Finisher,
+        *,
+        wake_workers: Callable[[], None],
+        metrics: Any = None,
+    ) -> None:
+        self.queue = queue
+        self.finisher = finisher
+        self.wake_workers = wake_workers
+        self.metrics = metrics
+        self._targets: dict[str, TargetT] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._not_before: dict[str, float] = {}
+
+    def configure(self, targets: Sequence[TargetT]) -> None:
+        """The destinations to prove now (at start and on reload)."""
+        with self._lock:
+            self._targets = {t.name: t for t in targets}
+
+    def start(self) -> None:
+        """Run the thread (subclasses first take back what a previous run left open)."""
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def request_stop(self) -> None:
+        """Begin stopping (returns at once): an exchange under way is aborted, and asked again
+        after the restart."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        """Stop the thread; returns within a few seconds whatever the peers do (every network
+        wait of the thread is cancelled by the stop)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(_STOP_JOIN)
+            if self._thread.is_alive():
+                self.log.warning(self.not_stopped, _STOP_JOIN)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(_TICK):
+            self._tick()
+
+    def _tick(self) -> None:
+        """What is due now; returns early once the stop is set."""
+        raise NotImplementedError
+
+    def _current_targets(self) -> list[TargetT]:
+        with self._lock:
+            return list(self._targets.values())
+
+    def _resting(self, target: TargetT, now: float) -> bool:
+        """True while the destination rests after an exchange that did not happen."""
+        return now < self._not_before.get(target.name, 0.0)
+
+    def _not_done(
+        self, target: TargetT, what: str, count: int, stopped: str, failed: str, exc: Exception
+    ) -> None:
+        """An exchange about ``count`` instances that did not happen: aborted by the stop (asked
+        again after the restart), or the peer could not be asked (the destination rests)."""
+        if self._stop.is_set():
+            self.log.info(
+                "%s: %s of %d instance(s) %s (%s); asked again after the restart",
+                target.name,
+                what,
+                count,
+                stopped,
+                exc,
+            )
+            return
+        self.log.warning(
+            "%s: %s of %d instance(s) %s: %s; asking again in %.0fs",
+            target.name,
+            what,
+            count,
+            failed,
+            exc,
+            _RETRY,
+        )
+        self._not_before[target.name] = time.time() + _RETRY
