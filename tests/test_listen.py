@@ -244,6 +244,12 @@ def test_storescu_and_pynetdicom_pushes_reach_the_pacs_with_their_origin(
         assert f"CT01/{ct.StudyInstanceUID}/{ct.SOPInstanceUID}.dcm" in d.done_files()
         assert {f.split("/")[0] for f in d.done_files()} == {"CT01", "MR02"}
         assert staged(d) == []
+        # the finished studies' folders are pruned as they empty; the AE folders stay
+        listen = d.incoming / ".listen"
+        wait_until(
+            lambda: not [p for p in listen.glob("*/*") if p.is_dir()], 10, what="studies pruned"
+        )
+        assert sorted(p.name for p in listen.iterdir()) == ["CT01", "MR02"]
         # the journal line of each sent file names its origin
         log = d.log_text()
         assert f"(from CT01) -> pacs: stored {ct.SOPInstanceUID}" in log

@@ -145,6 +145,7 @@ class Finisher:
                 logger.error("%s: could not finish: %s", item.rel_path, exc)
         self.spool.sync_dirs(dirs)
         self.queue.complete_finish_many([i.file_id for i in completed])
+        self.spool.prune_listen_studies(dirs)
         if completed:
             self.on_finished([i.path for i in completed])
         self._report(failed_now=len(completed) < len(items))

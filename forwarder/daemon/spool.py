@@ -233,6 +233,17 @@ class Spool:
         self.move(source, target)
         return target
 
+    def prune_listen_studies(self, dirs: Iterable[Path]) -> None:
+        """Remove the study folders under ``incoming/.listen/<AE>/`` among ``dirs`` that are
+        empty now (their files finished). Folders still in use are left (rmdir refuses them);
+        the listener makes a study folder again if one is removed under it
+        (:func:`forwarder.net.placement.place`). AE folders stay: the listener keeps them."""
+        staging = self.incoming / LISTEN_FOLDER
+        for d in set(dirs):
+            if d.parent.parent == staging:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
     def sync_dirs(self, dirs: Iterable[Path]) -> None:
         for d in set(dirs):
             fsync_dir(d)

@@ -129,46 +129,62 @@ class FolderSink:
 
 def place(output: Path, source: str, study: str, name: str) -> None:
     """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks; the
-    study folder is made, and ``output`` fsynced, when it is new)."""
+    study folder is made, and ``output`` fsynced, when it is new). A study folder removed while
+    this runs (the daemon's finisher prunes the empty ones of the listener) is made again."""
     out_fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        created = False
-        # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
-        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            study_fd = os.open(study, flags, dir_fd=out_fd)
-        except FileNotFoundError:
+        for attempt in range(_PLACE_ATTEMPTS):
             try:
-                os.mkdir(study, 0o777, dir_fd=out_fd)
-                created = True
-            except FileExistsError:  # another association made it meanwhile
-                pass
-            study_fd = os.open(study, flags, dir_fd=out_fd)
-        except NotADirectoryError as exc:  # a symlink to a file, or a file
-            raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
-        try:
-            if created:
-                os.fsync(out_fd)  # the new study folder survives a crash
-            try:
-                os.rename(source, name, dst_dir_fd=study_fd)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:  # a study folder mounted from elsewhere
+                _place_in(out_fd, source, study, name)
+                return
+            except FileNotFoundError:
+                # Renaming into a folder removed since it was opened fails so; a missing
+                # source is a real error.
+                if attempt == _PLACE_ATTEMPTS - 1 or not os.path.lexists(source):
                     raise
-                _copy(source, study_fd, name)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(source)  # copied and renamed into place: the source goes
-            try:
-                os.fsync(study_fd)  # the rename survives a crash
-            except OSError:
-                # Not durable: it must not stay placed while the peer is told it was not
-                # stored (and a daemon watching the folder would take it).
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=study_fd)
-                raise
-        finally:
-            os.close(study_fd)
     finally:
         os.close(out_fd)
+
+
+_PLACE_ATTEMPTS = 3
+
+
+def _place_in(out_fd: int, source: str, study: str, name: str) -> None:
+    created = False
+    # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        study_fd = os.open(study, flags, dir_fd=out_fd)
+    except FileNotFoundError:
+        try:
+            os.mkdir(study, 0o777, dir_fd=out_fd)
+            created = True
+        except FileExistsError:  # another association made it meanwhile
+            pass
+        study_fd = os.open(study, flags, dir_fd=out_fd)
+    except NotADirectoryError as exc:  # a symlink to a file, or a file
+        raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
+    try:
+        if created:
+            os.fsync(out_fd)  # the new study folder survives a crash
+        try:
+            os.rename(source, name, dst_dir_fd=study_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # a study folder mounted from elsewhere
+                raise
+            _copy(source, study_fd, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(source)  # copied and renamed into place: the source goes
+        try:
+            os.fsync(study_fd)  # the rename survives a crash
+        except OSError:
+            # Not durable: it must not stay placed while the peer is told it was not
+            # stored (and a daemon watching the folder would take it).
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=study_fd)
+            raise
+    finally:
+        os.close(study_fd)
 
 
 def _copy(source: str, study_fd: int, name: str) -> None:

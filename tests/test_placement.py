@@ -1,0 +1,55 @@
+"""Placing a received object into its study folder, against a real filesystem."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from forwarder.net.placement import place
+
+
+def test_a_study_folder_removed_under_it_is_made_again(tmp_path: Path) -> None:
+    """The daemon's finisher removes a listener study folder once it is empty, while an
+    association may be placing the next object of that study: the object must still land
+    (a failure here would be answered to the modality as 0xA700)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stop = threading.Event()
+    turn = threading.Semaphore(0)
+    removed = 0
+
+    def prune() -> None:
+        # As the finisher does: one removal of the empty folder now and then, here as each
+        # place() starts, so that it races the folder's open, mkdir and rename.
+        nonlocal removed
+        while not stop.is_set():
+            if turn.acquire(timeout=0.1):
+                with contextlib.suppress(OSError):
+                    os.rmdir(out / "study")  # refused while a file is in it
+                    removed += 1
+
+    pruner = threading.Thread(target=prune)
+    pruner.start()
+    try:
+        for i in range(300):
+            source = tmp_path / f".part{i}"
+            source.write_bytes(b"x")
+            turn.release()
+            place(out, str(source), "study", f"{i}.dcm")
+            os.unlink(out / "study" / f"{i}.dcm")  # finished: the folder is empty again
+    finally:
+        stop.set()
+        pruner.join()
+    assert removed > 0  # the race was really run
+
+
+def test_a_missing_source_is_an_error_not_retried(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(FileNotFoundError):
+        place(out, str(tmp_path / "missing"), "study", "a.dcm")
+    assert list((out / "study").iterdir()) == []
