@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,17 +113,40 @@ def test_a_new_folder_tree_is_watched_and_reported_for_a_scan(
     tree = tmp_path / "study"
     (tree / "series").mkdir(parents=True)
     (tree / "series" / "1.dcm").write_bytes(b"1")
+    (tree / "series" / "2.part").write_bytes(b"2")
     os.rename(tree, root / "study")
     barrier(root, hints)
     real = os.path.realpath(root)
-    # Each new folder is reported (its files may predate its watch: the settle thread scans it).
-    for folder in ("a", "study", "study/series"):
-        assert hints.last(Path(real, folder)) is Hint.DIR, folder
+    # A folder made in place is reported (its files may predate its watch: the settle thread
+    # scans it); a tree renamed in is finished: its files are taken at once, as moved in.
+    assert hints.last(Path(real, "a")) is Hint.DIR
+    assert hints.last(Path(real, "study/series/1.dcm")) is Hint.MOVED_IN
+    assert hints.last(Path(real, "study/series/2.part")) is None  # an ignored name
     wait_until(lambda: f"{real}/a/b" in reader.watched_folders(), what="a/b watched")
-    (root / "study" / "series" / "2.dcm").write_bytes(b"2")
-    (root / "a" / "b" / "3.dcm").write_bytes(b"3")
-    wait_until(lambda: hints.last(Path(real, "a/b/3.dcm")) is Hint.CLOSED, what="a/b/3.dcm")
-    wait_until(lambda: hints.last(Path(real, "study/series/2.dcm")) is Hint.CLOSED, what="2.dcm")
+    assert f"{real}/study/series" in reader.watched_folders()
+    (root / "study" / "series" / "3.dcm").write_bytes(b"3")
+    (root / "a" / "b" / "4.dcm").write_bytes(b"4")
+    wait_until(lambda: hints.last(Path(real, "a/b/4.dcm")) is Hint.CLOSED, what="a/b/4.dcm")
+    wait_until(lambda: hints.last(Path(real, "study/series/3.dcm")) is Hint.CLOSED, what="3.dcm")
+
+
+def test_a_folder_staged_under_a_dot_name_and_renamed_in_is_taken_without_settling(
+    tmp_path: Path,
+) -> None:
+    """The staging folder is not watched, so its rename arrives unpaired (only IN_MOVED_TO):
+    its files are still taken at once, not after the settle time."""
+    root = tmp_path / "incoming"
+    root.mkdir()
+    taken = threading.Event()
+    watcher = Watcher(root, lambda batch: taken.set(), settle=30.0)
+    watcher.start()
+    try:
+        (root / ".stage").mkdir()
+        (root / ".stage" / "c.dcm").write_bytes(b"c")
+        os.rename(root / ".stage", root / "study")
+        assert taken.wait(10.0), "not taken before the 30 s settle time"
+    finally:
+        watcher.stop()
 
 
 def test_a_folder_renamed_inside_is_watched_under_its_new_name_only(
@@ -150,6 +175,88 @@ def test_a_queue_overflow_asks_for_a_rescan(watched: tuple[Path, Hints, InotifyR
     _, hints, reader = watched
     reader._handle(struct.pack("iIII", -1, IN_Q_OVERFLOW, 0, 0))
     assert hints.overflows == 1
+
+
+def test_after_a_real_overflow_folders_made_meanwhile_are_watched(tmp_path: Path) -> None:
+    """Events lost to an overflow include folders' own (made, moved away): the watches are
+    made whole again, or a folder made meanwhile would never be watched."""
+    root = tmp_path / "incoming"
+    (root / "leaving").mkdir(parents=True)
+    real = os.path.realpath(root)
+    hints = Hints()
+    held = threading.Event()
+    release = threading.Event()
+
+    def note_many(batch: dict[str, Hint]) -> None:
+        if not held.is_set():
+            held.set()
+            release.wait(30)  # the reader stops reading: the kernel's queue fills up
+        hints.note_many(batch)
+
+    reader = InotifyReader(real, note_many, hints.overflow)
+    reader.start()
+    try:
+        (root / "first.dcm").write_bytes(b"1")
+        assert held.wait(10)
+        limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+        for i in range(limit // 3 + 100):  # create, modify, close: three events each
+            (root / f"{i}.dcm").write_bytes(b"x")
+        (root / "made").mkdir()
+        os.rename(root / "leaving", tmp_path / "gone")
+        release.set()
+        wait_until(lambda: hints.overflows >= 1, what="the overflow")
+        assert reader.watched_folders() == sorted([real, f"{real}/made"])
+        (root / "made" / "y.dcm").write_bytes(b"y")
+        wait_until(lambda: hints.last(Path(real, "made/y.dcm")) is Hint.CLOSED, what="made/y")
+    finally:
+        release.set()
+        reader.stop(5.0)
+
+
+def test_unmounting_the_watched_folder_makes_it_unhealthy(tmp_path: Path) -> None:
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)])
+    assert done.returncode == 0, "mounting a tmpfs needs root (CI runs as root)"
+    reader = InotifyReader(str(mount), Hints().note_many, lambda: None)
+    try:
+        reader.start()
+        assert reader.alive
+        subprocess.run(["umount", str(mount)], check=True)
+        wait_until(lambda: not reader.alive, what="unhealthy after the unmount")
+    finally:
+        reader.stop(5.0)
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_start_that_fails_for_want_of_descriptors_leaves_none_open(tmp_path: Path) -> None:
+    """inotify_init1 gets the last free descriptor, the wake-up pipe none: the start fails
+    and the inotify descriptor is closed (run in a child with a small descriptor limit)."""
+    script = f"""
+import errno, os, resource
+from forwarder.daemon.watch_inotify import InotifyReader
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE
+os.close(held.pop())  # exactly one free: for inotify_init1
+reader = InotifyReader({str(tmp_path)!r}, lambda hints: None, lambda: None)
+try:
+    reader.start()
+except OSError as exc:
+    assert exc.errno == errno.EMFILE, exc
+else:
+    raise SystemExit("started")
+held.append(os.open("/dev/null", os.O_RDONLY))  # the descriptor came back
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "ok", done.stderr
 
 
 def test_stop_joins_the_thread_and_closes_every_descriptor(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
 IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
+IN_UNMOUNT = 0x00002000
 IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
@@ -142,6 +143,8 @@ class InotifyReader:
         self._paths: dict[int, str] = {}  # watch descriptor -> folder (reader thread only)
         self._stopping = threading.Event()
         self._root_gone = False
+        self._starting = False
+        self._out_of_watches = False  # the kernel's limit was hit: not healthy (as watchdog)
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -151,9 +154,11 @@ class InotifyReader:
         if fd < 0:
             raise _os_error("inotify_init1", self._root)
         self._fd = fd
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._starting = True  # any folder that cannot be watched fails the start
             self._watch_tree(self._root, report=None)
+            self._starting = False
             if not self._paths:
                 raise OSError(errno.ENOENT, "cannot watch the folder", self._root)
         except BaseException:
@@ -179,9 +184,15 @@ class InotifyReader:
 
     @property
     def alive(self) -> bool:
-        """The thread runs and the watched folder itself still exists."""
+        """The thread runs, the watched folder itself still exists, and no folder below it
+        went unwatched for want of inotify watches."""
         thread = self._thread
-        return thread is not None and thread.is_alive() and not self._root_gone
+        return (
+            thread is not None
+            and thread.is_alive()
+            and not self._root_gone
+            and not self._out_of_watches
+        )
 
     def watched_folders(self) -> list[str]:
         """The folders watched now (for tests and diagnostics)."""
@@ -196,36 +207,67 @@ class InotifyReader:
 
     # -- watches -----------------------------------------------------------------------------
 
-    def _watch_tree(self, top: str, report: dict[str, Hint] | None) -> None:
-        """Watch ``top`` and every folder below it, ignored names excepted. With ``report``,
-        each folder below ``top`` is reported too (``top`` itself is reported by the caller)."""
-        self._add(top)
-        for dirpath, dirnames, _ in os.walk(top, onerror=None, followlinks=False):
+    def _watch_tree(
+        self, top: str, report: dict[str, Hint] | None, *, moved_in: bool = False
+    ) -> set[int]:
+        """Watch ``top`` and every folder below it, ignored names excepted; returns their watch
+        descriptors. With ``report``: each folder below ``top`` is reported for a scan
+        (``top`` itself by the caller), or, for a tree renamed into place (``moved_in``), each
+        file in it as moved in (complete: taken at once, as a file renamed in is). Every folder
+        is watched before it is listed, so a file made after the listing has events of its own.
+        """
+        wds: set[int] = set()
+        wd = self._add(top)
+        if wd is None:
+            return wds
+        wds.add(wd)
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
             dirnames[:] = [d for d in dirnames if not is_ignored_name(d)]
+            if moved_in and report is not None:
+                for name in filenames:
+                    if not is_ignored_name(name):
+                        report[os.path.join(dirpath, name)] = Hint.MOVED_IN
+            kept = []
             for d in dirnames:
                 path = os.path.join(dirpath, d)
-                if self._add(path) and report is not None:
+                wd = self._add(path)
+                if wd is None:
+                    continue
+                wds.add(wd)
+                kept.append(d)
+                if report is not None and not moved_in:
                     report[path] = Hint.DIR
+            dirnames[:] = kept
+        return wds
 
-    def _add(self, path: str) -> bool:
-        wd = self._libc.add_watch(self._fd, os.fsencode(path), WATCH_MASK)
+    def _add(self, path: str) -> int | None:
+        wd: int = self._libc.add_watch(self._fd, os.fsencode(path), WATCH_MASK)
         if wd < 0:
             code = ctypes.get_errno()
             if code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return False  # gone or replaced already: its own events say so
-            if not self._paths:
+                return None  # gone or replaced already: its own events say so
+            if self._starting or not self._paths:
                 raise _os_error("inotify_add_watch", path)
-            # Out of watches (or a permission problem) below the root: the periodic full
-            # rescan still finds its files, only later.
+            if code == errno.ENOSPC:
+                # As watchdog's reader died of it: the watcher is unhealthy (the service says
+                # so); the periodic full rescan still finds the files of this folder.
+                if not self._out_of_watches:
+                    logger.error(
+                        "cannot watch %s: out of inotify watches; raise "
+                        "fs.inotify.max_user_watches (files below it are found by the "
+                        "periodic rescan only)",
+                        path,
+                    )
+                self._out_of_watches = True
+                return None
             logger.warning(
-                "cannot watch %s (%s): its files are found by the periodic rescan; raise "
-                "fs.inotify.max_user_watches",
+                "cannot watch %s (%s): its files are found by the periodic rescan",
                 path,
                 os.strerror(code),
             )
-            return False
+            return None
         self._paths[wd] = path
-        return True
+        return wd
 
     def _forget_tree(self, top: str) -> None:
         """A folder moved away: drop its watches (and those below it)."""
@@ -234,6 +276,16 @@ class InotifyReader:
             if path == top or path.startswith(prefix):
                 del self._paths[wd]
                 self._libc.rm_watch(self._fd, wd)  # EINVAL when already gone: fine
+
+    def _reconcile(self) -> None:
+        """After an overflow (events lost, folder events among them): watch every folder of the
+        tree again, under its present name, and drop the watches of folders no longer there.
+        Adding a watch to a watched folder gives its descriptor back, so this only adds what is
+        missing."""
+        keep = self._watch_tree(self._root, report=None)
+        for wd in [wd for wd in self._paths if wd not in keep]:
+            del self._paths[wd]
+            self._libc.rm_watch(self._fd, wd)
 
     # -- the reader thread -------------------------------------------------------------------
 
@@ -277,12 +329,12 @@ class InotifyReader:
             folder = paths.get(wd)
             if folder is None:
                 continue  # a watch removed a moment ago
-            if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+            if mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
                 if mask & IN_IGNORED:
                     del paths[wd]
-                if folder == self._root and mask & (IN_DELETE_SELF | IN_MOVE_SELF):
-                    self._root_gone = True
-                    logger.error("the watched folder %s was removed or moved away", folder)
+                if folder == self._root and not self._root_gone:
+                    self._root_gone = True  # removed, moved away or unmounted
+                    logger.error("the watched folder %s was removed, moved or unmounted", folder)
                 continue
             name = os.fsdecode(raw)
             if not name or is_ignored_name(name):
@@ -291,7 +343,10 @@ class InotifyReader:
             if mask & IN_ISDIR:
                 if mask & IN_MOVED_FROM:
                     self._forget_tree(path)
-                elif mask & (IN_CREATE | IN_MOVED_TO):
+                elif mask & IN_MOVED_TO:
+                    # A finished tree renamed into place: its files are taken at once.
+                    self._watch_tree(path, hints, moved_in=True)
+                elif mask & IN_CREATE:
                     self._watch_tree(path, hints)
                     hints.pop(path, None)
                     hints[path] = Hint.DIR  # after those below it: scanned whole
@@ -305,4 +360,5 @@ class InotifyReader:
             self._note_many(hints)
         if overflow:
             logger.warning("inotify: the kernel's event queue overflowed; rescanning incoming")
+            self._reconcile()
             self._on_overflow()

@@ -129,7 +129,7 @@ class FolderSink:
 
 def place(output: Path, source: str, study: str, name: str) -> None:
     """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks; the
-    study folder is made, and ``output`` fsynced, when it is new). A study folder removed while
+    study folder is made when it is new, and ``output`` fsynced). A study folder removed while
     this runs (the daemon's finisher prunes the empty ones of the listener) is made again."""
     out_fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -150,7 +150,6 @@ _PLACE_ATTEMPTS = 3
 
 
 def _place_in(out_fd: int, source: str, study: str, name: str) -> None:
-    created = False
     # O_NOFOLLOW: a symlink in place of the study folder fails with ELOOP.
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -158,15 +157,12 @@ def _place_in(out_fd: int, source: str, study: str, name: str) -> None:
     except FileNotFoundError:
         try:
             os.mkdir(study, 0o777, dir_fd=out_fd)
-            created = True
         except FileExistsError:  # another association made it meanwhile
             pass
         study_fd = os.open(study, flags, dir_fd=out_fd)
     except NotADirectoryError as exc:  # a symlink to a file, or a file
         raise OSError(errno.ELOOP, "the study folder is not a folder", study) from exc
     try:
-        if created:
-            os.fsync(out_fd)  # the new study folder survives a crash
         try:
             os.rename(source, name, dst_dir_fd=study_fd)
         except OSError as exc:
@@ -177,6 +173,9 @@ def _place_in(out_fd: int, source: str, study: str, name: str) -> None:
                 os.unlink(source)  # copied and renamed into place: the source goes
         try:
             os.fsync(study_fd)  # the rename survives a crash
+            # And the study folder's own entry: made by this call, or by another association a
+            # moment ago that may not have fsynced it yet (cheap when nothing is dirty).
+            os.fsync(out_fd)
         except OSError:
             # Not durable: it must not stay placed while the peer is told it was not
             # stored (and a daemon watching the folder would take it).
