@@ -30,7 +30,7 @@ from pki import Pki, make_pki
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
-from test_receive import dot_files, finish, sample, wait_until
+from test_receive import associate, dot_files, finish, sample, wait_until
 from test_receive_integrity import assert_same_object, dataset_bytes, dcm_files, stored_path
 
 from forwarder.net.placement import FolderSink
@@ -842,3 +842,49 @@ def test_partial_objects_of_a_dead_receiver_are_swept_at_start(tmp_path: Path) -
         assert fresh.exists() and other.exists()
     finally:
         r.stop()
+
+
+def test_a_failed_listening_socket_ends_the_accept_thread_and_shows_in_health(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """accept() failing for good (the listening socket shut down under the engine) must not
+    become a warning ten times a second with the port dead: the accept thread ends, the
+    receiver says it is not healthy (the daemon then stops feeding systemd's watchdog)."""
+    assert receiver.healthy
+    server = receiver._server
+    assert server is not None and server._listener is not None
+    server._listener.shutdown(socket.SHUT_RDWR)  # accept() now fails with EINVAL
+    wait_until(lambda: not receiver.healthy, 5, what="unhealthy receiver")
+    failed = [r for r in caplog.records if "listening socket failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert not [r for r in caplog.records if "cannot accept a connection" in r.getMessage()]
+
+
+def test_a_connection_the_engine_cannot_serve_is_dropped_and_the_port_stays_open(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected error while admitting one connection (here the allow-list check itself
+    raising) drops that connection, logs it, and the next connection is served."""
+    server = receiver._server
+    assert server is not None
+    allow = server._allow_host
+    calls = 0
+
+    def broken_once(host: str) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("can't start new thread")
+        return allow(host)
+
+    server._allow_host = broken_once  # type: ignore[method-assign]
+    with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as dropped:
+        dropped.settimeout(5)
+        assert dropped.recv(1) == b""  # closed by the engine
+    assert receiver.healthy
+    assoc = associate(receiver.port)
+    try:
+        assert assoc.is_established
+    finally:
+        finish(assoc)
+    assert any("cannot serve a connection" in r.getMessage() for r in caplog.records)

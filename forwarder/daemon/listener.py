@@ -115,6 +115,11 @@ class Listener:
     def port(self) -> int:
         return self._receiver.port
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the port is open and its accept thread runs."""
+        return self._receiver.healthy
+
     def recover(self) -> int:
         """Queue what an earlier run made durable under ``.listen`` but did not queue; remove
         the empty folders finished files left. Returns how many files were queued."""

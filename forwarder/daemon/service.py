@@ -397,6 +397,8 @@ class Service:
             )
         if not self.finisher.healthy:
             problems.append("the finisher thread died (its traceback is logged above)")
+        if self.listener is not None and not self.listener.healthy:
+            problems.append("the listener no longer accepts associations (logged above)")
         for workers in list(self._workers.values()):
             problems += workers.problems(now)
         return problems

@@ -148,6 +148,11 @@ class Receiver:
         return self._server.port
 
     @property
+    def healthy(self) -> bool:
+        """Whether it is started and still accepting connections."""
+        return self._server is not None and self._server.healthy
+
+    @property
     def output(self) -> Path:
         """The absolute output folder."""
         return self._output

@@ -17,6 +17,7 @@ Not here: what an association does (:mod:`forwarder.net.scp_association`), who m
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -26,6 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from forwarder.net.commitment_scp import CommitmentResponder
 from forwarder.net.scp_association import ScpAssociation
@@ -40,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT = 10.0
 _STOP_GRACE = 2.0  # seconds an association has to send its A-ABORT and end
+#: accept() errors that mean the listening socket itself is unusable, for good.
+_DEAD_LISTENER = frozenset({errno.EBADF, errno.EINVAL, errno.ENOTSOCK})
 _MAX_REJECTING = 8  # connections over the limit being answered A-ASSOCIATE-RJ at once
 
 
@@ -172,6 +176,12 @@ class ScpServer:
         self._listener = None
         self._thread = None
 
+    @property
+    def healthy(self) -> bool:
+        """Whether the accept thread runs (False before start and after stop)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping.is_set()
+
     def _accept_loop(self) -> None:
         assert self._listener is not None
         while not self._stopping.is_set():
@@ -180,34 +190,61 @@ class ScpServer:
             except OSError as exc:
                 if self._stopping.is_set():
                     return
+                if exc.errno in _DEAD_LISTENER:
+                    # The listening socket itself is gone: nothing will ever be accepted
+                    # again. The thread ends, so that `healthy` says so (the daemon then stops
+                    # feeding systemd's watchdog) instead of logging this ten times a second.
+                    logger.error("the listening socket failed (%s): no longer accepting", exc)
+                    return
                 # Out of descriptors or memory: wait instead of spinning, then try again.
                 logger.warning("cannot accept a connection: %s", exc.strerror or exc)
                 self._stopping.wait(0.1)
                 continue
-            host, port = str(address[0]), int(address[1])
-            if not self._allow_host(host):
-                sock.close()
-                continue
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                over = self._slots >= self._max
-                if over and self._rejecting >= _MAX_REJECTING:
+            try:
+                self._admit_connection(sock, address)
+            except Exception:
+                # A bug of ours, or no thread to be had (RuntimeError: can't start new thread):
+                # this connection is dropped, the port stays open for the next.
+                logger.exception("cannot serve a connection from %s; carrying on", address)
+                with contextlib.suppress(OSError):
                     sock.close()
-                    continue
-                if over:
-                    self._rejecting += 1
-                else:
-                    self._slots += 1
-                n = next(self._ids)
-                worker = _ConnectionThread(
-                    sock,
-                    functools.partial(self._serve, sock, host, port, n, over),
-                    f"receiver-association-{n}",
-                    over,
-                )
-                self._serving.add(worker)
+                self._stopping.wait(0.1)
+
+    def _admit_connection(self, sock: socket.socket, address: Any) -> None:
+        """Serve an accepted connection on a thread of its own (or close it)."""
+        host, port = str(address[0]), int(address[1])
+        if not self._allow_host(host):
+            sock.close()
+            return
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            over = self._slots >= self._max
+            if over and self._rejecting >= _MAX_REJECTING:
+                sock.close()
+                return
+            if over:
+                self._rejecting += 1
+            else:
+                self._slots += 1
+            n = next(self._ids)
+            worker = _ConnectionThread(
+                sock,
+                functools.partial(self._serve, sock, host, port, n, over),
+                f"receiver-association-{n}",
+                over,
+            )
+            self._serving.add(worker)
+        try:
             worker.start()
+        except BaseException:
+            with self._lock:  # never started: its slot is given back
+                self._serving.discard(worker)
+                if over:
+                    self._rejecting -= 1
+                else:
+                    self._slots -= 1
+            raise
 
     def _serve(self, sock: socket.socket, host: str, port: int, n: int, over: bool) -> None:
         me = threading.current_thread()
