@@ -127,6 +127,10 @@ class FolderSink:
         place(self._output, source, study, name)
 
 
+#: Tries at placing one object when its study folder vanishes under it (see :func:`place`).
+_PLACE_ATTEMPTS = 3
+
+
 def place(output: Path, source: str, study: str, name: str) -> None:
     """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks; the
     study folder is made when it is new, and ``output`` fsynced). A study folder removed while
@@ -144,9 +148,6 @@ def place(output: Path, source: str, study: str, name: str) -> None:
                     raise
     finally:
         os.close(out_fd)
-
-
-_PLACE_ATTEMPTS = 3
 
 
 def _place_in(out_fd: int, source: str, study: str, name: str) -> None:
