@@ -78,6 +78,7 @@ BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction eac
 #: latency on the first file after a pause.
 TRICKLE = 8
 TRICKLE_GATHER = 0.002
+CLAIM_RETRY = 1.0  # seconds between claims while the queue refuses them
 #: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
 DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
 _HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
@@ -116,6 +117,7 @@ class DestinationWorkers:
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._trickle: dict[int, bool] = {}  # per thread: its last claim found few jobs
+        self._claim_error: dict[int, str] = {}  # per thread: why its last claim failed
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
         self._hint_at = 0.0
@@ -235,6 +237,7 @@ class DestinationWorkers:
             self._stop.wait(2.0)  # the queue still refuses (disk full?): try again soon
             return was_open
         jobs: list[Job] = []
+        refused = False  # the queue refused the claim
         decision = self._gate.decide()
         self._dest.set_gate(decision.state)
         if self.pacer is not None:
@@ -272,12 +275,23 @@ class DestinationWorkers:
                 )
                 self._trickle[index] = len(jobs) < TRICKLE
             except ForwarderError as exc:
-                logger.error("%s: cannot claim jobs: %s", self.name, exc)
+                # The queue refuses (its disk is full...): one line per new reason, not one
+                # per attempt, and a pause before the next attempt.
+                refused = True
+                if self._claim_error.get(index) != str(exc):
+                    logger.error("%s: cannot claim jobs: %s; retrying", self.name, exc)
+                    self._claim_error[index] = str(exc)
+            else:
+                if self._claim_error.pop(index, None) is not None:
+                    logger.info("%s: claiming jobs works again", self.name)
         if not jobs:
             if channel.release_if_idle(self.destination.idle_timeout):
                 self._assoc_delta(channel, was_open)
                 was_open = False
-            self._idle_wait()
+            if refused:
+                self._stop.wait(CLAIM_RETRY)
+            else:
+                self._idle_wait()
             return was_open
         self._process(channel, jobs, index)
         return self._assoc_delta(channel, was_open)

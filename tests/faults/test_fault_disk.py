@@ -143,8 +143,10 @@ def test_acks_failing_on_a_full_queue_filesystem_recover_without_a_restart(
             root, destinations=[destination("pacs", scp.port)], extra={"queue": str(qfs / "q.db")}
         )
         d.queue = qfs / "q.db"
+        # Present at start, so that one claim takes them all (files arriving one by one are
+        # claimed a few at a time, and a small batch could be acked before the disk fills).
+        d.drop_files(20, **SMALL)
         with d:
-            d.drop_files(20, **SMALL)
             wait_until(lambda: len(scp.received) >= 2, 15, what="sending under way")
             filler = fill(qfs)
             # the batch's acks come after its last file is sent: keep the disk full until then
@@ -152,6 +154,45 @@ def test_acks_failing_on_a_full_queue_filesystem_recover_without_a_restart(
             filler.unlink()
             assert names_everywhere(d) == {f"img{i:04d}.dcm" for i in range(20)}
             d.wait_done(20, timeout=8)
+
+
+def test_claims_refused_by_a_full_queue_filesystem_log_once_and_resume(tmp_path: Path) -> None:
+    """Jobs waiting for their retry when the queue's filesystem fills up: every claim fails.
+    One error line says so (not one per attempt), and once space returns the claims resume
+    and the files are delivered, without a restart."""
+    attempts: dict[str, int] = {}
+
+    def status(rec: Received) -> int:
+        attempts[rec.sop_instance_uid] = attempts.get(rec.sop_instance_uid, 0) + 1
+        return 0xA700 if attempts[rec.sop_instance_uid] == 1 else 0x0000
+
+    root = tmp_path / "d"
+    with ScriptedSCP(status=status) as scp, tmpfs(root / "q", "2m") as qfs:
+        d = Daemon(
+            root,
+            destinations=[destination("pacs", scp.port)],
+            extra={"queue": str(qfs / "q.db"), "retry": {"initial_delay": "6s"}},
+        )
+        d.queue = qfs / "q.db"
+        dropped = d.drop_files(5, **SMALL)
+        with d:
+
+            def waiting_for_retry() -> bool:
+                doc = d.status_json()["destinations"]["pacs"]
+                return bool(doc["pending"] == 5 and doc["in_flight"] == 0)
+
+            wait_until(waiting_for_retry, 15, what="five jobs waiting for their retry")
+            filler = fill(qfs)
+            d.wait_log("cannot claim jobs", timeout=15)
+            # an operator looks while the disk is full: status still answers
+            assert d.cli("status").returncode == 0
+            filler.unlink()
+            d.wait_log("claiming jobs works again", timeout=15)
+            d.wait_done(5, timeout=15)
+            assert d.log_text().count("cannot claim jobs") == 1, d.log_tail()
+            assert d.stop() == 0
+        assert scp.uids() >= {f.sop_instance_uid for f in dropped}
+        assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=5) == []
 
 
 @pytest.mark.skipif(SETPRIV is None, reason="setpriv is not installed")
