@@ -26,6 +26,9 @@ import threading
 _SPEC = os.environ.get("FORWARDER_CRASH_AT", "")
 _NAME, _, _COUNT = _SPEC.partition(":")
 _AT = int(_COUNT) if _COUNT.isdigit() else 1
+#: Set in the daemon's receiving process (:mod:`forwarder.daemon.listen_process`): the daemon
+#: it belongs to dies with it, as the one daemon the tests kill.
+_PARENT = os.environ.get("FORWARDER_CRASH_PARENT", "")
 _hits = 0
 _lock = threading.Lock()
 
@@ -39,4 +42,6 @@ def crash_point(name: str) -> None:
         _hits += 1
         if _hits < _AT:
             return
+    if _PARENT.isdigit():
+        os.kill(int(_PARENT), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -138,6 +138,9 @@ def listen_port(d: Daemon) -> int:
 
 def associate(port: int, files: Sequence[Path], calling: str = "CT01") -> Association:
     ae = AE(ae_title=calling)
+    # A send racing the gateway's death waits this long for its answer: pynetdicom queues the
+    # request after its DUL thread saw the connection reset, and only the timeout ends it.
+    ae.dimse_timeout = 10
     for meta in {
         (str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
         for m in map(read_file_meta_info, files)

@@ -399,6 +399,11 @@ class ListenConfig(_Model):
         description="below this much free space on the incoming filesystem, objects are "
         "answered 0xA700 (out of resources) instead of accepted",
     )
+    separate_process: bool = Field(
+        True,
+        description="receive in a process of its own, on another core (Linux; false: in the "
+        "daemon's own process)",
+    )
 
 
 class Config(_Model):

@@ -74,10 +74,13 @@ class SpaceWatch:
         folder: Path,
         minimum: int,
         on_change: Callable[[bool, int], None] = lambda _ok, _free: None,
+        *,
+        announce: bool = True,
     ) -> None:
         self.folder = folder
         self.minimum = minimum
         self._on_change = on_change
+        self._announce = announce  # log the crossings (the receiving process leaves it to us)
         self._lock = threading.Lock()
         self._ok: bool | None = None
         self.free = -1
@@ -99,7 +102,7 @@ class SpaceWatch:
         with self._lock:
             self.free = free
             before, self._ok = self._ok, ok
-        if ok != before:
+        if ok != before and self._announce:
             if not ok:
                 logger.error(
                     "listen: %s has %d MB free, below min_free_space (%d MB): answering 0x%04X "
@@ -120,52 +123,36 @@ class SpaceWatch:
         return ok
 
 
-class ListenSink:
-    """The :class:`~forwarder.net.scp_object.ObjectSink` of the daemon's listener."""
+class Placement:
+    """Steps 1 and 2: the space check and the durable rename under ``incoming/.listen``.
+
+    Runs where the engine runs: on the association's thread, in the daemon or in its receiving
+    process (:mod:`forwarder.daemon.listen_process`)."""
 
     def __init__(
         self,
         root: Path,
-        spool: Spool,
-        ingest: Ingest,
         space: SpaceWatch,
         on_object: Callable[[str], None] = lambda _outcome: None,
     ) -> None:
-        self._root = root  # incoming/.listen
-        self._spool = spool
-        self._ingest = ingest
+        self.root = root  # incoming/.listen
         self._space = space
         self._on_object = on_object
         self._lock = threading.Lock()
         self._folders: set[str] = set()  # calling AE folders known to exist (and be durable)
-        self._wanted_from: tuple[dict[int, str], dict[int, str]] | None = None
-        self._wanted = BASE_WANTED
 
-    @property
-    def spool(self) -> Path:
-        return self._root
-
-    @property
-    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
-        source = self._ingest.wanted  # a new pair when a reload changed the routes
-        if source is not self._wanted_from:
-            want = {**BASE_WANTED[0], **source[0]}
-            vrs = {**BASE_WANTED[1], **source[1]}
-            self._wanted, self._wanted_from = (want, vrs), source
-        return self._wanted
-
-    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
+    def place(self, path: str, obj: ReceivedObject, origin: Origin) -> Path | Answer:
+        """The object's durable path, or the refusal to answer."""
         if not self._space.check():
             self._on_object("refused")
             return Answer(STATUS_OUT_OF_RESOURCES, LOW_SPACE_COMMENT)
         folder = ae_folder(origin.calling_ae)
         study = safe_uid_name(obj.study_instance_uid) if obj.study_instance_uid else NO_STUDY_FOLDER
         name = safe_uid_name(obj.sop_instance_uid) + ".dcm"
-        final = self._root / folder / study / name
+        final = self.root / folder / study / name
         try:
             self._ae_folder(folder)
-            place(self._root / folder, path, study, name)
-            st = os.lstat(final)
+            place(self.root / folder, path, study, name)
         except OSError as exc:
             reason = write_error_reason(exc)
             logger.error(
@@ -180,6 +167,85 @@ class ListenSink:
             self._on_object("refused")
             return Answer(STATUS_OUT_OF_RESOURCES, f"cannot store: {reason}")
         crash_point("listen-after-place")
+        return final
+
+    def _ae_folder(self, folder: str) -> None:
+        """Make ``.listen/<folder>`` and fsync ``.listen`` the first time (then it is known)."""
+        with self._lock:
+            if folder in self._folders:
+                return
+        try:
+            os.mkdir(self.root / folder)
+        except FileExistsError:
+            pass
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._folders.add(folder)
+
+
+def merged_wanted(
+    source: tuple[dict[int, str], dict[int, str]],
+) -> tuple[dict[int, str], dict[int, str]]:
+    """What the engine collects for routing: ``source`` (the routes') and :data:`BASE_WANTED`."""
+    return {**BASE_WANTED[0], **source[0]}, {**BASE_WANTED[1], **source[1]}
+
+
+class ListenSink:
+    """The :class:`~forwarder.net.scp_object.ObjectSink` of the daemon's listener: steps 1-4
+    in the daemon's process. :meth:`queue` is steps 3-4 alone, for an object the receiving
+    process placed."""
+
+    def __init__(
+        self,
+        root: Path,
+        spool: Spool,
+        ingest: Ingest,
+        space: SpaceWatch,
+        on_object: Callable[[str], None] = lambda _outcome: None,
+    ) -> None:
+        self._spool = spool
+        self._ingest = ingest
+        self._on_object = on_object
+        self.placement = Placement(root, space, on_object)
+        self._wanted_from: tuple[dict[int, str], dict[int, str]] | None = None
+        self._wanted = BASE_WANTED
+
+    @property
+    def spool(self) -> Path:
+        return self.placement.root
+
+    @property
+    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        # New dicts when a reload changed the routes (the pair itself is new at every call).
+        source, known = self._ingest.wanted, self._wanted_from
+        if known is None or source[0] is not known[0] or source[1] is not known[1]:
+            self._wanted, self._wanted_from = merged_wanted(source), source
+        return self._wanted
+
+    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
+        final = self.placement.place(path, obj, origin)
+        if isinstance(final, Answer):
+            return final
+        return self.queue(final, obj, origin)
+
+    def queue(self, final: Path, obj: ReceivedObject, origin: Origin) -> Answer:
+        """Route and queue an object placed at ``final``; Success once it is queued."""
+        try:
+            st = os.lstat(final)
+        except OSError as exc:
+            logger.error(
+                "listen: cannot read back %s from %s: %s; answering 0x%04X",
+                final,
+                origin.calling_ae,
+                exc.strerror or exc,
+                STATUS_OUT_OF_RESOURCES,
+            )
+            self._on_object("refused")
+            return Answer(STATUS_OUT_OF_RESOURCES, "cannot store the object")
         entry = received_entry(self._spool, final, st.st_size, st.st_mtime_ns, obj, origin)
         try:
             destinations = self._ingest.enqueue_received(entry, obj.values)
@@ -220,23 +286,6 @@ class ListenSink:
                 },
             )
         return SUCCESS
-
-    def _ae_folder(self, folder: str) -> None:
-        """Make ``.listen/<folder>`` and fsync ``.listen`` the first time (then it is known)."""
-        with self._lock:
-            if folder in self._folders:
-                return
-        try:
-            os.mkdir(self._root / folder)
-        except FileExistsError:
-            pass
-        fd = os.open(self._root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with self._lock:
-            self._folders.add(folder)
 
 
 def received_entry(

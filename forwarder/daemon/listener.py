@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from typing import Protocol
 from forwarder.config import ListenConfig
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.listen_commitment import QueueHoldings
+from forwarder.daemon.listen_process import ListenProcess
 from forwarder.daemon.listen_sink import (
     ListenSink,
     SpaceWatch,
@@ -90,6 +92,7 @@ class Listener:
         ingest: Ingest,
         metrics: ListenMetrics | None = None,
         reports: ReportSink | None = None,
+        log_level: str = "INFO",
     ) -> None:
         self.config = listen
         self.folder = spool.incoming / LISTEN_FOLDER
@@ -107,9 +110,24 @@ class Listener:
         settings = receiver_settings(listen, self.folder, ae_title)
         self.settings = dataclasses.replace(settings, tls=tls)
         holdings = QueueHoldings(ingest.queue).failure
-        self._receiver = Receiver(
-            self.settings, sink=self._sink, reports=reports, holdings=holdings
-        )
+        self._receiver: Receiver | ListenProcess
+        if listen.separate_process and sys.platform == "linux":
+            self._receiver = ListenProcess(
+                listen,
+                ae_title=ae_title,
+                incoming=spool.incoming,
+                sink=self._sink,
+                holdings=holdings,
+                reports=reports,
+                recover=self.recover,
+                on_space=self.space.check,
+                on_object=self._object,
+                log_level=log_level,
+            )
+        else:
+            self._receiver = Receiver(
+                self.settings, sink=self._sink, reports=reports, holdings=holdings
+            )
 
     @property
     def port(self) -> int:
@@ -206,13 +224,18 @@ class Listener:
                 ) from None
             raise
         s = self.settings
+        where = "the daemon's process"
+        if isinstance(self._receiver, ListenProcess):
+            where = f"process {self._receiver.pid}"
         logger.info(
-            "listen: Storage SCP %s on %s:%d (TLS %s), received objects are queued from %s",
+            "listen: Storage SCP %s on %s:%d (TLS %s), received objects are queued from %s; "
+            "receiving in %s",
             s.ae_title,
             s.bind,
             self.port,
             "on" if s.tls is not None else "off",
             self.folder,
+            where,
         )
 
     def stop(self, drain: float) -> None:

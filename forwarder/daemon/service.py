@@ -198,6 +198,7 @@ class Service:
             ingest=self.ingest,
             metrics=self.metrics,
             reports=self.commitment.deliver_report if self.commitment is not None else None,
+            log_level=self.config.log_level,
         )
         listener.recover()
         listener.start()

@@ -53,7 +53,7 @@ from forwarder.net.scp_policy import (
     context_policy,
     scp_profile,
 )
-from forwarder.net.scp_server import ScpServer
+from forwarder.net.scp_server import ScpServer, listening_socket
 
 __all__ = [
     "NO_STUDY_FOLDER",
@@ -157,11 +157,12 @@ class Receiver:
         """The absolute output folder."""
         return self._output
 
-    def start(self) -> None:
+    def start(self, listener: socket.socket | None = None) -> None:
         """Check the output folder, bind the port and serve in background threads.
 
         Raises :class:`~forwarder.errors.ForwarderError` when the output folder cannot be
-        written or the address cannot be bound.
+        written or the address cannot be bound. ``listener``: a socket already bound and
+        listening (see :func:`bind`), used instead of binding one.
         """
         if self._server is not None:
             raise RuntimeError("the receiver is already started")
@@ -196,12 +197,9 @@ class Receiver:
             ),
             reports=self._reports,
         )
-        try:
-            server.start()
-        except OSError as exc:
-            raise ForwarderError(
-                f"cannot listen on {s.bind}:{s.port}: {exc.strerror or exc}"
-            ) from None
+        if listener is None:
+            listener = bind(s.bind, s.port)
+        server.start(listener)
         self._server = server
         logger.info(
             "listening on %s:%d as %s, writing to %s, TLS %s",
@@ -304,6 +302,15 @@ class Receiver:
             logger.info(
                 "removed %d partial objects an earlier run left in %s", removed, self._output
             )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (a name or an address) and ``port``; raises
+    :class:`~forwarder.errors.ForwarderError` naming the address when it cannot be bound."""
+    try:
+        return listening_socket(_resolve_bind(host), port)
+    except OSError as exc:
+        raise ForwarderError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _resolve_bind(host: str) -> str:

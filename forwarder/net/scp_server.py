@@ -58,6 +58,20 @@ class _ConnectionThread(threading.Thread):
         self.holds_slot = not over  # else one of the few "being rejected" places
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` (an IP address) and listening; raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 class ScpServer:
     """Listens on ``(host, port)`` and serves each connection on its own thread."""
 
@@ -100,19 +114,12 @@ class ScpServer:
             raise RuntimeError("the server is not started")
         return int(self._listener.getsockname()[1])
 
-    def start(self) -> None:
-        """Bind and listen (raises ``OSError``), then accept on a thread of its own."""
-        host, port = self._address
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(128)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Bind and listen (raises ``OSError``), then accept on a thread of its own.
+
+        ``listener``: a socket already listening (made by a parent process, which keeps the
+        port while this process is restarted) instead of binding one."""
+        self._listener = listener or listening_socket(*self._address)
         self._thread = threading.Thread(target=self._accept_loop, name="receiver-accept")
         self._thread.daemon = True
         self._thread.start()

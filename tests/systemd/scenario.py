@@ -41,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: dicomgen
 
 from artifacts import build_artifacts, cached_root, deb_depends
-from drops import PACS_DIR, SPOOL, Drops
+from dicomgen import make_dataset
+from drops import PACS_DIR, SPOOL, Drops, dataset_bytes
 from helpers import STARTED, Failure, expect, say, wait_until
 from nspawn import UNIT, Container, Unit, drop_in
 
@@ -207,6 +208,55 @@ def check_stop_loses_nothing(box: Container, unit: Unit, drops: Drops) -> None:
     for name, uid, data in files:
         drops.wait_delivered(name, uid, data)
     say(f"stop: exit 0, all {len(files)} files delivered after the start")
+
+
+def check_listen(box: Container, unit: Unit, drops: Drops) -> None:
+    say("listen: the unit as a Storage SCP; storescu pushes; the receiving process runs sandboxed")
+    config = box.path(CONFIG)
+    original = config.read_text()
+    config.write_text(
+        original + "\nlisten: {port: 11104, ae_title: GATEWAY, min_free_space: 1MB}\n"
+    )
+    try:
+        box.run(["forwarder", "check-config", "-c", CONFIG])
+        unit.systemctl("restart")
+        main_pid = unit.prop("MainPID")
+        children = box.run(["pgrep", "-P", main_pid, "-f", "listen_child"], check=False)
+        expect(children.returncode == 0, f"no receiving process under pid {main_pid}")
+        child = children.stdout.split()[0]
+        ds = make_dataset(seed=9000 + drops.count)
+        local = drops.scratch / "pushed.dcm"
+        ds.save_as(local, enforce_file_format=True)
+        box.run(
+            [
+                "storescu",
+                "-aet",
+                "CT01",
+                "-aec",
+                "GATEWAY",
+                "127.0.0.1",
+                "11104",
+                "/mnt/host/files/pushed.dcm",
+            ]
+        )
+        sent = dataset_bytes(local.read_bytes())
+        uid = str(ds.SOPInstanceUID)
+
+        def arrived() -> bool:
+            got = drops.received(uid)
+            return got is not None and dataset_bytes(got.read_bytes()) == sent
+
+        wait_until(f"{uid}, pushed to the listener, in {PACS_DIR} byte for byte", arrived, 60)
+        say(f"listen: pushed by storescu, delivered (daemon {main_pid}, receiving process {child})")
+        say("listen: systemctl stop (SIGTERM to both processes) drains and exits 0, none left")
+        unit.systemctl("stop")
+        s = unit.show("Result", "ExecMainStatus")
+        expect(s["Result"] == "success" and s["ExecMainStatus"] == "0", f"after stop: {s}")
+        left = box.run(["pgrep", "-f", "listen_child"], check=False)
+        expect(left.returncode != 0, f"a receiving process outlived the unit: {left.stdout}")
+    finally:
+        config.write_text(original)
+    unit.systemctl("start")
 
 
 def check_bad_config(box: Container, unit: Unit) -> None:
@@ -381,6 +431,7 @@ def main() -> int:
         check_reload(box, unit, drops)
         check_watchdog(box, unit, drops, "deb")
         check_stop_loses_nothing(box, unit, drops)
+        check_listen(box, unit, drops)
         check_bad_config(box, unit)
         check_unwritable_done(box, unit, drops)
         check_security(box)

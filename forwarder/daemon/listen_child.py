@@ -1,0 +1,223 @@
+"""The daemon's receiving process: the Storage SCP engine of ``listen:`` on its own core.
+
+Started by :class:`forwarder.daemon.listen_process.ListenProcess` as
+``python -m forwarder.daemon.listen_child LISTEN_FD PEER_FD CARRIER_FD DAEMON_PID``: the
+listening socket is the daemon's (so the port stays open while this process is restarted), the
+peer socket carries the calls of :mod:`forwarder.daemon.listen_wire` that are not an
+association's, and the carrier passes the daemon one channel per association (its calls go
+straight from the association's thread to a daemon thread and back).
+
+Here, on each association's thread: the engine receives, checks and fsyncs an object, then
+:class:`~forwarder.daemon.listen_sink.Placement` renames it under ``incoming/.listen`` (steps 1
+and 2 of :mod:`forwarder.daemon.listen_sink`); the daemon routes and queues it (steps 3 and 4)
+and its answer is the C-STORE-RSP. A storage commitment request is answered from the daemon's
+queue, and a PACS's commitment report goes to the daemon's keeper, both by a call.
+
+The process dies with the daemon (``PR_SET_PDEATHSIG``), so it never answers Success for an
+object the daemon cannot queue. SIGTERM and SIGINT are ignored: the daemon (to which systemd
+and a terminal send them too) drains this process itself (the ``stop`` call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from forwarder.config import ListenConfig
+from forwarder.daemon.listen_sink import Placement, SpaceWatch
+from forwarder.daemon.listen_wire import Peer, PeerGone, pass_channel
+from forwarder.errors import ForwarderError
+from forwarder.net.commitment import Reference
+from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Answer, Origin, ReceivedObject
+
+logger = logging.getLogger("forwarder.daemon.listen")
+
+_PR_SET_PDEATHSIG = 1
+_QUEUE_TIMEOUT = 120.0  # seconds the daemon may take to queue one object (its queue is locked)
+_INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
+_HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when idle
+
+
+class RemoteSink:
+    """The engine's sink here: place the object, then have the daemon queue it."""
+
+    def __init__(self, child: Child) -> None:
+        self._child = child
+
+    @property
+    def spool(self) -> Path:
+        return self._child.placement.root
+
+    @property
+    def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        return self._child.wanted[1]
+
+    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
+        generation = self._child.wanted[0]
+        final = self._child.placement.place(path, obj, origin)
+        if isinstance(final, Answer):
+            return final
+        try:
+            status, comment = self._child.ask(
+                "queue", str(final), obj, origin, generation, timeout=_QUEUE_TIMEOUT
+            )
+        except PeerGone as exc:
+            # Durable, perhaps not queued: the daemon's next start (or restart of this process)
+            # queues it. The modality is not told Success.
+            logger.error("listen: %s: cannot have it queued: %s", final, exc)
+            return Answer(STATUS_OUT_OF_RESOURCES, "the gateway is restarting")
+        return Answer(status, comment)
+
+
+class Child:
+    """The engine and its sink, answering the daemon's calls."""
+
+    def __init__(self, peer: Peer, carrier: socket.socket, init: dict[str, Any]) -> None:
+        listen: ListenConfig = init["listen"]
+        folder = Path(init["folder"])
+        self.peer = peer
+        peer.handle = self._handle
+        self._carrier = carrier  # passes each association's channel to the daemon
+        self._carrier_lock = threading.Lock()
+        self._local = threading.local()
+        self.wanted: tuple[int, tuple[dict[int, str], dict[int, str]]] = init["wanted"]
+        self._space_ok = True
+        space = SpaceWatch(
+            Path(init["incoming"]), listen.min_free_space, self._space_changed, announce=False
+        )
+        self.placement = Placement(folder, space, self._refused)
+        self._stop = threading.Event()
+        self._drain = 0.0
+        self._healthy = True
+
+        from forwarder.daemon.listener import receiver_settings
+        from forwarder.net.receiver import Receiver
+
+        settings = receiver_settings(listen, folder, init["ae_title"])
+        if listen.tls is not None:
+            import dataclasses
+
+            from forwarder.net.tls import server_context
+
+            tls = server_context(listen.tls.cert, listen.tls.key, listen.tls.ca)
+            settings = dataclasses.replace(settings, tls=tls)
+        self.receiver = Receiver(
+            settings,
+            sink=RemoteSink(self),
+            reports=self._report if init["reports"] else None,
+            holdings=self._holdings,
+        )
+
+    def run(self, listener: socket.socket) -> int:
+        """Serve until the daemon says stop (or goes away); the exit status."""
+        try:
+            self.receiver.start(listener)
+        except ForwarderError as exc:
+            self.peer.send("failed", str(exc))
+            return 1
+        reader = threading.Thread(target=self._serve, name="listen-peer", daemon=True)
+        reader.start()
+        self.peer.send("ready")
+        self._stop.wait()
+        self.receiver.stop(self._drain)
+        return 0
+
+    def _serve(self) -> None:
+        self.peer.serve(idle=_HEALTH_EVERY, on_idle=self._look)
+        self._stop.set()  # the daemon is gone (PR_SET_PDEATHSIG kills us soon anyway)
+
+    def _look(self) -> None:
+        healthy = self.receiver.healthy
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self.peer.send("health", healthy)
+
+    def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+        if kind == "wanted":
+            self.wanted = args[0]
+        elif kind == "stop_accepting":
+            return self.receiver.stop_accepting()
+        elif kind == "stop":
+            self._drain = float(args[0])
+            self._stop.set()
+        return None
+
+    def _refused(self, outcome: str) -> None:
+        try:
+            self.peer.send("object", outcome)
+        except PeerGone:
+            pass
+
+    def _space_changed(self, ok: bool, _free: int) -> None:
+        if ok != self._space_ok:  # the daemon measures again, and says so once
+            self._space_ok = ok
+            try:
+                self.peer.send("space")
+            except PeerGone:
+                pass
+
+    def ask(self, kind: str, *args: Any, timeout: float) -> Any:
+        """A call to the daemon on this thread's own channel (made at its first call: each
+        association has its thread, and the daemon a thread serving its channel). A channel
+        that failed is dropped, so the next call makes another."""
+        channel: Peer | None = getattr(self._local, "channel", None)
+        if channel is None:
+            channel = pass_channel(self._carrier, self._carrier_lock)
+            self._local.channel = channel
+        try:
+            return channel.ask(kind, *args, timeout=timeout)
+        except PeerGone:
+            self._local.channel = None
+            channel.sock.close()
+            raise
+
+    def _holdings(self, reference: Reference) -> int | None:
+        result = self.ask("holdings", reference, timeout=_QUEUE_TIMEOUT)
+        return None if result is None else int(result)
+
+    def _report(self, message_id: int, dataset: Any, peer: str) -> int:
+        return int(self.ask("report", message_id, dataset, peer, timeout=_QUEUE_TIMEOUT))
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when the daemon dies; exit now if it is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    listen_fd, peer_fd, carrier_fd, parent = (int(a) for a in argv)
+    _die_with(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    faulthandler.enable(all_threads=True)
+    peer = Peer(socket.socket(fileno=peer_fd))
+    listener = socket.socket(fileno=listen_fd)
+    kind, _call, init = peer.receive(_INIT_TIMEOUT)
+    if kind != "init":
+        return 1
+    from forwarder.logsetup import configure_daemon_logging
+
+    configure_daemon_logging(init["log_level"])
+    try:
+        child = Child(peer, socket.socket(fileno=carrier_fd), init)
+    except Exception as exc:  # the TLS material, a bug: the daemon says why and exits
+        peer.send("failed", f"{type(exc).__name__}: {exc}")
+        return 1
+    return child.run(listener)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,338 @@
+"""The daemon's side of its receiving process (:mod:`forwarder.daemon.listen_child`).
+
+Why a process: a modality pushing small objects one at a time waits for each answer, so the
+gateway's pace is the receive path's latency, and in one interpreter the receiving threads and
+the sending threads take turns on one lock. In a process of its own the engine (PDUs, the end to
+end check, the file, its fsync and rename) runs on another core; the daemon keeps the queue and
+routing (one call per object: route, queue, answer).
+
+:class:`ListenProcess` makes the listening socket itself and hands it down, starts the process,
+answers its calls (``listen-association`` threads, one per association: queue an object, what
+the gateway holds, a commitment report; ``listen-calls``: a refusal to count, its health), and
+restarts it when it dies: the port stays bound
+meanwhile (connections wait in its backlog), the objects it made durable but did not have queued
+are queued first (``recover``), and the modality whose association was cut sends again what was
+not answered. The process dies with the daemon (``PR_SET_PDEATHSIG``), so a kill -9 of the
+daemon leaves nothing holding the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import forwarder
+from forwarder.config import ListenConfig
+from forwarder.daemon.listen_sink import ListenSink
+from forwarder.daemon.listen_wire import Peer, PeerGone, take_channels
+from forwarder.dicom.check import check_file_values
+from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
+from forwarder.net.commitment import Reference
+from forwarder.net.receiver import bind
+from forwarder.net.scp_commitment import ReportSink
+from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Origin, ReceivedObject
+
+logger = logging.getLogger(__name__)
+
+_START_TIMEOUT = 60.0  # seconds for the process to import, load TLS and say ready
+_CALL_TIMEOUT = 30.0  # seconds for it to answer stop_accepting
+_STOP_GRACE = 10.0  # seconds past the drain before it is killed
+_RESTART_DELAYS = (0.0, 1.0, 2.0, 5.0, 10.0)  # after its 1st, 2nd... death in a row
+_STEADY = 60.0  # seconds up after which a death counts as the first again
+
+
+class ListenProcess:
+    """The engine in a process of its own; :meth:`start`, then :meth:`stop_accepting` and
+    :meth:`stop`. ``recover`` runs before each restart (not before the first start)."""
+
+    def __init__(
+        self,
+        listen: ListenConfig,
+        *,
+        ae_title: str,
+        incoming: Path,
+        sink: ListenSink,
+        holdings: Callable[[Reference], int | None],
+        reports: ReportSink | None,
+        recover: Callable[[], object],
+        on_space: Callable[[], object],
+        on_object: Callable[[str], None],
+        log_level: str,
+    ) -> None:
+        self._listen = listen
+        self._ae_title = ae_title
+        self._incoming = incoming
+        self._sink = sink
+        self._holdings = holdings
+        self._reports = reports
+        self._recover = recover
+        self._on_space = on_space
+        self._on_object = on_object
+        self._log_level = log_level
+        self._socket: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._peer: Peer | None = None
+        self._ready = threading.Event()
+        self._failed: str | None = None
+        self._healthy = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sent: tuple[dict[int, str], dict[int, str]] | None = None
+        self._generation = 0
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []  # those serving the process's channels
+
+    @property
+    def port(self) -> int:
+        if self._socket is None:
+            raise RuntimeError("the listener is not started")
+        return int(self._socket.getsockname()[1])
+
+    @property
+    def pid(self) -> int | None:
+        """The receiving process's PID (None while it is being restarted)."""
+        process = self._process
+        return None if process is None else process.pid
+
+    @property
+    def healthy(self) -> bool:
+        """The process runs and accepts connections."""
+        process = self._process
+        return self._healthy and process is not None and process.poll() is None
+
+    def start(self) -> None:
+        """Bind the port and start the process; raises :class:`ForwarderError` when either
+        fails (the process's own reason: TLS material, the folder)."""
+        self._socket = bind(self._listen.bind, self._listen.port)
+        peer = self._spawn()
+        self._thread = threading.Thread(
+            target=self._supervise, args=(peer,), name="listen-calls", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(_START_TIMEOUT) or self._failed is not None:
+            reason = self._failed or f"it did not start within {_START_TIMEOUT:.0f} s"
+            self.stop(0.0)
+            raise ForwarderError(f"listen: the receiving process failed: {reason}")
+
+    def stop_accepting(self) -> int:
+        """Refuse new connections from now on; returns how many associations are open."""
+        peer = self._peer
+        if peer is None:
+            return 0
+        try:
+            return int(peer.call("stop_accepting", timeout=_CALL_TIMEOUT))
+        except PeerGone:
+            return 0
+
+    def stop(self, drain: float) -> None:
+        """Open associations get ``drain`` seconds to end, then the process aborts them and
+        exits (killed if it does not within :data:`_STOP_GRACE` more)."""
+        self._stopping.set()
+        peer, process = self._peer, self._process
+        if peer is not None:
+            with contextlib.suppress(PeerGone):
+                peer.send("stop", drain)
+        if process is not None:
+            try:
+                process.wait(drain + _STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                logger.error("listen: the receiving process did not stop; killing it")
+                process.kill()
+                process.wait()
+        if self._thread is not None:
+            self._thread.join(_STOP_GRACE)
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:  # their channels closed with the process
+            thread.join(_STOP_GRACE)
+        if self._socket is not None:
+            self._socket.close()
+
+    # -- the process -------------------------------------------------------------------------
+
+    def _spawn(self) -> Peer:
+        assert self._socket is not None
+        ours, theirs = socket.socketpair()
+        carrier, their_carrier = socket.socketpair()
+        env = dict(os.environ)
+        # The package as this process imported it, whatever the working folder.
+        root = str(Path(forwarder.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        if env.get("FORWARDER_CRASH_AT"):
+            env["FORWARDER_CRASH_PARENT"] = str(os.getpid())
+        fds = (self._socket.fileno(), theirs.fileno(), their_carrier.fileno())
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "forwarder.daemon.listen_child",
+                    *map(str, fds),
+                    str(os.getpid()),
+                ],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError:
+            ours.close()
+            carrier.close()
+            raise
+        finally:
+            theirs.close()
+            their_carrier.close()
+        channels = threading.Thread(
+            target=self._take_channels, args=(carrier,), name="listen-channels", daemon=True
+        )
+        channels.start()
+        self._threads.append(channels)
+        peer = Peer(ours, self._handle)
+        self._sent = self._sink.wanted
+        init = {
+            "listen": self._listen,
+            "ae_title": self._ae_title,
+            "incoming": str(self._incoming),
+            "folder": str(self._sink.spool),
+            "wanted": (self._generation, self._sent),
+            "reports": self._reports is not None,
+            "log_level": self._log_level,
+        }
+        with contextlib.suppress(PeerGone):
+            peer.send("init", init)
+        return peer
+
+    def _supervise(self, peer: Peer) -> None:
+        """Answer the process's calls; when it dies, restart it (unless stopping)."""
+        deaths = 0
+        while True:
+            self._peer = peer
+            started = time.monotonic()
+            peer.serve()
+            self._peer = None
+            self._healthy = False
+            process = self._process
+            code = process.wait() if process is not None else None
+            if not self._ready.is_set():  # died before it was ready: start() says why
+                self._failed = self._failed or f"it exited with status {code}"
+                self._ready.set()
+                return
+            if self._stopping.is_set():
+                return
+            deaths = 1 if time.monotonic() - started > _STEADY else deaths + 1
+            delay = _RESTART_DELAYS[min(deaths, len(_RESTART_DELAYS)) - 1]
+            logger.error(
+                "listen: the receiving process (PID %s) died (%s); its open associations are "
+                "cut, the port stays open; restarting it%s",
+                process.pid if process is not None else "?",
+                _exit_text(code),
+                f" in {delay:.0f} s" if delay else "",
+            )
+            if self._stopping.wait(delay):
+                return
+            again = self._restart()
+            if again is None:
+                return
+            peer = again
+
+    def _restart(self) -> Peer | None:
+        """Queue what the dead process made durable, then start another (None: stopping)."""
+        try:
+            self._recover()
+        except Exception:  # the restart matters more: the next start recovers again
+            logger.exception("listen: recovering the received files failed")
+        while not self._stopping.is_set():
+            try:
+                return self._spawn()
+            except OSError as exc:
+                logger.error("listen: cannot start the receiving process: %s; retrying", exc)
+                self._stopping.wait(5.0)
+        return None
+
+    # -- its calls ---------------------------------------------------------------------------
+
+    def _take_channels(self, carrier: socket.socket) -> None:
+        """Serve each association's channel on a thread of its own until the process exits."""
+        try:
+            take_channels(carrier, self._serve_channel)
+        finally:
+            carrier.close()
+
+    def _serve_channel(self, sock: socket.socket) -> None:
+        def serve() -> None:
+            try:
+                Peer(sock, self._handle).serve()
+            finally:
+                sock.close()
+
+        thread = threading.Thread(target=serve, name="listen-association", daemon=True)
+        thread.start()
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+
+    def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+        if kind == "queue":
+            return self._queue(*args)
+        if kind == "holdings":
+            return self._holdings(args[0])
+        if kind == "report":
+            if self._reports is None:
+                return STATUS_OUT_OF_RESOURCES
+            return self._reports(*args)
+        if kind == "object":
+            self._on_object(args[0])
+        elif kind == "space":
+            self._on_space()
+        elif kind == "health":
+            self._healthy = bool(args[0])
+            if not self._healthy:
+                logger.error("listen: the receiving process no longer accepts connections")
+        elif kind == "ready":
+            self._healthy = True
+            if self._ready.is_set():
+                logger.warning("listen: receiving again, in process %s", self.pid)
+            self._ready.set()
+        elif kind == "failed":
+            self._failed = str(args[0])
+            self._ready.set()
+        return None
+
+    def _queue(
+        self, path: str, obj: ReceivedObject, origin: Origin, generation: int
+    ) -> tuple[int, str | None]:
+        wanted = self._sink.wanted
+        with self._lock:
+            if wanted is not self._sent:  # the routes were reloaded: what they read changed
+                self._generation += 1
+                self._sent = wanted
+                if self._peer is not None:
+                    with contextlib.suppress(PeerGone):
+                        self._peer.send("wanted", (self._generation, wanted))
+            current = self._generation
+        if generation != current:
+            try:
+                _meta, values = check_file_values(Path(path), *wanted)
+            except (InvalidFileError, UnreadableFileError) as exc:
+                logger.error("listen: %s: cannot read it back: %s", path, exc)
+                return STATUS_OUT_OF_RESOURCES, "cannot read the object back"
+            obj = dataclasses.replace(obj, values=values)
+        answer = self._sink.queue(Path(path), obj, origin)
+        return answer.status, answer.comment
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        return f"signal {-code}"
+    return f"exit status {code}"

@@ -1,0 +1,210 @@
+"""The listener's receiving process (``listen.separate_process``, the default on Linux).
+
+The engine runs in a child process; the daemon queues what it places. What must hold: a child
+killed mid-push is restarted with the port kept open and nothing answered lost; a daemon killed
+takes its child with it (nothing left holding the port); SIGTERM to every process of the
+daemon (what systemd does) drains as SIGTERM to the daemon alone does; a reload that routes on
+an attribute the child did not collect routes received objects by it; ``separate_process:
+false`` receives in the daemon's own process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+
+import pydicom
+from conftest import wait_until
+from daemon import Daemon, destination, route
+from peers import StoreSCP, storescp
+from pydicom.uid import generate_uid
+from test_listen import (
+    assert_same_datasets,
+    associate,
+    copies,
+    generated,
+    held,
+    joined,
+    listen_daemon,
+    listen_port,
+    pacs,  # noqa: F401 - the fixture
+    pacs_destination,
+    push,
+    staged,
+    uid_of,
+)
+
+_CHILD = re.compile(r"receiving(?: again,)? in process (\d+)")
+
+
+def child_pid(d: Daemon, nth: int = -1) -> int:
+    """The receiving process's PID as the daemon's log names it (the ``nth`` start)."""
+    found = [int(m) for m in _CHILD.findall(d.log_text(current_run=True))]
+    assert found, d.log_tail()
+    return found[nth]
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_receiving_process_killed_mid_push_is_restarted_and_loses_nothing(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    files = generated(tmp_path / "m", 40)
+    answered: list[str] = []
+    dozen, killed = threading.Event(), threading.Event()
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        port = listen_port(d)
+        first = child_pid(d)
+
+        def modality() -> None:
+            assoc = associate(port, files[:1], calling="CT01")
+            try:
+                for path in files:
+                    if not assoc.is_established:
+                        return
+                    rsp = assoc.send_c_store(os.fspath(path))
+                    if "Status" in rsp and int(rsp.Status) == 0:
+                        answered.append(uid_of(path))
+                    if len(answered) == 12 and not dozen.is_set():
+                        dozen.set()
+                        killed.wait(30)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+                joined(assoc)
+
+        sender = threading.Thread(target=modality)
+        sender.start()
+        assert dozen.wait(30), "a dozen answered"
+        os.kill(first, signal.SIGKILL)
+        killed.set()
+        sender.join(30)
+        assert not sender.is_alive()
+        d.wait_log("listen: the receiving process (PID", timeout=10)
+        wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert d.running() and alive(child_pid(d))
+        # the modality sends again what was not answered; all of it arrives, once
+        missing = [p for p in files if uid_of(p) not in answered]
+        assert missing, "the kill came mid-push"
+        assert push(port, missing, calling="CT01") == [(0, "")] * len(missing)
+        wait_until(lambda: len(held(pacs)) == len(files), 60, what="every object at the PACS")
+        assert_same_datasets(pacs, files)
+        wait_until(lambda: staged(d) == [], 15, what="nothing left staged")
+        status = d.status_json()
+        assert status["destinations"]["pacs"]["done"] == len(files), status
+        assert d.stop() == 0
+
+
+def test_killing_the_daemon_kills_its_receiving_process(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    files = copies(tmp_path / "m", "CT_small.dcm", 2)
+    d = listen_daemon(tmp_path / "gw", [pacs_destination(pacs)])
+    with d:
+        child = child_pid(d)
+        assert push(listen_port(d), files[:1]) == [(0, "")]
+        d.kill()
+        wait_until(lambda: not alive(child), 10, what="the receiving process gone with it")
+    with d:  # nothing of the killed daemon holds the port
+        assert alive(child_pid(d))
+        assert push(listen_port(d), files[1:]) == [(0, "")]
+        wait_until(lambda: len(held(pacs)) == 2, 30, what="both objects")
+        assert_same_datasets(pacs, files)
+        assert d.stop() == 0
+
+
+def test_sigterm_to_every_process_of_the_daemon_drains_as_systemd_stops_it(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """systemd's default KillMode sends SIGTERM to the daemon and its receiving process at
+    once: the child must not die from it, the daemon drains the open association."""
+    files = copies(tmp_path / "m", "CT_small.dcm", 3)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        child = child_pid(d)
+        assoc = associate(listen_port(d), files, calling="CT01")
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(os.fspath(files[0])).Status) == 0
+            os.kill(child, signal.SIGTERM)
+            d.signal(signal.SIGTERM)
+            d.wait_log("listen: no longer accepting", timeout=10)
+            assert int(assoc.send_c_store(os.fspath(files[1])).Status) == 0
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            joined(assoc)
+        assert d.wait_exit(20) == 0
+        wait_until(lambda: not alive(child), 10, what="the receiving process ended")
+    assert "died" not in d.log_text()
+    with d:
+        wait_until(lambda: len(held(pacs)) == 2, 30, what="both answered objects")
+        assert_same_datasets(pacs, files[:2])
+        assert d.stop() == 0
+
+
+def _stations(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, station in enumerate(names):
+        ds = pydicom.dcmread(copies(folder / "src", "CT_small.dcm", 1)[0])
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.StationName = station
+        path = folder / f"{station}-{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def test_a_reload_routing_on_a_new_attribute_routes_received_objects_by_it(
+    tmp_path: Path,
+) -> None:
+    """The receiving process collects what the routes read; after a reload that routes on
+    StationName (read by no route before), objects route by it at once."""
+    with storescp(tmp_path / "a", ae_title="A") as a, storescp(tmp_path / "b", ae_title="B") as b:
+        d = listen_daemon(
+            tmp_path / "gw",
+            [destination("a", a.port, ae_title="A"), destination("b", b.port, ae_title="B")],
+            routes=[route("all", ["a"])],
+        )
+        first = _stations(tmp_path / "m1", ["CTROOM1", "CTROOM2"])
+        second = _stations(tmp_path / "m2", ["CTROOM1", "CTROOM2"])
+        with d:
+            assert push(listen_port(d), first) == [(0, "")] * 2
+            wait_until(lambda: len(held(a)) == 2, 30, what="both at A")
+            d.write_config(
+                routes=[route("room2", ["b"], StationName="CTROOM2"), route("all", ["a"])]
+            )
+            d.reload()
+            assert push(listen_port(d), second) == [(0, "")] * 2
+            # every matching route applies: all four at A, CTROOM2's second at B too
+            wait_until(lambda: len(held(a)) == 4 and len(held(b)) == 1, 30, what="routed")
+            assert set(held(b)) == {uid_of(second[1])}
+            assert d.stop() == 0
+
+
+def test_separate_process_false_receives_in_the_daemons_process(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    files = copies(tmp_path / "m", "MR_small.dcm", 3)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], separate_process=False) as d:
+        assert "receiving in the daemon's process" in d.log_text()
+        assert push(listen_port(d), files) == [(0, "")] * 3
+        wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
+        assert_same_datasets(pacs, files)
+        assert d.stop() == 0
