@@ -35,10 +35,11 @@ class Kind(enum.Enum):
     GATEWAY = "gateway"  # forwarder run with listen:
     GATEWAY_STORESCP = "gateway-storescp"  # DCMTK storescp -od feeding forwarder run (comparison)
     ORTHANC_ROUTE = "orthanc-route"  # Orthanc, Lua OnStoredInstance -> SendToModality (comparison)
+    GATEWAY_INPROC = "gateway-inproc"  # forwarder run, listen.separate_process: false (comparison)
 
 
 #: Rows shown beside forwarder's for comparison: no goal applies to them.
-COMPARISON = frozenset({Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE})
+COMPARISON = frozenset({Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE, Kind.GATEWAY_INPROC})
 
 
 class Peer(enum.Enum):
@@ -68,6 +69,7 @@ class Case:
     nodelay: bool  # TCP_NODELAY=1 for storescp and storescu; False = Nagle on, as shipped
     description: str
     peer: Peer = Peer.STORESCP
+    modalities: int = 1  # gateway cases: storescu processes pushing at once, the corpus split
 
 
 CASES: dict[str, Case] = {
@@ -121,6 +123,17 @@ CASES: dict[str, Case] = {
             "gateway-ct", "ct", Kind.GATEWAY, Goal(Metric.MB_PER_S, 0.5), True,
             "storescu -> gateway -> PACS (storescp), CT files, until the PACS has them all",
         ),
+        # Four modalities pushing at once (the corpus split four ways), straight to the PACS
+        # and through the gateway, receiving in its own process (the default) and in the
+        # daemon's: what the receiving process buys when associations run in parallel.
+        Case(
+            "gateway4-small", "small", Kind.GATEWAY, Goal(Metric.FILES_PER_S, 0.5), True,
+            "4 storescu at once -> gateway -> PACS, small files", modalities=4,
+        ),
+        Case(
+            "gateway4-ct", "ct", Kind.GATEWAY, Goal(Metric.MB_PER_S, 0.5), True,
+            "4 storescu at once -> gateway -> PACS, CT files", modalities=4,
+        ),
     )
 }  # fmt: skip
 
@@ -142,6 +155,8 @@ class Sender:
             return f"forwarder send STOW-RS -a{self.associations}"
         if self.kind is Kind.GATEWAY:
             return "via forwarder run (listen)"
+        if self.kind is Kind.GATEWAY_INPROC:
+            return "via forwarder run (listen, 1 process)"
         if self.kind is Kind.GATEWAY_STORESCP:
             return "via storescp + forwarder run"
         if self.kind is Kind.ORTHANC_ROUTE:

@@ -41,6 +41,8 @@ from bench.procs import (
     STORESCP,
     STORESCU,
     BenchError,
+    Launched,
+    Measured,
     StoreSCP,
     _listening,
     dcmtk_env,
@@ -61,7 +63,9 @@ def _tmpfs() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def _daemon_config(root: Path, pacs: StoreSCP, listen_port: int | None) -> Path:
+def _daemon_config(
+    root: Path, pacs: StoreSCP, listen_port: int | None, *, separate_process: bool = True
+) -> Path:
     incoming, done, failed = root / "incoming", root / "done", root / "failed"
     for folder in (incoming, done, failed):
         folder.mkdir(exist_ok=True)
@@ -73,7 +77,10 @@ def _daemon_config(root: Path, pacs: StoreSCP, listen_port: int | None) -> Path:
         "log_level: WARNING\n"
     )
     if listen_port is not None:
-        text += f"listen: {{port: {listen_port}, bind: 127.0.0.1, ae_title: {GATEWAY_AET}}}\n"
+        text += (
+            f"listen: {{port: {listen_port}, bind: 127.0.0.1, ae_title: {GATEWAY_AET}, "
+            f"separate_process: {str(separate_process).lower()}}}\n"
+        )
     config = root / "forwarder.yaml"
     config.write_text(text)
     return config
@@ -122,11 +129,11 @@ def _gateway(
         env = {k: v for k, v in env.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
         procs: list[_Process] = []
         try:
-            if kind is Kind.GATEWAY:
+            if kind in (Kind.GATEWAY, Kind.GATEWAY_INPROC):
                 port = free_port()
-                config = _daemon_config(root, pacs, port)
+                config = _daemon_config(root, pacs, port, separate_process=kind is Kind.GATEWAY)
                 argv = [str(args.forwarder), "run", "-c", str(config)]
-                procs.append(_Process(argv, env, logs / "daemon.log", lambda: _listening(port)))
+                procs.append(_Process(argv, env, logs / "daemon.log", lambda: _echoes(port)))
                 yield GATEWAY_AET, port
             elif kind is Kind.GATEWAY_STORESCP:
                 port = free_port()
@@ -171,19 +178,22 @@ def run_case(
         Sender(Kind.GATEWAY_STORESCP),
         Sender(Kind.ORTHANC_ROUTE),
     ]
+    if case.modalities > 1:
+        senders = [Sender(Kind.STORESCU), Sender(Kind.GATEWAY), Sender(Kind.GATEWAY_INPROC)]
     attempts: dict[Sender, list[Attempt]] = {s: [] for s in senders}
     env = dcmtk_env(case.nodelay)
-    with StoreSCP(logs / f"{case.name}.pacs.log", nodelay=case.nodelay, fork=False) as pacs:
+    fork = case.modalities > 1  # the PACS takes the modalities' associations in parallel
+    with StoreSCP(logs / f"{case.name}.pacs.log", nodelay=case.nodelay, fork=fork) as pacs:
         for rep in range(args.repeat):
             for sender in senders:
-                if sender.kind in (Kind.GATEWAY, Kind.GATEWAY_STORESCP) and why is not None:
+                if sender.kind in _OURS and why is not None:
                     continue
                 if sender.kind is Kind.ORTHANC_ROUTE and orthanc_mod.available() is not None:
                     continue
                 folder = logs / f"{case.name}.{sender.label.replace(' ', '_')}.{rep}"
                 folder.mkdir(parents=True, exist_ok=True)
                 try:
-                    attempt = _attempt(sender, data, pacs, args, env, folder)
+                    attempt = _attempt(sender, data, pacs, args, env, folder, case.modalities)
                 except BenchError as exc:  # this gateway could not start: its row FAILED
                     attempt = Attempt(
                         False, float("nan"), float("nan"), None, 0, data.count, str(exc)
@@ -192,7 +202,7 @@ def run_case(
     rows = []
     for s in senders:
         unavailable = None
-        if s.kind in (Kind.GATEWAY, Kind.GATEWAY_STORESCP):
+        if s.kind in _OURS:
             unavailable = why
         elif s.kind is Kind.ORTHANC_ROUTE:
             unavailable = orthanc_mod.available()
@@ -208,6 +218,7 @@ def _attempt(
     args: argparse.Namespace,
     env: dict[str, str],
     logs: Path,
+    modalities: int = 1,
 ) -> Attempt:
     rusage = logs / "storescu.rusage.json"
     with contextlib.ExitStack() as stack:
@@ -217,11 +228,14 @@ def _attempt(
             gateway = _gateway(sender.kind, pacs, args, env, logs, data.files[0])
             called, port = stack.enter_context(gateway)
         before = pacs.received()  # after any probe the gateway sent while starting
-        argv = [STORESCU, "-aet", MODALITY_AET, "-aec", called, "+sd", "+r", "127.0.0.1"]
-        with (logs / "storescu.log").open("wb") as log:
-            measured = run_measured(
-                [*argv, str(port), str(data.folder)], env, log, rusage, args.timeout
-            )
+        if modalities > 1:
+            measured = _push_split(data, called, port, env, logs, args.timeout, modalities)
+        else:
+            argv = [STORESCU, "-aet", MODALITY_AET, "-aec", called, "+sd", "+r", "127.0.0.1"]
+            with (logs / "storescu.log").open("wb") as log:
+                measured = run_measured(
+                    [*argv, str(port), str(data.folder)], env, log, rusage, args.timeout
+                )
         error = None if measured.returncode == 0 else f"storescu exit {measured.returncode}"
         deadline = measured.started + args.timeout
         received = pacs.received() - before
@@ -240,6 +254,52 @@ def _attempt(
         received,
         data.count,
         error,
+    )
+
+
+ECHOSCU = "/usr/bin/echoscu"
+_OURS = (Kind.GATEWAY, Kind.GATEWAY_STORESCP, Kind.GATEWAY_INPROC)
+
+
+def _echoes(port: int) -> bool:
+    """The daemon's listener answers a C-ECHO: not only is the port bound (the daemon binds it
+    before its receiving process has started), the engine serves it."""
+    if not _listening(port):
+        return False
+    argv = [ECHOSCU, "-to", "5", "-aet", "BENCH", "-aec", GATEWAY_AET, "127.0.0.1", str(port)]
+    return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+
+
+def _push_split(
+    data: corpora.Corpus,
+    called: str,
+    port: int,
+    env: dict[str, str],
+    logs: Path,
+    timeout: float,
+    modalities: int,
+) -> Measured:
+    """``modalities`` storescu processes at once, each pushing every n-th file of the corpus
+    on its own association (calling AE titles MOD1..MODn): as one push, from the first start
+    to the last exit."""
+    files = [str(f) for f in data.files]
+    launched = []
+    with contextlib.ExitStack() as stack:
+        for i in range(modalities):
+            log = stack.enter_context((logs / f"storescu{i + 1}.log").open("wb"))
+            argv = [STORESCU, "-aet", f"{MODALITY_AET}{i + 1}", "-aec", called, "127.0.0.1"]
+            rusage = logs / f"storescu{i + 1}.rusage.json"
+            launched.append(Launched([*argv, str(port), *files[i::modalities]], env, log, rusage))
+        results = [one.wait(timeout) for one in launched]
+    started = min(r.started for r in results)
+    ended = max(r.started + r.seconds for r in results)
+    failed = [r.returncode for r in results if r.returncode != 0]
+    return Measured(
+        returncode=failed[0] if failed else 0,
+        seconds=ended - started,
+        peak_rss_mib=max(r.peak_rss_mib for r in results),
+        timed_out=any(r.timed_out for r in results),
+        started=started,
     )
 
 
@@ -263,7 +323,7 @@ def latency(
             config = _daemon_config(root, pacs, port)
             clean = {k: v for k, v in env.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
             argv = [str(args.forwarder), "run", "-c", str(config)]
-            daemon = _Process(argv, clean, logs / "latency.daemon.log", lambda: _listening(port))
+            daemon = _Process(argv, clean, logs / "latency.daemon.log", lambda: _echoes(port))
             try:
                 out["pushed -> forwarder run (listen) -> PACS"] = _push_latency(
                     files, GATEWAY_AET, port, pacs
