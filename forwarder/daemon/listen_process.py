@@ -90,6 +90,7 @@ class ListenProcess:
         self._sent: tuple[dict[int, str], dict[int, str]] | None = None
         self._generation = 0
         self._lock = threading.Lock()
+        self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
         self._threads: list[threading.Thread] = []  # those serving the process's channels
 
     @property
@@ -137,8 +138,9 @@ class ListenProcess:
     def stop(self, drain: float) -> None:
         """Open associations get ``drain`` seconds to end, then the process aborts them and
         exits (killed if it does not within :data:`_STOP_GRACE` more)."""
-        self._stopping.set()
-        peer, process = self._peer, self._process
+        with self._life:  # a restart spawning now has finished: its child is the one told
+            self._stopping.set()
+            peer, process = self._peer, self._process
         if peer is not None:
             with contextlib.suppress(PeerGone):
                 peer.send("stop", drain)
@@ -209,6 +211,7 @@ class ListenProcess:
         }
         with contextlib.suppress(PeerGone):
             peer.send("init", init)
+        self._peer = peer
         return peer
 
     def _supervise(self, peer: Peer) -> None:
@@ -218,6 +221,7 @@ class ListenProcess:
             self._peer = peer
             started = time.monotonic()
             peer.serve()
+            peer.sock.close()
             self._peer = None
             self._healthy = False
             process = self._process
@@ -250,13 +254,15 @@ class ListenProcess:
             self._recover()
         except Exception:  # the restart matters more: the next start recovers again
             logger.exception("listen: recovering the received files failed")
-        while not self._stopping.is_set():
-            try:
-                return self._spawn()
-            except OSError as exc:
-                logger.error("listen: cannot start the receiving process: %s; retrying", exc)
-                self._stopping.wait(5.0)
-        return None
+        while True:
+            with self._life:
+                if self._stopping.is_set():
+                    return None
+                try:
+                    return self._spawn()
+                except OSError as exc:
+                    logger.error("listen: cannot start the receiving process: %s; retrying", exc)
+            self._stopping.wait(5.0)
 
     # -- its calls ---------------------------------------------------------------------------
 
