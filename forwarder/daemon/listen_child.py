@@ -42,6 +42,7 @@ logger = logging.getLogger("forwarder.daemon.listen")
 
 _PR_SET_PDEATHSIG = 1
 _QUEUE_TIMEOUT = 120.0  # seconds the daemon may take to queue one object (its queue is locked)
+_PROCESSING_FAILURE = 0x0110
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
 _HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when idle
 
@@ -51,6 +52,7 @@ class RemoteSink:
 
     def __init__(self, child: Child) -> None:
         self._child = child
+        self._local = threading.local()  # per association: the generation its object read
 
     @property
     def spool(self) -> Path:
@@ -58,10 +60,14 @@ class RemoteSink:
 
     @property
     def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
-        return self._child.wanted[1]
+        # Read by the engine on the association's thread as an object's check starts; its
+        # accept (same thread) says which generation its values were collected for.
+        generation, pair = self._child.wanted
+        self._local.generation = generation
+        return pair
 
     def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
-        generation = self._child.wanted[0]
+        generation = getattr(self._local, "generation", -1)
         final = self._child.placement.place(path, obj, origin)
         if isinstance(final, Answer):
             return final
@@ -180,7 +186,11 @@ class Child:
             raise
 
     def _holdings(self, reference: Reference) -> int | None:
-        result = self.ask("holdings", reference, timeout=_QUEUE_TIMEOUT)
+        try:
+            result = self.ask("holdings", reference, timeout=_QUEUE_TIMEOUT)
+        except PeerGone as exc:  # as the daemon's own answer on a queue error: not committed
+            logger.error("listen: cannot ask the daemon what it holds: %s", exc)
+            return _PROCESSING_FAILURE
         return None if result is None else int(result)
 
     def _report(self, message_id: int, dataset: Any, peer: str) -> int:

@@ -42,6 +42,8 @@ from forwarder.net.receiver import bind
 from forwarder.net.scp_commitment import ReportSink
 from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Origin, ReceivedObject
 
+STATUS_PROCESSING_FAILURE = 0x0110  # a commitment or report answered without the daemon
+
 logger = logging.getLogger(__name__)
 
 _START_TIMEOUT = 60.0  # seconds for the process to import, load TLS and say ready
@@ -82,8 +84,9 @@ class ListenProcess:
         self._socket: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._peer: Peer | None = None
-        self._ready = threading.Event()
-        self._failed: str | None = None
+        self._ready = threading.Event()  # the first process is up, or failed to start
+        self._ever_up = False  # a process said ready (so a death after is restarted)
+        self._failed: str | None = None  # why the last process failed to start
         self._healthy = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,12 +118,16 @@ class ListenProcess:
         """Bind the port and start the process; raises :class:`ForwarderError` when either
         fails (the process's own reason: TLS material, the folder)."""
         self._socket = bind(self._listen.bind, self._listen.port)
-        peer = self._spawn()
+        try:
+            peer = self._spawn()
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._socket.close()
+            raise ForwarderError(f"listen: cannot start the receiving process: {exc}") from None
         self._thread = threading.Thread(
             target=self._supervise, args=(peer,), name="listen-calls", daemon=True
         )
         self._thread.start()
-        if not self._ready.wait(_START_TIMEOUT) or self._failed is not None:
+        if not self._ready.wait(_START_TIMEOUT) or not self._ever_up:
             reason = self._failed or f"it did not start within {_START_TIMEOUT:.0f} s"
             self.stop(0.0)
             raise ForwarderError(f"listen: the receiving process failed: {reason}")
@@ -151,12 +158,13 @@ class ListenProcess:
                 logger.error("listen: the receiving process did not stop; killing it")
                 process.kill()
                 process.wait()
-        if self._thread is not None:
-            self._thread.join(_STOP_GRACE)
+        deadline = time.monotonic() + _STOP_GRACE
         with self._lock:
             threads, self._threads = self._threads, []
+        if self._thread is not None:
+            threads.append(self._thread)
         for thread in threads:  # their channels closed with the process
-            thread.join(_STOP_GRACE)
+            thread.join(max(deadline - time.monotonic(), 0.0))
         if self._socket is not None:
             self._socket.close()
 
@@ -197,15 +205,17 @@ class ListenProcess:
             target=self._take_channels, args=(carrier,), name="listen-channels", daemon=True
         )
         channels.start()
-        self._threads.append(channels)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(channels)
         peer = Peer(ours, self._handle)
-        self._sent = self._sink.wanted
+        self._failed = None
         init = {
             "listen": self._listen,
             "ae_title": self._ae_title,
             "incoming": str(self._incoming),
             "folder": str(self._sink.spool),
-            "wanted": (self._generation, self._sent),
+            "wanted": self._wanted(),
             "reports": self._reports is not None,
             "log_level": self._log_level,
         }
@@ -220,25 +230,26 @@ class ListenProcess:
         while True:
             self._peer = peer
             started = time.monotonic()
-            peer.serve()
-            peer.sock.close()
-            self._peer = None
-            self._healthy = False
-            process = self._process
-            code = process.wait() if process is not None else None
-            if not self._ready.is_set():  # died before it was ready: start() says why
-                self._failed = self._failed or f"it exited with status {code}"
+            try:
+                code = self._serve_until_exit(peer)
+            except Exception:  # a bug of ours: the listener must come back all the same
+                logger.exception("listen: serving the receiving process failed")
+                code = self._end_process()
+            if not self._ever_up:  # the first one never started: start() says why
+                self._failed = self._failed or f"it exited with {_exit_text(code)}"
                 self._ready.set()
                 return
             if self._stopping.is_set():
                 return
             deaths = 1 if time.monotonic() - started > _STEADY else deaths + 1
             delay = _RESTART_DELAYS[min(deaths, len(_RESTART_DELAYS)) - 1]
+            why = f": {self._failed}" if self._failed else ""
             logger.error(
-                "listen: the receiving process (PID %s) died (%s); its open associations are "
+                "listen: the receiving process (PID %s) died (%s%s); its open associations are "
                 "cut, the port stays open; restarting it%s",
-                process.pid if process is not None else "?",
+                self.pid or "?",
                 _exit_text(code),
+                why,
                 f" in {delay:.0f} s" if delay else "",
             )
             if self._stopping.wait(delay):
@@ -247,6 +258,30 @@ class ListenProcess:
             if again is None:
                 return
             peer = again
+
+    def _serve_until_exit(self, peer: Peer) -> int | None:
+        """Answer the process's calls until it closes its end; then its exit status (killed
+        when it closed without exiting: its messages made no sense)."""
+        try:
+            peer.serve()
+        finally:
+            peer.sock.close()
+            self._peer = None
+            self._healthy = False
+        return self._end_process()
+
+    def _end_process(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        try:
+            return process.wait(_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "listen: the receiving process %d stopped talking; killing it", process.pid
+            )
+            process.kill()
+            return process.wait()
 
     def _restart(self) -> Peer | None:
         """Queue what the dead process made durable, then start another (None: stopping)."""
@@ -260,7 +295,7 @@ class ListenProcess:
                     return None
                 try:
                     return self._spawn()
-                except OSError as exc:
+                except (OSError, subprocess.SubprocessError) as exc:
                     logger.error("listen: cannot start the receiving process: %s; retrying", exc)
             self._stopping.wait(5.0)
 
@@ -287,6 +322,17 @@ class ListenProcess:
             self._threads.append(thread)
 
     def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+        try:
+            return self._dispatch(kind, args)
+        except Exception:  # a bug of ours: the object is refused, the listener goes on
+            logger.exception("listen: answering the receiving process's %s failed", kind)
+            if kind == "queue":
+                return STATUS_OUT_OF_RESOURCES, "cannot queue the object"
+            if kind in ("holdings", "report"):
+                return STATUS_PROCESSING_FAILURE
+            return None
+
+    def _dispatch(self, kind: str, args: tuple[Any, ...]) -> Any:
         if kind == "queue":
             return self._queue(*args)
         if kind == "holdings":
@@ -305,27 +351,33 @@ class ListenProcess:
                 logger.error("listen: the receiving process no longer accepts connections")
         elif kind == "ready":
             self._healthy = True
-            if self._ready.is_set():
+            if self._ever_up:
                 logger.warning("listen: receiving again, in process %s", self.pid)
+            self._ever_up = True
             self._ready.set()
-        elif kind == "failed":
+        elif kind == "failed":  # it exits next: _supervise says why (or start() does)
             self._failed = str(args[0])
-            self._ready.set()
         return None
+
+    def _wanted(self) -> tuple[int, tuple[dict[int, str], dict[int, str]]]:
+        """What the routes read now, and its generation (a new one after each reload that
+        changed it, sent to the process)."""
+        with self._lock:
+            wanted = self._sink.wanted
+            if wanted is not self._sent:
+                self._generation += 1
+                self._sent = wanted
+                peer = self._peer
+                if peer is not None:
+                    with contextlib.suppress(PeerGone):
+                        peer.send("wanted", (self._generation, wanted))
+            return self._generation, wanted
 
     def _queue(
         self, path: str, obj: ReceivedObject, origin: Origin, generation: int
     ) -> tuple[int, str | None]:
-        wanted = self._sink.wanted
-        with self._lock:
-            if wanted is not self._sent:  # the routes were reloaded: what they read changed
-                self._generation += 1
-                self._sent = wanted
-                if self._peer is not None:
-                    with contextlib.suppress(PeerGone):
-                        self._peer.send("wanted", (self._generation, wanted))
-            current = self._generation
-        if generation != current:
+        current, wanted = self._wanted()
+        if generation != current:  # collected for routes since reloaded: read them again
             try:
                 _meta, values = check_file_values(Path(path), *wanted)
             except (InvalidFileError, UnreadableFileError) as exc:

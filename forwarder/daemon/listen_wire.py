@@ -15,6 +15,7 @@ a thread that has a socket pair of its own (each association's, passed to the da
 from __future__ import annotations
 
 import itertools
+import os
 import pickle
 import select
 import socket
@@ -194,6 +195,7 @@ def take_channels(carrier: socket.socket, serve: Callable[[socket.socket], None]
         except OSError:
             return
         for fd in fds:
+            os.set_inheritable(fd, False)  # no MSG_CMSG_CLOEXEC in recv_fds
             serve(socket.socket(fileno=fd))
         if not data:
             return
