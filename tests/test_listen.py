@@ -188,6 +188,39 @@ def push(port: int, files: Sequence[Path], calling: str = "CT01") -> list[tuple[
     return out
 
 
+def pushing(
+    port: int,
+    files: Sequence[Path],
+    answered: list[str],
+    dozen: threading.Event,
+    go_on: threading.Event,
+) -> threading.Thread:
+    """A modality pushing ``files`` on one association in a thread, adding the UID of each
+    answered Success to ``answered``; after 12 it sets ``dozen`` and waits for ``go_on`` (the
+    test kills something meanwhile: mid-push for sure). It ends when the association does."""
+
+    def modality() -> None:
+        assoc = associate(port, files[:1], calling="CT01")
+        try:
+            for path in files:
+                if not assoc.is_established:
+                    return
+                rsp = assoc.send_c_store(os.fspath(path))
+                if "Status" in rsp and int(rsp.Status) == 0:
+                    answered.append(uid_of(path))
+                if len(answered) == 12 and not dozen.is_set():
+                    dozen.set()
+                    go_on.wait(30)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            joined(assoc)
+
+    sender = threading.Thread(target=modality)
+    sender.start()
+    return sender
+
+
 def storescu(port: int, files: Sequence[Path], calling: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [STORESCU, "-aet", calling, "-aec", GATEWAY, "127.0.0.1", str(port), *map(str, files)],
@@ -470,28 +503,7 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
     answered: list[str] = []
     dozen, killed = threading.Event(), threading.Event()
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
-        port = listen_port(d)
-
-        def modality() -> None:
-            assoc = associate(port, files[:1], calling="CT01")
-            try:
-                for path in files:
-                    if not assoc.is_established:
-                        return
-                    rsp = assoc.send_c_store(os.fspath(path))
-                    if "Status" in rsp and int(rsp.Status) == 0:
-                        answered.append(uid_of(path))
-                    if len(answered) == 12 and not dozen.is_set():
-                        # mid-push for sure: the rest goes only once the daemon was killed
-                        dozen.set()
-                        killed.wait(30)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-                joined(assoc)
-
-        sender = threading.Thread(target=modality)
-        sender.start()
+        sender = pushing(listen_port(d), files, answered, dozen, killed)
         assert dozen.wait(30), "a dozen answered"
         d.kill()
         killed.set()

@@ -33,6 +33,7 @@ from test_listen import (
     pacs,  # noqa: F401 - the fixture
     pacs_destination,
     push,
+    pushing,
     staged,
     uid_of,
 )
@@ -66,26 +67,7 @@ def test_the_receiving_process_killed_mid_push_is_restarted_and_loses_nothing(
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
         port = listen_port(d)
         first = child_pid(d)
-
-        def modality() -> None:
-            assoc = associate(port, files[:1], calling="CT01")
-            try:
-                for path in files:
-                    if not assoc.is_established:
-                        return
-                    rsp = assoc.send_c_store(os.fspath(path))
-                    if "Status" in rsp and int(rsp.Status) == 0:
-                        answered.append(uid_of(path))
-                    if len(answered) == 12 and not dozen.is_set():
-                        dozen.set()
-                        killed.wait(30)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-                joined(assoc)
-
-        sender = threading.Thread(target=modality)
-        sender.start()
+        sender = pushing(port, files, answered, dozen, killed)
         assert dozen.wait(30), "a dozen answered"
         os.kill(first, signal.SIGKILL)
         killed.set()
