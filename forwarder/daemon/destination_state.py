@@ -14,7 +14,7 @@ claim nothing (its files wait, charged nothing), and one of them probes it
 Success closes it and sending resumes ("up"). A change is logged once (one journal line per
 change, never per file or per probe), exported as ``forwarder_destination_up`` and recorded in
 the queue for ``forwarder status``. The threads and batches that report to it are
-:mod:`forwarder.daemon.worker`.
+:mod:`forwarder.daemon.worker` and :mod:`forwarder.daemon.worker_batch`.
 """
 
 from __future__ import annotations

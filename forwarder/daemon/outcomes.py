@@ -5,7 +5,8 @@ fields for the destination, UID, status and file). :class:`Ack` is one outcome t
 queue; :func:`retry_ack` turns a transient failure into a retry after :func:`backoff`, or into a
 failure once ``retry.max_attempts`` or ``retry.give_up_after`` is reached. :class:`SendMetrics`
 and :class:`LastOutcome` are what the workers report to the daemon's metrics and systemd status.
-The threads and batches that produce outcomes are :mod:`forwarder.daemon.worker`.
+The threads and batches that produce outcomes are :mod:`forwarder.daemon.worker` and
+:mod:`forwarder.daemon.worker_batch`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ listener (new associations refused, open ones drained then aborted), stop watchi
 finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
+
+This module holds the start-up, the wiring and the reload; the main loop (signals, health and
+systemd's watchdog, status, periodic chores) and the shutdown sequence are
+:mod:`forwarder.daemon.service_loop`.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
+from forwarder.daemon.service_loop import _STOP_TIMEOUT, ServiceLoop
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.status import listen_status
@@ -43,15 +48,6 @@ from forwarder.net.association import AssociationSettings
 from forwarder.queue import Queue
 
 logger = logging.getLogger(__name__)
-
-_TICK = 1.0
-_STATUS_EVERY = 5.0
-_FINISH_RETRY_EVERY = 5.0  # files that could not be moved (disk full...): a cheap query
-_PRUNE_EVERY = 3600.0
-_PRUNE_AFTER = 7 * 86400.0
-_STOP_TIMEOUT = 10.0
-_UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
-_LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
 
 
 def association_settings(dest: Destination, config: Config) -> AssociationSettings:
@@ -80,7 +76,7 @@ def association_settings(dest: Destination, config: Config) -> AssociationSettin
     )
 
 
-class Service:
+class Service(ServiceLoop):
     """``forwarder run``. Construct on the main thread, then call :meth:`run`."""
 
     def __init__(self, config: Config, config_path: str) -> None:
@@ -309,13 +305,6 @@ class Service:
     def _destination_names(self) -> list[str]:
         return [d.name for d in self.config.destinations]
 
-    def _sample_rates(self) -> None:
-        if self.status_page is not None:
-            try:
-                self.status_page.sample()
-            except ForwarderError as exc:
-                logger.warning("status page: cannot sample the done counters: %s", exc)
-
     def _queue_stats(self) -> dict[str, Any]:
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
@@ -326,83 +315,6 @@ class Service:
 
     def _on_outcome(self, last: LastOutcome) -> None:
         self._last = last
-
-    def _status_line(self) -> str:
-        try:
-            counts = self.queue.counts()
-        except ForwarderError:
-            return "queue unavailable"
-        line = f"{counts.get('READY', 0)} pending, {counts.get('CLAIMED', 0)} in flight"
-        down = [name for name, w in self._workers.items() if w.state[0] == "down"]
-        if down:
-            line += f"; DOWN: {', '.join(sorted(down))}"
-        if self._last is not None:
-            at = time.strftime("%H:%M:%S", time.localtime(self._last.at))
-            line += f"; last: {self._last.destination} {self._last.outcome} at {at}"
-        return line
-
-    def _loop(self) -> None:
-        next_status = next_finish = time.monotonic()
-        next_prune = time.monotonic() + 60.0
-        next_unhealthy_log = 0.0
-        assert self._signals is not None
-        while not self._stop.is_set():
-            for sig in self._signals.wait(_TICK):
-                if sig == signal.SIGHUP:
-                    self._reload = True
-                else:
-                    self._stop.set()
-            if self._stop.is_set():
-                break
-            if self._reload:
-                self._reload = False
-                self._do_reload()
-            now = time.monotonic()
-            problems = self._health_problems(now)
-            if not problems:
-                # Only a loop that is really making progress keeps systemd's watchdog fed.
-                self.notifier.watchdog()
-                if self._unhealthy:
-                    logger.warning("healthy again; feeding systemd's watchdog")
-                    self._unhealthy = []
-            elif problems != self._unhealthy or now >= next_unhealthy_log:
-                # Said when it changes and twice a minute, not every second until the restart.
-                logger.error("not feeding systemd's watchdog: %s", "; ".join(problems))
-                self._unhealthy = problems
-                next_unhealthy_log = now + _UNHEALTHY_LOG_EVERY
-            if self.listener is not None:
-                self.listener.space.check()  # logs when the watermark is crossed, not per object
-            if now >= next_status:
-                self.notifier.status(self._status_line())
-                self._sample_rates()
-                next_status = now + _STATUS_EVERY
-            if now >= next_finish:
-                try:
-                    self.finisher.retry_pending()
-                except ForwarderError as exc:
-                    logger.error("finishing files: %s", exc)
-                next_finish = now + _FINISH_RETRY_EVERY
-            if now >= next_prune:
-                try:
-                    self.queue.prune(_PRUNE_AFTER)
-                except ForwarderError as exc:
-                    logger.error("pruning the queue: %s", exc)
-                next_prune = now + _PRUNE_EVERY
-
-    def _health_problems(self, now: float) -> list[str]:
-        problems = []
-        if not self.watcher.healthy:
-            problems.append(
-                "the watcher of incoming is not running (a watch thread died, or the folder "
-                "was removed)"
-            )
-        if not self.finisher.healthy:
-            problems.append("the finisher thread died (its traceback is logged above)")
-        if self.listener is not None and not self.listener.healthy:
-            problems.append("the listener no longer accepts associations (logged above)")
-        for workers in list(self._workers.values()):
-            problems += workers.problems(now)
-        return problems
 
     def _do_reload(self) -> None:
         self.notifier.reloading()
@@ -464,38 +376,3 @@ class Service:
         )
         self.notifier.ready(self._status_line())
         self.watcher.rescan()
-
-    def _shutdown(self) -> None:
-        self.notifier.stopping()
-        logger.info("stopping: finishing files in flight")
-        # Proof of delivery first: its network waits are aborted now, in parallel with the
-        # listener's drain and the workers' last files, not after them.
-        for proof in (self.commitment, self.verifier):
-            if proof is not None:
-                proof.request_stop()
-        if self.listener is not None:
-            # First: nothing new is accepted, and what is answered Success is already queued.
-            self.listener.stop(_LISTEN_DRAIN)
-            self.listener = None
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            watcher.stop()
-        for w in self._workers.values():
-            w.stop(_STOP_TIMEOUT)
-        self._workers.clear()
-        if self.commitment is not None:
-            self.commitment.stop()
-        if self.verifier is not None:
-            self.verifier.stop()
-        finisher = getattr(self, "finisher", None)
-        if finisher is not None:
-            finisher.stop()
-        if self.metrics is not None:
-            self.metrics.stop()
-        queue = getattr(self, "queue", None)
-        if queue is not None:
-            queue.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        logger.info("stopped")

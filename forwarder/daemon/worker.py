@@ -22,7 +22,8 @@ or everything at ``outside_window_rate``); the rate cap is one
 survives anything: an unexpected exception in an attempt counts as an attempt (retried, "internal
 error: ..."), and the thread carries on.
 
-This module holds the threads, the loop and the batches: what is claimed, sent, acked. The
+This module holds the threads, the loop and the claims: what is claimed, and when. What a
+claimed batch sends and how its outcomes are acked is :mod:`forwarder.daemon.worker_batch`. The
 destination's state (up, down, paused, outside_window) is
 :mod:`forwarder.daemon.destination_state`; what may be claimed now is
 :mod:`forwarder.daemon.flow`; what each outcome
@@ -34,35 +35,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from forwarder.config import Destination, RetryPolicy
-from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
-from forwarder.daemon.edits import EditConflict
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.flow import PAUSE_POLL, FlowGate
-from forwarder.daemon.outcomes import (
-    Ack,
-    LastOutcome,
-    SendMetrics,
-    log_outcome,
-    retry_ack,
-)
+from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics
 from forwarder.daemon.probe import probe
 from forwarder.daemon.spares import SpareAssociations
-from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
+from forwarder.daemon.worker_batch import DIMSE_PRIORITY, BatchSending
+from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings
-from forwarder.net.channel import StoreRequest
 from forwarder.net.pacing import Pacer
-from forwarder.net.pdu import PRIORITY
-from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
 if TYPE_CHECKING:
@@ -79,12 +69,12 @@ BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction eac
 TRICKLE = 8
 TRICKLE_GATHER = 0.002
 CLAIM_RETRY = 1.0  # seconds between claims while the queue refuses them
-#: A job's priority rank (0 urgent, 1 normal, 2 low) -> the C-STORE Priority (PS3.7 9.1.1.1.9).
-DIMSE_PRIORITY = {0: PRIORITY["high"], 1: PRIORITY["medium"], 2: PRIORITY["low"]}
-_HINT_TTL = 5.0  # seconds a destination's pending-syntaxes hint is reused
 
 
-class DestinationWorkers:
+__all__ = ["BATCH", "DIMSE_PRIORITY", "DestinationWorkers"]  # DIMSE_PRIORITY: worker_batch's
+
+
+class DestinationWorkers(BatchSending):
     """The threads sending to one destination."""
 
     def __init__(
@@ -335,171 +325,6 @@ class DestinationWorkers:
             error = f"internal error: {type(exc).__name__}: {exc}"
         self._dest.probed(error)
 
-    def _hints(self) -> list[tuple[str, str]]:
-        now = time.monotonic()
-        if now - self._hint_at > _HINT_TTL:
-            try:
-                self._hint = [tuple(p) for p in self.queue.pending_syntaxes(self.name)]  # type: ignore[misc]
-            except ForwarderError:
-                self._hint = []
-            self._hint_at = now
-        return self._hint
-
-    def _process(self, channel: Channel, jobs: Sequence[Job], index: int) -> None:
-        by_id = {j.id: j for j in jobs}
-        sent: set[int] = set()  # handed to the channel
-        acks: list[Ack] = []
-
-        def requests() -> Iterator[StoreRequest]:
-            for job in jobs:
-                if self._stop.is_set() or not self._gate.may_send(job.priority):
-                    return  # the rest go back to READY, uncharged
-                sent.add(job.id)
-                if self._changed_since_queued(job):
-                    # Replaced in incoming and not yet re-registered by ingest: sending now
-                    # would deliver content the queue does not know about (and the other
-                    # destinations would keep the old one). Wait for ingest to catch up.
-                    error = "the file changed since it was queued; waiting for it to settle"
-                    acks.append(Ack("retry", (job.id,), None, error, time.time() + 1.0))
-                    continue
-                uids = (job.sop_class_uid, job.sop_instance_uid)
-                edits: tuple[Editor, ...] = ()
-                if self.edits is not None:
-                    try:
-                        edits = self.edits(job, self.name)
-                    except EditConflict as exc:
-                        acks.append(Ack("failed", (job.id,), None, f"conflicting changes: {exc}"))
-                        continue
-                    except (InvalidFileError, UnreadableFileError) as exc:
-                        error = f"cannot read the header for its changes: {exc.reason}"
-                        acks.append(self._retry(job, None, error))
-                        continue
-                priority = DIMSE_PRIORITY.get(job.priority, PRIORITY["medium"])
-                yield StoreRequest(
-                    job.path, job.id, dataset_uids=uids, edits=edits, priority=priority
-                )
-
-        done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
-        handed_back: list[int] = []  # back to READY, no attempt charged
-        spare = False
-        association_failed = False  # this batch tried to associate and failed
-        broke = False  # the last association of this batch broke under a file
-        try:
-            for outcome in channel.send(requests(), hint=self._hints()):
-                self._beats[index] = time.monotonic()
-                job = by_id[outcome.request.key]
-                # A connection-level failure: an association tried and refused (or rejected
-                # for good); not a batch the channel refused without trying (Retry-After).
-                if outcome.association_failed and (
-                    outcome.attempted or outcome.outcome is Outcome.FAILED
-                ):
-                    association_failed = True
-                if outcome.association_broke:
-                    broke = True
-                elif outcome.outcome.stored:
-                    broke = False
-                if self._spares.unavailable(outcome, index):
-                    # This extra association was refused or timed out while a sibling's works
-                    # (a peer serving fewer associations than configured): the jobs go back
-                    # unharmed.
-                    handed_back.append(job.id)
-                    spare = True
-                    continue
-                if not outcome.attempted:
-                    # Not tried (an earlier file's association failed), or the association was
-                    # rejected for good (the destination is held): no attempt charged.
-                    handed_back.append(job.id)
-                    continue
-                if outcome.outcome.stored:
-                    crash_point("after-response")
-                log_outcome(self.name, job, outcome)
-                if self.metrics is not None:
-                    self.metrics.file_sent(
-                        self.name, outcome.outcome.value, outcome.nbytes, outcome.seconds
-                    )
-                if outcome.outcome.stored:
-                    done.setdefault(outcome.status or 0, []).append(job.id)
-                elif outcome.outcome is Outcome.RETRY:
-                    acks.append(self._retry(job, outcome.status, outcome.error))
-                else:
-                    error = outcome.error or "failed"
-                    acks.append(Ack("failed", (job.id,), outcome.status, error))
-                self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
-        except Exception as exc:
-            # Not the channel (it answers RETRY for what goes wrong in an attempt): our own
-            # bookkeeping. The file being handled counts as attempted; the rest go back.
-            logger.error(
-                "%s: internal error while sending a batch; the file in hand will be tried again",
-                self.name,
-                exc_info=True,
-            )
-            with contextlib.suppress(Exception):
-                channel.abort()
-            error = f"internal error: {type(exc).__name__}: {exc}"
-            settled = {i for a in acks for i in a.ids} | set(handed_back)
-            settled |= {i for ids in done.values() for i in ids}
-            acks += [self._retry(by_id[j], None, error) for j in sorted(sent - settled)]
-        # one transaction per status (almost always one)
-        acks += [Ack("done", tuple(ids), status) for status, ids in done.items()]
-        unsent = [j for j in by_id if j not in sent] + handed_back
-        if unsent:
-            acks.append(Ack("release", tuple(unsent)))
-        self._apply_acks(index, acks)
-        if spare:
-            self._spares.missed(channel, index)
-        else:
-            self._dest.update(channel, association_failed, broke)
-
-    def _apply_acks(self, index: int, acks: Sequence[Ack]) -> bool:
-        """Record outcomes in the queue. Those it refuses (its disk is full...) are kept for
-        this thread to retry before it claims more: the jobs do not sit CLAIMED until a
-        restart. Returns True when everything was recorded."""
-        finished: list[int] = []
-        n = 0  # acks recorded so far
-        try:
-            for ack in acks:
-                if ack.kind == "done":
-                    finished += self.queue.ack_done(
-                        ack.ids, status=ack.status, commitment=self.needs_proof
-                    )
-                elif ack.kind == "failed":
-                    finished += self.queue.ack_failed(
-                        ack.ids[0], error=ack.error, status=ack.status
-                    )
-                elif ack.kind == "retry":
-                    self.queue.ack_retry(
-                        ack.ids[0],
-                        next_attempt_at=ack.next_attempt_at,
-                        error=ack.error,
-                        status=ack.status,
-                    )
-                else:
-                    self.queue.release(ack.ids)
-                n += 1
-        except ForwarderError as exc:
-            if self._unapplied.get(index) != list(acks[n:]):
-                logger.error(
-                    "%s: cannot record %d outcomes in the queue (%s); retrying",
-                    self.name,
-                    len(acks) - n,
-                    exc,
-                )
-            self._unapplied[index] = list(acks[n:])
-            self.finisher.submit(finished)
-            return False
-        if self._unapplied.pop(index, None):
-            logger.info("%s: the queue accepts outcomes again", self.name)
-        self.finisher.submit(finished)
-        return True
-
-    @staticmethod
-    def _changed_since_queued(job: Job) -> bool:
-        try:
-            st = os.stat(job.path)
-        except OSError:
-            return False  # gone: the sender reports that
-        return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
-
     def _work_due(self) -> bool:
         """Whether a job of this destination is due now (True when the queue cannot say: the
         claim reports the queue's trouble)."""
@@ -508,11 +333,6 @@ class DestinationWorkers:
         except ForwarderError:
             return True
         return due is not None and due <= time.time()
-
-    def _retry(self, job: Job, status: int | None, error: str | None) -> Ack:
-        return retry_ack(
-            job, status, error, policy=self.retry, destination=self.name, metrics=self.metrics
-        )
 
     @property
     def state(self) -> tuple[str | None, str | None, float]:
