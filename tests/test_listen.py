@@ -379,7 +379,7 @@ def test_config_errors_name_the_listen_key_and_line(tmp_path: Path) -> None:
 # -- free space ----------------------------------------------------------------------------------
 
 
-def _metric(port: int, name: str) -> float:
+def metric_value(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         text = r.read().decode()
     for line in text.splitlines():
@@ -409,8 +409,8 @@ def test_below_the_watermark_objects_get_a700_and_status_says_so(
         assert doc["listen"]["accepting"] is False
         assert doc["listen"]["min_free_space"] == 1000 * 1024**4
         assert "REFUSING objects" in cli(d, "status").stdout
-        assert _metric(metrics, "forwarder_listen_accepting") == 0
-        assert _metric(metrics, 'forwarder_listen_objects_total{outcome="refused"}') == 3
+        assert metric_value(metrics, "forwarder_listen_accepting") == 0
+        assert metric_value(metrics, 'forwarder_listen_objects_total{outcome="refused"}') == 3
         api = f"http://127.0.0.1:{metrics}/api/status"
         with urllib.request.urlopen(api, timeout=10) as r:
             assert json.loads(r.read())["listen"]["accepting"] is False

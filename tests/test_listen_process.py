@@ -19,7 +19,7 @@ from pathlib import Path
 import pydicom
 from conftest import wait_until
 from daemon import Daemon, destination, route
-from peers import StoreSCP, storescp
+from peers import StoreSCP, free_port, storescp
 from pydicom.uid import generate_uid
 from test_listen import (
     assert_same_datasets,
@@ -30,6 +30,7 @@ from test_listen import (
     joined,
     listen_daemon,
     listen_port,
+    metric_value,
     pacs,  # noqa: F401 - the fixture
     pacs_destination,
     push,
@@ -64,9 +65,15 @@ def test_the_receiving_process_killed_mid_push_is_restarted_and_loses_nothing(
     files = generated(tmp_path / "m", 40)
     answered: list[str] = []
     dozen, killed = threading.Event(), threading.Event()
-    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+    metrics = free_port()
+    with listen_daemon(
+        tmp_path / "gw",
+        [pacs_destination(pacs)],
+        extra={"metrics": {"listen": f"127.0.0.1:{metrics}"}},
+    ) as d:
         port = listen_port(d)
         first = child_pid(d)
+        assert metric_value(metrics, "forwarder_listen_process_restarts_total") == 0
         sender = pushing(port, files, answered, dozen, killed)
         assert dozen.wait(30), "a dozen answered"
         os.kill(first, signal.SIGKILL)
@@ -76,6 +83,7 @@ def test_the_receiving_process_killed_mid_push_is_restarted_and_loses_nothing(
         d.wait_log("listen: the receiving process (PID", timeout=10)
         wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
         assert d.running() and alive(child_pid(d))
+        assert metric_value(metrics, "forwarder_listen_process_restarts_total") == 1
         # the modality sends again what was not answered; all of it arrives, once
         missing = [p for p in files if uid_of(p) not in answered]
         assert missing, "the kill came mid-push"

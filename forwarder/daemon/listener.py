@@ -57,6 +57,8 @@ class ListenMetrics(Protocol):
 
     def listen_object(self, outcome: str) -> None: ...
 
+    def listen_restart(self) -> None: ...
+
 
 def receiver_settings(listen: ListenConfig, folder: Path, ae_title: str) -> ReceiverSettings:
     """The engine's settings for ``listen`` (TLS material is loaded by :class:`Listener`)."""
@@ -119,7 +121,7 @@ class Listener:
                 sink=self._sink,
                 holdings=holdings,
                 reports=reports,
-                recover=self.recover,
+                recover=self._restarting,
                 on_space=self.space.check,
                 on_object=self._object,
                 log_level=log_level,
@@ -253,6 +255,12 @@ class Listener:
     def _space_changed(self, ok: bool, free: int) -> None:
         if self._metrics is not None:
             self._metrics.listen_space(ok, free)
+
+    def _restarting(self) -> None:
+        """The receiving process died: count it, and queue what it made durable."""
+        if self._metrics is not None:
+            self._metrics.listen_restart()
+        self.recover()
 
     def _object(self, outcome: str) -> None:
         if self._metrics is not None:

@@ -31,6 +31,8 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_listen_spool_free_space                    free space on the incoming filesystem
     forwarder_listen_objects_total{outcome}              received through listen: stored,
                                                          refused (low space, cannot store/queue)
+    forwarder_listen_process_restarts_total              the receiving process died and was
+                                                         restarted (listen.separate_process)
     forwarder_build_info{version}
 """
 
@@ -260,6 +262,12 @@ class Metrics:
             ["outcome"],
             registry=reg,
         )
+        self._listen_restarts = Counter(
+            "forwarder_listen_process_restarts",
+            "Times the listener's receiving process died and was restarted (its open "
+            "associations were cut; the port stayed open).",
+            registry=reg,
+        )
         self._commitment = Counter(
             "forwarder_commitment_instances",
             "Instances whose proof of delivery was decided, by outcome: committed, resent (not "
@@ -334,6 +342,10 @@ class Metrics:
     def listen_object(self, outcome: str) -> None:
         """An object received through listen: ``stored`` or ``refused``."""
         self._listen_objects.labels(outcome).inc()
+
+    def listen_restart(self) -> None:
+        """The listener's receiving process died and is being restarted."""
+        self._listen_restarts.inc()
 
     def associations_open(self, destination: str, delta: int) -> None:
         """+1 when an association is established, -1 when it is released or aborted."""
