@@ -140,9 +140,10 @@ class Listener:
         """Whether the port is open and its accept thread runs."""
         return self._receiver.healthy
 
-    def recover(self) -> int:
+    def recover(self, when: str = "forwarder stopped") -> int:
         """Queue what an earlier run made durable under ``.listen`` but did not queue; remove
-        the empty folders finished files left. Returns how many files were queued."""
+        the empty folders finished files left. Returns how many files were queued. ``when``
+        says in the log line what had stopped (the receiving process, on its restart)."""
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -161,9 +162,9 @@ class Listener:
                     os.rmdir(dirpath)  # only ever empty: rmdir refuses otherwise
         if queued:
             logger.warning(
-                "listen: %d received files were durable but not queued when forwarder stopped; "
-                "queued now",
+                "listen: %d received files were durable but not queued when %s; queued now",
                 queued,
+                when,
             )
         return queued
 
@@ -260,7 +261,7 @@ class Listener:
         """The receiving process died: count it, and queue what it made durable."""
         if self._metrics is not None:
             self._metrics.listen_restart()
-        self.recover()
+        self.recover("the receiving process died")
 
     def _object(self, outcome: str) -> None:
         if self._metrics is not None:
