@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -20,8 +22,11 @@ import pydicom
 from conftest import wait_until
 from daemon import Daemon, destination, route
 from peers import StoreSCP, free_port, storescp
+from pki import make_pki
 from pydicom.uid import generate_uid
 from test_listen import (
+    GATEWAY,
+    STORESCU,
     assert_same_datasets,
     associate,
     copies,
@@ -198,3 +203,38 @@ def test_separate_process_false_receives_in_the_daemons_process(
         wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
         assert_same_datasets(pacs, files)
         assert d.stop() == 0
+
+
+def test_a_restart_that_cannot_load_its_tls_key_says_why_and_is_retried(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The receiving process loads the TLS material at each start: a key gone when it is
+    restarted (a rotation half done) fails that start; the reason is logged, the restarts back
+    off, and once the key is back the listener serves TLS again, without a daemon restart."""
+    pki = make_pki(tmp_path / "pki")
+    key = tmp_path / "server.key"
+    shutil.copyfile(pki.server_key, key)
+    os.chmod(key, 0o600)
+    files = copies(tmp_path / "m", "CT_small.dcm", 1)
+    tls = {"cert": str(pki.server_cert), "key": str(key), "ca": str(pki.ca_cert)}
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], tls=tls) as d:
+        first = child_pid(d)
+        away = key.rename(tmp_path / "server.key.away")
+        os.kill(first, signal.SIGKILL)
+        d.wait_log("could not start (exit status 1: ", timeout=30)
+        failure = next(
+            line for line in d.log_text().splitlines() if "could not start (exit" in line
+        )
+        assert str(key) in failure, failure
+        away.rename(key)
+        wait_until(lambda: child_pid(d) != first, 30, what="a receiving process again")
+        secure = subprocess.run(
+            [STORESCU, "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca_cert),
+             "-aet", "CT01", "-aec", GATEWAY, "127.0.0.1", str(listen_port(d)), str(files[0])],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert secure.returncode == 0, secure.stdout + secure.stderr
+        wait_until(lambda: len(held(pacs)) == 1, 30, what="the TLS push at the PACS")
+        assert_same_datasets(pacs, files)
+        assert d.running() and d.stop() == 0

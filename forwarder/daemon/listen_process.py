@@ -243,15 +243,24 @@ class ListenProcess:
                 return
             deaths = 1 if time.monotonic() - started > _STEADY else deaths + 1
             delay = _RESTART_DELAYS[min(deaths, len(_RESTART_DELAYS)) - 1]
-            why = f": {self._failed}" if self._failed else ""
-            logger.error(
-                "listen: the receiving process (PID %s) died (%s%s); its open associations are "
-                "cut, the port stays open; restarting it%s",
-                self.pid or "?",
-                _exit_text(code),
-                why,
-                f" in {delay:.0f} s" if delay else "",
-            )
+            later = f" in {delay:.0f} s" if delay else ""
+            if self._failed:  # it said why before exiting: it never served
+                logger.error(
+                    "listen: the receiving process (PID %s) could not start (%s: %s); the port "
+                    "stays open; starting it again%s",
+                    self.pid or "?",
+                    _exit_text(code),
+                    self._failed,
+                    later,
+                )
+            else:
+                logger.error(
+                    "listen: the receiving process (PID %s) died (%s); its open associations "
+                    "are cut, the port stays open; restarting it%s",
+                    self.pid or "?",
+                    _exit_text(code),
+                    later,
+                )
             if self._stopping.wait(delay):
                 return
             again = self._restart()
