@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.errors import ForwarderError, InvalidFileError
+from forwarder.net.cancel import end_association
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
@@ -203,8 +204,7 @@ def send_report(
             report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
         )
     finally:
-        if assoc.is_established:
-            assoc.release()
+        end_association(assoc, None)  # a release pynetdicom never ends is aborted (cancel.py)
     code = int(status.Status) if status is not None and "Status" in status else None
     if code != 0:
         logger.warning(
