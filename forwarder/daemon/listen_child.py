@@ -36,13 +36,13 @@ from forwarder.daemon.listen_sink import Placement, SpaceWatch
 from forwarder.daemon.listen_wire import Peer, PeerGone, pass_channel
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import Reference
+from forwarder.net.commitment_scp import REASON_PROCESSING_FAILURE
 from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Answer, Origin, ReceivedObject
 
 logger = logging.getLogger("forwarder.daemon.listen")
 
 _PR_SET_PDEATHSIG = 1
 _QUEUE_TIMEOUT = 120.0  # seconds the daemon may take to queue one object (its queue is locked)
-_PROCESSING_FAILURE = 0x0110
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
 _HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when idle
 
@@ -190,7 +190,7 @@ class Child:
             result = self.ask("holdings", reference, timeout=_QUEUE_TIMEOUT)
         except PeerGone as exc:  # as the daemon's own answer on a queue error: not committed
             logger.error("listen: cannot ask the daemon what it holds: %s", exc)
-            return _PROCESSING_FAILURE
+            return REASON_PROCESSING_FAILURE
         return None if result is None else int(result)
 
     def _report(self, message_id: int, dataset: Any, peer: str) -> int:

@@ -37,12 +37,10 @@ from forwarder.daemon.listen_sink import ListenSink
 from forwarder.daemon.listen_wire import Peer, PeerGone, take_channels
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
-from forwarder.net.commitment import Reference
+from forwarder.net.commitment import STATUS_PROCESSING_FAILURE, Reference
 from forwarder.net.receiver import bind
 from forwarder.net.scp_commitment import ReportSink
 from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Origin, ReceivedObject
-
-STATUS_PROCESSING_FAILURE = 0x0110  # a commitment or report answered without the daemon
 
 logger = logging.getLogger(__name__)
 
