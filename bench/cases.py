@@ -36,10 +36,13 @@ class Kind(enum.Enum):
     GATEWAY_STORESCP = "gateway-storescp"  # DCMTK storescp -od feeding forwarder run (comparison)
     ORTHANC_ROUTE = "orthanc-route"  # Orthanc, Lua OnStoredInstance -> SendToModality (comparison)
     GATEWAY_INPROC = "gateway-inproc"  # forwarder run, listen.separate_process: false (comparison)
+    DAEMON_DISK = "daemon-disk"  # DAEMON with its folders and queue on disk, not tmpfs (comparison)
 
 
 #: Rows shown beside forwarder's for comparison: no goal applies to them.
-COMPARISON = frozenset({Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE, Kind.GATEWAY_INPROC})
+COMPARISON = frozenset(
+    {Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE, Kind.GATEWAY_INPROC, Kind.DAEMON_DISK}
+)
 
 
 class Peer(enum.Enum):
@@ -87,9 +90,14 @@ CASES: dict[str, Case] = {
             "big", "big", Kind.SEND, Goal(Metric.MB_PER_S, 0.8, 64.0), True,
             "forwarder send, one multi-frame file (~500 MiB)",
         ),
+        # Issue 13: "20,000 small files queued -> done/" and "500 CT files -> done/".
         Case(
-            "daemon", "small", Kind.DAEMON, Goal(Metric.FILES_PER_S, 0.8), True,
-            "daemon, small files in incoming at start -> all in done/",
+            "daemon", "backlog", Kind.DAEMON, Goal(Metric.FILES_PER_S, 0.8), True,
+            "daemon, 20,000 small files in incoming at start -> all in done/",
+        ),
+        Case(
+            "daemon-ct", "ct", Kind.DAEMON, Goal(Metric.MB_PER_S, 1.0), True,
+            "daemon, 500 CT files in incoming at start -> all in done/",
         ),
         Case(
             "nagle", "nagle", Kind.SEND, Goal(Metric.FILES_PER_S, 50.0), False,
@@ -161,6 +169,8 @@ class Sender:
             return "via storescp + forwarder run"
         if self.kind is Kind.ORTHANC_ROUTE:
             return "via Orthanc (Lua routing)"
+        if self.kind is Kind.DAEMON_DISK:
+            return f"forwarder run -a{self.associations} (on disk)"
         name = "forwarder send" if self.kind is Kind.SEND else "forwarder run"
         return f"{name} -a{self.associations}"
 

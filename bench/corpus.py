@@ -11,6 +11,8 @@ generator version, the scale and the files on disk; otherwise it is written agai
   (500 MiB), written header first with pydicom and then the pixel data frame by frame, so the
   generator never holds more than one frame.
 * ``nagle``: 200 files like ``small``.
+* ``backlog``: 20,000 files like ``small``: the daemon's backlog after an outage (issue 13's
+  "20,000 small files queued").
 
 All files are Explicit VR Little Endian with a complete File Meta Information group, and every
 Study/Series/SOP Instance UID is unique and derived from (case, index), so two runs generate
@@ -45,7 +47,7 @@ GENERATOR_VERSION = 2  # 2: deterministic UIDs (studies of 5 series of 100 image
 
 ROOT = Path(__file__).resolve().parent / "corpus"
 
-FULL_COUNTS = {"small": 2000, "ct": 500, "big": 1, "nagle": 200}
+FULL_COUNTS = {"small": 2000, "ct": 500, "big": 1, "nagle": 200, "backlog": 20000}
 BIG_FRAMES = 1000
 SMALL_SIDE = 64
 CT_SIDE = 512

@@ -58,7 +58,7 @@ end
 """
 
 
-def _tmpfs() -> Path | None:
+def tmpfs() -> Path | None:
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
@@ -124,7 +124,7 @@ def _gateway(
     probe: Path,
 ) -> Iterator[tuple[str, int]]:
     """Start the gateway of ``kind`` forwarding to ``pacs``; yields (its AE title, its port)."""
-    with tempfile.TemporaryDirectory(prefix="bench-gateway-", dir=_tmpfs()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-", dir=tmpfs()) as tmp:
         root = Path(tmp)
         env = {k: v for k, v in env.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
         procs: list[_Process] = []
@@ -317,7 +317,7 @@ def latency(
     out: dict[str, object] = {"objects": len(files)}
     with StoreSCP(logs / "latency.pacs.log", nodelay=True, fork=False) as pacs:
         out["pushed -> PACS (no gateway)"] = _push_latency(files, pacs.ae_title, pacs.port, pacs)
-        with tempfile.TemporaryDirectory(prefix="bench-latency-", dir=_tmpfs()) as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench-latency-", dir=tmpfs()) as tmp:
             root = Path(tmp)
             port = free_port()
             config = _daemon_config(root, pacs, port)

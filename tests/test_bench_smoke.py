@@ -75,6 +75,25 @@ def test_small_and_ct_produce_sane_results(tmp_path: Path) -> None:
     assert not (tmp_path / "corpus" / "scale-0.02").exists()  # removed without --keep-corpus
 
 
+def test_daemon_cases_drain_the_backlog_and_the_ct_files(tmp_path: Path) -> None:
+    """Issue 13's two daemon goals: 20,000 small files (400 at this scale) and 500 CT files
+    (10), given at once to a started daemon (on tmpfs, and on disk for comparison), timed until
+    all are in done/."""
+    proc, out = run_bench(tmp_path, "--cases", "daemon,daemon-ct", "--associations", "1")
+    data = json.loads((out / "results.json").read_text())
+    assert [c["case"] for c in data["cases"]] == ["daemon", "daemon-ct"]
+    for case in data["cases"]:
+        assert case["files"] == {"daemon": 400, "daemon-ct": 10}[case["case"]]
+        labels = [row["sender"] for row in case["rows"]]
+        assert labels == ["storescu", "forwarder run -a1", "forwarder run -a1 (on disk)"]
+        for row in case["rows"]:
+            assert row["ok"], row["error"]
+            for attempt in row["attempts"]:
+                assert attempt["received"] >= attempt["expected"] == case["files"]
+            assert sane(row["files_per_s"]) and sane(row["mb_per_s"])
+    assert any(line.startswith("| daemon-ct ") for line in proc.stdout.splitlines())
+
+
 def test_a_sender_that_sends_nothing_is_failed_not_fast(tmp_path: Path) -> None:
     fake = tmp_path / "fake-forwarder"
     fake.write_text("#!/bin/sh\nexit 0\n")  # answers --help, "sends" instantly, stores nothing
