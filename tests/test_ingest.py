@@ -17,7 +17,7 @@ from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from forwarder.config import Route
-from forwarder.daemon.ingest import CHUNK, Ingest
+from forwarder.daemon.ingest import CHUNK, FIRST_CHUNK, Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
@@ -275,8 +275,14 @@ def test_a_big_batch_is_queued_in_chunks_so_sending_starts_early(env: Env) -> No
         # same content, other names: still separate files (a file is queued per path)
         files.append(env.put_bytes(f"batch/{i:03d}.dcm", buf.getvalue()))
     env.ingest(files)
-    # one transaction and one wake of the senders per CHUNK files, not one per file
-    assert env.rec.wakes == -(-200 // CHUNK) == 4
+    # one transaction and one wake of the senders per chunk, not one per file: the chunks grow
+    # from FIRST_CHUNK (the senders start after a few fsyncs) to CHUNK files
+    chunks, left, size = [], 200, FIRST_CHUNK
+    while left > 0:
+        chunks.append(min(size, left))
+        left, size = left - size, min(CHUNK, size * 2)
+    assert FIRST_CHUNK < CHUNK and chunks[-2] == CHUNK
+    assert env.rec.wakes == len(chunks) < 200 // FIRST_CHUNK
     assert env.queue.counts()["READY"] == 400
     assert len(env.jobs("archive")) == 200
 

@@ -33,6 +33,7 @@ from forwarder.queue import FileEntry, Queue
 logger = logging.getLogger(__name__)
 
 CHUNK = 64  # files checked, synced and queued together
+FIRST_CHUNK = 8  # the first chunk of a hand-over: sending starts after 8 fsyncs, not 64
 
 # Keywords whose values identify a patient (or a person) and so never reach logs or error files
 # unless log_phi is on. StationName, InstitutionName and the like stay visible.
@@ -206,8 +207,13 @@ class Ingest:
         with self._lock:
             router, want, vrs = self._router, self._want, self._vrs
         # In chunks, so that the first files are queued (and sent) while later ones are read.
-        for start in range(0, len(files), CHUNK):
-            self._ingest(files[start : start + CHUNK], router, want, vrs)
+        # The chunks grow from FIRST_CHUNK to CHUNK: a backlog's first files reach the senders
+        # after a few fsyncs (a 64-file chunk of CT images is 32 MB of writeback), and the
+        # later, larger chunks keep the queue's transactions few.
+        start, size = 0, FIRST_CHUNK
+        while start < len(files):
+            self._ingest(files[start : start + size], router, want, vrs)
+            start, size = start + size, min(CHUNK, size * 2)
 
     def _ingest(
         self,
