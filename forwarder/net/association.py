@@ -13,9 +13,10 @@ per-file work is done on a blocking socket:
 * ``TCP_NODELAY`` is always on, ``TCP_QUICKACK`` re-armed after every read (a peer with Nagle's
   algorithm on never stalls on our delayed ACKs), and plain TCP runs on kernel timeouts, without a
   ``poll()`` a call (:mod:`forwarder.net.transport`);
-* every PDU and response is checked against PS3.7/PS3.8 by :mod:`forwarder.net.pdu`'s strict
-  decoders (a few comparisons a response, no pydicom): Message ID Being Responded To, Affected
-  SOP Class/Instance UID, a 2-byte non-Pending Status... A violation aborts the association and
+* every PDU and response is checked against PS3.7/PS3.8 by the strict decoders of
+  :mod:`forwarder.net.pdu` and :mod:`forwarder.net.command_set` (a few comparisons a response, no
+  pydicom): Message ID Being Responded To, Affected SOP Class/Instance UID, a 2-byte non-Pending
+  Status... A violation aborts the association and
   raises :class:`~forwarder.errors.ProtocolError` (the file is retried); a stalled peer hits the
   socket timeout and is aborted. A missing or wrong Command Group Length, elements out of order
   or repeated with the same value change nothing and are tolerated, as by pynetdicom and DCMTK
@@ -52,19 +53,10 @@ from forwarder.errors import (
 )
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
-from forwarder.net.pacing import Pacer
-from forwarder.net.pdu import (
+from forwarder.net.command_set import (
     C_ECHO_RSP,
     C_STORE_RSP,
-    MAX_CONTEXTS,
-    PDATA_HEADER,
-    PDU_ABORT,
-    PDU_P_DATA,
-    PDU_RELEASE_RQ,
     PRIORITY,
-    RELEASE_RP,
-    VERIFICATION_SOP_CLASS,
-    ProposedContext,
     check_response,
     collect_command,
     command_text,
@@ -72,6 +64,17 @@ from forwarder.net.pdu import (
     encode_echo_rq,
     encode_store_rq,
     offending_text,
+)
+from forwarder.net.pacing import Pacer
+from forwarder.net.pdu import (
+    MAX_CONTEXTS,
+    PDATA_HEADER,
+    PDU_ABORT,
+    PDU_P_DATA,
+    PDU_RELEASE_RQ,
+    RELEASE_RP,
+    VERIFICATION_SOP_CLASS,
+    ProposedContext,
 )
 from forwarder.net.transport import Transport, connect, pdu_name
 
@@ -392,7 +395,7 @@ class Association:
     def _read_response(
         self, message_id: int, command_field: int, sop_class: bytes, sop_instance: bytes | None
     ) -> DimseResponse:
-        """Wait for the response to our one outstanding request and check it (pdu.py's
+        """Wait for the response to our one outstanding request and check it (command_set.py's
         :func:`collect_command`, :func:`decode_command`, :func:`check_response`): a few
         comparisons, no pydicom. Anything but that response aborts the association."""
         transport = self._transport
@@ -437,8 +440,9 @@ class Association:
             )
 
     def _note_layout(self, notes: list[str]) -> None:
-        """A response decoded in spite of layout faults that change nothing (pdu.decode_command):
-        a warning the first time on this association, a debug line after that."""
+        """A response decoded in spite of layout faults that change nothing
+        (command_set.decode_command): a warning the first time on this association, a debug line
+        after that."""
         level = logging.DEBUG if self._layout_noted else logging.WARNING
         self._layout_noted = True
         logger.log(

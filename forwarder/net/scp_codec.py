@@ -20,12 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from forwarder.errors import ProtocolError
+from forwarder.net.command_set import NO_DATA_SET, decode_command
 from forwarder.net.pdu import (
     APPLICATION_CONTEXT,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
-    NO_DATA_SET,
-    decode_command,
 )
 
 C_STORE_RQ = 0x0001
@@ -312,7 +311,7 @@ def decode_request(raw: bytes) -> DimseRequest:
     Required (PS3.7 9.3.1.1, 9.3.5.1): Command Field, Message ID, Command Data Set Type,
     Affected SOP Class UID; for C-STORE also Priority and Affected SOP Instance UID. C-ECHO
     carries no data set. Any other command is refused (we only serve storage and
-    verification). The layout faults :func:`pdu.decode_command` tolerates are tolerated.
+    verification). The layout faults :func:`command_set.decode_command` tolerates are tolerated.
     """
     values = decode_command(raw)
     field = _us(values, 0x0100, "Command Field")

@@ -23,9 +23,10 @@ import logging
 import struct
 
 from forwarder.errors import ProtocolError
+from forwarder.net.command_set import MAX_COMMAND_SET
 from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
 from forwarder.net.commitment_scp import MAX_ACTION_SIZE, CommitmentResponder
-from forwarder.net.pdu import MAX_COMMAND_SET, VERIFICATION_SOP_CLASS
+from forwarder.net.pdu import VERIFICATION_SOP_CLASS
 from forwarder.net.scp_codec import (
     ABORT_INVALID_PARAMETER,
     C_CANCEL_RQ,
