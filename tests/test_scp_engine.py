@@ -663,12 +663,8 @@ def test_our_answers_pass_the_senders_strict_checks_and_pynetdicoms_decoder() ->
     from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 
     from forwarder.net import command_set, pdu
-    from forwarder.net.scp_codec import (
-        DimseRequest,
-        decode_associate_rq,
-        encode_associate_ac,
-        encode_response,
-    )
+    from forwarder.net.scp_codec import decode_associate_rq, encode_associate_ac
+    from forwarder.net.scp_command_set import DimseRequest, encode_response
 
     proposed = {
         1: pdu.ProposedContext(CT, (EXPLICIT_LE, IMPLICIT_LE)),
