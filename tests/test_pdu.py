@@ -1,5 +1,5 @@
-"""The hand-written PDU and command-set codec (forwarder/net/pdu.py) against pynetdicom's,
-both ways.
+"""The hand-written PDU and command-set codecs (forwarder/net/pdu.py and command_set.py) against
+pynetdicom's, both ways.
 
 What forwarder encodes (A-ASSOCIATE-RQ, C-STORE-RQ, C-ECHO-RQ) decodes in pynetdicom to the same
 values; what pynetdicom encodes (A-ASSOCIATE-AC/RJ with every kind of result and user item,
@@ -41,6 +41,21 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 
 from forwarder.errors import ProtocolError
+from forwarder.net.command_set import (
+    C_ECHO_RSP as ECHO_RSP_FIELD,
+)
+from forwarder.net.command_set import (
+    C_STORE_RSP as STORE_RSP_FIELD,
+)
+from forwarder.net.command_set import (
+    check_response,
+    collect_command,
+    command_text,
+    decode_command,
+    encode_echo_rq,
+    encode_store_rq,
+    offending_text,
+)
 from forwarder.net.pdu import (
     ABORT,
     APPLICATION_CONTEXT,
@@ -49,23 +64,10 @@ from forwarder.net.pdu import (
     VERIFICATION_SOP_CLASS,
     ProposedContext,
     check_fixed_pdu,
-    check_response,
-    collect_command,
-    command_text,
     decode_associate_ac,
     decode_associate_rj,
-    decode_command,
     encode_associate_rq,
-    encode_echo_rq,
-    encode_store_rq,
-    offending_text,
     send_pdu_limit,
-)
-from forwarder.net.pdu import (
-    C_ECHO_RSP as ECHO_RSP_FIELD,
-)
-from forwarder.net.pdu import (
-    C_STORE_RSP as STORE_RSP_FIELD,
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

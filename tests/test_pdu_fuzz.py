@@ -26,20 +26,22 @@ from pynetdicom.presentation import PresentationContext
 
 from forwarder.errors import AssociationError, ProtocolError
 from forwarder.net.association import Association, AssociationSettings, Peer
-from forwarder.net.pdu import (
+from forwarder.net.command_set import (
     C_STORE_RSP as STORE_RSP_FIELD,
+)
+from forwarder.net.command_set import (
+    PENDING,
+    check_response,
+    collect_command,
+    decode_command,
 )
 from forwarder.net.pdu import (
     MAX_SEND_PDU,
     MIN_SEND_PDU,
-    PENDING,
     ProposedContext,
     check_fixed_pdu,
-    check_response,
-    collect_command,
     decode_associate_ac,
     decode_associate_rj,
-    decode_command,
     send_pdu_limit,
 )
 

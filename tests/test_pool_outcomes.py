@@ -15,7 +15,7 @@ from peers import ScriptedSCP, free_port
 from forwarder.errors import ProtocolError
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.channel import Channel, SendOutcome, StoreRequest
-from forwarder.net.pdu import C_STORE_RSP, NO_DATA_SET, check_response
+from forwarder.net.command_set import C_STORE_RSP, NO_DATA_SET, check_response
 from forwarder.net.status import Outcome, classify_status
 
 SETTINGS = AssociationSettings(connect_timeout=5.0, response_timeout=5.0, release_timeout=2.0)

@@ -662,13 +662,9 @@ def test_tls_async_pushes_then_stop_aborts_inside_tls(pki: Pki, tmp_path: Path) 
 def test_our_answers_pass_the_senders_strict_checks_and_pynetdicoms_decoder() -> None:
     from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 
-    from forwarder.net import pdu
-    from forwarder.net.scp_codec import (
-        DimseRequest,
-        decode_associate_rq,
-        encode_associate_ac,
-        encode_response,
-    )
+    from forwarder.net import command_set, pdu
+    from forwarder.net.scp_codec import decode_associate_rq, encode_associate_ac
+    from forwarder.net.scp_command_set import DimseRequest, encode_response
 
     proposed = {
         1: pdu.ProposedContext(CT, (EXPLICIT_LE, IMPLICIT_LE)),
@@ -694,10 +690,13 @@ def test_our_answers_pass_the_senders_strict_checks_and_pynetdicoms_decoder() ->
     decoded.decode(ac)
     assert decoded.calling_ae_title == "SENDER" and decoded.called_ae_title == "FORWARDER"
     rsp = encode_response(DimseRequest(0x0001, 7, CT, "1.2.3.99", True), 0xA900, "bad\\x" * 30)
-    values = pdu.decode_command(rsp, notes := [])
+    values = command_set.decode_command(rsp, notes := [])
     assert notes == []  # group length right, elements in order
-    assert pdu.check_response(values, pdu.C_STORE_RSP, 7, CT.encode(), b"1.2.3.99") == 0xA900
-    comment = pdu.command_text(values[0x0902])
+    assert (
+        command_set.check_response(values, command_set.C_STORE_RSP, 7, CT.encode(), b"1.2.3.99")
+        == 0xA900
+    )
+    comment = command_set.command_text(values[0x0902])
     assert comment is not None and len(comment) <= 64 and "\\" not in comment
 
 

@@ -41,10 +41,10 @@ from forwarder.errors import AssociationError, InvalidFileError, ProtocolError
 from forwarder.net.acse import AcceptedContext
 from forwarder.net.association import Association, AssociationSettings, Peer
 from forwarder.net.channel import Channel, SendOutcome, StoreRequest
+from forwarder.net.command_set import PRIORITY
 from forwarder.net.pdu import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
-    PRIORITY,
     ProposedContext,
     decode_associate_ac,
     encode_associate_rq,

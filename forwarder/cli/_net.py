@@ -22,7 +22,7 @@ from forwarder.cli._argtypes import non_negative, whole_number
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.pdu import PRIORITY
+from forwarder.net.command_set import PRIORITY
 
 if TYPE_CHECKING:
     from forwarder.config import Destination

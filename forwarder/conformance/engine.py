@@ -29,7 +29,7 @@ from forwarder.dicom import part10 as dicomfile
 from forwarder.dicom import reencode, transcode
 from forwarder.durations import parse_duration
 from forwarder.errors import ProtocolError
-from forwarder.net import contexts, pdu, receiver
+from forwarder.net import command_set, contexts, pdu, receiver
 from forwarder.net import status as dimse_status
 from forwarder.net.association import AssociationSettings
 
@@ -166,18 +166,18 @@ def _user_items(max_pdu: int) -> dict[int, bytes]:
 
 def _store_response_treatment(status: int) -> str:
     """What the sender does with a C-STORE-RSP carrying ``status``: the response goes through
-    the same check the sender applies (:func:`forwarder.net.pdu.check_response`), then
+    the same check the sender applies (:func:`forwarder.net.command_set.check_response`), then
     :func:`forwarder.net.status.classify_status`."""
     sop = _EXAMPLE_SOP_CLASS.encode()
     values = {
         0x0002: sop,
-        0x0100: struct.pack("<H", pdu.C_STORE_RSP),
+        0x0100: struct.pack("<H", command_set.C_STORE_RSP),
         0x0120: struct.pack("<H", 1),
-        0x0800: struct.pack("<H", pdu.NO_DATA_SET),
+        0x0800: struct.pack("<H", command_set.NO_DATA_SET),
         0x0900: struct.pack("<H", status),
     }
     try:
-        pdu.check_response(values, pdu.C_STORE_RSP, 1, sop, None)
+        command_set.check_response(values, command_set.C_STORE_RSP, 1, sop, None)
     except ProtocolError:
         return _PROTOCOL_ERROR
     return _TREATMENT[dimse_status.classify_status(status)]

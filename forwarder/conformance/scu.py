@@ -29,6 +29,7 @@ from forwarder.dicom import transcode
 from forwarder.errors import ProtocolError
 from forwarder.net import pdu
 from forwarder.net.association import AssociationSettings
+from forwarder.net.command_set import PRIORITY
 from forwarder.net.commitment import (
     COMMITMENT_SYNTAXES,
     STORAGE_COMMITMENT_INSTANCE,
@@ -116,8 +117,8 @@ def _initiation(e: _Engine, number: str, settings: AssociationSettings, who: str
         "associations. A file needing a context the open association did not propose makes "
         "the sender release it and negotiate again, proposing the new pair with the old ones. "
         "The daemon sets each C-STORE request's Priority from the file's route: urgent HIGH "
-        f"(`{_hex(pdu.PRIORITY['high'])}`), normal MEDIUM (`{_hex(pdu.PRIORITY['medium'])}`), "
-        f"low LOW (`{_hex(pdu.PRIORITY['low'])}`); a destination that failed at the connection "
+        f"(`{_hex(PRIORITY['high'])}`), normal MEDIUM (`{_hex(PRIORITY['medium'])}`), "
+        f"low LOW (`{_hex(PRIORITY['low'])}`); a destination that failed at the connection "
         "level is probed with C-ECHO (Verification, Implicit VR Little Endian) before files are "
         "sent to it again.",
         "",
@@ -422,7 +423,7 @@ def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
 
 
 def _priority(value: int) -> str:
-    names = {v: k for k, v in pdu.PRIORITY.items()}
+    names = {v: k for k, v in PRIORITY.items()}
     return f"{names.get(value, '?').upper()} (`{_hex(value)}`)"
 
 

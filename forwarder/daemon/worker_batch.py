@@ -35,7 +35,7 @@ from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics, log_outcome
 from forwarder.daemon.spares import SpareAssociations
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.channel import StoreRequest
-from forwarder.net.pdu import PRIORITY
+from forwarder.net.command_set import PRIORITY
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 

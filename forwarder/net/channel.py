@@ -34,9 +34,9 @@ from forwarder.errors import (
 from forwarder.net.association import (
     Association,
     AssociationSettings,
-    DimseResponse,
     Peer,
 )
+from forwarder.net.association_dimse import DimseResponse
 from forwarder.net.channel_convert import accepted_note, fallback_context, store_edited
 from forwarder.net.contexts import plan_contexts
 from forwarder.net.pdu import MAX_CONTEXTS

@@ -6,7 +6,7 @@ the same association, the N-EVENT-REPORT-RQ with its data set right after. It al
 N-EVENT-REPORT-RSP against the reports sent, and, once the association has ended, sends the
 reports kept for a new association (``receive --stgcmt-peer``). What the answer is
 (:class:`~forwarder.net.commitment_scp.CommitmentResponder`) and the command sets
-(:mod:`forwarder.net.scp_codec`) are not here.
+(:mod:`forwarder.net.scp_command_set`) are not here.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from forwarder.net.commitment_scp import (
     encode_dataset,
     send_report,
 )
-from forwarder.net.scp_codec import (
+from forwarder.net.scp_codec import encode_pdata
+from forwarder.net.scp_command_set import (
     DimseRequest,
     encode_action_response,
     encode_event_report,
     encode_event_report_response,
-    encode_pdata,
 )
 
 if TYPE_CHECKING:

@@ -23,11 +23,12 @@ import logging
 import struct
 
 from forwarder.errors import ProtocolError
+from forwarder.net.command_set import MAX_COMMAND_SET
 from forwarder.net.commitment import STORAGE_COMMITMENT_PUSH
 from forwarder.net.commitment_scp import MAX_ACTION_SIZE, CommitmentResponder
-from forwarder.net.pdu import MAX_COMMAND_SET, VERIFICATION_SOP_CLASS
-from forwarder.net.scp_codec import (
-    ABORT_INVALID_PARAMETER,
+from forwarder.net.pdu import VERIFICATION_SOP_CLASS
+from forwarder.net.scp_codec import ABORT_INVALID_PARAMETER, encode_pdata
+from forwarder.net.scp_command_set import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
     N_ACTION_RQ,
@@ -35,7 +36,6 @@ from forwarder.net.scp_codec import (
     N_EVENT_REPORT_RSP,
     DimseRequest,
     decode_request,
-    encode_pdata,
     encode_response,
 )
 from forwarder.net.scp_commitment import CommitmentExchange, ReportSink, take_report

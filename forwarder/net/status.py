@@ -1,7 +1,7 @@
 """What a C-STORE-RSP status means for the file: the DICOM status categories and our outcomes.
 
-:func:`classify_status` maps a status that passed :func:`forwarder.net.pdu.check_response` to an
-:class:`Outcome` (stored, stored with a warning, retried, failed); :func:`code_to_category` is
+:func:`classify_status` maps a status that passed :func:`forwarder.net.command_set.check_response`
+to an :class:`Outcome` (stored, stored with a warning, retried, failed); :func:`code_to_category` is
 pynetdicom's category of a status, restated without importing pynetdicom. Nothing here touches a
 socket or a file: :mod:`forwarder.net.channel` applies the outcome to a send, the worker and
 ``forwarder send`` act on it, :mod:`forwarder.conformance` tabulates it.
@@ -58,8 +58,8 @@ _TRANSIENT_FAILURES = frozenset(
 
 
 def classify_status(status: int) -> Outcome:
-    """Map the status of a C-STORE-RSP that passed :func:`forwarder.net.pdu.check_response` to an
-    outcome.
+    """Map the status of a C-STORE-RSP that passed
+    :func:`forwarder.net.command_set.check_response` to an outcome.
 
     - Success and Warning (0xB000, 0xB006, 0xB007, 0x0001...) are stored.
     - Retried with backoff (the file is not at fault, or we cannot tell): 0xA7xx (out of
