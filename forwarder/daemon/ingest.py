@@ -161,7 +161,7 @@ class Ingest:
             return []
         destinations = plan.ranked()  # name -> priority rank
         for name in destinations:
-            conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
+            conflict = router.conflict(plan, name) if router.may_edit(name) else None
             if conflict is not None:
                 extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
                 self._reject(ready, f"conflicting changes: {conflict}", "conflict", extra=extra)
@@ -186,6 +186,13 @@ class Ingest:
             self._known[entry.path] = (entry.size, entry.mtime_ns)
         self.on_enqueued()
         return list(destinations)
+
+    def received_elsewhere(self) -> None:
+        """A file the listener's receiving process queued on its own connection: counted, and
+        the senders woken (``_known`` is for the watch folder, which never sees it)."""
+        if self.metrics is not None:
+            self.metrics.ingested(True)
+        self.on_enqueued()
 
     def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]:
         """The router in force and the header tags (and their VRs) it reads."""
@@ -316,7 +323,7 @@ class Ingest:
             return None
         destinations = plan.ranked()  # name -> priority rank
         for name in destinations:
-            conflict = router.edits(plan, name).conflict if router.may_edit(name) else None
+            conflict = router.conflict(plan, name) if router.may_edit(name) else None
             if conflict is not None:
                 reason = f"conflicting changes: {conflict}"
                 extra = {"sop_instance_uid": meta.sop_instance_uid}

@@ -136,6 +136,7 @@ class Router:
     ) -> None:
         self._all = tuple(destinations)
         self._uids = uids  # the UID map deidentify uses (the queue's)
+        self._routes = None if routes is None else tuple(routes)
         self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
         self.configured = routes is not None
         if routes is None:
@@ -153,6 +154,11 @@ class Router:
             )
         self._may_edit: dict[str, bool] = {}
         self._may_edit = {d: self.may_edit(d) for d in self._all}
+
+    def __reduce__(self) -> tuple[type[Router], tuple[Any, ...]]:
+        # Pickled for the receiving process (listen_child), which routes and checks for
+        # conflicts but never edits: without the UID map, which is the daemon's queue.
+        return Router, (self._routes, self._all, self._modify)
 
     @property
     def keywords(self) -> frozenset[str]:
@@ -206,22 +212,13 @@ class Router:
         """The changes for the file of ``plan`` sent to ``destination``: the matching routes'
         (``deidentify`` then ``modify``), then the destination's own ``modify``. Matching
         routes that send it there with different changes are a conflict, never a pick."""
-        rules = plan.routes_to(destination)
-        keys: list[tuple[Any, ...]] = []  # config models are not hashable: compared with ==
-        for r in rules:
-            if r.edit_key not in keys:
-                keys.append(r.edit_key)
-        if len(keys) > 1:
-            names = ", ".join(r.name for r in rules)
-            return Edits(
-                destination,
-                (),
-                f"routes {names} send it to {destination} with different changes "
-                "(modify/deidentify); give them the same changes or put them on the destination",
-            )
+        conflict = self.conflict(plan, destination)
+        if conflict is not None:
+            return Edits(destination, (), conflict)
         from forwarder.dicom.edit import Modification  # pydicom: only when there are changes
 
         steps: list[tuple[str, Editor]] = []
+        rules = plan.routes_to(destination)
         rule = rules[0] if rules else None
         if rule is not None and rule.route is not None:
             deid = rule.route.deidentify
@@ -238,6 +235,22 @@ class Router:
         if own is not None:
             steps.append((f"destination {destination}: modify", Modification.from_config(own)))
         return Edits(destination, tuple(steps))
+
+    def conflict(self, plan: Plan, destination: str) -> str | None:
+        """Why the file of ``plan`` cannot be sent to ``destination``: matching routes that
+        send it there with different changes (None: no conflict)."""
+        rules = plan.routes_to(destination)
+        keys: list[tuple[Any, ...]] = []  # config models are not hashable: compared with ==
+        for r in rules:
+            if r.edit_key not in keys:
+                keys.append(r.edit_key)
+        if len(keys) <= 1:
+            return None
+        names = ", ".join(r.name for r in rules)
+        return (
+            f"routes {names} send it to {destination} with different changes "
+            "(modify/deidentify); give them the same changes or put them on the destination"
+        )
 
     def _deidentifier(self, config: Deidentify) -> Editor:
         from forwarder.dicom.deidentify import Deidentifier

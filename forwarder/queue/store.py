@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 # 8: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
 SCHEMA_VERSION = 8
 
+_FIRST_NAP = 50e-6  # seconds: the first wait for another process's write lock
+_LAST_NAP = 2e-3  # and the longest, while it is held longer
+
 
 def clock(now: float | None) -> float:
     """``now``, or the current time when the caller gave none."""
@@ -245,8 +248,7 @@ class Store:
         with self._lock:
             conn = self._connection(what)
             try:
-                # IMMEDIATE takes the write lock now, so reads inside see what they will update.
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin_immediate(conn)
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -255,6 +257,28 @@ class Store:
                     raise
             except sqlite3.Error as exc:
                 raise self._error(exc, what) from exc
+
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``: take the write lock now, so reads inside see what they will
+        update. While another process writes (the daemon's receiving process queues what it
+        received, a command pauses a destination), wait in naps of 50 us growing to 2 ms, up to
+        the busy timeout: SQLite's own busy handler first sleeps a whole millisecond, longer
+        than most transactions here hold the lock, and a modality waits for each object's."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            nap, deadline = _FIRST_NAP, time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                    if not busy or time.monotonic() >= deadline:
+                        raise
+                time.sleep(nap)
+                nap = min(nap * 2, _LAST_NAP)
+        finally:
+            conn.execute(self._busy_pragma)
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
