@@ -9,9 +9,11 @@ straight from the association's thread to a daemon thread and back).
 
 Here, on each association's thread: the engine receives, checks and fsyncs an object, then
 :class:`~forwarder.daemon.listen_sink.Placement` renames it under ``incoming/.listen`` (steps 1
-and 2 of :mod:`forwarder.daemon.listen_sink`); the daemon routes and queues it (steps 3 and 4)
-and its answer is the C-STORE-RSP. A storage commitment request is answered from the daemon's
-queue, and a PACS's commitment report goes to the daemon's keeper, both by a call.
+and 2 of :mod:`forwarder.daemon.listen_sink`). Steps 3 and 4, route and queue, are done here for
+most objects (:mod:`forwarder.daemon.listen_queue`: the daemon is told, not asked), and by the
+daemon's answer to a call for the rest; then Success is answered. A storage commitment request
+is answered from the daemon's queue, and a PACS's commitment report goes to the daemon's
+keeper, both by a call.
 
 The process dies with the daemon (``PR_SET_PDEATHSIG``), so it never answers Success for an
 object the daemon cannot queue. SIGTERM and SIGINT are ignored: the daemon (to which systemd
@@ -32,12 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.config import ListenConfig
-from forwarder.daemon.listen_sink import Placement, SpaceWatch
+from forwarder.crashpoints import crash_point
+from forwarder.daemon.listen_queue import DirectQueue, Routing
+from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
 from forwarder.daemon.listen_wire import Peer, PeerGone, pass_channel
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import REASON_PROCESSING_FAILURE
-from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Answer, Origin, ReceivedObject
+from forwarder.net.scp_object import (
+    STATUS_OUT_OF_RESOURCES,
+    SUCCESS,
+    Answer,
+    Origin,
+    ReceivedObject,
+)
 
 logger = logging.getLogger("forwarder.daemon.listen")
 
@@ -48,7 +58,7 @@ _HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when 
 
 
 class RemoteSink:
-    """The engine's sink here: place the object, then have the daemon queue it."""
+    """The engine's sink here: place the object, then queue it here or have the daemon do it."""
 
     def __init__(self, child: Child) -> None:
         self._child = child
@@ -62,15 +72,23 @@ class RemoteSink:
     def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
         # Read by the engine on the association's thread as an object's check starts; its
         # accept (same thread) says which generation its values were collected for.
-        generation, pair = self._child.wanted
-        self._local.generation = generation
-        return pair
+        routing = self._child.routing
+        self._local.generation = routing.generation
+        return routing.wanted
 
     def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
         generation = getattr(self._local, "generation", -1)
         final = self._child.placement.place(path, obj, origin)
         if isinstance(final, Answer):
             return final
+        direct = self._child.direct
+        if direct is not None:
+            queued = direct.queue(final, obj, origin, self._child.routing, generation)
+            if queued is not None:
+                self._child.tell("queued")
+                crash_point("listen-before-answer")
+                log_received(queued.entry, origin, queued.destinations)
+                return SUCCESS
         try:
             status, comment = self._child.ask(
                 "queue", str(final), obj, origin, generation, timeout=_QUEUE_TIMEOUT
@@ -94,7 +112,12 @@ class Child:
         self._carrier = carrier  # passes each association's channel to the daemon
         self._carrier_lock = threading.Lock()
         self._local = threading.local()
-        self.wanted: tuple[int, tuple[dict[int, str], dict[int, str]]] = init["wanted"]
+        self.routing: Routing = init["routing"]
+        self.direct: DirectQueue | None = None
+        try:
+            self.direct = DirectQueue(init["queue"], init["spool"])
+        except ForwarderError as exc:
+            logger.warning("listen: %s; the daemon queues every object", exc)
         self._space_ok = True
         space = SpaceWatch(
             Path(init["incoming"]), listen.min_free_space, self._space_changed, announce=False
@@ -134,6 +157,8 @@ class Child:
         self.peer.send("ready")
         self._stop.wait()
         self.receiver.stop(self._drain)
+        if self.direct is not None:
+            self.direct.close()
         return 0
 
     def _serve(self) -> None:
@@ -147,8 +172,8 @@ class Child:
             self.peer.send("health", healthy)
 
     def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
-        if kind == "wanted":
-            self.wanted = args[0]
+        if kind == "routing":
+            self.routing = args[0]
         elif kind == "stop_accepting":
             return self.receiver.stop_accepting()
         elif kind == "stop":
@@ -171,19 +196,38 @@ class Child:
                 pass
 
     def ask(self, kind: str, *args: Any, timeout: float) -> Any:
-        """A call to the daemon on this thread's own channel (made at its first call: each
+        """A call to the daemon on this thread's own channel (made at its first use: each
         association has its thread, and the daemon a thread serving its channel). A channel
         that failed is dropped, so the next call makes another."""
+        channel = self._channel()
+        try:
+            return channel.ask(kind, *args, timeout=timeout)
+        except PeerGone:
+            self._drop(channel)
+            raise
+
+    def tell(self, kind: str, *args: Any) -> None:
+        """A message to the daemon on this thread's channel, not waited for. Lost if the
+        daemon is going away (this process goes with it)."""
+        channel: Peer | None = None
+        try:
+            channel = self._channel()
+            channel.send(kind, *args)
+        except (PeerGone, OSError) as exc:
+            if channel is not None:
+                self._drop(channel)
+            logger.warning("listen: cannot tell the daemon %s: %s", kind, exc)
+
+    def _channel(self) -> Peer:
         channel: Peer | None = getattr(self._local, "channel", None)
         if channel is None:
             channel = pass_channel(self._carrier, self._carrier_lock)
             self._local.channel = channel
-        try:
-            return channel.ask(kind, *args, timeout=timeout)
-        except PeerGone:
-            self._local.channel = None
-            channel.sock.close()
-            raise
+        return channel
+
+    def _drop(self, channel: Peer) -> None:
+        self._local.channel = None
+        channel.sock.close()
 
     def _holdings(self, reference: Reference) -> int | None:
         try:

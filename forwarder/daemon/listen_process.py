@@ -3,8 +3,10 @@
 Why a process: a modality pushing small objects one at a time waits for each answer, so the
 gateway's pace is the receive path's latency, and in one interpreter the receiving threads and
 the sending threads take turns on one lock. In a process of its own the engine (PDUs, the end to
-end check, the file, its fsync and rename) runs on another core; the daemon keeps the queue and
-routing (one call per object: route, queue, answer).
+end check, the file, its fsync and rename) runs on another core, and so do the routing and the
+queue commit of most objects (:mod:`forwarder.daemon.listen_queue`, with a copy of the daemon's
+router sent down at start and after each reload); the daemon is told of each, and is called for
+the rest (objects routed nowhere, discarded, conflicting or sent again while queued).
 
 :class:`ListenProcess` makes the listening socket itself and hands it down, starts the process,
 answers its calls (``listen-association`` threads, one per association: queue an object, what
@@ -33,6 +35,7 @@ from typing import Any
 
 import forwarder
 from forwarder.config import ListenConfig
+from forwarder.daemon.listen_queue import Routing
 from forwarder.daemon.listen_sink import ListenSink
 from forwarder.daemon.listen_wire import Peer, PeerGone, take_channels
 from forwarder.dicom.check import check_file_values
@@ -88,7 +91,7 @@ class ListenProcess:
         self._healthy = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sent: tuple[dict[int, str], dict[int, str]] | None = None
+        self._sent: Routing | None = None
         self._generation = 0
         self._lock = threading.Lock()
         self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
@@ -213,7 +216,9 @@ class ListenProcess:
             "ae_title": self._ae_title,
             "incoming": str(self._incoming),
             "folder": str(self._sink.spool),
-            "wanted": self._wanted(),
+            "routing": self._routing(),
+            "queue": self._sink.queue_path,
+            "spool": self._sink.spool_folders,
             "reports": self._reports is not None,
             "log_level": self._log_level,
         }
@@ -340,6 +345,9 @@ class ListenProcess:
             return None
 
     def _dispatch(self, kind: str, args: tuple[Any, ...]) -> Any:
+        if kind == "queued":  # it queued an object itself (listen_queue)
+            self._sink.queued_elsewhere()
+            return None
         if kind == "queue":
             return self._queue(*args)
         if kind == "holdings":
@@ -366,24 +374,29 @@ class ListenProcess:
             self._failed = str(args[0])
         return None
 
-    def _wanted(self) -> tuple[int, tuple[dict[int, str], dict[int, str]]]:
-        """What the routes read now, and its generation (a new one after each reload that
-        changed it, sent to the process)."""
+    def routes_changed(self) -> None:
+        """A reload replaced the router: the process routes with the new one from now on."""
+        self._routing()
+
+    def _routing(self) -> Routing:
+        """The routes in force, with their generation: a new one after each reload that
+        replaced them, sent to the process (which routes most objects itself)."""
         with self._lock:
-            wanted = self._sink.wanted
-            if wanted is not self._sent:
+            wanted, router = self._sink.wanted, self._sink.router
+            sent = self._sent
+            if sent is None or wanted is not sent.wanted or router is not sent.router:
                 self._generation += 1
-                self._sent = wanted
+                self._sent = sent = Routing(self._generation, wanted, router)
                 peer = self._peer
                 if peer is not None:
                     with contextlib.suppress(PeerGone):
-                        peer.send("wanted", (self._generation, wanted))
-            return self._generation, wanted
+                        peer.send("routing", sent)
+            return sent
 
     def _queue(
         self, path: str, obj: ReceivedObject, origin: Origin, generation: int
     ) -> tuple[int, str | None]:
-        current, wanted = self._wanted()
+        current, wanted, _router = self._routing()
         if generation != current:  # collected for routes since reloaded: read them again
             try:
                 _meta, values = check_file_values(Path(path), *wanted)

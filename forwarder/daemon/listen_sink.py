@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.errors import ForwarderError
 from forwarder.net.placement import NO_STUDY_FOLDER, place, safe_uid_name
@@ -266,26 +267,51 @@ class ListenSink:
             return Answer(STATUS_OUT_OF_RESOURCES, "an earlier copy is being finished; send again")
         crash_point("listen-before-answer")
         self._on_object("stored")
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "%s: received %s from %s (%s:%d, association %s), queued for %s",
-                entry.rel_path,
-                entry.sop_instance_uid,
-                origin.calling_ae,
-                origin.host,
-                origin.port,
-                origin.association,
-                ", ".join(destinations) or "nothing (discarded, or no route: see above)",
-                extra={
-                    "FILE": entry.path,
-                    "SOP_INSTANCE_UID": entry.sop_instance_uid,
-                    "CALLING_AE": origin.calling_ae,
-                    "PEER": entry.peer,
-                    "ASSOCIATION": origin.association,
-                    "OUTCOME": "received",
-                },
-            )
+        log_received(entry, origin, destinations)
         return SUCCESS
+
+    @property
+    def queue_path(self) -> str:
+        """The queue database (the receiving process queues on a connection of its own)."""
+        return self._ingest.queue.path
+
+    @property
+    def spool_folders(self) -> Spool:
+        return self._spool
+
+    @property
+    def router(self) -> Router:
+        """The routes in force (reloads replace it)."""
+        return self._ingest.routing()[0]
+
+    def queued_elsewhere(self) -> None:
+        """An object the receiving process queued itself: count it and wake the senders."""
+        self._ingest.received_elsewhere()
+        self._on_object("stored")
+
+
+def log_received(entry: FileEntry, origin: Origin, destinations: Sequence[str]) -> None:
+    """The INFO line of an object received and queued (in either process)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    logger.info(
+        "%s: received %s from %s (%s:%d, association %s), queued for %s",
+        entry.rel_path,
+        entry.sop_instance_uid,
+        origin.calling_ae,
+        origin.host,
+        origin.port,
+        origin.association,
+        ", ".join(destinations) or "nothing (discarded, or no route: see above)",
+        extra={
+            "FILE": entry.path,
+            "SOP_INSTANCE_UID": entry.sop_instance_uid,
+            "CALLING_AE": origin.calling_ae,
+            "PEER": entry.peer,
+            "ASSOCIATION": origin.association,
+            "OUTCOME": "received",
+        },
+    )
 
 
 def received_entry(

@@ -253,6 +253,12 @@ class Listener:
         self._receiver.stop(drain)
         logger.info("listen: stopped (%.1f s)", time.monotonic() - started)
 
+    def routes_changed(self) -> None:
+        """Called after a reload replaced the router: a receiving process routes with the new
+        one from now on (in-process, the sink reads the daemon's at each object)."""
+        if isinstance(self._receiver, ListenProcess):
+            self._receiver.routes_changed()
+
     def _space_changed(self, ok: bool, free: int) -> None:
         if self._metrics is not None:
             self._metrics.listen_space(ok, free)

@@ -353,6 +353,8 @@ class Service(ServiceLoop):
                 self.queue,
             )
         )
+        if self.listener is not None:
+            self.listener.routes_changed()
         for name, dest in new_dests.items():
             if name not in self._workers:
                 if self.metrics is not None:

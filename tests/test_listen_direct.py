@@ -1,0 +1,213 @@
+"""The receiving process queues most objects itself (:mod:`forwarder.daemon.listen_queue`).
+
+What must hold: an object the routes send somewhere is queued by the receiving process on its own
+connection, with the same rows and origin the daemon would write, and Success follows that
+commit, so a daemon that does not run for a while (stopped, or busy) does not hold a modality
+up; everything else (no route, discard, conflicting changes, a resend while queued, values read
+for routes since replaced, a queue that refuses) is left to the daemon, with nothing written;
+the router crosses the process boundary without the daemon's UID map; and a writer waits for
+another process's write lock in short naps, up to its busy timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from peers import StoreSCP
+from test_listen import (
+    assert_same_datasets,
+    copies,
+    held,
+    listen_daemon,
+    listen_port,
+    pacs,  # noqa: F401 - the fixture
+    pacs_destination,
+    push,
+)
+
+from forwarder.config import Route
+from forwarder.daemon.listen_queue import DirectQueue, Routing
+from forwarder.daemon.router import Router
+from forwarder.daemon.spool import Spool
+from forwarder.errors import QueueError
+from forwarder.net.scp_object import Origin, ReceivedObject
+from forwarder.queue import Queue
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+WANTED: tuple[dict[int, str], dict[int, str]] = ({0x00080060: "Modality"}, {0x00080060: "CS"})
+
+
+def rr(name: str, to: list[str], match: dict[str, object], **kw: object) -> Route:
+    return Route.model_validate({"name": name, "match": match, "to": to, **kw})
+
+
+class Scene:
+    """A spool, a queue, and objects placed under ``incoming/.listen`` as the engine leaves
+    them; ``direct`` queues through its own connection, as the receiving process does."""
+
+    def __init__(self, root: Path, routes: list[Route] | None) -> None:
+        self.spool = Spool(root / "incoming", root / "done", root / "failed")
+        self.queue = Queue(root / "q.sqlite")  # the daemon's, created first
+        self.router = Router(routes, ["pacs", "archive"], {}, self.queue)
+        self.routing = Routing(1, WANTED, pickle.loads(pickle.dumps(self.router)))
+        self.direct = DirectQueue(self.queue.path, self.spool)
+        self.count = 0
+
+    def close(self) -> None:
+        self.direct.close()
+        self.queue.close()
+
+    def placed(self, modality: str = "CT", calling: str = "CT01") -> tuple[Path, ReceivedObject]:
+        self.count += 1
+        uid = f"1.2.3.{self.count}"
+        final = self.spool.incoming / ".listen" / calling / "1.2.3" / f"{uid}.dcm"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_bytes(b"x" * 300)
+        obj = ReceivedObject(CT, uid, EXPLICIT, "1.2.3", 300, 132, {"Modality": modality})
+        return final, obj
+
+    def queue_it(
+        self, final: Path, obj: ReceivedObject, calling: str = "CT01", generation: int = 1
+    ) -> list[str] | None:
+        origin = Origin(calling, "GATEWAY", "127.0.0.1", 5104, "a-1")
+        queued = self.direct.queue(final, obj, origin, self.routing, generation)
+        return None if queued is None else queued.destinations
+
+    def jobs(self) -> list[tuple[str, str]]:
+        with sqlite3.connect(self.queue.path) as conn:
+            rows = conn.execute(
+                "SELECT f.rel_path, j.destination FROM jobs j JOIN files f ON f.id = j.file_id "
+                "ORDER BY f.rel_path, j.destination"
+            ).fetchall()
+        return [(str(a), str(b)) for a, b in rows]
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Iterator[Scene]:
+    s = Scene(
+        tmp_path,
+        [
+            rr("ct", ["pacs", "archive"], {"Modality": "CT"}),
+            rr("sr", ["pacs"], {"Modality": "SR"}, modify={"set": {"InstitutionName": "A"}}),
+            rr("sr2", ["pacs"], {"Modality": "SR"}, modify={"set": {"InstitutionName": "B"}}),
+            rr("qa", [], {"calling_ae": "QA01"}, action="discard"),
+        ],
+    )
+    yield s
+    s.close()
+
+
+def test_a_routed_object_is_queued_here_with_its_origin(scene: Scene) -> None:
+    final, obj = scene.placed("CT")
+    assert scene.queue_it(final, obj) == ["pacs", "archive"]
+    rel = f"CT01/1.2.3/{obj.sop_instance_uid}.dcm"
+    assert scene.jobs() == [(rel, "archive"), (rel, "pacs")]
+    (found,) = scene.queue.find([obj.sop_instance_uid])
+    assert found.origin == ("CT01", "GATEWAY", "127.0.0.1:5104", "a-1")
+
+
+@pytest.mark.parametrize(
+    ("modality", "calling", "generation", "why"),
+    [
+        ("MR", "CT01", 1, "no route"),
+        ("CT", "QA01", 1, "a discard route"),
+        ("SR", "CT01", 1, "two routes, different changes"),
+        ("CT", "CT01", 0, "values read for routes since replaced"),
+    ],
+)
+def test_what_the_daemon_decides_is_left_to_it_with_nothing_written(
+    scene: Scene, modality: str, calling: str, generation: int, why: str
+) -> None:
+    final, obj = scene.placed(modality, calling)
+    assert scene.queue_it(final, obj, calling, generation) is None, why
+    assert scene.jobs() == []
+    assert final.exists()
+
+
+def test_a_resend_of_an_object_still_queued_is_left_to_the_daemon(scene: Scene) -> None:
+    final, obj = scene.placed("CT")
+    assert scene.queue_it(final, obj) == ["pacs", "archive"]
+    assert scene.queue_it(final, obj) is None  # the daemon replaces the queued version
+    assert len(scene.jobs()) == 2
+
+
+def test_a_queue_that_refuses_leaves_it_to_the_daemon(scene: Scene) -> None:
+    final, obj = scene.placed("CT")
+    scene.direct._queue.close()  # what a queue error looks like from here
+    assert scene.queue_it(final, obj) is None
+    assert scene.jobs() == []
+
+
+def test_the_router_crosses_the_process_boundary_without_the_uid_map(tmp_path: Path) -> None:
+    routes = [
+        rr("ct", ["pacs"], {"Modality": "CT"}, deidentify={"profile": "basic"}),
+        rr("all", ["archive"], {"folder": "*"}),
+    ]
+    with Queue(tmp_path / "q.sqlite") as q:
+        router = Router(routes, ["pacs", "archive"], {}, q)
+        copy = pickle.loads(pickle.dumps(router))
+        header = {"Modality": "CT"}
+        assert copy.plan(header, "a/b.dcm").ranked() == router.plan(header, "a/b.dcm").ranked()
+        assert copy.keywords == router.keywords
+        assert copy.may_edit("pacs") and not copy.may_edit("archive")
+        plan = copy.plan(header, "a/b.dcm")
+        assert copy.conflict(plan, "pacs") is None
+        with pytest.raises(ValueError, match="UID map"):
+            copy.edits(plan, "pacs")  # editing stays the daemon's (it has the map)
+        assert router.edits(router.plan(header, "a/b.dcm"), "pacs").editors
+
+
+def test_a_writer_waits_for_another_processs_write_lock(tmp_path: Path) -> None:
+    with Queue(tmp_path / "q.sqlite") as q:
+        holder = sqlite3.connect(q.path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")
+        released = threading.Event()
+
+        def release() -> None:
+            released.wait(10)
+            holder.execute("COMMIT")
+
+        t = threading.Thread(target=release)
+        t.start()
+        threading.Timer(0.05, released.set).start()
+        assert q.pause("pacs")  # waited for the holder's commit, then took the lock
+        t.join()
+        assert list(q.paused()) == ["pacs"]
+        holder.close()
+    with Queue(tmp_path / "q.sqlite", busy_timeout=0.3) as q:
+        holder = sqlite3.connect(q.path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(QueueError, match="database is locked"):
+            q.resume("pacs")  # held past the busy timeout: refused, as before
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_stopped_daemon_does_not_hold_up_a_modality(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The receiving process queues and answers while the daemon cannot run (SIGSTOP: a long
+    pause of its own); once it runs again it sends them."""
+    files = copies(tmp_path / "m", "CT_small.dcm", 3)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        port = listen_port(d)
+        assert push(port, files[:1]) == [(0, "")]
+        wait_until(lambda: len(held(pacs)) == 1, 30, what="the first")
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            assert push(port, files[1:]) == [(0, "")] * 2
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
+        assert_same_datasets(pacs, files)
+        assert d.stop() == 0
