@@ -52,6 +52,7 @@ from forwarder.errors import (
 )
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
+from forwarder.net.interrupt import StopEvent
 from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import (
     C_ECHO_RSP,
@@ -120,6 +121,8 @@ class AssociationSettings:
     batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
     # The destination's rate cap, shared by all its associations (None: unlimited).
     pacer: Pacer | None = None
+    # The sending threads' stop: once set, a TCP connect under way is interrupted.
+    stop: StopEvent | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,177 @@
+"""A TCP connect that hangs (a peer dropping SYNs) ends at once when the stop is set.
+
+The hung connect is real: a loopback port whose accept queue is full (``peers.black_hole``).
+Covered: the kernel behaviour the design rests on (shutdown() wakes a connect in SYN_SENT),
+:mod:`forwarder.net.interrupt` (IPv4 and IPv6), the C-STORE sender's connect and channel, the
+STOW-RS client, and the pynetdicom associations of the proof threads (:mod:`forwarder.net.cancel`);
+the timeouts and their messages are unchanged without a stop.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+from dicomgen import write_file
+from peers import BlackHole, black_hole
+
+from forwarder.errors import AssociationError, ConnectInterrupted
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.channel import Channel, StoreRequest
+from forwarder.net.interrupt import StopEvent, open_connection
+from forwarder.net.status import Outcome
+from forwarder.net.transport import connect
+
+PROMPT = 2.0  # seconds an interrupted connect may take to return
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``call`` on a thread; its result or exception, and how long it took, land in the
+    dict."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            out["result"] = call()
+        except BaseException as exc:
+            out["error"] = exc
+        out["took"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, name="test-connect", daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _interrupt(hole: BlackHole, stop: threading.Event, thread: threading.Thread) -> float:
+    """Wait until the thread's connect hangs, set ``stop``, return how long it took to end."""
+    wait_until(hole.connecting, 10, what="a connect waiting in SYN_SENT")
+    assert thread.is_alive()
+    stopped = time.monotonic()
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive(), "the connect was not interrupted"
+    return time.monotonic() - stopped
+
+
+# -- the kernel behaviour the design rests on ----------------------------------------------------
+
+
+def test_shutdown_wakes_a_connect_in_syn_sent() -> None:
+    with black_hole() as hole, socket.socket() as sock:
+        sock.settimeout(60)
+        thread, out = _in_thread(lambda: sock.connect((hole.host, hole.port)))
+        wait_until(hole.connecting, 10, what="SYN_SENT")
+        sock.shutdown(socket.SHUT_RDWR)
+        thread.join(PROMPT)
+        assert not thread.is_alive()
+        assert isinstance(out["error"], ConnectionResetError)
+
+
+# -- forwarder.net.interrupt ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        pytest.param(
+            "::1",
+            marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback"),
+        ),
+    ],
+)
+def test_open_connection_is_interrupted_by_the_stop(host: str) -> None:
+    stop = StopEvent()
+    with black_hole(host) as hole:
+        thread, out = _in_thread(lambda: open_connection((host, hole.port), 60.0, stop=stop))
+        took = _interrupt(hole, stop, thread)
+        assert took < PROMPT
+        assert isinstance(out["error"], ConnectInterrupted)
+        assert hole.connecting() == 0  # the socket was closed, not left in SYN_SENT
+
+
+def test_open_connection_after_the_stop_does_not_connect() -> None:
+    stop = StopEvent()
+    stop.set()
+    with black_hole() as hole:
+        with pytest.raises(ConnectInterrupted):
+            open_connection((hole.host, hole.port), 60.0, stop=stop)
+        assert hole.connecting() == 0
+
+
+def test_open_connection_keeps_its_timeout_and_connects() -> None:
+    stop = StopEvent()
+    with black_hole() as hole:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            open_connection((hole.host, hole.port), 0.3, stop=stop)
+        assert time.monotonic() - started < PROMPT
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with open_connection(("localhost", port), 5.0, stop=stop) as sock:
+            peer, _ = server.accept()
+            with peer:
+                sock.sendall(b"ping")
+                assert peer.recv(4) == b"ping"
+    assert not stop.is_set()
+
+
+# -- the C-STORE sender ---------------------------------------------------------------------------
+
+
+def test_transport_connect_is_interrupted_and_says_so() -> None:
+    stop = StopEvent()
+    with black_hole() as hole:
+        peer = Peer(hole.host, hole.port, "PACS")
+        settings = AssociationSettings(connect_timeout=60.0, stop=stop)
+        thread, out = _in_thread(lambda: connect(peer, settings))
+        assert _interrupt(hole, stop, thread) < PROMPT
+    error = out["error"]
+    assert isinstance(error, ConnectInterrupted) and error.retryable
+    assert str(error) == f"cannot connect to {peer}: interrupted: forwarder is stopping"
+
+
+def test_transport_connect_timeout_message_is_unchanged() -> None:
+    with black_hole() as hole:
+        peer = Peer(hole.host, hole.port, "PACS")
+        with pytest.raises(AssociationError) as caught:
+            connect(peer, AssociationSettings(connect_timeout=0.3, stop=StopEvent()))
+    assert not isinstance(caught.value, ConnectInterrupted)
+    assert str(caught.value) == f"cannot connect to {peer}: no answer within 0.3s"
+
+
+def test_channel_hands_the_files_back_untried(tmp_path: Path) -> None:
+    files = [tmp_path / f"img{i}.dcm" for i in range(3)]
+    for i, path in enumerate(files):
+        write_file(path, seed=i)
+    stop = StopEvent()
+    with black_hole() as hole:
+        channel = Channel(
+            Peer(hole.host, hole.port, "PACS"), AssociationSettings(connect_timeout=60.0, stop=stop)
+        )
+        requests = [StoreRequest(str(p), key=i) for i, p in enumerate(files)]
+        thread, out = _in_thread(lambda: list(channel.send(requests)))
+        assert _interrupt(hole, stop, thread) < PROMPT
+    outcomes = out["result"]
+    assert [o.request.key for o in outcomes] == [0, 1, 2]
+    for o in outcomes:
+        assert o.outcome is Outcome.RETRY
+        assert not o.attempted and not o.association_failed  # nothing charged, peer not blamed
+        assert "interrupted: forwarder is stopping" in (o.error or "")
+    assert channel.down is None and not channel.is_open
