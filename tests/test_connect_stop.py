@@ -21,6 +21,8 @@ from conftest import wait_until
 from dicomgen import write_file
 from peers import BlackHole, black_hole
 
+from forwarder.dicomweb.channel import StowChannel
+from forwarder.dicomweb.http import WebSettings
 from forwarder.errors import AssociationError, ConnectInterrupted
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.channel import Channel, StoreRequest
@@ -175,3 +177,37 @@ def test_channel_hands_the_files_back_untried(tmp_path: Path) -> None:
         assert not o.attempted and not o.association_failed  # nothing charged, peer not blamed
         assert "interrupted: forwarder is stopping" in (o.error or "")
     assert channel.down is None and not channel.is_open
+
+
+# -- the STOW-RS client -----------------------------------------------------------------------
+
+
+def test_stow_connect_is_interrupted(tmp_path: Path) -> None:
+    files = [tmp_path / f"img{i}.dcm" for i in range(2)]
+    for i, path in enumerate(files):
+        write_file(path, seed=i)
+    stop = StopEvent()
+    with black_hole() as hole:
+        url = f"http://{hole.host}:{hole.port}/dicom-web"
+        channel = StowChannel(WebSettings(url=url, connect_timeout=60.0, stop=stop))
+        requests = [StoreRequest(str(p), key=i) for i, p in enumerate(files)]
+        thread, out = _in_thread(lambda: list(channel.send(requests)))
+        assert _interrupt(hole, stop, thread) < PROMPT
+    outcomes = out["result"]
+    assert len(outcomes) == 2
+    for o in outcomes:
+        assert o.outcome is Outcome.RETRY
+        assert not o.attempted and not o.association_failed
+        assert o.error == f"{url}: cannot connect: interrupted: forwarder is stopping"
+    assert channel.down is None and not channel.is_open
+
+
+def test_stow_connect_timeout_is_unchanged(tmp_path: Path) -> None:
+    write_file(tmp_path / "img.dcm")
+    with black_hole() as hole:
+        url = f"http://{hole.host}:{hole.port}/dicom-web"
+        channel = StowChannel(WebSettings(url=url, connect_timeout=0.3, stop=StopEvent()))
+        [outcome] = list(channel.send([StoreRequest(str(tmp_path / "img.dcm"))]))
+    assert outcome.outcome is Outcome.RETRY and outcome.association_failed
+    assert outcome.error is not None and "cannot connect" in outcome.error
+    assert "timed out" in outcome.error
