@@ -26,6 +26,8 @@ from forwarder.dicomweb.http import WebSettings
 from forwarder.errors import AssociationError, ConnectInterrupted
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.channel import Channel, StoreRequest
+from forwarder.net.commitment import CommitmentBook
+from forwarder.net.commitment_scu import open_association
 from forwarder.net.interrupt import StopEvent, open_connection
 from forwarder.net.status import Outcome
 from forwarder.net.transport import connect
@@ -211,3 +213,30 @@ def test_stow_connect_timeout_is_unchanged(tmp_path: Path) -> None:
     assert outcome.outcome is Outcome.RETRY and outcome.association_failed
     assert outcome.error is not None and "cannot connect" in outcome.error
     assert "timed out" in outcome.error
+
+
+# -- the proof threads' pynetdicom associations -----------------------------------------------
+
+
+def test_commitment_association_connect_is_interrupted() -> None:
+    """The cancelled associate returns at once, and pynetdicom's connection thread (not a
+    daemon thread: it would hold the daemon's exit) ends too: the autouse leak check fails
+    the test otherwise."""
+    cancel = threading.Event()
+    with black_hole() as hole:
+        peer = Peer(hole.host, hole.port, "PACS")
+        settings = AssociationSettings(connect_timeout=60.0)
+        book = CommitmentBook()
+        call = lambda: open_association(  # noqa: E731
+            peer, settings, book, ["1.2.840.10008.1.20.1"], cancel
+        )
+        thread, out = _in_thread(call)
+        assert _interrupt(hole, cancel, thread) < PROMPT
+        assert "stopping" in str(out["error"])
+        wait_until(lambda: hole.connecting() == 0, PROMPT, what="the connect to end")
+        main = threading.main_thread()
+
+        def holding_exit() -> list[threading.Thread]:
+            return [t for t in threading.enumerate() if not t.daemon and t is not main]
+
+        wait_until(lambda: not holding_exit(), 5, what="pynetdicom's threads to end")
