@@ -2,14 +2,16 @@
 
 The hung connect is real: a loopback port whose accept queue is full (``peers.black_hole``).
 Covered: the kernel behaviour the design rests on (shutdown() wakes a connect in SYN_SENT),
-:mod:`forwarder.net.interrupt` (IPv4 and IPv6), the C-STORE sender's connect and channel, the
-STOW-RS client, and the pynetdicom associations of the proof threads (:mod:`forwarder.net.cancel`);
-the timeouts and their messages are unchanged without a stop.
+:mod:`forwarder.net.interrupt` (IPv4 and IPv6); the C-STORE sender's connect, TLS handshake,
+A-ASSOCIATE-AC wait and channel (an established association is left alone); the STOW-RS
+client; the pynetdicom associations of the proof threads (:mod:`forwarder.net.cancel`). The
+timeouts and their messages are unchanged without a stop.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -19,20 +21,22 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from dicomgen import write_file
-from peers import BlackHole, black_hole
+from peers import BlackHole, ScriptedSCP, black_hole
 
 from forwarder.dicomweb.channel import StowChannel
 from forwarder.dicomweb.http import WebSettings
 from forwarder.errors import AssociationError, ConnectInterrupted
-from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.association import Association, AssociationSettings, Peer
 from forwarder.net.channel import Channel, StoreRequest
 from forwarder.net.commitment import CommitmentBook
 from forwarder.net.commitment_scu import open_association
 from forwarder.net.interrupt import StopEvent, open_connection
+from forwarder.net.pdu import VERIFICATION_SOP_CLASS, ProposedContext
 from forwarder.net.status import Outcome
 from forwarder.net.transport import connect
 
 PROMPT = 2.0  # seconds an interrupted connect may take to return
+_ECHO = ProposedContext(VERIFICATION_SOP_CLASS, ("1.2.840.10008.1.2",))
 
 
 def _ipv6_loopback() -> bool:
@@ -158,6 +162,66 @@ def test_transport_connect_timeout_message_is_unchanged() -> None:
             connect(peer, AssociationSettings(connect_timeout=0.3, stop=StopEvent()))
     assert not isinstance(caught.value, ConnectInterrupted)
     assert str(caught.value) == f"cannot connect to {peer}: no answer within 0.3s"
+
+
+def _first_bytes(server: socket.socket) -> socket.socket:
+    """Accept the client's connection and read its first bytes (the A-ASSOCIATE-RQ or the TLS
+    ClientHello): the client then waits for an answer that never comes."""
+    server.settimeout(10)
+    conn, _ = server.accept()
+    conn.settimeout(10)
+    assert conn.recv(1)
+    return conn
+
+
+def test_the_wait_for_the_a_associate_ac_is_interrupted() -> None:
+    stop = StopEvent()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = Peer("127.0.0.1", server.getsockname()[1], "PACS")
+        settings = AssociationSettings(connect_timeout=60.0, stop=stop)
+        thread, out = _in_thread(lambda: Association.request(peer, settings, [_ECHO]))
+        with _first_bytes(server):
+            stopped = time.monotonic()
+            stop.set()
+            thread.join(10)
+            assert time.monotonic() - stopped < PROMPT
+    error = out["error"]
+    assert isinstance(error, ConnectInterrupted)
+    assert (
+        str(error) == f"association with {peer} not established: interrupted: forwarder is stopping"
+    )
+
+
+def test_the_tls_handshake_is_interrupted() -> None:
+    stop = StopEvent()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        peer = Peer("127.0.0.1", server.getsockname()[1], "PACS")
+        tls = ssl.create_default_context()
+        settings = AssociationSettings(connect_timeout=60.0, stop=stop, tls=tls)
+        thread, out = _in_thread(lambda: connect(peer, settings))
+        with _first_bytes(server):
+            stopped = time.monotonic()
+            stop.set()
+            thread.join(10)
+            assert time.monotonic() - stopped < PROMPT
+    error = out["error"]
+    assert isinstance(error, ConnectInterrupted)
+    assert str(error) == f"TLS handshake with {peer}: interrupted: forwarder is stopping"
+
+
+def test_an_established_association_is_not_cut_by_the_stop(tmp_path: Path) -> None:
+    """Only the setting up is watched: once negotiated, the stop leaves the association alone
+    (the worker finishes the file it is sending)."""
+    stop = StopEvent()
+    with ScriptedSCP() as scp:
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        settings = AssociationSettings(connect_timeout=10.0, stop=stop)
+        assoc = Association.request(peer, settings, [_ECHO])
+        try:
+            stop.set()
+            assert assoc.echo().status == 0x0000
+        finally:
+            assoc.release()
 
 
 def test_channel_hands_the_files_back_untried(tmp_path: Path) -> None:

@@ -46,13 +46,14 @@ from forwarder.crashpoints import crash_point
 from forwarder.dicom.part10 import FileMeta, read_error
 from forwarder.errors import (
     AssociationError,
+    ConnectInterrupted,
     InvalidFileError,
     ProtocolError,
     UnreadableFileError,
 )
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
-from forwarder.net.interrupt import StopEvent
+from forwarder.net.interrupt import STOPPING, StopEvent
 from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import (
     C_ECHO_RSP,
@@ -121,7 +122,8 @@ class AssociationSettings:
     batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
     # The destination's rate cap, shared by all its associations (None: unlimited).
     pacer: Pacer | None = None
-    # The sending threads' stop: once set, a TCP connect under way is interrupted.
+    # The sending threads' stop: once set, an association being set up (TCP connect, TLS
+    # handshake, A-ASSOCIATE-AC wait) is interrupted; one established is not touched.
     stop: StopEvent | None = None
 
 
@@ -172,7 +174,17 @@ class Association:
         sock = connect(peer, settings)
         assoc = cls(peer, settings, sock)
         try:
-            assoc._negotiate(contexts)
+            if settings.stop is None:
+                assoc._negotiate(contexts)
+            else:
+                # A peer that takes the connection and never answers: the stop ends the wait.
+                with settings.stop.watching(sock):
+                    assoc._negotiate(contexts)
+        except ConnectInterrupted:
+            assoc._transport.close()
+            raise ConnectInterrupted(
+                f"association with {peer} not established: {STOPPING}"
+            ) from None
         except BaseException:
             assoc._transport.close()
             raise

@@ -7,7 +7,9 @@ reliably; shutting it down does, on Linux: ``shutdown()`` of a socket in SYN_SEN
 ECONNRESET at once. ``tests/test_connect_stop.py`` checks this on the machine it runs on.
 
 * :class:`StopEvent` is the :class:`threading.Event` a sending thread stops by; it also holds
-  the sockets connecting under it, and its :meth:`~StopEvent.set` shuts them down.
+  the sockets being set up under it (:meth:`~StopEvent.watching`: the TCP connect, and for the
+  C-STORE sender the TLS handshake and the wait for the A-ASSOCIATE-AC), and its
+  :meth:`~StopEvent.set` shuts them down (shutdown() also wakes a thread blocked reading).
 * :func:`open_connection` is :func:`socket.create_connection` (every address of the host in
   turn, ``timeout`` for each, optional source address) whose connects are registered with a
   :class:`StopEvent`: once it is set, it raises
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from forwarder.errors import ConnectInterrupted
 
@@ -40,30 +43,34 @@ class StopEvent(threading.Event):
         self._connecting: set[socket.socket] = set()
 
     def set(self) -> None:
+        # Under the guard: a socket leaves the set (and may then be closed) only after its
+        # shutdown, so the descriptor shut down is never one closed and reused meanwhile.
         with self._guard:
             super().set()
-            pending = list(self._connecting)
-        for sock in pending:
-            shut_down(sock)
+            for sock in self._connecting:
+                shut_down(sock)
 
-    def connect(self, sock: socket.socket, address: tuple[object, ...]) -> None:
-        """``sock.connect(address)``, or :class:`ConnectInterrupted` as soon as the event is set
-        (also when it is set first, or while the connect completes: the stop wins). The caller
-        closes ``sock`` on any exception."""
+    @contextmanager
+    def watching(self, sock: socket.socket) -> Iterator[None]:
+        """While the block runs, :meth:`set` shuts ``sock`` down: a connect, a TLS handshake or
+        a wait for the peer's first answer on it ends at once. :class:`ConnectInterrupted` when
+        the event is set before the block, during it (instead of whatever the block raised for
+        the broken socket), or as it ends (the stop wins). The caller closes ``sock`` on any
+        exception. Only for setting a connection up: a transfer under way is never cut."""
         with self._guard:
             if self.is_set():
                 raise ConnectInterrupted(STOPPING)
             self._connecting.add(sock)
         try:
-            sock.connect(address)
-        except OSError:
+            yield
+        except Exception:
             if self.is_set():
                 raise ConnectInterrupted(STOPPING) from None
             raise
         finally:
             with self._guard:
                 self._connecting.discard(sock)
-        if self.is_set():  # connected as the stop came: it may have been shut down already
+        if self.is_set():  # done as the stop came: it may have been shut down already
             raise ConnectInterrupted(STOPPING)
 
 
@@ -106,7 +113,8 @@ def open_connection(
             if stop is None:
                 sock.connect(sockaddr)
             else:
-                stop.connect(sock, sockaddr)
+                with stop.watching(sock):
+                    sock.connect(sockaddr)
         except OSError as exc:
             sock.close()
             last = exc

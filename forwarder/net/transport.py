@@ -50,8 +50,8 @@ def connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
     """A connected socket to ``peer`` (TLS-wrapped when ``settings.tls`` is set).
 
     Raises :class:`~forwarder.errors.ConnectInterrupted` at once when ``settings.stop`` is set
-    while the TCP connect waits (:mod:`forwarder.net.interrupt`): a peer that drops SYNs does
-    not hold a stopping daemon for ``connect_timeout``."""
+    while the TCP connect or the TLS handshake waits (:mod:`forwarder.net.interrupt`): a peer
+    that drops SYNs does not hold a stopping daemon for ``connect_timeout``."""
     source = (settings.bind_host, 0) if settings.bind_host else None
     try:
         sock = open_connection(
@@ -79,7 +79,17 @@ def connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
         if settings.tls is not None:
             name = settings.tls_server_name or peer.host
             handshaking = True
-            sock = settings.tls.wrap_socket(sock, server_hostname=name)
+            sock = settings.tls.wrap_socket(
+                sock, server_hostname=name, do_handshake_on_connect=False
+            )
+            if settings.stop is None:
+                sock.do_handshake()
+            else:
+                with settings.stop.watching(sock):
+                    sock.do_handshake()
+    except ConnectInterrupted:
+        sock.close()
+        raise ConnectInterrupted(f"TLS handshake with {peer}: {STOPPING}") from None
     except OSError as exc:  # ssl.SSLError is an OSError
         sock.close()
         if handshaking:
