@@ -23,6 +23,8 @@ from conftest import wait_until
 from dicomgen import write_file
 from peers import BlackHole, ScriptedSCP, black_hole
 
+from forwarder.config import Destination, RetryPolicy
+from forwarder.daemon.spares import SpareAssociations
 from forwarder.dicomweb.channel import StowChannel
 from forwarder.dicomweb.http import WebSettings
 from forwarder.errors import AssociationError, ConnectInterrupted
@@ -243,6 +245,34 @@ def test_channel_hands_the_files_back_untried(tmp_path: Path) -> None:
         assert not o.attempted and not o.association_failed  # nothing charged, peer not blamed
         assert "interrupted: forwarder is stopping" in (o.error or "")
     assert channel.down is None and not channel.is_open
+
+
+def test_a_spare_association_interrupted_is_not_taken_for_the_peers_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A spare association (a sibling's is open) whose connect the stop interrupts: the thread
+    may not claim, and no "the peer took only 1 of the 2 associations" warning is logged."""
+    stop = StopEvent()
+    settings = AssociationSettings(connect_timeout=60.0, stop=stop)
+    with ScriptedSCP() as scp, black_hole() as hole:
+        first = Channel(Peer("127.0.0.1", scp.port, scp.ae_title), settings)
+        spare = Channel(Peer(hole.host, hole.port, scp.ae_title), settings)
+        try:
+            assert first.open([(VERIFICATION_SOP_CLASS, "1.2.840.10008.1.2")])
+            dest = Destination(
+                name="pacs", ae_title=scp.ae_title, host="127.0.0.1", port=scp.port, associations=2
+            )
+            spares = SpareAssociations(dest, RetryPolicy(), {0: first, 1: spare})
+            needs = [(VERIFICATION_SOP_CLASS, "1.2.840.10008.1.2")]
+            thread, out = _in_thread(
+                lambda: spares.may_claim(spare, 1, lambda: True, lambda: needs)
+            )
+            assert _interrupt(hole, stop, thread) < PROMPT
+        finally:
+            first.release()
+    assert out["result"] is False
+    assert not spares.paused(1, time.monotonic())
+    assert "associations configured" not in caplog.text
 
 
 # -- the STOW-RS client -----------------------------------------------------------------------
