@@ -298,6 +298,26 @@ def test_stow_connect_is_interrupted(tmp_path: Path) -> None:
     assert channel.down is None and not channel.is_open
 
 
+def test_stow_tls_handshake_is_interrupted(tmp_path: Path) -> None:
+    write_file(tmp_path / "img.dcm")
+    stop = StopEvent()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        url = f"https://127.0.0.1:{server.getsockname()[1]}/dicom-web"
+        tls = ssl.create_default_context()
+        channel = StowChannel(WebSettings(url=url, tls=tls, connect_timeout=60.0, stop=stop))
+        request = StoreRequest(str(tmp_path / "img.dcm"))
+        thread, out = _in_thread(lambda: list(channel.send([request])))
+        with _first_bytes(server):  # the ClientHello, never answered
+            stopped = time.monotonic()
+            stop.set()
+            thread.join(10)
+            assert time.monotonic() - stopped < PROMPT
+    [outcome] = out["result"]
+    assert outcome.outcome is Outcome.RETRY
+    assert not outcome.attempted and not outcome.association_failed
+    assert outcome.error == f"{url}: cannot connect: interrupted: forwarder is stopping"
+
+
 def test_stow_connect_timeout_is_unchanged(tmp_path: Path) -> None:
     write_file(tmp_path / "img.dcm")
     with black_hole() as hole:

@@ -9,14 +9,16 @@ channel decides what a failure means, and an ``https`` URL never falls back to p
 Errors are :class:`HttpFailure`; ``connected`` tells "could not reach the server at all"
 (refused, DNS, connect timeout, TLS handshake) from a failure once the request was on its way.
 The TCP connect goes through :func:`forwarder.net.interrupt.open_connection`: the sending
-threads' stop (``WebSettings.stop``) interrupts it (:class:`~forwarder.errors.ConnectInterrupted`
-goes through urllib3 and :class:`WebClient` as it is).
+threads' stop (``WebSettings.stop``) interrupts it, and the https TLS handshake after it
+(:class:`~forwarder.errors.ConnectInterrupted` goes through urllib3 and :class:`WebClient` as
+it is).
 The ``Authorization`` header is never logged (no header dumps, urllib3's own logger is quiet at
 INFO).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
 import socket
@@ -244,14 +246,37 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
 
 
 class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    """The same for https: the TLS handshake follows the connect, as in urllib3's."""
+    """The same for https, and ``stop`` interrupts the TLS handshake that follows the connect
+    too. urllib3 wraps the socket in place (the plain socket object gives its descriptor to the
+    TLS one), so what the stop watches is a duplicate of it: shutdown() acts on the connection,
+    whichever descriptor names it."""
 
     def __init__(self, *args: Any, stop: StopEvent | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop = stop
+        self._setting_up: contextlib.ExitStack | None = None
+
+    def connect(self) -> None:
+        if self.stop is None:
+            super().connect()
+            return
+        with contextlib.ExitStack() as self._setting_up:
+            try:
+                super().connect()
+            finally:
+                self._setting_up = None
 
     def _new_conn(self) -> socket.socket:
-        return _new_socket(self, self.stop)
+        sock = _new_socket(self, self.stop)
+        if self.stop is not None and self._setting_up is not None:
+            watched = sock.dup()
+            self._setting_up.callback(watched.close)
+            try:
+                self._setting_up.enter_context(self.stop.watching(watched))
+            except BaseException:
+                sock.close()
+                raise
+        return sock
 
 
 def _new_socket(conn: urllib3.connection.HTTPConnection, stop: StopEvent | None) -> socket.socket:
