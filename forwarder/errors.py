@@ -51,6 +51,15 @@ class ProtocolError(AssociationError):
         super().__init__(message, retryable=True)
 
 
+class ConnectInterrupted(AssociationError):
+    """A TCP connect under way was interrupted because forwarder is stopping: nothing was sent
+    and nothing is known about the peer, so no attempt is charged and the destination's state
+    does not change (retryable: the file is sent after the restart)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 class SendError(ForwarderError):
     """One object could not be stored. ``status`` is the DIMSE status when the peer gave one."""
 

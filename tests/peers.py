@@ -51,6 +51,64 @@ def wait_for_port(
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+@dataclass
+class BlackHole:
+    """A port where a TCP connect hangs, as at a host whose firewall drops SYNs."""
+
+    host: str
+    port: int
+
+    def connecting(self) -> int:
+        """How many sockets of this machine wait in SYN_SENT for this port (/proc/net/tcp*)."""
+        count = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if fields[3] == "02" and int(fields[2].rsplit(":", 1)[1], 16) == self.port:
+                    count += 1
+        return count
+
+
+@contextmanager
+def black_hole(host: str = "127.0.0.1") -> Iterator[BlackHole]:
+    """A listening socket with backlog 0 that never accepts, its accept queue filled by one
+    connection: Linux then drops every further SYN (unless ``tcp_abort_on_overflow`` is set,
+    when it resets them: the test is skipped), so a connect to it waits for its timeout.
+    Checked before it is handed over."""
+    import pytest
+
+    if Path("/proc/sys/net/ipv4/tcp_abort_on_overflow").read_text().strip() != "0":
+        pytest.skip("tcp_abort_on_overflow is set: a full accept queue resets, not drops")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    held: list[socket.socket] = []
+    try:
+        listener.bind((host, 0))
+        listener.listen(0)
+        port = int(listener.getsockname()[1])
+        filler = socket.socket(family, socket.SOCK_STREAM)
+        held.append(filler)
+        filler.settimeout(5.0)
+        filler.connect((host, port))  # completed by the kernel, never accepted: queue full
+        with socket.socket(family, socket.SOCK_STREAM) as check:
+            check.settimeout(0.5)
+            try:
+                check.connect((host, port))
+            except TimeoutError:
+                pass
+            else:
+                raise AssertionError(f"a connect to the black hole {host}:{port} completed")
+        yield BlackHole(host, port)
+    finally:
+        for sock in held:
+            sock.close()
+        listener.close()
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
     if proc.poll() is None:
         proc.terminate()

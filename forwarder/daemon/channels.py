@@ -58,4 +58,6 @@ def open_channel(destination: Destination, settings: AssociationSettings, name: 
     from forwarder.dicomweb.channel import StowChannel  # urllib3: only for DICOMweb
     from forwarder.dicomweb.http import web_settings
 
-    return StowChannel(web_settings(destination, settings.tls, settings.pacer), name=name)
+    return StowChannel(
+        web_settings(destination, settings.tls, settings.pacer, settings.stop), name=name
+    )

@@ -44,7 +44,7 @@ def probe(destination: Destination, settings: AssociationSettings) -> str | None
 def _probe_web(destination: Destination, settings: AssociationSettings) -> str | None:
     from forwarder.dicomweb.http import WebClient, web_settings  # urllib3: DICOMweb only
 
-    client = WebClient(web_settings(destination, settings.tls))
+    client = WebClient(web_settings(destination, settings.tls, stop=settings.stop))
     try:
         reply = client.get("/studies?limit=1")
     except ForwarderError as exc:

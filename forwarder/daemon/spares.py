@@ -79,6 +79,8 @@ class SpareAssociations:
                     "%s: association %d is available again; sending on it", self._name, index + 1
                 )
             return True
+        if channel.down is None:
+            return False  # interrupted by the stop, not refused: the peer's limit is not known
         if not self.sibling_open(index):
             # The others closed meanwhile: the destination itself may be down, which the
             # normal path (claim, try, hold or back off) handles and reports.

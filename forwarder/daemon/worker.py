@@ -52,6 +52,7 @@ from forwarder.daemon.spares import SpareAssociations
 from forwarder.daemon.worker_batch import DIMSE_PRIORITY, BatchSending
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings
+from forwarder.net.interrupt import StopEvent
 from forwarder.net.pacing import Pacer
 from forwarder.queue import Job, Queue
 
@@ -99,9 +100,11 @@ class DestinationWorkers(BatchSending):
         self.metrics = metrics
         self.on_outcome = on_outcome
         self.peer = destination_peer(destination)
-        self.settings = settings
         self.calling_ae_title = calling_ae_title
-        self._stop = threading.Event()
+        # Its set() also interrupts a TCP connect under way (a peer dropping SYNs would hold
+        # the stop for connect_timeout): every channel and probe connects under it.
+        self._stop = StopEvent()
+        self.settings = dataclasses.replace(settings, stop=self._stop)
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._beats: dict[int, float] = {}
@@ -123,7 +126,7 @@ class DestinationWorkers(BatchSending):
         self.pacer: Pacer | None = None  # one token bucket for all associations
         if destination.max_rate is not None or destination.outside_window_rate is not None:
             self.pacer = Pacer(destination.max_rate)
-            self.settings = dataclasses.replace(settings, pacer=self.pacer)
+            self.settings = dataclasses.replace(self.settings, pacer=self.pacer)
         #: Stored is not enough: the destination must commit (or hold, by query) what it stored.
         self.needs_proof = (
             destination.storage_commitment is not None or destination.verify_by_query is not None
@@ -143,7 +146,8 @@ class DestinationWorkers(BatchSending):
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking new jobs; the file being sent is finished (or times out), claimed jobs not
-        yet sent go back to READY; associations are released. Joins every thread."""
+        yet sent go back to READY; associations are released; a connect under way is
+        interrupted (its files go back to READY too). Joins every thread."""
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout
@@ -323,6 +327,8 @@ class DestinationWorkers(BatchSending):
         except Exception as exc:  # a bug of ours must not leave the breaker stuck probing
             logger.exception("%s: the probe failed unexpectedly", self.name)
             error = f"internal error: {type(exc).__name__}: {exc}"
+        if self._stop.is_set():
+            return  # interrupted by the stop: says nothing about the destination
         self._dest.probed(error)
 
     def _work_due(self) -> bool:

@@ -39,8 +39,14 @@ from forwarder.dicomweb.auth import SecretError
 from forwarder.dicomweb.http import HttpFailure, Reply, WebClient, WebSettings
 from forwarder.dicomweb.multipart import BodyError, MultipartBody, Part
 from forwarder.dicomweb.response import ResponseError, StowResponse, parse_response
-from forwarder.errors import AssociationError, InvalidFileError, UnreadableFileError
+from forwarder.errors import (
+    AssociationError,
+    ConnectInterrupted,
+    InvalidFileError,
+    UnreadableFileError,
+)
 from forwarder.net.channel import SendOutcome, StoreRequest
+from forwarder.net.interrupt import STOPPING
 from forwarder.net.status import Outcome, classify_status
 
 if TYPE_CHECKING:
@@ -233,6 +239,20 @@ class StowChannel:
                     if i.request.path == exc.path
                     else f"not stored: the request was abandoned ({exc.path}: {exc.reason})",
                     started,
+                )
+                for i in batch
+            ]
+        except ConnectInterrupted:
+            # Stopping while the connect waited: nothing was sent, nothing charged, and the
+            # server's state does not change.
+            self.release()
+            error = f"{self.settings.url}: cannot connect: {STOPPING}"
+            logger.info("%s: %s", self.name, error)
+            return [
+                replace(
+                    self._outcome(i.request, i.meta, Outcome.RETRY, None, error, 0.0),
+                    attempted=False,
+                    association=None,
                 )
                 for i in batch
             ]

@@ -8,25 +8,33 @@ channel decides what a failure means, and an ``https`` URL never falls back to p
 
 Errors are :class:`HttpFailure`; ``connected`` tells "could not reach the server at all"
 (refused, DNS, connect timeout, TLS handshake) from a failure once the request was on its way.
+The TCP connect goes through :func:`forwarder.net.interrupt.open_connection`: the sending
+threads' stop (``WebSettings.stop``) interrupts it, and the https TLS handshake after it
+(:class:`~forwarder.errors.ConnectInterrupted` goes through urllib3 and :class:`WebClient` as
+it is).
 The ``Authorization`` header is never logged (no header dumps, urllib3's own logger is quiet at
 INFO).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import ConnectTimeoutError as _ConnectTimeout
 from urllib3.exceptions import (
     HTTPError,
+    NameResolutionError,
     NewConnectionError,
     ProtocolError,
     ReadTimeoutError,
@@ -36,6 +44,7 @@ from urllib3.exceptions import (
 from forwarder.dicomweb.auth import Authorization, AuthSpec
 from forwarder.dicomweb.multipart import MultipartBody
 from forwarder.errors import ForwarderError
+from forwarder.net.interrupt import StopEvent, open_connection
 from forwarder.net.pacing import Pacer
 
 if TYPE_CHECKING:  # pydantic is not imported by `send URL`
@@ -59,6 +68,7 @@ class WebSettings:
     max_instances: int = 32  # instances per STOW-RS request
     max_bytes: int = 64 * 1024 * 1024  # no more instances are added once a request holds this
     pacer: Pacer | None = None  # the destination's rate cap, shared by its requests
+    stop: StopEvent | None = None  # the sending threads' stop: interrupts a connect under way
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +137,20 @@ class WebClient:
                 timeout=timeout,
                 retries=False,
                 ssl_context=settings.tls or client_context(None),
+                stop=settings.stop,
             )
+            self._pool.ConnectionCls = _HTTPSConnection
         else:
             self._pool = urllib3.HTTPConnectionPool(
-                host, port, maxsize=1, block=False, timeout=timeout, retries=False
+                host,
+                port,
+                maxsize=1,
+                block=False,
+                timeout=timeout,
+                retries=False,
+                stop=settings.stop,
             )
+            self._pool.ConnectionCls = _HTTPConnection
 
     def close(self) -> None:
         self._pool.close()
@@ -214,6 +233,75 @@ class WebClient:
         )
 
 
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    """urllib3's connection, whose TCP connect ``stop`` interrupts (``stop`` comes from the
+    pool's connection keywords)."""
+
+    def __init__(self, *args: Any, stop: StopEvent | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+
+    def _new_conn(self) -> socket.socket:
+        return _new_socket(self, self.stop)
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    """The same for https, and ``stop`` interrupts the TLS handshake that follows the connect
+    too. urllib3 wraps the socket in place (the plain socket object gives its descriptor to the
+    TLS one), so what the stop watches is a duplicate of it: shutdown() acts on the connection,
+    whichever descriptor names it."""
+
+    def __init__(self, *args: Any, stop: StopEvent | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop = stop
+        self._setting_up: contextlib.ExitStack | None = None
+
+    def connect(self) -> None:
+        if self.stop is None:
+            super().connect()
+            return
+        with contextlib.ExitStack() as self._setting_up:
+            try:
+                super().connect()
+            finally:
+                self._setting_up = None
+
+    def _new_conn(self) -> socket.socket:
+        sock = _new_socket(self, self.stop)
+        if self.stop is not None and self._setting_up is not None:
+            watched = sock.dup()
+            self._setting_up.callback(watched.close)
+            try:
+                self._setting_up.enter_context(self.stop.watching(watched))
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+
+def _new_socket(conn: urllib3.connection.HTTPConnection, stop: StopEvent | None) -> socket.socket:
+    """urllib3's ``HTTPConnection._new_conn`` (its errors too) through
+    :func:`~forwarder.net.interrupt.open_connection`: once ``stop`` is set, a connect under way
+    raises :class:`~forwarder.errors.ConnectInterrupted`, which urllib3 lets through."""
+    timeout = conn.timeout if isinstance(conn.timeout, (int, float)) else None
+    try:
+        return open_connection(
+            (conn._dns_host, conn.port or 80),
+            timeout,
+            source=conn.source_address,
+            stop=stop,
+            options=conn.socket_options or (),
+        )
+    except socket.gaierror as exc:
+        raise NameResolutionError(conn.host, conn, exc) from exc
+    except TimeoutError as exc:
+        raise _ConnectTimeout(
+            conn, f"Connection to {conn.host} timed out. (connect timeout={timeout})"
+        ) from exc
+    except OSError as exc:
+        raise NewConnectionError(conn, f"Failed to establish a new connection: {exc}") from exc
+
+
 def _reason(exc: BaseException) -> str:
     """The innermost useful message of a urllib3 error (no object reprs)."""
     inner: BaseException = exc
@@ -243,10 +331,13 @@ def _paced(body: Iterable[bytes], pacer: Pacer) -> Iterator[bytes]:
 
 
 def web_settings(
-    destination: Destination, tls: ssl.SSLContext | None, pacer: Pacer | None = None
+    destination: Destination,
+    tls: ssl.SSLContext | None,
+    pacer: Pacer | None = None,
+    stop: StopEvent | None = None,
 ) -> WebSettings:
     """The settings of a DICOMweb destination of the config (``tls``: its built context;
-    ``pacer``: its rate cap)."""
+    ``pacer``: its rate cap; ``stop``: the sending threads' stop)."""
     assert destination.url is not None
     auth = None
     if destination.auth is not None:
@@ -259,6 +350,7 @@ def web_settings(
         connect_timeout=destination.connect_timeout,
         response_timeout=destination.response_timeout,
         pacer=pacer,
+        stop=stop,
     )
 
 

@@ -41,10 +41,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from forwarder.errors import ConnectInterrupted
 from forwarder.net import acse
 from forwarder.net.acse import AcceptedContext, Negotiated
 from forwarder.net.association_dimse import DimseExchange
 from forwarder.net.command_set import PRIORITY
+from forwarder.net.interrupt import STOPPING, StopEvent
 from forwarder.net.pacing import Pacer
 from forwarder.net.pdu import MAX_CONTEXTS, ProposedContext
 from forwarder.net.transport import Transport, connect
@@ -91,6 +93,9 @@ class AssociationSettings:
     batch_bytes: int = 1024 * 1024  # data set bytes per sendall (dcmsnd -bufsize)
     # The destination's rate cap, shared by all its associations (None: unlimited).
     pacer: Pacer | None = None
+    # The sending threads' stop: once set, an association being set up (TCP connect, TLS
+    # handshake, A-ASSOCIATE-AC wait) is interrupted; one established is not touched.
+    stop: StopEvent | None = None
 
 
 class Association(DimseExchange):
@@ -130,7 +135,17 @@ class Association(DimseExchange):
         sock = connect(peer, settings)
         assoc = cls(peer, settings, sock)
         try:
-            assoc._negotiate(contexts)
+            if settings.stop is None:
+                assoc._negotiate(contexts)
+            else:
+                # A peer that takes the connection and never answers: the stop ends the wait.
+                with settings.stop.watching(sock):
+                    assoc._negotiate(contexts)
+        except ConnectInterrupted:
+            assoc._transport.close()
+            raise ConnectInterrupted(
+                f"association with {peer} not established: {STOPPING}"
+            ) from None
         except BaseException:
             assoc._transport.close()
             raise

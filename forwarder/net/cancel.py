@@ -7,7 +7,8 @@ not wake a caller waiting for a DIMSE response (it waits on a queue that only DI
 fill). So, with a ``cancel`` event set (the daemon's stop):
 
 - :func:`associate` runs ``AE.associate`` on a helper thread and returns as soon as ``cancel``
-  is set (:class:`Cancelled`), aborting the association under negotiation;
+  is set (:class:`Cancelled`), aborting the association under negotiation, and shutting down
+  the socket of one whose TCP connect still waits (a peer dropping SYNs);
 - :func:`abort_on_cancel` watches ``cancel`` while its block runs: once set, it sends A-ABORT,
   wakes the thread waiting for a DIMSE response (it sees "no response" at once) and closes the
   connection. The caller's ``send_*`` then returns like a peer that did not answer;
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from forwarder.errors import ForwarderError
+from forwarder.net.interrupt import shut_down
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,7 @@ def associate(
     association being negotiated is aborted (pynetdicom's connection thread is not a daemon
     thread: left alone, it would hold the process's exit until the ACSE timeout) and
     :class:`Cancelled` raised at once; one established meanwhile is aborted too. (A TCP connect
-    that hangs is not interrupted: it ends at ``connect_timeout``.)"""
+    that waits is interrupted too: see :func:`_interrupt_connect`.)"""
     if cancel is None:
         return ae.associate(host, port, **kwargs)
     from pynetdicom import evt
@@ -150,9 +152,21 @@ def associate(
     result: list[Any] = []
     failure: list[BaseException] = []
     connected: list[Any] = []  # the association, once its connection is open
+    sockets: list[Any] = []  # pynetdicom's AssociationSocket, once made (before its connect)
     finished = threading.Event()
     lock = threading.Lock()
     abandoned = False
+    make_socket = ae._create_socket
+
+    def note_socket(*args: Any) -> Any:
+        # AE._create_socket (pynetdicom 3.0) makes the socket the association connects on:
+        # noted, so that a connect still waiting when ``cancel`` is set can be interrupted.
+        sock = make_socket(*args)
+        with lock:
+            sockets.append(sock)
+        return sock
+
+    ae._create_socket = note_socket
 
     def on_open(event: Any) -> None:
         with lock:
@@ -186,8 +200,47 @@ def associate(
             if abandoned:
                 for assoc in opened:
                     abort_now(assoc)
+                threading.Thread(
+                    target=_interrupt_connect,
+                    args=(sockets, opened, finished, lock, ae.connection_timeout),
+                    name="assoc-unconnect",
+                    daemon=True,
+                ).start()
                 raise Cancelled("stopping: the association was not established")
             break
     if failure:
         raise failure[0]
     return result[0]
+
+
+def _interrupt_connect(
+    sockets: list[Any],
+    opened: list[Any],
+    finished: threading.Event,
+    lock: threading.Lock,
+    bound: float | None,
+) -> None:
+    """Shut down the socket of every association of an abandoned :func:`associate` whose
+    connection is not open, until ``ae.associate`` has returned (``finished``): a TCP connect
+    waiting on a peer that drops SYNs then fails at once (:mod:`forwarder.net.interrupt`), and
+    pynetdicom's connection thread, which holds the process's exit, ends. Again every
+    :data:`_WAKE_EVERY` seconds, since the connect may not have begun yet; for ``bound`` (the
+    AE's connection timeout) plus a second at most."""
+    until = time.monotonic() + (bound or 0.0) + 1.0
+    interrupted: set[Any] = set()
+    while True:
+        with lock:
+            pending = [s for s in sockets if s.assoc not in opened]
+        for assoc_socket in pending:
+            raw = assoc_socket.socket  # a TLS socket once wrapped: read it each time
+            if raw is not None:
+                shut_down(raw)
+                interrupted.add(raw)
+        if finished.wait(_WAKE_EVERY):
+            # pynetdicom is done with them; its own close is skipped when the shutdown before
+            # it fails (ENOTCONN: our shutdown came first), so the socket would wait for the GC.
+            for raw in interrupted:
+                raw.close()
+            return
+        if time.monotonic() > until:
+            return

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import (
     AssociationError,
+    ConnectInterrupted,
     InvalidFileError,
     SendError,
     UnreadableFileError,
@@ -90,6 +91,8 @@ class Channel:
         contexts, covered = plan_contexts(needs, MAX_CONTEXTS)
         try:
             assoc = Association.request(self.peer, self.settings, contexts)
+        except ConnectInterrupted:
+            raise  # stopping: says nothing about the peer
         except AssociationError as exc:
             self.down = exc
             raise
@@ -182,14 +185,22 @@ class Channel:
         negotiation can cover them. When the peer cannot be reached, every remaining request
         is answered at once with that reason and ``attempted=False``: a down peer costs one
         connect attempt per batch, not one per file, and only the file actually tried is
-        charged an attempt (none at all when the association was rejected permanently).
+        charged an attempt (none at all when the association was rejected permanently). A
+        connect interrupted by ``settings.stop`` charges nothing: every request from there on
+        is answered ``attempted=False``, and :attr:`down` is left as it was.
 
         Nothing a peer sends and no fault of ours escapes as an exception: an unexpected one
         aborts the association, is logged with its traceback, and answers that request RETRY
         ("internal error: ..."), so the caller counts it as an attempt and goes on.
         """
         down: AssociationError | None = None
+        stopped: ConnectInterrupted | None = None
         for request in requests:
+            if stopped is not None:
+                yield self._outcome(
+                    request, request.meta, Outcome.RETRY, None, str(stopped), 0.0, attempted=False
+                )
+                continue
             if down is not None:
                 verdict = Outcome.RETRY if down.retryable else Outcome.FAILED
                 yield self._outcome(
@@ -219,6 +230,16 @@ class Channel:
                 continue
             except InvalidFileError as exc:
                 yield self._outcome(request, None, Outcome.FAILED, None, exc.reason, 0.0)
+                continue
+            except ConnectInterrupted as exc:
+                # Stopping while the connect waited: this file and the rest go back untried,
+                # and the destination's state does not change.
+                logger.info("%s: %s", self.name, exc)
+                self._assoc = None
+                stopped = exc
+                yield self._outcome(
+                    request, meta, Outcome.RETRY, None, str(exc), 0.0, attempted=False
+                )
                 continue
             except AssociationError as exc:
                 outcome = Outcome.RETRY if exc.retryable else Outcome.FAILED

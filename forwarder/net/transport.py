@@ -1,7 +1,8 @@
 """The SCU's socket: connect, send bytes, read whole PDUs, time out, close or abort.
 
 :func:`connect` opens the TCP (optionally TLS) connection to a peer with the socket options of
-:class:`~forwarder.net.association.AssociationSettings`; a :class:`Transport` then carries PDUs
+:class:`~forwarder.net.association.AssociationSettings` (a connect under way ends at once when
+their ``stop`` is set, :mod:`forwarder.net.interrupt`); a :class:`Transport` then carries PDUs
 over it for one :class:`~forwarder.net.association.Association`:
 
 * ``TCP_NODELAY`` is on unless configured off, and ``TCP_QUICKACK`` is re-armed after every read,
@@ -27,7 +28,8 @@ import struct
 import time
 from typing import TYPE_CHECKING
 
-from forwarder.errors import AssociationError, ProtocolError
+from forwarder.errors import AssociationError, ConnectInterrupted, ProtocolError
+from forwarder.net.interrupt import STOPPING, open_connection
 from forwarder.net.pdu import (
     ABORT,
     PDU_HEADER,
@@ -45,12 +47,18 @@ _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
 def connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
-    """A connected socket to ``peer`` (TLS-wrapped when ``settings.tls`` is set)."""
+    """A connected socket to ``peer`` (TLS-wrapped when ``settings.tls`` is set).
+
+    Raises :class:`~forwarder.errors.ConnectInterrupted` at once when ``settings.stop`` is set
+    while the TCP connect or the TLS handshake waits (:mod:`forwarder.net.interrupt`): a peer
+    that drops SYNs does not hold a stopping daemon for ``connect_timeout``."""
     source = (settings.bind_host, 0) if settings.bind_host else None
     try:
-        sock = socket.create_connection(
-            (peer.host, peer.port), timeout=settings.connect_timeout, source_address=source
+        sock = open_connection(
+            (peer.host, peer.port), settings.connect_timeout, source=source, stop=settings.stop
         )
+    except ConnectInterrupted:
+        raise ConnectInterrupted(f"cannot connect to {peer}: {STOPPING}") from None
     except TimeoutError:
         raise AssociationError(
             f"cannot connect to {peer}: no answer within {settings.connect_timeout:g}s",
@@ -71,7 +79,17 @@ def connect(peer: Peer, settings: AssociationSettings) -> socket.socket:
         if settings.tls is not None:
             name = settings.tls_server_name or peer.host
             handshaking = True
-            sock = settings.tls.wrap_socket(sock, server_hostname=name)
+            sock = settings.tls.wrap_socket(
+                sock, server_hostname=name, do_handshake_on_connect=False
+            )
+            if settings.stop is None:
+                sock.do_handshake()
+            else:
+                with settings.stop.watching(sock):
+                    sock.do_handshake()
+    except ConnectInterrupted:
+        sock.close()
+        raise ConnectInterrupted(f"TLS handshake with {peer}: {STOPPING}") from None
     except OSError as exc:  # ssl.SSLError is an OSError
         sock.close()
         if handshaking:
