@@ -79,7 +79,8 @@ def classify_status(status: int) -> Outcome:
         return Outcome.WARNING
     if category == "Pending":
         raise ValueError(
-            f"status 0x{status:04X} is Pending: a protocol error for C-STORE (command_set.check_response)"
+            f"status 0x{status:04X} is Pending: a protocol error for C-STORE "
+            "(command_set.check_response)"
         )
     if category == "Failure" and (status & 0xFF00) != 0xA700 and status not in _TRANSIENT_FAILURES:
         return Outcome.FAILED
