@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 
-from forwarder.dicom.part10 import read_meta
+from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import (
@@ -27,6 +27,8 @@ from forwarder.net.commitment_scp import (
 from forwarder.queue import KeyKind, Queue
 
 logger = logging.getLogger(__name__)
+
+_LOOKUPS = 3  # look-ups of one instance while its copies move out of incoming
 
 
 class QueueHoldings:
@@ -39,26 +41,45 @@ class QueueHoldings:
         """None when the gateway holds ``ref`` (that instance, that class), else the Failure
         Reason: 0x0112 not held, 0x0119 held under another SOP Class, 0x0110 the queue cannot
         be read."""
-        try:
-            found = self.queue.find([ref.sop_instance])
-        except ForwarderError as exc:
-            logger.warning("storage commitment: cannot look %s up: %s", ref.sop_instance, exc)
-            return REASON_PROCESSING_FAILURE
-        candidates = [
-            f
-            for f in found
-            if f.retried_as is None and any(kind is KeyKind.SOP_INSTANCE for _, kind in f.matched)
-        ]
-        conflict = False
-        for f in reversed(candidates):  # the newest copy first
+        # The finisher may move a copy out of incoming between the look-up and the read: a copy
+        # not found where the queue said is looked up again (the queue then says FINISHING,
+        # with the path it is moving to, or FINISHED, with that path).
+        for _ in range(_LOOKUPS):
             try:
-                meta = read_meta(f.path)
-            except (ForwarderError, OSError):
-                continue  # moved meanwhile, removed by someone: not this copy
-            if meta.sop_instance_uid != ref.sop_instance:
-                continue
-            if meta.sop_class_uid != ref.sop_class:
-                conflict = True
-                continue
-            return None
+                found = self.queue.find([ref.sop_instance])
+            except ForwarderError as exc:
+                logger.warning("storage commitment: cannot look %s up: %s", ref.sop_instance, exc)
+                return REASON_PROCESSING_FAILURE
+            candidates = [
+                f
+                for f in found
+                if f.retried_as is None
+                and any(kind is KeyKind.SOP_INSTANCE for _, kind in f.matched)
+            ]
+            conflict = missing = False
+            for f in reversed(candidates):  # the newest copy first
+                meta = _read_either(f.path, f.moving_to)
+                if meta is None:
+                    missing = True  # moved meanwhile, or removed by someone
+                    continue
+                if meta.sop_instance_uid != ref.sop_instance:
+                    continue
+                if meta.sop_class_uid != ref.sop_class:
+                    conflict = True
+                    continue
+                return None
+            if not missing:
+                break
         return REASON_CLASS_CONFLICT if conflict else REASON_NO_SUCH_INSTANCE
+
+
+def _read_either(path: str, moving_to: str | None) -> FileMeta | None:
+    """The meta header of the file at ``path``, or at ``moving_to`` (None: at neither)."""
+    for where in (path, moving_to):
+        if where is None:
+            continue
+        try:
+            return read_meta(where)
+        except (ForwarderError, OSError):
+            continue
+    return None

@@ -66,8 +66,10 @@ class Lookup(Store):
                 FoundFile(
                     file_id=file_id,
                     rel_path=rel_path,
-                    # Until the move is complete (FINISHING) the file is still in incoming.
+                    # Until the move is recorded (FINISHED) the queue says incoming; while
+                    # FINISHING it may already be at moving_to.
                     path=final_path if file_state is FileState.FINISHED and final_path else path,
+                    moving_to=final_path if file_state is FileState.FINISHING else None,
                     state=file_state,
                     outcome=None if outcome is None else Finish(outcome),
                     matched=tuple(matched[file_id]),

@@ -196,3 +196,6 @@ class FoundFile:
     jobs: tuple[FoundJob, ...]  # by destination name
     # Received through ``listen``: calling AE, called AE, peer host:port, association (else None)
     origin: tuple[str, str, str, str] | None = None
+    # FINISHING: the final path it is being moved to; until the queue records the move the file
+    # is at ``path`` or already there
+    moving_to: str | None = None
