@@ -65,8 +65,12 @@ class WebSettings:
     tls: ssl.SSLContext | None = None  # for https; None = the system trust store
     connect_timeout: float = 10.0
     response_timeout: float = 60.0
-    max_instances: int = 32  # instances per STOW-RS request
-    max_bytes: int = 64 * 1024 * 1024  # no more instances are added once a request holds this
+    # Instances per STOW-RS request: small ones go 128 at a time (each request costs the server
+    # its HTTP and multipart handling and a response to build: measured against Orthanc, 128
+    # small files a request instead of 32 gave 6-8% more), big ones up to 16 MiB a request
+    # (32 CT images: a failed request resends no more than that).
+    max_instances: int = 128
+    max_bytes: int = 16 * 1024 * 1024  # no more instances are added once a request holds this
     pacer: Pacer | None = None  # the destination's rate cap, shared by its requests
     stop: StopEvent | None = None  # the sending threads' stop: interrupts a connect under way
 
