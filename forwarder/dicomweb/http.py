@@ -129,31 +129,24 @@ class WebClient:
         self._path = urlsplit(settings.url).path.rstrip("/")
         scheme, host, port = scheme_host(settings.url)
         timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.response_timeout)
+        # One connection, no retries of urllib3's own; the stop reaches the connection class.
+        common: dict[str, Any] = {
+            "maxsize": 1,
+            "block": False,
+            "timeout": timeout,
+            "retries": False,
+            "stop": settings.stop,
+        }
         self._pool: urllib3.HTTPConnectionPool
         if scheme == "https":
             from forwarder.net.tls import client_context
 
             self._pool = urllib3.HTTPSConnectionPool(
-                host,
-                port,
-                maxsize=1,
-                block=False,
-                timeout=timeout,
-                retries=False,
-                ssl_context=settings.tls or client_context(None),
-                stop=settings.stop,
+                host, port, ssl_context=settings.tls or client_context(None), **common
             )
             self._pool.ConnectionCls = _HTTPSConnection
         else:
-            self._pool = urllib3.HTTPConnectionPool(
-                host,
-                port,
-                maxsize=1,
-                block=False,
-                timeout=timeout,
-                retries=False,
-                stop=settings.stop,
-            )
+            self._pool = urllib3.HTTPConnectionPool(host, port, **common)
             self._pool.ConnectionCls = _HTTPConnection
 
     def close(self) -> None:
