@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from daemon import destination
 from peers import StoreSCP
 from test_listen import (
+    GATEWAY,
     assert_same_datasets,
     copies,
     held,
@@ -39,7 +41,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.errors import QueueError
 from forwarder.net.scp_object import Origin, ReceivedObject
-from forwarder.queue import Queue
+from forwarder.queue import FileEntry, Queue
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -210,4 +212,32 @@ def test_a_stopped_daemon_does_not_hold_up_a_modality(
             os.kill(d.pid, signal.SIGCONT)
         wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
         assert_same_datasets(pacs, files)
+        assert d.stop() == 0
+
+
+def test_a_job_queued_for_a_destination_a_reload_removed_is_failed_soon_after(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The receiving process routes with the old routes until the new ones reach it: a file
+    it queues for a destination the reload removed, after the reload looked for such jobs, goes
+    to failed/ a moment later, not pending for good."""
+    gone = destination("gone", 9, ae_title="GONE")
+    d = listen_daemon(tmp_path / "gw", [pacs_destination(pacs), gone])
+    with d:
+        d.write_config(destinations=[pacs_destination(pacs)])
+        d.reload()
+        (src,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+        final = d.incoming / ".listen" / "CT01" / "late.dcm"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        final.write_bytes(src.read_bytes())
+        entry = FileEntry(
+            str(final), "CT01/late.dcm", final.stat().st_size, final.stat().st_mtime_ns,
+            CT, "1.2.3.9", EXPLICIT, calling_ae="CT01", called_ae=GATEWAY,
+        )  # fmt: skip
+        with Queue(d.queue) as q:  # as the receiving process queues, on its own connection
+            assert q.enqueue_many([(entry, {"gone": 1})]) != [None]
+        wait_until(lambda: "CT01/late.dcm" in d.failed_files(), 15, what="failed")
+        reason = (d.failed / "CT01/late.dcm.error.json").read_text()
+        assert "no longer in the configuration" in reason
         assert d.stop() == 0

@@ -45,6 +45,10 @@ _PRUNE_AFTER = 7 * 86400.0
 _STOP_TIMEOUT = 10.0
 _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
 _LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
+# Seconds after a reload to look again for jobs of destinations it removed: a file routed by
+# the old routes just before the swap (the listener's receiving process gets the new ones a
+# moment later) may be queued for one after the reload's own look.
+_ORPHANS_AGAIN = 2.0
 
 
 class ServiceLoop:
@@ -72,6 +76,10 @@ class ServiceLoop:
         """SIGHUP: re-read and apply the config (:class:`~forwarder.daemon.service.Service`)."""
         raise NotImplementedError
 
+    def _fail_orphans(self) -> None:
+        """Jobs of destinations no longer configured to failed/ (Service)."""
+        raise NotImplementedError
+
     def _sample_rates(self) -> None:
         if self.status_page is not None:
             try:
@@ -97,6 +105,7 @@ class ServiceLoop:
         next_status = next_finish = time.monotonic()
         next_prune = time.monotonic() + 60.0
         next_unhealthy_log = 0.0
+        orphans_again: float | None = None
         assert self._signals is not None
         while not self._stop.is_set():
             for sig in self._signals.wait(_TICK):
@@ -109,7 +118,14 @@ class ServiceLoop:
             if self._reload:
                 self._reload = False
                 self._do_reload()
+                orphans_again = time.monotonic() + _ORPHANS_AGAIN
             now = time.monotonic()
+            if orphans_again is not None and now >= orphans_again:
+                orphans_again = None
+                try:
+                    self._fail_orphans()
+                except ForwarderError as exc:
+                    logger.error("failing the jobs of removed destinations: %s", exc)
             problems = self._health_problems(now)
             if not problems:
                 # Only a loop that is really making progress keeps systemd's watchdog fed.
