@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
-from peers import StoreSCP
+from daemon import Daemon, destination, route
+from peers import StoreSCP, free_port
 from test_listen import (
     assert_same_datasets,
     copies,
@@ -31,7 +32,9 @@ from test_listen import (
     pacs,  # noqa: F401 - the fixture
     pacs_destination,
     push,
+    staged,
 )
+from test_listen_process import child_pid
 
 from forwarder.config import Route
 from forwarder.daemon.listen_queue import DirectQueue, Routing
@@ -210,4 +213,43 @@ def test_a_stopped_daemon_does_not_hold_up_a_modality(
             os.kill(d.pid, signal.SIGCONT)
         wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
         assert_same_datasets(pacs, files)
+        assert d.stop() == 0
+
+
+def _queue_rows(d: Daemon) -> tuple[int, list[tuple[str, str | None, str | None]]]:
+    """pacs's cumulative done count, and each queued file's (rel_path, peer, association)."""
+    with sqlite3.connect(d.queue) as conn:
+        row = conn.execute(
+            "SELECT done_total FROM destination_stats WHERE destination = 'pacs'"
+        ).fetchone()
+        files = conn.execute(
+            "SELECT rel_path, peer, association FROM files ORDER BY rel_path"
+        ).fetchall()
+    return (0 if row is None else int(row[0])), [(str(a), b, c) for a, b, c in files]
+
+
+def test_a_restarted_receiving_process_leaves_what_it_queued_alone(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The objects the receiving process queued itself are not in the daemon's memory: when
+    the process dies and ``recover`` looks for durable files the queue does not know, they must
+    not be taken for such files (queued "again" as a replacement: their delivered copies sent
+    again, their origin blanked)."""
+    files = copies(tmp_path / "m", "CT_small.dcm", 3)
+    down = destination("down", free_port(), ae_title="DOWN")  # keeps the files queued
+    with listen_daemon(
+        tmp_path / "gw", [pacs_destination(pacs), down], routes=[route("all", ["pacs", "down"])]
+    ) as d:
+        port = listen_port(d)
+        first = child_pid(d)
+        assert push(port, files) == [(0, "")] * 3
+        wait_until(lambda: _queue_rows(d)[0] == 3, 30, what="all three stored at pacs")
+        _done, before = _queue_rows(d)
+        assert len(before) == 3 and all(peer and assoc for _, peer, assoc in before), before
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert "durable but not queued" not in d.log_text(), d.log_tail()
+        assert _queue_rows(d) == (3, before)  # nothing sent again, the origin kept
+        assert len(staged(d)) == 3  # still queued (for down)
         assert d.stop() == 0

@@ -150,12 +150,19 @@ class Listener:
             raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
         self._sweep_partials()
         queued = 0
+        # What the receiving process queued itself is in the queue, not in ingest's memory:
+        # the queue's own list, read once, and only when ingest does not know some file.
+        in_queue: dict[str, tuple[int, int]] | None = None
         for dirpath, dirnames, filenames in os.walk(self.folder, topdown=False):
             for name in filenames:
                 if name.startswith(".") or not name.endswith(".dcm"):
                     continue  # partial files: the receiver's sweep
                 path = Path(dirpath, name)
-                if not self._ingest.is_known(str(path)) and self._recover_file(path):
+                if self._ingest.is_known(str(path)):
+                    continue
+                if in_queue is None:
+                    in_queue = self._ingest.queue.active_files()
+                if str(path) not in in_queue and self._recover_file(path):
                     queued += 1
             if dirpath != str(self.folder) and not dirnames and not filenames:
                 with contextlib.suppress(OSError):
