@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import wait_until
 from daemon import Daemon, destination, route
@@ -33,6 +35,7 @@ from test_listen import (
     pacs_destination,
     push,
     staged,
+    uid_of,
 )
 from test_listen_process import child_pid
 
@@ -252,4 +255,37 @@ def test_a_restarted_receiving_process_leaves_what_it_queued_alone(
         assert "durable but not queued" not in d.log_text(), d.log_tail()
         assert _queue_rows(d) == (3, before)  # nothing sent again, the origin kept
         assert len(staged(d)) == 3  # still queued (for down)
+        assert d.stop() == 0
+
+
+def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_restart(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """A receiving process that dies after placing a resend over a queued object, before the
+    daemon recorded the new version, leaves a file that is not what the queue holds: the
+    senders refuse to send a changed file, so recover must queue it again (a replacement),
+    whether the old version was queued here or by the daemon (a resend of a resend)."""
+    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+    v2 = tmp_path / "v2.dcm"
+    ds = pydicom.dcmread(v1)
+    ds.SeriesDescription = "the second version"
+    ds.save_as(v2, enforce_file_format=True)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
+        port = listen_port(d)
+        first = child_pid(d)
+        assert push(port, [v1]) == [(0, "")]  # queued by the receiving process
+        assert push(port, [v1]) == [(0, "")]  # a resend: recorded by the daemon
+        (placed,) = staged(d)
+        # what placing the new version leaves when the process dies before it is recorded
+        tmp = placed.with_name(".v2.tmp")
+        shutil.copyfile(v2, tmp)
+        os.rename(tmp, placed)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert d.cli("resume", "pacs").returncode == 0
+        wait_until(lambda: uid_of(v1) in held(pacs), 30, what="the object at the PACS")
+        assert_same_datasets(pacs, [v2])
         assert d.stop() == 0
