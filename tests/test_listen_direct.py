@@ -17,6 +17,7 @@ import shutil
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,3 +290,37 @@ def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_r
         wait_until(lambda: uid_of(v1) in held(pacs), 30, what="the object at the PACS")
         assert_same_datasets(pacs, [v2])
         assert d.stop() == 0
+
+
+def test_a_writer_waits_while_another_connection_recovers_the_wal(tmp_path: Path) -> None:
+    """A process killed while writing the WAL index leaves it unreliable; the next connection
+    to use the queue rebuilds it from the WAL (recovery), and meanwhile every other one gets
+    SQLITE_BUSY_RECOVERY (an extended code of SQLITE_BUSY): a writer must wait for it as for
+    any other writer (SQLite's own busy handler does), not fail at once."""
+    path = tmp_path / "q.sqlite"
+    with Queue(path) as q:
+        q.pause("warm")  # the connection has read the WAL index once
+        filler = sqlite3.connect(path, isolation_level=None)
+        filler.execute("PRAGMA wal_autocheckpoint = 0")
+        filler.execute("CREATE TABLE filler (x BLOB)")
+        refused: list[str] = []
+        for attempt in range(5):
+            filler.execute("BEGIN")
+            filler.executemany(
+                "INSERT INTO filler VALUES (?)", ((os.urandom(2000),) for _ in range(10000))
+            )
+            filler.execute("COMMIT")  # a WAL of ~20 MB, so that a recovery takes a while
+            with open(f"{path}-shm", "r+b") as shm:
+                shm.write(bytes(136))  # the WAL index header as a killed writer may leave it
+            recovering = threading.Thread(
+                target=lambda: sqlite3.connect(path).execute("SELECT 1 FROM files").fetchall()
+            )
+            recovering.start()
+            time.sleep(0.005)  # let it start the recovery
+            try:
+                q.pause(f"d{attempt}")
+            except QueueError as exc:
+                refused.append(str(exc))
+            recovering.join()
+        filler.close()
+        assert refused == []
