@@ -324,3 +324,38 @@ def test_a_writer_waits_while_another_connection_recovers_the_wal(tmp_path: Path
             recovering.join()
         filler.close()
         assert refused == []
+
+
+def test_a_resend_of_a_queued_object_through_the_receiving_process_sends_its_new_version(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The first copy is queued by the receiving process; its resend (other content, another
+    association) is placed over it and left to the daemon, which replaces the queued version:
+    the PACS gets the new version once, and the queue names the resend's association."""
+    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+    v2 = tmp_path / "v2.dcm"
+    ds = pydicom.dcmread(v1)
+    ds.SeriesDescription = "the second version"
+    ds.save_as(v2, enforce_file_format=True)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
+        port = listen_port(d)
+        assert push(port, [v1]) == [(0, "")]
+        (_, first), *_ = _origins(d)
+        assert push(port, [v2]) == [(0, "")]
+        ((_, second),) = _origins(d)
+        assert second and second != first  # one row, now the resend's
+        assert d.cli("resume", "pacs").returncode == 0
+        wait_until(lambda: _queue_rows(d)[0] == 1, 30, what="stored at the PACS")
+        wait_until(lambda: staged(d) == [], 15, what="finished")
+        assert_same_datasets(pacs, [v2])
+        assert _queue_rows(d)[0] == 1  # once
+        assert d.stop() == 0
+
+
+def _origins(d: Daemon) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(d.queue) as conn:
+        rows = conn.execute("SELECT rel_path, association FROM files").fetchall()
+    return [(str(a), b) for a, b in rows]
