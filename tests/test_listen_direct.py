@@ -292,6 +292,14 @@ def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_r
         assert d.stop() == 0
 
 
+def _read_once(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("SELECT 1 FROM files").fetchall()
+    finally:
+        conn.close()
+
+
 def test_a_writer_waits_while_another_connection_recovers_the_wal(tmp_path: Path) -> None:
     """A process killed while writing the WAL index leaves it unreliable; the next connection
     to use the queue rebuilds it from the WAL (recovery), and meanwhile every other one gets
@@ -312,9 +320,7 @@ def test_a_writer_waits_while_another_connection_recovers_the_wal(tmp_path: Path
             filler.execute("COMMIT")  # a WAL of ~20 MB, so that a recovery takes a while
             with open(f"{path}-shm", "r+b") as shm:
                 shm.write(bytes(136))  # the WAL index header as a killed writer may leave it
-            recovering = threading.Thread(
-                target=lambda: sqlite3.connect(path).execute("SELECT 1 FROM files").fetchall()
-            )
+            recovering = threading.Thread(target=_read_once, args=(path,))
             recovering.start()
             time.sleep(0.005)  # let it start the recovery
             try:
