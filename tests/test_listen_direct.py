@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from conftest import wait_until
-from daemon import destination
-from peers import StoreSCP
+from daemon import Daemon, destination, route
+from peers import StoreSCP, free_port
 from test_listen import (
     GATEWAY,
     assert_same_datasets,
@@ -33,7 +36,10 @@ from test_listen import (
     pacs,  # noqa: F401 - the fixture
     pacs_destination,
     push,
+    staged,
+    uid_of,
 )
+from test_listen_process import child_pid
 
 from forwarder.config import Route
 from forwarder.daemon.listen_queue import DirectQueue, Routing
@@ -241,3 +247,150 @@ def test_a_job_queued_for_a_destination_a_reload_removed_is_failed_soon_after(
         reason = (d.failed / "CT01/late.dcm.error.json").read_text()
         assert "no longer in the configuration" in reason
         assert d.stop() == 0
+
+
+def _queue_rows(d: Daemon) -> tuple[int, list[tuple[str, str | None, str | None]]]:
+    """pacs's cumulative done count, and each queued file's (rel_path, peer, association)."""
+    with sqlite3.connect(d.queue) as conn:
+        row = conn.execute(
+            "SELECT done_total FROM destination_stats WHERE destination = 'pacs'"
+        ).fetchone()
+        files = conn.execute(
+            "SELECT rel_path, peer, association FROM files ORDER BY rel_path"
+        ).fetchall()
+    return (0 if row is None else int(row[0])), [(str(a), b, c) for a, b, c in files]
+
+
+def test_a_restarted_receiving_process_leaves_what_it_queued_alone(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The objects the receiving process queued itself are not in the daemon's memory: when
+    the process dies and ``recover`` looks for durable files the queue does not know, they must
+    not be taken for such files (queued "again" as a replacement: their delivered copies sent
+    again, their origin blanked)."""
+    files = copies(tmp_path / "m", "CT_small.dcm", 3)
+    down = destination("down", free_port(), ae_title="DOWN")  # keeps the files queued
+    with listen_daemon(
+        tmp_path / "gw", [pacs_destination(pacs), down], routes=[route("all", ["pacs", "down"])]
+    ) as d:
+        port = listen_port(d)
+        first = child_pid(d)
+        assert push(port, files) == [(0, "")] * 3
+        wait_until(lambda: _queue_rows(d)[0] == 3, 30, what="all three stored at pacs")
+        _done, before = _queue_rows(d)
+        assert len(before) == 3 and all(peer and assoc for _, peer, assoc in before), before
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert "durable but not queued" not in d.log_text(), d.log_tail()
+        assert _queue_rows(d) == (3, before)  # nothing sent again, the origin kept
+        assert len(staged(d)) == 3  # still queued (for down)
+        assert d.stop() == 0
+
+
+def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_restart(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """A receiving process that dies after placing a resend over a queued object, before the
+    daemon recorded the new version, leaves a file that is not what the queue holds: the
+    senders refuse to send a changed file, so recover must queue it again (a replacement),
+    whether the old version was queued here or by the daemon (a resend of a resend)."""
+    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+    v2 = tmp_path / "v2.dcm"
+    ds = pydicom.dcmread(v1)
+    ds.SeriesDescription = "the second version"
+    ds.save_as(v2, enforce_file_format=True)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
+        port = listen_port(d)
+        first = child_pid(d)
+        assert push(port, [v1]) == [(0, "")]  # queued by the receiving process
+        assert push(port, [v1]) == [(0, "")]  # a resend: recorded by the daemon
+        (placed,) = staged(d)
+        # what placing the new version leaves when the process dies before it is recorded
+        tmp = placed.with_name(".v2.tmp")
+        shutil.copyfile(v2, tmp)
+        os.rename(tmp, placed)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert d.cli("resume", "pacs").returncode == 0
+        wait_until(lambda: uid_of(v1) in held(pacs), 30, what="the object at the PACS")
+        assert_same_datasets(pacs, [v2])
+        assert d.stop() == 0
+
+
+def _read_once(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("SELECT 1 FROM files").fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_writer_waits_while_another_connection_recovers_the_wal(tmp_path: Path) -> None:
+    """A process killed while writing the WAL index leaves it unreliable; the next connection
+    to use the queue rebuilds it from the WAL (recovery), and meanwhile every other one gets
+    SQLITE_BUSY_RECOVERY (an extended code of SQLITE_BUSY): a writer must wait for it as for
+    any other writer (SQLite's own busy handler does), not fail at once."""
+    path = tmp_path / "q.sqlite"
+    with Queue(path) as q:
+        q.pause("warm")  # the connection has read the WAL index once
+        filler = sqlite3.connect(path, isolation_level=None)
+        filler.execute("PRAGMA wal_autocheckpoint = 0")
+        filler.execute("CREATE TABLE filler (x BLOB)")
+        refused: list[str] = []
+        for attempt in range(5):
+            filler.execute("BEGIN")
+            filler.executemany(
+                "INSERT INTO filler VALUES (?)", ((os.urandom(2000),) for _ in range(10000))
+            )
+            filler.execute("COMMIT")  # a WAL of ~20 MB, so that a recovery takes a while
+            with open(f"{path}-shm", "r+b") as shm:
+                shm.write(bytes(136))  # the WAL index header as a killed writer may leave it
+            recovering = threading.Thread(target=_read_once, args=(path,))
+            recovering.start()
+            time.sleep(0.005)  # let it start the recovery
+            try:
+                q.pause(f"d{attempt}")
+            except QueueError as exc:
+                refused.append(str(exc))
+            recovering.join()
+        filler.close()
+        assert refused == []
+
+
+def test_a_resend_of_a_queued_object_through_the_receiving_process_sends_its_new_version(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The first copy is queued by the receiving process; its resend (other content, another
+    association) is placed over it and left to the daemon, which replaces the queued version:
+    the PACS gets the new version once, and the queue names the resend's association."""
+    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+    v2 = tmp_path / "v2.dcm"
+    ds = pydicom.dcmread(v1)
+    ds.SeriesDescription = "the second version"
+    ds.save_as(v2, enforce_file_format=True)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
+        port = listen_port(d)
+        assert push(port, [v1]) == [(0, "")]
+        (_, first), *_ = _origins(d)
+        assert push(port, [v2]) == [(0, "")]
+        ((_, second),) = _origins(d)
+        assert second and second != first  # one row, now the resend's
+        assert d.cli("resume", "pacs").returncode == 0
+        wait_until(lambda: _queue_rows(d)[0] == 1, 30, what="stored at the PACS")
+        wait_until(lambda: staged(d) == [], 15, what="finished")
+        assert_same_datasets(pacs, [v2])
+        assert _queue_rows(d)[0] == 1  # once
+        assert d.stop() == 0
+
+
+def _origins(d: Daemon) -> list[tuple[str, str | None]]:
+    with sqlite3.connect(d.queue) as conn:
+        rows = conn.execute("SELECT rel_path, association FROM files").fetchall()
+    return [(str(a), b) for a, b in rows]

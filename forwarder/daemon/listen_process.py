@@ -93,6 +93,7 @@ class ListenProcess:
         self._thread: threading.Thread | None = None
         self._sent: Routing | None = None
         self._generation = 0
+        self._told = 0  # the generation the running process was given
         self._lock = threading.Lock()
         self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
         self._threads: list[threading.Thread] = []  # those serving the process's channels
@@ -211,20 +212,25 @@ class ListenProcess:
             self._threads.append(channels)
         peer = Peer(ours, self._handle)
         self._failed = None
-        init = {
-            "listen": self._listen,
-            "ae_title": self._ae_title,
-            "incoming": str(self._incoming),
-            "folder": str(self._sink.spool),
-            "routing": self._routing(),
-            "queue": self._sink.queue_path,
-            "spool": self._sink.spool_folders,
-            "reports": self._reports is not None,
-            "log_level": self._log_level,
-        }
-        with contextlib.suppress(PeerGone):
-            peer.send("init", init)
-        self._peer = peer
+        # Under the lock from the routes read to the peer set: a reload in between would
+        # otherwise send its routes to no one (or before init), and this process would route
+        # with the old ones until the next reload.
+        with self._lock:
+            routing = self._current_routing()
+            init = {
+                "listen": self._listen,
+                "ae_title": self._ae_title,
+                "incoming": str(self._incoming),
+                "folder": str(self._sink.spool),
+                "routing": routing,
+                "queue": self._sink.queue_path,
+                "spool": self._sink.spool_folders,
+                "reports": self._reports is not None,
+                "log_level": self._log_level,
+            }
+            with contextlib.suppress(PeerGone):
+                peer.send("init", init)
+            self._peer, self._told = peer, routing.generation
         return peer
 
     def _supervise(self, peer: Peer) -> None:
@@ -382,16 +388,24 @@ class ListenProcess:
         """The routes in force, with their generation: a new one after each reload that
         replaced them, sent to the process (which routes most objects itself)."""
         with self._lock:
-            wanted, router = self._sink.wanted, self._sink.router
-            sent = self._sent
-            if sent is None or wanted is not sent.wanted or router is not sent.router:
-                self._generation += 1
-                self._sent = sent = Routing(self._generation, wanted, router)
+            sent = self._current_routing()
+            if sent.generation != self._told:
                 peer = self._peer
                 if peer is not None:
                     with contextlib.suppress(PeerGone):
                         peer.send("routing", sent)
+                self._told = sent.generation
             return sent
+
+    def _current_routing(self) -> Routing:
+        """The routes in force as a :class:`Routing` (a new generation when a reload replaced
+        them); the caller holds ``_lock``."""
+        wanted, router = self._sink.wanted, self._sink.router
+        sent = self._sent
+        if sent is None or wanted is not sent.wanted or router is not sent.router:
+            self._generation += 1
+            self._sent = sent = Routing(self._generation, wanted, router)
+        return sent
 
     def _queue(
         self, path: str, obj: ReceivedObject, origin: Origin, generation: int

@@ -150,12 +150,25 @@ class Listener:
             raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
         self._sweep_partials()
         queued = 0
+        # The queue's own list (read once, at the first file), not ingest's memory: what the
+        # receiving process queued itself is not there. A file whose size or mtime is not what
+        # was queued is a resend placed over it whose replacement was never committed: queued
+        # again, it replaces the old version (the senders refuse to send a changed file).
+        in_queue: dict[str, tuple[int, int]] | None = None
         for dirpath, dirnames, filenames in os.walk(self.folder, topdown=False):
             for name in filenames:
                 if name.startswith(".") or not name.endswith(".dcm"):
                     continue  # partial files: the receiver's sweep
                 path = Path(dirpath, name)
-                if not self._ingest.is_known(str(path)) and self._recover_file(path):
+                if in_queue is None:
+                    in_queue = self._ingest.queue.active_files()
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue  # finished meanwhile
+                if in_queue.get(str(path)) == (st.st_size, st.st_mtime_ns):
+                    continue
+                if self._recover_file(path):
                     queued += 1
             if dirpath != str(self.folder) and not dirnames and not filenames:
                 with contextlib.suppress(OSError):

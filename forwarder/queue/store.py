@@ -272,7 +272,10 @@ class Store:
                     conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    busy = getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY
+                    # The extended code: SQLITE_BUSY_RECOVERY (another connection rebuilds
+                    # the WAL index) is a wait too, as for SQLite's own busy handler.
+                    code = getattr(exc, "sqlite_errorcode", None)
+                    busy = code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
                     if not busy or time.monotonic() >= deadline:
                         raise
                 time.sleep(nap)
