@@ -47,7 +47,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.errors import QueueError
 from forwarder.net.scp_object import Origin, ReceivedObject
-from forwarder.queue import FileEntry, Queue
+from forwarder.queue import SCHEMA_VERSION, FileEntry, Queue
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
@@ -315,6 +315,7 @@ def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_r
         os.rename(tmp, placed)
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+        assert "1 of them resends that replace the copy queued before" in d.log_text()
         assert d.cli("resume", "pacs").returncode == 0
         wait_until(lambda: uid_of(v1) in held(pacs), 30, what="the object at the PACS")
         assert_same_datasets(pacs, [v2])
@@ -394,3 +395,20 @@ def _origins(d: Daemon) -> list[tuple[str, str | None]]:
     with sqlite3.connect(d.queue) as conn:
         rows = conn.execute("SELECT rel_path, association FROM files").fetchall()
     return [(str(a), b) for a, b in rows]
+
+
+def test_the_receiving_process_never_migrates_the_queue(tmp_path: Path) -> None:
+    """After a package upgrade a restarted receiving process runs newer code than the daemon:
+    it refuses a queue of another schema version (the daemon then queues every object), and
+    leaves the schema as the daemon knows it."""
+    path = tmp_path / "q.sqlite"
+    Queue(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    with pytest.raises(QueueError, match="not upgrading it here"):
+        DirectQueue(str(path), spool)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+    Queue(path).close()  # the daemon's own open upgrades it
+    DirectQueue(str(path), spool).close()

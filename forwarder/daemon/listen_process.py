@@ -400,7 +400,7 @@ class ListenProcess:
     def _current_routing(self) -> Routing:
         """The routes in force as a :class:`Routing` (a new generation when a reload replaced
         them); the caller holds ``_lock``."""
-        wanted, router = self._sink.wanted, self._sink.router
+        router, wanted = self._sink.routing()
         sent = self._sent
         if sent is None or wanted is not sent.wanted or router is not sent.router:
             self._generation += 1

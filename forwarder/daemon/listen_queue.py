@@ -57,7 +57,9 @@ class DirectQueue:
     """The receiving process's connection to the queue, and the rule for using it."""
 
     def __init__(self, path: str, spool: Spool) -> None:
-        self._queue = Queue(path, create=False)
+        # Never migrated from here: after a package upgrade a restarted receiving process runs
+        # the new code beside the daemon's old one, which must find its schema as it left it.
+        self._queue = Queue(path, create=False, migrate=False)
         self._spool = spool
         self._refused = ""  # the queue's last refusal, logged once
 

@@ -221,11 +221,17 @@ class ListenSink:
 
     @property
     def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
+        return self.routing()[1]
+
+    def routing(self) -> tuple[Router, tuple[dict[int, str], dict[int, str]]]:
+        """The router in force and what the engine collects for it, read together (a reload
+        replaces both at once)."""
+        router, want, vrs = self._ingest.routing()
+        known = self._wanted_from
         # New dicts when a reload changed the routes (the pair itself is new at every call).
-        source, known = self._ingest.wanted, self._wanted_from
-        if known is None or source[0] is not known[0] or source[1] is not known[1]:
-            self._wanted, self._wanted_from = merged_wanted(source), source
-        return self._wanted
+        if known is None or want is not known[0] or vrs is not known[1]:
+            self._wanted, self._wanted_from = merged_wanted((want, vrs)), (want, vrs)
+        return router, self._wanted
 
     def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
         final = self.placement.place(path, obj, origin)
@@ -278,11 +284,6 @@ class ListenSink:
     @property
     def spool_folders(self) -> Spool:
         return self._spool
-
-    @property
-    def router(self) -> Router:
-        """The routes in force (reloads replace it)."""
-        return self._ingest.routing()[0]
 
     def queued_elsewhere(self) -> None:
         """An object the receiving process queued itself: count it and wake the senders."""

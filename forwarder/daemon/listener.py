@@ -149,7 +149,7 @@ class Listener:
         except OSError as exc:
             raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
         self._sweep_partials()
-        queued = 0
+        queued = replaced = 0
         # The queue's own list (read once, at the first file), not ingest's memory: what the
         # receiving process queued itself is not there. A file whose size or mtime is not what
         # was queued is a resend placed over it whose replacement was never committed: queued
@@ -166,18 +166,23 @@ class Listener:
                     st = os.lstat(path)
                 except OSError:
                     continue  # finished meanwhile
-                if in_queue.get(str(path)) == (st.st_size, st.st_mtime_ns):
+                known = in_queue.get(str(path))
+                if known == (st.st_size, st.st_mtime_ns):
                     continue
                 if self._recover_file(path):
                     queued += 1
+                    replaced += known is not None
             if dirpath != str(self.folder) and not dirnames and not filenames:
                 with contextlib.suppress(OSError):
                     os.rmdir(dirpath)  # only ever empty: rmdir refuses otherwise
         if queued:
             logger.warning(
-                "listen: %d received files were durable but not queued when %s; queued now",
+                "listen: %d received files were durable but not queued when %s; queued now%s",
                 queued,
                 when,
+                f" ({replaced} of them resends that replace the copy queued before)"
+                if replaced
+                else "",
             )
         return queued
 

@@ -110,7 +110,12 @@ class Store:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0, create: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        create: bool = True,
+        migrate: bool = True,
     ) -> None:
         self._path = os.fspath(path)
         self._lock = threading.Lock()
@@ -119,6 +124,9 @@ class Store:
         self._scan_lock = threading.Lock()
         self._scanner: sqlite3.Connection | None = None
         self._busy_timeout = busy_timeout
+        # False: a database of another schema version is refused, never upgraded (a process
+        # that only adds rows beside the daemon, which may be of another version of forwarder)
+        self._migrate = migrate
         if not create and not os.path.exists(self._path):
             raise QueueError(
                 f"queue database {self._path} does not exist: check the 'queue' key of the "
@@ -181,6 +189,11 @@ class Store:
             raise QueueError(
                 f"queue database {self._path} has schema version {version}, newer than this "
                 f"forwarder understands ({SCHEMA_VERSION}); upgrade forwarder"
+            )
+        if version < SCHEMA_VERSION and not self._migrate:
+            raise QueueError(
+                f"queue database {self._path} has schema version {version}, this forwarder "
+                f"writes {SCHEMA_VERSION}; not upgrading it here"
             )
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
