@@ -83,7 +83,11 @@ class RemoteSink:
             return final
         direct = self._child.direct
         if direct is not None:
-            queued = direct.queue(final, obj, origin, self._child.routing, generation)
+            try:
+                queued = direct.queue(final, obj, origin, self._child.routing, generation)
+            except Exception:  # a bug of ours: the daemon's proven path takes the object
+                logger.exception("listen: %s: queueing it here failed; asking the daemon", final)
+                queued = None
             if queued is not None:
                 self._child.tell("queued")
                 crash_point("listen-before-answer")
