@@ -288,6 +288,16 @@ def test_a_restarted_receiving_process_leaves_what_it_queued_alone(
         assert d.stop() == 0
 
 
+def two_versions(tmp_path: Path) -> tuple[Path, Path]:
+    """A real file and a second version of it: the same SOP Instance, other content."""
+    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
+    v2 = tmp_path / "v2.dcm"
+    ds = pydicom.dcmread(v1)
+    ds.SeriesDescription = "the second version"
+    ds.save_as(v2, enforce_file_format=True)
+    return v1, v2
+
+
 def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_restart(
     tmp_path: Path,
     pacs: StoreSCP,  # noqa: F811
@@ -296,11 +306,7 @@ def test_a_resend_placed_but_never_recorded_is_sent_in_its_new_version_after_a_r
     daemon recorded the new version, leaves a file that is not what the queue holds: the
     senders refuse to send a changed file, so recover must queue it again (a replacement),
     whether the old version was queued here or by the daemon (a resend of a resend)."""
-    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
-    v2 = tmp_path / "v2.dcm"
-    ds = pydicom.dcmread(v1)
-    ds.SeriesDescription = "the second version"
-    ds.save_as(v2, enforce_file_format=True)
+    v1, v2 = two_versions(tmp_path)
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
         assert d.cli("pause", "pacs").returncode == 0
         d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
@@ -369,11 +375,7 @@ def test_a_resend_of_a_queued_object_through_the_receiving_process_sends_its_new
     """The first copy is queued by the receiving process; its resend (other content, another
     association) is placed over it and left to the daemon, which replaces the queued version:
     the PACS gets the new version once, and the queue names the resend's association."""
-    (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)
-    v2 = tmp_path / "v2.dcm"
-    ds = pydicom.dcmread(v1)
-    ds.SeriesDescription = "the second version"
-    ds.save_as(v2, enforce_file_format=True)
+    v1, v2 = two_versions(tmp_path)
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
         assert d.cli("pause", "pacs").returncode == 0
         d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
