@@ -145,6 +145,14 @@ def test_enqueue_many_is_one_transaction(q: Queue, db: Path) -> None:
     assert q.enqueue_many([]) == []
 
 
+def test_active_files_under_a_folder_reads_that_folder_only(q: Queue) -> None:
+    names = [".listen/CT01/a", ".listen/CT01/b", ".listen0", ".listen-x/c", "d", ".listen"]
+    q.enqueue_many([(entry(n), ["pacs"]) for n in names], now=T0)
+    assert set(q.active_files(under="/in/.listen")) == {"/in/.listen/CT01/a", "/in/.listen/CT01/b"}
+    assert set(q.active_files(under="/in/.listen/")) == set(q.active_files(under="/in/.listen"))
+    assert len(q.active_files()) == len(names)
+
+
 # -- claim -------------------------------------------------------------------------------------
 
 

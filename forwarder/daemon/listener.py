@@ -150,10 +150,10 @@ class Listener:
             raise ForwarderError(f"cannot create {self.folder}: {exc.strerror or exc}") from None
         self._sweep_partials()
         queued = replaced = 0
-        # The queue's own list (read once, at the first file), not ingest's memory: what the
-        # receiving process queued itself is not there. A file whose size or mtime is not what
-        # was queued is a resend placed over it whose replacement was never committed: queued
-        # again, it replaces the old version (the senders refuse to send a changed file).
+        # The queue's own list for .listen (read once, at the first file), not ingest's memory:
+        # what the receiving process queued itself is not there. A file whose size or mtime is
+        # not what was queued is a resend placed over it whose replacement was never committed:
+        # queued again, it replaces the old version (the senders refuse to send a changed file).
         in_queue: dict[str, tuple[int, int]] | None = None
         for dirpath, dirnames, filenames in os.walk(self.folder, topdown=False):
             for name in filenames:
@@ -161,7 +161,7 @@ class Listener:
                     continue  # partial files: the receiver's sweep
                 path = Path(dirpath, name)
                 if in_queue is None:
-                    in_queue = self._ingest.queue.active_files()
+                    in_queue = self._ingest.queue.active_files(under=str(self.folder))
                 try:
                     st = os.lstat(path)
                 except OSError:

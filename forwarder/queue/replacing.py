@@ -28,13 +28,19 @@ from forwarder.queue.store import (
 class Replacing(Store):
     """Replaced files (a part of :class:`forwarder.queue.Queue`)."""
 
-    def active_files(self) -> dict[str, tuple[int, int]]:
+    def active_files(self, under: str | None = None) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) as queued, for every unfinished file (ingest notices a
-        file replaced in incoming by comparing)."""
+        file replaced in incoming by comparing); ``under``: only those in that folder and
+        below (a range on the unfinished-path index, not a read of every queued file)."""
+        sql = "SELECT path, size, mtime_ns FROM files WHERE state != 'FINISHED'"
+        bounds: dict[str, str] = {}
+        if under is not None:
+            # Every path below FOLDER starts with "FOLDER/"; "0" is the character after "/".
+            sql += " AND path >= :low AND path < :high"
+            folder = under.rstrip("/")
+            bounds = {"low": folder + "/", "high": folder + "0"}
         with self._scan("listing queued files") as conn:
-            rows = conn.execute(
-                "SELECT path, size, mtime_ns FROM files WHERE state != 'FINISHED'"
-            ).fetchall()
+            rows = conn.execute(sql, bounds).fetchall()
         return {r[0]: (r[1], r[2]) for r in rows}
 
     def replace_file(
