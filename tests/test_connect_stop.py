@@ -176,17 +176,28 @@ def _first_bytes(server: socket.socket) -> socket.socket:
     return conn
 
 
+def _stopped_while_it_waits(
+    server: socket.socket, stop: threading.Event, call: Callable[[], Any]
+) -> dict[str, Any]:
+    """Run ``call`` on a thread; once its first bytes reached ``server`` (which never answers),
+    set ``stop``: the call must end promptly. Its result or exception (``_in_thread``)."""
+    thread, out = _in_thread(call)
+    with _first_bytes(server):
+        stopped = time.monotonic()
+        stop.set()
+        thread.join(10)
+        assert time.monotonic() - stopped < PROMPT
+    return out
+
+
 def test_the_wait_for_the_a_associate_ac_is_interrupted() -> None:
     stop = StopEvent()
     with socket.create_server(("127.0.0.1", 0)) as server:
         peer = Peer("127.0.0.1", server.getsockname()[1], "PACS")
         settings = AssociationSettings(connect_timeout=60.0, stop=stop)
-        thread, out = _in_thread(lambda: Association.request(peer, settings, [_ECHO]))
-        with _first_bytes(server):
-            stopped = time.monotonic()
-            stop.set()
-            thread.join(10)
-            assert time.monotonic() - stopped < PROMPT
+        out = _stopped_while_it_waits(
+            server, stop, lambda: Association.request(peer, settings, [_ECHO])
+        )
     error = out["error"]
     assert isinstance(error, ConnectInterrupted)
     assert (
@@ -200,12 +211,7 @@ def test_the_tls_handshake_is_interrupted() -> None:
         peer = Peer("127.0.0.1", server.getsockname()[1], "PACS")
         tls = ssl.create_default_context()
         settings = AssociationSettings(connect_timeout=60.0, stop=stop, tls=tls)
-        thread, out = _in_thread(lambda: connect(peer, settings))
-        with _first_bytes(server):
-            stopped = time.monotonic()
-            stop.set()
-            thread.join(10)
-            assert time.monotonic() - stopped < PROMPT
+        out = _stopped_while_it_waits(server, stop, lambda: connect(peer, settings))
     error = out["error"]
     assert isinstance(error, ConnectInterrupted)
     assert str(error) == f"TLS handshake with {peer}: interrupted: forwarder is stopping"
@@ -306,12 +312,7 @@ def test_stow_tls_handshake_is_interrupted(tmp_path: Path) -> None:
         tls = ssl.create_default_context()
         channel = StowChannel(WebSettings(url=url, tls=tls, connect_timeout=60.0, stop=stop))
         request = StoreRequest(str(tmp_path / "img.dcm"))
-        thread, out = _in_thread(lambda: list(channel.send([request])))
-        with _first_bytes(server):  # the ClientHello, never answered
-            stopped = time.monotonic()
-            stop.set()
-            thread.join(10)
-            assert time.monotonic() - stopped < PROMPT
+        out = _stopped_while_it_waits(server, stop, lambda: list(channel.send([request])))
     [outcome] = out["result"]
     assert outcome.outcome is Outcome.RETRY
     assert not outcome.attempted and not outcome.association_failed
