@@ -11,6 +11,7 @@ another process's write lock in short naps, up to its busy timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -200,6 +201,13 @@ def test_a_writer_waits_for_another_processs_write_lock(tmp_path: Path) -> None:
         holder.close()
 
 
+def _finished(d: Daemon) -> int:
+    with contextlib.closing(sqlite3.connect(d.queue)) as conn:
+        return int(
+            conn.execute("SELECT COUNT(*) FROM files WHERE state = 'FINISHED'").fetchone()[0]
+        )
+
+
 def test_a_stopped_daemon_does_not_hold_up_a_modality(
     tmp_path: Path,
     pacs: StoreSCP,  # noqa: F811
@@ -211,6 +219,10 @@ def test_a_stopped_daemon_does_not_hold_up_a_modality(
         port = listen_port(d)
         assert push(port, files[:1]) == [(0, "")]
         wait_until(lambda: len(held(pacs)) == 1, 30, what="the first")
+        # Stopped once idle: stopped inside one of its own write transactions (the first
+        # object's ack or finish), the daemon would hold the queue's write lock, which the
+        # receiving process must wait for, as any writer must.
+        wait_until(lambda: _finished(d) == 1, 30, what="the first recorded as finished")
         os.kill(d.pid, signal.SIGSTOP)
         try:
             assert push(port, files[1:]) == [(0, "")] * 2
