@@ -833,3 +833,37 @@ def test_a_read_error_mid_send_aborts_and_is_retried(tmp_path: Path) -> None:
     (record,) = json.loads(report.read_text())["files"]
     assert record["outcome"] == "retry"
     assert record["error"] == "read error while sending: Input/output error"
+
+
+def test_a_batch_of_fragments_is_filled_by_short_vectored_reads_in_order() -> None:
+    """The sender reads a batch's fragments with one vectored read; a read that returns less
+    (a network filesystem, a signal) is continued where it stopped, byte for byte."""
+    from forwarder.net.association_dimse import DimseExchange, _after
+
+    data = bytes(range(256)) * 41
+    buf = bytearray(len(data) + 60)
+    view = memoryview(buf)
+    # Fragments with 12-byte gaps (the PDU headers) between them, of uneven sizes.
+    sizes, views, pos = [1000, 3000, 7, 2500, len(data) - 6507], [], 0
+    for size in sizes:
+        views.append(view[pos + 12 : pos + 12 + size])
+        pos += 12 + size
+    calls: list[int] = []
+
+    def read_at(targets: list[memoryview], at: int) -> int:
+        calls.append(at)
+        n = 0
+        for target in targets:
+            take = min(len(target), 777 - n, len(data) - at - n)
+            target[:take] = data[at + n : at + n + take]
+            n += take
+            if n == 777 or take < len(target):
+                break
+        return n
+
+    DimseExchange._fill(None, read_at, views, len(data), 0, "f.dcm")  # type: ignore[arg-type]
+    assert b"".join(bytes(v) for v in views) == data
+    assert len(calls) == -(-len(data) // 777)  # one read per 777 bytes, none repeated
+    assert [len(v) for v in _after([view[:10], view[10:30]], 15)] == [15]
+    assert _after([view[:10], view[10:30]], 10)[0].obj is buf
+    assert _after([view[:10]], 10) == []
