@@ -239,6 +239,31 @@ def test_dcmtk_storescu_objects_land_as_study_sop(
     assert f"stored {original.SOPInstanceUID} from STORESCU at {target}" in receiver.log_text()
 
 
+@pytest.mark.parametrize("pdu", ["4096", "100000", "131072"])
+def test_a_big_object_in_small_pdus_lands_byte_identical(
+    receiver: ReceiverProcess, tmp_path: Path, pdu: str
+) -> None:
+    """Small fragments are held and written together (scp_object.STAGED), big ones written as
+    they come: every byte lands in order whatever the sender's PDU size."""
+    ds = pydicom.dcmread(sample("CT_small.dcm"))
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows, ds.Columns = 500, 1000
+    ds.PixelData = os.urandom(500 * 1000 * 2)
+    source = tmp_path / "big.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    result = run_storescu(
+        receiver.port, [os.fspath(source)], "--max-send-pdu", pdu, "-aec", "FORWARDER"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    target = stored_path(receiver.output, source)
+    assert target.is_file(), receiver.log_text()
+    received = pydicom.dcmread(target)
+    assert without_padding(received) == without_padding(ds)
+    assert received.PixelData == ds.PixelData
+    assert received.pixel_array.tobytes() == ds.pixel_array.tobytes()
+    assert dot_files(receiver.output) == []
+
+
 def test_pynetdicom_scu_datasets_are_byte_identical(
     receiver: ReceiverProcess, raw_send: None
 ) -> None:

@@ -157,6 +157,10 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, calli
     return _PREAMBLE + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
+#: Received bytes held before they are written (a write per fragment costs a system call).
+STAGED = 256 * 1024
+
+
 class IncomingObject:
     """The file of one C-STORE in progress: :meth:`write` each data set fragment, then
     :meth:`finish` (check, fsync, hand to the sink) or :meth:`discard`."""
@@ -175,12 +179,16 @@ class IncomingObject:
         self.transfer_syntax = transfer_syntax
         self.max_size = max_size
         self.path = os.path.join(sink.spool, f".receiving.{_TOKEN}.{next(_names)}.part")
-        # Written with the first fragment (one system call less per object).
-        self.pending = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
-        self.size = self.header = len(self.pending)  # bytes of the file as received
+        header = part10_header(sop_class, sop_instance, transfer_syntax, origin.calling_ae)
+        self.size = self.header = len(header)  # bytes of the file as received
         # A small object is also kept in memory as it is written, so the check walks these
         # bytes instead of reading the file back (a big one is read back through a window).
-        self.copy: bytearray | None = bytearray(self.pending)
+        self.copy: bytearray | None = bytearray(header)
+        # Fragments not yet written: small ones go to the file in writes of STAGED bytes or
+        # more (a sender with 16 KB PDUs sends a CT image in 32 fragments: 2 writes, not 32),
+        # and a small object (``copy``) in one write once it is whole.
+        self.staged = bytearray()
+        self.written = 0  # bytes of ``copy`` already in the file
         self.failure: Answer | None = None
         self.fd = -1
         try:
@@ -188,7 +196,7 @@ class IncomingObject:
         except OSError as exc:
             self._fail_write(exc)
 
-    def _write_all(self, data: bytes | memoryview) -> None:
+    def _write_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -221,16 +229,37 @@ class IncomingObject:
         if copy is not None:
             if self.size <= IN_MEMORY:
                 copy += fragment
-            else:
-                self.copy = None
+                return  # written whole by flush()
+            self.copy = None
+            self.staged = copy  # the header and the fragments so far
+        staged = self.staged
+        if len(staged) + len(fragment) < STAGED:
+            staged += fragment  # a small fragment: written with the next ones
+            return
+        # Written from where it was received, with what is held before it: one system call,
+        # and a big fragment is never copied.
         try:
-            if self.pending:
-                header, self.pending = self.pending, b""
-                n = os.writev(self.fd, (header, fragment))
-                if n < len(header) + len(fragment):
-                    self._write_all(memoryview(header + fragment)[n:])
-            else:
-                self._write_all(fragment)
+            n = os.writev(self.fd, (staged, fragment))
+            if n < len(staged) + len(fragment):
+                self._write_all((bytes(staged) + bytes(fragment))[n:])
+        except OSError as exc:
+            self._fail_write(exc)
+            return
+        self.staged = bytearray()
+
+    def flush(self) -> None:
+        """Write what is held in memory to the file (on a failure: refused and discarded)."""
+        if self.failure is not None:
+            return
+        copy = self.copy
+        try:
+            if copy is not None:  # a small object, kept whole for the check
+                if len(copy) > self.written:
+                    self._write_all(memoryview(copy)[self.written :])
+                    self.written = len(copy)
+            elif self.staged:
+                self._write_all(self.staged)
+                self.staged = bytearray()
         except OSError as exc:
             self._fail_write(exc)
 
@@ -262,6 +291,9 @@ class IncomingObject:
                     self.max_size,
                     STATUS_OUT_OF_RESOURCES,
                 )
+            return self.failure
+        self.flush()
+        if self.failure is not None:
             return self.failure
         found, values, refusal = self._check()
         if refusal is not None:
