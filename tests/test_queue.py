@@ -17,6 +17,7 @@ import pytest
 
 from forwarder.errors import QueueError
 from forwarder.queue import (
+    SCHEMA_VERSION,
     DestinationStats,
     FileEntry,
     FileState,
@@ -130,6 +131,42 @@ def test_enqueue_is_idempotent_until_the_file_finished(q: Queue, db: Path) -> No
     second = q.enqueue(entry("a"), ["pacs"], now=T0 + 1)
     assert second is not None and second != first
     assert set(q.active_files()) == {"/in/a"}
+
+
+def test_where_the_data_set_starts_is_claimed_as_queued_and_as_replaced(q: Queue) -> None:
+    """The sender takes the meta header from the queue (worker_batch._queued_meta): the offset
+    ingest checked comes back with the job, and a replacement's with the new version."""
+    q.enqueue(dataclasses.replace(entry("a"), dataset_offset=332), ["pacs"], now=T0)
+    q.enqueue(entry("b"), ["pacs"], now=T0)  # not recorded (0): the sender reads the file
+    by_path = {j.path: j for j in q.claim("pacs", 10, now=T0)}
+    assert by_path["/in/a"].dataset_offset == 332
+    assert by_path["/in/b"].dataset_offset == 0
+    new = dataclasses.replace(entry("a"), size=999, mtime_ns=43, dataset_offset=200)
+    assert q.replace_file(new, ["pacs"], now=T0 + 1) is not None
+    q.ack_done([by_path["/in/a"].id], now=T0 + 1)  # the stale claim goes back to READY
+    (again,) = q.claim("pacs", 10, now=T0 + 2)
+    assert (again.path, again.size, again.dataset_offset) == ("/in/a", 999, 200)
+
+
+def test_a_version_8_queue_gains_the_data_set_offset_and_its_files_read_their_header(
+    db: Path,
+) -> None:
+    with Queue(db) as q:
+        q.enqueue(dataclasses.replace(entry("old"), dataset_offset=332), ["pacs"], now=T0)
+    conn = raw(db)
+    conn.execute("ALTER TABLE files DROP COLUMN dataset_offset")  # as version 8 had it
+    conn.execute("PRAGMA user_version = 8")
+    conn.commit()
+    conn.close()
+    with Queue(db) as q:
+        (job,) = q.claim("pacs", 10, now=T0)
+        assert job.dataset_offset == 0  # not known: the sender reads the meta header
+        q.enqueue(dataclasses.replace(entry("new"), dataset_offset=332), ["pacs"], now=T0)
+        (job,) = q.claim("pacs", 10, now=T0)
+        assert job.dataset_offset == 332
+    conn = raw(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
 
 
 def test_enqueue_many_is_one_transaction(q: Queue, db: Path) -> None:

@@ -335,4 +335,5 @@ def received_entry(
         called_ae=origin.called_ae,
         peer=f"{origin.host}:{origin.port}" if origin.host else "",
         association=origin.association,
+        dataset_offset=obj.dataset_offset,
     )

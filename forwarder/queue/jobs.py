@@ -133,6 +133,7 @@ class Jobs(Store):
                         "sop_class_uid": entry.sop_class_uid,
                         "sop_instance_uid": entry.sop_instance_uid,
                         "transfer_syntax": entry.transfer_syntax,
+                        "dataset_offset": entry.dataset_offset,
                         **find_values(entry),
                         **origin_values(entry),
                         "now": at,

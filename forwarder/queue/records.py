@@ -55,6 +55,9 @@ class FileEntry:
     called_ae: str = ""
     peer: str = ""  # host:port
     association: str = ""
+    # Where the data set starts (the meta header's end), as checked; 0: not recorded (the
+    # sender reads the meta header again).
+    dataset_offset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class Job:
     mtime_ns: int = 0  # as queued: a file whose size or mtime differs was replaced since
     calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
     priority: int = 1  # PRIORITY_RANK: 0 urgent, 1 normal, 2 low (claimed in that order)
+    dataset_offset: int = 0  # as queued (FileEntry.dataset_offset); 0: not recorded
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,7 @@ class Replacing(Store):
             "sop_class_uid": entry.sop_class_uid,
             "sop_instance_uid": entry.sop_instance_uid,
             "transfer_syntax": entry.transfer_syntax,
+            "dataset_offset": entry.dataset_offset,
             **find_values(entry),
             **origin_values(entry),
             "now": clock(now),
@@ -75,7 +76,7 @@ class Replacing(Store):
             row = conn.execute(
                 """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
                           sop_class_uid = :sop_class_uid, sop_instance_uid = :sop_instance_uid,
-                          transfer_syntax = :transfer_syntax,
+                          transfer_syntax = :transfer_syntax, dataset_offset = :dataset_offset,
                           study_instance_uid = :study_instance_uid,
                           series_instance_uid = :series_instance_uid,
                           accession_number = :accession_number,

@@ -25,7 +25,8 @@ DDL = (
         calling_ae TEXT,
         called_ae TEXT,
         peer TEXT,
-        association TEXT
+        association TEXT,
+        dataset_offset INTEGER NOT NULL DEFAULT 0
     )""",
     # enqueue is idempotent per path while the file is unfinished; once finished, the same name
     # may be dropped into incoming again
@@ -121,10 +122,10 @@ INSERT_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                        transfer_syntax, study_instance_uid, series_instance_uid,
                        accession_number, calling_ae, called_ae, peer, association, state,
-                       created_at)
+                       created_at, dataset_offset)
     VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
             :transfer_syntax, :study_instance_uid, :series_instance_uid, :accession_number,
-            :calling_ae, :called_ae, :peer, :association, 'QUEUED', :now)
+            :calling_ae, :called_ae, :peer, :association, 'QUEUED', :now, :dataset_offset)
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
     RETURNING id"""
 
@@ -167,7 +168,7 @@ CLAIM_OLDEST = """
 CLAIMED_JOBS = """
     SELECT j.id, j.file_id, j.destination, f.path, f.rel_path, f.sop_class_uid,
            f.sop_instance_uid, f.transfer_syntax, f.size, j.attempts, j.created_at, f.mtime_ns,
-           COALESCE(f.calling_ae, ''), j.priority
+           COALESCE(f.calling_ae, ''), j.priority, f.dataset_offset
     FROM jobs AS j JOIN files AS f ON f.id = j.file_id
     WHERE j.id IN (SELECT value FROM json_each(:ids))
     ORDER BY j.priority, j.next_attempt_at, j.id"""
@@ -285,10 +286,10 @@ REQUEUE_FILE = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                        transfer_syntax, study_instance_uid, series_instance_uid,
                        accession_number, calling_ae, called_ae, peer, association, state,
-                       created_at)
+                       created_at, dataset_offset)
     SELECT :new_path, :rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
            transfer_syntax, study_instance_uid, series_instance_uid, accession_number,
-           calling_ae, called_ae, peer, association, 'QUEUED', :now
+           calling_ae, called_ae, peer, association, 'QUEUED', :now, dataset_offset
     FROM files
     WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
     RETURNING id"""

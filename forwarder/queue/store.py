@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # 6: the uid_map table (deidentify, issue 15);
 # 7: jobs.priority and the paused_destinations table (issue 16, flow control)
 # 8: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 _FIRST_NAP = 50e-6  # seconds: the first wait for another process's write lock
 _LAST_NAP = 2e-3  # and the longest, while it is held longer
@@ -242,6 +242,14 @@ class Store:
                 for statement in COMMITMENT_DDL:
                     conn.execute(statement)
                 # -- end of schema version 8 --------------------------------------------------
+                # -- schema version 9: where each file's data set starts, so the sender need
+                # not read the meta header again (0 for older files: it does).
+                present = {r[1] for r in conn.execute("PRAGMA table_info(files)")}
+                if "dataset_offset" not in present:
+                    conn.execute(
+                        "ALTER TABLE files ADD COLUMN dataset_offset INTEGER NOT NULL DEFAULT 0"
+                    )
+                # -- end of schema version 9 --------------------------------------------------
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
