@@ -27,6 +27,7 @@ from forwarder.crashpoints import crash_point
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool, SpoolError
 from forwarder.dicom.check import check_file_values
+from forwarder.dicom.part10 import read_error
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue import FileEntry, Queue
 
@@ -231,20 +232,29 @@ class Ingest:
     ) -> None:
         checked: list[tuple[FileEntry, dict[str, int]]] = []
         replaced: set[str] = set()
-        for ready in files:
-            path = str(ready.path)
-            with self._lock:
-                queued = self._known.get(path)
-            if queued == (ready.size, ready.mtime_ns):
-                continue
-            routed = self._check(ready, router, want, vrs)
-            if routed is None:
-                continue
-            checked.append(routed)
-            if queued is not None:
-                replaced.add(path)
-        # The queue takes responsibility for these files: their data must be on disk first.
-        unsynced = sync_files([e.path for e, _ in checked])
+        fds: list[tuple[str, int]] = []  # checked files, still open to be fsynced
+        try:
+            for ready in files:
+                path = str(ready.path)
+                with self._lock:
+                    queued = self._known.get(path)
+                if queued == (ready.size, ready.mtime_ns):
+                    continue
+                routed = self._check(ready, router, want, vrs)
+                if routed is None:
+                    continue
+                entry, destinations, fd = routed
+                fds.append((path, fd))
+                _start_writeback(fd)
+                checked.append((entry, destinations))
+                if queued is not None:
+                    replaced.add(path)
+            # The queue takes responsibility for these files: their data must be on disk
+            # first. Each is fsynced through the descriptor its check read it by.
+            unsynced = _sync_open(fds)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
         batch: list[tuple[FileEntry, dict[str, int]]] = []
         for file, destinations in checked:
             error = unsynced.get(file.path)
@@ -295,10 +305,35 @@ class Ingest:
 
     def _check(
         self, ready: ReadyLike, router: Router, want: dict[int, str], vrs: dict[int, str]
+    ) -> tuple[FileEntry, dict[str, int], int] | None:
+        """Check and route one file; on success its entry, destinations and a descriptor
+        open on it (the caller fsyncs and closes it)."""
+        opened: list[int] = []
+        routed = None
+        try:
+            routed = self._check_open(ready, opened, router, want, vrs)
+        finally:
+            if routed is None:
+                for fd in opened:
+                    os.close(fd)
+        return None if routed is None else (routed[0], routed[1], opened[0])
+
+    def _check_open(
+        self,
+        ready: ReadyLike,
+        opened: list[int],
+        router: Router,
+        want: dict[int, str],
+        vrs: dict[int, str],
     ) -> tuple[FileEntry, dict[str, int]] | None:
+        """:meth:`_check`; the descriptor it opens goes into ``opened``."""
         path = str(ready.path)
         try:
-            meta, values = check_file_values(path, want, vrs)
+            try:
+                opened.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            except OSError as exc:
+                raise read_error(path, exc, "cannot read") from None
+            meta, values = check_file_values(path, want, vrs, fd=opened[0])
         except UnreadableFileError as exc:
             # Nothing is known about it: leave it where it is; the watcher's rescan offers it
             # again, and it is taken once it can be read.
@@ -346,6 +381,7 @@ class Ingest:
             study_instance_uid=_value(values, "StudyInstanceUID"),
             series_instance_uid=_value(values, "SeriesInstanceUID"),
             accession_number=_value(values, "AccessionNumber"),
+            dataset_offset=meta.dataset_offset,
         )
         return entry, destinations
 
@@ -410,42 +446,21 @@ def _value(values: Mapping[str, str], keyword: str) -> str:
     return values.get(keyword, "").strip(" \x00")
 
 
-def sync_files(paths: Sequence[str]) -> dict[str, str]:
-    """fsync every file; returns path -> why, for those that could not be synced.
+def _sync_open(files: Sequence[tuple[str, int]]) -> dict[str, str]:
+    """fsync each open file (path, descriptor); returns path -> why, for those that could not
+    be synced.
 
-    Writeback of all of them is started first (``sync_file_range``), so the fsyncs that follow
-    mostly find their data written and share journal commits: on ext4 about 100 us a file
-    instead of 260-450 us one by one. Each file still gets its own fsync: that is the guarantee.
-    At most ``_SYNC_OPEN_MAX`` files are open at once, so a big batch cannot use up descriptors.
+    Their writeback was started as each was checked (``sync_file_range``), so the fsyncs mostly
+    find their data written and share journal commits: on ext4 about 100 us a file instead of
+    260-450 us one by one. Each file still gets its own fsync: that is the guarantee.
     """
     failed: dict[str, str] = {}
-    for start in range(0, len(paths), _SYNC_OPEN_MAX):
-        _sync_some(paths[start : start + _SYNC_OPEN_MAX], failed)
+    for path, fd in files:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            failed[path] = exc.strerror or str(exc)
     return failed
-
-
-_SYNC_OPEN_MAX = 64  # files held open at once by sync_files (a batch may hold 500)
-
-
-def _sync_some(paths: Sequence[str], failed: dict[str, str]) -> None:
-    fds: list[tuple[str, int]] = []
-    try:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError as exc:
-                failed[path] = exc.strerror or str(exc)
-                continue
-            fds.append((path, fd))
-            _start_writeback(fd)
-        for path, fd in fds:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                failed[path] = exc.strerror or str(exc)
-    finally:
-        for _, fd in fds:
-            os.close(fd)
 
 
 @functools.cache

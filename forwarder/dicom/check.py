@@ -86,11 +86,12 @@ def _scan(
     want: Mapping[int, str],
     vrs: Mapping[int, str],
     data: bytes | bytearray | None = None,
+    fd: int | None = None,
 ) -> tuple[FileMeta, dict[str, str], str, str]:
     """Walk the data set of ``p`` (its meta header read first when ``meta`` is None, from the
     same open file); return the meta header, the wanted values and the data set's own UIDs.
     ``data``: the file's bytes, already in memory (what a receiver just wrote), walked instead
-    of reading the file back."""
+    of reading the file back. ``fd``: ``p`` already open for reading (left open)."""
     wanted = dict(want)
     for tag, key in INTERNAL_KEYS.items():
         wanted.setdefault(tag, key)
@@ -107,19 +108,23 @@ def _scan(
             scanner.walk(meta.dataset_offset, ts == IMPLICIT_VR_LITTLE_ENDIAN)
         sop_class, sop_instance = scanner.finish(ts)
         return meta, scanner.found, sop_class, sop_instance
+    own = fd is None
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = f.read() if size <= IN_MEMORY else None
+        if fd is None:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # os-level reads: the builtin open() adds an fstat, an lseek and a read to EOF, each
+            # a GIL hand-off in a daemon whose threads take turns.
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, size, 0) if size <= IN_MEMORY else None
             if meta is None:
-                head = f.read(MAX_META) if data is None else data
-                head = head[:MAX_META] if len(head) > MAX_META else head
+                head = os.pread(fd, MAX_META, 0) if data is None else data[:MAX_META]
                 meta = parse_meta(head, size, p, peek_uids=False)
             ts = meta.transfer_syntax
             implicit = ts == IMPLICIT_VR_LITTLE_ENDIAN
             little = ts != EXPLICIT_VR_BIG_ENDIAN
             if ts in DEFLATED_SYNTAXES:
-                with _INFLATING:
+                with _INFLATING, open(fd, "rb", closefd=False) as f:
                     inflated = inflate(f, p, meta.dataset_offset)
                     scanner = Scanner(inflated, p, True, wanted, vrs)
                     scanner.walk(0, False)
@@ -130,8 +135,11 @@ def _scan(
             else:
                 # Never mmap: a file cut by another program meanwhile would kill us (SIGBUS).
                 window = bytearray(_WINDOW)
-                scanner = Scanner(window, p, little, wanted, vrs, fd=f.fileno(), size=size)
+                scanner = Scanner(window, p, little, wanted, vrs, fd=fd, size=size)
                 scanner.walk(meta.dataset_offset, implicit)
+        finally:
+            if own:
+                os.close(fd)
     except OSError as exc:
         raise read_error(p, exc, "cannot read") from None
     sop_class, sop_instance = scanner.finish(ts)
@@ -182,11 +190,15 @@ def check_file_values(
     path: str | os.PathLike[str],
     want: Mapping[int, str] | None = None,
     vrs: Mapping[int, str] | None = None,
+    *,
+    fd: int | None = None,
 ) -> tuple[FileMeta, dict[str, str]]:
     """:func:`check_file`, also returning the top-level values of ``want`` as
-    :func:`scan_file` does (``vrs`` as there): one open and one walk (the daemon's ingest)."""
+    :func:`scan_file` does (``vrs`` as there): one open and one walk (the daemon's ingest).
+    ``fd``: the file already open for reading (the daemon's ingest then fsyncs it through the
+    same descriptor); it is left open."""
     p = os.fspath(path)
-    meta, found, sop_class, sop_instance = _scan(p, None, want or {}, vrs or {})
+    meta, found, sop_class, sop_instance = _scan(p, None, want or {}, vrs or {}, fd=fd)
     checked = FileMeta(
         sop_class, sop_instance, meta.transfer_syntax, meta.dataset_offset, meta.size
     )
