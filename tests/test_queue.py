@@ -182,6 +182,42 @@ def test_enqueue_many_is_one_transaction(q: Queue, db: Path) -> None:
     assert q.enqueue_many([]) == []
 
 
+def test_a_batch_is_queued_in_its_order_with_every_value_and_priority(q: Queue) -> None:
+    """enqueue_many writes a batch in two statements (JSON rows): each file's values, each
+    job's priority, the files claimed in the order given, a file already queued skipped."""
+    q.enqueue(entry("queued"), ["x"], now=T0)
+    names = [f"f{n:02d}" for n in range(20)]
+    items: list[tuple[FileEntry, dict[str, int] | list[str]]] = [
+        (
+            dataclasses.replace(
+                entry(name),
+                study_instance_uid=f"1.2.{n}",
+                accession_number="" if n % 2 else f"ACC{n}",
+                calling_ae="MOD" if n % 3 == 0 else "",
+                dataset_offset=300 + n,
+            ),
+            {"x": 0, "y": 2} if n == 7 else ["x"],
+        )
+        for n, name in enumerate(names)
+    ]
+    items.insert(5, (entry("queued"), ["y"]))
+    ids = q.enqueue_many(items, now=T0 + 1)
+    assert ids[5] is None and all(i is not None for i in ids[:5] + ids[6:])
+    jobs = q.claim("x", 100, now=T0 + 2)
+    # urgent first (f07), then the queue's order: the file queued before, then the batch's
+    assert [j.path for j in jobs] == ["/in/f07", "/in/queued"] + [
+        f"/in/{n}" for n in names if n != "f07"
+    ]
+    by_path = {j.path: j for j in jobs}
+    assert [by_path[f"/in/{n}"].dataset_offset for n in names] == [300 + n for n in range(20)]
+    assert by_path["/in/f03"].calling_ae == "MOD" and by_path["/in/f04"].calling_ae == ""
+    (low,) = q.claim("y", 100, now=T0 + 2)
+    assert (low.path, low.priority) == ("/in/f07", 2)
+    assert [f.path for f in q.find(["1.2.4"])] == ["/in/f04"]
+    assert [f.path for f in q.find(["ACC4"])] == ["/in/f04"]
+    assert q.find(["ACC5"]) == []  # none recorded: NULL, not ""
+
+
 def test_active_files_under_a_folder_reads_that_folder_only(q: Queue) -> None:
     names = [".listen/CT01/a", ".listen/CT01/b", ".listen0", ".listen-x/c", "d", ".listen"]
     q.enqueue_many([(entry(n), ["pacs"]) for n in names], now=T0)

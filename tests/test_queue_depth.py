@@ -20,7 +20,8 @@ EXPLICIT = "1.2.840.10008.1.2.1"
 
 # What every file's journey runs, once or per batch: ingest, claim, ack, finish.
 HOT = (
-    "INSERT_FILE",
+    "INSERT_FILES",
+    "INSERT_JOBS_MANY",
     "INSERT_JOBS",
     "CLAIM",
     "CLAIM_OLDEST",
@@ -55,6 +56,8 @@ PARAMS = {
     "now": 0.0,
     "file_id": 1,
     "destinations": '["pacs"]',
+    "rows": '[{"path": "/in/a.dcm"}]',
+    "jobs": '[[1, "pacs", 1]]',
     "destination": "pacs",
     "limit": 64,
     "max_rank": 2,

@@ -15,6 +15,7 @@ is :mod:`~forwarder.queue.replacing`.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -38,8 +39,8 @@ from forwarder.queue.sql import (
     CLAIM_OLDEST,
     CLAIMED_JOBS,
     DROP_CLAIMED,
-    INSERT_FILE,
-    INSERT_JOBS,
+    INSERT_FILES,
+    INSERT_JOBS_MANY,
     RELEASE,
     TERMINAL_FILES,
 )
@@ -50,7 +51,7 @@ from forwarder.queue.store import (
     find_values,
     ids_json,
     origin_values,
-    ranked_json,
+    ranked,
 )
 
 LOWEST_RANK = max(PRIORITY_RANK.values())
@@ -118,35 +119,42 @@ class Jobs(Store):
     ) -> list[int | None]:
         if not items:
             return []
-        prepared = [(entry, ranked_json(dests)) for entry, dests in items]
+        # Two statements for the whole batch, not two a file: each statement lets go of the
+        # GIL, and the daemon's threads take turns on it.
+        ranks = [ranked(dests) for _, dests in items]
+        rows = [
+            {
+                "path": entry.path,
+                "rel_path": entry.rel_path,
+                "size": entry.size,
+                "mtime_ns": entry.mtime_ns,
+                "sop_class_uid": entry.sop_class_uid,
+                "sop_instance_uid": entry.sop_instance_uid,
+                "transfer_syntax": entry.transfer_syntax,
+                "dataset_offset": entry.dataset_offset,
+                **find_values(entry),
+                **origin_values(entry),
+            }
+            for entry, _ in items
+        ]
+        # ensure_ascii=False: a value Python cannot encode as UTF-8 (a file name's lone
+        # surrogate) fails here as it fails binding, never stored mangled.
+        payload = json.dumps(rows, ensure_ascii=False)
         at = clock(now)
-        ids: list[int | None] = []
         with self._write(what) as conn:
-            for entry, destinations in prepared:
-                row = conn.execute(
-                    INSERT_FILE,
-                    {
-                        "path": entry.path,
-                        "rel_path": entry.rel_path,
-                        "size": entry.size,
-                        "mtime_ns": entry.mtime_ns,
-                        "sop_class_uid": entry.sop_class_uid,
-                        "sop_instance_uid": entry.sop_instance_uid,
-                        "transfer_syntax": entry.transfer_syntax,
-                        "dataset_offset": entry.dataset_offset,
-                        **find_values(entry),
-                        **origin_values(entry),
-                        "now": at,
-                    },
-                ).fetchall()
-                if not row:
-                    ids.append(None)
-                    continue
-                file_id = int(row[0][0])
-                conn.execute(
-                    INSERT_JOBS, {"file_id": file_id, "destinations": destinations, "now": at}
-                )
+            inserted = {
+                path: int(file_id)
+                for file_id, path in conn.execute(INSERT_FILES, {"rows": payload, "now": at})
+            }
+            ids: list[int | None] = []
+            jobs: list[tuple[int, str, int]] = []
+            for (entry, _), dests in zip(items, ranks, strict=True):
+                file_id = inserted.pop(entry.path, None)  # a path twice: the first copy only
                 ids.append(file_id)
+                if file_id is not None:
+                    jobs.extend((file_id, name, rank) for name, rank in dests.items())
+            if jobs:
+                conn.execute(INSERT_JOBS_MANY, {"jobs": json.dumps(jobs), "now": at})
         return ids
 
     def claim(

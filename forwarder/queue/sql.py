@@ -118,16 +118,35 @@ UNFINISHED_JOB = (
     "OR (u.status = 'DONE' AND u.commitment IN (1, 2)))"
 )
 
-INSERT_FILE = """
+# Files in one statement (enqueue_many): :rows is a JSON array of objects named as the
+# columns. Enqueue is idempotent per path while the file is unfinished: a path with an
+# unfinished row (an earlier copy in the same array included) is skipped; RETURNING says
+# which paths were inserted.
+INSERT_FILES = """
     INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
                        transfer_syntax, study_instance_uid, series_instance_uid,
                        accession_number, calling_ae, called_ae, peer, association, state,
                        created_at, dataset_offset)
-    VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
-            :transfer_syntax, :study_instance_uid, :series_instance_uid, :accession_number,
-            :calling_ae, :called_ae, :peer, :association, 'QUEUED', :now, :dataset_offset)
+    SELECT json_extract(value, '$.path'), json_extract(value, '$.rel_path'),
+           json_extract(value, '$.size'), json_extract(value, '$.mtime_ns'),
+           json_extract(value, '$.sop_class_uid'), json_extract(value, '$.sop_instance_uid'),
+           json_extract(value, '$.transfer_syntax'),
+           json_extract(value, '$.study_instance_uid'),
+           json_extract(value, '$.series_instance_uid'),
+           json_extract(value, '$.accession_number'), json_extract(value, '$.calling_ae'),
+           json_extract(value, '$.called_ae'), json_extract(value, '$.peer'),
+           json_extract(value, '$.association'), 'QUEUED', :now,
+           json_extract(value, '$.dataset_offset')
+    FROM json_each(:rows) WHERE true ORDER BY key
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
-    RETURNING id"""
+    RETURNING id, path"""
+
+# The jobs of many files: :jobs is a JSON array of [file_id, destination, priority rank].
+INSERT_JOBS_MANY = """
+    INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at, priority)
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 'READY', :now, :now,
+           json_extract(value, '$[2]')
+    FROM json_each(:jobs) ORDER BY key"""
 
 # :destinations is a JSON object, destination -> priority rank (PRIORITY_RANK)
 INSERT_JOBS = """

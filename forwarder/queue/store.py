@@ -94,14 +94,20 @@ def routed_to(destinations: Routed) -> list[str]:
     return unique
 
 
-def ranked_json(destinations: Routed) -> str:
-    """``{destination: priority rank}`` as JSON (names alone are normal priority)."""
+def ranked(destinations: Routed) -> dict[str, int]:
+    """``{destination: priority rank}`` (names alone are normal priority); a file must go
+    somewhere."""
     if isinstance(destinations, Mapping):
         ranks = {str(k): int(v) for k, v in destinations.items()}
     else:
         ranks = dict.fromkeys(destinations, NORMAL_RANK)
     routed_to(ranks)
-    return json.dumps(ranks)
+    return ranks
+
+
+def ranked_json(destinations: Routed) -> str:
+    """:func:`ranked` as JSON."""
+    return json.dumps(ranked(destinations))
 
 
 class Store:
