@@ -347,6 +347,40 @@ def test_file_is_terminal_only_when_every_destination_is(q: Queue) -> None:
         q.complete_finish(77)
 
 
+def test_a_batch_begins_and_completes_finishing_each_file_or_none(q: Queue, db: Path) -> None:
+    """The finisher's batch is one statement each way: each file gets its own final path and
+    outcome; one file that cannot begin (a job still READY) leaves the whole batch QUEUED."""
+    ids = [q.enqueue(entry(n), ["pacs"], now=T0) for n in ("a", "b", "c", "d")]
+    assert all(i is not None for i in ids)
+    a, b, c, d = (int(i) for i in ids if i is not None)
+    jobs = {j.file_id: j for j in q.claim("pacs", 3, now=T0)}  # d stays READY
+    q.ack_done([jobs[a].id, jobs[c].id], now=T0)
+    q.ack_failed(jobs[b].id, error="0xA700", status=0xA700, now=T0)
+    with pytest.raises(QueueError, match=rf"cannot begin_finish file {d}: it still has jobs"):
+        q.begin_finish_many([(a, "/done/a"), (b, "/failed/b"), (d, "/done/d")])
+    conn = raw(db)
+    states = dict(conn.execute("SELECT id, state FROM files").fetchall())
+    assert states == {a: "QUEUED", b: "QUEUED", c: "QUEUED", d: "QUEUED"}
+    q.begin_finish_many([(c, "/done/c"), (a, "/done/a"), (b, "/failed/b")])
+    rows = conn.execute("SELECT id, state, final_path, outcome FROM files ORDER BY id").fetchall()
+    assert rows[:3] == [
+        (a, "FINISHING", "/done/a", "done"),
+        (b, "FINISHING", "/failed/b", "failed"),
+        (c, "FINISHING", "/done/c", "done"),
+    ]
+    with pytest.raises(QueueError, match=rf"cannot complete_finish file {d}: it is QUEUED"):
+        q.complete_finish_many([a, d], now=T0 + 1)
+    q.complete_finish_many([b, a, c], now=T0 + 2)
+    rows = conn.execute("SELECT id, state, finished_at FROM files ORDER BY id").fetchall()
+    conn.close()
+    assert rows == [
+        (a, "FINISHED", T0 + 2),
+        (b, "FINISHED", T0 + 2),
+        (c, "FINISHED", T0 + 2),
+        (d, "QUEUED", None),
+    ]
+
+
 def test_all_done_gives_outcome_done(q: Queue) -> None:
     fid = q.enqueue(entry("a"), ["pacs"], now=T0)
     (job,) = q.claim("pacs", 1, now=T0)

@@ -35,6 +35,7 @@ HOT = (
     "TO_FINISH_IDS",
     "RESULTS",
     "BEGIN_FINISH",
+    "COMPLETE_FINISH",
     "SWEEP_UPTO",
     "TO_FINISH_SLICE",
 )
@@ -58,6 +59,7 @@ PARAMS = {
     "destinations": '["pacs"]',
     "rows": '[{"path": "/in/a.dcm"}]',
     "jobs": '[[1, "pacs", 1]]',
+    "items": '[[1, "/done/a.dcm"]]',
     "destination": "pacs",
     "limit": 64,
     "max_rank": 2,
@@ -106,7 +108,12 @@ def test_hot_statements_look_rows_up_by_key(queue: Queue, name: str) -> None:
     finally:
         conn.close()
         queue.close()
-    walks = [step for step in plan if step.startswith("SCAN") and "json_each" not in step]
+    # a scan of json_each (a statement's own parameter, a virtual table) is not a walk
+    walks = [
+        step
+        for step in plan
+        if step.startswith("SCAN") and "json_each" not in step and "VIRTUAL TABLE" not in step
+    ]
     by_state = [step for step in plan if "files_state" in step]
     assert not walks and not by_state, plan
 

@@ -12,6 +12,7 @@ The moving itself (renames, fsyncs, ``NAME.error.json``) is not here: it is
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from forwarder.errors import QueueError
 from forwarder.queue.records import FileState, FileToFinish, Finish, JobResult, JobStatus
 from forwarder.queue.sql import (
     BEGIN_FINISH,
+    COMPLETE_FINISH,
     RESULTS,
     SWEEP_UPTO,
     TO_FINISH_ALL,
@@ -118,10 +120,13 @@ class Finishing(Store):
         all or nothing."""
         if not items:
             return
+        # One statement for the batch, not one a file: each lets go of the GIL, which the
+        # daemon's threads take turns on.
+        payload = json.dumps([[int(i), str(p)] for i, p in items])
         with self._write(f"starting to finish {len(items)} files") as conn:
-            for file_id, final_path in items:
-                params = {"id": file_id, "final_path": final_path}
-                if conn.execute(BEGIN_FINISH, params).rowcount != 1:
+            begun = {r[0] for r in conn.execute(BEGIN_FINISH, {"items": payload})}
+            for file_id, _ in items:
+                if file_id not in begun:
                     raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
 
     def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
@@ -132,14 +137,11 @@ class Finishing(Store):
         """:meth:`complete_finish` for many files in ONE transaction; all or nothing."""
         if not file_ids:
             return
+        params = {"ids": ids_json(file_ids), "now": clock(now)}
         with self._write(f"completing the finish of {len(file_ids)} files") as conn:
+            completed = {r[0] for r in conn.execute(COMPLETE_FINISH, params)}
             for file_id in file_ids:
-                updated = conn.execute(
-                    """UPDATE files SET state = 'FINISHED', finished_at = :now
-                       WHERE id = :id AND state = 'FINISHING'""",
-                    {"id": file_id, "now": clock(now)},
-                ).rowcount
-                if updated != 1:
+                if file_id not in completed:
                     raise self._not_in_state(conn, file_id, FileState.FINISHING, "complete_finish")
 
     def _not_in_state(

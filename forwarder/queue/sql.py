@@ -283,14 +283,25 @@ RESULTS = """
     FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
     ORDER BY file_id, destination"""
 
+# Files, each with where it goes: :items is a JSON array of [file id, final path]. One
+# statement for a batch (the finisher's); RETURNING says which files it began to finish.
+# "+files.state": not by the files_state index (every QUEUED file), by id.
 BEGIN_FINISH = """
-    UPDATE files SET state = 'FINISHING', final_path = :final_path,
+    UPDATE files SET state = 'FINISHING', final_path = json_extract(m.value, '$[1]'),
         outcome = CASE WHEN EXISTS (SELECT 1 FROM jobs AS j
                                     WHERE j.file_id = files.id AND j.status != 'DONE')
                        THEN 'failed' ELSE 'done' END
-    WHERE id = :id AND state = 'QUEUED' AND NOT EXISTS (
+    FROM json_each(:items) AS m
+    WHERE files.id = json_extract(m.value, '$[0]') AND +files.state = 'QUEUED' AND NOT EXISTS (
         SELECT 1 FROM jobs AS u WHERE u.file_id = files.id AND (u.status IN ('READY', 'CLAIMED')
-            OR (u.status = 'DONE' AND u.commitment IN (1, 2))))"""
+            OR (u.status = 'DONE' AND u.commitment IN (1, 2))))
+    RETURNING files.id"""
+
+# :ids, a JSON array of file ids, moved to their final paths ("+state": by id, not by state).
+COMPLETE_FINISH = """
+    UPDATE files SET state = 'FINISHED', finished_at = :now
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND +state = 'FINISHING'
+    RETURNING id"""
 
 FAILED_FILES = """
     SELECT f.id, f.final_path, f.rel_path, f.finished_at, j.destination
