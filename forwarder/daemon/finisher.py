@@ -42,7 +42,8 @@ class Finisher:
         # A 'finish' problem may be recorded in the queue (by a previous run, too): the first
         # clean finish clears it, so `forwarder status` does not show it after the fix.
         self._reported = True
-        self._inbox: stdqueue.SimpleQueue[int | None] = stdqueue.SimpleQueue()
+        # Batches of file ids (a sender's batch is one item: one wake-up, not one a file).
+        self._inbox: stdqueue.SimpleQueue[list[int] | None] = stdqueue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._sweep_from = 0  # where retry_pending's next slice of the queue starts
 
@@ -66,8 +67,8 @@ class Finisher:
         if self._thread is None:
             self.finish_ids(file_ids)
             return
-        for file_id in file_ids:
-            self._inbox.put(file_id)
+        if file_ids:
+            self._inbox.put(list(file_ids))
 
     def _run(self) -> None:
         stopping = False
@@ -77,7 +78,7 @@ class Finisher:
             if first is None:
                 stopping = True
             else:
-                batch.append(first)
+                batch.extend(first)
             while len(batch) < 500:
                 try:
                     item = self._inbox.get_nowait()
@@ -86,7 +87,7 @@ class Finisher:
                 if item is None:
                     stopping = True
                 else:
-                    batch.append(item)
+                    batch.extend(item)
             try:
                 self.finish_ids(batch)
             except Exception:
