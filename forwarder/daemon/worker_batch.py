@@ -92,7 +92,8 @@ class BatchSending:
                 if self._stop.is_set() or not self._gate.may_send(job.priority):
                     return  # the rest go back to READY, uncharged
                 sent.add(job.id)
-                if self._changed_since_queued(job):
+                found = _as_queued(job)
+                if found is _CHANGED:
                     # Replaced in incoming and not yet re-registered by ingest: sending now
                     # would deliver content the queue does not know about (and the other
                     # destinations would keep the old one). Wait for ingest to catch up.
@@ -115,7 +116,8 @@ class BatchSending:
                 yield StoreRequest(
                     job.path,
                     job.id,
-                    meta=_queued_meta(job),
+                    # Gone: the sender reads the file and reports it (failed, as before).
+                    meta=_queued_meta(job) if found is _SAME else None,
                     dataset_uids=uids,
                     edits=edits,
                     priority=priority,
@@ -234,13 +236,6 @@ class BatchSending:
         self.finisher.submit(finished)
         return True
 
-    @staticmethod
-    def _changed_since_queued(job: Job) -> bool:
-        try:
-            st = os.stat(job.path)
-        except OSError:
-            return False  # gone: the sender reports that
-        return job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns)
 
     def _retry(self, job: Job, status: int | None, error: str | None) -> Ack:
         return retry_ack(
@@ -262,3 +257,18 @@ def _queued_meta(job: Job) -> FileMeta | None:
         dataset_offset=job.dataset_offset,
         size=job.size,
     )
+
+
+_SAME, _CHANGED, _GONE = "same", "changed", "gone"
+
+
+def _as_queued(job: Job) -> str:
+    """Whether the file is as queued (size and mtime), changed since, or gone (or unreadable:
+    the sender reports that, as it reports a file that vanished)."""
+    try:
+        st = os.stat(job.path)
+    except OSError:
+        return _GONE
+    if job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
+        return _CHANGED
+    return _SAME
