@@ -109,6 +109,24 @@ def test_a_good_file_is_queued_for_every_destination(env: Env) -> None:
     assert ready.path.exists()  # it stays in incoming until delivered
 
 
+def test_a_name_that_is_not_utf8_goes_to_failed_and_its_chunk_is_queued(env: Env) -> None:
+    """The queue records names as text: a file whose name is not valid UTF-8 could not be
+    queued, and it made every file of its chunk fail with it, at every rescan."""
+    good = [env.put(f"batch/good{n}.dcm") for n in range(3)]
+    raw = os.fsencode(env.spool.incoming / "batch") + b"/bad\xff.dcm"
+    write_file(Path(os.fsdecode(raw)))
+    bad = env.ready("batch/" + os.fsdecode(b"bad\xff.dcm"))
+    env.ingest([good[0], bad, good[1], good[2]])
+    assert sorted(env.jobs("pacs")) == ["batch/good0.dcm", "batch/good1.dcm", "batch/good2.dcm"]
+    failed = os.fsencode(env.spool.failed / "batch")
+    assert sorted(os.listdir(failed)) == [b"bad\xff.dcm", b"bad\xff.dcm.error.json"]
+    doc = json.loads(
+        (Path(os.fsdecode(failed)) / os.fsdecode(b"bad\xff.dcm.error.json")).read_text()
+    )
+    assert "not valid UTF-8" in str(doc)
+    assert (False, "bad_name") in env.rec.ingested_calls
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"transfer_syntax": ImplicitVRLittleEndian}, {"transfer_syntax": RLELossless}, {"frames": 3}],

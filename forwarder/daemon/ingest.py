@@ -328,6 +328,12 @@ class Ingest:
     ) -> tuple[FileEntry, dict[str, int]] | None:
         """:meth:`_check`; the descriptor it opens goes into ``opened``."""
         path = str(ready.path)
+        if not _utf8(path):
+            # The queue records names as text: such a file could never be queued, and it made
+            # the whole chunk it came in fail, again at every rescan.
+            reason = "its name is not valid UTF-8; rename it and move it into incoming again"
+            self._reject(ready, reason, "bad_name")
+            return None
         try:
             try:
                 opened.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
@@ -428,6 +434,15 @@ class _Ready(NamedTuple):
     rel_path: str
     size: int
     mtime_ns: int
+
+
+def _utf8(path: str) -> bool:
+    """Whether ``path`` is valid UTF-8 (a name that is not decodes with lone surrogates)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _no_route(

@@ -122,7 +122,7 @@ class Finishing(Store):
             return
         # One statement for the batch, not one a file: each lets go of the GIL, which the
         # daemon's threads take turns on.
-        payload = json.dumps([[int(i), str(p)] for i, p in items])
+        payload = json.dumps([[int(i), str(p)] for i, p in items], ensure_ascii=False)
         with self._write(f"starting to finish {len(items)} files") as conn:
             begun = {r[0] for r in conn.execute(BEGIN_FINISH, {"items": payload})}
             for file_id, _ in items:
