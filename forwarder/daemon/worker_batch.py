@@ -236,7 +236,6 @@ class BatchSending:
         self.finisher.submit(finished)
         return True
 
-
     def _retry(self, job: Job, status: int | None, error: str | None) -> Ack:
         return retry_ack(
             job, status, error, policy=self.retry, destination=self.name, metrics=self.metrics
