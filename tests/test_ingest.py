@@ -21,6 +21,7 @@ from forwarder.daemon.ingest import CHUNK, FIRST_CHUNK, Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
+from forwarder.errors import QueueError
 from forwarder.queue import Queue
 
 DESTS = ["pacs", "archive"]
@@ -364,3 +365,51 @@ def test_a_discarded_file_goes_to_done_with_a_log_line_and_nothing_queued(
     lines = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
     assert len(lines) == 1 and "discarded by route no-sr" in lines[0], lines
     made.close()
+
+
+def _open_files(under: Path) -> list[str]:
+    """The files under ``under`` this process holds open (the queue's own are elsewhere)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(under) + "/"):
+            held.append(target)
+    return held
+
+
+def test_every_descriptor_ingest_opens_is_closed_whatever_becomes_of_the_file(
+    tmp_path: Path,
+) -> None:
+    """Ingest checks and fsyncs each file through one descriptor (daemon/filesync.py): queued,
+    not DICOM, no route, discarded, gone, changed while read, or a queue that refuses the
+    chunk, none is left open."""
+    routes = [
+        Route(name="ct", match={"Modality": "CT"}, to=["pacs"]),
+        Route.model_validate({"name": "no-sr", "match": {"Modality": "SR"}, "action": "discard"}),
+    ]
+    made = make_env(tmp_path / "q", routes)
+    env = next(made)
+    spool = tmp_path / "q"
+    ready = [
+        env.put("ct.dcm", modality="CT"),
+        env.put("mr.dcm", modality="MR"),  # no route
+        env.put("sr.dcm", modality="SR"),  # discarded
+        env.put_bytes("junk.dcm", b"not dicom at all"),
+    ]
+    gone = env.put("gone.dcm", modality="CT")
+    gone.path.unlink()
+    grown = env.put("grown.dcm", modality="CT")
+    with grown.path.open("ab") as f:
+        f.write(b"\0\0")  # its size is no longer what the watcher saw
+    env.ingest([*ready, gone, grown])
+    assert sorted(env.jobs("pacs")) == ["ct.dcm"]
+    assert _open_files(spool / "incoming") == [] and _open_files(spool / "failed") == []
+    env.queue.close()  # the next chunk's enqueue fails
+    late = env.put("late.dcm", modality="CT")
+    with pytest.raises(QueueError):
+        env.ingest([late])
+    assert _open_files(spool / "incoming") == []
+    next(made, None)

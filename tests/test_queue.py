@@ -381,6 +381,25 @@ def test_a_batch_begins_and_completes_finishing_each_file_or_none(q: Queue, db: 
     ]
 
 
+def test_a_finish_batch_names_each_file_once(q: Queue) -> None:
+    fid = q.enqueue(entry("a"), ["pacs"], now=T0)
+    assert fid is not None
+    (job,) = q.claim("pacs", 1, now=T0)
+    q.ack_done([job.id], now=T0)
+    with pytest.raises(QueueError, match="cannot begin_finish a file twice in a batch"):
+        q.begin_finish_many([(fid, "/done/a"), (fid, "/done/a.1")])
+    q.begin_finish_many([(fid, "/done/a")])
+    with pytest.raises(QueueError, match="cannot complete_finish a file twice in a batch"):
+        q.complete_finish_many([fid, fid])
+
+
+def test_a_nul_inside_a_recorded_value_is_dropped_not_cut_at(q: Queue) -> None:
+    """The batch statement reads values from JSON, where SQLite cuts text at a NUL: a
+    malformed header's inner NUL is dropped instead (the value stays findable)."""
+    q.enqueue(dataclasses.replace(entry("a"), accession_number="A\x00B7"), ["pacs"], now=T0)
+    assert [f.path for f in q.find(["AB7"])] == ["/in/a"]
+
+
 def test_all_done_gives_outcome_done(q: Queue) -> None:
     fid = q.enqueue(entry("a"), ["pacs"], now=T0)
     (job,) = q.claim("pacs", 1, now=T0)

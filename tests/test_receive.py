@@ -247,6 +247,7 @@ def test_a_big_object_in_small_pdus_lands_byte_identical(
     they come: every byte lands in order whatever the sender's PDU size."""
     ds = pydicom.dcmread(sample("CT_small.dcm"))
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()  # not CT_small's: the receiver is shared
     ds.Rows, ds.Columns = 500, 1000
     ds.PixelData = os.urandom(500 * 1000 * 2)
     source = tmp_path / "big.dcm"

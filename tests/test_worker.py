@@ -10,6 +10,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -625,3 +626,76 @@ def test_an_unreadable_file_on_a_channel_whose_old_association_failed_is_not_the
     assert "gave up after 2 attempts" in result["error"] and "cannot read" in result["error"]
     assert not [r for r in caplog.records if "DOWN" in r.getMessage()]
     assert rig.queue.destination_states()["a"].state == "up"
+
+
+# -- what the worker sends from the queue ------------------------------------------------------
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[Queue]:
+    with Queue(tmp_path / "queue.sqlite") as q:
+        yield q
+
+
+def test_a_file_as_queued_is_sent_from_the_recorded_header_else_read_again(
+    tmp_path: Path, queue: Queue
+) -> None:
+    """The meta header comes from the queue only for a file as queued; a changed file waits,
+    a gone one is read by the sender (which fails it), and a row of an older version (offset 0)
+    is read too. The recorded header is the one read_meta finds."""
+    from forwarder.daemon.worker_batch import Found, _as_queued, _queued_meta
+
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    ingest = Ingest(spool, queue, Router(None, ["pacs"]))
+    path = spool.incoming / "a.dcm"
+    write_file(path)
+    st = path.stat()
+    ingest([ReadyFile(path, "a.dcm", st.st_size, st.st_mtime_ns)])
+    (job,) = queue.claim("pacs", 1)
+    assert _as_queued(job) is Found.SAME
+    meta = _queued_meta(job)
+    assert meta is not None
+    read = read_meta(path)
+    assert (meta.dataset_offset, meta.size, meta.transfer_syntax) == (
+        read.dataset_offset,
+        read.size,
+        read.transfer_syntax,
+    )
+    assert _queued_meta(replace(job, dataset_offset=0)) is None  # queued by an older version
+    assert _queued_meta(replace(job, mtime_ns=0)) is None
+    with path.open("ab") as f:
+        f.write(b"\0\0")
+    assert _as_queued(job) is Found.CHANGED
+    path.unlink()
+    assert _as_queued(job) is Found.GONE
+
+
+def test_a_long_list_of_finished_files_is_finished_whole(tmp_path: Path, queue: Queue) -> None:
+    """One submitted list may hold every file a commitment settled; the queue's to_finish
+    reads 1000 a call, so the finisher takes it in slices (before, the rest waited for the
+    sweep)."""
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    entries = []
+    for n in range(1200):
+        p = spool.incoming / f"f{n}.dcm"
+        p.write_bytes(b"x")
+        entries.append(
+            (
+                FileEntry(str(p), p.name, 1, n + 1, "1.2.3", f"1.2.3.{n}", "1.2.840.10008.1.2.1"),
+                ["pacs"],
+            )
+        )
+    ids = [i for i in queue.enqueue_many(entries) if i is not None]
+    jobs = queue.claim("pacs", 2000)
+    assert len(ids) == len(jobs) == 1200
+    queue.ack_done([j.id for j in jobs])
+    finished: list[str] = []
+    finisher = Finisher(queue, spool, finished.extend)
+    finisher.start()
+    try:
+        finisher.submit(ids)
+        wait_until(lambda: len(finished) == 1200, timeout=30, what="every file finished")
+    finally:
+        finisher.stop()
+    assert len(list(spool.done.iterdir())) == 1200
+    assert list(spool.incoming.iterdir()) == []

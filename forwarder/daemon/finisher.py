@@ -25,6 +25,8 @@ from forwarder.queue import FileState, FileToFinish, Finish, JobStatus, Queue
 
 logger = logging.getLogger(__name__)
 
+_SLICE = 500  # files finished together at most (the queue's to_finish reads 1000 a call)
+
 
 class Finisher:
     """Thread-safe. Workers hand file ids over with :meth:`submit` and go on sending; the
@@ -95,9 +97,11 @@ class Finisher:
                 logger.exception("finishing %d files failed", len(batch))
 
     def finish_ids(self, file_ids: Sequence[int]) -> None:
-        if file_ids:
+        # In slices: one submitted list may be long (every file a commitment settled), and
+        # to_finish reads at most 1000 a call; the rest would wait for the slow sweep.
+        for start in range(0, len(file_ids), _SLICE):
             with self._lock:
-                self._finish(self.queue.to_finish(file_ids))
+                self._finish(self.queue.to_finish(file_ids[start : start + _SLICE]))
 
     def retry_pending(self) -> None:
         """Finish what is terminal but not moved yet (a move that failed, a replaced file's job

@@ -15,19 +15,19 @@ values routing needs, they are routed (``calling_ae`` too) and queued in one com
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.filesync import close_quietly, open_to_sync, start_writeback, sync_open
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool, SpoolError
 from forwarder.dicom.check import check_file_values
-from forwarder.dicom.part10 import read_error
 from forwarder.errors import InvalidFileError, UnreadableFileError
 from forwarder.queue import FileEntry, Queue
 
@@ -243,18 +243,17 @@ class Ingest:
                 routed = self._check(ready, router, want, vrs)
                 if routed is None:
                     continue
-                entry, destinations, fd = routed
-                fds.append((path, fd))
-                _start_writeback(fd)
-                checked.append((entry, destinations))
+                fds.append((path, routed.fd))
+                start_writeback(routed.fd)
+                checked.append((routed.entry, routed.destinations))
                 if queued is not None:
                     replaced.add(path)
             # The queue takes responsibility for these files: their data must be on disk
             # first. Each is fsynced through the descriptor its check read it by.
-            unsynced = _sync_open(fds)
+            unsynced = sync_open(fds)
         finally:
             for _, fd in fds:
-                os.close(fd)
+                close_quietly(fd)
         batch: list[tuple[FileEntry, dict[str, int]]] = []
         for file, destinations in checked:
             error = unsynced.get(file.path)
@@ -305,28 +304,9 @@ class Ingest:
 
     def _check(
         self, ready: ReadyLike, router: Router, want: dict[int, str], vrs: dict[int, str]
-    ) -> tuple[FileEntry, dict[str, int], int] | None:
-        """Check and route one file; on success its entry, destinations and a descriptor
-        open on it (the caller fsyncs and closes it)."""
-        opened: list[int] = []
-        routed = None
-        try:
-            routed = self._check_open(ready, opened, router, want, vrs)
-        finally:
-            if routed is None:
-                for fd in opened:
-                    os.close(fd)
-        return None if routed is None else (routed[0], routed[1], opened[0])
-
-    def _check_open(
-        self,
-        ready: ReadyLike,
-        opened: list[int],
-        router: Router,
-        want: dict[int, str],
-        vrs: dict[int, str],
-    ) -> tuple[FileEntry, dict[str, int]] | None:
-        """:meth:`_check`; the descriptor it opens goes into ``opened``."""
+    ) -> _Checked | None:
+        """Check and route one file; on success with a descriptor open on it (the caller
+        fsyncs and closes it: the same one the check read through)."""
         path = str(ready.path)
         if not _utf8(path):
             # The queue records names as text: such a file could never be queued, and it made
@@ -335,23 +315,45 @@ class Ingest:
             self._reject(ready, reason, "bad_name")
             return None
         try:
-            try:
-                opened.append(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
-            except OSError as exc:
-                raise read_error(path, exc, "cannot read") from None
-            meta, values = check_file_values(path, want, vrs, fd=opened[0])
-        except UnreadableFileError as exc:
+            fd = open_to_sync(path)
+        except InvalidFileError as exc:
+            self._unusable(ready, exc)
+            return None
+        routed = None
+        try:
+            routed = self._route(ready, fd, router, want, vrs)
+        finally:
+            if routed is None:
+                close_quietly(fd)
+        return None if routed is None else _Checked(routed[0], routed[1], fd)
+
+    def _unusable(self, ready: ReadyLike, exc: InvalidFileError) -> None:
+        path = str(ready.path)
+        if isinstance(exc, UnreadableFileError):
             # Nothing is known about it: leave it where it is; the watcher's rescan offers it
             # again, and it is taken once it can be read.
             if path not in self._unreadable:
                 self._unreadable.add(path)
                 logger.warning("%s: %s; left in incoming until it can be read", path, exc.reason)
-            return None
-        except InvalidFileError as exc:
-            if not os.path.lexists(path):
-                logger.info("%s: gone from incoming before it was read", path)
-                return None
+        elif not os.path.lexists(path):
+            logger.info("%s: gone from incoming before it was read", path)
+        else:
             self._reject(ready, f"not usable DICOM: {exc.reason}", "not_dicom")
+
+    def _route(
+        self,
+        ready: ReadyLike,
+        fd: int,
+        router: Router,
+        want: dict[int, str],
+        vrs: dict[int, str],
+    ) -> tuple[FileEntry, dict[str, int]] | None:
+        """The check of the file open at ``fd``, then its routing."""
+        path = str(ready.path)
+        try:
+            meta, values = check_file_values(path, want, vrs, fd=fd)
+        except InvalidFileError as exc:
+            self._unusable(ready, exc)
             return None
         self._unreadable.discard(path)
         if meta.size != ready.size:
@@ -429,6 +431,16 @@ class Ingest:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A file checked and routed, with the descriptor it was read through (to fsync, then
+    close)."""
+
+    entry: FileEntry
+    destinations: dict[str, int]
+    fd: int
+
+
 class _Ready(NamedTuple):
     path: Path
     rel_path: str
@@ -459,41 +471,3 @@ def _no_route(
 def _value(values: Mapping[str, str], keyword: str) -> str:
     """A recorded value without its padding ("" when the file has none)."""
     return values.get(keyword, "").strip(" \x00")
-
-
-def _sync_open(files: Sequence[tuple[str, int]]) -> dict[str, str]:
-    """fsync each open file (path, descriptor); returns path -> why, for those that could not
-    be synced.
-
-    Their writeback was started as each was checked (``sync_file_range``), so the fsyncs mostly
-    find their data written and share journal commits: on ext4 about 100 us a file instead of
-    260-450 us one by one. Each file still gets its own fsync: that is the guarantee.
-    """
-    failed: dict[str, str] = {}
-    for path, fd in files:
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            failed[path] = exc.strerror or str(exc)
-    return failed
-
-
-@functools.cache
-def _sync_file_range() -> Callable[[int], None] | None:
-    """libc's sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE), loaded on first use (not at
-    start-up); None where there is none (not Linux/glibc: plain fsync only)."""
-    try:
-        import ctypes
-
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
-    return lambda fd: call(fd, 0, 0, 2)  # a hint: a failure only makes the fsync slower
-
-
-def _start_writeback(fd: int) -> None:
-    start = _sync_file_range()
-    if start is not None:
-        start(fd)

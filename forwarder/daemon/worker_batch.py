@@ -17,6 +17,7 @@ becomes is :mod:`forwarder.daemon.outcomes`.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import threading
@@ -93,7 +94,7 @@ class BatchSending:
                     return  # the rest go back to READY, uncharged
                 sent.add(job.id)
                 found = _as_queued(job)
-                if found is _CHANGED:
+                if found is Found.CHANGED:
                     # Replaced in incoming and not yet re-registered by ingest: sending now
                     # would deliver content the queue does not know about (and the other
                     # destinations would keep the old one). Wait for ingest to catch up.
@@ -117,7 +118,7 @@ class BatchSending:
                     job.path,
                     job.id,
                     # Gone: the sender reads the file and reports it (failed, as before).
-                    meta=_queued_meta(job) if found is _SAME else None,
+                    meta=_queued_meta(job) if found is Found.SAME else None,
                     dataset_uids=uids,
                     edits=edits,
                     priority=priority,
@@ -258,16 +259,21 @@ def _queued_meta(job: Job) -> FileMeta | None:
     )
 
 
-_SAME, _CHANGED, _GONE = "same", "changed", "gone"
+class Found(enum.Enum):
+    """A queued file as the worker finds it just before sending it."""
+
+    SAME = "same"  # size and mtime as queued
+    CHANGED = "changed"  # replaced since: wait for ingest to record the new version
+    GONE = "gone"  # removed or unreadable: the sender reads it and reports why
 
 
-def _as_queued(job: Job) -> str:
+def _as_queued(job: Job) -> Found:
     """Whether the file is as queued (size and mtime), changed since, or gone (or unreadable:
     the sender reports that, as it reports a file that vanished)."""
     try:
         st = os.stat(job.path)
     except OSError:
-        return _GONE
+        return Found.GONE
     if job.mtime_ns != 0 and (st.st_size, st.st_mtime_ns) != (job.size, job.mtime_ns):
-        return _CHANGED
-    return _SAME
+        return Found.CHANGED
+    return Found.SAME

@@ -229,9 +229,10 @@ class IncomingObject:
         if copy is not None:
             if self.size <= IN_MEMORY:
                 copy += fragment
-                return  # written whole by flush()
+                return  # written whole by _flush()
             self.copy = None
-            self.staged = copy  # the header and the fragments so far
+            # the header and the fragments so far (what _flush already wrote excluded)
+            self.staged = copy if not self.written else bytearray(memoryview(copy)[self.written :])
         staged = self.staged
         if len(staged) + len(fragment) < STAGED:
             staged += fragment  # a small fragment: written with the next ones
@@ -247,7 +248,7 @@ class IncomingObject:
             return
         self.staged = bytearray()
 
-    def flush(self) -> None:
+    def _flush(self) -> None:
         """Write what is held in memory to the file (on a failure: refused and discarded)."""
         if self.failure is not None:
             return
@@ -292,7 +293,7 @@ class IncomingObject:
                     STATUS_OUT_OF_RESOURCES,
                 )
             return self.failure
-        self.flush()
+        self._flush()
         if self.failure is not None:
             return self.failure
         found, values, refusal = self._check()

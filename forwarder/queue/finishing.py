@@ -122,6 +122,7 @@ class Finishing(Store):
             return
         # One statement for the batch, not one a file: each lets go of the GIL, which the
         # daemon's threads take turns on.
+        _unique(self, [i for i, _ in items], "begin_finish")
         payload = json.dumps([[int(i), str(p)] for i, p in items], ensure_ascii=False)
         with self._write(f"starting to finish {len(items)} files") as conn:
             begun = {r[0] for r in conn.execute(BEGIN_FINISH, {"items": payload})}
@@ -137,6 +138,7 @@ class Finishing(Store):
         """:meth:`complete_finish` for many files in ONE transaction; all or nothing."""
         if not file_ids:
             return
+        _unique(self, file_ids, "complete_finish")
         params = {"ids": ids_json(file_ids), "now": clock(now)}
         with self._write(f"completing the finish of {len(file_ids)} files") as conn:
             completed = {r[0] for r in conn.execute(COMPLETE_FINISH, params)}
@@ -158,3 +160,9 @@ class Finishing(Store):
             f"queue database {self._path}: cannot {action} file {file_id}: it {found} "
             f"(it must be {expected.value} with every job DONE or FAILED)"
         )
+
+
+def _unique(store: Store, file_ids: Sequence[int], action: str) -> None:
+    """A batch names each file once (one statement updates a file once, whatever its copies)."""
+    if len(set(file_ids)) != len(file_ids):
+        raise QueueError(f"queue database {store.path}: cannot {action} a file twice in a batch")

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 # 6: the uid_map table (deidentify, issue 15);
 # 7: jobs.priority and the paused_destinations table (issue 16, flow control)
 # 8: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
+# 9: files.dataset_offset (the sender takes the meta header from the queue; issue 13)
 SCHEMA_VERSION = 9
 
 _FIRST_NAP = 50e-6  # seconds: the first wait for another process's write lock
@@ -65,20 +66,28 @@ def ids_json(ids: Iterable[int]) -> str:
 def find_values(entry: FileEntry) -> dict[str, str | None]:
     """The statement parameters of what ``forwarder find`` looks a file up by (NULL: none)."""
     return {
-        "study_instance_uid": entry.study_instance_uid or None,
-        "series_instance_uid": entry.series_instance_uid or None,
-        "accession_number": entry.accession_number or None,
+        "study_instance_uid": _text(entry.study_instance_uid),
+        "series_instance_uid": _text(entry.series_instance_uid),
+        "accession_number": _text(entry.accession_number),
     }
 
 
 def origin_values(entry: FileEntry) -> dict[str, str | None]:
     """The statement parameters of where a file came from (NULL: the watch folder)."""
     return {
-        "calling_ae": entry.calling_ae or None,
-        "called_ae": entry.called_ae or None,
-        "peer": entry.peer or None,
-        "association": entry.association or None,
+        "calling_ae": _text(entry.calling_ae),
+        "called_ae": _text(entry.called_ae),
+        "peer": _text(entry.peer),
+        "association": _text(entry.association),
     }
+
+
+def _text(value: str) -> str | None:
+    """A recorded value: NULL for none; without NUL characters (a malformed header's), which
+    the batch statements' JSON would cut the value at (enqueue_many)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value or None
 
 
 #: Where a file goes: destination names (normal priority), or name -> priority rank
