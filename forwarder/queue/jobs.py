@@ -48,9 +48,8 @@ from forwarder.queue.store import (
     Routed,
     Store,
     clock,
-    find_values,
+    file_values,
     ids_json,
-    origin_values,
     ranked,
 )
 
@@ -122,21 +121,7 @@ class Jobs(Store):
         # Two statements for the whole batch, not two a file: each statement lets go of the
         # GIL, and the daemon's threads take turns on it.
         ranks = [ranked(dests) for _, dests in items]
-        rows = [
-            {
-                "path": entry.path,
-                "rel_path": entry.rel_path,
-                "size": entry.size,
-                "mtime_ns": entry.mtime_ns,
-                "sop_class_uid": entry.sop_class_uid,
-                "sop_instance_uid": entry.sop_instance_uid,
-                "transfer_syntax": entry.transfer_syntax,
-                "dataset_offset": entry.dataset_offset,
-                **find_values(entry),
-                **origin_values(entry),
-            }
-            for entry, _ in items
-        ]
+        rows = [file_values(entry) for entry, _ in items]
         # ensure_ascii=False: a value Python cannot encode as UTF-8 (a file name's lone
         # surrogate) fails here as it fails binding, never stored mangled.
         payload = json.dumps(rows, ensure_ascii=False)

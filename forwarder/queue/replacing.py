@@ -18,8 +18,7 @@ from forwarder.queue.store import (
     Routed,
     Store,
     clock,
-    find_values,
-    origin_values,
+    file_values,
     ranked_json,
     routed_to,
 )
@@ -59,18 +58,7 @@ class Replacing(Store):
         what they already stored (DONE stays); their READY and FAILED jobs are deleted and a
         CLAIMED one is deleted when its claim ends. Returns None when no QUEUED row has that
         path (finishing or finished: nothing to do)."""
-        params = {
-            "path": entry.path,
-            "size": entry.size,
-            "mtime_ns": entry.mtime_ns,
-            "sop_class_uid": entry.sop_class_uid,
-            "sop_instance_uid": entry.sop_instance_uid,
-            "transfer_syntax": entry.transfer_syntax,
-            "dataset_offset": entry.dataset_offset,
-            **find_values(entry),
-            **origin_values(entry),
-            "now": clock(now),
-        }
+        params = {**file_values(entry), "now": clock(now)}
         routed_now = routed_to(destinations)
         with self._write(f"recording that {entry.path} was replaced") as conn:
             row = conn.execute(

@@ -63,6 +63,23 @@ def ids_json(ids: Iterable[int]) -> str:
     return json.dumps([int(i) for i in ids])
 
 
+def file_values(entry: FileEntry) -> dict[str, object]:
+    """The statement parameters of a file's row (INSERT_FILES' objects, a replacement's
+    UPDATE)."""
+    return {
+        "path": entry.path,
+        "rel_path": entry.rel_path,
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "sop_class_uid": entry.sop_class_uid,
+        "sop_instance_uid": entry.sop_instance_uid,
+        "transfer_syntax": entry.transfer_syntax,
+        "dataset_offset": entry.dataset_offset,
+        **find_values(entry),
+        **origin_values(entry),
+    }
+
+
 def find_values(entry: FileEntry) -> dict[str, str | None]:
     """The statement parameters of what ``forwarder find`` looks a file up by (NULL: none)."""
     return {
