@@ -188,7 +188,6 @@ class IncomingObject:
         # more (a sender with 16 KB PDUs sends a CT image in 32 fragments: 2 writes, not 32),
         # and a small object (``copy``) in one write once it is whole.
         self.staged = bytearray()
-        self.written = 0  # bytes of ``copy`` already in the file
         self.failure: Answer | None = None
         self.fd = -1
         try:
@@ -231,8 +230,7 @@ class IncomingObject:
                 copy += fragment
                 return  # written whole by _flush()
             self.copy = None
-            # the header and the fragments so far (what _flush already wrote excluded)
-            self.staged = copy if not self.written else bytearray(memoryview(copy)[self.written :])
+            self.staged = copy  # the header and the fragments so far
         staged = self.staged
         if len(staged) + len(fragment) < STAGED:
             staged += fragment  # a small fragment: written with the next ones
@@ -249,18 +247,14 @@ class IncomingObject:
         self.staged = bytearray()
 
     def _flush(self) -> None:
-        """Write what is held in memory to the file (on a failure: refused and discarded)."""
+        """Write what is held in memory to the file, once, when the last fragment is in (on a
+        failure: refused and discarded). A small object's ``copy`` stays whole for the check."""
         if self.failure is not None:
             return
-        copy = self.copy
+        held = self.copy if self.copy is not None else self.staged
         try:
-            if copy is not None:  # a small object, kept whole for the check
-                if len(copy) > self.written:
-                    self._write_all(memoryview(copy)[self.written :])
-                    self.written = len(copy)
-            elif self.staged:
-                self._write_all(self.staged)
-                self.staged = bytearray()
+            if held:
+                self._write_all(held)
         except OSError as exc:
             self._fail_write(exc)
 
