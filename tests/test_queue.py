@@ -218,6 +218,57 @@ def test_a_batch_is_queued_in_its_order_with_every_value_and_priority(q: Queue) 
     assert q.find(["ACC5"]) == []  # none recorded: NULL, not ""
 
 
+def test_one_file_alone_is_stored_as_in_a_batch(q: Queue, db: Path) -> None:
+    """A file queued alone (the listener: one object while the modality waits) is bound
+    directly, not through JSON: every column and job the same as the batch statement's."""
+    full = dataclasses.replace(
+        entry("x"),
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        accession_number="\u00c5CC\x001",  # non-ASCII, and a NUL the batch path drops
+        calling_ae="MOD",
+        called_ae="GW",
+        peer="127.0.0.1:4000",
+        association="a1",
+        dataset_offset=332,
+    )
+    bare = entry("y")  # no find or origin values: NULL either way
+    dests: dict[str, int] = {"pacs": 0, "archive": 2}
+    alone = [
+        q.enqueue(dataclasses.replace(e, path=f"/alone{e.path}"), dests, now=T0)
+        for e in (full, bare)
+    ]
+    batch = q.enqueue_many(
+        [(dataclasses.replace(e, path=f"/batch{e.path}"), dests) for e in (full, bare)], now=T0
+    )
+    assert None not in alone + batch
+    assert q.enqueue(dataclasses.replace(full, path="/alone/in/x"), ["pacs"], now=T0) is None
+
+    conn = raw(db)
+    try:
+        conn.row_factory = sqlite3.Row
+
+        def row(file_id: int | None) -> dict[str, object]:
+            r = dict(conn.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone())
+            del r["id"]
+            r["path"] = str(r["path"]).split("/", 2)[2]
+            jobs = conn.execute(
+                "SELECT destination, status, priority, next_attempt_at FROM jobs "
+                "WHERE file_id = ? ORDER BY id",
+                (file_id,),
+            ).fetchall()
+            r["jobs"] = [tuple(j) for j in jobs]
+            return r
+
+        for a, b in zip(alone, batch, strict=True):
+            assert row(a) == row(b)
+        assert row(alone[0])["accession_number"] == "\u00c5CC1"
+        assert row(alone[1])["study_instance_uid"] is None
+        assert row(alone[0])["jobs"] == [("pacs", "READY", 0, T0), ("archive", "READY", 2, T0)]
+    finally:
+        conn.close()
+
+
 def test_active_files_under_a_folder_reads_that_folder_only(q: Queue) -> None:
     names = [".listen/CT01/a", ".listen/CT01/b", ".listen0", ".listen-x/c", "d", ".listen"]
     q.enqueue_many([(entry(n), ["pacs"]) for n in names], now=T0)

@@ -39,7 +39,9 @@ from forwarder.queue.sql import (
     CLAIM_OLDEST,
     CLAIMED_JOBS,
     DROP_CLAIMED,
+    INSERT_FILE,
     INSERT_FILES,
+    INSERT_JOBS,
     INSERT_JOBS_MANY,
     RELEASE,
     TERMINAL_FILES,
@@ -118,6 +120,8 @@ class Jobs(Store):
     ) -> list[int | None]:
         if not items:
             return []
+        if len(items) == 1:
+            return [self._enqueue_one(*items[0], now, what)]
         # Two statements for the whole batch, not two a file: each statement lets go of the
         # GIL, and the daemon's threads take turns on it.
         ranks = [ranked(dests) for _, dests in items]
@@ -141,6 +145,22 @@ class Jobs(Store):
             if jobs:
                 conn.execute(INSERT_JOBS_MANY, {"jobs": json.dumps(jobs), "now": at})
         return ids
+
+    def _enqueue_one(
+        self, entry: FileEntry, destinations: Routed, now: float | None, what: str
+    ) -> int | None:
+        """One file: its values bound directly (JSON is for batches; the listener queues each
+        object alone while the modality waits)."""
+        params = file_values(entry)
+        params["now"] = at = clock(now)
+        dests = json.dumps(ranked(destinations), ensure_ascii=False)
+        with self._write(what) as conn:
+            row = conn.execute(INSERT_FILE, params).fetchone()
+            if row is None:
+                return None  # an unfinished row for this path exists
+            file_id = int(row[0])
+            conn.execute(INSERT_JOBS, {"file_id": file_id, "destinations": dests, "now": at})
+        return file_id
 
     def claim(
         self,

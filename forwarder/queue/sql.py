@@ -141,6 +141,19 @@ INSERT_FILES = """
     ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
     RETURNING id, path"""
 
+# One file (a received object is queued alone while its modality waits for the answer):
+# bound directly, not through JSON, which costs this process a third of its enqueue.
+INSERT_FILE = """
+    INSERT INTO files (path, rel_path, size, mtime_ns, sop_class_uid, sop_instance_uid,
+                       transfer_syntax, study_instance_uid, series_instance_uid,
+                       accession_number, calling_ae, called_ae, peer, association, state,
+                       created_at, dataset_offset)
+    VALUES (:path, :rel_path, :size, :mtime_ns, :sop_class_uid, :sop_instance_uid,
+            :transfer_syntax, :study_instance_uid, :series_instance_uid, :accession_number,
+            :calling_ae, :called_ae, :peer, :association, 'QUEUED', :now, :dataset_offset)
+    ON CONFLICT (path) WHERE state != 'FINISHED' DO NOTHING
+    RETURNING id"""
+
 # The jobs of many files: :jobs is a JSON array of [file_id, destination, priority rank].
 INSERT_JOBS_MANY = """
     INSERT INTO jobs (file_id, destination, status, next_attempt_at, created_at, priority)
