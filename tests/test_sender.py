@@ -8,7 +8,9 @@ PDU lengths, garbage, stopping to read).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import select
 import shutil
 import socket
@@ -524,6 +526,30 @@ def test_file_changed_since_its_header_was_read(tmp_path: Path) -> None:
                 assoc.store_file(str(path), meta, ctx)
             assert not assoc.closed  # nothing was sent: the association is still usable
             assert assoc.store_file(str(path), read_meta(path), ctx).status == 0x0000
+        finally:
+            assoc.release()
+
+
+def test_a_same_size_replacement_is_refused_when_the_mtime_was_recorded(tmp_path: Path) -> None:
+    """The daemon's sender takes the header from the queue with the file's mtime: a file
+    replaced by another of the same size (a new object with the old one's size) between the
+    worker's look and the open is refused, not sent under the old header's UIDs."""
+    path = gen(tmp_path / "a.dcm")
+    st = path.stat()
+    meta = dataclasses.replace(read_meta(path), mtime_ns=st.st_mtime_ns)
+    other = gen(tmp_path / "b.dcm")  # another instance
+    data = other.read_bytes()
+    assert len(data) == st.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with CapturingSCP() as scp:
+        assoc, (ctx,) = associate(peer_of(scp), [path])
+        try:
+            with pytest.raises(InvalidFileError, match="changed since"):
+                assoc.store_file(str(path), meta, ctx)
+            assert not assoc.closed and not scp.datasets  # nothing was sent
+            fresh = dataclasses.replace(read_meta(path), mtime_ns=path.stat().st_mtime_ns)
+            assert assoc.store_file(str(path), fresh, ctx).status == 0x0000
         finally:
             assoc.release()
 

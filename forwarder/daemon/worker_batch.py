@@ -256,6 +256,7 @@ def _queued_meta(job: Job) -> FileMeta | None:
         transfer_syntax=job.transfer_syntax,
         dataset_offset=job.dataset_offset,
         size=job.size,
+        mtime_ns=job.mtime_ns,
     )
 
 

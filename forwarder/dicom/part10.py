@@ -49,6 +49,9 @@ class FileMeta:
     transfer_syntax: str
     dataset_offset: int  # first byte after the meta header
     size: int  # file size in bytes
+    # The file's mtime when it was checked (the queue's record), 0 when not known: the
+    # sender then refuses a file whose size OR mtime is not that.
+    mtime_ns: int = 0
 
     @property
     def dataset_length(self) -> int:

@@ -127,7 +127,10 @@ class DimseExchange:
         except OSError as exc:
             raise read_error(path, exc, "cannot open") from None
         try:
-            if os.fstat(fd).st_size != meta.size:
+            # Size, and mtime when the header came from the queue: a file replaced by one of
+            # the same size between the worker's look and this open is not sent as the old.
+            st = os.fstat(fd)
+            if st.st_size != meta.size or (meta.mtime_ns and st.st_mtime_ns != meta.mtime_ns):
                 raise InvalidFileError(path, "the file changed since its header was read")
             msg_id = self._next_message_id()
             prio = self.settings.priority if priority is None else priority
