@@ -37,11 +37,24 @@ class Kind(enum.Enum):
     ORTHANC_ROUTE = "orthanc-route"  # Orthanc, Lua OnStoredInstance -> SendToModality (comparison)
     GATEWAY_INPROC = "gateway-inproc"  # forwarder run, listen.separate_process: false (comparison)
     DAEMON_DISK = "daemon-disk"  # DAEMON with its folders and queue on disk, not tmpfs (comparison)
+    # The receive and gateway cases on disk too: what fsync before Success costs on this disk
+    # (issue 13: "the bench says what it costs"; storescp -od does not fsync).
+    STORESCP_OD_DISK = "storescp-od-disk"  # STORESCP_OD writing to disk (comparison)
+    RECEIVE_DISK = "receive-disk"  # RECEIVE writing to disk (comparison)
+    GATEWAY_DISK = "gateway-disk"  # GATEWAY with its folders and queue on disk (comparison)
 
 
 #: Rows shown beside forwarder's for comparison: no goal applies to them.
 COMPARISON = frozenset(
-    {Kind.GATEWAY_STORESCP, Kind.ORTHANC_ROUTE, Kind.GATEWAY_INPROC, Kind.DAEMON_DISK}
+    {
+        Kind.GATEWAY_STORESCP,
+        Kind.ORTHANC_ROUTE,
+        Kind.GATEWAY_INPROC,
+        Kind.DAEMON_DISK,
+        Kind.STORESCP_OD_DISK,
+        Kind.RECEIVE_DISK,
+        Kind.GATEWAY_DISK,
+    }
 )
 
 
@@ -159,6 +172,12 @@ class Sender:
             return "storescp -od"
         if self.kind is Kind.RECEIVE:
             return "forwarder receive"
+        if self.kind is Kind.STORESCP_OD_DISK:
+            return "storescp -od (on disk)"
+        if self.kind is Kind.RECEIVE_DISK:
+            return "forwarder receive (on disk)"
+        if self.kind is Kind.GATEWAY_DISK:
+            return "via forwarder run (listen, on disk)"
         if self.kind is Kind.STOW:
             return f"forwarder send STOW-RS -a{self.associations}"
         if self.kind is Kind.GATEWAY:

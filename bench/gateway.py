@@ -12,6 +12,9 @@ PACS has logged every C-STORE, so the gateway's queueing and forwarding are insi
   daemon's watched folder (for comparison: the two-process set-up it replaces);
 - ``storescu -> Orthanc (Lua) -> PACS``: Orthanc with the Lua sample of issue 13,
   ``OnStoredInstance`` -> ``SendToModality`` (for comparison: its auto-routing).
+- ``storescu -> forwarder run (listen, on disk)``: the first with the daemon's folders and
+  queue on the disk under the system's temporary folder, not tmpfs (for comparison: what the
+  fsyncs before each Success cost on this disk; the others run on tmpfs).
 
 The gateways are started (and idle) before each push; their start-up is not timed. The
 ``latency`` case pushes one object at a time into an idle gateway (and renames one at a time
@@ -124,14 +127,16 @@ def _gateway(
     probe: Path,
 ) -> Iterator[tuple[str, int]]:
     """Start the gateway of ``kind`` forwarding to ``pacs``; yields (its AE title, its port)."""
-    with tempfile.TemporaryDirectory(prefix="bench-gateway-", dir=tmpfs()) as tmp:
+    where = None if kind is Kind.GATEWAY_DISK else tmpfs()  # None: the disk (comparison)
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-", dir=where) as tmp:
         root = Path(tmp)
         env = {k: v for k, v in env.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
         procs: list[_Process] = []
         try:
-            if kind in (Kind.GATEWAY, Kind.GATEWAY_INPROC):
+            if kind in (Kind.GATEWAY, Kind.GATEWAY_INPROC, Kind.GATEWAY_DISK):
                 port = free_port()
-                config = _daemon_config(root, pacs, port, separate_process=kind is Kind.GATEWAY)
+                separate = kind is not Kind.GATEWAY_INPROC
+                config = _daemon_config(root, pacs, port, separate_process=separate)
                 argv = [str(args.forwarder), "run", "-c", str(config)]
                 procs.append(_Process(argv, env, logs / "daemon.log", lambda: _echoes(port)))
                 yield GATEWAY_AET, port
@@ -177,6 +182,7 @@ def run_case(
         Sender(Kind.GATEWAY),
         Sender(Kind.GATEWAY_STORESCP),
         Sender(Kind.ORTHANC_ROUTE),
+        Sender(Kind.GATEWAY_DISK),
     ]
     if case.modalities > 1:
         senders = [Sender(Kind.STORESCU), Sender(Kind.GATEWAY), Sender(Kind.GATEWAY_INPROC)]
@@ -258,7 +264,7 @@ def _attempt(
 
 
 ECHOSCU = "/usr/bin/echoscu"
-_OURS = (Kind.GATEWAY, Kind.GATEWAY_STORESCP, Kind.GATEWAY_INPROC)
+_OURS = (Kind.GATEWAY, Kind.GATEWAY_STORESCP, Kind.GATEWAY_INPROC, Kind.GATEWAY_DISK)
 
 
 def _echoes(port: int) -> bool:

@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -100,7 +101,9 @@ def _recycle(done: Path, incoming: Path, stop: threading.Event) -> None:
                 pass
 
 
-def run_case(rate: float, size: int, associations: int, seconds: float, warmup: float) -> dict:
+def run_case(
+    rate: float, size: int, associations: int, seconds: float, warmup: float
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-rate-") as tmp:
         root = Path(tmp)
         incoming, done = root / "incoming", root / "done"

@@ -1,5 +1,7 @@
 """The receive cases: DCMTK storescu pushes a corpus into ``forwarder receive`` and, as the
-reference, into DCMTK ``storescp -od``, both writing to the same folder on tmpfs.
+reference, into DCMTK ``storescp -od``, both writing to a folder on tmpfs; then both again
+writing to the disk under the system's temporary folder (comparison rows: what fsyncing every
+object costs on this disk).
 
 Each repetition starts each receiver afresh on a free port, pushes the whole corpus with one
 ``storescu +sd +r`` (one association, a C-STORE-RSP awaited per file: storescu's wall time is the
@@ -47,6 +49,9 @@ def tmpfs_root() -> Path:
     return Path(tempfile.gettempdir())
 
 
+_OURS = (Kind.RECEIVE, Kind.RECEIVE_DISK)
+
+
 def run_case(
     case: Case,
     data: corpora.Corpus,
@@ -55,11 +60,16 @@ def run_case(
     unavailable: str | None,
 ) -> CaseResult:
     load = os.getloadavg()[0]
-    senders = [Sender(Kind.STORESCP_OD), Sender(Kind.RECEIVE)]
+    senders = [
+        Sender(Kind.STORESCP_OD),
+        Sender(Kind.RECEIVE),
+        Sender(Kind.STORESCP_OD_DISK),
+        Sender(Kind.RECEIVE_DISK),
+    ]
     attempts: dict[Sender, list[Attempt]] = {s: [] for s in senders}
     for rep in range(args.repeat):
         for sender in senders:
-            if sender.kind is Kind.RECEIVE and unavailable is not None:
+            if sender.kind in _OURS and unavailable is not None:
                 continue
             label = sender.label.replace(" ", "_")
             attempt = _attempt(case, data, sender, args, logs / f"{case.name}.{label}.{rep}")
@@ -71,7 +81,7 @@ def run_case(
             data.total_bytes,
             tuple(attempts[s]),
             Statistic(args.statistic),
-            unavailable if s.kind is Kind.RECEIVE else None,
+            unavailable if s.kind in _OURS else None,
         )
         for s in senders
     ]
@@ -83,8 +93,9 @@ def _attempt(
 ) -> Attempt:
     env = dcmtk_env(case.nodelay)
     port = free_port()
-    output = Path(tempfile.mkdtemp(prefix="bench-receive-", dir=tmpfs_root()))
-    if sender.kind is Kind.STORESCP_OD:
+    on_disk = sender.kind in (Kind.STORESCP_OD_DISK, Kind.RECEIVE_DISK)
+    output = Path(tempfile.mkdtemp(prefix="bench-receive-", dir=None if on_disk else tmpfs_root()))
+    if sender.kind in (Kind.STORESCP_OD, Kind.STORESCP_OD_DISK):
         argv = [STORESCP, "-aet", SCP_AET, "-od", str(output), str(port)]
     else:
         argv = [str(args.forwarder), "receive", "--port", str(port), "--bind", "127.0.0.1"]
