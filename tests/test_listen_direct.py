@@ -300,6 +300,48 @@ def test_a_restarted_receiving_process_leaves_what_it_queued_alone(
         assert d.stop() == 0
 
 
+def _synchronous(queue: Queue) -> int:
+    """The queue connection's PRAGMA synchronous (2 FULL: each commit fsynced; 1 NORMAL)."""
+    with queue._lock:
+        conn = queue._connection("reading its synchronous setting")
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_only_the_receiving_processs_commits_go_unsynced(scene: Scene) -> None:
+    """The receiving process's commits are not fsynced (its rows are rebuilt from the files
+    under .listen, next test); every other connection's are."""
+    assert _synchronous(scene.queue) == 2
+    assert _synchronous(scene.direct._queue) == 1
+
+
+def test_a_row_a_power_loss_dropped_is_written_again_before_the_port_opens(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """What a power loss leaves after unsynced commits: objects durable under .listen (fsynced
+    before Success) whose rows the log lost. The daemon's start queues them again before the
+    listener takes anything, and they are delivered intact with their calling AE title."""
+    files = copies(tmp_path / "m", "CT_small.dcm", 3)
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_status(lambda s: s["pacs"]["state"] == "paused", 10, "pacs paused")
+        assert push(listen_port(d), files, calling="CT07") == [(0, "")] * 3
+        assert len(staged(d)) == 3
+        os.kill(d.pid, signal.SIGKILL)  # the receiving process dies with it
+        d.wait_exit(15)
+    with sqlite3.connect(d.queue) as conn:  # the last commits lost, as a power loss may
+        conn.execute("PRAGMA foreign_keys = ON")  # whole transactions: their jobs too
+        dropped = conn.execute("DELETE FROM files WHERE calling_ae = 'CT07'").rowcount
+    assert dropped == 3
+    with d:
+        assert "3 received files were durable but not queued" in d.log_text()
+        assert d.cli("resume", "pacs").returncode == 0
+        wait_until(lambda: len(held(pacs)) == 3, 30, what="all three")
+        assert_same_datasets(pacs, files)
+        assert all(f.startswith("CT07/") for f in d.done_files())
+        assert d.stop() == 0
+
+
 def two_versions(tmp_path: Path) -> tuple[Path, Path]:
     """A real file and a second version of it: the same SOP Instance, other content."""
     (v1,) = copies(tmp_path / "m", "CT_small.dcm", 1)

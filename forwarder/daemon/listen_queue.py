@@ -59,7 +59,11 @@ class DirectQueue:
     def __init__(self, path: str, spool: Spool) -> None:
         # Never migrated from here: after a package upgrade a restarted receiving process runs
         # the new code beside the daemon's old one, which must find its schema as it left it.
-        self._queue = Queue(path, create=False, migrate=False)
+        # Commits not fsynced (sync_commits=False): the object is durable under .listen before
+        # its row is written, and a row a power loss drops is written again by
+        # Listener.recover before the port opens (the daemon's own commits sync the log, and
+        # with it these, as soon as it acts on them: claims, acks, finishing).
+        self._queue = Queue(path, create=False, migrate=False, sync_commits=False)
         self._spool = spool
         self._refused = ""  # the queue's last refusal, logged once
 

@@ -148,8 +148,17 @@ class Store:
         busy_timeout: float = 30.0,
         create: bool = True,
         migrate: bool = True,
+        sync_commits: bool = True,
     ) -> None:
         self._path = os.fspath(path)
+        # False (SQLite's synchronous = NORMAL): a commit is not fsynced, only the log's next
+        # sync makes it durable (any commit of a connection that syncs, or a checkpoint). A
+        # process crash loses nothing either way; a power loss may drop its last commits. Only
+        # for rows rebuilt from durable files after such a loss: the listener's receiving
+        # process, whose objects are fsynced under incoming/.listen before their row is
+        # written, and queued again by Listener.recover at the daemon's start when it is not
+        # in the queue. One fsync fewer an object a modality waits for.
+        self._sync_commits = sync_commits
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         # Long reads (statistics, sweeps) run on a second connection with a lock of its own.
@@ -210,8 +219,9 @@ class Store:
                 f"stays {mode!r}); put the queue on a local filesystem"
             )
         # FULL: fsync the log on every commit. With NORMAL a power loss can drop the last commits:
-        # a lost ack would make a job look READY for a file already moved to done/.
-        conn.execute("PRAGMA synchronous = FULL")
+        # a lost ack would make a job look READY for a file already moved to done/. (NORMAL only
+        # where the caller says its rows can be rebuilt: ``sync_commits``.)
+        conn.execute("PRAGMA synchronous = " + ("FULL" if self._sync_commits else "NORMAL"))
         # prune() relies on ON DELETE CASCADE from files to jobs; SQLite leaves it off by default.
         conn.execute("PRAGMA foreign_keys = ON")
         # After a checkpoint, shrink the -wal file back to 64 MiB so a burst does not pin the disk.
