@@ -138,8 +138,11 @@ class Daemon:
         extra: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         log_level: str = "INFO",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.root = root
+        # argv run before `forwarder run ...`, which it must exec (the PID stays the daemon's)
+        self.wrapper = list(wrapper)
         self.incoming = root / "incoming"
         self.done = root / "done"
         self.failed = root / "failed"
@@ -234,7 +237,7 @@ class Daemon:
             log.flush()
             self._log_start = log.tell()
             self.proc = subprocess.Popen(
-                [FORWARDER, "run", "-c", str(self.config_path)],
+                [*self.wrapper, FORWARDER, "run", "-c", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

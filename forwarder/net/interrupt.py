@@ -15,7 +15,12 @@ ECONNRESET at once. ``tests/test_connect_stop.py`` checks this on the machine it
   :class:`StopEvent`: once it is set, it raises
   :class:`~forwarder.errors.ConnectInterrupted` instead of waiting.
 
-The name lookup before the connect is not interrupted (``getaddrinfo`` cannot be). The C-STORE
+The name lookup before the connect cannot be interrupted (``getaddrinfo`` blocks in the C
+library, up to the resolver's timeouts: 5 s an attempt and a server by default). Under a stop
+event it runs on a thread of its own (``forwarder-resolve``) that the caller waits for with the
+stop: once set, the caller goes (:class:`~forwarder.errors.ConnectInterrupted`) and the lookup
+thread ends when the resolver gives up (a daemon thread: it never holds the process). A host
+given as an IP address is not looked up. The C-STORE
 sender (:mod:`forwarder.net.transport`) and the STOW-RS client (:mod:`forwarder.dicomweb.http`)
 connect through :func:`open_connection`; the pynetdicom associations of the storage commitment
 and query SCUs are stopped by :mod:`forwarder.net.cancel`, which shuts their socket down the
@@ -24,10 +29,12 @@ same way.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from forwarder.errors import ConnectInterrupted
 
@@ -41,6 +48,7 @@ class StopEvent(threading.Event):
         super().__init__()
         self._guard = threading.Lock()
         self._connecting: set[socket.socket] = set()
+        self._waiting: set[threading.Event] = set()
 
     def set(self) -> None:
         # Under the guard: a socket leaves the set (and may then be closed) only after its
@@ -49,6 +57,23 @@ class StopEvent(threading.Event):
             super().set()
             for sock in self._connecting:
                 shut_down(sock)
+            for event in self._waiting:
+                event.set()
+
+    def wait_for(self, done: threading.Event) -> None:
+        """Wait until ``done`` is set or this stop is; :class:`ConnectInterrupted` for the
+        stop (before or during the wait)."""
+        with self._guard:
+            if self.is_set():
+                raise ConnectInterrupted(STOPPING)
+            self._waiting.add(done)
+        try:
+            done.wait()
+        finally:
+            with self._guard:
+                self._waiting.discard(done)
+        if self.is_set():
+            raise ConnectInterrupted(STOPPING)
 
     @contextmanager
     def watching(self, sock: socket.socket) -> Iterator[None]:
@@ -99,7 +124,7 @@ def open_connection(
     error), and :class:`ConnectInterrupted` once ``stop`` is set."""
     host, port = address
     last: OSError | None = None
-    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    infos = resolve(host, port, stop)
     for family, kind, proto, _name, sockaddr in infos:
         if stop is not None and stop.is_set():
             raise ConnectInterrupted(STOPPING)
@@ -126,3 +151,40 @@ def open_connection(
     if last is not None:
         raise last
     raise OSError(f"{host} resolves to no address")
+
+
+#: One of getaddrinfo's answers: (family, type, proto, canonname, sockaddr).
+AddressInfo = tuple[Any, ...]
+
+
+def resolve(host: str, port: int, stop: StopEvent | None) -> list[AddressInfo]:
+    """``socket.getaddrinfo(host, port, 0, SOCK_STREAM)``, given up (not the lookup itself: it
+    cannot be) once ``stop`` is set: the lookup runs on a thread of its own, which ends when
+    the resolver answers or times out."""
+    if stop is None or _is_address(host):
+        return list(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+    done = threading.Event()
+    outcome: list[list[AddressInfo] | BaseException] = []
+
+    def look_up() -> None:
+        try:
+            outcome.append(list(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)))
+        except BaseException as exc:  # handed to the caller, if it still waits
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=look_up, name="forwarder-resolve", daemon=True).start()
+    stop.wait_for(done)
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 scope (fe80::1%eth0) aside
+    except ValueError:
+        return False
+    return True
