@@ -205,6 +205,12 @@ class Ingest:
         with self._lock:
             return path in self._known
 
+    @property
+    def known_count(self) -> int:
+        """How many paths are queued (not finished yet) as far as this Ingest knows."""
+        with self._lock:
+            return len(self._known)
+
     def forget(self, paths: Sequence[str]) -> None:
         """Called when files left incoming (finished)."""
         with self._lock:

@@ -326,13 +326,13 @@ class Metrics:
         """An item was rescheduled after a transient failure (refused, timeout, busy)."""
         self._retries.labels(destination).inc()
 
-    def ingested(self, accepted: bool, reason: str = "") -> None:
-        """A file left incoming/: queued (``accepted``) or rejected for ``reason``
+    def ingested(self, accepted: bool, reason: str = "", count: int = 1) -> None:
+        """``count`` files left incoming/: queued (``accepted``) or rejected for ``reason``
         (``not_dicom``, ``no_route``, ``discarded`` by a discard route...)."""
         if accepted:
-            self._accepted.inc()
+            self._accepted.inc(count)
         else:
-            self._rejected.labels(reason or "unknown").inc()
+            self._rejected.labels(reason or "unknown").inc(count)
 
     def listen_space(self, accepting: bool, free_bytes: int) -> None:
         """The listener measured the spool's free space (``accepting``: above the watermark)."""

@@ -1,10 +1,12 @@
 """The daemon: wires watcher -> ingest -> queue -> workers -> finisher, owns threads and signals.
 
 Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
-completed), start workers, start the watcher (its first scan picks up files that arrived while
-we were stopped), with ``listen:`` queue what the listener left unqueued and open its port
-(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop the
-listener (new associations refused, open ones drained then aborted), stop watching, let each worker
+completed), start workers, start the watch-and-ingest process and wait until it watches
+(:mod:`forwarder.daemon.ingest_process`; its first scan picks up files that arrived while we
+were stopped), with ``listen:`` queue what the listener left unqueued and open its port
+(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop watching
+(the process exits), stop the listener (new associations refused, open ones drained then
+aborted), let each worker
 finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
@@ -22,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
@@ -41,7 +45,6 @@ from forwarder.daemon.spool import Spool
 from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
-from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
 from forwarder.net.association import AssociationSettings
@@ -135,7 +138,7 @@ class Service(ServiceLoop):
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
             )
-            self.finisher = Finisher(self.queue, self.spool, self.ingest.forget)
+            self.finisher = Finisher(self.queue, self.spool, self._finished)
             self.finisher.finish(report.finishing)
             self.finisher.start()
             self._fail_orphans()
@@ -160,13 +163,17 @@ class Service(ServiceLoop):
             for dest in c.destinations:
                 self._start_workers(dest)
             self._start_proof()
-            self.watcher = Watcher(
-                c.incoming,
-                self.ingest,
-                settle=c.watch.settle,
-                polling=c.watch.polling,
-                rescan_interval=c.watch.rescan_interval,
-                is_known=self.ingest.is_known,
+            self.watcher = IngestProcess(
+                incoming=c.incoming,
+                done=c.done,
+                failed=c.failed,
+                queue=c.queue,
+                watch=c.watch,
+                router=self.ingest.routing()[0],
+                wake=self._wake_workers,
+                metrics=self.metrics,
+                log_level=c.log_level,
+                log_phi=c.log_phi,
             )
             self.watcher.start()
             if c.listen is not None:
@@ -309,6 +316,13 @@ class Service(ServiceLoop):
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
 
+    def _finished(self, paths: Sequence[str]) -> None:
+        """The finisher moved ``paths`` out of incoming: neither Ingest holds them now."""
+        self.ingest.forget(paths)
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.forget(paths)
+
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):
             w.wake()
@@ -345,14 +359,14 @@ class Service(ServiceLoop):
             )
             if name not in new_dests or changed:
                 self._workers.pop(name).stop(_STOP_TIMEOUT)
-        self.ingest.set_router(
-            Router(
-                new.routes,
-                list(new_dests),
-                {n: d.modify for n, d in new_dests.items()},
-                self.queue,
-            )
+        router = Router(
+            new.routes,
+            list(new_dests),
+            {n: d.modify for n, d in new_dests.items()},
+            self.queue,
         )
+        self.ingest.set_router(router)
+        self.watcher.routes_changed(router)
         if self.listener is not None:
             self.listener.routes_changed()
         for name, dest in new_dests.items():
