@@ -67,9 +67,19 @@ def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_pat
             wait_until(lambda: not alive(child), 10, what="the process to die with the daemon")
 
 
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
 def test_a_killed_process_is_logged_restarted_and_loses_nothing(tmp_path: Path) -> None:
+    port = free_port()
     with ScriptedSCP() as scp:
-        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            extra={"metrics": {"listen": f"127.0.0.1:{port}"}},
+        )
         with d:
             first = d.drop_files(4, prefix="before")
             d.wait_done(4)
@@ -87,6 +97,9 @@ def test_a_killed_process_is_logged_restarted_and_loses_nothing(tmp_path: Path) 
             assert scp.uids() == uids(first + meanwhile)
             assert len(scp.received) == 10
             d.wait_log("healthy again", what="healthy again")
+            text = scrape(port)
+            assert "forwarder_ingest_process_restarts_total 1.0" in text
+            assert "forwarder_ingest_accepted_total 10.0" in text
             assert d.stop() == 0
 
 
@@ -151,17 +164,13 @@ def test_the_process_counts_reach_the_daemons_metrics(tmp_path: Path) -> None:
             d.wait_done(3)
             d.wait_failed(3)
 
-            def scrape() -> str:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                    return str(r.read().decode())
-
             wanted = [
                 "forwarder_ingest_accepted_total 3.0",
                 'forwarder_ingest_rejected_total{reason="no_route"} 1.0',
                 'forwarder_ingest_rejected_total{reason="not_dicom"} 1.0',
                 'forwarder_ingest_rejected_total{reason="bad_name"} 1.0',
             ]
-            wait_until(lambda: all(w in scrape() for w in wanted), 10, what=f"{wanted} in /metrics")
+            wait_until(lambda: all(w in scrape(port) for w in wanted), 10, what="the counts")
             assert d.stop() == 0
 
 

@@ -50,6 +50,8 @@ class IngestCounts(Protocol):
 
     def ingested(self, accepted: bool, reason: str = "", count: int = 1) -> None: ...
 
+    def ingest_restart(self) -> None: ...
+
 
 class IngestProcess:
     """The watch folder's Watcher and Ingest in a process of their own; :meth:`start`, then
@@ -239,6 +241,8 @@ class IngestProcess:
                 _exit_text(code),
                 delay,
             )
+            if self.metrics is not None:
+                self.metrics.ingest_restart()
             if self._stopping.wait(delay):
                 return
             again = self._restart()

@@ -6,8 +6,8 @@ completed), start workers, start the watch-and-ingest process and wait until it 
 were stopped), with ``listen:`` queue what the listener left unqueued and open its port
 (:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop watching
 (the process exits), stop the listener (new associations refused, open ones drained then
-aborted), let each worker
-finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
+aborted), let each worker finish the file it is sending, put claimed-but-unsent jobs back,
+release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
 
