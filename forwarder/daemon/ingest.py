@@ -272,9 +272,18 @@ class Ingest:
         if not batch:
             return
         crash_point("ingest-before-commit")
-        ids = self.queue.enqueue_many(batch)
+        # Known before the commit: a sender may take a file, and the finisher move it out and
+        # forget it, as soon as it is committed (in the watch-and-ingest process, the forget
+        # comes from the daemon): known after that, it would stay known for good.
         with self._lock:
             self._known.update((e.path, (e.size, e.mtime_ns)) for e, _ in batch)
+        try:
+            ids = self.queue.enqueue_many(batch)
+        except BaseException:
+            with self._lock:  # none of them was known before (replacements go elsewhere)
+                for e, _ in batch:
+                    self._known.pop(e.path, None)
+            raise
         added = sum(1 for i in ids if i is not None)
         if self.metrics is not None:
             for _ in range(added):
