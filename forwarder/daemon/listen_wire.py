@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -220,9 +221,12 @@ def child_env() -> dict[str, str]:
 
 
 def die_with(parent: int) -> None:
-    """SIGKILL this process when the daemon (``parent``) dies; exit now if it is already gone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    """SIGKILL this process when the daemon (``parent``) dies; exit now if it is already gone.
+    Elsewhere than on Linux (no ``prctl``) it ends when its peer socket closes, which the
+    daemon's death does too, a moment later."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent:
         os._exit(1)
