@@ -182,7 +182,7 @@ def test_polling_and_rescans_work_in_the_process(tmp_path: Path) -> None:
             watch={"polling": True, "rescan_interval": "1s"},
         )
         with d:
-            assert "(polling)" in d.log_text(current_run=True)
+            assert "(polling), settle 0.20s, full rescan every 1s" in d.log_text(current_run=True)
             dropped = d.drop_files(4)
             d.wait_done(4)
             assert scp.uids() == uids(dropped)

@@ -194,7 +194,10 @@ def main(argv: list[str]) -> int:
     configure_daemon_logging(init["log_level"])
     try:
         child = Child(peer, init)
-    except Exception as exc:  # the queue cannot be opened, a bug: the daemon says why
+    except ForwarderError as exc:  # the queue cannot be opened: the daemon says why
+        peer.send("failed", str(exc))
+        return 1
+    except Exception as exc:  # a bug
         peer.send("failed", f"{type(exc).__name__}: {exc}")
         return 1
     return child.run()
