@@ -103,6 +103,27 @@ def test_a_killed_process_is_logged_restarted_and_loses_nothing(tmp_path: Path) 
             assert d.stop() == 0
 
 
+def test_killed_during_a_backlog_each_file_is_queued_once(tmp_path: Path) -> None:
+    """Killed while it takes a 400-file backlog in (files checked and fsynced, perhaps not
+    committed): the next one queues the rest, and none twice."""
+    with ScriptedSCP(delay=0.005) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+        dropped = staged.drop_files(400, rows=16, columns=16)
+        with d:
+            os.rename(staged.incoming, d.incoming / "backlog")  # all at once
+            wait_until(lambda: scp.received, 30, what="the first file at the peer")
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGKILL)
+            d.wait_log(AGAIN, what="the restart")
+            d.wait_done(400, timeout=120)
+            assert scp.uids() == uids(dropped)
+            assert len(scp.received) == 400  # none queued (so sent) twice
+            status = d.status_json()["destinations"]["pacs"]
+            assert (status["done"], status["pending"], status["in_flight"]) == (400, 0, 0)
+            assert d.stop() == 0
+
+
 def test_a_name_dropped_again_after_its_first_copy_is_done_is_sent_again(
     tmp_path: Path,
 ) -> None:
