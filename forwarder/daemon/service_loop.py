@@ -46,8 +46,8 @@ _STOP_TIMEOUT = 10.0
 _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
 _LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
 # Seconds after a reload to look again for jobs of destinations it removed: a file routed by
-# the old routes just before the swap (the listener's receiving process gets the new ones a
-# moment later) may be queued for one after the reload's own look.
+# the old routes just before the swap (the listener's receiving process and the watch-and-ingest
+# process get the new ones a moment later) may be queued for one after the reload's own look.
 _ORPHANS_AGAIN = 2.0
 
 
