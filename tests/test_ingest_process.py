@@ -51,7 +51,7 @@ def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_pat
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
         with d:
             log = d.log_text(current_run=True)
-            assert log.index("watching " + str(d.incoming)) < log.index("forwarder running")
+            assert log.index(f"watching {d.incoming} (inotify)") < log.index("forwarder running")
             (child,) = children(d.pid)
             dropped = d.drop_files(3)
             d.wait_done(3)
