@@ -67,6 +67,26 @@ def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_pat
             wait_until(lambda: not alive(child), 10, what="the process to die with the daemon")
 
 
+def test_sigterm_stops_taking_files_before_the_senders_drain(tmp_path: Path) -> None:
+    with ScriptedSCP(delay=2.0) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            sent = d.drop("sent.dcm")
+            d.wait_status(lambda s: s["pacs"]["in_flight"] == 1, what="the file in flight")
+            d.signal(signal.SIGTERM)
+            d.wait_log("watch: stopped", what="the process to stop")
+            late = d.drop("late.dcm")  # while the sender still waits for its answer
+            assert d.wait_exit(30) == 0
+            log = d.log_text(current_run=True)
+            assert log.index("watch: stopped") < log.index("sent.dcm -> pacs: stored")
+            assert scp.uids() == uids([sent])
+            assert d.incoming_files() == ["late.dcm"]  # not taken: it waits for the next start
+            d.start()
+            d.wait_done(2)
+            assert scp.uids() == uids([sent, late])
+            assert d.stop() == 0
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         return str(r.read().decode())
