@@ -447,3 +447,17 @@ def test_a_forget_arriving_as_the_commit_ends_is_not_undone(tmp_path: Path) -> N
         ingest([ReadyFile(path, "a.dcm", st.st_size, st.st_mtime_ns)])
         assert not ingest.is_known(str(path))
         assert ingest.known_count == 0
+
+
+def test_known_under_a_folder_only_those_files_are_known(tmp_path: Path) -> None:
+    """The daemon's own Ingest (the listener's) does not hold the watch folder's paths: the
+    watch-and-ingest process does."""
+    for e in make_env(tmp_path):
+        mine, other = e.put(".listen/AE/a.dcm"), e.put("b.dcm")
+        e.ingest([mine, other])
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        under = str(spool.incoming / ".listen")
+        ingest = Ingest(spool, queue, Router(None, DESTS), known_under=under)
+        assert ingest.is_known(str(mine.path)) and not ingest.is_known(str(other.path))
+        assert ingest.known_count == 1

@@ -119,6 +119,7 @@ class Ingest:
         on_enqueued: Callable[[], None] = lambda: None,
         metrics: IngestMetrics | None = None,
         log_phi: bool = False,
+        known_under: str | None = None,
     ) -> None:
         self.spool = spool
         self.queue = queue
@@ -126,9 +127,10 @@ class Ingest:
         self.metrics = metrics
         self.log_phi = log_phi  # debugging only: "no route" reasons then show patient values
         self._lock = threading.Lock()
-        # path -> (size, mtime_ns) of every queued file: a re-offered path with other values
+        # path -> (size, mtime_ns) of every queued file (``known_under``: of those in that
+        # folder, the only ones this Ingest is offered): a re-offered path with other values
         # was replaced in incoming.
-        self._known: dict[str, tuple[int, int]] = queue.active_files()
+        self._known: dict[str, tuple[int, int]] = queue.active_files(known_under)
         self._unreadable: set[str] = set()  # warned about once each
         self.set_router(router)
 

@@ -41,7 +41,7 @@ from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.service_loop import _STOP_TIMEOUT, ServiceLoop
 from forwarder.daemon.signals import SignalWaiter
-from forwarder.daemon.spool import Spool
+from forwarder.daemon.spool import LISTEN_FOLDER, Spool
 from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
@@ -137,6 +137,8 @@ class Service(ServiceLoop):
                 ),
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
+                # The listener's: the watch folder's files are the watch-and-ingest process's.
+                known_under=str(self.spool.incoming / LISTEN_FOLDER),
             )
             self.finisher = Finisher(self.queue, self.spool, self._finished)
             self.finisher.finish(report.finishing)
