@@ -53,9 +53,12 @@ def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_pat
             log = d.log_text(current_run=True)
             assert log.index(f"watching {d.incoming} (inotify)") < log.index("forwarder running")
             (child,) = children(d.pid)
+            d.signal(signal.SIGUSR1)  # passed on: the process writes its stacks, and goes on
+            wait_until(lambda: "ingest_child.py" in d.log_text(), 10, what="the process's stacks")
             dropped = d.drop_files(3)
             d.wait_done(3)
             assert scp.uids() == uids(dropped)
+            assert children(d.pid) == [child]
             assert d.stop() == 0
             # SIGTERM: the process stopped taking files before the daemon said it stopped.
             log = d.log_text(current_run=True)

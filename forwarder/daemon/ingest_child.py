@@ -20,7 +20,8 @@ Over the peer socket (:mod:`forwarder.daemon.listen_wire`), all notifications:
 
 The process dies with the daemon (``PR_SET_PDEATHSIG``); what it had checked but not committed
 is found again by the next start's scan. SIGTERM, SIGINT and SIGHUP are ignored: the daemon
-(to which systemd and a terminal send them too) stops this process itself.
+(to which systemd and a terminal send them too) stops this process itself. SIGUSR1 writes every
+thread's stack to the log, as in the daemon.
 """
 
 from __future__ import annotations
@@ -185,6 +186,8 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     faulthandler.enable(all_threads=True)
+    # Every thread's stack on stderr, as the daemon's (which passes its SIGUSR1 on).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     peer = Peer(socket.socket(fileno=peer_fd))
     kind, _call, init = peer.receive(_INIT_TIMEOUT)
     if kind != "init":

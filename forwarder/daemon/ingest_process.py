@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,6 +142,13 @@ class IngestProcess:
                 process.wait()
         if self._thread is not None:
             self._thread.join(_STOP_GRACE)
+
+    def dump_threads(self) -> None:
+        """Have the process write every thread's stack to the log (SIGUSR1, as the daemon's)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGUSR1)
 
     def rescan(self) -> None:
         """Ask for a full scan of incoming as soon as possible."""

@@ -249,6 +249,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     faulthandler.enable(all_threads=True)
+    # `systemctl kill -s USR1 forwarder` reaches this process too: its stacks, not its end.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     peer = Peer(socket.socket(fileno=peer_fd))
     listener = socket.socket(fileno=listen_fd)
     kind, _call, init = peer.receive(_INIT_TIMEOUT)

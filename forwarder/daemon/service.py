@@ -18,6 +18,7 @@ systemd's watchdog, status, periodic chores) and the shutdown sequence are
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import logging
 import os
@@ -111,12 +112,18 @@ class Service(ServiceLoop):
     # -- run --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        with SignalWaiter((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) as signals:
+        stop_reload_dump = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with SignalWaiter(stop_reload_dump) as signals:
+            # SIGUSR1: every thread's stack on stderr, written from C (so even with the main
+            # thread stuck), then the main loop passes the signal on to the watch-and-ingest
+            # process, which writes its own. `systemctl kill -s USR1 forwarder` or kill -USR1.
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
             self._signals = signals
             try:
                 return self._run()
             finally:
                 self._signals = None
+                faulthandler.unregister(signal.SIGUSR1)
 
     def _run(self) -> int:
         c = self.config

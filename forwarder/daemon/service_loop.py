@@ -111,6 +111,8 @@ class ServiceLoop:
             for sig in self._signals.wait(_TICK):
                 if sig == signal.SIGHUP:
                     self._reload = True
+                elif sig == signal.SIGUSR1:
+                    self.watcher.dump_threads()  # this process's stacks are written already
                 else:
                     self._stop.set()
             if self._stop.is_set():
