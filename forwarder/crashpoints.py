@@ -26,8 +26,8 @@ import threading
 _SPEC = os.environ.get("FORWARDER_CRASH_AT", "")
 _NAME, _, _COUNT = _SPEC.partition(":")
 _AT = int(_COUNT) if _COUNT.isdigit() else 1
-#: Set in the daemon's receiving process (:mod:`forwarder.daemon.listen_process`): the daemon
-#: it belongs to dies with it, as the one daemon the tests kill.
+#: Set in the daemon's receiving and watch-and-ingest processes (``listen_wire.child_env``): the
+#: daemon they belong to dies with them, as the one daemon the tests kill.
 _PARENT = os.environ.get("FORWARDER_CRASH_PARENT", "")
 _hits = 0
 _lock = threading.Lock()

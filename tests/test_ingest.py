@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
@@ -413,3 +414,50 @@ def test_every_descriptor_ingest_opens_is_closed_whatever_becomes_of_the_file(
         env.ingest([late])
     assert _open_files(spool / "incoming") == []
     next(made, None)
+
+
+def test_a_failed_commit_leaves_its_files_unknown(env: Env) -> None:
+    env.queue.close()  # the enqueue fails
+    ready = env.put("a.dcm")
+    with pytest.raises(QueueError):
+        env.ingest([ready])
+    assert not env.ingest.is_known(str(ready.path))  # the watcher's rescan offers it again
+    assert env.ingest.known_count == 0
+
+
+def test_a_forget_arriving_as_the_commit_ends_is_not_undone(tmp_path: Path) -> None:
+    """The finisher (in the daemon, while ingest runs in its own process) may move a file out
+    and forget it as soon as its commit is made, before Ingest has returned."""
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+
+    class Finishing(Queue):  # a real queue whose commit is followed at once by the forget
+        ingest: Ingest
+
+        def enqueue_many(self, *args: Any, **kwargs: Any) -> Any:
+            ids = super().enqueue_many(*args, **kwargs)
+            self.ingest.forget([e.path for e, _ in args[0]])
+            return ids
+
+    with Finishing(tmp_path / "queue.sqlite") as queue:
+        ingest = Ingest(spool, queue, Router(None, DESTS))
+        queue.ingest = ingest
+        path = spool.incoming / "a.dcm"
+        write_file(path)
+        st = path.stat()
+        ingest([ReadyFile(path, "a.dcm", st.st_size, st.st_mtime_ns)])
+        assert not ingest.is_known(str(path))
+        assert ingest.known_count == 0
+
+
+def test_known_under_a_folder_only_those_files_are_known(tmp_path: Path) -> None:
+    """The daemon's own Ingest (the listener's) does not hold the watch folder's paths: the
+    watch-and-ingest process does."""
+    for e in make_env(tmp_path):
+        mine, other = e.put(".listen/AE/a.dcm"), e.put("b.dcm")
+        e.ingest([mine, other])
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        under = str(spool.incoming / ".listen")
+        ingest = Ingest(spool, queue, Router(None, DESTS), known_under=under)
+        assert ingest.is_known(str(mine.path)) and not ingest.is_known(str(other.path))
+        assert ingest.known_count == 1

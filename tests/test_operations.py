@@ -19,6 +19,8 @@ def test_sigusr1_dumps_every_thread_and_the_daemon_goes_on(tmp_path: Path) -> No
     ):
         d.signal(signal.SIGUSR1)
         d.wait_log("most recent call first", what="a thread dump after SIGUSR1")
+        # The daemon's (the workers') and its watch-and-ingest process's (the watcher's),
+        # which the daemon passes SIGUSR1 on to.
         wait_until(
             lambda: "watcher.py" in d.log_text() and "worker.py" in d.log_text(),
             10,
@@ -39,7 +41,9 @@ def test_a_watchdog_abort_leaves_a_thread_dump(tmp_path: Path) -> None:
             assert d.wait_exit(20) == -signal.SIGABRT
         log = d.log_text()
         assert "Fatal Python error: Aborted" in log
-        assert "worker.py" in log and "watcher.py" in log
+        # The daemon's threads: the senders, and the one serving the watch-and-ingest process
+        # (whose watcher threads are its own; the watchdog is fed by the daemon's main loop).
+        assert "worker.py" in log and "ingest_process.py" in log
 
 
 def _start_with_read_only(d: Daemon, read_only: Path) -> tuple[int, str]:

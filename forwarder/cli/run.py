@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import signal
 import sys
 from typing import Any
 
@@ -35,10 +34,9 @@ def run(args: argparse.Namespace) -> int:
 
     configure_daemon_logging(config.log_level, log_phi=config.log_phi)
     # Every thread's stack on stderr (the journal under systemd) when the watchdog aborts a
-    # hung daemon (SIGABRT) or it crashes, and on demand without stopping it:
-    # `systemctl kill -s USR1 forwarder` (or kill -USR1 PID).
+    # hung daemon (SIGABRT) or it crashes; on demand without stopping it (SIGUSR1) once the
+    # service runs (it registers it: `systemctl kill -s USR1 forwarder`, or kill -USR1 PID).
     faulthandler.enable(all_threads=True)
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     try:
         return Service(config, path).run() or EXIT_OK
     except (TLSSetupError, SetupError) as exc:

@@ -119,6 +119,7 @@ class Ingest:
         on_enqueued: Callable[[], None] = lambda: None,
         metrics: IngestMetrics | None = None,
         log_phi: bool = False,
+        known_under: str | None = None,
     ) -> None:
         self.spool = spool
         self.queue = queue
@@ -126,9 +127,10 @@ class Ingest:
         self.metrics = metrics
         self.log_phi = log_phi  # debugging only: "no route" reasons then show patient values
         self._lock = threading.Lock()
-        # path -> (size, mtime_ns) of every queued file: a re-offered path with other values
+        # path -> (size, mtime_ns) of every queued file (``known_under``: of those in that
+        # folder, the only ones this Ingest is offered): a re-offered path with other values
         # was replaced in incoming.
-        self._known: dict[str, tuple[int, int]] = queue.active_files()
+        self._known: dict[str, tuple[int, int]] = queue.active_files(known_under)
         self._unreadable: set[str] = set()  # warned about once each
         self.set_router(router)
 
@@ -205,6 +207,12 @@ class Ingest:
         with self._lock:
             return path in self._known
 
+    @property
+    def known_count(self) -> int:
+        """How many paths are queued (not finished yet) as far as this Ingest knows."""
+        with self._lock:
+            return len(self._known)
+
     def forget(self, paths: Sequence[str]) -> None:
         """Called when files left incoming (finished)."""
         with self._lock:
@@ -266,9 +274,18 @@ class Ingest:
         if not batch:
             return
         crash_point("ingest-before-commit")
-        ids = self.queue.enqueue_many(batch)
+        # Known before the commit: a sender may take a file, and the finisher move it out and
+        # forget it, as soon as it is committed (in the watch-and-ingest process, the forget
+        # comes from the daemon): known after that, it would stay known for good.
         with self._lock:
             self._known.update((e.path, (e.size, e.mtime_ns)) for e, _ in batch)
+        try:
+            ids = self.queue.enqueue_many(batch)
+        except BaseException:
+            with self._lock:  # none of them was known before (replacements go elsewhere)
+                for e, _ in batch:
+                    self._known.pop(e.path, None)
+            raise
         added = sum(1 for i in ids if i is not None)
         if self.metrics is not None:
             for _ in range(added):

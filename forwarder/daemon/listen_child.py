@@ -22,10 +22,8 @@ and a terminal send them too) drains this process itself (the ``stop`` call).
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import logging
-import os
 import signal
 import socket
 import sys
@@ -37,7 +35,7 @@ from forwarder.config import ListenConfig
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.listen_queue import DirectQueue, Routing
 from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
-from forwarder.daemon.listen_wire import Peer, PeerGone, pass_channel
+from forwarder.daemon.listen_wire import Peer, PeerGone, die_with, pass_channel
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import REASON_PROCESSING_FAILURE
@@ -51,7 +49,6 @@ from forwarder.net.scp_object import (
 
 logger = logging.getLogger("forwarder.daemon.listen")
 
-_PR_SET_PDEATHSIG = 1
 _QUEUE_TIMEOUT = 120.0  # seconds the daemon may take to queue one object (its queue is locked)
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
 _HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when idle
@@ -245,22 +242,15 @@ class Child:
         return int(self.ask("report", message_id, dataset, peer, timeout=_QUEUE_TIMEOUT))
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when the daemon dies; exit now if it is already gone."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def main(argv: list[str]) -> int:
     listen_fd, peer_fd, carrier_fd, parent = (int(a) for a in argv)
-    _die_with(parent)
+    die_with(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     faulthandler.enable(all_threads=True)
+    # `systemctl kill -s USR1 forwarder` reaches this process too: its stacks, not its end.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     peer = Peer(socket.socket(fileno=peer_fd))
     listener = socket.socket(fileno=listen_fd)
     kind, _call, init = peer.receive(_INIT_TIMEOUT)

@@ -33,11 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import forwarder
 from forwarder.config import ListenConfig
 from forwarder.daemon.listen_queue import Routing
 from forwarder.daemon.listen_sink import ListenSink
-from forwarder.daemon.listen_wire import Peer, PeerGone, take_channels
+from forwarder.daemon.listen_wire import Peer, PeerGone, child_env, take_channels
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.commitment import STATUS_PROCESSING_FAILURE, Reference
@@ -176,12 +175,7 @@ class ListenProcess:
         assert self._socket is not None
         ours, theirs = socket.socketpair()
         carrier, their_carrier = socket.socketpair()
-        env = dict(os.environ)
-        # The package as this process imported it, whatever the working folder.
-        root = str(Path(forwarder.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        if env.get("FORWARDER_CRASH_AT"):
-            env["FORWARDER_CRASH_PARENT"] = str(os.getpid())
+        env = child_env()
         fds = (self._socket.fileno(), theirs.fileno(), their_carrier.fileno())
         try:
             self._process = subprocess.Popen(

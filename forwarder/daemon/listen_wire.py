@@ -14,17 +14,24 @@ a thread that has a socket pair of its own (each association's, passed to the da
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import pickle
 import select
+import signal
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import forwarder
+
 _HEADER = struct.Struct("!I")
+_PR_SET_PDEATHSIG = 1
 _MAX_MESSAGE = 64 * 2**20  # a report's data set with many references is far below this
 
 
@@ -199,3 +206,27 @@ def take_channels(carrier: socket.socket, serve: Callable[[socket.socket], None]
             serve(socket.socket(fileno=fd))
         if not data:
             return
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a process the daemon starts with ``python -m forwarder...``: the
+    package as this process imported it (whatever the working folder), and the daemon's PID for
+    :func:`~forwarder.crashpoints.crash_point` (which then kills the daemon too)."""
+    env = dict(os.environ)
+    root = str(Path(forwarder.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    if env.get("FORWARDER_CRASH_AT"):
+        env["FORWARDER_CRASH_PARENT"] = str(os.getpid())
+    return env
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process when the daemon (``parent``) dies; exit now if it is already gone.
+    Elsewhere than on Linux (no ``prctl``) it ends when its peer socket closes, which the
+    daemon's death does too, a moment later."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(1)

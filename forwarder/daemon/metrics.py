@@ -33,6 +33,8 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
                                                          refused (low space, cannot store/queue)
     forwarder_listen_process_restarts_total              the receiving process died and was
                                                          restarted (listen.separate_process)
+    forwarder_ingest_process_restarts_total              the watch-and-ingest process died
+                                                         and was restarted
     forwarder_build_info{version}
 """
 
@@ -268,6 +270,12 @@ class Metrics:
             "associations were cut; the port stayed open).",
             registry=reg,
         )
+        self._ingest_restarts = Counter(
+            "forwarder_ingest_process_restarts",
+            "Times the watch-and-ingest process died and was restarted (files waited in "
+            "incoming meanwhile).",
+            registry=reg,
+        )
         self._commitment = Counter(
             "forwarder_commitment_instances",
             "Instances whose proof of delivery was decided, by outcome: committed, resent (not "
@@ -326,13 +334,13 @@ class Metrics:
         """An item was rescheduled after a transient failure (refused, timeout, busy)."""
         self._retries.labels(destination).inc()
 
-    def ingested(self, accepted: bool, reason: str = "") -> None:
-        """A file left incoming/: queued (``accepted``) or rejected for ``reason``
+    def ingested(self, accepted: bool, reason: str = "", count: int = 1) -> None:
+        """``count`` files left incoming/: queued (``accepted``) or rejected for ``reason``
         (``not_dicom``, ``no_route``, ``discarded`` by a discard route...)."""
         if accepted:
-            self._accepted.inc()
+            self._accepted.inc(count)
         else:
-            self._rejected.labels(reason or "unknown").inc()
+            self._rejected.labels(reason or "unknown").inc(count)
 
     def listen_space(self, accepting: bool, free_bytes: int) -> None:
         """The listener measured the spool's free space (``accepting``: above the watermark)."""
@@ -346,6 +354,10 @@ class Metrics:
     def listen_restart(self) -> None:
         """The listener's receiving process died and is being restarted."""
         self._listen_restarts.inc()
+
+    def ingest_restart(self) -> None:
+        """The watch-and-ingest process died and is being restarted."""
+        self._ingest_restarts.inc()
 
     def associations_open(self, destination: str, delta: int) -> None:
         """+1 when an association is established, -1 when it is released or aborted."""

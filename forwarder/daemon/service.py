@@ -1,11 +1,13 @@
 """The daemon: wires watcher -> ingest -> queue -> workers -> finisher, owns threads and signals.
 
 Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
-completed), start workers, start the watcher (its first scan picks up files that arrived while
-we were stopped), with ``listen:`` queue what the listener left unqueued and open its port
-(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop the
-listener (new associations refused, open ones drained then aborted), stop watching, let each worker
-finish the file it is sending, put claimed-but-unsent jobs back, release associations, exit 0.
+completed), start workers, start the watch-and-ingest process and wait until it watches
+(:mod:`forwarder.daemon.ingest_process`; its first scan picks up files that arrived while we
+were stopped), with ``listen:`` queue what the listener left unqueued and open its port
+(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop watching
+(the process exits), stop the listener (new associations refused, open ones drained then
+aborted), let each worker finish the file it is sending, put claimed-but-unsent jobs back,
+release associations, exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
 
@@ -16,12 +18,14 @@ systemd's watchdog, status, periodic chores) and the shutdown sequence are
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +35,17 @@ from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.router import Router
 from forwarder.daemon.service_loop import _STOP_TIMEOUT, ServiceLoop
 from forwarder.daemon.signals import SignalWaiter
-from forwarder.daemon.spool import Spool
+from forwarder.daemon.spool import LISTEN_FOLDER, Spool
 from forwarder.daemon.status import listen_status
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
-from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ConfigError, ForwarderError, SetupError, TLSSetupError
 from forwarder.net.association import AssociationSettings
@@ -108,12 +112,18 @@ class Service(ServiceLoop):
     # -- run --------------------------------------------------------------------------------
 
     def run(self) -> int:
-        with SignalWaiter((signal.SIGTERM, signal.SIGINT, signal.SIGHUP)) as signals:
+        stop_reload_dump = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with SignalWaiter(stop_reload_dump) as signals:
+            # SIGUSR1: every thread's stack on stderr, written from C (so even with the main
+            # thread stuck), then the main loop passes the signal on to the watch-and-ingest
+            # process, which writes its own. `systemctl kill -s USR1 forwarder` or kill -USR1.
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
             self._signals = signals
             try:
                 return self._run()
             finally:
                 self._signals = None
+                faulthandler.unregister(signal.SIGUSR1)
 
     def _run(self) -> int:
         c = self.config
@@ -134,8 +144,10 @@ class Service(ServiceLoop):
                 ),
                 on_enqueued=self._wake_workers,
                 log_phi=c.log_phi,
+                # The listener's: the watch folder's files are the watch-and-ingest process's.
+                known_under=str(self.spool.incoming / LISTEN_FOLDER),
             )
-            self.finisher = Finisher(self.queue, self.spool, self.ingest.forget)
+            self.finisher = Finisher(self.queue, self.spool, self._finished)
             self.finisher.finish(report.finishing)
             self.finisher.start()
             self._fail_orphans()
@@ -160,13 +172,17 @@ class Service(ServiceLoop):
             for dest in c.destinations:
                 self._start_workers(dest)
             self._start_proof()
-            self.watcher = Watcher(
-                c.incoming,
-                self.ingest,
-                settle=c.watch.settle,
-                polling=c.watch.polling,
-                rescan_interval=c.watch.rescan_interval,
-                is_known=self.ingest.is_known,
+            self.watcher = IngestProcess(
+                incoming=c.incoming,
+                done=c.done,
+                failed=c.failed,
+                queue=c.queue,
+                watch=c.watch,
+                router=self.ingest.routing()[0],
+                wake=self._wake_workers,
+                metrics=self.metrics,
+                log_level=c.log_level,
+                log_phi=c.log_phi,
             )
             self.watcher.start()
             if c.listen is not None:
@@ -309,6 +325,13 @@ class Service(ServiceLoop):
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
 
+    def _finished(self, paths: Sequence[str]) -> None:
+        """The finisher moved ``paths`` out of incoming: neither Ingest holds them now."""
+        self.ingest.forget(paths)
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.forget(paths)
+
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):
             w.wake()
@@ -345,14 +368,14 @@ class Service(ServiceLoop):
             )
             if name not in new_dests or changed:
                 self._workers.pop(name).stop(_STOP_TIMEOUT)
-        self.ingest.set_router(
-            Router(
-                new.routes,
-                list(new_dests),
-                {n: d.modify for n, d in new_dests.items()},
-                self.queue,
-            )
+        router = Router(
+            new.routes,
+            list(new_dests),
+            {n: d.modify for n, d in new_dests.items()},
+            self.queue,
         )
+        self.ingest.set_router(router)
+        self.watcher.routes_changed(router)
         if self.listener is not None:
             self.listener.routes_changed()
         for name, dest in new_dests.items():

@@ -5,10 +5,10 @@ main thread after start-up. Each tick it takes the signals (SIGTERM/SIGINT stop,
 reloads), checks the threads' health (only a loop that finds nothing wrong feeds systemd's
 watchdog; what is wrong is logged when it changes and twice a minute), refreshes the status
 line and the status page's rates, retries files that could not be moved and prunes the queue.
-The shutdown stops the listener first (new associations refused, open ones drained then
-aborted), then the watcher, lets each worker finish the file it is sending and put
-claimed-but-unsent jobs back, then stops proof of delivery, the finisher and metrics, and closes
-the queue and its lock.
+The shutdown stops taking files first: the watch-and-ingest process is told to stop and the
+listener stops (new associations refused, open ones drained then aborted); then it lets each
+worker finish the file it is sending and put claimed-but-unsent jobs back, then stops proof of
+delivery, the finisher and metrics, and closes the queue and its lock.
 
 Start-up, the wiring and SIGHUP's reload are :mod:`forwarder.daemon.service`.
 """
@@ -24,13 +24,13 @@ from typing import Any
 
 from forwarder.daemon.commitment import CommitmentKeeper
 from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
 from forwarder.daemon.signals import SignalWaiter
 from forwarder.daemon.status_page import StatusPage
 from forwarder.daemon.verify_query import QueryVerifier
-from forwarder.daemon.watcher import Watcher
 from forwarder.daemon.worker import DestinationWorkers
 from forwarder.errors import ForwarderError
 from forwarder.queue import Queue
@@ -46,8 +46,8 @@ _STOP_TIMEOUT = 10.0
 _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
 _LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
 # Seconds after a reload to look again for jobs of destinations it removed: a file routed by
-# the old routes just before the swap (the listener's receiving process gets the new ones a
-# moment later) may be queued for one after the reload's own look.
+# the old routes just before the swap (the listener's receiving process and the watch-and-ingest
+# process get the new ones a moment later) may be queued for one after the reload's own look.
 _ORPHANS_AGAIN = 2.0
 
 
@@ -63,7 +63,7 @@ class ServiceLoop:
     listener: Listener | None
     queue: Queue
     finisher: Finisher
-    watcher: Watcher
+    watcher: IngestProcess
     _stop: threading.Event
     _reload: bool
     _signals: SignalWaiter | None
@@ -111,6 +111,8 @@ class ServiceLoop:
             for sig in self._signals.wait(_TICK):
                 if sig == signal.SIGHUP:
                     self._reload = True
+                elif sig == signal.SIGUSR1:
+                    self.watcher.dump_threads()  # this process's stacks are written already
                 else:
                     self._stop.set()
             if self._stop.is_set():
@@ -161,8 +163,8 @@ class ServiceLoop:
         problems = []
         if not self.watcher.healthy:
             problems.append(
-                "the watcher of incoming is not running (a watch thread died, or the folder "
-                "was removed)"
+                "the watcher of incoming is not running (its process died and is being "
+                "restarted, a watch thread died, or the folder was removed)"
             )
         if not self.finisher.healthy:
             problems.append("the finisher thread died (its traceback is logged above)")
@@ -180,11 +182,14 @@ class ServiceLoop:
         for proof in (self.commitment, self.verifier):
             if proof is not None:
                 proof.request_stop()
+        # First: nothing new is taken. The watch-and-ingest process stops while the listener
+        # drains; what the listener answered Success for is already queued.
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.request_stop()
         if self.listener is not None:
-            # First: nothing new is accepted, and what is answered Success is already queued.
             self.listener.stop(_LISTEN_DRAIN)
             self.listener = None
-        watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()
         for w in self._workers.values():

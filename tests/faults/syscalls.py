@@ -1,7 +1,8 @@
 """Trace the durability-relevant system calls of a running daemon with strace.
 
 ``with trace(pid, path) as t: ...`` attaches ``strace -f -y -xx`` to every thread of ``pid``
-(renames, fsyncs, opens, and writes to the queue's WAL), and on exit detaches (SIGINT to
+and of its child processes (the daemon's watch-and-ingest process: :func:`family`) (renames,
+fsyncs, opens, and writes to the queue's WAL), and on exit detaches (SIGINT to
 strace's own PID) and parses the log into :class:`Call` records in the order they started. ``-y``
 prints the path behind every file descriptor, so ``fsync(7</spool/done>)`` says which folder was
 synced.
@@ -79,10 +80,28 @@ def _data(name: str, rest: str) -> bytes:
     return _unhex(m.group(1)) if m else b""
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its child processes (read from /proc): the daemon and the processes it
+    started, which write the same queue and folders."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            pids.append(int(entry))
+    return pids
+
+
 @contextmanager
 def trace(pid: int, log: Path) -> Iterator[Trace]:
-    """strace every thread of ``pid`` while the block runs; parse the calls afterwards."""
+    """strace every thread of ``pid`` and of its children while the block runs; parse the
+    calls afterwards."""
     assert STRACE is not None
+    pids = family(pid)
     proc = subprocess.Popen(
         [
             STRACE,
@@ -96,15 +115,15 @@ def trace(pid: int, log: Path) -> Iterator[Trace]:
             "trace=openat,rename,renameat,renameat2,fsync,fdatasync,pwrite64",
             "-o",
             str(log),
-            "-p",
-            str(pid),
+            *(arg for p in pids for arg in ("-p", str(p))),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     t = Trace(log)
     try:
-        _wait_attached(pid, proc)
+        for p in pids:
+            _wait_attached(p, proc)
         yield t
     finally:
         if proc.poll() is None:

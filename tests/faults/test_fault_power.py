@@ -28,7 +28,7 @@ from conftest import wait_until
 from daemon import Daemon, destination
 from invariants import clone_files, open_readonly, queue_problems, snapshot
 from peers import Received, ScriptedSCP
-from syscalls import STRACE, Call, trace
+from syscalls import STRACE, Call, family, trace
 
 from forwarder.queue import Queue
 
@@ -40,17 +40,21 @@ IMPLICIT = "1.2.840.10008.1.2"
 
 
 def frozen_copy(pid: int, db: Path, target: Path) -> Path:
-    """Copy the queue (WAL first, then the database) while the daemon is stopped: a snapshot
-    of exactly what a crash at this instant leaves on disk."""
+    """Copy the queue (WAL first, then the database) while the daemon is stopped (with its
+    watch-and-ingest process, which writes the queue too): a snapshot of exactly what a crash
+    at this instant leaves on disk."""
     target.mkdir(parents=True)
-    os.kill(pid, signal.SIGSTOP)
+    pids = family(pid)
+    for p in pids:
+        os.kill(p, signal.SIGSTOP)
     try:
         wal = Path(f"{db}-wal")
         if wal.exists():
             shutil.copyfile(wal, target / f"{db.name}-wal")
         shutil.copyfile(db, target / db.name)
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
     return target / db.name
 
 

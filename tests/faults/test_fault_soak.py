@@ -131,15 +131,15 @@ def run_soak(tmp_path: Path, total: int, wave: int, flap_period: float, timeout:
                         for p in root.glob("queue.sqlite*")
                         if p.name.endswith(("sqlite", "-wal"))
                     )
-                    samples.append(
-                        Sample(
-                            time.monotonic(),
-                            len(d.done_files()),
-                            proc.memory_info().rss,
-                            proc.num_fds(),
-                            db,
-                        )
-                    )
+                    # The daemon with its watch-and-ingest process (which holds what ingest
+                    # keeps, and the files it fsyncs open).
+                    rss, fds = proc.memory_info().rss, proc.num_fds()
+                    for child in proc.children():
+                        try:
+                            rss, fds = rss + child.memory_info().rss, fds + child.num_fds()
+                        except psutil.Error:
+                            continue
+                    samples.append(Sample(time.monotonic(), len(d.done_files()), rss, fds, db))
 
                 deadline = time.monotonic() + timeout
                 waves = 0

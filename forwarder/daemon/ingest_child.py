@@ -1,0 +1,210 @@
+"""The daemon's watch-and-ingest process: the watch folder taken on a core of its own.
+
+Started by :class:`forwarder.daemon.ingest_process.IngestProcess` as
+``python -m forwarder.daemon.ingest_child PEER_FD DAEMON_PID``. It runs what the daemon ran on
+its own threads before: the :class:`~forwarder.daemon.watcher.Watcher` of ``incoming`` and an
+:class:`~forwarder.daemon.ingest.Ingest` (the same check, fsync before the commit, routing and
+rejections), on a connection of its own to the queue (never created or migrated from here, as
+:mod:`forwarder.daemon.listen_queue`). Why a process: on a backlog of small files the daemon was
+bound by one core, its interpreter lock shared by the senders and the ingest.
+
+Over the peer socket (:mod:`forwarder.daemon.listen_wire`), all notifications:
+
+- from the daemon: ``init`` (folders, queue, watch settings, router), ``routing`` (a reload's
+  router), ``forget`` (paths the finisher moved out of incoming: queued again when a file of
+  that name comes back), ``rescan``, ``stop``;
+- to the daemon: ``ready`` once watching (or ``failed`` with the reason, then exit),
+  ``ingested`` (counts for the daemon's metrics, and whether something was queued: the
+  daemon wakes its senders; one message per queued chunk and per batch handed on),
+  ``health`` when the watcher's health changes.
+
+The process dies with the daemon (``PR_SET_PDEATHSIG``); what it had checked but not committed
+is found again by the next start's scan. SIGTERM, SIGINT and SIGHUP are ignored: the daemon
+(to which systemd and a terminal send them too) stops this process itself. SIGUSR1 writes every
+thread's stack to the log, as in the daemon.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from forwarder.daemon.ingest import Ingest
+from forwarder.daemon.listen_wire import Peer, PeerGone, die_with
+from forwarder.daemon.spool import Spool
+from forwarder.daemon.watch_settle import ReadyFile
+from forwarder.daemon.watcher import Watcher
+from forwarder.errors import ForwarderError
+from forwarder.queue import Queue
+
+logger = logging.getLogger("forwarder.daemon.ingest_child")
+
+_INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
+_LOOK_EVERY = 1.0  # seconds between looks at the watcher's health
+
+
+class Counts:
+    """Ingest's metrics here: counted, then sent to the daemon in one message (see
+    :meth:`flush`). Used on the watcher's settle thread (Ingest's one caller here)."""
+
+    def __init__(self, peer: Peer) -> None:
+        self._peer = peer
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[bool, str], int] = {}
+        self._queued = False
+
+    def ingested(self, accepted: bool, reason: str = "") -> None:
+        key = (accepted, reason)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+
+    def enqueued(self) -> None:
+        """Ingest queued a chunk: the daemon's senders are woken now."""
+        with self._lock:
+            self._queued = True
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            queued, self._queued = self._queued, False
+        if counts or queued:
+            try:
+                self._peer.send("ingested", counts, queued)
+            except PeerGone:
+                pass  # the daemon is going away, and this process with it
+
+
+class Child:
+    """The watcher and Ingest, answering the daemon's messages."""
+
+    def __init__(self, peer: Peer, init: dict[str, Any]) -> None:
+        self.peer = peer
+        peer.handle = self._handle
+        self.counts = Counts(peer)
+        self.queue = Queue(init["queue"], create=False, migrate=False)
+        incoming = Path(init["incoming"])
+        spool = Spool(incoming, Path(init["done"]), Path(init["failed"]))
+        self.ingest = Ingest(
+            spool,
+            self.queue,
+            init["router"],
+            on_enqueued=self.counts.enqueued,
+            metrics=self.counts,
+            log_phi=init["log_phi"],
+        )
+        watch = init["watch"]
+        self.watcher = Watcher(
+            incoming,
+            self._on_ready,
+            settle=watch["settle"],
+            polling=watch["polling"],
+            rescan_interval=watch["rescan_interval"],
+            is_known=self.ingest.is_known,
+        )
+        self._stop = threading.Event()
+        self._healthy = True
+        self._known = -1  # Ingest's known paths when last said (in the DEBUG log)
+        self._next_look = 0.0
+
+    def run(self) -> int:
+        """Watch until the daemon says stop (or goes away); the exit status."""
+        try:
+            self.watcher.start()
+        except ForwarderError as exc:
+            self.peer.send("failed", str(exc))
+            return 1
+        reader = threading.Thread(target=self._serve, name="ingest-peer", daemon=True)
+        reader.start()
+        self.peer.send("ready")
+        self._stop.wait()
+        self.watcher.stop()
+        self.counts.flush()
+        logger.info(
+            "watch: stopped; %d file(s) it queued are not finished yet", self.ingest.known_count
+        )
+        self.queue.close()
+        return 0
+
+    def _on_ready(self, files: list[ReadyFile]) -> None:
+        try:
+            self.ingest(files)
+        finally:
+            self.counts.flush()  # the rejections of a batch with nothing queued
+
+    def _serve(self) -> None:
+        try:
+            self.peer.serve(idle=_LOOK_EVERY, on_idle=self._look)
+        finally:
+            self._stop.set()  # the daemon is gone (PR_SET_PDEATHSIG kills us soon anyway)
+
+    def _look(self) -> None:
+        """Tell the daemon when the watcher's health changes."""
+        self._next_look = time.monotonic() + _LOOK_EVERY
+        healthy = self.watcher.healthy
+        if healthy != self._healthy and not self._stop.is_set():
+            self._healthy = healthy
+            self.peer.send("health", healthy)
+        known = self.ingest.known_count
+        if known != self._known:
+            self._known = known
+            logger.debug("watch: %d file(s) queued from incoming, not finished yet", known)
+
+    def _handle(self, kind: str, args: tuple[Any, ...]) -> None:
+        if kind == "forget":
+            self._forget(args[0])
+        elif kind == "routing":
+            self.ingest.set_router(args[0])
+        elif kind == "rescan":
+            self.watcher.rescan()
+        elif kind == "stop":
+            self._stop.set()
+        if time.monotonic() >= self._next_look:  # busy: no idle second to look in
+            self._look()
+
+    def _forget(self, paths: Sequence[str]) -> None:
+        """The finisher moved ``paths`` out of incoming. A file of the same name already back
+        may have been seen while its name was still known (and taken for a replacement of
+        the queued one): a rescan offers it again."""
+        self.ingest.forget(paths)
+        if any(os.path.lexists(p) for p in paths):
+            self.watcher.rescan()
+
+
+def main(argv: list[str]) -> int:
+    peer_fd, parent = (int(a) for a in argv)
+    die_with(parent)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    faulthandler.enable(all_threads=True)
+    # Every thread's stack on stderr, as the daemon's (which passes its SIGUSR1 on).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    peer = Peer(socket.socket(fileno=peer_fd))
+    kind, _call, init = peer.receive(_INIT_TIMEOUT)
+    if kind != "init":
+        return 1
+    from forwarder.logsetup import configure_daemon_logging
+
+    configure_daemon_logging(init["log_level"])
+    try:
+        child = Child(peer, init)
+    except ForwarderError as exc:  # the queue cannot be opened: the daemon says why
+        peer.send("failed", str(exc))
+        return 1
+    except Exception as exc:  # a bug
+        peer.send("failed", f"{type(exc).__name__}: {exc}")
+        return 1
+    return child.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

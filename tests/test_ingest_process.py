@@ -1,0 +1,233 @@
+"""The daemon's watch-and-ingest process (forwarder/daemon/ingest_process.py, ingest_child.py),
+tested on a real ``forwarder run``: its life with the daemon's, its restart after a kill -9,
+the forgets, routes and counts that cross between the two processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+from conftest import wait_until
+from daemon import Daemon, destination, route, uids
+from peers import ScriptedSCP, free_port
+
+CHILD_MODULE = "forwarder.daemon.ingest_child"
+DIED = re.compile(r"watch: the watch-and-ingest process \(PID (\d+)\) died \(signal 9\)")
+UNHEALTHY = "not feeding systemd's watchdog: the watcher of incoming is not running"
+AGAIN = "watch: watching incoming again"
+KNOWN = re.compile(r"watch: (\d+) file\(s\) queued from incoming, not finished yet")
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of ``pid``'s watch-and-ingest processes (read from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid and CHILD_MODULE.encode() in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_path: Path) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            log = d.log_text(current_run=True)
+            assert log.index(f"watching {d.incoming} (inotify)") < log.index("forwarder running")
+            (child,) = children(d.pid)
+            d.signal(signal.SIGUSR1)  # passed on: the process writes its stacks, and goes on
+            wait_until(lambda: "ingest_child.py" in d.log_text(), 10, what="the process's stacks")
+            dropped = d.drop_files(3)
+            d.wait_done(3)
+            assert scp.uids() == uids(dropped)
+            assert children(d.pid) == [child]
+            assert d.stop() == 0
+            # SIGTERM: the process stopped taking files before the daemon said it stopped.
+            log = d.log_text(current_run=True)
+            assert log.index("watch: stopped") < log.rindex("stopped\n")
+            assert not alive(child)
+            d.start()
+            (child,) = children(d.pid)
+            d.kill()  # kill -9 of the daemon: its process goes with it (PR_SET_PDEATHSIG)
+            wait_until(lambda: not alive(child), 10, what="the process to die with the daemon")
+
+
+def test_sigterm_stops_taking_files_before_the_senders_drain(tmp_path: Path) -> None:
+    with ScriptedSCP(delay=2.0) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            sent = d.drop("sent.dcm")
+            d.wait_status(lambda s: s["pacs"]["in_flight"] == 1, what="the file in flight")
+            d.signal(signal.SIGTERM)
+            d.wait_log("watch: stopped", what="the process to stop")
+            late = d.drop("late.dcm")  # while the sender still waits for its answer
+            assert d.wait_exit(30) == 0
+            log = d.log_text(current_run=True)
+            assert log.index("watch: stopped") < log.index("sent.dcm -> pacs: stored")
+            assert scp.uids() == uids([sent])
+            assert d.incoming_files() == ["late.dcm"]  # not taken: it waits for the next start
+            d.start()
+            d.wait_done(2)
+            assert scp.uids() == uids([sent, late])
+            assert d.stop() == 0
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def test_a_killed_process_is_logged_restarted_and_loses_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            extra={"metrics": {"listen": f"127.0.0.1:{port}"}},
+        )
+        with d:
+            first = d.drop_files(4, prefix="before")
+            d.wait_done(4)
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGKILL)
+            meanwhile = d.drop_files(6, prefix="meanwhile")
+            d.wait_log(DIED.pattern, regex=True, what="the death logged")
+            (line,) = [s for s in d.log_text(current_run=True).splitlines() if DIED.search(s)]
+            assert " ERROR " in line and f"(PID {child})" in line
+            d.wait_log(UNHEALTHY, what="the watcher reported unhealthy")
+            d.wait_log(AGAIN, what="the restart")
+            d.wait_done(10)
+            assert children(d.pid) != [child]
+            # Each file once: the restarted process knew what was already queued.
+            assert scp.uids() == uids(first + meanwhile)
+            assert len(scp.received) == 10
+            d.wait_log("healthy again", what="healthy again")
+            text = scrape(port)
+            assert "forwarder_ingest_process_restarts_total 1.0" in text
+            assert "forwarder_ingest_accepted_total 10.0" in text
+            assert d.stop() == 0
+
+
+def test_killed_during_a_backlog_each_file_is_queued_once(tmp_path: Path) -> None:
+    """Killed while it takes a 400-file backlog in (files checked and fsynced, perhaps not
+    committed): the next one queues the rest, and none twice."""
+    with ScriptedSCP(delay=0.005) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+        dropped = staged.drop_files(400, rows=16, columns=16)
+        with d:
+            os.rename(staged.incoming, d.incoming / "backlog")  # all at once
+            wait_until(lambda: scp.received, 30, what="the first file at the peer")
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGKILL)
+            d.wait_log(AGAIN, what="the restart")
+            d.wait_done(400, timeout=120)
+            assert scp.uids() == uids(dropped)
+            assert len(scp.received) == 400  # none queued (so sent) twice
+            status = d.status_json()["destinations"]["pacs"]
+            assert (status["done"], status["pending"], status["in_flight"]) == (400, 0, 0)
+            assert d.stop() == 0
+
+
+def test_a_name_dropped_again_after_its_first_copy_is_done_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)], log_level="DEBUG")
+        with d:
+            one = d.drop("same.dcm", seed=1)
+            d.wait_done(1)
+            two = d.drop("same.dcm", seed=2)
+            d.wait_done(2)
+            assert scp.uids() == uids([one, two])
+            others = d.drop_files(5)
+            d.wait_done(7)
+            assert scp.uids() == uids([one, two, *others])
+
+            def nothing_known() -> bool:
+                said = KNOWN.findall(d.log_text(current_run=True))
+                return bool(said) and said[-1] == "0"
+
+            # The process's set of queued paths is empty again once everything is finished
+            # (without the finisher's forgets it would keep all 7).
+            wait_until(nothing_known, 15, what="the process to know no queued file")
+            assert d.stop() == 0
+
+
+def test_a_reload_routes_the_files_dropped_after_it_with_the_new_routes(tmp_path: Path) -> None:
+    with ScriptedSCP(ae_title="A") as a, ScriptedSCP(ae_title="B") as b:
+        dests = [destination("a", a.port, ae_title="A"), destination("b", b.port, ae_title="B")]
+        d = Daemon(tmp_path, destinations=dests, routes=[route("ct", ["a"], Modality="CT")])
+        with d:
+            before = d.drop_files(2, prefix="before", modality="CT")
+            d.wait_done(2)
+            d.write_config(routes=[route("ct", ["b"], Modality="CT")])
+            d.reload()
+            after = d.drop_files(3, prefix="after", modality="CT")
+            d.wait_done(5)
+            assert a.uids() == uids(before)
+            assert b.uids() == uids(after)
+            assert d.stop() == 0
+
+
+def test_the_process_counts_reach_the_daemons_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            routes=[route("ct", ["pacs"], Modality="CT")],
+            extra={"metrics": {"listen": f"127.0.0.1:{port}"}},
+        )
+        with d:
+            d.drop_files(3, modality="CT")
+            d.drop("mr.dcm", modality="MR")  # no route
+            d.drop_bytes("junk.dcm", b"not DICOM at all")
+            bad = os.fsencode(d.incoming) + b"/bad\xff.dcm"
+            tmp = os.fsencode(d.incoming) + b"/.bad.tmp"
+            Path(os.fsdecode(tmp)).write_bytes(b"x")
+            os.rename(tmp, bad)  # a name that is not UTF-8
+            d.wait_done(3)
+            d.wait_failed(3)
+
+            wanted = [
+                "forwarder_ingest_accepted_total 3.0",
+                'forwarder_ingest_rejected_total{reason="no_route"} 1.0',
+                'forwarder_ingest_rejected_total{reason="not_dicom"} 1.0',
+                'forwarder_ingest_rejected_total{reason="bad_name"} 1.0',
+            ]
+            wait_until(lambda: all(w in scrape(port) for w in wanted), 10, what="the counts")
+            assert d.stop() == 0
+
+
+def test_polling_and_rescans_work_in_the_process(tmp_path: Path) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            watch={"polling": True, "rescan_interval": "1s"},
+        )
+        with d:
+            assert "(polling), settle 0.20s, full rescan every 1s" in d.log_text(current_run=True)
+            dropped = d.drop_files(4)
+            d.wait_done(4)
+            assert scp.uids() == uids(dropped)
+            assert d.stop() == 0
