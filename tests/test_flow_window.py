@@ -128,6 +128,24 @@ def test_the_gate_decides_against_an_injected_clock(tmp_path: Path) -> None:
         assert paused.decide().state == "paused"
 
 
+def test_a_claim_always_sees_a_pause_a_file_between_two_files_within_the_poll(
+    tmp_path: Path,
+) -> None:
+    """``forwarder pause`` then a file queued at once: the next claim must not take it (the
+    pause is read afresh before each claim), while between two files of a batch the pause is
+    read at most every PAUSE_POLL (a query a file otherwise)."""
+    clock = [100.0]
+    with Queue(tmp_path / "q.sqlite") as q:
+        gate = FlowGate("pacs", q, clock=lambda: clock[0])
+        assert gate.decide().claim and gate.may_send(1)  # read at 100.0: not paused
+        q.pause("pacs")
+        assert gate.may_send(1)  # between two files: the read of 100.0 stands for PAUSE_POLL
+        assert gate.decide().state == "paused"  # before a claim: read again, at once
+        assert not gate.may_send(1)
+        q.resume("pacs")
+        assert gate.decide().claim
+
+
 def _window_excluding_now() -> str:
     """A whole day two days from now (never today, nor tomorrow's first minutes)."""
     return DAYS[(datetime.now().weekday() + 2) % 7].capitalize()

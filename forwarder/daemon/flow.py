@@ -80,11 +80,12 @@ class FlowGate:
         self._read_at = -1e9
         self._claims = 0  # claims made, for the FAIR_EVERY share
 
-    def paused(self) -> bool:
-        """Whether an operator paused it (read again after ``PAUSE_POLL`` seconds)."""
+    def paused(self, *, fresh: bool = False) -> bool:
+        """Whether an operator paused it (read again after ``PAUSE_POLL`` seconds, or now when
+        ``fresh``: before a claim, so that files queued after a pause are never claimed)."""
         now = self._clock()
         with self._lock:
-            if now - self._read_at < PAUSE_POLL:
+            if not fresh and now - self._read_at < PAUSE_POLL:
                 return self._paused
             self._read_at = now
         try:
@@ -102,12 +103,15 @@ class FlowGate:
             return True  # no clock read: this is asked before every file
         return window_open(self.windows, self._local_now())
 
-    def decide(self) -> Decision:
+    def decide(self, *, fresh: bool = True) -> Decision:
         """What the workers may claim now: nothing when paused; outside the window every
         file at ``outside_window_rate`` if set (urgent files at ``max_rate`` with
         ``urgent_bypasses_window``), else urgent files only (``urgent_bypasses_window``), else
-        nothing; inside it, every file at ``max_rate``."""
-        if self.paused():
+        nothing; inside it, every file at ``max_rate``. The pause is read from the queue each
+        time (once a claim, one indexed read of a small table): a file queued after
+        ``forwarder pause`` returned is never claimed (between files, ``may_send`` reads it at
+        most every ``PAUSE_POLL``)."""
+        if self.paused(fresh=fresh):
             return Decision(claim=False, state="paused")
         if self.in_window():
             return Decision(claim=True, rate=self.max_rate)
@@ -130,7 +134,7 @@ class FlowGate:
         closing) takes effect between two files, not only between two batches."""
         if not self.windows:  # the common case, before every file: no Decision built
             return not self.paused()
-        decision = self.decide()
+        decision = self.decide(fresh=False)
         return decision.claim and priority <= decision.max_rank
 
     def fair_turn(self) -> bool:
