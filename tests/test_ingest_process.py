@@ -231,3 +231,114 @@ def test_polling_and_rescans_work_in_the_process(tmp_path: Path) -> None:
             d.wait_done(4)
             assert scp.uids() == uids(dropped)
             assert d.stop() == 0
+
+
+STUCK = "watch: the watch-and-ingest process (PID {}) does not read its messages"
+SILENT = re.compile(r"watch: the watch-and-ingest process \(PID (\d+)\) has said nothing for")
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped (state T)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+    wait_until(stopped, 10, what=f"process {pid} stopped")
+
+
+def test_a_process_that_stops_reading_is_killed_and_the_finisher_goes_on(
+    tmp_path: Path,
+) -> None:
+    """The watch-and-ingest process stopped (SIGSTOP, as a hung mount would) while the daemon
+    finishes what it queued: the finisher's forgets fill the socket; the daemon's send gives
+    up, kills the process and starts another, and every file ends in done/ once."""
+    count = 1500
+    with ScriptedSCP(delay=0.002) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+        # Long names: each forget carries ~430 bytes a file, 1500 fill the socket many times.
+        dropped = staged.drop_files(count, folder="y" * 200, rows=8, columns=8)
+        with d:
+            (child,) = children(d.pid)
+            os.rename(staged.incoming, d.incoming / ("x" * 200))  # all at once
+
+            def all_queued() -> bool:
+                s = d.status_json()["destinations"]["pacs"]
+                return int(s["done"] + s["pending"] + s["in_flight"]) == count
+
+            wait_until(all_queued, 60, what="every file queued")
+            stop_process(child)
+            d.wait_log(STUCK.format(child), timeout=60, what="the send to give up")
+            d.wait_log(AGAIN, timeout=30, what="the restart")
+            d.wait_done(count, timeout=120)
+            assert scp.uids() == uids(dropped)
+            assert len(scp.received) == count  # none sent twice
+            assert not alive(child)
+            assert d.stop() == 0
+
+
+def test_a_silent_process_is_unhealthy_then_killed_and_restarted(tmp_path: Path) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            first = d.drop_files(2, prefix="before")
+            d.wait_done(2)
+            (child,) = children(d.pid)
+            stop_process(child)  # alive, but says nothing and takes nothing
+            meanwhile = d.drop_files(3, prefix="meanwhile")
+            d.wait_log(UNHEALTHY, timeout=30, what="the silent process reported unhealthy")
+            d.wait_log(SILENT.pattern, regex=True, timeout=60, what="the kill")
+            d.wait_log(AGAIN, timeout=30, what="the restart")
+            d.wait_done(5)
+            assert scp.uids() == uids(first + meanwhile)
+            assert children(d.pid) != [child]
+            assert d.stop() == 0
+
+
+def test_sigterm_with_the_process_stopped_exits_promptly(tmp_path: Path) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            (child,) = children(d.pid)
+            stop_process(child)
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit(30) == 0
+            assert "did not stop; killing it" in d.log_text(current_run=True)
+            assert not alive(child)
+
+
+SLOW_START = """\
+import time
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    Path(__file__).with_name("child-started").write_text("")
+    time.sleep(120)  # a start that hangs (a queue on a hung mount)
+"""
+
+
+def test_sigterm_while_the_process_is_slow_to_start_is_not_held_up(tmp_path: Path) -> None:
+    """The daemon waits up to a minute for its watch-and-ingest process to start; a SIGTERM
+    meanwhile stops the start-up at once (the process is killed), with exit status 0."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_START)
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"PYTHONPATH": str(site)},
+        )
+        d.start(wait_ready=False)
+        try:
+            wait_until((site / "child-started").exists, 30, what="the child to start")
+            (child,) = children(d.pid)
+            d.signal(signal.SIGTERM)
+            assert d.wait_exit(15) == 0
+            log = d.log_text(current_run=True)
+            assert "forwarder: stopped during start-up" in log
+            assert "forwarder running" not in log
+            wait_until(lambda: not alive(child), 10, what="the slow child killed")
+        finally:
+            d.close()

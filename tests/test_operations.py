@@ -43,7 +43,7 @@ def test_a_watchdog_abort_leaves_a_thread_dump(tmp_path: Path) -> None:
         assert "Fatal Python error: Aborted" in log
         # The daemon's threads: the senders, and the one serving the watch-and-ingest process
         # (whose watcher threads are its own; the watchdog is fed by the daemon's main loop).
-        assert "worker.py" in log and "ingest_process.py" in log
+        assert "worker.py" in log and "child_process.py" in log
 
 
 def _start_with_read_only(d: Daemon, read_only: Path) -> tuple[int, str]:

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from forwarder.daemon.child_process import HEALTH_EVERY
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with
 from forwarder.daemon.spool import Spool
@@ -49,7 +50,7 @@ from forwarder.queue import Queue
 logger = logging.getLogger("forwarder.daemon.ingest_child")
 
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
-_LOOK_EVERY = 1.0  # seconds between looks at the watcher's health
+_STUCK = 90.0  # seconds the watcher's settle loop may take for one turn (under WatchdogSec)
 
 
 class Counts:
@@ -112,21 +113,24 @@ class Child:
             is_known=self.ingest.is_known,
         )
         self._stop = threading.Event()
-        self._healthy = True
         self._known = -1  # Ingest's known paths when last said (in the DEBUG log)
         self._next_look = 0.0
+        self._stuck = False  # the settle loop has not come round for _STUCK seconds
 
     def run(self) -> int:
         """Watch until the daemon says stop (or goes away); the exit status."""
+        # The daemon's messages are read from now on: a stop sent while the watcher starts is
+        # seen before its first scan has gone far.
+        reader = threading.Thread(target=self._serve, name="ingest-peer", daemon=True)
+        reader.start()
         try:
             self.watcher.start()
         except ForwarderError as exc:
             self.peer.send("failed", str(exc))
             return 1
-        reader = threading.Thread(target=self._serve, name="ingest-peer", daemon=True)
-        reader.start()
-        self.peer.send("ready")
-        self._stop.wait()
+        if not self._stop.is_set():
+            self.peer.send("ready")
+            self._stop.wait()
         self.watcher.stop()
         self.counts.flush()
         logger.info(
@@ -143,16 +147,24 @@ class Child:
 
     def _serve(self) -> None:
         try:
-            self.peer.serve(idle=_LOOK_EVERY, on_idle=self._look)
+            self.peer.serve(idle=HEALTH_EVERY, on_idle=self._look)
         finally:
             self._stop.set()  # the daemon is gone (PR_SET_PDEATHSIG kills us soon anyway)
 
     def _look(self) -> None:
-        """Tell the daemon when the watcher's health changes."""
-        self._next_look = time.monotonic() + _LOOK_EVERY
-        healthy = self.watcher.healthy
-        if healthy != self._healthy and not self._stop.is_set():
-            self._healthy = healthy
+        """The watcher's health, each second: the daemon's sign that this process is alive
+        (silent, it is taken for stopped or hung). A settle loop that has not come round for
+        :data:`_STUCK` seconds (a hung mount, a stuck fsync) is unhealthy too."""
+        self._next_look = time.monotonic() + HEALTH_EVERY
+        stuck = self.watcher.stuck_for
+        healthy = self.watcher.healthy and stuck < _STUCK
+        if (stuck >= _STUCK) != self._stuck:
+            self._stuck = stuck >= _STUCK
+            if self._stuck:
+                logger.error("watch: taking files from incoming is stuck (%.0f s)", stuck)
+            else:
+                logger.warning("watch: taking files from incoming again")
+        if not self._stop.is_set():
             self.peer.send("health", healthy)
         known = self.ingest.known_count
         if known != self._known:

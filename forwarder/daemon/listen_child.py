@@ -1,7 +1,7 @@
 """The daemon's receiving process: the Storage SCP engine of ``listen:`` on its own core.
 
 Started by :class:`forwarder.daemon.listen_process.ListenProcess` as
-``python -m forwarder.daemon.listen_child LISTEN_FD PEER_FD CARRIER_FD DAEMON_PID``: the
+``python -m forwarder.daemon.listen_child PEER_FD LISTEN_FD CARRIER_FD DAEMON_PID``: the
 listening socket is the daemon's (so the port stays open while this process is restarted), the
 peer socket carries the calls of :mod:`forwarder.daemon.listen_wire` that are not an
 association's, and the carrier passes the daemon one channel per association (its calls go
@@ -28,11 +28,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from forwarder.config import ListenConfig
 from forwarder.crashpoints import crash_point
+from forwarder.daemon.child_process import HEALTH_EVERY
 from forwarder.daemon.listen_queue import DirectQueue, Routing
 from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with, pass_channel
@@ -51,7 +53,6 @@ logger = logging.getLogger("forwarder.daemon.listen")
 
 _QUEUE_TIMEOUT = 120.0  # seconds the daemon may take to queue one object (its queue is locked)
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
-_HEALTH_EVERY = 1.0  # seconds between looks at the accept thread's health when idle
 
 
 class RemoteSink:
@@ -126,7 +127,7 @@ class Child:
         self.placement = Placement(folder, space, self._refused)
         self._stop = threading.Event()
         self._drain = 0.0
-        self._healthy = True
+        self._next_look = 0.0
 
         from forwarder.daemon.listener import receiver_settings
         from forwarder.net.receiver import Receiver
@@ -163,16 +164,18 @@ class Child:
         return 0
 
     def _serve(self) -> None:
-        self.peer.serve(idle=_HEALTH_EVERY, on_idle=self._look)
+        self.peer.serve(idle=HEALTH_EVERY, on_idle=self._look)
         self._stop.set()  # the daemon is gone (PR_SET_PDEATHSIG kills us soon anyway)
 
     def _look(self) -> None:
-        healthy = self.receiver.healthy
-        if healthy != self._healthy:
-            self._healthy = healthy
-            self.peer.send("health", healthy)
+        """The accept thread's health, each second: the daemon's sign that this process is
+        alive (silent, it is taken for stopped or hung)."""
+        self._next_look = time.monotonic() + HEALTH_EVERY
+        self.peer.send("health", self.receiver.healthy)
 
     def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+        if time.monotonic() >= self._next_look:  # busy: no idle second to look in
+            self._look()
         if kind == "routing":
             self.routing = args[0]
         elif kind == "stop_accepting":
@@ -243,7 +246,7 @@ class Child:
 
 
 def main(argv: list[str]) -> int:
-    listen_fd, peer_fd, carrier_fd, parent = (int(a) for a in argv)
+    peer_fd, listen_fd, carrier_fd, parent = (int(a) for a in argv)
     die_with(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

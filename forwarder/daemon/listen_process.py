@@ -20,13 +20,9 @@ daemon leaves nothing holding the port.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.config import ListenConfig
+from forwarder.daemon.child_process import ChildProcess, exit_text
 from forwarder.daemon.listen_queue import Routing
 from forwarder.daemon.listen_sink import ListenSink
-from forwarder.daemon.listen_wire import Peer, PeerGone, child_env, take_channels
+from forwarder.daemon.listen_wire import Peer, PeerGone, take_channels
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.commitment import STATUS_PROCESSING_FAILURE, Reference
@@ -46,16 +43,18 @@ from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Origin, ReceivedOb
 
 logger = logging.getLogger(__name__)
 
-_START_TIMEOUT = 60.0  # seconds for the process to import, load TLS and say ready
 _CALL_TIMEOUT = 30.0  # seconds for it to answer stop_accepting
 _STOP_GRACE = 10.0  # seconds past the drain before it is killed
-_RESTART_DELAYS = (0.0, 1.0, 2.0, 5.0, 10.0)  # after its 1st, 2nd... death in a row
-_STEADY = 60.0  # seconds up after which a death counts as the first again
 
 
-class ListenProcess:
+class ListenProcess(ChildProcess):
     """The engine in a process of its own; :meth:`start`, then :meth:`stop_accepting` and
     :meth:`stop`. ``recover`` runs before each restart (not before the first start)."""
+
+    module = "forwarder.daemon.listen_child"
+    area = "listen"
+    what = "the receiving process"
+    restart_delays = (0.0, 1.0, 2.0, 5.0, 10.0)
 
     def __init__(
         self,
@@ -71,6 +70,7 @@ class ListenProcess:
         on_object: Callable[[str], None],
         log_level: str,
     ) -> None:
+        super().__init__()
         self._listen = listen
         self._ae_title = ae_title
         self._incoming = incoming
@@ -82,19 +82,10 @@ class ListenProcess:
         self._on_object = on_object
         self._log_level = log_level
         self._socket: socket.socket | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._peer: Peer | None = None
-        self._ready = threading.Event()  # the first process is up, or failed to start
-        self._ever_up = False  # a process said ready (so a death after is restarted)
-        self._failed: str | None = None  # why the last process failed to start
-        self._healthy = False
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._carrier: socket.socket | None = None  # this spawn's, until its thread takes it
         self._sent: Routing | None = None
         self._generation = 0
         self._told = 0  # the generation the running process was given
-        self._lock = threading.Lock()
-        self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
         self._threads: list[threading.Thread] = []  # those serving the process's channels
 
     @property
@@ -103,35 +94,19 @@ class ListenProcess:
             raise RuntimeError("the listener is not started")
         return int(self._socket.getsockname()[1])
 
-    @property
-    def pid(self) -> int | None:
-        """The receiving process's PID (None while it is being restarted)."""
-        process = self._process
-        return None if process is None else process.pid
-
-    @property
-    def healthy(self) -> bool:
-        """The process runs and accepts connections."""
-        process = self._process
-        return self._healthy and process is not None and process.poll() is None
-
-    def start(self) -> None:
+    def start(self, cancelled: Callable[[], bool] | None = None) -> bool:
         """Bind the port and start the process; raises :class:`ForwarderError` when either
-        fails (the process's own reason: TLS material, the folder)."""
+        fails (the process's own reason: TLS material, the folder). False when ``cancelled()``
+        turned true first."""
         self._socket = bind(self._listen.bind, self._listen.port)
         try:
-            peer = self._spawn()
-        except (OSError, subprocess.SubprocessError) as exc:
+            started = super().start(cancelled)
+        except ForwarderError as exc:
             self._socket.close()
-            raise ForwarderError(f"listen: cannot start the receiving process: {exc}") from None
-        self._thread = threading.Thread(
-            target=self._supervise, args=(peer,), name="listen-calls", daemon=True
-        )
-        self._thread.start()
-        if not self._ready.wait(_START_TIMEOUT) or not self._ever_up:
-            reason = self._failed or f"it did not start within {_START_TIMEOUT:.0f} s"
-            self.stop(0.0)
-            raise ForwarderError(f"listen: the receiving process failed: {reason}")
+            raise ForwarderError(f"listen: the receiving process failed: {exc}") from None
+        if not started:
+            self._socket.close()
+        return started
 
     def stop_accepting(self) -> int:
         """Refuse new connections from now on; returns how many associations are open."""
@@ -146,24 +121,10 @@ class ListenProcess:
     def stop(self, drain: float) -> None:
         """Open associations get ``drain`` seconds to end, then the process aborts them and
         exits (killed if it does not within :data:`_STOP_GRACE` more)."""
-        with self._life:  # a restart spawning now has finished: its child is the one told
-            self._stopping.set()
-            peer, process = self._peer, self._process
-        if peer is not None:
-            with contextlib.suppress(PeerGone):
-                peer.send("stop", drain)
-        if process is not None:
-            try:
-                process.wait(drain + _STOP_GRACE)
-            except subprocess.TimeoutExpired:
-                logger.error("listen: the receiving process did not stop; killing it")
-                process.kill()
-                process.wait()
+        self._stop_process(("stop", drain), drain + _STOP_GRACE)
         deadline = time.monotonic() + _STOP_GRACE
         with self._lock:
             threads, self._threads = self._threads, []
-        if self._thread is not None:
-            threads.append(self._thread)
         for thread in threads:  # their channels closed with the process
             thread.join(max(deadline - time.monotonic(), 0.0))
         if self._socket is not None:
@@ -171,32 +132,18 @@ class ListenProcess:
 
     # -- the process -------------------------------------------------------------------------
 
-    def _spawn(self) -> Peer:
+    def _descriptors(self) -> tuple[list[int], list[socket.socket]]:
         assert self._socket is not None
-        ours, theirs = socket.socketpair()
-        carrier, their_carrier = socket.socketpair()
-        env = child_env()
-        fds = (self._socket.fileno(), theirs.fileno(), their_carrier.fileno())
-        try:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "forwarder.daemon.listen_child",
-                    *map(str, fds),
-                    str(os.getpid()),
-                ],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
-        except OSError:
-            ours.close()
-            carrier.close()
-            raise
-        finally:
-            theirs.close()
-            their_carrier.close()
+        if self._carrier is not None:  # the last spawn's: it failed
+            self._carrier.close()
+        carrier, theirs = socket.socketpair()
+        self._carrier = carrier
+        # The listening socket stays open here: the port is bound while the child restarts.
+        return [self._socket.fileno(), theirs.fileno()], [theirs]
+
+    def _spawned(self) -> None:
+        carrier, self._carrier = self._carrier, None
+        assert carrier is not None
         channels = threading.Thread(
             target=self._take_channels, args=(carrier,), name="listen-channels", daemon=True
         )
@@ -204,112 +151,57 @@ class ListenProcess:
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(channels)
-        peer = Peer(ours, self._handle)
-        self._failed = None
+
+    def _init(self, peer: Peer) -> None:
         # Under the lock from the routes read to the peer set: a reload in between would
         # otherwise send its routes to no one (or before init), and this process would route
         # with the old ones until the next reload.
-        with self._lock:
-            routing = self._current_routing()
-            init = {
-                "listen": self._listen,
-                "ae_title": self._ae_title,
-                "incoming": str(self._incoming),
-                "folder": str(self._sink.spool),
-                "routing": routing,
-                "queue": self._sink.queue_path,
-                "spool": self._sink.spool_folders,
-                "reports": self._reports is not None,
-                "log_level": self._log_level,
-            }
-            with contextlib.suppress(PeerGone):
-                peer.send("init", init)
-            self._peer, self._told = peer, routing.generation
-        return peer
+        routing = self._current_routing()
+        init = {
+            "listen": self._listen,
+            "ae_title": self._ae_title,
+            "incoming": str(self._incoming),
+            "folder": str(self._sink.spool),
+            "routing": routing,
+            "queue": self._sink.queue_path,
+            "spool": self._sink.spool_folders,
+            "reports": self._reports is not None,
+            "log_level": self._log_level,
+        }
+        self._send(peer, "init", init)
+        self._told = routing.generation
 
-    def _supervise(self, peer: Peer) -> None:
-        """Answer the process's calls; when it dies, restart it (unless stopping)."""
-        deaths = 0
-        while True:
-            self._peer = peer
-            started = time.monotonic()
-            try:
-                code = self._serve_until_exit(peer)
-            except Exception:  # a bug of ours: the listener must come back all the same
-                logger.exception("listen: serving the receiving process failed")
-                code = self._end_process()
-            if not self._ever_up:  # the first one never started: start() says why
-                self._failed = self._failed or f"it exited with {_exit_text(code)}"
-                self._ready.set()
-                return
-            if self._stopping.is_set():
-                return
-            deaths = 1 if time.monotonic() - started > _STEADY else deaths + 1
-            delay = _RESTART_DELAYS[min(deaths, len(_RESTART_DELAYS)) - 1]
-            later = f" in {delay:.0f} s" if delay else ""
-            if self._failed:  # it said why before exiting: it never served
-                logger.error(
-                    "listen: the receiving process (PID %s) could not start (%s: %s); the port "
-                    "stays open; starting it again%s",
-                    self.pid or "?",
-                    _exit_text(code),
-                    self._failed,
-                    later,
-                )
-            else:
-                logger.error(
-                    "listen: the receiving process (PID %s) died (%s); its open associations "
-                    "are cut, the port stays open; restarting it%s",
-                    self.pid or "?",
-                    _exit_text(code),
-                    later,
-                )
-            if self._stopping.wait(delay):
-                return
-            again = self._restart()
-            if again is None:
-                return
-            peer = again
+    def _before_restart(self) -> None:
+        """Queue what the dead process made durable, then start another."""
+        self._recover()
 
-    def _serve_until_exit(self, peer: Peer) -> int | None:
-        """Answer the process's calls until it closes its end; then its exit status (killed
-        when it closed without exiting: its messages made no sense)."""
-        try:
-            peer.serve()
-        finally:
-            peer.sock.close()
-            self._peer = None
-            self._healthy = False
-        return self._end_process()
-
-    def _end_process(self) -> int | None:
-        process = self._process
-        if process is None:
-            return None
-        try:
-            return process.wait(_STOP_GRACE)
-        except subprocess.TimeoutExpired:
+    def _death(self, code: int | None, delay: float) -> None:
+        later = f" in {delay:.0f} s" if delay else ""
+        if self._failed:  # it said why before exiting: it never served
             logger.error(
-                "listen: the receiving process %d stopped talking; killing it", process.pid
+                "listen: the receiving process (PID %s) could not start (%s: %s); the port "
+                "stays open; starting it again%s",
+                self.pid or "?",
+                exit_text(code),
+                self._failed,
+                later,
             )
-            process.kill()
-            return process.wait()
+        else:
+            logger.error(
+                "listen: the receiving process (PID %s) died (%s); its open associations "
+                "are cut, the port stays open; restarting it%s",
+                self.pid or "?",
+                exit_text(code),
+                later,
+            )
 
-    def _restart(self) -> Peer | None:
-        """Queue what the dead process made durable, then start another (None: stopping)."""
-        try:
-            self._recover()
-        except Exception:  # the restart matters more: the next start recovers again
-            logger.exception("listen: recovering the received files failed")
-        while True:
-            with self._life:
-                if self._stopping.is_set():
-                    return None
-                try:
-                    return self._spawn()
-                except (OSError, subprocess.SubprocessError) as exc:
-                    logger.error("listen: cannot start the receiving process: %s; retrying", exc)
-            self._stopping.wait(5.0)
+    def _on_ready(self, again: bool) -> None:
+        if again:
+            logger.warning("listen: receiving again, in process %s", self.pid)
+
+    def _on_health(self, healthy: bool) -> None:
+        if not healthy:
+            logger.error("listen: the receiving process no longer accepts connections")
 
     # -- its calls ---------------------------------------------------------------------------
 
@@ -333,9 +225,9 @@ class ListenProcess:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
 
-    def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+    def _dispatch(self, kind: str, args: tuple[Any, ...]) -> Any:
         try:
-            return self._dispatch(kind, args)
+            return self._answer(kind, args)
         except Exception:  # a bug of ours: the object is refused, the listener goes on
             logger.exception("listen: answering the receiving process's %s failed", kind)
             if kind == "queue":
@@ -344,7 +236,7 @@ class ListenProcess:
                 return STATUS_PROCESSING_FAILURE
             return None
 
-    def _dispatch(self, kind: str, args: tuple[Any, ...]) -> Any:
+    def _answer(self, kind: str, args: tuple[Any, ...]) -> Any:
         if kind == "queued":  # it queued an object itself (listen_queue)
             self._sink.queued_elsewhere()
             return None
@@ -360,18 +252,6 @@ class ListenProcess:
             self._on_object(args[0])
         elif kind == "space":
             self._on_space()
-        elif kind == "health":
-            self._healthy = bool(args[0])
-            if not self._healthy:
-                logger.error("listen: the receiving process no longer accepts connections")
-        elif kind == "ready":
-            self._healthy = True
-            if self._ever_up:
-                logger.warning("listen: receiving again, in process %s", self.pid)
-            self._ever_up = True
-            self._ready.set()
-        elif kind == "failed":  # it exits next: _supervise says why (or start() does)
-            self._failed = str(args[0])
         return None
 
     def routes_changed(self) -> None:
@@ -386,8 +266,7 @@ class ListenProcess:
             if sent.generation != self._told:
                 peer = self._peer
                 if peer is not None:
-                    with contextlib.suppress(PeerGone):
-                        peer.send("routing", sent)
+                    self._send(peer, "routing", sent)
                 self._told = sent.generation
             return sent
 
@@ -414,11 +293,3 @@ class ListenProcess:
             obj = dataclasses.replace(obj, values=values)
         answer = self._sink.queue(Path(path), obj, origin)
         return answer.status, answer.comment
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "unknown status"
-    if code < 0:
-        return f"signal {-code}"
-    return f"exit status {code}"

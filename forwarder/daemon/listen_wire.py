@@ -24,6 +24,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,11 @@ _MAX_MESSAGE = 64 * 2**20  # a report's data set with many references is far bel
 
 class PeerGone(Exception):
     """The other end closed the socket (it exited or was killed), or sent garbage."""
+
+
+class PeerStuck(PeerGone):
+    """The other end did not read: a message could not be sent within its deadline. The
+    socket cannot be used again when part of it was sent."""
 
 
 class _Waiter:
@@ -65,15 +71,52 @@ class Peer:
         self._ids = itertools.count(1)
         self._buffer = bytearray()
         self._gone = False
+        self._broken = False  # a message was cut short by its deadline
 
-    def send(self, kind: str, *args: Any, call_id: int = 0) -> None:
-        """Send a message (a notification unless ``call_id``); raises :class:`PeerGone`."""
+    def send(self, kind: str, *args: Any, call_id: int = 0, timeout: float | None = None) -> None:
+        """Send a message (a notification unless ``call_id``); raises :class:`PeerGone`, or
+        :class:`PeerStuck` when it could not be sent within ``timeout`` seconds (the other
+        end does not read)."""
         data = pickle.dumps((kind, call_id, *args), protocol=pickle.HIGHEST_PROTOCOL)
+        message = _HEADER.pack(len(data)) + data
+        if timeout is None:
+            try:
+                with self._send_lock:
+                    if self._broken:
+                        raise PeerGone(f"cannot send {kind}: a message was cut short")
+                    self.sock.sendall(message)
+            except OSError as exc:
+                raise PeerGone(f"cannot send {kind}: {exc}") from None
+            return
+        deadline = time.monotonic() + timeout
+        if not self._send_lock.acquire(timeout=timeout):
+            raise PeerStuck(f"cannot send {kind}: another message waited {timeout:.0f} s")
         try:
-            with self._send_lock:
-                self.sock.sendall(_HEADER.pack(len(data)) + data)
+            self._send_by(kind, memoryview(message), deadline)
         except OSError as exc:
             raise PeerGone(f"cannot send {kind}: {exc}") from None
+        finally:
+            self._send_lock.release()
+
+    def _send_by(self, kind: str, message: memoryview, deadline: float) -> None:
+        """Send all of ``message`` by ``deadline`` (the send lock held)."""
+        if self._broken:
+            raise PeerGone(f"cannot send {kind}: a message was cut short")
+        sent = 0
+        poller: select.poll | None = None
+        while sent < len(message):
+            try:
+                sent += self.sock.send(message[sent:], socket.MSG_DONTWAIT)
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if poller is None:
+                poller = select.poll()
+                poller.register(self.sock, select.POLLOUT)
+            if left <= 0 or not poller.poll(left * 1000):
+                self._broken = sent > 0
+                raise PeerStuck(f"cannot send {kind}: the other end has not read for a while")
 
     def call(self, kind: str, *args: Any, timeout: float | None = None) -> Any:
         """Ask the other end and wait for its answer; raises :class:`PeerGone` when it goes

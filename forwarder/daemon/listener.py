@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -231,11 +232,16 @@ class Listener:
         entry = received_entry(self._spool, path, st.st_size, st.st_mtime_ns, obj, origin)
         return bool(self._ingest.enqueue_received(entry, values))
 
-    def start(self) -> None:
-        """Open the port (raises :class:`~forwarder.errors.ForwarderError`)."""
+    def start(self, cancelled: Callable[[], bool] | None = None) -> bool:
+        """Open the port (raises :class:`~forwarder.errors.ForwarderError`); False when
+        ``cancelled()`` turned true while the receiving process started (nothing listens)."""
         self.space.check()
         try:
-            self._receiver.start()
+            if isinstance(self._receiver, ListenProcess):
+                if not self._receiver.start(cancelled):
+                    return False
+            else:
+                self._receiver.start()
         except ForwarderError as exc:
             if self.config.port < 1024 and "Permission denied" in str(exc):
                 raise ForwarderError(
@@ -258,6 +264,7 @@ class Listener:
             self.folder,
             where,
         )
+        return True
 
     def stop(self, drain: float) -> None:
         """Stop accepting; open associations have ``drain`` seconds to end, then are aborted."""

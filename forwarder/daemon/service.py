@@ -109,6 +109,13 @@ class Service(ServiceLoop):
         if self._signals is not None:
             self._signals.wake()
 
+    def _stop_asked(self) -> bool:
+        """A stop was asked for (SIGTERM, SIGINT, :meth:`request_stop`) and the main loop has
+        not run yet: start-up gives up what it waits for."""
+        signals = self._signals
+        pending = signals.pending() if signals is not None else ()
+        return self._stop.is_set() or signal.SIGTERM in pending or signal.SIGINT in pending
+
     # -- run --------------------------------------------------------------------------------
 
     def run(self) -> int:
@@ -184,9 +191,11 @@ class Service(ServiceLoop):
                 log_level=c.log_level,
                 log_phi=c.log_phi,
             )
-            self.watcher.start()
-            if c.listen is not None:
-                self._start_listener()
+            if not self.watcher.start(cancelled=self._stop_asked) or (
+                c.listen is not None and not self._start_listener()
+            ):
+                logger.info("forwarder: stopped during start-up")
+                return 0
             logger.info(
                 "forwarder running: watching %s, %d destinations (%s)",
                 c.incoming,
@@ -199,9 +208,10 @@ class Service(ServiceLoop):
             self._shutdown()
         return 0
 
-    def _start_listener(self) -> None:
+    def _start_listener(self) -> bool:
         """Queue what a crash left durable but unqueued under incoming/.listen, then open the
-        port: from then on a modality's Success means the object is queued."""
+        port: from then on a modality's Success means the object is queued. False when a stop
+        was asked for while its process started."""
         assert self.config.listen is not None
         listener = Listener(
             self.config.listen,
@@ -213,11 +223,13 @@ class Service(ServiceLoop):
             log_level=self.config.log_level,
         )
         listener.recover()
-        listener.start()
+        if not listener.start(cancelled=self._stop_asked):
+            return False
         self.listener = listener
         if self.status_page is not None:
             c = self.config
             self.status_page.listen_status = lambda: listen_status(c.listen, c.incoming, c.ae_title)
+        return True
 
     def _take_lock(self, queue_path: Path) -> None:
         try:

@@ -64,6 +64,10 @@ class SignalWaiter:
         received, self._received = self._received, []
         return received
 
+    def pending(self) -> tuple[int, ...]:
+        """The signals received and not yet taken by :meth:`wait` (left for it)."""
+        return tuple(self._received)
+
     def wake(self) -> None:
         """Wake :meth:`wait` from another thread."""
         try:

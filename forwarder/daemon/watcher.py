@@ -96,6 +96,7 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._reader: InotifyReader | None = None  # Linux without polling: instead of watchdog
         self._thread: threading.Thread | None = None
+        self._turned: float | None = None  # when the settle loop last came round
 
         # Owned by the settle thread alone.
         self._settler = Settler(
@@ -256,10 +257,17 @@ class Watcher:
 
     # -- settle thread ---------------------------------------------------------------------
 
+    @property
+    def stuck_for(self) -> float:
+        """Seconds since the settle loop last came round (a few at most while it works: a
+        scan, a batch handed to the callback); 0 before it starts."""
+        turned = self._turned
+        return 0.0 if turned is None else max(time.monotonic() - turned, 0.0)
+
     def _run(self) -> None:
         next_rescan = 0.0  # the first tick does the initial full scan
         while not self._stopping.is_set():
-            now = time.monotonic()
+            now = self._turned = time.monotonic()
             timeout = min(TICK, max(0.0, next_rescan - now))
             due = self._settler.next_due()
             if due is not None:

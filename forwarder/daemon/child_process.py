@@ -1,0 +1,349 @@
+"""The daemon's supervision of a process it starts: the listener's receiving process
+(:mod:`forwarder.daemon.listen_process`) and the watch-and-ingest process
+(:mod:`forwarder.daemon.ingest_process`).
+
+:class:`ChildProcess` starts ``python -m MODULE FD... DAEMON_PID`` with a socket pair to it
+(:mod:`forwarder.daemon.listen_wire`), sends it ``init``, and waits for ``ready`` (or
+``failed`` with the reason, then its exit). One thread (the supervisor) reads its messages; when
+the process dies the death is logged at ERROR, ``healthy`` is False meanwhile (the service stops
+feeding systemd's watchdog) and it is started again after a backoff. What each child does and
+says is its subclass's.
+
+A child that stops reading or talking does not take the daemon with it:
+
+- every message to it is sent with a deadline (:data:`_SEND_TIMEOUT`): a child that does not
+  read (stopped with SIGSTOP, stuck on a hung mount) is killed and started again, instead of
+  blocking the daemon's thread that sent (the finisher, a reload, the stop);
+- it says its health every second (:data:`HEALTH_EVERY`): silent for :data:`_SILENT` seconds it
+  counts as unhealthy, for :data:`_KILL_SILENT` it is killed and started again;
+- :meth:`ChildProcess.start` gives up when ``cancelled()`` turns true (a SIGTERM during the
+  daemon's start-up), rather than waiting out the start timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from forwarder.daemon.listen_wire import Peer, PeerGone, PeerStuck, child_env
+from forwarder.errors import ForwarderError
+
+logger = logging.getLogger(__name__)
+
+HEALTH_EVERY = 1.0  # seconds between a child's health messages (its heartbeat)
+_START_TIMEOUT = 60.0  # seconds for a child to import, set up and say ready
+_STOP_GRACE = 10.0  # seconds for it to exit after being told to, before it is killed
+_SEND_TIMEOUT = 5.0  # seconds a message to it may wait for room in the socket
+_SILENT = 10.0  # seconds without a word after which it counts as unhealthy
+_KILL_SILENT = 30.0  # seconds without a word after which it is killed and started again
+_STEADY = 60.0  # seconds up after which a death counts as the first again
+_RETRY_SPAWN = 5.0  # seconds between attempts when the process cannot even be started
+
+
+class ChildProcess:
+    """One supervised child process; subclasses say what it is (:attr:`module`, :attr:`area`,
+    :attr:`what`), what it is given (:meth:`_descriptors`, :meth:`_init`) and what its
+    messages mean (:meth:`_dispatch`)."""
+
+    module = ""  # python -m MODULE
+    area = ""  # the log lines' prefix ("watch", "listen")
+    what = ""  # "the receiving process"
+    restart_delays: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # 1st, 2nd... death in a row
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._peer: Peer | None = None
+        self._ready = threading.Event()  # the first process is up, or failed to start
+        self._ever_up = False  # a process said ready (so a death after is restarted)
+        self._up = False  # the running process said ready
+        self._failed: str | None = None  # why the last process failed to start
+        self._healthy = False
+        self._heard = time.monotonic()  # when the running process last said anything
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # the peer, and what subclasses send along with it
+        self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
+
+    # -- what subclasses say ------------------------------------------------------------------
+
+    def _descriptors(self) -> tuple[list[int], list[socket.socket]]:
+        """Descriptors passed to the process after the peer's, and the sockets to close here
+        once it started (or failed to)."""
+        return [], []
+
+    def _spawned(self) -> None:
+        """Called after each spawn (the receiving process's channels thread)."""
+
+    def _init(self, peer: Peer) -> None:
+        """Send ``init`` (and set what goes with it); called under ``_lock`` before the peer
+        is made current, so that nothing sent meanwhile goes to no one."""
+        raise NotImplementedError
+
+    def _dispatch(self, kind: str, args: tuple[Any, ...]) -> Any:
+        """Answer a message of the process other than ready, failed and health."""
+        raise NotImplementedError
+
+    def _on_ready(self, again: bool) -> None:
+        """The process said ready (``again``: after a restart)."""
+
+    def _on_health(self, healthy: bool) -> None:
+        """The process's health changed."""
+
+    def _before_restart(self) -> None:
+        """Run before each restart (not before the first start)."""
+
+    def _death(self, code: int | None, delay: float) -> None:
+        """Log the death of the process (or its failure to start: ``self._failed``)."""
+        why = f"could not start ({self._failed})" if self._failed else "died"
+        later = f" in {delay:.0f} s" if delay else ""
+        logger.error(
+            "%s: %s (PID %s) %s (%s); restarting it%s",
+            self.area,
+            self.what,
+            self.pid or "?",
+            why,
+            exit_text(code),
+            later,
+        )
+
+    # -- life ------------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The process's PID (None before the first start)."""
+        process = self._process
+        return None if process is None else process.pid
+
+    @property
+    def healthy(self) -> bool:
+        """The process runs, says it is healthy, and said so lately."""
+        process = self._process
+        return (
+            self._healthy
+            and process is not None
+            and process.poll() is None
+            and time.monotonic() - self._heard < _SILENT
+        )
+
+    def start(self, cancelled: Callable[[], bool] | None = None) -> bool:
+        """Start the process; returns True once it is ready, False when ``cancelled()`` turned
+        true first (the process is then stopped), raises :class:`ForwarderError` with its
+        reason when it cannot start."""
+        try:
+            peer = self._spawn()
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ForwarderError(f"cannot start {self.what}: {exc}") from None
+        self._thread = threading.Thread(
+            target=self._supervise, args=(peer,), name=f"{self.area}-calls", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not self._ready.wait(min(0.1, max(deadline - time.monotonic(), 0.0))):
+            if cancelled is not None and cancelled():
+                self._stop_process(None, 0.0)
+                return False
+            if time.monotonic() >= deadline:
+                break
+        if not self._ever_up:
+            reason = self._failed or f"it did not start within {_START_TIMEOUT:.0f} s"
+            self._stop_process(None, 0.0)
+            raise ForwarderError(reason)
+        return True
+
+    def tell(self, kind: str, *args: Any) -> None:
+        """Send the process a message, not waited for; lost when it is not running (or
+        stuck: it is then killed and started again)."""
+        peer = self._peer
+        if peer is not None:
+            self._send(peer, kind, *args)
+
+    def dump_threads(self) -> None:
+        """Have the process write every thread's stack to the log (SIGUSR1, as the daemon's)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGUSR1)
+
+    def _send(self, peer: Peer, kind: str, *args: Any) -> None:
+        try:
+            peer.send(kind, *args, timeout=_SEND_TIMEOUT)
+        except PeerStuck as exc:
+            self._kill(peer, f"does not read its messages ({exc})")
+        except PeerGone:
+            pass  # it is exiting: the supervisor restarts it (or the daemon is stopping)
+
+    def _kill(self, peer: Peer, why: str) -> None:
+        """Kill a stuck process (the supervisor then restarts it)."""
+        process = self._process
+        if process is None or self._peer is not peer or process.poll() is not None:
+            return
+        logger.error("%s: %s (PID %d) %s; killing it", self.area, self.what, process.pid, why)
+        with contextlib.suppress(OSError):
+            process.kill()
+
+    def _stop_process(self, message: tuple[Any, ...] | None, wait: float) -> None:
+        """Tell the process to stop with ``message`` (sent unless None), wait ``wait`` seconds
+        for it to exit, then kill it; and wait for the supervisor."""
+        self._request_stop(message)
+        process = self._process
+        if process is not None:
+            try:
+                process.wait(wait)
+            except subprocess.TimeoutExpired:
+                logger.error("%s: %s did not stop; killing it", self.area, self.what)
+                process.kill()
+                process.wait()
+        if self._thread is not None:
+            self._thread.join(_STOP_GRACE)
+
+    def _request_stop(self, message: tuple[Any, ...] | None) -> None:
+        with self._life:  # a restart spawning now has finished: its child is the one told
+            self._stopping.set()
+            peer = self._peer
+        if peer is not None and message is not None:
+            self._send(peer, *message)
+
+    # -- the process -------------------------------------------------------------------------
+
+    def _spawn(self) -> Peer:
+        ours, theirs = socket.socketpair()
+        passed, others = self._descriptors()
+        fds = (theirs.fileno(), *passed)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", self.module, *map(str, fds), str(os.getpid())],
+                pass_fds=fds,
+                stdin=subprocess.DEVNULL,
+                env=child_env(),
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            for s in others:
+                s.close()
+        self._spawned()
+        peer = Peer(ours, self._handle)
+        self._failed = None
+        self._up = False
+        self._heard = time.monotonic()
+        with self._lock:
+            self._init(peer)
+            self._peer = peer
+        return peer
+
+    def _supervise(self, peer: Peer) -> None:
+        """Read the process's messages; when it dies, start it again (unless stopping)."""
+        deaths = 0
+        while True:
+            started = time.monotonic()
+            try:
+                code = self._serve_until_exit(peer)
+            except Exception:  # a bug of ours: the process must come back all the same
+                logger.exception("%s: serving %s failed", self.area, self.what)
+                code = self._end_process()
+            if not self._ever_up:  # the first one never started: start() says why
+                self._failed = self._failed or f"it exited with {exit_text(code)}"
+                self._ready.set()
+                return
+            if self._stopping.is_set():
+                return
+            deaths = 1 if time.monotonic() - started > _STEADY else deaths + 1
+            delay = self.restart_delays[min(deaths, len(self.restart_delays)) - 1]
+            self._death(code, delay)
+            if self._stopping.wait(delay):
+                return
+            again = self._restart()
+            if again is None:
+                return
+            peer = again
+
+    def _serve_until_exit(self, peer: Peer) -> int | None:
+        """Read the process's messages until it closes its end; then its exit status (killed
+        when it closed without exiting: its messages made no sense)."""
+        try:
+            peer.serve(idle=HEALTH_EVERY, on_idle=lambda: self._check_silence(peer))
+        finally:
+            with self._lock:
+                if self._peer is peer:
+                    self._peer = None
+            peer.sock.close()
+            self._healthy = False
+            self._up = False
+        return self._end_process()
+
+    def _check_silence(self, peer: Peer) -> None:
+        silent = time.monotonic() - self._heard
+        if self._up and silent >= _KILL_SILENT:
+            self._kill(peer, f"has said nothing for {silent:.0f} s (stopped, or hung)")
+
+    def _end_process(self) -> int | None:
+        process = self._process
+        if process is None:
+            return None
+        try:
+            return process.wait(_STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            logger.error(
+                "%s: %s (PID %d) stopped talking; killing it", self.area, self.what, process.pid
+            )
+            process.kill()
+            return process.wait()
+
+    def _restart(self) -> Peer | None:
+        """Start another process (None: stopping)."""
+        try:
+            self._before_restart()
+        except Exception:  # the restart matters more
+            logger.exception("%s: preparing the restart of %s failed", self.area, self.what)
+        while True:
+            with self._life:
+                if self._stopping.is_set():
+                    return None
+                try:
+                    return self._spawn()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    logger.error("%s: cannot start %s: %s; retrying", self.area, self.what, exc)
+            if self._stopping.wait(_RETRY_SPAWN):
+                return None
+
+    # -- its messages ------------------------------------------------------------------------
+
+    def _handle(self, kind: str, args: tuple[Any, ...]) -> Any:
+        self._heard = time.monotonic()
+        if kind == "health":
+            healthy = bool(args[0])
+            if healthy != self._healthy and self._up:
+                self._on_health(healthy)
+            self._healthy = healthy and self._up
+            return None
+        if kind == "ready":
+            self._healthy = self._up = True
+            again = self._ever_up
+            self._ever_up = True
+            self._on_ready(again)
+            self._ready.set()
+            return None
+        if kind == "failed":  # it exits next: _supervise says why (or start() does)
+            self._failed = str(args[0])
+            return None
+        return self._dispatch(kind, args)
+
+
+def exit_text(code: int | None) -> str:
+    """A process's exit status in words."""
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        return f"signal {-code}"
+    return f"exit status {code}"
