@@ -1,8 +1,9 @@
 """Daemon logging: structured journald fields under systemd, plain text lines otherwise.
 
 When stderr *is* the journal (systemd sets ``JOURNAL_STREAM=dev:ino`` for the stream it
-connected to stderr), records go through ``systemd.journal.JournalHandler`` so the extra
-fields built by :func:`fields` become journal fields and
+connected to stderr), records go to journald through ``systemd.journal.sendv``
+(:class:`FieldsJournalHandler`) so the extra fields built by :func:`fields` become journal
+fields and
 ``journalctl -u forwarder DESTINATION=pacs OUTCOME=failed`` works. Anywhere else (a terminal,
 a pipe, a file) it is one ``time level logger: message`` line per record on stderr; the fields
 are simply not shown. Under systemd without systemd-python the lines go to stderr with a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Final
 
 logger = logging.getLogger(__name__)
@@ -89,13 +91,49 @@ def _stderr_stat() -> os.stat_result | None:
 
 def _journal_handler() -> logging.Handler | None:
     try:
-        from systemd.journal import JournalHandler
+        from systemd import journal
     except ImportError:
         return None
-    handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER=SYSLOG_IDENTIFIER)
+    handler: logging.Handler = FieldsJournalHandler(journal.sendv)
     # journald stamps time, priority and unit itself.
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
+
+
+class FieldsJournalHandler(logging.Handler):
+    """A record as one journal entry: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER, LOGGER,
+    THREAD_NAME, CODE_FILE/LINE/FUNC, EXCEPTION_TEXT, and the record's upper-case attributes
+    (the fields of :func:`fields`, ``extra=``).
+
+    ``systemd.journal.JournalHandler`` also sends every other attribute of the record (some
+    twenty lower-case names journald then drops): three times the cost a record (~25 against
+    ~8 us), paid for each file the daemon stores at INFO.
+    """
+
+    def __init__(self, sendv: Callable[..., object]) -> None:
+        super().__init__()
+        self._sendv = sendv
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            args = [
+                "MESSAGE=" + self.format(record),
+                f"PRIORITY={_priority(record.levelno)}",
+                "SYSLOG_IDENTIFIER=" + SYSLOG_IDENTIFIER,
+                "LOGGER=" + record.name,
+                f"THREAD_NAME={record.threadName}",
+                "CODE_FILE=" + record.pathname,
+                f"CODE_LINE={record.lineno}",
+                "CODE_FUNC=" + record.funcName,
+            ]
+            if record.exc_text:
+                args.append("EXCEPTION_TEXT=" + record.exc_text)
+            for key, value in record.__dict__.items():
+                if key.isupper():
+                    args.append(f"{key}={value}")
+            self._sendv(*args)
+        except Exception:
+            self.handleError(record)
 
 
 def _plain_handler() -> logging.Handler:

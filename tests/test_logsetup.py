@@ -141,6 +141,12 @@ logging.getLogger("forwarder.daemon.worker").warning(
     extra=fields(destination="pacs", sop_instance_uid="1.2.3", status=0xA700, outcome="failed"),
 )
 sys.stdout.write(journald.recv(65536).decode())
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("forwarder.daemon.worker").exception("a bug")
+# Multi-line values go as NAME, newline, a 64-bit length, the value: not all UTF-8.
+sys.stdout.write("\\n--next--\\n" + journald.recv(65536).decode(errors="replace"))
 """
 
 
@@ -170,8 +176,9 @@ def test_journal_fields_reach_journald(tmp_path: Path) -> None:
             check=False,
         )
     assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()
-    handler, _, datagram = proc.stdout.partition("\n")
-    assert handler == "JournalHandler"
+    handler, _, datagrams = proc.stdout.partition("\n")
+    datagram, _, failure = datagrams.partition("\n--next--\n")
+    assert handler == "FieldsJournalHandler"
     entry = dict(line.split("=", 1) for line in datagram.splitlines() if "=" in line)
     assert entry["MESSAGE"] == "cannot store 1.2.3"
     assert entry["PRIORITY"] == "4"
@@ -182,6 +189,15 @@ def test_journal_fields_reach_journald(tmp_path: Path) -> None:
     assert entry["DIMSE_STATUS"] == "0xA700"
     assert entry["OUTCOME"] == "failed"
     assert "FILE" not in entry
+    assert entry["CODE_FUNC"] == "<module>" and entry["CODE_LINE"] == "13"
+    assert entry["THREAD_NAME"] == "MainThread"
+    # Only journal-valid names: not the record's other (lower-case) attributes.
+    assert all(key.isupper() for key in entry)
+    # An exception: its traceback in MESSAGE (journalctl shows it) and EXCEPTION_TEXT.
+    assert "a bug\nTraceback (most recent call last):" in failure
+    assert "\nEXCEPTION_TEXT\n" in failure
+    assert "ZeroDivisionError: division by zero" in failure
+    assert "PRIORITY=3" in failure
     assert (tmp_path / "stderr.txt").read_text() == ""
 
 
