@@ -238,3 +238,21 @@ def test_a_restart_that_cannot_load_its_tls_key_says_why_and_is_retried(
         wait_until(lambda: len(held(pacs)) == 1, 30, what="the TLS push at the PACS")
         assert_same_datasets(pacs, files)
         assert d.running() and d.stop() == 0
+
+
+def test_sigterm_with_the_receiving_process_stopped_is_prompt_and_starts_nothing(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The receiving process stopped (SIGSTOP: hung) when SIGTERM comes: the stop does not wait
+    out its silence, kills it, and starts no other one while the daemon stops."""
+    d = listen_daemon(tmp_path / "gw", [pacs_destination(pacs)])
+    with d:
+        child = child_pid(d)
+        os.kill(child, signal.SIGSTOP)
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(25) == 0
+        log = d.log_text(current_run=True)
+        assert f"(PID {child}) did not answer at the stop" in log
+        assert "receiving again" not in log
+        assert not alive(child)

@@ -577,3 +577,30 @@ def test_the_event_handler_reports_a_move_in_as_moved_in(root: Path) -> None:
     handler = EventHandler(lambda path, hint: notes.append((path, hint)))
     handler.on_moved(FileMovedEvent(str(root / ".x.tmp"), str(root / "x.dcm")))
     assert notes == [(str(root / ".x.tmp"), Hint.DELETED), (str(root / "x.dcm"), Hint.MOVED_IN)]
+
+
+def test_a_long_backlog_handed_on_in_one_turn_is_not_taken_for_stuck(tmp_path: Path) -> None:
+    """A backlog found settled at start goes to ``on_ready`` batch after batch within one turn
+    of the settle loop: ``stuck_for`` measures the time since the last batch (what the
+    watch-and-ingest process reports as stuck), not the turn's length."""
+    for i in range(8):
+        (tmp_path / f"f{i}.dcm").write_bytes(b"x")
+        os.utime(tmp_path / f"f{i}.dcm", (1, 1))  # long settled
+    handed: list[str] = []
+
+    def slow_ingest(files: list[ReadyFile]) -> None:
+        time.sleep(0.4)  # the work of one batch: checks, fsyncs, a commit
+        handed.extend(f.path.name for f in files)
+
+    watcher = Watcher(tmp_path, slow_ingest, settle=0.0, rescan_interval=3600, batch_max=1)
+    seen: list[float] = []
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(handed) < 8 and time.monotonic() < deadline:
+            seen.append(watcher.stuck_for)
+            time.sleep(0.05)  # sampling, not waiting for a condition
+        assert sorted(handed) == [f"f{i}.dcm" for i in range(8)]
+        assert max(seen) < 1.5, max(seen)  # ~0.4 a batch; the turn itself took ~3.2 s
+    finally:
+        watcher.stop()

@@ -11,11 +11,13 @@ says is its subclass's.
 
 A child that stops reading or talking does not take the daemon with it:
 
-- every message to it is sent with a deadline (:data:`_SEND_TIMEOUT`): a child that does not
-  read (stopped with SIGSTOP, stuck on a hung mount) is killed and started again, instead of
-  blocking the daemon's thread that sent (the finisher, a reload, the stop);
-- it says its health every second (:data:`HEALTH_EVERY`): silent for :data:`_SILENT` seconds it
-  counts as unhealthy, for :data:`_KILL_SILENT` it is killed and started again;
+- every message to it is sent with a deadline (:attr:`ChildProcess.send_timeout`; ``start_timeout``
+  until it said ready: a slow start is not a stuck child): a child that does not read (stopped
+  with SIGSTOP, stuck on a hung mount) is killed and started again, instead of blocking the
+  daemon's thread that sent (the finisher, a reload, the stop);
+- it says its health every second (:data:`HEALTH_EVERY`): silent for ``silent_after`` seconds
+  it counts as unhealthy, for ``kill_after`` it is killed and started again; a restarted
+  child that has not said ready within ``start_timeout`` is killed and started again;
 - :meth:`ChildProcess.start` gives up when ``cancelled()`` turns true (a SIGTERM during the
   daemon's start-up), rather than waiting out the start timeout.
 """
@@ -40,11 +42,7 @@ from forwarder.errors import ForwarderError
 logger = logging.getLogger(__name__)
 
 HEALTH_EVERY = 1.0  # seconds between a child's health messages (its heartbeat)
-_START_TIMEOUT = 60.0  # seconds for a child to import, set up and say ready
 _STOP_GRACE = 10.0  # seconds for it to exit after being told to, before it is killed
-_SEND_TIMEOUT = 5.0  # seconds a message to it may wait for room in the socket
-_SILENT = 10.0  # seconds without a word after which it counts as unhealthy
-_KILL_SILENT = 30.0  # seconds without a word after which it is killed and started again
 _STEADY = 60.0  # seconds up after which a death counts as the first again
 _RETRY_SPAWN = 5.0  # seconds between attempts when the process cannot even be started
 
@@ -58,6 +56,10 @@ class ChildProcess:
     area = ""  # the log lines' prefix ("watch", "listen")
     what = ""  # "the receiving process"
     restart_delays: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0)  # 1st, 2nd... death in a row
+    start_timeout = 60.0  # seconds for a child to import, set up and say ready
+    send_timeout = 5.0  # seconds a message to a ready child may wait for room in the socket
+    silent_after = 10.0  # seconds without a word after which it counts as unhealthy
+    kill_after = 30.0  # seconds without a word after which it is killed and started again
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
@@ -68,6 +70,8 @@ class ChildProcess:
         self._failed: str | None = None  # why the last process failed to start
         self._healthy = False
         self._heard = time.monotonic()  # when the running process last said anything
+        self._spawned_at = time.monotonic()  # when the running process was started
+        self._spawning: Peer | None = None  # the peer being given its init
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the peer, and what subclasses send along with it
@@ -131,7 +135,7 @@ class ChildProcess:
             self._healthy
             and process is not None
             and process.poll() is None
-            and time.monotonic() - self._heard < _SILENT
+            and time.monotonic() - self._heard < self.silent_after
         )
 
     def start(self, cancelled: Callable[[], bool] | None = None) -> bool:
@@ -146,7 +150,7 @@ class ChildProcess:
             target=self._supervise, args=(peer,), name=f"{self.area}-calls", daemon=True
         )
         self._thread.start()
-        deadline = time.monotonic() + _START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while not self._ready.wait(min(0.1, max(deadline - time.monotonic(), 0.0))):
             if cancelled is not None and cancelled():
                 self._stop_process(None, 0.0)
@@ -154,9 +158,9 @@ class ChildProcess:
             if time.monotonic() >= deadline:
                 break
         if not self._ever_up:
-            reason = self._failed or f"it did not start within {_START_TIMEOUT:.0f} s"
+            reason = self._failed or f"it did not start within {self.start_timeout:.0f} s"
             self._stop_process(None, 0.0)
-            raise ForwarderError(reason)
+            raise ForwarderError(f"{self.what} failed: {reason}")
         return True
 
     def tell(self, kind: str, *args: Any) -> None:
@@ -174,8 +178,11 @@ class ChildProcess:
                 process.send_signal(signal.SIGUSR1)
 
     def _send(self, peer: Peer, kind: str, *args: Any) -> None:
+        # Until it said ready a child may be busy starting (imports, opening the queue) and
+        # not reading yet: only the start's own deadline makes it stuck.
+        deadline = self.send_timeout if self._up and peer is self._peer else self.start_timeout
         try:
-            peer.send(kind, *args, timeout=_SEND_TIMEOUT)
+            peer.send(kind, *args, timeout=deadline)
         except PeerStuck as exc:
             self._kill(peer, f"does not read its messages ({exc})")
         except PeerGone:
@@ -184,7 +191,9 @@ class ChildProcess:
     def _kill(self, peer: Peer, why: str) -> None:
         """Kill a stuck process (the supervisor then restarts it)."""
         process = self._process
-        if process is None or self._peer is not peer or process.poll() is not None:
+        if process is None or peer not in (self._peer, self._spawning):
+            return
+        if process.poll() is not None:
             return
         logger.error("%s: %s (PID %d) %s; killing it", self.area, self.what, process.pid, why)
         with contextlib.suppress(OSError):
@@ -236,9 +245,13 @@ class ChildProcess:
         peer = Peer(ours, self._handle)
         self._failed = None
         self._up = False
-        self._heard = time.monotonic()
+        self._heard = self._spawned_at = time.monotonic()
         with self._lock:
-            self._init(peer)
+            self._spawning = peer
+            try:
+                self._init(peer)
+            finally:
+                self._spawning = None
             self._peer = peer
         return peer
 
@@ -283,9 +296,13 @@ class ChildProcess:
         return self._end_process()
 
     def _check_silence(self, peer: Peer) -> None:
-        silent = time.monotonic() - self._heard
-        if self._up and silent >= _KILL_SILENT:
+        now = time.monotonic()
+        silent = now - self._heard
+        if self._up and silent >= self.kill_after:
             self._kill(peer, f"has said nothing for {silent:.0f} s (stopped, or hung)")
+        elif not self._up and self._ever_up and now - self._spawned_at >= self.start_timeout:
+            # A restart hanging in its start (the first start's deadline is start()'s).
+            self._kill(peer, f"did not start within {self.start_timeout:.0f} s")
 
     def _end_process(self) -> int | None:
         process = self._process
@@ -323,21 +340,28 @@ class ChildProcess:
         self._heard = time.monotonic()
         if kind == "health":
             healthy = bool(args[0])
-            if healthy != self._healthy and self._up:
-                self._on_health(healthy)
+            changed = healthy != self._healthy and self._up
             self._healthy = healthy and self._up
+            if changed:
+                self._hook(self._on_health, healthy)
             return None
         if kind == "ready":
             self._healthy = self._up = True
             again = self._ever_up
             self._ever_up = True
-            self._on_ready(again)
+            self._hook(self._on_ready, again)
             self._ready.set()
             return None
         if kind == "failed":  # it exits next: _supervise says why (or start() does)
             self._failed = str(args[0])
             return None
         return self._dispatch(kind, args)
+
+    def _hook(self, hook: Callable[[bool], None], value: bool) -> None:
+        try:
+            hook(value)
+        except Exception:  # a bug of ours: the process goes on
+            logger.exception("%s: handling %s's news failed", self.area, self.what)
 
 
 def exit_text(code: int | None) -> str:

@@ -116,6 +116,7 @@ class Child:
         self._known = -1  # Ingest's known paths when last said (in the DEBUG log)
         self._next_look = 0.0
         self._stuck = False  # the settle loop has not come round for _STUCK seconds
+        self._ready = False  # "ready" was sent
 
     def run(self) -> int:
         """Watch until the daemon says stop (or goes away); the exit status."""
@@ -130,6 +131,7 @@ class Child:
             return 1
         if not self._stop.is_set():
             self.peer.send("ready")
+            self._ready = True
             self._stop.wait()
         self.watcher.stop()
         self.counts.flush()
@@ -156,6 +158,8 @@ class Child:
         (silent, it is taken for stopped or hung). A settle loop that has not come round for
         :data:`_STUCK` seconds (a hung mount, a stuck fsync) is unhealthy too."""
         self._next_look = time.monotonic() + HEALTH_EVERY
+        if not self._ready:  # the watcher may not run yet: its health means nothing
+            return
         stuck = self.watcher.stuck_for
         healthy = self.watcher.healthy and stuck < _STUCK
         if (stuck >= _STUCK) != self._stuck:

@@ -43,7 +43,7 @@ from forwarder.net.scp_object import STATUS_OUT_OF_RESOURCES, Origin, ReceivedOb
 
 logger = logging.getLogger(__name__)
 
-_CALL_TIMEOUT = 30.0  # seconds for it to answer stop_accepting
+_CALL_TIMEOUT = 10.0  # seconds for it to take and answer stop_accepting (it does at once)
 _STOP_GRACE = 10.0  # seconds past the drain before it is killed
 
 
@@ -101,21 +101,26 @@ class ListenProcess(ChildProcess):
         self._socket = bind(self._listen.bind, self._listen.port)
         try:
             started = super().start(cancelled)
-        except ForwarderError as exc:
+        except ForwarderError as exc:  # "cannot start ...", "the receiving process failed: ..."
             self._socket.close()
-            raise ForwarderError(f"listen: the receiving process failed: {exc}") from None
+            raise ForwarderError(f"listen: {exc}") from None
         if not started:
             self._socket.close()
         return started
 
     def stop_accepting(self) -> int:
-        """Refuse new connections from now on; returns how many associations are open."""
-        peer = self._peer
+        """Refuse new connections from now on (a process dying from now on is not restarted);
+        returns how many associations are open. A process that does not answer (stopped,
+        hung) is killed: nothing it holds was answered Success and not queued."""
+        with self._life:
+            self._stopping.set()
+            peer = self._peer
         if peer is None:
             return 0
         try:
             return int(peer.call("stop_accepting", timeout=_CALL_TIMEOUT))
-        except PeerGone:
+        except PeerGone as exc:
+            self._kill(peer, f"did not answer at the stop ({exc})")
             return 0
 
     def stop(self, drain: float) -> None:
@@ -129,6 +134,9 @@ class ListenProcess(ChildProcess):
             thread.join(max(deadline - time.monotonic(), 0.0))
         if self._socket is not None:
             self._socket.close()
+        if self._carrier is not None:  # a last spawn that failed
+            self._carrier.close()
+            self._carrier = None
 
     # -- the process -------------------------------------------------------------------------
 
@@ -173,7 +181,10 @@ class ListenProcess(ChildProcess):
 
     def _before_restart(self) -> None:
         """Queue what the dead process made durable, then start another."""
-        self._recover()
+        try:
+            self._recover()
+        except Exception:  # the restart matters more: the next start recovers again
+            logger.exception("listen: recovering the received files failed")
 
     def _death(self, code: int | None, delay: float) -> None:
         later = f" in {delay:.0f} s" if delay else ""

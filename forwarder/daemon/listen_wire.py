@@ -93,7 +93,7 @@ class Peer:
             raise PeerStuck(f"cannot send {kind}: another message waited {timeout:.0f} s")
         try:
             self._send_by(kind, memoryview(message), deadline)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the socket was closed meanwhile
             raise PeerGone(f"cannot send {kind}: {exc}") from None
         finally:
             self._send_lock.release()
@@ -120,7 +120,7 @@ class Peer:
 
     def call(self, kind: str, *args: Any, timeout: float | None = None) -> Any:
         """Ask the other end and wait for its answer; raises :class:`PeerGone` when it goes
-        away (or ``timeout`` passes) before answering."""
+        away (or ``timeout`` passes: to send the request, then to answer it) first."""
         waiter = _Waiter()
         with self._lock:
             if self._gone:
@@ -128,7 +128,7 @@ class Peer:
             call_id = next(self._ids)
             self._waiting[call_id] = waiter
         try:
-            self.send(kind, *args, call_id=call_id)
+            self.send(kind, *args, call_id=call_id, timeout=timeout)
             if not waiter.done.wait(timeout):
                 raise PeerGone(f"no answer to {kind} within {timeout} s")
         finally:

@@ -213,6 +213,8 @@ class Service(ServiceLoop):
         port: from then on a modality's Success means the object is queued. False when a stop
         was asked for while its process started."""
         assert self.config.listen is not None
+        if self._stop_asked():
+            return False
         listener = Listener(
             self.config.listen,
             ae_title=self.config.ae_title,

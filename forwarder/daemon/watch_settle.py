@@ -114,6 +114,9 @@ class Settler:
         self._seq = itertools.count()
         self._emitted: dict[str, tuple[int, int]] = {}  # path -> (size, mtime_ns) handed on
         self._warned_links: set[str] = set()
+        # When work last moved on (a folder listed, a batch handed on): a long scan or a long
+        # backlog is not a stuck one (Watcher.stuck_for).
+        self.progressed = 0.0
 
     def next_due(self) -> float | None:
         """The monotonic time of the earliest scheduled look, if any."""
@@ -169,6 +172,7 @@ class Settler:
             if self._stopping.is_set():
                 return True
             folder = stack.pop()
+            self.progressed = time.monotonic()
             try:
                 with os.scandir(folder) as entries:
                     for entry in entries:
@@ -287,6 +291,7 @@ class Settler:
             if self._stopping.is_set():
                 return  # not marked as handed on: found again at the next start
             batch = files[start : start + self._batch_max]
+            self.progressed = time.monotonic()
             try:
                 self._on_ready(batch)
             except Exception:

@@ -259,10 +259,13 @@ class Watcher:
 
     @property
     def stuck_for(self) -> float:
-        """Seconds since the settle loop last came round (a few at most while it works: a
-        scan, a batch handed to the callback); 0 before it starts."""
+        """Seconds since the settle loop last moved on: came round, listed a folder, handed a
+        batch on (so a long scan or backlog is not stuck; one call hung on a mount is); 0
+        before it starts."""
         turned = self._turned
-        return 0.0 if turned is None else max(time.monotonic() - turned, 0.0)
+        if turned is None:
+            return 0.0
+        return max(time.monotonic() - max(turned, self._settler.progressed), 0.0)
 
     def _run(self) -> None:
         next_rescan = 0.0  # the first tick does the initial full scan

@@ -1,0 +1,116 @@
+"""The daemon's supervision of its child processes (forwarder/daemon/child_process.py), with a
+real child (tests/child_probe.py) and short deadlines: a slow start is not a stuck child, a
+restart that hangs is killed and tried again, a silent child is unhealthy then restarted."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import wait_until
+
+from forwarder.daemon.child_process import ChildProcess
+from forwarder.daemon.listen_wire import Peer
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+class Probe(ChildProcess):
+    module = "child_probe"
+    area = "probe"
+    what = "the probe process"
+    restart_delays = (0.0,)
+    start_timeout = 6.0
+    send_timeout = 1.0
+    silent_after = 1.0
+    kill_after = 2.0
+
+    def __init__(self, **plan: Any) -> None:
+        super().__init__()
+        self.plan = plan
+        self.runs = 0
+        self.got: list[int] = []
+        self.pids: list[int] = []
+
+    def _init(self, peer: Peer) -> None:
+        assert self._process is not None
+        self.pids.append(self._process.pid)
+        self._send(peer, "init", {"run": self.runs, **self.plan})
+        self.runs += 1
+
+    def _dispatch(self, kind: str, args: tuple[Any, ...]) -> None:
+        if kind == "got":
+            self.got.append(int(args[0]))
+
+
+@pytest.fixture(autouse=True)
+def _probe_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, path])))
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_child_slow_to_start_is_not_taken_for_stuck() -> None:
+    """Messages sent while it starts (3 s, three times the send deadline) fill its socket:
+    they wait for it instead of getting it killed."""
+    probe = Probe(delays=[3.0])
+    chunk = b"x" * 300_000
+
+    def fill() -> None:  # from another thread while start() waits (it spawned the child:
+        # PR_SET_PDEATHSIG kills a child whose spawning thread ends)
+        wait_until(lambda: probe._peer is not None, 10, what="the child spawned")
+        for _ in range(4):  # far more than the socket holds
+            probe.tell("data", chunk)
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    try:
+        assert probe.start()
+        thread.join(15)
+        wait_until(lambda: len(probe.got) == 4, 10, what="every message read")
+        assert probe.got == [len(chunk)] * 4
+        assert probe.runs == 1 and alive(probe.pids[0])
+    finally:
+        probe._stop_process(("stop",), 5.0)
+
+
+def test_a_restart_that_hangs_before_ready_is_killed_and_tried_again() -> None:
+    probe = Probe(delays=[0.0, 3600.0])
+    try:
+        assert probe.start()
+        first = probe.pids[0]
+        os.kill(first, 9)
+        wait_until(lambda: probe.runs == 2, 10, what="the restart")
+        hung = probe.pids[1]
+        started = time.monotonic()
+        wait_until(lambda: probe.runs == 3, 20, what="the hung restart killed and tried again")
+        assert time.monotonic() - started >= Probe.start_timeout - 1.0
+        assert not alive(hung)
+        wait_until(lambda: probe.healthy, 10, what="the third child healthy")
+    finally:
+        probe._stop_process(("stop",), 5.0)
+
+
+def test_a_silent_child_is_unhealthy_then_killed_and_restarted() -> None:
+    probe = Probe(mute=[True])
+    try:
+        assert probe.start()
+        first = probe.pids[0]
+        wait_until(lambda: not probe.healthy, 5, what="the silent child unhealthy")
+        assert alive(first) and probe.runs == 1  # unhealthy first, not yet killed
+        wait_until(lambda: probe.runs == 2, 10, what="the silent child killed and restarted")
+        assert not alive(first)
+        wait_until(lambda: probe.healthy, 10, what="the next child healthy")
+    finally:
+        probe._stop_process(("stop",), 5.0)
