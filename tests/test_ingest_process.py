@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import urllib.request
 from pathlib import Path
 
@@ -231,3 +232,73 @@ def test_polling_and_rescans_work_in_the_process(tmp_path: Path) -> None:
             d.wait_done(4)
             assert scp.uids() == uids(dropped)
             assert d.stop() == 0
+
+
+def queue_counts(db: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(files by state, jobs by status), read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    try:
+        files = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+        jobs = dict(conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+    finally:
+        conn.close()
+    return files, jobs
+
+
+def test_killed_while_finishing_a_drain_every_file_is_finished_once(tmp_path: Path) -> None:
+    """The finisher runs in the process. Killed with file ids in hand that it never read
+    (stopped while the senders went on), then killed -9 while it moves a second backlog to
+    done/: the next process's start finishes them all, each once, the queue consistent."""
+    total = 300
+    with ScriptedSCP(delay=0.005) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+        first, second = (
+            [
+                staged.drop(f"{name}/img{i:04d}.dcm", seed=seed + i, rows=16, columns=16)
+                for i in range(total)
+            ]
+            for name, seed in (("first", 0), ("second", 1000))
+        )
+        with d:
+            os.rename(staged.incoming / "first", d.incoming / "first")  # all at once
+
+            def queued() -> int:
+                return sum(queue_counts(d.queue)[0].values())
+
+            wait_until(lambda: queued() == total, 60, what="the backlog queued")
+            d.wait_done(10)
+            (child,) = children(d.pid)
+            # Stopped: it neither ingests nor finishes; the senders send what is queued and
+            # hand the ids over to a process that will never read them.
+            os.kill(child, signal.SIGSTOP)
+            try:
+
+                def all_sent() -> bool:
+                    jobs = queue_counts(d.queue)[1]
+                    return not jobs.get("READY") and not jobs.get("CLAIMED")
+
+                wait_until(all_sent, 60, what="the queued files sent")
+                files = queue_counts(d.queue)[0]
+                unfinished = files.get("QUEUED", 0) + files.get("FINISHING", 0)
+            finally:
+                os.kill(child, signal.SIGKILL)
+            assert unfinished > 0  # handed over, never moved: only the next start finds them
+            d.wait_done(total, timeout=60)
+            said = f"finish: {unfinished} file(s) left unfinished before this start finished"
+            assert said in d.log_text(current_run=True)
+            # Killed -9 in the middle of a drain, its moves and messages wherever they are.
+            os.rename(staged.incoming / "second", d.incoming / "second")
+            d.wait_done(total + 50, timeout=60)
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGKILL)
+            d.wait_done(2 * total, timeout=120)
+            everything = first + second
+            assert d.done_files() == sorted(f.rel_path for f in everything)
+            assert d.incoming_files() == []
+            assert scp.uids() == uids(everything)
+            assert len(scp.received) == 2 * total  # none sent twice
+            assert d.stop() == 0
+        files, jobs = queue_counts(d.queue)
+        assert files == {"FINISHED": 2 * total}
+        assert jobs == {"DONE": 2 * total}

@@ -90,6 +90,10 @@ class IngestProcess:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the router and the peer it was sent to
         self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
+        # The finisher runs in the process too (:mod:`forwarder.daemon.finish_relay`): the
+        # paths under incoming/.listen it moved out, and each restart, are told there.
+        self.on_finished: Callable[[list[str]], None] | None = None
+        self.on_restarted: Callable[[], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -130,8 +134,10 @@ class IngestProcess:
 
     def stop(self, timeout: float = _STOP_GRACE) -> None:
         """Stop the process (killed if it has not exited within ``timeout`` seconds) and wait
-        for its last counts."""
+        for its last counts. After :meth:`request_stop` it still finishes files: ``exit`` (the
+        second message) has it finish what it was handed, then exit."""
         self.request_stop()
+        self._tell("exit")
         process = self._process
         if process is not None:
             try:
@@ -149,6 +155,18 @@ class IngestProcess:
         if process is not None and process.poll() is None:
             with contextlib.suppress(OSError):
                 process.send_signal(signal.SIGUSR1)
+
+    @property
+    def finishing(self) -> bool:
+        """The process runs (it finishes files even while its watcher is unhealthy)."""
+        process = self._process
+        return self._ever_up and process is not None and process.poll() is None
+
+    def finish(self, file_ids: Sequence[int]) -> None:
+        """Have the process's finisher move ``file_ids`` out of incoming (one message). Lost
+        when the process is not running: each start's sweep finds such files in the queue."""
+        if file_ids:
+            self._tell("finish", list(file_ids))
 
     def rescan(self) -> None:
         """Ask for a full scan of incoming as soon as possible."""
@@ -316,8 +334,13 @@ class IngestProcess:
             if self._ever_up:
                 logger.warning("watch: watching incoming again, in process %s", self.pid)
                 self._wake()  # a chunk it queued just before it died may not have said so
+                if self.on_restarted is not None:
+                    self.on_restarted()
             self._ever_up = True
             self._ready.set()
+        elif kind == "finished":
+            if self.on_finished is not None:
+                self.on_finished(args[0])
         elif kind == "failed":  # it exits next: _supervise says why (or start() does)
             self._failed = str(args[0])
 
