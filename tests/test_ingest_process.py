@@ -302,3 +302,40 @@ def test_killed_while_finishing_a_drain_every_file_is_finished_once(tmp_path: Pa
         files, jobs = queue_counts(d.queue)
         assert files == {"FINISHED": 2 * total}
         assert jobs == {"DONE": 2 * total}
+
+
+def test_stopped_while_the_process_is_down_the_daemon_finishes_what_it_held(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM in the second before a killed process is restarted: the daemon itself finishes
+    the files handed to it, so a clean stop leaves no finished file in incoming."""
+    total = 100
+    with ScriptedSCP(delay=0.01) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+        dropped = staged.drop_files(total, rows=16, columns=16)
+        with d:
+            os.rename(staged.incoming, d.incoming / "backlog")
+            wait_until(
+                lambda: sum(queue_counts(d.queue)[0].values()) == total, 60, what="all queued"
+            )
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGSTOP)  # it finishes nothing from now on
+            try:
+                wait_until(
+                    lambda: not {"READY", "CLAIMED"} & set(queue_counts(d.queue)[1]),
+                    60,
+                    what="the queued files sent",
+                )
+            finally:
+                os.kill(child, signal.SIGKILL)
+            assert len(d.done_files()) < total
+            d.wait_log(DIED.pattern, regex=True, what="the death logged")
+            assert d.stop() == 0  # within the second before the restart
+            log = d.log_text(current_run=True)
+            assert AGAIN not in log
+            assert "finished here, the process being down" in log
+        assert d.done_files() == sorted(f"backlog/{f.rel_path}" for f in dropped)
+        assert d.incoming_files() == []
+        assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})
+        assert len(scp.received) == total

@@ -25,7 +25,9 @@ process, on its connection), which ``forwarder status`` and the status page read
 finisher ends the process, whose restart the daemon logs and reports as unhealthy.
 
 Before the process exists (start-up: the orphans failed at start, the first senders' ids)
-ids wait here, and go to it once it runs (:meth:`ChildFinisher.attach`).
+ids wait here, and go to it once it runs (:meth:`ChildFinisher.attach`). At a stop while
+the process is down, the daemon's own Finisher sweeps the queue instead: a clean stop leaves
+no finished file in incoming.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest_process import IngestProcess
+from forwarder.errors import ForwarderError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,10 @@ logger = logging.getLogger(__name__)
 class ChildFinisher:
     """Thread-safe. Hands file ids to the watch-and-ingest process's finisher."""
 
-    def __init__(self) -> None:
+    def __init__(self, local: Finisher) -> None:
+        # The daemon's own, for when no process finishes: start-up's recovery, and a stop
+        # while the process is down.
+        self._local = local
         self._process: IngestProcess | None = None
         self._early: list[int] = []  # ids handed over before the process runs
         self._lock = threading.Lock()
@@ -82,11 +89,21 @@ class ChildFinisher:
         return process is None or process.finishing
 
     def stop(self, timeout: float = 10.0) -> None:
-        """The senders have drained: the process finishes what it was handed, then exits."""
+        """The senders have drained: the process finishes what it was handed, then exits.
+        When it is not running (it died, and is not restarted once stopping), what it would
+        have finished is finished here."""
         with self._lock:
             process = self._process
-            left = len(self._early)
+            early, self._early = self._early, []
+        running = process is not None and process.finishing
         if process is not None:
             process.stop(timeout)
-        elif left:
-            logger.info("finish: %d file(s) are finished at the next start", left)
+        if not running:
+            try:
+                self._local.finish_ids(early)
+                found = self._local.sweep_all()
+            except ForwarderError as exc:  # the next start's sweep finishes them
+                logger.error("finishing files: %s", exc)
+                return
+            if found:
+                logger.info("finish: %d file(s) finished here, the process being down", found)

@@ -150,8 +150,9 @@ class Service(ServiceLoop):
             )
             # Moves a crash left half done, here before anything else runs; from then on the
             # watch-and-ingest process finishes (forwarder.daemon.finish_relay).
-            Finisher(self.queue, self.spool, self.ingest.forget).finish(report.finishing)
-            self.finisher = ChildFinisher()
+            local = Finisher(self.queue, self.spool, self.ingest.forget)
+            local.finish(report.finishing)
+            self.finisher = ChildFinisher(local)
             self._fail_orphans()
             if c.metrics is not None:
                 from forwarder.daemon.metrics import (
