@@ -76,7 +76,9 @@ def test_sigterm_stops_taking_files_before_the_senders_drain(tmp_path: Path) -> 
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
         with d:
             sent = d.drop("sent.dcm")
-            d.wait_status(lambda s: s["pacs"]["in_flight"] == 1, what="the file in flight")
+            # At the peer (claimed is not enough: a job claimed but not yet sent when SIGTERM
+            # comes goes back to READY, and waits for the next start).
+            wait_until(lambda: scp.started, 30, what="the file at the peer")
             d.signal(signal.SIGTERM)
             d.wait_log("watch: stopped", what="the process to stop")
             late = d.drop("late.dcm")  # while the sender still waits for its answer

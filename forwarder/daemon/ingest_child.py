@@ -144,7 +144,12 @@ class Child:
         reader = threading.Thread(target=self._serve, name="ingest-peer", daemon=True)
         reader.start()
         self.peer.send("ready")
-        self._retry(everything=True)  # what a previous process was handed and did not finish
+        # What a previous process was handed and did not finish; on a thread of its own, so
+        # that a stop stops the watcher at once even in a long queue.
+        sweep = threading.Thread(
+            target=self._retry, kwargs={"everything": True}, name="finish-sweep", daemon=True
+        )
+        sweep.start()
         while not self._stop.wait(_FINISH_RETRY_EVERY):
             self._retry()
         self.watcher.stop()
@@ -155,6 +160,7 @@ class Child:
         # Still finishing: the daemon's senders drain, and hand their last files over.
         while not self._exit.wait(_FINISH_RETRY_EVERY):
             self._retry()
+        sweep.join()
         healthy = self.finisher.healthy
         self.finisher.stop()  # what was handed over before ``exit`` is finished
         self.queue.close()
