@@ -143,6 +143,8 @@ class ScriptedSCP:
     delay: float = 0.0
     max_pdu: int = 16382
     received: list[Received] = field(default_factory=list)
+    #: SOP Instance UIDs of the C-STOREs it began to answer (before ``delay``).
+    started: list[str] = field(default_factory=list)
     port: int = 0
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -157,6 +159,8 @@ class ScriptedSCP:
             nbytes=len(ds_bytes),
             calling_ae=event.assoc.requestor.ae_title,
         )
+        with self._lock:
+            self.started.append(rec.sop_instance_uid)
         if self.delay:
             time.sleep(self.delay)
         status = self.status(rec) if callable(self.status) else self.status

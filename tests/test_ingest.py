@@ -18,6 +18,7 @@ from dicomgen import PATIENT_ID, PATIENT_NAME, make_dataset, write_file
 from pydicom.uid import ImplicitVRLittleEndian, RLELossless
 
 from forwarder.config import Route
+from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import CHUNK, FIRST_CHUNK, Ingest
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
@@ -273,6 +274,24 @@ def test_known_paths_survive_a_restart(tmp_path: Path) -> None:
         e.ingest([ready])
         assert e.rec.wakes == 0
         assert e.queue.counts()["READY"] == 2  # still the first run's two jobs
+
+
+def test_relearn_drops_the_paths_finished_without_a_forget(env: Env) -> None:
+    """The finisher runs in another process: a forget lost with it (killed) is made up for
+    by ``relearn``, which keeps every path still queued."""
+    a, b = env.put("a.dcm"), env.put("b.dcm")
+    env.ingest([a, b])
+    finished: list[int] = []
+    for dest in DESTS:
+        jobs = [j for j in env.queue.claim(dest, 10) if j.rel_path == "a.dcm"]
+        finished += env.queue.ack_done([j.id for j in jobs])
+    Finisher(env.queue, env.spool, lambda _paths: None).finish_ids(finished)  # no forget
+    assert (env.spool.done / "a.dcm").exists()
+    assert env.ingest.is_known(str(a.path))
+    env.ingest.relearn()
+    assert not env.ingest.is_known(str(a.path))
+    assert env.ingest.is_known(str(b.path))
+    assert env.ingest.known_count == 1
 
 
 def test_set_router_changes_routing_and_what_is_read(env: Env) -> None:

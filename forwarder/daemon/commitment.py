@@ -53,7 +53,7 @@ from forwarder.queue import CommitItem, Queue, Resolution
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-    from forwarder.daemon.finisher import Finisher
+    from forwarder.daemon.finisher import FinishSink
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
     def __init__(
         self,
         queue: Queue,
-        finisher: Finisher,
+        finisher: FinishSink,
         *,
         wake_workers: Callable[[], None],
         metrics: Any = None,
@@ -289,7 +289,7 @@ def apply_outcome(
     what: str,
     reasons: Sequence[str],
     *,
-    finisher: Finisher,
+    finisher: FinishSink,
     wake_workers: Callable[[], None],
     metrics: Any,
 ) -> None:

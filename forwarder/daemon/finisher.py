@@ -17,6 +17,7 @@ import queue as stdqueue
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.spool import DestinationResult, SourceGoneError, Spool, SpoolError
@@ -26,6 +27,13 @@ from forwarder.queue import FileState, FileToFinish, Finish, JobStatus, Queue
 logger = logging.getLogger(__name__)
 
 _SLICE = 500  # files finished together at most (the queue's to_finish reads 1000 a call)
+
+
+class FinishSink(Protocol):
+    """Where senders and proof of delivery hand finished file ids: a :class:`Finisher`, or
+    the daemon's :class:`~forwarder.daemon.finish_relay.ChildFinisher`."""
+
+    def submit(self, file_ids: Sequence[int]) -> None: ...
 
 
 class Finisher:
@@ -110,6 +118,19 @@ class Finisher:
         with self._lock:
             items, self._sweep_from = self.queue.sweep_to_finish(self._sweep_from)
             self._finish(items)
+
+    def sweep_all(self) -> int:
+        """:meth:`retry_pending` over the whole queue (one cycle of the sweep): what a previous
+        finisher was handed but did not finish (it was killed) is finished now. Returns how
+        many files it took."""
+        after, found = 0, 0
+        while True:
+            with self._lock:
+                items, after = self.queue.sweep_to_finish(after)
+                self._finish(items)
+            found += len(items)
+            if after == 0:
+                return found
 
     def finish(self, items: Sequence[FileToFinish]) -> None:
         """Finish ``items`` as returned by ``Queue.recover()``."""

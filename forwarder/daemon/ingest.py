@@ -130,6 +130,7 @@ class Ingest:
         # path -> (size, mtime_ns) of every queued file (``known_under``: of those in that
         # folder, the only ones this Ingest is offered): a re-offered path with other values
         # was replaced in incoming.
+        self._known_under = known_under
         self._known: dict[str, tuple[int, int]] = queue.active_files(known_under)
         self._unreadable: set[str] = set()  # warned about once each
         self.set_router(router)
@@ -218,6 +219,17 @@ class Ingest:
         with self._lock:
             for path in paths:
                 self._known.pop(path, None)
+
+    def relearn(self) -> None:
+        """Drop the known paths the queue no longer holds unfinished: their forgets were lost
+        (the process that finished them died before saying so). Paths learnt meanwhile stay."""
+        with self._lock:
+            before = dict(self._known)
+        active = self.queue.active_files(self._known_under)
+        with self._lock:
+            for path, seen in before.items():
+                if path not in active and self._known.get(path) == seen:
+                    del self._known[path]
 
     def __call__(self, files: Sequence[ReadyLike]) -> None:
         with self._lock:

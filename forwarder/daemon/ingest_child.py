@@ -11,12 +11,24 @@ bound by one core, its interpreter lock shared by the senders and the ingest.
 Over the peer socket (:mod:`forwarder.daemon.listen_wire`), all notifications:
 
 - from the daemon: ``init`` (folders, queue, watch settings, router), ``routing`` (a reload's
-  router), ``forget`` (paths the finisher moved out of incoming: queued again when a file of
-  that name comes back), ``rescan``, ``stop``;
+  router), ``finish`` (file ids whose jobs are all terminal, one message per sender's batch),
+  ``forget`` (paths moved out of incoming by someone else: queued again when a file of that
+  name comes back), ``rescan``, ``stop`` (stop watching, at SIGTERM), then ``exit`` (the
+  daemon's senders have drained: finish what was handed over, and exit);
 - to the daemon: ``ready`` once watching (or ``failed`` with the reason, then exit),
   ``ingested`` (counts for the daemon's metrics, and whether something was queued: the
   daemon wakes its senders; one message per queued chunk and per batch handed on),
-  ``health`` when the watcher's health changes.
+  ``health`` when the watcher's health changes, ``finished`` (the paths under
+  ``incoming/.listen`` the finisher moved out: the daemon's own Ingest, the listener's, knows
+  those).
+
+The :class:`~forwarder.daemon.finisher.Finisher` runs here, on this process's queue
+connection: the moves out of incoming, their fsyncs and their two queue transactions a batch
+no longer take the daemon's interpreter from its senders, and the forget of a moved path is a
+call, not a message. Nothing handed over is lost when this process dies: a file's jobs are
+terminal in the queue before its id is sent, and each start sweeps the whole queue
+(:meth:`~forwarder.daemon.finisher.Finisher.sweep_all`) before the periodic sweep goes on
+every few seconds; a move half done is a FINISHING row, which every sweep takes.
 
 The process dies with the daemon (``PR_SET_PDEATHSIG``); what it had checked but not committed
 is found again by the next start's scan. SIGTERM, SIGINT and SIGHUP are ignored: the daemon
@@ -39,9 +51,10 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.daemon.child_process import HEALTH_EVERY
+from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with
-from forwarder.daemon.spool import Spool
+from forwarder.daemon.spool import LISTEN_FOLDER, Spool
 from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.daemon.watcher import Watcher
 from forwarder.errors import ForwarderError
@@ -51,6 +64,7 @@ logger = logging.getLogger("forwarder.daemon.ingest_child")
 
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
 _STUCK = 90.0  # seconds the watcher's settle loop may take for one turn (under WatchdogSec)
+_FINISH_RETRY_EVERY = 5.0  # the finisher's periodic sweep (moves that failed, lost ids)
 
 
 class Counts:
@@ -86,7 +100,7 @@ class Counts:
 
 
 class Child:
-    """The watcher and Ingest, answering the daemon's messages."""
+    """The watcher, Ingest and the finisher, answering the daemon's messages."""
 
     def __init__(self, peer: Peer, init: dict[str, Any]) -> None:
         self.peer = peer
@@ -112,7 +126,10 @@ class Child:
             rescan_interval=watch["rescan_interval"],
             is_known=self.ingest.is_known,
         )
-        self._stop = threading.Event()
+        self.finisher = Finisher(self.queue, spool, self._finished)
+        self._listen = str(incoming / LISTEN_FOLDER) + os.sep
+        self._stop = threading.Event()  # stop watching
+        self._exit = threading.Event()  # finish what was handed over, then exit
         self._known = -1  # Ingest's known paths when last said (in the DEBUG log)
         self._next_look = 0.0
         self._stuck = False  # the settle loop has not come round for _STUCK seconds
@@ -129,17 +146,63 @@ class Child:
         except ForwarderError as exc:
             self.peer.send("failed", str(exc))
             return 1
+        self.finisher.start()
         if not self._stop.is_set():
             self.peer.send("ready")
             self._ready = True
-            self._stop.wait()
+        # What a previous process was handed and did not finish; on a thread of its own, so
+        # that a stop stops the watcher at once even in a long queue.
+        sweep = threading.Thread(
+            target=self._retry, kwargs={"everything": True}, name="finish-sweep", daemon=True
+        )
+        sweep.start()
+        while not self._stop.wait(_FINISH_RETRY_EVERY):
+            self._retry()
         self.watcher.stop()
         self.counts.flush()
         logger.info(
             "watch: stopped; %d file(s) it queued are not finished yet", self.ingest.known_count
         )
+        # Still finishing: the daemon's senders drain, and hand their last files over.
+        while not self._exit.wait(_FINISH_RETRY_EVERY):
+            self._retry()
+        sweep.join()
+        healthy = self.finisher.healthy
+        self.finisher.stop()  # what was handed over before ``exit`` is finished
         self.queue.close()
-        return 0
+        return 0 if healthy else 1
+
+    def _retry(self, *, everything: bool = False) -> None:
+        """The finisher's sweep (:meth:`Finisher.retry_pending`; ``everything``: the whole
+        queue, as at start). A dead finisher thread ends this process: the daemon starts
+        another, whose start finishes what this one was handed."""
+        if not self.finisher.healthy:
+            logger.error("finish: the finisher thread died; ending the watch-and-ingest process")
+            self._stop.set()
+            self._exit.set()
+            return
+        try:
+            if everything:
+                found = self.finisher.sweep_all()
+                if found:
+                    logger.info(
+                        "finish: %d file(s) left unfinished before this start finished", found
+                    )
+            else:
+                self.finisher.retry_pending()
+        except ForwarderError as exc:
+            logger.error("finishing files: %s", exc)
+
+    def _finished(self, paths: Sequence[str]) -> None:
+        """The finisher moved ``paths`` out of incoming: forgotten here, and those under
+        incoming/.listen (the listener's, known by the daemon's Ingest) forgotten there."""
+        self._forget(paths)
+        listen = [p for p in paths if p.startswith(self._listen)]
+        if listen:
+            try:
+                self.peer.send("finished", listen)
+            except PeerGone:
+                pass  # the daemon is going away, and this process with it
 
     def _on_ready(self, files: list[ReadyFile]) -> None:
         try:
@@ -152,13 +215,18 @@ class Child:
             self.peer.serve(idle=HEALTH_EVERY, on_idle=self._look)
         finally:
             self._stop.set()  # the daemon is gone (PR_SET_PDEATHSIG kills us soon anyway)
+            self._exit.set()
 
     def _look(self) -> None:
         """The watcher's health, each second: the daemon's sign that this process is alive
-        (silent, it is taken for stopped or hung). A settle loop that has not come round for
-        :data:`_STUCK` seconds (a hung mount, a stuck fsync) is unhealthy too."""
+        (silent, it is taken for stopped or hung; so also while it only finishes, after
+        ``stop``). Taking files making no progress for :data:`_STUCK` seconds (a hung mount, a
+        stuck fsync) is unhealthy too."""
         self._next_look = time.monotonic() + HEALTH_EVERY
         if not self._ready:  # the watcher may not run yet: its health means nothing
+            return
+        if self._stop.is_set():  # not watching, still finishing: alive all the same
+            self.peer.send("health", False)
             return
         stuck = self.watcher.stuck_for
         healthy = self.watcher.healthy and stuck < _STUCK
@@ -168,15 +236,16 @@ class Child:
                 logger.error("watch: taking files from incoming is stuck (%.0f s)", stuck)
             else:
                 logger.warning("watch: taking files from incoming again")
-        if not self._stop.is_set():
-            self.peer.send("health", healthy)
+        self.peer.send("health", healthy)
         known = self.ingest.known_count
         if known != self._known:
             self._known = known
             logger.debug("watch: %d file(s) queued from incoming, not finished yet", known)
 
     def _handle(self, kind: str, args: tuple[Any, ...]) -> None:
-        if kind == "forget":
+        if kind == "finish":
+            self.finisher.submit(args[0])
+        elif kind == "forget":
             self._forget(args[0])
         elif kind == "routing":
             self.ingest.set_router(args[0])
@@ -184,11 +253,14 @@ class Child:
             self.watcher.rescan()
         elif kind == "stop":
             self._stop.set()
+        elif kind == "exit":
+            self._stop.set()
+            self._exit.set()
         if time.monotonic() >= self._next_look:  # busy: no idle second to look in
             self._look()
 
     def _forget(self, paths: Sequence[str]) -> None:
-        """The finisher moved ``paths`` out of incoming. A file of the same name already back
+        """``paths`` were moved out of incoming. A file of the same name already back
         may have been seen while its name was still known (and taken for a replacement of
         the queued one): a rescan offers it again."""
         self.ingest.forget(paths)

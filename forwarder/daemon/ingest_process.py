@@ -77,6 +77,10 @@ class IngestProcess(ChildProcess):
         self.metrics = metrics
         self._log_level = log_level
         self._log_phi = log_phi
+        # The finisher runs in the process too (:mod:`forwarder.daemon.finish_relay`): the
+        # paths under incoming/.listen it moved out, and each restart, are told there.
+        self.on_finished: Callable[[list[str]], None] | None = None
+        self.on_restarted: Callable[[], None] | None = None
 
     def request_stop(self) -> None:
         """Stop taking files from incoming now (the process exits); :meth:`stop` waits."""
@@ -84,8 +88,22 @@ class IngestProcess(ChildProcess):
 
     def stop(self, timeout: float = _STOP_GRACE) -> None:
         """Stop the process (killed if it has not exited within ``timeout`` seconds) and wait
-        for its last counts."""
-        self._stop_process(("stop",), timeout)
+        for its last counts. After :meth:`request_stop` it still finishes files: ``exit`` (the
+        second message) has it finish what it was handed, then exit."""
+        self._stop_process(("exit",), timeout)
+
+    @property
+    def finishing(self) -> bool:
+        """The process runs and said ready (it finishes files even while its watcher is
+        unhealthy)."""
+        process = self._process
+        return self._up and process is not None and process.poll() is None
+
+    def finish(self, file_ids: Sequence[int]) -> None:
+        """Have the process's finisher move ``file_ids`` out of incoming (one message). Lost
+        when the process is not running: each start's sweep finds such files in the queue."""
+        if file_ids:
+            self.tell("finish", list(file_ids))
 
     def rescan(self) -> None:
         """Ask for a full scan of incoming as soon as possible."""
@@ -146,6 +164,8 @@ class IngestProcess(ChildProcess):
         if again:
             logger.warning("watch: watching incoming again, in process %s", self.pid)
             self._wake()  # a chunk it queued just before it died may not have said so
+            if self.on_restarted is not None:
+                self.on_restarted()
 
     def _dispatch(self, kind: str, args: tuple[Any, ...]) -> None:
         try:
@@ -157,5 +177,7 @@ class IngestProcess(ChildProcess):
                         metrics.ingested(accepted, reason, count)
                 if args[1]:
                     self._wake()
+            elif kind == "finished" and self.on_finished is not None:
+                self.on_finished(args[0])
         except Exception:  # a bug of ours: the process goes on
             logger.exception("watch: handling the watch-and-ingest process's %s failed", kind)

@@ -25,7 +25,7 @@ from forwarder.net.association import AssociationSettings
 from forwarder.queue import Queue
 
 if TYPE_CHECKING:
-    from forwarder.daemon.finisher import Finisher
+    from forwarder.daemon.finisher import FinishSink
 
 _TICK = 1.0  # how often the thread looks for what is due
 _RETRY = 30.0  # after the peer could not be asked, ask again this much later
@@ -60,7 +60,7 @@ class ProofThread(Generic[TargetT]):
     def __init__(
         self,
         queue: Queue,
-        finisher: Finisher,
+        finisher: FinishSink,
         *,
         wake_workers: Callable[[], None],
         metrics: Any = None,

@@ -3,11 +3,12 @@
 Start order: lock the queue, recover it (stale claims back to READY, half-finished moves
 completed), start workers, start the watch-and-ingest process and wait until it watches
 (:mod:`forwarder.daemon.ingest_process`; its first scan picks up files that arrived while we
-were stopped), with ``listen:`` queue what the listener left unqueued and open its port
-(:mod:`forwarder.daemon.listener`), then tell systemd READY=1. SIGTERM/SIGINT: stop watching
-(the process exits), stop the listener (new associations refused, open ones drained then
-aborted), let each worker finish the file it is sending, put claimed-but-unsent jobs back,
-release associations, exit 0.
+were stopped; it finishes files too, :mod:`forwarder.daemon.finish_relay`), with ``listen:``
+queue what the listener left unqueued and open its port (:mod:`forwarder.daemon.listener`),
+then tell systemd READY=1. SIGTERM/SIGINT: stop watching (the process stops its watcher),
+stop the listener (new associations refused, open ones drained then aborted), let each worker
+finish the file it is sending, put claimed-but-unsent jobs back, release associations; then
+the process finishes what the workers handed over and exits; exit 0.
 SIGHUP: re-read the config; apply it if valid, else log every problem and keep the old one.
 Signal handlers only set flags (uvicorn's ``Server.capture_signals``); the main thread acts.
 
@@ -25,7 +26,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from forwarder.config import Config, Destination, load_config
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
+from forwarder.daemon.finish_relay import ChildFinisher
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.ingest_process import IngestProcess
@@ -154,9 +155,11 @@ class Service(ServiceLoop):
                 # The listener's: the watch folder's files are the watch-and-ingest process's.
                 known_under=str(self.spool.incoming / LISTEN_FOLDER),
             )
-            self.finisher = Finisher(self.queue, self.spool, self._finished)
-            self.finisher.finish(report.finishing)
-            self.finisher.start()
+            # Moves a crash left half done, here before anything else runs; from then on the
+            # watch-and-ingest process finishes (forwarder.daemon.finish_relay).
+            local = Finisher(self.queue, self.spool, self.ingest.forget)
+            local.finish(report.finishing)
+            self.finisher = ChildFinisher(local)
             self._fail_orphans()
             if c.metrics is not None:
                 from forwarder.daemon.metrics import (
@@ -191,9 +194,12 @@ class Service(ServiceLoop):
                 log_level=c.log_level,
                 log_phi=c.log_phi,
             )
-            if not self.watcher.start(cancelled=self._stop_asked) or (
-                c.listen is not None and not self._start_listener()
-            ):
+            self.watcher.on_finished = self.ingest.forget
+            self.watcher.on_restarted = self.ingest.relearn
+            started = self.watcher.start(cancelled=self._stop_asked)
+            if started:
+                self.finisher.attach(self.watcher)
+            if not started or (c.listen is not None and not self._start_listener()):
                 logger.info("forwarder: stopped during start-up")
                 return 0
             logger.info(
@@ -338,13 +344,6 @@ class Service(ServiceLoop):
     def _queue_stats(self) -> dict[str, Any]:
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
-
-    def _finished(self, paths: Sequence[str]) -> None:
-        """The finisher moved ``paths`` out of incoming: neither Ingest holds them now."""
-        self.ingest.forget(paths)
-        watcher = getattr(self, "watcher", None)
-        if watcher is not None:
-            watcher.forget(paths)
 
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):

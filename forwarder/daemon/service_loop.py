@@ -5,10 +5,11 @@ main thread after start-up. Each tick it takes the signals (SIGTERM/SIGINT stop,
 reloads), checks the threads' health (only a loop that finds nothing wrong feeds systemd's
 watchdog; what is wrong is logged when it changes and twice a minute), refreshes the status
 line and the status page's rates, retries files that could not be moved and prunes the queue.
-The shutdown stops taking files first: the watch-and-ingest process is told to stop and the
-listener stops (new associations refused, open ones drained then aborted); then it lets each
-worker finish the file it is sending and put claimed-but-unsent jobs back, then stops proof of
-delivery, the finisher and metrics, and closes the queue and its lock.
+The shutdown stops taking files first: the watch-and-ingest process is told to stop watching
+and the listener stops (new associations refused, open ones drained then aborted); then it
+lets each worker finish the file it is sending and put claimed-but-unsent jobs back, then stops
+proof of delivery; then the process, which finishes what they handed over and exits; then
+metrics, and closes the queue and its lock.
 
 Start-up, the wiring and SIGHUP's reload are :mod:`forwarder.daemon.service`.
 """
@@ -23,7 +24,7 @@ import time
 from typing import Any
 
 from forwarder.daemon.commitment import CommitmentKeeper
-from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.finish_relay import ChildFinisher
 from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
@@ -62,7 +63,7 @@ class ServiceLoop:
     status_page: StatusPage | None
     listener: Listener | None
     queue: Queue
-    finisher: Finisher
+    finisher: ChildFinisher
     watcher: IngestProcess
     _stop: threading.Event
     _reload: bool
@@ -167,7 +168,10 @@ class ServiceLoop:
                 "restarted, a watch thread died, or the folder was removed)"
             )
         if not self.finisher.healthy:
-            problems.append("the finisher thread died (its traceback is logged above)")
+            problems.append(
+                "the finisher is not running (it runs in the watch-and-ingest process, which "
+                "died and is being restarted; logged above)"
+            )
         if self.listener is not None and not self.listener.healthy:
             problems.append("the listener no longer accepts associations (logged above)")
         for workers in list(self._workers.values()):
@@ -190,8 +194,6 @@ class ServiceLoop:
         if self.listener is not None:
             self.listener.stop(_LISTEN_DRAIN)
             self.listener = None
-        if watcher is not None:
-            watcher.stop()
         for w in self._workers.values():
             w.stop(_STOP_TIMEOUT)
         self._workers.clear()
@@ -199,9 +201,13 @@ class ServiceLoop:
             self.commitment.stop()
         if self.verifier is not None:
             self.verifier.stop()
+        # Then the process finishes what the senders and proof of delivery handed over (its
+        # finisher), and exits: the second message.
         finisher = getattr(self, "finisher", None)
         if finisher is not None:
             finisher.stop()
+        if watcher is not None:
+            watcher.stop()
         if self.metrics is not None:
             self.metrics.stop()
         queue = getattr(self, "queue", None)

@@ -44,7 +44,7 @@ from forwarder.config import Destination, RetryPolicy
 from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
-from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.finisher import FinishSink
 from forwarder.daemon.flow import PAUSE_POLL, FlowGate
 from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics
 from forwarder.daemon.probe import probe
@@ -85,7 +85,7 @@ class DestinationWorkers(BatchSending):
         calling_ae_title: str,
         retry: RetryPolicy,
         queue: Queue,
-        finisher: Finisher,
+        finisher: FinishSink,
         settings: AssociationSettings,
         metrics: SendMetrics | None = None,
         on_outcome: Callable[[LastOutcome], None] = lambda _: None,

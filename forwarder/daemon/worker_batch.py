@@ -30,7 +30,7 @@ from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.edits import EditConflict
-from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.finisher import FinishSink
 from forwarder.daemon.flow import FlowGate
 from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics, log_outcome, retry_ack
 from forwarder.daemon.spares import SpareAssociations
@@ -59,7 +59,7 @@ class BatchSending:
     name: str
     retry: RetryPolicy
     queue: Queue
-    finisher: Finisher
+    finisher: FinishSink
     metrics: SendMetrics | None
     on_outcome: Callable[[LastOutcome], None]
     edits: Callable[[Job, str], tuple[Editor, ...]] | None
