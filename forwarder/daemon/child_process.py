@@ -234,7 +234,7 @@ class ChildProcess:
                 stdin=subprocess.DEVNULL,
                 env=child_env(),
             )
-        except OSError:
+        except (OSError, subprocess.SubprocessError):
             ours.close()
             raise
         finally:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 from forwarder.daemon.finisher import Finisher
@@ -41,6 +42,8 @@ from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.errors import ForwarderError
 
 logger = logging.getLogger(__name__)
+
+_TAKE_OVER_AFTER = 30.0  # seconds without a finishing process before the daemon sweeps
 
 
 class ChildFinisher:
@@ -56,6 +59,7 @@ class ChildFinisher:
         #: What the daemon's side knows of the last problem (the process records its own in
         #: the queue, where ``forwarder status`` reads it).
         self.last_error: str | None = None
+        self._down_since: float | None = None  # since when no process finishes
 
     def attach(self, process: IngestProcess) -> None:
         """The process runs: it finishes from now on (what was handed over before too)."""
@@ -80,7 +84,20 @@ class ChildFinisher:
         self.submit(file_ids)
 
     def retry_pending(self) -> None:
-        """Nothing here: the process sweeps the queue itself, every few seconds."""
+        """The process sweeps the queue itself, every few seconds. When it has not been
+        finishing for :data:`_TAKE_OVER_AFTER` seconds (it keeps failing to start: the
+        watcher cannot watch...), a slice of the sweep runs here: files keep leaving incoming
+        (two finishers on one row are safe: each step is guarded by the row's state, and a
+        target already there is not moved over)."""
+        process = self._process
+        if process is None or process.finishing:
+            self._down_since = None
+            return
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since >= _TAKE_OVER_AFTER:
+            self._local.retry_pending()
 
     @property
     def healthy(self) -> bool:
@@ -98,6 +115,8 @@ class ChildFinisher:
         running = process is not None and process.finishing
         if process is not None:
             process.stop(timeout)
+            # Killed at the deadline, or its finisher stuck: what it held is finished here.
+            running = running and process.exit_code == 0
         if not running:
             try:
                 self._local.finish_ids(early)

@@ -11,6 +11,7 @@ FINISHING, and :meth:`Finisher.retry_pending` tries again later: nothing is lost
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import queue as stdqueue
@@ -61,12 +62,15 @@ class Finisher:
         self._thread = threading.Thread(target=self._run, name="forwarder-finisher", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish everything submitted so far, then stop the thread."""
-        if self._thread is not None:
-            self._inbox.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Finish everything submitted so far, then stop the thread; False when it had not
+        ended within ``timeout`` seconds."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return True
+        self._inbox.put(None)
+        thread.join(timeout)
+        return not thread.is_alive()
 
     @property
     def healthy(self) -> bool:
@@ -119,18 +123,21 @@ class Finisher:
             items, self._sweep_from = self.queue.sweep_to_finish(self._sweep_from)
             self._finish(items)
 
-    def sweep_all(self) -> int:
+    def sweep_all(self, until: threading.Event | None = None) -> int:
         """:meth:`retry_pending` over the whole queue (one cycle of the sweep): what a previous
-        finisher was handed but did not finish (it was killed) is finished now. Returns how
+        finisher was handed but did not finish (it was killed) is finished now; FINISHING rows
+        once, in the first slice. Stops between two slices once ``until`` is set. Returns how
         many files it took."""
-        after, found = 0, 0
-        while True:
+        after, found, first = 0, 0, True
+        while until is None or not until.is_set():
             with self._lock:
-                items, after = self.queue.sweep_to_finish(after)
+                items, after = self.queue.sweep_to_finish(after, finishing=first)
                 self._finish(items)
             found += len(items)
+            first = False
             if after == 0:
-                return found
+                break
+        return found
 
     def finish(self, items: Sequence[FileToFinish]) -> None:
         """Finish ``items`` as returned by ``Queue.recover()``."""
@@ -192,6 +199,13 @@ class Finisher:
     def _move(self, item: FileToFinish, target: Path, dirs: set[Path]) -> None:
         failed = item.outcome == Finish.FAILED
         source = Path(item.path)
+        recorded = item.state != FileState.QUEUED and item.final_path is not None
+        if recorded and _another_file(source, target):
+            # Moved already (a crash, or a queue error, kept the row FINISHING): its target
+            # was a free name when recorded. What is in incoming under that name now is
+            # another file (dropped again): it must not replace the delivered copy.
+            logger.info("%s: already moved to %s", item.rel_path, target)
+            return
         reason = ""
         if failed:
             results = [
@@ -227,3 +241,15 @@ class Finisher:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
         else:
             logger.debug("%s: moved to done/ (%s)", item.rel_path, target)
+
+
+def _another_file(source: Path, target: Path) -> bool:
+    """Both exist and differ: the target is the delivered copy, the source a file dropped
+    again under its name. The same bytes at both are the original still in place (a move
+    across filesystems copied it, then could not remove it): the move goes on."""
+    if not (os.path.lexists(source) and os.path.lexists(target)):
+        return False
+    try:
+        return not filecmp.cmp(source, target, shallow=False)
+    except OSError:
+        return False  # unreadable: the move says why

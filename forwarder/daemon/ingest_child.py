@@ -166,9 +166,13 @@ class Child:
         # Still finishing: the daemon's senders drain, and hand their last files over.
         while not self._exit.wait(_FINISH_RETRY_EVERY):
             self._retry()
-        sweep.join()
+        sweep.join()  # the start's sweep stops between two slices at ``exit``
         healthy = self.finisher.healthy
-        self.finisher.stop()  # what was handed over before ``exit`` is finished
+        # What was handed over before ``exit`` is finished; a finisher still busy (a stuck
+        # move) makes the exit status say so: the daemon then sweeps the queue itself.
+        if not self.finisher.stop():
+            logger.error("finish: the finisher did not end in time; files are left to the daemon")
+            return 1
         self.queue.close()
         return 0 if healthy else 1
 
@@ -183,7 +187,7 @@ class Child:
             return
         try:
             if everything:
-                found = self.finisher.sweep_all()
+                found = self.finisher.sweep_all(until=self._exit)
                 if found:
                     logger.info(
                         "finish: %d file(s) left unfinished before this start finished", found
@@ -243,6 +247,14 @@ class Child:
             logger.debug("watch: %d file(s) queued from incoming, not finished yet", known)
 
     def _handle(self, kind: str, args: tuple[Any, ...]) -> None:
+        try:
+            self._act(kind, args)
+        except Exception:  # a bug of ours, or the queue: the process goes on reading
+            logger.exception("watch: handling the daemon's %s failed", kind)
+        if time.monotonic() >= self._next_look:  # busy: no idle second to look in
+            self._look()
+
+    def _act(self, kind: str, args: tuple[Any, ...]) -> None:
         if kind == "finish":
             self.finisher.submit(args[0])
         elif kind == "forget":
@@ -256,8 +268,6 @@ class Child:
         elif kind == "exit":
             self._stop.set()
             self._exit.set()
-        if time.monotonic() >= self._next_look:  # busy: no idle second to look in
-            self._look()
 
     def _forget(self, paths: Sequence[str]) -> None:
         """``paths`` were moved out of incoming. A file of the same name already back

@@ -2,12 +2,13 @@
 
 :class:`IngestProcess` stands where the :class:`~forwarder.daemon.watcher.Watcher` stood in the
 service (``start``, ``healthy``, ``rescan``, ``stop``) and adds what the process needs from the
-daemon: the routes after a reload (:meth:`IngestProcess.routes_changed`) and the paths the
-finisher moved out of incoming (:meth:`IngestProcess.forget`, one message per finished batch:
-a file of that name dropped again is then ingested again, and the process's set of queued
-paths does not grow). The process's counts go to the daemon's metrics as before
-(``forwarder_ingest_accepted_total``, ``forwarder_ingest_rejected_total{reason}``), and each
-chunk it queued wakes the senders.
+daemon: the routes after a reload (:meth:`IngestProcess.routes_changed`), the ids of the files
+to finish (:meth:`IngestProcess.finish`: its finisher moves them, see
+:mod:`forwarder.daemon.finish_relay`), and the paths the daemon's own finisher moved out of
+incoming when the process did not finish them (:meth:`IngestProcess.forget`: a file of that
+name dropped again is then ingested again). The process's counts go to the daemon's metrics
+as before (``forwarder_ingest_accepted_total``, ``forwarder_ingest_rejected_total{reason}``),
+and each chunk it queued wakes the senders.
 
 :meth:`IngestProcess.start` returns once the process watches (the daemon reports ready only
 then) and raises :class:`~forwarder.errors.ForwarderError` with its reason when it cannot (no
@@ -24,6 +25,7 @@ learns the queued paths afresh.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +38,7 @@ from forwarder.daemon.router import Router
 logger = logging.getLogger(__name__)
 
 _STOP_GRACE = 10.0  # seconds for it to stop watching and exit before it is killed
+_HOLD_AT_MOST = 100_000  # file ids held for a process not ready yet
 
 
 class IngestCounts(Protocol):
@@ -81,6 +84,10 @@ class IngestProcess(ChildProcess):
         # paths under incoming/.listen it moved out, and each restart, are told there.
         self.on_finished: Callable[[list[str]], None] | None = None
         self.on_restarted: Callable[[], None] | None = None
+        # Ids handed over while no process is ready, sent when one is (none waits for a
+        # process that starts; too many are dropped: every start sweeps the queue anyway).
+        self._held: list[int] = []
+        self._held_lock = threading.Lock()
 
     def request_stop(self) -> None:
         """Stop taking files from incoming now (the process exits); :meth:`stop` waits."""
@@ -100,10 +107,23 @@ class IngestProcess(ChildProcess):
         return self._up and process is not None and process.poll() is None
 
     def finish(self, file_ids: Sequence[int]) -> None:
-        """Have the process's finisher move ``file_ids`` out of incoming (one message). Lost
-        when the process is not running: each start's sweep finds such files in the queue."""
-        if file_ids:
-            self.tell("finish", list(file_ids))
+        """Have the process's finisher move ``file_ids`` out of incoming (one message). Held
+        while no process is ready (sent once one is), never waited for; lost with a process
+        killed holding them: each start's sweep finds such files in the queue."""
+        if not file_ids:
+            return
+        with self._held_lock:
+            if not self._up:
+                if len(self._held) < _HOLD_AT_MOST:
+                    self._held.extend(file_ids)
+                return
+        self.tell("finish", list(file_ids))
+
+    @property
+    def exit_code(self) -> int | None:
+        """The last process's exit status (None while it runs)."""
+        process = self._process
+        return None if process is None else process.poll()
 
     def rescan(self) -> None:
         """Ask for a full scan of incoming as soon as possible."""
@@ -161,6 +181,10 @@ class IngestProcess(ChildProcess):
     # -- its messages ------------------------------------------------------------------------
 
     def _on_ready(self, again: bool) -> None:
+        with self._held_lock:
+            held, self._held = self._held, []
+        if held:
+            self.tell("finish", held)
         if again:
             logger.warning("watch: watching incoming again, in process %s", self.pid)
             self._wake()  # a chunk it queued just before it died may not have said so

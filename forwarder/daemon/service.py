@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ class Service(ServiceLoop):
             )
             # Moves a crash left half done, here before anything else runs; from then on the
             # watch-and-ingest process finishes (forwarder.daemon.finish_relay).
-            local = Finisher(self.queue, self.spool, self.ingest.forget)
+            local = Finisher(self.queue, self.spool, self._finished_here)
             local.finish(report.finishing)
             self.finisher = ChildFinisher(local)
             self._fail_orphans()
@@ -344,6 +345,16 @@ class Service(ServiceLoop):
     def _queue_stats(self) -> dict[str, Any]:
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""
         return dict(self.queue.stats(destinations=[d.name for d in self.config.destinations]))
+
+    def _finished_here(self, paths: Sequence[str]) -> None:
+        """The daemon's own finisher moved ``paths`` out of incoming (at start, at a stop while
+        the watch-and-ingest process is down, or taking over from one that keeps failing): no
+        Ingest holds them now, the process's included (it may have started meanwhile and
+        learnt them from the queue)."""
+        self.ingest.forget(paths)
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.forget(paths)
 
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):

@@ -89,12 +89,13 @@ class Finishing(Store):
             return select_to_finish(conn, file_ids, limit)
 
     def sweep_to_finish(
-        self, after: int, span: int = SWEEP_SPAN, limit: int = 1000
+        self, after: int, span: int = SWEEP_SPAN, limit: int = 1000, *, finishing: bool = True
     ) -> tuple[list[FileToFinish], int]:
         """The periodic sweep for files :meth:`to_finish` would return, a slice at a time so
-        that its cost does not grow with the queue: every FINISHING file, and the QUEUED files
-        with every job terminal among the ``span`` files after id ``after``. Returns them and
-        where the next slice starts (0: the beginning again); a whole cycle covers every file."""
+        that its cost does not grow with the queue: every FINISHING file (unless not
+        ``finishing``), and the QUEUED files with every job terminal among the ``span`` files
+        after id ``after``. Returns them and where the next slice starts (0: the beginning
+        again); a whole cycle covers every file."""
         params: dict[str, int] = {"after": after, "offset": span - 1, "limit": limit}
         with self._scan("sweeping for files to finish") as conn:
             row = conn.execute(SWEEP_UPTO, params).fetchone()
@@ -102,7 +103,7 @@ class Finishing(Store):
             if last:  # fewer than ``span`` files after ``after``: to the end of the table
                 row = conn.execute("SELECT MAX(id) FROM files").fetchone()
             params["upto"] = int(row[0] or 0)
-            stuck = conn.execute(TO_FINISH_FINISHING, params).fetchall()
+            stuck = conn.execute(TO_FINISH_FINISHING, params).fetchall() if finishing else []
             queued = conn.execute(TO_FINISH_SLICE, params).fetchall()
             files = sorted({r[0]: r for r in stuck + queued}.values())
             found = _with_results(conn, files)
