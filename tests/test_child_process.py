@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_until
+from test_ingest_process import alive
 
 from forwarder.daemon.child_process import ChildProcess
 from forwarder.daemon.listen_wire import Peer
@@ -51,14 +52,6 @@ class Probe(ChildProcess):
 def _probe_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     path = os.environ.get("PYTHONPATH")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, path])))
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_a_child_slow_to_start_is_not_taken_for_stuck() -> None:

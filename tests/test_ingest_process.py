@@ -10,9 +10,10 @@ import signal
 import sqlite3
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from conftest import wait_until
-from daemon import Daemon, destination, route, uids
+from daemon import Daemon, Dropped, destination, route, uids
 from peers import ScriptedSCP, free_port
 
 CHILD_MODULE = "forwarder.daemon.ingest_child"
@@ -45,6 +46,13 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def staged_backlog(tmp_path: Path, count: int, **kwargs: Any) -> tuple[Path, list[Dropped]]:
+    """``count`` generated files in a folder of their own, to be renamed into incoming at once
+    (a backlog arriving in one step); the folder and the files."""
+    staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
+    return staged.incoming, staged.drop_files(count, **kwargs)
 
 
 def test_ready_only_once_the_process_watches_and_it_ends_with_the_daemon(tmp_path: Path) -> None:
@@ -134,10 +142,9 @@ def test_killed_during_a_backlog_each_file_is_queued_once(tmp_path: Path) -> Non
     committed): the next one queues the rest, and none twice."""
     with ScriptedSCP(delay=0.005) as scp:
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
-        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
-        dropped = staged.drop_files(400, rows=16, columns=16)
+        backlog, dropped = staged_backlog(tmp_path, 400, rows=16, columns=16)
         with d:
-            os.rename(staged.incoming, d.incoming / "backlog")  # all at once
+            os.rename(backlog, d.incoming / "backlog")  # all at once
             wait_until(lambda: scp.received, 30, what="the first file at the peer")
             (child,) = children(d.pid)
             os.kill(child, signal.SIGKILL)
@@ -263,11 +270,10 @@ def test_a_process_stopped_mid_drain_is_killed_and_what_it_held_is_finished_once
     count = 600
     with ScriptedSCP(delay=0.002) as scp:
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
-        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
-        dropped = staged.drop_files(count, rows=8, columns=8)
+        backlog, dropped = staged_backlog(tmp_path, count, rows=8, columns=8)
         with d:
             (child,) = children(d.pid)
-            os.rename(staged.incoming, d.incoming / "backlog")  # all at once
+            os.rename(backlog, d.incoming / "backlog")  # all at once
 
             def all_queued() -> bool:
                 s = d.status_json()["destinations"]["pacs"]
@@ -318,6 +324,7 @@ def test_sigterm_with_the_process_stopped_exits_promptly(tmp_path: Path) -> None
 SLOW_START = """\
 import time
 from pathlib import Path
+from typing import Any
 
 if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
     Path(__file__).with_name("child-started").write_text("")
@@ -429,10 +436,9 @@ def test_stopped_while_the_process_is_down_the_daemon_finishes_what_it_held(
     total = 100
     with ScriptedSCP(delay=0.01) as scp:
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
-        staged = Daemon(tmp_path / "staged", destinations=[])  # only to write the files
-        dropped = staged.drop_files(total, rows=16, columns=16)
+        backlog, dropped = staged_backlog(tmp_path, total, rows=16, columns=16)
         with d:
-            os.rename(staged.incoming, d.incoming / "backlog")
+            os.rename(backlog, d.incoming / "backlog")
             wait_until(
                 lambda: sum(queue_counts(d.queue)[0].values()) == total, 60, what="all queued"
             )
