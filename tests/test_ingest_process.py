@@ -247,7 +247,6 @@ KILLED = re.compile(
     r"watch: the watch-and-ingest process \(PID (\d+)\) "
     r"(?:does not read its messages|has said nothing for \d+ s)"
 )
-SILENT = re.compile(r"watch: the watch-and-ingest process \(PID (\d+)\) has said nothing for")
 
 
 def stop_process(pid: int) -> None:
@@ -265,8 +264,9 @@ def test_a_process_stopped_mid_drain_is_killed_and_what_it_held_is_finished_once
 ) -> None:
     """The watch-and-ingest process stopped (SIGSTOP, as a hung mount would leave it) while the
     daemon sends what it queued and hands it the ids to finish: the senders are not held up,
-    the process is killed (its socket full, or silent) and started again, and its start's
-    sweep finishes every file once."""
+    the silent process is reported unhealthy, then killed (its socket full, or silent) and
+    started again; its start's sweep finishes every file once, and it takes the files dropped
+    while it was stopped."""
     count = 600
     with ScriptedSCP(delay=0.002) as scp:
         d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
@@ -280,31 +280,16 @@ def test_a_process_stopped_mid_drain_is_killed_and_what_it_held_is_finished_once
                 return int(s["done"] + s["pending"] + s["in_flight"]) == count
 
             wait_until(all_queued, 60, what="every file queued")
-            stop_process(child)
-            wait_until(lambda: len(scp.received) == count, 60, what="every file sent meanwhile")
-            d.wait_log(KILLED.pattern, regex=True, timeout=60, what="the stopped process killed")
-            d.wait_log(AGAIN, timeout=30, what="the restart")
-            d.wait_done(count, timeout=120)
-            assert scp.uids() == uids(dropped)
-            assert len(scp.received) == count  # none sent twice
-            assert not alive(child)
-            assert d.stop() == 0
-
-
-def test_a_silent_process_is_unhealthy_then_killed_and_restarted(tmp_path: Path) -> None:
-    with ScriptedSCP() as scp:
-        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
-        with d:
-            first = d.drop_files(2, prefix="before")
-            d.wait_done(2)
-            (child,) = children(d.pid)
             stop_process(child)  # alive, but says nothing and takes nothing
             meanwhile = d.drop_files(3, prefix="meanwhile")
+            wait_until(lambda: len(scp.received) == count, 60, what="every file sent meanwhile")
             d.wait_log(UNHEALTHY, timeout=30, what="the silent process reported unhealthy")
-            d.wait_log(SILENT.pattern, regex=True, timeout=60, what="the kill")
+            d.wait_log(KILLED.pattern, regex=True, timeout=60, what="the stopped process killed")
             d.wait_log(AGAIN, timeout=30, what="the restart")
-            d.wait_done(5)
-            assert scp.uids() == uids(first + meanwhile)
+            d.wait_done(count + 3, timeout=120)
+            assert scp.uids() == uids(dropped + meanwhile)
+            assert len(scp.received) == count + 3  # none sent twice
+            assert not alive(child)
             assert children(d.pid) != [child]
             assert d.stop() == 0
 
