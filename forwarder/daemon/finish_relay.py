@@ -56,9 +56,6 @@ class ChildFinisher:
         self._process: IngestProcess | None = None
         self._early: list[int] = []  # ids handed over before the process runs
         self._lock = threading.Lock()
-        #: What the daemon's side knows of the last problem (the process records its own in
-        #: the queue, where ``forwarder status`` reads it).
-        self.last_error: str | None = None
         self._down_since: float | None = None  # since when no process finishes
 
     def attach(self, process: IngestProcess) -> None:
