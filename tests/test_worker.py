@@ -282,13 +282,31 @@ def test_max_attempts_gives_up(rig: Rig) -> None:
 def test_give_up_after_sends_the_file_to_failed(rig: Rig) -> None:
     with ScriptedSCP(status=0xA702) as scp:
         rig.add_destination(
-            "a", scp.port, retry=RetryPolicy(initial_delay=0.1, max_delay=0.2, give_up_after=0.5)
+            "a", scp.port, retry=RetryPolicy(initial_delay=0.1, max_delay=0.2, give_up_after=2.5)
         )
         rig.start()
+        # Queued without waking the senders: the first attempt may come at their next look,
+        # up to a second later (give_up_after counts from the enqueue).
         rig.enqueue(1)
         wait_until(lambda: rig.failed() == ["f000.dcm"], 20, what="the file in failed/")
         (result,) = rig.error("f000.dcm")["destinations"]  # type: ignore[misc]
         assert "gave up after" in result["error"] and result["attempts"] >= 2
+
+
+def test_giving_up_is_logged_as_a_failure_not_a_retry(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attempt the policy gives up after says so, instead of "will retry"."""
+    with ScriptedSCP(status=0xA702) as scp:
+        rig.add_destination("a", scp.port, retry=RetryPolicy(max_attempts=1))
+        rig.start()
+        with caplog.at_level(logging.INFO, logger="forwarder"):
+            rig.enqueue(1)
+            wait_until(lambda: rig.failed() == ["f000.dcm"], 20, what="the file in failed/")
+        sent = [r.getMessage() for r in caplog.records if r.name == "forwarder.daemon.outcomes"]
+        assert len(sent) == 1 and "will retry" not in sent[0], sent
+        assert "f000.dcm -> a: failed" in sent[0] and "gave up after 1 attempts" in sent[0]
+        assert "status 0xA702" in sent[0]
 
 
 def test_a_destination_that_is_down_receives_everything_once_it_comes_up(rig: Rig) -> None:

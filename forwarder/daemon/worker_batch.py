@@ -17,6 +17,7 @@ becomes is :mod:`forwarder.daemon.outcomes`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -157,6 +158,13 @@ class BatchSending:
                     continue
                 if outcome.outcome.stored:
                     crash_point("after-response")
+                retry: Ack | None = None
+                if outcome.outcome is Outcome.RETRY:
+                    retry = self._retry(job, outcome.status, outcome.error)
+                    if retry.kind == "failed":  # the policy gives up: logged as the failure
+                        outcome = dataclasses.replace(
+                            outcome, outcome=Outcome.FAILED, error=retry.error
+                        )
                 log_outcome(self.name, job, outcome)
                 if self.metrics is not None:
                     self.metrics.file_sent(
@@ -164,8 +172,8 @@ class BatchSending:
                     )
                 if outcome.outcome.stored:
                     done.setdefault(outcome.status or 0, []).append(job.id)
-                elif outcome.outcome is Outcome.RETRY:
-                    acks.append(self._retry(job, outcome.status, outcome.error))
+                elif retry is not None and retry.kind == "retry":
+                    acks.append(retry)
                 else:
                     error = outcome.error or "failed"
                     acks.append(Ack("failed", (job.id,), outcome.status, error))
