@@ -31,12 +31,18 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 from test_receive import associate, dot_files, finish, sample, wait_until
-from test_receive_integrity import assert_same_object, dataset_bytes, dcm_files, stored_path
+from test_receive_integrity import (
+    assert_same_object,
+    dataset_bytes,
+    dataset_bytes_of,
+    dcm_files,
+    stored_path,
+)
 
 from forwarder.net.placement import FolderSink
 from forwarder.net.receiver import Receiver, ReceiverSettings
 from forwarder.net.scp_codec import AssociateRequest
-from forwarder.net.scp_object import Origin
+from forwarder.net.scp_object import Answer, Origin, ReceivedObject
 from forwarder.net.scp_policy import EngineSettings, context_policy, scp_profile
 from forwarder.net.scp_server import ScpServer
 from forwarder.net.tls import client_context, server_context
@@ -887,3 +893,58 @@ def test_a_connection_the_engine_cannot_serve_is_dropped_and_the_port_stays_open
     finally:
         finish(assoc)
     assert any("cannot serve a connection" in r.getMessage() for r in caplog.records)
+
+
+# -- a sink's follow-up (Answer.then) ---------------------------------------------------------
+
+
+class _FollowingSink(FolderSink):
+    """Files objects as ``forwarder receive`` does, and asks for a follow-up after each."""
+
+    def __init__(self, output: Path, then: Callable[[], None]) -> None:
+        super().__init__(output)
+        self._then = then
+
+    def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
+        answer = super().accept(path, obj, origin)
+        return Answer(answer.status, answer.comment, then=self._then)
+
+
+def test_a_sinks_follow_up_runs_after_the_response_and_its_failure_is_only_logged(
+    tmp_path: Path,
+) -> None:
+    """The daemon's receiving process tells the daemon and logs after Success is on the wire
+    (the modality prepares its next object meanwhile): the follow-up runs once the response
+    is sent, and one that fails leaves the association serving."""
+    answered = threading.Event()
+    ran: list[bool] = []
+
+    def then() -> None:
+        ran.append(answered.wait(10))  # only once the test has read the response
+        if len(ran) == 1:
+            raise RuntimeError("a follow-up that fails")
+
+    output = tmp_path / "out"
+    output.mkdir()
+    settings = ReceiverSettings(output=output, port=0, bind="127.0.0.1")
+    r = Receiver(settings, sink=_FollowingSink(output, then))
+    r.start()
+    raw = Raw(r.port)
+    try:
+        raw.associate([(1, CT, [EXPLICIT_LE])])
+        for seed in (1, 2):
+            answered.clear()
+            ds = make_dataset(rows=4, columns=4, seed=seed)
+            raw.send(
+                pdata(1, 0x03, command_set(1, CT, str(ds.SOPInstanceUID)))
+                + pdata(1, 0x02, dataset_bytes_of(ds))
+            )
+            values, _ = raw.response()
+            assert status(values) == 0x0000
+            answered.set()
+            wait_until(lambda n=seed: len(ran) == n, 10, what="the follow-up")
+        assert ran == [True, True]
+    finally:
+        raw.close()
+        r.stop()
+    assert len(dcm_files(output)) == 2

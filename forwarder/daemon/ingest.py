@@ -191,11 +191,13 @@ class Ingest:
         self.on_enqueued()
         return list(destinations)
 
-    def received_elsewhere(self) -> None:
-        """A file the listener's receiving process queued on its own connection: counted, and
-        the senders woken (``_known`` is for the watch folder, which never sees it)."""
+    def received_elsewhere(self, count: int = 1) -> None:
+        """``count`` files the listener's receiving process queued on its own connection:
+        counted, and the senders woken (``_known`` is for the watch folder, which never sees
+        them)."""
         if self.metrics is not None:
-            self.metrics.ingested(True)
+            for _ in range(count):
+                self.metrics.ingested(True)
         self.on_enqueued()
 
     def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]:

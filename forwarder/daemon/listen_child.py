@@ -29,13 +29,15 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from forwarder.config import ListenConfig
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.child_process import HEALTH_EVERY
-from forwarder.daemon.listen_queue import DirectQueue, Routing
+from forwarder.daemon.listen_queue import DirectQueue, Queued, Routing
 from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with, pass_channel
 from forwarder.errors import ForwarderError
@@ -43,7 +45,7 @@ from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import REASON_PROCESSING_FAILURE
 from forwarder.net.scp_object import (
     STATUS_OUT_OF_RESOURCES,
-    SUCCESS,
+    STATUS_SUCCESS,
     Answer,
     Origin,
     ReceivedObject,
@@ -87,10 +89,8 @@ class RemoteSink:
                 logger.exception("listen: %s: queueing it here failed; asking the daemon", final)
                 queued = None
             if queued is not None:
-                self._child.tell("queued")
                 crash_point("listen-before-answer")
-                log_received(queued.entry, origin, queued.destinations)
-                return SUCCESS
+                return Answer(STATUS_SUCCESS, then=partial(self._queued, queued, origin))
         try:
             status, comment = self._child.ask(
                 "queue", str(final), obj, origin, generation, timeout=_QUEUE_TIMEOUT
@@ -101,6 +101,70 @@ class RemoteSink:
             logger.error("listen: %s: cannot have it queued: %s", final, exc)
             return Answer(STATUS_OUT_OF_RESOURCES, "the gateway is restarting")
         return Answer(status, comment)
+
+    def _queued(self, queued: Queued, origin: Origin) -> None:
+        """After Success is answered: the daemon is told (by the :class:`Teller`) and the
+        object is logged."""
+        self._child.teller.note()
+        log_received(queued.entry, origin, queued.destinations)
+
+
+class Teller:
+    """Tells the daemon how many objects this process queued itself (its senders wake, its
+    metrics count them), in one message for those queued within ``apart`` seconds of the
+    last message: a modality's push is an object every millisecond or so, and a message each
+    cost this process as much as the queue's commit. The first object after a pause is told
+    at once. What is not yet told when this process dies is only counted short; its objects
+    reach the senders at their next look at the queue, within a second."""
+
+    def __init__(self, send: Callable[[int], None], apart: float = 0.002) -> None:
+        self._send = send
+        self._apart = apart
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._closed = False
+        # The thread waits for a first object on a held lock that note() releases: a plain
+        # lock's release is a fraction of a Condition's notify, and note() is per object.
+        self._waiting = False
+        self._signal = threading.Lock()
+        self._signal.acquire()
+        self._thread = threading.Thread(target=self._run, name="listen-teller", daemon=True)
+        self._thread.start()
+
+    def note(self) -> None:
+        """One more object queued here."""
+        with self._lock:
+            self._pending += 1
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._signal.release()
+
+    def close(self) -> None:
+        """Tell what is pending, then end the thread."""
+        with self._lock:
+            self._closed = True
+            wake, self._waiting = self._waiting, False
+        if wake:
+            self._signal.release()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                wait = self._waiting = not self._pending and not self._closed
+            if wait:
+                self._signal.acquire()  # released by note() or close()
+            with self._lock:
+                count, self._pending = self._pending, 0
+                closed = self._closed
+            if count:
+                try:
+                    self._send(count)
+                except Exception:  # the daemon is going away (this process with it)
+                    logger.debug("listen: cannot tell the daemon of %d objects", count)
+            if closed:
+                return
+            time.sleep(self._apart)
 
 
 class Child:
@@ -125,6 +189,7 @@ class Child:
             Path(init["incoming"]), listen.min_free_space, self._space_changed, announce=False
         )
         self.placement = Placement(folder, space, self._refused)
+        self.teller = Teller(lambda count: self.peer.send("queued", count))
         self._stop = threading.Event()
         self._drain = 0.0
         self._next_look = 0.0
@@ -159,6 +224,7 @@ class Child:
         self.peer.send("ready")
         self._stop.wait()
         self.receiver.stop(self._drain)
+        self.teller.close()
         if self.direct is not None:
             self.direct.close()
         return 0
@@ -209,18 +275,6 @@ class Child:
         except PeerGone:
             self._drop(channel)
             raise
-
-    def tell(self, kind: str, *args: Any) -> None:
-        """A message to the daemon on this thread's channel, not waited for. Lost if the
-        daemon is going away (this process goes with it)."""
-        channel: Peer | None = None
-        try:
-            channel = self._channel()
-            channel.send(kind, *args)
-        except (PeerGone, OSError) as exc:
-            if channel is not None:
-                self._drop(channel)
-            logger.warning("listen: cannot tell the daemon %s: %s", kind, exc)
 
     def _channel(self) -> Peer:
         channel: Peer | None = getattr(self._local, "channel", None)

@@ -248,8 +248,8 @@ class ListenProcess(ChildProcess):
             return None
 
     def _answer(self, kind: str, args: tuple[Any, ...]) -> Any:
-        if kind == "queued":  # it queued an object itself (listen_queue)
-            self._sink.queued_elsewhere()
+        if kind == "queued":  # it queued objects itself (listen_queue)
+            self._sink.queued_elsewhere(int(args[0]) if args else 1)
             return None
         if kind == "queue":
             return self._queue(*args)

@@ -285,10 +285,11 @@ class ListenSink:
     def spool_folders(self) -> Spool:
         return self._spool
 
-    def queued_elsewhere(self) -> None:
-        """An object the receiving process queued itself: count it and wake the senders."""
-        self._ingest.received_elsewhere()
-        self._on_object("stored")
+    def queued_elsewhere(self, count: int = 1) -> None:
+        """``count`` objects the receiving process queued itself: counted, the senders woken."""
+        self._ingest.received_elsewhere(count)
+        for _ in range(count):
+            self._on_object("stored")
 
 
 def log_received(entry: FileEntry, origin: Origin, destinations: Sequence[str]) -> None:

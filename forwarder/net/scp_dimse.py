@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Callable
 
 from forwarder.errors import ProtocolError
 from forwarder.net.command_set import MAX_COMMAND_SET
@@ -170,7 +171,11 @@ class DimseReceiver:
             if message.object is not None:
                 answer = message.object.finish()
             assert answer is not None
-            self._respond(message.request, context_id, answer)
+            try:
+                self._respond(message.request, context_id, answer)
+            finally:
+                if answer.then is not None:
+                    self._then(answer.then)
 
     def _command(self, message: _Message) -> None:
         try:
@@ -303,6 +308,14 @@ class DimseReceiver:
         return Answer(
             STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP Class not negotiated on this presentation context"
         )
+
+    def _then(self, work: Callable[[], None]) -> None:
+        """The sink's follow-up to an answer (:attr:`Answer.then`): its failure is logged, and
+        the association goes on."""
+        try:
+            work()
+        except Exception:
+            logger.exception("after answering %s: the follow-up failed", self.origin.calling_ae)
 
     def _respond(self, request: DimseRequest, context_id: int, answer: Answer) -> None:
         command = encode_response(request, answer.status, answer.comment)

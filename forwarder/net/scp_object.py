@@ -24,7 +24,8 @@ import os
 import re
 import secrets
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Protocol
@@ -58,10 +59,15 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The status of a C-STORE-RSP, and the Error Comment that says why it is not Success."""
+    """The status of a C-STORE-RSP, and the Error Comment that says why it is not Success.
+
+    ``then``: the sink's work that need not keep the modality waiting (telling another
+    process, the log line), run on the association's thread once the response is sent (or
+    could not be), while the modality prepares its next object."""
 
     status: int
     comment: str | None = None
+    then: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 SUCCESS = Answer(STATUS_SUCCESS)
