@@ -63,12 +63,15 @@ logger = logging.getLogger(__name__)
 
 BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction each
 #: After a claim that found fewer than TRICKLE jobs, the next claim waits TRICKLE_GATHER
-#: seconds first. With objects arriving one at a time, claiming each alone cost a claim, an
-#: ack, an empty claim and the finisher's transactions per object; the gateway's CPU per
-#: object fell ~25% and its throughput rose 10-40% (bench gateway cases), for 2 ms more
-#: latency on the first file after a pause.
+#: seconds first, and again while more work keeps being queued meanwhile (a modality's push
+#: through `listen`: one object every millisecond or so), up to TRICKLE_MAX in all or until
+#: TRICKLE new arrivals. With objects arriving one at a time, claiming each alone cost a claim,
+#: an ack, an empty claim and the finisher's transactions per object; a fixed 2 ms gather cut
+#: the gateway's CPU per object ~25%, gathering while objects keep coming another 20-25% of
+#: the daemon's and the finishing process's. A lone object waits one TRICKLE_GATHER.
 TRICKLE = 8
 TRICKLE_GATHER = 0.002
+TRICKLE_MAX = 0.010
 CLAIM_RETRY = 1.0  # seconds between claims while the queue refuses them
 
 
@@ -110,6 +113,7 @@ class DestinationWorkers(BatchSending):
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._trickle: dict[int, bool] = {}  # per thread: its last claim found few jobs
+        self._arrivals = 0  # wake() calls so far: work queued (read without the lock)
         self._claim_error: dict[int, str] = {}  # per thread: why its last claim failed
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
@@ -165,7 +169,20 @@ class DestinationWorkers(BatchSending):
     def wake(self) -> None:
         """New work was queued: wake idle threads now."""
         with self._wake:
+            self._arrivals += 1
             self._wake.notify_all()
+
+    def _gather(self) -> None:
+        """Wait TRICKLE_GATHER, and again while work keeps arriving (see TRICKLE_MAX)."""
+        first = self._arrivals
+        deadline = time.monotonic() + TRICKLE_MAX
+        while True:
+            seen = self._arrivals
+            if self._stop.wait(TRICKLE_GATHER):
+                return
+            now = self._arrivals
+            if now == seen or now - first >= TRICKLE or time.monotonic() >= deadline:
+                return
 
     def healthy(self, now: float | None = None) -> bool:
         """False when a thread died or made no progress for longer than any legitimate wait."""
@@ -262,7 +279,7 @@ class DestinationWorkers(BatchSending):
             if self._trickle.get(index):
                 # Files arriving one by one (a modality's push through `listen`): let a few
                 # gather, so that one claim, ack and finish serve several, not one each.
-                self._stop.wait(TRICKLE_GATHER)
+                self._gather()
             try:
                 jobs = self.queue.claim(
                     self.name, BATCH, oldest=self._gate.fair_turn(), max_rank=decision.max_rank
