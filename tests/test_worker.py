@@ -29,10 +29,11 @@ from forwarder.daemon.outcomes import LastOutcome, backoff
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
-from forwarder.daemon.worker import DestinationWorkers
+from forwarder.daemon.worker import TRICKLE_GATHER, TRICKLE_MAX, DestinationWorkers
 from forwarder.dicom.part10 import read_meta
 from forwarder.net.association import AssociationSettings
 from forwarder.net.channel import Channel, StoreRequest
+from forwarder.net.interrupt import StopEvent
 from forwarder.queue import FileEntry, JobStatus, Queue
 
 FAST = RetryPolicy(initial_delay=0.1, max_delay=0.4)
@@ -717,3 +718,40 @@ def test_a_long_list_of_finished_files_is_finished_whole(tmp_path: Path, queue: 
         finisher.stop()
     assert len(list(spool.done.iterdir())) == 1200
     assert list(spool.incoming.iterdir()) == []
+
+
+class _Gathering:
+    """What DestinationWorkers._gather reads: the arrivals count and the stop event."""
+
+    def __init__(self) -> None:
+        self._arrivals = 0
+        self._stop = StopEvent()
+
+
+def _gather_seconds(g: _Gathering) -> float:
+    started = time.monotonic()
+    DestinationWorkers._gather(g)  # type: ignore[arg-type]
+    return time.monotonic() - started
+
+
+def test_the_gather_before_a_claim_waits_while_objects_keep_coming_and_no_longer() -> None:
+    """A lone object waits one gather (its latency), a push of objects every millisecond is
+    gathered up to TRICKLE_MAX, and a stop ends the wait at once."""
+    g = _Gathering()
+    assert _gather_seconds(g) < TRICKLE_MAX  # nothing came: one wait
+    done = threading.Event()
+
+    def arrive() -> None:  # a push: a wake-up each millisecond, until the gather ended
+        while not done.is_set():
+            g._arrivals += 1
+            time.sleep(0.001)
+
+    pusher = threading.Thread(target=arrive)
+    pusher.start()
+    try:
+        assert _gather_seconds(g) >= 2 * TRICKLE_GATHER  # gathered more than one wait
+    finally:
+        done.set()
+        pusher.join()
+    g._stop.set()
+    assert _gather_seconds(g) < TRICKLE_GATHER

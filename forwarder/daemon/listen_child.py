@@ -30,14 +30,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from forwarder.config import ListenConfig
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.child_process import HEALTH_EVERY
-from forwarder.daemon.listen_queue import DirectQueue, Queued, Routing
+from forwarder.daemon.listen_queue import DirectQueue, Routing
 from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with, pass_channel
 from forwarder.errors import ForwarderError
@@ -89,8 +88,11 @@ class RemoteSink:
                 logger.exception("listen: %s: queueing it here failed; asking the daemon", final)
                 queued = None
             if queued is not None:
+                # Logged before the answer: every object a modality was told is stored has
+                # its line, and before the daemon's line that it was sent on.
+                log_received(queued.entry, origin, queued.destinations)
                 crash_point("listen-before-answer")
-                return Answer(STATUS_SUCCESS, then=partial(self._queued, queued, origin))
+                return Answer(STATUS_SUCCESS, then=self._child.teller.note)
         try:
             status, comment = self._child.ask(
                 "queue", str(final), obj, origin, generation, timeout=_QUEUE_TIMEOUT
@@ -101,12 +103,6 @@ class RemoteSink:
             logger.error("listen: %s: cannot have it queued: %s", final, exc)
             return Answer(STATUS_OUT_OF_RESOURCES, "the gateway is restarting")
         return Answer(status, comment)
-
-    def _queued(self, queued: Queued, origin: Origin) -> None:
-        """After Success is answered: the daemon is told (by the :class:`Teller`) and the
-        object is logged."""
-        self._child.teller.note()
-        log_received(queued.entry, origin, queued.destinations)
 
 
 class Teller:
@@ -147,6 +143,8 @@ class Teller:
         if wake:
             self._signal.release()
         self._thread.join(timeout=5.0)
+        if self._thread.is_alive():
+            logger.warning("listen: the daemon did not take the last count of queued objects")
 
     def _run(self) -> None:
         while True:
@@ -160,8 +158,8 @@ class Teller:
             if count:
                 try:
                     self._send(count)
-                except Exception:  # the daemon is going away (this process with it)
-                    logger.debug("listen: cannot tell the daemon of %d objects", count)
+                except Exception as exc:  # the daemon is going away (this process with it)
+                    logger.warning("listen: cannot tell the daemon of %d objects: %s", count, exc)
             if closed:
                 return
             time.sleep(self._apart)

@@ -5,13 +5,14 @@ gateway's pace is the receive path's latency, and in one interpreter the receivi
 the sending threads take turns on one lock. In a process of its own the engine (PDUs, the end to
 end check, the file, its fsync and rename) runs on another core, and so do the routing and the
 queue commit of most objects (:mod:`forwarder.daemon.listen_queue`, with a copy of the daemon's
-router sent down at start and after each reload); the daemon is told of each, and is called for
-the rest (objects routed nowhere, discarded, conflicting or sent again while queued).
+router sent down at start and after each reload); the daemon is told how many (``queued N``,
+after the answers, in one message for those close together), and is called for the rest
+(objects routed nowhere, discarded, conflicting or sent again while queued).
 
 :class:`ListenProcess` makes the listening socket itself and hands it down, starts the process,
 answers its calls (``listen-association`` threads, one per association: queue an object, what
-the gateway holds, a commitment report; ``listen-calls``: a refusal to count, its health), and
-restarts it when it dies: the port stays bound
+the gateway holds, a commitment report; ``listen-calls``: the objects it queued, a refusal to
+count, its health), and restarts it when it dies: the port stays bound
 meanwhile (connections wait in its backlog), the objects it made durable but did not have queued
 are queued first (``recover``), and the modality whose association was cut sends again what was
 not answered. The process dies with the daemon (``PR_SET_PDEATHSIG``), so a kill -9 of the

@@ -65,10 +65,11 @@ BATCH = 64  # jobs claimed (and acked) at a time per thread: one transaction eac
 #: After a claim that found fewer than TRICKLE jobs, the next claim waits TRICKLE_GATHER
 #: seconds first, and again while more work keeps being queued meanwhile (a modality's push
 #: through `listen`: one object every millisecond or so), up to TRICKLE_MAX in all or until
-#: TRICKLE new arrivals. With objects arriving one at a time, claiming each alone cost a claim,
-#: an ack, an empty claim and the finisher's transactions per object; a fixed 2 ms gather cut
-#: the gateway's CPU per object ~25%, gathering while objects keep coming another 20-25% of
-#: the daemon's and the finishing process's. A lone object waits one TRICKLE_GATHER.
+#: TRICKLE new arrivals (wake-ups: a watch-folder batch, or a receiving process's count).
+#: With objects arriving one at a time, claiming each alone cost a claim, an ack, an empty
+#: claim and the finisher's transactions per object; a fixed 2 ms gather cut the gateway's CPU
+#: per object ~25%, gathering while objects keep coming another 20-25% of the daemon's and the
+#: finishing process's. A lone object waits one TRICKLE_GATHER.
 TRICKLE = 8
 TRICKLE_GATHER = 0.002
 TRICKLE_MAX = 0.010
@@ -113,7 +114,7 @@ class DestinationWorkers(BatchSending):
         self._beats: dict[int, float] = {}
         self._channels: dict[int, Channel] = {}
         self._trickle: dict[int, bool] = {}  # per thread: its last claim found few jobs
-        self._arrivals = 0  # wake() calls so far: work queued (read without the lock)
+        self._arrivals = 0  # wake() calls so far (read without the lock)
         self._claim_error: dict[int, str] = {}  # per thread: why its last claim failed
         self._unapplied: dict[int, list[Ack]] = {}  # per thread: acks the queue refused
         self._hint: list[tuple[str, str]] = []
@@ -173,16 +174,21 @@ class DestinationWorkers(BatchSending):
             self._wake.notify_all()
 
     def _gather(self) -> None:
-        """Wait TRICKLE_GATHER, and again while work keeps arriving (see TRICKLE_MAX)."""
+        """Wait TRICKLE_GATHER, and again while work keeps arriving (see TRICKLE_MAX): until
+        nothing came during the last two waits (the receiving process tells its counts every
+        2 ms at most, so one quiet wait is not the end of a push)."""
         first = self._arrivals
+        marks = (first, first)  # arrivals two waits ago, one wait ago
         deadline = time.monotonic() + TRICKLE_MAX
         while True:
-            seen = self._arrivals
             if self._stop.wait(TRICKLE_GATHER):
                 return
             now = self._arrivals
-            if now == seen or now - first >= TRICKLE or time.monotonic() >= deadline:
+            if now - first >= TRICKLE or time.monotonic() >= deadline:
                 return
+            if now == marks[0]:  # nothing came (a lone object: after one wait)
+                return
+            marks = (marks[1], now)
 
     def healthy(self, now: float | None = None) -> bool:
         """False when a thread died or made no progress for longer than any legitimate wait."""

@@ -161,6 +161,7 @@ class BatchSending:
                 retry: Ack | None = None
                 if outcome.outcome is Outcome.RETRY:
                     retry = self._retry(job, outcome.status, outcome.error)
+                    acks.append(retry)  # settled: an error below does not retry it twice
                     if retry.kind == "failed":  # the policy gives up: logged as the failure
                         outcome = dataclasses.replace(
                             outcome, outcome=Outcome.FAILED, error=retry.error
@@ -172,9 +173,7 @@ class BatchSending:
                     )
                 if outcome.outcome.stored:
                     done.setdefault(outcome.status or 0, []).append(job.id)
-                elif retry is not None and retry.kind == "retry":
-                    acks.append(retry)
-                else:
+                elif retry is None:
                     error = outcome.error or "failed"
                     acks.append(Ack("failed", (job.id,), outcome.status, error))
                 self.on_outcome(LastOutcome(self.name, outcome.outcome.value, time.time()))
