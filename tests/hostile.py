@@ -338,6 +338,11 @@ class HostilePeer:
 
     def _go_idle(self, conn: _Conn, context_id: int) -> None:
         """The first file is answered; now end the association the idle way we were told to."""
+        # What is sent from here is on the wire when its event is recorded: with Nagle's
+        # algorithm a PDU right behind the response waited for the requestor's ACK, and a test
+        # that saw "sent A-ABORT" sent its next file into an abort still in flight (a RETRY
+        # the product rightly gives; the test means the abort that has arrived).
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         b = self.behaviour
         if b is Behaviour.IDLE_CLOSE:
             conn.sock.close()  # before the event, so a test that waits for it sees EOF
