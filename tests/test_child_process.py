@@ -1,6 +1,7 @@
 """The daemon's supervision of its child processes (forwarder/daemon/child_process.py), with a
 real child (tests/child_probe.py) and short deadlines: a slow start is not a stuck child, a
-restart that hangs is killed and tried again, a silent child is unhealthy then restarted."""
+restart that hangs is killed and tried again, a silent child is unhealthy then restarted, and
+one silent while holding the queue's write lock is killed at once."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 from conftest import wait_until
 from test_ingest_process import alive
 
-from forwarder.daemon.child_process import ChildProcess
+from forwarder.daemon.child_process import LOCKED_SILENCE, ChildProcess
 from forwarder.daemon.listen_wire import Peer
+from forwarder.errors import QueueError
+from forwarder.queue import Queue
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -107,3 +110,65 @@ def test_a_silent_child_is_unhealthy_then_killed_and_restarted() -> None:
         wait_until(lambda: probe.healthy, 10, what="the next child healthy")
     finally:
         probe._stop_process(("stop",), 5.0)
+
+
+def _write_in_thread(queue: Queue) -> tuple[threading.Thread, list[object]]:
+    """A queue write (a problem recorded) from another thread: it waits for the write lock.
+    The list gets the seconds it took, or the QueueError it ended with."""
+    out: list[object] = []
+
+    def write() -> None:
+        started = time.monotonic()
+        try:
+            queue.set_problem("finish", "a test's write")
+            out.append(time.monotonic() - started)
+        except QueueError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_silent_child_holding_the_queue_locked_is_killed_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped inside a queue transaction (SIGSTOP, a hang), a child holds every write of the
+    daemon: silent while the daemon waits for the lock, it is killed after a few seconds
+    (not after ``kill_after``), and the daemon's write goes through."""
+    with Queue(tmp_path / "queue.db") as queue:
+        probe = Probe(mute=[True], lock=str(tmp_path / "queue.db"))
+        probe.kill_after = 60.0  # the plain silence rule must not be what kills it
+        probe.queue_locked = queue.lock_waited
+        try:
+            assert probe.start()
+            first = probe.pids[0]
+            thread, out = _write_in_thread(queue)
+            wait_until(lambda: queue.lock_waited() > 0.5, 5, what="the write waiting")
+            thread.join(LOCKED_SILENCE + 15)
+            assert out and isinstance(out[0], float), out
+            assert LOCKED_SILENCE - 0.5 <= out[0] < LOCKED_SILENCE + 10
+            assert queue.lock_waited() == 0.0
+            assert not alive(first)
+            assert "for the queue's write lock (stopped, or hung, inside a queue" in caplog.text
+            wait_until(lambda: probe.runs == 2 and probe.healthy, 10, what="the restart")
+        finally:
+            probe._stop_process(("stop",), 5.0)
+
+
+def test_a_child_that_talks_is_not_killed_for_a_queue_held_by_it(tmp_path: Path) -> None:
+    """The lock held long by a child that still says its health (a long transaction, a
+    command's big update) is waited for, up to the busy timeout; the child lives."""
+    Queue(tmp_path / "queue.db").close()
+    with Queue(tmp_path / "queue.db", busy_timeout=LOCKED_SILENCE + 2) as queue:
+        probe = Probe(lock=str(tmp_path / "queue.db"))
+        probe.queue_locked = queue.lock_waited
+        try:
+            assert probe.start()
+            thread, out = _write_in_thread(queue)
+            thread.join(LOCKED_SILENCE + 15)
+            assert out and isinstance(out[0], QueueError), out
+            assert "database is locked" in str(out[0])
+            assert alive(probe.pids[0]) and probe.runs == 1 and probe.healthy
+        finally:
+            probe._stop_process(("stop",), 5.0)

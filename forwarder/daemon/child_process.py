@@ -18,6 +18,10 @@ A child that stops reading or talking does not take the daemon with it:
 - it says its health every second (:data:`HEALTH_EVERY`): silent for ``silent_after`` seconds
   it counts as unhealthy, for ``kill_after`` it is killed and started again; a restarted
   child that has not said ready within ``start_timeout`` is killed and started again;
+- a child silent for :data:`LOCKED_SILENCE` seconds while the daemon has waited as long for
+  the queue's write lock (:attr:`ChildProcess.queue_locked`) is killed at once: it was most
+  likely stopped inside one of its queue transactions, and every claim, ack and enqueue of
+  the daemon waits behind it (its transaction is rolled back by its death, nothing is lost);
 - :meth:`ChildProcess.start` gives up when ``cancelled()`` turns true (a SIGTERM during the
   daemon's start-up), rather than waiting out the start timeout.
 """
@@ -45,6 +49,7 @@ HEALTH_EVERY = 1.0  # seconds between a child's health messages (its heartbeat)
 _STOP_GRACE = 10.0  # seconds for it to exit after being told to, before it is killed
 _STEADY = 60.0  # seconds up after which a death counts as the first again
 _RETRY_SPAWN = 5.0  # seconds between attempts when the process cannot even be started
+LOCKED_SILENCE = 3.0  # seconds silent, the queue locked as long, before a child is killed
 
 
 class ChildProcess:
@@ -76,6 +81,9 @@ class ChildProcess:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the peer, and what subclasses send along with it
         self._life = threading.Lock()  # a spawn and stop()'s look at what runs, one at a time
+        # Seconds the daemon's queue connection has been waiting for another process's write
+        # lock (:meth:`forwarder.queue.store.Store.lock_waited`); None: not watched.
+        self.queue_locked: Callable[[], float] | None = None
 
     # -- what subclasses say ------------------------------------------------------------------
 
@@ -298,8 +306,15 @@ class ChildProcess:
     def _check_silence(self, peer: Peer) -> None:
         now = time.monotonic()
         silent = now - self._heard
+        locked = self.queue_locked() if self.queue_locked is not None else 0.0
         if self._up and silent >= self.kill_after:
             self._kill(peer, f"has said nothing for {silent:.0f} s (stopped, or hung)")
+        elif self._up and silent >= LOCKED_SILENCE and locked >= LOCKED_SILENCE:
+            self._kill(
+                peer,
+                f"has said nothing for {silent:.0f} s while the daemon has waited {locked:.0f} s "
+                "for the queue's write lock (stopped, or hung, inside a queue transaction)",
+            )
         elif not self._up and self._ever_up and now - self._spawned_at >= self.start_timeout:
             # A restart hanging in its start (the first start's deadline is start()'s).
             self._kill(peer, f"did not start within {self.start_timeout:.0f} s")

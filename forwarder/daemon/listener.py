@@ -127,6 +127,8 @@ class Listener:
                 on_object=self._object,
                 log_level=log_level,
             )
+            # It writes the queue too: stopped inside a transaction, it is killed at once.
+            self._receiver.queue_locked = ingest.queue.lock_waited
         else:
             self._receiver = Receiver(
                 self.settings, sink=self._sink, reports=reports, holdings=holdings

@@ -196,6 +196,7 @@ class Service(ServiceLoop):
                 log_phi=c.log_phi,
             )
             self.watcher.on_finished = self.ingest.forget
+            self.watcher.queue_locked = self.queue.lock_waited
             self.watcher.on_restarted = self.ingest.relearn
             started = self.watcher.start(cancelled=self._stop_asked)
             if started:

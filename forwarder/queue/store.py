@@ -165,6 +165,9 @@ class Store:
         self._scan_lock = threading.Lock()
         self._scanner: sqlite3.Connection | None = None
         self._busy_timeout = busy_timeout
+        # Since when this connection's writer has waited for another connection's write lock
+        # (None: not waiting): lock_waited(), for the daemon's watch on its child processes.
+        self._waiting_since: float | None = None
         # False: a database of another schema version is refused, never upgraded (a process
         # that only adds rows beside the daemon, which may be of another version of forwarder)
         self._migrate = migrate
@@ -341,10 +344,21 @@ class Store:
                     busy = code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
                     if not busy or time.monotonic() >= deadline:
                         raise
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
                 time.sleep(nap)
                 nap = min(nap * 2, _LAST_NAP)
         finally:
+            self._waiting_since = None
             conn.execute(self._busy_pragma)
+
+    def lock_waited(self) -> float:
+        """Seconds this connection's writer has been waiting for another connection (another
+        process) to let go of the write lock; 0.0 when it is not waiting. Thread-safe: what
+        the daemon's supervision of its child processes reads, to tell a child stopped inside
+        a transaction (SIGSTOP, a hang) from one merely quiet."""
+        since = self._waiting_since
+        return 0.0 if since is None else max(time.monotonic() - since, 0.0)
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
