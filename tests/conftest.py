@@ -1,4 +1,5 @@
-"""Shared fixtures: free ports, deadline polling, and a guard against leaked threads."""
+"""Shared fixtures: free ports, deadline polling, a guard against leaked threads, and reports
+that survive pytest-xdist's transport."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +54,30 @@ def forwarder_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FORWARDER_", "NOTIFY_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_report_to_serializable(
+    config: pytest.Config, report: pytest.TestReport | pytest.CollectReport
+) -> Iterator[None]:
+    """A report crosses from a pytest-xdist worker as UTF-8: a file name that is not (the
+    tests of such names log and assert on them, as surrogate escapes) is shown escaped
+    instead of ending the worker."""
+    outcome: Any = yield
+    data = outcome.get_result()
+    if data is not None:
+        outcome.force_result(_utf8_safe(data))
+
+
+def _utf8_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_utf8_safe(v) for v in value)
+    return value
