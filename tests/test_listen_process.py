@@ -256,3 +256,72 @@ def test_sigterm_with_the_receiving_process_stopped_is_prompt_and_starts_nothing
         assert f"(PID {child}) did not answer at the stop" in log
         assert "receiving again" not in log
         assert not alive(child)
+
+
+FAILS_AGAIN = """\
+import os
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    marker = Path(__file__).with_name("ingest-started")
+    if marker.exists():
+        os._exit(3)  # every restart fails at once (say, a queue it cannot open any more)
+    marker.write_text("")
+"""
+
+
+def _ingest_child(daemon_pid: int) -> int:
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == daemon_pid and b"ingest_child" in cmdline:
+            return int(name)
+    raise AssertionError("no watch-and-ingest process")
+
+
+def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_received_files(
+    tmp_path: Path,
+    pacs: StoreSCP,  # noqa: F811
+) -> None:
+    """The watch-and-ingest process (which finishes files) is killed and every restart fails:
+    what the listener receives meanwhile is still sent, and after 30 s without that process
+    the daemon moves the delivered files out of incoming itself, and says so."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAILS_AGAIN)
+    files = generated(tmp_path / "m", 10)
+    with listen_daemon(
+        tmp_path / "gw", [pacs_destination(pacs)], env={"PYTHONPATH": str(site)}
+    ) as d:
+        first = _ingest_child(d.pid)
+        os.kill(first, signal.SIGKILL)
+        d.wait_log(
+            rf"watch: the watch-and-ingest process \(PID {first}\) died \(signal 9\)",
+            regex=True,
+            timeout=15,
+        )
+        d.wait_log(
+            r"watch: the watch-and-ingest process \(PID \d+\) died \(exit status 3\)",
+            regex=True,
+            timeout=15,
+            what="a restart failing",
+        )
+        assert push(listen_port(d), files, calling="CT01") == [(0, "")] * len(files)
+        wait_until(lambda: len(held(pacs)) == len(files), 30, what="every object at the PACS")
+        assert_same_datasets(pacs, files)
+        assert len(staged(d)) == len(files)  # delivered, not finished yet
+        d.wait_log(
+            "finish: no watch-and-ingest process has finished files for",
+            timeout=60,
+            what="the daemon taking the finishing over",
+        )
+        wait_until(lambda: staged(d) == [], 20, what="the received files finished by the daemon")
+        assert d.status_json()["destinations"]["pacs"]["done"] == len(files)
+        assert len(d.done_files()) == len(files)
+        assert d.failed_files() == []
+        assert d.stop() == 0

@@ -19,9 +19,10 @@ A child that stops reading or talking does not take the daemon with it:
   it counts as unhealthy, for ``kill_after`` it is killed and started again; a restarted
   child that has not said ready within ``start_timeout`` is killed and started again;
 - a child silent for :data:`LOCKED_SILENCE` seconds while the daemon has waited as long for
-  the queue's write lock (:attr:`ChildProcess.queue_locked`) is killed at once: it was most
-  likely stopped inside one of its queue transactions, and every claim, ack and enqueue of
-  the daemon waits behind it (its transaction is rolled back by its death, nothing is lost);
+  the queue's write lock (:attr:`ChildProcess.queue_locked`) is killed then, not after
+  ``kill_after``: it was most likely stopped inside one of its queue transactions, and every
+  claim, ack and enqueue of the daemon waits behind it (its transaction is rolled back by its
+  death, nothing is lost). A child that talks is never killed for a held lock;
 - :meth:`ChildProcess.start` gives up when ``cancelled()`` turns true (a SIGTERM during the
   daemon's start-up), rather than waiting out the start timeout.
 """
@@ -313,7 +314,7 @@ class ChildProcess:
             self._kill(
                 peer,
                 f"has said nothing for {silent:.0f} s while the daemon has waited {locked:.0f} s "
-                "for the queue's write lock (stopped, or hung, inside a queue transaction)",
+                "for the queue's write lock (stopped or hung, perhaps inside a queue transaction)",
             )
         elif not self._up and self._ever_up and now - self._spawned_at >= self.start_timeout:
             # A restart hanging in its start (the first start's deadline is start()'s).

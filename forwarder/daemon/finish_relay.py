@@ -57,6 +57,7 @@ class ChildFinisher:
         self._early: list[int] = []  # ids handed over before the process runs
         self._lock = threading.Lock()
         self._down_since: float | None = None  # since when no process finishes
+        self._took_over = False  # the daemon sweeps meanwhile (said once, and when it ends)
 
     def attach(self, process: IngestProcess) -> None:
         """The process runs: it finishes from now on (what was handed over before too)."""
@@ -89,11 +90,21 @@ class ChildFinisher:
         process = self._process
         if process is None or process.finishing:
             self._down_since = None
+            if self._took_over:
+                self._took_over = False
+                logger.info("finish: a watch-and-ingest process finishes files again")
             return
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
         if now - self._down_since >= _TAKE_OVER_AFTER:
+            if not self._took_over:
+                self._took_over = True
+                logger.warning(
+                    "finish: no watch-and-ingest process has finished files for %.0f s; the "
+                    "daemon finishes them itself until one does",
+                    now - self._down_since,
+                )
             self._local.retry_pending()
 
     @property

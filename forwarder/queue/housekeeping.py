@@ -38,7 +38,11 @@ class Housekeeping(Store):
         with self._lock:
             conn = self._connection("compacting after a prune")
             try:
-                # executescript steps the pragma to the end; execute() would free one page only
+                # The lock is first taken as every write takes it, so that a wait for another
+                # process (one stopped inside a transaction) is seen by lock_waited() and not
+                # spent in SQLite's own busy handler; executescript (which commits that empty
+                # transaction first) steps the pragma to the end: execute() frees one page.
+                self._begin_immediate(conn)
                 conn.executescript("PRAGMA incremental_vacuum;")
                 # A checkpoint waits for readers (forwarder status); do not hold the workers up
                 # for the whole busy timeout: if it cannot finish now, the next prune will.
