@@ -80,6 +80,7 @@ def associate_rq(
     max_pdu: int = 16384,
     window: tuple[int, int] | None = None,
     called: str = "FORWARDER",
+    calling: str = "RAW",
     version: int = 1,
 ) -> bytes:
     items = [_item(0x10, APP_CONTEXT.encode())]
@@ -90,7 +91,7 @@ def associate_rq(
     if window is not None:
         user += _item(0x53, struct.pack(">HH", *window))
     items.append(_item(0x50, user))
-    body = struct.pack(">H2x", version) + called.ljust(16).encode() + b"RAW".ljust(16)
+    body = struct.pack(">H2x", version) + called.ljust(16).encode() + calling.ljust(16).encode()
     body += bytes(32) + b"".join(items)
     return PDU.pack(0x01, len(body)) + body
 
