@@ -510,6 +510,7 @@ def test_the_finisher_thread_dying_ends_the_process_and_its_restart_finishes_eve
 STOPS_IN_A_TRANSACTION = """\
 import os
 import signal
+import threading
 from pathlib import Path
 
 if b"forwarder.daemon.{module}" in Path("/proc/self/cmdline").read_bytes():
@@ -522,7 +523,10 @@ if b"forwarder.daemon.{module}" in Path("/proc/self/cmdline").read_bytes():
         begin(self, conn)
         if (here / "arm").exists() and not (here / "stopped").exists():
             (here / "stopped").write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGSTOP)  # inside the transaction, its lock held
+            # To this thread: it stops the whole process before its next step. A kill() of
+            # the process may be taken by another thread, this one going on meanwhile (seen:
+            # the transaction committed, the stop coming a moment later).
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     Store._begin_immediate = _begin_immediate
 """

@@ -16,14 +16,16 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pydicom
 from conftest import wait_until
-from daemon import Daemon, destination, route
-from peers import StoreSCP, free_port, storescp
+from daemon import Daemon, destination, route, uids
+from peers import ScriptedSCP, StoreSCP, free_port, storescp
 from pki import make_pki
 from pydicom.uid import generate_uid
+from test_ingest_process import LOCK_KILL, STOPS_IN_A_TRANSACTION, staged_backlog
 from test_listen import (
     GATEWAY,
     STORESCU,
@@ -325,3 +327,67 @@ def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_rece
         assert len(d.done_files()) == len(files)
         assert d.failed_files() == []
         assert d.stop() == 0
+
+
+def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """The receiving process stops itself (SIGSTOP) inside its queue transaction for an object
+    while the daemon drains a backlog: the daemon's claims and acks wait for that lock, so the
+    silent process is killed after a few seconds (not 30), the drain goes on, the modality's
+    unanswered object is sent again and arrives once."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(STOPS_IN_A_TRANSACTION.format(module="listen_child"))
+    count = 600
+    files = generated(tmp_path / "m", 3)
+    with ScriptedSCP(delay=0.005) as scp:
+        backlog, dropped = staged_backlog(tmp_path, count, rows=8, columns=8)
+        with listen_daemon(
+            tmp_path / "gw",
+            [destination("pacs", scp.port)],
+            env={"PYTHONPATH": str(site)},
+        ) as d:
+            first = child_pid(d)
+            os.rename(backlog, d.incoming / "backlog")
+
+            def all_queued() -> bool:
+                s = d.status_json()["destinations"]["pacs"]
+                return int(s["done"] + s["pending"] + s["in_flight"]) == count
+
+            wait_until(all_queued, 60, what="every file queued")
+            (site / "arm").write_text("")  # the object's queue transaction stops it
+            results: list[list[tuple[int, str]]] = []
+            modality = threading.Thread(
+                target=lambda: results.append(push(listen_port(d), files[:1])), daemon=True
+            )
+            modality.start()
+            wait_until((site / "stopped").exists, 30, what="the process stopped in a transaction")
+            assert int((site / "stopped").read_text()) == first
+            d.wait_log(
+                rf"listen: the receiving process \(PID {first}\) has said nothing",
+                regex=True,
+                timeout=20,
+                what="the stopped process killed",
+            )
+            assert LOCK_KILL in d.log_text(current_run=True)
+            wait_until(lambda: len(scp.received) >= count, 20, what="the backlog sent meanwhile")
+            modality.join(60)
+            assert not modality.is_alive()
+            assert results and results[0] != [(0, "")]  # never answered Success
+            wait_until(lambda: child_pid(d) != first, 30, what="a new receiving process")
+            assert push(listen_port(d), files[1:], calling="CT01") == [(0, "")] * 2
+
+            def resent() -> bool:  # the recovered copy may be being finished: "send again"
+                return push(listen_port(d), files[:1], calling="CT01") == [(0, "")]
+
+            wait_until(resent, 30, interval=0.5, what="the unanswered object sent again")
+            d.wait_done(count + len(files), timeout=60)
+            assert scp.uids() == uids(dropped) | {uid_of(f) for f in files}
+            seen = Counter(r.sop_instance_uid for r in scp.received)
+            assert {seen[u] for u in uids(dropped)} == {1}  # the backlog: each once
+            assert {seen[uid_of(f)] for f in files[1:]} == {1}
+            # The stopped process held the first object durably (fsynced, not answered): its
+            # restart queues it, and the modality's resend is queued too; twice is harmless.
+            assert seen[uid_of(files[0])] in (1, 2)
+            assert d.stop() == 0
