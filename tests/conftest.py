@@ -78,6 +78,9 @@ def _utf8_safe(value: Any) -> Any:
         return value
     if isinstance(value, dict):
         return {_utf8_safe(k): _utf8_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_utf8_safe(v) for v in value)
+    if isinstance(value, list):
+        return [_utf8_safe(v) for v in value]
+    if isinstance(value, tuple):
+        items = [_utf8_safe(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
     return value
