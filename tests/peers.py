@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -30,10 +31,30 @@ STORESCU = "/usr/bin/storescu"
 DCMSEND = "/usr/bin/dcmsend"
 
 
+_PORTS_FROM, _PORTS_PER_WORKER = 12_000, 5_000  # below Linux's ephemeral range (32768-)
+_next_port: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on 127.0.0.1 now, for a peer that must be told its port. Each
+    pytest-xdist worker hands out ports from a range of its own below the kernel's ephemeral
+    range: the other worker never hands out the same one, and no connection's source port takes
+    it between this choice and the peer's bind (as a port the kernel chose for bind(0) could).
+    Sequential from a random start, skipping ports in use."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = _PORTS_FROM + (int(worker) % 4 if worker.isdigit() else 0) * _PORTS_PER_WORKER
+    if not _next_port:
+        _next_port.append(random.randrange(_PORTS_PER_WORKER))
+    for _ in range(_PORTS_PER_WORKER):
+        port = first + _next_port[0] % _PORTS_PER_WORKER
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): the next one
+            return port
+    raise RuntimeError(f"no free port in {first}-{first + _PORTS_PER_WORKER - 1}")
 
 
 def wait_for_port(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from peers import free_port
 from pki import Pki, make_pki
 from test_receive import run_receiver, run_storescu, sample, stored_path, wait_until
 
@@ -34,12 +35,6 @@ STORESCP = "/usr/bin/storescp"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
