@@ -48,6 +48,13 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def queued(d: Daemon, destination: str = "pacs") -> int:
+    """How many files the daemon has queued for ``destination`` (done, pending or in flight),
+    from ``forwarder status``."""
+    s = d.status_json()["destinations"][destination]
+    return int(s["done"] + s["pending"] + s["in_flight"])
+
+
 def staged_backlog(tmp_path: Path, count: int, **kwargs: Any) -> tuple[Path, list[Dropped]]:
     """``count`` generated files in a folder of their own, to be renamed into incoming at once
     (a backlog arriving in one step); the folder and the files."""
@@ -275,11 +282,7 @@ def test_a_process_stopped_mid_drain_is_killed_and_what_it_held_is_finished_once
             (child,) = children(d.pid)
             os.rename(backlog, d.incoming / "backlog")  # all at once
 
-            def all_queued() -> bool:
-                s = d.status_json()["destinations"]["pacs"]
-                return int(s["done"] + s["pending"] + s["in_flight"]) == count
-
-            wait_until(all_queued, 60, what="every file queued")
+            wait_until(lambda: queued(d) == count, 60, what="every file queued")
             stop_process(child)  # alive, but says nothing and takes nothing
             meanwhile = d.drop_files(3, prefix="meanwhile")
             # Stopped inside one of its finisher's queue transactions (it happens, during a
@@ -557,11 +560,7 @@ def test_a_process_stopped_inside_a_queue_transaction_is_killed_within_seconds(
             (first,) = children(d.pid)
             os.rename(backlog, d.incoming / "backlog")
 
-            def all_queued() -> bool:
-                s = d.status_json()["destinations"]["pacs"]
-                return int(s["done"] + s["pending"] + s["in_flight"]) == count
-
-            wait_until(all_queued, 60, what="every file queued")
+            wait_until(lambda: queued(d) == count, 60, what="every file queued")
             (site / "arm").write_text("")  # its next transaction (a finish) stops it
             wait_until((site / "stopped").exists, 30, what="the process stopped in a transaction")
             assert int((site / "stopped").read_text()) == first

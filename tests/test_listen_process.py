@@ -25,7 +25,13 @@ from daemon import Daemon, destination, route, uids
 from peers import ScriptedSCP, StoreSCP, free_port, storescp
 from pki import make_pki
 from pydicom.uid import generate_uid
-from test_ingest_process import LOCK_KILL, STOPS_IN_A_TRANSACTION, staged_backlog
+from test_ingest_process import (
+    LOCK_KILL,
+    STOPS_IN_A_TRANSACTION,
+    children,
+    queued,
+    staged_backlog,
+)
 from test_listen import (
     GATEWAY,
     STORESCU,
@@ -272,20 +278,6 @@ if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
 """
 
 
-def _ingest_child(daemon_pid: int) -> int:
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[1]) == daemon_pid and b"ingest_child" in cmdline:
-            return int(name)
-    raise AssertionError("no watch-and-ingest process")
-
-
 def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_received_files(
     tmp_path: Path,
     pacs: StoreSCP,  # noqa: F811
@@ -300,7 +292,7 @@ def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_rece
     with listen_daemon(
         tmp_path / "gw", [pacs_destination(pacs)], env={"PYTHONPATH": str(site)}
     ) as d:
-        first = _ingest_child(d.pid)
+        (first,) = children(d.pid)
         os.kill(first, signal.SIGKILL)
         d.wait_log(
             rf"watch: the watch-and-ingest process \(PID {first}\) died \(signal 9\)",
@@ -351,11 +343,7 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
             first = child_pid(d)
             os.rename(backlog, d.incoming / "backlog")
 
-            def all_queued() -> bool:
-                s = d.status_json()["destinations"]["pacs"]
-                return int(s["done"] + s["pending"] + s["in_flight"]) == count
-
-            wait_until(all_queued, 60, what="every file queued")
+            wait_until(lambda: queued(d) == count, 60, what="every file queued")
             (site / "arm").write_text("")  # the object's queue transaction stops it
             results: list[list[tuple[int, str]]] = []
             modality = threading.Thread(

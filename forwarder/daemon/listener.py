@@ -127,7 +127,7 @@ class Listener:
                 on_object=self._object,
                 log_level=log_level,
             )
-            # It writes the queue too: stopped inside a transaction, it is killed at once.
+            # It writes the queue too: stopped inside a transaction, it is killed within seconds.
             self._receiver.queue_locked = ingest.queue.lock_waited
         else:
             self._receiver = Receiver(
