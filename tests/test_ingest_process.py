@@ -574,3 +574,51 @@ def test_a_process_stopped_inside_a_queue_transaction_is_killed_within_seconds(
             assert len(scp.received) == count  # none sent twice
             assert d.stop() == 0
         assert queue_counts(d.queue) == ({"FINISHED": count}, {"DONE": count})
+
+
+RECORDING_FAILS = """\
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.errors import QueueError
+    from forwarder.queue.finishing import Finishing
+
+    full = Path(__file__).with_name("full")
+    complete = Finishing.complete_finish_many
+
+    def complete_finish_many(self, file_ids, *, now=None):
+        if file_ids and full.exists():
+            (full.parent / "refused").write_text("")
+            raise QueueError("recording finished files: database or disk is full")
+        complete(self, file_ids, now=now)
+
+    Finishing.complete_finish_many = complete_finish_many
+"""
+
+
+def test_a_clean_stop_records_the_moves_whose_record_failed(tmp_path: Path) -> None:
+    """The files reach done/, but recording it fails (the queue's disk full, injected in the
+    watch-and-ingest process): their rows stay FINISHING. Space comes back and the daemon is
+    stopped before the next periodic sweep: the process's exit retries them, so a clean stop
+    leaves the queue settled, each file FINISHED once, not waiting for the next start."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(RECORDING_FAILS)
+    (site / "full").write_text("")
+    total = 5
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"PYTHONPATH": str(site)},
+        )
+        with d:
+            dropped = d.drop_files(total)
+            d.wait_done(total, timeout=30)
+            wait_until((site / "refused").exists, 15, what="the record refused")
+            d.wait_log("database or disk is full", timeout=15)
+            (site / "full").unlink()
+            assert d.stop() == 0  # well within the 5 s between two sweeps
+        assert d.done_files() == sorted(f.rel_path for f in dropped)
+        assert scp.uids() == uids(dropped)
+        assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})

@@ -173,6 +173,12 @@ class Child:
         if not self.finisher.stop():
             logger.error("finish: the finisher did not end in time; files are left to the daemon")
             return 1
+        # A move, or its record, that failed since the last sweep (a full disk, freed since)
+        # is tried once more: a clean stop leaves no row FINISHING that can be finished now.
+        try:
+            self.finisher.retry_pending()
+        except ForwarderError as exc:  # the next start's sweep finishes them
+            logger.error("finishing files: %s", exc)
         self.queue.close()
         return 0 if healthy else 1
 
