@@ -949,3 +949,45 @@ def test_a_sinks_follow_up_runs_after_the_response_and_its_failure_is_only_logge
         raw.close()
         r.stop()
     assert len(dcm_files(output)) == 2
+
+
+def _explicit(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\x00"
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+@pytest.mark.parametrize("syntax", [EXPLICIT_LE, IMPLICIT_LE])
+def test_a_data_set_holding_file_meta_elements_is_refused(receiver: Receiver, syntax: str) -> None:
+    """Group 0002 is the File Meta Information's, never a data set's (PS3.5 7.1, PS3.10 7.1).
+    Written after our meta header, a data set that starts with (0002,0010) makes a file whose
+    meaning depends on the reader: pydicom (which the gateway's transcoding and editing use)
+    reads the file meta on until the group changes, so the data set's Transfer Syntax UID
+    replaces ours and the object is decoded as another one. It is refused (0xC000), not kept;
+    the association goes on. The check is the shared walker's, so the watch folder and `send`
+    refuse such a file too (tests/faults/badbytes.py's ``metaindataset`` files)."""
+    ds = make_dataset(rows=4, columns=4, seed=11)
+    implicit = syntax == IMPLICIT_LE
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = dataset_bytes_of(ds)
+    big_endian = b"1.2.840.10008.1.2.2"
+    if implicit:
+        meta = struct.pack("<HHI", 2, 0x10, len(big_endian) + 1) + big_endian + b"\x00"
+    else:
+        meta = _explicit(2, 0x10, b"UI", big_endian)
+    raw = Raw(receiver.port)
+    try:
+        raw.associate([(1, CT, [syntax])])
+        uid = str(ds.SOPInstanceUID)
+        raw.send(pdata(1, 0x03, command_set(1, CT, uid)) + pdata(1, 0x02, meta + data))
+        values, _ = raw.response()
+        assert status(values) == 0xC000
+        assert b"0002" in values[0x0902]
+        # The same object without the stray element is stored, on the same association.
+        raw.send(pdata(1, 0x03, command_set(2, CT, uid)) + pdata(1, 0x02, data))
+        assert status(raw.response()[0]) == 0x0000
+    finally:
+        raw.close()
+    stored = dcm_files(receiver.output)
+    assert len(stored) == 1
+    assert pydicom.dcmread(stored[0]).SOPInstanceUID == ds.SOPInstanceUID

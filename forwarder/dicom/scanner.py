@@ -250,6 +250,15 @@ class Scanner:
                 if tag == _ITEM_END and in_item:
                     return pos
                 raise self.fail(f"unexpected {_tag(tag)} where a data element belongs")
+            if group == 0x0002 and depth == 0:
+                # PS3.10 7.1: group 0002 is the File Meta Information's only. After the meta
+                # header a reader that takes group 0002 until the group changes (pydicom, which
+                # transcoding and editing use) would take this element for the file's own: its
+                # Transfer Syntax or SOP UIDs, another object than the one checked here.
+                raise self.fail(
+                    f"File Meta element {_tag(tag)} in the data set: group 0002 belongs in the "
+                    "file meta information only, and readers disagree on which copy is the file's"
+                )
             if length == 0xFFFFFFFF:
                 # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
                 pixels = tag == _PIXEL_DATA

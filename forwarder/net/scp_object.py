@@ -41,7 +41,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # the C-STORE names a SOP Class its context is not for
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk full, write failed, object too big: the sender may retry
 STATUS_DATA_SET_MISMATCH = 0xA900  # the data set's own SOP Class/Instance UID is not the request's
-STATUS_CANNOT_UNDERSTAND = 0xC000  # the data set could not be parsed to its end
+STATUS_CANNOT_UNDERSTAND = 0xC000  # the data set cannot be parsed to its end, or holds group 0002
 
 _UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _SOP_CLASS_UID = 0x00080016

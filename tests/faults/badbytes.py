@@ -443,6 +443,7 @@ def headers(name: str, data: bytes, sop_class: str) -> Iterator[Broken]:
                 f"meta header says {syntax}, data is {layout.transfer_syntax}",
                 False,
             )
+    yield from file_meta_in_data_set(name, layout)
     long_uid = "1." + "2" * 98  # a UID of 100 characters (the limit is 64)
     yield Broken(
         f"{name}-longclass",
@@ -462,6 +463,25 @@ def headers(name: str, data: bytes, sop_class: str) -> Iterator[Broken]:
         "Transfer Syntax UID with non-ASCII bytes",
         False,
     )
+
+
+def file_meta_in_data_set(name: str, layout: Layout) -> Iterator[Broken]:
+    """A Transfer Syntax UID (0002,0010) naming another syntax at the start of the data set, in
+    the data set's own encoding: pydicom reads group 0002 on past the meta header's group length
+    and takes it for the file's, DCMTK only warns. Not for a deflated data set (compressed)."""
+    syntax = layout.transfer_syntax
+    if syntax == DEFLATED:
+        return
+    other = (BIG_ENDIAN if syntax != BIG_ENDIAN else EXPLICIT).encode()
+    value = other + b"\0" * (len(other) % 2)
+    if syntax == IMPLICIT:
+        element = struct.pack("<HHI", 0x0002, 0x0010, len(value)) + value
+    else:
+        order = ">" if syntax == BIG_ENDIAN else "<"
+        element = struct.pack(order + "HH2sH", 0x0002, 0x0010, b"UI", len(value)) + value
+    at, data = layout.dataset_offset, layout.data
+    what = "(0002,0010) naming another transfer syntax at the start of the data set"
+    yield Broken(f"{name}-metaindataset", data[:at] + element + data[at:], what, True)
 
 
 def bit_flips(name: str, data: bytes, count: int, rng: random.Random) -> Iterator[Broken]:
