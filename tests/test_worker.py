@@ -698,9 +698,18 @@ def test_a_long_list_of_finished_files_is_finished_whole(tmp_path: Path, queue: 
     for n in range(1200):
         p = spool.incoming / f"f{n}.dcm"
         p.write_bytes(b"x")
+        st = p.stat()  # as ingest records it: the finisher moves only the version queued
         entries.append(
             (
-                FileEntry(str(p), p.name, 1, n + 1, "1.2.3", f"1.2.3.{n}", "1.2.840.10008.1.2.1"),
+                FileEntry(
+                    str(p),
+                    p.name,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    "1.2.3",
+                    f"1.2.3.{n}",
+                    "1.2.840.10008.1.2.1",
+                ),
                 ["pacs"],
             )
         )

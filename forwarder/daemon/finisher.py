@@ -206,6 +206,17 @@ class Finisher:
             # another file (dropped again): it must not replace the delivered copy.
             logger.info("%s: already moved to %s", item.rel_path, target)
             return
+        if not _as_queued(source, item):
+            # Another file was dropped under this name over the one queued (a resend), which
+            # is gone: the new one is not moved in its place (it was never sent). This row is
+            # finished as it stands; the new file is forgotten with it, and taken as new.
+            if not (recorded and os.path.lexists(target)):
+                logger.warning(
+                    "%s: replaced in incoming by another file while finishing; the file queued "
+                    "is gone, the new one is taken as a new file",
+                    item.rel_path,
+                )
+            return
         reason = ""
         if failed:
             results = [
@@ -241,6 +252,18 @@ class Finisher:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
         else:
             logger.debug("%s: moved to done/ (%s)", item.rel_path, target)
+
+
+def _as_queued(source: Path, item: FileToFinish) -> bool:
+    """What is at ``source`` is the version queued (size and mtime as recorded), or gone (the
+    move says so), or not known (a row queued before the queue recorded them)."""
+    if not item.mtime_ns:
+        return True
+    try:
+        st = os.lstat(source)
+    except OSError:
+        return True
+    return (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
 
 
 def _another_file(source: Path, target: Path) -> bool:

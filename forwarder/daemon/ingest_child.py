@@ -134,6 +134,7 @@ class Child:
         self._next_look = 0.0
         self._stuck = False  # the settle loop has not come round for _STUCK seconds
         self._ready = False  # "ready" was sent
+        self._swept = False  # the start's sweep went over the whole queue (not cut by ``exit``)
 
     def run(self) -> int:
         """Watch until the daemon says stop (or goes away); the exit status."""
@@ -175,8 +176,15 @@ class Child:
             return 1
         # A move, or its record, that failed since the last sweep (a full disk, freed since)
         # is tried once more: a clean stop leaves no row FINISHING that can be finished now.
+        # The start's sweep cut short by ``exit`` (a stop soon after a restart) is finished
+        # here: what a killed process was handed is known from no one else, and the daemon,
+        # seeing this exit status 0, does not sweep (one slice of the periodic sweep does not
+        # cover a long queue).
         try:
-            self.finisher.retry_pending()
+            if self._swept:
+                self.finisher.retry_pending()
+            else:
+                self.finisher.sweep_all()
         except ForwarderError as exc:  # the next start's sweep finishes them
             logger.error("finishing files: %s", exc)
         self.queue.close()
@@ -194,6 +202,7 @@ class Child:
         try:
             if everything:
                 found = self.finisher.sweep_all(until=self._exit)
+                self._swept = not self._exit.is_set()
                 if found:
                     logger.info(
                         "finish: %d file(s) left unfinished before this start finished", found

@@ -48,15 +48,15 @@ def select_to_finish(
 
 
 def _with_results(conn: sqlite3.Connection, files: list[Any]) -> list[FileToFinish]:
-    """Rows of (id, path, rel_path, state, final_path, calling_ae) with every destination's
-    result."""
+    """Rows of (id, path, rel_path, state, final_path, calling_ae, size, mtime_ns) with every
+    destination's result."""
     if not files:
         return []
     results: dict[int, list[JobResult]] = {}
     for r in conn.execute(RESULTS, {"ids": ids_json(f[0] for f in files)}).fetchall():
         results.setdefault(r[0], []).append(JobResult(r[1], JobStatus(r[2]), *r[3:]))
     finished: list[FileToFinish] = []
-    for file_id, path, rel_path, state, final_path, calling_ae in files:
+    for file_id, path, rel_path, state, final_path, calling_ae, size, mtime_ns in files:
         jobs = tuple(results.get(file_id, ()))
         done = all(j.status is JobStatus.DONE for j in jobs)
         finished.append(
@@ -69,6 +69,8 @@ def _with_results(conn: sqlite3.Connection, files: list[Any]) -> list[FileToFini
                 final_path=final_path,
                 results=jobs,
                 calling_ae=calling_ae,
+                size=size,
+                mtime_ns=mtime_ns,
             )
         )
     return finished

@@ -106,6 +106,10 @@ class FileToFinish:
     final_path: str | None  # set once begin_finish ran
     results: tuple[JobResult, ...]
     calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
+    # The version queued, as ingest saw it (mtime_ns 0: not recorded): what is at ``path`` now
+    # may be another file dropped again under that name, which must not be moved in its place.
+    size: int = 0
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,7 +260,8 @@ TERMINAL_FILES = f"""
     ORDER BY f.id"""
 
 TO_FINISH_ALL = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, ''),
+           f.size, f.mtime_ns
     FROM files AS f
     WHERE f.state IN ('QUEUED', 'FINISHING') AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
@@ -271,19 +272,22 @@ TO_FINISH_ALL = f"""
 SWEEP_UPTO = "SELECT id FROM files WHERE id > :after ORDER BY id LIMIT 1 OFFSET :offset"
 
 TO_FINISH_FINISHING = """
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, ''),
+           f.size, f.mtime_ns
     FROM files AS f
     WHERE f.state = 'FINISHING' ORDER BY f.id LIMIT :limit"""
 
 TO_FINISH_SLICE = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, ''),
+           f.size, f.mtime_ns
     FROM files AS f
     WHERE f.id > :after AND f.id <= :upto AND +f.state = 'QUEUED'
       AND NOT EXISTS ({UNFINISHED_JOB})
     ORDER BY f.id LIMIT :limit"""
 
 TO_FINISH_IDS = f"""
-    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, '')
+    SELECT f.id, f.path, f.rel_path, f.state, f.final_path, COALESCE(f.calling_ae, ''),
+           f.size, f.mtime_ns
     FROM files AS f
     WHERE f.id IN (SELECT value FROM json_each(:ids)) AND +f.state IN ('QUEUED', 'FINISHING')
       AND NOT EXISTS ({UNFINISHED_JOB})

@@ -1,0 +1,182 @@
+"""Finishing races found in an audit of the finishing path (forwarder/daemon/finisher.py,
+finish_relay.py, ingest_child.py), each on a real ``forwarder run`` with a real peer: what a
+file dropped again under a name being finished becomes, and what a clean stop leaves queued."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from conftest import wait_until
+from daemon import Daemon, destination, uids
+from peers import ScriptedSCP
+from test_ingest_process import children, queue_counts
+
+
+def with_site(site: Path) -> str:
+    """PYTHONPATH for a daemon with ``site``'s sitecustomize, the code under test still first
+    found where this run's PYTHONPATH says (a worktree's)."""
+    return os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+
+
+# The watch-and-ingest process's finisher stops once it has recorded where victim.dcm goes
+# (its row FINISHING), before it moves it, until the test says go: the moment a file dropped
+# again under that name lands (in a batch, while the files before it are moved).
+PAUSED_MOVE = """\
+import time
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.queue.finishing import Finishing
+
+    here = Path(__file__).parent
+    begin = Finishing.begin_finish_many
+
+    def begin_finish_many(self, items):
+        begin(self, items)
+        if any(p.endswith("victim.dcm") for _, p in items) and not (here / "paused").exists():
+            (here / "paused").write_text("")
+            deadline = time.monotonic() + 60
+            while not (here / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    Finishing.begin_finish_many = begin_finish_many
+"""
+
+
+def test_a_file_dropped_again_while_its_earlier_copy_is_being_moved_is_sent(
+    tmp_path: Path,
+) -> None:
+    """victim.dcm is delivered; its finisher has recorded where it goes (FINISHING) and is
+    about to rename it when another object is dropped under the same name (a modality's
+    resend). The rename must not carry the new, never sent object to done/ in place of the
+    delivered one: the new object is sent (or at least stays queued in incoming)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PAUSED_MOVE)
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"PYTHONPATH": with_site(site)},
+        )
+        with d:
+            first = d.drop("victim.dcm", seed=1)
+            wait_until((site / "paused").exists, 30, what="the finisher at the move")
+            assert scp.uids() == uids([first])
+            second = d.drop("victim.dcm", seed=2)  # atomically, over the delivered copy
+            (site / "go").write_text("")
+            try:
+                wait_until(
+                    lambda: second.sop_instance_uid in scp.uids(),
+                    20,
+                    what="the object dropped again sent",
+                )
+                d.wait_incoming_empty(timeout=20)
+            finally:
+                assert d.stop() == 0
+        assert len(scp.received) == 2
+        # The second object, delivered. The first is gone: whoever dropped the second
+        # overwrote it in incoming (it was delivered before).
+        assert d.done_files() == ["victim.dcm"]
+        assert queue_counts(d.queue) == ({"FINISHED": 2}, {"DONE": 2})
+
+
+def test_the_same_object_dropped_again_after_a_crash_mid_finish_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    """same.dcm is delivered and moved to done/, and the daemon dies before the move is
+    recorded (its row FINISHING). The same object is dropped again under that name (a
+    resend: the same bytes, a new file) before the next start. A name dropped again after its
+    first copy is done is sent again: the start must not take the new file for the original
+    still in place, and rename it over the delivered copy unsent."""
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"FORWARDER_CRASH_AT": "finish-after-move"},
+        )
+        try:
+            one = d.drop("same.dcm", seed=1)
+            d.start(wait_ready=False)
+            assert d.wait_exit(timeout=30) == -signal.SIGKILL, d.log_tail()
+            assert d.done_files() == ["same.dcm"]
+            assert len(scp.received) == 1
+            staged = tmp_path / "again.part"
+            staged.write_bytes((d.done / "same.dcm").read_bytes())
+            os.rename(staged, d.incoming / "same.dcm")  # the same bytes, dropped again
+            del d.env["FORWARDER_CRASH_AT"]
+            d.start()
+            try:
+                wait_until(lambda: len(scp.received) == 2, 20, what="the resend sent")
+                d.wait_incoming_empty(timeout=30)
+            finally:
+                assert d.stop() == 0
+        finally:
+            d.close()
+    assert scp.uids() == uids([one])
+    assert d.done_files() == ["same.1.dcm", "same.dcm"]
+    assert queue_counts(d.queue) == ({"FINISHED": 2}, {"DONE": 2})
+
+
+# The start's sweep of the whole queue in the watch-and-ingest process, as on a long queue:
+# several slices (5 files a slice here, 1000 in production, over 20,000 rows), each taking a
+# moment.
+LONG_SWEEP = """\
+import time
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.queue.finishing import Finishing
+
+    sweep = Finishing.sweep_to_finish
+
+    def sweep_to_finish(self, after, span=20_000, limit=1000, *, finishing=True):
+        time.sleep(0.2)
+        return sweep(self, after, span, min(limit, 5), finishing=finishing)
+
+    Finishing.sweep_to_finish = sweep_to_finish
+"""
+
+
+def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_file_queued(
+    tmp_path: Path,
+) -> None:
+    """Files delivered, their ids handed to a watch-and-ingest process that never read them
+    (stopped), which is then killed -9: they are QUEUED with every job DONE, and only the
+    restarted process's sweep of the whole queue finds them. The daemon is stopped (SIGTERM)
+    while that sweep is still going: a clean stop leaves the queue settled, every such file
+    moved to done/, none left QUEUED for the next start."""
+    site = tmp_path / "site"
+    site.mkdir()
+    total = 60
+    with ScriptedSCP(delay=0.05) as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"PYTHONPATH": with_site(site)},
+        )
+        with d:
+            dropped = d.drop_files(total)
+            wait_until(lambda: sum(queue_counts(d.queue)[0].values()) == total, 30, what="queued")
+            (child,) = children(d.pid)
+            os.kill(child, signal.SIGSTOP)  # it finishes nothing from now on
+            try:
+                wait_until(
+                    lambda: not {"READY", "CLAIMED"} & set(queue_counts(d.queue)[1]),
+                    30,
+                    what="every file sent",
+                )
+                (site / "sitecustomize.py").write_text(LONG_SWEEP)  # for the next process
+            finally:
+                os.kill(child, signal.SIGKILL)
+            files = queue_counts(d.queue)[0]
+            assert files.get("QUEUED", 0) > 10, files
+            d.wait_log("watch: watching incoming again", timeout=30, what="the restart")
+            assert d.stop() == 0  # while the restarted process's sweep goes on
+    assert len(scp.received) == total
+    assert scp.uids() == uids(dropped)
+    assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})
+    assert d.incoming_files() == []
+    assert d.done_files() == sorted(f.rel_path for f in dropped)
