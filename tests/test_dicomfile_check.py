@@ -20,12 +20,13 @@ from dicomgen import make_dataset
 from pydicom.data import get_charset_files, get_testdata_file, get_testdata_files
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
 )
 
-from forwarder.dicom.check import MAX_INFLATED, check_file, inflate, scan_file
+from forwarder.dicom.check import MAX_INFLATED, check_file, check_file_values, inflate, scan_file
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import InvalidFileError
 
@@ -546,3 +547,73 @@ def test_a_sop_instance_uid_given_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidFileError) as info:
         check_file(path)
     assert "(0008,0018) appears twice" in info.value.reason
+
+
+def _ui_element(group: int, element: int, value: str, vr: bytes = b"UI") -> bytes:
+    raw = value.encode() + (b"\x00" if vr == b"UI" else b" ") * (len(value) % 2)
+    return struct.pack("<HH2sH", group, element, vr, len(raw)) + raw
+
+
+def _with_meta_after_its_group_length(ds: pydicom.Dataset, extra: bytes) -> bytes:
+    """``ds`` as a Part 10 file with ``extra`` (explicit VR little endian group 0002 elements)
+    right after the meta elements its group length (0002,0000) counts: a writer that left
+    them out of the count."""
+    data = to_bytes(ds)
+    (length,) = struct.unpack_from("<I", data, 132 + 8)
+    end = 132 + 12 + length
+    return data[:end] + extra + data[end:]
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_meta_elements_past_the_group_length_are_read_as_file_meta(
+    tmp_path: Path, syntax: str
+) -> None:
+    """Group 0002 going on past what (0002,0000) counts (vtk-dicom#158: private meta elements
+    left out of the count) is file meta, as pydicom reads it, not the data set's: the file
+    passes, and its data set starts where pydicom's does (what `send` and the daemon send)."""
+    ds = make_dataset(rows=4, columns=4, seed=5, transfer_syntax=syntax)
+    source_ae = _ui_element(0x0002, 0x0016, "MODALITY1", b"AE")
+    path = write(tmp_path, _with_meta_after_its_group_length(ds, source_ae))
+    meta, _ = check_file_values(path)
+    assert meta.sop_instance_uid == ds.SOPInstanceUID
+    read = pydicom.dcmread(path)
+    assert read.file_meta.SourceApplicationEntityTitle == "MODALITY1"
+    plain = to_bytes(ds)
+    (length,) = struct.unpack_from("<I", plain, 132 + 8)
+    assert meta.dataset_offset == 132 + 12 + length + len(source_ae)
+    assert path.read_bytes()[meta.dataset_offset :] == plain[132 + 12 + length :]
+
+
+def test_a_meta_element_repeated_past_the_group_length_with_another_value_is_refused(
+    tmp_path: Path,
+) -> None:
+    """(0002,0010) again past the group length, naming another syntax (fo-dicom once wrote it
+    twice): pydicom takes the second, DCMTK the first: which object the file holds depends on
+    the reader, so it is refused, naming the element."""
+    ds = make_dataset(rows=4, columns=4, seed=6)
+    other = _ui_element(0x0002, 0x0010, ExplicitVRBigEndian)
+    path = write(tmp_path, _with_meta_after_its_group_length(ds, other))
+    with pytest.raises(InvalidFileError) as info:
+        check_file(path)
+    assert "(0002,0010) appears twice with different values" in info.value.reason
+
+
+def test_a_meta_element_repeated_with_the_same_value_passes(tmp_path: Path) -> None:
+    ds = make_dataset(rows=4, columns=4, seed=7)
+    same = _ui_element(0x0002, 0x0010, ExplicitVRLittleEndian)
+    path = write(tmp_path, _with_meta_after_its_group_length(ds, same))
+    meta, _ = check_file_values(path)
+    assert meta.transfer_syntax == ExplicitVRLittleEndian
+
+
+def test_a_meta_element_inside_the_data_set_is_refused(tmp_path: Path) -> None:
+    """Group 0002 after the data set's first elements is no file meta to any reader, and no
+    data set's either (PS3.10 7.1): refused, naming the element."""
+    ds = make_dataset(rows=4, columns=4, seed=8)
+    data = to_bytes(ds)
+    at = data.index(b"\x08\x00\x18\x00UI", 132 + 12)  # the data set's SOP Instance UID
+    stray = _ui_element(0x0002, 0x0010, ExplicitVRBigEndian)
+    path = write(tmp_path, data[:at] + stray + data[at:])
+    with pytest.raises(InvalidFileError) as info:
+        check_file(path)
+    assert "File Meta element (0002,0010) in the data set" in info.value.reason

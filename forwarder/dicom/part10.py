@@ -82,17 +82,19 @@ def parse_meta(
     values: dict[int, bytes] = {}
     unpack_tag = struct.Struct("<HH").unpack_from
     while True:
-        if end_of_meta is not None and pos >= end_of_meta:
-            break
         if pos + 8 > len(head):
-            if pos >= size:
+            if pos >= size or (end_of_meta is not None and pos >= end_of_meta):
                 break
             raise InvalidFileError(path, "file meta information is truncated or larger than 64 KB")
         group, elem = unpack_tag(head, pos)
         if group != 0x0002:
-            if end_of_meta is not None:
+            if end_of_meta is not None and pos < end_of_meta:
                 raise InvalidFileError(path, "file meta group length disagrees with its elements")
             break
+        # Past the end its group length (0002,0000) gives, group 0002 goes on: a writer that
+        # left its last elements out of the count. Read as file meta, as pydicom reads it (a
+        # copy of an element already read must then say the same, below), so that no reader
+        # takes it for the data set's.
         vr = head[pos + 4 : pos + 6]
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
             raise InvalidFileError(path, f"file meta element (0002,{elem:04X}) has no valid VR")
@@ -109,7 +111,12 @@ def parse_meta(
                 path, f"file meta element (0002,{elem:04X}) has a length past the end of the header"
             )
         value = head[value_pos : value_pos + length]
-        values[elem] = value
+        if values.setdefault(elem, value) != value:
+            raise InvalidFileError(
+                path,
+                f"file meta element (0002,{elem:04X}) appears twice with different values: "
+                "readers disagree on which is the file's",
+            )
         if elem == _TAG_GROUP_LENGTH and length == 4:
             end_of_meta = value_pos + 4 + struct.unpack("<I", value)[0]
         pos = value_pos + length

@@ -257,7 +257,7 @@ class Scanner:
                 # Transfer Syntax or SOP UIDs, another object than the one checked here.
                 raise self.fail(
                     f"File Meta element {_tag(tag)} in the data set: group 0002 belongs in the "
-                    "file meta information only, and readers disagree on which copy is the file's"
+                    "file meta information only (a reader may take it for the file's own)"
                 )
             if length == 0xFFFFFFFF:
                 # Undefined length: a sequence, encapsulated pixel data, or UN holding implicit VR.
