@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import wait_until
 from daemon import Daemon, destination, uids
 from peers import ScriptedSCP
@@ -121,8 +122,8 @@ def test_the_same_object_dropped_again_after_a_crash_mid_finish_is_sent_again(
 
 
 # The start's sweep of the whole queue in the watch-and-ingest process, as on a long queue:
-# several slices (5 files a slice here, 1000 in production, over 20,000 rows), each taking a
-# moment.
+# several slices (5 files a slice here, 1000 in production, over 20,000 rows), each taking
+# {pause} s (12 slices).
 LONG_SWEEP = """\
 import time
 from pathlib import Path
@@ -133,21 +134,28 @@ if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
     sweep = Finishing.sweep_to_finish
 
     def sweep_to_finish(self, after, span=20_000, limit=1000, *, finishing=True):
-        time.sleep(0.2)
+        time.sleep({pause})
         return sweep(self, after, span, min(limit, 5), finishing=finishing)
 
     Finishing.sweep_to_finish = sweep_to_finish
 """
 
 
+EXIT_SWEEP_CUT = "finish: the sweep of the queue did not end within 6 s of the stop"
+
+
+# 0.4 s a slice: longer than a stop takes, and the process's exit sweeps the whole queue
+# within its 6 s; 1.0 s a slice: its exit's sweep is cut at 6 s, and the daemon sweeps.
+@pytest.mark.parametrize("pause", [0.4, 1.0])
 def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_file_queued(
-    tmp_path: Path,
+    tmp_path: Path, pause: float
 ) -> None:
     """Files delivered, their ids handed to a watch-and-ingest process that never read them
     (stopped), which is then killed -9: they are QUEUED with every job DONE, and only the
     restarted process's sweep of the whole queue finds them. The daemon is stopped (SIGTERM)
     while that sweep is still going: a clean stop leaves the queue settled, every such file
-    moved to done/, none left QUEUED for the next start."""
+    moved to done/, none left QUEUED for the next start; by the process, or when its sweep
+    takes too long, by the daemon (said, and never by killing the process)."""
     site = tmp_path / "site"
     site.mkdir()
     total = 60
@@ -161,6 +169,10 @@ def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_fil
             dropped = d.drop_files(total)
             wait_until(lambda: sum(queue_counts(d.queue)[0].values()) == total, 30, what="queued")
             (child,) = children(d.pid)
+            # For the next process (this one imported its sitecustomize, none, at its start),
+            # written first: a process stopped inside a queue transaction is killed and
+            # restarted within seconds, and that restart must have the long sweep too.
+            (site / "sitecustomize.py").write_text(LONG_SWEEP.format(pause=pause))
             os.kill(child, signal.SIGSTOP)  # it finishes nothing from now on
             try:
                 wait_until(
@@ -168,13 +180,15 @@ def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_fil
                     30,
                     what="every file sent",
                 )
-                (site / "sitecustomize.py").write_text(LONG_SWEEP)  # for the next process
             finally:
                 os.kill(child, signal.SIGKILL)
             files = queue_counts(d.queue)[0]
             assert files.get("QUEUED", 0) > 10, files
             d.wait_log("watch: watching incoming again", timeout=30, what="the restart")
             assert d.stop() == 0  # while the restarted process's sweep goes on
+            log = d.log_text(current_run=True)
+    assert (EXIT_SWEEP_CUT in log) == (pause > 0.5), log[-3000:]
+    assert "did not stop; killing it" not in log
     assert len(scp.received) == total
     assert scp.uids() == uids(dropped)
     assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})

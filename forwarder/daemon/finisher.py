@@ -209,12 +209,16 @@ class Finisher:
         if not _as_queued(source, item):
             # Another file was dropped under this name over the one queued (a resend), which
             # is gone: the new one is not moved in its place (it was never sent). This row is
-            # finished as it stands; the new file is forgotten with it, and taken as new.
+            # finished as it stands, and the new file is left to be taken as new: the watch
+            # folder's rescan takes it; under .listen its sender was answered 'send again'
+            # (0xA700), and the listener's start queues it if it never does.
             if not (recorded and os.path.lexists(target)):
+                outcome = "delivered" if not failed else "failed: " + _failures(item)
                 logger.warning(
-                    "%s: replaced in incoming by another file while finishing; the file queued "
-                    "is gone, the new one is taken as a new file",
+                    "%s: replaced by another file before it could be moved (the file queued was "
+                    "%s); the new file stays where it is, to be taken as a new one",
                     item.rel_path,
+                    outcome,
                 )
             return
         reason = ""
@@ -231,8 +235,7 @@ class Finisher:
                 )
                 for r in item.results
             ]
-            bad = [r for r in results if r.outcome == "failed"]
-            reason = "; ".join(f"{r.destination}: {r.error or 'failed'}" for r in bad)
+            reason = _failures(item)
             origin = {"calling_ae": item.calling_ae} if item.calling_ae else None
             self.spool.write_error(target, item.rel_path, reason, results, extra=origin)
         crash_point("finish-before-move")
@@ -252,6 +255,15 @@ class Finisher:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
         else:
             logger.debug("%s: moved to done/ (%s)", item.rel_path, target)
+
+
+def _failures(item: FileToFinish) -> str:
+    """Why a file failed: each destination that did not store it, with its last error."""
+    return "; ".join(
+        f"{r.destination}: {r.last_error or 'failed'}"
+        for r in item.results
+        if r.status != JobStatus.DONE
+    )
 
 
 def _as_queued(source: Path, item: FileToFinish) -> bool:

@@ -65,6 +65,9 @@ logger = logging.getLogger("forwarder.daemon.ingest_child")
 _INIT_TIMEOUT = 60.0  # seconds to wait for the daemon's first message
 _STUCK = 90.0  # seconds the watcher's settle loop may take for one turn (under WatchdogSec)
 _FINISH_RETRY_EVERY = 5.0  # the finisher's periodic sweep (moves that failed, lost ids)
+# Of the 10 s the daemon gives this process to exit once told (ingest_process._STOP_GRACE),
+# what the sweep of the whole queue at exit may take (a start's sweep a stop cut short).
+_EXIT_SWEEP_LIMIT = 6.0
 
 
 class Counts:
@@ -178,17 +181,35 @@ class Child:
         # is tried once more: a clean stop leaves no row FINISHING that can be finished now.
         # The start's sweep cut short by ``exit`` (a stop soon after a restart) is finished
         # here: what a killed process was handed is known from no one else, and the daemon,
-        # seeing this exit status 0, does not sweep (one slice of the periodic sweep does not
-        # cover a long queue).
+        # seeing this exit status 0, does not sweep. Within part of the stop's grace: a long
+        # queue's sweep is left to the daemon (exit status 1) rather than cut by a kill. An
+        # unhealthy finisher leaves everything to the daemon.
         try:
-            if self._swept:
+            if healthy and self._swept:
                 self.finisher.retry_pending()
-            else:
-                self.finisher.sweep_all()
+            elif healthy and not self._sweep_at_exit():
+                logger.warning(
+                    "finish: the sweep of the queue did not end within %.0f s of the stop; "
+                    "the daemon finishes it",
+                    _EXIT_SWEEP_LIMIT,
+                )
+                healthy = False
         except ForwarderError as exc:  # the next start's sweep finishes them
             logger.error("finishing files: %s", exc)
         self.queue.close()
         return 0 if healthy else 1
+
+    def _sweep_at_exit(self) -> bool:
+        """The whole queue's sweep, stopped between two slices after
+        :data:`_EXIT_SWEEP_LIMIT` seconds; True when it went over the whole queue."""
+        cut = threading.Event()
+        timer = threading.Timer(_EXIT_SWEEP_LIMIT, cut.set)
+        timer.start()
+        try:
+            self.finisher.sweep_all(until=cut)
+        finally:
+            timer.cancel()
+        return not cut.is_set()
 
     def _retry(self, *, everything: bool = False) -> None:
         """The finisher's sweep (:meth:`Finisher.retry_pending`; ``everything``: the whole
