@@ -8,10 +8,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from conftest import FORWARDER, wait_until
 from daemon import Daemon, destination, subprocess_env, uids
 from peers import ScriptedSCP, free_port
+
+from forwarder.dicom.part10 import read_meta
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -338,6 +341,30 @@ def test_retry_brings_failed_files_back_and_they_get_delivered(tmp_path: Path) -
             assert again.returncode == 0 and "0 files requeued" in again.stderr
             assert d.stop() == 0
         d.assert_no_phi()
+
+
+def test_retry_sends_a_file_fixed_in_failed_as_it_is_now(tmp_path: Path) -> None:
+    """An operator fixes a failed file where it lies in failed/ (rewrites it), then runs
+    `forwarder retry`, which queues it with the header values and size the queue had. The
+    daemon finds the file unlike its row, refreshes the row from the file (a replacement,
+    logged) and sends the fixed version: not the stale values, and not a wait for ever."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            (dropped,) = d.drop_files(1, folder="ct")
+            d.wait_failed(1)
+            failed = d.failed / dropped.rel_path
+            ds = pydicom.dcmread(failed)
+            ds.StudyDescription = "FIXED BY THE OPERATOR"
+            ds.save_as(failed)
+            fixed = read_meta(failed)
+            scp.status = 0x0000
+            result = d.cli("retry")
+            assert result.returncode == 0, result.stderr
+            d.wait_done(1, timeout=30)
+            assert [r.nbytes for r in scp.received] == [fixed.size - fixed.dataset_offset]
+            assert "replaced while queued; sending the new version" in d.log_text()
+            assert d.stop() == 0
 
 
 def test_retry_one_destination_of_a_fan_out(tmp_path: Path) -> None:

@@ -300,6 +300,12 @@ class Ingest:
                 for e, _ in batch:
                     self._known.pop(e.path, None)
             raise
+        for (entry, destinations), file_id in zip(batch, ids, strict=True):
+            if file_id is None:
+                # Queued already, by another process (`forwarder retry` queues a failed file
+                # before moving it back): as it lies here, or its row is refreshed from this
+                # check, else every sender would wait for a change never registered.
+                self._replaced(entry, destinations, changed_only=True)
         added = sum(1 for i in ids if i is not None)
         if self.metrics is not None:
             for _ in range(added):
@@ -307,10 +313,13 @@ class Ingest:
         logger.debug("queued %d files (%d already queued)", added, len(ids) - added)
         self.on_enqueued()
 
-    def _replaced(self, entry: FileEntry, destinations: dict[str, int]) -> None:
+    def _replaced(
+        self, entry: FileEntry, destinations: dict[str, int], *, changed_only: bool = False
+    ) -> None:
         """A queued file was replaced by another object: it is routed afresh, and every
-        destination of the new routing gets the new version."""
-        replaced = self.queue.replace_file(entry, destinations)
+        destination of the new routing gets the new version (``changed_only``: unless its row
+        already has this size and mtime)."""
+        replaced = self.queue.replace_file(entry, destinations, changed_only=changed_only)
         if replaced is None:
             return  # already being moved out: the watcher offers it again if it stays
         with self._lock:

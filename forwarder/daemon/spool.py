@@ -149,6 +149,10 @@ class Spool:
                 tmp = target.with_name(f".{target.name}.moving")
                 try:
                     shutil.copyfile(source, tmp)
+                    # As a rename keeps them: the queue knows a file by its size and mtime
+                    # (`forwarder retry` moves one back from failed/, as queued).
+                    with contextlib.suppress(OSError):
+                        shutil.copystat(source, tmp)
                     with open(tmp, "rb+") as f:
                         os.fsync(f.fileno())
                     os.rename(tmp, target)

@@ -48,6 +48,7 @@ class Replacing(Store):
         destinations: Routed,
         *,
         now: float | None = None,
+        changed_only: bool = False,
     ) -> Replaced | None:
         """The file at ``entry.path`` was replaced in incoming while QUEUED: record its new
         header values and routing (``destinations``, routed afresh from the new version).
@@ -57,8 +58,10 @@ class Replacing(Store):
         destination routed for the first time gets a job. Destinations no longer routed keep
         what they already stored (DONE stays); their READY and FAILED jobs are deleted and a
         CLAIMED one is deleted when its claim ends. Returns None when no QUEUED row has that
-        path (finishing or finished: nothing to do)."""
+        path (finishing or finished: nothing to do); with ``changed_only``, also when the row
+        already has the entry's size and mtime (queued as it is, by another process)."""
         params = {**file_values(entry), "now": clock(now)}
+        changed = " AND (size != :size OR mtime_ns != :mtime_ns)" if changed_only else ""
         routed_now = routed_to(destinations)
         with self._write(f"recording that {entry.path} was replaced") as conn:
             row = conn.execute(
@@ -70,7 +73,9 @@ class Replacing(Store):
                           accession_number = :accession_number,
                           calling_ae = :calling_ae, called_ae = :called_ae, peer = :peer,
                           association = :association
-                   WHERE path = :path AND state = 'QUEUED' RETURNING id""",
+                   WHERE path = :path AND state = 'QUEUED'"""
+                + changed
+                + " RETURNING id",
                 params,
             ).fetchone()
             if row is None:

@@ -219,3 +219,26 @@ def test_an_unreadable_file_stays_in_incoming_until_it_can_be_read(
             secret.chmod(0o644)
             d.wait_done(2, timeout=15)
     assert queue_problems(d.queue) == []
+
+
+def test_retry_across_filesystems_delivers_the_files(tmp_path: Path) -> None:
+    """failed/ on another filesystem than incoming: a file is copied there and back (a rename
+    cannot cross), and a plain copy gets a new mtime, so the row `forwarder retry` queues (the
+    size and mtime the queue had) no longer matched the file: every sender waited for it to
+    settle, forever. The copies keep the mtime, as a rename does."""
+    root = tmp_path / "d"
+    with ScriptedSCP(status=0xC001) as scp, tmpfs(root / "failed", "4m"):
+        d = Daemon(root, destinations=[destination("pacs", scp.port)])
+        with d:
+            dropped = d.drop_files(2, **SMALL)
+            d.wait_failed(2)
+            scp.status = 0x0000  # the PACS got fixed
+            result = d.cli("retry")
+            assert result.returncode == 0, result.stderr
+            assert "2 files requeued, 0 skipped" in result.stderr
+            d.wait_done(2, timeout=30)
+            assert scp.uids() >= {f.sop_instance_uid for f in dropped}
+            # Sent as queued: the moves kept the mtime, as renames do (no replacement seen).
+            assert "replaced while queued" not in d.log_text()
+            assert d.stop() == 0
+        assert settled_problems(d.queue, d.incoming, d.done, d.failed, expect_done=2) == []
