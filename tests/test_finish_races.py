@@ -12,14 +12,7 @@ import pytest
 from conftest import wait_until
 from daemon import Daemon, destination, uids
 from peers import ScriptedSCP
-from test_ingest_process import children, queue_counts
-
-
-def with_site(site: Path) -> str:
-    """PYTHONPATH for a daemon with ``site``'s sitecustomize, the code under test still first
-    found where this run's PYTHONPATH says (a worktree's)."""
-    return os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
-
+from test_ingest_process import children, queue_counts, site_env
 
 # The watch-and-ingest process's finisher stops once it has recorded where victim.dcm goes
 # (its row FINISHING), before it moves it, until the test says go: the moment a file dropped
@@ -53,14 +46,12 @@ def test_a_file_dropped_again_while_its_earlier_copy_is_being_moved_is_sent(
     about to rename it when another object is dropped under the same name (a modality's
     resend). The rename must not carry the new, never sent object to done/ in place of the
     delivered one: the new object is sent (or at least stays queued in incoming)."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(PAUSED_MOVE)
+    site, env = site_env(tmp_path, PAUSED_MOVE)
     with ScriptedSCP() as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": with_site(site)},
+            env=env,
         )
         with d:
             first = d.drop("victim.dcm", seed=1)
@@ -156,14 +147,13 @@ def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_fil
     while that sweep is still going: a clean stop leaves the queue settled, every such file
     moved to done/, none left QUEUED for the next start; by the process, or when its sweep
     takes too long, by the daemon (said, and never by killing the process)."""
-    site = tmp_path / "site"
-    site.mkdir()
+    site, env = site_env(tmp_path)
     total = 60
     with ScriptedSCP(delay=0.05) as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": with_site(site)},
+            env=env,
         )
         with d:
             dropped = d.drop_files(total)

@@ -40,6 +40,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def site_env(tmp_path: Path, code: str = "") -> tuple[Path, dict[str, str]]:
+    """A folder whose ``sitecustomize.py`` (``code``; none yet when empty, written later) the
+    daemon's processes run as they start, and the daemon's environment for it: the tree under
+    test still found where this run's PYTHONPATH says (a worktree's)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    if code:
+        (site / "sitecustomize.py").write_text(code)
+    return site, {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+    }
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -327,14 +340,12 @@ if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
 def test_sigterm_while_the_process_is_slow_to_start_is_not_held_up(tmp_path: Path) -> None:
     """The daemon waits up to a minute for its watch-and-ingest process to start; a SIGTERM
     meanwhile stops the start-up at once (the process is killed), with exit status 0."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_START)
+    site, env = site_env(tmp_path, SLOW_START)
     with ScriptedSCP() as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": str(site)},
+            env=env,
         )
         d.start(wait_ready=False)
         try:
@@ -479,15 +490,13 @@ def test_the_finisher_thread_dying_ends_the_process_and_its_restart_finishes_eve
     injected in the first process only): the process sees it at its next sweep and exits, the
     daemon logs the death and starts another, whose start finishes every file it was handed.
     Meanwhile the files are sent once each, and they stay in incoming, queued."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(FINISHER_DIES)
+    _, env = site_env(tmp_path, FINISHER_DIES)
     total = 40
     with ScriptedSCP() as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": str(site)},
+            env=env,
         )
         with d:
             (first,) = children(d.pid)
@@ -545,15 +554,13 @@ def test_a_process_stopped_inside_a_queue_transaction_is_killed_within_seconds(
     its lock, so it is killed after a few seconds of silence (not the 30 s of a silent process
     that holds nothing), its transaction rolled back; the sends go on, and its restart finishes
     every file, once."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(STOPS_IN_A_TRANSACTION.format(module="ingest_child"))
+    site, env = site_env(tmp_path, STOPS_IN_A_TRANSACTION.format(module="ingest_child"))
     count = 300
     with ScriptedSCP(delay=0.005) as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": str(site)},
+            env=env,
         )
         backlog, dropped = staged_backlog(tmp_path, count, rows=8, columns=8)
         with d:
@@ -601,16 +608,14 @@ def test_a_clean_stop_records_the_moves_whose_record_failed(tmp_path: Path) -> N
     watch-and-ingest process): their rows stay FINISHING. Space comes back and the daemon is
     stopped before the next periodic sweep: the process's exit retries them, so a clean stop
     leaves the queue settled, each file FINISHED once, not waiting for the next start."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(RECORDING_FAILS)
+    site, env = site_env(tmp_path, RECORDING_FAILS)
     (site / "full").write_text("")
     total = 5
     with ScriptedSCP() as scp:
         d = Daemon(
             tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"PYTHONPATH": str(site)},
+            env=env,
         )
         with d:
             dropped = d.drop_files(total)

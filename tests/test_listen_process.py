@@ -30,6 +30,7 @@ from test_ingest_process import (
     STOPS_IN_A_TRANSACTION,
     children,
     queued,
+    site_env,
     staged_backlog,
 )
 from test_listen import (
@@ -285,13 +286,9 @@ def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_rece
     """The watch-and-ingest process (which finishes files) is killed and every restart fails:
     what the listener receives meanwhile is still sent, and after 30 s without that process
     the daemon moves the delivered files out of incoming itself, and says so."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(FAILS_AGAIN)
+    _, env = site_env(tmp_path, FAILS_AGAIN)
     files = generated(tmp_path / "m", 10)
-    with listen_daemon(
-        tmp_path / "gw", [pacs_destination(pacs)], env={"PYTHONPATH": str(site)}
-    ) as d:
+    with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], env=env) as d:
         (first,) = children(d.pid)
         os.kill(first, signal.SIGKILL)
         d.wait_log(
@@ -328,9 +325,7 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
     while the daemon drains a backlog: the daemon's claims and acks wait for that lock, so the
     silent process is killed after a few seconds (not 30), the drain goes on, the modality's
     unanswered object is sent again and arrives once."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(STOPS_IN_A_TRANSACTION.format(module="listen_child"))
+    site, env = site_env(tmp_path, STOPS_IN_A_TRANSACTION.format(module="listen_child"))
     count = 600
     files = generated(tmp_path / "m", 3)
     with ScriptedSCP(delay=0.005) as scp:
@@ -338,7 +333,7 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
         with listen_daemon(
             tmp_path / "gw",
             [destination("pacs", scp.port)],
-            env={"PYTHONPATH": str(site)},
+            env=env,
         ) as d:
             first = child_pid(d)
             os.rename(backlog, d.incoming / "backlog")
