@@ -50,6 +50,7 @@ class CommitmentSCP:
     stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
     actions: list[Dataset] = field(default_factory=list)
     report_statuses: list[int] = field(default_factory=list)
+    report_endings: list[str] = field(default_factory=list)  # "released" / "aborted", mode new
     port: int = 0
     _server: Any = None
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -135,6 +136,8 @@ class CommitmentSCP:
             status, _ = peer.send_n_event_report(report, event_type, SC, SC_INSTANCE)
             self._note(status)
             peer.release()
+            with self._lock:
+                self.report_endings.append("released" if peer.is_released else "aborted")
 
     def _requested(self, event: Any) -> None:
         if self.hang_associate:

@@ -5,16 +5,22 @@ failures, none at all, for an unknown transaction, naming instances nobody asked
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
 from commitment_peer import CommitmentSCP
+from conftest import wait_until
 from dicomgen import make_dataset
 from peers import free_port
 from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role
 
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
     CommitmentBook,
     CommitmentError,
     Reference,
@@ -156,6 +162,70 @@ def test_report_on_a_new_association_to_the_acceptor() -> None:
     assert set(report.committed) == {refs[0], refs[2]}
     assert [(f.reference, f.reason) for f in report.failed] == [(refs[1], 0x0110)]
     assert scp.report_statuses == [0]
+
+
+class _SlowBook(CommitmentBook):
+    """A book slow to take a report (a busy disk under its database): it has already woken the
+    waiter, who ends the association, when pynetdicom gets the answer to send."""
+
+    def deliver(self, event_type: int, ds: Dataset, calling_ae: str) -> int:
+        status = super().deliver(event_type, ds, calling_ae)
+        time.sleep(0.5)
+        return status
+
+
+def test_the_peer_gets_its_answer_before_the_release_on_the_same_association() -> None:
+    refs = _refs(2)
+    with CommitmentSCP(mode="same") as scp:
+        _hold(scp, refs)
+        _, report = request_commitment(
+            _peer(scp), SETTINGS, refs, _SlowBook(), timeout=10, release_at_once=False
+        )
+    assert report is not None and set(report.committed) == set(refs)
+    assert scp.report_statuses == [0]  # -1: our A-RELEASE-RQ came instead of the answer
+
+
+def test_the_acceptor_lets_the_peer_get_its_answer_and_release_before_stopping() -> None:
+    refs = _refs(2)
+    book = _SlowBook()
+    port = free_port()
+    with (
+        CommitmentSCP(mode="new", report_to=("127.0.0.1", port, "FWDSCU")) as scp,
+        ReportAcceptor(book, ae_title="FWDSCU", port=port, bind="127.0.0.1"),
+    ):
+        _hold(scp, refs)
+        _, report = request_commitment(
+            _peer(scp), SETTINGS, refs, book, timeout=10, release_at_once=True
+        )
+        assert report is not None
+    # The acceptor has stopped (the sender's exit) while the answer was held back.
+    assert wait_until(lambda: scp.report_endings, 10)
+    assert (scp.report_statuses, scp.report_endings) == ([0], ["released"])
+
+
+def test_the_acceptor_still_stops_promptly_when_the_peer_keeps_its_association() -> None:
+    """The grace is bounded: a peer that neither answers nor releases is aborted."""
+    book = CommitmentBook()
+    port = free_port()
+    acceptor = ReportAcceptor(book, ae_title="FWDSCU", port=port, bind="127.0.0.1").start()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+    role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+    assoc = ae.associate("127.0.0.1", port, ae_title="FWDSCU", ext_neg=[role])
+    try:
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(
+            _report("1.2.3", _refs(1), []), 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+        assert status is not None and status.Status != 0  # unknown transaction
+        started = time.monotonic()
+        acceptor.stop()
+        assert time.monotonic() - started < 5
+        assert wait_until(lambda: not assoc.is_established, 10)
+        assert assoc.is_aborted
+    finally:
+        if assoc.is_established:
+            assoc.abort()
 
 
 @pytest.mark.parametrize("script", ["none", "wrong_transaction", "extra_instance"])

@@ -66,7 +66,8 @@ def test_send_stgcmt_to_receive_on_the_same_association(
         _same_as_sent(rcv, paths)
     assert r.returncode == 0, r.stderr
     assert {f["commitment"] for f in _files(report).values()} == {"committed"}
-    assert "on its association" in rcv.log.read_text()
+    said = rcv.log.read_text()
+    assert "on its association" in said, said
 
 
 def test_send_stgcmt_to_receive_on_a_new_association(
@@ -84,7 +85,8 @@ def test_send_stgcmt_to_receive_on_a_new_association(
         _same_as_sent(rcv, paths)
     assert r.returncode == 0, r.stderr
     assert {f["commitment"] for f in _files(report).values()} == {"committed"}
-    assert "delivered to FWDSCU" in rcv.log.read_text()
+    said = rcv.log.read_text()
+    assert "delivered to FWDSCU" in said, said
 
 
 def test_an_instance_no_longer_in_the_folder_is_reported_failed(

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.cancel import (
@@ -45,17 +46,46 @@ from forwarder.net.commitment import (
     new_transaction_uid,
 )
 
+if TYPE_CHECKING:
+    from pynetdicom.events import EventHandlerType
+
 logger = logging.getLogger(__name__)
 
 _VERIFICATION = "1.2.840.10008.1.1"
 _POLL = 0.2  # how often the same-association wait looks whether the association still stands
+_ANSWER_GRACE = 2.0  # seconds a report's answer has to go out, and its sender to release, on stop
+_ANSWER_POLL = 0.05
 
 
-def _report_handler(book: CommitmentBook, sender: str | None) -> Any:
-    """An EVT_N_EVENT_REPORT handler that hands the report to ``book``."""
+class _ReportTaker:
+    """The EVT_N_EVENT_REPORT handler that hands each report to ``book``, and the EVT_PDU_SENT
+    one that sees its answer go out.
 
-    def handle(event: Any) -> tuple[int, None]:
-        who = sender or str(event.assoc.requestor.ae_title).strip()
+    The book wakes whoever waits for the report before pynetdicom sends the answer (the
+    handler's return value), and that waiter goes on to end the association: a release on the
+    same association, the acceptor's stop on a new one. Ended at once, the peer gets an
+    A-RELEASE-RQ or an A-ABORT instead of its N-EVENT-REPORT-RSP, and a PACS may take the
+    report for undelivered. So the ender first waits for the answer (:meth:`answered`), and the
+    acceptor for the peer to end what it opened (:meth:`took_from`)."""
+
+    def __init__(self, book: CommitmentBook, sender: str | None) -> None:
+        self.book = book
+        self.sender = sender
+        self._lock = threading.Lock()
+        self._owed: dict[Any, threading.Event] = {}  # association -> set once answered
+        self._took: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def handlers(self) -> list[EventHandlerType]:
+        from pynetdicom import evt
+
+        return [(evt.EVT_N_EVENT_REPORT, self._take), (evt.EVT_PDU_SENT, self._sent)]
+
+    def _take(self, event: Any) -> tuple[int, None]:
+        assoc = event.assoc
+        with self._lock:
+            self._owed[assoc] = threading.Event()  # before the book wakes anybody
+            self._took.add(assoc)
+        who = self.sender or str(assoc.requestor.ae_title).strip()
         if str(event.request.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
             logger.warning("N-EVENT-REPORT from %s for another SOP class: ignored", who)
             return STATUS_PROCESSING_FAILURE, None
@@ -64,9 +94,33 @@ def _report_handler(book: CommitmentBook, sender: str | None) -> Any:
         except Exception as exc:  # a data set pydicom cannot read: not trusted
             logger.warning("N-EVENT-REPORT from %s with an unreadable data set: %s", who, exc)
             return STATUS_PROCESSING_FAILURE, None
-        return book.deliver(int(event.request.EventTypeID or 0), info, who), None
+        return self.book.deliver(int(event.request.EventTypeID or 0), info, who), None
 
-    return handle
+    def _sent(self, event: Any) -> None:
+        from pynetdicom.pdu import P_DATA_TF
+
+        # Nothing else goes out on these associations while a report waits for its answer:
+        # the first P-DATA-TF after it is the N-EVENT-REPORT-RSP (a command set, one PDU).
+        if isinstance(event.pdu, P_DATA_TF):
+            with self._lock:
+                sent = self._owed.pop(event.assoc, None)
+            if sent is not None:
+                sent.set()
+
+    def answered(self, assoc: Any, timeout: float = _ANSWER_GRACE) -> None:
+        """Return once the answer to the report ``assoc`` carried went out, the association
+        ended, or ``timeout`` seconds passed."""
+        with self._lock:
+            sent = self._owed.get(assoc)
+        deadline = time.monotonic() + timeout
+        while sent is not None and not sent.wait(_ANSWER_POLL):
+            if not assoc.is_established or time.monotonic() > deadline:
+                return
+
+    def took_from(self, assoc: Any) -> bool:
+        """Whether ``assoc`` carried a report (answered or not)."""
+        with self._lock:
+            return assoc in self._took
 
 
 class ReportAcceptor:
@@ -81,13 +135,14 @@ class ReportAcceptor:
         self.bind = bind
         self._port = port
         self._server: Any = None
+        self._taker = _ReportTaker(book, None)
 
     @property
     def port(self) -> int:
         return int(self._server.socket.getsockname()[1]) if self._server else self._port
 
     def start(self) -> ReportAcceptor:
-        from pynetdicom import AE, evt
+        from pynetdicom import AE
 
         ae = AE(ae_title=self.ae_title)
         # The peer may propose the SCP role for itself (role selection), or leave roles default.
@@ -100,7 +155,7 @@ class ReportAcceptor:
             self._server = ae.start_server(
                 (self.bind, self._port),
                 block=False,
-                evt_handlers=[(evt.EVT_N_EVENT_REPORT, _report_handler(self.book, None))],
+                evt_handlers=self._taker.handlers(),
             )
         except OSError as exc:
             raise CommitmentError(
@@ -115,9 +170,15 @@ class ReportAcceptor:
         return self
 
     def stop(self) -> None:
-        """Stop at once: open associations are aborted first (pynetdicom's server waits for
-        every association thread to end, and a peer may keep one open for minutes)."""
+        """Stop promptly: a peer that delivered a report has a moment (``_ANSWER_GRACE``) to
+        get its answer and release; open associations are then aborted (pynetdicom's server
+        waits for every association thread to end, and a peer may keep one open for
+        minutes)."""
         if self._server is not None:
+            deadline = time.monotonic() + _ANSWER_GRACE
+            for assoc in list(self._server.active_associations):
+                if self._taker.took_from(assoc):
+                    assoc.join(max(0.0, deadline - time.monotonic()))
             for assoc in list(self._server.active_associations):
                 abort_now(assoc)
             self._server.shutdown()
@@ -136,11 +197,12 @@ def open_association(
     book: CommitmentBook,
     contexts: Sequence[str],
     cancel: threading.Event | None = None,
+    taker: _ReportTaker | None = None,
 ) -> Any:
     """A pynetdicom association to ``peer`` proposing ``contexts`` (one each, little endian),
-    whose N-EVENT-REPORTs go to ``book``. Raises :class:`CommitmentError` when none, or when
-    ``cancel`` is set before it is established."""
-    from pynetdicom import AE, evt
+    whose N-EVENT-REPORTs go to ``book`` (through ``taker``, when given). Raises
+    :class:`CommitmentError` when none, or when ``cancel`` is set before it is established."""
+    from pynetdicom import AE
 
     ae = AE(ae_title=settings.calling_ae_title)
     for uid in contexts:
@@ -152,7 +214,7 @@ def open_association(
     kwargs: dict[str, Any] = {
         "ae_title": peer.ae_title,
         "max_pdu": settings.max_pdu_receive,
-        "evt_handlers": [(evt.EVT_N_EVENT_REPORT, _report_handler(book, peer.ae_title))],
+        "evt_handlers": (taker or _ReportTaker(book, peer.ae_title)).handlers(),
     }
     if settings.bind_host:
         kwargs["bind_address"] = (settings.bind_host, 0)
@@ -194,10 +256,13 @@ def request_commitment(
     if manage_book:
         book.expect(uid, references)
     try:
-        assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH], cancel)
+        taker = _ReportTaker(book, peer.ae_title)
+        assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH], cancel, taker)
         try:
             with abort_on_cancel(assoc, cancel):
                 report = _ask(assoc, peer, references, book, uid, deadline, release_at_once, cancel)
+            if report is not None:
+                taker.answered(assoc)  # the peer gets its answer before our A-RELEASE-RQ
         finally:
             end_association(assoc, cancel)
         if report is not None or (cancel is not None and cancel.is_set()):
