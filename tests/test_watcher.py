@@ -20,6 +20,7 @@ from forwarder.daemon.watch_settle import (
     ReadyFile,
     Settler,
     is_ignored_name,
+    then,
 )
 from forwarder.daemon.watcher import Watcher
 from forwarder.errors import ForwarderError
@@ -570,6 +571,48 @@ def test_a_write_after_the_rename_cancels_the_zero_wait(root: Path) -> None:
     settler.check_due(now)
     settler.check_due(now + 1.0)
     assert ready == []
+
+
+@pytest.mark.parametrize(
+    ("events", "kept"),
+    [
+        ((Hint.WRITING, Hint.CLOSED, Hint.CHANGED), Hint.CLOSED),  # shutil.copy, cp -p
+        ((Hint.MOVED_IN, Hint.CHANGED), Hint.MOVED_IN),  # mv, then chmod
+        ((Hint.CLOSED, Hint.WRITING), Hint.WRITING),  # opened and written again
+        ((Hint.CLOSED, Hint.DELETED, Hint.CHANGED), Hint.CHANGED),  # gone, made anew
+        ((Hint.CHANGED, Hint.CLOSED), Hint.CLOSED),
+    ],
+)
+def test_one_hint_kept_per_path_does_not_let_a_mode_change_erase_the_close(
+    events: tuple[Hint, ...], kept: Hint
+) -> None:
+    hint: Hint | None = None
+    for event in events:
+        hint = then(hint, event)
+    assert hint is kept
+
+
+def test_a_file_seen_written_then_closed_and_chmodded_in_one_batch_is_ready(root: Path) -> None:
+    """The settle thread saw the copy being written; the close and the mode change that
+    shutil.copy makes after it came in one read (the thread was busy, the machine loaded).
+    Kept as CHANGED, the candidate waited for a close already gone, for STALE_WRITER (60 s):
+    ``make run``'s first file did not arrive in 30 s on a loaded CI machine."""
+    settler, ready = _settler(root, settle=1.0)
+    path = root / "copied.dcm"
+    with path.open("wb") as writer:
+        writer.write(b"c" * 100)
+        writer.flush()
+        now = time.monotonic()
+        settler.apply({str(path): Hint.WRITING}, now)
+        settler.check_due(now + 1.5)
+    os.chmod(path, 0o640)
+    batch: dict[str, Hint] = {}
+    for hint in (Hint.CLOSED, Hint.CHANGED):  # as the inotify reader and the inbox keep them
+        batch[str(path)] = then(batch.get(str(path)), hint)
+    settler.apply(batch, now + 1.5)
+    settler.check_due(now + 1.5)
+    settler.check_due(now + 1.5 + CLOSED_SETTLE + 0.01)
+    assert [f.rel_path for f in ready] == ["copied.dcm"]
 
 
 def test_the_event_handler_reports_a_move_in_as_moved_in(root: Path) -> None:

@@ -31,7 +31,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from forwarder.daemon.watch_settle import Hint, is_ignored_name
+from forwarder.daemon.watch_settle import Hint, is_ignored_name, then
 
 logger = logging.getLogger(__name__)
 
@@ -353,8 +353,8 @@ class InotifyReader:
                 continue
             for bits, hint in _FILE_HINTS:
                 if mask & bits:
-                    hints.pop(path, None)  # the latest event's hint, in event order
-                    hints[path] = hint
+                    # The latest event's hint (see ``then``), in event order.
+                    hints[path] = then(hints.pop(path, None), hint)
                     break
         if hints:
             self._note_many(hints)

@@ -67,6 +67,19 @@ class Hint(enum.Enum):
     DIR = "dir"  # a directory appeared: scan it (files may predate its inotify watch)
 
 
+def then(earlier: Hint | None, later: Hint) -> Hint:
+    """The one hint kept for a path that had ``earlier``, then ``later`` (one read of events,
+    or the inbox between two turns of the settle thread): the later, except that an attribute
+    change does not erase a close or a rename into place. ``cp -p`` and Python's
+    ``shutil.copy`` change the mode (IN_ATTRIB) right after the close; a candidate already
+    seen written would otherwise wait for a close that came and went, until
+    :data:`STALE_WRITER`. The close's short window still needs two ``lstat`` calls to agree,
+    so a change of size or time the attribute change brought is seen."""
+    if later is Hint.CHANGED and (earlier is Hint.CLOSED or earlier is Hint.MOVED_IN):
+        return earlier
+    return later
+
+
 @dataclass(slots=True)
 class _Candidate:
     """A file being watched until it settles (settle-thread state, mutable on purpose)."""

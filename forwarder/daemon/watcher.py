@@ -45,7 +45,14 @@ from watchdog.observers.api import BaseObserver
 from forwarder.daemon import watch_inotify
 from forwarder.daemon.watch_events import EVENTS, EventHandler, halt, make_observer
 from forwarder.daemon.watch_inotify import InotifyReader
-from forwarder.daemon.watch_settle import MIN_WINDOW, Hint, ReadyFile, Settler, is_ignored_name
+from forwarder.daemon.watch_settle import (
+    MIN_WINDOW,
+    Hint,
+    ReadyFile,
+    Settler,
+    is_ignored_name,
+    then,
+)
 from forwarder.errors import ForwarderError
 
 logger = logging.getLogger(__name__)
@@ -240,7 +247,7 @@ class Watcher:
             # the settle thread is not woken for it. Each received object makes six events.
             return
         with self._lock:
-            self._inbox[path] = hint
+            self._inbox[path] = then(self._inbox.get(path), hint)
         self._wake.set()
 
     def _note_many(self, hints: dict[str, Hint]) -> None:
@@ -252,7 +259,9 @@ class Watcher:
                 (given + p[len(real) :] if p.startswith(real) else p): h for p, h in hints.items()
             }
         with self._lock:
-            self._inbox.update(hints)
+            inbox = self._inbox
+            for path, hint in hints.items():
+                inbox[path] = then(inbox.get(path), hint)
         self._wake.set()
 
     # -- settle thread ---------------------------------------------------------------------
