@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import FORWARDER
 from dicomgen import write_files
+from peers import free_port
 from stowserver import Answer, Seen, StowServer
 
 from forwarder.dicom.part10 import read_meta
@@ -111,3 +113,26 @@ def test_bad_urls_and_options_are_usage_errors(
     ):
         result = run("send", *args, env=forwarder_env)
         assert result.returncode == 2, (args, result.stderr)
+
+
+@pytest.mark.parametrize("target", ["url", "ae"])
+def test_send_does_not_load_the_config_models(
+    tmp_path: Path, target: str, forwarder_env: dict[str, str]
+) -> None:
+    """A send without ``-c`` never imports pydantic and the config models: ~0.2-0.5 s of every
+    ``forwarder send URL`` went there (its URL check lived beside the models)."""
+    files = write_files(tmp_path / "in", 1)
+    with StowServer(Answer(status=200)) as server:
+        peer = server.url if target == "url" else f"NOBODY@127.0.0.1:{free_port()}"
+        code = (
+            "import sys\nfrom forwarder.cli import main\n"
+            f"status = main(['send', '-q', {peer!r}, {str(files[0])!r}])\n"
+            "print(status, sorted(m for m in ('pydantic', 'forwarder.config') if m in sys.modules))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=forwarder_env,
+            timeout=60, check=False,
+        )  # fmt: skip
+    status, loaded = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert loaded == "[]", result.stderr
+    assert status == ("0" if target == "url" else "3"), result.stderr  # 3: no association

@@ -376,9 +376,9 @@ def _resolve_web(
 ) -> WebTarget:
     """A DICOMweb target: the URL from the command line or ``dest``, auth and TLS from the
     options (which win) or ``dest``; the secrets are read now, so a bad file stops here."""
-    from forwarder.config import check_url
     from forwarder.dicomweb.auth import Authorization, AuthSpec
     from forwarder.dicomweb.http import WebSettings
+    from forwarder.dicomweb.url import check_url
 
     try:
         url = check_url(url)

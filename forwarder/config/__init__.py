@@ -18,7 +18,6 @@ from forwarder.config.models import (
     VerifyByQuery,
     WatchConfig,
     WebAuth,
-    check_url,
 )
 from forwarder.config.routing import Route
 from forwarder.durations import parse_duration
@@ -38,7 +37,6 @@ __all__ = [
     "VerifyByQuery",
     "WatchConfig",
     "WebAuth",
-    "check_url",
     "config_path_from_env",
     "json_schema",
     "load_config",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,6 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from forwarder.config.flow import Window, parse_rate, parse_window
 from forwarder.config.routing import Modify, Route
+from forwarder.dicomweb.url import check_url
 from forwarder.durations import parse_duration, parse_size
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
@@ -140,25 +140,6 @@ class WebAuth(_Model):
         if basic and (self.username is None or self.password_file is None):
             raise ValueError("username and password_file go together")
         return self
-
-
-def check_url(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be an http:// or https:// URL")
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            "must be an http:// or https:// URL with a host, e.g. https://pacs.example.org/dicom-web"
-        )
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(
-            "must not hold a query, a fragment or credentials (credentials go under auth:)"
-        )
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ValueError("has a bad port number") from None
-    return value.strip().rstrip("/")
 
 
 WebURL = Annotated[str, BeforeValidator(check_url), WithJsonSchema({"type": "string"})]
