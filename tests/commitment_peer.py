@@ -44,6 +44,8 @@ class CommitmentSCP:
     action_status: int = 0x0000
     hang: bool = False  # never answer N-ACTION / C-FIND while set
     hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
+    abort_after_action: bool = False  # abort the association once the N-ACTION-RSP is out
+    aborted_after_action: int = 0  # how many associations that abort ended
     hung_associations: int = 0  # how many A-ASSOCIATE-RQs were left unanswered
     finds: list[str] = field(default_factory=list)  # SOP Instance UID of every C-FIND
     held: dict[str, Dataset] = field(default_factory=dict)
@@ -103,6 +105,10 @@ class CommitmentSCP:
         self._hang()
         if event.assoc.dul.state_machine.current_state != "Sta6":
             return 0x0000, None  # the requestor gave up (aborted): nobody to report to
+        if self.abort_after_action:
+            t = threading.Thread(target=self._abort_after_answer, args=(event.assoc,), daemon=True)
+            self._threads.append(t)
+            t.start()
         if self.action_status != 0 or self.mode == "none":
             return self.action_status, None
         event_type, report = self._report(action)
@@ -113,6 +119,14 @@ class CommitmentSCP:
         self._threads.append(t)
         t.start()
         return 0x0000, None
+
+    def _abort_after_answer(self, assoc: Any) -> None:
+        # A network failure right after the answer: the requestor's association ends under it.
+        time.sleep(0.3)  # the N-ACTION-RSP goes out meanwhile
+        if assoc.is_established:
+            assoc.abort()
+            with self._lock:
+                self.aborted_after_action += 1
 
     def _send_report(self, assoc: Any, event_type: int, report: Dataset) -> None:
         deadline = time.monotonic() + self.delay

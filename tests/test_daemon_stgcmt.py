@@ -8,6 +8,7 @@ PACS did not."""
 from __future__ import annotations
 
 import io
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -222,3 +223,47 @@ def test_turning_commitment_off_releases_what_awaits_it(tmp_path: Path) -> None:
         assert d.stop() == 0
     assert "no longer requires proof of delivery: 2 stored instance(s)" in d.log_text()
     assert len(scp.stores) == 2  # nothing sent again
+
+
+def test_two_files_of_one_instance_in_a_study_are_committed(tmp_path: Path) -> None:
+    """A modality that exports an image twice (two names, one SOP Instance UID) into the same
+    study: the PACS commits that instance. Asking for it twice in one N-ACTION gets a report
+    naming it twice, which is not trusted: the whole study would be sent again and end in
+    failed/ as "not committed" although the PACS keeps every instance."""
+    with CommitmentSCP(mode="same") as scp:
+        dest = _dest(scp, timeout="3s", max_resends=1, settle="2s")
+        with Daemon(tmp_path, destinations=[dest]) as d:
+            dropped = d.drop_files(2, study_uid=STUDY)
+            uid = dropped[0].sop_instance_uid
+            again = d.drop("again/img0000.dcm", study_uid=STUDY, sop_instance_uid=uid)
+            assert again.sop_instance_uid == uid
+            wait_until(
+                lambda: len(d.done_files()) + len(d.failed_files()) == 3, 60, what="3 finished"
+            )
+            assert d.failed_files() == []
+            done = sorted([f.rel_path for f in dropped] + [again.rel_path])
+            assert sorted(d.done_files()) == done
+            assert d.stop() == 0
+    for action in scp.actions:
+        asked = [str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence]
+        assert len(asked) == len(set(asked))  # each instance once per transaction
+
+
+def test_sigterm_while_the_keeper_waits_after_the_pacs_ended_the_association(
+    tmp_path: Path,
+) -> None:
+    """The PACS answers the N-ACTION, then the association ends (its abort, a network failure)
+    while the keeper would still wait ``wait_on_association`` for a report on it: SIGTERM must
+    not wait for that (README: "SIGTERM does not wait on a PACS ... exits within seconds"),
+    and the keeper must stop, not be left running past its join."""
+    scp = CommitmentSCP(mode="none", abort_after_action=True)
+    with scp:
+        dest = _dest(scp, timeout="1h", wait_on_association="120s")
+        with Daemon(tmp_path, destinations=[dest]) as d:
+            d.drop_files(1, study_uid=STUDY)
+            wait_until(lambda: scp.aborted_after_action == 1, 30, what="the abort after the answer")
+            started = time.monotonic()
+            assert d.stop() == 0
+            took = time.monotonic() - started
+    assert "did not stop" not in d.log_text()
+    assert took < 4.5, f"SIGTERM took {took:.1f}s"  # the keeper's join alone is 5 s

@@ -166,6 +166,14 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             by_study[item.study_instance_uid].append(item)
         for items in by_study.values():
             quiet = max(i.stored_at for i in items) <= now - policy.settle
+            # Each SOP Instance once per transaction: a PACS names an instance asked twice twice
+            # in its report, which is then not trusted (parse_report), and the whole study would
+            # be sent again and failed. A second file of the same instance (a modality that
+            # exported it twice) waits for a transaction of its own, asked at the next tick.
+            first: dict[str, CommitItem] = {}
+            for item in items:
+                first.setdefault(item.sop_instance_uid, item)
+            items = list(first.values())
             for start in range(0, len(items), policy.max_instances):
                 chunk = items[start : start + policy.max_instances]
                 if len(chunk) < policy.max_instances and not quiet:

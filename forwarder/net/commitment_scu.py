@@ -267,10 +267,25 @@ def request_commitment(
             end_association(assoc, cancel)
         if report is not None or (cancel is not None and cancel.is_set()):
             return uid, report
-        return uid, book.wait(uid, deadline)
+        return uid, _wait(book, uid, deadline, cancel)
     finally:
         if manage_book:
             book.forget(uid)
+
+
+def _wait(
+    book: CommitmentBook, uid: str, deadline: float, cancel: threading.Event | None
+) -> CommitmentReport | None:
+    """The report for ``uid`` by ``deadline`` once the association has ended (the peer may
+    still send it on another one), or None; returns at once when ``cancel`` is set: a peer that
+    ended the association must not hold a stop for the rest of ``wait_on_association``."""
+    if cancel is None:
+        return book.wait(uid, deadline)
+    while time.monotonic() < deadline and book.awaits(uid) and not cancel.is_set():
+        report = book.wait(uid, min(deadline, time.monotonic() + _POLL))
+        if report is not None:
+            return report
+    return book.wait(uid, 0.0)  # one that came meanwhile (0.0: a deadline long past)
 
 
 def _ask(
