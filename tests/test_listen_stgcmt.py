@@ -178,3 +178,63 @@ def test_orthanc_reports_on_the_listen_port(tmp_path: Path) -> None:
     log = d.log_text()
     assert "1 sent again" in log and "storage commitment report from" in log
     assert "accepting storage commitment reports" not in log  # no acceptor of its own
+
+
+def _ask_gateway(port: int, refs: list[tuple[str, str]]) -> tuple[int, Dataset]:
+    """One N-ACTION to the listener (pynetdicom, the report on the same association): the
+    report's Event Type ID and Event Information."""
+    from pynetdicom import evt
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(SC, SYNTAXES)
+    got: list[tuple[int, Dataset]] = []
+
+    def handle(event: Any) -> tuple[int, None]:
+        got.append((event.event_type, event.event_information))
+        return 0x0000, None
+
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=WE, evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle)]
+    )
+    assert assoc.is_established
+    try:
+        action = Dataset()
+        action.TransactionUID = "1.2.826.0.1.3680043.10.1284.78"
+        items = []
+        for sop_class, sop_instance in refs:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = sop_class
+            ref.ReferencedSOPInstanceUID = sop_instance
+            items.append(ref)
+        action.ReferencedSOPSequence = items
+        status, _ = assoc.send_n_action(action, 1, SC, SC_INSTANCE)
+        assert status.Status == 0x0000
+        wait_until(lambda: bool(got), 10, what="the report on the same association")
+    finally:
+        assoc.release()
+    return got[0]
+
+
+def test_the_gateway_does_not_commit_a_copy_that_is_no_longer_whole(tmp_path: Path) -> None:
+    """The gateway commits an instance only when the file it holds is whole (README: "the file
+    is where the queue says, whole"): a copy in done/ cut short afterwards (a full disk during
+    an operator's restore, a damaged block) still has its meta header, but is not the object
+    the gateway received; a modality told it is committed may delete its own copy."""
+    with CommitmentSCP(mode="same") as pacs:
+        dest = destination("pacs", pacs.port, ae_title=pacs.ae_title)
+        with listen_daemon(tmp_path, [dest], ae_title=WE) as d:
+            whole, cut = d.drop_files(2, study_uid=STUDY)
+            d.wait_done(2, timeout=60)
+            sop_class = str(dcmread(d.done / cut.rel_path).SOPClassUID)
+            path = d.done / cut.rel_path
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])  # the meta header and half the data set
+            event_type, info = _ask_gateway(
+                listen_port(d),
+                [(sop_class, whole.sop_instance_uid), (sop_class, cut.sop_instance_uid)],
+            )
+            assert d.stop() == 0
+    committed = [str(r.ReferencedSOPInstanceUID) for r in info.get("ReferencedSOPSequence", [])]
+    failed = [str(r.ReferencedSOPInstanceUID) for r in info.get("FailedSOPSequence", [])]
+    assert committed == [whole.sop_instance_uid]
+    assert failed == [cut.sop_instance_uid] and event_type == 2

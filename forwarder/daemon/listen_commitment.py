@@ -3,7 +3,8 @@
 A modality that pushed to the daemon's ``listen:`` port may ask it to commit what it sent
 (PS3.4 Annex J, the gateway as Storage Commitment SCP). The gateway holds an instance when the
 queue knows a file of that SOP Instance UID (received through ``listen`` or taken from the
-watched folder) and that file is still on disk where the queue says it is, whole: in
+watched folder) and that file is still on disk where the queue says it is, whole (the size
+the queue recorded when it took the file: a copy cut short since is not held): in
 ``incoming`` while it is forwarded, in ``done/`` once delivered, or in ``failed/`` (kept there
 for an operator; delivery failed, the object did not). Its meta header must name that SOP
 Instance and Class. A file put back by ``forwarder retry`` is looked up at its new place.
@@ -15,6 +16,7 @@ CommitmentResponder`); this module only answers "held, or why not".
 from __future__ import annotations
 
 import logging
+import os
 
 from forwarder.dicom.part10 import FileMeta, read_meta
 from forwarder.errors import ForwarderError
@@ -58,14 +60,26 @@ class QueueHoldings:
             ]
             conflict = missing = False
             for f in reversed(candidates):  # the newest copy first
-                meta = _read_either(f.path, f.moving_to)
-                if meta is None:
+                read = _read_either(f.path, f.moving_to)
+                if read is None:
                     missing = True  # moved meanwhile, or removed by someone
                     continue
+                meta, size = read
                 if meta.sop_instance_uid != ref.sop_instance:
                     continue
                 if meta.sop_class_uid != ref.sop_class:
                     conflict = True
+                    continue
+                if f.size and size != f.size:
+                    # Cut short (or grown) since it was queued: its meta header still names the
+                    # instance, but it is not the object received, and a modality told it is
+                    # committed may delete its own copy.
+                    logger.warning(
+                        "storage commitment: %s is %d bytes, %d as received: not committed",
+                        f.path,
+                        size,
+                        f.size,
+                    )
                     continue
                 return None
             if not missing:
@@ -73,13 +87,15 @@ class QueueHoldings:
         return REASON_CLASS_CONFLICT if conflict else REASON_NO_SUCH_INSTANCE
 
 
-def _read_either(path: str, moving_to: str | None) -> FileMeta | None:
-    """The meta header of the file at ``path``, or at ``moving_to`` (None: at neither)."""
+def _read_either(path: str, moving_to: str | None) -> tuple[FileMeta, int] | None:
+    """The meta header and size of the file at ``path``, or at ``moving_to`` (None: at
+    neither)."""
     for where in (path, moving_to):
         if where is None:
             continue
         try:
-            return read_meta(where)
+            size = os.stat(where).st_size
+            return read_meta(where), size
         except (ForwarderError, OSError):
             continue
     return None

@@ -60,6 +60,7 @@ class Lookup(Store):
             called_ae,
             peer,
             association,
+            size,
         ) in files:
             file_state = FileState(state)
             found.append(
@@ -83,6 +84,7 @@ class Lookup(Store):
                     origin=None
                     if calling_ae is None
                     else (calling_ae, called_ae or "", peer or "", association or ""),
+                    size=size or 0,
                 )
             )
         return found

@@ -207,3 +207,5 @@ class FoundFile:
     # FINISHING: the final path it is being moved to; until the queue records the move the file
     # is at ``path`` or already there
     moving_to: str | None = None
+    # Its size in bytes as queued (0: not known), so that a copy cut short since can be told
+    size: int = 0

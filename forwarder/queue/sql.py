@@ -352,7 +352,7 @@ FIND_KEY = """
 FOUND_FILES = """
     SELECT id, rel_path, path, final_path, state, outcome, sop_instance_uid, study_instance_uid,
            series_instance_uid, created_at, finished_at, retried_as, calling_ae, called_ae, peer,
-           association
+           association, size
     FROM files WHERE id IN (SELECT value FROM json_each(:ids))
     ORDER BY id"""
 
