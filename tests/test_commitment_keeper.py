@@ -10,10 +10,20 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from peers import free_port
 from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role
 
-from forwarder.daemon.commitment import CommitmentKeeper
-from forwarder.net.commitment import Reference, action_dataset
+from forwarder.config import Destination
+from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
+from forwarder.net.association import AssociationSettings
+from forwarder.net.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    Reference,
+    action_dataset,
+)
 from forwarder.queue import FileEntry, Queue
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -68,3 +78,40 @@ def test_a_report_through_the_seam_is_recorded(q: Queue) -> None:
     assert sorted(finished.ids) == sorted(j.file_id for j in jobs)
     assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 2
     assert woken == []
+
+
+def test_a_report_arriving_before_the_keeper_runs_is_matched(q: Queue) -> None:
+    """The report acceptor listens from ``configure``, before ``start``: a PACS delivering,
+    right as the daemon starts again, the report of a transaction the previous run left open
+    must find it awaited, not be answered "unknown transaction" (0x0110)."""
+    entries = [FileEntry("/in/0", "0", 1, 1, CT, "1.2.3.0", "1.2.840.10008.1.2.1", STUDY)]
+    q.enqueue_many([(e, ["pacs"]) for e in entries])
+    jobs = q.claim("pacs", 10)
+    q.ack_done([j.id for j in jobs], commitment=True)
+    q.begin_commitment("9.9.3", "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+    port = free_port()
+    dest = Destination.model_validate(
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+         "storage_commitment": {"port": port, "bind": "127.0.0.1", "ae_title": "FWDSCU"}}
+    )  # fmt: skip
+    finished = _Finished()
+    keeper = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
+    keeper.configure([ProofTarget(dest, AssociationSettings(calling_ae_title="FWD"))])
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+        role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+        assoc = ae.associate("127.0.0.1", port, ae_title="FWDSCU", ext_neg=[role])
+        assert assoc.is_established
+        try:
+            report = _report("9.9.3", [Reference(CT, "1.2.3.0")])
+            status, _ = assoc.send_n_event_report(
+                report, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
+        finally:
+            assoc.release()
+        assert status is not None and status.Status == 0
+    finally:
+        keeper.stop()
+    assert finished.ids == [jobs[0].file_id]
+    assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 1

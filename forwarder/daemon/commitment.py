@@ -91,6 +91,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         self.book = CommitmentBook(on_report=self._on_report)
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}
+        self._restored = False  # the transactions a previous run left open are awaited
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -113,13 +114,25 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         for key in list(self._acceptors):
             if key not in wanted:
                 self._acceptors.pop(key).stop()
+        # Before the first acceptor listens: a report for a transaction a previous run left
+        # open, arriving between this and start(), would be answered "unknown transaction".
+        self._restore()
         for (bind, port), ae_title in wanted.items():
             if (bind, port) not in self._acceptors and port is not None:
                 acceptor = ReportAcceptor(self.book, ae_title=ae_title, port=port, bind=bind)
                 self._acceptors[(bind, port)] = acceptor.start()
 
     def start(self) -> None:
-        """Await again every transaction a previous run left open, then run the thread."""
+        """Await again every transaction a previous run left open (if :meth:`configure` has
+        not), then run the thread."""
+        self._restore()
+        super().start()
+
+    def _restore(self) -> None:
+        """Await again every transaction a previous run left open; once."""
+        if self._restored:
+            return
+        self._restored = True
         for txn in self.queue.open_commitments():
             if txn.kind == "stgcmt":
                 self._expect(txn.uid, txn.items)
@@ -127,7 +140,6 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             logger.info(
                 "storage commitment: %d transaction(s) still awaiting their report", len(self._jobs)
             )
-        super().start()
 
     def stop(self) -> None:
         """Stop the thread, then the report acceptors; returns within a few seconds whatever
