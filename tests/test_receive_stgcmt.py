@@ -6,12 +6,15 @@ failed; malformed requests are refused."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FORWARDER
+from conftest import FORWARDER, wait_until
 from dicomgen import write_files
 from peers import ForwarderReceive, forwarder_receive, free_port
 from pydicom import dcmread
@@ -160,3 +163,36 @@ def test_send_stgcmt_over_mutual_tls(tmp_path: Path, forwarder_env: dict[str, st
         _same_as_sent(rcv, paths)
     assert r.returncode == 0, r.stderr
     assert {f["commitment"] for f in _files(report).values()} == {"committed"}
+
+
+def test_sigterm_while_a_report_waits_on_a_silent_peer_exits_promptly(tmp_path: Path) -> None:
+    """``--stgcmt-peer`` names a host that takes the connection and never answers the
+    A-ASSOCIATE-RQ: the report's attempt must not hold SIGTERM for the ACSE timeout (10 s);
+    the log says the report was not delivered."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    taken: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: taken.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    extra = ["--stgcmt-peer", f"127.0.0.1:{silent.getsockname()[1]}"]
+    try:
+        with forwarder_receive(tmp_path / "out", extra=extra) as rcv:
+            request_commitment(
+                Peer("127.0.0.1", rcv.port, rcv.ae_title),
+                AssociationSettings(calling_ae_title="FWDSCU"),
+                [Reference(CT, "1.2.826.0.1.3680043.10.1284.999.2")],
+                CommitmentBook(),
+                timeout=0.1,
+                release_at_once=True,  # the report goes to the silent peer once this ends
+            )
+            wait_until(lambda: bool(taken), 30, what="the report's connection to the silent peer")
+            started = time.monotonic()
+            rcv.proc.terminate()
+            rcv.proc.wait(30)
+            took = time.monotonic() - started
+    finally:
+        silent.close()
+        for sock in taken:
+            sock.close()
+    said = rcv.log.read_text()
+    assert took < 5, f"SIGTERM took {took:.1f}s\n{said}"
+    assert "not delivered" in said, said

@@ -19,6 +19,7 @@ requestor's calling AE, with SCP/SCU role selection naming us the SCP (PS3.4 J.3
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.errors import ForwarderError, InvalidFileError
-from forwarder.net.cancel import end_association
+from forwarder.net.cancel import Cancelled, abort_on_cancel, associate, end_association
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
@@ -176,10 +177,19 @@ def encode_dataset(ds: Dataset, syntax: str) -> bytes:
 
 
 def send_report(
-    host: str, port: int, called_ae: str, calling_ae: str, event_type: int, report: Dataset
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    event_type: int,
+    report: Dataset,
+    cancel: threading.Event | None = None,
 ) -> bool:
     """The report on a new association to ``host:port`` (we take the SCP role of the Storage
-    Commitment Push Model, PS3.4 J.3.3); True when the requestor answered Success."""
+    Commitment Push Model, PS3.4 J.3.3); True when the requestor answered Success. ``cancel``
+    (the receiver stopping) ends the attempt at once, whatever the peer does: a peer that
+    accepts the connection and never answers would otherwise hold SIGTERM for the ACSE and
+    DIMSE timeouts."""
     from pynetdicom import AE, build_role
 
     ae = AE(ae_title=calling_ae)
@@ -188,7 +198,17 @@ def send_report(
     ae.acse_timeout = 10
     ae.dimse_timeout = 30
     role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
-    assoc = ae.associate(host, port, ae_title=called_ae, ext_neg=[role])
+    try:
+        assoc = associate(ae, host, port, {"ae_title": called_ae, "ext_neg": [role]}, cancel)
+    except Cancelled:
+        logger.warning(
+            "storage commitment report (transaction %s) not delivered to %s at %s:%d: stopping",
+            report.TransactionUID,
+            called_ae,
+            host,
+            port,
+        )
+        return False
     if not assoc.is_established:
         logger.warning(
             "storage commitment report (transaction %s) not delivered: no association with "
@@ -199,12 +219,14 @@ def send_report(
             port,
         )
         return False
+    status: Dataset | None = None
     try:
-        status, _ = assoc.send_n_event_report(
-            report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
-        )
+        with abort_on_cancel(assoc, cancel):
+            status, _ = assoc.send_n_event_report(
+                report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
     finally:
-        end_association(assoc, None)  # a release pynetdicom never ends is aborted (cancel.py)
+        end_association(assoc, cancel)  # a release pynetdicom never ends is aborted (cancel.py)
     code = int(status.Status) if status is not None and "Status" in status else None
     if code != 0:
         logger.warning(

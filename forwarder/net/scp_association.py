@@ -134,7 +134,7 @@ class ScpAssociation(DimseReceiver):
             self._drop_message()
             self.wire.close()
             if self._commit is not None:
-                self._commit.after(self.origin.calling_ae)
+                self._commit.after(self.origin.calling_ae, self.stopping)
 
     def _send_abort(self, reason: int) -> None:
         """A-ABORT, then wait (bounded, ARTIM-like) for the peer to close the connection, as

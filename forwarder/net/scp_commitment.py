@@ -12,6 +12,7 @@ reports kept for a new association (``receive --stgcmt-peer``). What the answer 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -105,8 +106,9 @@ class CommitmentExchange:
             )
         return True
 
-    def after(self, calling_ae: str) -> None:
-        """The association has ended: send the reports kept for a new one (``report_to``)."""
+    def after(self, calling_ae: str, cancel: threading.Event | None = None) -> None:
+        """The association has ended: send the reports kept for a new one (``report_to``);
+        ``cancel`` (the server stopping) ends that at once."""
         if not self._later or self.responder.report_to is None:
             return
         host, port = self.responder.report_to
@@ -120,6 +122,7 @@ class CommitmentExchange:
                     self.responder.ae_title,
                     answer.event_type,
                     answer.report,
+                    cancel,
                 )
             except Exception:
                 logger.exception("sending the storage commitment report to %s failed", host)
