@@ -5,6 +5,7 @@ an instance not asked about, changes nothing."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -115,3 +116,37 @@ def test_a_report_arriving_before_the_keeper_runs_is_matched(q: Queue) -> None:
         keeper.stop()
     assert finished.ids == [jobs[0].file_id]
     assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 1
+
+
+def test_a_report_that_cannot_be_recorded_is_refused_and_taken_when_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The queue cannot record the report (another writer holds it past the busy timeout; a
+    full disk acts alike): the PACS is answered 0x0110, not Success, and the same report sent
+    again is taken, not ignored as "a second report" while the transaction waits out its
+    deadline to be sent again."""
+    path = tmp_path / "queue.sqlite"
+    with Queue(path, busy_timeout=0.3) as q:
+        entries = [FileEntry("/in/0", "0", 1, 1, CT, "1.2.3.0", "1.2.840.10008.1.2.1", STUDY)]
+        q.enqueue_many([(e, ["pacs"]) for e in entries])
+        jobs = q.claim("pacs", 10)
+        q.ack_done([j.id for j in jobs], commitment=True)
+        q.begin_commitment("9.9.4", "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+        finished = _Finished()
+        keeper = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
+        keeper.start()
+        report = _report("9.9.4", [Reference(CT, "1.2.3.0")])
+        try:
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            try:
+                assert keeper.deliver_report(1, report, "PACS") == 0x0110
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            assert finished.ids == [] and len(q.open_commitments()) == 1
+            assert keeper.deliver_report(1, report, "PACS") == 0
+        finally:
+            keeper.stop()
+        assert finished.ids == [jobs[0].file_id]
+        assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 1

@@ -250,7 +250,9 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
     # -- outcomes ----------------------------------------------------------------------------------
 
     def _on_report(self, report: CommitmentReport) -> None:
-        """A trusted report (any thread): record it."""
+        """A trusted report (any thread): record it. Raises :class:`ForwarderError` when it
+        cannot be (the book then answers 0x0110 and takes the report if sent again; if it
+        is not, the transaction stays open and expires at its deadline: resent)."""
         crash_point("stgcmt-before-record")
         with self._lock:
             jobs = self._jobs.get(report.transaction_uid, {})
@@ -260,13 +262,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             for f in report.failed
             if f.reference.sop_instance in jobs
         ]
-        try:
-            self._record(report.transaction_uid, None, committed, failed, "not named in the report")
-        except ForwarderError as exc:
-            # Not recorded: the transaction stays open and expires at its deadline (resent).
-            logger.error(
-                "storage commitment report %s not recorded: %s", report.transaction_uid, exc
-            )
+        self._record(report.transaction_uid, None, committed, failed, "not named in the report")
 
     def _record(
         self,

@@ -223,7 +223,8 @@ class CommitmentBook:
 
     Thread-safe: reports arrive on pynetdicom's association threads, the waiters are the
     senders'. ``on_report`` (optional) is called with each trusted report, after the book has
-    recorded it (the daemon persists it there)."""
+    recorded it (the daemon persists it there); when it raises, the report is not kept and the
+    peer is answered 0x0110, so that the report it may send again is taken."""
 
     def __init__(self, on_report: Callable[[CommitmentReport], None] | None = None) -> None:
         self._lock = threading.Lock()
@@ -282,7 +283,20 @@ class CommitmentBook:
                 return STATUS_SUCCESS
             awaited.report = report
         if self._on_report is not None:
-            self._on_report(report)
+            try:
+                self._on_report(report)
+            except Exception as exc:  # not recorded (the queue's disk full, a bug)
+                with self._lock:
+                    awaited.report = None
+                logger.error(
+                    "storage commitment report from %s for transaction %s not recorded: %s; "
+                    "answered 0x%04X, so that it is taken if sent again",
+                    calling_ae,
+                    uid,
+                    exc,
+                    STATUS_PROCESSING_FAILURE,
+                )
+                return STATUS_PROCESSING_FAILURE
         awaited.event.set()
         logger.info(
             "storage commitment report from %s for transaction %s: %d committed, %d failed",
