@@ -35,10 +35,13 @@ class AssociationError(ForwarderError):
 
     ``retryable`` is True for transient conditions (refused connection, timeout, transient
     rejection, abort) and False for permanent ones (permanent rejection, bad AE title).
+    ``not_before`` is the monotonic time before which the peer asked not to be tried again
+    (HTTP ``Retry-After``; 0.0: it did not say).
     """
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, not_before: float = 0.0) -> None:
         self.retryable = retryable
+        self.not_before = not_before
         super().__init__(message)
 
 

@@ -3,7 +3,8 @@
 Each POST is parsed (multipart/related parts, the SOP Instance UID of each) and answered with
 what the test's ``answer`` callable returns: a status, headers, and a body (by default a
 DICOM JSON response storing every instance), or a misbehaviour: ``stall`` (never answer),
-``drop`` (close the connection halfway through reading the body). ``stream=True`` keeps no
+``drop`` (close the connection halfway through reading the body), ``early`` (answer after
+reading part of the body, then close). ``stream=True`` keeps no
 parts: the body is hashed as it arrives (for very large objects).
 """
 
@@ -46,6 +47,9 @@ class Answer:
     omit: set[str] = field(default_factory=set)  # uids the response does not mention
     stall: bool = False
     drop: bool = False
+    # Answer (``body``) after reading this many bytes of the request, then close the
+    # connection without reading the rest (a server or proxy that answers early).
+    early: int | None = None
 
 
 def stow_json(stored: dict[str, int | None], failed: dict[str, int]) -> bytes:
@@ -114,6 +118,14 @@ class StowServer:
                     self.rfile.read(length // 2)
                     server._record(seen)
                     self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if a.early is not None:
+                    self.rfile.read(a.early)
+                    server._record(seen)
+                    self._reply(a, a.body or b"")
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
                     self.close_connection = True
                     return
                 digest = hashlib.sha256()

@@ -5,6 +5,7 @@ resumes when the token is fixed, and Retry-After honoured."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -129,3 +130,37 @@ def test_an_unsafe_secret_file_stops_the_start_with_exit_78(tmp_path: Path) -> N
         assert "s3cret" not in log
     finally:
         daemon.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_while_retry_after_runs_the_workers_wait_rather_than_spin(tmp_path: Path) -> None:
+    # Retry-After longer than the retry backoff (the usual case: 30s or more against 5s): the
+    # files are due again before the server wants them, and the channel hands them back
+    # untried. The workers must wait for Retry-After, not claim and release in a loop.
+    answered = threading.Event()
+    posts: list[float] = []
+
+    def answer(seen: Seen) -> Answer:
+        posts.append(time.monotonic())
+        if len(posts) == 1:
+            answered.set()
+            return Answer(status=429, headers={"Retry-After": "5"}, body=b"slow down")
+        return Answer()
+
+    with (
+        StowServer(answer) as server,
+        Daemon(tmp_path, destinations=[web_destination(server.url)]) as daemon,
+    ):
+        daemon.drop_files(2)
+        assert answered.wait(30)
+        cpu_before, began = _cpu_seconds(daemon.pid), time.monotonic()
+        daemon.wait_done(2, timeout=30)
+        cpu = _cpu_seconds(daemon.pid) - cpu_before
+        took = time.monotonic() - began
+    assert posts[1] - posts[0] >= 4.9, posts
+    assert cpu < 0.25 * took, f"{cpu:.2f}s of CPU in {took:.2f}s waiting for Retry-After"

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dicomgen import write_files
+from dicomgen import write_file, write_files
 from stowserver import Answer, Seen, StowServer, stow_json
 
 from forwarder.dicom.part10 import read_meta
@@ -303,3 +303,63 @@ def test_https_with_mutual_tls_and_no_plaintext_fallback(tmp_path: Path, files: 
     assert anonymous[0].outcome is Outcome.RETRY
     assert (untrusted[0].outcome, untrusted[0].association_failed) == (Outcome.RETRY, True)
     assert "untrusted issuer" in (untrusted[0].error or "")
+
+
+def test_two_files_with_one_sop_instance_uid_never_share_a_request(tmp_path: Path) -> None:
+    # A modality exporting an image twice (a correction keeps its UID): the response can name
+    # the UID only once, so one Referenced item would be taken as proof for both files.
+    first = tmp_path / "first.dcm"
+    again = tmp_path / "again.dcm"
+    write_file(first, seed=1)
+    write_file(again, seed=2, sop_instance_uid=uid(first))
+    assert first.read_bytes() != again.read_bytes()
+    with StowServer() as server:  # stores by UID: its response names each UID once
+        outcomes = send(server, [first, files_one(tmp_path), again])
+    assert [o.outcome for o in outcomes] == [Outcome.STORED] * 3
+    for post in server.posts():
+        assert len(set(post.uids)) == len(post.uids), post.uids  # each file its own answer
+    assert sorted(server.uids()).count(uid(first)) == 2
+
+
+def files_one(tmp_path: Path) -> Path:
+    (other,) = write_files(tmp_path / "other", 1)
+    return other
+
+
+def test_a_referenced_item_of_another_sop_class_is_not_proof(files: list[Path]) -> None:
+    # C-STORE refuses a response whose Affected SOP Class UID is not ours (a protocol error,
+    # retried); a STOW-RS Referenced SOP item naming our instance under another class is the
+    # server speaking of another object.
+    u0, u1 = uid(files[0]), uid(files[1])
+    body = stow_json({u0: None, u1: None}, {})
+    body = body.replace(b"1.2.840.10008.5.1.4.1.1.2", b"1.2.840.10008.5.1.4.1.1.4", 1)  # MR
+    headers = {"Content-Type": "application/dicom+json"}
+    with StowServer(Answer(body=body, headers=headers)) as server:
+        a, b = send(server, files[:2])
+    assert a.outcome is Outcome.RETRY, a
+    assert a.error is not None and "SOP Class" in a.error
+    assert b.outcome is Outcome.STORED
+
+
+def test_a_pending_failure_reason_is_retried_and_the_rest_judged(files: list[Path]) -> None:
+    with StowServer(Answer(status=202, failed={uid(files[0]): 0xFF00})) as server:
+        a, b = send(server, files[:2])
+    assert (a.outcome, a.status) == (Outcome.RETRY, 0xFF00)
+    assert a.error is not None and "internal error" not in a.error
+    assert b.outcome is Outcome.STORED  # stored: not sent again because of its neighbour
+
+
+def test_a_2xx_answered_before_the_body_was_sent_whole_stores_nothing_unsent(
+    tmp_path: Path,
+) -> None:
+    # The server (or a proxy) answers after 1 MiB and closes: urllib3 ignores the broken pipe
+    # and reads the answer. Instances whose bytes never left are not stored, whatever it says.
+    big = write_files(tmp_path / "big", 3, rows=2048, columns=2048)  # 8 MiB each
+    body = stow_json({uid(p): None for p in big}, {})
+    answer = Answer(early=1 << 20, body=body, headers={"Content-Type": "application/dicom+json"})
+    with StowServer(answer) as server:
+        outcomes = send(server, big, max_bytes=1 << 30)
+    assert len(server.posts()) == 1
+    assert outcomes[-1].outcome is Outcome.RETRY, outcomes[-1]
+    assert outcomes[-1].error is not None and "sent whole" in outcomes[-1].error
+    assert all(o.attempted for o in outcomes)

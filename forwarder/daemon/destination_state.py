@@ -96,6 +96,10 @@ class DestinationState:
             return
         retryable = down.retryable if failed and down is not None else True
         reason = str(down) if failed else "the association broke while sending"
+        # The peer's own wait (a STOW-RS 429/503 Retry-After): nothing is claimed or probed
+        # before it. A shorter pause would claim files the channel can only hand back untried,
+        # a batch that counts for nothing here, so the threads would claim them again at once.
+        asked = max(0.0, down.not_before - time.monotonic()) if failed and down else 0.0
         with self._lock:
             self._down_failures += 1
             failures = self._down_failures
@@ -107,8 +111,11 @@ class DestinationState:
                     self._probes = 0
                     self._probe_at = time.monotonic() + PROBE_FIRST
                     pause = PROBE_FIRST
+                if asked > pause:
+                    self._probe_at = time.monotonic() + asked
+                    pause = asked
             elif failed:
-                pause = backoff(self.retry, failures)
+                pause = max(backoff(self.retry, failures), asked)
                 self._down_until = max(self._down_until, time.monotonic() + pause)
         if not trip and not failed:
             # A broken association (the file was charged) counts towards the breaker but is

@@ -47,7 +47,7 @@ from forwarder.errors import (
 )
 from forwarder.net.channel import SendOutcome, StoreRequest
 from forwarder.net.interrupt import STOPPING
-from forwarder.net.status import Outcome, classify_status
+from forwarder.net.status import Outcome, classify_status, code_to_category
 
 if TYPE_CHECKING:
     from forwarder.dicom.edit import EditedObject
@@ -134,9 +134,19 @@ class StowChannel:
         """
         source = iter(requests)
         down: AssociationError | None = None
+        carry: _Item | None = None  # a file whose SOP Instance UID the last request held
         while True:
             batch: list[_Item] = []
+            uids: set[str] = set()
             nbytes = 0
+            if carry is not None:
+                if down is not None:
+                    yield self._not_tried(carry.request, carry.meta, down)
+                else:
+                    batch.append(carry)
+                    uids.add(carry.meta.sop_instance_uid)
+                    nbytes = carry.size
+                carry = None
             for request in source:
                 started = time.monotonic()
                 if down is not None:
@@ -162,7 +172,14 @@ class StowChannel:
                     error = f"internal error: {type(exc).__name__}: {exc}"
                     yield self._outcome(request, request.meta, Outcome.RETRY, None, error, started)
                     continue
+                if item.meta.sop_instance_uid in uids:
+                    # The same instance twice (exported again, a resend): the response names
+                    # a UID, not a file, so one Referenced item would answer for both while
+                    # the server kept only one of them. Each goes in a request of its own.
+                    carry = item
+                    break
                 batch.append(item)
+                uids.add(item.meta.sop_instance_uid)
                 nbytes += item.size
                 if len(batch) >= self.max_instances or nbytes >= self.settings.max_bytes:
                     break
@@ -217,6 +234,7 @@ class StowChannel:
         wait = self._not_before - time.monotonic()
         if wait > 0 and self.down is not None:
             return self._refused(batch, self.down, charge_first=False)
+        body: MultipartBody | None = None
         try:
             client = self._connection()
             body = MultipartBody(
@@ -267,7 +285,7 @@ class StowChannel:
                 for i in batch
             ]
         self._last_used = time.monotonic()
-        return self._judge(batch, reply, started)
+        return self._judge(batch, reply, started, body.sent_whole if body else len(batch))
 
     def _connection(self) -> WebClient:
         if self._client is None:
@@ -279,7 +297,11 @@ class StowChannel:
     def _moved(self, nbytes: int) -> None:
         self._progress = time.monotonic()
 
-    def _judge(self, batch: list[_Item], reply: Reply, started: float) -> list[SendOutcome]:
+    def _judge(
+        self, batch: list[_Item], reply: Reply, started: float, sent_whole: int
+    ) -> list[SendOutcome]:
+        """What ``reply`` means for each file of ``batch``, of which the first ``sent_whole``
+        went out whole (the server may answer before it read the rest)."""
         self._progress = time.monotonic()
         status = reply.status
         what = f"HTTP {status} {reply.reason}".rstrip()
@@ -291,7 +313,9 @@ class StowChannel:
             pause = reply.retry_after()
             self._not_before = time.monotonic() + (pause or 0.0)
             after = f"; retry after {pause:g}s" if pause is not None else ""
-            self.down = AssociationError(f"{self.settings.url}: {what}{after}", retryable=True)
+            self.down = AssociationError(
+                f"{self.settings.url}: {what}{after}", retryable=True, not_before=self._not_before
+            )
             error = f"{what}{after}: {reply.excerpt()}".rstrip(": ")
             return [
                 replace(self._outcome(i.request, i.meta, Outcome.RETRY, None, error, started),
@@ -308,7 +332,19 @@ class StowChannel:
             except ResponseError as exc:
                 problem = str(exc)
         if parsed is not None:
-            return [self._per_instance(i, parsed, what, status, batch, started) for i in batch]
+            out = [self._per_instance(i, parsed, what, status, batch, started) for i in batch]
+            if sent_whole < len(batch):
+                # Whatever the answer says of them, these never left whole: not stored.
+                self.release()  # the request was cut short: the connection is useless
+                cut = (
+                    f"{what}: not stored: the server answered before this instance was sent "
+                    "whole (the connection closed mid-request); it will be sent again"
+                )
+                out[sent_whole:] = [
+                    self._outcome(i.request, i.meta, Outcome.RETRY, None, cut, started)
+                    for i in batch[sent_whole:]
+                ]
+            return out
         detail = f"{what}: {problem or reply.excerpt()}".rstrip(": ")
         if status == 413 and len(batch) > 1:
             self.max_instances = 1
@@ -348,11 +384,25 @@ class StowChannel:
             if reason is None:
                 verdict, error = Outcome.RETRY, f"{what}: failed, no Failure Reason given"
             else:
-                verdict = classify_status(reason)
+                # Pending is no outcome (classify_status refuses it): like a success code as
+                # Failure Reason, not trusted, and it must not cost the batch its answer.
+                pending = code_to_category(reason) == "Pending"
+                verdict = Outcome.RETRY if pending else classify_status(reason)
                 if verdict.stored:
                     verdict = Outcome.RETRY  # a success code as Failure Reason: not trusted
                 error = f"status 0x{reason:04X} (Failure Reason, {what})"
             out = self._outcome(item.request, item.meta, verdict, reason, error, started)
+            return replace(out, seconds=out.seconds * share)
+        named = parsed.classes.get(uid)
+        if uid in parsed.stored and named is not None and named != item.meta.sop_class_uid:
+            # C-STORE takes a response of another Affected SOP Class UID as a protocol error
+            # (command_set.check_response); here too the server speaks of another object.
+            error = (
+                f"{what}: the STOW-RS response names this instance with Referenced SOP Class "
+                f"UID {named}, not {item.meta.sop_class_uid}: not taken as stored; it will be "
+                "sent again"
+            )
+            out = self._outcome(item.request, item.meta, Outcome.RETRY, None, error, started)
             return replace(out, seconds=out.seconds * share)
         if uid in parsed.stored:
             warning = parsed.stored[uid]

@@ -67,6 +67,11 @@ class MultipartBody:
         self._on_progress = on_progress
         self._head = f"--{self.boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         self._tail = f"--{self.boundary}--\r\n".encode()
+        #: Parts handed whole (their bytes and the CRLF that ends them) to the consumer of the
+        #: last iteration. A server may answer before reading the whole body (urllib3 then
+        #: ignores the broken pipe and reads its answer): it cannot have stored a part that
+        #: never left, whatever its answer says.
+        self.sent_whole = 0
 
     @property
     def content_type(self) -> str:
@@ -79,10 +84,12 @@ class MultipartBody:
         return sum(p.size + per_part for p in self.parts) + len(self._tail)
 
     def __iter__(self) -> Iterator[bytes]:
+        self.sent_whole = 0
         for part in self.parts:
             yield self._head
             yield from self._file(part)
             yield CRLF
+            self.sent_whole += 1  # runs once the consumer took the CRLF and asks for more
         yield self._tail
 
     def _file(self, part: Part) -> Iterator[bytes]:

@@ -33,11 +33,14 @@ class ResponseError(ForwarderError):
 @dataclass(frozen=True, slots=True)
 class StowResponse:
     """Per SOP Instance UID: stored (with its Warning Reason or None) or failed (with its
-    Failure Reason or None). ``warning`` is a Warning Reason given for the whole response."""
+    Failure Reason or None). ``warning`` is a Warning Reason given for the whole response.
+    ``classes``: the Referenced SOP Class UID of each stored instance that has one (the
+    channel takes an item naming our instance under another class as no proof of ours)."""
 
     stored: dict[str, int | None] = field(default_factory=dict)
     failed: dict[str, int | None] = field(default_factory=dict)
     warning: int | None = None
+    classes: dict[str, str] = field(default_factory=dict)
 
 
 def parse_response(body: bytes, content_type: str) -> StowResponse:
@@ -72,7 +75,13 @@ def _from_json(body: bytes) -> StowResponse:
         for item in _json_items(data, FAILED_SOP_SEQUENCE)
         if (uid := _json_str(item, REFERENCED_SOP_INSTANCE_UID))
     }
-    return StowResponse(stored, failed, _json_int(data, WARNING_REASON))
+    classes = {
+        uid: sop_class
+        for item in _json_items(data, REFERENCED_SOP_SEQUENCE)
+        if (uid := _json_str(item, REFERENCED_SOP_INSTANCE_UID))
+        and (sop_class := _json_str(item, REFERENCED_SOP_CLASS_UID))
+    }
+    return StowResponse(stored, failed, _json_int(data, WARNING_REASON), classes)
 
 
 def _json_value(data: dict[str, Any], tag: str) -> list[Any]:
@@ -129,7 +138,13 @@ def _from_xml(body: bytes) -> StowResponse:
         for item in _xml_items(root, FAILED_SOP_SEQUENCE)
         if (uid := _xml_str(item, REFERENCED_SOP_INSTANCE_UID))
     }
-    return StowResponse(stored, failed, _xml_int(root, WARNING_REASON))
+    classes = {
+        uid: sop_class
+        for item in _xml_items(root, REFERENCED_SOP_SEQUENCE)
+        if (uid := _xml_str(item, REFERENCED_SOP_INSTANCE_UID))
+        and (sop_class := _xml_str(item, REFERENCED_SOP_CLASS_UID))
+    }
+    return StowResponse(stored, failed, _xml_int(root, WARNING_REASON), classes)
 
 
 def _local(tag: str) -> str:
