@@ -19,7 +19,7 @@ PACKAGE = REPO / "forwarder"
 
 #: What each part of the package may import from forwarder (besides itself).
 ALLOWED: dict[str, set[str]] = {
-    "base": {"base"},  # config, errors, logsetup, durations, crashpoints, __init__, __main__
+    "base": {"base"},  # config, errors, logsetup, durations, urls, crashpoints, __init__, __main__
     "dicom": {"base"},
     "net": {"base", "dicom"},
     "queue": {"base"},  # plain values in, records out: no DICOM, no network

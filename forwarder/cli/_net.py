@@ -378,7 +378,7 @@ def _resolve_web(
     options (which win) or ``dest``; the secrets are read now, so a bad file stops here."""
     from forwarder.dicomweb.auth import Authorization, AuthSpec
     from forwarder.dicomweb.http import WebSettings
-    from forwarder.dicomweb.url import check_url
+    from forwarder.urls import check_url
 
     try:
         url = check_url(url)

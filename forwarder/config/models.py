@@ -23,8 +23,8 @@ from pydantic_core import PydanticCustomError
 
 from forwarder.config.flow import Window, parse_rate, parse_window
 from forwarder.config.routing import Modify, Route
-from forwarder.dicomweb.url import check_url
 from forwarder.durations import parse_duration, parse_size
+from forwarder.urls import check_url
 
 DEFAULT_CONFIG_PATH = "/etc/forwarder/forwarder.yaml"
 
