@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from stowserver import StowServer
 
 from forwarder.config import Route
 from forwarder.config.routing import DEID_OPTIONS
@@ -244,3 +245,46 @@ def test_a_study_deidentified_keeps_its_new_uids_across_a_restart(tmp_path: Path
     with Queue(d.queue) as q:  # the map: original study UID -> what arrived
         mapped = q.replacement_uids([str(any_original.StudyInstanceUID)])
     assert mapped[str(any_original.StudyInstanceUID)] == studies.pop()
+
+
+# -- STOW-RS: the Part 10 meta header sent with a de-identified object --------------------------
+
+
+def test_stow_rs_sends_no_identity_in_the_meta_header(tmp_path: Path) -> None:
+    """A STOW-RS part is a Part 10 file: its meta header is written anew for a de-identified
+    object, without the original writer's AE title, addresses or Private Information (the
+    modality's identity and whatever its vendor put there), only the SOP Class and new SOP
+    Instance UID, the transfer syntax and the implementation's identity."""
+    original = dcmread(real("CT_small.dcm"))
+    ds = dcmread(real("CT_small.dcm"))
+    ds.file_meta.SourceApplicationEntityTitle = "CT_ROOM_3_NORTH"
+    ds.file_meta.SendingApplicationEntityTitle = "ER_GATEWAY"
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.826.0.1.3680043.10.99"
+    ds.file_meta.PrivateInformation = f"patient {original.PatientName}".encode() + b"\x00"
+    with (
+        StowServer() as server,
+        Daemon(
+            tmp_path / "fw",
+            destinations=[{"name": "research", "url": server.url}],
+            routes=[{"name": "deid", "to": ["research"], "deidentify": "basic"}],
+        ) as d,
+    ):
+        ds.save_as(d.incoming / ".ct.tmp")
+        (d.incoming / ".ct.tmp").rename(d.incoming / "ct.dcm")
+        d.wait_done(1, timeout=30)
+        ((part,),) = [p.parts for p in server.posts()]
+    received = dcmread(io.BytesIO(part))
+    assert_deidentified(original, received)
+    meta = received.file_meta
+    assert str(meta.MediaStorageSOPInstanceUID) == str(received.SOPInstanceUID)
+    for leaked in (b"CT_ROOM_3_NORTH", b"ER_GATEWAY", str(original.PatientName).encode()):
+        assert leaked not in part, leaked
+    left = {e.keyword for e in meta} - {"FileMetaInformationGroupLength"}
+    assert left <= {
+        "FileMetaInformationVersion",
+        "MediaStorageSOPClassUID",
+        "MediaStorageSOPInstanceUID",
+        "TransferSyntaxUID",
+        "ImplementationClassUID",
+        "ImplementationVersionName",
+    }, left

@@ -24,10 +24,11 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from forwarder.config import Route, parse_config
 from forwarder.daemon.router import Router
-from forwarder.dicom.edit import Modification, edit_file
+from forwarder.dicom.edit import EditError, Modification, edit_file
 from forwarder.errors import ConfigError
 
 FILES = ["CT_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm"]
@@ -145,6 +146,14 @@ def test_remove_a_group_and_a_tag() -> None:
     assert 0x00431011 in received  # the rest of its group stays
 
 
+def test_an_edit_never_drops_the_pixels_of_a_deflated_object() -> None:
+    """A deflated object is changed in memory, pixels included: a removal of Pixel Data (which
+    the config refuses) must fail there too, not send an image without pixels."""
+    drop = Modification((), ("(7FE0,0010)",))
+    with pytest.raises(EditError, match="Pixel Data"):
+        edit_file(str(real("image_dfl.dcm")), [drop])
+
+
 def test_a_destination_without_changes_keeps_the_byte_exact_path() -> None:
     routes = [
         Route(name="r", to=["pacs", "plain"], modify=ROUTE_MODIFY),  # type: ignore[arg-type]
@@ -200,6 +209,11 @@ def test_two_routes_sending_alike_files_with_different_changes_are_refused() -> 
             "a sequence",
         ),
         ("\n      remove: [private, Nope]", "remove[1] (line 11)", "'Nope' is not a DICOM keyword"),
+        # Pixel Data is streamed, never edited: a removal would be ignored for most files and
+        # would send a deflated one without its pixels (reported stored)
+        ("{remove: [PixelData]}", "remove[0] (line 10)", "Pixel Data cannot be removed"),
+        ("{remove: ['(7FE0,0010)']}", "remove[0] (line 10)", "Pixel Data cannot be removed"),
+        ("{remove: ['0x7FE0']}", "remove[0] (line 10)", "Pixel Data cannot be removed"),
     ],
 )
 def test_bad_modifications_are_refused_with_key_and_line(
@@ -476,3 +490,46 @@ def test_a_modified_500_mb_file_goes_by_stow_rs_with_flat_memory(tmp_path: Path)
     assert len(big_post) == 1 and big_post[0].nbytes > size - 4096  # the whole object went
     grown_mb = (peak_kb - idle_kb) / 1024
     assert grown_mb < 48, f"the daemon grew by {grown_mb:.0f} MB sending a {size / 1e6:.0f} MB file"
+
+
+def test_a_value_the_object_cannot_hold_fails_the_file_instead_of_arriving_mangled(
+    tmp_path: Path,
+) -> None:
+    """A ``set`` value the object's Specific Character Set cannot write (Cyrillic in an
+    ISO_IR 100 object) or that breaks its VR (a 20-character SH from ``EXT-{AccessionNumber}``)
+    goes to failed/ with the reason; it never reaches the PACS as ``??????`` or an invalid
+    value, reported stored. A valid change next to them still arrives."""
+    names = {"cyrillic.dcm": "P-CYR", "long.dcm": "P-LONG", "fine.dcm": "P-FINE"}
+    with storescp(tmp_path / "storescp", extra=["+xa"]) as dcmtk:
+        d = Daemon(
+            tmp_path / "fw",
+            destinations=[destination("dcmtk", dcmtk.port, ae_title="STORESCP")],
+            routes=[
+                {"name": "cyr", "to": ["dcmtk"], "match": {"PatientID": "P-CYR"},
+                 "modify": {"set": {"PatientName": "Иванов^Иван"}}},
+                {"name": "long", "to": ["dcmtk"], "match": {"PatientID": "P-LONG"},
+                 "modify": {"set": {"AccessionNumber": "EXT-{AccessionNumber}"}}},
+                {"name": "fine", "to": ["dcmtk"], "match": {"PatientID": "P-FINE"},
+                 "modify": {"set": {"PatientName": "Müller^Hans"}}},
+            ],
+        )  # fmt: skip
+        with d:
+            for name, patient in names.items():
+                ds = dcmread(real("CT_small.dcm"))  # Specific Character Set ISO_IR 100
+                ds.PatientID = patient
+                ds.AccessionNumber = "ACC-0123456789"  # 14 of SH's 16 characters
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                ds.save_as(d.incoming / f".{name}.tmp")
+                (d.incoming / f".{name}.tmp").rename(d.incoming / name)
+            wait_until(
+                lambda: len(d.done_files()) + len(d.failed_files()) == 3, 60, what="3 outcomes"
+            )
+            wait_until(lambda: len(dcmtk.files()) >= len(d.done_files()), 15, what="storescp")
+            failed = sorted(d.failed_files())
+            reasons = {n: d.error_json(n)["destinations"][0]["error"] for n in failed}
+            assert d.stop() == 0
+        received = [dcmread(p) for p in dcmtk.files()]
+    assert [str(r.PatientName) for r in received] == ["Müller^Hans"], "a mangled value arrived"
+    assert failed == ["cyrillic.dcm", "long.dcm"], (failed, [str(r.PatientName) for r in received])
+    assert "Specific Character Set" in reasons["cyrillic.dcm"], reasons
+    assert "AccessionNumber" in reasons["long.dcm"] and "16" in reasons["long.dcm"], reasons

@@ -268,6 +268,7 @@ _GROUP_TEXT = re.compile(r"^(?:0x)?([0-9A-Fa-f]{4})$")
 #: What C-STORE and STOW-RS need and a modification may not take away or change.
 _PROTECTED = frozenset({"SOPClassUID", "SOPInstanceUID"})
 _PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # the same, as tags
 
 
 def parse_remove(item: str) -> tuple[str, int]:
@@ -383,6 +384,12 @@ def modify_problems(modify: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]
             continue
         if kind in ("tag", "keyword") and number in (0x00080016, 0x00080018):
             problems.append((("remove", i), f"{item} is needed to store the object"))
+        # Pixel Data is streamed from the file, not edited: a removal would be ignored for
+        # most files but would drop the pixels of a deflated one (changed in memory).
+        if (kind in ("tag", "keyword") and number in _PIXEL_TAGS) or (
+            kind == "group" and number == 0x7FE0
+        ):
+            problems.append((("remove", i), f"{item}: Pixel Data cannot be removed by modify"))
         if kind == "group" and number in (0x0002, 0x0008):
             problems.append(
                 (("remove", i), f"group {item} holds what is needed to store the object")

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from pydicom import config
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -32,6 +34,7 @@ from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
+from pydicom.valuerep import validate_value
 
 from forwarder.config.routing import Modify, parse_remove
 from forwarder.dicom.check import inflate
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 _INTS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "IS"})
 _FLOATS = frozenset({"FL", "FD"})
 _SHOWN = 64  # characters of a value shown in a change
+#: The VRs whose values are written in the Specific Character Set (PS3.5 6.1.2.3); the others
+#: hold the default repertoire only, which :func:`validate_value` checks.
+_CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
 
 
 class EditError(Exception):
@@ -82,6 +88,40 @@ def _converted(vr: str, text: str) -> object:
     return values[0] if len(values) == 1 else values
 
 
+def _invalid(vr: str, value: object) -> str | None:
+    """Why ``value`` is not a valid ``vr`` value (PS3.5 6.2: length, characters, format), or
+    None. pydicom only warns when it writes such a value: the object would arrive with, say,
+    a 20-character SH (``EXT-{AccessionNumber}``) that the PACS may truncate or reject."""
+    for v in value if isinstance(value, list) else [value]:
+        try:
+            validate_value(vr, v, config.RAISE)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _unencodable(text: str, charset: object) -> bool:
+    """Whether ``text`` has a character the data set's Specific Character Set (none: the
+    default repertoire, ASCII) cannot write. pydicom writes such a character as ``?`` (or, with
+    no Specific Character Set, as undeclared Latin-1) with only a warning."""
+    if charset in (None, ""):
+        encodings = ["ascii"]
+    else:
+        names = charset if isinstance(charset, MultiValue | list) else [charset]
+        encodings = convert_encodings([str(n) for n in names])
+
+    def fits(ch: str) -> bool:  # with code extensions, each character in one of the sets
+        for encoding in encodings:
+            try:
+                ch.encode(encoding)
+                return True
+            except (UnicodeError, LookupError):
+                continue
+        return False
+
+    return not all(fits(ch) for ch in text)
+
+
 @dataclass(frozen=True, slots=True)
 class Modification:
     """A ``modify:`` block: ``set`` (keyword -> value or template) then ``remove``.
@@ -90,6 +130,9 @@ class Modification:
     this step runs (after a de-identification before it), a missing or empty attribute as
     an empty string. Setting an attribute the object does not have adds it; removing one it
     does not have is no change. ``private`` removes every private element, nested ones too.
+    A rendered value that its VR or the object's Specific Character Set cannot hold is an
+    :class:`EditError` (the file fails with the reason), never a value pydicom would write
+    anyway, with a warning, as ``?`` or beyond its VR's length.
     """
 
     set: tuple[tuple[str, str], ...]
@@ -108,10 +151,21 @@ class Modification:
                 converted = _converted(vr, value)
             except ValueError:
                 raise EditError(f"set {keyword}: {value!r} is not a valid {vr} value") from None
+            problem = _invalid(vr, converted)
+            if problem is not None:
+                raise EditError(f"set {keyword}: {problem}")
             if tag in ds:
                 ds[tag].value = converted
             else:
                 ds.add(DataElement(tag, vr, converted))
+        charset = ds.get("SpecificCharacterSet")  # after the sets: one may have changed it
+        for keyword, value in rendered:
+            vr = str(dictionary_VR(int(tag_for_keyword(keyword) or 0))).split(" or ")[0]
+            if vr in _CHARSET_VRS and _unencodable(value, charset):
+                raise EditError(
+                    f"set {keyword}: the value has characters the object's Specific Character "
+                    f"Set ({_text(charset) or 'none: ASCII'}) cannot hold"
+                )
         for item in self.remove:
             kind, number = parse_remove(item)
             if kind == "private":
@@ -287,8 +341,21 @@ def _encode(ds: Dataset, implicit: bool, little: bool) -> bytes:
     return bytes(out.getvalue())
 
 
+#: The meta header elements an edited object's Part 10 head keeps (PS3.10 Table 7.1-1): what
+#: identifies the object and its encoding, and the implementation.
+_META_KEPT = frozenset({0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013})
+
+
 def _part10_head(file_meta: FileMetaDataset, sop_instance_uid: str) -> bytes:
-    meta = copy.deepcopy(file_meta)
+    """The preamble and meta header of the edited object (for STOW-RS). Only
+    :data:`_META_KEPT` is kept: the others describe the original file's writer (its AE titles,
+    network addresses, Private Information), not what forwarder wrote, and they are outside the
+    data set that ``modify`` and ``deidentify`` change, so a modality's identity or a vendor's
+    private data would reach a destination meant to get de-identified objects."""
+    meta = FileMetaDataset()
+    for elem in file_meta:
+        if elem.tag in _META_KEPT:
+            meta.add(copy.deepcopy(elem))
     meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     out = DicomBytesIO()
     out.is_little_endian = True
@@ -329,7 +396,12 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
             if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
                 inflated = bytes(inflate(f, path, meta.dataset_offset))
                 ds = read_dataset(io.BytesIO(inflated), False, True)
+                pixels_before = [t for t in PIXEL_TAGS if t in ds]
                 changes = apply_editors(ds, editors)
+                # Here the pixels are in the data set changed, not streamed: an edit must not
+                # drop them (check-config refuses a modify that would; this is the backstop).
+                if any(t not in ds for t in pixels_before):
+                    raise EditError("an edit may not remove Pixel Data")
                 raw = _encode(ds, False, True)
                 packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
                 data = packer.compress(raw) + packer.flush()
