@@ -25,7 +25,7 @@ from forwarder.net.commitment import (
     Reference,
     action_dataset,
 )
-from forwarder.queue import FileEntry, Queue
+from forwarder.queue import FileEntry, Job, Queue
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY = "1.2.826.0.1.3680043.10.1284.57.1"
@@ -54,15 +54,21 @@ def _report(uid: str, refs: list[Reference]) -> Dataset:
     return ds
 
 
-def test_a_report_through_the_seam_is_recorded(q: Queue) -> None:
+def _open_transaction(q: Queue, uid: str, count: int) -> tuple[list[FileEntry], list[Job]]:
+    """``count`` files stored at "pacs", awaiting its report for transaction ``uid``."""
     entries = [
         FileEntry(f"/in/{i}", f"{i}", 1, 1, CT, f"1.2.3.{i}", "1.2.840.10008.1.2.1", STUDY)
-        for i in range(2)
+        for i in range(count)
     ]
     q.enqueue_many([(e, ["pacs"]) for e in entries])
     jobs = q.claim("pacs", 10)
     q.ack_done([j.id for j in jobs], commitment=True)
-    q.begin_commitment("9.9.1", "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+    q.begin_commitment(uid, "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+    return entries, jobs
+
+
+def test_a_report_through_the_seam_is_recorded(q: Queue) -> None:
+    entries, jobs = _open_transaction(q, "9.9.1", 2)
     finished = _Finished()
     woken: list[bool] = []
     keeper = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: woken.append(True))
@@ -85,11 +91,7 @@ def test_a_report_arriving_before_the_keeper_runs_is_matched(q: Queue) -> None:
     """The report acceptor listens from ``configure``, before ``start``: a PACS delivering,
     right as the daemon starts again, the report of a transaction the previous run left open
     must find it awaited, not be answered "unknown transaction" (0x0110)."""
-    entries = [FileEntry("/in/0", "0", 1, 1, CT, "1.2.3.0", "1.2.840.10008.1.2.1", STUDY)]
-    q.enqueue_many([(e, ["pacs"]) for e in entries])
-    jobs = q.claim("pacs", 10)
-    q.ack_done([j.id for j in jobs], commitment=True)
-    q.begin_commitment("9.9.3", "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+    _, jobs = _open_transaction(q, "9.9.3", 1)
     port = free_port()
     dest = Destination.model_validate(
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
@@ -127,11 +129,7 @@ def test_a_report_that_cannot_be_recorded_is_refused_and_taken_when_sent_again(
     deadline to be sent again."""
     path = tmp_path / "queue.sqlite"
     with Queue(path, busy_timeout=0.3) as q:
-        entries = [FileEntry("/in/0", "0", 1, 1, CT, "1.2.3.0", "1.2.840.10008.1.2.1", STUDY)]
-        q.enqueue_many([(e, ["pacs"]) for e in entries])
-        jobs = q.claim("pacs", 10)
-        q.ack_done([j.id for j in jobs], commitment=True)
-        q.begin_commitment("9.9.4", "pacs", "stgcmt", [j.id for j in jobs], deadline=2e9)
+        _, jobs = _open_transaction(q, "9.9.4", 1)
         finished = _Finished()
         keeper = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
         keeper.start()

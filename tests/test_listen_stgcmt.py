@@ -109,41 +109,50 @@ def test_a_modality_gets_commitment_for_what_the_gateway_holds(
         assert pacs.held[str(ds.SOPInstanceUID)].PixelData == ds.PixelData
 
 
-def test_the_gateway_answers_for_instances_it_does_not_hold(tmp_path: Path) -> None:
-    """Asked straight (pynetdicom, the report on the same association): an instance never
-    received is 0x0112; the N-ACTION itself is answered Success."""
+def _ask_gateway(port: int, refs: list[tuple[str, str]]) -> tuple[int, Dataset]:
+    """One N-ACTION to the listener (pynetdicom, the report on the same association): the
+    report's Event Type ID and Event Information."""
     from pynetdicom import evt
 
-    with listen_daemon(tmp_path, [destination("a", 1)], ae_title=WE) as d:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(SC, SYNTAXES)
-        got: list[tuple[int, Dataset]] = []
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(SC, SYNTAXES)
+    got: list[tuple[int, Dataset]] = []
 
-        def handle(event: Any) -> tuple[int, None]:
-            got.append((event.event_type, event.event_information))
-            return 0x0000, None
+    def handle(event: Any) -> tuple[int, None]:
+        got.append((event.event_type, event.event_information))
+        return 0x0000, None
 
-        assoc = ae.associate(
-            "127.0.0.1",
-            listen_port(d),
-            ae_title=WE,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle)],
-        )
-        assert assoc.is_established
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=WE, evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle)]
+    )
+    assert assoc.is_established
+    try:
         action = Dataset()
-        action.TransactionUID = "1.2.826.0.1.3680043.10.1284.77"
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-        ref.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.10.1284.404"
-        action.ReferencedSOPSequence = [ref]
+        action.TransactionUID = "1.2.826.0.1.3680043.10.1284.78"
+        items = []
+        for sop_class, sop_instance in refs:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = sop_class
+            ref.ReferencedSOPInstanceUID = sop_instance
+            items.append(ref)
+        action.ReferencedSOPSequence = items
         status, _ = assoc.send_n_action(action, 1, SC, SC_INSTANCE)
         assert status.Status == 0x0000
         wait_until(lambda: bool(got), 10, what="the report on the same association")
+    finally:
         assoc.release()
-        event_type, info = got[0]
+    return got[0]
+
+
+def test_the_gateway_answers_for_instances_it_does_not_hold(tmp_path: Path) -> None:
+    """Asked straight (pynetdicom, the report on the same association): an instance never
+    received is 0x0112; the N-ACTION itself is answered Success."""
+    stranger = ("1.2.840.10008.5.1.4.1.1.7", "1.2.826.0.1.3680043.10.1284.404")
+    with listen_daemon(tmp_path, [destination("a", 1)], ae_title=WE) as d:
+        event_type, info = _ask_gateway(listen_port(d), [stranger])
         assert event_type == 2  # failures
         (failed,) = info.FailedSOPSequence
-        assert failed.ReferencedSOPInstanceUID == ref.ReferencedSOPInstanceUID
+        assert failed.ReferencedSOPInstanceUID == stranger[1]
         assert failed.FailureReason == 0x0112
         assert d.stop() == 0
 
@@ -178,41 +187,6 @@ def test_orthanc_reports_on_the_listen_port(tmp_path: Path) -> None:
     log = d.log_text()
     assert "1 sent again" in log and "storage commitment report from" in log
     assert "accepting storage commitment reports" not in log  # no acceptor of its own
-
-
-def _ask_gateway(port: int, refs: list[tuple[str, str]]) -> tuple[int, Dataset]:
-    """One N-ACTION to the listener (pynetdicom, the report on the same association): the
-    report's Event Type ID and Event Information."""
-    from pynetdicom import evt
-
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(SC, SYNTAXES)
-    got: list[tuple[int, Dataset]] = []
-
-    def handle(event: Any) -> tuple[int, None]:
-        got.append((event.event_type, event.event_information))
-        return 0x0000, None
-
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title=WE, evt_handlers=[(evt.EVT_N_EVENT_REPORT, handle)]
-    )
-    assert assoc.is_established
-    try:
-        action = Dataset()
-        action.TransactionUID = "1.2.826.0.1.3680043.10.1284.78"
-        items = []
-        for sop_class, sop_instance in refs:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = sop_class
-            ref.ReferencedSOPInstanceUID = sop_instance
-            items.append(ref)
-        action.ReferencedSOPSequence = items
-        status, _ = assoc.send_n_action(action, 1, SC, SC_INSTANCE)
-        assert status.Status == 0x0000
-        wait_until(lambda: bool(got), 10, what="the report on the same association")
-    finally:
-        assoc.release()
-    return got[0]
 
 
 def test_the_gateway_does_not_commit_a_copy_that_is_no_longer_whole(tmp_path: Path) -> None:
