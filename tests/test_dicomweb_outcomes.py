@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,30 @@ def test_a_file_that_changes_while_sent_is_retried_not_sent_short(
     assert [o.outcome for o in outcomes] == [Outcome.RETRY]
     assert "changed" in (outcomes[0].error or "")
     assert all(p.nbytes < os.path.getsize(files[0]) + 1000 for p in server.posts())
+
+
+def test_a_file_unreadable_as_planned_is_charged_alone(files: list[Path]) -> None:
+    """A file that cannot be read as planned (here it shrank after the batch was planned; EIO
+    acts alike) ends its whole request: it is retried and charged, the others go back
+    uncharged, so that they are not taken to failed/ with a file that keeps failing."""
+
+    def planned_then_cut() -> Iterator[StoreRequest]:
+        yield from requests(files[:3])
+        with open(files[1], "r+b") as f:  # after the batch was planned, before it is sent
+            f.truncate(100)
+
+    with StowServer() as server:
+        channel = StowChannel(WebSettings(url=server.url))
+        try:
+            outcomes = list(channel.send(planned_then_cut()))
+        finally:
+            channel.release()
+    by_path = {o.request.path: o for o in outcomes}
+    assert all(o.outcome is Outcome.RETRY for o in outcomes)
+    assert by_path[str(files[1])].attempted
+    assert "changed" in (by_path[str(files[1])].error or "")
+    for other in (files[0], files[2]):
+        assert not by_path[str(other)].attempted, by_path[str(other)]
 
 
 def test_the_response_json_helper_round_trips() -> None:

@@ -247,16 +247,16 @@ class StowChannel:
             return self._refused(batch, down, charge_first=False)
         except BodyError as exc:
             self.release()  # the request was cut short: the connection is useless
+            # The file that could not be read is charged an attempt; the others are handed
+            # back uncharged (no fault of theirs): charged, a file that keeps failing to read
+            # would take its batch-mates to their attempt limit, to failed/, with it.
+            abandoned = f"not stored: the request was abandoned ({exc.path}: {exc.reason})"
             return [
-                self._outcome(
-                    i.request,
-                    i.meta,
-                    Outcome.RETRY,
-                    None,
-                    exc.reason
-                    if i.request.path == exc.path
-                    else f"not stored: the request was abandoned ({exc.path}: {exc.reason})",
-                    started,
+                self._outcome(i.request, i.meta, Outcome.RETRY, None, exc.reason, started)
+                if i.request.path == exc.path
+                else replace(
+                    self._outcome(i.request, i.meta, Outcome.RETRY, None, abandoned, started),
+                    attempted=False,
                 )
                 for i in batch
             ]
