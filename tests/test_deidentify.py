@@ -288,3 +288,36 @@ def test_stow_rs_sends_no_identity_in_the_meta_header(tmp_path: Path) -> None:
         "ImplementationClassUID",
         "ImplementationVersionName",
     }, left
+
+
+def test_retrieve_locators_are_removed_like_the_retrieve_ae_title(tmp_path: Path) -> None:
+    """Retrieve URL (0008,1190) and Retrieve URI (0040,E010) are not in Table E.1-1, but they
+    name the source archive and usually embed the original Study Instance UID: kept, they
+    undo the UID replacement. They go as Retrieve AE Title (0008,0054) goes: removed, cleaned
+    under the Retain Device Identity Option."""
+    ds = dcmread(real("CT_small.dcm"))
+    study = str(ds.StudyInstanceUID)
+    url = f"https://pacs.hospital.example/dicom-web/studies/{study}"
+    ds.RetrieveAETitle = "HOSPITALPACS"
+    ds.RetrieveURL = url
+    ds.add_new(0x0040E010, "UR", f"{url}/series/{ds.SeriesInstanceUID}")
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    item.RetrieveURL = f"{url}/instances/{ds.SOPInstanceUID}"
+    ds.ReferencedInstanceSequence = [item]
+    path = tmp_path / "located.dcm"
+    ds.save_as(path)
+
+    def received(options: frozenset[str]) -> Dataset:
+        obj = edit_file(str(path), [Deidentifier(options, PreviewUids())])
+        return dcmread(io.BytesIO(obj.file_meta + b"".join(obj.chunks())))
+
+    plain = received(frozenset())
+    assert not [(t, v) for t, v, vr in walk(plain) if vr != "SQ" and study in str(v)]
+    for keyword in ("RetrieveAETitle", "RetrieveURL", "RetrieveURI"):
+        assert keyword not in plain
+    assert "RetrieveURL" not in plain.ReferencedInstanceSequence[0]
+    device = received(frozenset({"retain_device_identity"}))
+    assert device.RetrieveAETitle == device.RetrieveURL == device.RetrieveURI == "CLEANED"
+    assert not [(t, v) for t, v, vr in walk(device) if vr != "SQ" and study in str(v)]

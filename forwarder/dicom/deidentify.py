@@ -16,6 +16,10 @@ The Basic Profile's actions, at every level of nested sequences:
   X/Z/U* -> its UIDs replaced (U) and everything else in it emptied;
 * every UID the table does not list is replaced too (except the standard's own, 1.2.840.10008.*),
   every private element is removed, and curves (50xx), overlay data and comments (60xx);
+* Retrieve URL (0008,1190) and Retrieve URI (0040,E010), which the table does not list, are
+  done as Retrieve AE Title (0008,0054) is (removed; cleaned under the Retain Device Identity
+  Option): they name the source archive and usually hold the original Study Instance UID,
+  which would undo its replacement;
 * then Patient Identity Removed (0012,0062) = YES, De-identification Method (0012,0063) and its
   Code Sequence (0012,0064, CID 7050: 113100 and each applied option's code), and Longitudinal
   Temporal Information Modified (0028,0303) = UNMODIFIED, MODIFIED or REMOVED.
@@ -91,6 +95,10 @@ _DUMMY = {
 _CLEANED = "CLEANED"
 _TEXT_VRS = frozenset({"AE", "CS", "SH", "LO", "ST", "LT", "UT", "UC", "UR"})
 _TEXT_VALUE = 0x0040A160  # Text Value: free text of SR content items, not in the table
+#: Attributes the table does not list, done as a listed one: Retrieve URL (0008,1190) and
+#: Retrieve URI (0040,E010) locate the object at its source archive, as Retrieve AE Title
+#: (0008,0054) does, and usually embed the original Study Instance UID.
+_AS_LISTED = {0x00081190: 0x00080054, 0x0040E010: 0x00080054}
 _NUMBERS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 _BYTES = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 #: Date shift: the key's prefix in the UID map, and the largest shift in days.
@@ -252,6 +260,7 @@ class _Run:
 
     def action(self, tag: int) -> str | None:
         """The Basic Profile's action, or K / S (shift) / C from the options' columns."""
+        tag = _AS_LISTED.get(tag, tag)
         basic = basic_profile().action(tag)
         if basic is None:
             return None
