@@ -533,3 +533,41 @@ def test_a_value_the_object_cannot_hold_fails_the_file_instead_of_arriving_mangl
     assert failed == ["cyrillic.dcm", "long.dcm"], (failed, [str(r.PatientName) for r in received])
     assert "Specific Character Set" in reasons["cyrillic.dcm"], reasons
     assert "AccessionNumber" in reasons["long.dcm"] and "16" in reasons["long.dcm"], reasons
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "reason"),
+    [
+        ("InstitutionName", "North\\South", "multiplicity"),  # LO, VM 1: two values
+        ("ImageType", "ORIGINAL", "multiplicity"),  # CS, VM 2-n: one value
+        ("PixelSpacing", "0.5\\0.5\\0.5", "multiplicity"),  # DS, VM 2
+        ("InstitutionName", "Radiology\nNorth", "control character"),  # LO: none but ESC
+        ("StudyDescription", "CT\x07HEAD", "control character"),
+        ("PatientComments", "seen\x00twice", "control character"),  # LT: CR LF FF ESC only
+    ],
+)
+def test_a_value_breaking_its_multiplicity_or_repertoire_is_refused(
+    keyword: str, value: str, reason: str
+) -> None:
+    """PS3.5 6.2 and 6.4: a PACS may truncate, split or reject such a value; pydicom writes it
+    without a word. The file fails with the reason instead."""
+    ds = dcmread(real("CT_small.dcm"))
+    with pytest.raises(EditError, match=f"set {keyword}: .*{reason}"):
+        Modification(((keyword, value),), ()).apply(ds)
+
+
+def test_values_within_their_multiplicity_and_repertoire_are_set() -> None:
+    ds = dcmread(real("CT_small.dcm"))
+    sets = {
+        "ImageType": "DERIVED\\SECONDARY\\AXIAL",  # CS, 2-n
+        "PixelSpacing": "0.5\\0.6",  # DS, 2
+        "PatientComments": "seen twice\r\nback\\slash kept\f",  # LT: one value, CR LF FF
+        "InstitutionName": "Klinik \x1b-AMitte",  # ESC allowed (code extensions)
+        "OtherPatientIDs": "",  # emptied: VM 0 is an empty value
+    }
+    Modification(tuple(sets.items()), ()).apply(ds)
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.6]
+    assert ds.PatientComments == "seen twice\r\nback\\slash kept\f"
+    assert ds.InstitutionName == "Klinik \x1b-AMitte"
+    assert ds.OtherPatientIDs in (None, "")

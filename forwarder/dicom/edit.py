@@ -18,6 +18,7 @@ import copy
 import io
 import logging
 import os
+import re
 import string
 import zlib
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from typing import BinaryIO, Protocol
 
 from pydicom import config
 from pydicom.charset import convert_encodings
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -55,6 +56,19 @@ _SHOWN = 64  # characters of a value shown in a change
 #: The VRs whose values are written in the Specific Character Set (PS3.5 6.1.2.3); the others
 #: hold the default repertoire only, which :func:`validate_value` checks.
 _CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
+#: Text VRs with one value always: a backslash is part of the text (PS3.5 6.2).
+_SINGLE_TEXT = frozenset({"ST", "LT", "UT"})
+#: The control characters (C0 and DEL) a text VR may not hold (PS3.5 6.1.3, Table 6.2-1):
+#: all but ESC (code extensions), and in the free-text VRs all but CR, LF, FF and ESC.
+_C0 = "".join(map(chr, range(0x20))) + "\x7f"
+
+
+def _refused(allowed: str) -> re.Pattern[str]:
+    return re.compile("[" + re.escape("".join(c for c in _C0 if c not in allowed)) + "]")
+
+
+_CONTROLS = {vr: _refused("\x1b") for vr in ("SH", "LO", "PN", "UC", "AE", "CS", "UR")}
+_CONTROLS |= {vr: _refused("\x1b\r\n\f") for vr in ("ST", "LT", "UT")}
 
 
 class EditError(Exception):
@@ -78,7 +92,7 @@ def _text(value: object) -> str:
 def _converted(vr: str, text: str) -> object:
     if text == "":
         return None
-    parts = text.split("\\")
+    parts = [text] if vr in _SINGLE_TEXT else text.split("\\")
     if vr in _INTS and vr != "IS":
         values: list[object] = [int(p) for p in parts]
     elif vr in _FLOATS:
@@ -88,11 +102,32 @@ def _converted(vr: str, text: str) -> object:
     return values[0] if len(values) == 1 else values
 
 
-def _invalid(vr: str, value: object) -> str | None:
-    """Why ``value`` is not a valid ``vr`` value (PS3.5 6.2: length, characters, format), or
-    None. pydicom only warns when it writes such a value: the object would arrive with, say,
-    a 20-character SH (``EXT-{AccessionNumber}``) that the PACS may truncate or reject."""
-    for v in value if isinstance(value, list) else [value]:
+def _fits_vm(vm: str, count: int) -> bool:
+    """Whether ``count`` values fit the dictionary's multiplicity: ``1``, ``2``, ``1-3``,
+    ``1-n``, ``2-2n``... (PS3.5 6.4); no value (an emptied attribute) always does."""
+    low, _, high = vm.partition("-")
+    if count == 0 or not low.isdigit():
+        return True
+    if not high:
+        return count == int(low)
+    if high.endswith("n"):
+        step = int(high[:-1] or 1)
+        return count >= int(low) and count % step == 0
+    return int(low) <= count <= int(high)
+
+
+def _invalid(vr: str, value: object, vm: str = "1-n") -> str | None:
+    """Why ``value`` is not a valid ``vr`` value (PS3.5 6.2: length, characters, format; 6.4:
+    multiplicity ``vm``), or None. pydicom only warns when it writes such a value: the object
+    would arrive with, say, a 20-character SH (``EXT-{AccessionNumber}``) that the PACS may
+    truncate or reject, or two values where one is allowed."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not _fits_vm(vm, len(values)):
+        return f"{len(values)} values, the attribute's multiplicity is {vm}"
+    controls = _CONTROLS.get(vr)
+    for v in values:
+        if controls is not None and controls.search(str(v)):
+            return f"{v!r} has a control character a {vr} value may not hold"
         try:
             validate_value(vr, v, config.RAISE)
         except ValueError as exc:
@@ -151,7 +186,7 @@ class Modification:
                 converted = _converted(vr, value)
             except ValueError:
                 raise EditError(f"set {keyword}: {value!r} is not a valid {vr} value") from None
-            problem = _invalid(vr, converted)
+            problem = _invalid(vr, converted, dictionary_VM(tag))
             if problem is not None:
                 raise EditError(f"set {keyword}: {problem}")
             if tag in ds:
