@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from forwarder.errors import ForwarderError
 
@@ -24,6 +25,10 @@ REFERENCED_SOP_INSTANCE_UID = "00081155"
 REFERENCED_SOP_CLASS_UID = "00081150"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
+
+
+#: A node of the response: a JSON object or an XML element.
+Node = TypeVar("Node")
 
 
 class ResponseError(ForwarderError):
@@ -53,6 +58,28 @@ def parse_response(body: bytes, content_type: str) -> StowResponse:
     return _from_json(body)
 
 
+def _read(
+    root: Node,
+    items: Callable[[Node, str], list[Node]],
+    text: Callable[[Node, str], str | None],
+    number: Callable[[Node, str], int | None],
+) -> StowResponse:
+    """The response from its data set, read with one encoding's accessors."""
+
+    def by_uid(sequence: str, value: Callable[[Node], Any]) -> dict[str, Any]:
+        return {
+            uid: value(item)
+            for item in items(root, sequence)
+            if (uid := text(item, REFERENCED_SOP_INSTANCE_UID))
+        }
+
+    stored = by_uid(REFERENCED_SOP_SEQUENCE, lambda item: number(item, WARNING_REASON))
+    failed = by_uid(FAILED_SOP_SEQUENCE, lambda item: number(item, FAILURE_REASON))
+    named = by_uid(REFERENCED_SOP_SEQUENCE, lambda item: text(item, REFERENCED_SOP_CLASS_UID))
+    classes = {uid: sop_class for uid, sop_class in named.items() if sop_class}
+    return StowResponse(stored, failed, number(root, WARNING_REASON), classes)
+
+
 # -- JSON (PS3.18 F.2) ------------------------------------------------------------------------
 
 
@@ -65,23 +92,7 @@ def _from_json(body: bytes) -> StowResponse:
         data = data[0]  # some servers wrap the data set in an array
     if not isinstance(data, dict):
         raise ResponseError("the JSON response is not a DICOM data set (an object)")
-    stored = {
-        uid: _json_int(item, WARNING_REASON)
-        for item in _json_items(data, REFERENCED_SOP_SEQUENCE)
-        if (uid := _json_str(item, REFERENCED_SOP_INSTANCE_UID))
-    }
-    failed = {
-        uid: _json_int(item, FAILURE_REASON)
-        for item in _json_items(data, FAILED_SOP_SEQUENCE)
-        if (uid := _json_str(item, REFERENCED_SOP_INSTANCE_UID))
-    }
-    classes = {
-        uid: sop_class
-        for item in _json_items(data, REFERENCED_SOP_SEQUENCE)
-        if (uid := _json_str(item, REFERENCED_SOP_INSTANCE_UID))
-        and (sop_class := _json_str(item, REFERENCED_SOP_CLASS_UID))
-    }
-    return StowResponse(stored, failed, _json_int(data, WARNING_REASON), classes)
+    return _read(data, _json_items, _json_str, _json_int)
 
 
 def _json_value(data: dict[str, Any], tag: str) -> list[Any]:
@@ -128,23 +139,7 @@ def _from_xml(body: bytes) -> StowResponse:
         root = ET.fromstring(body)  # expat refuses entity expansion bombs
     except ET.ParseError as exc:
         raise ResponseError(f"the response is not valid XML ({exc})") from None
-    stored = {
-        uid: _xml_int(item, WARNING_REASON)
-        for item in _xml_items(root, REFERENCED_SOP_SEQUENCE)
-        if (uid := _xml_str(item, REFERENCED_SOP_INSTANCE_UID))
-    }
-    failed = {
-        uid: _xml_int(item, FAILURE_REASON)
-        for item in _xml_items(root, FAILED_SOP_SEQUENCE)
-        if (uid := _xml_str(item, REFERENCED_SOP_INSTANCE_UID))
-    }
-    classes = {
-        uid: sop_class
-        for item in _xml_items(root, REFERENCED_SOP_SEQUENCE)
-        if (uid := _xml_str(item, REFERENCED_SOP_INSTANCE_UID))
-        and (sop_class := _xml_str(item, REFERENCED_SOP_CLASS_UID))
-    }
-    return StowResponse(stored, failed, _xml_int(root, WARNING_REASON), classes)
+    return _read(root, _xml_items, _xml_str, _xml_int)
 
 
 def _local(tag: str) -> str:
