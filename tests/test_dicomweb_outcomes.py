@@ -84,6 +84,26 @@ def test_409_with_a_failed_sop_sequence_is_per_instance(files: list[Path]) -> No
     assert [(o.outcome, o.status) for o in outcomes] == [(Outcome.FAILED, 0x0122)] * 2
 
 
+def test_400_with_a_response_naming_the_instances_is_per_instance(files: list[Path]) -> None:
+    """Orthanc's DICOMweb plugin answers 400 when any instance of a request failed, with a
+    response data set that lists the others as stored (Referenced SOP Sequence): they are
+    stored, and reported so; only the failed one fails."""
+    with StowServer(Answer(status=400, failed={uid(files[0]): 0xC000})) as server:
+        outcomes = send(server, files)
+    assert [(o.outcome, o.status) for o in outcomes] == [
+        (Outcome.FAILED, 0xC000),
+        *[(Outcome.STORED, 0)] * 3,
+    ]
+
+
+def test_a_400_response_naming_none_of_the_instances_fails_the_batch(files: list[Path]) -> None:
+    body = stow_json({}, {"1.2.3.4": 0xC000})
+    with StowServer(Answer(status=400, body=body)) as server:
+        outcomes = send(server, files[:2])
+    assert {o.outcome for o in outcomes} == {Outcome.FAILED}
+    assert all("HTTP 400" in (o.error or "") for o in outcomes)
+
+
 def test_a_processing_failure_reason_is_retried(files: list[Path]) -> None:
     with StowServer(Answer(status=409, failed={uid(files[0]): 0x0110})) as server:
         (o,) = send(server, files[:1])

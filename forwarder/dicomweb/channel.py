@@ -12,6 +12,8 @@ What an answer means (docs/guarantees.md):
   its Warning Reason: a warning); Failed SOP Sequence: its Failure Reason classified as a
   C-STORE status is (``net.channel.classify_status``: 0xA7xx, 0x0110... retried; 0xA9xx,
   0xCxxx, 0x0122... permanent); an instance in neither: retried, with an error saying so.
+  400 likewise when its response data set names instances of the request: Orthanc answers
+  400 when any instance failed, with the others stored (the standard says 400 stores none).
 - 401, 403 (auth), 404, 405 (not a STOW-RS URL), 3xx (a redirect is never followed): the
   destination is misconfigured, no file is at fault: answered like a permanent association
   rejection (``down`` not retryable, ``attempted=False``): the daemon *holds* the destination.
@@ -326,11 +328,19 @@ class StowChannel:
         self.associations_opened += 1
         parsed: StowResponse | None = None
         problem = ""
-        if status in (200, 202, 409) or 200 <= status < 300:
+        readable = status in (200, 202, 409) or 200 <= status < 300
+        if readable or status == 400:
             try:
                 parsed = parse_response(reply.body, reply.content_type)
             except ResponseError as exc:
-                problem = str(exc)
+                problem = str(exc) if readable else ""
+        if status == 400 and parsed is not None:
+            # Orthanc answers 400 when any instance failed, listing the others as stored: a
+            # response that names instances of this request is read per instance; otherwise
+            # 400 is the request's own fault (bad syntax), permanent for all.
+            sent = {i.meta.sop_instance_uid for i in batch}
+            if not sent & (parsed.stored.keys() | parsed.failed.keys()):
+                parsed = None
         if parsed is not None:
             out = [self._per_instance(i, parsed, what, status, batch, started) for i in batch]
             if sent_whole < len(batch):

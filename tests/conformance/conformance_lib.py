@@ -317,8 +317,10 @@ def run_forwarder_send(
     work: Path,
     tag: str,
     extra: Sequence[str] = (),
+    target: str | None = None,
 ) -> tuple[dict[str, Outcome], int, str]:
-    """``forwarder send --report`` with every file of the round in one run."""
+    """``forwarder send --report`` with every file of the round in one run; ``target`` (a
+    STOW-RS URL) instead of ``peer_ae@127.0.0.1:port``."""
     report = work / f"{tag}.forwarder-report.json"
     proc = subprocess.run(
         [
@@ -328,7 +330,7 @@ def run_forwarder_send(
             "--report",
             str(report),
             *extra,
-            f"{peer_ae}@127.0.0.1:{port}",
+            target or f"{peer_ae}@127.0.0.1:{port}",
             *[str(s.path) for s in sources],
         ],
         capture_output=True,

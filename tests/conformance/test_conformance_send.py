@@ -77,17 +77,20 @@ from conformance_lib import (
     run_forwarder_send,
 )
 from daemon import Daemon, destination, write_atomic
-from peers import OrthancPeer, StoreSCP, orthanc, storescp
+from peers import OrthancPeer, StoreSCP, orthanc, orthanc_dicomweb_url, storescp
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
-#: peer name -> storescp options (None: Orthanc). Every storescp runs +B (bit-preserving: the
-#: file is what came over the wire) and +uf (unique file names).
+#: peer name -> storescp options (None: Orthanc; STOW: Orthanc's DICOMweb plugin, which
+#: forwarder reaches by STOW-RS and dcmsend, the reference, by C-STORE). Every storescp runs +B
+#: (bit-preserving: the file is what came over the wire) and +uf (unique file names).
+STOW = ["stow"]
 PEERS: dict[str, list[str] | None] = {
     "storescp-all": ["+xa"],
     "storescp-uncompressed": [],
     "storescp-implicit": ["+xi"],
     "orthanc": None,
+    "orthanc-stow": STOW,
 }
 KEYS = [s.key for s in corpus()]
 #: every judgement of this module (file, peer, problems, notes), written to notes.json and
@@ -102,6 +105,7 @@ class Peer:
     port: int
     scp: StoreSCP | None = None
     orthanc: OrthancPeer | None = None
+    url: str | None = None  # forwarder sends by STOW-RS to this service root
 
     def take(self, into: Path) -> list[Path]:
         """Move everything the peer holds into ``into``; the peer is empty afterwards."""
@@ -123,9 +127,12 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Peer]]
     with ExitStack() as stack:
         out = {}
         for name, opts in PEERS.items():
-            if opts is None:
-                o = stack.enter_context(orthanc(root / name, ae_title="ORTHANC"))
-                out[name] = Peer(name, o.ae_title, o.port, orthanc=o)
+            if opts is None or opts is STOW:
+                o = stack.enter_context(
+                    orthanc(root / name, ae_title="ORTHANC", dicomweb=opts is STOW)
+                )
+                url = orthanc_dicomweb_url(o) if opts is STOW else None
+                out[name] = Peer(name, o.ae_title, o.port, orthanc=o, url=url)
             else:
                 s = stack.enter_context(
                     storescp(
@@ -172,7 +179,12 @@ def campaign(peers: dict[str, Peer], tmp_path_factory: pytest.TempPathFactory) -
             ):
                 t0 = time.monotonic()
                 outcomes, rc, log = runner(
-                    sources, peer.ae_title, peer.port, work, f"{name}.r{r}.{sender}"
+                    sources,
+                    peer.ae_title,
+                    peer.port,
+                    work,
+                    f"{name}.r{r}.{sender}",
+                    **({"target": peer.url} if peer.url and sender == "forwarder" else {}),
                 )
                 d = deliveries[name]
                 d.seconds += time.monotonic() - t0
@@ -220,7 +232,7 @@ def judge(
     """(problems, notes) for one file at one peer: the module docstring's rules 1-4 and 6.
 
     Orthanc is compared with ``relaxed`` text padding (conformance_lib.compare says why)."""
-    relaxed = peer == "orthanc"
+    relaxed = peer.startswith("orthanc")
     problems: list[str] = []
     notes: list[str] = []
     ref_diffs = [
@@ -358,7 +370,9 @@ def daemon_run(
 ) -> Iterator[DaemonRun]:
     root = tmp_path_factory.mktemp("daemon")
     dests = [
-        destination(name, p.port, ae_title=p.ae_title, response_timeout="20s")
+        {"name": name, "url": p.url, "response_timeout": "20s"}
+        if p.url
+        else destination(name, p.port, ae_title=p.ae_title, response_timeout="20s")
         for name, p in peers.items()
     ]
     outcomes: dict[str, dict[str, Outcome]] = {p: {} for p in PEERS}
