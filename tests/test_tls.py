@@ -335,3 +335,26 @@ def test_describe_tls_error_finds_a_wrapped_ssl_error() -> None:
     assert describe_tls_error(ConnectionResetError(104, "Connection reset by peer")) == (
         "TLS handshake failed: connection closed by peer (Connection reset by peer)"
     )
+
+
+def test_check_config_checks_the_listeners_tls_material_as_run_does(
+    pki: Pki, tmp_path: Path
+) -> None:
+    key = tmp_path / "server.key"
+    shutil.copy(pki.server_key, key)
+    key.chmod(0o644)
+    config = tmp_path / "forwarder.yaml"
+    config.write_text(
+        f"incoming: {tmp_path / 'in'}\ndone: {tmp_path / 'done'}\nfailed: {tmp_path / 'failed'}\n"
+        f"queue: {tmp_path / 'q.sqlite'}\n"
+        "destinations: [{name: pacs, ae_title: PACS, host: 127.0.0.1, port: 11112}]\n"
+        f"listen: {{port: 11113, tls: {{cert: {pki.server_cert}, key: {key}}}}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", "check-config", "-c", os.fspath(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{config}: listen.tls: key file {key} is accessible by others (mode 0644): chmod 600 it"
+    ]

@@ -133,3 +133,112 @@ def test_daemon_tls_failure_is_transient_and_visible_in_status(pki: Pki, tmp_pat
             assert d.failed_files() == [] and d.done_files() == []
             assert _received(out) == []
             assert d.stop() == 0
+
+
+def test_tls_no_verify_hostname_alone_still_means_tls(pki: Pki, tmp_path: Path) -> None:
+    # `--tls-no-verify-hostname` asks for TLS (checked against the system trust store, name
+    # not checked): it must never send in the clear to a plain-TCP peer.
+    from peers import storescp
+
+    files = write_files(tmp_path / "src", 1)
+    with storescp(tmp_path / "plain") as scp:
+        target = f"{scp.ae_title}@127.0.0.1:{scp.port}"
+        result = _send("--tls-no-verify-hostname", target, str(files[0]))
+        assert result.returncode == 3, result.stderr
+        assert "TLS handshake" in result.stderr
+        assert scp.files() == []
+
+
+def test_tls_no_verify_hostname_applies_to_a_config_destination_with_tls(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # The destination's TLS (CA, client certificate) stays; the option only drops the name check.
+    files = write_files(tmp_path / "src", 1)
+    out = tmp_path / "scp"
+    trusted = ("+cf", os.fspath(pki.ca_cert), "-rc")
+    with dcmtk_storescp(out, pki.wrong_name_cert, pki.wrong_name_key, *trusted) as port:
+        config = tmp_path / "forwarder.yaml"
+        config.write_text(
+            "incoming: in\ndone: done\nfailed: failed\nqueue: q.sqlite\n"
+            "destinations:\n"
+            f"  - {{name: pacs, ae_title: STORESCP, host: 127.0.0.1, port: {port},\n"
+            f"     tls: {{ca: {pki.ca_cert}, cert: {pki.client_cert}, key: {pki.client_key}}}}}\n"
+        )
+        strict = _send("-c", str(config), "--destination", "pacs", str(files[0]))
+        assert strict.returncode == 3, strict.stderr
+        assert "name mismatch" in strict.stderr
+        lenient = _send(
+            "-c", str(config), "--destination", "pacs", "--tls-no-verify-hostname", str(files[0])
+        )
+        assert lenient.returncode == 0, lenient.stderr
+        assert len(_received(out)) == 1
+
+
+def test_stow_over_https_honours_verify_hostname_false(pki: Pki, tmp_path: Path) -> None:
+    from stowserver import StowServer
+
+    from forwarder.net.tls import server_context
+
+    files = write_files(tmp_path / "src", 1)
+    with StowServer(tls=server_context(pki.wrong_name_cert, pki.wrong_name_key)) as server:
+        strict = _send(server.url, "--tls-ca", os.fspath(pki.ca_cert), str(files[0]))
+        assert strict.returncode == 3, strict.stderr
+        assert "name mismatch" in strict.stderr
+        lenient = _send(
+            server.url, "--tls-ca", os.fspath(pki.ca_cert), "--tls-no-verify-hostname",
+            str(files[0]),
+        )  # fmt: skip
+        assert lenient.returncode == 0, lenient.stderr
+        assert len(server.uids()) == 1
+
+
+def test_a_peer_that_requires_our_certificate_is_named_as_the_reason(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # TLS 1.3: the server checks our certificate after our side of the handshake ended, so
+    # its refusal arrives as an alert at the first read; the operator must still be told why.
+    from test_receive import run_receiver
+    from test_tls import tls_args
+
+    files = write_files(tmp_path / "src", 1)
+    with run_receiver(tmp_path / "rcv", *tls_args(pki)) as rcv:
+        target = f"FORWARDER@127.0.0.1:{rcv.port}"
+        result = _send("--tls-ca", os.fspath(pki.ca_cert), target, str(files[0]))
+        assert result.returncode == 3, result.stderr
+        assert "peer required a client certificate" in result.stderr
+        assert "_ssl.c" not in result.stderr
+        assert list(rcv.output.rglob("*.dcm")) == []
+
+
+def test_verify_by_query_over_mutual_tls_to_orthanc(pki: Pki, tmp_path: Path) -> None:
+    # The proof of delivery goes over the destination's TLS too (pynetdicom's C-FIND SCU).
+    from peers import orthanc
+
+    extra = {
+        "DicomAlwaysAllowFind": True,
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": os.fspath(pki.server_cert),
+        "DicomTlsPrivateKey": os.fspath(pki.server_key),
+        "DicomTlsTrustedCertificates": os.fspath(pki.ca_cert),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    tls = {
+        "ca": os.fspath(pki.ca_cert),
+        "cert": os.fspath(pki.client_cert),
+        "key": os.fspath(pki.client_key),
+    }
+    with orthanc(tmp_path / "orthanc", extra=extra) as pacs:
+        dest = destination(
+            "pacs",
+            pacs.port,
+            ae_title=pacs.ae_title,
+            tls=tls,
+            verify_by_query={"after": "1s", "max_resends": 1},
+        )
+        with Daemon(tmp_path / "d", destinations=[dest]) as d:
+            d.drop_files(2)
+            d.wait_done(2, timeout=60)
+            status = d.status_json()["destinations"]["pacs"]
+            assert (status["committed"], status["commitment_failures"]) == (2, 0)
+            assert d.stop() == 0
+        assert pacs.instance_count() == 2

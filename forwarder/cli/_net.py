@@ -305,6 +305,9 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
             Path(args.tls_key) if args.tls_key else None,
             not args.tls_no_verify_hostname,
         )
+    elif args.tls_no_verify_hostname:  # TLS too (never plain TCP), the name check dropped
+        ca, cert, key, _ = tls_paths or (None, None, None, True)
+        tls_paths = (ca, cert, key, False)
     if needs_files and not files:
         raise UsageError("no FILE or DIR to send")
     if not needs_files and files:
@@ -411,6 +414,9 @@ def _resolve_web(
             Path(args.tls_key) if args.tls_key else None,
             not args.tls_no_verify_hostname,
         )
+    elif args.tls_no_verify_hostname:
+        ca, cert, key, _ = tls_paths or (None, None, None, True)
+        tls_paths = (ca, cert, key, False)
     https = url.lower().startswith("https:")
     if tls_paths is not None and not https:
         raise UsageError("TLS options need an https:// URL (there is no plaintext fallback)")

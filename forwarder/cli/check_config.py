@@ -44,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
             problems.append(f"destinations[{i}].tls: {exc}")
         except OSError as exc:
             problems.append(f"destinations[{i}].tls: {exc}")
+    if config.listen is not None and config.listen.tls is not None:
+        from forwarder.net.tls import server_context
+
+        tls = config.listen.tls
+        try:
+            server_context(tls.cert, tls.key, tls.ca)  # as the listener loads it at start
+        except TLSSetupError as exc:
+            problems.append(f"listen.tls: {exc}")
     if problems:
         for p in problems:
             print(f"{path}: {p}", file=sys.stderr)

@@ -141,9 +141,11 @@ class WebClient:
         if scheme == "https":
             from forwarder.net.tls import client_context
 
-            self._pool = urllib3.HTTPSConnectionPool(
-                host, port, ssl_context=settings.tls or client_context(None), **common
-            )
+            context = settings.tls or client_context(None)
+            if not context.check_hostname:
+                # `verify_hostname: false`: urllib3 would match the name itself otherwise.
+                common["assert_hostname"] = False
+            self._pool = urllib3.HTTPSConnectionPool(host, port, ssl_context=context, **common)
             self._pool.ConnectionCls = _HTTPSConnection
         else:
             self._pool = urllib3.HTTPConnectionPool(host, port, **common)

@@ -140,6 +140,15 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {_strip(exc)}"
 
 
+def describe_tls_alert(exc: ssl.SSLError) -> str:
+    """One line for a TLS error on an established connection. A TLS 1.3 server checks our
+    certificate after our side of the handshake ended: its refusal comes as an alert at our
+    first read or write, and is worded as :func:`describe_tls_error` words it."""
+    if _ssl_reason(exc) in _PEER_WANTS_CERT | _PEER_REJECTED_CERT:
+        return _describe_ssl_error(exc)
+    return f"TLS error: {_strip(exc)}"
+
+
 def _harden(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
@@ -217,10 +226,15 @@ def _describe_verify_error(exc: ssl.SSLCertVerificationError) -> str:
     return f"{label} ({detail})"
 
 
-def _describe_ssl_error(exc: ssl.SSLError) -> str:
+def _ssl_reason(exc: ssl.SSLError) -> str:
     reason = str(getattr(exc, "reason", None) or "")
     if not reason and (match := _REASON_RE.search(str(exc))):
         reason = match.group(1)  # a re-raised or hand-made error carries only the text
+    return reason
+
+
+def _describe_ssl_error(exc: ssl.SSLError) -> str:
+    reason = _ssl_reason(exc)
     if isinstance(exc, ssl.SSLEOFError) or reason == "UNEXPECTED_EOF_WHILE_READING":
         return "TLS handshake failed: connection closed by peer during the handshake"
     if reason in _PEER_WANTS_CERT:

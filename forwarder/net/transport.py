@@ -25,6 +25,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -300,6 +301,11 @@ def _timeval(seconds: float) -> bytes:
 
 
 def _oserror(exc: BaseException) -> str:
+    ssl = sys.modules.get("ssl")  # loaded when TLS is in use
+    if ssl is not None and isinstance(exc, ssl.SSLError):
+        from forwarder.net.tls import describe_tls_alert
+
+        return describe_tls_alert(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
