@@ -107,3 +107,56 @@ def test_pause_of_an_unknown_destination_is_a_usage_error(tmp_path: Path) -> Non
     assert d.cli("resume", "pacs").returncode == 78
     result = d.cli("pause")
     assert result.returncode == 2  # the destination is required
+
+
+def test_resume_of_a_destination_that_sent_nothing_yet_shows_it_up_again(
+    tmp_path: Path,
+) -> None:
+    """Paused and resumed before its first association (an idle destination): ``status`` must
+    not go on saying ``paused`` after ``resume``, and the journal says it resumed."""
+    with ScriptedSCP() as scp, Daemon(tmp_path, destinations=[destination("pacs", scp.port)]) as d:
+        assert d.cli("pause", "pacs").returncode == 0
+        d.wait_log("pacs: PAUSED by an operator", timeout=5)
+        assert d.cli("resume", "pacs").returncode == 0
+        # up, as the daemon records it (status says so at once, without a since)
+        d.wait_status(
+            lambda s: s["pacs"]["state"] == "up" and s["pacs"]["state_since"] is not None,
+            5,
+            "pacs up after resume",
+        )
+        d.wait_log("pacs: resumed by an operator", timeout=5)
+        dropped = d.drop_files(2)
+        d.wait_done(2, timeout=20)
+        assert scp.uids() == uids(dropped)
+        assert d.stop() == 0
+
+
+def test_paused_since_is_when_it_was_paused_not_the_last_restart(tmp_path: Path) -> None:
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            assert d.cli("pause", "pacs").returncode == 0
+            d.wait_log("pacs: PAUSED by an operator", timeout=5)
+            since = d.status_json()["destinations"]["pacs"]["state_since"]
+            assert d.stop() == 0
+            # a restart in a later second than the pause
+            wait_until(lambda: time.strftime("%Y-%m-%dT%H:%M:%S") > since[:19], 3, what="1 s")
+            d.start()
+            d.wait_log("pacs: PAUSED by an operator", timeout=10)
+            pacs = d.status_json()["destinations"]["pacs"]
+            assert pacs["state"] == "paused" and pacs["state_since"] == since
+            assert d.stop() == 0
+
+
+def test_resume_while_the_daemon_is_stopped_is_shown_at_once(tmp_path: Path) -> None:
+    """``status`` shows a pause at once, daemon running or not; a resume likewise: it must
+    not go on showing the state the stopped daemon recorded while paused."""
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            assert d.cli("pause", "pacs").returncode == 0
+            d.wait_log("pacs: PAUSED by an operator", timeout=5)
+            assert d.stop() == 0
+        assert d.cli("resume", "pacs").returncode == 0
+        assert d.status_json()["destinations"]["pacs"]["state"] != "paused"
+        assert "PAUSED" not in d.cli("status").stdout

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import wait_until
 from daemon import Daemon, destination, uids
 from peers import Received, ScriptedSCP
 
 from forwarder.config.flow import parse_rate
 from forwarder.daemon.flow import FlowGate
 from forwarder.net.pacing import BURST_SECONDS, Pacer
-from forwarder.queue import Queue
+from forwarder.queue import Job, Queue
 
 
 class _FakeTime:
@@ -104,8 +107,6 @@ def test_bad_rates_are_refused(bad: object) -> None:
 
 
 def test_outside_window_rate_is_capped_by_max_rate(tmp_path: Path) -> None:
-    from datetime import datetime
-
     from forwarder.config.flow import parse_window
 
     with Queue(tmp_path / "q.sqlite") as q:
@@ -199,3 +200,171 @@ def test_a_dicomweb_destination_is_capped_too(tmp_path: Path) -> None:
     body = sum((tmp_path / "done" / f"img{i:04d}.dcm").stat().st_size for i in range(8))
     print(f"STOW-RS at 512 KiB/s: {body / 1024:.0f} KiB in {elapsed:.2f}s")
     assert elapsed >= 0.75 * body / RATE
+
+
+class _Rig:
+    """One destination's DestinationWorkers in this process (real queue, spool, finisher,
+    sockets) whose send window is judged against ``now[0]`` instead of the wall clock."""
+
+    def __init__(self, root: Path, queue: Queue, fields: dict[str, object]) -> None:
+        from forwarder.config import Destination, RetryPolicy
+        from forwarder.daemon.finisher import Finisher
+        from forwarder.daemon.spool import Spool
+        from forwarder.daemon.worker import DestinationWorkers
+        from forwarder.net.association import AssociationSettings
+
+        self.now = [datetime(2026, 11, 25, 20, 0)]  # a Wednesday, 20:00
+        self.queue = queue
+        self.spool = Spool(root / "incoming", root / "done", root / "failed")
+        self.finisher = Finisher(queue, self.spool, lambda _: None)
+        dest = Destination.model_validate(
+            {"name": "pacs", "connect_timeout": 2.0, "response_timeout": 10.0, **fields}
+        )
+        self.workers = DestinationWorkers(
+            dest,
+            calling_ae_title="FORWARDER",
+            retry=RetryPolicy(initial_delay=0.1, max_delay=0.4),
+            queue=queue,
+            finisher=self.finisher,
+            settings=AssociationSettings(
+                calling_ae_title="FORWARDER",
+                connect_timeout=2.0,
+                response_timeout=10.0,
+                release_timeout=2.0,
+            ),
+        )
+        self.workers._gate = FlowGate(
+            "pacs",
+            queue,
+            windows=dest.windows,
+            urgent_bypasses=dest.urgent_bypasses_window,
+            max_rate=dest.max_rate,
+            outside_rate=dest.outside_window_rate,
+            local_now=lambda: self.now[0],
+        )
+
+    def enqueue(
+        self, count: int, *, priority: str = "normal", rows: int = 256, columns: int = 256
+    ) -> None:
+        """``count`` files (128 KiB of pixels unless told), queued at ``priority``."""
+        from dicomgen import write_file
+
+        from forwarder.config import Route
+        from forwarder.daemon.ingest import Ingest
+        from forwarder.daemon.router import Router
+        from forwarder.daemon.watch_settle import ReadyFile
+
+        batch = []
+        for i in range(count):
+            path = self.spool.incoming / f"f{i:03d}.dcm"
+            write_file(path, rows=rows, columns=columns, seed=i)
+            st = path.stat()
+            batch.append(ReadyFile(path, path.name, st.st_size, st.st_mtime_ns))
+        router = Router([Route(name="r", to=["pacs"], priority=priority)], ["pacs"])
+        Ingest(self.spool, self.queue, router)(batch)
+
+    def stop(self) -> None:
+        self.workers.stop(10.0)
+        self.finisher.stop()
+
+
+def test_a_window_closing_during_a_batch_slows_the_rest_of_it_to_the_outside_rate(
+    tmp_path: Path,
+) -> None:
+    """A batch claimed inside the window (64 files a claim) and the window closes while it is
+    being sent: the files after the one in hand go at ``outside_window_rate``, not at the
+    rate the batch was claimed at (here: unlimited) until the batch ends."""
+    with Queue(tmp_path / "q.sqlite") as queue, _TimedSCP(delay=0.15) as scp:
+        fields = {"ae_title": "SCP", "host": "127.0.0.1", "port": scp.port}
+        rig = _Rig(tmp_path, queue, {**fields, "window": ["19:00-07:00"],
+                                      "outside_window_rate": "64KB/s"})  # fmt: skip
+        rig.enqueue(20)  # 128 KiB each: 2 s a file at the outside rate
+        rig.workers.start()
+        try:
+            wait_until(lambda: len(scp.stamps) >= 2, 20, what="2 files stored inside the window")
+            rig.now[0] = datetime(2026, 11, 25, 12, 0)  # the window closes during the batch
+            closed = time.monotonic()
+            # The file in hand finishes; then 128 KiB at 64 KiB/s is ~2 s a file.
+            while time.monotonic() < closed + 3.0:
+                with scp._stamps_lock:
+                    late = [t for t, _ in scp.stamps if t > closed]
+                assert len(late) <= 3, f"{len(late)} files stored within 3 s of the window closing"
+                time.sleep(0.05)
+        finally:
+            rig.stop()
+
+
+def test_urgent_stow_rs_files_bypassing_a_closed_window_are_not_held_to_the_outside_rate(
+    tmp_path: Path,
+) -> None:
+    """As for C-STORE: outside the window, with ``urgent_bypasses_window``, urgent files go at
+    ``max_rate`` (here: unlimited), not at ``outside_window_rate``."""
+    from stowserver import StowServer
+
+    with Queue(tmp_path / "q.sqlite") as queue, StowServer() as server:
+        rig = _Rig(tmp_path, queue, {"url": server.url, "window": ["Mon 08:00-09:00"],
+                                     "outside_window_rate": "64KB/s",
+                                     "urgent_bypasses_window": True})  # fmt: skip
+        rig.now[0] = datetime(2026, 11, 25, 12, 0)  # outside
+        rig.enqueue(4, priority="urgent")  # 512 KiB: 8 s at the outside rate
+        started = time.monotonic()
+        rig.workers.start()
+        try:
+            wait_until(lambda: queue.stats()["pacs"].done == 4, 20, what="4 urgent files stored")
+            elapsed = time.monotonic() - started
+            assert elapsed < 3.0, f"the urgent files took {elapsed:.1f}s"
+        finally:
+            rig.stop()
+
+
+def test_a_file_in_hand_when_the_destination_is_paused_finishes_at_max_rate(
+    tmp_path: Path,
+) -> None:
+    """``forwarder pause`` (or a window closing) lets the file being sent finish, still held
+    to ``max_rate``: an idle sibling thread seeing the pause must not lift the cap."""
+    with Queue(tmp_path / "q.sqlite") as queue, _TimedSCP() as scp:
+        fields = {"ae_title": "SCP", "host": "127.0.0.1", "port": scp.port, "associations": 2}
+        rig = _Rig(tmp_path, queue, {**fields, "max_rate": "64KB/s"})
+        rig.enqueue(1, rows=512, columns=512)  # 512 KiB: 8 s at 64 KiB/s
+        rig.workers.start()
+        try:
+            wait_until(lambda: queue.stats()["pacs"].in_flight == 1, 10, what="the file claimed")
+            queue.pause("pacs")
+            paused = time.monotonic()
+            while time.monotonic() < paused + 3.0:
+                assert not scp.stamps, f"stored {scp.stamps[0][0] - paused:.1f}s after the pause"
+                time.sleep(0.05)
+            wait_until(lambda: len(scp.stamps) == 1, 15, what="the file in hand stored")
+        finally:
+            rig.stop()
+
+
+class _CountingQueue(Queue):
+    """A real queue that counts the claims made of it."""
+
+    claims = 0
+
+    def claim(self, *args: Any, **kwargs: Any) -> list[Job]:
+        self.claims += 1
+        return super().claim(*args, **kwargs)
+
+
+def test_urgent_only_outside_the_window_does_not_claim_in_a_tight_loop(tmp_path: Path) -> None:
+    """Outside the window with ``urgent_bypasses_window`` and ordinary files due, the threads
+    look for urgent ones a few times a second (new files wake them at once), not 20 times."""
+    with _CountingQueue(tmp_path / "q.sqlite") as queue, ScriptedSCP() as scp:
+        fields = {"ae_title": "SCP", "host": "127.0.0.1", "port": scp.port}
+        rig = _Rig(tmp_path, queue, {**fields, "window": ["Mon 08:00-09:00"],
+                                     "urgent_bypasses_window": True})  # fmt: skip
+        rig.now[0] = datetime(2026, 11, 25, 12, 0)  # outside
+        rig.enqueue(5)  # normal: they wait for the window
+        rig.workers.start()
+        try:
+            wait_until(lambda: queue.claims >= 1, 10, what="a first claim")
+            before, started = queue.claims, time.monotonic()
+            wait_until(lambda: time.monotonic() - started >= 2.0, 5, what="2 s")
+            claims = queue.claims - before
+            assert claims <= 12, f"{claims} claims in 2 s"
+            assert queue.stats()["pacs"].pending == 5 and not scp.uids()
+        finally:
+            rig.stop()

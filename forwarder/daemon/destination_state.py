@@ -201,7 +201,9 @@ class DestinationState:
             if self._gate == "paused" or (self._gate is not None and self._breaker != "down"):
                 shown = (self._gate, None)
             state, error = shown
-            if state is None and self._stale_gate:
+            if state is None and (self._stale_gate or self._state in GATE_STATES):
+                # The gate opened before any association said how the peer is: nothing says
+                # it is down, so "up" (not the gate's state left standing until a file goes).
                 state = "up"
             self._stale_gate = False if state is not None else self._stale_gate
             if state is None or (state, error) == (self._state, self._state_error):

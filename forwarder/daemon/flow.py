@@ -111,8 +111,9 @@ class FlowGate:
         time (once a claim, one indexed read of a small table): a file queued after
         ``forwarder pause`` returned is never claimed (between files, ``may_send`` reads it at
         most every ``PAUSE_POLL``)."""
+        # Claiming nothing, the file being sent (by a sibling thread) finishes at max_rate.
         if self.paused(fresh=fresh):
-            return Decision(claim=False, state="paused")
+            return Decision(claim=False, state="paused", rate=self.max_rate)
         if self.in_window():
             return Decision(claim=True, rate=self.max_rate)
         if self.outside_rate is not None:
@@ -127,7 +128,7 @@ class FlowGate:
             return Decision(
                 claim=True, max_rank=URGENT_ONLY, state="outside_window", rate=self.max_rate
             )
-        return Decision(claim=False, state="outside_window")
+        return Decision(claim=False, state="outside_window", rate=self.max_rate)
 
     def may_send(self, priority: int) -> bool:
         """Whether a claimed job of ``priority`` (rank) may still go: a pause (or a window

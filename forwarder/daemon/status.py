@@ -112,10 +112,13 @@ def read_status(
             if st.state == "down" and st.error:
                 r["last_error"] = st.error  # what holds every file, not one file's last failure
         if name in paused:  # `forwarder pause`: shown at once, whether the daemon runs or not
-            if r["state"] != "paused":
-                since[name] = paused[name]
-                r["state_since"] = iso_local(paused[name])
+            # since the pause itself (a daemon started later records its start)
+            since[name] = paused[name]
+            r["state_since"] = iso_local(paused[name])
             r["state"] = "paused"
+        elif r["state"] == "paused":  # `forwarder resume`: at once too (the daemon may be off)
+            since.pop(name, None)
+            r["state"], r["state_since"] = "up", None
     return QueueStatus(result, since, waiting, finishing_error)
 
 

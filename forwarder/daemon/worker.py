@@ -45,7 +45,7 @@ from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.channels import destination_peer, open_channel
 from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.finisher import FinishSink
-from forwarder.daemon.flow import PAUSE_POLL, FlowGate
+from forwarder.daemon.flow import ALL_RANKS, PAUSE_POLL, FlowGate
 from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics
 from forwarder.daemon.probe import probe
 from forwarder.daemon.spares import SpareAssociations
@@ -256,13 +256,7 @@ class DestinationWorkers(BatchSending):
         jobs: list[Job] = []
         refused = False  # the queue refused the claim
         decision = self._gate.decide()
-        self._dest.set_gate(decision.state)
-        if self.pacer is not None:
-            self.pacer.set_rate(
-                decision.rate,
-                urgent_apart=decision.urgent_apart,
-                urgent_rate=decision.urgent_rate,
-            )
+        self._apply_flow(decision)
         if not decision.claim:
             # Paused (or outside the send window): nothing is claimed; a send under way in
             # another thread finishes.
@@ -308,7 +302,9 @@ class DestinationWorkers(BatchSending):
             if refused:
                 self._stop.wait(CLAIM_RETRY)
             else:
-                self._idle_wait()
+                # Urgent files only (a closed window): the other files due must not make it
+                # claim again at once, 20 times a second, until the window opens.
+                self._idle_wait(gated=decision.max_rank < ALL_RANKS)
             return was_open
         self._process(channel, jobs, index)
         return self._assoc_delta(channel, was_open)

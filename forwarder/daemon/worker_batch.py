@@ -32,13 +32,14 @@ from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.edits import EditConflict
 from forwarder.daemon.finisher import FinishSink
-from forwarder.daemon.flow import FlowGate
+from forwarder.daemon.flow import Decision, FlowGate
 from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics, log_outcome, retry_ack
 from forwarder.daemon.spares import SpareAssociations
 from forwarder.dicom.part10 import FileMeta
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
 from forwarder.net.channel import StoreRequest
 from forwarder.net.command_set import PRIORITY
+from forwarder.net.pacing import Pacer
 from forwarder.net.status import Outcome
 from forwarder.queue import Job, Queue
 
@@ -73,6 +74,27 @@ class BatchSending:
     _dest: DestinationState
     _gate: FlowGate
     _spares: SpareAssociations
+    pacer: Pacer | None
+
+    def _apply_flow(self, decision: Decision) -> None:
+        """Show the gate's state and hold the writes to the decision's rate."""
+        self._dest.set_gate(decision.state)
+        if self.pacer is not None:
+            self.pacer.set_rate(
+                decision.rate,
+                urgent_apart=decision.urgent_apart,
+                urgent_rate=decision.urgent_rate,
+            )
+
+    def _may_send(self, priority: int) -> bool:
+        """Whether a claimed job of ``priority`` may still go (a pause or a window closing
+        takes effect between two files), and at which rate: a window that closes (or opens)
+        during a batch changes the rate of its next file, not only of the next batch."""
+        if self.pacer is None or not self._gate.windows:
+            return self._gate.may_send(priority)
+        decision = self._gate.decide(fresh=False)
+        self._apply_flow(decision)
+        return decision.claim and priority <= decision.max_rank
 
     def _hints(self) -> list[tuple[str, str]]:
         now = time.monotonic()
@@ -91,7 +113,7 @@ class BatchSending:
 
         def requests() -> Iterator[StoreRequest]:
             for job in jobs:
-                if self._stop.is_set() or not self._gate.may_send(job.priority):
+                if self._stop.is_set() or not self._may_send(job.priority):
                     return  # the rest go back to READY, uncharged
                 sent.add(job.id)
                 found = _as_queued(job)

@@ -48,6 +48,7 @@ from forwarder.errors import (
     UnreadableFileError,
 )
 from forwarder.net.channel import SendOutcome, StoreRequest
+from forwarder.net.command_set import PRIORITY
 from forwarder.net.interrupt import STOPPING
 from forwarder.net.status import Outcome, classify_status, code_to_category
 
@@ -174,6 +175,11 @@ class StowChannel:
                     error = f"internal error: {type(exc).__name__}: {exc}"
                     yield self._outcome(request, request.meta, Outcome.RETRY, None, error, started)
                     continue
+                if batch and request.priority != batch[0].request.priority:
+                    # Urgent files go in requests of their own: paced as urgent (a closed
+                    # window's tighter rate may not hold them), not with ordinary ones.
+                    carry = item
+                    break
                 if item.meta.sop_instance_uid in uids:
                     # The same instance twice (exported again, a resend): the response names
                     # a UID, not a file, so one Referenced item would answer for both while
@@ -242,7 +248,8 @@ class StowChannel:
             body = MultipartBody(
                 [Part(i.request.path, i.size, i.edited) for i in batch], on_progress=self._moved
             )
-            reply = client.post_stow(body)
+            urgent = all(i.request.priority == PRIORITY["high"] for i in batch)
+            reply = client.post_stow(body, urgent=urgent)
         except SecretError as exc:
             self.release()
             down = AssociationError(f"{self.settings.url}: {exc}", retryable=False)

@@ -162,18 +162,24 @@ class WebClient:
             headers["Authorization"] = value
         return headers
 
-    def post_stow(self, body: MultipartBody) -> Reply:
-        """``POST {url}/studies`` with ``body``; the multipart body streams while it is sent."""
+    def post_stow(self, body: MultipartBody, *, urgent: bool = False) -> Reply:
+        """``POST {url}/studies`` with ``body``; the multipart body streams while it is sent
+        (``urgent``: urgent files only, which may bypass a closed window's tighter rate)."""
         headers = self.headers("application/dicom+json, application/dicom+xml;q=0.5")
         headers["Content-Type"] = body.content_type
         headers["Content-Length"] = str(body.length)
-        return self._request("POST", f"{self._path}/studies", headers, body)
+        return self._request("POST", f"{self._path}/studies", headers, body, urgent)
 
     def get(self, path: str, accept: str = "application/dicom+json") -> Reply:
         return self._request("GET", f"{self._path}{path}", self.headers(accept), None)
 
     def _request(
-        self, method: str, path: str, headers: dict[str, str], body: MultipartBody | None
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: MultipartBody | None,
+        urgent: bool = False,
     ) -> Reply:
         where = f"{method} {self.settings.url}"
         pacer = self.settings.pacer
@@ -181,7 +187,7 @@ class WebClient:
             response = self._pool.urlopen(
                 method,
                 path,
-                body=body if body is None or pacer is None else _paced(body, pacer),
+                body=body if body is None or pacer is None else _paced(body, pacer, urgent),
                 headers=headers,
                 redirect=False,
                 retries=False,
@@ -318,14 +324,15 @@ def _reason(exc: BaseException) -> str:
     return text.split(": ", 1)[-1] if text.startswith("<") else text
 
 
-def _paced(body: Iterable[bytes], pacer: Pacer) -> Iterator[bytes]:
-    """``body`` in slices, each charged to the destination's token bucket before it goes."""
+def _paced(body: Iterable[bytes], pacer: Pacer, urgent: bool = False) -> Iterator[bytes]:
+    """``body`` in slices, each charged to the destination's token bucket before it goes
+    (``urgent``: as an urgent file's bytes, see :meth:`Pacer.take`)."""
     for chunk in body:
         view = memoryview(chunk)
-        step = pacer.slice_size()
+        step = pacer.slice_size(urgent=urgent)
         for start in range(0, len(view), step):
             piece = view[start : start + step]
-            pacer.take(len(piece))
+            pacer.take(len(piece), urgent=urgent)
             yield bytes(piece)
 
 
