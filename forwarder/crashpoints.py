@@ -15,6 +15,8 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``stgcmt-before-action``: a storage commitment transaction recorded, its N-ACTION not sent;
 - ``stgcmt-before-record``: a trusted commitment report received, its outcome not recorded;
 - ``query-before-find``: a verify_by_query round recorded, its C-FINDs not sent.
+- ``retry-before-move``: ``forwarder retry`` queued a failed file again, not yet moved it back
+  (the retry command's own process dies).
 """
 
 from __future__ import annotations

@@ -418,3 +418,92 @@ def test_retry_only_touches_the_named_destination(tmp_path: Path) -> None:
             d.wait_failed(2)
             assert d.failed_files() == ["ct.dcm", "mr.dcm"]
             assert d.stop() == 0
+
+
+def _killed_retry(d: Daemon) -> None:
+    """``forwarder retry`` killed (SIGKILL) after it queued the file again, before the move."""
+    result = forwarder(
+        "retry", "-c", str(d.config_path), env={"FORWARDER_CRASH_AT": "retry-before-move"}
+    )
+    assert result.returncode == -9, result.stderr
+
+
+def test_retry_killed_before_the_move_while_the_daemon_runs_can_be_run_again(
+    tmp_path: Path,
+) -> None:
+    """A retry killed between queueing the file and moving it back leaves the file in failed/;
+    the daemon fails the queued copy it cannot find. Running `forwarder retry` again must bring
+    the file back (it is still in failed/), not skip it as "no longer in failed/" for ever."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            (dropped,) = d.drop_files(1)
+            d.wait_failed(1)
+            scp.status = 0x0000
+            _killed_retry(d)
+            assert d.failed_files() == ["img0000.dcm"]
+            wait_until(
+                lambda: d.status_json()["destinations"]["pacs"]["failed"] == 2,
+                30,
+                what="the daemon to fail the queued copy it cannot find",
+            )
+            result = d.cli("retry")
+            assert result.returncode == 0, result.stderr
+            assert "1 files requeued, 0 skipped" in result.stderr
+            d.wait_done(1)
+            assert scp.uids() == {dropped.sop_instance_uid}
+            assert d.failed_files() == []
+            assert list(d.failed.rglob("*.error.json")) == []
+            assert d.stop() == 0
+
+
+def test_retry_killed_before_the_move_while_the_daemon_is_stopped_can_be_run_again(
+    tmp_path: Path,
+) -> None:
+    """The same crash with the daemon stopped: the next `forwarder retry` finishes the move, so
+    the daemon sends the file when it starts (and does not fail it as gone)."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            (dropped,) = d.drop_files(1)
+            d.wait_failed(1)
+            assert d.stop() == 0
+            scp.status = 0x0000
+            _killed_retry(d)
+            result = d.cli("retry")
+            assert result.returncode == 0, result.stderr
+            assert d.incoming_files() == ["img0000.dcm"], result.stderr
+            assert d.failed_files() == []
+            assert list(d.failed.rglob("*.error.json")) == []
+            d.start()
+            d.wait_done(1)
+            assert scp.uids() == {dropped.sop_instance_uid}
+            assert d.stop() == 0
+
+
+def test_retry_of_one_destination_keeps_the_other_failure_of_a_fan_out(tmp_path: Path) -> None:
+    """A file that failed at A and at B, retried for A only and then stored there, is still
+    not delivered to B: it goes back to failed/ (not done/), and `retry --destination b` can
+    still bring it back for B."""
+    with ScriptedSCP(status=0xC000) as a, ScriptedSCP(status=0xC000) as b:
+        d = Daemon(tmp_path, destinations=[destination("a", a.port), destination("b", b.port)])
+        with d:
+            (dropped,) = d.drop_files(1)
+            d.wait_failed(1)
+            a.status = 0x0000
+            result = d.cli("retry", "--destination", "a")
+            assert result.stdout.strip() == "requeued img0000.dcm for a", result.stderr
+            wait_until(lambda: len(a.received) == 1, 30, what="the retry to be stored at A")
+            d.wait_incoming_empty()
+            assert d.done_files() == []
+            d.wait_failed(1)
+            by_dest = {r["destination"]: r for r in d.error_json("img0000.dcm")["destinations"]}
+            assert by_dest["a"]["outcome"] == "stored" and by_dest["a"]["status"] == "0x0000"
+            assert by_dest["b"]["outcome"] == "failed" and by_dest["b"]["status"] == "0xC000"
+            b.status = 0x0000
+            result = d.cli("retry", "--destination", "b")
+            assert result.stdout.strip() == "requeued img0000.dcm for b", result.stderr
+            d.wait_done(1)
+            assert b.uids() == {dropped.sop_instance_uid}
+            assert len(a.received) == 1  # A was not sent it again
+            assert d.stop() == 0

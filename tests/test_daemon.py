@@ -683,3 +683,32 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_queued_file_deleted_fails_at_once_also_for_a_destination_that_modifies_it(
+    tmp_path: Path,
+) -> None:
+    """A file removed from incoming while queued fails at once (retrying cannot bring it back),
+    whether or not its destination changes what it sends: the header read for the changes
+    finding no file is not a transient failure retried until give_up_after."""
+    with ScriptedSCP(status=0xA700) as plain, ScriptedSCP(status=0xA700) as edited:
+        d = Daemon(
+            tmp_path,
+            destinations=[
+                destination("plain", plain.port),
+                destination("edited", edited.port, modify={"set": {"InstitutionName": "X"}}),
+            ],
+            retry={"initial_delay": "1s", "max_delay": "2s"},
+        )
+        with d:
+            (dropped,) = d.drop_files(1)
+            wait_until(lambda: plain.started and edited.started, 20, what="a first attempt at both")
+            (d.incoming / dropped.rel_path).unlink()
+            plain.status = edited.status = 0x0000
+
+            def failed_everywhere() -> bool:
+                doc = d.status_json()["destinations"]
+                return all(doc[n]["failed"] == 1 and doc[n]["pending"] == 0 for n in doc)
+
+            wait_until(failed_everywhere, 20, what="the deleted file to fail at both")
+            assert d.stop() == 0

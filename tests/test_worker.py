@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import statistics
 import threading
@@ -764,3 +765,31 @@ def test_the_gather_before_a_claim_waits_while_objects_keep_coming_and_no_longer
         pusher.join()
     g._stop.set()
     assert _gather_seconds(g) < TRICKLE_GATHER
+
+
+def test_a_file_changed_since_queued_is_not_charged_attempts_while_it_waits_for_ingest(
+    rig: Rig,
+) -> None:
+    """A queued file replaced in incoming waits (about a second a claim) for ingest to record the
+    new version. Those waits are no attempts: they used to count one each, so that the first
+    real transient failure after them gave up at once under `max_attempts` (here 2)."""
+    codes = [0xA700]
+    retry = RetryPolicy(initial_delay=0.1, max_delay=0.3, max_attempts=2)
+    with ScriptedSCP(status=lambda rec: codes.pop(0) if codes else 0x0000) as scp:
+        workers = rig.add_destination("a", scp.port, retry=retry)
+        channel = Channel(workers.peer, workers.settings, name="a#1")
+        workers._channels.update({0: channel})
+        rig.enqueue(1)
+        path = rig.spool.incoming / "f000.dcm"
+        data, st = path.read_bytes(), path.stat()
+        path.write_bytes(data + b"\0\0")  # being replaced: not as queued
+        for _ in range(3):
+            workers._process(channel, rig.queue.claim("a", 64, now=time.time() + 3600), 0)
+        path.write_bytes(data)  # the same again, as ingest recorded it
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        for _ in range(2):  # 0xA700 (transient: the first attempt), then Success
+            workers._process(channel, rig.queue.claim("a", 64, now=time.time() + 3600), 0)
+        channel.release()
+        assert rig.failed() == []
+        assert rig.done() == ["f000.dcm"]
+        assert len(scp.received) == 1

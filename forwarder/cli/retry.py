@@ -6,11 +6,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from forwarder.cli._config import add_config_option, load_or_report
+from forwarder.crashpoints import crash_point
 from forwarder.errors import ForwarderError
+
+if TYPE_CHECKING:
+    from forwarder.queue import Queue
 
 
 def add_parser(sub: Any) -> None:
@@ -36,6 +40,28 @@ def _free(path: Path) -> Path:
     return candidate
 
 
+def _left_behind(queue: Queue, file_id: int) -> Path | None:
+    """The file an interrupted ``forwarder retry`` left in failed/: still at the final path of
+    a file ``file_id`` was retried from (None when there is none). A name freed in failed/ may
+    have been given to another file since: only one with the SOP Instance UID queued is it."""
+    from forwarder.dicom.part10 import read_meta
+    from forwarder.errors import InvalidFileError
+
+    for path, uid in queue.retried_from(file_id):
+        try:
+            if read_meta(path).sop_instance_uid == uid:
+                return Path(path)
+        except InvalidFileError:  # gone, unreadable, or not DICOM: not the file left there
+            continue
+    return None
+
+
+def _drop_error_json(path: Path) -> None:
+    error_json = path.with_name(path.name + ".error.json")
+    if error_json.exists():
+        error_json.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
     _, config = load_or_report(args, "retry")
     if config is None:
@@ -58,8 +84,25 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Queue(config.queue, create=False) as queue:
             spool = Spool(config.incoming, config.done, config.failed)
+            # A retry killed between queueing a file and moving it back left it in failed/:
+            # the move is finished now, before the daemon (started or running) fails the file
+            # as gone from incoming.
+            for file_id, path, rel in queue.retried_queued():
+                left = None if os.path.lexists(path) else _left_behind(queue, file_id)
+                if left is not None:
+                    spool.move(left, Path(path))
+                    _drop_error_json(left)
+                    requeued += 1
+                    print(f"requeued {rel} (an interrupted retry finished)")
             for f in queue.failed_files(args.destination):
                 source = Path(f.final_path)
+                if not source.exists():
+                    # Never there: that retry was killed before its move, and the daemon then
+                    # failed the copy it could not find. The file is where it was left.
+                    left = _left_behind(queue, f.file_id)
+                    if left is not None:
+                        _drop_error_json(source)
+                        source = left
                 if not source.exists():
                     print(
                         f"forwarder retry: {source} is no longer in failed/; skipped",
@@ -78,11 +121,13 @@ def run(args: argparse.Namespace) -> int:
                 target = _free(config.incoming / f.rel_path)
                 rel = target.relative_to(config.incoming).as_posix()
                 # Queue first, then move: the watcher then sees a file that is already queued.
-                queue.requeue_failed(f.file_id, str(target), rel, dests)
+                # The failures not retried now stand: the file is not delivered until those
+                # destinations store it too (a later `retry --destination`).
+                kept = [d for d in f.destinations if d in names and d not in dests]
+                queue.requeue_failed(f.file_id, str(target), rel, dests, still_failed=kept)
+                crash_point("retry-before-move")
                 spool.move(source, target)
-                error_json = source.with_name(source.name + ".error.json")
-                if error_json.exists():
-                    error_json.unlink()
+                _drop_error_json(source)
                 requeued += 1
                 print(f"requeued {rel} for {', '.join(dests)}")
     except ForwarderError as exc:

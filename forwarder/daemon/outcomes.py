@@ -60,6 +60,7 @@ class Ack:
     status: int | None = None
     error: str = ""
     next_attempt_at: float = 0.0
+    charge: bool = True  # a "retry" counts an attempt (not a wait for the file to settle)
 
 
 def retry_ack(

@@ -122,7 +122,8 @@ class BatchSending:
                     # would deliver content the queue does not know about (and the other
                     # destinations would keep the old one). Wait for ingest to catch up.
                     error = "the file changed since it was queued; waiting for it to settle"
-                    acks.append(Ack("retry", (job.id,), None, error, time.time() + 1.0))
+                    wait = Ack("retry", (job.id,), None, error, time.time() + 1.0, charge=False)
+                    acks.append(wait)
                     continue
                 uids = (job.sop_class_uid, job.sop_instance_uid)
                 edits: tuple[Editor, ...] = ()
@@ -134,7 +135,12 @@ class BatchSending:
                         continue
                     except (InvalidFileError, UnreadableFileError) as exc:
                         error = f"cannot read the header for its changes: {exc.reason}"
-                        acks.append(self._retry(job, None, error))
+                        if found is Found.GONE and not isinstance(exc, UnreadableFileError):
+                            # Removed since it was queued: failed at once, as the sender
+                            # fails it for a destination that sends it unchanged.
+                            acks.append(Ack("failed", (job.id,), None, error))
+                        else:
+                            acks.append(self._retry(job, None, error))
                         continue
                 priority = DIMSE_PRIORITY.get(job.priority, PRIORITY["medium"])
                 yield StoreRequest(
@@ -246,6 +252,7 @@ class BatchSending:
                         next_attempt_at=ack.next_attempt_at,
                         error=ack.error,
                         status=ack.status,
+                        charge=ack.charge,
                     )
                 else:
                     self.queue.release(ack.ids)

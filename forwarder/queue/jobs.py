@@ -254,10 +254,13 @@ class Jobs(Store):
         error: str,
         status: int | None = None,
         now: float | None = None,
+        charge: bool = True,
     ) -> None:
-        """CLAIMED -> READY again, one attempt counted, due at ``next_attempt_at``."""
+        """CLAIMED -> READY again, one attempt counted (none without ``charge``: the file was
+        not tried), due at ``next_attempt_at``."""
         params = {
             "id": job_id,
+            "charge": 1 if charge else 0,
             "next_attempt_at": next_attempt_at,
             "last_status": status,
             "error": error,

@@ -8,6 +8,7 @@ jobs and marks the old row retried. Moving the file back into incoming is the CL
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -15,7 +16,14 @@ from typing import Any
 
 from forwarder.errors import QueueError
 from forwarder.queue.records import NORMAL_RANK, FailedFile
-from forwarder.queue.sql import FAILED_FILES, INSERT_JOBS, REQUEUE_FILE
+from forwarder.queue.sql import (
+    FAILED_FILES,
+    INSERT_JOBS,
+    KEEP_FAILED_JOBS,
+    REQUEUE_FILE,
+    RETRIED_FROM,
+    RETRIED_QUEUED,
+)
 from forwarder.queue.store import Store, clock, ranked_json, routed_to
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,24 @@ class Requeue(Store):
             for file_id, (head, dests) in grouped.items()
         ]
 
+    def retried_queued(self) -> list[tuple[int, str, str]]:
+        """(file id, path, relative path) of each file put back by ``forwarder retry`` that is
+        still queued. Its file is in incoming, unless that retry was killed between
+        :meth:`requeue_failed` and moving the file back: then it is still in failed/
+        (:meth:`retried_from` says where)."""
+        with self._scan("listing retried files") as conn:
+            rows = conn.execute(RETRIED_QUEUED).fetchall()
+        return [(int(i), str(path), str(rel)) for i, path, rel in rows]
+
+    def retried_from(self, file_id: int) -> list[tuple[str, str]]:
+        """(final path, SOP Instance UID) of the files that ``file_id`` was retried from, the
+        nearest first: a retry killed before its move leaves the file at such a path in
+        failed/ (and a retry of that one may have been killed as well). The path may hold
+        another file since: check the UID."""
+        with self._read(f"finding what file {file_id} was retried from") as conn:
+            rows = conn.execute(RETRIED_FROM, {"id": file_id}).fetchall()
+        return [(str(path), str(uid)) for path, uid in rows]
+
     def requeue_failed(
         self,
         file_id: int,
@@ -50,12 +76,17 @@ class Requeue(Store):
         rel_path: str,
         destinations: Sequence[str],
         *,
+        still_failed: Sequence[str] = (),
         now: float | None = None,
     ) -> int:
         """Queue a failed file again: a NEW QUEUED row at ``new_path`` (header values copied)
         with fresh READY jobs for ``destinations`` (each at the priority it had), and the old
         row marked retried so :meth:`failed_files` no longer lists it. Returns the new file id.
-        Do this before moving the file to ``new_path`` so the watcher sees it as already queued."""
+        Do this before moving the file to ``new_path`` so the watcher sees it as already queued.
+
+        ``still_failed``: other destinations whose failure stands (not retried now): their
+        FAILED jobs are copied to the new row, so that the file goes back to failed/ (and is
+        listed for them again) rather than to done/ once ``destinations`` store it."""
         routed_to(destinations)  # a file must go somewhere: refused before any write
         at = clock(now)
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
@@ -83,6 +114,8 @@ class Requeue(Store):
             ranks = {d: int(was.get(d, NORMAL_RANK)) for d in destinations}
             dests = ranked_json(ranks)
             conn.execute(INSERT_JOBS, {"file_id": new_id, "destinations": dests, "now": at})
+            keep = json.dumps([d for d in still_failed if d not in ranks])
+            conn.execute(KEEP_FAILED_JOBS, {"id": file_id, "new_id": new_id, "keep": keep})
             updated = conn.execute(
                 """UPDATE files SET retried_as = :new_id
                    WHERE id = :id AND retried_as IS NULL""",

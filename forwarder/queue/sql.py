@@ -227,8 +227,9 @@ DROP_CLAIMED = """
     RETURNING id, file_id, destination"""
 
 ACK_RETRY = """
-    UPDATE jobs SET status = 'READY', attempts = attempts + 1, next_attempt_at = :next_attempt_at,
-                    last_status = :last_status, last_error = :error, claimed_at = NULL
+    UPDATE jobs SET status = 'READY', attempts = attempts + :charge,
+                    next_attempt_at = :next_attempt_at, last_status = :last_status,
+                    last_error = :error, claimed_at = NULL
     WHERE id = :id AND status = 'CLAIMED'
     RETURNING id, file_id, destination"""
 
@@ -340,6 +341,37 @@ REQUEUE_FILE = """
     FROM files
     WHERE id = :id AND state = 'FINISHED' AND outcome = 'failed' AND retried_as IS NULL
     RETURNING id"""
+
+# The FAILED jobs of a file `forwarder retry` puts back, for the destinations it does not
+# retry (:keep, a JSON list): copied as they are to the new row, so the file is not taken for
+# delivered once the others store it (it goes back to failed/, retryable for them later).
+KEEP_FAILED_JOBS = """
+    INSERT INTO jobs (file_id, destination, status, attempts, next_attempt_at, last_status,
+                      last_error, created_at, finished_at, priority)
+    SELECT :new_id, destination, 'FAILED', attempts, next_attempt_at, last_status, last_error,
+           created_at, finished_at, priority
+    FROM jobs
+    WHERE file_id = :id AND status = 'FAILED'
+      AND destination IN (SELECT value FROM json_each(:keep))"""
+
+# Files put back by `forwarder retry` and still queued (a retried row points at them): their
+# file is in incoming unless that retry was killed before it moved the file back.
+RETRIED_QUEUED = """
+    SELECT new.id, new.path, new.rel_path
+    FROM files AS old JOIN files AS new ON new.id = old.retried_as
+    WHERE new.state = 'QUEUED'"""
+
+# Where the files a file was retried from were put in failed/ and their SOP Instance UIDs,
+# the nearest first.
+RETRIED_FROM = """
+    WITH RECURSIVE back(id, final_path, sop_instance_uid, depth) AS (
+        SELECT id, final_path, sop_instance_uid, 1 FROM files WHERE retried_as = :id
+        UNION ALL
+        SELECT f.id, f.final_path, f.sop_instance_uid, back.depth + 1
+        FROM files AS f JOIN back ON f.retried_as = back.id
+    )
+    SELECT final_path, sop_instance_uid FROM back WHERE final_path IS NOT NULL
+    ORDER BY depth"""
 
 # The ids of the files one key matches, and as what (one indexed lookup per column).
 FIND_KEY = """
