@@ -1,6 +1,7 @@
 """Every DICOM file pydicom ships, sent by ``forwarder send`` and by the daemon to DCMTK storescp
-(every syntax / uncompressed only / Implicit VR only) and Orthanc, judged against DCMTK dcmsend
-on the same peer and against the original file.
+(every syntax / uncompressed only / Implicit VR only), Orthanc, and by STOW-RS to Orthanc's
+DICOMweb plugin (``orthanc-stow``, where dcmsend, the reference, sends by C-STORE), judged
+against DCMTK dcmsend on the same peer and against the original file.
 
 How it runs (see README.md): the four peers are started once for the module; the corpus is sent
 in rounds without duplicate SOP Instance UIDs (conformance_lib); in each round dcmsend, then
