@@ -379,6 +379,8 @@ def test_file_is_terminal_only_when_every_destination_is(q: Queue) -> None:
     assert results["ai"].last_error == "0xA900 data set does not match"
     assert (results["pacs"].status, results["pacs"].last_status) == (JobStatus.DONE, 0xB000)
     assert (results["archive"].attempts, results["archive"].finished_at) == (2, T0 + 3)
+    # stored at last: the earlier attempt's error is not the outcome's (error.json, find)
+    assert results["archive"].last_error is None
     assert results["archive"].created_at == T0
 
     q.begin_finish(fid, "/failed/a")

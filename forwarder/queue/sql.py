@@ -214,7 +214,10 @@ ACK_TERMINAL = """
                     attempts = CASE WHEN stale THEN 0 ELSE attempts + 1 END,
                     next_attempt_at = CASE WHEN stale THEN :now ELSE next_attempt_at END,
                     finished_at = CASE WHEN stale THEN NULL ELSE :now END,
-                    last_status = :last_status, last_error = COALESCE(:error, last_error),
+                    last_status = :last_status,
+                    -- stored: an earlier attempt's error is not the outcome's (a warning's is)
+                    last_error = CASE WHEN NOT stale AND :status = 'DONE' THEN :error
+                                      ELSE COALESCE(:error, last_error) END,
                     claimed_at = NULL, stale = 0
     WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
     RETURNING id, file_id, destination"""
