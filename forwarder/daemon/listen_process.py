@@ -212,7 +212,7 @@ class ListenProcess(ChildProcess):
             logger.warning("listen: receiving again, in process %s", self.pid)
 
     def _on_health(self, healthy: bool) -> None:
-        if not healthy:
+        if not healthy and not self._stopping.is_set():  # draining on a stop: no fault
             logger.error("listen: the receiving process no longer accepts connections")
 
     # -- its calls ---------------------------------------------------------------------------
