@@ -358,3 +358,15 @@ def test_check_config_checks_the_listeners_tls_material_as_run_does(
     assert result.stderr.strip().splitlines() == [
         f"{config}: listen.tls: key file {key} is accessible by others (mode 0644): chmod 600 it"
     ]
+
+
+def test_a_tls_client_on_a_plain_port_is_named_on_both_sides(pki: Pki, tmp_path: Path) -> None:
+    """The receiver's log says the peer spoke TLS to a plain port (not only "malformed PDU"),
+    and the client is not told the reverse ("plain TCP on a TLS port")."""
+    with run_receiver(tmp_path) as proc:
+        with pytest.raises((ssl.SSLError, OSError)) as caught:
+            handshake(proc.port, client_context(pki.ca_cert))
+        wait_until(lambda: "malformed PDU" in proc.log_text(), 10, "the receiver's refusal")
+        assert "TLS" in proc.log_text().split("malformed PDU", 1)[1].splitlines()[0]
+        said = describe_tls_error(caught.value)
+        assert "on a TLS port" not in said, said

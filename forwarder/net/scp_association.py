@@ -55,6 +55,7 @@ from forwarder.net.scp_policy import Admit, ContextPolicy, EngineSettings, log_r
 from forwarder.net.scp_wire import Wire, WireClosed, WireTimeout
 
 logger = logging.getLogger(__name__)
+_TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
 
 _MAX_ASSOCIATE_RQ = 1024 * 1024  # 128 contexts of 8 syntaxes take ~40 kB
 _ABORT_LINGER = 2.0  # after our A-ABORT / A-ASSOCIATE-RJ, how long the peer has to close
@@ -160,7 +161,9 @@ class ScpAssociation(DimseReceiver):
     def _header(self) -> tuple[int, int]:
         pdu_type, length = PDU_HEADER.unpack(self.wire.take(6))
         if pdu_type not in PDU_NAMES:
-            raise Abort(f"PDU of unknown type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
+            # 0x16 is a TLS handshake record: a peer configured for TLS, this port is not
+            hint = ": a TLS handshake on a port without TLS?" if pdu_type == _TLS_HANDSHAKE else ""
+            raise Abort(f"PDU of unknown type 0x{pdu_type:02X}{hint}", ABORT_UNRECOGNISED_PDU)
         return pdu_type, length
 
     # -- association establishment ---------------------------------------------------------------

@@ -244,7 +244,7 @@ def _describe_ssl_error(exc: ssl.SSLError) -> str:
     if reason in _NO_CLIENT_CERT:
         return "peer sent no client certificate (one is required)"
     if reason in _NOT_TLS:
-        return f"peer does not speak TLS: plain TCP on a TLS port? ({_strip(exc)})"
+        return f"peer does not speak TLS: is only one side configured for TLS? ({_strip(exc)})"
     if reason in _VERSION:
         return f"no common TLS version: TLS 1.2 or later is required ({_strip(exc)})"
     if reason in _NO_CIPHER:
