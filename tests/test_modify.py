@@ -571,3 +571,28 @@ def test_values_within_their_multiplicity_and_repertoire_are_set() -> None:
     assert ds.PatientComments == "seen twice\r\nback\\slash kept\f"
     assert ds.InstitutionName == "Klinik \x1b-AMitte"
     assert ds.OtherPatientIDs in (None, "")
+
+
+@pytest.mark.parametrize(
+    ("name", "keyword"),
+    [
+        ("chrX1.dcm", "PatientName"),  # a trailing empty PN group: "...=王^小東= "
+        ("chrKoreanMulti.dcm", "PatientName"),  # an ISO 2022 escape back to ASCII at the end
+        ("SC_rgb_gdcm_KY.dcm", "ImageType"),  # over-long text padding
+    ],
+)
+def test_attributes_a_modify_does_not_touch_keep_their_bytes(name: str, keyword: str) -> None:
+    """Only what a modify changes is encoded again: pydicom's encoding of a value it decoded
+    can differ from the original bytes (padding, empty PN groups, escapes)."""
+    from pydicom.data import get_charset_files
+
+    found = get_charset_files(name) or [get_testdata_file(name)]
+    path = str(found[0])
+    original = dcmread(path)
+    tag = int(tag_for_keyword(keyword) or 0)
+    raw = original.get_item(tag).value
+    modification = Modification((("InstitutionName", "Elsewhere"), ("StudyID", "{StudyID}")), ())
+    obj = edit_file(path, [modification])
+    sent = dcmread(io.BytesIO(obj.file_meta + b"".join(obj.chunks())))
+    assert sent.get_item(tag).value == raw
+    assert sent.InstitutionName == "Elsewhere"

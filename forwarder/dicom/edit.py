@@ -23,17 +23,18 @@ import string
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from pydicom import config
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
@@ -218,8 +219,10 @@ class Modification:
             out.append(literal)
             if field:
                 tag = tag_for_keyword(field)
-                elem = ds[tag] if tag is not None and tag in ds else None
-                out.append(_text(elem.value if elem is not None else None).strip())
+                # read without decoding it in place: an attribute a template only reads is
+                # sent as it was, byte for byte
+                value = _value(ds, BaseTag(tag)) if tag is not None and tag in ds else None
+                out.append(_text(value).strip())
         return "".join(out)
 
 
@@ -252,10 +255,30 @@ def _shown(elem: DataElement) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
+def _untouched(before: Dataset, after: Dataset, tag: BaseTag) -> bool:
+    """Both still as read (raw) and byte-equal. Compared so, nothing is decoded: a decoded
+    element is written re-encoded, and pydicom's encoding of a value it decoded may differ from
+    the original's bytes (text padding, trailing empty PN groups, ISO 2022 escapes)."""
+    old, new = before.get_item(tag), after.get_item(tag)
+    return old.is_raw and new.is_raw and old.value == new.value
+
+
+def _value(ds: Dataset, tag: BaseTag) -> object:
+    """``ds``'s value of ``tag``, decoded without storing the decoded element in ``ds``."""
+    elem = ds.get_item(tag)
+    if not elem.is_raw:
+        return elem.value
+    charset = ds.original_character_set or ds._character_set
+    return convert_raw_data_element(cast(RawDataElement, elem), encoding=charset, ds=ds).value
+
+
 def diff(before: Dataset, after: Dataset) -> list[Change]:
-    """The top-level attributes that differ between ``before`` and ``after``, in tag order."""
+    """The top-level attributes that differ between ``before`` and ``after``, in tag order.
+    Elements neither side decoded are compared as bytes and stay undecoded."""
     changes = []
     for tag in sorted(set(before.keys()) | set(after.keys())):
+        if tag in before and tag in after and _untouched(before, after, tag):
+            continue
         old = before[tag] if tag in before else None  # noqa: SIM401 (a Dataset)
         new = after[tag] if tag in after else None  # noqa: SIM401
         if (
