@@ -586,6 +586,7 @@ def compare(
     relaxed: bool = False,
     reference: Path | None = None,
     dcmtk: bool = False,
+    ignore: frozenset[int] = frozenset(),
 ) -> tuple[list[str], list[str]]:
     """(problems, notes) comparing ``arrival`` with source ``key`` (module docstring rules).
 
@@ -597,6 +598,7 @@ def compare(
     it drops Data Set Trailing Padding (FFFC,FFFC) and trims over-long text padding, so both are
     forgiven (``relaxed`` and (FFFC,FFFC) skipped). Used only to decide whether DCMTK delivered a
     file intact, never to judge what forwarder delivered.
+    ``ignore``: top-level tags not compared (those a ``modify`` changed on purpose).
     """
     relaxed = relaxed or dcmtk
     src = by_key()[key]
@@ -611,7 +613,7 @@ def compare(
     except Exception as exc:
         return [f"pydicom cannot read the arrival: {type(exc).__name__}: {exc}"], notes
     ts_b = str(getattr(ds_b.file_meta, "TransferSyntaxUID", "") or "")
-    skip: set[int] = set()
+    skip: set[int] = set(ignore)
     ts_a = str(getattr(ds_a.file_meta, "TransferSyntaxUID", "") or "") or src.transfer_syntax
     decompressed = _compressed(ts_a) and not _compressed(ts_b)
     if decompressed:

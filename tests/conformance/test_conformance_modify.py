@@ -1,0 +1,178 @@
+"""Every DICOM file pydicom ships, sent by the daemon through a destination that changes what it
+sends (``modify: {set: {InstitutionName: ...}}``): the path that decodes and encodes the data set
+again (``forwarder.dicom.edit``), where the byte-exact path does not, judged element by element
+against the original.
+
+How it runs: one daemon whose destination, a DCMTK storescp ``+xa +B +uf`` (every transfer
+syntax), sets Institution Name (0008,0080); dcmsend pushing the file unchanged to a storescp
+configured alike is the reference. The corpus goes in rounds without duplicate SOP Instance
+UIDs (conformance_lib); per round the files are dropped into ``incoming/`` and the daemon runs
+until it is empty.
+
+The rules, per file:
+
+1. In ``done/``: the PACS holds exactly one object for it, equal to the original
+   (conformance_lib.compare: every element, pixels decoded) but for Institution Name, which is
+   the configured value; in the original's transfer syntax (the edit re-encodes, it never
+   converts).
+2. In ``failed/``: its ``.error.json`` names the reason, and nothing of it reached the PACS.
+3. A file dcmsend delivers intact is delivered changed: an edit that cannot re-encode a data
+   set dcmsend can send is a defect.
+4. Nothing stray, ``incoming/`` empties, no traceback, exit 0 on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+import pytest
+from conformance_lib import (
+    Outcome,
+    by_key,
+    compare,
+    corpus,
+    match_arrivals,
+    rounds,
+    run_dcmsend,
+    transfer_syntax_of,
+)
+from daemon import Daemon, destination, write_atomic
+from peers import storescp
+
+pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
+
+KEYS = [s.key for s in corpus()]
+INSTITUTION = "Gateway Conformance Hospital"
+INSTITUTION_NAME = 0x00080080
+
+
+@dataclass
+class ModifyRun:
+    where: dict[str, str] = field(default_factory=dict)  # done / failed / elsewhere
+    reasons: dict[str, str] = field(default_factory=dict)
+    arrivals: dict[str, list[Path]] = field(default_factory=dict)
+    stray: list[Path] = field(default_factory=list)
+    ref: dict[str, Outcome] = field(default_factory=dict)
+    ref_arrivals: dict[str, list[Path]] = field(default_factory=dict)
+    left: list[str] = field(default_factory=list)
+    log: str = ""
+    exit_code: int | None = None
+
+
+def _take(folder: Path, into: Path) -> list[Path]:
+    into.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(x for x in folder.iterdir() if x.is_file()):
+        shutil.move(p, into / p.name)
+        out.append(into / p.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def modified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModifyRun]:
+    work = tmp_path_factory.mktemp("modify")
+    run = ModifyRun()
+    options = ["+B", "+uf", "+xa"]
+    t0 = time.monotonic()
+    with (
+        storescp(work / "pacs", ae_title="PACS", extra=options, log=work / "pacs.log") as pacs,
+        storescp(work / "ref", ae_title="PACS", extra=options, log=work / "ref.log") as direct,
+    ):
+        dest = destination("pacs", pacs.port, ae_title="PACS", response_timeout="20s")
+        dest["modify"] = {"set": {"InstitutionName": INSTITUTION}}
+        with Daemon(
+            work / "fw",
+            destinations=[dest],
+            retry={"initial_delay": "200ms", "max_delay": "500ms", "max_attempts": 2},
+            watch={"settle": "100ms", "rescan_interval": "1s"},
+        ) as d:
+            for r, sources in enumerate(rounds()):
+                base = work / f"r{r}"
+                base.mkdir()
+                ref, _, _ = run_dcmsend(sources, "PACS", direct.port, base, "direct")
+                matched, _ = match_arrivals(sources, _take(direct.output, base / "direct"))
+                run.ref.update(ref)
+                run.ref_arrivals.update(matched)
+                for s in sources:
+                    write_atomic(d.incoming / s.key, s.path.read_bytes())
+                try:
+                    d.wait_incoming_empty(timeout=180)
+                except AssertionError:
+                    run.left.extend(f"round {r}: {p}" for p in d.incoming_files())
+                for s in sources:
+                    if (d.done / s.key).exists():
+                        run.where[s.key] = "done"
+                    elif (err := d.failed / f"{s.key}.error.json").exists():
+                        run.where[s.key] = "failed"
+                        doc = json.loads(err.read_text())
+                        per = doc.get("destinations") or [{}]
+                        run.reasons[s.key] = str(per[0].get("error") or doc.get("reason") or "")
+                    else:
+                        run.where[s.key] = "elsewhere"
+                matched, stray = match_arrivals(sources, _take(pacs.output, base / "pacs"))
+                run.arrivals.update(matched)
+                run.stray.extend(stray)
+            run.exit_code = d.stop()
+            run.log = d.log_text()
+    done = sum(w == "done" for w in run.where.values())
+    print(
+        f"conformance: daemon with modify -> storescp: {time.monotonic() - t0:.1f}s, "
+        f"{done} of {len(run.where)} in done/",
+        file=sys.stderr,
+    )
+    yield run
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_modify(modified: ModifyRun, key: str) -> None:
+    """Rules 1-3 of the module docstring for one file."""
+    where, arrivals = modified.where.get(key, "elsewhere"), modified.arrivals.get(key, [])
+    ref = modified.ref[key]
+    problems: list[str] = []
+    if where == "done":
+        if len(arrivals) != 1:
+            problems.append(f"in done/, and the PACS holds {len(arrivals)} objects")
+        for a in arrivals:
+            bad, _ = compare(key, a, ignore=frozenset({INSTITUTION_NAME}))
+            problems.extend(f"arrived different from the original: {b}" for b in bad[:8])
+            got = pydicom.dcmread(a, stop_before_pixels=True).get("InstitutionName")
+            if got != INSTITUTION:
+                problems.append(f"Institution Name arrived as {got!r}, not {INSTITUTION!r}")
+            sent, original = transfer_syntax_of(a), by_key()[key].transfer_syntax
+            if original and sent != original:
+                problems.append(f"the edit converted {original} to {sent}")
+    elif where == "failed":
+        if not modified.reasons.get(key):
+            problems.append("in failed/ with no reason")
+        if arrivals:
+            problems.append(f"in failed/, yet the PACS holds {len(arrivals)} objects")
+    else:
+        problems.append("neither in done/ nor in failed/ after incoming emptied")
+    intact = ref.stored and any(
+        not compare(key, a, dcmtk=True)[0] for a in modified.ref_arrivals.get(key, [])
+    )
+    if intact and where != "done":
+        problems.append(
+            f"dcmsend delivers it intact; with modify it went to {where}: "
+            f"{modified.reasons.get(key, '')}"
+        )
+    assert not problems, f"daemon with modify, {key}: " + "; ".join(problems)
+
+
+def test_modify_nothing_stray_nothing_left(modified: ModifyRun) -> None:
+    """Rule 4: nothing arrives that matches no dropped file; incoming empties every round."""
+    assert not modified.stray, modified.stray
+    assert not modified.left, modified.left
+
+
+def test_modify_survives_everything(modified: ModifyRun) -> None:
+    """Rule 4: after the whole corpus the daemon exits 0 on SIGTERM with no traceback logged."""
+    assert modified.exit_code == 0, modified.log[-3000:]
+    assert "Traceback" not in modified.log, modified.log[modified.log.index("Traceback") :][:3000]
