@@ -4,7 +4,8 @@ It stores what it is sent (in memory, by SOP Instance UID) and answers each N-AC
 committing the instances it holds and failing the others (0x0112), unless the test scripts it
 otherwise: report on the same association or on a new one to ``report_to``, not at all, late,
 for another transaction, or naming an instance nobody asked about. It also answers C-FIND at
-IMAGE level (Study Root) from what it holds. ``hang``: accept the association, then never
+IMAGE level (Study Root) from what it holds (``find_fails``: ending with a failure status
+instead, for chosen instances). ``hang``: accept the association, then never
 answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
 ``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
 """
@@ -48,6 +49,8 @@ class CommitmentSCP:
     aborted_after_action: int = 0  # how many associations that abort ended
     hung_associations: int = 0  # how many A-ASSOCIATE-RQs were left unanswered
     finds: list[str] = field(default_factory=list)  # SOP Instance UID of every C-FIND
+    find_fails: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> its C-FIND's
+    # final status (a failure), after the match when the instance is held
     held: dict[str, Dataset] = field(default_factory=dict)
     stores: list[str] = field(default_factory=list)  # every SOP Instance stored, in order
     actions: list[Dataset] = field(default_factory=list)
@@ -172,6 +175,8 @@ class CommitmentSCP:
             match.QueryRetrieveLevel = "IMAGE"
             match.SOPInstanceUID = uid
             yield 0xFF00, match
+        if uid in self.find_fails:
+            yield self.find_fails[uid], None
 
     def _note(self, status: Any) -> None:
         with self._lock:

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from commitment_peer import CommitmentSCP
 from conftest import wait_until
 from daemon import Daemon, destination
+from dicomgen import write_file
 from peers import OrthancPeer, orthanc
 from pydicom import dcmread
 from test_send_stgcmt import _LOSER_LUA
@@ -105,3 +107,81 @@ def test_kill_9_before_the_query_asks_again_after_restart(tmp_path: Path) -> Non
             assert d.stop() == 0
         assert set(_held(pacs)) == {f.sop_instance_uid for f in dropped}
     assert "0 sent again" in d.log_text()
+
+
+def test_a_deidentified_instance_is_asked_about_by_the_uids_it_was_sent_with(
+    tmp_path: Path,
+) -> None:
+    # deidentify replaces the Study, Series and SOP Instance UIDs of what is sent: the PACS
+    # holds the new ones, and the query must ask for those, not for the file's own.
+    with orthanc(tmp_path / "orthanc", extra=FIND) as pacs:
+        with Daemon(
+            tmp_path / "fwd",
+            destinations=[_dest(pacs, "500ms", 0)],
+            routes=[{"name": "deid", "to": ["pacs"], "deidentify": "basic"}],
+        ) as d:
+            dropped = d.drop_files(2, study_uid=STUDY)
+            d.wait_done(2, timeout=60)
+            assert d.failed_files() == []
+            status = d.status_json()["destinations"]["pacs"]
+            assert status["committed"] == 2 and status["commitment_failures"] == 0
+            assert d.stop() == 0
+        held = _held(pacs)
+    assert len(held) == 2 and not set(held) & {f.sop_instance_uid for f in dropped}
+
+
+def test_one_instance_the_query_fails_for_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    # The PACS answers the C-FIND of one instance Pending, then a failure (0xC000, unable to
+    # process), every time: that instance is not proven, but what the PACS holds and answers
+    # clearly for is, and what it lacks is sent again, as without the odd one.
+    with (
+        CommitmentSCP() as scp,
+        Daemon(
+            tmp_path / "fwd",
+            destinations=[
+                destination(
+                    "pacs", scp.port, ae_title=scp.ae_title, verify_by_query={"after": "1s"}
+                )
+            ],
+        ) as d,
+    ):
+        odd = d.drop("odd.dcm", study_uid=STUDY)
+        wait_until(lambda: odd.sop_instance_uid in scp.held, 20, what="the odd one stored")
+        scp.find_fails[odd.sop_instance_uid] = 0xC000
+        wait_until(lambda: odd.sop_instance_uid in scp.finds, 20, what="the odd one asked")
+        others = d.drop_files(2, study_uid=STUDY)
+        d.wait_done(2, timeout=60)  # the odd one made the destination rest 30s
+        assert {dcmread(d.done / rel).SOPInstanceUID for rel in d.done_files()} == {
+            f.sop_instance_uid for f in others
+        }
+        status = d.status_json()["destinations"]["pacs"]
+        assert status["awaiting_commitment"] == 1 and status["committed"] == 2
+        assert d.failed_files() == [] and scp.stores.count(odd.sop_instance_uid) == 1
+        assert d.stop() == 0
+    assert "0xC000" in d.log_text()
+
+
+def test_an_instance_whose_query_cannot_be_encoded_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    # A Study Instance UID with a byte that is no character (0xFF): the file is stored, but a
+    # C-FIND naming it cannot be encoded. That instance stays unproven; the one asked about
+    # in the same round is proven and done.
+    bad_study = "1.2.826.0.1.3680043.10.1284.58.9"
+    staging = tmp_path / "bad.dcm"
+    write_file(staging, study_uid=bad_study, seed=7)
+    data = staging.read_bytes()
+    assert data.count(bad_study.encode()) == 1
+    data = data.replace(bad_study.encode(), bad_study[:-1].encode() + b"\xff")
+    with CommitmentSCP() as scp:
+        dest = destination("pacs", scp.port, ae_title=scp.ae_title, verify_by_query={"after": "2s"})
+        with Daemon(tmp_path / "fwd", destinations=[dest]) as d:
+            good = d.drop("good.dcm", study_uid=STUDY)
+            d.drop_bytes("bad.dcm", data)
+            wait_until(lambda: len(scp.held) == 2, 20, what="both stored")
+            assert d.wait_done(1, timeout=30) == ["good.dcm"]
+            assert good.sop_instance_uid in scp.finds
+            status = d.status_json()["destinations"]["pacs"]
+            assert status["awaiting_commitment"] == 1 and status["committed"] == 1
+            assert d.failed_files() == [] and d.incoming_files() == ["bad.dcm"]
+            assert d.stop() == 0

@@ -677,3 +677,25 @@ def test_the_search_escapes_everything_and_reads_no_more_than_it_shows(tmp_path:
     finally:
         metrics.stop()
         queue.close()
+
+
+def test_api_status_holds_every_field_of_status_json_with_proof_of_delivery(
+    tmp_path: Path,
+) -> None:
+    # /api/status is `status --json`'s document plus more: a destination with verify_by_query
+    # shows awaiting_commitment and committed there too, before anything was stored.
+    listen_port = free_port()
+    with (
+        ScriptedSCP() as pacs,
+        Daemon(
+            tmp_path,
+            destinations=[destination("pacs", pacs.port, verify_by_query={"after": "10m"})],
+            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
+        ) as d,
+    ):
+        cli = d.status_json()["destinations"]["pacs"]
+        api = json.loads(get(f"http://127.0.0.1:{listen_port}/api/status")[2])
+        assert cli["awaiting_commitment"] == 0 and cli["committed"] == 0
+        missing = set(cli) - set(api["destinations"]["pacs"])
+        assert not missing, missing
+        assert d.stop() == 0

@@ -37,13 +37,30 @@ class EditResolver:
 
     def __call__(self, job: Job, destination: str) -> tuple[Editor, ...]:
         """Raises :class:`EditConflict`, or the check's InvalidFileError/UnreadableFileError."""
+        return self.editors(job.path, job.rel_path, job.calling_ae, destination)
+
+    def sent_uids(
+        self, path: str, rel_path: str, calling_ae: str, destination: str
+    ) -> tuple[str, str, str] | None:
+        """The Study, Series and SOP Instance UID the file at ``path`` is sent to
+        ``destination`` with, when its changes there (``deidentify``, ``modify``) may alter
+        them; None: sent unchanged. Raises like :meth:`__call__`, or the edit's EditError."""
+        from forwarder.dicom.edit import edited_uids
+
+        editors = self.editors(path, rel_path, calling_ae, destination)
+        return edited_uids(path, editors) if editors else None
+
+    def editors(
+        self, path: str, rel_path: str, calling_ae: str, destination: str
+    ) -> tuple[Editor, ...]:
+        """The editors for sending the file at ``path`` to ``destination`` (see __call__)."""
         router, want, vrs = self.source.routing()
         if not router.may_edit(destination):
             return ()
-        _, values = check_file_values(job.path, want, vrs)
+        _, values = check_file_values(path, want, vrs)
         # Routed again as at ingest: with the calling AE title of a file received by `listen`
         # (kept in the queue), or routes matching it would miss their changes at send time.
-        plan = router.plan(values, job.rel_path, job.calling_ae or None)
+        plan = router.plan(values, rel_path, calling_ae or None)
         edits = router.edits(plan, destination)
         if edits.conflict is not None:
             raise EditConflict(edits.conflict)

@@ -175,7 +175,11 @@ class Service(ServiceLoop):
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
                 self.status_page = StatusPage(
-                    self.queue, self._destination_names, c.failed, started=self._started
+                    self.queue,
+                    self._destination_names,
+                    c.failed,
+                    started=self._started,
+                    proof=self._proof_names,
                 )
                 self._sample_rates()  # before the first file is sent: the rates start at zero
                 self.metrics.set_status_app(self.status_page)
@@ -288,6 +292,7 @@ class Service(ServiceLoop):
         self.verifier = QueryVerifier(
             self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
         )
+        self.verifier.sent_uids = EditResolver(self.ingest).sent_uids
         self.verifier.configure(self._query_targets())
         self.verifier.start()
         self._settle_proof()
@@ -342,6 +347,12 @@ class Service(ServiceLoop):
 
     def _destination_names(self) -> list[str]:
         return [d.name for d in self.config.destinations]
+
+    def _proof_names(self) -> list[str]:
+        """The destinations requiring proof of delivery (``status --json`` names them too)."""
+        return [
+            d.name for d in self.config.destinations if d.storage_commitment or d.verify_by_query
+        ]
 
     def _queue_stats(self) -> dict[str, Any]:
         """Every configured destination, with zeros before it has rows (metrics, alerts)."""

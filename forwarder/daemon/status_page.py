@@ -90,11 +90,15 @@ class StatusPage:
         started: float | None = None,
         failures: int = RECENT_FAILURES,
         refresh: int = REFRESH_SECONDS,
+        proof: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         """``destinations()`` names the configured destinations (read on every request: a
-        reload may change them); ``started`` is the daemon's start (epoch seconds)."""
+        reload may change them), ``proof()`` those requiring proof of delivery (their
+        commitment fields show, as in ``status --json``); ``started`` is the daemon's start
+        (epoch seconds)."""
         self._queue = queue
         self._destinations = destinations
+        self._proof = proof
         self._failed = failed
         self._started = time.time() if started is None else started
         self._started_mono = time.monotonic() - (time.time() - self._started)
@@ -112,7 +116,7 @@ class StatusPage:
 
     def document(self) -> dict[str, Any]:
         """``/api/status``. Raises ForwarderError when the queue cannot be read."""
-        status = read_status(self._queue, self._destinations())
+        status = read_status(self._queue, self._destinations(), self._proof())
         self.rates.sample({name: r["done"] for name, r in status.destinations.items()})
         rates, span = self.rates.rates()
         destinations = status.destinations

@@ -10,13 +10,15 @@ reasons, ``status`` fields and metrics as storage commitment.
 
 A round is recorded in the queue before the queries go out (kind ``query``); one left open by a
 crash is simply asked again after the restart (a query changes nothing at the peer). A peer
-that cannot be asked leaves everything awaiting, and is asked again later.
+that cannot be asked leaves everything awaiting, and is asked again later; so does an instance
+whose query the peer answers with a failure status, without holding up the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from forwarder.config import VerifyByQuery
@@ -26,6 +28,7 @@ from forwarder.daemon.commitment import apply_outcome
 from forwarder.daemon.proof_thread import ProofThread, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import new_transaction_uid
+from forwarder.net.query_scu import InstanceKey
 from forwarder.queue import CommitItem
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,12 @@ class QueryVerifier(ProofThread[QueryTarget]):
     thread_name = "verify-query"
     not_stopped = "verification by query did not stop within %gs"
     log = logger
+
+    #: ``sent_uids(path, rel_path, calling_ae, destination)``: the (Study, Series, SOP Instance)
+    #: UIDs a destination's changes (``deidentify``, ``modify``) sent the file with, None when
+    #: sent unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`; set by the
+    #: service). The peer holds what it was sent, so that is what is asked for.
+    sent_uids: Callable[[str, str, str, str], tuple[str, str, str] | None] | None = None
 
     def start(self) -> None:
         """Rounds a crash left open are asked again (their instances await once more)."""
@@ -87,19 +96,16 @@ class QueryVerifier(ProofThread[QueryTarget]):
                 return
 
     def _verify(self, target: QueryTarget, items: list[CommitItem]) -> bool:
-        from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
+        from forwarder.net.query_scu import QueryError, held_instances
 
         uid = new_transaction_uid()
         self.queue.begin_commitment(
             uid, target.name, "query", [i.job_id for i in items], deadline=time.time()
         )
         crash_point("query-before-find")
-        keys = [
-            InstanceKey(i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid)
-            for i in items
-        ]
+        keys = [self._key(target, i) for i in items]
         try:
-            held = held_instances(
+            answers = held_instances(
                 destination_peer(target.destination), target.settings, keys, self._stop
             )
         except QueryError as exc:
@@ -108,14 +114,29 @@ class QueryVerifier(ProofThread[QueryTarget]):
             )
             self.queue.cancel_commitment(uid)
             return False
-        committed = [i.job_id for i in items if i.sop_instance_uid in held]
-        missing = [(i.job_id, NOT_HELD) for i in items if i.sop_instance_uid not in held]
-        res = self.queue.resolve_commitment(
-            uid,
-            committed,
-            missing,
-            max_resends=target.policy.max_resends,
-            outcome="query",
+        held, undecided = answers.held, answers.undecided
+        asked = list(zip(items, keys, strict=True))
+        if undecided:
+            # Those await again (the rest is decided): the round is recorded anew without them.
+            self.queue.cancel_commitment(uid)
+            asked = [(i, k) for i, k in asked if k.sop_instance_uid not in undecided]
+            uid = new_transaction_uid()
+            if asked:
+                self.queue.begin_commitment(
+                    uid, target.name, "query", [i.job_id for i, _ in asked], deadline=time.time()
+                )
+        committed = [i.job_id for i, k in asked if k.sop_instance_uid in held]
+        missing = [(i.job_id, NOT_HELD) for i, k in asked if k.sop_instance_uid not in held]
+        res = (
+            self.queue.resolve_commitment(
+                uid,
+                committed,
+                missing,
+                max_resends=target.policy.max_resends,
+                outcome="query",
+            )
+            if asked
+            else None
         )
         if res is not None:
             apply_outcome(
@@ -127,4 +148,25 @@ class QueryVerifier(ProofThread[QueryTarget]):
                 wake_workers=self.wake_workers,
                 metrics=self.metrics,
             )
+        if undecided:
+            why = QueryError("; ".join(sorted(undecided.values())[:3]))
+            self._not_done(
+                target, "verification by query", len(undecided), "interrupted", "not done", why
+            )
+            return False
         return True
+
+    def _key(self, target: QueryTarget, item: CommitItem) -> InstanceKey:
+        """What the peer holds ``item`` by: its UIDs as they were sent."""
+        sent = None
+        if self.sent_uids is not None and item.path:
+            try:
+                sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, target.name)
+            except Exception as exc:
+                # Asked by its own UIDs: not held, so sent again, where the send says why.
+                logger.warning(
+                    "%s: cannot tell the UIDs %s was sent with: %s", target.name, item.path, exc
+                )
+        if sent is not None and all(sent):
+            return InstanceKey(*sent)
+        return InstanceKey(item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)

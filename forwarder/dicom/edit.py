@@ -507,6 +507,29 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
     )
 
 
+def edited_uids(path: str, editors: Sequence[Editor]) -> tuple[str, str, str]:
+    """The Study, Series and SOP Instance UID ``path``'s object has once ``editors`` changed it
+    (what a destination that was sent it holds it by: ``verify_by_query`` asks by these).
+    Raises :class:`EditError` or :class:`InvalidFileError`."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+        for editor in editors:
+            editor.apply(ds)
+    except OSError as exc:
+        raise InvalidFileError(path, f"cannot read: {exc.strerror or exc}") from None
+    except (EditError, InvalidFileError):
+        raise
+    except Exception as exc:  # pydicom: a value it cannot read
+        raise EditError(f"cannot read the object: {type(exc).__name__}: {exc}") from None
+    return (
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("SeriesInstanceUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
+    )
+
+
 def edit_dataset_bytes(data: bytes, implicit: bool, editors: Sequence[Editor]) -> tuple[bytes, str]:
     """A little endian data set already in memory (after transcoding) with ``editors``
     applied; returns the bytes and its SOP Instance UID."""

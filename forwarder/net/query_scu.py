@@ -3,8 +3,9 @@
 For destinations without storage commitment (``verify_by_query``): one association, one C-FIND
 per instance naming its Study, Series and SOP Instance UID (the unique keys of each level, as
 PS3.4 C.4.1 asks of a Study Root query at IMAGE level). A match (Pending) means held, Success
-with none means not held; any other status, or no answer, and nothing is decided
-(:class:`QueryError`): the caller asks again later. Not a hot path.
+with none means not held; any other status decides nothing about that instance (it is
+``undecided``, with the status; the others are still asked about), and no answer decides
+nothing at all (:class:`QueryError`): the caller asks again later. Not a hot path.
 """
 
 from __future__ import annotations
@@ -36,14 +37,23 @@ class InstanceKey:
     sop_instance_uid: str
 
 
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What the peer said of the instances asked about, by SOP Instance UID."""
+
+    held: frozenset[str]
+    undecided: dict[str, str]  # answered with a failure status: uid -> why
+
+
 def held_instances(
     peer: Peer,
     settings: AssociationSettings,
     keys: Sequence[InstanceKey],
     cancel: threading.Event | None = None,
-) -> set[str]:
-    """The SOP Instance UIDs of ``keys`` the peer holds. Raises :class:`QueryError`, also when
-    ``cancel`` is set before all are asked (the association is then aborted at once)."""
+) -> Answers:
+    """Which of ``keys`` the peer holds (the others it does not, but those ``undecided``).
+    Raises :class:`QueryError`, also when ``cancel`` is set before all are asked (the
+    association is then aborted at once)."""
     from pynetdicom import AE
 
     ae = AE(ae_title=settings.calling_ae_title)
@@ -64,12 +74,13 @@ def held_instances(
     if not assoc.is_established:
         raise QueryError(f"no association with {peer} for C-FIND")
     held: set[str] = set()
+    undecided: dict[str, str] = {}
     try:
         with abort_on_cancel(assoc, cancel):
-            _ask(assoc, peer, keys, held, cancel)
+            _ask(assoc, peer, keys, held, undecided, cancel)
     finally:
         end_association(assoc, cancel)
-    return held
+    return Answers(frozenset(held), undecided)
 
 
 def _ask(
@@ -77,6 +88,7 @@ def _ask(
     peer: Peer,
     keys: Sequence[InstanceKey],
     held: set[str],
+    undecided: dict[str, str],
     cancel: threading.Event | None,
 ) -> None:
     from pydicom.dataset import Dataset
@@ -90,17 +102,26 @@ def _ask(
         query.SeriesInstanceUID = key.series_instance_uid
         query.SOPInstanceUID = key.sop_instance_uid
         found = False
-        for status, identifier in assoc.send_c_find(query, STUDY_ROOT_FIND):
+        asked = f"{peer} answered the C-FIND for {key.sop_instance_uid} with"
+        try:
+            answers = list(assoc.send_c_find(query, STUDY_ROOT_FIND))
+        except ValueError as exc:  # pynetdicom: the identifier cannot be encoded
+            undecided[key.sop_instance_uid] = f"cannot ask for {key.sop_instance_uid}: {exc}"
+            continue
+        except RuntimeError as exc:  # pynetdicom: the association is gone
+            raise QueryError(f"{peer}: {exc}") from None
+        for status, identifier in answers:
             code = int(status.Status) if status is not None and "Status" in status else None
             if code in (0xFF00, 0xFF01):
                 uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
                 found = found or uid == key.sop_instance_uid
             elif code is None and cancel is not None and cancel.is_set():
                 raise QueryError("stopping: no answer to a C-FIND yet")
+            elif code is None:
+                raise QueryError(f"{asked} nothing")
             elif code != 0x0000:
-                raise QueryError(
-                    f"{peer} answered the C-FIND for {key.sop_instance_uid} with "
-                    + ("nothing" if code is None else f"status 0x{code:04X}")
-                )
+                # A failure (even after a match): nothing is decided about this instance.
+                undecided[key.sop_instance_uid] = f"{asked} status 0x{code:04X}"
+                found = False
         if found:
             held.add(key.sop_instance_uid)

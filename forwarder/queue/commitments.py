@@ -38,6 +38,9 @@ class CommitItem:
     study_instance_uid: str
     series_instance_uid: str
     stored_at: float
+    path: str = ""  # the file (in incoming while it awaits proof)
+    rel_path: str = ""
+    calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,8 @@ class CommitmentCounts:
 
 
 _ITEM_COLUMNS = """j.id, f.sop_class_uid, f.sop_instance_uid, COALESCE(f.study_instance_uid, ''),
-       COALESCE(f.series_instance_uid, ''), COALESCE(j.finished_at, j.created_at)"""
+       COALESCE(f.series_instance_uid, ''), COALESCE(j.finished_at, j.created_at), f.path,
+       f.rel_path, COALESCE(f.calling_ae, '')"""
 
 
 class Commitments(Store):
