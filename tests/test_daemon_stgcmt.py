@@ -267,3 +267,21 @@ def test_sigterm_while_the_keeper_waits_after_the_pacs_ended_the_association(
             took = time.monotonic() - started
     assert "did not stop" not in d.log_text()
     assert took < 4.5, f"SIGTERM took {took:.1f}s"  # the keeper's join alone is 5 s
+
+
+def test_deidentified_instances_are_committed_by_the_uids_they_were_sent_with(
+    tmp_path: Path,
+) -> None:
+    """deidentify replaces the SOP Instance UIDs of what is sent: the N-ACTION must name those
+    (the PACS holds nothing by the file's own), and the report is matched by them."""
+    scp = CommitmentSCP(mode="same")
+    routes = [{"name": "deid", "to": ["pacs"], "deidentify": "basic"}]
+    with scp, Daemon(tmp_path, destinations=[_dest(scp)], routes=routes) as d:
+        dropped = d.drop_files(2, study_uid=STUDY)
+        d.wait_done(2, timeout=60)
+        assert d.failed_files() == []
+        status = d.status_json()["destinations"]["pacs"]
+        assert (status["committed"], status["commitment_failures"]) == (2, 0)
+        assert d.stop() == 0
+    asked = {str(r.ReferencedSOPInstanceUID) for a in scp.actions for r in a.ReferencedSOPSequence}
+    assert asked == set(scp.held) and not asked & {f.sop_instance_uid for f in dropped}

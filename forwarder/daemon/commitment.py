@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from forwarder.config import StorageCommitment
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
-from forwarder.daemon.proof_thread import ProofThread, Target
+from forwarder.daemon.proof_thread import ProofThread, SentUids, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import (
     CommitmentBook,
@@ -86,8 +86,11 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         *,
         wake_workers: Callable[[], None],
         metrics: Any = None,
+        sent_uids: SentUids | None = None,
     ) -> None:
-        super().__init__(queue, finisher, wake_workers=wake_workers, metrics=metrics)
+        super().__init__(
+            queue, finisher, wake_workers=wake_workers, metrics=metrics, sent_uids=sent_uids
+        )
         self.book = CommitmentBook(on_report=self._on_report)
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}
@@ -135,7 +138,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         self._restored = True
         for txn in self.queue.open_commitments():
             if txn.kind == "stgcmt":
-                self._expect(txn.uid, txn.items)
+                self._expect(txn.uid, txn.destination, txn.items)
         if self._jobs:
             logger.info(
                 "storage commitment: %d transaction(s) still awaiting their report", len(self._jobs)
@@ -205,7 +208,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             [i.job_id for i in items],
             deadline=time.time() + policy.timeout,
         )
-        refs = self._expect(uid, items)
+        refs = self._expect(uid, target.name, items)
         crash_point("stgcmt-before-action")
         try:
             request_commitment(
@@ -231,10 +234,13 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             return False
         return True
 
-    def _expect(self, uid: str, items: Sequence[CommitItem]) -> list[Reference]:
-        refs = [Reference(i.sop_class_uid, i.sop_instance_uid) for i in items]
+    def _expect(self, uid: str, destination: str, items: Sequence[CommitItem]) -> list[Reference]:
+        """The references of transaction ``uid``, awaited in the book: each instance by the SOP
+        Instance UID it was sent with (the PACS knows a de-identified object by its new one)."""
+        sent = {i.job_id: self._as_sent(destination, i)[2] for i in items}
+        refs = [Reference(i.sop_class_uid, sent[i.job_id]) for i in items]
         with self._lock:
-            self._jobs[uid] = {i.sop_instance_uid: i.job_id for i in items}
+            self._jobs[uid] = {sent[i.job_id]: i.job_id for i in items}
         self.book.expect(uid, refs)
         return refs
 

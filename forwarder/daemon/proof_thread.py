@@ -26,6 +26,12 @@ from forwarder.queue import Queue
 
 if TYPE_CHECKING:
     from forwarder.daemon.finisher import FinishSink
+    from forwarder.queue import CommitItem
+
+#: ``sent_uids(path, rel_path, calling_ae, destination)``: the (Study, Series, SOP Instance)
+#: UIDs a destination's changes (``deidentify``, ``modify``) sent a file with, None when sent
+#: unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`).
+SentUids = Callable[[str, str, str, str], "tuple[str, str, str] | None"]
 
 _TICK = 1.0  # how often the thread looks for what is due
 _RETRY = 30.0  # after the peer could not be asked, ask again this much later
@@ -64,11 +70,13 @@ class ProofThread(Generic[TargetT]):
         *,
         wake_workers: Callable[[], None],
         metrics: Any = None,
+        sent_uids: SentUids | None = None,
     ) -> None:
         self.queue = queue
         self.finisher = finisher
         self.wake_workers = wake_workers
         self.metrics = metrics
+        self.sent_uids = sent_uids
         self._targets: dict[str, TargetT] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -111,6 +119,22 @@ class ProofThread(Generic[TargetT]):
     def _current_targets(self) -> list[TargetT]:
         with self._lock:
             return list(self._targets.values())
+
+    def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str]:
+        """The (Study, Series, SOP Instance) UIDs ``destination`` holds ``item`` by: those its
+        changes sent it with (a de-identified object's are new), else the file's own."""
+        sent = None
+        if self.sent_uids is not None and item.path:
+            try:
+                sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, destination)
+            except Exception as exc:
+                # Asked by its own UIDs: not proven, so sent again, where the send says why.
+                self.log.warning(
+                    "%s: cannot tell the UIDs %s was sent with: %s", destination, item.path, exc
+                )
+        if sent is not None and all(sent):
+            return sent
+        return (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
 
     def _resting(self, target: TargetT, now: float) -> bool:
         """True while the destination rests after an exchange that did not happen."""

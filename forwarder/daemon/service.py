@@ -284,15 +284,24 @@ class Service(ServiceLoop):
 
     def _start_proof(self) -> None:
         """The storage commitment keeper, for the destinations that require commitment."""
+        # Both ask by the UIDs a destination's changes sent a file with (deidentify).
+        sent_uids = EditResolver(self.ingest).sent_uids
         self.commitment = CommitmentKeeper(
-            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+            self.queue,
+            self.finisher,
+            wake_workers=self._wake_workers,
+            metrics=self.metrics,
+            sent_uids=sent_uids,
         )
         self.commitment.configure(self._proof_targets())
         self.commitment.start()
         self.verifier = QueryVerifier(
-            self.queue, self.finisher, wake_workers=self._wake_workers, metrics=self.metrics
+            self.queue,
+            self.finisher,
+            wake_workers=self._wake_workers,
+            metrics=self.metrics,
+            sent_uids=sent_uids,
         )
-        self.verifier.sent_uids = EditResolver(self.ingest).sent_uids
         self.verifier.configure(self._query_targets())
         self.verifier.start()
         self._settle_proof()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from forwarder.config import VerifyByQuery
@@ -57,12 +56,6 @@ class QueryVerifier(ProofThread[QueryTarget]):
     thread_name = "verify-query"
     not_stopped = "verification by query did not stop within %gs"
     log = logger
-
-    #: ``sent_uids(path, rel_path, calling_ae, destination)``: the (Study, Series, SOP Instance)
-    #: UIDs a destination's changes (``deidentify``, ``modify``) sent the file with, None when
-    #: sent unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`; set by the
-    #: service). The peer holds what it was sent, so that is what is asked for.
-    sent_uids: Callable[[str, str, str, str], tuple[str, str, str] | None] | None = None
 
     def start(self) -> None:
         """Rounds a crash left open are asked again (their instances await once more)."""
@@ -158,15 +151,4 @@ class QueryVerifier(ProofThread[QueryTarget]):
 
     def _key(self, target: QueryTarget, item: CommitItem) -> InstanceKey:
         """What the peer holds ``item`` by: its UIDs as they were sent."""
-        sent = None
-        if self.sent_uids is not None and item.path:
-            try:
-                sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, target.name)
-            except Exception as exc:
-                # Asked by its own UIDs: not held, so sent again, where the send says why.
-                logger.warning(
-                    "%s: cannot tell the UIDs %s was sent with: %s", target.name, item.path, exc
-                )
-        if sent is not None and all(sent):
-            return InstanceKey(*sent)
-        return InstanceKey(item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        return InstanceKey(*self._as_sent(target.name, item))
