@@ -1,7 +1,8 @@
 """Every DICOM file pydicom ships, sent by the daemon through a destination that changes what it
-sends (``modify: {set: {InstitutionName: ...}}``): the path that decodes and encodes the data set
-again (``forwarder.dicom.edit``), where the byte-exact path does not, judged element by element
-against the original.
+sends (``modify: {set: {InstitutionName: ...}}``), and through a route that de-identifies it
+(``deidentify: basic``): the path that decodes and encodes the data set again
+(``forwarder.dicom.edit``), where the byte-exact path does not, judged element by element
+against the original (modify) and against the profile (deidentify).
 
 How it runs: one daemon whose destination, a DCMTK storescp ``+xa +B +uf`` (every transfer
 syntax), sets Institution Name (0008,0080); dcmsend pushing the file unchanged to a storescp
@@ -19,42 +20,60 @@ The rules, per file:
 3. A file dcmsend delivers intact is delivered changed: an edit that cannot re-encode a data
    set dcmsend can send is a defect.
 4. Nothing stray, ``incoming/`` empties, no traceback, exit 0 on SIGTERM.
+
+De-identified (the same run, a second daemon whose route has ``deidentify: basic``), rules 2-4
+hold, and rule 1 becomes: in ``done/``, the PACS holds one object for it (matched by its new
+SOP Instance UID, from the queue's UID map) in the original's transfer syntax, with no element
+the profile removes at any level, no private element, Patient Identity Removed YES, new Study,
+Series and SOP Instance UIDs, the SOP Class kept, and pixels that decode to the original's.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from conformance_lib import (
     Outcome,
+    Source,
     by_key,
     compare,
     corpus,
     match_arrivals,
+    pixels,
+    quiet,
+    read,
     rounds,
     run_dcmsend,
     transfer_syntax_of,
 )
 from daemon import Daemon, destination, write_atomic
 from peers import storescp
+from pydicom.dataset import Dataset
+
+from forwarder.dicom.deidentify import basic_profile
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
 
 KEYS = [s.key for s in corpus()]
 INSTITUTION = "Gateway Conformance Hospital"
 INSTITUTION_NAME = 0x00080080
+#: the two runs: a destination's modify, a route's deidentify
+KINDS = ("modify", "deidentify")
 
 
 @dataclass
 class ModifyRun:
+    kind: str = "modify"
     where: dict[str, str] = field(default_factory=dict)  # done / failed / elsewhere
     reasons: dict[str, str] = field(default_factory=dict)
     arrivals: dict[str, list[Path]] = field(default_factory=dict)
@@ -75,10 +94,8 @@ def _take(folder: Path, into: Path) -> list[Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def modified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModifyRun]:
-    work = tmp_path_factory.mktemp("modify")
-    run = ModifyRun()
+def _run(work: Path, kind: str) -> ModifyRun:
+    run = ModifyRun(kind)
     options = ["+B", "+uf", "+xa"]
     t0 = time.monotonic()
     with (
@@ -86,10 +103,15 @@ def modified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModifyRun]:
         storescp(work / "ref", ae_title="PACS", extra=options, log=work / "ref.log") as direct,
     ):
         dest = destination("pacs", pacs.port, ae_title="PACS", response_timeout="20s")
-        dest["modify"] = {"set": {"InstitutionName": INSTITUTION}}
+        routes = None
+        if kind == "modify":
+            dest["modify"] = {"set": {"InstitutionName": INSTITUTION}}
+        else:
+            routes = [{"name": "deid", "to": ["pacs"], "deidentify": "basic"}]
         with Daemon(
             work / "fw",
             destinations=[dest],
+            routes=routes,
             retry={"initial_delay": "200ms", "max_delay": "500ms", "max_attempts": 2},
             watch={"settle": "100ms", "rescan_interval": "1s"},
         ) as d:
@@ -116,18 +138,109 @@ def modified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModifyRun]:
                         run.reasons[s.key] = str(per[0].get("error") or doc.get("reason") or "")
                     else:
                         run.where[s.key] = "elsewhere"
-                matched, stray = match_arrivals(sources, _take(pacs.output, base / "pacs"))
+                got = _take(pacs.output, base / "pacs")
+                matched, stray = (
+                    match_arrivals(sources, got)
+                    if kind == "modify"
+                    else _match_deidentified(d.queue, sources, got)
+                )
                 run.arrivals.update(matched)
                 run.stray.extend(stray)
             run.exit_code = d.stop()
             run.log = d.log_text()
     done = sum(w == "done" for w in run.where.values())
     print(
-        f"conformance: daemon with modify -> storescp: {time.monotonic() - t0:.1f}s, "
+        f"conformance: daemon with {kind} -> storescp: {time.monotonic() - t0:.1f}s, "
         f"{done} of {len(run.where)} in done/",
         file=sys.stderr,
     )
-    yield run
+    return run
+
+
+def _match_deidentified(
+    queue: Path, sources: list[Source], arrivals: list[Path]
+) -> tuple[dict[str, list[Path]], list[Path]]:
+    """De-identified arrivals by source key: their SOP Instance UID is a replacement, mapped
+    back to the original through the queue's UID map; the unmatched ones."""
+    conn = sqlite3.connect(f"file:{queue}?mode=ro", uri=True)
+    try:
+        back = dict(conn.execute("SELECT replacement, original FROM uid_map").fetchall())
+    finally:
+        conn.close()
+    by_uid = {u: s.key for s in sources for u in s.uids}
+    matched: dict[str, list[Path]] = {}
+    stray = []
+    for a in arrivals:
+        new = str(pydicom.dcmread(a, stop_before_pixels=True).get("SOPInstanceUID", ""))
+        key = by_uid.get(back.get(new, ""))
+        if key is None:
+            stray.append(a)
+        else:
+            matched.setdefault(key, []).append(a)
+    return matched, stray
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def modified(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ModifyRun:
+    kind = str(request.param)
+    return _run(tmp_path_factory.mktemp(kind), kind)
+
+
+def _not_modified(key: str, arrival: Path) -> list[str]:
+    bad, _ = compare(key, arrival, ignore=frozenset({INSTITUTION_NAME}))
+    problems = [f"arrived different from the original: {b}" for b in bad[:8]]
+    got = pydicom.dcmread(arrival, stop_before_pixels=True).get("InstitutionName")
+    if got != INSTITUTION:
+        problems.append(f"Institution Name arrived as {got!r}, not {INSTITUTION!r}")
+    return problems
+
+
+def _walk(ds: Dataset) -> Iterator[int]:
+    for elem in ds:
+        yield int(elem.tag)
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _walk(item)
+
+
+def _not_deidentified(key: str, arrival: Path) -> list[str]:
+    with quiet():  # pydicom warns of the corpus's invalid values as it decodes them
+        return _deidentification_problems(key, arrival)
+
+
+def _deidentification_problems(key: str, arrival: Path) -> list[str]:
+    original, got = read(by_key()[key].path), read(arrival)
+    removed = {t for t, a in basic_profile().exact.items() if a == "X"}
+    tags = list(_walk(got))
+    problems = [f"({t >> 16:04X},{t & 0xFFFF:04X}) arrived, the profile removes it" for t in tags
+                if t in removed][:4]  # fmt: skip
+    problems += [f"private ({t >> 16:04X},{t & 0xFFFF:04X}) arrived" for t in tags if t >> 16 & 1][
+        :4
+    ]
+    if got.get("PatientIdentityRemoved") != "YES":
+        problems.append("Patient Identity Removed is not YES")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        old, new = str(original.get(keyword, "")), str(got.get(keyword, ""))
+        if old and (new == old or not new.startswith("2.25.")):
+            problems.append(f"{keyword} {new!r} not replaced (was {old!r})")
+    if str(got.get("SOPClassUID", "")) != str(original.get("SOPClassUID", "")):
+        problems.append("the SOP Class UID changed")
+    if "PixelData" in original:
+        try:
+            want = pixels(original)
+        except Exception:
+            want = None  # pydicom cannot decode the original: the bytes are compared
+            if got.get("PixelData") != original.get("PixelData"):
+                problems.append("Pixel Data differs from the original's")
+        if want is not None:
+            try:
+                have = pixels(got)
+            except Exception as exc:
+                problems.append(f"the pixels do not decode: {type(exc).__name__}: {exc}")
+            else:
+                if want.shape != have.shape or not np.array_equal(want, have):
+                    problems.append("the pixels differ from the original's")
+    return problems
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -140,11 +253,10 @@ def test_modify(modified: ModifyRun, key: str) -> None:
         if len(arrivals) != 1:
             problems.append(f"in done/, and the PACS holds {len(arrivals)} objects")
         for a in arrivals:
-            bad, _ = compare(key, a, ignore=frozenset({INSTITUTION_NAME}))
-            problems.extend(f"arrived different from the original: {b}" for b in bad[:8])
-            got = pydicom.dcmread(a, stop_before_pixels=True).get("InstitutionName")
-            if got != INSTITUTION:
-                problems.append(f"Institution Name arrived as {got!r}, not {INSTITUTION!r}")
+            if modified.kind == "modify":
+                problems.extend(_not_modified(key, a))
+            else:
+                problems.extend(_not_deidentified(key, a))
             sent, original = transfer_syntax_of(a), by_key()[key].transfer_syntax
             if original and sent != original:
                 problems.append(f"the edit converted {original} to {sent}")
@@ -163,7 +275,7 @@ def test_modify(modified: ModifyRun, key: str) -> None:
             f"dcmsend delivers it intact; with modify it went to {where}: "
             f"{modified.reasons.get(key, '')}"
         )
-    assert not problems, f"daemon with modify, {key}: " + "; ".join(problems)
+    assert not problems, f"daemon with {modified.kind}, {key}: " + "; ".join(problems)
 
 
 def test_modify_nothing_stray_nothing_left(modified: ModifyRun) -> None:
