@@ -185,3 +185,26 @@ def test_an_instance_whose_query_cannot_be_encoded_does_not_hold_up_the_others(
             assert status["awaiting_commitment"] == 1 and status["committed"] == 1
             assert d.failed_files() == [] and d.incoming_files() == ["bad.dcm"]
             assert d.stop() == 0
+
+
+def test_a_paused_destination_is_neither_queried_nor_asked_to_commit(tmp_path: Path) -> None:
+    """`forwarder pause` stops all traffic to the destination (a PACS in maintenance): the proof
+    of what it already stored waits too, and goes on after `resume`."""
+    for proof in ({"verify_by_query": {"after": "2s"}}, {"storage_commitment": {"settle": "2s"}}):
+        with (
+            CommitmentSCP() as scp,
+            Daemon(
+                tmp_path / next(iter(proof)),
+                destinations=[destination("pacs", scp.port, ae_title=scp.ae_title, **proof)],
+            ) as d,
+        ):
+            uid = d.drop("one.dcm", study_uid=STUDY).sop_instance_uid
+            wait_until(lambda: uid in scp.held, 20, what="stored")  # noqa: B023 (waited here)
+            assert d.cli("pause", "pacs").returncode == 0
+            d.wait_log("pacs: paused:", timeout=20)  # the proof's turn came, and it waited
+            assert (scp.finds, scp.actions) == ([], []), proof
+            assert d.done_files() == []
+            assert d.cli("resume", "pacs").returncode == 0
+            d.wait_done(1, timeout=30)
+            assert scp.finds or scp.actions
+            assert d.stop() == 0

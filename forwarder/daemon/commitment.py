@@ -77,6 +77,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
 
     thread_name = "stgcmt"
     not_stopped = "storage commitment: the keeper did not stop within %gs"
+    what = "storage commitment"
     log = logger
 
     def __init__(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from forwarder.config import Destination
+from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings
 from forwarder.queue import Queue
 
@@ -62,6 +63,8 @@ class ProofThread(Generic[TargetT]):
     not_stopped: ClassVar[str]
     #: The subclass module's logger, so that every line keeps its logger name.
     log: ClassVar[logging.Logger]
+    #: What it does, in the log's words ("storage commitment", "verification by query").
+    what: ClassVar[str]
 
     def __init__(
         self,
@@ -82,6 +85,7 @@ class ProofThread(Generic[TargetT]):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._not_before: dict[str, float] = {}
+        self._paused: set[str] = set()  # the paused destinations it said it waits for
 
     def configure(self, targets: Sequence[TargetT]) -> None:
         """The destinations to prove now (at start and on reload)."""
@@ -117,8 +121,19 @@ class ProofThread(Generic[TargetT]):
         raise NotImplementedError
 
     def _current_targets(self) -> list[TargetT]:
+        """The destinations to prove now: not a paused one (``forwarder pause`` stops all its
+        traffic, a C-FIND or N-ACTION too; its proofs wait, and go on after ``resume``)."""
         with self._lock:
-            return list(self._targets.values())
+            targets = list(self._targets.values())
+        try:
+            paused = set(self.queue.paused()) if targets else set()
+        except ForwarderError as exc:
+            self.log.warning("%s: cannot read the paused destinations: %s", self.what, exc)
+            paused = self._paused
+        for name in sorted({t.name for t in targets} & paused - self._paused):
+            self.log.info("%s: paused: %s waits until it is resumed", name, self.what)
+        self._paused = paused
+        return [t for t in targets if t.name not in paused]
 
     def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str]:
         """The (Study, Series, SOP Instance) UIDs ``destination`` holds ``item`` by: those its

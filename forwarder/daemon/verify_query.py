@@ -55,6 +55,7 @@ class QueryVerifier(ProofThread[QueryTarget]):
 
     thread_name = "verify-query"
     not_stopped = "verification by query did not stop within %gs"
+    what = "verification by query"
     log = logger
 
     def start(self) -> None:
