@@ -131,20 +131,39 @@ def test_resume_of_a_destination_that_sent_nothing_yet_shows_it_up_again(
         assert d.stop() == 0
 
 
+def _state_since_metric(listen: str) -> float | None:
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    found = re.search(r'^forwarder_destination_state_since_seconds\{destination="pacs"\} (\S+)$',
+                      text, re.M)  # fmt: skip
+    return float(found.group(1)) if found else None
+
+
 def test_paused_since_is_when_it_was_paused_not_the_last_restart(tmp_path: Path) -> None:
+    listen = f"127.0.0.1:{free_port()}"
     with ScriptedSCP() as scp:
-        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", scp.port)],
+            extra={"metrics": {"listen": listen}},
+        )
         with d:
             assert d.cli("pause", "pacs").returncode == 0
             d.wait_log("pacs: PAUSED by an operator", timeout=5)
             since = d.status_json()["destinations"]["pacs"]["state_since"]
+            wait_until(lambda: _state_since_metric(listen) is not None, 5, what="the metric")
+            exported = _state_since_metric(listen)
+            assert exported is not None
             assert d.stop() == 0
-            # a restart in a later second than the pause
-            wait_until(lambda: time.strftime("%Y-%m-%dT%H:%M:%S") > since[:19], 3, what="1 s")
+            # a restart well after the pause (and in a later second)
+            wait_until(lambda: time.time() > exported + 1.5, 3, what="1.5 s")
             d.start()
             d.wait_log("pacs: PAUSED by an operator", timeout=10)
             pacs = d.status_json()["destinations"]["pacs"]
             assert pacs["state"] == "paused" and pacs["state_since"] == since
+            # the metric too says since the pause, not since the restart
+            wait_until(lambda: _state_since_metric(listen) is not None, 5, what="the metric")
+            assert abs((_state_since_metric(listen) or 0.0) - exported) < 1.0
             assert d.stop() == 0
 
 

@@ -190,6 +190,14 @@ class DestinationState:
                 self._gate = gate
             self._publish(0.0, "")
 
+    def _paused_at(self, default: float) -> float:
+        """When an operator paused it (the pause row's time, kept across restarts), so that a
+        restart does not make the pause look new; ``default`` if it cannot be read."""
+        try:
+            return self.queue.paused().get(self.name, default)
+        except ForwarderError:
+            return default
+
     def _publish(self, pause: float, reason: str) -> None:
         """The state shown (the gate's, else the breaker's) changed, perhaps: logged once (an
         error when it goes down or its reason changes), exported, and written for ``forwarder
@@ -235,6 +243,8 @@ class DestinationState:
                 reason or "an association was accepted",
                 extra=fields,
             )
+        if state == "paused":
+            since = self._paused_at(since)
         if self.metrics is not None:
             self.metrics.destination_up(self.name, up)
             self.metrics.destination_state(self.name, state, since)
