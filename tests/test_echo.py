@@ -12,7 +12,7 @@ from conftest import FORWARDER
 from hostile import Behaviour, HostilePeer
 from peers import ScriptedSCP, free_port, storescp
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 
 
 def echo(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -117,6 +117,22 @@ def test_echo_no_response_within_rsp_timeout_exits_1(forwarder_env: dict[str, st
         assert peer.aborted.wait(5)
     assert r.returncode == 1, r.stderr
     assert "within 0.3s" in r.stderr
+
+
+def test_echo_to_a_peer_without_verification_exits_1(forwarder_env: dict[str, str]) -> None:
+    """The peer took the association but not the Verification context: echo said exit 3
+    ("unreachable or refused the association"), so the operator looked at the network; echoscu
+    says "No Acceptable Presentation Contexts" and exits 1."""
+    ae = AE(ae_title="STOREONLY")
+    ae.add_supported_context(CTImageStorage)
+    server = ae.start_server(("127.0.0.1", free_port()), block=False)
+    try:
+        port = server.socket.getsockname()[1]
+        r = echo(f"STOREONLY@127.0.0.1:{port}", env=forwarder_env)
+    finally:
+        server.shutdown()
+    assert r.returncode == 1, r.stderr
+    assert "did not accept Verification" in r.stderr
 
 
 def test_echo_destination_from_config(tmp_path: Path, forwarder_env: dict[str, str]) -> None:

@@ -9,6 +9,7 @@ memory on a 300 MB file (peak RSS from ``os.wait4``, a memory bound, not a timin
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -277,6 +278,24 @@ def test_response_timeout_in_milliseconds(
     (record,) = report_of(report)["files"]
     assert record["status"] is None
     assert "within 0.3s" in record["error"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["-connectTO", "-acceptTO", "-rspTO", "-releaseTO", "--connect-timeout", "--response-timeout"],
+)
+def test_a_zero_timeout_means_no_timeout_as_in_dcmsnd(
+    files: list[Path], forwarder_env: dict[str, str], option: str
+) -> None:
+    """dcm4che's 0 is "no timeout": -rspTO 0 was a 1 ms response timeout (every file failed
+    against a peer slower than that), -connectTO 0 failed every connect with "operation now
+    in progress" and exit 3."""
+    with CapturingSCP(delay=0.2) as scp:
+        r = send(target(scp), *files[:2], option, "0", env=forwarder_env)
+        assert r.returncode == 0, r.stderr
+        assert sorted(scp.received_uids()) == sorted(uid_of(p) for p in files[:2])
+        wait_until(lambda: scp.releases == 1, timeout=5, what="the association's release")
+        assert scp.aborts == 0, r.stderr
 
 
 def test_repeat(tmp_path: Path, files: list[Path], forwarder_env: dict[str, str]) -> None:
@@ -813,3 +832,138 @@ def test_an_io_error_during_the_send_is_never_exit_0(
     (line,) = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
     assert str(files[0]) in line and "Input/output error" in line, line
     assert "0 stored" in r.stderr and "1 failed" in r.stderr
+
+
+# -- what a directory tree yields: nothing left out unnamed, never exit 0 for nothing -----------
+
+
+def test_a_symlinked_folder_in_a_tree_is_sent_as_storescu_and_dcmsnd_send_it(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """A symlinked series folder was skipped without a word and send exited 0 "2 stored" with
+    two files never sent; storescu +sd +r and dcmsnd follow the link. A link back up the tree
+    (a loop) is walked once."""
+    tree = tmp_path / "tree"
+    paths = write_files(tree / "real", 2, rows=8, columns=8)
+    paths += write_files(tmp_path / "elsewhere", 2, rows=8, columns=8, prefix="linked")
+    (tree / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tree / "real" / "loop").symlink_to(tree, target_is_directory=True)
+    with CapturingSCP() as scp:
+        r = send(target(scp), tree, env=forwarder_env)
+        assert sorted(scp.received_uids()) == sorted(uid_of(p) for p in paths), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "4 stored" in r.stderr and "0 failed" in r.stderr
+
+
+def test_an_empty_folder_is_not_success(tmp_path: Path, forwarder_env: dict[str, str]) -> None:
+    """An empty folder (an export not made, a share not mounted) exited 0 "0 stored, 0 failed":
+    a script took it for delivered. storescu says "no input files to be sent" and exits 1,
+    dcmsnd exits 2."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    write_file(tmp_path / "empty" / ".hidden.dcm")
+    with CapturingSCP() as scp:
+        r = send(target(scp), tmp_path / "empty", env=forwarder_env)
+        assert scp.associations == 0
+    assert r.returncode == 2, r.stderr
+    assert "no files to send" in r.stderr and str(tmp_path / "empty") in r.stderr
+
+
+def test_a_fifo_in_a_tree_is_named_and_not_waited_on(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """A named pipe in the tree hung send for ever (its open waits for a writer)."""
+    paths = write_files(tmp_path / "in", 1, rows=8, columns=8)
+    fifo = tmp_path / "in" / "pipe"
+    os.mkfifo(fifo)
+    report = tmp_path / "report.json"
+    with CapturingSCP() as scp:
+        r = send(target(scp), tmp_path / "in", "--report", report, env=forwarder_env, timeout=30)
+        assert scp.received_uids() == [uid_of(paths[0])]
+    assert r.returncode == 1, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
+    assert str(fifo) in line and "not a regular file" in line, line
+    assert "1 stored" in r.stderr and "1 failed" in r.stderr
+    records = {rec["path"]: rec for rec in report_of(report)["files"]}
+    assert records[str(fifo)]["outcome"] == "failed"
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_sending(
+    tmp_path: Path, files: list[Path], forwarder_env: dict[str, str]
+) -> None:
+    """--report into a missing folder sent every file, then died with a traceback and exit 1
+    ("at least one file not stored"): the operator sent it all again."""
+    report = tmp_path / "no-such-folder" / "report.json"
+    with CapturingSCP() as scp:
+        r = send(target(scp), *files, "--report", report, env=forwarder_env)
+        assert scp.associations == 0
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"cannot write the report {report}" in r.stderr
+
+
+def test_parallel_associations_to_a_peer_that_takes_one_at_a_time_all_arrive(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """-async 4 to a pynetdicom SCP limited to one association: the associations were
+    requested at the same moment, the SCP rejected all of them ("local limit exceeded":
+    it counts those being negotiated) and send exited 3, "0 stored". The first association
+    is now made before the spares ask; a spare refused hands its file back."""
+    paths = write_files(tmp_path / "in", 12, rows=8, columns=8)
+    with CapturingSCP() as scp:
+        scp._server.ae.maximum_associations = 1
+        r = send(target(scp), tmp_path / "in", "-async", "4", env=forwarder_env)
+        assert sorted(scp.received_uids()) == sorted(uid_of(p) for p in paths), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert "12 stored" in r.stderr and "0 failed" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["PACS_ARCHIVE_MAIN1@127.0.0.1:{port}"],
+        ["SCP@127.0.0.1:{port}", "-aet", "FORWARDER_GATEWAY"],
+        ["127.0.0.1", "{port}", "-aec", "PACS_ARCHIVE_MAIN1"],
+        ["SCP@127.0.0.1:{port}", "-L", "BACK\\SLASH"],
+    ],
+    ids=["called-17", "calling-17", "storescu-called-17", "backslash"],
+)
+def test_an_ae_title_that_cannot_go_on_the_wire_is_a_bad_command_line(
+    files: list[Path], forwarder_env: dict[str, str], argv: list[str]
+) -> None:
+    """A 17-character AE title was cut to 16 on the wire while the summary and the report
+    named the whole one: a PACS that checks titles refused "PACS_ARCHIVE_MAIN" and the
+    operator read "PACS_ARCHIVE_MAIN1"."""
+    with CapturingSCP() as scp:
+        args = [a.format(port=scp.port) for a in argv]
+        r = send(*args[:1], *args[1:], files[0], env=forwarder_env)
+        assert scp.associations == 0, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "AE title" in r.stderr
+
+
+def test_a_folder_that_cannot_be_read_is_named_not_skipped(
+    tmp_path: Path, forwarder_env: dict[str, str]
+) -> None:
+    """os.walk drops a folder it cannot list without a word (EACCES for an operator's account;
+    here, as root, a path longer than PATH_MAX): its files were never sent and send exited 0."""
+    tree = tmp_path / "tree"
+    (top,) = write_files(tree, 1, rows=8, columns=8)
+    fd = os.open(tree, os.O_RDONLY)
+    try:
+        for _ in range(17):  # 17 x 251 characters: past Linux's 4096
+            os.mkdir("d" * 250, dir_fd=fd)
+            deeper = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        out = os.open("bottom.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, top.read_bytes())
+        os.close(out)
+    finally:
+        os.close(fd)
+    with CapturingSCP() as scp:
+        r = send(target(scp), tree, env=forwarder_env)
+        assert scp.received_uids() == [uid_of(top)]
+    assert r.returncode == 1, r.stderr
+    (line,) = [ln for ln in r.stderr.splitlines() if "FAILED" in ln]
+    assert "cannot read the folder" in line and "too long" in line, line
+    assert "1 stored" in r.stderr and "1 failed" in r.stderr

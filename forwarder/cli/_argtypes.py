@@ -28,3 +28,14 @@ def whole_number(
 
 positive = whole_number(1)
 non_negative = whole_number(0)
+
+
+def ae_title(value: str) -> str:
+    """An AE title as it goes on the wire: 1 to 16 printable ASCII characters, no backslash
+    (surrounding spaces dropped)."""
+    text = value.strip()
+    if not 1 <= len(text) <= 16 or "\\" in text or any(not 32 <= ord(c) <= 126 for c in text):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an AE title: 1 to 16 printable ASCII characters, no backslash"
+        )
+    return text

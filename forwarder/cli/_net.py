@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_USAGE
-from forwarder.cli._argtypes import non_negative, whole_number
+from forwarder.cli._argtypes import ae_title, non_negative, whole_number
 from forwarder.durations import parse_duration
 from forwarder.errors import ConfigError, ForwarderError, TLSSetupError
 from forwarder.net.association import AssociationSettings, Peer
@@ -65,10 +65,19 @@ def _duration(text: str) -> float:
 
 _milliseconds = whole_number(0, what="a number of milliseconds")
 
+# A timeout of 0 is "no timeout", as dcm4che's -connectTO 0 and -rspTO 0 are; it stands for
+# about 31 years, which every socket call takes (socket.settimeout refuses float("inf")).
+NO_TIMEOUT = 1e9
+
+
+def _timeout(text: str) -> float:
+    """A timeout option: a duration, 0 for none."""
+    return _duration(text) or NO_TIMEOUT
+
 
 def _millis(text: str) -> float:
-    """The seeds' timeouts: whole milliseconds, returned as seconds."""
-    return _milliseconds(text) / 1000.0
+    """The seeds' timeouts: whole milliseconds, returned as seconds; 0 for none."""
+    return _milliseconds(text) / 1000.0 or NO_TIMEOUT
 
 
 def add_association_options(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +119,7 @@ def add_association_options(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="send to a destination of the config (its address, timeouts and TLS)",
     )
-    t = parser.add_argument_group("timeouts (durations: 500ms, 5s, 2m; seed options: ms)")
+    t = parser.add_argument_group("timeouts (durations: 500ms, 5s, 2m; seed options: ms; 0: none)")
     for name, seed, default_help in (
         ("connect", "-connectTO", "TCP connect (default 10s)"),
         ("accept", "-acceptTO", "wait for A-ASSOCIATE-AC (default: the connect timeout)"),
@@ -118,7 +127,7 @@ def add_association_options(parser: argparse.ArgumentParser) -> None:
         ("release", "-releaseTO", "wait for A-RELEASE-RP (default 10s)"),
     ):
         t.add_argument(
-            f"--{name}-timeout", dest=f"{name}_timeout", type=_duration, help=default_help
+            f"--{name}-timeout", dest=f"{name}_timeout", type=_timeout, help=default_help
         )
         t.add_argument(seed, dest=f"{name}_timeout", type=_millis, help=argparse.SUPPRESS)
     p = parser.add_argument_group("PDU and socket")
@@ -318,6 +327,11 @@ def resolve(args: argparse.Namespace, positionals: list[str], *, needs_files: bo
         calling = local_aet or calling
         bind = local_host or bind
     calling = args.calling_aet or calling or "FORWARDER"
+    try:  # what goes on the wire is what the summary and the report name, or nothing is sent
+        peer = Peer(peer.host, peer.port, ae_title(peer.ae_title))
+        calling = ae_title(calling)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(str(exc)) from None
     tls_context = None
     if tls_paths is not None:
         from forwarder.net.tls import check_private_key_permissions, client_context

@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return EXIT_FAILED
     except AssociationError as exc:
+        # The peer took the association (no Verification context, no answer, an abort):
+        # not "unreachable or refused", which is exit 3.
         print(f"forwarder echo: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE if not exc.retryable else EXIT_FAILED
+        return EXIT_FAILED
     finally:
         assoc.release()
     if not args.quiet:

@@ -78,10 +78,13 @@ an association the peer opens to our calling AE title on PORT (the peer must hav
 for our AE title); what is not committed within --stgcmt-timeout (default 60s) counts as not
 committed: a NOT COMMITTED line, "commitment" in --report, and exit status 1.
 
+Directories are walked recursively, symlinked folders too (each real folder once); hidden files
+and folders are skipped; a pipe, socket or device is named and not sent.
+
 Exit status: 0 every file stored (Success or Warning); 1 at least one file not stored (or, with
 --stgcmt, not committed); 2 bad
-command line; 3 the peer could not be reached or refused the association and nothing was stored;
-78 invalid config file.
+command line, or no file found to send; 3 the peer could not be reached or refused the
+association and nothing was stored; 78 invalid config file. A timeout of 0 means none.
 """
 
 
@@ -157,20 +160,45 @@ class _Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+_NOT_REGULAR = "not a regular file (a pipe, socket or device), not sent"
+
+
 def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand directories recursively (hidden files and folders skipped), in sorted order.
+    Symlinked folders are followed, as storescu ``+sd +r`` and dcmsnd do; each real folder is
+    walked once, so a link back up the tree ends there.
 
-    Returns the files and (path, reason) for arguments that do not exist.
+    Returns the files and (path, reason) for what cannot be sent: arguments that do not exist,
+    folders that cannot be listed (os.walk would drop them without a word), and pipes, sockets
+    and devices (opening a pipe would wait for a writer for ever).
     """
     files: list[str] = []
     missing: list[tuple[str, str]] = []
+
+    def unlisted(exc: OSError) -> None:
+        missing.append((str(exc.filename), f"cannot read the folder: {exc.strerror or exc}"))
+
     for arg in paths:
         if os.path.isdir(arg):
-            for root, dirs, names in os.walk(arg):
+            walked: set[str] = set()
+            for root, dirs, names in os.walk(arg, onerror=unlisted, followlinks=True):
+                real = os.path.realpath(root)
+                if real in walked:
+                    dirs[:] = []
+                    continue
+                walked.add(real)
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+                for name in sorted(n for n in names if not n.startswith(".")):
+                    path = os.path.join(root, name)
+                    # A broken link goes on: the check names it ("No such file...").
+                    if os.path.isfile(path) or not os.path.exists(path):
+                        files.append(path)
+                    else:
+                        missing.append((path, _NOT_REGULAR))
         elif os.path.isfile(arg):
             files.append(arg)
+        elif os.path.exists(arg):
+            missing.append((arg, _NOT_REGULAR))
         else:
             missing.append((arg, "no such file or directory"))
     return files, missing
@@ -195,10 +223,19 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(target, int):
         return target
     problem = _stgcmt.usage_problem(args, target)
+    if problem is None and args.report:
+        problem = _report_problem(args.report)
     if problem is not None:
         print(f"forwarder send: {problem}", file=sys.stderr)
         return EXIT_USAGE
     files, missing = collect_files(target.files)
+    if not files and not missing:  # as storescu and dcmsnd: nothing found is not success
+        print(
+            f"forwarder send: no files to send in {' '.join(target.files)} "
+            "(hidden files and folders are skipped)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     edits = destination_edits(args)
     records: list[dict[str, Any]] = []
     bad: list[SendOutcome] = []
@@ -329,18 +366,32 @@ def _send_all(
         for _ in channels:
             work.put(None)
         hint = [n for n in ordered_needs if n in group]
+        # The spares ask for their associations once the first one is open (or has answered a
+        # file): asked all at once, a peer that counts the associations being negotiated
+        # against its limit (pynetdicom's maximum_associations) refuses every one. When the
+        # first fails, the spares stay out: a down peer costs one connect, not one a channel.
+        first_answered = threading.Event()
 
         def drain(
             channel: SendChannel,
             work: queue.SimpleQueue[StoreRequest | None],
             hint: list[tuple[str, str]],
+            first_answered: threading.Event,
         ) -> None:
             def pull() -> Iterator[StoreRequest]:
                 while (item := work.get()) is not None:
                     yield item
 
+            first = channels[0]
+            if channel is not first:
+                while not (first_answered.wait(0.01) or first.is_open or first.down):
+                    pass
+                if first.down is not None:
+                    return  # the first could not associate: it answers every file with why
             try:
                 for outcome in channel.send(pull(), hint=hint):
+                    if channel is first:
+                        first_answered.set()
                     if _spare_unavailable(channel, outcome, channels):
                         # An extra association the peer would not open (many SCPs, storescp
                         # among them, serve one at a time): hand the file back and bow out.
@@ -354,6 +405,8 @@ def _send_all(
                 logger.exception(
                     "%s: internal error; the files not yet sent are not sent", channel.name
                 )
+            finally:
+                first_answered.set()
             # Release as soon as the work runs out, so a peer that serves one association at a
             # time can take the next one.
             try:
@@ -365,7 +418,9 @@ def _send_all(
                 logger.exception("%s: internal error while ending the association", channel.name)
 
         threads = [
-            threading.Thread(target=drain, args=(c, work, hint), name=c.name, daemon=True)
+            threading.Thread(
+                target=drain, args=(c, work, hint, first_answered), name=c.name, daemon=True
+            )
             for c in channels
         ]
         for t in threads:
@@ -381,7 +436,7 @@ def _send_all(
             leftover_queue: queue.SimpleQueue[StoreRequest | None] = queue.SimpleQueue()
             for pending in [*leftover, None]:
                 leftover_queue.put(pending)
-            drain(channels[0], leftover_queue, hint)
+            drain(channels[0], leftover_queue, hint, first_answered)
     answered = {o.request.key for o in results}
     for r in requests:
         if r.key not in answered:
@@ -445,6 +500,21 @@ def _record(o: SendOutcome) -> dict[str, Any]:
         "association": o.association,
         "bytes": o.nbytes,
     }
+
+
+def _report_problem(path: str) -> str | None:
+    """Why ``--report`` cannot be written at ``path``, found before anything is sent (not in a
+    traceback once every file went), or None."""
+    if os.path.isdir(path):
+        return f"cannot write the report {path}: it is a directory"
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8"):
+            pass
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"cannot write the report {path}: {exc.strerror or exc}"
+    return None
 
 
 def _write_report(
