@@ -206,6 +206,8 @@ def test_unknown_keys_are_errors_at_every_level() -> None:
 )
 def test_single_field_problems(snippet: str, key: str, words: str) -> None:
     text = BASE + snippet
+    if snippet.startswith("ae_title"):  # instead of BASE's (a key given twice is an error)
+        text = BASE.replace("ae_title: FORWARDER", "", 1) + snippet
     if snippet.startswith("destinations"):
         text = BASE.split("destinations:")[0] + "\n" * 5 + snippet
     found = problems(text)
@@ -238,6 +240,82 @@ def test_route_values_that_look_like_numbers_are_text() -> None:
     config = parse_config(BASE + "routes:\n  - {name: r, match: {SeriesNumber: 1}, to: [pacs]}\n")
     assert config.routes is not None
     assert config.routes[0].match == {"SeriesNumber": "1"}
+
+
+def test_unquoted_route_values_keep_the_text_as_written() -> None:
+    # YAML 1.1 reads 00123 as octal (83), 1.50 as 1.5 and 12:30:00 as 45000: a match or a
+    # set value is the text the operator wrote, as the header holds it.
+    config = parse_config(
+        BASE
+        + "routes:\n"
+        + "  - name: r\n"
+        + "    match: {PatientID: 00123, SliceThickness: [1.50, 0x1F], StudyTime: 12:30:00,\n"
+        + "            StudyID: {not: 007}, SeriesNumber: {range: [010, 1_000]}}\n"
+        + "    to: [pacs]\n"
+        + "    modify: {set: {AccessionNumber: 000456}}\n"
+    )
+    assert config.routes is not None
+    assert config.routes[0].match == {
+        "PatientID": "00123",
+        "SliceThickness": ["1.50", "0x1F"],
+        "StudyTime": "12:30:00",
+        "StudyID": {"not": "007"},
+        "SeriesNumber": {"range": ["010", "1_000"]},
+    }
+    assert config.routes[0].modify is not None
+    assert config.routes[0].modify.set == {"AccessionNumber": "000456"}
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines() -> None:
+    # YAML would keep the last silently: a second destinations: list dropping the first, or
+    # a second Modality: condition replacing the first.
+    found = problems(
+        BASE
+        + "routes:\n"
+        + "  - name: r\n"
+        + "    match:\n"
+        + "      Modality: CT\n"
+        + "      Modality: MR\n"
+        + "    to: [pacs]\n"
+        + "destinations:\n"
+        + "  - {name: other, ae_title: O, host: 127.0.0.1, port: 105}\n"
+    )
+    assert found == [
+        "routes[0].match.Modality (line 15): given twice (also line 14); give each key once",
+        "destinations (line 17): given twice (also line 6); give each key once",
+    ]
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "f.yaml"
+    path.write_bytes((BASE + "# Klinikum M\u00fcnchen\n").encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ["(line 11): not UTF-8 text (byte 0xfc); save it as UTF-8"]
+
+
+def test_a_condition_on_a_sequence_is_refused() -> None:
+    # Routes read values from the header: a sequence (present or not) would read as absent.
+    found = problems(
+        BASE
+        + "routes:\n"
+        + "  - name: r\n"
+        + "    match: {RequestAttributesSequence: {present: true}}\n"
+        + "    to: [pacs]\n"
+    )
+    assert found == [
+        "routes[0].match.RequestAttributesSequence (line 13): RequestAttributesSequence is a "
+        "sequence: match takes attributes with values"
+    ]
+
+
+def test_metrics_listen_takes_a_port_up_to_65535_and_an_ipv6_host() -> None:
+    # Accepted by check-config, 127.0.0.1:99999 used to stop the daemon at start (exit 1).
+    assert problems(BASE + "metrics: {listen: '127.0.0.1:99999'}\n") == [
+        "metrics.listen (line 11): the port must be 0..65535 (host:port, e.g. 127.0.0.1:9750)"
+    ]
+    config = parse_config(BASE + "metrics: {listen: '[::1]:9750'}\n")
+    assert config.metrics is not None and config.metrics.listen == "[::1]:9750"
 
 
 # -- loading from disk -----------------------------------------------------------------------

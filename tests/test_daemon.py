@@ -515,6 +515,42 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(tmp_path: Path) -> None
             assert d.stop() == 0
 
 
+def test_sighup_with_a_config_that_is_not_utf8_keeps_the_old_one(tmp_path: Path) -> None:
+    # An editor that saves in Latin-1 (a comment naming "München"): the reload is refused
+    # with the reason, and the daemon goes on with the old config (it used to exit).
+    with ScriptedSCP() as a:
+        d = Daemon(tmp_path, destinations=[destination("a", a.port)])
+        with d:
+            pid = d.pid
+            text = d.config_path.read_text() + "# Klinikum M\u00fcnchen\n"
+            tmp = d.config_path.with_name(".latin1.tmp")
+            tmp.write_bytes(text.encode("latin-1"))
+            os.rename(tmp, d.config_path)
+            d.reload(expect_applied=False)
+            log = d.log_text(current_run=True)
+            line = len(text.splitlines())
+            assert f"(line {line}): not UTF-8 text" in log
+            dropped = d.drop_files(2)
+            d.wait_done(2)
+            assert a.uids() == uids(dropped)
+            assert d.pid == pid
+            assert d.stop() == 0
+
+
+def test_sighup_changing_log_phi_or_log_level_says_a_restart_applies_it(tmp_path: Path) -> None:
+    # Both are set in each process at start: a reload turning log_phi off must not report
+    # itself applied while patient values still go to the log.
+    with ScriptedSCP() as a:
+        d = Daemon(tmp_path, destinations=[destination("a", a.port)], extra={"log_phi": True})
+        with d:
+            d.write_config(extra={"log_phi": False}, log_level="DEBUG")
+            d.reload()
+            log = d.log_text(current_run=True)
+            assert "reload: log_phi changed; restart forwarder to apply it" in log
+            assert "reload: log_level changed; restart forwarder to apply it" in log
+            assert d.stop() == 0
+
+
 def test_sighup_removing_a_destination_fails_its_pending_files(tmp_path: Path) -> None:
     down = free_port()
     with ScriptedSCP() as a:
@@ -529,6 +565,64 @@ def test_sighup_removing_a_destination_fails_its_pending_files(tmp_path: Path) -
             results = {r["destination"]: r for r in doc["destinations"]}
             assert results["a"]["outcome"] == "stored"
             assert "no longer in the configuration" in results["gone"]["error"]
+            assert d.stop() == 0
+
+
+def test_sighup_removing_a_deidentifying_route_never_sends_its_queued_files_as_they_are(
+    tmp_path: Path,
+) -> None:
+    # A file queued for "research" by a de-identifying route, the route removed by a reload
+    # while the peer is down: when the peer comes back, the file must not go there (the routes
+    # in force no longer send it there), least of all unchanged, with the patient's identity.
+    research_port = free_port()
+    with ScriptedSCP() as archive:
+        d = Daemon(
+            tmp_path,
+            destinations=[
+                destination("archive", archive.port),
+                destination("research", research_port),
+            ],
+            routes=[
+                {"name": "archive", "to": ["archive"]},
+                {"name": "research", "to": ["research"], "deidentify": "basic"},
+            ],
+        )
+        with d:
+            (dropped,) = d.drop_files(1)
+            wait_until(lambda: archive.uids() == {dropped.sop_instance_uid}, 30, what="archive")
+            d.wait_status(lambda s: s["research"]["last_error"] is not None, what="research down")
+            d.write_config(routes=[{"name": "archive", "to": ["archive"]}])
+            d.reload()
+            with ScriptedSCP(port=research_port) as research:
+                wait_until(
+                    lambda: d.failed_files() or research.received, 30, what="failed/ or a send"
+                )
+                assert research.uids() == set()  # never its original SOP Instance UID
+                assert d.wait_failed(1) == [dropped.rel_path]
+                results = {
+                    r["destination"]: r for r in d.error_json(dropped.rel_path)["destinations"]
+                }
+                assert results["archive"]["outcome"] == "stored"
+                assert "no longer send it to research" in results["research"]["error"]
+            assert d.stop() == 0
+
+
+def test_sighup_removing_a_down_destination_no_longer_reports_it_down(tmp_path: Path) -> None:
+    # Its files were failed: status must not go on saying "DOWN: files stay queued".
+    down = free_port()
+    with ScriptedSCP() as a:
+        d = Daemon(tmp_path, destinations=[destination("a", a.port), destination("gone", down)])
+        with d:
+            dropped = d.drop_files(2)
+            wait_until(lambda: a.uids() == uids(dropped), 30, what="files at 'a'")
+            d.wait_status(lambda s: s["gone"]["state"] == "down", what="'gone' down")
+            d.write_config(destinations=[destination("a", a.port)])
+            d.reload()
+            d.wait_failed(2)
+            gone = d.status_json()["destinations"]["gone"]
+            assert (gone["pending"], gone["failed"], gone["state"]) == (0, 2, "up")
+            assert gone["last_error"] == "destination 'gone' is no longer in the configuration"
+            assert "files stay queued" not in d.cli("status").stdout
             assert d.stop() == 0
 
 

@@ -181,3 +181,41 @@ def test_the_changes_of_deidentify_options_are_shown(
     assert old == "20040119" and new and new < old
     assert changes["InstitutionName"][1] == "ANONYMIZED"  # no institution option
     assert changes["LongitudinalTemporalInformationModified"][1] == "MODIFIED"
+
+
+@pytest.mark.parametrize(
+    ("charset", "value"),
+    [
+        ("ISO_IR 100", "Klinikum München"),  # Latin-1
+        ("ISO_IR 192", "Klinikum München"),  # UTF-8
+        ("ISO_IR 144", "Больница"),  # Cyrillic
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎"),  # PN with ideographic group
+    ],
+)
+def test_non_ascii_values_match_in_the_file_s_character_set(
+    tmp_path: Path, forwarder_env: dict[str, str], charset: str | list[str], value: str
+) -> None:
+    # The header is read in its Specific Character Set, as the daemon routes it: a route on
+    # "Klinikum München" matches a Latin-1 file, not only a UTF-8 one.
+    import pydicom
+
+    path = tmp_path / "file.dcm"
+    write_file(path, modality="CT")
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet = charset
+    ds.InstitutionName = value.split("=")[0]
+    ds.PatientName = value
+    ds.save_as(path)
+    config = tmp_path / "f.yaml"
+    config.write_text(
+        CONFIG.format(root=tmp_path).split("routes:")[0]
+        + "routes:\n  - name: site\n"
+        + f"    match: {{InstitutionName: {json.dumps(value.split('=')[0])},"
+        + f" PatientName: {json.dumps(value)}}}\n"
+        + "    to: [research]\n",
+        encoding="utf-8",
+    )
+    result = explain(tmp_path, forwarder_env, str(path), json_out=True)
+    assert result.returncode == 0, result.stdout
+    (doc,) = json.loads(result.stdout)["files"]
+    assert doc["routes"][0]["matched"], doc["routes"][0]["failed"]

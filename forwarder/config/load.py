@@ -40,9 +40,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     every problem. Relative folder paths are resolved against the config file's folder."""
     source = os.fspath(path)
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        raw = Path(source).read_bytes()
     except OSError as exc:
         raise ConfigError(source, [f"cannot read the config file: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            source,
+            [f"(line {line}): not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8"],
+        ) from None
     return parse_config(text, source=source, base_dir=Path(source).resolve().parent)
 
 
@@ -58,6 +66,10 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
         raise ConfigError(source, [f"not valid YAML{where}: {problem}"]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, ["the file must be a YAML mapping of keys (ae_title, ...)"])
+    duplicates = list(_duplicate_keys(node, ()))
+    if duplicates:  # YAML keeps the last silently: the file does not say one thing
+        raise ConfigError(source, duplicates)
+    _keep_written_values(data, node)
     lines = dict(_node_lines(node, ())) if node is not None else {}
     found: list[tuple[tuple[Any, ...], str]] = []
     try:
@@ -92,6 +104,70 @@ def _node_lines(node: yaml.Node, path: tuple[Any, ...]) -> Iterator[tuple[tuple[
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             yield from _node_lines(item, (*path, i))
+
+
+def _duplicate_keys(node: yaml.Node | None, path: tuple[Any, ...]) -> Iterator[str]:
+    """One problem per key given twice in a mapping (YAML would keep the last silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key_node.tag != "tag:yaml.org,2002:merge" and key in seen:
+                where = f"{_format_loc((*path, key))} (line {line})"
+                yield f"{where}: given twice (also line {seen[key]}); give each key once"
+            seen.setdefault(key, line)
+            yield from _duplicate_keys(value_node, (*path, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield from _duplicate_keys(item, (*path, i))
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _as_written(node: yaml.Node | None, value: Any) -> Any:
+    """``value`` with every unquoted number in it as the text ``node`` has for it: a header
+    value is text, and YAML reads 00123 as 83 (octal), 1.50 as 1.5, 12:30:00 as 45000."""
+    if isinstance(node, yaml.ScalarNode):
+        written = node.style is None and node.tag in _NUMBER_TAGS
+        return node.value if written and not isinstance(value, bool) else value
+    if isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+        if len(node.value) != len(value):
+            return value
+        return [_as_written(n, v) for n, v in zip(node.value, value, strict=True)]
+    if isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+        out = dict(value)
+        for key_node, value_node in node.value:
+            if key_node.value in out:
+                out[key_node.value] = _as_written(value_node, out[key_node.value])
+        return out
+    return value
+
+
+def _child(node: yaml.Node | None, key: Any) -> yaml.Node | None:
+    found: yaml.Node | None = None
+    if isinstance(node, yaml.MappingNode):
+        found = next((v for k, v in node.value if k.value == key), None)
+    elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+        found = node.value[key]
+    return found
+
+
+def _keep_written_values(data: dict[str, Any], node: yaml.Node | None) -> None:
+    """Route conditions and ``modify.set`` values as written (:func:`_as_written`)."""
+    for section in ("routes", "destinations"):
+        entries = data.get(section)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(entry, dict):
+                continue
+            entry_node = _child(_child(node, section), i)
+            if section == "routes" and isinstance(entry.get("match"), dict):
+                entry["match"] = _as_written(_child(entry_node, "match"), entry["match"])
+            modify = entry.get("modify")
+            if isinstance(modify, dict) and isinstance(modify.get("set"), dict):
+                set_node = _child(_child(entry_node, "modify"), "set")
+                entry["modify"] = {**modify, "set": _as_written(set_node, modify["set"])}
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -325,7 +325,16 @@ class WatchConfig(_Model):
 class MetricsConfig(_Model):
     """Prometheus text format at /metrics, and the read-only status page at / and /api/status."""
 
-    listen: str = Field(pattern=r"^[^\s:]*:\d{1,5}$", description="host:port")
+    listen: str = Field(
+        pattern=r"^([^\s:\[\]]*|\[[0-9A-Fa-f:.]+\]):\d{1,5}$", description="host:port, [v6]:port"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _port_fits(cls, value: str) -> str:
+        if int(value.rpartition(":")[2]) > 65535:
+            raise ValueError("the port must be 0..65535 (host:port, e.g. 127.0.0.1:9750)")
+        return value
 
 
 class ListenTLS(_Model):

@@ -239,6 +239,11 @@ def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
                 (("match", key), f"{key!r} is not a DICOM keyword (e.g. Modality, StationName)")
             )
             continue
+        if vr == "SQ":  # the header is read for values: a sequence would never match
+            problems.append(
+                (("match", key), f"{key} is a sequence: match takes attributes with values")
+            )
+            continue
         if isinstance(cond, dict) and "range" in cond:
             try:
                 bounds = _check_range(cond["range"])

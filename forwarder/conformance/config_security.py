@@ -90,7 +90,8 @@ def _character_sets(e: _Engine) -> list[str]:
         "so any character set the file declares reaches the peer unchanged; a conversion "
         "between transfer syntaxes (3.2.1.4) re-encodes values but keeps their bytes and the "
         "declared character set. The receiver stores what it receives as received. Routing "
-        "matches header values as the file holds them. AE titles are ASCII (printable, 1-16 "
+        "matches header values as the file holds them, decoded in its Specific Character Set "
+        "(none declared: read as UTF-8). AE titles are ASCII (printable, 1-16 "
         "characters, no backslash).",
         "",
     ]

@@ -6,6 +6,9 @@ change what it sends (:meth:`Router.may_edit`), the file's header is read again 
 routes in force then, so a reloaded config applies to what is still queued. A destination
 without any change keeps today's path: no header read, the file streamed byte for byte.
 Routes sending the file there with different changes are a per-file failure, never a pick.
+A file queued before the routes in force were loaded (a reload, a restart) is routed again
+before it is sent: when they no longer send it to that destination, it is not sent there
+(failed, saying so), never sent without the changes its old route made.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ class EditConflict(ForwarderError):
     """Matching routes send the file to one destination with different changes."""
 
 
+class NoLongerRouted(ForwarderError):
+    """The routes in force, loaded since the file was queued, no longer send it there."""
+
+
 class RoutingSource(Protocol):
     def routing(self) -> tuple[Router, dict[int, str], dict[int, str]]: ...
 
@@ -36,8 +43,11 @@ class EditResolver:
         self.source = source
 
     def __call__(self, job: Job, destination: str) -> tuple[Editor, ...]:
-        """Raises :class:`EditConflict`, or the check's InvalidFileError/UnreadableFileError."""
-        return self.editors(job.path, job.rel_path, job.calling_ae, destination)
+        """Raises :class:`EditConflict`, :class:`NoLongerRouted`, or the check's
+        InvalidFileError/UnreadableFileError."""
+        router = self.source.routing()[0]
+        older = router.configured and job.created_at < router.since + router.settle
+        return self.editors(job.path, job.rel_path, job.calling_ae, destination, reroute=older)
 
     def sent_uids(
         self, path: str, rel_path: str, calling_ae: str, destination: str
@@ -51,16 +61,28 @@ class EditResolver:
         return edited_uids(path, editors) if editors else None
 
     def editors(
-        self, path: str, rel_path: str, calling_ae: str, destination: str
+        self, path: str, rel_path: str, calling_ae: str, destination: str, *, reroute: bool = False
     ) -> tuple[Editor, ...]:
-        """The editors for sending the file at ``path`` to ``destination`` (see __call__)."""
+        """The editors for sending the file at ``path`` to ``destination`` (see __call__);
+        ``reroute``: it was queued before the routes in force, which must still send it there."""
         router, want, vrs = self.source.routing()
-        if not router.may_edit(destination):
+        if not reroute and not router.may_edit(destination):
             return ()
         _, values = check_file_values(path, want, vrs)
         # Routed again as at ingest: with the calling AE title of a file received by `listen`
         # (kept in the queue), or routes matching it would miss their changes at send time.
         plan = router.plan(values, rel_path, calling_ae or None)
+        if reroute and destination not in plan.destinations:
+            why = (
+                f"discarded by route {', '.join(plan.discarded_by)}"
+                if plan.discarded_by
+                else f"no longer send it to {destination}"
+            )
+            raise NoLongerRouted(
+                f"not sent: the routes in force (changed since it was queued) {why}"
+            )
+        if not router.may_edit(destination):
+            return ()
         edits = router.edits(plan, destination)
         if edits.conflict is not None:
             raise EditConflict(edits.conflict)

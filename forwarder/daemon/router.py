@@ -20,6 +20,7 @@ the highest wins when routes overlap).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,11 @@ class Edits:
         return tuple(e for _, e in self.steps)
 
 
+#: A job queued up to this long after a reload's router was made may have been routed by the
+#: one before (the watch-and-ingest and receiving processes get the new routes a moment later).
+ROUTES_SETTLE = 2.0
+
+
 class Router:
     """Decides the destinations of a file. Immutable; build a new one on reload."""
 
@@ -135,6 +141,11 @@ class Router:
         uids: UidSource | None = None,
     ) -> None:
         self._all = tuple(destinations)
+        # Jobs queued before ``since`` (+ ``settle``) may have been routed by other routes:
+        # they are routed again before they are sent (forwarder.daemon.edits). At start:
+        # the jobs of an earlier run; on a reload that changed the routes, see :meth:`after`.
+        self.since = time.time()
+        self.settle = 0.0
         self._uids = uids  # the UID map deidentify uses (the queue's)
         self._routes = None if routes is None else tuple(routes)
         self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
@@ -154,6 +165,16 @@ class Router:
             )
         self._may_edit: dict[str, bool] = {}
         self._may_edit = {d: self.may_edit(d) for d in self._all}
+
+    def after(self, old: Router) -> Router:
+        """This router, replacing ``old`` on a reload: with ``old``'s time when the routes
+        and changes are the same (nothing queued needs routing again), else from now, with
+        :data:`ROUTES_SETTLE` for the other processes to take the new routes."""
+        if (self._routes, self._modify) == (old._routes, old._modify):
+            self.since, self.settle = old.since, old.settle
+        else:
+            self.settle = ROUTES_SETTLE
+        return self
 
     def __reduce__(self) -> tuple[type[Router], tuple[Any, ...]]:
         # Pickled for the receiving process (listen_child), which routes and checks for

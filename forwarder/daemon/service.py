@@ -353,6 +353,9 @@ class Service(ServiceLoop):
                     name,
                 )
                 self.finisher.finish_ids(ids)
+        for name in set(self.queue.destination_states()) - names:
+            # Not sending there any more: its last state ("down: files stay queued") is moot.
+            self.queue.clear_destination_state(name)
 
     def _destination_names(self) -> list[str]:
         return [d.name for d in self.config.destinations]
@@ -398,7 +401,9 @@ class Service(ServiceLoop):
             self.notifier.ready(self._status_line())
             return
         old = self.config
-        fixed = ("incoming", "done", "failed", "queue", "metrics", "watch", "listen")
+        # log_level and log_phi: set in each process's logging and ingest at start.
+        fixed: tuple[str, ...] = ("incoming", "done", "failed", "queue", "metrics", "watch")
+        fixed += ("listen", "log_level", "log_phi")
         for key in fixed:
             if getattr(old, key) != getattr(new, key):
                 logger.warning("reload: %s changed; restart forwarder to apply it", key)
@@ -418,7 +423,7 @@ class Service(ServiceLoop):
             list(new_dests),
             {n: d.modify for n, d in new_dests.items()},
             self.queue,
-        )
+        ).after(self.ingest.routing()[0])
         self.ingest.set_router(router)
         self.watcher.routes_changed(router)
         if self.listener is not None:

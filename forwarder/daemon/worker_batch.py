@@ -30,7 +30,7 @@ from forwarder.config import RetryPolicy
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import SendChannel as Channel
 from forwarder.daemon.destination_state import DestinationState
-from forwarder.daemon.edits import EditConflict
+from forwarder.daemon.edits import EditConflict, NoLongerRouted
 from forwarder.daemon.finisher import FinishSink
 from forwarder.daemon.flow import Decision, FlowGate
 from forwarder.daemon.outcomes import Ack, LastOutcome, SendMetrics, log_outcome, retry_ack
@@ -132,6 +132,9 @@ class BatchSending:
                         edits = self.edits(job, self.name)
                     except EditConflict as exc:
                         acks.append(Ack("failed", (job.id,), None, f"conflicting changes: {exc}"))
+                        continue
+                    except NoLongerRouted as exc:
+                        acks.append(Ack("failed", (job.id,), None, str(exc)))
                         continue
                     except (InvalidFileError, UnreadableFileError) as exc:
                         error = f"cannot read the header for its changes: {exc.reason}"

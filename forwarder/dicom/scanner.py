@@ -33,6 +33,9 @@ _MAX_DEPTH = 32
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+_CHARSET = 0x00080005  # Specific Character Set: how the text values after it are encoded
+#: VRs whose values are in the Specific Character Set (the others are ASCII: PS3.5 6.1.2.3).
+_CHARSET_VRS = frozenset({b"SH", b"LO", b"ST", b"LT", b"UC", b"UT", b"PN"})
 #: Syntaxes whose Pixel Data is native (a defined length); every other standard syntax of
 #: pixel data (JPEG family, RLE, video, encapsulated uncompressed) encapsulates it.
 NATIVE_SYNTAXES = frozenset(
@@ -127,6 +130,7 @@ class Scanner:
         self.want = want
         self.vrs = vrs  # VRs of wanted tags, for implicit VR data sets
         self.found: dict[str, str] = {}
+        self.charset = b""  # the data set's Specific Character Set (0008,0005), as written
         self.pixel_data: str | None = None  # "native" or "encapsulated", at the top level
         self.sequences: frozenset[int] = frozenset()
         self.known: frozenset[int] = frozenset()
@@ -279,12 +283,14 @@ class Scanner:
                 if not self.guess_items(tag, pos, length, depth + 1) and depth == 0:
                     self.value(tag, vr, pos, length)
                 buf, base, limit = self.buf, self.base, self.limit
-            elif depth == 0 and (tag in want or tag == _PIXEL_DATA):
+            elif depth == 0 and (tag in want or tag in (_PIXEL_DATA, _CHARSET)):
                 self.value(tag, vr, pos, length)
             pos += length
 
     def value(self, tag: int, vr: bytes, pos: int, length: int) -> None:
-        """A top-level value: kept when wanted; Pixel Data noted."""
+        """A top-level value: kept when wanted; Pixel Data and the character set noted."""
+        if tag == _CHARSET and length <= 1024:
+            self.charset = bytes(self.read(pos, length))
         if tag in self.want and length <= 4096:
             key = self.want[tag]
             if key in self.found:
@@ -295,7 +301,7 @@ class Scanner:
                 )
             vr_used = vr or self.vrs.get(tag, "").encode()
             raw = self.read(pos, length)
-            self.found[key] = _value(raw, vr_used, self.fmt)
+            self.found[key] = _value(raw, vr_used, self.fmt, self.charset)
         elif tag == _PIXEL_DATA:
             self.pixel_data = "native"
 
@@ -414,9 +420,34 @@ def _tag(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def _value(raw: bytes, vr: bytes, fmt: str) -> str:
+def _value(raw: bytes, vr: bytes, fmt: str, charset: bytes = b"") -> str:
     code = _NUMERIC.get(vr)
     if code is not None and raw and len(raw) % struct.calcsize(code) == 0:
         values = struct.unpack(f"{fmt}{len(raw) // struct.calcsize(code)}{code}", raw)
         return "\\".join(str(v) for v in values)
-    return raw.rstrip(b"\x00 ").decode("utf-8", "replace").strip()
+    raw = bytes(raw.rstrip(b"\x00 "))
+    if charset.strip(b"\x00 ") and vr in _CHARSET_VRS and (b"\x1b" in raw or not raw.isascii()):
+        text = _decode(raw, vr, charset)
+        if text is not None:
+            return text.strip()
+    return raw.decode("utf-8", "replace").strip()
+
+
+def _decode(raw: bytes, vr: bytes, charset: bytes) -> str | None:
+    """A text value in the data set's Specific Character Set (PS3.5 6.1; ISO 2022 code
+    extensions by pydicom); None when the character set is not one pydicom knows (then read
+    as UTF-8, as when there is none)."""
+    from pydicom.charset import decode_bytes, python_encoding
+
+    terms = charset.decode("ascii", "replace").split("\\")
+    encodings = [python_encoding.get(t.strip(" \x00")) for t in terms]
+    if not all(encodings):
+        return None
+    codecs = [e for e in encodings if e is not None]
+    # what resets the code extension: ^ and = between name parts, \ between values, and
+    # control characters of text (pydicom's PN_DELIMS and TEXT_VR_DELIMS)
+    delimiters = {0x5E, 0x3D} if vr == b"PN" else {0x0D, 0x0A, 0x09, 0x0C}
+    try:
+        return "\\".join(decode_bytes(v, codecs, delimiters) for v in raw.split(b"\\"))
+    except (UnicodeError, LookupError, UserWarning):
+        return raw.decode(codecs[0], "replace")

@@ -92,6 +92,10 @@ class Statistics(Store):
         text = json.dumps({"state": state, "error": error})
         self.set_problem(f"{_STATE_PREFIX}{destination}", text, now=since)
 
+    def clear_destination_state(self, destination: str) -> None:
+        """Forget ``destination``'s recorded state (it is no longer configured)."""
+        self.clear_problem(f"{_STATE_PREFIX}{destination}")
+
     def destination_states(self) -> dict[str, DestinationState]:
         """destination -> its last recorded state (destinations never recorded are absent)."""
         states: dict[str, DestinationState] = {}
