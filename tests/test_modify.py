@@ -596,3 +596,30 @@ def test_attributes_a_modify_does_not_touch_keep_their_bytes(name: str, keyword:
     sent = dcmread(io.BytesIO(obj.file_meta + b"".join(obj.chunks())))
     assert sent.get_item(tag).value == raw
     assert sent.InstitutionName == "Elsewhere"
+
+
+def test_check_config_refuses_a_set_value_no_object_can_hold(tmp_path: Path) -> None:
+    """A literal ``set`` value (no template) that breaks its VR, multiplicity or repertoire
+    would fail every file at send time: check-config says so first. A template's value is
+    known only per object, so it is checked then."""
+    config = tmp_path / "forwarder.yaml"
+    config.write_text(
+        "incoming: in\ndone: done\nfailed: failed\nqueue: q.sqlite\n"
+        "destinations:\n"
+        "  - {name: pacs, ae_title: PACS, host: 127.0.0.1, port: 104,\n"
+        "     modify: {set: {InstitutionName: 'North\\South'}}}\n"
+        "routes:\n"
+        "  - name: a\n"
+        "    to: [pacs]\n"
+        "    modify:\n"
+        "      set: {StudyDescription: \"A\\nB\", AccessionNumber: 'EXT-{AccessionNumber}'}\n"
+    )
+    result = subprocess.run(
+        [FORWARDER, "check-config", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 78, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert "destinations[0].modify.set.InstitutionName: " in lines[0] and "multiplicity" in lines[0]
+    assert "routes[0].modify.set.StudyDescription: " in lines[1]
+    assert "control character" in lines[1]

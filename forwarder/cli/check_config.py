@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forwarder.cli import EXIT_CONFIG, EXIT_OK
 from forwarder.cli._config import add_config_option, load_or_report
 from forwarder.errors import TLSSetupError
+
+if TYPE_CHECKING:
+    from forwarder.config import Config
 
 
 def add_parser(sub: Any) -> None:
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
             problems.append(f"destinations[{i}].tls: {exc}")
         except OSError as exc:
             problems.append(f"destinations[{i}].tls: {exc}")
+    problems += _literal_problems(config)
     if config.listen is not None and config.listen.tls is not None:
         from forwarder.net.tls import server_context
 
@@ -63,3 +67,18 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"{path}: OK ({len(config.destinations)} destinations, {routes})")
     return EXIT_OK
+
+
+def _literal_problems(config: Config) -> list[str]:
+    """``set`` values no object can hold (they would fail every file at send time)."""
+    from forwarder.dicom.edit import literal_problem
+
+    blocks = [(f"destinations[{i}]", d.modify) for i, d in enumerate(config.destinations)]
+    blocks += [(f"routes[{i}]", r.modify) for i, r in enumerate(config.routes or ())]
+    out = []
+    for where, modify in blocks:
+        for keyword, template in (modify.set if modify is not None else {}).items():
+            problem = literal_problem(keyword, template)
+            if problem is not None:
+                out.append(f"{where}.modify.set.{keyword}: {problem}")
+    return out

@@ -136,6 +136,21 @@ def _invalid(vr: str, value: object, vm: str = "1-n") -> str | None:
     return None
 
 
+def literal_problem(keyword: str, template: str) -> str | None:
+    """Why a ``set`` value without template fields can be held by no object (its VR's length,
+    format, control characters, the attribute's multiplicity), or None; a template, and what
+    depends on an object's Specific Character Set, are checked per object. For check-config."""
+    if any(field for _, field, _, _ in string.Formatter().parse(template)):
+        return None
+    tag = int(tag_for_keyword(keyword) or 0)
+    vr = str(dictionary_VR(tag)).split(" or ")[0]
+    try:
+        converted = _converted(vr, template.replace("{{", "{").replace("}}", "}"))
+    except ValueError:
+        return f"{template!r} is not a valid {vr} value"
+    return _invalid(vr, converted, dictionary_VM(tag))
+
+
 def _unencodable(text: str, charset: object) -> bool:
     """Whether ``text`` has a character the data set's Specific Character Set (none: the
     default repertoire, ASCII) cannot write. pydicom writes such a character as ``?`` (or, with
