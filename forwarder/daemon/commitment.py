@@ -139,7 +139,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         self._restored = True
         for txn in self.queue.open_commitments():
             if txn.kind == "stgcmt":
-                self._expect(txn.uid, txn.destination, txn.items)
+                self._expect(txn.uid, self._references(txn.destination, txn.items))
         if self._jobs:
             logger.info(
                 "storage commitment: %d transaction(s) still awaiting their report", len(self._jobs)
@@ -201,15 +201,18 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         from forwarder.net.commitment_scu import request_commitment
 
         policy = target.policy
+        pairs = self._references(target.name, items)
+        if not pairs:
+            return True  # none can be named now: they await (said once each)
         uid = new_transaction_uid()
         self.queue.begin_commitment(
             uid,
             target.name,
             "stgcmt",
-            [i.job_id for i in items],
+            [i.job_id for i, _ in pairs],
             deadline=time.time() + policy.timeout,
         )
-        refs = self._expect(uid, target.name, items)
+        refs = self._expect(uid, pairs)
         crash_point("stgcmt-before-action")
         try:
             request_commitment(
@@ -235,13 +238,24 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             return False
         return True
 
-    def _expect(self, uid: str, destination: str, items: Sequence[CommitItem]) -> list[Reference]:
-        """The references of transaction ``uid``, awaited in the book: each instance by the SOP
-        Instance UID it was sent with (the PACS knows a de-identified object by its new one)."""
-        sent = {i.job_id: self._as_sent(destination, i)[2] for i in items}
-        refs = [Reference(i.sop_class_uid, sent[i.job_id]) for i in items]
+    def _references(
+        self, destination: str, items: Sequence[CommitItem]
+    ) -> list[tuple[CommitItem, str]]:
+        """Each item with the SOP Instance UID it was sent with (the PACS knows a de-identified
+        object by its new one); an item whose UIDs cannot be told now is left out (it awaits,
+        or, in a transaction already asked, is not named in the report: sent again)."""
+        out = []
+        for item in items:
+            sent = self._as_sent(destination, item)
+            if sent is not None:
+                out.append((item, sent[2]))
+        return out
+
+    def _expect(self, uid: str, pairs: Sequence[tuple[CommitItem, str]]) -> list[Reference]:
+        """The references of transaction ``uid``, awaited in the book."""
+        refs = [Reference(i.sop_class_uid, sent) for i, sent in pairs]
         with self._lock:
-            self._jobs[uid] = {sent[i.job_id]: i.job_id for i in items}
+            self._jobs[uid] = {sent: i.job_id for i, sent in pairs}
         self.book.expect(uid, refs)
         return refs
 

@@ -86,6 +86,9 @@ class ProofThread(Generic[TargetT]):
         self._thread: threading.Thread | None = None
         self._not_before: dict[str, float] = {}
         self._paused: set[str] = set()  # the paused destinations it said it waits for
+        self._undecided: dict[int, int] = {}  # job id -> rounds it stayed undecided
+        self._retry_at: dict[int, float] = {}  # job id -> not asked about again before
+        self._untold: set[int] = set()  # job ids whose sent UIDs could not be told (logged)
 
     def configure(self, targets: Sequence[TargetT]) -> None:
         """The destinations to prove now (at start and on reload)."""
@@ -135,18 +138,27 @@ class ProofThread(Generic[TargetT]):
         self._paused = paused
         return [t for t in targets if t.name not in paused]
 
-    def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str]:
+    def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str] | None:
         """The (Study, Series, SOP Instance) UIDs ``destination`` holds ``item`` by: those its
-        changes sent it with (a de-identified object's are new), else the file's own."""
-        sent = None
-        if self.sent_uids is not None and item.path:
-            try:
-                sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, destination)
-            except Exception as exc:
-                # Asked by its own UIDs: not proven, so sent again, where the send says why.
+        changes sent it with (a de-identified object's are new), else the file's own. None
+        when its changes cannot be worked out now: never asked by its own UIDs then, which
+        may name another object the peer holds (the same study sent unchanged elsewhere)."""
+        if self.sent_uids is None or not item.path:
+            return (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        try:
+            sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, destination)
+        except Exception as exc:
+            if item.job_id not in self._untold:
+                self._untold.add(item.job_id)
                 self.log.warning(
-                    "%s: cannot tell the UIDs %s was sent with: %s", destination, item.path, exc
+                    "%s: %s: cannot tell the UIDs %s was sent with: %s; it awaits",
+                    destination,
+                    self.what,
+                    item.path,
+                    exc,
                 )
+            return None
+        self._untold.discard(item.job_id)
         if sent is not None and all(sent):
             return sent
         return (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)

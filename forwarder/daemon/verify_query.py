@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 _ROUND = 500  # instances asked about per round (one association)
 NOT_HELD = "not held by the destination (C-FIND at IMAGE level found no such instance)"
+CANNOT_TELL = "cannot tell the UIDs it was sent with"
+#: Rounds an instance may stay undecided (the peer answers its C-FIND with a failure, or the
+#: UIDs it was sent with cannot be told) before it is taken as not held; it is asked again
+#: ``verify_by_query.after`` later each time (it alone waits: the others are asked as due).
+UNDECIDED_LIMIT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,53 +88,73 @@ class QueryVerifier(ProofThread[QueryTarget]):
         due = [
             i
             for i in self.queue.awaiting_commitment(target.name)
-            if i.stored_at <= now - target.policy.after
+            if i.stored_at <= now - target.policy.after and self._retry_at.get(i.job_id, 0) <= now
         ]
         for start in range(0, len(due), _ROUND):
             if self._stop.is_set() or not self._verify(target, due[start : start + _ROUND]):
                 return
 
     def _verify(self, target: QueryTarget, items: list[CommitItem]) -> bool:
+        """One round: False when the peer could not be asked (the destination then rests)."""
         from forwarder.net.query_scu import QueryError, held_instances
 
-        uid = new_transaction_uid()
-        self.queue.begin_commitment(
-            uid, target.name, "query", [i.job_id for i in items], deadline=time.time()
-        )
-        crash_point("query-before-find")
-        keys = [self._key(target, i) for i in items]
-        try:
-            answers = held_instances(
-                destination_peer(target.destination), target.settings, keys, self._stop
-            )
-        except QueryError as exc:
-            self._not_done(
-                target, "verification by query", len(items), "interrupted", "not done", exc
-            )
-            self.queue.cancel_commitment(uid)
-            return False
-        held, undecided = answers.held, answers.undecided
-        asked = list(zip(items, keys, strict=True))
-        if undecided:
-            # Those await again (the rest is decided): the round is recorded anew without them.
-            self.queue.cancel_commitment(uid)
-            asked = [(i, k) for i, k in asked if k.sop_instance_uid not in undecided]
-            uid = new_transaction_uid()
-            if asked:
-                self.queue.begin_commitment(
-                    uid, target.name, "query", [i.job_id for i, _ in asked], deadline=time.time()
+        keyed = [(i, self._key(target, i)) for i in items]
+        asked = [(i, k) for i, k in keyed if k is not None]
+        undecided = {i.job_id: CANNOT_TELL for i, k in keyed if k is None}
+        committed: list[int] = []
+        missing: list[tuple[int, str]] = []
+        uid, recorded = new_transaction_uid(), [i.job_id for i, _ in asked]
+        if asked:
+            self.queue.begin_commitment(uid, target.name, "query", recorded, deadline=time.time())
+            crash_point("query-before-find")
+            try:
+                answers = held_instances(
+                    destination_peer(target.destination),
+                    target.settings,
+                    [k for _, k in asked],
+                    self._stop,
                 )
-        committed = [i.job_id for i, k in asked if k.sop_instance_uid in held]
-        missing = [(i.job_id, NOT_HELD) for i, k in asked if k.sop_instance_uid not in held]
+            except QueryError as exc:
+                self._not_done(
+                    target, "verification by query", len(items), "interrupted", "not done", exc
+                )
+                self.queue.cancel_commitment(uid)
+                return False
+            for i, k in asked:
+                if k.sop_instance_uid in answers.undecided:
+                    undecided[i.job_id] = answers.undecided[k.sop_instance_uid]
+                elif k.sop_instance_uid in answers.held:
+                    committed.append(i.job_id)
+                else:
+                    missing.append((i.job_id, NOT_HELD))
+        for job_id in committed + [j for j, _ in missing]:
+            self._undecided.pop(job_id, None)
+            self._retry_at.pop(job_id, None)
+        for job_id, why in list(undecided.items()):
+            # Asked again later (the others are not held up), but not for ever: an instance
+            # the peer never answers for is taken as not held (sent again, then failed/ with
+            # why), not left awaiting.
+            count = self._undecided.get(job_id, 0) + 1
+            self._undecided[job_id] = count
+            self._retry_at[job_id] = time.time() + max(target.policy.after, 1.0)
+            if count >= UNDECIDED_LIMIT:
+                missing.append((job_id, f"not verified: {why} ({count} times)"))
+                del undecided[job_id], self._undecided[job_id], self._retry_at[job_id]
+        decided = committed + [j for j, _ in missing]
+        if set(decided) != set(recorded):
+            # The round is recorded anew with what was decided (the undecided await again).
+            if asked:
+                self.queue.cancel_commitment(uid)
+            uid = new_transaction_uid()
+            if decided:
+                self.queue.begin_commitment(
+                    uid, target.name, "query", decided, deadline=time.time()
+                )
         res = (
             self.queue.resolve_commitment(
-                uid,
-                committed,
-                missing,
-                max_resends=target.policy.max_resends,
-                outcome="query",
+                uid, committed, missing, max_resends=target.policy.max_resends, outcome="query"
             )
-            if asked
+            if decided
             else None
         )
         if res is not None:
@@ -137,19 +162,23 @@ class QueryVerifier(ProofThread[QueryTarget]):
                 res,
                 target.name,
                 f"verification by query {uid}",
-                [NOT_HELD] if missing else [],
+                sorted({why for _, why in missing}),
                 finisher=self.finisher,
                 wake_workers=self.wake_workers,
                 metrics=self.metrics,
             )
         if undecided:
-            why = QueryError("; ".join(sorted(undecided.values())[:3]))
-            self._not_done(
-                target, "verification by query", len(undecided), "interrupted", "not done", why
+            logger.warning(
+                "%s: verification by query of %d instance(s) not decided: %s; asking them "
+                "again in %.0fs",
+                target.name,
+                len(undecided),
+                "; ".join(sorted(set(undecided.values()))[:3]),
+                max(target.policy.after, 1.0),
             )
-            return False
         return True
 
-    def _key(self, target: QueryTarget, item: CommitItem) -> InstanceKey:
-        """What the peer holds ``item`` by: its UIDs as they were sent."""
-        return InstanceKey(*self._as_sent(target.name, item))
+    def _key(self, target: QueryTarget, item: CommitItem) -> InstanceKey | None:
+        """What the peer holds ``item`` by: its UIDs as they were sent (None: cannot tell)."""
+        sent = self._as_sent(target.name, item)
+        return InstanceKey(*sent) if sent is not None else None
