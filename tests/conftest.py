@@ -16,6 +16,33 @@ REPO = Path(__file__).resolve().parent.parent
 FORWARDER = str(REPO / ".venv" / "bin" / "forwarder")
 
 
+def _close_even_if_shutdown_fails() -> None:
+    """pynetdicom's ``AssociationSocket._shutdown_socket`` closes the socket only when
+    ``shutdown()`` succeeds; when the peer closed first (ENOTCONN, more likely on a loaded
+    machine) the socket is dropped unclosed, and its ResourceWarning (an error here) fails
+    whichever test the in-process peer (tests/peers.py) or a pynetdicom SCU was serving. The
+    same fix as ws4py's (Lawouach/WebSocket-for-Python#272): close in any case."""
+    import socket
+
+    from pynetdicom.transport import AssociationSocket
+
+    def _shutdown_socket(self: AssociationSocket) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    AssociationSocket._shutdown_socket = _shutdown_socket  # type: ignore[method-assign]
+
+
+_close_even_if_shutdown_fails()
+
+
 def wait_until(
     predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = ""
 ) -> object:

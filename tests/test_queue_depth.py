@@ -70,6 +70,7 @@ PARAMS = {
     "error": None,
     "id": 1,
     "next_attempt_at": 0.0,
+    "charge": 1,
     "final_path": "/done/a.dcm",
     "done": 1,
     "failed": 0,
