@@ -493,6 +493,15 @@ def test_sighup_adding_a_destination_starts_delivering_to_it(tmp_path: Path) -> 
             assert d.stop() == 0
 
 
+def _still_delivers_with_the_old_config(d: Daemon, a: ScriptedSCP, pid: int | None) -> None:
+    """After a refused reload: the same process, still delivering with the old config."""
+    dropped = d.drop_files(2)
+    d.wait_done(2)
+    assert a.uids() == uids(dropped)
+    assert d.pid == pid
+    assert d.stop() == 0
+
+
 def test_sighup_with_an_invalid_config_keeps_the_old_one(tmp_path: Path) -> None:
     with ScriptedSCP() as a:
         d = Daemon(tmp_path, destinations=[destination("a", a.port)])
@@ -507,12 +516,7 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(tmp_path: Path) -> None
             assert f"destinations[0].port (line {port_line}): must be 1..65535" in log
             surprise_line = len(broken.splitlines())
             assert f"surprise (line {surprise_line}): unknown key" in log
-            # still running, still delivering with the old config
-            dropped = d.drop_files(2)
-            d.wait_done(2)
-            assert a.uids() == uids(dropped)
-            assert d.pid == pid
-            assert d.stop() == 0
+            _still_delivers_with_the_old_config(d, a, pid)
 
 
 def test_sighup_with_a_config_that_is_not_utf8_keeps_the_old_one(tmp_path: Path) -> None:
@@ -530,11 +534,7 @@ def test_sighup_with_a_config_that_is_not_utf8_keeps_the_old_one(tmp_path: Path)
             log = d.log_text(current_run=True)
             line = len(text.splitlines())
             assert f"(line {line}): not UTF-8 text" in log
-            dropped = d.drop_files(2)
-            d.wait_done(2)
-            assert a.uids() == uids(dropped)
-            assert d.pid == pid
-            assert d.stop() == 0
+            _still_delivers_with_the_old_config(d, a, pid)
 
 
 def test_sighup_changing_log_phi_or_log_level_says_a_restart_applies_it(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import warnings
 from collections.abc import Iterator, Sequence
@@ -168,6 +169,16 @@ def by_key() -> dict[str, Source]:
 def rounds() -> list[list[Source]]:
     n = max(s.round for s in corpus()) + 1
     return [[s for s in corpus() if s.round == r] for r in range(n)]
+
+
+def take_folder(folder: Path, into: Path) -> list[Path]:
+    """Move every file directly in ``folder`` (what a storescp wrote) into ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in sorted(x for x in folder.iterdir() if x.is_file()):
+        shutil.move(p, into / p.name)
+        out.append(into / p.name)
+    return out
 
 
 def arrival_uids(path: Path) -> set[str]:

@@ -50,6 +50,7 @@ from conformance_lib import (
     rounds,
     run_dcmsend,
     run_forwarder_send,
+    take_folder,
     transfer_syntax_of,
 )
 from daemon import Daemon, destination
@@ -82,15 +83,6 @@ class GatewayRun:
     left: list[str]  # files still in incoming after a round
     log: str
     exit_code: int | None
-
-
-def _take(folder: Path, into: Path) -> list[Path]:
-    into.mkdir(parents=True, exist_ok=True)
-    out = []
-    for p in sorted(x for x in folder.iterdir() if x.is_file()):
-        shutil.move(p, into / p.name)
-        out.append(into / p.name)
-    return out
 
 
 def _kept(d: Daemon, sources: list[Source], into: Path) -> dict[str, list[str]]:
@@ -145,7 +137,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayRun]:
                 base = work / f"r{r}"
                 base.mkdir()
                 direct, _, _ = run_dcmsend(sources, "PACS", direct_pacs.port, base, "direct")
-                matched, _ = match_arrivals(sources, _take(direct_pacs.output, base / "direct"))
+                matched, _ = match_arrivals(
+                    sources, take_folder(direct_pacs.output, base / "direct")
+                )
                 ref.update(direct)
                 ref_arrivals.update(matched)
                 for name in PUSHERS:
@@ -159,7 +153,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayRun]:
                         left.extend(f"round {r}, {name}: {p}" for p in d.incoming_files())
                     push.seconds += time.monotonic() - t0
                     matched, stray = match_arrivals(
-                        sources, _take(pacs.output, base / f"{name}.pacs")
+                        sources, take_folder(pacs.output, base / f"{name}.pacs")
                     )
                     push.outcomes.update(outcomes)
                     push.arrivals.update(matched)

@@ -31,7 +31,6 @@ Series and SOP Instance UIDs, the SOP Class kept, and pixels that decode to the 
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
 import sys
 import time
@@ -54,6 +53,7 @@ from conformance_lib import (
     read,
     rounds,
     run_dcmsend,
+    take_folder,
     transfer_syntax_of,
 )
 from daemon import Daemon, destination, write_atomic
@@ -85,15 +85,6 @@ class ModifyRun:
     exit_code: int | None = None
 
 
-def _take(folder: Path, into: Path) -> list[Path]:
-    into.mkdir(parents=True, exist_ok=True)
-    out = []
-    for p in sorted(x for x in folder.iterdir() if x.is_file()):
-        shutil.move(p, into / p.name)
-        out.append(into / p.name)
-    return out
-
-
 def _run(work: Path, kind: str) -> ModifyRun:
     run = ModifyRun(kind)
     options = ["+B", "+uf", "+xa"]
@@ -119,7 +110,7 @@ def _run(work: Path, kind: str) -> ModifyRun:
                 base = work / f"r{r}"
                 base.mkdir()
                 ref, _, _ = run_dcmsend(sources, "PACS", direct.port, base, "direct")
-                matched, _ = match_arrivals(sources, _take(direct.output, base / "direct"))
+                matched, _ = match_arrivals(sources, take_folder(direct.output, base / "direct"))
                 run.ref.update(ref)
                 run.ref_arrivals.update(matched)
                 for s in sources:
@@ -138,7 +129,7 @@ def _run(work: Path, kind: str) -> ModifyRun:
                         run.reasons[s.key] = str(per[0].get("error") or doc.get("reason") or "")
                     else:
                         run.where[s.key] = "elsewhere"
-                got = _take(pacs.output, base / "pacs")
+                got = take_folder(pacs.output, base / "pacs")
                 matched, stray = (
                     match_arrivals(sources, got)
                     if kind == "modify"

@@ -69,6 +69,7 @@ from conformance_lib import (
     run_dcmsend,
     run_forwarder_send,
     run_storescu,
+    take_folder,
     transfer_syntax_of,
 )
 from peers import ForwarderReceive, forwarder_receive, orthanc, storescp
@@ -114,15 +115,6 @@ def _take_receive(recv: ForwarderReceive, into: Path) -> list[Path]:
     return out
 
 
-def _take_dir(folder: Path, into: Path) -> list[Path]:
-    into.mkdir(parents=True, exist_ok=True)
-    out = []
-    for p in sorted(x for x in folder.iterdir() if x.is_file()):
-        shutil.move(p, into / p.name)
-        out.append(into / p.name)
-    return out
-
-
 def _record(
     push: Push, sources: list[Source], outcomes: dict[str, Outcome], got: list[Path]
 ) -> None:
@@ -156,7 +148,7 @@ def received(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReceiveRun]:
                 push = pushes[name]
                 t0 = time.monotonic()
                 ref, _, _ = runner(sources, scp.ae_title, scp.port, base, f"{name}.storescp")
-                m, _ = match_arrivals(sources, _take_dir(scp.output, base / f"{name}.storescp"))
+                m, _ = match_arrivals(sources, take_folder(scp.output, base / f"{name}.storescp"))
                 push.ref.update(ref)
                 push.ref_arrivals.update(m)
                 outcomes, _, _ = runner(sources, recv.ae_title, recv.port, base, f"{name}.recv")
