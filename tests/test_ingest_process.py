@@ -534,7 +534,9 @@ if b"forwarder.daemon.{module}" in Path("/proc/self/cmdline").read_bytes():
     def _begin_immediate(self, conn):
         begin(self, conn)
         if (here / "arm").exists() and not (here / "stopped").exists():
-            (here / "stopped").write_text(str(os.getpid()))
+            # renamed into place: the test reads the PID as soon as the name exists
+            (here / f"stopped.{{threading.get_ident()}}").write_text(str(os.getpid()))
+            os.replace(here / f"stopped.{{threading.get_ident()}}", here / "stopped")
             # To this thread: it stops the whole process before its next step. A kill() of
             # the process may be taken by another thread, this one going on meanwhile (seen:
             # the transaction committed, the stop coming a moment later).
