@@ -764,3 +764,58 @@ def command_mismatch(arrival: Path) -> str:
     if meta == own:
         return ""
     return f"the C-STORE named SOP Class/Instance {meta}, the data set is {own}"
+
+
+# -- patient data in logs ---------------------------------------------------------------------
+
+#: Parts of the corpus's patient names that are words of any log, not a patient's.
+_NOT_NAMES = frozenset(
+    {"anonymized", "anonymous", "last", "first", "name", "lastname", "firstname", "test"}
+)
+
+
+@cache
+def patient_values() -> tuple[str, ...]:
+    """What would identify a patient of the corpus if a log showed it: each part of every
+    Patient's Name (the family, given, ... components of each representation: four characters
+    or more in ASCII, two or more otherwise, generic words left out), and every Patient ID and
+    Other Patient ID of five characters or more (digits only: eight or more, shorter numbers
+    are sizes and ports). A value that is part of a corpus file's path is left out: paths are
+    logged, by design."""
+    found: set[str] = set()
+    for source in corpus():
+        with quiet():
+            try:
+                ds = pydicom.dcmread(source.path, force=True, stop_before_pixels=True)
+            except Exception:
+                continue
+            names = [ds.get("PatientName"), *(ds.get("OtherPatientNames") or [])]
+            ids = [ds.get("PatientID"), *(ds.get("OtherPatientIDs") or [])]
+        for name in names:
+            for part in re.split(r"[\^=]", str(name or "")):
+                part = part.strip()
+                if part.lower() in _NOT_NAMES:
+                    continue
+                if len(part) >= (4 if part.isascii() else 2):
+                    found.add(part)
+        for value in ids:
+            text = str(value or "").strip()
+            if len(text) >= (8 if text.isdigit() else 5):
+                found.add(text)
+    paths = " ".join(s.key for s in corpus())
+    return tuple(sorted(v for v in found if v not in paths))
+
+
+def patient_data_in(log: str) -> list[str]:
+    """The lines of ``log`` that show a value of :func:`patient_values` (as a word, for ASCII
+    values), each with the value: empty when forwarder kept patient data out of its log."""
+    found = []
+    for value in patient_values():
+        pattern = re.escape(value)
+        if value.isascii():
+            pattern = rf"(?<![\w.]){pattern}(?![\w.])"
+        for match in re.finditer(pattern, log):
+            start = log.rfind("\n", 0, match.start()) + 1
+            end = log.find("\n", match.end())
+            found.append(f"{value!r}: {log[start : end if end >= 0 else None][:300]}")
+    return found

@@ -47,6 +47,7 @@ from conformance_lib import (
     dataset_bytes,
     dcmtk_encoding,
     match_arrivals,
+    patient_data_in,
     rounds,
     run_dcmsend,
     run_forwarder_send,
@@ -250,3 +251,9 @@ def test_gateway_survives_everything(gateway: GatewayRun) -> None:
     """Rule 5: after the whole corpus the daemon exits 0 on SIGTERM with no traceback logged."""
     assert gateway.exit_code == 0, gateway.log[-3000:]
     assert "Traceback" not in gateway.log, gateway.log[gateway.log.index("Traceback") :][:3000]
+
+
+def test_gateway_no_patient_data_logged(gateway: GatewayRun) -> None:
+    """The daemon logs each received object and each send, never a patient's name or ID."""
+    found = patient_data_in(gateway.log)
+    assert not found, "\n".join(found[:20])

@@ -48,6 +48,7 @@ from conformance_lib import (
     compare,
     corpus,
     match_arrivals,
+    patient_data_in,
     pixels,
     quiet,
     read,
@@ -279,3 +280,10 @@ def test_modify_survives_everything(modified: ModifyRun) -> None:
     """Rule 4: after the whole corpus the daemon exits 0 on SIGTERM with no traceback logged."""
     assert modified.exit_code == 0, modified.log[-3000:]
     assert "Traceback" not in modified.log, modified.log[modified.log.index("Traceback") :][:3000]
+
+
+def test_modify_no_patient_data_logged(modified: ModifyRun) -> None:
+    """Changing or de-identifying the corpus's objects, and refusing those it cannot, the
+    daemon logs no patient's name or ID."""
+    found = patient_data_in(modified.log)
+    assert not found, "\n".join(found[:20])

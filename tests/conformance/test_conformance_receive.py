@@ -65,6 +65,7 @@ from conformance_lib import (
     dataset_bytes,
     dcmtk_encoding,
     match_arrivals,
+    patient_data_in,
     rounds,
     run_dcmsend,
     run_forwarder_send,
@@ -310,3 +311,10 @@ def test_receive_survives_everything(received: ReceiveRun) -> None:
     assert received.alive, received.log[-3000:]
     assert "Traceback" not in received.log, received.log[received.log.index("Traceback") :][:3000]
     assert received.exit_code == 0, received.log[-3000:]
+
+
+def test_receive_no_patient_data_logged(received: ReceiveRun) -> None:
+    """``forwarder receive -v`` logs one line per object and every refusal with its reason,
+    never a patient's name or ID."""
+    found = patient_data_in(received.log)
+    assert not found, "\n".join(found[:20])

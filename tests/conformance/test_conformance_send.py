@@ -73,11 +73,12 @@ from conformance_lib import (
     compare,
     corpus,
     match_arrivals,
+    patient_data_in,
     rounds,
     run_dcmsend,
     run_forwarder_send,
 )
-from daemon import Daemon, destination, write_atomic
+from daemon import Daemon, destination, route, write_atomic
 from peers import OrthancPeer, StoreSCP, orthanc, orthanc_dicomweb_url, storescp
 
 pytestmark = [pytest.mark.conformance, pytest.mark.timeout(900)]
@@ -439,9 +440,36 @@ def test_corpus_is_whole() -> None:
     assert "test_files/MR_small_bigendian.dcm" in keys and "test_files/image_dfl.dcm" in keys
 
 
+def test_patient_data_check_sees_a_daemon_that_logs_it(tmp_path: Path) -> None:
+    """The check of the ``no_patient_data`` tests finds a patient's name in a real log line:
+    with ``log_phi: true`` a "no route" reason shows the values the routes looked at."""
+    source = by_key()["test_files/CT_small.dcm"]
+    with Daemon(
+        tmp_path,
+        destinations=[destination("pacs", 9)],
+        routes=[route("nobody", ["pacs"], PatientName="Nobody^Here")],
+        extra={"log_phi": True},
+    ) as d:
+        write_atomic(d.incoming / "ct.dcm", source.path.read_bytes())
+        d.wait_failed(1)
+        log = d.log_text()
+    assert any(line.startswith("'CompressedSamples'") for line in patient_data_in(log)), log
+
+
 def test_daemon_survives_everything(daemon_run: DaemonRun) -> None:
     """After the whole corpus the daemon exits 0 on SIGTERM and its log holds no traceback (a
     worker that died would leave one, from the safety net or the thread)."""
     assert daemon_run.exit_code == 0, daemon_run.log[-3000:]
     log = daemon_run.log
     assert "Traceback" not in log, log[log.index("Traceback") :][:3000]
+
+
+def test_no_patient_data_logged(campaign: Campaign, daemon_run: DaemonRun) -> None:
+    """Logs never show patient names or IDs by default: neither ``forwarder send`` (every round,
+    every peer, STOW-RS included, refusals and their reasons too) nor the daemon, with the
+    corpus's real names in every character set."""
+    logs = [("daemon", daemon_run.log)]
+    for name, d in campaign.send.items():
+        logs += [(f"send -> {name} round {r}", log) for r, log in enumerate(d.logs)]
+    found = [f"{where}: {line}" for where, log in logs for line in patient_data_in(log)]
+    assert not found, "\n".join(found[:20])
