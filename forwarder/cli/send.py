@@ -174,27 +174,9 @@ def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """
     files: list[str] = []
     missing: list[tuple[str, str]] = []
-
-    def unlisted(exc: OSError) -> None:
-        missing.append((str(exc.filename), f"cannot read the folder: {exc.strerror or exc}"))
-
     for arg in paths:
         if os.path.isdir(arg):
-            walked: set[str] = set()
-            for root, dirs, names in os.walk(arg, onerror=unlisted, followlinks=True):
-                real = os.path.realpath(root)
-                if real in walked:
-                    dirs[:] = []
-                    continue
-                walked.add(real)
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(n for n in names if not n.startswith(".")):
-                    path = os.path.join(root, name)
-                    # A broken link goes on: the check names it ("No such file...").
-                    if os.path.isfile(path) or not os.path.exists(path):
-                        files.append(path)
-                    else:
-                        missing.append((path, _NOT_REGULAR))
+            _walk(arg, set(), files, missing)
         elif os.path.isfile(arg):
             files.append(arg)
         elif os.path.exists(arg):
@@ -202,6 +184,41 @@ def collect_files(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
         else:
             missing.append((arg, "no such file or directory"))
     return files, missing
+
+
+def _walk(folder: str, walked: set[str], files: list[str], missing: list[tuple[str, str]]) -> None:
+    """``folder``'s files in name order, then its folders' in name order, as ``os.walk`` top
+    down would give them, but classified by the type the listing gives (no ``stat`` for a plain
+    file: 2000 files are 2000 system calls fewer). Links are followed (``is_file``/``is_dir``
+    stat what a link points to); a folder already walked under another name is not again."""
+    real = os.path.realpath(folder)
+    if real in walked:
+        return
+    walked.add(real)
+    try:
+        with os.scandir(folder) as listing:
+            entries = sorted(
+                (e for e in listing if not e.name.startswith(".")), key=lambda e: e.name
+            )
+    except OSError as exc:
+        missing.append((folder, f"cannot read the folder: {exc.strerror or exc}"))
+        return
+    folders = []
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                folders.append(entry.path)
+                continue
+            regular = entry.is_file()
+        except OSError:
+            regular = False
+        # A broken link goes on: the check names it ("No such file...").
+        if regular or not os.path.exists(entry.path):
+            files.append(entry.path)
+        else:
+            missing.append((entry.path, _NOT_REGULAR))
+    for path in folders:
+        _walk(path, walked, files, missing)
 
 
 def destination_edits(args: argparse.Namespace) -> tuple[Editor, ...]:
