@@ -6,6 +6,7 @@ failed; malformed requests are refused."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import threading
@@ -196,3 +197,49 @@ def test_sigterm_while_a_report_waits_on_a_silent_peer_exits_promptly(tmp_path: 
     said = rcv.log.read_text()
     assert took < 5, f"SIGTERM took {took:.1f}s\n{said}"
     assert "not delivered" in said, said
+
+
+def test_no_association_for_commitment_says_why_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS whose certificate no longer verifies (renewed by another CA): the commitment
+    request fails with the TLS check named, as a C-STORE would say it, and nothing else is
+    logged: pynetdicom's two ERROR lines and traceback, once a minute in the daemon, are gone.
+    A closed port says "Connection refused"."""
+    from pki import make_pki
+    from test_tls import tls_args
+
+    from forwarder.net.commitment import CommitmentError
+    from forwarder.net.tls import client_context
+
+    pki = make_pki(tmp_path / "pki")
+    other = client_context(pki.other_ca_cert, pki.client_cert, pki.client_key)
+    refs = [Reference(CT, "1.2.826.0.1.3680043.10.1284.999.3")]
+    caplog.set_level(logging.INFO)
+    with (
+        forwarder_receive(tmp_path / "out", extra=tls_args(pki)) as rcv,
+        pytest.raises(CommitmentError) as raised,
+    ):
+        request_commitment(
+            Peer("localhost", rcv.port, rcv.ae_title),
+            AssociationSettings(calling_ae_title="FWDSCU", tls=other),
+            refs,
+            CommitmentBook(),
+            timeout=5,
+            release_at_once=True,
+        )
+    assert str(raised.value).endswith(
+        "for storage commitment: untrusted issuer (certificate verify failed: "
+        "self-signed certificate in certificate chain)"
+    ), raised.value
+    with pytest.raises(CommitmentError, match=r"for storage commitment: Connection refused$"):
+        request_commitment(
+            Peer("127.0.0.1", free_port(), "NOBODY"),
+            AssociationSettings(calling_ae_title="FWDSCU"),
+            refs,
+            CommitmentBook(),
+            timeout=5,
+            release_at_once=True,
+        )
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -19,25 +19,95 @@ so one left running holds the process's exit however promptly the daemon's own t
 
 Only the storage commitment and query SCUs use pynetdicom as requestor (not a hot path); the
 sender has its own association engine with its own stop.
+
+pynetdicom logs a connection that fails as two ERROR lines and, for TLS, a traceback, on its
+connection thread, every time (a storage commitment round every minute against a PACS whose
+certificate changed). :func:`why_not_established` says it in one line for the caller's own
+message instead, and those lines are not let through (:class:`_ConnectFailures`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import ssl
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from forwarder.errors import ForwarderError
 from forwarder.net.interrupt import shut_down
+from forwarder.net.tls import describe_tls_error
 
 logger = logging.getLogger(__name__)
 
 _POLL = 0.1  # how often a wait looks at the cancel event
 _WAKE_EVERY = 0.02  # how often the waiter is offered its "no response" again
 _WAKE_FOR = 5.0  # and for how long at most
+_CONNECT_FAILED = "Association request failed: unable to connect to remote"
+_CONNECT_ERROR = "TCP Initialisation Error: "
+_KEEP_FAILURES = 64  # connection threads whose failure no caller asked for, at most
+
+
+class _ConnectFailures(logging.Filter):
+    """On pynetdicom's transport logger: a failed connect's lines (which pynetdicom logs on the
+    association's connection thread) are kept by that thread's id, for
+    :func:`why_not_established`, and not let through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._by_thread: OrderedDict[int | None, OSError | str] = OrderedDict()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError):
+            self._keep(record.thread, error)  # the TLS traceback: its exception is the reason
+            return False
+        message = record.getMessage()
+        if message.startswith(_CONNECT_ERROR):
+            # "[Errno 111] Connection refused": the words only
+            self._keep(
+                record.thread, re.sub(r"^\[Errno \d+\] ", "", message[len(_CONNECT_ERROR) :])
+            )
+            return False
+        return message != _CONNECT_FAILED
+
+    def _keep(self, thread: int | None, failure: OSError | str) -> None:
+        with self._lock:
+            self._by_thread[thread] = failure
+            while len(self._by_thread) > _KEEP_FAILURES:
+                self._by_thread.popitem(last=False)
+
+    def take(self, thread: int | None) -> OSError | str | None:
+        with self._lock:
+            return self._by_thread.pop(thread, None)
+
+
+_failures = _ConnectFailures()
+logging.getLogger("pynetdicom.transport").addFilter(_failures)
+
+
+def why_not_established(assoc: Any) -> str:
+    """Why pynetdicom's association ``assoc`` was not established, in a few words: the TLS
+    check that failed (worded as for C-STORE), the connection's error (``Connection
+    refused``), ``rejected``, ``aborted`` or ``no answer``."""
+    dul = getattr(assoc, "dul", None)
+    failure = _failures.take(dul.ident if dul is not None else None)
+    if assoc.is_rejected:
+        return "rejected"
+    if isinstance(failure, ssl.SSLError):
+        return describe_tls_error(failure)
+    if isinstance(failure, OSError):
+        return failure.strerror or str(failure)
+    if failure:
+        return failure
+    return "aborted" if assoc.is_aborted else "no answer"
+
+
 _ABORT_GRACE = 1.0  # after an A-ABORT, how long the peer has to close before we do
 _RELEASE_BOUND = 5.0  # a release not ended by then is aborted (see end_association)
 

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.errors import ForwarderError, InvalidFileError
-from forwarder.net.cancel import Cancelled, abort_on_cancel, associate, end_association
+from forwarder.net.cancel import (
+    Cancelled,
+    abort_on_cancel,
+    associate,
+    end_association,
+    why_not_established,
+)
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
     COMMITMENT_SYNTAXES,
@@ -212,11 +218,12 @@ def send_report(
     if not assoc.is_established:
         logger.warning(
             "storage commitment report (transaction %s) not delivered: no association with "
-            "%s at %s:%d",
+            "%s at %s:%d: %s",
             report.TransactionUID,
             called_ae,
             host,
             port,
+            why_not_established(assoc),
         )
         return False
     status: Dataset | None = None

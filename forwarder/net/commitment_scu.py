@@ -31,6 +31,7 @@ from forwarder.net.cancel import (
     abort_on_cancel,
     associate,
     end_association,
+    why_not_established,
 )
 from forwarder.net.commitment import (
     ACTION_REQUEST_COMMITMENT,
@@ -225,8 +226,8 @@ def open_association(
     except Cancelled as exc:
         raise CommitmentError(f"no association with {peer} for storage commitment: {exc}") from None
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-        raise CommitmentError(f"no association with {peer} for storage commitment ({why})")
+        why = why_not_established(assoc)
+        raise CommitmentError(f"no association with {peer} for storage commitment: {why}")
     return assoc
 
 

@@ -18,7 +18,13 @@ from typing import Any
 
 from forwarder.errors import ForwarderError
 from forwarder.net.association import AssociationSettings, Peer
-from forwarder.net.cancel import Cancelled, abort_on_cancel, associate, end_association
+from forwarder.net.cancel import (
+    Cancelled,
+    abort_on_cancel,
+    associate,
+    end_association,
+    why_not_established,
+)
 from forwarder.net.commitment import COMMITMENT_SYNTAXES
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,7 @@ def held_instances(
     except Cancelled as exc:
         raise QueryError(str(exc)) from None
     if not assoc.is_established:
-        raise QueryError(f"no association with {peer} for C-FIND")
+        raise QueryError(f"no association with {peer} for C-FIND: {why_not_established(assoc)}")
     held: set[str] = set()
     undecided: dict[str, str] = {}
     try:
