@@ -16,7 +16,9 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``stgcmt-before-record``: a trusted commitment report received, its outcome not recorded;
 - ``query-before-find``: a verify_by_query round recorded, its C-FINDs not sent.
 - ``retry-before-move``: ``forwarder retry`` queued a failed file again, not yet moved it back
-  (the retry command's own process dies).
+  (the retry command's own process dies);
+- ``retry-after-move``: ``forwarder retry`` moved a failed file back into incoming, its
+  ``NAME.error.json`` not yet removed from failed/.
 """
 
 from __future__ import annotations

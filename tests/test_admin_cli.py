@@ -481,6 +481,30 @@ def test_retry_killed_before_the_move_while_the_daemon_is_stopped_can_be_run_aga
             assert d.stop() == 0
 
 
+def test_retry_killed_after_the_move_leaves_no_failure_report_for_a_delivered_file(
+    tmp_path: Path,
+) -> None:
+    """A retry killed (SIGKILL) once the file is back in incoming must not leave its old
+    NAME.error.json in failed/: the file is then delivered, and failed/ (the status page's
+    recent failures, an operator's `ls`) would still report it failed, beside nothing."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            d.drop_files(1)
+            d.wait_failed(1)
+            assert d.stop() == 0
+            scp.status = 0x0000
+            result = forwarder(
+                "retry", "-c", str(d.config_path), env={"FORWARDER_CRASH_AT": "retry-after-move"}
+            )
+            assert result.returncode == -9, result.stderr
+            d.start()
+            d.wait_done(1)
+            assert d.stop() == 0
+    assert d.failed_files() == []
+    assert list(d.failed.rglob("*.error.json")) == []
+
+
 def test_retry_of_one_destination_keeps_the_other_failure_of_a_fan_out(tmp_path: Path) -> None:
     """A file that failed at A and at B, retried for A only and then stored there, is still
     not delivered to B: it goes back to failed/ (not done/), and `retry --destination b` can

@@ -285,3 +285,32 @@ def test_deidentified_instances_are_committed_by_the_uids_they_were_sent_with(
         assert d.stop() == 0
     asked = {str(r.ReferencedSOPInstanceUID) for a in scp.actions for r in a.ReferencedSOPSequence}
     assert asked == set(scp.held) and not asked & {f.sop_instance_uid for f in dropped}
+
+
+def test_an_instance_whose_sent_uids_cannot_be_told_after_a_restart_does_not_await_forever(
+    tmp_path: Path,
+) -> None:
+    """Stored to a de-identifying destination, then killed (SIGKILL) before the N-ACTION; the
+    config the daemon restarts with sends the file there with conflicting changes, so the UIDs
+    it was sent with cannot be worked out. It must not await commitment for ever: after a few
+    tries it counts as not committed, is sent again, and fails with the reason (failed/)."""
+    scp = CommitmentSCP(mode="same")
+    deid = {"name": "deid", "match": {"Modality": "CT"}, "to": ["pacs"], "deidentify": "basic"}
+    with scp, Daemon(tmp_path, destinations=[_dest(scp, settle="1h")], routes=[deid]) as d:
+        (f,) = d.drop_files(1, study_uid=STUDY)
+        d.wait_status(lambda s: s["pacs"]["awaiting_commitment"] == 1, what="stored, awaiting")
+        assert d.kill() == -9
+        other = {
+            "name": "named",
+            "match": {"StudyInstanceUID": STUDY},
+            "to": ["pacs"],
+            "modify": {"set": {"InstitutionName": "X"}},
+        }
+        d.write_config(destinations=[_dest(scp)], routes=[deid, other])
+        d.start()
+        (failed,) = d.wait_failed(1, timeout=60)
+        assert failed == f.rel_path
+        assert "conflicting changes" in str(d.error_json(failed))
+        assert d.status_json()["destinations"]["pacs"]["awaiting_commitment"] == 0
+        assert d.stop() == 0
+    assert scp.actions == []  # never asked by UIDs it was not sent with

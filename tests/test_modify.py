@@ -9,6 +9,7 @@ STOW-RS; the comparison is element by element against the original.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import time
@@ -623,3 +624,31 @@ def test_check_config_refuses_a_set_value_no_object_can_hold(tmp_path: Path) -> 
     assert "destinations[0].modify.set.InstitutionName: " in lines[0] and "multiplicity" in lines[0]
     assert "routes[0].modify.set.StudyDescription: " in lines[1]
     assert "control character" in lines[1]
+
+
+def test_an_edited_object_is_not_sent_from_a_file_replaced_by_one_of_the_same_size(
+    tmp_path: Path,
+) -> None:
+    """The changed attributes are read when the object is edited, its Pixel Data streamed from
+    the file later (a STOW-RS batch: while the parts before it go). A file replaced meanwhile by
+    another of the same size must be refused, as the unchanged path refuses it (size and
+    mtime), not sent as the old header with the new file's bytes."""
+    from dicomgen import write_file
+
+    from forwarder.errors import InvalidFileError
+
+    path = tmp_path / "a.dcm"
+    write_file(path)
+    st = path.stat()
+    editors = [Modification.from_config(Route(name="r", to=["x"], modify=ROUTE_MODIFY).modify)]  # type: ignore[arg-type]
+    obj = edit_file(str(path), editors)
+    other = tmp_path / "b.dcm"
+    for _ in range(200):  # generated UIDs vary in length: another instance of the same size
+        write_file(other)
+        if other.stat().st_size == st.st_size:
+            break
+    assert other.stat().st_size == st.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(InvalidFileError, match="changed since"):
+        b"".join(obj.chunks())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from forwarder.crashpoints import crash_point
 from forwarder.errors import ForwarderError
 
 if TYPE_CHECKING:
+    from forwarder.daemon.spool import Spool
     from forwarder.queue import Queue
 
 
@@ -62,6 +64,26 @@ def _drop_error_json(path: Path) -> None:
         error_json.unlink()
 
 
+def _move_back(spool: Spool, source: Path, target: Path) -> None:
+    """Move ``source`` (in failed/) to ``target``, its ``.error.json`` removed first: a kill
+    between the two leaves the file in failed/ and queued, which the next retry finishes; the
+    other way round, the file, delivered later, would keep a report in failed/ saying it
+    failed. A move that fails puts the report back (the file stays in failed/)."""
+    error_json = source.with_name(source.name + ".error.json")
+    try:
+        report: bytes | None = error_json.read_bytes()
+    except OSError:
+        report = None
+    _drop_error_json(source)
+    try:
+        spool.move(source, target)
+    except ForwarderError:
+        if report is not None and os.path.lexists(source):
+            with contextlib.suppress(OSError):
+                error_json.write_bytes(report)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     _, config = load_or_report(args, "retry")
     if config is None:
@@ -90,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
             for file_id, path, rel in queue.retried_queued():
                 left = None if os.path.lexists(path) else _left_behind(queue, file_id)
                 if left is not None:
-                    spool.move(left, Path(path))
-                    _drop_error_json(left)
+                    _move_back(spool, left, Path(path))
                     requeued += 1
                     print(f"requeued {rel} (an interrupted retry finished)")
             for f in queue.failed_files(args.destination):
@@ -126,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
                 kept = [d for d in f.destinations if d in names and d not in dests]
                 queue.requeue_failed(f.file_id, str(target), rel, dests, still_failed=kept)
                 crash_point("retry-before-move")
-                spool.move(source, target)
-                _drop_error_json(source)
+                _move_back(spool, source, target)
+                crash_point("retry-after-move")
                 requeued += 1
                 print(f"requeued {rel} for {', '.join(dests)}")
     except ForwarderError as exc:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from forwarder.config import StorageCommitment
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
-from forwarder.daemon.proof_thread import ProofThread, SentUids, Target
+from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, SentUids, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import (
     CommitmentBook,
@@ -179,7 +179,8 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         policy = target.policy
         by_study: dict[str, list[CommitItem]] = defaultdict(list)
         for item in self.queue.awaiting_commitment(target.name):
-            by_study[item.study_instance_uid].append(item)
+            if self._retry_at.get(item.job_id, 0.0) <= now:  # else: its UIDs untold, waiting
+                by_study[item.study_instance_uid].append(item)
         for items in by_study.values():
             quiet = max(i.stored_at for i in items) <= now - policy.settle
             # Each SOP Instance once per transaction: a PACS names an instance asked twice twice
@@ -202,6 +203,11 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
 
         policy = target.policy
         pairs = self._references(target.name, items)
+        named = {i.job_id for i, _ in pairs}
+        for job_id in named:
+            self._undecided.pop(job_id, None)
+            self._retry_at.pop(job_id, None)
+        self._untold_tries(target, [i.job_id for i in items if i.job_id not in named])
         if not pairs:
             return True  # none can be named now: they await (said once each)
         uid = new_transaction_uid()
@@ -237,6 +243,28 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             self.queue.cancel_commitment(uid)
             return False
         return True
+
+    def _untold_tries(self, target: ProofTarget, job_ids: list[int]) -> None:
+        """Instances that cannot be named now (the UIDs they were sent with cannot be told) are
+        tried again ``settle`` later, but not for ever: after :data:`UNDECIDED_LIMIT` tries
+        they count as not committed (sent again, which fails with the cause, or failed/)."""
+        now, given_up = time.time(), []
+        for job_id in job_ids:
+            count = self._undecided.get(job_id, 0) + 1
+            if count < UNDECIDED_LIMIT:
+                self._undecided[job_id] = count
+                self._retry_at[job_id] = now + max(target.policy.settle, 1.0)
+            else:
+                self._undecided.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
+                given_up.append(job_id)
+        if given_up:
+            # Recorded as a transaction asked of no one (a crash before its outcome: it
+            # expires at once after the restart, resent), then resolved: nothing committed.
+            why = f"not requested: cannot tell the UIDs it was sent with ({UNDECIDED_LIMIT} times)"
+            uid = new_transaction_uid()
+            self.queue.begin_commitment(uid, target.name, "stgcmt", given_up, deadline=now)
+            self._record(uid, target.name, [], [(j, why) for j in given_up], why)
 
     def _references(
         self, destination: str, items: Sequence[CommitItem]

@@ -37,6 +37,10 @@ SentUids = Callable[[str, str, str, str], "tuple[str, str, str] | None"]
 _TICK = 1.0  # how often the thread looks for what is due
 _RETRY = 30.0  # after the peer could not be asked, ask again this much later
 _STOP_JOIN = 5.0  # the thread's network waits end at once on stop; this is only a bound
+#: Tries an instance may stay undecided (its UIDs as sent cannot be told; for verify_by_query
+#: also a C-FIND the peer answers with a failure) before it counts as not committed: sent
+#: again, then failed/ with why. It alone waits between tries; the others go on.
+UNDECIDED_LIMIT = 5
 
 
 @dataclass(frozen=True, slots=True)

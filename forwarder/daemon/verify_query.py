@@ -24,7 +24,7 @@ from forwarder.config import VerifyByQuery
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
 from forwarder.daemon.commitment import apply_outcome
-from forwarder.daemon.proof_thread import ProofThread, Target
+from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import new_transaction_uid
 from forwarder.net.query_scu import InstanceKey
@@ -35,10 +35,9 @@ logger = logging.getLogger(__name__)
 _ROUND = 500  # instances asked about per round (one association)
 NOT_HELD = "not held by the destination (C-FIND at IMAGE level found no such instance)"
 CANNOT_TELL = "cannot tell the UIDs it was sent with"
-#: Rounds an instance may stay undecided (the peer answers its C-FIND with a failure, or the
-#: UIDs it was sent with cannot be told) before it is taken as not held; it is asked again
-#: ``verify_by_query.after`` later each time (it alone waits: the others are asked as due).
-UNDECIDED_LIMIT = 5
+# An instance undecided (the peer answers its C-FIND with a failure, or the UIDs it was sent
+# with cannot be told) is asked again ``verify_by_query.after`` later, UNDECIDED_LIMIT times
+# at most, then taken as not held (it alone waits: the others are asked as due).
 
 
 @dataclass(frozen=True, slots=True)

@@ -335,6 +335,7 @@ class EditedObject:
     segments: tuple[bytes | FileRange, ...]
     changes: tuple[Change, ...]
     file_meta: bytes  # preamble, DICM and the meta group, for a Part 10 file (STOW-RS)
+    mtime_ns: int = 0  # the source file's mtime when it was read (0: not known)
 
     @property
     def length(self) -> int:
@@ -373,7 +374,12 @@ class SegmentReader:
             self.fd = os.open(self.obj.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise InvalidFileError(self.obj.path, f"cannot open: {exc.strerror}") from None
-        if os.fstat(self.fd).st_size != self.obj.size:
+        st = os.fstat(self.fd)
+        # Size and mtime, as the unchanged path checks them: a file replaced by one of the same
+        # size since it was edited would send its bytes under the old one's attributes.
+        if st.st_size != self.obj.size or (
+            self.obj.mtime_ns and st.st_mtime_ns != self.obj.mtime_ns
+        ):
             os.close(self.fd)
             raise InvalidFileError(self.obj.path, "the file changed since it was read")
         return self
@@ -466,6 +472,9 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
     little = ts != EXPLICIT_VR_BIG_ENDIAN
     try:
         with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size != meta.size:
+                raise InvalidFileError(path, "the file changed since it was read")
             if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
                 inflated = bytes(inflate(f, path, meta.dataset_offset))
                 ds = read_dataset(io.BytesIO(inflated), False, True)
@@ -519,6 +528,7 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
         segments=segments,
         changes=tuple(changes),
         file_meta=_part10_head(file_meta, sop_instance),
+        mtime_ns=st.st_mtime_ns,
     )
 
 
