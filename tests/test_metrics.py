@@ -256,3 +256,79 @@ def test_destination_up_starts_at_1_and_follows_the_workers(metrics: Metrics) ->
     metrics.destination_up("pacs", True)
     s = _scrape(metrics)
     assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 1.0
+
+
+def _trickle(address: tuple[str, int], stop: threading.Event, every: float = 0.2) -> None:
+    """A slow client: its request line one byte at a time, for as long as it is let."""
+    with socket.create_connection(address, timeout=5) as sock:
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 10_000:
+            if stop.wait(every):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return  # the server dropped it
+
+
+def test_stop_is_prompt_while_a_client_trickles_its_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client sending a byte now and then never lets the socket time out: stop() (SIGTERM)
+    must not wait for it."""
+    monkeypatch.setattr(metrics_module._QuietHandler, "timeout", 0.5)
+    before = set(threading.enumerate())
+    m = Metrics()
+    m.start_server("127.0.0.1:0")
+    assert m.address is not None
+    stop = threading.Event()
+    slow = threading.Thread(target=_trickle, args=(m.address, stop))
+    slow.start()
+    stopper = threading.Thread(target=m.stop)
+    try:
+        _wait_until(lambda: threading.active_count() >= len(before) + 3)
+        stopper.start()
+        stopper.join(timeout=3)
+        hung = stopper.is_alive()
+    finally:
+        stop.set()
+        slow.join()
+        stopper.join()
+    assert not hung, "stop() still waits for the trickling client after 3 s"
+    assert set(threading.enumerate()) <= before
+
+
+def test_a_slow_request_is_dropped_and_connections_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Many clients that connect and say nothing (or trickle) hold a bounded number of
+    threads, each for a bounded time; once they are gone a scrape answers again."""
+    monkeypatch.setattr(metrics_module, "_REQUEST_DEADLINE", 1.0, raising=False)
+    bound = getattr(metrics_module, "_MAX_CONNECTIONS", 64) + 2
+    m = Metrics()
+    m.start_server("127.0.0.1:0")
+    assert m.address is not None
+    base = threading.active_count()
+    stop = threading.Event()
+    slow = threading.Thread(target=_trickle, args=(m.address, stop, 0.05))
+    silent: list[socket.socket] = []
+    try:
+        silent += [socket.create_connection(m.address, timeout=5) for _ in range(150)]
+        slow.start()
+        peak, until = 0, time.monotonic() + 6.0
+        while time.monotonic() < until and peak <= bound:  # accepted meanwhile
+            peak = max(peak, threading.active_count() - base)
+            time.sleep(0.01)
+        assert peak <= bound, f"{peak} threads for 151 clients"
+        # The trickling client is dropped after the deadline, not when it stops sending.
+        slow.join(timeout=10)
+        assert not slow.is_alive(), "a trickling client held its connection"
+    finally:
+        stop.set()
+        slow.join()
+        for s in silent:
+            s.close()
+        try:
+            _wait_until(lambda: threading.active_count() <= base, 15)
+            assert any(name == "forwarder_build_info" for name, _ in _scrape(m))
+        finally:
+            m.stop()

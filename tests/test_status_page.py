@@ -15,8 +15,11 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -699,3 +702,133 @@ def test_api_status_holds_every_field_of_status_json_with_proof_of_delivery(
         missing = set(cli) - set(api["destinations"]["pacs"])
         assert not missing, missing
         assert d.stop() == 0
+
+
+def test_a_failed_file_whose_name_is_not_utf8_does_not_break_the_page(tmp_path: Path) -> None:
+    """A file named in Latin-1 (a Windows share, an old modality) lands in failed/: the page and
+    /api/status still answer, the name shown with replacement characters."""
+    listen_port = free_port()
+    with ScriptedSCP() as pacs:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", pacs.port)],
+            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
+        )
+        with d:
+            name = os.fsdecode(b"M\xfcller.dcm")  # not UTF-8: a surrogate escape in Python
+            d.drop_bytes(name, b"this is not DICOM" * 10)
+            d.wait_failed(1)
+            url = f"http://127.0.0.1:{listen_port}"
+            status, _, body = get(f"{url}/")
+            assert status == 200, body[:200]
+            assert "M\ufffdller.dcm" in body.decode()
+            status, _, body = get(f"{url}/api/status")
+            assert status == 200
+            (failure,) = json.loads(body)["recent_failures"]
+            assert failure["path"] == "M\ufffdller.dcm"
+            assert d.stop() == 0
+
+
+def test_the_page_does_not_hold_the_queue_lock_claims_take(tmp_path: Path) -> None:
+    """With 200,000 instances awaiting commitment, serving /api/status and /metrics in a loop
+    must not make a worker's claim wait for the page's counting."""
+    queue = Queue(tmp_path / "queue.sqlite")
+    n, batch = 200_000, 10_000
+    for start in range(0, n, batch):
+        queue.enqueue_many(
+            [
+                (
+                    FileEntry(
+                        path=f"/in/f{i}.dcm",
+                        rel_path=f"f{i}.dcm",
+                        size=1,
+                        mtime_ns=1,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        sop_instance_uid=f"1.2.3.{i}",
+                        transfer_syntax="1.2.840.10008.1.2.1",
+                    ),
+                    ["pacs"],
+                )
+                for i in range(start, start + batch)
+            ]
+        )
+        jobs = queue.claim("pacs", batch)
+        queue.ack_done([j.id for j in jobs], commitment=True)
+    alone = time.monotonic()
+    assert queue.commitment_counts()["pacs"].awaiting == n
+    alone = time.monotonic() - alone
+    page = StatusPage(queue, lambda: ["pacs", "other"], tmp_path / "failed", proof=lambda: ["pacs"])
+    metrics = Metrics(destinations=["pacs", "other"])
+    metrics.set_commitment_source(queue.commitment_counts)
+    metrics.set_status_app(page)
+    metrics.start_server("127.0.0.1:0")
+    stop = threading.Event()
+    served: list[str] = []
+
+    def fetch(path: str) -> None:
+        while not stop.is_set():
+            status, _, _ = get(f"http://127.0.0.1:{port}{path}")
+            assert status == 200
+            served.append(path)
+
+    assert metrics.address is not None
+    port = metrics.address[1]
+    readers = [threading.Thread(target=fetch, args=(p,)) for p in ("/api/status", "/metrics")]
+    waits: list[float] = []
+    try:
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 60
+        while len(served) < 6 and time.monotonic() < deadline:
+            started = time.monotonic()
+            assert queue.claim("other", 1) == []  # a worker's claim: the queue's write lock
+            waits.append(time.monotonic() - started)
+            time.sleep(0.002)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+        metrics.stop()
+        queue.close()
+    assert len(served) >= 6
+    # Counting alone takes this long: a claim that waits for it waits about as long.
+    worst = max(waits)
+    assert worst < max(0.05, alone / 2), (
+        f"a claim waited {worst * 1000:.0f} ms (counting alone: {alone * 1000:.0f} ms)"
+    )
+
+
+def test_sigterm_stops_the_daemon_while_a_client_trickles_a_request(tmp_path: Path) -> None:
+    """A client sending its request a byte a second never times out on a read: SIGTERM must
+    still stop the daemon promptly, and the listener answers others meanwhile."""
+    listen_port = free_port()
+    with ScriptedSCP() as pacs:
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("pacs", pacs.port)],
+            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
+        )
+        with d:
+            url = f"http://127.0.0.1:{listen_port}"
+            stop = threading.Event()
+
+            def trickle() -> None:
+                with socket.create_connection(("127.0.0.1", listen_port), timeout=5) as sock:
+                    for byte in b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
+                        if stop.wait(1.0):
+                            return
+                        try:
+                            sock.sendall(bytes([byte]))
+                        except OSError:
+                            return  # dropped by the daemon
+
+            slow = threading.Thread(target=trickle)
+            slow.start()
+            try:
+                wait_until(lambda: get(f"{url}/api/status")[0] == 200, 10, what="the page")
+                d.drop_files(1)
+                d.wait_done(1)
+                assert d.stop(timeout=8) == 0
+            finally:
+                stop.set()
+                slow.join()

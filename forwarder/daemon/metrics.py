@@ -44,6 +44,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -81,6 +82,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 QUEUE_STATES = ("pending", "in_flight", "done", "failed")
 _ERROR_SUFFIX = ".error.json"
 _SCRAPE_TIMEOUT = 10.0  # seconds a scrape connection may stay silent before it is dropped
+# Seconds a client has to send its whole request: one that sends a byte now and then never
+# times out on a read, and would hold its thread (and stop()) for as long as it likes.
+_REQUEST_DEADLINE = 30.0
+# Connections served at once (a thread each); more are answered 503 at once, not queued.
+_MAX_CONNECTIONS = 64
+_BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class _QueueCollector(Collector):
@@ -158,16 +165,87 @@ def _count_failed(folder: Path) -> int:
 
 class _QuietHandler(WSGIRequestHandler):
     timeout = _SCRAPE_TIMEOUT  # a silent client cannot hold stop() forever
+    server: _Server
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        # The request line and headers are in: no longer subject to _REQUEST_DEADLINE.
+        self.server.request_read(self.connection)
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("metrics: %s " + format, self.address_string(), *args)
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    # Request threads are joined by server_close(), so stop() leaves no thread behind.
+    # Request threads are joined by server_close(), so stop() leaves no thread behind: it
+    # first cuts every open connection (close_connections), so none holds it.
     daemon_threads = False
     block_on_close = True
     allow_reuse_address = True
+    request_queue_size = _MAX_CONNECTIONS  # a burst of scrapers is not left to SYN retries
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # socket -> monotonic deadline for its request (None: request read)
+        self._open: dict[socket.socket, float | None] = {}
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            busy = len(self._open) >= _MAX_CONNECTIONS
+            if not busy:
+                self._open[request] = time.monotonic() + _REQUEST_DEADLINE
+        if busy:
+            logger.debug(
+                "metrics: %s connections open, refusing %s", _MAX_CONNECTIONS, client_address
+            )
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
+
+    def request_read(self, request: socket.socket) -> None:
+        with self._open_lock:
+            if request in self._open:
+                self._open[request] = None
+
+    def service_actions(self) -> None:
+        """Every poll of serve_forever: cut the connections still sending their request after
+        _REQUEST_DEADLINE."""
+        now = time.monotonic()
+        with self._open_lock:
+            late = [
+                s for s, deadline in self._open.items() if deadline is not None and now > deadline
+            ]
+        for sock in late:
+            logger.debug(
+                "metrics: a client took over %.0f s to send its request", _REQUEST_DEADLINE
+            )
+            _cut(sock)
+
+    def close_connections(self) -> None:
+        """Cut every open connection: their threads end at once (stop())."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            _cut(sock)
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut ``sock`` down: a read blocked on it returns, a write fails; its thread closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # closed meanwhile
 
 
 class Metrics:
@@ -444,6 +522,7 @@ class Metrics:
         if server is None:
             return
         server.shutdown()
+        server.close_connections()
         server.server_close()
         if thread is not None:
             thread.join()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from typing import Any
 from forwarder.queue import FileState, FoundFile, FoundJob, JobStatus, Queue
 
 ERROR_SUFFIX = ".error.json"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_REPORT_BYTES = 256 * 1024  # a report is a few hundred bytes; never read a huge file whole
 
 
@@ -304,7 +306,7 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
             doc = None  # removed meanwhile, being replaced, or not ours: still a failed file
         if not isinstance(doc, dict):
             doc = {"reason": "(unreadable report)"}
-        rel = Path(path).relative_to(failed).as_posix()[: -len(ERROR_SUFFIX)]
+        rel = _shown(Path(path).relative_to(failed).as_posix()[: -len(ERROR_SUFFIX)])
         entry: dict[str, Any] = {
             "path": rel,
             "failed_at": _text(doc.get("failed_at")) or iso_utc(mtime),
@@ -333,7 +335,13 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
 
 
 def _text(value: object) -> str | None:
-    return None if value is None else str(value)
+    return None if value is None else _shown(str(value))
+
+
+def _shown(text: str) -> str:
+    """``text`` with each lone surrogate (a byte of a file name that is not UTF-8, which the
+    daemon sends to failed/ for that reason) as U+FFFD: what the page can encode."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 # -- rates -------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ class Commitments(Store):
 
     def commitment_counts(self) -> dict[str, CommitmentCounts]:
         """Per destination with any commitment activity."""
-        with self._read("counting instances awaiting commitment") as conn:
+        with self._scan("counting instances awaiting commitment") as conn:
             awaiting = dict(
                 conn.execute(
                     """SELECT destination, COUNT(*) FROM jobs
