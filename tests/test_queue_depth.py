@@ -160,6 +160,31 @@ def test_a_long_read_does_not_hold_up_claims_acks_and_enqueues(queue: Queue) -> 
     queue.close()
 
 
+def test_the_proof_threads_reads_do_not_take_the_writers_lock(queue: Queue) -> None:
+    """The storage commitment keeper and the verifying query read every instance awaiting
+    proof (up to 10,000 rows, sorted) once a second, and the status page and metrics count
+    them: at 200,000 awaiting that is 0.1-0.2 s a read, which under the lock every claim, ack
+    and enqueue takes held the senders (and a listener's answer) for as long. They read on the
+    statistics connection: here they finish while the writers' lock is held."""
+    claimed = queue.claim("pacs", 300)
+    queue.ack_done([j.id for j in claimed], status=0, commitment=True)
+    results: dict[str, int] = {}
+
+    def read() -> None:
+        results["awaiting"] = len(queue.awaiting_commitment("pacs"))
+        results["counted"] = queue.commitment_counts()["pacs"].awaiting
+
+    with queue._lock:  # a writer's transaction in progress
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(10)
+        finished = not reader.is_alive()
+    reader.join()
+    queue.close()
+    assert finished, "a proof read waited for the writers' lock"
+    assert results == {"awaiting": 300, "counted": 300}
+
+
 def test_the_sweep_finds_every_leftover_once_a_cycle_a_slice_at_a_time(queue: Queue) -> None:
     """Files whose jobs ended without the finisher being told are found by the periodic sweep,
     one slice of ``span`` files per call; a file left FINISHING (its move failed) by every call."""

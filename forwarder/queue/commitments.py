@@ -83,8 +83,11 @@ class Commitments(Store):
     """Storage commitment and verifying queries (a part of :class:`forwarder.queue.Queue`)."""
 
     def awaiting_commitment(self, destination: str, limit: int = 10000) -> list[CommitItem]:
-        """Jobs of ``destination`` stored and not yet in a transaction, oldest first."""
-        with self._read(f"listing instances awaiting commitment at {destination}") as conn:
+        """Jobs of ``destination`` stored and not yet in a transaction, oldest first. Read on
+        the statistics connection: up to ``limit`` sorted rows, once a second per destination
+        (0.1-0.2 s at 200,000 awaiting) must not hold claims, acks and enqueues.
+        :meth:`begin_commitment` checks again what it takes."""
+        with self._scan(f"listing instances awaiting commitment at {destination}") as conn:
             rows = conn.execute(
                 f"""SELECT {_ITEM_COLUMNS} FROM jobs AS j JOIN files AS f ON f.id = j.file_id
                     WHERE j.destination = :d AND j.status = 'DONE' AND j.commitment = 1
