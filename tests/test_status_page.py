@@ -704,16 +704,22 @@ def test_api_status_holds_every_field_of_status_json_with_proof_of_delivery(
         assert d.stop() == 0
 
 
+def _daemon_with_page(tmp_path: Path, pacs: ScriptedSCP) -> tuple[Daemon, int]:
+    """A daemon sending to ``pacs``, and the free port of its status page."""
+    listen_port = free_port()
+    d = Daemon(
+        tmp_path,
+        destinations=[destination("pacs", pacs.port)],
+        extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
+    )
+    return d, listen_port
+
+
 def test_a_failed_file_whose_name_is_not_utf8_does_not_break_the_page(tmp_path: Path) -> None:
     """A file named in Latin-1 (a Windows share, an old modality) lands in failed/: the page and
     /api/status still answer, the name shown with replacement characters."""
-    listen_port = free_port()
     with ScriptedSCP() as pacs:
-        d = Daemon(
-            tmp_path,
-            destinations=[destination("pacs", pacs.port)],
-            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
-        )
+        d, listen_port = _daemon_with_page(tmp_path, pacs)
         with d:
             name = os.fsdecode(b"M\xfcller.dcm")  # not UTF-8: a surrogate escape in Python
             d.drop_bytes(name, b"this is not DICOM" * 10)
@@ -801,15 +807,10 @@ def test_the_page_does_not_hold_the_queue_lock_claims_take(tmp_path: Path) -> No
 def test_sigterm_stops_the_daemon_while_a_client_trickles_a_request(tmp_path: Path) -> None:
     """A client sending its request a byte a second never times out on a read: SIGTERM must
     still stop the daemon promptly, and the listener answers others meanwhile."""
-    listen_port = free_port()
     with ScriptedSCP() as pacs:
-        d = Daemon(
-            tmp_path,
-            destinations=[destination("pacs", pacs.port)],
-            extra={"metrics": {"listen": f"127.0.0.1:{listen_port}"}},
-        )
+        d, listen_port = _daemon_with_page(tmp_path, pacs)
+        url = f"http://127.0.0.1:{listen_port}"
         with d:
-            url = f"http://127.0.0.1:{listen_port}"
             stop = threading.Event()
 
             def trickle() -> None:
