@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -608,10 +609,15 @@ def test_sighup_removing_a_deidentifying_route_never_sends_its_queued_files_as_t
 
 
 def test_sighup_removing_a_down_destination_no_longer_reports_it_down(tmp_path: Path) -> None:
-    # Its files were failed: status must not go on saying "DOWN: files stay queued".
-    down = free_port()
+    # Its files were failed: status must not go on saying "DOWN: files stay queued", nor the
+    # metrics forwarder_destination_up 0 (an alert for ever).
+    down, metrics = free_port(), free_port()
     with ScriptedSCP() as a:
-        d = Daemon(tmp_path, destinations=[destination("a", a.port), destination("gone", down)])
+        d = Daemon(
+            tmp_path,
+            destinations=[destination("a", a.port), destination("gone", down)],
+            extra={"metrics": {"listen": f"127.0.0.1:{metrics}"}},
+        )
         with d:
             dropped = d.drop_files(2)
             wait_until(lambda: a.uids() == uids(dropped), 30, what="files at 'a'")
@@ -623,6 +629,13 @@ def test_sighup_removing_a_down_destination_no_longer_reports_it_down(tmp_path: 
             assert (gone["pending"], gone["failed"], gone["state"]) == (0, 2, "up")
             assert gone["last_error"] == "destination 'gone' is no longer in the configuration"
             assert "files stay queued" not in d.cli("status").stdout
+            scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10)
+            series = [
+                line
+                for line in scraped.read().decode().splitlines()
+                if line.startswith("forwarder_destination_") and 'destination="gone"' in line
+            ]
+            assert series == []
             assert d.stop() == 0
 
 

@@ -332,3 +332,34 @@ def test_a_slow_request_is_dropped_and_connections_are_bounded(
             assert any(name == "forwarder_build_info" for name, _ in _scrape(m))
         finally:
             m.stop()
+
+
+def test_listen_series_appear_with_the_listeners_first_measurement(metrics: Metrics) -> None:
+    """A daemon without ``listen`` must not export forwarder_listen_accepting 0, which reads
+    "refusing objects for lack of space" to an alert; nor one before its first check."""
+    metrics.start_server("127.0.0.1:0")
+    names = {name for name, _ in _scrape(metrics)}
+    assert "forwarder_listen_accepting" not in names
+    assert "forwarder_listen_spool_free_space" not in names
+    metrics.listen_space(False, 1234)
+    metrics.listen_space(True, 5678)  # registered once
+    values = _scrape(metrics)
+    assert values[("forwarder_listen_accepting", ())] == 1
+    assert values[("forwarder_listen_spool_free_space", ())] == 5678
+
+
+def test_a_removed_destination_leaves_no_series(metrics: Metrics) -> None:
+    """A reload that removes a destination drops its series: a destination_up left at 0 would
+    alert for ever for a destination that is no longer there."""
+    metrics.start_server("127.0.0.1:0")
+    metrics.destination_up("archive", False)
+    metrics.destination_state("archive", "down", 1.0)
+    metrics.file_sent("archive", "retry", 10, 0.1)
+    metrics.commitment_outcome("archive", 1, 0, 0)
+    metrics.remove_destination("archive")
+    metrics.remove_destination("never-there")
+    left = [(n, labels) for n, labels in _scrape(metrics) if ("destination", "archive") in labels]
+    assert left == []
+    assert _scrape(metrics)[("forwarder_destination_up", (("destination", "pacs"),))] == 1
+    metrics.add_destination("archive")  # added again by a later reload: starts afresh
+    assert _scrape(metrics)[("forwarder_destination_up", (("destination", "archive"),))] == 1

@@ -27,7 +27,8 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
     forwarder_failed_folder_files                        files in failed/ (without .error.json)
     forwarder_listen_accepting                           1 while the listener takes objects, 0
                                                          while free space on the spool is below
-                                                         listen.min_free_space (0xA700 answered)
+                                                         listen.min_free_space (0xA700 answered);
+                                                         with listen only, from its first check
     forwarder_listen_spool_free_space                    free space on the incoming filesystem
     forwarder_listen_objects_total{outcome}              received through listen: stored,
                                                          refused (low space, cannot store/queue)
@@ -40,6 +41,7 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -324,17 +326,21 @@ class Metrics:
             ["reason"],
             registry=reg,
         )
+        # Registered at the listener's first measurement: a daemon without ``listen`` (or
+        # before its first check) has no such series, rather than a 0 that reads "refusing".
+        self._registry = reg
         self._listen_accepting = Gauge(
             "forwarder_listen_accepting",
             "1 while the listener takes objects; 0 while the free space on the incoming "
             "filesystem is below listen.min_free_space (objects are answered 0xA700).",
-            registry=reg,
+            registry=None,
         )
         self._listen_free = Gauge(
             "forwarder_listen_spool_free_space",
             "Free space on the incoming filesystem in bytes, as the listener last measured it.",
-            registry=reg,
+            registry=None,
         )
+        self._listen_measured = False
         self._listen_objects = Counter(
             "forwarder_listen_objects",
             "Objects received through listen, by outcome (stored: queued before Success; "
@@ -390,6 +396,28 @@ class Metrics:
             self._up.labels(destination).set(1)
         self._retries.labels(destination)
 
+    def remove_destination(self, destination: str) -> None:
+        """Drop a destination's series (a reload removed it): a ``destination_up`` left at 0,
+        or a state, would go on alerting for a destination that is no longer there."""
+        self._known.discard(destination)
+        for metric, labels in (
+            *((m, (destination, o.value)) for m in (self._files, self._bytes) for o in Outcome),
+            *((self._state, (destination, s)) for s in DESTINATION_STATES),
+            *((self._commitment, (destination, o)) for o in ("committed", "resent", "failed")),
+            *(
+                (m, (destination,))
+                for m in (
+                    self._latency,
+                    self._associations,
+                    self._up,
+                    self._state_since,
+                    self._retries,
+                )
+            ),
+        ):
+            with contextlib.suppress(KeyError):  # never created
+                metric.remove(*labels)
+
     def file_sent(self, destination: str, outcome: str, nbytes: int, seconds: float) -> None:
         """One C-STORE attempt: ``outcome`` is stored, warning, retry or failed."""
         value = Outcome(outcome).value  # ValueError on a typo, not a silent new series
@@ -424,6 +452,11 @@ class Metrics:
         """The listener measured the spool's free space (``accepting``: above the watermark)."""
         self._listen_accepting.set(1 if accepting else 0)
         self._listen_free.set(max(0, free_bytes))
+        with self._lock:
+            if not self._listen_measured:
+                self._listen_measured = True
+                self._registry.register(self._listen_accepting)
+                self._registry.register(self._listen_free)
 
     def listen_object(self, outcome: str) -> None:
         """An object received through listen: ``stored`` or ``refused``."""

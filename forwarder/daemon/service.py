@@ -443,6 +443,9 @@ class Service(ServiceLoop):
             self._settle_proof()
         added = sorted(set(new_dests) - set(old_dests))
         removed = sorted(set(old_dests) - set(new_dests))
+        if self.metrics is not None:
+            for name in removed:
+                self.metrics.remove_destination(name)
         logger.info(
             "reload: applied (%d destinations; added: %s; removed: %s)",
             len(new_dests),
