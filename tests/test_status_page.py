@@ -19,7 +19,6 @@ import socket
 import struct
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -733,75 +732,6 @@ def test_a_failed_file_whose_name_is_not_utf8_does_not_break_the_page(tmp_path: 
             (failure,) = json.loads(body)["recent_failures"]
             assert failure["path"] == "M\ufffdller.dcm"
             assert d.stop() == 0
-
-
-def test_the_page_does_not_hold_the_queue_lock_claims_take(tmp_path: Path) -> None:
-    """With 200,000 instances awaiting commitment, serving /api/status and /metrics in a loop
-    must not make a worker's claim wait for the page's counting."""
-    queue = Queue(tmp_path / "queue.sqlite")
-    n, batch = 200_000, 10_000
-    for start in range(0, n, batch):
-        queue.enqueue_many(
-            [
-                (
-                    FileEntry(
-                        path=f"/in/f{i}.dcm",
-                        rel_path=f"f{i}.dcm",
-                        size=1,
-                        mtime_ns=1,
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                        sop_instance_uid=f"1.2.3.{i}",
-                        transfer_syntax="1.2.840.10008.1.2.1",
-                    ),
-                    ["pacs"],
-                )
-                for i in range(start, start + batch)
-            ]
-        )
-        jobs = queue.claim("pacs", batch)
-        queue.ack_done([j.id for j in jobs], commitment=True)
-    alone = time.monotonic()
-    assert queue.commitment_counts()["pacs"].awaiting == n
-    alone = time.monotonic() - alone
-    page = StatusPage(queue, lambda: ["pacs", "other"], tmp_path / "failed", proof=lambda: ["pacs"])
-    metrics = Metrics(destinations=["pacs", "other"])
-    metrics.set_commitment_source(queue.commitment_counts)
-    metrics.set_status_app(page)
-    metrics.start_server("127.0.0.1:0")
-    stop = threading.Event()
-    served: list[str] = []
-
-    def fetch(path: str) -> None:
-        while not stop.is_set():
-            status, _, _ = get(f"http://127.0.0.1:{port}{path}")
-            assert status == 200
-            served.append(path)
-
-    assert metrics.address is not None
-    port = metrics.address[1]
-    readers = [threading.Thread(target=fetch, args=(p,)) for p in ("/api/status", "/metrics")]
-    waits: list[float] = []
-    try:
-        for r in readers:
-            r.start()
-        deadline = time.monotonic() + 60
-        while len(served) < 6 and time.monotonic() < deadline:
-            started = time.monotonic()
-            assert queue.claim("other", 1) == []  # a worker's claim: the queue's write lock
-            waits.append(time.monotonic() - started)
-            time.sleep(0.002)
-    finally:
-        stop.set()
-        for r in readers:
-            r.join()
-        metrics.stop()
-        queue.close()
-    assert len(served) >= 6
-    # Counting alone takes this long: a claim that waits for it waits about as long.
-    worst = max(waits)
-    assert worst < max(0.05, alone / 2), (
-        f"a claim waited {worst * 1000:.0f} ms (counting alone: {alone * 1000:.0f} ms)"
-    )
 
 
 def test_sigterm_stops_the_daemon_while_a_client_trickles_a_request(tmp_path: Path) -> None:
