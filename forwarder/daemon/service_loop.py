@@ -43,6 +43,10 @@ _STATUS_EVERY = 5.0
 _FINISH_RETRY_EVERY = 5.0  # files that could not be moved (disk full...): a cheap query
 _PRUNE_EVERY = 3600.0
 _PRUNE_AFTER = 7 * 86400.0
+# Files one prune deletes at most (about a second): a backlog (the first prune after days
+# stopped, the week-old burst of an outage) goes on at the next tick, not inside this one,
+# which signals, reloads and systemd's watchdog wait for.
+_PRUNE_SLICE = 10_000
 _STOP_TIMEOUT = 10.0
 _UNHEALTHY_LOG_EVERY = 30.0  # repeat "not feeding the watchdog" this often while it lasts
 _LISTEN_DRAIN = 5.0  # seconds open listen associations have to end at SIGTERM, then aborted
@@ -154,11 +158,12 @@ class ServiceLoop:
                     logger.error("finishing files: %s", exc)
                 next_finish = now + _FINISH_RETRY_EVERY
             if now >= next_prune:
+                more = False
                 try:
-                    self.queue.prune(_PRUNE_AFTER)
+                    more = self.queue.prune(_PRUNE_AFTER, limit=_PRUNE_SLICE) >= _PRUNE_SLICE
                 except ForwarderError as exc:
                     logger.error("pruning the queue: %s", exc)
-                next_prune = now + _PRUNE_EVERY
+                next_prune = now + (_TICK if more else _PRUNE_EVERY)
 
     def _health_problems(self, now: float) -> list[str]:
         problems = []

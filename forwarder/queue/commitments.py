@@ -16,16 +16,18 @@ the same transaction changes nothing.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from forwarder.errors import QueueError
 from forwarder.queue.sql import TERMINAL_FILES
-from forwarder.queue.store import Store, clock, ids_json
+from forwarder.queue.store import SLICE_PAUSE, Store, clock, ids_json
 
 AWAITING = 1
 REQUESTED = 2
 COMMITTED = 3
+_DROP_BATCH = 500  # instances drop_proof() releases a transaction: ~5 ms of the write lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class Commitments(Store):
             rows = conn.execute(
                 f"""SELECT {_ITEM_COLUMNS} FROM jobs AS j JOIN files AS f ON f.id = j.file_id
                     WHERE j.destination = :d AND j.status = 'DONE' AND j.commitment = 1
+                      AND j.commitment IN (1, 2)
                     ORDER BY j.finished_at, j.id LIMIT :limit""",
                 {"d": destination, "limit": limit},
             ).fetchall()
@@ -169,24 +172,39 @@ class Commitments(Store):
         """``destination`` no longer requires proof (its key was removed, or it was): what it
         stored and had not yet proven counts as delivered, as without proof; its open
         transactions are cancelled. Returns (instances released, files this made terminal).
-        Nothing is counted as committed."""
-        with self._write(f"dropping the proof of delivery of {destination}") as conn:
-            conn.execute(
-                """UPDATE commitments SET state = 'CANCELLED'
-                   WHERE destination = :d AND state = 'REQUESTED'""",
-                {"d": destination},
-            )
-            rows = conn.execute(
-                """UPDATE jobs SET commitment = 0, commit_txn = NULL
-                   WHERE destination = :d AND status = 'DONE' AND commitment IN (1, 2)
-                   RETURNING file_id""",
-                {"d": destination},
-            ).fetchall()
-            if not rows:
-                return 0, []
-            files = sorted({r[0] for r in rows})
-            terminal = conn.execute(TERMINAL_FILES, {"ids": ids_json(files)}).fetchall()
-        return len(rows), [r[0] for r in terminal]
+        Nothing is counted as committed.
+
+        A slice of instances a transaction (all at once held the write lock for seconds, a
+        reload's, with the listener's answers waiting); the open transactions are cancelled
+        with the last slice, so an instance still requested is never in a cancelled one. One
+        stopped half way leaves the rest awaiting, released by the next call (at start)."""
+        params = {"d": destination, "batch": _DROP_BATCH}
+        released, terminal = 0, list[int]()
+        while True:
+            with self._write(f"dropping the proof of delivery of {destination}") as conn:
+                rows = conn.execute(
+                    """UPDATE jobs SET commitment = 0, commit_txn = NULL
+                       WHERE id IN (SELECT id FROM jobs
+                                    WHERE destination = :d AND commitment IN (1, 2)
+                                      AND status = 'DONE' LIMIT :batch)
+                       RETURNING file_id""",
+                    params,
+                ).fetchall()
+                if rows:
+                    files = sorted({r[0] for r in rows})
+                    found = conn.execute(TERMINAL_FILES, {"ids": ids_json(files)})
+                    terminal += [r[0] for r in found]
+                last = len(rows) < _DROP_BATCH
+                if last:
+                    conn.execute(
+                        """UPDATE commitments SET state = 'CANCELLED'
+                           WHERE destination = :d AND state = 'REQUESTED'""",
+                        params,
+                    )
+            released += len(rows)
+            if last:
+                return released, terminal
+            time.sleep(SLICE_PAUSE)
 
     def commitment_destination(self, uid: str) -> str | None:
         """The destination of transaction ``uid`` (None: unknown)."""

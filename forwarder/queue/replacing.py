@@ -64,6 +64,8 @@ class Replacing(Store):
         changed = " AND (size != :size OR mtime_ns != :mtime_ns)" if changed_only else ""
         routed_now = routed_to(destinations)
         with self._write(f"recording that {entry.path} was replaced") as conn:
+            # By the unfinished-path index ("state != 'FINISHED'" lets SQLite use it, "+state"
+            # keeps it off files_state, which walks every QUEUED file under the write lock).
             row = conn.execute(
                 """UPDATE files SET size = :size, mtime_ns = :mtime_ns,
                           sop_class_uid = :sop_class_uid, sop_instance_uid = :sop_instance_uid,
@@ -73,7 +75,7 @@ class Replacing(Store):
                           accession_number = :accession_number,
                           calling_ae = :calling_ae, called_ae = :called_ae, peer = :peer,
                           association = :association
-                   WHERE path = :path AND state = 'QUEUED'"""
+                   WHERE path = :path AND state != 'FINISHED' AND +state = 'QUEUED'"""
                 + changed
                 + " RETURNING id",
                 params,

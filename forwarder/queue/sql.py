@@ -236,6 +236,13 @@ ACK_RETRY = """
     WHERE id = :id AND status = 'CLAIMED'
     RETURNING id, file_id, destination"""
 
+# A removed destination's pending jobs, a slice at a time (by the claim index).
+FAIL_PENDING = """
+    UPDATE jobs SET status = 'FAILED', last_error = :error, finished_at = :now
+    WHERE id IN (SELECT id FROM jobs WHERE destination = :destination AND status = 'READY'
+                 LIMIT :batch)
+    RETURNING file_id"""
+
 RELEASE = """
     UPDATE jobs SET status = 'READY', claimed_at = NULL
     WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
@@ -399,10 +406,12 @@ FOUND_JOBS = """
     FROM jobs WHERE file_id IN (SELECT value FROM json_each(:ids))
     ORDER BY file_id, destination"""
 
+# The oldest first, in the files_state index's order: a batch reads only the rows it deletes
+# (ORDER BY id sorted every finished file past the cutoff, every batch, under the write lock).
 PRUNE = """
     DELETE FROM files WHERE id IN (
         SELECT id FROM files WHERE state = 'FINISHED' AND finished_at < :cutoff
-        ORDER BY id LIMIT :batch)"""
+        ORDER BY finished_at LIMIT :batch)"""
 
 # Schema 5 (issue 15, deidentify): original UID -> its replacement (queue.uidmap).
 UID_MAP_DDL = """CREATE TABLE IF NOT EXISTS uid_map (

@@ -52,6 +52,10 @@ SCHEMA_VERSION = 9
 
 _FIRST_NAP = 50e-6  # seconds: the first wait for another process's write lock
 _LAST_NAP = 2e-3  # and the longest, while it is held longer
+# Between the transactions of a long job cut into slices (prune, failing a removed
+# destination's jobs): longer than a writer of another process naps between two tries, so the
+# listener's receiving process gets in, and the daemon's own threads take the lock meanwhile.
+SLICE_PAUSE = 2.5 * _LAST_NAP
 
 
 def clock(now: float | None) -> float:
