@@ -38,6 +38,8 @@ HOT = (
     "COMPLETE_FINISH",
     "SWEEP_UPTO",
     "TO_FINISH_SLICE",
+    # what the status line (every 5 s), forwarder status, the page and every scrape read
+    "LIVE_JOBS",
 )
 PARAMS = {
     "path": "/in/a.dcm",
@@ -117,6 +119,24 @@ def test_hot_statements_look_rows_up_by_key(queue: Queue, name: str) -> None:
     ]
     by_state = [step for step in plan if "files_state" in step]
     assert not walks and not by_state, plan
+
+
+def test_the_destinations_with_jobs_are_found_by_seeks_not_by_reading_every_job(
+    queue: Queue,
+) -> None:
+    """stats() lists the destinations with jobs one index seek each: SELECT DISTINCT (or a
+    GROUP BY over the table) read 7 days of finished jobs for every status line and scrape."""
+    conn = sqlite3.connect(queue.path)
+    try:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql.JOB_DESTINATIONS}")]
+        queue.enqueue_many([(entry(n), ["archive"]) for n in range(5000, 5010)])
+        found = [r[0] for r in conn.execute(sql.JOB_DESTINATIONS)]
+    finally:
+        conn.close()
+        queue.close()
+    assert not [step for step in plan if step.startswith("SCAN jobs")], plan
+    assert [step for step in plan if "SEARCH jobs" in step], plan
+    assert found == ["archive", "pacs"]
 
 
 def test_a_long_read_does_not_hold_up_claims_acks_and_enqueues(queue: Queue) -> None:

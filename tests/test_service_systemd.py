@@ -66,7 +66,9 @@ def test_ready_watchdog_status_and_stopping(notify_socket: socket.socket, tmp_pa
             d.drop_files(3)
             d.wait_done(3)
             wait_until(
-                lambda: any("last: pacs stored" in m for m in messages.pump()),
+                lambda: any(
+                    "0 pending, 0 in flight; last: pacs stored" in m for m in messages.pump()
+                ),
                 15,
                 what="a STATUS= line with the last outcome",
             )

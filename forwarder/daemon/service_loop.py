@@ -94,10 +94,13 @@ class ServiceLoop:
 
     def _status_line(self) -> str:
         try:
-            counts = self.queue.counts()
+            # stats(), not counts(): this runs every 5 s, and counting every job by status
+            # read 7 days of finished ones each time.
+            stats = self.queue.stats().values()
         except ForwarderError:
             return "queue unavailable"
-        line = f"{counts.get('READY', 0)} pending, {counts.get('CLAIMED', 0)} in flight"
+        pending, in_flight = sum(s.pending for s in stats), sum(s.in_flight for s in stats)
+        line = f"{pending} pending, {in_flight} in flight"
         down = [name for name, w in self._workers.items() if w.state[0] == "down"]
         if down:
             line += f"; DOWN: {', '.join(sorted(down))}"

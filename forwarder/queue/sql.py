@@ -113,6 +113,22 @@ COMMITMENT_DDL = (
 )
 # -- end of schema version 8 ------------------------------------------------------------------
 
+# Every destination with a job row, one index seek each (SELECT DISTINCT walks the whole index:
+# 7 days of finished jobs, every few seconds for the status line and every page and scrape).
+JOB_DESTINATIONS = """
+    WITH RECURSIVE d(name) AS (
+        SELECT MIN(destination) FROM jobs
+        UNION ALL
+        SELECT (SELECT MIN(destination) FROM jobs WHERE destination > d.name)
+        FROM d WHERE d.name IS NOT NULL)
+    SELECT name FROM d WHERE name IS NOT NULL"""
+
+# One destination's jobs pending and in flight, by the claim index: as many rows as are live.
+LIVE_JOBS = """
+    SELECT status, COUNT(*), MIN(created_at) FROM jobs
+    WHERE destination = :destination AND status IN ('READY', 'CLAIMED')
+    GROUP BY status"""
+
 UNFINISHED_JOB = (
     "SELECT 1 FROM jobs AS u WHERE u.file_id = f.id AND (u.status IN ('READY', 'CLAIMED') "
     "OR (u.status = 'DONE' AND u.commitment IN (1, 2)))"

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 
 from forwarder.queue.records import DestinationState, DestinationStats, JobStatus
-from forwarder.queue.sql import UNFINISHED_JOB
+from forwarder.queue.sql import JOB_DESTINATIONS, LIVE_JOBS, UNFINISHED_JOB
 from forwarder.queue.store import Store, clock
 
 _STATE_PREFIX = "state:"  # problems-table keys of destination states
@@ -30,10 +30,13 @@ class Statistics(Store):
         """Per destination (every one with rows, plus those named), sorted by name."""
         at = clock(now)
         with self._scan("reading destination statistics") as conn:
-            live = conn.execute(
-                """SELECT destination, status, COUNT(*), MIN(created_at) FROM jobs
-                   WHERE status IN ('READY', 'CLAIMED') GROUP BY destination, status"""
-            ).fetchall()
+            # Per destination, by index: a GROUP BY over the whole table read every finished
+            # job of the last 7 days (0.1-0.4 s at 200k jobs) each time.
+            live = [
+                (name, *row)
+                for (name,) in conn.execute(JOB_DESTINATIONS).fetchall()
+                for row in conn.execute(LIVE_JOBS, {"destination": name}).fetchall()
+            ]
             totals = conn.execute(
                 "SELECT destination, done_total, failed_total, last_error FROM destination_stats"
             ).fetchall()
