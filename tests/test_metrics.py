@@ -302,8 +302,8 @@ def test_a_slow_request_is_dropped_and_connections_are_bounded(
 ) -> None:
     """Many clients that connect and say nothing (or trickle) hold a bounded number of
     threads, each for a bounded time; once they are gone a scrape answers again."""
-    monkeypatch.setattr(metrics_module, "_REQUEST_DEADLINE", 1.0, raising=False)
-    bound = getattr(metrics_module, "_MAX_CONNECTIONS", 64) + 2
+    monkeypatch.setattr(metrics_module, "_REQUEST_DEADLINE", 1.0)
+    bound = metrics_module._MAX_CONNECTIONS + 2
     m = Metrics()
     m.start_server("127.0.0.1:0")
     assert m.address is not None
@@ -312,16 +312,21 @@ def test_a_slow_request_is_dropped_and_connections_are_bounded(
     slow = threading.Thread(target=_trickle, args=(m.address, stop, 0.05))
     silent: list[socket.socket] = []
     try:
-        silent += [socket.create_connection(m.address, timeout=5) for _ in range(150)]
+        # The trickler first, so that it holds a slot (not a 503): it must be cut at the
+        # deadline, not when it stops sending.
+        started = time.monotonic()
         slow.start()
+        _wait_until(lambda: threading.active_count() >= base + 2)  # it and its handler
+        silent += [socket.create_connection(m.address, timeout=5) for _ in range(150)]
         peak, until = 0, time.monotonic() + 6.0
-        while time.monotonic() < until and peak <= bound:  # accepted meanwhile
+        while time.monotonic() < until and peak <= bound and slow.is_alive():
             peak = max(peak, threading.active_count() - base)
             time.sleep(0.01)
         assert peak <= bound, f"{peak} threads for 151 clients"
-        # The trickling client is dropped after the deadline, not when it stops sending.
         slow.join(timeout=10)
+        held = time.monotonic() - started
         assert not slow.is_alive(), "a trickling client held its connection"
+        assert held >= 1.0, f"the trickling client was cut after {held:.2f} s, before the deadline"
     finally:
         stop.set()
         slow.join()

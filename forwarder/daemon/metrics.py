@@ -45,6 +45,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -233,6 +234,16 @@ class _Server(ThreadingMixIn, WSGIServer):
                 "metrics: a client took over %.0f s to send its request", _REQUEST_DEADLINE
             )
             _cut(sock)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client gone or cut (a stop, the request deadline) is not an error of ours: the
+        answer to its half-sent request meets a closed socket. socketserver's own handler
+        prints a traceback to stderr (the journal) for it; anything else is logged as one."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            logger.debug("metrics: %s: connection ended: %s", client_address, error)
+        else:
+            logger.exception("metrics: serving %s failed", client_address)
 
     def close_connections(self) -> None:
         """Cut every open connection: their threads end at once (stop())."""

@@ -47,7 +47,7 @@ from forwarder.dicom.part10 import (
     IMPLICIT_VR_LITTLE_ENDIAN,
     read_meta,
 )
-from forwarder.errors import InvalidFileError
+from forwarder.errors import InvalidFileError, UnreadableFileError
 
 logger = logging.getLogger(__name__)
 
@@ -474,7 +474,9 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
             if st.st_size != meta.size:
-                raise InvalidFileError(path, "the file changed since it was read")
+                # Being rewritten (a resend): nothing is judged of it; tried again later, on
+                # the STOW-RS path as on the DIMSE one (InvalidFileError fails it there).
+                raise UnreadableFileError(path, "the file changed since it was read")
             if ts == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
                 inflated = bytes(inflate(f, path, meta.dataset_offset))
                 ds = read_dataset(io.BytesIO(inflated), False, True)
