@@ -50,6 +50,7 @@ _WAKE_FOR = 5.0  # and for how long at most
 _CONNECT_FAILED = "Association request failed: unable to connect to remote"
 _CONNECT_ERROR = "TCP Initialisation Error: "
 _KEEP_FAILURES = 64  # connection threads whose failure no caller asked for, at most
+_FAILURE_FRESH = 30.0  # seconds a kept failure may be told; older, it was nobody's
 
 
 class _ConnectFailures(logging.Filter):
@@ -60,7 +61,7 @@ class _ConnectFailures(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._by_thread: OrderedDict[int | None, OSError | str] = OrderedDict()
+        self._by_thread: OrderedDict[int | None, tuple[float, OSError | str]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -78,13 +79,18 @@ class _ConnectFailures(logging.Filter):
 
     def _keep(self, thread: int | None, failure: OSError | str) -> None:
         with self._lock:
-            self._by_thread[thread] = failure
+            self._by_thread[thread] = (time.monotonic(), failure)
             while len(self._by_thread) > _KEEP_FAILURES:
                 self._by_thread.popitem(last=False)
 
     def take(self, thread: int | None) -> OSError | str | None:
         with self._lock:
-            return self._by_thread.pop(thread, None)
+            kept = self._by_thread.pop(thread, None)
+        # A failure no caller took (an association given up at a stop) is not another's,
+        # when the thread id comes round again: the caller asks as soon as associate returns.
+        if kept is None or time.monotonic() - kept[0] > _FAILURE_FRESH:
+            return None
+        return kept[1]
 
 
 _failures = _ConnectFailures()
