@@ -226,6 +226,27 @@ def test_empty_file_held_open_is_not_taken_before_its_writer_writes(
     assert next(f for f in collector.files() if f.rel_path == "late.dcm").size == 5000
 
 
+@pytest.mark.parametrize("polling", MODES)
+def test_a_file_held_open_through_a_stall_is_not_taken_half_written(
+    root: Path, start_watcher: StartWatcher, polling: bool
+) -> None:
+    """A writer that stalls longer than settle with the file open (a copy from a modality over
+    SMB): polled, no close event ever comes; it is taken only once its writer closed it."""
+    watcher, collector = start_watcher(settle=CLOSED_SETTLE, polling=polling)
+    target = root / "half.dcm"
+    with open(target, "wb") as fh:
+        fh.write(b"h" * 5000)
+        fh.flush()
+        barrier(watcher, collector, root)
+        barrier(watcher, collector, root)
+        assert collector.count("half.dcm") == 0, "taken half written, its writer still on it"
+        fh.write(b"t" * 5000)
+    wait_until(lambda: collector.count("half.dcm") == 1, "half.dcm")
+    barrier(watcher, collector, root)
+    assert collector.rel_paths() == ["half.dcm"]
+    assert next(f for f in collector.files() if f.rel_path == "half.dcm").size == 10_000
+
+
 def test_empty_file_closed_is_taken_and_left_to_ingest(
     root: Path, start_watcher: StartWatcher
 ) -> None:

@@ -3,10 +3,12 @@
 A file is *ready* once its size and modification time have been observed identical across the
 settle time. A file renamed into place (inotify ``IN_MOVED_TO``, or a move the polling observer
 pairs) is ready at the first ``lstat`` after the rename: the rename is its writer saying it is
-complete, and a write after it would be seen as a new event. A close-after-write shortens the wait
-to :data:`CLOSED_SETTLE`, but such a file is never ready before two ``lstat`` calls agree, and any
-write seen after the close cancels the shortcut. A file seen written and never closed, or empty
-with no close seen, is ready only once no process holds it open for writing (/proc).
+complete, and a write after it would be seen as a new event (a folder renamed in while a copy
+into it goes on breaks that word: don't). A close-after-write shortens the wait to
+:data:`CLOSED_SETTLE`, but such a file is never ready before two ``lstat`` calls agree, and any
+write seen after the close cancels the shortcut. A file with no close seen (seen written, found
+by a scan, polled, or empty) is ready only once no process holds it open for writing (/proc),
+however long its writer pauses.
 
 :class:`Settler` holds every candidate, applies the :class:`Hint` s the event handler recorded,
 scans folders (without following symlinks), and hands settled files on in batches. It runs on
@@ -91,6 +93,7 @@ class _Candidate:
     due: float  # monotonic time of the next lstat; heap entries with another due are stale
     writing: bool = False  # seen written (IN_CREATE/IN_MODIFY) and not closed since
     moved_in: bool = False  # renamed into place and nothing seen since: take at the next lstat
+    held_said: bool = False  # "still open for writing" logged (once, after STALE_WRITER)
 
 
 class Settler:
@@ -242,7 +245,8 @@ class Settler:
             if cand is not None and cand.due == when:
                 due.append((path, cand))
         ready: list[ReadyFile] = []
-        empty: list[tuple[str, _Candidate, tuple[int, int]]] = []
+        # Candidates to take unless /proc shows a writer: (path, candidate, inode, stamp).
+        unsure: list[tuple[str, _Candidate, tuple[int, int], tuple[int, int]]] = []
         for path, cand in due:
             try:
                 st = os.lstat(path)
@@ -259,6 +263,9 @@ class Settler:
             size, mtime_ns = st.st_size, st.st_mtime_ns
             if cand.moved_in:
                 # Renamed into place, and no event since: complete now (zero-wait hand-off).
+                # The rename is its writer's word (the contract's "renamed into place"): no
+                # /proc walk on this path, which every object storescp or a scanner renames in
+                # takes, its latency and the watch-and-ingest process's CPU.
                 self._take(path, size, mtime_ns, ready)
             elif size != cand.size or mtime_ns != cand.mtime_ns:
                 if cand.size != _UNOBSERVED:
@@ -270,23 +277,38 @@ class Settler:
                 # slow copy pauses. Look again soon.
                 self._schedule(path, cand, now + min(self._window(cand), 1.0))
             elif now >= cand.since + self._window(cand):
-                if size == 0 and not cand.closed:
-                    # Empty, and no close seen: a writer may hold it open before it has any
-                    # data (no IN_MODIFY yet). Asked below, with one look at /proc for all.
-                    empty.append((path, cand, (st.st_dev, st.st_ino)))
+                if not cand.closed:
+                    # Unchanged, but no close seen (found by a scan, polled, created only, or
+                    # empty): a writer may hold it open and pause longer than the window (a
+                    # stalled network copy, a writer yet to write its first byte). Asked
+                    # below, with one look at /proc for all.
+                    unsure.append((path, cand, (st.st_dev, st.st_ino), (size, mtime_ns)))
                     continue
                 self._take(path, size, mtime_ns, ready)
             else:
                 self._schedule(path, cand, cand.since + self._window(cand))
-        if empty:
-            # Taken now, a file its writer has yet to fill would go to failed/ as empty while
-            # the writer goes on writing into it there.
-            writers = _writers_of({inode for _, _, inode in empty})
-            for path, cand, inode in empty:
-                if inode in writers:
-                    self._schedule(path, cand, now + min(self._window(cand), 1.0))
-                else:
-                    self._take(path, 0, cand.mtime_ns, ready)
+        if unsure:
+            # Taken now, a file its writer has yet to finish would go to failed/ as truncated
+            # (or empty) while the writer goes on writing into it there.
+            writers = _writers_of({inode for _, _, inode, _ in unsure})
+            for path, cand, inode, (size, mtime_ns) in unsure:
+                if inode not in writers:
+                    if _stamp(path) == (size, mtime_ns):
+                        self._take(path, size, mtime_ns, ready)
+                    else:
+                        # Written (and closed) during the walk, or gone: look again now.
+                        cand.size, cand.closed = _UNOBSERVED, False
+                        self._schedule(path, cand, now)
+                    continue
+                if now - cand.since >= STALE_WRITER and not cand.held_said:
+                    cand.held_said = True  # a stall, or a process that never closes it
+                    logger.info(
+                        "%s: unchanged for %.0fs but still open for writing: taken once its "
+                        "writer closes it",
+                        path,
+                        now - cand.since,
+                    )
+                self._schedule(path, cand, now + min(self._window(cand), 1.0))
         if ready:
             self._emit(ready)
 
@@ -364,6 +386,15 @@ class Settler:
             logger.warning(
                 "%s is a symbolic link: not followed (it may point outside incoming)", path
             )
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of ``path`` now, None when it is gone."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _open_for_writing(path: str) -> bool:

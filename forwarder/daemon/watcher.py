@@ -5,8 +5,8 @@ identical across the settle time (``settle``); a close-after-write (inotify ``IN
 shortens that wait to :data:`CLOSED_SETTLE`, and any write seen after the close cancels the
 shortcut. A file renamed into place (``IN_MOVED_TO``: the usual way scanners, storescp
 ``--fork``-style receivers and ``forwarder receive`` deliver) is ready at once, at the first
-``lstat`` after the rename, with no settle wait. An empty file with no close seen is ready only
-once no process holds it open for writing (/proc). The rules live in
+``lstat`` after the rename, with no settle wait. A file with no close seen (found by a scan,
+polled) is ready only once no process holds it open for writing (/proc). The rules live in
 :mod:`forwarder.daemon.watch_settle`.
 
 Candidates come from three sources, so that no file can be stranded:
