@@ -216,14 +216,9 @@ def test_empty_file_held_open_is_not_taken_before_its_writer_writes(
     # IN_MODIFY, which already marks the file as being written).
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as fh:
-        barrier(watcher, collector, root)
-        barrier(watcher, collector, root)
-        assert collector.count("late.dcm") == 0, "an empty file still open was taken"
+        _not_taken_while_open(watcher, collector, root, "late.dcm")
         fh.write(b"z" * 5000)
-    wait_until(lambda: collector.count("late.dcm") == 1, "late.dcm")
-    barrier(watcher, collector, root)
-    assert collector.rel_paths() == ["late.dcm"]
-    assert next(f for f in collector.files() if f.rel_path == "late.dcm").size == 5000
+    _taken_whole_once(watcher, collector, root, "late.dcm", 5000)
 
 
 @pytest.mark.parametrize("polling", MODES)
@@ -237,14 +232,26 @@ def test_a_file_held_open_through_a_stall_is_not_taken_half_written(
     with open(target, "wb") as fh:
         fh.write(b"h" * 5000)
         fh.flush()
-        barrier(watcher, collector, root)
-        barrier(watcher, collector, root)
-        assert collector.count("half.dcm") == 0, "taken half written, its writer still on it"
+        _not_taken_while_open(watcher, collector, root, "half.dcm")
         fh.write(b"t" * 5000)
-    wait_until(lambda: collector.count("half.dcm") == 1, "half.dcm")
+    _taken_whole_once(watcher, collector, root, "half.dcm", 10_000)
+
+
+def _not_taken_while_open(watcher: Watcher, collector: Collector, root: Path, name: str) -> None:
+    """Two full settle passes later (barriers), ``name``, still open for writing, is not taken."""
     barrier(watcher, collector, root)
-    assert collector.rel_paths() == ["half.dcm"]
-    assert next(f for f in collector.files() if f.rel_path == "half.dcm").size == 10_000
+    barrier(watcher, collector, root)
+    assert collector.count(name) == 0, f"{name} taken while its writer still had it open"
+
+
+def _taken_whole_once(
+    watcher: Watcher, collector: Collector, root: Path, name: str, size: int
+) -> None:
+    """``name`` is handed on once its writer closed it, once, with all ``size`` bytes."""
+    wait_until(lambda: collector.count(name) == 1, name)
+    barrier(watcher, collector, root)
+    assert collector.rel_paths() == [name]
+    assert next(f for f in collector.files() if f.rel_path == name).size == size
 
 
 def test_empty_file_closed_is_taken_and_left_to_ingest(
