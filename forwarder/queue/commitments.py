@@ -16,13 +16,13 @@ the same transaction changes nothing.
 from __future__ import annotations
 
 import json
-import time
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from forwarder.errors import QueueError
 from forwarder.queue.sql import TERMINAL_FILES
-from forwarder.queue.store import SLICE_PAUSE, Store, clock, ids_json
+from forwarder.queue.store import Store, clock, ids_json
 
 AWAITING = 1
 REQUESTED = 2
@@ -180,31 +180,33 @@ class Commitments(Store):
         stopped half way leaves the rest awaiting, released by the next call (at start)."""
         params = {"d": destination, "batch": _DROP_BATCH}
         released, terminal = 0, list[int]()
-        while True:
-            with self._write(f"dropping the proof of delivery of {destination}") as conn:
-                rows = conn.execute(
-                    """UPDATE jobs SET commitment = 0, commit_txn = NULL
-                       WHERE id IN (SELECT id FROM jobs
-                                    WHERE destination = :d AND commitment IN (1, 2)
-                                      AND status = 'DONE' LIMIT :batch)
-                       RETURNING file_id""",
-                    params,
-                ).fetchall()
-                if rows:
-                    files = sorted({r[0] for r in rows})
-                    found = conn.execute(TERMINAL_FILES, {"ids": ids_json(files)})
-                    terminal += [r[0] for r in found]
-                last = len(rows) < _DROP_BATCH
-                if last:
-                    conn.execute(
-                        """UPDATE commitments SET state = 'CANCELLED'
-                           WHERE destination = :d AND state = 'REQUESTED'""",
-                        params,
-                    )
+
+        def step(conn: sqlite3.Connection) -> bool:
+            nonlocal released
+            rows = conn.execute(
+                """UPDATE jobs SET commitment = 0, commit_txn = NULL
+                   WHERE id IN (SELECT id FROM jobs
+                                WHERE destination = :d AND commitment IN (1, 2)
+                                  AND status = 'DONE' LIMIT :batch)
+                   RETURNING file_id""",
+                params,
+            ).fetchall()
+            if rows:
+                files = sorted({r[0] for r in rows})
+                found = conn.execute(TERMINAL_FILES, {"ids": ids_json(files)})
+                terminal.extend(r[0] for r in found)
             released += len(rows)
+            last = len(rows) < _DROP_BATCH
             if last:
-                return released, terminal
-            time.sleep(SLICE_PAUSE)
+                conn.execute(
+                    """UPDATE commitments SET state = 'CANCELLED'
+                       WHERE destination = :d AND state = 'REQUESTED'""",
+                    params,
+                )
+            return last
+
+        self._in_slices(f"dropping the proof of delivery of {destination}", step)
+        return released, terminal
 
     def commitment_destination(self, uid: str) -> str | None:
         """The destination of transaction ``uid`` (None: unknown)."""

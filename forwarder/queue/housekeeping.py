@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import time
 
 from forwarder.queue.sql import PRUNE
-from forwarder.queue.store import SLICE_PAUSE, Store, clock
+from forwarder.queue.store import Store, clock
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +33,16 @@ class Housekeeping(Store):
         deleted. Counters in stats() are kept."""
         params = {"cutoff": clock(now) - older_than, "batch": _PRUNE_BATCH}
         deleted = 0
-        while not limit or deleted < limit:
+
+        def step(conn: sqlite3.Connection) -> bool:
+            nonlocal deleted
             if limit:
                 params["batch"] = min(_PRUNE_BATCH, limit - deleted)
-            with self._write("pruning finished files") as conn:
-                n = conn.execute(PRUNE, params).rowcount
+            n = conn.execute(PRUNE, params).rowcount
             deleted += n
-            if n < params["batch"]:
-                break
-            time.sleep(SLICE_PAUSE)
+            return n < params["batch"] or deleted == limit
+
+        self._in_slices("pruning finished files", step)
         if deleted:
             self._give_back()
         self._checkpoint()
@@ -53,15 +53,15 @@ class Housekeeping(Store):
     def _give_back(self) -> None:
         """Freed pages back to the filesystem, ``_VACUUM_PAGES`` a transaction (all of them in
         one held the write lock for seconds after a large prune)."""
-        while True:
-            with self._write("compacting after a prune") as conn:
-                free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-                # execute() steps the pragma once, which gives one page back
-                for _ in range(min(free, _VACUUM_PAGES)):
-                    conn.execute("PRAGMA incremental_vacuum")
-            if free <= _VACUUM_PAGES:
-                return
-            time.sleep(SLICE_PAUSE)
+
+        def step(conn: sqlite3.Connection) -> bool:
+            free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            # execute() steps the pragma once, which gives one page back
+            for _ in range(min(free, _VACUUM_PAGES)):
+                conn.execute("PRAGMA incremental_vacuum")
+            return free <= _VACUUM_PAGES
+
+        self._in_slices("compacting after a prune", step)
 
     def _checkpoint(self) -> None:
         """Truncate the WAL. The checkpoint waits for no one: while a reader (forwarder status,

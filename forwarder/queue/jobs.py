@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +48,6 @@ from forwarder.queue.sql import (
     TERMINAL_FILES,
 )
 from forwarder.queue.store import (
-    SLICE_PAUSE,
     Routed,
     Store,
     clock,
@@ -297,18 +295,19 @@ class Jobs(Store):
         at = clock(now)
         params = {"destination": destination, "error": error, "now": at, "batch": _FAIL_BATCH}
         failed, terminal = 0, list[int]()
-        while True:
-            with self._write(f"failing the pending jobs of {destination}") as conn:
-                rows = conn.execute(FAIL_PENDING, params).fetchall()
-                if rows:
-                    self._bump(conn, destination, done=0, failed=len(rows), error=error, now=at)
-                    file_ids = sorted({r[0] for r in rows})
-                    found = conn.execute(TERMINAL_FILES, {"ids": ids_json(file_ids)})
-                    terminal += [r[0] for r in found]
+
+        def step(conn: sqlite3.Connection) -> bool:
+            nonlocal failed
+            rows = conn.execute(FAIL_PENDING, params).fetchall()
+            if rows:
+                self._bump(conn, destination, done=0, failed=len(rows), error=error, now=at)
+                file_ids = sorted({r[0] for r in rows})
+                found = conn.execute(TERMINAL_FILES, {"ids": ids_json(file_ids)})
+                terminal.extend(r[0] for r in found)
             failed += len(rows)
-            if len(rows) < _FAIL_BATCH:
-                break
-            time.sleep(SLICE_PAUSE)
+            return len(rows) < _FAIL_BATCH
+
+        self._in_slices(f"failing the pending jobs of {destination}", step)
         if failed:
             logger.warning("gave up %d jobs for %s: %s", failed, destination, error)
         return terminal

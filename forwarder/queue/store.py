@@ -328,6 +328,17 @@ class Store:
             except sqlite3.Error as exc:
                 raise self._error(exc, what) from exc
 
+    def _in_slices(self, what: str, step: Callable[[sqlite3.Connection], bool]) -> None:
+        """A long job cut into slices: ``step`` runs in one write transaction after another,
+        :data:`SLICE_PAUSE` apart, until it says (returns True) that its slice was the last.
+        A job stopped half way has committed its slices and leaves the rest for its next call."""
+        while True:
+            with self._write(what) as conn:
+                last = step(conn)
+            if last:
+                return
+            time.sleep(SLICE_PAUSE)
+
     def _begin_immediate(self, conn: sqlite3.Connection) -> None:
         """``BEGIN IMMEDIATE``: take the write lock now, so reads inside see what they will
         update. While another process writes (the daemon's receiving process queues what it
