@@ -471,3 +471,32 @@ def test_deidentify_options_are_checked_with_key_and_line() -> None:
         assert any(p.startswith(prefix + ": ") and words in p for p in found), (prefix, found)
     # (the three routes also send to one destination with different changes: reported too)
     assert len([p for p in found if "options" in p]) == len(expected), found
+
+
+def test_keywords_a_route_cannot_read_are_refused_with_key_and_line() -> None:
+    # The header walk reads the data set's own values, as text: a file meta, command or item
+    # keyword is never there, and a binary value (OB, OW, UN...) is not text. Such a route
+    # would never match (and `present: false` or `not` would hold for every file, Pixel Data
+    # of any image included): refused at load, not a route that silently never matches.
+    text = BASE + (
+        "routes:\n"  # line 11
+        "  - name: r\n"
+        "    match:\n"
+        "      TransferSyntaxUID: 1.2.840.10008.1.2.4.50\n"  # line 14
+        "      SourceApplicationEntityTitle: CT01\n"  # line 15
+        "      AffectedSOPClassUID: '*'\n"  # line 16
+        "      PixelData: {present: false}\n"  # line 17
+        "      Item: '*'\n"  # line 18
+        "    to: [pacs]\n"
+    )
+    found = problems(text)
+    expected = [
+        ("routes[0].match.TransferSyntaxUID (line 14)", "file meta"),
+        ("routes[0].match.SourceApplicationEntityTitle (line 15)", "file meta"),
+        ("routes[0].match.AffectedSOPClassUID (line 16)", "not in a data set"),
+        ("routes[0].match.PixelData (line 17)", "binary"),
+        ("routes[0].match.Item (line 18)", "not in a data set"),
+    ]
+    for prefix, words in expected:
+        assert any(p.startswith(prefix + ": ") and words in p for p in found), (prefix, found)
+    assert len(found) == len(expected), found

@@ -219,3 +219,27 @@ def test_non_ascii_values_match_in_the_file_s_character_set(
     assert result.returncode == 0, result.stdout
     (doc,) = json.loads(result.stdout)["files"]
     assert doc["routes"][0]["matched"], doc["routes"][0]["failed"]
+
+
+def test_a_received_file_is_explained_with_its_calling_ae_and_folder(tmp_path: Path) -> None:
+    # A file the listener received sits under incoming/.listen/<CALLING_AE>/; the daemon
+    # routed it with that calling AE title and its path without `.listen/` (README, listen):
+    # explain says the same, not "calling_ae: (none)".
+    import shutil
+
+    from forwarder.config import parse_config
+    from forwarder.daemon.explain import explain_file, router_for
+
+    text = CONFIG.format(root=tmp_path).split("routes:")[0] + (
+        "routes:\n"
+        "  - name: ct-rooms\n"
+        "    match: {calling_ae: 'CT*', folder: 'CT01/*'}\n"
+        "    to: [research]\n"
+    )
+    config = parse_config(text)
+    path = config.incoming / ".listen" / "CT01" / "1.2.3" / "1.2.3.4.dcm"
+    path.parent.mkdir(parents=True)
+    shutil.copy(ct_small(), path)
+    doc = explain_file(path, config, router_for(config))
+    assert doc["routes"][0]["matched"], doc["routes"][0]["failed"]
+    assert doc["outcome"] == "send" and doc["rel_path"] == "CT01/1.2.3/1.2.3.4.dcm"

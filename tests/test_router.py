@@ -202,6 +202,15 @@ def test_operators(cond: dict[str, object], value: str | None, matches: bool) ->
         ("SliceThickness", [0.5, 1.25], "abc", False),
         ("Rows", [512, None], "1024", True),
         ("ImagePositionPatient", [0, 10], "-5\\3\\20", True),  # any value
+        # the retired ACR-NEMA forms (PS3.5 6.2 DA and TM notes) are the same dates and times
+        ("StudyDate", ["20260101", "20261231"], "2026.01.01", True),
+        ("StudyDate", ["20260101", None], "2025.12.31", False),
+        ("StudyTime", ["0800", "1200"], "08:30:00", True),
+        ("StudyTime", ["0800", "1200"], "12:01:00", False),
+        # values that are not dates do not match, whatever their first characters compare to
+        ("StudyDate", [None, "20261231"], "1/1/2026", False),
+        ("StudyDate", [None, "20261231"], "2026-01-01", False),
+        ("StudyDate", [None, "20261231"], "UNKNOWN", False),
     ],
 )
 def test_ranges(key: str, bounds: list[object], value: str | None, matches: bool) -> None:
@@ -286,3 +295,109 @@ def test_a_discard_route_end_to_end(tmp_path: Path) -> None:
         assert d.failed_files() == []
         (received,) = dcmtk.files()
         assert received.name.startswith("CT")
+
+
+# -- header values of real files, as ingest and the listener read them -----------------------
+
+
+def _charset_files() -> list[str]:
+    from pydicom.data import get_charset_files
+
+    return sorted(f for f in get_charset_files("chr*.dcm") if "SQEncoding" not in f)
+
+
+def _plan_file(path: str, match: dict[str, object]) -> tuple[bool, object]:
+    from forwarder.daemon.ingest import header_tags
+    from forwarder.dicom.check import check_file_values
+
+    router = Router([rr("x", ["pacs"], match)], DESTS)
+    _meta, values = check_file_values(path, *header_tags(router))
+    (verdict,) = router.plan(values, "a.dcm").verdicts
+    return verdict.matched, verdict.failure
+
+
+@pytest.mark.parametrize("path", _charset_files(), ids=lambda p: Path(p).name)
+def test_a_person_name_route_matches_its_file_in_each_character_set(path: str) -> None:
+    # A route on the name as pydicom reads it (component groups Alphabetic=Ideographic=Phonetic
+    # as written, trailing empty components and groups left out: PS3.5 6.2.1) matches that
+    # file and no other one: chrX1's "Wang^XiaoDong=王^小東=" is "Wang^XiaoDong=王^小東".
+    import pydicom
+
+    name = str(pydicom.dcmread(path).PatientName)
+    for other in _charset_files():
+        matched, failure = _plan_file(other, {"PatientName": name})
+        same = str(pydicom.dcmread(other).PatientName) == name
+        assert matched is same, (Path(other).name, failure)
+    # and the name as written with its trailing delimiters (dcmdump shows them) is the same
+    assert _plan_file(path, {"PatientName": name + "^^="})[0]
+
+
+def test_a_person_name_of_empty_components_is_empty() -> None:
+    # "^^^^" (chrFren's Referring Physician) is a name with every component empty: not present.
+    from pydicom.data import get_charset_files
+
+    (path,) = get_charset_files("chrFren.dcm")
+    assert _plan_file(path, {"ReferringPhysicianName": {"present": False}})[0]
+    assert not _plan_file(path, {"ReferringPhysicianName": {"present": True}})[0]
+
+
+def test_a_long_text_value_is_read_whole(tmp_path: Path) -> None:
+    # An LT may hold 10240 characters (PS3.5 6.2): one past 4 KiB was read as absent, so a
+    # regex never matched it and `present: false` held.
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ImageComments = "x" * 5000 + " RESEARCH"
+    path = str(tmp_path / "long.dcm")
+    ds.save_as(path)
+    assert _plan_file(path, {"ImageComments": {"regex": "RESEARCH$"}})[0]
+    assert not _plan_file(path, {"ImageComments": {"present": False}})[0]
+
+
+def test_a_backslash_in_st_lt_ut_is_text_not_a_value_separator(tmp_path: Path) -> None:
+    # ST, LT and UT hold one value (PS3.5 6.2): "NOT FOR\RESEARCH" is not a "RESEARCH" value.
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ImageComments = "NOT FOR\\RESEARCH"
+    path = str(tmp_path / "comment.dcm")
+    ds.save_as(path)
+    assert not _plan_file(path, {"ImageComments": "RESEARCH"})[0]
+    assert not _plan_file(path, {"ImageComments": {"regex": "^RESEARCH"}})[0]
+    assert _plan_file(path, {"ImageComments": {"not": "RESEARCH"}})[0]
+    assert _plan_file(path, {"ImageComments": "NOT FOR\\RESEARCH"})[0]
+
+
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        # JIS X 0208 山本 and 宮 hold a 0x5C byte (ISO 2022: a delimiter only in ASCII)
+        ("chrH31.dcm", "Yamamoto^Tarou=山本^太郎=やまもと^たろう"),
+        ("chrH31.dcm", "Miyazaki^Hanako=宮崎^花子"),
+        ("chrX2.dcm", "Wang^Cheng=王^誠"),  # GB18030: 誠 is 0xD5 0x5C
+    ],
+)
+def test_a_multi_byte_character_holding_a_backslash_byte_is_read(
+    tmp_path: Path, source: str, name: str
+) -> None:
+    # The value is decoded whole and split on the decoded "\" (as pydicom reads it), never on
+    # a 0x5C byte inside a character. Warnings ignored as the daemon's are (not errors):
+    # pydicom then decodes a broken piece with replacement characters, and the route missed.
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_charset_files
+
+    ds = pydicom.dcmread(get_charset_files(source)[0])
+    ds.PatientName = name
+    ds.InstitutionName = name.split("=")[1].replace("^", "")
+    path = str(tmp_path / "name.dcm")
+    ds.save_as(path)
+    assert str(pydicom.dcmread(path).PatientName) == name
+    match = {"PatientName": name, "InstitutionName": ds.InstitutionName}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matched, failure = _plan_file(path, match)
+    assert matched, failure

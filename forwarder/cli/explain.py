@@ -58,7 +58,8 @@ def _value(value: str | None) -> str:
 
 
 def print_text(doc: dict[str, Any]) -> None:
-    print(f"{doc['file']}  (as {doc['rel_path']})")
+    origin = f", from {doc['calling_ae']}" if "calling_ae" in doc else ""
+    print(f"{doc['file']}  (as {doc['rel_path']}{origin})")
     if doc["outcome"] == "error":
         print(f"  => failed/: {doc['error']}")
         return

@@ -26,6 +26,8 @@ OPERATORS = ("regex", "not", "present", "range")
 NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
 DATE_VRS = frozenset({"DA", "DT", "TM"})
 _DATE_BOUND = re.compile(r"^\d{1,14}(\.\d{1,6})?([+-]\d{4})?$")
+#: VRs whose values are bytes, not text: the header walk cannot match them.
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
 
 
 class _Model(BaseModel):
@@ -50,6 +52,22 @@ def _values(v: Any, what: str) -> str | list[str]:
     if not isinstance(v, str):
         raise ValueError(f"{what} must be a value or a non-empty list of values")
     return str(v)
+
+
+def _unreadable(keyword: str, vr: str) -> str | None:
+    """Why the header walk, which reads the data set's own top-level values as text, can never
+    see ``keyword`` (None when it can): a route on it would never match, and its ``not`` or
+    ``present: false`` would hold for every file."""
+    from pydicom.datadict import tag_for_keyword
+
+    group = int(tag_for_keyword(keyword) or 0) >> 16
+    if group == 0x0002:
+        return f"{keyword} is in the file meta information, not the data set routes read"
+    if group in (0x0000, 0xFFFE):
+        return f"{keyword} is not in a data set (a command or item element)"
+    if vr in BINARY_VRS:
+        return f"{keyword} holds binary data ({vr}): match takes attributes with text values"
+    return None
 
 
 def keyword_vr(keyword: str) -> str | None:
@@ -243,6 +261,10 @@ def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:
             problems.append(
                 (("match", key), f"{key} is a sequence: match takes attributes with values")
             )
+            continue
+        unreadable = _unreadable(str(key), vr)
+        if unreadable is not None:
+            problems.append((("match", key), unreadable))
             continue
         if isinstance(cond, dict) and "range" in cond:
             try:

@@ -3,7 +3,7 @@ file's value holds and, when it does not, saying why (for ``forwarder explain``)
 
 The values are the header's, as text (what ingest reads in its one header walk): ``None`` when
 the file does not have the attribute. Multi-valued elements (``ORIGINAL\\PRIMARY``) match on any
-value or on the whole. The operators:
+value or on the whole (in ST, LT and UT, which hold one value, a ``\\`` is text). The operators:
 
 * a value, a list of values, ``*``/``?`` wildcards (:class:`Equals`): case-sensitive, as DICOM
   code strings are; a missing attribute never matches, an empty one matches ``*``;
@@ -27,9 +27,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import cache
 from typing import Any, Protocol
 
 from forwarder.config.routing import DATE_VRS, NUMERIC_VRS, keyword_vr
+from forwarder.dicom.scanner import person_name
 
 
 class Condition(Protocol):
@@ -45,15 +47,30 @@ class Condition(Protocol):
         ...
 
 
-def _candidates(value: str) -> list[str]:
+#: A DA, DT or TM value (PS3.5 6.2), and the retired ACR-NEMA forms of DA and TM, which
+#: PS3.5 recommends readers accept: ``2026.01.01`` is ``20260101``, ``08:30:00`` ``083000``.
+_DATE_TEXT = re.compile(r"^\d{2,14}(\.\d{1,6})?([+-]\d{4})?$")
+_OLD_DATE = re.compile(r"^\d{4}\.\d{2}\.\d{2}$")
+_OLD_TIME = re.compile(r"^\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?$")
+
+
+@cache
+def _one_value(key: str) -> bool:
+    """ST, LT and UT hold one value: a ``\\`` in them is text (PS3.5 6.2)."""
+    return keyword_vr(key) in ("ST", "LT", "UT")
+
+
+def _candidates(value: str, key: str) -> list[str]:
     value = value.strip(" \x00")
-    return [value, *(v.strip(" \x00") for v in value.split("\\"))] if "\\" in value else [value]
+    if "\\" not in value or _one_value(key):
+        return [value]
+    return [value, *(v.strip(" \x00") for v in value.split("\\"))]
 
 
-def _wildcards(value: str | None, patterns: tuple[str, ...]) -> bool:
+def _wildcards(key: str, value: str | None, patterns: tuple[str, ...]) -> bool:
     if value is None:
         return False
-    return any(fnmatchcase(c, p) for c in _candidates(value) for p in patterns)
+    return any(fnmatchcase(c, p) for c in _candidates(value, key) for p in patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +79,7 @@ class Equals:
     patterns: tuple[str, ...]
 
     def holds(self, value: str | None) -> bool:
-        return _wildcards(value, self.patterns)
+        return _wildcards(self.key, value, self.patterns)
 
     def expected(self) -> str:
         return " or ".join(self.patterns)
@@ -76,7 +93,7 @@ class Regex:
     def holds(self, value: str | None) -> bool:
         if value is None:
             return False
-        return any(self.pattern.search(c) for c in _candidates(value))
+        return any(self.pattern.search(c) for c in _candidates(value, self.key))
 
     def expected(self) -> str:
         return f"regex {self.pattern.pattern}"
@@ -88,7 +105,7 @@ class Not:
     patterns: tuple[str, ...]
 
     def holds(self, value: str | None) -> bool:
-        return not _wildcards(value, self.patterns)
+        return not _wildcards(self.key, value, self.patterns)
 
     def expected(self) -> str:
         return f"not {', '.join(self.patterns)}"
@@ -125,6 +142,12 @@ class Range:
             return (self.low is None or number >= float(self.low)) and (
                 self.high is None or number <= float(self.high)
             )
+        if _OLD_DATE.match(value):
+            value = value.replace(".", "")
+        elif _OLD_TIME.match(value):
+            value = value.replace(":", "")
+        if not _DATE_TEXT.match(value):
+            return False  # not a DA, DT or TM value: its text would compare by chance
         return (self.low is None or value[: len(self.low)] >= self.low) and (
             self.high is None or value[: len(self.high)] <= self.high
         )
@@ -132,7 +155,7 @@ class Range:
     def holds(self, value: str | None) -> bool:
         if value is None:
             return False
-        values = _candidates(value)
+        values = _candidates(value, self.key)
         return any(self._one(v) for v in (values[1:] if len(values) > 1 else values))
 
     def expected(self) -> str:
@@ -142,15 +165,18 @@ class Range:
 def condition(key: str, value: str | list[str] | dict[str, Any]) -> Condition:
     """The matcher of one checked ``match:`` entry (:func:`forwarder.config.routing.
     check_condition` has normalised it)."""
+    # Person names are read without trailing empty components (dicom.scanner.person_name):
+    # ``Doe^John^^`` as written in a route is the same name.
+    same = person_name if keyword_vr(key) == "PN" else str
     if isinstance(value, str):
-        return Equals(key, (value,))
+        return Equals(key, (same(value),))
     if isinstance(value, list):
-        return Equals(key, tuple(value))
+        return Equals(key, tuple(same(v) for v in value))
     ((op, arg),) = value.items()
     if op == "regex":
         return Regex(key, re.compile(arg))
     if op == "not":
-        return Not(key, tuple(arg) if isinstance(arg, list) else (arg,))
+        return Not(key, tuple(same(v) for v in (arg if isinstance(arg, list) else [arg])))
     if op == "present":
         return Present(key, bool(arg))
     if op == "range":

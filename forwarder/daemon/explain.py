@@ -16,7 +16,9 @@ from typing import Any
 
 from forwarder.config import Config
 from forwarder.daemon.ingest import header_tags
+from forwarder.daemon.listen_sink import ae_from_folder
 from forwarder.daemon.router import Router
+from forwarder.daemon.spool import LISTEN_PREFIX
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
 
@@ -59,13 +61,22 @@ def explain_file(path: Path, config: Config, router: Router) -> dict[str, Any]:
     """The document for one file: ``outcome`` is ``send``, ``discard``, ``no route``,
     ``conflict`` or ``error`` (not readable or not usable DICOM: ``error`` says why)."""
     rel = rel_path_for(path, config.incoming)
+    calling_ae = None
+    if rel.startswith(LISTEN_PREFIX):
+        # Received through `listen`: routed with the calling AE title its folder names and
+        # its path without `.listen/` (as Listener.recover reads them back).
+        rel = rel[len(LISTEN_PREFIX) :]
+        folder, _, rest = rel.partition("/")
+        calling_ae = ae_from_folder(folder) if rest else None
     doc: dict[str, Any] = {"file": str(path), "rel_path": rel}
+    if calling_ae is not None:
+        doc["calling_ae"] = calling_ae
     want, vrs = header_tags(router)
     try:
         meta, values = check_file_values(str(path), want, vrs)
     except (InvalidFileError, UnreadableFileError) as exc:
         return {**doc, "outcome": "error", "error": f"not usable DICOM: {exc.reason}"}
-    plan = router.plan(values, rel)
+    plan = router.plan(values, rel, calling_ae)
     doc["sop_instance_uid"] = meta.sop_instance_uid
     doc["routes"] = [
         {

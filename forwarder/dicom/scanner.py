@@ -30,6 +30,9 @@ from forwarder.errors import InvalidFileError
 
 _NUMERIC = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
 _MAX_DEPTH = 32
+#: The longest wanted value read (longer ones count as absent): a whole LT (10240
+#: characters, up to 4 bytes each in UTF-8) or a long UC/UT, never a huge one in memory.
+_MAX_VALUE = 65536
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
 _SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
@@ -291,7 +294,7 @@ class Scanner:
         """A top-level value: kept when wanted; Pixel Data and the character set noted."""
         if tag == _CHARSET and length <= 1024:
             self.charset = bytes(self.read(pos, length))
-        if tag in self.want and length <= 4096:
+        if tag in self.want and length <= _MAX_VALUE:
             key = self.want[tag]
             if key in self.found:
                 # PS3.5 7.1: one element per tag. Readers disagree on which copy counts (dcmdump
@@ -426,11 +429,20 @@ def _value(raw: bytes, vr: bytes, fmt: str, charset: bytes = b"") -> str:
         values = struct.unpack(f"{fmt}{len(raw) // struct.calcsize(code)}{code}", raw)
         return "\\".join(str(v) for v in values)
     raw = bytes(raw.rstrip(b"\x00 "))
+    text = None
     if charset.strip(b"\x00 ") and vr in _CHARSET_VRS and (b"\x1b" in raw or not raw.isascii()):
         text = _decode(raw, vr, charset)
-        if text is not None:
-            return text.strip()
-    return raw.decode("utf-8", "replace").strip()
+    text = (raw.decode("utf-8", "replace") if text is None else text).strip()
+    return person_name(text) if vr == b"PN" else text
+
+
+def person_name(text: str) -> str:
+    """A PN value without its trailing empty components and component groups, which PS3.5
+    6.2.1 lets a writer leave out: ``Wang^XiaoDong=王^小東=`` is ``Wang^XiaoDong=王^小東``,
+    ``^^^^`` is empty."""
+    return "\\".join(
+        "=".join(g.rstrip("^ ") for g in v.split("=")).rstrip("=") for v in text.split("\\")
+    )
 
 
 def _decode(raw: bytes, vr: bytes, charset: bytes) -> str | None:
@@ -446,8 +458,10 @@ def _decode(raw: bytes, vr: bytes, charset: bytes) -> str | None:
     codecs = [e for e in encodings if e is not None]
     # what resets the code extension: ^ and = between name parts, \ between values, and
     # control characters of text (pydicom's PN_DELIMS and TEXT_VR_DELIMS)
-    delimiters = {0x5E, 0x3D} if vr == b"PN" else {0x0D, 0x0A, 0x09, 0x0C}
+    delimiters = {0x5E, 0x3D, 0x5C} if vr == b"PN" else {0x0D, 0x0A, 0x09, 0x0C, 0x5C}
     try:
-        return "\\".join(decode_bytes(v, codecs, delimiters) for v in raw.split(b"\\"))
+        # Whole, as pydicom reads it: a 0x5C byte may be part of a character (GB18030, GBK,
+        # and JIS X 0208 after its escape: 山本), a value separator only once decoded.
+        return decode_bytes(raw, codecs, delimiters)
     except (UnicodeError, LookupError, UserWarning):
         return raw.decode(codecs[0], "replace")
