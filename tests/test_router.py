@@ -47,12 +47,27 @@ def test_empty_match_matches_everything() -> None:
         ("SCAN*", "SCANNER1", True),
         ("*NER?", "SCANNER1", True),
         ("*NER?", "SCANNER12", False),
-        ("[CM]T", "MT", True),
+        # Only * and ? are wildcards (the contract's, and DICOM's): a [ is itself.
+        ("[CM]T", "MT", False),
+        ("CT HEAD [W/O]", "CT HEAD [W/O]", True),
+        ("CT HEAD [W/O]*", "CT HEAD [W/O] CONTRAST", True),
+        ("C*", "C\nT", True),
     ],
 )
 def test_wildcards(pattern: str, value: str, matches: bool) -> None:
     router = Router([r("x", ["pacs"], StationName=pattern)], DESTS)
     assert router.route({"StationName": value}, "a.dcm") == (["pacs"] if matches else [])
+
+
+def test_not_on_a_description_with_brackets_excludes_that_study() -> None:
+    """``not: "CT HEAD [W/O]"`` was a character class (fnmatch): it never matched the study it
+    names, and sent exactly that study to the research PACS."""
+    route = Route(
+        name="research", match={"StudyDescription": {"not": "CT HEAD [W/O]"}}, to=["pacs"]
+    )
+    router = Router([route], DESTS)
+    assert router.route({"StudyDescription": "CT HEAD [W/O]"}, "a") == []
+    assert router.route({"StudyDescription": "CT HEAD W"}, "a") == ["pacs"]
 
 
 def test_a_list_matches_any_of_its_values() -> None:

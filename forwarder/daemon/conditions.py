@@ -6,7 +6,9 @@ the file does not have the attribute. Multi-valued elements (``ORIGINAL\\PRIMARY
 value or on the whole (in ST, LT and UT, which hold one value, a ``\\`` is text). The operators:
 
 * a value, a list of values, ``*``/``?`` wildcards (:class:`Equals`): case-sensitive, as DICOM
-  code strings are; a missing attribute never matches, an empty one matches ``*``;
+  code strings are; ``*`` any run of characters, ``?`` one, every other character itself (a
+  ``[`` too: ``CT HEAD [W/O]`` is a study description, not a character class); a missing
+  attribute never matches, an empty one matches ``*``;
 * ``{regex: ...}`` (:class:`Regex`): Python's ``re.search`` on the value without its padding,
   so it matches anywhere unless anchored (``^RESEARCH``); a missing attribute never matches;
 * ``{not: value|list}`` (:class:`Not`): holds when the attribute is missing or none of its
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from functools import cache
 from typing import Any, Protocol
 
@@ -67,10 +68,18 @@ def _candidates(value: str, key: str) -> list[str]:
     return [value, *(v.strip(" \x00") for v in value.split("\\"))]
 
 
+@cache
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """A route value as DICOM's wildcards (PS3.4 C.2.2.2.4): ``*`` and ``?`` only."""
+    parts = (".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.compile("".join(parts) + r"\Z", re.DOTALL)
+
+
 def _wildcards(key: str, value: str | None, patterns: tuple[str, ...]) -> bool:
     if value is None:
         return False
-    return any(fnmatchcase(c, p) for c in _candidates(value, key) for p in patterns)
+    matchers = [_wildcard(p).match for p in patterns]
+    return any(m(c) for c in _candidates(value, key) for m in matchers)
 
 
 @dataclass(frozen=True, slots=True)
