@@ -147,17 +147,17 @@ class Finisher:
     def _finish(self, items: Sequence[FileToFinish]) -> None:
         if not items:
             return
-        targets: dict[int, Path] = {}
-        taken: set[Path] = set()
+        targets: dict[int, str] = {}
+        taken: set[str] = set()
         begin: list[tuple[int, str]] = []
         for item in items:
             if item.state == FileState.QUEUED or item.final_path is None:
-                target = self.spool.target(
+                target = self.spool.free_path(
                     item.rel_path, failed=item.outcome == Finish.FAILED, taken=taken
                 )
-                begin.append((item.file_id, str(target)))
+                begin.append((item.file_id, target))
             else:
-                target = Path(item.final_path)
+                target = item.final_path
             targets[item.file_id] = target
             taken.add(target)
         try:
@@ -167,7 +167,7 @@ class Finisher:
             logger.error("could not record where %d files go: %s", len(begin), exc)
             return
         completed: list[FileToFinish] = []
-        dirs: set[Path] = set()
+        dirs: set[str] = set()
         for item in items:
             try:
                 self._move(item, targets[item.file_id], dirs)
@@ -196,9 +196,9 @@ class Finisher:
         except QueueError as exc:
             logger.error("cannot record the finishing problem in the queue: %s", exc)
 
-    def _move(self, item: FileToFinish, target: Path, dirs: set[Path]) -> None:
+    def _move(self, item: FileToFinish, target: str, dirs: set[str]) -> None:
         failed = item.outcome == Finish.FAILED
-        source = Path(item.path)
+        source = item.path
         recorded = item.state != FileState.QUEUED and item.final_path is not None
         if recorded and _another_file(source, target):
             # Moved already (a crash, or a queue error, kept the row FINISHING): its target
@@ -237,7 +237,7 @@ class Finisher:
             ]
             reason = _failures(item)
             origin = {"calling_ae": item.calling_ae} if item.calling_ae else None
-            self.spool.write_error(target, item.rel_path, reason, results, extra=origin)
+            self.spool.write_error(Path(target), item.rel_path, reason, results, extra=origin)
         crash_point("finish-before-move")
         try:
             self.spool.move(source, target, sync=False)
@@ -249,7 +249,7 @@ class Finisher:
                     target,
                 )
         else:
-            dirs.update((source.parent, target.parent))
+            dirs.update((os.path.dirname(source), os.path.dirname(target)))
             crash_point("finish-after-move")
         if failed:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
@@ -266,7 +266,7 @@ def _failures(item: FileToFinish) -> str:
     )
 
 
-def _as_queued(source: Path, item: FileToFinish) -> bool:
+def _as_queued(source: str, item: FileToFinish) -> bool:
     """What is at ``source`` is the version queued (size and mtime as recorded), or gone (the
     move says so), or not known (a row queued before the queue recorded them)."""
     if not item.mtime_ns:
@@ -278,7 +278,7 @@ def _as_queued(source: Path, item: FileToFinish) -> bool:
     return (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
 
 
-def _another_file(source: Path, target: Path) -> bool:
+def _another_file(source: str, target: str) -> bool:
     """Both exist and differ: the target is the delivered copy, the source a file dropped
     again under its name. The same bytes at both are the original still in place (a move
     across filesystems copied it, then could not remove it): the move goes on."""

@@ -54,7 +54,12 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _rename(source: Path, target: Path) -> None:
+#: A path as text or as a Path: the finisher works on text (pathlib's parsing, hashing and
+#: comparing were a quarter of the finishing process's CPU an object in a modality's push).
+StrPath = str | os.PathLike[str]
+
+
+def _rename(source: StrPath, target: StrPath) -> None:
     """rename(2), creating the target's folders when they are missing (tried first: in the
     usual case they exist, and a mkdir per file costs a system call for nothing)."""
     try:
@@ -62,11 +67,11 @@ def _rename(source: Path, target: Path) -> None:
     except FileNotFoundError:
         if not os.path.lexists(source):
             raise
-        target.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(source, target)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: StrPath) -> None:
     """Make a rename or create in ``path`` durable."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -122,22 +127,27 @@ class Spool:
             return rel[len(LISTEN_PREFIX) :]
         return rel
 
-    def target(self, rel_path: str, failed: bool, taken: AbstractSet[Path] = frozenset()) -> Path:
-        """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash);
-        ``taken`` are paths already promised to other files of the same batch."""
-        base = (self.failed if failed else self.done) / rel_path
+    def target(self, rel_path: str, failed: bool) -> Path:
+        """A free path for ``rel_path`` under done/ or failed/ (numeric suffix on a clash)."""
+        return Path(self.free_path(rel_path, failed))
+
+    def free_path(self, rel_path: str, failed: bool, taken: AbstractSet[str] = frozenset()) -> str:
+        """:meth:`target` as text; ``taken`` are paths already promised to other files of the
+        same batch."""
+        base = os.path.join(self.failed if failed else self.done, rel_path)
         candidate = base
         n = 0
         while (
             candidate in taken
             or os.path.lexists(candidate)
-            or (failed and os.path.lexists(_error_path(candidate)))
+            or (failed and os.path.lexists(candidate + ERROR_SUFFIX))
         ):
             n += 1
-            candidate = base.with_name(numbered(base.name, n))
+            folder, name = os.path.split(base)
+            candidate = os.path.join(folder, numbered(name, n))
         return candidate
 
-    def move(self, source: Path, target: Path, *, sync: bool = True) -> None:
+    def move(self, source: StrPath, target: StrPath, *, sync: bool = True) -> None:
         """Move ``source`` to ``target`` (parents created). Raises :class:`SpoolError`."""
         try:
             try:
@@ -145,6 +155,7 @@ class Spool:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
+                source, target = Path(source), Path(target)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.moving")
                 try:
@@ -173,8 +184,8 @@ class Spool:
                 f"cannot move {source} to {target}: {exc.strerror or exc}; it stays in place"
             ) from None
         if sync:
-            fsync_dir(target.parent)
-            fsync_dir(source.parent)
+            fsync_dir(os.path.dirname(target))
+            fsync_dir(os.path.dirname(source))
 
     def write_error(
         self,
@@ -237,18 +248,18 @@ class Spool:
         self.move(source, target)
         return target
 
-    def prune_listen_studies(self, dirs: Iterable[Path]) -> None:
+    def prune_listen_studies(self, dirs: Iterable[str]) -> None:
         """Remove the study folders under ``incoming/.listen/<AE>/`` among ``dirs`` that are
         empty now (their files finished). Folders still in use are left (rmdir refuses them);
         the listener makes a study folder again if one is removed under it
         (:func:`forwarder.net.placement.place`). AE folders stay: the listener keeps them."""
-        staging = self.incoming / LISTEN_FOLDER
+        staging = os.path.join(self.incoming, LISTEN_FOLDER)
         for d in set(dirs):
-            if d.parent.parent == staging:
+            if os.path.dirname(os.path.dirname(d)) == staging:
                 with contextlib.suppress(OSError):
                     os.rmdir(d)
 
-    def sync_dirs(self, dirs: Iterable[Path]) -> None:
+    def sync_dirs(self, dirs: Iterable[StrPath]) -> None:
         for d in set(dirs):
             fsync_dir(d)
 
@@ -300,5 +311,9 @@ def numbered(name: str, n: int | str) -> str:
     return f"{stem}.{n}.{ext}"
 
 
+#: What the report beside a file in failed/ adds to its name.
+ERROR_SUFFIX = ".error.json"
+
+
 def _error_path(target: Path) -> Path:
-    return target.with_name(target.name + ".error.json")
+    return target.with_name(target.name + ERROR_SUFFIX)
