@@ -71,7 +71,12 @@ class DirectQueue:
         self._queue.close()
 
     def queue(
-        self, final: Path, obj: ReceivedObject, origin: Origin, routing: Routing, generation: int
+        self,
+        final: str | Path,
+        obj: ReceivedObject,
+        origin: Origin,
+        routing: Routing,
+        generation: int,
     ) -> Queued | None:
         """Queue the object placed at ``final`` here; None when the daemon must (see the
         module's text). ``generation``: that of the routes its values were collected for."""

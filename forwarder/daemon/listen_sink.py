@@ -137,12 +137,13 @@ class Placement:
         on_object: Callable[[str], None] = lambda _outcome: None,
     ) -> None:
         self.root = root  # incoming/.listen
+        self._root = os.fspath(root)  # as text: the paths of each object are joined from it
         self._space = space
         self._on_object = on_object
         self._lock = threading.Lock()
         self._folders: set[str] = set()  # calling AE folders known to exist (and be durable)
 
-    def place(self, path: str, obj: ReceivedObject, origin: Origin) -> Path | Answer:
+    def place(self, path: str, obj: ReceivedObject, origin: Origin) -> str | Answer:
         """The object's durable path, or the refusal to answer."""
         if not self._space.check():
             self._on_object("refused")
@@ -150,10 +151,11 @@ class Placement:
         folder = ae_folder(origin.calling_ae)
         study = safe_uid_name(obj.study_instance_uid) if obj.study_instance_uid else NO_STUDY_FOLDER
         name = safe_uid_name(obj.sop_instance_uid) + ".dcm"
-        final = self.root / folder / study / name
+        output = os.path.join(self._root, folder)
+        final = os.path.join(output, study, name)
         try:
             self._ae_folder(folder)
-            place(self.root / folder, path, study, name)
+            place(output, path, study, name)
         except OSError as exc:
             reason = write_error_reason(exc)
             logger.error(
@@ -239,7 +241,7 @@ class ListenSink:
             return final
         return self.queue(final, obj, origin)
 
-    def queue(self, final: Path, obj: ReceivedObject, origin: Origin) -> Answer:
+    def queue(self, final: str | Path, obj: ReceivedObject, origin: Origin) -> Answer:
         """Route and queue an object placed at ``final``; Success once it is queued."""
         try:
             st = os.lstat(final)
@@ -317,12 +319,12 @@ def log_received(entry: FileEntry, origin: Origin, destinations: Sequence[str]) 
 
 
 def received_entry(
-    spool: Spool, path: Path, size: int, mtime_ns: int, obj: ReceivedObject, origin: Origin
+    spool: Spool, path: str | Path, size: int, mtime_ns: int, obj: ReceivedObject, origin: Origin
 ) -> FileEntry:
     """The queue entry of a received object staged at ``path``."""
     values = obj.values
     return FileEntry(
-        path=str(path),
+        path=os.fspath(path),
         rel_path=spool.rel_path(path),
         size=size,
         mtime_ns=mtime_ns,

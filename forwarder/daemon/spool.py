@@ -119,10 +119,15 @@ class Spool:
                 what = "cannot create a file in it"
                 raise SetupError(_not_writable(role, folder, exc, what)) from None
 
-    def rel_path(self, path: Path) -> str:
+    def rel_path(self, path: StrPath) -> str:
         """``path`` relative to incoming; a file the listener staged under
         ``incoming/.listen/`` is named without that folder (it goes to ``done/CALLING_AE/...``)."""
-        rel = path.relative_to(self.incoming).as_posix()
+        text = os.fspath(path)
+        prefix = os.path.join(self.incoming, "")
+        if text.startswith(prefix) and "//" not in text and "/./" not in text:
+            rel = text[len(prefix) :]  # as below, without pathlib (once per received object)
+        else:
+            rel = Path(text).relative_to(self.incoming).as_posix()
         if rel.startswith(LISTEN_PREFIX):
             return rel[len(LISTEN_PREFIX) :]
         return rel

@@ -131,7 +131,7 @@ class FolderSink:
 _PLACE_ATTEMPTS = 3
 
 
-def place(output: Path, source: str, study: str, name: str) -> None:
+def place(output: str | os.PathLike[str], source: str, study: str, name: str) -> None:
     """Make ``source`` appear atomically as ``output/study/name`` (fsynced, no symlinks; the
     study folder is made when it is new, and ``output`` fsynced). A study folder removed while
     this runs (the daemon's finisher prunes the empty ones of the listener) is made again."""
