@@ -180,7 +180,7 @@ def test_an_instance_whose_query_cannot_be_encoded_does_not_hold_up_the_others(
     assert data.count(bad_study.encode()) == 1
     data = data.replace(bad_study.encode(), bad_study[:-1].encode() + b"\xff")
     with CommitmentSCP() as scp:
-        proof = {"after": "2s", "max_resends": 0}
+        proof = {"after": "1s", "max_resends": 0}  # its UNDECIDED_LIMIT rounds: 1 s apart
         dest = destination("pacs", scp.port, ae_title=scp.ae_title, verify_by_query=proof)
         with Daemon(tmp_path / "fwd", destinations=[dest]) as d:
             good = d.drop("good.dcm", study_uid=STUDY)

@@ -34,6 +34,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
+from test_ingest_process import site_env
 
 STORESCU = "/usr/bin/storescu"
 GATEWAY = "GATEWAY"
@@ -136,11 +137,14 @@ def listen_port(d: Daemon) -> int:
     return int(d.config["listen"]["port"])
 
 
-def associate(port: int, files: Sequence[Path], calling: str = "CT01") -> Association:
+def associate(
+    port: int, files: Sequence[Path], calling: str = "CT01", dimse_timeout: float = 10
+) -> Association:
     ae = AE(ae_title=calling)
     # A send racing the gateway's death waits this long for its answer: pynetdicom queues the
-    # request after its DUL thread saw the connection reset, and only the timeout ends it.
-    ae.dimse_timeout = 10
+    # request after its DUL thread saw the connection reset, and only the timeout ends it. So
+    # does the wait for the answer to a request the gateway died handling.
+    ae.dimse_timeout = dimse_timeout
     for meta in {
         (str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
         for m in map(read_file_meta_info, files)
@@ -166,10 +170,17 @@ def joined(assoc: Association) -> None:
         raw.close()
 
 
-def push(port: int, files: Sequence[Path], calling: str = "CT01") -> list[tuple[int, str]]:
+# For a push the gateway dies in the middle of: how long the modality waits for an answer that
+# never comes (see associate), instead of 10 s; the gateway's answers come within milliseconds.
+DYING_GATEWAY_TIMEOUT = 3.0
+
+
+def push(
+    port: int, files: Sequence[Path], calling: str = "CT01", dimse_timeout: float = 10
+) -> list[tuple[int, str]]:
     """Send ``files`` on one association: (status, error comment) each; (-1, "") when no
-    response came (association refused or aborted)."""
-    assoc = associate(port, files, calling)
+    response came (association refused or aborted, or none within ``dimse_timeout``)."""
+    assoc = associate(port, files, calling, dimse_timeout)
     out: list[tuple[int, str]] = []
     try:
         for path in files:
@@ -194,13 +205,14 @@ def pushing(
     answered: list[str],
     dozen: threading.Event,
     go_on: threading.Event,
+    dimse_timeout: float = 10,
 ) -> threading.Thread:
     """A modality pushing ``files`` on one association in a thread, adding the UID of each
     answered Success to ``answered``; after 12 it sets ``dozen`` and waits for ``go_on`` (the
     test kills something meanwhile: mid-push for sure). It ends when the association does."""
 
     def modality() -> None:
-        assoc = associate(port, files[:1], calling="CT01")
+        assoc = associate(port, files[:1], calling="CT01", dimse_timeout=dimse_timeout)
         try:
             for path in files:
                 if not assoc.is_established:
@@ -472,7 +484,8 @@ def test_kill_9_at_each_step_loses_nothing_answered_and_a_resend_is_harmless(
         tmp_path / "gw", [pacs_destination(pacs)], env={"FORWARDER_CRASH_AT": f"{point}:2"}
     )
     with d:
-        answers = push(listen_port(d), files, calling="CT01")
+        # the second's answer never comes: the gateway dies handling it
+        answers = push(listen_port(d), files, calling="CT01", dimse_timeout=DYING_GATEWAY_TIMEOUT)
         assert d.wait_exit(15) == -signal.SIGKILL
     # the first was answered Success; the second died before its answer; the third never went
     assert answers[0] == (0, "") and answers[1][0] != 0 and answers[2][0] != 0
@@ -503,7 +516,9 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
     answered: list[str] = []
     dozen, killed = threading.Event(), threading.Event()
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)]) as d:
-        sender = pushing(listen_port(d), files, answered, dozen, killed)
+        sender = pushing(
+            listen_port(d), files, answered, dozen, killed, dimse_timeout=DYING_GATEWAY_TIMEOUT
+        )
         assert dozen.wait(30), "a dozen answered"
         d.kill()
         killed.set()
@@ -517,6 +532,16 @@ def test_kill_9_mid_push_every_object_answered_success_is_delivered(
         assert not [p for p in staged(d) if p.name.startswith(".receiving.")]
         assert d.stop() == 0
         d.assert_no_phi()
+
+
+SHORT_DRAIN = """\
+from pathlib import Path
+
+if b"forwarder.daemon." not in Path("/proc/self/cmdline").read_bytes():  # not a child
+    import forwarder.daemon.service_loop
+
+    forwarder.daemon.service_loop._LISTEN_DRAIN = 1.0
+"""
 
 
 def test_sigterm_stops_accepting_and_drains_open_associations(
@@ -544,7 +569,9 @@ def test_sigterm_stops_accepting_and_drains_open_associations(
         assert d.wait_exit(20) == 0
         assert time.monotonic() - started < 5
     # an association that never ends is aborted at the end of the drain, and nothing partial
-    # is left anywhere
+    # is left anywhere (the drain 1 s from now on, not 5 s: the end of the drain, whatever its
+    # length, is what aborts the association)
+    d.env.update(site_env(tmp_path, SHORT_DRAIN)[1])
     with d:
         idle = associate(listen_port(d), files, calling="CT01")
         assert idle.is_established

@@ -34,6 +34,7 @@ from test_ingest_process import (
     staged_backlog,
 )
 from test_listen import (
+    DYING_GATEWAY_TIMEOUT,
     GATEWAY,
     STORESCU,
     assert_same_datasets,
@@ -88,7 +89,7 @@ def test_the_receiving_process_killed_mid_push_is_restarted_and_loses_nothing(
         port = listen_port(d)
         first = child_pid(d)
         assert metric_value(metrics, "forwarder_listen_process_restarts_total") == 0
-        sender = pushing(port, files, answered, dozen, killed)
+        sender = pushing(port, files, answered, dozen, killed, dimse_timeout=DYING_GATEWAY_TIMEOUT)
         assert dozen.wait(30), "a dozen answered"
         os.kill(first, signal.SIGKILL)
         killed.set()
@@ -249,13 +250,27 @@ def test_a_restart_that_cannot_load_its_tls_key_says_why_and_is_retried(
         assert d.running() and d.stop() == 0
 
 
+# The daemon gives its receiving process 3 s, not 10 s, to answer stop_accepting (which it
+# does at once when it runs): a stopped one is still killed for not answering, long before
+# its silence (kill_after, 30 s) would have it killed.
+QUICK_STOP_CALL = """\
+from pathlib import Path
+
+if b"forwarder.daemon." not in Path("/proc/self/cmdline").read_bytes():  # not a child
+    import forwarder.daemon.listen_process
+
+    forwarder.daemon.listen_process._CALL_TIMEOUT = 3.0
+"""
+
+
 def test_sigterm_with_the_receiving_process_stopped_is_prompt_and_starts_nothing(
     tmp_path: Path,
     pacs: StoreSCP,  # noqa: F811
 ) -> None:
     """The receiving process stopped (SIGSTOP: hung) when SIGTERM comes: the stop does not wait
     out its silence, kills it, and starts no other one while the daemon stops."""
-    d = listen_daemon(tmp_path / "gw", [pacs_destination(pacs)])
+    _, env = site_env(tmp_path, QUICK_STOP_CALL)
+    d = listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], env=env)
     with d:
         child = child_pid(d)
         os.kill(child, signal.SIGSTOP)
@@ -276,6 +291,12 @@ if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
     if marker.exists():
         os._exit(3)  # every restart fails at once (say, a queue it cannot open any more)
     marker.write_text("")
+elif b"forwarder.daemon." not in Path("/proc/self/cmdline").read_bytes():
+    # The daemon: it takes the finishing over after 10 s without that process, not 30 s
+    # (still long after the restarts began failing and the pushed files were delivered).
+    import forwarder.daemon.finish_relay
+
+    forwarder.daemon.finish_relay._TAKE_OVER_AFTER = 10.0
 """
 
 
@@ -284,8 +305,9 @@ def test_while_the_watch_process_keeps_failing_to_start_the_daemon_finishes_rece
     pacs: StoreSCP,  # noqa: F811
 ) -> None:
     """The watch-and-ingest process (which finishes files) is killed and every restart fails:
-    what the listener receives meanwhile is still sent, and after 30 s without that process
-    the daemon moves the delivered files out of incoming itself, and says so."""
+    what the listener receives meanwhile is still sent, and after a while without that process
+    (30 s; 10 s here) the daemon moves the delivered files out of incoming itself, and says
+    so."""
     _, env = site_env(tmp_path, FAILS_AGAIN)
     files = generated(tmp_path / "m", 10)
     with listen_daemon(tmp_path / "gw", [pacs_destination(pacs)], env=env) as d:

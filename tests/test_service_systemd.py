@@ -14,6 +14,18 @@ import pytest
 from conftest import wait_until
 from daemon import Daemon, destination
 from peers import ScriptedSCP, free_port
+from test_ingest_process import site_env
+
+# The daemon's main loop sends STATUS= every second, not every 5 s (it still checks its health
+# and feeds the watchdog each second, as in production).
+STATUS_EVERY_SECOND = """\
+from pathlib import Path
+
+if b"forwarder.daemon." not in Path("/proc/self/cmdline").read_bytes():  # not a child
+    import forwarder.daemon.service_loop
+
+    forwarder.daemon.service_loop._STATUS_EVERY = 1.0
+"""
 
 
 @pytest.fixture
@@ -50,13 +62,15 @@ class Messages:
 
 def test_ready_watchdog_status_and_stopping(notify_socket: socket.socket, tmp_path: Path) -> None:
     messages = Messages(notify_socket)
+    _, site = site_env(tmp_path, STATUS_EVERY_SECOND)
     with ScriptedSCP() as scp:
         d = Daemon(
-            tmp_path,
+            tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
             env={
                 "NOTIFY_SOCKET": notify_socket.getsockname(),
                 "WATCHDOG_USEC": "2000000",
+                **site,
             },
         )
         with d:
@@ -120,11 +134,16 @@ def test_a_starved_watchdog_is_explained_once_not_every_second(
 ) -> None:
     """When the loop stops feeding systemd's watchdog, the log says which part is unwell."""
     messages = Messages(notify_socket)
+    _, site = site_env(tmp_path, STATUS_EVERY_SECOND)
     with ScriptedSCP() as scp:
         d = Daemon(
-            tmp_path,
+            tmp_path / "d",
             destinations=[destination("pacs", scp.port)],
-            env={"NOTIFY_SOCKET": notify_socket.getsockname(), "WATCHDOG_USEC": "60000000"},
+            env={
+                "NOTIFY_SOCKET": notify_socket.getsockname(),
+                "WATCHDOG_USEC": "60000000",
+                **site,
+            },
         )
         with d:
             messages.wait_for("WATCHDOG=1", timeout=10)
@@ -132,12 +151,12 @@ def test_a_starved_watchdog_is_explained_once_not_every_second(
             line = "not feeding systemd's watchdog: the watcher of incoming is not running"
             d.wait_log(line, timeout=15)
             fed = sum("WATCHDOG=1" in m for m in messages.pump())
-            # The loop checks every second and sends STATUS= every 5 s: after two more STATUS=
-            # lines it has found the same problem 5+ times, and said so once.
+            # The loop checks every second and sends STATUS= every second here: after six more
+            # STATUS= lines it has found the same problem 5+ times, and said so once.
             statuses = sum("STATUS=" in m for m in messages.pump())
             wait_until(
-                lambda: sum("STATUS=" in m for m in messages.pump()) >= statuses + 2, 20,
-                what="two more STATUS= lines",
+                lambda: sum("STATUS=" in m for m in messages.pump()) >= statuses + 6, 20,
+                what="six more STATUS= lines",
             )  # fmt: skip
             assert d.log_text(current_run=True).count("not feeding systemd's watchdog") == 1
             assert sum("WATCHDOG=1" in m for m in messages.pump()) == fed  # starved meanwhile

@@ -147,9 +147,9 @@ def test_repeated_sigkill_at_random_moments_under_a_500_file_backlog(tmp_path: P
                     # during the ingest of the first batch, or the first sends
                     time.sleep(rng.uniform(0.0, 0.3))  # the random moment itself
                 else:
-                    target = min(len(d.done_files()) + rng.randint(1, 60), total)
+                    target = min(d.done_count() + rng.randint(1, 60), total)
                     wait_until(
-                        lambda t=target: len(d.done_files()) >= t or not d.running(),  # type: ignore[misc]
+                        lambda t=target: d.done_count() >= t or not d.running(),  # type: ignore[misc]
                         30,
                         what=f"{target} files done (seed {seed})",
                     )
