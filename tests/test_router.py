@@ -416,3 +416,38 @@ def test_a_multi_byte_character_holding_a_backslash_byte_is_read(
         warnings.simplefilter("ignore")
         matched, failure = _plan_file(path, match)
     assert matched, failure
+
+
+def test_a_64_bit_value_is_read_as_a_number(tmp_path: Path) -> None:
+    # SV and UV (PS3.5 2019) were read as text ('\x05'): a range never matched, a `not` held.
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SelectorSVValue = [5]
+    ds.SelectorUVValue = [2**40]
+    path = str(tmp_path / "sv.dcm")
+    ds.save_as(path)
+    assert _plan_file(path, {"SelectorSVValue": {"range": [1, 10]}})[0]
+    assert not _plan_file(path, {"SelectorSVValue": {"not": "5"}})[0]
+    assert _plan_file(path, {"SelectorUVValue": str(2**40)})[0]
+
+
+def test_a_backslash_in_a_text_value_keeps_its_character_set(tmp_path: Path) -> None:
+    # In ST, LT and UT a \ is text: it does not end the value's code extension (ISO 2022 IR
+    # 144, Cyrillic), as pydicom reads it; the characters after it were read as Latin-1.
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SpecificCharacterSet = ["ISO 2022 IR 100", "ISO 2022 IR 144"]
+    ds.ImageComments = "Лю\\Лю"
+    path = str(tmp_path / "cyrillic.dcm")
+    ds.save_as(path)
+    assert pydicom.dcmread(path).ImageComments == "Лю\\Лю"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        matched, failure = _plan_file(path, {"ImageComments": "Лю\\Лю"})
+    assert matched, failure

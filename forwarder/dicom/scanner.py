@@ -28,7 +28,10 @@ from forwarder.dicom.part10 import (
 )
 from forwarder.errors import InvalidFileError
 
-_NUMERIC = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
+_NUMERIC = {
+    **{b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"},
+    **{b"SV": "q", b"UV": "Q"},  # 64-bit (PS3.5 2019): routes may range over them too
+}
 _MAX_DEPTH = 32
 #: The longest wanted value read (longer ones count as absent): a whole LT (10240
 #: characters, up to 4 bytes each in UTF-8) or a long UC/UT, never a huge one in memory.
@@ -456,9 +459,15 @@ def _decode(raw: bytes, vr: bytes, charset: bytes) -> str | None:
     if not all(encodings):
         return None
     codecs = [e for e in encodings if e is not None]
-    # what resets the code extension: ^ and = between name parts, \ between values, and
-    # control characters of text (pydicom's PN_DELIMS and TEXT_VR_DELIMS)
-    delimiters = {0x5E, 0x3D, 0x5C} if vr == b"PN" else {0x0D, 0x0A, 0x09, 0x0C, 0x5C}
+    # what resets the code extension: ^ and = between name parts, \ between values (not in
+    # ST, LT and UT: one value each, a \ is text there), and control characters of text
+    # (pydicom's PN_DELIMS and TEXT_VR_DELIMS)
+    if vr == b"PN":
+        delimiters = {0x5E, 0x3D, 0x5C}
+    elif vr in (b"ST", b"LT", b"UT"):
+        delimiters = {0x0D, 0x0A, 0x09, 0x0C}
+    else:
+        delimiters = {0x0D, 0x0A, 0x09, 0x0C, 0x5C}
     try:
         # Whole, as pydicom reads it: a 0x5C byte may be part of a character (GB18030, GBK,
         # and JIS X 0208 after its escape: 山本), a value separator only once decoded.
