@@ -63,6 +63,25 @@ def test_check_config_ok(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
+def test_check_config_notes_a_bracket_in_a_route_value(tmp_path: Path) -> None:
+    """Only * and ? are wildcards: a [ in a route value is itself. Earlier builds read [CM]T as
+    a character class, so a config written for that is told (exit 0: it is valid)."""
+    text = GOOD + (
+        "routes:\n  - name: ct\n    match:\n      Modality: {not: '[CM]T'}\n"
+        "      StudyDescription: CT HEAD*\n      folder: 'ct[12]/*'\n    to: [pacs]\n"
+    )
+    path = write_config(tmp_path, text)
+    result = forwarder("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if ": note: " in line]
+    assert [n.split(": note: ")[1].split(":")[0] for n in notes] == [
+        "routes[0].match.Modality",
+        "routes[0].match.folder",
+    ]
+    assert "'[CM]T' is matched with its [ as itself" in notes[0]
+    assert result.stdout.splitlines()[-1] == f"{path}: OK (1 destinations, 1 routes)"
+
+
 def test_check_config_of_the_shipped_config() -> None:
     result = forwarder("check-config", "-c", str(REPO / "config" / "forwarder.yaml"))
     assert result.returncode == 0, result.stderr

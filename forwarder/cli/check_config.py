@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         if config.routes is None
         else (f"{len(config.routes)} routes")
     )
+    from forwarder.config.routing import bracket_notes
+
+    for note in bracket_notes(config.routes):
+        print(f"{path}: note: {note}")
     print(f"{path}: OK ({len(config.destinations)} destinations, {routes})")
     return EXIT_OK
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -238,6 +239,25 @@ class Route(_Model):
             where = ".".join(str(p) for p in loc)
             raise PydanticCustomError("route_shape", f"{where}: {message}")
         return self
+
+
+def bracket_notes(routes: Sequence[Route] | None) -> list[str]:
+    """The route values holding a ``[``: matched as written, since only ``*`` and ``?`` are
+    wildcards (the contract's, and DICOM's). Earlier builds matched with fnmatch, where
+    ``[...]`` is a character class (``[CM]T``); a config written for that means something else
+    now, so each is said (by check-config, and in the daemon's log at start and at a reload)."""
+    notes = []
+    for i, route in enumerate(routes or ()):
+        for key, cond in route.match.items():
+            if isinstance(cond, dict):
+                cond = cond.get("not", [])
+            for value in cond if isinstance(cond, list) else [cond]:
+                if isinstance(value, str) and "[" in value:
+                    notes.append(
+                        f"routes[{i}].match.{key}: {value!r} is matched with its [ as itself "
+                        "(only * and ? are wildcards; [...] is no character class)"
+                    )
+    return notes
 
 
 def route_problems(route: dict[str, Any]) -> list[tuple[tuple[Any, ...], str]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.config import Config, Destination, load_config
+from forwarder.config.routing import bracket_notes
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
@@ -208,6 +209,8 @@ class Service(ServiceLoop):
             if not started or (c.listen is not None and not self._start_listener()):
                 logger.info("forwarder: stopped during start-up")
                 return 0
+            for note in bracket_notes(c.routes):
+                logger.warning("config: %s", note)
             logger.info(
                 "forwarder running: watching %s, %d destinations (%s)",
                 c.incoming,
@@ -400,6 +403,8 @@ class Service(ServiceLoop):
             logger.error("reload: config invalid; still running on the previous one")
             self.notifier.ready(self._status_line())
             return
+        for note in bracket_notes(new.routes):
+            logger.warning("reload: %s", note)
         old = self.config
         # log_level and log_phi: set in each process's logging and ingest at start.
         fixed: tuple[str, ...] = ("incoming", "done", "failed", "queue", "metrics", "watch")
