@@ -63,6 +63,12 @@ class Negotiated:
     max_pdu_send: int
 
 
+#: Said when a TLS peer ends the connection before it answers the A-ASSOCIATE-RQ.
+_TLS_CLOSED = (
+    "a TLS peer that closes before answering may require a client certificate, or have refused ours"
+)
+
+
 def negotiate(transport: Transport, contexts: Sequence[ProposedContext]) -> Negotiated:
     """A-ASSOCIATE for ``contexts`` (IDs 1, 3, 5... in order). On any failure the transport is
     closed (aborted where PS3.8 says so) before the error is raised."""
@@ -71,8 +77,16 @@ def negotiate(transport: Transport, contexts: Sequence[ProposedContext]) -> Nego
     rq = encode_associate_rq(peer.ae_title, s.calling_ae_title, proposed, s.max_pdu_receive)
     timeout = s.accept_timeout if s.accept_timeout is not None else s.connect_timeout
     transport.sock.settimeout(timeout)
-    transport.send(rq, what="A-ASSOCIATE-RQ")
-    pdu_type, body = transport.read_pdu(timeout, waiting_for="A-ASSOCIATE-AC")
+    try:
+        transport.send(rq, what="A-ASSOCIATE-RQ")
+        pdu_type, body = transport.read_pdu(timeout, waiting_for="A-ASSOCIATE-AC")
+    except AssociationError as exc:
+        if s.tls is None or not transport.peer_closed or "certificate" in str(exc):
+            raise
+        # A TLS 1.3 server checks our certificate after our side of the handshake ended and
+        # sends its refusal as an alert; when our request reaches it after it closed, the
+        # reset discards that alert unread, and only "closed" or "reset" is left to say.
+        raise AssociationError(f"{exc} ({_TLS_CLOSED})", retryable=exc.retryable) from None
     if pdu_type == PDU_ASSOCIATE_RJ:
         try:
             result, source, reason = decode_associate_rj(body)

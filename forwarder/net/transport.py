@@ -116,6 +116,8 @@ class Transport:
         self.peer = peer
         self.settings = settings
         self.closed = False
+        # The peer ended the connection (closed, reset, or a TLS EOF), as opposed to a timeout.
+        self.peer_closed = False
         self.last_progress = time.monotonic()  # any byte sent or received (watchdog health)
         self._rbuf = bytearray()
         self._kernel_timeouts = False
@@ -169,6 +171,7 @@ class Transport:
             ) from None
         except (OSError, ValueError) as exc:
             self.close()
+            self.peer_closed = True
             raise AssociationError(
                 f"connection to {self.peer} lost while sending {what}: {_oserror(exc)}",
                 retryable=True,
@@ -187,12 +190,14 @@ class Transport:
                 ) from None
             except (OSError, ValueError) as exc:
                 self.close()
+                self.peer_closed = True
                 raise AssociationError(
                     f"connection to {self.peer} lost waiting for {waiting_for}: {_oserror(exc)}",
                     retryable=True,
                 ) from None
             if not chunk:
                 self.close()
+                self.peer_closed = True
                 raise AssociationError(
                     f"{self.peer} closed the connection (waiting for {waiting_for})",
                     retryable=True,
