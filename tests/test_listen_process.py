@@ -364,7 +364,10 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
             (site / "arm").write_text("")  # the object's queue transaction stops it
             results: list[list[tuple[int, str]]] = []
             modality = threading.Thread(
-                target=lambda: results.append(push(listen_port(d), files[:1])), daemon=True
+                target=lambda: results.append(
+                    push(listen_port(d), files[:1], dimse_timeout=DYING_GATEWAY_TIMEOUT)
+                ),
+                daemon=True,
             )
             modality.start()
             wait_until((site / "stopped").exists, 30, what="the process stopped in a transaction")
