@@ -59,9 +59,7 @@ def _unreadable(keyword: str, vr: str) -> str | None:
     """Why the header walk, which reads the data set's own top-level values as text, can never
     see ``keyword`` (None when it can): a route on it would never match, and its ``not`` or
     ``present: false`` would hold for every file."""
-    from pydicom.datadict import tag_for_keyword
-
-    group = int(tag_for_keyword(keyword) or 0) >> 16
+    group = (keyword_tag(keyword) or 0) >> 16
     if group == 0x0002:
         return f"{keyword} is in the file meta information, not the data set routes read"
     if group in (0x0000, 0xFFFE):
@@ -71,12 +69,21 @@ def _unreadable(keyword: str, vr: str) -> str | None:
     return None
 
 
-def keyword_vr(keyword: str) -> str | None:
-    """The data dictionary's VR of ``keyword`` (its first, for ``US or SS``); None when it is
-    not a DICOM keyword. The one place config reaches into pydicom: its data dictionary."""
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
+def keyword_tag(keyword: str) -> int | None:
+    """The data dictionary's tag of ``keyword``; None when it is not a DICOM keyword. With
+    :func:`keyword_vr`, the one place config reaches into pydicom: its data dictionary."""
+    from pydicom.datadict import tag_for_keyword
 
     tag = tag_for_keyword(keyword)
+    return None if tag is None else int(tag)
+
+
+def keyword_vr(keyword: str) -> str | None:
+    """The data dictionary's VR of ``keyword`` (its first, for ``US or SS``); None when it is
+    not a DICOM keyword."""
+    from pydicom.datadict import dictionary_VR
+
+    tag = keyword_tag(keyword)
     if tag is None:
         return None
     return str(dictionary_VR(tag)).split(" or ")[0]

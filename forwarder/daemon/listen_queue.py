@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.listen_sink import received_entry
 from forwarder.daemon.router import Router
-from forwarder.daemon.spool import Spool
+from forwarder.daemon.spool import Spool, StrPath
 from forwarder.errors import ForwarderError
 from forwarder.net.scp_object import Origin, ReceivedObject
 from forwarder.queue import FileEntry, Queue
@@ -72,7 +71,7 @@ class DirectQueue:
 
     def queue(
         self,
-        final: str | Path,
+        final: StrPath,
         obj: ReceivedObject,
         origin: Origin,
         routing: Routing,

@@ -31,7 +31,7 @@ from pathlib import Path
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.ingest import Ingest
 from forwarder.daemon.router import Router
-from forwarder.daemon.spool import Spool
+from forwarder.daemon.spool import Spool, StrPath
 from forwarder.errors import ForwarderError
 from forwarder.net.placement import NO_STUDY_FOLDER, place, safe_uid_name
 from forwarder.net.scp_object import (
@@ -241,7 +241,7 @@ class ListenSink:
             return final
         return self.queue(final, obj, origin)
 
-    def queue(self, final: str | Path, obj: ReceivedObject, origin: Origin) -> Answer:
+    def queue(self, final: StrPath, obj: ReceivedObject, origin: Origin) -> Answer:
         """Route and queue an object placed at ``final``; Success once it is queued."""
         try:
             st = os.lstat(final)
@@ -319,7 +319,7 @@ def log_received(entry: FileEntry, origin: Origin, destinations: Sequence[str]) 
 
 
 def received_entry(
-    spool: Spool, path: str | Path, size: int, mtime_ns: int, obj: ReceivedObject, origin: Origin
+    spool: Spool, path: StrPath, size: int, mtime_ns: int, obj: ReceivedObject, origin: Origin
 ) -> FileEntry:
     """The queue entry of a received object staged at ``path``."""
     values = obj.values
