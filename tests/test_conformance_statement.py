@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from conftest import FORWARDER, REPO, wait_until
 from dicomgen import write_file
+from dimse_wire import rejection
 from peers import STORESCP, ScriptedSCP, free_port, stop_process, wait_for_port
 from pydicom.uid import (
     CTImageStorage,
@@ -422,20 +423,6 @@ _REJECTIONS = {
     "A-ASSOCIATE-RJ permanent, called AE title not recognised": (1, 1, 7),
     "A-ASSOCIATE-RJ transient, local limit exceeded": (2, 3, 2),
 }
-
-
-def rejection(port: int, calling: str, called: str) -> tuple[int, int, int] | None:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if assoc.is_established:
-        assoc.release()
-        return None
-    assert assoc.is_rejected, f"{calling} -> {called}: neither established nor rejected " + (
-        "(aborted)" if assoc.is_aborted else "(no connection?)"
-    )
-    rj = assoc.acceptor.primitive
-    return (rj.result, rj.result_source, rj.diagnostic)
 
 
 def test_receive_association_checks_as_stated(

@@ -27,6 +27,7 @@ import pytest
 from conftest import FORWARDER, wait_until
 from daemon import Daemon, destination, route, subprocess_env
 from dicomgen import write_file
+from dimse_wire import rejection
 from peers import StoreSCP, free_port, storescp
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -357,9 +358,7 @@ def test_allow_lists_refuse_and_nothing_is_kept(tmp_path: Path, pacs: StoreSCP) 
         port = listen_port(d)
         refused = storescu(port, files, "INTRUDER")
         assert refused.returncode != 0
-        assoc = associate(port, files, calling="MR99")
-        assert assoc.is_rejected
-        joined(assoc)
+        assert rejection(port, "MR99", GATEWAY) == (1, 1, 3)  # calling AE not recognised
         assert push(port, files, calling="CT01") == [(0, "")]
         wait_until(lambda: len(held(pacs)) == 1, 20, what="the allowed one")
         assert "INTRUDER" in d.log_text() and "MR99" in d.log_text()

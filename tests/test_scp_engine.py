@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicomgen import make_dataset
-from dimse_wire import elem, uid_value
+from dimse_wire import associate_rq, elem, uid_value
 from pki import Pki, make_pki
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE
@@ -51,7 +51,6 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
-APP_CONTEXT = "1.2.840.10008.3.1.1.1"
 STORESCU = "/usr/bin/storescu"
 DCMSEND = "/usr/bin/dcmsend"
 PDU = struct.Struct(">BxI")
@@ -68,32 +67,6 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
         yield r
     finally:
         r.stop()
-
-
-def _item(item_type: int, value: bytes) -> bytes:
-    return struct.pack(">BxH", item_type, len(value)) + value
-
-
-def associate_rq(
-    contexts: list[tuple[int, str, list[str]]],
-    *,
-    max_pdu: int = 16384,
-    window: tuple[int, int] | None = None,
-    called: str = "FORWARDER",
-    calling: str = "RAW",
-    version: int = 1,
-) -> bytes:
-    items = [_item(0x10, APP_CONTEXT.encode())]
-    for cid, abstract, syntaxes in contexts:
-        sub = _item(0x30, abstract.encode()) + b"".join(_item(0x40, t.encode()) for t in syntaxes)
-        items.append(_item(0x20, bytes((cid, 0, 0, 0)) + sub))
-    user = _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, b"1.2.3.4")
-    if window is not None:
-        user += _item(0x53, struct.pack(">HH", *window))
-    items.append(_item(0x50, user))
-    body = struct.pack(">H2x", version) + called.ljust(16).encode() + calling.ljust(16).encode()
-    body += bytes(32) + b"".join(items)
-    return PDU.pack(0x01, len(body)) + body
 
 
 def command_set(message_id: int, sop_class: str, sop_instance: str, data: bool = True) -> bytes:
