@@ -40,6 +40,7 @@ from typing import Any
 
 from forwarder.errors import ForwarderError
 from forwarder.net.interrupt import shut_down
+from forwarder.net.pdu import REJECT_RESULT, reject_reason
 from forwarder.net.tls import describe_tls_error
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,15 @@ logging.getLogger("pynetdicom.transport").addFilter(_failures)
 def why_not_established(assoc: Any) -> str:
     """Why pynetdicom's association ``assoc`` was not established, in a few words: the TLS
     check that failed (worded as for C-STORE), the connection's error (``Connection
-    refused``), ``rejected``, ``aborted`` or ``no answer``."""
+    refused``), the peer's rejection with its reason (as ``forwarder send`` words it),
+    ``aborted`` or ``no answer``."""
     dul = getattr(assoc, "dul", None)
     failure = _failures.take(dul.ident if dul is not None else None)
-    if assoc.is_rejected:
-        return "rejected"
+    rejection = _rejection(assoc)
+    if rejection is not None:
+        result, source, reason = rejection
+        verdict = REJECT_RESULT.get(result, f"result {result}")
+        return f"rejected ({verdict}: {reject_reason(source, reason)})"
     if isinstance(failure, ssl.SSLError):
         return describe_tls_error(failure)
     if isinstance(failure, OSError):
@@ -112,6 +117,28 @@ def why_not_established(assoc: Any) -> str:
     if failure:
         return failure
     return "aborted" if assoc.is_aborted else "no answer"
+
+
+def _rejection(assoc: Any) -> tuple[int, int, int] | None:
+    """(result, source, reason) of the A-ASSOCIATE-RJ that answered ``assoc``, if one did.
+
+    pynetdicom (3.0.4) can report a rejected association as aborted: when the RJ arrives, and
+    its connection thread closes the socket (AE-4), before the calling thread has looked at
+    the connection, ``ACSE._negotiate_as_requestor`` finds it closed and aborts, the rejection
+    left unread in the DUL's queue (one association in twenty on two busy cores). It is read
+    from there."""
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    primitive: Any = assoc.acceptor.primitive if assoc.is_rejected else None
+    if primitive is None:
+        queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+        for item in list(getattr(queue, "queue", ())):
+            if isinstance(item, A_ASSOCIATE) and item.result in (1, 2):
+                primitive = item
+                break
+    if primitive is None:
+        return None
+    return int(primitive.result), int(primitive.result_source), int(primitive.diagnostic)
 
 
 _ABORT_GRACE = 1.0  # after an A-ABORT, how long the peer has to close before we do
