@@ -61,7 +61,10 @@ def _unreadable(keyword: str, vr: str) -> str | None:
     ``present: false`` would hold for every file."""
     group = (keyword_tag(keyword) or 0) >> 16
     if group == 0x0002:
-        return f"{keyword} is in the file meta information, not the data set routes read"
+        why = f"{keyword} is in the file meta information, not the data set routes read"
+        if keyword == "SourceApplicationEntityTitle":
+            why += " (the AE title a file came in with through `listen` is `calling_ae`)"
+        return why
     if group in (0x0000, 0xFFFE):
         return f"{keyword} is not in a data set (a command or item element)"
     if vr in BINARY_VRS:
