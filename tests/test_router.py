@@ -451,3 +451,44 @@ def test_a_backslash_in_a_text_value_keeps_its_character_set(tmp_path: Path) -> 
         warnings.simplefilter("ignore")
         matched, failure = _plan_file(path, {"ImageComments": "Лю\\Лю"})
     assert matched, failure
+
+
+@pytest.mark.parametrize(
+    ("charset", "encoding"),
+    [
+        (None, "latin-1"),  # a modality that never set (0008,0005): pydicom reads ISO 8859-1
+        (None, "utf-8"),  # nor declared its UTF-8
+        ("ISO-IR 100", "latin-1"),  # a misspelling pydicom corrects (with a warning)
+        ("ISO_IR100", "latin-1"),  # one it does not: read as its default, ISO 8859-1
+        ("ISO_IR100", "utf-8"),
+    ],
+)
+def test_text_in_no_character_set_the_file_names_is_read_as_written(
+    tmp_path: Path, charset: str | None, encoding: str
+) -> None:
+    # Without a Specific Character Set pydicom reads text as ISO 8859-1, its default; the
+    # header walk read it as UTF-8, so "Klinikum Süd" in Latin-1 never matched its route.
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    path = tmp_path / "undeclared.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of the misspelled ones
+        if charset is None:
+            del ds.SpecificCharacterSet
+        else:
+            ds.SpecificCharacterSet = charset
+        ds.save_as(path)
+        raw = path.read_bytes()
+        written = ds["InstitutionName"].value.encode()
+        assert raw.count(written) == 1
+        name = "Klinikum Süd".encode(encoding).ljust(len(written))
+        path.write_bytes(raw.replace(written, name))
+        assert pydicom.dcmread(path).InstitutionName.rstrip() == (
+            "Klinikum Süd" if encoding == "latin-1" else name.decode("latin-1").rstrip()
+        )
+        matched, failure = _plan_file(str(path), {"InstitutionName": "Klinikum Süd"})
+    assert matched, failure

@@ -14,6 +14,7 @@ About 400 lines: one class and the dictionary helpers only it uses.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Mapping
 from functools import cache
@@ -435,8 +436,19 @@ def _value(raw: bytes, vr: bytes, fmt: str, charset: bytes = b"") -> str:
     text = None
     if charset.strip(b"\x00 ") and vr in _CHARSET_VRS and (b"\x1b" in raw or not raw.isascii()):
         text = _decode(raw, vr, charset)
-    text = (raw.decode("utf-8", "replace") if text is None else text).strip()
+    text = (_undeclared(raw) if text is None else text).strip()
     return person_name(text) if vr == b"PN" else text
+
+
+def _undeclared(raw: bytes) -> str:
+    """Text in no character set the data set names (none, or one pydicom does not know even
+    corrected): UTF-8 when it is valid UTF-8, else ISO 8859-1, as pydicom reads it (its
+    default encoding). A modality that never set (0008,0005) and writes "Süd" in Latin-1
+    matches a route on "Süd"; one that writes UTF-8 undeclared does too."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def person_name(text: str) -> str:
@@ -448,14 +460,27 @@ def person_name(text: str) -> str:
     )
 
 
+def _python_encoding(term: str) -> str | None:
+    """The Python codec of a Specific Character Set term, with the misspellings pydicom
+    corrects (``ISO-IR 100``, ``ISO 2022-IR 87``); None when unknown."""
+    from pydicom.charset import python_encoding
+
+    found = python_encoding.get(term)
+    if found is None and re.match("^ISO[^_]IR", term):
+        found = python_encoding.get("ISO_IR" + term[6:])
+    elif found is None and re.match("^(?=ISO.2022.IR.)(?!ISO 2022 IR )", term):
+        found = python_encoding.get("ISO 2022 IR " + term[12:])
+    return found
+
+
 def _decode(raw: bytes, vr: bytes, charset: bytes) -> str | None:
     """A text value in the data set's Specific Character Set (PS3.5 6.1; ISO 2022 code
-    extensions by pydicom); None when the character set is not one pydicom knows (then read
-    as UTF-8, as when there is none)."""
-    from pydicom.charset import decode_bytes, python_encoding
+    extensions by pydicom); None when the character set is not one pydicom knows, even
+    corrected (then read as when there is none: :func:`_undeclared`)."""
+    from pydicom.charset import decode_bytes
 
     terms = charset.decode("ascii", "replace").split("\\")
-    encodings = [python_encoding.get(t.strip(" \x00")) for t in terms]
+    encodings = [_python_encoding(t.strip(" \x00")) for t in terms]
     if not all(encodings):
         return None
     codecs = [e for e in encodings if e is not None]
