@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,9 +15,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from forwarder.config import RetryPolicy
 from forwarder.daemon import metrics as metrics_module
+from forwarder.daemon.destination_state import DestinationState
 from forwarder.daemon.metrics import Metrics
+from forwarder.daemon.status import read_status
 from forwarder.errors import ForwarderError
+from forwarder.queue import Queue
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -368,3 +373,53 @@ def test_a_removed_destination_leaves_no_series(metrics: Metrics) -> None:
     assert _scrape(metrics)[("forwarder_destination_up", (("destination", "pacs"),))] == 1
     metrics.add_destination("archive")  # added again by a later reload: starts afresh
     assert _scrape(metrics)[("forwarder_destination_up", (("destination", "archive"),))] == 1
+
+
+def test_head_metrics_answers_like_get_without_a_body(metrics: Metrics) -> None:
+    """``/`` and ``/api/*`` take HEAD; ``/metrics`` answered it 405 (a probe or a load balancer
+    health check that uses HEAD saw the listener as broken)."""
+    metrics.start_server("127.0.0.1:0")
+    assert metrics.address is not None
+    host, port = metrics.address
+    head = urllib.request.Request(f"http://{host}:{port}/metrics", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as resp:
+        assert resp.status == 200 and resp.read() == b""
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert int(resp.headers["Content-Length"]) > 0
+    post = urllib.request.Request(f"http://{host}:{port}/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(post, timeout=10)
+    with err.value:
+        assert err.value.code == 405 and "HEAD" in err.value.headers["Allow"]
+    assert _scrape(metrics)[("forwarder_build_info", (("version", _version()),))] == 1
+
+
+def test_destination_up_after_a_restart_is_the_recorded_state(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """A destination recorded down by the previous run is down, for the metrics as for
+    ``forwarder status``, until an attempt says otherwise (a restart fixes no peer)."""
+    queue = Queue(tmp_path / "queue.sqlite")
+    try:
+        queue.set_destination_state("pacs", "down", "connection refused", since=1234.0)
+        queue.set_destination_state("archive", "up", None, since=1000.0)
+        states = {
+            name: DestinationState(name, RetryPolicy(), queue, metrics)
+            for name in ("pacs", "archive")
+        }
+        metrics.start_server("127.0.0.1:0")
+        s = _scrape(metrics)
+        status = read_status(queue, ["pacs", "archive"]).destinations
+        assert status["pacs"]["state"] == "down" and status["archive"]["state"] == "up"
+        assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 0
+        assert s[("forwarder_destination_state", (("destination", "pacs"), ("state", "down")))] == 1
+        assert s[("forwarder_destination_state_since_seconds", (("destination", "pacs"),))] == 1234
+        assert s[("forwarder_destination_up", (("destination", "archive"),))] == 1
+        assert s[("forwarder_destination_state", (("destination", "archive"), ("state", "up")))]
+        # The first attempt decides, as before: an answer makes it up.
+        states["pacs"].set_state("up", None)
+        s = _scrape(metrics)
+        assert s[("forwarder_destination_up", (("destination", "pacs"),))] == 1
+        assert read_status(queue, ["pacs"]).destinations["pacs"]["state"] == "up"
+    finally:
+        queue.close()

@@ -240,3 +240,38 @@ def test_a_full_slice_goes_on_after_its_last_file(queue: Queue) -> None:
     rest, after = queue.sweep_to_finish(after, span=1000, limit=20)
     assert [i.file_id for i in rest] == sorted(j.file_id for j in claimed)[20:40]
     queue.close()
+
+
+def test_statistics_are_read_again_only_when_the_database_changed(queue: Queue) -> None:
+    """Every status line, scrape and page view asks for stats() and waiting_to_move(): they
+    count the backlog again only after a commit, of this queue or of another connection (the
+    watch-and-ingest process's), and say what a new reading says."""
+    other = Queue(queue.path)  # another connection, as another process has
+    conn = queue._scan_connection("test")
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        first = queue.stats(now=1e10)["pacs"]
+        assert (first.pending, first.in_flight, queue.waiting_to_move()) == (2000, 0, 0)
+        counted = len([s for s in statements if "COUNT(*)" in s])
+        again = queue.stats(now=1e10 + 5)["pacs"]
+        assert queue.waiting_to_move() == 0
+        assert len([s for s in statements if "COUNT(*)" in s]) == counted  # nothing recounted
+        assert again.pending == 2000
+        assert again.oldest_pending_seconds == pytest.approx(first.oldest_pending_seconds + 5)
+
+        other.enqueue(entry(20_000), ["pacs", "archive"])
+        jobs = other.claim("pacs", 10)
+        assert {n: (s.pending, s.in_flight) for n, s in queue.stats().items()} == {
+            "archive": (1, 0),
+            "pacs": (1991, 10),
+        }
+        other.ack_done([j.id for j in jobs], status=0)
+        assert queue.waiting_to_move() == 10  # stored everywhere, still in incoming
+        assert queue.stats()["pacs"].done == 10
+        queue.enqueue(entry(20_001), ["pacs"])  # this queue's own connection
+        assert queue.stats()["pacs"].pending == 1992
+    finally:
+        conn.set_trace_callback(None)
+        other.close()
+        queue.close()

@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,6 +40,7 @@ from dicomgen import make_dataset
 from peers import ScriptedSCP, free_port
 
 from forwarder.daemon import metrics as metrics_module
+from forwarder.daemon.failed_folder import FailedFolder
 from forwarder.daemon.metrics import Metrics
 from forwarder.daemon.status import RateMeter, recent_failures
 from forwarder.daemon.status_page import PATHS, StatusPage, render
@@ -420,6 +422,63 @@ def test_recent_failures_newest_first_and_limited(tmp_path: Path) -> None:
         "destinations": [],
     }
     assert recent_failures(tmp_path / "missing") == []
+
+
+def _walked(failed: Path) -> tuple[int, list[dict[str, Any]]]:
+    """What a fresh walk says: files but reports, and the newest reports."""
+    files = sum(
+        not name.endswith(".error.json") for _, _, names in os.walk(failed) for name in names
+    )
+    return files, recent_failures(failed, limit=50)
+
+
+def test_the_failed_folder_listing_says_what_a_fresh_walk_says(tmp_path: Path) -> None:
+    """The page and the metrics re-read only the folders of failed/ that changed; after each
+    change, in the same clock tick as a listing or later, deep or at the top, the count and
+    the recent failures are those of a walk."""
+    failed = tmp_path / "failed"
+    index = FailedFolder(failed)
+    assert (index.count(), index.recent(50)) == (0, []) == (0, recent_failures(failed))
+
+    def report(rel: str, reason: str) -> None:
+        (failed / rel).parent.mkdir(parents=True, exist_ok=True)
+        (failed / rel).write_bytes(b"x")
+        tmp = failed / rel.replace(rel.rsplit("/", 1)[-1], "." + rel.rsplit("/", 1)[-1] + ".tmp")
+        tmp.write_text(json.dumps({"reason": reason}))
+        tmp.rename(failed / f"{rel}.error.json")  # as spool writes a report
+
+    def same() -> None:
+        assert (index.count(), index.recent(50)) == _walked(failed)
+
+    report("a.dcm", "first")
+    same()
+    report("ct/st1/se1/b.dcm", "deep")  # at once: the same tick as the last listing
+    same()
+    report("ct/st1/se2/c.dcm", "beside")
+    (failed / "ct" / "st1" / "se1" / "stray.dcm").write_bytes(b"x")  # a file with no report
+    same()
+    (failed / "ct" / "st1" / "se1" / "b.dcm.error.json").unlink()  # forwarder retry
+    (failed / "ct" / "st1" / "se1" / "b.dcm").unlink()
+    same()
+    shutil.rmtree(failed / "ct" / "st1" / "se2")
+    (failed / "link").symlink_to(failed / "ct", target_is_directory=True)  # not followed
+    same()
+    assert index.count() == 2 and [f["path"] for f in index.recent(50)] == ["a.dcm"]
+
+    # A folder unchanged since long before its listing is not read again: a report's time
+    # changed in place (spool never does that) is not seen until its folder changes.
+    later = FailedFolder(failed, clock=lambda: time.time() + 60)
+    report("mr/d.dcm", "newest")
+    os.utime(failed / "a.dcm.error.json", (1.0, 1.0))
+    assert [f["path"] for f in later.recent(50)] == ["mr/d.dcm", "a.dcm"]
+    os.utime(failed / "mr" / "d.dcm.error.json", (0.5, 0.5))
+    assert [f["path"] for f in later.recent(50)] == ["mr/d.dcm", "a.dcm"]
+    assert [f["path"] for f in recent_failures(failed)] == ["a.dcm", "mr/d.dcm"]
+    (failed / "mr" / "e.dcm").write_bytes(b"x")
+    changed = os.stat(failed / "mr").st_mtime_ns + 10_000_000  # as the next clock tick leaves it
+    os.utime(failed / "mr", ns=(changed, changed))
+    assert [f["path"] for f in later.recent(50)] == ["a.dcm", "mr/d.dcm"]
+    assert later.count() == 4 == _walked(failed)[0]
 
 
 def test_render_escapes_everything() -> None:

@@ -13,8 +13,9 @@ claim nothing (its files wait, charged nothing), and one of them probes it
 ``PROBE_FIRST`` seconds, then twice as long each time up to ``retry.max_delay``. The first
 Success closes it and sending resumes ("up"). A change is logged once (one journal line per
 change, never per file or per probe), exported as ``forwarder_destination_up`` and recorded in
-the queue for ``forwarder status``. The threads and batches that report to it are
-:mod:`forwarder.daemon.worker` and :mod:`forwarder.daemon.worker_batch`.
+the queue for ``forwarder status``; until this run's first change the metrics show the state
+the previous run recorded (up or down), as ``forwarder status`` does. The threads and batches
+that report to it are :mod:`forwarder.daemon.worker` and :mod:`forwarder.daemon.worker_batch`.
 """
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ class DestinationState:
         self._stale_gate = False
         try:
             recorded = queue.destination_states().get(name)
-            self._stale_gate = recorded is not None and recorded.state in GATE_STATES
         except ForwarderError:
-            pass
+            recorded = None
+        self._stale_gate = recorded is not None and recorded.state in GATE_STATES
+        if recorded is not None and recorded.state in ("up", "down") and metrics is not None:
+            # Until this run's first attempt, the metrics say what the previous run recorded, as
+            # ``forwarder status`` does: a restart fixes no peer, and a destination_up back at 1
+            # would end an outage's alert (and claim "up" for good with nothing to send there).
+            metrics.destination_up(name, recorded.state == "up")
+            metrics.destination_state(name, recorded.state, recorded.since)
 
     @property
     def down_until(self) -> float:

@@ -6,7 +6,9 @@ hands it one (:meth:`Metrics.set_status_app`; the page is :mod:`forwarder.daemon
 Counters and histograms are updated by the code that sees the event (the service calls
 :meth:`Metrics.file_sent` and friends); queue depth, the age of the oldest pending item and
 the number of files in ``failed/`` are read at scrape time by a collector, so they are never
-stale and cost nothing between scrapes.
+stale and cost nothing between scrapes (``failed/`` through
+:class:`~forwarder.daemon.failed_folder.FailedFolder`, which re-lists only the folders that
+changed). ``/metrics`` answers HEAD as GET without the body, as the status page's paths do.
 
 Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``)::
 
@@ -49,7 +51,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -68,6 +69,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from forwarder import __version__
+from forwarder.daemon.failed_folder import FailedFolder
 from forwarder.errors import ForwarderError
 from forwarder.net.status import Outcome  # the outcome label values
 
@@ -83,7 +85,6 @@ STATUS_PATHS = ("/", "/api/status", "/api/find")
 # One C-STORE takes milliseconds on a LAN and up to response_timeout on a stalled peer.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 QUEUE_STATES = ("pending", "in_flight", "done", "failed")
-_ERROR_SUFFIX = ".error.json"
 _SCRAPE_TIMEOUT = 10.0  # seconds a scrape connection may stay silent before it is dropped
 # Seconds a client has to send its whole request: one that sends a byte now and then never
 # times out on a read, and would hold its thread (and stop()) for as long as it likes.
@@ -98,7 +99,7 @@ class _QueueCollector(Collector):
 
     def __init__(self) -> None:
         self.source: QueueSource | None = None
-        self.failed_folder: Path | None = None
+        self.failed_folder: FailedFolder | None = None
         self.commitment_source: Callable[[], dict[str, Any]] | None = None
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
@@ -136,7 +137,7 @@ class _QueueCollector(Collector):
                 # A locked or broken database must not break the whole scrape.
                 logger.warning("metrics: cannot read the queue counts: %s", exc)
         if self.failed_folder is not None:
-            failed_files.add_metric([], float(_count_failed(self.failed_folder)))
+            failed_files.add_metric([], float(self.failed_folder.count()))
         yield from (items, oldest, failed_files)
 
     @staticmethod
@@ -157,13 +158,6 @@ class _QueueCollector(Collector):
                 "Files in the failed/ folder, not counting their .error.json reports.",
             ),
         )
-
-
-def _count_failed(folder: Path) -> int:
-    count = 0
-    for _dirpath, _dirnames, filenames in os.walk(folder, onerror=lambda _exc: None):
-        count += sum(1 for name in filenames if not name.endswith(_ERROR_SUFFIX))
-    return count
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -304,7 +298,7 @@ class Metrics:
             "forwarder_destination_up",
             "1 when the destination's last association attempt worked (or none was needed), 0 "
             "while it is down: unreachable, refusing or rejecting associations (files stay "
-            "queued).",
+            "queued). After a restart, what the previous run recorded until the first attempt.",
             ["destination"],
             registry=reg,
         )
@@ -502,9 +496,12 @@ class Metrics:
         on every scrape, from the HTTP server's thread."""
         self._queue.source = fn
 
-    def set_failed_folder(self, folder: str | os.PathLike[str] | None) -> None:
-        """Count the files in ``failed/`` at scrape time (None: do not)."""
-        self._queue.failed_folder = None if folder is None else Path(folder)
+    def set_failed_folder(self, folder: str | os.PathLike[str] | FailedFolder | None) -> None:
+        """Count the files in ``failed/`` at scrape time (None: do not); a FailedFolder is
+        shared with the status page (one listing of the folder for both)."""
+        if folder is not None and not isinstance(folder, FailedFolder):
+            folder = FailedFolder(folder)
+        self._queue.failed_folder = folder
 
     def set_status_app(self, app: WSGIApp | None) -> None:
         """Serve :data:`STATUS_PATHS` with ``app`` (None: those paths are metrics again, as
@@ -518,7 +515,7 @@ class Metrics:
             status_app = self._status_app
             if status_app is not None and environ.get("PATH_INFO", "/") in STATUS_PATHS:
                 return status_app(environ, start_response)
-            return metrics_app(environ, start_response)
+            return _with_head(metrics_app, environ, start_response)
 
         return app
 
@@ -570,6 +567,31 @@ class Metrics:
         server.server_close()
         if thread is not None:
             thread.join()
+
+
+def _with_head(
+    metrics_app: WSGIApp, environ: dict[str, Any], start_response: Callable[..., Any]
+) -> Iterable[bytes]:
+    """prometheus_client's application, taking HEAD as the status page does (it answers 405
+    to it): a GET's status and headers, with the body's Content-Length, and no body."""
+
+    def allow_head(status: str, headers: list[tuple[str, str]], *args: Any) -> Any:
+        allow = [(k, "GET, HEAD, OPTIONS" if k.lower() == "allow" else v) for k, v in headers]
+        return start_response(status, allow, *args)
+
+    if environ.get("REQUEST_METHOD") != "HEAD":
+        return metrics_app(environ, allow_head)
+    answered: list[tuple[str, list[tuple[str, str]]]] = []
+    body = b"".join(
+        metrics_app(
+            {**environ, "REQUEST_METHOD": "GET"},
+            lambda status, headers, *_: answered.append((status, headers)),
+        )
+    )
+    status, headers = answered[-1]
+    headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+    allow_head(status, [*headers, ("Content-Length", str(len(body)))])
+    return []
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:

@@ -35,6 +35,7 @@ from forwarder.config.routing import bracket_notes
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.edits import EditResolver
+from forwarder.daemon.failed_folder import FailedFolder
 from forwarder.daemon.finish_relay import ChildFinisher
 from forwarder.daemon.finisher import Finisher
 from forwarder.daemon.ingest import Ingest
@@ -172,13 +173,15 @@ class Service(ServiceLoop):
                 self.ingest.metrics = self.metrics
                 self.metrics.set_queue_source(self._queue_stats)
                 self.metrics.set_commitment_source(self.queue.commitment_counts)
-                self.metrics.set_failed_folder(c.failed)
+                # One listing of failed/ for the scrapes and the page, re-read where it changed.
+                failed = FailedFolder(c.failed)
+                self.metrics.set_failed_folder(failed)
                 for d in c.destinations:
                     self.metrics.add_destination(d.name)
                 self.status_page = StatusPage(
                     self.queue,
                     self._destination_names,
-                    c.failed,
+                    failed,
                     started=self._started,
                     proof=self._proof_names,
                 )

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -296,9 +296,15 @@ def recent_failures(failed: Path, limit: int = 50) -> list[dict[str, Any]]:
     relative to ``failed/``), ``failed_at``, ``reason``, ``sop_instance_uid`` and ``calling_ae``
     (received through ``listen``; when the report has them) and per destination its
     ``outcome``, DICOM ``status`` (hex), ``error`` and ``attempts``. Costs one stat per report
-    in the folder and one read per report shown."""
+    in the folder and one read per report shown (the daemon's page keeps the folder's listing:
+    :class:`forwarder.daemon.failed_folder.FailedFolder`)."""
+    return failure_entries(failed, heapq.nlargest(limit, _reports(failed)))
+
+
+def failure_entries(failed: Path, reports: Iterable[tuple[float, str]]) -> list[dict[str, Any]]:
+    """:func:`recent_failures`'s entries of ``reports``, (mtime, path) pairs in order."""
     out: list[dict[str, Any]] = []
-    for mtime, path in heapq.nlargest(limit, _reports(failed)):
+    for mtime, path in reports:
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.loads(f.read(_MAX_REPORT_BYTES))

@@ -5,6 +5,8 @@
 per destination, ``rate`` (files stored per minute over ``rate_window_seconds``), and
 ``recent_failures`` (the newest reports in ``failed/``, with their reasons per destination),
 ``finishing`` (files waiting to be moved out of incoming) and ``daemon`` (version, start, uptime).
+The reports are found through a :class:`~forwarder.daemon.failed_folder.FailedFolder` (shared
+with the metrics by the daemon): a page view re-lists only the folders that changed.
 
 ``/api/find?key=KEY`` is ``forwarder find --json``'s document
 (:func:`~forwarder.daemon.status.find_document`): every file of a Study, Series or SOP Instance
@@ -36,13 +38,13 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from forwarder import __version__
+from forwarder.daemon.failed_folder import FailedFolder
 from forwarder.daemon.status import (
     RateMeter,
     find_document,
     format_age,
     iso_local,
     read_status,
-    recent_failures,
 )
 from forwarder.daemon.status_find import (
     MAX_KEYS,
@@ -85,7 +87,7 @@ class StatusPage:
         self,
         queue: Queue,
         destinations: Callable[[], Sequence[str]],
-        failed: Path,
+        failed: Path | FailedFolder,
         *,
         started: float | None = None,
         failures: int = RECENT_FAILURES,
@@ -99,7 +101,8 @@ class StatusPage:
         self._queue = queue
         self._destinations = destinations
         self._proof = proof
-        self._failed = failed
+        # Shared with the metrics by the daemon: one listing of failed/ for both.
+        self._failed = failed if isinstance(failed, FailedFolder) else FailedFolder(failed)
         self._started = time.time() if started is None else started
         self._started_mono = time.monotonic() - (time.time() - self._started)
         self._failures = failures
@@ -127,7 +130,7 @@ class StatusPage:
         return {
             "destinations": destinations,
             "rate_window_seconds": None if span is None else round(span, 1),
-            "recent_failures": recent_failures(self._failed, self._failures),
+            "recent_failures": self._failed.recent(self._failures),
             "finishing": {
                 "waiting": status.waiting_to_move,
                 "last_error": status.finishing_error if status.waiting_to_move else None,
