@@ -4,6 +4,8 @@ Set ``FORWARDER_CRASH_AT=NAME`` (or ``NAME:N`` to die at the N-th time the point
 Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 
 - ``ingest-before-commit``: files read and routed, their jobs not yet committed;
+- ``retire-before-move``: a queued file replaced by one not queued (not DICOM any more, no
+  route, discarded): the row of its earlier version ended, the file not yet moved out;
 - ``mid-store``: part of a data set sent, the rest not;
 - ``after-response``: the peer answered Success, the queue not yet acked;
 - ``finish-before-move``: the final path recorded (FINISHING), the file not yet moved;

@@ -1,11 +1,13 @@
 """Finishing races found in an audit of the finishing path (forwarder/daemon/finisher.py,
 finish_relay.py, ingest_child.py), each on a real ``forwarder run`` with a real peer: what a
-file dropped again under a name being finished becomes, and what a clean stop leaves queued."""
+file dropped again under a name being finished becomes, what a clean stop leaves queued, and
+what a file rewritten while being sent becomes."""
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,53 @@ def test_a_clean_stop_during_a_restarted_process_s_sweep_leaves_no_delivered_fil
     assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})
     assert d.incoming_files() == []
     assert d.done_files() == sorted(f.rel_path for f in dropped)
+
+
+@pytest.mark.parametrize("crash", ["", "retire-before-move"])
+def test_a_file_rewritten_while_being_sent_goes_to_failed_with_no_false_error(
+    tmp_path: Path, crash: str
+) -> None:
+    """a.dcm is appended to while its first version is being sent (the peer has it and holds
+    its answer): not DICOM any more, it goes to failed/ saying so, the send under way ends,
+    and nothing looks for the file in incoming afterwards (the finisher said ERROR "neither in
+    incoming nor at done/ ... removed by someone else?"). Killed -9 after the queue let go of
+    the version it held and before the move, the restart moves the file to failed/."""
+    release = threading.Event()
+
+    def held(_: object) -> int:
+        release.wait(20)
+        return 0x0000
+
+    with ScriptedSCP(status=held) as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"FORWARDER_CRASH_AT": crash} if crash else {},
+        )
+        try:
+            d.start()
+            first = d.drop("a.dcm", seed=1)
+            wait_until(lambda: scp.started, 20, what="the first version being sent")
+            with open(d.incoming / "a.dcm", "ab") as f:
+                f.write(b"appended: not DICOM any more")
+            if crash:
+                assert d.wait_exit(timeout=30) == -signal.SIGKILL, d.log_tail()
+                assert d.incoming_files() == ["a.dcm"] and d.failed_files() == []
+                release.set()
+                del d.env["FORWARDER_CRASH_AT"]
+                d.start()
+            d.wait_failed(1, timeout=20)
+            release.set()
+            wait_until(lambda: queue_counts(d.queue)[1] == {}, 20, what="the send ended")
+            assert d.stop() == 0
+        finally:
+            release.set()
+            d.close()
+    assert " ERROR " not in d.log_text(), d.log_tail()
+    assert scp.started == [first.sop_instance_uid]
+    assert (d.incoming_files(), d.done_files(), d.failed_files()) == ([], [], ["a.dcm"])
+    reason = d.error_json("a.dcm")["reason"]
+    assert reason.startswith("not usable DICOM: "), reason
+    # After the crash the restart takes it as the new file it is.
+    assert ("rewritten while queued" in reason) == (not crash), reason
+    assert queue_counts(d.queue) == ({"FINISHED": 1}, {})

@@ -480,3 +480,63 @@ def test_known_under_a_folder_only_those_files_are_known(tmp_path: Path) -> None
         ingest = Ingest(spool, queue, Router(None, DESTS), known_under=under)
         assert ingest.is_known(str(mine.path)) and not ingest.is_known(str(other.path))
         assert ingest.known_count == 1
+
+
+def test_a_file_rewritten_while_being_sent_goes_to_failed_and_its_queued_row_ends_with_it(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A queued file appended to (no longer DICOM) while its first version is being sent to
+    pacs, archive having stored it: it goes to failed/ saying why, and in the same step the
+    queue stops holding the version it had: the send under way ends, and nothing looks for the
+    file in incoming again (the finisher said ERROR "removed by someone else?")."""
+    ready = env.put("a.dcm")
+    env.ingest([ready])
+    (stored,) = env.queue.claim("archive", 1)
+    assert env.queue.ack_done([stored.id]) == []
+    (sending,) = env.queue.claim("pacs", 1)
+    with open(ready.path, "ab") as f:
+        f.write(b"appended: not DICOM any more")
+    finisher = Finisher(env.queue, env.spool, env.ingest.forget)
+    with caplog.at_level(logging.INFO):
+        env.ingest([env.ready("a.dcm")])
+        # The sender had the first version open: pacs stored it, complete and intact.
+        finisher.finish_ids(env.queue.ack_done([sending.id]))
+        finisher.sweep_all()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert not ready.path.exists() and not list(env.spool.done.rglob("*"))
+    assert (env.spool.failed / "a.dcm").read_bytes().endswith(b"not DICOM any more")
+    reason = str(env.error("a.dcm")["reason"])
+    assert reason.startswith("not usable DICOM: "), reason
+    assert "rewritten while queued" in reason and sending.sop_instance_uid in reason, reason
+    assert "stored by archive" in reason and "being sent to pacs" in reason, reason
+    assert env.queue.active_files() == {} and not env.ingest.is_known(str(ready.path))
+    (row,) = env.queue.find([sending.sop_instance_uid])
+    assert row.path == str(env.spool.failed / "a.dcm")
+    assert {j.destination: j.status.value for j in row.jobs} == {"archive": "DONE"}
+
+
+def test_a_queued_file_rewritten_into_one_a_discard_route_takes_goes_to_done_unsent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for a file rewritten, while being sent, into an object a discard route matches:
+    to done/ with its log line, the version queued before ended with it, no ERROR."""
+    routes = [
+        Route(name="all", to=["pacs"]),
+        Route.model_validate({"name": "no-sr", "match": {"Modality": "SR"}, "action": "discard"}),
+    ]
+    for env in make_env(tmp_path, routes):
+        ready = env.put("a.dcm", modality="CT")
+        env.ingest([ready])
+        (sending,) = env.queue.claim("pacs", 1)
+        write_file(ready.path, modality="SR", seed=9)
+        finisher = Finisher(env.queue, env.spool, env.ingest.forget)
+        with caplog.at_level(logging.INFO):
+            env.ingest([env.ready("a.dcm")])
+            finisher.finish_ids(env.queue.ack_done([sending.id]))
+            finisher.sweep_all()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert not ready.path.exists() and not list(env.spool.failed.rglob("*"))
+        assert [p.name for p in env.spool.done.iterdir()] == ["a.dcm"]
+        (line,) = [r.getMessage() for r in caplog.records if "discarded by route" in r.getMessage()]
+        assert "rewritten while queued" in line and "being sent to pacs" in line, line
+        assert env.queue.active_files() == {}

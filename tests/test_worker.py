@@ -793,3 +793,42 @@ def test_a_file_changed_since_queued_is_not_charged_attempts_while_it_waits_for_
         assert rig.failed() == []
         assert rig.done() == ["f000.dcm"]
         assert len(scp.received) == 1
+
+
+def test_a_claimed_file_rewritten_and_moved_out_before_its_turn_is_neither_sent_nor_failed(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch is claimed; before a.dcm's turn it is appended to (not DICOM any more) and
+    ingest moves it to failed/, ending its queued version's row. At its turn there is nothing
+    to send and nothing failed: no "cannot read" ERROR, the job dropped, the rest of the
+    batch stored."""
+    caplog.set_level("INFO", logger="forwarder")
+    with ScriptedSCP() as scp:
+        workers = rig.add_destination("a", scp.port)
+        ingest = Ingest(rig.spool, rig.queue, Router(None, ["a"]))
+
+        def offer(name: str) -> None:
+            path = rig.spool.incoming / name
+            st = path.stat()
+            ingest([ReadyFile(path, name, st.st_size, st.st_mtime_ns)])
+
+        for n, name in enumerate(["a.dcm", "b.dcm"]):
+            write_file(rig.spool.incoming / name, seed=n)
+            offer(name)
+        jobs = rig.queue.claim("a", 64)
+        assert len(jobs) == 2
+        with (rig.spool.incoming / "a.dcm").open("ab") as f:
+            f.write(b"appended: not DICOM any more")
+        offer("a.dcm")
+        assert rig.failed() == ["a.dcm"]
+        channel = Channel(workers.peer, workers.settings, name="a#1")
+        workers._channels[0] = channel
+        try:
+            workers._process(channel, jobs, 0)
+        finally:
+            channel.release()
+        rig.finisher.finish_ids([j.file_id for j in jobs])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r.sop_instance_uid for r in scp.received] == [jobs[1].sop_instance_uid]
+    assert (rig.done(), rig.failed()) == (["b.dcm"], ["a.dcm"])
+    assert rig.queue.counts() == {"READY": 0, "CLAIMED": 0, "DONE": 1, "FAILED": 0}

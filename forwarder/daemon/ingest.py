@@ -8,6 +8,9 @@ The same walk reads the Study and Series Instance UIDs and the Accession Number,
 records for ``forwarder find``.
 Files that are not usable DICOM or match no route go to failed/ with ``NAME.error.json``;
 files a discard route matches go to done/ with a log line naming the route; nothing is deleted.
+Such a file may have replaced one still queued (rewritten or appended to while being sent): the
+queue row of that earlier version ends first, in one transaction (``Queue.retire_file``), then
+the file is moved, and its report says how far the earlier version got.
 Objects the listener received (:mod:`forwarder.daemon.listen_sink`) come in through
 :meth:`Ingest.enqueue_received`: already checked by the SCP engine, whose one walk also read the
 values routing needs, they are routed (``calling_ae`` too) and queued in one commit.
@@ -26,10 +29,10 @@ from typing import NamedTuple, Protocol
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.filesync import close_quietly, open_to_sync, start_writeback, sync_open
 from forwarder.daemon.router import Router
-from forwarder.daemon.spool import Spool, SpoolError
+from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, UnreadableFileError
-from forwarder.queue import FileEntry, Queue
+from forwarder.queue import FileEntry, Finish, JobStatus, Queue, Retired
 
 logger = logging.getLogger(__name__)
 
@@ -160,21 +163,21 @@ class Ingest:
             queued = self._known.get(entry.path)
         plan = router.plan(values, entry.rel_path, entry.calling_ae or None)
         ready = _Ready(Path(entry.path), entry.rel_path, entry.size, entry.mtime_ns)
+        # Not sent anywhere: [], or None when an earlier version queued at that path is being
+        # moved out, and the object was left in place.
         if plan.discarded_by:
-            self._discard(ready, plan.discarded_by, entry.sop_instance_uid)
-            return []
+            return [] if self._discard(ready, plan.discarded_by, entry.sop_instance_uid) else None
         destinations = plan.ranked()  # name -> priority rank
         for name in destinations:
             conflict = router.conflict(plan, name) if router.may_edit(name) else None
             if conflict is not None:
                 extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
-                self._reject(ready, f"conflicting changes: {conflict}", "conflict", extra=extra)
-                return []
+                reason = f"conflicting changes: {conflict}"
+                return [] if self._reject(ready, reason, "conflict", extra=extra) else None
         if not destinations:
             extra = {"sop_instance_uid": entry.sop_instance_uid, "calling_ae": entry.calling_ae}
             reason = _no_route(values, router, self.log_phi, entry.calling_ae)
-            self._reject(ready, reason, "no_route", extra=extra)
-            return []
+            return [] if self._reject(ready, reason, "no_route", extra=extra) else None
         crash_point("listen-before-commit")
         if queued is None and self.queue.enqueue_many([(entry, destinations)])[0] is not None:
             with self._lock:
@@ -433,33 +436,77 @@ class Ingest:
         )
         return entry, destinations
 
-    def _discard(self, ready: ReadyLike, routes: Sequence[str], sop_instance_uid: str) -> None:
+    def _discard(self, ready: ReadyLike, routes: Sequence[str], sop_instance_uid: str) -> bool:
         """A discard route matched: straight to done/, nothing sent, one log line naming the
-        route(s)."""
+        route(s). False when it was left in place (see :meth:`_unqueue`)."""
+        unqueued = self._unqueue(ready, Finish.DONE)
+        if unqueued is None:
+            return False
+        note = "" if unqueued.retired is None else f"; {unqueued.note}"
         try:
-            target = self.spool.discard(Path(ready.path))
+            target = self.spool.discard(Path(ready.path), unqueued.target)
         except SpoolError as exc:
             logger.error("%s: discarded by route %s; and %s", ready.path, ", ".join(routes), exc)
-            return
+            return True
         if self.metrics is not None:
             self.metrics.ingested(False, "discarded")
         logger.info(
-            "%s: discarded by route %s (%s): moved to %s, nothing sent",
+            "%s: discarded by route %s (%s): moved to %s, nothing sent%s",
             ready.rel_path,
             ", ".join(routes),
             sop_instance_uid,
             target,
+            note,
             extra={"FILE": str(ready.path), "OUTCOME": "discarded", "ROUTE": ",".join(routes)},
         )
+        return True
+
+    def _unqueue(self, ready: ReadyLike, outcome: Finish) -> _Unqueued | None:
+        """Before a file goes to done/ or failed/ unqueued: when an earlier version at its path
+        is queued (the file was rewritten or appended to meanwhile, while being sent maybe),
+        that row ends first, recorded at the path the file is moved to next, so that nothing
+        looks for the file in incoming again (the finisher said "removed by someone else?").
+        None when that row is being moved out right now: the file stays where it is, and the
+        watcher offers it again once the finisher is done with the row (and forgets it)."""
+        path = str(ready.path)
+        with self._lock:
+            if path not in self._known:
+                return _Unqueued(None, None, "")
+        failed = outcome is Finish.FAILED
+        target = self.spool.target(self.spool.rel_path(Path(path)), failed=failed)
+        retired = self.queue.retire_file(path, str(target), outcome)
+        if retired is None and self.queue.moving_out(path):
+            logger.info(
+                "%s: changed while its earlier version is being moved out; taken after that",
+                ready.rel_path,
+            )
+            return None
+        with self._lock:  # retired, or finished already (its forget is on its way)
+            self._known.pop(path, None)
+        if retired is None:
+            return _Unqueued(None, None, "")
+        crash_point("retire-before-move")
+        listen = self.spool.incoming / LISTEN_FOLDER
+        how = "received again" if Path(path).is_relative_to(listen) else "rewritten"
+        return _Unqueued(target, retired, how)
 
     def _reject(
         self, ready: ReadyLike, reason: str, kind: str, extra: dict[str, str] | None = None
-    ) -> None:
+    ) -> bool:
+        """Not queued: to failed/ with ``NAME.error.json`` saying ``reason``. False when it was
+        left in place (see :meth:`_unqueue`)."""
+        unqueued = self._unqueue(ready, Finish.FAILED)
+        if unqueued is None:
+            return False
+        report: dict[str, object] = dict(extra or {})
+        if unqueued.retired is not None:
+            reason = f"{reason}; {unqueued.note}"
+            report["queued_before"] = _queued_report(unqueued.retired)
         try:
-            target = self.spool.reject(Path(ready.path), reason, extra=extra)
+            target = self.spool.reject(Path(ready.path), reason, report, unqueued.target)
         except SpoolError as exc:
             logger.error("%s: %s; and %s", ready.path, reason, exc)
-            return
+            return True
         if self.metrics is not None:
             self.metrics.ingested(False, kind)
         logger.warning(
@@ -469,6 +516,7 @@ class Ingest:
             reason,
             extra={"FILE": str(ready.path), "OUTCOME": "rejected"},
         )
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,6 +527,51 @@ class _Checked:
     entry: FileEntry
     destinations: dict[str, int]
     fd: int
+
+
+class _Unqueued(NamedTuple):
+    """A file about to go to done/ or failed/ unqueued, as :meth:`Ingest._unqueue` left it:
+    when an earlier version was queued at its path, the path the file goes to (recorded in
+    that row), what the row held and how the file came to replace it; else Nones."""
+
+    target: Path | None
+    retired: Retired | None
+    how: str  # "rewritten" (the watch folder) or "received again" (the listener)
+
+    @property
+    def note(self) -> str:
+        """How far the version queued before got, for the log line and ``NAME.error.json``."""
+        if self.retired is None:
+            return ""
+        parts = []
+        for r in self.retired.results:
+            if r.status is JobStatus.DONE:
+                parts.append(f"stored by {r.destination}")
+            elif r.status is JobStatus.CLAIMED:
+                parts.append(f"being sent to {r.destination}")
+            else:
+                error = f" ({r.last_error})" if r.last_error else ""
+                parts.append(f"not stored by {r.destination}{error}")
+        return (
+            f"{self.how} while queued: the version queued before (SOP Instance UID "
+            f"{self.retired.sop_instance_uid}) was {', '.join(parts)}; it is not sent again"
+        )
+
+
+_RESULT_WORDS = {
+    JobStatus.DONE: "stored",
+    JobStatus.CLAIMED: "being sent",
+    JobStatus.READY: "not stored",
+    JobStatus.FAILED: "not stored",
+}
+
+
+def _queued_report(retired: Retired) -> dict[str, object]:
+    """The same for a script reading ``NAME.error.json``."""
+    return {
+        "sop_instance_uid": retired.sop_instance_uid,
+        "destinations": {r.destination: _RESULT_WORDS[r.status] for r in retired.results},
+    }
 
 
 class _Ready(NamedTuple):

@@ -238,18 +238,25 @@ class Spool:
             raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
         return path
 
-    def reject(self, source: Path, reason: str, extra: dict[str, Any] | None = None) -> Path:
-        """Move a file that was never queued (not DICOM, no route) to failed/ with its reason."""
+    def reject(
+        self,
+        source: Path,
+        reason: str,
+        extra: dict[str, Any] | None = None,
+        target: Path | None = None,
+    ) -> Path:
+        """Move a file that is not queued (not DICOM, no route) to failed/ with its reason
+        (to ``target``: a path :meth:`target` chose, which the queue recorded first)."""
         rel = self.rel_path(source)
-        target = self.target(rel, failed=True)
+        target = self.target(rel, failed=True) if target is None else target
         self.write_error(target, rel, reason, extra=extra)
         self.move(source, target)
         return target
 
-    def discard(self, source: Path) -> Path:
-        """Move a file that a discard route matched straight to done/ (never queued, nothing
-        sent). The caller logs which route."""
-        target = self.target(self.rel_path(source), failed=False)
+    def discard(self, source: Path, target: Path | None = None) -> Path:
+        """Move a file that a discard route matched straight to done/ (not queued, nothing
+        sent; to ``target`` as in :meth:`reject`). The caller logs which route."""
+        target = self.target(self.rel_path(source), failed=False) if target is None else target
         self.move(source, target)
         return target
 

@@ -96,6 +96,14 @@ class BatchSending:
         self._apply_flow(decision)
         return decision.claim and priority <= decision.max_rank
 
+    def _dropped(self, job: Job) -> bool:
+        """Whether the queue dropped ``job`` while it was claimed (a file gone since is then no
+        failure); on a queue error, not known: the sender reports the file as it finds it."""
+        try:
+            return self.queue.is_dropped(job.id)
+        except ForwarderError:
+            return False
+
     def _hints(self) -> list[tuple[str, str]]:
         now = time.monotonic()
         if now - self._hint_at > _HINT_TTL:
@@ -117,6 +125,18 @@ class BatchSending:
                     return  # the rest go back to READY, uncharged
                 sent.add(job.id)
                 found = _as_queued(job)
+                if found is Found.GONE and self._dropped(job):
+                    # Replaced in incoming by a file that is not queued (not DICOM any more),
+                    # which ingest moved out after ending this job: nothing to send, nothing
+                    # failed (ingest's line says where the file went).
+                    logger.info(
+                        "%s -> %s: not sent: replaced in incoming meanwhile by a file that is "
+                        "not queued",
+                        job.rel_path,
+                        self.name,
+                    )
+                    acks.append(Ack("release", (job.id,)))
+                    continue
                 if found is Found.CHANGED:
                     # Replaced in incoming and not yet re-registered by ingest: sending now
                     # would deliver content the queue does not know about (and the other

@@ -68,6 +68,7 @@ from forwarder.queue.records import (
     PendingSyntax,
     RecoveryReport,
     Replaced,
+    Retired,
 )
 from forwarder.queue.replacing import Replacing
 from forwarder.queue.requeue import Requeue
@@ -100,6 +101,7 @@ __all__ = [
     "RecoveryReport",
     "Replaced",
     "Resolution",
+    "Retired",
 ]
 
 

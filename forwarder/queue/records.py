@@ -133,6 +133,17 @@ class Replaced:
 
 
 @dataclass(frozen=True, slots=True)
+class Retired:
+    """What :meth:`Queue.retire_file` ended: the version that was queued at a path, which went
+    to done/ or failed/ unqueued, and where each destination stood with it then (``CLAIMED``:
+    its send was under way, and ends on the version the sender had open)."""
+
+    file_id: int
+    sop_instance_uid: str
+    results: tuple[JobResult, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryReport:
     requeued: int  # CLAIMED jobs returned to READY
     finishing: tuple[FileToFinish, ...]

@@ -4,7 +4,9 @@ Ingest notices a replaced file by comparing size and mtime with :meth:`Replacing
 then hands the new version's header values and routing to :meth:`Replacing.replace_file`: each
 destination routed now receives the new version (again), destinations no longer routed keep
 what they already stored. A job claimed meanwhile is marked stale and its ack (in
-:mod:`~forwarder.queue.jobs`) sends it again or drops it.
+:mod:`~forwarder.queue.jobs`) sends it again or drops it. A file replaced by one that is not
+queued at all (not DICOM any more, no route, a discard route) ends its row with
+:meth:`Replacing.retire_file` before ingest moves it to failed/ or done/.
 
 Reading headers and routing are not here: they are the daemon's ingest and router.
 """
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import json
 
-from forwarder.queue.records import FileEntry, Replaced
+from forwarder.queue.records import FileEntry, Finish, JobResult, JobStatus, Replaced, Retired
+from forwarder.queue.sql import RESULTS
 from forwarder.queue.store import (
     Routed,
     Store,
     clock,
     file_values,
+    ids_json,
     ranked_json,
     routed_to,
 )
@@ -130,3 +134,77 @@ class Replacing(Store):
             destinations=tuple(routed_now),
             dropped=tuple(sorted(r[0] for r in dropped)),
         )
+
+    def retire_file(
+        self, path: str, final_path: str, outcome: Finish, *, now: float | None = None
+    ) -> Retired | None:
+        """The file at ``path`` was replaced in incoming while QUEUED by one that is not queued
+        (not DICOM any more, no route: ``outcome`` failed; a discard route: done), which the
+        caller moves to ``final_path`` next: in one transaction the row ends there (FINISHED),
+        so that nothing looks for the file in incoming again. Nothing more of the version
+        queued is sent: it is gone. DONE jobs stay (their destination stored it; one awaiting
+        a commitment is not sent again), READY and FAILED jobs are deleted, and a CLAIMED one
+        is deleted when its claim ends (the sender had that version open: what it stores is
+        that version, whole, or the send fails). Returns the version queued and every
+        destination's state then, or None when no QUEUED row has that path (finished, or
+        being moved out: :meth:`moving_out`).
+
+        A crash after this commit, before the move, leaves the file in incoming unqueued: the
+        rescan at start takes it as a new file (to failed/ or done/ again)."""
+        params = {
+            "path": path,
+            "final_path": final_path,
+            "outcome": outcome.value,
+            "now": clock(now),
+        }
+        with self._write(f"retiring the version of {path} queued before") as conn:
+            # By the unfinished-path index, as in replace_file.
+            row = conn.execute(
+                """UPDATE files SET state = 'FINISHED', outcome = :outcome,
+                          final_path = :final_path, finished_at = :now
+                   WHERE path = :path AND state != 'FINISHED' AND +state = 'QUEUED'
+                   RETURNING id, sop_instance_uid""",
+                params,
+            ).fetchone()
+            if row is None:
+                return None
+            ids = {"id": row[0], "ids": ids_json([row[0]])}
+            results = tuple(
+                JobResult(r[1], JobStatus(r[2]), *r[3:])
+                for r in conn.execute(RESULTS, ids).fetchall()
+            )
+            conn.execute(
+                "DELETE FROM jobs WHERE file_id = :id AND status IN ('READY', 'FAILED')", ids
+            )
+            conn.execute(
+                "UPDATE jobs SET stale = 2 WHERE file_id = :id AND status = 'CLAIMED'", ids
+            )
+            conn.execute(
+                """UPDATE jobs SET commitment = 0, commit_txn = NULL
+                   WHERE file_id = :id AND status = 'DONE' AND commitment IN (1, 2)""",
+                ids,
+            )
+        return Retired(file_id=int(row[0]), sop_instance_uid=str(row[1]), results=results)
+
+    def moving_out(self, path: str) -> bool:
+        """Whether the finisher is moving the file at ``path`` out (its row FINISHING): what is
+        there now is left alone until it is done (its check leaves a file replaced meanwhile
+        where it is, and the watcher offers it again then)."""
+        with self._read(f"reading the state of {path}") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED' "
+                "AND +state = 'FINISHING'",
+                {"path": path},
+            ).fetchone()
+        return row is not None
+
+    def is_dropped(self, job_id: int) -> bool:
+        """Whether a CLAIMED job was dropped while claimed (its file replaced by a version not
+        routed to its destination, or by a file not queued at all): the end of its claim
+        deletes it. A worker finding its file gone asks, not to report a failure."""
+        with self._read(f"reading whether job {job_id} is still wanted") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE id = :id AND status = 'CLAIMED' AND stale = 2",
+                {"id": job_id},
+            ).fetchone()
+        return row is not None
