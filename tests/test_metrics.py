@@ -423,3 +423,47 @@ def test_destination_up_after_a_restart_is_the_recorded_state(
         assert read_status(queue, ["pacs"]).destinations["pacs"]["state"] == "up"
     finally:
         queue.close()
+
+
+def test_a_loopback_listener_answers_only_requests_naming_a_loopback_host(
+    metrics: Metrics, tmp_path: Path
+) -> None:
+    """DNS rebinding: a web page whose name is re-pointed at 127.0.0.1 makes the browser of
+    someone on the gateway send its requests here, naming the page's host. They are refused;
+    Prometheus, curl and an SSH tunnel (127.0.0.1, localhost) are served, the page as well."""
+    import http.client
+
+    from forwarder.daemon.status_page import StatusPage
+    from forwarder.queue import Queue
+
+    queue = Queue(tmp_path / "queue.sqlite")
+    metrics.set_status_app(StatusPage(queue, lambda: ["pacs"], tmp_path / "failed"))
+    metrics.start_server("127.0.0.1:0")
+    assert metrics.address is not None
+    port = metrics.address[1]
+
+    def get(path: str, host: str | None, method: str = "GET") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.putrequest(method, path, skip_host=True)
+            if host is not None:
+                conn.putheader("Host", host)
+            conn.endheaders()
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    try:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"127.0.0.2:{port}"):
+            for path in ("/metrics", "/", "/api/status"):
+                assert get(path, host)[0] == 200, (host, path)
+        assert get("/metrics", "[::1]:1")[0] == 200
+        assert get("/metrics", None)[0] == 200  # HTTP/1.0: no Host
+        for host in (f"attacker.example:{port}", "attacker.example", "10.0.0.1", "[fe80::1]"):
+            for path in ("/metrics", "/", "/api/status", "/api/find?key=1.2.3"):
+                status, body = get(path, host)
+                assert status == 403 and b"loopback" in body, (host, path, status)
+        assert get("/metrics", "attacker.example", "HEAD") == (403, b"")
+    finally:
+        queue.close()

@@ -9,6 +9,8 @@ the number of files in ``failed/`` are read at scrape time by a collector, so th
 stale and cost nothing between scrapes (``failed/`` through
 :class:`~forwarder.daemon.failed_folder.FailedFolder`, which re-lists only the folders that
 changed). ``/metrics`` answers HEAD as GET without the body, as the status page's paths do.
+A listener on a loopback address answers only requests naming a loopback host (DNS rebinding:
+:func:`_loopback_host`).
 
 Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``)::
 
@@ -44,6 +46,7 @@ Exposed (see ``packaging/alerts.yml`` and ``packaging/grafana-dashboard.json``):
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -508,10 +511,14 @@ class Metrics:
         every path but them is)."""
         self._status_app = app
 
-    def _app(self) -> WSGIApp:
+    def _app(self, loopback: bool) -> WSGIApp:
+        """The listener's application; ``loopback``: it listens on a loopback address only,
+        and answers only requests that name a loopback host (see :func:`_loopback_host`)."""
         metrics_app: WSGIApp = make_wsgi_app(self.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if loopback and not _loopback_host(environ.get("HTTP_HOST")):
+                return _wrong_host(environ, start_response)
             status_app = self._status_app
             if status_app is not None and environ.get("PATH_INFO", "/") in STATUS_PATHS:
                 return status_app(environ, start_response)
@@ -539,7 +546,8 @@ class Metrics:
             try:
                 family = _family_for(host, port)
                 server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-                server: _Server = make_server(host, port, self._app(), server_class, _QuietHandler)
+                app = self._app(_is_loopback(host))
+                server: _Server = make_server(host, port, app, server_class, _QuietHandler)
             except OSError as exc:
                 raise ForwarderError(
                     f"cannot serve metrics on {listen}: {exc.strerror or exc}; "
@@ -592,6 +600,45 @@ def _with_head(
     headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
     allow_head(status, [*headers, ("Content-Length", str(len(body)))])
     return []
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address to listen on) is a loopback one: 127.0.0.0/8, ::1."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _loopback_host(header: str | None) -> bool:
+    """Whether a request's Host header names a loopback host (``127.0.0.1:9750``,
+    ``localhost``, ``[::1]:9750``), or there is none (HTTP/1.0).
+
+    A listener on loopback is reachable from this machine only, but a browser on it can be
+    led there by a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding):
+    its requests name the attacker's host, and are refused. Prometheus, curl and an SSH
+    tunnel name the loopback address or ``localhost``."""
+    if not header:
+        return True
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host == "localhost" or _is_loopback(host)
+
+
+def _wrong_host(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    body = (
+        f"forwarder: this listener is on a loopback address; Host "
+        f"{environ.get('HTTP_HOST', '')!r} is not one of its names (use 127.0.0.1 or "
+        "localhost)\n"
+    ).encode()
+    start_response(
+        "403 Forbidden",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
