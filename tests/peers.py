@@ -18,8 +18,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ DCMSEND = "/usr/bin/dcmsend"
 
 _PORTS_FROM, _PORTS_PER_WORKER = 12_000, 5_000  # below Linux's ephemeral range (32768-)
 _next_port: list[int] = []
+_port_lock = threading.Lock()  # peers started together (all_entered) ask from several threads
 
 
 def free_port() -> int:
@@ -40,20 +42,21 @@ def free_port() -> int:
     pytest-xdist worker hands out ports from a range of its own below the kernel's ephemeral
     range: the other worker never hands out the same one, and no connection's source port takes
     it between this choice and the peer's bind (as a port the kernel chose for bind(0) could).
-    Sequential from a random start, skipping ports in use."""
+    Sequential from a random start, skipping ports in use; two threads never get the same one."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     first = _PORTS_FROM + (int(worker) % 4 if worker.isdigit() else 0) * _PORTS_PER_WORKER
-    if not _next_port:
-        _next_port.append(random.randrange(_PORTS_PER_WORKER))
-    for _ in range(_PORTS_PER_WORKER):
-        port = first + _next_port[0] % _PORTS_PER_WORKER
-        _next_port[0] += 1
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # in use (or in TIME_WAIT): the next one
-            return port
+    with _port_lock:
+        if not _next_port:
+            _next_port.append(random.randrange(_PORTS_PER_WORKER))
+        for _ in range(_PORTS_PER_WORKER):
+            port = first + _next_port[0] % _PORTS_PER_WORKER
+            _next_port[0] += 1
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # in use (or in TIME_WAIT): the next one
+                return port
     raise RuntimeError(f"no free port in {first}-{first + _PORTS_PER_WORKER - 1}")
 
 
@@ -70,6 +73,34 @@ def wait_for_port(
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextmanager
+def all_entered(
+    managers: Mapping[str, AbstractContextManager[Any]],
+) -> Iterator[dict[str, Any]]:
+    """Enter every context manager (a peer: each start waits for its port) in a thread of its
+    own, and exit them likewise (Orthanc takes seconds to stop); yields name -> what each
+    entered to. If one fails to start, those started are stopped before its error is raised;
+    every one started is stopped however the block ends, and the first error of a stop is
+    raised after all have stopped."""
+    if not managers:
+        yield {}
+        return
+    with ThreadPoolExecutor(len(managers), thread_name_prefix="peer-start") as pool:
+        starts = {name: pool.submit(cm.__enter__) for name, cm in managers.items()}
+    entered = {name: f.result() for name, f in starts.items() if f.exception() is None}
+    try:
+        for f in starts.values():
+            if (exc := f.exception()) is not None:
+                raise exc
+        yield entered
+    finally:
+        with ThreadPoolExecutor(len(entered) or 1, thread_name_prefix="peer-stop") as pool:
+            stops = [pool.submit(managers[name].__exit__, None, None, None) for name in entered]
+        for f in stops:
+            if (exc := f.exception()) is not None:
+                raise exc
 
 
 @dataclass

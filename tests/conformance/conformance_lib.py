@@ -671,6 +671,14 @@ def compare(
     return problems, notes
 
 
+@cache
+def dcmtk_problems(key: str, arrival: Path) -> tuple[str, ...]:
+    """The problems of ``compare(key, arrival, dcmtk=True)``: whether DCMTK delivered ``key``
+    intact. The same reference arrival is judged in the tests of several senders (and of
+    forwarder send and the daemon), so it is compared once and the answer kept."""
+    return tuple(compare(key, arrival, dcmtk=True)[0])
+
+
 def tag_text(t: int) -> str:
     return str(Tag(t))
 
