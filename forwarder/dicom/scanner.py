@@ -436,7 +436,11 @@ def _value(raw: bytes, vr: bytes, fmt: str, charset: bytes = b"") -> str:
     text = None
     if charset.strip(b"\x00 ") and vr in _CHARSET_VRS and (b"\x1b" in raw or not raw.isascii()):
         text = _decode(raw, vr, charset)
-    text = (_undeclared(raw) if text is None else text).strip()
+    if text is None:
+        # The other VRs (UI, CS, DA...) hold the default repertoire only: bytes outside it
+        # are no character (U+FFFD), and a query naming such a UID cannot be encoded.
+        text = _undeclared(raw) if vr in _CHARSET_VRS else raw.decode("utf-8", "replace")
+    text = text.strip()
     return person_name(text) if vr == b"PN" else text
 
 
