@@ -24,7 +24,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.errors import QueueError
-from forwarder.queue import Queue
+from forwarder.queue import FileEntry, Queue
 
 DESTS = ["pacs", "archive"]
 
@@ -540,3 +540,73 @@ def test_a_queued_file_rewritten_into_one_a_discard_route_takes_goes_to_done_uns
         (line,) = [r.getMessage() for r in caplog.records if "discarded by route" in r.getMessage()]
         assert "rewritten while queued" in line and "being sent to pacs" in line, line
         assert env.queue.active_files() == {}
+
+
+def test_an_object_received_again_into_a_discard_route_ends_the_row_the_receiving_process_queued(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Most received objects are queued by the listener's receiving process on its own
+    connection (DirectQueue), which the daemon's Ingest never hears of (received_elsewhere
+    counts them). Sent again, while the first is being sent, as an object a discard route
+    takes: the daemon's Ingest moves it to done/, and the row the receiving process queued
+    must end with it, as for one the daemon queued itself (no ERROR from the finisher)."""
+    routes = [
+        Route(name="all", to=["pacs"]),
+        Route.model_validate({"name": "no-sr", "match": {"Modality": "SR"}, "action": "discard"}),
+    ]
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    listen = spool.incoming / ".listen"
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        ingest = Ingest(spool, queue, Router(routes, DESTS), known_under=str(listen))
+        path = listen / "CT01" / "1.2.3" / "1.2.3.4.dcm"
+        ds = write_file(path, modality="CT")
+
+        def entry() -> FileEntry:
+            st = path.stat()
+            return FileEntry(
+                str(path),
+                spool.rel_path(path),
+                st.st_size,
+                st.st_mtime_ns,
+                str(ds.SOPClassUID),
+                str(ds.SOPInstanceUID),
+                "1.2.840.10008.1.2.1",
+                calling_ae="CT01",
+            )
+
+        # The receiving process's own connection queues the first copy.
+        with Queue(tmp_path / "queue.sqlite", create=False) as child:
+            assert child.enqueue_many([(entry(), {"pacs": 1})])[0] is not None
+        (sending,) = queue.claim("pacs", 1)
+        ds = write_file(path, modality="SR", seed=9)  # received again: now discarded
+        finisher = Finisher(queue, spool, ingest.forget)
+        with caplog.at_level(logging.INFO):
+            assert ingest.enqueue_received(entry(), {"Modality": "SR"}) == []
+            finisher.finish_ids(queue.ack_done([sending.id]))
+            finisher.sweep_all()
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+        assert queue.active_files() == {}
+
+
+def test_a_file_rewritten_between_the_finisher_s_listing_and_its_begin_is_no_error(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The finisher lists a.dcm and b.dcm as delivered; before it records where they go,
+    a.dcm is appended to (not DICOM any more) and ingest ends its row (retire_file). The
+    finisher's batch must not fail as a whole with an ERROR: b.dcm goes to done/ now."""
+    a, b = env.put("a.dcm", seed=1), env.put("b.dcm", seed=2)
+    env.ingest([a, b])
+    for dest in DESTS:
+        jobs = env.queue.claim(dest, 10)
+        terminal = env.queue.ack_done([j.id for j in jobs])
+    items = env.queue.to_finish(terminal)
+    assert len(items) == 2
+    with open(a.path, "ab") as f:
+        f.write(b"appended: not DICOM any more")
+    finisher = Finisher(env.queue, env.spool, env.ingest.forget)
+    with caplog.at_level(logging.INFO):
+        env.ingest([env.ready("a.dcm")])
+        finisher.finish(items)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [p.name for p in env.spool.done.iterdir()] == ["b.dcm"]
+    assert (env.spool.failed / "a.dcm").exists()

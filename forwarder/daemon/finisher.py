@@ -11,6 +11,7 @@ FINISHING, and :meth:`Finisher.retry_pending` tries again later: nothing is lost
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import logging
 import os
@@ -144,7 +145,7 @@ class Finisher:
         with self._lock:
             self._finish(items)
 
-    def _finish(self, items: Sequence[FileToFinish]) -> None:
+    def _finish(self, items: Sequence[FileToFinish], *, listed_again: bool = False) -> None:
         if not items:
             return
         targets: dict[int, str] = {}
@@ -163,6 +164,16 @@ class Finisher:
         try:
             self.queue.begin_finish_many(begin)
         except QueueError as exc:
+            again = None
+            if not listed_again:
+                # A file may have left the state it was listed in meanwhile (ingest ended the
+                # row of a file rewritten into one not queued, or queued a replaced one
+                # afresh): the batch, listed again, goes on without it.
+                with contextlib.suppress(QueueError):
+                    again = self.queue.to_finish([i.file_id for i in items])
+            if again is not None:
+                self._finish(again, listed_again=True)
+                return
             self.last_error = str(exc)
             logger.error("could not record where %d files go: %s", len(begin), exc)
             return

@@ -470,8 +470,12 @@ class Ingest:
         watcher offers it again once the finisher is done with the row (and forgets it)."""
         path = str(ready.path)
         with self._lock:
-            if path not in self._known:
-                return _Unqueued(None, None, "")
+            known = path in self._known
+        # Not known here may still be queued: by the listener's receiving process on its own
+        # connection (most received objects), or by `forwarder retry` before its move (a
+        # name that is not UTF-8 never is).
+        if not known and (not _utf8(path) or not self.queue.unfinished(path)):
+            return _Unqueued(None, None, "")
         failed = outcome is Finish.FAILED
         target = self.spool.target(self.spool.rel_path(Path(path)), failed=failed)
         retired = self.queue.retire_file(path, str(target), outcome)

@@ -186,6 +186,16 @@ class Replacing(Store):
             )
         return Retired(file_id=int(row[0]), sop_instance_uid=str(row[1]), results=results)
 
+    def unfinished(self, path: str) -> bool:
+        """Whether a row that is not FINISHED has ``path`` (QUEUED or FINISHING): a file
+        queued by another connection (the listener's receiving process, ``forwarder retry``)
+        that the caller's own bookkeeping does not know of."""
+        with self._read(f"reading whether {path} is queued") as conn:
+            row = conn.execute(
+                "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED'", {"path": path}
+            ).fetchone()
+        return row is not None
+
     def moving_out(self, path: str) -> bool:
         """Whether the finisher is moving the file at ``path`` out (its row FINISHING): what is
         there now is left alone until it is done (its check leaves a file replaced meanwhile
