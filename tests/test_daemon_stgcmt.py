@@ -8,6 +8,7 @@ PACS did not."""
 from __future__ import annotations
 
 import io
+import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -292,16 +293,21 @@ def test_deidentified_instances_are_committed_by_the_uids_they_were_sent_with(
 def test_an_instance_whose_sent_uids_cannot_be_told_after_a_restart_does_not_await_forever(
     tmp_path: Path,
 ) -> None:
-    """Stored to a de-identifying destination, then killed (SIGKILL) before the N-ACTION; the
-    config the daemon restarts with sends the file there with conflicting changes, so the UIDs
-    it was sent with cannot be worked out. It must not await commitment for ever: after a few
-    tries it counts as not committed, is sent again, and fails with the reason (failed/)."""
+    """Stored to a de-identifying destination by a version that did not record the UIDs it
+    was sent with (the queue row upgraded from schema 9), then killed (SIGKILL) before the
+    N-ACTION; the config the daemon restarts with sends the file there with conflicting
+    changes, so the UIDs it was sent with cannot be worked out. It must not await commitment
+    for ever: after a few tries it counts as not committed, is sent again, and fails with the
+    reason (failed/)."""
     scp = CommitmentSCP(mode="same")
     deid = {"name": "deid", "match": {"Modality": "CT"}, "to": ["pacs"], "deidentify": "basic"}
     with scp, Daemon(tmp_path, destinations=[_dest(scp, settle="1h")], routes=[deid]) as d:
         (f,) = d.drop_files(1, study_uid=STUDY)
         d.wait_status(lambda s: s["pacs"]["awaiting_commitment"] == 1, what="stored, awaiting")
         assert d.kill() == -9
+        with sqlite3.connect(d.queue) as db:  # as a job acked before schema 10 left it
+            assert db.execute("UPDATE jobs SET sent_uids = NULL").rowcount == 1
+        db.close()
         other = {
             "name": "named",
             "match": {"StudyInstanceUID": STUDY},
@@ -316,3 +322,28 @@ def test_an_instance_whose_sent_uids_cannot_be_told_after_a_restart_does_not_awa
         assert d.status_json()["destinations"]["pacs"]["awaiting_commitment"] == 0
         assert d.stop() == 0
     assert scp.actions == []  # never asked by UIDs it was not sent with
+
+
+def test_a_restart_without_deidentify_commits_by_the_uids_it_was_sent_with(
+    tmp_path: Path,
+) -> None:
+    """Stored de-identified, then killed before the N-ACTION; the config the daemon restarts
+    with no longer de-identifies. The PACS holds the object by the UIDs it was sent with,
+    recorded at the ack: the N-ACTION names those (not the file's own, which the routes in
+    force would send now), the PACS commits it, and it is not sent again."""
+    scp = CommitmentSCP(mode="same")
+    deid = {"name": "deid", "to": ["pacs"], "deidentify": "basic"}
+    with scp, Daemon(tmp_path, destinations=[_dest(scp, settle="1h")], routes=[deid]) as d:
+        (f,) = d.drop_files(1, study_uid=STUDY)
+        d.wait_status(lambda s: s["pacs"]["awaiting_commitment"] == 1, what="stored, awaiting")
+        assert d.kill() == -9
+        d.write_config(destinations=[_dest(scp)], routes=[{"name": "deid", "to": ["pacs"]}])
+        d.start()
+        wait_until(lambda: d.done_files() or d.failed_files(), 30, what="committed or not")
+        assert (d.done_files(), d.failed_files()) == ([f.rel_path], [])
+        assert d.stop() == 0
+    assert len(scp.stores) == 1, f"sent again: {scp.stores} (the file's own: {f.sop_instance_uid})"
+    (sent,) = scp.held
+    assert sent != f.sop_instance_uid
+    asked = [str(r.ReferencedSOPInstanceUID) for a in scp.actions for r in a.ReferencedSOPSequence]
+    assert asked == [sent]

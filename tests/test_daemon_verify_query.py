@@ -216,3 +216,29 @@ def test_a_paused_destination_is_neither_queried_nor_asked_to_commit(tmp_path: P
             d.wait_done(1, timeout=30)
             assert scp.finds or scp.actions
             assert d.stop() == 0
+
+
+def test_a_reload_dropping_deidentify_after_the_send_still_asks_by_the_uids_sent(
+    tmp_path: Path,
+) -> None:
+    # Sent de-identified (new Study, Series and SOP Instance UIDs), then a reload takes the
+    # route's deidentify away before the query: the PACS holds the object by the UIDs it was
+    # sent with, and must be asked by those (recorded at the ack), not by the file's own that
+    # the routes in force now would send it with: else it is "not held", sent again (a second,
+    # identifiable copy) or failed, although it was delivered.
+    with CommitmentSCP() as scp:
+        proof = {"after": "3s", "max_resends": 0}
+        dest = destination("pacs", scp.port, ae_title=scp.ae_title, verify_by_query=proof)
+        deid = {"name": "research", "to": ["pacs"], "deidentify": "basic"}
+        with Daemon(tmp_path / "fwd", destinations=[dest], routes=[deid]) as d:
+            f = d.drop("one.dcm", study_uid=STUDY)
+            wait_until(lambda: len(scp.held) == 1, 20, what="stored")
+            d.write_config(routes=[{"name": "research", "to": ["pacs"]}])
+            d.reload()
+            assert scp.finds == []  # the reload came before the query
+            wait_until(lambda: d.done_files() or d.failed_files(), 30, what="proven or not")
+            assert (d.done_files(), d.failed_files()) == (["one.dcm"], [])
+            assert d.stop() == 0
+    (sent,) = scp.held
+    assert sent != f.sop_instance_uid
+    assert scp.finds == [sent] and scp.stores == [sent]

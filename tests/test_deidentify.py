@@ -27,7 +27,8 @@ from forwarder.config import Route
 from forwarder.config.routing import DEID_OPTIONS
 from forwarder.daemon.explain import PreviewUids
 from forwarder.dicom.deidentify import Deidentifier, basic_profile
-from forwarder.dicom.edit import edit_file
+from forwarder.dicom.edit import edit_dataset_bytes, edit_file
+from forwarder.dicom.part10 import read_meta
 from forwarder.queue import SCHEMA_VERSION, Queue
 
 #: Rows of PS3.15 Table E.1-1 (Basic Profile column), as the standard gives them.
@@ -127,6 +128,22 @@ def test_a_deidentified_object_keeps_nothing_the_profile_removes(name: str) -> N
     assert_deidentified(original, received)
     assert obj.sop_instance_uid == str(received.SOPInstanceUID)
     assert str(received.file_meta.MediaStorageSOPInstanceUID) == obj.sop_instance_uid
+    # what the destination holds it by (recorded with the ack, for the proof of delivery)
+    sent = (received.StudyInstanceUID, received.SeriesInstanceUID, received.SOPInstanceUID)
+    assert obj.sent_uids == sent and obj.sent_uids[2] != original.SOPInstanceUID
+
+
+def test_a_transcoded_object_says_the_uids_it_is_sent_with() -> None:
+    """The C-STORE path that transcodes before it changes (the peer accepted another syntax):
+    the UIDs the changes gave it, as edit_file says them; None when they are its own."""
+    path = real("CT_small.dcm")
+    data = path.read_bytes()[read_meta(str(path)).dataset_offset :]
+    out, sop, sent = edit_dataset_bytes(data, False, [Deidentifier(frozenset(), PreviewUids())])
+    received = dcmread(io.BytesIO(out), force=True)
+    assert sent == (received.StudyInstanceUID, received.SeriesInstanceUID, sop)
+    assert sop == received.SOPInstanceUID != dcmread(path).SOPInstanceUID
+    kept = Deidentifier(frozenset({"retain_uids"}), PreviewUids())
+    assert edit_dataset_bytes(data, False, [kept])[2] is None
 
 
 def test_the_options_keep_uids_and_dates() -> None:
@@ -136,6 +153,7 @@ def test_the_options_keep_uids_and_dates() -> None:
     received = dcmread(io.BytesIO(obj.file_meta + b"".join(obj.chunks())))
     assert received.StudyInstanceUID == original.StudyInstanceUID
     assert received.SOPInstanceUID == original.SOPInstanceUID
+    assert obj.sent_uids is None  # sent with the file's own: nothing to record
     assert received.StudyDate == original.StudyDate and received.StudyTime == original.StudyTime
     assert str(received.PatientName) == "" and "OtherPatientIDsSequence" not in received
     codes = [c.CodeValue for c in received.DeidentificationMethodCodeSequence]

@@ -131,3 +131,60 @@ def test_a_version_4_database_upgrades(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
+
+
+def test_the_uids_a_job_was_sent_with_are_recorded_with_its_ack(q: Queue) -> None:
+    """What the proof asks the destination by: the UIDs an edited send (deidentify) gave the
+    object, else the file's own, as recorded in the ack's transaction; None only when the ack
+    did not say (the proof then works them out from the routes, as for an older row)."""
+    q.enqueue_many([(entry(i), ["pacs"]) for i in range(3)], now=T0)
+    a, b, c = (j.id for j in q.claim("pacs", 10, now=T0))
+    deid = ("2.25.1", "2.25.2", "2.25.3")
+    q.ack_done([a, b], now=T0 + 1, commitment=True, sent_uids={a: deid, c: ("x", "y", "z")})
+    q.ack_done([c], now=T0 + 1, commitment=True)
+    items = {i.job_id: i for i in q.awaiting_commitment("pacs")}
+    assert items[a].sent_uids == deid
+    assert items[b].sent_uids == (STUDY, f"{STUDY}.1", "1.2.3.1")  # its own
+    assert items[c].sent_uids is None  # not said (c was not in the first ack)
+    q.begin_commitment("9.5", "pacs", "query", [a, b, c], deadline=T0 + 60)
+    (txn,) = q.open_commitments()
+    assert [i.sent_uids for i in txn.items] == [items[a].sent_uids, items[b].sent_uids, None]
+    # Not held: sent again, this time unchanged (a reload took deidentify away): its own now.
+    q.resolve_commitment(
+        "9.5", [b, c], [(a, "not held")], max_resends=1, outcome="query", now=T0 + 2
+    )
+    (again,) = q.claim("pacs", 10, now=T0 + 2)
+    q.ack_done([again.id], now=T0 + 3, commitment=True, sent_uids={})
+    (item,) = q.awaiting_commitment("pacs")
+    assert item.sent_uids == (STUDY, f"{STUDY}.1", "1.2.3.0")
+
+
+def test_a_version_9_database_upgrades_keeping_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "queue.sqlite"
+    with Queue(db) as q:
+        q.enqueue_many([(entry(i), ["pacs"]) for i in range(2)], now=T0)
+        stored, waiting = q.claim("pacs", 10, now=T0)
+        q.ack_done([stored.id], now=T0 + 1, commitment=True)
+        q.release([waiting.id])
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("ALTER TABLE jobs DROP COLUMN sent_uids")  # as version 9 had it
+        conn.execute("PRAGMA user_version = 9")
+    finally:
+        conn.close()
+    with Queue(db) as q:
+        # Stored before the upgrade: not recorded, its proof works them out from the routes.
+        (old,) = q.awaiting_commitment("pacs")
+        assert (old.job_id, old.sent_uids, old.sop_instance_uid) == (stored.id, None, "1.2.3.0")
+        (job,) = q.claim("pacs", 10, now=T0 + 2)
+        assert job.id == waiting.id
+        q.ack_done([job.id], now=T0 + 3, commitment=True, sent_uids={job.id: ("1", "2", "3")})
+        assert {i.job_id: i.sent_uids for i in q.awaiting_commitment("pacs")} == {
+            stored.id: None,
+            waiting.id: ("1", "2", "3"),
+        }
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+    finally:
+        conn.close()

@@ -53,8 +53,10 @@ class EditResolver:
         self, path: str, rel_path: str, calling_ae: str, destination: str
     ) -> tuple[str, str, str] | None:
         """The Study, Series and SOP Instance UID the file at ``path`` is sent to
-        ``destination`` with, when its changes there (``deidentify``, ``modify``) may alter
-        them; None: sent unchanged. Raises like :meth:`__call__`, or the edit's EditError."""
+        ``destination`` with by the routes in force now, when its changes there
+        (``deidentify``, ``modify``) may alter them; None: sent unchanged. Raises like
+        :meth:`__call__`, or the edit's EditError. The proof of delivery asks by the UIDs the
+        queue recorded when the file was stored; this only for a job stored before it did."""
         from forwarder.dicom.edit import edited_uids
 
         editors = self.editors(path, rel_path, calling_ae, destination)

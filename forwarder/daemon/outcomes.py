@@ -61,6 +61,9 @@ class Ack:
     error: str = ""
     next_attempt_at: float = 0.0
     charge: bool = True  # a "retry" counts an attempt (not a wait for the file to settle)
+    #: A "done": (job id, (Study, Series, SOP Instance UID)) of the jobs its changes sent with
+    #: other UIDs than their file's (deidentify); the others were sent with their own.
+    sent_uids: tuple[tuple[int, tuple[str, str, str]], ...] = ()
 
 
 def retry_ack(

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     from forwarder.queue import CommitItem
 
 #: ``sent_uids(path, rel_path, calling_ae, destination)``: the (Study, Series, SOP Instance)
-#: UIDs a destination's changes (``deidentify``, ``modify``) sent a file with, None when sent
-#: unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`).
+#: UIDs a destination's changes (``deidentify``, ``modify``) send a file with now, None when
+#: sent unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`); only for an item
+#: the queue has not recorded them for (stored before schema 10).
 SentUids = Callable[[str, str, str, str], "tuple[str, str, str] | None"]
 
 _TICK = 1.0  # how often the thread looks for what is due
@@ -144,11 +145,18 @@ class ProofThread(Generic[TargetT]):
 
     def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str] | None:
         """The (Study, Series, SOP Instance) UIDs ``destination`` holds ``item`` by: those its
-        changes sent it with (a de-identified object's are new), else the file's own. None
-        when its changes cannot be worked out now: never asked by its own UIDs then, which
+        changes sent it with (a de-identified object's are new), else the file's own.
+
+        As the queue recorded them when it was stored (:attr:`CommitItem.sent_uids`): what
+        was sent, whatever a reload or restart since changed in the routes. Only an item
+        stored before the queue recorded them has them worked out from the routes in force.
+        None when they cannot be worked out now: never asked by its own UIDs then, which
         may name another object the peer holds (the same study sent unchanged elsewhere)."""
+        own = (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        if item.sent_uids is not None:
+            return item.sent_uids if all(item.sent_uids) else own
         if self.sent_uids is None or not item.path:
-            return (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+            return own
         try:
             sent = self.sent_uids(item.path, item.rel_path, item.calling_ae, destination)
         except Exception as exc:
@@ -163,9 +171,7 @@ class ProofThread(Generic[TargetT]):
                 )
             return None
         self._untold.discard(item.job_id)
-        if sent is not None and all(sent):
-            return sent
-        return (item.study_instance_uid, item.series_instance_uid, item.sop_instance_uid)
+        return sent if sent is not None and all(sent) else own
 
     def _resting(self, target: TargetT, now: float) -> bool:
         """True while the destination rests after an exchange that did not happen."""

@@ -177,6 +177,7 @@ class BatchSending:
                 )
 
         done: dict[int, list[int]] = {}  # DIMSE status -> stored job ids
+        sent_as: dict[int, tuple[str, str, str]] = {}  # stored with other UIDs than its file's
         handed_back: list[int] = []  # back to READY, no attempt charged
         spare = False
         association_failed = False  # this batch tried to associate and failed
@@ -224,6 +225,8 @@ class BatchSending:
                     )
                 if outcome.outcome.stored:
                     done.setdefault(outcome.status or 0, []).append(job.id)
+                    if outcome.sent_uids is not None:
+                        sent_as[job.id] = outcome.sent_uids
                 elif retry is None:
                     error = outcome.error or "failed"
                     acks.append(Ack("failed", (job.id,), outcome.status, error))
@@ -243,7 +246,10 @@ class BatchSending:
             settled |= {i for ids in done.values() for i in ids}
             acks += [self._retry(by_id[j], None, error) for j in sorted(sent - settled)]
         # one transaction per status (almost always one)
-        acks += [Ack("done", tuple(ids), status) for status, ids in done.items()]
+        acks += [
+            Ack("done", tuple(ids), status, sent_uids=_sent(ids, sent_as))
+            for status, ids in done.items()
+        ]
         unsent = [j for j in by_id if j not in sent] + handed_back
         if unsent:
             acks.append(Ack("release", tuple(unsent)))
@@ -263,7 +269,12 @@ class BatchSending:
             for ack in acks:
                 if ack.kind == "done":
                     finished += self.queue.ack_done(
-                        ack.ids, status=ack.status, commitment=self.needs_proof
+                        ack.ids,
+                        status=ack.status,
+                        commitment=self.needs_proof,
+                        # What each was sent with, recorded with the ack: the proof asks the
+                        # destination by these, not by what a reload since would send.
+                        sent_uids=dict(ack.sent_uids),
                     )
                 elif ack.kind == "failed":
                     finished += self.queue.ack_failed(
@@ -300,6 +311,15 @@ class BatchSending:
         return retry_ack(
             job, status, error, policy=self.retry, destination=self.name, metrics=self.metrics
         )
+
+
+def _sent(
+    ids: Sequence[int], sent_as: dict[int, tuple[str, str, str]]
+) -> tuple[tuple[int, tuple[str, str, str]], ...]:
+    """The jobs of ``ids`` stored with other UIDs than their file's, and those UIDs."""
+    if not sent_as:  # nothing edited a UID in this batch: the common case, nothing to do
+        return ()
+    return tuple((i, sent_as[i]) for i in ids if i in sent_as)
 
 
 def _queued_meta(job: Job) -> FileMeta | None:

@@ -336,6 +336,9 @@ class EditedObject:
     changes: tuple[Change, ...]
     file_meta: bytes  # preamble, DICM and the meta group, for a Part 10 file (STOW-RS)
     mtime_ns: int = 0  # the source file's mtime when it was read (0: not known)
+    #: Its Study, Series and SOP Instance UID when the changes made any differ from the file's
+    #: own (de-identification), None when they did not: what the destination holds it by.
+    sent_uids: tuple[str, str, str] | None = None
 
     @property
     def length(self) -> int:
@@ -451,6 +454,22 @@ def _read(f: BinaryIO, start: int, end: int) -> bytes:
     return data
 
 
+#: Study, Series and SOP Instance UID: what a destination holds an object by.
+_UID_TAGS = (0x0020000D, 0x0020000E, 0x00080018)
+
+
+def changed_uids(ds: Dataset, changes: Sequence[Change]) -> tuple[str, str, str] | None:
+    """The Study, Series and SOP Instance UID of the changed ``ds`` when ``changes`` (its
+    :func:`diff` from the file) altered any of them; None: they are the file's own."""
+    if not any(c.tag in _UID_TAGS for c in changes):
+        return None
+    # read without decoding in place: an element left as it was is sent byte for byte
+    study, series, sop = (
+        _text(_value(ds, BaseTag(t))).strip("\x00 ") if t in ds else "" for t in _UID_TAGS
+    )
+    return study, series, sop
+
+
 def apply_editors(ds: Dataset, editors: Sequence[Editor]) -> list[Change]:
     """Apply ``editors`` in order to ``ds`` (in place); return what changed."""
     before = copy.deepcopy(ds)
@@ -482,6 +501,7 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
                 ds = read_dataset(io.BytesIO(inflated), False, True)
                 pixels_before = [t for t in PIXEL_TAGS if t in ds]
                 changes = apply_editors(ds, editors)
+                sent_uids = changed_uids(ds, changes)
                 # Here the pixels are in the data set changed, not streamed: an edit must not
                 # drop them (check-config refuses a modify that would; this is the backstop).
                 if any(t not in ds for t in pixels_before):
@@ -501,6 +521,7 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
                     for elem in tail:
                         ds.add(elem)
                 changes = apply_editors(ds, editors)
+                sent_uids = changed_uids(ds, changes)
                 if span is None:
                     segments = (_encode(ds, implicit, little),)
                 else:
@@ -531,6 +552,7 @@ def edit_file(path: str, editors: Sequence[Editor]) -> EditedObject:
         changes=tuple(changes),
         file_meta=_part10_head(file_meta, sop_instance),
         mtime_ns=st.st_mtime_ns,
+        sent_uids=sent_uids,
     )
 
 
@@ -557,13 +579,17 @@ def edited_uids(path: str, editors: Sequence[Editor]) -> tuple[str, str, str]:
     )
 
 
-def edit_dataset_bytes(data: bytes, implicit: bool, editors: Sequence[Editor]) -> tuple[bytes, str]:
+def edit_dataset_bytes(
+    data: bytes, implicit: bool, editors: Sequence[Editor]
+) -> tuple[bytes, str, tuple[str, str, str] | None]:
     """A little endian data set already in memory (after transcoding) with ``editors``
-    applied; returns the bytes and its SOP Instance UID."""
+    applied; returns the bytes, its SOP Instance UID, and its Study, Series and SOP Instance
+    UID when the changes made any differ from the file's own (:func:`changed_uids`)."""
     try:
         ds = read_dataset(io.BytesIO(data), implicit, True)
-        apply_editors(ds, editors)
-        return _encode(ds, implicit, True), str(ds.SOPInstanceUID)
+        changes = apply_editors(ds, editors)
+        sent_uids = changed_uids(ds, changes)
+        return _encode(ds, implicit, True), str(ds.SOPInstanceUID), sent_uids
     except EditError:
         raise
     except Exception as exc:

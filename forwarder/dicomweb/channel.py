@@ -439,6 +439,7 @@ class StowChannel:
                 association=self._number,
                 nbytes=item.size,
                 seconds=(time.monotonic() - started) * share,
+                sent_uids=item.edited.sent_uids if item.edited is not None else None,
             )
         error = (
             f"{what}: the STOW-RS response does not account for this instance (neither stored "

@@ -360,9 +360,13 @@ class Channel:
         nbytes: int,
         started: float,
         edited: EditedObject | None = None,
+        sent_uids: tuple[str, str, str] | None = None,
     ) -> SendOutcome:
+        """The outcome of a file the peer answered; ``edited`` (or ``sent_uids``, its
+        transcoded path's): what its changes sent (:attr:`SendOutcome.sent_uids`)."""
         if edited is not None:
             meta = replace(meta, sop_instance_uid=edited.sop_instance_uid)
+            sent_uids = edited.sent_uids
         outcome = classify_status(response.status)
         error = None
         if outcome is not Outcome.STORED:
@@ -383,6 +387,7 @@ class Channel:
             association=self._assoc_number,
             nbytes=nbytes,
             seconds=time.monotonic() - started,
+            sent_uids=sent_uids,
         )
 
     def _outcome(

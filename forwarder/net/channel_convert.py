@@ -52,13 +52,19 @@ def store_edited(
             context=accepted_note(assoc, meta, channel.peer),
         )
         implicit = fallback.transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
-        data, sop_instance = edit_dataset_bytes(data, implicit, request.edits)
+        data, sop_instance, sent_uids = edit_dataset_bytes(data, implicit, request.edits)
         response = assoc.store_bytes(
             meta.sop_class_uid, sop_instance, data, fallback, priority=request.priority
         )
         sent = replace(meta, sop_instance_uid=sop_instance)
         return channel._from_response(
-            request, sent, response, fallback.transfer_syntax, len(data), started
+            request,
+            sent,
+            response,
+            fallback.transfer_syntax,
+            len(data),
+            started,
+            sent_uids=sent_uids,
         )
     except EditError as exc:
         error = f"cannot apply the configured changes: {exc}"

@@ -64,6 +64,10 @@ class SendOutcome:
     # True when the association broke while this file was on it (aborted, reset, timed out):
     # a connection-level failure like association_failed, though the file was tried.
     association_broke: bool = False
+    # The Study, Series and SOP Instance UID the object was sent with when its changes
+    # (deidentify, modify) made any differ from the file's own; None: its own. What the
+    # destination holds it by, which the daemon records for its proof of delivery.
+    sent_uids: tuple[str, str, str] | None = None
 
     @classmethod
     def without_data(

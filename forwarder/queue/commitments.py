@@ -19,6 +19,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from forwarder.errors import QueueError
 from forwarder.queue.sql import TERMINAL_FILES
@@ -43,6 +44,27 @@ class CommitItem:
     path: str = ""  # the file (in incoming while it awaits proof)
     rel_path: str = ""
     calling_ae: str = ""  # received through ``listen`` from this AE title ("": watch folder)
+    # The (Study, Series, SOP Instance) UIDs it was sent with, as recorded when it was acked
+    # (its own, or those its changes gave it); None: not recorded (stored before schema 10),
+    # the proof works them out from the routes in force.
+    sent_uids: tuple[str, str, str] | None = None
+
+
+def _item(row: Sequence[Any]) -> CommitItem:
+    """A :class:`CommitItem` from a row of :data:`_ITEM_COLUMNS`."""
+    job_id, sop_class, sop, study, series, stored_at, path, rel_path, calling_ae, recorded = row
+    sent: tuple[str, str, str] | None = None
+    if recorded == "":  # sent with its own
+        sent = (study, series, sop)
+    elif recorded is not None:
+        try:
+            uids = json.loads(recorded)
+            sent = (str(uids[0]), str(uids[1]), str(uids[2]))
+        except (ValueError, TypeError, LookupError):  # not what this code writes: not recorded
+            sent = None
+    return CommitItem(
+        job_id, sop_class, sop, study, series, stored_at, path, rel_path, calling_ae, sent
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +100,7 @@ class CommitmentCounts:
 
 _ITEM_COLUMNS = """j.id, f.sop_class_uid, f.sop_instance_uid, COALESCE(f.study_instance_uid, ''),
        COALESCE(f.series_instance_uid, ''), COALESCE(j.finished_at, j.created_at), f.path,
-       f.rel_path, COALESCE(f.calling_ae, '')"""
+       f.rel_path, COALESCE(f.calling_ae, ''), j.sent_uids"""
 
 
 class Commitments(Store):
@@ -97,7 +119,7 @@ class Commitments(Store):
                     ORDER BY j.finished_at, j.id LIMIT :limit""",
                 {"d": destination, "limit": limit},
             ).fetchall()
-        return [CommitItem(*r) for r in rows]
+        return [_item(r) for r in rows]
 
     def begin_commitment(
         self,
@@ -164,7 +186,7 @@ class Commitments(Store):
                         ORDER BY j.id""",
                     {"uid": uid},
                 ).fetchall()
-                items = tuple(CommitItem(*r) for r in rows)
+                items = tuple(_item(r) for r in rows)
                 out.append(OpenCommitment(uid, dest, kind, created, deadline, items))
         return out
 

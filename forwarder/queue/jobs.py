@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from forwarder.errors import QueueError
@@ -44,6 +44,7 @@ from forwarder.queue.sql import (
     INSERT_FILES,
     INSERT_JOBS,
     INSERT_JOBS_MANY,
+    RECORD_SENT_UIDS,
     RELEASE,
     TERMINAL_FILES,
 )
@@ -201,11 +202,16 @@ class Jobs(Store):
         status: int | None = None,
         now: float | None = None,
         commitment: bool = False,
+        sent_uids: Mapping[int, tuple[str, str, str]] | None = None,
     ) -> list[int]:
         """CLAIMED -> DONE (one attempt counted). Returns the ids of files this made terminal.
         ``commitment``: the destination must also commit them (storage commitment or a
-        verifying query): the jobs await that and their files do not finish yet."""
-        return self._ack_terminal(job_ids, JobStatus.DONE, status, None, now, commitment)
+        verifying query): the jobs await that and their files do not finish yet.
+        ``sent_uids``: job id -> the (Study, Series, SOP Instance) UIDs it was sent with, for
+        those whose changes made them differ from the file's own; the others were sent with
+        their own. Recorded in the same transaction, for the proof to ask by (None: not said;
+        the proof works them out from the routes then in force)."""
+        return self._ack_terminal(job_ids, JobStatus.DONE, status, None, now, commitment, sent_uids)
 
     def ack_failed(
         self, job_id: int, *, error: str, status: int | None = None, now: float | None = None
@@ -221,6 +227,7 @@ class Jobs(Store):
         error: str | None,
         now: float | None,
         commitment: bool = False,
+        sent_uids: Mapping[int, tuple[str, str, str]] | None = None,
     ) -> list[int]:
         ids = _unique_ids(job_ids)
         if not ids:
@@ -233,11 +240,16 @@ class Jobs(Store):
             "error": error,
             "now": at,
             "commit": 1 if commitment else 0,
+            "own": None if sent_uids is None else "",
         }
         with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
             dropped = conn.execute(DROP_CLAIMED, {"ids": ids_json(ids)}).fetchall()
             rows = conn.execute(ACK_TERMINAL, {**params, "ids": ids_json(ids)}).fetchall()
             self._expect_claimed(conn, ids, rows + dropped)
+            if sent_uids:  # an edited send (deidentify): none for a file sent as it is
+                acked = set(ids)
+                sent = [[i, list(u)] for i, u in sent_uids.items() if i in acked]
+                conn.execute(RECORD_SENT_UIDS, {"sent": json.dumps(sent)})
             per_destination: dict[str, int] = {}
             for _, _, destination in rows:
                 per_destination[destination] = per_destination.get(destination, 0) + 1

@@ -112,6 +112,21 @@ COMMITMENT_DDL = (
     "CREATE INDEX IF NOT EXISTS jobs_commit_txn ON jobs (commit_txn) WHERE commit_txn IS NOT NULL",
 )
 # -- end of schema version 8 ------------------------------------------------------------------
+# -- Schema version 10: the UIDs a job was sent with, for its proof of delivery ---------------
+# jobs.sent_uids, set when a job is acked DONE: '' sent with the file's own Study, Series and
+# SOP Instance UID; a JSON array of the three when its changes (deidentify, modify) made any
+# differ; NULL not recorded (stored before version 10, or not DONE): the proof works them out
+# from the routes in force, as before. The proof asks the destination by these, never by what
+# a reload or restart since would send.
+SENT_UIDS_COLUMN = ("sent_uids", "TEXT")
+# The jobs of an ack sent with other UIDs than their file's: :sent is a JSON array of
+# [job id, [Study, Series, SOP Instance UID]]; run after ACK_TERMINAL in its transaction
+# (only the jobs it made DONE: a stale one went back to READY).
+RECORD_SENT_UIDS = """
+    UPDATE jobs SET sent_uids = json_extract(m.value, '$[1]')
+    FROM json_each(:sent) AS m
+    WHERE jobs.id = json_extract(m.value, '$[0]') AND jobs.status = 'DONE'"""
+# -- end of schema version 10 -----------------------------------------------------------------
 
 # Every destination with a job row, one index seek each (SELECT DISTINCT walks the whole index:
 # 7 days of finished jobs, every few seconds for the status line and every page and scrape).
@@ -234,6 +249,9 @@ ACK_TERMINAL = """
                     -- stored: an earlier attempt's error is not the outcome's (a warning's is)
                     last_error = CASE WHEN NOT stale AND :status = 'DONE' THEN :error
                                       ELSE COALESCE(:error, last_error) END,
+                    -- :own, '' (sent with the file's own UIDs) or NULL (the caller does not
+                    -- say); RECORD_SENT_UIDS then sets those of the jobs sent with others
+                    sent_uids = CASE WHEN NOT stale AND :status = 'DONE' THEN :own END,
                     claimed_at = NULL, stale = 0
     WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED'
     RETURNING id, file_id, destination"""

@@ -37,6 +37,7 @@ from forwarder.queue.sql import (
     ORIGIN_COLUMNS,
     PAUSED_TABLE,
     PRIORITY_INDEX,
+    SENT_UIDS_COLUMN,
     UID_MAP_DDL,
 )
 
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 # 7: jobs.priority and the paused_destinations table (issue 16, flow control)
 # 8: proof of delivery (jobs.commitment, commit_txn, resends; the commitments table; issue 14)
 # 9: files.dataset_offset (the sender takes the meta header from the queue; issue 13)
-SCHEMA_VERSION = 9
+# 10: jobs.sent_uids (the proof of delivery asks by the UIDs a job was sent with)
+SCHEMA_VERSION = 10
 
 _FIRST_NAP = 50e-6  # seconds: the first wait for another process's write lock
 _LAST_NAP = 2e-3  # and the longest, while it is held longer
@@ -299,6 +301,13 @@ class Store:
                         "ALTER TABLE files ADD COLUMN dataset_offset INTEGER NOT NULL DEFAULT 0"
                     )
                 # -- end of schema version 9 --------------------------------------------------
+                # -- schema version 10: the UIDs a job was sent with (NULL for the jobs of an
+                # older database: their proof works them out from the routes, as before).
+                job_columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+                name, decl = SENT_UIDS_COLUMN
+                if name not in job_columns:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                # -- end of schema version 10 -------------------------------------------------
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
