@@ -467,3 +467,27 @@ def test_a_loopback_listener_answers_only_requests_naming_a_loopback_host(
         assert get("/metrics", "attacker.example", "HEAD") == (403, b"")
     finally:
         queue.close()
+
+
+def test_which_hosts_and_listen_addresses_count_as_loopback() -> None:
+    loopback, named = metrics_module._is_loopback, metrics_module._loopback_host
+    assert all(map(loopback, ["127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1", "localhost"]))
+    assert not any(map(loopback, ["0.0.0.0", "::", "10.0.0.1", "gateway1", "fe80::1"]))
+    for host in ("127.0.0.1:9750", "LOCALHOST", "[::1]:9750", "[::ffff:127.0.0.1]", None, ""):
+        assert named(host), host
+    for host in ("127.0.0.1.attacker.example", "localhost.attacker.example:9750", "10.0.0.1"):
+        assert not named(host), host
+
+
+def test_a_listener_named_by_a_host_name_that_is_loopback_is_guarded(metrics: Metrics) -> None:
+    metrics.start_server("localhost:0")  # bound to 127.0.0.1 or ::1: what counts
+    assert metrics.address is not None
+    host, port = metrics.address[:2]
+    request = urllib.request.Request(
+        f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics",
+        headers={"Host": "attacker.example"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    with err.value:
+        assert err.value.code == 403

@@ -511,13 +511,14 @@ class Metrics:
         every path but them is)."""
         self._status_app = app
 
-    def _app(self, loopback: bool) -> WSGIApp:
-        """The listener's application; ``loopback``: it listens on a loopback address only,
-        and answers only requests that name a loopback host (see :func:`_loopback_host`)."""
+    def _app(self, loopback: list[bool]) -> WSGIApp:
+        """The listener's application; ``loopback[0]``, set once it is bound: it listens on a
+        loopback address only, and answers only requests that name a loopback host (see
+        :func:`_loopback_host`)."""
         metrics_app: WSGIApp = make_wsgi_app(self.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if loopback and not _loopback_host(environ.get("HTTP_HOST")):
+            if loopback[0] and not _loopback_host(environ.get("HTTP_HOST")):
                 return _wrong_host(environ, start_response)
             status_app = self._status_app
             if status_app is not None and environ.get("PATH_INFO", "/") in STATUS_PATHS:
@@ -546,8 +547,12 @@ class Metrics:
             try:
                 family = _family_for(host, port)
                 server_class = type("_MetricsServer", (_Server,), {"address_family": family})
-                app = self._app(_is_loopback(host))
+                loopback = [True]  # until bound: nothing is served before
+                app = self._app(loopback)
                 server: _Server = make_server(host, port, app, server_class, _QuietHandler)
+                # By the address bound, not the name configured: a host name may resolve to
+                # loopback (Debian maps the machine's own name to 127.0.1.1).
+                loopback[0] = _is_loopback(str(server.server_address[0]))
             except OSError as exc:
                 raise ForwarderError(
                     f"cannot serve metrics on {listen}: {exc.strerror or exc}; "
@@ -603,9 +608,11 @@ def _with_head(
 
 
 def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address to listen on) is a loopback one: 127.0.0.0/8, ::1."""
+    """Whether ``host`` is a loopback address: 127.0.0.0/8, ::1, ::ffff:127.0.0.1."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return bool((mapped or address).is_loopback)
     except ValueError:
         return host.lower() == "localhost"
 
