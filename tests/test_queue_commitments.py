@@ -188,3 +188,45 @@ def test_a_version_9_database_upgrades_keeping_its_rows(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
     finally:
         conn.close()
+
+
+def test_a_file_replaced_by_another_object_keeps_what_a_destination_not_routed_now_holds(
+    q: Queue,
+) -> None:
+    """pacs stored the file unchanged and awaits its proof when a different object replaces it
+    under the same name, routed only to archive: pacs keeps what it stored (DONE), and its
+    proof asks by the UIDs pacs was sent (the old version's), not by the new row's."""
+    q.enqueue_many([(entry(0), ["pacs"])], now=T0)
+    (job,) = q.claim("pacs", 1, now=T0)
+    q.ack_done([job.id], now=T0 + 1, commitment=True, sent_uids={})  # sent as it is
+    stored = job.id
+    other = FileEntry("/in/0", "0", 20, 2, CT, "9.9.9.1", EXPLICIT, "9.9.9", "9.9.9.2", "ACC")
+    replaced = q.replace_file(other, ["archive"], now=T0 + 2)
+    assert replaced is not None and replaced.dropped == ()
+    (item,) = q.awaiting_commitment("pacs")
+    assert item.job_id == stored
+    assert item.sent_uids == (STUDY, f"{STUDY}.1", "1.2.3.0")
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    ['"1.2.3.4.5"', '[null, "2.25.2", "2.25.3"]', "[1, 2, 3]", '["a", "b", "c", "d"]', "[]", "x"],
+)
+def test_a_recorded_value_this_code_does_not_write_counts_as_not_recorded(
+    tmp_path: Path, recorded: str
+) -> None:
+    """Only a JSON array of three strings is taken as the UIDs sent: anything else (a JSON
+    string, numbers, null, four items) is not recorded, and the proof works them out as for a
+    row acked before schema 10, instead of asking by a SOP Instance UID such as 'None' or '1'."""
+    db = tmp_path / "queue.sqlite"
+    with Queue(db) as q:
+        q.enqueue_many([(entry(0), ["pacs"])], now=T0)
+        (job,) = q.claim("pacs", 1, now=T0)
+        q.ack_done([job.id], now=T0 + 1, commitment=True, sent_uids={})
+        conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            conn.execute("UPDATE jobs SET sent_uids = ? WHERE id = ?", (recorded, job.id))
+        finally:
+            conn.close()
+        (item,) = q.awaiting_commitment("pacs")
+        assert item.sent_uids is None

@@ -59,9 +59,12 @@ def _item(row: Sequence[Any]) -> CommitItem:
     elif recorded is not None:
         try:
             uids = json.loads(recorded)
-            sent = (str(uids[0]), str(uids[1]), str(uids[2]))
-        except (ValueError, TypeError, LookupError):  # not what this code writes: not recorded
-            sent = None
+        except (ValueError, TypeError):
+            uids = None
+        # Only what this code writes, a JSON array of three strings; anything else (a string,
+        # numbers, null, more or fewer items) is not recorded: never asked by 'None' or '1'.
+        if isinstance(uids, list) and len(uids) == 3 and all(isinstance(u, str) for u in uids):
+            sent = (uids[0], uids[1], uids[2])
     return CommitItem(
         job_id, sop_class, sop, study, series, stored_at, path, rel_path, calling_ae, sent
     )

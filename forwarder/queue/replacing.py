@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 
 from forwarder.queue.records import FileEntry, Finish, JobResult, JobStatus, Replaced, Retired
-from forwarder.queue.sql import RESULTS
+from forwarder.queue.sql import FREEZE_OWN_SENT_UIDS, RESULTS
 from forwarder.queue.store import (
     Routed,
     Store,
@@ -68,6 +68,7 @@ class Replacing(Store):
         changed = " AND (size != :size OR mtime_ns != :mtime_ns)" if changed_only else ""
         routed_now = routed_to(destinations)
         with self._write(f"recording that {entry.path} was replaced") as conn:
+            conn.execute(FREEZE_OWN_SENT_UIDS, {"path": entry.path})
             # By the unfinished-path index ("state != 'FINISHED'" lets SQLite use it, "+state"
             # keeps it off files_state, which walks every QUEUED file under the write lock).
             row = conn.execute(

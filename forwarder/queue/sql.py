@@ -126,6 +126,19 @@ RECORD_SENT_UIDS = """
     UPDATE jobs SET sent_uids = json_extract(m.value, '$[1]')
     FROM json_each(:sent) AS m
     WHERE jobs.id = json_extract(m.value, '$[0]') AND jobs.status = 'DONE'"""
+# Before a QUEUED file's row takes a replacing version's header values (replace_file): its
+# DONE jobs recorded as sent with the file's own UIDs ('') get those UIDs written out, the
+# old version's. A destination the new version is not routed to keeps what it stored (DONE,
+# maybe awaiting its proof), and '' would otherwise read as the new version's UIDs: its proof
+# would ask for an object it was never sent ("not held": sent again, or failed).
+FREEZE_OWN_SENT_UIDS = """
+    UPDATE jobs SET sent_uids = (
+        SELECT json_array(COALESCE(f.study_instance_uid, ''),
+                          COALESCE(f.series_instance_uid, ''), f.sop_instance_uid)
+        FROM files AS f WHERE f.id = jobs.file_id)
+    WHERE file_id IN (SELECT id FROM files
+                      WHERE path = :path AND state != 'FINISHED' AND +state = 'QUEUED')
+      AND status = 'DONE' AND sent_uids = ''"""
 # -- end of schema version 10 -----------------------------------------------------------------
 
 # Every destination with a job row, one index seek each (SELECT DISTINCT walks the whole index:
