@@ -20,7 +20,10 @@ def test_a_study_folder_removed_under_it_is_made_again(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     stop = threading.Event()
-    turn = threading.Semaphore(0)
+    # An event, not a semaphore: go-aheads given while the pruner was not looking must not
+    # pile up into several removals during one place(), which the finisher never does (it
+    # prunes a folder once it saw it empty), and which outlast place()'s three attempts.
+    turn = threading.Event()
     removed = 0
 
     def prune() -> None:
@@ -28,7 +31,8 @@ def test_a_study_folder_removed_under_it_is_made_again(tmp_path: Path) -> None:
         # place() starts, so that it races the folder's open, mkdir and rename.
         nonlocal removed
         while not stop.is_set():
-            if turn.acquire(timeout=0.1):
+            if turn.wait(timeout=0.1):
+                turn.clear()
                 with contextlib.suppress(OSError):
                     os.rmdir(out / "study")  # refused while a file is in it
                     removed += 1
@@ -44,7 +48,7 @@ def test_a_study_folder_removed_under_it_is_made_again(tmp_path: Path) -> None:
         while (i < 300 or removed < 20) and time.monotonic() < deadline:
             source = tmp_path / f".part{i}"
             source.write_bytes(b"x")
-            turn.release()
+            turn.set()
             if i % 2:
                 time.sleep(0)  # lets the pruner take the GIL now
             place(out, str(source), "study", f"{i}.dcm")
