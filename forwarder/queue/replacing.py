@@ -191,31 +191,34 @@ class Replacing(Store):
         """Whether a row that is not FINISHED has ``path`` (QUEUED or FINISHING): a file
         queued by another connection (the listener's receiving process, ``forwarder retry``)
         that the caller's own bookkeeping does not know of."""
-        with self._read(f"reading whether {path} is queued") as conn:
-            row = conn.execute(
-                "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED'", {"path": path}
-            ).fetchone()
-        return row is not None
+        return self._exists(
+            f"reading whether {path} is queued",
+            "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED'",
+            {"path": path},
+        )
 
     def moving_out(self, path: str) -> bool:
         """Whether the finisher is moving the file at ``path`` out (its row FINISHING): what is
         there now is left alone until it is done (its check leaves a file replaced meanwhile
         where it is, and the watcher offers it again then)."""
-        with self._read(f"reading the state of {path}") as conn:
-            row = conn.execute(
-                "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED' "
-                "AND +state = 'FINISHING'",
-                {"path": path},
-            ).fetchone()
-        return row is not None
+        return self._exists(
+            f"reading the state of {path}",
+            "SELECT 1 FROM files WHERE path = :path AND state != 'FINISHED' "
+            "AND +state = 'FINISHING'",
+            {"path": path},
+        )
 
     def is_dropped(self, job_id: int) -> bool:
         """Whether a CLAIMED job was dropped while claimed (its file replaced by a version not
         routed to its destination, or by a file not queued at all): the end of its claim
         deletes it. A worker finding its file gone asks, not to report a failure."""
-        with self._read(f"reading whether job {job_id} is still wanted") as conn:
-            row = conn.execute(
-                "SELECT 1 FROM jobs WHERE id = :id AND status = 'CLAIMED' AND stale = 2",
-                {"id": job_id},
-            ).fetchone()
-        return row is not None
+        return self._exists(
+            f"reading whether job {job_id} is still wanted",
+            "SELECT 1 FROM jobs WHERE id = :id AND status = 'CLAIMED' AND stale = 2",
+            {"id": job_id},
+        )
+
+    def _exists(self, what: str, query: str, params: dict[str, object]) -> bool:
+        """Whether ``query`` (a SELECT 1 by key) finds a row."""
+        with self._read(what) as conn:
+            return conn.execute(query, params).fetchone() is not None
