@@ -4,6 +4,7 @@ they do to the queue and the folders (with a real daemon and real peers where it
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from peers import ScriptedSCP, free_port
 from forwarder.dicom.part10 import read_meta
 
 REPO = Path(__file__).resolve().parent.parent
+STRACE = shutil.which("strace")
 
 GOOD = """\
 ae_title: FORWARDER
@@ -550,3 +552,54 @@ def test_retry_of_one_destination_keeps_the_other_failure_of_a_fan_out(tmp_path:
             assert b.uids() == {dropped.sop_instance_uid}
             assert len(a.received) == 1  # A was not sent it again
             assert d.stop() == 0
+
+
+def _failed_and_stopped(tmp_path: Path, count: int, folder: str = "") -> Daemon:
+    """A stopped daemon whose ``count`` files failed for good at its one destination."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            d.drop_files(count, folder=folder)
+            d.wait_failed(count)
+            assert d.stop() == 0
+    return d
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace to kill or refuse a write")
+@pytest.mark.parametrize("fault", ["signal=SIGKILL", "error=ENOSPC"])
+def test_a_report_put_back_after_a_failed_move_is_whole_or_absent(
+    tmp_path: Path, fault: str
+) -> None:
+    """`forwarder retry` takes a file's NAME.error.json away before moving the file back and
+    puts it back when the move fails (here a plain file is where the folder should be). That
+    write killed (SIGKILL) or refused (disk full) at its first byte leaves the report whole or
+    absent, the file queued (the next retry finishes the move), never an empty or cut report."""
+    d = _failed_and_stopped(tmp_path, 1, folder="ct")
+    report = d.failed / "ct" / "img0000.dcm.error.json"
+    before = report.read_bytes()
+    shutil.rmtree(d.incoming / "ct", ignore_errors=True)
+    (d.incoming / "ct").write_bytes(b"a file where the folder goes")
+    assert STRACE is not None
+    watched = [report, report.with_name(f".{report.name}.tmp")]  # the report, its temp file
+    faulted = subprocess.run(
+        [
+            *(STRACE, "-f", "-qq", "-o", "/dev/null"),
+            *(arg for path in watched for arg in ("-P", str(path))),
+            *("-e", "trace=write", "-e", f"inject=write:{fault}"),
+            *(FORWARDER, "retry", "-c", str(d.config_path)),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+    assert faulted.returncode == (-9 if "KILL" in fault else 1), faulted.stderr
+    assert d.failed_files() == ["ct/img0000.dcm"]
+    assert not report.exists() or report.read_bytes() == before
+    (d.incoming / "ct").unlink()
+    result = d.cli("retry")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "requeued ct/img0000.dcm (an interrupted retry finished)"
+    assert d.incoming_files() == ["ct/img0000.dcm"]
+    assert d.failed_files() == [] and list(d.failed.rglob("*.error.json")) == []

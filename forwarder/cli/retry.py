@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -68,7 +67,11 @@ def _move_back(spool: Spool, source: Path, target: Path) -> None:
     """Move ``source`` (in failed/) to ``target``, its ``.error.json`` removed first: a kill
     between the two leaves the file in failed/ and queued, which the next retry finishes; the
     other way round, the file, delivered later, would keep a report in failed/ saying it
-    failed. A move that fails puts the report back (the file stays in failed/)."""
+    failed. A move that fails puts the report back (the file stays in failed/, queued), whole
+    or not at all: a kill or a full disk while it is written leaves no report, never a cut
+    one (the next retry finishes the move)."""
+    from forwarder.daemon.spool import SpoolError, write_whole
+
     error_json = source.with_name(source.name + ".error.json")
     try:
         report: bytes | None = error_json.read_bytes()
@@ -79,8 +82,10 @@ def _move_back(spool: Spool, source: Path, target: Path) -> None:
         spool.move(source, target)
     except ForwarderError:
         if report is not None and os.path.lexists(source):
-            with contextlib.suppress(OSError):
-                error_json.write_bytes(report)
+            try:
+                write_whole(error_json, report, sync_dir=True)
+            except SpoolError as exc:
+                print(f"forwarder retry: {exc}; it is not put back", file=sys.stderr)
         raise
 
 

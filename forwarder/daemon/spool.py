@@ -85,6 +85,29 @@ def fsync_dir(path: StrPath) -> None:
         os.close(fd)
 
 
+def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
+    """Make ``data`` appear at ``path`` whole or not at all, whenever a crash or a full disk
+    stops it: written to ``.NAME.tmp`` beside it, fsynced, renamed over ``path`` (folders
+    created); with ``sync_dir`` the folder is fsynced too, else the caller does (the finisher,
+    once a batch). Raises :class:`SpoolError`, the temp file removed; ``path`` is untouched."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
 #: The folder under incoming where the listener stages what it receives, one sub-folder per
 #: calling AE title (a dot-folder: the watcher never takes anything from it).
 LISTEN_FOLDER = ".listen"
@@ -221,21 +244,7 @@ class Spool:
         if extra:
             doc.update(extra)
         path = _error_path(target)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, path)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
+        write_whole(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
         return path
 
     def reject(
