@@ -84,3 +84,8 @@ class SetupError(ForwarderError):
 
 class QueueError(ForwarderError):
     """The queue database failed (disk full, permissions, corruption). Says what was being done."""
+
+
+class PathQueuedError(QueueError):
+    """A file cannot be queued under a path that another unfinished file of the queue holds
+    (``forwarder retry``: a file dropped again under that name, not finished yet)."""

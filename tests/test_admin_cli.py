@@ -603,3 +603,72 @@ def test_a_report_put_back_after_a_failed_move_is_whole_or_absent(
     assert result.stdout.strip() == "requeued ct/img0000.dcm (an interrupted retry finished)"
     assert d.incoming_files() == ["ct/img0000.dcm"]
     assert d.failed_files() == [] and list(d.failed.rglob("*.error.json")) == []
+
+
+def test_a_file_whose_name_is_still_queued_stays_in_failed_and_the_others_are_retried(
+    tmp_path: Path,
+) -> None:
+    """img0000.dcm failed; the modality sent it again, that copy was stored and moved to
+    done/, and the daemon was killed before it recorded the move (the copy's row unfinished,
+    under incoming/img0000.dcm, until the next start). `forwarder retry` cannot queue the
+    failed img0000.dcm under that name meanwhile: it says so in one line, leaves the file in
+    failed/ with its report, retries img0001.dcm all the same, and exits 1."""
+    with ScriptedSCP(status=0xC001) as scp:
+        dest = destination("pacs", scp.port)
+        d = Daemon(tmp_path, destinations=[dest], env={"FORWARDER_CRASH_AT": "finish-after-move:3"})
+        with d:
+            d.drop_files(2)
+            d.wait_failed(2)
+            scp.status = 0x0000
+            d.drop("img0000.dcm", seed=0)  # sent again: the third file finished
+            assert d.wait_exit() == -9, d.log_tail()
+            del d.env["FORWARDER_CRASH_AT"]
+            assert d.done_files() == ["img0000.dcm"]
+            report = d.failed / "img0000.dcm.error.json"
+            before = report.read_bytes()
+            result = d.cli("retry")
+            assert result.returncode == 1, result.stderr
+            assert result.stdout.strip() == "requeued img0001.dcm for pacs", result.stderr
+            (line,) = [x for x in result.stderr.splitlines() if "img0000.dcm" in x]
+            assert line.startswith(f"forwarder retry: {d.failed / 'img0000.dcm'}: "), line
+            assert "left in failed/ as it is: the queue still holds" in line, line
+            assert "1 files requeued" in result.stderr
+            assert d.failed_files() == ["img0000.dcm"] and report.read_bytes() == before
+            assert d.incoming_files() == ["img0001.dcm"]
+            # Once the daemon has recorded the earlier move, the file can be retried.
+            d.start()
+            d.wait_done(2)
+            again = d.cli("retry")
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.strip() == "requeued img0000.dcm for pacs", again.stderr
+            assert d.failed_files() == [] and list(d.failed.rglob("*.error.json")) == []
+            assert d.stop() == 0
+
+
+def test_a_file_that_cannot_be_moved_back_does_not_stop_the_others(tmp_path: Path) -> None:
+    """One file's move back fails (a plain file is where its folder goes): that file is named
+    with the reason and stays in failed/ with its report, queued (the next retry finishes the
+    move); the files after it are retried all the same; the exit status is 1."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            d.drop("ct/a.dcm", seed=1)
+            d.wait_failed(1)
+            d.drop("b.dcm", seed=2)
+            d.wait_failed(2)
+            assert d.stop() == 0
+    shutil.rmtree(d.incoming / "ct", ignore_errors=True)
+    (d.incoming / "ct").write_bytes(b"a file where the folder goes")
+    result = d.cli("retry")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == "requeued b.dcm for pacs"
+    (line,) = [x for x in result.stderr.splitlines() if "a.dcm" in x]
+    assert line.startswith(f"forwarder retry: cannot move {d.failed / 'ct/a.dcm'} to "), line
+    assert "Not a directory; it stays in place" in line, line
+    assert "1 files requeued, 0 skipped, 1 left in failed/" in result.stderr
+    assert d.failed_files() == ["ct/a.dcm"] and d.error_json("ct/a.dcm")["file"] == "ct/a.dcm"
+    (d.incoming / "ct").unlink()
+    again = d.cli("retry")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "requeued ct/a.dcm (an interrupted retry finished)"
+    assert d.incoming_files() == ["b.dcm", "ct/a.dcm"] and d.failed_files() == []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from forwarder.cli import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from forwarder.cli._config import add_config_option, load_or_report
 from forwarder.crashpoints import crash_point
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, PathQueuedError
 
 if TYPE_CHECKING:
     from forwarder.daemon.spool import Spool
@@ -104,10 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(config.queue):
         print("forwarder retry: nothing to retry (no queue database yet)", file=sys.stderr)
         return EXIT_OK
-    from forwarder.daemon.spool import Spool
+    from forwarder.daemon.spool import Spool, SpoolError
     from forwarder.queue import Queue
 
-    requeued = skipped = 0
+    requeued = skipped = left_failed = 0
     try:
         with Queue(config.queue, create=False) as queue:
             spool = Spool(config.incoming, config.done, config.failed)
@@ -117,7 +117,12 @@ def run(args: argparse.Namespace) -> int:
             for file_id, path, rel in queue.retried_queued():
                 left = None if os.path.lexists(path) else _left_behind(queue, file_id)
                 if left is not None:
-                    _move_back(spool, left, Path(path))
+                    try:
+                        _move_back(spool, left, Path(path))
+                    except SpoolError as exc:  # this file only: it stays queued in failed/
+                        print(f"forwarder retry: {exc}", file=sys.stderr)
+                        left_failed += 1
+                        continue
                     requeued += 1
                     print(f"requeued {rel} (an interrupted retry finished)")
             for f in queue.failed_files(args.destination):
@@ -150,14 +155,34 @@ def run(args: argparse.Namespace) -> int:
                 # The failures not retried now stand: the file is not delivered until those
                 # destinations store it too (a later `retry --destination`).
                 kept = [d for d in f.destinations if d in names and d not in dests]
-                queue.requeue_failed(f.file_id, str(target), rel, dests, still_failed=kept)
+                try:
+                    queue.requeue_failed(f.file_id, str(target), rel, dests, still_failed=kept)
+                except PathQueuedError:
+                    # Not on disk, yet queued: a file dropped again under this name, which the
+                    # daemon has not finished (or a daemon killed while moving it out).
+                    print(
+                        f"forwarder retry: {source}: left in failed/ as it is: the queue still "
+                        f"holds an unfinished file under {target}; run `forwarder retry` again "
+                        "once the daemon has finished that one",
+                        file=sys.stderr,
+                    )
+                    left_failed += 1
+                    continue
                 crash_point("retry-before-move")
-                _move_back(spool, source, target)
+                try:
+                    _move_back(spool, source, target)
+                except SpoolError as exc:  # this file only: queued, the next retry moves it
+                    print(f"forwarder retry: {exc}", file=sys.stderr)
+                    left_failed += 1
+                    continue
                 crash_point("retry-after-move")
                 requeued += 1
                 print(f"requeued {rel} for {', '.join(dests)}")
     except ForwarderError as exc:
         print(f"forwarder retry: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"forwarder retry: {requeued} files requeued, {skipped} skipped", file=sys.stderr)
-    return EXIT_OK
+    summary = f"{requeued} files requeued, {skipped} skipped"
+    if left_failed:
+        summary += f", {left_failed} left in failed/ (see above)"
+    print(f"forwarder retry: {summary}", file=sys.stderr)
+    return EXIT_FAILED if left_failed else EXIT_OK

@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from forwarder.errors import QueueError
+from forwarder.errors import PathQueuedError, QueueError
 from forwarder.queue.records import NORMAL_RANK, FailedFile
 from forwarder.queue.sql import (
     FAILED_FILES,
@@ -86,7 +86,10 @@ class Requeue(Store):
 
         ``still_failed``: other destinations whose failure stands (not retried now): their
         FAILED jobs are copied to the new row, so that the file goes back to failed/ (and is
-        listed for them again) rather than to done/ once ``destinations`` store it."""
+        listed for them again) rather than to done/ once ``destinations`` store it.
+
+        Raises :class:`PathQueuedError` when an unfinished file holds ``new_path`` (nothing
+        changed), :class:`QueueError` for the rest."""
         routed_to(destinations)  # a file must go somewhere: refused before any write
         at = clock(now)
         params = {"id": file_id, "new_path": new_path, "rel_path": rel_path, "now": at}
@@ -94,7 +97,7 @@ class Requeue(Store):
             try:
                 row = conn.execute(REQUEUE_FILE, params).fetchall()
             except sqlite3.IntegrityError as exc:
-                raise QueueError(
+                raise PathQueuedError(
                     f"queue database {self._path}: cannot requeue file {file_id} as {new_path}: "
                     "a file with that path is already queued"
                 ) from exc
