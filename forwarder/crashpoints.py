@@ -19,8 +19,8 @@ Unset in production, where :func:`crash_point` is one dictionary lookup. Points:
 - ``query-before-find``: a verify_by_query round recorded, its C-FINDs not sent.
 - ``retry-before-move``: ``forwarder retry`` queued a failed file again, not yet moved it back
   (the retry command's own process dies);
-- ``retry-after-move``: ``forwarder retry`` moved a failed file back into incoming, its
-  ``NAME.error.json`` not yet removed from failed/.
+- ``retry-after-move``: ``forwarder retry`` moved a failed file back into incoming (its
+  ``NAME.error.json`` was removed from failed/ just before), not yet counted it.
 """
 
 from __future__ import annotations
