@@ -85,7 +85,11 @@ def _move_back(spool: Spool, source: Path, target: Path) -> None:
             try:
                 write_whole(error_json, report, sync_dir=True)
             except SpoolError as exc:
-                print(f"forwarder retry: {exc}; it is not put back", file=sys.stderr)
+                print(
+                    f"forwarder retry: {exc}: the report is not put back (the file stays "
+                    "queued: the next `forwarder retry` moves it)",
+                    file=sys.stderr,
+                )
         raise
 
 
