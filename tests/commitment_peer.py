@@ -8,10 +8,13 @@ IMAGE level (Study Root) from what it holds (``find_fails``: ending with a failu
 instead, for chosen instances). ``hang``: accept the association, then never
 answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
 ``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
+``ssl_context``: DICOM TLS (a server context); set another on a running peer (:meth:`use_tls`)
+and the next connections are handshaken with it (a PACS whose trust changed).
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -57,6 +60,7 @@ class CommitmentSCP:
     report_statuses: list[int] = field(default_factory=list)
     report_endings: list[str] = field(default_factory=list)  # "released" / "aborted", mode new
     port: int = 0
+    ssl_context: ssl.SSLContext | None = None
     _server: Any = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -192,6 +196,7 @@ class CommitmentSCP:
         self._server = ae.start_server(
             ("127.0.0.1", self.port or free_port()),
             block=False,
+            ssl_context=self.ssl_context,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._store),
                 (evt.EVT_N_ACTION, self._action),
@@ -201,6 +206,11 @@ class CommitmentSCP:
         )
         self.port = self._server.socket.getsockname()[1]
         return self
+
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """Handshake the next connections with ``context`` (those open stay as they are)."""
+        self.ssl_context = context
+        self._server.ssl_context = context
 
     def stop(self) -> None:
         self._stopping.set()
