@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FORWARDER
+from conftest import FORWARDER, wait_until
 from daemon import Daemon, destination, subprocess_env
 from dicomgen import PATIENT_NAME, write_files
 from pki import Pki, make_pki
@@ -284,3 +284,51 @@ def test_verify_by_query_over_mutual_tls_to_orthanc(pki: Pki, tmp_path: Path) ->
             assert (status["committed"], status["commitment_failures"]) == (2, 0)
             assert d.stop() == 0
         assert pacs.instance_count() == 2
+
+
+def test_proof_of_delivery_to_a_peer_refusing_our_certificate_says_why_in_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A PACS that stored what we sent, then stopped trusting our client certificate (its CA
+    list changed): each proof round that cannot get an association says so in one line,
+    naming the destination and the TLS refusal as C-STORE words it; not pynetdicom's
+    "Connection closed" lines, its traceback and "Association Aborted", then "aborted"."""
+    from commitment_peer import CommitmentSCP
+
+    from forwarder.net.tls import server_context
+
+    tls = {
+        "ca": os.fspath(pki.ca_cert),
+        "cert": os.fspath(pki.client_cert),
+        "key": os.fspath(pki.client_key),
+    }
+    trusting = server_context(pki.server_cert, pki.server_key, ca=pki.ca_cert)
+    with CommitmentSCP(ssl_context=trusting) as scp:
+        proofs = {
+            "sc": {"storage_commitment": {"settle": "1500ms"}},
+            "vq": {"verify_by_query": {"after": "1500ms"}},
+        }
+        dests = [
+            destination(n, scp.port, ae_title=scp.ae_title, tls=tls, **p) for n, p in proofs.items()
+        ]
+        with Daemon(tmp_path / "d", destinations=dests) as d:
+            d.drop_files(1)
+            wait_until(lambda: len(scp.stores) == 2, 20, what="stored at both destinations")
+            scp.use_tls(server_context(pki.server_cert, pki.server_key, ca=pki.other_ca_cert))
+            peer = f"{scp.ae_title}@127.0.0.1:{scp.port}"
+            refused = "peer rejected our certificate (tlsv1 alert unknown ca)"
+            d.wait_log(
+                f"sc: storage commitment of 1 instance(s) not requested: no association with "
+                f"{peer} for storage commitment: {refused}; asking again in 30s",
+                timeout=20,
+            )
+            d.wait_log(
+                f"vq: verification by query of 1 instance(s) not done: no association with "
+                f"{peer} for C-FIND: {refused}; asking again in 30s",
+                timeout=20,
+            )
+            assert d.stop() == 0
+    said = d.log_text()
+    for noise in ("Traceback", "_ssl.c", "Connection closed", "Association Aborted", "aborted"):
+        assert noise not in said, said
+    assert d.done_files() == [] and d.failed_files() == []

@@ -22,8 +22,10 @@ sender has its own association engine with its own stop.
 
 pynetdicom logs a connection that fails as two ERROR lines and, for TLS, a traceback, on its
 connection thread, every time (a storage commitment round every minute against a PACS whose
-certificate changed). :func:`why_not_established` says it in one line for the caller's own
-message instead, and those lines are not let through (:class:`_ConnectFailures`).
+certificate changed); so too a peer's TLS alert refusing our certificate (TLS 1.3: after our
+side of the handshake, at the first read), then "Association Aborted" on the requesting thread.
+:func:`why_not_established` says it in one line for the caller's own message instead, and those
+lines are not let through (:class:`_ConnectFailures`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 from forwarder.errors import ForwarderError
 from forwarder.net.interrupt import shut_down
 from forwarder.net.pdu import REJECT_RESULT, reject_reason
-from forwarder.net.tls import describe_tls_error
+from forwarder.net.tls import describe_tls_alert, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -50,52 +52,77 @@ _WAKE_EVERY = 0.02  # how often the waiter is offered its "no response" again
 _WAKE_FOR = 5.0  # and for how long at most
 _CONNECT_FAILED = "Association request failed: unable to connect to remote"
 _CONNECT_ERROR = "TCP Initialisation Error: "
+_READ_FAILED = "Connection closed before the entire PDU was received"  # pynetdicom's DUL
+_ABORTED = "Association Aborted"  # pynetdicom's ACSE, at ERROR: the request was aborted
 _KEEP_FAILURES = 64  # connection threads whose failure no caller asked for, at most
 _FAILURE_FRESH = 30.0  # seconds a kept failure may be told; older, it was nobody's
 
 
 class _ConnectFailures(logging.Filter):
-    """On pynetdicom's transport logger: a failed connect's lines (which pynetdicom logs on the
-    association's connection thread) are kept by that thread's id, for
-    :func:`why_not_established`, and not let through."""
+    """On pynetdicom's transport, DUL and ACSE loggers: what made an association we request
+    fail before it was established (which pynetdicom logs on the association's connection
+    thread) is kept by that thread's id, for :func:`why_not_established`, and its lines are not
+    let through; nor is ACSE's "Association Aborted" that follows (every association we
+    request is told by its caller, with :func:`why_not_established`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._by_thread: OrderedDict[int | None, tuple[float, OSError | str]] = OrderedDict()
+        self._by_thread: OrderedDict[int | None, tuple[float, OSError | str, bool]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom.acse":
+            return not (record.levelno >= logging.ERROR and record.msg == _ABORTED)
+        if record.name == "pynetdicom.dul":
+            return self._dul(record)
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, OSError):
-            self._keep(record.thread, error)  # the TLS traceback: its exception is the reason
+            self._keep(record.thread, error, False)  # the TLS traceback: its exception is why
             return False
         message = record.getMessage()
         if message.startswith(_CONNECT_ERROR):
             # "[Errno 111] Connection refused": the words only
-            self._keep(
-                record.thread, re.sub(r"^\[Errno \d+\] ", "", message[len(_CONNECT_ERROR) :])
-            )
+            words = re.sub(r"^\[Errno \d+\] ", "", message[len(_CONNECT_ERROR) :])
+            self._keep(record.thread, words, False)
             return False
         return message != _CONNECT_FAILED
 
-    def _keep(self, thread: int | None, failure: OSError | str) -> None:
+    def _dul(self, record: logging.LogRecord) -> bool:
+        """The connection thread of an association we request, not yet established, could not
+        read the peer's answer (a TLS alert refusing our certificate, a reset): kept, and its
+        lines not let through. Any other association's lines pass."""
+        assoc = getattr(threading.current_thread(), "assoc", None)  # pynetdicom's DUL thread
+        if assoc is None or not assoc.is_requestor:
+            return True
+        if assoc.is_established or assoc.is_released or assoc.is_aborted or assoc.is_rejected:
+            return True  # not negotiating
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError):
+            self._keep(record.thread, error, True)
+            return False
+        return record.msg != _READ_FAILED
+
+    def _keep(self, thread: int | None, failure: OSError | str, reading: bool) -> None:
         with self._lock:
-            self._by_thread[thread] = (time.monotonic(), failure)
+            self._by_thread[thread] = (time.monotonic(), failure, reading)
             while len(self._by_thread) > _KEEP_FAILURES:
                 self._by_thread.popitem(last=False)
 
-    def take(self, thread: int | None) -> OSError | str | None:
+    def take(self, thread: int | None) -> tuple[OSError | str, bool] | None:
+        """What failed on ``thread``'s association, and whether it was reading the peer's
+        answer (False: connecting, the TLS handshake included)."""
         with self._lock:
             kept = self._by_thread.pop(thread, None)
         # A failure no caller took (an association given up at a stop) is not another's,
         # when the thread id comes round again: the caller asks as soon as associate returns.
         if kept is None or time.monotonic() - kept[0] > _FAILURE_FRESH:
             return None
-        return kept[1]
+        return kept[1], kept[2]
 
 
 _failures = _ConnectFailures()
-logging.getLogger("pynetdicom.transport").addFilter(_failures)
+for _name in ("pynetdicom.transport", "pynetdicom.dul", "pynetdicom.acse"):
+    logging.getLogger(_name).addFilter(_failures)
 
 
 def why_not_established(assoc: Any) -> str:
@@ -104,14 +131,16 @@ def why_not_established(assoc: Any) -> str:
     refused``), the peer's rejection with its reason (as ``forwarder send`` words it),
     ``aborted`` or ``no answer``."""
     dul = getattr(assoc, "dul", None)
-    failure = _failures.take(dul.ident if dul is not None else None)
+    kept = _failures.take(dul.ident if dul is not None else None)
+    failure, reading = kept if kept is not None else (None, False)
     rejection = _rejection(assoc)
     if rejection is not None:
         result, source, reason = rejection
         verdict = REJECT_RESULT.get(result, f"result {result}")
         return f"rejected ({verdict}: {reject_reason(source, reason)})"
     if isinstance(failure, ssl.SSLError):
-        return describe_tls_error(failure)
+        # An alert read once the handshake is over is worded as the sender words it there.
+        return describe_tls_alert(failure) if reading else describe_tls_error(failure)
     if isinstance(failure, OSError):
         return failure.strerror or str(failure)
     if failure:
