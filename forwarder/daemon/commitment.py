@@ -242,6 +242,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
                 self._jobs.pop(uid, None)
             self.queue.cancel_commitment(uid)
             return False
+        self._works(target)
         return True
 
     def _untold_tries(self, target: ProofTarget, job_ids: list[int]) -> None:

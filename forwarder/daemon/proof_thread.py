@@ -7,8 +7,9 @@ reload), wakes once a second to do what is due (:meth:`ProofThread._tick`), and 
 steps: :meth:`~ProofThread.request_stop` sets the stop event, which every network wait of the
 thread is given as its cancel (:mod:`forwarder.net.cancel`), so an exchange under way is aborted
 at once; :meth:`~ProofThread.stop` then joins the thread within a bound. An exchange that did not
-happen is said once (:meth:`~ProofThread._not_done`) and its destination rests before it is asked
-again.
+happen (:meth:`~ProofThread._not_done`) makes its destination rest before it is asked again, and
+is said once: round after round with the same reason, only at debug level (as C-STORE says a
+destination DOWN once), until the reason changes or a round works again (said once too).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class ProofThread(Generic[TargetT]):
         self._undecided: dict[int, int] = {}  # job id -> rounds it stayed undecided
         self._retry_at: dict[int, float] = {}  # job id -> not asked about again before
         self._untold: set[int] = set()  # job ids whose sent UIDs could not be told (logged)
+        self._said: dict[str, str] = {}  # destination -> the failure of its rounds last said
 
     def configure(self, targets: Sequence[TargetT]) -> None:
         """The destinations to prove now (at start and on reload)."""
@@ -192,7 +194,11 @@ class ProofThread(Generic[TargetT]):
                 exc,
             )
             return
-        self.log.warning(
+        self._not_before[target.name] = time.time() + _RETRY
+        self._say(
+            target,
+            f"{failed}: {exc}",
+            logging.WARNING,
             "%s: %s of %d instance(s) %s: %s; asking again in %.0fs",
             target.name,
             what,
@@ -201,4 +207,25 @@ class ProofThread(Generic[TargetT]):
             exc,
             _RETRY,
         )
-        self._not_before[target.name] = time.time() + _RETRY
+
+    def _say(
+        self,
+        target: TargetT,
+        why: str,
+        level: int,
+        message: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """A round's failure, said at ``level`` when ``why`` is new for the destination; the
+        same again only at debug level, without a traceback (a peer down for a weekend, one
+        line, not one a round)."""
+        if self._said.get(target.name) == why:
+            level, exc_info = logging.DEBUG, None
+        self._said[target.name] = why
+        self.log.log(level, message, *args, exc_info=exc_info)
+
+    def _works(self, target: TargetT) -> None:
+        """A round went through: said once, when a failure of the destination's was said."""
+        if self._said.pop(target.name, None) is not None:
+            self.log.info("%s: %s works again", target.name, self.what)

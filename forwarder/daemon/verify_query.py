@@ -175,6 +175,7 @@ class QueryVerifier(ProofThread[QueryTarget]):
                 "; ".join(sorted(set(undecided.values()))[:3]),
                 max(target.policy.after, 1.0),
             )
+        self._works(target)
         return True
 
     def _key(self, target: QueryTarget, item: CommitItem) -> InstanceKey | None:

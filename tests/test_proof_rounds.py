@@ -1,0 +1,90 @@
+"""The proof of delivery threads in process (storage commitment's keeper, verification by query)
+when a round goes wrong: a round that cannot be asked is said once, not once a round."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from commitment_peer import CommitmentSCP
+from conftest import wait_until
+from peers import free_port
+from pydicom.dataset import Dataset
+from test_commitment_keeper import CT, STUDY, _Finished
+
+from forwarder.config import Destination
+from forwarder.daemon import proof_thread
+from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
+from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
+from forwarder.net.association import AssociationSettings
+from forwarder.queue import FileEntry, Queue
+
+SOP = "1.2.826.0.1.3680043.10.1284.59.1"
+PROOFS = ["storage_commitment", "verify_by_query"]
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Iterator[Queue]:
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        yield queue
+
+
+def _stored(q: Queue) -> list[int]:
+    """One instance stored at "pacs", awaiting its proof; its job ids."""
+    entry = FileEntry("/in/0", "0", 1, 1, CT, SOP, "1.2.840.10008.1.2.1", STUDY)
+    q.enqueue_many([(entry, ["pacs"])])
+    jobs = q.claim("pacs", 10)
+    q.ack_done([j.id for j in jobs], commitment=True)
+    return [j.id for j in jobs]
+
+
+def _prover(proof: str, q: Queue, port: int, finished: _Finished) -> Any:
+    """The keeper or the verifier, proving "pacs" at ``port`` at once (no settle, no after)."""
+    policy = {"settle": 0} if proof == "storage_commitment" else {"after": 0}
+    dest = Destination.model_validate(
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, proof: policy}
+    )
+    settings = AssociationSettings(calling_ae_title="FWD", connect_timeout=2.0)
+    prover: Any
+    if proof == "storage_commitment":
+        prover = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
+        prover.configure([ProofTarget(dest, settings)])
+    else:
+        prover = QueryVerifier(q, cast(Any, finished), wake_workers=lambda: None)
+        prover.configure([QueryTarget(dest, settings)])
+    return prover
+
+
+def _lines(caplog: pytest.LogCaptureFixture, words: str) -> list[logging.LogRecord]:
+    return [r for r in list(caplog.records) if words in r.getMessage()]
+
+
+@pytest.mark.parametrize("proof", PROOFS)
+def test_a_peer_that_cannot_be_asked_is_said_once_until_it_can(
+    proof: str, q: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round after round against a peer that is down, the same reason: one warning (as C-STORE
+    says DOWN once), the other rounds only at debug level; once the peer can be asked again,
+    one line says so."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    _stored(q)
+    port = free_port()
+    finished = _Finished()
+    prover = _prover(proof, q, port, finished)
+    prover.start()
+    try:
+        wait_until(lambda: len(_lines(caplog, "Connection refused")) >= 2, 15, what="2 rounds")
+        with CommitmentSCP(port=port) as scp:
+            scp.held[SOP] = Dataset()
+            wait_until(lambda: finished.ids, 10, what="the instance proven")
+    finally:
+        prover.stop()
+    refused = _lines(caplog, "Connection refused")
+    assert [r.levelno for r in refused][:2] == [logging.WARNING, logging.DEBUG]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == refused[:1]
+    (again,) = _lines(caplog, "works again")
+    assert again.levelno == logging.INFO and again.getMessage().startswith("pacs: ")
