@@ -1,9 +1,12 @@
 """The proof of delivery threads in process (storage commitment's keeper, verification by query)
-when a round goes wrong: a round that cannot be asked is said once, not once a round."""
+when a round goes wrong: a round that cannot be asked, or that our own code fails in the middle
+of, is closed at once (its instances await proof again, and are asked again after the
+destination's rest), and said once, not once a round."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +22,7 @@ from forwarder.config import Destination
 from forwarder.daemon import proof_thread
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
+from forwarder.net import commitment_scu, query_scu
 from forwarder.net.association import AssociationSettings
 from forwarder.queue import FileEntry, Queue
 
@@ -60,6 +64,50 @@ def _prover(proof: str, q: Queue, port: int, finished: _Finished) -> Any:
 
 def _lines(caplog: pytest.LogCaptureFixture, words: str) -> list[logging.LogRecord]:
     return [r for r in list(caplog.records) if words in r.getMessage()]
+
+
+@pytest.mark.parametrize("proof", PROOFS)
+def test_an_internal_error_in_a_round_closes_it_says_it_once_and_asks_again(
+    proof: str, q: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug of ours in the middle of a round (the association open: one of our functions made
+    to raise): the round recorded in the queue is closed at once, not left open with its
+    instances (a query round until a restart; a commitment transaction until its timeout, then
+    sent again as not committed); the error is said once, with its traceback, naming the
+    destination, which rests as after a peer that could not be asked; then it is asked again
+    and the instance proven."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.5)
+    module: Any = commitment_scu if proof == "storage_commitment" else query_scu
+    real_ask = module._ask
+    broken = threading.Event()
+    broken.set()
+
+    def ask(*args: Any, **kwargs: Any) -> Any:
+        if broken.is_set():
+            raise RuntimeError("a bug")
+        return real_ask(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_ask", ask)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    job_ids = _stored(q)
+    finished = _Finished()
+    with CommitmentSCP() as scp:
+        scp.held[SOP] = Dataset()
+        prover = _prover(proof, q, scp.port, finished)
+        prover.start()
+        try:
+            wait_until(lambda: _lines(caplog, "internal error"), 10, what="the error")
+            assert q.open_commitments() == []
+            assert [i.job_id for i in q.awaiting_commitment("pacs")] == job_ids
+            broken.clear()
+            wait_until(lambda: finished.ids, 10, what="the instance proven")
+        finally:
+            prover.stop()
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage().startswith("pacs: ") and "internal error" in error.getMessage()
+    assert error.exc_info is not None and "a bug" in caplog.text
+    assert _lines(caplog, "works again")
+    assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 1
 
 
 @pytest.mark.parametrize("proof", PROOFS)

@@ -7,7 +7,8 @@ commitment (the file stays in incoming). One thread, the :class:`CommitmentKeepe
    it for ``settle``, or as soon as ``max_instances`` of it are stored: the transaction (its
    Transaction UID, instances and deadline) is committed to the queue *before* the N-ACTION
    goes out (:meth:`forwarder.queue.Queue.begin_commitment`); a peer that cannot be reached
-   cancels it, and it is asked again later;
+   cancels it, and it is asked again later, as does an error of ours while requesting (not
+   left open to expire as not committed, and be sent again, for no fault of the peer);
 2. takes the report, on the requesting association (kept open ``wait_on_association``), on its
    own report acceptor (``storage_commitment.port``: a pynetdicom AE the peer opens an
    association to), or from anyone who calls :meth:`CommitmentKeeper.deliver_report` (the seam
@@ -163,14 +164,17 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
     def _tick(self) -> None:
         try:
             self._expire()
-            for target in self._current_targets():
-                if self._stop.is_set():
-                    return
-                self._request_due(target)
         except ForwarderError as exc:
             logger.error("storage commitment: %s; trying again", exc)
         except Exception:
             logger.exception("storage commitment: internal error; trying again")
+        for target in self._current_targets():
+            if self._stop.is_set():
+                return
+            try:
+                self._request_due(target)
+            except Exception as exc:
+                self._failed(target, exc)  # the transaction it began is cancelled (_request)
 
     def _request_due(self, target: ProofTarget) -> None:
         now = time.time()
@@ -234,16 +238,25 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
                 cancel=self._stop,
             )
         except CommitmentError as exc:
+            self._cancel(uid)
             self._not_done(
                 target, "storage commitment", len(items), "not requested", "not requested", exc
             )
-            self.book.forget(uid)
-            with self._lock:
-                self._jobs.pop(uid, None)
-            self.queue.cancel_commitment(uid)
             return False
+        except Exception:
+            # Ours, not the peer's: whether the N-ACTION went out or not, asked again (after
+            # the rest; a report that comes meanwhile is for a transaction no longer awaited).
+            self._cancel(uid)
+            raise
         self._works(target)
         return True
+
+    def _cancel(self, uid: str) -> None:
+        """Transaction ``uid`` was not requested: its instances await again."""
+        self.book.forget(uid)
+        with self._lock:
+            self._jobs.pop(uid, None)
+        self.queue.cancel_commitment(uid)
 
     def _untold_tries(self, target: ProofTarget, job_ids: list[int]) -> None:
         """Instances that cannot be named now (the UIDs they were sent with cannot be told) are

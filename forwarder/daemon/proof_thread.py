@@ -7,9 +7,11 @@ reload), wakes once a second to do what is due (:meth:`ProofThread._tick`), and 
 steps: :meth:`~ProofThread.request_stop` sets the stop event, which every network wait of the
 thread is given as its cancel (:mod:`forwarder.net.cancel`), so an exchange under way is aborted
 at once; :meth:`~ProofThread.stop` then joins the thread within a bound. An exchange that did not
-happen (:meth:`~ProofThread._not_done`) makes its destination rest before it is asked again, and
-is said once: round after round with the same reason, only at debug level (as C-STORE says a
-destination DOWN once), until the reason changes or a round works again (said once too).
+happen (:meth:`~ProofThread._not_done`), or a round that failed otherwise (the queue refusing, a
+bug of ours: :meth:`~ProofThread._failed`; the subclass first closes what the round recorded),
+makes its destination rest before it is asked again, and is said once: round after round with
+the same reason, only at debug level (as C-STORE says a destination DOWN once), until the reason
+changes or a round works again (said once too).
 """
 
 from __future__ import annotations
@@ -206,6 +208,27 @@ class ProofThread(Generic[TargetT]):
             failed,
             exc,
             _RETRY,
+        )
+
+    def _failed(self, target: TargetT, exc: Exception) -> None:
+        """A round that failed otherwise than by the peer (the queue refusing, or a bug of ours,
+        said with its traceback), after the subclass closed what the round recorded: the
+        destination rests as when the peer cannot be asked, then is asked again."""
+        self._not_before[target.name] = time.time() + _RETRY
+        if isinstance(exc, ForwarderError):
+            why, error = str(exc), None
+        else:
+            why, error = f"internal error ({type(exc).__name__}: {exc})", exc
+        self._say(
+            target,
+            why,
+            logging.ERROR,
+            "%s: %s: %s; trying again in %.0fs",
+            target.name,
+            self.what,
+            why if error is None else "internal error",
+            _RETRY,
+            exc_info=error,
         )
 
     def _say(

@@ -9,26 +9,33 @@ failed/ with "stored but not committed: not held by the destination": the same q
 reasons, ``status`` fields and metrics as storage commitment.
 
 A round is recorded in the queue before the queries go out (kind ``query``); one left open by a
-crash is simply asked again after the restart (a query changes nothing at the peer). A peer
-that cannot be asked leaves everything awaiting, and is asked again later; so does an instance
-whose query the peer answers with a failure status, without holding up the others.
+crash is simply asked again after the restart (a query changes nothing at the peer), and one an
+error of the round left open (the queue refusing, a bug of ours) is closed at once, its
+instances asked again after the destination's rest. A peer that cannot be asked leaves
+everything awaiting, and is asked again later; so does an instance whose query the peer answers
+with a failure status, without holding up the others.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from forwarder.config import VerifyByQuery
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
 from forwarder.daemon.commitment import apply_outcome
-from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, Target
+from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, SentUids, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import new_transaction_uid
 from forwarder.net.query_scu import InstanceKey
-from forwarder.queue import CommitItem
+from forwarder.queue import CommitItem, Queue
+
+if TYPE_CHECKING:
+    from forwarder.daemon.finisher import FinishSink
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +69,20 @@ class QueryVerifier(ProofThread[QueryTarget]):
     what = "verification by query"
     log = logger
 
+    def __init__(
+        self,
+        queue: Queue,
+        finisher: FinishSink,
+        *,
+        wake_workers: Callable[[], None],
+        metrics: Any = None,
+        sent_uids: SentUids | None = None,
+    ) -> None:
+        super().__init__(
+            queue, finisher, wake_workers=wake_workers, metrics=metrics, sent_uids=sent_uids
+        )
+        self._open: set[str] = set()  # rounds recorded in the queue, not yet resolved
+
     def start(self) -> None:
         """Rounds a crash left open are asked again (their instances await once more)."""
         for txn in self.queue.open_commitments():
@@ -70,15 +91,33 @@ class QueryVerifier(ProofThread[QueryTarget]):
         super().start()
 
     def _tick(self) -> None:
+        self._close_rounds()
         for target in self._current_targets():
             if self._stop.is_set():
                 return
             try:
                 self._verify_due(target)
+            except Exception as exc:
+                self._close_rounds()
+                self._failed(target, exc)
+
+    def _begin(self, uid: str, destination: str, job_ids: list[int]) -> None:
+        self.queue.begin_commitment(uid, destination, "query", job_ids, deadline=time.time())
+        self._open.add(uid)
+
+    def _cancel(self, uid: str) -> None:
+        self.queue.cancel_commitment(uid)
+        self._open.discard(uid)
+
+    def _close_rounds(self) -> None:
+        """Rounds an error left open are closed: their instances await again, and are asked
+        after the destination's rest, not kept in a round nobody resolves until a restart.
+        One the queue does not close now is tried again at the next tick."""
+        for uid in sorted(self._open):
+            try:
+                self._cancel(uid)
             except ForwarderError as exc:
-                logger.error("%s: verification by query: %s; trying again", target.name, exc)
-            except Exception:
-                logger.exception("%s: verification by query: internal error", target.name)
+                logger.debug("verification by query: round %s not closed yet: %s", uid, exc)
 
     def _verify_due(self, target: QueryTarget) -> None:
         now = time.time()
@@ -104,7 +143,7 @@ class QueryVerifier(ProofThread[QueryTarget]):
         missing: list[tuple[int, str]] = []
         uid, recorded = new_transaction_uid(), [i.job_id for i, _ in asked]
         if asked:
-            self.queue.begin_commitment(uid, target.name, "query", recorded, deadline=time.time())
+            self._begin(uid, target.name, recorded)
             crash_point("query-before-find")
             try:
                 answers = held_instances(
@@ -114,10 +153,10 @@ class QueryVerifier(ProofThread[QueryTarget]):
                     self._stop,
                 )
             except QueryError as exc:
+                self._cancel(uid)
                 self._not_done(
                     target, "verification by query", len(items), "interrupted", "not done", exc
                 )
-                self.queue.cancel_commitment(uid)
                 return False
             for i, k in asked:
                 if k.sop_instance_uid in answers.undecided:
@@ -143,12 +182,10 @@ class QueryVerifier(ProofThread[QueryTarget]):
         if set(decided) != set(recorded):
             # The round is recorded anew with what was decided (the undecided await again).
             if asked:
-                self.queue.cancel_commitment(uid)
+                self._cancel(uid)
             uid = new_transaction_uid()
             if decided:
-                self.queue.begin_commitment(
-                    uid, target.name, "query", decided, deadline=time.time()
-                )
+                self._begin(uid, target.name, decided)
         res = (
             self.queue.resolve_commitment(
                 uid, committed, missing, max_resends=target.policy.max_resends, outcome="query"
@@ -156,6 +193,7 @@ class QueryVerifier(ProofThread[QueryTarget]):
             if decided
             else None
         )
+        self._open.discard(uid)
         if res is not None:
             apply_outcome(
                 res,
