@@ -676,3 +676,24 @@ def test_a_file_that_cannot_be_moved_back_does_not_stop_the_others(tmp_path: Pat
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == "requeued ct/a.dcm (an interrupted retry finished)"
     assert d.incoming_files() == ["b.dcm", "ct/a.dcm"] and d.failed_files() == []
+
+
+def test_a_report_that_cannot_be_removed_is_named_and_the_others_are_retried(
+    tmp_path: Path,
+) -> None:
+    """`forwarder retry` removes a file's NAME.error.json before moving the file back. When
+    that fails (here the report's name is a folder: removing it fails for root too), the
+    report is named with the reason in one line, not a traceback; the file stays in failed/
+    and the files after it are retried; the exit status is 1."""
+    d = _failed_and_stopped(tmp_path, 2)
+    report = d.failed / "img0000.dcm.error.json"
+    report.unlink()
+    report.mkdir()
+    result = d.cli("retry")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip() == "requeued img0001.dcm for pacs", result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if "img0000.dcm" in x]
+    assert line == f"forwarder retry: cannot remove {report}: Is a directory", line
+    assert "1 files requeued, 0 skipped, 1 left in failed/" in result.stderr
+    assert d.failed_files() == ["img0000.dcm"] and d.incoming_files() == ["img0001.dcm"]

@@ -58,9 +58,16 @@ def _left_behind(queue: Queue, file_id: int) -> Path | None:
 
 
 def _drop_error_json(path: Path) -> None:
+    """Remove ``path``'s ``NAME.error.json``, if any (SpoolError when it cannot be)."""
+    from forwarder.daemon.spool import SpoolError
+
     error_json = path.with_name(path.name + ".error.json")
-    if error_json.exists():
+    try:
         error_json.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise SpoolError(f"cannot remove {error_json}: {exc.strerror or exc}") from None
 
 
 def _move_back(spool: Spool, source: Path, target: Path) -> None:
@@ -136,7 +143,12 @@ def run(args: argparse.Namespace) -> int:
                     # failed the copy it could not find. The file is where it was left.
                     left = _left_behind(queue, f.file_id)
                     if left is not None:
-                        _drop_error_json(source)
+                        try:
+                            _drop_error_json(source)
+                        except SpoolError as exc:  # this file only: queued, left behind
+                            print(f"forwarder retry: {exc}", file=sys.stderr)
+                            left_failed += 1
+                            continue
                         source = left
                 if not source.exists():
                     print(
