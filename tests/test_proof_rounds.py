@@ -5,6 +5,7 @@ destination's rest), and said once, not once a round."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -136,3 +137,43 @@ def test_a_peer_that_cannot_be_asked_is_said_once_until_it_can(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == refused[:1]
     (again,) = _lines(caplog, "works again")
     assert again.levelno == logging.INFO and again.getMessage().startswith("pacs: ")
+
+
+@pytest.mark.parametrize("reload", ["removed_and_added_back", "changed"])
+@pytest.mark.parametrize("proof", PROOFS)
+def test_a_failure_is_said_again_after_a_reload_that_removed_or_changed_the_destination(
+    proof: str,
+    reload: str,
+    q: Queue,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The failure said once is said once per configuration of the destination: one removed
+    by a reload and added back later, or changed by a reload (the operator's fix, a new
+    certificate, that did not help), says its failure again at WARNING, not only at debug
+    level as if the operator had seen it for this configuration."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    _stored(q)
+    port = free_port()
+    prover = _prover(proof, q, port, _Finished())
+    (target,) = prover._targets.values()
+    prover.start()
+    try:
+        wait_until(lambda: len(_lines(caplog, "Connection refused")) >= 2, 15, what="2 rounds")
+        said = len(_lines(caplog, "Connection refused"))
+        if reload == "removed_and_added_back":
+            prover.configure([])
+            prover.configure([target])
+        else:
+            settings = dataclasses.replace(target.settings, connect_timeout=3.0)
+            prover.configure([type(target)(target.destination, settings)])
+        # Two rounds more: at least one begun after the reload (one under way may end after it).
+        wait_until(
+            lambda: len(_lines(caplog, "Connection refused")) > said + 1, 15, what="2 rounds after"
+        )
+    finally:
+        prover.stop()
+    levels = [r.levelno for r in _lines(caplog, "Connection refused")]
+    assert levels[:2] == [logging.WARNING, logging.DEBUG]
+    assert logging.WARNING in levels[said:], levels

@@ -100,9 +100,14 @@ class ProofThread(Generic[TargetT]):
         self._said: dict[str, str] = {}  # destination -> the failure of its rounds last said
 
     def configure(self, targets: Sequence[TargetT]) -> None:
-        """The destinations to prove now (at start and on reload)."""
+        """The destinations to prove now (at start and on reload). A failure said for a
+        destination that is gone or changed is forgotten: the next one is said again (a
+        destination added back, or the operator's fix that did not help)."""
         with self._lock:
-            self._targets = {t.name: t for t in targets}
+            new = {t.name: t for t in targets}
+            for name in [n for n in self._said if self._targets.get(n) != new.get(n)]:
+                del self._said[name]
+            self._targets = new
 
     def start(self) -> None:
         """Run the thread (subclasses first take back what a previous run left open)."""
@@ -243,12 +248,15 @@ class ProofThread(Generic[TargetT]):
         """A round's failure, said at ``level`` when ``why`` is new for the destination; the
         same again only at debug level, without a traceback (a peer down for a weekend, one
         line, not one a round)."""
-        if self._said.get(target.name) == why:
-            level, exc_info = logging.DEBUG, None
-        self._said[target.name] = why
+        with self._lock:
+            if self._said.get(target.name) == why:
+                level, exc_info = logging.DEBUG, None
+            self._said[target.name] = why
         self.log.log(level, message, *args, exc_info=exc_info)
 
     def _works(self, target: TargetT) -> None:
         """A round went through: said once, when a failure of the destination's was said."""
-        if self._said.pop(target.name, None) is not None:
+        with self._lock:
+            said = self._said.pop(target.name, None)
+        if said is not None:
             self.log.info("%s: %s works again", target.name, self.what)
