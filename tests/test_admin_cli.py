@@ -697,3 +697,39 @@ def test_a_report_that_cannot_be_removed_is_named_and_the_others_are_retried(
     assert line == f"forwarder retry: cannot remove {report}: Is a directory", line
     assert "1 files requeued, 0 skipped, 1 left in failed/" in result.stderr
     assert d.failed_files() == ["img0000.dcm"] and d.incoming_files() == ["img0001.dcm"]
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace to kill a write")
+def test_a_report_put_back_killed_midway_leaves_no_file_counted_in_failed(
+    tmp_path: Path,
+) -> None:
+    """`forwarder retry` killed while it puts a report back (its temporary `.NAME.tmp` made,
+    not renamed): once the next retry has moved the file back, failed/ holds no failed file.
+    The temporary left behind is not counted as one by the metrics' failed-folder count
+    (`forwarder_failed_folder_files`), which an operator alerts on."""
+    from forwarder.daemon.failed_folder import FailedFolder
+
+    d = _failed_and_stopped(tmp_path, 1, folder="ct")
+    report = d.failed / "ct" / "img0000.dcm.error.json"
+    shutil.rmtree(d.incoming / "ct", ignore_errors=True)
+    (d.incoming / "ct").write_bytes(b"a file where the folder goes")
+    assert STRACE is not None and FailedFolder(d.failed).count() == 1
+    temporary = report.with_name(f".{report.name}.tmp")
+    killed = subprocess.run(
+        [
+            *(STRACE, "-f", "-qq", "-o", "/dev/null", "-P", str(temporary)),
+            *("-e", "trace=write", "-e", "inject=write:signal=SIGKILL"),
+            *(FORWARDER, "retry", "-c", str(d.config_path)),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+    assert killed.returncode == -9, killed.stderr
+    (d.incoming / "ct").unlink()
+    result = d.cli("retry")
+    assert result.returncode == 0, result.stderr
+    assert d.incoming_files() == ["ct/img0000.dcm"] and d.failed_files() == []
+    assert FailedFolder(d.failed).count() == 0, sorted(p.name for p in d.failed.rglob("*"))

@@ -58,7 +58,8 @@ class FailedFolder:
         self._lock = threading.Lock()
 
     def count(self) -> int:
-        """Files in ``failed/`` and its sub-folders, not counting ``NAME.error.json``."""
+        """Files in ``failed/`` and its sub-folders, not counting ``NAME.error.json`` nor the
+        temporaries (dot-names) a kill while writing one left."""
         with self._lock:
             return sum(listing.files for listing in self._refresh())
 
@@ -119,9 +120,13 @@ def _read(path: str, key: tuple[int, int, int], settled: bool) -> _Listing:
                 if not link:
                     folders.append(entry.name)
                 continue
+            if entry.name.startswith("."):
+                # A temporary a kill left (``.NAME.error.json.tmp``, ``.NAME.moving``): never a
+                # failed file, which comes from incoming, where dot-names are never taken.
+                continue
             if not entry.name.endswith(ERROR_SUFFIX):
                 files += 1
-            elif not entry.name.startswith("."):
+            else:
                 try:
                     reports.append((os.stat(entry.path).st_mtime, entry.path))
                 except OSError:
