@@ -61,6 +61,9 @@ class CommitmentSCP:
     report_endings: list[str] = field(default_factory=list)  # "released" / "aborted", mode new
     port: int = 0
     ssl_context: ssl.SSLContext | None = None
+    # (n, context): once n instances are stored, use_tls(context), before the n-th store is
+    # answered (so before anything the sender does after that store)
+    tls_after_stores: tuple[int, ssl.SSLContext] | None = None
     _server: Any = None
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -76,6 +79,9 @@ class CommitmentSCP:
         with self._lock:
             self.held[str(ds.SOPInstanceUID)] = ds
             self.stores.append(str(ds.SOPInstanceUID))
+            switch = self.tls_after_stores
+            if switch is not None and len(self.stores) == switch[0]:
+                self.use_tls(switch[1])
         return 0x0000
 
     def _report(self, action: Dataset) -> tuple[int, Dataset]:

@@ -303,7 +303,10 @@ def test_proof_of_delivery_to_a_peer_refusing_our_certificate_says_why_in_one_li
         "key": os.fspath(pki.client_key),
     }
     trusting = server_context(pki.server_cert, pki.server_key, ca=pki.ca_cert)
-    with CommitmentSCP(ssl_context=trusting) as scp:
+    # The trust changes as the second store is answered: before any proof round, however slow
+    # the machine.
+    distrusting = server_context(pki.server_cert, pki.server_key, ca=pki.other_ca_cert)
+    with CommitmentSCP(ssl_context=trusting, tls_after_stores=(2, distrusting)) as scp:
         proofs = {
             "sc": {"storage_commitment": {"settle": "1500ms"}},
             "vq": {"verify_by_query": {"after": "1500ms"}},
@@ -314,7 +317,6 @@ def test_proof_of_delivery_to_a_peer_refusing_our_certificate_says_why_in_one_li
         with Daemon(tmp_path / "d", destinations=dests) as d:
             d.drop_files(1)
             wait_until(lambda: len(scp.stores) == 2, 20, what="stored at both destinations")
-            scp.use_tls(server_context(pki.server_cert, pki.server_key, ca=pki.other_ca_cert))
             peer = f"{scp.ae_title}@127.0.0.1:{scp.port}"
             refused = "peer rejected our certificate (tlsv1 alert unknown ca)"
             d.wait_log(
