@@ -3,16 +3,20 @@ told from what the peer sent: a rejection with its reason, whatever pynetdicom c
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import Any
 
 import pytest
 from conftest import wait_until
 from hostile import Behaviour, HostilePeer
+from pki import Pki, make_pki
 from pynetdicom import AE, evt
 
 from forwarder.net.association import AssociationSettings, Peer
 from forwarder.net.cancel import why_not_established
 from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
+from forwarder.net.tls import TLS_CLOSED, client_context, server_context
 
 VERIFICATION = "1.2.840.10008.1.1"
 #: HostilePeer's rejection: permanent, by the service user, called AE title not recognised.
@@ -62,3 +66,42 @@ def test_a_query_to_a_peer_that_rejects_says_why(rejecting: HostilePeer) -> None
     with pytest.raises(QueryError) as caught:
         held_instances(peer, settings, [key])
     assert str(caught.value) == f"no association with {peer} for C-FIND: {REJECTED}"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_a_peer_that_closes_before_answering_is_told_why_it_may_have(pki: Pki, tls: bool) -> None:
+    """A peer that takes the connection (and, over TLS, completes the handshake) then closes
+    it without answering the A-ASSOCIATE-RQ: over TLS that is how a TLS 1.3 server's refusal
+    of our certificate can look when its alert is lost to the reset, and the reason says so
+    as `forwarder send` does; over plain TCP it is only closed."""
+    server_ctx = server_context(pki.server_cert, pki.server_key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def close_at_once() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                if tls:
+                    with server_ctx.wrap_socket(conn, server_side=True):
+                        pass  # handshake done; closed without reading the request
+
+        server = threading.Thread(target=close_at_once, daemon=True)
+        server.start()
+        ae = AE(ae_title="SCU")
+        ae.acse_timeout = ae.connection_timeout = 10
+        ae.add_requested_context(VERIFICATION)
+        tls_args = (client_context(pki.ca_cert), "127.0.0.1") if tls else None
+        assoc = ae.associate("127.0.0.1", port, ae_title="PACS", tls_args=tls_args)
+        server.join(10)
+    assert not assoc.is_established
+    why = why_not_established(assoc)
+    assoc.dul.socket.close()  # pynetdicom leaves it to the garbage collector here
+    if tls:
+        assert why.endswith(f" ({TLS_CLOSED})"), why
+    else:
+        assert TLS_CLOSED not in why, why

@@ -40,6 +40,7 @@ from forwarder.net.pdu import (
     reject_reason,
     send_pdu_limit,
 )
+from forwarder.net.tls import TLS_CLOSED
 from forwarder.net.transport import Transport, pdu_name
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,6 @@ class Negotiated:
     max_pdu_send: int
 
 
-#: Said when a TLS peer ends the connection before it answers the A-ASSOCIATE-RQ.
-_TLS_CLOSED = (
-    "a TLS peer that closes before answering may require a client certificate, or have refused ours"
-)
-
-
 def negotiate(transport: Transport, contexts: Sequence[ProposedContext]) -> Negotiated:
     """A-ASSOCIATE for ``contexts`` (IDs 1, 3, 5... in order). On any failure the transport is
     closed (aborted where PS3.8 says so) before the error is raised."""
@@ -86,7 +81,7 @@ def negotiate(transport: Transport, contexts: Sequence[ProposedContext]) -> Nego
         # A TLS 1.3 server checks our certificate after our side of the handshake ended and
         # sends its refusal as an alert; when our request reaches it after it closed, the
         # reset discards that alert unread, and only "closed" or "reset" is left to say.
-        raise AssociationError(f"{exc} ({_TLS_CLOSED})", retryable=exc.retryable) from None
+        raise AssociationError(f"{exc} ({TLS_CLOSED})", retryable=exc.retryable) from None
     if pdu_type == PDU_ASSOCIATE_RJ:
         try:
             result, source, reason = decode_associate_rj(body)

@@ -43,7 +43,7 @@ from typing import Any
 from forwarder.errors import ForwarderError
 from forwarder.net.interrupt import shut_down
 from forwarder.net.pdu import REJECT_RESULT, reject_reason
-from forwarder.net.tls import describe_tls_alert, describe_tls_error
+from forwarder.net.tls import TLS_CLOSED, describe_tls_alert, describe_tls_error
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +142,20 @@ def why_not_established(assoc: Any) -> str:
         # An alert read once the handshake is over is worded as the sender words it there.
         return describe_tls_alert(failure) if reading else describe_tls_error(failure)
     if isinstance(failure, OSError):
-        return failure.strerror or str(failure)
+        words = failure.strerror or str(failure)
+        return _tls_hint(words, dul) if reading else words
     if failure:
         return failure
-    return "aborted" if assoc.is_aborted else "no answer"
+    return _tls_hint("aborted", dul) if assoc.is_aborted else "no answer"
+
+
+def _tls_hint(words: str, dul: Any) -> str:
+    """``words`` for a connection that closed while we waited for the peer's answer, with
+    why a TLS peer may have closed it (its alert refusing our certificate lost to the reset),
+    as ``forwarder send`` says it."""
+    if getattr(getattr(dul, "socket", None), "tls_args", None) is None:
+        return words
+    return f"{words} ({TLS_CLOSED})"
 
 
 def _rejection(assoc: Any) -> tuple[int, int, int] | None:

@@ -140,6 +140,15 @@ def describe_tls_error(exc: BaseException) -> str:
     return f"TLS handshake failed: {_strip(exc)}"
 
 
+#: Said when a TLS peer ends the connection before it answers the A-ASSOCIATE-RQ: a TLS 1.3
+#: server checks our certificate after our side of the handshake ended and sends its refusal
+#: as an alert; when our request reaches it after it closed, the reset discards that alert
+#: unread, and only "closed" or "reset" is left to say.
+TLS_CLOSED = (
+    "a TLS peer that closes before answering may require a client certificate, or have refused ours"
+)
+
+
 def describe_tls_alert(exc: ssl.SSLError) -> str:
     """One line for a TLS error on an established connection. A TLS 1.3 server checks our
     certificate after our side of the handshake ended: its refusal comes as an alert at our
