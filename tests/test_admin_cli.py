@@ -565,6 +565,27 @@ def _failed_and_stopped(tmp_path: Path, count: int, folder: str = "") -> Daemon:
     return d
 
 
+def _retry_with_faulty_writes(
+    d: Daemon, paths: list[Path], fault: str
+) -> subprocess.CompletedProcess[str]:
+    """`forwarder retry` under strace, its writes to ``paths`` met with ``fault`` from the
+    first (``signal=SIGKILL``: killed there; ``error=ENOSPC``: the disk full)."""
+    assert STRACE is not None
+    return subprocess.run(
+        [
+            *(STRACE, "-f", "-qq", "-o", "/dev/null"),
+            *(arg for path in paths for arg in ("-P", str(path))),
+            *("-e", "trace=write", "-e", f"inject=write:{fault}"),
+            *(FORWARDER, "retry", "-c", str(d.config_path)),
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.skipif(STRACE is None, reason="needs strace to kill or refuse a write")
 @pytest.mark.parametrize("fault", ["signal=SIGKILL", "error=ENOSPC"])
 def test_a_report_put_back_after_a_failed_move_is_whole_or_absent(
@@ -579,21 +600,8 @@ def test_a_report_put_back_after_a_failed_move_is_whole_or_absent(
     before = report.read_bytes()
     shutil.rmtree(d.incoming / "ct", ignore_errors=True)
     (d.incoming / "ct").write_bytes(b"a file where the folder goes")
-    assert STRACE is not None
     watched = [report, report.with_name(f".{report.name}.tmp")]  # the report, its temp file
-    faulted = subprocess.run(
-        [
-            *(STRACE, "-f", "-qq", "-o", "/dev/null"),
-            *(arg for path in watched for arg in ("-P", str(path))),
-            *("-e", "trace=write", "-e", f"inject=write:{fault}"),
-            *(FORWARDER, "retry", "-c", str(d.config_path)),
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=False,
-    )
+    faulted = _retry_with_faulty_writes(d, watched, fault)
     assert faulted.returncode == (-9 if "KILL" in fault else 1), faulted.stderr
     if "ENOSPC" in fault:
         assert f"cannot write {report}: No space left on device: the report is not put back" in (
@@ -713,20 +721,9 @@ def test_a_report_put_back_killed_midway_leaves_no_file_counted_in_failed(
     report = d.failed / "ct" / "img0000.dcm.error.json"
     shutil.rmtree(d.incoming / "ct", ignore_errors=True)
     (d.incoming / "ct").write_bytes(b"a file where the folder goes")
-    assert STRACE is not None and FailedFolder(d.failed).count() == 1
+    assert FailedFolder(d.failed).count() == 1
     temporary = report.with_name(f".{report.name}.tmp")
-    killed = subprocess.run(
-        [
-            *(STRACE, "-f", "-qq", "-o", "/dev/null", "-P", str(temporary)),
-            *("-e", "trace=write", "-e", "inject=write:signal=SIGKILL"),
-            *(FORWARDER, "retry", "-c", str(d.config_path)),
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=60,
-        check=False,
-    )
+    killed = _retry_with_faulty_writes(d, [temporary], "signal=SIGKILL")
     assert killed.returncode == -9, killed.stderr
     (d.incoming / "ct").unlink()
     result = d.cli("retry")
