@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from peers import free_port
+from peers import free_port, start_server
 from pydicom.dataset import Dataset
 from pynetdicom import (
     AE,
@@ -199,9 +199,9 @@ class CommitmentSCP:
         ae.add_supported_context(SC, SYNTAXES)
         ae.add_supported_context("1.2.840.10008.1.1")
         ae.add_supported_context(STUDY_FIND, SYNTAXES)
-        self._server = ae.start_server(
+        self._server = start_server(
+            ae,
             ("127.0.0.1", self.port or free_port()),
-            block=False,
             ssl_context=self.ssl_context,
             evt_handlers=[
                 (evt.EVT_C_STORE, self._store),

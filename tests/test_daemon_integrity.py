@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from conftest import wait_until
 from daemon import Daemon, destination, uids
-from peers import ScriptedSCP, free_port, stop_process, wait_for_port
+from peers import ScriptedSCP, free_port, start_server, stop_process, wait_for_port
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 STRACE = shutil.which("strace")
@@ -49,9 +49,9 @@ def strict_pacs(port: int, ae_title: str) -> Iterator[list[int]]:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     rejected: list[int] = []
-    server = ae.start_server(
+    server = start_server(
+        ae,
         ("127.0.0.1", port),
-        block=False,
         evt_handlers=[(evt.EVT_REJECTED, lambda event: rejected.append(1))],
     )
     try:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from conftest import FORWARDER
 from hostile import Behaviour, HostilePeer
-from peers import ScriptedSCP, free_port, storescp
+from peers import ScriptedSCP, free_port, start_server, storescp
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -29,9 +29,9 @@ def verification_scp() -> Iterator[Any]:
     ae.require_called_aet = True
     ae.add_supported_context(Verification)
     state = {"status": 0x0000}
-    server = ae.start_server(
+    server = start_server(
+        ae,
         ("127.0.0.1", free_port()),
-        block=False,
         evt_handlers=[(evt.EVT_C_ECHO, lambda event: state["status"])],
     )
     server.state = state
@@ -125,7 +125,7 @@ def test_echo_to_a_peer_without_verification_exits_1(forwarder_env: dict[str, st
     says "No Acceptable Presentation Contexts" and exits 1."""
     ae = AE(ae_title="STOREONLY")
     ae.add_supported_context(CTImageStorage)
-    server = ae.start_server(("127.0.0.1", free_port()), block=False)
+    server = start_server(ae, ("127.0.0.1", free_port()))
     try:
         port = server.socket.getsockname()[1]
         r = echo(f"STOREONLY@127.0.0.1:{port}", env=forwarder_env)

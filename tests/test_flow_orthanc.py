@@ -34,7 +34,7 @@ def test_pause_resume_and_the_breaker_with_orthanc(tmp_path: Path) -> None:
         extra={"log_level": "DEBUG"},  # each failed probe is a DEBUG line
     )
     with d:
-        with orthanc(storage, ports=ports) as peer:
+        with orthanc(storage, ports=ports, graceful_stop=True) as peer:
             d.drop_files(2, prefix="before")
             d.wait_done(2)
             # Paused: what is dropped stays queued, the state says so; resumed: it goes.
@@ -62,7 +62,7 @@ def test_pause_resume_and_the_breaker_with_orthanc(tmp_path: Path) -> None:
         assert _attempts(d.queue, "during") == charged
         assert d.failed_files() == [] and len(d.incoming_files()) == 10
         # Started again where it was: the next probe answers, sending resumes by itself.
-        with orthanc(storage, ports=ports) as peer:
+        with orthanc(storage, ports=ports, graceful_stop=True) as peer:
             d.wait_status(lambda s: s["orthanc"]["state"] == "up", timeout=15, what="up again")
             d.wait_done(15, timeout=60)
             wait_until(lambda: peer.instance_count() == 15, 30, what="15 at Orthanc")

@@ -24,7 +24,7 @@ import pytest
 from conftest import FORWARDER, wait_until
 from dicomgen import make_dataset, write_file, write_files
 from hostile import EXPLICIT, IMPLICIT, Behaviour, CapturingSCP, HostilePeer
-from peers import ScriptedSCP, free_port, orthanc, storescp
+from peers import ScriptedSCP, free_port, orthanc, start_server, storescp
 from pki import Pki, make_pki
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -798,9 +798,9 @@ def test_a_pynetdicom_scp_ending_an_idle_association_costs_the_next_file_nothing
     are no data) is not mistaken for a dead one."""
     ae = AE(ae_title="SCP")
     ae.add_supported_context(read_meta(small_files[0]).sop_class_uid, UNCOMPRESSED)
-    server = ae.start_server(
+    server = start_server(
+        ae,
         ("127.0.0.1", free_port()),
-        block=False,
         evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
         ssl_context=server_context(pki.server_cert, pki.server_key) if tls else None,
     )
