@@ -2,7 +2,8 @@
 
 It stores what it is sent (in memory, by SOP Instance UID) and answers each N-ACTION by
 committing the instances it holds and failing the others (0x0112), unless the test scripts it
-otherwise: report on the same association or on a new one to ``report_to``, not at all, late,
+otherwise: report on the same association or on a new one to ``report_to``, not at all, late
+(``delay``, or held until the test sets ``hold_report``),
 for another transaction, or naming an instance nobody asked about. It also answers C-FIND at
 IMAGE level (Study Root) from what it holds (``find_fails``: ending with a failure status
 instead, for chosen instances). ``hang``: accept the association, then never
@@ -42,6 +43,7 @@ class CommitmentSCP:
     mode: str = "same"  # "same", "new" (to report_to), "none"
     report_to: tuple[str, int, str] | None = None  # (host, port, AE title) for mode "new"
     delay: float = 0.0  # before the report
+    hold_report: threading.Event | None = None  # when given, the report waits until it is set
     forget: set[str] = field(default_factory=set)  # held, but reported failed (0x0110)
     wrong_transaction: bool = False  # report under another Transaction UID
     extra_instance: bool = False  # the report also names an instance nobody asked about
@@ -145,6 +147,9 @@ class CommitmentSCP:
         deadline = time.monotonic() + self.delay
         while time.monotonic() < deadline:
             time.sleep(0.05)
+        while self.hold_report is not None and not self.hold_report.wait(0.05):
+            if self._stopping.is_set():
+                return  # stopped while held: nothing is reported
         if self.mode == "same":
             # Wait for the N-ACTION-RSP to be out before the report.
             time.sleep(0.2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -43,7 +44,8 @@ def _same_as_sent(d: Daemon, scp: CommitmentSCP) -> None:
 
 
 def test_files_finish_only_once_committed(tmp_path: Path) -> None:
-    scp = CommitmentSCP(mode="same", delay=1.5)
+    report = threading.Event()
+    scp = CommitmentSCP(mode="same", hold_report=report)
     listen = f"127.0.0.1:{free_port()}"
     extra = {"metrics": {"listen": listen}}
     with scp, Daemon(tmp_path, destinations=[_dest(scp)], extra=extra) as d:
@@ -54,6 +56,8 @@ def test_files_finish_only_once_committed(tmp_path: Path) -> None:
         status = d.status_json()["destinations"]["pacs"]
         assert status["awaiting_commitment"] == 3 and status["stored"] == 3
         assert 'forwarder_awaiting_commitment{destination="pacs"} 3.0' in _metrics(listen)
+        assert d.done_files() == []
+        report.set()  # within the 10 s the daemon keeps the association open for it
         d.wait_done(3)
         status = d.status_json()["destinations"]["pacs"]
         assert (status["awaiting_commitment"], status["committed"]) == (0, 3)
@@ -123,7 +127,8 @@ def test_no_trustworthy_report_expires_and_resends(script: str, tmp_path: Path) 
 
 def test_a_late_report_after_a_restart_is_taken(tmp_path: Path) -> None:
     port = free_port()
-    scp = CommitmentSCP(mode="new", report_to=("127.0.0.1", port, "FORWARDER"), delay=6.0)
+    report = threading.Event()
+    scp = CommitmentSCP(mode="new", report_to=("127.0.0.1", port, "FORWARDER"), hold_report=report)
     with scp:
         dest = _dest(scp, port=port, bind="127.0.0.1", timeout="60s")
         with Daemon(tmp_path, destinations=[dest]) as d:
@@ -133,6 +138,7 @@ def test_a_late_report_after_a_restart_is_taken(tmp_path: Path) -> None:
             assert d.done_files() == []
             d.start()
             d.wait_log("still awaiting their report")
+            report.set()  # only now, to the daemon started again
             d.wait_done(2)
             assert d.stop() == 0
     assert len(scp.actions) == 1 and len(scp.stores) == 2  # nothing sent or asked twice
