@@ -446,6 +446,7 @@ def test_sigterm_exits_promptly_with_0_and_a_restart_finishes_the_work(tmp_path:
             status = d.status_json()["destinations"]["a"]
             assert status["in_flight"] == 0  # claimed jobs were put back
             assert status["pending"] == len(left)
+            scp.delay = 0.0  # its slowness served its purpose: the stop came mid-backlog
             d.start()
             d.wait_done(40, timeout=90)
             assert scp.uids() == uids(dropped)
