@@ -152,6 +152,7 @@ def test_acks_failing_on_a_full_queue_filesystem_recover_without_a_restart(
             # the batch's acks come after its last file is sent: keep the disk full until then
             d.wait_log("database or disk is full while acking", timeout=15)
             filler.unlink()
+            scp.delay = 0.0  # its slowness served its purpose: the disk filled mid-batch
             assert names_everywhere(d) == {f"img{i:04d}.dcm" for i in range(20)}
             d.wait_done(20, timeout=8)
 
