@@ -48,6 +48,8 @@ class CommitmentSCP:
     wrong_transaction: bool = False  # report under another Transaction UID
     extra_instance: bool = False  # the report also names an instance nobody asked about
     action_status: int = 0x0000
+    # SOP Instance UIDs whose N-ACTION (any naming one of them) is answered 0x0110 instead
+    refuse_instances: set[str] = field(default_factory=set)
     hang: bool = False  # never answer N-ACTION / C-FIND while set
     hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
     abort_after_action: bool = False  # abort the association once the N-ACTION-RSP is out
@@ -124,6 +126,9 @@ class CommitmentSCP:
             t = threading.Thread(target=self._abort_after_answer, args=(event.assoc,), daemon=True)
             self._threads.append(t)
             t.start()
+        named = {str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence}
+        if named & self.refuse_instances:
+            return 0x0110, None
         if self.action_status != 0 or self.mode == "none":
             return self.action_status, None
         event_type, report = self._report(action)

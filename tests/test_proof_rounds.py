@@ -177,3 +177,44 @@ def test_a_failure_is_said_again_after_a_reload_that_removed_or_changed_the_dest
     levels = [r.levelno for r in _lines(caplog, "Connection refused")]
     assert levels[:2] == [logging.WARNING, logging.DEBUG]
     assert logging.WARNING in levels[said:], levels
+
+
+def test_a_refused_transaction_holds_up_no_other_and_is_given_up_in_time(
+    q: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS answers the N-ACTION for one study with a failure status (0x0110), every time
+    (a SOP Class it does not commit, say). The destination's other study, stored after it, is
+    asked all the same and committed (it used to wait behind the refused one for ever); the
+    refused one is asked again a rest later, said once, and after UNDECIDED_LIMIT refusals
+    counts as not committed: sent again (then failed/ once its resends are spent)."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    monkeypatch.setattr(proof_thread, "_TICK", 0.1)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    refused_sop, other_sop = f"{SOP}.1", f"{SOP}.2"
+    for n, sop in enumerate((refused_sop, other_sop)):
+        study = f"{STUDY}.{n}"
+        entry = FileEntry(f"/in/{n}", f"{n}", 1, 1, CT, sop, "1.2.840.10008.1.2.1", study)
+        q.enqueue_many([(entry, ["pacs"])])
+        (job,) = q.claim("pacs", 10)
+        q.ack_done([job.id], commitment=True)
+    finished = _Finished()
+    with CommitmentSCP(refuse_instances={refused_sop}) as scp:
+        scp.held[refused_sop] = scp.held[other_sop] = Dataset()
+        keeper = _prover("storage_commitment", q, scp.port, finished)
+        keeper.start()
+        try:
+            wait_until(lambda: finished.ids, 10, what="the other study committed")
+            wait_until(
+                lambda: q.stats()["pacs"].pending == 1, 10, what="the refused one sent again"
+            )
+        finally:
+            keeper.stop()
+    asked = [
+        {str(r.ReferencedSOPInstanceUID) for r in a.ReferencedSOPSequence} for a in scp.actions
+    ]
+    assert asked.count({refused_sop}) == proof_thread.UNDECIDED_LIMIT
+    assert asked.count({other_sop}) == 1
+    assert q.awaiting_commitment("pacs") == [] and q.open_commitments() == []
+    refusals = _lines(caplog, "storage commitment of 1 instance(s) refused")
+    assert [r.levelno for r in refusals][:2] == [logging.WARNING, logging.DEBUG]
+    assert "answered the N-ACTION with status 0x0110" in refusals[0].getMessage()

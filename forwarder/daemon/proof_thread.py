@@ -215,6 +215,12 @@ class ProofThread(Generic[TargetT]):
             _RETRY,
         )
 
+    @staticmethod
+    def _rest() -> float:
+        """Seconds a destination, or an instance the peer refused, rests before it is asked
+        again."""
+        return _RETRY
+
     def _failed(self, target: TargetT, exc: Exception) -> None:
         """A round that failed otherwise than by the peer (the queue refusing, or a bug of ours,
         said with its traceback), after the subclass closed what the round recorded: the
