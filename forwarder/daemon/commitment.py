@@ -94,7 +94,6 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             queue, finisher, wake_workers=wake_workers, metrics=metrics, sent_uids=sent_uids
         )
         self.book = CommitmentBook(on_report=self._on_report)
-        self._refusals: dict[int, int] = {}  # job id -> N-ACTIONs naming it the peer refused
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}
         self._restored = False  # the transactions a previous run left open are awaited
@@ -241,10 +240,13 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         except CommitmentError as exc:
             self._cancel(uid)
             if exc.status is not None and not self._stop.is_set():
-                # Asked, and this transaction refused: the destination's others are asked all
-                # the same (they would wait behind it for ever).
-                self._refused(target, [i.job_id for i, _ in pairs], exc)
-                return True
+                # Asked, and this transaction refused (a SOP Class the PACS does not commit, or
+                # the PACS busy: the status does not tell which). The destination rests as
+                # when it cannot be asked; these instances rest twice as long, so that its
+                # other studies are asked first next time and do not wait behind them for ever.
+                again = time.time() + 2 * self._rest()
+                for i, _ in pairs:
+                    self._retry_at[i.job_id] = again
             self._not_done(
                 target, "storage commitment", len(items), "not requested", "not requested", exc
             )
@@ -254,8 +256,6 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             # the rest; a report that comes meanwhile is for a transaction no longer awaited).
             self._cancel(uid)
             raise
-        for job_id in named:
-            self._refusals.pop(job_id, None)
         self._works(target)
         return True
 
@@ -270,40 +270,23 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         """Instances that cannot be named now (the UIDs they were sent with cannot be told) are
         tried again ``settle`` later, but not for ever: after :data:`UNDECIDED_LIMIT` tries
         they count as not committed (sent again, which fails with the cause, or failed/)."""
-        again = max(target.policy.settle, 1.0)
-        given_up = _tried(self._undecided, self._retry_at, job_ids, again)
-        why = f"not requested: cannot tell the UIDs it was sent with ({UNDECIDED_LIMIT} times)"
-        self._give_up(target, given_up, why)
-
-    def _refused(self, target: ProofTarget, job_ids: list[int], exc: CommitmentError) -> None:
-        """The peer answered the N-ACTION naming ``job_ids`` with a failure status (a SOP Class
-        it does not commit, an error of its own): they are asked again a rest later, but not
-        for ever: after :data:`UNDECIDED_LIMIT` refusals they count as not committed (sent
-        again, then failed/ with why). Said at the first refusal, then at debug level."""
-        first = any(j not in self._refusals for j in job_ids)
-        rest = self._rest()
-        given_up = _tried(self._refusals, self._retry_at, job_ids, rest)
-        self.log.log(
-            logging.WARNING if first else logging.DEBUG,
-            "%s: storage commitment of %d instance(s) refused: %s; asking again in %.0fs "
-            "(%d times at most)",
-            target.name,
-            len(job_ids),
-            exc,
-            rest,
-            UNDECIDED_LIMIT,
-        )
-        self._give_up(target, given_up, f"storage commitment refused: {exc}")
-
-    def _give_up(self, target: ProofTarget, job_ids: list[int], why: str) -> None:
-        """``job_ids`` count as not committed, for ``why``."""
-        if not job_ids:
-            return
-        # Recorded as a transaction asked of no one (a crash before its outcome: it expires at
-        # once after the restart, resent), then resolved: nothing committed.
-        uid = new_transaction_uid()
-        self.queue.begin_commitment(uid, target.name, "stgcmt", job_ids, deadline=time.time())
-        self._record(uid, target.name, [], [(j, why) for j in job_ids], why)
+        now, given_up = time.time(), []
+        for job_id in job_ids:
+            count = self._undecided.get(job_id, 0) + 1
+            if count < UNDECIDED_LIMIT:
+                self._undecided[job_id] = count
+                self._retry_at[job_id] = now + max(target.policy.settle, 1.0)
+            else:
+                self._undecided.pop(job_id, None)
+                self._retry_at.pop(job_id, None)
+                given_up.append(job_id)
+        if given_up:
+            # Recorded as a transaction asked of no one (a crash before its outcome: it
+            # expires at once after the restart, resent), then resolved: nothing committed.
+            why = f"not requested: cannot tell the UIDs it was sent with ({UNDECIDED_LIMIT} times)"
+            uid = new_transaction_uid()
+            self.queue.begin_commitment(uid, target.name, "stgcmt", given_up, deadline=now)
+            self._record(uid, target.name, [], [(j, why) for j in given_up], why)
 
     def _references(
         self, destination: str, items: Sequence[CommitItem]
@@ -417,21 +400,3 @@ def apply_outcome(
         finisher.submit(list(res.finished_files))
     if res.resent:
         wake_workers()
-
-
-def _tried(
-    counts: dict[int, int], retry_at: dict[int, float], job_ids: list[int], again: float
-) -> list[int]:
-    """One more try for each of ``job_ids``: the next ``again`` seconds from now, or, after
-    :data:`UNDECIDED_LIMIT` tries, none (returned: given up, their counts forgotten)."""
-    now, given_up = time.time(), []
-    for job_id in job_ids:
-        count = counts.get(job_id, 0) + 1
-        if count < UNDECIDED_LIMIT:
-            counts[job_id] = count
-            retry_at[job_id] = now + again
-        else:
-            counts.pop(job_id, None)
-            retry_at.pop(job_id, None)
-            given_up.append(job_id)
-    return given_up
