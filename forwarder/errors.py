@@ -86,6 +86,18 @@ class QueueError(ForwarderError):
     """The queue database failed (disk full, permissions, corruption). Says what was being done."""
 
 
+class QueueSchemaError(QueueError):
+    """The queue database is at another schema version than this forwarder's, and is not
+    upgraded here (``found``, ``wanted``: the versions): an older one read as it is by
+    ``forwarder status`` and ``find`` beside a daemon that may run older code, or one a
+    command would have to upgrade under a running daemon."""
+
+    def __init__(self, message: str, *, found: int, wanted: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.wanted = wanted
+
+
 class PathQueuedError(QueueError):
     """A file cannot be queued under a path that another unfinished file of the queue holds
     (``forwarder retry``: a file dropped again under that name, not finished yet)."""

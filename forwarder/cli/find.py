@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     found = []
     try:
         if os.path.exists(config.queue):
-            with Queue(config.queue, create=False) as queue:
+            # read_only: an older schema is read as it is, never upgraded under a daemon
+            # of an older forwarder still running on it (until it is restarted)
+            with Queue(config.queue, read_only=True) as queue:
                 found = queue.find(keys)
     except ForwarderError as exc:
         print(f"forwarder find: {exc}", file=sys.stderr)

@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     proof = [d.name for d in config.destinations if d.storage_commitment or d.verify_by_query]
     try:
         if os.path.exists(config.queue):
-            with Queue(config.queue, create=False) as queue:
+            # read_only: an older schema is read as it is, never upgraded under a daemon
+            # of an older forwarder still running on it (until it is restarted)
+            with Queue(config.queue, read_only=True) as queue:
                 status = read_status(queue, names, proof)
         else:
             status = read_status(None, names, proof)

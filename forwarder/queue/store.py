@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Self
 
-from forwarder.errors import QueueError
+from forwarder.errors import QueueError, QueueSchemaError
 from forwarder.queue.records import NORMAL_RANK, FileEntry
 from forwarder.queue.sql import (
     COMMITMENT_DDL,
@@ -145,6 +145,11 @@ def ranked_json(destinations: Routed) -> str:
 class Store:
     """One SQLite connection shared by many threads, serialized by one lock; close it (or use
     ``with``). ``create=False`` refuses to create a missing database (for ``forwarder status``).
+    ``read_only=True`` (``forwarder status``, ``find``) opens an existing database to read it
+    and never writes, creates or migrates it: one of an older schema version is read as it
+    is, since a daemon of an older forwarder may be running on it (until it is restarted, it
+    would find its schema changed under it); a statement that version cannot answer raises
+    :class:`~forwarder.errors.QueueSchemaError`, which says so and how to upgrade it.
     """
 
     def __init__(
@@ -154,9 +159,15 @@ class Store:
         busy_timeout: float = 30.0,
         create: bool = True,
         migrate: bool = True,
+        read_only: bool = False,
         sync_commits: bool = True,
     ) -> None:
         self._path = os.fspath(path)
+        self._read_only = read_only
+        if read_only:
+            create = migrate = False
+        # The version found on opening: older than SCHEMA_VERSION only when read_only.
+        self._schema_version = SCHEMA_VERSION
         # False (SQLite's synchronous = NORMAL): a commit is not fsynced, only the log's next
         # sync makes it durable (any commit of a connection that syncs, or a checkpoint). A
         # process crash loses nothing either way; a power loss may drop its last commits. Only
@@ -205,7 +216,20 @@ class Store:
     def path(self) -> str:
         return self._path
 
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the database as opened (older than :data:`SCHEMA_VERSION`
+        only when read_only)."""
+        return self._schema_version
+
     def _error(self, exc: sqlite3.Error, what: str) -> QueueError:
+        if (
+            self._schema_version < SCHEMA_VERSION
+            and isinstance(exc, sqlite3.OperationalError)
+            and str(exc).startswith("no such ")
+        ):
+            # A table or column this version has not (yet): read_only leaves it as it is.
+            return self._older_error(f"cannot read it as it is ({exc} while {what})")
         hint = ""
         if "unable to open" in str(exc):
             directory = os.path.dirname(os.path.abspath(self._path))
@@ -214,7 +238,19 @@ class Store:
             hint = " (is the 'queue' key pointing at some other file?)"
         return QueueError(f"queue database {self._path}: {exc} while {what}{hint}")
 
+    def _older_error(self, why: str) -> QueueSchemaError:
+        return QueueSchemaError(
+            f"queue database {self._path} is at schema {self._schema_version}, this forwarder "
+            f"reads {SCHEMA_VERSION} and {why}; restart the daemon (systemctl restart "
+            "forwarder) to upgrade it",
+            found=self._schema_version,
+            wanted=SCHEMA_VERSION,
+        )
+
     def _configure(self, conn: sqlite3.Connection) -> None:
+        if self._read_only:
+            self._configure_reader(conn)
+            return
         if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
             # Must be chosen before the first table exists (and before WAL): lets prune() hand
             # freed pages back to the filesystem without a VACUUM that locks out the daemon.
@@ -242,9 +278,11 @@ class Store:
                 f"forwarder understands ({SCHEMA_VERSION}); upgrade forwarder"
             )
         if version < SCHEMA_VERSION and not self._migrate:
-            raise QueueError(
+            raise QueueSchemaError(
                 f"queue database {self._path} has schema version {version}, this forwarder "
-                f"writes {SCHEMA_VERSION}; not upgrading it here"
+                f"writes {SCHEMA_VERSION}; not upgrading it here",
+                found=version,
+                wanted=SCHEMA_VERSION,
             )
         if version < SCHEMA_VERSION:
             conn.execute("BEGIN IMMEDIATE")
@@ -313,6 +351,20 @@ class Store:
             except BaseException:
                 self._rollback(conn)
                 raise
+
+    def _configure_reader(self, conn: sqlite3.Connection) -> None:
+        """read_only: no pragma that writes the file (journal mode, auto_vacuum), no schema
+        change, and query_only so that nothing this connection runs writes either."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QueueSchemaError(
+                f"queue database {self._path} has schema version {version}, newer than this "
+                f"forwarder understands ({SCHEMA_VERSION}); upgrade forwarder",
+                found=version,
+                wanted=SCHEMA_VERSION,
+            )
+        self._schema_version = version
+        conn.execute("PRAGMA query_only = ON")
 
     # -- connection plumbing ---------------------------------------------------------------
 
