@@ -99,6 +99,60 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def test_status_find_retry_and_pause_leave_the_schema_of_a_running_daemon_alone(
+    tmp_path: Path,
+) -> None:
+    """The daemon here is this forwarder, on a queue marked as version 9 once it runs: what
+    the commands see of an older daemon (its lock held, an older version; the tests below
+    read genuinely older schemas). Stopped, the queue is upgraded by `retry` as before."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path, destinations=[destination("pacs", scp.port)])
+        with d:
+            dropped = d.drop_files(2)
+            d.wait_failed(2)
+            conn = sqlite3.connect(d.queue, isolation_level=None)
+            try:
+                conn.execute("PRAGMA user_version = 9")
+            finally:
+                conn.close()
+
+            status = d.cli("status", "--json")
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["destinations"]["pacs"]["failed"] == 2
+            assert user_version(d.queue) == 9
+            found = d.cli("find", dropped[0].sop_instance_uid)
+            assert found.returncode == 0, found.stderr
+            assert "pacs: failed" in found.stdout
+            assert user_version(d.queue) == 9
+
+            for command in (["retry"], ["pause", "pacs"]):
+                result = d.cli(*command)
+                assert result.returncode == 1, result
+                line = one_line(result.stderr)
+                assert line.startswith(f"forwarder {command[0]}: queue database {d.queue} "), line
+                assert f"is at schema 9, this forwarder writes {SCHEMA_VERSION}" in line
+                assert "a forwarder daemon runs on it" in line and "nothing changed" in line
+                assert RESTART in line
+                assert result.stdout == ""
+                assert user_version(d.queue) == 9
+            assert d.failed_files() == ["img0000.dcm", "img0001.dcm"]
+            assert len(list(d.failed.glob("*.error.json"))) == 2
+            assert d.status_json()["destinations"]["pacs"]["state"] != "paused"
+            assert d.running()
+            assert d.stop() == 0
+
+        # No daemon: `retry` upgrades the queue as it always did, and the files go out.
+        scp.status = 0x0000
+        result = d.cli("retry")
+        assert result.returncode == 0, result.stderr
+        assert "2 files requeued" in result.stderr
+        assert user_version(d.queue) == SCHEMA_VERSION
+        with d:
+            assert d.wait_done(2) == ["img0000.dcm", "img0001.dcm"]
+            assert d.stop() == 0
+        d.assert_no_phi()
+
+
 def test_status_and_find_read_an_older_schema_as_it_is(tmp_path: Path) -> None:
     with ScriptedSCP(status=0xC001) as scp:
         d, uid = failed_queue(tmp_path, scp)
@@ -116,6 +170,11 @@ def test_status_and_find_read_an_older_schema_as_it_is(tmp_path: Path) -> None:
     # read as it was: not upgraded, although no daemon runs
     assert user_version(d.queue) == 9
     assert "sent_uids" not in columns(d.queue, "jobs")
+    # a command that writes upgrades it when no daemon runs (as before)
+    retry = d.cli("retry", "--destination", "pacs")
+    assert retry.returncode == 0, retry.stderr
+    assert user_version(d.queue) == SCHEMA_VERSION
+    assert "sent_uids" in columns(d.queue, "jobs")
 
 
 def test_status_and_find_say_in_one_line_that_they_cannot_read_an_older_schema(

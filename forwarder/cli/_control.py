@@ -48,11 +48,11 @@ def run_control(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    from forwarder.queue import Queue
+    from forwarder.cli._queue import open_to_write
 
     try:
         config.queue.parent.mkdir(parents=True, exist_ok=True)
-        with Queue(config.queue) as queue:
+        with open_to_write(config.queue, create=True) as queue:
             if command == "pause":
                 changed = queue.pause(args.destination)
             else:

@@ -115,12 +115,12 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(config.queue):
         print("forwarder retry: nothing to retry (no queue database yet)", file=sys.stderr)
         return EXIT_OK
+    from forwarder.cli._queue import open_to_write
     from forwarder.daemon.spool import Spool, SpoolError
-    from forwarder.queue import Queue
 
     requeued = skipped = left_failed = 0
     try:
-        with Queue(config.queue, create=False) as queue:
+        with open_to_write(config.queue) as queue:
             spool = Spool(config.incoming, config.done, config.failed)
             # A retry killed between queueing a file and moving it back left it in failed/:
             # the move is finished now, before the daemon (started or running) fails the file

@@ -43,6 +43,7 @@ from forwarder.daemon.ingest_process import IngestProcess
 from forwarder.daemon.listener import Listener
 from forwarder.daemon.notify import Notifier
 from forwarder.daemon.outcomes import LastOutcome
+from forwarder.daemon.queue_lock import lock_path
 from forwarder.daemon.router import Router
 from forwarder.daemon.service_loop import _STOP_TIMEOUT, ServiceLoop
 from forwarder.daemon.signals import SignalWaiter
@@ -254,7 +255,7 @@ class Service(ServiceLoop):
     def _take_lock(self, queue_path: Path) -> None:
         try:
             queue_path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{queue_path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(lock_path(queue_path), os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise SetupError(
                 f"the queue folder {queue_path.parent} is not writable ({exc.strerror or exc}); "
@@ -269,7 +270,8 @@ class Service(ServiceLoop):
             os.close(fd)
             raise ForwarderError(
                 f"another forwarder is running with the queue {queue_path} "
-                f"(lock {queue_path}.lock is held)"
+                f"(lock {lock_path(queue_path)} is held: a daemon, or for a moment a "
+                "`forwarder retry`, `pause` or `resume` upgrading the queue's schema)"
             ) from None
         self._lock_fd = fd
 
