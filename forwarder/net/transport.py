@@ -192,16 +192,12 @@ class Transport:
                 self.close()
                 self.peer_closed = True
                 raise AssociationError(
-                    f"connection to {self.peer} lost waiting for {waiting_for}: {_oserror(exc)}",
-                    retryable=True,
+                    connection_lost(self.peer, waiting_for, exc), retryable=True
                 ) from None
             if not chunk:
                 self.close()
                 self.peer_closed = True
-                raise AssociationError(
-                    f"{self.peer} closed the connection (waiting for {waiting_for})",
-                    retryable=True,
-                )
+                raise AssociationError(connection_closed(self.peer, waiting_for), retryable=True)
             self._rbuf += chunk
             self.last_progress = time.monotonic()
             if _TCP_QUICKACK is not None:
@@ -303,6 +299,18 @@ def _timeval(seconds: float) -> bytes:
     configured ``.inf`` or 1e300 becomes 68 years rather than an overflow)."""
     usec = max(1000, round(min(seconds, 2**31 - 1) * 1_000_000))
     return struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
+
+
+def connection_lost(peer: object, waiting_for: str, exc: BaseException) -> str:
+    """How a connection that failed under us (a reset) is said, here and for the pynetdicom
+    SCUs (:mod:`forwarder.net.endings`): "connection to PACS@host:104 lost waiting for
+    A-ASSOCIATE-AC: connection reset by peer"."""
+    return f"connection to {peer} lost waiting for {waiting_for}: {_oserror(exc)}"
+
+
+def connection_closed(peer: object, waiting_for: str) -> str:
+    """How a connection the peer closed under us is said (see :func:`connection_lost`)."""
+    return f"{peer} closed the connection (waiting for {waiting_for})"
 
 
 def _oserror(exc: BaseException) -> str:
