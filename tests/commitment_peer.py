@@ -9,13 +9,16 @@ IMAGE level (Study Root) from what it holds (``find_fails``: ending with a failu
 instead, for chosen instances). ``hang``: accept the association, then never
 answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
 ``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
+``kill``: reset or close the connection instead of answering an N-ACTION or a C-FIND.
 ``ssl_context``: DICOM TLS (a server context); set another on a running peer (:meth:`use_tls`)
 and the next connections are handshaken with it (a PACS whose trust changed).
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,7 +55,13 @@ class CommitmentSCP:
     refuse_instances: set[str] = field(default_factory=set)
     hang: bool = False  # never answer N-ACTION / C-FIND while set
     hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
+    # "reset" (SO_LINGER 0) or "close": end the connection instead of answering an N-ACTION
+    # or a C-FIND, while set
+    kill: str | None = None
+    # their threads (reactor, DUL), as (ident, name)
+    killed: list[tuple[tuple[int, str], tuple[int, str]]] = field(default_factory=list)
     abort_after_action: bool = False  # abort the association once the N-ACTION-RSP is out
+    kill_after_action: str | None = None  # "reset" or "close" it then, instead
     aborted_after_action: int = 0  # how many associations that abort ended
     hung_associations: int = 0  # how many A-ASSOCIATE-RQs were left unanswered
     finds: list[str] = field(default_factory=list)  # SOP Instance UID of every C-FIND
@@ -115,14 +124,33 @@ class CommitmentSCP:
             out.FailedSOPSequence = bad
         return (2 if bad else 1), out
 
+    def _kill(self, event: Any) -> bool:
+        """End the association's connection under the requestor (``kill``); True if done."""
+        if self.kill is None:
+            return False
+        self._kill_now(event.assoc, self.kill)
+        return True
+
+    def _kill_now(self, assoc: Any, how: str) -> None:
+        with self._lock:
+            self.killed.append(((assoc.ident, assoc.name), (assoc.dul.ident, assoc.dul.name)))
+        sock = assoc.dul.socket.socket
+        if how == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # with unread data or linger 0: RST
+        else:
+            sock.shutdown(socket.SHUT_RDWR)  # FIN
+
     def _action(self, event: Any) -> tuple[int, None]:
         action = event.action_information
         with self._lock:
             self.actions.append(action)
+        if self._kill(event):
+            return 0x0000, None  # goes nowhere
         self._hang()
         if event.assoc.dul.state_machine.current_state != "Sta6":
             return 0x0000, None  # the requestor gave up (aborted): nobody to report to
-        if self.abort_after_action:
+        if self.abort_after_action or self.kill_after_action:
             t = threading.Thread(target=self._abort_after_answer, args=(event.assoc,), daemon=True)
             self._threads.append(t)
             t.start()
@@ -143,7 +171,9 @@ class CommitmentSCP:
     def _abort_after_answer(self, assoc: Any) -> None:
         # A network failure right after the answer: the requestor's association ends under it.
         time.sleep(0.3)  # the N-ACTION-RSP goes out meanwhile
-        if assoc.is_established:
+        if assoc.is_established and self.kill_after_action:
+            self._kill_now(assoc, self.kill_after_action)
+        elif assoc.is_established:
             assoc.abort()
             with self._lock:
                 self.aborted_after_action += 1
@@ -187,6 +217,9 @@ class CommitmentSCP:
         uid = str(event.identifier.SOPInstanceUID)
         with self._lock:
             self.finds.append(uid)
+        if self._kill(event):
+            yield 0x0000, None  # goes nowhere
+            return
         self._hang()
         with self._lock:
             held = self.held.get(uid)

@@ -46,6 +46,7 @@ from forwarder.net.commitment import (
     action_dataset,
     new_transaction_uid,
 )
+from forwarder.net.endings import lost, watched
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -260,8 +261,15 @@ def request_commitment(
         taker = _ReportTaker(book, peer.ae_title)
         assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH], cancel, taker)
         try:
-            with abort_on_cancel(assoc, cancel):
+            with abort_on_cancel(assoc, cancel), watched(assoc) as ending:
                 report = _ask(assoc, peer, references, book, uid, deadline, release_at_once, cancel)
+            stopping = cancel is not None and cancel.is_set()
+            if report is None and not (release_at_once or stopping or assoc.is_established):
+                # Ended under the wait for the report (pynetdicom's lines of it not let
+                # through): said here; the report may still come on another association.
+                why = ending.words(peer, "the N-EVENT-REPORT")
+                if why is not None:
+                    logger.warning("storage commitment (transaction %s): %s", uid, why)
             if report is not None:
                 taker.answered(assoc)  # the peer gets its answer before our A-RELEASE-RQ
         finally:
@@ -313,7 +321,8 @@ def _ask(
     if code is None:
         if cancel is not None and cancel.is_set():
             raise CommitmentError(f"stopping: no answer from {peer} to the N-ACTION yet")
-        raise CommitmentError(f"{peer} did not answer the N-ACTION")
+        ended = lost(assoc, peer, "the N-ACTION-RSP")
+        raise CommitmentError(ended or f"{peer} did not answer the N-ACTION")
     if code != 0x0000:
         raise CommitmentError(f"{peer} answered the N-ACTION with status 0x{code:04X}", status=code)
     logger.info(

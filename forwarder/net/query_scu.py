@@ -5,7 +5,8 @@ per instance naming its Study, Series and SOP Instance UID (the unique keys of e
 PS3.4 C.4.1 asks of a Study Root query at IMAGE level). A match (Pending) means held, Success
 with none means not held; any other status decides nothing about that instance (it is
 ``undecided``, with the status; the others are still asked about), and no answer decides
-nothing at all (:class:`QueryError`): the caller asks again later. Not a hot path.
+nothing at all (:class:`QueryError`, saying so when the peer reset or closed the connection:
+:mod:`forwarder.net.endings`): the caller asks again later. Not a hot path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from forwarder.net.cancel import (
     why_not_established,
 )
 from forwarder.net.commitment import COMMITMENT_SYNTAXES
+from forwarder.net.endings import lost, watched
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ def held_instances(
     held: set[str] = set()
     undecided: dict[str, str] = {}
     try:
-        with abort_on_cancel(assoc, cancel):
+        with abort_on_cancel(assoc, cancel), watched(assoc):
             _ask(assoc, peer, keys, held, undecided, cancel)
     finally:
         end_association(assoc, cancel)
@@ -124,7 +126,8 @@ def _ask(
             elif code is None and cancel is not None and cancel.is_set():
                 raise QueryError("stopping: no answer to a C-FIND yet")
             elif code is None:
-                raise QueryError(f"{asked} nothing")
+                ended = lost(assoc, peer, f"the C-FIND-RSP for {key.sop_instance_uid}")
+                raise QueryError(ended or f"{asked} nothing")
             elif code != 0x0000:
                 # A failure (even after a match): nothing is decided about this instance.
                 undecided[key.sop_instance_uid] = f"{asked} status 0x{code:04X}"

@@ -1,0 +1,193 @@
+"""A peer that resets (or closes) an established association under the storage commitment and
+query SCUs in the middle of an exchange: one line of ours names the peer and what happened, in
+the C-STORE engine's words; pynetdicom's ERROR lines and tracebacks for that association are not
+let through (other associations' still are); nothing is taken as committed or verified, and the
+round is asked again later."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from commitment_peer import CommitmentSCP
+from conftest import wait_until
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from test_commitment_keeper import _Finished
+from test_proof_rounds import PROOFS, SOP, _prover, _stored
+
+from forwarder.daemon import proof_thread
+from forwarder.net.association import AssociationSettings, Peer
+from forwarder.net.commitment import (
+    COMMITMENT_SYNTAXES,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    CommitmentBook,
+    CommitmentError,
+    Reference,
+    action_dataset,
+)
+from forwarder.net.commitment_scu import request_commitment
+from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
+from forwarder.queue import Queue
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SETTINGS = AssociationSettings(calling_ae_title="FWD", response_timeout=10.0)
+REF = Reference(CT, SOP)
+
+
+def _said(peer: object, how: str, what: str) -> str:
+    if how == "reset":
+        return f"connection to {peer} lost waiting for {what}: connection reset by peer"
+    return f"{peer} closed the connection (waiting for {what})"
+
+
+def _ours(
+    caplog: pytest.LogCaptureFixture, others: set[tuple[int | None, str]]
+) -> list[logging.LogRecord]:
+    """The records of every thread but ``others`` (the in-process peer's: ident and name, as
+    an ident is used again once its thread ended)."""
+    return [r for r in list(caplog.records) if (r.thread, r.threadName) not in others]
+
+
+def _threads(assoc: Any) -> set[tuple[int | None, str]]:
+    """A pynetdicom association's threads: its reactor and its connection's (DUL)."""
+    return {(t.ident, t.name) for t in (assoc, assoc.dul)}
+
+
+def _no_pynetdicom_noise(records: list[logging.LogRecord]) -> None:
+    loud = [r for r in records if r.name.startswith("pynetdicom") and r.levelno >= logging.ERROR]
+    assert not loud, [r.getMessage() for r in loud]
+    assert not [r for r in records if r.exc_info], "a traceback was logged"
+
+
+def _peer_threads(scp: CommitmentSCP) -> set[tuple[int | None, str]]:
+    return {t for pair in scp.killed for t in pair}
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Iterator[Queue]:
+    with Queue(tmp_path / "queue.sqlite") as queue:
+        yield queue
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+@pytest.mark.parametrize("what", ["C-FIND", "N-ACTION"])
+def test_a_peer_ending_the_association_mid_exchange_is_said_in_our_words(
+    how: str, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with CommitmentSCP(kill=how) as scp:
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        if what == "C-FIND":
+            with pytest.raises(QueryError) as caught:
+                held_instances(peer, SETTINGS, [InstanceKey("1.2.3", "1.2.3.4", SOP)])
+            expected = _said(peer, how, f"the C-FIND-RSP for {SOP}")
+        else:
+            with pytest.raises(CommitmentError) as caught:
+                request_commitment(
+                    peer,
+                    SETTINGS,
+                    [Reference(CT, SOP)],
+                    CommitmentBook(),
+                    timeout=5,
+                    release_at_once=False,
+                )
+            expected = _said(peer, how, "the N-ACTION-RSP")
+            assert caught.value.status is None
+    assert str(caught.value) == expected
+    assert len(scp.killed) == 1
+    _no_pynetdicom_noise(_ours(caplog, _peer_threads(scp)))
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_peer_ending_the_association_while_we_wait_for_its_report_is_said(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS answers the N-ACTION, then resets the association on which we wait for its
+    report: one warning (the report may still come on another association), none of
+    pynetdicom's lines; no report, so nothing committed."""
+    caplog.set_level(logging.INFO)
+    with CommitmentSCP(mode="none", kill_after_action=how) as scp:
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        uid, report = request_commitment(
+            peer, SETTINGS, [REF], CommitmentBook(), timeout=2, release_at_once=False
+        )
+    assert report is None and len(scp.killed) == 1
+    records = _ours(caplog, _peer_threads(scp))
+    _no_pynetdicom_noise(records)
+    said = _said(peer, how, "the N-EVENT-REPORT")
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert warnings == [f"storage commitment (transaction {uid}): {said}"]
+
+
+def test_other_associations_still_show_pynetdicoms_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the watched association's lines are kept back: a pynetdicom SCU of someone else's
+    (here the test's own) that the peer resets still logs pynetdicom's lines."""
+    caplog.set_level(logging.INFO)
+    with CommitmentSCP(kill="reset") as scp:
+        ae = AE(ae_title="OTHER")
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+        assert assoc.is_established
+        status, _ = assoc.send_n_action(
+            action_dataset("1.2.3.9", [Reference(CT, SOP)]),
+            1,
+            STORAGE_COMMITMENT_PUSH,
+            STORAGE_COMMITMENT_INSTANCE,
+        )
+        assert not status
+        wait_until(lambda: not assoc.is_alive(), 10, what="the association's end")
+    records = _ours(caplog, _peer_threads(scp))
+    assert [r for r in records if r.name == "pynetdicom.dul" and r.exc_info]
+    assert [r for r in records if r.getMessage().startswith("Connection closed while waiting")]
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+@pytest.mark.parametrize("proof", PROOFS)
+def test_the_daemons_round_says_the_reset_once_and_is_asked_again(
+    proof: str,
+    how: str,
+    q: Queue,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The proof threads, round after round against a PACS that resets the N-ACTION / C-FIND:
+    one warning naming the destination, the peer and the reset; nothing proven meanwhile;
+    once the PACS answers, the instance is proven."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    caplog.set_level(logging.INFO, logger="pynetdicom")
+    _stored(q)
+    finished = _Finished()
+    what = "the N-ACTION-RSP" if proof == "storage_commitment" else f"the C-FIND-RSP for {SOP}"
+    with CommitmentSCP(kill=how) as scp:
+        scp.held[SOP] = Dataset()
+        said = _said(Peer("127.0.0.1", scp.port, scp.ae_title), how, what)
+        prover = _prover(proof, q, scp.port, finished)
+        prover.start()
+        try:
+            wait_until(lambda: len(scp.killed) >= 2, 15, what="two rounds ended by the peer")
+            # Still awaiting proof (a round may be open meanwhile): not proven, not resent.
+            counts = q.commitment_counts()["pacs"]
+            assert (counts.awaiting, counts.committed, counts.uncommitted) == (1, 0, 0)
+            assert not finished.ids and q.stats()["pacs"].pending == 0
+            scp.kill = None
+            wait_until(lambda: finished.ids, 10, what="the instance proven")
+        finally:
+            prover.stop()
+        peer_threads = _peer_threads(scp)
+    records = _ours(caplog, peer_threads)
+    _no_pynetdicom_noise(records)
+    warnings = [r for r in records if r.levelno >= logging.WARNING]
+    if proof == "storage_commitment":
+        round_not = "storage commitment of 1 instance(s) not requested"
+    else:
+        round_not = "verification by query of 1 instance(s) not done"
+    assert [r.getMessage() for r in warnings] == [f"pacs: {round_not}: {said}; asking again in 0s"]
+    assert q.commitment_counts()["pacs"].committed == 1
