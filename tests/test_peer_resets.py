@@ -1,12 +1,15 @@
 """A peer that resets (or closes) an established association under the storage commitment and
-query SCUs in the middle of an exchange: one line of ours names the peer and what happened, in
-the C-STORE engine's words; pynetdicom's ERROR lines and tracebacks for that association are not
-let through (other associations' still are); nothing is taken as committed or verified, and the
-round is asked again later."""
+query SCUs, or under the report acceptor, in the middle of an exchange: one line of ours names
+the peer and what happened, in the C-STORE engine's words; pynetdicom's ERROR lines and
+tracebacks for that association are not let through (other associations' still are); nothing is
+taken as committed or verified, and the round is asked again later."""
 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,10 @@ from typing import Any
 import pytest
 from commitment_peer import CommitmentSCP
 from conftest import wait_until
+from peers import free_port
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role, evt
+from pynetdicom.pdu import P_DATA_TF
 from test_commitment_keeper import _Finished
 from test_proof_rounds import PROOFS, SOP, _prover, _stored
 
@@ -30,7 +35,7 @@ from forwarder.net.commitment import (
     Reference,
     action_dataset,
 )
-from forwarder.net.commitment_scu import request_commitment
+from forwarder.net.commitment_scu import ReportAcceptor, request_commitment
 from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
 from forwarder.queue import Queue
 
@@ -191,3 +196,88 @@ def test_the_daemons_round_says_the_reset_once_and_is_asked_again(
         round_not = "verification by query of 1 instance(s) not done"
     assert [r.getMessage() for r in warnings] == [f"pacs: {round_not}: {said}; asking again in 0s"]
     assert q.commitment_counts()["pacs"].committed == 1
+
+
+def _sender(port: int, how: str) -> tuple[Any, threading.Event]:
+    """A PACS's association to the acceptor that resets (or closes) its connection once the
+    N-EVENT-REPORT's command has gone out, before its data set."""
+    killed = threading.Event()
+
+    def sent(event: Any) -> None:
+        if isinstance(event.pdu, P_DATA_TF) and not killed.is_set():
+            killed.set()
+            sock = event.assoc.dul.socket.socket
+            if how == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    ae = AE(ae_title="PACS")
+    ae.dimse_timeout = 5
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+    role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="FWD",
+        ext_neg=[role],
+        evt_handlers=[(evt.EVT_PDU_SENT, sent)],
+    )
+    assert assoc.is_established
+    return assoc, killed
+
+
+def _report(uid: str, refs: list[Reference]) -> Dataset:
+    ds = Dataset()
+    ds.TransactionUID = uid
+    ds.ReferencedSOPSequence = action_dataset(uid, refs).ReferencedSOPSequence
+    return ds
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_report_sender_ending_the_association_mid_report_is_said_in_our_words(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS resets its association to our report acceptor in the middle of its
+    N-EVENT-REPORT: one warning naming it and the reset, nothing of pynetdicom's for the
+    acceptor's association, the transaction still awaited; the PACS's next try is taken."""
+    caplog.set_level(logging.INFO)
+    uid, refs = "1.2.826.0.1.3680043.10.1284.88.1", [Reference(CT, SOP)]
+    book = CommitmentBook()
+    book.expect(uid, refs)
+    with ReportAcceptor(book, ae_title="FWD", port=free_port(), bind="127.0.0.1") as acceptor:
+        assoc, killed = _sender(acceptor.port, how)
+        sender_port = assoc.dul.socket.socket.getsockname()[1]
+        me = threading.current_thread()
+        sender_threads = {(me.ident, me.name), *_threads(assoc)}
+        try:
+            status, _ = assoc.send_n_event_report(
+                _report(uid, refs), 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+            )
+            assert killed.is_set() and not status
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+        line = "storage commitment reports: " + _said(
+            f"PACS@127.0.0.1:{sender_port}", how, "the N-EVENT-REPORT"
+        )
+        wait_until(lambda: [r for r in caplog.records if r.getMessage().startswith(line)], 10)
+        assert book.awaits(uid) and book.wait(uid, 0.0) is None  # nothing taken
+        # The PACS tries again, and the report is taken.
+        again = AE(ae_title="PACS")
+        again.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+        role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+        second = again.associate("127.0.0.1", acceptor.port, ae_title="FWD", ext_neg=[role])
+        status, _ = second.send_n_event_report(
+            _report(uid, refs), 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+        second.release()
+        assert status is not None and status.Status == 0
+        sender_threads |= _threads(second)
+    report = book.wait(uid, 0.0)
+    assert report is not None and list(report.committed) == refs
+    records = _ours(caplog, sender_threads)
+    _no_pynetdicom_noise(records)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert warnings == [f"{line}; no report taken on it"]

@@ -46,7 +46,7 @@ from forwarder.net.commitment import (
     action_dataset,
     new_transaction_uid,
 )
-from forwarder.net.endings import lost, watched
+from forwarder.net.endings import accepted_ending, lost, requestor, watch_acceptor, watched
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -127,7 +127,9 @@ class _ReportTaker:
 
 class ReportAcceptor:
     """A small Storage Commitment SCU that accepts the associations peers open to deliver
-    their reports (N-EVENT-REPORT), on ``bind:port`` as ``ae_title``. Also answers C-ECHO."""
+    their reports (N-EVENT-REPORT), on ``bind:port`` as ``ae_title``. Also answers C-ECHO.
+    A peer that resets or closes one without releasing it is said in one line of ours, not
+    pynetdicom's (:mod:`forwarder.net.endings`)."""
 
     def __init__(
         self, book: CommitmentBook, *, ae_title: str, port: int, bind: str = "0.0.0.0"
@@ -144,7 +146,7 @@ class ReportAcceptor:
         return int(self._server.socket.getsockname()[1]) if self._server else self._port
 
     def start(self) -> ReportAcceptor:
-        from pynetdicom import AE
+        from pynetdicom import AE, evt
 
         ae = AE(ae_title=self.ae_title)
         # The peer may propose the SCP role for itself (role selection), or leave roles default.
@@ -153,11 +155,12 @@ class ReportAcceptor:
         )
         ae.add_supported_context(_VERIFICATION, list(COMMITMENT_SYNTAXES))
         ae.require_called_aet = False
+        watch_acceptor(ae)  # a peer's reset said by _ended, not by pynetdicom's traceback
         try:
             self._server = ae.start_server(
                 (self.bind, self._port),
                 block=False,
-                evt_handlers=self._taker.handlers(),
+                evt_handlers=[*self._taker.handlers(), (evt.EVT_FSM_TRANSITION, self._ended)],
             )
         except OSError as exc:
             raise CommitmentError(
@@ -170,6 +173,22 @@ class ReportAcceptor:
             self.port,
         )
         return self
+
+    def _ended(self, event: Any) -> None:
+        """The peer ended one of our associations without releasing it (a reset, a close,
+        an A-ABORT): said in one line; a warning when no report came on it."""
+        ending = accepted_ending(event)
+        if ending is None:
+            return
+        assoc = event.assoc
+        took = self._taker.took_from(assoc)
+        why = ending.words(
+            requestor(assoc), "the A-RELEASE-RQ" if took else "the N-EVENT-REPORT", 0.0
+        )
+        if took:
+            logger.info("storage commitment reports: %s (after its report)", why)
+        else:
+            logger.warning("storage commitment reports: %s; no report taken on it", why)
 
     def stop(self) -> None:
         """Stop promptly: a peer that delivered a report has a moment (``_ANSWER_GRACE``) to
