@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from commitment_peer import CommitmentSCP
 from conftest import wait_until
-from peers import free_port
+from peers import free_port, start_server
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu import P_DATA_TF
@@ -35,6 +35,7 @@ from forwarder.net.commitment import (
     Reference,
     action_dataset,
 )
+from forwarder.net.commitment_scp import send_report
 from forwarder.net.commitment_scu import ReportAcceptor, request_commitment
 from forwarder.net.query_scu import InstanceKey, QueryError, held_instances
 from forwarder.queue import Queue
@@ -281,3 +282,46 @@ def test_a_report_sender_ending_the_association_mid_report_is_said_in_our_words(
     _no_pynetdicom_noise(records)
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert warnings == [f"{line}; no report taken on it"]
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_requestor_ending_the_association_under_our_report_is_said_in_our_words(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``forwarder receive --stgcmt-peer``'s report, on a new association to the requestor,
+    which resets (or closes) it instead of answering the N-EVENT-REPORT: not delivered, said
+    in one line naming it and the reset, without pynetdicom's lines for our association."""
+    caplog.set_level(logging.INFO)
+    uid = "1.2.826.0.1.3680043.10.1284.88.2"
+    killed: list[Any] = []
+
+    def kill(event: Any) -> tuple[int, None]:
+        killed.append(event.assoc)
+        sock = event.assoc.dul.socket.socket
+        if how == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+        return 0x0000, None  # goes nowhere
+
+    ae = AE(ae_title="FWD")
+    ae.add_supported_context(
+        STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES), scu_role=True, scp_role=True
+    )
+    server = start_server(
+        ae, ("127.0.0.1", free_port()), evt_handlers=[(evt.EVT_N_EVENT_REPORT, kill)]
+    )
+    port = server.socket.getsockname()[1]
+    try:
+        delivered = send_report("127.0.0.1", port, "FWD", "RECEIVER", 1, _report(uid, [REF]))
+        wait_until(lambda: killed and not killed[0].is_alive(), 10, what="the peer's end")
+    finally:
+        server.shutdown()
+    assert not delivered
+    peer_threads = _threads(killed[0])
+    said = _said(f"FWD@127.0.0.1:{port}", how, "the N-EVENT-REPORT-RSP")
+    records = _ours(caplog, peer_threads)
+    _no_pynetdicom_noise(records)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert warnings == [f"storage commitment report (transaction {uid}) not delivered: {said}"]

@@ -46,6 +46,7 @@ from forwarder.net.commitment import (
     ReportRejected,
     parse_action,
 )
+from forwarder.net.endings import lost, watched
 from forwarder.net.placement import safe_uid_name
 
 if TYPE_CHECKING:
@@ -227,14 +228,24 @@ def send_report(
         )
         return False
     status: Dataset | None = None
+    ended: str | None = None
     try:
-        with abort_on_cancel(assoc, cancel):
+        with abort_on_cancel(assoc, cancel), watched(assoc):
             status, _ = assoc.send_n_event_report(
                 report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
             )
+            if status is None or "Status" not in status:
+                ended = lost(assoc, f"{called_ae}@{host}:{port}", "the N-EVENT-REPORT-RSP")
     finally:
         end_association(assoc, cancel)  # a release pynetdicom never ends is aborted (cancel.py)
     code = int(status.Status) if status is not None and "Status" in status else None
+    if ended is not None:
+        logger.warning(
+            "storage commitment report (transaction %s) not delivered: %s",
+            report.TransactionUID,
+            ended,
+        )
+        return False
     if code != 0:
         logger.warning(
             "storage commitment report (transaction %s) to %s answered %s",
