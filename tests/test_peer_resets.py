@@ -325,3 +325,42 @@ def test_a_requestor_ending_the_association_under_our_report_is_said_in_our_word
     _no_pynetdicom_noise(records)
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert warnings == [f"storage commitment report (transaction {uid}) not delivered: {said}"]
+
+
+def test_a_report_sender_resetting_after_its_report_is_only_noted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A PACS that resets the association instead of releasing it once its report was taken
+    and answered: nothing is lost, so one info line, no warning, nothing of pynetdicom's."""
+    caplog.set_level(logging.INFO)
+    uid = "1.2.826.0.1.3680043.10.1284.88.3"
+    book = CommitmentBook()
+    book.expect(uid, [REF])
+    with ReportAcceptor(book, ae_title="FWD", port=free_port(), bind="127.0.0.1") as acceptor:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES))
+        role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="FWD", ext_neg=[role])
+        assert assoc.is_established
+        me = threading.current_thread()
+        sender_threads = {(me.ident, me.name), *_threads(assoc)}
+        sock = assoc.dul.socket.socket
+        sender_port = sock.getsockname()[1]
+        status, _ = assoc.send_n_event_report(
+            _report(uid, [REF]), 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+        assert status is not None and status.Status == 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        wait_until(lambda: not assoc.is_alive(), 10, what="the sender's end")
+        line = "storage commitment reports: " + _said(
+            f"PACS@127.0.0.1:{sender_port}", "reset", "the A-RELEASE-RQ"
+        )
+        wait_until(lambda: [r for r in caplog.records if r.getMessage().startswith(line)], 10)
+    report = book.wait(uid, 0.0)
+    assert report is not None and list(report.committed) == [REF]
+    records = _ours(caplog, sender_threads)
+    _no_pynetdicom_noise(records)
+    assert [r for r in records if r.levelno >= logging.WARNING] == []
+    (noted,) = [r for r in records if r.getMessage().startswith(line)]
+    assert noted.levelno == logging.INFO and noted.getMessage() == f"{line} (after its report)"

@@ -90,7 +90,7 @@ class _Endings(logging.Filter):
         self._lock = threading.Lock()
         self._by_assoc: weakref.WeakKeyDictionary[Any, Ending] = weakref.WeakKeyDictionary()
         self._waiters: dict[int, Ending] = {}  # thread ident -> the ending it waits on
-        self._acceptors: weakref.WeakSet[Any] = weakref.WeakSet()  # AEs whose accepted ones
+        self._acceptors: weakref.WeakSet[Any] = weakref.WeakSet()  # AEs: all they accept
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "pynetdicom.association":
