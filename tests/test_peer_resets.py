@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from commitment_peer import CommitmentSCP
 from conftest import wait_until
+from daemon import Daemon, destination
 from peers import free_port, start_server
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -364,3 +365,32 @@ def test_a_report_sender_resetting_after_its_report_is_only_noted(
     assert [r for r in records if r.levelno >= logging.WARNING] == []
     (noted,) = [r for r in records if r.getMessage().startswith(line)]
     assert noted.levelno == logging.INFO and noted.getMessage() == f"{line} (after its report)"
+
+
+@pytest.mark.parametrize("proof", PROOFS)
+def test_the_daemons_log_says_the_reset_once_without_a_traceback(
+    proof: str, tmp_path: Path
+) -> None:
+    """The daemon as a subprocess, its journal as an operator reads it: the PACS resets every
+    N-ACTION / C-FIND; the log says so once, naming the destination, the PACS and the reset,
+    with no traceback and none of pynetdicom's lines; nothing is proven or failed."""
+    policy: dict[str, Any] = (
+        {"after": "300ms"} if proof == "verify_by_query" else {"settle": "300ms"}
+    )
+    with CommitmentSCP(kill="reset") as scp:
+        dest = destination("pacs", scp.port, ae_title=scp.ae_title, **{proof: policy})
+        with Daemon(tmp_path, destinations=[dest]) as d:
+            d.drop_files(1, study_uid="1.2.826.0.1.3680043.10.1284.88.4")
+            d.wait_log("connection reset by peer", timeout=30)
+            status = d.status_json()["destinations"]["pacs"]
+            assert status["awaiting_commitment"] == 1 and status["committed"] == 0
+            assert d.done_files() == [] and d.failed_files() == []
+            assert d.stop() == 0
+        log = d.log_text()
+    peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+    what = "the N-ACTION-RSP" if proof == "storage_commitment" else "the C-FIND-RSP for "
+    said = [line for line in log.splitlines() if "reset by peer" in line]
+    assert len(said) == 1, said
+    assert "pacs: " in said[0] and f"connection to {peer} lost waiting for {what}" in said[0]
+    for noise in ("Traceback", "Connection closed", "ConnectionResetError", "Errno"):
+        assert noise not in log, log[-3000:]
