@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from forwarder.config import StorageCommitment
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
-from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, SentUids, Target
+from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import (
     CommitmentBook,
@@ -49,7 +49,7 @@ from forwarder.net.commitment import (
     failure_text,
     new_transaction_uid,
 )
-from forwarder.queue import CommitItem, Queue, Resolution
+from forwarder.queue import CommitItem, Resolution
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -81,18 +81,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
     what = "storage commitment"
     log = logger
 
-    def __init__(
-        self,
-        queue: Queue,
-        finisher: FinishSink,
-        *,
-        wake_workers: Callable[[], None],
-        metrics: Any = None,
-        sent_uids: SentUids | None = None,
-    ) -> None:
-        super().__init__(
-            queue, finisher, wake_workers=wake_workers, metrics=metrics, sent_uids=sent_uids
-        )
+    def _setup(self) -> None:
         self.book = CommitmentBook(on_report=self._on_report)
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}

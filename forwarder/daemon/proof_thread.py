@@ -98,6 +98,11 @@ class ProofThread(Generic[TargetT]):
         self._retry_at: dict[int, float] = {}  # job id -> not asked about again before
         self._untold: set[int] = set()  # job ids whose sent UIDs could not be told (logged)
         self._said: dict[str, str] = {}  # destination -> the failure of its rounds last said
+        self._setup()
+
+    def _setup(self) -> None:
+        """The subclass's own state, set last in the constructor (so that a subclass need not
+        repeat the constructor's parameters to add an attribute)."""
 
     def configure(self, targets: Sequence[TargetT]) -> None:
         """The destinations to prove now (at start and on reload). A failure said for a

@@ -20,22 +20,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from forwarder.config import VerifyByQuery
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.channels import destination_peer
 from forwarder.daemon.commitment import apply_outcome
-from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, SentUids, Target
+from forwarder.daemon.proof_thread import UNDECIDED_LIMIT, ProofThread, Target
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import new_transaction_uid
 from forwarder.net.query_scu import InstanceKey
-from forwarder.queue import CommitItem, Queue
-
-if TYPE_CHECKING:
-    from forwarder.daemon.finisher import FinishSink
+from forwarder.queue import CommitItem
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +64,7 @@ class QueryVerifier(ProofThread[QueryTarget]):
     what = "verification by query"
     log = logger
 
-    def __init__(
-        self,
-        queue: Queue,
-        finisher: FinishSink,
-        *,
-        wake_workers: Callable[[], None],
-        metrics: Any = None,
-        sent_uids: SentUids | None = None,
-    ) -> None:
-        super().__init__(
-            queue, finisher, wake_workers=wake_workers, metrics=metrics, sent_uids=sent_uids
-        )
+    def _setup(self) -> None:
         self._open: set[str] = set()  # rounds recorded in the queue, not yet resolved
 
     def start(self) -> None:
