@@ -261,6 +261,12 @@ class CommitmentSCP:
         self.ssl_context = context
         self._server.ssl_context = context
 
+    def abort_associations(self) -> None:
+        """Abort every association open now (the PACS going away: :meth:`stop` alone ends
+        only the listening, an association kept open by its requestor stays up)."""
+        for assoc in list(self._server.active_associations):
+            assoc.abort()
+
     def stop(self) -> None:
         self._stopping.set()
         for t in self._threads:

@@ -46,8 +46,9 @@ def _stored(q: Queue) -> list[int]:
     return [j.id for j in jobs]
 
 
-def _prover(proof: str, q: Queue, port: int, finished: _Finished) -> Any:
-    """The keeper or the verifier, proving "pacs" at ``port`` at once (no settle, no after)."""
+def _prover(proof: str, q: Queue, port: int, finished: _Finished, **kwargs: Any) -> Any:
+    """The keeper or the verifier, proving "pacs" at ``port`` at once (no settle, no after);
+    ``kwargs``: the constructor's others (``unreachable``...)."""
     policy = {"settle": 0} if proof == "storage_commitment" else {"after": 0}
     dest = Destination.model_validate(
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port, proof: policy}
@@ -55,10 +56,10 @@ def _prover(proof: str, q: Queue, port: int, finished: _Finished) -> Any:
     settings = AssociationSettings(calling_ae_title="FWD", connect_timeout=2.0)
     prover: Any
     if proof == "storage_commitment":
-        prover = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
+        prover = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None, **kwargs)
         prover.configure([ProofTarget(dest, settings)])
     else:
-        prover = QueryVerifier(q, cast(Any, finished), wake_workers=lambda: None)
+        prover = QueryVerifier(q, cast(Any, finished), wake_workers=lambda: None, **kwargs)
         prover.configure([QueryTarget(dest, settings)])
     return prover
 
@@ -137,6 +138,48 @@ def test_a_peer_that_cannot_be_asked_is_said_once_until_it_can(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == refused[:1]
     (again,) = _lines(caplog, "works again")
     assert again.levelno == logging.INFO and again.getMessage().startswith("pacs: ")
+
+
+@pytest.mark.parametrize("proof", PROOFS)
+def test_a_destination_c_store_finds_down_waits_unsaid_and_is_asked_at_once_when_up(
+    proof: str, q: Queue, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A round the peer refuses (not listening) rests the destination 30 s, as before. Then
+    C-STORE finds it down: tick after tick, no round is tried and nothing more is said. The
+    peer comes back and C-STORE's probe finds it up: the instance is asked and proven at the
+    next tick, not when the 30 s rest ends (the rest was for a peer C-STORE now knows is up)."""
+    monkeypatch.setattr(proof_thread, "_TICK", 0.1)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    _stored(q)
+    port = free_port()
+    finished = _Finished()
+    down = threading.Event()
+    looked: list[str] = []
+
+    def unreachable(name: str) -> bool:
+        looked.append(name)
+        return down.is_set()
+
+    prover = _prover(proof, q, port, finished, unreachable=unreachable)
+    prover.start()
+    try:
+        wait_until(lambda: _lines(caplog, "Connection refused"), 10, what="a round refused")
+        down.set()  # C-STORE finds it down
+        seen = len(looked)
+        wait_until(lambda: len(looked) >= seen + 10, 10, what="ten ticks while down")
+        said = len(caplog.records)
+        with CommitmentSCP(port=port) as scp:
+            scp.held[SOP] = Dataset()
+            down.clear()  # C-STORE's probe finds it up
+            wait_until(lambda: finished.ids, 5, what="the instance proven at once")
+    finally:
+        prover.stop()
+    assert looked and set(looked) == {"pacs"}
+    (refused,) = _lines(caplog, "Connection refused")  # one round while up, none while down
+    assert refused.levelno == logging.WARNING
+    # Until the peer came back, the proof thread said that, and nothing else.
+    assert [r for r in caplog.records[:said] if r.name.startswith("forwarder.daemon")] == [refused]
+    assert _lines(caplog, "works again")
 
 
 @pytest.mark.parametrize("reload", ["removed_and_added_back", "changed"])

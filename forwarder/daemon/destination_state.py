@@ -86,6 +86,13 @@ class DestinationState:
         """The breaker is open: claim nothing, probe when :meth:`take_probe` says so."""
         return self._open
 
+    @property
+    def unreachable(self) -> bool:
+        """C-STORE holds back from the peer now: the breaker is open (until a probe answers)
+        or a failed association is being waited out (until :attr:`down_until`). Both end on
+        their own, so what waits on this (the proofs of delivery) never waits for good."""
+        return self._open or time.monotonic() < self._down_until
+
     def update(self, channel: SendChannel, association_failed: bool, broke: bool = False) -> None:
         """After a batch: a failure to associate (``association_failed``, with ``channel.down``
         saying why) or an association that broke under a file (``broke``) counts against the

@@ -12,6 +12,13 @@ bug of ours: :meth:`~ProofThread._failed`; the subclass first closes what the ro
 makes its destination rest before it is asked again, and is said once: round after round with
 the same reason, only at debug level (as C-STORE says a destination DOWN once), until the reason
 changes or a round works again (said once too).
+
+A destination C-STORE finds down (:attr:`forwarder.daemon.destination_state.DestinationState.
+unreachable`: its breaker open, or its workers waiting out a failed association) is not asked
+at all, and nothing is said: a proof association every rest on top of C-STORE's probes would
+only fail, and say so. What awaits proof there waits, and is asked at the next tick after
+C-STORE finds the peer up again, whatever rest a round that failed before left it. The service
+gives the threads that view (:data:`Unreachable`), read-only, not the workers.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ if TYPE_CHECKING:
 #: sent unchanged (:meth:`forwarder.daemon.edits.EditResolver.sent_uids`); only for an item
 #: the queue has not recorded them for (stored before schema 10).
 SentUids = Callable[[str, str, str, str], "tuple[str, str, str] | None"]
+#: ``unreachable(destination)``: True while C-STORE finds the destination down (see the module
+#: docstring); the proofs wait meanwhile.
+Unreachable = Callable[[str], bool]
 
 _TICK = 1.0  # how often the thread looks for what is due
 _RETRY = 30.0  # after the peer could not be asked, ask again this much later
@@ -82,18 +92,21 @@ class ProofThread(Generic[TargetT]):
         wake_workers: Callable[[], None],
         metrics: Any = None,
         sent_uids: SentUids | None = None,
+        unreachable: Unreachable | None = None,
     ) -> None:
         self.queue = queue
         self.finisher = finisher
         self.wake_workers = wake_workers
         self.metrics = metrics
         self.sent_uids = sent_uids
+        self.unreachable: Unreachable = unreachable or (lambda _: False)
         self._targets: dict[str, TargetT] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._not_before: dict[str, float] = {}
         self._paused: set[str] = set()  # the paused destinations it said it waits for
+        self._held: set[str] = set()  # the destinations it waits for while C-STORE finds down
         self._undecided: dict[int, int] = {}  # job id -> rounds it stayed undecided
         self._retry_at: dict[int, float] = {}  # job id -> not asked about again before
         self._untold: set[int] = set()  # job ids whose sent UIDs could not be told (logged)
@@ -144,7 +157,9 @@ class ProofThread(Generic[TargetT]):
 
     def _current_targets(self) -> list[TargetT]:
         """The destinations to prove now: not a paused one (``forwarder pause`` stops all its
-        traffic, a C-FIND or N-ACTION too; its proofs wait, and go on after ``resume``)."""
+        traffic, a C-FIND or N-ACTION too; its proofs wait, and go on after ``resume``), nor
+        one C-STORE finds down (its proofs wait, unsaid, and go on as soon as it is up: a rest
+        a round that failed before left it is over then)."""
         with self._lock:
             targets = list(self._targets.values())
         try:
@@ -155,7 +170,12 @@ class ProofThread(Generic[TargetT]):
         for name in sorted({t.name for t in targets} & paused - self._paused):
             self.log.info("%s: paused: %s waits until it is resumed", name, self.what)
         self._paused = paused
-        return [t for t in targets if t.name not in paused]
+        targets = [t for t in targets if t.name not in paused]
+        held = {t.name for t in targets if self.unreachable(t.name)}
+        for name in self._held - held:
+            self._not_before.pop(name, None)
+        self._held = held
+        return [t for t in targets if t.name not in held]
 
     def _as_sent(self, destination: str, item: CommitItem) -> tuple[str, str, str] | None:
         """The (Study, Series, SOP Instance) UIDs ``destination`` holds ``item`` by: those its

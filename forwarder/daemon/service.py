@@ -300,6 +300,7 @@ class Service(ServiceLoop):
             wake_workers=self._wake_workers,
             metrics=self.metrics,
             sent_uids=sent_uids,
+            unreachable=self._unreachable,
         )
         self.commitment.configure(self._proof_targets())
         self.commitment.start()
@@ -309,6 +310,7 @@ class Service(ServiceLoop):
             wake_workers=self._wake_workers,
             metrics=self.metrics,
             sent_uids=sent_uids,
+            unreachable=self._unreachable,
         )
         self.verifier.configure(self._query_targets())
         self.verifier.start()
@@ -387,6 +389,12 @@ class Service(ServiceLoop):
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.forget(paths)
+
+    def _unreachable(self, name: str) -> bool:
+        """Whether C-STORE finds destination ``name`` down now: what the proof threads see of
+        the workers (the workers of a destination a reload replaced start up)."""
+        workers = self._workers.get(name)
+        return workers is not None and workers.unreachable
 
     def _wake_workers(self) -> None:
         for w in list(self._workers.values()):

@@ -363,3 +363,8 @@ class DestinationWorkers(BatchSending):
     def state(self) -> tuple[str | None, str | None, float]:
         """(state, why it is down, since when as Unix time); state None until known."""
         return self._dest.state
+
+    @property
+    def unreachable(self) -> bool:
+        """C-STORE finds the destination down now (:attr:`DestinationState.unreachable`)."""
+        return self._dest.unreachable
