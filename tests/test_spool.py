@@ -9,12 +9,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from forwarder.daemon.spool import DestinationResult, Spool, SpoolError
+from forwarder.daemon.noreplace import link_noreplace, rename_noreplace
+from forwarder.daemon.spool import DestinationResult, Spool, SpoolError, TargetTakenError
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -347,3 +348,67 @@ def test_the_start_up_write_check_leaves_no_trace_in_done_or_failed(tmp_path: Pa
         observer.stop()
         observer.join(10)
     assert "marker" in first, first
+
+
+# -- never replacing what is at the target ---------------------------------------------------
+
+
+@pytest.mark.parametrize("rename", [rename_noreplace, link_noreplace], ids=["renameat2", "link"])
+@pytest.mark.parametrize("kind", ["file", "dangling-symlink"])
+def test_a_rename_never_replaces_what_is_at_the_target(
+    tmp_path: Path, rename: Callable[[Path, Path], None], kind: str
+) -> None:
+    """A file (or a symlink pointing nowhere) at the target stays: the rename raises
+    FileExistsError and the source stays where it was. ``link`` is the fallback where
+    renameat2 or its flag is missing."""
+    source, target = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    source.write_bytes(b"failed file")
+    if kind == "file":
+        target.write_bytes(b"a modality's new file")
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError):
+        rename(source, target)
+    assert source.read_bytes() == b"failed file"
+    if kind == "file":
+        assert target.read_bytes() == b"a modality's new file"
+    else:
+        assert target.is_symlink() and os.readlink(target) == str(tmp_path / "nowhere")
+    rename(source, tmp_path / "c.dcm")
+    assert (tmp_path / "c.dcm").read_bytes() == b"failed file" and not source.exists()
+
+
+def test_a_move_onto_a_name_taken_since_it_was_chosen_fails_and_keeps_both(spool: Spool) -> None:
+    src = put(spool, "a.dcm", b"delivered")
+    target = spool.target("a.dcm", failed=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"another file")  # put there after the name was chosen
+    with pytest.raises(TargetTakenError) as info:
+        spool.move(src, target)
+    message = str(info.value)
+    assert "\n" not in message and str(src) in message and str(target) in message
+    assert "not replaced" in message
+    assert src.read_bytes() == b"delivered" and target.read_bytes() == b"another file"
+
+
+def test_a_move_killed_between_link_and_unlink_is_finished_by_the_next(spool: Spool) -> None:
+    """The fallback's crash window leaves one file under two names: moving it again removes
+    the source's name (nothing is lost: the target is the same file)."""
+    src = put(spool, "a.dcm", b"delivered")
+    target = spool.target("a.dcm", failed=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.link(src, target)
+    spool.move(src, target)
+    assert not src.exists() and target.read_bytes() == b"delivered"
+
+
+def test_a_reject_onto_a_name_taken_since_goes_to_the_next_free_one(spool: Spool) -> None:
+    src = put(spool, "a.dcm", b"not dicom")
+    target = spool.target("a.dcm", failed=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"another file")
+    went = spool.reject(src, "not DICOM", target=target)
+    assert went == spool.failed / "a.1.dcm"
+    assert went.read_bytes() == b"not dicom" and target.read_bytes() == b"another file"
+    assert json.loads((spool.failed / "a.1.dcm.error.json").read_text())["reason"] == "not DICOM"
+    assert not (spool.failed / "a.dcm.error.json").exists()

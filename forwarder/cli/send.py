@@ -564,6 +564,7 @@ def _write_report(
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
+    # Replacing on purpose: --report FILE names the report to write, a previous one included.
     os.replace(tmp, path)
 
 

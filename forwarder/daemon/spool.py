@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import filecmp
 import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
@@ -22,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from forwarder.daemon.noreplace import rename_noreplace, same_file
 from forwarder.errors import ForwarderError, SetupError
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,11 @@ class SpoolError(ForwarderError):
 
 class SourceGoneError(SpoolError):
     """The file to move is not there (moved or removed by someone else)."""
+
+
+class TargetTakenError(SpoolError):
+    """Another file is at the name chosen for a move (put there since the name was picked):
+    it is not replaced, and the file to move stays where it was. Pick another name."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +68,16 @@ StrPath = str | os.PathLike[str]
 
 
 def _rename(source: StrPath, target: StrPath) -> None:
-    """rename(2), creating the target's folders when they are missing (tried first: in the
+    """A rename that replaces nothing (:func:`rename_noreplace`: FileExistsError when the
+    target is taken), creating the target's folders when they are missing (tried first: in the
     usual case they exist, and a mkdir per file costs a system call for nothing)."""
     try:
-        os.rename(source, target)
+        rename_noreplace(source, target)
     except FileNotFoundError:
         if not os.path.lexists(source):
             raise
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.rename(source, target)
+        rename_noreplace(source, target)
 
 
 def fsync_dir(path: StrPath) -> None:
@@ -97,6 +106,9 @@ def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # Replacing on purpose: what is at ``path`` is a report this writes again (a move
+        # retried after a crash, `forwarder retry` putting one back); a file's own name is
+        # chosen free of reports (Spool.free_path).
         os.rename(tmp, path)
     except OSError as exc:
         try:
@@ -107,6 +119,10 @@ def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
     if sync_dir:
         fsync_dir(path.parent)
 
+
+#: Names tried for one file whose chosen name keeps being taken before the move (by another
+#: writer in done/ or failed/); then it stays where it is and the error says so.
+TAKEN_TRIES = 5
 
 #: The folder under incoming where the listener stages what it receives, one sub-folder per
 #: calling AE title (a dot-folder: the watcher never takes anything from it).
@@ -176,35 +192,32 @@ class Spool:
         return candidate
 
     def move(self, source: StrPath, target: StrPath, *, sync: bool = True) -> None:
-        """Move ``source`` to ``target`` (parents created). Raises :class:`SpoolError`."""
+        """Move ``source`` to ``target`` (parents created), never replacing what is there.
+        Raises :class:`TargetTakenError` when another file is at ``target``,
+        :class:`SourceGoneError` when ``source`` is not there, :class:`SpoolError` for the
+        rest; ``source`` stays where it was. A target that already is ``source`` (two names of
+        one file, or the same bytes: a move killed half way, see :mod:`.noreplace`) counts as
+        moved: the name in the source folder goes."""
         try:
             try:
                 _rename(source, target)
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
-                source, target = Path(source), Path(target)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.moving")
-                try:
-                    shutil.copyfile(source, tmp)
-                    # As a rename keeps them: the queue knows a file by its size and mtime
-                    # (`forwarder retry` moves one back from failed/, as queued).
-                    with contextlib.suppress(OSError):
-                        shutil.copystat(source, tmp)
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                    os.rename(tmp, target)
-                except OSError:
-                    # A partial copy would keep the far filesystem full for every later move.
-                    try:
-                        tmp.unlink()
-                    except OSError:
-                        pass
-                    raise
-                if sync:
-                    fsync_dir(target.parent)
+                _copy_across(Path(source), Path(target), sync=sync)
                 os.unlink(source)
+        except FileExistsError:
+            if not _moved_already(source, target):
+                raise TargetTakenError(
+                    f"cannot move {source} to {target}: another file is there (put there after "
+                    "the name was chosen); it is not replaced, and the file stays in place"
+                ) from None
+            try:
+                os.unlink(source)
+            except OSError as exc:
+                raise SpoolError(
+                    f"cannot remove {source}, already at {target}: {exc.strerror or exc}"
+                ) from None
         except OSError as exc:
             if exc.errno == errno.ENOENT and not os.path.lexists(source):
                 raise SourceGoneError(f"cannot move {source}: it is gone") from None
@@ -255,19 +268,38 @@ class Spool:
         target: Path | None = None,
     ) -> Path:
         """Move a file that is not queued (not DICOM, no route) to failed/ with its reason
-        (to ``target``: a path :meth:`target` chose, which the queue recorded first)."""
+        (to ``target``: a path :meth:`target` chose, which the queue recorded first; another
+        free name when a file was put there since). Returns where it went."""
         rel = self.rel_path(source)
         target = self.target(rel, failed=True) if target is None else target
-        self.write_error(target, rel, reason, extra=extra)
-        self.move(source, target)
-        return target
+        for attempt in range(TAKEN_TRIES):
+            self.write_error(target, rel, reason, extra=extra)
+            try:
+                self.move(source, target)
+                return target
+            except TargetTakenError:
+                # The report just written is beside another file: it goes with the name.
+                with contextlib.suppress(OSError):
+                    _error_path(target).unlink()
+                if attempt == TAKEN_TRIES - 1:
+                    raise
+                target = self.target(rel, failed=True)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def discard(self, source: Path, target: Path | None = None) -> Path:
         """Move a file that a discard route matched straight to done/ (not queued, nothing
         sent; to ``target`` as in :meth:`reject`). The caller logs which route."""
-        target = self.target(self.rel_path(source), failed=False) if target is None else target
-        self.move(source, target)
-        return target
+        rel = self.rel_path(source)
+        target = self.target(rel, failed=False) if target is None else target
+        for attempt in range(TAKEN_TRIES):
+            try:
+                self.move(source, target)
+                return target
+            except TargetTakenError:
+                if attempt == TAKEN_TRIES - 1:
+                    raise
+                target = self.target(rel, failed=False)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def prune_listen_studies(self, dirs: Iterable[str]) -> None:
         """Remove the study folders under ``incoming/.listen/<AE>/`` among ``dirs`` that are
@@ -283,6 +315,43 @@ class Spool:
     def sync_dirs(self, dirs: Iterable[StrPath]) -> None:
         for d in set(dirs):
             fsync_dir(d)
+
+
+def _copy_across(source: Path, target: Path, *, sync: bool) -> None:
+    """The first half of a move across filesystems: a copy into a dot-file beside ``target``,
+    fsynced, renamed into place (never over a file there: FileExistsError)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.moving")
+    try:
+        shutil.copyfile(source, tmp)
+        # As a rename keeps them: the queue knows a file by its size and mtime
+        # (`forwarder retry` moves one back from failed/, as queued).
+        with contextlib.suppress(OSError):
+            shutil.copystat(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        rename_noreplace(tmp, target)
+    except OSError:
+        # A partial copy would keep the far filesystem full for every later move.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync:
+        fsync_dir(target.parent)
+
+
+def _moved_already(source: StrPath, target: StrPath) -> bool:
+    """Whether ``target`` holds ``source`` already: the same file (a link-and-unlink move
+    killed between the two) or the same bytes (a copy across filesystems whose source could
+    not be removed). Removing the source then loses nothing."""
+    if same_file(source, target):
+        return True
+    try:
+        # A symlink there is not the file, whatever it points to.
+        regular = stat.S_ISREG(os.lstat(target).st_mode)
+        return regular and filecmp.cmp(source, target, shallow=False)
+    except OSError:
+        return False
 
 
 def _probe_write(folder: Path) -> None:
