@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from conftest import wait_until
 from daemon import Daemon, destination, uids
 from peers import ScriptedSCP
 from test_ingest_process import children, queue_counts, site_env
+
+from forwarder.dicom.part10 import read_meta
 
 # The watch-and-ingest process's finisher stops once it has recorded where victim.dcm goes
 # (its row FINISHING), before it moves it, until the test says go: the moment a file dropped
@@ -236,3 +239,53 @@ def test_a_file_rewritten_while_being_sent_goes_to_failed_with_no_false_error(
     # After the crash the restart takes it as the new file it is.
     assert ("rewritten while queued" in reason) == (not crash), reason
     assert queue_counts(d.queue) == ({"FINISHED": 1}, {})
+
+
+# In the watch-and-ingest process: once the finisher has recorded where taken.dcm goes, and
+# before it moves it, another file appears at that very name in done/ (an administrator, a
+# script): the move must not replace it.
+TAKEN_TARGET = """\
+import os
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.queue.finishing import Finishing
+
+    begin = Finishing.begin_finish_many
+
+    def begin_finish_many(self, items):
+        begin(self, items)
+        for _, path in items:
+            if path.endswith("taken.dcm") and not os.path.lexists(path):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_bytes(b"someone else's file")
+
+    Finishing.begin_finish_many = begin_finish_many
+"""
+
+
+def test_a_file_put_at_the_name_chosen_in_done_before_the_move_is_not_replaced(
+    tmp_path: Path,
+) -> None:
+    """taken.dcm is delivered; between recording where it goes (done/taken.dcm) and the
+    move, another file appears there. It stays as it is; the delivered file goes to the next
+    free name, which the queue records, and the log says so in one line."""
+    _, env = site_env(tmp_path, TAKEN_TARGET)
+    with ScriptedSCP() as scp:
+        d = Daemon(tmp_path / "d", destinations=[destination("pacs", scp.port)], env=env)
+        with d:
+            first = d.drop("taken.dcm", seed=1)
+            d.wait_incoming_empty(timeout=30)
+            wait_until(lambda: queue_counts(d.queue)[0] == {"FINISHED": 1}, 20, what="finished")
+            assert d.stop() == 0
+    assert scp.uids() == uids([first])
+    assert (d.done / "taken.dcm").read_bytes() == b"someone else's file"
+    assert read_meta(d.done / "taken.1.dcm").sop_instance_uid == first.sop_instance_uid
+    assert " ERROR " not in d.log_text(), d.log_tail()
+    assert "moving it to" in d.log_text() and "taken.1.dcm instead" in d.log_text()
+    conn = sqlite3.connect(f"file:{d.queue}?mode=ro", uri=True)
+    try:
+        (final,) = conn.execute("SELECT final_path FROM files").fetchone()
+    finally:
+        conn.close()
+    assert final == str(d.done / "taken.1.dcm")

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Protocol
 
 from forwarder.crashpoints import crash_point
-from forwarder.daemon.spool import DestinationResult, SourceGoneError, Spool, SpoolError
+from forwarder.daemon.spool import (
+    ERROR_SUFFIX,
+    TAKEN_TRIES,
+    DestinationResult,
+    SourceGoneError,
+    Spool,
+    SpoolError,
+    TargetTakenError,
+)
 from forwarder.errors import QueueError
 from forwarder.queue import FileState, FileToFinish, Finish, JobStatus, Queue
 
@@ -233,6 +241,8 @@ class Finisher:
                 )
             return
         reason = ""
+        results: list[DestinationResult] = []
+        origin = {"calling_ae": item.calling_ae} if item.calling_ae else None
         if failed:
             results = [
                 DestinationResult(
@@ -247,25 +257,48 @@ class Finisher:
                 for r in item.results
             ]
             reason = _failures(item)
-            origin = {"calling_ae": item.calling_ae} if item.calling_ae else None
-            self.spool.write_error(Path(target), item.rel_path, reason, results, extra=origin)
-        crash_point("finish-before-move")
-        try:
-            self.spool.move(source, target, sync=False)
-        except SourceGoneError:
-            if not os.path.lexists(target):
-                logger.error(
-                    "%s: neither in incoming nor at %s: removed by someone else?",
-                    item.rel_path,
-                    target,
-                )
-        else:
-            dirs.update((os.path.dirname(source), os.path.dirname(target)))
-            crash_point("finish-after-move")
+        for attempt in range(TAKEN_TRIES):
+            if failed:
+                self.spool.write_error(Path(target), item.rel_path, reason, results, extra=origin)
+            if attempt == 0:
+                crash_point("finish-before-move")
+            try:
+                self.spool.move(source, target, sync=False)
+            except TargetTakenError as exc:
+                # Another file was put at the name recorded (never replaced): another name,
+                # recorded before the move as the first was.
+                if failed:  # the report just written is beside that other file
+                    with contextlib.suppress(OSError):
+                        os.unlink(target + ERROR_SUFFIX)
+                if attempt == TAKEN_TRIES - 1:
+                    raise
+                target = self._retarget(item, failed, exc)
+                continue
+            except SourceGoneError:
+                if not os.path.lexists(target):
+                    logger.error(
+                        "%s: neither in incoming nor at %s: removed by someone else?",
+                        item.rel_path,
+                        target,
+                    )
+            else:
+                dirs.update((os.path.dirname(source), os.path.dirname(target)))
+                crash_point("finish-after-move")
+            break
         if failed:
             logger.warning("%s: moved to failed/ (%s): %s", item.rel_path, target, reason)
         else:
             logger.debug("%s: moved to done/ (%s)", item.rel_path, target)
+
+    def _retarget(self, item: FileToFinish, failed: bool, taken: TargetTakenError) -> str:
+        """A free name for ``item`` in place of one taken, recorded in the queue."""
+        target = self.spool.free_path(item.rel_path, failed=failed)
+        try:
+            self.queue.retarget_finish(item.file_id, target)
+        except QueueError as exc:
+            raise SpoolError(f"{taken}; and {exc}") from None
+        logger.warning("%s: %s; moving it to %s instead", item.rel_path, taken, target)
+        return target
 
 
 def _failures(item: FileToFinish) -> str:

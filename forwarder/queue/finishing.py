@@ -133,6 +133,18 @@ class Finishing(Store):
                 if file_id not in begun:
                     raise self._not_in_state(conn, file_id, FileState.QUEUED, "begin_finish")
 
+    def retarget_finish(self, file_id: int, final_path: str) -> None:
+        """A FINISHING file goes to ``final_path`` instead of the path recorded: another file
+        was put there before the move (which never replaces one). Record this, then move."""
+        params = {"id": file_id, "final_path": final_path}
+        with self._write(f"recording that file {file_id} goes to {final_path}") as conn:
+            changed = conn.execute(
+                "UPDATE files SET final_path = :final_path WHERE id = :id AND +state = 'FINISHING'",
+                params,
+            ).rowcount
+            if changed != 1:
+                raise self._not_in_state(conn, file_id, FileState.FINISHING, "retarget_finish")
+
     def complete_finish(self, file_id: int, *, now: float | None = None) -> None:
         """FINISHING -> FINISHED, once the file is at its final path."""
         self.complete_finish_many([file_id], now=now)
