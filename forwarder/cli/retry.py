@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -31,14 +32,53 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _free(path: Path) -> Path:
+def _free(path: Path, skip: frozenset[Path] = frozenset()) -> Path:
+    """``path``, or ``a.retryN.dcm`` beside it, whichever is free: nothing there, not even a
+    symlink pointing nowhere (a file a modality is about to write through it), and not in
+    ``skip``. Free now: the move never replaces what is put there meanwhile
+    (:func:`_place`)."""
     from forwarder.daemon.spool import numbered
 
     candidate, n = path, 0
-    while candidate.exists():
+    while os.path.lexists(candidate) or candidate in skip:
         n += 1
         candidate = path.with_name(numbered(path.name, f"retry{n}"))
     return candidate
+
+
+def _place(
+    queue: Queue, spool: Spool, file_id: int, source: Path, target: Path, incoming: Path
+) -> Path | None:
+    """Move ``source`` back to ``target``, the path ``file_id`` is queued under. When another
+    file was put there after the name was chosen (a modality writing into incoming), it is
+    not replaced: the row moves to another free name first, and the file goes there. Returns
+    where it went; None when a daemon had already taken that other file for this row's (it
+    sends that one): this file stays in failed/ with its report, listed for the next retry.
+    Raises SpoolError (the file stays in failed/, queued: the next retry moves it)."""
+    from forwarder.daemon.spool import TAKEN_TRIES, TargetTakenError
+
+    first, tried = target, set[Path]()
+    for _ in range(TAKEN_TRIES):
+        try:
+            _move_back(spool, source, target)
+            return target
+        except TargetTakenError as exc:
+            print(f"forwarder retry: {exc}", file=sys.stderr)
+        tried.add(target)
+        while True:
+            new = _free(first, frozenset(tried))
+            rel = new.relative_to(incoming).as_posix()
+            try:
+                if not queue.rename_requeued(file_id, str(new), rel):
+                    return None
+            except PathQueuedError:
+                tried.add(new)
+                continue
+            break
+        target = new
+    from forwarder.daemon.spool import SpoolError
+
+    raise SpoolError(f"cannot move {source} back: every name tried was taken; it stays queued")
 
 
 def _left_behind(queue: Queue, file_id: int) -> Path | None:
@@ -100,6 +140,14 @@ def _move_back(spool: Spool, source: Path, target: Path) -> None:
         raise
 
 
+def _taken_over(source: Path, target: Path) -> str:
+    return (
+        f"forwarder retry: {source}: left in failed/ as it is: another file was put at "
+        f"{target} meanwhile, and the daemon queued that one in its place; run `forwarder "
+        "retry` again to requeue this one"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     _, config = load_or_report(args, "retry")
     if config is None:
@@ -116,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print("forwarder retry: nothing to retry (no queue database yet)", file=sys.stderr)
         return EXIT_OK
     from forwarder.cli._queue import open_to_write
+    from forwarder.daemon.noreplace import same_file
     from forwarder.daemon.spool import Spool, SpoolError
 
     requeued = skipped = left_failed = 0
@@ -126,16 +175,32 @@ def run(args: argparse.Namespace) -> int:
             # the move is finished now, before the daemon (started or running) fails the file
             # as gone from incoming.
             for file_id, path, rel in queue.retried_queued():
-                left = None if os.path.lexists(path) else _left_behind(queue, file_id)
-                if left is not None:
-                    try:
-                        _move_back(spool, left, Path(path))
-                    except SpoolError as exc:  # this file only: it stays queued in failed/
-                        print(f"forwarder retry: {exc}", file=sys.stderr)
-                        left_failed += 1
-                        continue
-                    requeued += 1
-                    print(f"requeued {rel} (an interrupted retry finished)")
+                # A file at the path may be another one, put there after that retry chose
+                # the name: the file retried is then still in failed/.
+                left = _left_behind(queue, file_id)
+                if left is None:
+                    continue
+                if same_file(left, path):  # a move killed half way: the file is at both
+                    with contextlib.suppress(OSError):
+                        left.unlink()
+                    continue
+                try:
+                    placed = _place(queue, spool, file_id, left, Path(path), config.incoming)
+                except SpoolError as exc:  # this file only: it stays queued in failed/
+                    print(f"forwarder retry: {exc}", file=sys.stderr)
+                    left_failed += 1
+                    continue
+                if placed is None:  # listed as failed again: requeued afresh below
+                    print(
+                        f"forwarder retry: {left}: another file was put at {path} meanwhile, "
+                        "and the daemon queued that one in its place; this one is requeued "
+                        "afresh",
+                        file=sys.stderr,
+                    )
+                    continue
+                requeued += 1
+                rel = placed.relative_to(config.incoming).as_posix()
+                print(f"requeued {rel} (an interrupted retry finished)")
             for f in queue.failed_files(args.destination):
                 source = Path(f.final_path)
                 if not source.exists():
@@ -172,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
                 # destinations store it too (a later `retry --destination`).
                 kept = [d for d in f.destinations if d in names and d not in dests]
                 try:
-                    queue.requeue_failed(f.file_id, str(target), rel, dests, still_failed=kept)
+                    new_id = queue.requeue_failed(
+                        f.file_id, str(target), rel, dests, still_failed=kept
+                    )
                 except PathQueuedError:
                     # Not on disk, yet queued: a file dropped again under this name, which the
                     # daemon has not finished (or a daemon killed while moving it out).
@@ -186,11 +253,16 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 crash_point("retry-before-move")
                 try:
-                    _move_back(spool, source, target)
+                    placed = _place(queue, spool, new_id, source, target, config.incoming)
                 except SpoolError as exc:  # this file only: queued, the next retry moves it
                     print(f"forwarder retry: {exc}", file=sys.stderr)
                     left_failed += 1
                     continue
+                if placed is None:
+                    print(_taken_over(source, target), file=sys.stderr)
+                    left_failed += 1
+                    continue
+                rel = placed.relative_to(config.incoming).as_posix()
                 crash_point("retry-after-move")
                 requeued += 1
                 print(f"requeued {rel} for {', '.join(dests)}")

@@ -128,3 +128,34 @@ class Requeue(Store):
                 raise QueueError(f"queue database {self._path}: file {file_id} changed meanwhile")
         logger.info("requeued failed file %d as %d (%s)", file_id, new_id, new_path)
         return new_id
+
+    def rename_requeued(self, file_id: int, new_path: str, rel_path: str) -> bool:
+        """``forwarder retry`` found another file at the name it queued ``file_id`` under (put
+        there after the name was chosen, before the move; never replaced): the row moves to
+        ``new_path``, to which the file is moved next. Only while the row still is the failed
+        file, untouched by a daemon (QUEUED, its size and mtime those of the file it was
+        retried from, no job claimed). Else the daemon took the other file for this row's
+        (a replacement, sent in its place): the row stays that file's, and the file retried
+        from is listed by :meth:`failed_files` again (it stays in failed/). Returns whether the
+        row moved. Raises :class:`PathQueuedError` when an unfinished file holds ``new_path``."""
+        params = {"id": file_id, "new_path": new_path, "rel_path": rel_path}
+        with self._write(f"requeuing file {file_id} as {new_path} instead") as conn:
+            try:
+                moved = conn.execute(
+                    """UPDATE files SET path = :new_path, rel_path = :rel_path
+                       WHERE id = :id AND +state = 'QUEUED'
+                         AND EXISTS (SELECT 1 FROM files AS old
+                                     WHERE old.retried_as = :id AND old.size = files.size
+                                       AND old.mtime_ns IS files.mtime_ns)
+                         AND NOT EXISTS (SELECT 1 FROM jobs
+                                         WHERE file_id = :id AND status = 'CLAIMED')""",
+                    params,
+                ).rowcount
+            except sqlite3.IntegrityError as exc:
+                raise PathQueuedError(
+                    f"queue database {self._path}: cannot requeue file {file_id} as "
+                    f"{new_path}: a file with that path is already queued"
+                ) from exc
+            if not moved:
+                conn.execute("UPDATE files SET retried_as = NULL WHERE retried_as = :id", params)
+        return bool(moved)
