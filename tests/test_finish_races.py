@@ -5,6 +5,7 @@ what a file rewritten while being sent becomes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -226,7 +227,7 @@ def test_a_file_rewritten_while_being_sent_goes_to_failed_with_no_false_error(
                 d.start()
             d.wait_failed(1, timeout=20)
             release.set()
-            wait_until(lambda: queue_counts(d.queue)[1] == {}, 20, what="the send ended")
+            wait_until(lambda: "CLAIMED" not in queue_counts(d.queue)[1], 20, what="the send ended")
             assert d.stop() == 0
         finally:
             release.set()
@@ -238,7 +239,20 @@ def test_a_file_rewritten_while_being_sent_goes_to_failed_with_no_false_error(
     assert reason.startswith("not usable DICOM: "), reason
     # After the crash the restart takes it as the new file it is.
     assert ("rewritten while queued" in reason) == (not crash), reason
-    assert queue_counts(d.queue) == ({"FINISHED": 1}, {})
+    if crash:  # the send under way died with the daemon
+        assert queue_counts(d.queue) == ({"FINISHED": 1}, {})
+        return
+    # The send under way ended stored: the queue keeps that the PACS has that version (it
+    # forgot it), and the log says so of the version, not of the file now in failed/.
+    assert queue_counts(d.queue) == ({"FINISHED": 1}, {"DONE": 1})
+    assert (
+        f"a.dcm: the version queued before (SOP Instance UID {first.sop_instance_uid}) was "
+        f"stored by pacs; the file had been rewritten since, and is at {d.failed / 'a.dcm'}"
+    ) in d.log_text(), d.log_tail()
+    found = d.cli("find", "--json", first.sop_instance_uid)
+    assert found.returncode == 0, found.stderr
+    (file,) = json.loads(found.stdout)["files"]
+    assert [(j["destination"], j["state"]) for j in file["destinations"]] == [("pacs", "stored")]
 
 
 # In the watch-and-ingest process: once the finisher has recorded where taken.dcm goes, and

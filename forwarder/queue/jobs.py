@@ -73,6 +73,40 @@ def _describe_jobs(ids: Sequence[int]) -> str:
     return f"job {shown}" if len(ids) == 1 else f"jobs {shown}{more}"
 
 
+# A claim that ends stored on a version retired while it was being sent (its file rewritten
+# into one not queued, and moved to failed/ or done/: Replacing.retire_file): recorded DONE, as
+# it is, so that `find` and `status` say that destination has that version (it was deleted,
+# and the row said "being sent" for good). Nothing awaits a commitment for it: its file is
+# finished. A claim on it that ends otherwise is dropped (DROP_CLAIMED): nothing more of that
+# version is sent.
+_STORED_RETIRED = """
+    UPDATE jobs SET status = 'DONE', attempts = attempts + 1, finished_at = :now,
+                    last_status = :last_status, last_error = :error, commitment = 0,
+                    commit_txn = NULL, sent_uids = :own, claimed_at = NULL, stale = 0
+    WHERE id IN (SELECT value FROM json_each(:ids)) AND status = 'CLAIMED' AND stale = 2
+      AND EXISTS (SELECT 1 FROM files AS f WHERE f.id = jobs.file_id AND +f.state = 'FINISHED')
+    RETURNING id, file_id, destination"""
+
+
+def _say_stored_retired(conn: sqlite3.Connection, rows: Sequence[Any]) -> None:
+    """One line for each version stored after its file was rewritten and moved out: the
+    send's own line names the file, which is something else now."""
+    for _, file_id, destination in rows:
+        row = conn.execute(
+            "SELECT rel_path, sop_instance_uid, final_path FROM files WHERE id = :id",
+            {"id": file_id},
+        ).fetchone()
+        if row is not None:
+            logger.info(
+                "%s: the version queued before (SOP Instance UID %s) was stored by %s; the "
+                "file had been rewritten since, and is at %s",
+                row[0],
+                row[1],
+                destination,
+                row[2],
+            )
+
+
 class Jobs(Store):
     """The transitions of jobs (a part of :class:`forwarder.queue.Queue`)."""
 
@@ -243,8 +277,16 @@ class Jobs(Store):
             "own": None if sent_uids is None else "",
         }
         with self._write(f"acking {_describe_jobs(ids)} as {verb}") as conn:
+            stored_retired: list[Any] = []
+            if to is JobStatus.DONE:
+                stored_retired = conn.execute(
+                    _STORED_RETIRED, {**params, "ids": ids_json(ids)}
+                ).fetchall()
             dropped = conn.execute(DROP_CLAIMED, {"ids": ids_json(ids)}).fetchall()
             rows = conn.execute(ACK_TERMINAL, {**params, "ids": ids_json(ids)}).fetchall()
+            if stored_retired:
+                _say_stored_retired(conn, stored_retired)
+                rows += stored_retired
             self._expect_claimed(conn, ids, rows + dropped)
             if sent_uids:  # an edited send (deidentify): none for a file sent as it is
                 acked = set(ids)

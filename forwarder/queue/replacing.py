@@ -145,10 +145,10 @@ class Replacing(Store):
         so that nothing looks for the file in incoming again. Nothing more of the version
         queued is sent: it is gone. DONE jobs stay (their destination stored it; one awaiting
         a commitment is not sent again), READY and FAILED jobs are deleted, and a CLAIMED one
-        is deleted when its claim ends (the sender had that version open: what it stores is
-        that version, whole, or the send fails). Returns the version queued and every
-        destination's state then, or None when no QUEUED row has that path (finished, or
-        being moved out: :meth:`moving_out`).
+        ends with its claim (the sender had that version open: what it stores is that version,
+        whole, or the send fails): DONE when it was stored, else deleted. Returns the version
+        queued and every destination's state then, or None when no QUEUED row has that path
+        (finished, or being moved out: :meth:`moving_out`).
 
         A crash after this commit, before the move, leaves the file in incoming unqueued: the
         rescan at start takes it as a new file (to failed/ or done/ again)."""
