@@ -120,3 +120,67 @@ def test_a_retry_killed_before_its_move_then_a_file_at_its_name_loses_neither(
             assert d.stop() == 0
         finally:
             d.close()
+
+
+# As DROP_AFTER_REQUEUE, then waits (up to 20 s) until the running daemon has taken the file
+# dropped for the requeued row's (a replacement: the row's size changes), before the move.
+DROP_AND_WAIT_FOR_DAEMON = """\
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+if "retry" in sys.argv:
+    from forwarder.queue.requeue import Requeue
+
+    requeue = Requeue.requeue_failed
+
+    def requeue_failed(self, file_id, new_path, rel_path, destinations, **kwargs):
+        new_id = requeue(self, file_id, new_path, rel_path, destinations, **kwargs)
+        part = Path(new_path).with_name(".modality.part")
+        part.write_bytes(Path(os.environ["MODALITY_FILE"]).read_bytes())
+        os.rename(part, new_path)
+        conn = sqlite3.connect(os.environ["QUEUE_DB"], timeout=10)
+        query = "SELECT size FROM files WHERE id = ?"
+        first = conn.execute(query, (new_id,)).fetchone()
+        deadline = time.monotonic() + 20
+        while conn.execute(query, (new_id,)).fetchone() == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        conn.close()
+        return new_id
+
+    Requeue.requeue_failed = requeue_failed
+"""
+
+
+def test_retry_leaves_the_file_in_failed_when_the_daemon_took_the_other_for_its_row(
+    tmp_path: Path,
+) -> None:
+    """The file dropped at retry's name is taken by a running daemon before the move, as the
+    requeued row's new version (and sent). The failed file is not moved over it: it stays in
+    failed/ with its report, one line says so, and the next retry requeues it afresh."""
+    _, env = site_env(tmp_path, DROP_AND_WAIT_FOR_DAEMON)
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path / "d", destinations=[destination("pacs", scp.port)])
+        try:
+            failed = _failed_once(d, scp)
+            modality = tmp_path / "modality.dcm"
+            write_file(modality, seed=7, rows=32)  # another size than the failed file's
+            d.start()
+            hook = {**env, "MODALITY_FILE": str(modality), "QUEUE_DB": str(d.queue)}
+            result = forwarder("retry", "-c", str(d.config_path), env=hook)
+            assert result.returncode == 1, result.stderr
+            assert "the daemon queued that one in its place" in result.stderr, result.stderr
+            assert (d.failed / "img0000.dcm").read_bytes() == failed
+            assert (d.failed / "img0000.dcm.error.json").exists()
+            wait_until(lambda: d.done_files() == ["img0000.dcm"], 30, what="the other file sent")
+            assert (d.done / "img0000.dcm").read_bytes() == modality.read_bytes()
+            again = d.cli("retry")
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.splitlines() == ["requeued img0000.dcm for pacs"]
+            wait_until(lambda: len(d.done_files()) == 2, 30, what="the failed file sent")
+            assert len(scp.received) == 2
+            assert d.stop() == 0
+        finally:
+            d.close()
