@@ -303,3 +303,35 @@ def test_a_file_put_at_the_name_chosen_in_done_before_the_move_is_not_replaced(
     finally:
         conn.close()
     assert final == str(d.done / "taken.1.dcm")
+
+
+def test_a_name_taken_in_done_while_the_daemon_was_down_mid_finish_is_not_taken_for_the_move(
+    tmp_path: Path,
+) -> None:
+    """The daemon dies after recording where late.dcm goes (done/late.dcm), before the move;
+    another file is put at that name while it is down. At the restart the file still in
+    incoming is the one queued (same size and mtime): it goes to the next free name, not
+    "already moved" (which left it behind, to be sent again as a new file)."""
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"FORWARDER_CRASH_AT": "finish-before-move"},
+        )
+        try:
+            first = d.drop("late.dcm", seed=1)
+            d.start(wait_ready=False)
+            assert d.wait_exit(timeout=30) == -signal.SIGKILL, d.log_tail()
+            assert d.incoming_files() == ["late.dcm"] and len(scp.received) == 1
+            (d.done / "late.dcm").write_bytes(b"someone else's file")
+            del d.env["FORWARDER_CRASH_AT"]
+            d.start()
+            d.wait_incoming_empty(timeout=30)
+            wait_until(lambda: queue_counts(d.queue)[0] == {"FINISHED": 1}, 20, what="finished")
+            assert d.stop() == 0
+        finally:
+            d.close()
+    assert len(scp.received) == 1, "sent again"
+    assert (d.done / "late.dcm").read_bytes() == b"someone else's file"
+    assert read_meta(d.done / "late.1.dcm").sop_instance_uid == first.sop_instance_uid
+    assert "already moved" not in d.log_text(), d.log_tail()

@@ -219,10 +219,12 @@ class Finisher:
         failed = item.outcome == Finish.FAILED
         source = item.path
         recorded = item.state != FileState.QUEUED and item.final_path is not None
-        if recorded and _another_file(source, target):
+        if recorded and _another_file(source, target) and not _exactly_as_queued(source, item):
             # Moved already (a crash, or a queue error, kept the row FINISHING): its target
             # was a free name when recorded. What is in incoming under that name now is
-            # another file (dropped again): it must not replace the delivered copy.
+            # another file (dropped again): it must not replace the delivered copy. (The file
+            # queued itself, still there, is not moved: another file took the name recorded
+            # meanwhile, and the move below takes another.)
             logger.info("%s: already moved to %s", item.rel_path, target)
             return
         if not _as_queued(source, item):
@@ -319,6 +321,18 @@ def _as_queued(source: str, item: FileToFinish) -> bool:
         st = os.lstat(source)
     except OSError:
         return True
+    return (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+
+
+def _exactly_as_queued(source: str, item: FileToFinish) -> bool:
+    """What is at ``source`` is the version queued, by size and mtime (False when either is
+    not known)."""
+    if not item.mtime_ns:
+        return False
+    try:
+        st = os.lstat(source)
+    except OSError:
+        return False
     return (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
 
 
