@@ -33,11 +33,13 @@ from pynetdicom import (
     build_role,
     evt,
 )
+from pynetdicom.status import code_to_category
 
 SC = "1.2.840.10008.1.20.1"
 SC_INSTANCE = "1.2.840.10008.1.20.1.1"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+_ACCEPTED = ("Success", "Warning")
 
 
 @dataclass
@@ -50,7 +52,7 @@ class CommitmentSCP:
     forget: set[str] = field(default_factory=set)  # held, but reported failed (0x0110)
     wrong_transaction: bool = False  # report under another Transaction UID
     extra_instance: bool = False  # the report also names an instance nobody asked about
-    action_status: int = 0x0000
+    action_status: int = 0x0000  # a Warning status is answered, and the report sent all the same
     # SOP Instance UIDs whose N-ACTION (any naming one of them) is answered 0x0110 instead
     refuse_instances: set[str] = field(default_factory=set)
     hang: bool = False  # never answer N-ACTION / C-FIND while set
@@ -157,7 +159,7 @@ class CommitmentSCP:
         named = {str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence}
         if named & self.refuse_instances:
             return 0x0110, None
-        if self.action_status != 0 or self.mode == "none":
+        if self.mode == "none" or code_to_category(self.action_status) not in _ACCEPTED:
             return self.action_status, None
         event_type, report = self._report(action)
         assoc = event.assoc
@@ -166,7 +168,7 @@ class CommitmentSCP:
         )
         self._threads.append(t)
         t.start()
-        return 0x0000, None
+        return self.action_status, None
 
     def _abort_after_answer(self, assoc: Any) -> None:
         # A network failure right after the answer: the requestor's association ends under it.

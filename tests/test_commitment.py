@@ -258,6 +258,28 @@ def test_a_refused_n_action_raises() -> None:
     assert info.value.status == 0x0110
 
 
+@pytest.mark.parametrize("status", [0x0001, 0x0107, 0x0116, 0xB000, 0xBFFF])
+def test_an_n_action_accepted_with_a_warning_is_awaited_and_said_once(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Warning status (PS3.7 C.3: 0x0001, 0x0107, 0x0116, 0xBxxx) means the PACS accepted
+    the request: the report is awaited and taken, not the request given up as refused (and
+    asked again later); one WARNING line names the peer, the transaction and the status."""
+    refs = _refs(2)
+    caplog.set_level(logging.INFO, logger="forwarder")
+    with CommitmentSCP(action_status=status) as scp:
+        _hold(scp, refs)
+        uid, report = request_commitment(
+            _peer(scp), SETTINGS, refs, CommitmentBook(), timeout=5, release_at_once=False
+        )
+    assert report is not None and set(report.committed) == set(refs)
+    (line,) = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("forwarder")
+    ]
+    text = line.getMessage()
+    assert f"0x{status:04X}" in text and uid in text and f"127.0.0.1:{scp.port}" in text
+
+
 # pynetdicom 3.0 shuts down but does not close the socket of a refused connection.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_no_peer_raises(tmp_path: Path) -> None:

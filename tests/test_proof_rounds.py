@@ -266,3 +266,31 @@ def test_a_refused_transaction_holds_up_no_other_study(
     # said once, and once more after the other study's "works again"; then at debug level
     assert levels[0] == logging.WARNING and levels[-1] == logging.DEBUG, levels
     assert levels.count(logging.WARNING) <= 2, levels
+
+
+def test_an_n_action_accepted_with_a_warning_is_not_asked_again(
+    q: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS answers the N-ACTION with a Warning status (0xB000): it accepted the request.
+    The keeper awaits the report and records it (the instance committed), and does not cancel
+    the transaction and ask again as after a refusal; one WARNING line names the peer, the
+    transaction and the status."""
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    _stored(q)
+    finished = _Finished()
+    with CommitmentSCP(action_status=0xB000) as scp:
+        scp.held[SOP] = Dataset()
+        keeper = _prover("storage_commitment", q, scp.port, finished)
+        keeper.start()
+        try:
+            wait_until(lambda: finished.ids, 10, what="the instance committed")
+        finally:
+            keeper.stop()
+    assert len(scp.actions) == 1
+    assert q.commitment_counts()["pacs"].committed == 1 and q.open_commitments() == []
+    (warned,) = [
+        r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("forwarder")
+    ]
+    text = warned.getMessage()
+    assert "0xB000" in text and str(scp.actions[0].TransactionUID) in text
+    assert f"PACS@127.0.0.1:{scp.port}" in text

@@ -134,11 +134,15 @@ def test_orthanc_without_a_report_port_times_out_not_committed(
     assert "no storage commitment report within 2s" in rec["commitment_error"]
 
 
-@pytest.mark.parametrize("mode", ["same", "forget", "none"])
+@pytest.mark.parametrize("mode", ["same", "forget", "none", "warning"])
 def test_scripted_pacs(mode: str, tmp_path: Path, forwarder_env: dict[str, str]) -> None:
+    """``warning``: the N-ACTION is answered 0xB000, a Warning: accepted, the report taken
+    (exit 0), the status said in one line."""
     paths = write_files(tmp_path / "in", 3)
     uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
     scp = CommitmentSCP(mode="none" if mode == "none" else "same")
+    if mode == "warning":
+        scp.action_status = 0xB000
     if mode == "forget":
         scp.forget.add(uids[1])
     report = tmp_path / "report.json"
@@ -150,9 +154,11 @@ def test_scripted_pacs(mode: str, tmp_path: Path, forwarder_env: dict[str, str])
         )  # fmt: skip
     files = _by_uid(_report(report))
     assert set(scp.held) == set(uids)
-    if mode == "same":
+    if mode in ("same", "warning"):
         assert r.returncode == 0, r.stderr
         assert {f["commitment"] for f in files.values()} == {"committed"}
+        warned = [line for line in r.stderr.splitlines() if "0xB000" in line]
+        assert len(warned) == (mode == "warning"), r.stderr
     elif mode == "forget":
         assert r.returncode == 1
         assert files[uids[1]]["commitment"] == "failed"

@@ -47,6 +47,7 @@ from forwarder.net.commitment import (
     new_transaction_uid,
 )
 from forwarder.net.endings import accepted_ending, lost, requestor, watch_acceptor, watched
+from forwarder.net.status import code_to_category
 
 if TYPE_CHECKING:
     from pynetdicom.events import EventHandlerType
@@ -342,13 +343,18 @@ def _ask(
             raise CommitmentError(f"stopping: no answer from {peer} to the N-ACTION yet")
         ended = lost(assoc, peer, "the N-ACTION-RSP")
         raise CommitmentError(ended or f"{peer} did not answer the N-ACTION")
-    if code != 0x0000:
+    # A Warning (0x0001, 0x0107, 0x0116, 0xBxxx; PS3.7 C.3) is accepted as Success is: the
+    # PACS took the request, and its report is awaited (refused, it would be asked again).
+    category = code_to_category(code)
+    if category not in ("Success", "Warning"):
         raise CommitmentError(f"{peer} answered the N-ACTION with status 0x{code:04X}", status=code)
-    logger.info(
-        "storage commitment of %d instance(s) requested from %s (transaction %s)",
+    logger.log(
+        logging.INFO if category == "Success" else logging.WARNING,
+        "storage commitment of %d instance(s) requested from %s (transaction %s)%s",
         len(references),
         peer,
         uid,
+        "" if category == "Success" else f": accepted with warning status 0x{code:04X}",
     )
     if release_at_once:
         return None
