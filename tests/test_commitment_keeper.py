@@ -5,12 +5,15 @@ an instance not asked about, changes nothing."""
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from conftest import wait_until
 from peers import free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role
@@ -148,3 +151,53 @@ def test_a_report_that_cannot_be_recorded_is_refused_and_taken_when_sent_again(
             keeper.stop()
         assert finished.ids == [jobs[0].file_id]
         assert q.open_commitments() == [] and q.commitment_counts()["pacs"].committed == 1
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Another connection holds the queue database's write lock (a long write, a full disk
+    alike): every write of the keeper's fails past its busy timeout."""
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+def test_an_expiry_the_queue_refuses_is_said_once_naming_the_transaction(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction past its deadline that the queue cannot record as not committed (its
+    write lock held by another writer): the keeper tries again every second, and says so once,
+    naming the destination and the transaction, then only at debug level; once the queue
+    takes writes again the transaction is recorded (its instance sent again)."""
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    path = tmp_path / "queue.sqlite"
+    with Queue(path, busy_timeout=0.2) as q:
+        _open_transaction(q, "9.9.5", 1)
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE commitments SET deadline = 0 WHERE uid = '9.9.5'")
+        keeper = CommitmentKeeper(q, cast(Any, _Finished()), wake_workers=lambda: None)
+        dest = Destination.model_validate(
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port(),
+             "storage_commitment": {"timeout": "1s"}}
+        )  # fmt: skip
+        keeper.configure([ProofTarget(dest, AssociationSettings(calling_ae_title="FWD"))])
+        try:
+            with _locked(path):
+                keeper.start()
+                wait_until(
+                    lambda: len([r for r in caplog.records if "locked" in r.getMessage()]) >= 3,
+                    15,
+                    what="three tries",
+                )
+            wait_until(lambda: q.stats()["pacs"].pending == 1, 10, what="sent again")
+        finally:
+            keeper.stop()
+    tries = [r for r in caplog.records if "locked" in r.getMessage()]
+    assert [r.levelno for r in tries][:3] == [logging.ERROR, logging.DEBUG, logging.DEBUG]
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == tries[:1]
+    said = tries[0].getMessage()
+    assert said.startswith("pacs: ") and "9.9.5" in said

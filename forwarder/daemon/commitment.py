@@ -86,6 +86,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}
         self._restored = False  # the transactions a previous run left open are awaited
+        self._told: dict[str, str] = {}  # what the keeper's own failures were said for -> why
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -153,10 +154,18 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
     def _tick(self) -> None:
         try:
             self._expire()
-        except ForwarderError as exc:
-            logger.error("storage commitment: %s; trying again", exc)
-        except Exception:
-            logger.exception("storage commitment: internal error; trying again")
+        except Exception as exc:
+            why = f"internal error ({type(exc).__name__}: {exc})"
+            self._tell(
+                "expiring",
+                why,
+                logging.ERROR,
+                "storage commitment: %s while expiring transactions; trying again every second",
+                why,
+                exc_info=exc,
+            )
+        else:
+            self._untell("expiring")
         for target in self._current_targets():
             if self._stop.is_set():
                 return
@@ -255,6 +264,29 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             self._jobs.pop(uid, None)
         self.queue.cancel_commitment(uid)
 
+    def _tell(
+        self,
+        key: str,
+        why: str,
+        level: int,
+        message: str,
+        *args: object,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """A failure of the keeper's own work (``key``: what failed), said at ``level`` when
+        ``why`` is new for it, the same again only at debug level (as :meth:`_say` does for a
+        destination's rounds): not one line a second while the queue refuses."""
+        with self._lock:
+            if self._told.get(key) == why:
+                level, exc_info = logging.DEBUG, None
+            self._told[key] = why
+        logger.log(level, message, *args, exc_info=exc_info)
+
+    def _untell(self, key: str) -> bool:
+        """``key`` works again: whether a failure of it had been said."""
+        with self._lock:
+            return self._told.pop(key, None) is not None
+
     def _untold_tries(self, target: ProofTarget, job_ids: list[int]) -> None:
         """Instances that cannot be named now (the UIDs they were sent with cannot be told) are
         tried again ``settle`` later, but not for ever: after :data:`UNDECIDED_LIMIT` tries
@@ -299,13 +331,51 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         return refs
 
     def _expire(self) -> None:
-        for txn in self.queue.open_commitments(due_by=time.time()):
+        """Record the transactions past their deadline as not reported (sent again). What the
+        queue refuses is said once per transaction and reason, and tried again at the next
+        tick."""
+        try:
+            due = self.queue.open_commitments(due_by=time.time())
+        except ForwarderError as exc:
+            self._tell(
+                "listing",
+                str(exc),
+                logging.ERROR,
+                "storage commitment: cannot list the transactions past their deadline: %s; "
+                "trying again every second",
+                exc,
+            )
+            return
+        if self._untell("listing"):
+            logger.info("storage commitment: the transactions past their deadline are listed again")
+        keys = {f"expire {t.uid}" for t in due}
+        with self._lock:
+            # Forgotten once no longer due (a report came after all, or a cancel).
+            for key in [k for k in self._told if k.startswith("expire ") and k not in keys]:
+                del self._told[key]
+        for txn in due:
             if txn.kind != "stgcmt":
                 continue
             target = self._targets.get(txn.destination)
             timeout = target.policy.timeout if target else txn.deadline - txn.created_at
             why = f"no storage commitment report within {timeout:g}s"
-            self._record(txn.uid, txn.destination, [], [], why)
+            key = f"expire {txn.uid}"
+            try:
+                self._record(txn.uid, txn.destination, [], [], why)
+            except ForwarderError as exc:
+                self._tell(
+                    key,
+                    str(exc),
+                    logging.ERROR,
+                    "%s: storage commitment transaction %s is past its deadline (%s), and cannot "
+                    "be recorded as not committed: %s; trying again every second",
+                    txn.destination,
+                    txn.uid,
+                    why,
+                    exc,
+                )
+                continue
+            self._untell(key)
 
     # -- outcomes ----------------------------------------------------------------------------------
 
