@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from commitment_peer import CommitmentSCP
 from conftest import wait_until
 from peers import free_port
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role
 
 from forwarder.config import Destination
+from forwarder.daemon import proof_thread
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
 from forwarder.net.association import AssociationSettings
 from forwarder.net.commitment import (
@@ -201,3 +204,47 @@ def test_an_expiry_the_queue_refuses_is_said_once_naming_the_transaction(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == tries[:1]
     said = tries[0].getMessage()
     assert said.startswith("pacs: ") and "9.9.5" in said
+
+
+def test_a_transaction_whose_cancel_the_queue_refuses_is_not_expired_into_a_resend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS refuses the N-ACTION (nothing requested) while another writer holds the
+    queue's write lock: the transaction cannot be cancelled then. It is cancelled once the
+    queue takes writes again, never left open to expire as "not committed" past its deadline
+    and sent again for no fault of the PACS; asked again, it is committed."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    caplog.set_level(logging.DEBUG, logger="forwarder")
+    path = tmp_path / "queue.sqlite"
+    sop = "1.2.826.0.1.3680043.10.1284.57.9"
+    with Queue(path, busy_timeout=0.2) as q:
+        entry = FileEntry("/in/0", "0", 1, 1, CT, sop, "1.2.840.10008.1.2.1", STUDY)
+        q.enqueue_many([(entry, ["pacs"])])
+        (job,) = q.claim("pacs", 10)
+        q.ack_done([job.id], commitment=True)
+        finished = _Finished()
+        with CommitmentSCP(hang=True, refuse_instances={sop}) as scp:
+            scp.held[sop] = Dataset()
+            dest = Destination.model_validate(
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": scp.port,
+                 "storage_commitment": {"settle": 0, "timeout": "1s"}}
+            )  # fmt: skip
+            keeper = CommitmentKeeper(q, cast(Any, finished), wake_workers=lambda: None)
+            keeper.configure([ProofTarget(dest, AssociationSettings(calling_ae_title="FWD"))])
+            keeper.start()
+            try:
+                wait_until(lambda: scp.actions, 10, what="the N-ACTION")
+                (txn,) = q.open_commitments()
+                with _locked(path):
+                    scp.hang = False  # answered 0x0110 now: the keeper cancels, and cannot
+                    wait_until(lambda: "while cancelling" in caplog.text, 10, what="the refusal")
+                    wait_until(lambda: time.time() > txn.deadline + 1.5, 5, what="the deadline")
+                    scp.refuse_instances.clear()
+                wait_until(lambda: finished.ids, 10, what="committed when asked again")
+            finally:
+                keeper.stop()
+        assert q.stats()["pacs"].pending == 0 and len(scp.stores) == 0
+        assert q.commitment_counts()["pacs"].committed == 1
+        assert q.commitment_counts()["pacs"].uncommitted == 0
+        assert "no storage commitment report" not in caplog.text
+        assert len(scp.actions) == 2

@@ -8,7 +8,9 @@ commitment (the file stays in incoming). One thread, the :class:`CommitmentKeepe
    Transaction UID, instances and deadline) is committed to the queue *before* the N-ACTION
    goes out (:meth:`forwarder.queue.Queue.begin_commitment`); a peer that cannot be reached
    cancels it, and it is asked again later, as does an error of ours while requesting (not
-   left open to expire as not committed, and be sent again, for no fault of the peer);
+   left open to expire as not committed, and be sent again, for no fault of the peer; a
+   cancel the queue refuses is tried again every tick until it works, and such a transaction
+   is never expired meanwhile);
 2. takes the report, on the requesting association (kept open ``wait_on_association``), on its
    own report acceptor (``storage_commitment.port``: a pynetdicom AE the peer opens an
    association to), or from anyone who calls :meth:`CommitmentKeeper.deliver_report` (the seam
@@ -86,6 +88,9 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         self._jobs: dict[str, dict[str, int]] = {}  # transaction -> SOP Instance -> job id
         self._acceptors: dict[tuple[str, int], Any] = {}
         self._restored = False  # the transactions a previous run left open are awaited
+        # Transactions given up (not requested) whose cancel the queue refused -> destination:
+        # cancelled again every tick until it works, never expired meanwhile (sent again).
+        self._uncancelled: dict[str, str] = {}
         self._told: dict[str, str] = {}  # what the keeper's own failures were said for -> why
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -99,8 +104,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             if txn.kind == "stgcmt" and txn.destination not in self._targets:
                 # No longer asked of that destination: its instances await proof again (by
                 # query, if that is configured now; see Service._settle_proof).
-                self.queue.cancel_commitment(txn.uid)
-                self.book.forget(txn.uid)
+                self._cancel(txn.uid, txn.destination)
         wanted = {
             (t.policy.bind, t.policy.port): t.policy.ae_title or t.settings.calling_ae_title
             for t in targets
@@ -140,6 +144,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         """Stop the thread, then the report acceptors; returns within a few seconds whatever
         the peers do (every network wait of the thread is cancelled by the stop)."""
         super().stop()
+        self._cancel_again()  # one last try: else awaited after the restart, and expired
         for acceptor in self._acceptors.values():
             acceptor.stop()
         self._acceptors.clear()
@@ -153,6 +158,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
 
     def _tick(self) -> None:
         try:
+            self._cancel_again()
             self._expire()
         except Exception as exc:
             why = f"internal error ({type(exc).__name__}: {exc})"
@@ -160,7 +166,8 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
                 "expiring",
                 why,
                 logging.ERROR,
-                "storage commitment: %s while expiring transactions; trying again every second",
+                "storage commitment: %s while cancelling or expiring transactions; "
+                "trying again every second",
                 why,
                 exc_info=exc,
             )
@@ -236,7 +243,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
                 cancel=self._stop,
             )
         except CommitmentError as exc:
-            self._cancel(uid)
+            self._cancel(uid, target.name)
             if exc.status is not None and not self._stop.is_set():
                 # Asked, and this transaction refused (a SOP Class the PACS does not commit, or
                 # the PACS busy: the status does not tell which). The destination rests as
@@ -252,17 +259,54 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         except Exception:
             # Ours, not the peer's: whether the N-ACTION went out or not, asked again (after
             # the rest; a report that comes meanwhile is for a transaction no longer awaited).
-            self._cancel(uid)
+            self._cancel(uid, target.name)
             raise
         self._works(target)
         return True
 
-    def _cancel(self, uid: str) -> None:
-        """Transaction ``uid`` was not requested: its instances await again."""
+    def _cancel(self, uid: str, destination: str) -> None:
+        """Transaction ``uid`` was not requested: its instances await again. When the queue
+        refuses the cancel (locked, disk full), it is tried again every tick until it works
+        (:meth:`_cancel_again`); meanwhile it is not expired (its instances are not sent again
+        for a request that never went out)."""
         self.book.forget(uid)
         with self._lock:
             self._jobs.pop(uid, None)
-        self.queue.cancel_commitment(uid)
+            self._uncancelled[uid] = destination
+        self._cancel_again([uid])
+
+    def _cancel_again(self, uids: Sequence[str] | None = None) -> None:
+        """Cancel in the queue the transactions given up (``uids``, or every one whose cancel
+        the queue refused so far); a refusal is said once per transaction and reason."""
+        with self._lock:
+            todo = (
+                dict(self._uncancelled) if uids is None else {u: self._uncancelled[u] for u in uids}
+            )
+        for uid, destination in todo.items():
+            key = f"cancel {uid}"
+            try:
+                self.queue.cancel_commitment(uid)
+            except ForwarderError as exc:
+                self._tell(
+                    key,
+                    str(exc),
+                    logging.ERROR,
+                    "%s: storage commitment transaction %s was not requested, and cannot be "
+                    "cancelled: %s; trying again every second (its instances are not sent again)",
+                    destination,
+                    uid,
+                    exc,
+                )
+                continue
+            with self._lock:
+                self._uncancelled.pop(uid, None)
+            if self._untell(key):
+                logger.info(
+                    "%s: storage commitment transaction %s cancelled: its instances await a "
+                    "new request",
+                    destination,
+                    uid,
+                )
 
     def _tell(
         self,
@@ -331,9 +375,9 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         return refs
 
     def _expire(self) -> None:
-        """Record the transactions past their deadline as not reported (sent again). What the
-        queue refuses is said once per transaction and reason, and tried again at the next
-        tick."""
+        """Record the transactions past their deadline as not reported (sent again); not one
+        given up whose cancel the queue refused (:meth:`_cancel`). What the queue refuses is
+        said once per transaction and reason, and tried again at the next tick."""
         try:
             due = self.queue.open_commitments(due_by=time.time())
         except ForwarderError as exc:
@@ -350,11 +394,12 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             logger.info("storage commitment: the transactions past their deadline are listed again")
         keys = {f"expire {t.uid}" for t in due}
         with self._lock:
+            uncancelled = set(self._uncancelled)
             # Forgotten once no longer due (a report came after all, or a cancel).
             for key in [k for k in self._told if k.startswith("expire ") and k not in keys]:
                 del self._told[key]
         for txn in due:
-            if txn.kind != "stgcmt":
+            if txn.kind != "stgcmt" or txn.uid in uncancelled:
                 continue
             target = self._targets.get(txn.destination)
             timeout = target.policy.timeout if target else txn.deadline - txn.created_at
