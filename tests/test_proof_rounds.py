@@ -6,6 +6,7 @@ destination's rest), and said once, not once a round."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from test_commitment_keeper import CT, STUDY, _Finished
 from forwarder.config import Destination
 from forwarder.daemon import proof_thread
 from forwarder.daemon.commitment import CommitmentKeeper, ProofTarget
+from forwarder.daemon.finisher import Finisher
+from forwarder.daemon.spool import Spool
 from forwarder.daemon.verify_query import QueryTarget, QueryVerifier
 from forwarder.net import commitment_scu, query_scu
 from forwarder.net.association import AssociationSettings
@@ -294,3 +297,125 @@ def test_an_n_action_accepted_with_a_warning_is_not_asked_again(
     text = warned.getMessage()
     assert "0xB000" in text and str(scp.actions[0].TransactionUID) in text
     assert f"PACS@127.0.0.1:{scp.port}" in text
+
+
+def _keeper_with_folders(
+    q: Queue, tmp_path: Path, port: int
+) -> tuple[CommitmentKeeper, Finisher, Spool]:
+    """The keeper for "pacs" at ``port`` (no settle, one resend), finishing into real folders."""
+    spool = Spool(tmp_path / "incoming", tmp_path / "done", tmp_path / "failed")
+    for folder in (spool.incoming, spool.done, spool.failed):
+        folder.mkdir(exist_ok=True)
+    finisher = Finisher(q, spool, lambda _paths: None)
+    dest = Destination.model_validate(
+        {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port,
+         "storage_commitment": {"settle": 0, "max_resends": 1}}
+    )  # fmt: skip
+    keeper = CommitmentKeeper(q, finisher, wake_workers=lambda: None)
+    keeper.configure([ProofTarget(dest, AssociationSettings(calling_ae_title="FWD"))])
+    return keeper, finisher, spool
+
+
+def _dropped(q: Queue, spool: Spool, n: int) -> str:
+    """File ``n`` (a study of its own) in incoming, queued for "pacs"; its SOP Instance UID."""
+    sop, name = f"{SOP}.{n}", f"{n}.dcm"
+    path = spool.incoming / name
+    path.write_bytes(b"file %d" % n)
+    st = path.stat()
+    entry = FileEntry(
+        str(path), name, st.st_size, st.st_mtime_ns, CT, sop, "1.2.840.10008.1.2.1", f"{STUDY}.{n}"
+    )
+    q.enqueue_many([(entry, ["pacs"])])
+    return sop
+
+
+def _store_ready(q: Queue) -> None:
+    """What a worker does with what is queued (or sent again): stored, awaiting commitment."""
+    jobs = q.claim("pacs", 100)
+    if jobs:
+        q.ack_done([j.id for j in jobs], commitment=True)
+
+
+def _asked(scp: CommitmentSCP) -> list[set[str]]:
+    return [{str(r.ReferencedSOPInstanceUID) for r in a.ReferencedSOPSequence} for a in scp.actions]
+
+
+def test_a_study_the_pacs_refuses_for_good_while_it_accepts_others_ends_in_failed(
+    q: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PACS answers every N-ACTION for one study with a failure status (0x0110: a SOP
+    Class it does not commit, say) and accepts the others, which keep coming. The refused
+    study does not await commitment for ever: once refused UNDECIDED_LIMIT times with another
+    request accepted in between each time, it counts as not committed, is sent again
+    (max_resends: 1), refused as often again, then goes to failed/, its reason naming the
+    destination and the status. The other studies are committed (done/)."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    monkeypatch.setattr(proof_thread, "_TICK", 0.1)
+    with CommitmentSCP() as scp:
+        keeper, finisher, spool = _keeper_with_folders(q, tmp_path, scp.port)
+        refused = _dropped(q, spool, 0)
+        scp.refuse_instances.add(refused)
+        n = 0
+
+        def step() -> bool:
+            nonlocal n
+            # Another study as soon as none awaits: a PACS site's steady traffic.
+            if not any(i.sop_instance_uid != refused for i in q.awaiting_commitment("pacs")):
+                n += 1
+                scp.held[_dropped(q, spool, n)] = Dataset()
+            _store_ready(q)
+            return (spool.failed / "0.dcm").exists()
+
+        finisher.start()
+        keeper.start()
+        try:
+            wait_until(step, 60, what="the refused study in failed/")
+        finally:
+            keeper.stop()
+            finisher.stop()
+    error = json.loads((spool.failed / "0.dcm.error.json").read_text())
+    text = json.dumps(error)
+    assert "pacs" in text and "0x0110" in text and "refused" in text, text
+    # Refused once uncounted, then UNDECIDED_LIMIT times counted; twice (sent once again).
+    assert _asked(scp).count({refused}) == 2 * (proof_thread.UNDECIDED_LIMIT + 1)
+    others = [f"{SOP}.{i}" for i in range(1, n + 1)]
+    assert all(_asked(scp).count({sop}) <= 1 for sop in others)
+    assert sorted(p.name for p in spool.failed.iterdir()) == ["0.dcm", "0.dcm.error.json"]
+    assert len(list(spool.done.iterdir())) >= proof_thread.UNDECIDED_LIMIT
+    assert q.commitment_counts()["pacs"].committed == len(list(spool.done.iterdir()))
+
+
+@pytest.mark.parametrize("status", [0x0213, 0x0110])
+def test_a_pacs_refusing_every_n_action_for_long_resends_and_fails_nothing(
+    status: int, q: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PACS refuses every N-ACTION (0x0213 resource limitation, 0x0110 processing
+    failure: its commitment service down) far longer than UNDECIDED_LIMIT rounds: that is the
+    PACS's, not the studies': nothing is sent again, nothing goes to failed/, the studies
+    await, as for a PACS that cannot be reached; once it accepts, all are committed."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.1)
+    monkeypatch.setattr(proof_thread, "_TICK", 0.05)
+    with CommitmentSCP(action_status=status) as scp:
+        keeper, finisher, spool = _keeper_with_folders(q, tmp_path, scp.port)
+        for n in range(3):
+            scp.held[_dropped(q, spool, n)] = Dataset()
+        _store_ready(q)
+        finisher.start()
+        keeper.start()
+        try:
+            limit = proof_thread.UNDECIDED_LIMIT
+            wait_until(
+                lambda: all(_asked(scp).count({f"{SOP}.{n}"}) > 2 * limit for n in range(3)),
+                60,
+                what="every study refused more than twice the limit",
+            )
+            assert q.stats()["pacs"].pending == 0 and q.claim("pacs", 10) == []
+            assert len(q.awaiting_commitment("pacs")) + len(q.open_commitments()) == 3
+            assert list(spool.failed.iterdir()) == []
+            scp.action_status = 0x0000
+            wait_until(lambda: len(list(spool.done.iterdir())) == 3, 20, what="all committed")
+        finally:
+            keeper.stop()
+            finisher.stop()
+    assert list(spool.failed.iterdir()) == []
+    assert q.commitment_counts()["pacs"].committed == 3

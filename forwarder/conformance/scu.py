@@ -334,7 +334,11 @@ def _ae_daemon(e: _Engine) -> list[str]:
         "for any transaction still open; it is "
         "trusted as in 3.2.2.3. Instances in the Failed SOP Sequence or not reported by "
         "`timeout` are sent again (C-STORE) and asked about again, up to `max_resends`, then "
-        'reported failed ("stored but not committed" with the Failure Reason).',
+        'reported failed ("stored but not committed" with the Failure Reason). An '
+        "N-ACTION-RSP with a Warning status is taken as Success; with a failure status nothing "
+        "is requested, and the instances are asked again later; after 5 such refusals, each "
+        "after another N-ACTION-RSP to this destination was Success or Warning, they are not "
+        "committed (sent again, as above).",
         "",
         "**Study Root Query/Retrieve Information Model - FIND SCU** (`verify_by_query`): "
         "`after` the store, one C-FIND-RQ per instance at IMAGE level with Query/Retrieve "

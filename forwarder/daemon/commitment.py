@@ -22,6 +22,24 @@ commitment (the file stays in incoming). One thread, the :class:`CommitmentKeepe
    peer's Failure Reason) and those not reported by ``timeout`` are sent again, only those, up
    to ``max_resends``, then failed/ with "stored but not committed" and the reason.
 
+An N-ACTION the PACS refuses (a failure status; a Warning is an acceptance) may be refused for
+the study (a SOP Class it does not commit, an instance it will not name) or for the PACS (its
+commitment service down or busy), and the status does not tell which: PACSs answer 0x0110
+processing failure, 0x0213 resource limitation or 0x0122 for either. The rule:
+
+- every refusal rests the destination, as a PACS that cannot be asked does (nothing is sent
+  again for it), and the refused studies are asked after every other one next time;
+- a refusal counts against the instances it named only when the destination accepted another
+  N-ACTION between it and their previous refusal: then the PACS's commitment service works,
+  and it is the request it refuses. After :data:`~forwarder.daemon.proof_thread.
+  UNDECIDED_LIMIT` counted refusals the instances count as not committed (as verify_by_query's
+  undecided ones do): sent again, up to ``max_resends``, then failed/ with "storage commitment
+  refused by DESTINATION: ... answered the N-ACTION with status 0x...";
+- a PACS that refuses everything accepts nothing in between: its studies await, for a
+  weekend if need be, as for an unreachable PACS; nothing is resent, nothing goes to failed/.
+
+The counts live in memory: after a restart they begin again.
+
 One log line (journal) per transaction outcome. After a restart the open transactions are read
 back from the queue and awaited again, so a report hours late is still taken, and one that never
 comes expires at its deadline: nothing is marked committed that the peer did not commit, and
@@ -62,6 +80,15 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class _Refused:
+    """An instance whose latest N-ACTION the PACS refused."""
+
+    at: float  # when
+    accepted: int  # the destination's accepted N-ACTIONs then
+    counted: int  # its refusals counted so far (each after another request was accepted)
+
+
+@dataclass(frozen=True, slots=True)
 class ProofTarget(Target):
     """A destination requiring storage commitment, as the keeper needs it."""
 
@@ -92,6 +119,8 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         # cancelled again every tick until it works, never expired meanwhile (sent again).
         self._uncancelled: dict[str, str] = {}
         self._told: dict[str, str] = {}  # what the keeper's own failures were said for -> why
+        self._refused: dict[int, _Refused] = {}  # job id -> its N-ACTIONs the PACS refused
+        self._accepted: dict[str, int] = {}  # destination -> N-ACTIONs it accepted (this run)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -190,7 +219,14 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         for item in self.queue.awaiting_commitment(target.name):
             if self._retry_at.get(item.job_id, 0.0) <= now:  # else: its UIDs untold, waiting
                 by_study[item.study_instance_uid].append(item)
-        for items in by_study.values():
+        # The studies the PACS refused an N-ACTION for go last, the latest refused last: a
+        # refusal ends the round (the destination rests), and the next asks every other study
+        # before it, so that none waits for ever behind two or three refused ones.
+        studies = sorted(
+            by_study.values(),
+            key=lambda items: max(self._last_refused(i.job_id) for i in items),
+        )
+        for items in studies:
             quiet = max(i.stored_at for i in items) <= now - policy.settle
             # Each SOP Instance once per transaction: a PACS names an instance asked twice twice
             # in its report, which is then not trusted (parse_report), and the whole study would
@@ -244,25 +280,48 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             )
         except CommitmentError as exc:
             self._cancel(uid, target.name)
-            if exc.status is not None and not self._stop.is_set():
-                # Asked, and this transaction refused (a SOP Class the PACS does not commit, or
-                # the PACS busy: the status does not tell which). The destination rests as
-                # when it cannot be asked; these instances rest twice as long, so that its
-                # other studies are asked first next time and do not wait behind them for ever.
-                again = time.time() + 2 * self._rest()
-                for i, _ in pairs:
-                    self._retry_at[i.job_id] = again
             self._not_done(
                 target, "storage commitment", len(items), "not requested", "not requested", exc
             )
+            if exc.status is not None and not self._stop.is_set():
+                self._refusal(target, [i.job_id for i, _ in pairs], exc)
             return False
         except Exception:
             # Ours, not the peer's: whether the N-ACTION went out or not, asked again (after
             # the rest; a report that comes meanwhile is for a transaction no longer awaited).
             self._cancel(uid, target.name)
             raise
+        self._accepted[target.name] = self._accepted.get(target.name, 0) + 1
+        for job_id in named:
+            self._refused.pop(job_id, None)
         self._works(target)
         return True
+
+    def _last_refused(self, job_id: int) -> float:
+        """When the PACS last refused an N-ACTION naming ``job_id`` (0.0: never)."""
+        refused = self._refused.get(job_id)
+        return 0.0 if refused is None else refused.at
+
+    def _refusal(self, target: ProofTarget, job_ids: list[int], exc: CommitmentError) -> None:
+        """The PACS refused the N-ACTION naming ``job_ids`` (the destination rests, and asks
+        its other studies first next time). Counted against each only when the destination
+        accepted another N-ACTION since its previous refusal (the rule in the module's
+        docstring); after :data:`UNDECIDED_LIMIT` counted refusals it is not committed."""
+        now, accepted = time.time(), self._accepted.get(target.name, 0)
+        given_up = []
+        for job_id in job_ids:
+            before = self._refused.get(job_id)
+            counted = 0 if before is None else before.counted + (before.accepted != accepted)
+            if counted >= UNDECIDED_LIMIT:
+                self._refused.pop(job_id, None)
+                given_up.append(job_id)
+            else:
+                self._refused[job_id] = _Refused(now, accepted, counted)
+        why = (
+            f"storage commitment refused by {target.name}: {exc} ({UNDECIDED_LIMIT} times, "
+            "each after it had accepted another request)"
+        )
+        self._give_up(target, given_up, why)
 
     def _cancel(self, uid: str, destination: str) -> None:
         """Transaction ``uid`` was not requested: its instances await again. When the queue
@@ -345,13 +404,18 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
                 self._undecided.pop(job_id, None)
                 self._retry_at.pop(job_id, None)
                 given_up.append(job_id)
-        if given_up:
-            # Recorded as a transaction asked of no one (a crash before its outcome: it
-            # expires at once after the restart, resent), then resolved: nothing committed.
-            why = f"not requested: cannot tell the UIDs it was sent with ({UNDECIDED_LIMIT} times)"
-            uid = new_transaction_uid()
-            self.queue.begin_commitment(uid, target.name, "stgcmt", given_up, deadline=now)
-            self._record(uid, target.name, [], [(j, why) for j in given_up], why)
+        why = f"not requested: cannot tell the UIDs it was sent with ({UNDECIDED_LIMIT} times)"
+        self._give_up(target, given_up, why)
+
+    def _give_up(self, target: ProofTarget, job_ids: list[int], why: str) -> None:
+        """``job_ids`` count as not committed, for ``why``: sent again, or failed/."""
+        if not job_ids:
+            return
+        # Recorded as a transaction asked of no one (a crash before its outcome: it expires at
+        # once after the restart, resent), then resolved: nothing committed.
+        uid = new_transaction_uid()
+        self.queue.begin_commitment(uid, target.name, "stgcmt", job_ids, deadline=time.time())
+        self._record(uid, target.name, [], [(j, why) for j in job_ids], why)
 
     def _references(
         self, destination: str, items: Sequence[CommitItem]
