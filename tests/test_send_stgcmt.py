@@ -134,15 +134,16 @@ def test_orthanc_without_a_report_port_times_out_not_committed(
     assert "no storage commitment report within 2s" in rec["commitment_error"]
 
 
-@pytest.mark.parametrize("mode", ["same", "forget", "none", "warning"])
+@pytest.mark.parametrize("mode", ["same", "forget", "none", "warning", "refused"])
 def test_scripted_pacs(mode: str, tmp_path: Path, forwarder_env: dict[str, str]) -> None:
     """``warning``: the N-ACTION is answered 0xB000, a Warning: accepted, the report taken
-    (exit 0), the status said in one line."""
+    (exit 0), the status said in one line. ``refused``: answered 0x0110, a failure: nothing
+    committed (exit 1), each file's reason naming the status."""
     paths = write_files(tmp_path / "in", 3)
     uids = [str(dcmread(p).SOPInstanceUID) for p in paths]
     scp = CommitmentSCP(mode="none" if mode == "none" else "same")
-    if mode == "warning":
-        scp.action_status = 0xB000
+    if mode in ("warning", "refused"):
+        scp.action_status = 0xB000 if mode == "warning" else 0x0110
     if mode == "forget":
         scp.forget.add(uids[1])
     report = tmp_path / "report.json"
@@ -167,6 +168,9 @@ def test_scripted_pacs(mode: str, tmp_path: Path, forwarder_env: dict[str, str])
     else:
         assert r.returncode == 1
         assert {f["commitment"] for f in files.values()} == {"not reported"}
+        if mode == "refused":
+            errors = {f["commitment_error"] for f in files.values()}
+            assert len(errors) == 1 and "answered the N-ACTION with status 0x0110" in errors.pop()
 
 
 def test_files_not_stored_are_not_requested(tmp_path: Path, forwarder_env: dict[str, str]) -> None:
