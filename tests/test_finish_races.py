@@ -335,3 +335,44 @@ def test_a_name_taken_in_done_while_the_daemon_was_down_mid_finish_is_not_taken_
     assert (d.done / "late.dcm").read_bytes() == b"someone else's file"
     assert read_meta(d.done / "late.1.dcm").sop_instance_uid == first.sop_instance_uid
     assert "already moved" not in d.log_text(), d.log_tail()
+
+
+def test_a_same_size_same_mtime_file_dropped_after_a_crash_mid_finish_is_sent(
+    tmp_path: Path,
+) -> None:
+    """late.dcm is delivered and moved to done/, and the daemon dies before the move is
+    recorded. Another file of the same size is put at incoming/late.dcm with the same mtime
+    (same-size slices copied with ``cp -p``, ``rsync -t``). The file at the target recorded
+    keeps the queued size and mtime (a rename keeps them): it is the delivered copy, and the
+    new file is sent as a new one, not moved to done/late.1.dcm unsent."""
+    with ScriptedSCP() as scp:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("pacs", scp.port)],
+            env={"FORWARDER_CRASH_AT": "finish-after-move"},
+        )
+        try:
+            d.drop("late.dcm", seed=1)
+            d.start(wait_ready=False)
+            assert d.wait_exit(timeout=30) == -signal.SIGKILL, d.log_tail()
+            assert d.done_files() == ["late.dcm"] and len(scp.received) == 1
+            delivered = d.done / "late.dcm"
+            data = bytearray(delivered.read_bytes())
+            data[-1] ^= 0xFF  # one byte of pixel data changed, the same size
+            st = delivered.stat()
+            staged = tmp_path / "again.part"
+            staged.write_bytes(bytes(data))
+            os.utime(staged, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.rename(staged, d.incoming / "late.dcm")
+            del d.env["FORWARDER_CRASH_AT"]
+            d.start()
+            try:
+                wait_until(lambda: len(scp.received) == 2, 20, what="the new file sent")
+                d.wait_incoming_empty(timeout=30)
+            finally:
+                assert d.stop() == 0
+        finally:
+            d.close()
+    assert d.done_files() == ["late.1.dcm", "late.dcm"]
+    assert (d.done / "late.1.dcm").read_bytes() == bytes(data)
+    assert queue_counts(d.queue) == ({"FINISHED": 2}, {"DONE": 2})

@@ -219,12 +219,12 @@ class Finisher:
         failed = item.outcome == Finish.FAILED
         source = item.path
         recorded = item.state != FileState.QUEUED and item.final_path is not None
-        if recorded and _another_file(source, target) and not _exactly_as_queued(source, item):
+        if recorded and _another_file(source, target) and _moved_already(source, target, item):
             # Moved already (a crash, or a queue error, kept the row FINISHING): its target
             # was a free name when recorded. What is in incoming under that name now is
-            # another file (dropped again): it must not replace the delivered copy. (The file
-            # queued itself, still there, is not moved: another file took the name recorded
-            # meanwhile, and the move below takes another.)
+            # another file (dropped again): it must not replace the delivered copy. (When the
+            # target is not the version queued and the source is, another file took the name
+            # recorded meanwhile: the move below takes another name.)
             logger.info("%s: already moved to %s", item.rel_path, target)
             return
         if not _as_queued(source, item):
@@ -325,8 +325,8 @@ def _as_queued(source: str, item: FileToFinish) -> bool:
 
 
 def _exactly_as_queued(source: str, item: FileToFinish) -> bool:
-    """What is at ``source`` is the version queued, by size and mtime (False when either is
-    not known)."""
+    """What is at ``source`` (in incoming, or the target) is the version queued, by size and
+    mtime (False when either is not known)."""
     if not item.mtime_ns:
         return False
     try:
@@ -334,6 +334,14 @@ def _exactly_as_queued(source: str, item: FileToFinish) -> bool:
     except OSError:
         return False
     return (st.st_size, st.st_mtime_ns) == (item.size, item.mtime_ns)
+
+
+def _moved_already(source: str, target: str, item: FileToFinish) -> bool:
+    """Whether the file at ``target`` (another file than the one at ``source``) is the copy
+    moved there: it has the queued size and mtime (a rename keeps them), whatever is at
+    ``source`` (a file copied with ``cp -p`` can have both too). Only a target that is not
+    the version queued, with a source that is, means the name was taken by someone else."""
+    return _exactly_as_queued(target, item) or not _exactly_as_queued(source, item)
 
 
 def _another_file(source: str, target: str) -> bool:
