@@ -184,3 +184,34 @@ def test_retry_leaves_the_file_in_failed_when_the_daemon_took_the_other_for_its_
             assert d.stop() == 0
         finally:
             d.close()
+
+
+def test_a_second_retry_leaves_another_file_with_the_same_uid_in_failed_alone(
+    tmp_path: Path,
+) -> None:
+    """img0000.dcm is retried with the daemon stopped (queued again, back in incoming).
+    Another file with the same SOP Instance UID, one byte different, is then put at
+    failed/img0000.dcm with its own report. A second retry must not take it for a file an
+    interrupted retry left behind: the requeued row's file is in incoming already; the other
+    file and its report stay in failed/."""
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path / "d", destinations=[destination("pacs", scp.port)])
+        try:
+            failed = _failed_once(d, scp)
+            report = (d.failed / "img0000.dcm.error.json").read_bytes()
+            first = d.cli("retry")
+            assert first.returncode == 0, first.stderr
+            assert (d.incoming / "img0000.dcm").read_bytes() == failed
+            other = bytearray(failed)
+            other[-1] ^= 0xFF
+            (d.failed / "img0000.dcm").write_bytes(bytes(other))
+            (d.failed / "img0000.dcm.error.json").write_bytes(report)
+            second = d.cli("retry")
+            assert second.returncode == 0, second.stderr
+            assert "interrupted retry" not in second.stdout + second.stderr
+            assert (d.failed / "img0000.dcm").read_bytes() == bytes(other)
+            assert (d.failed / "img0000.dcm.error.json").read_bytes() == report
+            assert (d.incoming / "img0000.dcm").read_bytes() == failed
+            assert not (d.incoming / "img0000.retry1.dcm").exists()
+        finally:
+            d.close()

@@ -84,17 +84,30 @@ def _place(
 def _left_behind(queue: Queue, file_id: int) -> Path | None:
     """The file an interrupted ``forwarder retry`` left in failed/: still at the final path of
     a file ``file_id`` was retried from (None when there is none). A name freed in failed/ may
-    have been given to another file since: only one with the SOP Instance UID queued is it."""
+    have been given to another file since, even one with the same SOP Instance UID (the same
+    object sent again, changed): only one with the UID, size and mtime recorded is it (a move
+    keeps the size and mtime)."""
     from forwarder.dicom.part10 import read_meta
     from forwarder.errors import InvalidFileError
 
-    for path, uid in queue.retried_from(file_id):
+    for path, uid, size, mtime_ns in queue.retried_from(file_id):
+        if not _as_recorded(Path(path), size, mtime_ns):
+            continue
         try:
             if read_meta(path).sop_instance_uid == uid:
                 return Path(path)
         except InvalidFileError:  # gone, unreadable, or not DICOM: not the file left there
             continue
     return None
+
+
+def _as_recorded(path: Path, size: int, mtime_ns: int) -> bool:
+    """Whether the file at ``path`` has the size and mtime recorded (False when it is gone)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
 
 def _drop_error_json(path: Path) -> None:
@@ -174,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             # A retry killed between queueing a file and moving it back left it in failed/:
             # the move is finished now, before the daemon (started or running) fails the file
             # as gone from incoming.
-            for file_id, path, rel in queue.retried_queued():
+            for file_id, path, rel, size, mtime_ns in queue.retried_queued():
                 # A file at the path may be another one, put there after that retry chose
                 # the name: the file retried is then still in failed/.
                 left = _left_behind(queue, file_id)
@@ -183,6 +196,10 @@ def run(args: argparse.Namespace) -> int:
                 if same_file(left, path):  # a move killed half way: the file is at both
                     with contextlib.suppress(OSError):
                         left.unlink()
+                    continue
+                if _as_recorded(Path(path), size, mtime_ns):
+                    # Its own version is at its path (moved back): what is in failed/ is
+                    # another file, left alone with its report.
                     continue
                 try:
                     placed = _place(queue, spool, file_id, left, Path(path), config.incoming)

@@ -51,23 +51,27 @@ class Requeue(Store):
             for file_id, (head, dests) in grouped.items()
         ]
 
-    def retried_queued(self) -> list[tuple[int, str, str]]:
-        """(file id, path, relative path) of each file put back by ``forwarder retry`` that is
-        still queued. Its file is in incoming, unless that retry was killed between
+    def retried_queued(self) -> list[tuple[int, str, str, int, int]]:
+        """(file id, path, relative path, size, mtime in ns) of each file put back by
+        ``forwarder retry`` that is still queued. Its file is in incoming (with that size and
+        mtime: a move keeps them), unless that retry was killed between
         :meth:`requeue_failed` and moving the file back: then it is still in failed/
         (:meth:`retried_from` says where)."""
         with self._scan("listing retried files") as conn:
             rows = conn.execute(RETRIED_QUEUED).fetchall()
-        return [(int(i), str(path), str(rel)) for i, path, rel in rows]
+        return [
+            (int(i), str(path), str(rel), int(size), int(mtime))
+            for i, path, rel, size, mtime in rows
+        ]
 
-    def retried_from(self, file_id: int) -> list[tuple[str, str]]:
-        """(final path, SOP Instance UID) of the files that ``file_id`` was retried from, the
-        nearest first: a retry killed before its move leaves the file at such a path in
-        failed/ (and a retry of that one may have been killed as well). The path may hold
-        another file since: check the UID."""
+    def retried_from(self, file_id: int) -> list[tuple[str, str, int, int]]:
+        """(final path, SOP Instance UID, size, mtime in ns) of the files that ``file_id`` was
+        retried from, the nearest first: a retry killed before its move leaves the file at
+        such a path in failed/ (and a retry of that one may have been killed as well). The
+        path may hold another file since, even one with the same UID: check all three."""
         with self._read(f"finding what file {file_id} was retried from") as conn:
             rows = conn.execute(RETRIED_FROM, {"id": file_id}).fetchall()
-        return [(str(path), str(uid)) for path, uid in rows]
+        return [(str(path), str(uid), int(size), int(mtime)) for path, uid, size, mtime in rows]
 
     def requeue_failed(
         self,

@@ -414,20 +414,21 @@ KEEP_FAILED_JOBS = """
 # Files put back by `forwarder retry` and still queued (a retried row points at them): their
 # file is in incoming unless that retry was killed before it moved the file back.
 RETRIED_QUEUED = """
-    SELECT new.id, new.path, new.rel_path
+    SELECT new.id, new.path, new.rel_path, new.size, new.mtime_ns
     FROM files AS old JOIN files AS new ON new.id = old.retried_as
     WHERE new.state = 'QUEUED'"""
 
-# Where the files a file was retried from were put in failed/ and their SOP Instance UIDs,
-# the nearest first.
+# Where the files a file was retried from were put in failed/, their SOP Instance UIDs, sizes
+# and mtimes, the nearest first.
 RETRIED_FROM = """
-    WITH RECURSIVE back(id, final_path, sop_instance_uid, depth) AS (
-        SELECT id, final_path, sop_instance_uid, 1 FROM files WHERE retried_as = :id
+    WITH RECURSIVE back(id, final_path, sop_instance_uid, size, mtime_ns, depth) AS (
+        SELECT id, final_path, sop_instance_uid, size, mtime_ns, 1
+        FROM files WHERE retried_as = :id
         UNION ALL
-        SELECT f.id, f.final_path, f.sop_instance_uid, back.depth + 1
+        SELECT f.id, f.final_path, f.sop_instance_uid, f.size, f.mtime_ns, back.depth + 1
         FROM files AS f JOIN back ON f.retried_as = back.id
     )
-    SELECT final_path, sop_instance_uid FROM back WHERE final_path IS NOT NULL
+    SELECT final_path, sop_instance_uid, size, mtime_ns FROM back WHERE final_path IS NOT NULL
     ORDER BY depth"""
 
 # The ids of the files one key matches, and as what (one indexed lookup per column).
