@@ -376,3 +376,46 @@ def test_a_same_size_same_mtime_file_dropped_after_a_crash_mid_finish_is_sent(
     assert d.done_files() == ["late.1.dcm", "late.dcm"]
     assert (d.done / "late.1.dcm").read_bytes() == bytes(data)
     assert queue_counts(d.queue) == ({"FINISHED": 2}, {"DONE": 2})
+
+
+# As TAKEN_TARGET, for a file going to failed/: the other file comes with its own report.
+TAKEN_FAILED_TARGET = """\
+import os
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.queue.finishing import Finishing
+
+    begin = Finishing.begin_finish_many
+
+    def begin_finish_many(self, items):
+        begin(self, items)
+        for _, path in items:
+            if path.endswith("taken.dcm") and not os.path.lexists(path):
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                Path(path).write_bytes(b"someone else's file")
+                Path(path + ".error.json").write_text('{"reason": "their own"}')
+
+    Finishing.begin_finish_many = begin_finish_many
+"""
+
+
+def test_a_file_and_report_put_at_the_name_chosen_in_failed_before_the_move_keep_the_report(
+    tmp_path: Path,
+) -> None:
+    """taken.dcm is refused; between recording where it goes (failed/taken.dcm) and the
+    move, another file appears there with its own report. Neither is replaced nor removed:
+    the failed file goes to the next free name, with its report beside it."""
+    _, env = site_env(tmp_path, TAKEN_FAILED_TARGET)
+    with ScriptedSCP(status=0xC001) as scp:
+        d = Daemon(tmp_path / "d", destinations=[destination("pacs", scp.port)], env=env)
+        with d:
+            first = d.drop("taken.dcm", seed=1)
+            d.wait_incoming_empty(timeout=30)
+            wait_until(lambda: queue_counts(d.queue)[0] == {"FINISHED": 1}, 20, what="finished")
+            assert d.stop() == 0
+    assert (d.failed / "taken.dcm").read_bytes() == b"someone else's file"
+    assert json.loads((d.failed / "taken.dcm.error.json").read_text()) == {"reason": "their own"}
+    assert read_meta(d.failed / "taken.1.dcm").sop_instance_uid == first.sop_instance_uid
+    ours = json.loads((d.failed / "taken.1.dcm.error.json").read_text())
+    assert ours["file"] == "taken.dcm" and ours["destinations"][0]["status"] == "0xC001"

@@ -412,3 +412,37 @@ def test_a_reject_onto_a_name_taken_since_goes_to_the_next_free_one(spool: Spool
     assert went.read_bytes() == b"not dicom" and target.read_bytes() == b"another file"
     assert json.loads((spool.failed / "a.1.dcm.error.json").read_text())["reason"] == "not DICOM"
     assert not (spool.failed / "a.dcm.error.json").exists()
+
+
+def test_a_reject_onto_a_name_taken_since_with_its_report_keeps_that_report(
+    spool: Spool,
+) -> None:
+    """Another writer (the listener's reject in another process) put a file and its report at
+    the name chosen: neither is replaced nor removed; ours goes to the next free name."""
+    src = put(spool, "a.dcm", b"not dicom")
+    target = spool.target("a.dcm", failed=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"another file")
+    theirs = spool.failed / "a.dcm.error.json"
+    theirs.write_text('{"reason": "their own"}\n')
+    went = spool.reject(src, "not DICOM", target=target)
+    assert went == spool.failed / "a.1.dcm" and went.read_bytes() == b"not dicom"
+    assert json.loads((spool.failed / "a.1.dcm.error.json").read_text())["reason"] == "not DICOM"
+    assert target.read_bytes() == b"another file"
+    assert json.loads(theirs.read_text()) == {"reason": "their own"}
+
+
+def test_a_reject_onto_a_name_whose_report_alone_was_taken_goes_to_the_next_free_one(
+    spool: Spool,
+) -> None:
+    """Only a report was put at the name chosen (its file not moved there yet): it is not
+    replaced, and ours goes to the next free name."""
+    src = put(spool, "a.dcm", b"not dicom")
+    target = spool.target("a.dcm", failed=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    theirs = spool.failed / "a.dcm.error.json"
+    theirs.write_text('{"reason": "their own"}\n')
+    went = spool.reject(src, "not DICOM", target=target)
+    assert went == spool.failed / "a.1.dcm" and went.read_bytes() == b"not dicom"
+    assert json.loads(theirs.read_text()) == {"reason": "their own"}
+    assert not target.exists()

@@ -30,6 +30,7 @@ from forwarder.daemon.spool import (
     Spool,
     SpoolError,
     TargetTakenError,
+    drop_written,
 )
 from forwarder.errors import QueueError
 from forwarder.queue import FileState, FileToFinish, Finish, JobStatus, Queue
@@ -260,18 +261,24 @@ class Finisher:
             ]
             reason = _failures(item)
         for attempt in range(TAKEN_TRIES):
-            if failed:
-                self.spool.write_error(Path(target), item.rel_path, reason, results, extra=origin)
-            if attempt == 0:
-                crash_point("finish-before-move")
+            written: os.stat_result | None = None
             try:
+                if failed:
+                    # A report at the name recorded, with no file there, is ours from an
+                    # attempt a crash cut short (the name was chosen free of reports): it is
+                    # written again. Any other is another file's, never replaced.
+                    ours = recorded and attempt == 0 and not os.path.lexists(target)
+                    written = self.spool.write_report(
+                        Path(target), item.rel_path, reason, results, origin, replace=ours
+                    )
+                if attempt == 0:
+                    crash_point("finish-before-move")
                 self.spool.move(source, target, sync=False)
             except TargetTakenError as exc:
-                # Another file was put at the name recorded (never replaced): another name,
-                # recorded before the move as the first was.
-                if failed:  # the report just written is beside that other file
-                    with contextlib.suppress(OSError):
-                        os.unlink(target + ERROR_SUFFIX)
+                # Another file (or its report) was put at the name recorded (never
+                # replaced): another name, recorded before the move as the first was.
+                if written is not None:  # ours, beside that other file: it goes
+                    drop_written(target + ERROR_SUFFIX, written)
                 if attempt == TAKEN_TRIES - 1:
                     raise
                 target = self._retarget(item, failed, exc)

@@ -94,11 +94,15 @@ def fsync_dir(path: StrPath) -> None:
         os.close(fd)
 
 
-def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
+def write_whole(
+    path: Path, data: bytes, *, sync_dir: bool = False, replace: bool = True
+) -> os.stat_result:
     """Make ``data`` appear at ``path`` whole or not at all, whenever a crash or a full disk
     stops it: written to ``.NAME.tmp`` beside it, fsynced, renamed over ``path`` (folders
     created); with ``sync_dir`` the folder is fsynced too, else the caller does (the finisher,
-    once a batch). Raises :class:`SpoolError`, the temp file removed; ``path`` is untouched."""
+    once a batch). Without ``replace``, nothing at ``path`` is replaced: a name taken raises
+    :class:`TargetTakenError`. Returns the stat of the file written (its inode is the one at
+    ``path`` now). Raises :class:`SpoolError`, the temp file removed; ``path`` is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,10 +110,20 @@ def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # Replacing on purpose: what is at ``path`` is a report this writes again (a move
-        # retried after a crash, `forwarder retry` putting one back); a file's own name is
-        # chosen free of reports (Spool.free_path).
-        os.rename(tmp, path)
+            written = os.fstat(f.fileno())
+        if replace:
+            # Replacing on purpose: what is at ``path`` is a report this writes again (a move
+            # retried after a crash, `forwarder retry` putting one back).
+            os.rename(tmp, path)
+        else:
+            rename_noreplace(tmp, path)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise TargetTakenError(
+            f"cannot write {path}: another report is there (put there after the name was "
+            "chosen); it is not replaced"
+        ) from None
     except OSError as exc:
         try:
             tmp.unlink()
@@ -118,6 +132,16 @@ def write_whole(path: Path, data: bytes, *, sync_dir: bool = False) -> None:
         raise SpoolError(f"cannot write {path}: {exc.strerror or exc}") from None
     if sync_dir:
         fsync_dir(path.parent)
+    return written
+
+
+def drop_written(path: StrPath, written: os.stat_result) -> None:
+    """Remove ``path`` if it is still the file :func:`write_whole` wrote (``written``): a
+    report written beside a name another file took goes, one that file's writer put there
+    stays."""
+    with contextlib.suppress(OSError):
+        if os.path.samestat(os.lstat(path), written):
+            os.unlink(path)
 
 
 #: Names tried for one file whose chosen name keeps being taken before the move (by another
@@ -236,7 +260,25 @@ class Spool:
         results: Sequence[DestinationResult] = (),
         extra: dict[str, Any] | None = None,
     ) -> Path:
-        """Write ``target``'s ``.error.json`` (atomically: temp file, fsync, rename)."""
+        """Write ``target``'s ``.error.json`` (atomically: temp file, fsync, rename), replacing
+        a report there."""
+        path = _error_path(target)
+        self.write_report(target, rel_path, reason, results, extra, replace=True)
+        return path
+
+    def write_report(
+        self,
+        target: Path,
+        rel_path: str,
+        reason: str,
+        results: Sequence[DestinationResult] = (),
+        extra: dict[str, Any] | None = None,
+        *,
+        replace: bool,
+    ) -> os.stat_result:
+        """:meth:`write_error`; without ``replace``, a report already at the name is not
+        replaced (:class:`TargetTakenError`: another file took the name, with its report).
+        Returns the stat of the report written (for :func:`drop_written`)."""
         doc: dict[str, Any] = {
             "file": rel_path,
             "reason": reason,
@@ -256,9 +298,8 @@ class Spool:
         }
         if extra:
             doc.update(extra)
-        path = _error_path(target)
-        write_whole(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-        return path
+        data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        return write_whole(_error_path(target), data, replace=replace)
 
     def reject(
         self,
@@ -269,18 +310,20 @@ class Spool:
     ) -> Path:
         """Move a file that is not queued (not DICOM, no route) to failed/ with its reason
         (to ``target``: a path :meth:`target` chose, which the queue recorded first; another
-        free name when a file was put there since). Returns where it went."""
+        free name when a file or a report was put there since). Returns where it went."""
         rel = self.rel_path(source)
         target = self.target(rel, failed=True) if target is None else target
         for attempt in range(TAKEN_TRIES):
-            self.write_error(target, rel, reason, extra=extra)
+            written: os.stat_result | None = None
             try:
+                # Never replacing: the name was chosen free of reports, so one there now is
+                # another file's (the listener's reject in another process, another writer).
+                written = self.write_report(target, rel, reason, extra=extra, replace=False)
                 self.move(source, target)
                 return target
             except TargetTakenError:
-                # The report just written is beside another file: it goes with the name.
-                with contextlib.suppress(OSError):
-                    _error_path(target).unlink()
+                if written is not None:  # ours, beside another file: it goes with the name
+                    drop_written(_error_path(target), written)
                 if attempt == TAKEN_TRIES - 1:
                     raise
                 target = self.target(rel, failed=True)
