@@ -24,7 +24,7 @@ from forwarder.daemon.router import Router
 from forwarder.daemon.spool import Spool
 from forwarder.daemon.watch_settle import ReadyFile
 from forwarder.errors import QueueError
-from forwarder.queue import FileEntry, Job, Queue
+from forwarder.queue import FileEntry, Finish, Job, Queue
 
 DESTS = ["pacs", "archive"]
 
@@ -509,6 +509,35 @@ def test_a_file_rewritten_while_being_sent_goes_to_failed_and_its_queued_row_end
     assert row.path == str(env.spool.failed / "a.dcm")
     # pacs's send ended stored: recorded as it is (it was forgotten before session 21).
     assert {j.destination: j.status.value for j in row.jobs} == {"archive": "DONE", "pacs": "DONE"}
+
+
+def test_a_rewritten_file_whose_name_in_failed_is_taken_before_the_move_is_recorded_there(
+    env: Env, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but another file is put at failed/a.dcm once the row is retired there and
+    before the move: the file goes to failed/a.1.dcm, and the retired row records that name
+    (``find`` named the other file)."""
+    ready = env.put("a.dcm")
+    env.ingest([ready])
+    (stored,) = env.queue.claim("archive", 1)
+    assert env.queue.ack_done([stored.id]) == []
+    (sending,) = env.queue.claim("pacs", 1)
+    with open(ready.path, "ab") as f:
+        f.write(b"appended: not DICOM any more")
+    retire = env.queue.retire_file
+
+    def retire_then_take(path: str, final_path: str, outcome: Finish, **kw: Any) -> Any:
+        retired = retire(path, final_path, outcome, **kw)
+        Path(final_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(final_path).write_bytes(b"another file")
+        return retired
+
+    monkeypatch.setattr(env.queue, "retire_file", retire_then_take)
+    _ingest_again_and_finish(env, sending, caplog)
+    assert (env.spool.failed / "a.dcm").read_bytes() == b"another file"
+    assert (env.spool.failed / "a.1.dcm").read_bytes().endswith(b"not DICOM any more")
+    (row,) = env.queue.find([sending.sop_instance_uid])
+    assert row.path == str(env.spool.failed / "a.1.dcm")
 
 
 def _ingest_again_and_finish(env: Env, sending: Job, caplog: pytest.LogCaptureFixture) -> None:

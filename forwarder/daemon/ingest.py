@@ -31,7 +31,7 @@ from forwarder.daemon.filesync import close_quietly, open_to_sync, start_writeba
 from forwarder.daemon.router import Router
 from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
 from forwarder.dicom.check import check_file_values
-from forwarder.errors import InvalidFileError, UnreadableFileError
+from forwarder.errors import InvalidFileError, QueueError, UnreadableFileError
 from forwarder.queue import FileEntry, Finish, JobStatus, Queue, Retired
 
 logger = logging.getLogger(__name__)
@@ -448,6 +448,7 @@ class Ingest:
         except SpoolError as exc:
             logger.error("%s: discarded by route %s; and %s", ready.path, ", ".join(routes), exc)
             return True
+        self._record_moved(unqueued, target)
         if self.metrics is not None:
             self.metrics.ingested(False, "discarded")
         logger.info(
@@ -494,6 +495,21 @@ class Ingest:
         how = "received again" if Path(path).is_relative_to(listen) else "rewritten"
         return _Unqueued(target, retired, how)
 
+    def _record_moved(self, unqueued: _Unqueued, target: Path) -> None:
+        """The row retired went to ``target``, not the name recorded (taken before the move):
+        recorded, so that ``find`` names this file and not the other one."""
+        if unqueued.retired is None or unqueued.target is None or target == unqueued.target:
+            return
+        try:
+            self.queue.retarget_retired(unqueued.retired.file_id, str(target))
+        except QueueError as exc:
+            logger.error(
+                "moved to %s, not %s (taken); the queue still names the latter: %s",
+                target,
+                unqueued.target,
+                exc,
+            )
+
     def _reject(
         self, ready: ReadyLike, reason: str, kind: str, extra: dict[str, str] | None = None
     ) -> bool:
@@ -511,6 +527,7 @@ class Ingest:
         except SpoolError as exc:
             logger.error("%s: %s; and %s", ready.path, reason, exc)
             return True
+        self._record_moved(unqueued, target)
         if self.metrics is not None:
             self.metrics.ingested(False, kind)
         logger.warning(

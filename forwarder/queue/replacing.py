@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 
+from forwarder.errors import QueueError
 from forwarder.queue.records import FileEntry, Finish, JobResult, JobStatus, Replaced, Retired
 from forwarder.queue.sql import FREEZE_OWN_SENT_UIDS, RESULTS
 from forwarder.queue.store import (
@@ -186,6 +187,21 @@ class Replacing(Store):
                 ids,
             )
         return Retired(file_id=int(row[0]), sop_instance_uid=str(row[1]), results=results)
+
+    def retarget_retired(self, file_id: int, final_path: str) -> None:
+        """A row :meth:`retire_file` ended goes to ``final_path`` instead of the path recorded:
+        another file was put there before the move (which never replaces one)."""
+        params = {"id": file_id, "final_path": final_path}
+        with self._write(f"recording that file {file_id} went to {final_path}") as conn:
+            changed = conn.execute(
+                "UPDATE files SET final_path = :final_path WHERE id = :id AND state = 'FINISHED'",
+                params,
+            ).rowcount
+            if changed != 1:
+                raise QueueError(
+                    f"queue database {self._path}: cannot record that file {file_id} went to "
+                    f"{final_path}: it is not a finished file"
+                )
 
     def unfinished(self, path: str) -> bool:
         """Whether a row that is not FINISHED has ``path`` (QUEUED or FINISHING): a file
