@@ -6,6 +6,7 @@ taken as committed or verified, and the round is asked again later."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import struct
@@ -394,3 +395,65 @@ def test_the_daemons_log_says_the_reset_once_without_a_traceback(
     assert "pacs: " in said[0] and f"connection to {peer} lost waiting for {what}" in said[0]
     for noise in ("Traceback", "Connection closed", "ConnectionResetError", "Errno"):
         assert noise not in log, log[-3000:]
+
+
+def _acceptor_associations() -> list[Any]:
+    """The report acceptor's associations still alive (in memory, running or not)."""
+    from pynetdicom.association import Association
+
+    gc.collect()
+    return [
+        a
+        for a in gc.get_objects()
+        if isinstance(a, Association) and a.is_acceptor and str(a.ae.ae_title).strip() == "FWD"
+    ]
+
+
+def test_an_association_reset_on_the_report_acceptor_is_not_kept_in_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What ended an association is kept as words, not as the reset's exception: its
+    traceback held the association (a health check every 10 s, ~350 MB a day)."""
+    caplog.set_level(logging.INFO)
+    uid, refs = "1.2.826.0.1.3680043.10.1284.88.7", [Reference(CT, SOP)]
+    book = CommitmentBook()
+    book.expect(uid, refs)
+    with ReportAcceptor(book, ae_title="FWD", port=free_port(), bind="127.0.0.1") as acceptor:
+        for _ in range(3):
+            assoc, killed = _sender(acceptor.port, "reset")
+            try:
+                assoc.send_n_event_report(
+                    _report(uid, refs), 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+                )
+                assert killed.is_set()
+            finally:
+                if assoc.is_established:
+                    assoc.abort()
+        wait_until(
+            lambda: len([r for r in caplog.records if "no report taken" in r.getMessage()]) == 3,
+            10,
+            what="the three resets said",
+        )
+        wait_until(lambda: not _acceptor_associations(), 10, what="the associations freed")
+
+
+@pytest.mark.parametrize("fsm_event", ["Evt16", "Evt17"])
+@pytest.mark.parametrize("state", ["Sta2", "Sta3", "Sta13"])
+def test_a_connection_that_never_carried_an_association_is_no_ending(
+    fsm_event: str, state: str
+) -> None:
+    """A TCP health check on the report acceptor's port (connect, then close, reset or
+    A-ABORT before any A-ASSOCIATE-RQ is answered) is not an association ended under us: no
+    warning line for it. (Driven through the state machine's own event: a real bare
+    connection's pynetdicom thread outlives the acceptor's stop by its ACSE timeout, ~30 s,
+    which the suite's thread check refuses.)"""
+    from types import SimpleNamespace
+
+    from forwarder.net.endings import Ending
+
+    ending = Ending()
+    assert not ending.note(SimpleNamespace(fsm_event=fsm_event, current_state=state))
+    assert ending.by is None
+    # Once an association stands, the same event is the peer ending it.
+    assert ending.note(SimpleNamespace(fsm_event=fsm_event, current_state="Sta6"))
+    assert ending.by == ("aborted" if fsm_event == "Evt16" else "closed")

@@ -37,6 +37,10 @@ _PEER_ABORTED = "Evt16"  # PS3.8 state machine: A-ABORT PDU received
 _CONNECTION_CLOSED = "Evt17"  # transport connection closed (a reset, or the peer's close)
 _OURS = frozenset({"Evt11", "Evt14", "Evt15"})  # our release request, its answer, our abort
 _ENDED = "Sta13"  # awaiting the close of a connection that no longer carries an association
+#: States in which no association stands: idle, a connection without an A-ASSOCIATE-RQ yet
+#: (a TCP health check), one not answered yet, and one already ended. A peer leaving then is
+#: not an association ended under us.
+_NO_ASSOCIATION = frozenset({"Sta1", "Sta2", "Sta3", _ENDED})
 
 
 class Ending:
@@ -53,9 +57,11 @@ class Ending:
         if self._settled.is_set():
             return False
         fsm_event, state = event.fsm_event, event.current_state
+        if fsm_event in (_PEER_ABORTED, _CONNECTION_CLOSED) and state in _NO_ASSOCIATION:
+            return False
         if fsm_event == _PEER_ABORTED:
             self.by = "aborted"
-        elif fsm_event == _CONNECTION_CLOSED and state not in (_ENDED, "Sta1"):
+        elif fsm_event == _CONNECTION_CLOSED:
             self.by = "closed"
         elif fsm_event in _OURS:
             self.by = "us"
@@ -104,7 +110,9 @@ class _Endings(logging.Filter):
             return True
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, OSError):
-            ending.error = error
+            # Only what it says: the exception's traceback would hold the DUL, and through it
+            # the association, for as long as the Ending lives (an acceptor's: for ever).
+            ending.error = _bare(error)
             return False
         message = record.getMessage()
         return not (message == _READ_FAILED or message.startswith((_SHORT_PDU, _SENT_CLOSED)))
@@ -138,6 +146,15 @@ class _Endings(logging.Filter):
     def watch_acceptor(self, ae: Any) -> None:
         with self._lock:
             self._acceptors.add(ae)
+
+
+def _bare(error: OSError) -> OSError:
+    """A copy of ``error`` without its traceback or the exceptions chained to it."""
+    try:
+        copy = type(error)(*error.args)
+    except Exception:  # a subclass whose constructor takes other arguments
+        copy = OSError(error.errno, error.strerror) if error.errno else OSError(str(error))
+    return copy
 
 
 _endings = _Endings()
