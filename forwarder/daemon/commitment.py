@@ -339,7 +339,10 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         the queue refused so far); a refusal is said once per transaction and reason."""
         with self._lock:
             todo = (
-                dict(self._uncancelled) if uids is None else {u: self._uncancelled[u] for u in uids}
+                dict(self._uncancelled)
+                if uids is None
+                # .get: the keeper's own tick may have cancelled one since (a reload's configure)
+                else {u: d for u in uids if (d := self._uncancelled.get(u)) is not None}
             )
         for uid, destination in todo.items():
             key = f"cancel {uid}"
