@@ -90,7 +90,11 @@ class DestinationState:
     def unreachable(self) -> bool:
         """C-STORE holds back from the peer now: the breaker is open (until a probe answers)
         or a failed association is being waited out (until :attr:`down_until`). Both end on
-        their own, so what waits on this (the proofs of delivery) never waits for good."""
+        their own, so what waits on this (the proofs of delivery) never waits for good; but no
+        probe goes out while the send window is closed, so outside it this is False and the
+        proofs try for themselves (resting 30 s after a failure, as they did before)."""
+        if self._gate == "outside_window":
+            return False
         return self._open or time.monotonic() < self._down_until
 
     def update(self, channel: SendChannel, association_failed: bool, broke: bool = False) -> None:
