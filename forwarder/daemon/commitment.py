@@ -313,8 +313,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             before = self._refused.get(job_id)
             counted = 0 if before is None else before.counted + (before.accepted != accepted)
             if counted >= UNDECIDED_LIMIT:
-                self._refused.pop(job_id, None)
-                given_up.append(job_id)
+                given_up.append(job_id)  # its count is let go once the give-up is recorded
             else:
                 self._refused[job_id] = _Refused(now, accepted, counted)
         why = (
@@ -322,6 +321,8 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             "each after it had accepted another request)"
         )
         self._give_up(target, given_up, why)
+        for job_id in given_up:  # not before: a give-up the queue refused is counted again
+            self._refused.pop(job_id, None)
 
     def _cancel(self, uid: str, destination: str) -> None:
         """Transaction ``uid`` was not requested: its instances await again. When the queue
