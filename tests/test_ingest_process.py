@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sqlite3
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -680,3 +681,71 @@ def test_a_clean_stop_records_the_moves_whose_record_failed(tmp_path: Path) -> N
         assert d.done_files() == sorted(f.rel_path for f in dropped)
         assert scp.uids() == uids(dropped)
         assert queue_counts(d.queue) == ({"FINISHED": total}, {"DONE": total})
+
+
+# The watch-and-ingest process held in the middle of a batch (as a big batch, a loaded machine
+# or a stopped process holds it) until the test removes ``hold``: the batch keeps the routes it
+# was read for, so what it queues after the reload was routed with the old ones.
+HOLD_BATCH = """\
+import time
+from pathlib import Path
+
+if b"forwarder.daemon.ingest_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.daemon.ingest import Ingest
+
+    _site = Path(__file__).parent
+    _ingest = Ingest._ingest
+
+    def _held(self, files, *args):
+        if any(Path(f.path).name.startswith("held") for f in files):
+            (_site / "holding").write_text("")
+            while (_site / "hold").exists():
+                time.sleep(0.02)
+        return _ingest(self, files, *args)
+
+    Ingest._ingest = _held
+"""
+
+
+def test_a_file_the_process_queues_with_old_routes_long_after_a_reload_goes_by_the_new_ones(
+    tmp_path: Path,
+) -> None:
+    """A reload removes "gone" from the routes while the watch-and-ingest process is held in a
+    batch it began with the old routes; it queues that batch more than 2 s later (once a
+    fixed window after the reload): the file must still not go to "gone" (the new routes no
+    longer send it there), however late the process took the new routes."""
+    site, env = site_env(tmp_path, HOLD_BATCH)
+    (site / "hold").write_text("")
+    with ScriptedSCP() as keep, ScriptedSCP() as gone:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("keep", keep.port), destination("gone", gone.port)],
+            routes=[{"name": "both", "to": ["keep", "gone"]}],
+            env=env,
+        )
+        with d:
+            before = d.drop("before.dcm", seed=1)
+            wait_until(
+                lambda: before.sop_instance_uid in keep.uids() & gone.uids(), 30, what="before"
+            )
+            held = d.drop("held.dcm", seed=2)
+            wait_until((site / "holding").exists, 30, what="the batch held")
+            d.write_config(routes=[{"name": "keep", "to": ["keep"]}])
+            d.reload()
+            # Longer than the 2 s the daemon once gave its processes to take new routes: the
+            # time that passes is what this test is about, not a wait for something to happen.
+            late = time.monotonic() + 3.0
+            wait_until(lambda: time.monotonic() >= late, 10, what="3 s after the reload")
+            (site / "hold").unlink()
+            assert d.wait_failed(1) == ["held.dcm"]
+            results = {r["destination"]: r for r in d.error_json("held.dcm")["destinations"]}
+            assert results["keep"]["outcome"] == "stored"
+            assert "no longer send it to gone" in results["gone"]["error"]
+            assert held.sop_instance_uid in keep.uids()
+            assert held.sop_instance_uid not in gone.uids()
+            d.wait_log("reload: every process routes with the new routes", timeout=10)
+            after = d.drop("after.dcm", seed=3)
+            wait_until(lambda: after.sop_instance_uid in keep.uids(), 30, what="after at keep")
+            d.wait_done(2)
+            assert gone.uids() == {before.sop_instance_uid}
+            assert d.stop() == 0

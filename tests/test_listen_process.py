@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -398,4 +399,73 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
             # The stopped process held the first object durably (fsynced, not answered): its
             # restart queues it, and the modality's resend is queued too; twice is harmless.
             assert seen[uid_of(files[0])] in (1, 2)
+            assert d.stop() == 0
+
+
+# The receiving process held between reading the routes for an object and queueing it (as a
+# loaded machine or a stopped process holds it) while ``hold`` exists: the object is queued
+# with the routes read before the reload.
+HOLD_QUEUE = """\
+import time
+from pathlib import Path
+
+if b"forwarder.daemon.listen_child" in Path("/proc/self/cmdline").read_bytes():
+    from forwarder.daemon.listen_queue import DirectQueue
+
+    _site = Path(__file__).parent
+    _queue = DirectQueue.queue
+
+    def _held(self, *args, **kwargs):
+        if (_site / "hold").exists():
+            (_site / "holding").write_text("")
+            while (_site / "hold").exists():
+                time.sleep(0.02)
+        return _queue(self, *args, **kwargs)
+
+    DirectQueue.queue = _held
+"""
+
+
+def test_an_object_queued_with_old_routes_long_after_a_reload_goes_by_the_new_ones(
+    tmp_path: Path,
+) -> None:
+    """A reload removes "gone" from the routes while the receiving process is held queueing an
+    object with the old routes; it queues it more than 2 s later: the object must not go to
+    "gone", however late the receiving process took the new routes."""
+    site, env = site_env(tmp_path, HOLD_QUEUE)
+    (site / "hold").write_text("")
+    files = generated(tmp_path / "m", 1)
+    with ScriptedSCP() as keep, ScriptedSCP() as gone:
+        d = listen_daemon(
+            tmp_path / "gw",
+            [destination("keep", keep.port), destination("gone", gone.port)],
+            routes=[route("both", ["keep", "gone"])],
+            env=env,
+        )
+        with d:
+            answers: list[list[tuple[int, str]]] = []
+            modality = threading.Thread(
+                target=lambda: answers.append(push(listen_port(d), files, dimse_timeout=60))
+            )
+            modality.start()
+            try:
+                wait_until((site / "holding").exists, 30, what="the object held")
+                d.write_config(routes=[route("keep", ["keep"])])
+                d.reload()
+                # Longer than the 2 s the daemon once gave its processes to take new routes:
+                # the time that passes is what this test is about.
+                late = time.monotonic() + 3.0
+                wait_until(lambda: time.monotonic() >= late, 10, what="3 s after the reload")
+            finally:
+                (site / "hold").unlink()
+                modality.join(90)
+            assert answers == [[(0, "")]]
+            uid = uid_of(files[0])
+            wait_until(lambda: uid in keep.uids(), 30, what="the object at keep")
+            wait_until(lambda: len(d.failed_files()) == 1, 30, what="the object in failed/")
+            doc = d.error_json(d.failed_files()[0])
+            results = {r["destination"]: r for r in doc["destinations"]}
+            assert "no longer send it to gone" in results["gone"]["error"]
+            assert gone.uids() == set()
+            d.wait_log("reload: every process routes with the new routes", timeout=10)
             assert d.stop() == 0

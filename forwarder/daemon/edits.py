@@ -6,9 +6,10 @@ change what it sends (:meth:`Router.may_edit`), the file's header is read again 
 routes in force then, so a reloaded config applies to what is still queued. A destination
 without any change keeps today's path: no header read, the file streamed byte for byte.
 Routes sending the file there with different changes are a per-file failure, never a pick.
-A file queued before the routes in force were loaded (a reload, a restart) is routed again
-before it is sent: when they no longer send it to that destination, it is not sent there
-(failed, saying so), never sent without the changes its old route made.
+A file queued before the routes in force were loaded (a reload, a restart), or before every
+process that queues files took them (:meth:`Router.routed_again`), is routed again before it
+is sent: when they no longer send it to that destination, it is not sent there (failed,
+saying so), never sent without the changes its old route made.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ class EditResolver:
     def __call__(self, job: Job, destination: str) -> tuple[Editor, ...]:
         """Raises :class:`EditConflict`, :class:`NoLongerRouted`, or the check's
         InvalidFileError/UnreadableFileError."""
-        router = self.source.routing()[0]
-        older = router.configured and job.created_at < router.since + router.settle
+        older = self.source.routing()[0].routed_again(job.created_at)
         return self.editors(job.path, job.rel_path, job.calling_ae, destination, reroute=older)
 
     def sent_uids(

@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol
 from forwarder.crashpoints import crash_point
 from forwarder.daemon.filesync import close_quietly, open_to_sync, start_writeback, sync_open
 from forwarder.daemon.router import Router
+from forwarder.daemon.routes_in_use import RoutesInUse
 from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import InvalidFileError, QueueError, UnreadableFileError
@@ -136,14 +137,19 @@ class Ingest:
         self._known_under = known_under
         self._known: dict[str, tuple[int, int]] = queue.active_files(known_under)
         self._unreadable: set[str] = set()  # warned about once each
+        self._in_use = RoutesInUse()  # the files being routed, by the routes they were read for
         self.set_router(router)
 
-    def set_router(self, router: Router) -> None:
+    def set_router(self, router: Router, then: Callable[[], None] | None = None) -> None:
+        """Route with ``router`` from now on. ``then`` is called once no file is being routed
+        with an earlier one any more (at once, here, when none is; else on the thread that
+        queued the last such file): a batch under way keeps the routes it was read for."""
         want, vrs = header_tags(router)
         with self._lock:
             self._router = router
             self._want = want
             self._vrs = vrs
+        self._in_use.advance(then)  # after the swap (see RoutesInUse.begin)
 
     @property
     def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
@@ -159,8 +165,21 @@ class Ingest:
         version at that path is being moved out right now (the sender should send it again).
         Raises :class:`~forwarder.errors.QueueError` when the queue cannot take it."""
         with self._lock:
+            generation = self._in_use.begin()
             router = self._router
             queued = self._known.get(entry.path)
+        try:
+            return self._enqueue_received(entry, values, router, queued)
+        finally:
+            self._in_use.end(generation)
+
+    def _enqueue_received(
+        self,
+        entry: FileEntry,
+        values: Mapping[str, str],
+        router: Router,
+        queued: tuple[int, int] | None,
+    ) -> list[str] | None:
         plan = router.plan(values, entry.rel_path, entry.calling_ae or None)
         ready = _Ready(Path(entry.path), entry.rel_path, entry.size, entry.mtime_ns)
         # Not sent anywhere: [], or None when an earlier version queued at that path is being
@@ -238,7 +257,20 @@ class Ingest:
 
     def __call__(self, files: Sequence[ReadyLike]) -> None:
         with self._lock:
+            generation = self._in_use.begin()
             router, want, vrs = self._router, self._want, self._vrs
+        try:
+            self._chunks(files, router, want, vrs)
+        finally:
+            self._in_use.end(generation)
+
+    def _chunks(
+        self,
+        files: Sequence[ReadyLike],
+        router: Router,
+        want: dict[int, str],
+        vrs: dict[int, str],
+    ) -> None:
         # In chunks, so that the first files are queued (and sent) while later ones are read.
         # The chunks grow from FIRST_CHUNK to CHUNK: a backlog's first files reach the senders
         # after a few fsyncs (a 64-file chunk of CT images is 32 MB of writeback), and the

@@ -11,7 +11,9 @@ bound by one core, its interpreter lock shared by the senders and the ingest.
 Over the peer socket (:mod:`forwarder.daemon.listen_wire`), all notifications:
 
 - from the daemon: ``init`` (folders, queue, watch settings, router), ``routing`` (a reload's
-  router), ``finish`` (file ids whose jobs are all terminal, one message per sender's batch),
+  router and its generation, said back in ``routed`` once no file routed with the earlier
+  router is still being queued: a batch under way keeps the routes it was read for),
+  ``finish`` (file ids whose jobs are all terminal, one message per sender's batch),
   ``forget`` (paths moved out of incoming by someone else: queued again when a file of that
   name comes back), ``rescan``, ``stop`` (stop watching, at SIGTERM), then ``exit`` (the
   daemon's senders have drained: finish what was handed over, and exit);
@@ -296,7 +298,12 @@ class Child:
         elif kind == "forget":
             self._forget(args[0])
         elif kind == "routing":
-            self.ingest.set_router(args[0])
+            # With its generation (a daemon of an older release sends none), said back once
+            # no file routed with the earlier routes is still being queued.
+            generation = args[1] if len(args) > 1 else None
+            self.ingest.set_router(
+                args[0], None if generation is None else lambda: self._routed(generation)
+            )
         elif kind == "rescan":
             self.watcher.rescan()
         elif kind == "stop":
@@ -304,6 +311,12 @@ class Child:
         elif kind == "exit":
             self._stop.set()
             self._exit.set()
+
+    def _routed(self, generation: int) -> None:
+        try:
+            self.peer.send("routed", generation)
+        except PeerGone:
+            pass  # the daemon is going away, and this process with it
 
     def _forget(self, paths: Sequence[str]) -> None:
         """``paths`` were moved out of incoming. A file of the same name already back

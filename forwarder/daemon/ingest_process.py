@@ -88,6 +88,13 @@ class IngestProcess(ChildProcess):
         # process that starts; too many are dropped: every start sweeps the queue anyway).
         self._held: list[int] = []
         self._held_lock = threading.Lock()
+        # The routes: the generation of the router last sent (``init`` or ``routing``), and
+        # the one the running process said it routes with, nothing older in progress
+        # (``routed``); :meth:`routes_taken`. Called when it says so (or a new one starts).
+        self._generation = 0
+        self._taken = 0
+        self._routes_lock = threading.Lock()  # not _lock: held while a message is sent
+        self.on_routes_taken: Callable[[], None] | None = None
 
     def request_stop(self) -> None:
         """Stop taking files from incoming now (the process exits); :meth:`stop` waits."""
@@ -136,12 +143,22 @@ class IngestProcess(ChildProcess):
             self.tell("forget", list(paths))
 
     def routes_changed(self, router: Router) -> None:
-        """A reload replaced the router: files are routed with ``router`` from now on."""
+        """A reload replaced the router: files are routed with ``router`` from now on (the
+        process says when: :meth:`routes_taken`)."""
         with self._lock:
-            self._router = router
+            with self._routes_lock:
+                self._router = router
+                self._generation += 1
+                generation = self._generation
             peer = self._peer
             if peer is not None:
-                self._send(peer, "routing", router)
+                self._send(peer, "routing", router, generation)
+
+    def routes_taken(self, router: Router) -> bool:
+        """The process routes with ``router`` and nothing it routed with an earlier one is
+        still being queued (True too while none runs: the next one starts with it)."""
+        with self._routes_lock:
+            return router is self._router and self._taken == self._generation
 
     # -- the process -------------------------------------------------------------------------
 
@@ -164,6 +181,8 @@ class IngestProcess(ChildProcess):
             "log_phi": self._log_phi,
         }
         self._send(peer, "init", init)
+        with self._routes_lock:
+            self._taken = self._generation  # a new process: it never routed with another
 
     def _death(self, code: int | None, delay: float) -> None:
         why = f"could not start ({self._failed})" if self._failed else "died"
@@ -185,11 +204,16 @@ class IngestProcess(ChildProcess):
             held, self._held = self._held, []
         if held:
             self.tell("finish", held)
+        self._routes_news()
         if again:
             logger.warning("watch: watching incoming again, in process %s", self.pid)
             self._wake()  # a chunk it queued just before it died may not have said so
             if self.on_restarted is not None:
                 self.on_restarted()
+
+    def _routes_news(self) -> None:
+        if self.on_routes_taken is not None:
+            self.on_routes_taken()
 
     def _dispatch(self, kind: str, args: tuple[Any, ...]) -> None:
         try:
@@ -203,5 +227,10 @@ class IngestProcess(ChildProcess):
                     self._wake()
             elif kind == "finished" and self.on_finished is not None:
                 self.on_finished(args[0])
+            elif kind == "routed":
+                with self._routes_lock:
+                    if int(args[0]) == self._generation:
+                        self._taken = self._generation
+                self._routes_news()
         except Exception:  # a bug of ours: the process goes on
             logger.exception("watch: handling the watch-and-ingest process's %s failed", kind)

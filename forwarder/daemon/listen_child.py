@@ -39,6 +39,7 @@ from forwarder.daemon.child_process import HEALTH_EVERY
 from forwarder.daemon.listen_queue import DirectQueue, Routing
 from forwarder.daemon.listen_sink import Placement, SpaceWatch, log_received
 from forwarder.daemon.listen_wire import Peer, PeerGone, die_with, pass_channel
+from forwarder.daemon.routes_in_use import RoutesInUse
 from forwarder.errors import ForwarderError
 from forwarder.net.commitment import Reference
 from forwarder.net.commitment_scp import REASON_PROCESSING_FAILURE
@@ -82,11 +83,14 @@ class RemoteSink:
             return final
         direct = self._child.direct
         if direct is not None:
+            in_use = self._child.in_use.begin()  # before the routes are read (RoutesInUse)
             try:
                 queued = direct.queue(final, obj, origin, self._child.routing, generation)
             except Exception:  # a bug of ours: the daemon's proven path takes the object
                 logger.exception("listen: %s: queueing it here failed; asking the daemon", final)
                 queued = None
+            finally:
+                self._child.in_use.end(in_use)
             if queued is not None:
                 # Logged before the answer: every object a modality was told is stored has
                 # its line, and before the daemon's line that it was sent on.
@@ -177,6 +181,7 @@ class Child:
         self._carrier_lock = threading.Lock()
         self._local = threading.local()
         self.routing: Routing = init["routing"]
+        self.in_use = RoutesInUse()  # the objects being queued here, by routes generation
         self.direct: DirectQueue | None = None
         try:
             self.direct = DirectQueue(init["queue"], init["spool"])
@@ -241,13 +246,23 @@ class Child:
         if time.monotonic() >= self._next_look:  # busy: no idle second to look in
             self._look()
         if kind == "routing":
-            self.routing = args[0]
+            routing: Routing = args[0]
+            self.routing = routing
+            # Said back once no object routed with the earlier routes is still being queued
+            # here (the daemon routes every job again before sending it until then).
+            self.in_use.advance(lambda: self._routed(routing.generation))
         elif kind == "stop_accepting":
             return self.receiver.stop_accepting()
         elif kind == "stop":
             self._drain = float(args[0])
             self._stop.set()
         return None
+
+    def _routed(self, generation: int) -> None:
+        try:
+            self.peer.send("routed", generation)
+        except PeerGone:
+            pass  # the daemon is going away, and this process with it
 
     def _refused(self, outcome: str) -> None:
         try:

@@ -87,6 +87,11 @@ class ListenProcess(ChildProcess):
         self._sent: Routing | None = None
         self._generation = 0
         self._told = 0  # the generation the running process was given
+        # The generation it said it routes with, nothing older in progress (``routed``):
+        # :meth:`routes_taken`; ``on_routes_taken`` is called when it says so (or starts).
+        self._taken = 0
+        self._routes_lock = threading.Lock()  # not _lock: held while a message is sent
+        self.on_routes_taken: Callable[[], None] | None = None
         self._threads: list[threading.Thread] = []  # those serving the process's channels
 
     @property
@@ -179,6 +184,8 @@ class ListenProcess(ChildProcess):
         }
         self._send(peer, "init", init)
         self._told = routing.generation
+        with self._routes_lock:
+            self._taken = routing.generation  # a new process: it never routed with another
 
     def _before_restart(self) -> None:
         """Queue what the dead process made durable, then start another."""
@@ -208,6 +215,7 @@ class ListenProcess(ChildProcess):
             )
 
     def _on_ready(self, again: bool) -> None:
+        self._routes_news()
         if again:
             logger.warning("listen: receiving again, in process %s", self.pid)
 
@@ -254,6 +262,12 @@ class ListenProcess(ChildProcess):
             return None
         if kind == "queue":
             return self._queue(*args)
+        if kind == "routed":  # it routes with that generation, nothing older in progress
+            with self._routes_lock:
+                if int(args[0]) == self._told:
+                    self._taken = self._told
+            self._routes_news()
+            return None
         if kind == "holdings":
             return self._holdings(args[0])
         if kind == "report":
@@ -267,8 +281,20 @@ class ListenProcess(ChildProcess):
         return None
 
     def routes_changed(self) -> None:
-        """A reload replaced the router: the process routes with the new one from now on."""
+        """A reload replaced the router: the process routes with the new one from now on (it
+        says when: :meth:`routes_taken`)."""
         self._routing()
+
+    def routes_taken(self, router: object) -> bool:
+        """The process routes with ``router`` and nothing it routed with an earlier one is
+        still being queued (True too while none runs: the next one starts with it)."""
+        sent = self._sent
+        with self._routes_lock:
+            return sent is not None and sent.router is router and self._taken == sent.generation
+
+    def _routes_news(self) -> None:
+        if self.on_routes_taken is not None:
+            self.on_routes_taken()
 
     def _routing(self) -> Routing:
         """The routes in force, with their generation: a new one after each reload that
@@ -276,10 +302,10 @@ class ListenProcess(ChildProcess):
         with self._lock:
             sent = self._current_routing()
             if sent.generation != self._told:
+                self._told = sent.generation  # before: its ``routed`` may come back at once
                 peer = self._peer
                 if peer is not None:
                     self._send(peer, "routing", sent)
-                self._told = sent.generation
             return sent
 
     def _current_routing(self) -> Routing:

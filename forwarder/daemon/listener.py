@@ -43,6 +43,7 @@ from forwarder.daemon.listen_sink import (
     ae_from_folder,
     received_entry,
 )
+from forwarder.daemon.router import Router
 from forwarder.daemon.spool import LISTEN_FOLDER, Spool, SpoolError
 from forwarder.dicom.check import check_file_values
 from forwarder.errors import ForwarderError, InvalidFileError, UnreadableFileError
@@ -285,6 +286,18 @@ class Listener:
         one from now on (in-process, the sink reads the daemon's at each object)."""
         if isinstance(self._receiver, ListenProcess):
             self._receiver.routes_changed()
+
+    def routes_taken(self, router: Router) -> bool:
+        """Whatever this listener queues from now on is routed with ``router`` (in-process:
+        by the daemon's Ingest, which says so itself)."""
+        if isinstance(self._receiver, ListenProcess):
+            return self._receiver.routes_taken(router)
+        return True
+
+    def on_routes_taken(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called when a receiving process says it routes with new routes."""
+        if isinstance(self._receiver, ListenProcess):
+            self._receiver.on_routes_taken = callback
 
     def _space_changed(self, ok: bool, free: int) -> None:
         if self._metrics is not None:

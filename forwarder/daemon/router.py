@@ -125,11 +125,6 @@ class Edits:
         return tuple(e for _, e in self.steps)
 
 
-#: A job queued up to this long after a reload's router was made may have been routed by the
-#: one before (the watch-and-ingest and receiving processes get the new routes a moment later).
-ROUTES_SETTLE = 2.0
-
-
 class Router:
     """Decides the destinations of a file. Immutable; build a new one on reload."""
 
@@ -141,11 +136,10 @@ class Router:
         uids: UidSource | None = None,
     ) -> None:
         self._all = tuple(destinations)
-        # Jobs queued before ``since`` (+ ``settle``) may have been routed by other routes:
-        # they are routed again before they are sent (forwarder.daemon.edits). At start:
-        # the jobs of an earlier run; on a reload that changed the routes, see :meth:`after`.
-        self.since = time.time()
-        self.settle = 0.0
+        # Jobs queued before this time may have been routed by other routes: they are routed
+        # again before they are sent (forwarder.daemon.edits). At start: the jobs of an
+        # earlier run; on a reload that changed the routes, see :meth:`after` and :meth:`settle`.
+        self._settled: float | None = time.time()
         self._uids = uids  # the UID map deidentify uses (the queue's)
         self._routes = None if routes is None else tuple(routes)
         self._modify = {k: v for k, v in (modify or {}).items() if v is not None and not v.empty}
@@ -168,13 +162,29 @@ class Router:
 
     def after(self, old: Router) -> Router:
         """This router, replacing ``old`` on a reload: with ``old``'s time when the routes
-        and changes are the same (nothing queued needs routing again), else from now, with
-        :data:`ROUTES_SETTLE` for the other processes to take the new routes."""
-        if (self._routes, self._modify) == (old._routes, old._modify):
-            self.since, self.settle = old.since, old.settle
-        else:
-            self.settle = ROUTES_SETTLE
+        and changes are the same and ``old`` was settled (nothing queued needs routing again),
+        else unsettled: every job is routed again before it is sent until :meth:`settle`."""
+        same = (self._routes, self._modify) == (old._routes, old._modify)
+        self._settled = old._settled if same else None
         return self
+
+    @property
+    def settled(self) -> bool:
+        """Every process that queues files routes with this router (:meth:`settle`)."""
+        return self._settled is not None
+
+    def settle(self) -> None:
+        """Every process that queues files now routes with this router, and has finished what
+        it routed with earlier ones: jobs queued from now on need not be routed again. The
+        daemon calls it once each has said so (:mod:`forwarder.daemon.routes_in_use`)."""
+        if self._settled is None:
+            self._settled = time.time()
+
+    def routed_again(self, created_at: float) -> bool:
+        """Whether a job queued at ``created_at`` may have been routed by other routes (it is
+        then routed again before it is sent)."""
+        settled = self._settled
+        return self.configured and (settled is None or created_at < settled)
 
     def __reduce__(self) -> tuple[type[Router], tuple[Any, ...]]:
         # Pickled for the receiving process (listen_child), which routes and checks for

@@ -105,6 +105,10 @@ class Service(ServiceLoop):
         self.status_page: StatusPage | None = None  # on the metrics listener
         self.listener: Listener | None = None  # the Storage SCP, when listen: is set
         self._started = time.time()
+        # After a reload that changed the routes: the router the daemon's own Ingest says it
+        # routes with, nothing older in progress (see _routes_taken).
+        self._ingest_took: Router | None = None
+        self._routes_lock = threading.Lock()
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -207,6 +211,7 @@ class Service(ServiceLoop):
             self.watcher.on_finished = self.ingest.forget
             self.watcher.queue_locked = self.queue.lock_waited
             self.watcher.on_restarted = self.ingest.relearn
+            self.watcher.on_routes_taken = self._routes_taken
             started = self.watcher.start(cancelled=self._stop_asked)
             if started:
                 self.finisher.attach(self.watcher)
@@ -243,6 +248,7 @@ class Service(ServiceLoop):
             reports=self.commitment.deliver_report if self.commitment is not None else None,
             log_level=self.config.log_level,
         )
+        listener.on_routes_taken(self._routes_taken)
         listener.recover()
         if not listener.start(cancelled=self._stop_asked):
             return False
@@ -442,10 +448,11 @@ class Service(ServiceLoop):
             {n: d.modify for n, d in new_dests.items()},
             self.queue,
         ).after(self.ingest.routing()[0])
-        self.ingest.set_router(router)
+        self.ingest.set_router(router, then=lambda: self._ingest_taken(router))
         self.watcher.routes_changed(router)
         if self.listener is not None:
             self.listener.routes_changed()
+        self._routes_taken()
         for name, dest in new_dests.items():
             if name not in self._workers:
                 if self.metrics is not None:
@@ -472,3 +479,27 @@ class Service(ServiceLoop):
         )
         self.notifier.ready(self._status_line())
         self.watcher.rescan()
+
+    def _ingest_taken(self, router: Router) -> None:
+        self._ingest_took = router
+        self._routes_taken()
+
+    def _routes_taken(self) -> None:
+        """After a reload that changed the routes, every job is routed again before it is
+        sent (forwarder.daemon.edits) until each process that queues files (this one's
+        Ingest, the watch-and-ingest process, the receiving process) has said it routes with
+        the new routes and finished what it routed with the old ones, however long that
+        takes; then only the jobs queued before. Called by each as it says so."""
+        with self._routes_lock:
+            router = self.ingest.routing()[0]
+            if router.settled or self._ingest_took is not router:
+                return
+            if not self.watcher.routes_taken(router):
+                return
+            if self.listener is not None and not self.listener.routes_taken(router):
+                return
+            router.settle()
+        logger.info(
+            "reload: every process routes with the new routes; files queued before are routed "
+            "again before they are sent"
+        )
