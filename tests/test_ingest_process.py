@@ -749,3 +749,39 @@ def test_a_file_the_process_queues_with_old_routes_long_after_a_reload_goes_by_t
             d.wait_done(2)
             assert gone.uids() == {before.sop_instance_uid}
             assert d.stop() == 0
+
+
+def test_a_process_restarted_before_it_took_new_routes_starts_with_them(
+    tmp_path: Path,
+) -> None:
+    """The watch-and-ingest process held in a batch with the old routes is killed after the
+    reload: the one started in its place routes with the new routes from its start, so the
+    daemon stops routing every job again without waiting for the dead one, and the file it
+    queues goes by the new routes."""
+    site, env = site_env(tmp_path, HOLD_BATCH)
+    (site / "hold").write_text("")
+    with ScriptedSCP() as keep, ScriptedSCP() as gone:
+        d = Daemon(
+            tmp_path / "d",
+            destinations=[destination("keep", keep.port), destination("gone", gone.port)],
+            routes=[{"name": "both", "to": ["keep", "gone"]}],
+            env=env,
+        )
+        with d:
+            held = d.drop("held.dcm", seed=2)
+            wait_until((site / "holding").exists, 30, what="the batch held")
+            (child,) = children(d.pid)
+            d.write_config(routes=[{"name": "keep", "to": ["keep"]}])
+            d.reload()
+            assert "every process routes with the new routes" not in d.log_text(current_run=True)
+            (site / "holding").unlink()
+            os.kill(child, signal.SIGKILL)
+            d.wait_log(AGAIN, timeout=30, what="the restart")
+            # Its successor holds the file too (hold is still there), with the new routes.
+            wait_until((site / "holding").exists, 30, what="the batch held again")
+            d.wait_log("reload: every process routes with the new routes", timeout=10)
+            (site / "hold").unlink()
+            d.wait_done(1)
+            assert keep.uids() == {held.sop_instance_uid}
+            assert gone.uids() == set()
+            assert d.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -492,3 +493,25 @@ def test_text_in_no_character_set_the_file_names_is_read_as_written(
         )
         matched, failure = _plan_file(str(path), {"InstitutionName": "Klinikum Süd"})
     assert matched, failure
+
+
+def test_a_reload_that_changed_the_routes_routes_every_job_again_until_settled() -> None:
+    old = Router([r("ct", ["pacs"], Modality="CT")], ["pacs", "archive"])
+    assert old.settled and not old.routed_again(time.time() + 60)  # queued after the start
+    new = Router([r("all", ["archive"])], ["pacs", "archive"]).after(old)
+    assert not new.settled
+    assert new.routed_again(time.time() + 3600)  # however late: a process may lag behind
+    new.settle()
+    settled_at = time.time()
+    assert new.routed_again(settled_at - 1) and not new.routed_again(settled_at + 1)
+
+
+def test_a_reload_keeping_the_routes_keeps_the_window_of_the_router_it_replaces() -> None:
+    routes = [r("ct", ["pacs"], Modality="CT")]
+    first = Router(routes, ["pacs"])
+    same = Router(routes, ["pacs"]).after(first)
+    assert same.settled and not same.routed_again(time.time() + 60)
+    changed = Router([r("all", ["pacs"])], ["pacs"]).after(same)
+    # Unchanged again, but the processes have not all taken the routes before: still open.
+    again = Router([r("all", ["pacs"])], ["pacs"]).after(changed)
+    assert not again.settled and again.routed_again(time.time() + 60)
