@@ -5,6 +5,8 @@ failures, none at all, for an unknown transaction, naming instances nobody asked
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -289,3 +291,45 @@ def test_no_peer_raises(tmp_path: Path) -> None:
         request_commitment(
             peer, settings, _refs(1), CommitmentBook(), timeout=2, release_at_once=True
         )
+
+
+def _acceptor_threads(acceptor: ReportAcceptor) -> list[threading.Thread]:
+    """The acceptor's pynetdicom association threads (reactor and DUL) still running."""
+    server = acceptor._server
+    assocs = list(server.active_associations)
+    return [t for a in assocs for t in (a, a.dul) if t.is_alive()]
+
+
+def test_the_acceptor_ends_connections_that_never_became_associations_on_stop() -> None:
+    """Peers that only opened a TCP connection (no A-ASSOCIATE-RQ: a port scan, a PACS that
+    hung before negotiating) have no association to abort. stop() still ends them at once:
+    their pynetdicom threads used to run on for the ACSE timeout (30 s) after stop()
+    returned, left behind by every reload that stopped an acceptor."""
+    acceptor = ReportAcceptor(
+        CommitmentBook(), ae_title="FWDSCU", port=free_port(), bind="127.0.0.1"
+    )
+    acceptor.start()
+    server = acceptor._server
+    socks = []
+    try:
+        for _ in range(3):
+            socks.append(socket.create_connection(("127.0.0.1", acceptor.port), timeout=5))
+        wait_until(lambda: len(server.active_associations) == 3, 5, what="3 connections taken")
+        threads = _acceptor_threads(acceptor)
+        started = time.monotonic()
+        acceptor.stop()
+        assert time.monotonic() - started < 5
+        wait_until(
+            lambda: not any(t.is_alive() for t in threads),
+            2,
+            what="the association threads of the bare connections ended",
+        )
+        assert not server.active_associations
+        for sock in socks:  # our end of each connection was closed
+            sock.settimeout(2)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+        if acceptor._server is not None:
+            acceptor.stop()

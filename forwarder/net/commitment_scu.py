@@ -193,24 +193,55 @@ class ReportAcceptor:
 
     def stop(self) -> None:
         """Stop promptly: a peer that delivered a report has a moment (``_ANSWER_GRACE``) to
-        get its answer and release; open associations are then aborted (pynetdicom's server
-        waits for every association thread to end, and a peer may keep one open for
-        minutes)."""
-        if self._server is not None:
-            deadline = time.monotonic() + _ANSWER_GRACE
-            for assoc in list(self._server.active_associations):
-                if self._taker.took_from(assoc):
-                    assoc.join(max(0.0, deadline - time.monotonic()))
-            for assoc in list(self._server.active_associations):
-                abort_now(assoc)
-            self._server.shutdown()
-            self._server = None
+        get its answer and release; then the listening ends, and every association accepted
+        is ended: an established one aborted (a peer may keep one open for minutes), a
+        connection that never became one (no A-ASSOCIATE-RQ: a port scan, a peer that hung)
+        closed. Their threads end within a moment, not after the ACSE timeout."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        deadline = time.monotonic() + _ANSWER_GRACE
+        for assoc in list(server.active_associations):
+            if self._taker.took_from(assoc):
+                assoc.join(max(0.0, deadline - time.monotonic()))
+        server.shutdown()  # first: no connection is accepted behind the ending below
+        ended: set[int] = set()
+        until = time.monotonic() + _ANSWER_GRACE
+        while time.monotonic() < until:
+            left = [a for a in server.active_associations if id(a) not in ended]
+            if not left:
+                break
+            for assoc in left:
+                ended.add(id(assoc))
+                if assoc.is_established:
+                    abort_now(assoc)
+                else:
+                    _close_unestablished(assoc)
+            time.sleep(_ANSWER_POLL)  # one accepted just before the shutdown has its thread
 
     def __enter__(self) -> ReportAcceptor:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _close_unestablished(assoc: Any) -> None:
+    """End an accepted connection that is no association (yet): there is nothing to abort
+    (an A-ABORT is no event of the state machine before the A-ASSOCIATE-RQ), so close the
+    connection (its DUL goes idle, and ends), then wake the association thread, which waits
+    for the A-ASSOCIATE-RQ for the ACSE timeout: woken with nothing, it ends as at that
+    timeout."""
+    try:
+        assoc.dul.socket._shutdown_socket()
+        until = time.monotonic() + _ANSWER_GRACE
+        while assoc.dul.is_alive() and time.monotonic() < until:
+            if assoc.dul.stop_dul():
+                break
+            time.sleep(0.01)
+        assoc.dul.to_user_queue.put(None)
+    except Exception as exc:  # gone meanwhile: nothing left to end
+        logger.debug("closing a connection on stop: %s", exc)
 
 
 def open_association(
