@@ -271,6 +271,32 @@ def test_a_refused_transaction_holds_up_no_other_study(
     assert levels.count(logging.WARNING) <= 2, levels
 
 
+@pytest.mark.parametrize("departure", ["reload_removes_commitment", "proof_dropped_in_queue"])
+def test_a_refused_study_that_leaves_otherwise_leaves_no_refusal_count_behind(
+    departure: str, q: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper counts the N-ACTIONs the PACS refused per instance. An instance that leaves
+    the keeper otherwise than by a request accepted or a give-up (a reload that removes
+    ``storage_commitment`` from the destination, or its proof dropped in the queue: the
+    instance no longer awaits) leaves no count behind: the counts used to stay for the life
+    of the process, one per instance ever refused."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.2)
+    monkeypatch.setattr(proof_thread, "_TICK", 0.1)
+    _stored(q)
+    with CommitmentSCP(refuse_instances={SOP}) as scp:
+        keeper = _prover("storage_commitment", q, scp.port, _Finished())
+        keeper.start()
+        try:
+            wait_until(lambda: keeper._refused, 10, what="a refusal counted")
+            if departure == "reload_removes_commitment":
+                keeper.configure([])
+            q.drop_proof("pacs")  # what the service does on such a reload, too
+            wait_until(lambda: not keeper._refused, 5, what="the refusal counts let go")
+        finally:
+            keeper.stop()
+    assert q.awaiting_commitment("pacs") == []
+
+
 def test_an_n_action_accepted_with_a_warning_is_not_asked_again(
     q: Queue, caplog: pytest.LogCaptureFixture
 ) -> None:

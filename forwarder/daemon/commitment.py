@@ -38,7 +38,9 @@ processing failure, 0x0213 resource limitation or 0x0122 for either. The rule:
 - a PACS that refuses everything accepts nothing in between: its studies await, for a
   weekend if need be, as for an unreachable PACS; nothing is resent, nothing goes to failed/.
 
-The counts live in memory: after a restart they begin again.
+The counts live in memory: after a restart they begin again; an instance that leaves otherwise
+(a reload that removes the destination's ``storage_commitment``, its file replaced) takes its
+count with it.
 
 One log line (journal) per transaction outcome. After a restart the open transactions are read
 back from the queue and awaited again, so a report hours late is still taken, and one that never
@@ -78,11 +80,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: The instances awaiting commitment listed per round and destination (the queue's default).
+_AWAITING_LIMIT = 10000
+
 
 @dataclass(frozen=True, slots=True)
 class _Refused:
     """An instance whose latest N-ACTION the PACS refused."""
 
+    destination: str  # that PACS
     at: float  # when
     accepted: int  # the destination's accepted N-ACTIONs then
     counted: int  # its refusals counted so far (each after another request was accepted)
@@ -202,6 +208,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             )
         else:
             self._untell("expiring")
+        self._let_go_refused(None)
         for target in self._current_targets():
             if self._stop.is_set():
                 return
@@ -216,7 +223,10 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             return
         policy = target.policy
         by_study: dict[str, list[CommitItem]] = defaultdict(list)
-        for item in self.queue.awaiting_commitment(target.name):
+        awaiting = self.queue.awaiting_commitment(target.name, limit=_AWAITING_LIMIT)
+        if len(awaiting) < _AWAITING_LIMIT:  # all of them: the others left
+            self._let_go_refused(target.name, {i.job_id for i in awaiting})
+        for item in awaiting:
             if self._retry_at.get(item.job_id, 0.0) <= now:  # else: its UIDs untold, waiting
                 by_study[item.study_instance_uid].append(item)
         # The studies the PACS refused an N-ACTION for go last, the latest refused last: a
@@ -302,6 +312,33 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
         refused = self._refused.get(job_id)
         return 0.0 if refused is None else refused.at
 
+    def _let_go_refused(self, destination: str | None, awaiting: set[int] | None = None) -> None:
+        """Forget the refusals counted for instances that left the keeper otherwise than by
+        an accepted request or a give-up: with ``destination`` None, those of destinations no
+        longer requiring commitment (a reload); else those of ``destination`` neither
+        ``awaiting`` nor in an open transaction (one whose cancel the queue refused keeps its
+        count): their proof dropped, the file replaced or sent again."""
+        if destination is None:
+            with self._lock:
+                targets = set(self._targets)
+            gone = [j for j, r in self._refused.items() if r.destination not in targets]
+        else:
+            gone = [
+                j
+                for j, r in self._refused.items()
+                if r.destination == destination and j not in (awaiting or set())
+            ]
+            if gone:
+                opened = {
+                    i.job_id
+                    for t in self.queue.open_commitments(destination)
+                    if t.kind == "stgcmt"
+                    for i in t.items
+                }
+                gone = [j for j in gone if j not in opened]
+        for job_id in gone:
+            del self._refused[job_id]
+
     def _refusal(self, target: ProofTarget, job_ids: list[int], exc: CommitmentError) -> None:
         """The PACS refused the N-ACTION naming ``job_ids`` (the destination rests, and asks
         its other studies first next time). Counted against each only when the destination
@@ -315,7 +352,7 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
             if counted >= UNDECIDED_LIMIT:
                 given_up.append(job_id)  # its count is let go once the give-up is recorded
             else:
-                self._refused[job_id] = _Refused(now, accepted, counted)
+                self._refused[job_id] = _Refused(target.name, now, accepted, counted)
         why = (
             f"storage commitment refused by {target.name}: {exc} ({UNDECIDED_LIMIT} times, "
             "each after it had accepted another request)"
