@@ -53,8 +53,9 @@ class CommitmentSCP:
     wrong_transaction: bool = False  # report under another Transaction UID
     extra_instance: bool = False  # the report also names an instance nobody asked about
     action_status: int = 0x0000  # a Warning status is answered, and the report sent all the same
-    # SOP Instance UIDs whose N-ACTION (any naming one of them) is answered 0x0110 instead
+    # SOP Instance UIDs whose N-ACTION (any naming one of them) is answered refuse_status
     refuse_instances: set[str] = field(default_factory=set)
+    refuse_status: int = 0x0110
     hang: bool = False  # never answer N-ACTION / C-FIND while set
     hang_associate: bool = False  # never answer an A-ASSOCIATE-RQ while set
     # "reset" (SO_LINGER 0) or "close": end the connection instead of answering an N-ACTION
@@ -158,7 +159,7 @@ class CommitmentSCP:
             t.start()
         named = {str(r.ReferencedSOPInstanceUID) for r in action.ReferencedSOPSequence}
         if named & self.refuse_instances:
-            return 0x0110, None
+            return self.refuse_status, None
         if self.mode == "none" or code_to_category(self.action_status) not in _ACCEPTED:
             return self.action_status, None
         event_type, report = self._report(action)

@@ -411,6 +411,57 @@ def test_a_study_the_pacs_refuses_for_good_while_it_accepts_others_ends_in_faile
     assert q.commitment_counts()["pacs"].committed == len(list(spool.done.iterdir()))
 
 
+@pytest.mark.parametrize("status", [0x0213, 0xA700], ids=["0x0213", "0xA700"])
+def test_a_study_the_pacs_refuses_for_lack_of_resources_is_never_given_up(
+    status: int, q: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PACS answers the N-ACTIONs for one study with a transient status (0x0213 resource
+    limitation, PS3.4/PS3.3 C.14.1.1: it "does not currently have enough resources"; or 0xA7xx
+    out of resources) far more often than the UNDECIDED_LIMIT counted refusals that give a
+    study up, while it accepts the others, which keep coming. Those refusals are retried, not
+    counted: the study is never sent again nor failed (it used to go to failed/ as a study
+    refused for good), and is committed once the PACS accepts it."""
+    monkeypatch.setattr(proof_thread, "_RETRY", 0.1)
+    monkeypatch.setattr(proof_thread, "_TICK", 0.05)
+    with CommitmentSCP(refuse_status=status) as scp:
+        keeper, finisher, spool = _keeper_with_folders(q, tmp_path, scp.port)
+        refused = _dropped(q, spool, 0)
+        scp.held[refused] = Dataset()
+        scp.refuse_instances.add(refused)
+        n = 0
+
+        def step(until: Any) -> bool:
+            nonlocal n
+            # Another study as soon as none awaits: a PACS site's steady traffic.
+            if not any(i.sop_instance_uid != refused for i in q.awaiting_commitment("pacs")):
+                n += 1
+                scp.held[_dropped(q, spool, n)] = Dataset()
+            _store_ready(q)
+            return until() or (spool.failed / "0.dcm").exists()
+
+        finisher.start()
+        keeper.start()
+        try:
+            # More refusals than the give-up and the resend after it took (0x0110's test).
+            limit = 2 * (proof_thread.UNDECIDED_LIMIT + 1) + 2
+            wait_until(
+                lambda: step(lambda: _asked(scp).count({refused}) > limit),
+                60,
+                what=f"the study refused more than {limit} times",
+            )
+            assert list(spool.failed.iterdir()) == []
+            assert (spool.incoming / "0.dcm").exists()
+            scp.refuse_instances.clear()
+            wait_until(lambda: step(lambda: (spool.done / "0.dcm").exists()), 20, what="committed")
+        finally:
+            keeper.stop()
+            finisher.stop()
+    assert list(spool.failed.iterdir()) == []
+    # Never sent again: no outcome "not committed" was recorded for it, nor for any other.
+    assert q.commitment_counts()["pacs"].uncommitted == 0
+    assert keeper._refused == {}
+
+
 @pytest.mark.parametrize("status", [0x0213, 0x0110])
 def test_a_pacs_refusing_every_n_action_for_long_resends_and_fails_nothing(
     status: int, q: Queue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -29,9 +29,13 @@ processing failure, 0x0213 resource limitation or 0x0122 for either. The rule:
 
 - every refusal rests the destination, as a PACS that cannot be asked does (nothing is sent
   again for it), and the refused studies are asked after every other one next time;
-- a refusal counts against the instances it named only when the destination accepted another
-  N-ACTION between it and their previous refusal: then the PACS's commitment service works,
-  and it is the request it refuses. After :data:`~forwarder.daemon.proof_thread.
+- a transient refusal (0x0213 resource limitation, 0xA7xx out of resources: the PACS cannot
+  take the request *now*, whether it is short of resources for the study or for everything)
+  never counts: retried, as the others, it loses nothing, and counted, a PACS short of
+  resources half the time would fail a study it happened to refuse six times in a row;
+- another refusal counts against the instances it named only when the destination accepted
+  another N-ACTION between it and their previous refusal: then the PACS's commitment service
+  works, and it is the request it refuses. After :data:`~forwarder.daemon.proof_thread.
   UNDECIDED_LIMIT` counted refusals the instances count as not committed (as verify_by_query's
   undecided ones do): sent again, up to ``max_resends``, then failed/ with "storage commitment
   refused by DESTINATION: ... answered the N-ACTION with status 0x...";
@@ -82,6 +86,16 @@ logger = logging.getLogger(__name__)
 
 #: The instances awaiting commitment listed per round and destination (the queue's default).
 _AWAITING_LIMIT = 10000
+
+
+def _transient(status: int) -> bool:
+    """Whether an N-ACTION refused with ``status`` says only that the PACS cannot take the
+    request now: 0x0213 resource limitation (PS3.4 J.3.2's N-ACTION status; PS3.3 C.14.1.1:
+    the SCP "does not currently have enough resources") and 0xA7xx out of resources (no
+    N-ACTION status, but a PACS busy may answer it as it does a C-STORE). Such a refusal is
+    retried and never counted: a PACS short of resources half the time must not fail a study
+    (:mod:`forwarder.net.status` retries both for C-STORE too)."""
+    return status == 0x0213 or status & 0xFF00 == 0xA700
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,14 +355,18 @@ class CommitmentKeeper(ProofThread[ProofTarget]):
 
     def _refusal(self, target: ProofTarget, job_ids: list[int], exc: CommitmentError) -> None:
         """The PACS refused the N-ACTION naming ``job_ids`` (the destination rests, and asks
-        its other studies first next time). Counted against each only when the destination
-        accepted another N-ACTION since its previous refusal (the rule in the module's
-        docstring); after :data:`UNDECIDED_LIMIT` counted refusals it is not committed."""
+        its other studies first next time). Counted against each only when the status is not
+        transient and the destination accepted another N-ACTION since its previous refusal
+        (the rule in the module's docstring); after :data:`UNDECIDED_LIMIT` counted refusals
+        it is not committed."""
         now, accepted = time.time(), self._accepted.get(target.name, 0)
+        transient = exc.status is not None and _transient(exc.status)
         given_up = []
         for job_id in job_ids:
             before = self._refused.get(job_id)
             counted = 0 if before is None else before.counted + (before.accepted != accepted)
+            if transient:  # retried (after the others), never counted
+                counted = 0 if before is None else before.counted
             if counted >= UNDECIDED_LIMIT:
                 given_up.append(job_id)  # its count is let go once the give-up is recorded
             else:
