@@ -205,14 +205,14 @@ class ReportAcceptor:
             if self._taker.took_from(assoc):
                 assoc.join(max(0.0, deadline - time.monotonic()))
         server.shutdown()  # first: no connection is accepted behind the ending below
-        ended: set[int] = set()
+        ended: set[Any] = set()  # the associations themselves: an id may be used again
         until = time.monotonic() + _ANSWER_GRACE
         while time.monotonic() < until:
-            left = [a for a in server.active_associations if id(a) not in ended]
+            left = [a for a in server.active_associations if a not in ended]
             if not left:
                 break
             for assoc in left:
-                ended.add(id(assoc))
+                ended.add(assoc)
                 if assoc.is_established:
                     abort_now(assoc)
                 else:
