@@ -9,7 +9,8 @@ IMAGE level (Study Root) from what it holds (``find_fails``: ending with a failu
 instead, for chosen instances). ``hang``: accept the association, then never
 answer an N-ACTION or a C-FIND (until the test sets ``hang = False`` or stops the peer);
 ``hang_associate``: never answer an A-ASSOCIATE-RQ (the TCP connection is accepted).
-``kill``: reset or close the connection instead of answering an N-ACTION or a C-FIND.
+``kill``: reset or close the connection instead of answering an N-ACTION or a C-FIND;
+``kill_release``: instead of answering the requestor's A-RELEASE-RQ.
 ``ssl_context``: DICOM TLS (a server context); set another on a running peer (:meth:`use_tls`)
 and the next connections are handshaken with it (a PACS whose trust changed).
 """
@@ -33,6 +34,7 @@ from pynetdicom import (
     build_role,
     evt,
 )
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.status import code_to_category
 
 SC = "1.2.840.10008.1.20.1"
@@ -61,8 +63,11 @@ class CommitmentSCP:
     # "reset" (SO_LINGER 0) or "close": end the connection instead of answering an N-ACTION
     # or a C-FIND, while set
     kill: str | None = None
+    kill_release: str | None = None  # "reset" or "close" instead of answering an A-RELEASE-RQ
     # their threads (reactor, DUL), as (ident, name)
     killed: list[tuple[tuple[int, str], tuple[int, str]]] = field(default_factory=list)
+    # the threads (reactor, DUL) of every association that asked something, as (ident, name)
+    threads: set[tuple[int | None, str]] = field(default_factory=set)
     abort_after_action: bool = False  # abort the association once the N-ACTION-RSP is out
     kill_after_action: str | None = None  # "reset" or "close" it then, instead
     aborted_after_action: int = 0  # how many associations that abort ended
@@ -143,6 +148,15 @@ class CommitmentSCP:
             sock.close()  # with unread data or linger 0: RST
         else:
             sock.shutdown(socket.SHUT_RDWR)  # FIN
+
+    def _seen(self, assoc: Any) -> None:
+        with self._lock:
+            self.threads |= {(assoc.ident, assoc.name), (assoc.dul.ident, assoc.dul.name)}
+
+    def _received(self, event: Any) -> None:
+        self._seen(event.assoc)
+        if self.kill_release is not None and isinstance(event.pdu, A_RELEASE_RQ):
+            self._kill_now(event.assoc, self.kill_release)
 
     def _action(self, event: Any) -> tuple[int, None]:
         action = event.action_information
@@ -254,6 +268,7 @@ class CommitmentSCP:
                 (evt.EVT_N_ACTION, self._action),
                 (evt.EVT_C_FIND, self._find),
                 (evt.EVT_REQUESTED, self._requested),
+                (evt.EVT_PDU_RECV, self._received),
             ],
         )
         self.port = self._server.socket.getsockname()[1]

@@ -10,8 +10,11 @@ import gc
 import logging
 import socket
 import struct
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from daemon import Daemon, destination
 from peers import free_port, start_server
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_RELEASE_RQ, P_DATA_TF
 from test_commitment_keeper import _Finished
 from test_proof_rounds import PROOFS, SOP, _prover, _stored
 
@@ -457,3 +460,154 @@ def test_a_connection_that_never_carried_an_association_is_no_ending(
     # Once an association stands, the same event is the peer ending it.
     assert ending.note(SimpleNamespace(fsm_event=fsm_event, current_state="Sta6"))
     assert ending.by == ("aborted" if fsm_event == "Evt16" else "closed")
+
+
+@pytest.mark.parametrize("what", ["C-FIND", "N-ACTION"])
+def test_a_peer_that_never_answers_is_said_in_our_words_alone(
+    what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The PACS accepts the association, then never answers the C-FIND / N-ACTION: the one
+    line is ours, naming the PACS, what was waited for and the timeout; pynetdicom's "DIMSE
+    timeout" ERROR for that association is not let through."""
+    caplog.set_level(logging.INFO)
+    settings = replace(SETTINGS, response_timeout=0.5)
+    with CommitmentSCP(hang=True) as scp:
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        error: type[Exception] = QueryError if what == "C-FIND" else CommitmentError
+        with pytest.raises(error) as caught:
+            if what == "C-FIND":
+                held_instances(peer, settings, [InstanceKey("1.2.3", "1.2.3.4", SOP)])
+            else:
+                request_commitment(
+                    peer, settings, [REF], CommitmentBook(), timeout=5, release_at_once=False
+                )
+        scp.hang = False
+    waited = f"the C-FIND-RSP for {SOP}" if what == "C-FIND" else "the N-ACTION-RSP"
+    assert str(caught.value) == f"{peer} did not send {waited} within 0.5s"
+    _no_pynetdicom_noise(_ours(caplog, scp.threads))
+
+
+def _release_said(peer: object, how: str) -> str:
+    return f"{_said(peer, how, 'the A-RELEASE-RP')} (everything asked was answered: nothing lost)"
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+@pytest.mark.parametrize("what", ["C-FIND", "N-ACTION"])
+def test_a_peer_ending_the_association_instead_of_answering_our_release_is_only_noted(
+    what: str, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Everything answered, the PACS resets (or closes) the connection instead of answering
+    our A-RELEASE-RQ: nothing is lost, so the round goes on as answered; one info line of ours
+    says so, nothing of pynetdicom's (its ERROR lines, the reset's traceback)."""
+    caplog.set_level(logging.INFO)
+    with CommitmentSCP(mode="none", kill_release=how) as scp:
+        scp.held[SOP] = Dataset()
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        if what == "C-FIND":
+            answers = held_instances(peer, SETTINGS, [InstanceKey("1.2.3", "1.2.3.4", SOP)])
+            assert answers.held == {SOP} and not answers.undecided
+        else:
+            _, report = request_commitment(
+                peer, SETTINGS, [REF], CommitmentBook(), timeout=0.3, release_at_once=True
+            )
+            assert report is None and len(scp.actions) == 1
+        wait_until(lambda: scp.killed, 10, what="the release reset")
+    records = _ours(caplog, scp.threads)
+    _no_pynetdicom_noise(records)
+    assert [r for r in records if r.levelno >= logging.WARNING] == []
+    said = _release_said(peer, how)
+    assert [(r.levelno, r.getMessage()) for r in records if "A-RELEASE" in r.getMessage()] == [
+        (logging.INFO, said)
+    ]
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_a_requestor_ending_the_association_instead_of_answering_our_release_is_noted(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``forwarder receive --stgcmt-peer``'s report was answered; the requestor resets (or
+    closes) instead of answering our A-RELEASE-RQ: delivered, one info line, no pynetdicom
+    noise."""
+    caplog.set_level(logging.INFO)
+    killed: list[Any] = []
+
+    def kill(event: Any) -> None:
+        if isinstance(event.pdu, A_RELEASE_RQ) and not killed:
+            killed.append(event.assoc)
+            sock = event.assoc.dul.socket.socket
+            if how == "reset":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    ae = AE(ae_title="FWD")
+    ae.add_supported_context(
+        STORAGE_COMMITMENT_PUSH, list(COMMITMENT_SYNTAXES), scu_role=True, scp_role=True
+    )
+    server = start_server(
+        ae,
+        ("127.0.0.1", free_port()),
+        evt_handlers=[(evt.EVT_PDU_RECV, kill), (evt.EVT_N_EVENT_REPORT, lambda e: (0, None))],
+    )
+    port = server.socket.getsockname()[1]
+    uid = "1.2.826.0.1.3680043.10.1284.88.8"
+    try:
+        delivered = send_report("127.0.0.1", port, "FWD", "RECEIVER", 1, _report(uid, [REF]))
+        wait_until(lambda: killed and not killed[0].is_alive(), 10, what="the peer's end")
+    finally:
+        server.shutdown()
+    assert delivered
+    records = _ours(caplog, _threads(killed[0]))
+    _no_pynetdicom_noise(records)
+    assert [r for r in records if r.levelno >= logging.WARNING] == []
+    said = _release_said(f"FWD@127.0.0.1:{port}", how)
+    assert [(r.levelno, r.getMessage()) for r in records if "A-RELEASE" in r.getMessage()] == [
+        (logging.INFO, said)
+    ]
+
+
+def _asking(thread: int) -> bool:
+    """Whether ``thread`` is in :meth:`Ending.words` (asking what ended its association)."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        if frame.f_code.co_name == "words" and frame.f_code.co_filename.endswith("endings.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_an_ending_noted_after_the_requestor_gave_up_is_still_said_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom hands the reset to the association (which the requesting thread, waiting
+    for the report, sees gone) before its connection thread tells the handlers what happened:
+    under load the requestor gives up first. Held there until it asks, the connection thread's
+    note must still reach it: the line is said as soon as noted, not lost after a 1 s wait."""
+    from pynetdicom import fsm
+
+    caplog.set_level(logging.INFO)
+    me = threading.get_ident()
+    noted: list[float] = []
+    about, action, after = fsm.ACTIONS["AA-4"]  # Evt17 in Sta6: issue the A-P-ABORT indication
+
+    def late(dul: Any) -> str:
+        state: str = action(dul)
+        if dul.assoc.is_requestor and not noted:
+            wait_until(lambda: _asking(me), 10, what="the requestor asking what ended it")
+            noted.append(time.time())  # the FSM transition's handlers run next
+        return state
+
+    monkeypatch.setitem(fsm.ACTIONS, "AA-4", (about, late, after))
+    with CommitmentSCP(mode="none", kill_after_action="reset") as scp:
+        peer = Peer("127.0.0.1", scp.port, scp.ae_title)
+        uid, report = request_commitment(
+            peer, SETTINGS, [REF], CommitmentBook(), timeout=2, release_at_once=False
+        )
+    assert report is None and len(scp.killed) == 1 and noted
+    records = _ours(caplog, scp.threads)
+    _no_pynetdicom_noise(records)
+    said = _said(peer, "reset", "the N-EVENT-REPORT")
+    warnings = [r for r in records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [f"storage commitment (transaction {uid}): {said}"]
+    assert warnings[0].created - noted[0] < 0.5  # said once noted, no settling wait

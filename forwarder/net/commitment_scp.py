@@ -31,7 +31,6 @@ from forwarder.net.cancel import (
     Cancelled,
     abort_on_cancel,
     associate,
-    end_association,
     why_not_established,
 )
 from forwarder.net.commitment import (
@@ -46,7 +45,7 @@ from forwarder.net.commitment import (
     ReportRejected,
     parse_action,
 )
-from forwarder.net.endings import lost, watched
+from forwarder.net.endings import lost, release, watched
 from forwarder.net.placement import safe_uid_name
 
 if TYPE_CHECKING:
@@ -229,15 +228,17 @@ def send_report(
         return False
     status: Dataset | None = None
     ended: str | None = None
-    try:
-        with abort_on_cancel(assoc, cancel), watched(assoc):
-            status, _ = assoc.send_n_event_report(
-                report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
-            )
-            if status is None or "Status" not in status:
-                ended = lost(assoc, f"{called_ae}@{host}:{port}", "the N-EVENT-REPORT-RSP")
-    finally:
-        end_association(assoc, cancel)  # a release pynetdicom never ends is aborted (cancel.py)
+    peer = f"{called_ae}@{host}:{port}"
+    with watched(assoc) as ending:
+        try:
+            with abort_on_cancel(assoc, cancel):
+                status, _ = assoc.send_n_event_report(
+                    report, event_type, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+                )
+                if status is None or "Status" not in status:
+                    ended = lost(assoc, peer, "the N-EVENT-REPORT-RSP")
+        finally:
+            release(assoc, ending, peer, cancel)  # a release never ended is aborted (cancel.py)
     code = int(status.Status) if status is not None and "Status" in status else None
     if ended is not None:
         logger.warning(

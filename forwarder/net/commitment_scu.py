@@ -30,7 +30,6 @@ from forwarder.net.cancel import (
     abort_now,
     abort_on_cancel,
     associate,
-    end_association,
     why_not_established,
 )
 from forwarder.net.commitment import (
@@ -46,7 +45,14 @@ from forwarder.net.commitment import (
     action_dataset,
     new_transaction_uid,
 )
-from forwarder.net.endings import accepted_ending, lost, requestor, watch_acceptor, watched
+from forwarder.net.endings import (
+    accepted_ending,
+    lost,
+    release,
+    requestor,
+    watch_acceptor,
+    watched,
+)
 from forwarder.net.status import code_to_category
 
 if TYPE_CHECKING:
@@ -311,20 +317,25 @@ def request_commitment(
     try:
         taker = _ReportTaker(book, peer.ae_title)
         assoc = open_association(peer, settings, book, [STORAGE_COMMITMENT_PUSH], cancel, taker)
-        try:
-            with abort_on_cancel(assoc, cancel), watched(assoc) as ending:
-                report = _ask(assoc, peer, references, book, uid, deadline, release_at_once, cancel)
-            stopping = cancel is not None and cancel.is_set()
-            if report is None and not (release_at_once or stopping or assoc.is_established):
-                # Ended under the wait for the report (pynetdicom's lines of it not let
-                # through): said here; the report may still come on another association.
-                why = ending.words(peer, "the N-EVENT-REPORT")
-                if why is not None:
-                    logger.warning("storage commitment (transaction %s): %s", uid, why)
-            if report is not None:
-                taker.answered(assoc)  # the peer gets its answer before our A-RELEASE-RQ
-        finally:
-            end_association(assoc, cancel)
+        with watched(assoc) as ending:
+            try:
+                with abort_on_cancel(assoc, cancel):
+                    report = _ask(
+                        assoc, peer, references, book, uid, deadline, release_at_once, cancel
+                    )
+                stopping = cancel is not None and cancel.is_set()
+                if report is None and not (release_at_once or stopping or assoc.is_established):
+                    # Ended under the wait for the report (pynetdicom's lines of it not let
+                    # through): said here, still watched (the connection thread may note the
+                    # ending only after we saw it gone); the report may still come on another
+                    # association.
+                    why = ending.words(peer, "the N-EVENT-REPORT")
+                    if why is not None:
+                        logger.warning("storage commitment (transaction %s): %s", uid, why)
+                if report is not None:
+                    taker.answered(assoc)  # the peer gets its answer before our A-RELEASE-RQ
+            finally:
+                release(assoc, ending, peer, cancel)
         if report is not None or (cancel is not None and cancel.is_set()):
             return uid, report
         return uid, _wait(book, uid, deadline, cancel)

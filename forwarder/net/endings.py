@@ -8,6 +8,12 @@ PDU was received" and the reset's traceback on the association's connection (DUL
 no answer. While :func:`watched` runs, those lines of that association are not let through and
 what ended it is kept (:class:`Ending`): the caller says it in one line, in the words the
 C-STORE engine uses (:func:`forwarder.net.transport.connection_lost`, ``connection_closed``).
+So too pynetdicom's "DIMSE timeout" ERROR of a peer that keeps the association but does not
+answer: the caller says it (``no_answer``: the peer, what was waited for, the timeout).
+
+The watch lasts through our release (:func:`release`): a peer that resets or closes instead of
+answering our A-RELEASE-RQ, everything asked being answered, loses nothing; :func:`release`
+notes it in one INFO line, and pynetdicom's lines of it are not let through either.
 
 So too, for as long as it lives, for every association a watched AE accepts
 (:func:`watch_acceptor`: the storage commitment :class:`~forwarder.net.commitment_scu.
@@ -26,16 +32,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from forwarder.net.transport import connection_closed, connection_lost
+from forwarder.net.cancel import end_association
+from forwarder.net.transport import connection_closed, connection_lost, no_answer
+
+logger = logging.getLogger(__name__)
 
 _READ_FAILED = "Connection closed before the entire PDU was received"  # pynetdicom's DUL
 _SHORT_PDU = "The received PDU is shorter than expected"  # DUL: the peer closed mid-PDU
 _SENT_CLOSED = "Attempted to send data over closed connection"  # DUL, WARNING: our answer
 _CLOSED_WAITING = "Connection closed while waiting for DIMSE message"  # the waiter's thread
+_DIMSE_TIMEOUT = "DIMSE timeout reached while waiting for message response"  # the waiter's too
 _SETTLE = 1.0  # seconds the waiter, woken by the connection's end, gives the DUL to note why
 _PEER_ABORTED = "Evt16"  # PS3.8 state machine: A-ABORT PDU received
 _CONNECTION_CLOSED = "Evt17"  # transport connection closed (a reset, or the peer's close)
-_OURS = frozenset({"Evt11", "Evt14", "Evt15"})  # our release request, its answer, our abort
+_RELEASING = "Evt11"  # our A-RELEASE-RQ: the peer's answer (or its ending) is still to come
+_OURS = frozenset({"Evt13", "Evt14", "Evt15"})  # the peer's A-RELEASE-RP, ours, our abort
 _ENDED = "Sta13"  # awaiting the close of a connection that no longer carries an association
 #: States in which no association stands: idle, a connection without an A-ASSOCIATE-RQ yet
 #: (a TCP health check), one not answered yet, and one already ended. A peer leaving then is
@@ -49,6 +60,9 @@ class Ending:
     def __init__(self) -> None:
         self.error: OSError | None = None  # the reset (or other socket error) that closed it
         self.by: str | None = None  # "closed" or "aborted" by the peer, "us", None: not ended
+        self.timeout: float | None = None  # the DIMSE timeout of the association (watched)
+        self.timed_out = False  # the waiter had no answer within it (we then abort)
+        self.releasing = False  # our A-RELEASE-RQ went out before the ending
         self._settled = threading.Event()
 
     def note(self, event: Any) -> bool:
@@ -58,6 +72,9 @@ class Ending:
             return False
         fsm_event, state = event.fsm_event, event.current_state
         if fsm_event in (_PEER_ABORTED, _CONNECTION_CLOSED) and state in _NO_ASSOCIATION:
+            return False
+        if fsm_event == _RELEASING:
+            self.releasing = True
             return False
         if fsm_event == _PEER_ABORTED:
             self.by = "aborted"
@@ -74,10 +91,24 @@ class Ending:
         """The peer's ending of the association, in one line ("connection to PACS@host:104
         lost waiting for the N-ACTION-RSP: connection reset by peer", "PACS@host:104 closed the
         connection (waiting for …)", "PACS@host:104 aborted the association (waiting for …)");
-        None when the peer did not end it (we did: a DIMSE timeout, a stop; or it stands).
+        None when the peer did not end it (we did: a stop; or it stands). A DIMSE timeout is
+        said as such ("PACS@host:104 did not send the C-FIND-RSP for … within 60s").
         Waits up to ``settle`` seconds for the connection thread to note what ended it (it
         wakes the waiter first)."""
+        if self.timed_out and self.timeout is not None:
+            return no_answer(peer, waiting_for, self.timeout)
         self._settled.wait(settle)
+        return self._said(peer, waiting_for)
+
+    def release_words(self, peer: object, settle: float = _SETTLE) -> str | None:
+        """After our A-RELEASE-RQ went unanswered: how the peer ended the association instead
+        (as :meth:`words` says it, waiting for "the A-RELEASE-RP"), None when it did not."""
+        if not self.releasing:
+            return None
+        self._settled.wait(settle)
+        return self._said(peer, "the A-RELEASE-RP")
+
+    def _said(self, peer: object, waiting_for: str) -> str | None:
         if self.by == "aborted":
             return f"{peer} aborted the association (waiting for {waiting_for})"
         if self.by != "closed":
@@ -101,8 +132,11 @@ class _Endings(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "pynetdicom.association":
             with self._lock:
-                waiting = record.thread in self._waiters
-            return not (waiting and record.msg == _CLOSED_WAITING)
+                waiter = self._waiters.get(record.thread) if record.thread is not None else None
+            if waiter is not None and record.msg == _DIMSE_TIMEOUT:
+                waiter.timed_out = True
+                return False
+            return not (waiter is not None and record.msg == _CLOSED_WAITING)
         thread = threading.current_thread()
         assoc = getattr(thread, "assoc", None)  # DUL thread; the reactor is the association
         ending = self.ending(assoc if assoc is not None else thread)
@@ -170,6 +204,7 @@ def watched(assoc: Any) -> Iterator[Ending]:
     from pynetdicom import evt
 
     ending = Ending()
+    ending.timeout = assoc.dimse_timeout
     waiter = threading.get_ident()
     _endings.watch(assoc, ending, waiter)
     assoc.bind(evt.EVT_FSM_TRANSITION, ending.note)
@@ -178,6 +213,23 @@ def watched(assoc: Any) -> Iterator[Ending]:
     finally:
         assoc.unbind(evt.EVT_FSM_TRANSITION, ending.note)
         _endings.unwatch(assoc, waiter)
+
+
+def release(
+    assoc: Any, ending: Ending, peer: object, cancel: threading.Event | None = None
+) -> None:
+    """Under :func:`watched` (``ending`` its yield), once everything asked was answered (or
+    given up): :func:`~forwarder.net.cancel.end_association`. A peer that resets or closes
+    the connection (or aborts) instead of answering our A-RELEASE-RQ is noted in one INFO
+    line, not an error: nothing it owed us is missing."""
+    if ending.by in ("closed", "aborted") and not (cancel is not None and cancel.is_set()):
+        # The peer ended it (said by the caller): nothing to release. pynetdicom may not have
+        # marked it ended yet, and its release would then spin on a reactor already gone.
+        return
+    end_association(assoc, cancel)
+    said = None if assoc.is_released else ending.release_words(peer)
+    if said is not None:
+        logger.info("%s (everything asked was answered: nothing lost)", said)
 
 
 def lost(assoc: Any, peer: object, waiting_for: str) -> str | None:

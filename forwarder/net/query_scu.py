@@ -23,11 +23,10 @@ from forwarder.net.cancel import (
     Cancelled,
     abort_on_cancel,
     associate,
-    end_association,
     why_not_established,
 )
 from forwarder.net.commitment import COMMITMENT_SYNTAXES
-from forwarder.net.endings import lost, watched
+from forwarder.net.endings import lost, release, watched
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +82,12 @@ def held_instances(
         raise QueryError(f"no association with {peer} for C-FIND: {why_not_established(assoc)}")
     held: set[str] = set()
     undecided: dict[str, str] = {}
-    try:
-        with abort_on_cancel(assoc, cancel), watched(assoc):
-            _ask(assoc, peer, keys, held, undecided, cancel)
-    finally:
-        end_association(assoc, cancel)
+    with watched(assoc) as ending:
+        try:
+            with abort_on_cancel(assoc, cancel):
+                _ask(assoc, peer, keys, held, undecided, cancel)
+        finally:
+            release(assoc, ending, peer, cancel)
     return Answers(frozenset(held), undecided)
 
 

@@ -186,7 +186,7 @@ class Transport:
             except (TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO expired
                 self.abort()
                 raise AssociationError(
-                    f"{self.peer} did not send {waiting_for} within {timeout:g}s", retryable=True
+                    no_answer(self.peer, waiting_for, timeout), retryable=True
                 ) from None
             except (OSError, ValueError) as exc:
                 self.close()
@@ -306,6 +306,12 @@ def connection_lost(peer: object, waiting_for: str, exc: BaseException) -> str:
     SCUs (:mod:`forwarder.net.endings`): "connection to PACS@host:104 lost waiting for
     A-ASSOCIATE-AC: connection reset by peer"."""
     return f"connection to {peer} lost waiting for {waiting_for}: {_oserror(exc)}"
+
+
+def no_answer(peer: object, waiting_for: str, timeout: float) -> str:
+    """How a peer that kept the connection but did not answer in time is said (see
+    :func:`connection_lost`): "PACS@host:104 did not send the C-STORE-RSP within 60s"."""
+    return f"{peer} did not send {waiting_for} within {timeout:g}s"
 
 
 def connection_closed(peer: object, waiting_for: str) -> str:
