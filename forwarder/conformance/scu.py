@@ -338,7 +338,8 @@ def _ae_daemon(e: _Engine) -> list[str]:
         "N-ACTION-RSP with a Warning status is taken as Success; with a failure status nothing "
         "is requested, and the instances are asked again later; after 5 such refusals, each "
         "after another N-ACTION-RSP to this destination was Success or Warning, they are not "
-        "committed (sent again, as above).",
+        "committed (sent again, as above). A refusal with 0x0213 (Resource Limitation) or "
+        "0xA7xx (Out of Resources) is transient: asked again later, never counted.",
         "",
         "**Study Root Query/Retrieve Information Model - FIND SCU** (`verify_by_query`): "
         "`after` the store, one C-FIND-RQ per instance at IMAGE level with Query/Retrieve "
