@@ -469,3 +469,66 @@ def test_an_object_queued_with_old_routes_long_after_a_reload_goes_by_the_new_on
             assert gone.uids() == set()
             d.wait_log("reload: every process routes with the new routes", timeout=10)
             assert d.stop() == 0
+
+
+# The daemon's own listener (``separate_process: false``) held between collecting an object's
+# header values for the routes then in force and queueing it, while ``hold`` exists.
+HOLD_IN_DAEMON = """\
+import time
+from pathlib import Path
+
+_argv = Path("/proc/self/cmdline").read_bytes().split(b"\\0")
+if b"run" in _argv:
+    from forwarder.daemon.listen_sink import ListenSink
+
+    _site = Path(__file__).parent
+    _queue = ListenSink.queue
+
+    def _held(self, *args, **kwargs):
+        if (_site / "hold").exists():
+            (_site / "holding").write_text("")
+            while (_site / "hold").exists():
+                time.sleep(0.02)
+        return _queue(self, *args, **kwargs)
+
+    ListenSink.queue = _held
+"""
+
+
+def test_an_object_received_in_the_daemon_across_a_reload_is_routed_on_the_new_routes_values(
+    tmp_path: Path,
+) -> None:
+    """The old routes read no Modality; the new ones send CT to "keep". An object whose values
+    were collected before the reload and queued after it is routed by the new routes on values
+    that hold what they look at (read again from the file), not on the old routes' values
+    (which would match no route: failed/)."""
+    site, env = site_env(tmp_path, HOLD_IN_DAEMON)
+    (site / "hold").write_text("")
+    files = generated(tmp_path / "m", 1)
+    assert pydicom.dcmread(files[0]).Modality == "CT"
+    with ScriptedSCP() as keep:
+        d = listen_daemon(
+            tmp_path / "gw",
+            [destination("keep", keep.port)],
+            routes=[route("all", ["keep"])],
+            env=env,
+            separate_process=False,
+        )
+        with d:
+            answers: list[list[tuple[int, str]]] = []
+            modality = threading.Thread(
+                target=lambda: answers.append(push(listen_port(d), files, dimse_timeout=60))
+            )
+            modality.start()
+            try:
+                wait_until((site / "holding").exists, 30, what="the object held")
+                d.write_config(routes=[route("ct", ["keep"], Modality="CT")])
+                d.reload()
+                d.wait_log("reload: every process routes with the new routes", timeout=10)
+            finally:
+                (site / "hold").unlink()
+                modality.join(90)
+            assert answers == [[(0, "")]]
+            wait_until(lambda: uid_of(files[0]) in keep.uids(), 30, what="the object at keep")
+            assert d.failed_files() == []
+            assert d.stop() == 0

@@ -157,18 +157,29 @@ class Ingest:
         with self._lock:
             return self._want, self._vrs
 
-    def enqueue_received(self, entry: FileEntry, values: Mapping[str, str]) -> list[str] | None:
+    def enqueue_received(
+        self,
+        entry: FileEntry,
+        values: Mapping[str, str],
+        collected_for: dict[int, str] | None = None,
+    ) -> list[str] | None:
         """A file the listener made durable under ``incoming/.listen`` (its data set already
         checked): routed on ``values`` and its calling AE, and queued in one commit. Returns its
         destinations; ``[]`` when it is not sent anywhere (no route matched: failed/; a discard
         route did, or its changes conflict: done/ or failed/ with a log line); None when an earlier
         version at that path is being moved out right now (the sender should send it again).
-        Raises :class:`~forwarder.errors.QueueError` when the queue cannot take it."""
+        ``collected_for``: the tags (:attr:`wanted`'s first) ``values`` were collected for; when
+        a reload has replaced them since, the values are read again from the file, so that the
+        routes in force look at what they need. Raises :class:`~forwarder.errors.QueueError`
+        when the queue cannot take it (InvalidFileError when it cannot be read again)."""
         with self._lock:
             generation = self._in_use.begin()
-            router = self._router
+            router, want, vrs = self._router, self._want, self._vrs
             queued = self._known.get(entry.path)
         try:
+            if collected_for is not None and collected_for is not want:
+                _meta, fresh = check_file_values(Path(entry.path), want, vrs)
+                values = {**values, **fresh}
             return self._enqueue_received(entry, values, router, queued)
         finally:
             self._in_use.end(generation)

@@ -216,6 +216,7 @@ class ListenSink:
         self.placement = Placement(root, space, on_object)
         self._wanted_from: tuple[dict[int, str], dict[int, str]] | None = None
         self._wanted = BASE_WANTED
+        self._local = threading.local()  # per association thread: the tags it collected
 
     @property
     def spool(self) -> Path:
@@ -223,17 +224,26 @@ class ListenSink:
 
     @property
     def wanted(self) -> tuple[dict[int, str], dict[int, str]]:
-        return self.routing()[1]
+        # Read by the engine on the association's thread as an object's check starts: the
+        # routes' tags are remembered for that thread's queue() (a reload may come between).
+        _router, want, vrs = self._ingest.routing()
+        self._local.collected = want
+        return self._merged(want, vrs)
 
     def routing(self) -> tuple[Router, tuple[dict[int, str], dict[int, str]]]:
         """The router in force and what the engine collects for it, read together (a reload
         replaces both at once)."""
         router, want, vrs = self._ingest.routing()
+        return router, self._merged(want, vrs)
+
+    def _merged(
+        self, want: dict[int, str], vrs: dict[int, str]
+    ) -> tuple[dict[int, str], dict[int, str]]:
         known = self._wanted_from
         # New dicts when a reload changed the routes (the pair itself is new at every call).
         if known is None or want is not known[0] or vrs is not known[1]:
             self._wanted, self._wanted_from = merged_wanted((want, vrs)), (want, vrs)
-        return router, self._wanted
+        return self._wanted
 
     def accept(self, path: str, obj: ReceivedObject, origin: Origin) -> Answer:
         final = self.placement.place(path, obj, origin)
@@ -256,8 +266,11 @@ class ListenSink:
             self._on_object("refused")
             return Answer(STATUS_OUT_OF_RESOURCES, "cannot store the object")
         entry = received_entry(self._spool, final, st.st_size, st.st_mtime_ns, obj, origin)
+        # The tags this thread's engine collected for (None: an object the receiving process
+        # placed, read again by ListenProcess when its routes were replaced).
+        collected, self._local.collected = getattr(self._local, "collected", None), None
         try:
-            destinations = self._ingest.enqueue_received(entry, obj.values)
+            destinations = self._ingest.enqueue_received(entry, obj.values, collected)
         except ForwarderError as exc:
             # Durable but not queued: the next start queues it (Listener.recover); the modality
             # is told to send it again meanwhile.
