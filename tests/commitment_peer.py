@@ -142,12 +142,7 @@ class CommitmentSCP:
     def _kill_now(self, assoc: Any, how: str) -> None:
         with self._lock:
             self.killed.append(((assoc.ident, assoc.name), (assoc.dul.ident, assoc.dul.name)))
-        sock = assoc.dul.socket.socket
-        if how == "reset":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()  # with unread data or linger 0: RST
-        else:
-            sock.shutdown(socket.SHUT_RDWR)  # FIN
+        end_connection(assoc.dul.socket.socket, how)
 
     def _seen(self, assoc: Any) -> None:
         with self._lock:
@@ -298,3 +293,12 @@ class CommitmentSCP:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def end_connection(sock: socket.socket, how: str) -> None:
+    """End a connection as a peer does instead of answering: "reset" (RST) or "close" (FIN)."""
+    if how == "reset":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # with unread data or linger 0: RST
+    else:
+        sock.shutdown(socket.SHUT_RDWR)  # FIN

@@ -10,6 +10,7 @@ false`` receives in the daemon's own process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -402,18 +404,18 @@ def test_the_receiving_process_stopped_inside_a_queue_transaction_is_killed_with
             assert d.stop() == 0
 
 
-# The receiving process held between reading the routes for an object and queueing it (as a
-# loaded machine or a stopped process holds it) while ``hold`` exists: the object is queued
-# with the routes read before the reload.
-HOLD_QUEUE = """\
+def held_at(process: str, module: str, cls: str) -> str:
+    """A ``sitecustomize.py`` holding ``cls.queue`` of ``module`` in the process whose command
+    line holds ``process`` while the file ``hold`` beside it exists (``holding`` says it is)."""
+    return f"""\
 import time
 from pathlib import Path
 
-if b"forwarder.daemon.listen_child" in Path("/proc/self/cmdline").read_bytes():
-    from forwarder.daemon.listen_queue import DirectQueue
+if {process!r}.encode() in Path("/proc/self/cmdline").read_bytes().split(b"\\0"):
+    from {module} import {cls}
 
     _site = Path(__file__).parent
-    _queue = DirectQueue.queue
+    _queue = {cls}.queue
 
     def _held(self, *args, **kwargs):
         if (_site / "hold").exists():
@@ -422,8 +424,34 @@ if b"forwarder.daemon.listen_child" in Path("/proc/self/cmdline").read_bytes():
                 time.sleep(0.02)
         return _queue(self, *args, **kwargs)
 
-    DirectQueue.queue = _held
+    {cls}.queue = _held
 """
+
+
+@contextlib.contextmanager
+def pushed_while_held(d: Daemon, site: Path, files: list[Path]) -> Iterator[None]:
+    """Push ``files`` into ``d``'s listener; the body runs while the object is held (see
+    :func:`held_at`); then it is let go and the modality must have been told Success."""
+    answers: list[list[tuple[int, str]]] = []
+    modality = threading.Thread(
+        target=lambda: answers.append(push(listen_port(d), files, dimse_timeout=60))
+    )
+    modality.start()
+    try:
+        wait_until((site / "holding").exists, 30, what="the object held")
+        yield
+    finally:
+        (site / "hold").unlink()
+        modality.join(90)
+    assert answers == [[(0, "")]]
+
+
+# The receiving process held between reading the routes for an object and queueing it (as a
+# loaded machine or a stopped process holds it): the object is queued with the routes read
+# before the reload.
+HOLD_QUEUE = held_at(
+    "forwarder.daemon.listen_child", "forwarder.daemon.listen_queue", "DirectQueue"
+)
 
 
 def test_an_object_queued_with_old_routes_long_after_a_reload_goes_by_the_new_ones(
@@ -443,23 +471,13 @@ def test_an_object_queued_with_old_routes_long_after_a_reload_goes_by_the_new_on
             env=env,
         )
         with d:
-            answers: list[list[tuple[int, str]]] = []
-            modality = threading.Thread(
-                target=lambda: answers.append(push(listen_port(d), files, dimse_timeout=60))
-            )
-            modality.start()
-            try:
-                wait_until((site / "holding").exists, 30, what="the object held")
+            with pushed_while_held(d, site, files):
                 d.write_config(routes=[route("keep", ["keep"])])
                 d.reload()
                 # Longer than the 2 s the daemon once gave its processes to take new routes:
                 # the time that passes is what this test is about.
                 late = time.monotonic() + 3.0
                 wait_until(lambda: time.monotonic() >= late, 10, what="3 s after the reload")
-            finally:
-                (site / "hold").unlink()
-                modality.join(90)
-            assert answers == [[(0, "")]]
             uid = uid_of(files[0])
             wait_until(lambda: uid in keep.uids(), 30, what="the object at keep")
             wait_until(lambda: len(d.failed_files()) == 1, 30, what="the object in failed/")
@@ -473,26 +491,7 @@ def test_an_object_queued_with_old_routes_long_after_a_reload_goes_by_the_new_on
 
 # The daemon's own listener (``separate_process: false``) held between collecting an object's
 # header values for the routes then in force and queueing it, while ``hold`` exists.
-HOLD_IN_DAEMON = """\
-import time
-from pathlib import Path
-
-_argv = Path("/proc/self/cmdline").read_bytes().split(b"\\0")
-if b"run" in _argv:
-    from forwarder.daemon.listen_sink import ListenSink
-
-    _site = Path(__file__).parent
-    _queue = ListenSink.queue
-
-    def _held(self, *args, **kwargs):
-        if (_site / "hold").exists():
-            (_site / "holding").write_text("")
-            while (_site / "hold").exists():
-                time.sleep(0.02)
-        return _queue(self, *args, **kwargs)
-
-    ListenSink.queue = _held
-"""
+HOLD_IN_DAEMON = held_at("run", "forwarder.daemon.listen_sink", "ListenSink")
 
 
 def test_an_object_received_in_the_daemon_across_a_reload_is_routed_on_the_new_routes_values(
@@ -515,20 +514,10 @@ def test_an_object_received_in_the_daemon_across_a_reload_is_routed_on_the_new_r
             separate_process=False,
         )
         with d:
-            answers: list[list[tuple[int, str]]] = []
-            modality = threading.Thread(
-                target=lambda: answers.append(push(listen_port(d), files, dimse_timeout=60))
-            )
-            modality.start()
-            try:
-                wait_until((site / "holding").exists, 30, what="the object held")
+            with pushed_while_held(d, site, files):
                 d.write_config(routes=[route("ct", ["keep"], Modality="CT")])
                 d.reload()
                 d.wait_log("reload: every process routes with the new routes", timeout=10)
-            finally:
-                (site / "hold").unlink()
-                modality.join(90)
-            assert answers == [[(0, "")]]
             wait_until(lambda: uid_of(files[0]) in keep.uids(), 30, what="the object at keep")
             assert d.failed_files() == []
             assert d.stop() == 0

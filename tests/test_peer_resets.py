@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from commitment_peer import CommitmentSCP
+from commitment_peer import CommitmentSCP, end_connection
 from conftest import wait_until
 from daemon import Daemon, destination
 from peers import free_port, start_server
@@ -212,12 +212,7 @@ def _sender(port: int, how: str) -> tuple[Any, threading.Event]:
     def sent(event: Any) -> None:
         if isinstance(event.pdu, P_DATA_TF) and not killed.is_set():
             killed.set()
-            sock = event.assoc.dul.socket.socket
-            if how == "reset":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            else:
-                sock.shutdown(socket.SHUT_RDWR)
+            end_connection(event.assoc.dul.socket.socket, how)
 
     ae = AE(ae_title="PACS")
     ae.dimse_timeout = 5
@@ -302,12 +297,7 @@ def test_a_requestor_ending_the_association_under_our_report_is_said_in_our_word
 
     def kill(event: Any) -> tuple[int, None]:
         killed.append(event.assoc)
-        sock = event.assoc.dul.socket.socket
-        if how == "reset":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-        else:
-            sock.shutdown(socket.SHUT_RDWR)
+        end_connection(event.assoc.dul.socket.socket, how)
         return 0x0000, None  # goes nowhere
 
     ae = AE(ae_title="FWD")
@@ -534,12 +524,7 @@ def test_a_requestor_ending_the_association_instead_of_answering_our_release_is_
     def kill(event: Any) -> None:
         if isinstance(event.pdu, A_RELEASE_RQ) and not killed:
             killed.append(event.assoc)
-            sock = event.assoc.dul.socket.socket
-            if how == "reset":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            else:
-                sock.shutdown(socket.SHUT_RDWR)
+            end_connection(event.assoc.dul.socket.socket, how)
 
     ae = AE(ae_title="FWD")
     ae.add_supported_context(
